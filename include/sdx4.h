@@ -1,0 +1,175 @@
+/*
+ * sdx4.h - the public interface of the sdx4 engine.
+ *
+ * sdx4 runs Stable Diffusion's x4 upscaler (stabilityai/stable-diffusion-x4-
+ * upscaler) from a diffusers model folder and gives the numbers that
+ * diffusers' StableDiffusionUpscalePipeline gives. This header is the only
+ * part of the engine that the command line and the HTTP server include.
+ *
+ * Conventions
+ *   - Every function that can fail returns an sdx4_status (or NULL); the
+ *     message of the last failure on the calling thread is sdx4_last_error().
+ *     Nothing is printed.
+ *   - Objects come in create/free pairs; free functions accept NULL.
+ *   - Images are 8-bit RGB, interleaved, rows packed (stride = 3 * width).
+ *
+ * Thread safety
+ *   An sdx4_engine is immutable once opened: sdx4_upscale() may run on one
+ *   engine from several threads at once (each call owns its activations and
+ *   shares the weights). sdx4_engine_close() must not race with any call.
+ */
+#ifndef SDX4_H
+#define SDX4_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SDX4_VERSION "0.1.0"
+
+typedef enum {
+    SDX4_OK = 0,
+    SDX4_ERR_INVALID_ARGUMENT, /* a parameter out of range, a bad image */
+    SDX4_ERR_IO,               /* a file could not be read or written */
+    SDX4_ERR_MODEL,            /* the model folder is malformed or unsupported */
+    SDX4_ERR_NO_MEMORY,
+    SDX4_ERR_CANCELED,         /* the progress callback asked to stop */
+    SDX4_ERR_DEVICE,           /* the compute device failed or is missing */
+} sdx4_status;
+
+/* The message describing the last failure on this thread ("" if none). */
+const char *sdx4_last_error(void);
+
+/* A short constant name for a status ("invalid argument", ...). */
+const char *sdx4_status_name(sdx4_status status);
+
+/* ------------------------------------------------------------------------
+ * Engine: a loaded model on one device.
+ * ------------------------------------------------------------------------ */
+
+typedef struct sdx4_engine sdx4_engine;
+
+typedef struct {
+    const char *model_dir; /* diffusers folder with model_index.json */
+    const char *variant;   /* "fp16" prefers *.fp16.safetensors; NULL: plain */
+    const char *device;    /* "cpu", "cuda" or "auto" (NULL = "auto") */
+    int threads;           /* CPU threads; 0 = all cores */
+} sdx4_engine_options;
+
+void sdx4_engine_options_default(sdx4_engine_options *options);
+
+sdx4_status sdx4_engine_open(const sdx4_engine_options *options,
+                             sdx4_engine **engine);
+void sdx4_engine_close(sdx4_engine *engine);
+
+/* What the engine loaded, for `sdx4 info`, the server's model-info and
+ * health. Strings live as long as the engine. */
+typedef struct {
+    const char *model_dir;
+    const char *device;          /* "cpu" or "cuda:0 (NVIDIA H100 ...)" */
+    const char *compute_dtype;   /* "float32", "float16" */
+    const char *weights_dtype;   /* dtype of the files loaded: "F32", "F16"... */
+    int64_t text_encoder_params;
+    int64_t unet_params;
+    int64_t vae_params;          /* loaded part: post_quant_conv + decoder */
+    int max_noise_level;         /* from model_index.json (350 for x4) */
+    int vae_scale_factor;        /* output side = input side * this */
+    int max_prompt_tokens;       /* 77 for CLIP, with start and end tokens */
+    int64_t device_memory_bytes; /* weights + cached activations on device */
+} sdx4_model_info;
+
+sdx4_status sdx4_engine_info(const sdx4_engine *engine, sdx4_model_info *info);
+
+/* ------------------------------------------------------------------------
+ * Upscaling
+ * ------------------------------------------------------------------------ */
+
+typedef struct {
+    int width, height;
+    uint8_t *pixels; /* RGB8, width * height * 3 bytes */
+} sdx4_image;
+
+/* Free the pixels of an image the engine produced (not the struct). */
+void sdx4_image_free(sdx4_image *image);
+
+/* Called before the first step (step 0) and after each denoising step
+ * (1..total). Return nonzero to cancel: sdx4_upscale() then returns
+ * SDX4_ERR_CANCELED at the next step boundary. */
+typedef int (*sdx4_progress_fn)(void *user, int step, int total);
+
+typedef struct {
+    const char *prompt;          /* NULL = "" */
+    const char *negative_prompt; /* NULL = "" (as diffusers) */
+    int num_inference_steps;     /* default 75 */
+    float guidance_scale;        /* default 9.0; <= 1 disables guidance */
+    float noise_level;           /* 0..1, fraction of max_noise_level;
+                                    default 0.2 (= 70 of 350) */
+    uint64_t seed;               /* torch.Generator("cpu").manual_seed(seed) */
+    float eta;                   /* DDIM eta, default 0 */
+    sdx4_progress_fn progress;   /* optional */
+    void *progress_user;
+} sdx4_upscale_params;
+
+void sdx4_upscale_params_default(sdx4_upscale_params *params);
+
+/* Facts about one finished call. */
+typedef struct {
+    int noise_level;        /* the integer level used, 0..max_noise_level */
+    int prompt_tokens;      /* tokens of the prompt before truncation,
+                               start and end tokens included */
+    int prompt_truncated;   /* 1 if the prompt was cut to max_prompt_tokens */
+    int negative_truncated; /* same for the negative prompt */
+    double seconds_text, seconds_unet, seconds_vae;
+} sdx4_upscale_report;
+
+/* Upscale `input` by vae_scale_factor. A side that is not a multiple of the
+ * scale factor is first resized down to one (bicubic, as diffusers does).
+ * `output->pixels` is allocated; release it with sdx4_image_free().
+ * `report` may be NULL. */
+sdx4_status sdx4_upscale(sdx4_engine *engine, const sdx4_image *input,
+                         const sdx4_upscale_params *params,
+                         sdx4_image *output, sdx4_upscale_report *report);
+
+/* Token count of a prompt as the text encoder will see it (start and end
+ * tokens included, before truncation): lets a server tell a client that
+ * its prompt will be cut. */
+sdx4_status sdx4_count_tokens(const sdx4_engine *engine, const char *prompt,
+                              int *tokens);
+
+/* ------------------------------------------------------------------------
+ * Tools: benchmarks and random-weight models
+ * ------------------------------------------------------------------------ */
+
+/* Times the parts of a pipeline on an input of size x size pixels (the
+ * UNet runs at that size, the VAE decodes to 4x): text encoder (batch 2),
+ * one UNet step (batch 2, guidance), VAE decode, and a whole upscale of
+ * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1). */
+typedef struct {
+    int size, steps, repeats;
+    double text_encoder_ms, unet_step_ms, vae_decode_ms, pipeline_ms;
+    int64_t peak_rss_bytes, device_peak_bytes;
+} sdx4_bench_result;
+
+sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats,
+                       sdx4_bench_result *result);
+
+/* Writes a model folder with random weights from the configs in
+ * config_dir (the diffusers layout without weights, e.g.
+ * models/x4-upscaler): the real tensor names, shapes and files, in
+ * "fp32" or "fp16" (written as the *.fp16.safetensors variant). With
+ * tokenizer files missing from config_dir, a byte-level vocabulary is
+ * written (the demo model). Weights are scaled to keep activations finite;
+ * the output of such a model is noise. */
+sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir,
+                            const char *dtype, uint64_t seed);
+
+/* Peak resident memory of this process so far, in bytes. */
+int64_t sdx4_peak_rss_bytes(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,130 @@
+/*
+ * backend.h - the operations the model code runs, and nothing more.
+ *
+ * A backend is a table of function pointers behind an opaque handle (as in
+ * ggml-backend): the text encoder, UNet and VAE call these operations on
+ * tensors that live in the backend's memory, and never see how or where
+ * they are computed. The CPU backend (backend/cpu) computes in float32 with
+ * OpenBLAS and OpenMP; the CUDA backend (backend/cuda) slots in behind the
+ * same table.
+ *
+ * Tensors are dense, row-major (the last dimension is contiguous) and at
+ * most 4-D. Image tensors are NCHW as in PyTorch; token tensors are
+ * [batch, tokens, channels]. Every operation returns a new tensor (or NULL
+ * after setting the error, see core/error.h) and leaves its inputs alone,
+ * except the *_inplace ones. The caller frees what it created with
+ * tensor_free(); weights belong to the model.
+ *
+ * All operations of one backend may be called from several threads at once
+ * on distinct tensors.
+ */
+#ifndef SDX4_BACKEND_H
+#define SDX4_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/dtype.h"
+
+typedef struct backend backend;
+
+typedef struct tensor {
+    backend *be;
+    void *data;         /* backend memory (host pointer on the CPU) */
+    int ndim;
+    int64_t shape[4];
+    dtype type;         /* activations are F32; weights may be F16 on GPUs */
+    int owns_data;      /* 0 for a view of mmapped weights */
+} tensor;
+
+static inline int64_t tensor_numel(const tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+/* Activation functions, selected by the configs' names. */
+typedef enum { ACT_NONE, ACT_SILU, ACT_GELU, ACT_QUICK_GELU } activation;
+
+struct backend {
+    const char *name;        /* "cpu", "cuda" */
+    const char *description; /* device name for model-info */
+
+    /* --- memory ------------------------------------------------------- */
+    /* A new uninitialised F32 tensor. */
+    tensor *(*new_tensor)(backend *be, int ndim, const int64_t *shape);
+    void (*free_tensor)(backend *be, tensor *t);
+    /* A weight from file bytes of type `type`. The backend may keep a
+     * pointer into `data` (the CPU backend does for aligned F32), so `data`
+     * must outlive the tensor. */
+    tensor *(*weight)(backend *be, const void *data, dtype type, int ndim,
+                      const int64_t *shape);
+    /* Copies between host float32 and a tensor of the same element count. */
+    int (*upload)(backend *be, tensor *dst, const float *src);
+    int (*download)(backend *be, const tensor *src, float *dst);
+
+    /* --- dense algebra ------------------------------------------------ */
+    /* y[..., N] = x[..., K] @ w[N, K]^T + bias[N] (bias may be NULL):
+     * torch.nn.Linear. */
+    tensor *(*linear)(backend *be, const tensor *x, const tensor *w,
+                      const tensor *bias);
+    /* torch.nn.Conv2d on NCHW, square kernel w[O, C, k, k], zero padding,
+     * bias may be NULL. */
+    tensor *(*conv2d)(backend *be, const tensor *x, const tensor *w,
+                      const tensor *bias, int stride, int padding);
+    /* Scaled dot-product attention, scale 1/sqrt(head_dim):
+     * q[B, Tq, H*D], k and v [B, Tk, H*D] -> [B, Tq, H*D]. `causal` masks
+     * key j > query i (CLIP). Must not hold the whole [Tq, Tk] score matrix
+     * for large Tq (the VAE attends over 16384 tokens at 512x512). */
+    tensor *(*attention)(backend *be, const tensor *q, const tensor *k,
+                         const tensor *v, int heads, int causal);
+
+    /* --- normalisation ------------------------------------------------ */
+    /* torch.nn.GroupNorm on NCHW (or [B, C, ...]), then `act` applied. */
+    tensor *(*group_norm)(backend *be, const tensor *x, int groups,
+                          const tensor *gamma, const tensor *beta, float eps,
+                          activation act);
+    /* torch.nn.LayerNorm over the last dimension. */
+    tensor *(*layer_norm)(backend *be, const tensor *x, const tensor *gamma,
+                          const tensor *beta, float eps);
+
+    /* --- elementwise -------------------------------------------------- */
+    tensor *(*activate)(backend *be, const tensor *x, activation act);
+    /* GEGLU: x[..., 2N] -> a * gelu(g) where a, g = x.chunk(2, dim=-1). */
+    tensor *(*geglu)(backend *be, const tensor *x);
+    /* a += b * scale_b, same shapes. */
+    int (*add_inplace)(backend *be, tensor *a, const tensor *b, float scale_b);
+    /* x[B, C, H, W] += v[B, C] broadcast over H, W (time embedding). */
+    int (*add_channel_bias_inplace)(backend *be, tensor *x, const tensor *v);
+    /* x *= s */
+    int (*scale_inplace)(backend *be, tensor *x, float s);
+
+    /* --- layout ------------------------------------------------------- */
+    /* torch.cat([a, b], dim=1) for NCHW with equal B, H, W. */
+    tensor *(*concat_channels)(backend *be, const tensor *a, const tensor *b);
+    /* F.interpolate(x, size=(h, w), mode="nearest"). */
+    tensor *(*upsample_nearest)(backend *be, const tensor *x, int h, int w);
+    /* [B, C, H, W] -> [B, H*W, C] and back (transformer blocks). */
+    tensor *(*nchw_to_tokens)(backend *be, const tensor *x);
+    tensor *(*tokens_to_nchw)(backend *be, const tensor *x, int h, int w);
+    /* out[i, :] = table[ids[i], :] for a table [V, D]: embeddings. */
+    tensor *(*embedding)(backend *be, const tensor *table, const int32_t *ids,
+                         int n);
+
+    /* --- lifetime ----------------------------------------------------- */
+    /* Bytes of device memory in use now and at most (0 if unknown). */
+    void (*memory)(backend *be, int64_t *in_use, int64_t *peak);
+    void (*destroy)(backend *be);
+};
+
+/* Backends compiled into this build. Each returns NULL with the error set
+ * when it cannot start (no GPU, ...). threads = 0: all cores. */
+backend *backend_cpu_create(int threads);
+backend *backend_cuda_create(int device_index);
+
+/* Shorthands that keep model code readable. */
+static inline void tensor_free(tensor *t) {
+    if (t) t->be->free_tensor(t->be, t);
+}
+
+#endif

@@ -1,0 +1,214 @@
+/*
+ * engine.c - the public API of include/sdx4.h on top of the model code.
+ *
+ * An engine is a backend plus a loaded model. sdx4_upscale() validates the
+ * caller's parameters (everything a user can send is checked here, so the
+ * CLI and the server share one set of rules), converts the image as
+ * diffusers' VaeImageProcessor does, runs the pipeline and converts back.
+ * Each call owns its activations, so calls may run concurrently.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "model/image_processor.h"
+#include "model/pipeline.h"
+#include "sdx4.h"
+
+/* The engine refuses inputs beyond this side before allocating anything;
+ * services set tighter limits of their own. */
+#define MAX_INPUT_SIDE 4096
+#define MAX_STEPS 1000
+
+struct sdx4_engine {
+    backend *be;
+    model m;
+    char device[256];
+};
+
+void sdx4_engine_options_default(sdx4_engine_options *o) {
+    memset(o, 0, sizeof *o);
+    o->device = "auto";
+}
+
+static backend *open_backend(const char *device, int threads) {
+    if (!device || !strcmp(device, "auto")) {
+#ifdef SDX4_HAVE_CUDA
+        backend *be = backend_cuda_create(0);
+        if (be) return be;
+#endif
+        return backend_cpu_create(threads);
+    }
+    if (!strcmp(device, "cpu")) return backend_cpu_create(threads);
+    if (!strcmp(device, "cuda")) {
+#ifdef SDX4_HAVE_CUDA
+        return backend_cuda_create(0);
+#else
+        set_error(SDX4_ERR_DEVICE, "device cuda: this build of sdx4 has no CUDA backend");
+        return NULL;
+#endif
+    }
+    set_error(SDX4_ERR_INVALID_ARGUMENT, "device %s: expected cpu, cuda or auto", device);
+    return NULL;
+}
+
+sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
+    error_clear();
+    *out = NULL;
+    if (!o || !o->model_dir || !*o->model_dir) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "no model folder given");
+        return SDX4_ERR_INVALID_ARGUMENT;
+    }
+    if (o->threads < 0 || o->threads > 1024) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to 1024", o->threads);
+        return SDX4_ERR_INVALID_ARGUMENT;
+    }
+    sdx4_engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return SDX4_ERR_NO_MEMORY;
+    }
+    if (!(e->be = open_backend(o->device, o->threads))) goto fail;
+    if (model_load(&e->m, e->be, o->model_dir, o->variant)) {
+        error_prefix("%s", o->model_dir);
+        goto fail;
+    }
+    snprintf(e->device, sizeof e->device, "%s", e->be->description);
+    *out = e;
+    return SDX4_OK;
+fail:;
+    sdx4_status s = error_status() ? error_status() : SDX4_ERR_MODEL;
+    if (e->be) e->be->destroy(e->be);
+    free(e);
+    return s;
+}
+
+void sdx4_engine_close(sdx4_engine *e) {
+    if (!e) return;
+    model_free(&e->m);
+    e->be->destroy(e->be);
+    free(e);
+}
+
+sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
+    memset(info, 0, sizeof *info);
+    info->model_dir = e->m.dir;
+    info->device = e->device;
+    info->compute_dtype = "float32";
+    info->weights_dtype = dtype_name(e->m.unet_ws.file_dtype);
+    info->text_encoder_params = e->m.te_ws.params;
+    info->unet_params = e->m.unet_ws.params;
+    info->vae_params = e->m.vae_ws.params;
+    info->max_noise_level = e->m.max_noise_level;
+    info->vae_scale_factor = vae_scale_factor(&e->m.vae);
+    info->max_prompt_tokens = tokenizer_max_length(e->m.tok);
+    int64_t in_use = 0, peak = 0;
+    e->be->memory(e->be, &in_use, &peak);
+    info->device_memory_bytes = in_use;
+    return SDX4_OK;
+}
+
+void sdx4_image_free(sdx4_image *img) {
+    if (!img) return;
+    free(img->pixels);
+    img->pixels = NULL;
+}
+
+void sdx4_upscale_params_default(sdx4_upscale_params *p) {
+    memset(p, 0, sizeof *p);
+    p->num_inference_steps = 75;
+    p->guidance_scale = 9.0f;
+    p->noise_level = 0.2f;
+}
+
+static sdx4_status invalid(const char *fmt, double v) {
+    set_error(SDX4_ERR_INVALID_ARGUMENT, fmt, v);
+    return SDX4_ERR_INVALID_ARGUMENT;
+}
+
+/* The rules every caller gets, with messages naming the parameter. */
+static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
+                                const sdx4_upscale_params *p) {
+    int f = vae_scale_factor(&e->m.vae);
+    if (!in || !in->pixels) return invalid("no input image%.0f", 0);
+    if (in->width < f || in->height < f)
+        return invalid("input image is too small: each side needs at least %.0f pixels", f);
+    if (in->width > MAX_INPUT_SIDE || in->height > MAX_INPUT_SIDE)
+        return invalid("input image is too large: at most %.0f pixels a side", MAX_INPUT_SIDE);
+    if (p->num_inference_steps < 1 || p->num_inference_steps > MAX_STEPS ||
+        p->num_inference_steps > e->m.scheduler.num_train_timesteps)
+        return invalid("num_inference_steps %.0f is outside 1..1000 (and the scheduler's "
+                       "num_train_timesteps)", p->num_inference_steps);
+    if (!isfinite(p->guidance_scale) || p->guidance_scale < 0 || p->guidance_scale > 100)
+        return invalid("guidance_scale %g is outside 0..100", p->guidance_scale);
+    if (!isfinite(p->noise_level) || p->noise_level < 0 || p->noise_level > 1)
+        return invalid("noise_level %g is outside 0.0..1.0", p->noise_level);
+    if (!isfinite(p->eta) || p->eta < 0 || p->eta > 1)
+        return invalid("eta %g is outside 0..1", p->eta);
+    return SDX4_OK;
+}
+
+static int on_step(void *user, int step, int total, const float *latents) {
+    (void)latents;
+    const sdx4_upscale_params *p = user;
+    return p->progress ? p->progress(p->progress_user, step, total) : 0;
+}
+
+sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p,
+                         sdx4_image *out, sdx4_upscale_report *report) {
+    error_clear();
+    memset(out, 0, sizeof *out);
+    sdx4_status s = check_params(e, in, p);
+    if (s) return s;
+    float *image = NULL, *result = NULL;
+    int h, w, f = vae_scale_factor(&e->m.vae);
+    if (image_preprocess(in, f, &image, &h, &w)) return error_status();
+    pipeline_args a = {
+        .image = image, .height = h, .width = w,
+        .prompt = p->prompt, .negative_prompt = p->negative_prompt,
+        .steps = p->num_inference_steps, .guidance = p->guidance_scale,
+        /* the product's fraction on the model's integer scale, rounded
+         * half to even as Python's round() */
+        .noise_level = (int)nearbyint((double)p->noise_level * e->m.max_noise_level),
+        .eta = p->eta, .seed = p->seed, .on_step = on_step, .user = (void *)p,
+    };
+    pipeline_report rep;
+    int rc = pipeline_run(&e->m, e->be, &a, &result, &rep);
+    free(image);
+    if (rc == 0) rc = image_postprocess(result, h * f, w * f, out);
+    free(result);
+    if (report) {
+        *report = (sdx4_upscale_report){
+            .noise_level = a.noise_level, .prompt_tokens = rep.prompt_tokens,
+            .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
+            .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
+            .seconds_vae = rep.seconds_vae};
+    }
+    return rc ? (error_status() ? error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
+}
+
+sdx4_status sdx4_count_tokens(const sdx4_engine *e, const char *prompt, int *tokens) {
+    int len = tokenizer_max_length(e->m.tok);
+    int32_t *ids = malloc(sizeof *ids * len);
+    if (!ids) {
+        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return SDX4_ERR_NO_MEMORY;
+    }
+    int rc = tokenizer_encode(e->m.tok, prompt ? prompt : "", ids, len, tokens);
+    free(ids);
+    return rc ? error_status() : SDX4_OK;
+}
+
+int64_t sdx4_peak_rss_bytes(void) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru)) return 0;
+    return (int64_t)ru.ru_maxrss * 1024;
+}
+
+/* Internal access for bench.c. */
+model *engine_model(sdx4_engine *e) { return &e->m; }
+backend *engine_backend(sdx4_engine *e) { return e->be; }

@@ -1,0 +1,226 @@
+/*
+ * blocks.c - shared layers (see blocks.h). Each forward mirrors the
+ * diffusers module it is named after; comments quote the PyTorch line.
+ */
+#include "model/blocks.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core/error.h"
+
+
+int linear_load(weight_source *ws, linear_p *p, const char *name, int in, int out, int bias) {
+    p->w = W2(ws, out, in, "%s.weight", name);
+    p->b = bias ? W1(ws, out, "%s.bias", name) : NULL;
+    return p->w && (!bias || p->b) ? 0 : -1;
+}
+
+int conv_load(weight_source *ws, conv_p *p, const char *name, int in, int out, int k, int stride) {
+    p->w = W4(ws, out, in, k, k, "%s.weight", name);
+    p->b = W1(ws, out, "%s.bias", name);
+    p->stride = stride;
+    p->pad = k / 2;
+    return p->w && p->b ? 0 : -1;
+}
+
+int norm_load(weight_source *ws, norm_p *p, const char *name, int channels) {
+    p->g = W1(ws, channels, "%s.weight", name);
+    p->b = W1(ws, channels, "%s.bias", name);
+    return p->g && p->b ? 0 : -1;
+}
+
+/* ---------------------------------------------------------------- resnet */
+
+int resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int out,
+                int temb_channels, int groups, float eps) {
+    char n[256];
+    *r = (resnet_p){.in = in, .out = out, .groups = groups, .eps = eps};
+#define SUB(s) (snprintf(n, sizeof n, "%s." s, name), n)
+    if (norm_load(ws, &r->norm1, SUB("norm1"), in) ||
+        conv_load(ws, &r->conv1, SUB("conv1"), in, out, 3, 1) ||
+        norm_load(ws, &r->norm2, SUB("norm2"), out) ||
+        conv_load(ws, &r->conv2, SUB("conv2"), out, out, 3, 1))
+        return -1;
+    if (temb_channels && linear_load(ws, &r->temb, SUB("time_emb_proj"), temb_channels, out, 1))
+        return -1;
+    if (in != out && conv_load(ws, &r->shortcut, SUB("conv_shortcut"), in, out, 1, 1)) return -1;
+#undef SUB
+    return 0;
+}
+
+tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act) {
+    tensor *h = NULL, *t = NULL, *s = NULL, *out = NULL;
+    /* hidden_states = conv1(nonlinearity(norm1(input_tensor))) */
+    TRY(t = be->group_norm(be, x, r->groups, r->norm1.g, r->norm1.b, r->eps, ACT_SILU));
+    TRY(h = conv_fw(be, &r->conv1, t));
+    DROP(t);
+    if (r->temb.w) { /* hidden_states + time_emb_proj(nonlinearity(temb))[:, :, None, None] */
+        TRY(t = linear_fw(be, &r->temb, temb_act));
+        if (be->add_channel_bias_inplace(be, h, t)) goto fail;
+        DROP(t);
+    }
+    /* conv2(dropout(nonlinearity(norm2(hidden_states)))) */
+    TRY(t = be->group_norm(be, h, r->groups, r->norm2.g, r->norm2.b, r->eps, ACT_SILU));
+    DROP(h);
+    TRY(out = conv_fw(be, &r->conv2, t));
+    DROP(t);
+    /* (shortcut(input_tensor) + hidden_states) / output_scale_factor (1) */
+    if (r->shortcut.w) {
+        TRY(s = conv_fw(be, &r->shortcut, x));
+        if (be->add_inplace(be, out, s, 1.0f)) goto fail;
+        DROP(s);
+    } else if (be->add_inplace(be, out, x, 1.0f)) {
+        goto fail;
+    }
+    return out;
+fail:
+    DROP(h);
+    DROP(t);
+    DROP(s);
+    DROP(out);
+    return NULL;
+}
+
+/* ------------------------------------------------------------- attention */
+
+int attention_load(weight_source *ws, attention_p *a, const char *name, int query_dim,
+                   int context_dim, int heads, int qkv_bias) {
+    char n[256];
+    a->heads = heads;
+#define SUB(s) (snprintf(n, sizeof n, "%s." s, name), n)
+    return linear_load(ws, &a->q, SUB("to_q"), query_dim, query_dim, qkv_bias) ||
+                   linear_load(ws, &a->k, SUB("to_k"), context_dim, query_dim, qkv_bias) ||
+                   linear_load(ws, &a->v, SUB("to_v"), context_dim, query_dim, qkv_bias) ||
+                   linear_load(ws, &a->out, SUB("to_out.0"), query_dim, query_dim, 1)
+               ? -1
+               : 0;
+#undef SUB
+}
+
+tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context) {
+    const tensor *ctx = context ? context : x;
+    tensor *q = NULL, *k = NULL, *v = NULL, *o = NULL, *out = NULL;
+    TRY(q = linear_fw(be, &a->q, x));
+    TRY(k = linear_fw(be, &a->k, ctx));
+    TRY(v = linear_fw(be, &a->v, ctx));
+    /* F.scaled_dot_product_attention(query, key, value) over `heads` heads */
+    TRY(o = be->attention(be, q, k, v, a->heads, 0));
+    TRY(out = linear_fw(be, &a->out, o));
+fail:
+    DROP(q);
+    DROP(k);
+    DROP(v);
+    DROP(o);
+    return out;
+}
+
+/* --------------------------------------------------------- transformer2d */
+
+static int block_load(weight_source *ws, transformer_block_p *b, const char *name, int dim,
+                      int heads, int context_dim, int only_cross) {
+    char n[256];
+    int inner = 4 * dim; /* FeedForward(mult=4) */
+#define SUB(s) (snprintf(n, sizeof n, "%s." s, name), n)
+    return norm_load(ws, &b->ln1, SUB("norm1"), dim) ||
+                   attention_load(ws, &b->attn1, SUB("attn1"), dim, only_cross ? context_dim : dim,
+                                  heads, 0) ||
+                   norm_load(ws, &b->ln2, SUB("norm2"), dim) ||
+                   attention_load(ws, &b->attn2, SUB("attn2"), dim, context_dim, heads, 0) ||
+                   norm_load(ws, &b->ln3, SUB("norm3"), dim) ||
+                   linear_load(ws, &b->ff_in, SUB("ff.net.0.proj"), dim, 2 * inner, 1) ||
+                   linear_load(ws, &b->ff_out, SUB("ff.net.2"), inner, dim, 1)
+               ? -1
+               : 0;
+#undef SUB
+}
+
+int transformer2d_load(weight_source *ws, transformer2d_p *t, const char *name, int channels,
+                       int heads, int context_dim, int nblocks, int groups,
+                       int only_cross_attention) {
+    char n[256];
+    *t = (transformer2d_p){.channels = channels, .groups = groups, .nblocks = nblocks,
+                           .only_cross_attention = only_cross_attention};
+    t->blocks = calloc(nblocks, sizeof *t->blocks);
+    if (!t->blocks) {
+        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return -1;
+    }
+    snprintf(n, sizeof n, "%s.norm", name);
+    if (norm_load(ws, &t->norm, n, channels)) return -1;
+    snprintf(n, sizeof n, "%s.proj_in", name);
+    if (linear_load(ws, &t->proj_in, n, channels, channels, 1)) return -1;
+    for (int i = 0; i < nblocks; i++) {
+        snprintf(n, sizeof n, "%s.transformer_blocks.%d", name, i);
+        if (block_load(ws, &t->blocks[i], n, channels, heads, context_dim, only_cross_attention))
+            return -1;
+    }
+    snprintf(n, sizeof n, "%s.proj_out", name);
+    return linear_load(ws, &t->proj_out, n, channels, channels, 1);
+}
+
+void transformer2d_free(transformer2d_p *t) {
+    free(t->blocks);
+    t->blocks = NULL;
+}
+
+/* BasicTransformerBlock.forward, in place on h [B, T, C]. */
+static int block_fw(backend *be, const transformer_block_p *b, int only_cross, tensor *h,
+                    const tensor *context) {
+    tensor *n = NULL, *a = NULL, *g = NULL;
+    /* attn1(norm1(h), encoder_hidden_states if only_cross_attention) + h */
+    TRY(n = be->layer_norm(be, h, b->ln1.g, b->ln1.b, 1e-5f));
+    TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL));
+    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
+    DROP(n);
+    DROP(a);
+    /* attn2(norm2(h), encoder_hidden_states) + h */
+    TRY(n = be->layer_norm(be, h, b->ln2.g, b->ln2.b, 1e-5f));
+    TRY(a = attention_fw(be, &b->attn2, n, context));
+    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
+    DROP(n);
+    DROP(a);
+    /* ff(norm3(h)) + h, ff = Linear(GEGLU(x)) */
+    TRY(n = be->layer_norm(be, h, b->ln3.g, b->ln3.b, 1e-5f));
+    TRY(a = linear_fw(be, &b->ff_in, n));
+    TRY(g = be->geglu(be, a));
+    DROP(a);
+    TRY(a = linear_fw(be, &b->ff_out, g));
+    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
+    DROP(n);
+    DROP(a);
+    DROP(g);
+    return 0;
+fail:
+    DROP(n);
+    DROP(a);
+    DROP(g);
+    return -1;
+}
+
+tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
+                         const tensor *context) {
+    int h = (int)x->shape[2], w = (int)x->shape[3];
+    tensor *n = NULL, *tok = NULL, *hs = NULL, *out = NULL;
+    /* norm (GroupNorm, eps 1e-6), to [B, H*W, C], proj_in */
+    TRY(n = be->group_norm(be, x, t->groups, t->norm.g, t->norm.b, 1e-6f, ACT_NONE));
+    TRY(tok = be->nchw_to_tokens(be, n));
+    DROP(n);
+    TRY(hs = linear_fw(be, &t->proj_in, tok));
+    DROP(tok);
+    for (int i = 0; i < t->nblocks; i++)
+        if (block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context)) goto fail;
+    /* proj_out, back to [B, C, H, W], + residual */
+    TRY(tok = linear_fw(be, &t->proj_out, hs));
+    TRY(out = be->tokens_to_nchw(be, tok, h, w));
+    if (be->add_inplace(be, out, x, 1.0f)) goto fail;
+    DROP(tok);
+    DROP(hs);
+    return out;
+fail:
+    DROP(n);
+    DROP(tok);
+    DROP(hs);
+    DROP(out);
+    return NULL;
+}

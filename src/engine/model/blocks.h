@@ -1,0 +1,87 @@
+/*
+ * blocks.h - the layers that the UNet, the VAE decoder and the text encoder
+ * share: linear, conv, norms, diffusers' ResnetBlock2D and Attention, and
+ * the UNet's Transformer2DModel with its BasicTransformerBlocks.
+ *
+ * Each layer is a struct of weight tensors plus the few numbers that its
+ * forward pass needs; *_load() fills it from a weight_source under a name
+ * prefix ("down_blocks.1.resnets.0"), *_forward() runs it on the backend.
+ * Forward functions leave their input alone and return a new tensor.
+ */
+#ifndef SDX4_BLOCKS_H
+#define SDX4_BLOCKS_H
+
+#include "backend/backend.h"
+#include "model/weights.h"
+
+/* Error plumbing for forward passes: TRY jumps to `fail` on NULL, DROP
+ * frees a tensor and forgets it so that `fail` may free everything. */
+#define TRY(x) do { if ((x) == NULL) goto fail; } while (0)
+#define DROP(t) (tensor_free(t), (t) = NULL)
+
+typedef struct { tensor *w, *b; } linear_p;     /* w [out, in], b [out] or NULL */
+typedef struct { tensor *w, *b; int stride, pad; } conv_p; /* w [out, in, k, k] */
+typedef struct { tensor *g, *b; } norm_p;       /* gamma, beta [C] */
+
+int linear_load(weight_source *ws, linear_p *p, const char *name, int in, int out, int bias);
+int conv_load(weight_source *ws, conv_p *p, const char *name, int in, int out, int k, int stride);
+int norm_load(weight_source *ws, norm_p *p, const char *name, int channels);
+
+static inline tensor *linear_fw(backend *be, const linear_p *p, const tensor *x) {
+    return be->linear(be, x, p->w, p->b);
+}
+static inline tensor *conv_fw(backend *be, const conv_p *p, const tensor *x) {
+    return be->conv2d(be, x, p->w, p->b, p->stride, p->pad);
+}
+
+/* diffusers ResnetBlock2D (pre-norm, "default" time embedding):
+ *   h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
+ *   h = conv2(silu(norm2(h)));  out = shortcut(x) + h                     */
+typedef struct {
+    int in, out, groups;
+    float eps;
+    norm_p norm1, norm2;
+    conv_p conv1, conv2, shortcut; /* shortcut.w NULL when in == out */
+    linear_p temb;                 /* temb.w NULL without time embedding */
+} resnet_p;
+
+int resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int out,
+                int temb_channels, int groups, float eps);
+/* temb_act: silu(temb) [B, temb_channels], computed once per UNet call. */
+tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act);
+
+/* diffusers Attention (to_q, to_k, to_v, to_out.0) on token tensors. */
+typedef struct {
+    int heads;
+    linear_p q, k, v, out;
+} attention_p;
+
+int attention_load(weight_source *ws, attention_p *a, const char *name, int query_dim,
+                   int context_dim, int heads, int qkv_bias);
+/* x [B, T, C]; context [B, S, Cc], or NULL for self-attention. */
+tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context);
+
+/* Transformer2DModel with use_linear_projection and BasicTransformerBlocks
+ * (layer norms, attn1 (cross when only_cross_attention), attn2 (cross),
+ * GEGLU feed-forward). Residual included: returns x + transformer(x). */
+typedef struct {
+    norm_p ln1, ln2, ln3;
+    attention_p attn1, attn2;
+    linear_p ff_in, ff_out; /* ff.net.0.proj [2*inner, dim], ff.net.2 */
+} transformer_block_p;
+
+typedef struct {
+    int channels, groups, nblocks, only_cross_attention;
+    norm_p norm;
+    linear_p proj_in, proj_out;
+    transformer_block_p *blocks;
+} transformer2d_p;
+
+int transformer2d_load(weight_source *ws, transformer2d_p *t, const char *name, int channels,
+                       int heads, int context_dim, int nblocks, int groups,
+                       int only_cross_attention);
+void transformer2d_free(transformer2d_p *t);
+tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
+                         const tensor *context);
+
+#endif

@@ -1,0 +1,45 @@
+/*
+ * pipeline.h - StableDiffusionUpscalePipeline.__call__ on a loaded model.
+ */
+#ifndef SDX4_PIPELINE_H
+#define SDX4_PIPELINE_H
+
+#include <stdint.h>
+
+#include "model/model.h"
+
+typedef struct {
+    const float *image; /* [3, height, width] in [-1, 1], sides already
+                           multiples of the VAE scale factor */
+    int height, width;
+    const char *prompt, *negative_prompt; /* NULL = "" */
+    int steps;
+    float guidance;
+    int noise_level; /* 0..max_noise_level */
+    float eta;
+    uint64_t seed;
+    /* Golden tests replace the generator's first two draws with recorded
+     * noise; NULL draws from torch.Generator().manual_seed(seed). */
+    const float *image_noise, *initial_latents;
+    /* After each step (step 1..steps; also 0 before the first), with the
+     * latents [latent_channels, height, width]. Nonzero cancels. */
+    int (*on_step)(void *user, int step, int total, const float *latents);
+    void *user;
+} pipeline_args;
+
+typedef struct {
+    int prompt_tokens, prompt_truncated, negative_truncated;
+    double seconds_text, seconds_unet, seconds_vae;
+} pipeline_report;
+
+/* Runs the pipeline; *out receives the decoded image [3, H*f, W*f] in
+ * model space (about [-1, 1], not clamped), malloc'd. */
+int pipeline_run(const model *m, backend *be, const pipeline_args *args, float **out,
+                 pipeline_report *report);
+
+/* Encodes [negative;] prompt as the pipeline does: [batch, 77, hidden]
+ * with batch 2 (negative first) when do_cfg, else 1. */
+tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
+                               const char *negative, int do_cfg, pipeline_report *report);
+
+#endif

@@ -1,0 +1,35 @@
+/*
+ * text_encoder.h - transformers' CLIPTextModel (what the pipeline uses of
+ * it: the last hidden state, after the final layer norm).
+ */
+#ifndef SDX4_TEXT_ENCODER_H
+#define SDX4_TEXT_ENCODER_H
+
+#include "core/config.h"
+#include "model/blocks.h"
+
+typedef struct {
+    norm_p ln1, ln2;
+    linear_p q, k, v, out; /* self_attn.{q,k,v,out}_proj */
+    linear_p fc1, fc2;     /* mlp */
+} clip_layer;
+
+typedef struct {
+    int hidden, intermediate, layers, heads, max_positions, vocab;
+    activation act; /* hidden_act: gelu or quick_gelu */
+    float eps;
+    tensor *token_embedding;    /* [vocab, hidden] */
+    tensor *position_embedding; /* [max_positions, hidden] */
+    clip_layer *layer;          /* [layers] */
+    norm_p final_ln;
+} text_encoder;
+
+/* Reads text_encoder/config.json (cfg) and takes the weights from ws
+ * (which may be in spec mode). */
+int text_encoder_init(text_encoder *te, weight_source *ws, const config *cfg);
+void text_encoder_free(text_encoder *te);
+/* ids [batch, seq] -> last_hidden_state [batch, seq, hidden]. */
+tensor *text_encoder_fw(backend *be, const text_encoder *te, const int32_t *ids, int batch,
+                        int seq);
+
+#endif

@@ -1,0 +1,49 @@
+/*
+ * unet.h - diffusers' UNet2DConditionModel, as the x4 upscaler configures it
+ * (DownBlock2D / CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn,
+ * CrossAttnUpBlock2D / UpBlock2D, a class embedding of the noise level).
+ */
+#ifndef SDX4_UNET_H
+#define SDX4_UNET_H
+
+#include "core/config.h"
+#include "model/blocks.h"
+
+#define UNET_MAX_LEVELS 8
+#define UNET_MAX_LAYERS 8
+
+typedef struct {
+    int cross;                                   /* CrossAttn*Block2D */
+    int nlayers;                                 /* resnets in the block */
+    resnet_p resnet[UNET_MAX_LAYERS + 1];
+    transformer2d_p attn[UNET_MAX_LAYERS + 1];   /* used when cross */
+    int has_sampler;                             /* down- or upsampler */
+    conv_p sampler;
+} unet_block;
+
+typedef struct {
+    /* config */
+    int in_channels, out_channels, levels, groups, num_class_embeds;
+    int block_channels[UNET_MAX_LEVELS];
+    int context_dim[UNET_MAX_LEVELS]; /* cross_attention_dim per level */
+    int flip_sin_to_cos;
+    float freq_shift, norm_eps;
+    /* weights */
+    linear_p time_linear1, time_linear2; /* time_embedding.linear_{1,2} */
+    tensor *class_embedding;             /* [num_class_embeds, temb] or NULL */
+    conv_p conv_in, conv_out;
+    norm_p conv_norm_out;
+    unet_block down[UNET_MAX_LEVELS], up[UNET_MAX_LEVELS];
+    resnet_p mid_resnet[2];
+    transformer2d_p mid_attn;
+} unet;
+
+int unet_init(unet *u, weight_source *ws, const config *cfg);
+void unet_free(unet *u);
+/* sample [B, in_channels, H, W], timestep t, class_labels [B] (NULL when
+ * the model has no class embedding), context [B, 77, cross_attention_dim]
+ * -> [B, out_channels, H, W]. */
+tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
+                const int32_t *class_labels, const tensor *context);
+
+#endif

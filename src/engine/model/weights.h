@@ -1,0 +1,66 @@
+/*
+ * weights.h - where model code gets its parameters from.
+ *
+ * A weight_source serves the tensors of one component (unet, vae,
+ * text_encoder) by name, checking each against the shape the config
+ * implies, and hands them to the backend (which, on the CPU, points into
+ * the mmapped file instead of copying). The same model-building code runs
+ * in a second mode, `spec`, where nothing is read: each request is recorded
+ * as (name, shape) so that `sdx4 make-model` writes exactly the tensors the
+ * loader will ask for. One description of the architecture serves both.
+ */
+#ifndef SDX4_WEIGHTS_H
+#define SDX4_WEIGHTS_H
+
+#include "backend/backend.h"
+#include "core/safetensors.h"
+
+typedef struct {
+    char *name;
+    int ndim;
+    int64_t shape[4];
+} weight_spec;
+
+typedef struct {
+    backend *be;
+    st_file file;       /* loading mode */
+    char label[512];    /* "unet/diffusion_pytorch_model.safetensors" */
+    const char *prefix; /* prepended to every name ("", "text_model.") */
+    int64_t params;     /* elements served so far */
+    dtype file_dtype;   /* dtype of the first tensor served */
+
+    tensor **owned;     /* tensors served, freed by weights_close() */
+    int nowned, owned_cap;
+
+    int spec;           /* spec mode: record instead of load */
+    weight_spec *specs;
+    int nspecs, cap;
+    tensor placeholder; /* what spec mode returns: never computed on */
+} weight_source;
+
+/* Opens <dir>/<component>/<stem>[.<variant>].safetensors. Without the
+ * variant file, falls back to the plain one (and vice versa) as diffusers
+ * does with a warning; the chosen file is in ws->label. */
+int weights_open(weight_source *ws, backend *be, const char *dir,
+                 const char *component, const char *stem, const char *variant);
+void weights_spec_init(weight_source *ws);
+/* Frees every tensor served and unmaps the file: the model's weights live
+ * until then. */
+void weights_close(weight_source *ws);
+
+/* The tensor `name` (printf-style) of the given shape (ndim 1..4, unused
+ * dimensions ignored); NULL with an error naming file, tensor and both
+ * shapes when missing or different. */
+tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Shorthands for the common shapes. */
+#define W1(ws, a, ...) weight_get((ws), 1, (const int64_t[]){(a)}, __VA_ARGS__)
+#define W2(ws, a, b, ...) weight_get((ws), 2, (const int64_t[]){(a), (b)}, __VA_ARGS__)
+#define W4(ws, a, b, c, d, ...) \
+    weight_get((ws), 4, (const int64_t[]){(a), (b), (c), (d)}, __VA_ARGS__)
+
+/* Does the file hold a tensor of this name (prefix applied)? */
+int weight_exists(const weight_source *ws, const char *name);
+
+#endif

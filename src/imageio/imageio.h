@@ -1,0 +1,56 @@
+/*
+ * imageio.h - image files in and out, for the CLI and the server.
+ *
+ * Built on libvips. Decoding is two-step so that a server can refuse an
+ * image before paying for it: imageio_probe() reads the format from the
+ * magic number and the size from the header only (a 100000x100000 PNG
+ * costs nothing), then imageio_decode() produces 8-bit sRGB RGB: alpha
+ * flattened onto white (transparent areas read as white paper), palette,
+ * grey, 16-bit and CMYK converted, and the EXIF orientation applied.
+ *
+ * All functions are thread-safe. Errors: a return of -1 and a message in
+ * the caller's buffer `err` (at most errlen bytes, always terminated).
+ */
+#ifndef SDX4_IMAGEIO_H
+#define SDX4_IMAGEIO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sdx4.h"
+
+typedef enum { IMAGE_UNKNOWN = 0, IMAGE_PNG, IMAGE_JPEG, IMAGE_WEBP } image_format;
+
+/* Call once before any other function (initialises libvips). */
+int imageio_init(const char *argv0);
+void imageio_shutdown(void);
+
+/* The format by magic number ("png", "jpeg", "webp"); IMAGE_UNKNOWN when
+ * the bytes are none of these. */
+image_format imageio_sniff(const void *data, size_t len);
+const char *imageio_format_name(image_format f);
+/* Parse "png"/"jpeg"/"jpg"/"webp" (case-insensitive), or a file name's
+ * extension. IMAGE_UNKNOWN if neither. */
+image_format imageio_format_from_name(const char *name_or_path);
+const char *imageio_mime_type(image_format f);
+
+/* Reads format and size from the header only (after EXIF orientation:
+ * width and height are those of the decoded image). */
+int imageio_probe(const void *data, size_t len, image_format *format,
+                  int *width, int *height, char *err, size_t errlen);
+
+/* Decodes to RGB8. out->pixels is malloc'd; free with sdx4_image_free(). */
+int imageio_decode(const void *data, size_t len, sdx4_image *out,
+                   char *err, size_t errlen);
+int imageio_read_file(const char *path, sdx4_image *out, char *err,
+                      size_t errlen);
+
+/* Encodes RGB8. quality 1..100 for JPEG/WebP (0 = default 90). *out is
+ * malloc'd (free with free()). */
+int imageio_encode(const sdx4_image *img, image_format format, int quality,
+                   void **out, size_t *out_len, char *err, size_t errlen);
+/* Writes by the path's extension (.png, .jpg/.jpeg, .webp). */
+int imageio_write_file(const sdx4_image *img, const char *path, int quality,
+                       char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,62 @@
+/*
+ * test.h - the tiny test harness of sdx4's ctest programs.
+ *
+ * CHECK() records a failure and goes on; a program's exit status is the
+ * verdict (0 pass, 1 fail, 77 skip for ctest's SKIP_RETURN_CODE). Golden
+ * data comes from $SDX4_REFERENCE, else the build's default (../shared/
+ * reference beside the checkout).
+ */
+#ifndef SDX4_TEST_H
+#define SDX4_TEST_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int test_failures, test_checks;
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        test_checks++;                                                       \
+        if (!(cond)) {                                                       \
+            test_failures++;                                                 \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, \
+                    #cond);                                                  \
+            fprintf(stderr, __VA_ARGS__);                                    \
+            fputc('\n', stderr);                                             \
+        }                                                                    \
+    } while (0)
+
+static inline const char *test_reference_dir(void) {
+    const char *d = getenv("SDX4_REFERENCE");
+    if (d && *d) return d;
+    d = getenv("SDX4_REFERENCE_DEFAULT");
+    return d && *d ? d : "../shared/reference";
+}
+
+/* Joins the reference folder and a relative path into a static buffer. */
+static inline const char *test_ref(const char *rel) {
+    static char buf[4][4096];
+    static int next;
+    char *b = buf[next++ & 3];
+    snprintf(b, sizeof buf[0], "%s/%s", test_reference_dir(), rel);
+    return b;
+}
+
+/* max |a - b| over n floats */
+static inline double max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= m)) m = d; /* NaN propagates as a failure */
+    }
+    return m;
+}
+
+static inline int test_finish(const char *name) {
+    printf("%s: %d checks, %d failed\n", name, test_checks, test_failures);
+    return test_failures ? 1 : 0;
+}
+
+#endif

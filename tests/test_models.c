@@ -1,0 +1,197 @@
+/*
+ * test_models.c - the three networks against diffusers' goldens, on the
+ * CPU backend: CLIP text encoder, UNet (two timesteps and an input size
+ * that is not a multiple of 2^levels) and VAE decoder, for the `tiny` and
+ * `small` reference models, and the tiny model's fp16 variant. Tolerance
+ * from reference/README.md: max abs 2e-4 (fp16 variant: fp16 precision).
+ */
+#include <jansson.h>
+#include <stdlib.h>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "model/text_encoder.h"
+#include "model/unet.h"
+#include "model/vae.h"
+#include "test.h"
+
+static backend *be;
+
+/* Uploads golden tensor `name` of file g as a new backend tensor. */
+static tensor *golden(const st_file *g, const char *name) {
+    const st_tensor *t = st_find(g, name);
+    if (!t) {
+        fprintf(stderr, "golden %s missing\n", name);
+        exit(1);
+    }
+    int64_t shape[4] = {1, 1, 1, 1};
+    for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i];
+    tensor *x = be->new_tensor(be, t->ndim, shape);
+    float *host = malloc(t->nbytes);
+    dtype_to_f32(t->type, t->data, host, t->nbytes / 4);
+    be->upload(be, x, host);
+    free(host);
+    return x;
+}
+
+/* Compares a result with golden tensor `name`; returns max abs diff. */
+static double compare(const char *what, tensor *got, const st_file *g, const char *name, double tol) {
+    const st_tensor *t = st_find(g, name);
+    CHECK(got != NULL, "%s: %s", what, sdx4_last_error());
+    if (!got || !t) return INFINITY;
+    size_t n = t->nbytes / 4;
+    CHECK((size_t)tensor_numel(got) == n, "%s: %lld elements, golden %zu", what,
+          (long long)tensor_numel(got), n);
+    if ((size_t)tensor_numel(got) != n) return INFINITY;
+    float *a = malloc(n * 4), *b = malloc(n * 4);
+    be->download(be, got, a);
+    dtype_to_f32(t->type, t->data, b, n);
+    double d = max_abs_diff(a, b, n);
+    printf("  %-34s max abs diff %.3g\n", what, d);
+    CHECK(d <= tol, "%s: max abs diff %g > %g", what, d, tol);
+    free(a);
+    free(b);
+    return d;
+}
+
+static int open_component(weight_source *ws, config *cfg, const char *model_dir,
+                          const char *component, const char *stem, const char *variant) {
+    char file[128];
+    snprintf(file, sizeof file, "%s/config.json", component);
+    int rc = cfg_load(cfg, model_dir, file) ||
+             weights_open(ws, be, model_dir, component, stem, variant);
+    CHECK(rc == 0, "%s: %s", component, sdx4_last_error());
+    return rc;
+}
+
+static void test_text_encoder(const char *m, const char *variant, double tol) {
+    char dir[512], gold[512];
+    snprintf(dir, sizeof dir, "%s/model", test_ref(m));
+    snprintf(gold, sizeof gold, "%s/golden/text_encoder.safetensors", test_ref(m));
+    weight_source ws;
+    config cfg;
+    text_encoder te;
+    st_file g;
+    if (open_component(&ws, &cfg, dir, "text_encoder", "model", variant)) return;
+    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(text_encoder_init(&te, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    const st_tensor *ids_t = st_find(&g, "input_ids");
+    int batch = (int)ids_t->shape[0], seq = (int)ids_t->shape[1];
+    float *idf = malloc(ids_t->nbytes);
+    int32_t *ids = malloc(sizeof *ids * batch * seq);
+    dtype_to_f32(ids_t->type, ids_t->data, idf, (size_t)batch * seq);
+    for (int i = 0; i < batch * seq; i++) ids[i] = (int32_t)idf[i];
+    tensor *out = text_encoder_fw(be, &te, ids, batch, seq);
+    char what[128];
+    snprintf(what, sizeof what, "%s%s text_encoder", m, variant ? ".fp16" : "");
+    compare(what, out, &g, "last_hidden_state", tol);
+    tensor_free(out);
+    free(idf);
+    free(ids);
+    text_encoder_free(&te);
+    st_close(&g);
+    weights_close(&ws);
+    cfg_free(&cfg);
+}
+
+/* json metadata value of the golden file, parsed */
+static json_t *meta(const st_file *g, const char *key) {
+    char *s = st_metadata(g, key);
+    json_t *v = s ? json_loads(s, JSON_DECODE_ANY, NULL) : NULL;
+    free(s);
+    return v;
+}
+
+static void test_unet(const char *m, const char *variant, double tol) {
+    char dir[512], gold[512], what[128];
+    snprintf(dir, sizeof dir, "%s/model", test_ref(m));
+    snprintf(gold, sizeof gold, "%s/golden/unet.safetensors", test_ref(m));
+    weight_source ws;
+    config cfg;
+    unet u;
+    st_file g;
+    if (open_component(&ws, &cfg, dir, "unet", "diffusion_pytorch_model", variant)) return;
+    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(unet_init(&u, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    tensor *sample = golden(&g, "sample"), *ctx = golden(&g, "encoder_hidden_states");
+    json_t *labels = meta(&g, "class_labels");
+    int32_t cl[2] = {(int32_t)json_integer_value(json_array_get(labels, 0)),
+                     (int32_t)json_integer_value(json_array_get(labels, 1))};
+    json_decref(labels);
+    static const int ts[] = {951, 1};
+    for (int i = 0; i < 2; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "out_t%d", ts[i]);
+        snprintf(what, sizeof what, "%s%s unet t=%d", m, variant ? ".fp16" : "", ts[i]);
+        tensor *out = unet_fw(be, &u, sample, (float)ts[i], cl, ctx);
+        compare(what, out, &g, name, tol);
+        tensor_free(out);
+    }
+    /* odd size: batch 1, the first row of the context */
+    json_t *odd = meta(&g, "odd");
+    int32_t odd_label = (int32_t)json_integer_value(json_object_get(odd, "class_label"));
+    float odd_t = (float)json_integer_value(json_object_get(odd, "t"));
+    json_decref(odd);
+    tensor *s2 = golden(&g, "sample_odd");
+    tensor *ctx1 = be->new_tensor(be, 3, (int64_t[]){1, ctx->shape[1], ctx->shape[2]});
+    float *host = malloc(sizeof *host * tensor_numel(ctx));
+    be->download(be, ctx, host);
+    be->upload(be, ctx1, host);
+    free(host);
+    tensor *out = unet_fw(be, &u, s2, odd_t, &odd_label, ctx1);
+    snprintf(what, sizeof what, "%s%s unet odd size", m, variant ? ".fp16" : "");
+    compare(what, out, &g, "out_odd_t500", tol);
+    tensor_free(out);
+    tensor_free(s2);
+    tensor_free(ctx1);
+    tensor_free(sample);
+    tensor_free(ctx);
+    unet_free(&u);
+    st_close(&g);
+    weights_close(&ws);
+    cfg_free(&cfg);
+}
+
+static void test_vae(const char *m, const char *variant, double tol) {
+    char dir[512], gold[512], what[128];
+    snprintf(dir, sizeof dir, "%s/model", test_ref(m));
+    snprintf(gold, sizeof gold, "%s/golden/vae_decode.safetensors", test_ref(m));
+    weight_source ws;
+    config cfg;
+    vae_decoder v;
+    st_file g;
+    if (open_component(&ws, &cfg, dir, "vae", "diffusion_pytorch_model", variant)) return;
+    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(vae_init(&v, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    tensor *z = golden(&g, "latents");
+    tensor *out = vae_decode(be, &v, z);
+    snprintf(what, sizeof what, "%s%s vae decode", m, variant ? ".fp16" : "");
+    compare(what, out, &g, "image", tol);
+    tensor_free(out);
+    tensor_free(z);
+    st_close(&g);
+    weights_close(&ws);
+    cfg_free(&cfg);
+}
+
+int main(void) {
+    be = backend_cpu_create(0);
+    if (!be) {
+        fprintf(stderr, "cpu backend: %s\n", sdx4_last_error());
+        return 1;
+    }
+    static const char *models[] = {"tiny", "small"};
+    for (int i = 0; i < 2; i++) {
+        test_text_encoder(models[i], NULL, 2e-4);
+        test_unet(models[i], NULL, 2e-4);
+        test_vae(models[i], NULL, 2e-4);
+    }
+    /* fp16 weights, computed in float32: the difference is the weights'
+     * rounding (relative 2^-11), amplified by the depth of the network. */
+    test_text_encoder("tiny", "fp16", 2e-2);
+    test_unet("tiny", "fp16", 2e-2);
+    test_vae("tiny", "fp16", 2e-2);
+    be->destroy(be);
+    return test_finish("test_models");
+}
