@@ -48,11 +48,6 @@ static int check_consistency(const model *m) {
                       "text encoder's hidden_size=%d", ctx);
             return -1;
         }
-    if (m->unet.num_class_embeds > 0 && m->max_noise_level >= m->unet.num_class_embeds) {
-        set_error(SDX4_ERR_MODEL, "model_index.json: max_noise_level=%d needs num_class_embeds "
-                  "> %d in unet/config.json", m->max_noise_level, m->max_noise_level);
-        return -1;
-    }
     return 0;
 }
 

@@ -1,0 +1,325 @@
+/*
+ * cpu_backend.c - the CPU backend: float32 tensors in host memory, dense
+ * algebra through OpenBLAS, everything else in OpenMP loops.
+ *
+ * This file builds the operation table of backend.h and holds what every
+ * kernel needs: tensor and scratch allocation (64-byte aligned, counted in
+ * two atomic counters so memory() can report use and peak from any
+ * thread), weights (aligned float32 file data is used in place, other
+ * types are converted once), argument checks, and the two operations that
+ * are one call each: linear (a single sgemm over all rows) and embedding.
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "backend/cpu/cpu_internal.h"
+#include "core/error.h"
+
+/* ---------------------------------------------------------------- memory */
+
+static void count_bytes(backend *be, int64_t delta) {
+    cpu_backend *cb = (cpu_backend *)be;
+    int64_t now = atomic_fetch_add(&cb->in_use, delta) + delta;
+    int64_t peak = atomic_load(&cb->peak);
+    while (now > peak && !atomic_compare_exchange_weak(&cb->peak, &peak, now)) {
+    }
+}
+
+static void *aligned_bytes(backend *be, size_t bytes) {
+    void *p = NULL;
+    /* posix_memalign(0) may return NULL legitimately; never ask for 0 */
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate %zu bytes", bytes);
+        return NULL;
+    }
+    count_bytes(be, (int64_t)bytes);
+    return p;
+}
+
+float *cpu_scratch_alloc(backend *be, size_t floats) {
+    if (floats > SIZE_MAX / sizeof(float)) {
+        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: scratch of %zu floats is too large", floats);
+        return NULL;
+    }
+    return aligned_bytes(be, floats * sizeof(float));
+}
+
+void cpu_scratch_free(backend *be, float *p, size_t floats) {
+    if (!p) return;
+    free(p);
+    count_bytes(be, -(int64_t)(floats * sizeof(float)));
+}
+
+/* Validates a shape and returns its element count, or -1 with the error set. */
+static int64_t shape_numel(const char *op, int ndim, const int64_t *shape) {
+    if (ndim < 1 || ndim > 4 || !shape) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %d dimensions (1 to 4 supported)", op, ndim);
+        return -1;
+    }
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 1) {
+            set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: dimension %d is %" PRId64, op, i, shape[i]);
+            return -1;
+        }
+        if (shape[i] > (INT64_MAX / 4) / n) {
+            set_error(SDX4_ERR_NO_MEMORY, "%s: tensor too large", op);
+            return -1;
+        }
+        n *= shape[i];
+    }
+    return n;
+}
+
+static tensor *tensor_header(backend *be, int ndim, const int64_t *shape) {
+    tensor *t = calloc(1, sizeof *t);
+    if (!t) {
+        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate a tensor");
+        return NULL;
+    }
+    t->be = be;
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    t->type = DTYPE_F32;
+    return t;
+}
+
+tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
+    int64_t n = shape_numel("new_tensor", ndim, shape);
+    if (n < 0) return NULL;
+    tensor *t = tensor_header(be, ndim, shape);
+    if (!t) return NULL;
+    t->data = aligned_bytes(be, (size_t)n * sizeof(float));
+    if (!t->data) {
+        free(t);
+        return NULL;
+    }
+    t->owns_data = 1;
+    return t;
+}
+
+static void cpu_free_tensor(backend *be, tensor *t) {
+    if (!t) return;
+    if (t->owns_data) {
+        free(t->data);
+        count_bytes(be, -(int64_t)(tensor_numel(t) * (int64_t)sizeof(float)));
+    }
+    free(t);
+}
+
+static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
+                          const int64_t *shape) {
+    int64_t n = shape_numel("weight", ndim, shape);
+    if (n < 0) return NULL;
+    if (!data) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: no data");
+        return NULL;
+    }
+    if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: unknown dtype %d", (int)type);
+        return NULL;
+    }
+    tensor *t = tensor_header(be, ndim, shape);
+    if (!t) return NULL;
+    if (type == DTYPE_F32 && (uintptr_t)data % sizeof(float) == 0) {
+        t->data = (void *)data; /* read-only by contract: weights are inputs */
+        return t;
+    }
+    t->data = aligned_bytes(be, (size_t)n * sizeof(float));
+    if (!t->data) {
+        free(t);
+        return NULL;
+    }
+    t->owns_data = 1;
+    dtype_to_f32(type, data, t->data, (size_t)n);
+    return t;
+}
+
+static int cpu_upload(backend *be, tensor *dst, const float *src) {
+    (void)be;
+    if (cpu_check("upload", "destination", dst, 0)) return -1;
+    if (!src) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "upload: no source");
+        return -1;
+    }
+    memcpy(dst->data, src, (size_t)tensor_numel(dst) * sizeof(float));
+    return 0;
+}
+
+static int cpu_download(backend *be, const tensor *src, float *dst) {
+    (void)be;
+    if (cpu_check("download", "source", src, 0)) return -1;
+    if (!dst) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "download: no destination");
+        return -1;
+    }
+    memcpy(dst, src->data, (size_t)tensor_numel(src) * sizeof(float));
+    return 0;
+}
+
+static void cpu_memory(backend *be, int64_t *in_use, int64_t *peak) {
+    cpu_backend *cb = (cpu_backend *)be;
+    if (in_use) *in_use = atomic_load(&cb->in_use);
+    if (peak) *peak = atomic_load(&cb->peak);
+}
+
+/* ---------------------------------------------------------------- checks */
+
+const char *cpu_shape_str(const tensor *t, char *buf, size_t size) {
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < t->ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64,
+                                 i ? "," : "[", t->shape[i]);
+    if (used < size) snprintf(buf + used, size - used, "]");
+    return buf;
+}
+
+int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
+    if (!t || !t->data) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is missing", op, what);
+        return -1;
+    }
+    if (t->type != DTYPE_F32) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32",
+                  op, what, dtype_name(t->type));
+        return -1;
+    }
+    if (ndim && t->ndim != ndim) {
+        char s[CPU_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions",
+                  op, what, cpu_shape_str(t, s, sizeof s), ndim);
+        return -1;
+    }
+    return 0;
+}
+
+void cpu_enter(backend *be) {
+    int threads = cpu_threads(be);
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+}
+
+/* ---------------------------------------------------------------- linear */
+
+/* y[M, N] = x[M, K] @ w[N, K]^T + bias: one sgemm over all rows, then the
+ * bias while the rows are still in cache of the thread that adds it. */
+static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w,
+                          const tensor *bias) {
+    if (cpu_check("linear", "input", x, 0) || cpu_check("linear", "weight", w, 2)) return NULL;
+    int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
+    if (w->shape[1] != K) {
+        char s[CPU_SHAPE_STR_SIZE], t[CPU_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "linear: input %s has %" PRId64 " features, weight %s expects %" PRId64,
+                  cpu_shape_str(x, s, sizeof s), K, cpu_shape_str(w, t, sizeof t), w->shape[1]);
+        return NULL;
+    }
+    if (bias && cpu_check("linear", "bias", bias, 0)) return NULL;
+    if (bias && tensor_numel(bias) != N) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "linear: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
+                  tensor_numel(bias), N);
+        return NULL;
+    }
+    int64_t M = tensor_numel(x) / K;
+    if (M > INT_MAX || N > INT_MAX || K > INT_MAX) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "linear: dimensions exceed the BLAS int range");
+        return NULL;
+    }
+    int64_t shape[4];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = N;
+    tensor *y = cpu_new_tensor(be, x->ndim, shape);
+    if (!y) return NULL;
+    cpu_enter(be);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f,
+                x->data, (int)K, w->data, (int)K, 0.0f, y->data, (int)N);
+    if (bias) {
+        float *out = y->data;
+        const float *b = bias->data;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) out[m * N + n] += b[n];
+    }
+    return y;
+}
+
+/* ------------------------------------------------------------- embedding */
+
+static tensor *cpu_embedding(backend *be, const tensor *table, const int32_t *ids, int n) {
+    if (cpu_check("embedding", "table", table, 2)) return NULL;
+    if (!ids || n < 1) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "embedding: %d ids", ids ? n : 0);
+        return NULL;
+    }
+    int64_t V = table->shape[0], D = table->shape[1];
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= V) {
+            set_error(SDX4_ERR_INVALID_ARGUMENT,
+                      "embedding: id %" PRId32 " at position %d is outside the table of %" PRId64,
+                      ids[i], i, V);
+            return NULL;
+        }
+    }
+    tensor *out = cpu_new_tensor(be, 2, (int64_t[]){n, D});
+    if (!out) return NULL;
+    for (int i = 0; i < n; i++)
+        memcpy((float *)out->data + (int64_t)i * D, (const float *)table->data + ids[i] * D,
+               (size_t)D * sizeof(float));
+    return out;
+}
+
+/* ------------------------------------------------------------- lifetime */
+
+static void cpu_destroy(backend *be) { free(be); }
+
+backend *backend_cpu_create(int threads) {
+    if (threads < 0) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "cpu backend: %d threads", threads);
+        return NULL;
+    }
+    cpu_backend *cb = calloc(1, sizeof *cb);
+    if (!cb) {
+        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: out of memory");
+        return NULL;
+    }
+    cb->threads = threads ? threads : omp_get_num_procs();
+    atomic_init(&cb->in_use, 0);
+    atomic_init(&cb->peak, 0);
+    openblas_set_num_threads(cb->threads);
+    snprintf(cb->description, sizeof cb->description, "CPU, %d threads, OpenBLAS %s",
+             cb->threads, openblas_get_corename());
+
+    backend *be = &cb->base;
+    be->name = "cpu";
+    be->description = cb->description;
+    be->new_tensor = cpu_new_tensor;
+    be->free_tensor = cpu_free_tensor;
+    be->weight = cpu_weight;
+    be->upload = cpu_upload;
+    be->download = cpu_download;
+    be->linear = cpu_linear;
+    be->conv2d = cpu_conv2d;
+    be->attention = cpu_attention;
+    be->group_norm = cpu_group_norm;
+    be->layer_norm = cpu_layer_norm;
+    be->activate = cpu_activate;
+    be->geglu = cpu_geglu;
+    be->add_inplace = cpu_add_inplace;
+    be->add_channel_bias_inplace = cpu_add_channel_bias_inplace;
+    be->scale_inplace = cpu_scale_inplace;
+    be->concat_channels = cpu_concat_channels;
+    be->upsample_nearest = cpu_upsample_nearest;
+    be->nchw_to_tokens = cpu_nchw_to_tokens;
+    be->tokens_to_nchw = cpu_tokens_to_nchw;
+    be->embedding = cpu_embedding;
+    be->memory = cpu_memory;
+    be->destroy = cpu_destroy;
+    return be;
+}

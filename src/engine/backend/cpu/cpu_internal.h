@@ -1,0 +1,76 @@
+/*
+ * cpu_internal.h - what the files of the CPU backend share.
+ *
+ * cpu_backend.c builds the operation table (backend.h) and owns memory,
+ * weights, linear and embedding; cpu_conv.c, cpu_attention.c,
+ * cpu_norm_act.c and cpu_layout.c hold the other kernels. They all use the
+ * helpers below to allocate tensors and scratch (counted by memory()), to
+ * check arguments with the same wording, and to set the thread count.
+ *
+ * Threads: every kernel parallelises its own loops with
+ * `num_threads(cpu_threads(be))`. OpenBLAS (OpenMP build) takes its thread
+ * count from the calling thread's OpenMP setting, and runs single-threaded
+ * when called inside a parallel region; kernels that call one big sgemm
+ * from the caller's thread call cpu_enter() first, kernels that split work
+ * into many small sgemms call them from inside their parallel loop.
+ */
+#ifndef SDX4_CPU_INTERNAL_H
+#define SDX4_CPU_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+typedef struct {
+    backend base;            /* first member: a backend* is a cpu_backend* */
+    int threads;             /* OpenMP team size and OpenBLAS threads */
+    _Atomic int64_t in_use;  /* bytes of tensor data and scratch owned now */
+    _Atomic int64_t peak;    /* most bytes ever owned at once */
+    char description[160];
+} cpu_backend;
+
+static inline int cpu_threads(const backend *be) {
+    return ((const cpu_backend *)be)->threads;
+}
+
+/* Makes OpenBLAS calls from this (non-OpenMP) thread use the backend's
+ * thread count. */
+void cpu_enter(backend *be);
+
+/* 64-byte aligned scratch counted by memory(); NULL with the error set. */
+float *cpu_scratch_alloc(backend *be, size_t floats);
+void cpu_scratch_free(backend *be, float *p, size_t floats);
+
+/* A new F32 tensor; NULL with the error set (bad shape, no memory). */
+tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape);
+
+/* Checks that `t` is a non-NULL F32 tensor with `ndim` dimensions (0: any),
+ * else sets "op: what is ..." and returns -1. */
+int cpu_check(const char *op, const char *what, const tensor *t, int ndim);
+/* Writes "[2,7,16,24]" into buf. */
+const char *cpu_shape_str(const tensor *t, char *buf, size_t size);
+#define CPU_SHAPE_STR_SIZE 96
+
+/* Kernels of the other files, with the signatures of backend.h. */
+tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w,
+                   const tensor *bias, int stride, int padding);
+tensor *cpu_attention(backend *be, const tensor *q, const tensor *k,
+                      const tensor *v, int heads, int causal);
+tensor *cpu_group_norm(backend *be, const tensor *x, int groups,
+                       const tensor *gamma, const tensor *beta, float eps,
+                       activation act);
+tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma,
+                       const tensor *beta, float eps);
+tensor *cpu_activate(backend *be, const tensor *x, activation act);
+tensor *cpu_geglu(backend *be, const tensor *x);
+int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
+int cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
+int cpu_scale_inplace(backend *be, tensor *x, float s);
+tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b);
+tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w);
+tensor *cpu_nchw_to_tokens(backend *be, const tensor *x);
+tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
+
+#endif

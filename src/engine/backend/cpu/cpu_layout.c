@@ -1,0 +1,124 @@
+/*
+ * cpu_layout.c - operations that only move values: channel concatenation,
+ * nearest-neighbour upsampling, and the NCHW <-> token transposes of the
+ * transformer blocks.
+ *
+ * The transposes go through 32x32 blocks so both the reads and the writes
+ * touch whole cache lines; upsampling precomputes the source row and column
+ * of every output position with PyTorch's rule for mode="nearest".
+ */
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_internal.h"
+#include "core/error.h"
+
+tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
+    if (cpu_check("concat_channels", "a", a, 4) || cpu_check("concat_channels", "b", b, 4))
+        return NULL;
+    if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3]) {
+        char as[CPU_SHAPE_STR_SIZE], bs[CPU_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "concat_channels: %s and %s differ in batch or size",
+                  cpu_shape_str(a, as, sizeof as), cpu_shape_str(b, bs, sizeof bs));
+        return NULL;
+    }
+    int64_t B = a->shape[0], Ca = a->shape[1], Cb = b->shape[1], C = Ca + Cb;
+    int64_t S = a->shape[2] * a->shape[3];
+    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, a->shape[2], a->shape[3]});
+    if (!y) return NULL;
+    const float *ad = a->data, *bd = b->data;
+    float *yd = y->data;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t bc = 0; bc < B * C; bc++) {
+        int64_t n = bc / C, c = bc % C;
+        const float *src = c < Ca ? ad + (n * Ca + c) * S : bd + (n * Cb + c - Ca) * S;
+        memcpy(yd + bc * S, src, (size_t)S * sizeof(float));
+    }
+    return y;
+}
+
+/* PyTorch's source index for mode="nearest" with an explicit size:
+ * floor(dst * (in / out)), the ratio and the product in float. */
+static int64_t nearest_source(int64_t dst, int64_t in, int64_t out) {
+    if (out == in) return dst;
+    if (out == 2 * in) return dst >> 1;
+    float scale = (float)in / (float)out;
+    int64_t src = (int64_t)floorf((float)dst * scale);
+    return src < in - 1 ? src : in - 1;
+}
+
+tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
+    if (cpu_check("upsample_nearest", "input", x, 4)) return NULL;
+    if (h < 1 || w < 1) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "upsample_nearest: size %dx%d", h, w);
+        return NULL;
+    }
+    int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    int64_t *src_col = malloc((size_t)w * sizeof *src_col);
+    if (!src_col) {
+        set_error(SDX4_ERR_NO_MEMORY, "upsample_nearest: out of memory");
+        return NULL;
+    }
+    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
+    if (!y) {
+        free(src_col);
+        return NULL;
+    }
+    for (int ox = 0; ox < w; ox++) src_col[ox] = nearest_source(ox, W, w);
+    const float *xd = x->data;
+    float *yd = y->data;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t row = 0; row < B * C * h; row++) {
+        int64_t bc = row / h, oy = row % h;
+        const float *src = xd + (bc * H + nearest_source(oy, H, h)) * W;
+        float *dst = yd + row * w;
+        for (int ox = 0; ox < w; ox++) dst[ox] = src[src_col[ox]];
+    }
+    free(src_col);
+    return y;
+}
+
+/* dst[b][c][r] = src[b][r][c] for `batches` matrices of rows x cols. */
+#define BLOCK 32
+static void transpose(backend *be, const float *src, float *dst, int64_t batches, int64_t rows,
+                      int64_t cols) {
+    int64_t row_blocks = (rows + BLOCK - 1) / BLOCK, col_blocks = (cols + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t u = 0; u < batches * row_blocks * col_blocks; u++) {
+        int64_t b = u / (row_blocks * col_blocks), rb = u / col_blocks % row_blocks;
+        int64_t r0 = rb * BLOCK, c0 = u % col_blocks * BLOCK;
+        int64_t r1 = r0 + BLOCK < rows ? r0 + BLOCK : rows;
+        int64_t c1 = c0 + BLOCK < cols ? c0 + BLOCK : cols;
+        const float *s = src + b * rows * cols;
+        float *d = dst + b * rows * cols;
+        for (int64_t c = c0; c < c1; c++)
+            for (int64_t r = r0; r < r1; r++) d[c * rows + r] = s[r * cols + c];
+    }
+}
+
+tensor *cpu_nchw_to_tokens(backend *be, const tensor *x) {
+    if (cpu_check("nchw_to_tokens", "input", x, 4)) return NULL;
+    int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
+    tensor *y = cpu_new_tensor(be, 3, (int64_t[]){B, S, C});
+    if (!y) return NULL;
+    transpose(be, x->data, y->data, B, C, S);
+    return y;
+}
+
+tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
+    if (cpu_check("tokens_to_nchw", "input", x, 3)) return NULL;
+    int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
+    if (h < 1 || w < 1 || (int64_t)h * w != S) {
+        char xs[CPU_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "tokens_to_nchw: %s has %" PRId64
+                  " tokens, not %dx%d", cpu_shape_str(x, xs, sizeof xs), S, h, w);
+        return NULL;
+    }
+    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
+    if (!y) return NULL;
+    transpose(be, x->data, y->data, B, S, C);
+    return y;
+}

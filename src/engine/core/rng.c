@@ -1,0 +1,194 @@
+/*
+ * rng.c - PyTorch's CPU generator: MT19937, torch.rand and torch.randn.
+ *
+ * See rng.h for the algorithm. Every float operation below stands for one
+ * operation of PyTorch's kernel, in the same order; where the kernel is
+ * vectorised (the AVX2 Box-Muller of 16 values) the scalar code here does
+ * lane by lane what the vector instructions do, with an explicit fmaf()
+ * where PyTorch's build fuses a multiply and an add. No expression here
+ * pairs a product with a sum outside fmaf(), so the results do not depend
+ * on whether this file's compiler contracts into FMA.
+ */
+#include "core/rng.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- MT19937 */
+
+#define MT_M 397
+
+void torch_rng_seed(torch_rng *g, uint64_t seed) {
+    g->state[0] = (uint32_t)seed; /* at::mt19937 keeps only the low 32 bits */
+    for (uint32_t i = 1; i < TORCH_MT_N; i++)
+        g->state[i] = 1812433253u * (g->state[i - 1] ^ (g->state[i - 1] >> 30)) + i;
+    g->next = TORCH_MT_N; /* the first draw regenerates, as at::mt19937 does */
+    g->has_cached_normal = 0;
+    g->cached_normal = 0;
+}
+
+static void regenerate(torch_rng *g) {
+    uint32_t *s = g->state;
+    for (int i = 0; i < TORCH_MT_N; i++) {
+        uint32_t y = (s[i] & 0x80000000u) | (s[(i + 1) % TORCH_MT_N] & 0x7fffffffu);
+        s[i] = s[(i + MT_M) % TORCH_MT_N] ^ (y >> 1) ^ (y & 1 ? 0x9908b0dfu : 0);
+    }
+    g->next = 0;
+}
+
+uint32_t torch_rng_u32(torch_rng *g) {
+    if (g->next >= TORCH_MT_N) regenerate(g);
+    uint32_t y = g->state[g->next++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return y;
+}
+
+uint64_t torch_rng_u64(torch_rng *g) {
+    uint64_t hi = torch_rng_u32(g);
+    return hi << 32 | torch_rng_u32(g);
+}
+
+/* ------------------------------------------------------------- uniforms */
+
+/* at::uniform_real_distribution<float>(0, 1): 24 random bits. */
+static float uniform_float(torch_rng *g) {
+    return (float)(torch_rng_u32(g) & 0xffffffu) * (1.0f / 16777216.0f);
+}
+
+/* at::uniform_real_distribution<double>(0, 1): 53 random bits. */
+static double uniform_double(torch_rng *g) {
+    return (double)(torch_rng_u64(g) & ((UINT64_C(1) << 53) - 1)) * (1.0 / 9007199254740992.0);
+}
+
+void torch_rand(torch_rng *g, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = uniform_float(g);
+}
+
+/* ------------------------------------------- scalar normals (n < 16) */
+
+/* at::normal_distribution<double>: Box-Muller with the sine cached. */
+static double normal_double(torch_rng *g) {
+    if (g->has_cached_normal) {
+        g->has_cached_normal = 0;
+        return g->cached_normal;
+    }
+    double u1 = uniform_double(g);
+    double u2 = uniform_double(g);
+    double r = sqrt(-2.0 * log1p(-u2));
+    double theta = 2.0 * M_PI * u1;
+    g->cached_normal = r * sin(theta);
+    g->has_cached_normal = 1;
+    return r * cos(theta);
+}
+
+/* ------------------------------- vector Box-Muller (n >= 16, AVX2 kernel) */
+
+static float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* avx_mathfun's log256_ps for one lane, x in (0, 1]: x = m 2^e with m in
+ * [sqrt(1/2), sqrt(2)), log(x) = log(m) + e log(2), log(m) by a degree-9
+ * polynomial in m - 1 and log(2) split into two parts. The fmaf() calls are
+ * where PyTorch's compiled kernel fuses a multiply into the next add (found
+ * against the recorded values: every fusable pair is fused, the left
+ * product when both operands are products). */
+static float cephes_logf(float x) {
+    uint32_t bits = float_to_bits(x);
+    float e = (float)((int)(bits >> 23) - 0x7f) + 1.0f;
+    float m = bits_to_float((bits & ~0x7f800000u) | 0x3f000000u); /* [0.5, 1) */
+    float small = m < 0.707106781186547524f ? m : 0.0f;
+    x = m - 1.0f;
+    if (small != 0.0f) e -= 1.0f;
+    x += small;
+
+    float z = x * x;
+    float y = 7.0376836292E-2f;
+    y = fmaf(y, x, -1.1514610310E-1f);
+    y = fmaf(y, x, 1.1676998740E-1f);
+    y = fmaf(y, x, -1.2420140846E-1f);
+    y = fmaf(y, x, 1.4249322787E-1f);
+    y = fmaf(y, x, -1.6668057665E-1f);
+    y = fmaf(y, x, 2.0000714765E-1f);
+    y = fmaf(y, x, -2.4999993993E-1f);
+    y = fmaf(y, x, 3.3333331174E-1f);
+    y = y * x;
+    y = fmaf(y, z, e * -2.12194440e-4f);
+    y = fmaf(-z, 0.5f, y);
+    x = x + y;
+    return fmaf(e, 0.693359375f, x);
+}
+
+/* avx_mathfun's sincos256_ps for one lane, x >= 0: reduce by multiples of
+ * pi/4 (pi split into three parts), then a sine and a cosine polynomial,
+ * each result taking whichever the octant calls for. Fused as above. */
+static void cephes_sincosf(float x, float *s, float *c) {
+    int j = (int)(x * 1.27323954473516f); /* 4 / pi, truncated */
+    j = (j + 1) & ~1;
+    float y = (float)j;
+    uint32_t sign_sin = (uint32_t)(j & 4) << 29;
+    uint32_t sign_cos = (uint32_t)(~(j - 2) & 4) << 29;
+    int sine_poly_is_sine = (j & 2) == 0;
+
+    x = fmaf(y, -0.78515625f, x);
+    x = fmaf(y, -2.4187564849853515625e-4f, x);
+    x = fmaf(y, -3.77489497744594108e-8f, x);
+
+    float z = x * x;
+    float yc = 2.443315711809948E-005f;
+    yc = fmaf(yc, z, -1.388731625493765E-003f);
+    yc = fmaf(yc, z, 4.166664568298827E-002f);
+    yc = yc * z;
+    yc = fmaf(yc, z, -(z * 0.5f));
+    yc = yc + 1.0f;
+
+    float ys = -1.9515295891E-4f;
+    ys = fmaf(ys, z, 8.3321608736E-3f);
+    ys = fmaf(ys, z, -1.6666654611E-1f);
+    ys = ys * z;
+    ys = fmaf(ys, x, x);
+
+    /* the kernel selects with masks and adds a zero: keep its +0 for -0 */
+    float sin_part = sine_poly_is_sine ? ys : 0.0f, cos_part = sine_poly_is_sine ? 0.0f : yc;
+    *s = bits_to_float(float_to_bits(cos_part + sin_part) ^ sign_sin);
+    *c = bits_to_float(float_to_bits((yc - cos_part) + (ys - sin_part)) ^ sign_cos);
+}
+
+/* normal_fill_16_AVX2: data[0..16) uniforms in, normals out. */
+static void box_muller_16(float *data) {
+    const float two_pi = (float)(2.0 * M_PI);
+    for (int j = 0; j < 8; j++) {
+        float u1 = 1.0f - data[j]; /* [0, 1) -> (0, 1] for the log */
+        float u2 = data[j + 8];
+        float radius = sqrtf(-2.0f * cephes_logf(u1));
+        float sin_t, cos_t;
+        cephes_sincosf(two_pi * u2, &sin_t, &cos_t);
+        data[j] = radius * cos_t;
+        data[j + 8] = radius * sin_t;
+    }
+}
+
+void torch_randn(torch_rng *g, float *out, size_t n) {
+    if (n < 16) {
+        for (size_t i = 0; i < n; i++) out[i] = (float)normal_double(g);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) out[i] = uniform_float(g);
+    for (size_t i = 0; i + 16 <= n; i += 16) box_muller_16(out + i);
+    if (n % 16) { /* the tail: redraw and redo the last 16 */
+        float *tail = out + n - 16;
+        for (int i = 0; i < 16; i++) tail[i] = uniform_float(g);
+        box_muller_16(tail);
+    }
+}

@@ -1,0 +1,86 @@
+/*
+ * scheduler.h - diffusers' DDIMScheduler (the denoising loop) and
+ * DDPMScheduler (the noise added to the low-resolution image), on host
+ * float arrays.
+ *
+ * Both are built from a diffusers scheduler_config.json and reproduce
+ * diffusers' float32 arithmetic: betas from torch.linspace in float32,
+ * alphas_cumprod from torch.cumprod (accumulated in double, stored as
+ * float), and every step one float operation per tensor operation of
+ * diffusers, in its order, so results match to the last bit or nearly.
+ *
+ * Supported config values (anything else is refused, naming the key):
+ *   beta_schedule       linear | scaled_linear | squaredcos_cap_v2
+ *   trained_betas       null only
+ *   rescale_betas_zero_snr, thresholding   false only
+ *   DDIM: prediction_type epsilon | v_prediction | sample,
+ *         timestep_spacing leading | trailing | linspace,
+ *         clip_sample (+ clip_sample_range), set_alpha_to_one, steps_offset
+ *
+ * Thread safety: a scheduler is read-only after set_timesteps(), so
+ * several threads may step one scheduler at once with their own buffers
+ * and generators; set_timesteps() must not race with anything.
+ */
+#ifndef SDX4_SCHEDULER_H
+#define SDX4_SCHEDULER_H
+
+#include <stddef.h>
+
+#include "core/config.h"
+#include "core/rng.h"
+
+typedef enum { PREDICT_EPSILON, PREDICT_V, PREDICT_SAMPLE } prediction_type;
+typedef enum { SPACING_LEADING, SPACING_TRAILING, SPACING_LINSPACE } timestep_spacing;
+
+typedef struct {
+    int num_train_timesteps;   /* T */
+    float *alphas_cumprod;     /* (T) */
+    float final_alpha_cumprod; /* alpha_prod_t_prev past the last step */
+    int clip_sample;
+    float clip_sample_range;
+    int steps_offset;
+    prediction_type prediction;
+    timestep_spacing spacing;
+    /* set by ddim_set_timesteps() */
+    int num_inference_steps;   /* n as asked */
+    int num_timesteps;         /* entries in timesteps: n, or n + 1 where
+                                  diffusers' "trailing" yields one more */
+    int *timesteps;            /* (num_timesteps), descending */
+} ddim_scheduler;
+
+/* Reads <model_dir>/scheduler/scheduler_config.json. */
+int ddim_load(ddim_scheduler *s, const char *model_dir);
+/* The same from a config already parsed (its label names it in errors). */
+int ddim_from_config(ddim_scheduler *s, const config *c);
+void ddim_free(ddim_scheduler *s);
+
+/* DDIMScheduler.set_timesteps(n): fails when n < 1 or n > T. */
+int ddim_set_timesteps(ddim_scheduler *s, int num_inference_steps);
+
+/* DDIMScheduler.step(model_output, timestep, sample, eta).prev_sample over
+ * n floats (use_clipped_model_output=False). With eta > 0 the variance
+ * noise is torch.randn of n values drawn from rng, as diffusers' randn_tensor
+ * draws it from a CPU generator; rng may be NULL when eta == 0. A negative
+ * timestep indexes from the end, as a torch index does. Fails before
+ * set_timesteps() or for a timestep outside [-T, T). prev_sample may alias
+ * sample or model_output. */
+int ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
+              const float *sample, size_t n, float eta, torch_rng *rng, float *prev_sample);
+
+typedef struct {
+    int num_train_timesteps; /* T */
+    float *alphas_cumprod;   /* (T) */
+} ddpm_scheduler;
+
+/* Reads <model_dir>/low_res_scheduler/scheduler_config.json. */
+int ddpm_load(ddpm_scheduler *s, const char *model_dir);
+int ddpm_from_config(ddpm_scheduler *s, const config *c);
+void ddpm_free(ddpm_scheduler *s);
+
+/* DDPMScheduler.add_noise(original, noise, [timestep]) over n floats:
+ * sqrt(acp[t]) * original + sqrt(1 - acp[t]) * noise. Fails unless
+ * 0 <= timestep < T. out may alias either input. */
+int ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise,
+                   size_t n, int timestep, float *out);
+
+#endif

@@ -1,0 +1,497 @@
+/*
+ * imageio.c - PNG, JPEG and WebP files through libvips (see imageio.h).
+ *
+ * Decoding. The format comes from the magic number, and only that
+ * format's loader is called (never libvips' "try every loader" path, which
+ * would let ImageMagick or PDF loaders parse untrusted bytes). Loaders run
+ * with sequential access, so opening an image reads its header and nothing
+ * else: that is all imageio_probe() does. imageio_decode() then builds one
+ * libvips pipeline, run once into a buffer we malloc:
+ *
+ *   load (fail_on=error: truncation and corrupt data are errors, not
+ *   grey rows) -> colourspace to sRGB (grey, palette, CMYK, Lab, 16-bit;
+ *   16-bit drops to 8 by a shift, alpha included) -> flatten alpha onto
+ *   white -> first 3 bands -> [EXIF orientation 2..8: to memory, autorot]
+ *
+ * Rotation needs random access, so only oriented images pay for the extra
+ * copy. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
+ * decoded, so a file whose header lies about its size costs nothing.
+ *
+ * Errors and quiet. libvips reports into one process-wide error buffer and
+ * sends warnings (libpng's complaints, bad EXIF) to g_log. Every call here
+ * holds one mutex while it uses libvips, so the buffer read after a
+ * failure holds that call's own messages; warnings of the "VIPS" log
+ * domain are kept (the last one completes a message), never printed. Holding the mutex serialises image I/O, which is
+ * tiny next to an upscale and keeps libvips to one worker thread
+ * (vips_concurrency_set(1)) instead of competing with the engine's cores.
+ * The operation cache is off (vips_cache_set_max(0)): nothing is decoded
+ * twice here, and a cache would only hold memory.
+ */
+#include "imageio.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <vips/vips.h>
+
+/* 16384 x 16384: a decode allocates at most 768 MiB of RGB. */
+#define IMAGEIO_MAX_PIXELS ((int64_t)1 << 28)
+/* Files are read whole; no PNG/JPEG/WebP within the pixel limit is near. */
+#define IMAGEIO_MAX_FILE_BYTES ((long)256 << 20)
+#define DEFAULT_QUALITY 90
+#define PNG_COMPRESSION 6
+
+static pthread_mutex_t vips_lock = PTHREAD_MUTEX_INITIALIZER;
+static int vips_state; /* 0 never started, 1 running, 2 shut down */
+
+static void put_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void put_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* The last warning libvips logged: libpng reports some failures (a file
+ * that ends inside the header) only as a warning, with nothing in the
+ * error buffer. Workers of a call may log it, so it has its own lock. */
+static pthread_mutex_t warning_lock = PTHREAD_MUTEX_INITIALIZER;
+static char last_warning[256];
+
+static void keep_warning(const gchar *domain, GLogLevelFlags level,
+                         const gchar *message, gpointer user) {
+    (void)domain, (void)level, (void)user;
+    pthread_mutex_lock(&warning_lock);
+    snprintf(last_warning, sizeof last_warning, "%s", message ? message : "");
+    pthread_mutex_unlock(&warning_lock);
+}
+
+/* "<what>: <libvips' messages, one line>", then clears libvips' buffer.
+ * Called with vips_lock held. */
+static int vips_fail(char *err, size_t errlen, const char *what) {
+    char detail[512];
+    snprintf(detail, sizeof detail, "%s", vips_error_buffer());
+    vips_error_clear();
+    if (!detail[0]) {
+        pthread_mutex_lock(&warning_lock);
+        snprintf(detail, sizeof detail, "%s", last_warning);
+        pthread_mutex_unlock(&warning_lock);
+    }
+    size_t n = strlen(detail);
+    while (n > 0 && (detail[n - 1] == '\n' || detail[n - 1] == ' ')) detail[--n] = 0;
+    for (char *p = detail; *p; p++)
+        if (*p == '\n') *p = ';';
+    if (n) put_err(err, errlen, "%s: %s", what, detail);
+    else put_err(err, errlen, "%s", what);
+    return -1;
+}
+
+int imageio_init(const char *argv0) {
+    pthread_mutex_lock(&vips_lock);
+    int rc = 0;
+    if (vips_state == 0) {
+        if (vips_init(argv0 ? argv0 : "sdx4")) {
+            vips_error_clear();
+            rc = -1;
+        } else {
+            vips_state = 1;
+            g_log_set_handler("VIPS",
+                              G_LOG_LEVEL_CRITICAL | G_LOG_LEVEL_WARNING |
+                                  G_LOG_LEVEL_MESSAGE | G_LOG_LEVEL_INFO |
+                                  G_LOG_LEVEL_DEBUG,
+                              keep_warning, NULL);
+            vips_cache_set_max(0);
+            vips_concurrency_set(1);
+        }
+    } else if (vips_state == 2) {
+        rc = -1; /* libvips cannot start again after vips_shutdown() */
+    }
+    pthread_mutex_unlock(&vips_lock);
+    return rc;
+}
+
+void imageio_shutdown(void) {
+    pthread_mutex_lock(&vips_lock);
+    if (vips_state == 1) {
+        vips_shutdown();
+        vips_state = 2;
+    }
+    pthread_mutex_unlock(&vips_lock);
+}
+
+/* Takes vips_lock; fails (and releases it) if libvips is not running. */
+static int lock_vips(char *err, size_t errlen) {
+    pthread_mutex_lock(&vips_lock);
+    if (vips_state != 1) {
+        pthread_mutex_unlock(&vips_lock);
+        put_err(err, errlen, "imageio: imageio_init() has not been called");
+        return -1;
+    }
+    pthread_mutex_lock(&warning_lock);
+    last_warning[0] = 0;
+    pthread_mutex_unlock(&warning_lock);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Formats
+ * ------------------------------------------------------------------------ */
+
+image_format imageio_sniff(const void *data, size_t len) {
+    const unsigned char *p = data;
+    if (!p) return IMAGE_UNKNOWN;
+    if (len >= 8 && memcmp(p, "\x89PNG\r\n\x1a\n", 8) == 0) return IMAGE_PNG;
+    if (len >= 3 && p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return IMAGE_JPEG;
+    if (len >= 12 && memcmp(p, "RIFF", 4) == 0 && memcmp(p + 8, "WEBP", 4) == 0)
+        return IMAGE_WEBP;
+    return IMAGE_UNKNOWN;
+}
+
+const char *imageio_format_name(image_format f) {
+    switch (f) {
+    case IMAGE_PNG: return "png";
+    case IMAGE_JPEG: return "jpeg";
+    case IMAGE_WEBP: return "webp";
+    case IMAGE_UNKNOWN: break;
+    }
+    return "unknown";
+}
+
+image_format imageio_format_from_name(const char *name_or_path) {
+    if (!name_or_path) return IMAGE_UNKNOWN;
+    const char *base = strrchr(name_or_path, '/');
+    base = base ? base + 1 : name_or_path;
+    const char *dot = strrchr(base, '.');
+    const char *ext = dot ? dot + 1 : base;
+    if (strcasecmp(ext, "png") == 0) return IMAGE_PNG;
+    if (strcasecmp(ext, "jpeg") == 0 || strcasecmp(ext, "jpg") == 0) return IMAGE_JPEG;
+    if (strcasecmp(ext, "webp") == 0) return IMAGE_WEBP;
+    return IMAGE_UNKNOWN;
+}
+
+const char *imageio_mime_type(image_format f) {
+    switch (f) {
+    case IMAGE_PNG: return "image/png";
+    case IMAGE_JPEG: return "image/jpeg";
+    case IMAGE_WEBP: return "image/webp";
+    case IMAGE_UNKNOWN: break;
+    }
+    return "application/octet-stream";
+}
+
+/* ------------------------------------------------------------------------
+ * Decoding
+ * ------------------------------------------------------------------------ */
+
+/* Opens the image lazily: the header is parsed, no pixel is decoded.
+ * `data` must outlive the image. Called with vips_lock held. */
+static VipsImage *open_image(const void *data, size_t len, image_format *format,
+                             char *err, size_t errlen) {
+    if (!data || len == 0) {
+        put_err(err, errlen, "empty image data");
+        return NULL;
+    }
+    image_format f = imageio_sniff(data, len);
+    void *buf = (void *)data; /* the loaders read it and never write */
+    VipsImage *img = NULL;
+    int rc = -1;
+    switch (f) {
+    case IMAGE_PNG:
+        rc = vips_pngload_buffer(buf, len, &img, "access", VIPS_ACCESS_SEQUENTIAL,
+                                 "fail_on", VIPS_FAIL_ON_ERROR, NULL);
+        break;
+    case IMAGE_JPEG:
+        rc = vips_jpegload_buffer(buf, len, &img, "access", VIPS_ACCESS_SEQUENTIAL,
+                                  "fail_on", VIPS_FAIL_ON_ERROR, NULL);
+        break;
+    case IMAGE_WEBP:
+        rc = vips_webpload_buffer(buf, len, &img, "access", VIPS_ACCESS_SEQUENTIAL,
+                                  "fail_on", VIPS_FAIL_ON_ERROR, NULL);
+        break;
+    case IMAGE_UNKNOWN:
+        put_err(err, errlen, "not a PNG, JPEG or WebP image");
+        return NULL;
+    }
+    if (rc) {
+        char what[64];
+        snprintf(what, sizeof what, "%s: unreadable header", imageio_format_name(f));
+        vips_fail(err, errlen, what);
+        return NULL;
+    }
+    if (format) *format = f;
+    return img;
+}
+
+/* Width and height after the EXIF orientation (5..8 turn by 90 degrees). */
+static void oriented_size(VipsImage *img, int *width, int *height) {
+    int swap = vips_image_get_orientation_swap(img);
+    if (width) *width = swap ? img->Ysize : img->Xsize;
+    if (height) *height = swap ? img->Xsize : img->Ysize;
+}
+
+int imageio_probe(const void *data, size_t len, image_format *format,
+                  int *width, int *height, char *err, size_t errlen) {
+    if (lock_vips(err, errlen)) return -1;
+    VipsImage *img = open_image(data, len, format, err, errlen);
+    if (img) {
+        oriented_size(img, width, height);
+        g_object_unref(img);
+    }
+    pthread_mutex_unlock(&vips_lock);
+    return img ? 0 : -1;
+}
+
+/* The decode pipeline after the loader, up to (not including) rotation:
+ * 8-bit sRGB, 3 bands, alpha flattened onto white. Each step replaces
+ * *img, dropping our reference to the one before (the pipeline keeps
+ * what it needs). */
+static int to_srgb8(VipsImage **img) {
+    VipsImage *in = *img, *out = NULL;
+#define STEP(call)                  \
+    do {                            \
+        if (call) return -1;        \
+        g_object_unref(in);         \
+        *img = in = out;            \
+    } while (0)
+
+    STEP(vips_colourspace(in, &out, VIPS_INTERPRETATION_sRGB, "source_space",
+                          vips_image_guess_interpretation(in), NULL));
+    if (in->BandFmt != VIPS_FORMAT_UCHAR)
+        STEP(vips_cast(in, &out, VIPS_FORMAT_UCHAR, "shift",
+                       in->BandFmt == VIPS_FORMAT_USHORT, NULL));
+    if (vips_image_hasalpha(in)) {
+        /* transparent pixels read as white paper */
+        VipsArrayDouble *white = vips_array_double_newv(1, 255.0);
+        int rc = vips_flatten(in, &out, "background", white, "max_alpha", 255.0, NULL);
+        vips_area_unref(VIPS_AREA(white));
+        STEP(rc);
+    }
+    if (in->Bands > 3) STEP(vips_extract_band(in, &out, 0, "n", 3, NULL));
+    if (in->Bands != 3) {
+        vips_error("imageio", "%d bands after conversion to sRGB", in->Bands);
+        return -1;
+    }
+#undef STEP
+    return 0;
+}
+
+/* Runs the pipeline into a malloc'd RGB buffer of width x height. Takes
+ * over the reference to img. Called with vips_lock held. */
+static uint8_t *decode_pixels(VipsImage *img, int width, int height,
+                              const char *what, char *err, size_t errlen) {
+    uint8_t *pixels = NULL;
+    VipsImage *dst = NULL;
+    if (to_srgb8(&img)) goto fail;
+    if (vips_image_get_orientation(img) > 1) {
+        /* autorot turns by 90 degrees, which reads out of order: decode
+         * to memory first */
+        VipsImage *mem = vips_image_copy_memory(img), *rot = NULL;
+        g_object_unref(img);
+        img = mem;
+        if (!mem || vips_autorot(mem, &rot, NULL)) goto fail;
+        g_object_unref(mem);
+        img = rot;
+    }
+    if (img->Xsize != width || img->Ysize != height) {
+        vips_error("imageio", "decoded %dx%d, expected %dx%d", img->Xsize, img->Ysize,
+                   width, height);
+        goto fail;
+    }
+    size_t size = (size_t)width * height * 3;
+    if (!(pixels = malloc(size))) {
+        vips_error("imageio", "out of memory for %dx%d pixels", width, height);
+        goto fail;
+    }
+    dst = vips_image_new_from_memory(pixels, size, width, height, 3, VIPS_FORMAT_UCHAR);
+    if (!dst || vips_image_write(img, dst)) goto fail;
+    g_object_unref(dst);
+    g_object_unref(img);
+    return pixels;
+
+fail:
+    vips_fail(err, errlen, what);
+    if (dst) g_object_unref(dst);
+    if (img) g_object_unref(img);
+    free(pixels);
+    return NULL;
+}
+
+int imageio_decode(const void *data, size_t len, sdx4_image *out,
+                   char *err, size_t errlen) {
+    if (!out) {
+        put_err(err, errlen, "imageio_decode: no output image");
+        return -1;
+    }
+    if (lock_vips(err, errlen)) return -1;
+    image_format format = IMAGE_UNKNOWN;
+    int width = 0, height = 0;
+    uint8_t *pixels = NULL;
+    VipsImage *img = open_image(data, len, &format, err, errlen);
+    if (img) {
+        oriented_size(img, &width, &height);
+        if ((int64_t)width * height > IMAGEIO_MAX_PIXELS) {
+            put_err(err, errlen, "%s: %dx%d is over the limit of %lld pixels",
+                    imageio_format_name(format), width, height,
+                    (long long)IMAGEIO_MAX_PIXELS);
+            g_object_unref(img);
+        } else {
+            char what[64];
+            snprintf(what, sizeof what, "%s: decoding failed", imageio_format_name(format));
+            pixels = decode_pixels(img, width, height, what, err, errlen);
+        }
+    }
+    pthread_mutex_unlock(&vips_lock);
+    if (!pixels) return -1;
+    out->width = width;
+    out->height = height;
+    out->pixels = pixels;
+    return 0;
+}
+
+int imageio_read_file(const char *path, sdx4_image *out, char *err,
+                      size_t errlen) {
+    FILE *f = path ? fopen(path, "rb") : NULL;
+    if (!f) {
+        put_err(err, errlen, "%s: %s", path ? path : "(null)", strerror(path ? errno : EINVAL));
+        return -1;
+    }
+    long size = -1;
+    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
+    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        put_err(err, errlen, "%s: cannot tell the file's size", path);
+        fclose(f);
+        return -1;
+    }
+    if (size > IMAGEIO_MAX_FILE_BYTES) {
+        put_err(err, errlen, "%s: %ld bytes is over the limit of %ld", path, size,
+                IMAGEIO_MAX_FILE_BYTES);
+        fclose(f);
+        return -1;
+    }
+    unsigned char *buf = malloc(size ? (size_t)size : 1);
+    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size) {
+        put_err(err, errlen, "%s: %s", path, buf ? "read failed" : "out of memory");
+        free(buf);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    char inner[512];
+    int rc = imageio_decode(buf, (size_t)size, out, inner, sizeof inner);
+    if (rc) put_err(err, errlen, "%s: %s", path, inner);
+    free(buf);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------
+ * Encoding
+ * ------------------------------------------------------------------------ */
+
+int imageio_encode(const sdx4_image *img, image_format format, int quality,
+                   void **out, size_t *out_len, char *err, size_t errlen) {
+    if (!img || !img->pixels || img->width <= 0 || img->height <= 0 || !out || !out_len) {
+        put_err(err, errlen, "imageio_encode: empty image");
+        return -1;
+    }
+    if ((int64_t)img->width * img->height > IMAGEIO_MAX_PIXELS) {
+        put_err(err, errlen, "imageio_encode: %dx%d is over the limit of %lld pixels",
+                img->width, img->height, (long long)IMAGEIO_MAX_PIXELS);
+        return -1;
+    }
+    if (quality == 0) quality = DEFAULT_QUALITY;
+    if (quality < 1 || quality > 100) {
+        put_err(err, errlen, "imageio_encode: quality %d is not in 1..100", quality);
+        return -1;
+    }
+    if (format == IMAGE_UNKNOWN) {
+        put_err(err, errlen, "imageio_encode: unknown format");
+        return -1;
+    }
+    if (lock_vips(err, errlen)) return -1;
+    size_t size = (size_t)img->width * img->height * 3;
+    /* libvips only reads an image made from memory */
+    VipsImage *src = vips_image_new_from_memory(img->pixels, size, img->width,
+                                                img->height, 3, VIPS_FORMAT_UCHAR);
+    void *buf = NULL;
+    size_t len = 0;
+    int rc = -1;
+    if (src) {
+        src->Type = VIPS_INTERPRETATION_sRGB;
+        /* No metadata is written ("strip"): equal pixels give equal files.
+         * JPEG keeps libvips' default chroma subsampling: 4:2:0 below
+         * quality 90, none (4:4:4) from 90 up. */
+        switch (format) {
+        case IMAGE_PNG:
+            rc = vips_pngsave_buffer(src, &buf, &len, "compression", PNG_COMPRESSION,
+                                     "strip", TRUE, NULL);
+            break;
+        case IMAGE_JPEG:
+            rc = vips_jpegsave_buffer(src, &buf, &len, "Q", quality, "optimize_coding", TRUE,
+                                      "strip", TRUE, NULL);
+            break;
+        case IMAGE_WEBP:
+            rc = vips_webpsave_buffer(src, &buf, &len, "Q", quality, "strip", TRUE, NULL);
+            break;
+        case IMAGE_UNKNOWN:
+            break;
+        }
+        g_object_unref(src);
+    }
+    if (rc) {
+        char what[64];
+        snprintf(what, sizeof what, "%s: encoding failed", imageio_format_name(format));
+        vips_fail(err, errlen, what);
+    }
+    pthread_mutex_unlock(&vips_lock);
+    if (rc) return -1;
+    /* hand back malloc'd memory, as the header promises, not g_malloc'd */
+    void *copy = malloc(len ? len : 1);
+    if (copy) memcpy(copy, buf, len);
+    g_free(buf);
+    if (!copy) {
+        put_err(err, errlen, "%s: out of memory for %zu bytes", imageio_format_name(format), len);
+        return -1;
+    }
+    *out = copy;
+    *out_len = len;
+    return 0;
+}
+
+int imageio_write_file(const sdx4_image *img, const char *path, int quality,
+                       char *err, size_t errlen) {
+    image_format format = imageio_format_from_name(path);
+    if (!path || format == IMAGE_UNKNOWN) {
+        put_err(err, errlen, "%s: unknown extension (use .png, .jpg, .jpeg or .webp)",
+                path ? path : "(null)");
+        return -1;
+    }
+    void *buf = NULL;
+    size_t len = 0;
+    char inner[512];
+    if (imageio_encode(img, format, quality, &buf, &len, inner, sizeof inner)) {
+        put_err(err, errlen, "%s: %s", path, inner);
+        return -1;
+    }
+    FILE *f = fopen(path, "wb");
+    int ok = f && fwrite(buf, 1, len, f) == len;
+    int saved = errno;
+    if (f && fclose(f) != 0 && ok) {
+        ok = 0;
+        saved = errno;
+    }
+    free(buf);
+    if (!ok) {
+        put_err(err, errlen, "%s: %s", path, strerror(saved));
+        if (f) remove(path);
+        return -1;
+    }
+    return 0;
+}
