@@ -3,8 +3,8 @@
  *
  * CHECK() records a failure and goes on; a program's exit status is the
  * verdict (0 pass, 1 fail, 77 skip for ctest's SKIP_RETURN_CODE). Golden
- * data comes from $SDX4_REFERENCE, else the build's default (../shared/
- * reference beside the checkout).
+ * data comes from $SDX4_REFERENCE, else the folder CMake was configured
+ * with (../shared/reference beside the checkout).
  */
 #ifndef SDX4_TEST_H
 #define SDX4_TEST_H
@@ -31,8 +31,7 @@ static int test_failures, test_checks;
 static inline const char *test_reference_dir(void) {
     const char *d = getenv("SDX4_REFERENCE");
     if (d && *d) return d;
-    d = getenv("SDX4_REFERENCE_DEFAULT");
-    return d && *d ? d : "../shared/reference";
+    return SDX4_REFERENCE_DIR;
 }
 
 /* Joins the reference folder and a relative path into a static buffer. */

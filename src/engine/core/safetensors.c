@@ -151,7 +151,9 @@ fail:
     return -1;
 }
 
-int st_open(st_file *f, const char *path) {
+int st_open(st_file *f, const char *path) { return st_open_as(f, path, path); }
+
+int st_open_as(st_file *f, const char *path, const char *label) {
     memset(f, 0, sizeof *f);
     int fd = open(path, O_RDONLY);
     if (fd < 0) {
@@ -171,12 +173,14 @@ int st_open(st_file *f, const char *path) {
         set_error(SDX4_ERR_IO, "%s: mmap: %s", path, strerror(errno));
         return -1;
     }
-    if (st_parse(f, map, size, path)) {
+    if (st_parse(f, map, size, label)) {
         if (map) munmap(map, size);
         return -1;
     }
     f->map = map;
     f->map_size = size;
+    free(f->path); /* errors named the label; the path is what callers read */
+    f->path = strdup(path);
     return 0;
 }
 

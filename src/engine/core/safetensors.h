@@ -38,6 +38,8 @@ typedef struct {
 
 /* Maps and validates a file. On error sets the message (with the path). */
 int st_open(st_file *f, const char *path);
+/* The same, naming the file `label` in errors ("unet/diffusion_..."). */
+int st_open_as(st_file *f, const char *path, const char *label);
 /* Validates a buffer already in memory (the fuzz target's entry); `buf`
  * must outlive `f`. `label` names it in errors. */
 int st_parse(st_file *f, const void *buf, size_t size, const char *label);

@@ -16,12 +16,13 @@
  *     the filter by the scale (support 2 * scale instead of 2), so every
  *     input pixel contributes. The taps are evaluated in double,
  *     normalised to sum to 1, then turned into 22-bit fixed point.
- *   - 8-bit images run the horizontal pass first, rounding and clipping
- *     every value to uint8, then the vertical pass on that uint8 result.
- *     A pass whose side does not change is skipped.
+ *   - 8-bit images run one pass, round and clip every value to uint8,
+ *     then run the other pass on that uint8 result. Which pass goes first
+ *     depends on the sizes (see image_resize_bicubic); a pass whose side
+ *     does not change is skipped.
  *
  * Every one of those steps changes output bytes, so each is reproduced as
- * Pillow does it, down to its rounding of the tap window's bounds.
+ * Pillow 13.0 does it, down to its rounding of the tap window's bounds.
  */
 #include "model/image_processor.h"
 
@@ -171,40 +172,46 @@ int image_resize_bicubic(const sdx4_image *in, int width, int height,
         set_error(SDX4_ERR_INVALID_ARGUMENT, "resize: bad size %dx%d", width, height);
         return -1;
     }
-    size_t out_bytes = (size_t)width * (size_t)height * 3;
-    uint8_t *pixels = malloc(out_bytes);
+    uint8_t *pixels = malloc((size_t)width * (size_t)height * 3);
     if (!pixels) {
         set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory for %dx%d", width, height);
         return -1;
     }
-    int need_h = width != in->width, need_v = height != in->height;
+    /* Pillow 13 runs the vertical pass first when the height loses more
+     * than twice as many pixels as the width (Pillow 12 and older: always
+     * horizontal first). The order shows in the bytes, through the uint8
+     * rounding between the passes. A pass whose side is unchanged is
+     * skipped. */
+    int lose_h = in->height - height, lose_w = in->width - width;
+    int vertical_first = lose_h > 0 && lose_h > 2 * lose_w;
+    char passes[2];
+    int npasses = 0;
+    if (vertical_first && height != in->height) passes[npasses++] = 'v';
+    if (width != in->width) passes[npasses++] = 'h';
+    if (!vertical_first && height != in->height) passes[npasses++] = 'v';
+
     const uint8_t *src = in->pixels;
+    int src_w = in->width, src_h = in->height;
     uint8_t *tmp = NULL;
-    resample_axis ax;
-    if (need_h) {
-        /* Pillow resizes only the rows the vertical pass reads; all rows
-         * give the same bytes, at a little more work. */
-        uint8_t *dst = need_v ? (tmp = malloc((size_t)width * in->height * 3)) : pixels;
-        if (!dst || axis_init(&ax, in->width, width)) {
+    for (int i = 0; i < npasses; i++) {
+        int vertical = passes[i] == 'v';
+        int dst_w = vertical ? src_w : width, dst_h = vertical ? height : src_h;
+        uint8_t *dst = i == npasses - 1 ? pixels : (tmp = malloc((size_t)dst_w * dst_h * 3));
+        resample_axis ax;
+        if (!dst || axis_init(&ax, vertical ? src_h : src_w, vertical ? height : width)) {
             if (!dst) set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory");
             free(tmp);
             free(pixels);
             return -1;
         }
-        resample_horizontal(src, in->width, in->height, dst, width, &ax);
+        if (vertical) resample_vertical(src, src_w, dst, dst_h, &ax);
+        else resample_horizontal(src, src_w, src_h, dst, dst_w, &ax);
         axis_free(&ax);
         src = dst;
+        src_w = dst_w;
+        src_h = dst_h;
     }
-    if (need_v) {
-        if (axis_init(&ax, in->height, height)) {
-            free(tmp);
-            free(pixels);
-            return -1;
-        }
-        resample_vertical(src, width, pixels, height, &ax);
-        axis_free(&ax);
-    }
-    if (!need_h && !need_v) memcpy(pixels, in->pixels, out_bytes);
+    if (npasses == 0) memcpy(pixels, in->pixels, (size_t)width * height * 3);
     free(tmp);
     out->width = width;
     out->height = height;

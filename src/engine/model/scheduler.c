@@ -177,6 +177,7 @@ void ddim_free(ddim_scheduler *s) {
 static int trailing_arange(int T, int n, double *out) {
     double step = -((double)T / n);
     int length = (int)ceil((double)(0 - T) / step);
+    if (length > n + 1) length = n + 1; /* T / (T/n) is within an ulp of n */
     double second = (double)T + step, delta = second - (double)T;
     for (int i = 0; i < length; i++)
         out[i] = i == 0 ? (double)T : i == 1 ? second : (double)T + i * delta;

@@ -96,7 +96,8 @@ int unet_init(unet *u, weight_source *ws, const config *c) {
     const int *ch = u->block_channels;
     for (int i = 0; i < nd; i++) {
         if (ch[i] <= 0 || ch[i] % u->groups || heads[i] <= 0 || ch[i] % heads[i] ||
-            layers[i] < 1 || layers[i] > UNET_MAX_LAYERS || tlayers[i] < 1 || ctx_dim[i] <= 0) {
+            layers[i] < 1 || layers[i] > UNET_MAX_LAYERS || tlayers[i] < 1 || tlayers[i] > 64 ||
+            ctx_dim[i] <= 0) {
             set_error(SDX4_ERR_MODEL, "%s: level %d: inconsistent sizes (channels %d, groups %d, "
                       "heads %d, layers %d)", c->label, i, ch[i], u->groups, heads[i], layers[i]);
             return -1;

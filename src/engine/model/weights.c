@@ -34,7 +34,7 @@ int weights_open(weight_source *ws, backend *be, const char *dir,
         set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", ws->label, dir);
         return -1;
     }
-    if (st_open(&ws->file, path)) return -1;
+    if (st_open_as(&ws->file, path, ws->label)) return -1;
     ws->file_dtype = ws->file.count ? ws->file.tensors[0].type : DTYPE_F32;
     return 0;
 }

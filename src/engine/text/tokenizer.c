@@ -352,7 +352,7 @@ static int bpe_word(encoder *e, const unsigned char *w, size_t n) {
     return 0;
 }
 
-static size_t starts_with(const char *s, size_t len, const char *prefix) {
+static size_t prefix_len(const char *s, size_t len, const char *prefix) {
     size_t n = strlen(prefix);
     return n <= len && memcmp(s, prefix, n) == 0 ? n : 0;
 }
@@ -369,13 +369,13 @@ static size_t clip_match(const char *s, size_t len, int literals, int *piece, in
     size_t n;
     *piece = 1;
     *literal = 0;
-    if (literals && ((n = starts_with(s, len, "<|startoftext|>")) ||
-                     (n = starts_with(s, len, "<|endoftext|>")))) {
+    if (literals && ((n = prefix_len(s, len, "<|startoftext|>")) ||
+                     (n = prefix_len(s, len, "<|endoftext|>")))) {
         *literal = 1;
         return n;
     }
     for (size_t k = 0; k < sizeof contractions / sizeof *contractions; k++)
-        if ((n = starts_with(s, len, contractions[k]))) return n;
+        if ((n = prefix_len(s, len, contractions[k]))) return n;
     int32_t c;
     n = next_char(s, len, &c);
     if (is_number(c)) return n;
@@ -585,7 +585,7 @@ static int load_merges(tokenizer *t, const char *model_dir, const json_t *vocab)
         if (!eol) eol = end;
         if (eol > p && eol[-1] == '\r') eol--;
         line_no++;
-        if (starts_with(p, (size_t)(eol - p), "#version")) {
+        if (prefix_len(p, (size_t)(eol - p), "#version")) {
             p = next;
             continue;
         }
@@ -677,7 +677,7 @@ static int add_special(tokenizer *t, const json_t *vocab, const char *file, cons
 }
 
 /* The special tokens, as transformers 5 gathers them: added_tokens_decoder
- * first (by id), then the named tokens. A named token comes from
+ * first, then the named tokens. A named token comes from
  * special_tokens_map.json when present (unless the config has
  * added_tokens_decoder), else from the config, else CLIPTokenizer's
  * default. */
@@ -703,8 +703,8 @@ static int load_specials(tokenizer *t, const json_t *vocab, const config *cfg,
             set_error(SDX4_ERR_MODEL, "%s: added_tokens_decoder must be an object", CONFIG_FILE);
             return -1;
         }
-        /* tokenizers adds them in id order; the order only decides ties,
-         * which contents that differ cannot have */
+        /* registered before the named tokens, so for a content listed in
+         * both its flags win, as in transformers */
         const char *key;
         json_t *v;
         json_object_foreach(decoder, key, v) {
@@ -825,12 +825,12 @@ int tokenizer_write_byte_level(const char *dir, int *vocab_size) {
     json_object_set_new(vocab, "<|startoftext|>", json_integer(id++));
     json_object_set_new(vocab, "<|endoftext|>", json_integer(id++));
 
-    json_t *config = special_tokens(json_object());
-    json_object_set_new(config, "add_prefix_space", json_false());
-    json_object_set_new(config, "do_lower_case", json_true());
-    json_object_set_new(config, "errors", json_string("replace"));
-    json_object_set_new(config, "model_max_length", json_integer(77));
-    json_object_set_new(config, "tokenizer_class", json_string("CLIPTokenizer"));
+    json_t *settings = special_tokens(json_object());
+    json_object_set_new(settings, "add_prefix_space", json_false());
+    json_object_set_new(settings, "do_lower_case", json_true());
+    json_object_set_new(settings, "errors", json_string("replace"));
+    json_object_set_new(settings, "model_max_length", json_integer(77));
+    json_object_set_new(settings, "tokenizer_class", json_string("CLIPTokenizer"));
 
     char path[4096];
     snprintf(path, sizeof path, "%s/merges.txt", dir);
@@ -839,14 +839,14 @@ int tokenizer_write_byte_level(const char *dir, int *vocab_size) {
     if (f && fclose(f) != 0) merges_ok = 0;
     if (!merges_ok) {
         json_decref(vocab);
-        json_decref(config);
+        json_decref(settings);
         set_error(SDX4_ERR_IO, "%s: cannot write", path);
         return -1;
     }
     int rc = write_json(dir, "vocab.json", vocab);
-    rc = rc ? rc : write_json(dir, "tokenizer_config.json", json_incref(config));
+    rc = rc ? rc : write_json(dir, "tokenizer_config.json", json_incref(settings));
     rc = rc ? rc : write_json(dir, "special_tokens_map.json", special_tokens(json_object()));
-    json_decref(config);
+    json_decref(settings);
     if (rc) return -1;
     if (vocab_size) *vocab_size = id;
     return 0;

@@ -34,6 +34,8 @@
 #define COL_BUDGET_BYTES ((int64_t)4 << 20)
 /* Fewer pixels than this per tile make the sgemm inefficient. */
 #define MIN_TILE_PIXELS 32
+/* Scratch per thread for one unit of Winograd tiles (input and product). */
+#define WINOGRAD_BUDGET_BYTES ((int64_t)4 << 20)
 
 typedef struct {
     int64_t C, H, W;      /* input channels and size */
@@ -111,19 +113,21 @@ static void conv_1x1(backend *be, const conv_shape *s, int64_t B, const float *x
     }
 }
 
-/* Tile size and count per image, see the top of the file. */
-static void plan_tiles(int64_t npix, int64_t ckk, int64_t B, int threads,
-                       int64_t *tile, int64_t *ntiles) {
-    int64_t max_tile = COL_BUDGET_BYTES / (ckk * (int64_t)sizeof(float));
-    if (max_tile < MIN_TILE_PIXELS) max_tile = MIN_TILE_PIXELS;
-    int64_t n = (npix + max_tile - 1) / max_tile;
+/* Splits each image's `items` (output pixels, or Winograd tiles) into
+ * units of work: few enough items per unit that its scratch stays near
+ * the budget, enough units to keep every thread busy, and a total that is
+ * a multiple of the threads when the count is small. */
+static void plan_units(int64_t items, int64_t item_bytes, int64_t budget, int64_t min_items,
+                       int64_t B, int threads, int64_t *per_unit, int64_t *units_per_image) {
+    int64_t max_items = budget / item_bytes;
+    if (max_items < min_items) max_items = min_items;
+    int64_t n = (items + max_items - 1) / max_items;
     if (B * n < threads) n = (threads + B - 1) / B;
-    /* round the total up to a multiple of the threads while that is cheap */
     while ((B * n) % threads && B * n < 8 * threads) n++;
-    int64_t t = (npix + n - 1) / n;
-    if (t < MIN_TILE_PIXELS) t = MIN_TILE_PIXELS < npix ? MIN_TILE_PIXELS : npix;
-    *tile = t;
-    *ntiles = (npix + t - 1) / t;
+    int64_t t = (items + n - 1) / n;
+    if (t < min_items) t = min_items < items ? min_items : items;
+    *per_unit = t;
+    *units_per_image = (items + t - 1) / t;
 }
 
 static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float *x,
@@ -131,7 +135,8 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
     int threads = cpu_threads(be);
     int64_t npix = s->Ho * s->Wo, ckk = s->C * s->k * s->k;
     int64_t tile, ntiles;
-    plan_tiles(npix, ckk, B, threads, &tile, &ntiles);
+    plan_units(npix, ckk * (int64_t)sizeof(float), COL_BUDGET_BYTES, MIN_TILE_PIXELS, B, threads,
+               &tile, &ntiles);
     size_t col_floats = (size_t)(ckk * tile);
     float *cols = cpu_scratch_alloc(be, col_floats * (size_t)threads);
     if (!cols) return -1;
@@ -151,6 +156,141 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
         }
     }
     cpu_scratch_free(be, cols, col_floats * (size_t)threads);
+    return 0;
+}
+
+/* ------------------------------------------------- Winograd F(2x2, 3x3) */
+
+/* U[e][o][c] = (G g G^T)[e], e = 4*i + j, for each 3x3 kernel g = w[o][c],
+ * G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]. */
+static void winograd_weights(backend *be, const conv_shape *s, const float *w, float *U) {
+    int64_t OC = s->O * s->C;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t oc = 0; oc < OC; oc++) {
+        const float *g = w + oc * 9;
+        float t[4][3]; /* G g */
+        for (int j = 0; j < 3; j++) {
+            t[0][j] = g[j];
+            t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+            t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+            t[3][j] = g[6 + j];
+        }
+        for (int i = 0; i < 4; i++) {
+            U[(4 * i + 0) * OC + oc] = t[i][0];
+            U[(4 * i + 1) * OC + oc] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+            U[(4 * i + 2) * OC + oc] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+            U[(4 * i + 3) * OC + oc] = t[i][2];
+        }
+    }
+}
+
+/* V[e][c][t] = (B^T d B)[e] for the 4x4 input patch d under each tile t0 + t
+ * of one image, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. */
+static void winograd_input(const conv_shape *s, const float *x, int64_t tiles_w, int64_t t0,
+                           int64_t T, float *V) {
+    int64_t CT = s->C * T;
+    for (int64_t c = 0; c < s->C; c++) {
+        const float *xc = x + c * s->H * s->W;
+        for (int64_t t = 0; t < T; t++) {
+            int64_t y0 = (t0 + t) / tiles_w * 2 - s->pad, x0 = (t0 + t) % tiles_w * 2 - s->pad;
+            float d[4][4];
+            if (y0 >= 0 && x0 >= 0 && y0 + 4 <= s->H && x0 + 4 <= s->W) {
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) d[i][j] = xc[(y0 + i) * s->W + x0 + j];
+            } else {
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) {
+                        int64_t iy = y0 + i, ix = x0 + j;
+                        d[i][j] = iy >= 0 && iy < s->H && ix >= 0 && ix < s->W ? xc[iy * s->W + ix] : 0.0f;
+                    }
+            }
+            float r[4][4]; /* B^T d */
+            for (int j = 0; j < 4; j++) {
+                r[0][j] = d[0][j] - d[2][j];
+                r[1][j] = d[1][j] + d[2][j];
+                r[2][j] = d[2][j] - d[1][j];
+                r[3][j] = d[1][j] - d[3][j];
+            }
+            float *v = V + c * T + t;
+            for (int i = 0; i < 4; i++) {
+                v[(4 * i + 0) * CT] = r[i][0] - r[i][2];
+                v[(4 * i + 1) * CT] = r[i][1] + r[i][2];
+                v[(4 * i + 2) * CT] = r[i][2] - r[i][1];
+                v[(4 * i + 3) * CT] = r[i][1] - r[i][3];
+            }
+        }
+    }
+}
+
+/* y's 2x2 block of each tile = A^T m A + bias, m[e] = M[e][o][t],
+ * A^T = [1 1 1 0; 0 1 -1 -1]; blocks are clipped at odd output edges. */
+static void winograd_output(const conv_shape *s, const float *M, int64_t tiles_w, int64_t t0,
+                            int64_t T, const float *bias, float *y) {
+    int64_t OT = s->O * T;
+    for (int64_t o = 0; o < s->O; o++) {
+        float *yo = y + o * s->Ho * s->Wo;
+        float b = bias ? bias[o] : 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float *m = M + o * T + t;
+            float r[2][4]; /* A^T m */
+            for (int j = 0; j < 4; j++) {
+                float m0 = m[j * OT], m1 = m[(4 + j) * OT], m2 = m[(8 + j) * OT], m3 = m[(12 + j) * OT];
+                r[0][j] = m0 + m1 + m2;
+                r[1][j] = m1 - m2 - m3;
+            }
+            int64_t oy = (t0 + t) / tiles_w * 2, ox = (t0 + t) % tiles_w * 2;
+            for (int i = 0; i < 2 && oy + i < s->Ho; i++) {
+                float *row = yo + (oy + i) * s->Wo + ox;
+                row[0] = r[i][0] + r[i][1] + r[i][2] + b;
+                if (ox + 1 < s->Wo) row[1] = r[i][1] - r[i][2] - r[i][3] + b;
+            }
+        }
+    }
+}
+
+/* Winograd needs 3x3 with stride 1; it pays when the channel counts make
+ * the 16 products real matrix products, and its transformed weights
+ * (16/9 of the kernel) stay within a few tens of MB. */
+static int winograd_pays(const conv_shape *s) {
+    return s->k == 3 && s->stride == 1 && s->C >= 32 && s->O >= 32 &&
+           s->O * s->C <= 1024 * 512 && s->Ho * s->Wo >= 64;
+}
+
+static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const float *x,
+                         const float *w, const float *bias, float *y) {
+    int threads = cpu_threads(be);
+    int64_t tiles_w = (s->Wo + 1) / 2, tiles = (s->Ho + 1) / 2 * tiles_w;
+    int64_t per_unit, units_per_image;
+    plan_units(tiles, 16 * (s->C + s->O) * (int64_t)sizeof(float), WINOGRAD_BUDGET_BYTES,
+               MIN_TILE_PIXELS, B, threads, &per_unit, &units_per_image);
+    size_t u_floats = (size_t)(16 * s->O * s->C);
+    size_t v_floats = (size_t)(16 * s->C * per_unit), m_floats = (size_t)(16 * s->O * per_unit);
+    float *U = cpu_scratch_alloc(be, u_floats);
+    float *scratch = U ? cpu_scratch_alloc(be, (v_floats + m_floats) * (size_t)threads) : NULL;
+    if (!scratch) {
+        cpu_scratch_free(be, U, u_floats);
+        return -1;
+    }
+    winograd_weights(be, s, w, U);
+    int64_t units = B * units_per_image, OC = s->O * s->C;
+#pragma omp parallel num_threads(threads)
+    {
+        float *V = scratch + (size_t)omp_get_thread_num() * (v_floats + m_floats);
+        float *M = V + v_floats;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t b = u / units_per_image, t0 = (u % units_per_image) * per_unit;
+            int64_t T = tiles - t0 < per_unit ? tiles - t0 : per_unit;
+            winograd_input(s, x + b * s->C * s->H * s->W, tiles_w, t0, T, V);
+            for (int e = 0; e < 16; e++)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)s->O, (int)T, (int)s->C,
+                            1.0f, U + e * OC, (int)s->C, V + e * s->C * T, (int)T, 0.0f,
+                            M + e * s->O * T, (int)T);
+            winograd_output(s, M, tiles_w, t0, T, bias, y + b * s->O * s->Ho * s->Wo);
+        }
+    }
+    cpu_scratch_free(be, scratch, (v_floats + m_floats) * (size_t)threads);
+    cpu_scratch_free(be, U, u_floats);
     return 0;
 }
 
@@ -196,9 +336,14 @@ tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *
     tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, s.O, s.Ho, s.Wo});
     if (!y) return NULL;
     const float *bias_data = bias ? bias->data : NULL;
-    if (s.k == 1 && stride == 1 && padding == 0) {
+    int failed = 0;
+    if (s.k == 1 && stride == 1 && padding == 0)
         conv_1x1(be, &s, B, x->data, w->data, bias_data, y->data);
-    } else if (conv_im2col(be, &s, B, x->data, w->data, bias_data, y->data)) {
+    else if (winograd_pays(&s))
+        failed = conv_winograd(be, &s, B, x->data, w->data, bias_data, y->data);
+    else
+        failed = conv_im2col(be, &s, B, x->data, w->data, bias_data, y->data);
+    if (failed) {
         tensor_free(y);
         return NULL;
     }

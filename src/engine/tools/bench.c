@@ -1,0 +1,113 @@
+/*
+ * bench.c - sdx4_bench(): the figures of BENCHMARKS.md, timed inside the
+ * engine so that each part is measured alone (text encoder, one guided
+ * UNet step, VAE decode) and then together (a whole upscale).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/pipeline.h"
+#include "sdx4.h"
+
+model *engine_model(sdx4_engine *e);
+backend *engine_backend(sdx4_engine *e);
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, n, sizeof *v, by_value);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static tensor *random_tensor(backend *be, int64_t b, int64_t c, int64_t h, int64_t w,
+                             torch_rng *rng) {
+    tensor *t = be->new_tensor(be, 4, (int64_t[]){b, c, h, w});
+    float *host = malloc(sizeof *host * b * c * h * w);
+    if (t && host) {
+        torch_randn(rng, host, (size_t)(b * c * h * w));
+        be->upload(be, t, host);
+    }
+    free(host);
+    return t;
+}
+
+sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_bench_result *r) {
+    error_clear();
+    model *m = engine_model(e);
+    backend *be = engine_backend(e);
+    if (size < 8 || size > 1024 || steps < 1 || steps > 1000 || repeats < 1 || repeats > 100) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100");
+        return SDX4_ERR_INVALID_ARGUMENT;
+    }
+    memset(r, 0, sizeof *r);
+    r->size = size, r->steps = steps, r->repeats = repeats;
+    double *t = calloc(repeats, sizeof *t);
+    torch_rng rng;
+    torch_rng_seed(&rng, 0);
+    tensor *ctx = NULL, *x = NULL, *y = NULL, *z = NULL;
+    int32_t labels[2] = {20, 20};
+    sdx4_image in = {size, size, malloc((size_t)3 * size * size)}, out = {0};
+    if (!t || !in.pixels) {
+        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < repeats; i++) {
+        double t0 = now_ms();
+        DROP(ctx);
+        TRY(ctx = pipeline_encode_prompt(m, be, "a white cat", "", 1, NULL));
+        t[i] = now_ms() - t0;
+    }
+    r->text_encoder_ms = median(t, repeats);
+
+    TRY(x = random_tensor(be, 2, m->unet.in_channels, size, size, &rng));
+    for (int i = 0; i < repeats; i++) {
+        double t0 = now_ms();
+        TRY(y = unet_fw(be, &m->unet, x, 500.0f, m->unet.class_embedding ? labels : NULL, ctx));
+        t[i] = now_ms() - t0;
+        DROP(y);
+    }
+    r->unet_step_ms = median(t, repeats);
+
+    TRY(z = random_tensor(be, 1, m->vae.latent_channels, size, size, &rng));
+    for (int i = 0; i < repeats; i++) {
+        double t0 = now_ms();
+        TRY(y = vae_decode(be, &m->vae, z));
+        t[i] = now_ms() - t0;
+        DROP(y);
+    }
+    r->vae_decode_ms = median(t, repeats);
+
+    for (size_t i = 0; i < (size_t)3 * size * size; i++) in.pixels[i] = (uint8_t)(i * 37 % 251);
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.prompt = "a white cat";
+    p.num_inference_steps = steps;
+    p.noise_level = 20.0f / (float)(m->max_noise_level ? m->max_noise_level : 1);
+    for (int i = 0; i < repeats; i++) {
+        double t0 = now_ms();
+        if (sdx4_upscale(e, &in, &p, &out, NULL)) goto fail;
+        t[i] = now_ms() - t0;
+        sdx4_image_free(&out);
+    }
+    r->pipeline_ms = median(t, repeats);
+    r->peak_rss_bytes = sdx4_peak_rss_bytes();
+    int64_t in_use;
+    be->memory(be, &in_use, &r->device_peak_bytes);
+fail:
+    DROP(ctx), DROP(x), DROP(y), DROP(z);
+    free(t);
+    free(in.pixels);
+    return error_status();
+}

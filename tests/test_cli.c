@@ -1,0 +1,579 @@
+/*
+ * test_cli.c - the `sdx4` program, run as a user runs it.
+ *
+ * Every case starts the built binary ($SDX4_BIN/sdx4) with posix_spawn,
+ * its stdout and stderr on pipes and stdin on /dev/null, and checks the
+ * exit status and what it printed: help and version (0), bad usage (2 and
+ * a message naming the option), runtime failures (1 and "sdx4: ..." naming
+ * the file), and with the reference model: `info`, `info --json`, `bench`,
+ * `make-model`, an `upscale` of every golden pipeline case compared with
+ * diffusers' PNG, and Ctrl-C during an upscale (130, "canceled", no file).
+ * SDX4_MODEL is removed from every child's environment unless a case sets
+ * it, so the caller's shell does not change the results.
+ *
+ * Under a sanitizer build the children are instrumented too: any report
+ * on a child's stderr (a leak on an error path, undefined behaviour) fails
+ * the test.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <jansson.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "imageio.h"
+#include "sdx4.h"
+#include "test.h"
+
+extern char **environ;
+
+enum { PATH_LEN = 4096 }; /* of the folders the test is given */
+
+static char sdx4_bin[PATH_LEN + 8];
+
+/* ------------------------------------------------------------------------
+ * Running the binary
+ * ------------------------------------------------------------------------ */
+
+typedef struct {
+    pid_t pid;
+    int fd[2];       /* read ends of the child's stdout and stderr */
+    char *text[2];   /* what was read from each, NUL-terminated */
+    size_t len[2];
+} child;
+
+typedef struct {
+    int status;      /* exit status, 128 + signal if killed, -1 on timeout */
+    char *out, *err; /* owned; free with result_free() */
+} result;
+
+static void result_free(result *r) {
+    free(r->out);
+    free(r->err);
+}
+
+/* The caller's environment without SDX4_MODEL, plus `model_env` if set. */
+static char **child_environment(const char *model_env) {
+    size_t n = 0;
+    while (environ[n]) n++;
+    char **env = calloc(n + 2, sizeof *env);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "SDX4_MODEL=", 11)) env[k++] = environ[i];
+    if (model_env) {
+        static char buf[4096];
+        snprintf(buf, sizeof buf, "SDX4_MODEL=%s", model_env);
+        env[k++] = buf;
+    }
+    return env;
+}
+
+/* Starts `sdx4 args...` (args ends with NULL). */
+static int spawn(child *c, const char *const *args, const char *model_env) {
+    for (int i = 0; i < 2; i++) {
+        c->text[i] = calloc(1, 1);
+        c->len[i] = 0;
+    }
+    int out[2], err[2];
+    if (pipe2(out, O_CLOEXEC)) return -1;
+    if (pipe2(err, O_CLOEXEC)) {
+        close(out[0]);
+        close(out[1]);
+        return -1;
+    }
+    const char *argv[64] = {sdx4_bin};
+    int argc = 1;
+    while (args[argc - 1] && argc < 63) {
+        argv[argc] = args[argc - 1];
+        argc++;
+    }
+    argv[argc] = NULL;
+
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+    posix_spawn_file_actions_adddup2(&actions, err[1], 2);
+    char **env = child_environment(model_env);
+    int rc = posix_spawn(&c->pid, sdx4_bin, &actions, NULL,
+                         (char *const *)argv, env);
+    free(env);
+    posix_spawn_file_actions_destroy(&actions);
+    close(out[1]);
+    close(err[1]);
+    c->fd[0] = out[0];
+    c->fd[1] = err[0];
+    if (rc != 0) {
+        close(out[0]);
+        close(err[0]);
+        c->fd[0] = c->fd[1] = -1;
+        c->pid = -1;
+        return -1;
+    }
+    return 0;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Reads the child's output until both pipes close, or until stderr
+ * contains `until` (if not NULL). Returns 0, or -1 past the deadline. */
+static int pump(child *c, const char *until, double deadline) {
+    while (c->fd[0] >= 0 || c->fd[1] >= 0) {
+        if (until && strstr(c->text[1], until)) return 0;
+        struct pollfd p[2];
+        for (int i = 0; i < 2; i++) p[i] = (struct pollfd){c->fd[i], POLLIN, 0};
+        int wait_ms = (int)((deadline - now()) * 1000);
+        if (wait_ms <= 0) return -1;
+        if (poll(p, 2, wait_ms) < 0 && errno != EINTR) return -1;
+        for (int i = 0; i < 2; i++) {
+            if (c->fd[i] < 0 || !(p[i].revents & (POLLIN | POLLHUP))) continue;
+            char buf[4096];
+            ssize_t n = read(c->fd[i], buf, sizeof buf);
+            if (n <= 0) {
+                close(c->fd[i]);
+                c->fd[i] = -1;
+                continue;
+            }
+            c->text[i] = realloc(c->text[i], c->len[i] + n + 1);
+            memcpy(c->text[i] + c->len[i], buf, n);
+            c->len[i] += n;
+            c->text[i][c->len[i]] = '\0';
+        }
+    }
+    return until && !strstr(c->text[1], until) ? -1 : 0;
+}
+
+/* Reads everything, reaps the child and hands its output over. */
+static result finish(child *c, double deadline) {
+    result r = {-1, NULL, NULL};
+    int timed_out = pump(c, NULL, deadline) != 0;
+    if (timed_out && c->pid > 0) kill(c->pid, SIGKILL);
+    for (int i = 0; i < 2; i++)
+        if (c->fd[i] >= 0) close(c->fd[i]);
+    int wstatus;
+    if (c->pid > 0 && waitpid(c->pid, &wstatus, 0) == c->pid && !timed_out)
+        r.status = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus)
+                                      : 128 + WTERMSIG(wstatus);
+    r.out = c->text[0];
+    r.err = c->text[1];
+    /* A sanitizer's report can hide behind an expected exit status 1. */
+    CHECK(!strstr(r.err, "Sanitizer") && !strstr(r.err, "runtime error:"),
+          "sanitizer report: %s", r.err);
+    return r;
+}
+
+enum { RUN_SECONDS = 600 };
+
+static result run_env(const char *model_env, const char *const *args) {
+    child c;
+    if (spawn(&c, args, model_env) != 0) {
+        result r = {-1, c.text[0], c.text[1]};
+        return r;
+    }
+    return finish(&c, now() + RUN_SECONDS);
+}
+
+#define RUN(...) run_env(NULL, (const char *const[]){__VA_ARGS__, NULL})
+#define RUN_WITH_MODEL(m, ...) \
+    run_env(m, (const char *const[]){__VA_ARGS__, NULL})
+
+/* ------------------------------------------------------------------------
+ * Cases that need no model
+ * ------------------------------------------------------------------------ */
+
+static void test_help_and_version(void) {
+    result r = RUN("--help");
+    CHECK(r.status == 0, "--help: exit %d", r.status);
+    CHECK(strstr(r.out, "upscale") && strstr(r.out, "serve"),
+          "--help lists the commands: %s", r.out);
+    result_free(&r);
+
+    r = RUN("--version");
+    CHECK(r.status == 0, "--version: exit %d", r.status);
+    CHECK(strstr(r.out, SDX4_VERSION) != NULL, "--version: %s", r.out);
+    result_free(&r);
+
+    const char *commands[] = {"upscale", "info", "make-model", "bench"};
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        char usage[64];
+        snprintf(usage, sizeof usage, "Usage: sdx4 %s", commands[i]);
+        r = RUN(commands[i], "--help");
+        CHECK(r.status == 0, "%s --help: exit %d", commands[i], r.status);
+        CHECK(strstr(r.out, usage) != NULL, "%s --help: %s", commands[i],
+              r.out);
+        result_free(&r);
+    }
+
+    r = run_env(NULL, (const char *const[]){NULL});
+    CHECK(r.status == 2, "no command: exit %d", r.status);
+    CHECK(strstr(r.err, "Usage") != NULL, "no command: %s", r.err);
+    result_free(&r);
+}
+
+/* Each must exit 2, print nothing on stdout and name `needle` on stderr. */
+static void test_usage_errors(void) {
+    static const struct {
+        const char *needle;
+        const char *args[12];
+    } cases[] = {
+        {"frobnicate", {"frobnicate"}},
+        {"--frobnicate", {"--frobnicate"}},
+        {"--bogus", {"upscale", "--model", "m", "--bogus", "a.png", "b.png"}},
+        {"IN OUT", {"upscale", "--model", "m"}},
+        {"IN OUT", {"upscale", "--model", "m", "a.png"}},
+        {"'c.png'", {"upscale", "--model", "m", "a.png", "b.png", "c.png"}},
+        {"--model", {"upscale", "a.png", "b.png"}},
+        {"--model", {"upscale", "a.png", "b.png", "--model"}},
+        {"--noise-level",
+         {"upscale", "--model", "m", "--noise-level", "1.5", "a.png", "b.png"}},
+        {"--noise-level",
+         {"upscale", "--model", "m", "--noise-level", "nan", "a.png", "b.png"}},
+        {"--noise-level",
+         {"upscale", "--model", "m", "--noise-level=-0.1", "a.png", "b.png"}},
+        {"--steps",
+         {"upscale", "--model", "m", "--steps", "0", "a.png", "b.png"}},
+        {"--steps",
+         {"upscale", "--model", "m", "--steps", "abc", "a.png", "b.png"}},
+        {"--steps",
+         {"upscale", "--model", "m", "--steps", "5x", "a.png", "b.png"}},
+        {"--steps",
+         {"upscale", "--model", "m", "--steps", "99999999999999999999",
+          "a.png", "b.png"}},
+        {"--guidance",
+         {"upscale", "--model", "m", "--guidance", "inf", "a.png", "b.png"}},
+        {"--guidance",
+         {"upscale", "--model", "m", "--guidance", "1e999", "a.png", "b.png"}},
+        {"--seed",
+         {"upscale", "--model", "m", "--seed", "-1", "a.png", "b.png"}},
+        {"--seed",
+         {"upscale", "--model", "m", "--seed", "18446744073709551616",
+          "a.png", "b.png"}},
+        {"--eta", {"upscale", "--model", "m", "--eta", "2", "a.png", "b.png"}},
+        {"--device",
+         {"upscale", "--model", "m", "--device", "gpu", "a.png", "b.png"}},
+        {"--quality",
+         {"upscale", "--model", "m", "--quality", "0", "a.png", "b.png"}},
+        {"--threads",
+         {"upscale", "--model", "m", "--threads", "-2", "a.png", "b.png"}},
+        {"b.bmp", {"upscale", "--model", "m", "a.png", "b.bmp"}},
+        {"DIR", {"info"}},
+        {"--json", {"info", "--json=yes", "dir"}},
+        {"--config", {"make-model", "out"}},
+        {"--dtype", {"make-model", "--config", "c", "--dtype", "bf16", "out"}},
+        {"--seed", {"make-model", "--config", "c", "--seed", "x", "out"}},
+        {"--model", {"bench"}},
+        {"--size", {"bench", "--model", "m", "--size", "0"}},
+        {"--repeats", {"bench", "--model", "m", "--repeats", "0"}},
+        {"'extra'", {"bench", "--model", "m", "extra"}},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        result r = run_env(NULL, cases[i].args);
+        CHECK(r.status == 2, "case %zu (%s): exit %d, stderr: %s", i,
+              cases[i].needle, r.status, r.err);
+        CHECK(strstr(r.err, cases[i].needle) != NULL,
+              "case %zu: stderr does not name %s: %s", i, cases[i].needle,
+              r.err);
+        CHECK(r.out[0] == '\0', "case %zu: stdout: %s", i, r.out);
+        result_free(&r);
+    }
+}
+
+/* A runtime failure: exit 1, one "sdx4: ..." message naming `needle`. */
+static void check_runtime_error(result *r, const char *what,
+                                const char *needle) {
+    CHECK(r->status == 1, "%s: exit %d, stderr: %s", what, r->status, r->err);
+    CHECK(!strncmp(r->err, "sdx4: ", 6), "%s: stderr: %s", what, r->err);
+    CHECK(strstr(r->err, needle) != NULL, "%s: stderr does not name %s: %s",
+          what, needle, r->err);
+    result_free(r);
+}
+
+static void test_runtime_errors(const char *tmp) {
+    char missing_model[PATH_LEN + 64], missing_image[PATH_LEN + 64];
+    char out[PATH_LEN + 64];
+    snprintf(missing_model, sizeof missing_model, "%s/no-such-model", tmp);
+    snprintf(missing_image, sizeof missing_image, "%s/no-such-image.png", tmp);
+    snprintf(out, sizeof out, "%s/never-written.png", tmp);
+
+    /* OUT's folder is checked, then the input read, before the model is
+     * opened: these two need no model. */
+    result r = RUN("upscale", "--model", missing_model, missing_image, out);
+    check_runtime_error(&r, "missing input", missing_image);
+
+    char out_in_missing_folder[PATH_LEN + 64];
+    snprintf(out_in_missing_folder, sizeof out_in_missing_folder,
+             "%s/no-such-folder/out.png", tmp);
+    r = RUN("upscale", "--model", missing_model, missing_image,
+            out_in_missing_folder);
+    check_runtime_error(&r, "OUT in a missing folder", "no-such-folder");
+
+    r = RUN("info", missing_model);
+    check_runtime_error(&r, "info of a missing model", missing_model);
+
+    r = RUN_WITH_MODEL(missing_model, "bench", "--size", "8");
+    check_runtime_error(&r, "bench with SDX4_MODEL missing", missing_model);
+
+    r = RUN("make-model", "--config", missing_model, out);
+    check_runtime_error(&r, "make-model from a missing config",
+                        missing_model);
+
+    const char *input = test_ref("small/golden/pipe0_input.png");
+    if (access(input, R_OK) == 0) {
+        r = RUN("upscale", "--model", missing_model, "--seed", "1", input, out);
+        check_runtime_error(&r, "upscale with a missing model", missing_model);
+        CHECK(access(out, F_OK) != 0, "%s was written", out);
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Cases that run the reference model
+ * ------------------------------------------------------------------------ */
+
+static void test_info(const char *model) {
+    result r = RUN("info", model);
+    CHECK(r.status == 0, "info: exit %d, stderr: %s", r.status, r.err);
+    const char *lines[] = {"text_encoder ", "unet ", "vae ",
+                           "max noise level: 350", "scale factor: 4",
+                           "max prompt tokens: 77", "device: cpu"};
+    for (size_t i = 0; i < sizeof lines / sizeof lines[0]; i++)
+        CHECK(strcasestr(r.out, lines[i]) != NULL, "info lacks '%s': %s",
+              lines[i], r.out);
+    result_free(&r);
+}
+
+/* `info --json`'s parameter counts, or -1 each if it failed. */
+static void info_params(const char *model, const char *variant,
+                        int64_t params[3]) {
+    result r = variant ? RUN("info", "--json", "--variant", variant, model)
+                       : RUN("info", "--json", model);
+    CHECK(r.status == 0, "info --json %s: exit %d, stderr: %s", model,
+          r.status, r.err);
+    json_error_t error;
+    json_t *root = json_loads(r.out, 0, &error);
+    CHECK(root != NULL, "info --json is not JSON (%s): %s", error.text, r.out);
+    json_int_t te = -1, unet = -1, vae = -1, max_noise = -1;
+    if (root)
+        CHECK(!json_unpack(root, "{s:{s:I, s:I, s:I}, s:I}", "parameters",
+                           "text_encoder", &te, "unet", &unet, "vae", &vae,
+                           "max_noise_level", &max_noise),
+              "info --json lacks fields: %s", r.out);
+    CHECK(max_noise == 350, "max_noise_level %lld", (long long)max_noise);
+    CHECK(te > 0 && unet > 0 && vae > 0, "parameters %lld %lld %lld",
+          (long long)te, (long long)unet, (long long)vae);
+    params[0] = te;
+    params[1] = unet;
+    params[2] = vae;
+    json_decref(root);
+    result_free(&r);
+}
+
+static void test_bench(const char *model) {
+    result r = RUN("bench", "--model", model, "--device", "cpu", "--size",
+                   "16", "--steps", "1", "--threads", "2");
+    CHECK(r.status == 0, "bench: exit %d, stderr: %s", r.status, r.err);
+    char *newline = strchr(r.out, '\n');
+    CHECK(newline && newline[1] == '\0', "bench prints one line: %s", r.out);
+    json_t *root = json_loads(r.out, 0, NULL);
+    CHECK(root != NULL, "bench output is not JSON: %s", r.out);
+    const char *keys[] = {"model", "device", "threads", "size", "steps",
+                          "text_encoder_ms", "unet_step_ms", "vae_decode_ms",
+                          "pipeline_ms", "peak_rss_mib", "device_peak_mib"};
+    for (size_t i = 0; root && i < sizeof keys / sizeof keys[0]; i++)
+        CHECK(json_object_get(root, keys[i]) != NULL, "bench lacks %s: %s",
+              keys[i], r.out);
+    if (root) {
+        CHECK(json_integer_value(json_object_get(root, "size")) == 16 &&
+                  json_integer_value(json_object_get(root, "steps")) == 1 &&
+                  json_integer_value(json_object_get(root, "threads")) == 2,
+              "bench echoes its settings: %s", r.out);
+        CHECK(json_number_value(json_object_get(root, "unet_step_ms")) > 0 &&
+                  json_number_value(json_object_get(root, "peak_rss_mib")) > 0,
+              "bench measured nothing: %s", r.out);
+    }
+    json_decref(root);
+    result_free(&r);
+}
+
+static void test_make_model(const char *model, const char *tmp) {
+    char made[PATH_LEN + 64];
+    snprintf(made, sizeof made, "%s/made-model", tmp);
+    result r = RUN("make-model", "--config", model, "--dtype", "fp16",
+                   "--seed", "3", made);
+    CHECK(r.status == 0, "make-model: exit %d, stderr: %s", r.status, r.err);
+    result_free(&r);
+    int64_t want[3], got[3];
+    info_params(model, NULL, want);
+    info_params(made, "fp16", got);
+    CHECK(!memcmp(want, got, sizeof want),
+          "made model's parameter counts differ from its config's");
+}
+
+static int count_off_by_more_than_one(const sdx4_image *a,
+                                      const sdx4_image *b, size_t *bad) {
+    if (a->width != b->width || a->height != b->height) return -1;
+    size_t n = (size_t)a->width * a->height * 3;
+    *bad = 0;
+    for (size_t i = 0; i < n; i++)
+        *bad += abs((int)a->pixels[i] - (int)b->pixels[i]) > 1;
+    return 0;
+}
+
+/* Every golden pipeline case through the command line, compared with the
+ * PNG diffusers wrote (the README's tolerance: within 1 level on 99.9%). */
+static void test_upscale_matches_diffusers(const char *model, const char *tmp) {
+    json_t *cases = json_load_file(test_ref("small/golden/pipeline_cases.json"),
+                                   0, NULL);
+    char index_path[PATH_LEN + 64];
+    snprintf(index_path, sizeof index_path, "%s/model_index.json", model);
+    json_t *index = json_load_file(index_path, 0, NULL);
+    int max_noise = (int)json_integer_value(
+        json_object_get(index, "max_noise_level"));
+    CHECK(json_array_size(cases) > 0 && max_noise > 0,
+          "pipeline_cases.json or model_index.json unreadable");
+
+    for (size_t k = 0; k < json_array_size(cases); k++) {
+        json_t *c = json_array_get(cases, k);
+        const char *prompt = "", *negative = NULL;
+        int steps = 0, noise_level = 0;
+        double guidance = 0;
+        json_int_t seed = 0;
+        if (json_unpack(c, "{s:s, s?s, s:i, s:F, s:i, s:I}", "prompt", &prompt,
+                        "negative", &negative, "steps", &steps, "guidance",
+                        &guidance, "noise_level", &noise_level, "seed",
+                        &seed)) {
+            CHECK(0, "pipeline case %zu unreadable", k);
+            continue;
+        }
+        char steps_s[32], guidance_s[32], noise_s[32], seed_s[32];
+        char input[PATH_LEN + 64], golden[PATH_LEN + 64];
+        char out[PATH_LEN + 64];
+        snprintf(steps_s, sizeof steps_s, "%d", steps);
+        snprintf(guidance_s, sizeof guidance_s, "%.17g", guidance);
+        snprintf(noise_s, sizeof noise_s, "%.17g",
+                 (double)noise_level / max_noise);
+        snprintf(seed_s, sizeof seed_s, "%lld", (long long)seed);
+        snprintf(input, sizeof input, "%s/pipe%zu_input.png",
+                 test_ref("small/golden"), k);
+        snprintf(golden, sizeof golden, "%s/pipe%zu_output.png",
+                 test_ref("small/golden"), k);
+        snprintf(out, sizeof out, "%s/pipe%zu.png", tmp, k);
+
+        result r = RUN("upscale", "--model", model, "--device", "cpu",
+                       "--prompt", prompt, "--negative-prompt",
+                       negative ? negative : "", "--steps", steps_s,
+                       "--guidance", guidance_s, "--noise-level", noise_s,
+                       "--seed", seed_s, input, out);
+        char seed_line[64];
+        snprintf(seed_line, sizeof seed_line, "seed: %s\n", seed_s);
+        CHECK(r.status == 0, "pipe%zu: exit %d, stderr: %s", k, r.status,
+              r.err);
+        CHECK(strstr(r.err, seed_line) != NULL, "pipe%zu: no '%s': %s", k,
+              seed_line, r.err);
+        result_free(&r);
+
+        sdx4_image ours = {0}, theirs = {0};
+        char err[256];
+        size_t bad = 0;
+        CHECK(imageio_read_file(out, &ours, err, sizeof err) == 0,
+              "pipe%zu: %s", k, err);
+        CHECK(imageio_read_file(golden, &theirs, err, sizeof err) == 0,
+              "pipe%zu: %s", k, err);
+        if (ours.pixels && theirs.pixels) {
+            CHECK(count_off_by_more_than_one(&ours, &theirs, &bad) == 0,
+                  "pipe%zu: %dx%d, diffusers %dx%d", k, ours.width,
+                  ours.height, theirs.width, theirs.height);
+            size_t n = (size_t)theirs.width * theirs.height * 3;
+            CHECK(bad * 1000 <= n, "pipe%zu: %zu of %zu values off by > 1",
+                  k, bad, n);
+        }
+        sdx4_image_free(&ours);
+        sdx4_image_free(&theirs);
+    }
+    json_decref(index);
+    json_decref(cases);
+}
+
+/* Ctrl-C during a long upscale: exit 130, "canceled", nothing written. The
+ * signal is sent once the seed is printed, which the CLI does after it
+ * installs its SIGINT handler. No --seed: a random 63-bit one is used. */
+static void test_cancel(const char *model, const char *tmp) {
+    char out[PATH_LEN + 64];
+    snprintf(out, sizeof out, "%s/canceled.png", tmp);
+    child c;
+    const char *args[] = {"upscale", "--model", model, "--device", "cpu",
+                          "--steps", "1000",
+                          test_ref("small/golden/pipe0_input.png"), out, NULL};
+    if (spawn(&c, args, NULL) != 0) {
+        CHECK(0, "cannot start %s", sdx4_bin);
+        return;
+    }
+    int seen = pump(&c, "seed: ", now() + RUN_SECONDS) == 0;
+    CHECK(seen, "no seed line before the run: %s", c.text[1]);
+    if (seen) kill(c.pid, SIGINT);
+    result r = finish(&c, now() + RUN_SECONDS);
+    CHECK(r.status == 130, "canceled upscale: exit %d, stderr: %s", r.status,
+          r.err);
+    CHECK(strstr(r.err, "canceled") != NULL, "stderr: %s", r.err);
+    CHECK(access(out, F_OK) != 0, "%s was written", out);
+    const char *s = strstr(r.err, "seed: ");
+    unsigned long long seed = s ? strtoull(s + 6, NULL, 10) : UINT64_MAX;
+    CHECK(seed <= (unsigned long long)INT64_MAX, "random seed not 63-bit: %s",
+          r.err);
+    result_free(&r);
+}
+
+/* ------------------------------------------------------------------------ */
+
+static int remove_entry(const char *path, const struct stat *st, int flag,
+                        struct FTW *ftw) {
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    const char *dir = getenv("SDX4_BIN");
+    snprintf(sdx4_bin, sizeof sdx4_bin, "%s/sdx4", dir ? dir : ".");
+    if (access(sdx4_bin, X_OK) != 0) {
+        printf("test_cli: skipped, %s not built\n", sdx4_bin);
+        return 77;
+    }
+    char tmp[] = "/tmp/test_cli.XXXXXX";
+    if (!mkdtemp(tmp) || imageio_init(argv[0]) != 0) {
+        fprintf(stderr, "test_cli: cannot set up\n");
+        return 1;
+    }
+
+    test_help_and_version();
+    test_usage_errors();
+    test_runtime_errors(tmp);
+
+    char model[PATH_LEN];
+    snprintf(model, sizeof model, "%s", test_ref("small/model"));
+    if (access(model, R_OK) == 0) {
+        test_info(model);
+        test_bench(model);
+        test_make_model(model, tmp);
+        test_upscale_matches_diffusers(model, tmp);
+        test_cancel(model, tmp);
+    } else {
+        printf("test_cli: %s missing, model cases skipped\n", model);
+    }
+
+    nftw(tmp, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    imageio_shutdown();
+    return test_finish("test_cli");
+}
