@@ -69,7 +69,8 @@ void sdx4_engine_close(sdx4_engine *engine);
  * health. Strings live as long as the engine. */
 typedef struct {
     const char *model_dir;
-    const char *device;          /* "cpu" or "cuda:0 (NVIDIA H100 ...)" */
+    const char *device;          /* the backend's description: "CPU, 2 threads,
+                                    OpenBLAS ..." or "cuda:0 (NVIDIA H100 ...)" */
     const char *compute_dtype;   /* "float32", "float16" */
     const char *weights_dtype;   /* dtype of the files loaded: "F32", "F16"... */
     int64_t text_encoder_params;

@@ -54,6 +54,43 @@ static void same_tensors(const char *real, const char *made, int skip_encoder) {
     st_close(&b);
 }
 
+/* Opens `dir` and upscales a 16x16 grey square in 2 steps. */
+static void upscale_ok(const char *dir) {
+    sdx4_engine_options o;
+    sdx4_engine_options_default(&o);
+    o.model_dir = dir;
+    o.device = "cpu";
+    sdx4_engine *e = NULL;
+    sdx4_status s = sdx4_engine_open(&o, &e);
+    CHECK(s == SDX4_OK, "open %s: %s", dir, sdx4_last_error());
+    if (!e) return;
+    sdx4_image in = {16, 16, malloc(16 * 16 * 3)}, res = {0};
+    memset(in.pixels, 128, 16 * 16 * 3);
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.num_inference_steps = 2;
+    p.prompt = "a white cat";
+    s = sdx4_upscale(e, &in, &p, &res, NULL);
+    CHECK(s == SDX4_OK, "upscale: %s", sdx4_last_error());
+    CHECK(res.width == 64 && res.height == 64, "output %dx%d", res.width, res.height);
+    sdx4_image_free(&res);
+    free(in.pixels);
+    sdx4_engine_close(e);
+}
+
+/* The demo model of a fresh checkout: the repo's own configs, a byte-level
+ * vocabulary, no ../shared needed. */
+static void test_demo_model(void) {
+    char dir[] = "/tmp/sdx4-demo-model-XXXXXX", out[512], cmd[600];
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    snprintf(out, sizeof out, "%s/model", dir);
+    sdx4_status s = sdx4_make_model(SDX4_SOURCE_DIR "/assets/demo-model", out, "fp32", 0);
+    CHECK(s == SDX4_OK, "make_model: %s", sdx4_last_error());
+    if (!s) upscale_ok(out);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0, "cleanup");
+}
+
 static void test_written_model(void) {
     char dir[] = "/tmp/sdx4-make-model-XXXXXX", out[512], real[1024], made[1024];
     CHECK(mkdtemp(dir) != NULL, "mkdtemp");
@@ -73,25 +110,7 @@ static void test_written_model(void) {
     snprintf(made, sizeof made, "%s/DEMO_MODEL", out);
     CHECK(access(made, R_OK) == 0, "DEMO_MODEL marker missing");
 
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = out;
-    o.device = "cpu";
-    sdx4_engine *e = NULL;
-    s = sdx4_engine_open(&o, &e);
-    CHECK(s == SDX4_OK, "open: %s", sdx4_last_error());
-    if (e) {
-        sdx4_image in = {16, 16, calloc(16 * 16 * 3, 1)}, res = {0};
-        sdx4_upscale_params p;
-        sdx4_upscale_params_default(&p);
-        p.num_inference_steps = 2;
-        s = sdx4_upscale(e, &in, &p, &res, NULL);
-        CHECK(s == SDX4_OK, "upscale: %s", sdx4_last_error());
-        CHECK(res.width == 64 && res.height == 64, "output %dx%d", res.width, res.height);
-        sdx4_image_free(&res);
-        free(in.pixels);
-        sdx4_engine_close(e);
-    }
+    upscale_ok(out);
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     CHECK(system(cmd) == 0, "cleanup");
@@ -100,5 +119,6 @@ static void test_written_model(void) {
 int main(void) {
     test_full_size_counts();
     test_written_model();
+    test_demo_model();
     return test_finish("test_make_model");
 }

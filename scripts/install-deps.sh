@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what sdx4 builds and runs with, from Debian's packages. Safe to
+# rerun: packages already present are not fetched again.
+set -euo pipefail
+packages=(build-essential cmake pkg-config clang
+          libjansson-dev libutf8proc-dev libopenblas-openmp-dev
+          libvips-dev libmicrohttpd-dev python3 python3-venv curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up and runs the sdx4 service on a new machine:
+#   installs the Debian packages, builds, picks the model, serves it.
+# Model: $SDX4_MODEL, else models/x4-upscaler (scripts/download-model.sh
+# puts the real weights there), else a small demo model with random weights
+# generated once into models/demo (its output is noise; the server says so).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+scripts/build.sh build
+model=${SDX4_MODEL:-}
+if [ -z "$model" ] && [ -f models/x4-upscaler/model_index.json ]; then
+  model=models/x4-upscaler
+fi
+if [ -z "$model" ]; then
+  model=models/demo
+  if [ ! -f "$model/DEMO_MODEL" ]; then
+    echo "no real weights found: generating the demo model (random weights, output is noise) in $model"
+    mkdir -p models
+    build/sdx4 make-model --config assets/demo-model "$model" --dtype fp32 --seed 0
+  fi
+  echo "serving the DEMO model: random weights, its images are noise."
+  echo "for real upscaling: scripts/download-model.sh, or set SDX4_MODEL."
+fi
+exec build/sdx4 serve --model "$model" "$@"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up and runs every test of sdx4 on a new machine (this is what CI runs):
+#   1. the ctest suite (golden tests against diffusers, unit, CLI, bad input)
+#      on a release build;
+#   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20);
+#   4. the HTTP service's integration tests against the real server;
+#   5. the CUDA backend compiled when nvcc is present (its tests skip
+#      without a GPU).
+# Golden data: $SDX4_REFERENCE, default ../shared/reference beside the checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+jobs=$(nproc)
+fuzz_seconds=${SDX4_FUZZ_SECONDS:-20}
+cuda_flag=()
+command -v nvcc >/dev/null 2>&1 && cuda_flag=(-DSDX4_CUDA=ON)
+
+echo "== release build and tests"
+scripts/build.sh build "${cuda_flag[@]}"
+(cd build && ctest --output-on-failure)
+
+echo "== sanitizer build and tests (ASan + UBSan)"
+scripts/build.sh build-asan -DSDX4_SANITIZE=ON
+(cd build-asan &&
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --output-on-failure)
+
+echo "== fuzzing, ${fuzz_seconds}s per target"
+scripts/build.sh build-fuzz -DSDX4_FUZZ=ON -DCMAKE_C_COMPILER=clang
+for target in build-fuzz/fuzz_*; do
+  name=$(basename "$target")
+  corpus=$(mktemp -d)
+  [ -d "fuzz/corpus/$name" ] && cp -r "fuzz/corpus/$name/." "$corpus/"
+  echo "-- $name"
+  "$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -timeout=10 "$corpus" 2>&1 |
+    grep -E "^(Done|#[0-9]+ *DONE|==[0-9]+==ERROR|SUMMARY)" || true
+  test "${PIPESTATUS[0]}" -eq 0 || { echo "fuzz target $name failed"; exit 1; }
+  rm -rf "$corpus"
+done
+
+if [ -x tests/server/run.sh ]; then
+  echo "== HTTP service integration tests"
+  tests/server/run.sh "$PWD/build/sdx4"
+fi
