@@ -1,0 +1,91 @@
+/*
+ * cli.h - what the commands of the `sdx4` program share.
+ *
+ * Each command (upscale, info, make-model, bench) is a function with the
+ * shape of main() that receives the arguments from its own name on
+ * (argv[0] is "upscale"). It declares its options as a table of
+ * cli_option and lets cli_parse() fill them in; cli_parse() is strict
+ * about numbers so that "--steps 7x" or "--guidance nan" is an error and
+ * not a silently different run.
+ *
+ * Exit statuses: 0 success, 1 runtime failure ("sdx4: <message>" on
+ * stderr), 2 bad usage (a message naming the option), 130 canceled by
+ * Ctrl-C (the shell's 128 + SIGINT).
+ */
+#ifndef SDX4_CLI_H
+#define SDX4_CLI_H
+
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define CLI_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define CLI_PRINTF(a, b)
+#endif
+
+enum { EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_CANCELED = 130 };
+
+typedef enum {
+    OPT_FLAG,   /* int *: set to 1, takes no value */
+    OPT_STRING, /* const char **: a non-empty string (a path, a name) */
+    OPT_TEXT,   /* const char **: any string, "" included (a prompt) */
+    OPT_CHOICE, /* const char **: one of `choices` ("cpu|cuda|auto") */
+    OPT_INT,    /* int *: decimal integer in [min, max] */
+    OPT_FLOAT,  /* double *: finite number in [min, max] */
+    OPT_SEED,   /* uint64_t *: decimal integer in [0, 2^64 - 1] */
+} cli_option_kind;
+
+typedef struct {
+    const char *name; /* "--steps" */
+    cli_option_kind kind;
+    void *value;      /* where the parsed value goes (type by kind) */
+    double min, max;  /* OPT_INT, OPT_FLOAT: inclusive range */
+    const char *choices;
+    int given;        /* set by cli_parse when the option appears */
+} cli_option;
+
+typedef struct {
+    const char *name;        /* "upscale" */
+    const char *help;        /* the whole --help text */
+    const char *positionals; /* "IN OUT", for the "expected" message */
+    int min_positionals, max_positionals;
+    cli_option *options;     /* terminated by an entry with name NULL */
+} cli_command;
+
+/* cli_parse() returns this when the command should go on. */
+#define CLI_CONTINUE (-1)
+
+/* Parses argv[1..argc-1]: options ("--name value" or "--name=value")
+ * anywhere among the positional arguments, "--" ending the options.
+ * Stores the positional arguments in `positionals` (room for
+ * cmd->max_positionals) and their count in *npositionals. Returns
+ * CLI_CONTINUE, or the exit status the command must return at once: 0
+ * after printing --help, EXIT_USAGE after printing what is wrong. */
+int cli_parse(cli_command *cmd, int argc, char **argv,
+              const char **positionals, int *npositionals);
+
+/* Whether option `name` appeared on the command line. */
+int cli_given(const cli_command *cmd, const char *name);
+
+/* Prints "sdx4 <cmd>: <message>" and a hint to stderr; returns EXIT_USAGE. */
+int cli_usage_error(const cli_command *cmd, const char *fmt, ...)
+    CLI_PRINTF(2, 3);
+
+/* Prints "sdx4: <message>" to stderr; returns EXIT_RUNTIME. */
+int cli_fail(const char *fmt, ...) CLI_PRINTF(1, 2);
+
+/* Prints "sdx4: <sdx4_last_error()>"; returns EXIT_RUNTIME. */
+int cli_fail_engine(void);
+
+/* The model folder: --model when given, else $SDX4_MODEL, else NULL. */
+const char *cli_model_dir(const char *option_value);
+
+/* Seconds on a monotonic clock. */
+double cli_now(void);
+
+int cmd_upscale(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_make_model(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+#endif

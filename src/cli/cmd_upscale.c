@@ -1,0 +1,234 @@
+/*
+ * cmd_upscale.c - `sdx4 upscale`: one image in, one image 4x larger out.
+ *
+ * The order of work is chosen so that mistakes cost as little as possible:
+ * the arguments are checked first (including OUT's format and that its
+ * folder is writable, so a typo does not cost a whole run), then the input
+ * is decoded, then the model is loaded, and only then does the long part
+ * start.
+ *
+ * Ctrl-C: the SIGINT handler only sets a flag; the engine calls the
+ * progress callback before the first step and after each one, and the
+ * callback's nonzero return makes sdx4_upscale() stop at that boundary and
+ * return SDX4_ERR_CANCELED, so everything is freed on the normal path and
+ * the command exits 130. The handler is installed with SA_RESETHAND: a
+ * second Ctrl-C (a step on the full model on a CPU takes a while) kills
+ * the process the usual way.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "imageio.h"
+#include "progress.h"
+#include "sdx4.h"
+
+static const char help[] =
+    "Usage: sdx4 upscale [options] IN OUT\n"
+    "\n"
+    "Upscales IN (PNG, JPEG or WebP) 4x and writes OUT in the format of its\n"
+    "extension (.png, .jpg, .jpeg, .webp).\n"
+    "\n"
+    "Options:\n"
+    "  --model DIR            diffusers model folder (default: $SDX4_MODEL)\n"
+    "  --prompt TEXT          what the image shows (default: empty)\n"
+    "  --negative-prompt TEXT what to steer away from (default: empty)\n"
+    "  --steps N              denoising steps, 1..1000 (default: 75)\n"
+    "  --guidance G           classifier-free guidance scale; <= 1 turns it\n"
+    "                         off (default: 9.0)\n"
+    "  --noise-level F        noise added to the input, 0..1 as a fraction of\n"
+    "                         the model's max noise level (default: 0.2)\n"
+    "  --seed S               random seed, 0..2^64-1 (default: a random one;\n"
+    "                         the seed used is printed)\n"
+    "  --eta E                DDIM eta, 0..1 (default: 0)\n"
+    "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
+    "  --variant fp16         load the *.fp16.safetensors weights\n"
+    "  --device cpu|cuda|auto compute device (default: auto)\n"
+    "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
+    "  -h, --help             show this help\n"
+    "\n"
+    "Ctrl-C cancels between steps (exit status 130).\n";
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+}
+
+static int on_progress(void *user, int step, int total) {
+    progress_draw(user, step, total);
+    return interrupted;
+}
+
+/* A random seed that fits in 63 bits, so that it survives being passed
+ * through tools that read it as a signed 64-bit integer. */
+static int random_seed(uint64_t *seed) {
+    uint64_t r;
+    if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) return -1;
+    *seed = r & (UINT64_MAX >> 1);
+    return 0;
+}
+
+/* Warns before the run when a prompt is longer than the text encoder
+ * reads: the tail of it will have no effect. */
+static int warn_if_truncated(sdx4_engine *engine, const char *what,
+                             const char *prompt, int max_tokens) {
+    int tokens;
+    if (!prompt) return 0;
+    if (sdx4_count_tokens(engine, prompt, &tokens) != SDX4_OK) return -1;
+    if (tokens > max_tokens)
+        fprintf(stderr,
+                "warning: the %s has %d tokens; only the first %d are used\n",
+                what, tokens, max_tokens);
+    return 0;
+}
+
+/* imageio's messages usually name the file already; say it once. */
+static void fail_file(const char *path, const char *message) {
+    if (strstr(message, path))
+        cli_fail("%s", message);
+    else
+        cli_fail("%s: %s", path, message);
+}
+
+/* A run on the full model takes minutes: find out before it, not after,
+ * that OUT cannot be created. */
+static int check_writable_folder(const char *out_path) {
+    char folder[4096];
+    snprintf(folder, sizeof folder, "%s", out_path);
+    char *slash = strrchr(folder, '/');
+    if (!slash)
+        strcpy(folder, ".");
+    else if (slash == folder)
+        folder[1] = '\0';
+    else
+        *slash = '\0';
+    if (access(folder, W_OK) != 0) {
+        cli_fail("%s: %s", folder, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int cmd_upscale(int argc, char **argv) {
+    const char *model = NULL, *variant = NULL, *device = "auto";
+    sdx4_upscale_params params;
+    sdx4_upscale_params_default(&params);
+    int steps = params.num_inference_steps, threads = 0, quality = 0;
+    double guidance = params.guidance_scale, noise = params.noise_level;
+    double eta = params.eta;
+    uint64_t seed = 0;
+
+    cli_option options[] = {
+        {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
+        {"--prompt", OPT_TEXT, &params.prompt, 0, 0, NULL, 0},
+        {"--negative-prompt", OPT_TEXT, &params.negative_prompt, 0, 0, NULL, 0},
+        {"--steps", OPT_INT, &steps, 1, 1000, NULL, 0},
+        {"--guidance", OPT_FLOAT, &guidance, -1e6, 1e6, NULL, 0},
+        {"--noise-level", OPT_FLOAT, &noise, 0, 1, NULL, 0},
+        {"--seed", OPT_SEED, &seed, 0, 0, NULL, 0},
+        {"--eta", OPT_FLOAT, &eta, 0, 1, NULL, 0},
+        {"--threads", OPT_INT, &threads, 0, 4096, NULL, 0},
+        {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
+        {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
+        {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
+        {NULL, 0, NULL, 0, 0, NULL, 0},
+    };
+    cli_command cmd = {"upscale", help, "IN OUT", 2, 2, options};
+    const char *paths[2];
+    int npaths;
+    int status = cli_parse(&cmd, argc, argv, paths, &npaths);
+    if (status != CLI_CONTINUE) return status;
+    const char *in_path = paths[0], *out_path = paths[1];
+
+    model = cli_model_dir(model);
+    if (!model)
+        return cli_usage_error(&cmd, "--model is required (or set SDX4_MODEL)");
+    if (imageio_format_from_name(out_path) == IMAGE_UNKNOWN)
+        return cli_usage_error(
+            &cmd, "OUT '%s' must end in .png, .jpg, .jpeg or .webp", out_path);
+    if (!cli_given(&cmd, "--seed") && random_seed(&seed) != 0)
+        return cli_fail("getrandom: %s", strerror(errno));
+
+    params.num_inference_steps = steps;
+    params.guidance_scale = (float)guidance;
+    params.noise_level = (float)noise;
+    params.eta = (float)eta;
+    params.seed = seed;
+
+    sdx4_image input = {0}, output = {0};
+    sdx4_engine *engine = NULL;
+    char err[512];
+    status = EXIT_RUNTIME;
+
+    if (check_writable_folder(out_path) != 0) goto done;
+    if (imageio_read_file(in_path, &input, err, sizeof err) != 0) {
+        fail_file(in_path, err);
+        goto done;
+    }
+    sdx4_engine_options engine_options;
+    sdx4_engine_options_default(&engine_options);
+    engine_options.model_dir = model;
+    engine_options.variant = variant;
+    engine_options.device = device;
+    engine_options.threads = threads;
+    sdx4_model_info info;
+    if (sdx4_engine_open(&engine_options, &engine) != SDX4_OK ||
+        sdx4_engine_info(engine, &info) != SDX4_OK ||
+        warn_if_truncated(engine, "prompt", params.prompt,
+                          info.max_prompt_tokens) != 0 ||
+        warn_if_truncated(engine, "negative prompt", params.negative_prompt,
+                          info.max_prompt_tokens) != 0) {
+        cli_fail_engine();
+        goto done;
+    }
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+
+    fprintf(stderr, "seed: %llu\n", (unsigned long long)seed);
+    progress_bar bar;
+    progress_init(&bar);
+    params.progress = on_progress;
+    params.progress_user = &bar;
+    double start = cli_now();
+    sdx4_upscale_report report;
+    sdx4_status result = sdx4_upscale(engine, &input, &params, &output,
+                                      &report);
+    progress_end(&bar);
+    /* A Ctrl-C during the VAE decode, after the last step, still counts. */
+    if (result == SDX4_ERR_CANCELED || (result == SDX4_OK && interrupted)) {
+        fputs("canceled\n", stderr);
+        status = EXIT_CANCELED;
+        goto done;
+    }
+    if (result != SDX4_OK) {
+        cli_fail_engine();
+        goto done;
+    }
+    if (imageio_write_file(&output, out_path, quality, err, sizeof err) != 0) {
+        fail_file(out_path, err);
+        goto done;
+    }
+    fprintf(stderr,
+            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s), peak RSS %.0f MiB\n",
+            out_path, output.width, output.height, cli_now() - start,
+            report.seconds_text, report.seconds_unet, report.seconds_vae,
+            (double)sdx4_peak_rss_bytes() / (1 << 20));
+    status = 0;
+
+done:
+    sdx4_image_free(&output);
+    sdx4_image_free(&input);
+    sdx4_engine_close(engine);
+    return status;
+}
