@@ -2,14 +2,18 @@
  * test_backend_cpu.c - every operation of the CPU backend against a naive
  * double-precision reference written here, on small random shapes chosen
  * to hit the edges of the kernels (odd sizes, stride 2 with padding, 1x1,
- * im2col tiles that split output rows, attention with Tq != Tk, several
- * heads, causal masks, several query tiles); weights in place and
- * converted; memory accounting; and the errors a wrong model file causes.
- * Ends by printing (not checking) sgemm and conv speed.
+ * im2col tiles that split output rows, Winograd tiles clipped at odd edges
+ * and units that split tile rows, attention with Tq != Tk, several heads,
+ * causal masks, several query tiles); weights in place and converted;
+ * memory accounting; scratch that stays bounded on the model's biggest
+ * shapes (checked at sampled outputs); two application threads calling at
+ * once; and the errors a wrong model file causes. Ends by printing (not
+ * checking) sgemm and conv speed.
  */
 #include <inttypes.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,7 +113,7 @@ static void test_linear(backend *be, int ndim, const int64_t *xshape, int64_t N,
             ref[m * N + n] = s;
         }
     int64_t yshape[4];
-    memcpy(yshape, xshape, sizeof yshape);
+    memcpy(yshape, xshape, (size_t)ndim * sizeof *yshape);
     yshape[ndim - 1] = N;
     char what[64];
     snprintf(what, sizeof what, "linear M=%" PRId64 " K=%" PRId64 " N=%" PRId64 "%s", M, K, N,
@@ -145,8 +149,10 @@ static void test_conv(backend *be, int64_t B, int64_t C, int64_t H, int64_t W, i
                     ref[((n * O + o) * Ho + oy) * Wo + ox] = s;
                 }
     char what[96];
-    snprintf(what, sizeof what, "conv2d [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] -> %" PRId64
-             " k%d s%d p%d%s", B, C, H, W, O, k, stride, pad, with_bias ? " +bias" : "");
+    snprintf(what, sizeof what,
+             "conv2d [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] -> %" PRId64
+             " k%d s%d p%d%s",
+             B, C, H, W, O, k, stride, pad, with_bias ? " +bias" : "");
     expect(be, what, be->conv2d(be, tx, tw, with_bias ? tb : NULL, stride, pad), 4,
            (int64_t[]){B, O, Ho, Wo}, ref, TOL);
     tensor_free(tx), tensor_free(tw), tensor_free(tb);
@@ -162,7 +168,8 @@ static void test_attention(backend *be, int64_t B, int64_t Tq, int64_t Tk, int h
     float *q = rand_buf(B * Tq * HD, -1.5f, 1.5f), *k = rand_buf(B * Tk * HD, -1.5f, 1.5f);
     float *v = rand_buf(B * Tk * HD, -1, 1);
     tensor *tq = make(be, 3, (int64_t[]){B, Tq, HD}, q);
-    tensor *tk = make(be, 3, (int64_t[]){B, Tk, HD}, k), *tv = make(be, 3, (int64_t[]){B, Tk, HD}, v);
+    tensor *tk = make(be, 3, (int64_t[]){B, Tk, HD}, k);
+    tensor *tv = make(be, 3, (int64_t[]){B, Tk, HD}, v);
     double *ref = dalloc(B * Tq * HD), *p = dalloc(Tk);
     for (int64_t b = 0; b < B; b++)
         for (int h = 0; h < heads; h++)
@@ -172,21 +179,24 @@ static void test_attention(backend *be, int64_t B, int64_t Tq, int64_t Tk, int h
                 for (int64_t j = 0; j < visible; j++) {
                     double s = 0;
                     for (int64_t d = 0; d < D; d++)
-                        s += (double)q[(b * Tq + i) * HD + h * D + d] * k[(b * Tk + j) * HD + h * D + d];
+                        s += (double)q[(b * Tq + i) * HD + h * D + d] *
+                             k[(b * Tk + j) * HD + h * D + d];
                     p[j] = s / sqrt((double)D);
                     if (p[j] > max) max = p[j];
                 }
                 for (int64_t j = 0; j < visible; j++) sum += p[j] = exp(p[j] - max);
                 for (int64_t d = 0; d < D; d++) {
                     double o = 0;
-                    for (int64_t j = 0; j < visible; j++) o += p[j] * v[(b * Tk + j) * HD + h * D + d];
+                    for (int64_t j = 0; j < visible; j++)
+                        o += p[j] * v[(b * Tk + j) * HD + h * D + d];
                     ref[(b * Tq + i) * HD + h * D + d] = o / sum;
                 }
             }
     free(p);
     char what[96];
-    snprintf(what, sizeof what, "attention B%" PRId64 " Tq%" PRId64 " Tk%" PRId64 " H%d D%" PRId64 "%s",
-             B, Tq, Tk, heads, D, causal ? " causal" : "");
+    snprintf(what, sizeof what,
+             "attention B%" PRId64 " Tq%" PRId64 " Tk%" PRId64 " H%d D%" PRId64 "%s", B, Tq, Tk,
+             heads, D, causal ? " causal" : "");
     expect(be, what, be->attention(be, tq, tk, tv, heads, causal), 3, (int64_t[]){B, Tq, HD}, ref,
            TOL);
     tensor_free(tq), tensor_free(tk), tensor_free(tv);
@@ -205,10 +215,10 @@ static double act_ref(double x, activation act) {
     return x;
 }
 
-static void test_group_norm(backend *be, int ndim, const int64_t *shape, int groups,
-                            float offset, activation act) {
+static void test_group_norm(backend *be, int ndim, const int64_t *shape, int groups, float offset,
+                            activation act) {
     tensor probe = {.ndim = ndim};
-    memcpy(probe.shape, shape, sizeof probe.shape);
+    memcpy(probe.shape, shape, (size_t)ndim * sizeof *shape);
     int64_t n = tensor_numel(&probe), B = shape[0], C = shape[1], S = n / (B * C);
     float *x = rand_buf(n, offset - 1, offset + 1);
     float *g = rand_buf(C, 0.5f, 1.5f), *bt = rand_buf(C, -0.5f, 0.5f);
@@ -325,13 +335,16 @@ static void test_elementwise(backend *be) {
 static void test_layout(backend *be) {
     /* concat along channels */
     float *a = rand_buf(2 * 3 * 5 * 7, -1, 1), *b = rand_buf(2 * 4 * 5 * 7, -1, 1);
-    tensor *ta = make(be, 4, (int64_t[]){2, 3, 5, 7}, a), *tb = make(be, 4, (int64_t[]){2, 4, 5, 7}, b);
+    tensor *ta = make(be, 4, (int64_t[]){2, 3, 5, 7}, a);
+    tensor *tb = make(be, 4, (int64_t[]){2, 4, 5, 7}, b);
     double *ref = dalloc(2 * 7 * 35);
     for (int n = 0; n < 2; n++)
         for (int c = 0; c < 7; c++)
             for (int i = 0; i < 35; i++)
-                ref[(n * 7 + c) * 35 + i] = c < 3 ? a[(n * 3 + c) * 35 + i] : b[(n * 4 + c - 3) * 35 + i];
-    expect(be, "concat_channels", be->concat_channels(be, ta, tb), 4, (int64_t[]){2, 7, 5, 7}, ref, 0);
+                ref[(n * 7 + c) * 35 + i] =
+                    c < 3 ? a[(n * 3 + c) * 35 + i] : b[(n * 4 + c - 3) * 35 + i];
+    expect(be, "concat_channels", be->concat_channels(be, ta, tb), 4, (int64_t[]){2, 7, 5, 7}, ref,
+           0);
 
     /* nearest upsampling, PyTorch's floor(dst * (in / out)) in float */
     static const int sizes[][2] = {{10, 14}, {13, 9}, {5, 7}, {3, 20}, {2, 3}};
@@ -357,8 +370,8 @@ static void test_layout(backend *be) {
     tensor *u7 = be->upsample_nearest(be, t3, 7, 1);
     float *g7 = fetch(be, u7);
     static const float want7[7] = {10, 10, 10, 20, 20, 30, 30};
-    CHECK(memcmp(g7, want7, sizeof want7) == 0, "upsample 3 -> 7: %g %g %g %g %g %g %g",
-          g7[0], g7[1], g7[2], g7[3], g7[4], g7[5], g7[6]);
+    CHECK(memcmp(g7, want7, sizeof want7) == 0, "upsample 3 -> 7: %g %g %g %g %g %g %g", g7[0],
+          g7[1], g7[2], g7[3], g7[4], g7[5], g7[6]);
     free(g7), tensor_free(u7), tensor_free(t3);
 
     /* tokens: [2, 37, 5, 7] -> [2, 35, 37] -> back (block edges on both sides) */
@@ -366,17 +379,20 @@ static void test_layout(backend *be) {
     float *x = rand_buf(2 * C * S, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){2, C, 5, 7}, x);
     tensor *tok = be->nchw_to_tokens(be, tx);
-    CHECK(tok && tok->ndim == 3 && tok->shape[1] == S && tok->shape[2] == C, "nchw_to_tokens shape");
+    CHECK(tok && tok->ndim == 3 && tok->shape[1] == S && tok->shape[2] == C,
+          "nchw_to_tokens shape");
     if (tok) {
         float *g = fetch(be, tok);
         int ok = 1;
         for (int n = 0; n < 2; n++)
             for (int64_t c = 0; c < C; c++)
-                for (int64_t i = 0; i < S; i++) ok &= g[(n * S + i) * C + c] == x[(n * C + c) * S + i];
+                for (int64_t i = 0; i < S; i++)
+                    ok &= g[(n * S + i) * C + c] == x[(n * C + c) * S + i];
         CHECK(ok, "nchw_to_tokens values");
         free(g);
         tensor *back = be->tokens_to_nchw(be, tok, 5, 7);
-        CHECK(back && back->ndim == 4 && back->shape[1] == C && back->shape[2] == 5, "tokens_to_nchw shape");
+        CHECK(back && back->ndim == 4 && back->shape[1] == C && back->shape[2] == 5,
+              "tokens_to_nchw shape");
         if (back) {
             float *gb = fetch(be, back);
             CHECK(memcmp(gb, x, (size_t)(2 * C * S) * sizeof(float)) == 0, "tokens_to_nchw values");
@@ -408,7 +424,8 @@ static void test_weights_and_memory(backend *be) {
     float *f32 = malloc(8 * sizeof(float) + 1);
     for (int i = 0; i < 8; i++) f32[i] = (float)i - 3.5f;
     tensor *w = be->weight(be, f32, DTYPE_F32, 2, (int64_t[]){2, 4});
-    CHECK(w && w->data == f32 && !w->owns_data && w->type == DTYPE_F32, "aligned F32 weight is not a view");
+    CHECK(w && w->data == f32 && !w->owns_data && w->type == DTYPE_F32,
+          "aligned F32 weight is not a view");
     int64_t now;
     be->memory(be, &now, NULL);
     CHECK(now == before, "a view allocates nothing (%" PRId64 " -> %" PRId64 ")", before, now);
@@ -471,48 +488,59 @@ static void test_errors(backend *be) {
     tensor *b8 = make(be, 1, (int64_t[]){8}, zeros), *b5 = make(be, 1, (int64_t[]){5}, zeros);
     tensor *x4 = make(be, 4, (int64_t[]){1, 4, 4, 4}, zeros);
     tensor *x4h5 = make(be, 4, (int64_t[]){1, 4, 5, 4}, zeros);
-    tensor *lin_x = make(be, 2, (int64_t[]){3, 10}, zeros), *lin_w = make(be, 2, (int64_t[]){5, 9}, zeros);
-    tensor *q = make(be, 3, (int64_t[]){1, 4, 10}, zeros), *k3 = make(be, 3, (int64_t[]){1, 4, 12}, zeros);
+    tensor *lin_x = make(be, 2, (int64_t[]){3, 10}, zeros);
+    tensor *lin_w = make(be, 2, (int64_t[]){5, 9}, zeros);
+    tensor *q = make(be, 3, (int64_t[]){1, 4, 10}, zeros);
+    tensor *k3 = make(be, 3, (int64_t[]){1, 4, 12}, zeros);
 
     expect_error(be->conv2d(be, x7, w4, b8, 1, 1), SDX4_ERR_INVALID_ARGUMENT,
                  "conv2d: input has 7 channels, weight expects 4");
     expect_error(be->conv2d(be, x4, w4, b5, 1, 1), SDX4_ERR_INVALID_ARGUMENT, "conv2d: bias has 5");
     expect_error(be->conv2d(be, x4, w4, NULL, 0, 1), SDX4_ERR_INVALID_ARGUMENT, "conv2d: stride 0");
     tensor *w_big = make(be, 4, (int64_t[]){1, 4, 7, 7}, zeros);
-    expect_error(be->conv2d(be, x4, w_big, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT, "smaller than kernel");
-    expect_error(be->conv2d(be, lin_x, w4, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT, "expected 4 dimensions");
-    expect_error(be->conv2d(be, NULL, w4, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT, "input is missing");
+    expect_error(be->conv2d(be, x4, w_big, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT,
+                 "smaller than kernel");
+    expect_error(be->conv2d(be, lin_x, w4, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT,
+                 "expected 4 dimensions");
+    expect_error(be->conv2d(be, NULL, w4, NULL, 1, 1), SDX4_ERR_INVALID_ARGUMENT,
+                 "input is missing");
     expect_error(be->linear(be, lin_x, lin_w, NULL), SDX4_ERR_INVALID_ARGUMENT,
                  "linear: input [3,10] has 10 features, weight [5,9] expects 9");
     expect_error(be->concat_channels(be, x4, x4h5), SDX4_ERR_INVALID_ARGUMENT, "concat_channels");
-    expect_error(be->attention(be, q, q, q, 3, 0), SDX4_ERR_INVALID_ARGUMENT, "do not split into 3 heads");
+    expect_error(be->attention(be, q, q, q, 3, 0), SDX4_ERR_INVALID_ARGUMENT,
+                 "do not split into 3 heads");
     expect_error(be->attention(be, q, k3, k3, 2, 0), SDX4_ERR_INVALID_ARGUMENT, "do not match");
     expect_error(be->group_norm(be, x7, 2, b8, b8, 1e-5f, ACT_NONE), SDX4_ERR_INVALID_ARGUMENT,
                  "7 channels do not split into 2 groups");
     expect_error(be->group_norm(be, x4, 2, b8, b8, 1e-5f, ACT_NONE), SDX4_ERR_INVALID_ARGUMENT,
                  "gamma has 8");
     expect_error(be->layer_norm(be, lin_x, b8, b8, 1e-5f), SDX4_ERR_INVALID_ARGUMENT, "layer_norm");
-    expect_error(be->activate(be, x4, (activation)42), SDX4_ERR_INVALID_ARGUMENT, "unknown activation");
+    expect_error(be->activate(be, x4, (activation)42), SDX4_ERR_INVALID_ARGUMENT,
+                 "unknown activation");
     tensor *odd = make(be, 1, (int64_t[]){5}, zeros);
     expect_error(be->geglu(be, odd), SDX4_ERR_INVALID_ARGUMENT, "odd");
     tensor_free(odd);
     expect_error(be->tokens_to_nchw(be, q, 3, 2), SDX4_ERR_INVALID_ARGUMENT, "not 3x2");
     expect_error(be->upsample_nearest(be, x4, 0, 8), SDX4_ERR_INVALID_ARGUMENT, "size 0x8");
     int32_t bad_ids[2] = {1, 10};
-    expect_error(be->embedding(be, q, bad_ids, 2), SDX4_ERR_INVALID_ARGUMENT, "expected 2 dimensions");
+    expect_error(be->embedding(be, q, bad_ids, 2), SDX4_ERR_INVALID_ARGUMENT,
+                 "expected 2 dimensions");
     expect_error(be->embedding(be, lin_x, bad_ids, 2), SDX4_ERR_INVALID_ARGUMENT,
                  "id 10 at position 1 is outside the table of 3");
     expect_error(be->new_tensor(be, 5, (int64_t[]){1, 1, 1, 1, 1}), SDX4_ERR_INVALID_ARGUMENT,
                  "5 dimensions");
-    expect_error(be->new_tensor(be, 2, (int64_t[]){3, 0}), SDX4_ERR_INVALID_ARGUMENT, "dimension 1 is 0");
+    expect_error(be->new_tensor(be, 2, (int64_t[]){3, 0}), SDX4_ERR_INVALID_ARGUMENT,
+                 "dimension 1 is 0");
     expect_error(be->new_tensor(be, 3, (int64_t[]){1 << 20, 1 << 20, 1 << 12}), SDX4_ERR_NO_MEMORY,
                  "cannot allocate");
-    expect_error(be->weight(be, NULL, DTYPE_F32, 1, (int64_t[]){3}), SDX4_ERR_INVALID_ARGUMENT, "no data");
+    expect_error(be->weight(be, NULL, DTYPE_F32, 1, (int64_t[]){3}), SDX4_ERR_INVALID_ARGUMENT,
+                 "no data");
 
     CHECK(be->add_inplace(be, x4, x4h5, 1.0f) == -1 && strstr(sdx4_last_error(), "differ"),
           "add shape mismatch: %s", sdx4_last_error());
     CHECK(be->add_channel_bias_inplace(be, x4, lin_x) == -1 &&
-          strstr(sdx4_last_error(), "needs v [1,4]"), "channel bias mismatch: %s", sdx4_last_error());
+              strstr(sdx4_last_error(), "needs v [1,4]"),
+          "channel bias mismatch: %s", sdx4_last_error());
     CHECK(backend_cpu_create(-1) == NULL, "negative thread count");
 
     tensor_free(x7), tensor_free(w4), tensor_free(b8), tensor_free(b5), tensor_free(x4);
@@ -520,40 +548,199 @@ static void test_errors(backend *be) {
     tensor_free(w_big);
 }
 
+/* ------------------------------------------------ bounded scratch memory */
+
+/* A few outputs of a big convolution against double sums: the error must be
+ * within TOL of the sum of the products' magnitudes. */
+static void spot_check_conv(backend *be, const char *what, const tensor *x, const tensor *w,
+                            const tensor *y, int stride, int pad) {
+    float *xd = x->data, *wd = w->data, *yd = y->data;
+    int64_t C = x->shape[1], H = x->shape[2], W = x->shape[3], O = w->shape[0], k = w->shape[2];
+    int64_t Ho = y->shape[2], Wo = y->shape[3];
+    (void)be;
+    for (int i = 0; i < 6; i++) {
+        int64_t o = (int64_t)(frand(0, 1) * O), oy = (int64_t)(frand(0, 1) * Ho);
+        int64_t ox = i < 3 ? (int64_t)(frand(0, 1) * Wo) : (i - 3) * (Wo - 1) / 2; /* edges too */
+        double sum = 0, mag = 0;
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t ky = 0; ky < k; ky++)
+                for (int64_t kx = 0; kx < k; kx++) {
+                    int64_t iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+                    if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                    double p =
+                        (double)xd[(c * H + iy) * W + ix] * wd[((o * C + c) * k + ky) * k + kx];
+                    sum += p, mag += fabs(p);
+                }
+        double got = yd[(o * Ho + oy) * Wo + ox];
+        CHECK(fabs(got - sum) <= TOL * mag,
+              "%s: output [%" PRId64 ",%" PRId64 ",%" PRId64 "] is %.7g, expected %.7g", what, o,
+              oy, ox, got, sum);
+    }
+}
+
+/* Runs one big convolution on a fresh two-thread backend, so memory()'s
+ * peak is this call's, and checks the scratch beyond inputs and output. */
+static void test_conv_scratch(int64_t C, int64_t H, int64_t O, int stride, int64_t limit_mb) {
+    backend *be = backend_cpu_create(2);
+    float *x = rand_buf(C * H * H, -1, 1), *w = rand_buf(O * C * 9, -1, 1);
+    tensor *tx = make(be, 4, (int64_t[]){1, C, H, H}, x);
+    tensor *tw = make(be, 4, (int64_t[]){O, C, 3, 3}, w);
+    tensor *y = be->conv2d(be, tx, tw, NULL, stride, 1);
+    char what[96];
+    snprintf(what, sizeof what, "conv2d %" PRId64 "->%" PRId64 " 3x3 s%d at %" PRId64 "x%" PRId64,
+             C, O, stride, H, H);
+    CHECK(y != NULL, "%s: %s", what, sdx4_last_error());
+    if (y) {
+        int64_t peak;
+        be->memory(be, NULL, &peak);
+        int64_t scratch = peak - (tensor_numel(tx) + tensor_numel(tw) + tensor_numel(y)) * 4;
+        CHECK(scratch <= limit_mb << 20, "%s: %.1f MB of scratch, limit %" PRId64, what,
+              scratch / 1048576.0, limit_mb);
+        spot_check_conv(be, what, tx, tw, y, stride, 1);
+        tensor_free(y);
+    }
+    tensor_free(tx), tensor_free(tw);
+    be->destroy(be);
+    free(x), free(w);
+}
+
+/* The VAE's self-attention shape, narrowed to D = 8 to stay quick: 16384
+ * tokens attend to 16384 without a 1 GB score matrix. */
+static void test_attention_scratch(void) {
+    backend *be = backend_cpu_create(2);
+    const int64_t T = 16384, D = 8;
+    float *q = rand_buf(T * D, -1.5f, 1.5f), *k = rand_buf(T * D, -1.5f, 1.5f),
+          *v = rand_buf(T * D, -1, 1);
+    int64_t shape[3] = {1, T, D};
+    tensor *tq = make(be, 3, shape, q), *tk = make(be, 3, shape, k), *tv = make(be, 3, shape, v);
+    tensor *out = be->attention(be, tq, tk, tv, 1, 0);
+    CHECK(out != NULL, "attention 16384 tokens: %s", sdx4_last_error());
+    if (out) {
+        int64_t peak;
+        be->memory(be, NULL, &peak);
+        int64_t scratch = peak - 4 * T * D * 4;
+        CHECK(scratch <= 24 << 20, "attention 16384 tokens: %.1f MB of scratch",
+              scratch / 1048576.0);
+        const float *o = out->data;
+        double *p = dalloc(T);
+        for (int64_t i = 0; i < T; i += 4099) {
+            double max = -INFINITY, sum = 0;
+            for (int64_t j = 0; j < T; j++) {
+                double s = 0;
+                for (int64_t d = 0; d < D; d++) s += (double)q[i * D + d] * k[j * D + d];
+                p[j] = s / sqrt((double)D);
+                if (p[j] > max) max = p[j];
+            }
+            for (int64_t j = 0; j < T; j++) sum += p[j] = exp(p[j] - max);
+            for (int64_t d = 0; d < D; d++) {
+                double want = 0;
+                for (int64_t j = 0; j < T; j++) want += p[j] * v[j * D + d];
+                want /= sum;
+                CHECK(fabs(o[i * D + d] - want) <= TOL,
+                      "attention 16384 tokens: out[%" PRId64 ",%" PRId64 "] = %.7g, expected %.7g",
+                      i, d, o[i * D + d], want);
+            }
+        }
+        free(p);
+        tensor_free(out);
+    }
+    tensor_free(tq), tensor_free(tk), tensor_free(tv);
+    be->destroy(be);
+    free(q), free(k), free(v);
+}
+
+/* ------------------------------------------------------- several callers */
+
+/* One caller's work: a Winograd convolution, a causal attention and a
+ * linear layer on its own tensors; returns the three results concatenated. */
+typedef struct {
+    backend *be;
+    const float *x, *w, *qkv; /* inputs, shared read-only */
+    float *result;            /* conv [1,128,23,25], attention [1,300,64], linear [300,96] */
+} caller;
+
+#define CALLER_FLOATS (128 * 23 * 25 + 300 * 64 + 300 * 96)
+
+static void *caller_run(void *arg) {
+    caller *c = arg;
+    backend *be = c->be;
+    tensor *x = make(be, 4, (int64_t[]){1, 128, 23, 25}, c->x);
+    tensor *w = make(be, 4, (int64_t[]){128, 128, 3, 3}, c->w);
+    tensor *q = make(be, 3, (int64_t[]){1, 300, 64}, c->qkv);
+    tensor *lw = make(be, 2, (int64_t[]){96, 64}, c->w);
+    tensor *y = be->conv2d(be, x, w, NULL, 1, 1);
+    tensor *a = be->attention(be, q, q, q, 4, 1);
+    tensor *l = be->linear(be, a, lw, NULL);
+    if (y && a && l) {
+        be->download(be, y, c->result);
+        be->download(be, a, c->result + 128 * 23 * 25);
+        be->download(be, l, c->result + 128 * 23 * 25 + 300 * 64);
+    }
+    tensor_free(x), tensor_free(w), tensor_free(q), tensor_free(lw);
+    tensor_free(y), tensor_free(a), tensor_free(l);
+    return NULL;
+}
+
+/* The same work from two application threads at once gives the same bits
+ * as from one. */
+static void test_concurrent_callers(backend *be) {
+    float *x = rand_buf(128 * 23 * 25, -1, 1), *w = rand_buf(128 * 128 * 9, -1, 1);
+    float *qkv = rand_buf(300 * 64, -1, 1);
+    caller alone = {be, x, w, qkv, calloc(CALLER_FLOATS, sizeof(float))};
+    caller_run(&alone);
+    caller both[2];
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) {
+        both[i] = (caller){be, x, w, qkv, calloc(CALLER_FLOATS, sizeof(float))};
+        pthread_create(&threads[i], NULL, caller_run, &both[i]);
+    }
+    for (int i = 0; i < 2; i++) {
+        pthread_join(threads[i], NULL);
+        CHECK(memcmp(both[i].result, alone.result, CALLER_FLOATS * sizeof(float)) == 0,
+              "caller %d of 2 differs from a lone caller", i);
+        free(both[i].result);
+    }
+    free(alone.result), free(x), free(w), free(qkv);
+}
+
 /* ----------------------------------------------------------- the suite */
 
 static void test_ops(backend *be) {
     test_linear(be, 3, (int64_t[]){2, 5, 37}, 23, 1);
     test_linear(be, 1, (int64_t[]){37}, 11, 0);
-    test_linear(be, 3, (int64_t[]){3, 100, 64}, 129, 1);
+    test_linear(be, 3, (int64_t[]){3, 100, 64}, 129, 1); /* parallel, split by rows */
+    test_linear(be, 2, (int64_t[]){2, 2048}, 1283, 1);   /* parallel, split by outputs */
 
-    test_conv(be, 2, 3, 7, 9, 5, 3, 1, 1, 1);    /* odd sizes */
-    test_conv(be, 1, 4, 8, 8, 6, 3, 2, 1, 1);    /* downsampling: stride 2, padding 1 */
-    test_conv(be, 1, 3, 9, 11, 2, 3, 2, 1, 0);   /* stride 2 on odd sizes, no bias */
-    test_conv(be, 2, 5, 6, 7, 4, 1, 1, 0, 1);    /* 1x1: the direct sgemm */
-    test_conv(be, 1, 3, 5, 6, 4, 1, 2, 0, 1);    /* 1x1 with stride: im2col */
-    test_conv(be, 1, 2, 5, 5, 3, 3, 1, 0, 1);    /* no padding */
-    test_conv(be, 1, 3, 6, 9, 2, 5, 1, 2, 1);    /* 5x5 */
-    test_conv(be, 2, 6, 33, 35, 8, 3, 1, 1, 1);  /* two tiles per image */
+    test_conv(be, 2, 3, 7, 9, 5, 3, 1, 1, 1);     /* odd sizes */
+    test_conv(be, 1, 4, 8, 8, 6, 3, 2, 1, 1);     /* downsampling: stride 2, padding 1 */
+    test_conv(be, 1, 3, 9, 11, 2, 3, 2, 1, 0);    /* stride 2 on odd sizes, no bias */
+    test_conv(be, 2, 5, 6, 7, 4, 1, 1, 0, 1);     /* 1x1: the direct sgemm */
+    test_conv(be, 2, 64, 40, 41, 32, 1, 1, 0, 1); /* 1x1 split by pixels */
+    test_conv(be, 1, 256, 6, 6, 512, 1, 1, 0, 0); /* 1x1 split by output channels */
+    test_conv(be, 1, 3, 5, 6, 4, 1, 2, 0, 1);     /* 1x1 with stride: im2col */
+    test_conv(be, 1, 2, 5, 5, 3, 3, 1, 0, 1);     /* no padding */
+    test_conv(be, 1, 3, 6, 9, 2, 5, 1, 2, 1);     /* 5x5 */
+    test_conv(be, 2, 6, 33, 35, 8, 3, 1, 1, 1);   /* two tiles per image */
     test_conv(be, 1, 512, 23, 23, 8, 3, 1, 1, 1); /* tiles of 133 pixels split rows of 23 */
-    /* 3x3 stride 1 with 32+ channels: the Winograd path */
-    test_conv(be, 2, 32, 9, 11, 40, 3, 1, 1, 1);  /* odd output: clipped 2x2 blocks */
-    test_conv(be, 1, 48, 10, 13, 32, 3, 1, 0, 0); /* no padding, no bias */
-    test_conv(be, 1, 256, 30, 30, 64, 3, 1, 1, 1); /* several units per image */
-    test_conv(be, 1, 32, 3, 40, 32, 3, 1, 1, 1);  /* one tile row */
+    /* 3x3 stride 1 with 128+ channels and 128+ 2x2 tiles: the Winograd path */
+    test_conv(be, 1, 128, 23, 25, 128, 3, 1, 1, 1); /* odd output, units split tile rows */
+    test_conv(be, 1, 128, 26, 30, 136, 3, 1, 0, 0); /* no padding, no bias */
+    test_conv(be, 2, 160, 9, 31, 128, 3, 1, 1, 1);  /* one unit per image */
+    test_conv(be, 1, 128, 3, 200, 128, 3, 1, 1, 1); /* a single row of tiles */
 
-    test_attention(be, 2, 5, 7, 3, 4, 0);      /* Tq != Tk, several heads */
-    test_attention(be, 1, 77, 77, 4, 16, 1);   /* CLIP-like causal */
-    test_attention(be, 2, 9, 6, 2, 8, 1);      /* causal with Tq > Tk */
-    test_attention(be, 1, 700, 300, 2, 8, 0);  /* several query tiles */
-    test_attention(be, 1, 600, 600, 1, 40, 1); /* causal over tiles */
+    test_attention(be, 2, 5, 7, 3, 4, 0);       /* Tq != Tk, several heads */
+    test_attention(be, 1, 77, 77, 4, 16, 1);    /* CLIP-like causal */
+    test_attention(be, 2, 9, 6, 2, 8, 1);       /* causal with Tq > Tk */
+    test_attention(be, 1, 700, 300, 2, 8, 0);   /* several query tiles */
+    test_attention(be, 1, 600, 600, 1, 40, 1);  /* causal over tiles */
     test_attention(be, 1, 130, 40000, 1, 4, 0); /* long keys: small tiles */
 
     test_group_norm(be, 4, (int64_t[]){2, 6, 5, 7}, 3, 0, ACT_NONE);
     test_group_norm(be, 4, (int64_t[]){2, 6, 5, 7}, 3, 0, ACT_SILU);
     test_group_norm(be, 4, (int64_t[]){1, 8, 3, 3}, 8, 0, ACT_GELU);
     test_group_norm(be, 3, (int64_t[]){2, 8, 10}, 4, 0, ACT_QUICK_GELU);
-    test_group_norm(be, 4, (int64_t[]){1, 4, 256, 256}, 2, 100, ACT_NONE); /* big, off-centre groups */
+    test_group_norm(be, 4, (int64_t[]){1, 4, 256, 256}, 2, 100,
+                    ACT_NONE); /* big, off-centre groups */
     test_layer_norm(be, 3, 33, 0);
     test_layer_norm(be, 77, 1024, 50);
 
@@ -599,9 +786,12 @@ int main(void) {
     if (!be) return test_finish("test_backend_cpu");
     CHECK(strcmp(be->name, "cpu") == 0, "name %s", be->name);
 
+    int omp_default = omp_get_max_threads();
     test_ops(be);
+    CHECK(omp_get_max_threads() == omp_default, "the backend changed this thread's OpenMP default");
     test_weights_and_memory(be);
     test_errors(be);
+    test_concurrent_callers(be);
     int64_t in_use;
     be->memory(be, &in_use, NULL);
     CHECK(in_use == 0, "%" PRId64 " bytes leaked by the backend", in_use);
@@ -611,11 +801,17 @@ int main(void) {
     CHECK(one != NULL, "backend_cpu_create(1): %s", sdx4_last_error());
     if (one) {
         test_conv(one, 1, 512, 23, 23, 8, 3, 1, 1, 1);
-        test_conv(one, 1, 256, 30, 30, 64, 3, 1, 1, 1);
+        test_conv(one, 1, 128, 23, 25, 128, 3, 1, 1, 1);
         test_attention(one, 1, 600, 600, 1, 40, 1);
         test_group_norm(one, 4, (int64_t[]){2, 6, 5, 7}, 3, 0, ACT_SILU);
         one->destroy(one);
     }
+
+    /* the brief's bound: tens of MB of scratch even for 768 channels at
+     * 128x128 (im2col) or 64x64 (Winograd), and for 16384-token attention */
+    test_conv_scratch(768, 128, 128, 2, 24);
+    test_conv_scratch(768, 64, 384, 1, 48);
+    test_attention_scratch();
 
     print_speed(be);
     be->destroy(be);

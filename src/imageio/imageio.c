@@ -14,7 +14,8 @@
  *   white -> first 3 bands -> [EXIF orientation 2..8: to memory, autorot]
  *
  * Rotation needs random access, so only oriented images pay for the extra
- * copy. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
+ * copy. Embedded ICC profiles of RGB images are not applied: PIL, which
+ * gives diffusers its pixels, does not apply them either. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
  * decoded, so a file whose header lies about its size costs nothing.
  *
  * Errors and quiet. libvips reports into one process-wide error buffer and
@@ -135,6 +136,7 @@ static int lock_vips(char *err, size_t errlen) {
         put_err(err, errlen, "imageio: imageio_init() has not been called");
         return -1;
     }
+    vips_error_clear();
     pthread_mutex_lock(&warning_lock);
     last_warning[0] = 0;
     pthread_mutex_unlock(&warning_lock);
@@ -425,9 +427,10 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
     int rc = -1;
     if (src) {
         src->Type = VIPS_INTERPRETATION_sRGB;
-        /* No metadata is written ("strip"): equal pixels give equal files.
-         * JPEG keeps libvips' default chroma subsampling: 4:2:0 below
-         * quality 90, none (4:4:4) from 90 up. */
+        /* No metadata is written ("strip"; libvips 8.14's WebP saver
+         * still adds a small EXIF block of resolution tags): equal pixels
+         * give equal files. JPEG keeps libvips' default chroma
+         * subsampling: 4:2:0 below quality 90, none (4:4:4) from 90 up. */
         switch (format) {
         case IMAGE_PNG:
             rc = vips_pngsave_buffer(src, &buf, &len, "compression", PNG_COMPRESSION,

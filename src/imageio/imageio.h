@@ -8,8 +8,16 @@
  * flattened onto white (transparent areas read as white paper), palette,
  * grey, 16-bit and CMYK converted, and the EXIF orientation applied.
  *
- * All functions are thread-safe. Errors: a return of -1 and a message in
- * the caller's buffer `err` (at most errlen bytes, always terminated).
+ * Images over 16384 x 16384 pixels (2^28) are refused by imageio_decode()
+ * and imageio_encode() before any pixel is touched. Files are read whole,
+ * up to 256 MiB.
+ *
+ * All functions are thread-safe: calls that use libvips are serialised by
+ * one internal lock (libvips keeps one process-wide error buffer), and
+ * libvips runs one worker thread, leaving the cores to the engine. Nothing
+ * is printed: libvips' warnings are swallowed. Errors: a return of -1 and
+ * a message in the caller's buffer `err` (at most errlen bytes, always
+ * terminated).
  */
 #ifndef SDX4_IMAGEIO_H
 #define SDX4_IMAGEIO_H
@@ -35,7 +43,9 @@ image_format imageio_format_from_name(const char *name_or_path);
 const char *imageio_mime_type(image_format f);
 
 /* Reads format and size from the header only (after EXIF orientation:
- * width and height are those of the decoded image). */
+ * width and height are those of the decoded image). format, width and
+ * height may be NULL. libpng reads a PNG's chunks up to the first IDAT, so
+ * a PNG cut off before its pixel data fails here. */
 int imageio_probe(const void *data, size_t len, image_format *format,
                   int *width, int *height, char *err, size_t errlen);
 
@@ -45,8 +55,10 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
 int imageio_read_file(const char *path, sdx4_image *out, char *err,
                       size_t errlen);
 
-/* Encodes RGB8. quality 1..100 for JPEG/WebP (0 = default 90). *out is
- * malloc'd (free with free()). */
+/* Encodes RGB8. quality 1..100 for JPEG/WebP (0 = default 90); PNG uses
+ * zlib level 6 and ignores it. JPEG keeps libvips' chroma subsampling:
+ * 4:2:0 below quality 90, none from 90 up. The same pixels always give the
+ * same bytes (no timestamps). *out is malloc'd (free with free()). */
 int imageio_encode(const sdx4_image *img, image_format format, int quality,
                    void **out, size_t *out_len, char *err, size_t errlen);
 /* Writes by the path's extension (.png, .jpg/.jpeg, .webp). */

@@ -8,7 +8,7 @@
  * up to a few hundred queries of one (batch, head):
  *
  *   scores[rows, Tk] = (Q_tile @ K^T) / sqrt(D)        one sgemm
- *   scores = exp(scores - row max), row sums in double
+ *   scores = exp(scores - row max), row sums (float, in vector lanes)
  *   out_tile = (scores @ V) / row sum                  one sgemm
  *
  * (normalising the [rows, D] output instead of the [rows, Tk] weights saves
@@ -23,10 +23,12 @@
 #include <limits.h>
 #include <math.h>
 #include <omp.h>
+#include <string.h>
 
 #include <cblas.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "backend/cpu/cpu_math.h"
 #include "core/error.h"
 
 /* Scratch per thread for one tile of scores. */
@@ -61,21 +63,27 @@ static void attend_tile(const attn_shape *a, const float *q, const float *k, con
     int64_t ld = a->heads * a->D;
     /* causal: the last query of the tile sees keys 0..q0+rows-1 */
     int64_t keys = a->causal && q0 + rows < a->Tk ? q0 + rows : a->Tk;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)keys, (int)a->D,
-                a->scale, q + q0 * ld, (int)ld, k, (int)ld, 0.0f, scores, (int)keys);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)keys, (int)a->D, a->scale,
+                q + q0 * ld, (int)ld, k, (int)ld, 0.0f, scores, (int)keys);
     float inv_sum[MAX_QUERY_TILE];
     for (int64_t r = 0; r < rows; r++) {
         float *s = scores + r * keys;
         int64_t visible = a->causal && q0 + r + 1 < keys ? q0 + r + 1 : keys;
-        float max = s[0];
-        for (int64_t j = 1; j < visible; j++) max = s[j] > max ? s[j] : max;
-        double sum = 0;
-        for (int64_t j = 0; j < visible; j++) {
-            s[j] = expf(s[j] - max);
-            sum += s[j];
+        /* lanes past the row read -inf: they leave the max alone and their
+         * e^-87 vanishes in a sum that is at least 1 */
+        v4f lanes = v4_splat(-INFINITY);
+        for (int64_t j = 0; j < visible; j += 4)
+            lanes = v4_maxv(lanes, v4_load_fill(s + j, visible - j, -INFINITY));
+        float max = v4_max(lanes);
+        v4f sums = v4_splat(0.0f);
+        for (int64_t j = 0; j < visible; j += 4) {
+            v4f e = cpu_exp4(v4_load_fill(s + j, visible - j, -INFINITY) - max);
+            v4_store(s + j, e, visible - j);
+            sums += e;
         }
-        for (int64_t j = visible; j < keys; j++) s[j] = 0.0f;
-        inv_sum[r] = (float)(1.0 / sum);
+        float sum = v4_sum(sums);
+        memset(s + visible, 0, (size_t)(keys - visible) * sizeof(float));
+        inv_sum[r] = 1.0f / sum;
     }
     float *o = out + q0 * ld;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)a->D, (int)keys, 1.0f,
@@ -84,22 +92,22 @@ static void attend_tile(const attn_shape *a, const float *q, const float *k, con
         for (int64_t d = 0; d < a->D; d++) o[r * ld + d] *= inv_sum[r];
 }
 
-tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v,
-                      int heads, int causal) {
+tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
+                      int causal) {
     if (cpu_check("attention", "q", q, 3) || cpu_check("attention", "k", k, 3) ||
         cpu_check("attention", "v", v, 3))
         return NULL;
     char qs[CPU_SHAPE_STR_SIZE], ks[CPU_SHAPE_STR_SIZE], vs[CPU_SHAPE_STR_SIZE];
-    if (k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2] ||
-        v->shape[0] != k->shape[0] || v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2]) {
+    if (k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2] || v->shape[0] != k->shape[0] ||
+        v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2]) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: shapes q %s, k %s, v %s do not match",
                   cpu_shape_str(q, qs, sizeof qs), cpu_shape_str(k, ks, sizeof ks),
                   cpu_shape_str(v, vs, sizeof vs));
         return NULL;
     }
     if (heads < 1 || q->shape[2] % heads) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: %" PRId64 " channels do not split into %d heads",
-                  q->shape[2], heads);
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "attention: %" PRId64 " channels do not split into %d heads", q->shape[2], heads);
         return NULL;
     }
     if (q->shape[1] > INT_MAX || k->shape[1] > INT_MAX || q->shape[2] > INT_MAX) {
@@ -107,8 +115,12 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
                   cpu_shape_str(q, qs, sizeof qs));
         return NULL;
     }
-    attn_shape a = {.B = q->shape[0], .Tq = q->shape[1], .Tk = k->shape[1], .heads = heads,
-                    .D = q->shape[2] / heads, .causal = causal};
+    attn_shape a = {.B = q->shape[0],
+                    .Tq = q->shape[1],
+                    .Tk = k->shape[1],
+                    .heads = heads,
+                    .D = q->shape[2] / heads,
+                    .causal = causal};
     a.scale = (float)(1.0 / sqrt((double)a.D));
 
     tensor *out = cpu_new_tensor(be, 3, q->shape);
@@ -127,6 +139,7 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
     float *od = out->data;
 #pragma omp parallel num_threads(threads)
     {
+        cpu_blas_one_thread();
         float *scores = scratch + (size_t)omp_get_thread_num() * scratch_floats;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; u++) {

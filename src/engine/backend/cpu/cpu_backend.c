@@ -4,10 +4,12 @@
  *
  * This file builds the operation table of backend.h and holds what every
  * kernel needs: tensor and scratch allocation (64-byte aligned, counted in
- * two atomic counters so memory() can report use and peak from any
- * thread), weights (aligned float32 file data is used in place, other
- * types are converted once), argument checks, and the two operations that
- * are one call each: linear (a single sgemm over all rows) and embedding.
+ * two atomic counters so memory() can report use and peak from any thread;
+ * large freed blocks are kept for reuse, see aligned_bytes), weights
+ * (aligned float32 file data is used in place, other types are converted
+ * once), argument checks, the parallel matrix product, and the two
+ * operations that are one call each: linear (one product over all rows)
+ * and embedding.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -31,15 +33,54 @@ static void count_bytes(backend *be, int64_t delta) {
     }
 }
 
+/* Large blocks are kept after they are freed and handed to the next request
+ * of exactly the same size: a fresh block from the system costs a page fault
+ * per 4 KB on first touch (as much as the pass over the data that follows),
+ * and a denoising loop asks for the same sizes every step. Smaller blocks
+ * come from malloc's free lists, which already reuse them. */
+#define REUSE_MIN_BYTES ((size_t)1 << 20)
+
 static void *aligned_bytes(backend *be, size_t bytes) {
+    cpu_backend *cb = (cpu_backend *)be;
     void *p = NULL;
+    if (bytes >= REUSE_MIN_BYTES) {
+        pthread_mutex_lock(&cb->spare_lock);
+        for (int i = cb->spare_count - 1; i >= 0 && !p; i--) { /* newest first */
+            if (cb->spare[i].bytes != bytes) continue;
+            p = cb->spare[i].data;
+            cb->spare_bytes -= bytes;
+            memmove(cb->spare + i, cb->spare + i + 1,
+                    (size_t)(--cb->spare_count - i) * sizeof cb->spare[0]);
+        }
+        pthread_mutex_unlock(&cb->spare_lock);
+    }
     /* posix_memalign(0) may return NULL legitimately; never ask for 0 */
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+    if (!p && posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
         set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate %zu bytes", bytes);
         return NULL;
     }
     count_bytes(be, (int64_t)bytes);
     return p;
+}
+
+static void release_bytes(backend *be, void *p, size_t bytes) {
+    cpu_backend *cb = (cpu_backend *)be;
+    count_bytes(be, -(int64_t)bytes);
+    if (bytes >= REUSE_MIN_BYTES && bytes <= CPU_SPARE_MAX_BYTES) {
+        pthread_mutex_lock(&cb->spare_lock);
+        /* make room by dropping the oldest spares */
+        while (cb->spare_count && (cb->spare_count == CPU_SPARE_SLOTS ||
+                                   cb->spare_bytes + bytes > CPU_SPARE_MAX_BYTES)) {
+            free(cb->spare[0].data);
+            cb->spare_bytes -= cb->spare[0].bytes;
+            memmove(cb->spare, cb->spare + 1, (size_t)--cb->spare_count * sizeof cb->spare[0]);
+        }
+        cb->spare[cb->spare_count++] = (cpu_spare){p, bytes};
+        cb->spare_bytes += bytes;
+        pthread_mutex_unlock(&cb->spare_lock);
+        return;
+    }
+    free(p);
 }
 
 float *cpu_scratch_alloc(backend *be, size_t floats) {
@@ -51,9 +92,7 @@ float *cpu_scratch_alloc(backend *be, size_t floats) {
 }
 
 void cpu_scratch_free(backend *be, float *p, size_t floats) {
-    if (!p) return;
-    free(p);
-    count_bytes(be, -(int64_t)(floats * sizeof(float)));
+    if (p) release_bytes(be, p, floats * sizeof(float));
 }
 
 /* Validates a shape and returns its element count, or -1 with the error set. */
@@ -106,10 +145,7 @@ tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
 
 static void cpu_free_tensor(backend *be, tensor *t) {
     if (!t) return;
-    if (t->owns_data) {
-        free(t->data);
-        count_bytes(be, -(int64_t)(tensor_numel(t) * (int64_t)sizeof(float)));
-    }
+    if (t->owns_data) release_bytes(be, t->data, (size_t)tensor_numel(t) * sizeof(float));
     free(t);
 }
 
@@ -175,8 +211,7 @@ const char *cpu_shape_str(const tensor *t, char *buf, size_t size) {
     size_t used = 0;
     buf[0] = 0;
     for (int i = 0; i < t->ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64,
-                                 i ? "," : "[", t->shape[i]);
+        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64, i ? "," : "[", t->shape[i]);
     if (used < size) snprintf(buf + used, size - used, "]");
     return buf;
 }
@@ -187,30 +222,52 @@ int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
         return -1;
     }
     if (t->type != DTYPE_F32) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32",
-                  op, what, dtype_name(t->type));
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32", op,
+                  what, dtype_name(t->type));
         return -1;
     }
     if (ndim && t->ndim != ndim) {
         char s[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions",
-                  op, what, cpu_shape_str(t, s, sizeof s), ndim);
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions", op,
+                  what, cpu_shape_str(t, s, sizeof s), ndim);
         return -1;
     }
     return 0;
 }
 
-void cpu_enter(backend *be) {
-    int threads = cpu_threads(be);
-    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+/* ------------------------------------------------------------------ gemm */
+
+/* Products smaller than this run on the calling thread alone. */
+#define PARALLEL_GEMM_FLOPS (1 << 22)
+
+void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc) {
+    int parts = 2 * M * N * K < PARALLEL_GEMM_FLOPS ? 1 : cpu_threads(be);
+    int split_rows = M >= N;
+    int64_t len = split_rows ? M : N;
+    if (parts > len) parts = (int)len;
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+        cpu_blas_one_thread();
+#pragma omp for schedule(static)
+        for (int part = 0; part < parts; part++) {
+            int64_t lo = len * part / parts, n = len * (part + 1) / parts - lo;
+            /* rows of A and C, or columns of C and of op(B) */
+            const float *a = split_rows ? A + lo * lda : A;
+            const float *b = split_rows ? B : trans_b ? B + lo * ldb : B + lo;
+            float *c = split_rows ? C + lo * ldc : C + lo;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                        (int)(split_rows ? n : M), (int)(split_rows ? N : n), (int)K, 1.0f, a,
+                        (int)lda, b, (int)ldb, 0.0f, c, (int)ldc);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- linear */
 
-/* y[M, N] = x[M, K] @ w[N, K]^T + bias: one sgemm over all rows, then the
- * bias while the rows are still in cache of the thread that adds it. */
-static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w,
-                          const tensor *bias) {
+/* y[M, N] = x[M, K] @ w[N, K]^T + bias: one product over all rows, then
+ * the bias. */
+static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
     if (cpu_check("linear", "input", x, 0) || cpu_check("linear", "weight", w, 2)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
     if (w->shape[1] != K) {
@@ -237,9 +294,7 @@ static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w,
     shape[x->ndim - 1] = N;
     tensor *y = cpu_new_tensor(be, x->ndim, shape);
     if (!y) return NULL;
-    cpu_enter(be);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f,
-                x->data, (int)K, w->data, (int)K, 0.0f, y->data, (int)N);
+    cpu_gemm(be, 1, M, N, K, x->data, K, w->data, K, y->data, N);
     if (bias) {
         float *out = y->data;
         const float *b = bias->data;
@@ -277,7 +332,12 @@ static tensor *cpu_embedding(backend *be, const tensor *table, const int32_t *id
 
 /* ------------------------------------------------------------- lifetime */
 
-static void cpu_destroy(backend *be) { free(be); }
+static void cpu_destroy(backend *be) {
+    cpu_backend *cb = (cpu_backend *)be;
+    for (int i = 0; i < cb->spare_count; i++) free(cb->spare[i].data);
+    pthread_mutex_destroy(&cb->spare_lock);
+    free(cb);
+}
 
 backend *backend_cpu_create(int threads) {
     if (threads < 0) {
@@ -292,9 +352,13 @@ backend *backend_cpu_create(int threads) {
     cb->threads = threads ? threads : omp_get_num_procs();
     atomic_init(&cb->in_use, 0);
     atomic_init(&cb->peak, 0);
-    openblas_set_num_threads(cb->threads);
-    snprintf(cb->description, sizeof cb->description, "CPU, %d threads, OpenBLAS %s",
-             cb->threads, openblas_get_corename());
+    if (pthread_mutex_init(&cb->spare_lock, NULL) != 0) {
+        free(cb);
+        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot create a lock");
+        return NULL;
+    }
+    snprintf(cb->description, sizeof cb->description, "CPU, %d threads, OpenBLAS %s", cb->threads,
+             openblas_get_corename());
 
     backend *be = &cb->base;
     be->name = "cpu";

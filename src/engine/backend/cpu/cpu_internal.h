@@ -5,39 +5,62 @@
  * weights, linear and embedding; cpu_conv.c, cpu_attention.c,
  * cpu_norm_act.c and cpu_layout.c hold the other kernels. They all use the
  * helpers below to allocate tensors and scratch (counted by memory()), to
- * check arguments with the same wording, and to set the thread count.
+ * check arguments with the same wording, and to multiply matrices.
  *
  * Threads: every kernel parallelises its own loops with
- * `num_threads(cpu_threads(be))`. OpenBLAS (OpenMP build) takes its thread
- * count from the calling thread's OpenMP setting, and runs single-threaded
- * when called inside a parallel region; kernels that call one big sgemm
- * from the caller's thread call cpu_enter() first, kernels that split work
- * into many small sgemms call them from inside their parallel loop.
+ * `num_threads(cpu_threads(be))` and calls sgemm on its share of the work
+ * from inside the parallel region, single-threaded (cpu_gemm does this for
+ * one big product). The OpenMP build of OpenBLAS takes its thread count
+ * from the calling task's OpenMP setting and would start a nested team
+ * from a region of one thread, so such regions begin with
+ * cpu_blas_one_thread(); and since OpenBLAS never runs its own teams, two
+ * application threads may run products at once without sharing its
+ * per-thread buffers.
  */
 #ifndef SDX4_CPU_INTERNAL_H
 #define SDX4_CPU_INTERNAL_H
 
+#include <omp.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "backend/backend.h"
 
+/* Freed blocks kept for reuse (cpu_backend.c): at most this many, and this
+ * many bytes. They are not counted in memory()'s figures. */
+#define CPU_SPARE_SLOTS 64
+#define CPU_SPARE_MAX_BYTES ((size_t)512 << 20)
+
 typedef struct {
-    backend base;            /* first member: a backend* is a cpu_backend* */
-    int threads;             /* OpenMP team size and OpenBLAS threads */
-    _Atomic int64_t in_use;  /* bytes of tensor data and scratch owned now */
-    _Atomic int64_t peak;    /* most bytes ever owned at once */
+    void *data;
+    size_t bytes;
+} cpu_spare;
+
+typedef struct {
+    backend base;           /* first member: a backend* is a cpu_backend* */
+    int threads;            /* OpenMP team size of every kernel */
+    _Atomic int64_t in_use; /* bytes of tensor data and scratch owned now */
+    _Atomic int64_t peak;   /* most bytes ever owned at once */
     char description[160];
+    pthread_mutex_t spare_lock;       /* guards the three fields below */
+    cpu_spare spare[CPU_SPARE_SLOTS]; /* oldest first */
+    int spare_count;
+    size_t spare_bytes;
 } cpu_backend;
 
-static inline int cpu_threads(const backend *be) {
-    return ((const cpu_backend *)be)->threads;
-}
+static inline int cpu_threads(const backend *be) { return ((const cpu_backend *)be)->threads; }
 
-/* Makes OpenBLAS calls from this (non-OpenMP) thread use the backend's
- * thread count. */
-void cpu_enter(backend *be);
+/* First statement of a parallel region that calls sgemm (see above); the
+ * setting is the region's own and ends with it. */
+static inline void cpu_blas_one_thread(void) { omp_set_num_threads(1); }
+
+/* C[M, N] = A[M, K] @ B where B is [K, N], or [N, K] used transposed when
+ * trans_b; leading dimensions as in BLAS. Split along M or N over the
+ * backend's threads, one single-threaded sgemm each. */
+void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc);
 
 /* 64-byte aligned scratch counted by memory(); NULL with the error set. */
 float *cpu_scratch_alloc(backend *be, size_t floats);
@@ -54,15 +77,14 @@ const char *cpu_shape_str(const tensor *t, char *buf, size_t size);
 #define CPU_SHAPE_STR_SIZE 96
 
 /* Kernels of the other files, with the signatures of backend.h. */
-tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w,
-                   const tensor *bias, int stride, int padding);
-tensor *cpu_attention(backend *be, const tensor *q, const tensor *k,
-                      const tensor *v, int heads, int causal);
-tensor *cpu_group_norm(backend *be, const tensor *x, int groups,
-                       const tensor *gamma, const tensor *beta, float eps,
-                       activation act);
-tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma,
-                       const tensor *beta, float eps);
+tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+                   int padding);
+tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
+                      int causal);
+tensor *cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+                       const tensor *beta, float eps, activation act);
+tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
+                       float eps);
 tensor *cpu_activate(backend *be, const tensor *x, activation act);
 tensor *cpu_geglu(backend *be, const tensor *x);
 int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);

@@ -20,8 +20,7 @@ tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
         return NULL;
     if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3]) {
         char as[CPU_SHAPE_STR_SIZE], bs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "concat_channels: %s and %s differ in batch or size",
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "concat_channels: %s and %s differ in batch or size",
                   cpu_shape_str(a, as, sizeof as), cpu_shape_str(b, bs, sizeof bs));
         return NULL;
     }
@@ -113,8 +112,8 @@ tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
     if (h < 1 || w < 1 || (int64_t)h * w != S) {
         char xs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "tokens_to_nchw: %s has %" PRId64
-                  " tokens, not %dx%d", cpu_shape_str(x, xs, sizeof xs), S, h, w);
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "tokens_to_nchw: %s has %" PRId64 " tokens, not %dx%d",
+                  cpu_shape_str(x, xs, sizeof xs), S, h, w);
         return NULL;
     }
     tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
