@@ -7,25 +7,35 @@
  * argv[0] = "serve". The image library is initialised once here, before
  * any command runs, and shut down after it returns, so that no command
  * has to care and every exit path of a command goes through the shutdown.
+ *
+ * A build without libvips (SDX4_NO_IMAGEIO: a GPU machine with only the
+ * engine's dependencies) keeps the commands that need no image files:
+ * info, make-model and bench.
  */
 #include <stdio.h>
 #include <string.h>
 
 #include "cli.h"
-#include "imageio.h"
 #include "sdx4.h"
+#ifndef SDX4_NO_IMAGEIO
+#include "imageio.h"
 #include "serve.h"
+#endif
 
 static const struct {
     const char *name;
     int (*run)(int argc, char **argv);
     const char *summary;
 } commands[] = {
+#ifndef SDX4_NO_IMAGEIO
     {"upscale", cmd_upscale, "upscale an image 4x (PNG, JPEG or WebP)"},
+#endif
     {"info", cmd_info, "describe a model folder"},
     {"make-model", cmd_make_model, "write a model with random weights"},
     {"bench", cmd_bench, "time the parts of the pipeline (one JSON line)"},
+#ifndef SDX4_NO_IMAGEIO
     {"serve", serve_main, "run the HTTP service"},
+#endif
 };
 
 static void print_help(FILE *out) {
@@ -63,11 +73,15 @@ int main(int argc, char **argv) {
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(name, commands[i].name)) continue;
+#ifdef SDX4_NO_IMAGEIO
+        return commands[i].run(argc - 1, argv + 1);
+#else
         if (imageio_init(argv[0]) != 0)
             return cli_fail("cannot initialise the image library (libvips)");
         int status = commands[i].run(argc - 1, argv + 1);
         imageio_shutdown();
         return status;
+#endif
     }
     fprintf(stderr,
             name[0] == '-' ? "sdx4: unknown option '%s'\n"

@@ -111,6 +111,16 @@ struct backend {
     tensor *(*embedding)(backend *be, const tensor *table, const int32_t *ids,
                          int n);
 
+    /* --- precision ---------------------------------------------------- */
+    /* Optional (NULL: activations are always F32). A backend that keeps
+     * activations in half precision (CUDA in fp16 mode) makes the tensors
+     * that this thread creates from now on, and everything derived from
+     * them, of type `t` (DTYPE_F32 or DTYPE_F16), and returns the previous
+     * setting. The pipeline asks for F32 around the VAE decode, which
+     * overflows in fp16 (diffusers upcasts it too). Per thread, so
+     * concurrent upscales on one engine do not disturb each other. */
+    dtype (*set_activation_type)(backend *be, dtype t);
+
     /* --- lifetime ----------------------------------------------------- */
     /* Bytes of device memory in use now and at most (0 if unknown). */
     void (*memory)(backend *be, int64_t *in_use, int64_t *peak);

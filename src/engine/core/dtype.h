@@ -76,7 +76,7 @@ static inline float bf16_to_f32(uint16_t b) {
 
 /* Convert n elements of `type` at src (any alignment) to float32. */
 static inline void dtype_to_f32(dtype type, const void *src, float *dst, size_t n) {
-    const unsigned char *p = src;
+    const unsigned char *p = (const unsigned char *)src;
     for (size_t i = 0; i < n; i++) {
         if (type == DTYPE_F32) {
             memcpy(&dst[i], p + 4 * i, 4);

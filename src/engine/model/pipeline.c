@@ -84,7 +84,7 @@ fail:
     return rc;
 }
 
-static tensor *decode(const model *m, backend *be, const float *latents, int h, int w) {
+tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
     int C = m->vae.latent_channels;
     size_t n = (size_t)C * h * w;
     float *z = malloc(n * sizeof *z);
@@ -93,10 +93,13 @@ static tensor *decode(const model *m, backend *be, const float *latents, int h, 
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
     }
+    /* vae.decode(latents / scaling_factor), in float32 (force_upcast) */
+    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_F32) : DTYPE_F32;
     for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
     TRY(x = be->new_tensor(be, 4, (int64_t[]){1, C, h, w}));
     if (be->upload(be, x, z) == 0) out = vae_decode(be, &m->vae, x);
 fail:
+    if (be->set_activation_type) be->set_activation_type(be, saved);
     free(z);
     DROP(x);
     return out;
@@ -155,7 +158,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     rep.seconds_unet = now() - t0;
 
     t0 = now();
-    TRY(image = decode(m, be, latents, a->height, a->width));
+    TRY(image = pipeline_decode(m, be, latents, a->height, a->width));
     *out = malloc(tensor_numel(image) * sizeof **out);
     if (!*out) {
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");

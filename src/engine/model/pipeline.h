@@ -42,4 +42,8 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *args, float *
 tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report);
 
+/* vae.decode(latents / scaling_factor) of host latents [C, h, w], in
+ * float32 on every backend (the VAE overflows in fp16). */
+tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h, int w);
+
 #endif

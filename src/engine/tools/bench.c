@@ -56,7 +56,8 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     double *t = calloc(repeats, sizeof *t);
     torch_rng rng;
     torch_rng_seed(&rng, 0);
-    tensor *ctx = NULL, *x = NULL, *y = NULL, *z = NULL;
+    tensor *ctx = NULL, *x = NULL, *y = NULL;
+    float *latents = NULL;
     int32_t labels[2] = {20, 20};
     sdx4_image in = {size, size, malloc((size_t)3 * size * size)}, out = {0};
     if (!t || !in.pixels) {
@@ -80,10 +81,15 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     }
     r->unet_step_ms = median(t, repeats);
 
-    TRY(z = random_tensor(be, 1, m->vae.latent_channels, size, size, &rng));
+    size_t nz = (size_t)m->vae.latent_channels * size * size;
+    if (!(latents = malloc(nz * sizeof *latents))) {
+        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+    torch_randn(&rng, latents, nz);
     for (int i = 0; i < repeats; i++) {
         double t0 = now_ms();
-        TRY(y = vae_decode(be, &m->vae, z));
+        TRY(y = pipeline_decode(m, be, latents, size, size));
         t[i] = now_ms() - t0;
         DROP(y);
     }
@@ -106,7 +112,8 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     int64_t in_use;
     be->memory(be, &in_use, &r->device_peak_bytes);
 fail:
-    DROP(ctx), DROP(x), DROP(y), DROP(z);
+    DROP(ctx), DROP(x), DROP(y);
+    free(latents);
     free(t);
     free(in.pixels);
     return error_status();

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# device-check.sh - the checks of the CUDA backend that need a GPU, in one
+# run on the device machine (issue 4).
+#
+# 1. Here, on a machine without a GPU, once (again when the golden data
+#    change):
+#        scripts/device-check.sh prepare
+#    packs into build-carry/ (ignored by git, as every build*/ folder) what
+#    the GPU machine lacks: the golden data and the full-size model
+#    configuration (reference.tar.xz, about 54 MB: ../shared does not
+#    travel) and the engine's libraries jansson, utf8proc and OpenBLAS with
+#    pkg-config, as a relocatable prefix (deps.tar.xz, about 5 MB: that
+#    machine has none of the Debian -dev packages). The checkout plus
+#    build-carry/ must stay under the device tool's 64 MiB.
+# 2. Through the device tool:
+#        run(command="scripts/device-check.sh", carry=["build-carry"],
+#            timeout_s=420)
+#    (about 5 minutes when all goes well, which leaves a session's 15
+#    minutes of device time room for a second, partial run)
+#    or name steps to redo part of it on a warm machine:
+#        scripts/device-check.sh bench
+#
+# Steps, each under its own time limit so that a hang costs one step:
+#   build   build-device/ with -DSDX4_CUDA=ON for this GPU's architecture
+#   test    test_backend_cuda: every operation against the CPU backend
+#   golden  test_models and test_pipeline on CUDA (SDX4_TEST_DEVICE=cuda),
+#           in fp32 mode (the CPU tolerances) and in fp16 mode
+#   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
+#   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
+#           steps), GPU memory sampled meanwhile
+# and, only when named: sanitize  test_backend_cuda under compute-sanitizer
+# Results go to $OUT (what the device tool brings back; build-device-out/
+# when run by hand):
+#   summary.txt     one line per step: PASS, FAIL or SKIP, seconds
+#   log.txt         everything the steps printed
+#   bench.jsonl     sdx4 bench's JSON lines
+#   gpu.txt         nvidia-smi, nvcc, cmake, what the build found
+#   gpu-memory.csv  nvidia-smi's memory.used every 200 ms during the bench
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+carry=$root/build-carry
+
+# ------------------------------------------------------------- prepare
+
+# Copies a shared library and names it by its soname.
+copy_library() {
+  local path soname
+  path=$(readlink -f "$1")
+  soname=$(objdump -p "$path" | awk '/SONAME/ {print $2}')
+  cp "$path" "$2/lib/$soname"
+  echo "$soname"
+}
+
+# A pkg-config file for a library of the prefix, relocatable by pcfiledir.
+write_pc() {
+  cat > "$1/lib/pkgconfig/$2.pc" <<EOF
+prefix=\${pcfiledir}/../..
+includedir=\${prefix}/include
+libdir=\${prefix}/lib
+Name: $2
+Description: $2, carried for sdx4's device check
+Version: $3
+Libs: -L\${libdir} -l$4
+Cflags: -I\${includedir}
+EOF
+}
+
+prepare() {
+  set -e
+  local shared=${SDX4_SHARED:-$root/../shared} tmp prefix inc so
+  mkdir -p "$carry"
+  echo "packing $shared/reference and $shared/models/x4-upscaler (about a minute)"
+  tar -C "$shared" -cf - reference models/x4-upscaler | xz -9 -T1 > "$carry/reference.tar.xz"
+
+  tmp=$(mktemp -d)
+  prefix=$tmp/sdx4-deps
+  mkdir -p "$prefix/include" "$prefix/lib/pkgconfig" "$prefix/bin"
+  inc=$(pkg-config --variable=includedir jansson)
+  cp "$inc/jansson.h" "$inc/jansson_config.h" "$prefix/include/"
+  cp "$(pkg-config --variable=includedir libutf8proc)/utf8proc.h" "$prefix/include/"
+  inc=$(pkg-config --variable=includedir openblas)
+  cp "$inc/cblas.h" "$inc/openblas_config.h" "$prefix/include/"
+  so=$(copy_library "$(pkg-config --variable=libdir jansson)/libjansson.so" "$prefix")
+  ln -s "$so" "$prefix/lib/libjansson.so"
+  so=$(copy_library "$(pkg-config --variable=libdir libutf8proc)/libutf8proc.so" "$prefix")
+  ln -s "$so" "$prefix/lib/libutf8proc.so"
+  so=$(copy_library "$(pkg-config --variable=libdir openblas)/libopenblas.so" "$prefix")
+  ln -s "$so" "$prefix/lib/libopenblas.so"
+  # OpenBLAS's Fortran runtime, and pkg-config itself
+  for lib in $(ldd "$prefix/lib/$so" | awk '/libgfortran|libquadmath/ {print $3}'); do
+    copy_library "$lib" "$prefix" >/dev/null
+  done
+  cp "$(readlink -f "$(command -v pkg-config)")" "$prefix/bin/pkg-config"
+  for lib in $(ldd "$prefix/bin/pkg-config" | awk '/libpkgconf/ {print $3}'); do
+    copy_library "$lib" "$prefix" >/dev/null
+  done
+  write_pc "$prefix" jansson "$(pkg-config --modversion jansson)" jansson
+  write_pc "$prefix" libutf8proc "$(pkg-config --modversion libutf8proc)" utf8proc
+  write_pc "$prefix" openblas "$(pkg-config --modversion openblas)" openblas
+  tar -C "$tmp" -cJf "$carry/deps.tar.xz" sdx4-deps
+  rm -rf "$tmp"
+  ls -l "$carry"
+  echo "travels: $(( ( $(du -cb "$carry"/* | tail -1 | cut -f1) + \
+$(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1) ) >> 20 )) MiB of 64"
+}
+
+if [ "${1:-}" = prepare ]; then
+  prepare
+  exit
+fi
+
+# ------------------------------------------------------ on the GPU machine
+
+out=${OUT:-$root/build-device-out}
+mkdir -p "$out"
+summary=$out/summary.txt
+exec > >(tee -a "$out/log.txt") 2>&1
+steps=${*:-build test golden model bench}
+wants() { [[ " $steps " == *" $1 "* ]]; }
+
+# step NAME SECONDS COMMAND...: runs COMMAND under a time limit and records
+# the verdict (exit 77 is a skip, as in ctest).
+step() {
+  local name=$1 limit=$2 t0=$SECONDS rc verdict
+  shift 2
+  echo "=== $name (at most ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  case $rc in
+    0) verdict=PASS ;;
+    77) verdict=SKIP ;;
+    124|137) verdict="FAIL (over ${limit}s)" ;;
+    *) verdict="FAIL (exit $rc)" ;;
+  esac
+  printf '%-22s %-22s %5ds\n' "$name" "$verdict" $((SECONDS - t0)) | tee -a "$summary"
+  return $rc
+}
+
+skip() {
+  printf '%-22s %-22s %5ds  %s\n' "$1" SKIP 0 "$2" | tee -a "$summary"
+}
+
+{
+  echo "== $(date -u +%FT%TZ)"
+  nvidia-smi || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
+  nvcc --version | tail -2 || true
+  cmake --version | head -1 || true
+} >> "$out/gpu.txt" 2>&1
+
+# unpack ARCHIVE DIR: tar's xz, else Python's (xz-utils may be missing)
+unpack() {
+  mkdir -p "$2"
+  if command -v xz >/dev/null; then
+    tar -C "$2" -xJf "$1"
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"
+  fi
+}
+
+# the golden data and the model configuration
+reference=$root/../shared/reference
+config=$root/../shared/models/x4-upscaler
+if [ -f "$carry/reference.tar.xz" ]; then
+  if [ ! -d /tmp/sdx4-ref ]; then
+    unpack "$carry/reference.tar.xz" /tmp/sdx4-ref
+  fi
+  reference=/tmp/sdx4-ref/reference
+  config=/tmp/sdx4-ref/models/x4-upscaler
+fi
+export SDX4_REFERENCE=$reference
+
+# the engine's libraries, where the machine lacks them
+cmake_extra=()
+if ! pkg-config --exists jansson libutf8proc openblas 2>/dev/null; then
+  if [ -f "$carry/deps.tar.xz" ]; then
+    [ -d /tmp/sdx4-deps ] || unpack "$carry/deps.tar.xz" /tmp
+    export LD_LIBRARY_PATH=/tmp/sdx4-deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export PKG_CONFIG_PATH=/tmp/sdx4-deps/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+    command -v pkg-config >/dev/null || cmake_extra+=(-DPKG_CONFIG_EXECUTABLE=/tmp/sdx4-deps/bin/pkg-config)
+  else
+    echo "no jansson/utf8proc/openblas here and no build-carry/deps.tar.xz: run 'prepare' first"
+  fi
+fi
+
+# cuDNN: the toolkit's, the system's, or PyTorch's pip package
+cudnn_root=
+cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+if ! ls "$cuda_home/include/cudnn.h" /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h >/dev/null 2>&1; then
+  cudnn_root=$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+fi
+if [ -n "$cudnn_root" ]; then
+  cmake_extra+=(-DCUDNN_ROOT="$cudnn_root")
+  export LD_LIBRARY_PATH=$cudnn_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+arch=${arch:-90}
+
+if wants build; then
+  step configure 120 cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release -DSDX4_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="$arch" -DSDX4_REFERENCE="$reference" "${cmake_extra[@]}"
+  grep -E "^SDX4_CUDNN|^CMAKE_CUDA_ARCHITECTURES" build-device/CMakeCache.txt >> "$out/gpu.txt" 2>&1
+  targets=(test_backend_cuda test_models test_pipeline)
+  # the CLI needs libvips; without it, model and bench are skipped
+  help=$(cmake --build build-device --target help 2>/dev/null)
+  grep -qx '\.\.\. sdx4' <<<"$help" && targets+=(sdx4)
+  step build 300 cmake --build build-device -j"$(nproc)" --target "${targets[@]}"
+fi
+
+if wants test; then
+  step test_backend_cuda 180 build-device/test_backend_cuda
+fi
+
+# not in the default list: memcheck slows the kernels tenfold or more
+if wants sanitize; then
+  step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 1 build-device/test_backend_cuda
+fi
+
+if wants golden; then
+  for mode in fp32 fp16; do
+    step "golden-$mode" 240 env SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=$mode \
+      ctest --test-dir build-device --output-on-failure -R '^(test_models|test_pipeline)$'
+  done
+fi
+
+sdx4=build-device/sdx4
+model=models/x4-fp16
+if wants model; then
+  if [ ! -x "$sdx4" ]; then
+    skip make-model "no build-device/sdx4 (the CLI needs libvips)"
+  elif [ -f "$model/unet/diffusion_pytorch_model.fp16.safetensors" ]; then
+    skip make-model "$model is there"
+  else
+    mkdir -p "$(dirname "$model")"
+    step make-model 150 "$sdx4" make-model --config "$config" "$model" --dtype fp16
+  fi
+fi
+
+if wants bench; then
+  if [ ! -x "$sdx4" ] || [ ! -d "$model" ]; then
+    skip bench "needs build-device/sdx4 and $model"
+  else
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv -lms 200 > "$out/gpu-memory.csv" 2>/dev/null &
+    sampler=$!
+    step bench-128 200 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
+      --size 128 --steps 75 --repeats 3 | tee -a $out/bench.jsonl"
+    step bench-256 200 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
+      --size 256 --steps 20 --repeats 2 | tee -a $out/bench.jsonl"
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
+    echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |
+      tee -a "$summary"
+  fi
+fi
+
+nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv >> "$out/gpu.txt" 2>&1
+echo "=== summary"
+cat "$summary"

@@ -1,0 +1,665 @@
+/*
+ * cuda_backend.cu - the CUDA backend: tensors in device memory, dense
+ * algebra through cuBLAS (and cuDNN for convolutions when the build found
+ * it), everything else in the kernels of the other files of this folder.
+ *
+ * Precision. SDX4_CUDA_DTYPE, read when the backend is created, picks one
+ * of two modes:
+ *   fp16 (default)  weights are stored as half; activations are half unless
+ *                   a thread asks for float (set_activation_type(),
+ *                   for the VAE decoder, which overflows in half). Every
+ *                   product and reduction accumulates in float; float
+ *                   activations may use TF32 tensor cores, as PyTorch's
+ *                   convolutions do by default.
+ *   fp32            weights and activations are float, and no TF32: the
+ *                   results match the CPU backend's within float rounding,
+ *                   which is how the golden tests check this backend.
+ * SDX4_CUDA_CONV=im2col makes convolutions use the im2col + GEMM path even
+ * when cuDNN is there (the fallback of builds without cuDNN), so that path
+ * can be tested on the same machine.
+ *
+ * This file holds what every operation needs and the operations that are
+ * one library call each:
+ *   - memory: a caching allocator. Activations come and go thousands of
+ *     times per UNet step, and cudaMalloc/cudaFree synchronise the device,
+ *     so freed blocks go to a free list per size class (512-byte steps up to
+ *     64 KiB, then eight classes per power of two, so at most 12.5% is
+ *     wasted) and the next request of that class takes one back. When
+ *     cudaMalloc fails, the cached blocks are returned to the driver and the
+ *     request is tried once more. Weights, allocated once, get exact
+ *     cudaMalloc blocks. memory() counts the bytes of live tensors, weights
+ *     and scratch (not the cached free blocks), like PyTorch's
+ *     memory_allocated.
+ *   - weights: uploaded once, converted on the device to the mode's type
+ *     (F16 files are copied as they are in fp16 mode).
+ *   - transfers: upload() and download() take and give host float32 and
+ *     convert on the device; download() waits for the stream, and is the
+ *     only call that does.
+ *   - linear: one cublasGemmEx; the bias is written into the output first
+ *     and the product added to it (beta = 1), so it is added in float
+ *     before the single rounding to the output type.
+ *   - embedding: the ids are copied to the device and the rows gathered.
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+/* ----------------------------------------------------------------- errors */
+
+int cuda_ok(cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return 0;
+    set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
+              what, cudaGetErrorString(e));
+    return -1;
+}
+
+int cublas_ok(cublasStatus_t s, const char *what) {
+    if (s == CUBLAS_STATUS_SUCCESS) return 0;
+    set_error(s == CUBLAS_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
+              what, cublasGetStatusString(s));
+    return -1;
+}
+
+cuda_lock::cuda_lock(const backend *be) : cb((cuda_backend *)be), ok(false) {
+    pthread_mutex_lock(&cb->lock);
+    ok = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") == 0;
+}
+
+cuda_lock::~cuda_lock() { pthread_mutex_unlock(&cb->lock); }
+
+/* ----------------------------------------------------------------- memory */
+
+static void count_bytes(cuda_backend *cb, int64_t delta) {
+    cb->in_use += delta;
+    if (cb->in_use > cb->peak) cb->peak = cb->in_use;
+}
+
+/* The free list of a request and the bytes it gets (see the top comment). */
+static int size_class(size_t bytes, size_t *rounded) {
+    if (bytes <= 65536) {
+        size_t n = bytes ? (bytes + 511) / 512 : 1;
+        *rounded = n * 512;
+        return (int)n - 1; /* 0..127 */
+    }
+    int k = 63 - __builtin_clzll((unsigned long long)(bytes - 1)); /* 2^k < bytes <= 2^(k+1) */
+    size_t step = (size_t)1 << (k - 3);
+    *rounded = (bytes + step - 1) / step * step;
+    return 128 + (k - 16) * 8 + (int)((*rounded - ((size_t)1 << k)) / step) - 1;
+}
+
+#define MAX_BLOCK_BYTES ((size_t)1 << 48) /* the last size class */
+
+/* Gives every cached block back to the driver (cudaFree waits for the
+ * device, so no kernel still reads them). */
+static void release_cache(cuda_backend *cb) {
+    for (int c = 0; c < CUDA_SIZE_CLASSES; c++) {
+        while (cb->cache[c]) {
+            cuda_block *b = cb->cache[c];
+            cb->cache[c] = b->next;
+            (void)cudaFree(b->ptr); /* a failure leaves nothing to undo */
+            free(b);
+        }
+    }
+}
+
+/* cudaMalloc, retried once after emptying the cache. */
+static int device_malloc(cuda_backend *cb, void **ptr, size_t bytes) {
+    cudaError_t e = cudaMalloc(ptr, bytes);
+    if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError(); /* clears the error: it is not sticky */
+        release_cache(cb);
+        e = cudaMalloc(ptr, bytes);
+    }
+    if (e == cudaSuccess) return 0;
+    (void)cudaGetLastError();
+    *ptr = NULL;
+    set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
+              "cuda: cannot allocate %.1f MiB of device memory: %s", (double)bytes / 1048576.0,
+              cudaGetErrorString(e));
+    return -1;
+}
+
+int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
+    b->ptr = NULL;
+    b->bytes = 0;
+    if (bytes > MAX_BLOCK_BYTES) {
+        set_error(SDX4_ERR_NO_MEMORY, "cuda: cannot allocate %zu bytes", bytes);
+        return -1;
+    }
+    size_t rounded;
+    int c = size_class(bytes, &rounded);
+    if (cb->cache[c]) {
+        cuda_block *blk = cb->cache[c];
+        cb->cache[c] = blk->next;
+        b->ptr = blk->ptr;
+        free(blk);
+    } else if (device_malloc(cb, &b->ptr, rounded)) {
+        return -1;
+    }
+    b->bytes = rounded;
+    count_bytes(cb, (int64_t)rounded);
+    return 0;
+}
+
+void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
+    if (!b->ptr) return;
+    size_t rounded;
+    int c = size_class(b->bytes, &rounded);
+    cuda_block *blk = (cuda_block *)malloc(sizeof *blk);
+    if (blk) {
+        blk->ptr = b->ptr;
+        blk->next = cb->cache[c];
+        cb->cache[c] = blk;
+    } else {
+        (void)cudaFree(b->ptr); /* no host memory for the free list: give it back */
+    }
+    count_bytes(cb, -(int64_t)b->bytes);
+    b->ptr = NULL;
+    b->bytes = 0;
+}
+
+/* ---------------------------------------------------------------- tensors */
+
+typedef struct {
+    tensor t;           /* first member: a tensor* is a cuda_tensor* */
+    cuda_buf mem;       /* activations: a block of the cache */
+    size_t weight_bytes; /* weights: an exact cudaMalloc block (else 0) */
+} cuda_tensor;
+
+/* Validates a shape and returns its element count, or -1 with the error set. */
+static int64_t shape_numel(const char *op, int ndim, const int64_t *shape) {
+    if (ndim < 1 || ndim > 4 || !shape) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %d dimensions (1 to 4 supported)", op, ndim);
+        return -1;
+    }
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 1) {
+            set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: dimension %d is %" PRId64, op, i, shape[i]);
+            return -1;
+        }
+        if (shape[i] > (INT64_MAX / 4) / n) {
+            set_error(SDX4_ERR_NO_MEMORY, "%s: tensor too large", op);
+            return -1;
+        }
+        n *= shape[i];
+    }
+    return n;
+}
+
+static cuda_tensor *tensor_header(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
+    cuda_tensor *ct = (cuda_tensor *)calloc(1, sizeof *ct);
+    if (!ct) {
+        set_error(SDX4_ERR_NO_MEMORY, "cuda backend: cannot allocate a tensor");
+        return NULL;
+    }
+    ct->t.be = &cb->base;
+    ct->t.ndim = ndim;
+    for (int i = 0; i < ndim; i++) ct->t.shape[i] = shape[i];
+    ct->t.type = type;
+    ct->t.owns_data = 1;
+    return ct;
+}
+
+tensor *cuda_tensor_new(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
+    int64_t n = shape_numel("new_tensor", ndim, shape);
+    if (n < 0) return NULL;
+    cuda_tensor *ct = tensor_header(cb, ndim, shape, type);
+    if (!ct) return NULL;
+    if (cuda_buf_alloc(cb, &ct->mem, (size_t)n * dtype_size(type))) {
+        free(ct);
+        return NULL;
+    }
+    ct->t.data = ct->mem.ptr;
+    return &ct->t;
+}
+
+void cuda_tensor_release(cuda_backend *cb, tensor *t) {
+    if (!t) return;
+    cuda_tensor *ct = (cuda_tensor *)t;
+    if (ct->weight_bytes) {
+        (void)cudaFree(t->data); /* a failure leaves nothing to undo */
+        count_bytes(cb, -(int64_t)ct->weight_bytes);
+    } else {
+        cuda_buf_free(cb, &ct->mem);
+    }
+    free(ct);
+}
+
+/* The activation type a thread chose with set_activation_type(). */
+static thread_local const cuda_backend *precision_owner;
+static thread_local dtype precision_type;
+
+dtype cuda_activation_type(const cuda_backend *cb) {
+    return precision_owner == cb ? precision_type : cb->mode;
+}
+
+static dtype cuda_set_activation_type(backend *be, dtype activations) {
+    if (!be || !be->name || strcmp(be->name, "cuda")) return DTYPE_F32;
+    const cuda_backend *cb = (const cuda_backend *)be;
+    dtype previous = cuda_activation_type(cb);
+    if (activations == DTYPE_F32 || activations == DTYPE_F16) {
+        precision_owner = cb;
+        precision_type = activations;
+    }
+    return previous;
+}
+
+static tensor *cuda_new_tensor(backend *be, int ndim, const int64_t *shape) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    return cuda_tensor_new(lock.cb, ndim, shape, cuda_activation_type(lock.cb));
+}
+
+static void cuda_free_tensor(backend *be, tensor *t) {
+    if (!t) return;
+    cuda_lock lock(be); /* host memory is freed even if the device is gone */
+    cuda_tensor_release(lock.cb, t);
+}
+
+const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf *tmp) {
+    tmp->ptr = NULL;
+    tmp->bytes = 0;
+    if (t->type == type) return t->data;
+    int64_t n = tensor_numel(t);
+    if (cuda_buf_alloc(cb, tmp, (size_t)n * dtype_size(type))) return NULL;
+    if (cuda_convert(cb, t->data, t->type, tmp->ptr, type, n)) {
+        cuda_buf_free(cb, tmp);
+        return NULL;
+    }
+    return tmp->ptr;
+}
+
+/* ---------------------------------------------------------------- weights */
+
+static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
+                           const int64_t *shape) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    int64_t n = shape_numel("weight", ndim, shape);
+    if (n < 0) return NULL;
+    if (!data) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: no data");
+        return NULL;
+    }
+    if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: unknown dtype %d", (int)type);
+        return NULL;
+    }
+    dtype stored = cb->mode;
+    size_t bytes = (size_t)n * dtype_size(stored), file_bytes = (size_t)n * dtype_size(type);
+    cuda_buf staging = {NULL, 0};
+    cuda_tensor *ct = tensor_header(cb, ndim, shape, stored);
+    if (!ct) return NULL;
+    if (device_malloc(cb, &ct->t.data, bytes)) {
+        free(ct);
+        return NULL;
+    }
+    ct->weight_bytes = bytes;
+    count_bytes(cb, (int64_t)bytes);
+    if (type == stored) {
+        if (cuda_ok(cudaMemcpyAsync(ct->t.data, data, bytes, cudaMemcpyHostToDevice, cb->stream),
+                    "weight: copy to the device"))
+            goto fail;
+    } else if (cuda_buf_alloc(cb, &staging, file_bytes) ||
+               cuda_ok(cudaMemcpyAsync(staging.ptr, data, file_bytes, cudaMemcpyHostToDevice,
+                                       cb->stream),
+                       "weight: copy to the device") ||
+               cuda_convert(cb, staging.ptr, type, ct->t.data, stored, n)) {
+        goto fail;
+    }
+    cuda_buf_free(cb, &staging);
+    return &ct->t;
+fail:
+    cuda_buf_free(cb, &staging);
+    cuda_tensor_release(cb, &ct->t);
+    return NULL;
+}
+
+/* -------------------------------------------------------------- transfers */
+
+static int cuda_upload(backend *be, tensor *dst, const float *src) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "upload", "destination", dst, 0)) return -1;
+    if (!src) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "upload: no source");
+        return -1;
+    }
+    int64_t n = tensor_numel(dst);
+    size_t bytes = (size_t)n * sizeof(float);
+    /* from pageable memory the copy returns once src is staged: the caller
+     * may reuse it at once */
+    if (dst->type == DTYPE_F32)
+        return cuda_ok(cudaMemcpyAsync(dst->data, src, bytes, cudaMemcpyHostToDevice, cb->stream),
+                       "upload");
+    cuda_buf staging;
+    if (cuda_buf_alloc(cb, &staging, bytes)) return -1;
+    int rc = cuda_ok(cudaMemcpyAsync(staging.ptr, src, bytes, cudaMemcpyHostToDevice, cb->stream),
+                     "upload") ||
+                     cuda_convert(cb, staging.ptr, DTYPE_F32, dst->data, dst->type, n)
+                 ? -1
+                 : 0;
+    cuda_buf_free(cb, &staging);
+    return rc;
+}
+
+static int cuda_download(backend *be, const tensor *src, float *dst) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "download", "source", src, 0)) return -1;
+    if (!dst) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "download: no destination");
+        return -1;
+    }
+    int64_t n = tensor_numel(src);
+    size_t bytes = (size_t)n * sizeof(float);
+    cuda_buf staging = {NULL, 0};
+    const void *from = src->data;
+    int rc = 0;
+    if (src->type != DTYPE_F32) {
+        rc = cuda_buf_alloc(cb, &staging, bytes) ||
+             cuda_convert(cb, src->data, src->type, staging.ptr, DTYPE_F32, n);
+        from = staging.ptr;
+    }
+    /* errors of earlier kernels surface here, at the first wait */
+    if (!rc)
+        rc = cuda_ok(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, cb->stream),
+                     "download") ||
+             cuda_ok(cudaStreamSynchronize(cb->stream), "download");
+    cuda_buf_free(cb, &staging);
+    return rc ? -1 : 0;
+}
+
+static void cuda_memory(backend *be, int64_t *in_use, int64_t *peak) {
+    cuda_lock lock(be); /* the counters are host-side: readable either way */
+    if (in_use) *in_use = lock.cb->in_use;
+    if (peak) *peak = lock.cb->peak;
+}
+
+/* ----------------------------------------------------------------- checks */
+
+const char *cuda_shape_str(const tensor *t, char *buf, size_t size) {
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < t->ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64, i ? "," : "[",
+                                 t->shape[i]);
+    if (used < size) snprintf(buf + used, size - used, "]");
+    return buf;
+}
+
+int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
+               int ndim) {
+    if (!t || !t->data) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is missing", op, what);
+        return -1;
+    }
+    if (t->be != &cb->base) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is a tensor of another backend (%s)", op,
+                  what, t->be && t->be->name ? t->be->name : "unknown");
+        return -1;
+    }
+    if (t->type != DTYPE_F32 && t->type != DTYPE_F16) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "%s: %s is %s, the cuda backend computes in F32 or F16", op, what,
+                  dtype_name(t->type));
+        return -1;
+    }
+    if (ndim && t->ndim != ndim) {
+        char s[CUDA_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions", op,
+                  what, cuda_shape_str(t, s, sizeof s), ndim);
+        return -1;
+    }
+    return 0;
+}
+
+/* ----------------------------------------------------------------- linear */
+
+int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
+              int n, int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
+              int ldc) {
+    cudaDataType_t t = type == DTYPE_F16 ? CUDA_R_16F : CUDA_R_32F;
+    cublasComputeType_t compute = type == DTYPE_F32 && cb->allow_tf32
+                                      ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                      : CUBLAS_COMPUTE_32F;
+    const float alpha = 1.0f;
+    return cublas_ok(cublasGemmEx(cb->cublas, ta, tb, m, n, k, &alpha, A, t, lda, B, t, ldb, &beta,
+                                  C, t, ldc, compute, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx");
+}
+
+/* y[M, N] = x[M, K] @ w[N, K]^T + bias. cuBLAS is column-major: there the
+ * row-major y is y^T [N, M] = w [K, N]^T x^T [K, M]. */
+static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2))
+        return NULL;
+    int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
+    if (w->shape[1] != K) {
+        char s[CUDA_SHAPE_STR_SIZE], t[CUDA_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "linear: input %s has %" PRId64 " features, weight %s expects %" PRId64,
+                  cuda_shape_str(x, s, sizeof s), K, cuda_shape_str(w, t, sizeof t), w->shape[1]);
+        return NULL;
+    }
+    if (bias && cuda_check(cb, "linear", "bias", bias, 0)) return NULL;
+    if (bias && tensor_numel(bias) != N) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "linear: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
+                  tensor_numel(bias), N);
+        return NULL;
+    }
+    int64_t M = tensor_numel(x) / K;
+    if (M > INT_MAX || N > INT_MAX || K > INT_MAX) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "linear: dimensions exceed the cuBLAS int range");
+        return NULL;
+    }
+    int64_t shape[4];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = N;
+    dtype type = x->type;
+    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};
+    const void *wd = NULL, *bd = NULL;
+    tensor *y = NULL;
+    if (!(wd = cuda_data_as(cb, w, type, &w_tmp)) ||
+        (bias && !(bd = cuda_data_as(cb, bias, type, &b_tmp))) ||
+        !(y = cuda_tensor_new(cb, x->ndim, shape, type)) ||
+        (bias && cuda_fill_bias(cb, y->data, bd, type, M, N, 1)) ||
+        cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, wd, (int)K, x->data,
+                  (int)K, bias ? 1.0f : 0.0f, y->data, (int)N)) {
+        error_prefix("linear");
+        cuda_tensor_release(cb, y);
+        y = NULL;
+    }
+    cuda_buf_free(cb, &w_tmp);
+    cuda_buf_free(cb, &b_tmp);
+    return y;
+}
+
+/* -------------------------------------------------------------- embedding */
+
+static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *ids, int n) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "embedding", "table", table, 2)) return NULL;
+    if (!ids || n < 1) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "embedding: %d ids", ids ? n : 0);
+        return NULL;
+    }
+    int64_t V = table->shape[0], D = table->shape[1];
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= V) {
+            set_error(SDX4_ERR_INVALID_ARGUMENT,
+                      "embedding: id %" PRId32 " at position %d is outside the table of %" PRId64,
+                      ids[i], i, V);
+            return NULL;
+        }
+    }
+    int64_t shape[2] = {n, D};
+    size_t id_bytes = (size_t)n * sizeof *ids;
+    cuda_buf device_ids;
+    tensor *out = NULL;
+    if (cuda_buf_alloc(cb, &device_ids, id_bytes)) return NULL;
+    if (cuda_ok(cudaMemcpyAsync(device_ids.ptr, ids, id_bytes, cudaMemcpyHostToDevice, cb->stream),
+                "embedding: copy the ids") ||
+        !(out = cuda_tensor_new(cb, 2, shape, cuda_activation_type(cb))) ||
+        cuda_gather_rows(cb, table->data, table->type, (const int32_t *)device_ids.ptr, n, D,
+                         out->data, out->type)) {
+        cuda_tensor_release(cb, out);
+        out = NULL;
+    }
+    cuda_buf_free(cb, &device_ids);
+    return out;
+}
+
+/* --------------------------------------------------------------- lifetime */
+
+/* Frees what create() made, in any state of completion. */
+static void teardown(cuda_backend *cb) {
+    if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
+#ifdef SDX4_HAVE_CUDNN
+    cuda_conv_plans_free(cb);
+    if (cb->cudnn) (void)cudnnDestroy(cb->cudnn);
+#endif
+    if (cb->cublas) (void)cublasDestroy(cb->cublas);
+    release_cache(cb);
+    if (cb->stream) (void)cudaStreamDestroy(cb->stream);
+    pthread_mutex_destroy(&cb->lock);
+    if (precision_owner == cb) precision_owner = NULL;
+    free(cb);
+}
+
+static void cuda_destroy(backend *be) {
+    cuda_backend *cb = (cuda_backend *)be;
+    (void)cudaSetDevice(cb->device); /* on failure the frees below fail alike */
+    teardown(cb);
+}
+
+/* The settings read from the environment (see the top comment). */
+static int read_environment(dtype *weights, int *use_cudnn) {
+    const char *mode = getenv("SDX4_CUDA_DTYPE"), *conv = getenv("SDX4_CUDA_CONV");
+    if (!mode || !*mode || !strcmp(mode, "fp16")) {
+        *weights = DTYPE_F16;
+    } else if (!strcmp(mode, "fp32")) {
+        *weights = DTYPE_F32;
+    } else {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_DTYPE=%s: expected fp16 or fp32", mode);
+        return -1;
+    }
+    if (!conv || !*conv || !strcmp(conv, "cudnn")) {
+        *use_cudnn = 1;
+    } else if (!strcmp(conv, "im2col")) {
+        *use_cudnn = 0;
+    } else {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_CONV=%s: expected cudnn or im2col", conv);
+        return -1;
+    }
+    return 0;
+}
+
+extern "C" backend *backend_cuda_create(int device_index) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        set_error(SDX4_ERR_DEVICE, "no CUDA device: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    if (count == 0) {
+        set_error(SDX4_ERR_DEVICE, "no CUDA device: the driver reports none");
+        return NULL;
+    }
+    if (device_index < 0 || device_index >= count) {
+        set_error(SDX4_ERR_DEVICE, "cuda:%d: there are %d CUDA devices", device_index, count);
+        return NULL;
+    }
+    dtype weights;
+    int use_cudnn;
+    if (read_environment(&weights, &use_cudnn)) return NULL;
+    cudaDeviceProp prop;
+    if (cuda_ok(cudaSetDevice(device_index), "cuda: cudaSetDevice") ||
+        cuda_ok(cudaGetDeviceProperties(&prop, device_index), "cuda: cudaGetDeviceProperties"))
+        return NULL;
+    if (prop.major < 8) {
+        set_error(SDX4_ERR_DEVICE, "cuda:%d (%s) has compute capability %d.%d; sdx4 needs 8.0 or newer",
+                  device_index, prop.name, prop.major, prop.minor);
+        return NULL;
+    }
+    cuda_backend *cb = (cuda_backend *)calloc(1, sizeof *cb);
+    if (!cb) {
+        set_error(SDX4_ERR_NO_MEMORY, "cuda backend: out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&cb->lock, NULL);
+    cb->device = device_index;
+    cb->mode = weights;
+    cb->allow_tf32 = weights == DTYPE_F16;
+    if (cuda_ok(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "cuda: stream") ||
+        cublas_ok(cublasCreate(&cb->cublas), "cuda: cublasCreate") ||
+        cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
+        /* float accumulation throughout, also in split-K reductions */
+        cublas_ok(cublasSetMathMode(cb->cublas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
+                                     CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+                  "cuda: cublasSetMathMode"))
+        goto fail;
+#ifdef SDX4_HAVE_CUDNN
+    cb->use_cudnn = use_cudnn;
+    {
+        cudnnStatus_t s = cudnnCreate(&cb->cudnn);
+        if (s == CUDNN_STATUS_SUCCESS) s = cudnnSetStream(cb->cudnn, cb->stream);
+        if (s != CUDNN_STATUS_SUCCESS) {
+            set_error(SDX4_ERR_DEVICE, "cuda: cudnnCreate: %s", cudnnGetErrorString(s));
+            goto fail;
+        }
+    }
+#else
+    (void)use_cudnn; /* im2col is the only path of this build */
+#endif
+    snprintf(cb->description, sizeof cb->description, "cuda:%d (%s, %d GiB, %s)", device_index,
+             prop.name, (int)((prop.totalGlobalMem + ((size_t)1 << 29)) >> 30),
+             weights == DTYPE_F16 ? "fp16" : "fp32");
+
+    {
+        backend *be = &cb->base;
+        be->name = "cuda";
+        be->description = cb->description;
+        be->new_tensor = cuda_new_tensor;
+        be->free_tensor = cuda_free_tensor;
+        be->weight = cuda_weight;
+        be->upload = cuda_upload;
+        be->download = cuda_download;
+        be->linear = cuda_linear;
+        be->conv2d = cuda_conv2d;
+        be->attention = cuda_attention;
+        be->group_norm = cuda_group_norm;
+        be->layer_norm = cuda_layer_norm;
+        be->activate = cuda_activate;
+        be->geglu = cuda_geglu;
+        be->add_inplace = cuda_add_inplace;
+        be->add_channel_bias_inplace = cuda_add_channel_bias_inplace;
+        be->scale_inplace = cuda_scale_inplace;
+        be->concat_channels = cuda_concat_channels;
+        be->upsample_nearest = cuda_upsample_nearest;
+        be->nchw_to_tokens = cuda_nchw_to_tokens;
+        be->tokens_to_nchw = cuda_tokens_to_nchw;
+        be->embedding = cuda_embedding;
+        be->memory = cuda_memory;
+        be->set_activation_type = cuda_set_activation_type;
+        be->destroy = cuda_destroy;
+        return be;
+    }
+fail:
+    teardown(cb);
+    return NULL;
+}

@@ -1,0 +1,280 @@
+/*
+ * cuda_conv.cu - torch.nn.Conv2d (NCHW, square kernel, zero padding,
+ * stride) through cuDNN, or im2col + cuBLAS where cuDNN is missing or has
+ * no algorithm for a shape.
+ *
+ * cuDNN: the first convolution of each shape (batch, channels, size,
+ * kernel, stride, padding, type) times cuDNN's algorithms on the real
+ * tensors (cudnnFindConvolutionForwardAlgorithmEx, with at most
+ * CONV_WORKSPACE_LIMIT of workspace) and keeps the fastest whose math is
+ * allowed: tensor cores for half; for float, TF32 only in fp16 mode (see
+ * cuda_backend.cu), plain FMA in fp32 mode, never a conversion to half.
+ * The plan (descriptors, algorithm, workspace size) is cached for the
+ * backend's lifetime: a model has a few dozen shapes.
+ *
+ * im2col: per image and per tile of output pixels, a kernel gathers the
+ * input under each kernel tap into col[C*k*k, P] (zero in the padding) and
+ * one GEMM writes y[O, tile] = w[O, C*k*k] @ col into the NCHW output; a
+ * 1x1 convolution with stride 1 multiplies the image directly. Tiles keep
+ * the column buffer under COL_BUDGET_BYTES.
+ *
+ * Both paths write the bias into the output first and add the convolution
+ * to it (beta = 1), so the bias is added in float before the one rounding.
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <stdlib.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+#define COL_BUDGET_BYTES ((int64_t)64 << 20)
+
+typedef struct {
+    int64_t B, C, H, W;   /* input */
+    int64_t O, Ho, Wo;    /* output channels and size */
+    int k, stride, pad;
+} conv_shape;
+
+/* ---------------------------------------------------------------- im2col */
+
+static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
+                       const void *w, const void *bias, void *y) {
+    size_t es = dtype_size(type);
+    int64_t P = s->Ho * s->Wo, ckk = s->C * s->k * s->k;
+    int direct = s->k == 1 && s->stride == 1 && s->pad == 0;
+    int64_t tile = direct ? P : COL_BUDGET_BYTES / (ckk * (int64_t)es);
+    if (tile > P) tile = P;
+    if (tile < 1) tile = 1;
+    cuda_buf col = {NULL, 0};
+    if (!direct && cuda_buf_alloc(cb, &col, (size_t)(tile * ckk) * es)) return -1;
+    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B, s->O, P) : 0;
+    for (int64_t n = 0; !rc && n < s->B; n++) {
+        const char *xn = (const char *)x + (size_t)(n * s->C * s->H * s->W) * es;
+        char *yn = (char *)y + (size_t)(n * s->O * P) * es;
+        for (int64_t p0 = 0; !rc && p0 < P; p0 += tile) {
+            int64_t rows = P - p0 < tile ? P - p0 : tile;
+            /* column-major: y[:, p0:] (rows x O, ld P) = A (rows x ckk) @ w^T-as-stored (ckk x O) */
+            const void *A = xn + (size_t)p0 * es;
+            int64_t lda = P;
+            if (!direct) {
+                rc = cuda_im2col(cb, type, xn, s->C, s->H, s->W, s->k, s->stride, s->pad, s->Wo,
+                                 p0, rows, col.ptr);
+                A = col.ptr;
+                lda = rows;
+            }
+            if (!rc)
+                rc = cuda_gemm(cb, type, CUBLAS_OP_N, CUBLAS_OP_N, (int)rows, (int)s->O, (int)ckk,
+                               A, (int)lda, w, (int)ckk, bias ? 1.0f : 0.0f,
+                               yn + (size_t)p0 * es, (int)P);
+        }
+    }
+    cuda_buf_free(cb, &col);
+    return rc;
+}
+
+/* ----------------------------------------------------------------- cuDNN */
+
+#ifdef SDX4_HAVE_CUDNN
+
+/* Workspace the algorithm search may offer: the fast algorithms for the
+ * VAE's large images need far less. */
+#define CONV_WORKSPACE_LIMIT ((size_t)256 << 20)
+#define PLAN_KEY 10
+
+struct conv_plan {
+    conv_plan *next;
+    int64_t key[PLAN_KEY];
+    cudnnTensorDescriptor_t x, y;
+    cudnnFilterDescriptor_t w;
+    cudnnConvolutionDescriptor_t conv;
+    cudnnConvolutionFwdAlgo_t algo;
+    size_t workspace;
+    int usable; /* 0: cuDNN has no algorithm for this shape, use im2col */
+};
+
+static int cudnn_ok(cudnnStatus_t s, const char *what) {
+    if (s == CUDNN_STATUS_SUCCESS) return 0;
+    set_error(s == CUDNN_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
+              "conv2d: %s: %s", what, cudnnGetErrorString(s));
+    return -1;
+}
+
+static void plan_free(conv_plan *p) {
+    if (p->x) (void)cudnnDestroyTensorDescriptor(p->x);
+    if (p->y) (void)cudnnDestroyTensorDescriptor(p->y);
+    if (p->w) (void)cudnnDestroyFilterDescriptor(p->w);
+    if (p->conv) (void)cudnnDestroyConvolutionDescriptor(p->conv);
+    free(p);
+}
+
+void cuda_conv_plans_free(cuda_backend *cb) {
+    while (cb->plans) {
+        conv_plan *p = cb->plans;
+        cb->plans = p->next;
+        plan_free(p);
+    }
+}
+
+/* The math an algorithm may use: see the top comment. */
+static int math_allowed(dtype type, int allow_tf32, cudnnMathType_t math) {
+    if (math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) return 0;
+    if (type == DTYPE_F16 || allow_tf32) return 1;
+    return math == CUDNN_FMA_MATH;
+}
+
+/* Describes the shape and times the algorithms on x, w and y (y is
+ * overwritten). NULL with the error set. */
+static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
+                            const int64_t *key, const void *x, const void *w, void *y) {
+    conv_plan *p = (conv_plan *)calloc(1, sizeof *p);
+    if (!p) {
+        set_error(SDX4_ERR_NO_MEMORY, "conv2d: out of memory");
+        return NULL;
+    }
+    memcpy(p->key, key, sizeof p->key);
+    cudnnDataType_t dt = type == DTYPE_F16 ? CUDNN_DATA_HALF : CUDNN_DATA_FLOAT;
+    cudnnMathType_t math = type == DTYPE_F16 ? CUDNN_TENSOR_OP_MATH
+                           : cb->allow_tf32  ? CUDNN_DEFAULT_MATH
+                                             : CUDNN_FMA_MATH;
+    cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+    int found = 0;
+    cuda_buf workspace = {NULL, 0};
+    cudnnStatus_t st;
+    if (cudnn_ok(cudnnCreateTensorDescriptor(&p->x), "descriptor") ||
+        cudnn_ok(cudnnCreateTensorDescriptor(&p->y), "descriptor") ||
+        cudnn_ok(cudnnCreateFilterDescriptor(&p->w), "descriptor") ||
+        cudnn_ok(cudnnCreateConvolutionDescriptor(&p->conv), "descriptor") ||
+        cudnn_ok(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, dt, (int)s->B, (int)s->C,
+                                            (int)s->H, (int)s->W),
+                 "input descriptor") ||
+        cudnn_ok(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, (int)s->B, (int)s->O,
+                                            (int)s->Ho, (int)s->Wo),
+                 "output descriptor") ||
+        cudnn_ok(cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NCHW, (int)s->O, (int)s->C,
+                                            s->k, s->k),
+                 "filter descriptor") ||
+        /* float accumulation for half data too */
+        cudnn_ok(cudnnSetConvolution2dDescriptor(p->conv, s->pad, s->pad, s->stride, s->stride,
+                                                 1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
+                 "convolution descriptor") ||
+        cudnn_ok(cudnnSetConvolutionMathType(p->conv, math), "math type"))
+        goto fail;
+    if (cuda_buf_alloc(cb, &workspace, CONV_WORKSPACE_LIMIT)) error_clear(); /* search without */
+    st = cudnnFindConvolutionForwardAlgorithmEx(
+        cb->cudnn, p->x, x, p->w, w, p->conv, p->y, y, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &found,
+        perf, workspace.ptr, workspace.bytes);
+    cuda_buf_free(cb, &workspace);
+    if (st == CUDNN_STATUS_NOT_SUPPORTED) found = 0;
+    else if (cudnn_ok(st, "cudnnFindConvolutionForwardAlgorithmEx")) goto fail;
+    for (int i = 0; i < found && !p->usable; i++) { /* sorted fastest first */
+        if (perf[i].status != CUDNN_STATUS_SUCCESS || !math_allowed(type, cb->allow_tf32, perf[i].mathType))
+            continue;
+        if (cudnn_ok(cudnnSetConvolutionMathType(p->conv, perf[i].mathType), "math type"))
+            goto fail;
+        p->algo = perf[i].algo;
+        p->workspace = perf[i].memory;
+        p->usable = 1;
+    }
+    p->next = cb->plans;
+    cb->plans = p;
+    return p;
+fail:
+    plan_free(p);
+    return NULL;
+}
+
+/* 0 done, 1 no cuDNN algorithm (use im2col), -1 error. */
+static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
+                      const void *w, const void *bias, void *y) {
+    /* cuDNN describes tensors with int dimensions and counts */
+    if (s->B * s->C * s->H * s->W > INT_MAX || s->B * s->O * s->Ho * s->Wo > INT_MAX) return 1;
+    int64_t key[PLAN_KEY] = {s->B, s->C, s->H, s->W, s->O, s->k, s->stride, s->pad, type,
+                             cb->allow_tf32};
+    conv_plan *p = cb->plans;
+    while (p && memcmp(p->key, key, sizeof key)) p = p->next;
+    if (!p && !(p = make_plan(cb, s, type, key, x, w, y))) return -1;
+    if (!p->usable) return 1;
+    cuda_buf workspace = {NULL, 0};
+    if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
+    const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
+    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B, s->O, s->Ho * s->Wo) : 0;
+    if (!rc)
+        rc = cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv,
+                                              p->algo, workspace.ptr, p->workspace, &beta, p->y, y),
+                      "cudnnConvolutionForward");
+    cuda_buf_free(cb, &workspace);
+    return rc;
+}
+
+#endif
+
+/* ------------------------------------------------------------- operation */
+
+tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+                    int padding) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "conv2d", "input", x, 4) || cuda_check(cb, "conv2d", "weight", w, 4))
+        return NULL;
+    if (bias && cuda_check(cb, "conv2d", "bias", bias, 0)) return NULL;
+    char xs[CUDA_SHAPE_STR_SIZE], ws[CUDA_SHAPE_STR_SIZE];
+    conv_shape s = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], 0, 0,
+                    (int)w->shape[2], stride, padding};
+    if (w->shape[2] != w->shape[3] || w->shape[2] > INT_MAX) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: weight %s is not a square kernel",
+                  cuda_shape_str(w, ws, sizeof ws));
+        return NULL;
+    }
+    if (w->shape[1] != s.C) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "conv2d: input has %" PRId64 " channels, weight expects %" PRId64, s.C,
+                  w->shape[1]);
+        return NULL;
+    }
+    if (stride < 1 || padding < 0) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: stride %d, padding %d", stride, padding);
+        return NULL;
+    }
+    if (bias && tensor_numel(bias) != s.O) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "conv2d: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
+                  tensor_numel(bias), s.O);
+        return NULL;
+    }
+    if (s.H + 2 * (int64_t)padding < s.k || s.W + 2 * (int64_t)padding < s.k) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s is smaller than kernel %s",
+                  cuda_shape_str(x, xs, sizeof xs), cuda_shape_str(w, ws, sizeof ws));
+        return NULL;
+    }
+    s.Ho = (s.H + 2 * (int64_t)padding - s.k) / stride + 1;
+    s.Wo = (s.W + 2 * (int64_t)padding - s.k) / stride + 1;
+    if (s.Ho * s.Wo > INT_MAX || s.H * s.W > INT_MAX || s.C * s.k * s.k > INT_MAX ||
+        s.O > INT_MAX) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s exceeds the cuBLAS int range",
+                  cuda_shape_str(x, xs, sizeof xs));
+        return NULL;
+    }
+    int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
+    dtype type = x->type;
+    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};
+    const void *wd = NULL, *bd = NULL;
+    tensor *y = NULL;
+    int rc = -1;
+    if ((wd = cuda_data_as(cb, w, type, &w_tmp)) &&
+        (!bias || (bd = cuda_data_as(cb, bias, type, &b_tmp))) &&
+        (y = cuda_tensor_new(cb, 4, shape, type))) {
+        rc = 1;
+#ifdef SDX4_HAVE_CUDNN
+        if (cb->use_cudnn) rc = conv_cudnn(cb, &s, type, x->data, wd, bd, y->data);
+#endif
+        if (rc == 1) rc = conv_im2col(cb, &s, type, x->data, wd, bd, y->data);
+    }
+    if (rc) {
+        cuda_tensor_release(cb, y);
+        y = NULL;
+    }
+    cuda_buf_free(cb, &w_tmp);
+    cuda_buf_free(cb, &b_tmp);
+    return y;
+}

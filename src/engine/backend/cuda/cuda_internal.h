@@ -1,0 +1,189 @@
+/*
+ * cuda_internal.h - what the files of the CUDA backend share.
+ *
+ * cuda_backend.cu builds the operation table and owns the device state:
+ * the stream, the cuBLAS and cuDNN handles, the caching allocator, weights,
+ * transfers, linear and embedding. cuda_conv.cu, cuda_attention.cu,
+ * cuda_norm_act.cu and cuda_layout.cu hold the other operations, and
+ * cuda_layout.cu also the type conversions that every file uses.
+ *
+ * Concurrency: backend.h lets several threads call one backend at once. All
+ * work goes to one stream, so the device runs it in order anyway; the host
+ * side (handles, allocator, plan cache) is guarded by one mutex that each
+ * operation holds while it enqueues its kernels (cuda_lock below). Memory
+ * freed by one operation is reused by the next at once: both are ordered on
+ * the same stream, so no kernel can still be reading it.
+ *
+ * Types: a tensor is DTYPE_F32 or DTYPE_F16. An operation computes in the
+ * type of its main input and converts the other operands to it when they
+ * differ (cuda_data_as), so F32 activations may meet F16 weights.
+ */
+#ifndef SDX4_CUDA_INTERNAL_H
+#define SDX4_CUDA_INTERNAL_H
+
+/* the C headers first, so that backend.h's includes of them inside the
+ * extern "C" block below are no-ops */
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#ifdef SDX4_HAVE_CUDNN
+#include <cudnn.h>
+#endif
+
+extern "C" {
+#include "backend/backend.h"
+#include "core/error.h"
+}
+
+/* Free lists of the caching allocator: one per size class (see
+ * cuda_backend.cu), enough classes for blocks up to 2^48 bytes. */
+#define CUDA_SIZE_CLASSES 512
+
+typedef struct cuda_block {
+    void *ptr;
+    struct cuda_block *next;
+} cuda_block;
+
+typedef struct conv_plan conv_plan; /* cuda_conv.cu */
+
+typedef struct {
+    backend base;            /* first member: a backend* is a cuda_backend* */
+    int device;
+    cudaStream_t stream;     /* every kernel, copy and library call */
+    cublasHandle_t cublas;
+#ifdef SDX4_HAVE_CUDNN
+    cudnnHandle_t cudnn;
+    int use_cudnn;           /* 0: convolutions by im2col + GEMM */
+    conv_plan *plans;        /* cuDNN algorithm per convolution shape */
+#endif
+    dtype mode;              /* F16 or F32: the weights' type, and the
+                                activations' unless a thread set another */
+    int allow_tf32;          /* F32 GEMMs and convolutions may use TF32 */
+    pthread_mutex_t lock;
+    cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
+    int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
+    char description[192];
+} cuda_backend;
+
+/* Holds the backend's lock while an operation enqueues its work, and makes
+ * the backend's device current on the calling thread; false if that fails
+ * (the error is set). */
+struct cuda_lock {
+    cuda_backend *cb;
+    bool ok;
+    explicit cuda_lock(const backend *be);
+    ~cuda_lock();
+    explicit operator bool() const { return ok; }
+};
+
+/* Scratch device memory from the caching allocator, counted by memory(). */
+typedef struct {
+    void *ptr;
+    size_t bytes; /* the size class, not the size asked for */
+} cuda_buf;
+
+int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes);
+void cuda_buf_free(cuda_backend *cb, cuda_buf *b);
+
+/* The type new activations get on this thread. */
+dtype cuda_activation_type(const cuda_backend *cb);
+/* A new uninitialised tensor of `type`; NULL with the error set. */
+tensor *cuda_tensor_new(cuda_backend *cb, int ndim, const int64_t *shape, dtype type);
+/* Frees a tensor of this backend; the lock must be held. */
+void cuda_tensor_release(cuda_backend *cb, tensor *t);
+
+/* t's elements as `type`: t's own memory, or a converted copy that `tmp`
+ * holds until cuda_buf_free(tmp). NULL with the error set. */
+const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf *tmp);
+
+/* Checks that `t` is a tensor of this backend, F32 or F16, with `ndim`
+ * dimensions (0: any); else sets "op: what is ..." and returns -1. */
+int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
+               int ndim);
+const char *cuda_shape_str(const tensor *t, char *buf, size_t size);
+#define CUDA_SHAPE_STR_SIZE 96
+
+/* 0 on success, else -1 with "what: <library message>" set. */
+int cuda_ok(cudaError_t e, const char *what);
+int cublas_ok(cublasStatus_t s, const char *what);
+/* The status of the kernel launched last on this thread. */
+static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastError(), what); }
+
+/* C[m, n] = op(A) op(B) + beta C, column-major as cuBLAS, all of `type`,
+ * accumulated in float. */
+int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
+              int n, int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
+              int ldc);
+
+/* --- cuda_layout.cu: conversions and copies used by every file -------- */
+/* dst[i] = src[i] for n elements, src F32, F16 or BF16, dst F32 or F16. */
+int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
+                 int64_t n);
+/* y[o, c, i] = bias[c] for y [outer, channels, inner]: a GEMM or
+ * convolution with beta = 1 then adds the bias before rounding once. */
+int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int64_t outer,
+                   int64_t channels, int64_t inner);
+/* out[i, :] = table[ids[i], :] with ids in device memory. */
+int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
+                     int n, int64_t cols, void *out, dtype out_type);
+/* col[(c*k + ky)*k + kx, p] for the output pixels p in [p0, p0 + P) of
+ * image x [C, H, W] (cuda_conv.cu's fallback). */
+int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t H, int64_t W,
+                int k, int stride, int pad, int64_t Wo, int64_t p0, int64_t P, void *col);
+
+/* --- the operations of the other files, with backend.h's signatures --- */
+tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+                    int padding);
+#ifdef SDX4_HAVE_CUDNN
+void cuda_conv_plans_free(cuda_backend *cb);
+#endif
+tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
+                       int causal);
+tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+                        const tensor *beta, float eps, activation act);
+tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
+                        float eps);
+tensor *cuda_activate(backend *be, const tensor *x, activation act);
+tensor *cuda_geglu(backend *be, const tensor *x);
+int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
+int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
+int cuda_scale_inplace(backend *be, tensor *x, float s);
+tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b);
+tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w);
+tensor *cuda_nchw_to_tokens(backend *be, const tensor *x);
+tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
+
+/* --- device helpers ---------------------------------------------------- */
+
+/* Kernels compute in float whatever they load and store. */
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
+    return __float2half_rn(x); /* round to nearest even, as torch's .half() */
+}
+
+/* Threads per block of the elementwise kernels, and the most blocks they
+ * launch (their loops stride over the rest). */
+#define CUDA_THREADS 256
+#define CUDA_MAX_BLOCKS 65536
+
+/* A grid-stride loop of i over [0, n). */
+#define FOR_EACH(i, n)                                                           \
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+static inline unsigned cuda_blocks(int64_t n) {
+    int64_t b = (n + CUDA_THREADS - 1) / CUDA_THREADS;
+    return (unsigned)(b < CUDA_MAX_BLOCKS ? (b > 0 ? b : 1) : CUDA_MAX_BLOCKS);
+}
+
+#endif

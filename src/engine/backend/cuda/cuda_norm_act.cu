@@ -1,0 +1,460 @@
+/*
+ * cuda_norm_act.cu - normalisations, activations and in-place arithmetic.
+ *
+ * Statistics are taken in float with Welford's update per thread and Chan's
+ * formula to merge partial results, which stays exact to float precision
+ * even when the mean is large against the spread (a sum of squares would
+ * cancel). GroupNorm spreads each group over many blocks, because the
+ * VAE's groups hold millions of values while there are only B*32 of them:
+ *
+ *   group_stats     grid (chunks, B*groups): partial (n, mean, M2) of one
+ *                   chunk of one group
+ *   group_finalize  one thread per group merges its chunks in double:
+ *                   mean and 1/sqrt(var + eps)
+ *   group_apply     (x - mean) * (rstd * gamma[c]) + beta[c], then the
+ *                   activation, over a 2-D grid of (position, channel)
+ *
+ * LayerNorm rows are short (at most a few thousand values): one block per
+ * row computes the statistics and writes the row.
+ *
+ * The activations are PyTorch's exact formulas, as the CPU backend's: silu
+ * x * sigmoid(x), gelu 0.5 x (1 + erf(x / sqrt 2)), quick_gelu
+ * x * sigmoid(1.702 x). Half tensors are computed in float and rounded
+ * once when stored.
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+/* ----------------------------------------------------------- activations */
+
+__device__ __forceinline__ float gelu(float x) {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+__device__ __forceinline__ float activate_one(float x, activation act) {
+    switch (act) {
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_GELU: return gelu(x);
+    case ACT_QUICK_GELU: return x / (1.0f + expf(-1.702f * x));
+    default: return x;
+    }
+}
+
+static int check_activation(const char *op, activation act) {
+    if (act != ACT_NONE && act != ACT_SILU && act != ACT_GELU && act != ACT_QUICK_GELU) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: unknown activation %d", op, (int)act);
+        return -1;
+    }
+    return 0;
+}
+
+template <typename T>
+__global__ void activate_kernel(const T *x, T *y, int64_t n, activation act) {
+    FOR_EACH(i, n) y[i] = from_f32<T>(activate_one(to_f32(x[i]), act));
+}
+
+tensor *cuda_activate(backend *be, const tensor *x, activation act) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "activate", "input", x, 0) || check_activation("activate", act)) return NULL;
+    tensor *y = cuda_tensor_new(cb, x->ndim, x->shape, x->type);
+    if (!y) return NULL;
+    int64_t n = tensor_numel(x);
+    if (x->type == DTYPE_F16)
+        activate_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (const __half *)x->data, (__half *)y->data, n, act);
+    else
+        activate_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (const float *)x->data, (float *)y->data, n, act);
+    if (cuda_launched("activate")) {
+        cuda_tensor_release(cb, y);
+        return NULL;
+    }
+    return y;
+}
+
+/* in diffusers: hidden, gate = proj(x).chunk(2, dim=-1); hidden * gelu(gate) */
+template <typename T>
+__global__ void geglu_kernel(const T *x, T *y, int64_t n, int64_t N) {
+    FOR_EACH(i, n) {
+        const T *row = x + i / N * 2 * N;
+        int64_t c = i % N;
+        y[i] = from_f32<T>(to_f32(row[c]) * gelu(to_f32(row[N + c])));
+    }
+}
+
+tensor *cuda_geglu(backend *be, const tensor *x) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "geglu", "input", x, 0)) return NULL;
+    int64_t two_n = x->shape[x->ndim - 1], N = two_n / 2;
+    if (two_n % 2) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "geglu: last dimension %" PRId64 " is odd", two_n);
+        return NULL;
+    }
+    int64_t shape[4];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = N;
+    tensor *y = cuda_tensor_new(cb, x->ndim, shape, x->type);
+    if (!y) return NULL;
+    int64_t n = tensor_numel(y);
+    if (x->type == DTYPE_F16)
+        geglu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (const __half *)x->data, (__half *)y->data, n, N);
+    else
+        geglu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (const float *)x->data, (float *)y->data, n, N);
+    if (cuda_launched("geglu")) {
+        cuda_tensor_release(cb, y);
+        return NULL;
+    }
+    return y;
+}
+
+/* -------------------------------------------------------------- in place */
+
+static int same_shape(const char *op, const tensor *a, const tensor *b) {
+    int same = a->ndim == b->ndim;
+    for (int i = 0; same && i < a->ndim; i++) same = a->shape[i] == b->shape[i];
+    if (!same) {
+        char as[CUDA_SHAPE_STR_SIZE], bs[CUDA_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: shapes %s and %s differ", op,
+                  cuda_shape_str(a, as, sizeof as), cuda_shape_str(b, bs, sizeof bs));
+        return -1;
+    }
+    return 0;
+}
+
+/* a += b * scale; scale 1 is exactly a + b (the residual connections) */
+template <typename T>
+__global__ void add_kernel(T *a, const T *b, int64_t n, float scale) {
+    if (scale == 1.0f) {
+        FOR_EACH(i, n) a[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    } else {
+        FOR_EACH(i, n) a[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]) * scale);
+    }
+}
+
+int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "add", "a", a, 0) || cuda_check(cb, "add", "b", b, 0) ||
+        same_shape("add", a, b))
+        return -1;
+    cuda_buf b_tmp;
+    const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
+    if (!bd) return -1;
+    int64_t n = tensor_numel(a);
+    if (a->type == DTYPE_F16)
+        add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (__half *)a->data, (const __half *)bd, n, scale_b);
+    else
+        add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (float *)a->data, (const float *)bd, n, scale_b);
+    int rc = cuda_launched("add");
+    cuda_buf_free(cb, &b_tmp);
+    return rc;
+}
+
+/* x[bc, :] += v[bc] over the S positions of each (batch, channel) */
+template <typename T>
+__global__ void channel_bias_kernel(T *x, const T *v, int64_t n, int64_t S) {
+    FOR_EACH(i, n) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(v[i / S]));
+}
+
+int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "add_channel_bias", "x", x, 4) ||
+        cuda_check(cb, "add_channel_bias", "v", v, 2))
+        return -1;
+    int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
+    if (v->shape[0] != B || v->shape[1] != C) {
+        char xs[CUDA_SHAPE_STR_SIZE], vs[CUDA_SHAPE_STR_SIZE];
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "add_channel_bias: x %s needs v [%" PRId64 ",%" PRId64 "], got %s",
+                  cuda_shape_str(x, xs, sizeof xs), B, C, cuda_shape_str(v, vs, sizeof vs));
+        return -1;
+    }
+    cuda_buf v_tmp;
+    const void *vd = cuda_data_as(cb, v, x->type, &v_tmp);
+    if (!vd) return -1;
+    int64_t n = tensor_numel(x);
+    if (x->type == DTYPE_F16)
+        channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (__half *)x->data, (const __half *)vd, n, S);
+    else
+        channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (float *)x->data, (const float *)vd, n, S);
+    int rc = cuda_launched("add_channel_bias");
+    cuda_buf_free(cb, &v_tmp);
+    return rc;
+}
+
+template <typename T>
+__global__ void scale_kernel(T *x, int64_t n, float s) {
+    FOR_EACH(i, n) x[i] = from_f32<T>(to_f32(x[i]) * s);
+}
+
+int cuda_scale_inplace(backend *be, tensor *x, float s) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "scale", "x", x, 0)) return -1;
+    int64_t n = tensor_numel(x);
+    if (x->type == DTYPE_F16)
+        scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((__half *)x->data, n, s);
+    else
+        scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((float *)x->data, n, s);
+    return cuda_launched("scale");
+}
+
+/* --------------------------------------------------------------- welford */
+
+/* count, mean and sum of squared deviations of a set of values */
+struct welford {
+    float n, mean, m2;
+};
+
+__device__ __forceinline__ void welford_add(welford &w, float x) {
+    w.n += 1.0f;
+    float d = x - w.mean;
+    w.mean += d / w.n;
+    w.m2 += d * (x - w.mean);
+}
+
+/* Chan et al.: the statistics of the union of two sets. */
+__device__ __forceinline__ welford welford_merge(welford a, welford b) {
+    float n = a.n + b.n;
+    if (n == 0.0f) return a;
+    float delta = b.mean - a.mean, share = b.n / n;
+    welford r;
+    r.n = n;
+    r.mean = a.mean + delta * share;
+    r.m2 = a.m2 + b.m2 + delta * delta * a.n * share;
+    return r;
+}
+
+__device__ __forceinline__ welford welford_shuffle(welford w, int lane_mask) {
+    welford o;
+    o.n = __shfl_xor_sync(0xffffffffu, w.n, lane_mask);
+    o.mean = __shfl_xor_sync(0xffffffffu, w.mean, lane_mask);
+    o.m2 = __shfl_xor_sync(0xffffffffu, w.m2, lane_mask);
+    return welford_merge(w, o);
+}
+
+/* Merges the values of all threads of the block (blockDim.x a multiple of
+ * 32); every thread gets the result. */
+__device__ welford block_welford(welford w) {
+    __shared__ welford warps[32];
+    for (int mask = 16; mask > 0; mask >>= 1) w = welford_shuffle(w, mask);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) warps[warp] = w;
+    __syncthreads();
+    if (warp == 0) {
+        w = lane < (int)(blockDim.x / 32) ? warps[lane] : welford{0.0f, 0.0f, 0.0f};
+        for (int mask = 16; mask > 0; mask >>= 1) w = welford_shuffle(w, mask);
+        if (lane == 0) warps[0] = w;
+    }
+    __syncthreads();
+    w = warps[0];
+    __syncthreads(); /* warps[] is free for the next call */
+    return w;
+}
+
+/* ------------------------------------------------------------ group norm */
+
+/* Values per block of group_stats, at least, and most blocks per group. */
+#define GROUP_CHUNK 4096
+#define GROUP_MAX_CHUNKS 1024
+
+template <typename T>
+__global__ void group_stats_kernel(const T *x, int64_t group_size, int64_t chunk,
+                                   welford *partial) {
+    const T *g = x + blockIdx.y * group_size;
+    int64_t start = blockIdx.x * chunk, end = start + chunk < group_size ? start + chunk : group_size;
+    welford w = {0.0f, 0.0f, 0.0f};
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) welford_add(w, to_f32(g[i]));
+    w = block_welford(w);
+    if (threadIdx.x == 0) partial[(int64_t)blockIdx.y * gridDim.x + blockIdx.x] = w;
+}
+
+__global__ void group_finalize_kernel(const welford *partial, int chunks, int ngroups, float eps,
+                                      float2 *stats) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= ngroups) return;
+    double n = 0, mean = 0, m2 = 0;
+    for (int i = 0; i < chunks; i++) {
+        welford p = partial[(int64_t)g * chunks + i];
+        if (p.n == 0.0f) continue;
+        double total = n + p.n, delta = p.mean - mean;
+        mean += delta * p.n / total;
+        m2 += p.m2 + delta * delta * n * p.n / total;
+        n = total;
+    }
+    stats[g] = make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
+}
+
+template <typename T>
+__global__ void group_apply_kernel(const T *x, T *y, const float2 *stats, const T *gamma,
+                                   const T *beta, int64_t BC, int64_t C, int64_t S,
+                                   int64_t per_group, int groups, activation act) {
+    for (int64_t bc = blockIdx.y; bc < BC; bc += gridDim.y) {
+        int64_t c = bc % C;
+        float2 st = stats[bc / C * groups + c / per_group];
+        float scale = st.y * to_f32(gamma[c]), shift = to_f32(beta[c]);
+        const T *src = x + bc * S;
+        T *dst = y + bc * S;
+        FOR_EACH(i, S) dst[i] = from_f32<T>(activate_one((to_f32(src[i]) - st.x) * scale + shift, act));
+    }
+}
+
+template <typename T>
+static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
+                             const void *beta, int groups, float eps, activation act) {
+    int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
+    int64_t group_size = C / groups * S, ngroups = B * groups;
+    int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
+    if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
+    int chunks = (int)((group_size + chunk - 1) / chunk);
+    cuda_buf partial, stats;
+    if (cuda_buf_alloc(cb, &partial, (size_t)(ngroups * chunks) * sizeof(welford))) return -1;
+    if (cuda_buf_alloc(cb, &stats, (size_t)ngroups * sizeof(float2))) {
+        cuda_buf_free(cb, &partial);
+        return -1;
+    }
+    group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
+        (const T *)x->data, group_size, chunk, (welford *)partial.ptr);
+    int rc = cuda_launched("group_norm");
+    if (!rc) {
+        group_finalize_kernel<<<(unsigned)((ngroups + 127) / 128), 128, 0, cb->stream>>>(
+            (const welford *)partial.ptr, chunks, (int)ngroups, eps, (float2 *)stats.ptr);
+        rc = cuda_launched("group_norm");
+    }
+    if (!rc) {
+        int64_t BC = B * C, x_blocks = (S + CUDA_THREADS - 1) / CUDA_THREADS;
+        dim3 grid((unsigned)(x_blocks < 1024 ? x_blocks : 1024),
+                  (unsigned)(BC < 65535 ? BC : 65535));
+        group_apply_kernel<<<grid, CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+            (const T *)beta, BC, C, S, C / groups, groups, act);
+        rc = cuda_launched("group_norm");
+    }
+    cuda_buf_free(cb, &partial);
+    cuda_buf_free(cb, &stats);
+    return rc;
+}
+
+static int check_affine(const cuda_backend *cb, const char *op, const tensor *gamma,
+                        const tensor *beta, int64_t C) {
+    if (cuda_check(cb, op, "gamma", gamma, 0) || cuda_check(cb, op, "beta", beta, 0)) return -1;
+    if (tensor_numel(gamma) != C || tensor_numel(beta) != C) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "%s: gamma has %" PRId64 " and beta %" PRId64 " elements, input has %" PRId64,
+                  op, tensor_numel(gamma), tensor_numel(beta), C);
+        return -1;
+    }
+    return 0;
+}
+
+tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+                        const tensor *beta, float eps, activation act) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "group_norm", "input", x, 0) || check_activation("group_norm", act))
+        return NULL;
+    if (x->ndim < 2) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: input has %d dimension", x->ndim);
+        return NULL;
+    }
+    int64_t B = x->shape[0], C = x->shape[1];
+    if (groups < 1 || C % groups) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "group_norm: %" PRId64 " channels do not split into %d groups", C, groups);
+        return NULL;
+    }
+    if (B * groups > 65535) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: %" PRId64 " groups are too many",
+                  B * groups);
+        return NULL;
+    }
+    if (check_affine(cb, "group_norm", gamma, beta, C)) return NULL;
+    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
+    const void *gd = NULL, *bd = NULL;
+    tensor *y = NULL;
+    if (!(gd = cuda_data_as(cb, gamma, x->type, &g_tmp)) ||
+        !(bd = cuda_data_as(cb, beta, x->type, &b_tmp)) ||
+        !(y = cuda_tensor_new(cb, x->ndim, x->shape, x->type)) ||
+        (x->type == DTYPE_F16 ? launch_group_norm<__half>(cb, x, y, gd, bd, groups, eps, act)
+                              : launch_group_norm<float>(cb, x, y, gd, bd, groups, eps, act))) {
+        cuda_tensor_release(cb, y);
+        y = NULL;
+    }
+    cuda_buf_free(cb, &g_tmp);
+    cuda_buf_free(cb, &b_tmp);
+    return y;
+}
+
+/* ------------------------------------------------------------ layer norm */
+
+template <typename T>
+__global__ void layer_norm_kernel(const T *x, T *y, const T *gamma, const T *beta, int64_t rows,
+                                  int64_t D, float eps) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T *src = x + r * D;
+        T *dst = y + r * D;
+        welford w = {0.0f, 0.0f, 0.0f};
+        for (int64_t i = threadIdx.x; i < D; i += blockDim.x) welford_add(w, to_f32(src[i]));
+        w = block_welford(w);
+        float rstd = 1.0f / sqrtf(w.m2 / w.n + eps);
+        for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+            dst[i] = from_f32<T>((to_f32(src[i]) - w.mean) * rstd * to_f32(gamma[i]) +
+                                 to_f32(beta[i]));
+    }
+}
+
+tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
+                        float eps) {
+    cuda_lock lock(be);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "layer_norm", "input", x, 0)) return NULL;
+    int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
+    if (check_affine(cb, "layer_norm", gamma, beta, D)) return NULL;
+    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
+    const void *gd = NULL, *bd = NULL;
+    tensor *y = NULL;
+    /* a warp per 32 values of the row, up to 8 warps */
+    int threads = D >= 256 ? 256 : (int)((D + 31) / 32 * 32);
+    unsigned blocks = (unsigned)(rows < INT_MAX ? rows : INT_MAX);
+    if (!(gd = cuda_data_as(cb, gamma, x->type, &g_tmp)) ||
+        !(bd = cuda_data_as(cb, beta, x->type, &b_tmp)) ||
+        !(y = cuda_tensor_new(cb, x->ndim, x->shape, x->type))) {
+        cuda_tensor_release(cb, y);
+        y = NULL;
+    } else {
+        if (x->type == DTYPE_F16)
+            layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
+                (const __half *)x->data, (__half *)y->data, (const __half *)gd,
+                (const __half *)bd, rows, D, eps);
+        else
+            layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
+                (const float *)x->data, (float *)y->data, (const float *)gd, (const float *)bd,
+                rows, D, eps);
+        if (cuda_launched("layer_norm")) {
+            cuda_tensor_release(cb, y);
+            y = NULL;
+        }
+    }
+    cuda_buf_free(cb, &g_tmp);
+    cuda_buf_free(cb, &b_tmp);
+    return y;
+}

@@ -1,0 +1,568 @@
+/*
+ * test_backend_cuda.c - every operation of the CUDA backend against the CPU
+ * backend on the same random inputs, in the three ways the CUDA backend
+ * computes:
+ *   fp32        SDX4_CUDA_DTYPE=fp32: float everywhere, no TF32
+ *   fp16        half weights and activations, float accumulation
+ *   fp16+f32    the fp16 backend with float activations
+ *               (set_activation_type, as for the VAE): half weights
+ *               meet float tensors, GEMMs may use TF32
+ * Inputs are rounded to half precision first, so every mode computes on
+ * the same numbers and the differences measure the arithmetic alone; the
+ * operations that only move values must then match exactly. Also: weights
+ * from F16 and BF16 files, operands of mixed types, the im2col path of
+ * convolutions (SDX4_CUDA_CONV=im2col), memory accounting, errors, and two
+ * threads calling one backend at once.
+ *
+ * Without a CUDA device, or in a build without the CUDA backend, it skips
+ * (exit 77) and says why.
+ */
+#ifndef SDX4_HAVE_CUDA
+#include <stdio.h>
+
+int main(void) {
+    puts("test_backend_cuda: skipped: this build has no CUDA backend (cmake -DSDX4_CUDA=ON)");
+    return 77;
+}
+#else
+
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "test.h"
+
+/* Error over max |reference| allowed in each mode (see the top comment):
+ * fp16 stores each result with 11 significant bits (5e-4). */
+#define TOL_FP32 1e-4
+#define TOL_FP16 1e-2
+#define TOL_TF32 5e-3
+
+/* ------------------------------------------------------------ helpers */
+
+/* per thread: test_threads draws from two threads */
+static _Thread_local uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static float frand(float lo, float hi) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return lo + (hi - lo) * (float)((rng >> 40) / (double)(1 << 24));
+}
+
+/* n random values that half precision holds exactly. */
+static float *rand_half(int64_t n, float lo, float hi) {
+    float *p = malloc((size_t)n * sizeof *p);
+    for (int64_t i = 0; i < n; i++) p[i] = f16_to_f32(f32_to_f16(frand(lo, hi)));
+    return p;
+}
+
+static int64_t numel(int ndim, const int64_t *shape) {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= shape[i];
+    return n;
+}
+
+typedef struct {
+    backend *cpu, *gpu;
+    const char *mode;
+    double tol;
+    dtype act; /* the type of the CUDA backend's results */
+} suite;
+
+/* The same values on both backends; host keeps them alive for weights,
+ * which the CPU backend may point into. */
+typedef struct {
+    tensor *c, *g;
+    float *host;
+} pair;
+
+static tensor *must(tensor *t, const char *what) {
+    if (!t) {
+        fprintf(stderr, "%s failed: %s\n", what, sdx4_last_error());
+        exit(1);
+    }
+    return t;
+}
+
+static pair act(const suite *s, int ndim, const int64_t *shape, float lo, float hi) {
+    pair p = {NULL, NULL, rand_half(numel(ndim, shape), lo, hi)};
+    p.c = must(s->cpu->new_tensor(s->cpu, ndim, shape), "cpu new_tensor");
+    p.g = must(s->gpu->new_tensor(s->gpu, ndim, shape), "cuda new_tensor");
+    if (s->cpu->upload(s->cpu, p.c, p.host) || s->gpu->upload(s->gpu, p.g, p.host)) {
+        fprintf(stderr, "upload failed: %s\n", sdx4_last_error());
+        exit(1);
+    }
+    return p;
+}
+
+static pair wgt(const suite *s, int ndim, const int64_t *shape, float lo, float hi) {
+    pair p = {NULL, NULL, rand_half(numel(ndim, shape), lo, hi)};
+    p.c = must(s->cpu->weight(s->cpu, p.host, DTYPE_F32, ndim, shape), "cpu weight");
+    p.g = must(s->gpu->weight(s->gpu, p.host, DTYPE_F32, ndim, shape), "cuda weight");
+    return p;
+}
+
+static void pair_free(pair *p) {
+    tensor_free(p->c);
+    tensor_free(p->g);
+    free(p->host);
+}
+
+static float *fetch(backend *be, const tensor *t) {
+    float *p = malloc((size_t)tensor_numel(t) * sizeof *p);
+    if (be->download(be, t, p)) {
+        fprintf(stderr, "download failed: %s\n", sdx4_last_error());
+        exit(1);
+    }
+    return p;
+}
+
+/* Checks the CUDA result g against the CPU result c: shape, type, and
+ * max |g - c| / max |c| within tol. */
+static void expect_close(const suite *s, const char *what, const tensor *g, const tensor *c,
+                         double tol) {
+    CHECK(g != NULL, "%s: %s: cuda failed: %s", s->mode, what, sdx4_last_error());
+    CHECK(c != NULL, "%s: %s: cpu failed: %s", s->mode, what, sdx4_last_error());
+    if (!g || !c) return;
+    int same = g->ndim == c->ndim;
+    for (int i = 0; same && i < g->ndim; i++) same = g->shape[i] == c->shape[i];
+    CHECK(same, "%s: %s: shapes differ", s->mode, what);
+    CHECK(g->type == s->act, "%s: %s: result is %s, expected %s", s->mode, what,
+          dtype_name(g->type), dtype_name(s->act));
+    if (!same) return;
+    int64_t n = tensor_numel(c);
+    float *gv = fetch(s->gpu, g), *cv = fetch(s->cpu, c);
+    double err = 0, scale = 1e-30;
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)gv[i] - cv[i]);
+        if (!(d <= err)) err = d; /* NaN counts as failure */
+        if (fabs(cv[i]) > scale) scale = fabs(cv[i]);
+    }
+    printf("  %-8s %-52s %.2e\n", s->mode, what, err / scale);
+    CHECK(err / scale <= tol, "%s: %s: relative error %.3g > %.1g", s->mode, what, err / scale,
+          tol);
+    free(gv);
+    free(cv);
+}
+
+/* expect_close, then frees both results. */
+static void expect(const suite *s, const char *what, tensor *g, tensor *c, double tol) {
+    expect_close(s, what, g, c, tol);
+    tensor_free(g);
+    tensor_free(c);
+}
+
+/* ---------------------------------------------------------- operations */
+
+static void test_linear(const suite *s, int ndim, const int64_t *xshape, int64_t N,
+                        int with_bias) {
+    int64_t K = xshape[ndim - 1];
+    pair x = act(s, ndim, xshape, -1, 1), w = wgt(s, 2, (int64_t[]){N, K}, -1, 1);
+    pair b = wgt(s, 1, &N, -1, 1);
+    char what[96];
+    snprintf(what, sizeof what, "linear %" PRId64 "x%" PRId64 " -> %" PRId64 "%s",
+             tensor_numel(x.c) / K, K, N, with_bias ? " +bias" : "");
+    expect(s, what, s->gpu->linear(s->gpu, x.g, w.g, with_bias ? b.g : NULL),
+           s->cpu->linear(s->cpu, x.c, w.c, with_bias ? b.c : NULL), s->tol);
+    pair_free(&x), pair_free(&w), pair_free(&b);
+}
+
+static void test_conv(const suite *s, int64_t B, int64_t C, int64_t H, int64_t W, int64_t O,
+                      int k, int stride, int pad, int with_bias) {
+    pair x = act(s, 4, (int64_t[]){B, C, H, W}, -1, 1);
+    pair w = wgt(s, 4, (int64_t[]){O, C, k, k}, -1, 1), b = wgt(s, 1, &O, -1, 1);
+    char what[96];
+    snprintf(what, sizeof what,
+             "conv2d [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 "] -> %" PRId64
+             " k%d s%d p%d%s",
+             B, C, H, W, O, k, stride, pad, with_bias ? " +bias" : "");
+    expect(s, what, s->gpu->conv2d(s->gpu, x.g, w.g, with_bias ? b.g : NULL, stride, pad),
+           s->cpu->conv2d(s->cpu, x.c, w.c, with_bias ? b.c : NULL, stride, pad), s->tol);
+    pair_free(&x), pair_free(&w), pair_free(&b);
+}
+
+static void test_convs(const suite *s) {
+    test_conv(s, 2, 3, 7, 9, 5, 3, 1, 1, 1);      /* odd sizes */
+    test_conv(s, 1, 4, 8, 8, 6, 3, 2, 1, 1);      /* downsampling: stride 2, padding 1 */
+    test_conv(s, 1, 3, 9, 11, 2, 3, 2, 1, 0);     /* stride 2 on odd sizes, no bias */
+    test_conv(s, 2, 5, 6, 7, 4, 1, 1, 0, 1);      /* 1x1: the direct GEMM */
+    test_conv(s, 1, 3, 5, 6, 4, 1, 2, 0, 1);      /* 1x1 with stride */
+    test_conv(s, 1, 2, 5, 5, 3, 3, 1, 0, 1);      /* no padding */
+    test_conv(s, 1, 3, 6, 9, 2, 5, 1, 2, 1);      /* 5x5 */
+    test_conv(s, 2, 7, 16, 24, 32, 3, 1, 1, 1);   /* the UNet's conv_in */
+    test_conv(s, 1, 512, 23, 23, 8, 3, 1, 1, 1);  /* im2col tiles split rows */
+    test_conv(s, 1, 128, 64, 64, 128, 3, 1, 1, 1); /* a VAE layer in small */
+    test_conv(s, 2, 64, 16, 16, 128, 1, 1, 0, 1); /* a resnet shortcut */
+}
+
+static void test_attention(const suite *s, int64_t B, int64_t Tq, int64_t Tk, int heads,
+                           int64_t D, int causal) {
+    int64_t HD = heads * D;
+    pair q = act(s, 3, (int64_t[]){B, Tq, HD}, -2, 2), k = act(s, 3, (int64_t[]){B, Tk, HD}, -2, 2);
+    pair v = act(s, 3, (int64_t[]){B, Tk, HD}, -1, 1);
+    char what[96];
+    snprintf(what, sizeof what,
+             "attention B%" PRId64 " Tq%" PRId64 " Tk%" PRId64 " H%d D%" PRId64 "%s", B, Tq, Tk,
+             heads, D, causal ? " causal" : "");
+    expect(s, what, s->gpu->attention(s->gpu, q.g, k.g, v.g, heads, causal),
+           s->cpu->attention(s->cpu, q.c, k.c, v.c, heads, causal), s->tol);
+    pair_free(&q), pair_free(&k), pair_free(&v);
+}
+
+static void test_attentions(const suite *s) {
+    test_attention(s, 2, 5, 7, 3, 4, 0);         /* Tq != Tk, several heads */
+    test_attention(s, 1, 77, 77, 16, 64, 1);     /* CLIP: causal, D 64 */
+    test_attention(s, 2, 9, 6, 2, 8, 1);         /* causal with Tq > Tk */
+    test_attention(s, 2, 300, 77, 8, 64, 0);     /* UNet cross-attention */
+    test_attention(s, 2, 256, 256, 8, 128, 0);   /* UNet mid-block: D 128 */
+    test_attention(s, 1, 50, 33, 2, 40, 1);      /* D not a power of two, causal */
+    test_attention(s, 1, 20, 45, 2, 200, 0);     /* D 200: the 256 kernel, partly used */
+    test_attention(s, 1, 1, 5, 1, 256, 0);       /* one query */
+    test_attention(s, 1, 300, 300, 1, 512, 0);   /* VAE mid-block: one head of 512 */
+    test_attention(s, 1, 130, 5000, 1, 4, 0);    /* long keys */
+}
+
+static void test_group_norm(const suite *s, int ndim, const int64_t *shape, int groups,
+                            float offset, activation a) {
+    pair x = act(s, ndim, shape, offset - 1, offset + 1);
+    pair g = wgt(s, 1, &shape[1], 0.5f, 1.5f), b = wgt(s, 1, &shape[1], -0.5f, 0.5f);
+    char what[96];
+    snprintf(what, sizeof what, "group_norm %" PRId64 "x%" PRId64 "x%" PRId64 " g%d act%d off%g",
+             shape[0], shape[1], numel(ndim, shape) / (shape[0] * shape[1]), groups, (int)a,
+             offset);
+    expect(s, what, s->gpu->group_norm(s->gpu, x.g, groups, g.g, b.g, 1e-5f, a),
+           s->cpu->group_norm(s->cpu, x.c, groups, g.c, b.c, 1e-5f, a), s->tol);
+    pair_free(&x), pair_free(&g), pair_free(&b);
+}
+
+static void test_layer_norm(const suite *s, int64_t rows, int64_t D, float offset) {
+    pair x = act(s, 2, (int64_t[]){rows, D}, offset - 1, offset + 1);
+    pair g = wgt(s, 1, &D, 0.5f, 1.5f), b = wgt(s, 1, &D, -0.5f, 0.5f);
+    char what[96];
+    snprintf(what, sizeof what, "layer_norm %" PRId64 "x%" PRId64 " off%g", rows, D, offset);
+    expect(s, what, s->gpu->layer_norm(s->gpu, x.g, g.g, b.g, 1e-5f),
+           s->cpu->layer_norm(s->cpu, x.c, g.c, b.c, 1e-5f), s->tol);
+    pair_free(&x), pair_free(&g), pair_free(&b);
+}
+
+static void test_norms(const suite *s) {
+    test_group_norm(s, 4, (int64_t[]){2, 6, 5, 7}, 3, 0, ACT_NONE);
+    test_group_norm(s, 4, (int64_t[]){2, 64, 17, 17}, 32, 0, ACT_SILU);
+    test_group_norm(s, 4, (int64_t[]){1, 8, 3, 3}, 8, 0, ACT_GELU);
+    test_group_norm(s, 3, (int64_t[]){2, 8, 10}, 4, 0, ACT_QUICK_GELU);
+    test_group_norm(s, 4, (int64_t[]){1, 128, 64, 64}, 32, 20, ACT_SILU); /* several chunks */
+    test_group_norm(s, 4, (int64_t[]){1, 4, 256, 256}, 2, 50, ACT_NONE);  /* big, off-centre */
+    test_layer_norm(s, 3, 33, 0);
+    test_layer_norm(s, 154, 1024, 20);
+    test_layer_norm(s, 5, 1, 0);
+    test_layer_norm(s, 64, 320, 0);
+}
+
+static void test_elementwise(const suite *s) {
+    int64_t shape[3] = {3, 7, 333};
+    static const activation acts[] = {ACT_NONE, ACT_SILU, ACT_GELU, ACT_QUICK_GELU};
+    pair x = act(s, 3, shape, -6, 6);
+    for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++) {
+        char what[48];
+        snprintf(what, sizeof what, "activate %d", (int)acts[i]);
+        expect(s, what, s->gpu->activate(s->gpu, x.g, acts[i]),
+               s->cpu->activate(s->cpu, x.c, acts[i]), s->tol);
+    }
+    pair gg = act(s, 3, (int64_t[]){2, 50, 320}, -4, 4);
+    expect(s, "geglu", s->gpu->geglu(s->gpu, gg.g), s->cpu->geglu(s->cpu, gg.c), s->tol);
+
+    pair y = act(s, 3, shape, -1, 1);
+    CHECK(!s->gpu->add_inplace(s->gpu, x.g, y.g, 1.0f), "%s: add: %s", s->mode, sdx4_last_error());
+    s->cpu->add_inplace(s->cpu, x.c, y.c, 1.0f);
+    expect_close(s, "add_inplace", x.g, x.c, s->tol);
+    CHECK(!s->gpu->add_inplace(s->gpu, x.g, y.g, -0.25f), "%s: add: %s", s->mode, sdx4_last_error());
+    s->cpu->add_inplace(s->cpu, x.c, y.c, -0.25f);
+    expect_close(s, "add_inplace scaled", x.g, x.c, s->tol);
+    CHECK(!s->gpu->scale_inplace(s->gpu, x.g, 0.375f), "%s: scale: %s", s->mode, sdx4_last_error());
+    s->cpu->scale_inplace(s->cpu, x.c, 0.375f);
+    expect_close(s, "scale_inplace", x.g, x.c, s->tol);
+
+    pair img = act(s, 4, (int64_t[]){2, 64, 9, 11}, -1, 1), v = act(s, 2, (int64_t[]){2, 64}, -1, 1);
+    CHECK(!s->gpu->add_channel_bias_inplace(s->gpu, img.g, v.g), "%s: add_channel_bias: %s",
+          s->mode, sdx4_last_error());
+    s->cpu->add_channel_bias_inplace(s->cpu, img.c, v.c);
+    expect_close(s, "add_channel_bias_inplace", img.g, img.c, s->tol);
+    pair_free(&x), pair_free(&gg), pair_free(&y), pair_free(&img), pair_free(&v);
+}
+
+/* Operations that only move values: exact in every mode. */
+static void test_layout(const suite *s) {
+    pair a = act(s, 4, (int64_t[]){2, 3, 5, 7}, -1, 1), b = act(s, 4, (int64_t[]){2, 4, 5, 7}, -1, 1);
+    expect(s, "concat_channels", s->gpu->concat_channels(s->gpu, a.g, b.g),
+           s->cpu->concat_channels(s->cpu, a.c, b.c), 0);
+    static const int sizes[][2] = {{10, 14}, {13, 9}, {5, 7}, {3, 20}, {2, 3}, {7, 1}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        char what[48];
+        snprintf(what, sizeof what, "upsample_nearest 5x7 -> %dx%d", sizes[i][0], sizes[i][1]);
+        expect(s, what, s->gpu->upsample_nearest(s->gpu, a.g, sizes[i][0], sizes[i][1]),
+               s->cpu->upsample_nearest(s->cpu, a.c, sizes[i][0], sizes[i][1]), 0);
+    }
+    pair x = act(s, 4, (int64_t[]){2, 37, 33, 35}, -1, 1);
+    tensor *tg = s->gpu->nchw_to_tokens(s->gpu, x.g), *tc = s->cpu->nchw_to_tokens(s->cpu, x.c);
+    expect_close(s, "nchw_to_tokens", tg, tc, 0);
+    if (tg && tc)
+        expect(s, "tokens_to_nchw", s->gpu->tokens_to_nchw(s->gpu, tg, 33, 35),
+               s->cpu->tokens_to_nchw(s->cpu, tc, 33, 35), 0);
+    tensor_free(tg), tensor_free(tc);
+
+    pair table = wgt(s, 2, (int64_t[]){100, 64}, -1, 1);
+    int32_t ids[20];
+    for (int i = 0; i < 20; i++) ids[i] = (i * 37 + 11) % 100;
+    expect(s, "embedding", s->gpu->embedding(s->gpu, table.g, ids, 20),
+           s->cpu->embedding(s->cpu, table.c, ids, 20), 0);
+    pair_free(&a), pair_free(&b), pair_free(&x), pair_free(&table);
+}
+
+static void test_all(const suite *s) {
+    test_linear(s, 3, (int64_t[]){2, 5, 37}, 23, 1);
+    test_linear(s, 1, (int64_t[]){37}, 11, 0);
+    test_linear(s, 3, (int64_t[]){2, 77, 1024}, 320, 1);
+    test_linear(s, 3, (int64_t[]){2, 300, 320}, 2560, 1);
+    test_convs(s);
+    test_attentions(s);
+    test_norms(s);
+    test_elementwise(s);
+    test_layout(s);
+}
+
+/* ---------------------------------------------------- weights and types */
+
+/* Weights stored as F16 and BF16 in the file: both backends convert. */
+static void test_weight_types(const suite *s) {
+    int64_t N = 48, K = 80;
+    float *values = rand_half(N * K, -1, 1);
+    uint16_t *half = malloc((size_t)(N * K) * 2), *bf = malloc((size_t)(N * K) * 2);
+    for (int64_t i = 0; i < N * K; i++) {
+        half[i] = f32_to_f16(values[i]);
+        uint32_t bits;
+        memcpy(&bits, &values[i], 4);
+        bf[i] = (uint16_t)(bits >> 16); /* truncation: what the file holds */
+    }
+    pair x = act(s, 2, (int64_t[]){9, K}, -1, 1);
+    const struct { dtype type; const void *data; const char *name; } files[] = {
+        {DTYPE_F16, half, "linear with F16 file weights"},
+        {DTYPE_BF16, bf, "linear with BF16 file weights"},
+    };
+    for (size_t i = 0; i < 2; i++) {
+        int64_t shape[2] = {N, K};
+        tensor *wc = s->cpu->weight(s->cpu, files[i].data, files[i].type, 2, shape);
+        tensor *wg = s->gpu->weight(s->gpu, files[i].data, files[i].type, 2, shape);
+        CHECK(wg != NULL, "%s: %s: %s", s->mode, files[i].name, sdx4_last_error());
+        if (wc && wg)
+            expect(s, files[i].name, s->gpu->linear(s->gpu, x.g, wg, NULL),
+                   s->cpu->linear(s->cpu, x.c, wc, NULL), s->tol);
+        tensor_free(wc), tensor_free(wg);
+    }
+    pair_free(&x);
+    free(values), free(half), free(bf);
+}
+
+/* In fp16 mode: float tensors and half tensors meet in one operation. */
+static void test_mixed_types(suite *s) {
+    s->gpu->set_activation_type(s->gpu, DTYPE_F32);
+    pair a = act(s, 4, (int64_t[]){2, 3, 5, 7}, -1, 1);
+    s->gpu->set_activation_type(s->gpu, DTYPE_F16);
+    pair b = act(s, 4, (int64_t[]){2, 3, 5, 7}, -1, 1), c = act(s, 4, (int64_t[]){2, 4, 5, 7}, -1, 1);
+    CHECK(a.g->type == DTYPE_F32 && b.g->type == DTYPE_F16, "%s: precision switch: %s and %s",
+          s->mode, dtype_name(a.g->type), dtype_name(b.g->type));
+    s->act = DTYPE_F32; /* results take the type of the first operand */
+    CHECK(!s->gpu->add_inplace(s->gpu, a.g, b.g, 1.0f), "mixed add: %s", sdx4_last_error());
+    s->cpu->add_inplace(s->cpu, a.c, b.c, 1.0f);
+    expect_close(s, "add_inplace F32 += F16", a.g, a.c, 0);
+    expect(s, "concat_channels F32, F16", s->gpu->concat_channels(s->gpu, a.g, c.g),
+           s->cpu->concat_channels(s->cpu, a.c, c.c), 0);
+    s->act = DTYPE_F16;
+    expect(s, "concat_channels F16, F32", s->gpu->concat_channels(s->gpu, c.g, a.g),
+           s->cpu->concat_channels(s->cpu, c.c, a.c), TOL_FP16);
+    pair_free(&a), pair_free(&b), pair_free(&c);
+}
+
+/* ------------------------------------------------------ memory, errors */
+
+static void test_memory(backend *gpu) {
+    int64_t before, now, peak;
+    gpu->memory(gpu, &before, &peak);
+    tensor *t = gpu->new_tensor(gpu, 2, (int64_t[]){1000, 1000});
+    CHECK(t != NULL, "new_tensor: %s", sdx4_last_error());
+    gpu->memory(gpu, &now, &peak);
+    CHECK(t && now - before >= 1000000 * (int64_t)dtype_size(t->type),
+          "memory: %" PRId64 " -> %" PRId64 " after a 1e6-element tensor", before, now);
+    CHECK(peak >= now, "memory: peak %" PRId64 " < in use %" PRId64, peak, now);
+    tensor_free(t);
+    gpu->memory(gpu, &now, NULL);
+    CHECK(now == before, "memory: %" PRId64 " in use after freeing, %" PRId64 " before", now,
+          before);
+    /* a reused block: the same size class comes back from the cache */
+    t = gpu->new_tensor(gpu, 2, (int64_t[]){999, 1000});
+    CHECK(t != NULL, "new_tensor again: %s", sdx4_last_error());
+    tensor_free(t);
+
+    /* more than any GPU has: an error, and the backend still works */
+    t = gpu->new_tensor(gpu, 2, (int64_t[]){(int64_t)1 << 22, (int64_t)1 << 22});
+    CHECK(t == NULL && error_status() == SDX4_ERR_NO_MEMORY, "64 TiB tensor: %s",
+          t ? "allocated" : sdx4_last_error());
+    tensor_free(t);
+    float one = 1.5f, back = 0;
+    t = gpu->new_tensor(gpu, 1, (int64_t[]){1});
+    CHECK(t && !gpu->upload(gpu, t, &one) && !gpu->download(gpu, t, &back) && back == 1.5f,
+          "after out of memory: %s", sdx4_last_error());
+    tensor_free(t);
+}
+
+static void expect_error(tensor *t, sdx4_status status, const char *needle) {
+    CHECK(t == NULL, "expected an error containing \"%s\"", needle);
+    CHECK(error_status() == status, "status %d, expected %d (%s)", error_status(), status,
+          sdx4_last_error());
+    CHECK(strstr(sdx4_last_error(), needle) != NULL, "message \"%s\" lacks \"%s\"",
+          sdx4_last_error(), needle);
+    tensor_free(t);
+}
+
+static void test_errors(backend *gpu, backend *cpu) {
+    tensor *x = gpu->new_tensor(gpu, 3, (int64_t[]){1, 4, 8});
+    tensor *w = gpu->new_tensor(gpu, 2, (int64_t[]){3, 7});
+    tensor *big = gpu->new_tensor(gpu, 3, (int64_t[]){1, 2, 1024});
+    tensor *on_cpu = cpu->new_tensor(cpu, 2, (int64_t[]){3, 8});
+    expect_error(gpu->linear(gpu, x, w, NULL), SDX4_ERR_INVALID_ARGUMENT, "8 features");
+    expect_error(gpu->linear(gpu, x, on_cpu, NULL), SDX4_ERR_INVALID_ARGUMENT, "another backend");
+    expect_error(gpu->attention(gpu, big, big, big, 1, 0), SDX4_ERR_INVALID_ARGUMENT,
+                 "head dimension 1024");
+    expect_error(gpu->attention(gpu, x, x, x, 3, 0), SDX4_ERR_INVALID_ARGUMENT, "3 heads");
+    expect_error(gpu->embedding(gpu, w, (const int32_t[]){0, 3}, 2), SDX4_ERR_INVALID_ARGUMENT,
+                 "id 3 at position 1");
+    expect_error(gpu->group_norm(gpu, x, 3, w, w, 1e-5f, ACT_NONE), SDX4_ERR_INVALID_ARGUMENT,
+                 "4 channels do not split into 3 groups");
+    expect_error(gpu->upsample_nearest(gpu, big, 2, 2), SDX4_ERR_INVALID_ARGUMENT,
+                 "expected 4 dimensions");
+    expect_error(gpu->tokens_to_nchw(gpu, x, 3, 3), SDX4_ERR_INVALID_ARGUMENT, "not 3x3");
+    expect_error(gpu->new_tensor(gpu, 5, (int64_t[]){1, 1, 1, 1, 1}), SDX4_ERR_INVALID_ARGUMENT,
+                 "5 dimensions");
+    CHECK(gpu->add_inplace(gpu, x, w, 1.0f) == -1 && strstr(sdx4_last_error(), "differ"),
+          "add of different shapes: %s", sdx4_last_error());
+    CHECK(cpu->set_activation_type == NULL, "the cpu backend computes in float32 only");
+    tensor_free(x), tensor_free(w), tensor_free(big), tensor_free(on_cpu);
+}
+
+/* Two threads run linears on one backend at once; each checks its own. */
+typedef struct {
+    const suite *s;
+    int failures;
+} thread_job;
+
+static void *thread_main(void *arg) {
+    thread_job *job = arg;
+    const suite *s = job->s;
+    int64_t N = 64, K = 256;
+    for (int round = 0; round < 20; round++) {
+        float *xh = rand_half(33 * K, -1, 1), *wh = rand_half(N * K, -1, 1);
+        tensor *x = s->gpu->new_tensor(s->gpu, 2, (int64_t[]){33, K});
+        tensor *w = s->gpu->new_tensor(s->gpu, 2, (int64_t[]){N, K});
+        tensor *y = NULL;
+        float *got = malloc(33 * N * sizeof *got);
+        if (!x || !w || s->gpu->upload(s->gpu, x, xh) || s->gpu->upload(s->gpu, w, wh) ||
+            !(y = s->gpu->linear(s->gpu, x, w, NULL)) || s->gpu->download(s->gpu, y, got)) {
+            job->failures++;
+        } else {
+            for (int m = 0; m < 33; m++)
+                for (int n = 0; n < N; n++) {
+                    double ref = 0;
+                    for (int k = 0; k < K; k++) ref += (double)xh[m * K + k] * wh[n * K + k];
+                    if (!(fabs(got[m * N + n] - ref) <= 0.1)) job->failures++;
+                }
+        }
+        tensor_free(x), tensor_free(w), tensor_free(y);
+        free(xh), free(wh), free(got);
+    }
+    return NULL;
+}
+
+static void test_threads(const suite *s) {
+    pthread_t threads[2];
+    thread_job jobs[2] = {{s, 0}, {s, 0}};
+    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, thread_main, &jobs[i]);
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    CHECK(jobs[0].failures == 0 && jobs[1].failures == 0, "%s: threads: %d and %d wrong values",
+          s->mode, jobs[0].failures, jobs[1].failures);
+}
+
+/* ------------------------------------------------------------------ main */
+
+static backend *open_cuda(const char *dtype_mode, const char *conv) {
+    setenv("SDX4_CUDA_DTYPE", dtype_mode, 1);
+    setenv("SDX4_CUDA_CONV", conv, 1);
+    return backend_cuda_create(0);
+}
+
+int main(void) {
+    backend *cpu = backend_cpu_create(1);
+    backend *gpu = open_cuda("fp32", "cudnn");
+    if (!gpu) {
+        printf("test_backend_cuda: skipped: %s\n", sdx4_last_error());
+        cpu->destroy(cpu);
+        return 77;
+    }
+    printf("device: %s\n", gpu->description);
+    CHECK(strstr(gpu->description, "fp32") != NULL, "description: %s", gpu->description);
+
+    suite s = {cpu, gpu, "fp32", TOL_FP32, DTYPE_F32};
+    test_all(&s);
+    test_weight_types(&s);
+    test_memory(gpu);
+    test_errors(gpu, cpu);
+    test_threads(&s);
+    gpu->destroy(gpu);
+
+    gpu = open_cuda("fp16", "cudnn");
+    CHECK(gpu != NULL, "fp16 backend: %s", sdx4_last_error());
+    if (gpu) {
+        printf("device: %s\n", gpu->description);
+        s = (suite){cpu, gpu, "fp16", TOL_FP16, DTYPE_F16};
+        test_all(&s);
+        test_weight_types(&s);
+        test_mixed_types(&s);
+        test_memory(gpu);
+        test_threads(&s);
+        CHECK(gpu->set_activation_type(gpu, DTYPE_F32) == DTYPE_F16, "fp16 mode default");
+        s = (suite){cpu, gpu, "fp16+f32", TOL_TF32, DTYPE_F32};
+        test_all(&s);
+        test_weight_types(&s);
+        CHECK(gpu->set_activation_type(gpu, DTYPE_F16) == DTYPE_F32, "precision restored");
+        gpu->destroy(gpu);
+    }
+
+    /* the im2col path of convolutions, used where cuDNN is missing */
+    gpu = open_cuda("fp32", "im2col");
+    CHECK(gpu != NULL, "im2col backend: %s", sdx4_last_error());
+    if (gpu) {
+        s = (suite){cpu, gpu, "im2col", TOL_FP32, DTYPE_F32};
+        test_convs(&s);
+        gpu->destroy(gpu);
+    }
+    gpu = open_cuda("fp16", "im2col");
+    if (gpu) {
+        s = (suite){cpu, gpu, "im2col16", TOL_FP16, DTYPE_F16};
+        test_convs(&s);
+        gpu->destroy(gpu);
+    }
+
+    CHECK(open_cuda("bf16", "cudnn") == NULL && strstr(sdx4_last_error(), "SDX4_CUDA_DTYPE"),
+          "SDX4_CUDA_DTYPE=bf16 is refused: %s", sdx4_last_error());
+    unsetenv("SDX4_CUDA_DTYPE");
+    unsetenv("SDX4_CUDA_CONV");
+    cpu->destroy(cpu);
+    return test_finish("test_backend_cuda");
+}
+
+#endif
