@@ -16,6 +16,7 @@
 #include "model/image_processor.h"
 #include "model/pipeline.h"
 #include "test.h"
+#include "test_device.h"
 
 static backend *be;
 
@@ -122,8 +123,11 @@ static void test_model(const char *name) {
                    chk.worst, d);
             CHECK(chk.steps_checked == a.steps, "%d of %d steps checked", chk.steps_checked,
                   a.steps);
-            CHECK(chk.worst <= 2e-3, "%s case %zu: latents differ by %g", name, ci, chk.worst);
-            CHECK(d <= 2e-3, "%s case %zu: output differs by %g", name, ci, d);
+            /* in half precision only the 8-bit image is held (below) */
+            CHECK(test_half_precision || chk.worst <= 2e-3, "%s case %zu: latents differ by %g",
+                  name, ci, chk.worst);
+            CHECK(test_half_precision || d <= 2e-3, "%s case %zu: output differs by %g", name,
+                  ci, d);
             if (recorded && n_out == n_gold) { /* the PNG, within one level on 99.9% */
                 sdx4_image png = {0};
                 snprintf(path, sizeof path, "%s/golden/pipe%zu_output.png", test_ref(name), ci);
@@ -134,10 +138,12 @@ static void test_model(const char *name) {
                 int worst = 0;
                 for (size_t i = 0; png.pixels && i < n_out; i++) {
                     int diff = abs((int)rgb[i] - (int)png.pixels[i]);
-                    off += diff > 1;
+                    off += diff > (test_half_precision ? 2 : 1);
                     if (diff > worst) worst = diff;
                 }
-                CHECK(off * 1000 <= n_out, "%zu of %zu PNG values off by more than 1", off, n_out);
+                /* README: within 1 level on 99.9%; half precision: 2 levels on 99% */
+                CHECK(off * (test_half_precision ? 100 : 1000) <= n_out,
+                      "%zu of %zu PNG values off by more than the tolerance", off, n_out);
                 printf("  %s case %zu: PNG max level diff %d\n", name, ci, worst);
                 free(rgb);
                 sdx4_image_free(&png);
@@ -194,7 +200,7 @@ static void test_fp16_variant(void) {
 int main(int argc, char **argv) {
     (void)argc;
     imageio_init(argv[0]);
-    be = backend_cpu_create(0);
+    be = test_backend();
     test_model("tiny");
     test_model("small");
     test_fp16_variant();
