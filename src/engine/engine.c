@@ -98,7 +98,10 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     memset(info, 0, sizeof *info);
     info->model_dir = e->m.dir;
     info->device = e->device;
-    info->compute_dtype = "float32";
+    dtype act = e->be->set_activation_type
+                    ? e->be->set_activation_type(e->be, DTYPE_COUNT) /* query only */
+                    : DTYPE_F32;
+    info->compute_dtype = act == DTYPE_F16 ? "float16" : "float32";
     info->weights_dtype = dtype_name(e->m.unet_ws.file_dtype);
     info->text_encoder_params = e->m.te_ws.params;
     info->unet_params = e->m.unet_ws.params;

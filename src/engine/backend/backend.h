@@ -118,7 +118,8 @@ struct backend {
      * them, of type `t` (DTYPE_F32 or DTYPE_F16), and returns the previous
      * setting. The pipeline asks for F32 around the VAE decode, which
      * overflows in fp16 (diffusers upcasts it too). Per thread, so
-     * concurrent upscales on one engine do not disturb each other. */
+     * concurrent upscales on one engine do not disturb each other. Any
+     * other `t` changes nothing and just returns the current type. */
     dtype (*set_activation_type)(backend *be, dtype t);
 
     /* --- lifetime ----------------------------------------------------- */
