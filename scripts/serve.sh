@@ -22,4 +22,14 @@ if [ -z "$model" ]; then
   echo "serving the DEMO model: random weights, its images are noise."
   echo "for real upscaling: scripts/download-model.sh, or set SDX4_MODEL."
 fi
-exec build/sdx4 serve --model "$model" "$@"
+# /docs: Swagger UI as Debian ships it (r-cran-swagger's files, without R)
+docs=build/swagger-ui
+if [ ! -f "$docs/swagger-ui-bundle.js" ]; then
+  tmp=$(mktemp -d)
+  ( cd "$tmp" && apt-get download r-cran-swagger >/dev/null 2>&1 &&
+    dpkg-deb -x r-cran-swagger_*.deb unpacked ) &&
+    mkdir -p "$docs" && cp "$tmp"/unpacked/usr/lib/R/site-library/swagger/dist3/swagger-ui* "$docs/" ||
+    echo "Swagger UI not available: /docs will say how to get it"
+  rm -rf "$tmp"
+fi
+exec build/sdx4 serve --model "$model" --docs-assets "$docs" "$@"

@@ -37,7 +37,5 @@ for target in build-fuzz/fuzz_*; do
   rm -rf "$corpus"
 done
 
-if [ -x tests/server/run.sh ]; then
-  echo "== HTTP service integration tests"
-  tests/server/run.sh "$PWD/build/sdx4"
-fi
+echo "== HTTP service integration tests (pytest drives the real server)"
+tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"

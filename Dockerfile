@@ -1,0 +1,63 @@
+# sdx4 serve in a container, CPU or CUDA, from one multi-stage file:
+#
+#   docker build -t sdx4 .                                  # CPU (Debian 12)
+#   docker build -t sdx4:cuda --build-arg VARIANT=cuda .    # CUDA 12 + cuDNN
+#   docker run -p 8000:8000 -v $PWD/models/x4-upscaler:/models/x4-upscaler:ro sdx4
+#
+# Weights are not part of the image: mount a diffusers folder at
+# /models/x4-upscaler (or set SDX4_MODEL). Without one the container serves
+# the demo model generated at build time (random weights: its output is
+# noise, and the server says so in its log, health and model-info).
+# Every setting of `sdx4 serve --help` can be given as SDX4_* variables.
+
+ARG VARIANT=cpu
+
+# ---- build ------------------------------------------------------------------
+FROM debian:bookworm AS build-cpu
+FROM nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 AS build-cuda
+FROM build-${VARIANT} AS build
+ARG VARIANT
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
+        libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY CMakeLists.txt openapi.json ./
+COPY include include
+COPY src src
+COPY assets assets
+RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
+          -DSDX4_CUDA=$([ "$VARIANT" = cuda ] && echo ON || echo OFF) \
+    && cmake --build build -j"$(nproc)" --target sdx4 \
+    && build/sdx4 make-model --config assets/demo-model /opt/sdx4/demo --dtype fp32 --seed 0
+# Swagger UI for /docs, from Debian's r-cran-swagger (its dist folder only,
+# without R): served by the container itself, never from a CDN
+RUN apt-get update && cd /tmp && apt-get download r-cran-swagger \
+    && dpkg-deb -x r-cran-swagger_*.deb /tmp/swagger \
+    && mkdir -p /opt/sdx4/swagger-ui \
+    && cp /tmp/swagger/usr/lib/R/site-library/swagger/dist3/swagger-ui* /opt/sdx4/swagger-ui/ \
+    && rm -rf /var/lib/apt/lists/* /tmp/swagger /tmp/*.deb
+
+# ---- run --------------------------------------------------------------------
+FROM debian:bookworm-slim AS run-cpu
+FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS run-cuda
+FROM run-${VARIANT}
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        libjansson4 libutf8proc2 libopenblas0-openmp libvips42 libmicrohttpd12 libnettle8 \
+        libcurl4 ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin sdx4
+COPY --from=build /src/build/sdx4 /usr/local/bin/sdx4
+COPY --from=build /opt/sdx4 /opt/sdx4
+ENV SDX4_HOST=0.0.0.0 \
+    SDX4_PORT=8000 \
+    SDX4_MODEL=/models/x4-upscaler \
+    SDX4_DOCS_ASSETS=/opt/sdx4/swagger-ui
+USER sdx4
+EXPOSE 8000
+# ready = model loaded and warmed up (503 before, and while draining)
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD curl -fsS "http://127.0.0.1:${SDX4_PORT}/api/v1/health" >/dev/null || exit 1
+# SIGTERM lets in-flight work finish (SDX4_SHUTDOWN_TIMEOUT, 30 s by default)
+STOPSIGNAL SIGTERM
+CMD ["sh", "-c", "if [ -f \"$SDX4_MODEL/model_index.json\" ]; then exec sdx4 serve; else exec sdx4 serve --model /opt/sdx4/demo; fi"]

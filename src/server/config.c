@@ -1,0 +1,379 @@
+/*
+ * config.c - settings from defaults, a JSON file, SDX4_* variables and flags.
+ *
+ * One table describes every setting: its name, type, range, default (as
+ * text) and help line. Each source is parsed with the same text parser, the
+ * defaults included, so a default can never disagree with what a flag would
+ * accept, and `sdx4 serve --help` is generated from the table: it cannot
+ * forget a setting. Later sources overwrite earlier ones field by field.
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <jansson.h>
+
+#include "log.h"
+
+typedef enum { OPT_STRING, OPT_INT, OPT_DOUBLE, OPT_SIZE, OPT_BOOL, OPT_LIST } opt_type;
+
+typedef struct {
+    const char *name;
+    opt_type type;
+    size_t offset;
+    double min, max; /* for OPT_INT, OPT_DOUBLE and OPT_SIZE */
+    const char *fallback; /* default, as text; NULL: unset */
+    const char *help;
+} option;
+
+#define O(field) offsetof(server_config, field)
+static const option options[] = {
+    {"model", OPT_STRING, O(model), 0, 0, "models/x4-upscaler",
+     "diffusers model folder (model_index.json and weights)"},
+    {"model-id", OPT_STRING, O(model_id), 0, 0, NULL,
+     "name reported in X-Model and model-info (default: the folder's name)"},
+    {"device", OPT_STRING, O(device), 0, 0, "auto", "cpu, cuda or auto"},
+    {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
+    {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
+    {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
+     "run one small upscale before reporting ready"},
+    {"host", OPT_STRING, O(host), 0, 0, "127.0.0.1", "address to listen on"},
+    {"port", OPT_INT, O(port), 0, 65535, "8000", "TCP port (0: any free port)"},
+    {"http-threads", OPT_INT, O(http_threads), 1, 256, "2",
+     "threads serving HTTP (they never run inference)"},
+    {"max-connections", OPT_INT, O(max_connections), 1, 100000, "1024",
+     "open connections at most"},
+    {"per-ip-connections", OPT_INT, O(per_ip_connections), 0, 100000, "0",
+     "open connections per client address (0: no limit)"},
+    {"connection-timeout", OPT_DOUBLE, O(connection_timeout), 1, 3600, "30",
+     "seconds an idle or stalled connection is kept"},
+    {"max-upload", OPT_SIZE, O(max_upload), 1024, 1e12, "10M",
+     "largest request body (413 beyond, checked while receiving)"},
+    {"min-side", OPT_INT, O(min_side), 1, 65536, "64", "smallest input side in pixels"},
+    {"max-side", OPT_INT, O(max_side), 1, 65536, "512", "largest input side in pixels"},
+    {"max-steps", OPT_INT, O(max_steps), 1, 10000, "150", "largest num_inference_steps"},
+    {"max-prompt-chars", OPT_INT, O(max_prompt_chars), 1, 1 << 18, "1000",
+     "longest prompt in characters (longer prompts get 422; prompts over the "
+     "model's 77 tokens are truncated as CLIP does)"},
+    {"max-batch", OPT_INT, O(max_batch), 1, 64, "8", "images per batch-upscale request"},
+    {"workers", OPT_INT, O(workers), 1, 64, "3", "upscales running at once"},
+    {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
+     "pending upscales at most (then 503 with Retry-After)"},
+    {"request-timeout", OPT_DOUBLE, O(request_timeout), 0.01, 86400, "60",
+     "seconds from arrival until a request fails with 504 and its job is canceled"},
+    {"shutdown-timeout", OPT_DOUBLE, O(shutdown_timeout), 0, 3600, "30",
+     "seconds given to in-flight work on SIGTERM before it is canceled"},
+    {"job-retention", OPT_DOUBLE, O(job_retention), 0, 1e7, "3600",
+     "seconds a finished job and its result are kept"},
+    {"max-jobs", OPT_INT, O(max_jobs), 1, 1000000, "1000",
+     "finished jobs kept at most (oldest dropped first)"},
+    {"jobs-memory", OPT_SIZE, O(jobs_memory), 0, 1e13, "512M",
+     "bytes of finished job results kept at most"},
+    {"webhook-secret", OPT_STRING, O(webhook_secret), 0, 0, NULL,
+     "HMAC-SHA256 key signing webhook calls (webhooks are refused without it)"},
+    {"webhook-attempts", OPT_INT, O(webhook_attempts), 1, 100, "5",
+     "deliveries tried per webhook"},
+    {"webhook-backoff", OPT_DOUBLE, O(webhook_backoff), 0, 3600, "1",
+     "seconds before the first retry, doubled after each"},
+    {"webhook-timeout", OPT_DOUBLE, O(webhook_timeout), 0.1, 600, "10",
+     "seconds one webhook call may take"},
+    {"webhook-private", OPT_BOOL, O(webhook_private), 0, 0, "false",
+     "allow webhooks to loopback and private addresses"},
+    {"rate-limit", OPT_INT, O(rate_limit), 0, 1000000, "10",
+     "upscale requests per client per window (0: no limit)"},
+    {"rate-window", OPT_DOUBLE, O(rate_window), 1, 86400, "60", "rate limit window in seconds"},
+    {"trusted-proxies", OPT_LIST, O(trusted_proxies), 0, 0, NULL,
+     "addresses or CIDR ranges whose X-Forwarded-For is believed"},
+    {"api-keys", OPT_LIST, O(api_keys), 0, 0, NULL,
+     "accepted API keys, comma-separated (none: no authentication)"},
+    {"api-keys-file", OPT_STRING, O(api_keys_file), 0, 0, NULL,
+     "file of accepted API keys, one per line"},
+    {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
+     "origins allowed by CORS, comma-separated, or *"},
+    {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",
+     "bytes of cached results (0: no cache); only requests with a seed are cached"},
+    {"log-level", OPT_STRING, O(log_level), 0, 0, "info", "debug, info, warn or error"},
+    {"access-log", OPT_BOOL, O(access_log), 0, 0, "true", "log one line per request"},
+    {"docs-assets", OPT_STRING, O(docs_assets), 0, 0, NULL,
+     "folder with Swagger UI's dist files for /docs (default: the Debian packages' "
+     "copies)"},
+};
+#undef O
+enum { OPTION_COUNT = sizeof options / sizeof options[0] };
+
+/* "10M", "512k", "1G", "1048576" -> bytes (powers of 1024). -1 if bad. */
+static int parse_size(const char *text, size_t *bytes) {
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (end == text || errno || !(v >= 0)) return -1;
+    double scale = 1;
+    switch (toupper((unsigned char)*end)) {
+    case 'K': scale = 1024.0; end++; break;
+    case 'M': scale = 1024.0 * 1024; end++; break;
+    case 'G': scale = 1024.0 * 1024 * 1024; end++; break;
+    default: break;
+    }
+    if (toupper((unsigned char)*end) == 'B' || toupper((unsigned char)*end) == 'I') end++;
+    if (toupper((unsigned char)*end) == 'B') end++;
+    if (*end || v * scale > (double)SIZE_MAX / 2) return -1;
+    *bytes = (size_t)(v * scale);
+    return 0;
+}
+
+static void list_free(string_list *l) {
+    for (int i = 0; i < l->count; i++) free(l->items[i]);
+    free(l->items);
+    l->items = NULL;
+    l->count = 0;
+}
+
+/* Splits on commas, trimming spaces and dropping empty items. */
+static int list_parse(string_list *l, const char *text) {
+    list_free(l);
+    const char *p = text;
+    while (*p) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        const char *s = p, *e = p + len;
+        while (s < e && isspace((unsigned char)*s)) s++;
+        while (e > s && isspace((unsigned char)e[-1])) e--;
+        if (e > s) {
+            char **grown = realloc(l->items, (l->count + 1) * sizeof *grown);
+            if (!grown) return -1;
+            l->items = grown;
+            l->items[l->count++] = strndup(s, (size_t)(e - s));
+        }
+        p = comma ? comma + 1 : p + len;
+    }
+    return 0;
+}
+
+static int parse_bool(const char *text, bool *out) {
+    static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no", "off"};
+    for (int i = 0; i < 4; i++) {
+        if (strcasecmp(text, yes[i]) == 0) return *out = true, 0;
+        if (strcasecmp(text, no[i]) == 0) return *out = false, 0;
+    }
+    return -1;
+}
+
+/* Stores `text` into the setting; -1 with a message when it does not fit. */
+static int set_option(server_config *cfg, const option *o, const char *text,
+                      const char *source, FILE *err) {
+    void *field = (char *)cfg + o->offset;
+    char *end;
+    switch (o->type) {
+    case OPT_STRING:
+        free(*(char **)field);
+        *(char **)field = *text ? strdup(text) : NULL;
+        return 0;
+    case OPT_LIST:
+        return list_parse(field, text);
+    case OPT_BOOL:
+        if (parse_bool(text, field) == 0) return 0;
+        fprintf(err, "sdx4 serve: %s: %s must be true or false, not \"%s\"\n", source,
+                o->name, text);
+        return -1;
+    case OPT_INT: {
+        errno = 0;
+        long v = strtol(text, &end, 10);
+        if (end != text && !*end && !errno && v >= o->min && v <= o->max) {
+            *(int *)field = (int)v;
+            return 0;
+        }
+        break;
+    }
+    case OPT_DOUBLE: {
+        errno = 0;
+        double v = strtod(text, &end);
+        if (end != text && !*end && !errno && isfinite(v) && v >= o->min && v <= o->max) {
+            *(double *)field = v;
+            return 0;
+        }
+        break;
+    }
+    case OPT_SIZE: {
+        size_t v;
+        if (parse_size(text, &v) == 0 && (double)v >= o->min && (double)v <= o->max) {
+            *(size_t *)field = v;
+            return 0;
+        }
+        break;
+    }
+    }
+    fprintf(err, "sdx4 serve: %s: %s must be a %s from %g to %g, not \"%s\"\n", source,
+            o->name, o->type == OPT_SIZE ? "size in bytes (K, M, G suffixes)" : "number",
+            o->min, o->max, text);
+    return -1;
+}
+
+static const option *find_option(const char *name, size_t len) {
+    for (int i = 0; i < OPTION_COUNT; i++)
+        if (strlen(options[i].name) == len && strncmp(options[i].name, name, len) == 0)
+            return &options[i];
+    return NULL;
+}
+
+/* SDX4_ + the name upper-cased with dashes as underscores. */
+static void env_name(const option *o, char *buf, size_t size) {
+    size_t n = (size_t)snprintf(buf, size, "SDX4_");
+    for (const char *c = o->name; *c && n + 1 < size; c++)
+        buf[n++] = *c == '-' ? '_' : (char)toupper((unsigned char)*c);
+    buf[n] = '\0';
+}
+
+static int load_file(server_config *cfg, const char *path, FILE *err) {
+    json_error_t jerr;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!json_is_object(root)) {
+        fprintf(err, "sdx4 serve: %s:%d: %s\n", path, jerr.line,
+                root ? "settings must be a JSON object" : jerr.text);
+        json_decref(root);
+        return -1;
+    }
+    const char *key;
+    json_t *value;
+    int rc = 0;
+    json_object_foreach(root, key, value) {
+        const option *o = find_option(key, strlen(key));
+        if (!o || strcmp(key, "config") == 0) {
+            fprintf(err, "sdx4 serve: %s: unknown setting \"%s\"\n", path, key);
+            rc = -1;
+            break;
+        }
+        char text[64];
+        const char *s = text;
+        char *joined = NULL;
+        if (json_is_string(value)) s = json_string_value(value);
+        else if (json_is_integer(value)) snprintf(text, sizeof text, "%lld", (long long)json_integer_value(value));
+        else if (json_is_real(value)) snprintf(text, sizeof text, "%.17g", json_real_value(value));
+        else if (json_is_boolean(value)) s = json_is_true(value) ? "true" : "false";
+        else if (json_is_array(value) && o->type == OPT_LIST) {
+            size_t i, total = 1;
+            json_t *item;
+            json_array_foreach(value, i, item) total += strlen(json_string_value(item) ? json_string_value(item) : "") + 1;
+            joined = calloc(1, total);
+            json_array_foreach(value, i, item) {
+                if (i) strcat(joined, ",");
+                strcat(joined, json_string_value(item) ? json_string_value(item) : "");
+            }
+            s = joined;
+        } else {
+            fprintf(err, "sdx4 serve: %s: \"%s\" has an unsupported JSON type\n", path, key);
+            rc = -1;
+            break;
+        }
+        rc = set_option(cfg, o, s, path, err);
+        free(joined);
+        if (rc) break;
+    }
+    json_decref(root);
+    return rc;
+}
+
+static int check(const server_config *cfg, FILE *err) {
+    const char *bad = NULL;
+    log_level level;
+    if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
+    else if (cfg->max_steps < 75) bad = "max-steps must allow the default of 75 steps";
+    else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
+    else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
+    if (!bad) return 0;
+    fprintf(err, "sdx4 serve: %s\n", bad);
+    return -1;
+}
+
+int config_load(server_config *cfg, int argc, char **argv, FILE *err) {
+    memset(cfg, 0, sizeof *cfg);
+    for (int i = 0; i < OPTION_COUNT; i++)
+        if (options[i].fallback && set_option(cfg, &options[i], options[i].fallback, "default", err))
+            return -1;
+
+    /* the settings file comes first so that env and flags override it */
+    const char *file = getenv("SDX4_CONFIG");
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            config_print_help(stdout);
+            return 1;
+        }
+        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) file = argv[i + 1];
+        else if (strncmp(argv[i], "--config=", 9) == 0) file = argv[i] + 9;
+    }
+    if (file && *file && load_file(cfg, file, err)) return -1;
+
+    for (int i = 0; i < OPTION_COUNT; i++) {
+        char name[64];
+        env_name(&options[i], name, sizeof name);
+        const char *v = getenv(name);
+        if (v && set_option(cfg, &options[i], v, name, err)) return -1;
+    }
+
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strncmp(arg, "--", 2) != 0) {
+            fprintf(err, "sdx4 serve: unexpected argument \"%s\" (see --help)\n", arg);
+            return -1;
+        }
+        const char *name = arg + 2, *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        const char *value = eq ? eq + 1 : NULL;
+        if (len == 6 && strncmp(name, "config", 6) == 0) {
+            if (!value) i++;
+            continue;
+        }
+        const option *o = find_option(name, len);
+        if (!o) {
+            fprintf(err, "sdx4 serve: unknown option \"%s\" (see --help)\n", arg);
+            return -1;
+        }
+        if (!value && o->type == OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
+            value = "true"; /* a bare boolean flag turns it on */
+        if (!value) {
+            if (i + 1 >= argc) {
+                fprintf(err, "sdx4 serve: %s needs a value\n", arg);
+                return -1;
+            }
+            value = argv[++i];
+        }
+        if (set_option(cfg, o, value, "flag", err)) return -1;
+    }
+    return check(cfg, err);
+}
+
+void config_free(server_config *cfg) {
+    for (int i = 0; i < OPTION_COUNT; i++) {
+        void *field = (char *)cfg + options[i].offset;
+        if (options[i].type == OPT_STRING) free(*(char **)field);
+        else if (options[i].type == OPT_LIST) list_free(field);
+    }
+    memset(cfg, 0, sizeof *cfg);
+}
+
+void config_print_help(FILE *out) {
+    fprintf(out,
+            "usage: sdx4 serve [--model DIR] [--host ADDR] [--port N] [options]\n"
+            "\n"
+            "Serves the upscaling API (see /docs and /openapi.json once running).\n"
+            "Each option --name VALUE can also be set by the environment variable\n"
+            "SDX4_NAME (dashes as underscores) or by the key \"name\" of a JSON file\n"
+            "given by --config FILE or SDX4_CONFIG; flags win over the environment,\n"
+            "which wins over the file. Booleans: true/false, on/off, 1/0.\n"
+            "\n"
+            "  --config FILE\n      JSON settings file\n");
+    for (int i = 0; i < OPTION_COUNT; i++) {
+        const option *o = &options[i];
+        char env[64];
+        env_name(o, env, sizeof env);
+        static const char *const metavar[] = {"TEXT", "N", "X", "SIZE", "BOOL", "A,B,..."};
+        fprintf(out, "  --%s %s  (%s)\n      %s", o->name, metavar[o->type], env, o->help);
+        if (o->fallback) fprintf(out, " [default: %s]", o->fallback);
+        fputc('\n', out);
+    }
+}

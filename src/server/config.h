@@ -1,0 +1,63 @@
+/*
+ * config.h - the settings of `sdx4 serve`.
+ *
+ * Every setting has one name used three ways: the flag --name, the
+ * environment variable SDX4_NAME (dashes become underscores) and the key
+ * "name" of an optional JSON settings file (--config / SDX4_CONFIG).
+ * Precedence, lowest first: built-in default, file, environment, flag.
+ */
+#ifndef SDX4_SERVER_CONFIG_H
+#define SDX4_SERVER_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+typedef struct {
+    char **items;
+    int count;
+} string_list;
+
+typedef struct {
+    /* model */
+    char *model, *model_id, *device, *variant;
+    int threads;
+    bool warmup;
+    /* network */
+    char *host;
+    int port, http_threads, max_connections, per_ip_connections;
+    double connection_timeout;
+    /* request limits */
+    size_t max_upload;
+    int min_side, max_side, max_steps, max_prompt_chars, max_batch;
+    /* queue */
+    int workers, queue_size;
+    double request_timeout, shutdown_timeout;
+    /* jobs and webhooks */
+    double job_retention;
+    int max_jobs;
+    size_t jobs_memory;
+    char *webhook_secret;
+    int webhook_attempts;
+    double webhook_backoff, webhook_timeout;
+    bool webhook_private;
+    /* clients */
+    int rate_limit;
+    double rate_window;
+    string_list trusted_proxies, api_keys, cors_origins;
+    char *api_keys_file;
+    /* cache, logs, docs */
+    size_t cache_size;
+    char *log_level;
+    bool access_log;
+    char *docs_assets;
+} server_config;
+
+/* Fills `cfg` from defaults, the settings file, the environment and argv
+ * (argv[0] is "serve"). Returns 0 to run, 1 when --help was printed, -1 on
+ * a bad setting (message written to `err`). */
+int config_load(server_config *cfg, int argc, char **argv, FILE *err);
+void config_free(server_config *cfg);
+void config_print_help(FILE *out);
+
+#endif

@@ -1,0 +1,950 @@
+/*
+ * http.c - the HTTP daemon: routing, bodies, answers (libmicrohttpd).
+ *
+ * Threads. libmicrohttpd runs a small pool of event-loop threads
+ * (--http-threads, epoll). They parse requests, check limits and decode
+ * images (bounded: at most max-side squared pixels, read from the header
+ * first), and never wait for inference: an upscale request becomes a job
+ * on the queue and its connection is suspended (MHD_suspend_connection)
+ * until the job finishes, when the worker's wake-up resumes it and the
+ * answer is queued. SSE streams suspend the same way between events.
+ *
+ * A request's life, as libmicrohttpd calls on_request:
+ *   1st call   headers only: route, request id, CORS, API key, readiness,
+ *              rate limit, Content-Length and Content-Type checks. A
+ *              refusal is answered here, before any of the body is read.
+ *   next calls body pieces: streamed into the multipart post processor or
+ *              the JSON buffer; past --max-upload the rest is discarded
+ *              and 413 is answered at the end (a client that announced
+ *              its size was already refused at the 1st call), and past
+ *              twice the limit the connection is closed.
+ *   last call  body complete: parse, check and decode the images, create
+ *              the job, queue it, suspend; or answer a problem.
+ *   resumed    the job is finished: answer with its result.
+ * on_completed then logs the access line, records metrics and frees.
+ */
+#include "http.h"
+
+#include <arpa/inet.h>
+#include <math.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <microhttpd.h>
+
+#include "auth.h"
+#include "cache.h"
+#include "docs.h"
+#include "form.h"
+#include "jobs.h"
+#include "log.h"
+#include "metrics.h"
+#include "problem.h"
+#include "queue.h"
+#include "ratelimit.h"
+#include "status.h"
+
+#define API "/api/v1"
+
+static atomic_int requests_open;
+
+typedef enum { BODY_NONE, BODY_JSON, BODY_MULTIPART } body_kind;
+
+typedef struct request {
+    server *srv;
+    struct MHD_Connection *conn;
+    route_id route;
+    char id[48];
+    char method[8];
+    char path[160];
+    char job_id[33];
+    double start;
+    char ip[48];
+    char client[64]; /* rate limit and queue lane: API key or address */
+    const char *cors_origin; /* the Origin header when allowed */
+    rate_decision rate;
+    bool rate_checked;
+    bool deferred; /* no body expected: answered on the second call */
+    int status;
+    /* body */
+    body_kind body;
+    size_t received;
+    bool too_large;
+    char *json;
+    size_t json_len, json_cap;
+    struct MHD_PostProcessor *post;
+    char field[64];      /* multipart text field being received */
+    char *field_value;
+    size_t field_len;
+    bool field_open;     /* a text field is being received */
+    bool part_open;      /* any part (text or image) has begun */
+    size_t part_bytes;   /* bytes of the current part so far */
+    upscale_form form;
+    bool form_ready;
+    /* the job answered, waited on or streamed */
+    job *job;
+    waiter waiter;
+    /* SSE */
+    char *event;
+    size_t event_len, event_off;
+    unsigned event_version;
+    bool event_sent, stream_over;
+} request;
+
+/* ---- answers ---------------------------------------------------------------- */
+
+static void add_cors(request *r, struct MHD_Response *resp) {
+    if (!r->cors_origin) return;
+    const string_list *o = &r->srv->cfg.cors_origins;
+    bool wildcard = o->count == 1 && strcmp(o->items[0], "*") == 0;
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", wildcard ? "*" : r->cors_origin);
+    if (!wildcard) MHD_add_response_header(resp, "Vary", "Origin");
+    MHD_add_response_header(resp, "Access-Control-Expose-Headers",
+                            "X-Request-Id, X-Seed, X-Inference-Time-Ms, X-Queue-Time-Ms, X-Model, "
+                            "X-Input-Size, X-Output-Size, X-Cache, X-Prompt-Tokens, "
+                            "X-Prompt-Truncated, Retry-After, RateLimit-Limit, "
+                            "RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy, Location");
+}
+
+static void add_rate_headers(request *r, struct MHD_Response *resp) {
+    if (!r->rate_checked || !ratelimit_enabled(r->srv->ratelimit)) return;
+    char v[64];
+    snprintf(v, sizeof v, "%d", r->rate.limit);
+    MHD_add_response_header(resp, "RateLimit-Limit", v);
+    snprintf(v, sizeof v, "%d", r->rate.remaining);
+    MHD_add_response_header(resp, "RateLimit-Remaining", v);
+    snprintf(v, sizeof v, "%.0f", ceil(r->rate.reset));
+    MHD_add_response_header(resp, "RateLimit-Reset", v);
+    snprintf(v, sizeof v, "%d;w=%.0f", r->rate.limit, r->srv->cfg.rate_window);
+    MHD_add_response_header(resp, "RateLimit-Policy", v);
+}
+
+static enum MHD_Result send_response(request *r, int status, struct MHD_Response *resp) {
+    MHD_add_response_header(resp, "X-Request-Id", r->id);
+    add_cors(r, resp);
+    add_rate_headers(r, resp);
+    r->status = status;
+    enum MHD_Result rc = MHD_queue_response(r->conn, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    return rc;
+}
+
+static enum MHD_Result send_buffer(request *r, int status, const char *type, void *data,
+                                   size_t len, enum MHD_ResponseMemoryMode mode) {
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, data, mode);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", type);
+    return send_response(r, status, resp);
+}
+
+static enum MHD_Result send_json(request *r, int status, json_t *doc) {
+    char *text = json_dumps(doc, JSON_COMPACT);
+    json_decref(doc);
+    if (!text) return MHD_NO;
+    return send_buffer(r, status, "application/json", text, strlen(text), MHD_RESPMEM_MUST_FREE);
+}
+
+/* Seconds a client should wait before retrying a full queue: the time the
+ * workers need to get through what is waiting, from the mean upscale time
+ * so far (1 s before the first one). */
+static int retry_after_queue(server *srv) {
+    queue_stats qs;
+    queue_get_stats(srv->queue, &qs);
+    double each = metrics_mean_inference();
+    if (!(each > 0)) each = 1;
+    double wait = each * (1.0 + (double)qs.depth / (qs.workers ? qs.workers : 1));
+    return wait < 1 ? 1 : wait > 60 ? 60 : (int)ceil(wait);
+}
+
+static enum MHD_Result send_problem(request *r, const problem *p) {
+    size_t len;
+    char *body = problem_body(p, r->id, &len);
+    if (!body) return MHD_NO;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "application/problem+json");
+    char v[32];
+    switch (p->kind) {
+    case PROBLEM_UNAUTHORIZED:
+        MHD_add_response_header(resp, "WWW-Authenticate", "Bearer realm=\"sdx4\"");
+        break;
+    case PROBLEM_RATE_LIMITED:
+        snprintf(v, sizeof v, "%.0f", ceil(r->rate.retry_after) < 1 ? 1 : ceil(r->rate.retry_after));
+        MHD_add_response_header(resp, "Retry-After", v);
+        break;
+    case PROBLEM_QUEUE_FULL:
+    case PROBLEM_NOT_READY:
+    case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
+        snprintf(v, sizeof v, "%d", p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
+        MHD_add_response_header(resp, "Retry-After", v);
+        break;
+    case PROBLEM_METHOD: {
+        static const char *const allow[ROUTE_COUNT] = {
+            [ROUTE_UPSCALE] = "POST, OPTIONS",      [ROUTE_BATCH] = "POST, OPTIONS",
+            [ROUTE_JOB_CREATE] = "POST, OPTIONS",   [ROUTE_JOB_GET] = "GET, HEAD, DELETE, OPTIONS",
+            [ROUTE_JOB_RESULT] = "GET, HEAD, OPTIONS", [ROUTE_JOB_EVENTS] = "GET, OPTIONS",
+            [ROUTE_HEALTH] = "GET, HEAD, OPTIONS",  [ROUTE_MODEL_INFO] = "GET, HEAD, OPTIONS",
+            [ROUTE_METRICS] = "GET, HEAD, OPTIONS", [ROUTE_OPENAPI] = "GET, HEAD, OPTIONS",
+            [ROUTE_DOCS] = "GET, HEAD, OPTIONS",
+        };
+        if (allow[r->route]) MHD_add_response_header(resp, "Allow", allow[r->route]);
+        break;
+    }
+    default:
+        break;
+    }
+    if (problem_status(p->kind) >= 400) metrics_rejection(p->kind);
+    return send_response(r, problem_status(p->kind), resp);
+}
+
+static enum MHD_Result send_simple_problem(request *r, problem_kind kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static enum MHD_Result send_simple_problem(request *r, problem_kind kind, const char *fmt, ...) {
+    problem p = {.kind = kind};
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p.detail, sizeof p.detail, fmt, ap);
+    va_end(ap);
+    return send_problem(r, &p);
+}
+
+/* ---- routing ------------------------------------------------------------------- */
+
+typedef enum { M_GET = 1, M_POST = 2, M_DELETE = 4, M_OPTIONS = 8 } method_bit;
+
+static const unsigned route_methods[ROUTE_COUNT] = {
+    [ROUTE_UPSCALE] = M_POST,   [ROUTE_BATCH] = M_POST,      [ROUTE_JOB_CREATE] = M_POST,
+    [ROUTE_JOB_GET] = M_GET | M_DELETE, [ROUTE_JOB_RESULT] = M_GET, [ROUTE_JOB_EVENTS] = M_GET,
+    [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_METRICS] = M_GET,
+    [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
+};
+
+static bool is_job_id(const char *s, size_t len) {
+    if (len != 32) return false;
+    for (size_t i = 0; i < len; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return false;
+    return true;
+}
+
+static route_id match_route(const char *url, char job_id[33]) {
+    static const struct {
+        const char *path;
+        route_id route;
+    } fixed[] = {
+        {API "/upscale", ROUTE_UPSCALE},     {API "/batch-upscale", ROUTE_BATCH},
+        {API "/jobs", ROUTE_JOB_CREATE},     {API "/health", ROUTE_HEALTH},
+        {API "/model-info", ROUTE_MODEL_INFO}, {"/metrics", ROUTE_METRICS},
+        {"/openapi.json", ROUTE_OPENAPI},    {"/docs", ROUTE_DOCS},
+        {"/docs/", ROUTE_DOCS},
+    };
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strcmp(url, fixed[i].path) == 0) return fixed[i].route;
+    if (strncmp(url, "/docs/", 6) == 0) return ROUTE_DOCS;
+    const char *prefix = API "/jobs/";
+    size_t n = strlen(prefix);
+    if (strncmp(url, prefix, n) != 0) return ROUTE_UNKNOWN;
+    const char *id = url + n, *slash = strchr(id, '/');
+    size_t id_len = slash ? (size_t)(slash - id) : strlen(id);
+    if (!is_job_id(id, id_len)) return ROUTE_UNKNOWN;
+    memcpy(job_id, id, 32);
+    job_id[32] = '\0';
+    if (!slash) return ROUTE_JOB_GET;
+    if (strcmp(slash, "/result") == 0) return ROUTE_JOB_RESULT;
+    if (strcmp(slash, "/events") == 0) return ROUTE_JOB_EVENTS;
+    return ROUTE_UNKNOWN;
+}
+
+static unsigned method_of(const char *method) {
+    if (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0) return M_GET;
+    if (strcmp(method, "POST") == 0) return M_POST;
+    if (strcmp(method, "DELETE") == 0) return M_DELETE;
+    if (strcmp(method, "OPTIONS") == 0) return M_OPTIONS;
+    return 0;
+}
+
+static const char *header(request *r, const char *name) {
+    return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
+/* The client's X-Request-Id if it is a sane token, else a fresh one. */
+static void set_request_id(request *r) {
+    const char *given = header(r, "X-Request-Id");
+    if (given) {
+        size_t n = strlen(given);
+        bool ok = n >= 1 && n < sizeof r->id;
+        for (size_t i = 0; ok && i < n; i++)
+            ok = (given[i] >= '0' && given[i] <= '9') || (given[i] >= 'a' && given[i] <= 'z') ||
+                 (given[i] >= 'A' && given[i] <= 'Z') || given[i] == '-' || given[i] == '_' ||
+                 given[i] == '.';
+        if (ok) {
+            memcpy(r->id, given, n + 1);
+            return;
+        }
+    }
+    uint8_t b[8] = {0};
+    if (getrandom(b, sizeof b, 0) != sizeof b) memcpy(b, &r->start, sizeof b);
+    for (int i = 0; i < 8; i++) snprintf(r->id + 2 * i, 3, "%02x", b[i]);
+}
+
+static bool origin_allowed(const server *srv, const char *origin) {
+    const string_list *o = &srv->cfg.cors_origins;
+    for (int i = 0; i < o->count; i++)
+        if (strcmp(o->items[i], "*") == 0 || strcasecmp(o->items[i], origin) == 0) return true;
+    return false;
+}
+
+static bool needs_key(route_id route) {
+    return route != ROUTE_HEALTH && route != ROUTE_OPENAPI && route != ROUTE_DOCS &&
+           route != ROUTE_PREFLIGHT;
+}
+
+static bool takes_body(route_id route) {
+    return route == ROUTE_UPSCALE || route == ROUTE_BATCH || route == ROUTE_JOB_CREATE;
+}
+
+/* ---- request bodies ---------------------------------------------------------------- */
+
+static void flush_field(request *r) {
+    if (!r->field_open) return;
+    form_set_text(&r->form, r->field, r->field_value ? r->field_value : "", r->field_len);
+    free(r->field_value);
+    r->field_value = NULL;
+    r->field_len = 0;
+    r->field_open = false;
+}
+
+static enum MHD_Result on_post_data(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *filename, const char *content_type,
+                                    const char *transfer_encoding, const char *data,
+                                    uint64_t off, size_t size) {
+    request *r = cls;
+    upscale_form *f = &r->form;
+    (void)kind, (void)filename, (void)content_type, (void)transfer_encoding;
+    if (f->error.kind) return MHD_YES; /* keep draining; the first problem is answered */
+    if (!key) {
+        problem_set(&f->error, PROBLEM_MALFORMED, "a multipart/form-data part has no name");
+        return MHD_YES;
+    }
+    bool image = strcmp(key, "image") == 0 || (f->batch && strcmp(key, "images") == 0);
+    /* a part comes in pieces; its first call may carry no bytes yet, so a
+     * second call at offset 0 continues it unless the part has data */
+    bool continuing = r->part_open && strcmp(key, r->field) == 0 && (off > 0 || r->part_bytes == 0);
+    if (!continuing) {
+        flush_field(r);
+        snprintf(r->field, sizeof r->field, "%s", key);
+        r->part_open = true;
+        r->part_bytes = 0;
+        if (image && form_image_begin(f)) return MHD_YES;
+        if (!image) r->field_open = true;
+    }
+    r->part_bytes += size;
+    if (image) {
+        form_image_append(f, data, size);
+        return MHD_YES;
+    }
+    size_t cap = (size_t)r->srv->cfg.max_prompt_chars * 4 + 64; /* UTF-8: 4 bytes a character at most */
+    if (r->field_len + size > cap) /* keep what form_set_text needs to report the length */
+        size = r->field_len < cap ? cap - r->field_len : 0;
+    if (!size) return MHD_YES;
+    char *grown = realloc(r->field_value, r->field_len + size + 1);
+    if (!grown) return MHD_NO;
+    memcpy(grown + r->field_len, data, size);
+    r->field_value = grown;
+    r->field_len += size;
+    return MHD_YES;
+}
+
+/* Takes a piece of the body; false when the client keeps sending far past
+ * the limit, to be cut off (an answer can only be queued once the body has
+ * ended, and a body without Content-Length may never end). */
+static bool receive(request *r, const char *data, size_t size) {
+    r->received += size;
+    if (r->received / 2 > r->srv->cfg.max_upload) return false;
+    if (r->too_large || r->body == BODY_NONE) return true; /* discarded */
+    if (r->received > r->srv->cfg.max_upload) {
+        r->too_large = true; /* stop keeping anything; 413 once the body ends */
+        free(r->json);
+        r->json = NULL;
+        return true;
+    }
+    if (r->body == BODY_MULTIPART) {
+        if (MHD_post_process(r->post, data, size) != MHD_YES && !r->form.error.kind)
+            problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body");
+        return true;
+    }
+    if (r->json_len + size > r->json_cap) {
+        size_t cap = r->json_cap ? r->json_cap : 65536;
+        while (cap < r->json_len + size) cap *= 2;
+        char *grown = realloc(r->json, cap);
+        if (!grown) {
+            problem_set(&r->form.error, PROBLEM_INTERNAL, "out of memory");
+            return true;
+        }
+        r->json = grown;
+        r->json_cap = cap;
+    }
+    memcpy(r->json + r->json_len, data, size);
+    r->json_len += size;
+    return true;
+}
+
+static enum MHD_Result add_query_value(void *cls, enum MHD_ValueKind kind, const char *key,
+                                       const char *value) {
+    request *r = cls;
+    (void)kind;
+    form_set_text(&r->form, key, value ? value : "", value ? strlen(value) : 0);
+    return r->form.error.kind ? MHD_NO : MHD_YES;
+}
+
+/* ---- the first call: everything decided from the headers ----------------------------- */
+
+static enum MHD_Result preflight(request *r, unsigned allowed) {
+    const char *origin = header(r, "Origin");
+    const char *method = header(r, "Access-Control-Request-Method");
+    if (!origin || !method) {
+        struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
+        MHD_add_response_header(resp, "Allow", allowed & M_POST ? "POST, OPTIONS"
+                                               : allowed & M_DELETE ? "GET, HEAD, DELETE, OPTIONS"
+                                                                    : "GET, HEAD, OPTIONS");
+        return send_response(r, 204, resp);
+    }
+    if (!origin_allowed(r->srv, origin))
+        return send_simple_problem(r, PROBLEM_FORBIDDEN, "origin %s is not allowed by CORS",
+                                   strlen(origin) < 200 ? origin : "(too long)");
+    if (!(method_of(method) & allowed))
+        return send_simple_problem(r, PROBLEM_METHOD, "%s is not allowed here",
+                                   strlen(method) < 16 ? method : "(too long)");
+    r->cors_origin = origin;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
+    MHD_add_response_header(resp, "Access-Control-Allow-Methods",
+                            allowed & M_POST ? "POST" : allowed & M_DELETE ? "GET, DELETE" : "GET");
+    MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                            "Authorization, X-API-Key, Content-Type, Accept, X-Request-Id");
+    MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+    return send_response(r, 204, resp);
+}
+
+static enum MHD_Result begin_body(request *r) {
+    const server_config *c = &r->srv->cfg;
+    const char *length = header(r, "Content-Length");
+    if (length) {
+        char *end;
+        unsigned long long n = strtoull(length, &end, 10);
+        if (*end == '\0' && n > c->max_upload)
+            return send_simple_problem(r, PROBLEM_TOO_LARGE,
+                                       "the body is %llu bytes; at most %zu are accepted", n,
+                                       c->max_upload);
+    }
+    const char *type = header(r, "Content-Type");
+    form_kind kind = r->route == ROUTE_BATCH ? FORM_BATCH : r->route == ROUTE_JOB_CREATE ? FORM_JOB : FORM_UPSCALE;
+    form_limits limits = {c->max_steps, c->max_prompt_chars, c->max_batch};
+    if (form_init(&r->form, &limits, kind)) return MHD_NO;
+    r->form_ready = true;
+    if (type && strncasecmp(type, "multipart/form-data", 19) == 0) {
+        r->body = BODY_MULTIPART;
+        r->post = MHD_create_post_processor(r->conn, 65536, on_post_data, r);
+        if (!r->post)
+            return send_simple_problem(r, PROBLEM_MALFORMED,
+                                       "multipart/form-data without a usable boundary");
+        return MHD_YES;
+    }
+    if (type && strncasecmp(type, "application/json", 16) == 0 &&
+        (type[16] == '\0' || type[16] == ';' || type[16] == ' ')) {
+        r->body = BODY_JSON;
+        return MHD_YES;
+    }
+    return send_simple_problem(r, PROBLEM_CONTENT_TYPE,
+                               "the body must be multipart/form-data or application/json%s",
+                               type ? "" : " (no Content-Type was sent)");
+}
+
+static enum MHD_Result answer_get(request *r);
+
+static enum MHD_Result begin(request *r, const char *url, const char *method) {
+    server *srv = r->srv;
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->path, sizeof r->path, "%s", url);
+    r->route = match_route(url, r->job_id);
+    set_request_id(r);
+
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, header(r, "X-Forwarded-For"),
+                             r->ip, sizeof r->ip);
+    snprintf(r->client, sizeof r->client, "%s", r->ip);
+
+    const char *origin = header(r, "Origin");
+    if (origin && origin_allowed(srv, origin)) r->cors_origin = origin;
+
+    if (r->route == ROUTE_UNKNOWN)
+        return send_simple_problem(r, PROBLEM_NOT_FOUND, "no such resource");
+    unsigned m = method_of(method);
+    if (m == M_OPTIONS) {
+        unsigned allowed = route_methods[r->route];
+        r->route = ROUTE_PREFLIGHT;
+        return preflight(r, allowed);
+    }
+    if (!(m & route_methods[r->route]) || (r->route == ROUTE_JOB_EVENTS && strcmp(method, "HEAD") == 0))
+        return send_simple_problem(r, PROBLEM_METHOD, "%s is not allowed here",
+                                   strlen(method) < 16 ? method : "this method");
+
+    if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
+
+    if (needs_key(r->route)) {
+        char key_client[24];
+        problem_kind k = auth_check(srv->auth, header(r, "Authorization"), header(r, "X-API-Key"), key_client);
+        if (k == PROBLEM_UNAUTHORIZED)
+            return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
+        if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
+        if (key_client[0]) snprintf(r->client, sizeof r->client, "%s", key_client);
+    }
+
+    if (!takes_body(r->route)) return answer_get(r);
+
+    int phase = atomic_load(&srv->phase);
+    if (phase == PHASE_DRAINING)
+        return send_simple_problem(r, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
+    if (phase != PHASE_READY)
+        return send_simple_problem(r, PROBLEM_NOT_READY, "the model is %s",
+                                   phase == PHASE_FAILED ? "unavailable" : "still loading");
+    ratelimit_check(srv->ratelimit, r->client, mono_now(), &r->rate);
+    r->rate_checked = true;
+    if (!r->rate.allowed)
+        return send_simple_problem(r, PROBLEM_RATE_LIMITED,
+                                   "at most %d upscale requests per %g s per client; retry in %.0f s",
+                                   r->rate.limit, srv->cfg.rate_window, ceil(r->rate.retry_after));
+    return begin_body(r);
+}
+
+/* ---- GET routes ------------------------------------------------------------------------ */
+
+static enum MHD_Result send_image(request *r, job *j);
+
+static ssize_t read_events(void *cls, uint64_t pos, char *buf, size_t max);
+
+static void wake_connection(void *arg) { MHD_resume_connection(((request *)arg)->conn); }
+static void suspend_connection(void *arg) { MHD_suspend_connection(((request *)arg)->conn); }
+
+static enum MHD_Result answer_job(request *r) {
+    job *j = r->job;
+    job_view v;
+    job_get_view(j, &v);
+    switch (r->route) {
+    case ROUTE_JOB_CANCEL:
+        job_delete(j);
+        return send_json(r, 200, job_document(j));
+    case ROUTE_JOB_GET:
+        return send_json(r, 200, job_document(j));
+    case ROUTE_JOB_RESULT:
+        if (v.state == JOB_SUCCEEDED) {
+            if (job_kind(j) == FORM_BATCH) return send_json(r, 200, job_batch_results(j));
+            return send_image(r, j);
+        }
+        if (v.state == JOB_CANCELED) return send_simple_problem(r, PROBLEM_CANCELED, "the job was canceled");
+        if (v.state == JOB_FAILED)
+            return send_simple_problem(r, PROBLEM_NOT_FINISHED, "the job failed: %s", v.error.detail);
+        return send_simple_problem(r, PROBLEM_NOT_FINISHED, "the job is %s; its result is not ready",
+                                   job_state_name(v.state));
+    case ROUTE_JOB_EVENTS: {
+        struct MHD_Response *resp =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, read_events, r, NULL);
+        if (!resp) return MHD_NO;
+        MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+        MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+        return send_response(r, 200, resp);
+    }
+    default:
+        return MHD_NO;
+    }
+}
+
+static enum MHD_Result answer_get(request *r) {
+    server *srv = r->srv;
+    switch (r->route) {
+    case ROUTE_HEALTH: {
+        int status;
+        json_t *h = status_health(srv, &status);
+        return send_json(r, status, h);
+    }
+    case ROUTE_MODEL_INFO: {
+        int phase = atomic_load(&srv->phase);
+        if (phase != PHASE_READY && phase != PHASE_DRAINING)
+            return send_simple_problem(r, PROBLEM_NOT_READY, "the model is not loaded yet");
+        return send_json(r, 200, status_model_info(srv));
+    }
+    case ROUTE_METRICS: {
+        size_t len;
+        char *text = metrics_render(srv, &len);
+        if (!text) return MHD_NO;
+        return send_buffer(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len,
+                           MHD_RESPMEM_MUST_FREE);
+    }
+    case ROUTE_OPENAPI: {
+        size_t len;
+        const char *doc = docs_openapi(&len);
+        return send_buffer(r, 200, "application/json", (void *)doc, len, MHD_RESPMEM_PERSISTENT);
+    }
+    case ROUTE_DOCS: {
+        if (strcmp(r->path, "/docs") == 0 || strcmp(r->path, "/docs/") == 0) {
+            size_t len;
+            const char *page = docs_page(&len);
+            return send_buffer(r, 200, "text/html; charset=utf-8", (void *)page, len, MHD_RESPMEM_PERSISTENT);
+        }
+        const char *type;
+        size_t size;
+        int fd = docs_asset(r->path + 6, &type, &size);
+        if (fd < 0) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no such documentation file");
+        struct MHD_Response *resp = MHD_create_response_from_fd(size, fd);
+        if (!resp) {
+            close(fd);
+            return MHD_NO;
+        }
+        MHD_add_response_header(resp, "Content-Type", type);
+        MHD_add_response_header(resp, "Cache-Control", "public, max-age=86400");
+        return send_response(r, 200, resp);
+    }
+    default: /* the job routes */
+        r->job = job_find(srv->jobs, r->job_id);
+        if (!r->job) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no job %s (finished jobs are kept %g s)",
+                                                r->job_id, srv->cfg.job_retention);
+        return answer_job(r);
+    }
+}
+
+/* ---- SSE ----------------------------------------------------------------------------------- */
+
+/* The next event when the job changed since the last one sent: a snapshot
+ * of the status document named by the status. Steps that happen between
+ * two reads are coalesced, so a slow client never makes a backlog. */
+static bool next_event(request *r) {
+    job_view v;
+    job_get_view(r->job, &v);
+    if (r->event_sent && v.version == r->event_version) return false;
+    json_t *doc = job_document(r->job);
+    char *data = json_dumps(doc, JSON_COMPACT);
+    json_decref(doc);
+    free(r->event);
+    r->event = NULL;
+    int n = asprintf(&r->event, "id: %u\nevent: %s\ndata: %s\n\n", v.version, job_state_name(v.state),
+                     data ? data : "{}");
+    free(data);
+    r->event_len = n > 0 ? (size_t)n : 0;
+    r->event_off = 0;
+    r->event_version = v.version;
+    r->event_sent = true;
+    r->stream_over = v.state >= JOB_SUCCEEDED;
+    return true;
+}
+
+static ssize_t read_events(void *cls, uint64_t pos, char *buf, size_t max) {
+    request *r = cls;
+    (void)pos;
+    for (;;) {
+        if (r->event_off < r->event_len) {
+            size_t n = r->event_len - r->event_off;
+            if (n > max) n = max;
+            memcpy(buf, r->event + r->event_off, n);
+            r->event_off += n;
+            return (ssize_t)n;
+        }
+        if (r->stream_over) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (next_event(r)) continue;
+        r->waiter = (waiter){.suspend = suspend_connection, .wake = wake_connection, .arg = r};
+        if (job_wait(r->job, r->event_version, &r->waiter) == 0) return 0; /* suspended */
+    }
+}
+
+/* ---- upscale answers ---------------------------------------------------------------------- */
+
+static void set_header_int(struct MHD_Response *resp, const char *name, long long v) {
+    char text[32];
+    snprintf(text, sizeof text, "%lld", v);
+    MHD_add_response_header(resp, name, text);
+}
+
+static enum MHD_Result send_image(request *r, job *j) {
+    task *t = job_task(j, 0);
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(t->output_len, t->output, MHD_RESPMEM_PERSISTENT);
+    if (!resp) return MHD_NO;
+    /* the buffer belongs to the job, which this request references until
+     * the answer has been sent (on_completed releases it) */
+    char v[64];
+    MHD_add_response_header(resp, "Content-Type", imageio_mime_type(t->opts.format));
+    snprintf(v, sizeof v, "inline; filename=\"upscaled.%s\"",
+             t->opts.format == IMAGE_JPEG ? "jpg" : imageio_format_name(t->opts.format));
+    MHD_add_response_header(resp, "Content-Disposition", v);
+    snprintf(v, sizeof v, "%llu", (unsigned long long)t->opts.seed);
+    MHD_add_response_header(resp, "X-Seed", v);
+    set_header_int(resp, "X-Inference-Time-Ms", t->cache_hit ? 0 : llround((t->finished - t->started) * 1e3));
+    set_header_int(resp, "X-Queue-Time-Ms", t->cache_hit ? 0 : llround((t->started - r->start) * 1e3 > 0 ? (t->started - r->start) * 1e3 : 0));
+    MHD_add_response_header(resp, "X-Model", r->srv->model_id);
+    snprintf(v, sizeof v, "%dx%d", t->input.width, t->input.height);
+    MHD_add_response_header(resp, "X-Input-Size", v);
+    snprintf(v, sizeof v, "%dx%d", t->out_width, t->out_height);
+    MHD_add_response_header(resp, "X-Output-Size", v);
+    MHD_add_response_header(resp, "X-Cache", t->cache_hit ? "HIT" : t->cacheable ? "MISS" : "BYPASS");
+    set_header_int(resp, "X-Prompt-Tokens", t->report.prompt_tokens);
+    MHD_add_response_header(resp, "X-Prompt-Truncated", t->report.prompt_truncated ? "true" : "false");
+    if (t->report.negative_truncated) MHD_add_response_header(resp, "X-Negative-Prompt-Truncated", "true");
+    return send_response(r, 200, resp);
+}
+
+/* The job waited on by a synchronous request is over: its answer. */
+static enum MHD_Result answer_finished(request *r) {
+    job *j = r->job;
+    job_view v;
+    job_get_view(j, &v);
+    if (job_kind(j) == FORM_BATCH) {
+        if (v.state == JOB_SUCCEEDED) return send_json(r, 200, job_batch_results(j));
+        return send_problem(r, &v.error);
+    }
+    task *t = job_task(j, 0);
+    if (v.state == JOB_SUCCEEDED) return send_image(r, j);
+    return send_problem(r, &t->error);
+}
+
+/* Random seeds stay below 2^53 so that JavaScript clients read them exactly. */
+static uint64_t random_seed(void) {
+    uint64_t s = 0;
+    if (getrandom(&s, sizeof s, 0) != sizeof s) s = (uint64_t)(mono_now() * 1e9);
+    return s & ((1ull << 53) - 1);
+}
+
+/* Checks and decodes image i into task t: format by magic number, size
+ * from the header, then the pixels. */
+static int prepare_task(request *r, int i, task *t, image_format accept, problem *p) {
+    const server_config *c = &r->srv->cfg;
+    form_blob *b = &r->form.images[i];
+    char err[256];
+    image_format format = imageio_sniff(b->data, b->len);
+    if (format == IMAGE_UNKNOWN)
+        return problem_set(p, PROBLEM_IMAGE_FORMAT,
+                           "the image is not PNG, JPEG or WebP (judged by its first bytes)");
+    int w, h;
+    if (imageio_probe(b->data, b->len, &format, &w, &h, err, sizeof err))
+        return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s header could not be read: %s",
+                           imageio_format_name(format), err);
+    if (w < c->min_side || h < c->min_side || w > c->max_side || h > c->max_side) {
+        problem_set(p, PROBLEM_IMAGE_SIZE, "the image is %dx%d pixels; each side must be from %d to %d",
+                    w, h, c->min_side, c->max_side);
+        snprintf(p->field, sizeof p->field, "image");
+        snprintf(p->allowed, sizeof p->allowed, "%d to %d pixels per side", c->min_side, c->max_side);
+        return -1;
+    }
+    if (imageio_decode(b->data, b->len, &t->input, err, sizeof err))
+        return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s image could not be decoded: %s",
+                           imageio_format_name(format), err);
+    free(b->data); /* the pixels are all that is needed from here */
+    b->data = NULL;
+    b->len = b->cap = 0;
+
+    form_resolve(&r->form, i, &t->opts);
+    if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
+    bool seeded = t->opts.given & 1u << FIELD_SEED;
+    if (!seeded) t->opts.seed = random_seed();
+    t->cacheable = seeded && r->srv->cache;
+    if (t->cacheable) {
+        char *canonical = options_canonical(&t->opts);
+        if (!canonical) return problem_set(p, PROBLEM_INTERNAL, "out of memory");
+        cache_key(t->cache_key, r->srv->model_id, canonical, &t->input);
+        free(canonical);
+    }
+    return 0;
+}
+
+static enum MHD_Result start_job(request *r) {
+    server *srv = r->srv;
+    upscale_form *f = &r->form;
+    if (r->too_large)
+        return send_simple_problem(r, PROBLEM_TOO_LARGE, "the body is over %zu bytes",
+                                   srv->cfg.max_upload);
+    if (r->body == BODY_MULTIPART) {
+        MHD_destroy_post_processor(r->post); /* delivers the last field */
+        r->post = NULL;
+        flush_field(r);
+    } else {
+        form_parse_json(f, r->json ? r->json : "", r->json_len);
+    }
+    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
+    if (form_finish(f)) return send_problem(r, &f->error);
+    if (f->webhook_url && !srv->cfg.webhook_secret) {
+        problem p;
+        problem_field(&p, "webhook_url", NULL, "webhooks are disabled on this server (no webhook secret is set)");
+        return send_problem(r, &p);
+    }
+    image_format accept = IMAGE_UNKNOWN;
+    if (f->kind == FORM_UPSCALE && form_accept_format(header(r, "Accept"), &accept))
+        return send_simple_problem(r, PROBLEM_NOT_ACCEPTABLE,
+                                   "the Accept header allows none of image/png, image/jpeg, image/webp");
+
+    bool listed = f->kind == FORM_JOB || (f->kind == FORM_BATCH && f->async);
+    job *j = job_create(srv->jobs, f->kind, f->nimages, listed, r->client, r->id, r->start);
+    if (!j) return send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
+    r->job = j;
+    job_set_webhook(j, f->webhook_url);
+    for (int i = 0; i < f->nimages; i++) {
+        problem p = {0};
+        if (prepare_task(r, i, job_task(j, i), accept, &p) == 0) continue;
+        if (f->kind != FORM_BATCH) return send_problem(r, &p);
+        job_task_reject(job_task(j, i), &p); /* a batch answers it in the image's entry */
+    }
+    problem p = {0};
+    if (job_submit(j, &p)) return send_problem(r, &p);
+
+    if (listed) {
+        struct MHD_Response *resp;
+        json_t *doc = job_document(j);
+        char *body = json_dumps(doc, JSON_COMPACT);
+        json_decref(doc);
+        if (!body) return MHD_NO;
+        resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+        if (!resp) return MHD_NO;
+        char location[80];
+        snprintf(location, sizeof location, API "/jobs/%s", job_id(j));
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        MHD_add_response_header(resp, "Location", location);
+        return send_response(r, 202, resp);
+    }
+    r->waiter = (waiter){.suspend = suspend_connection, .wake = wake_connection, .arg = r, .final_only = true};
+    if (job_wait(j, 0, &r->waiter) == 0) return MHD_YES; /* suspended until the job ends */
+    return answer_finished(r);
+}
+
+/* ---- libmicrohttpd callbacks ---------------------------------------------------------------- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls) {
+    (void)version;
+    request *r = *con_cls;
+    if (!r) {
+        r = calloc(1, sizeof *r);
+        if (!r) return MHD_NO;
+        r->srv = cls;
+        r->conn = conn;
+        r->start = mono_now();
+        *con_cls = r;
+        atomic_fetch_add(&requests_open, 1);
+        metrics_in_flight(1);
+        /* requests with a body are judged on their headers, before the
+         * body is read; the others are answered on the next call, since
+         * libmicrohttpd closes the connection after an answer queued on
+         * the first one (it has not seen the end of the request yet) */
+        char job_id[33];
+        if (strcmp(method, "POST") == 0 && takes_body(match_route(url, job_id))) return begin(r, url, method);
+        r->deferred = true;
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        if (!receive(r, upload_data, *upload_data_size)) return MHD_NO; /* closes the connection */
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (r->status) return MHD_YES; /* answered already; MHD is sending it */
+    if (r->deferred) {
+        r->deferred = false;
+        return begin(r, url, method);
+    }
+    if (!r->job) return start_job(r);
+    return answer_finished(r); /* resumed: the job is over */
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode code) {
+    (void)cls, (void)conn;
+    request *r = *con_cls;
+    if (!r) return;
+    *con_cls = NULL;
+    double seconds = mono_now() - r->start;
+    metrics_request(r->route, r->status, seconds);
+    metrics_in_flight(-1);
+    if (log_access_enabled())
+        log_event(LOG_INFO, "access",
+                  json_pack("{s:s,s:s,s:s,s:s,s:i,s:f,s:s,s:I,s:b}", "request_id", r->id, "method",
+                            r->method, "path", r->path, "route", route_names[r->route], "status",
+                            r->status, "duration_ms", seconds * 1e3, "client", r->ip, "bytes_in",
+                            (json_int_t)r->received, "completed",
+                            code == MHD_REQUEST_TERMINATED_COMPLETED_OK));
+    if (r->job) {
+        job_unwait(r->job, &r->waiter);
+        job_release(r->job);
+    }
+    if (r->post) MHD_destroy_post_processor(r->post);
+    if (r->form_ready) form_free(&r->form);
+    free(r->field_value);
+    free(r->json);
+    free(r->event);
+    free(r);
+    atomic_fetch_sub(&requests_open, 1);
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char text[512];
+    vsnprintf(text, sizeof text, fmt, ap);
+    size_t n = strlen(text);
+    while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = '\0';
+    log_event(LOG_WARN, "http", json_pack("{s:s}", "message", text));
+}
+
+int http_start(server *srv, char *err, size_t errlen) {
+    const server_config *c = &srv->cfg;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *ai = NULL;
+    char port[16];
+    snprintf(port, sizeof port, "%d", c->port);
+    int gai = getaddrinfo(c->host, port, &hints, &ai);
+    if (gai != 0) {
+        snprintf(err, errlen, "cannot resolve --host %s: %s", c->host, gai_strerror(gai));
+        return -1;
+    }
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    struct MHD_OptionItem pool[] = {
+        {c->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
+         c->http_threads, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    srv->daemon = MHD_start_daemon(
+        flags, (uint16_t)c->port, NULL, NULL, on_request, srv,
+        MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, srv,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)c->per_ip_connections,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)ceil(c->connection_timeout),
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_ARRAY, pool,
+        MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!srv->daemon) {
+        snprintf(err, errlen, "cannot listen on %s:%d (address in use or not allowed?)", c->host, c->port);
+        return -1;
+    }
+    return 0;
+}
+
+int http_port(const server *srv) {
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    return info ? info->port : 0;
+}
+
+void http_quiesce(server *srv) {
+    MHD_socket s = MHD_quiesce_daemon(srv->daemon);
+    if (s != MHD_INVALID_SOCKET) close(s);
+}
+
+int http_requests_open(void) { return atomic_load(&requests_open); }
+
+void http_stop(server *srv) {
+    if (srv->daemon) MHD_stop_daemon(srv->daemon);
+    srv->daemon = NULL;
+}

@@ -1,0 +1,151 @@
+/*
+ * jobs.h - upscale jobs: one or more images, their progress and results.
+ *
+ * Every upscale request becomes a job of one task per image, whether the
+ * client waits for it (POST /upscale, /batch-upscale) or polls it (POST
+ * /jobs, async batches: "listed" jobs, found by id). A job has a deadline
+ * from its arrival; when it passes, or the client deletes the job, or the
+ * server shuts down, its unfinished tasks are canceled at once: queued ones
+ * leave the queue, running ones are told to stop at the next step boundary.
+ *
+ * Waiting is by callback, never by blocking a thread: an HTTP connection
+ * registers a waiter (and suspends itself) and is woken when the job
+ * changes. All job state is guarded by the store's lock; a task's outputs
+ * are written before it is marked finished and never change afterwards.
+ */
+#ifndef SDX4_SERVER_JOBS_H
+#define SDX4_SERVER_JOBS_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "form.h"
+#include "problem.h"
+#include "sdx4.h"
+#include "server.h"
+
+typedef enum { JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELED } job_state;
+
+/* Why a task stops early (task.stop). */
+enum { STOP_NONE, STOP_CLIENT, STOP_TIMEOUT, STOP_SHUTDOWN };
+
+typedef struct job job;
+typedef struct job_store job_store;
+
+typedef struct task {
+    job *job;
+    int index;
+    /* input, set before the job is submitted */
+    sdx4_image input;
+    upscale_options opts;
+    uint8_t cache_key[32];
+    bool cacheable; /* explicit seed and a cache */
+    /* progress, under the store lock */
+    job_state state;
+    int step, total;
+    double enqueued, started, finished; /* mono_now() */
+    atomic_int stop;                    /* STOP_*: read by the worker each step */
+    /* output, written before `state` becomes final */
+    void *output; /* encoded image */
+    size_t output_len;
+    int out_width, out_height;
+    sdx4_upscale_report report;
+    bool cache_hit;
+    problem error;
+    /* queue links (queue.c) */
+    struct task *queue_next;
+    struct queue_lane *lane;
+} task;
+
+/* Something waiting for a job to change: an HTTP connection. `suspend`
+ * runs under the store lock when the waiter is registered, `wake` after
+ * the lock is released; every registration gets exactly one wake. */
+typedef struct waiter {
+    void (*suspend)(void *arg);
+    void (*wake)(void *arg);
+    void *arg;
+    bool final_only; /* wake on completion only, not on each step */
+    struct waiter *next;
+} waiter;
+
+job_store *job_store_create(server *srv);
+/* Stops the reaper; jobs still referenced by connections stay valid until
+ * they are released. */
+void job_store_destroy(job_store *s);
+
+/* A new job of `ntasks` tasks, referenced once by the caller. `listed`
+ * jobs get an id and are found by job_find until retention drops them. */
+job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const char *client,
+                const char *request_id, double arrival);
+task *job_task(job *j, int i);
+const char *job_id(const job *j);
+const char *job_client(const job *j);
+form_kind job_kind(const job *j);
+void job_set_webhook(job *j, const char *url);
+
+/* Fails a task before submission (a batch image that did not decode). */
+void job_task_reject(task *t, const problem *why);
+
+/* Answers tasks from the cache, then queues the rest (all or none).
+ * -1 and a problem (queue full, shutting down) if they cannot be queued. */
+int job_submit(job *j, problem *err);
+
+/* A referenced listed job by id, or NULL; job_release drops a reference. */
+job *job_find(job_store *s, const char *id);
+void job_release(job *j);
+
+/* DELETE: cancels the unfinished tasks and forgets the job (its id then
+ * answers 404); connections holding it still see its final state. */
+void job_delete(job *j);
+
+/* Registers `w` unless the job changed since `seen_version` (or finished,
+ * for a final_only waiter): 0 registered (the connection is now
+ * suspended), 1 changed. */
+int job_wait(job *j, unsigned seen_version, waiter *w);
+
+/* Unregisters `w` if it is still waiting (its connection is going away). */
+void job_unwait(job *j, waiter *w);
+
+/* A consistent view of the job for answers (under the lock). */
+typedef struct {
+    job_state state;
+    unsigned version;
+    problem error; /* failed or canceled: why */
+} job_view;
+void job_get_view(job *j, job_view *v);
+
+/* The status document (GET /jobs/{id}, SSE events, webhooks). */
+json_t *job_document(job *j);
+
+/* The per-image entries of a finished batch ({"results":[...]}). */
+json_t *job_batch_results(job *j);
+
+/* Shutdown: refuse new jobs, wait for active ones until `deadline`
+ * (mono_now() clock), then cancel what is left. */
+void job_store_drain(job_store *s, double deadline);
+
+/* From queue.c's workers (task lifecycle). job_task_started returns false
+ * when the task was canceled before it could start. */
+bool job_task_started(task *t);
+/* Returns nonzero to stop the upscale (the task's `stop` reason). */
+int job_task_progress(task *t, int step, int total);
+/* What a worker made of a task; `output` passes to the task. */
+typedef struct {
+    job_state state;
+    void *output;
+    size_t len;
+    int width, height;
+    sdx4_upscale_report report;
+    problem error; /* when failed */
+} task_outcome;
+void job_task_finished(task *t, task_outcome *outcome);
+
+/* From webhook.c: the delivery outcome for the status document. */
+void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts);
+
+const char *job_state_name(job_state s);
+
+#endif

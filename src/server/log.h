@@ -1,0 +1,28 @@
+/*
+ * log.h - structured logs: one JSON object per line on stderr.
+ *
+ * Every line has "ts" (UTC, milliseconds), "level" and "event"; the rest are
+ * the fields the caller passes, request_id among them wherever a request is
+ * concerned, so that access logs, event logs and problem responses can be
+ * joined. Thread-safe.
+ */
+#ifndef SDX4_SERVER_LOG_H
+#define SDX4_SERVER_LOG_H
+
+#include <stdbool.h>
+
+#include <jansson.h>
+
+typedef enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR } log_level;
+
+/* Messages below `min` are dropped; access lines only when `access`. */
+void log_init(log_level min, bool access);
+/* "debug", "info", "warn", "error" -> level; -1 if none of these. */
+int log_level_parse(const char *name, log_level *level);
+bool log_access_enabled(void);
+
+/* Writes {"ts","level","event",...fields}. Steals `fields` (an object or
+ * NULL), so calls read log_event(LOG_INFO, "x", json_pack(...)). */
+void log_event(log_level level, const char *event, json_t *fields);
+
+#endif

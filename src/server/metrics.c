@@ -1,0 +1,250 @@
+/*
+ * metrics.c - Prometheus counters and histograms (see metrics.h).
+ *
+ * Everything is a fixed array of atomic counters indexed by route, status
+ * class or bucket, sized at compile time: recording never allocates and
+ * label cardinality is bounded whatever the clients send (unknown paths
+ * count as route "unknown", unusual statuses as "other"). Histograms keep
+ * per-bucket counts and are made cumulative when rendered.
+ */
+#include "metrics.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "queue.h"
+
+const char *const route_names[ROUTE_COUNT] = {
+    [ROUTE_UPSCALE] = "upscale",       [ROUTE_BATCH] = "batch_upscale",
+    [ROUTE_JOB_CREATE] = "job_create", [ROUTE_JOB_GET] = "job_get",
+    [ROUTE_JOB_RESULT] = "job_result", [ROUTE_JOB_CANCEL] = "job_cancel",
+    [ROUTE_JOB_EVENTS] = "job_events", [ROUTE_HEALTH] = "health",
+    [ROUTE_MODEL_INFO] = "model_info", [ROUTE_METRICS] = "metrics",
+    [ROUTE_OPENAPI] = "openapi",       [ROUTE_DOCS] = "docs",
+    [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
+};
+
+static const int statuses[] = {200, 202, 204, 304, 400, 401, 403, 404, 405, 406,
+                               409, 413, 415, 422, 429, 500, 503, 504};
+enum { STATUS_COUNT = sizeof statuses / sizeof statuses[0] + 1 }; /* + "other" */
+
+static const double latency_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                        0.1,    0.25,  0.5,    1,     2.5,  5,     10,
+                                        30,     60,    120};
+static const double step_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                     0.25,  0.5,    1,     2.5,  5,     10,   30};
+#define LATENCY_BUCKETS (sizeof latency_bounds / sizeof latency_bounds[0] + 1)
+#define STEP_BUCKETS (sizeof step_bounds / sizeof step_bounds[0] + 1)
+
+typedef struct {
+    _Atomic uint64_t count[LATENCY_BUCKETS];
+    _Atomic uint64_t sum_us;
+} latency_histogram;
+
+static struct {
+    _Atomic uint64_t requests[ROUTE_COUNT][STATUS_COUNT];
+    latency_histogram latency[ROUTE_COUNT];
+    latency_histogram queue_wait, inference;
+    _Atomic uint64_t step_count[STEP_BUCKETS];
+    _Atomic uint64_t step_sum_us;
+    _Atomic uint64_t rejections[PROBLEM_KIND_COUNT];
+    _Atomic int64_t in_flight;
+    _Atomic uint64_t cache_hits, cache_misses;
+    _Atomic uint64_t webhooks_ok, webhooks_failed;
+} m;
+
+#define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
+#define GET(counter) atomic_load_explicit(&(counter), memory_order_relaxed)
+
+static int bucket(const double *bounds, size_t n, double v) {
+    size_t i = 0;
+    while (i < n && v > bounds[i]) i++;
+    return (int)i;
+}
+
+static void observe(latency_histogram *h, double seconds) {
+    if (!(seconds >= 0)) seconds = 0;
+    ADD(h->count[bucket(latency_bounds, LATENCY_BUCKETS - 1, seconds)], 1);
+    ADD(h->sum_us, (uint64_t)(seconds * 1e6));
+}
+
+void metrics_request(route_id route, int status, double seconds) {
+    if ((unsigned)route >= ROUTE_COUNT) route = ROUTE_UNKNOWN;
+    int s = STATUS_COUNT - 1;
+    for (int i = 0; i < STATUS_COUNT - 1; i++)
+        if (statuses[i] == status) s = i;
+    ADD(m.requests[route][s], 1);
+    observe(&m.latency[route], seconds);
+}
+
+void metrics_rejection(problem_kind cause) {
+    if (cause > PROBLEM_NONE && cause < PROBLEM_KIND_COUNT) ADD(m.rejections[cause], 1);
+}
+
+void metrics_in_flight(int delta) { ADD(m.in_flight, delta); }
+void metrics_queue_wait(double seconds) { observe(&m.queue_wait, seconds); }
+
+void metrics_inference(double seconds, int steps) {
+    observe(&m.inference, seconds);
+    if (steps <= 0) return;
+    double per_step = seconds / steps;
+    ADD(m.step_count[bucket(step_bounds, STEP_BUCKETS - 1, per_step)], (uint64_t)steps);
+    ADD(m.step_sum_us, (uint64_t)(seconds * 1e6));
+}
+
+double metrics_mean_inference(void) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < LATENCY_BUCKETS; i++) n += GET(m.inference.count[i]);
+    return n ? (double)GET(m.inference.sum_us) * 1e-6 / (double)n : 0;
+}
+
+void metrics_cache(bool hit) { ADD(*(hit ? &m.cache_hits : &m.cache_misses), 1); }
+void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
+
+/* ---- rendering ----------------------------------------------------------- */
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} text;
+
+static void emit(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void emit(text *t, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(t->buf + t->len, t->cap - t->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) return;
+        if ((size_t)n < t->cap - t->len) {
+            t->len += (size_t)n;
+            return;
+        }
+        size_t cap = (t->cap + (size_t)n) * 2;
+        char *grown = realloc(t->buf, cap);
+        if (!grown) return;
+        t->buf = grown;
+        t->cap = cap;
+    }
+}
+
+static void emit_histogram(text *t, const char *name, const char *labels,
+                           const double *bounds, size_t nb, _Atomic uint64_t *counts,
+                           uint64_t sum_us) {
+    uint64_t cumulative = 0;
+    const char *sep = *labels ? "," : "";
+    for (size_t i = 0; i <= nb; i++) {
+        cumulative += GET(counts[i]);
+        if (i < nb) emit(t, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, bounds[i], (unsigned long long)cumulative);
+        else emit(t, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep, (unsigned long long)cumulative);
+    }
+    const char *open = *labels ? "{" : "", *close = *labels ? "}" : "";
+    emit(t, "%s_sum%s%s%s %.6f\n", name, open, labels, close, (double)sum_us * 1e-6);
+    emit(t, "%s_count%s%s%s %llu\n", name, open, labels, close, (unsigned long long)cumulative);
+}
+
+static int64_t current_rss_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    long long size = 0, resident = 0;
+    if (!f) return 0;
+    int ok = fscanf(f, "%lld %lld", &size, &resident) == 2;
+    fclose(f);
+    return ok ? resident * sysconf(_SC_PAGESIZE) : 0;
+}
+
+char *metrics_render(const server *srv, size_t *len) {
+    text t = {0};
+    emit(&t, "# HELP sdx4_http_requests_total HTTP requests answered, by route and status.\n"
+             "# TYPE sdx4_http_requests_total counter\n");
+    for (int r = 0; r < ROUTE_COUNT; r++)
+        for (int s = 0; s < STATUS_COUNT; s++) {
+            uint64_t n = GET(m.requests[r][s]);
+            if (!n) continue;
+            char status[8];
+            if (s < STATUS_COUNT - 1) snprintf(status, sizeof status, "%d", statuses[s]);
+            else snprintf(status, sizeof status, "other");
+            emit(&t, "sdx4_http_requests_total{route=\"%s\",status=\"%s\"} %llu\n", route_names[r], status, (unsigned long long)n);
+        }
+
+    emit(&t, "# HELP sdx4_http_request_duration_seconds Time from a request's arrival to its answer.\n"
+             "# TYPE sdx4_http_request_duration_seconds histogram\n");
+    for (int r = 0; r < ROUTE_COUNT; r++) {
+        char labels[48];
+        snprintf(labels, sizeof labels, "route=\"%s\"", route_names[r]);
+        emit_histogram(&t, "sdx4_http_request_duration_seconds", labels, latency_bounds,
+                       LATENCY_BUCKETS - 1, m.latency[r].count, GET(m.latency[r].sum_us));
+    }
+
+    emit(&t, "# HELP sdx4_http_requests_in_flight Requests received and not yet answered.\n"
+             "# TYPE sdx4_http_requests_in_flight gauge\nsdx4_http_requests_in_flight %lld\n",
+         (long long)GET(m.in_flight));
+
+    emit(&t, "# HELP sdx4_rejections_total Requests refused, by cause (the problem type).\n"
+             "# TYPE sdx4_rejections_total counter\n");
+    for (int k = 1; k < PROBLEM_KIND_COUNT; k++)
+        if (GET(m.rejections[k]))
+            emit(&t, "sdx4_rejections_total{cause=\"%s\"} %llu\n", problem_slug((problem_kind)k),
+                 (unsigned long long)GET(m.rejections[k]));
+
+    queue_stats qs = {0};
+    if (srv->queue) queue_get_stats(srv->queue, &qs);
+    emit(&t, "# HELP sdx4_queue_depth Upscales waiting for a worker.\n"
+             "# TYPE sdx4_queue_depth gauge\nsdx4_queue_depth %d\n"
+             "# HELP sdx4_queue_capacity Upscales that may wait at most.\n"
+             "# TYPE sdx4_queue_capacity gauge\nsdx4_queue_capacity %d\n"
+             "# HELP sdx4_workers_busy Workers running an upscale.\n"
+             "# TYPE sdx4_workers_busy gauge\nsdx4_workers_busy %d\n"
+             "# HELP sdx4_workers Workers.\n# TYPE sdx4_workers gauge\nsdx4_workers %d\n",
+         qs.depth, qs.capacity, qs.running, qs.workers);
+
+    emit(&t, "# HELP sdx4_queue_wait_seconds Time an upscale waited for a worker.\n"
+             "# TYPE sdx4_queue_wait_seconds histogram\n");
+    emit_histogram(&t, "sdx4_queue_wait_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
+                   m.queue_wait.count, GET(m.queue_wait.sum_us));
+    emit(&t, "# HELP sdx4_inference_seconds Time of one upscale on a worker.\n"
+             "# TYPE sdx4_inference_seconds histogram\n");
+    emit_histogram(&t, "sdx4_inference_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
+                   m.inference.count, GET(m.inference.sum_us));
+    emit(&t, "# HELP sdx4_step_seconds Time per denoising step (an upscale's time over its steps).\n"
+             "# TYPE sdx4_step_seconds histogram\n");
+    emit_histogram(&t, "sdx4_step_seconds", "", step_bounds, STEP_BUCKETS - 1, m.step_count,
+                   GET(m.step_sum_us));
+
+    cache_stats cs = {0};
+    if (srv->cache) cache_get_stats(srv->cache, &cs);
+    emit(&t, "# HELP sdx4_cache_hits_total Upscales answered from the result cache.\n"
+             "# TYPE sdx4_cache_hits_total counter\nsdx4_cache_hits_total %llu\n"
+             "# HELP sdx4_cache_misses_total Cacheable upscales not in the cache.\n"
+             "# TYPE sdx4_cache_misses_total counter\nsdx4_cache_misses_total %llu\n"
+             "# HELP sdx4_cache_bytes Bytes held by the result cache.\n"
+             "# TYPE sdx4_cache_bytes gauge\nsdx4_cache_bytes %zu\n"
+             "# HELP sdx4_cache_entries Results held by the cache.\n"
+             "# TYPE sdx4_cache_entries gauge\nsdx4_cache_entries %zu\n",
+         (unsigned long long)GET(m.cache_hits), (unsigned long long)GET(m.cache_misses),
+         cs.bytes, cs.entries);
+
+    emit(&t, "# HELP sdx4_webhook_deliveries_total Webhook calls, by outcome.\n"
+             "# TYPE sdx4_webhook_deliveries_total counter\n"
+             "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
+             "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
+         (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
+
+    emit(&t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
+             "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"
+             "# HELP sdx4_peak_resident_memory_bytes Peak resident memory so far.\n"
+             "# TYPE sdx4_peak_resident_memory_bytes gauge\nsdx4_peak_resident_memory_bytes %lld\n"
+             "# HELP sdx4_ready Whether the model is loaded and warmed up.\n"
+             "# TYPE sdx4_ready gauge\nsdx4_ready %d\n"
+             "# HELP sdx4_uptime_seconds Seconds since start.\n"
+             "# TYPE sdx4_uptime_seconds gauge\nsdx4_uptime_seconds %.3f\n",
+         (long long)current_rss_bytes(), (long long)sdx4_peak_rss_bytes(),
+         atomic_load(&((server *)srv)->phase) == PHASE_READY, mono_now() - srv->started);
+    if (len) *len = t.len;
+    return t.buf;
+}

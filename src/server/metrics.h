@@ -1,0 +1,31 @@
+/*
+ * metrics.h - counters for GET /metrics (Prometheus text format 0.0.4).
+ *
+ * Recording is lock-free (relaxed atomics) so that it costs a few
+ * nanoseconds on the request path; rendering reads the counters and the
+ * live gauges of the queue and cache when a scraper asks.
+ */
+#ifndef SDX4_SERVER_METRICS_H
+#define SDX4_SERVER_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "problem.h"
+#include "server.h"
+
+void metrics_request(route_id route, int status, double seconds);
+void metrics_rejection(problem_kind cause);
+void metrics_in_flight(int delta);
+void metrics_queue_wait(double seconds);
+/* A finished upscale: its whole time and its number of steps. */
+void metrics_inference(double seconds, int steps);
+void metrics_cache(bool hit);
+/* Mean seconds of the upscales so far (0 before the first), for Retry-After. */
+double metrics_mean_inference(void);
+void metrics_webhook(bool delivered);
+
+/* The exposition text (malloc'd). */
+char *metrics_render(const server *srv, size_t *len);
+
+#endif

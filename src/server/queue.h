@@ -1,0 +1,38 @@
+/*
+ * queue.h - the bounded queue of upscale tasks and the workers that run them.
+ */
+#ifndef SDX4_SERVER_QUEUE_H
+#define SDX4_SERVER_QUEUE_H
+
+#include <stdbool.h>
+
+#include "server.h"
+
+struct task;
+typedef struct queue queue;
+
+typedef struct {
+    int depth, capacity, running, workers;
+} queue_stats;
+
+/* Starts `workers` threads running upscales on srv->engine. */
+queue *queue_create(server *srv, int workers, int capacity);
+/* Stops the workers after the tasks in hand; returns 0 if all of them
+ * stopped before `deadline` (mono_now() clock) and the queue was freed,
+ * -1 if one is still inside the engine (then the queue is left to the
+ * process's exit). */
+int queue_destroy(queue *q, double deadline);
+
+/* Queues all of `tasks` or none: -1 when fewer than n places are free
+ * or the queue is closed. */
+int queue_push(queue *q, struct task **tasks, int n);
+/* Takes a task out if it is still waiting: 1 if removed, 0 if a worker
+ * already has it (or it was never queued). */
+int queue_remove(queue *q, struct task *t);
+/* How many tasks will be started before this one; -1 if not waiting. */
+int queue_position(queue *q, const struct task *t);
+/* Refuse new tasks from now on (shutdown). */
+void queue_close(queue *q);
+void queue_get_stats(queue *q, queue_stats *stats);
+
+#endif

@@ -1,0 +1,39 @@
+/*
+ * ratelimit.h - requests per client per window, and who the client is.
+ *
+ * A client is its API key when keys are enabled, else its IP address; the
+ * address comes from X-Forwarded-For only when the connection itself comes
+ * from a configured trusted proxy. Thread-safe.
+ */
+#ifndef SDX4_SERVER_RATELIMIT_H
+#define SDX4_SERVER_RATELIMIT_H
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+#include "config.h"
+
+typedef struct ratelimit ratelimit;
+
+typedef struct {
+    bool allowed;
+    int limit, remaining;
+    double reset;       /* seconds until the full allowance is back */
+    double retry_after; /* when refused: seconds until one more is allowed */
+} rate_decision;
+
+/* `limit` requests per `window` seconds (limit 0: no limit). NULL with a
+ * message on `err` when a trusted proxy is not an address or CIDR range. */
+ratelimit *ratelimit_create(int limit, double window, const string_list *trusted, FILE *err);
+void ratelimit_destroy(ratelimit *r);
+bool ratelimit_enabled(const ratelimit *r);
+
+void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d);
+
+/* The client's address as text: the peer, or when the peer is a trusted
+ * proxy, the right-most untrusted address of `forwarded_for`. */
+void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
+                              const char *forwarded_for, char *out, size_t size);
+
+#endif

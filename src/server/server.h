@@ -1,0 +1,91 @@
+/*
+ * server.h - the state that the modules of `sdx4 serve` share.
+ *
+ * serve.c builds one `server` at start and tears it down at exit; the HTTP
+ * layer reads it from every request. Fields set before the daemon starts
+ * are read-only afterwards; `phase` moves forward only
+ * (loading -> warming -> ready -> draining), and `engine` is published by
+ * the loader before phase becomes ready.
+ */
+#ifndef SDX4_SERVER_SERVER_H
+#define SDX4_SERVER_SERVER_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <time.h>
+
+#include "config.h"
+#include "sdx4.h"
+
+typedef enum {
+    PHASE_LOADING,  /* model being read */
+    PHASE_WARMING,  /* first upscale running */
+    PHASE_READY,
+    PHASE_DRAINING, /* SIGTERM: finishing in-flight work, refusing new */
+    PHASE_FAILED    /* model failed to load: health says why, then exit */
+} server_phase;
+
+/* Routes, for metrics and logs. */
+typedef enum {
+    ROUTE_UPSCALE,
+    ROUTE_BATCH,
+    ROUTE_JOB_CREATE,
+    ROUTE_JOB_GET,
+    ROUTE_JOB_RESULT,
+    ROUTE_JOB_CANCEL,
+    ROUTE_JOB_EVENTS,
+    ROUTE_HEALTH,
+    ROUTE_MODEL_INFO,
+    ROUTE_METRICS,
+    ROUTE_OPENAPI,
+    ROUTE_DOCS,
+    ROUTE_PREFLIGHT,
+    ROUTE_UNKNOWN,
+    ROUTE_COUNT
+} route_id;
+
+extern const char *const route_names[ROUTE_COUNT];
+
+struct queue;
+struct job_store;
+struct cache;
+struct ratelimit;
+struct auth;
+struct webhooks;
+struct MHD_Daemon;
+
+typedef struct server {
+    server_config cfg;
+    sdx4_engine *engine;
+    sdx4_model_info info;
+    char model_id[128];
+    bool demo; /* the model folder holds a DEMO_MODEL marker */
+    atomic_int phase;
+    char failure[256]; /* why loading failed (PHASE_FAILED) */
+    double started;    /* mono_now() at start */
+    struct queue *queue;
+    struct job_store *jobs;
+    struct cache *cache;
+    struct ratelimit *ratelimit;
+    struct auth *auth;
+    struct webhooks *webhooks;
+    struct MHD_Daemon *daemon;
+} server;
+
+#define DEMO_NOTE "demo model (random weights): output is noise"
+
+/* Seconds on the monotonic clock (deadlines, durations). */
+static inline double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Seconds since the epoch (timestamps shown to clients). */
+static inline double wall_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+#endif

@@ -1,0 +1,148 @@
+"""Fixtures of the server's integration tests: the real `sdx4 serve` on a
+loopback port, driven over HTTP.
+
+The binary comes from $SDX4_BIN (default: build/sdx4) and the model from
+$SDX4_TEST_MODEL (default: $SDX4_REFERENCE/tiny/model, the reference data's
+tiny diffusers model). Every server listens on port 0 (any free port) and
+tells its port in its JSON log; each is stopped with SIGTERM, and a test
+fails if the server did not exit 0 or logged a sanitizer report.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SDX4 = os.environ.get("SDX4_BIN") or os.path.join(ROOT, "build", "sdx4")
+REFERENCE = os.environ.get("SDX4_REFERENCE") or os.path.join(ROOT, "..", "shared", "reference")
+MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "model")
+
+
+class Server:
+    """One `sdx4 serve` process; `url` is its base URL once started."""
+
+    def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
+        self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
+        cmd = [SDX4, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
+               "--warmup", "false", "--rate-limit", "0"] + [str(f) for f in flags]
+        full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file, env=full_env)
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait_ready:
+            self.wait_ready()
+
+    def logs(self):
+        """The JSON log lines so far (other lines, e.g. sanitizer reports, as text)."""
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as f:
+            lines = []
+            for line in f:
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    lines.append(line.rstrip("\n"))
+            return lines
+
+    def _wait_for_port(self):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            for entry in self.logs():
+                if isinstance(entry, dict) and entry.get("event") == "listening":
+                    return entry["port"]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sdx4 serve exited {self.proc.returncode}: {self.logs()}")
+            time.sleep(0.05)
+        raise RuntimeError("sdx4 serve did not start listening")
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = requests.get(self.url + "/api/v1/health", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            assert r.json()["status"] in ("loading", "warming"), r.text
+            time.sleep(0.1)
+        raise RuntimeError("the server never became ready")
+
+    def get(self, path, **kw):
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path, **kw):
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def delete(self, path, **kw):
+        return requests.delete(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def stop(self, timeout=60):
+        """SIGTERM; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def check_clean_exit(self):
+        status = self.stop()
+        bad = [l for l in self.logs() if isinstance(l, str) and
+               ("Sanitizer" in l or "runtime error" in l or "LeakSanitizer" in l)]
+        assert not bad, f"see {self.log_file.name}:\n" + "\n".join(bad[:40])
+        assert status == 0, f"sdx4 serve exited {status}; see {self.log_file.name}"
+        os.unlink(self.log_file.name)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A server with the defaults the basic tests need (no keys, no rate limit)."""
+    docs = os.environ.get("SDX4_TEST_DOCS_ASSETS")  # Swagger UI's files, when run.sh found them
+    s = Server("--cors-origins", "http://allowed.example", "--webhook-secret", "hook-secret",
+               "--webhook-private", "true", "--request-timeout", "60",
+               *(["--docs-assets", docs] if docs else []))
+    yield s
+    s.check_clean_exit()
+
+
+def image_bytes(fmt="PNG", size=(64, 64), mode="RGB", seed=0, **save):
+    """A small test picture with some structure, encoded by Pillow."""
+    w, h = size
+    img = Image.new("RGB", size)
+    img.putdata([((x * 4 + seed) % 256, (y * 4) % 256, ((x + y) * 2) % 256) for y in range(h) for x in range(w)])
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def png_claiming(width, height):
+    """A valid PNG stream whose header claims width x height but whose data
+    is a few bytes: a decompression bomb, or a 0x0 image."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+            + chunk(b"IEND", b""))
+
+
+def problem(r, status, slug):
+    """Asserts an RFC 9457 answer of this status and type; returns it."""
+    assert r.status_code == status, (r.status_code, r.text[:400])
+    assert r.headers["Content-Type"] == "application/problem+json"
+    p = r.json()
+    assert p["type"] == "urn:sdx4:problem:" + slug, p
+    assert p["status"] == status and p["title"] and p["detail"]
+    assert p["request_id"] == r.headers["X-Request-Id"]
+    return p
