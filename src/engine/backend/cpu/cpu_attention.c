@@ -97,22 +97,11 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
     if (cpu_check("attention", "q", q, 3) || cpu_check("attention", "k", k, 3) ||
         cpu_check("attention", "v", v, 3))
         return NULL;
-    char qs[CPU_SHAPE_STR_SIZE], ks[CPU_SHAPE_STR_SIZE], vs[CPU_SHAPE_STR_SIZE];
-    if (k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2] || v->shape[0] != k->shape[0] ||
-        v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2]) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: shapes q %s, k %s, v %s do not match",
-                  cpu_shape_str(q, qs, sizeof qs), cpu_shape_str(k, ks, sizeof ks),
-                  cpu_shape_str(v, vs, sizeof vs));
-        return NULL;
-    }
-    if (heads < 1 || q->shape[2] % heads) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "attention: %" PRId64 " channels do not split into %d heads", q->shape[2], heads);
-        return NULL;
-    }
+    if (check_attention(q, k, v, heads)) return NULL;
     if (q->shape[1] > INT_MAX || k->shape[1] > INT_MAX || q->shape[2] > INT_MAX) {
+        char qs[SHAPE_STR_SIZE];
         set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s exceeds the BLAS int range",
-                  cpu_shape_str(q, qs, sizeof qs));
+                  shape_str(q, qs, sizeof qs));
         return NULL;
     }
     attn_shape a = {.B = q->shape[0],

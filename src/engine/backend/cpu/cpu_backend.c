@@ -95,27 +95,6 @@ void cpu_scratch_free(backend *be, float *p, size_t floats) {
     if (p) release_bytes(be, p, floats * sizeof(float));
 }
 
-/* Validates a shape and returns its element count, or -1 with the error set. */
-static int64_t shape_numel(const char *op, int ndim, const int64_t *shape) {
-    if (ndim < 1 || ndim > 4 || !shape) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %d dimensions (1 to 4 supported)", op, ndim);
-        return -1;
-    }
-    int64_t n = 1;
-    for (int i = 0; i < ndim; i++) {
-        if (shape[i] < 1) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: dimension %d is %" PRId64, op, i, shape[i]);
-            return -1;
-        }
-        if (shape[i] > (INT64_MAX / 4) / n) {
-            set_error(SDX4_ERR_NO_MEMORY, "%s: tensor too large", op);
-            return -1;
-        }
-        n *= shape[i];
-    }
-    return n;
-}
-
 static tensor *tensor_header(backend *be, int ndim, const int64_t *shape) {
     tensor *t = calloc(1, sizeof *t);
     if (!t) {
@@ -130,7 +109,7 @@ static tensor *tensor_header(backend *be, int ndim, const int64_t *shape) {
 }
 
 tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
-    int64_t n = shape_numel("new_tensor", ndim, shape);
+    int64_t n = check_shape("new_tensor", ndim, shape);
     if (n < 0) return NULL;
     tensor *t = tensor_header(be, ndim, shape);
     if (!t) return NULL;
@@ -151,16 +130,8 @@ static void cpu_free_tensor(backend *be, tensor *t) {
 
 static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
                           const int64_t *shape) {
-    int64_t n = shape_numel("weight", ndim, shape);
+    int64_t n = check_weight(data, type, ndim, shape);
     if (n < 0) return NULL;
-    if (!data) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: no data");
-        return NULL;
-    }
-    if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: unknown dtype %d", (int)type);
-        return NULL;
-    }
     tensor *t = tensor_header(be, ndim, shape);
     if (!t) return NULL;
     if (type == DTYPE_F32 && (uintptr_t)data % sizeof(float) == 0) {
@@ -179,22 +150,18 @@ static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
 
 static int cpu_upload(backend *be, tensor *dst, const float *src) {
     (void)be;
-    if (cpu_check("upload", "destination", dst, 0)) return -1;
-    if (!src) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "upload: no source");
+    if (cpu_check("upload", "destination", dst, 0) ||
+        check_host_buffer("upload", "source", src))
         return -1;
-    }
     memcpy(dst->data, src, (size_t)tensor_numel(dst) * sizeof(float));
     return 0;
 }
 
 static int cpu_download(backend *be, const tensor *src, float *dst) {
     (void)be;
-    if (cpu_check("download", "source", src, 0)) return -1;
-    if (!dst) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "download: no destination");
+    if (cpu_check("download", "source", src, 0) ||
+        check_host_buffer("download", "destination", dst))
         return -1;
-    }
     memcpy(dst, src->data, (size_t)tensor_numel(src) * sizeof(float));
     return 0;
 }
@@ -207,32 +174,14 @@ static void cpu_memory(backend *be, int64_t *in_use, int64_t *peak) {
 
 /* ---------------------------------------------------------------- checks */
 
-const char *cpu_shape_str(const tensor *t, char *buf, size_t size) {
-    size_t used = 0;
-    buf[0] = 0;
-    for (int i = 0; i < t->ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64, i ? "," : "[", t->shape[i]);
-    if (used < size) snprintf(buf + used, size - used, "]");
-    return buf;
-}
-
 int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
-    if (!t || !t->data) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is missing", op, what);
-        return -1;
-    }
+    if (check_present(op, what, t)) return -1;
     if (t->type != DTYPE_F32) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32", op,
                   what, dtype_name(t->type));
         return -1;
     }
-    if (ndim && t->ndim != ndim) {
-        char s[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions", op,
-                  what, cpu_shape_str(t, s, sizeof s), ndim);
-        return -1;
-    }
-    return 0;
+    return check_ndim(op, what, t, ndim);
 }
 
 /* ------------------------------------------------------------------ gemm */
@@ -269,26 +218,12 @@ void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const f
  * the bias. */
 static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
     if (cpu_check("linear", "input", x, 0) || cpu_check("linear", "weight", w, 2)) return NULL;
+    if (check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
-    if (w->shape[1] != K) {
-        char s[CPU_SHAPE_STR_SIZE], t[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "linear: input %s has %" PRId64 " features, weight %s expects %" PRId64,
-                  cpu_shape_str(x, s, sizeof s), K, cpu_shape_str(w, t, sizeof t), w->shape[1]);
+    if (bias && (cpu_check("linear", "bias", bias, 0) || check_bias("linear", bias, N)))
         return NULL;
-    }
-    if (bias && cpu_check("linear", "bias", bias, 0)) return NULL;
-    if (bias && tensor_numel(bias) != N) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "linear: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
-                  tensor_numel(bias), N);
-        return NULL;
-    }
     int64_t M = tensor_numel(x) / K;
-    if (M > INT_MAX || N > INT_MAX || K > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "linear: dimensions exceed the BLAS int range");
-        return NULL;
-    }
+    if (check_gemm_size("linear", "BLAS", M, N, K)) return NULL;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
@@ -309,19 +244,8 @@ static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const t
 
 static tensor *cpu_embedding(backend *be, const tensor *table, const int32_t *ids, int n) {
     if (cpu_check("embedding", "table", table, 2)) return NULL;
-    if (!ids || n < 1) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "embedding: %d ids", ids ? n : 0);
-        return NULL;
-    }
-    int64_t V = table->shape[0], D = table->shape[1];
-    for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= V) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT,
-                      "embedding: id %" PRId32 " at position %d is outside the table of %" PRId64,
-                      ids[i], i, V);
-            return NULL;
-        }
-    }
+    if (check_embedding(table->shape[0], ids, n)) return NULL;
+    int64_t D = table->shape[1];
     tensor *out = cpu_new_tensor(be, 2, (int64_t[]){n, D});
     if (!out) return NULL;
     for (int i = 0; i < n; i++)

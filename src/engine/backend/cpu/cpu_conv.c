@@ -384,7 +384,6 @@ tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *
                    int padding) {
     if (cpu_check("conv2d", "input", x, 4) || cpu_check("conv2d", "weight", w, 4)) return NULL;
     if (bias && cpu_check("conv2d", "bias", bias, 0)) return NULL;
-    char xs[CPU_SHAPE_STR_SIZE], ws[CPU_SHAPE_STR_SIZE];
     conv_shape s = {.C = x->shape[1],
                     .H = x->shape[2],
                     .W = x->shape[3],
@@ -392,40 +391,7 @@ tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *
                     .k = (int)w->shape[2],
                     .stride = stride,
                     .pad = padding};
-    if (w->shape[2] != w->shape[3] || w->shape[2] > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: weight %s is not a square kernel",
-                  cpu_shape_str(w, ws, sizeof ws));
-        return NULL;
-    }
-    if (w->shape[1] != s.C) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "conv2d: input has %" PRId64 " channels, weight expects %" PRId64, s.C,
-                  w->shape[1]);
-        return NULL;
-    }
-    if (stride < 1 || padding < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: stride %d, padding %d", stride, padding);
-        return NULL;
-    }
-    if (bias && tensor_numel(bias) != s.O) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "conv2d: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
-                  tensor_numel(bias), s.O);
-        return NULL;
-    }
-    s.Ho = (s.H + 2 * (int64_t)padding - s.k) / stride + 1;
-    s.Wo = (s.W + 2 * (int64_t)padding - s.k) / stride + 1;
-    if (s.H + 2 * (int64_t)padding < s.k || s.W + 2 * (int64_t)padding < s.k) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s is smaller than kernel %s",
-                  cpu_shape_str(x, xs, sizeof xs), cpu_shape_str(w, ws, sizeof ws));
-        return NULL;
-    }
-    if (s.Ho * s.Wo > INT_MAX || s.H * s.W > INT_MAX || s.C * s.k * s.k > INT_MAX ||
-        s.O > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s exceeds the BLAS int range",
-                  cpu_shape_str(x, xs, sizeof xs));
-        return NULL;
-    }
+    if (check_conv2d(x, w, bias, stride, padding, "BLAS", &s.Ho, &s.Wo)) return NULL;
     int64_t B = x->shape[0];
     tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, s.O, s.Ho, s.Wo});
     if (!y) return NULL;

@@ -5,7 +5,7 @@
  * weights, linear and embedding; cpu_conv.c, cpu_attention.c,
  * cpu_norm_act.c and cpu_layout.c hold the other kernels. They all use the
  * helpers below to allocate tensors and scratch (counted by memory()), to
- * check arguments with the same wording, and to multiply matrices.
+ * check their tensors, and to multiply matrices.
  *
  * Threads: every kernel parallelises its own loops with
  * `num_threads(cpu_threads(be))` and calls sgemm on its share of the work
@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "backend/backend.h"
+#include "backend/backend_check.h"
 
 /* Freed blocks kept for reuse (cpu_backend.c): at most this many, and this
  * many bytes. They are not counted in memory()'s figures. */
@@ -70,11 +71,9 @@ void cpu_scratch_free(backend *be, float *p, size_t floats);
 tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape);
 
 /* Checks that `t` is a non-NULL F32 tensor with `ndim` dimensions (0: any),
- * else sets "op: what is ..." and returns -1. */
+ * else sets "op: what is ..." and returns -1. The checks of how shapes fit
+ * together are backend_check.h's. */
 int cpu_check(const char *op, const char *what, const tensor *t, int ndim);
-/* Writes "[2,7,16,24]" into buf. */
-const char *cpu_shape_str(const tensor *t, char *buf, size_t size);
-#define CPU_SHAPE_STR_SIZE 96
 
 /* Kernels of the other files, with the signatures of backend.h. */
 tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,

@@ -18,12 +18,7 @@
 tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
     if (cpu_check("concat_channels", "a", a, 4) || cpu_check("concat_channels", "b", b, 4))
         return NULL;
-    if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3]) {
-        char as[CPU_SHAPE_STR_SIZE], bs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "concat_channels: %s and %s differ in batch or size",
-                  cpu_shape_str(a, as, sizeof as), cpu_shape_str(b, bs, sizeof bs));
-        return NULL;
-    }
+    if (check_concat_channels(a, b)) return NULL;
     int64_t B = a->shape[0], Ca = a->shape[1], Cb = b->shape[1], C = Ca + Cb;
     int64_t S = a->shape[2] * a->shape[3];
     tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, a->shape[2], a->shape[3]});
@@ -51,10 +46,7 @@ static int64_t nearest_source(int64_t dst, int64_t in, int64_t out) {
 
 tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     if (cpu_check("upsample_nearest", "input", x, 4)) return NULL;
-    if (h < 1 || w < 1) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "upsample_nearest: size %dx%d", h, w);
-        return NULL;
-    }
+    if (check_upsample(h, w)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
     int64_t *src_col = malloc((size_t)w * sizeof *src_col);
     if (!src_col) {
@@ -109,13 +101,8 @@ tensor *cpu_nchw_to_tokens(backend *be, const tensor *x) {
 
 tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     if (cpu_check("tokens_to_nchw", "input", x, 3)) return NULL;
+    if (check_tokens_to_nchw(x, h, w)) return NULL;
     int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
-    if (h < 1 || w < 1 || (int64_t)h * w != S) {
-        char xs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "tokens_to_nchw: %s has %" PRId64 " tokens, not %dx%d",
-                  cpu_shape_str(x, xs, sizeof xs), S, h, w);
-        return NULL;
-    }
     tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
     if (!y) return NULL;
     transpose(be, x->data, y->data, B, S, C);

@@ -26,14 +26,6 @@
 
 /* ----------------------------------------------------------- activations */
 
-static int check_activation(const char *op, activation act) {
-    if (act != ACT_NONE && act != ACT_SILU && act != ACT_GELU && act != ACT_QUICK_GELU) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: unknown activation %d", op, (int)act);
-        return -1;
-    }
-    return 0;
-}
-
 static inline v4f silu4(v4f x) { return x / (1.0f + cpu_exp4(-x)); }
 static inline v4f gelu4(v4f x) { return 0.5f * x * (1.0f + cpu_erf4(x * (float)M_SQRT1_2)); }
 static inline v4f quick_gelu4(v4f x) { return x / (1.0f + cpu_exp4(-1.702f * x)); }
@@ -71,11 +63,8 @@ tensor *cpu_activate(backend *be, const tensor *x, activation act) {
 
 tensor *cpu_geglu(backend *be, const tensor *x) {
     if (cpu_check("geglu", "input", x, 0)) return NULL;
+    if (check_geglu(x)) return NULL;
     int64_t two_n = x->shape[x->ndim - 1], N = two_n / 2;
-    if (two_n % 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "geglu: last dimension %" PRId64 " is odd", two_n);
-        return NULL;
-    }
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
@@ -97,20 +86,9 @@ tensor *cpu_geglu(backend *be, const tensor *x) {
 
 /* ------------------------------------------------------------ in place */
 
-static int same_shape(const char *op, const tensor *a, const tensor *b) {
-    int same = a->ndim == b->ndim;
-    for (int i = 0; same && i < a->ndim; i++) same = a->shape[i] == b->shape[i];
-    if (!same) {
-        char as[CPU_SHAPE_STR_SIZE], bs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: shapes %s and %s differ", op,
-                  cpu_shape_str(a, as, sizeof as), cpu_shape_str(b, bs, sizeof bs));
-        return -1;
-    }
-    return 0;
-}
-
 int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
-    if (cpu_check("add", "a", a, 0) || cpu_check("add", "b", b, 0) || same_shape("add", a, b))
+    if (cpu_check("add", "a", a, 0) || cpu_check("add", "b", b, 0) ||
+        check_same_shape("add", a, b))
         return -1;
     int64_t n = tensor_numel(a);
     float *ad = a->data;
@@ -133,14 +111,8 @@ int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
 int cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
     if (cpu_check("add_channel_bias", "x", x, 4) || cpu_check("add_channel_bias", "v", v, 2))
         return -1;
+    if (check_channel_bias(x, v)) return -1;
     int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
-    if (v->shape[0] != B || v->shape[1] != C) {
-        char xs[CPU_SHAPE_STR_SIZE], vs[CPU_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "add_channel_bias: x %s needs v [%" PRId64 ",%" PRId64 "], got %s",
-                  cpu_shape_str(x, xs, sizeof xs), B, C, cpu_shape_str(v, vs, sizeof vs));
-        return -1;
-    }
     float *xd = x->data;
     const float *vd = v->data;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
@@ -198,31 +170,17 @@ static void moments(const float *x, int64_t n, float eps, double *mean, double *
     *rstd = 1.0 / sqrt(sq / (double)n - offset * offset + eps);
 }
 
-static int check_affine(const char *op, const tensor *gamma, const tensor *beta, int64_t C) {
+static int check_gamma_beta(const char *op, const tensor *gamma, const tensor *beta, int64_t C) {
     if (cpu_check(op, "gamma", gamma, 0) || cpu_check(op, "beta", beta, 0)) return -1;
-    if (tensor_numel(gamma) != C || tensor_numel(beta) != C) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "%s: gamma has %" PRId64 " and beta %" PRId64 " elements, input has %" PRId64, op,
-                  tensor_numel(gamma), tensor_numel(beta), C);
-        return -1;
-    }
-    return 0;
+    return check_affine(op, gamma, beta, C);
 }
 
 tensor *cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
                        const tensor *beta, float eps, activation act) {
     if (cpu_check("group_norm", "input", x, 0) || check_activation("group_norm", act)) return NULL;
-    if (x->ndim < 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: input has %d dimension", x->ndim);
-        return NULL;
-    }
+    if (check_group_norm(x, groups)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
-    if (groups < 1 || C % groups) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "group_norm: %" PRId64 " channels do not split into %d groups", C, groups);
-        return NULL;
-    }
-    if (check_affine("group_norm", gamma, beta, C)) return NULL;
+    if (check_gamma_beta("group_norm", gamma, beta, C)) return NULL;
     tensor *y = cpu_new_tensor(be, x->ndim, x->shape);
     if (!y) return NULL;
     int64_t per_group = C / groups;
@@ -248,7 +206,7 @@ tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const 
                        float eps) {
     if (cpu_check("layer_norm", "input", x, 0)) return NULL;
     int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
-    if (check_affine("layer_norm", gamma, beta, D)) return NULL;
+    if (check_gamma_beta("layer_norm", gamma, beta, D)) return NULL;
     tensor *y = cpu_new_tensor(be, x->ndim, x->shape);
     if (!y) return NULL;
     const float *xd = x->data, *g = gamma->data, *bt = beta->data;

@@ -171,19 +171,7 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
     if (cuda_check(cb, "attention", "q", q, 3) || cuda_check(cb, "attention", "k", k, 3) ||
         cuda_check(cb, "attention", "v", v, 3))
         return NULL;
-    char qs[CUDA_SHAPE_STR_SIZE], ks[CUDA_SHAPE_STR_SIZE], vs[CUDA_SHAPE_STR_SIZE];
-    if (k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2] || v->shape[0] != k->shape[0] ||
-        v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2]) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: shapes q %s, k %s, v %s do not match",
-                  cuda_shape_str(q, qs, sizeof qs), cuda_shape_str(k, ks, sizeof ks),
-                  cuda_shape_str(v, vs, sizeof vs));
-        return NULL;
-    }
-    if (heads < 1 || q->shape[2] % heads) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "attention: %" PRId64 " channels do not split into %d heads", q->shape[2], heads);
-        return NULL;
-    }
+    if (check_attention(q, k, v, heads)) return NULL;
     int64_t B = q->shape[0], Tq = q->shape[1], Tk = k->shape[1], D = q->shape[2] / heads;
     if (D > MAX_HEAD_DIM) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
@@ -191,8 +179,9 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
         return NULL;
     }
     if (Tq > INT_MAX - 64 || Tk > INT_MAX - 64 || B * heads > 65535) {
+        char qs[SHAPE_STR_SIZE];
         set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s with %d heads is too large",
-                  cuda_shape_str(q, qs, sizeof qs), heads);
+                  shape_str(q, qs, sizeof qs), heads);
         return NULL;
     }
     cuda_buf k_tmp = {NULL, 0}, v_tmp = {NULL, 0};

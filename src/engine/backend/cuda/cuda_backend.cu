@@ -169,27 +169,6 @@ typedef struct {
     size_t weight_bytes; /* weights: an exact cudaMalloc block (else 0) */
 } cuda_tensor;
 
-/* Validates a shape and returns its element count, or -1 with the error set. */
-static int64_t shape_numel(const char *op, int ndim, const int64_t *shape) {
-    if (ndim < 1 || ndim > 4 || !shape) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %d dimensions (1 to 4 supported)", op, ndim);
-        return -1;
-    }
-    int64_t n = 1;
-    for (int i = 0; i < ndim; i++) {
-        if (shape[i] < 1) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: dimension %d is %" PRId64, op, i, shape[i]);
-            return -1;
-        }
-        if (shape[i] > (INT64_MAX / 4) / n) {
-            set_error(SDX4_ERR_NO_MEMORY, "%s: tensor too large", op);
-            return -1;
-        }
-        n *= shape[i];
-    }
-    return n;
-}
-
 static cuda_tensor *tensor_header(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
     cuda_tensor *ct = (cuda_tensor *)calloc(1, sizeof *ct);
     if (!ct) {
@@ -205,7 +184,7 @@ static cuda_tensor *tensor_header(cuda_backend *cb, int ndim, const int64_t *sha
 }
 
 tensor *cuda_tensor_new(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
-    int64_t n = shape_numel("new_tensor", ndim, shape);
+    int64_t n = check_shape("new_tensor", ndim, shape);
     if (n < 0) return NULL;
     cuda_tensor *ct = tensor_header(cb, ndim, shape, type);
     if (!ct) return NULL;
@@ -280,16 +259,8 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
     cuda_lock lock(be);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    int64_t n = shape_numel("weight", ndim, shape);
+    int64_t n = check_weight(data, type, ndim, shape);
     if (n < 0) return NULL;
-    if (!data) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: no data");
-        return NULL;
-    }
-    if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "weight: unknown dtype %d", (int)type);
-        return NULL;
-    }
     dtype stored = cb->mode;
     size_t bytes = (size_t)n * dtype_size(stored), file_bytes = (size_t)n * dtype_size(type);
     cuda_buf staging = {NULL, 0};
@@ -326,11 +297,9 @@ static int cuda_upload(backend *be, tensor *dst, const float *src) {
     cuda_lock lock(be);
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "upload", "destination", dst, 0)) return -1;
-    if (!src) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "upload: no source");
+    if (cuda_check(cb, "upload", "destination", dst, 0) ||
+        check_host_buffer("upload", "source", src))
         return -1;
-    }
     int64_t n = tensor_numel(dst);
     size_t bytes = (size_t)n * sizeof(float);
     /* from pageable memory the copy returns once src is staged: the caller
@@ -353,11 +322,9 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
     cuda_lock lock(be);
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "download", "source", src, 0)) return -1;
-    if (!dst) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "download: no destination");
+    if (cuda_check(cb, "download", "source", src, 0) ||
+        check_host_buffer("download", "destination", dst))
         return -1;
-    }
     int64_t n = tensor_numel(src);
     size_t bytes = (size_t)n * sizeof(float);
     cuda_buf staging = {NULL, 0};
@@ -385,22 +352,9 @@ static void cuda_memory(backend *be, int64_t *in_use, int64_t *peak) {
 
 /* ----------------------------------------------------------------- checks */
 
-const char *cuda_shape_str(const tensor *t, char *buf, size_t size) {
-    size_t used = 0;
-    buf[0] = 0;
-    for (int i = 0; i < t->ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, "%s%" PRId64, i ? "," : "[",
-                                 t->shape[i]);
-    if (used < size) snprintf(buf + used, size - used, "]");
-    return buf;
-}
-
 int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
                int ndim) {
-    if (!t || !t->data) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is missing", op, what);
-        return -1;
-    }
+    if (check_present(op, what, t)) return -1;
     if (t->be != &cb->base) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is a tensor of another backend (%s)", op,
                   what, t->be && t->be->name ? t->be->name : "unknown");
@@ -412,13 +366,7 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
                   dtype_name(t->type));
         return -1;
     }
-    if (ndim && t->ndim != ndim) {
-        char s[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s has shape %s, expected %d dimensions", op,
-                  what, cuda_shape_str(t, s, sizeof s), ndim);
-        return -1;
-    }
-    return 0;
+    return check_ndim(op, what, t, ndim);
 }
 
 /* ----------------------------------------------------------------- linear */
@@ -444,26 +392,12 @@ static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const 
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2))
         return NULL;
+    if (check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
-    if (w->shape[1] != K) {
-        char s[CUDA_SHAPE_STR_SIZE], t[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "linear: input %s has %" PRId64 " features, weight %s expects %" PRId64,
-                  cuda_shape_str(x, s, sizeof s), K, cuda_shape_str(w, t, sizeof t), w->shape[1]);
+    if (bias && (cuda_check(cb, "linear", "bias", bias, 0) || check_bias("linear", bias, N)))
         return NULL;
-    }
-    if (bias && cuda_check(cb, "linear", "bias", bias, 0)) return NULL;
-    if (bias && tensor_numel(bias) != N) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "linear: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
-                  tensor_numel(bias), N);
-        return NULL;
-    }
     int64_t M = tensor_numel(x) / K;
-    if (M > INT_MAX || N > INT_MAX || K > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "linear: dimensions exceed the cuBLAS int range");
-        return NULL;
-    }
+    if (check_gemm_size("linear", "cuBLAS", M, N, K)) return NULL;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
@@ -493,19 +427,8 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "embedding", "table", table, 2)) return NULL;
-    if (!ids || n < 1) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "embedding: %d ids", ids ? n : 0);
-        return NULL;
-    }
-    int64_t V = table->shape[0], D = table->shape[1];
-    for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= V) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT,
-                      "embedding: id %" PRId32 " at position %d is outside the table of %" PRId64,
-                      ids[i], i, V);
-            return NULL;
-        }
-    }
+    if (check_embedding(table->shape[0], ids, n)) return NULL;
+    int64_t D = table->shape[1];
     int64_t shape[2] = {n, D};
     size_t id_bytes = (size_t)n * sizeof *ids;
     cuda_buf device_ids;

@@ -218,43 +218,9 @@ tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor 
     if (cuda_check(cb, "conv2d", "input", x, 4) || cuda_check(cb, "conv2d", "weight", w, 4))
         return NULL;
     if (bias && cuda_check(cb, "conv2d", "bias", bias, 0)) return NULL;
-    char xs[CUDA_SHAPE_STR_SIZE], ws[CUDA_SHAPE_STR_SIZE];
     conv_shape s = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], 0, 0,
                     (int)w->shape[2], stride, padding};
-    if (w->shape[2] != w->shape[3] || w->shape[2] > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: weight %s is not a square kernel",
-                  cuda_shape_str(w, ws, sizeof ws));
-        return NULL;
-    }
-    if (w->shape[1] != s.C) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "conv2d: input has %" PRId64 " channels, weight expects %" PRId64, s.C,
-                  w->shape[1]);
-        return NULL;
-    }
-    if (stride < 1 || padding < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: stride %d, padding %d", stride, padding);
-        return NULL;
-    }
-    if (bias && tensor_numel(bias) != s.O) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "conv2d: bias has %" PRId64 " elements, weight has %" PRId64 " outputs",
-                  tensor_numel(bias), s.O);
-        return NULL;
-    }
-    if (s.H + 2 * (int64_t)padding < s.k || s.W + 2 * (int64_t)padding < s.k) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s is smaller than kernel %s",
-                  cuda_shape_str(x, xs, sizeof xs), cuda_shape_str(w, ws, sizeof ws));
-        return NULL;
-    }
-    s.Ho = (s.H + 2 * (int64_t)padding - s.k) / stride + 1;
-    s.Wo = (s.W + 2 * (int64_t)padding - s.k) / stride + 1;
-    if (s.Ho * s.Wo > INT_MAX || s.H * s.W > INT_MAX || s.C * s.k * s.k > INT_MAX ||
-        s.O > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: input %s exceeds the cuBLAS int range",
-                  cuda_shape_str(x, xs, sizeof xs));
-        return NULL;
-    }
+    if (check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
     int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
     dtype type = x->type;
     cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};

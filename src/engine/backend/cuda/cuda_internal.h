@@ -40,6 +40,7 @@ extern "C" {
 #include "backend/backend.h"
 #include "core/error.h"
 }
+#include "backend/backend_check.h"
 
 /* Free lists of the caching allocator: one per size class (see
  * cuda_backend.cu), enough classes for blocks up to 2^48 bytes. */
@@ -103,11 +104,10 @@ void cuda_tensor_release(cuda_backend *cb, tensor *t);
 const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf *tmp);
 
 /* Checks that `t` is a tensor of this backend, F32 or F16, with `ndim`
- * dimensions (0: any); else sets "op: what is ..." and returns -1. */
+ * dimensions (0: any); else sets "op: what is ..." and returns -1. The
+ * checks of how shapes fit together are backend_check.h's. */
 int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
                int ndim);
-const char *cuda_shape_str(const tensor *t, char *buf, size_t size);
-#define CUDA_SHAPE_STR_SIZE 96
 
 /* 0 on success, else -1 with "what: <library message>" set. */
 int cuda_ok(cudaError_t e, const char *what);

@@ -139,12 +139,7 @@ tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "concat_channels", "a", a, 4) || cuda_check(cb, "concat_channels", "b", b, 4))
         return NULL;
-    if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3]) {
-        char as[CUDA_SHAPE_STR_SIZE], bs[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "concat_channels: %s and %s differ in batch or size",
-                  cuda_shape_str(a, as, sizeof as), cuda_shape_str(b, bs, sizeof bs));
-        return NULL;
-    }
+    if (check_concat_channels(a, b)) return NULL;
     int64_t B = a->shape[0], Ca = a->shape[1], Cb = b->shape[1], S = a->shape[2] * a->shape[3];
     int64_t shape[4] = {B, Ca + Cb, a->shape[2], a->shape[3]};
     size_t es = dtype_size(a->type), bytes_a = (size_t)(Ca * S) * es, bytes_b = (size_t)(Cb * S) * es;
@@ -193,10 +188,7 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "upsample_nearest", "input", x, 4)) return NULL;
-    if (h < 1 || w < 1) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "upsample_nearest: size %dx%d", h, w);
-        return NULL;
-    }
+    if (check_upsample(h, w)) return NULL;
     int64_t BC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
     int64_t shape[4] = {x->shape[0], x->shape[1], h, w};
     tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
@@ -274,14 +266,8 @@ tensor *cuda_nchw_to_tokens(backend *be, const tensor *x) {
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     cuda_lock lock(be);
     if (!lock || cuda_check(lock.cb, "tokens_to_nchw", "input", x, 3)) return NULL;
+    if (check_tokens_to_nchw(x, h, w)) return NULL;
     int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
-    if (h < 1 || w < 1 || (int64_t)h * w != S) {
-        char xs[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "tokens_to_nchw: %s has %" PRId64 " tokens, not %dx%d",
-                  cuda_shape_str(x, xs, sizeof xs), S, h, w);
-        return NULL;
-    }
     int64_t shape[4] = {B, C, h, w};
     return transpose(lock.cb, "tokens_to_nchw", x, B, S, C, 4, shape);
 }

@@ -43,14 +43,6 @@ __device__ __forceinline__ float activate_one(float x, activation act) {
     }
 }
 
-static int check_activation(const char *op, activation act) {
-    if (act != ACT_NONE && act != ACT_SILU && act != ACT_GELU && act != ACT_QUICK_GELU) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: unknown activation %d", op, (int)act);
-        return -1;
-    }
-    return 0;
-}
-
 template <typename T>
 __global__ void activate_kernel(const T *x, T *y, int64_t n, activation act) {
     FOR_EACH(i, n) y[i] = from_f32<T>(activate_one(to_f32(x[i]), act));
@@ -92,11 +84,8 @@ tensor *cuda_geglu(backend *be, const tensor *x) {
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "geglu", "input", x, 0)) return NULL;
-    int64_t two_n = x->shape[x->ndim - 1], N = two_n / 2;
-    if (two_n % 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "geglu: last dimension %" PRId64 " is odd", two_n);
-        return NULL;
-    }
+    if (check_geglu(x)) return NULL;
+    int64_t N = x->shape[x->ndim - 1] / 2;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
@@ -118,18 +107,6 @@ tensor *cuda_geglu(backend *be, const tensor *x) {
 
 /* -------------------------------------------------------------- in place */
 
-static int same_shape(const char *op, const tensor *a, const tensor *b) {
-    int same = a->ndim == b->ndim;
-    for (int i = 0; same && i < a->ndim; i++) same = a->shape[i] == b->shape[i];
-    if (!same) {
-        char as[CUDA_SHAPE_STR_SIZE], bs[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: shapes %s and %s differ", op,
-                  cuda_shape_str(a, as, sizeof as), cuda_shape_str(b, bs, sizeof bs));
-        return -1;
-    }
-    return 0;
-}
-
 /* a += b * scale; scale 1 is exactly a + b (the residual connections) */
 template <typename T>
 __global__ void add_kernel(T *a, const T *b, int64_t n, float scale) {
@@ -145,7 +122,7 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "add", "a", a, 0) || cuda_check(cb, "add", "b", b, 0) ||
-        same_shape("add", a, b))
+        check_same_shape("add", a, b))
         return -1;
     cuda_buf b_tmp;
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
@@ -175,14 +152,8 @@ int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
     if (cuda_check(cb, "add_channel_bias", "x", x, 4) ||
         cuda_check(cb, "add_channel_bias", "v", v, 2))
         return -1;
-    int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
-    if (v->shape[0] != B || v->shape[1] != C) {
-        char xs[CUDA_SHAPE_STR_SIZE], vs[CUDA_SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "add_channel_bias: x %s needs v [%" PRId64 ",%" PRId64 "], got %s",
-                  cuda_shape_str(x, xs, sizeof xs), B, C, cuda_shape_str(v, vs, sizeof vs));
-        return -1;
-    }
+    if (check_channel_bias(x, v)) return -1;
+    int64_t S = x->shape[2] * x->shape[3];
     cuda_buf v_tmp;
     const void *vd = cuda_data_as(cb, v, x->type, &v_tmp);
     if (!vd) return -1;
@@ -352,16 +323,10 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
     return rc;
 }
 
-static int check_affine(const cuda_backend *cb, const char *op, const tensor *gamma,
-                        const tensor *beta, int64_t C) {
+static int check_gamma_beta(const cuda_backend *cb, const char *op, const tensor *gamma,
+                            const tensor *beta, int64_t C) {
     if (cuda_check(cb, op, "gamma", gamma, 0) || cuda_check(cb, op, "beta", beta, 0)) return -1;
-    if (tensor_numel(gamma) != C || tensor_numel(beta) != C) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "%s: gamma has %" PRId64 " and beta %" PRId64 " elements, input has %" PRId64,
-                  op, tensor_numel(gamma), tensor_numel(beta), C);
-        return -1;
-    }
-    return 0;
+    return check_affine(op, gamma, beta, C);
 }
 
 tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
@@ -371,22 +336,14 @@ tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "group_norm", "input", x, 0) || check_activation("group_norm", act))
         return NULL;
-    if (x->ndim < 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: input has %d dimension", x->ndim);
-        return NULL;
-    }
+    if (check_group_norm(x, groups)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1];
-    if (groups < 1 || C % groups) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "group_norm: %" PRId64 " channels do not split into %d groups", C, groups);
-        return NULL;
-    }
     if (B * groups > 65535) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: %" PRId64 " groups are too many",
                   B * groups);
         return NULL;
     }
-    if (check_affine(cb, "group_norm", gamma, beta, C)) return NULL;
+    if (check_gamma_beta(cb, "group_norm", gamma, beta, C)) return NULL;
     cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
     const void *gd = NULL, *bd = NULL;
     tensor *y = NULL;
@@ -428,7 +385,7 @@ tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "layer_norm", "input", x, 0)) return NULL;
     int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
-    if (check_affine(cb, "layer_norm", gamma, beta, D)) return NULL;
+    if (check_gamma_beta(cb, "layer_norm", gamma, beta, D)) return NULL;
     cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
     const void *gd = NULL, *bd = NULL;
     tensor *y = NULL;
