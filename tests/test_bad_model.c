@@ -4,6 +4,7 @@
  * reference model, breaks one thing, and opens it through the public API.
  */
 #include <jansson.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -14,16 +15,19 @@
 static char root[] = "/tmp/sdx4-bad-model-XXXXXX";
 static char dir[600];
 
-static void sh(const char *fmt, const char *a, const char *b) {
+/* Runs a shell command built printf-style; a failure fails the test. */
+static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void sh(const char *fmt, ...) {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, fmt, a, b);
-    if (system(cmd) != 0) fprintf(stderr, "failed: %s\n", cmd);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    CHECK(system(cmd) == 0, "failed: %s", cmd);
 }
 
 static void fresh_copy(void) {
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s/m' && cp -r '%s' '%s/m'", root, test_ref("small/model"), root);
-    CHECK(system(cmd) == 0, "copy failed");
+    sh("rm -rf '%s/m' && cp -r '%s' '%s/m'", root, test_ref("small/model"), root);
 }
 
 static void expect_error(const char *what, sdx4_status want, const char *needle1, const char *needle2) {
@@ -182,17 +186,17 @@ int main(void) {
     expect_error("config disagrees with weights", SDX4_ERR_MODEL, "unet", NULL);
 
     fresh_copy();
-    sh("rm '%s/m/vae/diffusion_pytorch_model.safetensors'%s", root, "");
+    sh("rm '%s/m/vae/diffusion_pytorch_model.safetensors'", root);
     expect_error("missing weights file", SDX4_ERR_MODEL, "vae/diffusion_pytorch_model.safetensors", "missing");
 
     fresh_copy();
-    sh("rm '%s/m/tokenizer/vocab.json'%s", root, "");
+    sh("rm '%s/m/tokenizer/vocab.json'", root);
     expect_error("missing vocabulary", SDX4_ERR_MODEL, "vocab.json", NULL);
 
     fresh_copy();
-    sh("rm '%s/m/model_index.json'%s", root, "");
+    sh("rm '%s/m/model_index.json'", root);
     expect_error("not a model folder", SDX4_ERR_MODEL, "model_index.json", "missing");
 
-    sh("rm -rf '%s'%s", root, "");
+    sh("rm -rf '%s'", root);
     return test_finish("test_bad_model");
 }

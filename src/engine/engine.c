@@ -128,30 +128,28 @@ void sdx4_upscale_params_default(sdx4_upscale_params *p) {
     p->noise_level = 0.2f;
 }
 
-static sdx4_status invalid(const char *fmt, double v) {
-    set_error(SDX4_ERR_INVALID_ARGUMENT, fmt, v);
-    return SDX4_ERR_INVALID_ARGUMENT;
-}
+#define INVALID(...) (set_error(SDX4_ERR_INVALID_ARGUMENT, __VA_ARGS__), SDX4_ERR_INVALID_ARGUMENT)
 
 /* The rules every caller gets, with messages naming the parameter. */
 static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
                                 const sdx4_upscale_params *p) {
     int f = vae_scale_factor(&e->m.vae);
-    if (!in || !in->pixels) return invalid("no input image%.0f", 0);
+    if (!in || !in->pixels) return INVALID("no input image");
     if (in->width < f || in->height < f)
-        return invalid("input image is too small: each side needs at least %.0f pixels", f);
+        return INVALID("input image is too small: each side needs at least %d pixels", f);
     if (in->width > MAX_INPUT_SIDE || in->height > MAX_INPUT_SIDE)
-        return invalid("input image is too large: at most %.0f pixels a side", MAX_INPUT_SIDE);
-    if (p->num_inference_steps < 1 || p->num_inference_steps > MAX_STEPS ||
-        p->num_inference_steps > e->m.scheduler.num_train_timesteps)
-        return invalid("num_inference_steps %.0f is outside 1..1000 (and the scheduler's "
-                       "num_train_timesteps)", p->num_inference_steps);
+        return INVALID("input image is too large: at most %d pixels a side", MAX_INPUT_SIDE);
+    int max_steps = e->m.scheduler.num_train_timesteps < MAX_STEPS
+                        ? e->m.scheduler.num_train_timesteps : MAX_STEPS;
+    if (p->num_inference_steps < 1 || p->num_inference_steps > max_steps)
+        return INVALID("num_inference_steps %d is outside 1..%d", p->num_inference_steps,
+                       max_steps);
     if (!isfinite(p->guidance_scale) || p->guidance_scale < 0 || p->guidance_scale > 100)
-        return invalid("guidance_scale %g is outside 0..100", p->guidance_scale);
+        return INVALID("guidance_scale %g is outside 0..100", p->guidance_scale);
     if (!isfinite(p->noise_level) || p->noise_level < 0 || p->noise_level > 1)
-        return invalid("noise_level %g is outside 0.0..1.0", p->noise_level);
+        return INVALID("noise_level %g is outside 0.0..1.0", p->noise_level);
     if (!isfinite(p->eta) || p->eta < 0 || p->eta > 1)
-        return invalid("eta %g is outside 0..1", p->eta);
+        return INVALID("eta %g is outside 0..1", p->eta);
     return SDX4_OK;
 }
 
