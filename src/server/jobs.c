@@ -156,6 +156,17 @@ static waiter *take_waiters(job *j, bool finished) {
     return woken;
 }
 
+/* Moves every waiter of `w` to the front of `list`; returns the new list. */
+static waiter *prepend_waiters(waiter *w, waiter *list) {
+    while (w) {
+        waiter *next = w->next;
+        w->next = list;
+        list = w;
+        w = next;
+    }
+    return list;
+}
+
 static void wake_all(waiter *w) {
     while (w) {
         waiter *next = w->next; /* w may be freed by its wake */
@@ -374,13 +385,7 @@ static void *reaper_main(void *arg) {
             if (j->deadline <= now) {
                 log_event(LOG_WARN, "job_timeout", json_pack("{s:s,s:s}", "request_id", j->request_id, "job_id", j->id));
                 cancel_locked(j, STOP_TIMEOUT); /* removes j from the active list */
-                waiter *w = take_waiters(j, true);
-                while (w) {
-                    waiter *wn = w->next;
-                    w->next = woken;
-                    woken = w;
-                    w = wn;
-                }
+                woken = prepend_waiters(take_waiters(j, true), woken);
             } else if (j->deadline < next) next = j->deadline;
         }
         sweep_retained(s, now, &release);
@@ -453,13 +458,7 @@ void job_store_drain(job_store *s, double deadline) {
     while (s->active.head) {
         job *j = s->active.head;
         cancel_locked(j, STOP_SHUTDOWN);
-        waiter *w = take_waiters(j, true);
-        while (w) {
-            waiter *wn = w->next;
-            w->next = woken;
-            woken = w;
-            w = wn;
-        }
+        woken = prepend_waiters(take_waiters(j, true), woken);
     }
     pthread_mutex_unlock(&s->lock);
     wake_all(woken);
