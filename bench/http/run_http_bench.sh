@@ -12,6 +12,8 @@ BIN=${1:-$root/build/sdx4}
 MODEL=${2:-$root/../shared/reference/tiny/model}
 D=${D:-10}
 C=${C:-32}
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN") # absolute: we cd below
+MODEL=$(cd "$MODEL" && pwd)
 venv=$root/.venv-http-bench
 [ -x "$venv/bin/uvicorn" ] || { python3 -m venv "$venv" &&
   "$venv/bin/pip" install -q fastapi uvicorn pillow python-multipart; }
@@ -30,14 +32,14 @@ load() { # name url
 echo "load: $(uptime)"
 "$BIN" serve --model "$MODEL" --port 18500 --warmup false --rate-limit 0 2>/dev/null &
 SPID=$!
-until curl -s -o /dev/null localhost:18500/api/v1/health; do sleep 0.5; done
+until curl -s -o /dev/null 127.0.0.1:18500/api/v1/health; do sleep 0.5; done
 post http://127.0.0.1:18500; post http://127.0.0.1:18500 # miss, then hit
 echo "sdx4 idle RSS kB: $(ps -o rss= -p $SPID)"
 load sdx4 http://127.0.0.1:18500
 kill $SPID; wait $SPID
 "$venv/bin/uvicorn" fastapi_app:app --port 18501 --workers 2 --log-level warning &
 UPID=$!
-until curl -s -o /dev/null localhost:18501/api/v1/health; do sleep 0.5; done
+until curl -s -o /dev/null 127.0.0.1:18501/api/v1/health; do sleep 0.5; done
 post http://127.0.0.1:18501; post http://127.0.0.1:18501
 echo "uvicorn RSS kB (workers + master): $(ps -o rss= --ppid $UPID | awk '{s+=$1} END {print s}') + $(ps -o rss= -p $UPID)"
 load fastapi http://127.0.0.1:18501
