@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "engine_internal.h"
 #include "model/image_processor.h"
 #include "model/pipeline.h"
 #include "sdx4.h"
@@ -210,6 +211,5 @@ int64_t sdx4_peak_rss_bytes(void) {
     return (int64_t)ru.ru_maxrss * 1024;
 }
 
-/* Internal access for bench.c. */
 model *engine_model(sdx4_engine *e) { return &e->m; }
 backend *engine_backend(sdx4_engine *e) { return e->be; }

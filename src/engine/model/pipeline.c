@@ -54,17 +54,17 @@ tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
     return out;
 }
 
-/* One UNet evaluation with guidance: eps [C, h, w] on the host. */
+/* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
+ * already holds the noisy image channels of every batch entry (they do not
+ * change between steps); only the latents are written here. */
 static int predict_noise(const model *m, backend *be, const pipeline_args *a, const tensor *ctx,
-                         int do_cfg, const float *latents, const float *noisy_image, int t,
-                         float *unet_in, float *unet_out, float *eps) {
+                         int do_cfg, const float *latents, int t, float *unet_in,
+                         float *unet_out, float *eps) {
     int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
     int32_t labels[2] = {a->noise_level, a->noise_level};
-    for (int b = 0; b < batch; b++) { /* cat([latents, image], dim=1) */
+    for (int b = 0; b < batch; b++) /* cat([latents, image], dim=1) */
         memcpy(unet_in + b * (lat + img), latents, lat * sizeof *latents);
-        memcpy(unet_in + b * (lat + img) + lat, noisy_image, img * sizeof *noisy_image);
-    }
     int64_t shape[4] = {batch, C + 3, a->height, a->width};
     tensor *x = be->new_tensor(be, 4, shape), *y = NULL;
     int rc = -1;
@@ -142,6 +142,8 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     else torch_randn(&rng, noise, img);
     if (ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
         goto fail;
+    for (int b = 0; b < batch; b++) /* the image half of every UNet input, once */
+        memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
     else torch_randn(&rng, latents, lat); /* init_noise_sigma is 1 for DDIM */
 
@@ -149,7 +151,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     t0 = now();
     for (int i = 0; i < sched.num_timesteps; i++) {
         int t = sched.timesteps[i];
-        if (predict_noise(m, be, a, ctx, do_cfg, latents, noisy, t, unet_in, unet_out, eps) ||
+        if (predict_noise(m, be, a, ctx, do_cfg, latents, t, unet_in, unet_out, eps) ||
             ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
             goto fail;
         memcpy(latents, prev, lat * sizeof *latents);

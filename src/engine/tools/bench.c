@@ -9,11 +9,8 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "engine_internal.h"
 #include "model/pipeline.h"
-#include "sdx4.h"
-
-model *engine_model(sdx4_engine *e);
-backend *engine_backend(sdx4_engine *e);
 
 static double now_ms(void) {
     struct timespec ts;

@@ -1,0 +1,15 @@
+/*
+ * engine_internal.h - what the engine's own tools (bench.c) may reach
+ * behind the opaque sdx4_engine of the public header.
+ */
+#ifndef SDX4_ENGINE_INTERNAL_H
+#define SDX4_ENGINE_INTERNAL_H
+
+#include "backend/backend.h"
+#include "model/model.h"
+#include "sdx4.h"
+
+model *engine_model(sdx4_engine *e);
+backend *engine_backend(sdx4_engine *e);
+
+#endif
