@@ -28,6 +28,8 @@
 #   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
 #   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
 #           steps), GPU memory sampled meanwhile
+#   profile one UNet step and VAE decode at 128 px with SDX4_CUDA_PROFILE=1:
+#           GPU time per operation and shape, in profile-128.txt
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # Results go to $OUT (what the device tool brings back; build-device-out/
 # when run by hand):
@@ -36,6 +38,7 @@
 #   bench.jsonl     sdx4 bench's JSON lines
 #   gpu.txt         nvidia-smi, nvcc, cmake, what the build found
 #   gpu-memory.csv  nvidia-smi's memory.used every 200 ms during the bench
+#   profile-128.txt the profile step's table
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -116,7 +119,7 @@ out=${OUT:-$root/build-device-out}
 mkdir -p "$out"
 summary=$out/summary.txt
 exec > >(tee -a "$out/log.txt") 2>&1
-steps=${*:-build test golden model bench}
+steps=${*:-build test golden model bench profile}
 wants() { [[ " $steps " == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and records
@@ -210,7 +213,7 @@ if wants build; then
 fi
 
 if wants test; then
-  step test_backend_cuda 180 build-device/test_backend_cuda
+  step test_backend_cuda 90 build-device/test_backend_cuda
 fi
 
 # not in the default list: memcheck slows the kernels tenfold or more
@@ -220,7 +223,7 @@ fi
 
 if wants golden; then
   for mode in fp32 fp16; do
-    step "golden-$mode" 240 env SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=$mode \
+    step "golden-$mode" 90 env SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=$mode \
       ctest --test-dir build-device --output-on-failure -R '^(test_models|test_pipeline)$'
   done
 fi
@@ -234,7 +237,7 @@ if wants model; then
     skip make-model "$model is there"
   else
     mkdir -p "$(dirname "$model")"
-    step make-model 150 "$sdx4" make-model --config "$config" "$model" --dtype fp16
+    step make-model 120 "$sdx4" make-model --config "$config" "$model" --dtype fp16
   fi
 fi
 
@@ -244,15 +247,20 @@ if wants bench; then
   else
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv -lms 200 > "$out/gpu-memory.csv" 2>/dev/null &
     sampler=$!
-    step bench-128 200 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
+    step bench-128 120 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
       --size 128 --steps 75 --repeats 3 | tee -a $out/bench.jsonl"
-    step bench-256 200 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
-      --size 256 --steps 20 --repeats 2 | tee -a $out/bench.jsonl"
+    step bench-256 100 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
+      --size 256 --steps 20 --repeats 1 | tee -a $out/bench.jsonl"
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
     echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |
       tee -a "$summary"
   fi
+fi
+
+if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
+  step profile-128 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
+    --device cuda --size 128 --steps 1 --repeats 1 2> $out/profile-128.txt"
 fi
 
 nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv >> "$out/gpu.txt" 2>&1

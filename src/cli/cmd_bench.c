@@ -2,7 +2,8 @@
  * cmd_bench.c - `sdx4 bench`: how long the parts of the pipeline take.
  *
  * sdx4_bench() times the text encoder, one UNet step, the VAE decode and a
- * whole upscale on a size x size input (medians over --repeats runs); this
+ * whole upscale on a size x size input (medians over --repeats runs, after
+ * one untimed run of each that lets a GPU pick its algorithms); this
  * command prints the result as ONE line of JSON on stdout, so that runs on
  * several machines can be appended to a file and compared with jq:
  *   {"model":..., "device":..., "threads":..., "size":..., "steps":...,
@@ -28,8 +29,9 @@ static const char help[] =
     "  --size N               input side in pixels, 1..4096 (default: 64)\n"
     "  --steps N              steps of the whole upscale, 1..1000\n"
     "                         (default: 2)\n"
-    "  --repeats N            runs of each timing, the median is kept,\n"
-    "                         1..1000 (default: 1)\n"
+    "  --repeats N            timed runs of each part after one untimed\n"
+    "                         warm-up run; the median is kept, 1..1000\n"
+    "                         (default: 1)\n"
     "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
     "  --variant fp16         load the *.fp16.safetensors weights\n"
     "  --device cpu|cuda|auto compute device (default: auto)\n"

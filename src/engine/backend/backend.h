@@ -123,6 +123,10 @@ struct backend {
     dtype (*set_activation_type)(backend *be, dtype t);
 
     /* --- lifetime ----------------------------------------------------- */
+    /* Waits until every operation enqueued so far has finished; optional
+     * (NULL: the backend computes each operation before returning, as the
+     * CPU backend does). Only for timing: download() waits anyway. */
+    int (*synchronize)(backend *be);
     /* Bytes of device memory in use now and at most (0 if unknown). */
     void (*memory)(backend *be, int64_t *in_use, int64_t *peak);
     void (*destroy)(backend *be);

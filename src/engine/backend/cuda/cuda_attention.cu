@@ -165,7 +165,7 @@ static int attend(cuda_backend *cb, const void *q, const void *k, const void *v,
 
 tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
                        int causal) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "attention");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "attention", "q", q, 3) || cuda_check(cb, "attention", "k", k, 3) ||
@@ -173,6 +173,8 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
         return NULL;
     if (check_attention(q, k, v, heads)) return NULL;
     int64_t B = q->shape[0], Tq = q->shape[1], Tk = k->shape[1], D = q->shape[2] / heads;
+    cuda_profile_label(cb->profile, " %s B%" PRId64 " H%d Tq%" PRId64 " Tk%" PRId64 " D%" PRId64,
+                       dtype_name(q->type), B, heads, Tq, Tk, D);
     if (D > MAX_HEAD_DIM) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "attention: head dimension %" PRId64 " (at most %d on cuda)", D, MAX_HEAD_DIM);

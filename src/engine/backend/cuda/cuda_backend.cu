@@ -63,12 +63,16 @@ int cublas_ok(cublasStatus_t s, const char *what) {
     return -1;
 }
 
-cuda_lock::cuda_lock(const backend *be) : cb((cuda_backend *)be), ok(false) {
+cuda_lock::cuda_lock(const backend *be, const char *op) : cb((cuda_backend *)be), ok(false) {
     pthread_mutex_lock(&cb->lock);
     ok = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") == 0;
+    if (ok && op && cb->profile) cuda_profile_begin(cb->profile, cb->stream, op);
 }
 
-cuda_lock::~cuda_lock() { pthread_mutex_unlock(&cb->lock); }
+cuda_lock::~cuda_lock() {
+    if (cb->profile) cuda_profile_end(cb->profile, cb->stream);
+    pthread_mutex_unlock(&cb->lock);
+}
 
 /* ----------------------------------------------------------------- memory */
 
@@ -341,7 +345,16 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
                      "download") ||
              cuda_ok(cudaStreamSynchronize(cb->stream), "download");
     cuda_buf_free(cb, &staging);
+    cuda_profile_collect(cb->profile);
     return rc ? -1 : 0;
+}
+
+static int cuda_synchronize(backend *be) {
+    cuda_lock lock(be);
+    if (!lock) return -1;
+    int rc = cuda_ok(cudaStreamSynchronize(lock.cb->stream), "cuda: synchronize");
+    cuda_profile_collect(lock.cb->profile);
+    return rc;
 }
 
 static void cuda_memory(backend *be, int64_t *in_use, int64_t *peak) {
@@ -387,7 +400,7 @@ int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperatio
 /* y[M, N] = x[M, K] @ w[N, K]^T + bias. cuBLAS is column-major: there the
  * row-major y is y^T [N, M] = w [K, N]^T x^T [K, M]. */
 static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "linear");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2))
@@ -398,6 +411,8 @@ static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const 
         return NULL;
     int64_t M = tensor_numel(x) / K;
     if (check_gemm_size("linear", "cuBLAS", M, N, K)) return NULL;
+    cuda_profile_label(cb->profile, " %s M%" PRId64 " N%" PRId64 " K%" PRId64,
+                       dtype_name(x->type), M, N, K);
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
@@ -423,7 +438,7 @@ static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const 
 /* -------------------------------------------------------------- embedding */
 
 static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *ids, int n) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "embedding");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "embedding", "table", table, 2)) return NULL;
@@ -451,6 +466,7 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
 /* Frees what create() made, in any state of completion. */
 static void teardown(cuda_backend *cb) {
     if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
+    cuda_profile_destroy(cb->profile);
 #ifdef SDX4_HAVE_CUDNN
     cuda_conv_plans_free(cb);
     if (cb->cudnn) (void)cudnnDestroy(cb->cudnn);
@@ -528,6 +544,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
     cb->device = device_index;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
+    cb->profile = cuda_profile_create();
     if (cuda_ok(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "cuda: stream") ||
         cublas_ok(cublasCreate(&cb->cublas), "cuda: cublasCreate") ||
         cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
@@ -577,6 +594,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->nchw_to_tokens = cuda_nchw_to_tokens;
         be->tokens_to_nchw = cuda_tokens_to_nchw;
         be->embedding = cuda_embedding;
+        be->synchronize = cuda_synchronize;
         be->memory = cuda_memory;
         be->set_activation_type = cuda_set_activation_type;
         be->destroy = cuda_destroy;

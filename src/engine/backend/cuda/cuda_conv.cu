@@ -192,7 +192,10 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
                              cb->allow_tf32};
     conv_plan *p = cb->plans;
     while (p && memcmp(p->key, key, sizeof key)) p = p->next;
-    if (!p && !(p = make_plan(cb, s, type, key, x, w, y))) return -1;
+    if (!p) {
+        cuda_profile_label(cb->profile, " (choosing the algorithm)");
+        if (!(p = make_plan(cb, s, type, key, x, w, y))) return -1;
+    }
     if (!p->usable) return 1;
     cuda_buf workspace = {NULL, 0};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
@@ -212,7 +215,7 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
 
 tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
                     int padding) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "conv2d");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "conv2d", "input", x, 4) || cuda_check(cb, "conv2d", "weight", w, 4))
@@ -221,6 +224,8 @@ tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor 
     conv_shape s = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], 0, 0,
                     (int)w->shape[2], stride, padding};
     if (check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
+    cuda_profile_label(cb->profile, " %s k%d s%d B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64
+                       "x%" PRId64, dtype_name(x->type), s.k, stride, s.B, s.C, s.O, s.H, s.W);
     int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
     dtype type = x->type;
     cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};

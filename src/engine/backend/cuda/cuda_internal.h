@@ -51,7 +51,8 @@ typedef struct cuda_block {
     struct cuda_block *next;
 } cuda_block;
 
-typedef struct conv_plan conv_plan; /* cuda_conv.cu */
+typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
+typedef struct cuda_profile cuda_profile; /* cuda_profile.cu */
 
 typedef struct {
     backend base;            /* first member: a backend* is a cuda_backend* */
@@ -69,16 +70,18 @@ typedef struct {
     pthread_mutex_t lock;
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
+    cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
     char description[192];
 } cuda_backend;
 
 /* Holds the backend's lock while an operation enqueues its work, and makes
  * the backend's device current on the calling thread; false if that fails
- * (the error is set). */
+ * (the error is set). An operation that names itself (`op`) is timed when
+ * profiling is on. */
 struct cuda_lock {
     cuda_backend *cb;
     bool ok;
-    explicit cuda_lock(const backend *be);
+    explicit cuda_lock(const backend *be, const char *op = NULL);
     ~cuda_lock();
     explicit operator bool() const { return ok; }
 };
@@ -120,6 +123,18 @@ static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastEr
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
               int n, int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
               int ldc);
+
+/* --- cuda_profile.cu: GPU time per operation (see there) ------------- */
+/* NULL unless SDX4_CUDA_PROFILE is set (and on out of memory). */
+cuda_profile *cuda_profile_create(void);
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op);
+/* Appends to the running operation's key, printf-style; no-op when off. */
+void cuda_profile_label(cuda_profile *p, const char *fmt, ...);
+void cuda_profile_end(cuda_profile *p, cudaStream_t stream);
+/* Reads the finished operations' events (waits for them). */
+void cuda_profile_collect(cuda_profile *p);
+/* Prints the table to stderr and frees; NULL is fine. */
+void cuda_profile_destroy(cuda_profile *p);
 
 /* --- cuda_layout.cu: conversions and copies used by every file -------- */
 /* dst[i] = src[i] for n elements, src F32, F16 or BF16, dst F32 or F16. */

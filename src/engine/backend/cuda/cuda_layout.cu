@@ -134,7 +134,7 @@ int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t 
 
 /* Each image of the output is a's channels then b's: 2B plain copies. */
 tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "concat_channels");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "concat_channels", "a", a, 4) || cuda_check(cb, "concat_channels", "b", b, 4))
@@ -184,7 +184,7 @@ __global__ void upsample_kernel(const T *x, T *y, int64_t BC, int64_t H, int64_t
 }
 
 tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "upsample_nearest");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "upsample_nearest", "input", x, 4)) return NULL;
@@ -256,7 +256,7 @@ static tensor *transpose(cuda_backend *cb, const char *op, const tensor *x, int6
 }
 
 tensor *cuda_nchw_to_tokens(backend *be, const tensor *x) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "nchw_to_tokens");
     if (!lock || cuda_check(lock.cb, "nchw_to_tokens", "input", x, 4)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
     int64_t shape[3] = {B, S, C};
@@ -264,7 +264,7 @@ tensor *cuda_nchw_to_tokens(backend *be, const tensor *x) {
 }
 
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "tokens_to_nchw");
     if (!lock || cuda_check(lock.cb, "tokens_to_nchw", "input", x, 3)) return NULL;
     if (check_tokens_to_nchw(x, h, w)) return NULL;
     int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];

@@ -49,7 +49,7 @@ __global__ void activate_kernel(const T *x, T *y, int64_t n, activation act) {
 }
 
 tensor *cuda_activate(backend *be, const tensor *x, activation act) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "activate");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "activate", "input", x, 0) || check_activation("activate", act)) return NULL;
@@ -80,7 +80,7 @@ __global__ void geglu_kernel(const T *x, T *y, int64_t n, int64_t N) {
 }
 
 tensor *cuda_geglu(backend *be, const tensor *x) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "geglu");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "geglu", "input", x, 0)) return NULL;
@@ -118,7 +118,7 @@ __global__ void add_kernel(T *a, const T *b, int64_t n, float scale) {
 }
 
 int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "add");
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "add", "a", a, 0) || cuda_check(cb, "add", "b", b, 0) ||
@@ -146,7 +146,7 @@ __global__ void channel_bias_kernel(T *x, const T *v, int64_t n, int64_t S) {
 }
 
 int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "add_channel_bias");
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "add_channel_bias", "x", x, 4) ||
@@ -175,7 +175,7 @@ __global__ void scale_kernel(T *x, int64_t n, float s) {
 }
 
 int cuda_scale_inplace(backend *be, tensor *x, float s) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "scale");
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "scale", "x", x, 0)) return -1;
@@ -331,7 +331,7 @@ static int check_gamma_beta(const cuda_backend *cb, const char *op, const tensor
 
 tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
                         const tensor *beta, float eps, activation act) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "group_norm");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "group_norm", "input", x, 0) || check_activation("group_norm", act))
@@ -344,6 +344,8 @@ tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *
         return NULL;
     }
     if (check_gamma_beta(cb, "group_norm", gamma, beta, C)) return NULL;
+    cuda_profile_label(cb->profile, " %s B%" PRId64 " C%" PRId64 " n%" PRId64, dtype_name(x->type),
+                       B, C, tensor_numel(x) / (B * C));
     cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
     const void *gd = NULL, *bd = NULL;
     tensor *y = NULL;
@@ -380,7 +382,7 @@ __global__ void layer_norm_kernel(const T *x, T *y, const T *gamma, const T *bet
 
 tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
                         float eps) {
-    cuda_lock lock(be);
+    cuda_lock lock(be, "layer_norm");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "layer_norm", "input", x, 0)) return NULL;

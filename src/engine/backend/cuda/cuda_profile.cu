@@ -1,0 +1,144 @@
+/*
+ * cuda_profile.cu - where a CUDA run spends its GPU time, per operation.
+ *
+ * With SDX4_CUDA_PROFILE=1 in the environment, every operation that names
+ * itself to cuda_lock records a CUDA event before and after the work it
+ * enqueues, under a key made of its name and, where the operation gives
+ * one, its shape (a convolution's channels, size and kernel, say). The
+ * events are read when the stream is waited for anyway (download,
+ * synchronize) or when too many are pending, and the backend prints the
+ * table, largest total first, to stderr when it is destroyed.
+ *
+ * Off (the default) it costs one pointer test per operation. On, it adds
+ * two event records per operation and nothing else: no synchronisation
+ * inside a step, so the totals are the kernels' own times.
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+#define PROFILE_KEY 96
+#define PROFILE_PENDING 4096 /* events in flight before they are read */
+#define PROFILE_KEYS 1024
+
+typedef struct {
+    cudaEvent_t start, end;
+    char key[PROFILE_KEY];
+} pending_op;
+
+typedef struct {
+    char key[PROFILE_KEY];
+    int64_t calls;
+    double ms;
+} op_total;
+
+struct cuda_profile {
+    pending_op pending[PROFILE_PENDING];
+    int n_pending;
+    int open; /* an operation has begun and not ended */
+    op_total totals[PROFILE_KEYS];
+    int n_totals;
+    cudaEvent_t spare[2 * PROFILE_PENDING]; /* events to reuse */
+    int n_spare;
+};
+
+cuda_profile *cuda_profile_create(void) {
+    const char *on = getenv("SDX4_CUDA_PROFILE");
+    if (!on || !*on || !strcmp(on, "0")) return NULL;
+    return (cuda_profile *)calloc(1, sizeof(cuda_profile)); /* NULL: no profile */
+}
+
+static cudaEvent_t take_event(cuda_profile *p) {
+    if (p->n_spare) return p->spare[--p->n_spare];
+    cudaEvent_t e = NULL;
+    if (cudaEventCreate(&e) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return e;
+}
+
+static void add_total(cuda_profile *p, const char *key, double ms) {
+    for (int i = 0; i < p->n_totals; i++) {
+        if (!strcmp(p->totals[i].key, key)) {
+            p->totals[i].calls++;
+            p->totals[i].ms += ms;
+            return;
+        }
+    }
+    if (p->n_totals == PROFILE_KEYS) key = "(other)";
+    op_total *t = &p->totals[p->n_totals < PROFILE_KEYS ? p->n_totals++ : PROFILE_KEYS - 1];
+    snprintf(t->key, sizeof t->key, "%s", key);
+    t->calls++;
+    t->ms += ms;
+}
+
+void cuda_profile_collect(cuda_profile *p) {
+    if (!p) return;
+    int done = p->n_pending - p->open;
+    for (int i = 0; i < done; i++) {
+        pending_op *op = &p->pending[i];
+        float ms = 0.0f;
+        if (cudaEventSynchronize(op->end) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, op->start, op->end) == cudaSuccess)
+            add_total(p, op->key, ms);
+        (void)cudaGetLastError();
+        p->spare[p->n_spare++] = op->start;
+        p->spare[p->n_spare++] = op->end;
+    }
+    if (p->open) p->pending[0] = p->pending[done];
+    p->n_pending = p->open;
+}
+
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op) {
+    if (p->n_pending == PROFILE_PENDING) cuda_profile_collect(p);
+    pending_op *o = &p->pending[p->n_pending];
+    o->start = take_event(p);
+    o->end = take_event(p);
+    if (!o->start || !o->end) return;
+    snprintf(o->key, sizeof o->key, "%s", op);
+    (void)cudaEventRecord(o->start, stream);
+    p->n_pending++;
+    p->open = 1;
+}
+
+void cuda_profile_label(cuda_profile *p, const char *fmt, ...) {
+    if (!p || !p->open) return;
+    pending_op *o = &p->pending[p->n_pending - 1];
+    size_t used = strlen(o->key);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(o->key + used, sizeof o->key - used, fmt, ap);
+    va_end(ap);
+}
+
+void cuda_profile_end(cuda_profile *p, cudaStream_t stream) {
+    if (!p->open) return;
+    (void)cudaEventRecord(p->pending[p->n_pending - 1].end, stream);
+    p->open = 0;
+}
+
+static int by_time(const void *a, const void *b) {
+    double x = ((const op_total *)a)->ms, y = ((const op_total *)b)->ms;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+void cuda_profile_destroy(cuda_profile *p) {
+    if (!p) return;
+    cuda_profile_collect(p);
+    qsort(p->totals, p->n_totals, sizeof *p->totals, by_time);
+    double all = 0.0;
+    for (int i = 0; i < p->n_totals; i++) all += p->totals[i].ms;
+    fprintf(stderr, "cuda profile: %.1f ms of GPU time in operations\n", all);
+    fprintf(stderr, "%10s %6s %8s %9s  %s\n", "total ms", "%", "calls", "us/call", "operation");
+    for (int i = 0; i < p->n_totals; i++) {
+        const op_total *t = &p->totals[i];
+        fprintf(stderr, "%10.2f %6.2f %8" PRId64 " %9.1f  %s\n", t->ms, 100.0 * t->ms / all,
+                t->calls, 1e3 * t->ms / (double)t->calls, t->key);
+    }
+    for (int i = 0; i < p->n_spare; i++) (void)cudaEventDestroy(p->spare[i]);
+    free(p);
+}
