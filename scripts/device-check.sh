@@ -74,7 +74,22 @@ prepare() {
   local shared=${SDX4_SHARED:-$root/../shared} tmp prefix inc so
   mkdir -p "$carry"
   echo "packing $shared/reference and $shared/models/x4-upscaler (about a minute)"
-  tar -C "$shared" -cf - reference models/x4-upscaler | xz -9 -T1 > "$carry/reference.tar.xz"
+  # the golden PNGs also as binary PPM, for test_pipeline built without
+  # libvips (that machine has none): "P6 w h 255\n" then the RGB bytes
+  tmp=$(mktemp -d)
+  local png ppm w h
+  for png in "$shared"/reference/*/golden/*.png; do
+    ppm=$tmp/${png#"$shared"/}
+    ppm=${ppm%.png}.ppm
+    mkdir -p "$(dirname "$ppm")"
+    w=$(vipsheader -f width "$png") h=$(vipsheader -f height "$png")
+    vips copy "$png" "$tmp/t.ppm"
+    { printf 'P6 %d %d 255\n' "$w" "$h"; tail -c $((w * h * 3)) "$tmp/t.ppm"; } > "$ppm"
+  done
+  rm -f "$tmp/t.ppm"
+  tar -cf - -C "$shared" reference models/x4-upscaler -C "$tmp" reference |
+    xz -9 -T1 > "$carry/reference.tar.xz"
+  rm -rf "$tmp"
 
   tmp=$(mktemp -d)
   prefix=$tmp/sdx4-deps
