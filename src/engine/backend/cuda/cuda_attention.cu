@@ -25,8 +25,24 @@
  * sees keys j <= i (PyTorch's is_causal, aligned at the top-left) and a
  * block stops at the last key its last query can see.
  *
- * This is the plain version (CUDA cores, no tensor cores): the fast path
- * is a later step.
+ * That kernel is the exact one (float everywhere): fp32 mode runs it, and
+ * so do head sizes the tensor-core kernel below has no variant for.
+ *
+ * The tensor-core kernel (FlashAttention-2's scheme with mma.sync
+ * m16n8k16, half inputs, float accumulation) serves the rest: half
+ * tensors, and float tensors in fp16 mode (the VAE's 16384-token
+ * attention), which it rounds to half first, saturating at +-65504 so
+ * that nothing becomes inf. Each warp owns 16 query rows; a block of WR
+ * row groups walks the keys in tiles of BK held in shared memory (K as
+ * [key][d], V transposed as [d][key], so that every fragment is one 32-bit
+ * load of two neighbours). Per tile a warp computes its 16 x BK scores in
+ * registers, runs the online softmax on them, and reuses them as the A
+ * operand of P V without leaving registers (the accumulator layout of one
+ * mma is the operand layout of the next). Large heads (D 256, 512) would
+ * need too many registers for a 16 x D output per warp, so WD warps share
+ * a row group: each multiplies a D/WD slice of q and k, the partial scores
+ * are added through shared memory, and each keeps a D/WD slice of the
+ * output.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -161,6 +177,257 @@ static int attend(cuda_backend *cb, const void *q, const void *k, const void *v,
     return launch_attention<T, 512, 8, 4>(cb, q, k, v, o, B, Tq, Tk, heads, D, causal);
 }
 
+/* -------------------------------------------------- tensor-core kernel */
+
+/* d += a b for one m16n8k16 tile: a 16x16 (row), b 16x8 (col), half in,
+ * float accumulators (PTX ISA, "mma.m16n8k16" fragment layouts). */
+__device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], uint32_t b0,
+                                          uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&h;
+}
+
+__device__ __forceinline__ uint32_t ld32(const __half *p) { return *(const uint32_t *)p; }
+
+/* Copies rows [r0, r0 + rows) of a head (row stride ld) into shared
+ * memory with row stride LD, 8 halves at a time; zero past `valid`. */
+template <int D, int LD>
+__device__ __forceinline__ void load_rows(__half *dst, const __half *src, int64_t ld, int r0,
+                                          int rows, int valid, int tid, int threads) {
+    for (int i = tid; i < rows * (D / 8); i += threads) {
+        int r = i / (D / 8), c = i % (D / 8) * 8;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (r0 + r < valid) x = *(const uint4 *)(src + (int64_t)(r0 + r) * ld + c);
+        *(uint4 *)(dst + r * LD + c) = x;
+    }
+}
+
+template <int D, int WD, int WR, int BK>
+__global__ void __launch_bounds__(32 * WD * WR)
+mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *o, int Tq, int Tk,
+                     int heads, float scale_log2, int causal) {
+    constexpr int BQ = 16 * WR, DS = D / WD, THREADS = 32 * WD * WR;
+    constexpr int LDK = D + 8, LDV = BK + 8; /* padding: conflict-free fragment loads */
+    constexpr int NT = BK / 8, ONT = DS / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __half *q_s = (__half *)smem_raw;     /* [BQ][LDK] */
+    __half *k_s = q_s + BQ * LDK;         /* [BK][LDK] */
+    __half *vt_s = k_s + BK * LDK;        /* [D][LDV], V transposed */
+    float *part = (float *)(vt_s + D * LDV); /* [WR][WD][16][BK] partial scores */
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t = lane & 3; /* the fragment coordinates */
+    const int wr = warp / WD, wd = warp % WD;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int q0 = blockIdx.x * BQ;
+    const int64_t ld = (int64_t)heads * D;
+    const __half *qb = q + (int64_t)b * Tq * ld + (int64_t)h * D;
+    const __half *kb = k + (int64_t)b * Tk * ld + (int64_t)h * D;
+    const __half *vb = v + (int64_t)b * Tk * ld + (int64_t)h * D;
+    __half *ob = o + (int64_t)b * Tq * ld + (int64_t)h * D;
+
+    load_rows<D, LDK>(q_s, qb, ld, q0, BQ, Tq, tid, THREADS);
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[ONT][4];
+#pragma unroll
+    for (int n = 0; n < ONT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const int row0 = q0 + 16 * wr + g; /* this thread's rows: row0, row0 + 8 */
+    const int kv_end = causal && q0 + BQ < Tk ? q0 + BQ : Tk;
+
+    for (int k0 = 0; k0 < kv_end; k0 += BK) {
+        __syncthreads(); /* the previous tile is consumed */
+        load_rows<D, LDK>(k_s, kb, ld, k0, BK, Tk, tid, THREADS);
+        for (int i = tid; i < BK * (D / 8); i += THREADS) {
+            int j = i / (D / 8), c = i % (D / 8) * 8;
+            uint4 x = make_uint4(0, 0, 0, 0);
+            if (k0 + j < Tk) x = *(const uint4 *)(vb + (int64_t)(k0 + j) * ld + c);
+            const __half *hx = (const __half *)&x;
+#pragma unroll
+            for (int e = 0; e < 8; e++) vt_s[(c + e) * LDV + j] = hx[e];
+        }
+        __syncthreads();
+
+        /* scores of this warp's rows and its slice of D */
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DS / 16; kk++) {
+            const int d0 = wd * DS + 16 * kk;
+            const __half *qr = q_s + (16 * wr + g) * LDK + d0 + 2 * t;
+            const uint32_t a[4] = {ld32(qr), ld32(qr + 8 * LDK), ld32(qr + 8), ld32(qr + 8 * LDK + 8)};
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const __half *kr = k_s + (8 * j + g) * LDK + d0 + 2 * t;
+                mma_16816(s[j], a, ld32(kr), ld32(kr + 8));
+            }
+        }
+        if (WD > 1) { /* add the slices' partial scores */
+            float *mine = part + (wr * WD + wd) * 16 * BK;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                *(float2 *)&mine[g * BK + 8 * j + 2 * t] = make_float2(s[j][0], s[j][1]);
+                *(float2 *)&mine[(g + 8) * BK + 8 * j + 2 * t] = make_float2(s[j][2], s[j][3]);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+                for (int w = 0; w < WD; w++) {
+                    const float *p = part + (wr * WD + w) * 16 * BK;
+                    float2 lo = *(const float2 *)&p[g * BK + 8 * j + 2 * t];
+                    float2 hi = *(const float2 *)&p[(g + 8) * BK + 8 * j + 2 * t];
+                    s[j][0] += lo.x, s[j][1] += lo.y, s[j][2] += hi.x, s[j][3] += hi.y;
+                }
+            }
+        }
+
+        /* online softmax in base 2: p = 2^(s * scale * log2(e) - m) */
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + 8 * j + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+                const bool visible = key < Tk && (!causal || key <= row);
+                s[j][e] = visible ? s[j][e] * scale_log2 : -INFINITY;
+                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
+            const float m_new = fmaxf(m[r], tile_max[r]);
+            /* a row with nothing visible yet (padding rows) keeps m = -inf */
+            alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float mr = m[e >> 1];
+                s[j][e] = mr == -INFINITY ? 0.0f : exp2f(s[j][e] - mr);
+                l[e >> 1] += s[j][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < ONT; n++) {
+            acc[n][0] *= alpha[0], acc[n][1] *= alpha[0];
+            acc[n][2] *= alpha[1], acc[n][3] *= alpha[1];
+        }
+
+        /* acc += P V: the scores' accumulator layout is P's operand layout */
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            const uint32_t a[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]),
+                                   pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < ONT; n++) {
+                const __half *vr = vt_s + (wd * DS + 8 * n + g) * LDV + 16 * kk + 2 * t;
+                mma_16816(acc[n], a, ld32(vr), ld32(vr + 8));
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= Tq) continue;
+        const float inv = 1.0f / l[r];
+#pragma unroll
+        for (int n = 0; n < ONT; n++) {
+            const int col = wd * DS + 8 * n + 2 * t;
+            *(__half2 *)(ob + (int64_t)row * ld + col) =
+                __floats2half2_rn(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+        }
+    }
+}
+
+template <int D, int WD, int WR, int BK>
+static int launch_mma_attention(cuda_backend *cb, const __half *q, const __half *k,
+                                const __half *v, __half *o, int B, int Tq, int Tk, int heads,
+                                int causal) {
+    constexpr int BQ = 16 * WR;
+    const int smem = (BQ + BK) * (D + 8) * 2 + D * (BK + 8) * 2 +
+                     (WD > 1 ? WR * WD * 16 * BK * 4 : 0);
+    auto kernel = mma_attention_kernel<D, WD, WR, BK>;
+    if (cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                "attention: shared memory"))
+        return -1;
+    dim3 grid((unsigned)((Tq + BQ - 1) / BQ), (unsigned)(B * heads));
+    kernel<<<grid, 32 * WD * WR, smem, cb->stream>>>(q, k, v, o, Tq, Tk, heads,
+                                                     (float)(M_LOG2E / sqrt((double)D)), causal);
+    return cuda_launched("attention");
+}
+
+/* Whether the tensor-core kernel has a variant for head size D. */
+static bool mma_head_size(int64_t D) { return D == 64 || D == 128 || D == 256 || D == 512; }
+
+static int attend_mma(cuda_backend *cb, const __half *q, const __half *k, const __half *v,
+                      __half *o, int B, int Tq, int Tk, int heads, int D, int causal) {
+    switch (D) {
+    case 64: return launch_mma_attention<64, 1, 4, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
+    case 128: return launch_mma_attention<128, 1, 4, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
+    case 256: return launch_mma_attention<256, 2, 2, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
+    default: return launch_mma_attention<512, 4, 2, 32>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
+    }
+}
+
+/* float to half, saturating at the largest finite half instead of inf */
+__global__ void to_half_saturated(const float *x, __half *y, int64_t n) {
+    FOR_EACH(i, n) y[i] = __float2half_rn(fminf(fmaxf(x[i], -65504.0f), 65504.0f));
+}
+
+/* The tensor-core path for tensors of any type: float operands are
+ * rounded to half (saturating) and the result converted back. */
+static int attention_on_tensor_cores(cuda_backend *cb, const tensor *q, const void *kd,
+                                     const void *vd, tensor *out, int B, int Tq, int Tk,
+                                     int heads, int D, int causal) {
+    if (q->type == DTYPE_F16)
+        return attend_mma(cb, (const __half *)q->data, (const __half *)kd, (const __half *)vd,
+                          (__half *)out->data, B, Tq, Tk, heads, D, causal);
+    int64_t nq = tensor_numel(q), nk = (int64_t)B * Tk * heads * D;
+    cuda_buf q16 = {NULL, 0}, k16 = {NULL, 0}, v16 = {NULL, 0}, o16 = {NULL, 0};
+    int rc = cuda_buf_alloc(cb, &q16, nq * 2) || cuda_buf_alloc(cb, &k16, nk * 2) ||
+             cuda_buf_alloc(cb, &v16, nk * 2) || cuda_buf_alloc(cb, &o16, nq * 2);
+    if (!rc) {
+        to_half_saturated<<<cuda_blocks(nq), CUDA_THREADS, 0, cb->stream>>>(
+            (const float *)q->data, (__half *)q16.ptr, nq);
+        to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
+            (const float *)kd, (__half *)k16.ptr, nk);
+        to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
+            (const float *)vd, (__half *)v16.ptr, nk);
+        rc = cuda_launched("attention: to half") ||
+             attend_mma(cb, (const __half *)q16.ptr, (const __half *)k16.ptr,
+                        (const __half *)v16.ptr, (__half *)o16.ptr, B, Tq, Tk, heads, D, causal) ||
+             cuda_convert(cb, o16.ptr, DTYPE_F16, out->data, DTYPE_F32, nq);
+    }
+    cuda_buf_free(cb, &q16);
+    cuda_buf_free(cb, &k16);
+    cuda_buf_free(cb, &v16);
+    cuda_buf_free(cb, &o16);
+    return rc ? -1 : 0;
+}
+
 #define MAX_HEAD_DIM 512
 
 tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
@@ -192,7 +459,11 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
     if (!(kd = cuda_data_as(cb, k, q->type, &k_tmp)) ||
         !(vd = cuda_data_as(cb, v, q->type, &v_tmp)) ||
         !(out = cuda_tensor_new(cb, 3, q->shape, q->type)) ||
-        (q->type == DTYPE_F16
+        /* tensor cores unless fp32 mode asks for float arithmetic */
+        (mma_head_size(D) && (q->type == DTYPE_F16 || cb->allow_tf32)
+             ? attention_on_tensor_cores(cb, q, kd, vd, out, (int)B, (int)Tq, (int)Tk, heads,
+                                         (int)D, causal)
+         : q->type == DTYPE_F16
              ? attend<__half>(cb, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk, heads,
                               (int)D, causal)
              : attend<float>(cb, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk, heads,
