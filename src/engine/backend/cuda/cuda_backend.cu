@@ -256,6 +256,24 @@ const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf
     return tmp->ptr;
 }
 
+/* ----------------------------------------------------------------- layout */
+
+/* Writes `src`, NCHW values of type `type` in device memory, into the 4-D
+ * tensor t, channels-last and in t's type. */
+static int to_channels_last(cuda_backend *cb, const void *src, dtype type, tensor *t) {
+    return cuda_transpose(cb, src, type, t->data, t->type, t->shape[0], t->shape[1],
+                          t->shape[2] * t->shape[3]);
+}
+
+int cuda_refuse_image(const char *op, const tensor *t) {
+    if (t->ndim != 4) return 0;
+    set_error(SDX4_ERR_INVALID_ARGUMENT,
+              "%s: 4-D tensors are stored channels-last on cuda, their last dimension is not "
+              "contiguous",
+              op);
+    return -1;
+}
+
 /* ---------------------------------------------------------------- weights */
 
 static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
@@ -276,7 +294,7 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
     }
     ct->weight_bytes = bytes;
     count_bytes(cb, (int64_t)bytes);
-    if (type == stored) {
+    if (type == stored && ndim != 4) {
         if (cuda_ok(cudaMemcpyAsync(ct->t.data, data, bytes, cudaMemcpyHostToDevice, cb->stream),
                     "weight: copy to the device"))
             goto fail;
@@ -284,7 +302,8 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
                cuda_ok(cudaMemcpyAsync(staging.ptr, data, file_bytes, cudaMemcpyHostToDevice,
                                        cb->stream),
                        "weight: copy to the device") ||
-               cuda_convert(cb, staging.ptr, type, ct->t.data, stored, n)) {
+               (ndim == 4 ? to_channels_last(cb, staging.ptr, type, &ct->t)
+                          : cuda_convert(cb, staging.ptr, type, ct->t.data, stored, n))) {
         goto fail;
     }
     cuda_buf_free(cb, &staging);
@@ -308,14 +327,16 @@ static int cuda_upload(backend *be, tensor *dst, const float *src) {
     size_t bytes = (size_t)n * sizeof(float);
     /* from pageable memory the copy returns once src is staged: the caller
      * may reuse it at once */
-    if (dst->type == DTYPE_F32)
+    if (dst->type == DTYPE_F32 && dst->ndim != 4)
         return cuda_ok(cudaMemcpyAsync(dst->data, src, bytes, cudaMemcpyHostToDevice, cb->stream),
                        "upload");
     cuda_buf staging;
     if (cuda_buf_alloc(cb, &staging, bytes)) return -1;
     int rc = cuda_ok(cudaMemcpyAsync(staging.ptr, src, bytes, cudaMemcpyHostToDevice, cb->stream),
                      "upload") ||
-                     cuda_convert(cb, staging.ptr, DTYPE_F32, dst->data, dst->type, n)
+                     (dst->ndim == 4
+                          ? to_channels_last(cb, staging.ptr, DTYPE_F32, dst)
+                          : cuda_convert(cb, staging.ptr, DTYPE_F32, dst->data, dst->type, n))
                  ? -1
                  : 0;
     cuda_buf_free(cb, &staging);
@@ -334,7 +355,12 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
     cuda_buf staging = {NULL, 0};
     const void *from = src->data;
     int rc = 0;
-    if (src->type != DTYPE_F32) {
+    if (src->ndim == 4) { /* channels-last [N, H*W, C] -> [N, C, H*W] */
+        rc = cuda_buf_alloc(cb, &staging, bytes) ||
+             cuda_transpose(cb, src->data, src->type, staging.ptr, DTYPE_F32, src->shape[0],
+                            src->shape[2] * src->shape[3], src->shape[1]);
+        from = staging.ptr;
+    } else if (src->type != DTYPE_F32) {
         rc = cuda_buf_alloc(cb, &staging, bytes) ||
              cuda_convert(cb, src->data, src->type, staging.ptr, DTYPE_F32, n);
         from = staging.ptr;
@@ -403,7 +429,8 @@ static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const 
     cuda_lock lock(be, "linear");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2))
+    if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2) ||
+        cuda_refuse_image("linear", x))
         return NULL;
     if (check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];

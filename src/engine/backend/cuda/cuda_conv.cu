@@ -1,7 +1,10 @@
 /*
- * cuda_conv.cu - torch.nn.Conv2d (NCHW, square kernel, zero padding,
- * stride) through cuDNN, or im2col + cuBLAS where cuDNN is missing or has
- * no algorithm for a shape.
+ * cuda_conv.cu - torch.nn.Conv2d (square kernel, zero padding, stride) on
+ * channels-last tensors (cuda_internal.h), through cuDNN, or im2col +
+ * cuBLAS where cuDNN is missing or has no algorithm for a shape. A 1x1
+ * convolution with stride 1 is one GEMM over all pixels of the batch:
+ * channels-last pixels are the rows of a [B*H*W, C] matrix, and the
+ * weights [O, 1, 1, C] a linear layer's.
  *
  * cuDNN: the first convolution of each shape (batch, channels, size,
  * kernel, stride, padding, type) times cuDNN's algorithms on the real
@@ -13,10 +16,9 @@
  * backend's lifetime: a model has a few dozen shapes.
  *
  * im2col: per image and per tile of output pixels, a kernel gathers the
- * input under each kernel tap into col[C*k*k, P] (zero in the padding) and
- * one GEMM writes y[O, tile] = w[O, C*k*k] @ col into the NCHW output; a
- * 1x1 convolution with stride 1 multiplies the image directly. Tiles keep
- * the column buffer under COL_BUDGET_BYTES.
+ * input under each kernel tap into col[P, k*k*C] (zero in the padding) and
+ * one GEMM writes y[tile, O] = col @ w[O, k*k*C]^T into the channels-last
+ * output. Tiles keep the column buffer under COL_BUDGET_BYTES.
  *
  * Both paths write the bias into the output first and add the convolution
  * to it (beta = 1), so the bias is added in float before the one rounding.
@@ -40,32 +42,30 @@ typedef struct {
 static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
                        const void *w, const void *bias, void *y) {
     size_t es = dtype_size(type);
-    int64_t P = s->Ho * s->Wo, ckk = s->C * s->k * s->k;
-    int direct = s->k == 1 && s->stride == 1 && s->pad == 0;
-    int64_t tile = direct ? P : COL_BUDGET_BYTES / (ckk * (int64_t)es);
+    int64_t P = s->Ho * s->Wo, kkc = s->C * s->k * s->k;
+    int direct = s->k == 1 && s->stride == 1 && s->pad == 0 && s->B * P <= INT_MAX;
+    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * P, s->O, 1) : 0;
+    const float beta = bias ? 1.0f : 0.0f;
+    /* column-major, as cuBLAS: y^T [O, rows] = (w as stored)^T . col^T */
+    if (direct)
+        return rc ? rc
+                  : cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)(s->B * P),
+                              (int)kkc, w, (int)kkc, x, (int)kkc, beta, y, (int)s->O);
+    int64_t tile = COL_BUDGET_BYTES / (kkc * (int64_t)es);
     if (tile > P) tile = P;
     if (tile < 1) tile = 1;
     cuda_buf col = {NULL, 0};
-    if (!direct && cuda_buf_alloc(cb, &col, (size_t)(tile * ckk) * es)) return -1;
-    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B, s->O, P) : 0;
+    if (!rc) rc = cuda_buf_alloc(cb, &col, (size_t)(tile * kkc) * es);
     for (int64_t n = 0; !rc && n < s->B; n++) {
-        const char *xn = (const char *)x + (size_t)(n * s->C * s->H * s->W) * es;
-        char *yn = (char *)y + (size_t)(n * s->O * P) * es;
+        const char *xn = (const char *)x + (size_t)(n * s->H * s->W * s->C) * es;
+        char *yn = (char *)y + (size_t)(n * P * s->O) * es;
         for (int64_t p0 = 0; !rc && p0 < P; p0 += tile) {
             int64_t rows = P - p0 < tile ? P - p0 : tile;
-            /* column-major: y[:, p0:] (rows x O, ld P) = A (rows x ckk) @ w^T-as-stored (ckk x O) */
-            const void *A = xn + (size_t)p0 * es;
-            int64_t lda = P;
-            if (!direct) {
-                rc = cuda_im2col(cb, type, xn, s->C, s->H, s->W, s->k, s->stride, s->pad, s->Wo,
-                                 p0, rows, col.ptr);
-                A = col.ptr;
-                lda = rows;
-            }
-            if (!rc)
-                rc = cuda_gemm(cb, type, CUBLAS_OP_N, CUBLAS_OP_N, (int)rows, (int)s->O, (int)ckk,
-                               A, (int)lda, w, (int)ckk, bias ? 1.0f : 0.0f,
-                               yn + (size_t)p0 * es, (int)P);
+            rc = cuda_im2col(cb, type, xn, s->C, s->H, s->W, s->k, s->stride, s->pad, s->Wo, p0,
+                             rows, col.ptr) ||
+                 cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)rows, (int)kkc, w,
+                           (int)kkc, col.ptr, (int)kkc, beta, yn + (size_t)(p0 * s->O) * es,
+                           (int)s->O);
         }
     }
     cuda_buf_free(cb, &col);
@@ -144,13 +144,13 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
         cudnn_ok(cudnnCreateTensorDescriptor(&p->y), "descriptor") ||
         cudnn_ok(cudnnCreateFilterDescriptor(&p->w), "descriptor") ||
         cudnn_ok(cudnnCreateConvolutionDescriptor(&p->conv), "descriptor") ||
-        cudnn_ok(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NCHW, dt, (int)s->B, (int)s->C,
+        cudnn_ok(cudnnSetTensor4dDescriptor(p->x, CUDNN_TENSOR_NHWC, dt, (int)s->B, (int)s->C,
                                             (int)s->H, (int)s->W),
                  "input descriptor") ||
-        cudnn_ok(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NCHW, dt, (int)s->B, (int)s->O,
+        cudnn_ok(cudnnSetTensor4dDescriptor(p->y, CUDNN_TENSOR_NHWC, dt, (int)s->B, (int)s->O,
                                             (int)s->Ho, (int)s->Wo),
                  "output descriptor") ||
-        cudnn_ok(cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NCHW, (int)s->O, (int)s->C,
+        cudnn_ok(cudnnSetFilter4dDescriptor(p->w, dt, CUDNN_TENSOR_NHWC, (int)s->O, (int)s->C,
                                             s->k, s->k),
                  "filter descriptor") ||
         /* float accumulation for half data too */
@@ -200,7 +200,7 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     cuda_buf workspace = {NULL, 0};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
     const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
-    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B, s->O, s->Ho * s->Wo) : 0;
+    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * s->Ho * s->Wo, s->O, 1) : 0;
     if (!rc)
         rc = cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv,
                                               p->algo, workspace.ptr, p->workspace, &beta, p->y, y),
@@ -237,7 +237,9 @@ tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor 
         (y = cuda_tensor_new(cb, 4, shape, type))) {
         rc = 1;
 #ifdef SDX4_HAVE_CUDNN
-        if (cb->use_cudnn) rc = conv_cudnn(cb, &s, type, x->data, wd, bd, y->data);
+        /* a 1x1 convolution is a GEMM: cuBLAS without cuDNN's overhead */
+        bool gemm = s.k == 1 && stride == 1 && padding == 0;
+        if (cb->use_cudnn && !gemm) rc = conv_cudnn(cb, &s, type, x->data, wd, bd, y->data);
 #endif
         if (rc == 1) rc = conv_im2col(cb, &s, type, x->data, wd, bd, y->data);
     }

@@ -14,6 +14,18 @@
  * freed by one operation is reused by the next at once: both are ordered on
  * the same stream, so no kernel can still be reading it.
  *
+ * Layout: a 4-D tensor of logical shape [N, C, H, W] (an image, or a
+ * convolution's weights [O, C, k, k]) is stored channels-last, as
+ * [N, H, W, C]: cuDNN's tensor-core convolutions work on that layout
+ * without transposing, a 1x1 convolution is one GEMM, and the token view
+ * [N, H*W, C] of the transformer blocks is the same memory. upload(),
+ * download() and weight() transpose from and to PyTorch's NCHW; operations
+ * that depend on the layout (conv2d, group_norm, concat_channels,
+ * upsample_nearest, add_channel_bias, the token views) read and write
+ * channels-last; elementwise ones do not care; those that work on the last
+ * dimension (linear, layer_norm, geglu) refuse 4-D tensors, whose last
+ * stored dimension is not W. Tensors of other ranks are row-major.
+ *
  * Types: a tensor is DTYPE_F32 or DTYPE_F16. An operation computes in the
  * type of its main input and converts the other operands to it when they
  * differ (cuda_data_as), so F32 activations may meet F16 weights.
@@ -112,6 +124,9 @@ const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf
 int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
                int ndim);
 
+/* -1 with the error set if t is 4-D (see Layout above), else 0. */
+int cuda_refuse_image(const char *op, const tensor *t);
+
 /* 0 on success, else -1 with "what: <library message>" set. */
 int cuda_ok(cudaError_t e, const char *what);
 int cublas_ok(cublasStatus_t s, const char *what);
@@ -147,8 +162,13 @@ int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int6
 /* out[i, :] = table[ids[i], :] with ids in device memory. */
 int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
                      int n, int64_t cols, void *out, dtype out_type);
-/* col[(c*k + ky)*k + kx, p] for the output pixels p in [p0, p0 + P) of
- * image x [C, H, W] (cuda_conv.cu's fallback). */
+/* dst[b][c][r] = src[b][r][c] for `batches` rows x cols matrices, src
+ * F32, F16 or BF16, dst F32 or F16: NCHW <-> channels-last is rows C, cols
+ * H*W and back. */
+int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
+                   int64_t batches, int64_t rows, int64_t cols);
+/* col[p][(ky*k + kx)*C + c] for the output pixels p in [p0, p0 + P) of the
+ * channels-last image x [H, W, C] (cuda_conv.cu's fallback). */
 int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t H, int64_t W,
                 int k, int stride, int pad, int64_t Wo, int64_t p0, int64_t P, void *col);
 

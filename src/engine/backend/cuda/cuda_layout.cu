@@ -1,7 +1,9 @@
 /*
  * cuda_layout.cu - kernels that only move (and convert) values: type
  * conversion, bias broadcast, row gathers, im2col, channel concatenation,
- * nearest-neighbour upsampling and the NCHW <-> token transposes.
+ * nearest-neighbour upsampling, the token views of images, and the
+ * transposes between PyTorch's NCHW and the backend's channels-last
+ * storage (see cuda_internal.h).
  *
  * Elementwise kernels are grid-stride loops over the output, one element
  * per thread per step. The transposes go through 32x32 tiles in shared
@@ -9,6 +11,10 @@
  * that both the reads and the writes are coalesced. Upsampling uses
  * PyTorch's rule for mode="nearest", with the same float arithmetic as the
  * CPU backend so that both pick the same source pixels.
+ *
+ * Channels-last makes the token layout of the transformer blocks the
+ * image's own: [B, H, W, C] is [B, H*W, C], so nchw_to_tokens and
+ * tokens_to_nchw are plain copies.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -105,15 +111,18 @@ int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, cons
 
 /* ---------------------------------------------------------------- im2col */
 
+/* col[p][(ky * k + kx) * C + c] = x[iy][ix][c] (zero in the padding) for
+ * the output pixels p0 .. p0 + P of one channels-last image. */
 template <typename T>
 __global__ void im2col_kernel(const T *x, int64_t C, int64_t H, int64_t W, int k, int stride,
                               int pad, int64_t Wo, int64_t p0, int64_t P, T *col) {
-    FOR_EACH(i, C * k * k * P) {
-        int64_t p = i % P, row = i / P, c = row / (k * k);
-        int ky = (int)(row / k % k), kx = (int)(row % k);
+    const int64_t kkc = (int64_t)k * k * C;
+    FOR_EACH(i, kkc * P) {
+        int64_t p = i / kkc, j = i % kkc, c = j % C, tap = j / C;
+        int ky = (int)(tap / k), kx = (int)(tap % k);
         int64_t oy = (p0 + p) / Wo, ox = (p0 + p) % Wo;
         int64_t iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-        col[i] = iy >= 0 && iy < H && ix >= 0 && ix < W ? x[(c * H + iy) * W + ix]
+        col[i] = iy >= 0 && iy < H && ix >= 0 && ix < W ? x[(iy * W + ix) * C + c]
                                                          : from_f32<T>(0.0f);
     }
 }
@@ -132,7 +141,8 @@ int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t 
 
 /* ---------------------------------------------------------------- concat */
 
-/* Each image of the output is a's channels then b's: 2B plain copies. */
+/* Channels-last: each pixel of the output is a's channels then b's, two
+ * strided copies. */
 tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     cuda_lock lock(be, "concat_channels");
     if (!lock) return NULL;
@@ -140,23 +150,20 @@ tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     if (cuda_check(cb, "concat_channels", "a", a, 4) || cuda_check(cb, "concat_channels", "b", b, 4))
         return NULL;
     if (check_concat_channels(a, b)) return NULL;
-    int64_t B = a->shape[0], Ca = a->shape[1], Cb = b->shape[1], S = a->shape[2] * a->shape[3];
-    int64_t shape[4] = {B, Ca + Cb, a->shape[2], a->shape[3]};
-    size_t es = dtype_size(a->type), bytes_a = (size_t)(Ca * S) * es, bytes_b = (size_t)(Cb * S) * es;
+    int64_t Ca = a->shape[1], Cb = b->shape[1], pixels = a->shape[0] * a->shape[2] * a->shape[3];
+    int64_t shape[4] = {a->shape[0], Ca + Cb, a->shape[2], a->shape[3]};
+    size_t es = dtype_size(a->type), row_a = (size_t)Ca * es, row_b = (size_t)Cb * es;
     cuda_buf b_tmp;
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
     tensor *y = bd ? cuda_tensor_new(cb, 4, shape, a->type) : NULL;
-    for (int64_t n = 0; y && n < B; n++) {
-        char *dst = (char *)y->data + (size_t)n * (bytes_a + bytes_b);
-        if (cuda_ok(cudaMemcpyAsync(dst, (const char *)a->data + (size_t)n * bytes_a, bytes_a,
-                                    cudaMemcpyDeviceToDevice, cb->stream),
-                    "concat_channels") ||
-            cuda_ok(cudaMemcpyAsync(dst + bytes_a, (const char *)bd + (size_t)n * bytes_b, bytes_b,
-                                    cudaMemcpyDeviceToDevice, cb->stream),
-                    "concat_channels")) {
-            cuda_tensor_release(cb, y);
-            y = NULL;
-        }
+    if (y && (cuda_ok(cudaMemcpy2DAsync(y->data, row_a + row_b, a->data, row_a, row_a,
+                                        (size_t)pixels, cudaMemcpyDeviceToDevice, cb->stream),
+                      "concat_channels") ||
+              cuda_ok(cudaMemcpy2DAsync((char *)y->data + row_a, row_a + row_b, bd, row_b, row_b,
+                                        (size_t)pixels, cudaMemcpyDeviceToDevice, cb->stream),
+                      "concat_channels"))) {
+        cuda_tensor_release(cb, y);
+        y = NULL;
     }
     cuda_buf_free(cb, &b_tmp);
     return y;
@@ -174,12 +181,13 @@ __device__ __forceinline__ int64_t nearest_source(int64_t dst, int64_t in, int64
     return src < in - 1 ? src : in - 1;
 }
 
+/* channels-last: y[b][oy][ox][c] = x[b][sy][sx][c] */
 template <typename T>
-__global__ void upsample_kernel(const T *x, T *y, int64_t BC, int64_t H, int64_t W, int64_t h,
-                                int64_t w) {
-    FOR_EACH(i, BC * h * w) {
-        int64_t ox = i % w, oy = i / w % h, bc = i / (w * h);
-        y[i] = x[(bc * H + nearest_source(oy, H, h)) * W + nearest_source(ox, W, w)];
+__global__ void upsample_kernel(const T *x, T *y, int64_t B, int64_t C, int64_t H, int64_t W,
+                                int64_t h, int64_t w) {
+    FOR_EACH(i, B * h * w * C) {
+        int64_t c = i % C, ox = i / C % w, oy = i / (C * w) % h, b = i / (C * w * h);
+        y[i] = x[((b * H + nearest_source(oy, H, h)) * W + nearest_source(ox, W, w)) * C + c];
     }
 }
 
@@ -189,17 +197,17 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "upsample_nearest", "input", x, 4)) return NULL;
     if (check_upsample(h, w)) return NULL;
-    int64_t BC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
-    int64_t shape[4] = {x->shape[0], x->shape[1], h, w};
+    int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    int64_t shape[4] = {B, C, h, w};
     tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
     if (!y) return NULL;
-    unsigned blocks = cuda_blocks(BC * h * w);
+    unsigned blocks = cuda_blocks(B * C * h * w);
     if (x->type == DTYPE_F16)
         upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const __half *)x->data, (__half *)y->data, BC, H, W, h, w);
+            (const __half *)x->data, (__half *)y->data, B, C, H, W, h, w);
     else
         upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)x->data, (float *)y->data, BC, H, W, h, w);
+            (const float *)x->data, (float *)y->data, B, C, H, W, h, w);
     if (cuda_launched("upsample_nearest")) {
         cuda_tensor_release(cb, y);
         return NULL;
@@ -212,45 +220,75 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
 #define TILE 32
 #define TILE_ROWS 8 /* threads per tile column: each moves TILE / TILE_ROWS values */
 
-/* dst[b][c][r] = src[b][r][c] for batches of rows x cols matrices. */
-template <typename T>
-__global__ void transpose_kernel(const T *src, T *dst, int64_t rows, int64_t cols) {
-    __shared__ T tile[TILE][TILE + 1];
-    const T *s = src + blockIdx.z * rows * cols;
-    T *d = dst + blockIdx.z * rows * cols;
-    int64_t r0 = (int64_t)blockIdx.y * TILE, c0 = (int64_t)blockIdx.x * TILE;
+/* dst[b][c][r] = src[b][r][c] for batches (grid.y) of rows x cols
+ * matrices, converting the type; grid.x enumerates the tiles. */
+template <typename S, typename D>
+__global__ void transpose_kernel(const S *src, D *dst, int64_t rows, int64_t cols,
+                                 int64_t col_tiles) {
+    __shared__ float tile[TILE][TILE + 1];
+    const S *s = src + blockIdx.y * rows * cols;
+    D *d = dst + blockIdx.y * rows * cols;
+    int64_t r0 = (int64_t)(blockIdx.x / col_tiles) * TILE, c0 = (int64_t)(blockIdx.x % col_tiles) * TILE;
     for (int i = threadIdx.y; i < TILE; i += TILE_ROWS) {
         int64_t r = r0 + i, c = c0 + threadIdx.x;
-        if (r < rows && c < cols) tile[i][threadIdx.x] = s[r * cols + c];
+        if (r < rows && c < cols) tile[i][threadIdx.x] = to_f32(s[r * cols + c]);
     }
     __syncthreads();
     for (int i = threadIdx.y; i < TILE; i += TILE_ROWS) {
         int64_t c = c0 + i, r = r0 + threadIdx.x;
-        if (r < rows && c < cols) d[c * rows + r] = tile[threadIdx.x][i];
+        if (r < rows && c < cols) d[c * rows + r] = from_f32<D>(tile[threadIdx.x][i]);
     }
 }
 
-/* The lock is held by the caller. */
-static tensor *transpose(cuda_backend *cb, const char *op, const tensor *x, int64_t batches,
-                         int64_t rows, int64_t cols, int ndim, const int64_t *shape) {
-    int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
-    if (row_tiles > 65535 || batches > 65535 || col_tiles > INT_MAX) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %" PRId64 "x%" PRId64 " is too large", op, rows,
-                  cols);
-        return NULL;
-    }
-    tensor *y = cuda_tensor_new(cb, ndim, shape, x->type);
-    if (!y) return NULL;
-    dim3 grid((unsigned)col_tiles, (unsigned)row_tiles, (unsigned)batches), block(TILE, TILE_ROWS);
-    if (x->type == DTYPE_F16)
-        transpose_kernel<<<grid, block, 0, cb->stream>>>((const __half *)x->data,
-                                                         (__half *)y->data, rows, cols);
+template <typename S>
+static void launch_transpose(cuda_backend *cb, const void *src, void *dst, dtype dst_type,
+                             int64_t batches, int64_t rows, int64_t cols) {
+    int64_t col_tiles = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * col_tiles;
+    dim3 grid((unsigned)tiles, (unsigned)batches), block(TILE, TILE_ROWS);
+    if (dst_type == DTYPE_F16)
+        transpose_kernel<<<grid, block, 0, cb->stream>>>((const S *)src, (__half *)dst, rows,
+                                                         cols, col_tiles);
     else
-        transpose_kernel<<<grid, block, 0, cb->stream>>>((const float *)x->data, (float *)y->data,
-                                                         rows, cols);
-    if (cuda_launched(op)) {
+        transpose_kernel<<<grid, block, 0, cb->stream>>>((const S *)src, (float *)dst, rows,
+                                                         cols, col_tiles);
+}
+
+int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
+                   int64_t batches, int64_t rows, int64_t cols) {
+    int64_t tiles = (rows + TILE - 1) / TILE * ((cols + TILE - 1) / TILE);
+    if (tiles > INT_MAX || batches > 65535) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "transpose: %" PRId64 " x %" PRId64 "x%" PRId64 " is too large", batches, rows,
+                  cols);
+        return -1;
+    }
+    if (dst_type != DTYPE_F32 && dst_type != DTYPE_F16) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: cannot store %s", dtype_name(dst_type));
+        return -1;
+    }
+    if (rows * cols == 0) return 0;
+    switch (src_type) {
+    case DTYPE_F32: launch_transpose<float>(cb, src, dst, dst_type, batches, rows, cols); break;
+    case DTYPE_F16: launch_transpose<__half>(cb, src, dst, dst_type, batches, rows, cols); break;
+    case DTYPE_BF16:
+        launch_transpose<__nv_bfloat16>(cb, src, dst, dst_type, batches, rows, cols);
+        break;
+    default:
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: cannot read %s", dtype_name(src_type));
+        return -1;
+    }
+    return cuda_launched("transpose");
+}
+
+/* A new tensor of `shape` holding a copy of x's memory. */
+static tensor *copy_as(cuda_backend *cb, const char *op, const tensor *x, int ndim,
+                       const int64_t *shape) {
+    tensor *y = cuda_tensor_new(cb, ndim, shape, x->type);
+    if (y && cuda_ok(cudaMemcpyAsync(y->data, x->data, (size_t)tensor_numel(x) * dtype_size(x->type),
+                                     cudaMemcpyDeviceToDevice, cb->stream),
+                     op)) {
         cuda_tensor_release(cb, y);
-        return NULL;
+        y = NULL;
     }
     return y;
 }
@@ -258,16 +296,14 @@ static tensor *transpose(cuda_backend *cb, const char *op, const tensor *x, int6
 tensor *cuda_nchw_to_tokens(backend *be, const tensor *x) {
     cuda_lock lock(be, "nchw_to_tokens");
     if (!lock || cuda_check(lock.cb, "nchw_to_tokens", "input", x, 4)) return NULL;
-    int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
-    int64_t shape[3] = {B, S, C};
-    return transpose(lock.cb, "nchw_to_tokens", x, B, C, S, 3, shape);
+    int64_t shape[3] = {x->shape[0], x->shape[2] * x->shape[3], x->shape[1]};
+    return copy_as(lock.cb, "nchw_to_tokens", x, 3, shape);
 }
 
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     cuda_lock lock(be, "tokens_to_nchw");
     if (!lock || cuda_check(lock.cb, "tokens_to_nchw", "input", x, 3)) return NULL;
     if (check_tokens_to_nchw(x, h, w)) return NULL;
-    int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
-    int64_t shape[4] = {B, C, h, w};
-    return transpose(lock.cb, "tokens_to_nchw", x, B, S, C, 4, shape);
+    int64_t shape[4] = {x->shape[0], x->shape[2], h, w};
+    return copy_as(lock.cb, "tokens_to_nchw", x, 4, shape);
 }

@@ -14,6 +14,11 @@
  *   group_apply     (x - mean) * (rstd * gamma[c]) + beta[c], then the
  *                   activation, over a 2-D grid of (position, channel)
  *
+ * Images are channels-last (cuda_internal.h): there a group's values are
+ * the runs of C/groups channels of every pixel, which group_stats reads
+ * run by run, and group_apply is one pass over the tensor in memory
+ * order. Tensors of other ranks ([B, C, ...]) keep each group contiguous.
+ *
  * LayerNorm rows are short (at most a few thousand values): one block per
  * row computes the statistics and writes the row.
  *
@@ -83,7 +88,7 @@ tensor *cuda_geglu(backend *be, const tensor *x) {
     cuda_lock lock(be, "geglu");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "geglu", "input", x, 0)) return NULL;
+    if (cuda_check(cb, "geglu", "input", x, 0) || cuda_refuse_image("geglu", x)) return NULL;
     if (check_geglu(x)) return NULL;
     int64_t N = x->shape[x->ndim - 1] / 2;
     int64_t shape[4];
@@ -139,10 +144,11 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     return rc;
 }
 
-/* x[bc, :] += v[bc] over the S positions of each (batch, channel) */
+/* x[b][p][c] += v[b][c] over the pixels p of channels-last images of
+ * C channels and `image` values */
 template <typename T>
-__global__ void channel_bias_kernel(T *x, const T *v, int64_t n, int64_t S) {
-    FOR_EACH(i, n) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(v[i / S]));
+__global__ void channel_bias_kernel(T *x, const T *v, int64_t n, int64_t C, int64_t image) {
+    FOR_EACH(i, n) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(v[i / image * C + i % C]));
 }
 
 int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
@@ -153,17 +159,17 @@ int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
         cuda_check(cb, "add_channel_bias", "v", v, 2))
         return -1;
     if (check_channel_bias(x, v)) return -1;
-    int64_t S = x->shape[2] * x->shape[3];
+    int64_t C = x->shape[1], image = C * x->shape[2] * x->shape[3];
     cuda_buf v_tmp;
     const void *vd = cuda_data_as(cb, v, x->type, &v_tmp);
     if (!vd) return -1;
     int64_t n = tensor_numel(x);
     if (x->type == DTYPE_F16)
         channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (__half *)x->data, (const __half *)vd, n, S);
+            (__half *)x->data, (const __half *)vd, n, C, image);
     else
         channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (float *)x->data, (const float *)vd, n, S);
+            (float *)x->data, (const float *)vd, n, C, image);
     int rc = cuda_launched("add_channel_bias");
     cuda_buf_free(cb, &v_tmp);
     return rc;
@@ -246,13 +252,22 @@ __device__ welford block_welford(welford w) {
 #define GROUP_CHUNK 4096
 #define GROUP_MAX_CHUNKS 1024
 
+/* Element i of group blockIdx.y: at i in a contiguous group, or at pixel
+ * i / run, channel i % run of the group's run in a channels-last image of
+ * C channels (run = C / groups, `groups` per image). */
 template <typename T>
 __global__ void group_stats_kernel(const T *x, int64_t group_size, int64_t chunk,
-                                   welford *partial) {
-    const T *g = x + blockIdx.y * group_size;
+                                   welford *partial, int64_t C, int64_t run, int groups) {
+    const int64_t b = blockIdx.y / groups, gi = blockIdx.y % groups;
+    const T *g = run ? x + b * group_size * groups + gi * run : x + blockIdx.y * group_size;
     int64_t start = blockIdx.x * chunk, end = start + chunk < group_size ? start + chunk : group_size;
     welford w = {0.0f, 0.0f, 0.0f};
-    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) welford_add(w, to_f32(g[i]));
+    if (run) {
+        for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x)
+            welford_add(w, to_f32(g[i / run * C + i % run]));
+    } else {
+        for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) welford_add(w, to_f32(g[i]));
+    }
     w = block_welford(w);
     if (threadIdx.x == 0) partial[(int64_t)blockIdx.y * gridDim.x + blockIdx.x] = w;
 }
@@ -287,6 +302,19 @@ __global__ void group_apply_kernel(const T *x, T *y, const float2 *stats, const 
     }
 }
 
+/* channels-last: y[b][p][c] over the tensor in memory order */
+template <typename T>
+__global__ void group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma,
+                                      const T *beta, int64_t n, int64_t C, int64_t image,
+                                      int64_t per_group, int groups, activation act) {
+    FOR_EACH(i, n) {
+        int64_t c = i % C;
+        float2 st = stats[i / image * groups + c / per_group];
+        y[i] = from_f32<T>(
+            activate_one((to_f32(x[i]) - st.x) * st.y * to_f32(gamma[c]) + to_f32(beta[c]), act));
+    }
+}
+
 template <typename T>
 static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
                              const void *beta, int groups, float eps, activation act) {
@@ -301,15 +329,23 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
         cuda_buf_free(cb, &partial);
         return -1;
     }
+    const bool channels_last = x->ndim == 4;
     group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
-        (const T *)x->data, group_size, chunk, (welford *)partial.ptr);
+        (const T *)x->data, group_size, chunk, (welford *)partial.ptr, C,
+        channels_last ? C / groups : 0, groups);
     int rc = cuda_launched("group_norm");
     if (!rc) {
         group_finalize_kernel<<<(unsigned)((ngroups + 127) / 128), 128, 0, cb->stream>>>(
             (const welford *)partial.ptr, chunks, (int)ngroups, eps, (float2 *)stats.ptr);
         rc = cuda_launched("group_norm");
     }
-    if (!rc) {
+    if (!rc && channels_last) {
+        int64_t n = B * C * S;
+        group_apply_cl_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+            (const T *)beta, n, C, C * S, C / groups, groups, act);
+        rc = cuda_launched("group_norm");
+    } else if (!rc) {
         int64_t BC = B * C, x_blocks = (S + CUDA_THREADS - 1) / CUDA_THREADS;
         dim3 grid((unsigned)(x_blocks < 1024 ? x_blocks : 1024),
                   (unsigned)(BC < 65535 ? BC : 65535));
@@ -385,7 +421,8 @@ tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const
     cuda_lock lock(be, "layer_norm");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "layer_norm", "input", x, 0)) return NULL;
+    if (cuda_check(cb, "layer_norm", "input", x, 0) || cuda_refuse_image("layer_norm", x))
+        return NULL;
     int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
     if (check_gamma_beta(cb, "layer_norm", gamma, beta, D)) return NULL;
     cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
