@@ -146,11 +146,13 @@ sdx4_status sdx4_count_tokens(const sdx4_engine *engine, const char *prompt,
 
 /* Times the parts of a pipeline on an input of size x size pixels (the
  * UNet runs at that size, the VAE decodes to 4x): text encoder (batch 2),
- * one UNet step (batch 2, guidance), VAE decode, and a whole upscale of
+ * one UNet step (batch 2, guidance) run operation by operation and, on a
+ * backend that records steps (CUDA graphs), recorded once and replayed as
+ * the pipeline runs it (else 0), VAE decode, and a whole upscale of
  * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1). */
 typedef struct {
     int size, steps, repeats;
-    double text_encoder_ms, unet_step_ms, vae_decode_ms, pipeline_ms;
+    double text_encoder_ms, unet_step_ms, unet_step_replay_ms, vae_decode_ms, pipeline_ms;
     int64_t peak_rss_bytes, device_peak_bytes;
 } sdx4_bench_result;
 

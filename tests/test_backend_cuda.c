@@ -259,6 +259,8 @@ static void test_norms(const suite *s) {
     test_group_norm(s, 3, (int64_t[]){2, 8, 10}, 4, 0, ACT_QUICK_GELU);
     test_group_norm(s, 4, (int64_t[]){1, 128, 64, 64}, 32, 20, ACT_SILU); /* several chunks */
     test_group_norm(s, 4, (int64_t[]){1, 4, 256, 256}, 2, 50, ACT_NONE);  /* big, off-centre */
+    test_group_norm(s, 4, (int64_t[]){2, 320, 5, 5}, 32, 0, ACT_SILU);  /* 1.25 channels a thread */
+    test_group_norm(s, 4, (int64_t[]){1, 2304, 3, 3}, 32, 0, ACT_SILU); /* over 2048: other path */
     test_layer_norm(s, 3, 33, 0);
     test_layer_norm(s, 154, 1024, 20);
     test_layer_norm(s, 5, 1, 0);
@@ -391,6 +393,55 @@ static void test_mixed_types(suite *s) {
 
 /* ------------------------------------------------------ memory, errors */
 
+/* A recorded sequence (conv, group norm, linear on the tokens) replayed
+ * on a new input gives what running it on that input gives, and its
+ * intermediate memory is not handed to tensors made between replays. */
+static void test_record(const suite *s) {
+    const int64_t shape[4] = {2, 8, 6, 5};
+    pair x = act(s, 4, shape, -1, 1), x2 = act(s, 4, shape, -1, 1);
+    pair w = wgt(s, 4, (int64_t[]){16, 8, 3, 3}, -0.3f, 0.3f);
+    pair gamma = wgt(s, 1, (int64_t[]){16}, 0.5f, 1.5f), beta = wgt(s, 1, (int64_t[]){16}, -1, 1);
+    pair lw = wgt(s, 2, (int64_t[]){12, 16}, -0.3f, 0.3f);
+    backend *gpu = s->gpu;
+    /* the sequence, as a function of one backend and input */
+#define SEQUENCE(be, in, which, out)                                                         \
+    do {                                                                                      \
+        tensor *c_ = be->conv2d(be, in, w.which, NULL, 1, 1);                                \
+        tensor *n_ = c_ ? be->group_norm(be, c_, 4, gamma.which, beta.which, 1e-5f, ACT_SILU) \
+                        : NULL;                                                               \
+        tensor *t_ = n_ ? be->nchw_to_tokens(be, n_) : NULL;                                  \
+        out = t_ ? be->linear(be, t_, lw.which, NULL) : NULL;                                 \
+        tensor_free(c_), tensor_free(n_), tensor_free(t_);                                    \
+    } while (0)
+    tensor *y = NULL, *warm = NULL, *want = NULL;
+    SEQUENCE(gpu, x.g, g, warm); /* first runs choose the algorithms */
+    tensor_free(warm);
+    CHECK(gpu->record_begin(gpu) == 0, "%s: record_begin: %s", s->mode, sdx4_last_error());
+    SEQUENCE(gpu, x.g, g, y);
+    backend_graph *graph = gpu->record_end(gpu);
+    CHECK(graph && y, "%s: record_end: %s", s->mode, sdx4_last_error());
+    if (graph && y) {
+        /* new input in the recorded input tensor; a tensor made now must
+         * not share memory with the replay's intermediates */
+        float *h2 = fetch(s->cpu, x2.c);
+        CHECK(!gpu->upload(gpu, x.g, h2), "upload: %s", sdx4_last_error());
+        pair other = act(s, 4, shape, 5, 6);
+        CHECK(!gpu->replay(gpu, graph), "%s: replay: %s", s->mode, sdx4_last_error());
+        SEQUENCE(s->cpu, x2.c, c, want);
+        expect_close(s, "recorded sequence, replayed", y, want, s->tol);
+        expect_close(s, "tensor made between replays", other.g, other.c, 0);
+        CHECK(!gpu->replay(gpu, graph), "%s: second replay: %s", s->mode, sdx4_last_error());
+        expect_close(s, "recorded sequence, replayed again", y, want, s->tol);
+        pair_free(&other);
+        free(h2);
+    }
+#undef SEQUENCE
+    if (graph) gpu->graph_free(gpu, graph);
+    tensor_free(y), tensor_free(want);
+    pair_free(&x), pair_free(&x2), pair_free(&w), pair_free(&gamma), pair_free(&beta),
+        pair_free(&lw);
+}
+
 static void test_memory(backend *gpu) {
     int64_t before, now, peak;
     gpu->memory(gpu, &before, &peak);
@@ -519,6 +570,7 @@ int main(void) {
     suite s = {cpu, gpu, "fp32", TOL_FP32, DTYPE_F32};
     test_all(&s);
     test_weight_types(&s);
+    test_record(&s);
     test_memory(gpu);
     test_errors(gpu, cpu);
     test_threads(&s);
@@ -532,6 +584,7 @@ int main(void) {
         test_all(&s);
         test_weight_types(&s);
         test_mixed_types(&s);
+        test_record(&s);
         test_memory(gpu);
         test_threads(&s);
         CHECK(gpu->set_activation_type(gpu, DTYPE_F32) == DTYPE_F16, "fp16 mode default");

@@ -387,7 +387,8 @@ static void test_bench(const char *model) {
     json_t *root = json_loads(r.out, 0, NULL);
     CHECK(root != NULL, "bench output is not JSON: %s", r.out);
     const char *keys[] = {"model", "device", "threads", "size", "steps",
-                          "text_encoder_ms", "unet_step_ms", "vae_decode_ms",
+                          "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms",
+                          "vae_decode_ms",
                           "pipeline_ms", "peak_rss_mib", "device_peak_mib"};
     for (size_t i = 0; root && i < sizeof keys / sizeof keys[0]; i++)
         CHECK(json_object_get(root, keys[i]) != NULL, "bench lacks %s: %s",

@@ -7,7 +7,8 @@
  * command prints the result as ONE line of JSON on stdout, so that runs on
  * several machines can be appended to a file and compared with jq:
  *   {"model":..., "device":..., "threads":..., "size":..., "steps":...,
- *    "text_encoder_ms":..., "unet_step_ms":..., "vae_decode_ms":...,
+ *    "text_encoder_ms":..., "unet_step_ms":..., "unet_step_replay_ms":...,
+ *    "vae_decode_ms":...,
  *    "pipeline_ms":..., "peak_rss_mib":..., "device_peak_mib":...}
  */
 #include <jansson.h>
@@ -49,10 +50,11 @@ static double mib(int64_t bytes) { return bytes / (1024.0 * 1024.0); }
 static int print_result(const char *model, const char *device, int threads,
                         const sdx4_bench_result *r) {
     json_t *root = json_pack(
-        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f}", "model",
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f}", "model",
         model, "device", device, "threads", threads, "size", r->size,
         "steps", r->steps, "text_encoder_ms", r->text_encoder_ms,
-        "unet_step_ms", r->unet_step_ms, "vae_decode_ms", r->vae_decode_ms,
+        "unet_step_ms", r->unet_step_ms, "unet_step_replay_ms", r->unet_step_replay_ms,
+        "vae_decode_ms", r->vae_decode_ms,
         "pipeline_ms", r->pipeline_ms, "peak_rss_mib", mib(r->peak_rss_bytes),
         "device_peak_mib", mib(r->device_peak_bytes));
     /* 7 significant digits: 0.1 ms of a 1000 s run, without the noise

@@ -6,6 +6,14 @@
  * pixels, so that two uploads of the same picture in different files (PNG
  * vs lossless WebP, other metadata) share an entry. Only requests with an
  * explicit seed are cached: without one the output is meant to differ.
+ *
+ * Decoding an upload costs far more than answering from the cache, so the
+ * cache also keeps links: the SHA-256 of an upload's exact bytes (with the
+ * same model id and parameters) to the pixel key its bytes decoded to. A
+ * repeat of the same file finds its result through the link without being
+ * decoded; another file of the same pixels still finds it by the pixel
+ * key. Links share the results' byte budget and recency order, so a link
+ * outliving its result only costs a miss (and is evicted in turn).
  * Thread-safe.
  */
 #ifndef SDX4_SERVER_CACHE_H
@@ -26,7 +34,8 @@ typedef struct {
 } cached_result;
 
 typedef struct {
-    size_t bytes, entries;
+    size_t bytes; /* results and links */
+    size_t entries, links;
 } cache_stats;
 
 cache *cache_create(size_t max_bytes);
@@ -34,12 +43,21 @@ void cache_destroy(cache *c);
 
 void cache_key(uint8_t key[32], const char *model_id, const char *params,
                const sdx4_image *input);
+/* The key of the upload's bytes as received (another namespace than
+ * cache_key's: the two never collide). */
+void cache_upload_key(uint8_t key[32], const char *model_id, const char *params,
+                      const void *data, size_t len);
 
 /* 1 and a malloc'd copy in `out` on a hit, 0 on a miss. */
 int cache_get(cache *c, const uint8_t key[32], cached_result *out);
 /* Copies `r` in, evicting the least recently used entries to make room;
  * results larger than half the budget are not kept. */
 void cache_put(cache *c, const uint8_t key[32], const cached_result *r);
+/* Records that the upload `upload_key` decodes to the pixel key `key`. */
+void cache_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]);
+/* cache_get through a link: 1 when the upload is linked and its result is
+ * still held (both then count as just used). */
+int cache_get_upload(cache *c, const uint8_t upload_key[32], cached_result *out);
 void cache_get_stats(cache *c, cache_stats *stats);
 
 /* SHA-256 and HMAC-SHA256 (nettle), for the cache, API keys and webhooks. */

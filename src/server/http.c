@@ -2,12 +2,13 @@
  * http.c - the HTTP daemon: routing, bodies, answers (libmicrohttpd).
  *
  * Threads. libmicrohttpd runs a small pool of event-loop threads
- * (--http-threads, epoll). They parse requests, check limits and decode
- * images (bounded: at most max-side squared pixels, read from the header
- * first), and never wait for inference: an upscale request becomes a job
- * on the queue and its connection is suspended (MHD_suspend_connection)
- * until the job finishes, when the worker's wake-up resumes it and the
- * answer is queued. SSE streams suspend the same way between events.
+ * (--http-threads, epoll). They parse requests, check limits, answer
+ * seeded repeats from the result cache and decode images (bounded: at most
+ * max-side squared pixels, read from the header first), and never wait for
+ * inference: an upscale request becomes a job on the queue and its
+ * connection is suspended (MHD_suspend_connection) until the job
+ * finishes, when the worker's wake-up resumes it and the answer is
+ * queued. SSE streams suspend the same way between events.
  *
  * A request's life, as libmicrohttpd calls on_request:
  *   1st call   headers only: route, request id, CORS, API key, readiness,
@@ -717,10 +718,35 @@ static uint64_t random_seed(void) {
     return s & ((1ull << 53) - 1);
 }
 
-/* Checks and decodes image i into task t: format by magic number, size
- * from the header, then the pixels. */
+/* Answers task t with a result from the cache. */
+static void take_cached(task *t, const cached_result *hit, bool by_upload) {
+    t->output = hit->data;
+    t->output_len = hit->len;
+    t->out_width = hit->width;
+    t->out_height = hit->height;
+    t->report.prompt_tokens = hit->prompt_tokens;
+    t->report.prompt_truncated = hit->prompt_truncated;
+    t->report.negative_truncated = hit->negative_truncated;
+    t->cache_hit = true;
+    metrics_cache(true, by_upload);
+}
+
+static void drop_blob(form_blob *b) {
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+/* Checks image i and prepares task t: format by magic number, size from
+ * the header, the options, then the pixels. A seeded request is looked up
+ * in the cache by its upload's bytes before decoding (a repeat of the same
+ * file is answered without decoding, which costs far more than the rest of
+ * a cached answer), then by the decoded pixels (the same picture in
+ * another file). The checks before the lookup are the ones a miss gets, so
+ * the cache never answers a request that would be refused. */
 static int prepare_task(request *r, int i, task *t, image_format accept, problem *p) {
     const server_config *c = &r->srv->cfg;
+    struct cache *cache = r->srv->cache;
     form_blob *b = &r->form.images[i];
     char err[256];
     image_format format = imageio_sniff(b->data, b->len);
@@ -738,23 +764,41 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
         snprintf(p->allowed, sizeof p->allowed, "%d to %d pixels per side", c->min_side, c->max_side);
         return -1;
     }
-    if (imageio_decode(b->data, b->len, &t->input, err, sizeof err))
-        return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s image could not be decoded: %s",
-                           imageio_format_name(format), err);
-    free(b->data); /* the pixels are all that is needed from here */
-    b->data = NULL;
-    b->len = b->cap = 0;
 
     form_resolve(&r->form, i, &t->opts);
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
-    t->cacheable = seeded && r->srv->cache;
+    t->cacheable = seeded && cache;
+    char *canonical = NULL;
+    uint8_t upload_key[32];
+    cached_result hit;
     if (t->cacheable) {
-        char *canonical = options_canonical(&t->opts);
-        if (!canonical) return problem_set(p, PROBLEM_INTERNAL, "out of memory");
+        if (!(canonical = options_canonical(&t->opts)))
+            return problem_set(p, PROBLEM_INTERNAL, "out of memory");
+        cache_upload_key(upload_key, r->srv->model_id, canonical, b->data, b->len);
+        if (cache_get_upload(cache, upload_key, &hit)) {
+            /* these bytes decoded before, to the size their header gives */
+            t->input.width = w;
+            t->input.height = h;
+            take_cached(t, &hit, true);
+            free(canonical);
+            drop_blob(b);
+            return 0;
+        }
+    }
+    if (imageio_decode(b->data, b->len, &t->input, err, sizeof err)) {
+        free(canonical);
+        return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s image could not be decoded: %s",
+                           imageio_format_name(format), err);
+    }
+    drop_blob(b); /* the pixels are all that is needed from here */
+    if (t->cacheable) {
         cache_key(t->cache_key, r->srv->model_id, canonical, &t->input);
         free(canonical);
+        cache_link(cache, upload_key, t->cache_key);
+        if (cache_get(cache, t->cache_key, &hit)) take_cached(t, &hit, false);
+        else metrics_cache(false, false);
     }
     return 0;
 }

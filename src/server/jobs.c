@@ -27,7 +27,6 @@
 #include <sys/random.h>
 
 #include "base64.h"
-#include "cache.h"
 #include "log.h"
 #include "metrics.h"
 #include "queue.h"
@@ -517,11 +516,9 @@ void job_task_reject(task *t, const problem *why) {
 int job_submit(job *j, problem *err) {
     job_store *s = j->store;
     server *srv = s->srv;
-    cached_result *hits = calloc((size_t)j->ntasks, sizeof *hits);
     task **pending = calloc((size_t)j->ntasks, sizeof *pending);
-    bool *hit = calloc((size_t)j->ntasks, sizeof *hit);
     int npending = 0, rc = -1;
-    if (!hits || !pending || !hit) {
+    if (!pending) {
         problem_set(err, PROBLEM_INTERNAL, "out of memory");
         goto done;
     }
@@ -529,11 +526,7 @@ int job_submit(job *j, problem *err) {
         task *t = &j->tasks[i];
         if (final(t->state)) continue; /* rejected before submission */
         t->total = t->opts.steps;
-        if (t->cacheable) {
-            hit[i] = cache_get(srv->cache, t->cache_key, &hits[i]);
-            metrics_cache(hit[i]);
-        }
-        if (!hit[i]) pending[npending++] = t;
+        if (!t->cache_hit) pending[npending++] = t;
     }
 
     pthread_mutex_lock(&s->lock);
@@ -562,31 +555,22 @@ int job_submit(job *j, problem *err) {
         j->refs++;
     }
     for (int i = 0; i < j->ntasks; i++) {
-        if (!hit[i]) continue;
         task *t = &j->tasks[i];
-        t->output = hits[i].data;
-        t->output_len = hits[i].len;
-        t->out_width = hits[i].width;
-        t->out_height = hits[i].height;
-        t->report.prompt_tokens = hits[i].prompt_tokens;
-        t->report.prompt_truncated = hits[i].prompt_truncated;
-        t->report.negative_truncated = hits[i].negative_truncated;
-        t->cache_hit = true;
+        if (!t->cache_hit) continue;
         t->step = t->total;
         t->started = now;
         if (j->started <= 0) j->started = now;
-        hits[i].data = NULL;
         finish_task_locked(t, JOB_SUCCEEDED);
     }
     if (j->unfinished == 0 && !final(j->state)) job_finished_locked(s, j); /* nothing to run */
-    pthread_cond_signal(&s->reaper_wake);
+    /* the reaper watches deadlines and retention: a job answered whole
+     * from the cache and not listed gives it nothing to do, and waking it
+     * would cost a cached answer a thread switch */
+    if (!final(j->state) || j->in_store) pthread_cond_signal(&s->reaper_wake);
     pthread_mutex_unlock(&s->lock);
     rc = 0;
 done:
-    for (int i = 0; hits && i < j->ntasks; i++) free(hits[i].data);
-    free(hits);
     free(pending);
-    free(hit);
     return rc;
 }
 

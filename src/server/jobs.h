@@ -53,7 +53,7 @@ typedef struct task {
     size_t output_len;
     int out_width, out_height;
     sdx4_upscale_report report;
-    bool cache_hit;
+    bool cache_hit; /* output came from the cache, before submission */
     problem error;
     /* queue links (queue.c) */
     struct task *queue_next;
@@ -89,7 +89,8 @@ void job_set_webhook(job *j, const char *url);
 /* Fails a task before submission (a batch image that did not decode). */
 void job_task_reject(task *t, const problem *why);
 
-/* Answers tasks from the cache, then queues the rest (all or none).
+/* Finishes the tasks answered from the cache (cache_hit, their output
+ * filled in by the caller), then queues the rest (all or none).
  * -1 and a problem (queue full, shutting down) if they cannot be queued. */
 int job_submit(job *j, problem *err);
 

@@ -55,7 +55,7 @@ static struct {
     _Atomic uint64_t step_sum_us;
     _Atomic uint64_t rejections[PROBLEM_KIND_COUNT];
     _Atomic int64_t in_flight;
-    _Atomic uint64_t cache_hits, cache_misses;
+    _Atomic uint64_t cache_hits, cache_upload_hits, cache_misses;
     _Atomic uint64_t webhooks_ok, webhooks_failed;
 } m;
 
@@ -104,7 +104,10 @@ double metrics_mean_inference(void) {
     return n ? (double)GET(m.inference.sum_us) * 1e-6 / (double)n : 0;
 }
 
-void metrics_cache(bool hit) { ADD(*(hit ? &m.cache_hits : &m.cache_misses), 1); }
+void metrics_cache(bool hit, bool by_upload) {
+    ADD(*(hit ? &m.cache_hits : &m.cache_misses), 1);
+    if (hit && by_upload) ADD(m.cache_upload_hits, 1);
+}
 void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
 
 /* ---- rendering ----------------------------------------------------------- */
@@ -220,14 +223,18 @@ char *metrics_render(const server *srv, size_t *len) {
     if (srv->cache) cache_get_stats(srv->cache, &cs);
     emit(&t, "# HELP sdx4_cache_hits_total Upscales answered from the result cache.\n"
              "# TYPE sdx4_cache_hits_total counter\nsdx4_cache_hits_total %llu\n"
+             "# HELP sdx4_cache_upload_hits_total Cache hits found by the upload's bytes, without decoding it.\n"
+             "# TYPE sdx4_cache_upload_hits_total counter\nsdx4_cache_upload_hits_total %llu\n"
              "# HELP sdx4_cache_misses_total Cacheable upscales not in the cache.\n"
              "# TYPE sdx4_cache_misses_total counter\nsdx4_cache_misses_total %llu\n"
-             "# HELP sdx4_cache_bytes Bytes held by the result cache.\n"
+             "# HELP sdx4_cache_bytes Bytes held by the result cache (results and upload links).\n"
              "# TYPE sdx4_cache_bytes gauge\nsdx4_cache_bytes %zu\n"
              "# HELP sdx4_cache_entries Results held by the cache.\n"
-             "# TYPE sdx4_cache_entries gauge\nsdx4_cache_entries %zu\n",
-         (unsigned long long)GET(m.cache_hits), (unsigned long long)GET(m.cache_misses),
-         cs.bytes, cs.entries);
+             "# TYPE sdx4_cache_entries gauge\nsdx4_cache_entries %zu\n"
+             "# HELP sdx4_cache_links Uploads the cache links to the pixels they decoded to.\n"
+             "# TYPE sdx4_cache_links gauge\nsdx4_cache_links %zu\n",
+         (unsigned long long)GET(m.cache_hits), (unsigned long long)GET(m.cache_upload_hits),
+         (unsigned long long)GET(m.cache_misses), cs.bytes, cs.entries, cs.links);
 
     emit(&t, "# HELP sdx4_webhook_deliveries_total Webhook calls, by outcome.\n"
              "# TYPE sdx4_webhook_deliveries_total counter\n"

@@ -20,7 +20,9 @@ void metrics_in_flight(int delta);
 void metrics_queue_wait(double seconds);
 /* A finished upscale: its whole time and its number of steps. */
 void metrics_inference(double seconds, int steps);
-void metrics_cache(bool hit);
+/* A cacheable upscale looked up: found or not, and when found, whether by
+ * the upload's bytes (no decoding) or by its decoded pixels. */
+void metrics_cache(bool hit, bool by_upload);
 /* Mean seconds of the upscales so far (0 before the first), for Retry-After. */
 double metrics_mean_inference(void);
 void metrics_webhook(bool delivered);

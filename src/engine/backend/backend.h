@@ -27,6 +27,7 @@
 #include "core/dtype.h"
 
 typedef struct backend backend;
+typedef struct backend_graph backend_graph; /* a recorded sequence, see below */
 
 typedef struct tensor {
     backend *be;
@@ -121,6 +122,27 @@ struct backend {
      * concurrent upscales on one engine do not disturb each other. Any
      * other `t` changes nothing and just returns the current type. */
     dtype (*set_activation_type)(backend *be, dtype t);
+
+    /* --- recorded sequences ------------------------------------------- */
+    /* Optional (NULL: the backend runs every operation as it is called).
+     * A GPU backend can record the operations of a step once and replay
+     * them, which spares the host's per-operation work (the CUDA backend
+     * captures a CUDA graph). Between record_begin() and record_end(), the
+     * operations this thread calls are recorded, not run, and other
+     * threads' operations wait; replay() then runs them on the same
+     * tensors: the caller writes new inputs into the tensors it created
+     * before recording (upload()) and reads the tensors the recording
+     * returned, which it must keep alive until graph_free(). Tensors
+     * created and freed while recording keep their memory for the replays.
+     * Only operations without host data may be recorded (not upload,
+     * download, weight or embedding), each after it has run once outside
+     * a recording (a backend may choose algorithms on a first run).
+     * record_begin: 0 recording, 1 the backend declines (recording is off;
+     * run the operations instead), -1 error. */
+    int (*record_begin)(backend *be);
+    backend_graph *(*record_end)(backend *be); /* NULL with the error set */
+    int (*replay)(backend *be, backend_graph *g);
+    void (*graph_free)(backend *be, backend_graph *g);
 
     /* --- lifetime ----------------------------------------------------- */
     /* Waits until every operation enqueued so far has finished; optional

@@ -15,6 +15,12 @@
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
  * in float32 so a seed means the same image on every backend.
+ *
+ * Every step runs the same UNet on new values, so on a backend that
+ * records (backend.h) the first step runs as it is called, the second is
+ * recorded and every step from then on replays the recording: the step's
+ * inputs (the UNet's input and its timestep) are written into tensors
+ * kept for the whole loop, and the recording's output tensor is read.
  */
 #include "model/pipeline.h"
 
@@ -54,34 +60,80 @@ tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
     return out;
 }
 
+/* The UNet's device tensors across the steps of one upscale (see the top
+ * comment): input, timestep projection and class embedding, and the
+ * output, which after the first step is the recording's. */
+typedef struct {
+    tensor *x, *tproj, *cls, *y;
+    backend_graph *graph;
+    int steps; /* steps run so far */
+} unet_state;
+
+static int unet_state_init(unet_state *st, const model *m, backend *be, int batch, int h, int w,
+                           int noise_level) {
+    int32_t labels[2] = {noise_level, noise_level};
+    memset(st, 0, sizeof *st);
+    int64_t shape[4] = {batch, m->unet.in_channels, h, w};
+    TRY(st->x = be->new_tensor(be, 4, shape));
+    TRY(st->tproj = be->new_tensor(be, 2, (const int64_t[]){batch, m->unet.block_channels[0]}));
+    if (m->unet.class_embedding) TRY(st->cls = unet_class_embedding(be, &m->unet, labels, batch));
+    return 0;
+fail:
+    return -1;
+}
+
+static void unet_state_free(unet_state *st, backend *be) {
+    if (st->graph) be->graph_free(be, st->graph);
+    st->graph = NULL;
+    DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls);
+}
+
+/* One UNet evaluation: unet_in on the host in, unet_out on the host out. */
+static int unet_step(const model *m, backend *be, unet_state *st, const tensor *ctx, int t,
+                     const float *unet_in, float *unet_out) {
+    if (be->upload(be, st->x, unet_in) || unet_set_timestep(be, &m->unet, st->tproj, (float)t))
+        return -1;
+    if (st->graph) {
+        if (be->replay(be, st->graph)) return -1;
+    } else {
+        int recording = st->steps > 0 && be->record_begin ? be->record_begin(be) : 1;
+        if (recording < 0) return -1;
+        DROP(st->y);
+        st->y = unet_fw_embedded(be, &m->unet, st->x, st->tproj, st->cls, ctx);
+        if (recording == 0) {
+            backend_graph *g = be->record_end(be); /* also after a failed operation */
+            if (!st->y || !g) {
+                if (g) be->graph_free(be, g);
+                DROP(st->y);
+                return -1;
+            }
+            st->graph = g;
+            if (be->replay(be, g)) return -1;
+        }
+        if (!st->y) return -1;
+    }
+    st->steps++;
+    return be->download(be, st->y, unet_out);
+}
+
 /* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
  * already holds the noisy image channels of every batch entry (they do not
  * change between steps); only the latents are written here. */
 static int predict_noise(const model *m, backend *be, const pipeline_args *a, const tensor *ctx,
-                         int do_cfg, const float *latents, int t, float *unet_in,
+                         unet_state *st, int do_cfg, const float *latents, int t, float *unet_in,
                          float *unet_out, float *eps) {
     int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
-    int32_t labels[2] = {a->noise_level, a->noise_level};
     for (int b = 0; b < batch; b++) /* cat([latents, image], dim=1) */
         memcpy(unet_in + b * (lat + img), latents, lat * sizeof *latents);
-    int64_t shape[4] = {batch, C + 3, a->height, a->width};
-    tensor *x = be->new_tensor(be, 4, shape), *y = NULL;
-    int rc = -1;
-    TRY(x);
-    if (be->upload(be, x, unet_in)) goto fail;
-    TRY(y = unet_fw(be, &m->unet, x, (float)t, labels, ctx));
-    if (be->download(be, y, unet_out)) goto fail;
+    if (unet_step(m, be, st, ctx, t, unet_in, unet_out)) return -1;
     if (do_cfg) {
         const float *uncond = unet_out, *text = unet_out + lat;
         for (size_t i = 0; i < lat; i++) eps[i] = uncond[i] + a->guidance * (text[i] - uncond[i]);
     } else {
         memcpy(eps, unet_out, lat * sizeof *eps);
     }
-    rc = 0;
-fail:
-    DROP(x), DROP(y);
-    return rc;
+    return 0;
 }
 
 tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
@@ -128,6 +180,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     float *unet_in = malloc(batch * (lat + img) * sizeof *unet_in);
     float *unet_out = malloc(batch * lat * sizeof *unet_out);
     tensor *ctx = NULL, *image = NULL;
+    unet_state st = {0};
     torch_rng rng;
     if (!noise || !noisy || !latents || !eps || !prev || !unet_in || !unet_out) {
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
@@ -149,15 +202,17 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
 
     if (a->on_step && a->on_step(a->user, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
+    if (unet_state_init(&st, m, be, batch, a->height, a->width, a->noise_level)) goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         int t = sched.timesteps[i];
-        if (predict_noise(m, be, a, ctx, do_cfg, latents, t, unet_in, unet_out, eps) ||
+        if (predict_noise(m, be, a, ctx, &st, do_cfg, latents, t, unet_in, unet_out, eps) ||
             ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
             goto fail;
         memcpy(latents, prev, lat * sizeof *latents);
         if (a->on_step && a->on_step(a->user, i + 1, sched.num_timesteps, latents)) goto canceled;
     }
     rep.seconds_unet = now() - t0;
+    unet_state_free(&st, be); /* its memory serves the VAE */
 
     t0 = now();
     TRY(image = pipeline_decode(m, be, latents, a->height, a->width));
@@ -177,6 +232,7 @@ fail:
     *out = NULL;
 done:
     if (report) *report = rep;
+    unet_state_free(&st, be);
     DROP(ctx), DROP(image);
     free(sched.timesteps);
     free(noise), free(noisy), free(latents), free(eps), free(prev), free(unet_in), free(unet_out);

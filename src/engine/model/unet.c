@@ -206,40 +206,57 @@ static void timestep_embedding(float t, int dim, int flip, float shift, float *o
     }
 }
 
-/* emb = time_embedding(t_emb) + class_embedding(class_labels) -> silu(emb):
- * every resnet applies silu to it before its projection. */
-static tensor *time_embedding(backend *be, const unet *u, int batch, float t,
-                              const int32_t *labels) {
-    int dim = u->block_channels[0];
+int unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t) {
+    int batch = (int)tproj->shape[0], dim = u->block_channels[0];
+    if (tproj->ndim != 2 || tproj->shape[1] != dim) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: timestep tensor must be [B, %d]", dim);
+        return -1;
+    }
     float *host = malloc(sizeof *host * batch * dim);
-    tensor *x = NULL, *h = NULL, *e = NULL, *cls = NULL;
     if (!host) {
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
-        return NULL;
+        return -1;
     }
     for (int b = 0; b < batch; b++)
         timestep_embedding(t, dim, u->flip_sin_to_cos, u->freq_shift, host + b * dim);
-    TRY(x = be->new_tensor(be, 2, (const int64_t[]){batch, dim}));
-    if (be->upload(be, x, host)) goto fail;
-    TRY(h = linear_fw(be, &u->time_linear1, x));
+    int rc = be->upload(be, tproj, host);
+    free(host);
+    return rc;
+}
+
+tensor *unet_new_timestep(backend *be, const unet *u, int batch, float t) {
+    tensor *tproj = be->new_tensor(be, 2, (const int64_t[]){batch, u->block_channels[0]});
+    if (tproj && unet_set_timestep(be, u, tproj, t)) DROP(tproj);
+    return tproj;
+}
+
+tensor *unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch) {
+    if (!u->class_embedding) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: the model has no class embedding");
+        return NULL;
+    }
+    for (int b = 0; b < batch; b++)
+        if (labels[b] < 0 || labels[b] >= u->num_class_embeds) {
+            set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class label %d outside 0..%d", labels[b],
+                      u->num_class_embeds - 1);
+            return NULL;
+        }
+    return be->embedding(be, u->class_embedding, labels, batch);
+}
+
+/* emb = time_embedding(t_emb) + class_embedding(class_labels) -> silu(emb):
+ * every resnet applies silu to it before its projection. */
+static tensor *time_embedding(backend *be, const unet *u, const tensor *tproj, const tensor *cls) {
+    tensor *h = NULL, *e = NULL;
+    TRY(h = linear_fw(be, &u->time_linear1, tproj));
     TRY(e = be->activate(be, h, ACT_SILU));
     DROP(h);
     TRY(h = linear_fw(be, &u->time_linear2, e));
     DROP(e);
-    if (u->class_embedding) {
-        for (int b = 0; b < batch; b++)
-            if (labels[b] < 0 || labels[b] >= u->num_class_embeds) {
-                set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class label %d outside 0..%d",
-                          labels[b], u->num_class_embeds - 1);
-                goto fail;
-            }
-        TRY(cls = be->embedding(be, u->class_embedding, labels, batch));
-        if (be->add_inplace(be, h, cls, 1.0f)) goto fail;
-    }
+    if (cls && be->add_inplace(be, h, cls, 1.0f)) goto fail;
     TRY(e = be->activate(be, h, ACT_SILU));
 fail:
-    free(host);
-    DROP(x), DROP(h), DROP(cls);
+    DROP(h);
     return e;
 }
 
@@ -255,11 +272,26 @@ static tensor *layer_fw(backend *be, const unet_block *b, int j, const tensor *h
 
 tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
                 const int32_t *class_labels, const tensor *ctx) {
+    int batch = sample->ndim == 4 ? (int)sample->shape[0] : 1;
+    tensor *tproj = NULL, *cls = NULL, *out = NULL;
+    TRY(tproj = unet_new_timestep(be, u, batch, t));
+    if (u->class_embedding) TRY(cls = unet_class_embedding(be, u, class_labels, batch));
+    out = unet_fw_embedded(be, u, sample, tproj, cls, ctx);
+fail:
+    DROP(tproj), DROP(cls);
+    return out;
+}
+
+tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
+                         const tensor *cls, const tensor *ctx) {
     if (sample->ndim != 4 || sample->shape[1] != u->in_channels) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: sample must be [B, %d, H, W]", u->in_channels);
         return NULL;
     }
-    int batch = (int)sample->shape[0];
+    if (!cls != !u->class_embedding) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class embedding %s", cls ? "given to a model without one" : "missing");
+        return NULL;
+    }
     int up_factor = 1 << (u->levels - 1);
     int odd_size = sample->shape[2] % up_factor || sample->shape[3] % up_factor;
     /* down_block_res_samples: every down-path output, owned here */
@@ -267,7 +299,7 @@ tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
     int nskips = 0;
     tensor *temb = NULL, *h = NULL, *x = NULL, *out = NULL;
 
-    TRY(temb = time_embedding(be, u, batch, t, class_labels));
+    TRY(temb = time_embedding(be, u, tproj, cls));
     TRY(skips[nskips++] = conv_fw(be, &u->conv_in, sample));
     for (int i = 0; i < u->levels; i++) {
         const unet_block *b = &u->down[i];

@@ -33,9 +33,11 @@
  * tensors, and float tensors in fp16 mode (the VAE's 16384-token
  * attention), which it rounds to half first, saturating at +-65504 so
  * that nothing becomes inf. Each warp owns 16 query rows; a block of WR
- * row groups walks the keys in tiles of BK held in shared memory (K as
- * [key][d], V transposed as [d][key], so that every fragment is one 32-bit
- * load of two neighbours). Per tile a warp computes its 16 x BK scores in
+ * row groups walks the keys in tiles of BK held in shared memory, K and V
+ * as [key][d] rows padded by 8 halves (so that the 8 rows a fragment load
+ * touches fall in distinct banks); q and k fragments are 32-bit loads of
+ * two neighbours, v fragments come transposed from ldmatrix.trans. Per
+ * tile a warp computes its 16 x BK scores in
  * registers, runs the online softmax on them, and reuses them as the A
  * operand of P V without leaving registers (the accumulator layout of one
  * mma is the operand layout of the next). Large heads (D 256, 512) would
@@ -197,6 +199,17 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 
 __device__ __forceinline__ uint32_t ld32(const __half *p) { return *(const uint32_t *)p; }
 
+/* Four 8x8 half matrices from shared memory, transposed: lane l gives the
+ * address of row l % 8 of matrix l / 8 and gets, of each matrix M,
+ * {M[2t][g], M[2t+1][g]} (t = l % 4, g = l / 4), which is an mma B
+ * fragment when M's rows run along k. */
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const __half *p) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 /* Copies rows [r0, r0 + rows) of a head (row stride ld) into shared
  * memory with row stride LD, 8 halves at a time; zero past `valid`. */
 template <int D, int LD>
@@ -215,13 +228,14 @@ __global__ void __launch_bounds__(32 * WD * WR)
 mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *o, int Tq, int Tk,
                      int heads, float scale_log2, int causal) {
     constexpr int BQ = 16 * WR, DS = D / WD, THREADS = 32 * WD * WR;
-    constexpr int LDK = D + 8, LDV = BK + 8; /* padding: conflict-free fragment loads */
+    constexpr int LDK = D + 8;     /* padding: conflict-free fragment loads */
+    constexpr int LDP = BK + 4;    /* likewise for the partial scores */
     constexpr int NT = BK / 8, ONT = DS / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __half *q_s = (__half *)smem_raw;     /* [BQ][LDK] */
-    __half *k_s = q_s + BQ * LDK;         /* [BK][LDK] */
-    __half *vt_s = k_s + BK * LDK;        /* [D][LDV], V transposed */
-    float *part = (float *)(vt_s + D * LDV); /* [WR][WD][16][BK] partial scores */
+    __half *q_s = (__half *)smem_raw;      /* [BQ][LDK] */
+    __half *k_s = q_s + BQ * LDK;          /* [BK][LDK] */
+    __half *v_s = k_s + BK * LDK;          /* [BK][LDK] */
+    float *part = (float *)(v_s + BK * LDK); /* [WR][WD][16][LDP] partial scores */
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane >> 2, t = lane & 3; /* the fragment coordinates */
@@ -245,14 +259,7 @@ mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *
     for (int k0 = 0; k0 < kv_end; k0 += BK) {
         __syncthreads(); /* the previous tile is consumed */
         load_rows<D, LDK>(k_s, kb, ld, k0, BK, Tk, tid, THREADS);
-        for (int i = tid; i < BK * (D / 8); i += THREADS) {
-            int j = i / (D / 8), c = i % (D / 8) * 8;
-            uint4 x = make_uint4(0, 0, 0, 0);
-            if (k0 + j < Tk) x = *(const uint4 *)(vb + (int64_t)(k0 + j) * ld + c);
-            const __half *hx = (const __half *)&x;
-#pragma unroll
-            for (int e = 0; e < 8; e++) vt_s[(c + e) * LDV + j] = hx[e];
-        }
+        load_rows<D, LDK>(v_s, vb, ld, k0, BK, Tk, tid, THREADS);
         __syncthreads();
 
         /* scores of this warp's rows and its slice of D */
@@ -271,20 +278,20 @@ mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *
             }
         }
         if (WD > 1) { /* add the slices' partial scores */
-            float *mine = part + (wr * WD + wd) * 16 * BK;
+            float *mine = part + (wr * WD + wd) * 16 * LDP;
 #pragma unroll
             for (int j = 0; j < NT; j++) {
-                *(float2 *)&mine[g * BK + 8 * j + 2 * t] = make_float2(s[j][0], s[j][1]);
-                *(float2 *)&mine[(g + 8) * BK + 8 * j + 2 * t] = make_float2(s[j][2], s[j][3]);
+                *(float2 *)&mine[g * LDP + 8 * j + 2 * t] = make_float2(s[j][0], s[j][1]);
+                *(float2 *)&mine[(g + 8) * LDP + 8 * j + 2 * t] = make_float2(s[j][2], s[j][3]);
             }
             __syncthreads();
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
                 for (int w = 0; w < WD; w++) {
-                    const float *p = part + (wr * WD + w) * 16 * BK;
-                    float2 lo = *(const float2 *)&p[g * BK + 8 * j + 2 * t];
-                    float2 hi = *(const float2 *)&p[(g + 8) * BK + 8 * j + 2 * t];
+                    const float *p = part + (wr * WD + w) * 16 * LDP;
+                    float2 lo = *(const float2 *)&p[g * LDP + 8 * j + 2 * t];
+                    float2 hi = *(const float2 *)&p[(g + 8) * LDP + 8 * j + 2 * t];
                     s[j][0] += lo.x, s[j][1] += lo.y, s[j][2] += hi.x, s[j][3] += hi.y;
                 }
             }
@@ -335,10 +342,16 @@ mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *
                                    pack_half2(s[2 * kk][2], s[2 * kk][3]),
                                    pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                    pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            /* lane: row 16kk + lane % 8 (+8 for matrices 1, 3), columns +8
+             * for matrices 2, 3: two n-tiles of B per ldmatrix */
+            const __half *vr = v_s + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LDK +
+                               wd * DS + (lane >> 4) * 8;
 #pragma unroll
-            for (int n = 0; n < ONT; n++) {
-                const __half *vr = vt_s + (wd * DS + 8 * n + g) * LDV + 16 * kk + 2 * t;
-                mma_16816(acc[n], a, ld32(vr), ld32(vr + 8));
+            for (int n = 0; n < ONT; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vr + 8 * n);
+                mma_16816(acc[n], a, b[0], b[1]);
+                mma_16816(acc[n + 1], a, b[2], b[3]);
             }
         }
     }
@@ -367,8 +380,7 @@ static int launch_mma_attention(cuda_backend *cb, const __half *q, const __half 
                                 const __half *v, __half *o, int B, int Tq, int Tk, int heads,
                                 int causal) {
     constexpr int BQ = 16 * WR;
-    const int smem = (BQ + BK) * (D + 8) * 2 + D * (BK + 8) * 2 +
-                     (WD > 1 ? WR * WD * 16 * BK * 4 : 0);
+    const int smem = (BQ + 2 * BK) * (D + 8) * 2 + (WD > 1 ? WR * WD * 16 * (BK + 4) * 4 : 0);
     auto kernel = mma_attention_kernel<D, WD, WR, BK>;
     if (cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                 "attention: shared memory"))
@@ -388,7 +400,7 @@ static int attend_mma(cuda_backend *cb, const __half *q, const __half *k, const 
     case 64: return launch_mma_attention<64, 1, 4, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
     case 128: return launch_mma_attention<128, 1, 4, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
     case 256: return launch_mma_attention<256, 2, 2, 64>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
-    default: return launch_mma_attention<512, 4, 2, 32>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
+    default: return launch_mma_attention<512, 4, 4, 32>(cb, q, k, v, o, B, Tq, Tk, heads, causal);
     }
 }
 

@@ -14,6 +14,8 @@
  *   fp32            weights and activations are float, and no TF32: the
  *                   results match the CPU backend's within float rounding,
  *                   which is how the golden tests check this backend.
+ * SDX4_CUDA_GRAPH=0 makes record_begin() decline (cuda_graph.cu), so
+ * that every step runs operation by operation, for comparison.
  * SDX4_CUDA_CONV=im2col makes convolutions use the im2col + GEMM path even
  * when cuDNN is there (the fallback of builds without cuDNN), so that path
  * can be tested on the same machine.
@@ -35,9 +37,7 @@
  *   - transfers: upload() and download() take and give host float32 and
  *     convert on the device; download() waits for the stream, and is the
  *     only call that does.
- *   - linear: one cublasGemmEx; the bias is written into the output first
- *     and the product added to it (beta = 1), so it is added in float
- *     before the single rounding to the output type.
+ *   - linear: one GEMM (cuda_gemm.cu), the bias added in its epilogue.
  *   - embedding: the ids are copied to the device and the rows gathered.
  */
 #include <inttypes.h>
@@ -66,7 +66,7 @@ int cublas_ok(cublasStatus_t s, const char *what) {
 cuda_lock::cuda_lock(const backend *be, const char *op) : cb((cuda_backend *)be), ok(false) {
     pthread_mutex_lock(&cb->lock);
     ok = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") == 0;
-    if (ok && op && cb->profile) cuda_profile_begin(cb->profile, cb->stream, op);
+    if (ok && op && cb->profile && !cb->recording) cuda_profile_begin(cb->profile, cb->stream, op);
 }
 
 cuda_lock::~cuda_lock() {
@@ -135,9 +135,12 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     }
     size_t rounded;
     int c = size_class(bytes, &rounded);
-    if (cb->cache[c]) {
-        cuda_block *blk = cb->cache[c];
-        cb->cache[c] = blk->next;
+    /* while recording, the recording's own blocks first */
+    cuda_block **list = cb->recording && cb->recording->cache[c] ? &cb->recording->cache[c]
+                                                                  : &cb->cache[c];
+    if (*list) {
+        cuda_block *blk = *list;
+        *list = blk->next;
         b->ptr = blk->ptr;
         free(blk);
     } else if (device_malloc(cb, &b->ptr, rounded)) {
@@ -153,16 +156,29 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
     size_t rounded;
     int c = size_class(b->bytes, &rounded);
     cuda_block *blk = (cuda_block *)malloc(sizeof *blk);
+    /* freed while recording: reserved for the recording's replays */
+    cuda_block **list = cb->recording ? &cb->recording->cache[c] : &cb->cache[c];
     if (blk) {
         blk->ptr = b->ptr;
-        blk->next = cb->cache[c];
-        cb->cache[c] = blk;
+        blk->next = *list;
+        *list = blk;
     } else {
         (void)cudaFree(b->ptr); /* no host memory for the free list: give it back */
     }
     count_bytes(cb, -(int64_t)b->bytes);
     b->ptr = NULL;
     b->bytes = 0;
+}
+
+void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists) {
+    for (int c = 0; c < CUDA_SIZE_CLASSES; c++) {
+        while (lists[c]) {
+            cuda_block *blk = lists[c];
+            lists[c] = blk->next;
+            blk->next = cb->cache[c];
+            cb->cache[c] = blk;
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- tensors */
@@ -410,19 +426,6 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
 
 /* ----------------------------------------------------------------- linear */
 
-int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
-              int n, int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
-              int ldc) {
-    cudaDataType_t t = type == DTYPE_F16 ? CUDA_R_16F : CUDA_R_32F;
-    cublasComputeType_t compute = type == DTYPE_F32 && cb->allow_tf32
-                                      ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                      : CUBLAS_COMPUTE_32F;
-    const float alpha = 1.0f;
-    return cublas_ok(cublasGemmEx(cb->cublas, ta, tb, m, n, k, &alpha, A, t, lda, B, t, ldb, &beta,
-                                  C, t, ldc, compute, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx");
-}
-
 /* y[M, N] = x[M, K] @ w[N, K]^T + bias. cuBLAS is column-major: there the
  * row-major y is y^T [N, M] = w [K, N]^T x^T [K, M]. */
 static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
@@ -450,9 +453,8 @@ static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const 
     if (!(wd = cuda_data_as(cb, w, type, &w_tmp)) ||
         (bias && !(bd = cuda_data_as(cb, bias, type, &b_tmp))) ||
         !(y = cuda_tensor_new(cb, x->ndim, shape, type)) ||
-        (bias && cuda_fill_bias(cb, y->data, bd, type, M, N, 1)) ||
         cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, wd, (int)K, x->data,
-                  (int)K, bias ? 1.0f : 0.0f, y->data, (int)N)) {
+                  (int)K, bd, y->data, (int)N)) {
         error_prefix("linear");
         cuda_tensor_release(cb, y);
         y = NULL;
@@ -498,6 +500,9 @@ static void teardown(cuda_backend *cb) {
     cuda_conv_plans_free(cb);
     if (cb->cudnn) (void)cudnnDestroy(cb->cudnn);
 #endif
+    cuda_gemm_plans_free(cb);
+    if (cb->cublaslt) (void)cublasLtDestroy(cb->cublaslt);
+    cuda_buf_free(cb, &cb->gemm_workspace);
     if (cb->cublas) (void)cublasDestroy(cb->cublas);
     release_cache(cb);
     if (cb->stream) (void)cudaStreamDestroy(cb->stream);
@@ -567,14 +572,26 @@ extern "C" backend *backend_cuda_create(int device_index) {
         set_error(SDX4_ERR_NO_MEMORY, "cuda backend: out of memory");
         return NULL;
     }
-    pthread_mutex_init(&cb->lock, NULL);
+    {
+        pthread_mutexattr_t attr;
+        pthread_mutexattr_init(&attr);
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+        pthread_mutex_init(&cb->lock, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
     cb->device = device_index;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
     cb->profile = cuda_profile_create();
+    {
+        const char *graphs = getenv("SDX4_CUDA_GRAPH");
+        cb->use_graphs = !graphs || strcmp(graphs, "0") != 0;
+    }
     if (cuda_ok(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "cuda: stream") ||
         cublas_ok(cublasCreate(&cb->cublas), "cuda: cublasCreate") ||
         cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
+        cublas_ok(cublasLtCreate(&cb->cublaslt), "cuda: cublasLtCreate") ||
+        cuda_buf_alloc(cb, &cb->gemm_workspace, CUDA_GEMM_WORKSPACE) ||
         /* float accumulation throughout, also in split-K reductions */
         cublas_ok(cublasSetMathMode(cb->cublas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
                                      CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
@@ -622,6 +639,10 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->tokens_to_nchw = cuda_tokens_to_nchw;
         be->embedding = cuda_embedding;
         be->synchronize = cuda_synchronize;
+        be->record_begin = cuda_record_begin;
+        be->record_end = cuda_record_end;
+        be->replay = cuda_replay;
+        be->graph_free = cuda_graph_free;
         be->memory = cuda_memory;
         be->set_activation_type = cuda_set_activation_type;
         be->destroy = cuda_destroy;

@@ -20,8 +20,9 @@
  * one GEMM writes y[tile, O] = col @ w[O, k*k*C]^T into the channels-last
  * output. Tiles keep the column buffer under COL_BUDGET_BYTES.
  *
- * Both paths write the bias into the output first and add the convolution
- * to it (beta = 1), so the bias is added in float before the one rounding.
+ * cuDNN's path writes the bias into the output first and adds the
+ * convolution to it (beta = 1); the GEMMs add it in their epilogue
+ * (cuda_gemm.cu): either way in float, before the one rounding.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -44,13 +45,11 @@ static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const 
     size_t es = dtype_size(type);
     int64_t P = s->Ho * s->Wo, kkc = s->C * s->k * s->k;
     int direct = s->k == 1 && s->stride == 1 && s->pad == 0 && s->B * P <= INT_MAX;
-    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * P, s->O, 1) : 0;
-    const float beta = bias ? 1.0f : 0.0f;
-    /* column-major, as cuBLAS: y^T [O, rows] = (w as stored)^T . col^T */
+    /* column-major, as cuBLAS: y^T [O, rows] = (w as stored)^T . col^T + bias */
     if (direct)
-        return rc ? rc
-                  : cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)(s->B * P),
-                              (int)kkc, w, (int)kkc, x, (int)kkc, beta, y, (int)s->O);
+        return cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)(s->B * P), (int)kkc,
+                         w, (int)kkc, x, (int)kkc, bias, y, (int)s->O);
+    int rc = 0;
     int64_t tile = COL_BUDGET_BYTES / (kkc * (int64_t)es);
     if (tile > P) tile = P;
     if (tile < 1) tile = 1;
@@ -64,7 +63,7 @@ static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const 
             rc = cuda_im2col(cb, type, xn, s->C, s->H, s->W, s->k, s->stride, s->pad, s->Wo, p0,
                              rows, col.ptr) ||
                  cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)rows, (int)kkc, w,
-                           (int)kkc, col.ptr, (int)kkc, beta, yn + (size_t)(p0 * s->O) * es,
+                           (int)kkc, col.ptr, (int)kkc, bias, yn + (size_t)(p0 * s->O) * es,
                            (int)s->O);
         }
     }

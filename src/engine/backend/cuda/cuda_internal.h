@@ -40,6 +40,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -63,7 +64,25 @@ typedef struct cuda_block {
     struct cuda_block *next;
 } cuda_block;
 
+/* Scratch device memory from the caching allocator, counted by memory(). */
+typedef struct {
+    void *ptr;
+    size_t bytes; /* the size class, not the size asked for */
+} cuda_buf;
+
+/* cuBLASLt's workspace: NVIDIA advises 32 MiB on Hopper. */
+#define CUDA_GEMM_WORKSPACE ((size_t)32 << 20)
+
+/* A recorded step (cuda_graph.cu): the instantiated CUDA graph and the
+ * free lists of the blocks its operations freed while being recorded,
+ * which stay reserved for its replays. */
+struct backend_graph {
+    cudaGraphExec_t exec;
+    cuda_block *cache[CUDA_SIZE_CLASSES];
+};
+
 typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
+typedef struct gemm_plan gemm_plan;       /* cuda_gemm.cu */
 typedef struct cuda_profile cuda_profile; /* cuda_profile.cu */
 
 typedef struct {
@@ -71,6 +90,8 @@ typedef struct {
     int device;
     cudaStream_t stream;     /* every kernel, copy and library call */
     cublasHandle_t cublas;
+    cublasLtHandle_t cublaslt;
+    gemm_plan *gemm_plans;   /* cuBLASLt algorithm per GEMM shape */
 #ifdef SDX4_HAVE_CUDNN
     cudnnHandle_t cudnn;
     int use_cudnn;           /* 0: convolutions by im2col + GEMM */
@@ -79,9 +100,12 @@ typedef struct {
     dtype mode;              /* F16 or F32: the weights' type, and the
                                 activations' unless a thread set another */
     int allow_tf32;          /* F32 GEMMs and convolutions may use TF32 */
-    pthread_mutex_t lock;
+    int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
+    backend_graph *recording; /* the graph being captured, or NULL */
+    pthread_mutex_t lock;    /* recursive: record_begin holds it until record_end */
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
+    cuda_buf gemm_workspace; /* cuBLASLt's, for the backend's lifetime */
     cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
     char description[192];
 } cuda_backend;
@@ -98,14 +122,17 @@ struct cuda_lock {
     explicit operator bool() const { return ok; }
 };
 
-/* Scratch device memory from the caching allocator, counted by memory(). */
-typedef struct {
-    void *ptr;
-    size_t bytes; /* the size class, not the size asked for */
-} cuda_buf;
 
 int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes);
 void cuda_buf_free(cuda_backend *cb, cuda_buf *b);
+/* Moves the blocks of `lists` (free lists by size class) to the cache. */
+void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists);
+
+/* --- cuda_graph.cu: backend.h's recorded sequences, as CUDA graphs ---- */
+int cuda_record_begin(backend *be);
+backend_graph *cuda_record_end(backend *be);
+int cuda_replay(backend *be, backend_graph *g);
+void cuda_graph_free(backend *be, backend_graph *g);
 
 /* The type new activations get on this thread. */
 dtype cuda_activation_type(const cuda_backend *cb);
@@ -133,11 +160,13 @@ int cublas_ok(cublasStatus_t s, const char *what);
 /* The status of the kernel launched last on this thread. */
 static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastError(), what); }
 
-/* C[m, n] = op(A) op(B) + beta C, column-major as cuBLAS, all of `type`,
- * accumulated in float. */
+/* --- cuda_gemm.cu --------------------------------------------------- */
+/* C[m, n] = op(A) op(B) (+ bias[i] on row i, bias may be NULL),
+ * column-major as cuBLAS, all of `type`, accumulated in float. */
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
-              int n, int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
-              int ldc);
+              int n, int k, const void *A, int lda, const void *B, int ldb, const void *bias,
+              void *C, int ldc);
+void cuda_gemm_plans_free(cuda_backend *cb);
 
 /* --- cuda_profile.cu: GPU time per operation (see there) ------------- */
 /* NULL unless SDX4_CUDA_PROFILE is set (and on out of memory). */

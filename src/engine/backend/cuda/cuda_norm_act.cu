@@ -15,9 +15,12 @@
  *                   activation, over a 2-D grid of (position, channel)
  *
  * Images are channels-last (cuda_internal.h): there a group's values are
- * the runs of C/groups channels of every pixel, which group_stats reads
- * run by run, and group_apply is one pass over the tensor in memory
- * order. Tensors of other ranks ([B, C, ...]) keep each group contiguous.
+ * the runs of C/groups channels of every pixel. group_stats_cl reads whole
+ * pixel rows instead, coalesced, one channel per thread (or several, for
+ * wide rows), for a chunk of the pixels of one image; the block then
+ * merges its per-channel statistics into per-group ones in shared memory.
+ * group_apply is one pass over the tensor in memory order. Tensors of
+ * other ranks ([B, C, ...]) keep each group contiguous.
  *
  * LayerNorm rows are short (at most a few thousand values): one block per
  * row computes the statistics and writes the row.
@@ -302,37 +305,90 @@ __global__ void group_apply_kernel(const T *x, T *y, const float2 *stats, const 
     }
 }
 
-/* channels-last: y[b][p][c] over the tensor in memory order */
+/* Channels per thread of group_stats_cl: rows of up to this many times
+ * CUDA_THREADS channels (2048) take that path. */
+#define CL_CHANNELS_PER_THREAD 8
+
+/* grid (chunks, B): partial[(b * groups + g) * chunks + chunk] over the
+ * pixels [chunk * ppc, + ppc) of image b (see the top comment). */
 template <typename T>
+__global__ void __launch_bounds__(CUDA_THREADS)
+group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, welford *partial) {
+    __shared__ welford acc[CL_CHANNELS_PER_THREAD * CUDA_THREADS];
+    const int Cs = C < CUDA_THREADS ? C : CUDA_THREADS; /* threads per pixel row */
+    const int rows = CUDA_THREADS / Cs;                 /* pixel rows read at once */
+    const int ch0 = threadIdx.x % Cs, row = threadIdx.x / Cs;
+    const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW;
+    const T *image = x + blockIdx.y * HW * C;
+    welford w[CL_CHANNELS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++) w[k] = welford{0.0f, 0.0f, 0.0f};
+    if (row < rows) {
+        for (int64_t p = p0 + row; p < p1; p += rows) {
+            const T *pixel = image + p * C;
+#pragma unroll
+            for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++)
+                if (ch0 + k * Cs < C) welford_add(w[k], to_f32(pixel[ch0 + k * Cs]));
+        }
+#pragma unroll
+        for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++)
+            if (ch0 + k * Cs < C) acc[row * C + ch0 + k * Cs] = w[k];
+    }
+    __syncthreads();
+    const int per_group = C / groups;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        welford m = {0.0f, 0.0f, 0.0f};
+        for (int r = 0; r < rows; r++)
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) m = welford_merge(m, acc[r * C + c]);
+        partial[((int64_t)blockIdx.y * groups + g) * gridDim.x + blockIdx.x] = m;
+    }
+}
+
+/* channels-last: y[b][p][c] over the tensor in memory order; I is the
+ * index type (32-bit arithmetic where it suffices is cheaper) */
+template <typename T, typename I>
 __global__ void group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma,
-                                      const T *beta, int64_t n, int64_t C, int64_t image,
-                                      int64_t per_group, int groups, activation act) {
-    FOR_EACH(i, n) {
-        int64_t c = i % C;
+                                      const T *beta, I n, I C, I image, I per_group, int groups,
+                                      activation act) {
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+        I c = i % C;
         float2 st = stats[i / image * groups + c / per_group];
         y[i] = from_f32<T>(
             activate_one((to_f32(x[i]) - st.x) * st.y * to_f32(gamma[c]) + to_f32(beta[c]), act));
     }
 }
 
+
 template <typename T>
 static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
                              const void *beta, int groups, float eps, activation act) {
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
     int64_t group_size = C / groups * S, ngroups = B * groups;
+    const bool channels_last = x->ndim == 4, rows = channels_last &&
+                                                     C <= CL_CHANNELS_PER_THREAD * CUDA_THREADS;
     int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
     if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
     int chunks = (int)((group_size + chunk - 1) / chunk);
+    if (rows) { /* chunks of pixels: enough blocks for every SM, twice */
+        int64_t want = (512 + B - 1) / B;
+        if (want > S) want = S;
+        if (want > GROUP_MAX_CHUNKS) want = GROUP_MAX_CHUNKS;
+        chunk = (S + want - 1) / want;
+        chunks = (int)((S + chunk - 1) / chunk);
+    }
     cuda_buf partial, stats;
     if (cuda_buf_alloc(cb, &partial, (size_t)(ngroups * chunks) * sizeof(welford))) return -1;
     if (cuda_buf_alloc(cb, &stats, (size_t)ngroups * sizeof(float2))) {
         cuda_buf_free(cb, &partial);
         return -1;
     }
-    const bool channels_last = x->ndim == 4;
-    group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
-        (const T *)x->data, group_size, chunk, (welford *)partial.ptr, C,
-        channels_last ? C / groups : 0, groups);
+    if (rows)
+        group_stats_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, S, (int)C, chunk, groups, (welford *)partial.ptr);
+    else
+        group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, group_size, chunk, (welford *)partial.ptr, C,
+            channels_last ? C / groups : 0, groups);
     int rc = cuda_launched("group_norm");
     if (!rc) {
         group_finalize_kernel<<<(unsigned)((ngroups + 127) / 128), 128, 0, cb->stream>>>(
@@ -341,9 +397,14 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
     }
     if (!rc && channels_last) {
         int64_t n = B * C * S;
-        group_apply_cl_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-            (const T *)beta, n, C, C * S, C / groups, groups, act);
+        if (n <= INT_MAX)
+            group_apply_cl_kernel<T, int><<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+                (const T *)beta, (int)n, (int)C, (int)(C * S), (int)(C / groups), groups, act);
+        else
+            group_apply_cl_kernel<T, int64_t><<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+                (const T *)beta, n, C, C * S, C / groups, groups, act);
         rc = cuda_launched("group_norm");
     } else if (!rc) {
         int64_t BC = B * C, x_blocks = (S + CUDA_THREADS - 1) / CUDA_THREADS;
