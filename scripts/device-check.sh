@@ -30,6 +30,10 @@
 #           steps), GPU memory sampled meanwhile
 #   profile one UNet step and VAE decode at 128 px with SDX4_CUDA_PROFILE=1:
 #           GPU time per operation and shape, in profile-128.txt
+# and, only when named:
+#   anchor  diffusers' own timings on this GPU (../shared/tools/gen_reference.py
+#           --perf, carried in build-carry/ by prepare), from a diffusers
+#           wheel in .whl/ (see the device tool's README; carry=[..., ".whl"])
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # Results go to $OUT (what the device tool brings back; build-device-out/
 # when run by hand):
@@ -118,6 +122,7 @@ prepare() {
   write_pc "$prefix" openblas "$(pkg-config --modversion openblas)" openblas
   tar -C "$tmp" -cJf "$carry/deps.tar.xz" sdx4-deps
   rm -rf "$tmp"
+  cp "$shared/tools/gen_reference.py" "$carry/"
   ls -l "$carry"
   echo "travels: $(( ( $(du -cb "$carry"/* | tail -1 | cut -f1) + \
 $(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1) ) >> 20 )) MiB of 64"
@@ -266,6 +271,8 @@ if wants bench; then
       --size 128 --steps 75 --repeats 3 | tee -a $out/bench.jsonl"
     step bench-256 100 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
       --size 256 --steps 20 --repeats 1 | tee -a $out/bench.jsonl"
+    step bench-128-vae-fp32 60 bash -o pipefail -c "SDX4_CUDA_VAE=fp32 $sdx4 bench --model $model \
+      --variant fp16 --device cuda --size 128 --steps 2 --repeats 3 | tee -a $out/bench.jsonl"
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
     echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |
@@ -276,6 +283,17 @@ fi
 if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
   step profile-128 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
     --device cuda --size 128 --steps 1 --repeats 1 2> $out/profile-128.txt"
+fi
+
+if wants anchor; then
+  if ls .whl/diffusers-*.whl >/dev/null 2>&1 && [ -f "$carry/gen_reference.py" ]; then
+    step anchor 300 bash -c "python3 -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \
+      python3 $carry/gen_reference.py /tmp/anchor $reference/tiny/model/tokenizer --perf --no-ref \
+      && cp /tmp/anchor/anchor_gpu.json $out/"
+  else
+    skip anchor "needs .whl/diffusers-*.whl and build-carry/gen_reference.py"
+  fi
 fi
 
 nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv >> "$out/gpu.txt" 2>&1

@@ -1,12 +1,14 @@
 /*
  * test_backend_cuda.c - every operation of the CUDA backend against the CPU
- * backend on the same random inputs, in the three ways the CUDA backend
+ * backend on the same random inputs, in the four ways the CUDA backend
  * computes:
  *   fp32        SDX4_CUDA_DTYPE=fp32: float everywhere, no TF32
  *   fp16        half weights and activations, float accumulation
  *   fp16+f32    the fp16 backend with float activations
- *               (set_activation_type, as for the VAE): half weights
- *               meet float tensors, GEMMs may use TF32
+ *               (set_activation_type): half weights meet float
+ *               tensors, GEMMs may use TF32
+ *   fp16+bf16   the fp16 backend with bfloat16 activations, as for the
+ *               VAE decode (inputs rounded to bfloat16 first)
  * Inputs are rounded to half precision first, so every mode computes on
  * the same numbers and the differences measure the arithmetic alone; the
  * operations that only move values must then match exactly. Also: weights
@@ -43,6 +45,7 @@ int main(void) {
 #define TOL_FP32 1e-4
 #define TOL_FP16 1e-2
 #define TOL_TF32 5e-3
+#define TOL_BF16 3e-2 /* 8 significant bits (4e-3) per rounding */
 
 /* ------------------------------------------------------------ helpers */
 
@@ -91,8 +94,21 @@ static tensor *must(tensor *t, const char *what) {
     return t;
 }
 
+/* Rounds the values to bfloat16 when the suite's results are bfloat16, so
+ * that the operations that only move values stay exact there too. */
+static float *suite_values(const suite *s, int64_t n, float lo, float hi) {
+    float *p = rand_half(n, lo, hi);
+    for (int64_t i = 0; s->act == DTYPE_BF16 && i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &p[i], 4);
+        bits = (bits + 0x7fff + (bits >> 16 & 1)) & 0xffff0000u; /* to nearest even */
+        memcpy(&p[i], &bits, 4);
+    }
+    return p;
+}
+
 static pair act(const suite *s, int ndim, const int64_t *shape, float lo, float hi) {
-    pair p = {NULL, NULL, rand_half(numel(ndim, shape), lo, hi)};
+    pair p = {NULL, NULL, suite_values(s, numel(ndim, shape), lo, hi)};
     p.c = must(s->cpu->new_tensor(s->cpu, ndim, shape), "cpu new_tensor");
     p.g = must(s->gpu->new_tensor(s->gpu, ndim, shape), "cuda new_tensor");
     if (s->cpu->upload(s->cpu, p.c, p.host) || s->gpu->upload(s->gpu, p.g, p.host)) {
@@ -103,7 +119,7 @@ static pair act(const suite *s, int ndim, const int64_t *shape, float lo, float 
 }
 
 static pair wgt(const suite *s, int ndim, const int64_t *shape, float lo, float hi) {
-    pair p = {NULL, NULL, rand_half(numel(ndim, shape), lo, hi)};
+    pair p = {NULL, NULL, suite_values(s, numel(ndim, shape), lo, hi)};
     p.c = must(s->cpu->weight(s->cpu, p.host, DTYPE_F32, ndim, shape), "cpu weight");
     p.g = must(s->gpu->weight(s->gpu, p.host, DTYPE_F32, ndim, shape), "cuda weight");
     return p;
@@ -567,6 +583,10 @@ int main(void) {
     printf("device: %s\n", gpu->description);
     CHECK(strstr(gpu->description, "fp32") != NULL, "description: %s", gpu->description);
 
+    CHECK(gpu->set_activation_type(gpu, DTYPE_BF16) == DTYPE_F32 &&
+              gpu->set_activation_type(gpu, DTYPE_F16) == DTYPE_F32 &&
+              gpu->set_activation_type(gpu, DTYPE_F32) == DTYPE_F32,
+          "fp32 mode stays in float whatever is asked");
     suite s = {cpu, gpu, "fp32", TOL_FP32, DTYPE_F32};
     test_all(&s);
     test_weight_types(&s);
@@ -591,7 +611,12 @@ int main(void) {
         s = (suite){cpu, gpu, "fp16+f32", TOL_TF32, DTYPE_F32};
         test_all(&s);
         test_weight_types(&s);
-        CHECK(gpu->set_activation_type(gpu, DTYPE_F16) == DTYPE_F32, "precision restored");
+        /* the VAE's bfloat16: fp16 weights meet bfloat16 tensors */
+        CHECK(gpu->set_activation_type(gpu, DTYPE_BF16) == DTYPE_F32, "bf16 granted");
+        s = (suite){cpu, gpu, "fp16+bf16", TOL_BF16, DTYPE_BF16};
+        test_all(&s);
+        test_record(&s);
+        CHECK(gpu->set_activation_type(gpu, DTYPE_F16) == DTYPE_BF16, "precision restored");
         gpu->destroy(gpu);
     }
 

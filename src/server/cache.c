@@ -215,7 +215,7 @@ void cache_put(cache *c, const uint8_t key[32], const cached_result *r) {
     insert(c, e);
 }
 
-void cache_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]) { return;
+void cache_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]) {
     if (sizeof(entry) > c->max_bytes / 2) return; /* the rule cache_put follows */
     entry *e = calloc(1, sizeof *e);
     if (!e) return;

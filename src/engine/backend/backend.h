@@ -116,9 +116,12 @@ struct backend {
     /* Optional (NULL: activations are always F32). A backend that keeps
      * activations in half precision (CUDA in fp16 mode) makes the tensors
      * that this thread creates from now on, and everything derived from
-     * them, of type `t` (DTYPE_F32 or DTYPE_F16), and returns the previous
-     * setting. The pipeline asks for F32 around the VAE decode, which
-     * overflows in fp16 (diffusers upcasts it too). Per thread, so
+     * them, of type `t` (DTYPE_F32, DTYPE_F16 or DTYPE_BF16), and returns
+     * the previous setting. The pipeline asks for BF16 around the VAE
+     * decode, which overflows in fp16 (diffusers upcasts it to float):
+     * bfloat16 has float's range. A backend in full precision (CUDA's fp32
+     * mode) stays in F32 whatever is asked, and one may answer a request
+     * for BF16 with F32 (CUDA with SDX4_CUDA_VAE=fp32). Per thread, so
      * concurrent upscales on one engine do not disturb each other. Any
      * other `t` changes nothing and just returns the current type. */
     dtype (*set_activation_type)(backend *be, dtype t);

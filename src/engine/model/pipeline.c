@@ -145,8 +145,9 @@ tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
     }
-    /* vae.decode(latents / scaling_factor), in float32 (force_upcast) */
-    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_F32) : DTYPE_F32;
+    /* vae.decode(latents / scaling_factor) with float's range (force_upcast): bfloat16
+     * where the backend keeps half activations, else float32 */
+    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
     for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
     TRY(x = be->new_tensor(be, 4, (int64_t[]){1, C, h, w}));
     if (be->upload(be, x, z) == 0) out = vae_decode(be, &m->vae, x);

@@ -404,13 +404,15 @@ static int attend_mma(cuda_backend *cb, const __half *q, const __half *k, const 
     }
 }
 
-/* float to half, saturating at the largest finite half instead of inf */
-__global__ void to_half_saturated(const float *x, __half *y, int64_t n) {
-    FOR_EACH(i, n) y[i] = __float2half_rn(fminf(fmaxf(x[i], -65504.0f), 65504.0f));
+/* to half, saturating at the largest finite half instead of inf */
+template <typename T>
+__global__ void to_half_saturated(const T *x, __half *y, int64_t n) {
+    FOR_EACH(i, n) y[i] = __float2half_rn(fminf(fmaxf(to_f32(x[i]), -65504.0f), 65504.0f));
 }
 
-/* The tensor-core path for tensors of any type: float operands are
- * rounded to half (saturating) and the result converted back. */
+/* The tensor-core path for tensors of any type: float and bfloat16
+ * operands are rounded to half (saturating) and the result converted
+ * back. */
 static int attention_on_tensor_cores(cuda_backend *cb, const tensor *q, const void *kd,
                                      const void *vd, tensor *out, int B, int Tq, int Tk,
                                      int heads, int D, int causal) {
@@ -422,22 +424,31 @@ static int attention_on_tensor_cores(cuda_backend *cb, const tensor *q, const vo
     int rc = cuda_buf_alloc(cb, &q16, nq * 2) || cuda_buf_alloc(cb, &k16, nk * 2) ||
              cuda_buf_alloc(cb, &v16, nk * 2) || cuda_buf_alloc(cb, &o16, nq * 2);
     if (!rc) {
-        to_half_saturated<<<cuda_blocks(nq), CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)q->data, (__half *)q16.ptr, nq);
-        to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)kd, (__half *)k16.ptr, nk);
-        to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)vd, (__half *)v16.ptr, nk);
+        CUDA_DISPATCH(q->type, T,
+                      to_half_saturated<<<cuda_blocks(nq), CUDA_THREADS, 0, cb->stream>>>(
+                          (const T *)q->data, (__half *)q16.ptr, nq);
+                      to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
+                          (const T *)kd, (__half *)k16.ptr, nk);
+                      to_half_saturated<<<cuda_blocks(nk), CUDA_THREADS, 0, cb->stream>>>(
+                          (const T *)vd, (__half *)v16.ptr, nk));
         rc = cuda_launched("attention: to half") ||
              attend_mma(cb, (const __half *)q16.ptr, (const __half *)k16.ptr,
                         (const __half *)v16.ptr, (__half *)o16.ptr, B, Tq, Tk, heads, D, causal) ||
-             cuda_convert(cb, o16.ptr, DTYPE_F16, out->data, DTYPE_F32, nq);
+             cuda_convert(cb, o16.ptr, DTYPE_F16, out->data, q->type, nq);
     }
     cuda_buf_free(cb, &q16);
     cuda_buf_free(cb, &k16);
     cuda_buf_free(cb, &v16);
     cuda_buf_free(cb, &o16);
     return rc ? -1 : 0;
+}
+
+/* attend() in the tensors' type */
+static int attend_as(cuda_backend *cb, dtype type, const void *q, const void *k, const void *v,
+                     void *o, int B, int Tq, int Tk, int heads, int D, int causal) {
+    int rc = -1;
+    CUDA_DISPATCH(type, T, rc = attend<T>(cb, q, k, v, o, B, Tq, Tk, heads, D, causal));
+    return rc;
 }
 
 #define MAX_HEAD_DIM 512
@@ -472,14 +483,11 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
         !(vd = cuda_data_as(cb, v, q->type, &v_tmp)) ||
         !(out = cuda_tensor_new(cb, 3, q->shape, q->type)) ||
         /* tensor cores unless fp32 mode asks for float arithmetic */
-        (mma_head_size(D) && (q->type == DTYPE_F16 || cb->allow_tf32)
+        (mma_head_size(D) && (q->type != DTYPE_F32 || cb->allow_tf32)
              ? attention_on_tensor_cores(cb, q, kd, vd, out, (int)B, (int)Tq, (int)Tk, heads,
                                          (int)D, causal)
-         : q->type == DTYPE_F16
-             ? attend<__half>(cb, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk, heads,
-                              (int)D, causal)
-             : attend<float>(cb, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk, heads,
-                             (int)D, causal))) {
+             : attend_as(cb, q->type, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk,
+                         heads, (int)D, causal))) {
         cuda_tensor_release(cb, out);
         out = NULL;
     }

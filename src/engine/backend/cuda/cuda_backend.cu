@@ -6,11 +6,14 @@
  * Precision. SDX4_CUDA_DTYPE, read when the backend is created, picks one
  * of two modes:
  *   fp16 (default)  weights are stored as half; activations are half unless
- *                   a thread asks for float (set_activation_type(),
- *                   for the VAE decoder, which overflows in half). Every
- *                   product and reduction accumulates in float; float
- *                   activations may use TF32 tensor cores, as PyTorch's
- *                   convolutions do by default.
+ *                   a thread asks for float or bfloat16
+ *                   (set_activation_type(): the pipeline asks for
+ *                   bfloat16, float's range at half the memory and twice
+ *                   the tensor-core speed, for the VAE decoder, which
+ *                   overflows in half; SDX4_CUDA_VAE=fp32 gives it float
+ *                   instead). Every product and reduction accumulates in
+ *                   float; float activations may use TF32 tensor cores,
+ *                   as PyTorch's convolutions do by default.
  *   fp32            weights and activations are float, and no TF32: the
  *                   results match the CPU backend's within float rounding,
  *                   which is how the golden tests check this backend.
@@ -66,11 +69,12 @@ int cublas_ok(cublasStatus_t s, const char *what) {
 cuda_lock::cuda_lock(const backend *be, const char *op) : cb((cuda_backend *)be), ok(false) {
     pthread_mutex_lock(&cb->lock);
     ok = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") == 0;
-    if (ok && op && cb->profile && !cb->recording) cuda_profile_begin(cb->profile, cb->stream, op);
+    if (ok && op && cb->profile && !cb->recording)
+        cuda_profile_begin(cb->profile, cb->stream, op, cb->in_use);
 }
 
 cuda_lock::~cuda_lock() {
-    if (cb->profile) cuda_profile_end(cb->profile, cb->stream);
+    if (cb->profile) cuda_profile_end(cb->profile, cb->stream, cb->peak);
     pthread_mutex_unlock(&cb->lock);
 }
 
@@ -240,7 +244,11 @@ static dtype cuda_set_activation_type(backend *be, dtype activations) {
     if (!be || !be->name || strcmp(be->name, "cuda")) return DTYPE_F32;
     const cuda_backend *cb = (const cuda_backend *)be;
     dtype previous = cuda_activation_type(cb);
-    if (activations == DTYPE_F32 || activations == DTYPE_F16) {
+    /* fp32 mode never lowers precision; SDX4_CUDA_VAE=fp32 keeps float
+     * where float's range is asked for */
+    if (activations == DTYPE_BF16 && !cb->allow_bf16) activations = DTYPE_F32;
+    if (activations != DTYPE_F32 && cb->mode == DTYPE_F32) activations = DTYPE_F32;
+    if (activations == DTYPE_F32 || activations == DTYPE_F16 || activations == DTYPE_BF16) {
         precision_owner = cb;
         precision_type = activations;
     }
@@ -415,9 +423,9 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
                   what, t->be && t->be->name ? t->be->name : "unknown");
         return -1;
     }
-    if (t->type != DTYPE_F32 && t->type != DTYPE_F16) {
+    if (t->type != DTYPE_F32 && t->type != DTYPE_F16 && t->type != DTYPE_BF16) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "%s: %s is %s, the cuda backend computes in F32 or F16", op, what,
+                  "%s: %s is %s, the cuda backend computes in F32, F16 or BF16", op, what,
                   dtype_name(t->type));
         return -1;
     }
@@ -518,8 +526,17 @@ static void cuda_destroy(backend *be) {
 }
 
 /* The settings read from the environment (see the top comment). */
-static int read_environment(dtype *weights, int *use_cudnn) {
-    const char *mode = getenv("SDX4_CUDA_DTYPE"), *conv = getenv("SDX4_CUDA_CONV");
+static int read_environment(dtype *weights, int *use_cudnn, int *allow_bf16) {
+    const char *mode = getenv("SDX4_CUDA_DTYPE"), *conv = getenv("SDX4_CUDA_CONV"),
+               *vae = getenv("SDX4_CUDA_VAE");
+    if (!vae || !*vae || !strcmp(vae, "bf16")) {
+        *allow_bf16 = 1;
+    } else if (!strcmp(vae, "fp32")) {
+        *allow_bf16 = 0;
+    } else {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_VAE=%s: expected bf16 or fp32", vae);
+        return -1;
+    }
     if (!mode || !*mode || !strcmp(mode, "fp16")) {
         *weights = DTYPE_F16;
     } else if (!strcmp(mode, "fp32")) {
@@ -556,8 +573,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
         return NULL;
     }
     dtype weights;
-    int use_cudnn;
-    if (read_environment(&weights, &use_cudnn)) return NULL;
+    int use_cudnn, allow_bf16;
+    if (read_environment(&weights, &use_cudnn, &allow_bf16)) return NULL;
     cudaDeviceProp prop;
     if (cuda_ok(cudaSetDevice(device_index), "cuda: cudaSetDevice") ||
         cuda_ok(cudaGetDeviceProperties(&prop, device_index), "cuda: cudaGetDeviceProperties"))
@@ -582,6 +599,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
     cb->device = device_index;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
+    cb->allow_bf16 = allow_bf16;
     cb->profile = cuda_profile_create();
     {
         const char *graphs = getenv("SDX4_CUDA_GRAPH");

@@ -10,7 +10,7 @@
  * kernel, stride, padding, type) times cuDNN's algorithms on the real
  * tensors (cudnnFindConvolutionForwardAlgorithmEx, with at most
  * CONV_WORKSPACE_LIMIT of workspace) and keeps the fastest whose math is
- * allowed: tensor cores for half; for float, TF32 only in fp16 mode (see
+ * allowed: tensor cores for half and bfloat16; for float, TF32 only in fp16 mode (see
  * cuda_backend.cu), plain FMA in fp32 mode, never a conversion to half.
  * The plan (descriptors, algorithm, workspace size) is cached for the
  * backend's lifetime: a model has a few dozen shapes.
@@ -117,7 +117,7 @@ void cuda_conv_plans_free(cuda_backend *cb) {
 /* The math an algorithm may use: see the top comment. */
 static int math_allowed(dtype type, int allow_tf32, cudnnMathType_t math) {
     if (math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) return 0;
-    if (type == DTYPE_F16 || allow_tf32) return 1;
+    if (type != DTYPE_F32 || allow_tf32) return 1;
     return math == CUDNN_FMA_MATH;
 }
 
@@ -131,8 +131,10 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
         return NULL;
     }
     memcpy(p->key, key, sizeof p->key);
-    cudnnDataType_t dt = type == DTYPE_F16 ? CUDNN_DATA_HALF : CUDNN_DATA_FLOAT;
-    cudnnMathType_t math = type == DTYPE_F16 ? CUDNN_TENSOR_OP_MATH
+    cudnnDataType_t dt = type == DTYPE_F16    ? CUDNN_DATA_HALF
+                         : type == DTYPE_BF16 ? CUDNN_DATA_BFLOAT16
+                                              : CUDNN_DATA_FLOAT;
+    cudnnMathType_t math = type != DTYPE_F32 ? CUDNN_TENSOR_OP_MATH
                            : cb->allow_tf32  ? CUDNN_DEFAULT_MATH
                                              : CUDNN_FMA_MATH;
     cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];

@@ -114,7 +114,7 @@ static gemm_plan *find_plan(cuda_backend *cb, const int64_t *key, cudaDataType_t
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
               int n, int k, const void *A, int lda, const void *B, int ldb, const void *bias,
               void *C, int ldc) {
-    cudaDataType_t t = type == DTYPE_F16 ? CUDA_R_16F : CUDA_R_32F;
+    cudaDataType_t t = type == DTYPE_F16 ? CUDA_R_16F : type == DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     cublasComputeType_t compute = type == DTYPE_F32 && cb->allow_tf32
                                       ? CUBLAS_COMPUTE_32F_FAST_TF32
                                       : CUBLAS_COMPUTE_32F;

@@ -26,7 +26,8 @@
  * dimension (linear, layer_norm, geglu) refuse 4-D tensors, whose last
  * stored dimension is not W. Tensors of other ranks are row-major.
  *
- * Types: a tensor is DTYPE_F32 or DTYPE_F16. An operation computes in the
+ * Types: a tensor is DTYPE_F32, DTYPE_F16 or DTYPE_BF16 (activations of
+ * the VAE decode, which needs float's range). An operation computes in the
  * type of its main input and converts the other operands to it when they
  * differ (cuda_data_as), so F32 activations may meet F16 weights.
  */
@@ -100,6 +101,7 @@ typedef struct {
     dtype mode;              /* F16 or F32: the weights' type, and the
                                 activations' unless a thread set another */
     int allow_tf32;          /* F32 GEMMs and convolutions may use TF32 */
+    int allow_bf16;          /* BF16 activations when asked for (else F32) */
     int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
     backend_graph *recording; /* the graph being captured, or NULL */
     pthread_mutex_t lock;    /* recursive: record_begin holds it until record_end */
@@ -171,17 +173,17 @@ void cuda_gemm_plans_free(cuda_backend *cb);
 /* --- cuda_profile.cu: GPU time per operation (see there) ------------- */
 /* NULL unless SDX4_CUDA_PROFILE is set (and on out of memory). */
 cuda_profile *cuda_profile_create(void);
-void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op);
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use);
 /* Appends to the running operation's key, printf-style; no-op when off. */
 void cuda_profile_label(cuda_profile *p, const char *fmt, ...);
-void cuda_profile_end(cuda_profile *p, cudaStream_t stream);
+void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak);
 /* Reads the finished operations' events (waits for them). */
 void cuda_profile_collect(cuda_profile *p);
 /* Prints the table to stderr and frees; NULL is fine. */
 void cuda_profile_destroy(cuda_profile *p);
 
 /* --- cuda_layout.cu: conversions and copies used by every file -------- */
-/* dst[i] = src[i] for n elements, src F32, F16 or BF16, dst F32 or F16. */
+/* dst[i] = src[i] for n elements, of F32, F16 or BF16. */
 int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                  int64_t n);
 /* y[o, c, i] = bias[c] for y [outer, channels, inner]: a GEMM or
@@ -192,7 +194,7 @@ int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int6
 int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
                      int n, int64_t cols, void *out, dtype out_type);
 /* dst[b][c][r] = src[b][r][c] for `batches` rows x cols matrices, src
- * F32, F16 or BF16, dst F32 or F16: NCHW <-> channels-last is rows C, cols
+ * and dst F32, F16 or BF16: NCHW <-> channels-last is rows C, cols
  * H*W and back. */
 int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                    int64_t batches, int64_t rows, int64_t cols);
@@ -234,6 +236,23 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
     return __float2half_rn(x); /* round to nearest even, as torch's .half() */
 }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+/* Runs the statements after `T` with T the element type of the tensor
+ * type `type` (F16: __half, BF16: __nv_bfloat16, else float): one
+ * template instance per type, as in
+ *     CUDA_DISPATCH(x->type, T, kernel<<<blocks, threads, 0, s>>>((T *)x->data, n));
+ * (variadic, so that the launch's commas need no parentheses). */
+#define CUDA_DISPATCH(type, T, ...)                                                  \
+    do {                                                                           \
+        switch (type) {                                                            \
+        case DTYPE_F16: { typedef __half T; __VA_ARGS__; } break;                  \
+        case DTYPE_BF16: { typedef __nv_bfloat16 T; __VA_ARGS__; } break;          \
+        default: { typedef float T; __VA_ARGS__; } break;                          \
+        }                                                                          \
+    } while (0)
 
 /* Threads per block of the elementwise kernels, and the most blocks they
  * launch (their loops stride over the rest). */

@@ -29,35 +29,23 @@ __global__ void convert_kernel(const S *src, D *dst, int64_t n) {
     FOR_EACH(i, n) dst[i] = from_f32<D>(to_f32(src[i]));
 }
 
-template <typename S>
-static void launch_convert(cuda_backend *cb, const void *src, void *dst, dtype dst_type,
-                           int64_t n) {
-    if (dst_type == DTYPE_F16)
-        convert_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((const S *)src,
-                                                                        (__half *)dst, n);
-    else
-        convert_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((const S *)src,
-                                                                        (float *)dst, n);
-}
+static bool storable(dtype t) { return t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16; }
 
 int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                  int64_t n) {
-    if (dst_type != DTYPE_F32 && dst_type != DTYPE_F16) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: cannot store %s", dtype_name(dst_type));
+    if (!storable(dst_type) || !storable(src_type)) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: %s to %s", dtype_name(src_type),
+                  dtype_name(dst_type));
         return -1;
     }
     if (src_type == dst_type)
         return cuda_ok(cudaMemcpyAsync(dst, src, (size_t)n * dtype_size(src_type),
                                        cudaMemcpyDeviceToDevice, cb->stream),
                        "convert: copy");
-    switch (src_type) {
-    case DTYPE_F32: launch_convert<float>(cb, src, dst, dst_type, n); break;
-    case DTYPE_F16: launch_convert<__half>(cb, src, dst, dst_type, n); break;
-    case DTYPE_BF16: launch_convert<__nv_bfloat16>(cb, src, dst, dst_type, n); break;
-    default:
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: cannot read %s", dtype_name(src_type));
-        return -1;
-    }
+    CUDA_DISPATCH(src_type, S,
+                  CUDA_DISPATCH(dst_type, D,
+                                convert_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                                    (const S *)src, (D *)dst, n)));
     return cuda_launched("convert");
 }
 
@@ -71,12 +59,9 @@ __global__ void fill_bias_kernel(T *y, const T *bias, int64_t n, int64_t channel
 int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int64_t outer,
                    int64_t channels, int64_t inner) {
     int64_t n = outer * channels * inner;
-    if (type == DTYPE_F16)
-        fill_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (__half *)y, (const __half *)bias, n, channels, inner);
-    else
-        fill_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (float *)y, (const float *)bias, n, channels, inner);
+    CUDA_DISPATCH(type, T,
+                  fill_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (T *)y, (const T *)bias, n, channels, inner));
     return cuda_launched("bias");
 }
 
@@ -88,24 +73,13 @@ __global__ void gather_kernel(const S *table, const int32_t *ids, int64_t n, int
     FOR_EACH(i, n * cols) out[i] = from_f32<D>(to_f32(table[ids[i / cols] * cols + i % cols]));
 }
 
-template <typename S>
-static void launch_gather(cuda_backend *cb, const void *table, const int32_t *ids, int n,
-                          int64_t cols, void *out, dtype out_type) {
-    unsigned blocks = cuda_blocks((int64_t)n * cols);
-    if (out_type == DTYPE_F16)
-        gather_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>((const S *)table, ids, n, cols,
-                                                               (__half *)out);
-    else
-        gather_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>((const S *)table, ids, n, cols,
-                                                               (float *)out);
-}
-
 int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
                      int n, int64_t cols, void *out, dtype out_type) {
-    if (table_type == DTYPE_F16)
-        launch_gather<__half>(cb, table, ids, n, cols, out, out_type);
-    else
-        launch_gather<float>(cb, table, ids, n, cols, out, out_type);
+    unsigned blocks = cuda_blocks((int64_t)n * cols);
+    CUDA_DISPATCH(table_type, S,
+                  CUDA_DISPATCH(out_type, D,
+                                gather_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
+                                    (const S *)table, ids, n, cols, (D *)out)));
     return cuda_launched("embedding");
 }
 
@@ -130,12 +104,9 @@ __global__ void im2col_kernel(const T *x, int64_t C, int64_t H, int64_t W, int k
 int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t H, int64_t W,
                 int k, int stride, int pad, int64_t Wo, int64_t p0, int64_t P, void *col) {
     unsigned blocks = cuda_blocks(C * k * k * P);
-    if (type == DTYPE_F16)
-        im2col_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const __half *)x, C, H, W, k, stride, pad, Wo, p0, P, (__half *)col);
-    else
-        im2col_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)x, C, H, W, k, stride, pad, Wo, p0, P, (float *)col);
+    CUDA_DISPATCH(type, T,
+                  im2col_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
+                      (const T *)x, C, H, W, k, stride, pad, Wo, p0, P, (T *)col));
     return cuda_launched("conv2d: im2col");
 }
 
@@ -202,12 +173,9 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
     if (!y) return NULL;
     unsigned blocks = cuda_blocks(B * C * h * w);
-    if (x->type == DTYPE_F16)
-        upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const __half *)x->data, (__half *)y->data, B, C, H, W, h, w);
-    else
-        upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)x->data, (float *)y->data, B, C, H, W, h, w);
+    CUDA_DISPATCH(x->type, T,
+                  upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
+                      (const T *)x->data, (T *)y->data, B, C, H, W, h, w));
     if (cuda_launched("upsample_nearest")) {
         cuda_tensor_release(cb, y);
         return NULL;
@@ -240,43 +208,26 @@ __global__ void transpose_kernel(const S *src, D *dst, int64_t rows, int64_t col
     }
 }
 
-template <typename S>
-static void launch_transpose(cuda_backend *cb, const void *src, void *dst, dtype dst_type,
-                             int64_t batches, int64_t rows, int64_t cols) {
-    int64_t col_tiles = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * col_tiles;
-    dim3 grid((unsigned)tiles, (unsigned)batches), block(TILE, TILE_ROWS);
-    if (dst_type == DTYPE_F16)
-        transpose_kernel<<<grid, block, 0, cb->stream>>>((const S *)src, (__half *)dst, rows,
-                                                         cols, col_tiles);
-    else
-        transpose_kernel<<<grid, block, 0, cb->stream>>>((const S *)src, (float *)dst, rows,
-                                                         cols, col_tiles);
-}
-
 int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                    int64_t batches, int64_t rows, int64_t cols) {
-    int64_t tiles = (rows + TILE - 1) / TILE * ((cols + TILE - 1) / TILE);
+    int64_t col_tiles = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * col_tiles;
     if (tiles > INT_MAX || batches > 65535) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "transpose: %" PRId64 " x %" PRId64 "x%" PRId64 " is too large", batches, rows,
                   cols);
         return -1;
     }
-    if (dst_type != DTYPE_F32 && dst_type != DTYPE_F16) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: cannot store %s", dtype_name(dst_type));
+    if (!storable(src_type) || !storable(dst_type)) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: %s to %s", dtype_name(src_type),
+                  dtype_name(dst_type));
         return -1;
     }
     if (rows * cols == 0) return 0;
-    switch (src_type) {
-    case DTYPE_F32: launch_transpose<float>(cb, src, dst, dst_type, batches, rows, cols); break;
-    case DTYPE_F16: launch_transpose<__half>(cb, src, dst, dst_type, batches, rows, cols); break;
-    case DTYPE_BF16:
-        launch_transpose<__nv_bfloat16>(cb, src, dst, dst_type, batches, rows, cols);
-        break;
-    default:
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: cannot read %s", dtype_name(src_type));
-        return -1;
-    }
+    dim3 grid((unsigned)tiles, (unsigned)batches), block(TILE, TILE_ROWS);
+    CUDA_DISPATCH(src_type, S,
+                  CUDA_DISPATCH(dst_type, D,
+                                transpose_kernel<<<grid, block, 0, cb->stream>>>(
+                                    (const S *)src, (D *)dst, rows, cols, col_tiles)));
     return cuda_launched("transpose");
 }
 

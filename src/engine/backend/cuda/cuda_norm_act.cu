@@ -9,7 +9,7 @@
  *
  *   group_stats     grid (chunks, B*groups): partial (n, mean, M2) of one
  *                   chunk of one group
- *   group_finalize  one thread per group merges its chunks in double:
+ *   group_finalize  one warp per group merges its chunks in double:
  *                   mean and 1/sqrt(var + eps)
  *   group_apply     (x - mean) * (rstd * gamma[c]) + beta[c], then the
  *                   activation, over a 2-D grid of (position, channel)
@@ -64,12 +64,9 @@ tensor *cuda_activate(backend *be, const tensor *x, activation act) {
     tensor *y = cuda_tensor_new(cb, x->ndim, x->shape, x->type);
     if (!y) return NULL;
     int64_t n = tensor_numel(x);
-    if (x->type == DTYPE_F16)
-        activate_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (const __half *)x->data, (__half *)y->data, n, act);
-    else
-        activate_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)x->data, (float *)y->data, n, act);
+    CUDA_DISPATCH(x->type, T,
+                  activate_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (const T *)x->data, (T *)y->data, n, act));
     if (cuda_launched("activate")) {
         cuda_tensor_release(cb, y);
         return NULL;
@@ -100,12 +97,9 @@ tensor *cuda_geglu(backend *be, const tensor *x) {
     tensor *y = cuda_tensor_new(cb, x->ndim, shape, x->type);
     if (!y) return NULL;
     int64_t n = tensor_numel(y);
-    if (x->type == DTYPE_F16)
-        geglu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (const __half *)x->data, (__half *)y->data, n, N);
-    else
-        geglu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (const float *)x->data, (float *)y->data, n, N);
+    CUDA_DISPATCH(x->type, T,
+                  geglu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (const T *)x->data, (T *)y->data, n, N));
     if (cuda_launched("geglu")) {
         cuda_tensor_release(cb, y);
         return NULL;
@@ -136,12 +130,9 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
     if (!bd) return -1;
     int64_t n = tensor_numel(a);
-    if (a->type == DTYPE_F16)
-        add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (__half *)a->data, (const __half *)bd, n, scale_b);
-    else
-        add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (float *)a->data, (const float *)bd, n, scale_b);
+    CUDA_DISPATCH(a->type, T,
+                  add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (T *)a->data, (const T *)bd, n, scale_b));
     int rc = cuda_launched("add");
     cuda_buf_free(cb, &b_tmp);
     return rc;
@@ -167,12 +158,9 @@ int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
     const void *vd = cuda_data_as(cb, v, x->type, &v_tmp);
     if (!vd) return -1;
     int64_t n = tensor_numel(x);
-    if (x->type == DTYPE_F16)
-        channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (__half *)x->data, (const __half *)vd, n, C, image);
-    else
-        channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-            (float *)x->data, (const float *)vd, n, C, image);
+    CUDA_DISPATCH(x->type, T,
+                  channel_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (T *)x->data, (const T *)vd, n, C, image));
     int rc = cuda_launched("add_channel_bias");
     cuda_buf_free(cb, &v_tmp);
     return rc;
@@ -189,10 +177,8 @@ int cuda_scale_inplace(backend *be, tensor *x, float s) {
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "scale", "x", x, 0)) return -1;
     int64_t n = tensor_numel(x);
-    if (x->type == DTYPE_F16)
-        scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((__half *)x->data, n, s);
-    else
-        scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((float *)x->data, n, s);
+    CUDA_DISPATCH(x->type, T,
+                  scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>((T *)x->data, n, s));
     return cuda_launched("scale");
 }
 
@@ -275,20 +261,28 @@ __global__ void group_stats_kernel(const T *x, int64_t group_size, int64_t chunk
     if (threadIdx.x == 0) partial[(int64_t)blockIdx.y * gridDim.x + blockIdx.x] = w;
 }
 
-__global__ void group_finalize_kernel(const welford *partial, int chunks, int ngroups, float eps,
+/* Chan's merge in double (the finalize step adds up to GROUP_MAX_CHUNKS
+ * partial results, whose rounding errors float would accumulate). */
+__device__ __forceinline__ void merge_double(double &n, double &mean, double &m2, double pn,
+                                             double pmean, double pm2) {
+    if (pn == 0.0) return;
+    double total = n + pn, delta = pmean - mean;
+    mean += delta * pn / total;
+    m2 += pm2 + delta * delta * n * pn / total;
+    n = total;
+}
+
+/* One warp per group: the lanes merge strided chunks (independent loads,
+ * all in flight at once), then each other's results by shuffles. */
+__global__ void group_finalize_kernel(const welford *partial, int chunks, float eps,
                                       float2 *stats) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= ngroups) return;
+    const welford *p = partial + (int64_t)blockIdx.x * chunks;
     double n = 0, mean = 0, m2 = 0;
-    for (int i = 0; i < chunks; i++) {
-        welford p = partial[(int64_t)g * chunks + i];
-        if (p.n == 0.0f) continue;
-        double total = n + p.n, delta = p.mean - mean;
-        mean += delta * p.n / total;
-        m2 += p.m2 + delta * delta * n * p.n / total;
-        n = total;
-    }
-    stats[g] = make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
+    for (int i = threadIdx.x; i < chunks; i += 32) merge_double(n, mean, m2, p[i].n, p[i].mean, p[i].m2);
+    for (int mask = 16; mask > 0; mask >>= 1)
+        merge_double(n, mean, m2, __shfl_xor_sync(0xffffffffu, n, mask),
+                     __shfl_xor_sync(0xffffffffu, mean, mask), __shfl_xor_sync(0xffffffffu, m2, mask));
+    if (threadIdx.x == 0) stats[blockIdx.x] = make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
 }
 
 template <typename T>
@@ -369,10 +363,10 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
     int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
     if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
     int chunks = (int)((group_size + chunk - 1) / chunk);
-    if (rows) { /* chunks of pixels: enough blocks for every SM, twice */
-        int64_t want = (512 + B - 1) / B;
-        if (want > S) want = S;
-        if (want > GROUP_MAX_CHUNKS) want = GROUP_MAX_CHUNKS;
+    if (rows) { /* chunks of at least 32 pixels: up to two blocks per SM */
+        int64_t want = (256 + B - 1) / B;
+        if (want > S / 32) want = S / 32;
+        if (want < 1) want = 1;
         chunk = (S + want - 1) / want;
         chunks = (int)((S + chunk - 1) / chunk);
     }
@@ -391,8 +385,8 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
             channels_last ? C / groups : 0, groups);
     int rc = cuda_launched("group_norm");
     if (!rc) {
-        group_finalize_kernel<<<(unsigned)((ngroups + 127) / 128), 128, 0, cb->stream>>>(
-            (const welford *)partial.ptr, chunks, (int)ngroups, eps, (float2 *)stats.ptr);
+        group_finalize_kernel<<<(unsigned)ngroups, 32, 0, cb->stream>>>(
+            (const welford *)partial.ptr, chunks, eps, (float2 *)stats.ptr);
         rc = cuda_launched("group_norm");
     }
     if (!rc && channels_last) {
@@ -417,6 +411,13 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
     }
     cuda_buf_free(cb, &partial);
     cuda_buf_free(cb, &stats);
+    return rc;
+}
+
+static int launch_group_norm_as(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
+                                const void *beta, int groups, float eps, activation act) {
+    int rc = -1;
+    CUDA_DISPATCH(x->type, T, rc = launch_group_norm<T>(cb, x, y, gamma, beta, groups, eps, act));
     return rc;
 }
 
@@ -449,8 +450,7 @@ tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *
     if (!(gd = cuda_data_as(cb, gamma, x->type, &g_tmp)) ||
         !(bd = cuda_data_as(cb, beta, x->type, &b_tmp)) ||
         !(y = cuda_tensor_new(cb, x->ndim, x->shape, x->type)) ||
-        (x->type == DTYPE_F16 ? launch_group_norm<__half>(cb, x, y, gd, bd, groups, eps, act)
-                              : launch_group_norm<float>(cb, x, y, gd, bd, groups, eps, act))) {
+        launch_group_norm_as(cb, x, y, gd, bd, groups, eps, act)) {
         cuda_tensor_release(cb, y);
         y = NULL;
     }
@@ -498,14 +498,10 @@ tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const
         cuda_tensor_release(cb, y);
         y = NULL;
     } else {
-        if (x->type == DTYPE_F16)
-            layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
-                (const __half *)x->data, (__half *)y->data, (const __half *)gd,
-                (const __half *)bd, rows, D, eps);
-        else
-            layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
-                (const float *)x->data, (float *)y->data, (const float *)gd, (const float *)bd,
-                rows, D, eps);
+        CUDA_DISPATCH(x->type, T,
+                      layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
+                          (const T *)x->data, (T *)y->data, (const T *)gd,
+                          (const T *)bd, rows, D, eps));
         if (cuda_launched("layer_norm")) {
             cuda_tensor_release(cb, y);
             y = NULL;

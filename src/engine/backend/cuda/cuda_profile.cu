@@ -7,7 +7,8 @@
  * one, its shape (a convolution's channels, size and kernel, say). The
  * events are read when the stream is waited for anyway (download,
  * synchronize) or when too many are pending, and the backend prints the
- * table, largest total first, to stderr when it is destroyed.
+ * table, largest total first, to stderr when it is destroyed, with the
+ * operation during which memory() reached its peak.
  *
  * Off (the default) it costs one pointer test per operation. On, it adds
  * two event records per operation and nothing else: no synchronisation
@@ -43,6 +44,9 @@ struct cuda_profile {
     int n_totals;
     cudaEvent_t spare[2 * PROFILE_PENDING]; /* events to reuse */
     int n_spare;
+    int64_t peak, peak_before;  /* the highest memory() peak, and in_use */
+    char peak_op[PROFILE_KEY];  /* before the operation that reached it */
+    int64_t op_in_use;          /* in_use when the running operation began */
 };
 
 cuda_profile *cuda_profile_create(void) {
@@ -95,7 +99,8 @@ void cuda_profile_collect(cuda_profile *p) {
     p->n_pending = p->open;
 }
 
-void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op) {
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use) {
+    p->op_in_use = in_use;
     if (p->n_pending == PROFILE_PENDING) cuda_profile_collect(p);
     pending_op *o = &p->pending[p->n_pending];
     o->start = take_event(p);
@@ -117,8 +122,13 @@ void cuda_profile_label(cuda_profile *p, const char *fmt, ...) {
     va_end(ap);
 }
 
-void cuda_profile_end(cuda_profile *p, cudaStream_t stream) {
+void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak) {
     if (!p->open) return;
+    if (peak > p->peak) {
+        p->peak = peak;
+        p->peak_before = p->op_in_use;
+        snprintf(p->peak_op, sizeof p->peak_op, "%s", p->pending[p->n_pending - 1].key);
+    }
     (void)cudaEventRecord(p->pending[p->n_pending - 1].end, stream);
     p->open = 0;
 }
@@ -135,6 +145,9 @@ void cuda_profile_destroy(cuda_profile *p) {
     double all = 0.0;
     for (int i = 0; i < p->n_totals; i++) all += p->totals[i].ms;
     fprintf(stderr, "cuda profile: %.1f ms of GPU time in operations\n", all);
+    if (p->peak)
+        fprintf(stderr, "peak memory %.1f MiB, reached in %s (%.1f MiB in use before it)\n",
+                p->peak / 1048576.0, p->peak_op, p->peak_before / 1048576.0);
     fprintf(stderr, "%10s %6s %8s %9s %9s  %s\n", "total ms", "%", "calls", "us/call", "min us",
             "operation");
     for (int i = 0; i < p->n_totals; i++) {
