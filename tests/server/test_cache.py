@@ -86,13 +86,16 @@ def test_every_parameter_is_part_of_the_upload_key():
 def test_refusals_come_before_the_cache():
     s = Server("--max-side", "64")
     try:
-        png = image_bytes(seed=7)
+        png = image_bytes(seed=7, compress_level=0)  # stored: 12 kB, its pixels mid-file
         assert upscale(s, png).headers["X-Cache"] == "MISS"
         assert upscale(s, png).headers["X-Cache"] == "HIT"
         # bytes that differ from a cached upload are judged on their own,
         # each time: a cut-off copy, a corrupt pixel chunk, a wrong magic
-        idat = png.index(b"IDAT") + 8
-        corrupt = png[:idat] + bytes([png[idat] ^ 0xFF]) + png[idat + 1:]
+        # (the corrupt byte lies mid-file: a key over the first bytes alone misses it)
+        start = png.index(b"IDAT") + 4
+        mid = start + int.from_bytes(png[start - 8:start - 4], "big") // 2
+        assert mid > len(png) // 2
+        corrupt = png[:mid] + bytes([png[mid] ^ 0xFF]) + png[mid + 1:]
         for _ in range(2):
             problem(upscale(s, png[: len(png) // 2]), 422, "invalid-image")
             problem(upscale(s, corrupt), 422, "invalid-image")
