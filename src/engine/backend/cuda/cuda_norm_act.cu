@@ -299,34 +299,95 @@ __global__ void group_apply_kernel(const T *x, T *y, const float2 *stats, const 
     }
 }
 
-/* Channels per thread of group_stats_cl: rows of up to this many times
- * CUDA_THREADS channels (2048) take that path. */
-#define CL_CHANNELS_PER_THREAD 8
+/* Eight neighbouring values as float: one 16-byte load or store for half
+ * and bfloat16, two for float (the address is 16-byte aligned). */
+template <typename T> struct vec8;
+template <> struct vec8<__half> {
+    static __device__ __forceinline__ void load(const __half *p, float v[8]) {
+        uint4 u = *(const uint4 *)p;
+        const __half2 *h = (const __half2 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(h[i]);
+            v[2 * i] = f.x, v[2 * i + 1] = f.y;
+        }
+    }
+    static __device__ __forceinline__ void store(__half *p, const float v[8]) {
+        uint4 u;
+        __half2 *h = (__half2 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+        *(uint4 *)p = u;
+    }
+};
+template <> struct vec8<__nv_bfloat16> {
+    static __device__ __forceinline__ void load(const __nv_bfloat16 *p, float v[8]) {
+        uint4 u = *(const uint4 *)p;
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __bfloat1622float2(h[i]);
+            v[2 * i] = f.x, v[2 * i + 1] = f.y;
+        }
+    }
+    static __device__ __forceinline__ void store(__nv_bfloat16 *p, const float v[8]) {
+        uint4 u;
+        __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        *(uint4 *)p = u;
+    }
+};
+template <> struct vec8<float> {
+    static __device__ __forceinline__ void load(const float *p, float v[8]) {
+        float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+    static __device__ __forceinline__ void store(float *p, const float v[8]) {
+        *(float4 *)p = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4 *)(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+};
+
+/* Rows of up to this many channels take the vectorised channels-last
+ * path (each of CUDA_THREADS threads holds 8 channels of a pixel). */
+#define CL_MAX_CHANNELS (8 * CUDA_THREADS)
+#define CL_UNROLL 4 /* pixels a thread loads before it uses them */
 
 /* grid (chunks, B): partial[(b * groups + g) * chunks + chunk] over the
- * pixels [chunk * ppc, + ppc) of image b (see the top comment). */
+ * pixels [chunk * ppc, + ppc) of image b (see the top comment). Thread t
+ * holds channels 8 (t % (C / 8)) .. + 7 of every rows-th pixel; the eight
+ * Welford accumulators share one count, so one division per pixel. */
 template <typename T>
 __global__ void __launch_bounds__(CUDA_THREADS)
 group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, welford *partial) {
-    __shared__ welford acc[CL_CHANNELS_PER_THREAD * CUDA_THREADS];
-    const int Cs = C < CUDA_THREADS ? C : CUDA_THREADS; /* threads per pixel row */
-    const int rows = CUDA_THREADS / Cs;                 /* pixel rows read at once */
-    const int ch0 = threadIdx.x % Cs, row = threadIdx.x / Cs;
+    __shared__ welford acc[CL_MAX_CHANNELS];
+    const int per_row = C / 8, rows = CUDA_THREADS / per_row;
+    const int c0 = threadIdx.x % per_row * 8, row = threadIdx.x / per_row;
     const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW;
     const T *image = x + blockIdx.y * HW * C;
-    welford w[CL_CHANNELS_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++) w[k] = welford{0.0f, 0.0f, 0.0f};
+    float n = 0.0f, mean[8] = {0}, m2[8] = {0};
     if (row < rows) {
-        for (int64_t p = p0 + row; p < p1; p += rows) {
-            const T *pixel = image + p * C;
+        for (int64_t p = p0 + row; p < p1; p += (int64_t)rows * CL_UNROLL) {
+            float v[CL_UNROLL][8];
 #pragma unroll
-            for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++)
-                if (ch0 + k * Cs < C) welford_add(w[k], to_f32(pixel[ch0 + k * Cs]));
+            for (int u = 0; u < CL_UNROLL; u++)
+                if (p + u * rows < p1) vec8<T>::load(image + (p + u * rows) * C + c0, v[u]);
+#pragma unroll
+            for (int u = 0; u < CL_UNROLL; u++) {
+                if (p + u * rows >= p1) break;
+                n += 1.0f;
+                const float inv = 1.0f / n;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float d = v[u][i] - mean[i];
+                    mean[i] += d * inv;
+                    m2[i] += d * (v[u][i] - mean[i]);
+                }
+            }
         }
 #pragma unroll
-        for (int k = 0; k < CL_CHANNELS_PER_THREAD; k++)
-            if (ch0 + k * Cs < C) acc[row * C + ch0 + k * Cs] = w[k];
+        for (int i = 0; i < 8; i++) acc[row * C + c0 + i] = welford{n, mean[i], m2[i]};
     }
     __syncthreads();
     const int per_group = C / groups;
@@ -338,34 +399,56 @@ group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, we
     }
 }
 
-/* channels-last: y[b][p][c] over the tensor in memory order; I is the
- * index type (32-bit arithmetic where it suffices is cheaper) */
-template <typename T, typename I>
+/* channels-last: y[b][p][c] over the tensor in memory order, eight
+ * neighbouring channels a thread (C % 8 == 0) */
+template <typename T>
 __global__ void group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma,
-                                      const T *beta, I n, I C, I image, I per_group, int groups,
-                                      activation act) {
-    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
-        I c = i % C;
+                                      const T *beta, int64_t n8, int C, int64_t image,
+                                      int per_group, int groups, activation act) {
+    FOR_EACH(i, n8) {
+        const int64_t at = i * 8;
+        const int c0 = (int)(at % C);
+        const float2 *st = stats + at / image * groups;
+        float v[8];
+        vec8<T>::load(x + at, v);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float2 m = st[(c0 + j) / per_group];
+            v[j] = activate_one((v[j] - m.x) * m.y * to_f32(gamma[c0 + j]) + to_f32(beta[c0 + j]),
+                                act);
+        }
+        vec8<T>::store(y + at, v);
+    }
+}
+
+/* channels-last rows the vectorised path does not take (C % 8 != 0 or
+ * C > CL_MAX_CHANNELS): one value a thread */
+template <typename T>
+__global__ void group_apply_cl_scalar(const T *x, T *y, const float2 *stats, const T *gamma,
+                                      const T *beta, int64_t n, int64_t C, int64_t image,
+                                      int64_t per_group, int groups, activation act) {
+    FOR_EACH(i, n) {
+        int64_t c = i % C;
         float2 st = stats[i / image * groups + c / per_group];
         y[i] = from_f32<T>(
             activate_one((to_f32(x[i]) - st.x) * st.y * to_f32(gamma[c]) + to_f32(beta[c]), act));
     }
 }
 
-
 template <typename T>
 static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
                              const void *beta, int groups, float eps, activation act) {
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
     int64_t group_size = C / groups * S, ngroups = B * groups;
-    const bool channels_last = x->ndim == 4, rows = channels_last &&
-                                                     C <= CL_CHANNELS_PER_THREAD * CUDA_THREADS;
+    /* channels-last rows of a multiple of 8 channels: the vectorised path */
+    const bool channels_last = x->ndim == 4,
+               rows = channels_last && C % 8 == 0 && C <= CL_MAX_CHANNELS;
     int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
     if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
     int chunks = (int)((group_size + chunk - 1) / chunk);
-    if (rows) { /* chunks of at least 32 pixels: up to two blocks per SM */
-        int64_t want = (256 + B - 1) / B;
-        if (want > S / 32) want = S / 32;
+    if (rows) { /* chunks of at least 16 pixels: about two blocks per SM */
+        int64_t want = (264 + B - 1) / B;
+        if (want > S / 16) want = S / 16;
         if (want < 1) want = 1;
         chunk = (S + want - 1) / want;
         chunks = (int)((S + chunk - 1) / chunk);
@@ -389,16 +472,16 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
             (const welford *)partial.ptr, chunks, eps, (float2 *)stats.ptr);
         rc = cuda_launched("group_norm");
     }
-    if (!rc && channels_last) {
-        int64_t n = B * C * S;
-        if (n <= INT_MAX)
-            group_apply_cl_kernel<T, int><<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-                (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-                (const T *)beta, (int)n, (int)C, (int)(C * S), (int)(C / groups), groups, act);
-        else
-            group_apply_cl_kernel<T, int64_t><<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-                (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-                (const T *)beta, n, C, C * S, C / groups, groups, act);
+    if (!rc && rows) {
+        int64_t n8 = B * C * S / 8;
+        group_apply_cl_kernel<<<cuda_blocks(n8), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+            (const T *)beta, n8, (int)C, C * S, (int)(C / groups), groups, act);
+        rc = cuda_launched("group_norm");
+    } else if (!rc && channels_last) {
+        group_apply_cl_scalar<<<cuda_blocks(B * C * S), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+            (const T *)beta, B * C * S, C, C * S, C / groups, groups, act);
         rc = cuda_launched("group_norm");
     } else if (!rc) {
         int64_t BC = B * C, x_blocks = (S + CUDA_THREADS - 1) / CUDA_THREADS;
