@@ -277,6 +277,7 @@ static void test_norms(const suite *s) {
     test_group_norm(s, 4, (int64_t[]){1, 4, 256, 256}, 2, 50, ACT_NONE);  /* big, off-centre */
     test_group_norm(s, 4, (int64_t[]){2, 320, 5, 5}, 32, 0, ACT_SILU);  /* 1.25 channels a thread */
     test_group_norm(s, 4, (int64_t[]){1, 2304, 3, 3}, 32, 0, ACT_SILU); /* over 2048: other path */
+    test_group_norm(s, 4, (int64_t[]){2, 512, 16, 16}, 32, 10, ACT_SILU); /* one block a group */
     test_layer_norm(s, 3, 33, 0);
     test_layer_norm(s, 154, 1024, 20);
     test_layer_norm(s, 5, 1, 0);

@@ -38,8 +38,10 @@
  *   - weights: uploaded once, converted on the device to the mode's type
  *     (F16 files are copied as they are in fp16 mode).
  *   - transfers: upload() and download() take and give host float32 and
- *     convert on the device; download() waits for the stream, and is the
- *     only call that does.
+ *     convert (and transpose, cuda_internal.h) on the device; download()
+ *     waits for the stream, and is the only call that does. Transfers up
+ *     to CUDA_PINNED_BYTES (a UNet step's input and output) go through a
+ *     pinned host buffer.
  *   - linear: one GEMM (cuda_gemm.cu), the bias added in its epilogue.
  *   - embedding: the ids are copied to the device and the rows gathered.
  */
@@ -340,6 +342,36 @@ fail:
 
 /* -------------------------------------------------------------- transfers */
 
+/* Host -> device through the pinned staging buffer when it is large
+ * enough (a copy from pinned memory is a plain DMA, from pageable memory
+ * the driver stages it in pieces): the host copy waits for the previous
+ * transfer out of the buffer, so the caller may reuse src at once. */
+static int host_to_device(cuda_backend *cb, void *dst, const void *src, size_t bytes) {
+    if (bytes > CUDA_PINNED_BYTES || !cb->pinned)
+        return cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cb->stream),
+                       "upload");
+    if (cuda_ok(cudaEventSynchronize(cb->pinned_free), "upload: staging")) return -1;
+    memcpy(cb->pinned, src, bytes);
+    return cuda_ok(cudaMemcpyAsync(dst, cb->pinned, bytes, cudaMemcpyHostToDevice, cb->stream),
+                   "upload") ||
+                   cuda_ok(cudaEventRecord(cb->pinned_free, cb->stream), "upload: staging")
+               ? -1
+               : 0;
+}
+
+/* Device -> host, then waits for the stream (through the pinned buffer
+ * when it is large enough). */
+static int device_to_host(cuda_backend *cb, void *dst, const void *src, size_t bytes) {
+    bool pinned = bytes <= CUDA_PINNED_BYTES && cb->pinned;
+    if (cuda_ok(cudaMemcpyAsync(pinned ? cb->pinned : dst, src, bytes, cudaMemcpyDeviceToHost,
+                                cb->stream),
+                "download") ||
+        cuda_ok(cudaStreamSynchronize(cb->stream), "download"))
+        return -1;
+    if (pinned) memcpy(dst, cb->pinned, bytes);
+    return 0;
+}
+
 static int cuda_upload(backend *be, tensor *dst, const float *src) {
     cuda_lock lock(be);
     if (!lock) return -1;
@@ -351,13 +383,10 @@ static int cuda_upload(backend *be, tensor *dst, const float *src) {
     size_t bytes = (size_t)n * sizeof(float);
     /* from pageable memory the copy returns once src is staged: the caller
      * may reuse it at once */
-    if (dst->type == DTYPE_F32 && dst->ndim != 4)
-        return cuda_ok(cudaMemcpyAsync(dst->data, src, bytes, cudaMemcpyHostToDevice, cb->stream),
-                       "upload");
+    if (dst->type == DTYPE_F32 && dst->ndim != 4) return host_to_device(cb, dst->data, src, bytes);
     cuda_buf staging;
     if (cuda_buf_alloc(cb, &staging, bytes)) return -1;
-    int rc = cuda_ok(cudaMemcpyAsync(staging.ptr, src, bytes, cudaMemcpyHostToDevice, cb->stream),
-                     "upload") ||
+    int rc = host_to_device(cb, staging.ptr, src, bytes) ||
                      (dst->ndim == 4
                           ? to_channels_last(cb, staging.ptr, DTYPE_F32, dst)
                           : cuda_convert(cb, staging.ptr, DTYPE_F32, dst->data, dst->type, n))
@@ -390,10 +419,7 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
         from = staging.ptr;
     }
     /* errors of earlier kernels surface here, at the first wait */
-    if (!rc)
-        rc = cuda_ok(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, cb->stream),
-                     "download") ||
-             cuda_ok(cudaStreamSynchronize(cb->stream), "download");
+    if (!rc) rc = device_to_host(cb, dst, from, bytes);
     cuda_buf_free(cb, &staging);
     cuda_profile_collect(cb->profile);
     return rc ? -1 : 0;
@@ -504,6 +530,8 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
 static void teardown(cuda_backend *cb) {
     if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
     cuda_profile_destroy(cb->profile);
+    if (cb->pinned) (void)cudaFreeHost(cb->pinned);
+    if (cb->pinned_free) (void)cudaEventDestroy(cb->pinned_free);
 #ifdef SDX4_HAVE_CUDNN
     cuda_conv_plans_free(cb);
     if (cb->cudnn) (void)cudnnDestroy(cb->cudnn);
@@ -610,6 +638,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
         cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
         cublas_ok(cublasLtCreate(&cb->cublaslt), "cuda: cublasLtCreate") ||
         cuda_buf_alloc(cb, &cb->gemm_workspace, CUDA_GEMM_WORKSPACE) ||
+        cuda_ok(cudaEventCreateWithFlags(&cb->pinned_free, cudaEventDisableTiming),
+                "cuda: event") ||
         /* float accumulation throughout, also in split-K reductions */
         cublas_ok(cublasSetMathMode(cb->cublas, (cublasMath_t)(CUBLAS_DEFAULT_MATH |
                                      CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
@@ -628,6 +658,10 @@ extern "C" backend *backend_cuda_create(int device_index) {
 #else
     (void)use_cudnn; /* im2col is the only path of this build */
 #endif
+    if (cudaHostAlloc(&cb->pinned, CUDA_PINNED_BYTES, cudaHostAllocDefault) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no pinned memory: transfers stay pageable */
+        cb->pinned = NULL;
+    }
     snprintf(cb->description, sizeof cb->description, "cuda:%d (%s, %d GiB, %s)", device_index,
              prop.name, (int)((prop.totalGlobalMem + ((size_t)1 << 29)) >> 30),
              weights == DTYPE_F16 ? "fp16" : "fp32");

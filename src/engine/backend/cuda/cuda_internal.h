@@ -71,6 +71,9 @@ typedef struct {
     size_t bytes; /* the size class, not the size asked for */
 } cuda_buf;
 
+/* The pinned staging buffer of upload() and download(). */
+#define CUDA_PINNED_BYTES ((size_t)8 << 20)
+
 /* cuBLASLt's workspace: NVIDIA advises 32 MiB on Hopper. */
 #define CUDA_GEMM_WORKSPACE ((size_t)32 << 20)
 
@@ -108,6 +111,8 @@ typedef struct {
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
     cuda_buf gemm_workspace; /* cuBLASLt's, for the backend's lifetime */
+    void *pinned;            /* CUDA_PINNED_BYTES of page-locked host memory */
+    cudaEvent_t pinned_free; /* recorded after each copy out of `pinned` */
     cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
     char description[192];
 } cuda_backend;

@@ -421,6 +421,53 @@ __global__ void group_apply_cl_kernel(const T *x, T *y, const float2 *stats, con
     }
 }
 
+/* Groups of at most this many values (the UNet's 16x16 and 32x32 levels)
+ * are normalised by one block each, in one kernel: statistics, then the
+ * same values again (from L2) normalised; three kernels cost more than
+ * their work there. */
+#define GROUP_FUSED_MAX 65536
+
+/* grid B * groups, channels-last, C / groups % 8 == 0 */
+template <typename T>
+__global__ void __launch_bounds__(CUDA_THREADS)
+group_norm_fused_kernel(const T *x, T *y, const T *gamma, const T *beta, int64_t S, int C,
+                        int groups, float eps, activation act) {
+    const int per_group = C / groups, units_per_pixel = per_group / 8;
+    const int64_t units = S * units_per_pixel;
+    const int b = blockIdx.x / groups, g = blockIdx.x % groups;
+    const T *src = x + (int64_t)b * S * C + g * per_group;
+    T *dst = y + (int64_t)b * S * C + g * per_group;
+    float n = 0.0f, mean[8] = {0}, m2[8] = {0};
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+        float v[8];
+        vec8<T>::load(src + u / units_per_pixel * C + u % units_per_pixel * 8, v);
+        n += 1.0f;
+        const float inv = 1.0f / n;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float d = v[i] - mean[i];
+            mean[i] += d * inv;
+            m2[i] += d * (v[i] - mean[i]);
+        }
+    }
+    welford w = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 8; i++) w = welford_merge(w, welford{n, mean[i], m2[i]});
+    w = block_welford(w);
+    const float rstd = rsqrtf(w.m2 / w.n + eps);
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+        const int64_t at = u / units_per_pixel * C + u % units_per_pixel * 8;
+        const int c0 = g * per_group + (int)(u % units_per_pixel) * 8;
+        float v[8];
+        vec8<T>::load(src + at, v);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            v[i] = activate_one((v[i] - w.mean) * rstd * to_f32(gamma[c0 + i]) + to_f32(beta[c0 + i]),
+                                act);
+        vec8<T>::store(dst + at, v);
+    }
+}
+
 /* channels-last rows the vectorised path does not take (C % 8 != 0 or
  * C > CL_MAX_CHANNELS): one value a thread */
 template <typename T>
@@ -452,6 +499,12 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
         if (want < 1) want = 1;
         chunk = (S + want - 1) / want;
         chunks = (int)((S + chunk - 1) / chunk);
+    }
+    if (channels_last && (C / groups) % 8 == 0 && group_size <= GROUP_FUSED_MAX) {
+        group_norm_fused_kernel<<<(unsigned)ngroups, CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const T *)gamma, (const T *)beta, S, (int)C, groups,
+            eps, act);
+        return cuda_launched("group_norm");
     }
     cuda_buf partial, stats;
     if (cuda_buf_alloc(cb, &partial, (size_t)(ngroups * chunks) * sizeof(welford))) return -1;
