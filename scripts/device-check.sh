@@ -244,7 +244,7 @@ fi
 if wants golden; then
   for mode in fp32 fp16; do
     step "golden-$mode" 90 env SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=$mode \
-      ctest --test-dir build-device --output-on-failure -R '^(test_models|test_pipeline)$'
+      ctest --test-dir build-device -V -R '^(test_models|test_pipeline)$'
   done
 fi
 
