@@ -79,7 +79,10 @@ typedef struct {
     int max_noise_level;         /* from model_index.json (350 for x4) */
     int vae_scale_factor;        /* output side = input side * this */
     int max_prompt_tokens;       /* 77 for CLIP, with start and end tokens */
-    int64_t device_memory_bytes; /* weights + cached activations on device */
+    int64_t device_memory_bytes; /* the backend's memory in use now: weights it
+                                    copied, live tensors, workspaces (GPU
+                                    memory on cuda) */
+    int64_t device_memory_peak_bytes; /* the most of it since the start */
 } sdx4_model_info;
 
 sdx4_status sdx4_engine_info(const sdx4_engine *engine, sdx4_model_info *info);

@@ -113,6 +113,7 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     int64_t in_use = 0, peak = 0;
     e->be->memory(e->be, &in_use, &peak);
     info->device_memory_bytes = in_use;
+    info->device_memory_peak_bytes = peak;
     return SDX4_OK;
 }
 

@@ -252,6 +252,18 @@ char *metrics_render(const server *srv, size_t *len) {
              "# TYPE sdx4_uptime_seconds gauge\nsdx4_uptime_seconds %.3f\n",
          (long long)current_rss_bytes(), (long long)sdx4_peak_rss_bytes(),
          atomic_load(&((server *)srv)->phase) == PHASE_READY, mono_now() - srv->started);
+
+    /* the engine is published before the phase becomes ready */
+    sdx4_model_info info = {0};
+    int phase = atomic_load(&((server *)srv)->phase);
+    if ((phase == PHASE_READY || phase == PHASE_DRAINING) && srv->engine)
+        sdx4_engine_info(srv->engine, &info);
+    emit(&t, "# HELP sdx4_device_memory_bytes Memory the compute backend holds now: weights it "
+             "copied, live tensors, workspaces (GPU memory with --device cuda).\n"
+             "# TYPE sdx4_device_memory_bytes gauge\nsdx4_device_memory_bytes %lld\n"
+             "# HELP sdx4_device_memory_peak_bytes The most the compute backend has held.\n"
+             "# TYPE sdx4_device_memory_peak_bytes gauge\nsdx4_device_memory_peak_bytes %lld\n",
+         (long long)info.device_memory_bytes, (long long)info.device_memory_peak_bytes);
     if (len) *len = t.len;
     return t.buf;
 }

@@ -101,6 +101,7 @@ def test_openapi_and_docs(server):
 def test_metrics(server):
     server.get("/api/v1/health")
     problem(upscale(server, img=b"GIF89a not a png"), 415, "unsupported-image-format")
+    assert upscale(server, data={"num_inference_steps": "1"}).status_code == 200
     r = server.get("/metrics")
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = r.text
@@ -109,8 +110,14 @@ def test_metrics(server):
                  "sdx4_rejections_total{cause=\"unsupported-image-format\"}",
                  "sdx4_queue_depth 0", "sdx4_queue_capacity 100", "sdx4_workers 3",
                  "sdx4_http_requests_in_flight", "sdx4_inference_seconds_count", "sdx4_step_seconds_count",
-                 "sdx4_cache_hits_total", "sdx4_resident_memory_bytes", "sdx4_ready 1"):
+                 "sdx4_cache_hits_total", "sdx4_resident_memory_bytes", "sdx4_ready 1",
+                 "sdx4_device_memory_bytes", "sdx4_device_memory_peak_bytes"):
         assert name in text, name
+    gauges = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line.startswith("sdx4_device_memory"))
+    # the upscale above made the backend hold tensors
+    assert float(gauges["sdx4_device_memory_peak_bytes"]) > 0
+    assert float(gauges["sdx4_device_memory_peak_bytes"]) >= float(gauges["sdx4_device_memory_bytes"])
     for line in text.splitlines():  # every sample line is NAME{labels} VALUE
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
