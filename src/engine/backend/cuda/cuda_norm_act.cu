@@ -301,40 +301,18 @@ __global__ void group_apply_kernel(const T *x, T *y, const float2 *stats, const 
 
 /* Eight neighbouring values as float: one 16-byte load or store for half
  * and bfloat16, two for float (the address is 16-byte aligned). */
-template <typename T> struct vec8;
-template <> struct vec8<__half> {
-    static __device__ __forceinline__ void load(const __half *p, float v[8]) {
+template <typename T> struct vec8 {
+    static __device__ __forceinline__ void load(const T *p, float v[8]) {
         uint4 u = *(const uint4 *)p;
-        const __half2 *h = (const __half2 *)&u;
+        const T *h = (const T *)&u;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float2 f = __half22float2(h[i]);
-            v[2 * i] = f.x, v[2 * i + 1] = f.y;
-        }
+        for (int i = 0; i < 8; i++) v[i] = to_f32(h[i]);
     }
-    static __device__ __forceinline__ void store(__half *p, const float v[8]) {
+    static __device__ __forceinline__ void store(T *p, const float v[8]) {
         uint4 u;
-        __half2 *h = (__half2 *)&u;
+        T *h = (T *)&u;
 #pragma unroll
-        for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-        *(uint4 *)p = u;
-    }
-};
-template <> struct vec8<__nv_bfloat16> {
-    static __device__ __forceinline__ void load(const __nv_bfloat16 *p, float v[8]) {
-        uint4 u = *(const uint4 *)p;
-        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float2 f = __bfloat1622float2(h[i]);
-            v[2 * i] = f.x, v[2 * i + 1] = f.y;
-        }
-    }
-    static __device__ __forceinline__ void store(__nv_bfloat16 *p, const float v[8]) {
-        uint4 u;
-        __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
-#pragma unroll
-        for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        for (int i = 0; i < 8; i++) h[i] = from_f32<T>(v[i]);
         *(uint4 *)p = u;
     }
 };
