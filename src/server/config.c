@@ -97,7 +97,7 @@ static const option options[] = {
     {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
      "origins allowed by CORS, comma-separated, or *"},
     {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",
-     "bytes of cached results (0: no cache); only requests with a seed are cached"},
+     "bytes of cached results and upload links (0: no cache); only requests with a seed are cached"},
     {"log-level", OPT_STRING, O(log_level), 0, 0, "info", "debug, info, warn or error"},
     {"access-log", OPT_BOOL, O(access_log), 0, 0, "true", "log one line per request"},
     {"docs-assets", OPT_STRING, O(docs_assets), 0, 0, NULL,
