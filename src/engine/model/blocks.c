@@ -98,14 +98,59 @@ int attention_load(weight_source *ws, attention_p *a, const char *name, int quer
 #undef SUB
 }
 
-tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context) {
+struct kv_cache {
+    int n, cap;
+    struct kv_entry {
+        const attention_p *layer;
+        tensor *k, *v;
+    } *e;
+};
+
+kv_cache *kv_cache_new(void) {
+    kv_cache *c = calloc(1, sizeof *c);
+    if (!c) set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+    return c;
+}
+
+void kv_cache_free(kv_cache *c) {
+    if (!c) return;
+    for (int i = 0; i < c->n; i++) DROP(c->e[i].k), DROP(c->e[i].v);
+    free(c->e);
+    free(c);
+}
+
+/* The cached keys and values of a layer, or a new empty entry for them;
+ * NULL on out of memory. */
+static struct kv_entry *kv_entry_of(kv_cache *c, const attention_p *a) {
+    for (int i = 0; i < c->n; i++)
+        if (c->e[i].layer == a) return &c->e[i];
+    if (c->n == c->cap) {
+        int cap = c->cap ? 2 * c->cap : 32;
+        struct kv_entry *e = realloc(c->e, cap * sizeof *e);
+        if (!e) {
+            set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+            return NULL;
+        }
+        c->e = e, c->cap = cap;
+    }
+    c->e[c->n] = (struct kv_entry){a, NULL, NULL};
+    return &c->e[c->n++];
+}
+
+tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context,
+                     kv_cache *kv) {
     const tensor *ctx = context ? context : x;
+    struct kv_entry *cached = NULL;
     tensor *q = NULL, *k = NULL, *v = NULL, *o = NULL, *out = NULL;
+    if (context && kv && !(cached = kv_entry_of(kv, a))) return NULL;
     TRY(q = linear_fw(be, &a->q, x));
-    TRY(k = linear_fw(be, &a->k, ctx));
-    TRY(v = linear_fw(be, &a->v, ctx));
+    if (!cached || !cached->k) {
+        TRY(k = linear_fw(be, &a->k, ctx));
+        TRY(v = linear_fw(be, &a->v, ctx));
+        if (cached) cached->k = k, cached->v = v, k = v = NULL; /* the cache owns them now */
+    }
     /* F.scaled_dot_product_attention(query, key, value) over `heads` heads */
-    TRY(o = be->attention(be, q, k, v, a->heads, 0));
+    TRY(o = be->attention(be, q, cached ? cached->k : k, cached ? cached->v : v, a->heads, 0));
     TRY(out = linear_fw(be, &a->out, o));
 fail:
     DROP(q);
@@ -166,17 +211,17 @@ void transformer2d_free(transformer2d_p *t) {
 
 /* BasicTransformerBlock.forward, in place on h [B, T, C]. */
 static int block_fw(backend *be, const transformer_block_p *b, int only_cross, tensor *h,
-                    const tensor *context) {
+                    const tensor *context, kv_cache *kv) {
     tensor *n = NULL, *a = NULL, *g = NULL;
     /* attn1(norm1(h), encoder_hidden_states if only_cross_attention) + h */
     TRY(n = be->layer_norm(be, h, b->ln1.g, b->ln1.b, 1e-5f));
-    TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL));
+    TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL, kv));
     if (be->add_inplace(be, h, a, 1.0f)) goto fail;
     DROP(n);
     DROP(a);
     /* attn2(norm2(h), encoder_hidden_states) + h */
     TRY(n = be->layer_norm(be, h, b->ln2.g, b->ln2.b, 1e-5f));
-    TRY(a = attention_fw(be, &b->attn2, n, context));
+    TRY(a = attention_fw(be, &b->attn2, n, context, kv));
     if (be->add_inplace(be, h, a, 1.0f)) goto fail;
     DROP(n);
     DROP(a);
@@ -199,7 +244,7 @@ fail:
 }
 
 tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
-                         const tensor *context) {
+                         const tensor *context, kv_cache *kv) {
     int h = (int)x->shape[2], w = (int)x->shape[3];
     tensor *n = NULL, *tok = NULL, *hs = NULL, *out = NULL;
     /* norm (GroupNorm, eps 1e-6), to [B, H*W, C], proj_in */
@@ -209,7 +254,7 @@ tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
     TRY(hs = linear_fw(be, &t->proj_in, tok));
     DROP(tok);
     for (int i = 0; i < t->nblocks; i++)
-        if (block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context)) goto fail;
+        if (block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context, kv)) goto fail;
     /* proj_out, back to [B, C, H, W], + residual */
     TRY(tok = linear_fw(be, &t->proj_out, hs));
     TRY(out = be->tokens_to_nchw(be, tok, h, w));

@@ -58,8 +58,18 @@ typedef struct {
 
 int attention_load(weight_source *ws, attention_p *a, const char *name, int query_dim,
                    int context_dim, int heads, int qkv_bias);
-/* x [B, T, C]; context [B, S, Cc], or NULL for self-attention. */
-tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context);
+/* The keys and values that cross-attention layers compute from one
+ * context (the prompt's embeddings): every step of an upscale would
+ * compute the same ones, so the pipeline keeps them for the whole loop.
+ * One cache serves one context; its tensors live until kv_cache_free. */
+typedef struct kv_cache kv_cache;
+kv_cache *kv_cache_new(void); /* NULL with the error set */
+void kv_cache_free(kv_cache *c);
+
+/* x [B, T, C]; context [B, S, Cc], or NULL for self-attention; kv: the
+ * context's cache, or NULL to compute keys and values on every call. */
+tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context,
+                     kv_cache *kv);
 
 /* Transformer2DModel with use_linear_projection and BasicTransformerBlocks
  * (layer norms, attn1 (cross when only_cross_attention), attn2 (cross),
@@ -82,6 +92,6 @@ int transformer2d_load(weight_source *ws, transformer2d_p *t, const char *name, 
                        int only_cross_attention);
 void transformer2d_free(transformer2d_p *t);
 tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
-                         const tensor *context);
+                         const tensor *context, kv_cache *kv);
 
 #endif

@@ -21,6 +21,8 @@
  * recorded and every step from then on replays the recording: the step's
  * inputs (the UNet's input and its timestep) are written into tensors
  * kept for the whole loop, and the recording's output tensor is read.
+ * The cross-attention keys and values of the prompt, the same at every
+ * step, are computed by the first step and kept (kv_cache, blocks.h).
  */
 #include "model/pipeline.h"
 
@@ -65,8 +67,9 @@ tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
  * output, which after the first step is the recording's. */
 typedef struct {
     tensor *x, *tproj, *cls, *y;
+    kv_cache *kv; /* the prompt's cross-attention keys and values */
     backend_graph *graph;
-    int steps; /* steps run so far */
+    int steps;    /* steps run so far */
 } unet_state;
 
 static int unet_state_init(unet_state *st, const model *m, backend *be, int batch, int h, int w,
@@ -77,6 +80,7 @@ static int unet_state_init(unet_state *st, const model *m, backend *be, int batc
     TRY(st->x = be->new_tensor(be, 4, shape));
     TRY(st->tproj = be->new_tensor(be, 2, (const int64_t[]){batch, m->unet.block_channels[0]}));
     if (m->unet.class_embedding) TRY(st->cls = unet_class_embedding(be, &m->unet, labels, batch));
+    TRY(st->kv = kv_cache_new());
     return 0;
 fail:
     return -1;
@@ -86,6 +90,8 @@ static void unet_state_free(unet_state *st, backend *be) {
     if (st->graph) be->graph_free(be, st->graph);
     st->graph = NULL;
     DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls);
+    kv_cache_free(st->kv);
+    st->kv = NULL;
 }
 
 /* One UNet evaluation: unet_in on the host in, unet_out on the host out. */
@@ -99,7 +105,7 @@ static int unet_step(const model *m, backend *be, unet_state *st, const tensor *
         int recording = st->steps > 0 && be->record_begin ? be->record_begin(be) : 1;
         if (recording < 0) return -1;
         DROP(st->y);
-        st->y = unet_fw_embedded(be, &m->unet, st->x, st->tproj, st->cls, ctx);
+        st->y = unet_fw_embedded(be, &m->unet, st->x, st->tproj, st->cls, ctx, st->kv);
         if (recording == 0) {
             backend_graph *g = be->record_end(be); /* also after a failed operation */
             if (!st->y || !g) {

@@ -262,10 +262,10 @@ fail:
 
 /* resnet then, in cross-attention blocks, transformer: a new tensor. */
 static tensor *layer_fw(backend *be, const unet_block *b, int j, const tensor *h,
-                        const tensor *temb, const tensor *ctx) {
+                        const tensor *temb, const tensor *ctx, kv_cache *kv) {
     tensor *r = resnet_fw(be, &b->resnet[j], h, temb);
     if (!r || !b->cross) return r;
-    tensor *a = transformer2d_fw(be, &b->attn[j], r, ctx);
+    tensor *a = transformer2d_fw(be, &b->attn[j], r, ctx, kv);
     tensor_free(r);
     return a;
 }
@@ -276,14 +276,14 @@ tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
     tensor *tproj = NULL, *cls = NULL, *out = NULL;
     TRY(tproj = unet_new_timestep(be, u, batch, t));
     if (u->class_embedding) TRY(cls = unet_class_embedding(be, u, class_labels, batch));
-    out = unet_fw_embedded(be, u, sample, tproj, cls, ctx);
+    out = unet_fw_embedded(be, u, sample, tproj, cls, ctx, NULL);
 fail:
     DROP(tproj), DROP(cls);
     return out;
 }
 
 tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
-                         const tensor *cls, const tensor *ctx) {
+                         const tensor *cls, const tensor *ctx, kv_cache *kv) {
     if (sample->ndim != 4 || sample->shape[1] != u->in_channels) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: sample must be [B, %d, H, W]", u->in_channels);
         return NULL;
@@ -304,7 +304,7 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
     for (int i = 0; i < u->levels; i++) {
         const unet_block *b = &u->down[i];
         for (int j = 0; j < b->nlayers; j++, nskips++)
-            TRY(skips[nskips] = layer_fw(be, b, j, skips[nskips - 1], temb, ctx));
+            TRY(skips[nskips] = layer_fw(be, b, j, skips[nskips - 1], temb, ctx, kv));
         if (b->has_sampler) {
             TRY(skips[nskips] = conv_fw(be, &b->sampler, skips[nskips - 1]));
             nskips++;
@@ -312,7 +312,7 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
     }
 
     TRY(x = resnet_fw(be, &u->mid_resnet[0], skips[nskips - 1], temb));
-    TRY(h = transformer2d_fw(be, &u->mid_attn, x, ctx));
+    TRY(h = transformer2d_fw(be, &u->mid_attn, x, ctx, kv));
     DROP(x);
     TRY(x = resnet_fw(be, &u->mid_resnet[1], h, temb));
     DROP(h);
@@ -325,7 +325,7 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
             TRY(x = be->concat_channels(be, h, skips[nskips - 1]));
             DROP(skips[nskips - 1]), nskips--;
             DROP(h);
-            TRY(h = layer_fw(be, b, j, x, temb, ctx));
+            TRY(h = layer_fw(be, b, j, x, temb, ctx, kv));
             DROP(x);
         }
         if (b->has_sampler) {

@@ -50,11 +50,13 @@ tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
  * (pipeline.c): what the host computes per step (the timestep's sinusoidal
  * projection, uploaded into a [B, block_out_channels[0]] tensor) and per
  * upscale (the class embedding, [B, temb] or NULL without one), and the
- * network on them, which only runs backend operations on device tensors. */
+ * network on them, which only runs backend operations on device tensors.
+ * kv (or NULL) keeps the cross-attention keys and values of `context`
+ * from the first call for the next ones (blocks.h). */
 tensor *unet_new_timestep(backend *be, const unet *u, int batch, float t);
 int unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t);
 tensor *unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch);
 tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
-                         const tensor *cls, const tensor *context);
+                         const tensor *cls, const tensor *context, kv_cache *kv);
 
 #endif
