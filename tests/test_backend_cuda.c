@@ -242,6 +242,8 @@ static void test_attentions(const suite *s) {
     test_attention(s, 1, 20, 45, 2, 200, 0);     /* D 200: the 256 kernel, partly used */
     test_attention(s, 1, 1, 5, 1, 256, 0);       /* one query */
     test_attention(s, 1, 300, 300, 1, 512, 0);   /* VAE mid-block: one head of 512 */
+    test_attention(s, 1, 1000, 1500, 1, 512, 0); /* many key tiles, partial last tiles */
+    test_attention(s, 2, 1030, 77, 8, 64, 1);    /* causal with Tq > Tk on tensor cores */
     test_attention(s, 1, 130, 5000, 1, 4, 0);    /* long keys */
 }
 
