@@ -250,7 +250,7 @@ static dtype cuda_set_activation_type(backend *be, dtype activations) {
      * where float's range is asked for */
     if (activations == DTYPE_BF16 && !cb->allow_bf16) activations = DTYPE_F32;
     if (activations != DTYPE_F32 && cb->mode == DTYPE_F32) activations = DTYPE_F32;
-    if (activations == DTYPE_F32 || activations == DTYPE_F16 || activations == DTYPE_BF16) {
+    if (cuda_storable(activations)) {
         precision_owner = cb;
         precision_type = activations;
     }
@@ -449,7 +449,7 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
                   what, t->be && t->be->name ? t->be->name : "unknown");
         return -1;
     }
-    if (t->type != DTYPE_F32 && t->type != DTYPE_F16 && t->type != DTYPE_BF16) {
+    if (!cuda_storable(t->type)) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "%s: %s is %s, the cuda backend computes in F32, F16 or BF16", op, what,
                   dtype_name(t->type));

@@ -158,6 +158,11 @@ const void *cuda_data_as(cuda_backend *cb, const tensor *t, dtype type, cuda_buf
 int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
                int ndim);
 
+/* Whether tensors of this backend may hold type t (see Types above). */
+static inline bool cuda_storable(dtype t) {
+    return t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16;
+}
+
 /* -1 with the error set if t is 4-D (see Layout above), else 0. */
 int cuda_refuse_image(const char *op, const tensor *t);
 

@@ -29,11 +29,9 @@ __global__ void convert_kernel(const S *src, D *dst, int64_t n) {
     FOR_EACH(i, n) dst[i] = from_f32<D>(to_f32(src[i]));
 }
 
-static bool storable(dtype t) { return t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16; }
-
 int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                  int64_t n) {
-    if (!storable(dst_type) || !storable(src_type)) {
+    if (!cuda_storable(dst_type) || !cuda_storable(src_type)) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: %s to %s", dtype_name(src_type),
                   dtype_name(dst_type));
         return -1;
@@ -217,7 +215,7 @@ int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst,
                   cols);
         return -1;
     }
-    if (!storable(src_type) || !storable(dst_type)) {
+    if (!cuda_storable(src_type) || !cuda_storable(dst_type)) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: %s to %s", dtype_name(src_type),
                   dtype_name(dst_type));
         return -1;
