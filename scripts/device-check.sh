@@ -28,8 +28,9 @@
 #   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
 #   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
 #           steps), GPU memory sampled meanwhile
-#   profile one UNet step and VAE decode at 128 px with SDX4_CUDA_PROFILE=1:
-#           GPU time per operation and shape, in profile-128.txt
+#   profile one UNet step and VAE decode at 128 and 256 px with
+#           SDX4_CUDA_PROFILE=1: GPU time per operation and shape, in
+#           profile-128.txt and profile-256.txt
 # and, only when named:
 #   anchor  diffusers' own timings on this GPU (../shared/tools/gen_reference.py
 #           --perf, carried in build-carry/ by prepare), from a diffusers
@@ -42,7 +43,7 @@
 #   bench.jsonl     sdx4 bench's JSON lines
 #   gpu.txt         nvidia-smi, nvcc, cmake, what the build found
 #   gpu-memory.csv  nvidia-smi's memory.used every 200 ms during the bench
-#   profile-128.txt the profile step's table
+#   profile-*.txt   the profile steps' tables (with cuDNN's algorithm timings)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -170,6 +171,7 @@ skip() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
   nvcc --version | tail -2 || true
   cmake --version | head -1 || true
+  command -v nsys ncu compute-sanitizer || true
 } >> "$out/gpu.txt" 2>&1
 
 # unpack ARCHIVE DIR: tar's xz, else Python's (xz-utils may be missing)
@@ -283,6 +285,12 @@ fi
 if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
   step profile-128 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
     --device cuda --size 128 --steps 1 --repeats 1 2> $out/profile-128.txt"
+  # op by op, without CUDA graphs: the table then covers the steps too
+  step profile-128-eager 60 bash -c "SDX4_CUDA_GRAPH=0 SDX4_CUDA_PROFILE=1 $sdx4 bench \
+    --model $model --variant fp16 --device cuda --size 128 --steps 8 --repeats 1 \
+    2> $out/profile-128-eager.txt"
+  step profile-256 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
+    --device cuda --size 256 --steps 1 --repeats 1 2> $out/profile-256.txt"
 fi
 
 if wants anchor; then
