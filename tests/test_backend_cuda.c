@@ -277,9 +277,14 @@ static void test_norms(const suite *s) {
     test_group_norm(s, 3, (int64_t[]){2, 8, 10}, 4, 0, ACT_QUICK_GELU);
     test_group_norm(s, 4, (int64_t[]){1, 128, 64, 64}, 32, 20, ACT_SILU); /* several chunks */
     test_group_norm(s, 4, (int64_t[]){1, 4, 256, 256}, 2, 50, ACT_NONE);  /* big, off-centre */
-    test_group_norm(s, 4, (int64_t[]){2, 320, 5, 5}, 32, 0, ACT_SILU);  /* 1.25 channels a thread */
+    test_group_norm(s, 4, (int64_t[]){2, 320, 5, 5}, 32, 0, ACT_SILU);  /* 10-channel groups */
     test_group_norm(s, 4, (int64_t[]){1, 2304, 3, 3}, 32, 0, ACT_SILU); /* over 2048: other path */
-    test_group_norm(s, 4, (int64_t[]){2, 512, 16, 16}, 32, 10, ACT_SILU); /* one block a group */
+    /* the channels-last path: 8-channel units, a group of several */
+    test_group_norm(s, 4, (int64_t[]){2, 512, 16, 16}, 32, 10, ACT_SILU);
+    test_group_norm(s, 4, (int64_t[]){2, 256, 96, 96}, 32, 30, ACT_SILU); /* many blocks an image */
+    test_group_norm(s, 4, (int64_t[]){2, 768, 9, 11}, 32, 0, ACT_SILU);   /* idle threads */
+    test_group_norm(s, 4, (int64_t[]){2, 2048, 5, 3}, 32, 0, ACT_NONE);   /* one pixel a round */
+    test_group_norm(s, 4, (int64_t[]){3, 1024, 2, 2}, 32, 5, ACT_SILU);   /* one block an image */
     test_layer_norm(s, 3, 33, 0);
     test_layer_norm(s, 154, 1024, 20);
     test_layer_norm(s, 5, 1, 0);

@@ -539,6 +539,7 @@ static void teardown(cuda_backend *cb) {
     cuda_gemm_plans_free(cb);
     if (cb->cublaslt) (void)cublasLtDestroy(cb->cublaslt);
     cuda_buf_free(cb, &cb->gemm_workspace);
+    cuda_buf_free(cb, &cb->group_counters);
     if (cb->cublas) (void)cublasDestroy(cb->cublas);
     release_cache(cb);
     if (cb->stream) (void)cudaStreamDestroy(cb->stream);
@@ -625,6 +626,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
         pthread_mutexattr_destroy(&attr);
     }
     cb->device = device_index;
+    cb->sms = prop.multiProcessorCount;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
     cb->allow_bf16 = allow_bf16;
@@ -638,6 +640,9 @@ extern "C" backend *backend_cuda_create(int device_index) {
         cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
         cublas_ok(cublasLtCreate(&cb->cublaslt), "cuda: cublasLtCreate") ||
         cuda_buf_alloc(cb, &cb->gemm_workspace, CUDA_GEMM_WORKSPACE) ||
+        cuda_buf_alloc(cb, &cb->group_counters, CUDA_GROUP_COUNTERS * sizeof(unsigned)) ||
+        cuda_ok(cudaMemsetAsync(cb->group_counters.ptr, 0, cb->group_counters.bytes, cb->stream),
+                "cuda: memset") ||
         cuda_ok(cudaEventCreateWithFlags(&cb->pinned_free, cudaEventDisableTiming),
                 "cuda: event") ||
         /* float accumulation throughout, also in split-K reductions */

@@ -111,6 +111,8 @@ typedef struct {
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
     cuda_buf gemm_workspace; /* cuBLASLt's, for the backend's lifetime */
+    cuda_buf group_counters; /* CUDA_GROUP_COUNTERS zeros (cuda_norm_act.cu) */
+    int sms;                 /* the device's multiprocessors */
     void *pinned;            /* CUDA_PINNED_BYTES of page-locked host memory */
     cudaEvent_t pinned_free; /* recorded after each copy out of `pinned` */
     cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
@@ -200,6 +202,10 @@ int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, d
  * convolution with beta = 1 then adds the bias before rounding once. */
 int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int64_t outer,
                    int64_t channels, int64_t inner);
+/* dst[r][c] = src[r][c] for c < src_c, else 0, for c < dst_c: rows of
+ * channels widened with zeros or narrowed. */
+int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t src_c, void *dst,
+                       int64_t dst_c, int64_t rows);
 /* out[i, :] = table[ids[i], :] with ids in device memory. */
 int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
                      int n, int64_t cols, void *out, dtype out_type);
@@ -267,6 +273,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 /* Threads per block of the elementwise kernels, and the most blocks they
  * launch (their loops stride over the rest). */
 #define CUDA_THREADS 256
+/* Images a group norm may have: one block counter each, for the kernel
+ * that merges the statistics when the last block of an image is done. */
+#define CUDA_GROUP_COUNTERS 1024
 #define CUDA_MAX_BLOCKS 65536
 
 /* A grid-stride loop of i over [0, n). */

@@ -15,12 +15,20 @@
  *                   activation, over a 2-D grid of (position, channel)
  *
  * Images are channels-last (cuda_internal.h): there a group's values are
- * the runs of C/groups channels of every pixel. group_stats_cl reads whole
- * pixel rows instead, coalesced, one channel per thread (or several, for
- * wide rows), for a chunk of the pixels of one image; the block then
- * merges its per-channel statistics into per-group ones in shared memory.
- * group_apply is one pass over the tensor in memory order. Tensors of
- * other ranks ([B, C, ...]) keep each group contiguous.
+ * the runs of C/groups channels of every pixel. Where C is a multiple of
+ * 8 (every image of the UNet and the VAE) two kernels do it, each thread
+ * holding the same 8 channels of every rows-th pixel of its block's range
+ * (so it reads gamma, beta and statistics once, and 16-byte vectors):
+ *
+ *   group_stats_cl  grid (chunks, B): per-thread shifted sums, per-group
+ *                   Welford triples merged in shared memory; the block
+ *                   that finishes an image last merges its chunks (so no
+ *                   finalize kernel)
+ *   group_apply_cl  the same layout: normalise, scale, shift, activate
+ *
+ * The second reads the tensor again, mostly from L2. Other tensors
+ * ([B, C, ...], which keep each group contiguous, or odd channel counts)
+ * take the three kernels above.
  *
  * LayerNorm rows are short (at most a few thousand values): one block per
  * row computes the statistics and writes the row.
@@ -272,17 +280,25 @@ __device__ __forceinline__ void merge_double(double &n, double &mean, double &m2
     n = total;
 }
 
-/* One warp per group: the lanes merge strided chunks (independent loads,
- * all in flight at once), then each other's results by shuffles. */
-__global__ void group_finalize_kernel(const welford *partial, int chunks, float eps,
-                                      float2 *stats) {
-    const welford *p = partial + (int64_t)blockIdx.x * chunks;
+/* A warp's Chan merge in double of the `chunks` partial results at p (read
+ * from L2: other blocks wrote them): mean and 1 / sqrt(var + eps) in lane
+ * 0. Double, because up to GROUP_MAX_CHUNKS rounding errors would add up
+ * in float. */
+__device__ float2 merge_chunks(const welford *p, int chunks, float eps) {
     double n = 0, mean = 0, m2 = 0;
-    for (int i = threadIdx.x; i < chunks; i += 32) merge_double(n, mean, m2, p[i].n, p[i].mean, p[i].m2);
+    for (int i = threadIdx.x % 32; i < chunks; i += 32)
+        merge_double(n, mean, m2, __ldcg(&p[i].n), __ldcg(&p[i].mean), __ldcg(&p[i].m2));
     for (int mask = 16; mask > 0; mask >>= 1)
         merge_double(n, mean, m2, __shfl_xor_sync(0xffffffffu, n, mask),
                      __shfl_xor_sync(0xffffffffu, mean, mask), __shfl_xor_sync(0xffffffffu, m2, mask));
-    if (threadIdx.x == 0) stats[blockIdx.x] = make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
+    return make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
+}
+
+/* One warp per group (see merge_chunks). */
+__global__ void group_finalize_kernel(const welford *partial, int chunks, float eps,
+                                      float2 *stats) {
+    float2 st = merge_chunks(partial + (int64_t)blockIdx.x * chunks, chunks, eps);
+    if (threadIdx.x == 0) stats[blockIdx.x] = st;
 }
 
 template <typename T>
@@ -327,127 +343,131 @@ template <> struct vec8<float> {
     }
 };
 
-/* Rows of up to this many channels take the vectorised channels-last
- * path (each of CUDA_THREADS threads holds 8 channels of a pixel). */
+/* The channels-last path (cl below) takes images whose C is a multiple
+ * of 8 up to this, and whose groups are whole 8-channel units or halves
+ * of one (C / groups a multiple of 8, or 4). */
 #define CL_MAX_CHANNELS (8 * CUDA_THREADS)
 #define CL_UNROLL 4 /* pixels a thread loads before it uses them */
+#define CL_BLOCKS_PER_SM 3
 
-/* grid (chunks, B): partial[(b * groups + g) * chunks + chunk] over the
- * pixels [chunk * ppc, + ppc) of image b (see the top comment). Thread t
- * holds channels 8 (t % (C / 8)) .. + 7 of every rows-th pixel; the eight
- * Welford accumulators share one count, so one division per pixel. */
+/* Where a thread of a cl kernel works: the 8 channels from c0 (unit
+ * c0 / 8 of the U = C / 8 of a pixel) of every rows-th pixel of its
+ * block's range, from `row` on. Its channels never change, so gamma,
+ * beta and the statistics it needs are read once, and no thread divides
+ * an index per value. Threads with row == rows (when U does not divide
+ * the block) sit idle. */
+struct cl_thread {
+    int U, rows, unit, row, c0;
+    __device__ cl_thread(int C) {
+        U = C / 8, rows = CUDA_THREADS / U, unit = threadIdx.x % U, row = threadIdx.x / U,
+        c0 = unit * 8;
+    }
+};
+
+/* grid (chunks, B): the statistics of pixels [chunk * ppc, + ppc) of image
+ * b, per group, into partial[(b * groups + g) * chunks + chunk]. Each
+ * thread sums its 8 channels shifted by their first value (exact enough
+ * without Welford's division per value), turns them into Welford triples
+ * per group, and the block merges those in shared memory. The block that
+ * finishes image b last (counters[b] counts them, and is reset for the
+ * next call) merges the chunks into stats[b * groups + g]: no third kernel. */
 template <typename T>
-__global__ void __launch_bounds__(CUDA_THREADS)
-group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, welford *partial) {
-    __shared__ welford acc[CL_MAX_CHANNELS];
-    const int per_row = C / 8, rows = CUDA_THREADS / per_row;
-    const int c0 = threadIdx.x % per_row * 8, row = threadIdx.x / per_row;
+__global__ void __launch_bounds__(CUDA_THREADS, CL_BLOCKS_PER_SM)
+group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, float eps,
+                      welford *partial, unsigned *counters, float2 *stats) {
+    __shared__ welford acc[2 * CUDA_THREADS];
+    __shared__ bool last;
+    const cl_thread th(C);
+    const int per_group = C / groups, gpt = per_group < 8 ? 8 / per_group : 1;
+    const int b = blockIdx.y;
     const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW;
-    const T *image = x + blockIdx.y * HW * C;
-    float n = 0.0f, mean[8] = {0}, m2[8] = {0};
-    if (row < rows) {
-        for (int64_t p = p0 + row; p < p1; p += (int64_t)rows * CL_UNROLL) {
+    const T *image = x + b * HW * C + th.c0;
+    float n = 0.0f, shift[8] = {0}, s[8] = {0}, ss[8] = {0};
+    if (th.row < th.rows) {
+        for (int64_t p = p0 + th.row; p < p1; p += (int64_t)th.rows * CL_UNROLL) {
             float v[CL_UNROLL][8];
 #pragma unroll
             for (int u = 0; u < CL_UNROLL; u++)
-                if (p + u * rows < p1) vec8<T>::load(image + (p + u * rows) * C + c0, v[u]);
+                if (p + u * th.rows < p1) vec8<T>::load(image + (p + u * th.rows) * C, v[u]);
+            if (p == p0 + th.row)
+#pragma unroll
+                for (int i = 0; i < 8; i++) shift[i] = v[0][i];
 #pragma unroll
             for (int u = 0; u < CL_UNROLL; u++) {
-                if (p + u * rows >= p1) break;
+                if (p + u * th.rows >= p1) break;
                 n += 1.0f;
-                const float inv = 1.0f / n;
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
-                    float d = v[u][i] - mean[i];
-                    mean[i] += d * inv;
-                    m2[i] += d * (v[u][i] - mean[i]);
+                    const float d = v[u][i] - shift[i];
+                    s[i] += d, ss[i] += d * d;
                 }
             }
         }
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[row * C + c0 + i] = welford{n, mean[i], m2[i]};
-    }
-    __syncthreads();
-    const int per_group = C / groups;
-    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-        welford m = {0.0f, 0.0f, 0.0f};
-        for (int r = 0; r < rows; r++)
-            for (int c = g * per_group; c < (g + 1) * per_group; c++) m = welford_merge(m, acc[r * C + c]);
-        partial[((int64_t)blockIdx.y * groups + g) * gridDim.x + blockIdx.x] = m;
-    }
-}
-
-/* channels-last: y[b][p][c] over the tensor in memory order, eight
- * neighbouring channels a thread (C % 8 == 0) */
-template <typename T>
-__global__ void group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma,
-                                      const T *beta, int64_t n8, int C, int64_t image,
-                                      int per_group, int groups, activation act) {
-    FOR_EACH(i, n8) {
-        const int64_t at = i * 8;
-        const int c0 = (int)(at % C);
-        const float2 *st = stats + at / image * groups;
-        float v[8];
-        vec8<T>::load(x + at, v);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float2 m = st[(c0 + j) / per_group];
-            v[j] = activate_one((v[j] - m.x) * m.y * to_f32(gamma[c0 + j]) + to_f32(beta[c0 + j]),
-                                act);
-        }
-        vec8<T>::store(y + at, v);
-    }
-}
-
-/* Groups of at most this many values (the UNet's 16x16 and 32x32 levels)
- * are normalised by one block each, in one kernel: statistics, then the
- * same values again (from L2) normalised; three kernels cost more than
- * their work there. */
-#define GROUP_FUSED_MAX 65536
-
-/* grid B * groups, channels-last, C / groups % 8 == 0 */
-template <typename T>
-__global__ void __launch_bounds__(CUDA_THREADS)
-group_norm_fused_kernel(const T *x, T *y, const T *gamma, const T *beta, int64_t S, int C,
-                        int groups, float eps, activation act) {
-    const int per_group = C / groups, units_per_pixel = per_group / 8;
-    const int64_t units = S * units_per_pixel;
-    const int b = blockIdx.x / groups, g = blockIdx.x % groups;
-    const T *src = x + (int64_t)b * S * C + g * per_group;
-    T *dst = y + (int64_t)b * S * C + g * per_group;
-    float n = 0.0f, mean[8] = {0}, m2[8] = {0};
-    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
-        float v[8];
-        vec8<T>::load(src + u / units_per_pixel * C + u % units_per_pixel * 8, v);
-        n += 1.0f;
-        const float inv = 1.0f / n;
+        welford lo = {0.0f, 0.0f, 0.0f}, hi = lo; /* hi: channels 4..7 of a second group */
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            float d = v[i] - mean[i];
-            mean[i] += d * inv;
-            m2[i] += d * (v[i] - mean[i]);
+            welford c = {0.0f, 0.0f, 0.0f};
+            if (n > 0.0f) c = {n, shift[i] + s[i] / n, fmaxf(ss[i] - s[i] * s[i] / n, 0.0f)};
+            if (gpt == 2 && i >= 4) hi = welford_merge(hi, c);
+            else lo = welford_merge(lo, c);
         }
+        acc[threadIdx.x * gpt] = lo;
+        if (gpt == 2) acc[threadIdx.x * 2 + 1] = hi;
     }
-    welford w = {0.0f, 0.0f, 0.0f};
+    __syncthreads();
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        const int first = g * per_group, u0 = first / 8, u1 = (first + per_group - 1) / 8;
+        const int j = first % 8 / per_group; /* 0 unless a unit holds two groups */
+        welford m = {0.0f, 0.0f, 0.0f};
+        for (int r = 0; r < th.rows; r++)
+            for (int u = u0; u <= u1; u++) m = welford_merge(m, acc[(r * th.U + u) * gpt + j]);
+        partial[((int64_t)b * groups + g) * gridDim.x + blockIdx.x] = m;
+    }
+    __threadfence(); /* the partial results are visible before the count */
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[b], 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    for (int g = threadIdx.x / 32; g < groups; g += blockDim.x / 32) {
+        float2 st = merge_chunks(partial + ((int64_t)b * groups + g) * gridDim.x, gridDim.x, eps);
+        if (threadIdx.x % 32 == 0) stats[b * groups + g] = st;
+    }
+    if (threadIdx.x == 0) counters[b] = 0;
+}
+
+/* grid (chunks, B): y = act((x - mean) * rstd * gamma + beta) over pixels
+ * [chunk * ppc, + ppc) of image b, in the layout of group_stats_cl. */
+template <typename T>
+__global__ void __launch_bounds__(CUDA_THREADS, CL_BLOCKS_PER_SM)
+group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma, const T *beta,
+                      int64_t HW, int C, int64_t ppc, int groups, activation act) {
+    const cl_thread th(C);
+    if (th.row >= th.rows) return;
+    const int per_group = C / groups, b = blockIdx.y;
+    float mean[8], scale[8], shift[8];
 #pragma unroll
-    for (int i = 0; i < 8; i++) w = welford_merge(w, welford{n, mean[i], m2[i]});
-    w = block_welford(w);
-    const float rstd = rsqrtf(w.m2 / w.n + eps);
-    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
-        const int64_t at = u / units_per_pixel * C + u % units_per_pixel * 8;
-        const int c0 = g * per_group + (int)(u % units_per_pixel) * 8;
-        float v[8];
-        vec8<T>::load(src + at, v);
+    for (int i = 0; i < 8; i++) {
+        const float2 st = stats[b * groups + (th.c0 + i) / per_group];
+        mean[i] = st.x, scale[i] = st.y * to_f32(gamma[th.c0 + i]), shift[i] = to_f32(beta[th.c0 + i]);
+    }
+    const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW, at = b * HW * C + th.c0;
+    for (int64_t p = p0 + th.row; p < p1; p += (int64_t)th.rows * CL_UNROLL) {
+        float v[CL_UNROLL][8];
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            v[i] = activate_one((v[i] - w.mean) * rstd * to_f32(gamma[c0 + i]) + to_f32(beta[c0 + i]),
-                                act);
-        vec8<T>::store(dst + at, v);
+        for (int u = 0; u < CL_UNROLL; u++)
+            if (p + u * th.rows < p1) vec8<T>::load(x + at + (p + u * th.rows) * C, v[u]);
+#pragma unroll
+        for (int u = 0; u < CL_UNROLL; u++) {
+            if (p + u * th.rows >= p1) break;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[u][i] = activate_one((v[u][i] - mean[i]) * scale[i] + shift[i], act);
+            vec8<T>::store(y + at + (p + u * th.rows) * C, v[u]);
+        }
     }
 }
 
-/* channels-last rows the vectorised path does not take (C % 8 != 0 or
- * C > CL_MAX_CHANNELS): one value a thread */
+/* channels-last images the cl path does not take: one value a thread */
 template <typename T>
 __global__ void group_apply_cl_scalar(const T *x, T *y, const float2 *stats, const T *gamma,
                                       const T *beta, int64_t n, int64_t C, int64_t image,
@@ -460,59 +480,76 @@ __global__ void group_apply_cl_scalar(const T *x, T *y, const float2 *stats, con
     }
 }
 
+/* Pixels per block of the cl kernels: a few blocks per SM over the whole
+ * batch, each thread at least one unrolled round of pixels. */
+static int64_t cl_pixels_per_block(const cuda_backend *cb, int64_t HW, int64_t B, int rows) {
+    int64_t want = ((int64_t)cb->sms * CL_BLOCKS_PER_SM + B - 1) / B;
+    int64_t ppc = (HW + want - 1) / want, least = (int64_t)rows * CL_UNROLL;
+    if (ppc < least) ppc = least;
+    if ((HW + ppc - 1) / ppc > GROUP_MAX_CHUNKS) ppc = (HW + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
+    return ppc;
+}
+
+/* The cl path: two kernels, statistics then normalisation. */
+template <typename T>
+static int group_norm_cl(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
+                         const void *beta, int groups, float eps, activation act) {
+    int64_t B = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    int rows = (int)(CUDA_THREADS / (C / 8));
+    int64_t ppc = cl_pixels_per_block(cb, HW, B, rows);
+    unsigned chunks = (unsigned)((HW + ppc - 1) / ppc);
+    cuda_buf partial, stats;
+    if (cuda_buf_alloc(cb, &partial, (size_t)(B * groups * chunks) * sizeof(welford))) return -1;
+    if (cuda_buf_alloc(cb, &stats, (size_t)(B * groups) * sizeof(float2))) {
+        cuda_buf_free(cb, &partial);
+        return -1;
+    }
+    group_stats_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
+        (const T *)x->data, HW, (int)C, ppc, groups, eps, (welford *)partial.ptr,
+        (unsigned *)cb->group_counters.ptr, (float2 *)stats.ptr);
+    int rc = cuda_launched("group_norm");
+    if (!rc) {
+        group_apply_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
+            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
+            (const T *)beta, HW, (int)C, ppc, groups, act);
+        rc = cuda_launched("group_norm");
+    }
+    cuda_buf_free(cb, &partial);
+    cuda_buf_free(cb, &stats);
+    return rc;
+}
+
 template <typename T>
 static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
                              const void *beta, int groups, float eps, activation act) {
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
-    int64_t group_size = C / groups * S, ngroups = B * groups;
-    /* channels-last rows of a multiple of 8 channels: the vectorised path */
-    const bool channels_last = x->ndim == 4,
-               rows = channels_last && C % 8 == 0 && C <= CL_MAX_CHANNELS;
+    int64_t group_size = C / groups * S, ngroups = B * groups, per_group = C / groups;
+    const bool channels_last = x->ndim == 4;
+    if (channels_last && C % 8 == 0 && C <= CL_MAX_CHANNELS &&
+        (per_group % 8 == 0 || per_group == 4) && B <= CUDA_GROUP_COUNTERS)
+        return group_norm_cl<T>(cb, x, y, gamma, beta, groups, eps, act);
     int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
     if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
     int chunks = (int)((group_size + chunk - 1) / chunk);
-    if (rows) { /* chunks of at least 16 pixels: about two blocks per SM */
-        int64_t want = (264 + B - 1) / B;
-        if (want > S / 16) want = S / 16;
-        if (want < 1) want = 1;
-        chunk = (S + want - 1) / want;
-        chunks = (int)((S + chunk - 1) / chunk);
-    }
-    if (channels_last && (C / groups) % 8 == 0 && group_size <= GROUP_FUSED_MAX) {
-        group_norm_fused_kernel<<<(unsigned)ngroups, CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, (T *)y->data, (const T *)gamma, (const T *)beta, S, (int)C, groups,
-            eps, act);
-        return cuda_launched("group_norm");
-    }
     cuda_buf partial, stats;
     if (cuda_buf_alloc(cb, &partial, (size_t)(ngroups * chunks) * sizeof(welford))) return -1;
     if (cuda_buf_alloc(cb, &stats, (size_t)ngroups * sizeof(float2))) {
         cuda_buf_free(cb, &partial);
         return -1;
     }
-    if (rows)
-        group_stats_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, S, (int)C, chunk, groups, (welford *)partial.ptr);
-    else
-        group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, group_size, chunk, (welford *)partial.ptr, C,
-            channels_last ? C / groups : 0, groups);
+    group_stats_kernel<<<dim3(chunks, (unsigned)ngroups), CUDA_THREADS, 0, cb->stream>>>(
+        (const T *)x->data, group_size, chunk, (welford *)partial.ptr, C,
+        channels_last ? per_group : 0, groups);
     int rc = cuda_launched("group_norm");
     if (!rc) {
         group_finalize_kernel<<<(unsigned)ngroups, 32, 0, cb->stream>>>(
             (const welford *)partial.ptr, chunks, eps, (float2 *)stats.ptr);
         rc = cuda_launched("group_norm");
     }
-    if (!rc && rows) {
-        int64_t n8 = B * C * S / 8;
-        group_apply_cl_kernel<<<cuda_blocks(n8), CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-            (const T *)beta, n8, (int)C, C * S, (int)(C / groups), groups, act);
-        rc = cuda_launched("group_norm");
-    } else if (!rc && channels_last) {
+    if (!rc && channels_last) {
         group_apply_cl_scalar<<<cuda_blocks(B * C * S), CUDA_THREADS, 0, cb->stream>>>(
             (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-            (const T *)beta, B * C * S, C, C * S, C / groups, groups, act);
+            (const T *)beta, B * C * S, C, C * S, per_group, groups, act);
         rc = cuda_launched("group_norm");
     } else if (!rc) {
         int64_t BC = B * C, x_blocks = (S + CUDA_THREADS - 1) / CUDA_THREADS;
@@ -520,7 +557,7 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
                   (unsigned)(BC < 65535 ? BC : 65535));
         group_apply_kernel<<<grid, CUDA_THREADS, 0, cb->stream>>>(
             (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-            (const T *)beta, BC, C, S, C / groups, groups, act);
+            (const T *)beta, BC, C, S, per_group, groups, act);
         rc = cuda_launched("group_norm");
     }
     cuda_buf_free(cb, &partial);
