@@ -20,12 +20,15 @@
  * one GEMM writes y[tile, O] = col @ w[O, k*k*C]^T into the channels-last
  * output. Tiles keep the column buffer under COL_BUDGET_BYTES.
  *
- * cuDNN's path writes the bias into the output first and adds the
- * convolution to it (beta = 1); the GEMMs add it in their epilogue
- * (cuda_gemm.cu): either way in float, before the one rounding.
+ * cuDNN adds the bias in the convolution's epilogue where it can
+ * (cudnnConvolutionBiasActivationForward, identity activation); else the
+ * bias is written into the output first and the convolution added to it
+ * (beta = 1). The GEMMs add it in their epilogue (cuda_gemm.cu). Every way
+ * in float, before the one rounding.
  */
 #include <inttypes.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -89,6 +92,11 @@ struct conv_plan {
     cudnnConvolutionFwdAlgo_t algo;
     size_t workspace;
     int usable; /* 0: cuDNN has no algorithm for this shape, use im2col */
+    /* the bias in the convolution's epilogue (see conv_cudnn): 1 yes,
+     * 0 not tried yet, -1 cuDNN declined */
+    int fuse_bias;
+    cudnnTensorDescriptor_t bias;
+    cudnnActivationDescriptor_t identity;
 };
 
 static int cudnn_ok(cudnnStatus_t s, const char *what) {
@@ -103,6 +111,8 @@ static void plan_free(conv_plan *p) {
     if (p->y) (void)cudnnDestroyTensorDescriptor(p->y);
     if (p->w) (void)cudnnDestroyFilterDescriptor(p->w);
     if (p->conv) (void)cudnnDestroyConvolutionDescriptor(p->conv);
+    if (p->bias) (void)cudnnDestroyTensorDescriptor(p->bias);
+    if (p->identity) (void)cudnnDestroyActivationDescriptor(p->identity);
     free(p);
 }
 
@@ -158,7 +168,14 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
         cudnn_ok(cudnnSetConvolution2dDescriptor(p->conv, s->pad, s->pad, s->stride, s->stride,
                                                  1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
                  "convolution descriptor") ||
-        cudnn_ok(cudnnSetConvolutionMathType(p->conv, math), "math type"))
+        cudnn_ok(cudnnSetConvolutionMathType(p->conv, math), "math type") ||
+        cudnn_ok(cudnnCreateTensorDescriptor(&p->bias), "descriptor") ||
+        cudnn_ok(cudnnSetTensor4dDescriptor(p->bias, CUDNN_TENSOR_NHWC, dt, 1, (int)s->O, 1, 1),
+                 "bias descriptor") ||
+        cudnn_ok(cudnnCreateActivationDescriptor(&p->identity), "descriptor") ||
+        cudnn_ok(cudnnSetActivationDescriptor(p->identity, CUDNN_ACTIVATION_IDENTITY,
+                                              CUDNN_NOT_PROPAGATE_NAN, 0.0),
+                 "activation descriptor"))
         goto fail;
     if (cuda_buf_alloc(cb, &workspace, CONV_WORKSPACE_LIMIT)) error_clear(); /* search without */
     st = cudnnFindConvolutionForwardAlgorithmEx(
@@ -167,6 +184,12 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
     cuda_buf_free(cb, &workspace);
     if (st == CUDNN_STATUS_NOT_SUPPORTED) found = 0;
     else if (cudnn_ok(st, "cudnnFindConvolutionForwardAlgorithmEx")) goto fail;
+    for (int i = 0; cb->profile && i < found; i++) /* what cuDNN measured, for the profile */
+        fprintf(stderr, "cudnn %s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
+                " k%d s%d: algo %d math %d status %d %.1f us workspace %zu\n",
+                dtype_name(type), s->B, s->C, s->O, s->H, s->W, s->k, s->stride,
+                (int)perf[i].algo, (int)perf[i].mathType, (int)perf[i].status,
+                perf[i].time * 1e3, perf[i].memory);
     for (int i = 0; i < found && !p->usable; i++) { /* sorted fastest first */
         if (perf[i].status != CUDNN_STATUS_SUCCESS || !math_allowed(type, cb->allow_tf32, perf[i].mathType))
             continue;
@@ -200,13 +223,77 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     if (!p->usable) return 1;
     cuda_buf workspace = {NULL, 0};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
-    const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
-    int rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * s->Ho * s->Wo, s->O, 1) : 0;
-    if (!rc)
-        rc = cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv,
-                                              p->algo, workspace.ptr, p->workspace, &beta, p->y, y),
-                      "cudnnConvolutionForward");
+    int rc = 1;
+    /* y = conv(x) + bias in one kernel, where cuDNN has it (the identity
+     * activation only with this algorithm); z's weight is 0 so y's old
+     * contents are not read */
+    if (bias && p->fuse_bias >= 0 && p->algo == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
+        const float one = 1.0f, zero = 0.0f;
+        cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
+            cb->cudnn, &one, p->x, x, p->w, w, p->conv, p->algo, workspace.ptr, p->workspace,
+            &zero, p->y, y, p->bias, bias, p->identity, p->y, y);
+        if (st == CUDNN_STATUS_SUCCESS) p->fuse_bias = 1, rc = 0;
+        else if (p->fuse_bias == 0) p->fuse_bias = -1; /* declined: write the bias first */
+        else rc = cudnn_ok(st, "cudnnConvolutionBiasActivationForward");
+    }
+    if (rc == 1) { /* the bias written into y, the convolution added to it */
+        const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
+        rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * s->Ho * s->Wo, s->O, 1) : 0;
+        if (!rc)
+            rc = cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv,
+                                                  p->algo, workspace.ptr, p->workspace, &beta,
+                                                  p->y, y),
+                          "cudnnConvolutionForward");
+    }
     cuda_buf_free(cb, &workspace);
+    return rc;
+}
+
+/* cuDNN's tensor-core kernels want channel counts that are multiples of 8
+ * (16 bytes of half): the UNet's first convolution has 7 input channels
+ * and its last 4 outputs, the VAE's 4 in and 3 out, and those fall back to
+ * slow kernels. Such a convolution runs on copies widened with zero
+ * channels (which add nothing), and the output's extra channels are
+ * dropped. 0 done, 1 no cuDNN algorithm, -1 error. */
+static int conv_cudnn_widened(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
+                              const void *w, const void *bias, void *y) {
+    conv_shape w8 = *s;
+    w8.C = (s->C + 7) / 8 * 8, w8.O = (s->O + 7) / 8 * 8;
+    size_t es = dtype_size(type);
+    int64_t pixels = s->B * s->H * s->W, out_pixels = s->B * s->Ho * s->Wo, taps = s->k * s->k;
+    cuda_buf xb = {NULL, 0}, wb = {NULL, 0}, bb = {NULL, 0}, yb = {NULL, 0};
+    const void *xp = x, *bp = bias;
+    void *yp = y;
+    /* the weights [O, k, k, C] widened, and zero filters for the extra outputs */
+    int rc = cuda_buf_alloc(cb, &wb, (size_t)(w8.O * taps * w8.C) * es) ||
+                     cuda_ok(cudaMemsetAsync(wb.ptr, 0, wb.bytes, cb->stream), "conv2d: memset") ||
+                     cuda_copy_channels(cb, type, w, s->C, wb.ptr, w8.C, s->O * taps)
+                 ? -1
+                 : 0;
+    if (!rc && w8.C != s->C) {
+        rc = cuda_buf_alloc(cb, &xb, (size_t)(pixels * w8.C) * es) ||
+                     cuda_copy_channels(cb, type, x, s->C, xb.ptr, w8.C, pixels)
+                 ? -1
+                 : 0;
+        xp = xb.ptr;
+    }
+    if (!rc && w8.O != s->O && bias) {
+        rc = cuda_buf_alloc(cb, &bb, (size_t)w8.O * es) ||
+                     cuda_copy_channels(cb, type, bias, s->O, bb.ptr, w8.O, 1)
+                 ? -1
+                 : 0;
+        bp = bb.ptr;
+    }
+    if (!rc && w8.O != s->O) {
+        rc = cuda_buf_alloc(cb, &yb, (size_t)(out_pixels * w8.O) * es);
+        yp = yb.ptr;
+    }
+    if (!rc) rc = conv_cudnn(cb, &w8, type, xp, wb.ptr, bp, yp);
+    if (!rc && w8.O != s->O) rc = cuda_copy_channels(cb, type, yp, w8.O, y, s->O, out_pixels);
+    cuda_buf_free(cb, &xb);
+    cuda_buf_free(cb, &wb);
+    cuda_buf_free(cb, &bb);
+    cuda_buf_free(cb, &yb);
     return rc;
 }
 
@@ -240,7 +327,9 @@ tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor 
 #ifdef SDX4_HAVE_CUDNN
         /* a 1x1 convolution is a GEMM: cuBLAS without cuDNN's overhead */
         bool gemm = s.k == 1 && stride == 1 && padding == 0;
-        if (cb->use_cudnn && !gemm) rc = conv_cudnn(cb, &s, type, x->data, wd, bd, y->data);
+        bool narrow = (s.C % 8 || s.O % 8) && type != DTYPE_F32;
+        if (cb->use_cudnn && !gemm)
+            rc = (narrow ? conv_cudnn_widened : conv_cudnn)(cb, &s, type, x->data, wd, bd, y->data);
 #endif
         if (rc == 1) rc = conv_im2col(cb, &s, type, x->data, wd, bd, y->data);
     }

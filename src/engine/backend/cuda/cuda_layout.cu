@@ -63,6 +63,25 @@ int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int6
     return cuda_launched("bias");
 }
 
+/* ------------------------------------------------------- channel widths */
+
+template <typename T>
+__global__ void copy_channels_kernel(const T *src, int64_t src_c, T *dst, int64_t dst_c,
+                                     int64_t rows) {
+    FOR_EACH(i, rows * dst_c) {
+        int64_t r = i / dst_c, c = i % dst_c;
+        dst[i] = c < src_c ? src[r * src_c + c] : from_f32<T>(0.0f);
+    }
+}
+
+int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t src_c, void *dst,
+                       int64_t dst_c, int64_t rows) {
+    CUDA_DISPATCH(type, T,
+                  copy_channels_kernel<<<cuda_blocks(rows * dst_c), CUDA_THREADS, 0, cb->stream>>>(
+                      (const T *)src, src_c, (T *)dst, dst_c, rows));
+    return cuda_launched("copy_channels");
+}
+
 /* ---------------------------------------------------------------- gather */
 
 template <typename S, typename D>
