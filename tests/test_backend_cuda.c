@@ -190,6 +190,33 @@ static void test_linear(const suite *s, int ndim, const int64_t *xshape, int64_t
     pair_free(&x), pair_free(&w), pair_free(&b);
 }
 
+/* The CPU's product + r against linear_add: the residual in the GEMM. */
+static void test_linear_add(const suite *s, int64_t M, int64_t K, int64_t N) {
+    pair x = act(s, 2, (int64_t[]){M, K}, -1, 1), w = wgt(s, 2, (int64_t[]){N, K}, -1, 1);
+    pair b = wgt(s, 1, &N, -1, 1), r = act(s, 2, (int64_t[]){M, N}, -4, 4);
+    char what[96];
+    snprintf(what, sizeof what, "linear_add %" PRId64 "x%" PRId64 " -> %" PRId64, M, K, N);
+    tensor *c = s->cpu->linear(s->cpu, x.c, w.c, b.c);
+    if (c && s->cpu->add_inplace(s->cpu, c, r.c, 1.0f)) tensor_free(c), c = NULL;
+    expect(s, what, s->gpu->linear_add(s->gpu, x.g, w.g, b.g, r.g), c, s->tol);
+    pair_free(&x), pair_free(&w), pair_free(&b), pair_free(&r);
+}
+
+/* conv2d + r against conv2d_add: the residual in cuDNN's fused call, or
+ * added after where the convolution cannot take it. */
+static void test_conv_add(const suite *s, int64_t B, int64_t C, int64_t H, int64_t W, int64_t O,
+                          int k) {
+    pair x = act(s, 4, (int64_t[]){B, C, H, W}, -1, 1), r = act(s, 4, (int64_t[]){B, O, H, W}, -4, 4);
+    pair w = wgt(s, 4, (int64_t[]){O, C, k, k}, -1, 1), b = wgt(s, 1, &O, -1, 1);
+    char what[96];
+    snprintf(what, sizeof what, "conv2d_add [%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+             "] -> %" PRId64 " k%d", B, C, H, W, O, k);
+    tensor *c = s->cpu->conv2d(s->cpu, x.c, w.c, b.c, 1, k / 2);
+    if (c && s->cpu->add_inplace(s->cpu, c, r.c, 1.0f)) tensor_free(c), c = NULL;
+    expect(s, what, s->gpu->conv2d_add(s->gpu, x.g, w.g, b.g, 1, k / 2, r.g), c, s->tol);
+    pair_free(&x), pair_free(&w), pair_free(&b), pair_free(&r);
+}
+
 static void test_conv(const suite *s, int64_t B, int64_t C, int64_t H, int64_t W, int64_t O,
                       int k, int stride, int pad, int with_bias) {
     pair x = act(s, 4, (int64_t[]){B, C, H, W}, -1, 1);
@@ -216,6 +243,10 @@ static void test_convs(const suite *s) {
     test_conv(s, 1, 512, 23, 23, 8, 3, 1, 1, 1);  /* im2col tiles split rows */
     test_conv(s, 1, 128, 64, 64, 128, 3, 1, 1, 1); /* a VAE layer in small */
     test_conv(s, 2, 64, 16, 16, 128, 1, 1, 0, 1); /* a resnet shortcut */
+    test_conv_add(s, 2, 64, 16, 16, 64, 3);       /* a resnet's conv2 + its input */
+    test_conv_add(s, 1, 128, 40, 24, 256, 3);     /* wider output, in the VAE's dtype too */
+    test_conv_add(s, 2, 3, 9, 7, 5, 3);           /* widened channels: added after */
+    test_conv_add(s, 2, 32, 8, 8, 16, 1);         /* 1x1: the GEMM, added after */
 }
 
 static void test_attention(const suite *s, int64_t B, int64_t Tq, int64_t Tk, int heads,
@@ -356,6 +387,8 @@ static void test_all(const suite *s) {
     test_linear(s, 1, (int64_t[]){37}, 11, 0);
     test_linear(s, 3, (int64_t[]){2, 77, 1024}, 320, 1);
     test_linear(s, 3, (int64_t[]){2, 300, 320}, 2560, 1);
+    test_linear_add(s, 300, 320, 320);
+    test_linear_add(s, 7, 37, 23);
     test_convs(s);
     test_attentions(s);
     test_norms(s);

@@ -73,6 +73,15 @@ struct backend {
      * bias may be NULL. */
     tensor *(*conv2d)(backend *be, const tensor *x, const tensor *w,
                       const tensor *bias, int stride, int padding);
+    /* Optional (NULL: the model adds separately): linear or conv2d + r,
+     * r of the output's shape, a residual connection added while the
+     * product is still in float (one rounding where PyTorch has two, and
+     * no pass of its own). blocks.h's linear_add_fw and conv_add_fw. */
+    tensor *(*linear_add)(backend *be, const tensor *x, const tensor *w,
+                          const tensor *bias, const tensor *r);
+    tensor *(*conv2d_add)(backend *be, const tensor *x, const tensor *w,
+                          const tensor *bias, int stride, int padding,
+                          const tensor *r);
     /* Scaled dot-product attention, scale 1/sqrt(head_dim):
      * q[B, Tq, H*D], k and v [B, Tk, H*D] -> [B, Tq, H*D]. `causal` masks
      * key j > query i (CLIP). Must not hold the whole [Tq, Tk] score matrix

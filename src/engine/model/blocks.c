@@ -60,19 +60,14 @@ tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor 
         if (be->add_channel_bias_inplace(be, h, t)) goto fail;
         DROP(t);
     }
-    /* conv2(dropout(nonlinearity(norm2(hidden_states)))) */
+    /* conv2(dropout(nonlinearity(norm2(hidden_states)))), then
+     * (shortcut(input_tensor) + hidden_states) / output_scale_factor (1) */
     TRY(t = be->group_norm(be, h, r->groups, r->norm2.g, r->norm2.b, r->eps, ACT_SILU));
     DROP(h);
-    TRY(out = conv_fw(be, &r->conv2, t));
+    if (r->shortcut.w) TRY(s = conv_fw(be, &r->shortcut, x));
+    TRY(out = conv_add_fw(be, &r->conv2, t, s ? s : x));
     DROP(t);
-    /* (shortcut(input_tensor) + hidden_states) / output_scale_factor (1) */
-    if (r->shortcut.w) {
-        TRY(s = conv_fw(be, &r->shortcut, x));
-        if (be->add_inplace(be, out, s, 1.0f)) goto fail;
-        DROP(s);
-    } else if (be->add_inplace(be, out, x, 1.0f)) {
-        goto fail;
-    }
+    DROP(s);
     return out;
 fail:
     DROP(h);
@@ -138,7 +133,7 @@ static struct kv_entry *kv_entry_of(kv_cache *c, const attention_p *a) {
 }
 
 tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context,
-                     kv_cache *kv) {
+                     kv_cache *kv, const tensor *residual) {
     const tensor *ctx = context ? context : x;
     struct kv_entry *cached = NULL;
     tensor *q = NULL, *k = NULL, *v = NULL, *o = NULL, *out = NULL;
@@ -151,7 +146,7 @@ tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const t
     }
     /* F.scaled_dot_product_attention(query, key, value) over `heads` heads */
     TRY(o = be->attention(be, q, cached ? cached->k : k, cached ? cached->v : v, a->heads, 0));
-    TRY(out = linear_fw(be, &a->out, o));
+    TRY(out = residual ? linear_add_fw(be, &a->out, o, residual) : linear_fw(be, &a->out, o));
 fail:
     DROP(q);
     DROP(k);
@@ -209,38 +204,31 @@ void transformer2d_free(transformer2d_p *t) {
     t->blocks = NULL;
 }
 
-/* BasicTransformerBlock.forward, in place on h [B, T, C]. */
-static int block_fw(backend *be, const transformer_block_p *b, int only_cross, tensor *h,
-                    const tensor *context, kv_cache *kv) {
+/* BasicTransformerBlock.forward on h [B, T, C]: the new h, h freed. */
+static tensor *block_fw(backend *be, const transformer_block_p *b, int only_cross, tensor *h,
+                        const tensor *context, kv_cache *kv) {
     tensor *n = NULL, *a = NULL, *g = NULL;
     /* attn1(norm1(h), encoder_hidden_states if only_cross_attention) + h */
     TRY(n = be->layer_norm(be, h, b->ln1.g, b->ln1.b, 1e-5f));
-    TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL, kv));
-    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
-    DROP(n);
-    DROP(a);
+    TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL, kv, h));
+    DROP(h), DROP(n);
+    h = a, a = NULL;
     /* attn2(norm2(h), encoder_hidden_states) + h */
     TRY(n = be->layer_norm(be, h, b->ln2.g, b->ln2.b, 1e-5f));
-    TRY(a = attention_fw(be, &b->attn2, n, context, kv));
-    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
-    DROP(n);
-    DROP(a);
+    TRY(a = attention_fw(be, &b->attn2, n, context, kv, h));
+    DROP(h), DROP(n);
+    h = a, a = NULL;
     /* ff(norm3(h)) + h, ff = Linear(GEGLU(x)) */
     TRY(n = be->layer_norm(be, h, b->ln3.g, b->ln3.b, 1e-5f));
     TRY(a = linear_fw(be, &b->ff_in, n));
+    DROP(n);
     TRY(g = be->geglu(be, a));
     DROP(a);
-    TRY(a = linear_fw(be, &b->ff_out, g));
-    if (be->add_inplace(be, h, a, 1.0f)) goto fail;
-    DROP(n);
-    DROP(a);
+    TRY(a = linear_add_fw(be, &b->ff_out, g, h));
     DROP(g);
-    return 0;
 fail:
-    DROP(n);
-    DROP(a);
-    DROP(g);
-    return -1;
+    DROP(h), DROP(n), DROP(g);
+    return a;
 }
 
 tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
@@ -254,7 +242,7 @@ tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
     TRY(hs = linear_fw(be, &t->proj_in, tok));
     DROP(tok);
     for (int i = 0; i < t->nblocks; i++)
-        if (block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context, kv)) goto fail;
+        TRY(hs = block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context, kv));
     /* proj_out, back to [B, C, H, W], + residual */
     TRY(tok = linear_fw(be, &t->proj_out, hs));
     TRY(out = be->tokens_to_nchw(be, tok, h, w));

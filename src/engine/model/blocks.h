@@ -33,6 +33,21 @@ static inline tensor *linear_fw(backend *be, const linear_p *p, const tensor *x)
 static inline tensor *conv_fw(backend *be, const conv_p *p, const tensor *x) {
     return be->conv2d(be, x, p->w, p->b, p->stride, p->pad);
 }
+/* The layer's output + r (a residual connection): in one operation where
+ * the backend has it, else as two. */
+static inline tensor *residual_added(backend *be, tensor *y, const tensor *r) {
+    if (y && be->add_inplace(be, y, r, 1.0f)) DROP(y);
+    return y;
+}
+static inline tensor *linear_add_fw(backend *be, const linear_p *p, const tensor *x,
+                                    const tensor *r) {
+    if (be->linear_add) return be->linear_add(be, x, p->w, p->b, r);
+    return residual_added(be, linear_fw(be, p, x), r);
+}
+static inline tensor *conv_add_fw(backend *be, const conv_p *p, const tensor *x, const tensor *r) {
+    if (be->conv2d_add) return be->conv2d_add(be, x, p->w, p->b, p->stride, p->pad, r);
+    return residual_added(be, conv_fw(be, p, x), r);
+}
 
 /* diffusers ResnetBlock2D (pre-norm, "default" time embedding):
  *   h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
@@ -67,9 +82,11 @@ kv_cache *kv_cache_new(void); /* NULL with the error set */
 void kv_cache_free(kv_cache *c);
 
 /* x [B, T, C]; context [B, S, Cc], or NULL for self-attention; kv: the
- * context's cache, or NULL to compute keys and values on every call. */
+ * context's cache, or NULL to compute keys and values on every call;
+ * residual: added to the output (the output projection's linear_add_fw),
+ * or NULL. */
 tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context,
-                     kv_cache *kv);
+                     kv_cache *kv, const tensor *residual);
 
 /* Transformer2DModel with use_linear_projection and BasicTransformerBlocks
  * (layer norms, attn1 (cross when only_cross_attention), attn2 (cross),

@@ -111,7 +111,7 @@ static tensor *mid_attention(backend *be, const vae_decoder *v, const tensor *x)
     TRY(n = be->group_norm(be, x, v->groups, v->mid_attn_norm.g, v->mid_attn_norm.b, RESNET_EPS,
                            ACT_NONE));
     TRY(tok = be->nchw_to_tokens(be, n));
-    TRY(a = attention_fw(be, &v->mid_attn, tok, NULL, NULL));
+    TRY(a = attention_fw(be, &v->mid_attn, tok, NULL, NULL, NULL));
     TRY(out = be->tokens_to_nchw(be, a, h, w));
     if (be->add_inplace(be, out, x, 1.0f)) DROP(out);
 fail:

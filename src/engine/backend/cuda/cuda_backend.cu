@@ -71,8 +71,8 @@ int cublas_ok(cublasStatus_t s, const char *what) {
 cuda_lock::cuda_lock(const backend *be, const char *op) : cb((cuda_backend *)be), ok(false) {
     pthread_mutex_lock(&cb->lock);
     ok = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") == 0;
-    if (ok && op && cb->profile && !cb->recording)
-        cuda_profile_begin(cb->profile, cb->stream, op, cb->in_use);
+    if (ok && op && cb->profile)
+        cuda_profile_begin(cb->profile, cb->stream, op, cb->in_use, cb->recording != NULL);
 }
 
 cuda_lock::~cuda_lock() {
@@ -462,40 +462,63 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
 
 /* y[M, N] = x[M, K] @ w[N, K]^T + bias. cuBLAS is column-major: there the
  * row-major y is y^T [N, M] = w [K, N]^T x^T [K, M]. */
-static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
-    cuda_lock lock(be, "linear");
+/* -1 with the error set unless r has the shape of x with its last
+ * dimension n (a residual for linear's output). */
+static int check_residual(const char *op, const tensor *x, int64_t n, const tensor *r) {
+    bool same = r->ndim == x->ndim && r->shape[r->ndim - 1] == n;
+    for (int i = 0; same && i < x->ndim - 1; i++) same = r->shape[i] == x->shape[i];
+    if (same) return 0;
+    set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: the residual's shape is not the output's", op);
+    return -1;
+}
+
+/* linear, and linear_add with r (else NULL): see cuda_gemm */
+static tensor *linear_residual(backend *be, const char *op, const tensor *x, const tensor *w,
+                               const tensor *bias, const tensor *r) {
+    cuda_lock lock(be, op);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "linear", "input", x, 0) || cuda_check(cb, "linear", "weight", w, 2) ||
-        cuda_refuse_image("linear", x))
+    if (cuda_check(cb, op, "input", x, 0) || cuda_check(cb, op, "weight", w, 2) ||
+        cuda_refuse_image(op, x))
         return NULL;
     if (check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
-    if (bias && (cuda_check(cb, "linear", "bias", bias, 0) || check_bias("linear", bias, N)))
-        return NULL;
+    if (bias && (cuda_check(cb, op, "bias", bias, 0) || check_bias(op, bias, N))) return NULL;
+    if (r && (cuda_check(cb, op, "residual", r, 0) || check_residual(op, x, N, r))) return NULL;
     int64_t M = tensor_numel(x) / K;
-    if (check_gemm_size("linear", "cuBLAS", M, N, K)) return NULL;
+    if (check_gemm_size(op, "cuBLAS", M, N, K)) return NULL;
     cuda_profile_label(cb->profile, " %s M%" PRId64 " N%" PRId64 " K%" PRId64,
                        dtype_name(x->type), M, N, K);
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
     dtype type = x->type;
-    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};
-    const void *wd = NULL, *bd = NULL;
+    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0}, r_tmp = {NULL, 0};
+    const void *wd = NULL, *bd = NULL, *rd = NULL;
     tensor *y = NULL;
     if (!(wd = cuda_data_as(cb, w, type, &w_tmp)) ||
         (bias && !(bd = cuda_data_as(cb, bias, type, &b_tmp))) ||
+        (r && !(rd = cuda_data_as(cb, r, type, &r_tmp))) ||
         !(y = cuda_tensor_new(cb, x->ndim, shape, type)) ||
         cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, wd, (int)K, x->data,
-                  (int)K, bd, y->data, (int)N)) {
-        error_prefix("linear");
+                  (int)K, bd, rd, y->data, (int)N)) {
+        error_prefix("%s", op);
         cuda_tensor_release(cb, y);
         y = NULL;
     }
     cuda_buf_free(cb, &w_tmp);
     cuda_buf_free(cb, &b_tmp);
+    cuda_buf_free(cb, &r_tmp);
     return y;
+}
+
+static tensor *cuda_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
+    return linear_residual(be, "linear", x, w, bias, NULL);
+}
+
+static tensor *cuda_linear_add(backend *be, const tensor *x, const tensor *w, const tensor *bias,
+                               const tensor *r) {
+    return linear_residual(be, "linear_add", x, w, bias, r);
 }
 
 /* -------------------------------------------------------------- embedding */
@@ -682,6 +705,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->download = cuda_download;
         be->linear = cuda_linear;
         be->conv2d = cuda_conv2d;
+        be->linear_add = cuda_linear_add;
+        be->conv2d_add = cuda_conv2d_add;
         be->attention = cuda_attention;
         be->group_norm = cuda_group_norm;
         be->layer_norm = cuda_layer_norm;

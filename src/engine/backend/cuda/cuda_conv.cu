@@ -20,10 +20,10 @@
  * one GEMM writes y[tile, O] = col @ w[O, k*k*C]^T into the channels-last
  * output. Tiles keep the column buffer under COL_BUDGET_BYTES.
  *
- * cuDNN adds the bias in the convolution's epilogue where it can
- * (cudnnConvolutionBiasActivationForward, identity activation); else the
- * bias is written into the output first and the convolution added to it
- * (beta = 1). The GEMMs add it in their epilogue (cuda_gemm.cu). Every way
+ * cuDNN adds the bias in the convolution's epilogue where that is faster
+ * (cudnnConvolutionBiasActivationForward, identity activation: both ways
+ * are timed on first use); else the bias is written into the output first
+ * and the convolution added to it (beta = 1). The GEMMs add it in their epilogue (cuda_gemm.cu). Every way
  * in float, before the one rounding.
  */
 #include <inttypes.h>
@@ -51,7 +51,7 @@ static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const 
     /* column-major, as cuBLAS: y^T [O, rows] = (w as stored)^T . col^T + bias */
     if (direct)
         return cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)(s->B * P), (int)kkc,
-                         w, (int)kkc, x, (int)kkc, bias, y, (int)s->O);
+                         w, (int)kkc, x, (int)kkc, bias, NULL, y, (int)s->O);
     int rc = 0;
     int64_t tile = COL_BUDGET_BYTES / (kkc * (int64_t)es);
     if (tile > P) tile = P;
@@ -66,7 +66,7 @@ static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const 
             rc = cuda_im2col(cb, type, xn, s->C, s->H, s->W, s->k, s->stride, s->pad, s->Wo, p0,
                              rows, col.ptr) ||
                  cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)s->O, (int)rows, (int)kkc, w,
-                           (int)kkc, col.ptr, (int)kkc, bias, yn + (size_t)(p0 * s->O) * es,
+                           (int)kkc, col.ptr, (int)kkc, bias, NULL, yn + (size_t)(p0 * s->O) * es,
                            (int)s->O);
         }
     }
@@ -92,8 +92,8 @@ struct conv_plan {
     cudnnConvolutionFwdAlgo_t algo;
     size_t workspace;
     int usable; /* 0: cuDNN has no algorithm for this shape, use im2col */
-    /* the bias in the convolution's epilogue (see conv_cudnn): 1 yes,
-     * 0 not tried yet, -1 cuDNN declined */
+    /* the bias in the convolution's epilogue: 1 yes, -1 no (declined or
+     * slower), 0 not decided yet (choose_bias_path) */
     int fuse_bias;
     cudnnTensorDescriptor_t bias;
     cudnnActivationDescriptor_t identity;
@@ -207,9 +207,81 @@ fail:
     return NULL;
 }
 
-/* 0 done, 1 no cuDNN algorithm (use im2col), -1 error. */
+/* y = conv(x) + bias in one call (the identity activation exists only for
+ * this algorithm); z's weight is 0, so y's old contents are not read. */
+static cudnnStatus_t conv_fused_bias(cuda_backend *cb, const conv_plan *p, const void *x,
+                                     const void *w, const void *bias, void *y, void *workspace) {
+    const float one = 1.0f, zero = 0.0f;
+    return cudnnConvolutionBiasActivationForward(cb->cudnn, &one, p->x, x, p->w, w, p->conv,
+                                                 p->algo, workspace, p->workspace, &zero, p->y, y,
+                                                 p->bias, bias, p->identity, p->y, y);
+}
+
+/* y = conv(x) + r + bias in one call: the residual as cuDNN's z. */
+static cudnnStatus_t conv_fused_residual(cuda_backend *cb, const conv_plan *p, const void *x,
+                                         const void *w, const void *bias, const void *r, void *y,
+                                         void *workspace) {
+    const float one = 1.0f;
+    return cudnnConvolutionBiasActivationForward(cb->cudnn, &one, p->x, x, p->w, w, p->conv,
+                                                 p->algo, workspace, p->workspace, &one, p->y, r,
+                                                 p->bias, bias, p->identity, p->y, y);
+}
+
+/* y = bias, then y += conv(x) (beta = 1); without a bias just the
+ * convolution. */
+static int conv_bias_first(cuda_backend *cb, const conv_plan *p, const conv_shape *s, dtype type,
+                           const void *x, const void *w, const void *bias, void *y,
+                           void *workspace) {
+    const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
+    if (bias && cuda_fill_bias(cb, y, bias, type, s->B * s->Ho * s->Wo, s->O, 1)) return -1;
+    return cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv, p->algo,
+                                            workspace, p->workspace, &beta, p->y, y),
+                    "cudnnConvolutionForward");
+}
+
+/* Times both ways of adding the bias on the real tensors, as the
+ * algorithm search does, and returns the faster: 1 fused, -1 bias first
+ * (cuDNN's fused kernels are not always its fastest). */
+static int choose_bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
+                            const void *x, const void *w, const void *bias, void *y,
+                            void *workspace) {
+    if (p->algo != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ||
+        conv_fused_bias(cb, p, x, w, bias, y, workspace) != CUDNN_STATUS_SUCCESS)
+        return -1; /* declined */
+    cudaEvent_t e[3] = {NULL, NULL, NULL};
+    float fused = 0.0f, first = 0.0f;
+    int choice = 1, ok = 1;
+    for (int i = 0; i < 3 && ok; i++) ok = cudaEventCreate(&e[i]) == cudaSuccess;
+    if (ok) {
+        ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0; /* warm */
+        (void)cudaEventRecord(e[0], cb->stream);
+        for (int i = 0; i < 3 && ok; i++)
+            ok = conv_fused_bias(cb, p, x, w, bias, y, workspace) == CUDNN_STATUS_SUCCESS;
+        (void)cudaEventRecord(e[1], cb->stream);
+        for (int i = 0; i < 3 && ok; i++)
+            ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0;
+        (void)cudaEventRecord(e[2], cb->stream);
+        if (ok && cudaEventSynchronize(e[2]) == cudaSuccess &&
+            cudaEventElapsedTime(&fused, e[0], e[1]) == cudaSuccess &&
+            cudaEventElapsedTime(&first, e[1], e[2]) == cudaSuccess && first < fused)
+            choice = -1;
+        if (cb->profile)
+            fprintf(stderr, "cudnn %s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
+                    " k%d s%d: bias fused %.1f us, written first %.1f us\n", dtype_name(type),
+                    s->B, s->C, s->O, s->H, s->W, s->k, s->stride, fused * 1e3f / 3,
+                    first * 1e3f / 3);
+    }
+    for (int i = 0; i < 3; i++)
+        if (e[i]) (void)cudaEventDestroy(e[i]);
+    (void)cudaGetLastError();
+    error_clear(); /* a failed trial only means the fused path is not taken */
+    return choice;
+}
+
+/* 0 done, 1 no cuDNN algorithm (use im2col), -1 error; with a residual r
+ * (else NULL) 2 when done without it (the caller adds it). */
 static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
-                      const void *w, const void *bias, void *y) {
+                      const void *w, const void *bias, const void *r, void *y) {
     /* cuDNN describes tensors with int dimensions and counts */
     if (s->B * s->C * s->H * s->W > INT_MAX || s->B * s->O * s->Ho * s->Wo > INT_MAX) return 1;
     int64_t key[PLAN_KEY] = {s->B, s->C, s->H, s->W, s->O, s->k, s->stride, s->pad, type,
@@ -223,30 +295,19 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     if (!p->usable) return 1;
     cuda_buf workspace = {NULL, 0};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
-    int rc = 1;
-    /* y = conv(x) + bias in one kernel, where cuDNN has it (the identity
-     * activation only with this algorithm); z's weight is 0 so y's old
-     * contents are not read */
-    if (bias && p->fuse_bias >= 0 && p->algo == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) {
-        const float one = 1.0f, zero = 0.0f;
-        cudnnStatus_t st = cudnnConvolutionBiasActivationForward(
-            cb->cudnn, &one, p->x, x, p->w, w, p->conv, p->algo, workspace.ptr, p->workspace,
-            &zero, p->y, y, p->bias, bias, p->identity, p->y, y);
-        if (st == CUDNN_STATUS_SUCCESS) p->fuse_bias = 1, rc = 0;
-        else if (p->fuse_bias == 0) p->fuse_bias = -1; /* declined: write the bias first */
-        else rc = cudnn_ok(st, "cudnnConvolutionBiasActivationForward");
-    }
-    if (rc == 1) { /* the bias written into y, the convolution added to it */
-        const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
-        rc = bias ? cuda_fill_bias(cb, y, bias, type, s->B * s->Ho * s->Wo, s->O, 1) : 0;
-        if (!rc)
-            rc = cudnn_ok(cudnnConvolutionForward(cb->cudnn, &alpha, p->x, x, p->w, w, p->conv,
-                                                  p->algo, workspace.ptr, p->workspace, &beta,
-                                                  p->y, y),
-                          "cudnnConvolutionForward");
-    }
+    if (bias && !p->fuse_bias && !cb->recording) /* the trial waits for the stream */
+        p->fuse_bias = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr);
+    int rc;
+    if (r && bias && p->fuse_bias > 0)
+        rc = cudnn_ok(conv_fused_residual(cb, p, x, w, bias, r, y, workspace.ptr),
+                      "cudnnConvolutionBiasActivationForward");
+    else if (bias && p->fuse_bias > 0)
+        rc = cudnn_ok(conv_fused_bias(cb, p, x, w, bias, y, workspace.ptr),
+                      "cudnnConvolutionBiasActivationForward");
+    else
+        rc = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
-    return rc;
+    return !rc && r && !(bias && p->fuse_bias > 0) ? 2 : rc;
 }
 
 /* cuDNN's tensor-core kernels want channel counts that are multiples of 8
@@ -288,7 +349,7 @@ static int conv_cudnn_widened(cuda_backend *cb, const conv_shape *s, dtype type,
         rc = cuda_buf_alloc(cb, &yb, (size_t)(out_pixels * w8.O) * es);
         yp = yb.ptr;
     }
-    if (!rc) rc = conv_cudnn(cb, &w8, type, xp, wb.ptr, bp, yp);
+    if (!rc) rc = conv_cudnn(cb, &w8, type, xp, wb.ptr, bp, NULL, yp);
     if (!rc && w8.O != s->O) rc = cuda_copy_channels(cb, type, yp, w8.O, y, s->O, out_pixels);
     cuda_buf_free(cb, &xb);
     cuda_buf_free(cb, &wb);
@@ -301,37 +362,51 @@ static int conv_cudnn_widened(cuda_backend *cb, const conv_shape *s, dtype type,
 
 /* ------------------------------------------------------------- operation */
 
-tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
-                    int padding) {
-    cuda_lock lock(be, "conv2d");
+/* conv2d, and conv2d_add with r (else NULL): the residual goes into
+ * cuDNN's fused call where the bias does, else it is added after. */
+static tensor *conv_residual(backend *be, const char *op, const tensor *x, const tensor *w,
+                             const tensor *bias, int stride, int padding, const tensor *r) {
+    cuda_lock lock(be, op);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "conv2d", "input", x, 4) || cuda_check(cb, "conv2d", "weight", w, 4))
-        return NULL;
-    if (bias && cuda_check(cb, "conv2d", "bias", bias, 0)) return NULL;
+    if (cuda_check(cb, op, "input", x, 4) || cuda_check(cb, op, "weight", w, 4)) return NULL;
+    if (bias && cuda_check(cb, op, "bias", bias, 0)) return NULL;
+    if (r && cuda_check(cb, op, "residual", r, 4)) return NULL;
     conv_shape s = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], 0, 0,
                     (int)w->shape[2], stride, padding};
     if (check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
+    int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
+    if (r && (r->shape[0] != s.B || r->shape[1] != s.O || r->shape[2] != s.Ho ||
+              r->shape[3] != s.Wo)) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: the residual's shape is not the output's", op);
+        return NULL;
+    }
     cuda_profile_label(cb->profile, " %s k%d s%d B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64
                        "x%" PRId64, dtype_name(x->type), s.k, stride, s.B, s.C, s.O, s.H, s.W);
-    int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
     dtype type = x->type;
-    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0};
-    const void *wd = NULL, *bd = NULL;
+    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0}, r_tmp = {NULL, 0};
+    const void *wd = NULL, *bd = NULL, *rd = NULL;
     tensor *y = NULL;
     int rc = -1;
     if ((wd = cuda_data_as(cb, w, type, &w_tmp)) &&
         (!bias || (bd = cuda_data_as(cb, bias, type, &b_tmp))) &&
+        (!r || (rd = cuda_data_as(cb, r, type, &r_tmp))) &&
         (y = cuda_tensor_new(cb, 4, shape, type))) {
         rc = 1;
 #ifdef SDX4_HAVE_CUDNN
         /* a 1x1 convolution is a GEMM: cuBLAS without cuDNN's overhead */
         bool gemm = s.k == 1 && stride == 1 && padding == 0;
         bool narrow = (s.C % 8 || s.O % 8) && type != DTYPE_F32;
-        if (cb->use_cudnn && !gemm)
-            rc = (narrow ? conv_cudnn_widened : conv_cudnn)(cb, &s, type, x->data, wd, bd, y->data);
+        if (cb->use_cudnn && !gemm && narrow) { /* the residual is added below */
+            rc = conv_cudnn_widened(cb, &s, type, x->data, wd, bd, y->data);
+        } else if (cb->use_cudnn && !gemm) {
+            rc = conv_cudnn(cb, &s, type, x->data, wd, bd, rd, y->data);
+            if (rc == 2) rc = 0;         /* done, the residual still to add */
+            else if (rc == 0) rd = NULL; /* done with it, or there was none */
+        }
 #endif
         if (rc == 1) rc = conv_im2col(cb, &s, type, x->data, wd, bd, y->data);
+        if (!rc && rd) rc = cuda_add(cb, type, y->data, rd, tensor_numel(y));
     }
     if (rc) {
         cuda_tensor_release(cb, y);
@@ -339,5 +414,16 @@ tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor 
     }
     cuda_buf_free(cb, &w_tmp);
     cuda_buf_free(cb, &b_tmp);
+    cuda_buf_free(cb, &r_tmp);
     return y;
+}
+
+tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+                    int padding) {
+    return conv_residual(be, "conv2d", x, w, bias, stride, padding, NULL);
+}
+
+tensor *cuda_conv2d_add(backend *be, const tensor *x, const tensor *w, const tensor *bias,
+                        int stride, int padding, const tensor *r) {
+    return conv_residual(be, "conv2d_add", x, w, bias, stride, padding, r);
 }

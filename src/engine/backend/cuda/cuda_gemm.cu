@@ -8,8 +8,10 @@
  * time each (a quarter of the time of the UNet's largest linear layers).
  * The heuristic's algorithm for each shape (type, transposes, sizes, bias)
  * is looked up once and kept, as cuDNN's plans are in cuda_conv.cu: a
- * model has a few dozen shapes. Where cuBLASLt offers no algorithm the
- * product falls back to cublasGemmEx, with the bias written first.
+ * model has a few dozen shapes. A residual R (linear_add) is cuBLASLt's C
+ * operand with beta = 1, so it too is added in float before the one
+ * rounding. Where cuBLASLt offers no algorithm the product falls back to
+ * cublasGemmEx, with the bias written first and R added after.
  *
  * All products accumulate in float (CUBLAS_COMPUTE_32F); float operands
  * may use TF32 tensor cores in fp16 mode (cuda_backend.cu).
@@ -113,14 +115,14 @@ static gemm_plan *find_plan(cuda_backend *cb, const int64_t *key, cudaDataType_t
 
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
               int n, int k, const void *A, int lda, const void *B, int ldb, const void *bias,
-              void *C, int ldc) {
+              const void *R, void *C, int ldc) {
     cudaDataType_t t = type == DTYPE_F16 ? CUDA_R_16F : type == DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     cublasComputeType_t compute = type == DTYPE_F32 && cb->allow_tf32
                                       ? CUBLAS_COMPUTE_32F_FAST_TF32
                                       : CUBLAS_COMPUTE_32F;
     const float alpha = 1.0f, zero = 0.0f, one = 1.0f;
     int64_t key[GEMM_KEY] = {type, ta, tb, m, n, k, ((int64_t)lda << 32) | ldb, ldc,
-                             (bias != NULL) | (int64_t)cb->allow_tf32 << 1};
+                             (bias != NULL) | (int64_t)cb->allow_tf32 << 1 | (int64_t)(R != NULL) << 2};
     gemm_plan *p = find_plan(cb, key, t, compute, ta, tb, m, n, k, lda, ldb, ldc, bias != NULL);
     if (!p) return -1;
     if (p->usable) {
@@ -129,14 +131,19 @@ int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperatio
                                                              &bias, sizeof bias),
                               "cublasLt: bias"))
             return -1;
-        return cublas_ok(cublasLtMatmul(cb->cublaslt, p->desc, &alpha, A, p->a, B, p->b, &zero,
-                                        C, p->c, C, p->c, &p->algo, cb->gemm_workspace.ptr,
-                                        cb->gemm_workspace.bytes, cb->stream),
+        /* D = A B + bias + 1 * R, R read as the C operand */
+        return cublas_ok(cublasLtMatmul(cb->cublaslt, p->desc, &alpha, A, p->a, B, p->b,
+                                        R ? &one : &zero, R ? R : C, p->c, C, p->c, &p->algo,
+                                        cb->gemm_workspace.ptr, cb->gemm_workspace.bytes,
+                                        cb->stream),
                          "cublasLtMatmul");
     }
-    /* y = bias (each column of the column-major C), then y += A B */
+    /* y = bias (each column of the column-major C), then y += A B, then + R */
     if (bias && cuda_fill_bias(cb, C, bias, type, n, m, 1)) return -1;
     return cublas_ok(cublasGemmEx(cb->cublas, ta, tb, m, n, k, &alpha, A, t, lda, B, t, ldb,
                                   bias ? &one : &zero, C, t, ldc, compute, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx");
+                     "cublasGemmEx") ||
+                   (R && cuda_add(cb, type, C, R, (int64_t)ldc * n))
+               ? -1
+               : 0;
 }

@@ -51,6 +51,7 @@ int cuda_record_begin(backend *be) {
         return -1;
     }
     cb->recording = g;
+    g->profiled_first = cuda_profile_recorded(cb->profile);
     return 0; /* the lock stays held until record_end() */
 }
 
@@ -62,6 +63,7 @@ backend_graph *cuda_record_end(backend *be) {
         return NULL;
     }
     cb->recording = NULL;
+    g->profiled_count = cuda_profile_recorded(cb->profile) - g->profiled_first;
     cudaGraph_t graph = NULL;
     int rc = cuda_ok(cudaStreamEndCapture(cb->stream, &graph), "cuda: record_end") ||
              cuda_ok(cudaGraphInstantiate(&g->exec, graph, 0), "cuda: record_end: instantiate");
@@ -76,9 +78,17 @@ backend_graph *cuda_record_end(backend *be) {
 }
 
 int cuda_replay(backend *be, backend_graph *g) {
-    cuda_lock lock(be, "replay");
-    if (!lock) return -1;
-    return cuda_ok(cudaGraphLaunch(g->exec, lock.cb->stream), "cuda: replay");
+    int rc;
+    {
+        cuda_lock lock(be, "replay");
+        if (!lock) return -1;
+        rc = cuda_ok(cudaGraphLaunch(g->exec, lock.cb->stream), "cuda: replay");
+    }
+    if (!rc && ((cuda_backend *)be)->profile) { /* after "replay" itself has ended */
+        cuda_lock lock(be);
+        if (lock) cuda_profile_replayed(lock.cb->profile, g->profiled_first, g->profiled_count);
+    }
+    return rc;
 }
 
 void cuda_graph_free(backend *be, backend_graph *g) {

@@ -83,6 +83,7 @@ typedef struct {
 struct backend_graph {
     cudaGraphExec_t exec;
     cuda_block *cache[CUDA_SIZE_CLASSES];
+    int profiled_first, profiled_count; /* its operations' events (cuda_profile.cu) */
 };
 
 typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
@@ -175,20 +176,29 @@ int cublas_ok(cublasStatus_t s, const char *what);
 static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastError(), what); }
 
 /* --- cuda_gemm.cu --------------------------------------------------- */
-/* C[m, n] = op(A) op(B) (+ bias[i] on row i, bias may be NULL),
- * column-major as cuBLAS, all of `type`, accumulated in float. */
+/* C[m, n] = op(A) op(B) (+ bias[i] on row i) (+ R[m, n]), bias and R
+ * may be NULL (R, if given, laid out as C, ldc == m), column-major as
+ * cuBLAS, all of `type`, accumulated in float. */
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
               int n, int k, const void *A, int lda, const void *B, int ldb, const void *bias,
-              void *C, int ldc);
+              const void *R, void *C, int ldc);
+/* a[i] += b[i] for n elements of `type` (the residual connections). */
+int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n);
 void cuda_gemm_plans_free(cuda_backend *cb);
 
 /* --- cuda_profile.cu: GPU time per operation (see there) ------------- */
 /* NULL unless SDX4_CUDA_PROFILE is set (and on out of memory). */
 cuda_profile *cuda_profile_create(void);
-void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use);
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use,
+                        bool recording);
 /* Appends to the running operation's key, printf-style; no-op when off. */
 void cuda_profile_label(cuda_profile *p, const char *fmt, ...);
 void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak);
+/* How many operations have been recorded into graphs so far (0 when off):
+ * a graph's are those between its record_begin and record_end. */
+int cuda_profile_recorded(const cuda_profile *p);
+/* A graph holding recorded operations [first, first + count) was launched. */
+void cuda_profile_replayed(cuda_profile *p, int first, int count);
 /* Reads the finished operations' events (waits for them). */
 void cuda_profile_collect(cuda_profile *p);
 /* Prints the table to stderr and frees; NULL is fine. */
@@ -222,6 +232,8 @@ int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t 
 /* --- the operations of the other files, with backend.h's signatures --- */
 tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
                     int padding);
+tensor *cuda_conv2d_add(backend *be, const tensor *x, const tensor *w, const tensor *bias,
+                        int stride, int padding, const tensor *r);
 #ifdef SDX4_HAVE_CUDNN
 void cuda_conv_plans_free(cuda_backend *cb);
 #endif

@@ -146,6 +146,13 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     return rc;
 }
 
+int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n) {
+    CUDA_DISPATCH(type, T,
+                  add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (T *)a, (const T *)b, n, 1.0f));
+    return cuda_launched("add");
+}
+
 /* x[b][p][c] += v[b][c] over the pixels p of channels-last images of
  * C channels and `image` values */
 template <typename T>

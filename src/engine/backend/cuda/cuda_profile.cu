@@ -10,6 +10,12 @@
  * table, largest total first, to stderr when it is destroyed, with the
  * operation during which memory() reached its peak.
  *
+ * Operations recorded into a CUDA graph (cuda_graph.cu) record their
+ * events as nodes of the graph, and each replay has them read: those
+ * appear as "(replayed) ...", the times of a step as it runs in the
+ * pipeline, without the host's launch gaps of an operation-by-operation
+ * run.
+ *
  * Off (the default) it costs one pointer test per operation. On, it adds
  * two event records per operation and nothing else: no synchronisation
  * inside a step, so the totals are the kernels' own times.
@@ -28,6 +34,7 @@
 typedef struct {
     cudaEvent_t start, end;
     char key[PROFILE_KEY];
+    int kept; /* a recorded operation's events: they serve every replay */
 } pending_op;
 
 typedef struct {
@@ -47,6 +54,9 @@ struct cuda_profile {
     int64_t peak, peak_before;  /* the highest memory() peak, and in_use */
     char peak_op[PROFILE_KEY];  /* before the operation that reached it */
     int64_t op_in_use;          /* in_use when the running operation began */
+    pending_op *current;        /* the running operation, or NULL */
+    pending_op *recorded;       /* the operations captured into graphs */
+    int n_recorded, max_recorded;
 };
 
 cuda_profile *cuda_profile_create(void) {
@@ -92,29 +102,73 @@ void cuda_profile_collect(cuda_profile *p) {
             cudaEventElapsedTime(&ms, op->start, op->end) == cudaSuccess)
             add_total(p, op->key, ms);
         (void)cudaGetLastError();
+        if (op->kept) continue;
         p->spare[p->n_spare++] = op->start;
         p->spare[p->n_spare++] = op->end;
     }
-    if (p->open) p->pending[0] = p->pending[done];
+    if (p->open) {
+        p->pending[0] = p->pending[done];
+        p->current = &p->pending[0];
+    }
     p->n_pending = p->open;
 }
 
-void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use) {
+/* An operation being recorded into a graph: its events become event
+ * record nodes of the graph (cudaEventRecordExternal), so each replay
+ * records them again, and cuda_profile_replayed() has them read. */
+static pending_op *begin_recorded(cuda_profile *p) {
+    if (p->n_recorded == p->max_recorded) {
+        int max = p->max_recorded ? 2 * p->max_recorded : 1024;
+        pending_op *r = (pending_op *)realloc(p->recorded, (size_t)max * sizeof *r);
+        if (!r) return NULL;
+        p->recorded = r, p->max_recorded = max;
+    }
+    pending_op *o = &p->recorded[p->n_recorded];
+    o->start = take_event(p);
+    o->end = take_event(p);
+    if (!o->start || !o->end) return NULL;
+    o->kept = 1;
+    p->n_recorded++;
+    return o;
+}
+
+void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use,
+                        bool recording) {
     p->op_in_use = in_use;
+    if (recording) {
+        pending_op *o = begin_recorded(p);
+        if (!o) return;
+        snprintf(o->key, sizeof o->key, "(replayed) %s", op);
+        (void)cudaEventRecordWithFlags(o->start, stream, cudaEventRecordExternal);
+        p->current = o;
+        return;
+    }
     if (p->n_pending == PROFILE_PENDING) cuda_profile_collect(p);
     pending_op *o = &p->pending[p->n_pending];
     o->start = take_event(p);
     o->end = take_event(p);
     if (!o->start || !o->end) return;
     snprintf(o->key, sizeof o->key, "%s", op);
+    o->kept = 0;
     (void)cudaEventRecord(o->start, stream);
     p->n_pending++;
     p->open = 1;
+    p->current = o;
+}
+
+int cuda_profile_recorded(const cuda_profile *p) { return p ? p->n_recorded : 0; }
+
+void cuda_profile_replayed(cuda_profile *p, int first, int count) {
+    if (!p) return;
+    for (int i = first; i < first + count && i < p->n_recorded; i++) {
+        if (p->n_pending == PROFILE_PENDING) cuda_profile_collect(p);
+        p->pending[p->n_pending++] = p->recorded[i];
+    }
 }
 
 void cuda_profile_label(cuda_profile *p, const char *fmt, ...) {
-    if (!p || !p->open) return;
-    pending_op *o = &p->pending[p->n_pending - 1];
+    if (!p || !p->current) return;
+    pending_op *o = p->current;
     size_t used = strlen(o->key);
     va_list ap;
     va_start(ap, fmt);
@@ -123,13 +177,16 @@ void cuda_profile_label(cuda_profile *p, const char *fmt, ...) {
 }
 
 void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak) {
-    if (!p->open) return;
+    pending_op *o = p->current;
+    if (!o) return;
     if (peak > p->peak) {
         p->peak = peak;
         p->peak_before = p->op_in_use;
-        snprintf(p->peak_op, sizeof p->peak_op, "%s", p->pending[p->n_pending - 1].key);
+        snprintf(p->peak_op, sizeof p->peak_op, "%s", o->key);
     }
-    (void)cudaEventRecord(p->pending[p->n_pending - 1].end, stream);
+    if (o->kept) (void)cudaEventRecordWithFlags(o->end, stream, cudaEventRecordExternal);
+    else (void)cudaEventRecord(o->end, stream);
+    p->current = NULL;
     p->open = 0;
 }
 
@@ -156,5 +213,10 @@ void cuda_profile_destroy(cuda_profile *p) {
                 t->calls, 1e3 * t->ms / (double)t->calls, 1e3 * t->min_ms, t->key);
     }
     for (int i = 0; i < p->n_spare; i++) (void)cudaEventDestroy(p->spare[i]);
+    for (int i = 0; i < p->n_recorded; i++) {
+        (void)cudaEventDestroy(p->recorded[i].start);
+        (void)cudaEventDestroy(p->recorded[i].end);
+    }
+    free(p->recorded);
     free(p);
 }
