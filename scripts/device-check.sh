@@ -36,6 +36,11 @@
 #           --perf, carried in build-carry/ by prepare), from a diffusers
 #           wheel in .whl/ (see the device tool's README; carry=[..., ".whl"])
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
+# and, only when named: ncu  each kernel of the memory-bound operations of
+#           one 128 px bench timed alone by Nsight Compute (caches kept,
+#           clocks free): ncu.csv. The text encoder runs first, and has
+#           layer norms and additions of its own, so the filter names the
+#           UNet's and the VAE's kernels only.
 # Results go to $OUT (what the device tool brings back; build-device-out/
 # when run by hand):
 #   summary.txt     one line per step: PASS, FAIL or SKIP, seconds
@@ -291,6 +296,14 @@ if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
     2> $out/profile-128-eager.txt"
   step profile-256 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
     --device cuda --size 256 --steps 1 --repeats 1 2> $out/profile-256.txt"
+fi
+
+if wants ncu && [ -x "$sdx4" ] && [ -d "$model" ]; then
+  step ncu 240 bash -c "ncu --csv --print-units base --cache-control none --clock-control none \
+    --metrics gpu__time_duration.sum,launch__grid_size,launch__block_size \
+    --kernel-name regex:'group_|geglu|channel_bias|upsample|copy_channels|fill_bias' \
+    --launch-count 400 $sdx4 bench --model $model --variant fp16 --device cuda --size 128 \
+    --steps 1 --repeats 1 > $out/ncu.csv 2> $out/ncu.err"
 fi
 
 if wants anchor; then
