@@ -36,6 +36,15 @@
 #           --perf, carried in build-carry/ by prepare), from a diffusers
 #           wheel in .whl/ (see the device tool's README; carry=[..., ".whl"])
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
+# and, only when named: variants  other versions of the engine side by side
+#           with this checkout, in the same lease: each source tree packed
+#           here by
+#               scripts/device-check.sh prepare-variants REV...
+#           (git revisions, into build-carry/variants/, about 0.3 MB each)
+#           is built for this GPU, checked by test_backend_cuda and the
+#           goldens in fp16 mode, and benchmarked at 128 px (75 steps) and
+#           256 px (20 steps) on this run's model (so name `model` too):
+#           variants.txt, one block per revision, in the order given
 # and, only when named: ncu  each kernel of the memory-bound operations of
 #           one 128 px bench timed alone by Nsight Compute (caches kept,
 #           clocks free): ncu.csv. The text encoder runs first, and has
@@ -134,8 +143,29 @@ prepare() {
 $(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1) ) >> 20 )) MiB of 64"
 }
 
+# Packs the engine's sources at each revision, numbered in the order given.
+prepare_variants() {
+  set -e
+  rm -rf "$carry/variants"
+  mkdir -p "$carry/variants"
+  local i=0 rev name
+  for rev in "$@"; do
+    git rev-parse --verify --quiet "$rev^{commit}" >/dev/null || { echo "no revision $rev"; exit 1; }
+    i=$((i + 1))
+    name=$(printf '%02d-%s' "$i" "$(git rev-parse --short "$rev")")
+    git archive "$rev" src include tests CMakeLists.txt openapi.json |
+      xz -9 > "$carry/variants/$name.tar.xz"
+    echo "$name: $(git log -1 --format=%s "$rev" | cut -c1-90)" | tee -a "$carry/variants/README"
+  done
+}
+
 if [ "${1:-}" = prepare ]; then
   prepare
+  exit
+fi
+if [ "${1:-}" = prepare-variants ]; then
+  shift
+  prepare_variants "$@"
   exit
 fi
 
@@ -296,6 +326,31 @@ if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
     2> $out/profile-128-eager.txt"
   step profile-256 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
     --device cuda --size 256 --steps 1 --repeats 1 2> $out/profile-256.txt"
+fi
+
+if wants variants && [ -d "$model" ] && ls "$carry"/variants/*.tar.xz >/dev/null 2>&1; then
+  cat "$carry/variants/README" >> "$out/variants.txt"
+  for archive in "$carry"/variants/*.tar.xz; do
+    name=$(basename "$archive" .tar.xz)
+    dir=/tmp/variants/$name
+    rm -rf "$dir"
+    unpack "$archive" "$dir"
+    echo "== $name" >> "$out/variants.txt"
+    if step "$name-build" 300 bash -c "cmake -S $dir -B $dir/build -DCMAKE_BUILD_TYPE=Release \
+        -DSDX4_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$arch -DSDX4_REFERENCE=$reference \
+        ${cmake_extra[*]} > $dir/configure.log && cmake --build $dir/build -j$(nproc) \
+        --target sdx4 test_backend_cuda test_models test_pipeline > $dir/build.log"; then
+      step "$name-test" 90 bash -o pipefail -c "$dir/build/test_backend_cuda | tail -1 >> $out/variants.txt"
+      step "$name-golden" 90 bash -o pipefail -c "cd $dir/build && SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=fp16 \
+        ./test_models | tail -1 >> $out/variants.txt && SDX4_TEST_DEVICE=cuda \
+        SDX4_CUDA_DTYPE=fp16 ./test_pipeline | tail -1 >> $out/variants.txt"
+      step "$name-bench" 120 bash -c "for size in 128:75:3 256:20:1; do IFS=: read px n r <<< \$size; \
+        $dir/build/sdx4 bench --model $model --variant fp16 --device cuda --size \$px \
+        --steps \$n --repeats \$r >> $out/variants.txt || exit 1; done"
+    else
+      tail -20 "$dir/build.log" >> "$out/variants.txt" 2>/dev/null
+    fi
+  done
 fi
 
 if wants ncu && [ -x "$sdx4" ] && [ -d "$model" ]; then
