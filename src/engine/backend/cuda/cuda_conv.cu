@@ -278,8 +278,9 @@ static int choose_bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s,
     return choice;
 }
 
-/* 0 done, 1 no cuDNN algorithm (use im2col), -1 error; with a residual r
- * (else NULL) 2 when done without it (the caller adds it). */
+/* y = conv(x) (+ bias) (+ r): 0 done, 1 no cuDNN algorithm (use im2col),
+ * -1 error. A residual goes into the fused call where the bias does, else
+ * it is added after. */
 static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
                       const void *w, const void *bias, const void *r, void *y) {
     /* cuDNN describes tensors with int dimensions and counts */
@@ -307,7 +308,9 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     else
         rc = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
-    return !rc && r && !(bias && p->fuse_bias > 0) ? 2 : rc;
+    if (!rc && r && !(bias && p->fuse_bias > 0))
+        rc = cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f);
+    return rc;
 }
 
 /* cuDNN's tensor-core kernels want channel counts that are multiples of 8
@@ -401,12 +404,11 @@ static tensor *conv_residual(backend *be, const char *op, const tensor *x, const
             rc = conv_cudnn_widened(cb, &s, type, x->data, wd, bd, y->data);
         } else if (cb->use_cudnn && !gemm) {
             rc = conv_cudnn(cb, &s, type, x->data, wd, bd, rd, y->data);
-            if (rc == 2) rc = 0;         /* done, the residual still to add */
-            else if (rc == 0) rd = NULL; /* done with it, or there was none */
+            if (rc == 0) rd = NULL; /* added by it */
         }
 #endif
         if (rc == 1) rc = conv_im2col(cb, &s, type, x->data, wd, bd, y->data);
-        if (!rc && rd) rc = cuda_add(cb, type, y->data, rd, tensor_numel(y));
+        if (!rc && rd) rc = cuda_add(cb, type, y->data, rd, tensor_numel(y), 1.0f);
     }
     if (rc) {
         cuda_tensor_release(cb, y);

@@ -143,7 +143,7 @@ int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperatio
     return cublas_ok(cublasGemmEx(cb->cublas, ta, tb, m, n, k, &alpha, A, t, lda, B, t, ldb,
                                   bias ? &one : &zero, C, t, ldc, compute, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmEx") ||
-                   (R && cuda_add(cb, type, C, R, (int64_t)ldc * n))
+                   (R && cuda_add(cb, type, C, R, (int64_t)ldc * n, 1.0f))
                ? -1
                : 0;
 }

@@ -182,8 +182,8 @@ static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastEr
 int cuda_gemm(cuda_backend *cb, dtype type, cublasOperation_t ta, cublasOperation_t tb, int m,
               int n, int k, const void *A, int lda, const void *B, int ldb, const void *bias,
               const void *R, void *C, int ldc);
-/* a[i] += b[i] for n elements of `type` (the residual connections). */
-int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n);
+/* a[i] += b[i] * scale for n elements of `type` (the residual connections). */
+int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n, float scale);
 void cuda_gemm_plans_free(cuda_backend *cb);
 
 /* --- cuda_profile.cu: GPU time per operation (see there) ------------- */

@@ -137,19 +137,15 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     cuda_buf b_tmp;
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
     if (!bd) return -1;
-    int64_t n = tensor_numel(a);
-    CUDA_DISPATCH(a->type, T,
-                  add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-                      (T *)a->data, (const T *)bd, n, scale_b));
-    int rc = cuda_launched("add");
+    int rc = cuda_add(cb, a->type, a->data, bd, tensor_numel(a), scale_b);
     cuda_buf_free(cb, &b_tmp);
     return rc;
 }
 
-int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n) {
+int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n, float scale) {
     CUDA_DISPATCH(type, T,
                   add_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
-                      (T *)a, (const T *)b, n, 1.0f));
+                      (T *)a, (const T *)b, n, scale));
     return cuda_launched("add");
 }
 

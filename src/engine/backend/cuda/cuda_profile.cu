@@ -46,7 +46,6 @@ typedef struct {
 struct cuda_profile {
     pending_op pending[PROFILE_PENDING];
     int n_pending;
-    int open; /* an operation has begun and not ended */
     op_total totals[PROFILE_KEYS];
     int n_totals;
     cudaEvent_t spare[2 * PROFILE_PENDING]; /* events to reuse */
@@ -94,7 +93,10 @@ static void add_total(cuda_profile *p, const char *key, double ms) {
 
 void cuda_profile_collect(cuda_profile *p) {
     if (!p) return;
-    int done = p->n_pending - p->open;
+    /* a running operation outside a recording is the last pending one:
+     * it stays */
+    const int open = p->current && !p->current->kept;
+    int done = p->n_pending - open;
     for (int i = 0; i < done; i++) {
         pending_op *op = &p->pending[i];
         float ms = 0.0f;
@@ -106,11 +108,11 @@ void cuda_profile_collect(cuda_profile *p) {
         p->spare[p->n_spare++] = op->start;
         p->spare[p->n_spare++] = op->end;
     }
-    if (p->open) {
+    if (open) {
         p->pending[0] = p->pending[done];
         p->current = &p->pending[0];
     }
-    p->n_pending = p->open;
+    p->n_pending = open;
 }
 
 /* An operation being recorded into a graph: its events become event
@@ -152,7 +154,6 @@ void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, in
     o->kept = 0;
     (void)cudaEventRecord(o->start, stream);
     p->n_pending++;
-    p->open = 1;
     p->current = o;
 }
 
@@ -187,7 +188,6 @@ void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak) {
     if (o->kept) (void)cudaEventRecordWithFlags(o->end, stream, cudaEventRecordExternal);
     else (void)cudaEventRecord(o->end, stream);
     p->current = NULL;
-    p->open = 0;
 }
 
 static int by_time(const void *a, const void *b) {
