@@ -15,7 +15,9 @@
 static char root[] = "/tmp/sdx4-bad-model-XXXXXX";
 static char dir[600];
 
-/* Runs a shell command built printf-style; a failure fails the test. */
+/* Runs a shell command built printf-style. A failure (no reference data,
+ * a full disk) ends the test as failed: the cases after it would edit a
+ * model folder that is not there. */
 static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void sh(const char *fmt, ...) {
     char cmd[2048];
@@ -23,7 +25,10 @@ static void sh(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(cmd, sizeof cmd, fmt, ap);
     va_end(ap);
-    CHECK(system(cmd) == 0, "failed: %s", cmd);
+    if (system(cmd) != 0) {
+        fprintf(stderr, "test_bad_model: failed: %s\n", cmd);
+        exit(1);
+    }
 }
 
 static void fresh_copy(void) {
