@@ -43,7 +43,9 @@
 #           (git revisions, into build-carry/variants/, about 0.3 MB each)
 #           is built for this GPU, checked by test_backend_cuda and the
 #           goldens in fp16 mode, and benchmarked at 128 px (75 steps) and
-#           256 px (20 steps) on this run's model (so name `model` too):
+#           256 px (20 steps) on this run's model (so name `model` too),
+#           with the peak of nvidia-smi's memory.used during each and what
+#           SDX4_CUDA_PROFILE prints of memory (arenas, the driver's peak):
 #           variants.txt, one block per revision, in the order given
 # and, only when named: ncu  each kernel of the memory-bound operations of
 #           one 128 px bench timed alone by Nsight Compute (caches kept,
@@ -344,9 +346,22 @@ if wants variants && [ -d "$model" ] && ls "$carry"/variants/*.tar.xz >/dev/null
       step "$name-golden" 90 bash -o pipefail -c "cd $dir/build && SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=fp16 \
         ./test_models | tail -1 >> $out/variants.txt && SDX4_TEST_DEVICE=cuda \
         SDX4_CUDA_DTYPE=fp16 ./test_pipeline | tail -1 >> $out/variants.txt"
-      step "$name-bench" 120 bash -c "for size in 128:75:3 256:20:1; do IFS=: read px n r <<< \$size; \
-        $dir/build/sdx4 bench --model $model --variant fp16 --device cuda --size \$px \
-        --steps \$n --repeats \$r >> $out/variants.txt || exit 1; done"
+      for size in 128:75:3 256:20:1; do
+        IFS=: read -r px n r <<< "$size"
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 \
+          > /tmp/variants/memory.csv 2>/dev/null &
+        sampler=$!
+        step "$name-bench-$px" 90 bash -c "$dir/build/sdx4 bench --model $model --variant fp16 \
+          --device cuda --size $px --steps $n --repeats $r >> $out/variants.txt"
+        kill "$sampler" 2>/dev/null
+        wait "$sampler" 2>/dev/null
+        echo "peak memory.used during the $px px bench: $(sort -n /tmp/variants/memory.csv | tail -1) MiB" \
+          >> "$out/variants.txt"
+      done
+      # what the profile says of memory: a planned arena, the driver's peak
+      step "$name-memory" 60 bash -c "SDX4_CUDA_PROFILE=1 $dir/build/sdx4 bench --model $model \
+        --variant fp16 --device cuda --size 128 --steps 3 --repeats 1 2>&1 >/dev/null |
+        grep -E 'arena|driver|^peak memory' >> $out/variants.txt || true"
     else
       tail -20 "$dir/build.log" >> "$out/variants.txt" 2>/dev/null
     fi
