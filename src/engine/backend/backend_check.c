@@ -99,6 +99,16 @@ int check_same_shape(const char *op, const tensor *a, const tensor *b) {
     return 0;
 }
 
+int check_residual(const char *op, const tensor *r, int ndim, const int64_t *shape) {
+    int same = r->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = r->shape[i] == shape[i];
+    if (same) return 0;
+    char rs[SHAPE_STR_SIZE];
+    set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: the residual's shape %s is not the output's", op,
+              shape_str(r, rs, sizeof rs));
+    return -1;
+}
+
 int check_bias(const char *op, const tensor *bias, int64_t outputs) {
     if (bias && tensor_numel(bias) != outputs) {
         set_error(SDX4_ERR_INVALID_ARGUMENT,

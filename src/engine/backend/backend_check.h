@@ -44,6 +44,8 @@ const char *shape_str(const tensor *t, char *buf, size_t n);
 int check_activation(const char *op, activation act);
 /* a and b have the same dimensions. */
 int check_same_shape(const char *op, const tensor *a, const tensor *b);
+/* r, a residual to add to an operation's output, has the output's shape. */
+int check_residual(const char *op, const tensor *r, int ndim, const int64_t *shape);
 /* bias (NULL: none) has one element per output. */
 int check_bias(const char *op, const tensor *bias, int64_t outputs);
 /* gamma and beta have C elements each. */

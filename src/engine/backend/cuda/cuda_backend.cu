@@ -462,16 +462,6 @@ int cuda_check(const cuda_backend *cb, const char *op, const char *what, const t
 
 /* y[M, N] = x[M, K] @ w[N, K]^T + bias. cuBLAS is column-major: there the
  * row-major y is y^T [N, M] = w [K, N]^T x^T [K, M]. */
-/* -1 with the error set unless r has the shape of x with its last
- * dimension n (a residual for linear's output). */
-static int check_residual(const char *op, const tensor *x, int64_t n, const tensor *r) {
-    bool same = r->ndim == x->ndim && r->shape[r->ndim - 1] == n;
-    for (int i = 0; same && i < x->ndim - 1; i++) same = r->shape[i] == x->shape[i];
-    if (same) return 0;
-    set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: the residual's shape is not the output's", op);
-    return -1;
-}
-
 /* linear, and linear_add with r (else NULL): see cuda_gemm */
 static tensor *linear_residual(backend *be, const char *op, const tensor *x, const tensor *w,
                                const tensor *bias, const tensor *r) {
@@ -484,14 +474,15 @@ static tensor *linear_residual(backend *be, const char *op, const tensor *x, con
     if (check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
     if (bias && (cuda_check(cb, op, "bias", bias, 0) || check_bias(op, bias, N))) return NULL;
-    if (r && (cuda_check(cb, op, "residual", r, 0) || check_residual(op, x, N, r))) return NULL;
+    int64_t shape[4];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[x->ndim - 1] = N;
+    if (r && (cuda_check(cb, op, "residual", r, 0) || check_residual(op, r, x->ndim, shape)))
+        return NULL;
     int64_t M = tensor_numel(x) / K;
     if (check_gemm_size(op, "cuBLAS", M, N, K)) return NULL;
     cuda_profile_label(cb->profile, " %s M%" PRId64 " N%" PRId64 " K%" PRId64,
                        dtype_name(x->type), M, N, K);
-    int64_t shape[4];
-    memcpy(shape, x->shape, sizeof shape);
-    shape[x->ndim - 1] = N;
     dtype type = x->type;
     cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0}, r_tmp = {NULL, 0};
     const void *wd = NULL, *bd = NULL, *rd = NULL;

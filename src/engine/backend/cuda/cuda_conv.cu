@@ -207,24 +207,17 @@ fail:
     return NULL;
 }
 
-/* y = conv(x) + bias in one call (the identity activation exists only for
- * this algorithm); z's weight is 0, so y's old contents are not read. */
-static cudnnStatus_t conv_fused_bias(cuda_backend *cb, const conv_plan *p, const void *x,
-                                     const void *w, const void *bias, void *y, void *workspace) {
-    const float one = 1.0f, zero = 0.0f;
+/* y = conv(x) + bias (+ r) in one call (the identity activation exists
+ * only for this algorithm). The residual is cuDNN's z; without one z's
+ * weight is 0, so y's old contents are not read. */
+static cudnnStatus_t conv_fused(cuda_backend *cb, const conv_plan *p, const void *x,
+                                const void *w, const void *bias, const void *r, void *y,
+                                void *workspace) {
+    const float one = 1.0f, z_weight = r ? 1.0f : 0.0f;
     return cudnnConvolutionBiasActivationForward(cb->cudnn, &one, p->x, x, p->w, w, p->conv,
-                                                 p->algo, workspace, p->workspace, &zero, p->y, y,
-                                                 p->bias, bias, p->identity, p->y, y);
-}
-
-/* y = conv(x) + r + bias in one call: the residual as cuDNN's z. */
-static cudnnStatus_t conv_fused_residual(cuda_backend *cb, const conv_plan *p, const void *x,
-                                         const void *w, const void *bias, const void *r, void *y,
-                                         void *workspace) {
-    const float one = 1.0f;
-    return cudnnConvolutionBiasActivationForward(cb->cudnn, &one, p->x, x, p->w, w, p->conv,
-                                                 p->algo, workspace, p->workspace, &one, p->y, r,
-                                                 p->bias, bias, p->identity, p->y, y);
+                                                 p->algo, workspace, p->workspace, &z_weight,
+                                                 p->y, r ? r : y, p->bias, bias, p->identity,
+                                                 p->y, y);
 }
 
 /* y = bias, then y += conv(x) (beta = 1); without a bias just the
@@ -246,7 +239,7 @@ static int choose_bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s,
                             const void *x, const void *w, const void *bias, void *y,
                             void *workspace) {
     if (p->algo != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ||
-        conv_fused_bias(cb, p, x, w, bias, y, workspace) != CUDNN_STATUS_SUCCESS)
+        conv_fused(cb, p, x, w, bias, NULL, y, workspace) != CUDNN_STATUS_SUCCESS)
         return -1; /* declined */
     cudaEvent_t e[3] = {NULL, NULL, NULL};
     float fused = 0.0f, first = 0.0f;
@@ -256,7 +249,7 @@ static int choose_bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s,
         ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0; /* warm */
         (void)cudaEventRecord(e[0], cb->stream);
         for (int i = 0; i < 3 && ok; i++)
-            ok = conv_fused_bias(cb, p, x, w, bias, y, workspace) == CUDNN_STATUS_SUCCESS;
+            ok = conv_fused(cb, p, x, w, bias, NULL, y, workspace) == CUDNN_STATUS_SUCCESS;
         (void)cudaEventRecord(e[1], cb->stream);
         for (int i = 0; i < 3 && ok; i++)
             ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0;
@@ -298,19 +291,23 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
     if (bias && !p->fuse_bias && !cb->recording) /* the trial waits for the stream */
         p->fuse_bias = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr);
-    int rc;
-    if (r && bias && p->fuse_bias > 0)
-        rc = cudnn_ok(conv_fused_residual(cb, p, x, w, bias, r, y, workspace.ptr),
-                      "cudnnConvolutionBiasActivationForward");
-    else if (bias && p->fuse_bias > 0)
-        rc = cudnn_ok(conv_fused_bias(cb, p, x, w, bias, y, workspace.ptr),
-                      "cudnnConvolutionBiasActivationForward");
-    else
-        rc = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace.ptr);
+    const bool fused = bias && p->fuse_bias > 0;
+    int rc = fused ? cudnn_ok(conv_fused(cb, p, x, w, bias, r, y, workspace.ptr),
+                              "cudnnConvolutionBiasActivationForward")
+                   : conv_bias_first(cb, p, s, type, x, w, bias, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
-    if (!rc && r && !(bias && p->fuse_bias > 0))
-        rc = cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f);
+    if (!rc && r && !fused) rc = cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f);
     return rc;
+}
+
+/* `rows` rows of src_c channels copied into b, widened with zeros to
+ * dst_c: b's memory, or NULL with the error set. */
+static void *widened(cuda_backend *cb, dtype type, cuda_buf *b, const void *src, int64_t src_c,
+                     int64_t dst_c, int64_t rows) {
+    if (cuda_buf_alloc(cb, b, (size_t)(rows * dst_c) * dtype_size(type)) ||
+        cuda_copy_channels(cb, type, src, src_c, b->ptr, dst_c, rows))
+        return NULL;
+    return b->ptr;
 }
 
 /* cuDNN's tensor-core kernels want channel counts that are multiples of 8
@@ -323,33 +320,21 @@ static int conv_cudnn_widened(cuda_backend *cb, const conv_shape *s, dtype type,
                               const void *w, const void *bias, void *y) {
     conv_shape w8 = *s;
     w8.C = (s->C + 7) / 8 * 8, w8.O = (s->O + 7) / 8 * 8;
-    size_t es = dtype_size(type);
     int64_t pixels = s->B * s->H * s->W, out_pixels = s->B * s->Ho * s->Wo, taps = s->k * s->k;
     cuda_buf xb = {NULL, 0}, wb = {NULL, 0}, bb = {NULL, 0}, yb = {NULL, 0};
     const void *xp = x, *bp = bias;
     void *yp = y;
     /* the weights [O, k, k, C] widened, and zero filters for the extra outputs */
-    int rc = cuda_buf_alloc(cb, &wb, (size_t)(w8.O * taps * w8.C) * es) ||
+    int rc = cuda_buf_alloc(cb, &wb, (size_t)(w8.O * taps * w8.C) * dtype_size(type)) ||
                      cuda_ok(cudaMemsetAsync(wb.ptr, 0, wb.bytes, cb->stream), "conv2d: memset") ||
                      cuda_copy_channels(cb, type, w, s->C, wb.ptr, w8.C, s->O * taps)
                  ? -1
                  : 0;
-    if (!rc && w8.C != s->C) {
-        rc = cuda_buf_alloc(cb, &xb, (size_t)(pixels * w8.C) * es) ||
-                     cuda_copy_channels(cb, type, x, s->C, xb.ptr, w8.C, pixels)
-                 ? -1
-                 : 0;
-        xp = xb.ptr;
-    }
-    if (!rc && w8.O != s->O && bias) {
-        rc = cuda_buf_alloc(cb, &bb, (size_t)w8.O * es) ||
-                     cuda_copy_channels(cb, type, bias, s->O, bb.ptr, w8.O, 1)
-                 ? -1
-                 : 0;
-        bp = bb.ptr;
-    }
+    if (!rc && w8.C != s->C && !(xp = widened(cb, type, &xb, x, s->C, w8.C, pixels))) rc = -1;
+    if (!rc && w8.O != s->O && bias && !(bp = widened(cb, type, &bb, bias, s->O, w8.O, 1)))
+        rc = -1;
     if (!rc && w8.O != s->O) {
-        rc = cuda_buf_alloc(cb, &yb, (size_t)(out_pixels * w8.O) * es);
+        rc = cuda_buf_alloc(cb, &yb, (size_t)(out_pixels * w8.O) * dtype_size(type));
         yp = yb.ptr;
     }
     if (!rc) rc = conv_cudnn(cb, &w8, type, xp, wb.ptr, bp, NULL, yp);
@@ -379,11 +364,7 @@ static tensor *conv_residual(backend *be, const char *op, const tensor *x, const
                     (int)w->shape[2], stride, padding};
     if (check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
     int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
-    if (r && (r->shape[0] != s.B || r->shape[1] != s.O || r->shape[2] != s.Ho ||
-              r->shape[3] != s.Wo)) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: the residual's shape is not the output's", op);
-        return NULL;
-    }
+    if (r && check_residual(op, r, 4, shape)) return NULL;
     cuda_profile_label(cb->profile, " %s k%d s%d B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64
                        "x%" PRId64, dtype_name(x->type), s.k, stride, s.B, s.C, s.O, s.H, s.W);
     dtype type = x->type;
