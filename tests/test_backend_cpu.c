@@ -656,15 +656,15 @@ static void test_attention_scratch(void) {
 typedef struct {
     backend *be;
     const float *x, *w, *qkv; /* inputs, shared read-only */
-    float *result;            /* conv [1,128,23,25], attention [1,300,64], linear [300,96] */
+    float *result;            /* conv [1,128,35,35], attention [1,300,64], linear [300,96] */
 } caller;
 
-#define CALLER_FLOATS (128 * 23 * 25 + 300 * 64 + 300 * 96)
+#define CALLER_FLOATS (128 * 35 * 35 + 300 * 64 + 300 * 96)
 
 static void *caller_run(void *arg) {
     caller *c = arg;
     backend *be = c->be;
-    tensor *x = make(be, 4, (int64_t[]){1, 128, 23, 25}, c->x);
+    tensor *x = make(be, 4, (int64_t[]){1, 128, 35, 35}, c->x);
     tensor *w = make(be, 4, (int64_t[]){128, 128, 3, 3}, c->w);
     tensor *q = make(be, 3, (int64_t[]){1, 300, 64}, c->qkv);
     tensor *lw = make(be, 2, (int64_t[]){96, 64}, c->w);
@@ -673,8 +673,8 @@ static void *caller_run(void *arg) {
     tensor *l = be->linear(be, a, lw, NULL);
     if (y && a && l) {
         be->download(be, y, c->result);
-        be->download(be, a, c->result + 128 * 23 * 25);
-        be->download(be, l, c->result + 128 * 23 * 25 + 300 * 64);
+        be->download(be, a, c->result + 128 * 35 * 35);
+        be->download(be, l, c->result + 128 * 35 * 35 + 300 * 64);
     }
     tensor_free(x), tensor_free(w), tensor_free(q), tensor_free(lw);
     tensor_free(y), tensor_free(a), tensor_free(l);
@@ -684,7 +684,7 @@ static void *caller_run(void *arg) {
 /* The same work from two application threads at once gives the same bits
  * as from one. */
 static void test_concurrent_callers(backend *be) {
-    float *x = rand_buf(128 * 23 * 25, -1, 1), *w = rand_buf(128 * 128 * 9, -1, 1);
+    float *x = rand_buf(128 * 35 * 35, -1, 1), *w = rand_buf(128 * 128 * 9, -1, 1);
     float *qkv = rand_buf(300 * 64, -1, 1);
     caller alone = {be, x, w, qkv, calloc(CALLER_FLOATS, sizeof(float))};
     caller_run(&alone);
@@ -722,11 +722,12 @@ static void test_ops(backend *be) {
     test_conv(be, 1, 3, 6, 9, 2, 5, 1, 2, 1);     /* 5x5 */
     test_conv(be, 2, 6, 33, 35, 8, 3, 1, 1, 1);   /* two tiles per image */
     test_conv(be, 1, 512, 23, 23, 8, 3, 1, 1, 1); /* tiles of 133 pixels split rows of 23 */
-    /* 3x3 stride 1 with 128+ channels and 128+ 2x2 tiles: the Winograd path */
-    test_conv(be, 1, 128, 23, 25, 128, 3, 1, 1, 1); /* odd output, units split tile rows */
-    test_conv(be, 1, 128, 26, 30, 136, 3, 1, 0, 0); /* no padding, no bias */
-    test_conv(be, 2, 160, 9, 31, 128, 3, 1, 1, 1);  /* one unit per image */
-    test_conv(be, 1, 128, 3, 200, 128, 3, 1, 1, 1); /* a single row of tiles */
+    /* 3x3 stride 1 with 128+ channels and 64+ 4x4 tiles: the Winograd path */
+    test_conv(be, 1, 128, 35, 35, 128, 3, 1, 1, 1); /* clipped tiles, units split tile rows */
+    test_conv(be, 1, 128, 34, 38, 136, 3, 1, 0, 0); /* no padding, no bias */
+    test_conv(be, 2, 160, 13, 31, 128, 3, 1, 1, 1); /* one unit per image */
+    test_conv(be, 1, 128, 3, 280, 128, 3, 1, 1, 1); /* a single row of tiles, 3 rows of 4 */
+    test_conv(be, 1, 1024, 32, 32, 257, 3, 1, 1, 1); /* output channels in two blocks */
 
     test_attention(be, 2, 5, 7, 3, 4, 0);       /* Tq != Tk, several heads */
     test_attention(be, 1, 77, 77, 4, 16, 1);    /* CLIP-like causal */
@@ -801,14 +802,15 @@ int main(void) {
     CHECK(one != NULL, "backend_cpu_create(1): %s", sdx4_last_error());
     if (one) {
         test_conv(one, 1, 512, 23, 23, 8, 3, 1, 1, 1);
-        test_conv(one, 1, 128, 23, 25, 128, 3, 1, 1, 1);
+        test_conv(one, 1, 128, 35, 35, 128, 3, 1, 1, 1);
         test_attention(one, 1, 600, 600, 1, 40, 1);
         test_group_norm(one, 4, (int64_t[]){2, 6, 5, 7}, 3, 0, ACT_SILU);
         one->destroy(one);
     }
 
     /* the brief's bound: tens of MB of scratch even for 768 channels at
-     * 128x128 (im2col) or 64x64 (Winograd), and for 16384-token attention */
+     * 128x128 (im2col) or 64x64 (Winograd, its output channels in two
+     * blocks), and for 16384-token attention */
     test_conv_scratch(768, 128, 128, 2, 24);
     test_conv_scratch(768, 64, 384, 1, 48);
     test_attention_scratch();
