@@ -221,10 +221,13 @@ unpack() {
   fi
 }
 
-# the golden data and the model configuration
+# the golden data and the model configuration; a later call on the same
+# warm machine finds them unpacked, so it may leave reference.tar.xz
+# behind to carry something else (the diffusers wheel for `anchor`: both
+# together pass the device tool's 64 MiB)
 reference=$root/../shared/reference
 config=$root/../shared/models/x4-upscaler
-if [ -f "$carry/reference.tar.xz" ]; then
+if [ -f "$carry/reference.tar.xz" ] || [ -d /tmp/sdx4-ref ]; then
   if [ ! -d /tmp/sdx4-ref ]; then
     unpack "$carry/reference.tar.xz" /tmp/sdx4-ref
   fi
