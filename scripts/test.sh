@@ -3,7 +3,8 @@
 #   1. the ctest suite (golden tests against diffusers, unit, CLI, bad input)
 #      on a release build;
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
-#   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20);
+#   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20),
+#      from the seeds in fuzz/corpus/<target>/;
 #   4. the HTTP service's integration tests against the real server;
 #   5. the CUDA backend compiled when nvcc is present (its tests skip
 #      without a GPU).
@@ -30,6 +31,10 @@ for target in build-fuzz/fuzz_*; do
   name=$(basename "$target")
   corpus=$(mktemp -d)
   [ -d "fuzz/corpus/$name" ] && cp -r "fuzz/corpus/$name/." "$corpus/"
+  # the component configs the repository ships are fuzz_config's seeds
+  if [ "$name" = fuzz_config ]; then
+    for f in assets/*/*/*.json; do cp "$f" "$corpus/$(tr / _ <<<"$f")"; done
+  fi
   echo "-- $name"
   "$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -timeout=10 "$corpus" 2>&1 |
     grep -E "^(Done|#[0-9]+ *DONE|==[0-9]+==ERROR|SUMMARY)" || true
