@@ -722,12 +722,16 @@ static void test_ops(backend *be) {
     test_conv(be, 1, 3, 6, 9, 2, 5, 1, 2, 1);     /* 5x5 */
     test_conv(be, 2, 6, 33, 35, 8, 3, 1, 1, 1);   /* two tiles per image */
     test_conv(be, 1, 512, 23, 23, 8, 3, 1, 1, 1); /* tiles of 133 pixels split rows of 23 */
-    /* 3x3 stride 1 with 128+ channels and 64+ 4x4 tiles: the Winograd path */
+    /* 3x3 stride 1 with 128+ channels and 64+ 4x4 tiles: the Winograd path
+     * (units as with two threads, CI's machine) */
     test_conv(be, 1, 128, 35, 35, 128, 3, 1, 1, 1); /* clipped tiles, units split tile rows */
     test_conv(be, 1, 128, 34, 38, 136, 3, 1, 0, 0); /* no padding, no bias */
     test_conv(be, 2, 160, 13, 31, 128, 3, 1, 1, 1); /* one unit per image */
     test_conv(be, 1, 128, 3, 280, 128, 3, 1, 1, 1); /* a single row of tiles, 3 rows of 4 */
-    test_conv(be, 1, 1024, 32, 32, 257, 3, 1, 1, 1); /* output channels in two blocks */
+    test_conv(be, 1, 128, 6, 402, 128, 3, 1, 0, 1); /* units inside the row: the fast load */
+    test_conv(be, 1, 128, 260, 1, 128, 3, 1, 1, 0); /* one output column */
+    test_conv(be, 1, 128, 31, 31, 128, 3, 1, 2, 1); /* padding 2 */
+    test_conv(be, 2, 1024, 16, 31, 257, 3, 1, 1, 1); /* two images, output channels in 2 blocks */
 
     test_attention(be, 2, 5, 7, 3, 4, 0);       /* Tq != Tk, several heads */
     test_attention(be, 1, 77, 77, 4, 16, 1);    /* CLIP-like causal */

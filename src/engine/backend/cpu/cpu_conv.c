@@ -16,7 +16,7 @@
  * error grows: 3e-6 to 4e-6 of the largest output at 128 to 1024 channels,
  * against 5e-7 to 6e-7 for F(2x2, 3x3) (the tests hold it to 1e-5). The weights are
  * transformed once per call, in blocks of output channels; the 4x4 tiles
- * of all images are cut into units of a hundred or so, and each thread
+ * of all images are cut into units of tens to hundreds, and each thread
  * transforms its unit's patches, runs the 36 products and writes the
  * output. On two Zen 4 cores this ran 1.1 to 1.4 times as fast as F(2x2,
  * 3x3) on the model's layers.
@@ -29,7 +29,9 @@
  * output with leading dimension Ho*Wo.
  *
  * Both tiled paths keep their scratch per thread bounded (4 MB of columns,
- * 16 MB for a Winograd unit) whatever the channel count or image size
+ * 16 MB for a Winograd unit, twice that where the fewest pixels or tiles
+ * a unit needs are larger; Winograd adds one call's transformed weights,
+ * about 36 MB at most) whatever the channel count or image size
  * (the VAE's 512x512 layers need no more than the UNet's), spread the
  * units of all images over the threads, each running single-threaded
  * sgemms (see cpu_internal.h), and make the unit count a multiple of the
@@ -61,7 +63,8 @@
 #define WINOGRAD_BUDGET_BYTES ((int64_t)16 << 20)
 #define WINOGRAD_MIN_TILES 32
 #define WINOGRAD_PAD 16
-/* Most output x input channels transformed at once: 36 MB of weights. */
+/* Output x input channels transformed at once, about: 36 MB of weights
+ * (a block of ceil(O / blocks) channels can pass it by less than C). */
 #define WINOGRAD_WEIGHTS ((int64_t)512 * 512)
 
 typedef struct {
@@ -397,7 +400,7 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
                          const float *w, const float *bias, float *y) {
     int threads = cpu_threads(be);
     int64_t tiles_w = (s->Wo + 3) / 4, tiles = (s->Ho + 3) / 4 * tiles_w;
-    /* output channels in blocks of at most WINOGRAD_WEIGHTS transformed
+    /* output channels in blocks of about WINOGRAD_WEIGHTS transformed
      * weights per position; each block transforms the input anew */
     int64_t blocks = (s->O * s->C + WINOGRAD_WEIGHTS - 1) / WINOGRAD_WEIGHTS;
     int64_t block_o = (s->O + blocks - 1) / blocks;
@@ -405,8 +408,9 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
     plan_units(tiles, 36 * (s->C + block_o) * (int64_t)sizeof(float), WINOGRAD_BUDGET_BYTES,
                WINOGRAD_MIN_TILES, WINOGRAD_BUDGET_BYTES * 2, B, threads, &per_unit,
                &units_per_image);
-    /* the 36 matrices of U, V and M are WINOGRAD_PAD floats apart so the
-     * transforms' 36 store or load streams do not alias in the cache */
+    /* a gap of WINOGRAD_PAD floats after each of the 36 matrices of U, V
+     * and M keeps the transforms' 36 store or load streams from aliasing
+     * in the cache */
     int64_t u_step = block_o * s->C + WINOGRAD_PAD;
     int64_t v_step = s->C * per_unit + WINOGRAD_PAD, m_step = block_o * per_unit + WINOGRAD_PAD;
     size_t u_floats = (size_t)(36 * u_step), v_floats = (size_t)(36 * v_step);
