@@ -14,11 +14,11 @@
  * [C, tiles]: 36 multiplications per 4x4 outputs instead of 144 (F(2x2,
  * 3x3) needs 64). The transforms scale by fractions, so the rounding
  * error grows: 3e-6 to 4e-6 of the largest output at 128 to 1024 channels,
- * against 5e-7 to 6e-7 for F(2x2, 3x3) (the tests hold it to 1e-5). The weights are
- * transformed once per call, in blocks of output channels; the 4x4 tiles
- * of all images are cut into units of tens to hundreds, and each thread
- * transforms its unit's patches, runs the 36 products and writes the
- * output. On two Zen 4 cores this ran 1.1 to 1.4 times as fast as F(2x2,
+ * against 5e-7 to 6e-7 for F(2x2, 3x3) (the tests hold it to 1e-5). The
+ * weights are transformed once per call, in blocks of output channels;
+ * the 4x4 tiles of all images are cut into units of tens to hundreds, and
+ * each thread transforms its unit's patches, runs the 36 products and
+ * writes the output. On two Zen 4 cores this ran 1.1 to 1.4 times as fast as F(2x2,
  * 3x3) on the model's layers.
  *
  * Anything else goes through im2col, in tiles of output pixels: for a
@@ -250,8 +250,8 @@ static inline void winograd_store(float *u, int64_t step, line6 r) {
 static void winograd_weights(backend *be, const conv_shape *s, const float *w, float *U,
                              int64_t u_step) {
     int64_t OC = s->O * s->C;
-#pragma omp parallel for simd num_threads(cpu_threads(be)) schedule(static)
-    for (int64_t oc = 0; oc < OC; oc++) {
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t oc = 0; oc < OC; oc++) { /* not vectorised: kernels are 9 floats apart */
         const float *g = w + oc * 9;
         line6 c0 = winograd_g(g[0], g[3], g[6]), c1 = winograd_g(g[1], g[4], g[7]);
         line6 c2 = winograd_g(g[2], g[5], g[8]);
