@@ -272,29 +272,30 @@ __global__ void group_stats_kernel(const T *x, int64_t group_size, int64_t chunk
     if (threadIdx.x == 0) partial[(int64_t)blockIdx.y * gridDim.x + blockIdx.x] = w;
 }
 
-/* Chan's merge in double (the finalize step adds up to GROUP_MAX_CHUNKS
- * partial results, whose rounding errors float would accumulate). */
-__device__ __forceinline__ void merge_double(double &n, double &mean, double &m2, double pn,
-                                             double pmean, double pm2) {
-    if (pn == 0.0) return;
-    double total = n + pn, delta = pmean - mean;
-    mean += delta * pn / total;
-    m2 += pm2 + delta * delta * n * pn / total;
-    n = total;
-}
-
-/* A warp's Chan merge in double of the `chunks` partial results at p (read
- * from L2: other blocks wrote them): mean and 1 / sqrt(var + eps) in lane
- * 0. Double, because up to GROUP_MAX_CHUNKS rounding errors would add up
- * in float. */
+/* A warp's merge of the `chunks` partial results at p (read from L2:
+ * other blocks wrote them): mean and 1 / sqrt(var + eps) in lane 0. In
+ * double, because up to GROUP_MAX_CHUNKS rounding errors would add up in
+ * float, and as sums around one reference mean (the first chunk's), which
+ * need no division per chunk, unlike Chan's pairwise merge (a chain of
+ * double divisions that made the last block of group_stats_cl a tail of
+ * several microseconds):
+ *   S = sum n_i (mean_i - ref),  Q = sum m2_i + n_i (mean_i - ref)^2,
+ *   mean = ref + S / N,  var = Q / N - (S / N)^2
+ * with ref near the mean, so that the subtraction cancels little. */
 __device__ float2 merge_chunks(const welford *p, int chunks, float eps) {
-    double n = 0, mean = 0, m2 = 0;
-    for (int i = threadIdx.x % 32; i < chunks; i += 32)
-        merge_double(n, mean, m2, __ldcg(&p[i].n), __ldcg(&p[i].mean), __ldcg(&p[i].m2));
-    for (int mask = 16; mask > 0; mask >>= 1)
-        merge_double(n, mean, m2, __shfl_xor_sync(0xffffffffu, n, mask),
-                     __shfl_xor_sync(0xffffffffu, mean, mask), __shfl_xor_sync(0xffffffffu, m2, mask));
-    return make_float2((float)mean, (float)(1.0 / sqrt(m2 / n + eps)));
+    const double ref = __ldcg(&p[0].mean);
+    double n = 0, s = 0, q = 0;
+    for (int i = threadIdx.x % 32; i < chunks; i += 32) {
+        const double ni = __ldcg(&p[i].n), d = (double)__ldcg(&p[i].mean) - ref;
+        n += ni, s += ni * d, q += __ldcg(&p[i].m2) + ni * d * d;
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) {
+        n += __shfl_xor_sync(0xffffffffu, n, mask);
+        s += __shfl_xor_sync(0xffffffffu, s, mask);
+        q += __shfl_xor_sync(0xffffffffu, q, mask);
+    }
+    const double shift = s / n, var = q / n - shift * shift;
+    return make_float2((float)(ref + shift), (float)(1.0 / sqrt(fmax(var, 0.0) + eps)));
 }
 
 /* One warp per group (see merge_chunks). */
