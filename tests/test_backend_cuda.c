@@ -319,7 +319,10 @@ static void test_norms(const suite *s) {
     test_layer_norm(s, 3, 33, 0);
     test_layer_norm(s, 154, 1024, 20);
     test_layer_norm(s, 5, 1, 0);
-    test_layer_norm(s, 64, 320, 0);
+    test_layer_norm(s, 64, 320, 0);     /* a warp a row, lanes past the row idle */
+    test_layer_norm(s, 600, 512, 30);   /* the UNet's rows, off-centre */
+    test_layer_norm(s, 9, 1000, 0);     /* four vectors a lane, the last partly */
+    test_layer_norm(s, 4, 1032, 0);     /* over the warp kernel's width */
 }
 
 static void test_elementwise(const suite *s) {

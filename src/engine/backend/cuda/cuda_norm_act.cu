@@ -632,6 +632,69 @@ __global__ void layer_norm_kernel(const T *x, T *y, const T *gamma, const T *bet
     }
 }
 
+/* Rows of up to LN_WARP_MAX values, a multiple of 8 (the UNet's 512 and
+ * 1024, CLIP's 1024): one warp per row, each lane NV 16-byte vectors of it
+ * in registers, so the row is read once and the variance taken exactly
+ * in two passes over registers; no block-wide synchronisation. */
+#define LN_WARP_MAX 1024
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int mask = 16; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
+    return v;
+}
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(CUDA_THREADS)
+layer_norm_warp_kernel(const T *x, T *y, const T *gamma, const T *beta, int64_t rows, int D,
+                       float eps) {
+    const int lane = threadIdx.x % 32;
+    const int64_t r = (int64_t)blockIdx.x * (CUDA_THREADS / 32) + threadIdx.x / 32;
+    if (r >= rows) return;
+    const T *src = x + r * D;
+    T *dst = y + r * D;
+    float v[NV][8], sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const int c = (k * 32 + lane) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[k][i] = 0.0f;
+        if (c < D) vec8<T>::load(src + c, v[k]);
+#pragma unroll
+        for (int i = 0; i < 8; i++) sum += v[k][i];
+    }
+    const float mean = warp_sum(sum) / (float)D;
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NV; k++)
+        if ((k * 32 + lane) * 8 < D)
+#pragma unroll
+            for (int i = 0; i < 8; i++) ss += (v[k][i] - mean) * (v[k][i] - mean);
+    const float rstd = 1.0f / sqrtf(warp_sum(ss) / (float)D + eps);
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const int c = (k * 32 + lane) * 8;
+        if (c >= D) continue;
+        float g[8], b[8];
+        vec8<T>::load(gamma + c, g);
+        vec8<T>::load(beta + c, b);
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[k][i] = (v[k][i] - mean) * rstd * g[i] + b[i];
+        vec8<T>::store(dst + c, v[k]);
+    }
+}
+
+template <typename T>
+static void launch_layer_norm_warp(cuda_backend *cb, const T *x, T *y, const T *gamma,
+                                   const T *beta, int64_t rows, int D, float eps) {
+    const unsigned blocks = (unsigned)((rows + CUDA_THREADS / 32 - 1) / (CUDA_THREADS / 32));
+    switch ((D + 255) / 256) {
+    case 1: layer_norm_warp_kernel<T, 1><<<blocks, CUDA_THREADS, 0, cb->stream>>>(x, y, gamma, beta, rows, D, eps); break;
+    case 2: layer_norm_warp_kernel<T, 2><<<blocks, CUDA_THREADS, 0, cb->stream>>>(x, y, gamma, beta, rows, D, eps); break;
+    case 3: layer_norm_warp_kernel<T, 3><<<blocks, CUDA_THREADS, 0, cb->stream>>>(x, y, gamma, beta, rows, D, eps); break;
+    default: layer_norm_warp_kernel<T, 4><<<blocks, CUDA_THREADS, 0, cb->stream>>>(x, y, gamma, beta, rows, D, eps); break;
+    }
+}
+
 tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
                         float eps) {
     cuda_lock lock(be, "layer_norm");
@@ -653,10 +716,17 @@ tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const
         cuda_tensor_release(cb, y);
         y = NULL;
     } else {
-        CUDA_DISPATCH(x->type, T,
-                      layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
-                          (const T *)x->data, (T *)y->data, (const T *)gd,
-                          (const T *)bd, rows, D, eps));
+        bool warp = D % 8 == 0 && D <= LN_WARP_MAX && rows <= (int64_t)INT_MAX * 8;
+        if (warp)
+            CUDA_DISPATCH(x->type, T,
+                          launch_layer_norm_warp<T>(cb, (const T *)x->data, (T *)y->data,
+                                                    (const T *)gd, (const T *)bd, rows, (int)D,
+                                                    eps));
+        else
+            CUDA_DISPATCH(x->type, T,
+                          layer_norm_kernel<<<blocks, threads, 0, cb->stream>>>(
+                              (const T *)x->data, (T *)y->data, (const T *)gd,
+                              (const T *)bd, rows, D, eps));
         if (cuda_launched("layer_norm")) {
             cuda_tensor_release(cb, y);
             y = NULL;
