@@ -217,6 +217,21 @@ static void test_conv_add(const suite *s, int64_t B, int64_t C, int64_t H, int64
     pair_free(&x), pair_free(&w), pair_free(&b), pair_free(&r);
 }
 
+/* The CPU's x += v[b, c], then group norm, against group_norm_add. */
+static void test_group_norm_add(const suite *s, const int64_t *shape, int groups, float offset) {
+    pair x = act(s, 4, shape, -1 + offset, 1 + offset), v = act(s, 2, shape, -3, 3);
+    pair g = wgt(s, 1, &shape[1], 0.5f, 1.5f), b = wgt(s, 1, &shape[1], -0.5f, 0.5f);
+    char what[96];
+    snprintf(what, sizeof what, "group_norm_add %" PRId64 "x%" PRId64 "x%" PRId64 "x%" PRId64
+             " g%d off%g", shape[0], shape[1], shape[2], shape[3], groups, offset);
+    tensor *c = s->cpu->add_channel_bias_inplace(s->cpu, x.c, v.c)
+                    ? NULL
+                    : s->cpu->group_norm(s->cpu, x.c, groups, g.c, b.c, 1e-5f, ACT_SILU);
+    expect(s, what, s->gpu->group_norm_add(s->gpu, x.g, v.g, groups, g.g, b.g, 1e-5f, ACT_SILU),
+           c, s->tol);
+    pair_free(&x), pair_free(&v), pair_free(&g), pair_free(&b);
+}
+
 static void test_conv(const suite *s, int64_t B, int64_t C, int64_t H, int64_t W, int64_t O,
                       int k, int stride, int pad, int with_bias) {
     pair x = act(s, 4, (int64_t[]){B, C, H, W}, -1, 1);
@@ -316,6 +331,9 @@ static void test_norms(const suite *s) {
     test_group_norm(s, 4, (int64_t[]){2, 768, 9, 11}, 32, 0, ACT_SILU);   /* idle threads */
     test_group_norm(s, 4, (int64_t[]){2, 2048, 5, 3}, 32, 0, ACT_NONE);   /* one pixel a round */
     test_group_norm(s, 4, (int64_t[]){3, 1024, 2, 2}, 32, 5, ACT_SILU);   /* one block an image */
+    test_group_norm_add(s, (int64_t[]){2, 256, 24, 20}, 32, 0);  /* channels-last path */
+    test_group_norm_add(s, (int64_t[]){2, 128, 9, 7}, 32, 20);   /* two groups a unit */
+    test_group_norm_add(s, (int64_t[]){2, 64, 5, 6}, 32, 0);     /* the other path */
     test_layer_norm(s, 3, 33, 0);
     test_layer_norm(s, 154, 1024, 20);
     test_layer_norm(s, 5, 1, 0);

@@ -94,6 +94,12 @@ struct backend {
     tensor *(*group_norm)(backend *be, const tensor *x, int groups,
                           const tensor *gamma, const tensor *beta, float eps,
                           activation act);
+    /* Optional (NULL: add_channel_bias_inplace, then group_norm):
+     * group_norm(x + v[b, c] broadcast over H, W), the sum never written
+     * (a resnet's time embedding, which only its second norm reads). */
+    tensor *(*group_norm_add)(backend *be, const tensor *x, const tensor *v,
+                              int groups, const tensor *gamma,
+                              const tensor *beta, float eps, activation act);
     /* torch.nn.LayerNorm over the last dimension. */
     tensor *(*layer_norm)(backend *be, const tensor *x, const tensor *gamma,
                           const tensor *beta, float eps);

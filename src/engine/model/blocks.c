@@ -55,15 +55,14 @@ tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor 
     TRY(t = be->group_norm(be, x, r->groups, r->norm1.g, r->norm1.b, r->eps, ACT_SILU));
     TRY(h = conv_fw(be, &r->conv1, t));
     DROP(t);
-    if (r->temb.w) { /* hidden_states + time_emb_proj(nonlinearity(temb))[:, :, None, None] */
-        TRY(t = linear_fw(be, &r->temb, temb_act));
-        if (be->add_channel_bias_inplace(be, h, t)) goto fail;
-        DROP(t);
-    }
+    /* hidden_states + time_emb_proj(nonlinearity(temb))[:, :, None, None],
+     * read only by norm2: added inside it where the backend can */
+    if (r->temb.w) TRY(s = linear_fw(be, &r->temb, temb_act));
     /* conv2(dropout(nonlinearity(norm2(hidden_states)))), then
      * (shortcut(input_tensor) + hidden_states) / output_scale_factor (1) */
-    TRY(t = be->group_norm(be, h, r->groups, r->norm2.g, r->norm2.b, r->eps, ACT_SILU));
+    TRY(t = group_norm_add_fw(be, h, s, &r->norm2, r->groups, r->eps, ACT_SILU));
     DROP(h);
+    DROP(s);
     if (r->shortcut.w) TRY(s = conv_fw(be, &r->shortcut, x));
     TRY(out = conv_add_fw(be, &r->conv2, t, s ? s : x));
     DROP(t);

@@ -39,6 +39,14 @@ static inline tensor *residual_added(backend *be, tensor *y, const tensor *r) {
     if (y && be->add_inplace(be, y, r, 1.0f)) DROP(y);
     return y;
 }
+/* group_norm(x + v[b, c]) (v NULL: group_norm(x)): in one operation
+ * where the backend has it, else the sum written into x first. */
+static inline tensor *group_norm_add_fw(backend *be, tensor *x, const tensor *v,
+                                        const norm_p *n, int groups, float eps, activation act) {
+    if (v && be->group_norm_add) return be->group_norm_add(be, x, v, groups, n->g, n->b, eps, act);
+    if (v && be->add_channel_bias_inplace(be, x, v)) return NULL;
+    return be->group_norm(be, x, groups, n->g, n->b, eps, act);
+}
 static inline tensor *linear_add_fw(backend *be, const linear_p *p, const tensor *x,
                                     const tensor *r) {
     if (be->linear_add) return be->linear_add(be, x, p->w, p->b, r);

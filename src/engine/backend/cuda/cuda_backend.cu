@@ -700,6 +700,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->conv2d_add = cuda_conv2d_add;
         be->attention = cuda_attention;
         be->group_norm = cuda_group_norm;
+        be->group_norm_add = cuda_group_norm_add;
         be->layer_norm = cuda_layer_norm;
         be->activate = cuda_activate;
         be->geglu = cuda_geglu;

@@ -385,8 +385,8 @@ struct cl_thread {
  * next call) merges the chunks into stats[b * groups + g]: no third kernel. */
 template <typename T>
 __global__ void __launch_bounds__(CUDA_THREADS, CL_BLOCKS_PER_SM)
-group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, float eps,
-                      welford *partial, unsigned *counters, float2 *stats) {
+group_stats_cl_kernel(const T *x, const T *add, int64_t HW, int C, int64_t ppc, int groups,
+                      float eps, welford *partial, unsigned *counters, float2 *stats) {
     __shared__ welford acc[2 * CUDA_THREADS];
     __shared__ bool last;
     const cl_thread th(C);
@@ -394,7 +394,8 @@ group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, fl
     const int b = blockIdx.y;
     const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW;
     const T *image = x + b * HW * C + th.c0;
-    float n = 0.0f, shift[8] = {0}, s[8] = {0}, ss[8] = {0};
+    float n = 0.0f, shift[8] = {0}, s[8] = {0}, ss[8] = {0}, plus[8] = {0};
+    if (add && th.row < th.rows) vec8<T>::load(add + b * C + th.c0, plus);
     if (th.row < th.rows) {
         for (int64_t p = p0 + th.row; p < p1; p += (int64_t)th.rows * CL_UNROLL) {
             float v[CL_UNROLL][8];
@@ -404,6 +405,7 @@ group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, fl
             if (p == p0 + th.row)
 #pragma unroll
                 for (int i = 0; i < 8; i++) shift[i] = v[0][i];
+            /* a constant per channel moves only the mean: added to it below */
 #pragma unroll
             for (int u = 0; u < CL_UNROLL; u++) {
                 if (p + u * th.rows >= p1) break;
@@ -419,7 +421,8 @@ group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, fl
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             welford c = {0.0f, 0.0f, 0.0f};
-            if (n > 0.0f) c = {n, shift[i] + s[i] / n, fmaxf(ss[i] - s[i] * s[i] / n, 0.0f)};
+            if (n > 0.0f)
+                c = {n, shift[i] + plus[i] + s[i] / n, fmaxf(ss[i] - s[i] * s[i] / n, 0.0f)};
             if (gpt == 2 && i >= 4) hi = welford_merge(hi, c);
             else lo = welford_merge(lo, c);
         }
@@ -451,16 +454,19 @@ group_stats_cl_kernel(const T *x, int64_t HW, int C, int64_t ppc, int groups, fl
  * [chunk * ppc, + ppc) of image b, in the layout of group_stats_cl. */
 template <typename T>
 __global__ void __launch_bounds__(CUDA_THREADS, CL_BLOCKS_PER_SM)
-group_apply_cl_kernel(const T *x, T *y, const float2 *stats, const T *gamma, const T *beta,
-                      int64_t HW, int C, int64_t ppc, int groups, activation act) {
+group_apply_cl_kernel(const T *x, const T *add, T *y, const float2 *stats, const T *gamma,
+                      const T *beta, int64_t HW, int C, int64_t ppc, int groups, activation act) {
     const cl_thread th(C);
     if (th.row >= th.rows) return;
     const int per_group = C / groups, b = blockIdx.y;
-    float mean[8], scale[8], shift[8];
+    float mean[8], scale[8], shift[8], plus[8] = {0};
+    if (add) vec8<T>::load(add + b * C + th.c0, plus);
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         const float2 st = stats[b * groups + (th.c0 + i) / per_group];
-        mean[i] = st.x, scale[i] = st.y * to_f32(gamma[th.c0 + i]), shift[i] = to_f32(beta[th.c0 + i]);
+        /* (x + plus - mean) as x - (mean - plus) */
+        mean[i] = st.x - plus[i], scale[i] = st.y * to_f32(gamma[th.c0 + i]);
+        shift[i] = to_f32(beta[th.c0 + i]);
     }
     const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW, at = b * HW * C + th.c0;
     for (int64_t p = p0 + th.row; p < p1; p += (int64_t)th.rows * CL_UNROLL) {
@@ -504,8 +510,9 @@ static int64_t cl_pixels_per_block(const cuda_backend *cb, int64_t HW, int64_t B
 
 /* The cl path: two kernels, statistics then normalisation. */
 template <typename T>
-static int group_norm_cl(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
-                         const void *beta, int groups, float eps, activation act) {
+static int group_norm_cl(cuda_backend *cb, const tensor *x, const void *add, tensor *y,
+                         const void *gamma, const void *beta, int groups, float eps,
+                         activation act) {
     int64_t B = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
     int rows = (int)(CUDA_THREADS / (C / 8));
     int64_t ppc = cl_pixels_per_block(cb, HW, B, rows);
@@ -517,13 +524,13 @@ static int group_norm_cl(cuda_backend *cb, const tensor *x, tensor *y, const voi
         return -1;
     }
     group_stats_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
-        (const T *)x->data, HW, (int)C, ppc, groups, eps, (welford *)partial.ptr,
+        (const T *)x->data, (const T *)add, HW, (int)C, ppc, groups, eps, (welford *)partial.ptr,
         (unsigned *)cb->group_counters.ptr, (float2 *)stats.ptr);
     int rc = cuda_launched("group_norm");
     if (!rc) {
         group_apply_cl_kernel<<<dim3(chunks, (unsigned)B), CUDA_THREADS, 0, cb->stream>>>(
-            (const T *)x->data, (T *)y->data, (const float2 *)stats.ptr, (const T *)gamma,
-            (const T *)beta, HW, (int)C, ppc, groups, act);
+            (const T *)x->data, (const T *)add, (T *)y->data, (const float2 *)stats.ptr,
+            (const T *)gamma, (const T *)beta, HW, (int)C, ppc, groups, act);
         rc = cuda_launched("group_norm");
     }
     cuda_buf_free(cb, &partial);
@@ -532,14 +539,25 @@ static int group_norm_cl(cuda_backend *cb, const tensor *x, tensor *y, const voi
 }
 
 template <typename T>
-static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
-                             const void *beta, int groups, float eps, activation act) {
+static int launch_group_norm(cuda_backend *cb, const tensor *x, const void *add, tensor *y,
+                             const void *gamma, const void *beta, int groups, float eps,
+                             activation act) {
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
     int64_t group_size = C / groups * S, ngroups = B * groups, per_group = C / groups;
     const bool channels_last = x->ndim == 4;
     if (channels_last && C % 8 == 0 && C <= CL_MAX_CHANNELS &&
         (per_group % 8 == 0 || per_group == 4) && B <= CUDA_GROUP_COUNTERS)
-        return group_norm_cl<T>(cb, x, y, gamma, beta, groups, eps, act);
+        return group_norm_cl<T>(cb, x, add, y, gamma, beta, groups, eps, act);
+    if (add) { /* y = x + add, then normalised in place */
+        if (cuda_ok(cudaMemcpyAsync(y->data, x->data, (size_t)tensor_numel(x) * sizeof(T),
+                                    cudaMemcpyDeviceToDevice, cb->stream),
+                    "group_norm: copy"))
+            return -1;
+        channel_bias_kernel<<<cuda_blocks(B * C * S), CUDA_THREADS, 0, cb->stream>>>(
+            (T *)y->data, (const T *)add, B * C * S, C, C * S);
+        if (cuda_launched("group_norm")) return -1;
+        x = y;
+    }
     int64_t chunk = (group_size + GROUP_MAX_CHUNKS - 1) / GROUP_MAX_CHUNKS;
     if (chunk < GROUP_CHUNK) chunk = GROUP_CHUNK;
     int chunks = (int)((group_size + chunk - 1) / chunk);
@@ -577,10 +595,12 @@ static int launch_group_norm(cuda_backend *cb, const tensor *x, tensor *y, const
     return rc;
 }
 
-static int launch_group_norm_as(cuda_backend *cb, const tensor *x, tensor *y, const void *gamma,
-                                const void *beta, int groups, float eps, activation act) {
+static int launch_group_norm_as(cuda_backend *cb, const tensor *x, const void *add, tensor *y,
+                                const void *gamma, const void *beta, int groups, float eps,
+                                activation act) {
     int rc = -1;
-    CUDA_DISPATCH(x->type, T, rc = launch_group_norm<T>(cb, x, y, gamma, beta, groups, eps, act));
+    CUDA_DISPATCH(x->type, T,
+                  rc = launch_group_norm<T>(cb, x, add, y, gamma, beta, groups, eps, act));
     return rc;
 }
 
@@ -590,36 +610,50 @@ static int check_gamma_beta(const cuda_backend *cb, const char *op, const tensor
     return check_affine(op, gamma, beta, C);
 }
 
-tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
-                        const tensor *beta, float eps, activation act) {
-    cuda_lock lock(be, "group_norm");
+/* group_norm, and group_norm_add with v (else NULL) */
+static tensor *group_norm_plus(backend *be, const char *op, const tensor *x, const tensor *v,
+                               int groups, const tensor *gamma, const tensor *beta, float eps,
+                               activation act) {
+    cuda_lock lock(be, op);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "group_norm", "input", x, 0) || check_activation("group_norm", act))
-        return NULL;
+    if (cuda_check(cb, op, "input", x, v ? 4 : 0) || check_activation(op, act)) return NULL;
     if (check_group_norm(x, groups)) return NULL;
+    if (v && (cuda_check(cb, op, "v", v, 2) || check_channel_bias(x, v))) return NULL;
     int64_t B = x->shape[0], C = x->shape[1];
     if (B * groups > 65535) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "group_norm: %" PRId64 " groups are too many",
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %" PRId64 " groups are too many", op,
                   B * groups);
         return NULL;
     }
-    if (check_gamma_beta(cb, "group_norm", gamma, beta, C)) return NULL;
+    if (check_gamma_beta(cb, op, gamma, beta, C)) return NULL;
     cuda_profile_label(cb->profile, " %s B%" PRId64 " C%" PRId64 " n%" PRId64, dtype_name(x->type),
                        B, C, tensor_numel(x) / (B * C));
-    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
-    const void *gd = NULL, *bd = NULL;
+    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0}, v_tmp = {NULL, 0};
+    const void *gd = NULL, *bd = NULL, *vd = NULL;
     tensor *y = NULL;
     if (!(gd = cuda_data_as(cb, gamma, x->type, &g_tmp)) ||
         !(bd = cuda_data_as(cb, beta, x->type, &b_tmp)) ||
+        (v && !(vd = cuda_data_as(cb, v, x->type, &v_tmp))) ||
         !(y = cuda_tensor_new(cb, x->ndim, x->shape, x->type)) ||
-        launch_group_norm_as(cb, x, y, gd, bd, groups, eps, act)) {
+        launch_group_norm_as(cb, x, vd, y, gd, bd, groups, eps, act)) {
         cuda_tensor_release(cb, y);
         y = NULL;
     }
     cuda_buf_free(cb, &g_tmp);
     cuda_buf_free(cb, &b_tmp);
+    cuda_buf_free(cb, &v_tmp);
     return y;
+}
+
+tensor *cuda_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+                        const tensor *beta, float eps, activation act) {
+    return group_norm_plus(be, "group_norm", x, NULL, groups, gamma, beta, eps, act);
+}
+
+tensor *cuda_group_norm_add(backend *be, const tensor *x, const tensor *v, int groups,
+                            const tensor *gamma, const tensor *beta, float eps, activation act) {
+    return group_norm_plus(be, "group_norm_add", x, v, groups, gamma, beta, eps, act);
 }
 
 /* ------------------------------------------------------------ layer norm */
