@@ -394,6 +394,14 @@ static void test_layout(const suite *s) {
         expect(s, "tokens_to_nchw", s->gpu->tokens_to_nchw(s->gpu, tg, 33, 35),
                s->cpu->tokens_to_nchw(s->cpu, tc, 33, 35), 0);
     tensor_free(tg), tensor_free(tc);
+    /* in place: the GPU tensor relaid as tokens and back against the CPU's copies */
+    tc = s->cpu->nchw_to_tokens(s->cpu, x.c);
+    CHECK(s->gpu->relayout_tokens(s->gpu, x.g, 0, 0) == 0, "%s: relayout_tokens", s->mode);
+    expect_close(s, "relayout_tokens to tokens", x.g, tc, 0);
+    tensor_free(tc);
+    CHECK(s->gpu->relayout_tokens(s->gpu, x.g, 3, 5) == -1, "%s: relayout 33x35 as 3x5", s->mode);
+    CHECK(s->gpu->relayout_tokens(s->gpu, x.g, 33, 35) == 0, "%s: relayout back", s->mode);
+    expect_close(s, "relayout_tokens to an image", x.g, x.c, 0);
 
     pair table = wgt(s, 2, (int64_t[]){100, 64}, -1, 1);
     int32_t ids[20];

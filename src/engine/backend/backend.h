@@ -123,6 +123,11 @@ struct backend {
     /* [B, C, H, W] -> [B, H*W, C] and back (transformer blocks). */
     tensor *(*nchw_to_tokens)(backend *be, const tensor *x);
     tensor *(*tokens_to_nchw)(backend *be, const tensor *x, int h, int w);
+    /* Optional: the same two, in place on x, where the backend stores both
+     * shapes alike (CUDA's channels-last images): 0 done, 1 not possible
+     * for this tensor (use the copies above), -1 error. h, w are read only
+     * for tokens -> image. blocks.h's as_tokens / as_image. */
+    int (*relayout_tokens)(backend *be, tensor *x, int h, int w);
     /* out[i, :] = table[ids[i], :] for a table [V, D]: embeddings. */
     tensor *(*embedding)(backend *be, const tensor *table, const int32_t *ids,
                          int n);

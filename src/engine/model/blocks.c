@@ -236,18 +236,18 @@ tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
     tensor *n = NULL, *tok = NULL, *hs = NULL, *out = NULL;
     /* norm (GroupNorm, eps 1e-6), to [B, H*W, C], proj_in */
     TRY(n = be->group_norm(be, x, t->groups, t->norm.g, t->norm.b, 1e-6f, ACT_NONE));
-    TRY(tok = be->nchw_to_tokens(be, n));
-    DROP(n);
+    tok = as_tokens(be, n), n = NULL; /* as_tokens takes n over */
+    TRY(tok);
     TRY(hs = linear_fw(be, &t->proj_in, tok));
     DROP(tok);
     for (int i = 0; i < t->nblocks; i++)
         TRY(hs = block_fw(be, &t->blocks[i], t->only_cross_attention, hs, context, kv));
     /* proj_out, back to [B, C, H, W], + residual */
     TRY(tok = linear_fw(be, &t->proj_out, hs));
-    TRY(out = be->tokens_to_nchw(be, tok, h, w));
-    if (be->add_inplace(be, out, x, 1.0f)) goto fail;
-    DROP(tok);
     DROP(hs);
+    out = as_image(be, tok, h, w), tok = NULL; /* as_image takes tok over */
+    TRY(out);
+    if (be->add_inplace(be, out, x, 1.0f)) goto fail;
     return out;
 fail:
     DROP(n);

@@ -110,9 +110,11 @@ static tensor *mid_attention(backend *be, const vae_decoder *v, const tensor *x)
     tensor *n = NULL, *tok = NULL, *a = NULL, *out = NULL;
     TRY(n = be->group_norm(be, x, v->groups, v->mid_attn_norm.g, v->mid_attn_norm.b, RESNET_EPS,
                            ACT_NONE));
-    TRY(tok = be->nchw_to_tokens(be, n));
+    tok = as_tokens(be, n), n = NULL; /* as_tokens takes n over */
+    TRY(tok);
     TRY(a = attention_fw(be, &v->mid_attn, tok, NULL, NULL, NULL));
-    TRY(out = be->tokens_to_nchw(be, a, h, w));
+    out = as_image(be, a, h, w), a = NULL; /* as_image takes a over */
+    TRY(out);
     if (be->add_inplace(be, out, x, 1.0f)) DROP(out);
 fail:
     DROP(n), DROP(tok), DROP(a);

@@ -711,6 +711,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->upsample_nearest = cuda_upsample_nearest;
         be->nchw_to_tokens = cuda_nchw_to_tokens;
         be->tokens_to_nchw = cuda_tokens_to_nchw;
+        be->relayout_tokens = cuda_relayout_tokens;
         be->embedding = cuda_embedding;
         be->synchronize = cuda_synchronize;
         be->record_begin = cuda_record_begin;

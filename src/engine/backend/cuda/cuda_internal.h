@@ -232,6 +232,7 @@ int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t 
 /* --- the operations of the other files, with backend.h's signatures --- */
 tensor *cuda_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
                     int padding);
+int cuda_relayout_tokens(backend *be, tensor *x, int h, int w);
 tensor *cuda_group_norm_add(backend *be, const tensor *x, const tensor *v, int groups,
                             const tensor *gamma, const tensor *beta, float eps, activation act);
 tensor *cuda_conv2d_add(backend *be, const tensor *x, const tensor *w, const tensor *bias,

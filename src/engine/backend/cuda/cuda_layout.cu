@@ -268,6 +268,25 @@ tensor *cuda_nchw_to_tokens(backend *be, const tensor *x) {
     return copy_as(lock.cb, "nchw_to_tokens", x, 3, shape);
 }
 
+/* Channels-last images and tokens are the same bytes: only the header
+ * changes. */
+int cuda_relayout_tokens(backend *be, tensor *x, int h, int w) {
+    cuda_lock lock(be);
+    if (!lock || cuda_check(lock.cb, "relayout_tokens", "x", x, 0)) return -1;
+    if (x->ndim == 4) {
+        int64_t C = x->shape[1], T = x->shape[2] * x->shape[3];
+        x->ndim = 3, x->shape[1] = T, x->shape[2] = C, x->shape[3] = 0;
+    } else if (x->ndim == 3) {
+        if (check_tokens_to_nchw(x, h, w)) return -1;
+        int64_t C = x->shape[2];
+        x->ndim = 4, x->shape[1] = C, x->shape[2] = h, x->shape[3] = w;
+    } else {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "relayout_tokens: x must be 3-D or 4-D");
+        return -1;
+    }
+    return 0;
+}
+
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     cuda_lock lock(be, "tokens_to_nchw");
     if (!lock || cuda_check(lock.cb, "tokens_to_nchw", "input", x, 3)) return NULL;
