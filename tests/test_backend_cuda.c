@@ -387,6 +387,15 @@ static void test_layout(const suite *s) {
         expect(s, what, s->gpu->upsample_nearest(s->gpu, a.g, sizes[i][0], sizes[i][1]),
                s->cpu->upsample_nearest(s->cpu, a.c, sizes[i][0], sizes[i][1]), 0);
     }
+    /* channel counts of whole 16-byte units: the vectorised kernels */
+    pair a16 = act(s, 4, (int64_t[]){2, 16, 5, 7}, -1, 1), b16 = act(s, 4, (int64_t[]){2, 32, 5, 7}, -1, 1);
+    expect(s, "concat_channels 16+32", s->gpu->concat_channels(s->gpu, a16.g, b16.g),
+           s->cpu->concat_channels(s->cpu, a16.c, b16.c), 0);
+    expect(s, "upsample_nearest 16 channels 5x7 -> 10x14",
+           s->gpu->upsample_nearest(s->gpu, a16.g, 10, 14), s->cpu->upsample_nearest(s->cpu, a16.c, 10, 14), 0);
+    expect(s, "upsample_nearest 32 channels 5x7 -> 13x9",
+           s->gpu->upsample_nearest(s->gpu, b16.g, 13, 9), s->cpu->upsample_nearest(s->cpu, b16.c, 13, 9), 0);
+    pair_free(&a16), pair_free(&b16);
     pair x = act(s, 4, (int64_t[]){2, 37, 33, 35}, -1, 1);
     tensor *tg = s->gpu->nchw_to_tokens(s->gpu, x.g), *tc = s->cpu->nchw_to_tokens(s->cpu, x.c);
     expect_close(s, "nchw_to_tokens", tg, tc, 0);

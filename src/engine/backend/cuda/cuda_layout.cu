@@ -129,8 +129,20 @@ int cuda_im2col(cuda_backend *cb, dtype type, const void *x, int64_t C, int64_t 
 
 /* ---------------------------------------------------------------- concat */
 
-/* Channels-last: each pixel of the output is a's channels then b's, two
- * strided copies. */
+/* 16 bytes a thread: rows of a and b that are whole 16-byte units
+ * (every image of the UNet: 256 to 2048 half channels). unit u of pixel p
+ * of y is unit u of a's row p, or unit u - Ua of b's. */
+__global__ void concat_units_kernel(const uint4 *a, const uint4 *b, uint4 *y, int64_t pixels,
+                                    int64_t Ua, int64_t Ub) {
+    const int64_t U = Ua + Ub;
+    FOR_EACH(i, pixels * U) {
+        const int64_t p = i / U, u = i % U;
+        y[i] = u < Ua ? a[p * Ua + u] : b[p * Ub + u - Ua];
+    }
+}
+
+/* Channels-last: each pixel of the output is a's channels then b's: one
+ * kernel over 16-byte units, else two strided copies. */
 tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     cuda_lock lock(be, "concat_channels");
     if (!lock) return NULL;
@@ -144,7 +156,16 @@ tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     cuda_buf b_tmp;
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
     tensor *y = bd ? cuda_tensor_new(cb, 4, shape, a->type) : NULL;
-    if (y && (cuda_ok(cudaMemcpy2DAsync(y->data, row_a + row_b, a->data, row_a, row_a,
+    if (y && row_a % 16 == 0 && row_b % 16 == 0) {
+        concat_units_kernel<<<cuda_blocks(pixels * (int64_t)(row_a + row_b) / 16), CUDA_THREADS, 0,
+                              cb->stream>>>((const uint4 *)a->data, (const uint4 *)bd,
+                                            (uint4 *)y->data, pixels, (int64_t)row_a / 16,
+                                            (int64_t)row_b / 16);
+        if (cuda_launched("concat_channels")) {
+            cuda_tensor_release(cb, y);
+            y = NULL;
+        }
+    } else if (y && (cuda_ok(cudaMemcpy2DAsync(y->data, row_a + row_b, a->data, row_a, row_a,
                                         (size_t)pixels, cudaMemcpyDeviceToDevice, cb->stream),
                       "concat_channels") ||
               cuda_ok(cudaMemcpy2DAsync((char *)y->data + row_a, row_a + row_b, bd, row_b, row_b,
@@ -169,7 +190,9 @@ __device__ __forceinline__ int64_t nearest_source(int64_t dst, int64_t in, int64
     return src < in - 1 ? src : in - 1;
 }
 
-/* channels-last: y[b][oy][ox][c] = x[b][sy][sx][c] */
+/* channels-last: y[b][oy][ox][c] = x[b][sy][sx][c], in units of C values
+ * (the type) or of 16 bytes (uint4, where a pixel is whole 16-byte units:
+ * a thread then moves 8 half channels, with one index computation) */
 template <typename T>
 __global__ void upsample_kernel(const T *x, T *y, int64_t B, int64_t C, int64_t H, int64_t W,
                                 int64_t h, int64_t w) {
@@ -189,10 +212,15 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     int64_t shape[4] = {B, C, h, w};
     tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
     if (!y) return NULL;
-    unsigned blocks = cuda_blocks(B * C * h * w);
-    CUDA_DISPATCH(x->type, T,
-                  upsample_kernel<<<blocks, CUDA_THREADS, 0, cb->stream>>>(
-                      (const T *)x->data, (T *)y->data, B, C, H, W, h, w));
+    const int64_t row = C * (int64_t)dtype_size(x->type);
+    if (row % 16 == 0)
+        upsample_kernel<uint4><<<cuda_blocks(B * h * w * row / 16), CUDA_THREADS, 0, cb->stream>>>(
+            (const uint4 *)x->data, (uint4 *)y->data, B, row / 16, H, W, h, w);
+    else
+        CUDA_DISPATCH(x->type, T,
+                      upsample_kernel<T><<<cuda_blocks(B * C * h * w), CUDA_THREADS, 0,
+                                           cb->stream>>>((const T *)x->data, (T *)y->data, B, C,
+                                                         H, W, h, w));
     if (cuda_launched("upsample_nearest")) {
         cuda_tensor_release(cb, y);
         return NULL;
