@@ -355,6 +355,9 @@ static void test_elementwise(const suite *s) {
     }
     pair gg = act(s, 3, (int64_t[]){2, 50, 320}, -4, 4);
     expect(s, "geglu", s->gpu->geglu(s->gpu, gg.g), s->cpu->geglu(s->cpu, gg.c), s->tol);
+    pair go = act(s, 3, (int64_t[]){3, 7, 74}, -4, 4); /* 37 outputs a row: one a thread */
+    expect(s, "geglu odd width", s->gpu->geglu(s->gpu, go.g), s->cpu->geglu(s->cpu, go.c), s->tol);
+    pair_free(&go);
 
     pair y = act(s, 3, shape, -1, 1);
     CHECK(!s->gpu->add_inplace(s->gpu, x.g, y.g, 1.0f), "%s: add: %s", s->mode, sdx4_last_error());

@@ -54,9 +54,20 @@ __global__ void fill_bias_kernel(T *y, const T *bias, int64_t n, int64_t channel
     FOR_EACH(i, n) y[i] = bias[i / inner % channels];
 }
 
+/* channels-last rows (inner 1) of whole 16-byte units: one unit a thread */
+__global__ void fill_rows_kernel(uint4 *y, const uint4 *bias, int64_t n, int64_t units) {
+    FOR_EACH(i, n) y[i] = bias[i % units];
+}
+
 int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int64_t outer,
                    int64_t channels, int64_t inner) {
-    int64_t n = outer * channels * inner;
+    int64_t n = outer * channels * inner, row = channels * (int64_t)dtype_size(type);
+    if (inner == 1 && row % 16 == 0) {
+        fill_rows_kernel<<<cuda_blocks(n * (int64_t)dtype_size(type) / 16), CUDA_THREADS, 0,
+                           cb->stream>>>((uint4 *)y, (const uint4 *)bias,
+                                         n * (int64_t)dtype_size(type) / 16, row / 16);
+        return cuda_launched("bias");
+    }
     CUDA_DISPATCH(type, T,
                   fill_bias_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
                       (T *)y, (const T *)bias, n, channels, inner));
