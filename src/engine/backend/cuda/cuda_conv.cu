@@ -97,6 +97,10 @@ struct conv_plan {
     int fuse_bias;
     cudnnTensorDescriptor_t bias;
     cudnnActivationDescriptor_t identity;
+    /* the graph API's plan where it beat this one, per operands (bias?,
+     * residual?), and whether that was tried (cuda_conv_graph.cu) */
+    conv_graph *graph[4];
+    bool graph_tried[4];
 };
 
 static int cudnn_ok(cudnnStatus_t s, const char *what) {
@@ -113,6 +117,7 @@ static void plan_free(conv_plan *p) {
     if (p->conv) (void)cudnnDestroyConvolutionDescriptor(p->conv);
     if (p->bias) (void)cudnnDestroyTensorDescriptor(p->bias);
     if (p->identity) (void)cudnnDestroyActivationDescriptor(p->identity);
+    for (int i = 0; i < 4; i++) conv_graph_free(p->graph[i]);
     free(p);
 }
 
@@ -238,42 +243,59 @@ static int conv_bias_first(cuda_backend *cb, const conv_plan *p, const conv_shap
 static int choose_bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
                             const void *x, const void *w, const void *bias, void *y,
                             void *workspace) {
-    if (p->algo != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ||
-        conv_fused(cb, p, x, w, bias, NULL, y, workspace) != CUDNN_STATUS_SUCCESS)
-        return -1; /* declined */
-    cudaEvent_t e[3] = {NULL, NULL, NULL};
-    float fused = 0.0f, first = 0.0f;
-    int choice = 1, ok = 1;
-    for (int i = 0; i < 3 && ok; i++) ok = cudaEventCreate(&e[i]) == cudaSuccess;
-    if (ok) {
-        ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0; /* warm */
-        (void)cudaEventRecord(e[0], cb->stream);
-        for (int i = 0; i < 3 && ok; i++)
-            ok = conv_fused(cb, p, x, w, bias, NULL, y, workspace) == CUDNN_STATUS_SUCCESS;
-        (void)cudaEventRecord(e[1], cb->stream);
-        for (int i = 0; i < 3 && ok; i++)
-            ok = conv_bias_first(cb, p, s, type, x, w, bias, y, workspace) == 0;
-        (void)cudaEventRecord(e[2], cb->stream);
-        if (ok && cudaEventSynchronize(e[2]) == cudaSuccess &&
-            cudaEventElapsedTime(&fused, e[0], e[1]) == cudaSuccess &&
-            cudaEventElapsedTime(&first, e[1], e[2]) == cudaSuccess && first < fused)
-            choice = -1;
-        if (cb->profile)
-            fprintf(stderr, "cudnn %s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
-                    " k%d s%d: bias fused %.1f us, written first %.1f us\n", dtype_name(type),
-                    s->B, s->C, s->O, s->H, s->W, s->k, s->stride, fused * 1e3f / 3,
-                    first * 1e3f / 3);
-    }
-    for (int i = 0; i < 3; i++)
-        if (e[i]) (void)cudaEventDestroy(e[i]);
-    (void)cudaGetLastError();
-    error_clear(); /* a failed trial only means the fused path is not taken */
-    return choice;
+    if (p->algo != CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM) return -1;
+    float fused = cuda_time_runs(cb, [&] {
+        return conv_fused(cb, p, x, w, bias, NULL, y, workspace) == CUDNN_STATUS_SUCCESS ? 0 : -1;
+    });
+    float first = cuda_time_runs(cb, [&] {
+        return conv_bias_first(cb, p, s, type, x, w, bias, y, workspace);
+    });
+    if (cb->profile)
+        fprintf(stderr, "cudnn %s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
+                " k%d s%d: bias fused %.1f us, written first %.1f us\n", dtype_name(type), s->B,
+                s->C, s->O, s->H, s->W, s->k, s->stride, fused * 1e3f, first * 1e3f);
+    return fused >= 0.0f && (first < 0.0f || fused <= first) ? 1 : -1;
+}
+
+/* The legacy path: the bias as choose_bias_path found faster, a residual
+ * in the same call where the bias is fused, else added after. */
+static int conv_legacy(cuda_backend *cb, const conv_plan *p, const conv_shape *s, dtype type,
+                       const void *x, const void *w, const void *bias, const void *r, void *y,
+                       void *workspace) {
+    const bool fused = bias && p->fuse_bias > 0;
+    int rc = fused ? cudnn_ok(conv_fused(cb, p, x, w, bias, r, y, workspace),
+                              "cudnnConvolutionBiasActivationForward")
+                   : conv_bias_first(cb, p, s, type, x, w, bias, y, workspace);
+    return !rc && r && !fused ? cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f) : rc;
+}
+
+/* Makes the graph API's plan for these operands and keeps it if it beats
+ * the legacy path (both timed on the real tensors). */
+static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
+                      const void *x, const void *w, const void *bias, const void *r, void *y,
+                      void *workspace, int slot) {
+    p->graph_tried[slot] = true;
+    const int64_t xd[4] = {s->B, s->C, s->H, s->W}, wd[4] = {s->O, s->C, s->k, s->k},
+                  yd[4] = {s->B, s->O, s->Ho, s->Wo};
+    float graph_ms = -1.0f;
+    conv_graph *g = conv_graph_plan(cb, type, xd, wd, yd, s->stride, s->pad, x, w, bias, r, y,
+                                    &graph_ms);
+    if (!g) return;
+    float legacy_ms = cuda_time_runs(cb, [&] {
+        return conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace);
+    });
+    if (cb->profile)
+        fprintf(stderr, "cudnn %s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
+                " k%d s%d%s%s: graph API %.1f us, legacy %.1f us\n", dtype_name(type), s->B,
+                s->C, s->O, s->H, s->W, s->k, s->stride, bias ? " +bias" : "", r ? " +r" : "",
+                graph_ms * 1e3f, legacy_ms * 1e3f);
+    if (legacy_ms >= 0.0f && legacy_ms <= graph_ms) conv_graph_free(g);
+    else p->graph[slot] = g;
 }
 
 /* y = conv(x) (+ bias) (+ r): 0 done, 1 no cuDNN algorithm (use im2col),
  * -1 error. A residual goes into the fused call where the bias does, else
- * it is added after. */
+ * it is added after (conv_legacy), or into the graph API's plan. */
 static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
                       const void *w, const void *bias, const void *r, void *y) {
     /* cuDNN describes tensors with int dimensions and counts */
@@ -289,14 +311,15 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     if (!p->usable) return 1;
     cuda_buf workspace = {NULL, 0};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
-    if (bias && !p->fuse_bias && !cb->recording) /* the trial waits for the stream */
+    /* the trials wait for the stream: not while recording */
+    if (bias && !p->fuse_bias && !cb->recording)
         p->fuse_bias = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr);
-    const bool fused = bias && p->fuse_bias > 0;
-    int rc = fused ? cudnn_ok(conv_fused(cb, p, x, w, bias, r, y, workspace.ptr),
-                              "cudnnConvolutionBiasActivationForward")
-                   : conv_bias_first(cb, p, s, type, x, w, bias, y, workspace.ptr);
+    const int slot = (bias != NULL) + 2 * (r != NULL);
+    if (!p->graph_tried[slot] && !cb->recording && type != DTYPE_F32)
+        try_graph(cb, p, s, type, x, w, bias, r, y, workspace.ptr, slot);
+    int rc = p->graph[slot] ? conv_graph_run(cb, p->graph[slot], x, w, bias, r, y)
+                            : conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
-    if (!rc && r && !fused) rc = cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f);
     return rc;
 }
 

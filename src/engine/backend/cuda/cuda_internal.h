@@ -175,6 +175,31 @@ int cublas_ok(cublasStatus_t s, const char *what);
 /* The status of the kernel launched last on this thread. */
 static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastError(), what); }
 
+/* The mean GPU time in ms of three runs of run() (which returns 0 on
+ * success) after an untimed one, on the backend's stream (it waits for
+ * it: never while recording); -1 if a run fails, with the error cleared
+ * (a trial that fails only means that way is not taken). */
+template <typename F> static inline float cuda_time_runs(cuda_backend *cb, F run) {
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    float ms = -1.0f;
+    if (cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess &&
+        run() == 0 && cudaEventRecord(e0, cb->stream) == cudaSuccess) {
+        bool ok = true;
+        for (int i = 0; ok && i < 3; i++) ok = run() == 0;
+        if (ok && cudaEventRecord(e1, cb->stream) == cudaSuccess &&
+            cudaEventSynchronize(e1) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess)
+            ms /= 3;
+        else
+            ms = -1.0f;
+    }
+    if (e0) (void)cudaEventDestroy(e0);
+    if (e1) (void)cudaEventDestroy(e1);
+    (void)cudaGetLastError();
+    error_clear();
+    return ms;
+}
+
 /* --- cuda_gemm.cu --------------------------------------------------- */
 /* C[m, n] = op(A) op(B) (+ bias[i] on row i) (+ R[m, n]), bias and R
  * may be NULL (R, if given, laid out as C, ldc == m), column-major as
@@ -239,6 +264,22 @@ tensor *cuda_conv2d_add(backend *be, const tensor *x, const tensor *w, const ten
                         int stride, int padding, const tensor *r);
 #ifdef SDX4_HAVE_CUDNN
 void cuda_conv_plans_free(cuda_backend *cb);
+
+/* --- cuda_conv_graph.cu: convolutions through cuDNN's graph API ------- */
+#define CONV_GRAPH_WORKSPACE_LIMIT ((int64_t)64 << 20) /* the peak-memory goal */
+typedef struct conv_graph conv_graph;
+/* The fastest graph-API plan for y = conv(x, w) (+ bias[c]) (+ r) on
+ * channels-last half or bfloat16 tensors (dims [N, C, H, W], weights
+ * [O, C, k, k]), timed on the tensors given (y is overwritten), its time
+ * in *ms; NULL where the graph API has none (no error set). */
+conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4],
+                            const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
+                            const void *x, const void *w, const void *bias, const void *r,
+                            void *y, float *ms);
+/* Runs a plan on tensors of its shape, with the operands it was made for. */
+int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const void *w,
+                   const void *bias, const void *r, void *y);
+void conv_graph_free(conv_graph *g);
 #endif
 tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
                        int causal);
