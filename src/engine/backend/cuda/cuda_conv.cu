@@ -269,8 +269,14 @@ static int conv_legacy(cuda_backend *cb, const conv_plan *p, const conv_shape *s
     return !rc && r && !fused ? cuda_add(cb, type, y, r, s->B * s->Ho * s->Wo * s->O, 1.0f) : rc;
 }
 
+/* Largest difference, relative to the output's largest value, that a graph
+ * plan may show against the legacy path: half's rounding and another
+ * order of summation, not a wrong result. */
+#define GRAPH_AGREEMENT 1e-2f
+
 /* Makes the graph API's plan for these operands and keeps it if it beats
- * the legacy path (both timed on the real tensors). */
+ * the legacy path (both timed on the real tensors) and computes the same
+ * (checked once, on those tensors). */
 static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
                       const void *x, const void *w, const void *bias, const void *r, void *y,
                       void *workspace, int slot) {
@@ -289,8 +295,22 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
                 " k%d s%d%s%s: graph API %.1f us, legacy %.1f us\n", dtype_name(type), s->B,
                 s->C, s->O, s->H, s->W, s->k, s->stride, bias ? " +bias" : "", r ? " +r" : "",
                 graph_ms * 1e3f, legacy_ms * 1e3f);
-    if (legacy_ms >= 0.0f && legacy_ms <= graph_ms) conv_graph_free(g);
-    else p->graph[slot] = g;
+    bool take = legacy_ms < 0.0f || graph_ms < legacy_ms;
+    if (take) { /* and only if it computes what the legacy path does, on these tensors */
+        const int64_t n = s->B * s->Ho * s->Wo * s->O;
+        cuda_buf ref = {NULL, 0};
+        float diff = -1.0f;
+        if (cuda_buf_alloc(cb, &ref, (size_t)n * dtype_size(type)) == 0 &&
+            conv_legacy(cb, p, s, type, x, w, bias, r, ref.ptr, workspace) == 0 &&
+            conv_graph_run(cb, g, x, w, bias, r, y) == 0)
+            diff = cuda_relative_difference(cb, type, y, ref.ptr, n);
+        cuda_buf_free(cb, &ref);
+        error_clear();
+        take = diff >= 0.0f && diff <= GRAPH_AGREEMENT;
+        if (cb->profile) fprintf(stderr, "  graph API against legacy: %.2e\n", diff);
+    }
+    if (take) p->graph[slot] = g;
+    else conv_graph_free(g);
 }
 
 /* y = conv(x) (+ bias) (+ r): 0 done, 1 no cuDNN algorithm (use im2col),

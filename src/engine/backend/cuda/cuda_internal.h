@@ -241,6 +241,11 @@ int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int6
  * channels widened with zeros or narrowed. */
 int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t src_c, void *dst,
                        int64_t dst_c, int64_t rows);
+/* max |a - b| / max |b| over n values of `type` (waits for the stream:
+ * a self-check, never while recording); infinite or NaN where a has a
+ * NaN or an infinity, -1 with the error set on failure. */
+float cuda_relative_difference(cuda_backend *cb, dtype type, const void *a, const void *b,
+                               int64_t n);
 /* out[i, :] = table[ids[i], :] with ids in device memory. */
 int cuda_gather_rows(cuda_backend *cb, const void *table, dtype table_type, const int32_t *ids,
                      int n, int64_t cols, void *out, dtype out_type);

@@ -93,6 +93,55 @@ int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t sr
     return cuda_launched("copy_channels");
 }
 
+/* ------------------------------------------------------------- compare */
+
+/* out[0] = max |a - b| (infinity where a has a NaN), out[1] = max |b|,
+ * as float bits: non-negative floats order as their bits */
+template <typename T>
+__global__ void max_abs_kernel(const T *a, const T *b, int64_t n, unsigned *out) {
+    float d = 0.0f, m = 0.0f;
+    bool nan = false;
+    FOR_EACH(i, n) {
+        const float x = to_f32(a[i]), y = to_f32(b[i]);
+        nan |= x != x;
+        d = fmaxf(d, fabsf(x - y));
+        m = fmaxf(m, fabsf(y));
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) {
+        d = fmaxf(d, __shfl_xor_sync(0xffffffffu, d, mask));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, mask));
+    }
+    if (__any_sync(0xffffffffu, nan)) d = INFINITY;
+    if (threadIdx.x % 32 == 0) {
+        atomicMax(&out[0], __float_as_uint(d));
+        atomicMax(&out[1], __float_as_uint(m));
+    }
+}
+
+float cuda_relative_difference(cuda_backend *cb, dtype type, const void *a, const void *b,
+                               int64_t n) {
+    cuda_buf out = {NULL, 0};
+    unsigned host[2] = {0, 0};
+    float rel = -1.0f;
+    if (cuda_buf_alloc(cb, &out, sizeof host) == 0 &&
+        cuda_ok(cudaMemsetAsync(out.ptr, 0, sizeof host, cb->stream), "compare") == 0) {
+        CUDA_DISPATCH(type, T,
+                      max_abs_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                          (const T *)a, (const T *)b, n, (unsigned *)out.ptr));
+        if (cuda_launched("compare") == 0 &&
+            cuda_ok(cudaMemcpyAsync(host, out.ptr, sizeof host, cudaMemcpyDeviceToHost,
+                                    cb->stream), "compare") == 0 &&
+            cuda_ok(cudaStreamSynchronize(cb->stream), "compare") == 0) {
+            float d, m;
+            memcpy(&d, &host[0], sizeof d);
+            memcpy(&m, &host[1], sizeof m);
+            rel = d / (m > 0.0f ? m : 1.0f);
+        }
+    }
+    cuda_buf_free(cb, &out);
+    return rel;
+}
+
 /* ---------------------------------------------------------------- gather */
 
 template <typename S, typename D>
