@@ -13,7 +13,8 @@
  * the same numbers and the differences measure the arithmetic alone; the
  * operations that only move values must then match exactly. Also: weights
  * from F16 and BF16 files, operands of mixed types, the im2col path of
- * convolutions (SDX4_CUDA_CONV=im2col), memory accounting, errors, and two
+ * convolutions (SDX4_CUDA_CONV=im2col), cuDNN's graph API plans
+ * (SDX4_CUDA_CONV=cudnn-graph), memory accounting, errors, and two
  * threads calling one backend at once.
  *
  * Without a CUDA device, or in a build without the CUDA backend, it skips
@@ -291,6 +292,9 @@ static void test_attentions(const suite *s) {
     test_attention(s, 1, 1000, 1500, 1, 512, 0); /* many key tiles, partial last tiles */
     test_attention(s, 2, 1030, 77, 8, 64, 1);    /* causal with Tq > Tk on tensor cores */
     test_attention(s, 1, 130, 5000, 1, 4, 0);    /* long keys */
+    test_attention(s, 1, 100, 300, 2, 256, 0);   /* D 256: its 2-stage ring refilled */
+    test_attention(s, 1, 150, 150, 1, 256, 1);   /* D 256, causal, several key tiles */
+    test_attention(s, 1, 100, 111, 2, 128, 0);   /* D 128 with a partial last key tile */
 }
 
 static void test_group_norm(const suite *s, int ndim, const int64_t *shape, int groups,
@@ -714,6 +718,16 @@ int main(void) {
     if (gpu) {
         s = (suite){cpu, gpu, "im2col16", TOL_FP16, DTYPE_F16};
         test_convs(&s);
+        gpu->destroy(gpu);
+    }
+    /* cuDNN's graph API plans, kept where they agree even when slower, so
+     * that their path runs whatever cuDNN's timings say: also recorded */
+    gpu = open_cuda("fp16", "cudnn-graph");
+    CHECK(gpu != NULL, "cudnn-graph backend: %s", sdx4_last_error());
+    if (gpu) {
+        s = (suite){cpu, gpu, "graph16", TOL_FP16, DTYPE_F16};
+        test_convs(&s);
+        test_record(&s);
         gpu->destroy(gpu);
     }
 

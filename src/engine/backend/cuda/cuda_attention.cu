@@ -564,14 +564,18 @@ mma_attention_kernel(const __half *q, const __half *k, const __half *v, __half *
     }
 }
 
+/* The dynamic shared memory of a variant: the K, V stages in half, and the
+ * partial scores in float. */
+static constexpr int mma_smem(int D, int WD, int WR, int MT, int BK, int STAGES) {
+    return STAGES * 2 * BK * (D + 8) * 2 + (WD > 1 ? WR * WD * 16 * MT * (BK + 8) * 4 : 0);
+}
+
 template <int D, int WD, int WR, int MT, int BK, int STAGES, int MINB>
 static int launch_mma_attention(cuda_backend *cb, const __half *q, const __half *k,
                                 const __half *v, __half *o, int B, int Tq, int Tk, int heads,
                                 int causal) {
     constexpr int BQ = 16 * MT * WR;
-    /* the K, V stages in half, and the partial scores in float */
-    const int smem =
-        STAGES * 2 * BK * (D + 8) * 2 + (WD > 1 ? WR * WD * 16 * MT * (BK + 8) * 4 : 0);
+    const int smem = mma_smem(D, WD, WR, MT, BK, STAGES);
     auto kernel = mma_attention_kernel<D, WD, WR, MT, BK, STAGES, MINB>;
     if (cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                 "attention: shared memory"))
@@ -582,8 +586,13 @@ static int launch_mma_attention(cuda_backend *cb, const __half *q, const __half 
     return cuda_launched("attention");
 }
 
-/* Whether the tensor-core kernel has a variant for head size D. */
-static bool mma_head_size(int64_t D) { return D == 64 || D == 128 || D == 256 || D == 512; }
+/* Whether the tensor-core kernel has a variant for head size D that this
+ * device can hold (512's needs more shared memory than sm_86 and sm_89
+ * give a block; those take the float kernel). */
+static bool mma_head_size(const cuda_backend *cb, int64_t D) {
+    return D == 64 || D == 128 || D == 256 ||
+           (D == 512 && cb->smem_per_block >= mma_smem(512, 4, 2, 2, 16, 3));
+}
 
 /* <D, WD, WR, MT, BK, STAGES, blocks per SM>, chosen so that no variant
  * spills (ptxas -v): 64 and 128 as 4 warps, one per 16 rows, at 4 and 3
@@ -598,7 +607,7 @@ static int attend_mma(cuda_backend *cb, const __half *q, const __half *k, const 
     case 64: return MMA_ATTENTION(64, 1, 4, 1, 32, 3, 4);
     case 128: return MMA_ATTENTION(128, 1, 4, 1, 32, 3, 3);
     case 256: return MMA_ATTENTION(256, 2, 2, 1, 32, 2, 2);
-    default: return MMA_ATTENTION(512, 4, 2, 2, 16, 3, 1);
+    default: return MMA_ATTENTION(512, 4, 2, 2, 16, 3, 1); /* mma_head_size's 512 */
     }
 #undef MMA_ATTENTION
 }
@@ -682,7 +691,7 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
         !(vd = cuda_data_as(cb, v, q->type, &v_tmp)) ||
         !(out = cuda_tensor_new(cb, 3, q->shape, q->type)) ||
         /* tensor cores unless fp32 mode asks for float arithmetic */
-        (mma_head_size(D) && (q->type != DTYPE_F32 || cb->allow_tf32)
+        (mma_head_size(cb, D) && (q->type != DTYPE_F32 || cb->allow_tf32)
              ? attention_on_tensor_cores(cb, q, kd, vd, out, (int)B, (int)Tq, (int)Tk, heads,
                                          (int)D, causal)
              : attend_as(cb, q->type, q->data, kd, vd, out->data, (int)B, (int)Tq, (int)Tk,

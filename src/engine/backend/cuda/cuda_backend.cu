@@ -21,7 +21,9 @@
  * that every step runs operation by operation, for comparison.
  * SDX4_CUDA_CONV=im2col makes convolutions use the im2col + GEMM path even
  * when cuDNN is there (the fallback of builds without cuDNN), so that path
- * can be tested on the same machine.
+ * can be tested on the same machine; SDX4_CUDA_CONV=cudnn-graph keeps every
+ * half-precision plan of cuDNN's graph API that computes what the legacy
+ * call does, faster or not, so that its path can be tested too.
  *
  * This file holds what every operation needs and the operations that are
  * one library call each:
@@ -590,10 +592,13 @@ static int read_environment(dtype *weights, int *use_cudnn, int *allow_bf16) {
     }
     if (!conv || !*conv || !strcmp(conv, "cudnn")) {
         *use_cudnn = 1;
+    } else if (!strcmp(conv, "cudnn-graph")) {
+        *use_cudnn = 2;
     } else if (!strcmp(conv, "im2col")) {
         *use_cudnn = 0;
     } else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_CONV=%s: expected cudnn or im2col", conv);
+        set_error(SDX4_ERR_INVALID_ARGUMENT,
+                  "SDX4_CUDA_CONV=%s: expected cudnn, cudnn-graph or im2col", conv);
         return -1;
     }
     return 0;
@@ -641,6 +646,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
     }
     cb->device = device_index;
     cb->sms = prop.multiProcessorCount;
+    cb->smem_per_block = (int)prop.sharedMemPerBlockOptin;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
     cb->allow_bf16 = allow_bf16;

@@ -295,7 +295,7 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
                 " k%d s%d%s%s: graph API %.1f us, legacy %.1f us\n", dtype_name(type), s->B,
                 s->C, s->O, s->H, s->W, s->k, s->stride, bias ? " +bias" : "", r ? " +r" : "",
                 graph_ms * 1e3f, legacy_ms * 1e3f);
-    bool take = legacy_ms < 0.0f || graph_ms < legacy_ms;
+    bool take = legacy_ms < 0.0f || graph_ms < legacy_ms || cb->use_cudnn == 2;
     if (take) { /* and only if it computes what the legacy path does, on these tensors */
         const int64_t n = s->B * s->Ho * s->Wo * s->O;
         cuda_buf ref = {NULL, 0};
@@ -337,8 +337,16 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     const int slot = (bias != NULL) + 2 * (r != NULL);
     if (!p->graph_tried[slot] && !cb->recording && type != DTYPE_F32)
         try_graph(cb, p, s, type, x, w, bias, r, y, workspace.ptr, slot);
-    int rc = p->graph[slot] ? conv_graph_run(cb, p->graph[slot], x, w, bias, r, y)
-                            : conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace.ptr);
+    int rc = p->graph[slot] ? conv_graph_run(cb, p->graph[slot], x, w, bias, r, y) : 1;
+    if (rc != 0 && p->graph[slot] && !cb->recording) { /* drop a plan that fails: legacy */
+        if (cb->profile)
+            fprintf(stderr, "cudnn: graph API plan failed, legacy from now on: %s\n",
+                    sdx4_last_error());
+        error_clear();
+        conv_graph_free(p->graph[slot]);
+        p->graph[slot] = NULL;
+    }
+    if (!p->graph[slot]) rc = conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
     return rc;
 }

@@ -33,6 +33,10 @@ enum { UID_X = 1, UID_W, UID_Y, UID_BIAS, UID_R, UID_CONV_OUT, UID_BIASED };
 
 struct conv_graph {
     cudnnBackendDescriptor_t plan;
+    /* what the plan was made from, kept while it lives: whether cuDNN's
+     * backend copies them into a finalized plan is not documented, and
+     * cudnn-frontend keeps them */
+    cudnnBackendDescriptor_t made_from[15 + GRAPH_CANDIDATES];
     int64_t workspace;
     int bias, residual;
 };
@@ -281,6 +285,11 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
             destroy(&plan, 1);
         }
     }
+    if (best) { /* the descriptors go with the plan */
+        for (int i = 0; i < 15; i++) best->made_from[i] = d[i], d[i] = NULL;
+        for (int i = 0; i < GRAPH_CANDIDATES; i++)
+            best->made_from[15 + i] = cfgs[i], cfgs[i] = NULL;
+    }
 done:
     (void)cudaGetLastError();
     error_clear(); /* a candidate that fails is only not taken */
@@ -306,6 +315,7 @@ int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const v
 void conv_graph_free(conv_graph *g) {
     if (!g) return;
     if (g->plan) (void)cudnnBackendDestroyDescriptor(g->plan);
+    destroy(g->made_from, 15 + GRAPH_CANDIDATES);
     free(g);
 }
 

@@ -99,7 +99,8 @@ typedef struct {
     gemm_plan *gemm_plans;   /* cuBLASLt algorithm per GEMM shape */
 #ifdef SDX4_HAVE_CUDNN
     cudnnHandle_t cudnn;
-    int use_cudnn;           /* 0: convolutions by im2col + GEMM */
+    int use_cudnn;           /* 0: convolutions by im2col + GEMM; 2: graph
+                                API plans kept even when slower (tests) */
     conv_plan *plans;        /* cuDNN algorithm per convolution shape */
 #endif
     dtype mode;              /* F16 or F32: the weights' type, and the
@@ -114,6 +115,7 @@ typedef struct {
     cuda_buf gemm_workspace; /* cuBLASLt's, for the backend's lifetime */
     cuda_buf group_counters; /* CUDA_GROUP_COUNTERS zeros (cuda_norm_act.cu) */
     int sms;                 /* the device's multiprocessors */
+    int smem_per_block;      /* shared memory a block may opt in to, bytes */
     void *pinned;            /* CUDA_PINNED_BYTES of page-locked host memory */
     cudaEvent_t pinned_free; /* recorded after each copy out of `pinned` */
     cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
@@ -242,8 +244,8 @@ int cuda_fill_bias(cuda_backend *cb, void *y, const void *bias, dtype type, int6
 int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t src_c, void *dst,
                        int64_t dst_c, int64_t rows);
 /* max |a - b| / max |b| over n values of `type` (waits for the stream:
- * a self-check, never while recording); infinite or NaN where a has a
- * NaN or an infinity, -1 with the error set on failure. */
+ * a self-check, never while recording); infinite where either has a NaN
+ * or an infinity, -1 with the error set on failure. */
 float cuda_relative_difference(cuda_backend *cb, dtype type, const void *a, const void *b,
                                int64_t n);
 /* out[i, :] = table[ids[i], :] with ids in device memory. */

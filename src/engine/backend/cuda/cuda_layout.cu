@@ -100,10 +100,10 @@ int cuda_copy_channels(cuda_backend *cb, dtype type, const void *src, int64_t sr
 template <typename T>
 __global__ void max_abs_kernel(const T *a, const T *b, int64_t n, unsigned *out) {
     float d = 0.0f, m = 0.0f;
-    bool nan = false;
+    bool nonfinite = false; /* an inf in b would make any d look small */
     FOR_EACH(i, n) {
         const float x = to_f32(a[i]), y = to_f32(b[i]);
-        nan |= x != x;
+        nonfinite |= !isfinite(x) || !isfinite(y);
         d = fmaxf(d, fabsf(x - y));
         m = fmaxf(m, fabsf(y));
     }
@@ -111,7 +111,7 @@ __global__ void max_abs_kernel(const T *a, const T *b, int64_t n, unsigned *out)
         d = fmaxf(d, __shfl_xor_sync(0xffffffffu, d, mask));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, mask));
     }
-    if (__any_sync(0xffffffffu, nan)) d = INFINITY;
+    if (__any_sync(0xffffffffu, nonfinite)) d = INFINITY;
     if (threadIdx.x % 32 == 0) {
         atomicMax(&out[0], __float_as_uint(d));
         atomicMax(&out[1], __float_as_uint(m));

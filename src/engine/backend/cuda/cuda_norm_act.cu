@@ -416,8 +416,7 @@ group_stats_cl_kernel(const T *x, const T *add, int64_t HW, int C, int64_t ppc, 
     const int b = blockIdx.y;
     const int64_t p0 = blockIdx.x * ppc, p1 = p0 + ppc < HW ? p0 + ppc : HW;
     const T *image = x + b * HW * C + th.c0;
-    float n = 0.0f, shift[8] = {0}, s[8] = {0}, ss[8] = {0}, plus[8] = {0};
-    if (add && th.row < th.rows) vec8<T>::load(add + b * C + th.c0, plus);
+    float n = 0.0f, shift[8] = {0}, s[8] = {0}, ss[8] = {0};
     if (th.row < th.rows) {
         for (int64_t p = p0 + th.row; p < p1; p += (int64_t)th.rows * CL_UNROLL) {
             float v[CL_UNROLL][8];
@@ -440,6 +439,8 @@ group_stats_cl_kernel(const T *x, const T *add, int64_t HW, int C, int64_t ppc, 
             }
         }
         welford lo = {0.0f, 0.0f, 0.0f}, hi = lo; /* hi: channels 4..7 of a second group */
+        float plus[8] = {0}; /* loaded only now: live through the loop, it spilled */
+        if (add) vec8<T>::load(add + b * C + th.c0, plus);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             welford c = {0.0f, 0.0f, 0.0f};
