@@ -495,10 +495,18 @@ static void test_mixed_types(suite *s) {
 
 /* ------------------------------------------------------ memory, errors */
 
+/* How a recording's memory was planned (backend.h's plan_begin). */
+typedef enum { UNPLANNED, PLANNED, PLANNED_OTHERWISE } planning;
+
 /* A recorded sequence (conv, group norm, linear on the tokens) replayed
  * on a new input gives what running it on that input gives, and its
- * intermediate memory is not handed to tensors made between replays. */
-static void test_record(const suite *s) {
+ * intermediate memory is not handed to tensors made between replays. With
+ * a planning pass of the same sequence, the recording's memory is the
+ * plan's arena; with a pass of a sequence that allocates something more
+ * first, the recording leaves the plan at once. Either way the results
+ * are the same, and all memory is back once the graph and its output are
+ * freed. */
+static void test_record(const suite *s, planning plan) {
     const int64_t shape[4] = {2, 8, 6, 5};
     pair x = act(s, 4, shape, -1, 1), x2 = act(s, 4, shape, -1, 1);
     pair w = wgt(s, 4, (int64_t[]){16, 8, 3, 3}, -0.3f, 0.3f);
@@ -516,8 +524,19 @@ static void test_record(const suite *s) {
         tensor_free(c_), tensor_free(n_), tensor_free(t_);                                    \
     } while (0)
     tensor *y = NULL, *warm = NULL, *want = NULL;
+    int64_t before, after;
     SEQUENCE(gpu, x.g, g, warm); /* first runs choose the algorithms */
     tensor_free(warm);
+    gpu->memory(gpu, &before, NULL);
+    if (plan != UNPLANNED) {
+        gpu->plan_begin(gpu);
+        tensor *extra = plan == PLANNED_OTHERWISE ? gpu->new_tensor(gpu, 1, (int64_t[]){77}) : NULL;
+        SEQUENCE(gpu, x.g, g, warm);
+        tensor_free(extra);
+        gpu->plan_end(gpu);
+        CHECK(warm != NULL, "%s: planning pass: %s", s->mode, sdx4_last_error());
+        tensor_free(warm);
+    }
     CHECK(gpu->record_begin(gpu) == 0, "%s: record_begin: %s", s->mode, sdx4_last_error());
     SEQUENCE(gpu, x.g, g, y);
     backend_graph *graph = gpu->record_end(gpu);
@@ -540,6 +559,9 @@ static void test_record(const suite *s) {
 #undef SEQUENCE
     if (graph) gpu->graph_free(gpu, graph);
     tensor_free(y), tensor_free(want);
+    gpu->memory(gpu, &after, NULL);
+    CHECK(after == before, "%s, plan %d: %" PRId64 " bytes in use after freeing the graph, %" PRId64
+          " before", s->mode, (int)plan, after, before);
     pair_free(&x), pair_free(&x2), pair_free(&w), pair_free(&gamma), pair_free(&beta),
         pair_free(&lw);
 }
@@ -676,7 +698,7 @@ int main(void) {
     suite s = {cpu, gpu, "fp32", TOL_FP32, DTYPE_F32};
     test_all(&s);
     test_weight_types(&s);
-    test_record(&s);
+    for (planning plan = UNPLANNED; plan <= PLANNED_OTHERWISE; plan++) test_record(&s, plan);
     test_memory(gpu);
     test_errors(gpu, cpu);
     test_threads(&s);
@@ -690,7 +712,7 @@ int main(void) {
         test_all(&s);
         test_weight_types(&s);
         test_mixed_types(&s);
-        test_record(&s);
+        for (planning plan = UNPLANNED; plan <= PLANNED_OTHERWISE; plan++) test_record(&s, plan);
         test_memory(gpu);
         test_threads(&s);
         CHECK(gpu->set_activation_type(gpu, DTYPE_F32) == DTYPE_F16, "fp16 mode default");
@@ -701,7 +723,7 @@ int main(void) {
         CHECK(gpu->set_activation_type(gpu, DTYPE_BF16) == DTYPE_F32, "bf16 granted");
         s = (suite){cpu, gpu, "fp16+bf16", TOL_BF16, DTYPE_BF16};
         test_all(&s);
-        test_record(&s);
+        test_record(&s, PLANNED);
         CHECK(gpu->set_activation_type(gpu, DTYPE_F16) == DTYPE_BF16, "precision restored");
         gpu->destroy(gpu);
     }

@@ -166,6 +166,16 @@ struct backend {
     backend_graph *(*record_end)(backend *be); /* NULL with the error set */
     int (*replay)(backend *be, backend_graph *g);
     void (*graph_free)(backend *be, backend_graph *g);
+    /* Optional (NULL: a recording takes memory as its operations ask for
+     * it). A planning pass for this thread's next recording: between
+     * plan_begin() and plan_end() the operations run as usual while the
+     * backend notes the sizes and lifetimes of the memory they take. A
+     * recording that then calls the same operations in the same order
+     * keeps all of its memory in one arena laid out from those notes
+     * (core/memplan.h); from the first operation that differs, it takes
+     * memory as usual. Best effort, so nothing to report. */
+    void (*plan_begin)(backend *be);
+    void (*plan_end)(backend *be);
 
     /* --- lifetime ----------------------------------------------------- */
     /* Waits until every operation enqueued so far has finished; optional

@@ -18,7 +18,9 @@
  *
  * Every step runs the same UNet on new values, so on a backend that
  * records (backend.h) the first step runs as it is called, the second is
- * recorded and every step from then on replays the recording: the step's
+ * recorded (on a backend that plans a recording's memory, the second runs
+ * as called too, as the planning pass, and the third is recorded) and
+ * every step from then on replays the recording: the step's
  * inputs (the UNet's input and its timestep) are written into tensors
  * kept for the whole loop, and the recording's output tensor is read.
  * The cross-attention keys and values of the prompt, the same at every
@@ -102,10 +104,16 @@ static int unet_step(const model *m, backend *be, unet_state *st, const tensor *
     if (st->graph) {
         if (be->replay(be, st->graph)) return -1;
     } else {
-        int recording = st->steps > 0 && be->record_begin ? be->record_begin(be) : 1;
+        /* a backend that plans its recordings' memory (backend.h) gets step
+         * 1 as the planning pass, and records step 2 */
+        int planned = be->record_begin && be->plan_begin, first_recorded = planned ? 2 : 1;
+        int planning = planned && st->steps == first_recorded - 1;
+        int recording = st->steps >= first_recorded && be->record_begin ? be->record_begin(be) : 1;
         if (recording < 0) return -1;
+        if (planning) be->plan_begin(be);
         DROP(st->y);
         st->y = unet_fw_embedded(be, &m->unet, st->x, st->tproj, st->cls, ctx, st->kv);
+        if (planning) be->plan_end(be);
         if (recording == 0) {
             backend_graph *g = be->record_end(be); /* also after a failed operation */
             if (!st->y || !g) {

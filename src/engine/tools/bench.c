@@ -60,6 +60,13 @@ static int time_replayed_step(model *m, backend *be, const tensor *x, const tens
     TRY(kv = kv_cache_new());
     TRY(y = unet_fw_embedded(be, &m->unet, x, tproj, cls, ctx, kv));
     DROP(y);
+    if (be->plan_begin) { /* and a planning pass, as in the pipeline */
+        be->plan_begin(be);
+        y = unet_fw_embedded(be, &m->unet, x, tproj, cls, ctx, kv);
+        be->plan_end(be);
+        if (!y) goto fail;
+        DROP(y);
+    }
     if ((recording = be->record_begin(be)) != 0) {
         rc = recording > 0 ? 0 : -1;
         goto fail;

@@ -628,7 +628,7 @@ static int attention_on_tensor_cores(cuda_backend *cb, const tensor *q, const vo
         return attend_mma(cb, (const __half *)q->data, (const __half *)kd, (const __half *)vd,
                           (__half *)out->data, B, Tq, Tk, heads, D, causal);
     int64_t nq = tensor_numel(q), nk = (int64_t)B * Tk * heads * D;
-    cuda_buf q16 = {NULL, 0}, k16 = {NULL, 0}, v16 = {NULL, 0}, o16 = {NULL, 0};
+    cuda_buf q16 = {}, k16 = {}, v16 = {}, o16 = {};
     int rc = cuda_buf_alloc(cb, &q16, nq * 2) || cuda_buf_alloc(cb, &k16, nk * 2) ||
              cuda_buf_alloc(cb, &v16, nk * 2) || cuda_buf_alloc(cb, &o16, nq * 2);
     if (!rc) {
@@ -684,7 +684,7 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
                   shape_str(q, qs, sizeof qs), heads);
         return NULL;
     }
-    cuda_buf k_tmp = {NULL, 0}, v_tmp = {NULL, 0};
+    cuda_buf k_tmp = {}, v_tmp = {};
     const void *kd = NULL, *vd = NULL;
     tensor *out = NULL;
     if (!(kd = cuda_data_as(cb, k, q->type, &k_tmp)) ||

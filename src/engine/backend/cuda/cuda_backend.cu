@@ -34,9 +34,12 @@
  *     wasted) and the next request of that class takes one back. When
  *     cudaMalloc fails, the cached blocks are returned to the driver and the
  *     request is tried once more. Weights, allocated once, get exact
- *     cudaMalloc blocks. memory() counts the bytes of live tensors, weights
- *     and scratch (not the cached free blocks), like PyTorch's
- *     memory_allocated.
+ *     cudaMalloc blocks. While a planning pass traces a thread
+ *     (plan_begin), every block it takes and gives back is noted; the
+ *     recording that follows takes its blocks from one exact arena at the
+ *     places the plan gave them (cuda_graph.cu). memory() counts the bytes
+ *     of live tensors, weights, scratch and arenas (not the cached free
+ *     blocks), like PyTorch's memory_allocated.
  *   - weights: uploaded once, converted on the device to the mode's type
  *     (F16 files are copied as they are in fp16 mode).
  *   - transfers: upload() and download() take and give host float32 and
@@ -134,12 +137,28 @@ static int device_malloc(cuda_backend *cb, void **ptr, size_t bytes) {
     return -1;
 }
 
+/* Whether the calling thread's allocations are being traced. */
+static bool tracing_here(const cuda_backend *cb) {
+    return cb->tracing && pthread_equal(cb->tracing_thread, pthread_self());
+}
+
 int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     b->ptr = NULL;
     b->bytes = 0;
+    b->arena = NULL;
     if (bytes > MAX_BLOCK_BYTES) {
         set_error(SDX4_ERR_NO_MEMORY, "cuda: cannot allocate %zu bytes", bytes);
         return -1;
+    }
+    /* while recording, the place the planning pass gave it */
+    cuda_arena *a = cb->recording ? cb->recording->arena : NULL;
+    int64_t offset = a ? memplan_follow_alloc(a->plan, bytes) : -1;
+    if (offset >= 0) {
+        b->ptr = (char *)a->ptr + offset;
+        b->bytes = bytes;
+        b->arena = a;
+        a->refs++;
+        return 0;
     }
     size_t rounded;
     int c = size_class(bytes, &rounded);
@@ -156,11 +175,24 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     }
     b->bytes = rounded;
     count_bytes(cb, (int64_t)rounded);
+    /* out of host memory spoils the trace: the recording goes unplanned */
+    if (tracing_here(cb)) (void)memplan_note_alloc(cb->tracing, b->ptr, bytes);
     return 0;
 }
 
 void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
     if (!b->ptr) return;
+    if (b->arena) {
+        cuda_arena *a = b->arena;
+        if (cb->recording && cb->recording->arena == a)
+            memplan_follow_free(a->plan, (char *)b->ptr - (char *)a->ptr);
+        b->ptr = NULL;
+        b->bytes = 0;
+        b->arena = NULL;
+        cuda_arena_release(cb, a);
+        return;
+    }
+    if (tracing_here(cb)) memplan_note_free(cb->tracing, b->ptr);
     size_t rounded;
     int c = size_class(b->bytes, &rounded);
     cuda_block *blk = (cuda_block *)malloc(sizeof *blk);
@@ -176,6 +208,30 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
     count_bytes(cb, -(int64_t)b->bytes);
     b->ptr = NULL;
     b->bytes = 0;
+}
+
+cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan) {
+    cuda_arena *a = (cuda_arena *)calloc(1, sizeof *a);
+    size_t bytes = memplan_arena_bytes(plan);
+    /* exact: a size class would round hundreds of MiB up by up to 1/8 */
+    if (!a || device_malloc(cb, &a->ptr, bytes)) {
+        free(a);
+        memplan_free(plan);
+        return NULL;
+    }
+    a->bytes = bytes;
+    a->plan = plan;
+    a->refs = 1;
+    count_bytes(cb, (int64_t)bytes);
+    return a;
+}
+
+void cuda_arena_release(cuda_backend *cb, cuda_arena *a) {
+    if (!a || --a->refs > 0) return;
+    (void)cudaFree(a->ptr); /* waits for the device, so no replay still writes it */
+    count_bytes(cb, -(int64_t)a->bytes);
+    memplan_free(a->plan);
+    free(a);
 }
 
 void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists) {
@@ -313,7 +369,7 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
     if (n < 0) return NULL;
     dtype stored = cb->mode;
     size_t bytes = (size_t)n * dtype_size(stored), file_bytes = (size_t)n * dtype_size(type);
-    cuda_buf staging = {NULL, 0};
+    cuda_buf staging = {};
     cuda_tensor *ct = tensor_header(cb, ndim, shape, stored);
     if (!ct) return NULL;
     if (device_malloc(cb, &ct->t.data, bytes)) {
@@ -407,7 +463,7 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
         return -1;
     int64_t n = tensor_numel(src);
     size_t bytes = (size_t)n * sizeof(float);
-    cuda_buf staging = {NULL, 0};
+    cuda_buf staging = {};
     const void *from = src->data;
     int rc = 0;
     if (src->ndim == 4) { /* channels-last [N, H*W, C] -> [N, C, H*W] */
@@ -486,7 +542,7 @@ static tensor *linear_residual(backend *be, const char *op, const tensor *x, con
     cuda_profile_label(cb->profile, " %s M%" PRId64 " N%" PRId64 " K%" PRId64,
                        dtype_name(x->type), M, N, K);
     dtype type = x->type;
-    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0}, r_tmp = {NULL, 0};
+    cuda_buf w_tmp = {}, b_tmp = {}, r_tmp = {};
     const void *wd = NULL, *bd = NULL, *rd = NULL;
     tensor *y = NULL;
     if (!(wd = cuda_data_as(cb, w, type, &w_tmp)) ||
@@ -558,6 +614,8 @@ static void teardown(cuda_backend *cb) {
     cuda_buf_free(cb, &cb->group_counters);
     if (cb->cublas) (void)cublasDestroy(cb->cublas);
     release_cache(cb);
+    memplan_free(cb->tracing);
+    memplan_free(cb->planned);
     if (cb->stream) (void)cudaStreamDestroy(cb->stream);
     pthread_mutex_destroy(&cb->lock);
     if (precision_owner == cb) precision_owner = NULL;
@@ -724,6 +782,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->record_end = cuda_record_end;
         be->replay = cuda_replay;
         be->graph_free = cuda_graph_free;
+        be->plan_begin = cuda_plan_begin;
+        be->plan_end = cuda_plan_end;
         be->memory = cuda_memory;
         be->set_activation_type = cuda_set_activation_type;
         be->destroy = cuda_destroy;

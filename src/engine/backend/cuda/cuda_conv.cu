@@ -56,7 +56,7 @@ static int conv_im2col(cuda_backend *cb, const conv_shape *s, dtype type, const 
     int64_t tile = COL_BUDGET_BYTES / (kkc * (int64_t)es);
     if (tile > P) tile = P;
     if (tile < 1) tile = 1;
-    cuda_buf col = {NULL, 0};
+    cuda_buf col = {};
     if (!rc) rc = cuda_buf_alloc(cb, &col, (size_t)(tile * kkc) * es);
     for (int64_t n = 0; !rc && n < s->B; n++) {
         const char *xn = (const char *)x + (size_t)(n * s->H * s->W * s->C) * es;
@@ -154,7 +154,7 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
                                              : CUDNN_FMA_MATH;
     cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
     int found = 0;
-    cuda_buf workspace = {NULL, 0};
+    cuda_buf workspace = {};
     cudnnStatus_t st;
     if (cudnn_ok(cudnnCreateTensorDescriptor(&p->x), "descriptor") ||
         cudnn_ok(cudnnCreateTensorDescriptor(&p->y), "descriptor") ||
@@ -298,7 +298,7 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
     bool take = legacy_ms < 0.0f || graph_ms < legacy_ms || cb->use_cudnn == 2;
     if (take) { /* and only if it computes what the legacy path does, on these tensors */
         const int64_t n = s->B * s->Ho * s->Wo * s->O;
-        cuda_buf ref = {NULL, 0};
+        cuda_buf ref = {};
         float diff = -1.0f;
         if (cuda_buf_alloc(cb, &ref, (size_t)n * dtype_size(type)) == 0 &&
             conv_legacy(cb, p, s, type, x, w, bias, r, ref.ptr, workspace) == 0 &&
@@ -329,7 +329,7 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
         if (!(p = make_plan(cb, s, type, key, x, w, y))) return -1;
     }
     if (!p->usable) return 1;
-    cuda_buf workspace = {NULL, 0};
+    cuda_buf workspace = {};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
     /* the trials wait for the stream: not while recording */
     if (bias && !p->fuse_bias && !cb->recording)
@@ -372,7 +372,7 @@ static int conv_cudnn_widened(cuda_backend *cb, const conv_shape *s, dtype type,
     conv_shape w8 = *s;
     w8.C = (s->C + 7) / 8 * 8, w8.O = (s->O + 7) / 8 * 8;
     int64_t pixels = s->B * s->H * s->W, out_pixels = s->B * s->Ho * s->Wo, taps = s->k * s->k;
-    cuda_buf xb = {NULL, 0}, wb = {NULL, 0}, bb = {NULL, 0}, yb = {NULL, 0};
+    cuda_buf xb = {}, wb = {}, bb = {}, yb = {};
     const void *xp = x, *bp = bias;
     void *yp = y;
     /* the weights [O, k, k, C] widened, and zero filters for the extra outputs */
@@ -419,7 +419,7 @@ static tensor *conv_residual(backend *be, const char *op, const tensor *x, const
     cuda_profile_label(cb->profile, " %s k%d s%d B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64
                        "x%" PRId64, dtype_name(x->type), s.k, stride, s.B, s.C, s.O, s.H, s.W);
     dtype type = x->type;
-    cuda_buf w_tmp = {NULL, 0}, b_tmp = {NULL, 0}, r_tmp = {NULL, 0};
+    cuda_buf w_tmp = {}, b_tmp = {}, r_tmp = {};
     const void *wd = NULL, *bd = NULL, *rd = NULL;
     tensor *y = NULL;
     int rc = -1;

@@ -160,7 +160,7 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
     desc_t d[15] = {NULL};
     desc_t cfgs[GRAPH_CANDIDATES] = {NULL};
     conv_graph *best = NULL;
-    cuda_buf workspace = {NULL, 0};
+    cuda_buf workspace = {};
     const bool fused = bias || r;
     d[0] = tensor_desc(UID_X, dt, xdims, false);
     d[1] = tensor_desc(UID_W, dt, wdims, false);
@@ -305,7 +305,7 @@ int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const v
         set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: the plan was made for other operands");
         return -1;
     }
-    cuda_buf workspace = {NULL, 0};
+    cuda_buf workspace = {};
     if (g->workspace && cuda_buf_alloc(cb, &workspace, (size_t)g->workspace)) return -1;
     int rc = run_plan(cb, g->plan, x, w, bias, r, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);

@@ -10,19 +10,26 @@
  * graph; replay() launches it with one call, which spares the host the
  * per-operation work of a UNet step (about a thousand operations).
  *
- * Memory: a replay writes the very addresses the recording used. The
- * tensors the recording returns stay with the caller; the blocks that the
- * recorded operations allocated and freed (their intermediate tensors and
- * scratch) go to the graph's own free lists instead of the shared cache
+ * Memory: a replay writes the very addresses the recording used, so the
+ * memory of a recording belongs to its graph until the graph is freed
+ * (the tensors it returns also stay valid after that, until the caller
+ * frees them). Where a planning pass came first (plan_begin/plan_end: the
+ * caller ran the same operations once more before recording, and the
+ * allocator traced them), the recording takes every buffer from one arena
+ * at the place the plan gave it (core/memplan.h), which packs the step's
+ * buffers by their lifetimes into little more than the bytes the step has
+ * alive at once. Where there was none, or from the first allocation that
+ * differs from the trace, the blocks that the recorded operations allocate
+ * and free go to the graph's own free lists instead of the shared cache
  * (cuda_backend.cu), so that no other tensor can be given memory that a
- * replay overwrites, and come back to the cache when the graph is freed.
- * Within the recording they are reused as in a normal run, so a graph
- * holds one step's working set, the size of an eager step's peak.
+ * replay overwrites, and come back to the cache when the graph is freed;
+ * within the recording they are reused by size class as in a normal run.
  *
  * Operations on host data cannot be recorded (a copy from pageable memory
  * is not capturable), nor can a first run of a convolution shape (cuDNN's
  * algorithm search synchronises): backend.h asks callers for both.
  */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -42,10 +49,15 @@ int cuda_record_begin(backend *be) {
         set_error(SDX4_ERR_NO_MEMORY, "cuda: record_begin: out of memory");
         return -1;
     }
+    if (cb->planned && pthread_equal(cb->planned_thread, pthread_self())) {
+        g->arena = cuda_arena_new(cb, cb->planned); /* NULL: recorded unplanned */
+        cb->planned = NULL;
+    }
     /* relaxed: an operation may still cudaMalloc a block the cache lacks */
     if (cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") ||
         cuda_ok(cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeRelaxed),
                 "cuda: record_begin")) {
+        cuda_arena_release(cb, g->arena);
         free(g);
         pthread_mutex_unlock(&cb->lock);
         return -1;
@@ -68,8 +80,17 @@ backend_graph *cuda_record_end(backend *be) {
     int rc = cuda_ok(cudaStreamEndCapture(cb->stream, &graph), "cuda: record_end") ||
              cuda_ok(cudaGraphInstantiate(&g->exec, graph, 0), "cuda: record_end: instantiate");
     if (graph) (void)cudaGraphDestroy(graph);
+    if (g->arena && cb->profile)
+        fprintf(stderr,
+                "cuda: recorded into a planned arena of %.1f MiB (%.1f MiB alive at most, %d "
+                "buffers): %s at event %d of %d\n",
+                memplan_arena_bytes(g->arena->plan) / 1048576.0,
+                memplan_peak_bytes(g->arena->plan) / 1048576.0, memplan_buffers(g->arena->plan),
+                memplan_on_track(g->arena->plan) ? "on plan" : "left the plan",
+                memplan_position(g->arena->plan), memplan_events(g->arena->plan));
     if (rc) {
         cuda_cache_adopt(cb, g->cache);
+        cuda_arena_release(cb, g->arena);
         free(g);
         g = NULL;
     }
@@ -98,5 +119,31 @@ void cuda_graph_free(backend *be, backend_graph *g) {
     (void)cudaStreamSynchronize(lock.cb->stream);
     (void)cudaGraphExecDestroy(g->exec);
     cuda_cache_adopt(lock.cb, g->cache);
+    cuda_arena_release(lock.cb, g->arena);
     free(g);
+}
+
+void cuda_plan_begin(backend *be) {
+    cuda_lock lock(be);
+    if (!lock) return;
+    cuda_backend *cb = lock.cb;
+    memplan_free(cb->tracing); /* another thread's pass, left unfinished */
+    cb->tracing = memplan_new();
+    cb->tracing_thread = pthread_self();
+}
+
+void cuda_plan_end(backend *be) {
+    cuda_lock lock(be);
+    if (!lock) return;
+    cuda_backend *cb = lock.cb;
+    if (!cb->tracing || !pthread_equal(cb->tracing_thread, pthread_self())) return;
+    /* 256 bytes: cudaMalloc's alignment, which every kernel may assume */
+    if (memplan_finish(cb->tracing, 256) == 0) {
+        memplan_free(cb->planned);
+        cb->planned = cb->tracing;
+        cb->planned_thread = cb->tracing_thread;
+    } else {
+        memplan_free(cb->tracing);
+    }
+    cb->tracing = NULL;
 }

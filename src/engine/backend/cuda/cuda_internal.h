@@ -52,6 +52,7 @@
 
 extern "C" {
 #include "backend/backend.h"
+#include "core/memplan.h"
 #include "core/error.h"
 }
 #include "backend/backend_check.h"
@@ -65,10 +66,14 @@ typedef struct cuda_block {
     struct cuda_block *next;
 } cuda_block;
 
-/* Scratch device memory from the caching allocator, counted by memory(). */
+typedef struct cuda_arena cuda_arena;
+
+/* Scratch device memory from the caching allocator, counted by memory(),
+ * or a piece of a recording's arena (counted with the arena). */
 typedef struct {
     void *ptr;
-    size_t bytes; /* the size class, not the size asked for */
+    size_t bytes;      /* the size class, not the size asked for */
+    cuda_arena *arena; /* the arena `ptr` lies in, or NULL */
 } cuda_buf;
 
 /* The pinned staging buffer of upload() and download(). */
@@ -83,7 +88,18 @@ typedef struct {
 struct backend_graph {
     cudaGraphExec_t exec;
     cuda_block *cache[CUDA_SIZE_CLASSES];
+    cuda_arena *arena; /* laid out by a planning pass, or NULL */
     int profiled_first, profiled_count; /* its operations' events (cuda_profile.cu) */
+};
+
+/* One exact device block holding every buffer of a recording at the place
+ * its plan gave (cuda_graph.cu). It lives while the graph or any buffer in
+ * it does: the tensors a recording returns may outlive the graph. */
+struct cuda_arena {
+    void *ptr;
+    size_t bytes;
+    memplan *plan;
+    int refs; /* the graph, and each live buffer in the arena */
 };
 
 typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
@@ -109,6 +125,10 @@ typedef struct {
     int allow_bf16;          /* BF16 activations when asked for (else F32) */
     int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
     backend_graph *recording; /* the graph being captured, or NULL */
+    memplan *tracing;         /* a planning pass of tracing_thread, or NULL */
+    pthread_t tracing_thread;
+    memplan *planned;         /* its plan, for planned_thread's next recording */
+    pthread_t planned_thread;
     pthread_mutex_t lock;    /* recursive: record_begin holds it until record_end */
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
@@ -139,12 +159,19 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes);
 void cuda_buf_free(cuda_backend *cb, cuda_buf *b);
 /* Moves the blocks of `lists` (free lists by size class) to the cache. */
 void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists);
+/* An arena laid out by `plan` (which it takes, also when it fails: NULL
+ * with the error set) and one reference to it; the last release frees it.
+ * Lock held. */
+cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan);
+void cuda_arena_release(cuda_backend *cb, cuda_arena *a);
 
 /* --- cuda_graph.cu: backend.h's recorded sequences, as CUDA graphs ---- */
 int cuda_record_begin(backend *be);
 backend_graph *cuda_record_end(backend *be);
 int cuda_replay(backend *be, backend_graph *g);
 void cuda_graph_free(backend *be, backend_graph *g);
+void cuda_plan_begin(backend *be);
+void cuda_plan_end(backend *be);
 
 /* The type new activations get on this thread. */
 dtype cuda_activation_type(const cuda_backend *cb);

@@ -120,7 +120,7 @@ __global__ void max_abs_kernel(const T *a, const T *b, int64_t n, unsigned *out)
 
 float cuda_relative_difference(cuda_backend *cb, dtype type, const void *a, const void *b,
                                int64_t n) {
-    cuda_buf out = {NULL, 0};
+    cuda_buf out = {};
     unsigned host[2] = {0, 0};
     float rel = -1.0f;
     if (cuda_buf_alloc(cb, &out, sizeof host) == 0 &&

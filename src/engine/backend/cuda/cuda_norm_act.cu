@@ -652,7 +652,7 @@ static tensor *group_norm_plus(backend *be, const char *op, const tensor *x, con
     if (check_gamma_beta(cb, op, gamma, beta, C)) return NULL;
     cuda_profile_label(cb->profile, " %s B%" PRId64 " C%" PRId64 " n%" PRId64, dtype_name(x->type),
                        B, C, tensor_numel(x) / (B * C));
-    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0}, v_tmp = {NULL, 0};
+    cuda_buf g_tmp = {}, b_tmp = {}, v_tmp = {};
     const void *gd = NULL, *bd = NULL, *vd = NULL;
     tensor *y = NULL;
     if (!(gd = cuda_data_as(cb, gamma, x->type, &g_tmp)) ||
@@ -769,7 +769,7 @@ tensor *cuda_layer_norm(backend *be, const tensor *x, const tensor *gamma, const
         return NULL;
     int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
     if (check_gamma_beta(cb, "layer_norm", gamma, beta, D)) return NULL;
-    cuda_buf g_tmp = {NULL, 0}, b_tmp = {NULL, 0};
+    cuda_buf g_tmp = {}, b_tmp = {};
     const void *gd = NULL, *bd = NULL;
     tensor *y = NULL;
     /* a warp per 32 values of the row, up to 8 warps */
