@@ -107,14 +107,27 @@ static int size_class(size_t bytes, size_t *rounded) {
 
 #define MAX_BLOCK_BYTES ((size_t)1 << 48) /* the last size class */
 
-/* Gives every cached block back to the driver (cudaFree waits for the
- * device, so no kernel still reads them). */
+/* The bytes of the blocks of size class c (the inverse of size_class). */
+static size_t class_bytes(int c) {
+    if (c < 128) return (size_t)(c + 1) * 512;
+    int k = 16 + (c - 128) / 8;
+    return ((size_t)1 << k) + (size_t)((c - 128) % 8 + 1) * ((size_t)1 << (k - 3));
+}
+
+/* cudaFree, and the driver's count; cudaFree waits for the device, so no
+ * kernel still uses the block. */
+static void device_free(cuda_backend *cb, void *ptr, size_t bytes) {
+    (void)cudaFree(ptr); /* a failure leaves nothing to undo */
+    cb->reserved -= (int64_t)bytes;
+}
+
+/* Gives every cached block back to the driver. */
 static void release_cache(cuda_backend *cb) {
     for (int c = 0; c < CUDA_SIZE_CLASSES; c++) {
         while (cb->cache[c]) {
             cuda_block *b = cb->cache[c];
             cb->cache[c] = b->next;
-            (void)cudaFree(b->ptr); /* a failure leaves nothing to undo */
+            device_free(cb, b->ptr, class_bytes(c));
             free(b);
         }
     }
@@ -128,7 +141,11 @@ static int device_malloc(cuda_backend *cb, void **ptr, size_t bytes) {
         release_cache(cb);
         e = cudaMalloc(ptr, bytes);
     }
-    if (e == cudaSuccess) return 0;
+    if (e == cudaSuccess) {
+        cb->reserved += (int64_t)bytes;
+        if (cb->reserved > cb->reserved_peak) cb->reserved_peak = cb->reserved;
+        return 0;
+    }
     (void)cudaGetLastError();
     *ptr = NULL;
     set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
@@ -203,7 +220,7 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
         blk->next = *list;
         *list = blk;
     } else {
-        (void)cudaFree(b->ptr); /* no host memory for the free list: give it back */
+        device_free(cb, b->ptr, b->bytes); /* no host memory for the free list */
     }
     count_bytes(cb, -(int64_t)b->bytes);
     b->ptr = NULL;
@@ -228,7 +245,7 @@ cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan) {
 
 void cuda_arena_release(cuda_backend *cb, cuda_arena *a) {
     if (!a || --a->refs > 0) return;
-    (void)cudaFree(a->ptr); /* waits for the device, so no replay still writes it */
+    device_free(cb, a->ptr, a->bytes); /* after any replay that still writes it */
     count_bytes(cb, -(int64_t)a->bytes);
     memplan_free(a->plan);
     free(a);
@@ -284,7 +301,7 @@ void cuda_tensor_release(cuda_backend *cb, tensor *t) {
     if (!t) return;
     cuda_tensor *ct = (cuda_tensor *)t;
     if (ct->weight_bytes) {
-        (void)cudaFree(t->data); /* a failure leaves nothing to undo */
+        device_free(cb, t->data, ct->weight_bytes);
         count_bytes(cb, -(int64_t)ct->weight_bytes);
     } else {
         cuda_buf_free(cb, &ct->mem);
@@ -601,6 +618,9 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
 /* Frees what create() made, in any state of completion. */
 static void teardown(cuda_backend *cb) {
     if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
+    if (cb->profile) /* beside memory()'s peak, which does not count cached blocks */
+        fprintf(stderr, "device memory taken from the driver: at most %.1f MiB\n",
+                cb->reserved_peak / 1048576.0);
     cuda_profile_destroy(cb->profile);
     if (cb->pinned) (void)cudaFreeHost(cb->pinned);
     if (cb->pinned_free) (void)cudaEventDestroy(cb->pinned_free);

@@ -132,6 +132,7 @@ typedef struct {
     pthread_mutex_t lock;    /* recursive: record_begin holds it until record_end */
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
+    int64_t reserved, reserved_peak; /* bytes from cudaMalloc, cached ones too */
     cuda_buf gemm_workspace; /* cuBLASLt's, for the backend's lifetime */
     cuda_buf group_counters; /* CUDA_GROUP_COUNTERS zeros (cuda_norm_act.cu) */
     int sms;                 /* the device's multiprocessors */
