@@ -513,15 +513,19 @@ static void test_record(const suite *s, planning plan) {
     pair gamma = wgt(s, 1, (int64_t[]){16}, 0.5f, 1.5f), beta = wgt(s, 1, (int64_t[]){16}, -1, 1);
     pair lw = wgt(s, 2, (int64_t[]){12, 16}, -0.3f, 0.3f);
     backend *gpu = s->gpu;
-    /* the sequence, as a function of one backend and input */
-#define SEQUENCE(be, in, which, out)                                                         \
-    do {                                                                                      \
-        tensor *c_ = be->conv2d(be, in, w.which, NULL, 1, 1);                                \
-        tensor *n_ = c_ ? be->group_norm(be, c_, 4, gamma.which, beta.which, 1e-5f, ACT_SILU) \
-                        : NULL;                                                               \
-        tensor *t_ = n_ ? be->nchw_to_tokens(be, n_) : NULL;                                  \
-        out = t_ ? be->linear(be, t_, lw.which, NULL) : NULL;                                 \
-        tensor_free(c_), tensor_free(n_), tensor_free(t_);                                    \
+    /* the sequence, as a function of one backend and input; each
+     * intermediate is freed once used, so that a plan can reuse its place */
+#define SEQUENCE(be, in, which, out)                                                          \
+    do {                                                                                       \
+        tensor *c_ = be->conv2d(be, in, w.which, NULL, 1, 1), *t_ = NULL;                     \
+        tensor *n_ = c_ ? be->group_norm(be, c_, 4, gamma.which, beta.which, 1e-5f, ACT_SILU)  \
+                        : NULL;                                                                \
+        if (n_ && be->add_inplace(be, n_, c_, 1.0f)) tensor_free(n_), n_ = NULL;              \
+        tensor_free(c_);                                                                       \
+        t_ = n_ ? be->nchw_to_tokens(be, n_) : NULL;                                           \
+        tensor_free(n_);                                                                       \
+        out = t_ ? be->linear(be, t_, lw.which, NULL) : NULL;                                  \
+        tensor_free(t_);                                                                       \
     } while (0)
     tensor *y = NULL, *warm = NULL, *want = NULL;
     int64_t before, after;
@@ -538,9 +542,18 @@ static void test_record(const suite *s, planning plan) {
         tensor_free(warm);
     }
     CHECK(gpu->record_begin(gpu) == 0, "%s: record_begin: %s", s->mode, sdx4_last_error());
+    int64_t begun, recorded;
+    gpu->memory(gpu, &begun, NULL);
     SEQUENCE(gpu, x.g, g, y);
+    gpu->memory(gpu, &recorded, NULL);
     backend_graph *graph = gpu->record_end(gpu);
     CHECK(graph && y, "%s: record_end: %s", s->mode, sdx4_last_error());
+    /* a plan's arena is taken at record_begin; a recording that follows
+     * the plan takes every buffer from it, so it counts nothing more */
+    CHECK((begun > before) == (plan != UNPLANNED), "%s, plan %d: %" PRId64 " -> %" PRId64
+          " bytes at record_begin", s->mode, (int)plan, before, begun);
+    CHECK((recorded == begun) == (plan == PLANNED), "%s, plan %d: %" PRId64 " -> %" PRId64
+          " bytes while recording", s->mode, (int)plan, begun, recorded);
     if (graph && y) {
         /* new input in the recorded input tensor; a tensor made now must
          * not share memory with the replay's intermediates */

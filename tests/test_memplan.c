@@ -223,6 +223,14 @@ static void check_tracing(void) {
     CHECK(memplan_follow_alloc(p, 10) == 0, "the one place");
     memplan_free(p);
 
+    memplan *odd = memplan_new();
+    CHECK(memplan_note_alloc(odd, address(1), 10) == 0, "note");
+    CHECK(memplan_finish(odd, 96) == -1, "alignment 96 accepted");
+    CHECK(memplan_finish(odd, 0) == -1, "alignment 0 accepted");
+    CHECK(memplan_note_alloc(odd, address(2), SIZE_MAX - 10) == -1, "a buffer of SIZE_MAX");
+    CHECK(memplan_finish(odd, ALIGN) == -1, "a spoiled trace was planned");
+    memplan_free(odd);
+
     memplan *unfinished = memplan_new();
     CHECK(memplan_follow_alloc(unfinished, 10) == -1, "followed an unfinished plan");
     memplan_free(unfinished);

@@ -70,7 +70,7 @@ static int add_event(memplan *p, int event) {
 
 int memplan_note_alloc(memplan *p, const void *ptr, size_t bytes) {
     if (p->spoiled || p->finished) return -1;
-    if (p->n_events == INT_MAX - 1 ||
+    if (p->n_events == INT_MAX - 1 || bytes > SIZE_MAX / 2 || /* no offset could hold it */
         reserve((void **)&p->buffers, &p->cap_buffers, p->n_buffers, sizeof *p->buffers) ||
         reserve((void **)&p->live, &p->cap_live, p->n_live, sizeof *p->live)) {
         p->spoiled = 1;
@@ -140,8 +140,13 @@ int memplan_finish(memplan *p, size_t align) {
     if (p->finished) return 0;
     if (p->spoiled || !p->n_buffers) {
         set_error(p->spoiled ? SDX4_ERR_NO_MEMORY : SDX4_ERR_INVALID_ARGUMENT,
-                  p->spoiled ? "memory plan: out of memory while tracing"
+                  p->spoiled ? "memory plan: out of memory while tracing, or a buffer too large"
                              : "memory plan: nothing was allocated");
+        return -1;
+    }
+    if (!align || (align & (align - 1))) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "memory plan: alignment %zu is not a power of two",
+                  align);
         return -1;
     }
     by_size *order = (by_size *)malloc((size_t)p->n_buffers * sizeof *order);

@@ -35,7 +35,8 @@ memplan *memplan_new(void); /* NULL: out of memory */
 void memplan_free(memplan *p);
 
 /* --- tracing: the allocations and frees of one run, in order ----------- */
-/* -1 when out of memory (the trace is then spoiled: memplan_finish fails). */
+/* -1 when out of memory or for more than SIZE_MAX / 2 bytes (the trace is
+ * then spoiled: memplan_finish fails). */
 int memplan_note_alloc(memplan *p, const void *ptr, size_t bytes);
 /* A free of memory that was allocated before tracing began is no event. */
 void memplan_note_free(memplan *p, const void *ptr);

@@ -154,9 +154,11 @@ static int device_malloc(cuda_backend *cb, void **ptr, size_t bytes) {
     return -1;
 }
 
-/* Whether the calling thread's allocations are being traced. */
-static bool tracing_here(const cuda_backend *cb) {
-    return cb->tracing && pthread_equal(cb->tracing_thread, pthread_self());
+/* The trace of the calling thread's allocations, or NULL. */
+static memplan *trace_here(cuda_backend *cb) {
+    if (!cb->tracing_threads) return NULL;
+    cuda_plan_slot *s = cuda_memory_plan_slot(cb, false);
+    return s ? s->tracing : NULL;
 }
 
 int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
@@ -193,7 +195,8 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     b->bytes = rounded;
     count_bytes(cb, (int64_t)rounded);
     /* out of host memory spoils the trace: the recording goes unplanned */
-    if (tracing_here(cb)) (void)memplan_note_alloc(cb->tracing, b->ptr, bytes);
+    memplan *trace = trace_here(cb);
+    if (trace) (void)memplan_note_alloc(trace, b->ptr, bytes);
     return 0;
 }
 
@@ -209,7 +212,8 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
         cuda_arena_release(cb, a);
         return;
     }
-    if (tracing_here(cb)) memplan_note_free(cb->tracing, b->ptr);
+    memplan *trace = trace_here(cb);
+    if (trace) memplan_note_free(trace, b->ptr);
     size_t rounded;
     int c = size_class(b->bytes, &rounded);
     cuda_block *blk = (cuda_block *)malloc(sizeof *blk);
@@ -230,6 +234,7 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
 cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan) {
     cuda_arena *a = (cuda_arena *)calloc(1, sizeof *a);
     size_t bytes = memplan_arena_bytes(plan);
+    release_cache(cb);
     /* exact: a size class would round hundreds of MiB up by up to 1/8 */
     if (!a || device_malloc(cb, &a->ptr, bytes)) {
         free(a);
@@ -634,8 +639,7 @@ static void teardown(cuda_backend *cb) {
     cuda_buf_free(cb, &cb->group_counters);
     if (cb->cublas) (void)cublasDestroy(cb->cublas);
     release_cache(cb);
-    memplan_free(cb->tracing);
-    memplan_free(cb->planned);
+    for (int i = 0; i < CUDA_PLAN_SLOTS; i++) cuda_memory_plan_clear(cb, &cb->memory_plans[i]);
     if (cb->stream) (void)cudaStreamDestroy(cb->stream);
     pthread_mutex_destroy(&cb->lock);
     if (precision_owner == cb) precision_owner = NULL;

@@ -49,14 +49,16 @@ int cuda_record_begin(backend *be) {
         set_error(SDX4_ERR_NO_MEMORY, "cuda: record_begin: out of memory");
         return -1;
     }
-    if (cb->planned && pthread_equal(cb->planned_thread, pthread_self())) {
-        g->arena = cuda_arena_new(cb, cb->planned); /* NULL: recorded unplanned */
-        cb->planned = NULL;
+    int rc = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice");
+    cuda_plan_slot *s = rc ? NULL : cuda_memory_plan_slot(cb, false);
+    if (s && s->planned) {
+        g->arena = cuda_arena_new(cb, s->planned);
+        s->planned = NULL;
+        if (!g->arena) error_clear(); /* no memory for it: recorded unplanned */
     }
     /* relaxed: an operation may still cudaMalloc a block the cache lacks */
-    if (cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice") ||
-        cuda_ok(cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeRelaxed),
-                "cuda: record_begin")) {
+    if (rc || cuda_ok(cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeRelaxed),
+                      "cuda: record_begin")) {
         cuda_arena_release(cb, g->arena);
         free(g);
         pthread_mutex_unlock(&cb->lock);
@@ -88,6 +90,10 @@ backend_graph *cuda_record_end(backend *be) {
                 memplan_peak_bytes(g->arena->plan) / 1048576.0, memplan_buffers(g->arena->plan),
                 memplan_on_track(g->arena->plan) ? "on plan" : "left the plan",
                 memplan_position(g->arena->plan), memplan_events(g->arena->plan));
+    if (g->arena && memplan_position(g->arena->plan) == 0) { /* never used: give it back */
+        cuda_arena_release(cb, g->arena);
+        g->arena = NULL;
+    }
     if (rc) {
         cuda_cache_adopt(cb, g->cache);
         cuda_arena_release(cb, g->arena);
@@ -123,27 +129,52 @@ void cuda_graph_free(backend *be, backend_graph *g) {
     free(g);
 }
 
+cuda_plan_slot *cuda_memory_plan_slot(cuda_backend *cb, bool make) {
+    const pthread_t self = pthread_self();
+    cuda_plan_slot *free_slot = NULL;
+    for (int i = 0; i < CUDA_PLAN_SLOTS; i++) {
+        cuda_plan_slot *s = &cb->memory_plans[i];
+        bool used = s->tracing || s->planned;
+        if (used && pthread_equal(s->thread, self)) return s;
+        if (!used && !free_slot) free_slot = s;
+    }
+    if (!make || !free_slot) return NULL;
+    free_slot->thread = self;
+    return free_slot;
+}
+
+void cuda_memory_plan_clear(cuda_backend *cb, cuda_plan_slot *s) {
+    if (s->tracing) cb->tracing_threads--;
+    memplan_free(s->tracing);
+    memplan_free(s->planned);
+    s->tracing = s->planned = NULL;
+}
+
 void cuda_plan_begin(backend *be) {
     cuda_lock lock(be);
     if (!lock) return;
     cuda_backend *cb = lock.cb;
-    memplan_free(cb->tracing); /* another thread's pass, left unfinished */
-    cb->tracing = memplan_new();
-    cb->tracing_thread = pthread_self();
+    if (!cb->use_graphs) return; /* no recording to plan for */
+    cuda_plan_slot *s = cuda_memory_plan_slot(cb, true);
+    if (!s) return; /* every slot is another thread's: this one records unplanned */
+    cuda_memory_plan_clear(cb, s); /* what an earlier pass left unused */
+    if ((s->tracing = memplan_new())) cb->tracing_threads++;
 }
 
 void cuda_plan_end(backend *be) {
     cuda_lock lock(be);
     if (!lock) return;
     cuda_backend *cb = lock.cb;
-    if (!cb->tracing || !pthread_equal(cb->tracing_thread, pthread_self())) return;
+    cuda_plan_slot *s = cuda_memory_plan_slot(cb, false);
+    if (!s || !s->tracing) return;
+    memplan *trace = s->tracing;
+    s->tracing = NULL;
+    cb->tracing_threads--;
     /* 256 bytes: cudaMalloc's alignment, which every kernel may assume */
-    if (memplan_finish(cb->tracing, 256) == 0) {
-        memplan_free(cb->planned);
-        cb->planned = cb->tracing;
-        cb->planned_thread = cb->tracing_thread;
+    if (memplan_finish(trace, 256) == 0) {
+        s->planned = trace;
     } else {
-        memplan_free(cb->tracing);
+        memplan_free(trace);
+        error_clear(); /* out of host memory, or nothing allocated: no plan */
     }
-    cb->tracing = NULL;
 }

@@ -102,6 +102,15 @@ struct cuda_arena {
     int refs; /* the graph, and each live buffer in the arena */
 };
 
+/* A thread's planning pass (cuda_graph.cu): the trace it is taking, or
+ * the plan it finished for its next recording. Several workers may plan
+ * on one backend at once, each in a slot of its own. */
+#define CUDA_PLAN_SLOTS 8
+typedef struct {
+    pthread_t thread;
+    memplan *tracing, *planned; /* both NULL: the slot is free */
+} cuda_plan_slot;
+
 typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
 typedef struct gemm_plan gemm_plan;       /* cuda_gemm.cu */
 typedef struct cuda_profile cuda_profile; /* cuda_profile.cu */
@@ -125,10 +134,8 @@ typedef struct {
     int allow_bf16;          /* BF16 activations when asked for (else F32) */
     int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
     backend_graph *recording; /* the graph being captured, or NULL */
-    memplan *tracing;         /* a planning pass of tracing_thread, or NULL */
-    pthread_t tracing_thread;
-    memplan *planned;         /* its plan, for planned_thread's next recording */
-    pthread_t planned_thread;
+    cuda_plan_slot memory_plans[CUDA_PLAN_SLOTS];
+    int tracing_threads;      /* slots tracing now (0: the allocator need not look) */
     pthread_mutex_t lock;    /* recursive: record_begin holds it until record_end */
     cuda_block *cache[CUDA_SIZE_CLASSES]; /* free device blocks by class */
     int64_t in_use, peak;    /* bytes of live tensors, weights and scratch */
@@ -162,7 +169,8 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b);
 void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists);
 /* An arena laid out by `plan` (which it takes, also when it fails: NULL
  * with the error set) and one reference to it; the last release frees it.
- * Lock held. */
+ * The cache's idle blocks go back to the driver first: they are what the
+ * planned steps left, and the arena replaces them. Lock held. */
 cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan);
 void cuda_arena_release(cuda_backend *cb, cuda_arena *a);
 
@@ -173,6 +181,11 @@ int cuda_replay(backend *be, backend_graph *g);
 void cuda_graph_free(backend *be, backend_graph *g);
 void cuda_plan_begin(backend *be);
 void cuda_plan_end(backend *be);
+/* The calling thread's slot (a free one made its own if `make`), or NULL.
+ * Lock held. */
+cuda_plan_slot *cuda_memory_plan_slot(cuda_backend *cb, bool make);
+/* Frees what a slot holds. Lock held. */
+void cuda_memory_plan_clear(cuda_backend *cb, cuda_plan_slot *s);
 
 /* The type new activations get on this thread. */
 dtype cuda_activation_type(const cuda_backend *cb);
