@@ -18,7 +18,9 @@
  *                   results match the CPU backend's within float rounding,
  *                   which is how the golden tests check this backend.
  * SDX4_CUDA_GRAPH=0 makes record_begin() decline (cuda_graph.cu), so
- * that every step runs operation by operation, for comparison.
+ * that every step runs operation by operation, for comparison;
+ * SDX4_CUDA_PLAN=0 makes plan_begin() decline, so that recordings take
+ * their memory from the cache as they did before arenas.
  * SDX4_CUDA_CONV=im2col makes convolutions use the im2col + GEMM path even
  * when cuDNN is there (the fallback of builds without cuDNN), so that path
  * can be tested on the same machine; SDX4_CUDA_CONV=cudnn-graph keeps every
@@ -736,6 +738,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
     {
         const char *graphs = getenv("SDX4_CUDA_GRAPH");
         cb->use_graphs = !graphs || strcmp(graphs, "0") != 0;
+        const char *plans = getenv("SDX4_CUDA_PLAN");
+        cb->use_plans = !plans || strcmp(plans, "0") != 0;
     }
     if (cuda_ok(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "cuda: stream") ||
         cublas_ok(cublasCreate(&cb->cublas), "cuda: cublasCreate") ||

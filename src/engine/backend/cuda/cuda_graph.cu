@@ -154,7 +154,7 @@ void cuda_plan_begin(backend *be) {
     cuda_lock lock(be);
     if (!lock) return;
     cuda_backend *cb = lock.cb;
-    if (!cb->use_graphs) return; /* no recording to plan for */
+    if (!cb->use_graphs || !cb->use_plans) return; /* no recording to plan for, or not asked */
     cuda_plan_slot *s = cuda_memory_plan_slot(cb, true);
     if (!s) return; /* every slot is another thread's: this one records unplanned */
     cuda_memory_plan_clear(cb, s); /* what an earlier pass left unused */

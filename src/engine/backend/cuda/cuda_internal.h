@@ -133,6 +133,7 @@ typedef struct {
     int allow_tf32;          /* F32 GEMMs and convolutions may use TF32 */
     int allow_bf16;          /* BF16 activations when asked for (else F32) */
     int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
+    int use_plans;           /* SDX4_CUDA_PLAN=0 turns planning passes off */
     backend_graph *recording; /* the graph being captured, or NULL */
     cuda_plan_slot memory_plans[CUDA_PLAN_SLOTS];
     int tracing_threads;      /* slots tracing now (0: the allocator need not look) */
