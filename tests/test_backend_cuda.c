@@ -762,7 +762,7 @@ int main(void) {
     if (gpu) {
         s = (suite){cpu, gpu, "graph16", TOL_FP16, DTYPE_F16};
         test_convs(&s);
-        test_record(&s);
+        test_record(&s, PLANNED);
         gpu->destroy(gpu);
     }
 
