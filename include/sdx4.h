@@ -152,10 +152,15 @@ sdx4_status sdx4_count_tokens(const sdx4_engine *engine, const char *prompt,
  * one UNet step (batch 2, guidance) run operation by operation and, on a
  * backend that records steps (CUDA graphs), recorded once and replayed as
  * the pipeline runs it (else 0), VAE decode, and a whole upscale of
- * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1). */
+ * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1), after
+ * one untimed run of each. The *_first_ms fields time those first runs of
+ * the UNet step and the VAE decode: where a GPU backend chooses its
+ * algorithms for a new size, what the first upscale at that size pays
+ * once more than the others. */
 typedef struct {
     int size, steps, repeats;
     double text_encoder_ms, unet_step_ms, unet_step_replay_ms, vae_decode_ms, pipeline_ms;
+    double unet_step_first_ms, vae_decode_first_ms;
     int64_t peak_rss_bytes, device_peak_bytes;
 } sdx4_bench_result;
 

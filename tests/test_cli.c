@@ -388,8 +388,8 @@ static void test_bench(const char *model) {
     CHECK(root != NULL, "bench output is not JSON: %s", r.out);
     const char *keys[] = {"model", "device", "threads", "size", "steps",
                           "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms",
-                          "vae_decode_ms",
-                          "pipeline_ms", "peak_rss_mib", "device_peak_mib"};
+                          "vae_decode_ms", "pipeline_ms", "unet_step_first_ms",
+                          "vae_decode_first_ms", "peak_rss_mib", "device_peak_mib"};
     for (size_t i = 0; root && i < sizeof keys / sizeof keys[0]; i++)
         CHECK(json_object_get(root, keys[i]) != NULL, "bench lacks %s: %s",
               keys[i], r.out);
@@ -399,6 +399,8 @@ static void test_bench(const char *model) {
                   json_integer_value(json_object_get(root, "threads")) == 2,
               "bench echoes its settings: %s", r.out);
         CHECK(json_number_value(json_object_get(root, "unet_step_ms")) > 0 &&
+                  json_number_value(json_object_get(root, "unet_step_first_ms")) > 0 &&
+                  json_number_value(json_object_get(root, "vae_decode_first_ms")) > 0 &&
                   json_number_value(json_object_get(root, "peak_rss_mib")) > 0,
               "bench measured nothing: %s", r.out);
     }

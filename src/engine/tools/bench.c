@@ -126,6 +126,7 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
         TRY(y = unet_fw(be, &m->unet, x, 500.0f, m->unet.class_embedding ? labels : NULL, ctx));
         if (finish(be)) goto fail;
         if (i >= 0) t[i] = now_ms() - t0;
+        else r->unet_step_first_ms = now_ms() - t0;
         DROP(y);
     }
     r->unet_step_ms = median(t, repeats);
@@ -142,6 +143,7 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
         TRY(y = pipeline_decode(m, be, latents, size, size));
         if (finish(be)) goto fail;
         if (i >= 0) t[i] = now_ms() - t0;
+        else r->vae_decode_first_ms = now_ms() - t0;
         DROP(y);
     }
     r->vae_decode_ms = median(t, repeats);
