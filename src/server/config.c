@@ -42,7 +42,11 @@ static const option options[] = {
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
     {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
     {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
-     "run one small upscale before reporting ready"},
+     "run one-step upscales before reporting ready"},
+    {"warmup-sizes", OPT_LIST, O(warmup_sizes), 0, 0, NULL,
+     "input sizes to warm up, N or WxH pixels (default: min-side): on a GPU the "
+     "first upscale of each size chooses its algorithms, seconds that its "
+     "client would otherwise wait"},
     {"host", OPT_STRING, O(host), 0, 0, "127.0.0.1", "address to listen on"},
     {"port", OPT_INT, O(port), 0, 65535, "8000", "TCP port (0: any free port)"},
     {"http-threads", OPT_INT, O(http_threads), 1, 256, "2",
@@ -278,9 +282,33 @@ static int load_file(server_config *cfg, const char *path, FILE *err) {
     return rc;
 }
 
+int config_parse_dimensions(const char *text, int *width, int *height) {
+    char *end;
+    errno = 0;
+    long w = strtol(text, &end, 10), h = w;
+    if (end != text && (*end == 'x' || *end == 'X')) {
+        const char *rest = end + 1;
+        h = strtol(rest, &end, 10);
+        if (end == rest) return -1;
+    }
+    if (end == text || *end || errno || w < 1 || h < 1 || w > 65536 || h > 65536) return -1;
+    *width = (int)w, *height = (int)h;
+    return 0;
+}
+
 static int check(const server_config *cfg, FILE *err) {
     const char *bad = NULL;
     log_level level;
+    for (int i = 0; i < cfg->warmup_sizes.count; i++) {
+        const char *item = cfg->warmup_sizes.items[i];
+        int w, h;
+        if (config_parse_dimensions(item, &w, &h) || w < cfg->min_side || h < cfg->min_side ||
+            w > cfg->max_side || h > cfg->max_side) {
+            fprintf(err, "sdx4 serve: warmup-sizes: \"%s\" must be N or WxH with sides from "
+                         "min-side (%d) to max-side (%d)\n", item, cfg->min_side, cfg->max_side);
+            return -1;
+        }
+    }
     if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
     else if (cfg->max_steps < 75) bad = "max-steps must allow the default of 75 steps";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";

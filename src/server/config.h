@@ -23,6 +23,7 @@ typedef struct {
     char *model, *model_id, *device, *variant;
     int threads;
     bool warmup;
+    string_list warmup_sizes; /* "N" or "WxH" items, checked by config_load */
     /* network */
     char *host;
     int port, http_threads, max_connections, per_ip_connections;
@@ -58,6 +59,8 @@ typedef struct {
  * a bad setting (message written to `err`). */
 int config_load(server_config *cfg, int argc, char **argv, FILE *err);
 void config_free(server_config *cfg);
+/* "N" (N x N) or "WxH" -> width, height (1..65536); -1 if malformed. */
+int config_parse_dimensions(const char *text, int *width, int *height);
 void config_print_help(FILE *out);
 
 #endif

@@ -4,8 +4,9 @@
  * Start-up order: settings, then everything that can refuse to start
  * (API keys file, trusted proxies, the listening socket), then the HTTP
  * daemon, so that health answers at once ("loading", 503) while a
- * separate thread opens the model and runs one small warm-up upscale;
- * only then does the server report ready and accept upscales. A model
+ * separate thread opens the model and runs the warm-up upscales (one step
+ * at each of --warmup-sizes, else one at min-side); only then does the
+ * server report ready and accept upscales. A model
  * that fails to load is reported in the log and in health, and the
  * process exits 1.
  *
@@ -39,13 +40,14 @@
 #include "server.h"
 #include "webhook.h"
 
-/* Runs one upscale of the smallest allowed size so that the first client
- * does not pay for lazy allocations and kernel selection. */
-static int warm_up(server *srv) {
-    int side = srv->cfg.min_side;
-    sdx4_image in = {side, side, malloc((size_t)side * side * 3)}, out = {0};
+/* Runs a one-step upscale of width x height, so that the first client of
+ * that size does not pay for lazy allocations and the GPU's choice of
+ * algorithms (made once per shape; one step and the decode meet every
+ * shape of the size). */
+static int warm_up(server *srv, int width, int height) {
+    sdx4_image in = {width, height, malloc((size_t)width * height * 3)}, out = {0};
     if (!in.pixels) return -1;
-    for (int i = 0; i < side * side * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
+    for (size_t i = 0; i < (size_t)width * height * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
     sdx4_upscale_params p;
     sdx4_upscale_params_default(&p);
     p.num_inference_steps = 1;
@@ -54,6 +56,21 @@ static int warm_up(server *srv) {
     free(in.pixels);
     sdx4_image_free(&out);
     return st == SDX4_OK ? 0 : -1;
+}
+
+/* The warm-up upscales: each of --warmup-sizes, else min-side. */
+static int warm_up_sizes(server *srv) {
+    const string_list *sizes = &srv->cfg.warmup_sizes;
+    if (sizes->count == 0) return warm_up(srv, srv->cfg.min_side, srv->cfg.min_side);
+    for (int i = 0; i < sizes->count; i++) {
+        int width, height;
+        double t0 = mono_now();
+        if (config_parse_dimensions(sizes->items[i], &width, &height) || warm_up(srv, width, height))
+            return -1;
+        log_event(LOG_INFO, "warmed_up_size",
+                  json_pack("{s:i,s:i,s:f}", "width", width, "height", height, "seconds", mono_now() - t0));
+    }
+    return 0;
 }
 
 static void fail(server *srv, const char *what) {
@@ -90,7 +107,7 @@ static void *load_model(void *arg) {
     atomic_store(&srv->phase, PHASE_WARMING);
     if (c->warmup) {
         t0 = mono_now();
-        if (warm_up(srv)) {
+        if (warm_up_sizes(srv)) {
             fail(srv, "the warm-up upscale failed");
             return NULL;
         }

@@ -198,11 +198,14 @@ def test_demo_model_is_announced(tmp_path):
 
 
 def test_warm_up_then_ready():
-    s = Server("--warmup", "true", "--model-id", "tiny-x4", wait_ready=False)
+    s = Server("--warmup", "true", "--warmup-sizes", "64, 72x64", "--model-id", "tiny-x4", wait_ready=False)
     try:
         s.wait_ready()
-        events = [l.get("event") for l in s.logs() if isinstance(l, dict)]
+        logs = [l for l in s.logs() if isinstance(l, dict)]
+        events = [l.get("event") for l in logs]
         assert events.index("model_loaded") < events.index("warmed_up") < events.index("ready")
+        sizes = [(l["width"], l["height"]) for l in logs if l.get("event") == "warmed_up_size"]
+        assert sizes == [(64, 64), (72, 64)]
         assert s.get("/api/v1/model-info").json()["model_id"] == "tiny-x4"
         r = upscale(s, seed=1)
         assert r.headers["X-Model"] == "tiny-x4"
@@ -230,7 +233,8 @@ def test_help_and_bad_settings():
                  "--webhook-secret", "--shutdown-timeout", "SDX4_MODEL", "SDX4_PORT", "--config"):
         assert flag in out.stdout, flag
     for args in (["--workers", "0"], ["--port", "x"], ["--no-such-flag"], ["--max-upload", "lots"],
-                 ["--trusted-proxies", "not-an-address"], ["--min-side", "600"]):
+                 ["--trusted-proxies", "not-an-address"], ["--min-side", "600"],
+                 ["--warmup-sizes", "32"], ["--warmup-sizes", "64x"], ["--warmup-sizes", "64,9999x64"]):
         r = subprocess.run([SDX4, "serve", "--model", MODEL, "--port", "0"] + args, capture_output=True,
                            text=True, timeout=30)
         assert r.returncode != 0 and "sdx4 serve" in r.stderr, (args, r.stderr)
