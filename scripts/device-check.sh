@@ -27,7 +27,9 @@
 #           in fp32 mode (the CPU tolerances) and in fp16 mode
 #   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
 #   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
-#           steps), GPU memory sampled meanwhile
+#           steps), GPU memory sampled meanwhile; then 128 px with the VAE
+#           in fp32 and 128 px without the graph API (SDX4_CUDA_CONV=
+#           cudnn-legacy): bench.jsonl's four lines, in that order
 #   profile one UNet step and VAE decode at 128 and 256 px with
 #           SDX4_CUDA_PROFILE=1: GPU time per operation and shape, in
 #           profile-128.txt and profile-256.txt
@@ -321,6 +323,11 @@ if wants bench; then
       --size 256 --steps 20 --repeats 1 | tee -a $out/bench.jsonl"
     step bench-128-vae-fp32 60 bash -o pipefail -c "SDX4_CUDA_VAE=fp32 $sdx4 bench --model $model \
       --variant fp16 --device cuda --size 128 --steps 2 --repeats 3 | tee -a $out/bench.jsonl"
+    # without the graph API's plans: what they cost a new size once
+    # (*_first_ms) and give every step after
+    step bench-128-legacy 60 bash -o pipefail -c "SDX4_CUDA_CONV=cudnn-legacy $sdx4 bench \
+      --model $model --variant fp16 --device cuda --size 128 --steps 75 --repeats 1 |
+      tee -a $out/bench.jsonl"
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
     echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |

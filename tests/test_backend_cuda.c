@@ -14,7 +14,8 @@
  * operations that only move values must then match exactly. Also: weights
  * from F16 and BF16 files, operands of mixed types, the im2col path of
  * convolutions (SDX4_CUDA_CONV=im2col), cuDNN's graph API plans
- * (SDX4_CUDA_CONV=cudnn-graph), memory accounting, errors, and two
+ * (SDX4_CUDA_CONV=cudnn-graph) and its legacy call alone (cudnn-legacy),
+ * memory accounting, errors, and two
  * threads calling one backend at once.
  *
  * Without a CUDA device, or in a build without the CUDA backend, it skips
@@ -766,8 +767,21 @@ int main(void) {
         gpu->destroy(gpu);
     }
 
+    /* and the legacy call alone: in fp16 mode the graph API takes the
+     * shapes where it is faster, so the legacy call in half is tested here */
+    gpu = open_cuda("fp16", "cudnn-legacy");
+    CHECK(gpu != NULL, "cudnn-legacy backend: %s", sdx4_last_error());
+    if (gpu) {
+        s = (suite){cpu, gpu, "legacy16", TOL_FP16, DTYPE_F16};
+        test_convs(&s);
+        test_record(&s, PLANNED);
+        gpu->destroy(gpu);
+    }
+
     CHECK(open_cuda("bf16", "cudnn") == NULL && strstr(sdx4_last_error(), "SDX4_CUDA_DTYPE"),
           "SDX4_CUDA_DTYPE=bf16 is refused: %s", sdx4_last_error());
+    CHECK(open_cuda("fp16", "winograd") == NULL && strstr(sdx4_last_error(), "cudnn-legacy"),
+          "SDX4_CUDA_CONV=winograd is refused with the choices: %s", sdx4_last_error());
     unsetenv("SDX4_CUDA_DTYPE");
     unsetenv("SDX4_CUDA_CONV");
     cpu->destroy(cpu);

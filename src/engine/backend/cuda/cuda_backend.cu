@@ -25,7 +25,10 @@
  * when cuDNN is there (the fallback of builds without cuDNN), so that path
  * can be tested on the same machine; SDX4_CUDA_CONV=cudnn-graph keeps every
  * half-precision plan of cuDNN's graph API that computes what the legacy
- * call does, faster or not, so that its path can be tested too.
+ * call does, faster or not, so that its path can be tested too;
+ * SDX4_CUDA_CONV=cudnn-legacy leaves the graph API out: the first run of a
+ * new size then tries a few algorithms per shape instead of up to 8 more
+ * plans, and later runs are slower (BENCHMARKS.md).
  *
  * This file holds what every operation needs and the operations that are
  * one library call each:
@@ -655,7 +658,7 @@ static void cuda_destroy(backend *be) {
 }
 
 /* The settings read from the environment (see the top comment). */
-static int read_environment(dtype *weights, int *use_cudnn, int *allow_bf16) {
+static int read_environment(dtype *weights, conv_path *conv_path_out, int *allow_bf16) {
     const char *mode = getenv("SDX4_CUDA_DTYPE"), *conv = getenv("SDX4_CUDA_CONV"),
                *vae = getenv("SDX4_CUDA_VAE");
     if (!vae || !*vae || !strcmp(vae, "bf16")) {
@@ -675,14 +678,16 @@ static int read_environment(dtype *weights, int *use_cudnn, int *allow_bf16) {
         return -1;
     }
     if (!conv || !*conv || !strcmp(conv, "cudnn")) {
-        *use_cudnn = 1;
+        *conv_path_out = CONV_CUDNN;
     } else if (!strcmp(conv, "cudnn-graph")) {
-        *use_cudnn = 2;
+        *conv_path_out = CONV_CUDNN_GRAPH;
+    } else if (!strcmp(conv, "cudnn-legacy")) {
+        *conv_path_out = CONV_CUDNN_LEGACY;
     } else if (!strcmp(conv, "im2col")) {
-        *use_cudnn = 0;
+        *conv_path_out = CONV_IM2COL;
     } else {
         set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "SDX4_CUDA_CONV=%s: expected cudnn, cudnn-graph or im2col", conv);
+                  "SDX4_CUDA_CONV=%s: expected cudnn, cudnn-graph, cudnn-legacy or im2col", conv);
         return -1;
     }
     return 0;
@@ -705,8 +710,9 @@ extern "C" backend *backend_cuda_create(int device_index) {
         return NULL;
     }
     dtype weights;
-    int use_cudnn, allow_bf16;
-    if (read_environment(&weights, &use_cudnn, &allow_bf16)) return NULL;
+    conv_path conv;
+    int allow_bf16;
+    if (read_environment(&weights, &conv, &allow_bf16)) return NULL;
     cudaDeviceProp prop;
     if (cuda_ok(cudaSetDevice(device_index), "cuda: cudaSetDevice") ||
         cuda_ok(cudaGetDeviceProperties(&prop, device_index), "cuda: cudaGetDeviceProperties"))
@@ -757,7 +763,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
                   "cuda: cublasSetMathMode"))
         goto fail;
 #ifdef SDX4_HAVE_CUDNN
-    cb->use_cudnn = use_cudnn;
+    cb->conv = conv;
     {
         cudnnStatus_t s = cudnnCreate(&cb->cudnn);
         if (s == CUDNN_STATUS_SUCCESS) s = cudnnSetStream(cb->cudnn, cb->stream);
@@ -767,7 +773,7 @@ extern "C" backend *backend_cuda_create(int device_index) {
         }
     }
 #else
-    (void)use_cudnn; /* im2col is the only path of this build */
+    (void)conv; /* im2col is the only path of this build */
 #endif
     if (cudaHostAlloc(&cb->pinned, CUDA_PINNED_BYTES, cudaHostAllocDefault) != cudaSuccess) {
         (void)cudaGetLastError(); /* no pinned memory: transfers stay pageable */

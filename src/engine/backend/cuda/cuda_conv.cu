@@ -295,7 +295,7 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
                 " k%d s%d%s%s: graph API %.1f us, legacy %.1f us\n", dtype_name(type), s->B,
                 s->C, s->O, s->H, s->W, s->k, s->stride, bias ? " +bias" : "", r ? " +r" : "",
                 graph_ms * 1e3f, legacy_ms * 1e3f);
-    bool take = legacy_ms < 0.0f || graph_ms < legacy_ms || cb->use_cudnn == 2;
+    bool take = legacy_ms < 0.0f || graph_ms < legacy_ms || cb->conv == CONV_CUDNN_GRAPH;
     if (take) { /* and only if it computes what the legacy path does, on these tensors */
         const int64_t n = s->B * s->Ho * s->Wo * s->O;
         cuda_buf ref = {};
@@ -335,7 +335,8 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     if (bias && !p->fuse_bias && !cb->recording)
         p->fuse_bias = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr);
     const int slot = (bias != NULL) + 2 * (r != NULL);
-    if (!p->graph_tried[slot] && !cb->recording && type != DTYPE_F32)
+    if (!p->graph_tried[slot] && !cb->recording && type != DTYPE_F32 &&
+        cb->conv != CONV_CUDNN_LEGACY)
         try_graph(cb, p, s, type, x, w, bias, r, y, workspace.ptr, slot);
     int rc = p->graph[slot] ? conv_graph_run(cb, p->graph[slot], x, w, bias, r, y) : 1;
     if (rc != 0 && p->graph[slot] && !cb->recording) { /* drop a plan that fails: legacy */
@@ -432,9 +433,9 @@ static tensor *conv_residual(backend *be, const char *op, const tensor *x, const
         /* a 1x1 convolution is a GEMM: cuBLAS without cuDNN's overhead */
         bool gemm = s.k == 1 && stride == 1 && padding == 0;
         bool narrow = (s.C % 8 || s.O % 8) && type != DTYPE_F32;
-        if (cb->use_cudnn && !gemm && narrow) { /* the residual is added below */
+        if (cb->conv != CONV_IM2COL && !gemm && narrow) { /* the residual is added below */
             rc = conv_cudnn_widened(cb, &s, type, x->data, wd, bd, y->data);
-        } else if (cb->use_cudnn && !gemm) {
+        } else if (cb->conv != CONV_IM2COL && !gemm) {
             rc = conv_cudnn(cb, &s, type, x->data, wd, bd, rd, y->data);
             if (rc == 0) rd = NULL; /* added by it */
         }

@@ -115,6 +115,14 @@ typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
 typedef struct gemm_plan gemm_plan;       /* cuda_gemm.cu */
 typedef struct cuda_profile cuda_profile; /* cuda_profile.cu */
 
+/* How convolutions run (SDX4_CUDA_CONV, cuda_backend.cu). */
+typedef enum {
+    CONV_IM2COL,       /* im2col + GEMM, as in builds without cuDNN */
+    CONV_CUDNN,        /* cuDNN: the faster of the legacy call and the graph API */
+    CONV_CUDNN_GRAPH,  /* graph API plans kept even when slower (tests) */
+    CONV_CUDNN_LEGACY, /* the legacy call alone: a new shape is chosen faster */
+} conv_path;
+
 typedef struct {
     backend base;            /* first member: a backend* is a cuda_backend* */
     int device;
@@ -124,8 +132,7 @@ typedef struct {
     gemm_plan *gemm_plans;   /* cuBLASLt algorithm per GEMM shape */
 #ifdef SDX4_HAVE_CUDNN
     cudnnHandle_t cudnn;
-    int use_cudnn;           /* 0: convolutions by im2col + GEMM; 2: graph
-                                API plans kept even when slower (tests) */
+    conv_path conv;          /* SDX4_CUDA_CONV: which convolutions */
     conv_plan *plans;        /* cuDNN algorithm per convolution shape */
 #endif
     dtype mode;              /* F16 or F32: the weights' type, and the
