@@ -3,10 +3,13 @@
  * goldens: for every case of both reference models, the latents after
  * every step and the output image, first with the recorded noise fed in,
  * then again from the seed alone (the torch-compatible generator must
- * reproduce the noise). Also the 8-bit PNG diffusers wrote, and the tiny
- * model's fp16 variant against its fp32 result.
+ * reproduce the noise). Also the 8-bit PNG diffusers wrote, the tiny
+ * model's fp16 variant against its fp32 result, and pipelines run from
+ * several threads at once on one backend (as the server's workers do)
+ * against the same pipeline run alone.
  */
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -234,6 +237,76 @@ static void test_fp16_variant(void) {
     model_free(&m16);
 }
 
+/* Several threads run the same pipeline on one model and backend at once:
+ * each must get what the pipeline gives alone. On CUDA they take turns
+ * recording (the backend's lock) and plan their arenas in slots of their
+ * own; a shared buffer or plan would show here as a wrong image. */
+#define CONCURRENT_RUNS 3
+
+typedef struct {
+    const model *m;
+    const pipeline_args *args;
+    float *out;
+    int rc;
+    char error[256];
+} pipeline_job;
+
+static void *run_job(void *arg) {
+    pipeline_job *job = arg;
+    job->rc = pipeline_run(job->m, be, job->args, &job->out, NULL);
+    if (job->rc) snprintf(job->error, sizeof job->error, "%s", sdx4_last_error());
+    return NULL;
+}
+
+static void test_concurrent(void) {
+    char dir[512], path[600], err[256];
+    snprintf(dir, sizeof dir, "%s/model", test_ref("small"));
+    model m;
+    if (model_load(&m, be, dir, NULL)) {
+        CHECK(0, "concurrent: %s", sdx4_last_error());
+        return;
+    }
+    snprintf(path, sizeof path, "%s/golden/pipe0_input.png", test_ref("small"));
+    sdx4_image in = {0};
+    CHECK(read_golden_image(path, &in, err, sizeof err) == 0, "%s", err);
+    float *image = NULL;
+    int h = 0, w = 0;
+    if (in.pixels) image_preprocess(&in, vae_scale_factor(&m.vae), &image, &h, &w);
+    pipeline_args a = {.image = image, .height = h, .width = w, .prompt = "a white cat",
+                       .negative_prompt = "blurry", .steps = 3, .guidance = 7.5f,
+                       .noise_level = 20, .seed = 42};
+    float *alone = NULL;
+    CHECK(image && pipeline_run(&m, be, &a, &alone, NULL) == 0, "alone: %s", sdx4_last_error());
+    pipeline_job jobs[CONCURRENT_RUNS];
+    pthread_t threads[CONCURRENT_RUNS];
+    int started = 0;
+    for (int i = 0; alone && i < CONCURRENT_RUNS; i++) {
+        jobs[i] = (pipeline_job){.m = &m, .args = &a};
+        if (pthread_create(&threads[i], NULL, run_job, &jobs[i]) == 0) started++;
+    }
+    CHECK(!alone || started == CONCURRENT_RUNS, "started %d threads", started);
+    /* half precision: recordings may pick other reduction splits; a
+     * wrong buffer would be off by the image's whole range */
+    const double tolerance = test_half_precision ? 1e-2 : 1e-5;
+    const size_t n = (size_t)3 * h * w * 16;
+    double worst = 0.0;
+    for (int i = 0; i < started; i++) {
+        pthread_join(threads[i], NULL);
+        CHECK(jobs[i].rc == 0, "thread %d: %s", i, jobs[i].error);
+        if (jobs[i].rc == 0) {
+            double d = max_abs_diff(jobs[i].out, alone, n);
+            if (d > worst) worst = d;
+        }
+        free(jobs[i].out);
+    }
+    if (started) printf("  small, %d pipelines at once: max diff %.3g from one alone\n", started, worst);
+    CHECK(worst <= tolerance, "pipelines at once differ from one alone by %g", worst);
+    free(alone);
+    free(image);
+    sdx4_image_free(&in);
+    model_free(&m);
+}
+
 int main(int argc, char **argv) {
     (void)argc;
 #ifndef SDX4_NO_IMAGEIO
@@ -245,6 +318,7 @@ int main(int argc, char **argv) {
     test_model("tiny");
     test_model("small");
     test_fp16_variant();
+    test_concurrent();
     be->destroy(be);
 #ifndef SDX4_NO_IMAGEIO
     imageio_shutdown();
