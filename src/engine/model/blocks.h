@@ -39,29 +39,21 @@ static inline tensor *residual_added(backend *be, tensor *y, const tensor *r) {
     if (y && be->add_inplace(be, y, r, 1.0f)) DROP(y);
     return y;
 }
-/* x [B, C, H, W] as tokens [B, H*W, C], and tokens as [B, C, h, w]; both
- * take x over (freed, or the result itself when the backend relayouts in
+/* x [B, C, H, W] as tokens [B, H*W, C] (h = 0), or tokens as [B, C, h, w];
+ * takes x over (freed, or the result itself when the backend relayouts in
  * place). */
-static inline tensor *as_tokens(backend *be, tensor *x) {
-    int rc = be->relayout_tokens ? be->relayout_tokens(be, x, 0, 0) : 1;
-    if (rc <= 0) {
-        if (rc < 0) DROP(x);
-        return x;
-    }
-    tensor *t = be->nchw_to_tokens(be, x);
-    DROP(x);
-    return t;
-}
-static inline tensor *as_image(backend *be, tensor *x, int h, int w) {
+static inline tensor *relaid(backend *be, tensor *x, int h, int w) {
     int rc = be->relayout_tokens ? be->relayout_tokens(be, x, h, w) : 1;
     if (rc <= 0) {
         if (rc < 0) DROP(x);
         return x;
     }
-    tensor *t = be->tokens_to_nchw(be, x, h, w);
+    tensor *t = h ? be->tokens_to_nchw(be, x, h, w) : be->nchw_to_tokens(be, x);
     DROP(x);
     return t;
 }
+static inline tensor *as_tokens(backend *be, tensor *x) { return relaid(be, x, 0, 0); }
+static inline tensor *as_image(backend *be, tensor *x, int h, int w) { return relaid(be, x, h, w); }
 
 /* group_norm(x + v[b, c]) (v NULL: group_norm(x)): in one operation
  * where the backend has it, else the sum written into x first. */

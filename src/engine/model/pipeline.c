@@ -104,8 +104,9 @@ static int unet_step(const model *m, backend *be, unet_state *st, const tensor *
     if (st->graph) {
         if (be->replay(be, st->graph)) return -1;
     } else {
-        /* a backend that plans its recordings' memory (backend.h) gets step
-         * 1 as the planning pass, and records step 2 */
+        /* a backend that plans its recordings' memory (backend.h) gets the
+         * second step (st->steps == 1) as the planning pass, and records
+         * the third */
         int planned = be->record_begin && be->plan_begin, first_recorded = planned ? 2 : 1;
         int planning = planned && st->steps == first_recorded - 1;
         int recording = st->steps >= first_recorded && be->record_begin ? be->record_begin(be) : 1;
