@@ -24,6 +24,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The flag type of sdx4_upscale_params.cancel: C11's atomic int, and the
+ * same object as C++ sees it. */
+#ifdef __cplusplus
+#include <atomic>
+typedef std::atomic<int> sdx4_atomic_int;
+#else
+#include <stdatomic.h>
+typedef atomic_int sdx4_atomic_int;
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -115,6 +125,12 @@ typedef struct {
     float eta;                   /* DDIM eta, default 0 */
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
+    /* Optional: a flag another thread sets to stop this upscale. It is read
+       at every step boundary and inside long operations (between the
+       blocks of the UNet and the VAE decoder, between attention tiles), so
+       a set flag ends the call with SDX4_ERR_CANCELED within a fraction of
+       a second whatever the image size. */
+    const sdx4_atomic_int *cancel;
 } sdx4_upscale_params;
 
 void sdx4_upscale_params_default(sdx4_upscale_params *params);

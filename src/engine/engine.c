@@ -158,6 +158,7 @@ static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
 static int on_step(void *user, int step, int total, const float *latents) {
     (void)latents;
     const sdx4_upscale_params *p = user;
+    if (p->cancel && atomic_load(p->cancel)) return 1;
     return p->progress ? p->progress(p->progress_user, step, total) : 0;
 }
 

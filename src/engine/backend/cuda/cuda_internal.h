@@ -41,6 +41,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "sdx4.h" /* C++ includes (<atomic>) cannot go inside extern "C" */
+
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
