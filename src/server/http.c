@@ -273,6 +273,41 @@ static const char *header(request *r, const char *name) {
     return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
 }
 
+typedef struct {
+    char *text;
+    size_t len;
+    bool failed;
+} joined_header;
+
+static enum MHD_Result join_forwarded_for(void *cls, enum MHD_ValueKind kind, const char *key,
+                                          const char *value) {
+    joined_header *j = cls;
+    (void)kind;
+    if (!key || !value || strcasecmp(key, "X-Forwarded-For") != 0) return MHD_YES;
+    size_t n = strlen(value);
+    char *grown = realloc(j->text, j->len + n + 3);
+    if (!grown) {
+        j->failed = true;
+        return MHD_NO;
+    }
+    j->text = grown;
+    j->len += (size_t)sprintf(j->text + j->len, "%s%s", j->len ? ", " : "", value);
+    return MHD_YES;
+}
+
+/* Every X-Forwarded-For line, joined in order (a list header may come in
+ * several lines, and MHD_lookup_connection_value sees only the first: a
+ * client's forged first line would hide the ones its proxies appended).
+ * NULL when there is none, or without memory: then the peer is the
+ * client, never a part of the list. */
+static char *forwarded_for(request *r) {
+    joined_header j = {0};
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, join_forwarded_for, &j);
+    if (!j.failed) return j.text;
+    free(j.text);
+    return NULL;
+}
+
 /* The client's X-Request-Id if it is a sane token, else a fresh one. */
 static void set_request_id(request *r) {
     const char *given = header(r, "X-Request-Id");
@@ -475,8 +510,9 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     set_request_id(r);
 
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, header(r, "X-Forwarded-For"),
-                             r->ip, sizeof r->ip);
+    char *forwarded = forwarded_for(r);
+    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, forwarded, r->ip, sizeof r->ip);
+    free(forwarded);
     snprintf(r->client, sizeof r->client, "%s", r->ip);
 
     const char *origin = header(r, "Origin");

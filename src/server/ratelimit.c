@@ -176,18 +176,23 @@ void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
     snprintf(out, size, "%s", ip);
     if (!forwarded_for || !r->ntrusted || !trusted(r, ip)) return;
 
-    /* walk right to left: each hop appended the address it saw */
+    /* walk right to left: each hop appended the address it saw, so only
+     * the entries up to the first untrusted one were written by proxies we
+     * believe; everything left of it is whatever the client sent. An entry
+     * that is not a bare address (empty, "unknown", a port, garbage) ends
+     * the walk at the address to its right, a trusted hop: the client is
+     * then that proxy, never a value the client could have chosen. */
     const char *end = forwarded_for + strlen(forwarded_for);
     while (end > forwarded_for) {
         const char *start = end;
         while (start > forwarded_for && start[-1] != ',') start--;
         const char *s = start, *e = end;
-        while (s < e && *s == ' ') s++;
-        while (e > s && e[-1] == ' ') e--;
+        while (s < e && (*s == ' ' || *s == '\t')) s++;
+        while (e > s && (e[-1] == ' ' || e[-1] == '\t')) e--;
         char hop[INET6_ADDRSTRLEN];
         uint8_t bytes[16];
         size_t n = (size_t)(e - s);
-        if (n == 0 || n >= sizeof hop) return; /* garbage: keep the last good one */
+        if (n == 0 || n >= sizeof hop) return;
         memcpy(hop, s, n);
         hop[n] = '\0';
         if (!parse_ip(hop, bytes)) return;

@@ -32,7 +32,10 @@ bool ratelimit_enabled(const ratelimit *r);
 void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d);
 
 /* The client's address as text: the peer, or when the peer is a trusted
- * proxy, the right-most untrusted address of `forwarded_for`. */
+ * proxy, the right-most untrusted address of `forwarded_for` (every
+ * X-Forwarded-For line of the request joined with commas, in order); an
+ * entry that is not an address stops the walk at the trusted hop to its
+ * right. */
 void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
                               const char *forwarded_for, char *out, size_t size);
 
