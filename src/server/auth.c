@@ -6,6 +6,15 @@
  * bytes and no early exit: the time taken depends on neither the key's
  * length nor how many of its bytes match nor which key it is, so timing
  * reveals nothing about the configured keys.
+ *
+ * Identity. A client's identity must tell keys apart without standing in
+ * for the key: it keys jobs, cached results, rate limits and queue lanes,
+ * and may one day reach a log. A bare digest of the key would let anyone
+ * who sees it test guesses offline (a short key falls quickly), so the
+ * identity is an HMAC of the key's digest under a secret drawn at start:
+ * 128 bits, unrelated to the key without the secret, which never leaves
+ * the process. Everything it keys lives in memory too, so that it changes
+ * from one run to the next costs nothing.
  */
 #include "auth.h"
 
@@ -14,12 +23,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 
 #include "cache.h"
 
 struct auth {
     int count;
     uint8_t (*digests)[32];
+    uint8_t identity_secret[32];
 };
 
 static int add_key(auth *a, const char *key, size_t len) {
@@ -54,6 +65,10 @@ auth *auth_create(const string_list *keys, const char *keys_file, FILE *err) {
     for (int i = 0; i < keys->count; i++)
         if (add_key(a, keys->items[i], strlen(keys->items[i]))) goto fail;
     if (keys_file && load_keys_file(a, keys_file, err)) goto fail;
+    if (getrandom(a->identity_secret, sizeof a->identity_secret, 0) != sizeof a->identity_secret) {
+        fprintf(err, "sdx4 serve: no random bytes for the identity secret\n");
+        goto fail;
+    }
     return a;
 fail:
     auth_destroy(a);
@@ -69,8 +84,8 @@ void auth_destroy(auth *a) {
 bool auth_enabled(const auth *a) { return a->count > 0; }
 
 problem_kind auth_check(const auth *a, const char *authorization, const char *api_key,
-                        char client[24]) {
-    client[0] = '\0';
+                        char identity[AUTH_IDENTITY_SIZE]) {
+    identity[0] = '\0';
     if (!a->count) return PROBLEM_NONE;
     const char *key = api_key;
     if (authorization) {
@@ -89,12 +104,14 @@ problem_kind auth_check(const auth *a, const char *authorization, const char *ap
         matched |= (unsigned)(diff == 0);
     }
     if (!matched) return PROBLEM_FORBIDDEN;
+    uint8_t id[32];
+    hmac_sha256(id, a->identity_secret, sizeof a->identity_secret, digest, sizeof digest);
     static const char hex[] = "0123456789abcdef";
-    memcpy(client, "key:", 4);
-    for (int i = 0; i < 8; i++) {
-        client[4 + 2 * i] = hex[digest[i] >> 4];
-        client[5 + 2 * i] = hex[digest[i] & 15];
+    memcpy(identity, "key:", 4);
+    for (int i = 0; i < 16; i++) {
+        identity[4 + 2 * i] = hex[id[i] >> 4];
+        identity[5 + 2 * i] = hex[id[i] & 15];
     }
-    client[20] = '\0';
+    identity[36] = '\0';
     return PROBLEM_NONE;
 }

@@ -68,6 +68,7 @@ typedef struct request {
     double start;
     char ip[48];
     char client[64]; /* rate limit and queue lane: API key or address */
+    char owner[AUTH_IDENTITY_SIZE]; /* owns the jobs it makes ("" anonymous) */
     const char *cors_origin; /* the Origin header when allowed */
     rate_decision rate;
     bool rate_checked;
@@ -533,12 +534,11 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
 
     if (needs_key(r->route)) {
-        char key_client[24];
-        problem_kind k = auth_check(srv->auth, header(r, "Authorization"), header(r, "X-API-Key"), key_client);
+        problem_kind k = auth_check(srv->auth, header(r, "Authorization"), header(r, "X-API-Key"), r->owner);
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
-        if (key_client[0]) snprintf(r->client, sizeof r->client, "%s", key_client);
+        if (r->owner[0]) snprintf(r->client, sizeof r->client, "%s", r->owner);
     }
 
     if (!takes_body(r->route)) return answer_get(r);
@@ -647,7 +647,7 @@ static enum MHD_Result answer_get(request *r) {
         return send_response(r, 200, resp);
     }
     default: /* the job routes */
-        r->job = job_find(srv->jobs, r->job_id);
+        r->job = job_find(srv->jobs, r->job_id, r->owner);
         if (!r->job) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no job %s (finished jobs are kept %g s)",
                                                 r->job_id, srv->cfg.job_retention);
         return answer_job(r);
@@ -869,6 +869,7 @@ static enum MHD_Result start_job(request *r) {
     if (!j) return send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
     r->job = j;
     job_set_webhook(j, f->webhook_url);
+    job_set_owner(j, r->owner);
     for (int i = 0; i < f->nimages; i++) {
         problem p = {0};
         if (prepare_task(r, i, job_task(j, i), accept, &p) == 0) continue;

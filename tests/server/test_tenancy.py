@@ -1,8 +1,72 @@
-"""Tenants kept apart: the rate limit applies to the real client behind a
-trusted proxy however many X-Forwarded-For lines a request carries."""
+"""Tenants kept apart: a job belongs to the API key that made it (another
+key gets the 404 of an unknown id on every job route), and the rate limit
+applies to the real client behind a trusted proxy however many
+X-Forwarded-For lines a request carries."""
+import base64
 import http.client
+import time
 
-from conftest import Server
+import pytest
+import requests
+
+from conftest import Server, image_bytes, problem
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"X-API-Key": "key-bob"}
+SEEDED = {"num_inference_steps": "1", "seed": "21"}
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    s = Server("--api-keys", "key-alice,key-bob")
+    yield s
+    s.check_clean_exit()
+
+
+def wait_job(s, job, headers, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = s.get(job["links"]["self"], headers=headers).json()
+        if j["status"] in ("succeeded", "failed", "canceled"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def assert_unknown(s, job_id, headers):
+    """Every job route answers `headers`' key as it answers an unknown id."""
+    base = f"/api/v1/jobs/{job_id}"
+    for path in (base, base + "/result", base + "/events"):
+        p = problem(s.get(path, headers=headers), 404, "not-found")
+        unknown = problem(s.get(path.replace(job_id, "f" * 32), headers=headers), 404, "not-found")
+        assert p["detail"].replace(job_id, "f" * 32) == unknown["detail"], (p, unknown)
+    problem(s.delete(base, headers=headers), 404, "not-found")
+    assert requests.head(s.url + base, headers=headers, timeout=30).status_code == 404
+
+
+def test_jobs_belong_to_their_key(keyed):
+    r = keyed.post("/api/v1/jobs", files={"image": image_bytes()}, data=SEEDED, headers=ALICE)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert wait_job(keyed, job, ALICE)["status"] == "succeeded"
+    assert_unknown(keyed, job["id"], BOB)
+    # bob's DELETE canceled nothing: alice still reads her job and its result
+    assert keyed.get(job["links"]["self"], headers=ALICE).json()["status"] == "succeeded"
+    result = keyed.get(job["links"]["result"], headers=ALICE)
+    assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
+    assert "event: succeeded" in keyed.get(job["links"]["events"], headers=ALICE).text
+
+    # an async batch is a job like the others
+    img = base64.b64encode(image_bytes(seed=3)).decode()
+    r = keyed.post("/api/v1/batch-upscale?async=true", json={"images": [img], "num_inference_steps": 1},
+                   headers=BOB)
+    assert r.status_code == 202, r.text
+    batch = r.json()
+    assert wait_job(keyed, batch, BOB)["status"] == "succeeded"
+    assert_unknown(keyed, batch["id"], ALICE)
+    assert [e["status"] for e in keyed.get(batch["links"]["result"], headers=BOB).json()["results"]] == [200]
+    # and alice's DELETE of it changed nothing either
+    assert keyed.get(batch["links"]["self"], headers=BOB).json()["status"] == "succeeded"
 
 
 def post_with_forwarded(s, *lines):
