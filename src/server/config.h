@@ -49,6 +49,7 @@ typedef struct {
     char *api_keys_file;
     /* cache, logs, docs */
     size_t cache_size;
+    bool cache_shared; /* cached results shared between API keys */
     char *log_level;
     bool access_log;
     char *docs_assets;

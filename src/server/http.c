@@ -68,7 +68,7 @@ typedef struct request {
     double start;
     char ip[48];
     char client[64]; /* rate limit and queue lane: API key or address */
-    char owner[AUTH_IDENTITY_SIZE]; /* owns the jobs it makes ("" anonymous) */
+    char owner[AUTH_IDENTITY_SIZE]; /* owns the jobs and cache entries it makes ("" anonymous) */
     const char *cors_origin; /* the Origin header when allowed */
     rate_decision rate;
     bool rate_checked;
@@ -806,13 +806,14 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
     t->cacheable = seeded && cache;
+    const char *scope = c->cache_shared ? "" : r->owner; /* a hit never crosses keys unless shared */
     char *canonical = NULL;
     uint8_t upload_key[32];
     cached_result hit;
     if (t->cacheable) {
         if (!(canonical = options_canonical(&t->opts)))
             return problem_set(p, PROBLEM_INTERNAL, "out of memory");
-        cache_upload_key(upload_key, r->srv->model_id, canonical, b->data, b->len);
+        cache_upload_key(upload_key, scope, r->srv->model_id, canonical, b->data, b->len);
         if (cache_get_upload(cache, upload_key, &hit)) {
             /* these bytes decoded before, to the size their header gives */
             t->input.width = w;
@@ -830,7 +831,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
     drop_blob(b); /* the pixels are all that is needed from here */
     if (t->cacheable) {
-        cache_key(t->cache_key, r->srv->model_id, canonical, &t->input);
+        cache_key(t->cache_key, scope, r->srv->model_id, canonical, &t->input);
         free(canonical);
         cache_link(cache, upload_key, t->cache_key);
         if (cache_get(cache, t->cache_key, &hit)) take_cached(t, &hit, false);

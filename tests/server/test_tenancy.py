@@ -1,5 +1,6 @@
 """Tenants kept apart: a job belongs to the API key that made it (another
-key gets the 404 of an unknown id on every job route), and the rate limit
+key gets the 404 of an unknown id on every job route), cached results are
+not shared between keys unless --cache-shared says so, and the rate limit
 applies to the real client behind a trusted proxy however many
 X-Forwarded-For lines a request carries."""
 import base64
@@ -67,6 +68,41 @@ def test_jobs_belong_to_their_key(keyed):
     assert [e["status"] for e in keyed.get(batch["links"]["result"], headers=BOB).json()["results"]] == [200]
     # and alice's DELETE of it changed nothing either
     assert keyed.get(batch["links"]["self"], headers=BOB).json()["status"] == "succeeded"
+
+
+def upscale(s, img, headers):
+    r = s.post("/api/v1/upscale", files={"image": ("in.png", img, "image/png")}, data=SEEDED,
+               headers=headers, timeout=300)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_cache_is_not_shared_between_keys(keyed):
+    png = image_bytes(seed=7)
+    same_pixels = image_bytes(seed=7, compress_level=1)
+    assert png != same_pixels
+    first = upscale(keyed, png, ALICE)
+    assert first.headers["X-Cache"] == "MISS"
+    # neither the upload's bytes nor its pixels find alice's result for bob
+    bob = upscale(keyed, png, BOB)
+    assert bob.headers["X-Cache"] == "MISS" and bob.content == first.content
+    # each key finds its own, by bytes and by pixels
+    for headers in (ALICE, BOB):
+        assert upscale(keyed, png, headers).headers["X-Cache"] == "HIT"
+        assert upscale(keyed, same_pixels, headers).headers["X-Cache"] == "HIT"
+
+
+def test_cache_shared_when_the_operator_says_so():
+    s = Server("--api-keys", "key-alice,key-bob", "--cache-shared", "true")
+    try:
+        png = image_bytes(seed=8)
+        first = upscale(s, png, ALICE)
+        assert first.headers["X-Cache"] == "MISS"
+        bob = upscale(s, png, BOB)
+        assert bob.headers["X-Cache"] == "HIT" and bob.content == first.content
+        assert upscale(s, image_bytes(seed=8, compress_level=1), BOB).headers["X-Cache"] == "HIT"
+    finally:
+        s.check_clean_exit()
 
 
 def post_with_forwarded(s, *lines):
