@@ -98,6 +98,9 @@ static const option options[] = {
      "accepted API keys, comma-separated (none: no authentication)"},
     {"api-keys-file", OPT_STRING, O(api_keys_file), 0, 0, NULL,
      "file of accepted API keys, one per line"},
+    {"auth-failures", OPT_INT, O(auth_failures), 0, 1000000, "10",
+     "failed API key attempts per client address per minute; past them the "
+     "address gets 429 until its allowance refills (0: no limit)"},
     {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
      "origins allowed by CORS, comma-separated, or *"},
     {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",

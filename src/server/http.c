@@ -534,7 +534,15 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
 
     if (needs_key(r->route)) {
-        problem_kind k = auth_check(srv->auth, header(r, "Authorization"), header(r, "X-API-Key"), r->owner);
+        double retry;
+        problem_kind k = auth_check(srv->auth, r->ip, header(r, "Authorization"), header(r, "X-API-Key"),
+                                    mono_now(), r->owner, &retry);
+        if (k == PROBLEM_RATE_LIMITED) {
+            metrics_auth_throttled();
+            r->rate.retry_after = retry; /* Retry-After; no RateLimit-* headers: not that policy */
+            return send_simple_problem(r, k, "too many failed API key attempts from this address; retry in %.0f s",
+                                       ceil(retry) < 1 ? 1 : ceil(retry));
+        }
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");

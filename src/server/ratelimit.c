@@ -132,7 +132,9 @@ void ratelimit_destroy(ratelimit *r) {
 
 bool ratelimit_enabled(const ratelimit *r) { return r->limit > 0; }
 
-void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d) {
+/* The decision for one more request of `client`; it counts only when
+ * `take` (a peek never adds the client to the table). */
+static void decide(ratelimit *r, const char *client, double now, bool take, rate_decision *d) {
     d->limit = r->limit;
     if (!r->limit) {
         *d = (rate_decision){.allowed = true};
@@ -148,22 +150,31 @@ void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision
         if (set[w].client == h) s = &set[w];
         if (set[w].tat < oldest->tat) oldest = &set[w];
     }
-    if (!s) {
-        s = oldest;
-        s->client = h;
-        s->tat = now;
-    }
-    double tat = s->tat > now ? s->tat : now;
+    double tat = s && s->tat > now ? s->tat : now;
     double next = tat + interval;
     d->allowed = next - now <= r->window + 1e-9;
-    if (d->allowed) s->tat = next;
-    double ahead = (d->allowed ? next : tat) - now; /* debt in seconds */
+    if (take && d->allowed) {
+        if (!s) {
+            s = oldest;
+            s->client = h;
+        }
+        s->tat = next;
+    }
+    double ahead = (take && d->allowed ? next : tat) - now; /* debt in seconds */
     pthread_mutex_unlock(&r->lock);
 
     d->remaining = (int)floor((r->window - ahead) / interval + 1e-9);
     if (d->remaining < 0) d->remaining = 0;
     d->reset = ahead;
     d->retry_after = d->allowed ? 0 : next - r->window - now;
+}
+
+void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d) {
+    decide(r, client, now, true, d);
+}
+
+void ratelimit_peek(ratelimit *r, const char *client, double now, rate_decision *d) {
+    decide(r, client, now, false, d);
 }
 
 void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,

@@ -1,10 +1,12 @@
 """Tenants kept apart: a job belongs to the API key that made it (another
 key gets the 404 of an unknown id on every job route), cached results are
-not shared between keys unless --cache-shared says so, and the rate limit
+not shared between keys unless --cache-shared says so, the rate limit
 applies to the real client behind a trusted proxy however many
-X-Forwarded-For lines a request carries."""
+X-Forwarded-For lines a request carries, and an address that keeps failing
+to authenticate is refused (429) before its key is looked at."""
 import base64
 import http.client
+import re
 import time
 
 import pytest
@@ -141,5 +143,42 @@ def test_rate_limit_reads_every_forwarded_for_line():
         assert post_with_forwarded(s, "203.0.113.12", "unknown") == 429
         assert post_with_forwarded(s, "203.0.113.12, [::1]:80") == 429
         assert post_with_forwarded(s, "203.0.113.12,") == 429
+    finally:
+        s.check_clean_exit()
+
+
+def get_from(s, source, path, headers=None):
+    """GET from another loopback source address: (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def test_failed_keys_are_throttled_per_address():
+    s = Server("--api-keys", "good-key", env={"SDX4_AUTH_FAILURES": "3"})
+    try:
+        info = "/api/v1/model-info"
+        wrong = {"X-API-Key": "wrong-key"}
+        assert [get_from(s, "127.0.0.1", info, wrong)[0] for _ in range(3)] == [403] * 3
+        status, headers, body = get_from(s, "127.0.0.1", info, wrong)
+        assert status == 429 and b"urn:sdx4:problem:rate-limited" in body
+        first_wait = int(headers["Retry-After"])
+        assert 1 <= first_wait <= 20  # 60 s / 3 failures
+        assert "RateLimit-Limit" not in headers  # the upscale limit's headers describe another policy
+        # refused before the key is looked at, even the right one; and the
+        # refusals do not push the refill further away
+        status, headers, _ = get_from(s, "127.0.0.1", info, {"X-API-Key": "good-key"})
+        assert status == 429 and int(headers["Retry-After"]) <= first_wait
+        # other addresses are not affected; a missing key counts as a failure
+        assert get_from(s, "127.0.0.2", info, {"Authorization": "Bearer good-key"})[0] == 200
+        assert [get_from(s, "127.0.0.3", info)[0] for _ in range(4)] == [401, 401, 401, 429]
+        # routes without a key stay open to a throttled address
+        assert get_from(s, "127.0.0.1", "/api/v1/health")[0] == 200
+        metrics = get_from(s, "127.0.0.2", "/metrics", {"X-API-Key": "good-key"})[2].decode()
+        assert re.search(r"^sdx4_auth_throttled_total 3$", metrics, re.M), metrics[-600:]
     finally:
         s.check_clean_exit()
