@@ -57,27 +57,29 @@ void hmac_sha256(uint8_t out[32], const void *key, size_t key_len, const void *d
     hmac_sha256_digest(&ctx, SHA256_DIGEST_SIZE, out);
 }
 
-void cache_key(uint8_t key[32], const char *model_id, const char *params,
+void cache_key(uint8_t key[32], const char *scope, const char *model_id, const char *params,
                const sdx4_image *input) {
     struct sha256_ctx ctx;
     char header[64];
     int n = snprintf(header, sizeof header, "sdx4-cache-v1|%dx%d|", input->width, input->height);
     sha256_init(&ctx);
     sha256_update(&ctx, (size_t)n, (const uint8_t *)header);
-    /* the NULs separate the fields: no two (model, params) texts collide */
+    /* the NULs separate the fields: no two (scope, model, params) texts collide */
+    sha256_update(&ctx, strlen(scope) + 1, (const uint8_t *)scope);
     sha256_update(&ctx, strlen(model_id) + 1, (const uint8_t *)model_id);
     sha256_update(&ctx, strlen(params) + 1, (const uint8_t *)params);
     sha256_update(&ctx, (size_t)input->width * input->height * 3, input->pixels);
     sha256_digest(&ctx, SHA256_DIGEST_SIZE, key);
 }
 
-void cache_upload_key(uint8_t key[32], const char *model_id, const char *params,
-                      const void *data, size_t len) {
+void cache_upload_key(uint8_t key[32], const char *scope, const char *model_id,
+                      const char *params, const void *data, size_t len) {
     struct sha256_ctx ctx;
     char header[64];
     int n = snprintf(header, sizeof header, "sdx4-upload-v1|%zu|", len);
     sha256_init(&ctx);
     sha256_update(&ctx, (size_t)n, (const uint8_t *)header);
+    sha256_update(&ctx, strlen(scope) + 1, (const uint8_t *)scope);
     sha256_update(&ctx, strlen(model_id) + 1, (const uint8_t *)model_id);
     sha256_update(&ctx, strlen(params) + 1, (const uint8_t *)params);
     sha256_update(&ctx, len, data);

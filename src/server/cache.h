@@ -6,6 +6,10 @@
  * pixels, so that two uploads of the same picture in different files (PNG
  * vs lossless WebP, other metadata) share an entry. Only requests with an
  * explicit seed are cached: without one the output is meant to differ.
+ * The key also holds a scope, the identity of the API key that asked
+ * (auth.h), so that a hit never tells one key what another sent; the
+ * operator may share results between keys (--cache-shared: scope "", as
+ * for the anonymous clients of a server without keys).
  *
  * Decoding an upload costs far more than answering from the cache, so the
  * cache also keeps links: the SHA-256 of an upload's exact bytes (with the
@@ -41,12 +45,12 @@ typedef struct {
 cache *cache_create(size_t max_bytes);
 void cache_destroy(cache *c);
 
-void cache_key(uint8_t key[32], const char *model_id, const char *params,
+void cache_key(uint8_t key[32], const char *scope, const char *model_id, const char *params,
                const sdx4_image *input);
 /* The key of the upload's bytes as received (another namespace than
  * cache_key's: the two never collide). */
-void cache_upload_key(uint8_t key[32], const char *model_id, const char *params,
-                      const void *data, size_t len);
+void cache_upload_key(uint8_t key[32], const char *scope, const char *model_id,
+                      const char *params, const void *data, size_t len);
 
 /* 1 and a malloc'd copy in `out` on a hit, 0 on a miss. */
 int cache_get(cache *c, const uint8_t key[32], cached_result *out);

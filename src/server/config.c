@@ -98,10 +98,16 @@ static const option options[] = {
      "accepted API keys, comma-separated (none: no authentication)"},
     {"api-keys-file", OPT_STRING, O(api_keys_file), 0, 0, NULL,
      "file of accepted API keys, one per line"},
+    {"auth-failures", OPT_INT, O(auth_failures), 0, 1000000, "10",
+     "failed API key attempts per client address per minute; past them the "
+     "address gets 429 until its allowance refills (0: no limit)"},
     {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
      "origins allowed by CORS, comma-separated, or *"},
     {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",
      "bytes of cached results and upload links (0: no cache); only requests with a seed are cached"},
+    {"cache-shared", OPT_BOOL, O(cache_shared), 0, 0, "false",
+     "share cached results between API keys (a hit then tells a key that another "
+     "sent the same request)"},
     {"log-level", OPT_STRING, O(log_level), 0, 0, "info", "debug, info, warn or error"},
     {"access-log", OPT_BOOL, O(access_log), 0, 0, "true", "log one line per request"},
     {"docs-assets", OPT_STRING, O(docs_assets), 0, 0, NULL,

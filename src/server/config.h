@@ -47,8 +47,10 @@ typedef struct {
     double rate_window;
     string_list trusted_proxies, api_keys, cors_origins;
     char *api_keys_file;
+    int auth_failures; /* failed key attempts per address per minute */
     /* cache, logs, docs */
     size_t cache_size;
+    bool cache_shared; /* cached results shared between API keys */
     char *log_level;
     bool access_log;
     char *docs_assets;

@@ -68,6 +68,7 @@ typedef struct request {
     double start;
     char ip[48];
     char client[64]; /* rate limit and queue lane: API key or address */
+    char owner[AUTH_IDENTITY_SIZE]; /* owns the jobs and cache entries it makes ("" anonymous) */
     const char *cors_origin; /* the Origin header when allowed */
     rate_decision rate;
     bool rate_checked;
@@ -273,6 +274,41 @@ static const char *header(request *r, const char *name) {
     return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
 }
 
+typedef struct {
+    char *text;
+    size_t len;
+    bool failed;
+} joined_header;
+
+static enum MHD_Result join_forwarded_for(void *cls, enum MHD_ValueKind kind, const char *key,
+                                          const char *value) {
+    joined_header *j = cls;
+    (void)kind;
+    if (!key || !value || strcasecmp(key, "X-Forwarded-For") != 0) return MHD_YES;
+    size_t n = strlen(value);
+    char *grown = realloc(j->text, j->len + n + 3);
+    if (!grown) {
+        j->failed = true;
+        return MHD_NO;
+    }
+    j->text = grown;
+    j->len += (size_t)sprintf(j->text + j->len, "%s%s", j->len ? ", " : "", value);
+    return MHD_YES;
+}
+
+/* Every X-Forwarded-For line, joined in order (a list header may come in
+ * several lines, and MHD_lookup_connection_value sees only the first: a
+ * client's forged first line would hide the ones its proxies appended).
+ * NULL when there is none, or without memory: then the peer is the
+ * client, never a part of the list. */
+static char *forwarded_for(request *r) {
+    joined_header j = {0};
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, join_forwarded_for, &j);
+    if (!j.failed) return j.text;
+    free(j.text);
+    return NULL;
+}
+
 /* The client's X-Request-Id if it is a sane token, else a fresh one. */
 static void set_request_id(request *r) {
     const char *given = header(r, "X-Request-Id");
@@ -475,8 +511,9 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     set_request_id(r);
 
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, header(r, "X-Forwarded-For"),
-                             r->ip, sizeof r->ip);
+    char *forwarded = forwarded_for(r);
+    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, forwarded, r->ip, sizeof r->ip);
+    free(forwarded);
     snprintf(r->client, sizeof r->client, "%s", r->ip);
 
     const char *origin = header(r, "Origin");
@@ -497,12 +534,19 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
 
     if (needs_key(r->route)) {
-        char key_client[24];
-        problem_kind k = auth_check(srv->auth, header(r, "Authorization"), header(r, "X-API-Key"), key_client);
+        double retry;
+        problem_kind k = auth_check(srv->auth, r->ip, header(r, "Authorization"), header(r, "X-API-Key"),
+                                    mono_now(), r->owner, &retry);
+        if (k == PROBLEM_RATE_LIMITED) {
+            metrics_auth_throttled();
+            r->rate.retry_after = retry; /* Retry-After; no RateLimit-* headers: not that policy */
+            return send_simple_problem(r, k, "too many failed API key attempts from this address; retry in %.0f s",
+                                       ceil(retry) < 1 ? 1 : ceil(retry));
+        }
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
-        if (key_client[0]) snprintf(r->client, sizeof r->client, "%s", key_client);
+        if (r->owner[0]) snprintf(r->client, sizeof r->client, "%s", r->owner);
     }
 
     if (!takes_body(r->route)) return answer_get(r);
@@ -611,7 +655,7 @@ static enum MHD_Result answer_get(request *r) {
         return send_response(r, 200, resp);
     }
     default: /* the job routes */
-        r->job = job_find(srv->jobs, r->job_id);
+        r->job = job_find(srv->jobs, r->job_id, r->owner);
         if (!r->job) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no job %s (finished jobs are kept %g s)",
                                                 r->job_id, srv->cfg.job_retention);
         return answer_job(r);
@@ -770,13 +814,14 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
     t->cacheable = seeded && cache;
+    const char *scope = c->cache_shared ? "" : r->owner; /* a hit never crosses keys unless shared */
     char *canonical = NULL;
     uint8_t upload_key[32];
     cached_result hit;
     if (t->cacheable) {
         if (!(canonical = options_canonical(&t->opts)))
             return problem_set(p, PROBLEM_INTERNAL, "out of memory");
-        cache_upload_key(upload_key, r->srv->model_id, canonical, b->data, b->len);
+        cache_upload_key(upload_key, scope, r->srv->model_id, canonical, b->data, b->len);
         if (cache_get_upload(cache, upload_key, &hit)) {
             /* these bytes decoded before, to the size their header gives */
             t->input.width = w;
@@ -794,7 +839,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
     drop_blob(b); /* the pixels are all that is needed from here */
     if (t->cacheable) {
-        cache_key(t->cache_key, r->srv->model_id, canonical, &t->input);
+        cache_key(t->cache_key, scope, r->srv->model_id, canonical, &t->input);
         free(canonical);
         cache_link(cache, upload_key, t->cache_key);
         if (cache_get(cache, t->cache_key, &hit)) take_cached(t, &hit, false);
@@ -833,6 +878,7 @@ static enum MHD_Result start_job(request *r) {
     if (!j) return send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
     r->job = j;
     job_set_webhook(j, f->webhook_url);
+    job_set_owner(j, r->owner);
     for (int i = 0; i < f->nimages; i++) {
         problem p = {0};
         if (prepare_task(r, i, job_task(j, i), accept, &p) == 0) continue;

@@ -17,6 +17,12 @@
  * jobs (504 for their clients; their workers stop at the next step) and
  * drops finished listed jobs past the retention time, beyond the maximum
  * count or beyond the memory budget for results, oldest first.
+ *
+ * Ownership. A listed job belongs to the identity that made it (its API
+ * key's, auth.h); to any other, its id is as unknown as a random one.
+ * Without API keys every client is anonymous and the id, 128 random bits,
+ * is the only thing that admits to a job: whoever holds it may read and
+ * cancel it, as with any capability URL.
  */
 #include "jobs.h"
 
@@ -40,6 +46,7 @@ struct job {
     form_kind kind;
     bool listed;
     char client[64], request_id[48];
+    char owner[64]; /* identity that may find the job by id ("" anonymous) */
     int ntasks, unfinished;
     task *tasks;
     job_state state;
@@ -507,6 +514,8 @@ void job_set_webhook(job *j, const char *url) {
     j->webhook_url = url ? strdup(url) : NULL;
 }
 
+void job_set_owner(job *j, const char *owner) { snprintf(j->owner, sizeof j->owner, "%s", owner); }
+
 void job_task_reject(task *t, const problem *why) {
     t->state = JOB_FAILED;
     t->error = *why;
@@ -574,10 +583,11 @@ done:
     return rc;
 }
 
-job *job_find(job_store *s, const char *id) {
+job *job_find(job_store *s, const char *id, const char *owner) {
     pthread_mutex_lock(&s->lock);
     job *j = s->ids[id_bucket(id)];
     while (j && strcmp(j->id, id) != 0) j = j->hash_next;
+    if (j && strcmp(j->owner, owner) != 0) j = NULL;
     if (j) j->refs++;
     pthread_mutex_unlock(&s->lock);
     return j;

@@ -85,6 +85,9 @@ const char *job_id(const job *j);
 const char *job_client(const job *j);
 form_kind job_kind(const job *j);
 void job_set_webhook(job *j, const char *url);
+/* The identity that made the job (auth.h): only it finds the job by id.
+ * "" (the default) for anonymous clients, whom the id alone admits. */
+void job_set_owner(job *j, const char *owner);
 
 /* Fails a task before submission (a batch image that did not decode). */
 void job_task_reject(task *t, const problem *why);
@@ -94,8 +97,10 @@ void job_task_reject(task *t, const problem *why);
  * -1 and a problem (queue full, shutting down) if they cannot be queued. */
 int job_submit(job *j, problem *err);
 
-/* A referenced listed job by id, or NULL; job_release drops a reference. */
-job *job_find(job_store *s, const char *id);
+/* A referenced listed job by id, or NULL; job_release drops a reference.
+ * A job of another owner is not found: its id answers exactly as an
+ * unknown one, so that ids cannot be probed across keys. */
+job *job_find(job_store *s, const char *id, const char *owner);
 void job_release(job *j);
 
 /* DELETE: cancels the unfinished tasks and forgets the job (its id then

@@ -57,6 +57,7 @@ static struct {
     _Atomic int64_t in_flight;
     _Atomic uint64_t cache_hits, cache_upload_hits, cache_misses;
     _Atomic uint64_t webhooks_ok, webhooks_failed;
+    _Atomic uint64_t auth_throttled;
 } m;
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
@@ -109,6 +110,7 @@ void metrics_cache(bool hit, bool by_upload) {
     if (hit && by_upload) ADD(m.cache_upload_hits, 1);
 }
 void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
+void metrics_auth_throttled(void) { ADD(m.auth_throttled, 1); }
 
 /* ---- rendering ----------------------------------------------------------- */
 
@@ -241,6 +243,11 @@ char *metrics_render(const server *srv, size_t *len) {
              "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
              "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
          (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
+
+    emit(&t, "# HELP sdx4_auth_throttled_total Requests refused (429) because their address "
+             "failed to authenticate too often.\n"
+             "# TYPE sdx4_auth_throttled_total counter\nsdx4_auth_throttled_total %llu\n",
+         (unsigned long long)GET(m.auth_throttled));
 
     emit(&t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
              "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"

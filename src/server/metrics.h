@@ -26,6 +26,9 @@ void metrics_cache(bool hit, bool by_upload);
 /* Mean seconds of the upscales so far (0 before the first), for Retry-After. */
 double metrics_mean_inference(void);
 void metrics_webhook(bool delivered);
+/* A request refused with 429 because its address failed to authenticate
+ * too often (auth.h). */
+void metrics_auth_throttled(void);
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, size_t *len);

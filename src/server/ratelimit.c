@@ -132,7 +132,9 @@ void ratelimit_destroy(ratelimit *r) {
 
 bool ratelimit_enabled(const ratelimit *r) { return r->limit > 0; }
 
-void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d) {
+/* The decision for one more request of `client`; it counts only when
+ * `take` (a peek never adds the client to the table). */
+static void decide(ratelimit *r, const char *client, double now, bool take, rate_decision *d) {
     d->limit = r->limit;
     if (!r->limit) {
         *d = (rate_decision){.allowed = true};
@@ -148,22 +150,31 @@ void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision
         if (set[w].client == h) s = &set[w];
         if (set[w].tat < oldest->tat) oldest = &set[w];
     }
-    if (!s) {
-        s = oldest;
-        s->client = h;
-        s->tat = now;
-    }
-    double tat = s->tat > now ? s->tat : now;
+    double tat = s && s->tat > now ? s->tat : now;
     double next = tat + interval;
     d->allowed = next - now <= r->window + 1e-9;
-    if (d->allowed) s->tat = next;
-    double ahead = (d->allowed ? next : tat) - now; /* debt in seconds */
+    if (take && d->allowed) {
+        if (!s) {
+            s = oldest;
+            s->client = h;
+        }
+        s->tat = next;
+    }
+    double ahead = (take && d->allowed ? next : tat) - now; /* debt in seconds */
     pthread_mutex_unlock(&r->lock);
 
     d->remaining = (int)floor((r->window - ahead) / interval + 1e-9);
     if (d->remaining < 0) d->remaining = 0;
     d->reset = ahead;
     d->retry_after = d->allowed ? 0 : next - r->window - now;
+}
+
+void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d) {
+    decide(r, client, now, true, d);
+}
+
+void ratelimit_peek(ratelimit *r, const char *client, double now, rate_decision *d) {
+    decide(r, client, now, false, d);
 }
 
 void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
@@ -176,18 +187,23 @@ void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
     snprintf(out, size, "%s", ip);
     if (!forwarded_for || !r->ntrusted || !trusted(r, ip)) return;
 
-    /* walk right to left: each hop appended the address it saw */
+    /* walk right to left: each hop appended the address it saw, so only
+     * the entries up to the first untrusted one were written by proxies we
+     * believe; everything left of it is whatever the client sent. An entry
+     * that is not a bare address (empty, "unknown", a port, garbage) ends
+     * the walk at the address to its right, a trusted hop: the client is
+     * then that proxy, never a value the client could have chosen. */
     const char *end = forwarded_for + strlen(forwarded_for);
     while (end > forwarded_for) {
         const char *start = end;
         while (start > forwarded_for && start[-1] != ',') start--;
         const char *s = start, *e = end;
-        while (s < e && *s == ' ') s++;
-        while (e > s && e[-1] == ' ') e--;
+        while (s < e && (*s == ' ' || *s == '\t')) s++;
+        while (e > s && (e[-1] == ' ' || e[-1] == '\t')) e--;
         char hop[INET6_ADDRSTRLEN];
         uint8_t bytes[16];
         size_t n = (size_t)(e - s);
-        if (n == 0 || n >= sizeof hop) return; /* garbage: keep the last good one */
+        if (n == 0 || n >= sizeof hop) return;
         memcpy(hop, s, n);
         hop[n] = '\0';
         if (!parse_ip(hop, bytes)) return;

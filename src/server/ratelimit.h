@@ -3,7 +3,8 @@
  *
  * A client is its API key when keys are enabled, else its IP address; the
  * address comes from X-Forwarded-For only when the connection itself comes
- * from a configured trusted proxy. Thread-safe.
+ * from a configured trusted proxy. The same limiter counts failed API key
+ * attempts per address (auth.c). Thread-safe.
  */
 #ifndef SDX4_SERVER_RATELIMIT_H
 #define SDX4_SERVER_RATELIMIT_H
@@ -30,9 +31,14 @@ void ratelimit_destroy(ratelimit *r);
 bool ratelimit_enabled(const ratelimit *r);
 
 void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d);
+/* Whether one more request would be allowed now, without counting one. */
+void ratelimit_peek(ratelimit *r, const char *client, double now, rate_decision *d);
 
 /* The client's address as text: the peer, or when the peer is a trusted
- * proxy, the right-most untrusted address of `forwarded_for`. */
+ * proxy, the right-most untrusted address of `forwarded_for` (every
+ * X-Forwarded-For line of the request joined with commas, in order); an
+ * entry that is not an address stops the walk at the trusted hop to its
+ * right. */
 void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
                               const char *forwarded_for, char *out, size_t size);
 

@@ -134,7 +134,7 @@ static void set_model_id(server *srv) {
 
 static int start_parts(server *srv) {
     const server_config *c = &srv->cfg;
-    srv->auth = auth_create(&c->api_keys, c->api_keys_file, stderr);
+    srv->auth = auth_create(&c->api_keys, c->api_keys_file, c->auth_failures, stderr);
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
