@@ -20,9 +20,10 @@
 # sandboxed machines (this project's among them) refuse. What `podman run`
 # would give the command is given by hand: the image's user, environment
 # and command, /dev, /proc, /sys and a fresh /tmp, in a mount namespace of
-# its own that disappears with the server. The one difference is the
-# address: SDX4_HOST=127.0.0.1 and a free port instead of 0.0.0.0:8000,
-# since the chroot shares the host's network.
+# its own that disappears with the server. The differences: the address,
+# SDX4_HOST=127.0.0.1 and a free port instead of 0.0.0.0:8000, since the
+# chroot shares the host's network; and a request timeout of 300 s instead
+# of 60, since a shared CI machine can be many times slower than a server.
 #
 # Needs root (debootstrap, mounts, chroot) and Debian's podman and
 # debootstrap, which scripts/install-deps.sh installs. Every failure ends
@@ -71,7 +72,7 @@ trap cleanup EXIT
 # ---- the base: one minbase root, both of the Dockerfile's base names -------
 base_tar=$cache/bookworm-minbase.tar
 if [ ! -s "$base_tar" ]; then
-    step "debootstrap --variant=minbase bookworm (first run: downloads ~50 MB)"
+    step "debootstrap --variant=minbase bookworm from $mirror (first run only)"
     rm -rf "$cache/root.tmp"
     debootstrap --variant=minbase bookworm "$cache/root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 ||
         fail "debootstrap: $(tail -n 3 "$cache/debootstrap.log")"
@@ -147,7 +148,7 @@ version=$(in_image sdx4 --version) || fail "sdx4 --version in the image"
 echo "$version"
 
 step "the image's command serves (${image_cmd[*]})"
-in_image SDX4_HOST=127.0.0.1 SDX4_PORT=0 "${image_cmd[@]}" >"$work/server.log" 2>&1 &
+in_image SDX4_HOST=127.0.0.1 SDX4_PORT=0 SDX4_REQUEST_TIMEOUT=300 "${image_cmd[@]}" >"$work/server.log" 2>&1 &
 server_pid=$!
 port=
 for _ in $(seq 600); do # up to 60 s for it to listen
@@ -157,10 +158,11 @@ for _ in $(seq 600); do # up to 60 s for it to listen
     sleep 0.1
 done
 [ -n "$port" ] || { cat "$work/server.log" >&2; fail "the server did not listen within 60 s"; }
+grep '"event":"listening"' "$work/server.log"
 url=http://127.0.0.1:$port
 status=
 for _ in $(seq 300); do # up to 150 s for the model to load and warm up
-    status=$(curl -s -o "$work/health" -w '%{http_code}' "$url/api/v1/health") || true
+    status=$(curl -s --max-time 10 -o "$work/health" -w '%{http_code}' "$url/api/v1/health") || true
     [ "$status" = 200 ] && break
     kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; fail "the server exited before it was ready"; }
     sleep 0.5
@@ -181,8 +183,8 @@ def chunk(kind, data):
 png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
 open(sys.argv[1], "wb").write(png + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 EOF
-status=$(curl -s -o "$work/out.png" -w '%{http_code} %{content_type}' -F "image=@$work/in.png" \
-         -F num_inference_steps=2 -F seed=42 -F "prompt=a test" "$url/api/v1/upscale") || true
+status=$(curl -s --max-time 330 -o "$work/out.png" -w '%{http_code} %{content_type}' \
+         -F "image=@$work/in.png" -F num_inference_steps=1 -F seed=42 -F "prompt=a test" "$url/api/v1/upscale") || true
 [ "${status%% *}" = 200 ] || fail "upscale answered '$status': $(head -c 500 "$work/out.png")"
 python3 - "$work/out.png" <<'EOF' || fail "the upscale's answer is not a 256x256 PNG ($status)"
 import struct, sys
@@ -195,7 +197,7 @@ EOF
 
 step "/docs and its Swagger UI files"
 for path in /docs /docs/swagger-ui-bundle.js /docs/swagger-ui.css /openapi.json; do
-    status=$(curl -s -o "$work/page" -w '%{http_code}' "$url$path") || true
+    status=$(curl -s --max-time 30 -o "$work/page" -w '%{http_code}' "$url$path") || true
     if [ "$status" != 200 ] || [ ! -s "$work/page" ]; then
         fail "$path answered ${status:-nothing}, not 200 with a body"
     fi
