@@ -1,8 +1,18 @@
-# sdx4 serve in a container, CPU or CUDA, from one multi-stage file:
-#
-#   docker build -t sdx4 .                                  # CPU (Debian 12)
-#   docker build -t sdx4:cuda --build-arg VARIANT=cuda .    # CUDA 12 + cuDNN
+# sdx4 serve in a container, CPU or CUDA, from one multi-stage file.
+# CPU (Debian 12):
+#   docker build -t sdx4 .
+# CUDA 12 + cuDNN (Ubuntu 22.04 bases; docker-compose.yml builds this one):
+#   docker build -t sdx4:cuda --build-arg SDX4_CUDA=ON \
+#       --build-arg BUILD_IMAGE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 \
+#       --build-arg RUN_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 .
+# Run:
 #   docker run -p 8000:8000 -v $PWD/models/x4-upscaler:/models/x4-upscaler:ro sdx4
+#
+# podman build takes the same arguments; scripts/container-check.sh builds
+# the CPU image with it and checks that the image serves. The variant is
+# chosen by naming the base images, not by a stage named after an argument
+# (`FROM build-${VARIANT}`), which BuildKit resolves but buildah 1.28
+# (Debian 12's podman 4.3) does not.
 #
 # Weights are not part of the image: mount a diffusers folder at
 # /models/x4-upscaler (or set SDX4_MODEL). Without one the container serves
@@ -10,13 +20,15 @@
 # noise, and the server says so in its log, health and model-info).
 # Every setting of `sdx4 serve --help` can be given as SDX4_* variables.
 
-ARG VARIANT=cpu
+# The packages below have the same names on Ubuntu 22.04. SDX4_CUDA=AUTO
+# builds the CUDA backend when the build image has nvcc; ON makes a missing
+# nvcc an error.
+ARG BUILD_IMAGE=debian:bookworm
+ARG RUN_IMAGE=debian:bookworm-slim
 
 # ---- build ------------------------------------------------------------------
-FROM debian:bookworm AS build-cpu
-FROM nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 AS build-cuda
-FROM build-${VARIANT} AS build
-ARG VARIANT
+FROM ${BUILD_IMAGE} AS build
+ARG SDX4_CUDA=AUTO
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
         libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev \
@@ -27,7 +39,7 @@ COPY include include
 COPY src src
 COPY assets assets
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
-          -DSDX4_CUDA=$([ "$VARIANT" = cuda ] && echo ON || echo OFF) \
+          -DSDX4_CUDA="$SDX4_CUDA" \
     && cmake --build build -j"$(nproc)" --target sdx4 \
     && build/sdx4 make-model --config assets/demo-model /opt/sdx4/demo --dtype fp32 --seed 0
 # Swagger UI for /docs, from Debian's r-cran-swagger (its dist folder only,
@@ -39,9 +51,7 @@ RUN apt-get update && cd /tmp && apt-get download r-cran-swagger \
     && rm -rf /var/lib/apt/lists/* /tmp/swagger /tmp/*.deb
 
 # ---- run --------------------------------------------------------------------
-FROM debian:bookworm-slim AS run-cpu
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS run-cuda
-FROM run-${VARIANT}
+FROM ${RUN_IMAGE}
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         libjansson4 libutf8proc2 libopenblas0-openmp libvips42 libmicrohttpd12 libnettle8 \
         libcurl4 ca-certificates curl \

@@ -5,7 +5,8 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
-          python3 python3-venv curl)
+          python3 python3-venv curl
+          podman debootstrap) # scripts/container-check.sh
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,7 +7,10 @@
 #      from the seeds in fuzz/corpus/<target>/;
 #   4. the HTTP service's integration tests against the real server;
 #   5. the CUDA backend compiled when nvcc is present (its tests skip
-#      without a GPU).
+#      without a GPU);
+#   6. the Dockerfile's CPU image built with podman and checked to serve
+#      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
+#      and says so).
 # Golden data: $SDX4_REFERENCE, default ../shared/reference beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +47,16 @@ done
 
 echo "== HTTP service integration tests (pytest drives the real server)"
 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
+
+echo "== the container image (scripts/container-check.sh)"
+if [ "${SDX4_CONTAINER_CHECK:-1}" = 0 ]; then
+    echo "container check SKIPPED (SDX4_CONTAINER_CHECK=0): the Dockerfile was not built"
+else
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd scripts/container-check.sh || {
+        echo "container check failed (see above); on a machine where podman cannot work," \
+             "SDX4_CONTAINER_CHECK=0 skips it"
+        exit 1
+    }
+fi

@@ -3,7 +3,9 @@
  * architecture built from its configs has the published parameter counts,
  * and a model written by sdx4_make_model() from the small reference
  * configs loads through the public API and upscales to finite pixels, with
- * every tensor name and shape of the real reference files.
+ * every tensor name and shape of the real reference files. The output
+ * folder's missing parents are made (mkdir -p), and a path through a file
+ * is refused with a message naming that file.
  */
 #include <stdlib.h>
 #include <unistd.h>
@@ -116,9 +118,39 @@ static void test_written_model(void) {
     CHECK(system(cmd) == 0, "cleanup");
 }
 
+/* OUT's missing parents are made, as a container build writing to
+ * /opt/sdx4/demo before /opt/sdx4 exists needs; a path that runs through a
+ * file, or names one, is an I/O error that names it. */
+static void test_output_parents(void) {
+    char dir[] = "/tmp/sdx4-make-model-parents-XXXXXX", out[512], path[600];
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    snprintf(out, sizeof out, "%s/a/b/model", dir);
+    sdx4_status s = sdx4_make_model(test_ref("tiny/model"), out, "fp32", 0);
+    CHECK(s == SDX4_OK, "make_model into missing parents: %s", sdx4_last_error());
+    snprintf(path, sizeof path, "%s/unet/diffusion_pytorch_model.safetensors", out);
+    CHECK(access(path, R_OK) == 0, "%s not written", path);
+
+    snprintf(path, sizeof path, "%s/file", dir);
+    FILE *f = fopen(path, "w");
+    CHECK(f && fclose(f) == 0, "creating %s", path);
+    snprintf(out, sizeof out, "%s/file/model", dir);
+    s = sdx4_make_model(test_ref("tiny/model"), out, "fp32", 0);
+    CHECK(s == SDX4_ERR_IO, "a parent that is a file: status %d", s);
+    CHECK(strstr(sdx4_last_error(), path) && strstr(sdx4_last_error(), "not a folder"),
+          "message should name %s: %s", path, sdx4_last_error());
+    s = sdx4_make_model(test_ref("tiny/model"), path, "fp32", 0);
+    CHECK(s == SDX4_ERR_IO && strstr(sdx4_last_error(), "not a folder"),
+          "OUT that is a file: status %d, %s", s, sdx4_last_error());
+
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0, "cleanup");
+}
+
 int main(void) {
     test_full_size_counts();
     test_written_model();
     test_demo_model();
+    test_output_parents();
     return test_finish("test_make_model");
 }

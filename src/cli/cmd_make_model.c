@@ -17,6 +17,7 @@ static const char help[] =
     "Writes to OUT a diffusers model folder with random weights, built from\n"
     "the configuration files in DIR (a model folder without weights, such\n"
     "as models/x4-upscaler). The images such a model produces are noise.\n"
+    "OUT's missing parent folders are created.\n"
     "\n"
     "Options:\n"
     "  --config DIR        the configuration folder (required)\n"

@@ -28,12 +28,40 @@ static const char *config_files[] = {
 static const char *tokenizer_files[] = {"vocab.json", "merges.txt", "tokenizer_config.json",
                                         "special_tokens_map.json"};
 
+/* Creates one folder; one that exists already is fine, a file is not. */
 static int make_dir(const char *path) {
-    if (mkdir(path, 0755) && errno != EEXIST) {
+    struct stat st;
+    if (mkdir(path, 0755) == 0) return 0;
+    if (errno != EEXIST) {
         set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         return -1;
     }
+    if (stat(path, &st) || !S_ISDIR(st.st_mode)) {
+        set_error(SDX4_ERR_IO, "%s: exists and is not a folder", path);
+        return -1;
+    }
     return 0;
+}
+
+/* mkdir -p: the output folder and every missing parent, as any tool that
+ * is given a path to write makes it (a container build writes to
+ * /opt/sdx4/demo before /opt/sdx4 exists). */
+static int make_dirs(const char *path) {
+    char buf[4096];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof buf) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "output folder: %s", len ? "path too long" : "empty path");
+        return -1;
+    }
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1; p < buf + len; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        int rc = make_dir(buf);
+        *p = '/';
+        if (rc) return -1;
+    }
+    return make_dir(buf);
 }
 
 /* Creates dir/a/b for "a/b/file" (the parent folders of a relative file). */
@@ -137,7 +165,7 @@ sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir, const c
         error_prefix("%s", config_dir);
         return error_status();
     }
-    int rc = make_dir(out_dir);
+    int rc = make_dirs(out_dir);
     for (size_t i = 0; !rc && i < sizeof config_files / sizeof *config_files; i++)
         rc = copy_file(config_dir, out_dir, config_files[i]);
     char tok_src[4096], tok_dir[4096];
