@@ -33,6 +33,9 @@ void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision
 
 /* The client's address as text: the peer, or when the peer is a trusted
  * proxy, the right-most untrusted address of `forwarded_for`. */
+/* Whether the connection's peer is one of the trusted proxies. */
+bool ratelimit_trusts_peer(const ratelimit *r, const struct sockaddr *peer);
+
 void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
                               const char *forwarded_for, char *out, size_t size);
 
