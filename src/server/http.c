@@ -138,6 +138,8 @@ static void add_rate_headers(request *r, struct MHD_Response *resp) {
 
 static enum MHD_Result send_response(request *r, int status, struct MHD_Response *resp) {
     MHD_add_response_header(resp, "X-Request-Id", r->id);
+    /* draining: clients reconnect, and find a sibling once the listener closes */
+    if (atomic_load(&r->srv->phase) == PHASE_DRAINING) MHD_add_response_header(resp, "Connection", "close");
     add_cors(r, resp);
     add_rate_headers(r, resp);
     r->status = status;
