@@ -5,7 +5,6 @@ conftest.py). Slow clients are raw sockets on 127.0.0.1; the client that
 must keep being served meanwhile comes from 127.0.0.2."""
 import concurrent.futures
 import json
-import os
 import re
 import select
 import signal
