@@ -53,10 +53,31 @@ static const option options[] = {
      "threads serving HTTP (they never run inference)"},
     {"max-connections", OPT_INT, O(max_connections), 1, 100000, "1024",
      "open connections at most"},
-    {"per-ip-connections", OPT_INT, O(per_ip_connections), 0, 100000, "0",
-     "open connections per client address (0: no limit)"},
+    /* 32: a browser opens 6 connections to a host, a client library's pool
+     * 10 (requests) to a few dozen, and an office behind one NAT address a
+     * few of those; one address still cannot take more than 1/32 of the
+     * default --max-connections */
+    {"per-ip-connections", OPT_INT, O(per_ip_connections), 0, 100000, "32",
+     "open connections per client address, IPv6 per /64 (0: no limit); trusted "
+     "proxies are exempt, a proxy carrying many clients. 32 fits a browser's 6, "
+     "a client library's pool or a small office behind one NAT address"},
     {"connection-timeout", OPT_DOUBLE, O(connection_timeout), 1, 3600, "30",
      "seconds an idle or stalled connection is kept"},
+    {"header-timeout", OPT_DOUBLE, O(header_timeout), 0.1, 3600, "10",
+     "seconds from a connection's opening, or its previous answer, to the end "
+     "of a request's headers, however steadily they trickle in (the connection "
+     "is closed after it; idle keep-alive connections too)"},
+    /* 1K: 8 kbit/s is below any real uplink (GPRS sends about 20) and far
+     * above a client that trickles a byte now and then to hold a connection */
+    {"min-upload-rate", OPT_SIZE, O(min_upload_rate), 0, 1e12, "1K",
+     "bytes per second a request body must average over each 5 s, the first "
+     "5 s included, or the connection is closed (0: no minimum)"},
+    /* 128M: about four default-size uploads (10M) per default worker (3),
+     * more than the workers can start on while they arrive; it bounds the
+     * memory that unfinished bodies pin, whatever the number of connections */
+    {"upload-budget", OPT_SIZE, O(upload_budget), 0, 1e13, "128M",
+     "bytes of request bodies held in memory at once, all connections together "
+     "(0: no budget); a body that does not fit gets 503 with Retry-After"},
     {"max-upload", OPT_SIZE, O(max_upload), 1024, 1e12, "10M",
      "largest request body (413 beyond, checked while receiving)"},
     {"min-side", OPT_INT, O(min_side), 1, 65536, "64", "smallest input side in pixels"},
@@ -317,6 +338,8 @@ static int check(const server_config *cfg, FILE *err) {
     }
     if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
     else if (cfg->max_steps < 75) bad = "max-steps must allow the default of 75 steps";
+    else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
+        bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     if (!bad) return 0;

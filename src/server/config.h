@@ -27,7 +27,8 @@ typedef struct {
     /* network */
     char *host;
     int port, http_threads, max_connections, per_ip_connections;
-    double connection_timeout;
+    double connection_timeout, header_timeout;
+    size_t min_upload_rate, upload_budget; /* bytes/s; bytes of bodies held at once */
     /* request limits */
     size_t max_upload;
     int min_side, max_side, max_steps, max_prompt_chars, max_batch;

@@ -23,6 +23,12 @@
  *              the job, queue it, suspend; or answer a problem.
  *   resumed    the job is finished: answer with its result.
  * on_completed then logs the access line, records metrics and frees.
+ *
+ * Connections are conns.c's: it limits them per address, gives a
+ * request's headers a deadline and its body a minimum rate, keeps bodies
+ * within a global memory budget (taken as they arrive, given back once
+ * parsed), and polls the sockets of suspended synchronous requests, whose
+ * job is canceled when the client hangs up.
  */
 #include "http.h"
 
@@ -41,6 +47,7 @@
 
 #include "auth.h"
 #include "cache.h"
+#include "conns.h"
 #include "docs.h"
 #include "form.h"
 #include "jobs.h"
@@ -78,6 +85,9 @@ typedef struct request {
     body_kind body;
     size_t received;
     bool too_large;
+    bool over_budget;    /* the upload budget ran out mid-body: the rest is discarded */
+    size_t held;         /* body bytes taken from the upload budget */
+    conn *tracked;       /* the connection's entry in conns */
     char *json;
     size_t json_len, json_cap;
     struct MHD_PostProcessor *post;
@@ -129,6 +139,8 @@ static void add_rate_headers(request *r, struct MHD_Response *resp) {
 
 static enum MHD_Result send_response(request *r, int status, struct MHD_Response *resp) {
     MHD_add_response_header(resp, "X-Request-Id", r->id);
+    /* draining: clients reconnect, and find a sibling once the listener closes */
+    if (atomic_load(&r->srv->phase) == PHASE_DRAINING) MHD_add_response_header(resp, "Connection", "close");
     add_cors(r, resp);
     add_rate_headers(r, resp);
     r->status = status;
@@ -180,6 +192,9 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
         snprintf(v, sizeof v, "%.0f", ceil(r->rate.retry_after) < 1 ? 1 : ceil(r->rate.retry_after));
         MHD_add_response_header(resp, "Retry-After", v);
         break;
+    case PROBLEM_UPLOADS_BUSY: /* the body was not read: the connection cannot carry on */
+        MHD_add_response_header(resp, "Connection", "close");
+        /* fall through */
     case PROBLEM_QUEUE_FULL:
     case PROBLEM_NOT_READY:
     case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
@@ -397,19 +412,46 @@ static enum MHD_Result on_post_data(void *cls, enum MHD_ValueKind kind, const ch
     return MHD_YES;
 }
 
+/* Gives the body's bytes back to the upload budget. */
+static void release_body(request *r) {
+    conns_upload_release(r->srv->conns, r->held);
+    r->held = 0;
+}
+
+/* Frees what was kept of a body that will be refused at its end. */
+static void drop_body(request *r) {
+    free(r->json);
+    r->json = NULL;
+    r->json_len = r->json_cap = 0;
+    if (r->post) MHD_destroy_post_processor(r->post);
+    r->post = NULL;
+    if (r->form_ready) form_free(&r->form);
+    r->form_ready = false;
+    free(r->field_value);
+    r->field_value = NULL;
+    r->field_open = false;
+    release_body(r);
+}
+
 /* Takes a piece of the body; false when the client keeps sending far past
  * the limit, to be cut off (an answer can only be queued once the body has
  * ended, and a body without Content-Length may never end). */
 static bool receive(request *r, const char *data, size_t size) {
     r->received += size;
     if (r->received / 2 > r->srv->cfg.max_upload) return false;
-    if (r->too_large || r->body == BODY_NONE) return true; /* discarded */
+    if (r->too_large || r->over_budget || r->body == BODY_NONE) return true; /* discarded */
     if (r->received > r->srv->cfg.max_upload) {
         r->too_large = true; /* stop keeping anything; 413 once the body ends */
-        free(r->json);
-        r->json = NULL;
+        drop_body(r);
         return true;
     }
+    if (!conns_upload_take(r->srv->conns, size)) {
+        r->over_budget = true; /* other bodies took the budget meanwhile; 503 at the end */
+        conns_upload_refused(r->srv->conns);
+        drop_body(r);
+        return true;
+    }
+    r->held += size;
     if (r->body == BODY_MULTIPART) {
         if (MHD_post_process(r->post, data, size) != MHD_YES && !r->form.error.kind)
             problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body");
@@ -467,9 +509,20 @@ static enum MHD_Result preflight(request *r, unsigned allowed) {
     return send_response(r, 204, resp);
 }
 
+/* A body that will be read: refused at once when the uploads in progress
+ * leave no room for it in the budget. */
+static enum MHD_Result accept_body(request *r, unsigned long long announced) {
+    if (conns_upload_fits(r->srv->conns, (size_t)announced)) return MHD_YES;
+    conns_upload_refused(r->srv->conns);
+    return send_simple_problem(r, PROBLEM_UPLOADS_BUSY,
+                               "the uploads in progress hold the %zu bytes allowed at once; retry shortly",
+                               r->srv->cfg.upload_budget);
+}
+
 static enum MHD_Result begin_body(request *r) {
     const server_config *c = &r->srv->cfg;
     const char *length = header(r, "Content-Length");
+    unsigned long long announced = 1; /* without a length: at least a byte */
     if (length) {
         char *end;
         unsigned long long n = strtoull(length, &end, 10);
@@ -477,6 +530,7 @@ static enum MHD_Result begin_body(request *r) {
             return send_simple_problem(r, PROBLEM_TOO_LARGE,
                                        "the body is %llu bytes; at most %zu are accepted", n,
                                        c->max_upload);
+        if (*end == '\0') announced = n;
     }
     const char *type = header(r, "Content-Type");
     form_kind kind = r->route == ROUTE_BATCH ? FORM_BATCH : r->route == ROUTE_JOB_CREATE ? FORM_JOB : FORM_UPSCALE;
@@ -489,12 +543,12 @@ static enum MHD_Result begin_body(request *r) {
         if (!r->post)
             return send_simple_problem(r, PROBLEM_MALFORMED,
                                        "multipart/form-data without a usable boundary");
-        return MHD_YES;
+        return accept_body(r, announced);
     }
     if (type && strncasecmp(type, "application/json", 16) == 0 &&
         (type[16] == '\0' || type[16] == ';' || type[16] == ' ')) {
         r->body = BODY_JSON;
-        return MHD_YES;
+        return accept_body(r, announced);
     }
     return send_simple_problem(r, PROBLEM_CONTENT_TYPE,
                                "the body must be multipart/form-data or application/json%s",
@@ -848,18 +902,39 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     return 0;
 }
 
+/* The client of a suspended synchronous request hung up (the connection
+ * watchdog calls this under its lock): its job is canceled, as a DELETE
+ * would. True when the job was still unfinished. */
+static bool cancel_abandoned(void *arg) {
+    request *r = arg;
+    job_view v;
+    job_get_view(r->job, &v);
+    if (v.state >= JOB_SUCCEEDED) return false;
+    job_delete(r->job);
+    return true;
+}
+
 static enum MHD_Result start_job(request *r) {
     server *srv = r->srv;
     upscale_form *f = &r->form;
     if (r->too_large)
         return send_simple_problem(r, PROBLEM_TOO_LARGE, "the body is over %zu bytes",
                                    srv->cfg.max_upload);
+    if (r->over_budget)
+        return send_simple_problem(r, PROBLEM_UPLOADS_BUSY,
+                                   "other uploads took the %zu bytes allowed at once while this one "
+                                   "arrived; retry shortly", srv->cfg.upload_budget);
+    /* the body is complete: parsed, decoded and freed within this call, it
+     * no longer waits on the network */
+    release_body(r);
     if (r->body == BODY_MULTIPART) {
         MHD_destroy_post_processor(r->post); /* delivers the last field */
         r->post = NULL;
         flush_field(r);
     } else {
         form_parse_json(f, r->json ? r->json : "", r->json_len);
+        free(r->json); /* the form has its own copies: not held while the job runs */
+        r->json = NULL;
     }
     MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
     if (form_finish(f)) return send_problem(r, &f->error);
@@ -903,7 +978,10 @@ static enum MHD_Result start_job(request *r) {
         return send_response(r, 202, resp);
     }
     r->waiter = (waiter){.suspend = suspend_connection, .wake = wake_connection, .arg = r, .final_only = true};
-    if (job_wait(j, 0, &r->waiter) == 0) return MHD_YES; /* suspended until the job ends */
+    if (job_wait(j, 0, &r->waiter) == 0) {
+        conns_watch(r->tracked, cancel_abandoned, r); /* libmicrohttpd no longer watches it */
+        return MHD_YES; /* suspended until the job ends */
+    }
     return answer_finished(r);
 }
 
@@ -921,6 +999,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->srv = cls;
         r->conn = conn;
         r->start = mono_now();
+        r->tracked = conns_of(conn);
+        conns_headers_done(r->tracked);
         *con_cls = r;
         atomic_fetch_add(&requests_open, 1);
         metrics_in_flight(1);
@@ -934,17 +1014,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     if (*upload_data_size) {
+        conns_body_bytes(r->tracked, *upload_data_size);
         if (!receive(r, upload_data, *upload_data_size)) return MHD_NO; /* closes the connection */
         *upload_data_size = 0;
         return MHD_YES;
     }
+    conns_body_done(r->tracked);
     if (r->status) return MHD_YES; /* answered already; MHD is sending it */
     if (r->deferred) {
         r->deferred = false;
         return begin(r, url, method);
     }
     if (!r->job) return start_job(r);
-    return answer_finished(r); /* resumed: the job is over */
+    /* resumed: the job is over, or was canceled because the client left */
+    if (conns_unwatch(r->tracked)) return MHD_NO; /* nobody to answer */
+    return answer_finished(r);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -954,15 +1038,22 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (!r) return;
     *con_cls = NULL;
     double seconds = mono_now() - r->start;
+    /* nginx's 499 "client closed request" for a client that left its job */
+    if (conns_unwatch(r->tracked) && !r->status) r->status = 499;
     metrics_request(r->route, r->status, seconds);
     metrics_in_flight(-1);
-    if (log_access_enabled())
-        log_event(LOG_INFO, "access",
-                  json_pack("{s:s,s:s,s:s,s:s,s:i,s:f,s:s,s:I,s:b}", "request_id", r->id, "method",
-                            r->method, "path", r->path, "route", route_names[r->route], "status",
-                            r->status, "duration_ms", seconds * 1e3, "client", r->ip, "bytes_in",
-                            (json_int_t)r->received, "completed",
-                            code == MHD_REQUEST_TERMINATED_COMPLETED_OK));
+    const char *outcome = conns_outcome(r->tracked); /* the watchdog ended it, and why */
+    if (log_access_enabled()) {
+        json_t *line = json_pack("{s:s,s:s,s:s,s:s,s:i,s:f,s:s,s:I,s:b}", "request_id", r->id, "method",
+                                 r->method, "path", r->path, "route", route_names[r->route], "status",
+                                 r->status, "duration_ms", seconds * 1e3, "client", r->ip, "bytes_in",
+                                 (json_int_t)r->received, "completed",
+                                 code == MHD_REQUEST_TERMINATED_COMPLETED_OK);
+        if (outcome) json_object_set_new(line, "outcome", json_string(outcome));
+        log_event(LOG_INFO, "access", line);
+    }
+    conns_request_done(r->tracked);
+    release_body(r);
     if (r->job) {
         job_unwait(r->job, &r->waiter);
         job_release(r->job);
@@ -1004,18 +1095,29 @@ int http_start(server *srv, char *err, size_t errlen) {
          c->http_threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
+    /* per-address limits, deadlines and disconnects are conns's (its own
+     * count, not MHD_OPTION_PER_IP_CONNECTION_LIMIT, so that trusted proxies
+     * can be exempt) */
+    conns_limits limits = {c->per_ip_connections, c->header_timeout, c->min_upload_rate, c->upload_budget};
+    if (!(srv->conns = conns_create(&limits, srv->ratelimit))) {
+        freeaddrinfo(ai);
+        snprintf(err, errlen, "cannot start the connection watchdog");
+        return -1;
+    }
     srv->daemon = MHD_start_daemon(
-        flags, (uint16_t)c->port, NULL, NULL, on_request, srv,
+        flags, (uint16_t)c->port, conns_accept, srv->conns, on_request, srv,
         MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, srv,
         MHD_OPTION_SOCK_ADDR, ai->ai_addr,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)c->per_ip_connections,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)ceil(c->connection_timeout),
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_NOTIFY_CONNECTION, conns_notify, srv->conns,
         MHD_OPTION_ARRAY, pool,
         MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!srv->daemon) {
+        conns_destroy(srv->conns);
+        srv->conns = NULL;
         snprintf(err, errlen, "cannot listen on %s:%d (address in use or not allowed?)", c->host, c->port);
         return -1;
     }
@@ -1037,4 +1139,6 @@ int http_requests_open(void) { return atomic_load(&requests_open); }
 void http_stop(server *srv) {
     if (srv->daemon) MHD_stop_daemon(srv->daemon);
     srv->daemon = NULL;
+    conns_destroy(srv->conns); /* after the daemon: no connection is left */
+    srv->conns = NULL;
 }

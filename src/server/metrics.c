@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "conns.h"
 #include "queue.h"
 
 const char *const route_names[ROUTE_COUNT] = {
@@ -31,7 +32,7 @@ const char *const route_names[ROUTE_COUNT] = {
 };
 
 static const int statuses[] = {200, 202, 204, 304, 400, 401, 403, 404, 405, 406,
-                               409, 413, 415, 422, 429, 500, 503, 504};
+                               409, 413, 415, 422, 429, 499, 500, 503, 504};
 enum { STATUS_COUNT = sizeof statuses / sizeof statuses[0] + 1 }; /* + "other" */
 
 static const double latency_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -189,6 +190,33 @@ char *metrics_render(const server *srv, size_t *len) {
     emit(&t, "# HELP sdx4_http_requests_in_flight Requests received and not yet answered.\n"
              "# TYPE sdx4_http_requests_in_flight gauge\nsdx4_http_requests_in_flight %lld\n",
          (long long)GET(m.in_flight));
+
+    conns_stats ns = {0};
+    if (srv->conns) conns_get_stats(srv->conns, &ns);
+    emit(&t, "# HELP sdx4_http_connections_open Open HTTP connections.\n"
+             "# TYPE sdx4_http_connections_open gauge\nsdx4_http_connections_open %lld\n"
+             "# HELP sdx4_http_connections_refused_total Connections refused at accept, by reason.\n"
+             "# TYPE sdx4_http_connections_refused_total counter\n"
+             "sdx4_http_connections_refused_total{reason=\"per_address_limit\"} %llu\n"
+             "# HELP sdx4_http_connections_cut_total Connections closed for being too slow, by "
+             "reason (keepalive_idle: no next request within the header timeout).\n"
+             "# TYPE sdx4_http_connections_cut_total counter\n"
+             "sdx4_http_connections_cut_total{reason=\"header_timeout\"} %llu\n"
+             "sdx4_http_connections_cut_total{reason=\"keepalive_idle\"} %llu\n"
+             "sdx4_http_connections_cut_total{reason=\"min_upload_rate\"} %llu\n"
+             "# HELP sdx4_client_disconnect_cancels_total Synchronous jobs canceled because their "
+             "client disconnected.\n"
+             "# TYPE sdx4_client_disconnect_cancels_total counter\n"
+             "sdx4_client_disconnect_cancels_total %llu\n"
+             "# HELP sdx4_upload_bytes Request body bytes held in memory now.\n"
+             "# TYPE sdx4_upload_bytes gauge\nsdx4_upload_bytes %zu\n"
+             "# HELP sdx4_upload_budget_bytes Request body bytes allowed at once (0: no budget).\n"
+             "# TYPE sdx4_upload_budget_bytes gauge\nsdx4_upload_budget_bytes %zu\n"
+             "# HELP sdx4_upload_budget_refusals_total Bodies refused because the upload budget was spent.\n"
+             "# TYPE sdx4_upload_budget_refusals_total counter\nsdx4_upload_budget_refusals_total %llu\n",
+         ns.open, ns.refused_per_address, ns.cut_header_timeout, ns.cut_keepalive_idle,
+         ns.cut_min_upload_rate, ns.client_disconnect_cancels, ns.upload_bytes, ns.upload_budget,
+         ns.upload_refusals);
 
     emit(&t, "# HELP sdx4_rejections_total Requests refused, by cause (the problem type).\n"
              "# TYPE sdx4_rejections_total counter\n");

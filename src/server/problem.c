@@ -43,6 +43,7 @@ static const struct {
     [PROBLEM_SHUTTING_DOWN] = {503, "shutting-down", "Server shutting down"},
     [PROBLEM_TIMEOUT] = {504, "timeout", "Request took too long"},
     [PROBLEM_CANCELED] = {409, "canceled", "Job canceled"},
+    [PROBLEM_UPLOADS_BUSY] = {503, "uploads-busy", "Too many uploads in progress"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

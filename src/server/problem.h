@@ -37,6 +37,7 @@ typedef enum {
     PROBLEM_SHUTTING_DOWN,      /* 503 */
     PROBLEM_TIMEOUT,            /* 504 deadline passed; job canceled */
     PROBLEM_CANCELED,           /* 409 job canceled by a client */
+    PROBLEM_UPLOADS_BUSY,       /* 503 the upload budget is spent */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

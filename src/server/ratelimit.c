@@ -212,3 +212,15 @@ void ratelimit_client_address(const ratelimit *r, const struct sockaddr *peer,
         end = start > forwarded_for ? start - 1 : start;
     }
 }
+
+bool ratelimit_trusts_peer(const ratelimit *r, const struct sockaddr *peer) {
+    char ip[INET6_ADDRSTRLEN];
+    if (!r->ntrusted || !peer) return false;
+    if (peer->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)peer)->sin_addr, ip, sizeof ip);
+    else if (peer->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)peer)->sin6_addr, ip, sizeof ip);
+    else
+        return false;
+    return trusted(r, ip);
+}

@@ -34,6 +34,9 @@ void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision
 /* Whether one more request would be allowed now, without counting one. */
 void ratelimit_peek(ratelimit *r, const char *client, double now, rate_decision *d);
 
+/* Whether the connection's peer is one of the trusted proxies. */
+bool ratelimit_trusts_peer(const ratelimit *r, const struct sockaddr *peer);
+
 /* The client's address as text: the peer, or when the peer is a trusted
  * proxy, the right-most untrusted address of `forwarded_for` (every
  * X-Forwarded-For line of the request joined with commas, in order); an

@@ -10,11 +10,15 @@
  * that fails to load is reported in the log and in health, and the
  * process exits 1.
  *
- * Shutdown (SIGTERM or SIGINT): the listening socket closes, new upscales
- * get 503, queued and running jobs get until --shutdown-timeout to finish
- * and are canceled after it (their clients get 503), the answers still
- * being sent are given a moment, webhooks are flushed within the same
- * deadline, and the process exits 0. Signals are taken synchronously by
+ * Shutdown (SIGTERM or SIGINT): health says "draining" and new upscales
+ * get 503 with Retry-After and Connection: close, on new connections too
+ * (the listening socket stays open: a client gets an answer that says when
+ * to retry, not a refused connection, and a load balancer sees the
+ * draining); queued and running jobs get until --shutdown-timeout to
+ * finish and are canceled after it (their clients get 503); then the
+ * listening socket closes, the answers still being sent are given a
+ * moment, webhooks are flushed within the same deadline, and the process
+ * exits 0. Signals are taken synchronously by
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
  */
@@ -183,8 +187,8 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     if (atomic_load(&srv->phase) != PHASE_FAILED) atomic_store(&srv->phase, PHASE_DRAINING);
     log_event(LOG_INFO, "shutting_down",
               json_pack("{s:s,s:f}", "signal", sig ? strsignal(sig) : "none", "deadline_s", c->shutdown_timeout));
-    if (srv->daemon) http_quiesce(srv);
     if (srv->jobs) job_store_drain(srv->jobs, deadline);
+    if (srv->daemon) http_quiesce(srv);
     /* answers of the jobs just finished or canceled are still being sent;
      * canceled workers stop at their next step boundary */
     double grace = mono_now() + 2, end = deadline > grace ? deadline : grace;

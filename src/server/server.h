@@ -52,6 +52,7 @@ struct cache;
 struct ratelimit;
 struct auth;
 struct webhooks;
+struct conns;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -70,6 +71,7 @@ typedef struct server {
     struct auth *auth;
     struct webhooks *webhooks;
     struct MHD_Daemon *daemon;
+    struct conns *conns; /* connection limits and deadlines (http.c's) */
 } server;
 
 #define DEMO_NOTE "demo model (random weights): output is noise"
