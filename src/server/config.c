@@ -107,6 +107,9 @@ static const option options[] = {
     {"docs-assets", OPT_STRING, O(docs_assets), 0, 0, NULL,
      "folder with Swagger UI's dist files for /docs (default: the Debian packages' "
      "copies)"},
+    {"log-buffer", OPT_SIZE, O(log_buffer), 4096, 1 << 30, "1M",
+     "bytes of log lines held while stderr's reader is slow (beyond: lines are "
+     "dropped and counted, never waited for)"},
 };
 #undef O
 enum { OPTION_COUNT = sizeof options / sizeof options[0] };

@@ -52,6 +52,7 @@ typedef struct {
     char *log_level;
     bool access_log;
     char *docs_assets;
+    size_t log_buffer;
 } server_config;
 
 /* Fills `cfg` from defaults, the settings file, the environment and argv

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "log.h"
 #include "queue.h"
 
 const char *const route_names[ROUTE_COUNT] = {
@@ -241,6 +242,11 @@ char *metrics_render(const server *srv, size_t *len) {
              "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
              "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
          (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
+    emit(&t, "# HELP sdx4_log_lines_dropped_total Log lines dropped because stderr's reader was too slow (or gone).\n"
+             "# TYPE sdx4_log_lines_dropped_total counter\nsdx4_log_lines_dropped_total %llu\n"
+             "# HELP sdx4_log_queue_bytes Bytes of log lines waiting to be written.\n"
+             "# TYPE sdx4_log_queue_bytes gauge\nsdx4_log_queue_bytes %zu\n",
+         (unsigned long long)log_lines_dropped(), log_queued_bytes());
 
     emit(&t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
              "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"

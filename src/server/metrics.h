@@ -3,7 +3,7 @@
  *
  * Recording is lock-free (relaxed atomics) so that it costs a few
  * nanoseconds on the request path; rendering reads the counters and the
- * live gauges of the queue and cache when a scraper asks.
+ * live gauges of the queue, cache and log queue when a scraper asks.
  */
 #ifndef SDX4_SERVER_METRICS_H
 #define SDX4_SERVER_METRICS_H
