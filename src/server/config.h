@@ -42,6 +42,8 @@ typedef struct {
     int webhook_attempts;
     double webhook_backoff, webhook_timeout;
     bool webhook_private;
+    int webhook_senders, webhook_per_target, webhook_backlog;
+    char *webhook_proxy;
     /* clients */
     int rate_limit;
     double rate_window;

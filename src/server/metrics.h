@@ -26,6 +26,13 @@ void metrics_cache(bool hit, bool by_upload);
 /* Mean seconds of the upscales so far (0 before the first), for Retry-After. */
 double metrics_mean_inference(void);
 void metrics_webhook(bool delivered);
+/* Why a webhook was given up: the backlog was full, its target is not
+ * allowed (or its URL does not parse), every attempt failed, or the
+ * server stopped first. */
+typedef enum { HOOK_FAIL_BACKLOG, HOOK_FAIL_REFUSED, HOOK_FAIL_ATTEMPTS, HOOK_FAIL_SHUTDOWN, HOOK_FAIL_COUNT } webhook_failure;
+void metrics_webhook_failed(webhook_failure reason);
+/* Deliveries queued, in flight or awaiting a retry: +1 queued, -1 done. */
+void metrics_webhooks_pending(int delta);
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, size_t *len);
