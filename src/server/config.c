@@ -110,6 +110,18 @@ static const option options[] = {
      "seconds one webhook call may take"},
     {"webhook-private", OPT_BOOL, O(webhook_private), 0, 0, "false",
      "allow webhooks to loopback and private addresses"},
+    {"webhook-senders", OPT_INT, O(webhook_senders), 1, 64, "8",
+     "threads making webhook calls (a call mostly waits on its receiver)"},
+    {"webhook-per-target", OPT_INT, O(webhook_per_target), 1, 64, "2",
+     "webhook calls at once to one host:port, so that one slow receiver holds "
+     "at most this many senders"},
+    {"webhook-backlog", OPT_INT, O(webhook_backlog), 1, 1000000, "1000",
+     "webhook deliveries pending at most, in flight or awaiting a retry (beyond: "
+     "the job's webhook fails at once)"},
+    {"webhook-proxy", OPT_STRING, O(webhook_proxy), 0, 0, NULL,
+     "proxy for webhook calls, scheme://host:port (http, https, socks4, socks4a, "
+     "socks5, socks5h); without it the proxy variables of the environment "
+     "(http_proxy, ALL_PROXY...) are ignored"},
     {"rate-limit", OPT_INT, O(rate_limit), 0, 1000000, "10",
      "upscale requests per client per window (0: no limit)"},
     {"rate-window", OPT_DOUBLE, O(rate_window), 1, 86400, "60", "rate limit window in seconds"},
@@ -134,6 +146,9 @@ static const option options[] = {
     {"docs-assets", OPT_STRING, O(docs_assets), 0, 0, NULL,
      "folder with Swagger UI's dist files for /docs (default: the Debian packages' "
      "copies)"},
+    {"log-buffer", OPT_SIZE, O(log_buffer), 4096, 1 << 30, "1M",
+     "bytes of log lines held while stderr's reader is slow (beyond: lines are "
+     "dropped and counted, never waited for)"},
 };
 #undef O
 enum { OPTION_COUNT = sizeof options / sizeof options[0] };
@@ -323,6 +338,15 @@ int config_parse_dimensions(const char *text, int *width, int *height) {
     return 0;
 }
 
+/* Whether `url` names a proxy scheme libcurl speaks (a bare host:port would
+ * silently mean http://). */
+static bool proxy_scheme_known(const char *url) {
+    static const char *const schemes[] = {"http://", "https://", "socks4://", "socks4a://", "socks5://", "socks5h://"};
+    for (size_t i = 0; i < sizeof schemes / sizeof schemes[0]; i++)
+        if (strncasecmp(url, schemes[i], strlen(schemes[i])) == 0 && url[strlen(schemes[i])]) return true;
+    return false;
+}
+
 static int check(const server_config *cfg, FILE *err) {
     const char *bad = NULL;
     log_level level;
@@ -342,6 +366,8 @@ static int check(const server_config *cfg, FILE *err) {
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
+    else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
+        bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
     if (!bad) return 0;
     fprintf(err, "sdx4 serve: %s\n", bad);
     return -1;

@@ -43,6 +43,8 @@ typedef struct {
     int webhook_attempts;
     double webhook_backoff, webhook_timeout;
     bool webhook_private;
+    int webhook_senders, webhook_per_target, webhook_backlog;
+    char *webhook_proxy;
     /* clients */
     int rate_limit;
     double rate_window;
@@ -55,6 +57,7 @@ typedef struct {
     char *log_level;
     bool access_log;
     char *docs_assets;
+    size_t log_buffer;
 } server_config;
 
 /* Fills `cfg` from defaults, the settings file, the environment and argv

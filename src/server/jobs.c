@@ -55,6 +55,7 @@ struct job {
     waiter *waiters;
     char *webhook_url;
     int webhook_state, webhook_attempts;
+    char webhook_error[320]; /* why the webhook failed */
     int refs;
     size_t result_bytes;
     bool in_store;                  /* in the id table (listed, not dropped) */
@@ -240,6 +241,8 @@ static json_t *job_document_locked(job *j) {
     if (j->webhook_url)
         json_object_set_new(d, "webhook", json_pack("{s:s,s:i}", "status", webhook_states[j->webhook_state],
                                                     "attempts", j->webhook_attempts));
+    if (j->webhook_url && j->webhook_error[0])
+        json_object_set_new(json_object_get(d, "webhook"), "error", json_string(j->webhook_error));
     return d;
 }
 
@@ -316,7 +319,8 @@ static void job_finished_locked(job_store *s, job *j) {
         json_t *doc = job_document_locked(j);
         char *body = json_dumps(doc, JSON_COMPACT);
         json_decref(doc);
-        if (body && webhooks_send(s->srv->webhooks, j->id, j->webhook_url, job_state_name(state), body) == 0)
+        if (body && webhooks_send(s->srv->webhooks, j->id, j->webhook_url, job_state_name(state), body,
+                                  j->webhook_error, sizeof j->webhook_error) == 0)
             j->webhook_state = WEBHOOK_PENDING;
         else
             j->webhook_state = WEBHOOK_FAILED;
@@ -704,13 +708,15 @@ void job_task_finished(task *t, task_outcome *o) {
     wake_all(woken);
 }
 
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts) {
+void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
+                            const char *error) {
     pthread_mutex_lock(&s->lock);
     job *j = s->ids[id_bucket(id)];
     while (j && strcmp(j->id, id) != 0) j = j->hash_next;
     if (j) {
         j->webhook_state = delivered ? WEBHOOK_DELIVERED : WEBHOOK_FAILED;
         j->webhook_attempts = attempts;
+        snprintf(j->webhook_error, sizeof j->webhook_error, "%s", error ? error : "");
     }
     pthread_mutex_unlock(&s->lock);
 }

@@ -149,8 +149,10 @@ typedef struct {
 } task_outcome;
 void job_task_finished(task *t, task_outcome *outcome);
 
-/* From webhook.c: the delivery outcome for the status document. */
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts);
+/* From webhook.c: the delivery outcome for the status document; `error`
+ * says why it failed (NULL when delivered). */
+void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
+                            const char *error);
 
 const char *job_state_name(job_state s);
 

@@ -19,6 +19,7 @@
 
 #include "cache.h"
 #include "conns.h"
+#include "log.h"
 #include "queue.h"
 
 const char *const route_names[ROUTE_COUNT] = {
@@ -59,6 +60,8 @@ static struct {
     _Atomic uint64_t cache_hits, cache_upload_hits, cache_misses;
     _Atomic uint64_t webhooks_ok, webhooks_failed;
     _Atomic uint64_t auth_throttled;
+    _Atomic uint64_t webhooks_given_up[HOOK_FAIL_COUNT];
+    _Atomic int64_t webhooks_pending;
 } m;
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
@@ -112,6 +115,10 @@ void metrics_cache(bool hit, bool by_upload) {
 }
 void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
 void metrics_auth_throttled(void) { ADD(m.auth_throttled, 1); }
+void metrics_webhook_failed(webhook_failure reason) {
+    if ((unsigned)reason < HOOK_FAIL_COUNT) ADD(m.webhooks_given_up[reason], 1);
+}
+void metrics_webhooks_pending(int delta) { ADD(m.webhooks_pending, delta); }
 
 /* ---- rendering ----------------------------------------------------------- */
 
@@ -271,6 +278,22 @@ char *metrics_render(const server *srv, size_t *len) {
              "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
              "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
          (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
+    static const char *const hook_failures[HOOK_FAIL_COUNT] = {
+        [HOOK_FAIL_BACKLOG] = "backlog_full", [HOOK_FAIL_REFUSED] = "refused",
+        [HOOK_FAIL_ATTEMPTS] = "attempts_exhausted", [HOOK_FAIL_SHUTDOWN] = "shutdown"};
+    emit(&t, "# HELP sdx4_webhooks_failed_total Webhooks given up (their job's webhook marked failed), by reason.\n"
+             "# TYPE sdx4_webhooks_failed_total counter\n");
+    for (int r = 0; r < HOOK_FAIL_COUNT; r++)
+        emit(&t, "sdx4_webhooks_failed_total{reason=\"%s\"} %llu\n", hook_failures[r],
+             (unsigned long long)GET(m.webhooks_given_up[r]));
+    emit(&t, "# HELP sdx4_webhooks_pending Webhook deliveries queued, in flight or awaiting a retry.\n"
+             "# TYPE sdx4_webhooks_pending gauge\nsdx4_webhooks_pending %lld\n",
+         (long long)GET(m.webhooks_pending));
+    emit(&t, "# HELP sdx4_log_lines_dropped_total Log lines dropped because stderr's reader was too slow (or gone).\n"
+             "# TYPE sdx4_log_lines_dropped_total counter\nsdx4_log_lines_dropped_total %llu\n"
+             "# HELP sdx4_log_queue_bytes Bytes of log lines waiting to be written.\n"
+             "# TYPE sdx4_log_queue_bytes gauge\nsdx4_log_queue_bytes %zu\n",
+         (unsigned long long)log_lines_dropped(), log_queued_bytes());
 
     emit(&t, "# HELP sdx4_auth_throttled_total Requests refused (429) because their address "
              "failed to authenticate too often.\n"

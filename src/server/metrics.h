@@ -3,7 +3,7 @@
  *
  * Recording is lock-free (relaxed atomics) so that it costs a few
  * nanoseconds on the request path; rendering reads the counters and the
- * live gauges of the queue and cache when a scraper asks.
+ * live gauges of the queue, cache and log queue when a scraper asks.
  */
 #ifndef SDX4_SERVER_METRICS_H
 #define SDX4_SERVER_METRICS_H
@@ -29,6 +29,13 @@ void metrics_webhook(bool delivered);
 /* A request refused with 429 because its address failed to authenticate
  * too often (auth.h). */
 void metrics_auth_throttled(void);
+/* Why a webhook was given up: the backlog was full, its target is not
+ * allowed (or its URL does not parse), every attempt failed, or the
+ * server stopped first. */
+typedef enum { HOOK_FAIL_BACKLOG, HOOK_FAIL_REFUSED, HOOK_FAIL_ATTEMPTS, HOOK_FAIL_SHUTDOWN, HOOK_FAIL_COUNT } webhook_failure;
+void metrics_webhook_failed(webhook_failure reason);
+/* Deliveries queued, in flight or awaiting a retry: +1 queued, -1 done. */
+void metrics_webhooks_pending(int delta);
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, size_t *len);

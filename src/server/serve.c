@@ -227,6 +227,11 @@ int serve_main(int argc, char **argv) {
     log_level level = LOG_INFO;
     log_level_parse(srv.cfg.log_level, &level);
     log_init(level, srv.cfg.access_log);
+    if (log_start(srv.cfg.log_buffer)) {
+        fprintf(stderr, "sdx4 serve: cannot start the log writer\n");
+        config_free(&srv.cfg);
+        return 1;
+    }
     srv.started = mono_now();
     atomic_store(&srv.phase, PHASE_LOADING);
     set_model_id(&srv);
@@ -257,6 +262,7 @@ int serve_main(int argc, char **argv) {
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));
+    log_flush(2); /* a sink that takes no bytes in 2 s will not take them at all */
     config_free(&srv.cfg);
     return failed ? 1 : 0;
 }

@@ -249,8 +249,9 @@ def test_missing_model_fails_visibly(tmp_path):
 
 
 def test_webhooks_never_reach_internal_addresses():
-    """Without --webhook-private a webhook to loopback is refused at connect
-    time (after DNS), retried, and reported as failed."""
+    """Without --webhook-private a webhook to loopback is refused after DNS,
+    not retried (the answer would not change), and reported as failed with
+    the reason."""
     import http.server
     hits = []
 
@@ -277,7 +278,8 @@ def test_webhooks_never_reach_internal_addresses():
                 if hook.get("status") == "failed":
                     break
                 time.sleep(0.05)
-            assert hook == {"status": "failed", "attempts": 2}
+            assert hook["status"] == "failed" and hook["attempts"] == 1, hook
+            assert "internal address" in hook["error"], hook
         assert hits == []
     finally:
         httpd.shutdown()
