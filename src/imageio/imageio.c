@@ -14,7 +14,16 @@
  *   white -> first 3 bands -> [EXIF orientation 2..8: to memory, autorot]
  *
  * Rotation needs random access, so only oriented images pay for the extra
- * copy. Embedded ICC profiles of RGB images are not applied: PIL, which
+ * copy.
+ *
+ * PNG text. A PNG's tEXt, zTXt and iTXt chunks carry no pixels, yet the
+ * loader inflates every zTXt/iTXt one (up to 8 MB each, a thousand of
+ * them) while holding the lock below: 9.4 MB of them cost 20-30 s of
+ * decoding. Before libvips sees a PNG, its chunk list (length, type, data,
+ * CRC) is walked and, when it has text chunks, libvips gets a copy without
+ * them: whole ancillary chunks dropped leave a valid PNG with the same
+ * pixels. The walk also refuses chunk lengths past the end of the file or
+ * over the format's 2^31-1, so a lying length is one clear error. Embedded ICC profiles of RGB images are not applied: PIL, which
  * gives diffusers its pixels, does not apply them either. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
  * decoded, so a file whose header lies about its size costs nothing.
  *
@@ -193,10 +202,75 @@ const char *imageio_mime_type(image_format f) {
  * Decoding
  * ------------------------------------------------------------------------ */
 
+static int is_text_chunk(const unsigned char *type) {
+    return !memcmp(type, "tEXt", 4) || !memcmp(type, "zTXt", 4) || !memcmp(type, "iTXt", 4);
+}
+
+/* The data length of the PNG chunk at p + off, or -1 (with a message)
+ * when the file cannot hold the chunk. */
+static int64_t chunk_length(const unsigned char *p, size_t len, size_t off, char *err,
+                            size_t errlen) {
+    if (len - off < 12) {
+        put_err(err, errlen, "png: the chunk at byte %zu is cut off (truncated file?)", off);
+        return -1;
+    }
+    const unsigned char *c = p + off;
+    uint32_t n = (uint32_t)c[0] << 24 | (uint32_t)c[1] << 16 | (uint32_t)c[2] << 8 | c[3];
+    if (n > 0x7fffffffu) {
+        put_err(err, errlen, "png: the chunk at byte %zu says %lu bytes, over the format's "
+                "limit of 2^31-1", off, (unsigned long)n);
+        return -1;
+    }
+    if (n > len - off - 12) {
+        put_err(err, errlen, "png: the chunk at byte %zu says %lu bytes, past the end of the "
+                "file (truncated file?)", off, (unsigned long)n);
+        return -1;
+    }
+    return n;
+}
+
+/* Walks a PNG's chunks up to IEND. With text chunks, *copy is a malloc'd
+ * copy of the file without them (IEND and anything after it kept as is);
+ * without, *copy is NULL. -1 for a chunk length the file cannot hold. */
+static int png_without_text(const unsigned char *p, size_t len, unsigned char **copy,
+                            size_t *copy_len, char *err, size_t errlen) {
+    *copy = NULL;
+    size_t text_bytes = 0, off;
+    int64_t n;
+    for (off = 8; off < len; off += 12 + (size_t)n) {
+        if ((n = chunk_length(p, len, off, err, errlen)) < 0) return -1;
+        if (!memcmp(p + off + 4, "IEND", 4)) break;
+        if (is_text_chunk(p + off + 4)) text_bytes += 12 + (size_t)n;
+    }
+    if (text_bytes == 0) return 0;
+    unsigned char *q = malloc(len - text_bytes);
+    if (!q) {
+        put_err(err, errlen, "png: out of memory for %zu bytes", len - text_bytes);
+        return -1;
+    }
+    memcpy(q, p, 8);
+    size_t out = 8;
+    for (off = 8; off < len; off += 12 + (size_t)n) { /* the chunks checked above */
+        n = chunk_length(p, len, off, NULL, 0);
+        if (!memcmp(p + off + 4, "IEND", 4)) break;
+        if (!is_text_chunk(p + off + 4)) {
+            memcpy(q + out, p + off, 12 + (size_t)n);
+            out += 12 + (size_t)n;
+        }
+    }
+    memcpy(q + out, p + off, len - off);
+    *copy = q;
+    *copy_len = out + len - off;
+    return 0;
+}
+
 /* Opens the image lazily: the header is parsed, no pixel is decoded.
- * `data` must outlive the image. Called with vips_lock held. */
+ * `data` must outlive the image, and so must *owned, a copy this makes
+ * of a PNG with text chunks (NULL otherwise; the caller frees it after
+ * the image). Called with vips_lock held. */
 static VipsImage *open_image(const void *data, size_t len, image_format *format,
-                             char *err, size_t errlen) {
+                             void **owned, char *err, size_t errlen) {
+    *owned = NULL;
     if (!data || len == 0) {
         put_err(err, errlen, "empty image data");
         return NULL;
@@ -206,10 +280,14 @@ static VipsImage *open_image(const void *data, size_t len, image_format *format,
     VipsImage *img = NULL;
     int rc = -1;
     switch (f) {
-    case IMAGE_PNG:
+    case IMAGE_PNG: {
+        unsigned char *copy = NULL;
+        if (png_without_text(data, len, &copy, &len, err, errlen)) return NULL;
+        if (copy) *owned = buf = copy;
         rc = vips_pngload_buffer(buf, len, &img, "access", VIPS_ACCESS_SEQUENTIAL,
                                  "fail_on", VIPS_FAIL_ON_ERROR, NULL);
         break;
+    }
     case IMAGE_JPEG:
         rc = vips_jpegload_buffer(buf, len, &img, "access", VIPS_ACCESS_SEQUENTIAL,
                                   "fail_on", VIPS_FAIL_ON_ERROR, NULL);
@@ -242,12 +320,14 @@ static void oriented_size(VipsImage *img, int *width, int *height) {
 int imageio_probe(const void *data, size_t len, image_format *format,
                   int *width, int *height, char *err, size_t errlen) {
     if (lock_vips(err, errlen)) return -1;
-    VipsImage *img = open_image(data, len, format, err, errlen);
+    void *owned;
+    VipsImage *img = open_image(data, len, format, &owned, err, errlen);
     if (img) {
         oriented_size(img, width, height);
         g_object_unref(img);
     }
     pthread_mutex_unlock(&vips_lock);
+    free(owned);
     return img ? 0 : -1;
 }
 
@@ -336,7 +416,8 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
     image_format format = IMAGE_UNKNOWN;
     int width = 0, height = 0;
     uint8_t *pixels = NULL;
-    VipsImage *img = open_image(data, len, &format, err, errlen);
+    void *owned;
+    VipsImage *img = open_image(data, len, &format, &owned, err, errlen);
     if (img) {
         oriented_size(img, &width, &height);
         if ((int64_t)width * height > IMAGEIO_MAX_PIXELS) {
@@ -351,6 +432,7 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
         }
     }
     pthread_mutex_unlock(&vips_lock);
+    free(owned); /* after the image that read it */
     if (!pixels) return -1;
     out->width = width;
     out->height = height;

@@ -10,7 +10,8 @@
  *
  * Images over 16384 x 16384 pixels (2^28) are refused by imageio_decode()
  * and imageio_encode() before any pixel is touched. Files are read whole,
- * up to 256 MiB.
+ * up to 256 MiB. A PNG's text chunks (tEXt, zTXt, iTXt) are skipped, never
+ * inflated, and a chunk length the file cannot hold is an error.
  *
  * All functions are thread-safe: calls that use libvips are serialised by
  * one internal lock (libvips keeps one process-wide error buffer), and

@@ -35,7 +35,7 @@ typedef struct tensor {
     int ndim;
     int64_t shape[4];
     dtype type;         /* activations are F32; weights may be F16 on GPUs */
-    int owns_data;      /* 0 for a view of mmapped weights */
+    int owns_data;      /* 0 for a view of weight bytes the model owns */
 } tensor;
 
 static inline int64_t tensor_numel(const tensor *t) {
@@ -55,9 +55,10 @@ struct backend {
     /* A new uninitialised F32 tensor. */
     tensor *(*new_tensor)(backend *be, int ndim, const int64_t *shape);
     void (*free_tensor)(backend *be, tensor *t);
-    /* A weight from file bytes of type `type`. The backend may keep a
-     * pointer into `data` (the CPU backend does for aligned F32), so `data`
-     * must outlive the tensor. */
+    /* A weight from file bytes of type `type`. The backend may use `data`
+     * in place (the CPU backend does for aligned F32): then the tensor's
+     * data is `data`, which must outlive the tensor. Otherwise `data` is
+     * not read after the call returns, and the caller may free it. */
     tensor *(*weight)(backend *be, const void *data, dtype type, int ndim,
                       const int64_t *shape);
     /* Copies between host float32 and a tensor of the same element count. */

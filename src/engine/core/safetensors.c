@@ -1,10 +1,13 @@
 /*
- * safetensors.c - mmap reader and streaming writer (see safetensors.h).
+ * safetensors.c - reader and streaming writer (see safetensors.h).
  *
  * The header is parsed with jansson. Validation rejects: a header length
  * past the end of the file, non-object JSON, unknown dtypes, negative or
  * overflowing shapes, offsets out of range or disagreeing with the shape,
- * and overlapping tensors.
+ * and overlapping tensors. The same checks run whether the whole file is
+ * in memory (st_parse, st_open) or only its header (st_open_header): a
+ * tensor is described by its offset in the file, and points into memory
+ * only when the file is there.
  */
 #include "core/safetensors.h"
 
@@ -14,13 +17,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/error.h"
 
 #define MAX_HEADER (100u << 20) /* the format's own limit is 100 MB */
+#define READ_CHUNK ((size_t)1 << 30) /* pread moves at most ~2 GB per call */
 
 static int parse_dtype(const char *s, dtype *out) {
     for (int t = 0; t < DTYPE_COUNT; t++)
@@ -33,12 +36,19 @@ static int parse_dtype(const char *s, dtype *out) {
 
 static int by_offset(const void *a, const void *b) {
     const st_tensor *x = a, *y = b;
-    return x->data < y->data ? -1 : x->data > y->data;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
 }
 
-/* Fills t from one header entry; `data` is the start of the byte buffer. */
-static int parse_entry(st_tensor *t, const char *name, json_t *v,
-                       const unsigned char *data, size_t data_size) {
+/* Where the tensor data lies: from file offset `start`, `size` bytes, in
+ * memory at `base` + offset when the whole file is there (else NULL). */
+typedef struct {
+    uint64_t start;
+    uint64_t size;
+    const unsigned char *base;
+} data_region;
+
+/* Fills t from one header entry. */
+static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_region *d) {
     json_t *jd = json_object_get(v, "dtype"), *js = json_object_get(v, "shape");
     json_t *jo = json_object_get(v, "data_offsets");
     if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) ||
@@ -59,13 +69,13 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v,
     uint64_t numel = 1;
     t->ndim = (int)nd;
     for (size_t i = 0; i < nd; i++) {
-        json_t *d = json_array_get(js, i);
-        if (!json_is_integer(d) || json_integer_value(d) < 0 ||
-            json_integer_value(d) > (1ll << 40)) {
+        json_t *dim = json_array_get(js, i);
+        if (!json_is_integer(dim) || json_integer_value(dim) < 0 ||
+            json_integer_value(dim) > (1ll << 40)) {
             set_error(SDX4_ERR_MODEL, "tensor %s: bad shape", name);
             return -1;
         }
-        t->shape[i] = json_integer_value(d);
+        t->shape[i] = json_integer_value(dim);
         numel *= (uint64_t)t->shape[i];
         if (numel > (1ull << 40)) {
             set_error(SDX4_ERR_MODEL, "tensor %s: shape too large", name);
@@ -75,7 +85,7 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v,
     json_t *b = json_array_get(jo, 0), *e = json_array_get(jo, 1);
     if (!json_is_integer(b) || !json_is_integer(e) || json_integer_value(b) < 0 ||
         json_integer_value(e) < json_integer_value(b) ||
-        (uint64_t)json_integer_value(e) > data_size) {
+        (uint64_t)json_integer_value(e) > d->size) {
         set_error(SDX4_ERR_MODEL, "tensor %s: data_offsets out of range (file truncated?)", name);
         return -1;
     }
@@ -85,35 +95,40 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v,
                   t->nbytes, (unsigned long long)numel, dtype_name(t->type));
         return -1;
     }
-    t->data = data + json_integer_value(b);
+    t->offset = d->start + (uint64_t)json_integer_value(b);
+    t->data = d->base ? d->base + t->offset : NULL;
     t->name = strdup(name);
     return t->name ? 0 : -1;
 }
 
-int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
-    memset(f, 0, sizeof *f);
-    f->path = strdup(label);
-    const unsigned char *p = buf;
+/* The header length from the file's first 8 bytes, checked against the
+ * file's size. */
+static int header_length(const unsigned char *first8, uint64_t size, const char *label,
+                         uint64_t *hlen) {
     if (size < 8) {
         set_error(SDX4_ERR_MODEL, "%s: too short for a safetensors file", label);
-        goto fail;
+        return -1;
     }
-    uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = hlen << 8 | p[i];
-    if (hlen > MAX_HEADER || hlen > size - 8) {
+    *hlen = 0;
+    for (int i = 7; i >= 0; i--) *hlen = *hlen << 8 | first8[i];
+    if (*hlen > MAX_HEADER || *hlen > size - 8) {
         set_error(SDX4_ERR_MODEL, "%s: header length %llu exceeds the file (truncated?)",
-                  label, (unsigned long long)hlen);
-        goto fail;
+                  label, (unsigned long long)*hlen);
+        return -1;
     }
+    return 0;
+}
+
+/* Fills f's tensors and metadata from the header's JSON text. */
+static int parse_header(st_file *f, const char *text, size_t len, const data_region *d,
+                        const char *label) {
     json_error_t jerr;
-    json_t *root = json_loadb((const char *)p + 8, hlen, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!json_is_object(root)) {
         set_error(SDX4_ERR_MODEL, "%s: header is not a JSON object (%s)", label, jerr.text);
         json_decref(root);
-        goto fail;
+        return -1;
     }
-    const unsigned char *data = p + 8 + hlen;
-    size_t data_size = size - 8 - hlen;
     f->tensors = calloc(json_object_size(root) + 1, sizeof *f->tensors);
     const char *key;
     json_t *v;
@@ -122,11 +137,11 @@ int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
             f->metadata_json = json_dumps(v, JSON_COMPACT);
             continue;
         }
-        if (!json_is_object(v) || parse_entry(&f->tensors[f->count], key, v, data, data_size)) {
+        if (!json_is_object(v) || parse_entry(&f->tensors[f->count], key, v, d)) {
             if (!json_is_object(v)) set_error(SDX4_ERR_MODEL, "tensor %s: not an object", key);
             error_prefix("%s", label);
             json_decref(root);
-            goto fail;
+            return -1;
         }
         f->count++;
     }
@@ -136,51 +151,148 @@ int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
     memcpy(sorted, f->tensors, f->count * sizeof *sorted);
     qsort(sorted, f->count, sizeof *sorted, by_offset);
     for (int i = 1; i < f->count; i++) {
-        const unsigned char *end = (const unsigned char *)sorted[i - 1].data + sorted[i - 1].nbytes;
-        if ((const unsigned char *)sorted[i].data < end) {
+        if (sorted[i].offset < sorted[i - 1].offset + sorted[i - 1].nbytes) {
             set_error(SDX4_ERR_MODEL, "%s: tensors %s and %s overlap", label,
                       sorted[i - 1].name, sorted[i].name);
             free(sorted);
-            goto fail;
+            return -1;
         }
     }
     free(sorted);
+    return 0;
+}
+
+int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
+    memset(f, 0, sizeof *f);
+    f->path = strdup(label);
+    const unsigned char *p = buf;
+    uint64_t hlen;
+    if (header_length(p, size, label, &hlen)) goto fail;
+    data_region d = {8 + hlen, size - 8 - hlen, p};
+    if (parse_header(f, (const char *)p + 8, hlen, &d, label)) goto fail;
     return 0;
 fail:
     st_close(f);
     return -1;
 }
 
-int st_open(st_file *f, const char *path) { return st_open_as(f, path, path); }
+/* Reads n bytes at `offset` into dst; returns the count read (short when
+ * the file ends first) or -1 with errno. */
+static int64_t read_at(int fd, void *dst, size_t n, uint64_t offset) {
+    size_t done = 0;
+    while (done < n) {
+        size_t want = n - done < READ_CHUNK ? n - done : READ_CHUNK;
+        ssize_t r = pread(fd, (char *)dst + done, want, (off_t)(offset + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        done += (size_t)r;
+    }
+    return (int64_t)done;
+}
 
-int st_open_as(st_file *f, const char *path, const char *label) {
-    memset(f, 0, sizeof *f);
-    int fd = open(path, O_RDONLY);
+/* Opens a regular file for reading, its status in *st. */
+static int open_regular(const char *path, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         return -1;
     }
-    struct stat st;
-    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+    if (fstat(fd, st) || !S_ISREG(st->st_mode)) {
         set_error(SDX4_ERR_IO, "%s: not a regular file", path);
         close(fd);
         return -1;
     }
+    return fd;
+}
+
+int st_open(st_file *f, const char *path) {
+    memset(f, 0, sizeof *f);
+    struct stat st;
+    int fd = open_regular(path, &st);
+    if (fd < 0) return -1;
     size_t size = (size_t)st.st_size;
-    void *map = size ? mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    unsigned char *buf = malloc(size ? size : 1);
+    int64_t got = buf ? read_at(fd, buf, size, 0) : -1;
+    if (got != (int64_t)size) {
+        if (!buf) set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory for %zu bytes", path, size);
+        else if (got < 0) set_error(SDX4_ERR_IO, "%s: read: %s", path, strerror(errno));
+        else set_error(SDX4_ERR_IO, "%s: the file shrank while it was read", path);
+        free(buf);
+        close(fd);
+        return -1;
+    }
     close(fd);
-    if (size && map == MAP_FAILED) {
-        set_error(SDX4_ERR_IO, "%s: mmap: %s", path, strerror(errno));
+    if (st_parse(f, buf, size, path)) {
+        free(buf);
         return -1;
     }
-    if (st_parse(f, map, size, label)) {
-        if (map) munmap(map, size);
-        return -1;
+    f->buf = buf;
+    return 0;
+}
+
+static int64_t mtime_ns(const struct stat *st) {
+    return (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+}
+
+int st_open_header(st_file *f, const char *path, const char *label) {
+    memset(f, 0, sizeof *f);
+    struct stat st;
+    int fd = open_regular(path, &st);
+    if (fd < 0) return -1;
+    f->path = strdup(label); /* errors name the label */
+    unsigned char first8[8] = {0};
+    uint64_t hlen;
+    char *text = NULL;
+    if (st.st_size >= 8 && read_at(fd, first8, 8, 0) != 8) {
+        set_error(SDX4_ERR_IO, "%s: cannot read the header length", path);
+        goto fail;
     }
-    f->map = map;
-    f->map_size = size;
-    free(f->path); /* errors named the label; the path is what callers read */
+    if (header_length(first8, (uint64_t)st.st_size, label, &hlen)) goto fail;
+    if (!(text = malloc(hlen ? hlen : 1)) || read_at(fd, text, hlen, 8) != (int64_t)hlen) {
+        set_error(SDX4_ERR_IO, "%s: cannot read the header", path);
+        goto fail;
+    }
+    data_region d = {8 + hlen, (uint64_t)st.st_size - 8 - hlen, NULL};
+    if (parse_header(f, text, hlen, &d, label)) goto fail;
+    free(text);
+    free(f->path);
     f->path = strdup(path);
+    f->fd = fd;
+    f->has_fd = 1;
+    f->size = st.st_size;
+    f->mtime_ns = mtime_ns(&st);
+    return 0;
+fail:
+    free(text);
+    close(fd);
+    st_close(f);
+    return -1;
+}
+
+int st_read(const st_file *f, const st_tensor *t, void *dst) {
+    if (t->data) {
+        memcpy(dst, t->data, t->nbytes);
+        return 0;
+    }
+    int64_t got = f->has_fd ? read_at(f->fd, dst, t->nbytes, t->offset) : -1;
+    if (got < 0) {
+        set_error(SDX4_ERR_IO, "%s: tensor %s: read: %s", f->path, t->name,
+                  f->has_fd ? strerror(errno) : "the file is not open");
+        return -1;
+    }
+    /* the file is the one opened: a change now would mix old and new data */
+    struct stat st;
+    if (got != (int64_t)t->nbytes || fstat(f->fd, &st) || st.st_size != f->size ||
+        mtime_ns(&st) != f->mtime_ns) {
+        set_error(SDX4_ERR_MODEL, "%s: tensor %s: the file changed on disk while the model "
+                  "was loading", f->path, t->name);
+        return -1;
+    }
+    /* the bytes now live in the caller's memory: a second copy in the page
+     * cache would double what loading costs (the price: a later load of
+     * the same file reads the disk) */
+    posix_fadvise(f->fd, (off_t)t->offset, (off_t)t->nbytes, POSIX_FADV_DONTNEED);
     return 0;
 }
 
@@ -189,7 +301,8 @@ void st_close(st_file *f) {
     free(f->tensors);
     free(f->metadata_json);
     free(f->path);
-    if (f->map) munmap(f->map, f->map_size);
+    free(f->buf);
+    if (f->has_fd) close(f->fd);
     memset(f, 0, sizeof *f);
 }
 

@@ -69,6 +69,10 @@ int model_load(model *m, backend *be, const char *dir, const char *variant) {
         weights_open(&m->vae_ws, be, dir, "vae", "diffusion_pytorch_model", variant))
         goto fail;
     if (build(m) || check_consistency(m)) goto fail;
+    /* every weight is in memory now: the files are not read again */
+    weights_finish(&m->te_ws);
+    weights_finish(&m->unet_ws);
+    weights_finish(&m->vae_ws);
     return 0;
 fail:
     model_free(m);

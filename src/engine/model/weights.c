@@ -34,7 +34,7 @@ int weights_open(weight_source *ws, backend *be, const char *dir,
         set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", ws->label, dir);
         return -1;
     }
-    if (st_open_as(&ws->file, path, ws->label)) return -1;
+    if (st_open_header(&ws->file, path, ws->label)) return -1;
     ws->file_dtype = ws->file.count ? ws->file.tensors[0].type : DTYPE_F32;
     return 0;
 }
@@ -45,8 +45,13 @@ void weights_spec_init(weight_source *ws) {
     ws->prefix = "";
 }
 
+void weights_finish(weight_source *ws) { st_close(&ws->file); }
+
 void weights_close(weight_source *ws) {
-    for (int i = 0; i < ws->nowned; i++) tensor_free(ws->owned[i]);
+    for (int i = 0; i < ws->nowned; i++) {
+        tensor_free(ws->owned[i].t);
+        free(ws->owned[i].bytes); /* after the tensor that viewed them */
+    }
     free(ws->owned);
     st_close(&ws->file);
     for (int i = 0; i < ws->nspecs; i++) free(ws->specs[i].name);
@@ -116,23 +121,39 @@ tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape, const char
                   ws->label, full, dtype_name(t->type));
         return NULL;
     }
-    tensor *w = ws->be->weight(ws->be, t->data, t->type, ndim, shape);
+    void *bytes = NULL; /* 64-byte aligned, as the CPU backend's own tensors */
+    if (posix_memalign(&bytes, 64, t->nbytes ? t->nbytes : 64)) {
+        set_error(SDX4_ERR_NO_MEMORY, "%s: tensor %s: out of memory for %zu bytes", ws->label,
+                  full, t->nbytes);
+        return NULL;
+    }
+    if (st_read(&ws->file, t, bytes)) {
+        free(bytes);
+        return NULL;
+    }
+    tensor *w = ws->be->weight(ws->be, bytes, t->type, ndim, shape);
     if (!w) {
+        free(bytes);
         error_prefix("%s: tensor %s", ws->label, full);
         return NULL;
     }
+    if (w->data != bytes) { /* converted or uploaded: the file's bytes are done with */
+        free(bytes);
+        bytes = NULL;
+    }
     if (ws->nowned == ws->owned_cap) {
         int cap = ws->owned_cap ? 2 * ws->owned_cap : 256;
-        tensor **o = realloc(ws->owned, cap * sizeof *o);
+        struct served_weight *o = realloc(ws->owned, cap * sizeof *o);
         if (!o) {
             tensor_free(w);
+            free(bytes);
             set_error(SDX4_ERR_NO_MEMORY, "out of memory");
             return NULL;
         }
         ws->owned = o;
         ws->owned_cap = cap;
     }
-    ws->owned[ws->nowned++] = w;
+    ws->owned[ws->nowned++] = (struct served_weight){w, bytes};
     ws->params += numel;
     return w;
 }

@@ -3,8 +3,14 @@
  *
  * A weight_source serves the tensors of one component (unet, vae,
  * text_encoder) by name, checking each against the shape the config
- * implies, and hands them to the backend (which, on the CPU, points into
- * the mmapped file instead of copying). The same model-building code runs
+ * implies, and hands them to the backend. Each tensor is read from the file
+ * into memory the process owns, never mapped: a model file truncated or
+ * rewritten under a running server can neither crash it (SIGBUS) nor
+ * change its output. The CPU backend uses float32 bytes in place (they
+ * live as long as the tensor); what a backend converts (F16 on the CPU) or
+ * uploads (CUDA) is freed as soon as it returns, so the host holds one
+ * copy of the weights at most, and none on a GPU. weights_finish() closes
+ * the file once the model is built. The same model-building code runs
  * in a second mode, `spec`, where nothing is read: each request is recorded
  * as (name, shape) so that `sdx4 make-model` writes exactly the tensors the
  * loader will ask for. One description of the architecture serves both.
@@ -29,7 +35,10 @@ typedef struct {
     int64_t params;     /* elements served so far */
     dtype file_dtype;   /* dtype of the first tensor served */
 
-    tensor **owned;     /* tensors served, freed by weights_close() */
+    struct served_weight {
+        tensor *t;
+        void *bytes;    /* the file's bytes when t uses them in place, else NULL */
+    } *owned;           /* tensors served, freed by weights_close() */
     int nowned, owned_cap;
 
     int spec;           /* spec mode: record instead of load */
@@ -44,8 +53,10 @@ typedef struct {
 int weights_open(weight_source *ws, backend *be, const char *dir,
                  const char *component, const char *stem, const char *variant);
 void weights_spec_init(weight_source *ws);
-/* Frees every tensor served and unmaps the file: the model's weights live
- * until then. */
+/* Loading is over: closes the file and forgets its index (weight_get and
+ * weight_exists find nothing after this). The tensors served stay. */
+void weights_finish(weight_source *ws);
+/* Frees every tensor served: the model's weights live until then. */
 void weights_close(weight_source *ws);
 
 /* The tensor `name` (printf-style) of the given shape (ndim 1..4, unused

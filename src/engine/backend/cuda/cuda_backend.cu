@@ -46,12 +46,13 @@
  *     of live tensors, weights, scratch and arenas (not the cached free
  *     blocks), like PyTorch's memory_allocated.
  *   - weights: uploaded once, converted on the device to the mode's type
- *     (F16 files are copied as they are in fp16 mode).
+ *     (F16 files are copied as they are in fp16 mode); weight() waits for
+ *     its copy, so the caller frees the host bytes at once (model load).
  *   - transfers: upload() and download() take and give host float32 and
  *     convert (and transpose, cuda_internal.h) on the device; download()
- *     waits for the stream, and is the only call that does. Transfers up
- *     to CUDA_PINNED_BYTES (a UNet step's input and output) go through a
- *     pinned host buffer.
+ *     waits for the stream, and is the only transfer that does. Transfers
+ *     up to CUDA_PINNED_BYTES (a UNet step's input and output) go through
+ *     a pinned host buffer.
  *   - linear: one GEMM (cuda_gemm.cu), the bias added in its epilogue.
  *   - embedding: the ids are copied to the device and the rows gathered.
  */
@@ -417,6 +418,9 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
                           : cuda_convert(cb, staging.ptr, type, ct->t.data, stored, n))) {
         goto fail;
     }
+    /* the caller frees `data` when this returns (backend.h), and a copy
+     * from pageable memory may not have read all of it yet */
+    if (cuda_ok(cudaStreamSynchronize(cb->stream), "weight: copy to the device")) goto fail;
     cuda_buf_free(cb, &staging);
     return &ct->t;
 fail:
