@@ -258,11 +258,14 @@ int serve_main(int argc, char **argv) {
     }
     int sig = srv.daemon && loader_running ? wait_for_stop(&srv, &stop) : 0;
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
-    if (shut_down(&srv, loader_running ? &loader : NULL, sig)) cache_destroy(srv.cache);
+    bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
+    if (stopped) cache_destroy(srv.cache);
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));
     log_flush(2); /* a sink that takes no bytes in 2 s will not take them at all */
-    config_free(&srv.cfg);
+    /* a thread left inside the engine may still finish a job and hand its
+     * webhook to a sender reading the settings (the secret): keep them */
+    if (stopped) config_free(&srv.cfg);
     return failed ? 1 : 0;
 }
