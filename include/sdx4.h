@@ -46,7 +46,8 @@ typedef enum {
     SDX4_ERR_IO,               /* a file could not be read or written */
     SDX4_ERR_MODEL,            /* the model folder is malformed or unsupported */
     SDX4_ERR_NO_MEMORY,
-    SDX4_ERR_CANCELED,         /* the progress callback asked to stop */
+    SDX4_ERR_CANCELED,         /* the progress callback or the cancel flag
+                                  asked to stop */
     SDX4_ERR_DEVICE,           /* the compute device failed or is missing */
 } sdx4_status;
 

@@ -158,7 +158,6 @@ static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
 static int on_step(void *user, int step, int total, const float *latents) {
     (void)latents;
     const sdx4_upscale_params *p = user;
-    if (p->cancel && atomic_load(p->cancel)) return 1;
     return p->progress ? p->progress(p->progress_user, step, total) : 0;
 }
 
@@ -179,6 +178,7 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
          * half to even as Python's round() */
         .noise_level = (int)nearbyint((double)p->noise_level * e->m.max_noise_level),
         .eta = p->eta, .seed = p->seed, .on_step = on_step, .user = (void *)p,
+        .cancel = p->cancel,
     };
     pipeline_report rep;
     int rc = pipeline_run(&e->m, e->be, &a, &result, &rep);

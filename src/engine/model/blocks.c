@@ -1,12 +1,16 @@
 /*
  * blocks.c - shared layers (see blocks.h). Each forward mirrors the
  * diffusers module it is named after; comments quote the PyTorch line.
+ * A resnet and a transformer block each begin by reading the caller's
+ * cancel flag (core/cancel.h): they are the blocks the UNet and the VAE
+ * are made of, a few milliseconds of a GPU's work at most.
  */
 #include "model/blocks.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "core/cancel.h"
 #include "core/error.h"
 
 
@@ -51,6 +55,7 @@ int resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int ou
 
 tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act) {
     tensor *h = NULL, *t = NULL, *s = NULL, *out = NULL;
+    if (cancel_check()) return NULL;
     /* hidden_states = conv1(nonlinearity(norm1(input_tensor))) */
     TRY(t = be->group_norm(be, x, r->groups, r->norm1.g, r->norm1.b, r->eps, ACT_SILU));
     TRY(h = conv_fw(be, &r->conv1, t));
@@ -207,6 +212,7 @@ void transformer2d_free(transformer2d_p *t) {
 static tensor *block_fw(backend *be, const transformer_block_p *b, int only_cross, tensor *h,
                         const tensor *context, kv_cache *kv) {
     tensor *n = NULL, *a = NULL, *g = NULL;
+    if (cancel_check()) goto fail;
     /* attn1(norm1(h), encoder_hidden_states if only_cross_attention) + h */
     TRY(n = be->layer_norm(be, h, b->ln1.g, b->ln1.b, 1e-5f));
     TRY(a = attention_fw(be, &b->attn1, n, only_cross ? context : NULL, kv, h));

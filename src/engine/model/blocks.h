@@ -86,7 +86,9 @@ typedef struct {
 
 int resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int out,
                 int temb_channels, int groups, float eps);
-/* temb_act: silu(temb) [B, temb_channels], computed once per UNet call. */
+/* temb_act: silu(temb) [B, temb_channels], computed once per UNet call.
+ * Like transformer2d_fw's blocks, NULL with SDX4_ERR_CANCELED once this
+ * thread's cancel flag is set (core/cancel.h). */
 tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act);
 
 /* diffusers Attention (to_q, to_k, to_v, to_out.0) on token tensors. */

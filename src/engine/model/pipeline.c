@@ -25,6 +25,13 @@
  * kept for the whole loop, and the recording's output tensor is read.
  * The cross-attention keys and values of the prompt, the same at every
  * step, are computed by the first step and kept (kv_cache, blocks.h).
+ *
+ * A caller's cancel flag is installed as this thread's (core/cancel.h) for
+ * the whole run: the UNet, the VAE and the CPU kernels read it between
+ * their blocks and tiles, and the loop between steps. Whatever fails once
+ * the flag is set reports SDX4_ERR_CANCELED, also where a backend tidying
+ * up after the stopped operation (ending a planning pass) cleared the
+ * error.
  */
 #include "model/pipeline.h"
 
@@ -173,6 +180,11 @@ fail:
     return out;
 }
 
+/* At a step boundary: the caller's flag, then its callback. */
+static int stop_requested(const pipeline_args *a, int step, int total, const float *latents) {
+    return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
+}
+
 int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out,
                  pipeline_report *report) {
     pipeline_report rep = {0};
@@ -198,6 +210,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     tensor *ctx = NULL, *image = NULL;
     unet_state st = {0};
     torch_rng rng;
+    const sdx4_atomic_int *outer_cancel = cancel_install(a->cancel);
     if (!noise || !noisy || !latents || !eps || !prev || !unet_in || !unet_out) {
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
@@ -216,7 +229,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
     else torch_randn(&rng, latents, lat); /* init_noise_sigma is 1 for DDIM */
 
-    if (a->on_step && a->on_step(a->user, 0, sched.num_timesteps, latents)) goto canceled;
+    if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
     if (unet_state_init(&st, m, be, batch, a->height, a->width, a->noise_level)) goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
@@ -225,7 +238,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
             ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
             goto fail;
         memcpy(latents, prev, lat * sizeof *latents);
-        if (a->on_step && a->on_step(a->user, i + 1, sched.num_timesteps, latents)) goto canceled;
+        if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
     }
     rep.seconds_unet = now() - t0;
     unet_state_free(&st, be); /* its memory serves the VAE */
@@ -242,11 +255,13 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     rc = 0;
     goto done;
 canceled:
-    set_error(SDX4_ERR_CANCELED, "canceled");
+    cancel_stopped();
 fail:
+    if (cancel_is_set(a->cancel)) cancel_stopped();
     free(*out);
     *out = NULL;
 done:
+    cancel_install(outer_cancel);
     if (report) *report = rep;
     unet_state_free(&st, be);
     DROP(ctx), DROP(image);

@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "core/cancel.h"
 #include "model/model.h"
 
 typedef struct {
@@ -25,6 +26,9 @@ typedef struct {
      * latents [latent_channels, height, width]. Nonzero cancels. */
     int (*on_step)(void *user, int step, int total, const float *latents);
     void *user;
+    /* Optional: set by another thread, it stops the run within a tile of
+     * the operation running (core/cancel.h); NULL never stops. */
+    const sdx4_atomic_int *cancel;
 } pipeline_args;
 
 typedef struct {
@@ -33,7 +37,8 @@ typedef struct {
 } pipeline_report;
 
 /* Runs the pipeline; *out receives the decoded image [3, H*f, W*f] in
- * model space (about [-1, 1], not clamped), malloc'd. */
+ * model space (about [-1, 1], not clamped), malloc'd. -1 with
+ * SDX4_ERR_CANCELED when args->cancel or on_step stopped it. */
 int pipeline_run(const model *m, backend *be, const pipeline_args *args, float **out,
                  pipeline_report *report);
 

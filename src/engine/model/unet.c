@@ -12,7 +12,9 @@
  *   out    = conv_out(silu(conv_norm_out(h)))
  *
  * Configuration values that change the arithmetic and are not implemented
- * are refused by name when the model loads (see check_config()).
+ * are refused by name when the model loads (see check_config()). A set
+ * cancel flag (core/cancel.h) stops a step at its next resnet or
+ * transformer block (blocks.c), or inside a CPU kernel.
  */
 #include "model/unet.h"
 

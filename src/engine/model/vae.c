@@ -11,12 +11,18 @@
  * tokens for a 512x512 output): the backend computes it in tiles.
  * Checkpoints from before diffusers 0.14 name that attention's weights
  * query/key/value/proj_attn; both namings load.
+ *
+ * The decode is the longest single stretch of an upscale (one call, no
+ * steps): the caller's cancel flag (core/cancel.h) is read before the
+ * attention, every resnet (blocks.c), every upsampler and the output
+ * layers, and inside the CPU's kernels.
  */
 #include "model/vae.h"
 
 #include <stdio.h>
 #include <string.h>
 
+#include "core/cancel.h"
 #include "core/error.h"
 
 #define RESNET_EPS 1e-6f /* diffusers' Decoder hard-codes it */
@@ -108,6 +114,7 @@ int vae_scale_factor(const vae_decoder *v) { return 1 << (v->levels - 1); }
 static tensor *mid_attention(backend *be, const vae_decoder *v, const tensor *x) {
     int h = (int)x->shape[2], w = (int)x->shape[3];
     tensor *n = NULL, *tok = NULL, *a = NULL, *out = NULL;
+    if (cancel_check()) return NULL;
     TRY(n = be->group_norm(be, x, v->groups, v->mid_attn_norm.g, v->mid_attn_norm.b, RESNET_EPS,
                            ACT_NONE));
     tok = as_tokens(be, n), n = NULL; /* as_tokens takes n over */
@@ -152,12 +159,14 @@ tensor *vae_decode(backend *be, const vae_decoder *v, const tensor *z) {
             h = x, x = NULL;
         }
         if (b->has_upsampler) {
+            if (cancel_check()) goto fail;
             TRY(x = be->upsample_nearest(be, h, 2 * (int)h->shape[2], 2 * (int)h->shape[3]));
             DROP(h);
             TRY(h = conv_fw(be, &b->upsampler, x));
             DROP(x);
         }
     }
+    if (cancel_check()) goto fail;
     TRY(x = be->group_norm(be, h, v->groups, v->conv_norm_out.g, v->conv_norm_out.b, RESNET_EPS,
                            ACT_SILU));
     TRY(out = conv_fw(be, &v->conv_out, x));

@@ -18,6 +18,11 @@
  * with single-threaded sgemms. With `causal`, query i sees keys j <= i
  * (PyTorch's is_causal, aligned at the top-left), and a tile only computes
  * the key columns its last query can see.
+ *
+ * A tile takes milliseconds, the whole operation up to minutes (the tiny
+ * model's VAE at 512x512 attends over 262144 tokens), so each tile first
+ * reads the caller's cancel flag (core/cancel.h): once it is set the
+ * remaining tiles are skipped and the operation fails as canceled.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -29,6 +34,7 @@
 
 #include "backend/cpu/cpu_internal.h"
 #include "backend/cpu/cpu_math.h"
+#include "core/cancel.h"
 #include "core/error.h"
 
 /* Scratch per thread for one tile of scores. */
@@ -126,12 +132,15 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
     int64_t units = a.B * a.heads * ntiles, ld = a.heads * a.D;
     const float *qd = q->data, *kd = k->data, *vd = v->data;
     float *od = out->data;
+    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    int canceled = 0;
 #pragma omp parallel num_threads(threads)
     {
         cpu_blas_one_thread();
         float *scores = scratch + (size_t)omp_get_thread_num() * scratch_floats;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) reduction(|| : canceled)
         for (int64_t u = 0; u < units; u++) {
+            if (canceled || (canceled = cancel_is_set(cancel))) continue;
             int64_t bh = u / ntiles, b = bh / a.heads, h = bh % a.heads;
             int64_t q0 = (u % ntiles) * tile, rows = a.Tq - q0 < tile ? a.Tq - q0 : tile;
             int64_t head = h * a.D;
@@ -140,5 +149,10 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
         }
     }
     cpu_scratch_free(be, scratch, scratch_floats * (size_t)threads);
+    if (canceled) {
+        tensor_free(out);
+        cancel_stopped();
+        return NULL;
+    }
     return out;
 }

@@ -21,6 +21,7 @@
 #include <cblas.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "core/cancel.h"
 #include "core/error.h"
 
 /* ---------------------------------------------------------------- memory */
@@ -188,19 +189,33 @@ int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
 
 /* Products smaller than this run on the calling thread alone. */
 #define PARALLEL_GEMM_FLOPS (1 << 22)
+/* Larger ones are cut into pieces of about this many (tens of
+ * milliseconds on one core; the weights a row piece repacks cost about a
+ * percent of it), so that the caller's cancel flag is read between them:
+ * one product can take seconds (a 1x1 convolution at 2048x2048, a
+ * feed-forward layer over 65536 tokens). */
+#define GEMM_PIECE_FLOPS ((int64_t)1 << 31)
 
-void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc) {
-    int parts = 2 * M * N * K < PARALLEL_GEMM_FLOPS ? 1 : cpu_threads(be);
+int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+             int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc) {
+    int64_t flops = 2 * M * N * K;
+    int threads = flops < PARALLEL_GEMM_FLOPS ? 1 : cpu_threads(be);
     int split_rows = M >= N;
     int64_t len = split_rows ? M : N;
-    if (parts > len) parts = (int)len;
-#pragma omp parallel num_threads(parts) if (parts > 1)
+    /* a multiple of the threads, so that a static schedule stays even */
+    int64_t rounds = (flops + threads * GEMM_PIECE_FLOPS - 1) / (threads * GEMM_PIECE_FLOPS);
+    int64_t pieces = threads * (rounds > 0 ? rounds : 1);
+    if (pieces > len) pieces = len > 0 ? len : 1;
+    if (threads > pieces) threads = (int)pieces;
+    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    int canceled = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         cpu_blas_one_thread();
-#pragma omp for schedule(static)
-        for (int part = 0; part < parts; part++) {
-            int64_t lo = len * part / parts, n = len * (part + 1) / parts - lo;
+#pragma omp for schedule(static) reduction(|| : canceled)
+        for (int64_t piece = 0; piece < pieces; piece++) {
+            if (canceled || (canceled = cancel_is_set(cancel))) continue;
+            int64_t lo = len * piece / pieces, n = len * (piece + 1) / pieces - lo;
             /* rows of A and C, or columns of C and of op(B) */
             const float *a = split_rows ? A + lo * lda : A;
             const float *b = split_rows ? B : trans_b ? B + lo * ldb : B + lo;
@@ -210,6 +225,7 @@ void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const f
                         (int)lda, b, (int)ldb, 0.0f, c, (int)ldc);
         }
     }
+    return canceled ? cancel_stopped() : 0;
 }
 
 /* ---------------------------------------------------------------- linear */
@@ -229,7 +245,10 @@ static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const t
     shape[x->ndim - 1] = N;
     tensor *y = cpu_new_tensor(be, x->ndim, shape);
     if (!y) return NULL;
-    cpu_gemm(be, 1, M, N, K, x->data, K, w->data, K, y->data, N);
+    if (cpu_gemm(be, 1, M, N, K, x->data, K, w->data, K, y->data, N)) {
+        tensor_free(y);
+        return NULL;
+    }
     if (bias) {
         float *out = y->data;
         const float *b = bias->data;

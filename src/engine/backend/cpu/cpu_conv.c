@@ -36,6 +36,11 @@
  * units of all images over the threads, each running single-threaded
  * sgemms (see cpu_internal.h), and make the unit count a multiple of the
  * thread count when it is small, so no thread idles at the end.
+ *
+ * One layer at 2048x2048 takes a second or more on two cores, so every
+ * unit (and each piece of a 1x1's product, see cpu_gemm) first reads the
+ * caller's cancel flag (core/cancel.h): once it is set, the units left
+ * are skipped and the convolution fails as canceled.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -45,6 +50,7 @@
 #include <cblas.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "core/cancel.h"
 #include "core/error.h"
 
 /* Scratch per thread for one tile's columns: a few hundred pixels at the
@@ -130,17 +136,19 @@ static void add_bias_rows(float *y, int64_t rows, int64_t ld, int64_t n, const f
 }
 
 /* y[b] = w[O, C] @ x[b][C, H*W] for a 1x1 kernel with stride 1. */
-static void conv_1x1(backend *be, const conv_shape *s, int64_t B, const float *x, const float *w,
-                     const float *bias, float *y) {
+static int conv_1x1(backend *be, const conv_shape *s, int64_t B, const float *x, const float *w,
+                    const float *bias, float *y) {
     int64_t npix = s->H * s->W;
     for (int64_t b = 0; b < B; b++)
-        cpu_gemm(be, 0, s->O, npix, s->C, w, s->C, x + b * s->C * npix, npix, y + b * s->O * npix,
-                 npix);
+        if (cpu_gemm(be, 0, s->O, npix, s->C, w, s->C, x + b * s->C * npix, npix,
+                     y + b * s->O * npix, npix))
+            return -1;
     if (bias) {
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
         for (int64_t r = 0; r < B * s->O; r++)
             for (int64_t i = 0; i < npix; i++) y[r * npix + i] += bias[r % s->O];
     }
+    return 0;
 }
 
 /* Splits each image's `items` (output pixels, or Winograd tiles) into
@@ -175,12 +183,15 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
     float *cols = cpu_scratch_alloc(be, col_floats * (size_t)threads);
     if (!cols) return -1;
     int64_t units = B * ntiles;
+    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    int canceled = 0;
 #pragma omp parallel num_threads(threads)
     {
         cpu_blas_one_thread();
         float *col = cols + (size_t)omp_get_thread_num() * col_floats;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) reduction(|| : canceled)
         for (int64_t u = 0; u < units; u++) {
+            if (canceled || (canceled = cancel_is_set(cancel))) continue;
             int64_t b = u / ntiles, p0 = (u % ntiles) * tile;
             int64_t P = npix - p0 < tile ? npix - p0 : tile;
             float *yb = y + b * s->O * npix + p0;
@@ -191,7 +202,7 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
         }
     }
     cpu_scratch_free(be, cols, col_floats * (size_t)threads);
-    return 0;
+    return canceled ? cancel_stopped() : 0;
 }
 
 /* ------------------------------------------------- Winograd F(4x4, 3x3) */
@@ -424,7 +435,9 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
         return -1;
     }
     int64_t units = B * units_per_image, out_pixels = s->Ho * s->Wo;
-    for (int64_t o0 = 0; o0 < s->O; o0 += block_o) {
+    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    int canceled = 0;
+    for (int64_t o0 = 0; o0 < s->O && !canceled; o0 += block_o) {
         conv_shape part = *s; /* output channels o0 .. o0 + part.O - 1 */
         part.O = s->O - o0 < block_o ? s->O - o0 : block_o;
         winograd_weights(be, &part, w + o0 * s->C * 9, U, u_step);
@@ -433,8 +446,9 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
             cpu_blas_one_thread();
             float *V = scratch + (size_t)omp_get_thread_num() * thread_floats;
             float *M = V + v_floats, *lines = M + m_floats;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) reduction(|| : canceled)
             for (int64_t u = 0; u < units; u++) {
+                if (canceled || (canceled = cancel_is_set(cancel))) continue;
                 int64_t b = u / units_per_image, t0 = (u % units_per_image) * per_unit;
                 int64_t T = tiles - t0 < per_unit ? tiles - t0 : per_unit;
                 winograd_input(s, x + b * s->C * s->H * s->W, tiles_w, t0, T, V, v_step, lines);
@@ -449,7 +463,7 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
     }
     cpu_scratch_free(be, scratch, thread_floats * (size_t)threads);
     cpu_scratch_free(be, U, u_floats);
-    return 0;
+    return canceled ? cancel_stopped() : 0;
 }
 
 tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
@@ -470,7 +484,7 @@ tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *
     const float *bias_data = bias ? bias->data : NULL;
     int failed = 0;
     if (s.k == 1 && stride == 1 && padding == 0)
-        conv_1x1(be, &s, B, x->data, w->data, bias_data, y->data);
+        failed = conv_1x1(be, &s, B, x->data, w->data, bias_data, y->data);
     else if (winograd_pays(&s, B))
         failed = conv_winograd(be, &s, B, x->data, w->data, bias_data, y->data);
     else

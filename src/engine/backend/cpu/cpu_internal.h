@@ -59,9 +59,12 @@ static inline void cpu_blas_one_thread(void) { omp_set_num_threads(1); }
 
 /* C[M, N] = A[M, K] @ B where B is [K, N], or [N, K] used transposed when
  * trans_b; leading dimensions as in BLAS. Split along M or N over the
- * backend's threads, one single-threaded sgemm each. */
-void cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc);
+ * backend's threads, single-threaded sgemms of a bounded size each.
+ * 0, or -1 with SDX4_ERR_CANCELED when the caller's cancel flag stopped it
+ * (core/cancel.h: every kernel that can run long reads it between its
+ * pieces of work, and fails as canceled once it is set). */
+int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+             int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc);
 
 /* 64-byte aligned scratch counted by memory(); NULL with the error set. */
 float *cpu_scratch_alloc(backend *be, size_t floats);

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "core/cancel.h"
 #include "core/error.h"
 
 tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
@@ -61,14 +62,24 @@ tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     for (int ox = 0; ox < w; ox++) src_col[ox] = nearest_source(ox, W, w);
     const float *xd = x->data;
     float *yd = y->data;
-#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    /* seconds at the VAE's 2048x2048 layers on a busy machine: the
+     * caller's cancel flag (core/cancel.h) is read row by row */
+    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    int canceled = 0;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) reduction(|| : canceled)
     for (int64_t row = 0; row < B * C * h; row++) {
+        if (canceled || (canceled = cancel_is_set(cancel))) continue;
         int64_t bc = row / h, oy = row % h;
         const float *src = xd + (bc * H + nearest_source(oy, H, h)) * W;
         float *dst = yd + row * w;
         for (int ox = 0; ox < w; ox++) dst[ox] = src[src_col[ox]];
     }
     free(src_col);
+    if (canceled) {
+        tensor_free(y);
+        cancel_stopped();
+        return NULL;
+    }
     return y;
 }
 
