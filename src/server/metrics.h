@@ -26,6 +26,8 @@ void metrics_cache(bool hit, bool by_upload);
 /* Mean seconds of the upscales so far (0 before the first), for Retry-After. */
 double metrics_mean_inference(void);
 void metrics_webhook(bool delivered);
+/* A worker ended a task this many seconds after its job's deadline. */
+void metrics_worker_overrun(double seconds);
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, size_t *len);

@@ -52,6 +52,7 @@ struct cache;
 struct ratelimit;
 struct auth;
 struct webhooks;
+struct cost_model;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -69,6 +70,7 @@ typedef struct server {
     struct ratelimit *ratelimit;
     struct auth *auth;
     struct webhooks *webhooks;
+    struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
 } server;
 
