@@ -228,8 +228,9 @@ static int judge_time(queue *q, task **tasks, int n, double deadline, problem *w
     if (alone > limit) {
         problem_set(why, PROBLEM_OVER_TIME_LIMIT,
                     "estimated to take %.1f s alone on this server (%d image%s, up to %dx%d, %d "
-                    "steps), but requests must finish within %g s: send fewer steps or a "
-                    "smaller image", alone, n, n > 1 ? "s" : "", width, height, steps, limit);
+                    "step%s), but requests must finish within %g s: send fewer steps or a "
+                    "smaller image", alone, n, n > 1 ? "s" : "", width, height, steps,
+                    steps > 1 ? "s" : "", limit);
         why->estimated_seconds = alone, why->limit_seconds = limit;
         return -1;
     }
@@ -242,7 +243,8 @@ static int judge_time(queue *q, task **tasks, int n, double deadline, problem *w
     why->estimated_seconds = finish + (now - (deadline - limit)), why->limit_seconds = limit;
     /* a retry has the whole limit, and the work ahead will have shrunk by
      * the seconds waited */
-    why->retry_after = finish - limit < 1 ? 1 : (int)ceil(finish - limit);
+    double wait = finish - limit;
+    why->retry_after = wait < 1 ? 1 : wait > 86400 ? 86400 : (int)ceil(wait);
     return -1;
 }
 

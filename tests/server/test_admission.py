@@ -66,7 +66,7 @@ def test_model_info_shows_the_calibration(calibrated):
     assert high["other_seconds"] > 300 * low["other_seconds"]
 
 
-def test_too_long_alone_is_refused_at_once_with_the_estimate(calibrated):
+def test_too_long_alone_is_refused_at_once_and_what_fits_is_admitted(calibrated):
     image = small_file_large_image()
     assert len(image) < 8000  # costed by its size in pixels, not its bytes
     for path in ("/api/v1/jobs", "/api/v1/upscale"):
@@ -79,9 +79,7 @@ def test_too_long_alone_is_refused_at_once_with_the_estimate(calibrated):
         assert "512x512" in p["detail"]
     assert calibrated.get("/api/v1/health").json()["queue"]["running"] == 0
     assert 'sdx4_rejections_total{cause="over-time-limit"} 2' in calibrated.get("/metrics").text
-
-
-def test_a_request_that_fits_is_admitted(calibrated):
+    # a request that fits is admitted as before
     r = calibrated.post("/api/v1/upscale", files={"image": image_bytes(size=(32, 32))},
                         data={"num_inference_steps": "1"})
     assert r.status_code == 200, r.text[:300]
@@ -135,7 +133,6 @@ def cold():
 
 
 def test_cold_estimator_admits_and_a_deadline_frees_the_worker(cold):
-    assert cold.get("/api/v1/model-info").json()["cost"]["calibrated"] is False
     answers = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # 150 steps at 64 px cannot end in 3 s, but no estimate refuses it
@@ -165,3 +162,4 @@ def test_cold_estimator_admits_and_a_deadline_frees_the_worker(cold):
         time.sleep(0.02)
     assert metric(cold, "sdx4_worker_overrun_seconds_count") == 1
     assert 0 < metric(cold, "sdx4_worker_overrun_seconds_sum") < 15
+    assert cold.get("/api/v1/model-info").json()["cost"]["calibrated"] is False
