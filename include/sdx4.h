@@ -160,6 +160,33 @@ sdx4_status sdx4_upscale(sdx4_engine *engine, const sdx4_image *input,
 sdx4_status sdx4_count_tokens(const sdx4_engine *engine, const char *prompt,
                               int *tokens);
 
+/* Floating-point operations (a multiply-add counts 2) of one part of an
+ * upscale, in two kinds: dense (convolutions and linear layers, which grow
+ * with the pixels) and attention (the products QK^T and AV, which grow
+ * with the square of the pixels where a layer attends over every
+ * position). Normalizations, activations and element-wise operations are
+ * not counted. */
+typedef struct {
+    double dense, attention;
+} sdx4_flops;
+
+typedef struct {
+    sdx4_flops text;   /* once per upscale: the text encoder on both prompts,
+                          and the prompts' cross-attention keys and values,
+                          which the first step computes and the others reuse */
+    sdx4_flops step;   /* one denoising step: the UNet on a batch of 2 */
+    sdx4_flops decode; /* the VAE decode to the output size */
+} sdx4_flop_counts;
+
+/* What an upscale of a width x height input costs in arithmetic, counted
+ * from the loaded model's configuration (sides rounded down to a multiple
+ * of vae_scale_factor, as sdx4_upscale does), so that a caller can cost a
+ * request before running it: text + steps * step + decode. The counts are
+ * those with guidance (guidance_scale > 1); without it, `text` and `step`
+ * are half. */
+sdx4_status sdx4_count_flops(const sdx4_engine *engine, int width, int height,
+                             sdx4_flop_counts *flops);
+
 /* ------------------------------------------------------------------------
  * Tools: benchmarks and random-weight models
  * ------------------------------------------------------------------------ */

@@ -42,7 +42,8 @@ static const option options[] = {
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
     {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
     {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
-     "run one-step upscales before reporting ready"},
+     "run one-step upscales before reporting ready, and measure two of them to "
+     "calibrate the time estimates that refuse requests unable to finish in time"},
     {"warmup-sizes", OPT_LIST, O(warmup_sizes), 0, 0, NULL,
      "input sizes to warm up, N or WxH pixels (default: min-side): on a GPU the "
      "first upscale of each size chooses its algorithms, seconds that its "

@@ -201,6 +201,10 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
         snprintf(v, sizeof v, "%d", p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
         MHD_add_response_header(resp, "Retry-After", v);
         break;
+    case PROBLEM_QUEUE_TOO_LONG: /* when the work ahead will have shrunk enough */
+        snprintf(v, sizeof v, "%d", p->retry_after > 0 ? p->retry_after : 1);
+        MHD_add_response_header(resp, "Retry-After", v);
+        break;
     case PROBLEM_METHOD: {
         static const char *const allow[ROUTE_COUNT] = {
             [ROUTE_UPSCALE] = "POST, OPTIONS",      [ROUTE_BATCH] = "POST, OPTIONS",

@@ -511,6 +511,8 @@ job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const cha
 task *job_task(job *j, int i) { return &j->tasks[i]; }
 const char *job_id(const job *j) { return j->id; }
 const char *job_client(const job *j) { return j->client; }
+const char *job_request_id(const job *j) { return j->request_id; }
+double job_deadline(const job *j) { return j->deadline; }
 form_kind job_kind(const job *j) { return j->kind; }
 
 void job_set_webhook(job *j, const char *url) {
@@ -550,12 +552,8 @@ int job_submit(job *j, problem *err) {
     }
     double now = mono_now();
     for (int i = 0; i < npending; i++) pending[i]->enqueued = now;
-    if (npending && queue_push(srv->queue, pending, npending) != 0) {
+    if (npending && queue_push(srv->queue, pending, npending, j->deadline, err) != 0) {
         pthread_mutex_unlock(&s->lock);
-        queue_stats qs;
-        queue_get_stats(srv->queue, &qs);
-        problem_set(err, PROBLEM_QUEUE_FULL, "%d upscales are waiting (the most allowed is %d); "
-                    "retry later", qs.depth, qs.capacity);
         goto done;
     }
     j->refs += npending; /* one per task the queue now holds */

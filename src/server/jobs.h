@@ -43,6 +43,7 @@ typedef struct task {
     upscale_options opts;
     uint8_t cache_key[32];
     bool cacheable; /* explicit seed and a cache */
+    double estimate; /* seconds alone on the device (cost.c, set by queue_push); 0 unknown */
     /* progress, under the store lock */
     job_state state;
     int step, total;
@@ -83,6 +84,8 @@ job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const cha
 task *job_task(job *j, int i);
 const char *job_id(const job *j);
 const char *job_client(const job *j);
+const char *job_request_id(const job *j);
+double job_deadline(const job *j); /* mono_now() clock */
 form_kind job_kind(const job *j);
 void job_set_webhook(job *j, const char *url);
 /* The identity that made the job (auth.h): only it finds the job by id.

@@ -62,6 +62,7 @@ static struct {
     _Atomic uint64_t auth_throttled;
     _Atomic uint64_t webhooks_given_up[HOOK_FAIL_COUNT];
     _Atomic int64_t webhooks_pending;
+    latency_histogram overrun;
 } m;
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
@@ -119,6 +120,7 @@ void metrics_webhook_failed(webhook_failure reason) {
     if ((unsigned)reason < HOOK_FAIL_COUNT) ADD(m.webhooks_given_up[reason], 1);
 }
 void metrics_webhooks_pending(int delta) { ADD(m.webhooks_pending, delta); }
+void metrics_worker_overrun(double seconds) { observe(&m.overrun, seconds); }
 
 /* ---- rendering ----------------------------------------------------------- */
 
@@ -240,8 +242,16 @@ char *metrics_render(const server *srv, size_t *len) {
              "# TYPE sdx4_queue_capacity gauge\nsdx4_queue_capacity %d\n"
              "# HELP sdx4_workers_busy Workers running an upscale.\n"
              "# TYPE sdx4_workers_busy gauge\nsdx4_workers_busy %d\n"
-             "# HELP sdx4_workers Workers.\n# TYPE sdx4_workers gauge\nsdx4_workers %d\n",
-         qs.depth, qs.capacity, qs.running, qs.workers);
+             "# HELP sdx4_workers Workers.\n# TYPE sdx4_workers gauge\nsdx4_workers %d\n"
+             "# HELP sdx4_workers_busy_after_deadline Workers still running a task whose "
+             "request's deadline has passed.\n"
+             "# TYPE sdx4_workers_busy_after_deadline gauge\nsdx4_workers_busy_after_deadline %d\n",
+         qs.depth, qs.capacity, qs.running, qs.workers, qs.busy_after_deadline);
+    emit(&t, "# HELP sdx4_worker_overrun_seconds How long after its request's deadline a worker "
+             "ended a task (only tasks that ran past it).\n"
+             "# TYPE sdx4_worker_overrun_seconds histogram\n");
+    emit_histogram(&t, "sdx4_worker_overrun_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
+                   m.overrun.count, GET(m.overrun.sum_us));
 
     emit(&t, "# HELP sdx4_queue_wait_seconds Time an upscale waited for a worker.\n"
              "# TYPE sdx4_queue_wait_seconds histogram\n");

@@ -36,6 +36,8 @@ typedef enum { HOOK_FAIL_BACKLOG, HOOK_FAIL_REFUSED, HOOK_FAIL_ATTEMPTS, HOOK_FA
 void metrics_webhook_failed(webhook_failure reason);
 /* Deliveries queued, in flight or awaiting a retry: +1 queued, -1 done. */
 void metrics_webhooks_pending(int delta);
+/* A worker ended a task this many seconds after its job's deadline. */
+void metrics_worker_overrun(double seconds);
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, size_t *len);

@@ -44,12 +44,16 @@ static const struct {
     [PROBLEM_TIMEOUT] = {504, "timeout", "Request took too long"},
     [PROBLEM_CANCELED] = {409, "canceled", "Job canceled"},
     [PROBLEM_UPLOADS_BUSY] = {503, "uploads-busy", "Too many uploads in progress"},
+    [PROBLEM_OVER_TIME_LIMIT] = {422, "over-time-limit", "Request cannot finish within the time limit"},
+    [PROBLEM_QUEUE_TOO_LONG] = {503, "queue-too-long", "Server too busy to finish the request in time"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {
     p->kind = kind;
     vsnprintf(p->detail, sizeof p->detail, fmt, ap);
     p->field[0] = p->allowed[0] = '\0';
+    p->estimated_seconds = p->limit_seconds = 0;
+    p->retry_after = 0;
 }
 
 int problem_set(problem *p, problem_kind kind, const char *fmt, ...) {
@@ -93,6 +97,10 @@ json_t *problem_object(const problem *p, const char *request_id) {
         json_object_set_new(o, "request_id", json_string(request_id));
     if (p->field[0]) json_object_set_new(o, "field", json_string(p->field));
     if (p->allowed[0]) json_object_set_new(o, "allowed", json_string(p->allowed));
+    if (p->estimated_seconds > 0) {
+        json_object_set_new(o, "estimated_seconds", json_real(p->estimated_seconds));
+        json_object_set_new(o, "limit_seconds", json_real(p->limit_seconds));
+    }
     return o;
 }
 

@@ -38,6 +38,9 @@ typedef enum {
     PROBLEM_TIMEOUT,            /* 504 deadline passed; job canceled */
     PROBLEM_CANCELED,           /* 409 job canceled by a client */
     PROBLEM_UPLOADS_BUSY,       /* 503 the upload budget is spent */
+    PROBLEM_OVER_TIME_LIMIT,    /* 422 estimated to take longer than the
+                                   request timeout even alone */
+    PROBLEM_QUEUE_TOO_LONG,     /* 503 the work ahead would make it late */
     PROBLEM_KIND_COUNT
 } problem_kind;
 
@@ -46,6 +49,10 @@ typedef struct {
     char detail[384];
     char field[48];   /* "" when no single input is at fault */
     char allowed[96]; /* the allowed range or values of `field`, or "" */
+    /* admission refusals (queue.c): the request's estimated time and the
+     * limit it was held to (0 when not set), and the Retry-After of a 503 */
+    double estimated_seconds, limit_seconds;
+    int retry_after;
 } problem;
 
 /* Sets kind and detail (printf-style); clears field and allowed. Returns -1

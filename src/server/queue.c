@@ -14,22 +14,44 @@
  *
  * Overload. When the queue is full, queue_push fails and the HTTP layer
  * answers 503 with Retry-After at once: a request is never parked
- * somewhere unbounded. Deadlines are enforced by jobs.c, which removes
- * expired tasks from here; a running task stops at the next step boundary
- * through the engine's progress callback.
+ * somewhere unbounded. Nor is one queued that cannot finish by its
+ * deadline: once cost.c is calibrated, each task carries its estimated
+ * seconds alone on the device, and queue_push refuses a request whose own
+ * tasks need more than the request timeout (422, the estimate in the
+ * problem) or that the work ahead of it would make late (503, Retry-After
+ * the seconds it is late by). "Ahead" is what round-robin would start
+ * before its last task, after what the running tasks have left; the
+ * device is taken as shared evenly by the tasks running on it (processor
+ * sharing), so a small request beside a long one is slowed, not blocked.
+ * The check and the queueing are one step under the lock: two requests
+ * cannot both take the last of the slack.
+ *
+ * Device time. A virtual clock advances by 1/n of a second each second
+ * while n tasks run: a task's span on it is the time it would have taken
+ * alone, which is what the estimates are in, what the running tasks have
+ * left is measured in, and what cost.c learns from.
+ *
+ * Deadlines are enforced by jobs.c, which removes expired tasks from here
+ * and sets the task's stop flag; the engine reads that flag
+ * (sdx4_upscale_params.cancel) at step boundaries and inside long
+ * operations. A worker still busy past its task's deadline is counted
+ * (queue_stats) and, when it ends, how long past is recorded
+ * (metrics_worker_overrun).
  *
  * A worker's life: pop a task, ask jobs.c whether it still wants running,
- * run sdx4_upscale with a progress callback that reports each step and
- * returns the task's stop flag, encode the image, fill the cache, report
- * the outcome, release its reference to the job.
+ * run sdx4_upscale with the task's stop flag and a progress callback that
+ * reports each step, encode the image, fill the cache, teach cost.c,
+ * report the outcome, release its reference to the job.
  */
 #include "queue.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cache.h"
+#include "cost.h"
 #include "imageio.h"
 #include "jobs.h"
 #include "log.h"
@@ -42,6 +64,15 @@ typedef struct queue_lane {
     struct queue_lane *next; /* rotation order */
 } queue_lane;
 
+/* What a worker is running (copies: the task may be freed first). */
+typedef struct {
+    bool busy;
+    double started, deadline; /* mono_now() */
+    double device_started;    /* the virtual clock at the start */
+    double estimate;          /* seconds alone (cost.c), 0 unknown */
+    char request_id[48];
+} worker_slot;
+
 struct queue {
     server *srv;
     pthread_mutex_t lock;
@@ -50,6 +81,8 @@ struct queue {
     int depth, capacity, running, nworkers;
     bool closed;
     pthread_t *threads;
+    worker_slot *slots;           /* [nworkers] */
+    double device_clock, clock_at; /* the virtual clock, and when it was read */
     int exited; /* workers that have returned */
     pthread_cond_t exit;
 };
@@ -95,12 +128,146 @@ static task *pop(queue *q) {
     return t;
 }
 
-int queue_push(queue *q, task **tasks, int n) {
+/* ---- device time and admission --------------------------------------------- */
+
+/* The virtual clock now (lock held). */
+static double device_now(queue *q, double now) {
+    if (q->running > 0) q->device_clock += (now - q->clock_at) / q->running;
+    q->clock_at = now;
+    return q->device_clock;
+}
+
+static double locked_device_now(queue *q) {
     pthread_mutex_lock(&q->lock);
-    int ok = !q->closed && q->depth + n <= q->capacity;
-    queue_lane *l = ok && n ? lane_for(q, job_client(tasks[0]->job)) : NULL;
-    if (ok && n && !l) ok = 0;
-    for (int i = 0; ok && i < n; i++) {
+    double v = device_now(q, mono_now());
+    pthread_mutex_unlock(&q->lock);
+    return v;
+}
+
+/* The estimates of the waiting tasks and then of `n` new ones of `client`,
+ * in the order pop() would take them, up to the last new one (mine[i]
+ * marks the new ones): round r serves the r-th task of every lane that
+ * has one, lanes in rotation order, a new client's lane last. Returns the
+ * count, or -1 out of memory. Lock held. */
+static int pop_order(queue *q, const char *client, task **tasks, int n, double *est, bool *mine) {
+    int nlanes = 1, ours = -1, count = 0, done = 0;
+    for (queue_lane *l = q->first; l; l = l->next) nlanes++;
+    const task **next = calloc((size_t)nlanes, sizeof *next);
+    if (!next) return -1;
+    int i = 0;
+    for (queue_lane *l = q->first; l; l = l->next, i++) {
+        next[i] = l->head;
+        if (strcmp(l->client, client) == 0) ours = i;
+    }
+    if (ours < 0) ours = i; /* a new lane, at the back of the rotation */
+    while (done < n)
+        for (i = 0; i < nlanes && done < n; i++) {
+            if (next[i]) {
+                est[count] = next[i]->estimate, mine[count++] = false;
+                next[i] = next[i]->queue_next;
+            } else if (i == ours) {
+                est[count] = tasks[done++]->estimate, mine[count++] = true;
+            }
+        }
+    free(next);
+    return count;
+}
+
+/* Seconds from now until the last of `n` new tasks of `client` would end:
+ * the running tasks with what they have left, then the tasks in pop
+ * order, at most nworkers at a time, all sharing the device evenly. -1
+ * out of memory. Lock held. */
+static double finish_time(queue *q, const char *client, task **tasks, int n, double now) {
+    double *order = malloc(sizeof *order * (size_t)(q->depth + n));
+    bool *mine = malloc(sizeof *mine * (size_t)(q->depth + n));
+    int len = order && mine ? pop_order(q, client, tasks, n, order, mine) : -1;
+    double left[64], elapsed = 0, clock = device_now(q, now); /* workers: at most 64 */
+    bool own[64];
+    int active = 0, taken = 0, pending = n;
+    for (int w = 0; w < q->nworkers; w++)
+        if (q->slots[w].busy) {
+            double rest = q->slots[w].estimate - (clock - q->slots[w].device_started);
+            left[active] = rest > 0 ? rest : 0, own[active++] = false;
+        }
+    while (len >= 0 && pending > 0) {
+        while (active < q->nworkers && taken < len)
+            left[active] = order[taken], own[active++] = mine[taken++];
+        if (!active) break;
+        double least = left[0];
+        for (int a = 1; a < active; a++)
+            if (left[a] < least) least = left[a];
+        elapsed += least * active; /* each of `active` gets 1/active of the device */
+        for (int a = 0; a < active;) {
+            left[a] -= least;
+            if (left[a] > 1e-9) {
+                a++;
+                continue;
+            }
+            pending -= own[a];
+            left[a] = left[--active], own[a] = own[active];
+        }
+    }
+    free(order);
+    free(mine);
+    return len < 0 ? -1 : elapsed;
+}
+
+/* Refuses (-1, `why` set) a request that cannot end by `deadline`: 422
+ * when it needs more than the request timeout alone, 503 when the work
+ * ahead makes it late. Lock held. */
+static int judge_time(queue *q, task **tasks, int n, double deadline, problem *why) {
+    server *srv = q->srv;
+    double alone = 0, now = mono_now(), limit = srv->cfg.request_timeout;
+    int steps = 0, width = 0, height = 0;
+    for (int i = 0; i < n; i++) {
+        alone += tasks[i]->estimate;
+        if (tasks[i]->opts.steps > steps) steps = tasks[i]->opts.steps;
+        if ((double)tasks[i]->input.width * tasks[i]->input.height > (double)width * height)
+            width = tasks[i]->input.width, height = tasks[i]->input.height;
+    }
+    if (alone > limit) {
+        problem_set(why, PROBLEM_OVER_TIME_LIMIT,
+                    "estimated to take %.1f s alone on this server (%d image%s, up to %dx%d, %d "
+                    "step%s), but requests must finish within %g s: send fewer steps or a "
+                    "smaller image", alone, n, n > 1 ? "s" : "", width, height, steps,
+                    steps > 1 ? "s" : "", limit);
+        why->estimated_seconds = alone, why->limit_seconds = limit;
+        return -1;
+    }
+    double finish = finish_time(q, job_client(tasks[0]->job), tasks, n, now);
+    if (finish < 0) return problem_set(why, PROBLEM_INTERNAL, "out of memory");
+    if (finish <= deadline - now) return 0;
+    problem_set(why, PROBLEM_QUEUE_TOO_LONG,
+                "after the work ahead of it, it would end in about %.0f s, past its limit of %g s "
+                "from arrival; retry later", finish, limit);
+    why->estimated_seconds = finish + (now - (deadline - limit)), why->limit_seconds = limit;
+    /* a retry has the whole limit, and the work ahead will have shrunk by
+     * the seconds waited */
+    double wait = finish - limit;
+    why->retry_after = wait < 1 ? 1 : wait > 86400 ? 86400 : (int)ceil(wait);
+    return -1;
+}
+
+int queue_push(queue *q, task **tasks, int n, double deadline, problem *why) {
+    cost_model *cost = q->srv->cost;
+    for (int i = 0; i < n; i++) {
+        task *t = tasks[i];
+        t->estimate = cost ? cost_estimate(cost, t->input.width, t->input.height, t->opts.steps,
+                                           (float)t->opts.guidance_scale > 1.0f)
+                           : 0;
+    }
+    bool judged = n && cost && cost_calibrated(cost);
+    pthread_mutex_lock(&q->lock);
+    int rc = 0;
+    if (q->closed) rc = problem_set(why, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
+    else if (q->depth + n > q->capacity)
+        rc = problem_set(why, PROBLEM_QUEUE_FULL,
+                         "%d upscales are waiting (the most allowed is %d); retry later", q->depth,
+                         q->capacity);
+    else if (judged) rc = judge_time(q, tasks, n, deadline, why);
+    queue_lane *l = rc == 0 && n ? lane_for(q, job_client(tasks[0]->job)) : NULL;
+    if (rc == 0 && n && !l) rc = problem_set(why, PROBLEM_INTERNAL, "out of memory");
+    for (int i = 0; rc == 0 && i < n; i++) {
         task *t = tasks[i];
         t->queue_next = NULL;
         t->lane = l;
@@ -110,9 +277,9 @@ int queue_push(queue *q, task **tasks, int n) {
         l->length++;
         q->depth++;
     }
-    if (ok) pthread_cond_broadcast(&q->work);
+    if (rc == 0) pthread_cond_broadcast(&q->work);
     pthread_mutex_unlock(&q->lock);
-    return ok ? 0 : -1;
+    return rc;
 }
 
 int queue_remove(queue *q, task *t) {
@@ -178,7 +345,27 @@ void queue_get_stats(queue *q, queue_stats *s) {
     s->capacity = q->capacity;
     s->running = q->running;
     s->workers = q->nworkers;
+    s->busy_after_deadline = 0;
+    double now = mono_now();
+    for (int i = 0; i < q->nworkers; i++)
+        s->busy_after_deadline += q->slots[i].busy && now > q->slots[i].deadline;
     pthread_mutex_unlock(&q->lock);
+}
+
+int queue_get_workers(queue *q, queue_worker *out, int max) {
+    pthread_mutex_lock(&q->lock);
+    double now = mono_now();
+    int n = 0;
+    for (int i = 0; i < q->nworkers && n < max; i++) {
+        const worker_slot *w = &q->slots[i];
+        if (!w->busy) continue;
+        out[n] = (queue_worker){.seconds = now - w->started,
+                                .past_deadline = now > w->deadline ? now - w->deadline : 0,
+                                .estimate = w->estimate};
+        snprintf(out[n++].request_id, sizeof out->request_id, "%s", w->request_id);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return n;
 }
 
 /* ---- workers -------------------------------------------------------------- */
@@ -201,11 +388,12 @@ static void run(queue *q, task *t) {
     p.eta = (float)t->opts.eta;
     p.progress = on_progress;
     p.progress_user = t;
+    p.cancel = &t->stop; /* set by jobs.c on a deadline, a DELETE, a shutdown */
 
     sdx4_image image = {0};
-    double t0 = mono_now();
+    double t0 = mono_now(), device0 = locked_device_now(q);
     sdx4_status st = sdx4_upscale(srv->engine, &t->input, &p, &image, &out.report);
-    double seconds = mono_now() - t0;
+    double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
     if (st == SDX4_ERR_CANCELED) {
         out.state = JOB_CANCELED;
     } else if (st != SDX4_OK) {
@@ -220,6 +408,9 @@ static void run(queue *q, task *t) {
                   json_pack("{s:s,s:s}", "status", sdx4_status_name(st), "error", sdx4_last_error()));
     } else {
         metrics_inference(seconds, t->opts.steps);
+        if (srv->cost && seconds > 0)
+            cost_observe(srv->cost, t->input.width, t->input.height, t->opts.steps,
+                         p.guidance_scale > 1.0f, &out.report, device_seconds / seconds, false);
         char err[256];
         if (imageio_encode(&image, t->opts.format, t->opts.quality, &out.output, &out.len, err,
                            sizeof err) == 0) {
@@ -240,6 +431,18 @@ static void run(queue *q, task *t) {
     job_task_finished(t, &out);
 }
 
+/* A free slot for task t, now running (lock held). */
+static worker_slot *occupy(queue *q, const task *t) {
+    worker_slot *w = q->slots;
+    while (w->busy) w++; /* running < nworkers: one is free */
+    double now = mono_now();
+    *w = (worker_slot){.busy = true, .started = now, .deadline = job_deadline(t->job),
+                       .device_started = device_now(q, now), .estimate = t->estimate};
+    snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(t->job));
+    q->running++;
+    return w;
+}
+
 static void *worker_main(void *arg) {
     queue *q = arg;
     pthread_mutex_lock(&q->lock);
@@ -247,14 +450,19 @@ static void *worker_main(void *arg) {
         while (!q->first && !q->closed) pthread_cond_wait(&q->work, &q->lock);
         if (!q->first) break; /* closed and empty */
         task *t = pop(q);
-        q->running++;
+        worker_slot *slot = occupy(q, t);
         pthread_mutex_unlock(&q->lock);
 
         job *j = t->job;
-        if (job_task_started(t)) run(q, t);
+        bool ran = job_task_started(t);
+        if (ran) run(q, t);
         job_release(j); /* the reference the queue held for this task */
 
         pthread_mutex_lock(&q->lock);
+        double now = mono_now();
+        if (ran && now > slot->deadline) metrics_worker_overrun(now - slot->deadline);
+        device_now(q, now);
+        slot->busy = false;
         q->running--;
     }
     q->exited++;
@@ -269,6 +477,7 @@ queue *queue_create(server *srv, int workers, int capacity) {
     q->srv = srv;
     q->capacity = capacity;
     q->threads = calloc((size_t)workers, sizeof *q->threads);
+    q->slots = calloc((size_t)workers, sizeof *q->slots);
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->work, NULL);
     pthread_condattr_t attr;
@@ -276,7 +485,7 @@ queue *queue_create(server *srv, int workers, int capacity) {
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&q->exit, &attr);
     pthread_condattr_destroy(&attr);
-    for (int i = 0; q->threads && i < workers; i++) {
+    for (int i = 0; q->threads && q->slots && i < workers; i++) {
         if (pthread_create(&q->threads[i], NULL, worker_main, q) != 0) break;
         q->nworkers++;
     }
@@ -303,6 +512,7 @@ int queue_destroy(queue *q, double deadline) {
     pthread_cond_destroy(&q->exit);
     pthread_mutex_destroy(&q->lock);
     free(q->threads);
+    free(q->slots);
     free(q);
     return 0;
 }

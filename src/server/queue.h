@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 
+#include "problem.h"
 #include "server.h"
 
 struct task;
@@ -13,7 +14,16 @@ typedef struct queue queue;
 
 typedef struct {
     int depth, capacity, running, workers;
+    int busy_after_deadline; /* running tasks whose job's deadline passed */
 } queue_stats;
+
+/* A busy worker's task. */
+typedef struct {
+    char request_id[48];
+    double seconds;       /* since it started */
+    double past_deadline; /* seconds since its job's deadline, 0 before */
+    double estimate;      /* seconds it was estimated to take alone, 0 unknown */
+} queue_worker;
 
 /* Starts `workers` threads running upscales on srv->engine. */
 queue *queue_create(server *srv, int workers, int capacity);
@@ -23,9 +33,11 @@ queue *queue_create(server *srv, int workers, int capacity);
  * process's exit). */
 int queue_destroy(queue *q, double deadline);
 
-/* Queues all of `tasks` or none: -1 when fewer than n places are free
- * or the queue is closed. */
-int queue_push(queue *q, struct task **tasks, int n);
+/* Queues all of `tasks` (of one job, ending at `deadline`) or none: -1
+ * with `why` set when fewer than n places are free, the queue is closed,
+ * or (once cost.c is calibrated) the tasks cannot end by the deadline.
+ * Sets each task's estimate. */
+int queue_push(queue *q, struct task **tasks, int n, double deadline, problem *why);
 /* Takes a task out if it is still waiting: 1 if removed, 0 if a worker
  * already has it (or it was never queued). */
 int queue_remove(queue *q, struct task *t);
@@ -34,5 +46,7 @@ int queue_position(queue *q, const struct task *t);
 /* Refuse new tasks from now on (shutdown). */
 void queue_close(queue *q);
 void queue_get_stats(queue *q, queue_stats *stats);
+/* The busy workers' tasks, at most `max`; returns how many. */
+int queue_get_workers(queue *q, queue_worker *out, int max);
 
 #endif

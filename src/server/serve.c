@@ -5,8 +5,9 @@
  * (API keys file, trusted proxies, the listening socket), then the HTTP
  * daemon, so that health answers at once ("loading", 503) while a
  * separate thread opens the model and runs the warm-up upscales (one step
- * at each of --warmup-sizes, else one at min-side); only then does the
- * server report ready and accept upscales. A model
+ * at each of --warmup-sizes, else one at min-side) and the calibration of
+ * the time estimator (cost.c: one-step upscales measured at two sizes);
+ * only then does the server report ready and accept upscales. A model
  * that fails to load is reported in the log and in health, and the
  * process exits 1.
  *
@@ -35,6 +36,7 @@
 
 #include "auth.h"
 #include "cache.h"
+#include "cost.h"
 #include "docs.h"
 #include "http.h"
 #include "jobs.h"
@@ -47,8 +49,8 @@
 /* Runs a one-step upscale of width x height, so that the first client of
  * that size does not pay for lazy allocations and the GPU's choice of
  * algorithms (made once per shape; one step and the decode meet every
- * shape of the size). */
-static int warm_up(server *srv, int width, int height) {
+ * shape of the size). `report` (or NULL) receives its timings. */
+static int warm_up(server *srv, int width, int height, sdx4_upscale_report *report) {
     sdx4_image in = {width, height, malloc((size_t)width * height * 3)}, out = {0};
     if (!in.pixels) return -1;
     for (size_t i = 0; i < (size_t)width * height * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
@@ -56,25 +58,77 @@ static int warm_up(server *srv, int width, int height) {
     sdx4_upscale_params_default(&p);
     p.num_inference_steps = 1;
     p.seed = 0;
-    sdx4_status st = sdx4_upscale(srv->engine, &in, &p, &out, NULL);
+    sdx4_status st = sdx4_upscale(srv->engine, &in, &p, &out, report);
     free(in.pixels);
     sdx4_image_free(&out);
     return st == SDX4_OK ? 0 : -1;
 }
 
-/* The warm-up upscales: each of --warmup-sizes, else min-side. */
-static int warm_up_sizes(server *srv) {
-    const string_list *sizes = &srv->cfg.warmup_sizes;
-    if (sizes->count == 0) return warm_up(srv, srv->cfg.min_side, srv->cfg.min_side);
-    for (int i = 0; i < sizes->count; i++) {
-        int width, height;
-        double t0 = mono_now();
-        if (config_parse_dimensions(sizes->items[i], &width, &height) || warm_up(srv, width, height))
-            return -1;
-        log_event(LOG_INFO, "warmed_up_size",
-                  json_pack("{s:i,s:i,s:f}", "width", width, "height", height, "seconds", mono_now() - t0));
-    }
+/* A measured one-step upscale for the estimator: guided, as warm_up runs
+ * it, and alone on the device. */
+static int measure(server *srv, int width, int height) {
+    sdx4_upscale_report r;
+    if (warm_up(srv, width, height, &r)) return -1;
+    cost_observe(srv->cost, width, height, 1, true, &r, 1.0, true);
     return 0;
+}
+
+/* Teaches the estimator at two sizes, the smallest warmed up (w0 x h0) and
+ * one with at least 4 times its pixels (w1 x h1, warmed up or not), so
+ * that it can tell what grows with the square of the pixels (attention)
+ * from what grows with the pixels. Measured runs follow a first run at
+ * their size: the process's first upscale pays once for mapping the
+ * weights, and on a GPU the first at each size chooses its algorithms. */
+static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) {
+    if (!srv->cost) return 0;
+    double t0 = mono_now();
+    bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
+    if (measure(srv, w0, h0)) return -1;
+    if ((double)w1 * h1 > (double)w0 * h0) {
+        if (!warmed1 && gpu && warm_up(srv, w1, h1, NULL)) return -1;
+        if (measure(srv, w1, h1)) return -1;
+    }
+    json_t *fields = cost_document(srv->cost);
+    json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
+    log_event(LOG_INFO, "calibrated", fields);
+    return 0;
+}
+
+/* The warm-up upscales: each of --warmup-sizes, else min-side; then the
+ * calibration, at the smallest of them and at the smallest with 4 times
+ * its pixels, else at twice its sides (within max-side). */
+static int warm_up_sizes(server *srv) {
+    const server_config *c = &srv->cfg;
+    const string_list *sizes = &c->warmup_sizes;
+    int n = sizes->count ? sizes->count : 1;
+    int *dims = malloc(sizeof *dims * 2 * (size_t)n), small = 0, large = -1;
+    if (!dims) return -1;
+    for (int i = 0; i < n; i++) {
+        int *d = dims + 2 * i;
+        double t0 = mono_now();
+        if (!sizes->count) d[0] = d[1] = c->min_side;
+        else if (config_parse_dimensions(sizes->items[i], &d[0], &d[1])) goto fail;
+        if (warm_up(srv, d[0], d[1], NULL)) goto fail;
+        if (sizes->count)
+            log_event(LOG_INFO, "warmed_up_size",
+                      json_pack("{s:i,s:i,s:f}", "width", d[0], "height", d[1], "seconds",
+                                mono_now() - t0));
+        if ((double)d[0] * d[1] < (double)dims[2 * small] * dims[2 * small + 1]) small = i;
+    }
+    double floor = 4.0 * dims[2 * small] * dims[2 * small + 1];
+    for (int i = 0; i < n; i++) {
+        double pixels = (double)dims[2 * i] * dims[2 * i + 1];
+        if (pixels >= floor && (large < 0 || pixels < (double)dims[2 * large] * dims[2 * large + 1]))
+            large = i;
+    }
+    int w0 = dims[2 * small], h0 = dims[2 * small + 1];
+    int w1 = large >= 0 ? dims[2 * large] : 2 * w0 < c->max_side ? 2 * w0 : c->max_side;
+    int h1 = large >= 0 ? dims[2 * large + 1] : 2 * h0 < c->max_side ? 2 * h0 : c->max_side;
+    free(dims);
+    return calibrate(srv, w0, h0, w1, h1, large >= 0);
+fail:
+    free(dims);
+    return -1;
 }
 
 static void fail(server *srv, const char *what) {
@@ -99,6 +153,7 @@ static void *load_model(void *arg) {
         return NULL;
     }
     sdx4_engine_info(engine, &srv->info);
+    srv->cost = cost_create(engine, c->min_side, c->max_side);
     srv->engine = engine;
     const sdx4_model_info *mi = &srv->info;
     json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:I,s:f}", "model", srv->model_id, "dir", c->model,
@@ -215,6 +270,8 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     srv->webhooks = NULL;
     job_store_destroy(srv->jobs);
     srv->jobs = NULL;
+    cost_destroy(srv->cost);
+    srv->cost = NULL;
     sdx4_engine_close(srv->engine);
     srv->engine = NULL;
     return true;

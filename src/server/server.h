@@ -53,6 +53,7 @@ struct ratelimit;
 struct auth;
 struct webhooks;
 struct conns;
+struct cost_model;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -70,6 +71,7 @@ typedef struct server {
     struct ratelimit *ratelimit;
     struct auth *auth;
     struct webhooks *webhooks;
+    struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
 } server;

@@ -3,15 +3,19 @@
  *
  * Health is cheap and never touches the engine or a lock held during
  * inference, so probes stay fast while every worker is busy. It reports
- * the phase (loading, warming, ready, draining, failed), the queue and the
- * demo-model flag. Model-info reads the engine's sdx4_model_info, taken
- * once at load, plus the limits and defaults clients need to build a
- * valid request.
+ * the phase (loading, warming, ready, draining, failed), the queue with
+ * what each busy worker runs (by request id, which is no capability,
+ * unlike a job id: health needs no key) and whether it is past its
+ * deadline, and the demo-model flag. Model-info reads the engine's
+ * sdx4_model_info, taken once at load, plus the limits and defaults
+ * clients need to build a valid request, and the time estimator's
+ * calibration.
  */
 #include "status.h"
 
 #include <string.h>
 
+#include "cost.h"
 #include "form.h"
 #include "queue.h"
 
@@ -30,6 +34,14 @@ json_t *status_health(server *srv, int *status) {
                           "uptime_s", mono_now() - srv->started,
                           "queue", "depth", qs.depth, "capacity", qs.capacity,
                           "running", qs.running, "workers", qs.workers);
+    queue_worker busy[64]; /* workers: at most 64 */
+    int nbusy = srv->queue ? queue_get_workers(srv->queue, busy, 64) : 0;
+    json_t *list = json_array();
+    for (int i = 0; i < nbusy; i++)
+        json_array_append_new(list, json_pack("{s:s,s:f,s:f,s:f}", "request_id", busy[i].request_id,
+                                              "running_s", busy[i].seconds, "past_deadline_s",
+                                              busy[i].past_deadline, "estimated_s", busy[i].estimate));
+    json_object_set_new(h, "busy_workers", list);
     json_object_set_new(h, "demo_model", json_boolean(srv->demo));
     if (srv->demo) json_object_set_new(h, "note", json_string(DEMO_NOTE));
     if (phase == PHASE_FAILED) json_object_set_new(h, "error", json_string(srv->failure));
@@ -68,6 +80,7 @@ json_t *status_model_info(server *srv) {
                                   c->request_timeout, "queue_size", c->queue_size, "workers",
                                   c->workers, "rate_window_s", c->rate_window,
                                   "rate_limit", c->rate_limit));
+    if (srv->cost) json_object_set_new(m, "cost", cost_document(srv->cost));
     json_object_set_new(m, "formats",
                         json_pack("{s:[s,s,s],s:[s,s,s]}", "input", "png", "jpeg", "webp",
                                   "output", "png", "jpeg", "webp"));

@@ -1,0 +1,213 @@
+/*
+ * cost.c - the time an upscale will take, from its arithmetic and what the
+ * device was measured to do (see cost.h).
+ *
+ * The model. An upscale is three parts: the text encoder (once), the
+ * UNet (once per step) and the VAE decode (once). The engine counts each
+ * part's FLOPs for a given size from the model's configuration
+ * (sdx4_count_flops), in two kinds: dense (convolutions, linear layers:
+ * linear in the pixels) and attention (QK^T and AV: quadratic in the
+ * pixels where a layer attends over every position, as the VAE's mid-block
+ * does). Each part p has its own seconds per FLOP for each kind, d_p and
+ * a_p, and an upscale of `steps` steps is estimated as
+ *
+ *     sum over p of  d_p * dense_p + a_p * attention_p
+ *
+ * with the step's FLOPs times `steps`. Counting FLOPs, not pixels, is
+ * what lets measurements at small sizes speak for large ones: on the tiny
+ * model the decode's attention is a quarter of its FLOPs at 64 px and 96%
+ * at 512 px, so seconds per pixel measured at 64 px would underestimate a
+ * 512 px decode about 18 times. Two rates per part, because a device need
+ * not run both kinds equally well (the softmax, small heads).
+ *
+ * Fitting. Each measured part gives one equation t = d * D + a * A; the
+ * rates minimize the sum of squared relative errors (each equation divided
+ * by its t, so that small and large images count alike). The two rates
+ * are kept within a factor of 2 of each other and pulled together unless
+ * the measurements clearly part them (refit() says why): on 2 CPU cores
+ * the tiny model's decode ran 34-40 GFLOP/s from 64 to 192 px while its
+ * attention share rose from 27% to 77% (both kinds at about one rate),
+ * and a fit left free read one-step runs at 32 and 64 px as an attention 9
+ * times slower than the rest. With measurements at one size only, one
+ * rate serves both kinds; the FLOP count still carries the quadratic term.
+ *
+ * Measurements. The warm-up's calibration runs (serve.c: one-step
+ * upscales at two sizes, the larger with four times the pixels) are kept
+ * for good; every finished upscale adds its own, and those decay by 0.9
+ * with each newer one, so the estimates follow the machine (the real
+ * jobs, ten of them worth, outweigh the calibration) while the
+ * calibration keeps both kinds identified when real jobs come in one size.
+ * A job that shared the device is measured in the time it would have
+ * taken alone (queue.c's virtual clock gives the fraction).
+ *
+ * Cold. Until the measurements span enough of the allowed sizes (a side
+ * ratio of 2, or the whole range when it is narrower) the estimates are
+ * extrapolations, and cost_calibrated() says so: the queue then admits
+ * as if there were no estimator. With --warmup false that lasts until
+ * real jobs have covered such a span.
+ */
+#include "cost.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+enum { PART_TEXT, PART_STEP, PART_DECODE, PART_COUNT };
+static const char *const part_names[PART_COUNT] = {"text", "step", "decode"};
+
+#define RECENT_DECAY 0.9
+
+/* Sums for the least squares of relative errors: w, and with x = dense / t
+ * and y = attention / t their weighted products. */
+typedef struct {
+    double w, xx, xy, yy, x, y;
+} fit_sums;
+
+typedef struct {
+    fit_sums pinned, recent; /* calibration runs; other upscales, decaying */
+    double dense, attention; /* seconds per FLOP, 0 before any measurement */
+} part_fit;
+
+struct cost_model {
+    sdx4_engine *engine;
+    int min_side, max_side;
+    pthread_mutex_t lock;
+    part_fit part[PART_COUNT];
+    int observations;
+    double min_pixels, max_pixels; /* of the images measured */
+};
+
+cost_model *cost_create(sdx4_engine *engine, int min_side, int max_side) {
+    cost_model *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->engine = engine;
+    c->min_side = min_side;
+    c->max_side = max_side;
+    pthread_mutex_init(&c->lock, NULL);
+    return c;
+}
+
+void cost_destroy(cost_model *c) {
+    if (!c) return;
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+/* Each part's FLOPs for one upscale (the step's times `steps`); -1 when
+ * the engine cannot run that size at all. */
+static int work(cost_model *c, int width, int height, int steps, bool guided,
+                sdx4_flops out[PART_COUNT]) {
+    sdx4_flop_counts f;
+    if (sdx4_count_flops(c->engine, width, height, &f) != SDX4_OK) return -1;
+    double batch = guided ? 1 : 0.5; /* the counts are for batch 2 */
+    out[PART_TEXT] = (sdx4_flops){f.text.dense * batch, f.text.attention * batch};
+    out[PART_STEP] = (sdx4_flops){f.step.dense * batch * steps, f.step.attention * batch * steps};
+    out[PART_DECODE] = f.decode;
+    return 0;
+}
+
+static void add(fit_sums *s, double x, double y, double weight) {
+    s->w += weight;
+    s->xx += weight * x * x, s->xy += weight * x * y, s->yy += weight * y * y;
+    s->x += weight * x, s->y += weight * y;
+}
+
+static void decay(fit_sums *s, double factor) {
+    s->w *= factor, s->xx *= factor, s->xy *= factor, s->yy *= factor;
+    s->x *= factor, s->y *= factor;
+}
+
+/* The rates minimizing sum w (1 - dense * x - attention * y)^2, with
+ * attention = k * dense and k from 1/2 to 2, nearer 1 unless the data
+ * clearly say otherwise: two sizes measured a few seconds apart on a
+ * shared machine cannot pin the attention's rate down better than that,
+ * and an attention rate fitted wildly off would be multiplied by the
+ * largest images' quadratic term. For each k the best dense rate r is
+ * sum z / sum z^2 (z = x + k y), leaving w - (sum z)^2 / sum z^2. */
+static void refit(part_fit *p) {
+    fit_sums s = p->pinned;
+    s.w += p->recent.w, s.xx += p->recent.xx, s.xy += p->recent.xy, s.yy += p->recent.yy;
+    s.x += p->recent.x, s.y += p->recent.y;
+    double best = INFINITY;
+    for (int j = -8; j <= 8; j++) {
+        double k = exp2(j / 8.0), z = s.x + k * s.y, zz = s.xx + 2 * k * s.xy + k * k * s.yy;
+        if (!(zz > 0)) continue;
+        double misfit = s.w - z * z / zz + s.w * 0.02 * log(k) * log(k);
+        if (misfit < best) best = misfit, p->dense = z / zz, p->attention = k * z / zz;
+    }
+}
+
+static double seconds(const part_fit *p, sdx4_flops f) {
+    return p->dense * f.dense + p->attention * f.attention;
+}
+
+double cost_estimate(cost_model *c, int width, int height, int steps, bool guided) {
+    sdx4_flops f[PART_COUNT];
+    if (work(c, width, height, steps, guided, f)) return 0;
+    double total = 0;
+    pthread_mutex_lock(&c->lock);
+    for (int p = 0; p < PART_COUNT; p++) total += seconds(&c->part[p], f[p]);
+    pthread_mutex_unlock(&c->lock);
+    return total;
+}
+
+bool cost_calibrated(cost_model *c) {
+    double range = (double)c->max_side * c->max_side / ((double)c->min_side * c->min_side);
+    double needed = range < 4 ? range : 4;
+    pthread_mutex_lock(&c->lock);
+    bool ok = c->observations > 0 && c->max_pixels >= needed * c->min_pixels;
+    pthread_mutex_unlock(&c->lock);
+    return ok;
+}
+
+void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
+                  const sdx4_upscale_report *r, double alone, bool calibration) {
+    sdx4_flops f[PART_COUNT];
+    if (!(alone > 0) || work(c, width, height, steps, guided, f)) return;
+    double measured[PART_COUNT] = {r->seconds_text, r->seconds_unet, r->seconds_vae};
+    double pixels = (double)width * height;
+    pthread_mutex_lock(&c->lock);
+    for (int p = 0; p < PART_COUNT; p++) {
+        double t = measured[p] * alone;
+        if (!(t > 0) || !(f[p].dense + f[p].attention > 0)) continue;
+        part_fit *fit = &c->part[p];
+        if (!calibration) decay(&fit->recent, RECENT_DECAY);
+        add(calibration ? &fit->pinned : &fit->recent, f[p].dense / t, f[p].attention / t, 1);
+        refit(fit);
+    }
+    if (!c->observations++) c->min_pixels = c->max_pixels = pixels;
+    if (pixels < c->min_pixels) c->min_pixels = pixels;
+    if (pixels > c->max_pixels) c->max_pixels = pixels;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static json_t *gflops(double seconds_per_flop) {
+    return seconds_per_flop > 0 ? json_real(1e-9 / seconds_per_flop) : json_null();
+}
+
+/* One step and the rest (text + decode) at a square size, into `list`. */
+static void add_example(cost_model *c, json_t *list, int side) {
+    sdx4_flops f[PART_COUNT];
+    if (work(c, side, side, 1, true, f)) return;
+    json_array_append_new(
+        list, json_pack("{s:i,s:i,s:f,s:f}", "width", side, "height", side, "step_seconds",
+                        seconds(&c->part[PART_STEP], f[PART_STEP]), "other_seconds",
+                        seconds(&c->part[PART_TEXT], f[PART_TEXT]) +
+                            seconds(&c->part[PART_DECODE], f[PART_DECODE])));
+}
+
+json_t *cost_document(cost_model *c) {
+    bool calibrated = cost_calibrated(c);
+    json_t *rates = json_object(), *examples = json_array();
+    pthread_mutex_lock(&c->lock);
+    for (int p = 0; p < PART_COUNT; p++)
+        json_object_set_new(rates, part_names[p],
+                            json_pack("{s:o,s:o}", "dense", gflops(c->part[p].dense), "attention",
+                                      gflops(c->part[p].attention)));
+    add_example(c, examples, c->min_side);
+    add_example(c, examples, c->max_side);
+    int observations = c->observations;
+    pthread_mutex_unlock(&c->lock);
+    return json_pack("{s:b,s:i,s:o,s:o}", "calibrated", calibrated, "observations", observations,
+                     "gflops", rates, "estimates", examples);
+}

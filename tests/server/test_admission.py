@@ -1,0 +1,165 @@
+"""Admission by estimated time, and workers after a deadline (issue 12, D1).
+
+A server with warm-up on calibrates its time estimator (cost.c) and then
+refuses at once what cannot finish within --request-timeout: 422 when the
+request alone is too long, 503 + Retry-After when the work ahead of it
+makes it late. A server without warm-up admits as before. A worker still
+busy after its request's deadline is visible (metrics, health), and is
+freed shortly after the 504 (here at 64 px, where a step boundary comes
+soon).
+"""
+import concurrent.futures
+import io
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from conftest import Server, image_bytes, problem
+
+LIMIT = 20  # --request-timeout of the calibrated server, seconds
+
+
+def metric(server, name):
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def small_file_large_image(side=512):
+    """A JPEG of a few KB whose header (and pixels) say side x side."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 30, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def wait_idle(server, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        q = server.get("/api/v1/health").json()["queue"]
+        if q["running"] == 0 and q["depth"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the workers never became idle")
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    # min-side 32: the calibration runs at 32 and 64 px, a few seconds
+    s = Server("--warmup", "true", "--min-side", "32", "--workers", "1",
+               "--request-timeout", str(LIMIT))
+    yield s
+    s.check_clean_exit()
+
+
+def test_model_info_shows_the_calibration(calibrated):
+    cost = calibrated.get("/api/v1/model-info").json()["cost"]
+    assert cost["calibrated"] is True and cost["observations"] >= 2
+    for part in ("text", "step", "decode"):
+        assert cost["gflops"][part]["dense"] > 0 and cost["gflops"][part]["attention"] > 0
+    low, high = cost["estimates"]
+    assert (low["width"], high["width"]) == (32, 512)
+    # the decode's attention is quadratic in the pixels: 256 times the
+    # pixels cost far more than 256 times the time
+    assert high["other_seconds"] > 300 * low["other_seconds"]
+
+
+def test_too_long_alone_is_refused_at_once_and_what_fits_is_admitted(calibrated):
+    image = small_file_large_image()
+    assert len(image) < 8000  # costed by its size in pixels, not its bytes
+    for path in ("/api/v1/jobs", "/api/v1/upscale"):
+        t0 = time.time()
+        r = calibrated.post(path, files={"image": ("big.jpg", image, "image/jpeg")},
+                            data={"num_inference_steps": "1"})
+        p = problem(r, 422, "over-time-limit")
+        assert time.time() - t0 < LIMIT / 4  # refused, not run until the deadline
+        assert p["limit_seconds"] == LIMIT and p["estimated_seconds"] > LIMIT, p
+        assert "512x512" in p["detail"]
+    assert calibrated.get("/api/v1/health").json()["queue"]["running"] == 0
+    assert 'sdx4_rejections_total{cause="over-time-limit"} 2' in calibrated.get("/metrics").text
+    # a request that fits is admitted as before
+    r = calibrated.post("/api/v1/upscale", files={"image": image_bytes(size=(32, 32))},
+                        data={"num_inference_steps": "1"})
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["X-Output-Size"] == "128x128"
+
+
+def job_costing(calibrated, seconds):
+    """(side, steps) of a job estimated at about `seconds` (from the
+    estimate at 32 px, scaled with the pixels: a rough guess is enough)."""
+    low = calibrated.get("/api/v1/model-info").json()["cost"]["estimates"][0]
+    for side in (32, 48, 64, 96, 128):
+        scale = (side / 32) ** 2
+        step, other = low["step_seconds"] * scale, low["other_seconds"] * scale
+        if other < seconds / 2 and other + 150 * step >= seconds:
+            return side, max(1, round((seconds - other) / step))
+    raise AssertionError(f"no job costs about {seconds} s: {low}")
+
+
+def test_queue_ahead_too_long_gives_503_with_retry_after(calibrated):
+    side, steps = job_costing(calibrated, LIMIT * 0.3)
+    image = image_bytes(size=(side, side))
+    admitted, refused = [], None
+    try:
+        for _ in range(12):  # one worker: the third or fourth cannot end in time
+            t0 = time.time()
+            r = calibrated.post("/api/v1/jobs", files={"image": image},
+                                data={"num_inference_steps": str(steps)})
+            if r.status_code != 202:
+                refused = r
+                break
+            admitted.append(r.json())
+        assert refused is not None, f"{len(admitted)} jobs of {side} px, {steps} steps all admitted"
+        p = problem(refused, 503, "queue-too-long")
+        assert time.time() - t0 < 5
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert p["estimated_seconds"] > p["limit_seconds"] == LIMIT
+        assert admitted  # alone it fits: only the queue made it late
+        busy = calibrated.get("/api/v1/health").json()["busy_workers"]
+        assert len(busy) == 1 and 0 < busy[0]["estimated_s"] < LIMIT, busy
+    finally:
+        for job in admitted:
+            calibrated.delete(job["links"]["self"])
+    wait_idle(calibrated)
+
+
+@pytest.fixture(scope="module")
+def cold():
+    s = Server("--workers", "1", "--request-timeout", "3")  # conftest: --warmup false
+    yield s
+    s.check_clean_exit()
+
+
+def test_cold_estimator_admits_and_a_deadline_frees_the_worker(cold):
+    answers = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # 150 steps at 64 px cannot end in 3 s, but no estimate refuses it
+        future = pool.submit(lambda: cold.post(
+            "/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "150"},
+            headers={"X-Request-Id": "admit-deadline"}))
+        seen = None
+        deadline = time.time() + 30
+        while seen is None and not future.done() and time.time() < deadline:
+            busy = cold.get("/api/v1/health").json()["busy_workers"]
+            seen = next((b for b in busy if b["request_id"] == "admit-deadline"), None)
+            time.sleep(0.02)
+        answers.append(future.result())
+    assert seen is not None, "the busy worker never showed its request"
+    assert seen["running_s"] >= 0 and seen["estimated_s"] == 0
+    problem(answers[0], 504, "timeout")
+    t0 = time.time()
+    # until the worker is free, every busy worker is counted as past its deadline
+    while True:
+        text = cold.get("/metrics").text
+        values = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
+                  if l.startswith("sdx4_workers_busy")}
+        assert values["sdx4_workers_busy"] == values["sdx4_workers_busy_after_deadline"], values
+        if values["sdx4_workers_busy"] == 0:
+            break
+        assert time.time() - t0 < 15, "the worker is still busy 15 s after the deadline"
+        time.sleep(0.02)
+    assert metric(cold, "sdx4_worker_overrun_seconds_count") == 1
+    assert 0 < metric(cold, "sdx4_worker_overrun_seconds_sum") < 15
+    assert cold.get("/api/v1/model-info").json()["cost"]["calibrated"] is False
