@@ -49,7 +49,10 @@ typedef struct {
 } bytes;
 
 static void append(bytes *b, const void *data, size_t n) {
-    b->p = realloc(b->p, b->len + n);
+    if (!n) return; /* an empty chunk's data may be NULL */
+    unsigned char *grown = realloc(b->p, b->len + n);
+    if (!grown) abort();
+    b->p = grown;
     memcpy(b->p + b->len, data, n);
     b->len += n;
 }
