@@ -106,14 +106,21 @@ static size_t utf8_char(const unsigned char *s, size_t len, unsigned *cp) {
     return n;
 }
 
-static int check_text(upscale_form *f, const field_def *d, const char *v, size_t len, char **out) {
+/* A text value; `more_chars` characters that followed the first `len`
+ * bytes were not kept (the cut may fall inside a character). */
+static int check_text(upscale_form *f, const field_def *d, const char *v, size_t len, size_t more_chars,
+                      char **out) {
     char *text = malloc(len + 1);
     if (!text) return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
     const unsigned char *s = (const unsigned char *)v;
-    int chars = 0;
+    size_t chars = more_chars;
     for (size_t i = 0; i < len; chars++) {
         unsigned cp;
         size_t n = utf8_char(s + i, len - i, &cp);
+        if (!n && more_chars && len - i < 4) {
+            chars++; /* the character the cut fell in */
+            break;
+        }
         if (!n) {
             free(text);
             return problem_field(&f->error, d->name, "UTF-8 text", "%s is not valid UTF-8 (byte %zu)",
@@ -127,11 +134,11 @@ static int check_text(upscale_form *f, const field_def *d, const char *v, size_t
         } else memcpy(text + i, s + i, n);
         i += n;
     }
-    if (chars > f->limits.max_prompt_chars) {
+    if (chars > (size_t)f->limits.max_prompt_chars) {
         free(text);
         char allowed[64];
         snprintf(allowed, sizeof allowed, "at most %d characters", f->limits.max_prompt_chars);
-        return problem_field(&f->error, d->name, allowed, "%s is %d characters long; at most %d are allowed",
+        return problem_field(&f->error, d->name, allowed, "%s is %zu characters long; at most %d are allowed",
                              d->name, chars, f->limits.max_prompt_chars);
     }
     text[len] = '\0';
@@ -263,14 +270,17 @@ static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
 }
 
 /* Parses a text value into `o` (or the form, for form-wide fields); the
- * field has been claimed. */
+ * field has been claimed. A value cut short (more_chars > 0) is too long
+ * for any field, and is refused as such. */
 static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, const char *v,
-                      size_t len) {
+                      size_t len, size_t more_chars) {
     char buf[64], *end;
+    if (more_chars && d->kind != KIND_TEXT)
+        return problem_field(&f->error, d->name, d->allowed, "%s is too long (over %zu bytes)", d->name, len);
     switch (d->kind) {
     case KIND_TEXT: {
         char *text = NULL;
-        if (check_text(f, d, v, len, &text)) return -1;
+        if (check_text(f, d, v, len, more_chars, &text)) return -1;
         char **slot = d->id == FIELD_PROMPT ? &o->prompt : &o->negative_prompt;
         free(*slot);
         *slot = text;
@@ -321,6 +331,10 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
 }
 
 int form_set_text(upscale_form *f, const char *name, const char *v, size_t len) {
+    return form_set_cut_text(f, name, v, len, 0);
+}
+
+int form_set_cut_text(upscale_form *f, const char *name, const char *v, size_t len, size_t more_chars) {
     if (f->error.kind) return -1;
     if (strcmp(name, "image") == 0 || (f->batch && strcmp(name, "images") == 0))
         return problem_field(&f->error, "image", "a file part",
@@ -331,7 +345,7 @@ int form_set_text(upscale_form *f, const char *name, const char *v, size_t len) 
     const field_def *d = lookup(f, name, name_len, &o, &image);
     if (!d) return unknown_field(f, name, name_len);
     if (claim(f, o, d)) return -1;
-    return apply_text(f, o, d, v, len);
+    return apply_text(f, o, d, v, len, more_chars);
 }
 
 /* ---- images ------------------------------------------------------------------ */
@@ -412,7 +426,7 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
     case KIND_FORMAT:
         if (!json_is_string(v))
             return problem_field(&f->error, d->name, d->allowed, "%s must be a string", d->name);
-        return apply_text(f, o, d, json_string_value(v), json_string_length(v));
+        return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
     case KIND_REAL:
         if (!json_is_number(v)) return bad_number(f, d, "a number");
         return store_number(f, o, d, json_number_value(v));
@@ -426,7 +440,7 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
             o->seed = (uint64_t)json_integer_value(v);
             return 0;
         }
-        if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v));
+        if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
         return problem_field(&f->error, d->name, d->allowed, "seed must be an integer from %s",
                              d->allowed);
     case KIND_BOOL:

@@ -14,11 +14,11 @@
  *   1st call   headers only: route, request id, CORS, API key, readiness,
  *              rate limit, Content-Length and Content-Type checks. A
  *              refusal is answered here, before any of the body is read.
- *   next calls body pieces: streamed into the multipart post processor or
- *              the JSON buffer; past --max-upload the rest is discarded
- *              and 413 is answered at the end (a client that announced
- *              its size was already refused at the 1st call), and past
- *              twice the limit the connection is closed.
+ *   next calls body pieces: streamed into the multipart reader
+ *              (multipart.c) or the JSON buffer; past --max-upload the
+ *              rest is discarded and 413 is answered at the end (a client
+ *              that announced its size was already refused at the 1st
+ *              call), and past twice the limit the connection is closed.
  *   last call  body complete: parse, check and decode the images, create
  *              the job, queue it, suspend; or answer a problem.
  *   resumed    the job is finished: answer with its result.
@@ -46,6 +46,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
+#include "multipart.h"
 #include "problem.h"
 #include "queue.h"
 #include "ratelimit.h"
@@ -79,13 +80,13 @@ typedef struct request {
     bool too_large;
     char *json;
     size_t json_len, json_cap;
-    struct MHD_PostProcessor *post;
+    multipart *post;
     char field[64];      /* multipart text field being received */
     char *field_value;
     size_t field_len;
+    size_t field_more_chars; /* characters past what was kept of it */
     bool field_open;     /* a text field is being received */
-    bool part_open;      /* any part (text or image) has begun */
-    size_t part_bytes;   /* bytes of the current part so far */
+    bool part_image;     /* the part being received is an image */
     upscale_form form;
     bool form_ready;
     /* the job answered, waited on or streamed */
@@ -313,52 +314,49 @@ static bool takes_body(route_id route) {
 
 static void flush_field(request *r) {
     if (!r->field_open) return;
-    form_set_text(&r->form, r->field, r->field_value ? r->field_value : "", r->field_len);
+    form_set_cut_text(&r->form, r->field, r->field_value ? r->field_value : "", r->field_len,
+                      r->field_more_chars);
     free(r->field_value);
     r->field_value = NULL;
-    r->field_len = 0;
+    r->field_len = r->field_more_chars = 0;
     r->field_open = false;
 }
 
-static enum MHD_Result on_post_data(void *cls, enum MHD_ValueKind kind, const char *key,
-                                    const char *filename, const char *content_type,
-                                    const char *transfer_encoding, const char *data,
-                                    uint64_t off, size_t size) {
+/* A multipart part begins (the previous one has ended). An image must be
+ * a file part: as text, it is refused like an image in the query string. */
+static int on_part(void *cls, const char *name, bool file) {
     request *r = cls;
     upscale_form *f = &r->form;
-    (void)kind, (void)filename, (void)content_type, (void)transfer_encoding;
-    if (f->error.kind) return MHD_YES; /* keep draining; the first problem is answered */
-    if (!key) {
-        problem_set(&f->error, PROBLEM_MALFORMED, "a multipart/form-data part has no name");
-        return MHD_YES;
-    }
-    bool image = strcmp(key, "image") == 0 || (f->batch && strcmp(key, "images") == 0);
-    /* a part comes in pieces; its first call may carry no bytes yet, so a
-     * second call at offset 0 continues it unless the part has data */
-    bool continuing = r->part_open && strcmp(key, r->field) == 0 && (off > 0 || r->part_bytes == 0);
-    if (!continuing) {
-        flush_field(r);
-        snprintf(r->field, sizeof r->field, "%s", key);
-        r->part_open = true;
-        r->part_bytes = 0;
-        if (image && form_image_begin(f)) return MHD_YES;
-        if (!image) r->field_open = true;
-    }
-    r->part_bytes += size;
-    if (image) {
+    flush_field(r);
+    if (f->error.kind) return 0; /* keep draining; the first problem is answered */
+    snprintf(r->field, sizeof r->field, "%s", name);
+    r->part_image = file && (strcmp(name, "image") == 0 || (f->batch && strcmp(name, "images") == 0));
+    if (r->part_image) form_image_begin(f);
+    else r->field_open = true;
+    return 0;
+}
+
+static int on_part_data(void *cls, const char *data, size_t size) {
+    request *r = cls;
+    upscale_form *f = &r->form;
+    if (f->error.kind) return 0;
+    if (r->part_image) {
         form_image_append(f, data, size);
-        return MHD_YES;
+        return 0;
     }
-    size_t cap = (size_t)r->srv->cfg.max_prompt_chars * 4 + 64; /* UTF-8: 4 bytes a character at most */
-    if (r->field_len + size > cap) /* keep what form_set_text needs to report the length */
-        size = r->field_len < cap ? cap - r->field_len : 0;
-    if (!size) return MHD_YES;
-    char *grown = realloc(r->field_value, r->field_len + size + 1);
-    if (!grown) return MHD_NO;
-    memcpy(grown + r->field_len, data, size);
+    /* a text field is kept as far as the longest prompt could go (UTF-8:
+     * 4 bytes a character at most); past that its characters are counted */
+    size_t cap = (size_t)r->srv->cfg.max_prompt_chars * 4 + 64;
+    size_t keep = r->field_len < cap ? cap - r->field_len : 0;
+    if (keep > size) keep = size;
+    for (size_t i = keep; i < size; i++) r->field_more_chars += ((unsigned char)data[i] & 0xc0) != 0x80;
+    if (!keep) return 0;
+    char *grown = realloc(r->field_value, r->field_len + keep + 1);
+    if (!grown) return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
+    memcpy(grown + r->field_len, data, keep);
     r->field_value = grown;
-    r->field_len += size;
-    return MHD_YES;
+    r->field_len += keep;
+    return 0;
 }
 
 /* Takes a piece of the body; false when the client keeps sending far past
@@ -375,8 +373,9 @@ static bool receive(request *r, const char *data, size_t size) {
         return true;
     }
     if (r->body == BODY_MULTIPART) {
-        if (MHD_post_process(r->post, data, size) != MHD_YES && !r->form.error.kind)
-            problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body");
+        if (multipart_feed(r->post, data, size) && !r->form.error.kind)
+            problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body: %s",
+                        multipart_error(r->post));
         return true;
     }
     if (r->json_len + size > r->json_cap) {
@@ -449,10 +448,11 @@ static enum MHD_Result begin_body(request *r) {
     r->form_ready = true;
     if (type && strncasecmp(type, "multipart/form-data", 19) == 0) {
         r->body = BODY_MULTIPART;
-        r->post = MHD_create_post_processor(r->conn, 65536, on_post_data, r);
+        const char *why;
+        r->post = multipart_new(type, on_part, on_part_data, r, &why);
         if (!r->post)
-            return send_simple_problem(r, PROBLEM_MALFORMED,
-                                       "multipart/form-data without a usable boundary");
+            return why ? send_simple_problem(r, PROBLEM_MALFORMED, "%s", why)
+                       : send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
         return MHD_YES;
     }
     if (type && strncasecmp(type, "application/json", 16) == 0 &&
@@ -810,9 +810,10 @@ static enum MHD_Result start_job(request *r) {
         return send_simple_problem(r, PROBLEM_TOO_LARGE, "the body is over %zu bytes",
                                    srv->cfg.max_upload);
     if (r->body == BODY_MULTIPART) {
-        MHD_destroy_post_processor(r->post); /* delivers the last field */
-        r->post = NULL;
-        flush_field(r);
+        if (multipart_end(r->post) && !f->error.kind)
+            problem_set(&f->error, PROBLEM_MALFORMED, "malformed multipart/form-data body: %s",
+                        multipart_error(r->post));
+        flush_field(r); /* the last field */
     } else {
         form_parse_json(f, r->json ? r->json : "", r->json_len);
     }
@@ -921,7 +922,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         job_unwait(r->job, &r->waiter);
         job_release(r->job);
     }
-    if (r->post) MHD_destroy_post_processor(r->post);
+    multipart_free(r->post);
     if (r->form_ready) form_free(&r->form);
     free(r->field_value);
     free(r->json);
