@@ -459,11 +459,70 @@ static int json_image(upscale_form *f, const char *field, json_t *v) {
     return image_from_base64(f, field, json_string_value(v), json_string_length(v));
 }
 
+/* A real at or beyond 2^63 in v: an integer jansson could not hold as one. */
+static bool holds_huge(json_t *v) {
+    const char *key;
+    json_t *x;
+    size_t i;
+    if (json_is_real(v)) return fabs(json_real_value(v)) >= 0x1p63;
+    if (json_is_object(v)) {
+        json_object_foreach(v, key, x) if (holds_huge(x)) return true;
+    } else if (json_is_array(v)) {
+        json_array_foreach(v, i, x) if (holds_huge(x)) return true;
+    }
+    return false;
+}
+
+/* jansson refuses an integer beyond 64 bits as a syntax error, but the
+ * body is well-formed JSON with a value out of range: read again with
+ * integers as reals, the member that holds one is refused like any value
+ * out of range (422, naming its field; a seed of 2^63 is just too big). */
+static int integer_overflow(upscale_form *f, const char *body, size_t len, const json_error_t *first) {
+    json_error_t jerr;
+    json_t *root =
+        json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) { /* none when root is not an object */
+        if (!holds_huge(v)) continue;
+        if (strcmp(key, "image") == 0 && !f->batch) json_image(f, "image", v);
+        else if (strcmp(key, "images") == 0 && f->batch && !json_is_array(v))
+            problem_field(&f->error, "images", "an array", "images must be an array");
+        else if (strcmp(key, "images") == 0 && f->batch) {
+            size_t i;
+            json_t *item, *x;
+            const char *k;
+            json_array_foreach(v, i, item) {
+                char name[32];
+                snprintf(name, sizeof name, "images[%zu]", i);
+                if (!json_is_object(item)) json_image(f, name, item);
+                else json_object_foreach(item, k, x) {
+                    if (!holds_huge(x)) continue;
+                    upscale_options scratch = {0}; /* the request is refused: nothing is kept */
+                    if (strcmp(k, "image") == 0) json_image(f, name, x);
+                    else json_field(f, &scratch, k, x);
+                    options_free(&scratch);
+                    break;
+                }
+                if (f->error.kind) break;
+            }
+        } else json_field(f, NULL, key, v);
+        break;
+    }
+    json_decref(root);
+    if (!f->error.kind)
+        problem_set(&f->error, PROBLEM_MALFORMED, "malformed JSON at line %d column %d: %s", first->line,
+                    first->column, first->text);
+    return -1;
+}
+
 int form_parse_json(upscale_form *f, const char *body, size_t len) {
     if (f->error.kind) return -1;
     json_error_t jerr;
     /* NUL inside strings is the fields' business (refused where it matters) */
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (!root && json_error_code(&jerr) == json_error_numeric_overflow)
+        return integer_overflow(f, body, len, &jerr);
     if (!root)
         return problem_set(&f->error, PROBLEM_MALFORMED, "malformed JSON at line %d column %d: %s",
                            jerr.line, jerr.column, jerr.text);

@@ -394,11 +394,15 @@ static bool receive(request *r, const char *data, size_t size) {
     return true;
 }
 
+/* A query value, with its length: libmicrohttpd decodes %00, and the value
+ * must not be cut at that NUL but refused like one in a body. */
 static enum MHD_Result add_query_value(void *cls, enum MHD_ValueKind kind, const char *key,
-                                       const char *value) {
+                                       size_t key_len, const char *value, size_t value_len) {
     request *r = cls;
     (void)kind;
-    form_set_text(&r->form, key, value ? value : "", value ? strlen(value) : 0);
+    if (strlen(key) != key_len)
+        problem_set(&r->form.error, PROBLEM_INVALID_FIELD, "a query parameter name contains a NUL byte");
+    else form_set_text(&r->form, key, value ? value : "", value ? value_len : 0);
     return r->form.error.kind ? MHD_NO : MHD_YES;
 }
 
@@ -817,7 +821,7 @@ static enum MHD_Result start_job(request *r) {
     } else {
         form_parse_json(f, r->json ? r->json : "", r->json_len);
     }
-    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
+    MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
     if (form_finish(f)) return send_problem(r, &f->error);
     if (f->webhook_url && !srv->cfg.webhook_secret) {
         problem p;
