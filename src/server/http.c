@@ -11,9 +11,11 @@
  * queued. SSE streams suspend the same way between events.
  *
  * A request's life, as libmicrohttpd calls on_request:
- *   1st call   headers only: route, request id, CORS, API key, readiness,
- *              rate limit, Content-Length and Content-Type checks. A
- *              refusal is answered here, before any of the body is read.
+ *   1st call   headers only: framing (check_framing: one length, chunked
+ *              or nothing, Host, no NUL), route, request id, CORS, API
+ *              key, readiness, rate limit, Content-Length and Content-Type
+ *              checks. A refusal is answered here, before any of the body
+ *              is read.
  *   next calls body pieces: streamed into the multipart reader
  *              (multipart.c) or the JSON buffer; past --max-upload the
  *              rest is discarded and 413 is answered at the end (a client
@@ -30,6 +32,7 @@
 #include <math.h>
 #include <netdb.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -404,6 +407,110 @@ static enum MHD_Result add_query_value(void *cls, enum MHD_ValueKind kind, const
         problem_set(&r->form.error, PROBLEM_INVALID_FIELD, "a query parameter name contains a NUL byte");
     else form_set_text(&r->form, key, value ? value : "", value ? value_len : 0);
     return r->form.error.kind ? MHD_NO : MHD_YES;
+}
+
+/* ---- HTTP framing ----------------------------------------------------------------------- */
+
+/* What the framing checks need from the header lines. */
+typedef struct {
+    int content_length, transfer_encoding, host; /* how many lines of each */
+    const char *coding;                          /* the Transfer-Encoding */
+    uintptr_t head, head_end; /* the request head in libmicrohttpd's buffer */
+    const char *last_key;     /* the header line before, and where its value ends */
+    uintptr_t last_value_end;
+    const char *cut;    /* a header whose value was cut short */
+    const char *broken; /* why: a NUL, or a folded line */
+} header_census;
+
+/* A NUL inside a header value: libmicrohttpd (0.9.75) parses the request
+ * head in place and takes each value's length with strlen, so the bytes
+ * after a NUL vanish from the value, and no API tells. They are still in
+ * its buffer, between the value's end and the next line, where only the
+ * line's CR LF (overwritten with NULs) and spaces may be. An obsolete
+ * folded line (RFC 9112 5.2) leaves its text there too: 0.9.75 glues it
+ * to the header's name instead of its value, so it is refused as well.
+ * Gaps outside the head or out of order are not judged. Returns why the
+ * value before the gap was cut short, or NULL. */
+static const char *cut_short(const header_census *c, uintptr_t from, uintptr_t to) {
+    if (!(c->head <= from && from <= to && to <= c->head_end)) return NULL;
+    const char *p = (const char *)from, *end = (const char *)to;
+    while (p < end && (!*p || *p == '\r' || *p == '\n')) p++;
+    bool folded = p == (const char *)from + 2 && p < end && (*p == ' ' || *p == '\t'); /* CR LF SP */
+    for (; p < end; p++)
+        if (*p && *p != '\r' && *p != '\n' && *p != ' ' && *p != '\t')
+            return folded ? "a folded line (obsolete line folding)" : "a NUL byte";
+    return NULL;
+}
+
+static void check_gap(header_census *c, uintptr_t to) {
+    const char *why = c->cut ? NULL : cut_short(c, c->last_value_end, to);
+    if (why) c->cut = c->last_key, c->broken = why;
+}
+
+static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    size_t key_len, const char *value, size_t value_len) {
+    header_census *c = cls;
+    (void)kind, (void)key_len;
+    check_gap(c, (uintptr_t)key);
+    c->last_key = key;
+    c->last_value_end = (uintptr_t)value + value_len;
+    if (strcasecmp(key, "Content-Length") == 0) c->content_length++;
+    else if (strcasecmp(key, "Host") == 0) c->host++;
+    else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        c->transfer_encoding++;
+        c->coding = value;
+    }
+    return MHD_YES;
+}
+
+/* The framing of a request, judged on the first call from all its header
+ * lines (RFC 9112 6.3: when a body's length cannot be trusted, answer 400
+ * and close). libmicrohttpd reads a body by the first Transfer-Encoding
+ * line, else the first Content-Length, and lets the rest through: with two
+ * lengths the rest of a body would run as another request, and a coding
+ * other than chunked alone is read until the client closes. A refusal
+ * queued on the first call makes libmicrohttpd close the connection after
+ * it, unread body and all. Returns -1 when the request was refused.
+ *
+ * What libmicrohttpd answers itself, before any callback, cannot be
+ * judged here: a Content-Length that is not a number (400, sent with its
+ * status line twice: after its error reply the state machine goes on as
+ * if the headers were fine, fixed upstream in 1.0.0), and a chunk size line
+ * longer than its read buffer (500). Both close the connection. */
+static int check_framing(request *r, const char *url, const char *method, const char *version) {
+    header_census c = {.head = (uintptr_t)method};
+    const union MHD_ConnectionInfo *head =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+    c.head_end = head ? c.head + head->header_size : 0;
+    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, count_header, &c);
+    check_gap(&c, c.head_end);
+
+    bool http10 = strcmp(version, "HTTP/1.0") == 0;
+    char why[160] = "";
+    if (c.cut) snprintf(why, sizeof why, "the %.40s header has %s", c.cut, c.broken);
+    else if (c.host > 1) snprintf(why, sizeof why, "Host is given %d times", c.host);
+    else if (!c.host && !http10)
+        snprintf(why, sizeof why, "the request has no Host header (required since HTTP/1.1)");
+    else if (c.content_length > 1)
+        snprintf(why, sizeof why, "Content-Length is given %d times", c.content_length);
+    else if (c.transfer_encoding && c.content_length)
+        snprintf(why, sizeof why, "Content-Length and Transfer-Encoding together");
+    else if (c.transfer_encoding > 1 || (c.transfer_encoding && strcasecmp(c.coding, "chunked") != 0))
+        snprintf(why, sizeof why, "only the chunked transfer coding is accepted (Transfer-Encoding: %.40s%s)",
+                 c.coding, c.transfer_encoding > 1 ? ", ..." : "");
+    else if (c.transfer_encoding && http10)
+        snprintf(why, sizeof why, "Transfer-Encoding in an HTTP/1.0 request");
+    if (!why[0]) return 0;
+
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->path, sizeof r->path, "%s", url);
+    r->route = match_route(url, r->job_id);
+    set_request_id(r);
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    /* the peer's address: no X-Forwarded-For is trusted on a malformed request */
+    ratelimit_client_address(r->srv->ratelimit, ci ? ci->client_addr : NULL, NULL, r->ip, sizeof r->ip);
+    send_simple_problem(r, PROBLEM_MALFORMED, "%s", why);
+    return -1;
 }
 
 /* ---- the first call: everything decided from the headers ----------------------------- */
@@ -872,7 +979,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
-    (void)version;
     request *r = *con_cls;
     if (!r) {
         r = calloc(1, sizeof *r);
@@ -883,6 +989,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = r;
         atomic_fetch_add(&requests_open, 1);
         metrics_in_flight(1);
+        if (check_framing(r, url, method, version)) return r->status ? MHD_YES : MHD_NO;
         /* requests with a body are judged on their headers, before the
          * body is read; the others are answered on the next call, since
          * libmicrohttpd closes the connection after an answer queued on
