@@ -293,9 +293,9 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
             return bad_number(f, d, what);
         memcpy(buf, v, len);
         buf[len] = '\0';
-        errno = 0;
-        double x = strtod(buf, &end);
-        return store_number(f, o, d, errno == ERANGE ? INFINITY : x);
+        /* overflow gives HUGE_VAL, refused as not finite; underflow (ERANGE
+         * too) a subnormal or zero, which is a number in range like any other */
+        return store_number(f, o, d, strtod(buf, NULL));
     }
     case KIND_SEED: {
         if (len < 20 && decimal_syntax(v, len, true) && v[0] != '-') {
@@ -317,10 +317,8 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
                                  "output_format must be png, jpeg or webp");
         return 0;
     case KIND_BOOL:
-        if ((len == 4 && strncasecmp(v, "true", 4) == 0) || (len == 1 && v[0] == '1'))
-            f->async = true;
-        else if ((len == 5 && strncasecmp(v, "false", 5) == 0) || (len == 1 && v[0] == '0'))
-            f->async = false;
+        if (len == 4 && strncasecmp(v, "true", 4) == 0) f->async = true; /* a JSON boolean's text */
+        else if (len == 5 && strncasecmp(v, "false", 5) == 0) f->async = false;
         else
             return problem_field(&f->error, d->name, d->allowed, "async must be true or false");
         return 0;
@@ -441,6 +439,11 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
             return 0;
         }
         if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
+        if (json_is_real(v) && json_real_value(v) >= 0 && json_real_value(v) < 0x1p63 &&
+            json_real_value(v) == floor(json_real_value(v))) { /* 42.0, as for the other integers */
+            o->seed = (uint64_t)json_real_value(v);
+            return 0;
+        }
         return problem_field(&f->error, d->name, d->allowed, "seed must be an integer from %s",
                              d->allowed);
     case KIND_BOOL:
@@ -582,9 +585,9 @@ int form_finish(upscale_form *f) {
             return problem_set(&f->error, PROBLEM_MISSING_IMAGE, "image %d is empty", i);
     if (f->batch)
         for (int i = f->nimages; i < FORM_MAX_IMAGES; i++)
-            if (f->per[i].given)
-                return problem_set(&f->error, PROBLEM_INVALID_FIELD,
-                                   "parameters given for image %d of a batch of %d", i, f->nimages);
+            if (f->per[i].given) /* named as the images' fault: they are too few */
+                return problem_field(&f->error, "image", NULL,
+                                     "parameters given for image %d of a batch of %d", i, f->nimages);
     return 0;
 }
 
