@@ -2,9 +2,10 @@
  * fuzz_request.c - arbitrary bytes as the inputs of an upscale request, as
  * the HTTP layer hands them to form.c: a JSON body (single, job or batch),
  * a series of multipart fields and query values (name NUL value NUL ...,
- * streamed image parts included), an Accept header. Every input must end
- * in a resolved set of options or a problem naming the fault; none may
- * crash, leak or read out of bounds.
+ * streamed image parts included), an Accept header, base64, and a raw
+ * multipart/form-data body for multipart.c (fed in two pieces). Every
+ * input must end in a resolved set of options or a problem naming the
+ * fault; none may crash, leak or read out of bounds.
  *
  * The first byte chooses the encoding and the endpoint; the rest is the
  * payload.
@@ -15,6 +16,7 @@
 
 #include "base64.h"
 #include "form.h"
+#include "multipart.h"
 
 static void finish(upscale_form *f) {
     if (form_finish(f) == 0) {
@@ -29,6 +31,18 @@ static void finish(upscale_form *f) {
     }
     problem_status(f->error.kind);
     form_free(f);
+}
+
+static int part_seen(void *cls, const char *name, bool file) {
+    (void)file;
+    if (!name) abort();
+    ++*(int *)cls;
+    return 0;
+}
+
+static int data_seen(void *cls, const char *data, size_t len) {
+    if (!*(int *)cls || !len || !data) abort(); /* content only inside a part, never empty */
+    return 0;
 }
 
 /* name NUL value NUL ...; the name "image" streams its value as a part */
@@ -62,7 +76,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     form_limits limits = {150, 200, 8};
     upscale_form f;
     form_kind kind = (form_kind)(data[0] % 3);
-    switch (data[0] / 3 % 4) {
+    switch (data[0] / 3 % 5) {
     case 0:
         if (form_init(&f, &limits, kind) == 0) {
             form_parse_json(&f, payload, n);
@@ -97,6 +111,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             free(again);
             free(bytes);
         }
+        break;
+    }
+    case 4: {
+        int parts = 0;
+        const char *why;
+        multipart *m = multipart_new("multipart/form-data; boundary=b", part_seen, data_seen, &parts, &why);
+        if (!m) return 0;
+        size_t half = n / 2;
+        if (multipart_feed(m, payload, half) == 0 && multipart_feed(m, payload + half, n - half) == 0)
+            multipart_end(m);
+        else if (!*multipart_error(m))
+            abort(); /* a refusal always says why */
+        multipart_free(m);
         break;
     }
     }

@@ -106,14 +106,21 @@ static size_t utf8_char(const unsigned char *s, size_t len, unsigned *cp) {
     return n;
 }
 
-static int check_text(upscale_form *f, const field_def *d, const char *v, size_t len, char **out) {
+/* A text value; `more_chars` characters that followed the first `len`
+ * bytes were not kept (the cut may fall inside a character). */
+static int check_text(upscale_form *f, const field_def *d, const char *v, size_t len, size_t more_chars,
+                      char **out) {
     char *text = malloc(len + 1);
     if (!text) return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
     const unsigned char *s = (const unsigned char *)v;
-    int chars = 0;
+    size_t chars = more_chars;
     for (size_t i = 0; i < len; chars++) {
         unsigned cp;
         size_t n = utf8_char(s + i, len - i, &cp);
+        if (!n && more_chars && len - i < 4) {
+            chars++; /* the character the cut fell in */
+            break;
+        }
         if (!n) {
             free(text);
             return problem_field(&f->error, d->name, "UTF-8 text", "%s is not valid UTF-8 (byte %zu)",
@@ -127,11 +134,11 @@ static int check_text(upscale_form *f, const field_def *d, const char *v, size_t
         } else memcpy(text + i, s + i, n);
         i += n;
     }
-    if (chars > f->limits.max_prompt_chars) {
+    if (chars > (size_t)f->limits.max_prompt_chars) {
         free(text);
         char allowed[64];
         snprintf(allowed, sizeof allowed, "at most %d characters", f->limits.max_prompt_chars);
-        return problem_field(&f->error, d->name, allowed, "%s is %d characters long; at most %d are allowed",
+        return problem_field(&f->error, d->name, allowed, "%s is %zu characters long; at most %d are allowed",
                              d->name, chars, f->limits.max_prompt_chars);
     }
     text[len] = '\0';
@@ -263,14 +270,17 @@ static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
 }
 
 /* Parses a text value into `o` (or the form, for form-wide fields); the
- * field has been claimed. */
+ * field has been claimed. A value cut short (more_chars > 0) is too long
+ * for any field, and is refused as such. */
 static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, const char *v,
-                      size_t len) {
+                      size_t len, size_t more_chars) {
     char buf[64], *end;
+    if (more_chars && d->kind != KIND_TEXT)
+        return problem_field(&f->error, d->name, d->allowed, "%s is too long (over %zu bytes)", d->name, len);
     switch (d->kind) {
     case KIND_TEXT: {
         char *text = NULL;
-        if (check_text(f, d, v, len, &text)) return -1;
+        if (check_text(f, d, v, len, more_chars, &text)) return -1;
         char **slot = d->id == FIELD_PROMPT ? &o->prompt : &o->negative_prompt;
         free(*slot);
         *slot = text;
@@ -283,9 +293,9 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
             return bad_number(f, d, what);
         memcpy(buf, v, len);
         buf[len] = '\0';
-        errno = 0;
-        double x = strtod(buf, &end);
-        return store_number(f, o, d, errno == ERANGE ? INFINITY : x);
+        /* overflow gives HUGE_VAL, refused as not finite; underflow (ERANGE
+         * too) a subnormal or zero, which is a number in range like any other */
+        return store_number(f, o, d, strtod(buf, NULL));
     }
     case KIND_SEED: {
         if (len < 20 && decimal_syntax(v, len, true) && v[0] != '-') {
@@ -307,10 +317,8 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
                                  "output_format must be png, jpeg or webp");
         return 0;
     case KIND_BOOL:
-        if ((len == 4 && strncasecmp(v, "true", 4) == 0) || (len == 1 && v[0] == '1'))
-            f->async = true;
-        else if ((len == 5 && strncasecmp(v, "false", 5) == 0) || (len == 1 && v[0] == '0'))
-            f->async = false;
+        if (len == 4 && strncasecmp(v, "true", 4) == 0) f->async = true; /* a JSON boolean's text */
+        else if (len == 5 && strncasecmp(v, "false", 5) == 0) f->async = false;
         else
             return problem_field(&f->error, d->name, d->allowed, "async must be true or false");
         return 0;
@@ -321,6 +329,10 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
 }
 
 int form_set_text(upscale_form *f, const char *name, const char *v, size_t len) {
+    return form_set_cut_text(f, name, v, len, 0);
+}
+
+int form_set_cut_text(upscale_form *f, const char *name, const char *v, size_t len, size_t more_chars) {
     if (f->error.kind) return -1;
     if (strcmp(name, "image") == 0 || (f->batch && strcmp(name, "images") == 0))
         return problem_field(&f->error, "image", "a file part",
@@ -331,7 +343,7 @@ int form_set_text(upscale_form *f, const char *name, const char *v, size_t len) 
     const field_def *d = lookup(f, name, name_len, &o, &image);
     if (!d) return unknown_field(f, name, name_len);
     if (claim(f, o, d)) return -1;
-    return apply_text(f, o, d, v, len);
+    return apply_text(f, o, d, v, len, more_chars);
 }
 
 /* ---- images ------------------------------------------------------------------ */
@@ -412,7 +424,7 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
     case KIND_FORMAT:
         if (!json_is_string(v))
             return problem_field(&f->error, d->name, d->allowed, "%s must be a string", d->name);
-        return apply_text(f, o, d, json_string_value(v), json_string_length(v));
+        return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
     case KIND_REAL:
         if (!json_is_number(v)) return bad_number(f, d, "a number");
         return store_number(f, o, d, json_number_value(v));
@@ -426,7 +438,12 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
             o->seed = (uint64_t)json_integer_value(v);
             return 0;
         }
-        if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v));
+        if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
+        if (json_is_real(v) && json_real_value(v) >= 0 && json_real_value(v) < 0x1p63 &&
+            json_real_value(v) == floor(json_real_value(v))) { /* 42.0, as for the other integers */
+            o->seed = (uint64_t)json_real_value(v);
+            return 0;
+        }
         return problem_field(&f->error, d->name, d->allowed, "seed must be an integer from %s",
                              d->allowed);
     case KIND_BOOL:
@@ -445,11 +462,70 @@ static int json_image(upscale_form *f, const char *field, json_t *v) {
     return image_from_base64(f, field, json_string_value(v), json_string_length(v));
 }
 
+/* A real at or beyond 2^63 in v: an integer jansson could not hold as one. */
+static bool holds_huge(json_t *v) {
+    const char *key;
+    json_t *x;
+    size_t i;
+    if (json_is_real(v)) return fabs(json_real_value(v)) >= 0x1p63;
+    if (json_is_object(v)) {
+        json_object_foreach(v, key, x) if (holds_huge(x)) return true;
+    } else if (json_is_array(v)) {
+        json_array_foreach(v, i, x) if (holds_huge(x)) return true;
+    }
+    return false;
+}
+
+/* jansson refuses an integer beyond 64 bits as a syntax error, but the
+ * body is well-formed JSON with a value out of range: read again with
+ * integers as reals, the member that holds one is refused like any value
+ * out of range (422, naming its field; a seed of 2^63 is just too big). */
+static int integer_overflow(upscale_form *f, const char *body, size_t len, const json_error_t *first) {
+    json_error_t jerr;
+    json_t *root =
+        json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) { /* none when root is not an object */
+        if (!holds_huge(v)) continue;
+        if (strcmp(key, "image") == 0 && !f->batch) json_image(f, "image", v);
+        else if (strcmp(key, "images") == 0 && f->batch && !json_is_array(v))
+            problem_field(&f->error, "images", "an array", "images must be an array");
+        else if (strcmp(key, "images") == 0 && f->batch) {
+            size_t i;
+            json_t *item, *x;
+            const char *k;
+            json_array_foreach(v, i, item) {
+                char name[32];
+                snprintf(name, sizeof name, "images[%zu]", i);
+                if (!json_is_object(item)) json_image(f, name, item);
+                else json_object_foreach(item, k, x) {
+                    if (!holds_huge(x)) continue;
+                    upscale_options scratch = {0}; /* the request is refused: nothing is kept */
+                    if (strcmp(k, "image") == 0) json_image(f, name, x);
+                    else json_field(f, &scratch, k, x);
+                    options_free(&scratch);
+                    break;
+                }
+                if (f->error.kind) break;
+            }
+        } else json_field(f, NULL, key, v);
+        break;
+    }
+    json_decref(root);
+    if (!f->error.kind)
+        problem_set(&f->error, PROBLEM_MALFORMED, "malformed JSON at line %d column %d: %s", first->line,
+                    first->column, first->text);
+    return -1;
+}
+
 int form_parse_json(upscale_form *f, const char *body, size_t len) {
     if (f->error.kind) return -1;
     json_error_t jerr;
     /* NUL inside strings is the fields' business (refused where it matters) */
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (!root && json_error_code(&jerr) == json_error_numeric_overflow)
+        return integer_overflow(f, body, len, &jerr);
     if (!root)
         return problem_set(&f->error, PROBLEM_MALFORMED, "malformed JSON at line %d column %d: %s",
                            jerr.line, jerr.column, jerr.text);
@@ -509,9 +585,9 @@ int form_finish(upscale_form *f) {
             return problem_set(&f->error, PROBLEM_MISSING_IMAGE, "image %d is empty", i);
     if (f->batch)
         for (int i = f->nimages; i < FORM_MAX_IMAGES; i++)
-            if (f->per[i].given)
-                return problem_set(&f->error, PROBLEM_INVALID_FIELD,
-                                   "parameters given for image %d of a batch of %d", i, f->nimages);
+            if (f->per[i].given) /* named as the images' fault: they are too few */
+                return problem_field(&f->error, "image", NULL,
+                                     "parameters given for image %d of a batch of %d", i, f->nimages);
     return 0;
 }
 

@@ -77,6 +77,10 @@ void form_free(upscale_form *f);
  * image index in a batch: "seed[2]". Returns -1 and sets f->error on the
  * first problem; later calls then do nothing. */
 int form_set_text(upscale_form *f, const char *name, const char *value, size_t len);
+/* The same for a value of which only the first `len` bytes were kept and
+ * `more_chars` characters followed (multipart fields are not held whole
+ * past the longest prompt): refused with its whole length. */
+int form_set_cut_text(upscale_form *f, const char *name, const char *value, size_t len, size_t more_chars);
 
 /* Streaming image parts: begin one per part, then append its bytes. */
 int form_image_begin(upscale_form *f);

@@ -11,14 +11,16 @@
  * queued. SSE streams suspend the same way between events.
  *
  * A request's life, as libmicrohttpd calls on_request:
- *   1st call   headers only: route, request id, CORS, API key, readiness,
- *              rate limit, Content-Length and Content-Type checks. A
- *              refusal is answered here, before any of the body is read.
- *   next calls body pieces: streamed into the multipart post processor or
- *              the JSON buffer; past --max-upload the rest is discarded
- *              and 413 is answered at the end (a client that announced
- *              its size was already refused at the 1st call), and past
- *              twice the limit the connection is closed.
+ *   1st call   headers only: framing (check_framing: one length, chunked
+ *              or nothing, Host, no NUL), route, request id, CORS, API
+ *              key, readiness, rate limit, Content-Length and Content-Type
+ *              checks. A refusal is answered here, before any of the body
+ *              is read.
+ *   next calls body pieces: streamed into the multipart reader
+ *              (multipart.c) or the JSON buffer; past --max-upload the
+ *              rest is discarded and 413 is answered at the end (a client
+ *              that announced its size was already refused at the 1st
+ *              call), and past twice the limit the connection is closed.
  *   last call  body complete: parse, check and decode the images, create
  *              the job, queue it, suspend; or answer a problem.
  *   resumed    the job is finished: answer with its result.
@@ -36,6 +38,7 @@
 #include <math.h>
 #include <netdb.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +56,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
+#include "multipart.h"
 #include "problem.h"
 #include "queue.h"
 #include "ratelimit.h"
@@ -90,13 +94,13 @@ typedef struct request {
     conn *tracked;       /* the connection's entry in conns */
     char *json;
     size_t json_len, json_cap;
-    struct MHD_PostProcessor *post;
+    multipart *post;
     char field[64];      /* multipart text field being received */
     char *field_value;
     size_t field_len;
+    size_t field_more_chars; /* characters past what was kept of it */
     bool field_open;     /* a text field is being received */
-    bool part_open;      /* any part (text or image) has begun */
-    size_t part_bytes;   /* bytes of the current part so far */
+    bool part_image;     /* the part being received is an image */
     upscale_form form;
     bool form_ready;
     /* the job answered, waited on or streamed */
@@ -368,52 +372,49 @@ static bool takes_body(route_id route) {
 
 static void flush_field(request *r) {
     if (!r->field_open) return;
-    form_set_text(&r->form, r->field, r->field_value ? r->field_value : "", r->field_len);
+    form_set_cut_text(&r->form, r->field, r->field_value ? r->field_value : "", r->field_len,
+                      r->field_more_chars);
     free(r->field_value);
     r->field_value = NULL;
-    r->field_len = 0;
+    r->field_len = r->field_more_chars = 0;
     r->field_open = false;
 }
 
-static enum MHD_Result on_post_data(void *cls, enum MHD_ValueKind kind, const char *key,
-                                    const char *filename, const char *content_type,
-                                    const char *transfer_encoding, const char *data,
-                                    uint64_t off, size_t size) {
+/* A multipart part begins (the previous one has ended). An image must be
+ * a file part: as text, it is refused like an image in the query string. */
+static int on_part(void *cls, const char *name, bool file) {
     request *r = cls;
     upscale_form *f = &r->form;
-    (void)kind, (void)filename, (void)content_type, (void)transfer_encoding;
-    if (f->error.kind) return MHD_YES; /* keep draining; the first problem is answered */
-    if (!key) {
-        problem_set(&f->error, PROBLEM_MALFORMED, "a multipart/form-data part has no name");
-        return MHD_YES;
-    }
-    bool image = strcmp(key, "image") == 0 || (f->batch && strcmp(key, "images") == 0);
-    /* a part comes in pieces; its first call may carry no bytes yet, so a
-     * second call at offset 0 continues it unless the part has data */
-    bool continuing = r->part_open && strcmp(key, r->field) == 0 && (off > 0 || r->part_bytes == 0);
-    if (!continuing) {
-        flush_field(r);
-        snprintf(r->field, sizeof r->field, "%s", key);
-        r->part_open = true;
-        r->part_bytes = 0;
-        if (image && form_image_begin(f)) return MHD_YES;
-        if (!image) r->field_open = true;
-    }
-    r->part_bytes += size;
-    if (image) {
+    flush_field(r);
+    if (f->error.kind) return 0; /* keep draining; the first problem is answered */
+    snprintf(r->field, sizeof r->field, "%s", name);
+    r->part_image = file && (strcmp(name, "image") == 0 || (f->batch && strcmp(name, "images") == 0));
+    if (r->part_image) form_image_begin(f);
+    else r->field_open = true;
+    return 0;
+}
+
+static int on_part_data(void *cls, const char *data, size_t size) {
+    request *r = cls;
+    upscale_form *f = &r->form;
+    if (f->error.kind) return 0;
+    if (r->part_image) {
         form_image_append(f, data, size);
-        return MHD_YES;
+        return 0;
     }
-    size_t cap = (size_t)r->srv->cfg.max_prompt_chars * 4 + 64; /* UTF-8: 4 bytes a character at most */
-    if (r->field_len + size > cap) /* keep what form_set_text needs to report the length */
-        size = r->field_len < cap ? cap - r->field_len : 0;
-    if (!size) return MHD_YES;
-    char *grown = realloc(r->field_value, r->field_len + size + 1);
-    if (!grown) return MHD_NO;
-    memcpy(grown + r->field_len, data, size);
+    /* a text field is kept as far as the longest prompt could go (UTF-8:
+     * 4 bytes a character at most); past that its characters are counted */
+    size_t cap = (size_t)r->srv->cfg.max_prompt_chars * 4 + 64;
+    size_t keep = r->field_len < cap ? cap - r->field_len : 0;
+    if (keep > size) keep = size;
+    for (size_t i = keep; i < size; i++) r->field_more_chars += ((unsigned char)data[i] & 0xc0) != 0x80;
+    if (!keep) return 0;
+    char *grown = realloc(r->field_value, r->field_len + keep + 1);
+    if (!grown) return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
+    memcpy(grown + r->field_len, data, keep);
     r->field_value = grown;
-    r->field_len += size;
-    return MHD_YES;
+    r->field_len += keep;
+    return 0;
 }
 
 /* Gives the body's bytes back to the upload budget. */
@@ -427,7 +428,7 @@ static void drop_body(request *r) {
     free(r->json);
     r->json = NULL;
     r->json_len = r->json_cap = 0;
-    if (r->post) MHD_destroy_post_processor(r->post);
+    multipart_free(r->post);
     r->post = NULL;
     if (r->form_ready) form_free(&r->form);
     r->form_ready = false;
@@ -457,8 +458,9 @@ static bool receive(request *r, const char *data, size_t size) {
     }
     r->held += size;
     if (r->body == BODY_MULTIPART) {
-        if (MHD_post_process(r->post, data, size) != MHD_YES && !r->form.error.kind)
-            problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body");
+        if (multipart_feed(r->post, data, size) && !r->form.error.kind)
+            problem_set(&r->form.error, PROBLEM_MALFORMED, "malformed multipart/form-data body: %s",
+                        multipart_error(r->post));
         return true;
     }
     if (r->json_len + size > r->json_cap) {
@@ -477,12 +479,120 @@ static bool receive(request *r, const char *data, size_t size) {
     return true;
 }
 
+/* A query value, with its length: libmicrohttpd decodes %00, and the value
+ * must not be cut at that NUL but refused like one in a body. */
 static enum MHD_Result add_query_value(void *cls, enum MHD_ValueKind kind, const char *key,
-                                       const char *value) {
+                                       size_t key_len, const char *value, size_t value_len) {
     request *r = cls;
     (void)kind;
-    form_set_text(&r->form, key, value ? value : "", value ? strlen(value) : 0);
+    if (strlen(key) != key_len)
+        problem_set(&r->form.error, PROBLEM_INVALID_FIELD, "a query parameter name contains a NUL byte");
+    else form_set_text(&r->form, key, value ? value : "", value ? value_len : 0);
     return r->form.error.kind ? MHD_NO : MHD_YES;
+}
+
+/* ---- HTTP framing ----------------------------------------------------------------------- */
+
+/* What the framing checks need from the header lines. */
+typedef struct {
+    int content_length, transfer_encoding, host; /* how many lines of each */
+    const char *coding;                          /* the Transfer-Encoding */
+    uintptr_t head, head_end; /* the request head in libmicrohttpd's buffer */
+    const char *last_key;     /* the header line before, and where its value ends */
+    uintptr_t last_value_end;
+    const char *cut;    /* a header whose value was cut short */
+    const char *broken; /* why: a NUL, or a folded line */
+} header_census;
+
+/* A NUL inside a header value: libmicrohttpd (0.9.75) parses the request
+ * head in place and takes each value's length with strlen, so the bytes
+ * after a NUL vanish from the value, and no API tells. They are still in
+ * its buffer, between the value's end and the next line, where only the
+ * line's CR LF (overwritten with NULs) and spaces may be. An obsolete
+ * folded line (RFC 9112 5.2) leaves its text there too: 0.9.75 glues it
+ * to the header's name instead of its value, so it is refused as well.
+ * Gaps outside the head or out of order are not judged. Returns why the
+ * value before the gap was cut short, or NULL. */
+static const char *cut_short(const header_census *c, uintptr_t from, uintptr_t to) {
+    if (!(c->head <= from && from <= to && to <= c->head_end)) return NULL;
+    const char *p = (const char *)from, *end = (const char *)to;
+    while (p < end && (!*p || *p == '\r' || *p == '\n')) p++;
+    bool folded = p == (const char *)from + 2 && p < end && (*p == ' ' || *p == '\t'); /* CR LF SP */
+    for (; p < end; p++)
+        if (*p && *p != '\r' && *p != '\n' && *p != ' ' && *p != '\t')
+            return folded ? "a folded line (obsolete line folding)" : "a NUL byte";
+    return NULL;
+}
+
+static void check_gap(header_census *c, uintptr_t to) {
+    const char *why = c->cut ? NULL : cut_short(c, c->last_value_end, to);
+    if (why) c->cut = c->last_key, c->broken = why;
+}
+
+static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    size_t key_len, const char *value, size_t value_len) {
+    header_census *c = cls;
+    (void)kind, (void)key_len;
+    check_gap(c, (uintptr_t)key);
+    c->last_key = key;
+    c->last_value_end = (uintptr_t)value + value_len;
+    if (strcasecmp(key, "Content-Length") == 0) c->content_length++;
+    else if (strcasecmp(key, "Host") == 0) c->host++;
+    else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        c->transfer_encoding++;
+        c->coding = value;
+    }
+    return MHD_YES;
+}
+
+/* The framing of a request, judged on the first call from all its header
+ * lines (RFC 9112 6.3: when a body's length cannot be trusted, answer 400
+ * and close). libmicrohttpd reads a body by the first Transfer-Encoding
+ * line, else the first Content-Length, and lets the rest through: with two
+ * lengths the rest of a body would run as another request, and a coding
+ * other than chunked alone is read until the client closes. A refusal
+ * queued on the first call makes libmicrohttpd close the connection after
+ * it, unread body and all. Returns -1 when the request was refused.
+ *
+ * What libmicrohttpd answers itself, before any callback, cannot be
+ * judged here: a Content-Length that is not a number (400, sent with its
+ * status line twice: after its error reply the state machine goes on as
+ * if the headers were fine, fixed upstream in 1.0.0), and a chunk size line
+ * longer than its read buffer (500). Both close the connection. */
+static int check_framing(request *r, const char *url, const char *method, const char *version) {
+    header_census c = {.head = (uintptr_t)method};
+    const union MHD_ConnectionInfo *head =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+    c.head_end = head ? c.head + head->header_size : 0;
+    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, count_header, &c);
+    check_gap(&c, c.head_end);
+
+    bool http10 = strcmp(version, "HTTP/1.0") == 0;
+    char why[160] = "";
+    if (c.cut) snprintf(why, sizeof why, "the %.40s header has %s", c.cut, c.broken);
+    else if (c.host > 1) snprintf(why, sizeof why, "Host is given %d times", c.host);
+    else if (!c.host && !http10)
+        snprintf(why, sizeof why, "the request has no Host header (required since HTTP/1.1)");
+    else if (c.content_length > 1)
+        snprintf(why, sizeof why, "Content-Length is given %d times", c.content_length);
+    else if (c.transfer_encoding && c.content_length)
+        snprintf(why, sizeof why, "Content-Length and Transfer-Encoding together");
+    else if (c.transfer_encoding > 1 || (c.transfer_encoding && strcasecmp(c.coding, "chunked") != 0))
+        snprintf(why, sizeof why, "only the chunked transfer coding is accepted (Transfer-Encoding: %.40s%s)",
+                 c.coding, c.transfer_encoding > 1 ? ", ..." : "");
+    else if (c.transfer_encoding && http10)
+        snprintf(why, sizeof why, "Transfer-Encoding in an HTTP/1.0 request");
+    if (!why[0]) return 0;
+
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->path, sizeof r->path, "%s", url);
+    r->route = match_route(url, r->job_id);
+    set_request_id(r);
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    /* the peer's address: no X-Forwarded-For is trusted on a malformed request */
+    ratelimit_client_address(r->srv->ratelimit, ci ? ci->client_addr : NULL, NULL, r->ip, sizeof r->ip);
+    send_simple_problem(r, PROBLEM_MALFORMED, "%s", why);
+    return -1;
 }
 
 /* ---- the first call: everything decided from the headers ----------------------------- */
@@ -543,10 +653,11 @@ static enum MHD_Result begin_body(request *r) {
     r->form_ready = true;
     if (type && strncasecmp(type, "multipart/form-data", 19) == 0) {
         r->body = BODY_MULTIPART;
-        r->post = MHD_create_post_processor(r->conn, 65536, on_post_data, r);
+        const char *why;
+        r->post = multipart_new(type, on_part, on_part_data, r, &why);
         if (!r->post)
-            return send_simple_problem(r, PROBLEM_MALFORMED,
-                                       "multipart/form-data without a usable boundary");
+            return why ? send_simple_problem(r, PROBLEM_MALFORMED, "%s", why)
+                       : send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
         return accept_body(r, announced);
     }
     if (type && strncasecmp(type, "application/json", 16) == 0 &&
@@ -932,15 +1043,16 @@ static enum MHD_Result start_job(request *r) {
      * no longer waits on the network */
     release_body(r);
     if (r->body == BODY_MULTIPART) {
-        MHD_destroy_post_processor(r->post); /* delivers the last field */
-        r->post = NULL;
-        flush_field(r);
+        if (multipart_end(r->post) && !f->error.kind)
+            problem_set(&f->error, PROBLEM_MALFORMED, "malformed multipart/form-data body: %s",
+                        multipart_error(r->post));
+        flush_field(r); /* the last field */
     } else {
         form_parse_json(f, r->json ? r->json : "", r->json_len);
         free(r->json); /* the form has its own copies: not held while the job runs */
         r->json = NULL;
     }
-    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
+    MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
     if (form_finish(f)) return send_problem(r, &f->error);
     if (f->webhook_url && !srv->cfg.webhook_secret) {
         problem p;
@@ -995,7 +1107,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
-    (void)version;
     request *r = *con_cls;
     if (!r) {
         r = calloc(1, sizeof *r);
@@ -1008,6 +1119,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = r;
         atomic_fetch_add(&requests_open, 1);
         metrics_in_flight(1);
+        if (check_framing(r, url, method, version)) return r->status ? MHD_YES : MHD_NO;
         /* requests with a body are judged on their headers, before the
          * body is read; the others are answered on the next call, since
          * libmicrohttpd closes the connection after an answer queued on
@@ -1062,7 +1174,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         job_unwait(r->job, &r->waiter);
         job_release(r->job);
     }
-    if (r->post) MHD_destroy_post_processor(r->post);
+    multipart_free(r->post);
     if (r->form_ready) form_free(&r->form);
     free(r->field_value);
     free(r->json);
