@@ -10,6 +10,7 @@
 #define SDX4_TEST_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,17 @@ static inline double max_abs_diff(const float *a, const float *b, size_t n) {
         if (!(d <= m)) m = d; /* NaN propagates as a failure */
     }
     return m;
+}
+
+/* The CRC-32 of a PNG chunk (its type and data), for tests that build PNG
+ * files by hand. */
+static inline uint32_t test_png_crc32(const unsigned char *p, size_t n) {
+    uint32_t c = 0xffffffffu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= p[i];
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1)));
+    }
+    return c ^ 0xffffffffu;
 }
 
 static inline int test_finish(const char *name) {

@@ -368,21 +368,12 @@ static void test_orientation(void) {
 
 /* ---- bad input --------------------------------------------------------- */
 
-static uint32_t crc32_png(const unsigned char *p, size_t n) {
-    uint32_t c = 0xffffffffu;
-    for (size_t i = 0; i < n; i++) {
-        c ^= p[i];
-        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1)));
-    }
-    return c ^ 0xffffffffu;
-}
-
 static size_t put_chunk(unsigned char *out, const char *type, const unsigned char *data,
                         uint32_t n) {
     out[0] = n >> 24, out[1] = n >> 16, out[2] = n >> 8, out[3] = (unsigned char)n;
     memcpy(out + 4, type, 4);
     if (n) memcpy(out + 8, data, n);
-    uint32_t c = crc32_png(out + 4, n + 4);
+    uint32_t c = test_png_crc32(out + 4, n + 4);
     unsigned char *t = out + 8 + n;
     t[0] = c >> 24, t[1] = c >> 16, t[2] = c >> 8, t[3] = (unsigned char)c;
     return 12 + n;

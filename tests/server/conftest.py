@@ -137,6 +137,17 @@ def png_claiming(width, height):
             + chunk(b"IEND", b""))
 
 
+def wait_idle(server, timeout=60):
+    """Waits until no task is queued or running on `server`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        q = server.get("/api/v1/health").json()["queue"]
+        if q["running"] == 0 and q["depth"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the workers never became idle")
+
+
 def problem(r, status, slug):
     """Asserts an RFC 9457 answer of this status and type; returns it."""
     assert r.status_code == status, (r.status_code, r.text[:400])

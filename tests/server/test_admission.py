@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import Server, image_bytes, problem
+from conftest import Server, image_bytes, problem, wait_idle
 
 LIMIT = 20  # --request-timeout of the calibrated server, seconds
 
@@ -33,16 +33,6 @@ def small_file_large_image(side=512):
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (120, 30, 200)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def wait_idle(server, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        q = server.get("/api/v1/health").json()["queue"]
-        if q["running"] == 0 and q["depth"] == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the workers never became idle")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import MODEL, SDX4, Server, image_bytes, problem
+from conftest import MODEL, SDX4, Server, image_bytes, problem, wait_idle
 
 UPSCALE = "/api/v1/upscale"
 
@@ -21,16 +21,6 @@ def upscale(server, steps=1, seed=None, headers=None, timeout=120):
         data["seed"] = str(seed)
     return requests.post(server.url + UPSCALE, files={"image": ("a.png", image_bytes(), "image/png")},
                          data=data, headers=headers or {}, timeout=timeout)
-
-
-def wait_idle(server, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        q = server.get("/api/v1/health").json()["queue"]
-        if q["running"] == 0 and q["depth"] == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the workers never became idle")
 
 
 def test_overload_30_parallel_against_queue_of_5():
