@@ -405,11 +405,7 @@ conns *conns_create(const conns_limits *limits, const struct ratelimit *proxies)
     cs->limits = *limits;
     cs->proxies = proxies;
     pthread_mutex_init(&cs->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&cs->wake, &attr);
-    pthread_condattr_destroy(&attr);
+    cond_init_monotonic(&cs->wake);
     if (pthread_create(&cs->watchdog, NULL, watchdog_main, cs) != 0) {
         pthread_cond_destroy(&cs->wake);
         pthread_mutex_destroy(&cs->lock);

@@ -422,12 +422,8 @@ job_store *job_store_create(server *srv) {
     if (!s) return NULL;
     s->srv = srv;
     pthread_mutex_init(&s->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&s->reaper_wake, &attr);
-    pthread_cond_init(&s->idle, &attr);
-    pthread_condattr_destroy(&attr);
+    cond_init_monotonic(&s->reaper_wake);
+    cond_init_monotonic(&s->idle);
     if (pthread_create(&s->reaper, NULL, reaper_main, s) != 0) {
         free(s);
         return NULL;

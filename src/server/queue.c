@@ -480,11 +480,7 @@ queue *queue_create(server *srv, int workers, int capacity) {
     q->slots = calloc((size_t)workers, sizeof *q->slots);
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->work, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&q->exit, &attr);
-    pthread_condattr_destroy(&attr);
+    cond_init_monotonic(&q->exit);
     for (int i = 0; q->threads && q->slots && i < workers; i++) {
         if (pthread_create(&q->threads[i], NULL, worker_main, q) != 0) break;
         q->nworkers++;

@@ -10,6 +10,7 @@
 #ifndef SDX4_SERVER_SERVER_H
 #define SDX4_SERVER_SERVER_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <time.h>
@@ -83,6 +84,16 @@ static inline double mono_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A condition variable whose timed waits take mono_now() deadlines, so
+ * that a change of the wall clock neither cuts nor stretches a wait. */
+static inline void cond_init_monotonic(pthread_cond_t *cond) {
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(cond, &attr);
+    pthread_condattr_destroy(&attr);
 }
 
 /* Seconds since the epoch (timestamps shown to clients). */

@@ -391,11 +391,7 @@ webhooks *webhooks_create(server *srv) {
     atomic_store(&w->abort_at, INFINITY);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     pthread_mutex_init(&w->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->wake, &attr);
-    pthread_condattr_destroy(&attr);
+    cond_init_monotonic(&w->wake);
     while (w->senders < srv->cfg.webhook_senders &&
            pthread_create(&w->threads[w->senders], NULL, sender_main, w) == 0)
         w->senders++;
