@@ -88,7 +88,7 @@ static const option options[] = {
      "longest prompt in characters (longer prompts get 422; prompts over the "
      "model's 77 tokens are truncated as CLIP does)"},
     {"max-batch", OPT_INT, O(max_batch), 1, 64, "8", "images per batch-upscale request"},
-    {"workers", OPT_INT, O(workers), 1, 64, "3", "upscales running at once"},
+    {"workers", OPT_INT, O(workers), 1, MAX_WORKERS, "3", "upscales running at once"},
     {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
      "pending upscales at most (then 503 with Retry-After)"},
     {"request-timeout", OPT_DOUBLE, O(request_timeout), 0.01, 86400, "60",

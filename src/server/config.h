@@ -13,6 +13,9 @@
 #include <stddef.h>
 #include <stdio.h>
 
+/* The most --workers allows: queue.c and status.c keep per-worker arrays of it. */
+#define MAX_WORKERS 64
+
 typedef struct {
     char **items;
     int count;

@@ -32,6 +32,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "auth.h"
 #include "base64.h"
 #include "log.h"
 #include "metrics.h"
@@ -46,7 +47,7 @@ struct job {
     form_kind kind;
     bool listed;
     char client[64], request_id[48];
-    char owner[64]; /* identity that may find the job by id ("" anonymous) */
+    char owner[AUTH_IDENTITY_SIZE]; /* identity that may find the job by id ("" anonymous) */
     int ntasks, unfinished;
     task *tasks;
     job_state state;
@@ -238,11 +239,12 @@ static json_t *job_document_locked(job *j) {
     snprintf(path, sizeof path, "/api/v1/jobs/%s", j->id);
     json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path,
                                               "/result", "events", path, "/events"));
-    if (j->webhook_url)
-        json_object_set_new(d, "webhook", json_pack("{s:s,s:i}", "status", webhook_states[j->webhook_state],
-                                                    "attempts", j->webhook_attempts));
-    if (j->webhook_url && j->webhook_error[0])
-        json_object_set_new(json_object_get(d, "webhook"), "error", json_string(j->webhook_error));
+    if (j->webhook_url) {
+        json_t *hook = json_pack("{s:s,s:i}", "status", webhook_states[j->webhook_state], "attempts",
+                                 j->webhook_attempts);
+        if (j->webhook_error[0]) json_object_set_new(hook, "error", json_string(j->webhook_error));
+        json_object_set_new(d, "webhook", hook);
+    }
     return d;
 }
 

@@ -181,8 +181,8 @@ static double finish_time(queue *q, const char *client, task **tasks, int n, dou
     double *order = malloc(sizeof *order * (size_t)(q->depth + n));
     bool *mine = malloc(sizeof *mine * (size_t)(q->depth + n));
     int len = order && mine ? pop_order(q, client, tasks, n, order, mine) : -1;
-    double left[64], elapsed = 0, clock = device_now(q, now); /* workers: at most 64 */
-    bool own[64];
+    double left[MAX_WORKERS], elapsed = 0, clock = device_now(q, now);
+    bool own[MAX_WORKERS];
     int active = 0, taken = 0, pending = n;
     for (int w = 0; w < q->nworkers; w++)
         if (q->slots[w].busy) {

@@ -34,7 +34,7 @@ json_t *status_health(server *srv, int *status) {
                           "uptime_s", mono_now() - srv->started,
                           "queue", "depth", qs.depth, "capacity", qs.capacity,
                           "running", qs.running, "workers", qs.workers);
-    queue_worker busy[64]; /* workers: at most 64 */
+    queue_worker busy[MAX_WORKERS];
     int nbusy = srv->queue ? queue_get_workers(srv->queue, busy, 64) : 0;
     json_t *list = json_array();
     for (int i = 0; i < nbusy; i++)
