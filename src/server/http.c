@@ -352,6 +352,23 @@ static void set_request_id(request *r) {
     for (int i = 0; i < 8; i++) snprintf(r->id + 2 * i, 3, "%02x", b[i]);
 }
 
+/* What the access log and every answer name the request by: method, path,
+ * route, request id and the client's address, from X-Forwarded-For only
+ * when `trust_forwarded` and the peer is a trusted proxy (the lines are
+ * joined only then). */
+static void identify(request *r, const char *url, const char *method, bool trust_forwarded) {
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->path, sizeof r->path, "%s", url);
+    r->route = match_route(url, r->job_id);
+    set_request_id(r);
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *peer = ci ? ci->client_addr : NULL;
+    char *forwarded =
+        trust_forwarded && peer && ratelimit_trusts_peer(r->srv->ratelimit, peer) ? forwarded_for(r) : NULL;
+    ratelimit_client_address(r->srv->ratelimit, peer, forwarded, r->ip, sizeof r->ip);
+    free(forwarded);
+}
+
 static bool origin_allowed(const server *srv, const char *origin) {
     const string_list *o = &srv->cfg.cors_origins;
     for (int i = 0; i < o->count; i++)
@@ -584,13 +601,7 @@ static int check_framing(request *r, const char *url, const char *method, const 
         snprintf(why, sizeof why, "Transfer-Encoding in an HTTP/1.0 request");
     if (!why[0]) return 0;
 
-    snprintf(r->method, sizeof r->method, "%s", method);
-    snprintf(r->path, sizeof r->path, "%s", url);
-    r->route = match_route(url, r->job_id);
-    set_request_id(r);
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    /* the peer's address: no X-Forwarded-For is trusted on a malformed request */
-    ratelimit_client_address(r->srv->ratelimit, ci ? ci->client_addr : NULL, NULL, r->ip, sizeof r->ip);
+    identify(r, url, method, false); /* no X-Forwarded-For is trusted on a malformed request */
     send_simple_problem(r, PROBLEM_MALFORMED, "%s", why);
     return -1;
 }
@@ -674,15 +685,7 @@ static enum MHD_Result answer_get(request *r);
 
 static enum MHD_Result begin(request *r, const char *url, const char *method) {
     server *srv = r->srv;
-    snprintf(r->method, sizeof r->method, "%s", method);
-    snprintf(r->path, sizeof r->path, "%s", url);
-    r->route = match_route(url, r->job_id);
-    set_request_id(r);
-
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    char *forwarded = forwarded_for(r);
-    ratelimit_client_address(srv->ratelimit, ci ? ci->client_addr : NULL, forwarded, r->ip, sizeof r->ip);
-    free(forwarded);
+    identify(r, url, method, true);
     snprintf(r->client, sizeof r->client, "%s", r->ip);
 
     const char *origin = header(r, "Origin");
@@ -1169,15 +1172,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         log_event(LOG_INFO, "access", line);
     }
     conns_request_done(r->tracked);
-    release_body(r);
     if (r->job) {
         job_unwait(r->job, &r->waiter);
         job_release(r->job);
     }
-    multipart_free(r->post);
-    if (r->form_ready) form_free(&r->form);
-    free(r->field_value);
-    free(r->json);
+    drop_body(r);
     free(r->event);
     free(r);
     atomic_fetch_sub(&requests_open, 1);
