@@ -271,14 +271,9 @@ fail:
 }
 
 int st_read(const st_file *f, const st_tensor *t, void *dst) {
-    if (t->data) {
-        memcpy(dst, t->data, t->nbytes);
-        return 0;
-    }
-    int64_t got = f->has_fd ? read_at(f->fd, dst, t->nbytes, t->offset) : -1;
+    int64_t got = read_at(f->fd, dst, t->nbytes, t->offset);
     if (got < 0) {
-        set_error(SDX4_ERR_IO, "%s: tensor %s: read: %s", f->path, t->name,
-                  f->has_fd ? strerror(errno) : "the file is not open");
+        set_error(SDX4_ERR_IO, "%s: tensor %s: read: %s", f->path, t->name, strerror(errno));
         return -1;
     }
     /* the file is the one opened: a change now would mix old and new data */

@@ -66,12 +66,11 @@ static int make_dirs(const char *path) {
 
 /* Creates dir/a/b for "a/b/file" (the parent folders of a relative file). */
 static int make_parents(const char *dir, const char *rel) {
+    const char *slash = strrchr(rel, '/');
+    if (!slash) return 0;
     char path[4096];
-    for (const char *p = strchr(rel, '/'); p; p = strchr(p + 1, '/')) {
-        snprintf(path, sizeof path, "%s/%.*s", dir, (int)(p - rel), rel);
-        if (make_dir(path)) return -1;
-    }
-    return 0;
+    snprintf(path, sizeof path, "%s/%.*s", dir, (int)(slash - rel), rel);
+    return make_dirs(path);
 }
 
 static int copy_file(const char *from_dir, const char *to_dir, const char *rel) {
