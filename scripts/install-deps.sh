@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
+          libhiredis-dev redis-server
           python3 python3-venv curl
           podman debootstrap) # scripts/container-check.sh
 missing=()
