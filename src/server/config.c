@@ -91,6 +91,12 @@ static const option options[] = {
     {"workers", OPT_INT, O(workers), 1, MAX_WORKERS, "3", "upscales running at once"},
     {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
      "pending upscales at most (then 503 with Retry-After)"},
+    {"redis", OPT_STRING, O(redis), 0, 0, NULL,
+     "cluster mode: the Redis that nodes and workers share, "
+     "redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N] "
+     "(unset: one process holds everything)"},
+    {"redis-timeout", OPT_DOUBLE, O(redis_timeout), 0.05, 60, "2",
+     "seconds a Redis connect or answer may take before the call fails"},
     {"request-timeout", OPT_DOUBLE, O(request_timeout), 0.01, 86400, "60",
      "seconds from arrival until a request fails with 504 and its job is canceled"},
     {"shutdown-timeout", OPT_DOUBLE, O(shutdown_timeout), 0, 3600, "30",

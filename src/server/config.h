@@ -37,6 +37,8 @@ typedef struct {
     int min_side, max_side, max_steps, max_prompt_chars, max_batch;
     /* queue */
     int workers, queue_size;
+    char *redis;          /* cluster mode: the Redis URL (redis.h), NULL single-process */
+    double redis_timeout; /* seconds a Redis connect or answer may take */
     double request_timeout, shutdown_timeout;
     /* jobs and webhooks */
     double job_retention;
