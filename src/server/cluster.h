@@ -1,0 +1,151 @@
+/*
+ * cluster.h - the protocol of cluster mode: what API nodes and workers
+ * keep in Redis and say to each other through it. docs/cluster.md
+ * describes it whole; this header is its only implementation's interface
+ * (cluster.c), so that no other module spells a key or a field.
+ *
+ * Keys (all under "sdx4:"):
+ *   sdx4:tasks            stream of tasks, consumer group "sdx4-workers";
+ *                         an entry: job <id>, task <i>, record <JSON>
+ *   sdx4:input:<id>:<i>   a task's input pixels (RGB8, row-major)
+ *   sdx4:job:<id>         hash: meta <JSON>, task:<i> <JSON>, unfinished <n>,
+ *                         state <name>, finished <wall seconds>
+ *   sdx4:result:<id>:<i>  a finished task's encoded image
+ *   sdx4:results          sorted set of stored results for the byte budget
+ *   sdx4:cancel:<id>      why the job was stopped ("client", "timeout",
+ *                         "shutdown"); workers read it at every step
+ *   sdx4:events:<id>      pub/sub channel of the job's changes
+ *   sdx4:worker:<name>    a worker's registration (hash, expires unless
+ *                         refreshed); sdx4:workers is the set of names
+ *
+ * A task travels as one record (cluster_task) serialised from one
+ * description of the parameters; its state as one JSON object per task in
+ * the job's hash, changed only through cluster_finish_task's compare-and-
+ * set, so that whoever finishes a task first (its worker, a cancel, a
+ * deadline, a reclaim that gave up) finishes it once, and whoever takes the
+ * job's last task to a final state finishes the job (webhook, history).
+ *
+ * Every function returns 0 on success and -1 with `err` set when Redis is
+ * unreachable or answered with an error; none blocks longer than the
+ * redis.h timeout unless it says so.
+ */
+#ifndef SDX4_SERVER_CLUSTER_H
+#define SDX4_SERVER_CLUSTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "form.h"
+#include "jobs.h"
+#include "problem.h"
+#include "redis.h"
+#include "sdx4.h"
+
+#define CLUSTER_STREAM "sdx4:tasks"
+#define CLUSTER_GROUP "sdx4-workers"
+
+/* One task as it travels: everything a worker needs, nothing it must look
+ * up elsewhere but the input pixels. */
+typedef struct {
+    char job_id[33];
+    int index;
+    form_kind kind;
+    char client[64], request_id[48], owner[65];
+    double created, deadline; /* wall clock (epoch seconds): nodes share no monotonic clock */
+    upscale_options opts;     /* prompt strings owned by the record */
+    int width, height;        /* of the input */
+    uint8_t cache_key[32];
+    bool cacheable;
+    char entry_id[32]; /* the stream entry it came from (workers) */
+    int deliveries;    /* times the stream delivered it (workers), 1 the first */
+} cluster_task;
+
+void cluster_task_free(cluster_task *t);
+json_t *cluster_task_to_json(const cluster_task *t);
+int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, size_t err_size);
+
+/* A task's state as kept in the job's hash. */
+typedef struct {
+    job_state state;
+    int step, total;
+    double started, finished; /* wall clock, 0 when not yet */
+    int width, height;        /* of the result */
+    size_t bytes;             /* of the encoded result */
+    sdx4_upscale_report report;
+    problem error;
+    char worker[64];
+} cluster_task_state;
+
+json_t *cluster_state_to_json(const cluster_task_state *s);
+int cluster_state_from_json(const json_t *j, cluster_task_state *s);
+
+/* The job's meta record (kind, owner, client, request id, times, task
+ * count, webhook URL). */
+typedef struct {
+    char id[33];
+    form_kind kind;
+    bool listed;
+    char client[64], request_id[48], owner[65];
+    double created, deadline; /* wall clock */
+    int ntasks;
+    char *webhook_url; /* owned, NULL none */
+} cluster_job;
+
+/* Submits a job atomically (one script): its hash, the inputs and one
+ * stream entry per task in `tasks` (the others, cache hits or rejected,
+ * are written final in `states`). Refused with `why` (PROBLEM_QUEUE_FULL,
+ * its retry_after set) when the tasks waiting in the whole cluster plus
+ * these would exceed `capacity`: nothing is then written. */
+int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
+                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
+                   problem *why, char *err, size_t err_size);
+
+/* The job's meta and its tasks' states (`states` has room for ntasks,
+ * FORM_MAX_IMAGES at most). 1 found, 0 no such job, -1 error. */
+int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_state *states,
+                     char *err, size_t err_size);
+void cluster_job_free(cluster_job *job);
+
+/* Compare-and-set of a task to a final state (stores `result` first when
+ * given, under the byte budget): 1 this call finished it, 2 it also
+ * finished the job (the caller sends the webhook and writes history), 0
+ * it was already final, -1 error. Publishes the change. */
+int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_task_state *state,
+                        const void *result, size_t result_len, double retention, size_t budget,
+                        char *err, size_t err_size);
+
+/* Progress of a running task (not final): updates its state, publishes. */
+int cluster_report_progress(redis *r, const char *job_id, int index, const cluster_task_state *state,
+                            char *err, size_t err_size);
+
+/* A stored result (malloc'd, free it); 1 found, 0 gone (expired), -1 error. */
+int cluster_load_result(redis *r, const char *job_id, int index, void **data, size_t *len, char *err,
+                        size_t err_size);
+
+/* Asks whoever runs the job's tasks to stop (`reason` STOP_*), and takes
+ * its waiting tasks out of the stream. */
+int cluster_cancel(redis *r, const char *job_id, int reason, double ttl, char *err, size_t err_size);
+/* The stop reason on record for a job (STOP_NONE if none), for workers. */
+int cluster_stop_reason(redis *r, const char *job_id, int *reason, char *err, size_t err_size);
+
+/* Events: API nodes subscribe to the pattern (one connection, redis_borrow)
+ * and apply each message to the job they hold, if they hold it. The
+ * message carries the task's whole state, so a node that missed some
+ * loses nothing but intermediate steps; nodes still re-read the hash of
+ * the jobs they wait on now and then (cluster_load_job) for the final
+ * state, in case a message was lost over a reconnect. */
+#define CLUSTER_EVENTS_PATTERN "sdx4:events:*"
+int cluster_parse_event(const char *channel, const char *message, size_t len, char job_id[33],
+                        int *index, cluster_task_state *state);
+
+/* The registered, live workers: [{name, model_id, device, variant, model:
+ * {...model-info...}, busy, started}], for health and model-info. */
+int cluster_workers(redis *r, json_t **list, char *err, size_t err_size);
+
+/* Tasks waiting in the whole cluster (not yet taken by a worker). */
+int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
+
+#endif
