@@ -18,7 +18,8 @@ Then what no schema can see, because it spans objects or ties them to sdx4:
 selectors that select pods, ports named where they are used, the
 ConfigMaps and Secrets a pod reads, grace periods that cover the shutdown
 drain the ConfigMap sets, SDX4_* variables and sdx4 flags that are
-settings of src/server/config.c (a misspelt one would be ignored), the KEDA
+settings of src/server/config.c (a misspelt one would be ignored) and
+$(VARIABLES) in arguments that are defined, the KEDA
 triggers on the stream and group the
 workers use and on the Redis the overlay deploys, and every long-running
 container non-root with a read-only root and sized.
@@ -221,7 +222,13 @@ def check_settings(objects, problems):
             if c.get("command", [None])[0] != "sdx4":
                 continue
             where = f"{name_of(obj)}: container {c['name']}"
-            for var in set(env_of(c, objects)) | {v["name"] for v in c.get("env", [])}:
+            defined = set(env_of(c, objects)) | {v["name"] for v in c.get("env", [])}
+            # the kubelet leaves a reference to an undefined variable as it is
+            for arg in c.get("command", []) + c.get("args", []):
+                for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+                    if ref not in defined:
+                        problems.append(f"{where}: $({ref}) is not a variable of the container")
+            for var in defined:
                 if var.startswith("SDX4_") and var[5:].lower().replace("_", "-") not in known:
                     problems.append(f"{where}: {var} is not a setting of sdx4 (src/server/config.c)")
             for arg in c.get("args", []):

@@ -95,6 +95,7 @@ mutations=(
   "base/kustomization.yaml|s/SDX4_LOG_LEVEL=/SDX4_LOGLEVEL=/|cpu|SDX4_LOGLEVEL is not a setting"
   "base/api.yaml|s/--workers/--worker/|cpu|--worker is not a setting"
   "base/worker.yaml|s/name: SDX4_WEBHOOK_SECRET/name: SDX4_WEBHOOKSECRET/|gpu|SDX4_WEBHOOKSECRET is not a setting"
+  "base/worker.yaml|s/\$(POD_NAME)/\$(POD_NAM)/|gpu|\$(POD_NAM) is not a variable"
   "base/api.yaml|s/      targetPort: http/      targetPort: web/|cpu|targetPort web is named by none"
   "base/worker.yaml|0,/readOnlyRootFilesystem: true/s//readOnlyRootFilesystem: false/|cpu|readOnlyRootFilesystem is not set"
   "base/worker.yaml|s/^        - name: tmp\$/        - name: temp/|cpu|mounts tmp, which no volume"
