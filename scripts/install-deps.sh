@@ -6,7 +6,6 @@ packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
           python3 python3-venv curl
-          redis-server # scripts/check-kubernetes.sh runs the Redis StatefulSet's options
           podman debootstrap) # scripts/container-check.sh
 missing=()
 for p in "${packages[@]}"; do
