@@ -8,7 +8,9 @@
 #   4. the HTTP service's integration tests against the real server;
 #   5. the CUDA backend compiled when nvcc is present (its tests skip
 #      without a GPU);
-#   6. the Dockerfile's CPU image built with podman and checked to serve
+#   6. the Kubernetes manifests rendered and validated, offline once its
+#      tools are installed (scripts/check-kubernetes.sh);
+#   7. the Dockerfile's CPU image built with podman and checked to serve
 #      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
 #      and says so).
 # Golden data: $SDX4_REFERENCE, default ../shared/reference beside the checkout.
@@ -47,6 +49,9 @@ done
 
 echo "== HTTP service integration tests (pytest drives the real server)"
 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
+
+echo "== kubernetes manifests"
+scripts/check-kubernetes.sh
 
 echo "== the container image (scripts/container-check.sh)"
 if [ "${SDX4_CONTAINER_CHECK:-1}" = 0 ]; then
