@@ -38,6 +38,7 @@
 #include "cache.h"
 #include "cost.h"
 #include "docs.h"
+#include "history.h"
 #include "http.h"
 #include "jobs.h"
 #include "log.h"
@@ -196,6 +197,11 @@ static int start_parts(server *srv) {
     srv->auth = auth_create(&c->api_keys, c->api_keys_file, c->auth_failures, stderr);
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
+    char err[256];
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+        fprintf(stderr, "sdx4 serve: history: %s\n", err);
+        return -1;
+    }
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
@@ -209,7 +215,6 @@ static int start_parts(server *srv) {
         log_event(LOG_WARN, "docs_assets_missing",
                   json_pack("{s:s}", "message", "Swagger UI files not found: /docs shows a plain page "
                                                 "(install r-cran-swagger or pass --docs-assets)"));
-    char err[256];
     if (http_start(srv, err, sizeof err)) {
         fprintf(stderr, "sdx4 serve: %s\n", err);
         return -1;
@@ -270,6 +275,10 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     srv->webhooks = NULL;
     job_store_destroy(srv->jobs);
     srv->jobs = NULL;
+    /* the jobs finished or canceled above are recorded within the same deadline (or 2 s) */
+    grace = mono_now() + 2;
+    history_close(srv->history, (deadline > grace ? deadline : grace) - mono_now());
+    srv->history = NULL;
     cost_destroy(srv->cost);
     srv->cost = NULL;
     sdx4_engine_close(srv->engine);
