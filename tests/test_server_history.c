@@ -140,12 +140,21 @@ static void test_record_and_list(void) {
         CHECK(history_list(h, &(history_query){.owner = "bob", .limit = 1, .cursor = bad[i]}, &page, err,
                            sizeof err) == HISTORY_BAD_CURSOR && !page, "cursor \"%s\" accepted", bad[i]);
     }
+    uint8_t secret[32], again[32];
+    history_identity_secret(h, secret);
     history_close(h, 5);
 
-    /* reopened: the rows are still there */
+    /* reopened: the rows are still there, and API keys keep their identities */
     h = history_open(path_in("h.db"), 100, err, sizeof err);
     CHECK(h, "reopen: %s", err);
     if (!h) return;
+    history_identity_secret(h, again);
+    CHECK(memcmp(secret, again, 32) == 0, "the identity secret changed");
+    history *other = history_open(path_in("other.db"), 100, err, sizeof err);
+    CHECK(other, "open: %s", err);
+    history_identity_secret(other, again);
+    CHECK(memcmp(secret, again, 32) != 0, "two databases have one identity secret");
+    history_close(other, 5);
     CHECK(list_all(h, (history_query){.owner = "alice", .limit = 100}, ids, sizeof ids, &pages) == 0 &&
               strcmp(ids, "8,6,4,2,0") == 0, "after reopening: %s", ids);
     history_close(h, 5);

@@ -31,7 +31,14 @@
  * started_us (NULL: never ran) and finished_us (wall-clock microseconds),
  * worker, error_kind and error_detail; an index on (owner, created_us, id)
  * serves a listing, which pages by keyset (the cursor is the last row's
- * created_us and id). sdx4_schema holds the schema's version.
+ * created_us and id). sdx4_schema holds the schema's version; a newer one
+ * is refused, not misread. sdx4_secret holds a random secret drawn when
+ * the database is made: API keys' identities, which the rows are listed
+ * by, are derived with it (auth.h) rather than with one drawn at each
+ * start, so a key's jobs stay its own after a restart and on every server
+ * sharing the database. (Whoever reads the database can thus test guesses
+ * of a key offline against its owner column: keys must be long random
+ * strings, as the README's section on history says.)
  */
 #include "history.h"
 
@@ -44,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "history_db.h"
@@ -65,6 +73,7 @@ struct history {
     bool up;
     double down_since; /* mono_now() of the failure that began an outage */
     pthread_t writer;
+    uint8_t identity_secret[32];
 };
 
 int64_t history_micros(double wall) { return (int64_t)llround(wall * 1e6); }
@@ -248,6 +257,18 @@ static void *writer_main(void *arg) {
 
 /* ---- the interface -------------------------------------------------------------------- */
 
+static int hex_secret(const char *hex, uint8_t out[32]) {
+    if (strlen(hex) != 64) return -1;
+    for (int i = 0; i < 32; i++) {
+        unsigned v;
+        if (!isxdigit((unsigned char)hex[2 * i]) || !isxdigit((unsigned char)hex[2 * i + 1]) ||
+            sscanf(hex + 2 * i, "%2x", &v) != 1)
+            return -1;
+        out[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
 static bool is_postgres_url(const char *where) {
     return strncmp(where, "postgresql://", 13) == 0 || strncmp(where, "postgres://", 11) == 0;
 }
@@ -265,7 +286,22 @@ history *history_open(const char *where, int backlog, char *err, size_t n) {
     }
     h->size = (size_t)backlog;
     h->up = true;
-    h->db = is_postgres_url(where) ? history_postgres_open(where, err, n) : history_sqlite_open(where, err, n);
+    uint8_t random[32];
+    char fresh[65], secret[65] = "";
+    if (getrandom(random, sizeof random, 0) != sizeof random) {
+        snprintf(err, n, "history: no random bytes for the identity secret");
+        free(h->ring);
+        free(h);
+        return NULL;
+    }
+    for (int i = 0; i < 32; i++) snprintf(fresh + 2 * i, 3, "%02x", random[i]);
+    h->db = is_postgres_url(where) ? history_postgres_open(where, fresh, secret, err, n)
+                                   : history_sqlite_open(where, fresh, secret, err, n);
+    if (h->db && hex_secret(secret, h->identity_secret)) {
+        snprintf(err, n, "%s: the identity secret in sdx4_secret is not 64 hex digits", where);
+        h->db->ops->close(h->db);
+        h->db = NULL;
+    }
     if (!h->db) {
         free(h->ring);
         free(h);
@@ -372,4 +408,8 @@ void history_get_stats(history *h, history_stats *s) {
     *s = (history_stats){.written = h->written, .dropped = h->dropped, .rejected = h->rejected,
                          .queued = h->count, .up = h->up};
     pthread_mutex_unlock(&h->lock);
+}
+
+void history_identity_secret(const history *h, uint8_t secret[32]) {
+    memcpy(secret, h->identity_secret, sizeof h->identity_secret);
 }

@@ -82,6 +82,10 @@ history_result history_list(history *h, const history_query *q, json_t **page, c
 
 void history_get_stats(history *h, history_stats *s);
 
+/* The secret that makes API keys' identities stable (auth.h): drawn when
+ * the database was made, the same for every server that opens it. */
+void history_identity_secret(const history *h, uint8_t secret[32]);
+
 /* RFC 3339 ("2026-12-06T17:00:00Z", "...00.5+01:00") -> seconds since
  * the epoch; -1 if malformed. */
 int history_parse_time(const char *text, double *wall);

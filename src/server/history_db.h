@@ -20,6 +20,9 @@
 /* The schema this build writes. sdx4_schema holds the version a database
  * was made with: a newer one is refused at open rather than misread. */
 #define HISTORY_SCHEMA_VERSION 1
+#define HISTORY_VERSION_TEXT "1"
+#define HISTORY_VERSION_TABLE "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
+#define HISTORY_VERSION_SELECT "SELECT coalesce(max(version), 0) FROM sdx4_schema"
 
 typedef enum {
     HISTORY_DB_OK,
@@ -60,8 +63,17 @@ struct history_db {
     const history_db_ops *ops;
 };
 
-history_db *history_sqlite_open(const char *path, char *err, size_t len);
-history_db *history_postgres_open(const char *url, char *err, size_t len);
+/* `fresh` (64 hex digits) becomes the identity secret of a new database;
+ * `secret` receives the database's. */
+history_db *history_sqlite_open(const char *path, const char *fresh, char secret[65], char *err, size_t len);
+history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len);
+
+/* The identity secret's table, the same in both dialects; a printf
+ * format of the fresh secret (hex digits: nothing to quote). */
+#define HISTORY_SECRET_SQL                                                                        \
+    "CREATE TABLE IF NOT EXISTS sdx4_secret (secret TEXT NOT NULL);"                             \
+    "INSERT INTO sdx4_secret SELECT '%s' WHERE NOT EXISTS (SELECT 1 FROM sdx4_secret);"
+#define HISTORY_SECRET_SELECT "SELECT secret FROM sdx4_secret LIMIT 1"
 
 /* From history.c, for both backends. */
 json_t *history_row_document(const history_row *r);

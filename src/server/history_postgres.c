@@ -33,9 +33,8 @@ typedef struct {
 /* An arbitrary constant that names sdx4's schema lock among advisory locks. */
 #define SCHEMA_LOCK "7135412968"
 
+/* After sdx4_schema says the version is not newer than this build's. */
 static const char schema[] =
-    "SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ");"
-    "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS sdx4_jobs ("
     " id TEXT COLLATE \"C\" PRIMARY KEY, owner TEXT NOT NULL, client TEXT NOT NULL,"
     " kind TEXT NOT NULL, request_id TEXT NOT NULL, status TEXT NOT NULL, parameters TEXT,"
@@ -43,7 +42,7 @@ static const char schema[] =
     " created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT NOT NULL,"
     " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
     "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
-    "INSERT INTO sdx4_schema SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
+    "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
 static PGconn *connect_url(const char *url) {
     /* the URL's own settings win: expand_dbname applies it after these */
@@ -117,6 +116,37 @@ static history_db_status postgres_write(history_db *base, history_entry *const *
     return s;
 }
 
+/* The first column of a one-row query, into out; false if it failed. */
+static bool query_text(PGconn *c, const char *sql, char *out, size_t size) {
+    PGresult *res = PQexec(c, sql);
+    bool ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
+    if (ok) snprintf(out, size, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return ok;
+}
+
+/* Checks the version of the schema there, creates what is missing, and
+ * reads the identity secret: one transaction, under the schema lock. */
+static int prepare_schema(PGconn *c, const char *fresh, char secret[65], char *err, size_t len) {
+    char version[24] = "", sql[sizeof schema + 256];
+    bool ok = exec_command(c, "BEGIN; SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ");" HISTORY_VERSION_TABLE,
+                           err, len) == HISTORY_DB_OK &&
+              query_text(c, HISTORY_VERSION_SELECT, version, sizeof version);
+    if (ok && atoi(version) > HISTORY_SCHEMA_VERSION) {
+        snprintf(err, len, "history schema version %s is newer than this sdx4's (%d)", version,
+                 HISTORY_SCHEMA_VERSION);
+        PQclear(PQexec(c, "ROLLBACK"));
+        return -1;
+    }
+    snprintf(sql, sizeof sql, "%s" HISTORY_SECRET_SQL, schema, fresh);
+    ok = ok && exec_command(c, sql, err, len) == HISTORY_DB_OK &&
+         query_text(c, HISTORY_SECRET_SELECT, secret, 65) && exec_command(c, "COMMIT", err, len) == HISTORY_DB_OK;
+    if (ok) return 0;
+    copy_error(c, "PostgreSQL history schema: ", err, len);
+    PQclear(PQexec(c, "ROLLBACK"));
+    return -1;
+}
+
 static const char *value(PGresult *res, int row, int col) {
     return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
 }
@@ -171,7 +201,7 @@ static void postgres_close(history_db *base) {
 
 static const history_db_ops postgres_ops = {postgres_write, postgres_list, postgres_close};
 
-history_db *history_postgres_open(const char *url, char *err, size_t len) {
+history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len) {
     postgres_db *db = calloc(1, sizeof *db);
     if (!db) {
         snprintf(err, len, "out of memory");
@@ -189,24 +219,7 @@ history_db *history_postgres_open(const char *url, char *err, size_t len) {
         postgres_close(&db->base);
         return NULL;
     }
-    /* one transaction: PQexec runs a multi-statement string as one */
-    PGresult *res = PQexec(db->writer, schema);
-    bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-    PQclear(res);
-    if (ok) {
-        res = PQexec(db->writer, "SELECT max(version) FROM sdx4_schema");
-        ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
-        int version = ok ? atoi(PQgetvalue(res, 0, 0)) : 0;
-        PQclear(res);
-        if (ok && version > HISTORY_SCHEMA_VERSION) {
-            snprintf(err, len, "history schema version %d is newer than this sdx4's (%d)", version,
-                     HISTORY_SCHEMA_VERSION);
-            postgres_close(&db->base);
-            return NULL;
-        }
-    }
-    if (!ok) {
-        copy_error(db->writer, "PostgreSQL history schema: ", err, len);
+    if (prepare_schema(db->writer, fresh, secret, err, len)) {
         postgres_close(&db->base);
         return NULL;
     }

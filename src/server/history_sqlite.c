@@ -23,15 +23,16 @@ typedef struct {
     pthread_mutex_t read_lock;
 } sqlite_db;
 
+/* After sdx4_schema says the version is not newer than this build's. */
 static const char schema[] =
-    "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS sdx4_jobs ("
     " id TEXT PRIMARY KEY, owner TEXT NOT NULL, client TEXT NOT NULL, kind TEXT NOT NULL,"
     " request_id TEXT NOT NULL, status TEXT NOT NULL, parameters TEXT,"
     " images INTEGER NOT NULL, input_pixels INTEGER NOT NULL, output_bytes INTEGER NOT NULL,"
     " created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER NOT NULL,"
     " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
-    "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);";
+    "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
+    "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
 static history_db_status status_of(int rc) {
     switch (rc & 0xff) {
@@ -62,35 +63,45 @@ static int connect(const char *path, sqlite3 **c, char *err, size_t len) {
     return -1;
 }
 
-/* Creates the schema, or checks the version of the one there. */
-static int prepare_schema(sqlite3 *c, const char *path, char *err, size_t len) {
+static const char *column_text(sqlite3_stmt *st, int i) {
+    const unsigned char *s = sqlite3_column_text(st, i);
+    return s ? (const char *)s : "";
+}
+
+/* The first column of a one-row query as text ("" for NULL). */
+static int query_text(sqlite3 *c, const char *sql, char *out, size_t size) {
     sqlite3_stmt *st = NULL;
-    int version = -1;
-    int rc = sqlite3_exec(c, "BEGIN IMMEDIATE;", NULL, NULL, NULL);
-    if (rc == SQLITE_OK) rc = sqlite3_exec(c, schema, NULL, NULL, NULL);
-    if (rc == SQLITE_OK) rc = sqlite3_prepare_v2(c, "SELECT max(version) FROM sdx4_schema", -1, &st, NULL);
+    int rc = sqlite3_prepare_v2(c, sql, -1, &st, NULL);
     if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        version = sqlite3_column_type(st, 0) == SQLITE_NULL ? 0 : sqlite3_column_int(st, 0);
+        snprintf(out, size, "%s", column_text(st, 0));
         rc = SQLITE_OK;
     }
     sqlite3_finalize(st);
-    if (rc == SQLITE_OK && version == 0) {
-        char sql[80];
-        snprintf(sql, sizeof sql, "INSERT INTO sdx4_schema VALUES (%d)", HISTORY_SCHEMA_VERSION);
-        rc = sqlite3_exec(c, sql, NULL, NULL, NULL);
-    }
-    if (rc == SQLITE_OK) rc = sqlite3_exec(c, "COMMIT;", NULL, NULL, NULL);
-    if (rc != SQLITE_OK) {
-        snprintf(err, len, "%s: %s", path, sqlite3_errmsg(c));
+    return rc;
+}
+
+/* Checks the version of the schema there, creates what is missing, and
+ * reads the identity secret: one transaction. */
+static int prepare_schema(sqlite3 *c, const char *path, const char *fresh, char secret[65], char *err,
+                          size_t len) {
+    char version[24] = "", secret_sql[256];
+    snprintf(secret_sql, sizeof secret_sql, HISTORY_SECRET_SQL, fresh);
+    int rc = sqlite3_exec(c, "BEGIN IMMEDIATE;" HISTORY_VERSION_TABLE, NULL, NULL, NULL);
+    if (rc == SQLITE_OK) rc = query_text(c, HISTORY_VERSION_SELECT, version, sizeof version);
+    if (rc == SQLITE_OK && atoi(version) > HISTORY_SCHEMA_VERSION) {
+        snprintf(err, len, "%s: history schema version %s is newer than this sdx4's (%d)", path, version,
+                 HISTORY_SCHEMA_VERSION);
         sqlite3_exec(c, "ROLLBACK;", NULL, NULL, NULL);
         return -1;
     }
-    if (version > HISTORY_SCHEMA_VERSION) {
-        snprintf(err, len, "%s: history schema version %d is newer than this sdx4's (%d)", path, version,
-                 HISTORY_SCHEMA_VERSION);
-        return -1;
-    }
-    return 0;
+    if (rc == SQLITE_OK) rc = sqlite3_exec(c, schema, NULL, NULL, NULL);
+    if (rc == SQLITE_OK) rc = sqlite3_exec(c, secret_sql, NULL, NULL, NULL);
+    if (rc == SQLITE_OK) rc = query_text(c, HISTORY_SECRET_SELECT, secret, 65);
+    if (rc == SQLITE_OK) rc = sqlite3_exec(c, "COMMIT;", NULL, NULL, NULL);
+    if (rc == SQLITE_OK) return 0;
+    snprintf(err, len, "%s: %s", path, sqlite3_errmsg(c));
+    sqlite3_exec(c, "ROLLBACK;", NULL, NULL, NULL);
+    return -1;
 }
 
 static void bind_text(sqlite3_stmt *st, int i, const char *s) {
@@ -127,11 +138,6 @@ static history_db_status sqlite_write(history_db *base, history_entry *const *en
     history_db_status s = fail(db->writer, rc, err, len);
     if (!sqlite3_get_autocommit(db->writer)) sqlite3_exec(db->writer, "ROLLBACK;", NULL, NULL, NULL);
     return s;
-}
-
-static const char *column_text(sqlite3_stmt *st, int i) {
-    const unsigned char *s = sqlite3_column_text(st, i);
-    return s ? (const char *)s : "";
 }
 
 static history_db_status sqlite_list(history_db *base, const history_db_query *q, json_t *rows, char *err,
@@ -180,7 +186,7 @@ static void sqlite_close(history_db *base) {
 
 static const history_db_ops sqlite_ops = {sqlite_write, sqlite_list, sqlite_close};
 
-history_db *history_sqlite_open(const char *path, char *err, size_t len) {
+history_db *history_sqlite_open(const char *path, const char *fresh, char secret[65], char *err, size_t len) {
     sqlite_db *db = calloc(1, sizeof *db);
     if (!db) {
         snprintf(err, len, "out of memory");
@@ -188,7 +194,7 @@ history_db *history_sqlite_open(const char *path, char *err, size_t len) {
     }
     db->base.ops = &sqlite_ops;
     pthread_mutex_init(&db->read_lock, NULL);
-    if (connect(path, &db->writer, err, len) || prepare_schema(db->writer, path, err, len) ||
+    if (connect(path, &db->writer, err, len) || prepare_schema(db->writer, path, fresh, secret, err, len) ||
         connect(path, &db->reader, err, len)) {
         sqlite_close(&db->base);
         return NULL;

@@ -202,6 +202,11 @@ static int start_parts(server *srv) {
         fprintf(stderr, "sdx4 serve: history: %s\n", err);
         return -1;
     }
+    if (srv->history) { /* a key's jobs stay its own across restarts, and across servers sharing the database */
+        uint8_t secret[32];
+        history_identity_secret(srv->history, secret);
+        auth_set_identity_secret(srv->auth, secret);
+    }
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
