@@ -15,6 +15,9 @@
 #include "history.h"
 #include "test.h"
 
+/* Created at any time. */
+#define ALL_TIME .since = -INFINITY, .until = INFINITY
+
 static char dir[] = "/tmp/sdx4-history-XXXXXX";
 
 static const char *path_in(const char *name) {
@@ -102,15 +105,15 @@ static void test_record_and_list(void) {
     char ids[256];
     int pages;
     /* alice: 8, 6, 4, 2, 0 newest first; the duplicate id (a retried write) is ignored */
-    CHECK(list_all(h, (history_query){.owner = "alice", .limit = 2}, ids, sizeof ids, &pages) == 0, "list");
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "alice", .limit = 2}, ids, sizeof ids, &pages) == 0, "list");
     CHECK(strcmp(ids, "8,6,4,2,0") == 0 && pages == 3, "alice's jobs: %s in %d pages", ids, pages);
-    CHECK(list_all(h, (history_query){.owner = "alice", .limit = 5}, ids, sizeof ids, &pages) == 0 &&
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "alice", .limit = 5}, ids, sizeof ids, &pages) == 0 &&
               pages == 1, "an exact page has no next cursor: %d pages", pages);
-    CHECK(list_all(h, (history_query){.owner = "bob", .limit = 100}, ids, sizeof ids, &pages) == 0 &&
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "bob", .limit = 100}, ids, sizeof ids, &pages) == 0 &&
               strcmp(ids, "9,7,5,3,1") == 0, "bob's jobs: %s", ids);
-    CHECK(list_all(h, (history_query){.owner = "carol", .limit = 10}, ids, sizeof ids, &pages) == 0 &&
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "carol", .limit = 10}, ids, sizeof ids, &pages) == 0 &&
               ids[0] == '\0' && pages == 1, "carol has none: %s", ids);
-    CHECK(list_all(h, (history_query){.owner = "bob", .status = "failed", .limit = 1}, ids, sizeof ids,
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "bob", .status = "failed", .limit = 1}, ids, sizeof ids,
                    &pages) == 0 && strcmp(ids, "9,3") == 0, "bob's failed jobs: %s", ids);
     CHECK(list_all(h, (history_query){.owner = "alice", .since = 1796515202.0, .until = 1796515206.0, .limit = 1},
                    ids, sizeof ids, &pages) == 0 && strcmp(ids, "4,2") == 0,
@@ -118,7 +121,7 @@ static void test_record_and_list(void) {
 
     /* one document in full */
     json_t *page = NULL;
-    CHECK(history_list(h, &(history_query){.owner = "bob", .limit = 1}, &page, err, sizeof err) == HISTORY_OK,
+    CHECK(history_list(h, &(history_query){ALL_TIME, .owner = "bob", .limit = 1}, &page, err, sizeof err) == HISTORY_OK,
           "list: %s", err);
     json_t *job = json_array_get(json_object_get(page, "jobs"), 0);
     char *text = json_dumps(job, JSON_COMPACT | JSON_SORT_KEYS);
@@ -137,7 +140,7 @@ static void test_record_and_list(void) {
                                       "5-0000000000000000000000000000000G", "5-00000000000000000000000000000001x"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         page = NULL;
-        CHECK(history_list(h, &(history_query){.owner = "bob", .limit = 1, .cursor = bad[i]}, &page, err,
+        CHECK(history_list(h, &(history_query){ALL_TIME, .owner = "bob", .limit = 1, .cursor = bad[i]}, &page, err,
                            sizeof err) == HISTORY_BAD_CURSOR && !page, "cursor \"%s\" accepted", bad[i]);
     }
     uint8_t secret[32], again[32];
@@ -155,7 +158,7 @@ static void test_record_and_list(void) {
     history_identity_secret(other, again);
     CHECK(memcmp(secret, again, 32) != 0, "two databases have one identity secret");
     history_close(other, 5);
-    CHECK(list_all(h, (history_query){.owner = "alice", .limit = 100}, ids, sizeof ids, &pages) == 0 &&
+    CHECK(list_all(h, (history_query){ALL_TIME, .owner = "alice", .limit = 100}, ids, sizeof ids, &pages) == 0 &&
               strcmp(ids, "8,6,4,2,0") == 0, "after reopening: %s", ids);
     history_close(h, 5);
 }

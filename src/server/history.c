@@ -374,8 +374,8 @@ void history_record(history *h, const history_entry *e) {
 
 history_result history_list(history *h, const history_query *q, json_t **page, char *err, size_t n) {
     history_db_query dq = {.owner = q->owner, .status = q->status ? q->status : "",
-                           .since_us = q->since > 0 ? history_micros(q->since) : INT64_MIN,
-                           .until_us = q->until > 0 ? history_micros(q->until) : INT64_MAX,
+                           .since_us = isfinite(q->since) ? history_micros(q->since) : INT64_MIN,
+                           .until_us = isfinite(q->until) ? history_micros(q->until) : INT64_MAX,
                            .before_us = INT64_MAX, .before_id = "", .limit = q->limit + 1};
     char before_id[33];
     if (q->cursor) {

@@ -45,7 +45,7 @@ typedef struct {
 typedef struct {
     const char *owner;  /* only this owner's jobs */
     const char *status; /* a final state, or NULL for any */
-    double since, until; /* created in [since, until); 0: unbounded */
+    double since, until; /* created in [since, until); -INFINITY, INFINITY: unbounded */
     int limit;          /* 1..HISTORY_MAX_LIMIT */
     const char *cursor; /* next_cursor of the previous page, or NULL */
 } history_query;

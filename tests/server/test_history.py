@@ -11,6 +11,7 @@ queue once PostgreSQL is back.
 Upscales are expensive here (seconds each on the tiny model): each key
 pays for one, and the rest of its jobs are answered from the result cache,
 which finishes (and records) a job as any other."""
+import json
 import os
 import pwd
 import re
@@ -21,7 +22,9 @@ import time
 
 import pytest
 
-from conftest import SDX4, Server, image_bytes, problem
+import jsonschema_rs  # schemathesis's own validator, installed with it
+
+from conftest import ROOT, SDX4, Server, image_bytes, problem
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 ALICE = {"Authorization": "Bearer key-alice"}
@@ -91,6 +94,25 @@ def where(request, tmp_path):
     return request.getfixturevalue("postgres").new_database()
 
 
+def page_schema():
+    """A validator of JobHistoryPage, its references resolved in openapi.json."""
+    with open(os.path.join(ROOT, "openapi.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    return jsonschema_rs.Draft202012Validator(dict(doc, **{"$ref": "#/components/schemas/JobHistoryPage"}))
+
+
+PAGE = page_schema()
+
+
+def test_openapi_example_is_a_page():
+    with open(os.path.join(ROOT, "openapi.json"), encoding="utf-8") as f:
+        op = json.load(f)["paths"]["/api/v1/jobs"]["get"]
+    example = op["responses"]["200"]["content"]["application/json"]["example"]
+    PAGE.validate(example)
+    assert example["jobs"] and example["next_cursor"]
+    assert not PAGE.is_valid(dict(example, next_cursor="not-a-cursor"))  # the schema does check
+
+
 def listed(s, headers, want, query="", timeout=30):
     """The first page of `query` once it holds `want` jobs (the history is
     written behind the requests, by a thread of its own)."""
@@ -99,6 +121,7 @@ def listed(s, headers, want, query="", timeout=30):
         r = s.get("/api/v1/jobs" + query, headers=headers)
         assert r.status_code == 200, r.text
         page = r.json()
+        PAGE.validate(page)
         if len(page["jobs"]) >= want or time.time() > deadline:
             assert len(page["jobs"]) == want, page
             return page
@@ -211,7 +234,6 @@ BAD_QUERIES = [
     ("limit=0", "limit"), ("limit=101", "limit"), ("limit=x", "limit"), ("limit=1&limit=2", "limit"),
     ("status=queued", "status"), ("status=running", "status"), ("status=done", "status"),
     ("since=yesterday", "since"), ("since=2026-12-06", "since"), ("until=2026-12-06T25:00:00Z", "until"),
-    ("since=2026-12-06T10:00:00Z&until=2026-12-06T09:00:00Z", "until"),
     ("cursor=", "cursor"), ("cursor=abc", "cursor"), ("cursor=1-" + "g" * 32, "cursor"),
     ("cursor=1-" + "0" * 32 + "%00", "cursor"), ("order=asc", "order"),
 ]
