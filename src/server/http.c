@@ -616,7 +616,8 @@ static enum MHD_Result preflight(request *r, unsigned allowed) {
     const char *method = header(r, "Access-Control-Request-Method");
     if (!origin || !method) {
         struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
-        MHD_add_response_header(resp, "Allow", allowed & M_POST ? "POST, OPTIONS"
+        MHD_add_response_header(resp, "Allow", allowed == (M_GET | M_POST) ? "GET, HEAD, POST, OPTIONS"
+                                               : allowed & M_POST ? "POST, OPTIONS"
                                                : allowed & M_DELETE ? "GET, HEAD, DELETE, OPTIONS"
                                                                     : "GET, HEAD, OPTIONS");
         return send_response(r, 204, resp);
@@ -630,7 +631,10 @@ static enum MHD_Result preflight(request *r, unsigned allowed) {
     r->cors_origin = origin;
     struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
     MHD_add_response_header(resp, "Access-Control-Allow-Methods",
-                            allowed & M_POST ? "POST" : allowed & M_DELETE ? "GET, DELETE" : "GET");
+                            allowed == (M_GET | M_POST) ? "GET, POST"
+                            : allowed & M_POST          ? "POST"
+                            : allowed & M_DELETE        ? "GET, DELETE"
+                                                        : "GET");
     MHD_add_response_header(resp, "Access-Control-Allow-Headers",
                             "Authorization, X-API-Key, Content-Type, Accept, X-Request-Id");
     MHD_add_response_header(resp, "Access-Control-Max-Age", "600");

@@ -2,8 +2,9 @@
  * serve.c - `sdx4 serve`: start-up, the model's loading, shutdown.
  *
  * Start-up order: settings, then everything that can refuse to start
- * (API keys file, trusted proxies, the listening socket), then the HTTP
- * daemon, so that health answers at once ("loading", 503) while a
+ * (API keys file, trusted proxies, the history database, the listening
+ * socket), then the HTTP daemon, so that health answers at once
+ * ("loading", 503) while a
  * separate thread opens the model and runs the warm-up upscales (one step
  * at each of --warmup-sizes, else one at min-side) and the calibration of
  * the time estimator (cost.c: one-step upscales measured at two sizes);
@@ -18,8 +19,8 @@
  * draining); queued and running jobs get until --shutdown-timeout to
  * finish and are canceled after it (their clients get 503); then the
  * listening socket closes, the answers still being sent are given a
- * moment, webhooks are flushed within the same deadline, and the process
- * exits 0. Signals are taken synchronously by
+ * moment, webhooks and the history's queue are flushed within the same
+ * deadline, and the process exits 0. Signals are taken synchronously by
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
  */

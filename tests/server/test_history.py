@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import pytest
+import requests
 
 import jsonschema_rs  # schemathesis's own validator, installed with it
 
@@ -160,6 +161,9 @@ def test_history_off():
         assert "--history" in p["detail"]
         r = s.post("/api/v1/jobs", files={"image": b"x"}, headers=ALICE)  # POST is still job creation
         assert r.status_code == 415, r.text
+        for r in (requests.options(s.url + "/api/v1/jobs", timeout=10),
+                  requests.put(s.url + "/api/v1/jobs", headers=ALICE, timeout=10)):
+            assert r.headers["Allow"] == "GET, HEAD, POST, OPTIONS", r.headers
     finally:
         s.check_clean_exit()
 
