@@ -244,9 +244,10 @@ static void *writer_main(void *arg) {
             backoff = 0.1;
             continue;
         }
+        /* entries arriving meanwhile signal `queued`: they must not cut the wait */
         double until = mono_now() + backoff;
         struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
-        pthread_cond_timedwait(&h->queued, &h->lock, &ts);
+        while (!h->closing && mono_now() < until) pthread_cond_timedwait(&h->queued, &h->lock, &ts);
         backoff = backoff * 2 < 2 ? backoff * 2 : 2;
     }
     h->writer_done = true;
@@ -275,7 +276,7 @@ static bool is_postgres_url(const char *where) {
 
 history *history_open(const char *where, int backlog, char *err, size_t n) {
     if (!where || !*where || backlog < 1) {
-        snprintf(err, n, "history: a file path or a postgresql:// URL and a backlog of 1 or more are needed");
+        snprintf(err, n, "a file path or a postgresql:// URL, and a backlog of 1 or more, are needed");
         return NULL;
     }
     history *h = calloc(1, sizeof *h);
@@ -289,7 +290,7 @@ history *history_open(const char *where, int backlog, char *err, size_t n) {
     uint8_t random[32];
     char fresh[65], secret[65] = "";
     if (getrandom(random, sizeof random, 0) != sizeof random) {
-        snprintf(err, n, "history: no random bytes for the identity secret");
+        snprintf(err, n, "no random bytes for the identity secret");
         free(h->ring);
         free(h);
         return NULL;
@@ -317,7 +318,7 @@ history *history_open(const char *where, int backlog, char *err, size_t n) {
     int rc = pthread_create(&h->writer, NULL, writer_main, h);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        snprintf(err, n, "history: cannot start the writer thread");
+        snprintf(err, n, "cannot start the writer thread");
         h->db->ops->close(h->db);
         free(h->ring);
         free(h);
