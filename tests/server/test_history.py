@@ -298,3 +298,19 @@ def test_postgres_outage(postgres):
         assert "history_unavailable" in events and "history_recovered" in events
     finally:
         s.check_clean_exit()
+
+
+def test_servers_share_postgres(postgres):
+    """Two servers on one database, as a cluster's nodes are: a key's job
+    made through one is listed through the other (the identity secret is
+    the database's, not each process's), and another key's is not."""
+    url = postgres.new_database()
+    a = Server(*KEYS, "--history", url)
+    b = Server(*KEYS, "--history", url)
+    try:
+        made = upscale(a, ALICE)
+        assert [j["request_id"] for j in listed(b, ALICE, 1)["jobs"]] == [made]
+        assert b.get("/api/v1/jobs", headers=BOB).json()["jobs"] == []
+    finally:
+        a.check_clean_exit()
+        b.check_clean_exit()
