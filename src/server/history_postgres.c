@@ -4,8 +4,9 @@
  * Two connections from the URL: the writer thread's, and one for
  * listings under a lock (a libpq connection serves one thread at a time).
  * Either is reset when it is found broken, on its next use: the writer
- * then retries its batch later (history.c backs off), and a listing gets
- * HISTORY_DB_RETRY at once rather than waiting for the server to return.
+ * then retries its batch later (history.c backs off), and a listing tries
+ * once more on the reset connection (the server restarted meanwhile), then
+ * gets HISTORY_DB_RETRY at once rather than waiting for it to return.
  * Every connection gets connect_timeout and a statement_timeout unless
  * the URL sets them, so that neither a dead host nor a stuck lock can hold
  * a thread for long.
@@ -160,7 +161,11 @@ static history_db_status postgres_list(history_db *base, const history_db_query 
     postgres_db *db = (postgres_db *)base;
     pthread_mutex_lock(&db->read_lock);
     history_db_status s = HISTORY_DB_RETRY;
-    if (usable(db->reader, err, len)) {
+    /* a connection the server closed (a restart) shows only when used:
+     * then it is reset and the query tried once more */
+    for (int attempt = 0; attempt < 2 && s == HISTORY_DB_RETRY &&
+                          (attempt == 0 || PQstatus(db->reader) != CONNECTION_OK) && usable(db->reader, err, len);
+         attempt++) {
         char since[24], until[24], before[24], limit[24];
         snprintf(since, sizeof since, "%" PRId64, q->since_us);
         snprintf(until, sizeof until, "%" PRId64, q->until_us);

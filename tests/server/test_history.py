@@ -296,6 +296,11 @@ def test_postgres_outage(postgres):
         assert metric(s, "sdx4_history_up") == 1
         events = [l.get("event") for l in s.logs() if isinstance(l, dict)]
         assert "history_unavailable" in events and "history_recovered" in events
+        # restarted while nobody listed: the first listing after it finds
+        # its connection closed, and reconnects rather than answering 503
+        postgres.stop()
+        postgres.start()
+        assert s.get("/api/v1/jobs", headers=BOB).status_code == 200
     finally:
         s.check_clean_exit()
 
