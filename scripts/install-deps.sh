@@ -7,6 +7,7 @@ packages=(build-essential cmake pkg-config clang
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
           libhiredis-dev redis-server
           python3 python3-venv curl
+          libsqlite3-dev libpq-dev postgresql # --history; postgresql: its server for the tests
           podman debootstrap) # scripts/container-check.sh
 missing=()
 for p in "${packages[@]}"; do

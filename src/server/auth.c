@@ -14,7 +14,10 @@
  * identity is an HMAC of the key's digest under a secret drawn at start:
  * 128 bits, unrelated to the key without the secret, which never leaves
  * the process. Everything it keys lives in memory too, so that it changes
- * from one run to the next costs nothing.
+ * from one run to the next costs nothing; except the request history,
+ * which outlives the process and lists a key's jobs by identity: its
+ * database holds a secret drawn once, which replaces this one
+ * (auth_set_identity_secret).
  *
  * Throttling. Failed attempts (401 and 403) are counted per client
  * address by a rate limiter of `failures` a minute (ratelimit.c's GCRA:
@@ -98,6 +101,10 @@ void auth_destroy(auth *a) {
 }
 
 bool auth_enabled(const auth *a) { return a->count > 0; }
+
+void auth_set_identity_secret(auth *a, const uint8_t secret[32]) {
+    memcpy(a->identity_secret, secret, sizeof a->identity_secret);
+}
 
 /* The presented key, or NULL when none is presented in a usable form. */
 static const char *presented_key(const char *authorization, const char *api_key) {

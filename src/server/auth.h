@@ -15,6 +15,7 @@
 #define SDX4_SERVER_AUTH_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "config.h"
@@ -33,6 +34,10 @@ typedef struct auth auth;
 auth *auth_create(const string_list *keys, const char *keys_file, int failures, FILE *err);
 void auth_destroy(auth *a);
 bool auth_enabled(const auth *a);
+/* Replaces the secret drawn at start, before any request: identities then
+ * stay the same from one run to the next, and on every server given the
+ * same secret (the request history keeps one in its database). */
+void auth_set_identity_secret(auth *a, const uint8_t secret[32]);
 
 /* Judges a request from `address` (the client's address, see ratelimit.h)
  * at `now` (mono_now()): PROBLEM_NONE when it may go on, with its

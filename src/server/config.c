@@ -156,6 +156,14 @@ static const option options[] = {
     {"log-buffer", OPT_SIZE, O(log_buffer), 4096, 1 << 30, "1M",
      "bytes of log lines held while stderr's reader is slow (beyond: lines are "
      "dropped and counted, never waited for)"},
+    {"history", OPT_STRING, O(history), 0, 0, NULL,
+     "record every finished job for GET /api/v1/jobs: an SQLite file (one server), "
+     "or a postgresql:// URL (servers sharing one database) (default: off)"},
+    /* 10000: minutes of a busy server's jobs at about 1 KB each, a PostgreSQL
+     * restart's worth, for 10 MB at most */
+    {"history-backlog", OPT_INT, O(history_backlog), 1, 1000000, "10000",
+     "finished jobs held while the history database is slow or down (beyond: "
+     "dropped and counted, never waited for)"},
 };
 #undef O
 enum { OPTION_COUNT = sizeof options / sizeof options[0] };

@@ -63,6 +63,9 @@ typedef struct {
     bool access_log;
     char *docs_assets;
     size_t log_buffer;
+    /* request history (history.h) */
+    char *history; /* a file (SQLite) or a postgresql:// URL; NULL: off */
+    int history_backlog;
 } server_config;
 
 /* Fills `cfg` from defaults, the settings file, the environment and argv

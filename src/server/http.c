@@ -35,6 +35,7 @@
 #include "http.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <math.h>
 #include <netdb.h>
 #include <stdarg.h>
@@ -53,6 +54,7 @@
 #include "conns.h"
 #include "docs.h"
 #include "form.h"
+#include "history.h"
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
@@ -202,6 +204,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
     case PROBLEM_QUEUE_FULL:
     case PROBLEM_NOT_READY:
     case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
+    case PROBLEM_HISTORY_UNAVAILABLE:
         snprintf(v, sizeof v, "%d", p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
         MHD_add_response_header(resp, "Retry-After", v);
         break;
@@ -212,7 +215,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
     case PROBLEM_METHOD: {
         static const char *const allow[ROUTE_COUNT] = {
             [ROUTE_UPSCALE] = "POST, OPTIONS",      [ROUTE_BATCH] = "POST, OPTIONS",
-            [ROUTE_JOB_CREATE] = "POST, OPTIONS",   [ROUTE_JOB_GET] = "GET, HEAD, DELETE, OPTIONS",
+            [ROUTE_JOB_CREATE] = "GET, HEAD, POST, OPTIONS", [ROUTE_JOB_GET] = "GET, HEAD, DELETE, OPTIONS",
             [ROUTE_JOB_RESULT] = "GET, HEAD, OPTIONS", [ROUTE_JOB_EVENTS] = "GET, OPTIONS",
             [ROUTE_HEALTH] = "GET, HEAD, OPTIONS",  [ROUTE_MODEL_INFO] = "GET, HEAD, OPTIONS",
             [ROUTE_METRICS] = "GET, HEAD, OPTIONS", [ROUTE_OPENAPI] = "GET, HEAD, OPTIONS",
@@ -244,7 +247,7 @@ static enum MHD_Result send_simple_problem(request *r, problem_kind kind, const 
 typedef enum { M_GET = 1, M_POST = 2, M_DELETE = 4, M_OPTIONS = 8 } method_bit;
 
 static const unsigned route_methods[ROUTE_COUNT] = {
-    [ROUTE_UPSCALE] = M_POST,   [ROUTE_BATCH] = M_POST,      [ROUTE_JOB_CREATE] = M_POST,
+    [ROUTE_UPSCALE] = M_POST,   [ROUTE_BATCH] = M_POST,      [ROUTE_JOB_CREATE] = M_POST | M_GET,
     [ROUTE_JOB_GET] = M_GET | M_DELETE, [ROUTE_JOB_RESULT] = M_GET, [ROUTE_JOB_EVENTS] = M_GET,
     [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_METRICS] = M_GET,
     [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
@@ -613,7 +616,8 @@ static enum MHD_Result preflight(request *r, unsigned allowed) {
     const char *method = header(r, "Access-Control-Request-Method");
     if (!origin || !method) {
         struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
-        MHD_add_response_header(resp, "Allow", allowed & M_POST ? "POST, OPTIONS"
+        MHD_add_response_header(resp, "Allow", allowed == (M_GET | M_POST) ? "GET, HEAD, POST, OPTIONS"
+                                               : allowed & M_POST ? "POST, OPTIONS"
                                                : allowed & M_DELETE ? "GET, HEAD, DELETE, OPTIONS"
                                                                     : "GET, HEAD, OPTIONS");
         return send_response(r, 204, resp);
@@ -627,7 +631,10 @@ static enum MHD_Result preflight(request *r, unsigned allowed) {
     r->cors_origin = origin;
     struct MHD_Response *resp = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
     MHD_add_response_header(resp, "Access-Control-Allow-Methods",
-                            allowed & M_POST ? "POST" : allowed & M_DELETE ? "GET, DELETE" : "GET");
+                            allowed == (M_GET | M_POST) ? "GET, POST"
+                            : allowed & M_POST          ? "POST"
+                            : allowed & M_DELETE        ? "GET, DELETE"
+                                                        : "GET");
     MHD_add_response_header(resp, "Access-Control-Allow-Headers",
                             "Authorization, X-API-Key, Content-Type, Accept, X-Request-Id");
     MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
@@ -704,6 +711,7 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
                                    strlen(method) < 16 ? method : "this method");
 
     if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
+    if (r->route == ROUTE_JOB_CREATE && m == M_GET) r->route = ROUTE_JOB_LIST;
 
     if (needs_key(r->route)) {
         double retry;
@@ -781,9 +789,110 @@ static enum MHD_Result answer_job(request *r) {
     }
 }
 
+/* ---- GET /jobs: the request history --------------------------------------------------- */
+
+typedef struct {
+    history_query *q;
+    problem *p;
+    unsigned seen; /* bit per parameter: each may come once */
+} list_args;
+
+static int bad_list_arg(problem *p, const char *field, const char *allowed) {
+    return problem_field(p, field, allowed, "%s must be %s", field, allowed);
+}
+
+static enum MHD_Result add_list_arg(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_len,
+                                    const char *value, size_t value_len) {
+    static const char *const names[] = {"limit", "cursor", "status", "since", "until"};
+    static const char *const statuses[] = {"succeeded", "failed", "canceled"};
+    list_args *a = cls;
+    history_query *q = a->q;
+    (void)kind;
+    int which = -1;
+    for (int i = 0; i < 5 && strlen(key) == key_len; i++)
+        if (strcmp(key, names[i]) == 0) which = i;
+    if (which < 0) {
+        problem_field(a->p, strlen(key) < 40 ? key : "query", "limit, cursor, status, since, until",
+                      "unknown query parameter \"%.40s\"", key);
+        return MHD_NO;
+    }
+    if (a->seen & 1u << which) {
+        problem_field(a->p, key, NULL, "%s is given more than once", key);
+        return MHD_NO;
+    }
+    a->seen |= 1u << which;
+    if (!value || strlen(value) != value_len) value = ""; /* %00 inside: refused below */
+    char *end;
+    switch (which) {
+    case 0: {
+        long limit = strtol(value, &end, 10);
+        if (!isdigit((unsigned char)*value) || *end || limit < 1 || limit > HISTORY_MAX_LIMIT)
+            return bad_list_arg(a->p, "limit", "an integer from 1 to 100"), MHD_NO;
+        q->limit = (int)limit;
+        break;
+    }
+    case 1:
+        if (!*value) return bad_list_arg(a->p, "cursor", "the next_cursor of a previous page"), MHD_NO;
+        q->cursor = value;
+        break;
+    case 2:
+        for (int i = 0; i < 3; i++)
+            if (strcmp(value, statuses[i]) == 0) q->status = statuses[i];
+        if (q->status) break;
+        /* the history records jobs as they finish: an unfinished one is
+         * found by its id (GET /jobs/{id}), never in a listing */
+        problem_field(a->p, "status", "succeeded, failed or canceled",
+                      "status must be succeeded, failed or canceled%s",
+                      strcmp(value, "queued") == 0 || strcmp(value, "running") == 0
+                          ? ": the history holds finished jobs only"
+                          : "");
+        return MHD_NO;
+    default: {
+        if (history_parse_time(value, which == 3 ? &q->since : &q->until))
+            return bad_list_arg(a->p, names[which], "an RFC 3339 time, e.g. 2026-12-06T17:00:00Z"), MHD_NO;
+    }
+    }
+    return MHD_YES;
+}
+
+/* The caller's own finished jobs, newest first. Anonymous clients (no API
+ * keys) get 403: their jobs are admitted by id alone, and a listing would
+ * hand every anonymous job's id to anyone. Without --history the route
+ * is 404: history is a resource this server does not have, by its
+ * settings, not a failure (a 5xx would alarm whoever watches error rates). */
+static enum MHD_Result answer_job_list(request *r) {
+    server *srv = r->srv;
+    if (!srv->history)
+        return send_simple_problem(r, PROBLEM_NOT_FOUND, "request history is off on this server "
+                                                         "(sdx4 serve --history FILE or postgresql://... turns it on)");
+    if (!r->owner[0])
+        return send_simple_problem(r, PROBLEM_FORBIDDEN, "the history lists the jobs of an API key, and this "
+                                                         "server has no API keys: a job is found by its id only");
+    history_query q = {.owner = r->owner, .since = -INFINITY, .until = INFINITY, .limit = 20};
+    problem p = {0};
+    list_args a = {.q = &q, .p = &p};
+    MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, add_list_arg, &a);
+    if (p.kind) return send_problem(r, &p);
+    json_t *page;
+    char err[256];
+    switch (history_list(srv->history, &q, &page, err, sizeof err)) {
+    case HISTORY_OK:
+        return send_json(r, 200, page);
+    case HISTORY_BAD_CURSOR:
+        problem_field(&p, "cursor", "the next_cursor of a previous page", "cursor is not one this server gave out");
+        return send_problem(r, &p);
+    default:
+        log_event(LOG_WARN, "history_read_failed", json_pack("{s:s,s:s}", "request_id", r->id, "error", err));
+        return send_simple_problem(r, PROBLEM_HISTORY_UNAVAILABLE,
+                                   "the request history cannot be read now; retry shortly");
+    }
+}
+
 static enum MHD_Result answer_get(request *r) {
     server *srv = r->srv;
     switch (r->route) {
+    case ROUTE_JOB_LIST:
+        return answer_job_list(r);
     case ROUTE_HEALTH: {
         int status;
         json_t *h = status_health(srv, &status);

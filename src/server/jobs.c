@@ -31,9 +31,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include "auth.h"
 #include "base64.h"
+#include "history.h"
 #include "log.h"
 #include "metrics.h"
 #include "queue.h"
@@ -295,6 +297,8 @@ static void drop_retained(job_store *s, job *j, job **release) {
     *release = j;
 }
 
+static void record_history(job *j);
+
 static void job_finished_locked(job_store *s, job *j) {
     job_state state = JOB_SUCCEEDED;
     for (int i = 0; i < j->ntasks; i++) {
@@ -328,6 +332,7 @@ static void job_finished_locked(job_store *s, job *j) {
             j->webhook_state = WEBHOOK_FAILED;
         free(body);
     }
+    if (s->srv->history) record_history(j);
     pthread_cond_broadcast(&s->idle);
     log_event(LOG_INFO, "job_finished",
               json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", j->request_id, "job_id", j->id,
@@ -715,4 +720,53 @@ void job_store_webhook_done(job_store *s, const char *id, bool delivered, int at
         snprintf(j->webhook_error, sizeof j->webhook_error, "%s", error ? error : "");
     }
     pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- request history ---------------------------------------------------------------- */
+
+/* The finished job as plain values for history.c (lock held): each
+ * image's parameters and sizes as JSON, the first error, wall times. */
+static void record_history(job *j) {
+    static const char *const kinds[] = {[FORM_UPSCALE] = "upscale", [FORM_JOB] = "job", [FORM_BATCH] = "batch"};
+    history_entry e = {.images = j->ntasks, .created = j->created_wall,
+                       .finished = j->created_wall + (j->finished - j->created)};
+    if (j->started > 0) e.started = j->created_wall + (j->started - j->created);
+    snprintf(e.id, sizeof e.id, "%s", j->id);
+    snprintf(e.owner, sizeof e.owner, "%s", j->owner);
+    snprintf(e.client, sizeof e.client, "%s", j->client);
+    snprintf(e.kind, sizeof e.kind, "%s", kinds[j->kind]);
+    snprintf(e.request_id, sizeof e.request_id, "%s", j->request_id);
+    snprintf(e.state, sizeof e.state, "%s", job_state_name(j->state));
+    gethostname(e.worker, sizeof e.worker - 1); /* one process is its only worker */
+    json_t *images = json_array();
+    for (int i = 0; i < j->ntasks; i++) {
+        const task *t = &j->tasks[i];
+        const upscale_options *o = &t->opts;
+        char in[32] = "", out[32] = "";
+        if (t->input.width) snprintf(in, sizeof in, "%dx%d", t->input.width, t->input.height);
+        if (t->output) snprintf(out, sizeof out, "%dx%d", t->out_width, t->out_height);
+        /* an image refused before submission has no options, size or output: nulls */
+        json_array_append_new(
+            images,
+            json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:I,s:s?,s:s?,s:s?,s:I,s:b}",
+                      "status", job_state_name(t->state),
+                      "error", t->error.kind ? problem_slug(t->error.kind) : NULL,
+                      "prompt", o->prompt, "negative_prompt", o->negative_prompt,
+                      "steps", o->steps, "guidance_scale", o->guidance_scale,
+                      "noise_level", o->noise_level, "eta", o->eta, "seed", (json_int_t)o->seed,
+                      "format", o->format ? imageio_format_name(o->format) : NULL,
+                      "input_size", in[0] ? in : NULL, "output_size", out[0] ? out : NULL,
+                      "output_bytes", (json_int_t)t->output_len, "cache_hit", t->cache_hit));
+        e.input_pixels += (int64_t)t->input.width * t->input.height;
+        e.output_bytes += (int64_t)t->output_len;
+        if (t->error.kind && !e.error_kind[0] && j->state != JOB_SUCCEEDED) {
+            snprintf(e.error_kind, sizeof e.error_kind, "%s", problem_slug(t->error.kind));
+            snprintf(e.error_detail, sizeof e.error_detail, "%s", t->error.detail);
+        }
+    }
+    char *parameters = json_dumps(images, JSON_COMPACT);
+    json_decref(images);
+    e.parameters = parameters;
+    history_record(j->store->srv->history, &e);
+    free(parameters);
 }

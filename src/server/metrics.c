@@ -19,6 +19,7 @@
 
 #include "cache.h"
 #include "conns.h"
+#include "history.h"
 #include "log.h"
 #include "queue.h"
 
@@ -26,7 +27,8 @@ const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_UPSCALE] = "upscale",       [ROUTE_BATCH] = "batch_upscale",
     [ROUTE_JOB_CREATE] = "job_create", [ROUTE_JOB_GET] = "job_get",
     [ROUTE_JOB_RESULT] = "job_result", [ROUTE_JOB_CANCEL] = "job_cancel",
-    [ROUTE_JOB_EVENTS] = "job_events", [ROUTE_HEALTH] = "health",
+    [ROUTE_JOB_EVENTS] = "job_events", [ROUTE_JOB_LIST] = "job_list",
+    [ROUTE_HEALTH] = "health",
     [ROUTE_MODEL_INFO] = "model_info", [ROUTE_METRICS] = "metrics",
     [ROUTE_OPENAPI] = "openapi",       [ROUTE_DOCS] = "docs",
     [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
@@ -304,6 +306,24 @@ char *metrics_render(const server *srv, size_t *len) {
              "# HELP sdx4_log_queue_bytes Bytes of log lines waiting to be written.\n"
              "# TYPE sdx4_log_queue_bytes gauge\nsdx4_log_queue_bytes %zu\n",
          (unsigned long long)log_lines_dropped(), log_queued_bytes());
+
+    if (srv->history) {
+        history_stats hs;
+        history_get_stats(srv->history, &hs);
+        emit(&t, "# HELP sdx4_history_entries_total Finished jobs given to the history database, by "
+                 "outcome (dropped: the queue was full while it was slow or down; rejected: it "
+                 "refused the entry).\n"
+                 "# TYPE sdx4_history_entries_total counter\n"
+                 "sdx4_history_entries_total{outcome=\"written\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"dropped\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"rejected\"} %llu\n"
+                 "# HELP sdx4_history_queued Finished jobs waiting to be written to the history database.\n"
+                 "# TYPE sdx4_history_queued gauge\nsdx4_history_queued %zu\n"
+                 "# HELP sdx4_history_up Whether the last write to the history database succeeded.\n"
+                 "# TYPE sdx4_history_up gauge\nsdx4_history_up %d\n",
+             (unsigned long long)hs.written, (unsigned long long)hs.dropped,
+             (unsigned long long)hs.rejected, hs.queued, hs.up);
+    }
 
     emit(&t, "# HELP sdx4_auth_throttled_total Requests refused (429) because their address "
              "failed to authenticate too often.\n"

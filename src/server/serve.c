@@ -2,8 +2,9 @@
  * serve.c - `sdx4 serve`: start-up, the model's loading, shutdown.
  *
  * Start-up order: settings, then everything that can refuse to start
- * (API keys file, trusted proxies, the listening socket), then the HTTP
- * daemon, so that health answers at once ("loading", 503) while a
+ * (API keys file, trusted proxies, the history database, the listening
+ * socket), then the HTTP daemon, so that health answers at once
+ * ("loading", 503) while a
  * separate thread opens the model and runs the warm-up upscales (one step
  * at each of --warmup-sizes, else one at min-side) and the calibration of
  * the time estimator (cost.c: one-step upscales measured at two sizes);
@@ -18,8 +19,8 @@
  * draining); queued and running jobs get until --shutdown-timeout to
  * finish and are canceled after it (their clients get 503); then the
  * listening socket closes, the answers still being sent are given a
- * moment, webhooks are flushed within the same deadline, and the process
- * exits 0. Signals are taken synchronously by
+ * moment, webhooks and the history's queue are flushed within the same
+ * deadline, and the process exits 0. Signals are taken synchronously by
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
  */
@@ -38,6 +39,7 @@
 #include "cache.h"
 #include "cost.h"
 #include "docs.h"
+#include "history.h"
 #include "http.h"
 #include "jobs.h"
 #include "log.h"
@@ -196,6 +198,16 @@ static int start_parts(server *srv) {
     srv->auth = auth_create(&c->api_keys, c->api_keys_file, c->auth_failures, stderr);
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
+    char err[256];
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+        fprintf(stderr, "sdx4 serve: history: %s\n", err);
+        return -1;
+    }
+    if (srv->history) { /* a key's jobs stay its own across restarts, and across servers sharing the database */
+        uint8_t secret[32];
+        history_identity_secret(srv->history, secret);
+        auth_set_identity_secret(srv->auth, secret);
+    }
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
@@ -209,7 +221,6 @@ static int start_parts(server *srv) {
         log_event(LOG_WARN, "docs_assets_missing",
                   json_pack("{s:s}", "message", "Swagger UI files not found: /docs shows a plain page "
                                                 "(install r-cran-swagger or pass --docs-assets)"));
-    char err[256];
     if (http_start(srv, err, sizeof err)) {
         fprintf(stderr, "sdx4 serve: %s\n", err);
         return -1;
@@ -270,6 +281,10 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     srv->webhooks = NULL;
     job_store_destroy(srv->jobs);
     srv->jobs = NULL;
+    /* the jobs finished or canceled above are recorded within the same deadline (or 2 s) */
+    grace = mono_now() + 2;
+    history_close(srv->history, (deadline > grace ? deadline : grace) - mono_now());
+    srv->history = NULL;
     cost_destroy(srv->cost);
     srv->cost = NULL;
     sdx4_engine_close(srv->engine);

@@ -35,6 +35,7 @@ typedef enum {
     ROUTE_JOB_RESULT,
     ROUTE_JOB_CANCEL,
     ROUTE_JOB_EVENTS,
+    ROUTE_JOB_LIST, /* GET /jobs: the request history */
     ROUTE_HEALTH,
     ROUTE_MODEL_INFO,
     ROUTE_METRICS,
@@ -55,6 +56,7 @@ struct auth;
 struct webhooks;
 struct conns;
 struct cost_model;
+struct history;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -75,6 +77,7 @@ typedef struct server {
     struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
+    struct history *history; /* finished jobs' records; NULL without --history */
 } server;
 
 #define DEMO_NOTE "demo model (random weights): output is noise"

@@ -19,7 +19,7 @@ def test_schemathesis_all_checks(tmp_path):
     # the valid examples make the coverage phase queue some 200 one-step upscales, hence
     # generous deadlines (server 40 s, client 60 s, max_response_time 50 s in the toml)
     s = Server("--api-keys", "st-key", "--webhook-secret", "st-secret", "--request-timeout", "40",
-               "--max-side", "64", "--auth-failures", "0")
+               "--max-side", "64", "--auth-failures", "0", "--history", str(tmp_path / "history.db"))
     try:
         st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
         examples = os.environ.get("SDX4_SCHEMATHESIS_EXAMPLES", "25")

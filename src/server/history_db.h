@@ -1,0 +1,97 @@
+/*
+ * history_db.h - the two databases behind history.c: SQLite and PostgreSQL.
+ *
+ * A backend is a table of three operations behind an opaque handle, as
+ * the engine's backends are: history.c owns the queue, the writer thread,
+ * the cursor and the documents; a backend only turns entries into rows
+ * and rows back into values. `write` is called by the writer thread only;
+ * `list` by any thread (a backend keeps a separate connection for reads,
+ * under its own lock, so that a listing never waits behind a write).
+ *
+ * Both backends take the same statements with the same $1..$N
+ * parameters: PostgreSQL numbers them, and SQLite numbers named
+ * parameters in order of first appearance, which the statements keep.
+ */
+#ifndef SDX4_SERVER_HISTORY_DB_H
+#define SDX4_SERVER_HISTORY_DB_H
+
+#include "history.h"
+
+/* The schema this build writes. sdx4_schema holds the version a database
+ * was made with: a newer one is refused at open rather than misread. */
+#define HISTORY_SCHEMA_VERSION 1
+#define HISTORY_VERSION_TEXT "1"
+#define HISTORY_VERSION_TABLE "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
+#define HISTORY_VERSION_SELECT "SELECT coalesce(max(version), 0) FROM sdx4_schema"
+
+typedef enum {
+    HISTORY_DB_OK,
+    HISTORY_DB_RETRY,    /* unreachable, busy or full: the same write may succeed later */
+    HISTORY_DB_REJECTED, /* the database refused the statement: some entry is bad */
+} history_db_status;
+
+typedef struct history_db history_db;
+
+typedef struct {
+    const char *owner, *status; /* status "" for any */
+    int64_t since_us, until_us;  /* created in [since, until) */
+    int64_t before_us;           /* the cursor: rows before (before_us, before_id) */
+    const char *before_id;
+    int limit;
+} history_db_query;
+
+/* One row as read, pointing into the backend's result (valid until the
+ * callback returns); started_us < 0 when no task ever ran. */
+typedef struct {
+    const char *id, *kind, *status, *request_id, *client, *parameters, *worker, *error_kind,
+        *error_detail;
+    int64_t images, input_pixels, output_bytes, created_us, started_us, finished_us;
+} history_row;
+
+typedef struct {
+    /* Writes the entries in one transaction (all or none). */
+    history_db_status (*write)(history_db *db, history_entry *const *entries, int n, char *err,
+                               size_t len);
+    /* Appends history_row_document() of each matching row to `rows`:
+     * newest first, at most q->limit. */
+    history_db_status (*list)(history_db *db, const history_db_query *q, json_t *rows, char *err,
+                              size_t len);
+    void (*close)(history_db *db);
+} history_db_ops;
+
+struct history_db {
+    const history_db_ops *ops;
+};
+
+/* `fresh` (64 hex digits) becomes the identity secret of a new database;
+ * `secret` receives the database's. */
+history_db *history_sqlite_open(const char *path, const char *fresh, char secret[65], char *err, size_t len);
+history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len);
+
+/* The identity secret's table, the same in both dialects; a printf
+ * format of the fresh secret (hex digits: nothing to quote). */
+#define HISTORY_SECRET_SQL                                                                        \
+    "CREATE TABLE IF NOT EXISTS sdx4_secret (secret TEXT NOT NULL);"                             \
+    "INSERT INTO sdx4_secret SELECT '%s' WHERE NOT EXISTS (SELECT 1 FROM sdx4_secret);"
+#define HISTORY_SECRET_SELECT "SELECT secret FROM sdx4_secret LIMIT 1"
+
+/* From history.c, for both backends. */
+json_t *history_row_document(const history_row *r);
+int64_t history_micros(double wall); /* 0 stays 0: "never" */
+
+#define HISTORY_COLUMNS                                                                           \
+    "id, owner, client, kind, request_id, status, parameters, images, input_pixels, "            \
+    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail"
+#define HISTORY_INSERT                                                                            \
+    "INSERT INTO sdx4_jobs (" HISTORY_COLUMNS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "   \
+    "$10, $11, $12, $13, $14, $15, $16) ON CONFLICT (id) DO NOTHING"
+/* Keyset paging on (created_us, id), which the index orders: a page costs
+ * the same however deep it is, and rows written meanwhile never shift it. */
+#define HISTORY_SELECT                                                                            \
+    "SELECT id, kind, status, request_id, client, images, parameters, input_pixels, "            \
+    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail "       \
+    "FROM sdx4_jobs WHERE owner = $1 AND ($2 = '' OR status = $2) AND created_us >= $3 "         \
+    "AND created_us < $4 AND (created_us, id) < ($5, $6) "                                       \
+    "ORDER BY created_us DESC, id DESC LIMIT $7"
+
+#endif
