@@ -41,6 +41,7 @@ typedef enum {
     PROBLEM_OVER_TIME_LIMIT,    /* 422 estimated to take longer than the
                                    request timeout even alone */
     PROBLEM_QUEUE_TOO_LONG,     /* 503 the work ahead would make it late */
+    PROBLEM_STORE_UNAVAILABLE,  /* 503 cluster mode: Redis unreachable */
     PROBLEM_KIND_COUNT
 } problem_kind;
 
