@@ -48,6 +48,17 @@ static void test_rate_limit(redis *a, redis *b) {
     ratelimit_check(node[1], "10.0.0.2", mono_now(), &d);
     CHECK(d.allowed && d.remaining == 9, "another client shares the allowance");
 
+    /* a window that the limit does not divide: still a burst of `limit` */
+    ratelimit *seven = ratelimit_create(7, 60, &no_proxies, stderr);
+    ratelimit_share(seven, a, "seven");
+    allowed = 0;
+    for (int i = 0; i < 8; i++) {
+        ratelimit_check(seven, "10.0.0.1", mono_now(), &d);
+        allowed += d.allowed;
+    }
+    CHECK(allowed == 7, "%d of 8 allowed at 7 a minute", allowed);
+    ratelimit_destroy(seven);
+
     /* the limiters' names keep them apart: the auth failures count elsewhere */
     ratelimit *other = ratelimit_create(10, 60, &no_proxies, stderr);
     ratelimit_share(other, a, "auth-failures");

@@ -203,8 +203,9 @@ static void decide_shared(ratelimit *r, const char *client, bool take, rate_deci
     int n = snprintf(key, sizeof key, "sdx4:%s:", r->name);
     for (int i = 0; i < 16; i++) n += snprintf(key + n, sizeof key - (size_t)n, "%02x", digest[i]);
     char err[256];
+    /* the interval rounded down: `limit` of them always fit in the window */
     redisReply *reply = redis_call(r->redis, err, sizeof err, "EVAL %s 1 %s %lld %lld %s", rate_script, key,
-                                   (long long)llround(r->window / r->limit * 1e6),
+                                   (long long)floor(r->window / r->limit * 1e6),
                                    (long long)llround(r->window * 1e6), take ? "1" : "0");
     bool ok = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
               reply->element[0]->type == REDIS_REPLY_INTEGER && reply->element[1]->type == REDIS_REPLY_STRING;
