@@ -198,7 +198,12 @@ static int start_parts(server *srv) {
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
-    if (srv->redis) { /* one allowance, one cache and one identity per key for the whole cluster */
+    char err[256];
+    if (c->redis) { /* one allowance, one cache and one identity per key for the whole cluster */
+        if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err))) {
+            fprintf(stderr, "sdx4 serve: redis: %s\n", err);
+            return -1;
+        }
         ratelimit_share(srv->ratelimit, srv->redis, "rate");
         auth_share(srv->auth, srv->redis);
         if (srv->cache) cache_share(srv->cache, srv->redis);
@@ -215,7 +220,6 @@ static int start_parts(server *srv) {
         log_event(LOG_WARN, "docs_assets_missing",
                   json_pack("{s:s}", "message", "Swagger UI files not found: /docs shows a plain page "
                                                 "(install r-cran-swagger or pass --docs-assets)"));
-    char err[256];
     if (http_start(srv, err, sizeof err)) {
         fprintf(stderr, "sdx4 serve: %s\n", err);
         return -1;
@@ -270,6 +274,8 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         return false;
     }
     srv->queue = NULL;
+    redis_close(srv->redis); /* its last users, HTTP threads and workers, are gone */
+    srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);
@@ -287,12 +293,6 @@ int serve_main(int argc, char **argv) {
     static server srv; /* threads reference it until the very end */
     int rc = config_load(&srv.cfg, argc, argv, stderr);
     if (rc) return rc > 0 ? 0 : 2;
-    char redis_err[512];
-    if (srv.cfg.redis && !(srv.redis = redis_open(srv.cfg.redis, srv.cfg.redis_timeout, redis_err, sizeof redis_err))) {
-        fprintf(stderr, "sdx4 serve: %s\n", redis_err);
-        config_free(&srv.cfg);
-        return 2;
-    }
     log_level level = LOG_INFO;
     log_level_parse(srv.cfg.log_level, &level);
     log_init(level, srv.cfg.access_log);
@@ -331,7 +331,6 @@ int serve_main(int argc, char **argv) {
     if (stopped) cache_destroy(srv.cache);
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
-    if (stopped) redis_close(srv.redis);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));
     log_flush(2); /* a sink that takes no bytes in 2 s will not take them at all */
     /* a thread left inside the engine may still finish a job and hand its

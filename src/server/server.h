@@ -68,6 +68,7 @@ typedef struct server {
     char failure[256]; /* why loading failed (PHASE_FAILED) */
     double started;    /* mono_now() at start */
     struct queue *queue;
+    struct redis *redis; /* cluster mode (--redis): the shared store, NULL otherwise */
     struct job_store *jobs;
     struct cache *cache;
     struct ratelimit *ratelimit;
@@ -76,7 +77,6 @@ typedef struct server {
     struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
-    struct redis *redis; /* cluster mode (--redis), else NULL */
 } server;
 
 #define DEMO_NOTE "demo model (random weights): output is noise"
