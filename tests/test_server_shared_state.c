@@ -212,6 +212,23 @@ static void test_cache(redis *a, redis *b) {
     CHECK(cache_get(node[0], last, &got) == 0, "a deleted entry hit");
     cache_get_stats(node[0], &s);
     CHECK(s.bytes < before - 99000, "bytes of a vanished entry still counted: %zu -> %zu", before, s.bytes);
+
+    /* an entry unused for longer than the TTL has expired in Redis; the
+     * next store forgets it and gives its bytes back, looked up or not */
+    uint8_t stale[32] = {38}; /* the second newest */
+    redisReply *age = redis_call(a, err, sizeof err, "ZADD sdx4:cache-index 1 sdx4:cache:26%062d", 0);
+    CHECK(age && age->type == REDIS_REPLY_INTEGER, "ZADD: %s", err);
+    freeReplyObject(age);
+    del = redis_call(a, err, sizeof err, "DEL sdx4:cache:26%062d", 0);
+    freeReplyObject(del);
+    cache_get_stats(node[0], &s);
+    before = s.bytes;
+    size_t entries = s.entries;
+    cache_link(node[1], upload, key);
+    cache_get_stats(node[0], &s);
+    CHECK(s.entries == entries - 1 && s.bytes < before - 99000, "an expired entry still counted: %zu entries",
+          s.entries);
+    CHECK(cache_get(node[1], stale, &got) == 0, "an expired entry hit");
     free(big);
     free(huge);
     cache_destroy(node[0]);
