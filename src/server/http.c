@@ -718,7 +718,8 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
         }
         if (k == PROBLEM_STORE_UNAVAILABLE) {
             metrics_ratelimit_unavailable();
-            return send_simple_problem(r, k, "the failed API key attempts are counted in Redis, which cannot be reached");
+            return send_simple_problem(r, k, "API keys are checked against what the cluster keeps in Redis, "
+                                             "which cannot be reached; retry in 1 s");
         }
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");

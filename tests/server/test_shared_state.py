@@ -127,13 +127,18 @@ def test_result_cached_through_one_node_hits_through_the_other(redis):
         b.check_clean_exit()
 
 
-def test_failed_key_attempts_are_counted_across_nodes(redis):
+def test_failed_key_attempts_are_counted_across_nodes_and_need_redis(redis):
     a, b = nodes(redis, "--api-keys", "right-key", "--auth-failures", "3")
     try:
         wrong = {"Authorization": "Bearer wrong-key"}
         answers = [(a, b)[i % 2].get("/api/v1/jobs/" + "0" * 32, headers=wrong) for i in range(4)]
         assert [r.status_code for r in answers] == [403, 403, 403, 429]
         problem(answers[3], 429, "rate-limited")
+        # with Redis stopped no key can be judged: 503, not a guess
+        redis.stop()
+        r = b.get("/api/v1/jobs/" + "0" * 32, headers={"Authorization": "Bearer right-key"})
+        problem(r, 503, "store-unavailable")
+        assert r.headers["Retry-After"] == "1"
     finally:
         a.check_clean_exit()
         b.check_clean_exit()
