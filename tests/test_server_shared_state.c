@@ -37,9 +37,10 @@ static void test_rate_limit(redis *a, redis *b) {
             allowed++;
             CHECK(d.remaining == 10 - allowed, "request %d: %d left", i, d.remaining);
         } else {
-            /* the 11th comes back one interval (6 s) after the first */
-            CHECK(d.retry_after > 5 && d.retry_after <= 6, "retry after %.3f s", d.retry_after);
-            CHECK(d.remaining == 0 && d.reset > 59 && d.reset <= 60, "reset %.3f", d.reset);
+            /* the 11th comes back one interval (6 s) after the first (the
+             * margin: a loaded machine between the first and now) */
+            CHECK(d.retry_after > 4 && d.retry_after <= 6, "retry after %.3f s", d.retry_after);
+            CHECK(d.remaining == 0 && d.reset > 58 && d.reset <= 60, "reset %.3f", d.reset);
         }
     }
     CHECK(allowed == 10, "%d of 14 allowed over two nodes, 10 expected", allowed);
