@@ -19,6 +19,15 @@
  * database holds a secret drawn once, which replaces this one
  * (auth_set_identity_secret).
  *
+ * Cluster mode. What identities key (jobs, cached results, rate limits)
+ * lives in Redis and is read by every node, so every node must give a key
+ * the same identity: the secret is then drawn once for the cluster and
+ * kept in Redis (sdx4:identity-secret, SET NX: the first node's draw wins,
+ * every other node reads it), fetched at the first keyed request rather
+ * than at start, so that a node may start while Redis is down. It is as
+ * safe there as the jobs and results it guards; if Redis loses it, a new
+ * one is drawn, and the jobs of the old identities are lost with it.
+ *
  * Throttling. Failed attempts (401 and 403) are counted per client
  * address by a rate limiter of `failures` a minute (ratelimit.c's GCRA:
  * a burst of that many, then one more every 60/failures s). An address
@@ -31,6 +40,8 @@
 #include "auth.h"
 
 #include <ctype.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +50,7 @@
 
 #include "cache.h"
 #include "ratelimit.h"
+#include "redis.h"
 
 enum { FAILURE_WINDOW = 60 }; /* seconds over which --auth-failures counts */
 
@@ -47,6 +59,10 @@ struct auth {
     uint8_t (*digests)[32];
     uint8_t identity_secret[32];
     ratelimit *failures; /* failed attempts per address */
+    redis *redis;        /* shared: the secret comes from there */
+    pthread_mutex_t lock; /* one fetch of the shared secret at a time */
+    atomic_bool secret_ready; /* identity_secret is final */
+    bool secret_given;        /* by auth_set_identity_secret: Redis's is not fetched */
 };
 
 static int add_key(auth *a, const char *key, size_t len) {
@@ -78,6 +94,7 @@ static int load_keys_file(auth *a, const char *path, FILE *err) {
 auth *auth_create(const string_list *keys, const char *keys_file, int failures, FILE *err) {
     auth *a = calloc(1, sizeof *a);
     if (!a) return NULL;
+    pthread_mutex_init(&a->lock, NULL);
     for (int i = 0; i < keys->count; i++)
         if (add_key(a, keys->items[i], strlen(keys->items[i]))) goto fail;
     if (keys_file && load_keys_file(a, keys_file, err)) goto fail;
@@ -85,6 +102,7 @@ auth *auth_create(const string_list *keys, const char *keys_file, int failures, 
         fprintf(err, "sdx4 serve: no random bytes for the identity secret\n");
         goto fail;
     }
+    atomic_store(&a->secret_ready, true);
     string_list no_proxies = {0};
     if (!(a->failures = ratelimit_create(failures, FAILURE_WINDOW, &no_proxies, err))) goto fail;
     return a;
@@ -96,6 +114,7 @@ fail:
 void auth_destroy(auth *a) {
     if (!a) return;
     ratelimit_destroy(a->failures);
+    pthread_mutex_destroy(&a->lock);
     free(a->digests);
     free(a);
 }
@@ -104,6 +123,36 @@ bool auth_enabled(const auth *a) { return a->count > 0; }
 
 void auth_set_identity_secret(auth *a, const uint8_t secret[32]) {
     memcpy(a->identity_secret, secret, sizeof a->identity_secret);
+    a->secret_given = true;
+    atomic_store(&a->secret_ready, true);
+}
+
+void auth_share(auth *a, redis *redis) {
+    a->redis = redis;
+    ratelimit_share(a->failures, redis, "auth-failures");
+    if (!a->secret_given) atomic_store(&a->secret_ready, false);
+}
+
+/* Replaces the secret drawn at start by the cluster's (see the top of the
+ * file); false while Redis cannot be reached. */
+static bool fetch_shared_secret(auth *a) {
+    pthread_mutex_lock(&a->lock);
+    bool ready = atomic_load(&a->secret_ready);
+    if (!ready) {
+        char err[256];
+        const char *argv[] = {"SET", "sdx4:identity-secret", (const char *)a->identity_secret, "NX"};
+        size_t lens[] = {3, 20, sizeof a->identity_secret, 2};
+        redisReply *set = redis_call_argv(a->redis, err, sizeof err, 4, argv, lens);
+        redisReply *get = set ? redis_call(a->redis, err, sizeof err, "GET sdx4:identity-secret") : NULL;
+        if (get && get->type == REDIS_REPLY_STRING && get->len == sizeof a->identity_secret) {
+            memcpy(a->identity_secret, get->str, sizeof a->identity_secret);
+            atomic_store(&a->secret_ready, ready = true);
+        }
+        freeReplyObject(set);
+        freeReplyObject(get);
+    }
+    pthread_mutex_unlock(&a->lock);
+    return ready;
 }
 
 /* The presented key, or NULL when none is presented in a usable form. */
@@ -125,6 +174,7 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
     if (!a->count) return PROBLEM_NONE;
     rate_decision d;
     ratelimit_peek(a->failures, address, now, &d);
+    if (d.unavailable) return PROBLEM_STORE_UNAVAILABLE;
     if (!d.allowed) {
         *retry_after = d.retry_after;
         return PROBLEM_RATE_LIMITED;
@@ -145,6 +195,7 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
         ratelimit_check(a->failures, address, now, &d);
         return key ? PROBLEM_FORBIDDEN : PROBLEM_UNAUTHORIZED;
     }
+    if (!atomic_load(&a->secret_ready) && !fetch_shared_secret(a)) return PROBLEM_STORE_UNAVAILABLE;
     uint8_t id[32];
     hmac_sha256(id, a->identity_secret, sizeof a->identity_secret, digest, sizeof digest);
     static const char hex[] = "0123456789abcdef";

@@ -25,8 +25,8 @@ typedef struct auth auth;
 
 /* Who made a request: "key:" and 32 hex digits derived from its key (see
  * auth.c: it reveals nothing about the key, and differs from one run of
- * the server to the next), or "" for anonymous clients when no keys are
- * configured. Jobs and cached results belong to it. */
+ * the server to the next, unless shared), or "" for anonymous clients when
+ * no keys are configured. Jobs and cached results belong to it. */
 #define AUTH_IDENTITY_SIZE 40
 
 /* `failures` failed attempts per address per minute before 429 (0: no
@@ -38,13 +38,18 @@ bool auth_enabled(const auth *a);
  * stay the same from one run to the next, and on every server given the
  * same secret (the request history keeps one in its database). */
 void auth_set_identity_secret(auth *a, const uint8_t secret[32]);
+/* Cluster mode: failed attempts are counted in Redis, and identities are
+ * the same on every node (call before any check; `redis` outlives `a`). */
+struct redis;
+void auth_share(auth *a, struct redis *redis);
 
 /* Judges a request from `address` (the client's address, see ratelimit.h)
  * at `now` (mono_now()): PROBLEM_NONE when it may go on, with its
  * identity; PROBLEM_RATE_LIMITED when the address failed too often lately
  * (its key unchecked; `retry_after` seconds until the next attempt is
  * allowed); PROBLEM_UNAUTHORIZED without a key, PROBLEM_FORBIDDEN with a
- * wrong one (both counted as failures of the address). */
+ * wrong one (both counted as failures of the address);
+ * PROBLEM_STORE_UNAVAILABLE when shared and Redis cannot be reached. */
 problem_kind auth_check(auth *a, const char *address, const char *authorization,
                         const char *api_key, double now, char identity[AUTH_IDENTITY_SIZE],
                         double *retry_after);

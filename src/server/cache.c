@@ -13,10 +13,32 @@
  * SHA-256 comes from nettle: libmicrohttpd (through GnuTLS) and libvips
  * already load it into the process, so it adds no new library, and its
  * API is small and allocation-free.
+ *
+ * Shared (cluster mode). The same policy, kept in Redis by three short Lua
+ * scripts (get, get through a link, store), each atomic, so that nodes
+ * evicting and storing at once never lose count:
+ *   sdx4:cache:<hex key>       a result: hash of the image and its numbers
+ *   sdx4:cache-link:<hex key>  a link: the name of the result key
+ *   sdx4:cache-index           sorted set of those names by last use (ms,
+ *                              Redis's clock): the recency list
+ *   sdx4:cache-sizes           hash of each name's cost in bytes
+ *   sdx4:cache-stats           hash: bytes, entries, links
+ * --cache-size is the budget of the whole cluster: a store first evicts
+ * from the front of the index until the new entry fits, as above. Every
+ * entry also expires CACHE_TTL after its last use (each use renews it),
+ * and the store script first forgets up to 64 names whose last use is
+ * older than that: a node that dies between scripts, an operator's
+ * FLUSH or a maxmemory eviction (under a volatile-* policy only these
+ * keys with a TTL are candidates) cannot leave bytes counted forever, and
+ * a name whose key has gone is forgotten when a lookup misses it. Redis's
+ * maxmemory is the operator's business; the budget never relies on it.
+ * Scripts name keys they compute (the link's target, the eviction
+ * victims), which a single Redis allows; Redis Cluster is not supported.
  */
 #include "cache.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +46,11 @@
 
 #include <nettle/hmac.h>
 #include <nettle/sha2.h>
+
+#include "redis.h"
+
+#define CACHE_TTL_MS (24 * 3600 * 1000) /* a day unused and an entry goes */
+#define SHARED_OVERHEAD 256 /* bytes of index, sizes and hash fields per entry */
 
 typedef struct entry {
     uint8_t key[32];
@@ -40,6 +67,8 @@ struct cache {
     size_t nbuckets; /* power of two */
     entry **buckets;
     entry *newest, *oldest;
+    redis *redis; /* shared: the entries live there (buckets unused) */
+    atomic_size_t redis_errors;
 };
 
 void sha256(uint8_t out[32], const void *data, size_t len) {
@@ -163,7 +192,175 @@ static bool copy_out(const entry *e, cached_result *out) {
     return true;
 }
 
+/* ---- shared: the entries in Redis ------------------------------------------------ */
+
+/* Declared first by every script: names, Redis's clock, and how an entry
+ * is forgotten (its cost given back) and marked as just used. */
+#define SCRIPT_PRELUDE                                                                         \
+    "local index, sizes, stats = 'sdx4:cache-index', 'sdx4:cache-sizes', 'sdx4:cache-stats'\n" \
+    "local t = redis.call('TIME')\n"                                                           \
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                  \
+    "local ttl = tonumber(ARGV[1])\n"                                                          \
+    "local function drop(key)\n"                                                               \
+    "  local cost = redis.call('HGET', sizes, key)\n"                                          \
+    "  if cost then\n"                                                                         \
+    "    redis.call('HDEL', sizes, key)\n"                                                     \
+    "    redis.call('HINCRBY', stats, 'bytes', -tonumber(cost))\n"                             \
+    "    local link = string.find(key, 'sdx4:cache-link:', 1, true)\n"                         \
+    "    redis.call('HINCRBY', stats, link and 'links' or 'entries', -1)\n"                    \
+    "  end\n"                                                                                  \
+    "  redis.call('ZREM', index, key)\n"                                                       \
+    "  redis.call('DEL', key)\n"                                                               \
+    "end\n"                                                                                    \
+    "local function touch(key)\n"                                                              \
+    "  redis.call('ZADD', index, now, key)\n"                                                  \
+    "  redis.call('PEXPIRE', key, ttl)\n"                                                      \
+    "end\n"                                                                                    \
+    "local fields = {'image', 'width', 'height', 'tokens', 'truncated', 'negative_truncated'}\n"
+
+/* KEYS[1] a result; ARGV[1] the TTL. The result's fields, or nil. */
+static const char get_script[] = SCRIPT_PRELUDE
+    "local v = redis.call('HMGET', KEYS[1], unpack(fields))\n"
+    "if not v[1] then drop(KEYS[1]) return false end\n"
+    "touch(KEYS[1])\n"
+    "return v\n";
+
+/* KEYS[1] a link; ARGV[1] the TTL. Its result's fields, or nil. A link
+ * whose result has gone stays: the result may be stored again. */
+static const char get_link_script[] = SCRIPT_PRELUDE
+    "local key = redis.call('GET', KEYS[1])\n"
+    "if not key then drop(KEYS[1]) return false end\n"
+    "local v = redis.call('HMGET', key, unpack(fields))\n"
+    "if not v[1] then drop(key) return false end\n"
+    "touch(KEYS[1])\n"
+    "touch(key)\n"
+    "return v\n";
+
+/* KEYS[1] the entry; ARGV: the TTL, the budget, the entry's cost, "link"
+ * or "result", then the link's target or the result's six fields. */
+static const char store_script[] = SCRIPT_PRELUDE
+    "local budget, cost = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+    "for _, key in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - ttl, 'LIMIT', 0, 64)) do\n"
+    "  drop(key)\n"
+    "end\n"
+    "drop(KEYS[1])\n" /* same inputs raced: keep the newer copy */
+    "while (tonumber(redis.call('HGET', stats, 'bytes')) or 0) + cost > budget do\n"
+    "  local oldest = redis.call('ZRANGE', index, 0, 0)[1]\n"
+    "  if not oldest then redis.call('DEL', stats, sizes) break end\n" /* nothing left: recount */
+    "  drop(oldest)\n"
+    "end\n"
+    "local link = ARGV[4] == 'link'\n"
+    "if link then\n"
+    "  redis.call('SET', KEYS[1], ARGV[5])\n"
+    "else\n"
+    "  local values = {}\n"
+    "  for i, f in ipairs(fields) do values[2 * i - 1] = f; values[2 * i] = ARGV[4 + i] end\n"
+    "  redis.call('HSET', KEYS[1], unpack(values))\n"
+    "end\n"
+    "redis.call('HSET', sizes, KEYS[1], cost)\n"
+    "redis.call('HINCRBY', stats, 'bytes', cost)\n"
+    "redis.call('HINCRBY', stats, link and 'links' or 'entries', 1)\n"
+    "touch(KEYS[1])\n"
+    "return 1\n";
+
+static void redis_key(char out[96], const char *prefix, const uint8_t key[32]) {
+    int n = snprintf(out, 96, "%s", prefix);
+    for (int i = 0; i < 32; i++) n += snprintf(out + n, 96 - (size_t)n, "%02x", key[i]);
+}
+
+/* Runs a script; NULL (counted) when Redis did not answer. */
+static redisReply *run(cache *c, int argc, const char **argv, const size_t *lens) {
+    char err[256];
+    redisReply *reply = redis_call_argv(c->redis, err, sizeof err, argc, argv, lens);
+    if (!reply) atomic_fetch_add(&c->redis_errors, 1);
+    return reply;
+}
+
+/* A lookup through `script`: 1 and the result in `out`, or 0. */
+static int shared_get(cache *c, const char *script, const char *key, cached_result *out) {
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%d", CACHE_TTL_MS);
+    const char *argv[] = {"EVAL", script, "1", key, ttl};
+    size_t lens[] = {4, strlen(script), 1, strlen(key), strlen(ttl)};
+    redisReply *reply = run(c, 5, argv, lens);
+    bool found = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 6;
+    for (size_t i = 0; found && i < 6; i++) found = reply->element[i]->type == REDIS_REPLY_STRING;
+    void *data = found ? malloc(reply->element[0]->len ? reply->element[0]->len : 1) : NULL;
+    if (data) {
+        redisReply **e = reply->element;
+        memcpy(data, e[0]->str, e[0]->len);
+        *out = (cached_result){data, e[0]->len, atoi(e[1]->str), atoi(e[2]->str),
+                               atoi(e[3]->str), atoi(e[4]->str), atoi(e[5]->str)};
+    }
+    freeReplyObject(reply);
+    return data != NULL;
+}
+
+/* Stores an entry: `values` are the link's target or the result's fields. */
+static void shared_store(cache *c, const char *key, const char *kind, size_t cost, int nvalues,
+                         const char **values, const size_t *value_lens) {
+    char ttl[24], budget[24], bytes[24];
+    snprintf(ttl, sizeof ttl, "%d", CACHE_TTL_MS);
+    snprintf(budget, sizeof budget, "%zu", c->max_bytes);
+    snprintf(bytes, sizeof bytes, "%zu", cost);
+    const char *argv[14] = {"EVAL", store_script, "1", key, ttl, budget, bytes, kind};
+    size_t lens[14] = {4, strlen(store_script), 1, strlen(key), strlen(ttl), strlen(budget), strlen(bytes),
+                       strlen(kind)};
+    for (int i = 0; i < nvalues; i++) {
+        argv[8 + i] = values[i];
+        lens[8 + i] = value_lens[i];
+    }
+    freeReplyObject(run(c, 8 + nvalues, argv, lens));
+}
+
+static void shared_put(cache *c, const uint8_t key[32], const cached_result *r) {
+    char name[96], num[5][16];
+    redis_key(name, "sdx4:cache:", key);
+    int n[5] = {r->width, r->height, r->prompt_tokens, r->prompt_truncated, r->negative_truncated};
+    const char *values[6] = {r->data};
+    size_t lens[6] = {r->len};
+    for (int i = 0; i < 5; i++) {
+        snprintf(num[i], sizeof num[i], "%d", n[i]);
+        values[1 + i] = num[i];
+        lens[1 + i] = strlen(num[i]);
+    }
+    shared_store(c, name, "result", r->len + strlen(name) + SHARED_OVERHEAD, 6, values, lens);
+}
+
+static void shared_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]) {
+    char name[96], target[96];
+    redis_key(name, "sdx4:cache-link:", upload_key);
+    redis_key(target, "sdx4:cache:", key);
+    const char *values[] = {target};
+    size_t lens[] = {strlen(target)};
+    shared_store(c, name, "link", strlen(name) + strlen(target) + SHARED_OVERHEAD, 1, values, lens);
+}
+
+static void shared_stats(cache *c, cache_stats *stats) {
+    char err[256];
+    redisReply *reply = redis_call(c->redis, err, sizeof err, "HMGET sdx4:cache-stats bytes entries links");
+    if (!reply) atomic_fetch_add(&c->redis_errors, 1);
+    size_t *out[] = {&stats->bytes, &stats->entries, &stats->links};
+    for (size_t i = 0; reply && reply->type == REDIS_REPLY_ARRAY && i < 3 && i < reply->elements; i++)
+        if (reply->element[i]->type == REDIS_REPLY_STRING) *out[i] = strtoull(reply->element[i]->str, NULL, 10);
+    freeReplyObject(reply);
+    stats->redis_errors = atomic_load(&c->redis_errors);
+}
+
+void cache_share(cache *c, redis *redis) {
+    c->redis = redis;
+    free(c->buckets);
+    c->buckets = NULL;
+}
+
+/* ---- the operations ------------------------------------------------------------- */
+
 int cache_get(cache *c, const uint8_t key[32], cached_result *out) {
+    if (c->redis) {
+        char name[96];
+        redis_key(name, "sdx4:cache:", key);
+        return shared_get(c, get_script, name, out);
+    }
     pthread_mutex_lock(&c->lock);
     entry *e = find(c, key, false);
     int hit = e && copy_out(e, out);
@@ -173,6 +370,11 @@ int cache_get(cache *c, const uint8_t key[32], cached_result *out) {
 }
 
 int cache_get_upload(cache *c, const uint8_t upload_key[32], cached_result *out) {
+    if (c->redis) {
+        char name[96];
+        redis_key(name, "sdx4:cache-link:", upload_key);
+        return shared_get(c, get_link_script, name, out);
+    }
     pthread_mutex_lock(&c->lock);
     entry *l = find(c, upload_key, true);
     entry *e = l ? find(c, l->target, false) : NULL;
@@ -204,6 +406,10 @@ static void insert(cache *c, entry *e) {
 
 void cache_put(cache *c, const uint8_t key[32], const cached_result *r) {
     if (r->len + sizeof(entry) > c->max_bytes / 2) return;
+    if (c->redis) {
+        shared_put(c, key, r);
+        return;
+    }
     entry *e = calloc(1, sizeof *e);
     if (!e || !(e->r.data = malloc(r->len))) {
         free(e);
@@ -219,6 +425,10 @@ void cache_put(cache *c, const uint8_t key[32], const cached_result *r) {
 
 void cache_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]) {
     if (sizeof(entry) > c->max_bytes / 2) return; /* the rule cache_put follows */
+    if (c->redis) {
+        shared_link(c, upload_key, key);
+        return;
+    }
     entry *e = calloc(1, sizeof *e);
     if (!e) return;
     memcpy(e->key, upload_key, 32);
@@ -228,6 +438,11 @@ void cache_link(cache *c, const uint8_t upload_key[32], const uint8_t key[32]) {
 }
 
 void cache_get_stats(cache *c, cache_stats *stats) {
+    *stats = (cache_stats){0};
+    if (c->redis) {
+        shared_stats(c, stats);
+        return;
+    }
     pthread_mutex_lock(&c->lock);
     stats->bytes = c->bytes;
     stats->entries = c->entries;

@@ -18,6 +18,11 @@
  * decoded; another file of the same pixels still finds it by the pixel
  * key. Links share the results' byte budget and recency order, so a link
  * outliving its result only costs a miss (and is evicted in turn).
+ *
+ * In cluster mode (cache_share) results and links live in Redis, under
+ * the same keys, for every node: a result made through one node is a hit
+ * through any other. A Redis that cannot be reached is a miss (and a
+ * store skipped), counted in redis_errors, never an error to the client.
  * Thread-safe.
  */
 #ifndef SDX4_SERVER_CACHE_H
@@ -40,10 +45,16 @@ typedef struct {
 typedef struct {
     size_t bytes; /* results and links */
     size_t entries, links;
+    size_t redis_errors; /* shared: calls Redis did not answer, so far */
 } cache_stats;
 
 cache *cache_create(size_t max_bytes);
 void cache_destroy(cache *c);
+/* Keeps the entries in Redis from now on, `max_bytes` then being the
+ * budget of the whole cluster (call before any other use; `redis`
+ * outlives `c`). */
+struct redis;
+void cache_share(cache *c, struct redis *redis);
 
 void cache_key(uint8_t key[32], const char *scope, const char *model_id, const char *params,
                const sdx4_image *input);

@@ -209,6 +209,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
         MHD_add_response_header(resp, "Retry-After", v);
         break;
     case PROBLEM_QUEUE_TOO_LONG: /* when the work ahead will have shrunk enough */
+    case PROBLEM_STORE_UNAVAILABLE:
         snprintf(v, sizeof v, "%d", p->retry_after > 0 ? p->retry_after : 1);
         MHD_add_response_header(resp, "Retry-After", v);
         break;
@@ -723,6 +724,11 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
             return send_simple_problem(r, k, "too many failed API key attempts from this address; retry in %.0f s",
                                        ceil(retry) < 1 ? 1 : ceil(retry));
         }
+        if (k == PROBLEM_STORE_UNAVAILABLE) {
+            metrics_ratelimit_unavailable();
+            return send_simple_problem(r, k, "API keys are checked against what the cluster keeps in Redis, "
+                                             "which cannot be reached; retry in 1 s");
+        }
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
@@ -738,6 +744,11 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
         return send_simple_problem(r, PROBLEM_NOT_READY, "the model is %s",
                                    phase == PHASE_FAILED ? "unavailable" : "still loading");
     ratelimit_check(srv->ratelimit, r->client, mono_now(), &r->rate);
+    if (r->rate.unavailable) {
+        metrics_ratelimit_unavailable();
+        return send_simple_problem(r, PROBLEM_STORE_UNAVAILABLE,
+                                   "the rate limits are kept in Redis, which cannot be reached; retry in 1 s");
+    }
     r->rate_checked = true;
     if (!r->rate.allowed)
         return send_simple_problem(r, PROBLEM_RATE_LIMITED,

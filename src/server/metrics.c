@@ -62,6 +62,7 @@ static struct {
     _Atomic uint64_t cache_hits, cache_upload_hits, cache_misses;
     _Atomic uint64_t webhooks_ok, webhooks_failed;
     _Atomic uint64_t auth_throttled;
+    _Atomic uint64_t ratelimit_unavailable;
     _Atomic uint64_t webhooks_given_up[HOOK_FAIL_COUNT];
     _Atomic int64_t webhooks_pending;
     latency_histogram overrun;
@@ -118,6 +119,7 @@ void metrics_cache(bool hit, bool by_upload) {
 }
 void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
 void metrics_auth_throttled(void) { ADD(m.auth_throttled, 1); }
+void metrics_ratelimit_unavailable(void) { ADD(m.ratelimit_unavailable, 1); }
 void metrics_webhook_failed(webhook_failure reason) {
     if ((unsigned)reason < HOOK_FAIL_COUNT) ADD(m.webhooks_given_up[reason], 1);
 }
@@ -329,6 +331,13 @@ char *metrics_render(const server *srv, size_t *len) {
              "failed to authenticate too often.\n"
              "# TYPE sdx4_auth_throttled_total counter\nsdx4_auth_throttled_total %llu\n",
          (unsigned long long)GET(m.auth_throttled));
+    emit(&t, "# HELP sdx4_ratelimit_unavailable_total Requests refused (503) because Redis, which "
+             "holds the cluster's rate limits, could not be reached.\n"
+             "# TYPE sdx4_ratelimit_unavailable_total counter\nsdx4_ratelimit_unavailable_total %llu\n"
+             "# HELP sdx4_cache_redis_errors_total Cache lookups (then misses) and stores (then skipped) "
+             "that Redis did not answer.\n"
+             "# TYPE sdx4_cache_redis_errors_total counter\nsdx4_cache_redis_errors_total %llu\n",
+         (unsigned long long)GET(m.ratelimit_unavailable), (unsigned long long)cs.redis_errors);
 
     emit(&t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
              "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"

@@ -29,6 +29,9 @@ void metrics_webhook(bool delivered);
 /* A request refused with 429 because its address failed to authenticate
  * too often (auth.h). */
 void metrics_auth_throttled(void);
+/* A request refused with 503 because the rate limits it is counted
+ * against (kept in Redis in cluster mode) could not be reached. */
+void metrics_ratelimit_unavailable(void);
 /* Why a webhook was given up: the backlog was full, its target is not
  * allowed (or its URL does not parse), every attempt failed, or the
  * server stopped first. */

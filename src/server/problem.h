@@ -42,6 +42,7 @@ typedef enum {
                                    request timeout even alone */
     PROBLEM_QUEUE_TOO_LONG,     /* 503 the work ahead would make it late */
     PROBLEM_HISTORY_UNAVAILABLE, /* 503 the request history cannot be read now */
+    PROBLEM_STORE_UNAVAILABLE,  /* 503 cluster mode: Redis unreachable */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

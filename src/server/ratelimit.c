@@ -14,6 +14,25 @@
  * is full anyway when its TAT has passed). Under a flood of distinct
  * addresses the worst case is that an evicted client gets a fresh
  * allowance: the limiter fails open for a few, never closed for all.
+ *
+ * Shared (cluster mode). Nodes behind one load balancer must count one
+ * allowance per client, so the TAT moves to Redis: one key per client
+ * (sdx4:<name>:<first 128 bits of the name's SHA-256>: no address or key
+ * identity spelled in Redis), read, compared and moved forward by one Lua
+ * script, which Redis runs atomically, so two nodes never both take the
+ * last request of an allowance. The script reads Redis's clock (TIME;
+ * allowed in scripts since Redis 5 replicates their effects, not the
+ * script), never a node's: nodes' clocks differ, and a node whose clock
+ * ran ahead would hand out its clients' future allowance. The key expires
+ * when its TAT passes, when it means what no key means: a full allowance.
+ * Memory in Redis is then bounded by the clients of the last window.
+ *
+ * Redis unreachable: the request is refused with 503 (http.c), not let
+ * through. Failing open would leave the GPUs without a bound exactly when
+ * the cluster is in trouble, and every request that passes the limiter
+ * needs Redis anyway (its job is queued there); a node-local fallback
+ * would allow each client `limit` times the number of nodes. redis.c
+ * makes the refusal fast: at most one timeout a second, then at once.
  */
 #include "ratelimit.h"
 
@@ -21,9 +40,14 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cache.h"
+#include "log.h"
+#include "redis.h"
 
 enum { SETS = 4096, WAYS = 8 };
 
@@ -44,6 +68,9 @@ struct ratelimit {
     slot (*table)[WAYS];
     cidr *trusted;
     int ntrusted;
+    redis *redis; /* shared: the TATs live there (table unused) */
+    char name[32];
+    atomic_bool redis_failing; /* logs once per outage, not per request */
 };
 
 static uint64_t hash_client(const char *s) {
@@ -132,12 +159,85 @@ void ratelimit_destroy(ratelimit *r) {
 
 bool ratelimit_enabled(const ratelimit *r) { return r->limit > 0; }
 
+void ratelimit_share(ratelimit *r, redis *redis, const char *name) {
+    r->redis = redis;
+    snprintf(r->name, sizeof r->name, "%s", name);
+    free(r->table);
+    r->table = NULL;
+}
+
+/* The rest of the decision from the client's debt before this request
+ * (`ahead`: seconds its TAT is past now) and whether it was taken. */
+static void settle(const ratelimit *r, double ahead, bool allowed, bool took, rate_decision *d) {
+    double interval = r->window / r->limit;
+    if (took) ahead += interval;
+    d->allowed = allowed;
+    d->remaining = (int)floor((r->window - ahead) / interval + 1e-9);
+    if (d->remaining < 0) d->remaining = 0;
+    d->reset = ahead;
+    d->retry_after = allowed ? 0 : ahead + interval - r->window; /* refused: nothing taken */
+}
+
+/* KEYS[1] the client's TAT (microseconds since the epoch on Redis's clock);
+ * ARGV: the interval and the window in microseconds, "1" to count the
+ * request. Answers {allowed, microseconds the TAT was ahead of now}. The
+ * numbers stay below 2^53, exact in Lua's doubles; %.0f writes them out
+ * whole where tostring would round them to 14 digits. */
+static const char rate_script[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local tat = tonumber(redis.call('GET', KEYS[1]) or 0)\n"
+    "if tat < now then tat = now end\n"
+    "local ahead, interval = tat - now, tonumber(ARGV[1])\n"
+    "local allowed = ahead + interval <= tonumber(ARGV[2])\n"
+    "if allowed and ARGV[3] == '1' then\n"
+    "  redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX',\n"
+    "             math.ceil((ahead + interval) / 1000))\n"
+    "end\n"
+    "return {allowed and 1 or 0, string.format('%.0f', ahead)}\n";
+
+static void decide_shared(ratelimit *r, const char *client, bool take, rate_decision *d) {
+    uint8_t digest[32];
+    sha256(digest, client, strlen(client));
+    char key[80];
+    int n = snprintf(key, sizeof key, "sdx4:%s:", r->name);
+    for (int i = 0; i < 16; i++) n += snprintf(key + n, sizeof key - (size_t)n, "%02x", digest[i]);
+    char err[256];
+    /* the interval rounded down: `limit` of them always fit in the window */
+    redisReply *reply = redis_call(r->redis, err, sizeof err, "EVAL %s 1 %s %lld %lld %s", rate_script, key,
+                                   (long long)floor(r->window / r->limit * 1e6),
+                                   (long long)llround(r->window * 1e6), take ? "1" : "0");
+    bool ok = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+              reply->element[0]->type == REDIS_REPLY_INTEGER && reply->element[1]->type == REDIS_REPLY_STRING;
+    if (!ok) {
+        if (reply) snprintf(err, sizeof err, "redis: unexpected answer to the rate limit script");
+        if (!atomic_exchange(&r->redis_failing, true))
+            log_event(LOG_WARN, "ratelimit_redis_down", json_pack("{s:s,s:s}", "limiter", r->name, "error", err));
+        freeReplyObject(reply);
+        *d = (rate_decision){.limit = r->limit, .unavailable = true, .retry_after = 1};
+        return;
+    }
+    if (atomic_exchange(&r->redis_failing, false))
+        log_event(LOG_INFO, "ratelimit_redis_back", json_pack("{s:s}", "limiter", r->name));
+    bool allowed = reply->element[0]->integer == 1;
+    double ahead = strtod(reply->element[1]->str, NULL) * 1e-6;
+    freeReplyObject(reply);
+    d->limit = r->limit;
+    d->unavailable = false;
+    settle(r, ahead, allowed, take && allowed, d);
+}
+
 /* The decision for one more request of `client`; it counts only when
  * `take` (a peek never adds the client to the table). */
 static void decide(ratelimit *r, const char *client, double now, bool take, rate_decision *d) {
     d->limit = r->limit;
+    d->unavailable = false;
     if (!r->limit) {
         *d = (rate_decision){.allowed = true};
+        return;
+    }
+    if (r->redis) {
+        decide_shared(r, client, take, d);
         return;
     }
     double interval = r->window / r->limit;
@@ -152,21 +252,16 @@ static void decide(ratelimit *r, const char *client, double now, bool take, rate
     }
     double tat = s && s->tat > now ? s->tat : now;
     double next = tat + interval;
-    d->allowed = next - now <= r->window + 1e-9;
-    if (take && d->allowed) {
+    bool allowed = next - now <= r->window + 1e-9;
+    if (take && allowed) {
         if (!s) {
             s = oldest;
             s->client = h;
         }
         s->tat = next;
     }
-    double ahead = (take && d->allowed ? next : tat) - now; /* debt in seconds */
     pthread_mutex_unlock(&r->lock);
-
-    d->remaining = (int)floor((r->window - ahead) / interval + 1e-9);
-    if (d->remaining < 0) d->remaining = 0;
-    d->reset = ahead;
-    d->retry_after = d->allowed ? 0 : next - r->window - now;
+    settle(r, tat - now, allowed, take && allowed, d);
 }
 
 void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d) {

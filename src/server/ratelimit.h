@@ -5,6 +5,11 @@
  * address comes from X-Forwarded-For only when the connection itself comes
  * from a configured trusted proxy. The same limiter counts failed API key
  * attempts per address (auth.c). Thread-safe.
+ *
+ * In cluster mode (ratelimit_share) the allowance lives in Redis, so that
+ * every node counts against the same one; the decision is then Redis's,
+ * on Redis's clock, and a Redis that cannot be reached decides nothing
+ * (rate_decision.unavailable).
  */
 #ifndef SDX4_SERVER_RATELIMIT_H
 #define SDX4_SERVER_RATELIMIT_H
@@ -22,14 +27,21 @@ typedef struct {
     int limit, remaining;
     double reset;       /* seconds until the full allowance is back */
     double retry_after; /* when refused: seconds until one more is allowed */
+    bool unavailable;   /* shared and Redis unreachable: refused, no counts */
 } rate_decision;
+
+struct redis;
 
 /* `limit` requests per `window` seconds (limit 0: no limit). NULL with a
  * message on `err` when a trusted proxy is not an address or CIDR range. */
 ratelimit *ratelimit_create(int limit, double window, const string_list *trusted, FILE *err);
 void ratelimit_destroy(ratelimit *r);
+/* Keeps the allowances in Redis under sdx4:<name>:<client digest> from now
+ * on (call before any check; `redis` outlives `r`). */
+void ratelimit_share(ratelimit *r, struct redis *redis, const char *name);
 bool ratelimit_enabled(const ratelimit *r);
 
+/* `now` is mono_now(); a shared limiter uses Redis's clock instead. */
 void ratelimit_check(ratelimit *r, const char *client, double now, rate_decision *d);
 /* Whether one more request would be allowed now, without counting one. */
 void ratelimit_peek(ratelimit *r, const char *client, double now, rate_decision *d);

@@ -45,6 +45,7 @@
 #include "log.h"
 #include "queue.h"
 #include "ratelimit.h"
+#include "redis.h"
 #include "server.h"
 #include "webhook.h"
 
@@ -209,6 +210,15 @@ static int start_parts(server *srv) {
         auth_set_identity_secret(srv->auth, secret);
     }
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
+    if (c->redis) { /* one allowance, one cache and one identity per key for the whole cluster */
+        if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err))) {
+            fprintf(stderr, "sdx4 serve: redis: %s\n", err);
+            return -1;
+        }
+        ratelimit_share(srv->ratelimit, srv->redis, "rate");
+        auth_share(srv->auth, srv->redis);
+        if (srv->cache) cache_share(srv->cache, srv->redis);
+    }
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
@@ -275,6 +285,8 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         return false;
     }
     srv->queue = NULL;
+    redis_close(srv->redis); /* its last users, HTTP threads and workers, are gone */
+    srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);

@@ -57,6 +57,7 @@ struct webhooks;
 struct conns;
 struct cost_model;
 struct history;
+struct redis;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -69,6 +70,7 @@ typedef struct server {
     char failure[256]; /* why loading failed (PHASE_FAILED) */
     double started;    /* mono_now() at start */
     struct queue *queue;
+    struct redis *redis; /* cluster mode (--redis): the shared store, NULL otherwise */
     struct job_store *jobs;
     struct cache *cache;
     struct ratelimit *ratelimit;
