@@ -150,6 +150,23 @@ static const option options[] = {
     {"log-buffer", OPT_SIZE, O(log_buffer), 4096, 1 << 30, "1M",
      "bytes of log lines held while stderr's reader is slow (beyond: lines are "
      "dropped and counted, never waited for)"},
+    {"s3-bucket", OPT_STRING, O(s3_bucket), 0, 0, NULL,
+     "store async jobs' images in this S3 bucket and give presigned URLs to them "
+     "(credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"},
+    {"s3-endpoint", OPT_STRING, O(s3_endpoint), 0, 0, NULL,
+     "S3-compatible endpoint, http[s]://host[:port] (default: AWS_ENDPOINT_URL, else AWS "
+     "S3 of the region)"},
+    {"s3-region", OPT_STRING, O(s3_region), 0, 0, NULL,
+     "region signed for (default: AWS_REGION, AWS_DEFAULT_REGION, else us-east-1)"},
+    {"s3-prefix", OPT_STRING, O(s3_prefix), 0, 0, NULL,
+     "key prefix: objects are PREFIX/<job id>/<index>.<ext>"},
+    {"s3-url-ttl", OPT_INT, O(s3_url_ttl), 1, 604800, "3600",
+     "seconds a presigned result URL stays valid (each job document gives a fresh one)"},
+    {"s3-path-style", OPT_BOOL, O(s3_path_style), 0, 0, "false",
+     "address objects as endpoint/bucket/key instead of bucket.endpoint/key (local "
+     "servers, MinIO, endpoints given as an address)"},
+    {"s3-timeout", OPT_DOUBLE, O(s3_timeout), 0.1, 3600, "30",
+     "seconds one request to the store may take; an upload that fails fails its job"},
 };
 #undef O
 enum { OPTION_COUNT = sizeof options / sizeof options[0] };

@@ -61,6 +61,12 @@ typedef struct {
     bool access_log;
     char *docs_assets;
     size_t log_buffer;
+    /* async jobs' results in S3-compatible storage (objstore.h); credentials
+     * only from AWS_* variables, never settings that `ps` would show */
+    char *s3_bucket, *s3_endpoint, *s3_region, *s3_prefix;
+    int s3_url_ttl;
+    bool s3_path_style;
+    double s3_timeout;
 } server_config;
 
 /* Fills `cfg` from defaults, the settings file, the environment and argv

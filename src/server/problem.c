@@ -46,6 +46,7 @@ static const struct {
     [PROBLEM_UPLOADS_BUSY] = {503, "uploads-busy", "Too many uploads in progress"},
     [PROBLEM_OVER_TIME_LIMIT] = {422, "over-time-limit", "Request cannot finish within the time limit"},
     [PROBLEM_QUEUE_TOO_LONG] = {503, "queue-too-long", "Server too busy to finish the request in time"},
+    [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

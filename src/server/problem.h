@@ -41,6 +41,8 @@ typedef enum {
     PROBLEM_OVER_TIME_LIMIT,    /* 422 estimated to take longer than the
                                    request timeout even alone */
     PROBLEM_QUEUE_TOO_LONG,     /* 503 the work ahead would make it late */
+    PROBLEM_STORAGE_FAILED,     /* 502 the result could not be written to
+                                   object storage (--s3-bucket) */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

@@ -43,6 +43,7 @@
 #include "log.h"
 #include "queue.h"
 #include "ratelimit.h"
+#include "results.h"
 #include "server.h"
 #include "webhook.h"
 
@@ -197,6 +198,7 @@ static int start_parts(server *srv) {
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
+    if (results_open(srv)) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
@@ -317,6 +319,7 @@ int serve_main(int argc, char **argv) {
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);
+    if (stopped) results_close(&srv); /* workers are gone: none is uploading */
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));

@@ -55,6 +55,7 @@ struct auth;
 struct webhooks;
 struct conns;
 struct cost_model;
+struct objstore;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -75,6 +76,7 @@ typedef struct server {
     struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
+    struct objstore *results; /* where async jobs' images go (--s3-bucket), or NULL */
 } server;
 
 #define DEMO_NOTE "demo model (random weights): output is noise"
