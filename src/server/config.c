@@ -386,6 +386,8 @@ static int check(const server_config *cfg, FILE *err) {
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
+    else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
+        bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
     if (!bad) return 0;
     fprintf(err, "sdx4 serve: %s\n", bad);
     return -1;

@@ -169,7 +169,7 @@ objstore *objstore_open(const objstore_settings *s, char *err, size_t err_size) 
     }
     size_t hlen = strlen(host);
     while (hlen && host[hlen - 1] == '/') hlen--; /* "http://h:9000/" */
-    bool host_ok = hlen > 0;
+    bool host_ok = hlen > 0 && hlen <= 255;
     for (size_t i = 0; host_ok && i < hlen; i++)
         host_ok = isalnum((unsigned char)host[i]) || strchr("-.:[]", host[i]);
     if (!host_ok) {

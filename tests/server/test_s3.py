@@ -113,6 +113,14 @@ def wait_job(server, job_id, timeout=120):
     raise AssertionError("job did not finish")
 
 
+def check_schema(server, doc):
+    """The job document is what openapi.json (as served) says a Job is."""
+    import jsonschema
+    spec = server.get("/openapi.json").json()
+    jsonschema.validate(doc, {"$ref": "#/components/schemas/Job", "components": spec["components"]},
+                        format_checker=jsonschema.FormatChecker())
+
+
 def botocore_signature(moto, url):
     """The signature botocore gives the presigned URL's request at its X-Amz-Date."""
     import botocore.auth
@@ -164,6 +172,7 @@ def test_async_results_in_s3(moto):
         finally:
             moto.iam(False)
         assert job["status"] == "succeeded", job
+        check_schema(server, job)
         [entry] = job["results"]
         url = entry["result_url"]
         assert entry["index"] == 0 and url.startswith(f"{moto.url}/{BUCKET}/runs/one/{job['id']}/0.png?")
@@ -191,6 +200,7 @@ def test_async_results_in_s3(moto):
 
         # a batch: one URL per image that succeeded
         assert batch["status"] == "succeeded", batch
+        check_schema(server, batch)
         [entry] = batch["results"]
         assert entry["index"] == 0 and f"/runs/one/{batch['id']}/0.jpg?" in entry["result_url"]
         stored = requests.get(entry["result_url"], timeout=30)
@@ -213,6 +223,7 @@ def test_store_down_fails_the_job(moto):
         job = wait_job(server, r.json()["id"], timeout=30)
         assert time.time() - start < 20
         assert job["status"] == "failed" and job["results"] == [], job
+        check_schema(server, job)
         error = job["error"]
         assert error["type"] == "urn:sdx4:problem:storage-failed" and error["status"] == 502
         assert "could not be stored" in error["detail"] and dead[7:] in error["detail"], error
