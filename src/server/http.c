@@ -762,7 +762,7 @@ static enum MHD_Result answer_job(request *r) {
     case ROUTE_JOB_RESULT:
         if (v.state == JOB_SUCCEEDED) {
             if (job_kind(j) == FORM_BATCH) return send_json(r, 200, job_batch_results(j));
-            if (results_stored(r->srv, j)) return redirect_to_store(r, j);
+            if (results_stored(r->srv, job_listed(j))) return redirect_to_store(r, j);
             return send_image(r, j);
         }
         if (v.state == JOB_CANCELED) return send_simple_problem(r, PROBLEM_CANCELED, "the job was canceled");
@@ -920,7 +920,7 @@ static enum MHD_Result send_image(request *r, job *j) {
  * presigned URL (results.c says why not through this server). */
 static enum MHD_Result redirect_to_store(request *r, job *j) {
     char url[RESULTS_URL_SIZE];
-    if (results_url(r->srv, job_task(j, 0), url, sizeof url))
+    if (results_url(r->srv, job_id(j), job_task(j, 0), time(NULL), url, sizeof url))
         return send_simple_problem(r, PROBLEM_INTERNAL, "the result's URL does not fit");
     struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
     if (!resp) return MHD_NO;
@@ -1001,7 +1001,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
-    t->cacheable = seeded && cache && !results_stored(r->srv, t->job);
+    t->cacheable = seeded && cache && !results_stored(r->srv, job_listed(t->job));
     const char *scope = c->cache_shared ? "" : r->owner; /* a hit never crosses keys unless shared */
     char *canonical = NULL;
     uint8_t upload_key[32];

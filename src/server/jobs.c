@@ -240,8 +240,8 @@ static json_t *job_document_locked(job *j) {
     snprintf(path, sizeof path, "/api/v1/jobs/%s", j->id);
     json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path,
                                               "/result", "events", path, "/events"));
-    if (results_stored(j->store->srv, j) && final(j->state))
-        json_object_set_new(d, "results", results_links(j->store->srv, j, j->ntasks));
+    if (results_stored(j->store->srv, j->listed) && final(j->state))
+        json_object_set_new(d, "results", results_links(j->store->srv, j->id, j->tasks, j->ntasks));
     if (j->webhook_url) {
         json_t *hook = json_pack("{s:s,s:i}", "status", webhook_states[j->webhook_state], "attempts",
                                  j->webhook_attempts);

@@ -429,7 +429,7 @@ static void run(queue *q, task *t) {
         }
         sdx4_image_free(&image);
     }
-    results_store(srv, t, &out); /* an async job's image, when --s3-bucket is set */
+    results_store(srv, job_id(t->job), job_listed(t->job), t, &out); /* with --s3-bucket */
     job_task_finished(t, &out);
 }
 

@@ -17,6 +17,7 @@
 #include "results.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -45,32 +46,30 @@ void results_close(server *srv) {
     srv->results = NULL;
 }
 
-bool results_stored(const server *srv, const job *j) { return srv->results && job_listed(j); }
+bool results_stored(const server *srv, bool listed) { return srv->results && listed; }
 
 /* <prefix>/<job id>/<index>.<ext>; the prefix without its slashes at the ends. */
-static void object_key(const server *srv, const task *t, char *key, size_t size) {
+static void object_key(const server *srv, const char *job_id, const task *t, char *key, size_t size) {
     const char *prefix = srv->cfg.s3_prefix ? srv->cfg.s3_prefix : "";
     while (*prefix == '/') prefix++;
     int plen = (int)strlen(prefix);
     while (plen && prefix[plen - 1] == '/') plen--;
     const char *ext = t->opts.format == IMAGE_JPEG ? "jpg" : imageio_format_name(t->opts.format);
-    snprintf(key, size, "%.*s%s%s/%d.%s", plen, prefix, plen ? "/" : "", job_id(t->job), t->index, ext);
+    snprintf(key, size, "%.*s%s%s/%d.%s", plen, prefix, plen ? "/" : "", job_id, t->index, ext);
 }
 
-void results_store(server *srv, const task *t, task_outcome *out) {
-    if (out->state != JOB_SUCCEEDED || !results_stored(srv, t->job)) return;
+void results_store(server *srv, const char *job_id, bool listed, const task *t, task_outcome *out) {
+    if (out->state != JOB_SUCCEEDED || !results_stored(srv, listed)) return;
     char key[1024], err[512];
-    object_key(srv, t, key, sizeof key);
+    object_key(srv, job_id, t, key, sizeof key);
     double t0 = mono_now();
     if (objstore_put(srv->results, key, out->output, out->len, imageio_mime_type(t->opts.format), err,
                      sizeof err) == 0) {
-        log_event(LOG_DEBUG, "result_stored",
-                  json_pack("{s:s,s:s,s:I,s:f}", "request_id", job_request_id(t->job), "key", key, "bytes",
-                            (json_int_t)out->len, "seconds", mono_now() - t0));
+        log_event(LOG_DEBUG, "result_stored", json_pack("{s:s,s:I,s:f}", "key", key, "bytes",
+                                                        (json_int_t)out->len, "seconds", mono_now() - t0));
         return;
     }
-    log_event(LOG_ERROR, "result_store_failed",
-              json_pack("{s:s,s:s,s:s}", "request_id", job_request_id(t->job), "key", key, "error", err));
+    log_event(LOG_ERROR, "result_store_failed", json_pack("{s:s,s:s}", "key", key, "error", err));
     problem_set(&out->error, PROBLEM_STORAGE_FAILED, "the image was made but could not be stored: %s", err);
     out->state = JOB_FAILED;
     free(out->output);
@@ -78,17 +77,14 @@ void results_store(server *srv, const task *t, task_outcome *out) {
     out->len = 0;
 }
 
-static int presign(const server *srv, const task *t, time_t now, char *url, size_t size) {
+int results_url(const server *srv, const char *job_id, const task *t, time_t now, char *url,
+                size_t size) {
     char key[1024];
-    object_key(srv, t, key, sizeof key);
+    object_key(srv, job_id, t, key, sizeof key);
     return objstore_presign_at(srv->results, key, srv->cfg.s3_url_ttl, now, url, size);
 }
 
-int results_url(const server *srv, const task *t, char *url, size_t size) {
-    return presign(srv, t, time(NULL), url, size);
-}
-
-json_t *results_links(const server *srv, job *j, int ntasks) {
+json_t *results_links(const server *srv, const char *job_id, const task *tasks, int ntasks) {
     json_t *links = json_array();
     time_t now = time(NULL), expires = now + srv->cfg.s3_url_ttl;
     struct tm tm;
@@ -96,9 +92,9 @@ json_t *results_links(const server *srv, job *j, int ntasks) {
     gmtime_r(&expires, &tm);
     strftime(expires_at, sizeof expires_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
     for (int i = 0; i < ntasks; i++) {
-        const task *t = job_task(j, i);
-        if (t->state != JOB_SUCCEEDED || presign(srv, t, now, url, sizeof url)) continue;
-        json_array_append_new(links, json_pack("{s:i,s:s,s:s}", "index", i, "result_url", url,
+        if (tasks[i].state != JOB_SUCCEEDED || results_url(srv, job_id, &tasks[i], now, url, sizeof url))
+            continue;
+        json_array_append_new(links, json_pack("{s:i,s:s,s:s}", "index", tasks[i].index, "result_url", url,
                                                "expires_at", expires_at));
     }
     return links;
