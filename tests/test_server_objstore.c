@@ -5,7 +5,7 @@
  * (the documentation's "examplebucket/test.txt" URL, signature and all),
  * and settings refused with a reason. With one, named by
  * SDX4_TEST_S3_ENDPOINT (a bucket SDX4_TEST_S3_BUCKET that exists, the
- * AWS_* credentials it accepts): put, get, delete, a missing key, a
+ * AWS_* credentials it accepts, a session token's included): put, get, delete, a missing key, a
  * presigned URL fetched without credentials, 8 threads at once, a wrong
  * secret refused (SDX4_TEST_S3_CHECKS_SIGNATURES: the server checks
  * them), and an endpoint where nothing listens. tests/server/test_s3.py runs this
@@ -237,11 +237,12 @@ int main(void) {
     const char *endpoint = getenv("SDX4_TEST_S3_ENDPOINT"), *bucket = getenv("SDX4_TEST_S3_BUCKET");
     char *key = getenv("AWS_ACCESS_KEY_ID") ? strdup(getenv("AWS_ACCESS_KEY_ID")) : NULL;
     char *secret = getenv("AWS_SECRET_ACCESS_KEY") ? strdup(getenv("AWS_SECRET_ACCESS_KEY")) : NULL;
+    char *token = getenv("AWS_SESSION_TOKEN") ? strdup(getenv("AWS_SESSION_TOKEN")) : NULL;
     test_presign_known_answer();
     test_bad_settings();
     test_store_down();
     if (endpoint && *endpoint && bucket && *bucket) {
-        with_credentials(key, secret, NULL);
+        with_credentials(key, secret, token);
         test_server(endpoint, bucket);
     } else {
         printf("S3 server tests SKIPPED: set SDX4_TEST_S3_ENDPOINT, SDX4_TEST_S3_BUCKET and the AWS_* "
@@ -249,6 +250,7 @@ int main(void) {
     }
     free(key);
     free(secret);
+    free(token);
     printf("%d checks, %d failed\n", test_checks, test_failures);
     return test_failures ? 1 : 0;
 }

@@ -68,6 +68,14 @@ class Moto:
         iam.attach_user_policy(UserName="sdx4", PolicyArn=policy["Policy"]["Arn"])
         key = iam.create_access_key(UserName="sdx4")["AccessKey"]
         self.key, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        # temporary credentials, as an IAM role's (Kubernetes' IRSA, an instance profile)
+        role = iam.create_role(RoleName="sdx4", AssumeRolePolicyDocument='{"Version": "2012-10-17", '
+                               '"Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, '
+                               '"Action": "sts:AssumeRole"}]}')
+        iam.attach_role_policy(RoleName="sdx4", PolicyArn=policy["Policy"]["Arn"])
+        sts = boto3.client("sts", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
+                           aws_secret_access_key=self.secret)
+        self.role = sts.assume_role(RoleArn=role["Role"]["Arn"], RoleSessionName="sdx4-test")["Credentials"]
         self.s3 = boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
                                aws_secret_access_key=self.secret)
         self.s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
@@ -78,9 +86,15 @@ class Moto:
         assert r.status_code == 200, r.text
 
     def env(self, **extra):
-        e = {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": REGION}
+        e = {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_SESSION_TOKEN": "",
+             "AWS_REGION": REGION}
         e.update(extra)
         return e
+
+    def role_env(self):
+        return self.env(AWS_ACCESS_KEY_ID=self.role["AccessKeyId"],
+                        AWS_SECRET_ACCESS_KEY=self.role["SecretAccessKey"],
+                        AWS_SESSION_TOKEN=self.role["SessionToken"])
 
     def stop(self):
         self.proc.terminate()
@@ -122,15 +136,17 @@ def check_schema(server, doc):
 
 
 def botocore_signature(moto, url):
-    """The signature botocore gives the presigned URL's request at its X-Amz-Date."""
+    """The signature botocore gives the presigned URL's request at its X-Amz-Date
+    (with the role's credentials, as test_async_results_in_s3's server has)."""
     import botocore.auth
     import botocore.awsrequest
     import botocore.credentials
     parts = urllib.parse.urlsplit(url)
     query = dict(urllib.parse.parse_qsl(parts.query))
     when = datetime.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
-    signer = botocore.auth.S3SigV4QueryAuth(botocore.credentials.Credentials(moto.key, moto.secret), "s3",
-                                            REGION, expires=int(query["X-Amz-Expires"]))
+    credentials = botocore.credentials.Credentials(moto.role["AccessKeyId"], moto.role["SecretAccessKey"],
+                                                   moto.role["SessionToken"])
+    signer = botocore.auth.S3SigV4QueryAuth(credentials, "s3", REGION, expires=int(query["X-Amz-Expires"]))
     request = botocore.awsrequest.AWSRequest(method="GET", url=f"{parts.scheme}://{parts.netloc}{parts.path}")
     with mock.patch("botocore.auth.get_current_datetime", return_value=when):
         signer.add_auth(request)
@@ -146,17 +162,21 @@ def test_objstore_program(moto):
     moto.iam(False)  # presigned URLs fetched
     out = subprocess.run([program], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "SKIPPED" not in out.stdout, out.stdout + out.stderr
-    moto.iam(True)  # wrong secrets refused
+    moto.iam(True)  # wrong secrets refused; then the same with a session token
     try:
         out = subprocess.run([program], env=dict(env, SDX4_TEST_S3_CHECKS_SIGNATURES="1"),
                              capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = subprocess.run([program], env=dict(env, **moto.role_env(), SDX4_TEST_S3_CHECKS_SIGNATURES="1"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
     finally:
         moto.iam(False)
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_async_results_in_s3(moto):
-    server = s3_server(moto, "--s3-prefix", "/runs/one/", "--s3-url-ttl", "900")
+    """With a role's temporary credentials (a session token), as in Kubernetes."""
+    server = s3_server(moto, "--s3-prefix", "/runs/one/", "--s3-url-ttl", "900", env=moto.role_env())
     try:
         moto.iam(True)  # every upload below must carry a valid signature
         try:
@@ -178,6 +198,7 @@ def test_async_results_in_s3(moto):
         assert entry["index"] == 0 and url.startswith(f"{moto.url}/{BUCKET}/runs/one/{job['id']}/0.png?")
         query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
         assert query["X-Amz-Expires"] == "900" and query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+        assert query["X-Amz-Security-Token"] == moto.role["SessionToken"]
         signed = datetime.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
         expires = datetime.datetime.strptime(entry["expires_at"], "%Y-%m-%dT%H:%M:%SZ")
         assert expires - signed == datetime.timedelta(seconds=900)
