@@ -280,6 +280,8 @@ static int request(objstore *os, const char *method, const char *key, const void
     int rc = -1;
     const char *signed_headers = os->session_token ? "host;x-amz-content-sha256;x-amz-date;x-amz-security-token"
                                                    : "host;x-amz-content-sha256;x-amz-date";
+    /* method, path, query (none), "name:value" of each signed header, a
+     * blank line, their names, the payload's hash */
     if (!path ||
         asprintf(&canonical, "%s\n%s/%s\n\nhost:%s\nx-amz-content-sha256:%s\nx-amz-date:%s\n%s%s%s\n%s\n%s",
                  method, os->bucket_path, path, os->host, payload_hash, stamp,
@@ -299,7 +301,7 @@ static int request(objstore *os, const char *method, const char *key, const void
     if (os->session_token && asprintf(&token_header, "x-amz-security-token: %s", os->session_token) < 0)
         token_header = NULL;
     if (!auth || (os->session_token && !token_header)) goto oom;
-    char host_header[320], hash_header[96], date_header[48], type_header[160];
+    char host_header[352], hash_header[96], date_header[48], type_header[160];
     snprintf(host_header, sizeof host_header, "Host: %s", os->host);
     snprintf(hash_header, sizeof hash_header, "x-amz-content-sha256: %s", payload_hash);
     snprintf(date_header, sizeof date_header, "x-amz-date: %s", stamp);
