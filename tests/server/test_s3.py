@@ -1,5 +1,5 @@
 """Async jobs' results in S3-compatible storage (--s3-bucket), against a
-real local S3 server: moto's (`moto_server`, PyPI's moto[server]), started
+real local S3 server: moto's (`moto_server`, from PyPI's moto), started
 on a loopback port here and stopped after.
 
 moto checks request signatures only while its IAM is on, and then answers
@@ -43,7 +43,7 @@ class Moto:
     def __init__(self):
         if not os.path.exists(MOTO):
             pytest.skip(f"S3 tests SKIPPED: no moto_server beside {sys.executable} "
-                        "(tests/server/requirements.txt installs moto[server])")
+                        "(tests/server/requirements.txt installs moto)")
         import boto3
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
