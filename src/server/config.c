@@ -164,6 +164,23 @@ static const option options[] = {
     {"history-backlog", OPT_INT, O(history_backlog), 1, 1000000, "10000",
      "finished jobs held while the history database is slow or down (beyond: "
      "dropped and counted, never waited for)"},
+    {"s3-bucket", OPT_STRING, O(s3_bucket), 0, 0, NULL,
+     "store async jobs' images in this S3 bucket and give presigned URLs to them "
+     "(credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"},
+    {"s3-endpoint", OPT_STRING, O(s3_endpoint), 0, 0, NULL,
+     "S3-compatible endpoint, http[s]://host[:port] (default: AWS_ENDPOINT_URL, else AWS "
+     "S3 of the region)"},
+    {"s3-region", OPT_STRING, O(s3_region), 0, 0, NULL,
+     "region signed for (default: AWS_REGION, AWS_DEFAULT_REGION, else us-east-1)"},
+    {"s3-prefix", OPT_STRING, O(s3_prefix), 0, 0, NULL,
+     "key prefix: objects are PREFIX/<job id>/<index>.<ext>"},
+    {"s3-url-ttl", OPT_INT, O(s3_url_ttl), 1, 604800, "3600",
+     "seconds a presigned result URL stays valid (each job document gives a fresh one)"},
+    {"s3-path-style", OPT_BOOL, O(s3_path_style), 0, 0, "false",
+     "address objects as endpoint/bucket/key instead of bucket.endpoint/key (local "
+     "servers, MinIO, endpoints given as an address)"},
+    {"s3-timeout", OPT_DOUBLE, O(s3_timeout), 0.1, 3600, "30",
+     "seconds one request to the store may take; an upload that fails fails its job"},
 };
 #undef O
 enum { OPTION_COUNT = sizeof options / sizeof options[0] };
@@ -383,6 +400,8 @@ static int check(const server_config *cfg, FILE *err) {
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
+    else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
+        bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
     if (!bad) return 0;
     fprintf(err, "sdx4 serve: %s\n", bad);
     return -1;

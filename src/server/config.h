@@ -66,6 +66,12 @@ typedef struct {
     /* request history (history.h) */
     char *history; /* a file (SQLite) or a postgresql:// URL; NULL: off */
     int history_backlog;
+    /* async jobs' results in S3-compatible storage (objstore.h); credentials
+     * only from AWS_* variables, never settings that `ps` would show */
+    char *s3_bucket, *s3_endpoint, *s3_region, *s3_prefix;
+    int s3_url_ttl;
+    bool s3_path_style;
+    double s3_timeout;
 } server_config;
 
 /* Fills `cfg` from defaults, the settings file, the environment and argv

@@ -62,6 +62,7 @@
 #include "problem.h"
 #include "queue.h"
 #include "ratelimit.h"
+#include "results.h"
 #include "status.h"
 
 #define API "/api/v1"
@@ -760,6 +761,7 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
 /* ---- GET routes ------------------------------------------------------------------------ */
 
 static enum MHD_Result send_image(request *r, job *j);
+static enum MHD_Result redirect_to_store(request *r, job *j);
 
 static ssize_t read_events(void *cls, uint64_t pos, char *buf, size_t max);
 
@@ -779,6 +781,7 @@ static enum MHD_Result answer_job(request *r) {
     case ROUTE_JOB_RESULT:
         if (v.state == JOB_SUCCEEDED) {
             if (job_kind(j) == FORM_BATCH) return send_json(r, 200, job_batch_results(j));
+            if (results_stored(r->srv, job_listed(j))) return redirect_to_store(r, j);
             return send_image(r, j);
         }
         if (v.state == JOB_CANCELED) return send_simple_problem(r, PROBLEM_CANCELED, "the job was canceled");
@@ -1033,6 +1036,19 @@ static enum MHD_Result send_image(request *r, job *j) {
     return send_response(r, 200, resp);
 }
 
+/* A one-image async job whose image is in object storage: to its
+ * presigned URL (results.c says why not through this server). */
+static enum MHD_Result redirect_to_store(request *r, job *j) {
+    char url[RESULTS_URL_SIZE];
+    if (results_url(r->srv, job_id(j), job_task(j, 0), time(NULL), url, sizeof url))
+        return send_simple_problem(r, PROBLEM_INTERNAL, "the result's URL does not fit");
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Location", url);
+    MHD_add_response_header(resp, "Cache-Control", "no-store"); /* the URL expires */
+    return send_response(r, 307, resp);
+}
+
 /* The job waited on by a synchronous request is over: its answer. */
 static enum MHD_Result answer_finished(request *r) {
     job *j = r->job;
@@ -1105,7 +1121,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
-    t->cacheable = seeded && cache;
+    t->cacheable = seeded && cache && !results_stored(r->srv, job_listed(t->job));
     const char *scope = c->cache_shared ? "" : r->owner; /* a hit never crosses keys unless shared */
     char *canonical = NULL;
     uint8_t upload_key[32];

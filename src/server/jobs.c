@@ -39,6 +39,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "queue.h"
+#include "results.h"
 #include "webhook.h"
 
 enum { WEBHOOK_NONE, WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED };
@@ -241,6 +242,8 @@ static json_t *job_document_locked(job *j) {
     snprintf(path, sizeof path, "/api/v1/jobs/%s", j->id);
     json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path,
                                               "/result", "events", path, "/events"));
+    if (results_stored(j->store->srv, j->listed) && final(j->state))
+        json_object_set_new(d, "results", results_links(j->store->srv, j->id, j->tasks, j->ntasks));
     if (j->webhook_url) {
         json_t *hook = json_pack("{s:s,s:i}", "status", webhook_states[j->webhook_state], "attempts",
                                  j->webhook_attempts);
@@ -517,6 +520,7 @@ const char *job_client(const job *j) { return j->client; }
 const char *job_request_id(const job *j) { return j->request_id; }
 double job_deadline(const job *j) { return j->deadline; }
 form_kind job_kind(const job *j) { return j->kind; }
+bool job_listed(const job *j) { return j->listed; }
 
 void job_set_webhook(job *j, const char *url) {
     free(j->webhook_url);

@@ -87,6 +87,7 @@ const char *job_client(const job *j);
 const char *job_request_id(const job *j);
 double job_deadline(const job *j); /* mono_now() clock */
 form_kind job_kind(const job *j);
+bool job_listed(const job *j);
 void job_set_webhook(job *j, const char *url);
 /* The identity that made the job (auth.h): only it finds the job by id.
  * "" (the default) for anonymous clients, whom the id alone admits. */

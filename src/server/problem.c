@@ -48,6 +48,7 @@ static const struct {
     [PROBLEM_QUEUE_TOO_LONG] = {503, "queue-too-long", "Server too busy to finish the request in time"},
     [PROBLEM_HISTORY_UNAVAILABLE] = {503, "history-unavailable", "Request history unavailable"},
     [PROBLEM_STORE_UNAVAILABLE] = {503, "store-unavailable", "Shared state unreachable"},
+    [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

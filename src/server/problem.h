@@ -43,6 +43,8 @@ typedef enum {
     PROBLEM_QUEUE_TOO_LONG,     /* 503 the work ahead would make it late */
     PROBLEM_HISTORY_UNAVAILABLE, /* 503 the request history cannot be read now */
     PROBLEM_STORE_UNAVAILABLE,  /* 503 cluster mode: Redis unreachable */
+    PROBLEM_STORAGE_FAILED,     /* 502 the result could not be written to
+                                   object storage (--s3-bucket) */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

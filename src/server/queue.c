@@ -56,6 +56,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
+#include "results.h"
 
 typedef struct queue_lane {
     char client[64];
@@ -428,6 +429,7 @@ static void run(queue *q, task *t) {
         }
         sdx4_image_free(&image);
     }
+    results_store(srv, job_id(t->job), job_listed(t->job), t, &out); /* with --s3-bucket */
     job_task_finished(t, &out);
 }
 

@@ -46,6 +46,7 @@
 #include "queue.h"
 #include "ratelimit.h"
 #include "redis.h"
+#include "results.h"
 #include "server.h"
 #include "webhook.h"
 
@@ -219,6 +220,7 @@ static int start_parts(server *srv) {
         auth_share(srv->auth, srv->redis);
         if (srv->cache) cache_share(srv->cache, srv->redis);
     }
+    if (results_open(srv)) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
     srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
@@ -344,6 +346,7 @@ int serve_main(int argc, char **argv) {
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);
+    if (stopped) results_close(&srv); /* workers are gone: none is uploading */
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));

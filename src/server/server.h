@@ -58,6 +58,7 @@ struct conns;
 struct cost_model;
 struct history;
 struct redis;
+struct objstore;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -80,6 +81,7 @@ typedef struct server {
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
     struct history *history; /* finished jobs' records; NULL without --history */
+    struct objstore *results; /* where async jobs' images go (--s3-bucket), or NULL */
 } server;
 
 #define DEMO_NOTE "demo model (random weights): output is noise"

@@ -1,0 +1,284 @@
+"""Async jobs' results in S3-compatible storage (--s3-bucket), against a
+real local S3 server: moto's (`moto_server`, from PyPI's moto), started
+on a loopback port here and stopped after.
+
+moto checks request signatures only while its IAM is on, and then answers
+every presigned URL 500; so the uploads are made with IAM on (a wrong
+signature is refused 403), IAM is switched off to fetch presigned URLs,
+and each presigned URL's signature is checked against botocore's
+(the AWS SDK's own signer) for the same instant. moto does not check
+presigned signatures nor their expiry at all: that a forged or expired
+URL is refused is not tested against a server here.
+"""
+import base64
+import datetime
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from unittest import mock
+
+import pytest
+import requests
+
+from conftest import SDX4, Server, image_bytes, problem
+
+BUCKET = "sdx4-results"
+REGION = "eu-west-3"
+MOTO = os.path.join(os.path.dirname(sys.executable), "moto_server")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Moto:
+    """A moto S3 server with one bucket and one IAM user allowed everything."""
+
+    def __init__(self):
+        if not os.path.exists(MOTO):
+            pytest.skip(f"S3 tests SKIPPED: no moto_server beside {sys.executable} "
+                        "(tests/server/requirements.txt installs moto)")
+        import boto3
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                requests.get(self.url + "/moto-api/", timeout=2)
+                break
+            except requests.ConnectionError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        anon = dict(endpoint_url=self.url, region_name=REGION, aws_access_key_id="setup",
+                    aws_secret_access_key="setup")
+        iam = boto3.client("iam", **anon)
+        iam.create_user(UserName="sdx4")
+        policy = iam.create_policy(PolicyName="all", PolicyDocument='{"Version": "2012-10-17", "Statement": '
+                                   '[{"Effect": "Allow", "Action": "*", "Resource": "*"}]}')
+        iam.attach_user_policy(UserName="sdx4", PolicyArn=policy["Policy"]["Arn"])
+        key = iam.create_access_key(UserName="sdx4")["AccessKey"]
+        self.key, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        # temporary credentials, as an IAM role's (Kubernetes' IRSA, an instance profile)
+        role = iam.create_role(RoleName="sdx4", AssumeRolePolicyDocument='{"Version": "2012-10-17", '
+                               '"Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, '
+                               '"Action": "sts:AssumeRole"}]}')
+        iam.attach_role_policy(RoleName="sdx4", PolicyArn=policy["Policy"]["Arn"])
+        sts = boto3.client("sts", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
+                           aws_secret_access_key=self.secret)
+        self.role = sts.assume_role(RoleArn=role["Role"]["Arn"], RoleSessionName="sdx4-test")["Credentials"]
+        self.s3 = boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
+                               aws_secret_access_key=self.secret)
+        self.s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+
+    def iam(self, on):
+        """Signature checks on (every request must be signed by a known key) or off."""
+        r = requests.post(self.url + "/moto-api/reset-auth", data=b"0" if on else b"1e12", timeout=10)
+        assert r.status_code == 200, r.text
+
+    def env(self, **extra):
+        e = {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_SESSION_TOKEN": "",
+             "AWS_REGION": REGION}
+        e.update(extra)
+        return e
+
+    def role_env(self):
+        return self.env(AWS_ACCESS_KEY_ID=self.role["AccessKeyId"],
+                        AWS_SECRET_ACCESS_KEY=self.role["SecretAccessKey"],
+                        AWS_SESSION_TOKEN=self.role["SessionToken"])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    m = Moto()
+    yield m
+    m.stop()
+
+
+def s3_server(moto, *flags, env=None):
+    return Server("--s3-bucket", BUCKET, "--s3-endpoint", moto.url, "--s3-path-style", "true",
+                  *flags, env=env or moto.env())
+
+
+def wait_job(server, job_id, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = server.get(f"/api/v1/jobs/{job_id}").json()
+        if j["status"] in ("succeeded", "failed", "canceled"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def check_schema(server, doc):
+    """The job document is what openapi.json (as served) says a Job is."""
+    import jsonschema
+    spec = server.get("/openapi.json").json()
+    jsonschema.validate(doc, {"$ref": "#/components/schemas/Job", "components": spec["components"]},
+                        format_checker=jsonschema.FormatChecker())
+
+
+def botocore_signature(moto, url):
+    """The signature botocore gives the presigned URL's request at its X-Amz-Date
+    (with the role's credentials, as test_async_results_in_s3's server has)."""
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    when = datetime.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+    credentials = botocore.credentials.Credentials(moto.role["AccessKeyId"], moto.role["SecretAccessKey"],
+                                                   moto.role["SessionToken"])
+    signer = botocore.auth.S3SigV4QueryAuth(credentials, "s3", REGION, expires=int(query["X-Amz-Expires"]))
+    request = botocore.awsrequest.AWSRequest(method="GET", url=f"{parts.scheme}://{parts.netloc}{parts.path}")
+    with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+        signer.add_auth(request)
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query))["X-Amz-Signature"]
+
+
+def test_objstore_program(moto):
+    """The C client's own tests (tests/test_server_objstore.c) against this server."""
+    program = os.path.join(os.path.dirname(SDX4), "test_server_objstore")
+    if not os.path.exists(program):
+        pytest.skip(f"no {program} (built with the ctest programs)")
+    env = dict(os.environ, **moto.env(), SDX4_TEST_S3_ENDPOINT=moto.url, SDX4_TEST_S3_BUCKET=BUCKET)
+    moto.iam(False)  # presigned URLs fetched
+    out = subprocess.run([program], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "SKIPPED" not in out.stdout, out.stdout + out.stderr
+    moto.iam(True)  # wrong secrets refused; then the same with a session token
+    try:
+        out = subprocess.run([program], env=dict(env, SDX4_TEST_S3_CHECKS_SIGNATURES="1"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = subprocess.run([program], env=dict(env, **moto.role_env(), SDX4_TEST_S3_CHECKS_SIGNATURES="1"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        moto.iam(False)
+
+
+def test_async_results_in_s3(moto):
+    """With a role's temporary credentials (a session token), as in Kubernetes."""
+    server = s3_server(moto, "--s3-prefix", "/runs/one/", "--s3-url-ttl", "900", env=moto.role_env())
+    try:
+        moto.iam(True)  # every upload below must carry a valid signature
+        try:
+            r = server.post("/api/v1/jobs", files={"image": image_bytes()},
+                            data={"num_inference_steps": "2", "seed": "7"})
+            assert r.status_code == 202, r.text
+            assert "results" not in r.json()
+            job = wait_job(server, r.json()["id"])
+            img = base64.b64encode(image_bytes(seed=3)).decode()
+            r = server.post("/api/v1/batch-upscale?async=true",
+                            json={"images": [img, base64.b64encode(b"junk data").decode()], "num_inference_steps": 1, "output_format": "jpeg"})
+            batch = wait_job(server, r.json()["id"])
+        finally:
+            moto.iam(False)
+        assert job["status"] == "succeeded", job
+        check_schema(server, job)
+        [entry] = job["results"]
+        url = entry["result_url"]
+        assert entry["index"] == 0 and url.startswith(f"{moto.url}/{BUCKET}/runs/one/{job['id']}/0.png?")
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert query["X-Amz-Expires"] == "900" and query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+        assert query["X-Amz-Security-Token"] == moto.role["SessionToken"]
+        signed = datetime.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+        expires = datetime.datetime.strptime(entry["expires_at"], "%Y-%m-%dT%H:%M:%SZ")
+        assert expires - signed == datetime.timedelta(seconds=900)
+        assert query["X-Amz-Signature"] == botocore_signature(moto, url)
+
+        # the presigned URL works with no credentials at all, and holds the image
+        stored = requests.get(url, timeout=30)
+        assert stored.status_code == 200 and stored.headers["Content-Type"] == "image/png"
+        assert stored.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert moto.s3.get_object(Bucket=BUCKET, Key=f"runs/one/{job['id']}/0.png")["Body"].read() == stored.content
+        # /result redirects there; a synchronous request (never stored) gives the same bytes
+        redirect = server.get(f"/api/v1/jobs/{job['id']}/result", allow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["Cache-Control"] == "no-store"
+        assert redirect.headers["Location"].startswith(f"{moto.url}/{BUCKET}/runs/one/{job['id']}/0.png?")
+        assert server.get(f"/api/v1/jobs/{job['id']}/result").content == stored.content
+        sync = server.post("/api/v1/upscale", files={"image": image_bytes()},
+                           data={"num_inference_steps": "2", "seed": "7"})
+        assert sync.status_code == 200 and sync.content == stored.content
+        assert sync.headers["X-Cache"] == "MISS"  # the async job bypassed the cache
+
+        # a batch: one URL per image that succeeded
+        assert batch["status"] == "succeeded", batch
+        check_schema(server, batch)
+        [entry] = batch["results"]
+        assert entry["index"] == 0 and f"/runs/one/{batch['id']}/0.jpg?" in entry["result_url"]
+        stored = requests.get(entry["result_url"], timeout=30)
+        assert stored.status_code == 200 and stored.content[:3] == b"\xff\xd8\xff"
+        listing = server.get(f"/api/v1/jobs/{batch['id']}/result").json()["results"]
+        assert base64.b64decode(listing[0]["image"]) == stored.content and listing[1]["status"] == 415
+    finally:
+        server.check_clean_exit()
+
+
+def test_store_down_fails_the_job(moto):
+    """Nothing listens at the endpoint: the job fails at once, saying why;
+    synchronous requests, which are not stored, still work."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = Server("--s3-bucket", BUCKET, "--s3-endpoint", dead, "--s3-path-style", "true",
+                    "--s3-timeout", "5", env=moto.env())
+    try:
+        start = time.time()
+        r = server.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        job = wait_job(server, r.json()["id"], timeout=30)
+        assert time.time() - start < 20
+        assert job["status"] == "failed" and job["results"] == [], job
+        check_schema(server, job)
+        error = job["error"]
+        assert error["type"] == "urn:sdx4:problem:storage-failed" and error["status"] == 502
+        assert "could not be stored" in error["detail"] and dead[7:] in error["detail"], error
+        p = problem(server.get(f"/api/v1/jobs/{job['id']}/result"), 409, "job-not-finished")
+        assert "could not be stored" in p["detail"]
+        sync = server.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        assert sync.status_code == 200
+    finally:
+        server.check_clean_exit()
+
+
+def test_refused_signature_fails_the_job(moto):
+    """A store that refuses the upload (a wrong secret): the job fails with its answer."""
+    server = s3_server(moto, env=moto.env(AWS_SECRET_ACCESS_KEY="not-the-secret"))
+    moto.iam(True)
+    try:
+        r = server.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        job = wait_job(server, r.json()["id"])
+    finally:
+        moto.iam(False)
+        server.check_clean_exit()
+    assert job["status"] == "failed", job
+    assert job["error"]["type"] == "urn:sdx4:problem:storage-failed"
+    assert "403" in job["error"]["detail"] and "SignatureDoesNotMatch" in job["error"]["detail"], job["error"]
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--s3-bucket", BUCKET], {"AWS_ACCESS_KEY_ID": ""}, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    (["--s3-bucket", "No_Such/Bucket"], {}, "is not a bucket name"),
+    (["--s3-bucket", BUCKET, "--s3-endpoint", "ftp://x"], {}, "must be http://"),
+    (["--s3-bucket", BUCKET, "--s3-url-ttl", "604801"], {}, "s3-url-ttl must be"),
+])
+def test_bad_settings_refused(moto, flags, env, message):
+    model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    out = subprocess.run([SDX4, "serve", "--model", model, "--port", "0", *flags], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, **moto.env(**env)))
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
