@@ -58,7 +58,6 @@
 #include "metrics.h"
 #include "multipart.h"
 #include "problem.h"
-#include "queue.h"
 #include "ratelimit.h"
 #include "status.h"
 
@@ -172,8 +171,8 @@ static enum MHD_Result send_json(request *r, int status, json_t *doc) {
  * workers need to get through what is waiting, from the mean upscale time
  * so far (1 s before the first one). */
 static int retry_after_queue(server *srv) {
-    queue_stats qs;
-    queue_get_stats(srv->queue, &qs);
+    dispatch_stats qs;
+    dispatch_stats_get(&srv->dispatch, &qs);
     double each = metrics_mean_inference();
     if (!(each > 0)) each = 1;
     double wait = each * (1.0 + (double)qs.depth / (qs.workers ? qs.workers : 1));
@@ -796,8 +795,12 @@ static enum MHD_Result answer_get(request *r) {
         return send_json(r, 200, status_model_info(srv));
     }
     case ROUTE_METRICS: {
+        metrics_gauges g = {0};
+        dispatch_stats_get(&srv->dispatch, &g.queue);
+        if (srv->conns) conns_get_stats(srv->conns, &g.conns);
+        if (srv->cache) cache_get_stats(srv->cache, &g.cache);
         size_t len;
-        char *text = metrics_render(srv, &len);
+        char *text = metrics_render(srv, &g, &len);
         if (!text) return MHD_NO;
         return send_buffer(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len,
                            MHD_RESPMEM_MUST_FREE);

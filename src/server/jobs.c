@@ -1,14 +1,14 @@
 /*
  * jobs.c - jobs, their tasks, deadlines and retention (see jobs.h).
  *
- * Locking. One mutex guards every job's state; the queue has its own lock,
- * always taken after this one (never the reverse), and the webhook sender
- * likewise. Waiters are detached under the lock and woken after it is
+ * Locking. One mutex guards every job's state; the dispatcher (dispatch.h:
+ * the queue, or Redis) has its own lock, always taken after this one (never
+ * the reverse), and the webhook sender likewise. Waiters are detached under the lock and woken after it is
  * released, so a wake (MHD_resume_connection) never runs under our lock.
  *
  * Lifetime. A job is reference-counted: by the request or SSE stream that
  * holds it, by the store while it is listed, and once per task that the
- * queue or a worker holds. It is freed when the last reference goes, so
+ * dispatcher holds. It is freed when the last reference goes, so
  * a worker finishing a task whose client gave up, or a connection reading
  * a job that retention just dropped, never touches freed memory.
  *
@@ -36,7 +36,6 @@
 #include "base64.h"
 #include "log.h"
 #include "metrics.h"
-#include "queue.h"
 #include "webhook.h"
 
 enum { WEBHOOK_NONE, WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED };
@@ -218,7 +217,7 @@ static json_t *job_document_locked(job *j) {
         step += t->step;
         total += t->total;
         if (t->state == JOB_QUEUED) {
-            int p = queue_position(j->store->srv->queue, t);
+            int p = dispatch_position(&j->store->srv->dispatch, t);
             if (p >= 0 && (position < 0 || p < position)) position = p;
         }
     }
@@ -295,6 +294,8 @@ static void drop_retained(job_store *s, job *j, job **release) {
     *release = j;
 }
 
+static webhook_done_fn webhook_done;
+
 static void job_finished_locked(job_store *s, job *j) {
     job_state state = JOB_SUCCEEDED;
     for (int i = 0; i < j->ntasks; i++) {
@@ -322,7 +323,7 @@ static void job_finished_locked(job_store *s, job *j) {
         char *body = json_dumps(doc, JSON_COMPACT);
         json_decref(doc);
         if (body && webhooks_send(s->srv->webhooks, j->id, j->webhook_url, job_state_name(state), body,
-                                  j->webhook_error, sizeof j->webhook_error) == 0)
+                                  webhook_done, s, j->webhook_error, sizeof j->webhook_error) == 0)
             j->webhook_state = WEBHOOK_PENDING;
         else
             j->webhook_state = WEBHOOK_FAILED;
@@ -356,7 +357,7 @@ static void stop_problem(problem *p, int reason, double timeout) {
         problem_set(p, PROBLEM_CANCELED, "canceled by the client");
 }
 
-/* Stops the job's unfinished tasks; queued ones leave the queue here,
+/* Stops the job's unfinished tasks; queued ones leave the dispatcher here,
  * running ones see `stop` at their next step. */
 static int cancel_locked(job *j, int reason) {
     job_store *s = j->store;
@@ -365,7 +366,7 @@ static int cancel_locked(job *j, int reason) {
         task *t = &j->tasks[i];
         if (final(t->state)) continue;
         atomic_store(&t->stop, reason);
-        if (t->state == JOB_QUEUED && queue_remove(s->srv->queue, t)) j->refs--; /* the queue's */
+        if (dispatch_withdraw(&s->srv->dispatch, t, reason)) j->refs--; /* the dispatcher's */
         stop_problem(&t->error, reason, s->srv->cfg.request_timeout);
         finish_task_locked(t, reason == STOP_TIMEOUT ? JOB_FAILED : JOB_CANCELED);
     }
@@ -458,6 +459,7 @@ void job_store_destroy(job_store *s) {
 void job_store_drain(job_store *s, double deadline) {
     pthread_mutex_lock(&s->lock);
     s->draining = true;
+    dispatch_close(&s->srv->dispatch);
     while (s->active.head && mono_now() < deadline) {
         struct timespec ts = {(time_t)deadline, (long)((deadline - (double)(time_t)deadline) * 1e9)};
         pthread_cond_timedwait(&s->idle, &s->lock, &ts);
@@ -550,11 +552,11 @@ int job_submit(job *j, problem *err) {
     }
     double now = mono_now();
     for (int i = 0; i < npending; i++) pending[i]->enqueued = now;
-    if (npending && queue_push(srv->queue, pending, npending, j->deadline, err) != 0) {
+    if (npending && dispatch_push(&srv->dispatch, pending, npending, j->deadline, err) != 0) {
         pthread_mutex_unlock(&s->lock);
         goto done;
     }
-    j->refs += npending; /* one per task the queue now holds */
+    j->refs += npending; /* one per task the dispatcher now holds */
     list_append(&s->active, j);
     if (j->listed) {
         unsigned b = id_bucket(j->id);
@@ -704,8 +706,9 @@ void job_task_finished(task *t, task_outcome *o) {
     wake_all(woken);
 }
 
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
-                            const char *error) {
+/* webhook.c's callback: the delivery outcome for the status document. */
+static void webhook_done(void *store, const char *id, bool delivered, int attempts, const char *error) {
+    job_store *s = store;
     pthread_mutex_lock(&s->lock);
     job *j = s->ids[id_bucket(id)];
     while (j && strcmp(j->id, id) != 0) j = j->hash_next;

@@ -136,7 +136,7 @@ json_t *job_batch_results(job *j);
  * (mono_now() clock), then cancel what is left. */
 void job_store_drain(job_store *s, double deadline);
 
-/* From queue.c's workers (task lifecycle). job_task_started returns false
+/* From the dispatcher (dispatch.h): the task lifecycle. job_task_started returns false
  * when the task was canceled before it could start. */
 bool job_task_started(task *t);
 /* Returns nonzero to stop the upscale (the task's `stop` reason). */
@@ -151,11 +151,6 @@ typedef struct {
     problem error; /* when failed */
 } task_outcome;
 void job_task_finished(task *t, task_outcome *outcome);
-
-/* From webhook.c: the delivery outcome for the status document; `error`
- * says why it failed (NULL when delivered). */
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
-                            const char *error);
 
 const char *job_state_name(job_state s);
 

@@ -512,3 +512,26 @@ int queue_destroy(queue *q, double deadline) {
     free(q);
     return 0;
 }
+
+/* ---- the dispatch interface (dispatch.h) ---------------------------------- */
+
+static int dispatch_push_tasks(void *q, task **tasks, int n, double deadline, problem *why) {
+    return queue_push(q, tasks, n, deadline, why);
+}
+
+/* A task a worker holds is stopped by its flag, which jobs.c has set. */
+static int dispatch_withdraw_task(void *q, task *t, int reason) {
+    (void)reason;
+    return queue_remove(q, t);
+}
+
+static int dispatch_task_position(void *q, const task *t) { return queue_position(q, t); }
+static void dispatch_close_queue(void *q) { queue_close(q); }
+static void dispatch_queue_stats(void *q, dispatch_stats *s) { queue_get_stats(q, s); }
+
+dispatch queue_dispatch(queue *q) {
+    static const dispatch_iface iface = {dispatch_push_tasks, dispatch_withdraw_task,
+                                         dispatch_task_position, dispatch_close_queue,
+                                         dispatch_queue_stats};
+    return (dispatch){&iface, q};
+}

@@ -198,6 +198,7 @@ static int start_parts(server *srv) {
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
     srv->queue = queue_create(srv, c->workers, c->queue_size);
+    if (srv->queue) srv->dispatch = queue_dispatch(srv->queue);
     srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
     if (!srv->queue || !srv->jobs || !srv->webhooks) {
@@ -264,6 +265,7 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         return false;
     }
     srv->queue = NULL;
+    srv->dispatch = (dispatch){0};
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "dispatch.h"
 #include "sdx4.h"
 
 typedef enum {
@@ -67,6 +68,7 @@ typedef struct server {
     char failure[256]; /* why loading failed (PHASE_FAILED) */
     double started;    /* mono_now() at start */
     struct queue *queue;
+    dispatch dispatch; /* what runs the jobs' tasks: the queue, or Redis */
     struct job_store *jobs;
     struct cache *cache;
     struct ratelimit *ratelimit;

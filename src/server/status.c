@@ -24,8 +24,8 @@ static const char *const phase_names[] = {"loading", "warming", "ready", "draini
 json_t *status_health(server *srv, int *status) {
     int phase = atomic_load(&srv->phase);
     *status = phase == PHASE_READY ? 200 : 503;
-    queue_stats qs = {0};
-    if (srv->queue) queue_get_stats(srv->queue, &qs);
+    dispatch_stats qs;
+    dispatch_stats_get(&srv->dispatch, &qs);
     json_t *h = json_pack("{s:s,s:b,s:b,s:b,s:s,s:s,s:f,s:{s:i,s:i,s:i,s:i}}",
                           "status", phase_names[phase], "ready", phase == PHASE_READY,
                           "model_loaded", phase >= PHASE_WARMING && phase != PHASE_FAILED,
