@@ -917,6 +917,8 @@ static void parse_entry(const redisReply *e, cluster_delivery *d) {
         else if (strcmp(f, "task") == 0) index = v->str;
         else if (strcmp(f, "record") == 0) record = v->str, record_len = v->len;
     }
+    char entry_id[sizeof t->entry_id];
+    memcpy(entry_id, t->entry_id, sizeof entry_id);
     if (!record) {
         snprintf(d->invalid, sizeof d->invalid, "the stream entry has no record");
     } else {
@@ -924,17 +926,14 @@ static void parse_entry(const redisReply *e, cluster_delivery *d) {
         json_t *j = json_loadb(record, record_len, JSON_REJECT_DUPLICATES, &jerr);
         if (!j) snprintf(d->invalid, sizeof d->invalid, "task record: not JSON: %s", jerr.text);
         else if (cluster_task_from_json(j, t, d->invalid, sizeof d->invalid) == 0 &&
-                 (!job || strcmp(job, t->job_id) != 0 || !index || atoi(index) != t->index))
+                 (!job || strcmp(job, t->job_id) != 0 || !index || atoi(index) != t->index)) {
             snprintf(d->invalid, sizeof d->invalid, "task record: names another task than its entry");
-        json_decref(j);
-        if (d->invalid[0]) {
-            char entry_id[32];
-            memcpy(entry_id, t->entry_id, sizeof entry_id);
             cluster_task_free(t);
-            memset(t, 0, sizeof *t);
-            memcpy(t->entry_id, entry_id, sizeof entry_id);
         }
+        json_decref(j);
+        if (d->invalid[0]) memset(t, 0, sizeof *t);
     }
+    memcpy(t->entry_id, entry_id, sizeof entry_id); /* cluster_task_from_json cleared it */
     if (d->invalid[0] && job && is_job_id(job) && index) { /* enough to fail the task by name */
         snprintf(t->job_id, sizeof t->job_id, "%s", job);
         t->index = atoi(index);
