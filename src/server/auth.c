@@ -14,7 +14,9 @@
  * identity is an HMAC of the key's digest under a secret drawn at start:
  * 128 bits, unrelated to the key without the secret, which never leaves
  * the process. Everything it keys lives in memory too, so that it changes
- * from one run to the next costs nothing.
+ * from one run to the next costs nothing. In cluster mode the jobs it keys
+ * live in Redis, read by every node: there the secret is drawn once and
+ * kept in Redis beside them (auth_share_identity_secret).
  *
  * Throttling. Failed attempts (401 and 403) are counted per client
  * address by a rate limiter of `failures` a minute (ratelimit.c's GCRA:
@@ -88,6 +90,10 @@ auth *auth_create(const string_list *keys, const char *keys_file, int failures, 
 fail:
     auth_destroy(a);
     return NULL;
+}
+
+void auth_share_identity_secret(auth *a, const uint8_t secret[32]) {
+    memcpy(a->identity_secret, secret, sizeof a->identity_secret);
 }
 
 void auth_destroy(auth *a) {

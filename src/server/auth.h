@@ -15,6 +15,7 @@
 #define SDX4_SERVER_AUTH_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "config.h"
@@ -32,6 +33,9 @@ typedef struct auth auth;
  * limit). NULL with a message on `err` when the keys cannot be read. */
 auth *auth_create(const string_list *keys, const char *keys_file, int failures, FILE *err);
 void auth_destroy(auth *a);
+/* Cluster mode: the identity secret shared by every node (kept in Redis),
+ * so that a key names the same identity, and owns the same jobs, on each. */
+void auth_share_identity_secret(auth *a, const uint8_t secret[32]);
 bool auth_enabled(const auth *a);
 
 /* Judges a request from `address` (the client's address, see ratelimit.h)

@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "server.h"
 
@@ -1054,4 +1055,89 @@ int cluster_unregister(redis *r, const char *name, char *err, size_t n) {
     reply = redis_call(r, err, n, "SREM sdx4:workers %s", name);
     freeReplyObject(reply);
     return reply ? 0 : -1;
+}
+
+/* ---- API nodes ------------------------------------------------------------------------- */
+
+/* KEYS: job hash. ARGV: field, value, ... Written only into a job that
+ * exists: a job forgotten or expired meanwhile is not brought back. */
+static const char keep_script[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], unpack(ARGV))\n"
+    "return 1\n";
+
+int cluster_keep_records(redis *r, const char *job_id, const cluster_task *tasks, int ntasks, char *err,
+                         size_t n) {
+    eval_args a;
+    eval_begin(&a, keep_script, 1);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) {
+        eval_addf(&a, "record:%d", tasks[i].index);
+        eval_json(&a, cluster_task_to_json(&tasks[i]));
+    }
+    long long kept;
+    return integer_reply(eval_run(r, &a, err, n), &kept, err, n);
+}
+
+int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int ntasks, char *err, size_t n) {
+    eval_args a = {0};
+    eval_str(&a, "HMGET");
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) eval_addf(&a, "record:%d", i);
+    redisReply *reply = eval_run(r, &a, err, n);
+    if (!reply) return -1;
+    for (int i = 0; i < ntasks; i++) {
+        cluster_task *t = &tasks[i];
+        const redisReply *e = reply->type == REDIS_REPLY_ARRAY && (size_t)i < reply->elements ? reply->element[i] : NULL;
+        json_t *record = e && e->type == REDIS_REPLY_STRING ? json_loadb(e->str, e->len, 0, NULL) : NULL;
+        char why[256];
+        if (!record || cluster_task_from_json(record, t, why, sizeof why) != 0) {
+            memset(t, 0, sizeof *t);
+            snprintf(t->job_id, sizeof t->job_id, "%s", job_id);
+        }
+        t->index = i;
+        json_decref(record);
+    }
+    freeReplyObject(reply);
+    return 0;
+}
+
+/* KEYS: job hash, results. ARGV: channel, message. */
+static const char forget_script[] =
+    "redis.call('DEL', unpack(KEYS))\n"
+    "return redis.call('PUBLISH', ARGV[1], ARGV[2])\n";
+
+int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, forget_script, 1 + ntasks);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) eval_addf(&a, "sdx4:result:%s:%d", job_id, i);
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_str(&a, "{\"forgotten\":true}");
+    long long heard;
+    return integer_reply(eval_run(r, &a, err, n), &heard, err, n);
+}
+
+bool cluster_parse_forgotten(const char *channel, const char *message, size_t len, char job_id[33]) {
+    static const char prefix[] = "sdx4:events:";
+    if (strncmp(channel, prefix, sizeof prefix - 1) != 0 || !is_job_id(channel + sizeof prefix - 1)) return false;
+    json_t *j = json_loadb(message, len, 0, NULL);
+    bool forgotten = json_is_true(json_object_get(j, "forgotten"));
+    json_decref(j);
+    if (forgotten) memcpy(job_id, channel + sizeof prefix - 1, 33);
+    return forgotten;
+}
+
+int cluster_identity_secret(redis *r, uint8_t secret[32], char *err, size_t n) {
+    uint8_t drawn[32];
+    if (getrandom(drawn, sizeof drawn, 0) != sizeof drawn) return snprintf(err, n, "no random bytes"), -1;
+    redisReply *reply = redis_call(r, err, n, "SET sdx4:identity-secret %b NX", drawn, sizeof drawn);
+    if (!reply) return -1;
+    freeReplyObject(reply);
+    if (!(reply = redis_call(r, err, n, "GET sdx4:identity-secret"))) return -1;
+    int rc = reply->type == REDIS_REPLY_STRING && reply->len == 32 ? 0 : -1;
+    if (rc == 0) memcpy(secret, reply->str, 32);
+    else snprintf(err, n, "sdx4:identity-secret is not 32 bytes");
+    freeReplyObject(reply);
+    return rc;
 }

@@ -204,4 +204,30 @@ int cluster_register(redis *r, const char *name, const json_t *info, int busy, d
                      size_t err_size);
 int cluster_unregister(redis *r, const char *name, char *err, size_t err_size);
 
+/* ---- API nodes ----------------------------------------------------------------
+ * Added by the API node (dispatch_redis.c): what a node needs to rebuild a
+ * job made on another one, and to forget a deleted job everywhere. */
+
+/* Keeps the records of the job's tasks (`tasks`, ntasks of them) in its
+ * hash, so that another node can answer for them (format, seed, sizes)
+ * once their stream entries are gone. Nothing is written if the job is
+ * gone. */
+int cluster_keep_records(redis *r, const char *job_id, const cluster_task *tasks, int ntasks, char *err,
+                         size_t err_size);
+/* The records kept for the job's first `ntasks` tasks; a task without a
+ * readable one gets only its job id and index. Free each with
+ * cluster_task_free. */
+int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int ntasks, char *err,
+                         size_t err_size);
+/* Drops the job and its results (DELETE): it is then unknown to every node.
+ * Its running tasks' finishes become no-ops (cluster_finish_task finds no
+ * task to finish). Nodes holding a copy hear it on the job's channel:
+ * cluster_parse_forgotten tells that message from the others. */
+int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t err_size);
+bool cluster_parse_forgotten(const char *channel, const char *message, size_t len, char job_id[33]);
+
+/* The secret that API keys' identities are derived with (auth.c), the same
+ * on every node: drawn by the first node that asks, kept in Redis. */
+int cluster_identity_secret(redis *r, uint8_t secret[32], char *err, size_t err_size);
+
 #endif

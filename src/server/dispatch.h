@@ -14,16 +14,25 @@
  *     reports each task through job_task_started, job_task_progress and
  *     job_task_finished (jobs.h), then drops the reference (job_release).
  *   - withdraw is called, under the store's lock, for each unfinished task
- *     of a job being stopped (`reason` STOP_*): it returns 1 when the task
- *     will never be reported (the caller drops its reference), 0 when a
- *     worker has it and will report it (its stop flag is already set).
+ *     of a job being stopped (`reason` STOP_*; the task's error already
+ *     says why): it returns 1 when the task will never be reported (the
+ *     caller drops its reference), 0 when a worker has it and will report
+ *     it (its stop flag is already set).
+ *   - A shared dispatcher (cluster mode) keeps jobs where every node sees
+ *     them: a job made elsewhere is found through `find` and rebuilt here
+ *     (job_adopt), whose unfinished tasks `watch` then reports like pushed
+ *     ones; and whoever finishes a job in the shared store sends its
+ *     webhook, not each node holding a copy. The queue has neither.
  */
 #ifndef SDX4_SERVER_DISPATCH_H
 #define SDX4_SERVER_DISPATCH_H
 
+#include <stdbool.h>
+
 #include "problem.h"
 
 struct task;
+struct job;
 
 typedef struct {
     int depth, capacity, running, workers;
@@ -31,15 +40,26 @@ typedef struct {
 } dispatch_stats;
 
 typedef struct {
-    /* Queues all of `tasks` (of one job, ending at `deadline`, mono_now()
-     * clock) or none: -1 with `why` set when they are refused. */
-    int (*push)(void *ctx, struct task **tasks, int n, double deadline, problem *why);
+    /* Queues all of `tasks` (those of job `j` that need running, maybe
+     * none, ending at `deadline`, mono_now() clock) or none: -1 with `why`
+     * set when they are refused. */
+    int (*push)(void *ctx, struct job *j, struct task **tasks, int n, double deadline, problem *why);
     int (*withdraw)(void *ctx, struct task *t, int reason);
     /* How many tasks will be started before this one; -1 not known. */
     int (*position)(void *ctx, const struct task *t);
     /* Refuse new tasks from now on (shutdown). */
     void (*close)(void *ctx);
     void (*stats)(void *ctx, dispatch_stats *stats);
+    bool shared;
+    /* A listed job of `owner` made elsewhere, adopted here (referenced),
+     * or NULL: not found (`why` untouched), or the store cannot be read
+     * (`why` says why). */
+    struct job *(*find)(void *ctx, const char *id, const char *owner, problem *why);
+    /* Reports `tasks`, submitted elsewhere, from now on (under the store's
+     * lock, holding a reference each as after push). */
+    void (*watch)(void *ctx, struct task **tasks, int n);
+    /* DELETE (under the store's lock): the job is forgotten by every node. */
+    void (*forget)(void *ctx, struct job *j);
 } dispatch_iface;
 
 typedef struct dispatch {
@@ -47,9 +67,9 @@ typedef struct dispatch {
     void *ctx;
 } dispatch;
 
-static inline int dispatch_push(const dispatch *d, struct task **tasks, int n, double deadline,
-                                problem *why) {
-    return d->iface->push(d->ctx, tasks, n, deadline, why);
+static inline int dispatch_push(const dispatch *d, struct job *j, struct task **tasks, int n,
+                                double deadline, problem *why) {
+    return d->iface->push(d->ctx, j, tasks, n, deadline, why);
 }
 static inline int dispatch_withdraw(const dispatch *d, struct task *t, int reason) {
     return d->iface->withdraw(d->ctx, t, reason);

@@ -201,7 +201,8 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
     case PROBLEM_QUEUE_FULL:
     case PROBLEM_NOT_READY:
     case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
-        snprintf(v, sizeof v, "%d", p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
+        snprintf(v, sizeof v, "%d", p->retry_after > 0 ? p->retry_after
+                                    : p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
         MHD_add_response_header(resp, "Retry-After", v);
         break;
     case PROBLEM_QUEUE_TOO_LONG: /* when the work ahead will have shrunk enough */
@@ -792,7 +793,11 @@ static enum MHD_Result answer_get(request *r) {
         int phase = atomic_load(&srv->phase);
         if (phase != PHASE_READY && phase != PHASE_DRAINING)
             return send_simple_problem(r, PROBLEM_NOT_READY, "the model is not loaded yet");
-        return send_json(r, 200, status_model_info(srv));
+        json_t *info = status_model_info(srv);
+        if (!info)
+            return send_simple_problem(r, PROBLEM_NOT_READY, "no live worker serves the model %s yet",
+                                       srv->model_id);
+        return send_json(r, 200, info);
     }
     case ROUTE_METRICS: {
         metrics_gauges g = {0};
@@ -829,11 +834,14 @@ static enum MHD_Result answer_get(request *r) {
         MHD_add_response_header(resp, "Cache-Control", "public, max-age=86400");
         return send_response(r, 200, resp);
     }
-    default: /* the job routes */
-        r->job = job_find(srv->jobs, r->job_id, r->owner);
+    default: { /* the job routes */
+        problem why;
+        r->job = job_find(srv->jobs, r->job_id, r->owner, &why);
+        if (!r->job && why.kind) return send_problem(r, &why);
         if (!r->job) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no job %s (finished jobs are kept %g s)",
                                                 r->job_id, srv->cfg.job_retention);
         return answer_job(r);
+    }
     }
 }
 

@@ -318,7 +318,9 @@ static void job_finished_locked(job_store *s, job *j) {
         list_append(&s->retained, j);
         s->retained_bytes += j->result_bytes;
     }
-    if (j->in_store && j->webhook_url && s->srv->webhooks) {
+    /* a job of a shared store is finished once there, by whoever does it */
+    const dispatch *d = &s->srv->dispatch;
+    if (j->in_store && j->webhook_url && s->srv->webhooks && !(d->iface && d->iface->shared)) {
         json_t *doc = job_document_locked(j);
         char *body = json_dumps(doc, JSON_COMPACT);
         json_decref(doc);
@@ -366,8 +368,8 @@ static int cancel_locked(job *j, int reason) {
         task *t = &j->tasks[i];
         if (final(t->state)) continue;
         atomic_store(&t->stop, reason);
-        if (dispatch_withdraw(&s->srv->dispatch, t, reason)) j->refs--; /* the dispatcher's */
         stop_problem(&t->error, reason, s->srv->cfg.request_timeout);
+        if (dispatch_withdraw(&s->srv->dispatch, t, reason)) j->refs--; /* the dispatcher's */
         finish_task_locked(t, reason == STOP_TIMEOUT ? JOB_FAILED : JOB_CANCELED);
     }
     return 1;
@@ -509,9 +511,14 @@ job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const cha
 }
 
 task *job_task(job *j, int i) { return &j->tasks[i]; }
+int job_ntasks(const job *j) { return j->ntasks; }
 const char *job_id(const job *j) { return j->id; }
 const char *job_client(const job *j) { return j->client; }
 const char *job_request_id(const job *j) { return j->request_id; }
+const char *job_owner(const job *j) { return j->owner; }
+const char *job_webhook_url(const job *j) { return j->webhook_url; }
+bool job_listed(const job *j) { return j->listed; }
+double job_created_wall(const job *j) { return j->created_wall; }
 double job_deadline(const job *j) { return j->deadline; }
 form_kind job_kind(const job *j) { return j->kind; }
 
@@ -552,7 +559,7 @@ int job_submit(job *j, problem *err) {
     }
     double now = mono_now();
     for (int i = 0; i < npending; i++) pending[i]->enqueued = now;
-    if (npending && dispatch_push(&srv->dispatch, pending, npending, j->deadline, err) != 0) {
+    if (dispatch_push(&srv->dispatch, j, pending, npending, j->deadline, err) != 0) {
         pthread_mutex_unlock(&s->lock);
         goto done;
     }
@@ -585,26 +592,85 @@ done:
     return rc;
 }
 
-job *job_find(job_store *s, const char *id, const char *owner) {
-    pthread_mutex_lock(&s->lock);
+static job *find_locked(job_store *s, const char *id) {
     job *j = s->ids[id_bucket(id)];
     while (j && strcmp(j->id, id) != 0) j = j->hash_next;
-    if (j && strcmp(j->owner, owner) != 0) j = NULL;
-    if (j) j->refs++;
-    pthread_mutex_unlock(&s->lock);
     return j;
 }
 
-void job_delete(job *j) {
+job *job_find(job_store *s, const char *id, const char *owner, problem *why) {
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    bool known = j != NULL;
+    if (j && strcmp(j->owner, owner) != 0) j = NULL;
+    if (j) j->refs++;
+    pthread_mutex_unlock(&s->lock);
+    why->kind = PROBLEM_NONE;
+    const dispatch *d = &s->srv->dispatch;
+    if (!known && d->iface && d->iface->find) j = d->iface->find(d->ctx, id, owner, why);
+    return j;
+}
+
+job *job_adopt(job *j, const char *id) {
+    job_store *s = j->store;
+    pthread_mutex_lock(&s->lock);
+    job *known = find_locked(s, id);
+    if (known) { /* adopted meanwhile by another request */
+        known->refs++;
+        pthread_mutex_unlock(&s->lock);
+        job_release(j);
+        return known;
+    }
+    snprintf(j->id, sizeof j->id, "%s", id);
+    task **unfinished = calloc((size_t)j->ntasks, sizeof *unfinished);
+    int n = 0;
+    double now = mono_now();
+    for (int i = 0; i < j->ntasks; i++) {
+        task *t = &j->tasks[i];
+        if (t->state != JOB_QUEUED && j->started <= 0) j->started = now;
+        if (!final(t->state) && unfinished) unfinished[n++] = t;
+    }
+    j->unfinished = n;
+    j->refs += n + 1; /* one per task the dispatcher reports, one for the store */
+    list_append(&s->active, j);
+    unsigned b = id_bucket(j->id);
+    j->hash_next = s->ids[b];
+    s->ids[b] = j;
+    j->in_store = true;
+    if (n) s->srv->dispatch.iface->watch(s->srv->dispatch.ctx, unfinished, n);
+    else job_finished_locked(s, j);
+    if (j->state == JOB_QUEUED && j->started > 0) j->state = JOB_RUNNING;
+    pthread_cond_signal(&s->reaper_wake);
+    pthread_mutex_unlock(&s->lock);
+    free(unfinished);
+    return j;
+}
+
+/* Cancels and forgets `j` here; `everywhere`: in a shared store too. */
+static void delete_job(job *j, bool everywhere) {
     job_store *s = j->store;
     job *release = NULL;
+    const dispatch *d = &s->srv->dispatch;
     pthread_mutex_lock(&s->lock);
     cancel_locked(j, STOP_CLIENT);
+    if (everywhere && d->iface && d->iface->forget) d->iface->forget(d->ctx, j);
     waiter *woken = take_waiters(j, true);
     if (j->in_store) drop_retained(s, j, &release); /* final now: it is retained */
     pthread_mutex_unlock(&s->lock);
     wake_all(woken);
     if (release) job_release(release);
+}
+
+void job_delete(job *j) { delete_job(j, true); }
+
+void job_forgotten(job_store *s, const char *id) {
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    if (j) j->refs++;
+    pthread_mutex_unlock(&s->lock);
+    if (!j) return;
+    delete_job(j, false);
+    job_release(j);
 }
 
 int job_wait(job *j, unsigned seen_version, waiter *w) {
@@ -667,7 +733,7 @@ int job_task_progress(task *t, int step, int total) {
     job *j = t->job;
     pthread_mutex_lock(&j->store->lock);
     waiter *woken = NULL;
-    if (!final(t->state)) {
+    if (!final(t->state) && (t->step != step || t->total != total)) { /* a re-read tells no news */
         t->step = step;
         t->total = total;
         j->version++;
@@ -710,8 +776,7 @@ void job_task_finished(task *t, task_outcome *o) {
 static void webhook_done(void *store, const char *id, bool delivered, int attempts, const char *error) {
     job_store *s = store;
     pthread_mutex_lock(&s->lock);
-    job *j = s->ids[id_bucket(id)];
-    while (j && strcmp(j->id, id) != 0) j = j->hash_next;
+    job *j = find_locked(s, id);
     if (j) {
         j->webhook_state = delivered ? WEBHOOK_DELIVERED : WEBHOOK_FAILED;
         j->webhook_attempts = attempts;

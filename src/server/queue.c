@@ -483,7 +483,8 @@ int queue_destroy(queue *q, double deadline) {
 
 /* ---- the dispatch interface (dispatch.h) ---------------------------------- */
 
-static int dispatch_push_tasks(void *q, task **tasks, int n, double deadline, problem *why) {
+static int dispatch_push_tasks(void *q, job *j, task **tasks, int n, double deadline, problem *why) {
+    (void)j;
     return queue_push(q, tasks, n, deadline, why);
 }
 
@@ -498,8 +499,8 @@ static void dispatch_close_queue(void *q) { queue_close(q); }
 static void dispatch_queue_stats(void *q, dispatch_stats *s) { queue_get_stats(q, s); }
 
 dispatch queue_dispatch(queue *q) {
-    static const dispatch_iface iface = {dispatch_push_tasks, dispatch_withdraw_task,
-                                         dispatch_task_position, dispatch_close_queue,
-                                         dispatch_queue_stats};
+    static const dispatch_iface iface = {.push = dispatch_push_tasks, .withdraw = dispatch_withdraw_task,
+                                         .position = dispatch_task_position, .close = dispatch_close_queue,
+                                         .stats = dispatch_queue_stats};
     return (dispatch){&iface, q};
 }

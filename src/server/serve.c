@@ -22,6 +22,11 @@
  * exits 0. Signals are taken synchronously by
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
+ *
+ * Cluster mode (--redis): the jobs' tasks go to the workers behind Redis
+ * (dispatch_redis.c) instead of the local queue. With --workers 0 the node
+ * is API-only: it loads no model and is ready at once, its health and
+ * model-info coming from the workers' registrations.
  */
 #include "serve.h"
 
@@ -36,12 +41,15 @@
 
 #include "auth.h"
 #include "cache.h"
+#include "cluster.h"
 #include "cost.h"
+#include "dispatch_redis.h"
 #include "docs.h"
 #include "http.h"
 #include "jobs.h"
 #include "log.h"
 #include "queue.h"
+#include "redis.h"
 #include "ratelimit.h"
 #include "server.h"
 #include "webhook.h"
@@ -197,11 +205,29 @@ static int start_parts(server *srv) {
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
-    srv->queue = queue_create(srv, c->workers, c->queue_size);
-    if (srv->queue) srv->dispatch = queue_dispatch(srv->queue);
+    char err[256];
+    if (c->redis) {
+        if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err)) ||
+            !(srv->cluster = dispatch_redis_create(srv, srv->redis, err, sizeof err))) {
+            fprintf(stderr, "sdx4 serve: redis: %s\n", err);
+            return -1;
+        }
+        srv->dispatch = dispatch_redis_dispatch(srv->cluster);
+        uint8_t secret[32];
+        if (auth_enabled(srv->auth)) {
+            if (cluster_identity_secret(srv->redis, secret, err, sizeof err) != 0) {
+                fprintf(stderr, "sdx4 serve: redis: the API keys' identity secret cannot be read (%s); "
+                                "a node with API keys needs Redis at start\n", err);
+                return -1;
+            }
+            auth_share_identity_secret(srv->auth, secret);
+        }
+    } else if ((srv->queue = queue_create(srv, c->workers, c->queue_size))) {
+        srv->dispatch = queue_dispatch(srv->queue);
+    }
     srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
-    if (!srv->queue || !srv->jobs || !srv->webhooks) {
+    if (!srv->dispatch.iface || !srv->jobs || !srv->webhooks) {
         fprintf(stderr, "sdx4 serve: cannot start the worker threads\n");
         return -1;
     }
@@ -210,7 +236,6 @@ static int start_parts(server *srv) {
         log_event(LOG_WARN, "docs_assets_missing",
                   json_pack("{s:s}", "message", "Swagger UI files not found: /docs shows a plain page "
                                                 "(install r-cran-swagger or pass --docs-assets)"));
-    char err[256];
     if (http_start(srv, err, sizeof err)) {
         fprintf(stderr, "sdx4 serve: %s\n", err);
         return -1;
@@ -265,7 +290,11 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         return false;
     }
     srv->queue = NULL;
+    dispatch_redis_destroy(srv->cluster, end); /* after the drain's cancels reached Redis */
+    srv->cluster = NULL;
     srv->dispatch = (dispatch){0};
+    redis_close(srv->redis);
+    srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);
@@ -308,14 +337,18 @@ int serve_main(int argc, char **argv) {
 
     /* the image codecs were initialised by main() (src/cli/main.c) */
     pthread_t loader;
-    bool loader_running = false;
-    if (start_parts(&srv) == 0) {
+    bool loader_running = false, api_only = srv.cfg.workers == 0;
+    int started = start_parts(&srv);
+    if (started == 0 && api_only) {
+        atomic_store(&srv.phase, PHASE_READY); /* its workers are elsewhere (health says if any is live) */
+        log_event(LOG_INFO, "ready", json_pack("{s:s,s:s}", "model", srv.model_id, "mode", "api-only"));
+    } else if (started == 0) {
         loader_running = pthread_create(&loader, NULL, load_model, &srv) == 0;
         if (!loader_running) fail(&srv, "cannot start the loader thread");
     } else {
         atomic_store(&srv.phase, PHASE_FAILED);
     }
-    int sig = srv.daemon && loader_running ? wait_for_stop(&srv, &stop) : 0;
+    int sig = srv.daemon && (loader_running || api_only) ? wait_for_stop(&srv, &stop) : 0;
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);

@@ -56,6 +56,8 @@ struct auth;
 struct webhooks;
 struct conns;
 struct cost_model;
+struct dispatch_redis;
+struct redis;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -69,6 +71,8 @@ typedef struct server {
     double started;    /* mono_now() at start */
     struct queue *queue;
     dispatch dispatch; /* what runs the jobs' tasks: the queue, or Redis */
+    struct redis *redis;            /* cluster mode (--redis): the shared store, NULL otherwise */
+    struct dispatch_redis *cluster; /* cluster mode: the dispatcher to the workers behind it */
     struct job_store *jobs;
     struct cache *cache;
     struct ratelimit *ratelimit;
