@@ -206,6 +206,7 @@ static int start_parts(server *srv) {
     if (!srv->auth || !srv->ratelimit) return -1;
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
     char err[256];
+    srv->jobs = job_store_create(srv); /* before the dispatcher, whose threads apply events to it */
     if (c->redis) {
         if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err)) ||
             !(srv->cluster = dispatch_redis_create(srv, srv->redis, err, sizeof err))) {
@@ -225,7 +226,6 @@ static int start_parts(server *srv) {
     } else if ((srv->queue = queue_create(srv, c->workers, c->queue_size))) {
         srv->dispatch = queue_dispatch(srv->queue);
     }
-    srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
     if (!srv->dispatch.iface || !srv->jobs || !srv->webhooks) {
         fprintf(stderr, "sdx4 serve: cannot start the worker threads\n");
@@ -290,7 +290,8 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         return false;
     }
     srv->queue = NULL;
-    dispatch_redis_destroy(srv->cluster, end); /* after the drain's cancels reached Redis */
+    grace = mono_now() + 2; /* the drain's cancels reach Redis */
+    dispatch_redis_destroy(srv->cluster, end > grace ? end : grace);
     srv->cluster = NULL;
     srv->dispatch = (dispatch){0};
     redis_close(srv->redis);

@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SDX4 = os.environ.get("SDX4_BIN") or os.path.join(ROOT, "build", "sdx4")
 REFERENCE = os.environ.get("SDX4_REFERENCE") or os.path.join(ROOT, "..", "shared", "reference")
 MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "model")
+# SDX4_TEST_CLUSTER=1: every Server is an API node of a cluster of its own
+# (Redis and one worker, cluster_procs.py), to run the suite in cluster mode
+CLUSTER = os.environ.get("SDX4_TEST_CLUSTER") == "1"
 
 
 class Server:
@@ -30,6 +33,11 @@ class Server:
 
     def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
+        self.cluster = None
+        if CLUSTER:
+            from cluster_procs import LocalCluster
+            self.cluster = LocalCluster(model, flags)
+            flags = self.cluster.node_flags(flags)
         cmd = [SDX4, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false", "--rate-limit", "0"] + [str(f) for f in flags]
         full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
@@ -68,7 +76,7 @@ class Server:
             r = requests.get(self.url + "/api/v1/health", timeout=5)
             if r.status_code == 200:
                 return r.json()
-            assert r.json()["status"] in ("loading", "warming"), r.text
+            assert r.json()["status"] in ("loading", "warming") + (("unavailable",) if CLUSTER else ()), r.text
             time.sleep(0.1)
         raise RuntimeError("the server never became ready")
 
@@ -91,6 +99,9 @@ class Server:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            if self.cluster:
+                self.cluster.close()
+                self.cluster = None
 
     def check_clean_exit(self):
         status = self.stop()
