@@ -31,7 +31,7 @@ def record(job_id, image, steps=1, seed=1234, prompt="", noise_level=0.1, guidan
                         "given": 0}}
 
 
-def submit(r, png, ghost=None, edit=None, job_id=None, **params):
+def submit(r, png, ghost=None, edit=None, job_id=None, webhook_url=None, **params):
     """Queues a job of one image (PNG bytes); returns its id. `ghost`
     takes the entry first, in the same transaction, as a consumer of that
     name that will never finish it; `edit` may spoil the record."""
@@ -41,7 +41,7 @@ def submit(r, png, ghost=None, edit=None, job_id=None, **params):
     if edit:
         edit(rec)
     meta = {"id": job_id, "kind": "job", "listed": True, "client": "test", "request_id": rec["request_id"],
-            "owner": "", "created": rec["created"], "deadline": rec["deadline"], "ntasks": 1, "webhook_url": None}
+            "owner": "", "created": rec["created"], "deadline": rec["deadline"], "ntasks": 1, "webhook_url": webhook_url}
     try:
         r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:

@@ -4,6 +4,8 @@ to `sdx4 upscale`, records refused by name, a task that outlived its
 workers failed with its reason, cancel, Redis restarted (append-only:
 queued tasks survive; health 503 while it is away), a SIGKILLed worker's
 task finished by the other, SIGTERM draining."""
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import pytest
 
 import cluster_protocol as cp
 from conftest import MODEL, SDX4, Worker, image_bytes
+from test_hooks_logs import Receiver
 
 VISIBILITY = 2  # seconds: a killed worker's task is taken over this soon
 
@@ -21,7 +24,8 @@ VISIBILITY = 2  # seconds: a killed worker's task is taken over this soon
 @pytest.fixture(scope="module")
 def cluster(redis_server):
     """Redis and two workers; tests that stop a worker start another."""
-    flags = ("--visibility-timeout", VISIBILITY, "--shutdown-timeout", 60)
+    flags = ("--visibility-timeout", VISIBILITY, "--shutdown-timeout", 60, "--webhook-secret", "hook-secret",
+             "--webhook-private", "true")
     c = {"redis": redis_server, "r": redis_server.client(), "flags": flags,
          "workers": [Worker(redis_server.url, *flags) for _ in range(2)]}
     yield c
@@ -61,6 +65,27 @@ def test_results_equal_cli(cluster, tmp_path):
     assert {m.decode() for m in r.smembers("sdx4:workers")} == names
     info = json.loads(r.hget("sdx4:worker:" + cluster["workers"][0].name, "info"))
     assert info["model"]["max_noise_level"] > 0 and info["device"]
+
+
+def test_webhook_sent_by_the_worker_that_ends_the_job(cluster):
+    r, receiver = cluster["r"], Receiver()
+    try:
+        job = cp.submit(r, image_bytes(), webhook_url=receiver.url + "/hook")
+        assert cp.wait(r, job)["state"] == "succeeded"
+        deadline = time.time() + 30
+        while not receiver.calls and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert len(receiver.calls) == 1, receiver.calls  # once per job
+        _, path, headers, body = receiver.calls[0]
+        doc = json.loads(body)
+        assert path == "/hook" and doc["id"] == job and doc["status"] == "succeeded" and doc["finished_at"]
+        assert headers["X-Sdx4-Event"] == "job.succeeded"
+        t, v1 = headers["X-Sdx4-Signature"].split(",")
+        expected = hmac.new(b"hook-secret", t[2:].encode() + b"." + body, hashlib.sha256).hexdigest()
+        assert v1 == "v1=" + expected
+    finally:
+        receiver.close()
 
 
 def test_bad_record_fails_by_name(cluster):
@@ -161,3 +186,23 @@ def test_sigterm_drains(cluster):
     assert w.name.encode() not in r.smembers("sdx4:workers")
     assert any(isinstance(l, dict) and l["event"] == "worker_stopped" and l["drained"] for l in w.logs())
     w.check_clean_exit()
+
+
+def test_sigterm_past_the_shutdown_timeout_leaves_the_task(cluster):
+    """A worker that cannot finish within --shutdown-timeout stops its
+    task and leaves its entry pending: another worker takes it over."""
+    r, others = cluster["r"], cluster["workers"]
+    for w in others:
+        w.proc.send_signal(signal.SIGSTOP)
+    try:
+        short = Worker(cluster["redis"].url, *cluster["flags"], "--shutdown-timeout", 0.2)
+        job = cp.submit(r, image_bytes(), steps=40)
+        assert cp.wait(r, job, states=("running",))["worker"] == short.name
+    finally:
+        for w in others:
+            w.proc.send_signal(signal.SIGCONT)
+    assert short.stop() == 0
+    assert any(isinstance(l, dict) and l["event"] == "task_abandoned" for l in short.logs())
+    short.check_clean_exit()
+    task = cp.wait(r, job, timeout=VISIBILITY + 120)
+    assert task["state"] == "succeeded" and task["worker"] in {w.name for w in others}, task
