@@ -217,8 +217,11 @@ int cmd_worker(int argc, char **argv) {
     if (rc) return rc > 0 ? 0 : EXIT_USAGE;
     const server_config *c = &srv->cfg;
     char err[256];
-    if (!c->redis) {
-        fprintf(stderr, "sdx4 worker: --redis URL (or SDX4_REDIS) is required: the Redis the cluster shares\n");
+    const char *bad = !c->redis       ? "--redis URL (or SDX4_REDIS) is required: the Redis the cluster shares"
+                      : c->workers < 1 ? "--workers (tasks run at once) must be at least 1"
+                                       : NULL;
+    if (bad) {
+        fprintf(stderr, "sdx4 worker: %s\n", bad);
         config_free(&srv->cfg);
         return EXIT_USAGE;
     }
