@@ -109,6 +109,7 @@ static void test_record_round_trip(void) {
         if (rc == 0) cluster_task_free(&t);
         json_decref(bad);
     }
+    cluster_task_free(&b);
     CHECK(cluster_task_from_json(NULL, &b, err, sizeof err) == -1, "NULL accepted");
     json_decref(back);
     json_decref(j);
@@ -232,7 +233,7 @@ static void test_finish_task(redis *r) {
     freeReplyObject(reply);
 
     cluster_task_state s = {.state = JOB_RUNNING, .step = 1, .total = 17, .started = wall_now()};
-    CHECK(cluster_report_progress(r, id, 0, &s, err, sizeof err) == 0, "progress: %s", err);
+    CHECK(cluster_report_progress(r, id, 0, &s, err, sizeof err) == 1, "progress: %s", err);
     s.state = JOB_SUCCEEDED, s.step = 17, s.finished = wall_now(), s.width = 256, s.height = 192, s.bytes = 5;
     CHECK(cluster_finish_task(r, id, 0, &s, "image", 5, 60, 1 << 20, err, sizeof err) == 1, "first finish");
     cluster_task_state late = s;

@@ -735,7 +735,7 @@ int cluster_report_progress(redis *r, const char *job_id, int index, const clust
     eval_addf(&a, "sdx4:events:%s", job_id);
     eval_json(&a, event_json(index, state));
     long long rc;
-    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : 0;
+    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : (int)rc;
 }
 
 int cluster_load_result(redis *r, const char *job_id, int index, void **data, size_t *len, char *err,

@@ -123,7 +123,9 @@ int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_t
                         const void *result, size_t result_len, double retention, size_t budget,
                         char *err, size_t err_size);
 
-/* Progress of a running task (not final): updates its state, publishes. */
+/* Progress of a running task (not final): updates its state, publishes.
+ * 1 done, 0 the task is final already (finished by another party, e.g. a
+ * cancel, or its job is gone): whoever runs it may stop; -1 error. */
 int cluster_report_progress(redis *r, const char *job_id, int index, const cluster_task_state *state,
                             char *err, size_t err_size);
 

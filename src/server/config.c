@@ -98,6 +98,14 @@ static const option options[] = {
      "(unset: one process holds everything)"},
     {"redis-timeout", OPT_DOUBLE, O(redis_timeout), 0.05, 60, "2",
      "seconds a Redis connect or answer may take before the call fails"},
+    {"name", OPT_STRING, O(name), 0, 0, NULL,
+     "cluster mode: this worker's name, unique in the cluster (default: hostname-pid)"},
+    {"visibility-timeout", OPT_DOUBLE, O(visibility_timeout), 1, 3600, "30",
+     "cluster mode: seconds a task's worker may go without a heartbeat before "
+     "another worker takes the task over (its worker is taken for dead)"},
+    {"max-attempts", OPT_INT, O(max_attempts), 1, 100, "3",
+     "cluster mode: workers a task may be taken by; one whose workers all stopped "
+     "before finishing it fails instead of being tried again"},
     {"request-timeout", OPT_DOUBLE, O(request_timeout), 0.01, 86400, "60",
      "seconds from arrival until a request fails with 504 and its job is canceled"},
     {"shutdown-timeout", OPT_DOUBLE, O(shutdown_timeout), 0, 3600, "30",

@@ -168,3 +168,68 @@ def problem(r, status, slug):
     assert p["status"] == status and p["title"] and p["detail"]
     assert p["request_id"] == r.headers["X-Request-Id"]
     return p
+
+
+class RedisServer:
+    """A redis-server of the test's own on a unix socket, append-only, that
+    can be stopped and started again on the same data."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="sdx4-redis-")
+        self.socket = os.path.join(self.dir, "redis.sock")
+        self.url = "unix://" + self.socket
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", self.socket, "--save", "",
+                                      "--appendonly", "yes", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None and time.time() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)  # writes the append-only file out
+        self.proc.wait(timeout=30)
+
+    def client(self):
+        import redis
+        return redis.Redis(unix_socket_path=self.socket)
+
+    def remove(self):
+        if self.proc.poll() is None:
+            self.stop()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = RedisServer()
+    yield r
+    r.remove()
+
+
+class Worker(Server):
+    """One `sdx4 worker` process; `url` is its health port's base URL."""
+
+    def __init__(self, redis_url, *flags, model=MODEL):
+        self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-worker-", suffix=".log", delete=False)
+        cmd = [SDX4, "worker", "--redis", redis_url, "--model", model, "--host", "127.0.0.1", "--port", "0",
+               "--workers", "1"] + [str(f) for f in flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
+                                     env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = next(l["worker"] for l in self.logs() if isinstance(l, dict) and l.get("event") == "listening")
+        self.wait_ready()
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.get("/healthz", timeout=5).status_code == 200:
+                return
+            assert self.proc.poll() is None, f"sdx4 worker exited {self.proc.returncode}; see {self.log_file.name}"
+            time.sleep(0.1)
+        raise RuntimeError("the worker never became ready")
