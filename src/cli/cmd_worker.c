@@ -21,9 +21,8 @@
  * deadline, exit 0. As in serve.c, signals are taken synchronously by the
  * main thread, every other thread blocking them.
  *
- * Webhooks of the jobs this worker ends go out through webhook.c, which
- * reports each delivery to a job store (jobs.c): an empty one here, so
- * the outcome of a delivery is logged but not written to the job in
+ * Webhooks of the jobs this worker ends go out through webhook.c; the
+ * outcome of a delivery is logged (worker.c), not written to the job in
  * Redis.
  */
 #include <libgen.h>
@@ -37,7 +36,6 @@
 
 #include "cli.h"
 #include "config.h"
-#include "jobs.h"
 #include "log.h"
 #include "redis.h"
 #include "server.h"
@@ -268,10 +266,7 @@ int cmd_worker(int argc, char **argv) {
 
     int status = EXIT_RUNTIME, sig = 0;
     if (load_model(srv) == 0) {
-        if (c->webhook_secret) { /* webhook.c reports deliveries to a job store */
-            srv->jobs = job_store_create(srv);
-            srv->webhooks = srv->jobs ? webhooks_create(srv) : NULL;
-        }
+        if (c->webhook_secret) srv->webhooks = webhooks_create(srv);
         json_t *info = registration(&p);
         worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
@@ -294,7 +289,6 @@ int cmd_worker(int argc, char **argv) {
         worker_free(p.w);
         double grace = mono_now() + 2; /* webhooks of the jobs just ended */
         webhooks_destroy(srv->webhooks, grace);
-        job_store_destroy(srv->jobs);
     }
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", status));
     log_flush(2);

@@ -124,6 +124,14 @@ static job_state stopped(problem *p, int reason, double timeout) {
     return JOB_CANCELED;
 }
 
+/* webhook.c's report of a delivery: logged (the job in Redis keeps none). */
+static void webhook_outcome(void *arg, const char *job_id, bool delivered, int attempts, const char *error) {
+    (void)arg;
+    log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
+              json_pack("{s:s,s:b,s:i,s:s?}", "job_id", job_id, "delivered", delivered, "attempts", attempts,
+                        "error", error));
+}
+
 /* The webhook of a job this worker ended. */
 static void send_webhook(worker *w, const char *job_id) {
     char err[256];
@@ -135,7 +143,8 @@ static void send_webhook(worker *w, const char *job_id) {
         char *body = json_dumps(doc, JSON_COMPACT);
         char why[256] = "this worker has no --webhook-secret to sign it";
         if (!body || !w->hooks ||
-            webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, why, sizeof why))
+            webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, webhook_outcome,
+                          NULL, why, sizeof why))
             log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job.id, "error", why));
         free(body);
         json_decref(doc);
