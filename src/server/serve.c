@@ -24,9 +24,10 @@
  * no work happens in a signal handler.
  *
  * Cluster mode (--redis): the jobs' tasks go to the workers behind Redis
- * (dispatch_redis.c) instead of the local queue. With --workers 0 the node
- * is API-only: it loads no model and is ready at once, its health and
- * model-info coming from the workers' registrations.
+ * (dispatch_redis.c) instead of the local queue; --workers N runs N
+ * consumers of them here too (worker.c, as `sdx4 worker` does). With
+ * --workers 0 the node is API-only: it loads no model and is ready at
+ * once, its health and model-info coming from the workers' registrations.
  */
 #include "serve.h"
 
@@ -52,7 +53,9 @@
 #include "redis.h"
 #include "ratelimit.h"
 #include "server.h"
+#include "status.h"
 #include "webhook.h"
+#include "worker.h"
 
 /* Runs a one-step upscale of width x height, so that the first client of
  * that size does not pay for lazy allocations and the GPU's choice of
@@ -145,6 +148,29 @@ static void fail(server *srv, const char *what) {
     atomic_store(&srv->phase, PHASE_FAILED);
 }
 
+/* Cluster mode with --workers N: this node's own consumers of the
+ * cluster's tasks (worker.c), once the model is loaded; the loader thread
+ * sets it, the main thread reads it after joining that thread. */
+static worker *consumers;
+
+static worker *start_consumers(server *srv) {
+    const server_config *c = &srv->cfg;
+    char host[256] = "", name[64], err[256];
+    gethostname(host, sizeof host - 1);
+    if (c->name) snprintf(name, sizeof name, "%s", c->name);
+    else snprintf(name, sizeof name, "%.40s-%ld", host, (long)getpid());
+    json_t *info = json_pack("{s:s,s:s,s:s,s:s?,s:o,s:f}", "name", name, "model_id", srv->model_id, "device",
+                             srv->info.device, "variant", c->variant, "model", status_model_info(srv),
+                             "started", wall_now());
+    worker_settings ws = {.name = name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
+                          .max_attempts = c->max_attempts, .job_retention = c->job_retention,
+                          .jobs_memory = c->jobs_memory};
+    worker *w = worker_start(srv->engine, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
+    json_decref(info);
+    if (!w) log_event(LOG_ERROR, "worker_failed", json_pack("{s:s}", "error", err));
+    return w;
+}
+
 static void *load_model(void *arg) {
     server *srv = arg;
     const server_config *c = &srv->cfg;
@@ -180,6 +206,7 @@ static void *load_model(void *arg) {
         }
         log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
     }
+    if (srv->cluster) consumers = start_consumers(srv);
     int expected = PHASE_WARMING; /* unless SIGTERM came meanwhile */
     atomic_compare_exchange_strong(&srv->phase, &expected, PHASE_READY);
     log_event(LOG_INFO, "ready", json_pack("{s:s}", "model", srv->model_id));
@@ -284,12 +311,15 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         stopped = pthread_timedjoin_np(*loader, NULL, &ts) == 0;
     }
     if (srv->queue && queue_destroy(srv->queue, end) != 0) stopped = false;
+    if (stopped && consumers && worker_stop(consumers, end) != 0) stopped = false;
     if (!stopped) {
         log_event(LOG_WARN, "exit_with_work",
                   json_pack("{s:s}", "message", "a thread is still inside the engine; exiting anyway"));
         return false;
     }
     srv->queue = NULL;
+    worker_free(consumers);
+    consumers = NULL;
     grace = mono_now() + 2; /* the drain's cancels reach Redis */
     dispatch_redis_destroy(srv->cluster, end > grace ? end : grace);
     srv->cluster = NULL;

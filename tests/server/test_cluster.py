@@ -255,3 +255,20 @@ def test_api_node_without_workers_is_not_ready(redis_server):
         problem(node.get("/api/v1/model-info"), 503, "not-ready")
     finally:
         node.check_clean_exit()
+
+
+def test_node_with_its_own_workers(redis_server, baseline):
+    """--redis with --workers N: the node runs N consumers of the cluster's
+    tasks itself, and registers like any worker."""
+    node = Server("--redis", redis_server.url, "--workers", "1", "--name", "self", "--request-timeout", "300",
+                  wait_ready=False)
+    try:
+        health = wait_serving(node)
+        assert [w["name"] for w in health["cluster"]["workers"]] == ["self"]
+        r = node.post("/api/v1/upscale", files={"image": image_bytes(seed=5)},
+                      data={"seed": "5", "num_inference_steps": STEPS})
+        assert r.status_code == 200, r.text
+        assert r.content == baseline(5)
+        assert node.get("/api/v1/model-info").json()["model_id"] == "model"
+    finally:
+        node.check_clean_exit()
