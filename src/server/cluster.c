@@ -174,7 +174,9 @@ static json_t *options_to_json(const upscale_options *o) {
         case PARAM_INT: v = json_integer(*(const int *)f); break;
         case PARAM_SEED: v = json_integer((json_int_t)*(const uint64_t *)f); break;
         case PARAM_FORMAT: v = json_string(imageio_format_name(*(const image_format *)f)); break;
-        case PARAM_BITS: v = json_integer(*(const unsigned *)f); break;
+        case PARAM_BITS: /* the options' bits: a form marks its other fields there too */
+            v = json_integer(*(const unsigned *)f & ((1u << FIELD_OPTION_COUNT) - 1));
+            break;
         }
         json_object_set_new(j, params[i].name, v);
     }

@@ -87,7 +87,9 @@ class LocalCluster:
         return list(flags) + ["--redis", self.redis.url, "--workers", "0"]
 
     def close(self):
-        try:
-            self.worker.stop()
-        finally:
-            self.redis.close()
+        """Stops the worker (given a test's flags, it may have refused to
+        start: its exit is not judged here) and Redis."""
+        if self.worker.proc.poll() is None:
+            self.worker.proc.terminate()
+            self.worker.proc.wait(timeout=60)
+        self.redis.close()

@@ -43,7 +43,12 @@ class Server:
         full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
         full_env.update(env or {})
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file, env=full_env)
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except RuntimeError:
+            if self.cluster:
+                self.cluster.close()
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
         if wait_ready:
             self.wait_ready()

@@ -81,13 +81,17 @@ class Cluster:
         wait_serving(self.node, 2)
 
 
-@pytest.fixture
-def cluster(redis_server):
-    c = Cluster(redis_server)
+@pytest.fixture(scope="module")
+def cluster():
+    """Shared by the tests of this module that leave it as they found it
+    (a node replaced, Redis restarted): starting one costs seconds."""
+    redis = Redis()
+    c = Cluster(redis)
     yield c
     c.node.check_clean_exit()
     for w in c.workers:
         w.stop()
+    redis.close()
 
 
 def submit(node, seed, **kw):
