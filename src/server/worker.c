@@ -324,6 +324,8 @@ static void *consumer_main(void *arg) {
             redis_release(w->r, c, true);
             c = NULL;
             redis_trouble(w, err);
+            if (strstr(err, "NOGROUP") && cluster_ensure_group(w->r, err, sizeof err) == 0) /* Redis lost it */
+                continue;
             nap(w, RETRY_SECONDS);
             continue;
         }

@@ -131,6 +131,13 @@ def test_cancel_stops_a_running_task(cluster):
     assert task["state"] == "failed" and task["error"]["kind"] == "timeout" and task["started"] == 0, task
 
 
+def test_group_made_again_when_redis_lost_it(cluster):
+    r = cluster["r"]
+    r.delete(cp.STREAM)  # the group with it
+    job = cp.submit(r, image_bytes(), group=False)
+    assert cp.wait(r, job, timeout=30)["state"] == "succeeded"
+
+
 def test_redis_restart(cluster):
     """Tasks queued while Redis restarts survive it (append-only); the
     workers' health is 503 while it is away and 200 once it is back."""
