@@ -210,9 +210,23 @@ static int wait_for_stop(const sigset_t *stop) {
     }
 }
 
+static const char help[] =
+    "usage: sdx4 worker --redis URL --model DIR [--workers N] [--name NAME] [--port N] [options]\n"
+    "\n"
+    "Takes upscale tasks from a cluster's Redis, runs them and stores their\n"
+    "results (cluster mode: docs/cluster.md); answers GET /healthz and GET\n"
+    "/metrics on --host:--port. It reads the settings of `sdx4 serve`, below;\n"
+    "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
+    "threads, workers (tasks run at once), name, host, port, visibility-timeout,\n"
+    "max-attempts, shutdown-timeout, job-retention, jobs-memory, log-level,\n"
+    "log-buffer and the webhook settings.\n"
+    "\n";
+
 int cmd_worker(int argc, char **argv) {
     static worker_process p; /* threads reference it until the very end */
     server *srv = &p.srv;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(help, stdout);
     int rc = config_load(&srv->cfg, argc, argv, stderr);
     if (rc) return rc > 0 ? 0 : EXIT_USAGE;
     const server_config *c = &srv->cfg;
