@@ -8,8 +8,9 @@
  * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout and
  * the webhook settings), opens Redis, answers GET /healthz and GET
  * /metrics on a small HTTP port of its own (no public API: clients talk
- * to API nodes), loads the model and runs worker.c's consumer until
- * SIGTERM or SIGINT.
+ * to API nodes), loads the model, warms it up (one step at --min-side,
+ * unless --warmup false) and runs worker.c's consumer until SIGTERM or
+ * SIGINT.
  *
  * Health is 200 once the model is loaded while Redis answers, 503
  * otherwise, with the reason; a probe never touches the engine or Redis
@@ -57,7 +58,8 @@ static json_t *health(worker_process *p, int *status) {
     worker *w = p->w;
     worker_stats ws = {.redis_up = redis_up(p->r)};
     if (w) worker_get_stats(w, &ws);
-    const char *why = phase == PHASE_LOADING ? "the model is loading"
+    const char *why = phase == PHASE_LOADING   ? "the model is loading"
+                      : phase == PHASE_WARMING ? "warming up"
                       : phase == PHASE_FAILED ? p->srv.failure
                       : phase == PHASE_DRAINING ? "shutting down: taking no new tasks"
                       : !ws.redis_up ? "Redis does not answer"
@@ -188,6 +190,25 @@ static int load_model(server *srv) {
                                srv->info.device, "seconds", mono_now() - t0);
     if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
     log_event(srv->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
+    atomic_store(&srv->phase, PHASE_WARMING);
+    if (c->warmup) { /* one step at min-side: the first task does not pay for lazy allocations */
+        t0 = mono_now();
+        int side = c->min_side;
+        sdx4_image in = {side, side, calloc((size_t)side * side, 3)}, out = {0};
+        sdx4_upscale_params params;
+        sdx4_upscale_params_default(&params);
+        params.num_inference_steps = 1;
+        sdx4_status st = in.pixels ? sdx4_upscale(srv->engine, &in, &params, &out, NULL) : SDX4_ERR_NO_MEMORY;
+        free(in.pixels);
+        sdx4_image_free(&out);
+        if (st != SDX4_OK) {
+            snprintf(srv->failure, sizeof srv->failure, "the warm-up upscale failed: %s", sdx4_last_error());
+            log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
+            atomic_store(&srv->phase, PHASE_FAILED);
+            return -1;
+        }
+        log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
+    }
     atomic_store(&srv->phase, PHASE_READY);
     return 0;
 }
@@ -208,9 +229,23 @@ static int wait_for_stop(const sigset_t *stop) {
     }
 }
 
+static const char help[] =
+    "usage: sdx4 worker --redis URL --model DIR [--workers N] [--name NAME] [--port N] [options]\n"
+    "\n"
+    "Takes upscale tasks from a cluster's Redis, runs them and stores their\n"
+    "results (cluster mode: docs/cluster.md); answers GET /healthz and GET\n"
+    "/metrics on --host:--port. It reads the settings of `sdx4 serve`, below;\n"
+    "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
+    "threads, warmup, min-side, workers (tasks run at once), name, host, port,\n"
+    "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
+    "jobs-memory, log-level, log-buffer and the webhook settings.\n"
+    "\n";
+
 int cmd_worker(int argc, char **argv) {
     static worker_process p; /* threads reference it until the very end */
     server *srv = &p.srv;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(help, stdout);
     int rc = config_load(&srv->cfg, argc, argv, stderr);
     if (rc) return rc > 0 ? 0 : EXIT_USAGE;
     const server_config *c = &srv->cfg;

@@ -958,7 +958,7 @@ int cluster_take(redisContext *c, const char *consumer, int max, int block_ms, c
     redisReply *reply = redisCommand(c, "XREADGROUP GROUP %s %s COUNT %d BLOCK %d STREAMS %s >", CLUSTER_GROUP,
                                      consumer, max, block_ms, CLUSTER_STREAM);
     if (!reply) {
-        snprintf(err, n, "redis: %s", c->errstr[0] ? c->errstr : "no answer");
+        snprintf(err, n, "redis connection: %s", c->errstr[0] ? c->errstr : "no answer");
         return -1;
     }
     int got = 0;

@@ -28,7 +28,8 @@
  *
  * Redis away. Calls fail within redis.h's timeout; consumers retry every
  * second, an outcome waiting to be stored is retried until the task's
- * deadline has long passed, and the outage is logged once, its end once.
+ * deadline has long passed, and the outage is logged once, its end once
+ * (error replies, which are Redis answering, apart).
  *
  * Shutdown. worker_stop takes nothing new and lets the running tasks
  * finish until its deadline; then it stops them and leaves their entries
@@ -83,7 +84,8 @@ struct worker {
     double next_reclaim; /* mono_now() */
     pthread_t heartbeat;
     bool heartbeat_running, heartbeat_stop;
-    atomic_bool stopping, abandon, redis_down;
+    atomic_bool stopping, abandon;
+    atomic_bool redis_down, redis_refusing; /* logged once per outage, once per run of error replies */
     atomic_llong succeeded, failed, canceled, redis_errors;
     atomic_int busy;
 };
@@ -92,12 +94,16 @@ struct worker {
 
 static void redis_trouble(worker *w, const char *err) {
     atomic_fetch_add(&w->redis_errors, 1);
-    if (!atomic_exchange(&w->redis_down, true))
-        log_event(LOG_WARN, "redis_unreachable",
+    /* an error reply ("redis: ..." from redis.c and cluster.c) is Redis
+     * answering: logged, but the worker is not cut off */
+    bool answered = strncmp(err, "redis: ", 7) == 0;
+    if (!atomic_exchange(answered ? &w->redis_refusing : &w->redis_down, true))
+        log_event(LOG_WARN, answered ? "redis_error" : "redis_unreachable",
                   json_pack("{s:s,s:s,s:s}", "worker", w->name, "redis", redis_where(w->r), "error", err));
 }
 
 static void redis_fine(worker *w) {
+    atomic_store(&w->redis_refusing, false);
     if (atomic_exchange(&w->redis_down, false))
         log_event(LOG_INFO, "redis_reachable", json_pack("{s:s,s:s}", "worker", w->name, "redis", redis_where(w->r)));
 }
@@ -333,6 +339,8 @@ static void *consumer_main(void *arg) {
             redis_release(w->r, c, true);
             c = NULL;
             redis_trouble(w, err);
+            if (strstr(err, "NOGROUP") && cluster_ensure_group(w->r, err, sizeof err) == 0) /* Redis lost it */
+                continue;
             nap(w, RETRY_SECONDS);
             continue;
         }

@@ -222,7 +222,7 @@ class Worker(Server):
     def __init__(self, redis_url, *flags, model=MODEL):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-worker-", suffix=".log", delete=False)
         cmd = [SDX4, "worker", "--redis", redis_url, "--model", model, "--host", "127.0.0.1", "--port", "0",
-               "--workers", "1"] + [str(f) for f in flags]
+               "--workers", "1", "--warmup", "false"] + [str(f) for f in flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
                                      env=dict(os.environ, OMP_WAIT_POLICY="passive"))
         self.port = self._wait_for_port()
