@@ -24,20 +24,20 @@ SDX4 = os.environ.get("SDX4_BIN") or os.path.join(ROOT, "build", "sdx4")
 REFERENCE = os.environ.get("SDX4_REFERENCE") or os.path.join(ROOT, "..", "shared", "reference")
 MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "model")
 # SDX4_TEST_CLUSTER=1: every Server is an API node of a cluster of its own
-# (Redis and one worker, cluster_procs.py), to run the suite in cluster mode
+# (LocalCluster: Redis and one worker), to run the suite in cluster mode
 CLUSTER = os.environ.get("SDX4_TEST_CLUSTER") == "1"
 
 
 class Server:
     """One `sdx4 serve` process; `url` is its base URL once started."""
 
+    cluster = None  # its own Redis and worker (SDX4_TEST_CLUSTER=1), stopped with it
+
     def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
-        self.cluster = None
         if CLUSTER:
-            from cluster_procs import LocalCluster
             self.cluster = LocalCluster(model, flags)
-            flags = self.cluster.node_flags(flags)
+            flags = list(flags) + ["--redis", self.cluster.redis.url, "--workers", "0"]
         cmd = [SDX4, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false", "--rate-limit", "0"] + [str(f) for f in flags]
         full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
@@ -238,3 +238,21 @@ class Worker(Server):
             assert self.proc.poll() is None, f"sdx4 worker exited {self.proc.returncode}; see {self.log_file.name}"
             time.sleep(0.1)
         raise RuntimeError("the worker never became ready")
+
+
+class LocalCluster:
+    """Redis and one worker for a Server of the suite run in cluster mode
+    (SDX4_TEST_CLUSTER=1): the worker gets the server's flags, as the
+    settings are shared, and the server --redis and --workers 0."""
+
+    def __init__(self, model, flags):
+        self.redis = RedisServer()
+        try:
+            self.worker = Worker(self.redis.url, *flags, "--name", "suite", model=model)
+        except Exception:
+            self.redis.remove()
+            raise
+
+    def close(self):
+        self.worker.stop()  # its exit is the worker tests' to judge
+        self.redis.remove()

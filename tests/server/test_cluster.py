@@ -1,22 +1,23 @@
 """Cluster mode seen from the API nodes (`sdx4 serve --redis URL`): real
 redis-server, real `sdx4 worker` processes, the tiny reference model.
 
-Each test starts its own Redis (a unix socket in a temp dir, append-only
-on, so that a restart keeps what it had) and stops everything it started.
-Results are compared byte for byte with a single-process server given the
-same images and seeds.
+The tests start their Redis (conftest's RedisServer: a unix socket in a
+temp dir, append-only on, so that a restart keeps what it had), workers
+and nodes, and stop them. Results are compared byte for byte with a
+single-process server given the same images and seeds.
 """
 import json
+import shutil
 import subprocess
 import time
 
 import pytest
 import requests
 
-from cluster_procs import REDIS_SERVER, Redis, WorkerProcess
-from conftest import MODEL, SDX4, Server, image_bytes, problem
+from conftest import MODEL, SDX4, RedisServer, Server, Worker, image_bytes, problem
 
-pytestmark = pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed (scripts/install-deps.sh)")
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
+                                reason="redis-server is not installed (scripts/install-deps.sh)")
 
 STEPS = "2"  # enough to watch a job run, few enough to keep the suite short
 
@@ -48,10 +49,12 @@ def wait_final(node, job_id, timeout=120, **kw):
 
 
 @pytest.fixture
-def redis_server():
-    r = Redis()
+def own_redis():
+    """A Redis for one test (conftest's redis_server is the module's): no
+    worker registered by another test is still alive in it."""
+    r = RedisServer()
     yield r
-    r.close()
+    r.remove()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ class Cluster:
 
     def __init__(self, redis):
         self.redis = redis
-        self.workers = [WorkerProcess(redis, "w1"), WorkerProcess(redis, "w2")]
+        self.workers = [Worker(redis.url, "--name", "w1"), Worker(redis.url, "--name", "w2")]
         self.node = api_node(redis)
         wait_serving(self.node, 2)
 
@@ -85,13 +88,13 @@ class Cluster:
 def cluster():
     """Shared by the tests of this module that leave it as they found it
     (a node replaced, Redis restarted): starting one costs seconds."""
-    redis = Redis()
+    redis = RedisServer()
     c = Cluster(redis)
     yield c
     c.node.check_clean_exit()
     for w in c.workers:
-        w.stop()
-    redis.close()
+        w.check_clean_exit()
+    redis.remove()
 
 
 def submit(node, seed, **kw):
@@ -140,10 +143,10 @@ def test_api_node_killed_and_restarted_keeps_jobs(cluster, baseline):
         assert cluster.node.get(f"/api/v1/jobs/{job_id}/result").content == baseline(seed)
 
 
-def test_two_api_nodes_share_jobs_and_keep_owners_apart(redis_server, baseline):
+def test_two_api_nodes_share_jobs_and_keep_owners_apart(own_redis, baseline):
     keys = ("--api-keys", "key-a,key-b")
-    worker = WorkerProcess(redis_server, "w1")
-    a, b = api_node(redis_server, *keys), api_node(redis_server, *keys)
+    worker = Worker(own_redis.url, "--name", "w1")
+    a, b = api_node(own_redis, *keys), api_node(own_redis, *keys)
     try:
         wait_serving(a), wait_serving(b)
         mine = {"Authorization": "Bearer key-a"}
@@ -179,7 +182,7 @@ def test_two_api_nodes_share_jobs_and_keep_owners_apart(redis_server, baseline):
     finally:
         a.check_clean_exit()
         b.check_clean_exit()
-        worker.stop()
+        worker.check_clean_exit()
 
 
 def test_cancel_on_api_node_stops_the_worker(cluster):
@@ -200,9 +203,9 @@ def test_cancel_on_api_node_stops_the_worker(cluster):
         time.sleep(0.1)
 
 
-def test_deadline_on_api_node_answers_504_and_frees_the_worker(redis_server):
-    worker = WorkerProcess(redis_server, "w1")
-    node = api_node(redis_server, "--request-timeout", "1.5")
+def test_deadline_on_api_node_answers_504_and_frees_the_worker(own_redis):
+    worker = Worker(own_redis.url, "--name", "w1")
+    node = api_node(own_redis, "--request-timeout", "1.5")
     try:
         wait_serving(node)
         t0 = time.time()
@@ -215,7 +218,7 @@ def test_deadline_on_api_node_answers_504_and_frees_the_worker(redis_server):
             time.sleep(0.1)
     finally:
         node.check_clean_exit()
-        worker.stop()
+        worker.check_clean_exit()
 
 
 def test_redis_down_answers_503_at_once_and_recovers(cluster, baseline):
@@ -251,8 +254,8 @@ def test_workers_zero_needs_redis():
     assert r.returncode == 2 and "needs --redis" in r.stderr
 
 
-def test_api_node_without_workers_is_not_ready(redis_server):
-    node = api_node(redis_server)
+def test_api_node_without_workers_is_not_ready(own_redis):
+    node = api_node(own_redis)
     try:
         r = node.get("/api/v1/health")
         assert r.status_code == 503 and r.json()["error"] == "no live worker serves this model"
@@ -261,10 +264,10 @@ def test_api_node_without_workers_is_not_ready(redis_server):
         node.check_clean_exit()
 
 
-def test_node_with_its_own_workers(redis_server, baseline):
+def test_node_with_its_own_workers(own_redis, baseline):
     """--redis with --workers N: the node runs N consumers of the cluster's
     tasks itself, and registers like any worker."""
-    node = Server("--redis", redis_server.url, "--workers", "1", "--name", "self", "--request-timeout", "300",
+    node = Server("--redis", own_redis.url, "--workers", "1", "--name", "self", "--request-timeout", "300",
                   wait_ready=False)
     try:
         health = wait_serving(node)
