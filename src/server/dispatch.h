@@ -55,9 +55,9 @@ typedef struct {
      * or NULL: not found (`why` untouched), or the store cannot be read
      * (`why` says why). */
     struct job *(*find)(void *ctx, const char *id, const char *owner, problem *why);
-    /* Reports `tasks`, submitted elsewhere, from now on (under the store's
-     * lock, holding a reference each as after push). */
-    void (*watch)(void *ctx, struct task **tasks, int n);
+    /* Reports task `t`, submitted elsewhere, from now on (under the
+     * store's lock, holding a reference as after push). */
+    void (*watch)(void *ctx, struct task *t);
     /* DELETE (under the store's lock): the job is forgotten by every node. */
     void (*forget)(void *ctx, struct job *j);
 } dispatch_iface;

@@ -630,10 +630,10 @@ static void stats(void *ctx, dispatch_stats *s) {
     pthread_mutex_unlock(&d->lock);
 }
 
-static void watch_tasks(void *ctx, task **tasks, int n) {
+static void watch_task(void *ctx, task *t) {
     dispatch_redis *d = ctx;
     pthread_mutex_lock(&d->lock);
-    for (int i = 0; i < n; i++) watch_add(d, tasks[i]);
+    watch_add(d, t);
     pthread_mutex_unlock(&d->lock);
 }
 
@@ -718,7 +718,7 @@ done:
 dispatch dispatch_redis_dispatch(dispatch_redis *d) {
     static const dispatch_iface iface = {
         .push = push, .withdraw = withdraw, .position = position, .close = close_dispatch, .stats = stats,
-        .shared = true, .find = find, .watch = watch_tasks, .forget = forget,
+        .shared = true, .find = find, .watch = watch_task, .forget = forget,
     };
     return (dispatch){&iface, d};
 }

@@ -622,27 +622,27 @@ job *job_adopt(job *j, const char *id) {
         return known;
     }
     snprintf(j->id, sizeof j->id, "%s", id);
-    task **unfinished = calloc((size_t)j->ntasks, sizeof *unfinished);
-    int n = 0;
+    const dispatch *d = &s->srv->dispatch;
     double now = mono_now();
+    j->unfinished = 0;
     for (int i = 0; i < j->ntasks; i++) {
         task *t = &j->tasks[i];
         if (t->state != JOB_QUEUED && j->started <= 0) j->started = now;
-        if (!final(t->state) && unfinished) unfinished[n++] = t;
+        if (final(t->state)) continue;
+        j->unfinished++;
+        j->refs++; /* the dispatcher's, for the task it now reports */
+        d->iface->watch(d->ctx, t);
     }
-    j->unfinished = n;
-    j->refs += n + 1; /* one per task the dispatcher reports, one for the store */
+    j->refs++; /* the store's */
     list_append(&s->active, j);
     unsigned b = id_bucket(j->id);
     j->hash_next = s->ids[b];
     s->ids[b] = j;
     j->in_store = true;
-    if (n) s->srv->dispatch.iface->watch(s->srv->dispatch.ctx, unfinished, n);
-    else job_finished_locked(s, j);
-    if (j->state == JOB_QUEUED && j->started > 0) j->state = JOB_RUNNING;
+    if (!j->unfinished) job_finished_locked(s, j);
+    else if (j->started > 0) j->state = JOB_RUNNING;
     pthread_cond_signal(&s->reaper_wake);
     pthread_mutex_unlock(&s->lock);
-    free(unfinished);
     return j;
 }
 
