@@ -17,7 +17,8 @@
  * holds one PSUBSCRIBE connection to sdx4:events:* and applies each event
  * of a watched task through jobs.c's own lifecycle calls (job_task_started,
  * _progress, _finished), so waiters, SSE streams and synchronous answers
- * work as with the local queue; a success loads the result's bytes first.
+ * work as with the local queue; a success loads the result's bytes first
+ * (and puts a seeded one in the result cache, as the queue's workers do).
  * Pub/sub is at most once, so a keeper thread re-reads the hash of every
  * watched job once a second and applies what the events missed (during a
  * reconnect, say). A job made on another node is found by id (find:
@@ -52,6 +53,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cache.h"
 #include "cluster.h"
 #include "cost.h"
 #include "jobs.h"
@@ -243,6 +245,10 @@ static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_tas
             o.state = JOB_FAILED;
             problem_set(&o.error, PROBLEM_INTERNAL, "the result is no longer kept (expired, or evicted by "
                                                     "the results' memory budget)");
+        } else if (t->cacheable && d->srv->cache) { /* as the local queue's workers do */
+            cached_result c = {o.output, o.len, o.width, o.height, o.report.prompt_tokens,
+                               o.report.prompt_truncated, o.report.negative_truncated};
+            cache_put(d->srv->cache, t->cache_key, &c);
         }
     }
     job_task_finished(t, &o);

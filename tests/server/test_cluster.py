@@ -129,6 +129,10 @@ def test_sync_upscale_through_api_node(cluster, baseline):
     assert r.status_code == 200, r.text
     assert r.headers["Content-Type"] == "image/png" and r.headers["X-Seed"] == "3"
     assert r.content == baseline(3)
+    # the node keeps what a worker made for it in its result cache
+    again = node.post("/api/v1/upscale", files={"image": image_bytes(seed=3)},
+                      data={"seed": "3", "num_inference_steps": STEPS})
+    assert again.headers["X-Cache"] == "HIT" and again.content == r.content
 
 
 def test_api_node_killed_and_restarted_keeps_jobs(cluster, baseline):
