@@ -87,5 +87,6 @@ int cmd_upscale(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_make_model(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_worker(int argc, char **argv); /* cluster mode's inference process (needs the server) */
 
 #endif

@@ -35,6 +35,7 @@ static const struct {
     {"bench", cmd_bench, "time the parts of the pipeline (one JSON line)"},
 #ifndef SDX4_NO_IMAGEIO
     {"serve", serve_main, "run the HTTP service"},
+    {"worker", cmd_worker, "take upscales from a cluster's Redis (cluster mode)"},
 #endif
 };
 

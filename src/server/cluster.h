@@ -12,6 +12,8 @@
  *                         state <name>, finished <wall seconds>
  *   sdx4:result:<id>:<i>  a finished task's encoded image
  *   sdx4:results          sorted set of stored results for the byte budget
+ *                         ("<key> <bytes>" scored by expiry); their sum
+ *                         in sdx4:results:bytes
  *   sdx4:cancel:<id>      why the job was stopped ("client", "timeout",
  *                         "shutdown"); workers read it at every step
  *   sdx4:events:<id>      pub/sub channel of the job's changes
@@ -92,13 +94,17 @@ typedef struct {
     double created, deadline; /* wall clock */
     int ntasks;
     char *webhook_url; /* owned, NULL none */
+    /* filled by cluster_load_job from the hash */
+    job_state state;  /* JOB_QUEUED until the last task is final */
+    double finished;  /* wall clock, 0 when not yet */
 } cluster_job;
 
 /* Submits a job atomically (one script): its hash, the inputs and one
  * stream entry per task in `tasks` (the others, cache hits or rejected,
  * are written final in `states`). Refused with `why` (PROBLEM_QUEUE_FULL,
  * its retry_after set) when the tasks waiting in the whole cluster plus
- * these would exceed `capacity`: nothing is then written. */
+ * these would exceed `capacity`: nothing is then written. -1 both ways:
+ * why->kind is PROBLEM_NONE when Redis failed (`err` says how). */
 int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
                    const bool *queued, const cluster_task_state *states, int capacity, double retention,
                    problem *why, char *err, size_t err_size);
@@ -117,7 +123,9 @@ int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_t
                         const void *result, size_t result_len, double retention, size_t budget,
                         char *err, size_t err_size);
 
-/* Progress of a running task (not final): updates its state, publishes. */
+/* Progress of a running task (not final): updates its state, publishes.
+ * 1 done, 0 the task is final already (finished by another party, e.g. a
+ * cancel, or its job is gone): whoever runs it may stop; -1 error. */
 int cluster_report_progress(redis *r, const char *job_id, int index, const cluster_task_state *state,
                             char *err, size_t err_size);
 
@@ -147,5 +155,77 @@ int cluster_workers(redis *r, json_t **list, char *err, size_t err_size);
 
 /* Tasks waiting in the whole cluster (not yet taken by a worker). */
 int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
+
+/* The job's status document, as GET /api/v1/jobs/{id} and webhooks show
+ * it (jobs.c's job_document for a job kept in Redis); `webhook` is its
+ * webhook's status ("pending"...), ignored when the job has none. */
+json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *states,
+                             const char *webhook);
+
+/* ---- workers ---------------------------------------------------------------- */
+
+/* Creates the consumer group (and the stream) unless it exists. */
+int cluster_ensure_group(redis *r, char *err, size_t err_size);
+
+/* A stream entry as a worker receives it: the task, or why its record was
+ * refused (`invalid` not empty; task.job_id and task.index are then set
+ * when the entry named them, task.entry_id always). */
+typedef struct {
+    cluster_task task;
+    char invalid[256];
+} cluster_delivery;
+
+/* Takes up to `max` new tasks for `consumer` (XREADGROUP), waiting up to
+ * `block_ms` on `c`, a connection borrowed for it (redis_borrow). Returns
+ * the number taken (0 when none came), -1 on error (the connection is then
+ * broken). Free each delivery's task with cluster_task_free. */
+int cluster_take(redisContext *c, const char *consumer, int max, int block_ms, cluster_delivery *out,
+                 char *err, size_t err_size);
+
+/* Takes over up to `max` entries idle for `min_idle` seconds, those of
+ * dead workers (XAUTOCLAIM), with their delivery counts. */
+int cluster_reclaim(redis *r, const char *consumer, double min_idle, int max, cluster_delivery *out,
+                    char *err, size_t err_size);
+
+/* Resets the idle time of entries `consumer` holds, so that no one
+ * reclaims them (XCLAIM JUSTID: the delivery count stays). */
+int cluster_hold(redis *r, const char *consumer, const char *const *entry_ids, int n, char *err,
+                 size_t err_size);
+
+/* Acknowledges and deletes an entry whose task is final. */
+int cluster_ack(redis *r, const char *entry_id, char *err, size_t err_size);
+
+/* A task's input pixels into `image` (pixels malloc'd): 1 found, 0 gone
+ * (expired, or the wrong size), -1 error. */
+int cluster_load_input(redis *r, const cluster_task *t, sdx4_image *image, char *err, size_t err_size);
+
+/* Registers a worker for `ttl` seconds (call again to refresh): `info` is
+ * its {name, model_id, device, variant, model, started} object, `busy` its
+ * running tasks. */
+int cluster_register(redis *r, const char *name, const json_t *info, int busy, double ttl, char *err,
+                     size_t err_size);
+int cluster_unregister(redis *r, const char *name, char *err, size_t err_size);
+
+/* ---- API nodes ----------------------------------------------------------------
+ * Added by the API node (dispatch_redis.c): what a node needs to rebuild a
+ * job made on another one, and to forget a deleted job everywhere. */
+
+/* Keeps the records of the job's tasks (`tasks`, ntasks of them) in its
+ * hash, so that another node can answer for them (format, seed, sizes)
+ * once their stream entries are gone. Nothing is written if the job is
+ * gone. */
+int cluster_keep_records(redis *r, const char *job_id, const cluster_task *tasks, int ntasks, char *err,
+                         size_t err_size);
+/* The records kept for the job's first `ntasks` tasks; a task without a
+ * readable one gets only its job id and index. Free each with
+ * cluster_task_free. */
+int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int ntasks, char *err,
+                         size_t err_size);
+/* Drops the job and its results (DELETE): it is then unknown to every node.
+ * Its running tasks' finishes become no-ops (cluster_finish_task finds no
+ * task to finish). Nodes holding a copy hear it on the job's channel:
+ * cluster_parse_forgotten tells that message from the others. */
+int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t err_size);
+bool cluster_parse_forgotten(const char *channel, const char *message, size_t len, char job_id[33]);
 
 #endif

@@ -88,7 +88,8 @@ static const option options[] = {
      "longest prompt in characters (longer prompts get 422; prompts over the "
      "model's 77 tokens are truncated as CLIP does)"},
     {"max-batch", OPT_INT, O(max_batch), 1, 64, "8", "images per batch-upscale request"},
-    {"workers", OPT_INT, O(workers), 1, MAX_WORKERS, "3", "upscales running at once"},
+    {"workers", OPT_INT, O(workers), 0, MAX_WORKERS, "3",
+     "upscales running at once (0 with --redis: an API-only node, no model loaded)"},
     {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
      "pending upscales at most (then 503 with Retry-After)"},
     {"redis", OPT_STRING, O(redis), 0, 0, NULL,
@@ -97,6 +98,14 @@ static const option options[] = {
      "(unset: one process holds everything)"},
     {"redis-timeout", OPT_DOUBLE, O(redis_timeout), 0.05, 60, "2",
      "seconds a Redis connect or answer may take before the call fails"},
+    {"name", OPT_STRING, O(name), 0, 0, NULL,
+     "cluster mode: this worker's name, unique in the cluster (default: hostname-pid)"},
+    {"visibility-timeout", OPT_DOUBLE, O(visibility_timeout), 1, 3600, "30",
+     "cluster mode: seconds a task's worker may go without a heartbeat before "
+     "another worker takes the task over (its worker is taken for dead)"},
+    {"max-attempts", OPT_INT, O(max_attempts), 1, 100, "3",
+     "cluster mode: workers a task may be taken by; one whose workers all stopped "
+     "before finishing it fails instead of being tried again"},
     {"request-timeout", OPT_DOUBLE, O(request_timeout), 0.01, 86400, "60",
      "seconds from arrival until a request fails with 504 and its job is canceled"},
     {"shutdown-timeout", OPT_DOUBLE, O(shutdown_timeout), 0, 3600, "30",
@@ -397,6 +406,7 @@ static int check(const server_config *cfg, FILE *err) {
     else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
+    else if (!cfg->workers && !cfg->redis) bad = "workers 0 (an API-only node) needs --redis: its workers are elsewhere";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";

@@ -39,6 +39,9 @@ typedef struct {
     int workers, queue_size;
     char *redis;          /* cluster mode: the Redis URL (redis.h), NULL single-process */
     double redis_timeout; /* seconds a Redis connect or answer may take */
+    char *name;                /* cluster mode: this worker's name, NULL hostname-pid */
+    double visibility_timeout; /* seconds a task may go unrefreshed before another worker takes it */
+    int max_attempts;          /* deliveries of a task before it is failed instead of run */
     double request_timeout, shutdown_timeout;
     /* jobs and webhooks */
     double job_retention;

@@ -60,7 +60,6 @@
 #include "metrics.h"
 #include "multipart.h"
 #include "problem.h"
-#include "queue.h"
 #include "ratelimit.h"
 #include "results.h"
 #include "status.h"
@@ -175,8 +174,8 @@ static enum MHD_Result send_json(request *r, int status, json_t *doc) {
  * workers need to get through what is waiting, from the mean upscale time
  * so far (1 s before the first one). */
 static int retry_after_queue(server *srv) {
-    queue_stats qs;
-    queue_get_stats(srv->queue, &qs);
+    dispatch_stats qs;
+    dispatch_stats_get(&srv->dispatch, &qs);
     double each = metrics_mean_inference();
     if (!(each > 0)) each = 1;
     double wait = each * (1.0 + (double)qs.depth / (qs.workers ? qs.workers : 1));
@@ -206,7 +205,8 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
     case PROBLEM_NOT_READY:
     case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
     case PROBLEM_HISTORY_UNAVAILABLE:
-        snprintf(v, sizeof v, "%d", p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
+        snprintf(v, sizeof v, "%d", p->retry_after > 0 ? p->retry_after
+                                    : p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
         MHD_add_response_header(resp, "Retry-After", v);
         break;
     case PROBLEM_QUEUE_TOO_LONG: /* when the work ahead will have shrunk enough */
@@ -916,11 +916,20 @@ static enum MHD_Result answer_get(request *r) {
         int phase = atomic_load(&srv->phase);
         if (phase != PHASE_READY && phase != PHASE_DRAINING)
             return send_simple_problem(r, PROBLEM_NOT_READY, "the model is not loaded yet");
-        return send_json(r, 200, status_model_info(srv));
+        json_t *info = status_model_info(srv);
+        if (!info)
+            return send_simple_problem(r, PROBLEM_NOT_READY, "no live worker serves the model %s yet",
+                                       srv->model_id);
+        return send_json(r, 200, info);
     }
     case ROUTE_METRICS: {
+        metrics_gauges g = {0};
+        dispatch_stats_get(&srv->dispatch, &g.queue);
+        if (srv->conns) conns_get_stats(srv->conns, &g.conns);
+        if (srv->cache) cache_get_stats(srv->cache, &g.cache);
+        if ((g.history_on = srv->history != NULL)) history_get_stats(srv->history, &g.history);
         size_t len;
-        char *text = metrics_render(srv, &len);
+        char *text = metrics_render(srv, &g, &len);
         if (!text) return MHD_NO;
         return send_buffer(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len,
                            MHD_RESPMEM_MUST_FREE);
@@ -949,11 +958,14 @@ static enum MHD_Result answer_get(request *r) {
         MHD_add_response_header(resp, "Cache-Control", "public, max-age=86400");
         return send_response(r, 200, resp);
     }
-    default: /* the job routes */
-        r->job = job_find(srv->jobs, r->job_id, r->owner);
+    default: { /* the job routes */
+        problem why;
+        r->job = job_find(srv->jobs, r->job_id, r->owner, &why);
+        if (!r->job && why.kind) return send_problem(r, &why);
         if (!r->job) return send_simple_problem(r, PROBLEM_NOT_FOUND, "no job %s (finished jobs are kept %g s)",
                                                 r->job_id, srv->cfg.job_retention);
         return answer_job(r);
+    }
     }
 }
 

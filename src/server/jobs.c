@@ -1,14 +1,14 @@
 /*
  * jobs.c - jobs, their tasks, deadlines and retention (see jobs.h).
  *
- * Locking. One mutex guards every job's state; the queue has its own lock,
- * always taken after this one (never the reverse), and the webhook sender
- * likewise. Waiters are detached under the lock and woken after it is
+ * Locking. One mutex guards every job's state; the dispatcher (dispatch.h:
+ * the queue, or Redis) has its own lock, always taken after this one (never
+ * the reverse), and the webhook sender likewise. Waiters are detached under the lock and woken after it is
  * released, so a wake (MHD_resume_connection) never runs under our lock.
  *
  * Lifetime. A job is reference-counted: by the request or SSE stream that
  * holds it, by the store while it is listed, and once per task that the
- * queue or a worker holds. It is freed when the last reference goes, so
+ * dispatcher holds. It is freed when the last reference goes, so
  * a worker finishing a task whose client gave up, or a connection reading
  * a job that retention just dropped, never touches freed memory.
  *
@@ -38,7 +38,6 @@
 #include "history.h"
 #include "log.h"
 #include "metrics.h"
-#include "queue.h"
 #include "results.h"
 #include "webhook.h"
 
@@ -221,7 +220,7 @@ static json_t *job_document_locked(job *j) {
         step += t->step;
         total += t->total;
         if (t->state == JOB_QUEUED) {
-            int p = queue_position(j->store->srv->queue, t);
+            int p = dispatch_position(&j->store->srv->dispatch, t);
             if (p >= 0 && (position < 0 || p < position)) position = p;
         }
     }
@@ -301,6 +300,7 @@ static void drop_retained(job_store *s, job *j, job **release) {
 }
 
 static void record_history(job *j);
+static webhook_done_fn webhook_done;
 
 static void job_finished_locked(job_store *s, job *j) {
     job_state state = JOB_SUCCEEDED;
@@ -324,12 +324,14 @@ static void job_finished_locked(job_store *s, job *j) {
         list_append(&s->retained, j);
         s->retained_bytes += j->result_bytes;
     }
-    if (j->in_store && j->webhook_url && s->srv->webhooks) {
+    /* a job of a shared store is finished once there, by whoever does it */
+    const dispatch *d = &s->srv->dispatch;
+    if (j->in_store && j->webhook_url && s->srv->webhooks && !(d->iface && d->iface->shared)) {
         json_t *doc = job_document_locked(j);
         char *body = json_dumps(doc, JSON_COMPACT);
         json_decref(doc);
         if (body && webhooks_send(s->srv->webhooks, j->id, j->webhook_url, job_state_name(state), body,
-                                  j->webhook_error, sizeof j->webhook_error) == 0)
+                                  webhook_done, s, j->webhook_error, sizeof j->webhook_error) == 0)
             j->webhook_state = WEBHOOK_PENDING;
         else
             j->webhook_state = WEBHOOK_FAILED;
@@ -364,7 +366,7 @@ static void stop_problem(problem *p, int reason, double timeout) {
         problem_set(p, PROBLEM_CANCELED, "canceled by the client");
 }
 
-/* Stops the job's unfinished tasks; queued ones leave the queue here,
+/* Stops the job's unfinished tasks; queued ones leave the dispatcher here,
  * running ones see `stop` at their next step. */
 static int cancel_locked(job *j, int reason) {
     job_store *s = j->store;
@@ -373,8 +375,8 @@ static int cancel_locked(job *j, int reason) {
         task *t = &j->tasks[i];
         if (final(t->state)) continue;
         atomic_store(&t->stop, reason);
-        if (t->state == JOB_QUEUED && queue_remove(s->srv->queue, t)) j->refs--; /* the queue's */
         stop_problem(&t->error, reason, s->srv->cfg.request_timeout);
+        if (dispatch_withdraw(&s->srv->dispatch, t, reason)) j->refs--; /* the dispatcher's */
         finish_task_locked(t, reason == STOP_TIMEOUT ? JOB_FAILED : JOB_CANCELED);
     }
     return 1;
@@ -466,6 +468,7 @@ void job_store_destroy(job_store *s) {
 void job_store_drain(job_store *s, double deadline) {
     pthread_mutex_lock(&s->lock);
     s->draining = true;
+    dispatch_close(&s->srv->dispatch);
     while (s->active.head && mono_now() < deadline) {
         struct timespec ts = {(time_t)deadline, (long)((deadline - (double)(time_t)deadline) * 1e9)};
         pthread_cond_timedwait(&s->idle, &s->lock, &ts);
@@ -515,12 +518,16 @@ job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const cha
 }
 
 task *job_task(job *j, int i) { return &j->tasks[i]; }
+int job_ntasks(const job *j) { return j->ntasks; }
 const char *job_id(const job *j) { return j->id; }
 const char *job_client(const job *j) { return j->client; }
 const char *job_request_id(const job *j) { return j->request_id; }
+const char *job_owner(const job *j) { return j->owner; }
+const char *job_webhook_url(const job *j) { return j->webhook_url; }
+bool job_listed(const job *j) { return j->listed; }
+double job_created_wall(const job *j) { return j->created_wall; }
 double job_deadline(const job *j) { return j->deadline; }
 form_kind job_kind(const job *j) { return j->kind; }
-bool job_listed(const job *j) { return j->listed; }
 
 void job_set_webhook(job *j, const char *url) {
     free(j->webhook_url);
@@ -559,11 +566,11 @@ int job_submit(job *j, problem *err) {
     }
     double now = mono_now();
     for (int i = 0; i < npending; i++) pending[i]->enqueued = now;
-    if (npending && queue_push(srv->queue, pending, npending, j->deadline, err) != 0) {
+    if (dispatch_push(&srv->dispatch, j, pending, npending, j->deadline, err) != 0) {
         pthread_mutex_unlock(&s->lock);
         goto done;
     }
-    j->refs += npending; /* one per task the queue now holds */
+    j->refs += npending; /* one per task the dispatcher now holds */
     list_append(&s->active, j);
     if (j->listed) {
         unsigned b = id_bucket(j->id);
@@ -592,26 +599,85 @@ done:
     return rc;
 }
 
-job *job_find(job_store *s, const char *id, const char *owner) {
-    pthread_mutex_lock(&s->lock);
+static job *find_locked(job_store *s, const char *id) {
     job *j = s->ids[id_bucket(id)];
     while (j && strcmp(j->id, id) != 0) j = j->hash_next;
+    return j;
+}
+
+job *job_find(job_store *s, const char *id, const char *owner, problem *why) {
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    bool known = j != NULL;
     if (j && strcmp(j->owner, owner) != 0) j = NULL;
     if (j) j->refs++;
+    pthread_mutex_unlock(&s->lock);
+    why->kind = PROBLEM_NONE;
+    const dispatch *d = &s->srv->dispatch;
+    if (!known && d->iface && d->iface->find) j = d->iface->find(d->ctx, id, owner, why);
+    return j;
+}
+
+job *job_adopt(job *j, const char *id) {
+    job_store *s = j->store;
+    pthread_mutex_lock(&s->lock);
+    job *known = find_locked(s, id);
+    if (known) { /* adopted meanwhile by another request */
+        known->refs++;
+        pthread_mutex_unlock(&s->lock);
+        job_release(j);
+        return known;
+    }
+    snprintf(j->id, sizeof j->id, "%s", id);
+    const dispatch *d = &s->srv->dispatch;
+    double now = mono_now();
+    j->unfinished = 0;
+    for (int i = 0; i < j->ntasks; i++) {
+        task *t = &j->tasks[i];
+        if (t->state != JOB_QUEUED && j->started <= 0) j->started = now;
+        if (final(t->state)) continue;
+        j->unfinished++;
+        j->refs++; /* the dispatcher's, for the task it now reports */
+        d->iface->watch(d->ctx, t);
+    }
+    j->refs++; /* the store's */
+    list_append(&s->active, j);
+    unsigned b = id_bucket(j->id);
+    j->hash_next = s->ids[b];
+    s->ids[b] = j;
+    j->in_store = true;
+    if (!j->unfinished) job_finished_locked(s, j);
+    else if (j->started > 0) j->state = JOB_RUNNING;
+    pthread_cond_signal(&s->reaper_wake);
     pthread_mutex_unlock(&s->lock);
     return j;
 }
 
-void job_delete(job *j) {
+/* Cancels and forgets `j` here; `everywhere`: in a shared store too. */
+static void delete_job(job *j, bool everywhere) {
     job_store *s = j->store;
     job *release = NULL;
+    const dispatch *d = &s->srv->dispatch;
     pthread_mutex_lock(&s->lock);
     cancel_locked(j, STOP_CLIENT);
+    if (everywhere && d->iface && d->iface->forget) d->iface->forget(d->ctx, j);
     waiter *woken = take_waiters(j, true);
     if (j->in_store) drop_retained(s, j, &release); /* final now: it is retained */
     pthread_mutex_unlock(&s->lock);
     wake_all(woken);
     if (release) job_release(release);
+}
+
+void job_delete(job *j) { delete_job(j, true); }
+
+void job_forgotten(job_store *s, const char *id) {
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    if (j) j->refs++;
+    pthread_mutex_unlock(&s->lock);
+    if (!j) return;
+    delete_job(j, false);
+    job_release(j);
 }
 
 int job_wait(job *j, unsigned seen_version, waiter *w) {
@@ -674,7 +740,7 @@ int job_task_progress(task *t, int step, int total) {
     job *j = t->job;
     pthread_mutex_lock(&j->store->lock);
     waiter *woken = NULL;
-    if (!final(t->state)) {
+    if (!final(t->state) && (t->step != step || t->total != total)) { /* a re-read tells no news */
         t->step = step;
         t->total = total;
         j->version++;
@@ -713,11 +779,11 @@ void job_task_finished(task *t, task_outcome *o) {
     wake_all(woken);
 }
 
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
-                            const char *error) {
+/* webhook.c's callback: the delivery outcome for the status document. */
+static void webhook_done(void *store, const char *id, bool delivered, int attempts, const char *error) {
+    job_store *s = store;
     pthread_mutex_lock(&s->lock);
-    job *j = s->ids[id_bucket(id)];
-    while (j && strcmp(j->id, id) != 0) j = j->hash_next;
+    job *j = find_locked(s, id);
     if (j) {
         j->webhook_state = delivered ? WEBHOOK_DELIVERED : WEBHOOK_FAILED;
         j->webhook_attempts = attempts;

@@ -82,12 +82,16 @@ void job_store_destroy(job_store *s);
 job *job_create(job_store *s, form_kind kind, int ntasks, bool listed, const char *client,
                 const char *request_id, double arrival);
 task *job_task(job *j, int i);
+int job_ntasks(const job *j);
 const char *job_id(const job *j);
 const char *job_client(const job *j);
 const char *job_request_id(const job *j);
+const char *job_owner(const job *j);
+const char *job_webhook_url(const job *j); /* NULL none */
+bool job_listed(const job *j);
+double job_created_wall(const job *j); /* epoch seconds */
 double job_deadline(const job *j); /* mono_now() clock */
 form_kind job_kind(const job *j);
-bool job_listed(const job *j);
 void job_set_webhook(job *j, const char *url);
 /* The identity that made the job (auth.h): only it finds the job by id.
  * "" (the default) for anonymous clients, whom the id alone admits. */
@@ -103,13 +107,25 @@ int job_submit(job *j, problem *err);
 
 /* A referenced listed job by id, or NULL; job_release drops a reference.
  * A job of another owner is not found: its id answers exactly as an
- * unknown one, so that ids cannot be probed across keys. */
-job *job_find(job_store *s, const char *id, const char *owner);
+ * unknown one, so that ids cannot be probed across keys. In cluster mode
+ * a job unknown here is looked for in the shared store (dispatch.h): NULL
+ * with `why` set when that cannot be read (else why->kind is NONE). */
+job *job_find(job_store *s, const char *id, const char *owner, problem *why);
+
+/* Cluster mode: `j` (from job_create, listed, its owner, webhook and
+ * tasks filled in, each task's state, step and outputs as the shared store
+ * has them) is a job made on another node, known here from now on by `id`
+ * and kept up to date by the dispatcher (dispatch.h, watch). Returns the
+ * job known by that id, referenced: j, or one adopted meanwhile by another
+ * request (j is then released). */
+job *job_adopt(job *j, const char *id);
 void job_release(job *j);
 
 /* DELETE: cancels the unfinished tasks and forgets the job (its id then
  * answers 404); connections holding it still see its final state. */
 void job_delete(job *j);
+/* Cluster mode: another node deleted the job; it is forgotten here too. */
+void job_forgotten(job_store *s, const char *id);
 
 /* Registers `w` unless the job changed since `seen_version` (or finished,
  * for a final_only waiter): 0 registered (the connection is now
@@ -137,7 +153,7 @@ json_t *job_batch_results(job *j);
  * (mono_now() clock), then cancel what is left. */
 void job_store_drain(job_store *s, double deadline);
 
-/* From queue.c's workers (task lifecycle). job_task_started returns false
+/* From the dispatcher (dispatch.h): the task lifecycle. job_task_started returns false
  * when the task was canceled before it could start. */
 bool job_task_started(task *t);
 /* Returns nonzero to stop the upscale (the task's `stop` reason). */
@@ -152,11 +168,6 @@ typedef struct {
     problem error; /* when failed */
 } task_outcome;
 void job_task_finished(task *t, task_outcome *outcome);
-
-/* From webhook.c: the delivery outcome for the status document; `error`
- * says why it failed (NULL when delivered). */
-void job_store_webhook_done(job_store *s, const char *id, bool delivered, int attempts,
-                            const char *error);
 
 const char *job_state_name(job_state s);
 

@@ -17,11 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cache.h"
-#include "conns.h"
-#include "history.h"
 #include "log.h"
-#include "queue.h"
 
 const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_UPSCALE] = "upscale",       [ROUTE_BATCH] = "batch_upscale",
@@ -177,7 +173,7 @@ static int64_t current_rss_bytes(void) {
     return ok ? resident * sysconf(_SC_PAGESIZE) : 0;
 }
 
-char *metrics_render(const server *srv, size_t *len) {
+char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
     text t = {0};
     emit(&t, "# HELP sdx4_http_requests_total HTTP requests answered, by route and status.\n"
              "# TYPE sdx4_http_requests_total counter\n");
@@ -204,8 +200,7 @@ char *metrics_render(const server *srv, size_t *len) {
              "# TYPE sdx4_http_requests_in_flight gauge\nsdx4_http_requests_in_flight %lld\n",
          (long long)GET(m.in_flight));
 
-    conns_stats ns = {0};
-    if (srv->conns) conns_get_stats(srv->conns, &ns);
+    const conns_stats ns = g->conns;
     emit(&t, "# HELP sdx4_http_connections_open Open HTTP connections.\n"
              "# TYPE sdx4_http_connections_open gauge\nsdx4_http_connections_open %lld\n"
              "# HELP sdx4_http_connections_refused_total Connections refused at accept, by reason.\n"
@@ -238,8 +233,7 @@ char *metrics_render(const server *srv, size_t *len) {
             emit(&t, "sdx4_rejections_total{cause=\"%s\"} %llu\n", problem_slug((problem_kind)k),
                  (unsigned long long)GET(m.rejections[k]));
 
-    queue_stats qs = {0};
-    if (srv->queue) queue_get_stats(srv->queue, &qs);
+    const dispatch_stats qs = g->queue;
     emit(&t, "# HELP sdx4_queue_depth Upscales waiting for a worker.\n"
              "# TYPE sdx4_queue_depth gauge\nsdx4_queue_depth %d\n"
              "# HELP sdx4_queue_capacity Upscales that may wait at most.\n"
@@ -270,8 +264,7 @@ char *metrics_render(const server *srv, size_t *len) {
     emit_histogram(&t, "sdx4_step_seconds", "", step_bounds, STEP_BUCKETS - 1, m.step_count,
                    GET(m.step_sum_us));
 
-    cache_stats cs = {0};
-    if (srv->cache) cache_get_stats(srv->cache, &cs);
+    const cache_stats cs = g->cache;
     emit(&t, "# HELP sdx4_cache_hits_total Upscales answered from the result cache.\n"
              "# TYPE sdx4_cache_hits_total counter\nsdx4_cache_hits_total %llu\n"
              "# HELP sdx4_cache_upload_hits_total Cache hits found by the upload's bytes, without decoding it.\n"
@@ -309,9 +302,8 @@ char *metrics_render(const server *srv, size_t *len) {
              "# TYPE sdx4_log_queue_bytes gauge\nsdx4_log_queue_bytes %zu\n",
          (unsigned long long)log_lines_dropped(), log_queued_bytes());
 
-    if (srv->history) {
-        history_stats hs;
-        history_get_stats(srv->history, &hs);
+    if (g->history_on) {
+        const history_stats hs = g->history;
         emit(&t, "# HELP sdx4_history_entries_total Finished jobs given to the history database, by "
                  "outcome (dropped: the queue was full while it was slow or down; rejected: it "
                  "refused the entry).\n"

@@ -2,8 +2,10 @@
  * metrics.h - counters for GET /metrics (Prometheus text format 0.0.4).
  *
  * Recording is lock-free (relaxed atomics) so that it costs a few
- * nanoseconds on the request path; rendering reads the counters and the
- * live gauges of the queue, cache and log queue when a scraper asks.
+ * nanoseconds on the request path; rendering reads the counters, the log
+ * queue and the live gauges that the caller gathers from the dispatcher,
+ * the connections and the cache when a scraper asks (so that none of
+ * those modules, which record here, is called back from here).
  */
 #ifndef SDX4_SERVER_METRICS_H
 #define SDX4_SERVER_METRICS_H
@@ -11,6 +13,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "cache.h"
+#include "conns.h"
+#include "dispatch.h"
+#include "history.h"
 #include "problem.h"
 #include "server.h"
 
@@ -42,7 +48,16 @@ void metrics_webhooks_pending(int delta);
 /* A worker ended a task this many seconds after its job's deadline. */
 void metrics_worker_overrun(double seconds);
 
+/* The gauges of other modules, read by the caller. */
+typedef struct {
+    dispatch_stats queue;
+    conns_stats conns;
+    cache_stats cache;
+    bool history_on; /* --history: `history` holds its writer's counts */
+    history_stats history;
+} metrics_gauges;
+
 /* The exposition text (malloc'd). */
-char *metrics_render(const server *srv, size_t *len);
+char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len);
 
 #endif

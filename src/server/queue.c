@@ -39,9 +39,10 @@
  * (metrics_worker_overrun).
  *
  * A worker's life: pop a task, ask jobs.c whether it still wants running,
- * run sdx4_upscale with the task's stop flag and a progress callback that
- * reports each step, encode the image, fill the cache, teach cost.c,
- * report the outcome, release its reference to the job.
+ * run it through runner.c (the engine with the task's stop flag and a
+ * progress callback that reports each step, then the encoding: the same
+ * calls as cluster mode's workers), fill the cache, teach cost.c, report
+ * the outcome, release its reference to the job.
  */
 #include "queue.h"
 
@@ -52,11 +53,11 @@
 
 #include "cache.h"
 #include "cost.h"
-#include "imageio.h"
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
 #include "results.h"
+#include "runner.h"
 
 typedef struct queue_lane {
     char client[64];
@@ -378,56 +379,23 @@ static int on_progress(void *user, int step, int total) {
 static void run(queue *q, task *t) {
     server *srv = q->srv;
     task_outcome out = {.state = JOB_FAILED};
-    sdx4_upscale_params p;
-    sdx4_upscale_params_default(&p);
-    p.prompt = t->opts.prompt;
-    p.negative_prompt = t->opts.negative_prompt;
-    p.num_inference_steps = t->opts.steps;
-    p.guidance_scale = (float)t->opts.guidance_scale;
-    p.noise_level = (float)t->opts.noise_level;
-    p.seed = t->opts.seed;
-    p.eta = (float)t->opts.eta;
-    p.progress = on_progress;
-    p.progress_user = t;
-    p.cancel = &t->stop; /* set by jobs.c on a deadline, a DELETE, a shutdown */
-
-    sdx4_image image = {0};
+    sdx4_image image;
     double t0 = mono_now(), device0 = locked_device_now(q);
-    sdx4_status st = sdx4_upscale(srv->engine, &t->input, &p, &image, &out.report);
+    /* t->stop is set by jobs.c on a deadline, a DELETE, a shutdown */
+    job_state st = runner_upscale(srv->engine, &t->input, &t->opts, &t->stop, on_progress, t, &image, &out);
     double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
-    if (st == SDX4_ERR_CANCELED) {
-        out.state = JOB_CANCELED;
-    } else if (st != SDX4_OK) {
-        /* an invalid argument is a limit of this model that the generic
-         * checks cannot know (e.g. a test model's few noise-level classes) */
-        if (st == SDX4_ERR_INVALID_ARGUMENT)
-            problem_set(&out.error, PROBLEM_MODEL_REFUSED, "the model refused the inputs: %s", sdx4_last_error());
-        else
-            problem_set(&out.error, PROBLEM_UPSCALE_FAILED, "the engine failed: %s: %s", sdx4_status_name(st),
-                        sdx4_last_error());
-        log_event(LOG_ERROR, "upscale_failed",
-                  json_pack("{s:s,s:s}", "status", sdx4_status_name(st), "error", sdx4_last_error()));
-    } else {
+    if (st == JOB_SUCCEEDED) {
         metrics_inference(seconds, t->opts.steps);
         if (srv->cost && seconds > 0)
             cost_observe(srv->cost, t->input.width, t->input.height, t->opts.steps,
-                         p.guidance_scale > 1.0f, &out.report, device_seconds / seconds, false);
-        char err[256];
-        if (imageio_encode(&image, t->opts.format, t->opts.quality, &out.output, &out.len, err,
-                           sizeof err) == 0) {
-            out.state = JOB_SUCCEEDED;
-            out.width = image.width;
-            out.height = image.height;
-            if (t->cacheable && srv->cache) {
-                cached_result r = {out.output, out.len, out.width, out.height,
-                                   out.report.prompt_tokens, out.report.prompt_truncated,
-                                   out.report.negative_truncated};
-                cache_put(srv->cache, t->cache_key, &r);
-            }
-        } else {
-            problem_set(&out.error, PROBLEM_INTERNAL, "encoding the result failed: %s", err);
+                         (float)t->opts.guidance_scale > 1.0f, &out.report, device_seconds / seconds, false);
+        runner_encode(&image, &t->opts, &out);
+        if (out.state == JOB_SUCCEEDED && t->cacheable && srv->cache) {
+            cached_result r = {out.output, out.len, out.width, out.height,
+                               out.report.prompt_tokens, out.report.prompt_truncated,
+                               out.report.negative_truncated};
+            cache_put(srv->cache, t->cache_key, &r);
         }
-        sdx4_image_free(&image);
     }
     results_store(srv, job_id(t->job), job_listed(t->job), t, &out); /* with --s3-bucket */
     job_task_finished(t, &out);
@@ -513,4 +481,28 @@ int queue_destroy(queue *q, double deadline) {
     free(q->slots);
     free(q);
     return 0;
+}
+
+/* ---- the dispatch interface (dispatch.h) ---------------------------------- */
+
+static int dispatch_push_tasks(void *q, job *j, task **tasks, int n, double deadline, problem *why) {
+    (void)j;
+    return queue_push(q, tasks, n, deadline, why);
+}
+
+/* A task a worker holds is stopped by its flag, which jobs.c has set. */
+static int dispatch_withdraw_task(void *q, task *t, int reason) {
+    (void)reason;
+    return queue_remove(q, t);
+}
+
+static int dispatch_task_position(void *q, const task *t) { return queue_position(q, t); }
+static void dispatch_close_queue(void *q) { queue_close(q); }
+static void dispatch_queue_stats(void *q, dispatch_stats *s) { queue_get_stats(q, s); }
+
+dispatch queue_dispatch(queue *q) {
+    static const dispatch_iface iface = {.push = dispatch_push_tasks, .withdraw = dispatch_withdraw_task,
+                                         .position = dispatch_task_position, .close = dispatch_close_queue,
+                                         .stats = dispatch_queue_stats};
+    return (dispatch){&iface, q};
 }

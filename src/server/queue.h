@@ -6,16 +6,14 @@
 
 #include <stdbool.h>
 
+#include "dispatch.h"
 #include "problem.h"
 #include "server.h"
 
 struct task;
 typedef struct queue queue;
 
-typedef struct {
-    int depth, capacity, running, workers;
-    int busy_after_deadline; /* running tasks whose job's deadline passed */
-} queue_stats;
+typedef dispatch_stats queue_stats;
 
 /* A busy worker's task. */
 typedef struct {
@@ -48,5 +46,8 @@ void queue_close(queue *q);
 void queue_get_stats(queue *q, queue_stats *stats);
 /* The busy workers' tasks, at most `max`; returns how many. */
 int queue_get_workers(queue *q, queue_worker *out, int max);
+
+/* The queue as jobs.c's dispatcher (dispatch.h). */
+dispatch queue_dispatch(queue *q);
 
 #endif

@@ -23,6 +23,12 @@
  * deadline, and the process exits 0. Signals are taken synchronously by
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
+ *
+ * Cluster mode (--redis): the jobs' tasks go to the workers behind Redis
+ * (dispatch_redis.c) instead of the local queue; --workers N runs N
+ * consumers of them here too (worker.c, as `sdx4 worker` does). With
+ * --workers 0 the node is API-only: it loads no model and is ready at
+ * once, its health and model-info coming from the workers' registrations.
  */
 #include "serve.h"
 
@@ -37,18 +43,23 @@
 
 #include "auth.h"
 #include "cache.h"
+#include "cluster.h"
 #include "cost.h"
+#include "dispatch_redis.h"
 #include "docs.h"
 #include "history.h"
 #include "http.h"
 #include "jobs.h"
 #include "log.h"
 #include "queue.h"
+#include "redis.h"
 #include "ratelimit.h"
 #include "redis.h"
 #include "results.h"
 #include "server.h"
+#include "status.h"
 #include "webhook.h"
+#include "worker.h"
 
 /* Runs a one-step upscale of width x height, so that the first client of
  * that size does not pay for lazy allocations and the GPU's choice of
@@ -141,6 +152,29 @@ static void fail(server *srv, const char *what) {
     atomic_store(&srv->phase, PHASE_FAILED);
 }
 
+/* Cluster mode with --workers N: this node's own consumers of the
+ * cluster's tasks (worker.c), once the model is loaded; the loader thread
+ * sets it, the main thread reads it after joining that thread. */
+static worker *consumers;
+
+static worker *start_consumers(server *srv) {
+    const server_config *c = &srv->cfg;
+    char host[256] = "", name[64], err[256];
+    gethostname(host, sizeof host - 1);
+    if (c->name) snprintf(name, sizeof name, "%s", c->name);
+    else snprintf(name, sizeof name, "%.40s-%ld", host, (long)getpid());
+    json_t *info = json_pack("{s:s,s:s,s:s,s:s?,s:o,s:f}", "name", name, "model_id", srv->model_id, "device",
+                             srv->info.device, "variant", c->variant, "model", status_model_info(srv),
+                             "started", wall_now());
+    worker_settings ws = {.name = name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
+                          .max_attempts = c->max_attempts, .job_retention = c->job_retention,
+                          .jobs_memory = c->jobs_memory};
+    worker *w = worker_start(srv->engine, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
+    json_decref(info);
+    if (!w) log_event(LOG_ERROR, "worker_failed", json_pack("{s:s}", "error", err));
+    return w;
+}
+
 static void *load_model(void *arg) {
     server *srv = arg;
     const server_config *c = &srv->cfg;
@@ -176,6 +210,7 @@ static void *load_model(void *arg) {
         }
         log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
     }
+    if (srv->cluster) consumers = start_consumers(srv);
     int expected = PHASE_WARMING; /* unless SIGTERM came meanwhile */
     atomic_compare_exchange_strong(&srv->phase, &expected, PHASE_READY);
     log_event(LOG_INFO, "ready", json_pack("{s:s}", "model", srv->model_id));
@@ -211,20 +246,23 @@ static int start_parts(server *srv) {
         auth_set_identity_secret(srv->auth, secret);
     }
     if (c->cache_size && !(srv->cache = cache_create(c->cache_size))) return -1;
-    if (c->redis) { /* one allowance, one cache and one identity per key for the whole cluster */
-        if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err))) {
+    srv->jobs = job_store_create(srv); /* before the dispatcher, whose threads apply events to it */
+    if (c->redis) { /* one queue, one allowance, one cache and one identity per key for the whole cluster */
+        if (!(srv->redis = redis_open(c->redis, c->redis_timeout, err, sizeof err)) ||
+            !(srv->cluster = dispatch_redis_create(srv, srv->redis, err, sizeof err))) {
             fprintf(stderr, "sdx4 serve: redis: %s\n", err);
             return -1;
         }
+        srv->dispatch = dispatch_redis_dispatch(srv->cluster);
         ratelimit_share(srv->ratelimit, srv->redis, "rate");
         auth_share(srv->auth, srv->redis);
         if (srv->cache) cache_share(srv->cache, srv->redis);
+    } else if ((srv->queue = queue_create(srv, c->workers, c->queue_size))) {
+        srv->dispatch = queue_dispatch(srv->queue);
     }
     if (results_open(srv)) return -1;
-    srv->queue = queue_create(srv, c->workers, c->queue_size);
-    srv->jobs = job_store_create(srv);
     srv->webhooks = webhooks_create(srv);
-    if (!srv->queue || !srv->jobs || !srv->webhooks) {
+    if (!srv->dispatch.iface || !srv->jobs || !srv->webhooks) {
         fprintf(stderr, "sdx4 serve: cannot start the worker threads\n");
         return -1;
     }
@@ -281,13 +319,20 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         stopped = pthread_timedjoin_np(*loader, NULL, &ts) == 0;
     }
     if (srv->queue && queue_destroy(srv->queue, end) != 0) stopped = false;
+    if (stopped && consumers && worker_stop(consumers, end) != 0) stopped = false;
     if (!stopped) {
         log_event(LOG_WARN, "exit_with_work",
                   json_pack("{s:s}", "message", "a thread is still inside the engine; exiting anyway"));
         return false;
     }
     srv->queue = NULL;
-    redis_close(srv->redis); /* its last users, HTTP threads and workers, are gone */
+    worker_free(consumers);
+    consumers = NULL;
+    grace = mono_now() + 2; /* the drain's cancels reach Redis */
+    dispatch_redis_destroy(srv->cluster, end > grace ? end : grace);
+    srv->cluster = NULL;
+    srv->dispatch = (dispatch){0};
+    redis_close(srv->redis); /* its last users, HTTP threads, workers and the dispatcher, are gone */
     srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
@@ -335,14 +380,18 @@ int serve_main(int argc, char **argv) {
 
     /* the image codecs were initialised by main() (src/cli/main.c) */
     pthread_t loader;
-    bool loader_running = false;
-    if (start_parts(&srv) == 0) {
+    bool loader_running = false, api_only = srv.cfg.workers == 0;
+    int started = start_parts(&srv);
+    if (started == 0 && api_only) {
+        atomic_store(&srv.phase, PHASE_READY); /* its workers are elsewhere (health says if any is live) */
+        log_event(LOG_INFO, "ready", json_pack("{s:s,s:s}", "model", srv.model_id, "mode", "api-only"));
+    } else if (started == 0) {
         loader_running = pthread_create(&loader, NULL, load_model, &srv) == 0;
         if (!loader_running) fail(&srv, "cannot start the loader thread");
     } else {
         atomic_store(&srv.phase, PHASE_FAILED);
     }
-    int sig = srv.daemon && loader_running ? wait_for_stop(&srv, &stop) : 0;
+    int sig = srv.daemon && (loader_running || api_only) ? wait_for_stop(&srv, &stop) : 0;
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "dispatch.h"
 #include "sdx4.h"
 
 typedef enum {
@@ -59,6 +60,7 @@ struct cost_model;
 struct history;
 struct redis;
 struct objstore;
+struct dispatch_redis;
 struct MHD_Daemon;
 
 typedef struct server {
@@ -71,7 +73,9 @@ typedef struct server {
     char failure[256]; /* why loading failed (PHASE_FAILED) */
     double started;    /* mono_now() at start */
     struct queue *queue;
-    struct redis *redis; /* cluster mode (--redis): the shared store, NULL otherwise */
+    dispatch dispatch; /* what runs the jobs' tasks: the queue, or Redis */
+    struct redis *redis;            /* cluster mode (--redis): the shared store, NULL otherwise */
+    struct dispatch_redis *cluster; /* cluster mode: the dispatcher to the workers behind it */
     struct job_store *jobs;
     struct cache *cache;
     struct ratelimit *ratelimit;

@@ -10,22 +10,52 @@
  * sdx4_model_info, taken once at load, plus the limits and defaults
  * clients need to build a valid request, and the time estimator's
  * calibration.
+ *
+ * In cluster mode health also says whether Redis answers and which live
+ * workers serve this node's model (by model id), from the dispatcher's
+ * look once a second: a node is ready when Redis answers and one does.
+ * An API-only node (no model of its own) answers model-info with the
+ * model facts of the first such worker by name, its own limits and
+ * defaults (it enforces them), and the list of them all.
  */
 #include "status.h"
 
 #include <string.h>
 
 #include "cost.h"
+#include "dispatch_redis.h"
 #include "form.h"
+#include "redis.h"
 #include "queue.h"
 
 static const char *const phase_names[] = {"loading", "warming", "ready", "draining", "failed"};
 
+/* Cluster mode: the live workers serving this node's model, sorted by
+ * name (a new array); *up whether Redis answered, `why` what failed. */
+static json_t *serving_workers(server *srv, bool *up, char *why, size_t n) {
+    json_t *all = NULL, *serving = json_array();
+    *up = dispatch_redis_status(srv->cluster, &all, why, n);
+    size_t i;
+    json_t *w;
+    json_array_foreach(all, i, w) {
+        const char *model = json_string_value(json_object_get(w, "model_id"));
+        if (!model || strcmp(model, srv->model_id) != 0) continue;
+        const char *name = json_string_value(json_object_get(w, "name"));
+        size_t at = 0;
+        while (at < json_array_size(serving) &&
+               strcmp(json_string_value(json_object_get(json_array_get(serving, at), "name")), name ? name : "") < 0)
+            at++;
+        json_array_insert(serving, at, w);
+    }
+    json_decref(all);
+    return serving;
+}
+
 json_t *status_health(server *srv, int *status) {
     int phase = atomic_load(&srv->phase);
     *status = phase == PHASE_READY ? 200 : 503;
-    queue_stats qs = {0};
-    if (srv->queue) queue_get_stats(srv->queue, &qs);
+    dispatch_stats qs;
+    dispatch_stats_get(&srv->dispatch, &qs);
     json_t *h = json_pack("{s:s,s:b,s:b,s:b,s:s,s:s,s:f,s:{s:i,s:i,s:i,s:i}}",
                           "status", phase_names[phase], "ready", phase == PHASE_READY,
                           "model_loaded", phase >= PHASE_WARMING && phase != PHASE_FAILED,
@@ -45,26 +75,38 @@ json_t *status_health(server *srv, int *status) {
     json_object_set_new(h, "demo_model", json_boolean(srv->demo));
     if (srv->demo) json_object_set_new(h, "note", json_string(DEMO_NOTE));
     if (phase == PHASE_FAILED) json_object_set_new(h, "error", json_string(srv->failure));
+    if (srv->cluster) {
+        bool up;
+        char why[256];
+        json_t *workers = serving_workers(srv, &up, why, sizeof why), *brief = json_array();
+        size_t i;
+        json_t *w;
+        json_array_foreach(workers, i, w) /* model-info has the rest */
+            json_array_append_new(brief, json_pack("{s:O?,s:O?,s:O?,s:O?}", "name", json_object_get(w, "name"),
+                                                   "device", json_object_get(w, "device"), "busy",
+                                                   json_object_get(w, "busy"), "started",
+                                                   json_object_get(w, "started")));
+        json_t *cluster = json_pack("{s:s,s:b,s:o}", "redis", redis_where(srv->redis), "redis_up", up,
+                                    "workers", brief);
+        if (!up) json_object_set_new(cluster, "error", json_string(why));
+        json_object_set_new(h, "cluster", cluster);
+        const char *problem = !up ? "Redis cannot be reached"
+                              : json_array_size(workers) ? NULL
+                                                         : "no live worker serves this model";
+        json_decref(workers);
+        if (problem && phase == PHASE_READY) {
+            *status = 503;
+            json_object_set_new(h, "status", json_string("unavailable"));
+            json_object_set_new(h, "ready", json_false());
+            json_object_set_new(h, "error", json_string(problem));
+        }
+    }
     return h;
 }
 
-json_t *status_model_info(server *srv) {
-    const sdx4_model_info *mi = &srv->info;
+/* What this node enforces, into model-info: defaults, limits, formats. */
+static void set_settings(const server *srv, json_t *m) {
     const server_config *c = &srv->cfg;
-    const char *backend = strncmp(mi->device, "cuda", 4) == 0 ? "cuda" : "cpu";
-    json_t *m = json_pack(
-        "{s:s,s:b,s:{s:{s:I},s:{s:I},s:{s:I}},s:I,s:{s:s,s:s},s:s,s:s,s:i,s:i,s:i,s:I}",
-        "model_id", srv->model_id, "demo_model", srv->demo,
-        "components", "text_encoder", "parameters", (json_int_t)mi->text_encoder_params,
-        "unet", "parameters", (json_int_t)mi->unet_params,
-        "vae", "parameters", (json_int_t)mi->vae_params,
-        "parameters_total", (json_int_t)(mi->text_encoder_params + mi->unet_params + mi->vae_params),
-        "dtype", "compute", mi->compute_dtype, "weights", mi->weights_dtype,
-        "backend", backend, "device", mi->device,
-        "max_noise_level", mi->max_noise_level, "scale_factor", mi->vae_scale_factor,
-        "max_prompt_tokens", mi->max_prompt_tokens,
-        "device_memory_bytes", (json_int_t)mi->device_memory_bytes);
-    if (srv->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
     json_object_set_new(m, "defaults",
                         json_pack("{s:s,s:s,s:f,s:i,s:f,s:f,s:s,s:i}", "prompt", "",
                                   "negative_prompt", "", "noise_level", DEFAULT_NOISE_LEVEL,
@@ -80,9 +122,46 @@ json_t *status_model_info(server *srv) {
                                   c->request_timeout, "queue_size", c->queue_size, "workers",
                                   c->workers, "rate_window_s", c->rate_window,
                                   "rate_limit", c->rate_limit));
-    if (srv->cost) json_object_set_new(m, "cost", cost_document(srv->cost));
     json_object_set_new(m, "formats",
                         json_pack("{s:[s,s,s],s:[s,s,s]}", "input", "png", "jpeg", "webp",
                                   "output", "png", "jpeg", "webp"));
+}
+
+/* An API-only node: the first serving worker's model facts (NULL none). */
+static json_t *served_model_info(server *srv) {
+    bool up;
+    char why[256];
+    json_t *workers = serving_workers(srv, &up, why, sizeof why);
+    json_t *m = json_deep_copy(json_object_get(json_array_get(workers, 0), "model"));
+    if (!json_is_object(m)) {
+        json_decref(m);
+        json_decref(workers);
+        return NULL;
+    }
+    json_object_set_new(m, "model_id", json_string(srv->model_id));
+    set_settings(srv, m);
+    json_object_set_new(m, "workers", workers);
+    return m;
+}
+
+json_t *status_model_info(server *srv) {
+    if (srv->cluster && !srv->engine) return served_model_info(srv);
+    const sdx4_model_info *mi = &srv->info;
+    const char *backend = strncmp(mi->device, "cuda", 4) == 0 ? "cuda" : "cpu";
+    json_t *m = json_pack(
+        "{s:s,s:b,s:{s:{s:I},s:{s:I},s:{s:I}},s:I,s:{s:s,s:s},s:s,s:s,s:i,s:i,s:i,s:I}",
+        "model_id", srv->model_id, "demo_model", srv->demo,
+        "components", "text_encoder", "parameters", (json_int_t)mi->text_encoder_params,
+        "unet", "parameters", (json_int_t)mi->unet_params,
+        "vae", "parameters", (json_int_t)mi->vae_params,
+        "parameters_total", (json_int_t)(mi->text_encoder_params + mi->unet_params + mi->vae_params),
+        "dtype", "compute", mi->compute_dtype, "weights", mi->weights_dtype,
+        "backend", backend, "device", mi->device,
+        "max_noise_level", mi->max_noise_level, "scale_factor", mi->vae_scale_factor,
+        "max_prompt_tokens", mi->max_prompt_tokens,
+        "device_memory_bytes", (json_int_t)mi->device_memory_bytes);
+    if (srv->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
+    set_settings(srv, m);
+    if (srv->cost) json_object_set_new(m, "cost", cost_document(srv->cost));
     return m;
 }

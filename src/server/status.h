@@ -12,7 +12,8 @@
  * to take upscales, 503 otherwise. */
 json_t *status_health(server *srv, int *status);
 
-/* GET /api/v1/model-info (only once the model is loaded). */
+/* GET /api/v1/model-info (only once the model is loaded); NULL for an
+ * API-only node while no live worker serves its model. */
 json_t *status_model_info(server *srv);
 
 #endif

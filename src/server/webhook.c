@@ -20,8 +20,8 @@
  *
  * A delivery succeeds on any 2xx answer; otherwise it is retried after
  * backoff, 2*backoff, 4*backoff... up to the configured number of attempts.
- * Its outcome, and why it failed, is written back to the job for GET
- * /jobs/{id}. On shutdown calls go on until the deadline; one still in
+ * Its outcome, and why it failed, goes to the sender's callback (jobs.c
+ * writes it into the job for GET /jobs/{id}). On shutdown calls go on until the deadline; one still in
  * flight then is aborted (curl's progress callback), what is left dropped.
  *
  * Each call carries X-Sdx4-Signature: t=<unix time>,v1=<hex HMAC-SHA256
@@ -70,13 +70,14 @@
 #include <curl/curl.h>
 
 #include "cache.h"
-#include "jobs.h"
 #include "log.h"
 #include "metrics.h"
 
 typedef struct delivery {
     char job_id[33], event[16];
     char *url, *body;
+    webhook_done_fn *done;
+    void *done_arg;
     char *host;   /* the URL's host, IPv6 without brackets: what is resolved */
     char *target; /* "host:port": the unit of the per-target limit */
     int attempts;
@@ -318,8 +319,8 @@ static void unlink_from(delivery **list, delivery *d) {
 }
 
 /* Gives a delivery up or records its success; lock not held. */
-static void finish(webhooks *w, delivery *d, bool delivered, webhook_failure reason, const char *why) {
-    job_store_webhook_done(w->srv->jobs, d->job_id, delivered, d->attempts, delivered ? NULL : why);
+static void finish(delivery *d, bool delivered, webhook_failure reason, const char *why) {
+    d->done(d->done_arg, d->job_id, delivered, d->attempts, delivered ? NULL : why);
     if (!delivered) metrics_webhook_failed(reason);
     metrics_webhooks_pending(-1);
     delivery_free(d);
@@ -372,7 +373,7 @@ static void *sender_main(void *arg) {
         pthread_cond_broadcast(&w->wake); /* a slot of d's target is free */
         if (done) {
             pthread_mutex_unlock(&w->lock);
-            finish(w, d, result == CALL_DELIVERED,
+            finish(d, result == CALL_DELIVERED,
                    result == CALL_REFUSED ? HOOK_FAIL_REFUSED : HOOK_FAIL_ATTEMPTS, why);
             pthread_mutex_lock(&w->lock);
         }
@@ -415,7 +416,7 @@ void webhooks_destroy(webhooks *w, double deadline) {
         delivery *d = w->pending;
         w->pending = d->next;
         log_event(LOG_WARN, "webhook_dropped", json_pack("{s:s,s:s}", "job_id", d->job_id, "url", d->url));
-        finish(w, d, false, HOOK_FAIL_SHUTDOWN, "the server stopped before the call could be made");
+        finish(d, false, HOOK_FAIL_SHUTDOWN, "the server stopped before the call could be made");
     }
     pthread_cond_destroy(&w->wake);
     pthread_mutex_destroy(&w->lock);
@@ -449,7 +450,8 @@ static int parse_target(delivery *d) {
 }
 
 int webhooks_send(webhooks *w, const char *job_id, const char *url, const char *event,
-                  const char *body, char *why, size_t why_size) {
+                  const char *body, webhook_done_fn *done, void *done_arg, char *why,
+                  size_t why_size) {
     delivery *d = calloc(1, sizeof *d);
     if (!d || !(d->url = strdup(url)) || !(d->body = strdup(body))) {
         if (d) delivery_free(d);
@@ -458,6 +460,8 @@ int webhooks_send(webhooks *w, const char *job_id, const char *url, const char *
     }
     snprintf(d->job_id, sizeof d->job_id, "%s", job_id);
     snprintf(d->event, sizeof d->event, "%s", event);
+    d->done = done;
+    d->done_arg = done_arg;
     webhook_failure reason = HOOK_FAIL_REFUSED;
     bool parsed = parse_target(d) == 0;
     pthread_mutex_lock(&w->lock);

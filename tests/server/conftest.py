@@ -23,19 +23,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SDX4 = os.environ.get("SDX4_BIN") or os.path.join(ROOT, "build", "sdx4")
 REFERENCE = os.environ.get("SDX4_REFERENCE") or os.path.join(ROOT, "..", "shared", "reference")
 MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "model")
+# SDX4_TEST_CLUSTER=1: every Server is an API node of a cluster of its own
+# (LocalCluster: Redis and one worker), to run the suite in cluster mode
+CLUSTER = os.environ.get("SDX4_TEST_CLUSTER") == "1"
 
 
 class Server:
     """One `sdx4 serve` process; `url` is its base URL once started."""
 
+    cluster = None  # its own Redis and worker (SDX4_TEST_CLUSTER=1), stopped with it
+
     def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
+        if CLUSTER:
+            self.cluster = LocalCluster(model, flags)
+            flags = list(flags) + ["--redis", self.cluster.redis.url, "--workers", "0"]
         cmd = [SDX4, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false", "--rate-limit", "0"] + [str(f) for f in flags]
         full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
         full_env.update(env or {})
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file, env=full_env)
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except RuntimeError:
+            if self.cluster:
+                self.cluster.close()
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
         if wait_ready:
             self.wait_ready()
@@ -68,7 +81,7 @@ class Server:
             r = requests.get(self.url + "/api/v1/health", timeout=5)
             if r.status_code == 200:
                 return r.json()
-            assert r.json()["status"] in ("loading", "warming"), r.text
+            assert r.json()["status"] in ("loading", "warming") + (("unavailable",) if CLUSTER else ()), r.text
             time.sleep(0.1)
         raise RuntimeError("the server never became ready")
 
@@ -91,6 +104,9 @@ class Server:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            if self.cluster:
+                self.cluster.close()
+                self.cluster = None
 
     def check_clean_exit(self):
         status = self.stop()
@@ -157,3 +173,86 @@ def problem(r, status, slug):
     assert p["status"] == status and p["title"] and p["detail"]
     assert p["request_id"] == r.headers["X-Request-Id"]
     return p
+
+
+class RedisServer:
+    """A redis-server of the test's own on a unix socket, append-only, that
+    can be stopped and started again on the same data."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="sdx4-redis-")
+        self.socket = os.path.join(self.dir, "redis.sock")
+        self.url = "unix://" + self.socket
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", self.socket, "--save", "",
+                                      "--appendonly", "yes", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None and time.time() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)  # writes the append-only file out
+        self.proc.wait(timeout=30)
+
+    def client(self):
+        import redis
+        return redis.Redis(unix_socket_path=self.socket)
+
+    def remove(self):
+        if self.proc.poll() is None:
+            self.stop()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = RedisServer()
+    yield r
+    r.remove()
+
+
+class Worker(Server):
+    """One `sdx4 worker` process; `url` is its health port's base URL."""
+
+    def __init__(self, redis_url, *flags, model=MODEL):
+        self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-worker-", suffix=".log", delete=False)
+        cmd = [SDX4, "worker", "--redis", redis_url, "--model", model, "--host", "127.0.0.1", "--port", "0",
+               "--workers", "1", "--warmup", "false"] + [str(f) for f in flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
+                                     env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = next(l["worker"] for l in self.logs() if isinstance(l, dict) and l.get("event") == "listening")
+        self.wait_ready()
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.get("/healthz", timeout=5).status_code == 200:
+                return
+            assert self.proc.poll() is None, f"sdx4 worker exited {self.proc.returncode}; see {self.log_file.name}"
+            time.sleep(0.1)
+        raise RuntimeError("the worker never became ready")
+
+
+class LocalCluster:
+    """Redis and one worker for a Server of the suite run in cluster mode
+    (SDX4_TEST_CLUSTER=1): the worker gets the server's flags, as the
+    settings are shared, and the server --redis and --workers 0."""
+
+    def __init__(self, model, flags):
+        self.redis = RedisServer()
+        try:
+            self.worker = Worker(self.redis.url, *flags, "--name", "suite", model=model)
+        except Exception:
+            self.redis.remove()
+            raise
+
+    def close(self):
+        self.worker.stop()  # its exit is the worker tests' to judge
+        self.redis.remove()

@@ -1,0 +1,1132 @@
+/*
+ * cluster.c - cluster mode's protocol over Redis (see cluster.h).
+ *
+ * Records. A task travels as one JSON object, and its parameters
+ * (upscale_options) are written and read through one table of their names,
+ * types and offsets: a parameter added to the table travels, one missing
+ * from it cannot travel half-way. Reading is strict: a record that lacks
+ * a field, or has one of the wrong type or out of range, is refused with
+ * the field's name, so a worker of another version fails the task with a
+ * reason instead of running it with a default.
+ *
+ * Atomicity. Every change that must be all-or-nothing, or compared before
+ * it is made, is one Lua script (EVAL): Redis runs a script alone, so no
+ * other node sees half of it. Submit checks the cluster-wide bound and
+ * writes the job, inputs and stream entries together; finish is a
+ * compare-and-set of a task's state, with the result stored, the budget
+ * enforced, the change published and the job closed in the same step.
+ *
+ * Counting what waits. Workers XACK and XDEL an entry together once its
+ * task is final, and a cancel deletes only entries no worker holds, so
+ * the stream holds exactly the waiting and the in-flight entries: waiting
+ * = XLEN - the pending count of the group, both read inside the script.
+ *
+ * Results' budget. Each stored result is a member "<key> <bytes>" of a
+ * sorted set scored by its expiry, and their sum is a counter; the finish
+ * script drops expired members (their keys are gone by TTL) and evicts
+ * the oldest while the sum is over the budget. The scripts build keys of
+ * stored results from the members, which holds on one Redis (not Redis
+ * Cluster, whose scripts must name every key in KEYS).
+ */
+#include "cluster.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "server.h"
+
+#define INPUT_MARGIN 60.0 /* seconds an input outlives its deadline: a late reclaim still finds it */
+
+/* ---- keys ------------------------------------------------------------------- */
+
+static void key(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void key(char *buf, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+}
+
+/* A TTL in whole seconds, at least 1 (EX 0 is an error, and a job whose
+ * retention is 0 must still be seen final by whoever waits on it). */
+static long long ttl_of(double seconds) {
+    return seconds < 1 ? 1 : seconds > 1e9 ? 1000000000LL : (long long)ceil(seconds);
+}
+
+/* ---- names ------------------------------------------------------------------- */
+
+static const char *const kind_names[] = {"upscale", "job", "batch"};
+static const char *const state_names[] = {"queued", "running", "succeeded", "failed", "canceled"};
+static const char *const stop_names[] = {"", "client", "timeout", "shutdown"};
+
+static int name_index(const char *const *names, int n, const char *name) {
+    for (int i = 0; name && i < n; i++)
+        if (strcmp(names[i], name) == 0) return i;
+    return -1;
+}
+
+static problem_kind problem_from_slug(const char *slug) {
+    for (int k = 1; k < PROBLEM_KIND_COUNT; k++)
+        if (strcmp(problem_slug(k), slug) == 0) return k;
+    return PROBLEM_NONE;
+}
+
+/* ---- reading JSON strictly ----------------------------------------------------- */
+
+typedef struct {
+    char *err;
+    size_t size;
+    const char *what; /* "record", "state", "meta" */
+} reader;
+
+static int refuse(reader *r, const char *field, const char *expected) {
+    snprintf(r->err, r->size, "%s: \"%s\" %s", r->what, field, expected);
+    return -1;
+}
+
+static int get_number(reader *r, const json_t *o, const char *name, double min, double max, double *out) {
+    const json_t *v = json_object_get(o, name);
+    if (!json_is_number(v)) return refuse(r, name, "must be a number");
+    double d = json_number_value(v);
+    if (!(d >= min && d <= max)) return refuse(r, name, "is out of range");
+    *out = d;
+    return 0;
+}
+
+static int get_int(reader *r, const json_t *o, const char *name, long long min, long long max, long long *out) {
+    const json_t *v = json_object_get(o, name);
+    if (!json_is_integer(v)) return refuse(r, name, "must be an integer");
+    long long i = json_integer_value(v);
+    if (i < min || i > max) return refuse(r, name, "is out of range");
+    *out = i;
+    return 0;
+}
+
+/* A string into `buf` (`size` bytes with its NUL), or NULL when null is allowed. */
+static int get_text(reader *r, const json_t *o, const char *name, char *buf, size_t size) {
+    const json_t *v = json_object_get(o, name);
+    if (!json_is_string(v)) return refuse(r, name, "must be a string");
+    if (json_string_length(v) >= size || strlen(json_string_value(v)) != json_string_length(v))
+        return refuse(r, name, "is too long or holds a NUL");
+    memcpy(buf, json_string_value(v), json_string_length(v) + 1);
+    return 0;
+}
+
+static int get_bool(reader *r, const json_t *o, const char *name, bool *out) {
+    const json_t *v = json_object_get(o, name);
+    if (!json_is_boolean(v)) return refuse(r, name, "must be true or false");
+    *out = json_is_true(v);
+    return 0;
+}
+
+static int get_name(reader *r, const json_t *o, const char *name, const char *const *names, int n, int *out) {
+    const json_t *v = json_object_get(o, name);
+    int i = json_is_string(v) ? name_index(names, n, json_string_value(v)) : -1;
+    if (i < 0) return refuse(r, name, "is not a known name");
+    *out = i;
+    return 0;
+}
+
+static bool is_job_id(const char *id) {
+    size_t n = strlen(id);
+    if (n != 32) return false;
+    for (size_t i = 0; i < n; i++)
+        if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f'))) return false;
+    return true;
+}
+
+/* ---- the upscale parameters: one table ------------------------------------------- */
+
+typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS } param_type;
+
+static const struct {
+    const char *name;
+    param_type type;
+    size_t offset;
+    double min, max; /* PARAM_REAL and PARAM_INT */
+} params[] = {
+#define P(field) offsetof(upscale_options, field)
+    {"prompt", PARAM_TEXT, P(prompt), 0, 0},
+    {"negative_prompt", PARAM_TEXT, P(negative_prompt), 0, 0},
+    {"noise_level", PARAM_REAL, P(noise_level), 0, 1},
+    {"steps", PARAM_INT, P(steps), 1, 1000000},
+    {"guidance_scale", PARAM_REAL, P(guidance_scale), 0, MAX_GUIDANCE},
+    {"eta", PARAM_REAL, P(eta), 0, 1},
+    {"seed", PARAM_SEED, P(seed), 0, 0},
+    {"format", PARAM_FORMAT, P(format), 0, 0},
+    {"quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
+    {"given", PARAM_BITS, P(given), 0, 0},
+#undef P
+};
+
+static json_t *options_to_json(const upscale_options *o) {
+    json_t *j = json_object();
+    for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) {
+        const void *f = (const char *)o + params[i].offset;
+        json_t *v = NULL;
+        switch (params[i].type) {
+        case PARAM_TEXT: v = *(char *const *)f ? json_string(*(char *const *)f) : json_null(); break;
+        case PARAM_REAL: v = json_real(*(const double *)f); break;
+        case PARAM_INT: v = json_integer(*(const int *)f); break;
+        case PARAM_SEED: v = json_integer((json_int_t)*(const uint64_t *)f); break;
+        case PARAM_FORMAT: v = json_string(imageio_format_name(*(const image_format *)f)); break;
+        case PARAM_BITS: /* the options' bits: a form marks its other fields there too */
+            v = json_integer(*(const unsigned *)f & ((1u << FIELD_OPTION_COUNT) - 1));
+            break;
+        }
+        json_object_set_new(j, params[i].name, v);
+    }
+    return j;
+}
+
+static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
+    if (!json_is_object(j)) return refuse(r, "options", "must be an object");
+    for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) {
+        void *f = (char *)o + params[i].offset;
+        const char *name = params[i].name;
+        const json_t *v = json_object_get(j, name);
+        long long n;
+        switch (params[i].type) {
+        case PARAM_TEXT:
+            if (json_is_null(v)) break;
+            if (!json_is_string(v) || strlen(json_string_value(v)) != json_string_length(v))
+                return refuse(r, name, "must be a string without NUL");
+            if (!(*(char **)f = strdup(json_string_value(v)))) return refuse(r, name, "does not fit in memory");
+            break;
+        case PARAM_REAL:
+            if (get_number(r, j, name, params[i].min, params[i].max, f)) return -1;
+            break;
+        case PARAM_INT:
+            if (get_int(r, j, name, (long long)params[i].min, (long long)params[i].max, &n)) return -1;
+            *(int *)f = (int)n;
+            break;
+        case PARAM_SEED:
+            if (get_int(r, j, name, 0, (long long)MAX_SEED, &n)) return -1;
+            *(uint64_t *)f = (uint64_t)n;
+            break;
+        case PARAM_FORMAT: {
+            image_format fmt = json_is_string(v) ? imageio_format_from_name(json_string_value(v)) : IMAGE_UNKNOWN;
+            if (fmt == IMAGE_UNKNOWN) return refuse(r, name, "must be png, jpeg or webp");
+            *(image_format *)f = fmt;
+            break;
+        }
+        case PARAM_BITS:
+            if (get_int(r, j, name, 0, (1 << FIELD_OPTION_COUNT) - 1, &n)) return -1;
+            *(unsigned *)f = (unsigned)n;
+            break;
+        }
+    }
+    return 0;
+}
+
+/* ---- task records ------------------------------------------------------------ */
+
+void cluster_task_free(cluster_task *t) {
+    if (t) options_free(&t->opts);
+}
+
+static void hex(const uint8_t *bytes, size_t n, char *out) {
+    for (size_t i = 0; i < n; i++) snprintf(out + 2 * i, 3, "%02x", bytes[i]);
+}
+
+static int unhex(const char *s, uint8_t *bytes, size_t n) {
+    if (strlen(s) != 2 * n) return -1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        if (sscanf(s + 2 * i, "%2x", &v) != 1) return -1;
+        bytes[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
+json_t *cluster_task_to_json(const cluster_task *t) {
+    char cache_key[65];
+    hex(t->cache_key, sizeof t->cache_key, cache_key);
+    return json_pack("{s:s,s:i,s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:s,s:b,s:o}", "job", t->job_id, "index",
+                     t->index, "kind", kind_names[t->kind], "client", t->client, "request_id", t->request_id,
+                     "owner", t->owner, "created", t->created, "deadline", t->deadline, "width", t->width,
+                     "height", t->height, "cache_key", cache_key, "cacheable", t->cacheable, "options",
+                     options_to_json(&t->opts));
+}
+
+int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, size_t err_size) {
+    memset(t, 0, sizeof *t);
+    reader r = {err, err_size, "task record"};
+    if (!json_is_object(record)) return refuse(&r, "(whole)", "must be a JSON object");
+    long long index, width, height;
+    int kind;
+    char cache_key[65];
+    if (get_text(&r, record, "job", t->job_id, sizeof t->job_id)) return -1;
+    if (!is_job_id(t->job_id)) return refuse(&r, "job", "must be 32 hexadecimal digits");
+    if (get_int(&r, record, "index", 0, FORM_MAX_IMAGES - 1, &index) ||
+        get_name(&r, record, "kind", kind_names, 3, &kind) ||
+        get_text(&r, record, "client", t->client, sizeof t->client) ||
+        get_text(&r, record, "request_id", t->request_id, sizeof t->request_id) ||
+        get_text(&r, record, "owner", t->owner, sizeof t->owner) ||
+        get_number(&r, record, "created", 0, 1e11, &t->created) ||
+        get_number(&r, record, "deadline", 0, 1e11, &t->deadline) ||
+        get_int(&r, record, "width", 1, 65536, &width) || get_int(&r, record, "height", 1, 65536, &height) ||
+        get_text(&r, record, "cache_key", cache_key, sizeof cache_key) ||
+        get_bool(&r, record, "cacheable", &t->cacheable))
+        return -1;
+    if (unhex(cache_key, t->cache_key, sizeof t->cache_key)) return refuse(&r, "cache_key", "must be 64 hexadecimal digits");
+    t->index = (int)index, t->kind = (form_kind)kind, t->width = (int)width, t->height = (int)height;
+    if (options_from_json(&r, json_object_get(record, "options"), &t->opts)) {
+        cluster_task_free(t);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- task states --------------------------------------------------------------- */
+
+static bool final_state(job_state s) { return s >= JOB_SUCCEEDED; }
+
+json_t *cluster_state_to_json(const cluster_task_state *s) {
+    const sdx4_upscale_report *rp = &s->report;
+    json_t *j = json_pack("{s:s,s:i,s:i,s:f,s:f,s:i,s:i,s:I,s:s}", "state", state_names[s->state], "step",
+                          s->step, "total", s->total, "started", s->started, "finished", s->finished, "width",
+                          s->width, "height", s->height, "bytes", (json_int_t)s->bytes, "worker", s->worker);
+    json_object_set_new(j, "report",
+                        json_pack("{s:i,s:i,s:i,s:i,s:f,s:f,s:f}", "noise_level", rp->noise_level, "prompt_tokens",
+                                  rp->prompt_tokens, "prompt_truncated", rp->prompt_truncated,
+                                  "negative_truncated", rp->negative_truncated, "seconds_text", rp->seconds_text,
+                                  "seconds_unet", rp->seconds_unet, "seconds_vae", rp->seconds_vae));
+    const problem *p = &s->error;
+    if (p->kind)
+        json_object_set_new(j, "error",
+                            json_pack("{s:s,s:s,s:s,s:s,s:f,s:f,s:i}", "kind", problem_slug(p->kind), "detail",
+                                      p->detail, "field", p->field, "allowed", p->allowed, "estimated_seconds",
+                                      p->estimated_seconds, "limit_seconds", p->limit_seconds, "retry_after",
+                                      p->retry_after));
+    return j;
+}
+
+int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
+    char ignored[256];
+    reader r = {ignored, sizeof ignored, "state"};
+    memset(s, 0, sizeof *s);
+    int state;
+    long long step, total, width, height, bytes, v[4];
+    double secs[3];
+    if (!json_is_object(j) || get_name(&r, j, "state", state_names, 5, &state) ||
+        get_int(&r, j, "step", 0, 1000000, &step) || get_int(&r, j, "total", 0, 1000000, &total) ||
+        get_number(&r, j, "started", 0, 1e11, &s->started) ||
+        get_number(&r, j, "finished", 0, 1e11, &s->finished) || get_int(&r, j, "width", 0, 1 << 20, &width) ||
+        get_int(&r, j, "height", 0, 1 << 20, &height) || get_int(&r, j, "bytes", 0, 1LL << 50, &bytes) ||
+        get_text(&r, j, "worker", s->worker, sizeof s->worker))
+        return -1;
+    s->state = (job_state)state, s->step = (int)step, s->total = (int)total;
+    s->width = (int)width, s->height = (int)height, s->bytes = (size_t)bytes;
+    const json_t *rp = json_object_get(j, "report");
+    if (!json_is_object(rp) || get_int(&r, rp, "noise_level", 0, 1 << 20, &v[0]) ||
+        get_int(&r, rp, "prompt_tokens", 0, 1 << 20, &v[1]) || get_int(&r, rp, "prompt_truncated", 0, 1, &v[2]) ||
+        get_int(&r, rp, "negative_truncated", 0, 1, &v[3]) ||
+        get_number(&r, rp, "seconds_text", 0, 1e9, &secs[0]) ||
+        get_number(&r, rp, "seconds_unet", 0, 1e9, &secs[1]) || get_number(&r, rp, "seconds_vae", 0, 1e9, &secs[2]))
+        return -1;
+    s->report = (sdx4_upscale_report){(int)v[0], (int)v[1], (int)v[2], (int)v[3], secs[0], secs[1], secs[2]};
+    const json_t *e = json_object_get(j, "error");
+    if (!e) return 0;
+    problem *p = &s->error;
+    long long retry;
+    if (!json_is_object(e) || !json_is_string(json_object_get(e, "kind")) ||
+        !(p->kind = problem_from_slug(json_string_value(json_object_get(e, "kind")))) ||
+        get_text(&r, e, "detail", p->detail, sizeof p->detail) || get_text(&r, e, "field", p->field, sizeof p->field) ||
+        get_text(&r, e, "allowed", p->allowed, sizeof p->allowed) ||
+        get_number(&r, e, "estimated_seconds", 0, 1e12, &p->estimated_seconds) ||
+        get_number(&r, e, "limit_seconds", 0, 1e12, &p->limit_seconds) ||
+        get_int(&r, e, "retry_after", 0, 1 << 30, &retry))
+        return -1;
+    p->retry_after = (int)retry;
+    return 0;
+}
+
+/* ---- job meta ------------------------------------------------------------------- */
+
+static json_t *meta_to_json(const cluster_job *job) {
+    return json_pack("{s:s,s:s,s:b,s:s,s:s,s:s,s:f,s:f,s:i,s:o}", "id", job->id, "kind", kind_names[job->kind],
+                     "listed", job->listed, "client", job->client, "request_id", job->request_id, "owner",
+                     job->owner, "created", job->created, "deadline", job->deadline, "ntasks", job->ntasks,
+                     "webhook_url", job->webhook_url ? json_string(job->webhook_url) : json_null());
+}
+
+static int meta_from_json(const json_t *j, cluster_job *job, char *err, size_t err_size) {
+    reader r = {err, err_size, "job meta"};
+    memset(job, 0, sizeof *job);
+    int kind;
+    long long ntasks;
+    if (!json_is_object(j)) return refuse(&r, "(whole)", "must be a JSON object");
+    if (get_text(&r, j, "id", job->id, sizeof job->id) || get_name(&r, j, "kind", kind_names, 3, &kind) ||
+        get_bool(&r, j, "listed", &job->listed) || get_text(&r, j, "client", job->client, sizeof job->client) ||
+        get_text(&r, j, "request_id", job->request_id, sizeof job->request_id) ||
+        get_text(&r, j, "owner", job->owner, sizeof job->owner) ||
+        get_number(&r, j, "created", 0, 1e11, &job->created) ||
+        get_number(&r, j, "deadline", 0, 1e11, &job->deadline) ||
+        get_int(&r, j, "ntasks", 1, FORM_MAX_IMAGES, &ntasks))
+        return -1;
+    job->kind = (form_kind)kind, job->ntasks = (int)ntasks;
+    const json_t *hook = json_object_get(j, "webhook_url");
+    if (json_is_string(hook) && !(job->webhook_url = strdup(json_string_value(hook))))
+        return refuse(&r, "webhook_url", "does not fit in memory");
+    if (hook && !json_is_string(hook) && !json_is_null(hook)) return refuse(&r, "webhook_url", "must be a string or null");
+    return 0;
+}
+
+void cluster_job_free(cluster_job *job) {
+    if (!job) return;
+    free(job->webhook_url);
+    job->webhook_url = NULL;
+}
+
+/* ---- scripts --------------------------------------------------------------------- */
+
+/* Shared by the scripts: whether a task's state (JSON) is final, and the
+ * final state of a job whose tasks all are (jobs.c's rule: canceled over
+ * failed over succeeded; a batch that ran to its end succeeded unless one
+ * of its images ran out of time). */
+#define LUA_COMMON                                                                               \
+    "local function final(state)\n"                                                              \
+    "  local s = cjson.decode(state).state\n"                                                    \
+    "  return s == 'succeeded' or s == 'failed' or s == 'canceled'\n"                            \
+    "end\n"                                                                                      \
+    "local function job_state(job)\n"                                                            \
+    "  local meta = cjson.decode(redis.call('HGET', job, 'meta'))\n"                             \
+    "  local state, expired = 'succeeded', false\n"                                              \
+    "  for i = 0, meta.ntasks - 1 do\n"                                                          \
+    "    local t = cjson.decode(redis.call('HGET', job, 'task:' .. i))\n"                        \
+    "    if t.state == 'canceled' then state = 'canceled'\n"                                     \
+    "    elseif t.state == 'failed' and state ~= 'canceled' then state = 'failed' end\n"         \
+    "    if t.error and t.error.kind == 'timeout' then expired = true end\n"                     \
+    "  end\n"                                                                                    \
+    "  if meta.kind == 'batch' and state == 'failed' and not expired then state = 'succeeded' end\n" \
+    "  return state\n"                                                                           \
+    "end\n"                                                                                      \
+    "local function waiting(stream, group)\n"                                                    \
+    "  local pending = redis.pcall('XPENDING', stream, group)\n"                                 \
+    "  return redis.call('XLEN', stream) - (type(pending[1]) == 'number' and pending[1] or 0)\n" \
+    "end\n"
+
+/* KEYS: stream, job hash, then the inputs of the queued tasks.
+ * ARGV: group, capacity, job TTL, input TTL, job id, meta, ntasks,
+ * unfinished, finished (wall), the ntasks states, then index, record and
+ * pixels of each queued task. Returns {1 or 0 (refused), waiting}. */
+static const char submit_script[] = LUA_COMMON
+    "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')\n"
+    "local queued = #KEYS - 2\n"
+    "local ahead = waiting(KEYS[1], ARGV[1])\n"
+    "if ahead + queued > tonumber(ARGV[2]) then return {0, ahead} end\n"
+    "local ntasks = tonumber(ARGV[7])\n"
+    "redis.call('HSET', KEYS[2], 'meta', ARGV[6], 'unfinished', ARGV[8])\n"
+    "for i = 0, ntasks - 1 do redis.call('HSET', KEYS[2], 'task:' .. i, ARGV[10 + i]) end\n"
+    "local a = 10 + ntasks\n"
+    "for q = 1, queued do\n"
+    "  redis.call('SET', KEYS[2 + q], ARGV[a + 2], 'EX', ARGV[4])\n"
+    "  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[5], 'task', ARGV[a], 'record', ARGV[a + 1])\n"
+    "  redis.call('HSET', KEYS[2], 'entry:' .. ARGV[a], id)\n"
+    "  a = a + 3\n"
+    "end\n"
+    "if tonumber(ARGV[8]) == 0 then\n" /* every task answered before submission */
+    "  redis.call('HSET', KEYS[2], 'state', job_state(KEYS[2]), 'finished', ARGV[9])\n"
+    "end\n"
+    "redis.call('EXPIRE', KEYS[2], ARGV[3])\n"
+    "return {1, ahead}\n";
+
+/* KEYS: job hash, result, results set, results byte count, input.
+ * ARGV: index, state, channel, event, has result ("1"/"0"), result,
+ * retention TTL, budget, now (wall). Returns 0 already final (or no such
+ * job), 1 finished the task, 2 and the job. */
+static const char finish_script[] = LUA_COMMON
+    "local cur = redis.call('HGET', KEYS[1], 'task:' .. ARGV[1])\n"
+    "if not cur or final(cur) then return 0 end\n"
+    "redis.call('DEL', KEYS[5])\n"
+    "if ARGV[5] == '1' then\n"
+    "  local now = tonumber(ARGV[9])\n"
+    "  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do\n" /* gone by TTL */
+    "    redis.call('DECRBY', KEYS[4], string.match(m, ' (%d+)$'))\n"
+    "  end\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)\n"
+    "  redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[7])\n"
+    "  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), KEYS[2] .. ' ' .. #ARGV[6])\n"
+    "  local total = redis.call('INCRBY', KEYS[4], #ARGV[6])\n"
+    "  while total > tonumber(ARGV[8]) do\n" /* evict the oldest */
+    "    local oldest = redis.call('ZPOPMIN', KEYS[3])\n"
+    "    if #oldest == 0 then break end\n"
+    "    local k, bytes = string.match(oldest[1], '^(.*) (%d+)$')\n"
+    "    redis.call('DEL', k)\n"
+    "    total = redis.call('DECRBY', KEYS[4], bytes)\n"
+    "  end\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'task:' .. ARGV[1], ARGV[2])\n"
+    "redis.call('PUBLISH', ARGV[3], ARGV[4])\n"
+    "if redis.call('HINCRBY', KEYS[1], 'unfinished', -1) > 0 then return 1 end\n"
+    "redis.call('HSET', KEYS[1], 'state', job_state(KEYS[1]), 'finished', ARGV[9])\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[7])\n"
+    "return 2\n";
+
+/* KEYS: job hash. ARGV: index, state, channel, event. */
+static const char progress_script[] = LUA_COMMON
+    "local cur = redis.call('HGET', KEYS[1], 'task:' .. ARGV[1])\n"
+    "if not cur or final(cur) then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'task:' .. ARGV[1], ARGV[2])\n"
+    "redis.call('PUBLISH', ARGV[3], ARGV[4])\n"
+    "return 1\n";
+
+/* KEYS: cancel key, job hash, stream. ARGV: reason, TTL, group. Deletes
+ * the job's entries that no worker holds (one held is stopped through
+ * the cancel key, and acked by its worker). */
+static const char cancel_script[] =
+    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\n"
+    "local fields = redis.call('HGETALL', KEYS[2])\n"
+    "for i = 1, #fields, 2 do\n"
+    "  if string.sub(fields[i], 1, 6) == 'entry:' then\n"
+    "    local id = fields[i + 1]\n"
+    "    local held = redis.pcall('XPENDING', KEYS[3], ARGV[3], id, id, 1)\n"
+    "    if type(held) == 'table' and #held == 0 then redis.call('XDEL', KEYS[3], id) end\n"
+    "  end\n"
+    "end\n"
+    "return 1\n";
+
+/* KEYS: stream. ARGV: group. */
+static const char waiting_script[] = LUA_COMMON "return waiting(KEYS[1], ARGV[1])\n";
+
+/* KEYS: stream. ARGV: group, entry. Together, so that XLEN never counts
+ * an entry that is no longer pending. */
+static const char ack_script[] =
+    "redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])\n"
+    "return redis.call('XDEL', KEYS[1], ARGV[2])\n";
+
+/* KEYS: registration, the set of names. ARGV: name, info, busy, TTL. */
+static const char register_script[] =
+    "redis.call('HSET', KEYS[1], 'info', ARGV[2], 'busy', ARGV[3])\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[4])\n"
+    "return redis.call('SADD', KEYS[2], ARGV[1])\n";
+
+/* Arguments of one EVAL, grown as they are added (binary-safe). */
+typedef struct {
+    const char **argv;
+    size_t *lens;
+    char **owned; /* copies made by eval_addf, freed with the call */
+    int argc, cap, nowned;
+    bool failed;
+} eval_args;
+
+static void eval_add(eval_args *a, const void *data, size_t len) {
+    if (a->argc == a->cap) {
+        int cap = a->cap ? 2 * a->cap : 32;
+        const char **argv = realloc(a->argv, sizeof *argv * (size_t)cap);
+        if (argv) a->argv = argv;
+        size_t *lens = realloc(a->lens, sizeof *lens * (size_t)cap);
+        if (lens) a->lens = lens;
+        char **owned = realloc(a->owned, sizeof *owned * (size_t)cap);
+        if (owned) a->owned = owned;
+        if (!argv || !lens || !owned) {
+            a->failed = true;
+            return;
+        }
+        a->cap = cap;
+    }
+    a->argv[a->argc] = data;
+    a->lens[a->argc++] = len;
+}
+
+static void eval_str(eval_args *a, const char *s) { eval_add(a, s, strlen(s)); }
+
+static void eval_addf(eval_args *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void eval_addf(eval_args *a, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = NULL;
+    int n = vasprintf(&s, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        a->failed = true;
+        return;
+    }
+    eval_add(a, s, (size_t)n);
+    if (!a->failed) a->owned[a->nowned++] = s;
+    else free(s);
+}
+
+/* Runs the script; frees the arguments. */
+static redisReply *eval_run(redis *r, eval_args *a, char *err, size_t n) {
+    redisReply *reply = NULL;
+    if (a->failed) snprintf(err, n, "out of memory");
+    else reply = redis_call_argv(r, err, n, a->argc, a->argv, a->lens);
+    for (int i = 0; i < a->nowned; i++) free(a->owned[i]);
+    free(a->argv);
+    free(a->lens);
+    free(a->owned);
+    return reply;
+}
+
+static void eval_begin(eval_args *a, const char *script, int nkeys) {
+    *a = (eval_args){0};
+    eval_str(a, "EVAL");
+    eval_str(a, script);
+    eval_addf(a, "%d", nkeys);
+}
+
+/* A JSON value's compact text, owned by the call's arguments. */
+static void eval_json(eval_args *a, json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!s) {
+        a->failed = true;
+        return;
+    }
+    eval_add(a, s, strlen(s));
+    if (!a->failed) a->owned[a->nowned++] = s;
+    else free(s);
+}
+
+static int integer_reply(redisReply *reply, long long *out, char *err, size_t n) {
+    if (!reply) return -1;
+    int rc = reply->type == REDIS_REPLY_INTEGER ? 0 : -1;
+    if (rc == 0) *out = reply->integer;
+    else snprintf(err, n, "redis: unexpected answer");
+    freeReplyObject(reply);
+    return rc;
+}
+
+/* ---- jobs ---------------------------------------------------------------------- */
+
+int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
+                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
+                   problem *why, char *err, size_t n) {
+    double now = wall_now(), left = job->deadline - now;
+    int nqueued = 0, unfinished = 0;
+    for (int i = 0; i < job->ntasks; i++) {
+        nqueued += queued[i];
+        unfinished += !final_state(states[i].state);
+    }
+    eval_args a;
+    eval_begin(&a, submit_script, 2 + nqueued);
+    char job_key[64];
+    key(job_key, sizeof job_key, "sdx4:job:%s", job->id);
+    eval_str(&a, CLUSTER_STREAM);
+    eval_str(&a, job_key);
+    for (int i = 0; i < job->ntasks; i++)
+        if (queued[i]) eval_addf(&a, "sdx4:input:%s:%d", job->id, i);
+    eval_str(&a, CLUSTER_GROUP);
+    eval_addf(&a, "%d", capacity);
+    eval_addf(&a, "%lld", ttl_of(left + retention + INPUT_MARGIN));
+    eval_addf(&a, "%lld", ttl_of(left + INPUT_MARGIN));
+    eval_str(&a, job->id);
+    eval_json(&a, meta_to_json(job));
+    eval_addf(&a, "%d", job->ntasks);
+    eval_addf(&a, "%d", unfinished);
+    eval_addf(&a, "%.6f", now);
+    for (int i = 0; i < job->ntasks; i++) eval_json(&a, cluster_state_to_json(&states[i]));
+    for (int i = 0; i < job->ntasks; i++) {
+        if (!queued[i]) continue;
+        eval_addf(&a, "%d", i);
+        eval_json(&a, cluster_task_to_json(&tasks[i]));
+        eval_add(&a, inputs[i].pixels, (size_t)inputs[i].width * inputs[i].height * 3);
+    }
+    why->kind = PROBLEM_NONE;
+    redisReply *reply = eval_run(r, &a, err, n);
+    if (!reply) return -1;
+    int rc = -1;
+    if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 && reply->element[0]->type == REDIS_REPLY_INTEGER) {
+        rc = 0;
+        if (reply->element[0]->integer == 0) {
+            long long ahead = reply->element[1]->integer;
+            problem_set(why, PROBLEM_QUEUE_FULL, "%lld upscales are waiting (the most allowed is %d); retry later",
+                        ahead, capacity);
+            why->retry_after = 1;
+            snprintf(err, n, "%s", why->detail);
+            rc = -1;
+        }
+    } else {
+        snprintf(err, n, "redis: unexpected answer to submit");
+    }
+    freeReplyObject(reply);
+    return rc;
+}
+
+int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_state *states, char *err,
+                     size_t n) {
+    memset(job, 0, sizeof *job);
+    if (!is_job_id(id)) return 0;
+    redisReply *reply = redis_call(r, err, n, "HGETALL sdx4:job:%s", id);
+    if (!reply) return -1;
+    int rc = -1;
+    json_t *meta = NULL;
+    if (reply->type != REDIS_REPLY_ARRAY) {
+        snprintf(err, n, "redis: unexpected answer to HGETALL");
+        goto done;
+    }
+    if (reply->elements == 0) {
+        rc = 0;
+        goto done;
+    }
+    const char *state = NULL, *finished = NULL;
+    for (size_t i = 0; i + 1 < reply->elements; i += 2) {
+        const char *f = reply->element[i]->str, *v = reply->element[i + 1]->str;
+        if (strcmp(f, "meta") == 0) meta = json_loads(v, 0, NULL);
+        else if (strcmp(f, "state") == 0) state = v;
+        else if (strcmp(f, "finished") == 0) finished = v;
+    }
+    if (meta_from_json(meta, job, err, n)) goto done;
+    job->state = state && name_index(state_names, 5, state) >= 0 ? (job_state)name_index(state_names, 5, state) : JOB_QUEUED;
+    job->finished = finished ? atof(finished) : 0;
+    int found = 0;
+    for (size_t i = 0; i + 1 < reply->elements; i += 2) {
+        const char *f = reply->element[i]->str;
+        int index;
+        char end;
+        if (sscanf(f, "task:%d%c", &index, &end) != 1 || index < 0 || index >= job->ntasks) continue;
+        json_t *j = json_loads(reply->element[i + 1]->str, 0, NULL);
+        int bad = cluster_state_from_json(j, &states[index]);
+        json_decref(j);
+        if (bad) {
+            snprintf(err, n, "job %s: the state of task %d does not parse", id, index);
+            goto done;
+        }
+        found++;
+    }
+    if (found != job->ntasks) snprintf(err, n, "job %s: %d of %d task states", id, found, job->ntasks);
+    else rc = 1;
+done:
+    if (rc < 0) cluster_job_free(job);
+    json_decref(meta);
+    freeReplyObject(reply);
+    return rc;
+}
+
+/* {"task": i, "state": {...}}, the message of a change. */
+static json_t *event_json(int index, const cluster_task_state *s) {
+    return json_pack("{s:i,s:o}", "task", index, "state", cluster_state_to_json(s));
+}
+
+int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_task_state *state,
+                        const void *result, size_t result_len, double retention, size_t budget, char *err,
+                        size_t n) {
+    eval_args a;
+    eval_begin(&a, finish_script, 5);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_addf(&a, "sdx4:result:%s:%d", job_id, index);
+    eval_str(&a, "sdx4:results");
+    eval_str(&a, "sdx4:results:bytes");
+    eval_addf(&a, "sdx4:input:%s:%d", job_id, index);
+    eval_addf(&a, "%d", index);
+    eval_json(&a, cluster_state_to_json(state));
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_json(&a, event_json(index, state));
+    eval_str(&a, result ? "1" : "0");
+    eval_add(&a, result ? result : "", result ? result_len : 0);
+    eval_addf(&a, "%lld", ttl_of(retention));
+    eval_addf(&a, "%zu", budget);
+    eval_addf(&a, "%.6f", wall_now());
+    long long rc;
+    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : (int)rc;
+}
+
+int cluster_report_progress(redis *r, const char *job_id, int index, const cluster_task_state *state,
+                            char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, progress_script, 1);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_addf(&a, "%d", index);
+    eval_json(&a, cluster_state_to_json(state));
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_json(&a, event_json(index, state));
+    long long rc;
+    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : (int)rc;
+}
+
+int cluster_load_result(redis *r, const char *job_id, int index, void **data, size_t *len, char *err,
+                        size_t n) {
+    *data = NULL, *len = 0;
+    redisReply *reply = redis_call(r, err, n, "GET sdx4:result:%s:%d", job_id, index);
+    if (!reply) return -1;
+    int rc = 0;
+    if (reply->type == REDIS_REPLY_STRING) {
+        *data = malloc(reply->len ? reply->len : 1);
+        if (*data) memcpy(*data, reply->str, reply->len), *len = reply->len, rc = 1;
+        else snprintf(err, n, "out of memory"), rc = -1;
+    }
+    freeReplyObject(reply);
+    return rc;
+}
+
+int cluster_cancel(redis *r, const char *job_id, int reason, double ttl, char *err, size_t n) {
+    if (reason <= STOP_NONE || reason > STOP_SHUTDOWN) {
+        snprintf(err, n, "cancel: no such stop reason %d", reason);
+        return -1;
+    }
+    eval_args a;
+    eval_begin(&a, cancel_script, 3);
+    eval_addf(&a, "sdx4:cancel:%s", job_id);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_str(&a, CLUSTER_STREAM);
+    eval_str(&a, stop_names[reason]);
+    eval_addf(&a, "%lld", ttl_of(ttl));
+    eval_str(&a, CLUSTER_GROUP);
+    long long rc;
+    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : 0;
+}
+
+int cluster_stop_reason(redis *r, const char *job_id, int *reason, char *err, size_t n) {
+    *reason = STOP_NONE;
+    redisReply *reply = redis_call(r, err, n, "GET sdx4:cancel:%s", job_id);
+    if (!reply) return -1;
+    if (reply->type == REDIS_REPLY_STRING) {
+        int i = name_index(stop_names, 4, reply->str);
+        *reason = i > 0 ? i : STOP_CLIENT; /* a reason this version does not know still stops */
+    }
+    freeReplyObject(reply);
+    return 0;
+}
+
+/* ---- events ----------------------------------------------------------------------- */
+
+int cluster_parse_event(const char *channel, const char *message, size_t len, char job_id[33], int *index,
+                        cluster_task_state *state) {
+    static const char prefix[] = "sdx4:events:";
+    if (strncmp(channel, prefix, sizeof prefix - 1) != 0 || !is_job_id(channel + sizeof prefix - 1)) return -1;
+    json_t *j = json_loadb(message, len, 0, NULL);
+    const json_t *task = json_object_get(j, "task");
+    int rc = -1;
+    if (json_is_integer(task) && json_integer_value(task) >= 0 && json_integer_value(task) < FORM_MAX_IMAGES &&
+        cluster_state_from_json(json_object_get(j, "state"), state) == 0) {
+        memcpy(job_id, channel + sizeof prefix - 1, 33);
+        *index = (int)json_integer_value(task);
+        rc = 0;
+    }
+    json_decref(j);
+    return rc;
+}
+
+/* ---- the cluster as a whole ------------------------------------------------------------ */
+
+int cluster_workers(redis *r, json_t **list, char *err, size_t n) {
+    *list = NULL;
+    redisReply *names = redis_call(r, err, n, "SMEMBERS sdx4:workers");
+    if (!names) return -1;
+    json_t *out = json_array();
+    int rc = 0;
+    for (size_t i = 0; names->type == REDIS_REPLY_ARRAY && i < names->elements; i++) {
+        const char *name = names->element[i]->str;
+        redisReply *reply = redis_call(r, err, n, "HMGET sdx4:worker:%s info busy", name);
+        if (!reply) {
+            rc = -1;
+            break;
+        }
+        json_t *info = reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 && reply->element[0]->str
+                           ? json_loads(reply->element[0]->str, 0, NULL)
+                           : NULL;
+        if (json_is_object(info)) {
+            json_object_set_new(info, "busy", json_integer(reply->element[1]->str ? atoi(reply->element[1]->str) : 0));
+            json_array_append(out, info);
+        } else { /* expired: its worker stopped refreshing it */
+            freeReplyObject(redis_call(r, err, n, "SREM sdx4:workers %s", name));
+        }
+        json_decref(info);
+        freeReplyObject(reply);
+    }
+    freeReplyObject(names);
+    if (rc == 0) *list = out;
+    else json_decref(out);
+    return rc;
+}
+
+int cluster_waiting(redis *r, long long *waiting, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, waiting_script, 1);
+    eval_str(&a, CLUSTER_STREAM);
+    eval_str(&a, CLUSTER_GROUP);
+    return integer_reply(eval_run(r, &a, err, n), waiting, err, n);
+}
+
+static void iso_time(char *buf, size_t size, double wall) {
+    time_t secs = (time_t)wall;
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    size_t len = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(buf + len, size - len, ".%03dZ", (int)((wall - (double)secs) * 1000));
+}
+
+static void set_time(json_t *doc, const char *name, double wall) {
+    char buf[40];
+    iso_time(buf, sizeof buf, wall);
+    json_object_set_new(doc, name, json_string(buf));
+}
+
+json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *states, const char *webhook) {
+    bool done = final_state(job->state);
+    int step = 0, total = 0;
+    double started = 0;
+    job_state state = job->state;
+    for (int i = 0; i < job->ntasks; i++) {
+        step += states[i].step, total += states[i].total;
+        if (states[i].started > 0 && (started == 0 || states[i].started < started)) started = states[i].started;
+        if (!done && (states[i].state == JOB_RUNNING || final_state(states[i].state))) state = JOB_RUNNING;
+    }
+    json_t *d = json_pack("{s:s,s:s,s:s,s:i}", "id", job->id, "status", state_names[state], "kind",
+                          job->kind == FORM_BATCH ? "batch" : "upscale", "images", job->ntasks);
+    set_time(d, "created_at", job->created);
+    if (started > 0) set_time(d, "started_at", started);
+    if (done) set_time(d, "finished_at", job->finished);
+    json_object_set_new(d, "progress", json_pack("{s:i,s:i}", "step", step, "total", total));
+    double end = done ? job->finished : wall_now(), begun = started > 0 ? started : end;
+    json_object_set_new(d, "timings", json_pack("{s:f,s:f}", "queue_ms", (begun - job->created) * 1e3,
+                                                "inference_ms", (end - begun) * 1e3));
+    for (int i = 0; i < job->ntasks; i++)
+        if ((state == JOB_FAILED || state == JOB_CANCELED) && states[i].error.kind) {
+            json_object_set_new(d, "error", problem_object(&states[i].error, job->request_id));
+            break;
+        }
+    char path[80];
+    snprintf(path, sizeof path, "/api/v1/jobs/%s", job->id);
+    json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path, "/result",
+                                              "events", path, "/events"));
+    if (job->webhook_url) json_object_set_new(d, "webhook", json_pack("{s:s,s:i}", "status", webhook, "attempts", 0));
+    return d;
+}
+
+/* ---- workers ------------------------------------------------------------------------- */
+
+int cluster_ensure_group(redis *r, char *err, size_t n) {
+    redisReply *reply = redis_call(r, err, n, "XGROUP CREATE %s %s 0 MKSTREAM", CLUSTER_STREAM, CLUSTER_GROUP);
+    if (reply) {
+        freeReplyObject(reply);
+        return 0;
+    }
+    return strstr(err, "BUSYGROUP") ? 0 : -1; /* made by another node first */
+}
+
+/* One entry [id, [field, value, ...]] into a delivery. */
+static void parse_entry(const redisReply *e, cluster_delivery *d) {
+    memset(d, 0, sizeof *d);
+    cluster_task *t = &d->task;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING) {
+        snprintf(d->invalid, sizeof d->invalid, "a stream entry of an unexpected shape");
+        return;
+    }
+    snprintf(t->entry_id, sizeof t->entry_id, "%s", e->element[0]->str);
+    const redisReply *fields = e->element[1];
+    const char *job = NULL, *index = NULL, *record = NULL;
+    size_t record_len = 0;
+    for (size_t i = 0; fields->type == REDIS_REPLY_ARRAY && i + 1 < fields->elements; i += 2) {
+        const char *f = fields->element[i]->str;
+        const redisReply *v = fields->element[i + 1];
+        if (strcmp(f, "job") == 0) job = v->str;
+        else if (strcmp(f, "task") == 0) index = v->str;
+        else if (strcmp(f, "record") == 0) record = v->str, record_len = v->len;
+    }
+    char entry_id[sizeof t->entry_id];
+    memcpy(entry_id, t->entry_id, sizeof entry_id);
+    if (!record) {
+        snprintf(d->invalid, sizeof d->invalid, "the stream entry has no record");
+    } else {
+        json_error_t jerr;
+        json_t *j = json_loadb(record, record_len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!j) snprintf(d->invalid, sizeof d->invalid, "task record: not JSON: %s", jerr.text);
+        else if (cluster_task_from_json(j, t, d->invalid, sizeof d->invalid) == 0 &&
+                 (!job || strcmp(job, t->job_id) != 0 || !index || atoi(index) != t->index)) {
+            snprintf(d->invalid, sizeof d->invalid, "task record: names another task than its entry");
+            cluster_task_free(t);
+        }
+        json_decref(j);
+        if (d->invalid[0]) memset(t, 0, sizeof *t);
+    }
+    memcpy(t->entry_id, entry_id, sizeof entry_id); /* cluster_task_from_json cleared it */
+    if (d->invalid[0] && job && is_job_id(job) && index) { /* enough to fail the task by name */
+        snprintf(t->job_id, sizeof t->job_id, "%s", job);
+        t->index = atoi(index);
+    } else if (d->invalid[0]) {
+        t->index = -1;
+    }
+    t->deliveries = 1;
+}
+
+static int parse_entries(const redisReply *list, int max, cluster_delivery *out) {
+    int n = 0;
+    for (size_t i = 0; list->type == REDIS_REPLY_ARRAY && i < list->elements && n < max; i++)
+        if (list->element[i]->type == REDIS_REPLY_ARRAY) parse_entry(list->element[i], &out[n++]);
+    return n;
+}
+
+int cluster_take(redisContext *c, const char *consumer, int max, int block_ms, cluster_delivery *out, char *err,
+                 size_t n) {
+    redisReply *reply = redisCommand(c, "XREADGROUP GROUP %s %s COUNT %d BLOCK %d STREAMS %s >", CLUSTER_GROUP,
+                                     consumer, max, block_ms, CLUSTER_STREAM);
+    if (!reply) {
+        snprintf(err, n, "redis connection: %s", c->errstr[0] ? c->errstr : "no answer");
+        return -1;
+    }
+    int got = 0;
+    if (reply->type == REDIS_REPLY_ERROR) {
+        snprintf(err, n, "redis: %s", reply->str);
+        got = -1;
+    } else if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 1 &&
+               reply->element[0]->type == REDIS_REPLY_ARRAY && reply->element[0]->elements == 2) {
+        got = parse_entries(reply->element[0]->element[1], max, out);
+    }
+    freeReplyObject(reply);
+    return got;
+}
+
+int cluster_reclaim(redis *r, const char *consumer, double min_idle, int max, cluster_delivery *out, char *err,
+                    size_t n) {
+    redisReply *reply = redis_call(r, err, n, "XAUTOCLAIM %s %s %s %lld 0-0 COUNT %d", CLUSTER_STREAM, CLUSTER_GROUP,
+                                   consumer, (long long)(min_idle * 1000), max);
+    if (!reply) return -1;
+    int got = 0;
+    if (reply->type == REDIS_REPLY_ARRAY && reply->elements >= 2) got = parse_entries(reply->element[1], max, out);
+    freeReplyObject(reply);
+    for (int i = 0; i < got; i++) { /* XAUTOCLAIM counted this delivery */
+        const char *id = out[i].task.entry_id;
+        redisReply *p = redis_call(r, err, n, "XPENDING %s %s %s %s 1", CLUSTER_STREAM, CLUSTER_GROUP, id, id);
+        if (p && p->type == REDIS_REPLY_ARRAY && p->elements == 1 && p->element[0]->elements == 4)
+            out[i].task.deliveries = (int)p->element[0]->element[3]->integer;
+        freeReplyObject(p);
+    }
+    return got;
+}
+
+int cluster_hold(redis *r, const char *consumer, const char *const *entry_ids, int count, char *err, size_t n) {
+    if (count <= 0) return 0;
+    eval_args a = {0};
+    eval_str(&a, "XCLAIM");
+    eval_str(&a, CLUSTER_STREAM);
+    eval_str(&a, CLUSTER_GROUP);
+    eval_str(&a, consumer);
+    eval_str(&a, "0");
+    for (int i = 0; i < count; i++) eval_str(&a, entry_ids[i]);
+    eval_str(&a, "JUSTID");
+    redisReply *reply = eval_run(r, &a, err, n);
+    freeReplyObject(reply);
+    return reply ? 0 : -1;
+}
+
+int cluster_ack(redis *r, const char *entry_id, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, ack_script, 1);
+    eval_str(&a, CLUSTER_STREAM);
+    eval_str(&a, CLUSTER_GROUP);
+    eval_str(&a, entry_id);
+    long long deleted;
+    return integer_reply(eval_run(r, &a, err, n), &deleted, err, n);
+}
+
+int cluster_load_input(redis *r, const cluster_task *t, sdx4_image *image, char *err, size_t n) {
+    memset(image, 0, sizeof *image);
+    redisReply *reply = redis_call(r, err, n, "GET sdx4:input:%s:%d", t->job_id, t->index);
+    if (!reply) return -1;
+    int rc = 0;
+    size_t bytes = (size_t)t->width * t->height * 3;
+    if (reply->type == REDIS_REPLY_STRING && reply->len == bytes) {
+        image->pixels = malloc(bytes);
+        if (image->pixels) {
+            memcpy(image->pixels, reply->str, bytes);
+            image->width = t->width, image->height = t->height;
+            rc = 1;
+        } else {
+            snprintf(err, n, "out of memory");
+            rc = -1;
+        }
+    }
+    freeReplyObject(reply);
+    return rc;
+}
+
+int cluster_register(redis *r, const char *name, const json_t *info, int busy, double ttl, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, register_script, 2);
+    eval_addf(&a, "sdx4:worker:%s", name);
+    eval_str(&a, "sdx4:workers");
+    eval_str(&a, name);
+    eval_json(&a, json_incref((json_t *)info));
+    eval_addf(&a, "%d", busy);
+    eval_addf(&a, "%lld", ttl_of(ttl));
+    long long added;
+    return integer_reply(eval_run(r, &a, err, n), &added, err, n);
+}
+
+int cluster_unregister(redis *r, const char *name, char *err, size_t n) {
+    redisReply *reply = redis_call(r, err, n, "DEL sdx4:worker:%s", name);
+    freeReplyObject(reply);
+    if (!reply) return -1;
+    reply = redis_call(r, err, n, "SREM sdx4:workers %s", name);
+    freeReplyObject(reply);
+    return reply ? 0 : -1;
+}
+
+/* ---- API nodes ------------------------------------------------------------------------- */
+
+/* KEYS: job hash. ARGV: field, value, ... Written only into a job that
+ * exists: a job forgotten or expired meanwhile is not brought back. */
+static const char keep_script[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], unpack(ARGV))\n"
+    "return 1\n";
+
+int cluster_keep_records(redis *r, const char *job_id, const cluster_task *tasks, int ntasks, char *err,
+                         size_t n) {
+    eval_args a;
+    eval_begin(&a, keep_script, 1);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) {
+        eval_addf(&a, "record:%d", tasks[i].index);
+        eval_json(&a, cluster_task_to_json(&tasks[i]));
+    }
+    long long kept;
+    return integer_reply(eval_run(r, &a, err, n), &kept, err, n);
+}
+
+int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int ntasks, char *err, size_t n) {
+    eval_args a = {0};
+    eval_str(&a, "HMGET");
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) eval_addf(&a, "record:%d", i);
+    redisReply *reply = eval_run(r, &a, err, n);
+    if (!reply) return -1;
+    for (int i = 0; i < ntasks; i++) {
+        cluster_task *t = &tasks[i];
+        const redisReply *e = reply->type == REDIS_REPLY_ARRAY && (size_t)i < reply->elements ? reply->element[i] : NULL;
+        json_t *record = e && e->type == REDIS_REPLY_STRING ? json_loadb(e->str, e->len, 0, NULL) : NULL;
+        char why[256];
+        if (!record || cluster_task_from_json(record, t, why, sizeof why) != 0) {
+            memset(t, 0, sizeof *t);
+            snprintf(t->job_id, sizeof t->job_id, "%s", job_id);
+        }
+        t->index = i;
+        json_decref(record);
+    }
+    freeReplyObject(reply);
+    return 0;
+}
+
+/* KEYS: job hash, results. ARGV: channel, message. */
+static const char forget_script[] =
+    "redis.call('DEL', unpack(KEYS))\n"
+    "return redis.call('PUBLISH', ARGV[1], ARGV[2])\n";
+
+int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, forget_script, 1 + ntasks);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    for (int i = 0; i < ntasks; i++) eval_addf(&a, "sdx4:result:%s:%d", job_id, i);
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_str(&a, "{\"forgotten\":true}");
+    long long heard;
+    return integer_reply(eval_run(r, &a, err, n), &heard, err, n);
+}
+
+bool cluster_parse_forgotten(const char *channel, const char *message, size_t len, char job_id[33]) {
+    static const char prefix[] = "sdx4:events:";
+    if (strncmp(channel, prefix, sizeof prefix - 1) != 0 || !is_job_id(channel + sizeof prefix - 1)) return false;
+    json_t *j = json_loadb(message, len, 0, NULL);
+    bool forgotten = json_is_true(json_object_get(j, "forgotten"));
+    json_decref(j);
+    if (forgotten) memcpy(job_id, channel + sizeof prefix - 1, 33);
+    return forgotten;
+}
+

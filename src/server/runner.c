@@ -1,0 +1,54 @@
+/*
+ * runner.c - one upscale task from its options to its encoded image (see
+ * runner.h): the engine's parameters from the request's, and the engine's
+ * errors as problems. An invalid argument is a limit of this model that
+ * the generic checks of form.c cannot know (e.g. a test model's few
+ * noise-level classes): the client's to fix (422), not the server's (500).
+ */
+#include "runner.h"
+
+#include "imageio.h"
+#include "log.h"
+
+job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
+                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
+                         sdx4_image *image, task_outcome *out) {
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.prompt = opts->prompt;
+    p.negative_prompt = opts->negative_prompt;
+    p.num_inference_steps = opts->steps;
+    p.guidance_scale = (float)opts->guidance_scale;
+    p.noise_level = (float)opts->noise_level;
+    p.seed = opts->seed;
+    p.eta = (float)opts->eta;
+    p.progress = progress;
+    p.progress_user = user;
+    p.cancel = stop;
+
+    *image = (sdx4_image){0};
+    sdx4_status st = sdx4_upscale(engine, input, &p, image, &out->report);
+    if (st == SDX4_OK) return out->state = JOB_SUCCEEDED;
+    if (st == SDX4_ERR_CANCELED) return out->state = JOB_CANCELED;
+    if (st == SDX4_ERR_INVALID_ARGUMENT)
+        problem_set(&out->error, PROBLEM_MODEL_REFUSED, "the model refused the inputs: %s", sdx4_last_error());
+    else
+        problem_set(&out->error, PROBLEM_UPSCALE_FAILED, "the engine failed: %s: %s", sdx4_status_name(st),
+                    sdx4_last_error());
+    log_event(LOG_ERROR, "upscale_failed",
+              json_pack("{s:s,s:s}", "status", sdx4_status_name(st), "error", sdx4_last_error()));
+    return out->state = JOB_FAILED;
+}
+
+void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out) {
+    char err[256];
+    if (imageio_encode(image, opts->format, opts->quality, &out->output, &out->len, err, sizeof err) == 0) {
+        out->state = JOB_SUCCEEDED;
+        out->width = image->width;
+        out->height = image->height;
+    } else {
+        out->state = JOB_FAILED;
+        problem_set(&out->error, PROBLEM_INTERNAL, "encoding the result failed: %s", err);
+    }
+    sdx4_image_free(image);
+}

@@ -1,0 +1,30 @@
+/*
+ * runner.h - one upscale task from its options to its encoded image.
+ *
+ * The single-process queue (queue.c) and the cluster's workers (worker.c)
+ * run a task through the same two calls, so that both modes give the same
+ * bytes for the same seed and the same problem for the same failure. The
+ * callers keep their own bookkeeping around them (timing, cost learning,
+ * the cache, where the outcome goes).
+ */
+#ifndef SDX4_SERVER_RUNNER_H
+#define SDX4_SERVER_RUNNER_H
+
+#include "form.h"
+#include "jobs.h"
+#include "sdx4.h"
+
+/* Runs the engine on `input` with `opts`. `stop` (set by another thread)
+ * ends it at the next step boundary, `progress` (or NULL) hears each step
+ * and may stop it too. Returns JOB_SUCCEEDED with `image` filled,
+ * JOB_CANCELED (stopped), or JOB_FAILED with out->error set; out->report
+ * is filled in every case the engine got that far. */
+job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
+                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
+                         sdx4_image *image, task_outcome *out);
+
+/* Encodes `image` in opts' format into out (output, len, width, height,
+ * state JOB_SUCCEEDED), or fails `out` with the reason; frees the pixels. */
+void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out);
+
+#endif

@@ -1,0 +1,483 @@
+/*
+ * worker.c - cluster mode's consumer of tasks (see worker.h).
+ *
+ * Threads. Each of `threads` consumers takes one task at a time from the
+ * stream (XREADGROUP, blocking up to a second on a connection of its
+ * own), so a process never holds more tasks than it can run; all share
+ * the engine (sdx4.h allows concurrent calls). A consumer with nothing to
+ * do also looks, every few seconds, for entries idle longer than the
+ * visibility timeout: those of workers that died (XAUTOCLAIM).
+ *
+ * A task's life: a record refused, a task delivered more than
+ * max_attempts times (it killed every worker that took it), a job
+ * stopped (cancel key) or past its deadline, or an input gone, ends the
+ * task at once with its reason; otherwise it is marked running and run
+ * through runner.c, the engine's stop flag set from the progress
+ * callback, which at each step reads the job's cancel key and the
+ * deadline (wall clock: nodes share no other) and reports progress at
+ * most every PROGRESS_INTERVAL. The outcome is stored by
+ * cluster_finish_task's compare-and-set, and only then is the entry
+ * acknowledged: a worker that dies first leaves the entry pending, to be
+ * reclaimed and run again (at least once; a second finish is a no-op).
+ * Whoever ends a job's last task sends its webhook.
+ *
+ * Liveness. A heartbeat thread refreshes the registration (TTL
+ * REGISTRATION_TTL) and resets the idle time of the entries being run
+ * (XCLAIM JUSTID, which leaves their delivery counts alone), often enough
+ * that no live worker's entry reaches the visibility timeout.
+ *
+ * Redis away. Calls fail within redis.h's timeout; consumers retry every
+ * second, an outcome waiting to be stored is retried until the task's
+ * deadline has long passed, and the outage is logged once, its end once
+ * (error replies, which are Redis answering, apart).
+ *
+ * Shutdown. worker_stop takes nothing new and lets the running tasks
+ * finish until its deadline; then it stops them and leaves their entries
+ * pending (not acknowledged, not failed): another worker reclaims them
+ * after the visibility timeout.
+ */
+#include "worker.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cluster.h"
+#include "log.h"
+#include "runner.h"
+#include "server.h"
+#include "webhook.h"
+
+#define TAKE_BLOCK_MS 1000
+#define REGISTRATION_TTL 10.0
+#define HEARTBEAT_SECONDS 2.0
+#define RECLAIM_SECONDS 5.0
+#define PROGRESS_INTERVAL 0.1
+#define RETRY_SECONDS 1.0
+#define STORE_MARGIN 60.0 /* seconds past a task's deadline its outcome is still worth storing */
+
+typedef struct slot {
+    struct worker *w;
+    pthread_t thread;
+    /* the task running, for the heartbeat (under w->lock) */
+    bool busy;
+    char entry_id[32];
+    /* for the progress callback */
+    const cluster_task *task;
+    cluster_task_state state;
+    double last_report; /* mono_now() */
+    sdx4_atomic_int stop;   /* STOP_*: the engine's cancel flag */
+} slot;
+
+struct worker {
+    sdx4_engine *engine;
+    redis *r;
+    struct webhooks *hooks;
+    worker_settings s;
+    char name[64];
+    json_t *info;
+    pthread_mutex_t lock;
+    pthread_cond_t changed; /* mono_now() clock: naps, exits, the heartbeat */
+    slot *slots;
+    int nthreads, exited;
+    double next_reclaim; /* mono_now() */
+    pthread_t heartbeat;
+    bool heartbeat_running, heartbeat_stop;
+    atomic_bool stopping, abandon;
+    atomic_bool redis_down, redis_refusing; /* logged once per outage, once per run of error replies */
+    atomic_llong succeeded, failed, canceled, redis_errors;
+    atomic_int busy;
+};
+
+/* ---- Redis's health, logged once per outage ----------------------------------- */
+
+static void redis_trouble(worker *w, const char *err) {
+    atomic_fetch_add(&w->redis_errors, 1);
+    /* an error reply ("redis: ..." from redis.c and cluster.c) is Redis
+     * answering: logged, but the worker is not cut off */
+    bool answered = strncmp(err, "redis: ", 7) == 0;
+    if (!atomic_exchange(answered ? &w->redis_refusing : &w->redis_down, true))
+        log_event(LOG_WARN, answered ? "redis_error" : "redis_unreachable",
+                  json_pack("{s:s,s:s,s:s}", "worker", w->name, "redis", redis_where(w->r), "error", err));
+}
+
+static void redis_fine(worker *w) {
+    atomic_store(&w->redis_refusing, false);
+    if (atomic_exchange(&w->redis_down, false))
+        log_event(LOG_INFO, "redis_reachable", json_pack("{s:s,s:s}", "worker", w->name, "redis", redis_where(w->r)));
+}
+
+/* Waits `seconds` unless the worker starts stopping. */
+static void nap(worker *w, double seconds) {
+    double until = mono_now() + seconds;
+    struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+    pthread_mutex_lock(&w->lock);
+    if (!atomic_load(&w->stopping)) pthread_cond_timedwait(&w->changed, &w->lock, &ts);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* ---- ending a task ----------------------------------------------------------------- */
+
+/* jobs.c's problems for a stopped task, and the state it ends in. */
+static job_state stopped(problem *p, int reason, double timeout) {
+    if (reason == STOP_TIMEOUT) {
+        problem_set(p, PROBLEM_TIMEOUT, "not finished within %g s of arrival; the work was canceled", timeout);
+        return JOB_FAILED;
+    }
+    if (reason == STOP_SHUTDOWN) problem_set(p, PROBLEM_SHUTTING_DOWN, "the server shut down before the work finished");
+    else problem_set(p, PROBLEM_CANCELED, "canceled by the client");
+    return JOB_CANCELED;
+}
+
+/* webhook.c's report of a delivery: logged (the job in Redis keeps none). */
+static void webhook_outcome(void *arg, const char *job_id, bool delivered, int attempts, const char *error) {
+    (void)arg;
+    log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
+              json_pack("{s:s,s:b,s:i,s:s?}", "job_id", job_id, "delivered", delivered, "attempts", attempts,
+                        "error", error));
+}
+
+/* The webhook of a job this worker ended. */
+static void send_webhook(worker *w, const char *job_id) {
+    char err[256];
+    cluster_job job;
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
+    int found = states ? cluster_load_job(w->r, job_id, &job, states, err, sizeof err) : -1;
+    if (found == 1 && job.webhook_url) {
+        json_t *doc = cluster_job_document(&job, states, "pending");
+        char *body = json_dumps(doc, JSON_COMPACT);
+        char why[256] = "this worker has no --webhook-secret to sign it";
+        if (!body || !w->hooks ||
+            webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, webhook_outcome,
+                          NULL, why, sizeof why))
+            log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job.id, "error", why));
+        free(body);
+        json_decref(doc);
+    } else if (found < 0) {
+        log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job_id, "error", err));
+    }
+    if (found == 1) {
+        log_event(LOG_INFO, "job_finished",
+                  json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", job.request_id, "job_id", job.id, "status",
+                            job_state_name(job.state), "images", job.ntasks, "seconds", job.finished - job.created));
+        cluster_job_free(&job);
+    }
+    free(states);
+}
+
+/* Stores a task's final state (and result), retrying while Redis is
+ * away, then acknowledges its entry. An outcome that cannot be stored
+ * (the worker abandons its tasks, or the job is long past its deadline)
+ * leaves the entry pending. */
+static void conclude(worker *w, const cluster_task *t, cluster_task_state *st, const void *result, size_t len) {
+    char err[256];
+    double give_up = mono_now() + (t->deadline - wall_now()) + STORE_MARGIN;
+    int rc = 1; /* a task without a job to store it in ends here */
+    st->finished = wall_now();
+    snprintf(st->worker, sizeof st->worker, "%s", w->name);
+    if (t->job_id[0] && t->index >= 0) {
+        while ((rc = cluster_finish_task(w->r, t->job_id, t->index, st, result, len, w->s.job_retention,
+                                         w->s.jobs_memory, err, sizeof err)) < 0) {
+            redis_trouble(w, err);
+            if (atomic_load(&w->abandon) || mono_now() > give_up) return;
+            nap(w, RETRY_SECONDS);
+        }
+        redis_fine(w);
+    }
+    if (rc != 0) /* 0: ended already, by another party */
+        atomic_fetch_add(st->state == JOB_SUCCEEDED ? &w->succeeded : st->state == JOB_FAILED ? &w->failed : &w->canceled, 1);
+    while (cluster_ack(w->r, t->entry_id, err, sizeof err) < 0) {
+        redis_trouble(w, err);
+        if (atomic_load(&w->abandon) || mono_now() > give_up) return; /* reclaimed later, found final */
+        nap(w, RETRY_SECONDS);
+    }
+    if (rc == 2) send_webhook(w, t->job_id);
+}
+
+/* Ends a task that is not run, with `kind` and the detail. */
+static void refuse_task(worker *w, const cluster_task *t, job_state state, problem_kind kind, const char *detail) {
+    cluster_task_state st = {.state = state};
+    problem_set(&st.error, kind, "%s", detail);
+    log_event(LOG_WARN, "task_not_run",
+              json_pack("{s:s,s:s,s:i,s:s,s:s}", "request_id", t->request_id, "job_id", t->job_id, "task", t->index,
+                        "entry", t->entry_id, "reason", detail));
+    conclude(w, t, &st, NULL, 0);
+}
+
+/* ---- running a task ---------------------------------------------------------------- */
+
+static int on_progress(void *user, int step, int total) {
+    slot *sl = user;
+    worker *w = sl->w;
+    const cluster_task *t = sl->task;
+    int stop = atomic_load(&sl->stop);
+    char err[256];
+    if (!stop && wall_now() > t->deadline) stop = STOP_TIMEOUT;
+    if (!stop) { /* a GET a step: cheap beside a step */
+        if (cluster_stop_reason(w->r, t->job_id, &stop, err, sizeof err)) redis_trouble(w, err);
+    }
+    double now = mono_now();
+    if (!stop && (now - sl->last_report >= PROGRESS_INTERVAL || step == total)) {
+        sl->state.step = step, sl->state.total = total;
+        int rc = cluster_report_progress(w->r, t->job_id, t->index, &sl->state, err, sizeof err);
+        if (rc < 0) redis_trouble(w, err);
+        else if (rc == 0) stop = STOP_CLIENT; /* ended elsewhere (a cancel): nobody wants it */
+        sl->last_report = now;
+    }
+    if (stop) atomic_store(&sl->stop, stop);
+    return stop;
+}
+
+static void set_busy(slot *sl, bool busy) {
+    worker *w = sl->w;
+    pthread_mutex_lock(&w->lock);
+    sl->busy = busy;
+    if (busy) memcpy(sl->entry_id, sl->task->entry_id, sizeof sl->entry_id);
+    pthread_mutex_unlock(&w->lock);
+    atomic_fetch_add(&w->busy, busy ? 1 : -1);
+}
+
+static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
+    worker *w = sl->w;
+    char err[256];
+    sl->task = t;
+    sl->state = (cluster_task_state){.state = JOB_RUNNING, .total = t->opts.steps, .started = wall_now()};
+    snprintf(sl->state.worker, sizeof sl->state.worker, "%s", w->name);
+    sl->last_report = mono_now();
+    atomic_store(&sl->stop, STOP_NONE);
+    int rc = cluster_report_progress(w->r, t->job_id, t->index, &sl->state, err, sizeof err);
+    if (rc < 0) redis_trouble(w, err);
+    if (rc == 0) { /* final already: ended while the entry waited, or by a run before a crash */
+        if (cluster_ack(w->r, t->entry_id, err, sizeof err)) redis_trouble(w, err);
+        return;
+    }
+    set_busy(sl, true);
+    task_outcome out = {.state = JOB_FAILED};
+    sdx4_image image;
+    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED)
+        runner_encode(&image, &t->opts, &out);
+    int stop = atomic_load(&sl->stop);
+    if (out.state == JOB_CANCELED && atomic_load(&w->abandon)) {
+        log_event(LOG_WARN, "task_abandoned",
+                  json_pack("{s:s,s:s,s:i,s:s}", "request_id", t->request_id, "job_id", t->job_id, "task", t->index,
+                            "message", "shutdown deadline passed; left for another worker"));
+    } else {
+        cluster_task_state st = sl->state;
+        st.state = out.state;
+        st.report = out.report;
+        if (out.state == JOB_SUCCEEDED) st.step = st.total, st.width = out.width, st.height = out.height, st.bytes = out.len;
+        else if (out.state == JOB_CANCELED) st.state = stopped(&st.error, stop, t->deadline - t->created);
+        else st.error = out.error;
+        conclude(w, t, &st, out.output, out.len);
+    }
+    free(out.output);
+    set_busy(sl, false);
+}
+
+static void handle(slot *sl, cluster_delivery *d) {
+    worker *w = sl->w;
+    cluster_task *t = &d->task;
+    char detail[384], err[256];
+    int reason = STOP_NONE;
+    if (d->invalid[0]) {
+        snprintf(detail, sizeof detail, "the task's record was refused: %s", d->invalid);
+        refuse_task(w, t, JOB_FAILED, PROBLEM_INTERNAL, detail);
+        return;
+    }
+    if (t->deliveries > w->s.max_attempts) {
+        int n = t->deliveries - 1;
+        snprintf(detail, sizeof detail, "taken by %d worker%s that %s before finishing it; not tried again", n,
+                 n == 1 ? "" : "s", n == 1 ? "stopped" : "each stopped");
+        refuse_task(w, t, JOB_FAILED, PROBLEM_UPSCALE_FAILED, detail);
+    } else if (wall_now() > t->deadline ||
+               (cluster_stop_reason(w->r, t->job_id, &reason, err, sizeof err) == 0 && reason != STOP_NONE)) {
+        cluster_task_state st = {0};
+        st.state = stopped(&st.error, reason ? reason : STOP_TIMEOUT, t->deadline - t->created);
+        conclude(w, t, &st, NULL, 0);
+    } else {
+        sdx4_image input;
+        int found = cluster_load_input(w->r, t, &input, err, sizeof err);
+        if (found < 0) { /* Redis away: the entry stays pending, reclaimed once it is back */
+            redis_trouble(w, err);
+        } else if (found == 0) {
+            refuse_task(w, t, JOB_FAILED, PROBLEM_INTERNAL, "the task's input expired before a worker took it");
+        } else {
+            run(sl, t, &input);
+            sdx4_image_free(&input);
+        }
+    }
+    cluster_task_free(t);
+}
+
+/* ---- threads ----------------------------------------------------------------------- */
+
+/* Whether this consumer should look for dead workers' entries now. */
+static bool reclaim_due(worker *w) {
+    double now = mono_now(), every = w->s.visibility_timeout / 2;
+    pthread_mutex_lock(&w->lock);
+    bool due = now >= w->next_reclaim;
+    if (due) w->next_reclaim = now + (every < RECLAIM_SECONDS ? every : RECLAIM_SECONDS);
+    pthread_mutex_unlock(&w->lock);
+    return due;
+}
+
+static void *consumer_main(void *arg) {
+    slot *sl = arg;
+    worker *w = sl->w;
+    redisContext *c = NULL;
+    char err[256];
+    while (!atomic_load(&w->stopping)) {
+        if (!c && !(c = redis_borrow(w->r, TAKE_BLOCK_MS / 1000.0, err, sizeof err))) {
+            redis_trouble(w, err);
+            nap(w, RETRY_SECONDS);
+            continue;
+        }
+        cluster_delivery d;
+        int got = cluster_take(c, w->name, 1, TAKE_BLOCK_MS, &d, err, sizeof err);
+        if (got < 0) {
+            redis_release(w->r, c, true);
+            c = NULL;
+            redis_trouble(w, err);
+            if (strstr(err, "NOGROUP") && cluster_ensure_group(w->r, err, sizeof err) == 0) /* Redis lost it */
+                continue;
+            nap(w, RETRY_SECONDS);
+            continue;
+        }
+        redis_fine(w);
+        if (got == 0 && !atomic_load(&w->stopping) && reclaim_due(w)) {
+            got = cluster_reclaim(w->r, w->name, w->s.visibility_timeout, 1, &d, err, sizeof err);
+            if (got < 0) redis_trouble(w, err);
+            else if (got > 0)
+                log_event(LOG_INFO, "task_reclaimed",
+                          json_pack("{s:s,s:s,s:i,s:i}", "entry", d.task.entry_id, "job_id", d.task.job_id, "task",
+                                    d.task.index, "deliveries", d.task.deliveries));
+        }
+        if (got > 0) handle(sl, &d); /* taken: run even when stopping began meanwhile */
+    }
+    redis_release(w->r, c, false);
+    pthread_mutex_lock(&w->lock);
+    w->exited++;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+static void *heartbeat_main(void *arg) {
+    worker *w = arg;
+    double every = w->s.visibility_timeout / 4 < HEARTBEAT_SECONDS ? w->s.visibility_timeout / 4 : HEARTBEAT_SECONDS;
+    /* sized by the setting: the consumers start after this thread */
+    const char **held = calloc((size_t)w->s.threads, sizeof *held);
+    char (*ids)[32] = calloc((size_t)w->s.threads, sizeof *ids);
+    char err[256];
+    pthread_mutex_lock(&w->lock);
+    while (!w->heartbeat_stop) {
+        int n = 0;
+        for (int i = 0; held && ids && i < w->nthreads; i++)
+            if (w->slots[i].busy) {
+                memcpy(ids[n], w->slots[i].entry_id, sizeof ids[n]);
+                held[n] = ids[n], n++;
+            }
+        pthread_mutex_unlock(&w->lock);
+        if (cluster_register(w->r, w->name, w->info, atomic_load(&w->busy), REGISTRATION_TTL, err, sizeof err) ||
+            cluster_hold(w->r, w->name, held, n, err, sizeof err))
+            redis_trouble(w, err);
+        else
+            redis_fine(w);
+        double until = mono_now() + every;
+        struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+        pthread_mutex_lock(&w->lock);
+        if (!w->heartbeat_stop) pthread_cond_timedwait(&w->changed, &w->lock, &ts);
+    }
+    pthread_mutex_unlock(&w->lock);
+    free(held);
+    free(ids);
+    return NULL;
+}
+
+/* ---- the interface --------------------------------------------------------------------- */
+
+worker *worker_start(sdx4_engine *engine, redis *r, struct webhooks *hooks, const worker_settings *settings,
+                     const json_t *info, char *err, size_t n) {
+    worker *w = calloc(1, sizeof *w);
+    if (!w || !(w->slots = calloc((size_t)settings->threads, sizeof *w->slots))) {
+        free(w);
+        snprintf(err, n, "out of memory");
+        return NULL;
+    }
+    w->engine = engine, w->r = r, w->hooks = hooks, w->s = *settings;
+    snprintf(w->name, sizeof w->name, "%s", settings->name);
+    w->s.name = w->name;
+    w->info = json_deep_copy(info);
+    pthread_mutex_init(&w->lock, NULL);
+    cond_init_monotonic(&w->changed);
+    if (cluster_ensure_group(r, err, n)) /* not fatal: a consumer's first take fails and retries */
+        redis_trouble(w, err);
+    w->heartbeat_running = pthread_create(&w->heartbeat, NULL, heartbeat_main, w) == 0;
+    for (int i = 0; w->heartbeat_running && i < settings->threads; i++) {
+        w->slots[i].w = w;
+        if (pthread_create(&w->slots[i].thread, NULL, consumer_main, &w->slots[i]) != 0) break;
+        w->nthreads++;
+    }
+    if (w->nthreads < settings->threads) {
+        snprintf(err, n, "cannot start the worker's threads");
+        if (worker_stop(w, mono_now() + 5) == 0) worker_free(w);
+        return NULL;
+    }
+    log_event(LOG_INFO, "worker_started",
+              json_pack("{s:s,s:i,s:f,s:i,s:s}", "worker", w->name, "threads", w->nthreads, "visibility_timeout_s",
+                        w->s.visibility_timeout, "max_attempts", w->s.max_attempts, "redis", redis_where(r)));
+    return w;
+}
+
+/* Waits until every consumer has returned or `deadline` passes (lock held). */
+static bool wait_exits(worker *w, double deadline) {
+    struct timespec ts = {(time_t)deadline, (long)((deadline - (double)(time_t)deadline) * 1e9)};
+    while (w->exited < w->nthreads)
+        if (pthread_cond_timedwait(&w->changed, &w->lock, &ts) != 0 && mono_now() >= deadline) break;
+    return w->exited == w->nthreads;
+}
+
+int worker_stop(worker *w, double deadline) {
+    if (!w) return 0;
+    atomic_store(&w->stopping, true);
+    pthread_mutex_lock(&w->lock);
+    pthread_cond_broadcast(&w->changed);
+    bool all = wait_exits(w, deadline);
+    if (!all) { /* stop what runs; the engine notices within a fraction of a second */
+        atomic_store(&w->abandon, true);
+        for (int i = 0; i < w->nthreads; i++) atomic_store(&w->slots[i].stop, STOP_SHUTDOWN);
+        pthread_cond_broadcast(&w->changed);
+        all = wait_exits(w, mono_now() + 5);
+    }
+    w->heartbeat_stop = true;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    if (w->heartbeat_running) pthread_join(w->heartbeat, NULL);
+    char err[256];
+    if (cluster_unregister(w->r, w->name, err, sizeof err)) redis_trouble(w, err);
+    log_event(LOG_INFO, "worker_stopped",
+              json_pack("{s:s,s:b,s:I,s:I,s:I}", "worker", w->name, "drained", !atomic_load(&w->abandon), "succeeded",
+                        (json_int_t)atomic_load(&w->succeeded), "failed", (json_int_t)atomic_load(&w->failed),
+                        "canceled", (json_int_t)atomic_load(&w->canceled)));
+    if (!all) return -1;
+    for (int i = 0; i < w->nthreads; i++) pthread_join(w->slots[i].thread, NULL);
+    w->nthreads = 0;
+    return 0;
+}
+
+void worker_free(worker *w) {
+    if (!w) return;
+    pthread_cond_destroy(&w->changed);
+    pthread_mutex_destroy(&w->lock);
+    json_decref(w->info);
+    free(w->slots);
+    free(w);
+}
+
+void worker_get_stats(worker *w, worker_stats *s) {
+    *s = (worker_stats){.succeeded = atomic_load(&w->succeeded), .failed = atomic_load(&w->failed),
+                        .canceled = atomic_load(&w->canceled), .redis_errors = atomic_load(&w->redis_errors),
+                        .busy = atomic_load(&w->busy), .threads = w->nthreads,
+                        .redis_up = !atomic_load(&w->redis_down), .stopping = atomic_load(&w->stopping)};
+}

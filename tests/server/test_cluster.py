@@ -1,0 +1,285 @@
+"""Cluster mode seen from the API nodes (`sdx4 serve --redis URL`): real
+redis-server, real `sdx4 worker` processes, the tiny reference model.
+
+The tests start their Redis (conftest's RedisServer: a unix socket in a
+temp dir, append-only on, so that a restart keeps what it had), workers
+and nodes, and stop them. Results are compared byte for byte with a
+single-process server given the same images and seeds.
+"""
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import MODEL, SDX4, RedisServer, Server, Worker, image_bytes, problem
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
+                                reason="redis-server is not installed (scripts/install-deps.sh)")
+
+STEPS = "2"  # enough to watch a job run, few enough to keep the suite short
+
+
+def api_node(redis, *flags):
+    """An API-only node (--workers 0) on `redis`; ready once a worker serves its model."""
+    return Server("--redis", redis.url, "--workers", "0", "--request-timeout", "300", *flags, wait_ready=False)
+
+
+def wait_serving(node, workers=1, timeout=120):
+    """Waits until `node`'s health is 200 with `workers` live workers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = node.get("/api/v1/health", timeout=10)
+        if r.status_code == 200 and len(r.json()["cluster"]["workers"]) >= workers:
+            return r.json()
+        time.sleep(0.1)
+    raise AssertionError(f"no {workers} live workers: {r.text}")
+
+
+def wait_final(node, job_id, timeout=120, **kw):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        doc = node.get(f"/api/v1/jobs/{job_id}", **kw).json()
+        if doc["status"] in ("succeeded", "failed", "canceled"):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never finished: {doc}")
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis for one test (conftest's redis_server is the module's): no
+    worker registered by another test is still alive in it."""
+    r = RedisServer()
+    yield r
+    r.remove()
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """Single-process results of the images and seeds the tests send."""
+    s = Server("--workers", "2")
+    cache = {}
+
+    def result(seed):
+        if seed not in cache:
+            r = s.post("/api/v1/upscale", files={"image": image_bytes(seed=seed % 7)},
+                       data={"seed": str(seed), "num_inference_steps": STEPS})
+            assert r.status_code == 200, r.text
+            cache[seed] = r.content
+        return cache[seed]
+    yield result
+    s.check_clean_exit()
+
+
+class Cluster:
+    """Redis, one API-only node (`node`, replaceable) and two workers."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self.workers = [Worker(redis.url, "--name", "w1"), Worker(redis.url, "--name", "w2")]
+        self.node = api_node(redis)
+        wait_serving(self.node, 2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Shared by the tests of this module that leave it as they found it
+    (a node replaced, Redis restarted): starting one costs seconds."""
+    redis = RedisServer()
+    c = Cluster(redis)
+    yield c
+    c.node.check_clean_exit()
+    for w in c.workers:
+        w.check_clean_exit()
+    redis.remove()
+
+
+def submit(node, seed, **kw):
+    r = node.post("/api/v1/jobs", files={"image": image_bytes(seed=seed % 7)},
+                  data={"seed": str(seed), "num_inference_steps": STEPS}, **kw)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_forty_jobs_each_once_and_identical_to_single_process(cluster, baseline):
+    redis, node = cluster.redis, cluster.node
+    ids = {submit(node, seed): seed for seed in range(40)}
+    for job_id, seed in ids.items():
+        doc = wait_final(node, job_id)
+        assert doc["status"] == "succeeded", json.dumps(doc)
+        r = node.get(f"/api/v1/jobs/{job_id}/result")
+        assert r.status_code == 200 and r.headers["X-Seed"] == str(seed)
+        assert r.content == baseline(seed), f"job {job_id} (seed {seed}) differs from single-process mode"
+    # both workers took part, and every task was taken exactly once
+    health = node.get("/api/v1/health").json()
+    assert health["queue"]["depth"] == 0
+    # the node's model-info comes from the workers' registrations
+    info = node.get("/api/v1/model-info").json()
+    assert {w["name"] for w in info["workers"]} == {"w1", "w2"}
+    assert info["limits"]["request_timeout_s"] == 300
+
+
+def test_sync_upscale_through_api_node(cluster, baseline):
+    redis, node = cluster.redis, cluster.node
+    r = node.post("/api/v1/upscale", files={"image": image_bytes(seed=3)},
+                  data={"seed": "3", "num_inference_steps": STEPS})
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"] == "image/png" and r.headers["X-Seed"] == "3"
+    assert r.content == baseline(3)
+    # the node keeps what a worker made for it in its result cache
+    again = node.post("/api/v1/upscale", files={"image": image_bytes(seed=3)},
+                      data={"seed": "3", "num_inference_steps": STEPS})
+    assert again.headers["X-Cache"] == "HIT" and again.content == r.content
+
+
+def test_api_node_killed_and_restarted_keeps_jobs(cluster, baseline):
+    ids = {submit(cluster.node, seed): seed for seed in range(100, 106)}
+    cluster.node.proc.kill()  # SIGKILL: nothing of it survives but what Redis has
+    cluster.node.proc.wait()
+    cluster.node = api_node(cluster.redis)
+    wait_serving(cluster.node, 2)
+    for job_id, seed in ids.items():
+        doc = wait_final(cluster.node, job_id)
+        assert doc["status"] == "succeeded", doc
+        assert cluster.node.get(f"/api/v1/jobs/{job_id}/result").content == baseline(seed)
+
+
+def test_two_api_nodes_share_jobs_and_keep_owners_apart(own_redis, baseline):
+    keys = ("--api-keys", "key-a,key-b")
+    worker = Worker(own_redis.url, "--name", "w1")
+    a, b = api_node(own_redis, *keys), api_node(own_redis, *keys)
+    try:
+        wait_serving(a), wait_serving(b)
+        mine = {"Authorization": "Bearer key-a"}
+        theirs = {"Authorization": "Bearer key-b"}
+        r = a.post("/api/v1/jobs", files={"image": image_bytes(seed=200 % 7)},
+                   data={"seed": "200", "num_inference_steps": "30"}, headers=mine)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        # SSE from B of the job made on A: progress, then the final event
+        events = []
+        with requests.get(f"{b.url}/api/v1/jobs/{job_id}/events", headers=mine, stream=True, timeout=60) as sse:
+            assert sse.status_code == 200
+            for line in sse.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if line[7:] in ("succeeded", "failed", "canceled"):
+                        break
+        assert events[-1] == "succeeded", events
+        assert "running" in events, events
+        doc = b.get(f"/api/v1/jobs/{job_id}", headers=mine).json()
+        assert doc["status"] == "succeeded" and doc["id"] == job_id
+        assert b.get(f"/api/v1/jobs/{job_id}/result", headers=mine).content == \
+            a.get(f"/api/v1/jobs/{job_id}/result", headers=mine).content
+        # another key finds nothing, on either node, as for an unknown id
+        for node in (a, b):
+            problem(node.get(f"/api/v1/jobs/{job_id}", headers=theirs), 404, "not-found")
+        # DELETE on B: the job is gone on A too
+        assert b.delete(f"/api/v1/jobs/{job_id}", headers=mine).status_code == 200
+        deadline = time.time() + 10
+        while a.get(f"/api/v1/jobs/{job_id}", headers=mine).status_code != 404:
+            assert time.time() < deadline, "the job deleted on B is still found on A"
+            time.sleep(0.1)
+    finally:
+        a.check_clean_exit()
+        b.check_clean_exit()
+        worker.check_clean_exit()
+
+
+def test_cancel_on_api_node_stops_the_worker(cluster):
+    redis, node = cluster.redis, cluster.node
+    r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "150"})
+    job_id = r.json()["id"]
+    deadline = time.time() + 60
+    while node.get(f"/api/v1/jobs/{job_id}").json()["progress"]["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    r = node.delete(f"/api/v1/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    problem(node.get(f"/api/v1/jobs/{job_id}"), 404, "not-found")
+    # the worker stopped at its next step: both are free again soon
+    deadline = time.time() + 30
+    while node.get("/api/v1/health").json()["queue"]["running"]:
+        assert time.time() < deadline, "the worker never stopped"
+        time.sleep(0.1)
+
+
+def test_deadline_on_api_node_answers_504_and_frees_the_worker(own_redis):
+    worker = Worker(own_redis.url, "--name", "w1")
+    node = api_node(own_redis, "--request-timeout", "1.5")
+    try:
+        wait_serving(node)
+        t0 = time.time()
+        r = node.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "150"})
+        problem(r, 504, "timeout")
+        assert time.time() - t0 < 10
+        deadline = time.time() + 30
+        while node.get("/api/v1/health").json()["queue"]["running"]:
+            assert time.time() < deadline, "the worker never stopped"
+            time.sleep(0.1)
+    finally:
+        node.check_clean_exit()
+        worker.check_clean_exit()
+
+
+def test_redis_down_answers_503_at_once_and_recovers(cluster, baseline):
+    redis, node = cluster.redis, cluster.node
+    job_id = submit(node, 300)
+    assert wait_final(node, job_id)["status"] == "succeeded"
+    redis.stop()
+    t0 = time.time()
+    deadline = time.time() + 15
+    while node.get("/api/v1/health").status_code != 503:
+        assert time.time() < deadline, "health never noticed Redis was down"
+        time.sleep(0.1)
+    h = node.get("/api/v1/health").json()
+    assert h["cluster"]["redis_up"] is False and h["ready"] is False
+    t0 = time.time()
+    r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": STEPS})
+    p = problem(r, 503, "store-unavailable")
+    assert r.headers["Retry-After"] == "1" and "Redis" in p["detail"]
+    problem(node.get("/api/v1/jobs/" + "0" * 32), 503, "store-unavailable")
+    assert time.time() - t0 < 10, "a request waited on a Redis that is down"
+    # a job this node already holds is still answered
+    assert node.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    redis.start()
+    wait_serving(node, 2, timeout=60)
+    job_id = submit(node, 301)
+    assert wait_final(node, job_id)["status"] == "succeeded"
+    assert node.get(f"/api/v1/jobs/{job_id}/result").content == baseline(301)
+
+
+def test_workers_zero_needs_redis():
+    r = subprocess.run([SDX4, "serve", "--model", MODEL, "--workers", "0"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "needs --redis" in r.stderr
+
+
+def test_api_node_without_workers_is_not_ready(own_redis):
+    node = api_node(own_redis)
+    try:
+        r = node.get("/api/v1/health")
+        assert r.status_code == 503 and r.json()["error"] == "no live worker serves this model"
+        problem(node.get("/api/v1/model-info"), 503, "not-ready")
+    finally:
+        node.check_clean_exit()
+
+
+def test_node_with_its_own_workers(own_redis, baseline):
+    """--redis with --workers N: the node runs N consumers of the cluster's
+    tasks itself, and registers like any worker."""
+    node = Server("--redis", own_redis.url, "--workers", "1", "--name", "self", "--request-timeout", "300",
+                  wait_ready=False)
+    try:
+        health = wait_serving(node)
+        assert [w["name"] for w in health["cluster"]["workers"]] == ["self"]
+        r = node.post("/api/v1/upscale", files={"image": image_bytes(seed=5)},
+                      data={"seed": "5", "num_inference_steps": STEPS})
+        assert r.status_code == 200, r.text
+        assert r.content == baseline(5)
+        assert node.get("/api/v1/model-info").json()["model_id"] == "model"
+    finally:
+        node.check_clean_exit()
