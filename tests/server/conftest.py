@@ -38,6 +38,8 @@ class Server:
         if CLUSTER:
             self.cluster = LocalCluster(model, flags)
             flags = list(flags) + ["--redis", self.cluster.redis.url, "--workers", "0"]
+        # an API node is "unavailable" until a worker (maybe its own) registers
+        self.clustered = "--redis" in [str(f) for f in flags]
         cmd = [SDX4, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false", "--rate-limit", "0"] + [str(f) for f in flags]
         full_env = dict(os.environ, OMP_WAIT_POLICY="passive")
@@ -81,7 +83,7 @@ class Server:
             r = requests.get(self.url + "/api/v1/health", timeout=5)
             if r.status_code == 200:
                 return r.json()
-            assert r.json()["status"] in ("loading", "warming") + (("unavailable",) if CLUSTER else ()), r.text
+            assert r.json()["status"] in ("loading", "warming") + (("unavailable",) if self.clustered else ()), r.text
             time.sleep(0.1)
         raise RuntimeError("the server never became ready")
 
