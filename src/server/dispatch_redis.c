@@ -63,6 +63,7 @@
 #define WATCH_BUCKETS 256
 #define PING_SECONDS 0.5 /* a quiet subscription is pinged this often */
 #define ORDER_SECONDS 60 /* how long Redis work asked by jobs.c is retried */
+#define FORGOTTEN 256    /* jobs deleted here that find() must not bring back meanwhile */
 
 /* A task this node reports. */
 typedef struct watch {
@@ -95,6 +96,10 @@ struct dispatch_redis {
     double retry_at; /* the orders wait for Redis until then */
     bool closed, stopping;
     double stop_by; /* once stopping, orders are still tried until then */
+    /* the last jobs deleted here: until the keeper has removed one from
+     * Redis, a GET must not rebuild it from there */
+    char forgotten[FORGOTTEN][33];
+    int forgotten_next;
     /* the cluster at the last look */
     bool up;
     char down_why[256];
@@ -612,6 +617,8 @@ static void forget(void *ctx, job *j) {
     o->ntasks = job_ntasks(j);
     pthread_mutex_lock(&d->lock);
     order_add(d, o);
+    memcpy(d->forgotten[d->forgotten_next], o->job_id, 33);
+    d->forgotten_next = (d->forgotten_next + 1) % FORGOTTEN;
     pthread_mutex_unlock(&d->lock);
 }
 
@@ -676,8 +683,7 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
     dispatch_redis *d = ctx;
     pthread_mutex_lock(&d->lock);
     bool deleted = false;
-    for (const order *o = d->orders; o && !deleted; o = o->next)
-        deleted = o->kind == ORDER_FORGET && strcmp(o->job_id, id) == 0;
+    for (int i = 0; i < FORGOTTEN && !deleted; i++) deleted = strcmp(d->forgotten[i], id) == 0;
     pthread_mutex_unlock(&d->lock);
     if (deleted) return NULL;
 

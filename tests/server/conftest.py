@@ -47,13 +47,13 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file, env=full_env)
         try:
             self.port = self._wait_for_port()
-        except RuntimeError:
-            if self.cluster:
+            self.url = f"http://127.0.0.1:{self.port}"
+            if wait_ready:
+                self.wait_ready()
+        except (RuntimeError, AssertionError):
+            if self.cluster:  # the test never gets the server to stop
                 self.cluster.close()
             raise
-        self.url = f"http://127.0.0.1:{self.port}"
-        if wait_ready:
-            self.wait_ready()
 
     def logs(self):
         """The JSON log lines so far (other lines, e.g. sanitizer reports, as text)."""
