@@ -412,6 +412,8 @@ static int check(const server_config *cfg, FILE *err) {
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
     else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
         bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
+    else if (cfg->s3_bucket && cfg->redis)
+        bad = "s3-bucket is not supported with redis yet: cluster workers keep results in Redis";
     if (!bad) return 0;
     fprintf(err, "sdx4 serve: %s\n", bad);
     return -1;

@@ -62,6 +62,7 @@ struct job {
     int refs;
     size_t result_bytes;
     bool in_store;                  /* in the id table (listed, not dropped) */
+    bool adopted;                   /* made on another node (job_adopt): a copy here */
     job *hash_next;                 /* id table chain */
     job *list_prev, *list_next;     /* the active list, or the retained list */
 };
@@ -337,7 +338,8 @@ static void job_finished_locked(job_store *s, job *j) {
             j->webhook_state = WEBHOOK_FAILED;
         free(body);
     }
-    if (s->srv->history) record_history(j);
+    /* one row per job: by the node that made it, not by each that adopted a copy */
+    if (s->srv->history && !j->adopted) record_history(j);
     pthread_cond_broadcast(&s->idle);
     log_event(LOG_INFO, "job_finished",
               json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", j->request_id, "job_id", j->id,
@@ -629,6 +631,7 @@ job *job_adopt(job *j, const char *id) {
         return known;
     }
     snprintf(j->id, sizeof j->id, "%s", id);
+    j->adopted = true;
     const dispatch *d = &s->srv->dispatch;
     double now = mono_now();
     j->unfinished = 0;
