@@ -174,11 +174,7 @@ static int load_model(server *srv) {
     const server_config *c = &srv->cfg;
     double t0 = mono_now();
     sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = c->model;
-    o.variant = c->variant;
-    o.device = c->device;
-    o.threads = c->threads;
+    config_engine_options(c, &o);
     if (sdx4_engine_open(&o, &srv->engine) != SDX4_OK) {
         snprintf(srv->failure, sizeof srv->failure, "cannot open the model: %s", sdx4_last_error());
         log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));

@@ -844,14 +844,6 @@ int cluster_waiting(redis *r, long long *waiting, char *err, size_t n) {
     return integer_reply(eval_run(r, &a, err, n), waiting, err, n);
 }
 
-static void iso_time(char *buf, size_t size, double wall) {
-    time_t secs = (time_t)wall;
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    size_t len = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(buf + len, size - len, ".%03dZ", (int)((wall - (double)secs) * 1000));
-}
-
 static void set_time(json_t *doc, const char *name, double wall) {
     char buf[40];
     iso_time(buf, sizeof buf, wall);

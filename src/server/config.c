@@ -506,3 +506,11 @@ void config_print_help(FILE *out) {
         fputc('\n', out);
     }
 }
+
+void config_engine_options(const server_config *cfg, sdx4_engine_options *o) {
+    sdx4_engine_options_default(o);
+    o->model_dir = cfg->model;
+    o->variant = cfg->variant;
+    o->device = cfg->device;
+    o->threads = cfg->threads;
+}

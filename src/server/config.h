@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "sdx4.h"
+
 /* The most --workers allows: queue.c and status.c keep per-worker arrays of it. */
 #define MAX_WORKERS 64
 
@@ -85,5 +87,9 @@ void config_free(server_config *cfg);
 /* "N" (N x N) or "WxH" -> width, height (1..65536); -1 if malformed. */
 int config_parse_dimensions(const char *text, int *width, int *height);
 void config_print_help(FILE *out);
+
+/* The engine's open options that the settings give (model, variant,
+ * device, threads): one mapping for serve and worker. */
+void config_engine_options(const server_config *cfg, sdx4_engine_options *o);
 
 #endif

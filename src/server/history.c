@@ -80,7 +80,7 @@ int64_t history_micros(double wall) { return (int64_t)llround(wall * 1e6); }
 
 /* ---- documents ------------------------------------------------------------------ */
 
-static void iso_time(char *buf, size_t size, int64_t us) {
+static void iso_time_us(char *buf, size_t size, int64_t us) {
     time_t secs = (time_t)(us / 1000000);
     struct tm tm;
     gmtime_r(&secs, &tm);
@@ -90,7 +90,7 @@ static void iso_time(char *buf, size_t size, int64_t us) {
 
 static void set_time(json_t *doc, const char *key, int64_t us) {
     char buf[40];
-    iso_time(buf, sizeof buf, us);
+    iso_time_us(buf, sizeof buf, us);
     json_object_set_new(doc, key, json_string(buf));
 }
 

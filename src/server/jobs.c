@@ -189,14 +189,6 @@ static void wake_all(waiter *w) {
 
 /* ---- documents ---------------------------------------------------------------- */
 
-static void iso_time(char *buf, size_t size, double wall) {
-    time_t secs = (time_t)wall;
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    size_t n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(buf + n, size - n, ".%03dZ", (int)((wall - (double)secs) * 1000));
-}
-
 static void set_time(json_t *doc, const char *key, const job *j, double mono) {
     char buf[40];
     iso_time(buf, sizeof buf, j->created_wall + (mono - j->created));

@@ -180,11 +180,7 @@ static void *load_model(void *arg) {
     const server_config *c = &srv->cfg;
     double t0 = mono_now();
     sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = c->model;
-    o.variant = c->variant;
-    o.device = c->device;
-    o.threads = c->threads;
+    config_engine_options(c, &o);
     sdx4_engine *engine = NULL;
     if (sdx4_engine_open(&o, &engine) != SDX4_OK) {
         fail(srv, "cannot open the model");

@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <time.h>
 
 #include "config.h"
@@ -105,6 +106,15 @@ static inline void cond_init_monotonic(pthread_cond_t *cond) {
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(cond, &attr);
     pthread_condattr_destroy(&attr);
+}
+
+/* "2026-01-02T03:04:05.678Z": seconds since the epoch as documents show them. */
+static inline void iso_time(char *buf, size_t size, double wall) {
+    time_t secs = (time_t)wall;
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    size_t n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(buf + n, size - n, ".%03dZ", (int)((wall - (double)secs) * 1000));
 }
 
 /* Seconds since the epoch (timestamps shown to clients). */

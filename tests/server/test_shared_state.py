@@ -7,56 +7,20 @@ failing a request, and both recover when Redis returns.
 
 Each node still runs its jobs on its own workers here: the job side of
 cluster mode is not what these tests are about."""
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 import time
 
 import pytest
 
-from conftest import Server, image_bytes, problem
+from conftest import RedisServer, Server, image_bytes, problem
 
 UPSCALE = "/api/v1/upscale"
 PARAMS = {"num_inference_steps": "1", "seed": "21"}
 
 
-class Redis:
-    """A real redis-server on a unix socket in a folder of its own,
-    append-only as a cluster's would be; stop() and start() keep the data."""
-
-    def __init__(self):
-        if not shutil.which("redis-server"):
-            pytest.skip("redis-server is not installed (scripts/install-deps.sh installs it)")
-        self.dir = tempfile.mkdtemp(prefix="sdx4-redis-")
-        self.socket = os.path.join(self.dir, "redis.sock")
-        self.url = "unix://" + self.socket
-        self.proc = None
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", "0", "--unixsocket", self.socket, "--save", "",
-             "--appendonly", "yes", "--dir", self.dir], stdout=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while not os.path.exists(self.socket):
-            assert self.proc.poll() is None and time.time() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-    def remove(self):
-        if self.proc.poll() is None:
-            self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def redis():
-    r = Redis()
+    r = RedisServer()
     yield r
     r.remove()
 
