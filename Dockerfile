@@ -32,7 +32,7 @@ ARG SDX4_CUDA=AUTO
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
         libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev \
-        libsqlite3-dev libpq-dev \
+        libsqlite3-dev libpq-dev libhiredis-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt openapi.json ./
@@ -56,7 +56,7 @@ FROM ${RUN_IMAGE}
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         libjansson4 libutf8proc2 libopenblas0-openmp libvips42 libmicrohttpd12 libnettle8 \
         libcurl4 ca-certificates curl \
-        libsqlite3-0 libpq5 \
+        libsqlite3-0 libpq5 libhiredis0.14 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin sdx4
 COPY --from=build /src/build/sdx4 /usr/local/bin/sdx4
