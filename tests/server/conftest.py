@@ -177,6 +177,17 @@ def problem(r, status, slug):
     return p
 
 
+def wait_job(server, job_id, timeout=120):
+    """The job's document once it is final (polled every 50 ms)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = server.get(f"/api/v1/jobs/{job_id}").json()
+        if j["status"] in ("succeeded", "failed", "canceled"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
 class RedisServer:
     """A redis-server of the test's own on a unix socket, append-only, that
     can be stopped and started again on the same data."""

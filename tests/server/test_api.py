@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from conftest import MODEL, SDX4, image_bytes, png_claiming, problem
+from conftest import MODEL, SDX4, image_bytes, png_claiming, problem, wait_job
 
 UPSCALE = "/api/v1/upscale"
 FAST = {"num_inference_steps": "1", "seed": "42"}
@@ -459,16 +459,6 @@ def test_batch_async_is_a_job(server):
 
 
 # ---- jobs ---------------------------------------------------------------------
-
-def wait_job(server, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = server.get(f"/api/v1/jobs/{job_id}").json()
-        if j["status"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
-
 
 def test_job_lifecycle_and_sse(server):
     r = server.post("/api/v1/jobs", files={"image": image_bytes()},

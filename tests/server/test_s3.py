@@ -24,7 +24,7 @@ from unittest import mock
 import pytest
 import requests
 
-from conftest import SDX4, Server, image_bytes, problem
+from conftest import SDX4, Server, image_bytes, problem, wait_job
 
 BUCKET = "sdx4-results"
 REGION = "eu-west-3"
@@ -115,16 +115,6 @@ def moto():
 def s3_server(moto, *flags, env=None):
     return Server("--s3-bucket", BUCKET, "--s3-endpoint", moto.url, "--s3-path-style", "true",
                   *flags, env=env or moto.env())
-
-
-def wait_job(server, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = server.get(f"/api/v1/jobs/{job_id}").json()
-        if j["status"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
 
 
 def check_schema(server, doc):
