@@ -121,7 +121,7 @@ static void test_record_round_trip(void) {
 static void test_state_round_trip(void) {
     cluster_task_state s = {.state = JOB_FAILED, .step = 3, .total = 20, .started = 1765000001.5,
                             .finished = 1765000002.25, .width = 256, .height = 192, .bytes = 12345,
-                            .report = {4, 12, 1, 0, 0.5, 1.25, 0.75}};
+                            .stored = true, .report = {4, 12, 1, 0, 0.5, 1.25, 0.75}};
     problem_field(&s.error, "noise_level", "0 to 1", "bad \xc3\xa9");
     s.error.retry_after = 7;
     snprintf(s.worker, sizeof s.worker, "host-1");
@@ -129,7 +129,7 @@ static void test_state_round_trip(void) {
     cluster_task_state b;
     CHECK(cluster_state_from_json(j, &b) == 0, "state refused");
     CHECK(b.state == s.state && b.step == 3 && b.total == 20 && b.started == s.started &&
-              b.finished == s.finished && b.width == 256 && b.height == 192 && b.bytes == 12345,
+              b.finished == s.finished && b.width == 256 && b.height == 192 && b.bytes == 12345 && b.stored,
           "state fields");
     CHECK(memcmp(&b.report, &s.report, sizeof s.report) == 0, "report");
     CHECK(b.error.kind == PROBLEM_INVALID_FIELD && strcmp(b.error.detail, s.error.detail) == 0 &&

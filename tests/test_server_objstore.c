@@ -144,7 +144,7 @@ static void *round_trips(void *arg) {
         void *back = NULL;
         size_t len = 0;
         if (objstore_put(w->os, key, data, sizeof data, NULL, e, sizeof e) ||
-            objstore_get(w->os, key, &back, &len, e, sizeof e) || len != sizeof data ||
+            objstore_get(w->os, key, sizeof data, &back, &len, e, sizeof e) || len != sizeof data ||
             memcmp(back, data, len) != 0 || objstore_delete(w->os, key, e, sizeof e))
             w->failures++;
         free(back);
@@ -162,18 +162,29 @@ static void test_server(const char *endpoint, const char *bucket) {
     CHECK(objstore_put(os, "dir/one.png", text, sizeof text, "image/png", err, sizeof err) == 0, "put: %s", err);
     void *back = NULL;
     size_t len = 0;
-    CHECK(objstore_get(os, "dir/one.png", &back, &len, err, sizeof err) == 0, "get: %s", err);
+    CHECK(objstore_get(os, "dir/one.png", sizeof text, &back, &len, err, sizeof err) == 0, "get: %s", err);
     CHECK(back && len == sizeof text && memcmp(back, text, len) == 0, "got %zu bytes back", len);
     free(back);
     /* a key that must be percent-encoded, the same way as the store signs it */
     const char *odd = "runs/ä b+c=d&e~f!(g).png";
     CHECK(objstore_put(os, odd, text, 5, "image/png", err, sizeof err) == 0, "odd key put: %s", err);
     back = NULL;
-    CHECK(objstore_get(os, odd, &back, &len, err, sizeof err) == 0 && len == 5, "odd key get: %s", err);
+    CHECK(objstore_get(os, odd, 5, &back, &len, err, sizeof err) == 0 && len == 5, "odd key get: %s", err);
     free(back);
     CHECK(objstore_delete(os, odd, err, sizeof err) == 0, "odd key delete: %s", err);
+    /* an object larger than the caller takes is not read past that */
+    enum { BIG = 40000 };
+    char *big = calloc(1, BIG);
+    CHECK(big && objstore_put(os, "big", big, BIG, NULL, err, sizeof err) == 0, "big put: %s", err);
+    back = NULL;
+    CHECK(objstore_get(os, "big", BIG - 1, &back, &len, err, sizeof err) == -1 && !back &&
+              strstr(err, "larger than 39999 bytes"), "big object read past its bound: %s", err);
+    CHECK(objstore_get(os, "big", BIG, &back, &len, err, sizeof err) == 0 && len == BIG, "big get: %s", err);
+    free(back);
+    objstore_delete(os, "big", err, sizeof err);
+    free(big);
     CHECK(objstore_put(os, "empty", "", 0, NULL, err, sizeof err) == 0, "empty put: %s", err);
-    CHECK(objstore_get(os, "empty", &back, &len, err, sizeof err) == 0 && len == 0, "empty get: %s", err);
+    CHECK(objstore_get(os, "empty", 0, &back, &len, err, sizeof err) == 0 && len == 0, "empty get: %s", err);
     free(back);
 
     /* moto checks signatures only with its IAM on, and then answers any
@@ -188,7 +199,7 @@ static void test_server(const char *endpoint, const char *bucket) {
 
     CHECK(objstore_delete(os, "dir/one.png", err, sizeof err) == 0, "delete: %s", err);
     back = NULL;
-    CHECK(objstore_get(os, "dir/one.png", &back, &len, err, sizeof err) == -1 && !back, "deleted key read");
+    CHECK(objstore_get(os, "dir/one.png", sizeof text, &back, &len, err, sizeof err) == -1 && !back, "deleted key read");
     CHECK(strstr(err, "404") && strstr(err, "NoSuchKey"), "missing key error: %s", err);
     objstore_delete(os, "empty", err, sizeof err);
 

@@ -5,8 +5,8 @@
  * flags, SDX4_* variables or a file; those that apply: --redis, --model,
  * --device, --variant, --threads, --workers (tasks run at once), --name,
  * --host and --port, --visibility-timeout, --max-attempts,
- * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout and
- * the webhook settings), opens Redis, answers GET /healthz and GET
+ * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout,
+ * the webhook settings and the --s3-* ones), opens Redis, answers GET /healthz and GET
  * /metrics on a small HTTP port of its own (no public API: clients talk
  * to API nodes), loads the model, warms it up (one step at --min-side,
  * unless --warmup false) and runs worker.c's consumer until SIGTERM or
@@ -39,6 +39,7 @@
 #include "config.h"
 #include "log.h"
 #include "redis.h"
+#include "results.h"
 #include "server.h"
 #include "status.h"
 #include "webhook.h"
@@ -234,7 +235,8 @@ static const char help[] =
     "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
     "threads, warmup, min-side, workers (tasks run at once), name, host, port,\n"
     "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
-    "jobs-memory, log-level, log-buffer and the webhook settings.\n"
+    "jobs-memory, log-level, log-buffer, the webhook settings and the s3 ones\n"
+    "(with s3-bucket, results go to object storage, not to Redis).\n"
     "\n";
 
 int cmd_worker(int argc, char **argv) {
@@ -266,6 +268,7 @@ int cmd_worker(int argc, char **argv) {
         fprintf(stderr, "sdx4 worker: cannot start the log writer\n");
         return EXIT_RUNTIME;
     }
+    if (results_open(srv)) return EXIT_USAGE; /* a setting or a credential missing: said on stderr */
     char host[48] = "worker";
     gethostname(host, sizeof host - 1);
     if (c->name) snprintf(p.name, sizeof p.name, "%s", c->name);
@@ -301,7 +304,7 @@ int cmd_worker(int argc, char **argv) {
         json_t *info = registration(&p);
         worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                              .jobs_memory = c->jobs_memory};
+                              .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL};
         p.w = worker_start(srv->engine, p.r, srv->webhooks, &ws, info, err, sizeof err);
         json_decref(info);
         if (p.w) {
@@ -325,6 +328,7 @@ int cmd_worker(int argc, char **argv) {
     log_flush(2);
     if (status == 0) {
         sdx4_engine_close(srv->engine);
+        results_close(srv);
         redis_close(p.r);
         config_free(&srv->cfg);
     }

@@ -288,9 +288,10 @@ static bool final_state(job_state s) { return s >= JOB_SUCCEEDED; }
 
 json_t *cluster_state_to_json(const cluster_task_state *s) {
     const sdx4_upscale_report *rp = &s->report;
-    json_t *j = json_pack("{s:s,s:i,s:i,s:f,s:f,s:i,s:i,s:I,s:s}", "state", state_names[s->state], "step",
+    json_t *j = json_pack("{s:s,s:i,s:i,s:f,s:f,s:i,s:i,s:I,s:b,s:s}", "state", state_names[s->state], "step",
                           s->step, "total", s->total, "started", s->started, "finished", s->finished, "width",
-                          s->width, "height", s->height, "bytes", (json_int_t)s->bytes, "worker", s->worker);
+                          s->width, "height", s->height, "bytes", (json_int_t)s->bytes, "stored", s->stored,
+                          "worker", s->worker);
     json_object_set_new(j, "report",
                         json_pack("{s:i,s:i,s:i,s:i,s:f,s:f,s:f}", "noise_level", rp->noise_level, "prompt_tokens",
                                   rp->prompt_tokens, "prompt_truncated", rp->prompt_truncated,
@@ -318,7 +319,7 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
         get_number(&r, j, "started", 0, 1e11, &s->started) ||
         get_number(&r, j, "finished", 0, 1e11, &s->finished) || get_int(&r, j, "width", 0, 1 << 20, &width) ||
         get_int(&r, j, "height", 0, 1 << 20, &height) || get_int(&r, j, "bytes", 0, 1LL << 50, &bytes) ||
-        get_text(&r, j, "worker", s->worker, sizeof s->worker))
+        get_bool(&r, j, "stored", &s->stored) || get_text(&r, j, "worker", s->worker, sizeof s->worker))
         return -1;
     s->state = (job_state)state, s->step = (int)step, s->total = (int)total;
     s->width = (int)width, s->height = (int)height, s->bytes = (size_t)bytes;

@@ -10,7 +10,8 @@
  *   sdx4:input:<id>:<i>   a task's input pixels (RGB8, row-major)
  *   sdx4:job:<id>         hash: meta <JSON>, task:<i> <JSON>, unfinished <n>,
  *                         state <name>, finished <wall seconds>
- *   sdx4:result:<id>:<i>  a finished task's encoded image
+ *   sdx4:result:<id>:<i>  a finished task's encoded image (unless its state
+ *                         says "stored": then it is in object storage)
  *   sdx4:results          sorted set of stored results for the byte budget
  *                         ("<key> <bytes>" scored by expiry); their sum
  *                         in sdx4:results:bytes
@@ -76,6 +77,7 @@ typedef struct {
     double started, finished; /* wall clock, 0 when not yet */
     int width, height;        /* of the result */
     size_t bytes;             /* of the encoded result */
+    bool stored;              /* the result is in object storage (--s3-bucket), not in Redis */
     sdx4_upscale_report report;
     problem error;
     char worker[64];
@@ -116,7 +118,7 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
 void cluster_job_free(cluster_job *job);
 
 /* Compare-and-set of a task to a final state (stores `result` first when
- * given, under the byte budget): 1 this call finished it, 2 it also
+ * given, under the byte budget; none for a state that says `stored`): 1 this call finished it, 2 it also
  * finished the job (the caller sends the webhook and writes history), 0
  * it was already final, -1 error. Publishes the change. */
 int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_task_state *state,

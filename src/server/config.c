@@ -174,8 +174,8 @@ static const option options[] = {
      "finished jobs held while the history database is slow or down (beyond: "
      "dropped and counted, never waited for)"},
     {"s3-bucket", OPT_STRING, O(s3_bucket), 0, 0, NULL,
-     "store async jobs' images in this S3 bucket and give presigned URLs to them "
-     "(credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"},
+     "store async jobs' images (in cluster mode every image) in this S3 bucket and give "
+     "presigned URLs to them (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"},
     {"s3-endpoint", OPT_STRING, O(s3_endpoint), 0, 0, NULL,
      "S3-compatible endpoint, http[s]://host[:port] (default: AWS_ENDPOINT_URL, else AWS "
      "S3 of the region)"},
@@ -412,8 +412,6 @@ static int check(const server_config *cfg, FILE *err) {
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
     else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
         bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
-    else if (cfg->s3_bucket && cfg->redis)
-        bad = "s3-bucket is not supported with redis yet: cluster workers keep results in Redis";
     if (!bad) return 0;
     fprintf(err, "sdx4 serve: %s\n", bad);
     return -1;

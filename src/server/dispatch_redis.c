@@ -58,6 +58,7 @@
 #include "cost.h"
 #include "jobs.h"
 #include "log.h"
+#include "results.h"
 #include "webhook.h"
 
 #define WATCH_BUCKETS 256
@@ -82,6 +83,7 @@ typedef struct order {
     char job_id[33];
     int index, reason, ntasks;
     cluster_task_state state; /* ORDER_STOP: the task's final state */
+    image_format formats[FORM_MAX_IMAGES]; /* ORDER_FORGET with a store: its objects' names */
     double until;             /* mono_now() past which it is given up */
     struct order *next;
 } order;
@@ -190,6 +192,18 @@ static int send_webhook(dispatch_redis *d, const char *id, char *err, size_t n) 
     return rc < 0 ? -1 : 0;
 }
 
+/* A deleted job's images in the store, after the job left Redis: an
+ * upload that lands later finds no task to finish and removes its own
+ * object (worker.c). A failure is logged, not retried: what stays is the
+ * store's lifecycle rules' to remove, as the objects of expired jobs. */
+static void forget_objects(dispatch_redis *d, const order *o) {
+    char err[512];
+    for (int i = 0; d->srv->results && i < o->ntasks; i++)
+        if (o->formats[i] != IMAGE_UNKNOWN && results_delete(d->srv, o->job_id, i, o->formats[i], err, sizeof err))
+            log_event(LOG_WARN, "result_not_deleted",
+                      json_pack("{s:s,s:i,s:s}", "job_id", o->job_id, "task", i, "error", err));
+}
+
 static int carry_out(dispatch_redis *d, const order *o, char *err, size_t n) {
     const server_config *c = &d->srv->cfg;
     switch (o->kind) {
@@ -200,7 +214,9 @@ static int carry_out(dispatch_redis *d, const order *o, char *err, size_t n) {
         return rc == 2 ? send_webhook(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
     }
     case ORDER_FORGET:
-        return cluster_forget(d->r, o->job_id, o->ntasks, err, n);
+        if (cluster_forget(d->r, o->job_id, o->ntasks, err, n)) return -1;
+        forget_objects(d, o);
+        return 0;
     case ORDER_WEBHOOK:
         return send_webhook(d, o->job_id, err, n);
     }
@@ -237,6 +253,44 @@ static void run_orders(dispatch_redis *d) {
 
 /* ---- applying the cluster's changes ------------------------------------------------ */
 
+/* Whether this node needs a stored image's bytes: a synchronous request
+ * is answered with them, and a batch's /result lists its images; a
+ * one-image job's /result redirects to the store (results.c says why). */
+static bool needs_bytes(const job *j) { return !job_listed(j) || job_kind(j) == FORM_BATCH; }
+
+/* A succeeded task's image, from Redis or from the store as its state
+ * says (none when this node does not need it): 1 read, 0 lost (`lost`
+ * says why: the task then fails), -1 Redis failed (`err`). */
+static int load_result(dispatch_redis *d, const char *id, const task *t, const cluster_task_state *s, void **data,
+                       size_t *len, problem *lost, char *err, size_t n) {
+    *data = NULL, *len = 0;
+    if (!s->stored) {
+        int rc = cluster_load_result(d->r, id, t->index, data, len, err, n);
+        if (rc == 0)
+            problem_set(lost, PROBLEM_INTERNAL, "the result is no longer kept (expired, or evicted by the "
+                                                "results' memory budget)");
+        return rc;
+    }
+    if (!d->srv->results) {
+        problem_set(lost, PROBLEM_STORAGE_FAILED, "the image is in object storage, but this node has no "
+                                                  "--s3-bucket to read it from");
+        return 0;
+    }
+    if (!needs_bytes(t->job)) return 1;
+    char why[512];
+    if (results_fetch(d->srv, id, t->index, t->opts.format, s->bytes, data, why, sizeof why) == 0) {
+        *len = s->bytes;
+        /* a synchronous request's image is read once, here: the store need not keep it */
+        if (!job_listed(t->job) && results_delete(d->srv, id, t->index, t->opts.format, why, sizeof why))
+            log_event(LOG_WARN, "result_not_deleted", json_pack("{s:s,s:i,s:s}", "job_id", id, "task", t->index,
+                                                                "error", why));
+        return 1;
+    }
+    log_event(LOG_ERROR, "result_fetch_failed", json_pack("{s:s,s:i,s:s}", "job_id", id, "task", t->index, "error", why));
+    problem_set(lost, PROBLEM_STORAGE_FAILED, "the image was stored but cannot be read back: %s", why);
+    return 0;
+}
+
 /* A final state into the local task; false when the result could not be
  * read for want of Redis (the keeper tries again). */
 static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_task_state *s) {
@@ -244,12 +298,10 @@ static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_tas
                       .error = s->error};
     if (s->state == JOB_SUCCEEDED) {
         char err[256];
-        int rc = cluster_load_result(d->r, id, t->index, &o.output, &o.len, err, sizeof err);
+        int rc = load_result(d, id, t, s, &o.output, &o.len, &o.error, err, sizeof err);
         if (rc < 0) return false;
         if (rc == 0) {
             o.state = JOB_FAILED;
-            problem_set(&o.error, PROBLEM_INTERNAL, "the result is no longer kept (expired, or evicted by "
-                                                    "the results' memory budget)");
         } else if (t->cacheable && d->srv->cache) { /* as the local queue's workers do */
             cached_result c = {o.output, o.len, o.width, o.height, o.report.prompt_tokens,
                                o.report.prompt_truncated, o.report.negative_truncated};
@@ -615,6 +667,7 @@ static void forget(void *ctx, job *j) {
     o->kind = ORDER_FORGET;
     snprintf(o->job_id, sizeof o->job_id, "%s", job_id(j));
     o->ntasks = job_ntasks(j);
+    for (int i = 0; i < o->ntasks; i++) o->formats[i] = job_task(j, i)->opts.format;
     pthread_mutex_lock(&d->lock);
     order_add(d, o);
     memcpy(d->forgotten[d->forgotten_next], o->job_id, 33);
@@ -670,12 +723,8 @@ static int restore_task(dispatch_redis *d, const char *id, task *t, cluster_task
     if (s->started > 0) t->started = now - (wall - s->started);
     if (s->finished > 0) t->finished = now - (wall - s->finished);
     if (s->state != JOB_SUCCEEDED) return 0;
-    int rc = cluster_load_result(d->r, id, t->index, &t->output, &t->output_len, err, n);
-    if (rc == 0) {
-        t->state = JOB_FAILED;
-        problem_set(&t->error, PROBLEM_INTERNAL, "the result is no longer kept (expired, or evicted by the "
-                                                 "results' memory budget)");
-    }
+    int rc = load_result(d, id, t, s, &t->output, &t->output_len, &t->error, err, n);
+    if (rc == 0) t->state = JOB_FAILED;
     return rc < 0 ? -1 : 0;
 }
 

@@ -40,6 +40,9 @@
 
 #include "cache.h" /* sha256, hmac_sha256 */
 
+/* Bytes of an answer always read, however small the object asked for:
+ * room for the store's XML error document, whose code the error names. */
+#define ERROR_ROOM 16384
 #define EMPTY_SHA256 "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 struct objstore {
@@ -226,6 +229,8 @@ typedef struct {
 typedef struct {
     char *data;
     size_t len, cap;
+    size_t max; /* bytes accepted (ERROR_ROOM at least) */
+    bool over;  /* the answer passed `max`: the transfer was stopped */
 } download;
 
 static size_t read_upload(char *buf, size_t size, size_t n, void *arg) {
@@ -239,6 +244,11 @@ static size_t read_upload(char *buf, size_t size, size_t n, void *arg) {
 static size_t write_download(char *buf, size_t size, size_t n, void *arg) {
     download *d = arg;
     size_t add = size * n;
+    size_t max = d->max < ERROR_ROOM ? ERROR_ROOM : d->max;
+    if (add > max - d->len) {
+        d->over = true;
+        return 0; /* curl fails the transfer */
+    }
     if (d->len + add + 1 > d->cap) {
         size_t cap = d->cap ? d->cap : 16384;
         while (cap < d->len + add + 1) cap *= 2;
@@ -336,7 +346,9 @@ static int request(objstore *os, const char *method, const char *key, const void
     CURLcode cc = curl_easy_perform(curl);
     long status = 0;
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
-    if (cc != CURLE_OK) {
+    if (body->over) {
+        snprintf(err, err_size, "%s %s: the object is larger than %zu bytes", method, key, body->max);
+    } else if (cc != CURLE_OK) {
         snprintf(err, err_size, "%s %s://%s: %s", method, os->scheme, os->host, curl_easy_strerror(cc));
     } else if (status < 200 || status > 299) {
         char code[96];
@@ -368,9 +380,9 @@ int objstore_put(objstore *os, const char *key, const void *bytes, size_t len,
     return rc;
 }
 
-int objstore_get(objstore *os, const char *key, void **bytes, size_t *len, char *err,
+int objstore_get(objstore *os, const char *key, size_t max, void **bytes, size_t *len, char *err,
                  size_t err_size) {
-    download body = {0};
+    download body = {.max = max};
     int rc = request(os, "GET", key, NULL, 0, NULL, &body, err, err_size);
     if (rc == 0 && !body.data && !(body.data = calloc(1, 1))) { /* an empty object */
         snprintf(err, err_size, "out of memory");

@@ -38,8 +38,10 @@ void objstore_close(objstore *os);
  * the store's HTTP status and error code ("403 SignatureDoesNotMatch"). */
 int objstore_put(objstore *os, const char *key, const void *bytes, size_t len,
                  const char *content_type, char *err, size_t err_size);
-/* `*bytes` (malloc'd, the caller frees it) and `*len` on success. */
-int objstore_get(objstore *os, const char *key, void **bytes, size_t *len, char *err,
+/* `*bytes` (malloc'd, the caller frees it) and `*len` on success; an
+ * object larger than `max` bytes (or 16 KiB, when `max` is less: room for
+ * an error answer) fails, read no further than that. */
+int objstore_get(objstore *os, const char *key, size_t max, void **bytes, size_t *len, char *err,
                  size_t err_size);
 int objstore_delete(objstore *os, const char *key, char *err, size_t err_size);
 

@@ -49,25 +49,28 @@ void results_close(server *srv) {
 bool results_stored(const server *srv, bool listed) { return srv->results && listed; }
 
 /* <prefix>/<job id>/<index>.<ext>; the prefix without its slashes at the ends. */
-static void object_key(const server *srv, const char *job_id, const task *t, char *key, size_t size) {
+static void object_key(const server *srv, const char *job_id, int index, image_format format, char *key,
+                       size_t size) {
     const char *prefix = srv->cfg.s3_prefix ? srv->cfg.s3_prefix : "";
     while (*prefix == '/') prefix++;
     int plen = (int)strlen(prefix);
     while (plen && prefix[plen - 1] == '/') plen--;
-    const char *ext = t->opts.format == IMAGE_JPEG ? "jpg" : imageio_format_name(t->opts.format);
-    snprintf(key, size, "%.*s%s%s/%d.%s", plen, prefix, plen ? "/" : "", job_id, t->index, ext);
+    const char *ext = format == IMAGE_JPEG ? "jpg" : imageio_format_name(format);
+    snprintf(key, size, "%.*s%s%s/%d.%s", plen, prefix, plen ? "/" : "", job_id, index, ext);
 }
 
 void results_store(server *srv, const char *job_id, bool listed, const task *t, task_outcome *out) {
-    if (out->state != JOB_SUCCEEDED || !results_stored(srv, listed)) return;
+    if (out->state == JOB_SUCCEEDED && results_stored(srv, listed)) results_upload(srv, job_id, t->index, t->opts.format, out);
+}
+
+int results_upload(server *srv, const char *job_id, int index, image_format format, task_outcome *out) {
     char key[1024], err[512];
-    object_key(srv, job_id, t, key, sizeof key);
+    object_key(srv, job_id, index, format, key, sizeof key);
     double t0 = mono_now();
-    if (objstore_put(srv->results, key, out->output, out->len, imageio_mime_type(t->opts.format), err,
-                     sizeof err) == 0) {
+    if (objstore_put(srv->results, key, out->output, out->len, imageio_mime_type(format), err, sizeof err) == 0) {
         log_event(LOG_DEBUG, "result_stored", json_pack("{s:s,s:I,s:f}", "key", key, "bytes",
                                                         (json_int_t)out->len, "seconds", mono_now() - t0));
-        return;
+        return 0;
     }
     log_event(LOG_ERROR, "result_store_failed", json_pack("{s:s,s:s}", "key", key, "error", err));
     problem_set(&out->error, PROBLEM_STORAGE_FAILED, "the image was made but could not be stored: %s", err);
@@ -75,12 +78,32 @@ void results_store(server *srv, const char *job_id, bool listed, const task *t, 
     free(out->output);
     out->output = NULL;
     out->len = 0;
+    return -1;
+}
+
+int results_fetch(server *srv, const char *job_id, int index, image_format format, size_t bytes, void **data,
+                  char *err, size_t n) {
+    char key[1024];
+    object_key(srv, job_id, index, format, key, sizeof key);
+    size_t len;
+    if (objstore_get(srv->results, key, bytes, data, &len, err, n)) return -1;
+    if (len == bytes) return 0;
+    snprintf(err, n, "GET %s: %zu bytes, but its task recorded %zu", key, len, bytes);
+    free(*data);
+    *data = NULL;
+    return -1;
+}
+
+int results_delete(server *srv, const char *job_id, int index, image_format format, char *err, size_t n) {
+    char key[1024];
+    object_key(srv, job_id, index, format, key, sizeof key);
+    return objstore_delete(srv->results, key, err, n);
 }
 
 int results_url(const server *srv, const char *job_id, const task *t, time_t now, char *url,
                 size_t size) {
     char key[1024];
-    object_key(srv, job_id, t, key, sizeof key);
+    object_key(srv, job_id, t->index, t->opts.format, key, sizeof key);
     return objstore_presign_at(srv->results, key, srv->cfg.s3_url_ttl, now, url, size);
 }
 

@@ -8,6 +8,12 @@
  * /jobs/{id}/result of a one-image job redirects to it (307). Synchronous
  * requests are answered from memory as without a bucket.
  *
+ * In cluster mode (--redis) a worker uploads every image it makes, a
+ * synchronous request's included, and its task's state says so ("stored")
+ * instead of carrying the bytes through Redis: the API node that waits on
+ * a synchronous request fetches the image back (results_fetch), and a
+ * DELETE removes the job's objects (results_delete).
+ *
  * A job is named by its id and a task read for its index, format and
  * state only: this module never calls into jobs.c, so that the job store
  * (jobs.c today, a Redis one in cluster mode) can call it.
@@ -21,6 +27,7 @@
 
 #include <jansson.h>
 
+#include "imageio.h"
 #include "jobs.h"
 #include "server.h"
 
@@ -41,6 +48,22 @@ bool results_stored(const server *srv, bool listed);
  * its job's images are stored. An upload that fails fails the task (a
  * storage-failed problem saying why); its image is dropped. */
 void results_store(server *srv, const char *job_id, bool listed, const task *t, task_outcome *out);
+
+/* Uploads the image in `out` (a success) as image `index` of the job: 0,
+ * or -1 with `out` turned into a failure (storage-failed, saying why) and
+ * its image dropped. results_store's upload, for cluster workers, which
+ * store every image. */
+int results_upload(server *srv, const char *job_id, int index, image_format format, task_outcome *out);
+
+/* Image `index` of the job back from the store, `bytes` long as its task
+ * recorded (a larger object is not read past that): 0 with `*data`
+ * (malloc'd) set, or -1 with `err` saying why. */
+int results_fetch(server *srv, const char *job_id, int index, image_format format, size_t bytes, void **data,
+                  char *err, size_t err_size);
+
+/* Removes image `index` of the job from the store (none there is no
+ * error). */
+int results_delete(server *srv, const char *job_id, int index, image_format format, char *err, size_t err_size);
 
 /* The presigned URL of image `index` of a job, valid for --s3-url-ttl from
  * `now`; -1 if it does not fit `size`. */

@@ -45,6 +45,7 @@
 
 #include "cluster.h"
 #include "log.h"
+#include "results.h"
 #include "runner.h"
 #include "server.h"
 #include "webhook.h"
@@ -169,8 +170,8 @@ static void send_webhook(worker *w, const char *job_id) {
 /* Stores a task's final state (and result), retrying while Redis is
  * away, then acknowledges its entry. An outcome that cannot be stored
  * (the worker abandons its tasks, or the job is long past its deadline)
- * leaves the entry pending. */
-static void conclude(worker *w, const cluster_task *t, cluster_task_state *st, const void *result, size_t len) {
+ * leaves the entry pending (-1); else cluster_finish_task's answer. */
+static int conclude(worker *w, const cluster_task *t, cluster_task_state *st, const void *result, size_t len) {
     char err[256];
     double give_up = mono_now() + (t->deadline - wall_now()) + STORE_MARGIN;
     int rc = 1; /* a task without a job to store it in ends here */
@@ -180,7 +181,7 @@ static void conclude(worker *w, const cluster_task *t, cluster_task_state *st, c
         while ((rc = cluster_finish_task(w->r, t->job_id, t->index, st, result, len, w->s.job_retention,
                                          w->s.jobs_memory, err, sizeof err)) < 0) {
             redis_trouble(w, err);
-            if (atomic_load(&w->abandon) || mono_now() > give_up) return;
+            if (atomic_load(&w->abandon) || mono_now() > give_up) return -1;
             nap(w, RETRY_SECONDS);
         }
         redis_fine(w);
@@ -189,10 +190,29 @@ static void conclude(worker *w, const cluster_task *t, cluster_task_state *st, c
         atomic_fetch_add(st->state == JOB_SUCCEEDED ? &w->succeeded : st->state == JOB_FAILED ? &w->failed : &w->canceled, 1);
     while (cluster_ack(w->r, t->entry_id, err, sizeof err) < 0) {
         redis_trouble(w, err);
-        if (atomic_load(&w->abandon) || mono_now() > give_up) return; /* reclaimed later, found final */
+        if (atomic_load(&w->abandon) || mono_now() > give_up) return rc; /* reclaimed later, found final */
         nap(w, RETRY_SECONDS);
     }
     if (rc == 2) send_webhook(w, t->job_id);
+    return rc;
+}
+
+/* An image uploaded for a task that was ended meanwhile by another party
+ * (a cancel, a deadline) or whose job is gone (a DELETE, which removed
+ * the job's objects before this one arrived) is nobody's: removed, unless
+ * the task's state points at it (an earlier run of the same task that
+ * succeeded, whose key this run wrote again). Kept when Redis cannot say. */
+static void drop_unclaimed(worker *w, const cluster_task *t) {
+    char err[256];
+    cluster_job job;
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
+    int found = states ? cluster_load_job(w->r, t->job_id, &job, states, err, sizeof err) : -1;
+    bool claimed = found < 0 || (found == 1 && t->index < job.ntasks && states[t->index].stored);
+    if (found == 1) cluster_job_free(&job);
+    free(states);
+    if (!claimed && results_delete(w->s.results, t->job_id, t->index, t->opts.format, err, sizeof err))
+        log_event(LOG_WARN, "result_not_deleted",
+                  json_pack("{s:s,s:i,s:s}", "job_id", t->job_id, "task", t->index, "error", err));
 }
 
 /* Ends a task that is not run, with `kind` and the detail. */
@@ -257,6 +277,10 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     sdx4_image image;
     if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED)
         runner_encode(&image, &t->opts, &out);
+    /* with a store, the image goes there before the task is finished: its
+     * state then says so, and Redis never holds the bytes */
+    bool stored = out.state == JOB_SUCCEEDED && w->s.results &&
+                  results_upload(w->s.results, t->job_id, t->index, t->opts.format, &out) == 0;
     int stop = atomic_load(&sl->stop);
     if (out.state == JOB_CANCELED && atomic_load(&w->abandon)) {
         log_event(LOG_WARN, "task_abandoned",
@@ -269,7 +293,9 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
         if (out.state == JOB_SUCCEEDED) st.step = st.total, st.width = out.width, st.height = out.height, st.bytes = out.len;
         else if (out.state == JOB_CANCELED) st.state = stopped(&st.error, stop, t->deadline - t->created);
         else st.error = out.error;
-        conclude(w, t, &st, out.output, out.len);
+        st.stored = stored;
+        if (conclude(w, t, &st, stored ? NULL : out.output, stored ? 0 : out.len) == 0 && stored)
+            drop_unclaimed(w, t);
     }
     free(out.output);
     set_busy(sl, false);

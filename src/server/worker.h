@@ -15,6 +15,7 @@
 #include "redis.h"
 #include "sdx4.h"
 
+struct server;
 struct webhooks;
 
 typedef struct {
@@ -24,6 +25,8 @@ typedef struct {
     int max_attempts;          /* deliveries of one task before it is failed instead of run */
     double job_retention;      /* seconds results (and finished jobs) are kept */
     size_t jobs_memory;        /* bytes of results kept, the whole cluster's */
+    struct server *results;    /* a server whose results store is open (--s3-bucket, results.h):
+                                  every image goes there, not to Redis; NULL: to Redis */
 } worker_settings;
 
 typedef struct worker worker;

@@ -18,7 +18,7 @@ def task_state():
     report = dict.fromkeys(("noise_level", "prompt_tokens", "prompt_truncated", "negative_truncated",
                             "seconds_text", "seconds_unet", "seconds_vae"), 0)
     return {"state": "queued", "step": 0, "total": 0, "started": 0, "finished": 0, "width": 0, "height": 0,
-            "bytes": 0, "worker": "", "report": report}
+            "bytes": 0, "stored": False, "worker": "", "report": report}
 
 
 def record(job_id, image, steps=1, seed=1234, prompt="", noise_level=0.1, guidance_scale=5.0, timeout=60):

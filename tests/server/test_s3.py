@@ -1,6 +1,7 @@
 """Async jobs' results in S3-compatible storage (--s3-bucket), against a
 real local S3 server: moto's (`moto_server`, from PyPI's moto), started
-on a loopback port here and stopped after.
+on a loopback port here and stopped after; in cluster mode too, with a
+real redis-server (conftest's RedisServer) and `sdx4 worker`.
 
 moto checks request signatures only while its IAM is on, and then answers
 every presigned URL 500; so the uploads are made with IAM on (a wrong
@@ -12,7 +13,10 @@ URL is refused is not tested against a server here.
 """
 import base64
 import datetime
+import json
 import os
+import re
+import shutil
 import shutil
 import socket
 import subprocess
@@ -24,7 +28,7 @@ from unittest import mock
 import pytest
 import requests
 
-from conftest import SDX4, Server, image_bytes, problem, wait_job
+from conftest import SDX4, RedisServer, Server, Worker, image_bytes, problem, wait_job
 
 BUCKET = "sdx4-results"
 REGION = "eu-west-3"
@@ -112,9 +116,26 @@ def moto():
     m.stop()
 
 
+def s3_flags(endpoint):
+    return ["--s3-bucket", BUCKET, "--s3-endpoint", endpoint, "--s3-path-style", "true"]
+
+
 def s3_server(moto, *flags, env=None):
-    return Server("--s3-bucket", BUCKET, "--s3-endpoint", moto.url, "--s3-path-style", "true",
-                  *flags, env=env or moto.env())
+    return Server(*s3_flags(moto.url), *flags, env=env or moto.env())
+
+
+def s3_worker(moto, redis, name, endpoint, *flags):
+    """An `sdx4 worker` with the bucket's settings and moto's credentials."""
+    with mock.patch.dict(os.environ, moto.env()):
+        return Worker(redis.url, "--name", name, *s3_flags(endpoint), *flags)
+
+
+def object_exists(moto, key):
+    try:
+        moto.s3.head_object(Bucket=BUCKET, Key=key)
+        return True
+    except moto.s3.exceptions.ClientError:
+        return False
 
 
 def check_schema(server, doc):
@@ -272,3 +293,75 @@ def test_bad_settings_refused(moto, flags, env, message):
     out = subprocess.run([SDX4, "serve", "--model", model, "--port", "0", *flags], capture_output=True,
                          text=True, timeout=60, env=dict(os.environ, **moto.env(**env)))
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed (scripts/install-deps.sh)")
+def test_cluster_results_in_s3(moto):
+    """An API-only node and a worker sharing a bucket: the worker uploads,
+    Redis keeps no pixels, the node gives presigned URLs (the same bytes as
+    a single-process run) and streams synchronous answers back from the
+    store; DELETE removes the objects. A worker whose store is unreachable
+    fails its tasks with storage-failed."""
+    form = {"num_inference_steps": "2", "seed": "7"}
+    single = Server()
+    try:
+        want = single.post("/api/v1/upscale", files={"image": image_bytes()}, data=form)
+        assert want.status_code == 200, want.text
+    finally:
+        single.check_clean_exit()
+    redis = RedisServer()
+    worker = node = None
+    try:
+        worker = s3_worker(moto, redis, "s3-worker", moto.url)
+        node = Server("--redis", redis.url, "--workers", "0", "--request-timeout", "300", *s3_flags(moto.url),
+                      env=moto.env())
+        moto.iam(True)  # the worker's uploads and the node's reads must carry valid signatures
+        try:
+            r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data=form)
+            assert r.status_code == 202, r.text
+            job = wait_job(node, r.json()["id"])
+            sync = node.post("/api/v1/upscale", files={"image": image_bytes()}, data=form)
+        finally:
+            moto.iam(False)
+        assert job["status"] == "succeeded", job
+        check_schema(node, job)
+        [entry] = job["results"]
+        key = f"{job['id']}/0.png"
+        assert entry["result_url"].startswith(f"{moto.url}/{BUCKET}/{key}?")
+        stored = requests.get(entry["result_url"], timeout=30)
+        assert stored.status_code == 200 and stored.content == want.content
+        redirect = node.get(f"/api/v1/jobs/{job['id']}/result", allow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["Location"].startswith(f"{moto.url}/{BUCKET}/{key}?")
+        assert sync.status_code == 200 and sync.content == want.content, sync.text[:400]
+        # the synchronous answer's object was removed once read back; the job's stays
+        listed = moto.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+        assert [o["Key"] for o in listed if re.fullmatch(r"[0-9a-f]{32}/\d+\.png", o["Key"])] == [key]
+        assert redis.client().keys("sdx4:result:*") == []  # the images went to the store only
+        state = json.loads(redis.client().hget(f"sdx4:job:{job['id']}", "task:0"))
+        assert state["stored"] is True and state["bytes"] == len(want.content)
+
+        # DELETE on the node removes the job's object too
+        assert node.delete(f"/api/v1/jobs/{job['id']}").status_code == 200
+        deadline = time.time() + 10
+        while object_exists(moto, key):
+            assert time.time() < deadline, "the deleted job's object is still in the store"
+            time.sleep(0.1)
+
+        # a worker whose store does not answer: its tasks fail, saying why
+        worker.check_clean_exit()
+        dead = f"http://127.0.0.1:{free_port()}"
+        worker = s3_worker(moto, redis, "s3-dead", dead, "--s3-timeout", "5")
+        r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        job = wait_job(node, r.json()["id"], timeout=30)
+        assert job["status"] == "failed" and job["results"] == [], job
+        error = job["error"]
+        assert error["type"] == "urn:sdx4:problem:storage-failed" and error["status"] == 502, error
+        assert "could not be stored" in error["detail"] and dead[7:] in error["detail"], error
+        sync = node.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        assert "could not be stored" in problem(sync, 502, "storage-failed")["detail"]
+    finally:
+        if node:
+            node.check_clean_exit()
+        if worker:
+            worker.check_clean_exit()
+        redis.remove()
