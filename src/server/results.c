@@ -107,18 +107,25 @@ int results_url(const server *srv, const char *job_id, const task *t, time_t now
     return objstore_presign_at(srv->results, key, srv->cfg.s3_url_ttl, now, url, size);
 }
 
-json_t *results_links(const server *srv, const char *job_id, const task *tasks, int ntasks) {
-    json_t *links = json_array();
-    time_t now = time(NULL), expires = now + srv->cfg.s3_url_ttl;
+json_t *results_link(const server *srv, const char *job_id, int index, image_format format, time_t now) {
+    char key[1024], url[RESULTS_URL_SIZE], expires_at[32];
+    object_key(srv, job_id, index, format, key, sizeof key);
+    if (objstore_presign_at(srv->results, key, srv->cfg.s3_url_ttl, now, url, sizeof url)) return NULL;
+    time_t expires = now + srv->cfg.s3_url_ttl;
     struct tm tm;
-    char expires_at[32], url[RESULTS_URL_SIZE];
     gmtime_r(&expires, &tm);
     strftime(expires_at, sizeof expires_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return json_pack("{s:i,s:s,s:s}", "index", index, "result_url", url, "expires_at", expires_at);
+}
+
+json_t *results_links(const server *srv, const char *job_id, const task *tasks, int ntasks) {
+    json_t *links = json_array();
+    time_t now = time(NULL);
     for (int i = 0; i < ntasks; i++) {
-        if (tasks[i].state != JOB_SUCCEEDED || results_url(srv, job_id, &tasks[i], now, url, sizeof url))
-            continue;
-        json_array_append_new(links, json_pack("{s:i,s:s,s:s}", "index", tasks[i].index, "result_url", url,
-                                               "expires_at", expires_at));
+        json_t *link = tasks[i].state == JOB_SUCCEEDED
+                           ? results_link(srv, job_id, tasks[i].index, tasks[i].opts.format, now)
+                           : NULL;
+        if (link) json_array_append_new(links, link);
     }
     return links;
 }

@@ -73,5 +73,8 @@ int results_url(const server *srv, const char *job_id, const task *t, time_t now
 /* The job document's "results": [{index, result_url, expires_at}] for each
  * of the `ntasks` tasks that succeeded. */
 json_t *results_links(const server *srv, const char *job_id, const task *tasks, int ntasks);
+/* One entry of them, for image `index` of the job, signed at `now`; NULL
+ * if its URL does not fit. */
+json_t *results_link(const server *srv, const char *job_id, int index, image_format format, time_t now);
 
 #endif

@@ -139,14 +139,42 @@ static void webhook_outcome(void *arg, const char *job_id, bool delivered, int a
                         "error", error));
 }
 
-/* The webhook of a job this worker ended. */
-static void send_webhook(worker *w, const char *job_id) {
+/* The "results" an API node's job document gives (results.h), for the
+ * webhook: each stored image's presigned URL. Formats come from the
+ * records the API node kept; `t`, the task just run, names its own in
+ * case they are not there yet. */
+static void add_result_links(worker *w, const cluster_task *t, const cluster_job *job,
+                             const cluster_task_state *states, json_t *doc) {
+    char err[256];
+    cluster_task *records = calloc(FORM_MAX_IMAGES, sizeof *records);
+    if (!records || cluster_load_records(w->r, job->id, records, job->ntasks, err, sizeof err)) {
+        free(records);
+        return; /* the webhook goes without them, as a document read meanwhile would show */
+    }
+    json_t *links = json_array();
+    time_t now = time(NULL);
+    for (int i = 0; i < job->ntasks; i++) {
+        image_format format = i == t->index ? t->opts.format : records[i].opts.format;
+        json_t *link = states[i].state == JOB_SUCCEEDED && states[i].stored && format != IMAGE_UNKNOWN
+                           ? results_link(w->s.results, job->id, i, format, now)
+                           : NULL;
+        if (link) json_array_append_new(links, link);
+        cluster_task_free(&records[i]);
+    }
+    free(records);
+    json_object_set_new(doc, "results", links);
+}
+
+/* The webhook of a job this worker ended with task `t`. */
+static void send_webhook(worker *w, const cluster_task *t) {
+    const char *job_id = t->job_id;
     char err[256];
     cluster_job job;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     int found = states ? cluster_load_job(w->r, job_id, &job, states, err, sizeof err) : -1;
     if (found == 1 && job.webhook_url) {
         json_t *doc = cluster_job_document(&job, states, "pending");
+        if (w->s.results && job.listed) add_result_links(w, t, &job, states, doc);
         char *body = json_dumps(doc, JSON_COMPACT);
         char why[256] = "this worker has no --webhook-secret to sign it";
         if (!body || !w->hooks ||
@@ -193,7 +221,7 @@ static int conclude(worker *w, const cluster_task *t, cluster_task_state *st, co
         if (atomic_load(&w->abandon) || mono_now() > give_up) return rc; /* reclaimed later, found final */
         nap(w, RETRY_SECONDS);
     }
-    if (rc == 2) send_webhook(w, t->job_id);
+    if (rc == 2) send_webhook(w, t);
     return rc;
 }
 

@@ -29,6 +29,7 @@ import pytest
 import requests
 
 from conftest import SDX4, RedisServer, Server, Worker, image_bytes, problem, wait_job
+from test_hooks_logs import Receiver
 
 BUCKET = "sdx4-results"
 REGION = "eu-west-3"
@@ -299,9 +300,10 @@ def test_bad_settings_refused(moto, flags, env, message):
 def test_cluster_results_in_s3(moto):
     """An API-only node and a worker sharing a bucket: the worker uploads,
     Redis keeps no pixels, the node gives presigned URLs (the same bytes as
-    a single-process run) and streams synchronous answers back from the
-    store; DELETE removes the objects. A worker whose store is unreachable
-    fails its tasks with storage-failed."""
+    a single-process run), so does the worker's webhook, and the node
+    streams synchronous answers back from the store; DELETE removes the
+    objects. A worker whose store is unreachable fails its tasks with
+    storage-failed."""
     form = {"num_inference_steps": "2", "seed": "7"}
     single = Server()
     try:
@@ -309,15 +311,16 @@ def test_cluster_results_in_s3(moto):
         assert want.status_code == 200, want.text
     finally:
         single.check_clean_exit()
-    redis = RedisServer()
+    redis, hooks = RedisServer(), Receiver()
     worker = node = None
     try:
-        worker = s3_worker(moto, redis, "s3-worker", moto.url)
+        hook_flags = ["--webhook-secret", "hook-secret", "--webhook-private", "true"]
+        worker = s3_worker(moto, redis, "s3-worker", moto.url, *hook_flags)
         node = Server("--redis", redis.url, "--workers", "0", "--request-timeout", "300", *s3_flags(moto.url),
-                      env=moto.env())
+                      *hook_flags, env=moto.env())
         moto.iam(True)  # the worker's uploads and the node's reads must carry valid signatures
         try:
-            r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data=form)
+            r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={**form, "webhook_url": hooks.url})
             assert r.status_code == 202, r.text
             job = wait_job(node, r.json()["id"])
             sync = node.post("/api/v1/upscale", files={"image": image_bytes()}, data=form)
@@ -332,6 +335,12 @@ def test_cluster_results_in_s3(moto):
         assert stored.status_code == 200 and stored.content == want.content
         redirect = node.get(f"/api/v1/jobs/{job['id']}/result", allow_redirects=False)
         assert redirect.status_code == 307 and redirect.headers["Location"].startswith(f"{moto.url}/{BUCKET}/{key}?")
+        deadline = time.time() + 10
+        while not hooks.calls:
+            assert time.time() < deadline, "no webhook"
+            time.sleep(0.05)
+        [hooked] = json.loads(hooks.calls[0][3])["results"]
+        assert hooked["index"] == 0 and requests.get(hooked["result_url"], timeout=30).content == want.content
         assert sync.status_code == 200 and sync.content == want.content, sync.text[:400]
         # the synchronous answer's object was removed once read back; the job's stays
         listed = moto.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
@@ -365,3 +374,4 @@ def test_cluster_results_in_s3(moto):
         if worker:
             worker.check_clean_exit()
         redis.remove()
+        hooks.close()
