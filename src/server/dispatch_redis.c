@@ -18,7 +18,11 @@
  * of a watched task through jobs.c's own lifecycle calls (job_task_started,
  * _progress, _finished), so waiters, SSE streams and synchronous answers
  * work as with the local queue; a success loads the result's bytes first
- * (and puts a seeded one in the result cache, as the queue's workers do).
+ * (and puts a seeded one in the result cache, as the queue's workers do),
+ * from Redis, or from the results store when the worker put them there
+ * (--s3-bucket; only where this node answers with them: a synchronous
+ * request, a batch's listing; such a read holds the thread that applies
+ * it for at most --s3-timeout).
  * Pub/sub is at most once, so a keeper thread re-reads the hash of every
  * watched job once a second and applies what the events missed (during a
  * reconnect, say). A job made on another node is found by id (find:
@@ -30,7 +34,8 @@
  * once: cluster_cancel (workers stop at their next step), the tasks' final
  * states by compare-and-set (the first finisher wins), the webhook when
  * this node's finish ended the job, the job's removal for a DELETE (which
- * the nodes holding a copy hear, and drop theirs). What
+ * the nodes holding a copy hear, and drop theirs; its objects in the
+ * results store go after it). What
  * fails for want of Redis is retried every second, in order, until it is
  * done or a minute old (a worker still stops at the task's own deadline).
  *

@@ -11,8 +11,16 @@
  * Why /result redirects (307) rather than streams the object through: the
  * bytes never cross an HTTP thread, so a slow or unreachable store cannot
  * hold the server's few HTTP threads, and an API node needs no memory for
- * results, which is what cluster mode's API nodes will be. The redirect
- * carries no credentials: the presigned URL is its own authorization.
+ * results. The redirect carries no credentials: the presigned URL is its
+ * own authorization.
+ *
+ * Cluster mode. A worker stores every image, a synchronous request's
+ * too: whichever node waits on a task, the bytes then never pass through
+ * Redis (whose memory is the cluster's scarcest), and the task's state
+ * carries only that the object exists. The waiting node reads a
+ * synchronous answer back (bounded by the size the task recorded) and
+ * deletes its object, which nobody can ask for again. Keys are derived
+ * from the settings, so API nodes and workers must share --s3-prefix.
  */
 #include "results.h"
 

@@ -19,7 +19,10 @@
  * cluster_finish_task's compare-and-set, and only then is the entry
  * acknowledged: a worker that dies first leaves the entry pending, to be
  * reclaimed and run again (at least once; a second finish is a no-op).
- * Whoever ends a job's last task sends its webhook.
+ * Whoever ends a job's last task sends its webhook. With a results store
+ * (--s3-bucket) the image is uploaded before the finish, which then
+ * carries no bytes; an upload that fails fails the task (storage-failed),
+ * and one whose finish found the task ended elsewhere is removed again.
  *
  * Liveness. A heartbeat thread refreshes the registration (TTL
  * REGISTRATION_TTL) and resets the idle time of the entries being run
