@@ -199,7 +199,8 @@ static void test_server(const char *endpoint, const char *bucket) {
 
     CHECK(objstore_delete(os, "dir/one.png", err, sizeof err) == 0, "delete: %s", err);
     back = NULL;
-    CHECK(objstore_get(os, "dir/one.png", sizeof text, &back, &len, err, sizeof err) == -1 && !back, "deleted key read");
+    CHECK(objstore_get(os, "dir/one.png", sizeof text, &back, &len, err, sizeof err) == -1 && !back,
+          "deleted key read");
     CHECK(strstr(err, "404") && strstr(err, "NoSuchKey"), "missing key error: %s", err);
     objstore_delete(os, "empty", err, sizeof err);
 

@@ -269,6 +269,11 @@ static bool needs_bytes(const job *j) { return !job_listed(j) || job_kind(j) == 
 static int load_result(dispatch_redis *d, const char *id, const task *t, const cluster_task_state *s, void **data,
                        size_t *len, problem *lost, char *err, size_t n) {
     *data = NULL, *len = 0;
+    if (!s->stored && d->srv->results && job_listed(t->job)) {
+        problem_set(lost, PROBLEM_STORAGE_FAILED, "worker %s kept the image in Redis, but this node gives URLs "
+                    "into --s3-bucket: give the workers the same --s3-* settings", s->worker);
+        return 0;
+    }
     if (!s->stored) {
         int rc = cluster_load_result(d->r, id, t->index, data, len, err, n);
         if (rc == 0)
@@ -291,7 +296,8 @@ static int load_result(dispatch_redis *d, const char *id, const task *t, const c
                                                                 "error", why));
         return 1;
     }
-    log_event(LOG_ERROR, "result_fetch_failed", json_pack("{s:s,s:i,s:s}", "job_id", id, "task", t->index, "error", why));
+    log_event(LOG_ERROR, "result_fetch_failed",
+              json_pack("{s:s,s:i,s:s}", "job_id", id, "task", t->index, "error", why));
     problem_set(lost, PROBLEM_STORAGE_FAILED, "the image was stored but cannot be read back: %s", why);
     return 0;
 }

@@ -68,7 +68,8 @@ static void object_key(const server *srv, const char *job_id, int index, image_f
 }
 
 void results_store(server *srv, const char *job_id, bool listed, const task *t, task_outcome *out) {
-    if (out->state == JOB_SUCCEEDED && results_stored(srv, listed)) results_upload(srv, job_id, t->index, t->opts.format, out);
+    if (out->state == JOB_SUCCEEDED && results_stored(srv, listed))
+        results_upload(srv, job_id, t->index, t->opts.format, out);
 }
 
 int results_upload(server *srv, const char *job_id, int index, image_format format, task_outcome *out) {

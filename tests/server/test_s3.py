@@ -303,7 +303,7 @@ def test_cluster_results_in_s3(moto):
     a single-process run), so does the worker's webhook, and the node
     streams synchronous answers back from the store; DELETE removes the
     objects. A worker whose store is unreachable fails its tasks with
-    storage-failed."""
+    storage-failed, and so does a worker without the bucket's settings."""
     form = {"num_inference_steps": "2", "seed": "7"}
     single = Server()
     try:
@@ -368,6 +368,14 @@ def test_cluster_results_in_s3(moto):
         assert "could not be stored" in error["detail"] and dead[7:] in error["detail"], error
         sync = node.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
         assert "could not be stored" in problem(sync, 502, "storage-failed")["detail"]
+
+        # a worker without the bucket's settings: the node, which promises URLs, says so by name
+        worker.check_clean_exit()
+        worker = Worker(redis.url, "--name", "no-bucket")
+        r = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+        job = wait_job(node, r.json()["id"], timeout=30)
+        assert job["status"] == "failed" and job["error"]["type"] == "urn:sdx4:problem:storage-failed", job
+        assert "worker no-bucket kept the image in Redis" in job["error"]["detail"], job
     finally:
         if node:
             node.check_clean_exit()
