@@ -40,7 +40,7 @@ int results_open(server *srv) {
     objstore_settings s = {.bucket = c->s3_bucket, .endpoint = c->s3_endpoint, .region = c->s3_region,
                            .path_style = c->s3_path_style, .timeout = c->s3_timeout};
     if (!(srv->results = objstore_open(&s, err, sizeof err))) {
-        fprintf(stderr, "sdx4 serve: %s\n", err);
+        fprintf(stderr, "sdx4: %s\n", err);
         return -1;
     }
     log_event(LOG_INFO, "results_store",

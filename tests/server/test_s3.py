@@ -383,3 +383,12 @@ def test_cluster_results_in_s3(moto):
             worker.check_clean_exit()
         redis.remove()
         hooks.close()
+
+
+def test_worker_bad_settings_refused(moto):
+    """`sdx4 worker` reads the --s3-* settings as serve does, and refuses the same way."""
+    model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    out = subprocess.run([SDX4, "worker", "--redis", "redis://127.0.0.1:1", "--model", model, "--port", "0",
+                          *s3_flags(moto.url)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, **moto.env(AWS_ACCESS_KEY_ID="")))
+    assert out.returncode != 0 and "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in out.stderr, out.stderr[-2000:]
