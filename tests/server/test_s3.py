@@ -324,6 +324,12 @@ def test_cluster_results_in_s3(moto):
             assert r.status_code == 202, r.text
             job = wait_job(node, r.json()["id"])
             sync = node.post("/api/v1/upscale", files={"image": image_bytes()}, data=form)
+            img = base64.b64encode(image_bytes(seed=3)).decode()
+            r = node.post("/api/v1/batch-upscale?async=true",
+                          json={"images": [img], "num_inference_steps": 1, "output_format": "jpeg"})
+            batch = wait_job(node, r.json()["id"])
+            # a batch's listing has the images inline: the node reads them back from the store
+            listing = node.get(f"/api/v1/jobs/{batch['id']}/result").json()["results"]
         finally:
             moto.iam(False)
         assert job["status"] == "succeeded", job
@@ -345,6 +351,9 @@ def test_cluster_results_in_s3(moto):
         # the synchronous answer's object was removed once read back; the job's stays
         listed = moto.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
         assert [o["Key"] for o in listed if re.fullmatch(r"[0-9a-f]{32}/\d+\.png", o["Key"])] == [key]
+        [entry] = batch["results"]
+        assert batch["status"] == "succeeded" and f"/{batch['id']}/0.jpg?" in entry["result_url"], batch
+        assert base64.b64decode(listing[0]["image"]) == requests.get(entry["result_url"], timeout=30).content
         assert redis.client().keys("sdx4:result:*") == []  # the images went to the store only
         state = json.loads(redis.client().hget(f"sdx4:job:{job['id']}", "task:0"))
         assert state["stored"] is True and state["bytes"] == len(want.content)
