@@ -143,9 +143,10 @@ struct backend {
      * decode, which overflows in fp16 (diffusers upcasts it to float):
      * bfloat16 has float's range. A backend in full precision (CUDA's fp32
      * mode) stays in F32 whatever is asked, and one may answer a request
-     * for BF16 with F32 (CUDA with the VAE in fp32, cuda_settings). Per thread, so
-     * concurrent upscales on one engine do not disturb each other. Any
-     * other `t` changes nothing and just returns the current type. */
+     * for BF16 with F32 (CUDA without allow_bf16, cuda_settings). Per
+     * thread, so concurrent upscales on one engine do not disturb each
+     * other. Any other `t` changes nothing and just returns the current
+     * type. */
     dtype (*set_activation_type)(backend *be, dtype t);
 
     /* --- steps -------------------------------------------------------- */
