@@ -63,11 +63,39 @@ const char *sdx4_status_name(sdx4_status status);
 
 typedef struct sdx4_engine sdx4_engine;
 
+/* How the CUDA backend computes. Zero fields (NULL strings) are the
+ * defaults. The CPU ignores them, but a value outside the choices is
+ * refused whatever the device. The library reads no environment: the CLI
+ * and the server map the variable named beside each field (and their
+ * flags) onto it. */
+typedef struct {
+    const char *dtype; /* SDX4_CUDA_DTYPE: "fp16" (default): half weights and
+                          activations, float accumulation; "fp32": float
+                          everywhere, no TF32 (matches the CPU) */
+    const char *vae;   /* SDX4_CUDA_VAE: the VAE decode of fp16 mode in "bf16"
+                          (default) or "fp32" */
+    const char *conv;  /* SDX4_CUDA_CONV: convolutions by "cudnn" (default:
+                          the faster of its legacy call and graph API),
+                          "cudnn-legacy" (the legacy call alone: a new size
+                          is chosen faster, every step is slower),
+                          "cudnn-graph" (every graph-API plan that agrees
+                          with the legacy call, even a slower one: tests) or
+                          "im2col" (im2col + GEMM, as without cuDNN) */
+    int no_graphs;     /* SDX4_CUDA_GRAPH=0: every step runs operation by
+                          operation instead of replaying a CUDA graph */
+    int no_plans;      /* SDX4_CUDA_PLAN=0: no planning pass; a recorded step
+                          takes its memory from the allocator's cache
+                          instead of one planned arena */
+    int profile;       /* SDX4_CUDA_PROFILE=1: GPU time per operation and the
+                          memory peak, on stderr when the engine closes */
+} sdx4_cuda_options;
+
 typedef struct {
     const char *model_dir; /* diffusers folder with model_index.json */
     const char *variant;   /* "fp16" prefers *.fp16.safetensors; NULL: plain */
     const char *device;    /* "cpu", "cuda" or "auto" (NULL = "auto") */
     int threads;           /* CPU threads; 0 = all cores */
+    sdx4_cuda_options cuda;
 } sdx4_engine_options;
 
 void sdx4_engine_options_default(sdx4_engine_options *options);

@@ -2,9 +2,11 @@
  * test_device.h - which backend the golden tests run on.
  *
  * SDX4_TEST_DEVICE=cuda runs them on the CUDA backend (the GPU machine's
- * scripts/device-check.sh does), else the CPU. In the CUDA backend's fp16
- * mode (its default; SDX4_CUDA_DTYPE=fp32 for float) the issue's half-
- * precision tolerances apply instead of the reference README's.
+ * scripts/device-check.sh does), else the CPU, with the settings of
+ * SDX4_CUDA_DTYPE, _VAE, _CONV, _GRAPH and _PLAN. In the CUDA
+ * backend's fp16 mode (its default; SDX4_CUDA_DTYPE=fp32 for float) the
+ * issue's half-precision tolerances apply instead of the reference
+ * README's.
  */
 #ifndef SDX4_TEST_DEVICE_H
 #define SDX4_TEST_DEVICE_H
@@ -22,13 +24,23 @@ static inline backend *test_backend(void) {
     const char *dev = getenv("SDX4_TEST_DEVICE");
     if (dev && !strcmp(dev, "cuda")) {
 #ifdef SDX4_HAVE_CUDA
-        backend *be = backend_cuda_create(0);
+        /* the variables the CLI maps onto the engine's options */
+        const char *graph = getenv("SDX4_CUDA_GRAPH"), *plan = getenv("SDX4_CUDA_PLAN");
+        sdx4_cuda_options o = {.dtype = getenv("SDX4_CUDA_DTYPE"), .vae = getenv("SDX4_CUDA_VAE"),
+                               .conv = getenv("SDX4_CUDA_CONV"),
+                               .no_graphs = graph && !strcmp(graph, "0"),
+                               .no_plans = plan && !strcmp(plan, "0")};
+        cuda_settings settings;
+        if (cuda_settings_parse(&o, &settings)) {
+            fprintf(stderr, "%s\n", sdx4_last_error());
+            exit(1);
+        }
+        backend *be = backend_cuda_create(0, &settings);
         if (!be) {
             printf("skipped: %s\n", sdx4_last_error());
             exit(77);
         }
-        const char *mode = getenv("SDX4_CUDA_DTYPE");
-        test_half_precision = !(mode && !strcmp(mode, "fp32"));
+        test_half_precision = settings.mode == DTYPE_F16;
         printf("device: %s\n", be->description);
         return be;
 #else

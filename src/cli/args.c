@@ -11,6 +11,10 @@
  * must be finite (strtod accepts "nan" and "inf"; we do not), and it must
  * lie in the option's range. Every message names the option, so that in
  * a long command line the user sees which value was refused.
+ *
+ * The CUDA settings of upscale and bench also come from SDX4_CUDA_*
+ * variables where no flag gives them (the engine reads no environment):
+ * a bad value is refused naming the variable, before any model loads.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -19,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "cli.h"
@@ -225,5 +230,55 @@ int cli_parse(cli_command *cmd, int argc, char **argv,
         return cli_usage_error(cmd, "expected %s, got %d argument%s",
                                cmd->positionals, n, n == 1 ? "" : "s");
     *npositionals = n;
+    return CLI_CONTINUE;
+}
+
+/* ------------------------------------------------------------------------
+ * The CUDA settings' variables
+ * ------------------------------------------------------------------------ */
+
+/* A boolean variable as `sdx4 serve` reads its settings: 1 on, 0 off, -1
+ * unset or empty, -2 anything else. */
+static int variable_flag(const char *name) {
+    static const char *const on[] = {"1", "true", "yes", "on"};
+    static const char *const off[] = {"0", "false", "no", "off"};
+    const char *v = getenv(name);
+    if (!v || !*v) return -1;
+    for (int i = 0; i < 4; i++) {
+        if (!strcasecmp(v, on[i])) return 1;
+        if (!strcasecmp(v, off[i])) return 0;
+    }
+    return -2;
+}
+
+int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda) {
+    const struct {
+        const char *name, *choices;
+        const char **field;
+    } texts[] = {
+        {"SDX4_CUDA_DTYPE", CLI_CUDA_DTYPES, &cuda->dtype},
+        {"SDX4_CUDA_VAE", CLI_CUDA_VAES, &cuda->vae},
+        {"SDX4_CUDA_CONV", CLI_CUDA_CONVS, &cuda->conv},
+    };
+    for (int i = 0; i < 3; i++) {
+        const char *v = getenv(texts[i].name);
+        /* a flag wins; an empty variable is unset */
+        if (*texts[i].field || !v || !*v) continue;
+        if (!is_choice(texts[i].choices, v))
+            return cli_usage_error(cmd, "%s: '%s' is not one of %s",
+                                   texts[i].name, v, texts[i].choices);
+        *texts[i].field = v;
+    }
+    const char *const flags[] = {"SDX4_CUDA_GRAPH", "SDX4_CUDA_PLAN",
+                                 "SDX4_CUDA_PROFILE"};
+    int value[3];
+    for (int i = 0; i < 3; i++)
+        if ((value[i] = variable_flag(flags[i])) == -2)
+            return cli_usage_error(
+                cmd, "%s: '%s' is not one of 1|0|true|false|yes|no|on|off",
+                flags[i], getenv(flags[i]));
+    cuda->no_graphs = value[0] == 0;
+    cuda->no_plans = value[1] == 0;
+    cuda->profile = value[2] == 1;
     return CLI_CONTINUE;
 }

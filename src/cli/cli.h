@@ -17,6 +17,8 @@
 
 #include <stdint.h>
 
+#include "sdx4.h"
+
 #if defined(__GNUC__)
 #define CLI_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #else
@@ -79,6 +81,33 @@ int cli_fail_engine(void);
 
 /* The model folder: --model when given, else $SDX4_MODEL, else NULL. */
 const char *cli_model_dir(const char *option_value);
+
+/* The CUDA backend's settings (sdx4.h's sdx4_cuda_options) in the option
+ * tables of upscale and bench: --cuda-dtype, --cuda-vae and --cuda-conv,
+ * and their lines of --help. */
+#define CLI_CUDA_DTYPES "fp16|fp32"
+#define CLI_CUDA_VAES "bf16|fp32"
+#define CLI_CUDA_CONVS "cudnn|cudnn-legacy|cudnn-graph|im2col"
+#define CLI_CUDA_OPTIONS(cuda)                                                 \
+    {"--cuda-dtype", OPT_CHOICE, &(cuda)->dtype, 0, 0, CLI_CUDA_DTYPES, 0},    \
+    {"--cuda-vae", OPT_CHOICE, &(cuda)->vae, 0, 0, CLI_CUDA_VAES, 0},          \
+    {"--cuda-conv", OPT_CHOICE, &(cuda)->conv, 0, 0, CLI_CUDA_CONVS, 0}
+#define CLI_CUDA_HELP                                                          \
+    "  --cuda-dtype fp16|fp32 CUDA: half weights and activations (default),\n" \
+    "                         or float everywhere ($SDX4_CUDA_DTYPE)\n"        \
+    "  --cuda-vae bf16|fp32   CUDA: the VAE decode of fp16 mode in bfloat16\n" \
+    "                         (default) or float ($SDX4_CUDA_VAE)\n"           \
+    "  --cuda-conv NAME       CUDA convolutions: cudnn (default),\n"           \
+    "                         cudnn-legacy, cudnn-graph or im2col\n"           \
+    "                         ($SDX4_CUDA_CONV)\n"                             \
+    "  SDX4_CUDA_GRAPH=0      CUDA: every step operation by operation\n"       \
+    "  SDX4_CUDA_PLAN=0       CUDA: no planned memory arena for the steps\n"   \
+    "  SDX4_CUDA_PROFILE=1    CUDA: GPU time per operation, on stderr\n"
+
+/* Fills the CUDA settings that no flag gave from the SDX4_CUDA_* variables
+ * (flags win, as in `sdx4 serve`). Returns CLI_CONTINUE, or EXIT_USAGE
+ * after naming a variable whose value is not one of its choices. */
+int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda);
 
 /* Seconds on a monotonic clock. */
 double cli_now(void);

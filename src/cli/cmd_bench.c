@@ -40,6 +40,7 @@ static const char help[] =
     "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
     "  --variant fp16         load the *.fp16.safetensors weights\n"
     "  --device cpu|cuda|auto compute device (default: auto)\n"
+    CLI_CUDA_HELP
     "  -h, --help             show this help\n";
 
 /* What --threads 0 means: every CPU this process may run on. */
@@ -76,6 +77,7 @@ static int print_result(const char *model, const char *device, int threads,
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL, *variant = NULL, *device = "auto";
     int size = 64, steps = 2, repeats = 1, threads = 0;
+    sdx4_cuda_options cuda = {0};
     cli_option options[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
         {"--size", OPT_INT, &size, 8, 1024, NULL, 0},
@@ -84,12 +86,15 @@ int cmd_bench(int argc, char **argv) {
         {"--threads", OPT_INT, &threads, 0, 4096, NULL, 0},
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
+        CLI_CUDA_OPTIONS(&cuda),
         {NULL, 0, NULL, 0, 0, NULL, 0},
     };
     cli_command cmd = {"bench", help, "no arguments", 0, 0, options};
     int npositionals;
     int status = cli_parse(&cmd, argc, argv, NULL, &npositionals);
-    if (status != CLI_CONTINUE) return status;
+    if (status != CLI_CONTINUE ||
+        (status = cli_cuda_environment(&cmd, &cuda)) != CLI_CONTINUE)
+        return status;
     model = cli_model_dir(model);
     if (!model)
         return cli_usage_error(&cmd, "--model is required (or set SDX4_MODEL)");
@@ -100,6 +105,7 @@ int cmd_bench(int argc, char **argv) {
     engine_options.variant = variant;
     engine_options.device = device;
     engine_options.threads = threads;
+    engine_options.cuda = cuda;
     sdx4_engine *engine = NULL;
     sdx4_model_info info;
     sdx4_bench_result result;

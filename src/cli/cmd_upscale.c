@@ -47,6 +47,7 @@ static const char help[] =
     "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
     "  --variant fp16         load the *.fp16.safetensors weights\n"
     "  --device cpu|cuda|auto compute device (default: auto)\n"
+    CLI_CUDA_HELP
     "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
     "  -h, --help             show this help\n"
     "\n"
@@ -123,6 +124,7 @@ int cmd_upscale(int argc, char **argv) {
     double guidance = params.guidance_scale, noise = params.noise_level;
     double eta = params.eta;
     uint64_t seed = 0;
+    sdx4_cuda_options cuda = {0};
 
     cli_option options[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
@@ -136,6 +138,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--threads", OPT_INT, &threads, 0, 4096, NULL, 0},
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
+        CLI_CUDA_OPTIONS(&cuda),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
         {NULL, 0, NULL, 0, 0, NULL, 0},
     };
@@ -143,7 +146,9 @@ int cmd_upscale(int argc, char **argv) {
     const char *paths[2];
     int npaths;
     int status = cli_parse(&cmd, argc, argv, paths, &npaths);
-    if (status != CLI_CONTINUE) return status;
+    if (status != CLI_CONTINUE ||
+        (status = cli_cuda_environment(&cmd, &cuda)) != CLI_CONTINUE)
+        return status;
     const char *in_path = paths[0], *out_path = paths[1];
 
     model = cli_model_dir(model);
@@ -177,6 +182,7 @@ int cmd_upscale(int argc, char **argv) {
     engine_options.variant = variant;
     engine_options.device = device;
     engine_options.threads = threads;
+    engine_options.cuda = cuda;
     sdx4_model_info info;
     if (sdx4_engine_open(&engine_options, &engine) != SDX4_OK ||
         sdx4_engine_info(engine, &info) != SDX4_OK ||

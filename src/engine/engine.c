@@ -36,10 +36,11 @@ void sdx4_engine_options_default(sdx4_engine_options *o) {
     o->device = "auto";
 }
 
-static backend *open_backend(const char *device, int threads) {
+static backend *open_backend(const char *device, int threads, const cuda_settings *cuda) {
+    (void)cuda; /* unused in builds without the CUDA backend */
     if (!device || !strcmp(device, "auto")) {
 #ifdef SDX4_HAVE_CUDA
-        backend *be = backend_cuda_create(0);
+        backend *be = backend_cuda_create(0, cuda);
         if (be) return be;
 #endif
         return backend_cpu_create(threads);
@@ -47,7 +48,7 @@ static backend *open_backend(const char *device, int threads) {
     if (!strcmp(device, "cpu")) return backend_cpu_create(threads);
     if (!strcmp(device, "cuda")) {
 #ifdef SDX4_HAVE_CUDA
-        return backend_cuda_create(0);
+        return backend_cuda_create(0, cuda);
 #else
         set_error(SDX4_ERR_DEVICE, "device cuda: this build of sdx4 has no CUDA backend");
         return NULL;
@@ -68,12 +69,14 @@ sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to 1024", o->threads);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
+    cuda_settings cuda;
+    if (cuda_settings_parse(&o->cuda, &cuda)) return SDX4_ERR_INVALID_ARGUMENT;
     sdx4_engine *e = calloc(1, sizeof *e);
     if (!e) {
         set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
-    if (!(e->be = open_backend(o->device, o->threads))) goto fail;
+    if (!(e->be = open_backend(o->device, o->threads, &cuda))) goto fail;
     if (model_load(&e->m, e->be, o->model_dir, o->variant)) {
         error_prefix("%s", o->model_dir);
         goto fail;

@@ -41,6 +41,18 @@ static const option options[] = {
     {"device", OPT_STRING, O(device), 0, 0, "auto", "cpu, cuda or auto"},
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
     {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
+    {"cuda-dtype", OPT_STRING, O(cuda_dtype), 0, 0, "fp16",
+     "CUDA: fp16 (half weights and activations, float accumulation) or fp32 (float everywhere)"},
+    {"cuda-vae", OPT_STRING, O(cuda_vae), 0, 0, "bf16", "CUDA: the VAE decode of fp16 mode in bf16 or fp32"},
+    {"cuda-conv", OPT_STRING, O(cuda_conv), 0, 0, "cudnn",
+     "CUDA convolutions: cudnn, cudnn-legacy (a new size is chosen faster, every step is slower), "
+     "cudnn-graph or im2col"},
+    {"cuda-graph", OPT_BOOL, O(cuda_graph), 0, 0, "true",
+     "CUDA: replay each denoising step as a recorded CUDA graph (false: operation by operation)"},
+    {"cuda-plan", OPT_BOOL, O(cuda_plan), 0, 0, "true",
+     "CUDA: lay out a recorded step's memory in one arena planned by the step before"},
+    {"cuda-profile", OPT_BOOL, O(cuda_profile), 0, 0, "false",
+     "CUDA: GPU time per operation, on stderr when the engine closes"},
     {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
      "run one-step upscales before reporting ready, and measure two of them to "
      "calibrate the time estimates that refuse requests unable to finish in time"},
@@ -511,4 +523,7 @@ void config_engine_options(const server_config *cfg, sdx4_engine_options *o) {
     o->variant = cfg->variant;
     o->device = cfg->device;
     o->threads = cfg->threads;
+    o->cuda = (sdx4_cuda_options){.dtype = cfg->cuda_dtype, .vae = cfg->cuda_vae,
+                                  .conv = cfg->cuda_conv, .no_graphs = !cfg->cuda_graph,
+                                  .no_plans = !cfg->cuda_plan, .profile = cfg->cuda_profile};
 }

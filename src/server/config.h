@@ -27,6 +27,8 @@ typedef struct {
     /* model */
     char *model, *model_id, *device, *variant;
     int threads;
+    char *cuda_dtype, *cuda_vae, *cuda_conv; /* sdx4_cuda_options, checked by the engine */
+    bool cuda_graph, cuda_plan, cuda_profile;
     bool warmup;
     string_list warmup_sizes; /* "N" or "WxH" items, checked by config_load */
     /* network */
@@ -89,7 +91,7 @@ int config_parse_dimensions(const char *text, int *width, int *height);
 void config_print_help(FILE *out);
 
 /* The engine's open options that the settings give (model, variant,
- * device, threads): one mapping for serve and worker. */
+ * device, threads, the cuda-* settings): one mapping for serve and worker. */
 void config_engine_options(const server_config *cfg, sdx4_engine_options *o);
 
 #endif

@@ -25,9 +25,10 @@
 #include <stdint.h>
 
 #include "core/dtype.h"
+#include "sdx4.h"
 
 typedef struct backend backend;
-typedef struct backend_graph backend_graph; /* a recorded sequence, see below */
+typedef struct backend_step backend_step; /* a step run again and again, see below */
 
 typedef struct tensor {
     backend *be;
@@ -142,41 +143,21 @@ struct backend {
      * decode, which overflows in fp16 (diffusers upcasts it to float):
      * bfloat16 has float's range. A backend in full precision (CUDA's fp32
      * mode) stays in F32 whatever is asked, and one may answer a request
-     * for BF16 with F32 (CUDA with SDX4_CUDA_VAE=fp32). Per thread, so
-     * concurrent upscales on one engine do not disturb each other. Any
-     * other `t` changes nothing and just returns the current type. */
+     * for BF16 with F32 (CUDA without allow_bf16, cuda_settings). Per
+     * thread, so concurrent upscales on one engine do not disturb each
+     * other. Any other `t` changes nothing and just returns the current
+     * type. */
     dtype (*set_activation_type)(backend *be, dtype t);
 
-    /* --- recorded sequences ------------------------------------------- */
-    /* Optional (NULL: the backend runs every operation as it is called).
-     * A GPU backend can record the operations of a step once and replay
-     * them, which spares the host's per-operation work (the CUDA backend
-     * captures a CUDA graph). Between record_begin() and record_end(), the
-     * operations this thread calls are recorded, not run, and other
-     * threads' operations wait; replay() then runs them on the same
-     * tensors: the caller writes new inputs into the tensors it created
-     * before recording (upload()) and reads the tensors the recording
-     * returned, which it must keep alive until graph_free(). Tensors
-     * created and freed while recording keep their memory for the replays.
-     * Only operations without host data may be recorded (not upload,
-     * download, weight or embedding), each after it has run once outside
-     * a recording (a backend may choose algorithms on a first run).
-     * record_begin: 0 recording, 1 the backend declines (recording is off;
-     * run the operations instead), -1 error. */
-    int (*record_begin)(backend *be);
-    backend_graph *(*record_end)(backend *be); /* NULL with the error set */
-    int (*replay)(backend *be, backend_graph *g);
-    void (*graph_free)(backend *be, backend_graph *g);
-    /* Optional (NULL: a recording takes memory as its operations ask for
-     * it). A planning pass for this thread's next recording: between
-     * plan_begin() and plan_end() the operations run as usual while the
-     * backend notes the sizes and lifetimes of the memory they take. A
-     * recording that then calls the same operations in the same order
-     * keeps all of its memory in one arena laid out from those notes
-     * (core/memplan.h); from the first operation that differs, it takes
-     * memory as usual. Best effort, so nothing to report. */
-    void (*plan_begin)(backend *be);
-    void (*plan_end)(backend *be);
+    /* --- steps -------------------------------------------------------- */
+    /* Optional (NULL: step_run() calls fn every time, see below). A GPU
+     * backend may record the operations of a step once and replay them,
+     * which spares the host's per-operation work (the CUDA backend
+     * captures a CUDA graph, cuda_graph.cu); when and how it warms up,
+     * plans and records is its own business. */
+    backend_step *(*step_new)(backend *be);
+    int (*step_run)(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
+    void (*step_free)(backend *be, backend_step *s);
 
     /* --- lifetime ----------------------------------------------------- */
     /* Waits until every operation enqueued so far has finished; optional
@@ -188,10 +169,73 @@ struct backend {
     void (*destroy)(backend *be);
 };
 
+/* ------------------------------------------------------------------ steps
+ * A step is work that runs again and again, the same operations on new
+ * values: a UNet evaluation of the denoising loop. step_run() runs fn(ctx),
+ * which calls this backend's operations and returns 0, or -1 with the
+ * error set; or, on a backend that records steps, replays what an earlier
+ * call of fn did instead of calling fn again. The CUDA backend runs the
+ * first call as it is called (cuDNN chooses its algorithms on first runs),
+ * the second as a planning pass that lays out the memory of the third,
+ * records the third into a CUDA graph, and replays the graph from then on;
+ * the CPU runs fn every time. So that a replay computes what fn would:
+ *   - from its second call on, fn calls the same operations in the same
+ *     order on tensors of the same shapes (its first call may do more:
+ *     fill a cache that the later ones read, as kv_cache does), and does
+ *     nothing on the host that a later step needs (a replay runs none of
+ *     fn's host code);
+ *   - fn's inputs are tensors created before the step's first run, into
+ *     which the caller writes each step's values (upload()) before calling
+ *     step_run();
+ *   - fn stores its results in ctx, freeing the previous call's first;
+ *     after a replay, the results of the recorded call hold the new
+ *     values: the caller reads them (download()) and keeps them alive
+ *     until step_free(). Tensors that fn creates and frees keep their
+ *     memory for the replays, which write it again;
+ *   - fn calls no operation on host data (upload, download, weight,
+ *     embedding): a recording cannot hold them.
+ * While a step records, the operations of other threads wait. A step is
+ * run by one thread (the CUDA backend plans per thread); after step_run()
+ * fails, only step_free() is left to call.
+ */
+
+/* A new step; NULL with the error set. */
+backend_step *step_new(backend *be);
+int step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
+void step_free(backend *be, backend_step *s); /* NULL is fine */
+/* Whether step_run() may replay steps on this backend: then its first
+ * calls of a step call fn, and the later ones do not (bench.c times them). */
+int step_replays(const backend *be);
+
+/* ---------------------------------------------------------------- backends */
+
+/* How the CUDA backend computes: sdx4.h's sdx4_cuda_options, checked by
+ * cuda_settings_parse() in every build (a bad value is refused whatever the
+ * device). cuda_backend.cu describes each. */
+typedef enum {
+    CONV_IM2COL,       /* im2col + GEMM, as in builds without cuDNN */
+    CONV_CUDNN,        /* cuDNN: the faster of the legacy call and the graph API */
+    CONV_CUDNN_GRAPH,  /* graph API plans kept even when slower (tests) */
+    CONV_CUDNN_LEGACY, /* the legacy call alone: a new shape is chosen faster */
+} conv_path;
+
+typedef struct {
+    dtype mode;     /* DTYPE_F16 (half weights and activations) or DTYPE_F32 */
+    int allow_bf16; /* the VAE decode in bfloat16 (else float) in F16 mode */
+    conv_path conv;
+    int use_graphs; /* record steps as CUDA graphs (else run them as called) */
+    int use_plans;  /* a planning pass before recording */
+    int profile;    /* GPU time per operation, on stderr at destroy() */
+} cuda_settings;
+
+/* The settings `o` asks for (NULL: the defaults); -1 with an error naming
+ * the option and its choices. */
+int cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s);
+
 /* Backends compiled into this build. Each returns NULL with the error set
  * when it cannot start (no GPU, ...). threads = 0: all cores. */
 backend *backend_cpu_create(int threads);
-backend *backend_cuda_create(int device_index);
+backend *backend_cuda_create(int device_index, const cuda_settings *settings);
 
 /* Shorthands that keep model code readable. */
 static inline void tensor_free(tensor *t) {

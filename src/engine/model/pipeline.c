@@ -16,13 +16,11 @@
  * networks run on the backend. Random numbers are always drawn on the CPU
  * in float32 so a seed means the same image on every backend.
  *
- * Every step runs the same UNet on new values, so on a backend that
- * records (backend.h) the first step runs as it is called, the second is
- * recorded (on a backend that plans a recording's memory, the second runs
- * as called too, as the planning pass, and the third is recorded) and
- * every step from then on replays the recording: the step's
- * inputs (the UNet's input and its timestep) are written into tensors
- * kept for the whole loop, and the recording's output tensor is read.
+ * Every step runs the same UNet on new values: it is one backend step
+ * (backend.h), which a backend that records (CUDA) replays instead of
+ * running it operation by operation. The step's inputs (the UNet's input
+ * and its timestep) are written into tensors kept for the whole loop, and
+ * its output tensor, the recorded one once the backend replays, is read.
  * The cross-attention keys and values of the prompt, the same at every
  * step, are computed by the first step and kept (kv_cache, blocks.h).
  *
@@ -73,82 +71,68 @@ tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
 
 /* The UNet's device tensors across the steps of one upscale (see the top
  * comment): input, timestep projection and class embedding, and the
- * output, which after the first step is the recording's. */
+ * output, which after the first steps is the recorded one. */
 typedef struct {
+    const model *m;
+    backend *be;
+    const tensor *ctx; /* the prompt's embeddings */
     tensor *x, *tproj, *cls, *y;
     kv_cache *kv; /* the prompt's cross-attention keys and values */
-    backend_graph *graph;
-    int steps;    /* steps run so far */
+    backend_step *step;
 } unet_state;
 
-static int unet_state_init(unet_state *st, const model *m, backend *be, int batch, int h, int w,
-                           int noise_level) {
+static int unet_state_init(unet_state *st, const model *m, backend *be, const tensor *ctx,
+                           int batch, int h, int w, int noise_level) {
     int32_t labels[2] = {noise_level, noise_level};
     memset(st, 0, sizeof *st);
+    st->m = m, st->be = be, st->ctx = ctx;
     int64_t shape[4] = {batch, m->unet.in_channels, h, w};
     TRY(st->x = be->new_tensor(be, 4, shape));
     TRY(st->tproj = be->new_tensor(be, 2, (const int64_t[]){batch, m->unet.block_channels[0]}));
     if (m->unet.class_embedding) TRY(st->cls = unet_class_embedding(be, &m->unet, labels, batch));
     TRY(st->kv = kv_cache_new());
+    TRY(st->step = step_new(be));
     return 0;
 fail:
     return -1;
 }
 
 static void unet_state_free(unet_state *st, backend *be) {
-    if (st->graph) be->graph_free(be, st->graph);
-    st->graph = NULL;
+    step_free(be, st->step);
+    st->step = NULL;
     DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls);
     kv_cache_free(st->kv);
     st->kv = NULL;
 }
 
+/* The step's function (backend.h): the UNet on the tensors of st. */
+static int unet_step_fw(void *arg) {
+    unet_state *st = arg;
+    DROP(st->y);
+    st->y = unet_fw_embedded(st->be, &st->m->unet, st->x, st->tproj, st->cls, st->ctx, st->kv);
+    return st->y ? 0 : -1;
+}
+
 /* One UNet evaluation: unet_in on the host in, unet_out on the host out. */
-static int unet_step(const model *m, backend *be, unet_state *st, const tensor *ctx, int t,
-                     const float *unet_in, float *unet_out) {
-    if (be->upload(be, st->x, unet_in) || unet_set_timestep(be, &m->unet, st->tproj, (float)t))
+static int unet_step(const model *m, backend *be, unet_state *st, int t, const float *unet_in,
+                     float *unet_out) {
+    if (be->upload(be, st->x, unet_in) || unet_set_timestep(be, &m->unet, st->tproj, (float)t) ||
+        step_run(be, st->step, unet_step_fw, st))
         return -1;
-    if (st->graph) {
-        if (be->replay(be, st->graph)) return -1;
-    } else {
-        /* a backend that plans its recordings' memory (backend.h) gets the
-         * second step (st->steps == 1) as the planning pass, and records
-         * the third */
-        int planned = be->record_begin && be->plan_begin, first_recorded = planned ? 2 : 1;
-        int planning = planned && st->steps == first_recorded - 1;
-        int recording = st->steps >= first_recorded && be->record_begin ? be->record_begin(be) : 1;
-        if (recording < 0) return -1;
-        if (planning) be->plan_begin(be);
-        DROP(st->y);
-        st->y = unet_fw_embedded(be, &m->unet, st->x, st->tproj, st->cls, ctx, st->kv);
-        if (planning) be->plan_end(be);
-        if (recording == 0) {
-            backend_graph *g = be->record_end(be); /* also after a failed operation */
-            if (!st->y || !g) {
-                if (g) be->graph_free(be, g);
-                DROP(st->y);
-                return -1;
-            }
-            st->graph = g;
-            if (be->replay(be, g)) return -1;
-        }
-        if (!st->y) return -1;
-    }
-    st->steps++;
     return be->download(be, st->y, unet_out);
 }
 
 /* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
  * already holds the noisy image channels of every batch entry (they do not
  * change between steps); only the latents are written here. */
-static int predict_noise(const model *m, backend *be, const pipeline_args *a, const tensor *ctx,
-                         unet_state *st, int do_cfg, const float *latents, int t, float *unet_in,
-                         float *unet_out, float *eps) {
+static int predict_noise(const model *m, backend *be, const pipeline_args *a, unet_state *st,
+                         int do_cfg, const float *latents, int t, float *unet_in, float *unet_out,
+                         float *eps) {
     int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
     for (int b = 0; b < batch; b++) /* cat([latents, image], dim=1) */
         memcpy(unet_in + b * (lat + img), latents, lat * sizeof *latents);
-    if (unet_step(m, be, st, ctx, t, unet_in, unet_out)) return -1;
+    if (unet_step(m, be, st, t, unet_in, unet_out)) return -1;
     if (do_cfg) {
         const float *uncond = unet_out, *text = unet_out + lat;
         for (size_t i = 0; i < lat; i++) eps[i] = uncond[i] + a->guidance * (text[i] - uncond[i]);
@@ -231,10 +215,10 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
 
     if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
-    if (unet_state_init(&st, m, be, batch, a->height, a->width, a->noise_level)) goto fail;
+    if (unet_state_init(&st, m, be, ctx, batch, a->height, a->width, a->noise_level)) goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         int t = sched.timesteps[i];
-        if (predict_noise(m, be, a, ctx, &st, do_cfg, latents, t, unet_in, unet_out, eps) ||
+        if (predict_noise(m, be, a, &st, do_cfg, latents, t, unet_in, unet_out, eps) ||
             ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
             goto fail;
         memcpy(latents, prev, lat * sizeof *latents);

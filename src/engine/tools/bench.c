@@ -43,48 +43,60 @@ static tensor *random_tensor(backend *be, int64_t b, int64_t c, int64_t h, int64
     return t;
 }
 
-/* The UNet step recorded once and replayed (as pipeline.c runs it), on a
- * backend that records; 0 ms on one that does not. */
+/* The UNet step of the pipeline as a backend step (backend.h), and the
+ * number of times it ran. */
+typedef struct {
+    model *m;
+    backend *be;
+    const tensor *x, *tproj, *cls, *ctx;
+    kv_cache *kv;
+    tensor *y;
+    int runs;
+} bench_step;
+
+static int bench_step_fw(void *arg) {
+    bench_step *b = arg;
+    b->runs++;
+    DROP(b->y);
+    b->y = unet_fw_embedded(b->be, &b->m->unet, b->x, b->tproj, b->cls, b->ctx, b->kv);
+    return b->y ? 0 : -1;
+}
+
+/* The UNet step replayed (as pipeline.c runs it), on a backend that
+ * replays steps; 0 ms on one that does not. */
 static int time_replayed_step(model *m, backend *be, const tensor *x, const tensor *ctx,
                               const int32_t *labels, double *t, int repeats, double *ms) {
     *ms = 0.0;
-    if (!be->record_begin) return 0;
-    int batch = (int)x->shape[0], rc = -1, recording;
-    tensor *tproj = NULL, *cls = NULL, *y = NULL;
-    kv_cache *kv = NULL;
-    backend_graph *g = NULL;
-    TRY(tproj = unet_new_timestep(be, &m->unet, batch, 500.0f));
-    if (m->unet.class_embedding) TRY(cls = unet_class_embedding(be, &m->unet, labels, batch));
-    /* a first step fills the keys and values of the prompt, as in the
-     * pipeline, so that the recording reads them */
-    TRY(kv = kv_cache_new());
-    TRY(y = unet_fw_embedded(be, &m->unet, x, tproj, cls, ctx, kv));
-    DROP(y);
-    if (be->plan_begin) { /* and a planning pass, as in the pipeline */
-        be->plan_begin(be);
-        y = unet_fw_embedded(be, &m->unet, x, tproj, cls, ctx, kv);
-        be->plan_end(be);
-        if (!y) goto fail;
-        DROP(y);
-    }
-    if ((recording = be->record_begin(be)) != 0) {
-        rc = recording > 0 ? 0 : -1;
-        goto fail;
-    }
-    y = unet_fw_embedded(be, &m->unet, x, tproj, cls, ctx, kv);
-    g = be->record_end(be);
-    if (!y || !g) goto fail;
-    for (int i = -1; i < repeats; i++) {
+    if (!step_replays(be)) return 0;
+    int batch = (int)x->shape[0], rc = -1;
+    tensor *tproj = NULL, *cls = NULL;
+    backend_step *step = NULL;
+    bench_step b = {.m = m, .be = be, .x = x, .ctx = ctx};
+    TRY(b.tproj = tproj = unet_new_timestep(be, &m->unet, batch, 500.0f));
+    if (m->unet.class_embedding)
+        TRY(b.cls = cls = unet_class_embedding(be, &m->unet, labels, batch));
+    TRY(b.kv = kv_cache_new());
+    TRY(step = step_new(be));
+    /* the backend's first runs of the step (warm-up, planning, recording)
+     * call the UNet, as in the pipeline; the first that does not is a
+     * replay, the untimed one (10: a bound, should a backend never replay) */
+    int before;
+    do {
+        before = b.runs;
+        if (step_run(be, step, bench_step_fw, &b)) goto fail;
+    } while (b.runs > before && b.runs < 10);
+    if (finish(be)) goto fail;
+    for (int i = 0; i < repeats; i++) {
         double t0 = now_ms();
-        if (be->replay(be, g) || finish(be)) goto fail;
-        if (i >= 0) t[i] = now_ms() - t0;
+        if (step_run(be, step, bench_step_fw, &b) || finish(be)) goto fail;
+        t[i] = now_ms() - t0;
     }
     *ms = median(t, repeats);
     rc = 0;
 fail:
-    if (g) be->graph_free(be, g);
-    DROP(y), DROP(tproj), DROP(cls);
-    kv_cache_free(kv);
+    step_free(be, step);
+    DROP(b.y), DROP(tproj), DROP(cls);
+    kv_cache_free(b.kv);
     return rc;
 }
 

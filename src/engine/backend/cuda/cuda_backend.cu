@@ -3,32 +3,33 @@
  * algebra through cuBLAS (and cuDNN for convolutions when the build found
  * it), everything else in the kernels of the other files of this folder.
  *
- * Precision. SDX4_CUDA_DTYPE, read when the backend is created, picks one
- * of two modes:
+ * Settings (cuda_settings, backend.h: the engine's open options, which the
+ * CLI and the server fill from SDX4_CUDA_* variables and flags). Precision:
+ * the mode picks one of two ways to compute:
  *   fp16 (default)  weights are stored as half; activations are half unless
  *                   a thread asks for float or bfloat16
  *                   (set_activation_type(): the pipeline asks for
  *                   bfloat16, float's range at half the memory and twice
  *                   the tensor-core speed, for the VAE decoder, which
- *                   overflows in half; SDX4_CUDA_VAE=fp32 gives it float
+ *                   overflows in half; allow_bf16 off gives it float
  *                   instead). Every product and reduction accumulates in
  *                   float; float activations may use TF32 tensor cores,
  *                   as PyTorch's convolutions do by default.
  *   fp32            weights and activations are float, and no TF32: the
  *                   results match the CPU backend's within float rounding,
  *                   which is how the golden tests check this backend.
- * SDX4_CUDA_GRAPH=0 makes record_begin() decline (cuda_graph.cu), so
- * that every step runs operation by operation, for comparison;
- * SDX4_CUDA_PLAN=0 makes plan_begin() decline, so that recordings take
- * their memory from the cache as they did before arenas.
- * SDX4_CUDA_CONV=im2col makes convolutions use the im2col + GEMM path even
- * when cuDNN is there (the fallback of builds without cuDNN), so that path
- * can be tested on the same machine; SDX4_CUDA_CONV=cudnn-graph keeps every
- * half-precision plan of cuDNN's graph API that computes what the legacy
- * call does, faster or not, so that its path can be tested too;
- * SDX4_CUDA_CONV=cudnn-legacy leaves the graph API out: the first run of a
- * new size then tries a few algorithms per shape instead of up to 8 more
- * plans, and later runs are slower (BENCHMARKS.md).
+ * use_graphs off leaves the steps unrecorded (cuda_graph.cu), so that
+ * every step runs operation by operation, for comparison; use_plans off
+ * leaves the planning pass untraced, so that recordings take their memory
+ * from the cache as they did before arenas. conv CONV_IM2COL makes convolutions
+ * use the im2col + GEMM path even when cuDNN is there (the fallback of
+ * builds without cuDNN), so that path can be tested on the same machine;
+ * CONV_CUDNN_GRAPH keeps every half-precision plan of cuDNN's graph API
+ * that computes what the legacy call does, faster or not, so that its path
+ * can be tested too; CONV_CUDNN_LEGACY leaves the graph API out: the first
+ * run of a new size then tries a few algorithms per shape instead of up to
+ * 8 more plans, and later runs are slower (BENCHMARKS.md). profile turns
+ * on cuda_profile.cu.
  *
  * This file holds what every operation needs and the operations that are
  * one library call each:
@@ -661,43 +662,7 @@ static void cuda_destroy(backend *be) {
     teardown(cb);
 }
 
-/* The settings read from the environment (see the top comment). */
-static int read_environment(dtype *weights, conv_path *conv_path_out, int *allow_bf16) {
-    const char *mode = getenv("SDX4_CUDA_DTYPE"), *conv = getenv("SDX4_CUDA_CONV"),
-               *vae = getenv("SDX4_CUDA_VAE");
-    if (!vae || !*vae || !strcmp(vae, "bf16")) {
-        *allow_bf16 = 1;
-    } else if (!strcmp(vae, "fp32")) {
-        *allow_bf16 = 0;
-    } else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_VAE=%s: expected bf16 or fp32", vae);
-        return -1;
-    }
-    if (!mode || !*mode || !strcmp(mode, "fp16")) {
-        *weights = DTYPE_F16;
-    } else if (!strcmp(mode, "fp32")) {
-        *weights = DTYPE_F32;
-    } else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "SDX4_CUDA_DTYPE=%s: expected fp16 or fp32", mode);
-        return -1;
-    }
-    if (!conv || !*conv || !strcmp(conv, "cudnn")) {
-        *conv_path_out = CONV_CUDNN;
-    } else if (!strcmp(conv, "cudnn-graph")) {
-        *conv_path_out = CONV_CUDNN_GRAPH;
-    } else if (!strcmp(conv, "cudnn-legacy")) {
-        *conv_path_out = CONV_CUDNN_LEGACY;
-    } else if (!strcmp(conv, "im2col")) {
-        *conv_path_out = CONV_IM2COL;
-    } else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
-                  "SDX4_CUDA_CONV=%s: expected cudnn, cudnn-graph, cudnn-legacy or im2col", conv);
-        return -1;
-    }
-    return 0;
-}
-
-extern "C" backend *backend_cuda_create(int device_index) {
+extern "C" backend *backend_cuda_create(int device_index, const cuda_settings *settings) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
@@ -713,10 +678,8 @@ extern "C" backend *backend_cuda_create(int device_index) {
         set_error(SDX4_ERR_DEVICE, "cuda:%d: there are %d CUDA devices", device_index, count);
         return NULL;
     }
-    dtype weights;
-    conv_path conv;
-    int allow_bf16;
-    if (read_environment(&weights, &conv, &allow_bf16)) return NULL;
+    const dtype weights = settings->mode;
+    const conv_path conv = settings->conv;
     cudaDeviceProp prop;
     if (cuda_ok(cudaSetDevice(device_index), "cuda: cudaSetDevice") ||
         cuda_ok(cudaGetDeviceProperties(&prop, device_index), "cuda: cudaGetDeviceProperties"))
@@ -743,14 +706,10 @@ extern "C" backend *backend_cuda_create(int device_index) {
     cb->smem_per_block = (int)prop.sharedMemPerBlockOptin;
     cb->mode = weights;
     cb->allow_tf32 = weights == DTYPE_F16;
-    cb->allow_bf16 = allow_bf16;
-    cb->profile = cuda_profile_create();
-    {
-        const char *graphs = getenv("SDX4_CUDA_GRAPH");
-        cb->use_graphs = !graphs || strcmp(graphs, "0") != 0;
-        const char *plans = getenv("SDX4_CUDA_PLAN");
-        cb->use_plans = !plans || strcmp(plans, "0") != 0;
-    }
+    cb->allow_bf16 = settings->allow_bf16;
+    cb->profile = settings->profile ? cuda_profile_create() : NULL;
+    cb->use_graphs = settings->use_graphs;
+    cb->use_plans = settings->use_plans;
     if (cuda_ok(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "cuda: stream") ||
         cublas_ok(cublasCreate(&cb->cublas), "cuda: cublasCreate") ||
         cublas_ok(cublasSetStream(cb->cublas, cb->stream), "cuda: cublasSetStream") ||
@@ -816,12 +775,11 @@ extern "C" backend *backend_cuda_create(int device_index) {
         be->relayout_tokens = cuda_relayout_tokens;
         be->embedding = cuda_embedding;
         be->synchronize = cuda_synchronize;
-        be->record_begin = cuda_record_begin;
-        be->record_end = cuda_record_end;
-        be->replay = cuda_replay;
-        be->graph_free = cuda_graph_free;
-        be->plan_begin = cuda_plan_begin;
-        be->plan_end = cuda_plan_end;
+        if (cb->use_graphs) { /* else steps run as called (backend.c) */
+            be->step_new = cuda_step_new;
+            be->step_run = cuda_step_run;
+            be->step_free = cuda_step_free;
+        }
         be->memory = cuda_memory;
         be->set_activation_type = cuda_set_activation_type;
         be->destroy = cuda_destroy;

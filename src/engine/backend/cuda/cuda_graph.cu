@@ -1,5 +1,12 @@
 /*
- * cuda_graph.cu - backend.h's recorded sequences as CUDA graphs.
+ * cuda_graph.cu - backend.h's steps, recorded as CUDA graphs.
+ *
+ * step_run() runs the first call of a step as it is called: a first run of
+ * a convolution shape chooses its algorithm (cuDNN's search synchronises,
+ * which a capture cannot hold), and the step may fill caches that the
+ * later calls read. It runs the second as a planning pass for the third
+ * (below), records the third and replays it at once, and from then on
+ * replays the recording without calling the step's function.
  *
  * record_begin() takes the backend's (recursive) lock, keeps it until
  * record_end(), and starts capturing the backend's stream: the operations
@@ -8,13 +15,15 @@
  * running them, while other threads' operations wait for the lock (their
  * work would otherwise land in the graph). record_end() instantiates the
  * graph; replay() launches it with one call, which spares the host the
- * per-operation work of a UNet step (about a thousand operations).
+ * per-operation work of a UNet step (about a thousand operations). With
+ * graphs off (cuda_settings.use_graphs) the backend has no step entries,
+ * and every step runs as called (backend.c).
  *
  * Memory: a replay writes the very addresses the recording used, so the
  * memory of a recording belongs to its graph until the graph is freed
  * (the tensors it returns also stay valid after that, until the caller
  * frees them). Where a planning pass came first (plan_begin/plan_end: the
- * caller ran the same operations once more before recording, and the
+ * step ran the same operations once more before recording, and the
  * allocator traced them), the recording takes every buffer from one arena
  * at the place the plan gave it (core/memplan.h), which packs the step's
  * buffers by their lifetimes into little more than the bytes the step has
@@ -26,17 +35,16 @@
  * within the recording they are reused by size class as in a normal run.
  *
  * Operations on host data cannot be recorded (a copy from pageable memory
- * is not capturable), nor can a first run of a convolution shape (cuDNN's
- * algorithm search synchronises): backend.h asks callers for both.
+ * is not capturable): backend.h asks a step's function for none.
  */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
 
-int cuda_record_begin(backend *be) {
+/* 0 recording, or -1 with the error set. */
+static int cuda_record_begin(backend *be) {
     cuda_backend *cb = (cuda_backend *)be;
-    if (!cb->use_graphs) return 1;
     pthread_mutex_lock(&cb->lock);
     if (cb->recording) {
         pthread_mutex_unlock(&cb->lock);
@@ -69,7 +77,8 @@ int cuda_record_begin(backend *be) {
     return 0; /* the lock stays held until record_end() */
 }
 
-backend_graph *cuda_record_end(backend *be) {
+/* NULL with the error set, also when the recorded operations failed. */
+static backend_graph *cuda_record_end(backend *be) {
     cuda_backend *cb = (cuda_backend *)be;
     backend_graph *g = cb->recording;
     if (!g) {
@@ -104,7 +113,7 @@ backend_graph *cuda_record_end(backend *be) {
     return g;
 }
 
-int cuda_replay(backend *be, backend_graph *g) {
+static int cuda_replay(backend *be, backend_graph *g) {
     int rc;
     {
         cuda_lock lock(be, "replay");
@@ -118,7 +127,7 @@ int cuda_replay(backend *be, backend_graph *g) {
     return rc;
 }
 
-void cuda_graph_free(backend *be, backend_graph *g) {
+static void cuda_graph_free(backend *be, backend_graph *g) {
     if (!g) return;
     cuda_lock lock(be);
     /* a replay may still run: its blocks are free once it has finished */
@@ -150,18 +159,24 @@ void cuda_memory_plan_clear(cuda_backend *cb, cuda_plan_slot *s) {
     s->tracing = s->planned = NULL;
 }
 
-void cuda_plan_begin(backend *be) {
+/* A planning pass for this thread's next recording: until plan_end() the
+ * operations run as usual while the allocator notes the sizes and
+ * lifetimes of the memory they take. A recording that then calls the same
+ * operations in the same order keeps all of its memory in one arena laid
+ * out from those notes; from the first operation that differs, it takes
+ * memory as usual. Best effort, so nothing to report. */
+static void cuda_plan_begin(backend *be) {
     cuda_lock lock(be);
     if (!lock) return;
     cuda_backend *cb = lock.cb;
-    if (!cb->use_graphs || !cb->use_plans) return; /* no recording to plan for, or not asked */
+    if (!cb->use_plans) return; /* not asked */
     cuda_plan_slot *s = cuda_memory_plan_slot(cb, true);
     if (!s) return; /* every slot is another thread's: this one records unplanned */
     cuda_memory_plan_clear(cb, s); /* what an earlier pass left unused */
     if ((s->tracing = memplan_new())) cb->tracing_threads++;
 }
 
-void cuda_plan_end(backend *be) {
+static void cuda_plan_end(backend *be) {
     cuda_lock lock(be);
     if (!lock) return;
     cuda_backend *cb = lock.cb;
@@ -177,4 +192,46 @@ void cuda_plan_end(backend *be) {
         memplan_free(trace);
         error_clear(); /* out of host memory, or nothing allocated: no plan */
     }
+}
+
+/* ------------------------------------------------------------------ steps */
+
+struct backend_step {
+    int runs;             /* calls that ran the step's function */
+    backend_graph *graph; /* the recording, replayed from then on; or NULL */
+};
+
+backend_step *cuda_step_new(backend *be) {
+    (void)be;
+    backend_step *s = (backend_step *)calloc(1, sizeof *s);
+    if (!s) set_error(SDX4_ERR_NO_MEMORY, "cuda: step: out of memory");
+    return s;
+}
+
+int cuda_step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx) {
+    if (s->graph) return cuda_replay(be, s->graph);
+    /* see the top comment: the first run as called, the second planned,
+     * the third recorded */
+    const bool planning = s->runs == 1, recording = s->runs >= 2;
+    if (recording && cuda_record_begin(be)) return -1;
+    if (planning) cuda_plan_begin(be);
+    const int rc = fn(ctx);
+    if (planning) cuda_plan_end(be);
+    if (recording) {
+        backend_graph *g = cuda_record_end(be); /* also after a failed operation */
+        if (rc || !g) {
+            if (g) cuda_graph_free(be, g);
+            return -1;
+        }
+        s->graph = g;
+        if (cuda_replay(be, g)) return -1;
+    }
+    if (rc) return -1;
+    s->runs++;
+    return 0;
+}
+
+void cuda_step_free(backend *be, backend_step *s) {
+    if (s->graph) cuda_graph_free(be, s->graph);
+    free(s);
 }

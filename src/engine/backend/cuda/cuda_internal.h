@@ -117,14 +117,6 @@ typedef struct conv_plan conv_plan;       /* cuda_conv.cu */
 typedef struct gemm_plan gemm_plan;       /* cuda_gemm.cu */
 typedef struct cuda_profile cuda_profile; /* cuda_profile.cu */
 
-/* How convolutions run (SDX4_CUDA_CONV, cuda_backend.cu). */
-typedef enum {
-    CONV_IM2COL,       /* im2col + GEMM, as in builds without cuDNN */
-    CONV_CUDNN,        /* cuDNN: the faster of the legacy call and the graph API */
-    CONV_CUDNN_GRAPH,  /* graph API plans kept even when slower (tests) */
-    CONV_CUDNN_LEGACY, /* the legacy call alone: a new shape is chosen faster */
-} conv_path;
-
 typedef struct {
     backend base;            /* first member: a backend* is a cuda_backend* */
     int device;
@@ -134,15 +126,15 @@ typedef struct {
     gemm_plan *gemm_plans;   /* cuBLASLt algorithm per GEMM shape */
 #ifdef SDX4_HAVE_CUDNN
     cudnnHandle_t cudnn;
-    conv_path conv;          /* SDX4_CUDA_CONV: which convolutions */
+    conv_path conv;          /* which convolutions (backend.h) */
     conv_plan *plans;        /* cuDNN algorithm per convolution shape */
 #endif
     dtype mode;              /* F16 or F32: the weights' type, and the
                                 activations' unless a thread set another */
     int allow_tf32;          /* F32 GEMMs and convolutions may use TF32 */
     int allow_bf16;          /* BF16 activations when asked for (else F32) */
-    int use_graphs;          /* SDX4_CUDA_GRAPH=0 turns recording off */
-    int use_plans;           /* SDX4_CUDA_PLAN=0 turns planning passes off */
+    int use_graphs;          /* steps are recorded (cuda_graph.cu) */
+    int use_plans;           /* and planned first */
     backend_graph *recording; /* the graph being captured, or NULL */
     cuda_plan_slot memory_plans[CUDA_PLAN_SLOTS];
     int tracing_threads;      /* slots tracing now (0: the allocator need not look) */
@@ -156,7 +148,7 @@ typedef struct {
     int smem_per_block;      /* shared memory a block may opt in to, bytes */
     void *pinned;            /* CUDA_PINNED_BYTES of page-locked host memory */
     cudaEvent_t pinned_free; /* recorded after each copy out of `pinned` */
-    cuda_profile *profile;   /* SDX4_CUDA_PROFILE=1: GPU time per operation */
+    cuda_profile *profile;   /* GPU time per operation, or NULL */
     char description[192];
 } cuda_backend;
 
@@ -184,13 +176,10 @@ void cuda_cache_adopt(cuda_backend *cb, cuda_block **lists);
 cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan);
 void cuda_arena_release(cuda_backend *cb, cuda_arena *a);
 
-/* --- cuda_graph.cu: backend.h's recorded sequences, as CUDA graphs ---- */
-int cuda_record_begin(backend *be);
-backend_graph *cuda_record_end(backend *be);
-int cuda_replay(backend *be, backend_graph *g);
-void cuda_graph_free(backend *be, backend_graph *g);
-void cuda_plan_begin(backend *be);
-void cuda_plan_end(backend *be);
+/* --- cuda_graph.cu: backend.h's steps, recorded as CUDA graphs -------- */
+backend_step *cuda_step_new(backend *be);
+int cuda_step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
+void cuda_step_free(backend *be, backend_step *s);
 /* The calling thread's slot (a free one made its own if `make`), or NULL.
  * Lock held. */
 cuda_plan_slot *cuda_memory_plan_slot(cuda_backend *cb, bool make);
@@ -265,7 +254,7 @@ int cuda_add(cuda_backend *cb, dtype type, void *a, const void *b, int64_t n, fl
 void cuda_gemm_plans_free(cuda_backend *cb);
 
 /* --- cuda_profile.cu: GPU time per operation (see there) ------------- */
-/* NULL unless SDX4_CUDA_PROFILE is set (and on out of memory). */
+/* An empty profile; NULL on out of memory (then nothing is profiled). */
 cuda_profile *cuda_profile_create(void);
 void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, int64_t in_use,
                         bool recording);

@@ -1,9 +1,9 @@
 /*
  * cuda_profile.cu - where a CUDA run spends its GPU time, per operation.
  *
- * With SDX4_CUDA_PROFILE=1 in the environment, every operation that names
- * itself to cuda_lock records a CUDA event before and after the work it
- * enqueues, under a key made of its name and, where the operation gives
+ * With the profile setting on (cuda_settings; SDX4_CUDA_PROFILE=1 for the
+ * CLI and the server), every operation that names itself to cuda_lock
+ * records a CUDA event before and after the work it enqueues, under a key made of its name and, where the operation gives
  * one, its shape (a convolution's channels, size and kernel, say). The
  * events are read when the stream is waited for anyway (download,
  * synchronize) or when too many are pending, and the backend prints the
@@ -59,8 +59,6 @@ struct cuda_profile {
 };
 
 cuda_profile *cuda_profile_create(void) {
-    const char *on = getenv("SDX4_CUDA_PROFILE");
-    if (!on || !*on || !strcmp(on, "0")) return NULL;
     return (cuda_profile *)calloc(1, sizeof(cuda_profile)); /* NULL: no profile */
 }
 
