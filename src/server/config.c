@@ -401,8 +401,12 @@ static int check(const server_config *cfg, FILE *err) {
             return -1;
         }
     }
+    long long default_steps = sdx4_param_find("num_inference_steps")->int_default;
+    if (cfg->max_steps < default_steps) {
+        fprintf(err, "sdx4 serve: max-steps must allow the default of %lld steps\n", default_steps);
+        return -1;
+    }
     if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
-    else if (cfg->max_steps < 75) bad = "max-steps must allow the default of 75 steps";
     else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
