@@ -40,7 +40,7 @@ static const option options[] = {
      "name reported in X-Model and model-info (default: the folder's name)"},
     {"device", OPT_STRING, O(device), 0, 0, "auto", "cpu, cuda or auto"},
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
-    {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
+    {"threads", OPT_INT, O(threads), 0, SDX4_MAX_THREADS, "0", "CPU threads of the engine (0: all cores)"},
     {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
      "run one-step upscales before reporting ready, and measure two of them to "
      "calibrate the time estimates that refuse requests unable to finish in time"},
