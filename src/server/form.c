@@ -1,7 +1,10 @@
 /*
  * form.c - parsing and checking of upscale inputs (see form.h).
  *
- * A table lists every field with its type and range; text values (from
+ * A table lists every field with its type; the engine's parameters take
+ * their ranges and defaults from the engine's own table (sdx4_params), so
+ * the server cannot accept what the engine refuses nor document another
+ * default, and the server's own fields carry theirs. Text values (from
  * multipart and the query string) and JSON values go through the same
  * checks, so a field is accepted or refused identically whatever the
  * encoding. Numbers from text follow a strict decimal grammar: "nan",
