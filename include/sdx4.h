@@ -121,13 +121,13 @@ typedef int (*sdx4_progress_fn)(void *user, int step, int total);
 typedef struct {
     const char *prompt;          /* NULL = "" */
     const char *negative_prompt; /* NULL = "" (as diffusers) */
-    /* Ranges and defaults: sdx4_params(). */
-    int num_inference_steps;     /* default 75 */
-    float guidance_scale;        /* default 9.0; <= 1 disables guidance */
-    float noise_level;           /* 0..1, fraction of max_noise_level;
-                                    default 0.2 (= 70 of 350) */
+    /* Ranges and defaults: the table of sdx4_params(). */
+    int num_inference_steps;
+    float guidance_scale;        /* <= 1 disables guidance */
+    float noise_level;           /* a fraction of max_noise_level: 0.2 is
+                                    diffusers' noise_level=70 of 350 */
     uint64_t seed;               /* torch.Generator("cpu").manual_seed(seed) */
-    float eta;                   /* DDIM eta, default 0 */
+    float eta;                   /* DDIM eta */
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
     /* Optional: a flag another thread sets to stop this upscale. It is read
@@ -171,7 +171,8 @@ typedef struct {
 } sdx4_param;
 
 /* The table, in the order of the fields of sdx4_upscale_params; *count is
- * set to its length. Ranges are inclusive. num_inference_steps's maximum
+ * set to its length. It is constant: any thread may read it. Ranges are
+ * inclusive. num_inference_steps's maximum
  * is the engine's ceiling: a model with fewer training timesteps allows
  * fewer (sdx4_upscale refuses more, naming the model's limit). */
 const sdx4_param *sdx4_params(int *count);
