@@ -63,6 +63,9 @@ const char *sdx4_status_name(sdx4_status status);
 
 typedef struct sdx4_engine sdx4_engine;
 
+/* The most CPU threads sdx4_engine_options.threads may ask for. */
+#define SDX4_MAX_THREADS 1024
+
 /* How the CUDA backend computes. Zero fields (NULL strings) are the
  * defaults. The CPU ignores them, but a value outside the choices is
  * refused whatever the device. The library reads no environment: the CLI
@@ -146,12 +149,13 @@ typedef int (*sdx4_progress_fn)(void *user, int step, int total);
 typedef struct {
     const char *prompt;          /* NULL = "" */
     const char *negative_prompt; /* NULL = "" (as diffusers) */
-    int num_inference_steps;     /* default 75 */
-    float guidance_scale;        /* default 9.0; <= 1 disables guidance */
-    float noise_level;           /* 0..1, fraction of max_noise_level;
-                                    default 0.2 (= 70 of 350) */
+    /* Ranges and defaults: the table of sdx4_params(). */
+    int num_inference_steps;
+    float guidance_scale;        /* <= 1 disables guidance */
+    float noise_level;           /* a fraction of max_noise_level: 0.2 is
+                                    diffusers' noise_level=70 of 350 */
     uint64_t seed;               /* torch.Generator("cpu").manual_seed(seed) */
-    float eta;                   /* DDIM eta, default 0 */
+    float eta;                   /* DDIM eta */
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
     /* Optional: a flag another thread sets to stop this upscale. It is read
@@ -162,7 +166,57 @@ typedef struct {
     const sdx4_atomic_int *cancel;
 } sdx4_upscale_params;
 
+/* Fills in the defaults of the parameter table below (prompts NULL, seed 0,
+ * no progress callback, no cancel flag). */
 void sdx4_upscale_params_default(sdx4_upscale_params *params);
+
+/* The rules of the upscale parameters, in one table that every front end
+ * reads: the CLI's options, the server's fields and its model-info, and
+ * the API description (tests check openapi.json against it). One row per
+ * field of sdx4_upscale_params a user sets; the progress callback and the
+ * cancel flag are not parameters. */
+typedef enum {
+    SDX4_PARAM_INT,  /* an int field: int_min..int_max, default int_default */
+    SDX4_PARAM_REAL, /* a float field: real_min..real_max, default real_default */
+    SDX4_PARAM_SEED, /* the uint64_t seed: int_min..int_max; it has no default:
+                        a caller that gets none draws a random one (the CLI
+                        and the server do, and say which) */
+    SDX4_PARAM_TEXT, /* a string, any length (the tokenizer truncates); NULL
+                        and the default are "" */
+} sdx4_param_type;
+
+/* The largest seed: JSON clients cannot send integers beyond a signed
+ * 64-bit one safely, so every front end stops there. */
+#define SDX4_SEED_MAX INT64_MAX
+
+/* The most denoising steps any model allows (a model with fewer training
+ * timesteps allows fewer: sdx4_upscale says so). */
+#define SDX4_MAX_STEPS 1000
+
+typedef struct {
+    const char *name;      /* the field's name in sdx4_upscale_params and in
+                              the API: "guidance_scale" */
+    sdx4_param_type type;
+    int64_t int_min, int_max, int_default;    /* SDX4_PARAM_INT, _SEED */
+    double real_min, real_max, real_default;  /* SDX4_PARAM_REAL */
+    const char *help;      /* one line, lower case, no final period */
+} sdx4_param;
+
+/* The table, in the order of the fields of sdx4_upscale_params; *count is
+ * set to its length. It is constant: any thread may read it. Ranges are
+ * inclusive. num_inference_steps's maximum
+ * is the engine's ceiling: a model with fewer training timesteps allows
+ * fewer (sdx4_upscale refuses more, naming the model's limit). */
+const sdx4_param *sdx4_params(int *count);
+
+/* The row named `name`, or NULL. */
+const sdx4_param *sdx4_param_find(const char *name);
+
+/* Checks `params` against the table without an engine, so that a caller
+ * refuses a bad value before loading a model: SDX4_OK, or
+ * SDX4_ERR_INVALID_ARGUMENT with a message naming the parameter and its
+ * range ("guidance_scale 200 is outside 0..50"). */
+sdx4_status sdx4_check_params(const sdx4_upscale_params *params);
 
 /* Facts about one finished call. */
 typedef struct {

@@ -289,6 +289,107 @@ static void test_usage_errors(void) {
     }
 }
 
+/* The options of the engine's parameters and the rows they take their
+ * ranges from. */
+static const struct {
+    const char *option, *param;
+} param_flags[] = {
+    {"--steps", "num_inference_steps"}, {"--guidance", "guidance_scale"},
+    {"--noise-level", "noise_level"},   {"--seed", "seed"},
+    {"--eta", "eta"},
+};
+
+/* A bound of a row as text, moved `past` steps outward (0: the bound). */
+static void bound_text(char *buf, size_t size, const sdx4_param *p, int upper,
+                       int past) {
+    if (p->type == SDX4_PARAM_REAL) {
+        double v = upper ? p->real_max : p->real_min;
+        for (int i = 0; i < past; i++)
+            v = nextafter(v, upper ? INFINITY : -INFINITY);
+        snprintf(buf, size, "%.17g", v);
+    } else if (upper && past) { /* past the top of int64: print it unsigned */
+        snprintf(buf, size, "%llu", (unsigned long long)p->int_max + 1);
+    } else {
+        snprintf(buf, size, "%lld",
+                 (long long)(upper ? p->int_max : p->int_min - past));
+    }
+}
+
+/* The CLI's ranges are the engine's table: each bound passes the option
+ * parser (the run then fails reading the missing input, exit 1) and the
+ * next value outward is refused before anything is read (exit 2, naming
+ * the option); --help prints the table's ranges and defaults. */
+static void test_param_ranges(const char *tmp) {
+    char missing_image[PATH_LEN + 64], out[PATH_LEN + 64];
+    snprintf(missing_image, sizeof missing_image, "%s/no-such-image.png", tmp);
+    snprintf(out, sizeof out, "%s/never-written.png", tmp);
+    result help = RUN("upscale", "--help");
+    for (size_t i = 0; i < sizeof param_flags / sizeof param_flags[0]; i++) {
+        const char *option = param_flags[i].option;
+        const sdx4_param *p = sdx4_param_find(param_flags[i].param);
+        CHECK(p != NULL, "no row %s", param_flags[i].param);
+        if (!p) continue;
+        for (int upper = 0; upper < 2; upper++) {
+            char value[64];
+            bound_text(value, sizeof value, p, upper, 0);
+            result r = RUN("upscale", "--model", "m", option, value,
+                           missing_image, out);
+            CHECK(r.status == 1 && strstr(r.err, missing_image),
+                  "%s %s: exit %d, stderr: %s", option, value, r.status, r.err);
+            result_free(&r);
+            bound_text(value, sizeof value, p, upper, 1);
+            r = RUN("upscale", "--model", "m", option, value, missing_image,
+                    out);
+            CHECK(r.status == 2 && strstr(r.err, option),
+                  "%s %s: exit %d, stderr: %s", option, value, r.status, r.err);
+            result_free(&r);
+        }
+        char range[128];
+        if (p->type == SDX4_PARAM_REAL)
+            snprintf(range, sizeof range, "%g..%g (default: %g)", p->real_min,
+                     p->real_max, p->real_default);
+        else if (p->type == SDX4_PARAM_INT)
+            snprintf(range, sizeof range, "%lld..%lld (default: %lld)",
+                     (long long)p->int_min, (long long)p->int_max,
+                     (long long)p->int_default);
+        else
+            snprintf(range, sizeof range, "%lld..%lld", (long long)p->int_min,
+                     (long long)p->int_max);
+        const char *line = strstr(help.out, option);
+        const char *next = line ? strstr(line, "\n  --") : NULL;
+        const char *found = line ? strstr(line, range) : NULL;
+        CHECK(found && (!next || found < next), "--help: %s lacks '%s': %s",
+              option, range, help.out);
+    }
+    result_free(&help);
+
+    char threads[32];
+    snprintf(threads, sizeof threads, "%d", SDX4_MAX_THREADS + 1);
+    result r = RUN("upscale", "--model", "m", "--threads", threads,
+                   missing_image, out);
+    CHECK(r.status == 2 && strstr(r.err, "--threads"),
+          "--threads %s: exit %d, stderr: %s", threads, r.status, r.err);
+    result_free(&r);
+}
+
+/* A value out of range is refused before the model is looked at: with an
+ * input that exists and a model that does not, the error is about the
+ * value. */
+static void test_fails_before_the_model(const char *tmp) {
+    const char *input = test_ref("small/golden/pipe0_input.png");
+    if (access(input, R_OK) != 0) return;
+    char missing_model[PATH_LEN + 64], out[PATH_LEN + 64];
+    snprintf(missing_model, sizeof missing_model, "%s/no-such-model", tmp);
+    snprintf(out, sizeof out, "%s/never-written.png", tmp);
+    result r = RUN("upscale", "--model", missing_model, "--guidance", "200",
+                   input, out);
+    CHECK(r.status == 2, "--guidance 200: exit %d, stderr: %s", r.status,
+          r.err);
+    CHECK(strstr(r.err, "--guidance") && !strstr(r.err, missing_model),
+          "--guidance 200: stderr: %s", r.err);
+    result_free(&r);
+}
+
 /* A runtime failure: exit 1, one "sdx4: ..." message naming `needle`. */
 static void check_runtime_error(result *r, const char *what,
                                 const char *needle) {
@@ -563,6 +664,8 @@ int main(int argc, char **argv) {
     test_help_and_version();
     test_usage_errors();
     test_runtime_errors(tmp);
+    test_param_ranges(tmp);
+    test_fails_before_the_model(tmp);
 
     char model[PATH_LEN];
     snprintf(model, sizeof model, "%s", test_ref("small/model"));

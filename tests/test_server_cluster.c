@@ -36,7 +36,7 @@ static void make_task(cluster_task *t, const char *id, int index) {
     t->opts.steps = 17;
     t->opts.guidance_scale = 12.5;
     t->opts.eta = 0.3333333333333333;
-    t->opts.seed = MAX_SEED;
+    t->opts.seed = SDX4_SEED_MAX;
     t->opts.format = IMAGE_WEBP;
     t->opts.quality = 77;
     t->opts.given = (1u << FIELD_SEED) | (1u << FIELD_PROMPT) | (1u << FIELD_QUALITY);

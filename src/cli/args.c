@@ -119,10 +119,9 @@ static int parse_seed(const cli_command *cmd, const cli_option *opt,
     if (!isdigit((unsigned char)text[0]) || *end)
         return cli_usage_error(cmd, "%s: '%s' is not a non-negative integer",
                                opt->name, text);
-    if (errno == ERANGE)
-        return cli_usage_error(cmd, "%s: %s is out of range (0..%llu)",
-                               opt->name, text,
-                               (unsigned long long)UINT64_MAX);
+    if (errno == ERANGE || v > SDX4_SEED_MAX)
+        return cli_usage_error(cmd, "%s: %s is out of range (0..%lld)",
+                               opt->name, text, (long long)SDX4_SEED_MAX);
     *(uint64_t *)opt->value = (uint64_t)v;
     return CLI_CONTINUE;
 }

@@ -34,7 +34,7 @@ typedef enum {
     OPT_CHOICE, /* const char **: one of `choices` ("cpu|cuda|auto") */
     OPT_INT,    /* int *: decimal integer in [min, max] */
     OPT_FLOAT,  /* double *: finite number in [min, max] */
-    OPT_SEED,   /* uint64_t *: decimal integer in [0, 2^64 - 1] */
+    OPT_SEED,   /* uint64_t *: decimal integer in [0, SDX4_SEED_MAX] */
 } cli_option_kind;
 
 typedef struct {

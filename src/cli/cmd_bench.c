@@ -83,7 +83,7 @@ int cmd_bench(int argc, char **argv) {
         {"--size", OPT_INT, &size, 8, 1024, NULL, 0},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, 0},
         {"--repeats", OPT_INT, &repeats, 1, 100, NULL, 0},
-        {"--threads", OPT_INT, &threads, 0, 4096, NULL, 0},
+        {"--threads", OPT_INT, &threads, 0, SDX4_MAX_THREADS, NULL, 0},
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),

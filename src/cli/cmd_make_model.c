@@ -23,7 +23,7 @@ static const char help[] =
     "  --config DIR        the configuration folder (required)\n"
     "  --dtype fp16|fp32   weight type; fp16 is written as the\n"
     "                      *.fp16.safetensors variant (default: fp32)\n"
-    "  --seed S            random seed, 0..2^64-1 (default: 0)\n"
+    "  --seed S            random seed, 0..2^63-1 (default: 0)\n"
     "  -h, --help          show this help\n";
 
 int cmd_make_model(int argc, char **argv) {

@@ -16,6 +16,7 @@
  */
 #include <errno.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
@@ -26,32 +27,105 @@
 #include "progress.h"
 #include "sdx4.h"
 
-static const char help[] =
-    "Usage: sdx4 upscale [options] IN OUT\n"
-    "\n"
-    "Upscales IN (PNG, JPEG or WebP) 4x and writes OUT in the format of its\n"
-    "extension (.png, .jpg, .jpeg, .webp).\n"
-    "\n"
-    "Options:\n"
-    "  --model DIR            diffusers model folder (default: $SDX4_MODEL)\n"
-    "  --prompt TEXT          what the image shows (default: empty)\n"
-    "  --negative-prompt TEXT what to steer away from (default: empty)\n"
-    "  --steps N              denoising steps, 1..1000 (default: 75)\n"
-    "  --guidance G           classifier-free guidance scale; <= 1 turns it\n"
-    "                         off (default: 9.0)\n"
-    "  --noise-level F        noise added to the input, 0..1 as a fraction of\n"
-    "                         the model's max noise level (default: 0.2)\n"
-    "  --seed S               random seed, 0..2^64-1 (default: a random one;\n"
-    "                         the seed used is printed)\n"
-    "  --eta E                DDIM eta, 0..1 (default: 0)\n"
-    "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
-    "  --variant fp16         load the *.fp16.safetensors weights\n"
-    "  --device cpu|cuda|auto compute device (default: auto)\n"
-    CLI_CUDA_HELP
-    "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
-    "  -h, --help             show this help\n"
-    "\n"
-    "Ctrl-C cancels within a fraction of a second (exit status 130).\n";
+/* An option that sets an engine parameter: its range, default and help
+ * line come from the engine's table (sdx4_params), so the CLI cannot
+ * accept what the engine refuses nor document another default. */
+typedef struct {
+    const char *option, *metavar, *param;
+    void *value;
+} param_flag;
+
+/* Appends to the string in help[size], cutting what does not fit. */
+static void add(char *help, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void add(char *help, size_t size, const char *fmt, ...) {
+    size_t n = strlen(help);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(help + n, size - n, fmt, ap);
+    va_end(ap);
+}
+
+/* One option's lines: its text wrapped at 79 columns beside a 25-column
+ * left part. */
+static void help_option(char *help, size_t size, const char *left, const char *text) {
+    add(help, size, "  %-22s", left);
+    size_t column = 25;
+    while (*text) {
+        int word = (int)strcspn(text, " ");
+        if (column > 25 && column + 1 + (size_t)word > 79) {
+            add(help, size, "\n%24s", "");
+            column = 25;
+        }
+        add(help, size, " %.*s", word, text);
+        column += 1 + (size_t)word;
+        text += word;
+        text += strspn(text, " ");
+    }
+    add(help, size, "\n");
+}
+
+static void param_help(char *help, size_t size, const param_flag *flag) {
+    const sdx4_param *p = sdx4_param_find(flag->param);
+    char left[64], text[256];
+    snprintf(left, sizeof left, "%s %s", flag->option, flag->metavar);
+    switch (p->type) {
+    case SDX4_PARAM_TEXT:
+        snprintf(text, sizeof text, "%s (default: empty)", p->help);
+        break;
+    case SDX4_PARAM_SEED:
+        snprintf(text, sizeof text, "%s, %lld..%lld (default: a random one; the seed used is printed)",
+                 p->help, (long long)p->int_min, (long long)p->int_max);
+        break;
+    case SDX4_PARAM_INT:
+        snprintf(text, sizeof text, "%s, %lld..%lld (default: %lld)", p->help, (long long)p->int_min,
+                 (long long)p->int_max, (long long)p->int_default);
+        break;
+    case SDX4_PARAM_REAL:
+        snprintf(text, sizeof text, "%s, %g..%g (default: %g)", p->help, p->real_min, p->real_max,
+                 p->real_default);
+        break;
+    }
+    help_option(help, size, left, text);
+}
+
+static void build_help(char *help, size_t size, const param_flag *flags, int nflags) {
+    help[0] = '\0';
+    add(help, size,
+        "Usage: sdx4 upscale [options] IN OUT\n"
+        "\n"
+        "Upscales IN (PNG, JPEG or WebP) 4x and writes OUT in the format of its\n"
+        "extension (.png, .jpg, .jpeg, .webp).\n"
+        "\n"
+        "Options:\n"
+        "  --model DIR            diffusers model folder (default: $SDX4_MODEL)\n");
+    for (int i = 0; i < nflags; i++) param_help(help, size, &flags[i]);
+    add(help, size,
+        "  --threads N            CPU threads, 0..%d, 0 = all cores (default: 0)\n"
+        "  --variant fp16         load the *.fp16.safetensors weights\n"
+        "  --device cpu|cuda|auto compute device (default: auto)\n"
+        CLI_CUDA_HELP
+        "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
+        "  -h, --help             show this help\n"
+        "\n"
+        "Ctrl-C cancels within a fraction of a second (exit status 130).\n",
+        SDX4_MAX_THREADS);
+}
+
+static cli_option param_option(const param_flag *flag) {
+    const sdx4_param *p = sdx4_param_find(flag->param);
+    cli_option o = {flag->option, OPT_TEXT, flag->value, 0, 0, NULL, 0};
+    switch (p->type) {
+    case SDX4_PARAM_TEXT: break;
+    case SDX4_PARAM_SEED: o.kind = OPT_SEED; break; /* 0..SDX4_SEED_MAX */
+    case SDX4_PARAM_INT:
+        o.kind = OPT_INT, o.min = (double)p->int_min, o.max = (double)p->int_max;
+        break;
+    case SDX4_PARAM_REAL:
+        o.kind = OPT_FLOAT, o.min = p->real_min, o.max = p->real_max;
+        break;
+    }
+    return o;
+}
 
 /* lock-free on every platform sdx4 builds for, so a signal handler may set it */
 static sdx4_atomic_int interrupted;
@@ -66,12 +140,12 @@ static int on_progress(void *user, int step, int total) {
     return 0;
 }
 
-/* A random seed that fits in 63 bits, so that it survives being passed
- * through tools that read it as a signed 64-bit integer. */
+/* A random seed in the table's range (63 bits), so that it can be given
+ * back with --seed or to the API. */
 static int random_seed(uint64_t *seed) {
     uint64_t r;
     if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) return -1;
-    *seed = r & (UINT64_MAX >> 1);
+    *seed = r & (uint64_t)SDX4_SEED_MAX;
     return 0;
 }
 
@@ -126,22 +200,30 @@ int cmd_upscale(int argc, char **argv) {
     uint64_t seed = 0;
     sdx4_cuda_options cuda = {0};
 
-    cli_option options[] = {
+    const param_flag flags[] = {
+        {"--prompt", "TEXT", "prompt", &params.prompt},
+        {"--negative-prompt", "TEXT", "negative_prompt", &params.negative_prompt},
+        {"--steps", "N", "num_inference_steps", &steps},
+        {"--guidance", "G", "guidance_scale", &guidance},
+        {"--noise-level", "F", "noise_level", &noise},
+        {"--seed", "S", "seed", &seed},
+        {"--eta", "E", "eta", &eta},
+    };
+    const cli_option fixed[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
-        {"--prompt", OPT_TEXT, &params.prompt, 0, 0, NULL, 0},
-        {"--negative-prompt", OPT_TEXT, &params.negative_prompt, 0, 0, NULL, 0},
-        {"--steps", OPT_INT, &steps, 1, 1000, NULL, 0},
-        {"--guidance", OPT_FLOAT, &guidance, -1e6, 1e6, NULL, 0},
-        {"--noise-level", OPT_FLOAT, &noise, 0, 1, NULL, 0},
-        {"--seed", OPT_SEED, &seed, 0, 0, NULL, 0},
-        {"--eta", OPT_FLOAT, &eta, 0, 1, NULL, 0},
-        {"--threads", OPT_INT, &threads, 0, 4096, NULL, 0},
+        {"--threads", OPT_INT, &threads, 0, SDX4_MAX_THREADS, NULL, 0},
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
-        {NULL, 0, NULL, 0, 0, NULL, 0},
     };
+    enum { NFLAGS = sizeof flags / sizeof flags[0], NFIXED = sizeof fixed / sizeof fixed[0] };
+    cli_option options[NFIXED + NFLAGS + 1]; /* the fixed ones, the parameters', the end */
+    memcpy(options, fixed, sizeof fixed);
+    for (int i = 0; i < NFLAGS; i++) options[NFIXED + i] = param_option(&flags[i]);
+    options[NFIXED + NFLAGS] = (cli_option){0};
+    char help[4096];
+    build_help(help, sizeof help, flags, NFLAGS);
     cli_command cmd = {"upscale", help, "IN OUT", 2, 2, options};
     const char *paths[2];
     int npaths;
@@ -165,6 +247,8 @@ int cmd_upscale(int argc, char **argv) {
     params.noise_level = (float)noise;
     params.eta = (float)eta;
     params.seed = seed;
+    if (sdx4_check_params(&params) != SDX4_OK)
+        return cli_usage_error(&cmd, "%s", sdx4_last_error());
 
     sdx4_image input = {0}, output = {0};
     sdx4_engine *engine = NULL;

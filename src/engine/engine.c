@@ -2,10 +2,17 @@
  * engine.c - the public API of include/sdx4.h on top of the model code.
  *
  * An engine is a backend plus a loaded model. sdx4_upscale() validates the
- * caller's parameters (everything a user can send is checked here, so the
- * CLI and the server share one set of rules), converts the image as
- * diffusers' VaeImageProcessor does, runs the pipeline and converts back.
- * Each call owns its activations, so calls may run concurrently.
+ * caller's parameters, converts the image as diffusers' VaeImageProcessor
+ * does, runs the pipeline and converts back. Each call owns its
+ * activations, so calls may run concurrently.
+ *
+ * The parameters' rules live in one table here (sdx4_params): names,
+ * ranges, defaults and help. The CLI builds its options from it, the
+ * server its fields and model-info, and a test holds openapi.json to it,
+ * so a range changed here changes everywhere or fails a test.
+ * sdx4_check_params() applies it without a model, so that front ends
+ * refuse a bad value before the expensive work; sdx4_upscale() applies it
+ * again, with the limits that depend on the loaded model.
  */
 #include <math.h>
 #include <stdio.h>
@@ -23,7 +30,6 @@
 /* The engine refuses inputs beyond this side before allocating anything;
  * services set tighter limits of their own. */
 #define MAX_INPUT_SIDE 4096
-#define MAX_STEPS 1000
 
 struct sdx4_engine {
     backend *be;
@@ -65,8 +71,9 @@ sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
         set_error(SDX4_ERR_INVALID_ARGUMENT, "no model folder given");
         return SDX4_ERR_INVALID_ARGUMENT;
     }
-    if (o->threads < 0 || o->threads > 1024) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to 1024", o->threads);
+    if (o->threads < 0 || o->threads > SDX4_MAX_THREADS) {
+        set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
+                  SDX4_MAX_THREADS);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     cuda_settings cuda;
@@ -126,16 +133,80 @@ void sdx4_image_free(sdx4_image *img) {
     img->pixels = NULL;
 }
 
+/* ---- the parameter table ------------------------------------------------- */
+
+/* Rows by position, in the order of sdx4_upscale_params's fields. */
+enum { P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_COUNT };
+
+/* Guidance stops at 50, what the API has always documented: classifier-
+ * free guidance past a few tens only saturates the image. Seeds stop at
+ * 2^63 - 1 (SDX4_SEED_MAX), what a JSON client can send. Defaults are
+ * diffusers' StableDiffusionUpscalePipeline's (noise_level 70 of 350 is
+ * 0.2). */
+static const sdx4_param params[P_COUNT] = {
+    [P_PROMPT] = {"prompt", SDX4_PARAM_TEXT, .help = "what the image shows"},
+    [P_NEGATIVE_PROMPT] = {"negative_prompt", SDX4_PARAM_TEXT, .help = "what to steer away from"},
+    [P_STEPS] = {"num_inference_steps", SDX4_PARAM_INT, .int_min = 1, .int_max = SDX4_MAX_STEPS,
+                 .int_default = 75, .help = "denoising steps"},
+    [P_GUIDANCE] = {"guidance_scale", SDX4_PARAM_REAL, .real_min = 0, .real_max = 50, .real_default = 9.0,
+                    .help = "classifier-free guidance scale; 1 or less turns it off"},
+    [P_NOISE_LEVEL] = {"noise_level", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0.2,
+                       .help = "noise added to the input, as a fraction of the model's max noise level"},
+    [P_SEED] = {"seed", SDX4_PARAM_SEED, .int_min = 0, .int_max = SDX4_SEED_MAX,
+                .help = "seed of torch.Generator(\"cpu\").manual_seed"},
+    [P_ETA] = {"eta", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0, .help = "DDIM eta"},
+};
+
+const sdx4_param *sdx4_params(int *count) {
+    *count = P_COUNT;
+    return params;
+}
+
+const sdx4_param *sdx4_param_find(const char *name) {
+    for (int i = 0; name && i < P_COUNT; i++)
+        if (!strcmp(params[i].name, name)) return &params[i];
+    return NULL;
+}
+
 void sdx4_upscale_params_default(sdx4_upscale_params *p) {
     memset(p, 0, sizeof *p);
-    p->num_inference_steps = 75;
-    p->guidance_scale = 9.0f;
-    p->noise_level = 0.2f;
+    p->num_inference_steps = (int)params[P_STEPS].int_default;
+    p->guidance_scale = (float)params[P_GUIDANCE].real_default;
+    p->noise_level = (float)params[P_NOISE_LEVEL].real_default;
+    p->eta = (float)params[P_ETA].real_default;
 }
 
 #define INVALID(...) (set_error(SDX4_ERR_INVALID_ARGUMENT, __VA_ARGS__), SDX4_ERR_INVALID_ARGUMENT)
 
-/* The rules every caller gets, with messages naming the parameter. */
+static sdx4_status check_int(const sdx4_param *r, int64_t v) {
+    if (v < r->int_min || v > r->int_max)
+        return INVALID("%s %lld is outside %lld..%lld", r->name, (long long)v, (long long)r->int_min,
+                       (long long)r->int_max);
+    return SDX4_OK;
+}
+
+static sdx4_status check_real(const sdx4_param *r, float v) {
+    if (!isfinite(v) || v < r->real_min || v > r->real_max)
+        return INVALID("%s %g is outside %g..%g", r->name, v, r->real_min, r->real_max);
+    return SDX4_OK;
+}
+
+sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
+    error_clear();
+    if (p->seed > (uint64_t)params[P_SEED].int_max)
+        return INVALID("seed %llu is outside 0..%lld", (unsigned long long)p->seed,
+                       (long long)params[P_SEED].int_max);
+    sdx4_status s;
+    if ((s = check_int(&params[P_STEPS], p->num_inference_steps)) ||
+        (s = check_real(&params[P_GUIDANCE], p->guidance_scale)) ||
+        (s = check_real(&params[P_NOISE_LEVEL], p->noise_level)) ||
+        (s = check_real(&params[P_ETA], p->eta)))
+        return s;
+    return SDX4_OK;
+}
+
+/* The rules every caller gets, with messages naming the parameter: the
+ * table's, then those of the loaded model. */
 static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
                                 const sdx4_upscale_params *p) {
     int f = vae_scale_factor(&e->m.vae);
@@ -144,17 +215,13 @@ static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
         return INVALID("input image is too small: each side needs at least %d pixels", f);
     if (in->width > MAX_INPUT_SIDE || in->height > MAX_INPUT_SIDE)
         return INVALID("input image is too large: at most %d pixels a side", MAX_INPUT_SIDE);
-    int max_steps = e->m.scheduler.num_train_timesteps < MAX_STEPS
-                        ? e->m.scheduler.num_train_timesteps : MAX_STEPS;
-    if (p->num_inference_steps < 1 || p->num_inference_steps > max_steps)
+    sdx4_status s = sdx4_check_params(p);
+    if (s) return s;
+    int max_steps = e->m.scheduler.num_train_timesteps < SDX4_MAX_STEPS
+                        ? e->m.scheduler.num_train_timesteps : SDX4_MAX_STEPS;
+    if (p->num_inference_steps > max_steps)
         return INVALID("num_inference_steps %d is outside 1..%d", p->num_inference_steps,
                        max_steps);
-    if (!isfinite(p->guidance_scale) || p->guidance_scale < 0 || p->guidance_scale > 100)
-        return INVALID("guidance_scale %g is outside 0..100", p->guidance_scale);
-    if (!isfinite(p->noise_level) || p->noise_level < 0 || p->noise_level > 1)
-        return INVALID("noise_level %g is outside 0.0..1.0", p->noise_level);
-    if (!isfinite(p->eta) || p->eta < 0 || p->eta > 1)
-        return INVALID("eta %g is outside 0..1", p->eta);
     return SDX4_OK;
 }
 

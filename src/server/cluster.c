@@ -143,25 +143,38 @@ static bool is_job_id(const char *id) {
 
 typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS } param_type;
 
+/* A parameter of the engine travels under the name of its row of
+ * sdx4_params and is held to that row's range; "steps" keeps the name
+ * records have always had. */
 static const struct {
-    const char *name;
+    const char *engine; /* its row of sdx4_params, or NULL: the server's own */
+    const char *name;   /* the record's name where it is not the row's */
     param_type type;
     size_t offset;
-    double min, max; /* PARAM_REAL and PARAM_INT */
+    double min, max; /* the server's own PARAM_INT */
 } params[] = {
 #define P(field) offsetof(upscale_options, field)
-    {"prompt", PARAM_TEXT, P(prompt), 0, 0},
-    {"negative_prompt", PARAM_TEXT, P(negative_prompt), 0, 0},
-    {"noise_level", PARAM_REAL, P(noise_level), 0, 1},
-    {"steps", PARAM_INT, P(steps), 1, 1000000},
-    {"guidance_scale", PARAM_REAL, P(guidance_scale), 0, MAX_GUIDANCE},
-    {"eta", PARAM_REAL, P(eta), 0, 1},
-    {"seed", PARAM_SEED, P(seed), 0, 0},
-    {"format", PARAM_FORMAT, P(format), 0, 0},
-    {"quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
-    {"given", PARAM_BITS, P(given), 0, 0},
+    {"prompt", NULL, PARAM_TEXT, P(prompt), 0, 0},
+    {"negative_prompt", NULL, PARAM_TEXT, P(negative_prompt), 0, 0},
+    {"noise_level", NULL, PARAM_REAL, P(noise_level), 0, 0},
+    {"num_inference_steps", "steps", PARAM_INT, P(steps), 0, 0},
+    {"guidance_scale", NULL, PARAM_REAL, P(guidance_scale), 0, 0},
+    {"eta", NULL, PARAM_REAL, P(eta), 0, 0},
+    {"seed", NULL, PARAM_SEED, P(seed), 0, 0},
+    {NULL, "format", PARAM_FORMAT, P(format), 0, 0},
+    {NULL, "quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
+    {NULL, "given", PARAM_BITS, P(given), 0, 0},
 #undef P
 };
+
+static const char *param_name(size_t i) { return params[i].name ? params[i].name : params[i].engine; }
+
+static void param_range(size_t i, double *min, double *max) {
+    const sdx4_param *p = params[i].engine ? sdx4_param_find(params[i].engine) : NULL;
+    if (!p) *min = params[i].min, *max = params[i].max;
+    else if (p->type == SDX4_PARAM_REAL) *min = p->real_min, *max = p->real_max;
+    else *min = (double)p->int_min, *max = (double)p->int_max;
+}
 
 static json_t *options_to_json(const upscale_options *o) {
     json_t *j = json_object();
@@ -178,7 +191,7 @@ static json_t *options_to_json(const upscale_options *o) {
             v = json_integer(*(const unsigned *)f & ((1u << FIELD_OPTION_COUNT) - 1));
             break;
         }
-        json_object_set_new(j, params[i].name, v);
+        json_object_set_new(j, param_name(i), v);
     }
     return j;
 }
@@ -187,9 +200,11 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
     if (!json_is_object(j)) return refuse(r, "options", "must be an object");
     for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) {
         void *f = (char *)o + params[i].offset;
-        const char *name = params[i].name;
+        const char *name = param_name(i);
         const json_t *v = json_object_get(j, name);
         long long n;
+        double min, max;
+        param_range(i, &min, &max);
         switch (params[i].type) {
         case PARAM_TEXT:
             if (json_is_null(v)) break;
@@ -198,14 +213,14 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
             if (!(*(char **)f = strdup(json_string_value(v)))) return refuse(r, name, "does not fit in memory");
             break;
         case PARAM_REAL:
-            if (get_number(r, j, name, params[i].min, params[i].max, f)) return -1;
+            if (get_number(r, j, name, min, max, f)) return -1;
             break;
         case PARAM_INT:
-            if (get_int(r, j, name, (long long)params[i].min, (long long)params[i].max, &n)) return -1;
+            if (get_int(r, j, name, (long long)min, (long long)max, &n)) return -1;
             *(int *)f = (int)n;
             break;
         case PARAM_SEED:
-            if (get_int(r, j, name, 0, (long long)MAX_SEED, &n)) return -1;
+            if (get_int(r, j, name, 0, sdx4_param_find("seed")->int_max, &n)) return -1;
             *(uint64_t *)f = (uint64_t)n;
             break;
         case PARAM_FORMAT: {

@@ -40,7 +40,7 @@ static const option options[] = {
      "name reported in X-Model and model-info (default: the folder's name)"},
     {"device", OPT_STRING, O(device), 0, 0, "auto", "cpu, cuda or auto"},
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
-    {"threads", OPT_INT, O(threads), 0, 1024, "0", "CPU threads of the engine (0: all cores)"},
+    {"threads", OPT_INT, O(threads), 0, SDX4_MAX_THREADS, "0", "CPU threads of the engine (0: all cores)"},
     {"cuda-dtype", OPT_STRING, O(cuda_dtype), 0, 0, "fp16",
      "CUDA: fp16 (half weights and activations, float accumulation) or fp32 (float everywhere)"},
     {"cuda-vae", OPT_STRING, O(cuda_vae), 0, 0, "bf16", "CUDA: the VAE decode of fp16 mode in bf16 or fp32"},
@@ -95,7 +95,7 @@ static const option options[] = {
      "largest request body (413 beyond, checked while receiving)"},
     {"min-side", OPT_INT, O(min_side), 1, 65536, "64", "smallest input side in pixels"},
     {"max-side", OPT_INT, O(max_side), 1, 65536, "512", "largest input side in pixels"},
-    {"max-steps", OPT_INT, O(max_steps), 1, 10000, "150", "largest num_inference_steps"},
+    {"max-steps", OPT_INT, O(max_steps), 1, SDX4_MAX_STEPS, "150", "largest num_inference_steps"},
     {"max-prompt-chars", OPT_INT, O(max_prompt_chars), 1, 1 << 18, "1000",
      "longest prompt in characters (longer prompts get 422; prompts over the "
      "model's 77 tokens are truncated as CLIP does)"},
@@ -413,8 +413,12 @@ static int check(const server_config *cfg, FILE *err) {
             return -1;
         }
     }
+    long long default_steps = sdx4_param_find("num_inference_steps")->int_default;
+    if (cfg->max_steps < default_steps) {
+        fprintf(err, "sdx4 serve: max-steps must allow the default of %lld steps\n", default_steps);
+        return -1;
+    }
     if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
-    else if (cfg->max_steps < 75) bad = "max-steps must allow the default of 75 steps";
     else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";

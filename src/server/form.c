@@ -1,7 +1,10 @@
 /*
  * form.c - parsing and checking of upscale inputs (see form.h).
  *
- * A table lists every field with its type and range; text values (from
+ * A table lists every field with its type; the engine's parameters take
+ * their ranges and defaults from the engine's own table (sdx4_params), so
+ * the server cannot accept what the engine refuses nor document another
+ * default, and the server's own fields carry theirs. Text values (from
  * multipart and the query string) and JSON values go through the same
  * checks, so a field is accepted or refused identically whatever the
  * encoding. Numbers from text follow a strict decimal grammar: "nan",
@@ -28,22 +31,26 @@ typedef enum { KIND_TEXT, KIND_REAL, KIND_INT, KIND_SEED, KIND_FORMAT, KIND_BOOL
 
 enum { FIELD_WEBHOOK = FIELD_OPTION_COUNT, FIELD_ASYNC, FIELD_IMAGE };
 
+/* A field named like a row of the engine's table (sdx4_params) takes its
+ * range and default from there; the server only narrows
+ * num_inference_steps to its max-steps. The others are the server's own:
+ * how the result is encoded and delivered. */
 typedef struct {
     const char *name;
     int id;
     field_kind kind;
-    double min, max; /* max < 0: limits.max_steps */
-    const char *allowed;
+    double min, max;     /* the server's own numbers */
+    const char *allowed; /* NULL: the range, as text */
 } field_def;
 
 static const field_def fields[] = {
     {"prompt", FIELD_PROMPT, KIND_TEXT, 0, 0, "UTF-8 text"},
     {"negative_prompt", FIELD_NEGATIVE_PROMPT, KIND_TEXT, 0, 0, "UTF-8 text"},
-    {"noise_level", FIELD_NOISE_LEVEL, KIND_REAL, 0, 1, "0 to 1"},
-    {"num_inference_steps", FIELD_STEPS, KIND_INT, 1, -1, NULL},
-    {"guidance_scale", FIELD_GUIDANCE, KIND_REAL, 0, MAX_GUIDANCE, "0 to 50"},
-    {"seed", FIELD_SEED, KIND_SEED, 0, 0, "0 to 9223372036854775807"},
-    {"eta", FIELD_ETA, KIND_REAL, 0, 1, "0 to 1"},
+    {"noise_level", FIELD_NOISE_LEVEL, KIND_REAL, 0, 0, NULL},
+    {"num_inference_steps", FIELD_STEPS, KIND_INT, 0, 0, NULL},
+    {"guidance_scale", FIELD_GUIDANCE, KIND_REAL, 0, 0, NULL},
+    {"seed", FIELD_SEED, KIND_SEED, 0, 0, NULL},
+    {"eta", FIELD_ETA, KIND_REAL, 0, 0, NULL},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
     {"quality", FIELD_QUALITY, KIND_INT, 1, 100, "1 to 100"},
     {"webhook_url", FIELD_WEBHOOK, KIND_URL, 0, 0, "an http:// or https:// URL"},
@@ -167,25 +174,47 @@ static bool decimal_syntax(const char *s, size_t len, bool integer) {
     return i == len;
 }
 
-static void range_text(const upscale_form *f, const field_def *d, char *buf, size_t size) {
-    if (d->allowed) snprintf(buf, size, "%s", d->allowed);
-    else snprintf(buf, size, "%g to %d", d->min, f->limits.max_steps);
+/* The range of a number field as this server accepts it. */
+static void field_range(const form_limits *limits, const field_def *d, double *min, double *max) {
+    const sdx4_param *p = sdx4_param_find(d->name);
+    if (!p) {
+        *min = d->min, *max = d->max;
+        return;
+    }
+    bool real = p->type == SDX4_PARAM_REAL;
+    *min = real ? p->real_min : (double)p->int_min;
+    *max = real ? p->real_max : (double)p->int_max;
+    if (d->id == FIELD_STEPS && limits->max_steps < *max) *max = limits->max_steps;
 }
 
-static double field_max(const upscale_form *f, const field_def *d) {
-    return d->max < 0 ? f->limits.max_steps : d->max;
+static uint64_t seed_max(void) { return (uint64_t)sdx4_param_find("seed")->int_max; }
+
+/* What a field accepts, for problems: "0 to 50", "UTF-8 text". */
+static void allowed_text(const upscale_form *f, const field_def *d, char *buf, size_t size) {
+    double min, max;
+    if (d->allowed) snprintf(buf, size, "%s", d->allowed);
+    else if (d->kind == KIND_SEED) snprintf(buf, size, "0 to %llu", (unsigned long long)seed_max());
+    else field_range(&f->limits, d, &min, &max), snprintf(buf, size, "%g to %g", min, max);
 }
 
 static int bad_number(upscale_form *f, const field_def *d, const char *what) {
     char allowed[96];
-    range_text(f, d, allowed, sizeof allowed);
+    allowed_text(f, d, allowed, sizeof allowed);
     return problem_field(&f->error, d->name, allowed, "%s must be %s from %s", d->name, what, allowed);
+}
+
+static int bad_seed(upscale_form *f, const field_def *d) {
+    char allowed[96];
+    allowed_text(f, d, allowed, sizeof allowed);
+    return problem_field(&f->error, d->name, allowed, "seed must be an integer from %s", allowed);
 }
 
 /* Stores a checked value into the options (or the form for form-wide fields). */
 static int store_number(upscale_form *f, upscale_options *o, const field_def *d, double v) {
     const char *what = d->kind == KIND_INT ? "an integer" : "a number";
-    if (!isfinite(v) || v < d->min || v > field_max(f, d)) return bad_number(f, d, what);
+    double min, max;
+    field_range(&f->limits, d, &min, &max);
+    if (!isfinite(v) || v < min || v > max) return bad_number(f, d, what);
     switch (d->id) {
     case FIELD_NOISE_LEVEL: o->noise_level = v; break;
     case FIELD_STEPS: o->steps = (int)v; break;
@@ -275,8 +304,10 @@ static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
 static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, const char *v,
                       size_t len, size_t more_chars) {
     char buf[64], *end;
-    if (more_chars && d->kind != KIND_TEXT)
-        return problem_field(&f->error, d->name, d->allowed, "%s is too long (over %zu bytes)", d->name, len);
+    if (more_chars && d->kind != KIND_TEXT) {
+        allowed_text(f, d, buf, sizeof buf);
+        return problem_field(&f->error, d->name, buf, "%s is too long (over %zu bytes)", d->name, len);
+    }
     switch (d->kind) {
     case KIND_TEXT: {
         char *text = NULL;
@@ -303,13 +334,12 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
             buf[len] = '\0';
             errno = 0;
             unsigned long long seed = strtoull(buf, &end, 10);
-            if (!errno && seed <= MAX_SEED) {
+            if (!errno && seed <= seed_max()) {
                 o->seed = seed;
                 return 0;
             }
         }
-        return problem_field(&f->error, d->name, d->allowed, "seed must be an integer from %s",
-                             d->allowed);
+        return bad_seed(f, d);
     }
     case KIND_FORMAT:
         if (parse_format(v, len, &o->format))
@@ -434,18 +464,18 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
         if (!json_is_integer(v)) return bad_number(f, d, "an integer");
         return store_number(f, o, d, (double)json_integer_value(v));
     case KIND_SEED: /* a string too: JavaScript numbers lose digits past 2^53 */
-        if (json_is_integer(v) && json_integer_value(v) >= 0) {
+        if (json_is_integer(v) && json_integer_value(v) >= 0 && (uint64_t)json_integer_value(v) <= seed_max()) {
             o->seed = (uint64_t)json_integer_value(v);
             return 0;
         }
         if (json_is_string(v)) return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
         if (json_is_real(v) && json_real_value(v) >= 0 && json_real_value(v) < 0x1p63 &&
-            json_real_value(v) == floor(json_real_value(v))) { /* 42.0, as for the other integers */
+            json_real_value(v) == floor(json_real_value(v)) &&
+            (uint64_t)json_real_value(v) <= seed_max()) { /* 42.0, as for the other integers */
             o->seed = (uint64_t)json_real_value(v);
             return 0;
         }
-        return problem_field(&f->error, d->name, d->allowed, "seed must be an integer from %s",
-                             d->allowed);
+        return bad_seed(f, d);
     case KIND_BOOL:
         if (!json_is_boolean(v))
             return problem_field(&f->error, d->name, d->allowed, "async must be true or false");
@@ -610,10 +640,10 @@ void form_resolve(const upscale_form *f, int i, upscale_options *out) {
     memset(out, 0, sizeof *out);
     out->prompt = strdup("");
     out->negative_prompt = strdup("");
-    out->noise_level = DEFAULT_NOISE_LEVEL;
-    out->steps = DEFAULT_STEPS;
-    out->guidance_scale = DEFAULT_GUIDANCE;
-    out->eta = DEFAULT_ETA;
+    out->noise_level = sdx4_param_find("noise_level")->real_default;
+    out->steps = (int)sdx4_param_find("num_inference_steps")->int_default;
+    out->guidance_scale = sdx4_param_find("guidance_scale")->real_default;
+    out->eta = sdx4_param_find("eta")->real_default;
     out->format = IMAGE_PNG;
     merge(out, &f->shared);
     if (f->batch) merge(out, &f->per[i]);
@@ -628,6 +658,45 @@ char *options_canonical(const upscale_options *o) {
                  (unsigned long long)o->seed, o->eta, (int)o->format, quality) < 0)
         return NULL;
     return text;
+}
+
+json_t *form_parameters(const form_limits *limits) {
+    static const char *const schema_types[] = {
+        [SDX4_PARAM_INT] = "integer", [SDX4_PARAM_REAL] = "number",
+        [SDX4_PARAM_SEED] = "integer", [SDX4_PARAM_TEXT] = "string"};
+    json_t *list = json_array();
+    for (int k = 0; k < FIELD_COUNT; k++) {
+        const field_def *d = &fields[k];
+        const sdx4_param *p = sdx4_param_find(d->name);
+        if (!p) continue;
+        json_t *e = json_pack("{s:s,s:s,s:s}", "name", p->name, "type", schema_types[p->type],
+                              "description", p->help);
+        double min, max;
+        switch (p->type) {
+        case SDX4_PARAM_TEXT:
+            json_object_set_new(e, "max_length", json_integer(limits->max_prompt_chars));
+            json_object_set_new(e, "default", json_string(""));
+            break;
+        case SDX4_PARAM_SEED: /* no default: a request without one gets a random seed */
+            json_object_set_new(e, "minimum", json_integer(p->int_min));
+            json_object_set_new(e, "maximum", json_integer(p->int_max));
+            break;
+        case SDX4_PARAM_INT:
+            field_range(limits, d, &min, &max);
+            json_object_set_new(e, "minimum", json_integer((json_int_t)min));
+            json_object_set_new(e, "maximum", json_integer((json_int_t)max));
+            json_object_set_new(e, "default", json_integer(p->int_default));
+            break;
+        case SDX4_PARAM_REAL:
+            field_range(limits, d, &min, &max);
+            json_object_set_new(e, "minimum", json_real(min));
+            json_object_set_new(e, "maximum", json_real(max));
+            json_object_set_new(e, "default", json_real(p->real_default));
+            break;
+        }
+        json_array_append_new(list, e);
+    }
+    return list;
 }
 
 int form_accept_format(const char *accept, image_format *format) {

@@ -17,8 +17,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "imageio.h"
 #include "problem.h"
+#include "sdx4.h"
 
 #define FORM_MAX_IMAGES 64
 
@@ -101,17 +104,15 @@ void options_free(upscale_options *o);
  * (malloc'd). */
 char *options_canonical(const upscale_options *o);
 
+/* The engine's parameters as this server accepts them, for model-info:
+ * [{name, type, description, minimum, maximum, default}], with JSON
+ * Schema's type names, num_inference_steps within max-steps and the
+ * prompts' max_length instead of a range. The seed has no default. */
+json_t *form_parameters(const form_limits *limits);
+
 /* The preferred output format in an Accept header: 0 and *format set (or
  * left alone when Accept is absent or accepts any image), -1 when it
  * accepts none of PNG, JPEG and WebP. */
 int form_accept_format(const char *accept, image_format *format);
-
-/* The parameters' defaults (as in diffusers and the spec). */
-#define DEFAULT_NOISE_LEVEL 0.2
-#define DEFAULT_STEPS 75
-#define DEFAULT_GUIDANCE 9.0
-#define DEFAULT_ETA 0.0
-#define MAX_GUIDANCE 50.0
-#define MAX_SEED 9223372036854775807ull
 
 #endif

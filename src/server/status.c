@@ -104,23 +104,30 @@ json_t *status_health(server *srv, int *status) {
     return h;
 }
 
-/* What this node enforces, into model-info: defaults, limits, formats. */
+/* What this node enforces, into model-info: the parameters (the engine's
+ * table as this node narrows it), defaults, limits, formats. */
 static void set_settings(const server *srv, json_t *m) {
     const server_config *c = &srv->cfg;
-    json_object_set_new(m, "defaults",
-                        json_pack("{s:s,s:s,s:f,s:i,s:f,s:f,s:s,s:i}", "prompt", "",
-                                  "negative_prompt", "", "noise_level", DEFAULT_NOISE_LEVEL,
-                                  "num_inference_steps", DEFAULT_STEPS, "guidance_scale",
-                                  DEFAULT_GUIDANCE, "eta", DEFAULT_ETA, "output_format", "png",
-                                  "quality", 90));
+    form_limits form = {c->max_steps, c->max_prompt_chars, c->max_batch};
+    json_t *parameters = form_parameters(&form), *p;
+    json_t *defaults = json_object();
+    size_t i;
+    json_array_foreach(parameters, i, p) {
+        json_t *d = json_object_get(p, "default");
+        if (d) json_object_set(defaults, json_string_value(json_object_get(p, "name")), d);
+    }
+    json_object_set_new(defaults, "output_format", json_string("png"));
+    json_object_set_new(defaults, "quality", json_integer(90));
+    json_object_set_new(m, "upscale_parameters", parameters);
+    json_object_set_new(m, "defaults", defaults);
     json_object_set_new(m, "limits",
                         json_pack("{s:I,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:f,s:i}",
                                   "max_upload_bytes", (json_int_t)c->max_upload, "min_side",
                                   c->min_side, "max_side", c->max_side, "max_steps", c->max_steps,
                                   "max_prompt_chars", c->max_prompt_chars, "max_batch", c->max_batch,
-                                  "max_guidance_scale", MAX_GUIDANCE, "request_timeout_s",
-                                  c->request_timeout, "queue_size", c->queue_size, "workers",
-                                  c->workers, "rate_window_s", c->rate_window,
+                                  "max_guidance_scale", sdx4_param_find("guidance_scale")->real_max,
+                                  "request_timeout_s", c->request_timeout, "queue_size", c->queue_size,
+                                  "workers", c->workers, "rate_window_s", c->rate_window,
                                   "rate_limit", c->rate_limit));
     json_object_set_new(m, "formats",
                         json_pack("{s:[s,s,s],s:[s,s,s]}", "input", "png", "jpeg", "webp",
