@@ -9,8 +9,9 @@
  * the webhook settings), opens Redis, answers GET /healthz and GET
  * /metrics on a small HTTP port of its own (no public API: clients talk
  * to API nodes), loads the model, warms it up (one step at --min-side,
- * unless --warmup false) and runs worker.c's consumer until SIGTERM or
- * SIGINT.
+ * unless --warmup false) and calibrates its time estimator (cost.c; its
+ * curve in the registration lets API nodes admit by estimated time), and
+ * runs worker.c's consumer until SIGTERM or SIGINT.
  *
  * Health is 200 once the model is loaded while Redis answers, 503
  * otherwise, with the reason; a probe never touches the engine or Redis
@@ -37,6 +38,7 @@
 
 #include "cli.h"
 #include "config.h"
+#include "cost.h"
 #include "log.h"
 #include "redis.h"
 #include "server.h"
@@ -170,6 +172,27 @@ static void set_model_id(server *srv) {
     snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id ? path : basename(path));
 }
 
+/* The time estimator's calibration (as serve.c's): one-step upscales at
+ * min-side and at twice its sides, so that API nodes without a model can
+ * refuse what cannot finish in time (the curve in the registration). On a
+ * GPU the larger size runs once unmeasured first: the first run at a size
+ * chooses its algorithms. */
+static int calibrate(server *srv) {
+    const server_config *c = &srv->cfg;
+    int small = c->min_side, large = 2 * small < c->max_side ? 2 * small : c->max_side;
+    double t0 = mono_now();
+    if (!srv->cost) return 0;
+    bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
+    if (cost_measure(srv->cost, small, small, true)) return -1;
+    if (large > small && ((gpu && cost_measure(srv->cost, large, large, false)) ||
+                          cost_measure(srv->cost, large, large, true)))
+        return -1;
+    json_t *fields = cost_document(srv->cost);
+    json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
+    log_event(LOG_INFO, "calibrated", fields);
+    return 0;
+}
+
 static int load_model(server *srv) {
     const server_config *c = &srv->cfg;
     double t0 = mono_now();
@@ -182,6 +205,7 @@ static int load_model(server *srv) {
         return -1;
     }
     sdx4_engine_info(srv->engine, &srv->info);
+    srv->cost = cost_create(srv->engine, c->min_side, c->max_side); /* NULL: no estimates published */
     json_t *fields = json_pack("{s:s,s:s,s:s,s:f}", "model", srv->model_id, "dir", c->model, "device",
                                srv->info.device, "seconds", mono_now() - t0);
     if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
@@ -204,6 +228,12 @@ static int load_model(server *srv) {
             return -1;
         }
         log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
+        if (calibrate(srv)) {
+            snprintf(srv->failure, sizeof srv->failure, "the calibration upscale failed: %s", sdx4_last_error());
+            log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
+            atomic_store(&srv->phase, PHASE_FAILED);
+            return -1;
+        }
     }
     atomic_store(&srv->phase, PHASE_READY);
     return 0;
@@ -301,7 +331,7 @@ int cmd_worker(int argc, char **argv) {
         json_t *info = registration(&p);
         worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                              .jobs_memory = c->jobs_memory};
+                              .jobs_memory = c->jobs_memory, .cost = srv->cost};
         p.w = worker_start(srv->engine, p.r, srv->webhooks, &ws, info, err, sizeof err);
         json_decref(info);
         if (p.w) {
@@ -324,6 +354,7 @@ int cmd_worker(int argc, char **argv) {
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", status));
     log_flush(2);
     if (status == 0) {
+        cost_destroy(srv->cost);
         sdx4_engine_close(srv->engine);
         redis_close(p.r);
         config_free(&srv->cfg);

@@ -20,6 +20,9 @@
  * task is final, and a cancel deletes only entries no worker holds, so
  * the stream holds exactly the waiting and the in-flight entries: waiting
  * = XLEN - the pending count of the group, both read inside the script.
+ * For the same reason the work ahead of a submit is the sum of the
+ * estimates its entries carry (the running ones' less what they ran),
+ * read inside the script too: no counter to drift when a node dies.
  *
  * Results' budget. Each stored result is a member "<key> <bytes>" of a
  * sorted set scored by its expiry, and their sum is a counter; the finish
@@ -411,24 +414,69 @@ void cluster_job_free(cluster_job *job) {
     "  return redis.call('XLEN', stream) - (type(pending[1]) == 'number' and pending[1] or 0)\n" \
     "end\n"
 
+/* The seconds of work in the stream, alone on a device: every entry
+ * (waiting or running: acknowledged ones are deleted) carries its
+ * estimate, and a running one counts what is left of it since its task
+ * started (its state in the job's hash). Entries of workers without an
+ * estimator carry none and count 0. */
+#define LUA_BACKLOG                                                                                \
+    "local function backlog(stream, group, now)\n"                                                 \
+    "  local held, total = {}, 0\n"                                                               \
+    "  local summary = redis.pcall('XPENDING', stream, group)\n"                                  \
+    "  if type(summary[1]) == 'number' and summary[1] > 0 then\n"                                 \
+    "    for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', summary[1])) do\n"    \
+    "      held[p[1]] = true\n"                                                                   \
+    "    end\n"                                                                                   \
+    "  end\n"                                                                                     \
+    "  for _, e in ipairs(redis.call('XRANGE', stream, '-', '+')) do\n"                           \
+    "    local f = {}\n"                                                                          \
+    "    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end\n"                                   \
+    "    local estimate = tonumber(f.estimate) or 0\n"                                            \
+    "    if held[e[1]] and estimate > 0 and f.job and f.task then\n"                              \
+    "      local state = redis.call('HGET', 'sdx4:job:' .. f.job, 'task:' .. f.task)\n"           \
+    "      local started = state and cjson.decode(state).started or 0\n"                          \
+    "      if started > 0 then estimate = math.max(0, estimate - (now - started)) end\n"          \
+    "    end\n"                                                                                   \
+    "    total = total + estimate\n"                                                              \
+    "  end\n"                                                                                     \
+    "  return total\n"                                                                            \
+    "end\n"
+
 /* KEYS: stream, job hash, then the inputs of the queued tasks.
  * ARGV: group, capacity, job TTL, input TTL, job id, meta, ntasks,
- * unfinished, finished (wall), the ntasks states, then index, record and
- * pixels of each queued task. Returns {1 or 0 (refused), waiting}. */
-static const char submit_script[] = LUA_COMMON
+ * unfinished, finished (wall), the ntasks states, then index, record,
+ * pixels and estimate of each queued task, then the devices serving the
+ * cluster (0: no time check) and the seconds left to the job's deadline.
+ * Returns {1, waiting}, or refused: {0, waiting} over capacity, {2,
+ * seconds until the job's last task would end} too late. The backlog
+ * is shared evenly by the devices (each worker one, whatever its threads:
+ * they share its device), and no task ends before its own estimate. */
+static const char submit_script[] = LUA_COMMON LUA_BACKLOG
     "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')\n"
     "local queued = #KEYS - 2\n"
     "local ahead = waiting(KEYS[1], ARGV[1])\n"
     "if ahead + queued > tonumber(ARGV[2]) then return {0, ahead} end\n"
     "local ntasks = tonumber(ARGV[7])\n"
+    "local after = 10 + ntasks + 4 * queued\n"
+    "local devices, left = tonumber(ARGV[after]), tonumber(ARGV[after + 1])\n"
+    "local mine, longest = 0, 0\n"
+    "for q = 1, queued do\n"
+    "  local e = tonumber(ARGV[10 + ntasks + 4 * q - 1])\n"
+    "  mine, longest = mine + e, math.max(longest, e)\n"
+    "end\n"
+    "if devices > 0 and mine > 0 then\n"
+    "  local finish = math.max((backlog(KEYS[1], ARGV[1], tonumber(ARGV[9])) + mine) / devices, longest)\n"
+    "  if finish > left then return {2, tostring(finish)} end\n"
+    "end\n"
     "redis.call('HSET', KEYS[2], 'meta', ARGV[6], 'unfinished', ARGV[8])\n"
     "for i = 0, ntasks - 1 do redis.call('HSET', KEYS[2], 'task:' .. i, ARGV[10 + i]) end\n"
     "local a = 10 + ntasks\n"
     "for q = 1, queued do\n"
     "  redis.call('SET', KEYS[2 + q], ARGV[a + 2], 'EX', ARGV[4])\n"
-    "  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[5], 'task', ARGV[a], 'record', ARGV[a + 1])\n"
+    "  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[5], 'task', ARGV[a], 'record', ARGV[a + 1],\n"
+    "                        'estimate', ARGV[a + 3])\n"
     "  redis.call('HSET', KEYS[2], 'entry:' .. ARGV[a], id)\n"
-    "  a = a + 3\n"
+    "  a = a + 4\n"
     "end\n"
     "if tonumber(ARGV[8]) == 0 then\n" /* every task answered before submission */
     "  redis.call('HSET', KEYS[2], 'state', job_state(KEYS[2]), 'finished', ARGV[9])\n"
@@ -595,9 +643,22 @@ static int integer_reply(redisReply *reply, long long *out, char *err, size_t n)
 
 /* ---- jobs ---------------------------------------------------------------------- */
 
+/* Single-process mode's 503 queue-too-long (queue.c) for a job whose
+ * last task would end `finish` seconds from now. */
+static void too_late(problem *why, double finish, const cluster_job *job, double now) {
+    double limit = round((job->deadline - job->created) * 1e3) / 1e3; /* the request timeout, wall clocks apart */
+    problem_set(why, PROBLEM_QUEUE_TOO_LONG,
+                "after the work ahead of it, it would end in about %.0f s, past its limit of %g s from arrival; "
+                "retry later", finish, limit);
+    why->estimated_seconds = finish + (now - job->created), why->limit_seconds = limit;
+    /* a retry has the whole limit, and the work ahead will have shrunk by the seconds waited */
+    double wait = finish - limit;
+    why->retry_after = wait < 1 ? 1 : wait > 86400 ? 86400 : (int)ceil(wait);
+}
+
 int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
-                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
-                   problem *why, char *err, size_t n) {
+                   const bool *queued, const cluster_task_state *states, const double *estimates, int devices,
+                   int capacity, double retention, problem *why, char *err, size_t n) {
     double now = wall_now(), left = job->deadline - now;
     int nqueued = 0, unfinished = 0;
     for (int i = 0; i < job->ntasks; i++) {
@@ -627,7 +688,10 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
         eval_addf(&a, "%d", i);
         eval_json(&a, cluster_task_to_json(&tasks[i]));
         eval_add(&a, inputs[i].pixels, (size_t)inputs[i].width * inputs[i].height * 3);
+        eval_addf(&a, "%.6f", estimates ? estimates[i] : 0.0);
     }
+    eval_addf(&a, "%d", estimates ? devices : 0);
+    eval_addf(&a, "%.6f", left);
     why->kind = PROBLEM_NONE;
     redisReply *reply = eval_run(r, &a, err, n);
     if (!reply) return -1;
@@ -639,6 +703,10 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
             problem_set(why, PROBLEM_QUEUE_FULL, "%lld upscales are waiting (the most allowed is %d); retry later",
                         ahead, capacity);
             why->retry_after = 1;
+            snprintf(err, n, "%s", why->detail);
+            rc = -1;
+        } else if (reply->element[0]->integer == 2) {
+            too_late(why, reply->element[1]->str ? atof(reply->element[1]->str) : 0, job, now);
             snprintf(err, n, "%s", why->detail);
             rc = -1;
         }

@@ -6,7 +6,8 @@
  *
  * Keys (all under "sdx4:"):
  *   sdx4:tasks            stream of tasks, consumer group "sdx4-workers";
- *                         an entry: job <id>, task <i>, record <JSON>
+ *                         an entry: job <id>, task <i>, record <JSON>,
+ *                         estimate <seconds alone on a device, 0 unknown>
  *   sdx4:input:<id>:<i>   a task's input pixels (RGB8, row-major)
  *   sdx4:job:<id>         hash: meta <JSON>, task:<i> <JSON>, unfinished <n>,
  *                         state <name>, finished <wall seconds>
@@ -101,13 +102,19 @@ typedef struct {
 
 /* Submits a job atomically (one script): its hash, the inputs and one
  * stream entry per task in `tasks` (the others, cache hits or rejected,
- * are written final in `states`). Refused with `why` (PROBLEM_QUEUE_FULL,
- * its retry_after set) when the tasks waiting in the whole cluster plus
- * these would exceed `capacity`: nothing is then written. -1 both ways:
- * why->kind is PROBLEM_NONE when Redis failed (`err` says how). */
+ * are written final in `states`). Refused with `why` (its retry_after
+ * set), nothing then written: PROBLEM_QUEUE_FULL when the tasks waiting
+ * in the whole cluster plus these would exceed `capacity`;
+ * PROBLEM_QUEUE_TOO_LONG when the estimated seconds of the work in the
+ * stream (waiting, and what the running tasks have left) and of these,
+ * shared by `devices` workers, would end past the job's deadline.
+ * `estimates` (by task index, NULL none) are each task's seconds alone
+ * on a device (cost.h), kept in its entry for the next submits; devices
+ * 0 leaves the time out. -1 both ways: why->kind is PROBLEM_NONE when
+ * Redis failed (`err` says how). */
 int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
-                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
-                   problem *why, char *err, size_t err_size);
+                   const bool *queued, const cluster_task_state *states, const double *estimates, int devices,
+                   int capacity, double retention, problem *why, char *err, size_t err_size);
 
 /* The job's meta and its tasks' states (`states` has room for ntasks,
  * FORM_MAX_IMAGES at most). 1 found, 0 no such job, -1 error. */

@@ -8,7 +8,11 @@
  *
  * Submitting. push turns the job into the cluster's records and submits
  * them in one script (cluster_submit), which holds the queue bound of the
- * whole cluster: its refusal is single-process mode's 503. It runs under
+ * whole cluster: its refusal is single-process mode's 503. Admission by
+ * estimated time needs no model here: the workers publish their
+ * estimators (cost.h's curve), the keeper keeps the slowest calibrated
+ * one, push refuses what needs more than the request timeout alone (422)
+ * and the script what the cluster's backlog would make late (503). It runs under
  * the job store's lock (dispatch.h), so a submit makes this node's other
  * job calls wait one Redis round trip; the task records are then kept in
  * the job's hash too, so that other nodes can answer for the job.
@@ -105,6 +109,9 @@ struct dispatch_redis {
     char down_why[256];
     json_t *workers;
     dispatch_stats stats;
+    cost_curve curve; /* the slowest calibrated worker's estimator for this node's model */
+    bool have_curve;
+    int devices; /* live workers: each runs on a device of its own */
     pthread_t subscriber, keeper;
     bool subscriber_started, keeper_started;
 };
@@ -289,6 +296,27 @@ static void apply(dispatch_redis *d, const char *id, int index, const cluster_ta
     }
 }
 
+/* Of the live workers serving this node's model whose estimators are
+ * calibrated, the curve of the slowest (at the largest size and the most
+ * steps allowed): admission must hold whichever worker takes a task. */
+static bool slowest_curve(const dispatch_redis *d, const json_t *workers, cost_curve *out) {
+    const server_config *c = &d->srv->cfg;
+    double slowest = -1;
+    size_t k;
+    const json_t *w;
+    json_array_foreach(workers, k, w) {
+        const char *model = json_string_value(json_object_get(w, "model_id"));
+        cost_curve curve;
+        char why[128];
+        if (!model || strcmp(model, d->srv->model_id) != 0 ||
+            cost_curve_from_json(json_object_get(w, "cost"), &curve, why, sizeof why) || !curve.calibrated)
+            continue;
+        double seconds = cost_curve_estimate(&curve, c->max_side, c->max_side, c->max_steps, true);
+        if (seconds > slowest) slowest = seconds, *out = curve;
+    }
+    return slowest >= 0;
+}
+
 /* Re-reads the watched jobs (what events were missed) and the cluster. */
 static void look(dispatch_redis *d) {
     char (*ids)[33] = NULL;
@@ -333,6 +361,8 @@ static void look(dispatch_redis *d) {
         json_t *th = json_object_get(w, "threads");
         threads += json_is_integer(th) ? (int)json_integer_value(th) : 1;
     }
+    cost_curve curve;
+    bool have_curve = slowest_curve(d, workers, &curve);
     pthread_mutex_lock(&d->lock);
     if (up != d->up)
         log_event(up ? LOG_INFO : LOG_ERROR, up ? "redis_back" : "redis_down",
@@ -344,6 +374,8 @@ static void look(dispatch_redis *d) {
         d->workers = workers;
         d->stats = (dispatch_stats){.depth = (int)waiting, .capacity = d->srv->cfg.queue_size,
                                     .running = busy, .workers = threads};
+        d->curve = curve, d->have_curve = have_curve;
+        d->devices = (int)json_array_size(workers);
     }
     pthread_mutex_unlock(&d->lock);
 }
@@ -465,21 +497,43 @@ static void *keeper_main(void *arg) {
 
 /* ---- the dispatch interface ------------------------------------------------------- */
 
+/* Each task's seconds alone on a device, by index (`estimates`), from
+ * the slowest live worker's calibrated estimator, else this node's own
+ * (a node with a model); false when neither is calibrated: then the
+ * time is not judged, as in single-process mode. */
+static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) {
+    pthread_mutex_lock(&d->lock);
+    cost_curve curve = d->curve;
+    bool remote = d->have_curve;
+    pthread_mutex_unlock(&d->lock);
+    cost_model *own = d->srv->cost;
+    if (!remote && !(own && cost_calibrated(own))) return false;
+    for (int k = 0; k < n; k++) {
+        const task *t = tasks[k];
+        bool guided = (float)t->opts.guidance_scale > 1.0f;
+        estimates[t->index] = remote ? cost_curve_estimate(&curve, t->input.width, t->input.height, t->opts.steps, guided)
+                                     : cost_estimate(own, t->input.width, t->input.height, t->opts.steps, guided);
+    }
+    return true;
+}
+
 /* Single-process mode's 422: tasks that need more than the request
- * timeout even alone, by this node's estimator. Only a node with a model
- * has one; an API-only node leaves the check out (its workers' deadlines
- * still stop such a task, with a 504). */
-static int over_time_limit(dispatch_redis *d, task **tasks, int n, problem *why) {
-    cost_model *cost = d->srv->cost;
-    if (!cost || !n || !cost_calibrated(cost)) return 0;
+ * timeout even alone. */
+static int over_time_limit(dispatch_redis *d, task **tasks, int n, const double *estimates, problem *why) {
     double alone = 0, limit = d->srv->cfg.request_timeout;
-    for (int i = 0; i < n; i++)
-        alone += cost_estimate(cost, tasks[i]->input.width, tasks[i]->input.height, tasks[i]->opts.steps,
-                               (float)tasks[i]->opts.guidance_scale > 1.0f);
+    int steps = 0, width = 0, height = 0;
+    for (int k = 0; k < n; k++) {
+        const task *t = tasks[k];
+        alone += estimates[t->index];
+        if (t->opts.steps > steps) steps = t->opts.steps;
+        if ((double)t->input.width * t->input.height > (double)width * height)
+            width = t->input.width, height = t->input.height;
+    }
     if (alone <= limit) return 0;
     problem_set(why, PROBLEM_OVER_TIME_LIMIT,
-                "estimated to take %.1f s alone on a worker (%d image%s), but requests must finish within "
-                "%g s: send fewer steps or a smaller image", alone, n, n > 1 ? "s" : "", limit);
+                "estimated to take %.1f s alone on a worker (%d image%s, up to %dx%d, %d step%s), but requests "
+                "must finish within %g s: send fewer steps or a smaller image", alone, n, n > 1 ? "s" : "",
+                width, height, steps, steps > 1 ? "s" : "", limit);
     why->estimated_seconds = alone, why->limit_seconds = limit;
     return -1;
 }
@@ -527,7 +581,6 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     bool closed = d->closed;
     pthread_mutex_unlock(&d->lock);
     if (closed) return problem_set(why, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
-    if (over_time_limit(d, tasks, n, why)) return -1;
 
     int ntasks = job_ntasks(j), nkept = 0, rc = -1;
     cluster_job meta = {.kind = job_kind(j), .listed = job_listed(j), .created = job_created_wall(j),
@@ -544,10 +597,16 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     sdx4_image *inputs = calloc((size_t)ntasks, sizeof *inputs);
     bool *queued = calloc((size_t)ntasks, sizeof *queued);
     cluster_task_state *states = calloc((size_t)ntasks, sizeof *states);
-    if (!records || !kept || !inputs || !queued || !states) {
+    double *estimates = calloc((size_t)ntasks, sizeof *estimates);
+    if (!records || !kept || !inputs || !queued || !states || !estimates) {
         problem_set(why, PROBLEM_INTERNAL, "out of memory");
         goto done;
     }
+    bool judged = n && estimate(d, tasks, n, estimates);
+    if (judged && over_time_limit(d, tasks, n, estimates, why)) goto done;
+    pthread_mutex_lock(&d->lock);
+    int devices = d->devices;
+    pthread_mutex_unlock(&d->lock);
     for (int k = 0; k < n; k++) queued[tasks[k]->index] = true;
     for (int i = 0; i < ntasks; i++) {
         const task *t = job_task(j, i);
@@ -559,8 +618,8 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
         kept[nkept++] = records[i];
     }
     char err[256];
-    if (cluster_submit(d->r, &meta, records, inputs, queued, states, c->queue_size, c->job_retention, why, err,
-                       sizeof err) != 0) {
+    if (cluster_submit(d->r, &meta, records, inputs, queued, states, judged ? estimates : NULL, devices,
+                       c->queue_size, c->job_retention, why, err, sizeof err) != 0) {
         if (!why->kind) unavailable(d, why, err);
         goto done;
     }
@@ -578,6 +637,7 @@ done:
     free(inputs);
     free(queued);
     free(states);
+    free(estimates);
     return rc;
 }
 

@@ -21,6 +21,11 @@
  * reclaimed and run again (at least once; a second finish is a no-op).
  * Whoever ends a job's last task sends its webhook.
  *
+ * Estimates. With a time estimator (cost.c) the registration carries its
+ * curve, refreshed with every heartbeat, so that API nodes without a
+ * model can admit by estimated time; a worker of one thread teaches it
+ * with every task it runs, as single-process mode's queue does.
+ *
  * Liveness. A heartbeat thread refreshes the registration (TTL
  * REGISTRATION_TTL) and resets the idle time of the entries being run
  * (XCLAIM JUSTID, which leaves their delivery counts alone), often enough
@@ -44,6 +49,7 @@
 #include <string.h>
 
 #include "cluster.h"
+#include "cost.h"
 #include "log.h"
 #include "runner.h"
 #include "server.h"
@@ -255,8 +261,13 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     set_busy(sl, true);
     task_outcome out = {.state = JOB_FAILED};
     sdx4_image image;
-    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED)
+    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED) {
+        /* measured alone on the device only with one thread: several share it unevenly */
+        if (w->s.cost && w->nthreads == 1)
+            cost_observe(w->s.cost, input->width, input->height, t->opts.steps,
+                         (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
         runner_encode(&image, &t->opts, &out);
+    }
     int stop = atomic_load(&sl->stop);
     if (out.state == JOB_CANCELED && atomic_load(&w->abandon)) {
         log_event(LOG_WARN, "task_abandoned",
@@ -379,6 +390,9 @@ static void *heartbeat_main(void *arg) {
                 held[n] = ids[n], n++;
             }
         pthread_mutex_unlock(&w->lock);
+        cost_curve curve;
+        if (w->s.cost && cost_get_curve(w->s.cost, &curve) == 0) /* what it learned since the last */
+            json_object_set_new(w->info, "cost", cost_curve_to_json(&curve));
         if (cluster_register(w->r, w->name, w->info, atomic_load(&w->busy), REGISTRATION_TTL, err, sizeof err) ||
             cluster_hold(w->r, w->name, held, n, err, sizeof err))
             redis_trouble(w, err);

@@ -16,6 +16,7 @@
 #include "sdx4.h"
 
 struct webhooks;
+struct cost_model;
 
 typedef struct {
     const char *name;          /* consumer and registration name, unique in the cluster */
@@ -24,6 +25,8 @@ typedef struct {
     int max_attempts;          /* deliveries of one task before it is failed instead of run */
     double job_retention;      /* seconds results (and finished jobs) are kept */
     size_t jobs_memory;        /* bytes of results kept, the whole cluster's */
+    struct cost_model *cost;   /* the time estimator, published in the registration and taught by
+                                  the tasks run; NULL none */
 } worker_settings;
 
 typedef struct worker worker;
