@@ -342,6 +342,35 @@ static void test_finish_task(redis *r) {
     redis_release(r, sub, true); /* subscribed: not for the pool */    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
 }
 
+/* A webhook's delivery written by its sender: "pending" never overwrites
+ * an outcome (a delivery may report first), the job's load and document
+ * show it, a job gone is left alone. */
+static void test_webhook_state(redis *r) {
+    problem why;
+    const char *id = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeee1";
+    CHECK(submit(r, id, 1, 100, &why) == 0, "submit: %s", err);
+    CHECK(cluster_webhook_state(r, id, "failed", 3, "HTTP 500", err, sizeof err) == 0, "failed: %s", err);
+    CHECK(cluster_webhook_state(r, id, "pending", 0, NULL, err, sizeof err) == 0, "pending: %s", err);
+    cluster_job job;
+    cluster_task_state states[FORM_MAX_IMAGES];
+    CHECK(cluster_load_job(r, id, &job, states, err, sizeof err) == 1 && strcmp(job.webhook, "failed") == 0 &&
+              job.webhook_attempts == 3 && strcmp(job.webhook_error, "HTTP 500") == 0,
+          "loaded: \"%s\" %d \"%s\"", job.webhook, job.webhook_attempts, job.webhook_error);
+    job.webhook_url = strdup("https://hooks.example/x");
+    json_t *doc = cluster_job_document(&job, states, "pending"), *hook = json_object_get(doc, "webhook");
+    CHECK(strcmp(json_string_value(json_object_get(hook, "status")), "failed") == 0 &&
+              json_integer_value(json_object_get(hook, "attempts")) == 3 &&
+              strcmp(json_string_value(json_object_get(hook, "error")), "HTTP 500") == 0,
+          "document's webhook");
+    json_decref(doc);
+    cluster_job_free(&job);
+    const char *gone = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeee2";
+    CHECK(cluster_webhook_state(r, gone, "delivered", 1, NULL, err, sizeof err) == 0 &&
+              integer(r, "EXISTS sdx4:job:%s", gone) == 0,
+          "a job gone was written");
+    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
+}
+
 static void test_cancel(redis *r) {
     problem why;
     const char *id = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
@@ -443,6 +472,7 @@ int main(void) {
         test_submit_bound(r);
         test_submit_time(r);
         test_finish_task(r);
+        test_webhook_state(r);
         test_cancel(r);
         test_budget(r);
         test_bad_entries(r);

@@ -24,8 +24,8 @@
  * main thread, every other thread blocking them.
  *
  * Webhooks of the jobs this worker ends go out through webhook.c; the
- * outcome of a delivery is logged (worker.c), not written to the job in
- * Redis.
+ * outcome of a delivery is logged and written into the job in Redis
+ * (worker.c), where every API node reads it.
  */
 #include <libgen.h>
 #include <microhttpd.h>

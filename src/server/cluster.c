@@ -380,6 +380,32 @@ static int meta_from_json(const json_t *j, cluster_job *job, char *err, size_t e
     return 0;
 }
 
+static const char *const webhook_names[] = {"pending", "delivered", "failed"};
+
+/* A webhook's delivery ({status, attempts, error}) into its fields. */
+static bool webhook_from_json(const json_t *j, char *status, size_t status_size, int *attempts, char *error,
+                              size_t error_size) {
+    char ignored[256];
+    reader r = {ignored, sizeof ignored, "webhook"};
+    int which;
+    long long tries;
+    if (!json_is_object(j) || get_name(&r, j, "status", webhook_names, 3, &which) ||
+        get_int(&r, j, "attempts", 0, 1000000, &tries) || get_text(&r, j, "error", error, error_size))
+        return false;
+    snprintf(status, status_size, "%s", webhook_names[which]);
+    *attempts = (int)tries;
+    return true;
+}
+
+/* A delivery's JSON into its fields; false when it is not one. */
+static bool webhook_from_text(const char *text, size_t len, char *status, size_t status_size, int *attempts,
+                              char *error, size_t error_size) {
+    json_t *j = json_loadb(text, len, 0, NULL);
+    bool ok = webhook_from_json(j, status, status_size, attempts, error, error_size);
+    json_decref(j);
+    return ok;
+}
+
 void cluster_job_free(cluster_job *job) {
     if (!job) return;
     free(job->webhook_url);
@@ -733,14 +759,17 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
         rc = 0;
         goto done;
     }
-    const char *state = NULL, *finished = NULL;
+    const char *state = NULL, *finished = NULL, *webhook = NULL;
     for (size_t i = 0; i + 1 < reply->elements; i += 2) {
         const char *f = reply->element[i]->str, *v = reply->element[i + 1]->str;
         if (strcmp(f, "meta") == 0) meta = json_loads(v, 0, NULL);
         else if (strcmp(f, "state") == 0) state = v;
         else if (strcmp(f, "finished") == 0) finished = v;
+        else if (strcmp(f, "webhook") == 0) webhook = v;
     }
     if (meta_from_json(meta, job, err, n)) goto done;
+    if (webhook) webhook_from_text(webhook, strlen(webhook), job->webhook, sizeof job->webhook,
+                                   &job->webhook_attempts, job->webhook_error, sizeof job->webhook_error);
     job->state = state && name_index(state_names, 5, state) >= 0 ? (job_state)name_index(state_names, 5, state) : JOB_QUEUED;
     job->finished = finished ? atof(finished) : 0;
     int found = 0;
@@ -946,8 +975,48 @@ json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *s
     snprintf(path, sizeof path, "/api/v1/jobs/%s", job->id);
     json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path, "/result",
                                               "events", path, "/events"));
-    if (job->webhook_url) json_object_set_new(d, "webhook", json_pack("{s:s,s:i}", "status", webhook, "attempts", 0));
+    if (job->webhook_url) {
+        json_t *hook = json_pack("{s:s,s:i}", "status", job->webhook[0] ? job->webhook : webhook, "attempts",
+                                 job->webhook_attempts);
+        if (job->webhook_error[0]) json_object_set_new(hook, "error", json_string(job->webhook_error));
+        json_object_set_new(d, "webhook", hook);
+    }
     return d;
+}
+
+/* KEYS: job hash. ARGV: delivery (JSON), channel, event, "1" to write
+ * only if none is yet. */
+static const char webhook_script[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
+    "if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'webhook', ARGV[1])\n"
+    "redis.call('PUBLISH', ARGV[2], ARGV[3])\n"
+    "return 1\n";
+
+int cluster_webhook_state(redis *r, const char *job_id, const char *status, int attempts, const char *error,
+                          char *err, size_t n) {
+    json_t *delivery = json_pack("{s:s,s:i,s:s}", "status", status, "attempts", attempts, "error", error ? error : "");
+    eval_args a;
+    eval_begin(&a, webhook_script, 1);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_json(&a, json_incref(delivery));
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_json(&a, json_pack("{s:O}", "webhook", delivery));
+    eval_str(&a, strcmp(status, "pending") == 0 ? "1" : "0");
+    json_decref(delivery);
+    long long written;
+    return integer_reply(eval_run(r, &a, err, n), &written, err, n);
+}
+
+bool cluster_parse_webhook(const char *channel, const char *message, size_t len, char job_id[33], char *status,
+                           size_t status_size, int *attempts, char *error, size_t error_size) {
+    static const char prefix[] = "sdx4:events:";
+    if (strncmp(channel, prefix, sizeof prefix - 1) != 0 || !is_job_id(channel + sizeof prefix - 1)) return false;
+    json_t *j = json_loadb(message, len, 0, NULL);
+    bool ok = webhook_from_json(json_object_get(j, "webhook"), status, status_size, attempts, error, error_size);
+    json_decref(j);
+    if (ok) memcpy(job_id, channel + sizeof prefix - 1, 33);
+    return ok;
 }
 
 /* ---- workers ------------------------------------------------------------------------- */

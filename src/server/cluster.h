@@ -10,7 +10,8 @@
  *                         estimate <seconds alone on a device, 0 unknown>
  *   sdx4:input:<id>:<i>   a task's input pixels (RGB8, row-major)
  *   sdx4:job:<id>         hash: meta <JSON>, task:<i> <JSON>, unfinished <n>,
- *                         state <name>, finished <wall seconds>
+ *                         state <name>, finished <wall seconds>, webhook
+ *                         <JSON: its delivery>
  *   sdx4:result:<id>:<i>  a finished task's encoded image
  *   sdx4:results          sorted set of stored results for the byte budget
  *                         ("<key> <bytes>" scored by expiry); their sum
@@ -98,6 +99,9 @@ typedef struct {
     /* filled by cluster_load_job from the hash */
     job_state state;  /* JOB_QUEUED until the last task is final */
     double finished;  /* wall clock, 0 when not yet */
+    char webhook[16]; /* its delivery as its sender wrote it ("pending"...), "" none yet */
+    int webhook_attempts;
+    char webhook_error[320];
 } cluster_job;
 
 /* Submits a job atomically (one script): its hash, the inputs and one
@@ -165,9 +169,22 @@ int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
 
 /* The job's status document, as GET /api/v1/jobs/{id} and webhooks show
  * it (jobs.c's job_document for a job kept in Redis); `webhook` is its
- * webhook's status ("pending"...), ignored when the job has none. */
+ * webhook's status ("pending"...) unless the hash has one, ignored when
+ * the job has none. */
 json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *states,
                              const char *webhook);
+
+/* The delivery of a job's webhook, written by the party that sends it
+ * (whoever finished the job) into the job's hash and published on its
+ * channel, so that every node's copy shows it as single-process mode
+ * does: `status` "pending" (written only if nothing is yet: a delivery
+ * may report before its sender has), "delivered" or "failed", with the
+ * attempts made and why it failed (NULL none). A job gone is left alone. */
+int cluster_webhook_state(redis *r, const char *job_id, const char *status, int attempts, const char *error,
+                          char *err, size_t err_size);
+/* A message of the job's channel that is a webhook's delivery. */
+bool cluster_parse_webhook(const char *channel, const char *message, size_t len, char job_id[33], char *status,
+                           size_t status_size, int *attempts, char *error, size_t error_size);
 
 /* ---- workers ---------------------------------------------------------------- */
 

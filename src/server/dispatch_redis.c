@@ -34,7 +34,9 @@
  * once: cluster_cancel (workers stop at their next step), the tasks' final
  * states by compare-and-set (the first finisher wins), the webhook when
  * this node's finish ended the job, the job's removal for a DELETE (which
- * the nodes holding a copy hear, and drop theirs). What
+ * the nodes holding a copy hear, and drop theirs). A webhook's delivery,
+ * written into the job by its sender (this node or a worker), reaches the
+ * copies through the same channel. What
  * fails for want of Redis is retried every second, in order, until it is
  * done or a minute old (a worker still stops at the task's own deadline).
  *
@@ -169,11 +171,15 @@ static void order_add(dispatch_redis *d, order *o) { /* lock held */
     pthread_cond_broadcast(&d->wake);
 }
 
+/* webhook.c's report of a delivery (`arg` the redis): into the job's hash,
+ * for every node's copy. */
 static void webhook_outcome(void *arg, const char *id, bool delivered, int attempts, const char *error) {
-    (void)arg;
+    char err[256];
     log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
               json_pack("{s:s,s:b,s:i,s:s?}", "job_id", id, "delivered", delivered, "attempts", attempts,
                         "error", error));
+    if (cluster_webhook_state(arg, id, delivered ? "delivered" : "failed", attempts, error, err, sizeof err))
+        log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", err));
 }
 
 /* The webhook of a job that this node finished in Redis. */
@@ -188,8 +194,10 @@ static int send_webhook(dispatch_redis *d, const char *id, char *err, size_t n) 
         char *body = json_dumps(doc, JSON_COMPACT), why[320];
         json_decref(doc);
         if (!body || webhooks_send(d->srv->webhooks, id, job.webhook_url, job_state_name(job.state), body,
-                                   webhook_outcome, NULL, why, sizeof why) != 0)
-            webhook_outcome(NULL, id, false, 0, body ? why : "out of memory");
+                                   webhook_outcome, d->r, why, sizeof why) != 0)
+            webhook_outcome(d->r, id, false, 0, body ? why : "out of memory");
+        else if (cluster_webhook_state(d->r, id, "pending", 0, NULL, why, sizeof why)) /* not sent twice */
+            log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", why));
         free(body);
     }
     cluster_job_free(&job);
@@ -399,13 +407,16 @@ static bool handle(dispatch_redis *d, const redisReply *m) {
     if (m->type != REDIS_REPLY_ARRAY || m->elements < 1 || m->element[0]->type != REDIS_REPLY_STRING) return false;
     if (strcmp(m->element[0]->str, "pong") == 0) return true;
     if (strcmp(m->element[0]->str, "pmessage") != 0 || m->elements != 4) return false;
-    char id[33];
-    int index;
+    char id[33], status[16], error[320];
+    int index, attempts;
     cluster_task_state s;
     if (cluster_parse_event(m->element[2]->str, m->element[3]->str, m->element[3]->len, id, &index, &s) == 0)
         apply(d, id, index, &s);
     else if (cluster_parse_forgotten(m->element[2]->str, m->element[3]->str, m->element[3]->len, id))
         job_forgotten(d->srv->jobs, id); /* deleted through another node */
+    else if (cluster_parse_webhook(m->element[2]->str, m->element[3]->str, m->element[3]->len, id, status,
+                                   sizeof status, &attempts, error, sizeof error))
+        job_webhook_state(d->srv->jobs, id, status, attempts, error);
     return false;
 }
 
@@ -779,6 +790,7 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
             goto done;
         }
     j = job_adopt(j, id);
+    if (meta.webhook[0]) job_webhook_state(d->srv->jobs, id, meta.webhook, meta.webhook_attempts, meta.webhook_error);
 done:
     for (int i = 0; records && i < FORM_MAX_IMAGES; i++) cluster_task_free(&records[i]);
     free(records);

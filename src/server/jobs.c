@@ -787,6 +787,20 @@ static void webhook_done(void *store, const char *id, bool delivered, int attemp
     pthread_mutex_unlock(&s->lock);
 }
 
+void job_webhook_state(job_store *s, const char *id, const char *status, int attempts, const char *error) {
+    int state = strcmp(status, "pending") == 0     ? WEBHOOK_PENDING
+                : strcmp(status, "delivered") == 0 ? WEBHOOK_DELIVERED
+                                                   : WEBHOOK_FAILED;
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    if (j && !(state == WEBHOOK_PENDING && j->webhook_state > WEBHOOK_PENDING)) { /* events may cross */
+        j->webhook_state = state;
+        j->webhook_attempts = attempts;
+        snprintf(j->webhook_error, sizeof j->webhook_error, "%s", error ? error : "");
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* ---- request history ---------------------------------------------------------------- */
 
 /* The finished job as plain values for history.c (lock held): each

@@ -328,12 +328,13 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     dispatch_redis_destroy(srv->cluster, end > grace ? end : grace);
     srv->cluster = NULL;
     srv->dispatch = (dispatch){0};
-    redis_close(srv->redis); /* its last users, HTTP threads, workers and the dispatcher, are gone */
-    srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);
     srv->webhooks = NULL;
+    /* its last users, HTTP threads, workers, the dispatcher and the webhooks' outcomes, are gone */
+    redis_close(srv->redis);
+    srv->redis = NULL;
     job_store_destroy(srv->jobs);
     srv->jobs = NULL;
     /* the jobs finished or canceled above are recorded within the same deadline (or 2 s) */

@@ -19,7 +19,8 @@
  * cluster_finish_task's compare-and-set, and only then is the entry
  * acknowledged: a worker that dies first leaves the entry pending, to be
  * reclaimed and run again (at least once; a second finish is a no-op).
- * Whoever ends a job's last task sends its webhook.
+ * Whoever ends a job's last task sends its webhook, and writes its
+ * delivery into the job (cluster_webhook_state) for the API nodes.
  *
  * Estimates. With a time estimator (cost.c) the registration carries its
  * curve, refreshed with every heartbeat, so that API nodes without a
@@ -136,12 +137,15 @@ static job_state stopped(problem *p, int reason, double timeout) {
     return JOB_CANCELED;
 }
 
-/* webhook.c's report of a delivery: logged (the job in Redis keeps none). */
+/* webhook.c's report of a delivery (`arg` the redis): logged, and written
+ * into the job's hash for the API nodes' copies. */
 static void webhook_outcome(void *arg, const char *job_id, bool delivered, int attempts, const char *error) {
-    (void)arg;
+    char err[256];
     log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
               json_pack("{s:s,s:b,s:i,s:s?}", "job_id", job_id, "delivered", delivered, "attempts", attempts,
                         "error", error));
+    if (cluster_webhook_state(arg, job_id, delivered ? "delivered" : "failed", attempts, error, err, sizeof err))
+        log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", job_id, "error", err));
 }
 
 /* The webhook of a job this worker ended. */
@@ -156,8 +160,12 @@ static void send_webhook(worker *w, const char *job_id) {
         char why[256] = "this worker has no --webhook-secret to sign it";
         if (!body || !w->hooks ||
             webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, webhook_outcome,
-                          NULL, why, sizeof why))
+                          w->r, why, sizeof why)) {
             log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job.id, "error", why));
+            webhook_outcome(w->r, job.id, false, 0, body ? why : "out of memory");
+        } else if (cluster_webhook_state(w->r, job.id, "pending", 0, NULL, err, sizeof err)) {
+            redis_trouble(w, err);
+        }
         free(body);
         json_decref(doc);
     } else if (found < 0) {
