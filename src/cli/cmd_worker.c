@@ -5,10 +5,10 @@
  * flags, SDX4_* variables or a file; those that apply: --redis, --model,
  * --device, --variant, --threads, --workers (tasks run at once), --name,
  * --host and --port, --visibility-timeout, --max-attempts,
- * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout and
- * the webhook settings), opens Redis, answers GET /healthz and GET
- * /metrics on a small HTTP port of its own (no public API: clients talk
- * to API nodes), loads the model, warms it up (one step at --min-side,
+ * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout,
+ * --history and the webhook settings), opens Redis (and the history),
+ * answers GET /healthz and GET /metrics on a small HTTP port of its own
+ * (no public API: clients talk to API nodes), loads the model, warms it up (one step at --min-side,
  * unless --warmup false) and calibrates its time estimator (cost.c; its
  * curve in the registration lets API nodes admit by estimated time), and
  * runs worker.c's consumer until SIGTERM or SIGINT.
@@ -23,9 +23,11 @@
  * deadline, exit 0. As in serve.c, signals are taken synchronously by the
  * main thread, every other thread blocking them.
  *
- * Webhooks of the jobs this worker ends go out through webhook.c; the
- * outcome of a delivery is logged and written into the job in Redis
- * (worker.c), where every API node reads it.
+ * The jobs this worker ends are recorded with --history (PostgreSQL, from
+ * which the cluster's API nodes list them), once per job by whoever ends
+ * it (worker.c). Their webhooks go out through webhook.c; the outcome of
+ * a delivery is logged and written into the job in Redis (worker.c),
+ * where every API node reads it.
  */
 #include <libgen.h>
 #include <microhttpd.h>
@@ -39,6 +41,7 @@
 #include "cli.h"
 #include "config.h"
 #include "cost.h"
+#include "history.h"
 #include "log.h"
 #include "redis.h"
 #include "server.h"
@@ -264,7 +267,8 @@ static const char help[] =
     "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
     "threads, warmup, min-side, workers (tasks run at once), name, host, port,\n"
     "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
-    "jobs-memory, log-level, log-buffer and the webhook settings.\n"
+    "jobs-memory, history, history-backlog, log-level, log-buffer and the\n"
+    "webhook settings.\n"
     "\n";
 
 int cmd_worker(int argc, char **argv) {
@@ -286,6 +290,12 @@ int cmd_worker(int argc, char **argv) {
     }
     if (!(p.r = redis_open(c->redis, c->redis_timeout, err, sizeof err))) {
         fprintf(stderr, "sdx4 worker: %s\n", err);
+        config_free(&srv->cfg);
+        return EXIT_USAGE;
+    }
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+        fprintf(stderr, "sdx4 worker: history: %s\n", err);
+        redis_close(p.r);
         config_free(&srv->cfg);
         return EXIT_USAGE;
     }
@@ -331,7 +341,7 @@ int cmd_worker(int argc, char **argv) {
         json_t *info = registration(&p);
         worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                              .jobs_memory = c->jobs_memory, .cost = srv->cost};
+                              .jobs_memory = c->jobs_memory, .cost = srv->cost, .history = srv->history};
         p.w = worker_start(srv->engine, p.r, srv->webhooks, &ws, info, err, sizeof err);
         json_decref(info);
         if (p.w) {
@@ -348,8 +358,9 @@ int cmd_worker(int argc, char **argv) {
     MHD_stop_daemon(daemon);
     if (status == 0) { /* else a thread is still inside the engine: exit around it */
         worker_free(p.w);
-        double grace = mono_now() + 2; /* webhooks of the jobs just ended */
+        double grace = mono_now() + 2; /* webhooks and history rows of the jobs just ended */
         webhooks_destroy(srv->webhooks, grace);
+        history_close(srv->history, grace - mono_now());
     }
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", status));
     log_flush(2);

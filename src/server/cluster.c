@@ -984,6 +984,56 @@ json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *s
     return d;
 }
 
+int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_state *states, history_entry *e,
+                          char *err, size_t n) {
+    *e = (history_entry){.images = job->ntasks, .created = job->created, .finished = job->finished};
+    cluster_task *records = calloc(FORM_MAX_IMAGES, sizeof *records);
+    json_t *images = json_array();
+    if (!records || !images || cluster_load_records(r, job->id, records, job->ntasks, err, n)) {
+        if (!records || !images) snprintf(err, n, "out of memory");
+        free(records);
+        json_decref(images);
+        return -1;
+    }
+    snprintf(e->id, sizeof e->id, "%s", job->id);
+    snprintf(e->owner, sizeof e->owner, "%s", job->owner);
+    snprintf(e->client, sizeof e->client, "%s", job->client);
+    snprintf(e->kind, sizeof e->kind, "%s", kind_names[job->kind]);
+    snprintf(e->request_id, sizeof e->request_id, "%s", job->request_id);
+    snprintf(e->state, sizeof e->state, "%s", state_names[job->state]);
+    for (int i = 0; i < job->ntasks; i++) {
+        const cluster_task_state *s = &states[i];
+        const cluster_task *t = &records[i];
+        const upscale_options *o = &t->opts;
+        char in[32] = "", out[32] = "";
+        if (t->width) snprintf(in, sizeof in, "%dx%d", t->width, t->height);
+        if (s->state == JOB_SUCCEEDED) snprintf(out, sizeof out, "%dx%d", s->width, s->height);
+        json_array_append_new(
+            images, json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:I,s:s?,s:s?,s:s?,s:I,s:b}", "status",
+                              state_names[s->state], "error", s->error.kind ? problem_slug(s->error.kind) : NULL,
+                              "prompt", o->prompt, "negative_prompt", o->negative_prompt, "steps", o->steps,
+                              "guidance_scale", o->guidance_scale, "noise_level", o->noise_level, "eta", o->eta,
+                              "seed", (json_int_t)o->seed, "format",
+                              o->format ? imageio_format_name(o->format) : NULL, "input_size", in[0] ? in : NULL,
+                              "output_size", out[0] ? out : NULL, "output_bytes", (json_int_t)s->bytes,
+                              "cache_hit", strcmp(s->worker, "cache") == 0));
+        e->input_pixels += (int64_t)t->width * t->height;
+        e->output_bytes += (int64_t)s->bytes;
+        if (s->started > 0 && (e->started == 0 || s->started < e->started)) e->started = s->started;
+        if (s->worker[0] && !e->worker[0]) snprintf(e->worker, sizeof e->worker, "%s", s->worker);
+        if (s->error.kind && !e->error_kind[0] && job->state != JOB_SUCCEEDED) {
+            snprintf(e->error_kind, sizeof e->error_kind, "%s", problem_slug(s->error.kind));
+            snprintf(e->error_detail, sizeof e->error_detail, "%s", s->error.detail);
+        }
+        cluster_task_free(&records[i]);
+    }
+    e->parameters = json_dumps(images, JSON_COMPACT);
+    json_decref(images);
+    free(records);
+    if (!e->parameters) return snprintf(err, n, "out of memory"), -1;
+    return 0;
+}
+
 /* KEYS: job hash. ARGV: delivery (JSON), channel, event, "1" to write
  * only if none is yet. */
 static const char webhook_script[] =

@@ -43,6 +43,7 @@
 #include <jansson.h>
 
 #include "form.h"
+#include "history.h"
 #include "jobs.h"
 #include "problem.h"
 #include "redis.h"
@@ -173,6 +174,13 @@ int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
  * the job has none. */
 json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *states,
                              const char *webhook);
+
+/* The history row (history.h) of an ended job, as jobs.c writes it in
+ * single-process mode, from its meta, its tasks' states and the records
+ * kept in its hash (an image without one gets nulls, as one refused
+ * before it ran). `e->parameters` is malloc'd: free it. */
+int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_state *states, history_entry *e,
+                          char *err, size_t err_size);
 
 /* The delivery of a job's webhook, written by the party that sends it
  * (whoever finished the job) into the job's hash and published on its

@@ -62,6 +62,7 @@
 #include "cache.h"
 #include "cluster.h"
 #include "cost.h"
+#include "history.h"
 #include "jobs.h"
 #include "log.h"
 #include "webhook.h"
@@ -80,7 +81,7 @@ typedef struct watch {
     struct watch *next;
 } watch;
 
-typedef enum { ORDER_STOP, ORDER_FORGET, ORDER_WEBHOOK } order_kind;
+typedef enum { ORDER_STOP, ORDER_FORGET, ORDER_ENDED } order_kind;
 
 /* Redis work asked under the store's lock, done by the keeper. */
 typedef struct order {
@@ -182,14 +183,16 @@ static void webhook_outcome(void *arg, const char *id, bool delivered, int attem
         log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", err));
 }
 
-/* The webhook of a job that this node finished in Redis. */
-static int send_webhook(dispatch_redis *d, const char *id, char *err, size_t n) {
-    if (!d->srv->webhooks) return 0;
+/* A job this node ended in Redis (its finish ended the job's last task,
+ * cluster_finish_task's 2): its webhook and its history row, once per
+ * job, as a worker does for the jobs it ends. */
+static int job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
+    if (!d->srv->webhooks && !d->srv->history) return 0;
     cluster_job job;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     if (!states) return snprintf(err, n, "out of memory"), -1;
     int rc = cluster_load_job(d->r, id, &job, states, err, n);
-    if (rc > 0 && job.webhook_url) {
+    if (rc > 0 && job.webhook_url && d->srv->webhooks) {
         json_t *doc = cluster_job_document(&job, states, "pending");
         char *body = json_dumps(doc, JSON_COMPACT), why[320];
         json_decref(doc);
@@ -200,7 +203,17 @@ static int send_webhook(dispatch_redis *d, const char *id, char *err, size_t n) 
             log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", why));
         free(body);
     }
-    cluster_job_free(&job);
+    history_entry e;
+    char why[256];
+    if (rc > 0 && d->srv->history) { /* not retried: the webhook went */
+        if (cluster_history_entry(d->r, &job, states, &e, why, sizeof why) == 0) {
+            history_record(d->srv->history, &e);
+            free((char *)e.parameters);
+        } else {
+            log_event(LOG_ERROR, "history_not_written", json_pack("{s:s,s:s}", "job_id", id, "error", why));
+        }
+    }
+    if (rc > 0) cluster_job_free(&job);
     free(states);
     return rc < 0 ? -1 : 0;
 }
@@ -212,12 +225,12 @@ static int carry_out(dispatch_redis *d, const order *o, char *err, size_t n) {
         if (cluster_cancel(d->r, o->job_id, o->reason, c->request_timeout + ORDER_SECONDS, err, n)) return -1;
         int rc = cluster_finish_task(d->r, o->job_id, o->index, &o->state, NULL, 0, c->job_retention,
                                      c->jobs_memory, err, n);
-        return rc == 2 ? send_webhook(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
+        return rc == 2 ? job_ended(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
     }
     case ORDER_FORGET:
         return cluster_forget(d->r, o->job_id, o->ntasks, err, n);
-    case ORDER_WEBHOOK:
-        return send_webhook(d, o->job_id, err, n);
+    case ORDER_ENDED:
+        return job_ended(d, o->job_id, err, n);
     }
     return 0;
 }
@@ -560,6 +573,17 @@ static void fill_record(cluster_task *r, const job *j, const task *t, double cre
     memcpy(r->cache_key, t->cache_key, sizeof r->cache_key);
 }
 
+/* The keeper is to report a job this node ended (job_ended). */
+static void order_ended(dispatch_redis *d, const char *id) {
+    order *o = calloc(1, sizeof *o);
+    if (!o) return;
+    o->kind = ORDER_ENDED;
+    snprintf(o->job_id, sizeof o->job_id, "%s", id);
+    pthread_mutex_lock(&d->lock);
+    order_add(d, o);
+    pthread_mutex_unlock(&d->lock);
+}
+
 /* A task answered from this node's cache is finished in Redis with the
  * cached bytes, so that every node can serve them. */
 static void finish_cached(dispatch_redis *d, const char *id, const task *t) {
@@ -572,14 +596,7 @@ static void finish_cached(dispatch_redis *d, const char *id, const task *t) {
     char err[256];
     int rc = cluster_finish_task(d->r, id, t->index, &s, t->output, t->output_len, c->job_retention,
                                  c->jobs_memory, err, sizeof err);
-    order *o = rc == 2 ? calloc(1, sizeof *o) : NULL;
-    if (o) {
-        o->kind = ORDER_WEBHOOK;
-        snprintf(o->job_id, sizeof o->job_id, "%s", id);
-        pthread_mutex_lock(&d->lock);
-        order_add(d, o);
-        pthread_mutex_unlock(&d->lock);
-    }
+    if (rc == 2) order_ended(d, id);
     if (rc < 0)
         log_event(LOG_WARN, "cluster_cached_result_lost", json_pack("{s:s,s:s}", "job_id", id, "error", err));
 }
@@ -636,8 +653,12 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     }
     if (cluster_keep_records(d->r, meta.id, kept, nkept, err, sizeof err) != 0)
         log_event(LOG_WARN, "cluster_records_not_kept", json_pack("{s:s,s:s}", "job_id", meta.id, "error", err));
-    for (int i = 0; i < ntasks; i++)
+    bool ended = true; /* every image refused before submission: the submit ended the job */
+    for (int i = 0; i < ntasks; i++) {
+        ended &= final(states[i].state);
         if (job_task(j, i)->cache_hit) finish_cached(d, meta.id, job_task(j, i));
+    }
+    if (ended) order_ended(d, meta.id);
     pthread_mutex_lock(&d->lock);
     for (int k = 0; k < n; k++) watch_add(d, tasks[k]);
     pthread_mutex_unlock(&d->lock);

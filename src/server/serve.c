@@ -168,7 +168,7 @@ static worker *start_consumers(server *srv) {
                              "started", wall_now());
     worker_settings ws = {.name = name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                           .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                          .jobs_memory = c->jobs_memory, .cost = srv->cost};
+                          .jobs_memory = c->jobs_memory, .cost = srv->cost, .history = srv->history};
     worker *w = worker_start(srv->engine, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
     json_decref(info);
     if (!w) log_event(LOG_ERROR, "worker_failed", json_pack("{s:s}", "error", err));

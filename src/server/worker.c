@@ -20,7 +20,9 @@
  * acknowledged: a worker that dies first leaves the entry pending, to be
  * reclaimed and run again (at least once; a second finish is a no-op).
  * Whoever ends a job's last task sends its webhook, and writes its
- * delivery into the job (cluster_webhook_state) for the API nodes.
+ * delivery into the job (cluster_webhook_state) for the API nodes, and
+ * its history row (--history): exactly once per job, whichever node made
+ * it and whether or not that node is still alive.
  *
  * Estimates. With a time estimator (cost.c) the registration carries its
  * curve, refreshed with every heartbeat, so that API nodes without a
@@ -51,6 +53,7 @@
 
 #include "cluster.h"
 #include "cost.h"
+#include "history.h"
 #include "log.h"
 #include "runner.h"
 #include "server.h"
@@ -149,29 +152,49 @@ static void webhook_outcome(void *arg, const char *job_id, bool delivered, int a
 }
 
 /* The webhook of a job this worker ended. */
-static void send_webhook(worker *w, const char *job_id) {
+static void send_webhook(worker *w, const cluster_job *job, const cluster_task_state *states) {
+    char err[256];
+    json_t *doc = cluster_job_document(job, states, "pending");
+    char *body = json_dumps(doc, JSON_COMPACT);
+    char why[256] = "this worker has no --webhook-secret to sign it";
+    if (!body || !w->hooks ||
+        webhooks_send(w->hooks, job->id, job->webhook_url, job_state_name(job->state), body, webhook_outcome, w->r,
+                      why, sizeof why)) {
+        log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job->id, "error", why));
+        webhook_outcome(w->r, job->id, false, 0, body ? why : "out of memory");
+    } else if (cluster_webhook_state(w->r, job->id, "pending", 0, NULL, err, sizeof err)) {
+        redis_trouble(w, err);
+    }
+    free(body);
+    json_decref(doc);
+}
+
+/* The history row of a job this worker ended (--history). */
+static void write_history(worker *w, const cluster_job *job, const cluster_task_state *states) {
+    char err[256];
+    history_entry e;
+    if (cluster_history_entry(w->r, job, states, &e, err, sizeof err)) {
+        log_event(LOG_ERROR, "history_not_written", json_pack("{s:s,s:s}", "job_id", job->id, "error", err));
+        return;
+    }
+    history_record(w->s.history, &e);
+    free((char *)e.parameters);
+}
+
+/* A job this worker ended (its finish ended the job's last task): its
+ * webhook, its history row, its log line; once per job, by whoever ended
+ * it (cluster_finish_task's 2). */
+static void job_ended(worker *w, const char *job_id) {
     char err[256];
     cluster_job job;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     int found = states ? cluster_load_job(w->r, job_id, &job, states, err, sizeof err) : -1;
-    if (found == 1 && job.webhook_url) {
-        json_t *doc = cluster_job_document(&job, states, "pending");
-        char *body = json_dumps(doc, JSON_COMPACT);
-        char why[256] = "this worker has no --webhook-secret to sign it";
-        if (!body || !w->hooks ||
-            webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, webhook_outcome,
-                          w->r, why, sizeof why)) {
-            log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job.id, "error", why));
-            webhook_outcome(w->r, job.id, false, 0, body ? why : "out of memory");
-        } else if (cluster_webhook_state(w->r, job.id, "pending", 0, NULL, err, sizeof err)) {
-            redis_trouble(w, err);
-        }
-        free(body);
-        json_decref(doc);
-    } else if (found < 0) {
-        log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job_id, "error", err));
-    }
-    if (found == 1) {
+    if (found < 0) {
+        log_event(LOG_ERROR, "job_end_not_reported",
+                  json_pack("{s:s,s:s}", "job_id", job_id, "error", states ? err : "out of memory"));
+    } else if (found == 1) {
+        if (job.webhook_url) send_webhook(w, &job, states);
+        if (w->s.history) write_history(w, &job, states);
         log_event(LOG_INFO, "job_finished",
                   json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", job.request_id, "job_id", job.id, "status",
                             job_state_name(job.state), "images", job.ntasks, "seconds", job.finished - job.created));
@@ -206,7 +229,7 @@ static void conclude(worker *w, const cluster_task *t, cluster_task_state *st, c
         if (atomic_load(&w->abandon) || mono_now() > give_up) return; /* reclaimed later, found final */
         nap(w, RETRY_SECONDS);
     }
-    if (rc == 2) send_webhook(w, t->job_id);
+    if (rc == 2) job_ended(w, t->job_id);
 }
 
 /* Ends a task that is not run, with `kind` and the detail. */

@@ -17,6 +17,7 @@
 
 struct webhooks;
 struct cost_model;
+struct history;
 
 typedef struct {
     const char *name;          /* consumer and registration name, unique in the cluster */
@@ -27,6 +28,7 @@ typedef struct {
     size_t jobs_memory;        /* bytes of results kept, the whole cluster's */
     struct cost_model *cost;   /* the time estimator, published in the registration and taught by
                                   the tasks run; NULL none */
+    struct history *history;   /* where the jobs this worker ends are recorded; NULL none */
 } worker_settings;
 
 typedef struct worker worker;

@@ -324,3 +324,46 @@ def test_webhook_outcome_shown_by_every_node(own_redis):
         for node in nodes:
             node.check_clean_exit()
         worker.check_clean_exit()
+
+
+def test_history_written_by_whoever_ends_the_job(own_redis):
+    """With --history on PostgreSQL, the party that ends a job writes its
+    row, once: the worker for what it ran (so a job whose node died is
+    still recorded), the node for what it ended itself (a DELETE)."""
+    from test_history import ALICE, KEYS, Postgres, listed, metric
+    pg = Postgres()
+    url = pg.new_database()
+    worker = Worker(own_redis.url, "--name", "w1", "--history", url)
+    nodes = []
+    try:
+        nodes.append(api_node(own_redis, *KEYS, "--history", url))
+        wait_serving(nodes[0])
+        orphan = submit(nodes[0], 500, headers=ALICE)
+        nodes[0].proc.kill()  # SIGKILL: it never sees its job end
+        nodes[0].proc.wait()
+        nodes.append(api_node(own_redis, *KEYS, "--history", url))
+        node = nodes[1]
+        wait_serving(node)
+        assert wait_final(node, orphan, headers=ALICE)["status"] == "succeeded"
+        ran = submit(node, 501, headers=ALICE)
+        assert wait_final(node, ran, headers=ALICE)["status"] == "succeeded"
+        answer = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "150"},
+                           headers=ALICE)
+        assert answer.status_code == 202, answer.text
+        deleted = answer.json()["id"]
+        deadline = time.time() + 60
+        while node.get(f"/api/v1/jobs/{deleted}", headers=ALICE).json()["status"] != "running":
+            assert time.time() < deadline, "the long job never started"
+            time.sleep(0.05)
+        assert node.delete(f"/api/v1/jobs/{deleted}", headers=ALICE).status_code == 200
+        rows = {j["id"]: j for j in listed(node, ALICE, 3)["jobs"]}
+        assert {i: rows[i]["status"] for i in rows} == {orphan: "succeeded", ran: "succeeded", deleted: "canceled"}
+        assert rows[orphan]["worker"] == rows[ran]["worker"] == "w1", rows
+        time.sleep(0.5)
+        # the node wrote only the row of the job it ended; the worker the others
+        assert metric(node, 'sdx4_history_entries_total{outcome="written"}') == 1
+    finally:
+        for node in nodes[1:]:
+            node.check_clean_exit()
+        worker.check_clean_exit()
+        pg.close()
