@@ -12,10 +12,11 @@
  * estimated time needs no model here: the workers publish their
  * estimators (cost.h's curve), the keeper keeps the slowest calibrated
  * one, push refuses what needs more than the request timeout alone (422)
- * and the script what the cluster's backlog would make late (503). It runs under
- * the job store's lock (dispatch.h), so a submit makes this node's other
- * job calls wait one Redis round trip; the task records are then kept in
- * the job's hash too, so that other nodes can answer for the job.
+ * and the script what the cluster's backlog would make late (503). It
+ * runs under the job store's lock (dispatch.h), so a submit makes this
+ * node's other job calls wait one Redis round trip; the task records are
+ * then kept in the job's hash too, so that other nodes can answer for the
+ * job.
  *
  * Following. Each task this node reports is watched. A subscriber thread
  * holds one PSUBSCRIBE connection to sdx4:events:* and applies each event
@@ -34,11 +35,12 @@
  * once: cluster_cancel (workers stop at their next step), the tasks' final
  * states by compare-and-set (the first finisher wins), the webhook when
  * this node's finish ended the job, the job's removal for a DELETE (which
- * the nodes holding a copy hear, and drop theirs). A webhook's delivery,
- * written into the job by its sender (this node or a worker), reaches the
- * copies through the same channel. What
- * fails for want of Redis is retried every second, in order, until it is
- * done or a minute old (a worker still stops at the task's own deadline).
+ * the nodes holding a copy hear, and drop theirs), and the history row
+ * of a job this node ended. A webhook's delivery, written into the job by
+ * its sender (this node or a worker), reaches the copies through the job's
+ * channel. What fails for want of Redis is retried every second, in
+ * order, until it is done or a minute old (a worker still stops at the
+ * task's own deadline).
  *
  * Liveness. The subscriber pings Redis when the channel is quiet, so that
  * a dead connection is noticed within the Redis timeout and replaced. The
@@ -199,13 +201,13 @@ static int job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
         if (!body || webhooks_send(d->srv->webhooks, id, job.webhook_url, job_state_name(job.state), body,
                                    webhook_outcome, d->r, why, sizeof why) != 0)
             webhook_outcome(d->r, id, false, 0, body ? why : "out of memory");
-        else if (cluster_webhook_state(d->r, id, "pending", 0, NULL, why, sizeof why)) /* not sent twice */
+        else if (cluster_webhook_state(d->r, id, "pending", 0, NULL, why, sizeof why)) /* logged, not retried */
             log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", why));
         free(body);
     }
     history_entry e;
     char why[256];
-    if (rc > 0 && d->srv->history) { /* not retried: the webhook went */
+    if (rc > 0 && d->srv->history) { /* a failure is logged: retrying the order would resend the webhook */
         if (cluster_history_entry(d->r, &job, states, &e, why, sizeof why) == 0) {
             history_record(d->srv->history, &e);
             free((char *)e.parameters);
@@ -535,8 +537,9 @@ static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) 
     for (int k = 0; k < n; k++) {
         const task *t = tasks[k];
         bool guided = (float)t->opts.guidance_scale > 1.0f;
-        estimates[t->index] = remote ? cost_curve_estimate(&curve, t->input.width, t->input.height, t->opts.steps, guided)
-                                     : cost_estimate(own, t->input.width, t->input.height, t->opts.steps, guided);
+        int w = t->input.width, h = t->input.height, steps = t->opts.steps;
+        estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, steps, guided)
+                                     : cost_estimate(own, w, h, steps, guided);
     }
     return true;
 }
