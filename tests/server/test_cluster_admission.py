@@ -74,10 +74,12 @@ def test_cluster_backlog_too_long_gives_503_with_retry_after(node):
         assert time.time() - t0 < 5
         assert int(refused.headers["Retry-After"]) >= 1
         assert p["estimated_seconds"] > p["limit_seconds"] == LIMIT
-        assert 2 <= len(admitted) <= 4, len(admitted)  # about 6 s each against 20 s
-        # each entry carries its estimate, about a third of the limit
-        entries = node.redis.xrange("sdx4:tasks")
-        assert entries and all(0.1 * LIMIT < float(f[b"estimate"]) < 0.6 * LIMIT for _, f in entries), entries
+        assert admitted  # alone it fits: only the work ahead made it late
+        # each entry carries its estimate; together they fit in the limit
+        # (the running one less what it ran), one more would not
+        estimates = [float(f[b"estimate"]) for _, f in node.redis.xrange("sdx4:tasks")]
+        assert len(estimates) == len(admitted) and all(0 < e <= LIMIT for e in estimates), estimates
+        assert sum(estimates) <= LIMIT + 2 < sum(estimates) + estimates[-1] + 4, estimates
     finally:
         for job in admitted:
             node.delete(job["links"]["self"])
