@@ -109,7 +109,23 @@ static char *metrics(worker_process *p) {
                  ws.succeeded, ws.failed, ws.canceled, ws.busy, ws.threads, ws.redis_errors, ws.redis_up,
                  phase >= PHASE_WARMING && phase != PHASE_FAILED) < 0)
         return NULL;
-    return text;
+    history_stats hs;
+    char *more = NULL;
+    if (!p->srv.history) return text;
+    history_get_stats(p->srv.history, &hs); /* the jobs this worker ended, under serve's names */
+    if (asprintf(&more,
+                 "%s# HELP sdx4_history_entries_total Finished jobs given to the history database, by outcome.\n"
+                 "# TYPE sdx4_history_entries_total counter\n"
+                 "sdx4_history_entries_total{outcome=\"written\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"dropped\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"rejected\"} %llu\n"
+                 "# HELP sdx4_history_up Whether the last write to the history database succeeded.\n"
+                 "# TYPE sdx4_history_up gauge\nsdx4_history_up %d\n",
+                 text, (unsigned long long)hs.written, (unsigned long long)hs.dropped,
+                 (unsigned long long)hs.rejected, hs.up) < 0)
+        more = NULL;
+    free(text);
+    return more;
 }
 
 static enum MHD_Result answer(struct MHD_Connection *conn, int status, const char *type, char *body) {

@@ -362,6 +362,7 @@ def test_history_written_by_whoever_ends_the_job(own_redis):
         time.sleep(0.5)
         # the node wrote only the row of the job it ended; the worker the others
         assert metric(node, 'sdx4_history_entries_total{outcome="written"}') == 1
+        assert 'sdx4_history_entries_total{outcome="written"} 2' in worker.get("/metrics").text
     finally:
         for node in nodes[1:]:
             node.check_clean_exit()
