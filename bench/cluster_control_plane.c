@@ -81,7 +81,8 @@ static void *submitter(void *arg) {
         cluster_task_state state = {.state = JOB_QUEUED, .total = 20};
         problem why = {0};
         B.submitted[i] = mono_now();
-        if (cluster_submit(B.r, &job, &task, &input, &queued, &state, 1000000, 600, &why, err, sizeof err) != 0) {
+        if (cluster_submit(B.r, &job, &task, &input, &queued, &state, NULL, 0, 1000000, 600, &why, err,
+                           sizeof err) != 0) {
             fprintf(stderr, "submit %d: %s %s\n", i, why.detail, err);
             atomic_fetch_add(&B.failed, 1);
         }

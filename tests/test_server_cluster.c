@@ -1,12 +1,13 @@
 /*
  * test_server_cluster.c - cluster.c against a real redis-server: task
  * records that travel whole (every upscale parameter, UTF-8 prompts) and
- * bad ones refused by name, the cluster-wide queue bound (a refusal
- * writes nothing), finish's compare-and-set and the job's end, events
+ * bad ones refused by name, the cluster-wide queue bound and the
+ * estimated time of the work ahead (a refusal writes nothing), finish's compare-and-set and the job's end, events
  * through real pub/sub, cancel taking waiting entries out, the results'
  * byte budget, reclaim's delivery counts and worker registrations.
  */
 #include <fcntl.h>
+#include <math.h>
 #include <string.h>
 
 #include "cluster.h"
@@ -149,8 +150,9 @@ static long long integer(redis *r, const char *fmt, const char *arg) {
     return v;
 }
 
-/* Submits job `id` of n tasks, all queued; 0 or -1 (why set). */
-static int submit(redis *r, const char *id, int n, int capacity, problem *why) {
+/* Submits job `id` of n tasks, all queued, each estimated at `estimate`
+ * seconds (0: none) for `devices`, its deadline 60 s away; 0 or -1 (why set). */
+static int submit_timed(redis *r, const char *id, int n, int capacity, double estimate, int devices, problem *why) {
     cluster_job job = {.kind = n > 1 ? FORM_BATCH : FORM_JOB, .listed = true, .created = wall_now(),
                        .deadline = wall_now() + 60, .ntasks = n};
     snprintf(job.id, sizeof job.id, "%s", id);
@@ -165,9 +167,15 @@ static int submit(redis *r, const char *id, int n, int capacity, problem *why) {
         inputs[i] = (sdx4_image){64, 48, pixels};
         queued[i] = true;
     }
-    int rc = cluster_submit(r, &job, tasks, inputs, queued, states, capacity, 60, why, err, sizeof err);
+    double estimates[8] = {estimate, estimate, estimate, estimate, estimate, estimate, estimate, estimate};
+    int rc = cluster_submit(r, &job, tasks, inputs, queued, states, estimate > 0 ? estimates : NULL, devices,
+                            capacity, 60, why, err, sizeof err);
     for (int i = 0; i < n; i++) cluster_task_free(&tasks[i]);
     return rc;
+}
+
+static int submit(redis *r, const char *id, int n, int capacity, problem *why) {
+    return submit_timed(r, id, n, capacity, 0, 0, why);
 }
 
 static void test_submit_bound(redis *r) {
@@ -219,6 +227,41 @@ static void test_submit_bound(redis *r) {
     CHECK(cluster_waiting(r, &waiting, err, sizeof err) == 0 && waiting == 3, "waiting after ack %lld", waiting);
     for (int i = 0; i < n; i++) cluster_task_free(&third[i].task);
     cluster_task_free(&again[0].task);
+    if (got == 1) cluster_task_free(&d[0].task);
+    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
+}
+
+/* Queue-too-long across the cluster: the estimates of the entries in the
+ * stream, what a running one has left, shared by the devices, against
+ * the deadline (60 s here). */
+static void test_submit_time(redis *r) {
+    problem why = {0};
+    const char *a = "a0000000000000000000000000000001", *b = "b0000000000000000000000000000002",
+               *c = "c0000000000000000000000000000003";
+    CHECK(submit_timed(r, a, 2, 100, 10, 1, &why) == 0, "20 s of 60: %s", err);
+    CHECK(submit_timed(r, b, 1, 100, 30, 1, &why) == 0, "50 s of 60: %s", err);
+    CHECK(submit_timed(r, c, 1, 100, 20, 1, &why) == -1 && why.kind == PROBLEM_QUEUE_TOO_LONG,
+          "70 s of 60 admitted: kind %d", why.kind);
+    CHECK(why.estimated_seconds > 69.9 && why.estimated_seconds < 71 && fabs(why.limit_seconds - 60) < 0.01 &&
+              why.retry_after == 10,
+          "estimated %g, limit %g, retry after %d", why.estimated_seconds, why.limit_seconds, why.retry_after);
+    CHECK(integer(r, "EXISTS sdx4:job:%s", c) == 0 && integer(r, "XLEN %s", CLUSTER_STREAM) == 3,
+          "a job refused as late was written");
+    CHECK(submit_timed(r, c, 1, 100, 20, 2, &why) == 0, "two devices: 35 s of 60: %s", err);
+    CHECK(submit_timed(r, "d0000000000000000000000000000004", 1, 100, 0, 1, &why) == 0,
+          "a job without an estimate is not judged: %s", err);
+
+    /* a running task counts what it has left: a's first, 8 of its 10 s run */
+    redisContext *conn = redis_borrow(r, 1, err, sizeof err);
+    cluster_delivery d[1];
+    int got = cluster_take(conn, "w1", 1, 100, d, err, sizeof err);
+    redis_release(r, conn, got < 0);
+    cluster_task_state running = {.state = JOB_RUNNING, .total = 17, .started = wall_now() - 8};
+    CHECK(got == 1 && cluster_report_progress(r, a, 0, &running, err, sizeof err) == 1, "running: %s", err);
+    /* 2 + 10 + 30 + 20 ahead, and 1 */
+    CHECK(submit_timed(r, "e0000000000000000000000000000005", 1, 100, 1, 1, &why) == -1 &&
+              why.kind == PROBLEM_QUEUE_TOO_LONG && why.estimated_seconds > 62.5 && why.estimated_seconds < 64,
+          "with a task running for 8 s: kind %d, estimated %g", why.kind, why.estimated_seconds);
     if (got == 1) cluster_task_free(&d[0].task);
     freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
 }
@@ -297,6 +340,35 @@ static void test_finish_task(redis *r) {
                               &got) == -1,
           "an event without a state");
     redis_release(r, sub, true); /* subscribed: not for the pool */    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
+}
+
+/* A webhook's delivery written by its sender: "pending" never overwrites
+ * an outcome (a delivery may report first), the job's load and document
+ * show it, a job gone is left alone. */
+static void test_webhook_state(redis *r) {
+    problem why;
+    const char *id = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeee1";
+    CHECK(submit(r, id, 1, 100, &why) == 0, "submit: %s", err);
+    CHECK(cluster_webhook_state(r, id, "failed", 3, "HTTP 500", err, sizeof err) == 0, "failed: %s", err);
+    CHECK(cluster_webhook_state(r, id, "pending", 0, NULL, err, sizeof err) == 0, "pending: %s", err);
+    cluster_job job;
+    cluster_task_state states[FORM_MAX_IMAGES];
+    CHECK(cluster_load_job(r, id, &job, states, err, sizeof err) == 1 && strcmp(job.webhook, "failed") == 0 &&
+              job.webhook_attempts == 3 && strcmp(job.webhook_error, "HTTP 500") == 0,
+          "loaded: \"%s\" %d \"%s\"", job.webhook, job.webhook_attempts, job.webhook_error);
+    job.webhook_url = strdup("https://hooks.example/x");
+    json_t *doc = cluster_job_document(&job, states, "pending"), *hook = json_object_get(doc, "webhook");
+    CHECK(strcmp(json_string_value(json_object_get(hook, "status")), "failed") == 0 &&
+              json_integer_value(json_object_get(hook, "attempts")) == 3 &&
+              strcmp(json_string_value(json_object_get(hook, "error")), "HTTP 500") == 0,
+          "document's webhook");
+    json_decref(doc);
+    cluster_job_free(&job);
+    const char *gone = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeee2";
+    CHECK(cluster_webhook_state(r, gone, "delivered", 1, NULL, err, sizeof err) == 0 &&
+              integer(r, "EXISTS sdx4:job:%s", gone) == 0,
+          "a job gone was written");
+    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
 }
 
 static void test_cancel(redis *r) {
@@ -398,7 +470,9 @@ int main(void) {
     CHECK(r != NULL, "open: %s", err);
     if (r) {
         test_submit_bound(r);
+        test_submit_time(r);
         test_finish_task(r);
+        test_webhook_state(r);
         test_cancel(r);
         test_budget(r);
         test_bad_entries(r);

@@ -6,11 +6,12 @@
  * --device, --variant, --threads, --workers (tasks run at once), --name,
  * --host and --port, --visibility-timeout, --max-attempts,
  * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout,
- * the webhook settings and the --s3-* ones), opens Redis, answers GET /healthz and GET
- * /metrics on a small HTTP port of its own (no public API: clients talk
- * to API nodes), loads the model, warms it up (one step at --min-side,
- * unless --warmup false) and runs worker.c's consumer until SIGTERM or
- * SIGINT.
+ * --history, the webhook settings and the --s3-* ones), opens Redis (and the history),
+ * answers GET /healthz and GET /metrics on a small HTTP port of its own
+ * (no public API: clients talk to API nodes), loads the model, warms it up (one step at --min-side,
+ * unless --warmup false) and calibrates its time estimator (cost.c; its
+ * curve in the registration lets API nodes admit by estimated time), and
+ * runs worker.c's consumer until SIGTERM or SIGINT.
  *
  * Health is 200 once the model is loaded while Redis answers, 503
  * otherwise, with the reason; a probe never touches the engine or Redis
@@ -22,9 +23,11 @@
  * deadline, exit 0. As in serve.c, signals are taken synchronously by the
  * main thread, every other thread blocking them.
  *
- * Webhooks of the jobs this worker ends go out through webhook.c; the
- * outcome of a delivery is logged (worker.c), not written to the job in
- * Redis.
+ * The jobs this worker ends are recorded with --history (PostgreSQL, from
+ * which the cluster's API nodes list them), once per job by whoever ends
+ * it (worker.c). Their webhooks go out through webhook.c; the outcome of
+ * a delivery is logged and written into the job in Redis (worker.c),
+ * where every API node reads it.
  */
 #include <libgen.h>
 #include <microhttpd.h>
@@ -37,6 +40,8 @@
 
 #include "cli.h"
 #include "config.h"
+#include "cost.h"
+#include "history.h"
 #include "log.h"
 #include "redis.h"
 #include "results.h"
@@ -105,7 +110,23 @@ static char *metrics(worker_process *p) {
                  ws.succeeded, ws.failed, ws.canceled, ws.busy, ws.threads, ws.redis_errors, ws.redis_up,
                  phase >= PHASE_WARMING && phase != PHASE_FAILED) < 0)
         return NULL;
-    return text;
+    history_stats hs;
+    char *more = NULL;
+    if (!p->srv.history) return text;
+    history_get_stats(p->srv.history, &hs); /* the jobs this worker ended, under serve's names */
+    if (asprintf(&more,
+                 "%s# HELP sdx4_history_entries_total Finished jobs given to the history database, by outcome.\n"
+                 "# TYPE sdx4_history_entries_total counter\n"
+                 "sdx4_history_entries_total{outcome=\"written\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"dropped\"} %llu\n"
+                 "sdx4_history_entries_total{outcome=\"rejected\"} %llu\n"
+                 "# HELP sdx4_history_up Whether the last write to the history database succeeded.\n"
+                 "# TYPE sdx4_history_up gauge\nsdx4_history_up %d\n",
+                 text, (unsigned long long)hs.written, (unsigned long long)hs.dropped,
+                 (unsigned long long)hs.rejected, hs.up) < 0)
+        more = NULL;
+    free(text);
+    return more;
 }
 
 static enum MHD_Result answer(struct MHD_Connection *conn, int status, const char *type, char *body) {
@@ -171,6 +192,27 @@ static void set_model_id(server *srv) {
     snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id ? path : basename(path));
 }
 
+/* The time estimator's calibration (as serve.c's): one-step upscales at
+ * min-side and at twice its sides, so that API nodes without a model can
+ * refuse what cannot finish in time (the curve in the registration). On a
+ * GPU the larger size runs once unmeasured first: the first run at a size
+ * chooses its algorithms. */
+static int calibrate(server *srv) {
+    const server_config *c = &srv->cfg;
+    int small = c->min_side, large = 2 * small < c->max_side ? 2 * small : c->max_side;
+    double t0 = mono_now();
+    if (!srv->cost) return 0;
+    bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
+    if (cost_measure(srv->cost, small, small, true)) return -1;
+    if (large > small && ((gpu && cost_measure(srv->cost, large, large, false)) ||
+                          cost_measure(srv->cost, large, large, true)))
+        return -1;
+    json_t *fields = cost_document(srv->cost);
+    json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
+    log_event(LOG_INFO, "calibrated", fields);
+    return 0;
+}
+
 static int load_model(server *srv) {
     const server_config *c = &srv->cfg;
     double t0 = mono_now();
@@ -183,6 +225,7 @@ static int load_model(server *srv) {
         return -1;
     }
     sdx4_engine_info(srv->engine, &srv->info);
+    srv->cost = cost_create(srv->engine, c->min_side, c->max_side); /* NULL: no estimates published */
     json_t *fields = json_pack("{s:s,s:s,s:s,s:f}", "model", srv->model_id, "dir", c->model, "device",
                                srv->info.device, "seconds", mono_now() - t0);
     if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
@@ -205,6 +248,12 @@ static int load_model(server *srv) {
             return -1;
         }
         log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
+        if (calibrate(srv)) {
+            snprintf(srv->failure, sizeof srv->failure, "the calibration upscale failed: %s", sdx4_last_error());
+            log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
+            atomic_store(&srv->phase, PHASE_FAILED);
+            return -1;
+        }
     }
     atomic_store(&srv->phase, PHASE_READY);
     return 0;
@@ -235,8 +284,9 @@ static const char help[] =
     "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
     "threads, warmup, min-side, workers (tasks run at once), name, host, port,\n"
     "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
-    "jobs-memory, log-level, log-buffer, the webhook settings and the s3 ones\n"
-    "(with s3-bucket, results go to object storage, not to Redis).\n"
+    "jobs-memory, history, history-backlog, log-level, log-buffer, the webhook\n"
+    "settings and the s3 ones (with s3-bucket, results go to object storage,\n"
+    "not to Redis).\n"
     "\n";
 
 int cmd_worker(int argc, char **argv) {
@@ -258,6 +308,12 @@ int cmd_worker(int argc, char **argv) {
     }
     if (!(p.r = redis_open(c->redis, c->redis_timeout, err, sizeof err))) {
         fprintf(stderr, "sdx4 worker: %s\n", err);
+        config_free(&srv->cfg);
+        return EXIT_USAGE;
+    }
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+        fprintf(stderr, "sdx4 worker: history: %s\n", err);
+        redis_close(p.r);
         config_free(&srv->cfg);
         return EXIT_USAGE;
     }
@@ -304,7 +360,8 @@ int cmd_worker(int argc, char **argv) {
         json_t *info = registration(&p);
         worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                              .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL};
+                              .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL,
+                              .cost = srv->cost, .history = srv->history};
         p.w = worker_start(srv->engine, p.r, srv->webhooks, &ws, info, err, sizeof err);
         json_decref(info);
         if (p.w) {
@@ -321,12 +378,14 @@ int cmd_worker(int argc, char **argv) {
     MHD_stop_daemon(daemon);
     if (status == 0) { /* else a thread is still inside the engine: exit around it */
         worker_free(p.w);
-        double grace = mono_now() + 2; /* webhooks of the jobs just ended */
+        double grace = mono_now() + 2; /* webhooks and history rows of the jobs just ended */
         webhooks_destroy(srv->webhooks, grace);
+        history_close(srv->history, grace - mono_now());
     }
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", status));
     log_flush(2);
     if (status == 0) {
+        cost_destroy(srv->cost);
         sdx4_engine_close(srv->engine);
         results_close(srv);
         redis_close(p.r);

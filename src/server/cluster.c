@@ -20,6 +20,9 @@
  * task is final, and a cancel deletes only entries no worker holds, so
  * the stream holds exactly the waiting and the in-flight entries: waiting
  * = XLEN - the pending count of the group, both read inside the script.
+ * For the same reason the work ahead of a submit is the sum of the
+ * estimates its entries carry (the running ones' less what they ran),
+ * read inside the script too: no counter to drift when a node dies.
  *
  * Results' budget. Each stored result is a member "<key> <bytes>" of a
  * sorted set scored by its expiry, and their sum is a counter; the finish
@@ -393,6 +396,32 @@ static int meta_from_json(const json_t *j, cluster_job *job, char *err, size_t e
     return 0;
 }
 
+static const char *const webhook_names[] = {"pending", "delivered", "failed"};
+
+/* A webhook's delivery ({status, attempts, error}) into its fields. */
+static bool webhook_from_json(const json_t *j, char *status, size_t status_size, int *attempts, char *error,
+                              size_t error_size) {
+    char ignored[256];
+    reader r = {ignored, sizeof ignored, "webhook"};
+    int which;
+    long long tries;
+    if (!json_is_object(j) || get_name(&r, j, "status", webhook_names, 3, &which) ||
+        get_int(&r, j, "attempts", 0, 1000000, &tries) || get_text(&r, j, "error", error, error_size))
+        return false;
+    snprintf(status, status_size, "%s", webhook_names[which]);
+    *attempts = (int)tries;
+    return true;
+}
+
+/* A delivery's JSON into its fields; false when it is not one. */
+static bool webhook_from_text(const char *text, size_t len, char *status, size_t status_size, int *attempts,
+                              char *error, size_t error_size) {
+    json_t *j = json_loadb(text, len, 0, NULL);
+    bool ok = webhook_from_json(j, status, status_size, attempts, error, error_size);
+    json_decref(j);
+    return ok;
+}
+
 void cluster_job_free(cluster_job *job) {
     if (!job) return;
     free(job->webhook_url);
@@ -427,24 +456,69 @@ void cluster_job_free(cluster_job *job) {
     "  return redis.call('XLEN', stream) - (type(pending[1]) == 'number' and pending[1] or 0)\n" \
     "end\n"
 
+/* The seconds of work in the stream, alone on a device: every entry
+ * (waiting or running: acknowledged ones are deleted) carries its
+ * estimate, and a running one counts what is left of it since its task
+ * started (its state in the job's hash). Entries of workers without an
+ * estimator carry none and count 0. */
+#define LUA_BACKLOG                                                                                \
+    "local function backlog(stream, group, now)\n"                                                 \
+    "  local held, total = {}, 0\n"                                                               \
+    "  local summary = redis.pcall('XPENDING', stream, group)\n"                                  \
+    "  if type(summary[1]) == 'number' and summary[1] > 0 then\n"                                 \
+    "    for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', summary[1])) do\n"    \
+    "      held[p[1]] = true\n"                                                                   \
+    "    end\n"                                                                                   \
+    "  end\n"                                                                                     \
+    "  for _, e in ipairs(redis.call('XRANGE', stream, '-', '+')) do\n"                           \
+    "    local f = {}\n"                                                                          \
+    "    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end\n"                                   \
+    "    local estimate = tonumber(f.estimate) or 0\n"                                            \
+    "    if held[e[1]] and estimate > 0 and f.job and f.task then\n"                              \
+    "      local state = redis.call('HGET', 'sdx4:job:' .. f.job, 'task:' .. f.task)\n"           \
+    "      local started = state and cjson.decode(state).started or 0\n"                          \
+    "      if started > 0 then estimate = math.max(0, estimate - (now - started)) end\n"          \
+    "    end\n"                                                                                   \
+    "    total = total + estimate\n"                                                              \
+    "  end\n"                                                                                     \
+    "  return total\n"                                                                            \
+    "end\n"
+
 /* KEYS: stream, job hash, then the inputs of the queued tasks.
  * ARGV: group, capacity, job TTL, input TTL, job id, meta, ntasks,
- * unfinished, finished (wall), the ntasks states, then index, record and
- * pixels of each queued task. Returns {1 or 0 (refused), waiting}. */
-static const char submit_script[] = LUA_COMMON
+ * unfinished, finished (wall), the ntasks states, then index, record,
+ * pixels and estimate of each queued task, then the devices serving the
+ * cluster (0: no time check) and the seconds left to the job's deadline.
+ * Returns {1, waiting}, or refused: {0, waiting} over capacity, {2,
+ * seconds until the job's last task would end} too late. The backlog
+ * is shared evenly by the devices (each worker one, whatever its threads:
+ * they share its device), and no task ends before its own estimate. */
+static const char submit_script[] = LUA_COMMON LUA_BACKLOG
     "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')\n"
     "local queued = #KEYS - 2\n"
     "local ahead = waiting(KEYS[1], ARGV[1])\n"
     "if ahead + queued > tonumber(ARGV[2]) then return {0, ahead} end\n"
     "local ntasks = tonumber(ARGV[7])\n"
+    "local after = 10 + ntasks + 4 * queued\n"
+    "local devices, left = tonumber(ARGV[after]), tonumber(ARGV[after + 1])\n"
+    "local mine, longest = 0, 0\n"
+    "for q = 1, queued do\n"
+    "  local e = tonumber(ARGV[10 + ntasks + 4 * q - 1])\n"
+    "  mine, longest = mine + e, math.max(longest, e)\n"
+    "end\n"
+    "if devices > 0 and mine > 0 then\n"
+    "  local finish = math.max((backlog(KEYS[1], ARGV[1], tonumber(ARGV[9])) + mine) / devices, longest)\n"
+    "  if finish > left then return {2, tostring(finish)} end\n"
+    "end\n"
     "redis.call('HSET', KEYS[2], 'meta', ARGV[6], 'unfinished', ARGV[8])\n"
     "for i = 0, ntasks - 1 do redis.call('HSET', KEYS[2], 'task:' .. i, ARGV[10 + i]) end\n"
     "local a = 10 + ntasks\n"
     "for q = 1, queued do\n"
     "  redis.call('SET', KEYS[2 + q], ARGV[a + 2], 'EX', ARGV[4])\n"
-    "  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[5], 'task', ARGV[a], 'record', ARGV[a + 1])\n"
+    "  local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[5], 'task', ARGV[a], 'record', ARGV[a + 1],\n"
+    "                        'estimate', ARGV[a + 3])\n"
     "  redis.call('HSET', KEYS[2], 'entry:' .. ARGV[a], id)\n"
-    "  a = a + 3\n"
+    "  a = a + 4\n"
     "end\n"
     "if tonumber(ARGV[8]) == 0 then\n" /* every task answered before submission */
     "  redis.call('HSET', KEYS[2], 'state', job_state(KEYS[2]), 'finished', ARGV[9])\n"
@@ -611,9 +685,22 @@ static int integer_reply(redisReply *reply, long long *out, char *err, size_t n)
 
 /* ---- jobs ---------------------------------------------------------------------- */
 
+/* Single-process mode's 503 queue-too-long (queue.c) for a job whose
+ * last task would end `finish` seconds from now. */
+static void too_late(problem *why, double finish, const cluster_job *job, double now) {
+    double limit = round((job->deadline - job->created) * 1e3) / 1e3; /* the request timeout, wall clocks apart */
+    problem_set(why, PROBLEM_QUEUE_TOO_LONG,
+                "after the work ahead of it, it would end in about %.0f s, past its limit of %g s from arrival; "
+                "retry later", finish, limit);
+    why->estimated_seconds = finish + (now - job->created), why->limit_seconds = limit;
+    /* a retry has the whole limit, and the work ahead will have shrunk by the seconds waited */
+    double wait = finish - limit;
+    why->retry_after = wait < 1 ? 1 : wait > 86400 ? 86400 : (int)ceil(wait);
+}
+
 int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
-                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
-                   problem *why, char *err, size_t n) {
+                   const bool *queued, const cluster_task_state *states, const double *estimates, int devices,
+                   int capacity, double retention, problem *why, char *err, size_t n) {
     double now = wall_now(), left = job->deadline - now;
     int nqueued = 0, unfinished = 0;
     for (int i = 0; i < job->ntasks; i++) {
@@ -643,7 +730,10 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
         eval_addf(&a, "%d", i);
         eval_json(&a, cluster_task_to_json(&tasks[i]));
         eval_add(&a, inputs[i].pixels, (size_t)inputs[i].width * inputs[i].height * 3);
+        eval_addf(&a, "%.6f", estimates ? estimates[i] : 0.0);
     }
+    eval_addf(&a, "%d", estimates ? devices : 0);
+    eval_addf(&a, "%.6f", left);
     why->kind = PROBLEM_NONE;
     redisReply *reply = eval_run(r, &a, err, n);
     if (!reply) return -1;
@@ -655,6 +745,10 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
             problem_set(why, PROBLEM_QUEUE_FULL, "%lld upscales are waiting (the most allowed is %d); retry later",
                         ahead, capacity);
             why->retry_after = 1;
+            snprintf(err, n, "%s", why->detail);
+            rc = -1;
+        } else if (reply->element[0]->integer == 2) {
+            too_late(why, reply->element[1]->str ? atof(reply->element[1]->str) : 0, job, now);
             snprintf(err, n, "%s", why->detail);
             rc = -1;
         }
@@ -681,14 +775,17 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
         rc = 0;
         goto done;
     }
-    const char *state = NULL, *finished = NULL;
+    const char *state = NULL, *finished = NULL, *webhook = NULL;
     for (size_t i = 0; i + 1 < reply->elements; i += 2) {
         const char *f = reply->element[i]->str, *v = reply->element[i + 1]->str;
         if (strcmp(f, "meta") == 0) meta = json_loads(v, 0, NULL);
         else if (strcmp(f, "state") == 0) state = v;
         else if (strcmp(f, "finished") == 0) finished = v;
+        else if (strcmp(f, "webhook") == 0) webhook = v;
     }
     if (meta_from_json(meta, job, err, n)) goto done;
+    if (webhook) webhook_from_text(webhook, strlen(webhook), job->webhook, sizeof job->webhook,
+                                   &job->webhook_attempts, job->webhook_error, sizeof job->webhook_error);
     job->state = state && name_index(state_names, 5, state) >= 0 ? (job_state)name_index(state_names, 5, state) : JOB_QUEUED;
     job->finished = finished ? atof(finished) : 0;
     int found = 0;
@@ -894,8 +991,98 @@ json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *s
     snprintf(path, sizeof path, "/api/v1/jobs/%s", job->id);
     json_object_set_new(d, "links", json_pack("{s:s,s:s+,s:s+}", "self", path, "result", path, "/result",
                                               "events", path, "/events"));
-    if (job->webhook_url) json_object_set_new(d, "webhook", json_pack("{s:s,s:i}", "status", webhook, "attempts", 0));
+    if (job->webhook_url) {
+        json_t *hook = json_pack("{s:s,s:i}", "status", job->webhook[0] ? job->webhook : webhook, "attempts",
+                                 job->webhook_attempts);
+        if (job->webhook_error[0]) json_object_set_new(hook, "error", json_string(job->webhook_error));
+        json_object_set_new(d, "webhook", hook);
+    }
     return d;
+}
+
+int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_state *states, history_entry *e,
+                          char *err, size_t n) {
+    *e = (history_entry){.images = job->ntasks, .created = job->created, .finished = job->finished};
+    cluster_task *records = calloc(FORM_MAX_IMAGES, sizeof *records);
+    json_t *images = json_array();
+    if (!records || !images || cluster_load_records(r, job->id, records, job->ntasks, err, n)) {
+        if (!records || !images) snprintf(err, n, "out of memory");
+        free(records);
+        json_decref(images);
+        return -1;
+    }
+    snprintf(e->id, sizeof e->id, "%s", job->id);
+    snprintf(e->owner, sizeof e->owner, "%s", job->owner);
+    snprintf(e->client, sizeof e->client, "%s", job->client);
+    snprintf(e->kind, sizeof e->kind, "%s", kind_names[job->kind]);
+    snprintf(e->request_id, sizeof e->request_id, "%s", job->request_id);
+    snprintf(e->state, sizeof e->state, "%s", state_names[job->state]);
+    for (int i = 0; i < job->ntasks; i++) {
+        const cluster_task_state *s = &states[i];
+        const cluster_task *t = &records[i];
+        const upscale_options *o = &t->opts;
+        char in[32] = "", out[32] = "";
+        if (t->width) snprintf(in, sizeof in, "%dx%d", t->width, t->height);
+        if (s->state == JOB_SUCCEEDED) snprintf(out, sizeof out, "%dx%d", s->width, s->height);
+        json_array_append_new(
+            images, json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:I,s:s?,s:s?,s:s?,s:I,s:b}", "status",
+                              state_names[s->state], "error", s->error.kind ? problem_slug(s->error.kind) : NULL,
+                              "prompt", o->prompt, "negative_prompt", o->negative_prompt, "steps", o->steps,
+                              "guidance_scale", o->guidance_scale, "noise_level", o->noise_level, "eta", o->eta,
+                              "seed", (json_int_t)o->seed, "format",
+                              o->format ? imageio_format_name(o->format) : NULL, "input_size", in[0] ? in : NULL,
+                              "output_size", out[0] ? out : NULL, "output_bytes", (json_int_t)s->bytes,
+                              "cache_hit", strcmp(s->worker, "cache") == 0));
+        e->input_pixels += (int64_t)t->width * t->height;
+        e->output_bytes += (int64_t)s->bytes;
+        if (s->started > 0 && (e->started == 0 || s->started < e->started)) e->started = s->started;
+        if (s->worker[0] && !e->worker[0]) snprintf(e->worker, sizeof e->worker, "%s", s->worker);
+        if (s->error.kind && !e->error_kind[0] && job->state != JOB_SUCCEEDED) {
+            snprintf(e->error_kind, sizeof e->error_kind, "%s", problem_slug(s->error.kind));
+            snprintf(e->error_detail, sizeof e->error_detail, "%s", s->error.detail);
+        }
+        cluster_task_free(&records[i]);
+    }
+    e->parameters = json_dumps(images, JSON_COMPACT);
+    json_decref(images);
+    free(records);
+    if (!e->parameters) return snprintf(err, n, "out of memory"), -1;
+    return 0;
+}
+
+/* KEYS: job hash. ARGV: delivery (JSON), channel, event, "1" to write
+ * only if none is yet. */
+static const char webhook_script[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
+    "if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'webhook', ARGV[1])\n"
+    "redis.call('PUBLISH', ARGV[2], ARGV[3])\n"
+    "return 1\n";
+
+int cluster_webhook_state(redis *r, const char *job_id, const char *status, int attempts, const char *error,
+                          char *err, size_t n) {
+    json_t *delivery = json_pack("{s:s,s:i,s:s}", "status", status, "attempts", attempts, "error", error ? error : "");
+    eval_args a;
+    eval_begin(&a, webhook_script, 1);
+    eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_json(&a, json_incref(delivery));
+    eval_addf(&a, "sdx4:events:%s", job_id);
+    eval_json(&a, json_pack("{s:O}", "webhook", delivery));
+    eval_str(&a, strcmp(status, "pending") == 0 ? "1" : "0");
+    json_decref(delivery);
+    long long written;
+    return integer_reply(eval_run(r, &a, err, n), &written, err, n);
+}
+
+bool cluster_parse_webhook(const char *channel, const char *message, size_t len, char job_id[33], char *status,
+                           size_t status_size, int *attempts, char *error, size_t error_size) {
+    static const char prefix[] = "sdx4:events:";
+    if (strncmp(channel, prefix, sizeof prefix - 1) != 0 || !is_job_id(channel + sizeof prefix - 1)) return false;
+    json_t *j = json_loadb(message, len, 0, NULL);
+    bool ok = webhook_from_json(json_object_get(j, "webhook"), status, status_size, attempts, error, error_size);
+    json_decref(j);
+    if (ok) memcpy(job_id, channel + sizeof prefix - 1, 33);
+    return ok;
 }
 
 /* ---- workers ------------------------------------------------------------------------- */

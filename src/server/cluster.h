@@ -6,10 +6,12 @@
  *
  * Keys (all under "sdx4:"):
  *   sdx4:tasks            stream of tasks, consumer group "sdx4-workers";
- *                         an entry: job <id>, task <i>, record <JSON>
+ *                         an entry: job <id>, task <i>, record <JSON>,
+ *                         estimate <seconds alone on a device, 0 unknown>
  *   sdx4:input:<id>:<i>   a task's input pixels (RGB8, row-major)
  *   sdx4:job:<id>         hash: meta <JSON>, task:<i> <JSON>, unfinished <n>,
- *                         state <name>, finished <wall seconds>
+ *                         state <name>, finished <wall seconds>, webhook
+ *                         <JSON: its delivery>
  *   sdx4:result:<id>:<i>  a finished task's encoded image (unless its state
  *                         says "stored": then it is in object storage)
  *   sdx4:results          sorted set of stored results for the byte budget
@@ -42,6 +44,7 @@
 #include <jansson.h>
 
 #include "form.h"
+#include "history.h"
 #include "jobs.h"
 #include "problem.h"
 #include "redis.h"
@@ -99,17 +102,26 @@ typedef struct {
     /* filled by cluster_load_job from the hash */
     job_state state;  /* JOB_QUEUED until the last task is final */
     double finished;  /* wall clock, 0 when not yet */
+    char webhook[16]; /* its delivery as its sender wrote it ("pending"...), "" none yet */
+    int webhook_attempts;
+    char webhook_error[320];
 } cluster_job;
 
 /* Submits a job atomically (one script): its hash, the inputs and one
  * stream entry per task in `tasks` (the others, cache hits or rejected,
- * are written final in `states`). Refused with `why` (PROBLEM_QUEUE_FULL,
- * its retry_after set) when the tasks waiting in the whole cluster plus
- * these would exceed `capacity`: nothing is then written. -1 both ways:
- * why->kind is PROBLEM_NONE when Redis failed (`err` says how). */
+ * are written final in `states`). Refused with `why` (its retry_after
+ * set), nothing then written: PROBLEM_QUEUE_FULL when the tasks waiting
+ * in the whole cluster plus these would exceed `capacity`;
+ * PROBLEM_QUEUE_TOO_LONG when the estimated seconds of the work in the
+ * stream (waiting, and what the running tasks have left) and of these,
+ * shared by `devices` workers, would end past the job's deadline.
+ * `estimates` (by task index, NULL none) are each task's seconds alone
+ * on a device (cost.h), kept in its entry for the next submits; devices
+ * 0 leaves the time out. -1 both ways: why->kind is PROBLEM_NONE when
+ * Redis failed (`err` says how). */
 int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, const sdx4_image *inputs,
-                   const bool *queued, const cluster_task_state *states, int capacity, double retention,
-                   problem *why, char *err, size_t err_size);
+                   const bool *queued, const cluster_task_state *states, const double *estimates, int devices,
+                   int capacity, double retention, problem *why, char *err, size_t err_size);
 
 /* The job's meta and its tasks' states (`states` has room for ntasks,
  * FORM_MAX_IMAGES at most). 1 found, 0 no such job, -1 error. */
@@ -160,9 +172,29 @@ int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
 
 /* The job's status document, as GET /api/v1/jobs/{id} and webhooks show
  * it (jobs.c's job_document for a job kept in Redis); `webhook` is its
- * webhook's status ("pending"...), ignored when the job has none. */
+ * webhook's status ("pending"...) unless the hash has one, ignored when
+ * the job has none. */
 json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *states,
                              const char *webhook);
+
+/* The history row (history.h) of an ended job, as jobs.c writes it in
+ * single-process mode, from its meta, its tasks' states and the records
+ * kept in its hash (an image without one gets nulls, as one refused
+ * before it ran). `e->parameters` is malloc'd: free it. */
+int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_state *states, history_entry *e,
+                          char *err, size_t err_size);
+
+/* The delivery of a job's webhook, written by the party that sends it
+ * (whoever finished the job) into the job's hash and published on its
+ * channel, so that every node's copy shows it as single-process mode
+ * does: `status` "pending" (written only if nothing is yet: a delivery
+ * may report before its sender has), "delivered" or "failed", with the
+ * attempts made and why it failed (NULL none). A job gone is left alone. */
+int cluster_webhook_state(redis *r, const char *job_id, const char *status, int attempts, const char *error,
+                          char *err, size_t err_size);
+/* A message of the job's channel that is a webhook's delivery. */
+bool cluster_parse_webhook(const char *channel, const char *message, size_t len, char job_id[33], char *status,
+                           size_t status_size, int *attempts, char *error, size_t error_size);
 
 /* ---- workers ---------------------------------------------------------------- */
 

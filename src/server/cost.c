@@ -45,11 +45,20 @@
  * extrapolations, and cost_calibrated() says so: the queue then admits
  * as if there were no estimator. With --warmup false that lasts until
  * real jobs have covered such a span.
+ *
+ * Without the model. An API node of a cluster loads no model, so it
+ * cannot count FLOPs; the workers publish their estimator as a curve
+ * (cost_curve): each part's seconds at three square sizes from min-side
+ * to max-side. Each part's FLOPs are a quadratic in the pixels (a
+ * constant for the text encoder, dense ones linear, attention quadratic),
+ * so its seconds are too, and three points give the quadratic back:
+ * exact at squares, and off by the sides' rounding elsewhere.
  */
 #include "cost.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 enum { PART_TEXT, PART_STEP, PART_DECODE, PART_COUNT };
@@ -181,6 +190,23 @@ void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
     pthread_mutex_unlock(&c->lock);
 }
 
+int cost_measure(cost_model *c, int width, int height, bool keep) {
+    sdx4_image in = {width, height, malloc((size_t)width * height * 3)}, out = {0};
+    if (!in.pixels) return -1;
+    for (size_t i = 0; i < (size_t)width * height * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.num_inference_steps = 1;
+    p.seed = 0;
+    sdx4_upscale_report r;
+    sdx4_status st = sdx4_upscale(c->engine, &in, &p, &out, &r);
+    free(in.pixels);
+    sdx4_image_free(&out);
+    if (st != SDX4_OK) return -1;
+    if (keep) cost_observe(c, width, height, 1, true, &r, 1.0, true);
+    return 0;
+}
+
 static json_t *gflops(double seconds_per_flop) {
     return seconds_per_flop > 0 ? json_real(1e-9 / seconds_per_flop) : json_null();
 }
@@ -210,4 +236,73 @@ json_t *cost_document(cost_model *c) {
     pthread_mutex_unlock(&c->lock);
     return json_pack("{s:b,s:i,s:o,s:o}", "calibrated", calibrated, "observations", observations,
                      "gflops", rates, "estimates", examples);
+}
+
+/* ---- the curve (cost.h) ------------------------------------------------------ */
+
+int cost_get_curve(cost_model *c, cost_curve *out) {
+    int sides[3] = {c->min_side, (c->min_side + c->max_side) / 2, c->max_side};
+    *out = (cost_curve){.calibrated = cost_calibrated(c)};
+    pthread_mutex_lock(&c->lock);
+    int rc = c->observations > 0 && sides[0] < sides[1] && sides[1] < sides[2] ? 0 : -1;
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        sdx4_flops f[PART_COUNT];
+        if (work(c, sides[i], sides[i], 1, true, f)) rc = -1;
+        out->pixels[i] = (double)sides[i] * sides[i];
+        out->text[i] = seconds(&c->part[PART_TEXT], f[PART_TEXT]);
+        out->step[i] = seconds(&c->part[PART_STEP], f[PART_STEP]);
+        out->decode[i] = seconds(&c->part[PART_DECODE], f[PART_DECODE]);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+static json_t *triple(const double v[3]) { return json_pack("[f,f,f]", v[0], v[1], v[2]); }
+
+json_t *cost_curve_to_json(const cost_curve *k) {
+    return json_pack("{s:b,s:o,s:o,s:o,s:o}", "calibrated", k->calibrated, "pixels", triple(k->pixels), "text",
+                     triple(k->text), "step", triple(k->step), "decode", triple(k->decode));
+}
+
+static int get_triple(const json_t *j, const char *name, double v[3], char *err, size_t n) {
+    const json_t *a = json_object_get(j, name);
+    for (size_t i = 0; json_is_array(a) && json_array_size(a) == 3 && i < 3; i++) {
+        const json_t *x = json_array_get(a, i);
+        v[i] = json_number_value(x);
+        if (!json_is_number(x) || !(v[i] >= 0 && v[i] < 1e12)) break;
+        if (i == 2) return 0;
+    }
+    snprintf(err, n, "cost curve: \"%s\" must be 3 numbers from 0 to 1e12", name);
+    return -1;
+}
+
+int cost_curve_from_json(const json_t *j, cost_curve *k, char *err, size_t n) {
+    *k = (cost_curve){0};
+    const json_t *calibrated = json_object_get(j, "calibrated");
+    if (!json_is_boolean(calibrated)) return snprintf(err, n, "cost curve: \"calibrated\" must be true or false"), -1;
+    k->calibrated = json_is_true(calibrated);
+    if (get_triple(j, "pixels", k->pixels, err, n) || get_triple(j, "text", k->text, err, n) ||
+        get_triple(j, "step", k->step, err, n) || get_triple(j, "decode", k->decode, err, n))
+        return -1;
+    if (!(0 < k->pixels[0] && k->pixels[0] < k->pixels[1] && k->pixels[1] < k->pixels[2]))
+        return snprintf(err, n, "cost curve: \"pixels\" must increase from above 0"), -1;
+    return 0;
+}
+
+/* The quadratic through (x[i], y[i]) at `at` (Lagrange's form), at least 0. */
+static double interpolate(const double x[3], const double y[3], double at) {
+    double sum = 0;
+    for (int i = 0; i < 3; i++) {
+        double term = y[i];
+        for (int m = 0; m < 3; m++)
+            if (m != i) term *= (at - x[m]) / (x[i] - x[m]);
+        sum += term;
+    }
+    return sum > 0 ? sum : 0;
+}
+
+double cost_curve_estimate(const cost_curve *k, int width, int height, int steps, bool guided) {
+    double pixels = (double)width * height, batch = guided ? 1 : 0.5; /* as work() counts */
+    return batch * (interpolate(k->pixels, k->text, pixels) + steps * interpolate(k->pixels, k->step, pixels)) +
+           interpolate(k->pixels, k->decode, pixels);
 }

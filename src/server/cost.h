@@ -7,6 +7,7 @@
 #define SDX4_SERVER_COST_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include <jansson.h>
 
@@ -36,9 +37,35 @@ bool cost_calibrated(cost_model *c);
 void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
                   const sdx4_upscale_report *report, double alone, bool calibration);
 
+/* Runs a one-step guided upscale of width x height on the engine, alone,
+ * and keeps its timings as a calibration run unless `keep` is false (a
+ * GPU's first run at a size, which chooses its algorithms); -1 when it
+ * failed. */
+int cost_measure(cost_model *c, int width, int height, bool keep);
+
 /* The calibration for model-info: achieved GFLOP/s of each part and kind,
  * and the estimated seconds of one step and of the rest at the smallest
  * and largest allowed sizes. */
 json_t *cost_document(cost_model *c);
+
+/* The estimator without the model, for API nodes that load none (cluster
+ * mode): each part's seconds, guided and one step, for square images of
+ * three sizes (pixels[0] < pixels[1] < pixels[2]); the seconds of other
+ * sizes follow by quadratic interpolation in the pixels, which is what
+ * the FLOPs are (dense ones linear, attention quadratic). Workers publish
+ * it in their registration. */
+typedef struct {
+    bool calibrated;
+    double pixels[3];
+    double text[3], step[3], decode[3];
+} cost_curve;
+
+/* The estimator's curve over its sides; -1 before the first measurement. */
+int cost_get_curve(cost_model *c, cost_curve *out);
+json_t *cost_curve_to_json(const cost_curve *k);
+/* Strict: -1 with `err` naming what is wrong. */
+int cost_curve_from_json(const json_t *j, cost_curve *k, char *err, size_t err_size);
+/* cost_estimate's seconds from a curve. */
+double cost_curve_estimate(const cost_curve *k, int width, int height, int steps, bool guided);
 
 #endif

@@ -8,10 +8,15 @@
  *
  * Submitting. push turns the job into the cluster's records and submits
  * them in one script (cluster_submit), which holds the queue bound of the
- * whole cluster: its refusal is single-process mode's 503. It runs under
- * the job store's lock (dispatch.h), so a submit makes this node's other
- * job calls wait one Redis round trip; the task records are then kept in
- * the job's hash too, so that other nodes can answer for the job.
+ * whole cluster: its refusal is single-process mode's 503. Admission by
+ * estimated time needs no model here: the workers publish their
+ * estimators (cost.h's curve), the keeper keeps the slowest calibrated
+ * one, push refuses what needs more than the request timeout alone (422)
+ * and the script what the cluster's backlog would make late (503). It
+ * runs under the job store's lock (dispatch.h), so a submit makes this
+ * node's other job calls wait one Redis round trip; the task records are
+ * then kept in the job's hash too, so that other nodes can answer for the
+ * job.
  *
  * Following. Each task this node reports is watched. A subscriber thread
  * holds one PSUBSCRIBE connection to sdx4:events:* and applies each event
@@ -35,9 +40,11 @@
  * states by compare-and-set (the first finisher wins), the webhook when
  * this node's finish ended the job, the job's removal for a DELETE (which
  * the nodes holding a copy hear, and drop theirs; its objects in the
- * results store go after it). What
- * fails for want of Redis is retried every second, in order, until it is
- * done or a minute old (a worker still stops at the task's own deadline).
+ * results store go after it), and the history row of a job this node
+ * ended. A webhook's delivery, written into the job by its sender (this
+ * node or a worker), reaches the copies through the job's channel. What fails for want of Redis is retried every second, in
+ * order, until it is done or a minute old (a worker still stops at the
+ * task's own deadline).
  *
  * Liveness. The subscriber pings Redis when the channel is quiet, so that
  * a dead connection is noticed within the Redis timeout and replaced. The
@@ -61,6 +68,7 @@
 #include "cache.h"
 #include "cluster.h"
 #include "cost.h"
+#include "history.h"
 #include "jobs.h"
 #include "log.h"
 #include "results.h"
@@ -80,7 +88,7 @@ typedef struct watch {
     struct watch *next;
 } watch;
 
-typedef enum { ORDER_STOP, ORDER_FORGET, ORDER_WEBHOOK } order_kind;
+typedef enum { ORDER_STOP, ORDER_FORGET, ORDER_ENDED } order_kind;
 
 /* Redis work asked under the store's lock, done by the keeper. */
 typedef struct order {
@@ -112,6 +120,9 @@ struct dispatch_redis {
     char down_why[256];
     json_t *workers;
     dispatch_stats stats;
+    cost_curve curve; /* the slowest calibrated worker's estimator for this node's model */
+    bool have_curve;
+    int devices; /* live workers: each runs on a device of its own */
     pthread_t subscriber, keeper;
     bool subscriber_started, keeper_started;
 };
@@ -169,30 +180,48 @@ static void order_add(dispatch_redis *d, order *o) { /* lock held */
     pthread_cond_broadcast(&d->wake);
 }
 
+/* webhook.c's report of a delivery (`arg` the redis): into the job's hash,
+ * for every node's copy. */
 static void webhook_outcome(void *arg, const char *id, bool delivered, int attempts, const char *error) {
-    (void)arg;
+    char err[256];
     log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
               json_pack("{s:s,s:b,s:i,s:s?}", "job_id", id, "delivered", delivered, "attempts", attempts,
                         "error", error));
+    if (cluster_webhook_state(arg, id, delivered ? "delivered" : "failed", attempts, error, err, sizeof err))
+        log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", err));
 }
 
-/* The webhook of a job that this node finished in Redis. */
-static int send_webhook(dispatch_redis *d, const char *id, char *err, size_t n) {
-    if (!d->srv->webhooks) return 0;
+/* A job this node ended in Redis (its finish ended the job's last task,
+ * cluster_finish_task's 2): its webhook and its history row, once per
+ * job, as a worker does for the jobs it ends. */
+static int job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
+    if (!d->srv->webhooks && !d->srv->history) return 0;
     cluster_job job;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     if (!states) return snprintf(err, n, "out of memory"), -1;
     int rc = cluster_load_job(d->r, id, &job, states, err, n);
-    if (rc > 0 && job.webhook_url) {
+    if (rc > 0 && job.webhook_url && d->srv->webhooks) {
         json_t *doc = cluster_job_document(&job, states, "pending");
         char *body = json_dumps(doc, JSON_COMPACT), why[320];
         json_decref(doc);
         if (!body || webhooks_send(d->srv->webhooks, id, job.webhook_url, job_state_name(job.state), body,
-                                   webhook_outcome, NULL, why, sizeof why) != 0)
-            webhook_outcome(NULL, id, false, 0, body ? why : "out of memory");
+                                   webhook_outcome, d->r, why, sizeof why) != 0)
+            webhook_outcome(d->r, id, false, 0, body ? why : "out of memory");
+        else if (cluster_webhook_state(d->r, id, "pending", 0, NULL, why, sizeof why)) /* logged, not retried */
+            log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", id, "error", why));
         free(body);
     }
-    cluster_job_free(&job);
+    history_entry e;
+    char why[256];
+    if (rc > 0 && d->srv->history) { /* a failure is logged: retrying the order would resend the webhook */
+        if (cluster_history_entry(d->r, &job, states, &e, why, sizeof why) == 0) {
+            history_record(d->srv->history, &e);
+            free((char *)e.parameters);
+        } else {
+            log_event(LOG_ERROR, "history_not_written", json_pack("{s:s,s:s}", "job_id", id, "error", why));
+        }
+    }
+    if (rc > 0) cluster_job_free(&job);
     free(states);
     return rc < 0 ? -1 : 0;
 }
@@ -216,14 +245,14 @@ static int carry_out(dispatch_redis *d, const order *o, char *err, size_t n) {
         if (cluster_cancel(d->r, o->job_id, o->reason, c->request_timeout + ORDER_SECONDS, err, n)) return -1;
         int rc = cluster_finish_task(d->r, o->job_id, o->index, &o->state, NULL, 0, c->job_retention,
                                      c->jobs_memory, err, n);
-        return rc == 2 ? send_webhook(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
+        return rc == 2 ? job_ended(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
     }
     case ORDER_FORGET:
         if (cluster_forget(d->r, o->job_id, o->ntasks, err, n)) return -1;
         forget_objects(d, o);
         return 0;
-    case ORDER_WEBHOOK:
-        return send_webhook(d, o->job_id, err, n);
+    case ORDER_ENDED:
+        return job_ended(d, o->job_id, err, n);
     }
     return 0;
 }
@@ -352,6 +381,27 @@ static void apply(dispatch_redis *d, const char *id, int index, const cluster_ta
     }
 }
 
+/* Of the live workers serving this node's model whose estimators are
+ * calibrated, the curve of the slowest (at the largest size and the most
+ * steps allowed): admission must hold whichever worker takes a task. */
+static bool slowest_curve(const dispatch_redis *d, const json_t *workers, cost_curve *out) {
+    const server_config *c = &d->srv->cfg;
+    double slowest = -1;
+    size_t k;
+    const json_t *w;
+    json_array_foreach(workers, k, w) {
+        const char *model = json_string_value(json_object_get(w, "model_id"));
+        cost_curve curve;
+        char why[128];
+        if (!model || strcmp(model, d->srv->model_id) != 0 ||
+            cost_curve_from_json(json_object_get(w, "cost"), &curve, why, sizeof why) || !curve.calibrated)
+            continue;
+        double seconds = cost_curve_estimate(&curve, c->max_side, c->max_side, c->max_steps, true);
+        if (seconds > slowest) slowest = seconds, *out = curve;
+    }
+    return slowest >= 0;
+}
+
 /* Re-reads the watched jobs (what events were missed) and the cluster. */
 static void look(dispatch_redis *d) {
     char (*ids)[33] = NULL;
@@ -396,6 +446,8 @@ static void look(dispatch_redis *d) {
         json_t *th = json_object_get(w, "threads");
         threads += json_is_integer(th) ? (int)json_integer_value(th) : 1;
     }
+    cost_curve curve;
+    bool have_curve = slowest_curve(d, workers, &curve);
     pthread_mutex_lock(&d->lock);
     if (up != d->up)
         log_event(up ? LOG_INFO : LOG_ERROR, up ? "redis_back" : "redis_down",
@@ -407,6 +459,8 @@ static void look(dispatch_redis *d) {
         d->workers = workers;
         d->stats = (dispatch_stats){.depth = (int)waiting, .capacity = d->srv->cfg.queue_size,
                                     .running = busy, .workers = threads};
+        d->curve = curve, d->have_curve = have_curve;
+        d->devices = (int)json_array_size(workers);
     }
     pthread_mutex_unlock(&d->lock);
 }
@@ -430,13 +484,16 @@ static bool handle(dispatch_redis *d, const redisReply *m) {
     if (m->type != REDIS_REPLY_ARRAY || m->elements < 1 || m->element[0]->type != REDIS_REPLY_STRING) return false;
     if (strcmp(m->element[0]->str, "pong") == 0) return true;
     if (strcmp(m->element[0]->str, "pmessage") != 0 || m->elements != 4) return false;
-    char id[33];
-    int index;
+    char id[33], status[16], error[320];
+    int index, attempts;
     cluster_task_state s;
     if (cluster_parse_event(m->element[2]->str, m->element[3]->str, m->element[3]->len, id, &index, &s) == 0)
         apply(d, id, index, &s);
     else if (cluster_parse_forgotten(m->element[2]->str, m->element[3]->str, m->element[3]->len, id))
         job_forgotten(d->srv->jobs, id); /* deleted through another node */
+    else if (cluster_parse_webhook(m->element[2]->str, m->element[3]->str, m->element[3]->len, id, status,
+                                   sizeof status, &attempts, error, sizeof error))
+        job_webhook_state(d->srv->jobs, id, status, attempts, error);
     return false;
 }
 
@@ -528,21 +585,44 @@ static void *keeper_main(void *arg) {
 
 /* ---- the dispatch interface ------------------------------------------------------- */
 
+/* Each task's seconds alone on a device, by index (`estimates`), from
+ * the slowest live worker's calibrated estimator, else this node's own
+ * (a node with a model); false when neither is calibrated: then the
+ * time is not judged, as in single-process mode. */
+static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) {
+    pthread_mutex_lock(&d->lock);
+    cost_curve curve = d->curve;
+    bool remote = d->have_curve;
+    pthread_mutex_unlock(&d->lock);
+    cost_model *own = d->srv->cost;
+    if (!remote && !(own && cost_calibrated(own))) return false;
+    for (int k = 0; k < n; k++) {
+        const task *t = tasks[k];
+        bool guided = (float)t->opts.guidance_scale > 1.0f;
+        int w = t->input.width, h = t->input.height, steps = t->opts.steps;
+        estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, steps, guided)
+                                     : cost_estimate(own, w, h, steps, guided);
+    }
+    return true;
+}
+
 /* Single-process mode's 422: tasks that need more than the request
- * timeout even alone, by this node's estimator. Only a node with a model
- * has one; an API-only node leaves the check out (its workers' deadlines
- * still stop such a task, with a 504). */
-static int over_time_limit(dispatch_redis *d, task **tasks, int n, problem *why) {
-    cost_model *cost = d->srv->cost;
-    if (!cost || !n || !cost_calibrated(cost)) return 0;
+ * timeout even alone. */
+static int over_time_limit(dispatch_redis *d, task **tasks, int n, const double *estimates, problem *why) {
     double alone = 0, limit = d->srv->cfg.request_timeout;
-    for (int i = 0; i < n; i++)
-        alone += cost_estimate(cost, tasks[i]->input.width, tasks[i]->input.height, tasks[i]->opts.steps,
-                               (float)tasks[i]->opts.guidance_scale > 1.0f);
+    int steps = 0, width = 0, height = 0;
+    for (int k = 0; k < n; k++) {
+        const task *t = tasks[k];
+        alone += estimates[t->index];
+        if (t->opts.steps > steps) steps = t->opts.steps;
+        if ((double)t->input.width * t->input.height > (double)width * height)
+            width = t->input.width, height = t->input.height;
+    }
     if (alone <= limit) return 0;
     problem_set(why, PROBLEM_OVER_TIME_LIMIT,
-                "estimated to take %.1f s alone on a worker (%d image%s), but requests must finish within "
-                "%g s: send fewer steps or a smaller image", alone, n, n > 1 ? "s" : "", limit);
+                "estimated to take %.1f s alone on a worker (%d image%s, up to %dx%d, %d step%s), but requests "
+                "must finish within %g s: send fewer steps or a smaller image", alone, n, n > 1 ? "s" : "",
+                width, height, steps, steps > 1 ? "s" : "", limit);
     why->estimated_seconds = alone, why->limit_seconds = limit;
     return -1;
 }
@@ -558,6 +638,17 @@ static void fill_record(cluster_task *r, const job *j, const task *t, double cre
     memcpy(r->cache_key, t->cache_key, sizeof r->cache_key);
 }
 
+/* The keeper is to report a job this node ended (job_ended). */
+static void order_ended(dispatch_redis *d, const char *id) {
+    order *o = calloc(1, sizeof *o);
+    if (!o) return;
+    o->kind = ORDER_ENDED;
+    snprintf(o->job_id, sizeof o->job_id, "%s", id);
+    pthread_mutex_lock(&d->lock);
+    order_add(d, o);
+    pthread_mutex_unlock(&d->lock);
+}
+
 /* A task answered from this node's cache is finished in Redis with the
  * cached bytes, so that every node can serve them. */
 static void finish_cached(dispatch_redis *d, const char *id, const task *t) {
@@ -570,14 +661,7 @@ static void finish_cached(dispatch_redis *d, const char *id, const task *t) {
     char err[256];
     int rc = cluster_finish_task(d->r, id, t->index, &s, t->output, t->output_len, c->job_retention,
                                  c->jobs_memory, err, sizeof err);
-    order *o = rc == 2 ? calloc(1, sizeof *o) : NULL;
-    if (o) {
-        o->kind = ORDER_WEBHOOK;
-        snprintf(o->job_id, sizeof o->job_id, "%s", id);
-        pthread_mutex_lock(&d->lock);
-        order_add(d, o);
-        pthread_mutex_unlock(&d->lock);
-    }
+    if (rc == 2) order_ended(d, id);
     if (rc < 0)
         log_event(LOG_WARN, "cluster_cached_result_lost", json_pack("{s:s,s:s}", "job_id", id, "error", err));
 }
@@ -590,7 +674,6 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     bool closed = d->closed;
     pthread_mutex_unlock(&d->lock);
     if (closed) return problem_set(why, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
-    if (over_time_limit(d, tasks, n, why)) return -1;
 
     int ntasks = job_ntasks(j), nkept = 0, rc = -1;
     cluster_job meta = {.kind = job_kind(j), .listed = job_listed(j), .created = job_created_wall(j),
@@ -607,10 +690,16 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     sdx4_image *inputs = calloc((size_t)ntasks, sizeof *inputs);
     bool *queued = calloc((size_t)ntasks, sizeof *queued);
     cluster_task_state *states = calloc((size_t)ntasks, sizeof *states);
-    if (!records || !kept || !inputs || !queued || !states) {
+    double *estimates = calloc((size_t)ntasks, sizeof *estimates);
+    if (!records || !kept || !inputs || !queued || !states || !estimates) {
         problem_set(why, PROBLEM_INTERNAL, "out of memory");
         goto done;
     }
+    bool judged = n && estimate(d, tasks, n, estimates);
+    if (judged && over_time_limit(d, tasks, n, estimates, why)) goto done;
+    pthread_mutex_lock(&d->lock);
+    int devices = d->devices;
+    pthread_mutex_unlock(&d->lock);
     for (int k = 0; k < n; k++) queued[tasks[k]->index] = true;
     for (int i = 0; i < ntasks; i++) {
         const task *t = job_task(j, i);
@@ -622,15 +711,19 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
         kept[nkept++] = records[i];
     }
     char err[256];
-    if (cluster_submit(d->r, &meta, records, inputs, queued, states, c->queue_size, c->job_retention, why, err,
-                       sizeof err) != 0) {
+    if (cluster_submit(d->r, &meta, records, inputs, queued, states, judged ? estimates : NULL, devices,
+                       c->queue_size, c->job_retention, why, err, sizeof err) != 0) {
         if (!why->kind) unavailable(d, why, err);
         goto done;
     }
     if (cluster_keep_records(d->r, meta.id, kept, nkept, err, sizeof err) != 0)
         log_event(LOG_WARN, "cluster_records_not_kept", json_pack("{s:s,s:s}", "job_id", meta.id, "error", err));
-    for (int i = 0; i < ntasks; i++)
+    bool ended = true; /* every image refused before submission: the submit ended the job */
+    for (int i = 0; i < ntasks; i++) {
+        ended &= final(states[i].state);
         if (job_task(j, i)->cache_hit) finish_cached(d, meta.id, job_task(j, i));
+    }
+    if (ended) order_ended(d, meta.id);
     pthread_mutex_lock(&d->lock);
     for (int k = 0; k < n; k++) watch_add(d, tasks[k]);
     pthread_mutex_unlock(&d->lock);
@@ -641,6 +734,7 @@ done:
     free(inputs);
     free(queued);
     free(states);
+    free(estimates);
     return rc;
 }
 
@@ -779,6 +873,7 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
             goto done;
         }
     j = job_adopt(j, id);
+    if (meta.webhook[0]) job_webhook_state(d->srv->jobs, id, meta.webhook, meta.webhook_attempts, meta.webhook_error);
 done:
     for (int i = 0; records && i < FORM_MAX_IMAGES; i++) cluster_task_free(&records[i]);
     free(records);

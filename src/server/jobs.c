@@ -295,6 +295,14 @@ static void drop_retained(job_store *s, job *j, job **release) {
 static void record_history(job *j);
 static webhook_done_fn webhook_done;
 
+/* An unlisted job answered whole from the cache: the dispatcher was given
+ * no task of it, so a shared store never heard of it. */
+static bool never_dispatched(const job *j) {
+    for (int i = 0; i < j->ntasks; i++)
+        if (!j->tasks[i].cache_hit) return false;
+    return !j->listed;
+}
+
 static void job_finished_locked(job_store *s, job *j) {
     job_state state = JOB_SUCCEEDED;
     for (int i = 0; i < j->ntasks; i++) {
@@ -330,8 +338,10 @@ static void job_finished_locked(job_store *s, job *j) {
             j->webhook_state = WEBHOOK_FAILED;
         free(body);
     }
-    /* one row per job: by the node that made it, not by each that adopted a copy */
-    if (s->srv->history && !j->adopted) record_history(j);
+    /* one row per job: in a shared store by whoever ended it there (a
+     * worker, or the dispatcher), here only a job that never went there */
+    if (s->srv->history && !j->adopted && (!(d->iface && d->iface->shared) || never_dispatched(j)))
+        record_history(j);
     pthread_cond_broadcast(&s->idle);
     log_event(LOG_INFO, "job_finished",
               json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", j->request_id, "job_id", j->id,
@@ -781,6 +791,20 @@ static void webhook_done(void *store, const char *id, bool delivered, int attemp
     job *j = find_locked(s, id);
     if (j) {
         j->webhook_state = delivered ? WEBHOOK_DELIVERED : WEBHOOK_FAILED;
+        j->webhook_attempts = attempts;
+        snprintf(j->webhook_error, sizeof j->webhook_error, "%s", error ? error : "");
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void job_webhook_state(job_store *s, const char *id, const char *status, int attempts, const char *error) {
+    int state = strcmp(status, "pending") == 0     ? WEBHOOK_PENDING
+                : strcmp(status, "delivered") == 0 ? WEBHOOK_DELIVERED
+                                                   : WEBHOOK_FAILED;
+    pthread_mutex_lock(&s->lock);
+    job *j = find_locked(s, id);
+    if (j && !(state == WEBHOOK_PENDING && j->webhook_state > WEBHOOK_PENDING)) { /* events may cross */
+        j->webhook_state = state;
         j->webhook_attempts = attempts;
         snprintf(j->webhook_error, sizeof j->webhook_error, "%s", error ? error : "");
     }

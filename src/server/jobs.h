@@ -126,6 +126,9 @@ void job_release(job *j);
 void job_delete(job *j);
 /* Cluster mode: another node deleted the job; it is forgotten here too. */
 void job_forgotten(job_store *s, const char *id);
+/* Cluster mode: the delivery of the job's webhook as its sender wrote it
+ * ("pending", "delivered", "failed"; error NULL or "" none). */
+void job_webhook_state(job_store *s, const char *id, const char *status, int attempts, const char *error);
 
 /* Registers `w` unless the job changed since `seen_version` (or finished,
  * for a final_only waiter): 0 registered (the connection is now

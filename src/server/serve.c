@@ -168,7 +168,8 @@ static worker *start_consumers(server *srv) {
                              "started", wall_now());
     worker_settings ws = {.name = name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                           .max_attempts = c->max_attempts, .job_retention = c->job_retention,
-                          .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL};
+                          .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL,
+                          .cost = srv->cost, .history = srv->history};
     worker *w = worker_start(srv->engine, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
     json_decref(info);
     if (!w) log_event(LOG_ERROR, "worker_failed", json_pack("{s:s}", "error", err));
@@ -328,12 +329,13 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     dispatch_redis_destroy(srv->cluster, end > grace ? end : grace);
     srv->cluster = NULL;
     srv->dispatch = (dispatch){0};
-    redis_close(srv->redis); /* its last users, HTTP threads, workers and the dispatcher, are gone */
-    srv->redis = NULL;
     /* webhooks of the jobs finished above get until the deadline (or 2 s) */
     grace = mono_now() + 2;
     webhooks_destroy(srv->webhooks, deadline > grace ? deadline : grace);
     srv->webhooks = NULL;
+    /* its last users, HTTP threads, workers, the dispatcher and the webhooks' outcomes, are gone */
+    redis_close(srv->redis);
+    srv->redis = NULL;
     job_store_destroy(srv->jobs);
     srv->jobs = NULL;
     /* the jobs finished or canceled above are recorded within the same deadline (or 2 s) */

@@ -19,10 +19,18 @@
  * cluster_finish_task's compare-and-set, and only then is the entry
  * acknowledged: a worker that dies first leaves the entry pending, to be
  * reclaimed and run again (at least once; a second finish is a no-op).
- * Whoever ends a job's last task sends its webhook. With a results store
- * (--s3-bucket) the image is uploaded before the finish, which then
+ * Whoever ends a job's last task sends its webhook, writes its delivery
+ * into the job (cluster_webhook_state) for the API nodes, and writes the
+ * job's history row (--history): exactly once per job, whichever node
+ * made it and whether or not that node is still alive. With a results
+ * store (--s3-bucket) the image is uploaded before the finish, which then
  * carries no bytes; an upload that fails fails the task (storage-failed),
  * and one whose finish found the task ended elsewhere is removed again.
+ *
+ * Estimates. With a time estimator (cost.c) the registration carries its
+ * curve, refreshed with every heartbeat, so that API nodes without a
+ * model can admit by estimated time; a worker of one thread teaches it
+ * with every task it runs, as single-process mode's queue does.
  *
  * Liveness. A heartbeat thread refreshes the registration (TTL
  * REGISTRATION_TTL) and resets the idle time of the entries being run
@@ -47,6 +55,8 @@
 #include <string.h>
 
 #include "cluster.h"
+#include "cost.h"
+#include "history.h"
 #include "log.h"
 #include "results.h"
 #include "runner.h"
@@ -134,12 +144,15 @@ static job_state stopped(problem *p, int reason, double timeout) {
     return JOB_CANCELED;
 }
 
-/* webhook.c's report of a delivery: logged (the job in Redis keeps none). */
+/* webhook.c's report of a delivery (`arg` the redis): logged, and written
+ * into the job's hash for the API nodes' copies. */
 static void webhook_outcome(void *arg, const char *job_id, bool delivered, int attempts, const char *error) {
-    (void)arg;
+    char err[256];
     log_event(delivered ? LOG_INFO : LOG_WARN, "webhook_outcome",
               json_pack("{s:s,s:b,s:i,s:s?}", "job_id", job_id, "delivered", delivered, "attempts", attempts,
                         "error", error));
+    if (cluster_webhook_state(arg, job_id, delivered ? "delivered" : "failed", attempts, error, err, sizeof err))
+        log_event(LOG_WARN, "webhook_outcome_not_kept", json_pack("{s:s,s:s}", "job_id", job_id, "error", err));
 }
 
 /* The "results" an API node's job document gives (results.h), for the
@@ -169,27 +182,52 @@ static void add_result_links(worker *w, const cluster_task *t, const cluster_job
 }
 
 /* The webhook of a job this worker ended with task `t`. */
-static void send_webhook(worker *w, const cluster_task *t) {
+static void send_webhook(worker *w, const cluster_task *t, const cluster_job *job,
+                         const cluster_task_state *states) {
+    char err[256];
+    json_t *doc = cluster_job_document(job, states, "pending");
+    if (w->s.results && job->listed) add_result_links(w, t, job, states, doc);
+    char *body = json_dumps(doc, JSON_COMPACT);
+    char why[256] = "this worker has no --webhook-secret to sign it";
+    if (!body || !w->hooks ||
+        webhooks_send(w->hooks, job->id, job->webhook_url, job_state_name(job->state), body, webhook_outcome, w->r,
+                      why, sizeof why)) {
+        log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job->id, "error", why));
+        webhook_outcome(w->r, job->id, false, 0, body ? why : "out of memory");
+    } else if (cluster_webhook_state(w->r, job->id, "pending", 0, NULL, err, sizeof err)) {
+        redis_trouble(w, err);
+    }
+    free(body);
+    json_decref(doc);
+}
+
+/* The history row of a job this worker ended (--history). */
+static void write_history(worker *w, const cluster_job *job, const cluster_task_state *states) {
+    char err[256];
+    history_entry e;
+    if (cluster_history_entry(w->r, job, states, &e, err, sizeof err)) {
+        log_event(LOG_ERROR, "history_not_written", json_pack("{s:s,s:s}", "job_id", job->id, "error", err));
+        return;
+    }
+    history_record(w->s.history, &e);
+    free((char *)e.parameters);
+}
+
+/* A job this worker ended (its finish ended the job's last task): its
+ * webhook, its history row, its log line; once per job, by whoever ended
+ * it (cluster_finish_task's 2). */
+static void job_ended(worker *w, const cluster_task *t) {
     const char *job_id = t->job_id;
     char err[256];
     cluster_job job;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     int found = states ? cluster_load_job(w->r, job_id, &job, states, err, sizeof err) : -1;
-    if (found == 1 && job.webhook_url) {
-        json_t *doc = cluster_job_document(&job, states, "pending");
-        if (w->s.results && job.listed) add_result_links(w, t, &job, states, doc);
-        char *body = json_dumps(doc, JSON_COMPACT);
-        char why[256] = "this worker has no --webhook-secret to sign it";
-        if (!body || !w->hooks ||
-            webhooks_send(w->hooks, job.id, job.webhook_url, job_state_name(job.state), body, webhook_outcome,
-                          NULL, why, sizeof why))
-            log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job.id, "error", why));
-        free(body);
-        json_decref(doc);
-    } else if (found < 0) {
-        log_event(LOG_ERROR, "webhook_not_sent", json_pack("{s:s,s:s}", "job_id", job_id, "error", err));
-    }
-    if (found == 1) {
+    if (found < 0) {
+        log_event(LOG_ERROR, "job_end_not_reported",
+                  json_pack("{s:s,s:s}", "job_id", job_id, "error", states ? err : "out of memory"));
+    } else if (found == 1) {
+        if (job.webhook_url) send_webhook(w, t, &job, states);
+        if (w->s.history) write_history(w, &job, states);
         log_event(LOG_INFO, "job_finished",
                   json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", job.request_id, "job_id", job.id, "status",
                             job_state_name(job.state), "images", job.ntasks, "seconds", job.finished - job.created));
@@ -224,7 +262,7 @@ static int conclude(worker *w, const cluster_task *t, cluster_task_state *st, co
         if (atomic_load(&w->abandon) || mono_now() > give_up) return rc; /* reclaimed later, found final */
         nap(w, RETRY_SECONDS);
     }
-    if (rc == 2) send_webhook(w, t);
+    if (rc == 2) job_ended(w, t);
     return rc;
 }
 
@@ -306,8 +344,13 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     set_busy(sl, true);
     task_outcome out = {.state = JOB_FAILED};
     sdx4_image image;
-    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED)
+    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED) {
+        /* measured alone on the device only with one thread: several share it unevenly */
+        if (w->s.cost && w->nthreads == 1)
+            cost_observe(w->s.cost, input->width, input->height, t->opts.steps,
+                         (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
         runner_encode(&image, &t->opts, &out);
+    }
     /* with a store, the image goes there before the task is finished: its
      * state then says so, and Redis never holds the bytes */
     bool stored = out.state == JOB_SUCCEEDED && w->s.results &&
@@ -436,6 +479,9 @@ static void *heartbeat_main(void *arg) {
                 held[n] = ids[n], n++;
             }
         pthread_mutex_unlock(&w->lock);
+        cost_curve curve;
+        if (w->s.cost && cost_get_curve(w->s.cost, &curve) == 0) /* what it learned since the last */
+            json_object_set_new(w->info, "cost", cost_curve_to_json(&curve));
         if (cluster_register(w->r, w->name, w->info, atomic_load(&w->busy), REGISTRATION_TTL, err, sizeof err) ||
             cluster_hold(w->r, w->name, held, n, err, sizeof err))
             redis_trouble(w, err);

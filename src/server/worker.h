@@ -17,6 +17,8 @@
 
 struct server;
 struct webhooks;
+struct cost_model;
+struct history;
 
 typedef struct {
     const char *name;          /* consumer and registration name, unique in the cluster */
@@ -27,6 +29,9 @@ typedef struct {
     size_t jobs_memory;        /* bytes of results kept, the whole cluster's */
     struct server *results;    /* a server whose results store is open (--s3-bucket, results.h):
                                   every image goes there, not to Redis; NULL: to Redis */
+    struct cost_model *cost;   /* the time estimator, published in the registration and taught by
+                                  the tasks run; NULL none */
+    struct history *history;   /* where the jobs this worker ends are recorded; NULL none */
 } worker_settings;
 
 typedef struct worker worker;

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import MODEL, SDX4, RedisServer, Server, Worker, image_bytes, problem
+from test_hooks_logs import Receiver
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
                                 reason="redis-server is not installed (scripts/install-deps.sh)")
@@ -283,3 +284,87 @@ def test_node_with_its_own_workers(own_redis, baseline):
         assert node.get("/api/v1/model-info").json()["model_id"] == "model"
     finally:
         node.check_clean_exit()
+
+
+def test_webhook_outcome_shown_by_every_node(own_redis):
+    """The worker that ends a job sends its webhook and writes the delivery
+    into the job's hash: the node that made the job (its copy updated
+    through the job's channel) and a node that never saw it (rebuilt from
+    the hash) show the same webhook field as single-process mode."""
+    hooks = ("--webhook-secret", "hook-secret", "--webhook-private", "true", "--webhook-attempts", "1")
+    worker = Worker(own_redis.url, "--name", "w1", *hooks)
+    nodes = [api_node(own_redis, *hooks), api_node(own_redis, *hooks)]
+    receiver, gone = Receiver(), Receiver()
+    gone.close()  # nothing listens there: its delivery fails at once
+    r = own_redis.client()
+    try:
+        for node in nodes:
+            wait_serving(node)
+        jobs = {}
+        for name, url in (("delivered", receiver.url + "/hook"), ("failed", gone.url + "/hook")):
+            answer = nodes[0].post("/api/v1/jobs", files={"image": image_bytes()},
+                                   data={"num_inference_steps": STEPS, "webhook_url": url})
+            assert answer.status_code == 202, answer.text
+            jobs[name] = answer.json()["id"]
+        for status, job_id in jobs.items():
+            deadline = time.time() + 30
+            while json.loads(r.hget(f"sdx4:job:{job_id}", "webhook") or "{}").get("status") != status:
+                assert time.time() < deadline, r.hgetall(f"sdx4:job:{job_id}")
+                time.sleep(0.05)
+            for node in nodes:
+                deadline = time.time() + 10
+                while (hook := wait_final(node, job_id)["webhook"])["status"] != status:
+                    assert time.time() < deadline, (node.url, hook)
+                    time.sleep(0.05)
+                assert hook["attempts"] == 1, hook
+                assert ("error" in hook) == (status == "failed"), hook
+        assert len(receiver.calls) == 1  # sent once, by the worker
+    finally:
+        receiver.close()
+        for node in nodes:
+            node.check_clean_exit()
+        worker.check_clean_exit()
+
+
+def test_history_written_by_whoever_ends_the_job(own_redis):
+    """With --history on PostgreSQL, the party that ends a job writes its
+    row, once: the worker for what it ran (so a job whose node died is
+    still recorded), the node for what it ended itself (a DELETE)."""
+    from test_history import ALICE, KEYS, Postgres, listed, metric
+    pg = Postgres()
+    url = pg.new_database()
+    worker = Worker(own_redis.url, "--name", "w1", "--history", url)
+    nodes = []
+    try:
+        nodes.append(api_node(own_redis, *KEYS, "--history", url))
+        wait_serving(nodes[0])
+        orphan = submit(nodes[0], 500, headers=ALICE)
+        nodes[0].proc.kill()  # SIGKILL: it never sees its job end
+        nodes[0].proc.wait()
+        nodes.append(api_node(own_redis, *KEYS, "--history", url))
+        node = nodes[1]
+        wait_serving(node)
+        assert wait_final(node, orphan, headers=ALICE)["status"] == "succeeded"
+        ran = submit(node, 501, headers=ALICE)
+        assert wait_final(node, ran, headers=ALICE)["status"] == "succeeded"
+        answer = node.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "150"},
+                           headers=ALICE)
+        assert answer.status_code == 202, answer.text
+        deleted = answer.json()["id"]
+        deadline = time.time() + 60
+        while node.get(f"/api/v1/jobs/{deleted}", headers=ALICE).json()["status"] != "running":
+            assert time.time() < deadline, "the long job never started"
+            time.sleep(0.05)
+        assert node.delete(f"/api/v1/jobs/{deleted}", headers=ALICE).status_code == 200
+        rows = {j["id"]: j for j in listed(node, ALICE, 3)["jobs"]}
+        assert {i: rows[i]["status"] for i in rows} == {orphan: "succeeded", ran: "succeeded", deleted: "canceled"}
+        assert rows[orphan]["worker"] == rows[ran]["worker"] == "w1", rows
+        time.sleep(0.5)
+        # the node wrote only the row of the job it ended; the worker the others
+        assert metric(node, 'sdx4_history_entries_total{outcome="written"}') == 1
+        assert 'sdx4_history_entries_total{outcome="written"} 2' in worker.get("/metrics").text
+    finally:
+        for node in nodes[1:]:
+            node.check_clean_exit()
+        worker.check_clean_exit()
+        pg.close()

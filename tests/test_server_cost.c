@@ -1,0 +1,80 @@
+/*
+ * test_server_cost.c - cost.c's curve: the estimator without the model,
+ * as workers publish it for API nodes (cluster mode).
+ *
+ * The tiny reference model's FLOP counts with synthetic timings (no
+ * upscale runs): the curve gives cost_estimate's seconds back exactly at
+ * square sizes and within the sides' rounding elsewhere, guided or not;
+ * it travels through JSON unchanged, and a bad one is refused by name.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "cost.h"
+#include "sdx4.h"
+#include "test.h"
+
+/* A report of `seconds` per part, as if measured. */
+static sdx4_upscale_report timed(double text, double unet, double vae) {
+    sdx4_upscale_report r;
+    memset(&r, 0, sizeof r);
+    r.seconds_text = text, r.seconds_unet = unet, r.seconds_vae = vae;
+    return r;
+}
+
+static int near(double a, double b, double relative) { return fabs(a - b) <= relative * fabs(b); }
+
+static void test_curve(sdx4_engine *e) {
+    cost_model *c = cost_create(e, 32, 512);
+    cost_curve k;
+    CHECK(cost_get_curve(c, &k) == -1, "a curve before any measurement");
+    sdx4_upscale_report small = timed(0.01, 0.02, 0.03), large = timed(0.012, 0.09, 0.4);
+    cost_observe(c, 32, 32, 1, true, &small, 1.0, true);
+    cost_observe(c, 64, 64, 1, true, &large, 1.0, true);
+    CHECK(cost_calibrated(c) && cost_get_curve(c, &k) == 0 && k.calibrated, "calibrated curve");
+    CHECK(k.pixels[0] == 32 * 32 && k.pixels[1] == 272 * 272 && k.pixels[2] == 512 * 512, "sides %g %g %g",
+          k.pixels[0], k.pixels[1], k.pixels[2]);
+    static const int sizes[][2] = {{32, 32}, {64, 64}, {128, 128}, {200, 200}, {512, 512}, {64, 256}, {300, 100}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        for (int guided = 0; guided < 2; guided++) {
+            int w = sizes[i][0], h = sizes[i][1];
+            double direct = cost_estimate(c, w, h, 20, guided), curve = cost_curve_estimate(&k, w, h, 20, guided);
+            /* squares of multiples of 8 exactly (the counts' rounding), the rest within 2% */
+            CHECK(direct > 0 && near(curve, direct, w == h && w % 8 == 0 ? 1e-6 : 0.02),
+                  "%dx%d guided %d: curve %.6g, estimator %.6g", w, h, guided, curve, direct);
+        }
+
+    json_t *j = cost_curve_to_json(&k);
+    cost_curve back;
+    char err[160];
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == 0 && memcmp(&back, &k, sizeof k) == 0,
+          "round trip: %s", err);
+    json_object_set_new(j, "step", json_pack("[f,f]", 1.0, 2.0));
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"step\""), "short: %s", err);
+    json_object_set_new(j, "step", json_pack("[f,f,f]", 1.0, -2.0, 3.0));
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"step\""), "negative: %s", err);
+    json_object_set_new(j, "step", json_pack("[f,f,f]", 1.0, 2.0, 3.0));
+    json_object_set_new(j, "pixels", json_pack("[f,f,f]", 4.0, 4.0, 9.0));
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"pixels\""), "flat: %s", err);
+    json_object_del(j, "calibrated");
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"calibrated\""), "no flag: %s", err);
+    CHECK(cost_curve_from_json(NULL, &back, err, sizeof err) == -1, "no curve");
+    json_decref(j);
+    cost_destroy(c);
+}
+
+int main(void) {
+    sdx4_engine_options o;
+    sdx4_engine_options_default(&o);
+    o.model_dir = test_ref("tiny/model");
+    o.device = "cpu";
+    sdx4_engine *e = NULL;
+    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
+        fprintf(stderr, "SKIP: cannot open %s: %s\n", o.model_dir, sdx4_last_error());
+        return 77;
+    }
+    test_curve(e);
+    sdx4_engine_close(e);
+    printf("%d checks, %d failures\n", test_checks, test_failures);
+    return test_failures ? 1 : 0;
+}
