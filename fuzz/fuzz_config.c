@@ -15,32 +15,32 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     config c;
-    if (cfg_parse(&c, (const char *)data, size, "fuzz/config.json")) return 0;
+    if (sdx4_cfg_parse(&c, (const char *)data, size, "fuzz/config.json")) return 0;
     weight_source ws;
     unet u;
-    weights_spec_init(&ws);
-    unet_init(&u, &ws, &c);
-    unet_free(&u);
-    weights_close(&ws);
+    sdx4_weights_spec_init(&ws);
+    sdx4_unet_load(&u, &ws, &c);
+    sdx4_unet_free(&u);
+    sdx4_weights_close(&ws);
 
     vae_decoder v;
-    weights_spec_init(&ws);
-    vae_init(&v, &ws, &c);
-    weights_close(&ws);
+    sdx4_weights_spec_init(&ws);
+    sdx4_vae_load(&v, &ws, &c);
+    sdx4_weights_close(&ws);
 
     text_encoder te;
-    weights_spec_init(&ws);
-    text_encoder_init(&te, &ws, &c);
-    text_encoder_free(&te);
-    weights_close(&ws);
+    sdx4_weights_spec_init(&ws);
+    sdx4_text_encoder_load(&te, &ws, &c);
+    sdx4_text_encoder_free(&te);
+    sdx4_weights_close(&ws);
 
     ddim_scheduler d;
-    if (ddim_from_config(&d, &c) == 0) {
-        ddim_set_timesteps(&d, 1 + (int)(size % 1000));
-        ddim_free(&d);
+    if (sdx4_ddim_from_config(&d, &c) == 0) {
+        sdx4_ddim_set_timesteps(&d, 1 + (int)(size % 1000));
+        sdx4_ddim_free(&d);
     }
     ddpm_scheduler p;
-    if (ddpm_from_config(&p, &c) == 0) ddpm_free(&p);
-    cfg_free(&c);
+    if (sdx4_ddpm_from_config(&p, &c) == 0) sdx4_ddpm_free(&p);
+    sdx4_cfg_free(&c);
     return 0;
 }

@@ -1,5 +1,5 @@
 /*
- * fuzz_safetensors.c - arbitrary bytes as a safetensors file: st_parse()
+ * fuzz_safetensors.c - arbitrary bytes as a safetensors file: sdx4_st_parse()
  * must accept or refuse them without reading outside the buffer, and every
  * tensor it accepts must lie inside it.
  */
@@ -10,13 +10,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     st_file f;
-    if (st_parse(&f, data, size, "fuzz") == 0) {
+    if (sdx4_st_parse(&f, data, size, "fuzz") == 0) {
         for (int i = 0; i < f.count; i++) {
             const uint8_t *p = f.tensors[i].data;
             if (p < data || p + f.tensors[i].nbytes > data + size) abort();
         }
-        free(st_metadata(&f, "format"));
-        st_close(&f);
+        free(sdx4_st_metadata(&f, "format"));
+        sdx4_st_close(&f);
     }
     return 0;
 }

@@ -25,7 +25,7 @@ static tokenizer *load_once(void) {
     const char *ref = getenv("SDX4_REFERENCE");
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/small/model", ref && *ref ? ref : "../shared/reference");
-    t = tokenizer_load(dir);
+    t = sdx4_tokenizer_load(dir);
     if (!t) {
         fprintf(stderr, "fuzz_tokenizer: %s\n", sdx4_last_error());
         abort();
@@ -41,16 +41,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     text[size] = 0;
 
     int32_t ids[77];
-    int max_len = tokenizer_max_length(t), n = 0;
+    int max_len = sdx4_tokenizer_max_length(t), n = 0;
     if (max_len > 77) abort();
-    if (tokenizer_encode(t, text, ids, max_len, &n) != 0) abort();
+    if (sdx4_tokenizer_encode(t, text, ids, max_len, &n) != 0) abort();
     if (n < 2 || ids[0] != 49406) abort();
     if (ids[(n < max_len ? n : max_len) - 1] != 49407) abort();
     for (int i = 0; i < max_len; i++)
         if (ids[i] < 0 || ids[i] >= VOCAB_SIZE) abort();
 
     int n_short = 0;
-    if (tokenizer_encode(t, text, ids, 2, &n_short) != 0 || n_short != n) abort();
+    if (sdx4_tokenizer_encode(t, text, ids, 2, &n_short) != 0 || n_short != n) abort();
     if (ids[0] != 49406 || ids[1] != 49407) abort();
     free(text);
     return 0;

@@ -475,7 +475,7 @@ static void test_weights_and_memory(backend *be) {
 
 static void expect_error(tensor *t, sdx4_status status, const char *message) {
     CHECK(t == NULL, "expected failure: %s", message);
-    CHECK(error_status() == status, "status %d for %s", (int)error_status(), message);
+    CHECK(sdx4_error_status() == status, "status %d for %s", (int)sdx4_error_status(), message);
     CHECK(strstr(sdx4_last_error(), message) != NULL, "message \"%s\" lacks \"%s\"",
           sdx4_last_error(), message);
     tensor_free(t);
@@ -541,7 +541,7 @@ static void test_errors(backend *be) {
     CHECK(be->add_channel_bias_inplace(be, x4, lin_x) == -1 &&
               strstr(sdx4_last_error(), "needs v [1,4]"),
           "channel bias mismatch: %s", sdx4_last_error());
-    CHECK(backend_cpu_create(-1) == NULL, "negative thread count");
+    CHECK(sdx4_backend_cpu_create(-1) == NULL, "negative thread count");
 
     tensor_free(x7), tensor_free(w4), tensor_free(b8), tensor_free(b5), tensor_free(x4);
     tensor_free(x4h5), tensor_free(lin_x), tensor_free(lin_w), tensor_free(q), tensor_free(k3);
@@ -581,7 +581,7 @@ static void spot_check_conv(backend *be, const char *what, const tensor *x, cons
 /* Runs one big convolution on a fresh two-thread backend, so memory()'s
  * peak is this call's, and checks the scratch beyond inputs and output. */
 static void test_conv_scratch(int64_t C, int64_t H, int64_t O, int stride, int64_t limit_mb) {
-    backend *be = backend_cpu_create(2);
+    backend *be = sdx4_backend_cpu_create(2);
     float *x = rand_buf(C * H * H, -1, 1), *w = rand_buf(O * C * 9, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){1, C, H, H}, x);
     tensor *tw = make(be, 4, (int64_t[]){O, C, 3, 3}, w);
@@ -607,7 +607,7 @@ static void test_conv_scratch(int64_t C, int64_t H, int64_t O, int stride, int64
 /* The VAE's self-attention shape, narrowed to D = 8 to stay quick: 16384
  * tokens attend to 16384 without a 1 GB score matrix. */
 static void test_attention_scratch(void) {
-    backend *be = backend_cpu_create(2);
+    backend *be = sdx4_backend_cpu_create(2);
     const int64_t T = 16384, D = 8;
     float *q = rand_buf(T * D, -1.5f, 1.5f), *k = rand_buf(T * D, -1.5f, 1.5f),
           *v = rand_buf(T * D, -1, 1);
@@ -786,8 +786,8 @@ static void print_speed(backend *be) {
 }
 
 int main(void) {
-    backend *be = backend_cpu_create(0);
-    CHECK(be != NULL, "backend_cpu_create: %s", sdx4_last_error());
+    backend *be = sdx4_backend_cpu_create(0);
+    CHECK(be != NULL, "sdx4_backend_cpu_create: %s", sdx4_last_error());
     if (!be) return test_finish("test_backend_cpu");
     CHECK(strcmp(be->name, "cpu") == 0, "name %s", be->name);
 
@@ -802,8 +802,8 @@ int main(void) {
     CHECK(in_use == 0, "%" PRId64 " bytes leaked by the backend", in_use);
 
     /* one thread: the same kernels without parallel splits */
-    backend *one = backend_cpu_create(1);
-    CHECK(one != NULL, "backend_cpu_create(1): %s", sdx4_last_error());
+    backend *one = sdx4_backend_cpu_create(1);
+    CHECK(one != NULL, "sdx4_backend_cpu_create(1): %s", sdx4_last_error());
     if (one) {
         test_conv(one, 1, 512, 23, 23, 8, 3, 1, 1, 1);
         test_conv(one, 1, 128, 35, 35, 128, 3, 1, 1, 1);

@@ -545,12 +545,12 @@ typedef struct {
     int64_t begun, recorded; /* memory in use as the recorded call began and ended */
 } record_step;
 
-static int record_step_fw(void *arg) {
+static int record_step_forward(void *arg) {
     record_step *r = arg;
     backend *gpu = r->gpu;
     int call = r->calls++;
     if (call > 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "the step ran its function on a replay");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "the step ran its function on a replay");
         return -1;
     }
     if (call == 2) gpu->memory(gpu, &r->begun, NULL);
@@ -580,19 +580,19 @@ static void test_record(const suite *s, planning plan) {
     record_step r = {.gpu = gpu, .plan = plan, .x = x.g, .sw = &sw};
     tensor *want = NULL;
     int64_t before, after;
-    CHECK(step_replays(gpu), "%s: the backend replays steps", s->mode);
-    backend_step *step = step_new(gpu);
+    CHECK(sdx4_step_replays(gpu), "%s: the backend replays steps", s->mode);
+    backend_step *step = sdx4_step_new(gpu);
     CHECK(step != NULL, "%s: step_new: %s", s->mode, sdx4_last_error());
     if (!step) return;
     /* the first run chooses the algorithms */
-    CHECK(!step_run(gpu, step, record_step_fw, &r), "%s: first run: %s", s->mode,
+    CHECK(!sdx4_step_run(gpu, step, record_step_forward, &r), "%s: first run: %s", s->mode,
           sdx4_last_error());
     tensor_free(r.out[0]);
     gpu->memory(gpu, &before, NULL);
-    CHECK(!step_run(gpu, step, record_step_fw, &r), "%s: planning pass: %s", s->mode,
+    CHECK(!sdx4_step_run(gpu, step, record_step_forward, &r), "%s: planning pass: %s", s->mode,
           sdx4_last_error());
     tensor_free(r.out[1]);
-    CHECK(!step_run(gpu, step, record_step_fw, &r), "%s: recorded run: %s", s->mode,
+    CHECK(!sdx4_step_run(gpu, step, record_step_forward, &r), "%s: recorded run: %s", s->mode,
           sdx4_last_error());
     tensor *y = r.out[2];
     CHECK(r.calls == 3 && y, "%s: %d calls of the step's function", s->mode, r.calls);
@@ -608,19 +608,19 @@ static void test_record(const suite *s, planning plan) {
         float *h2 = fetch(s->cpu, x2.c);
         CHECK(!gpu->upload(gpu, x.g, h2), "upload: %s", sdx4_last_error());
         pair other = act(s, 4, shape, 5, 6);
-        CHECK(!step_run(gpu, step, record_step_fw, &r), "%s: replay: %s", s->mode,
+        CHECK(!sdx4_step_run(gpu, step, record_step_forward, &r), "%s: replay: %s", s->mode,
               sdx4_last_error());
         want = sequence(s->cpu, 0, x2.c, &sw);
         expect_close(s, "recorded sequence, replayed", y, want, s->tol);
         expect_close(s, "tensor made between replays", other.g, other.c, 0);
-        CHECK(!step_run(gpu, step, record_step_fw, &r), "%s: second replay: %s", s->mode,
+        CHECK(!sdx4_step_run(gpu, step, record_step_forward, &r), "%s: second replay: %s", s->mode,
               sdx4_last_error());
         expect_close(s, "recorded sequence, replayed again", y, want, s->tol);
         CHECK(r.calls == 3, "%s: the replays called the step's function", s->mode);
         pair_free(&other);
         free(h2);
     }
-    step_free(gpu, step);
+    sdx4_step_free(gpu, step);
     tensor_free(y), tensor_free(want);
     gpu->memory(gpu, &after, NULL);
     CHECK(after == before, "%s, plan %d: %" PRId64 " bytes in use after freeing the step, %" PRId64
@@ -638,7 +638,7 @@ typedef struct {
     int calls;
 } plain_step;
 
-static int plain_step_fw(void *arg) {
+static int plain_step_forward(void *arg) {
     plain_step *p = arg;
     p->calls++;
     tensor_free(p->y);
@@ -653,22 +653,22 @@ static void test_step_as_called(const suite *s) {
     pair x = act(s, 4, shape, -1, 1);
     sequence_weights sw = sequence_weights_new(s);
     plain_step p = {.gpu = s->gpu, .x = x.g, .sw = &sw};
-    CHECK(!step_replays(s->gpu), "%s: steps replayed with graphs off", s->mode);
-    backend_step *step = step_new(s->gpu);
+    CHECK(!sdx4_step_replays(s->gpu), "%s: steps replayed with graphs off", s->mode);
+    backend_step *step = sdx4_step_new(s->gpu);
     CHECK(step != NULL, "%s: step_new: %s", s->mode, sdx4_last_error());
     for (int i = 0; step && i < 4; i++) {
         float *h = suite_values(s, tensor_numel(x.c), -1, 1);
         CHECK(!s->cpu->upload(s->cpu, x.c, h) && !s->gpu->upload(s->gpu, x.g, h), "upload: %s",
               sdx4_last_error());
         free(h);
-        CHECK(!step_run(s->gpu, step, plain_step_fw, &p), "%s: run %d: %s", s->mode, i,
+        CHECK(!sdx4_step_run(s->gpu, step, plain_step_forward, &p), "%s: run %d: %s", s->mode, i,
               sdx4_last_error());
         tensor *want = sequence(s->cpu, 0, x.c, &sw);
         expect_close(s, "step run as called", p.y, want, s->tol);
         tensor_free(want);
     }
     CHECK(p.calls == 4, "%s: %d calls in 4 runs", s->mode, p.calls);
-    step_free(s->gpu, step);
+    sdx4_step_free(s->gpu, step);
     tensor_free(p.y);
     pair_free(&x);
     sequence_weights_free(&sw);
@@ -694,7 +694,7 @@ static void test_memory(backend *gpu) {
 
     /* more than any GPU has: an error, and the backend still works */
     t = gpu->new_tensor(gpu, 2, (int64_t[]){(int64_t)1 << 22, (int64_t)1 << 22});
-    CHECK(t == NULL && error_status() == SDX4_ERR_NO_MEMORY, "64 TiB tensor: %s",
+    CHECK(t == NULL && sdx4_error_status() == SDX4_ERR_NO_MEMORY, "64 TiB tensor: %s",
           t ? "allocated" : sdx4_last_error());
     tensor_free(t);
     float one = 1.5f, back = 0;
@@ -706,7 +706,7 @@ static void test_memory(backend *gpu) {
 
 static void expect_error(tensor *t, sdx4_status status, const char *needle) {
     CHECK(t == NULL, "expected an error containing \"%s\"", needle);
-    CHECK(error_status() == status, "status %d, expected %d (%s)", error_status(), status,
+    CHECK(sdx4_error_status() == status, "status %d, expected %d (%s)", sdx4_error_status(), status,
           sdx4_last_error());
     CHECK(strstr(sdx4_last_error(), needle) != NULL, "message \"%s\" lacks \"%s\"",
           sdx4_last_error(), needle);
@@ -785,8 +785,8 @@ static void test_threads(const suite *s) {
 /* A CUDA backend with the settings `o` asks for, as the engine opens one. */
 static backend *open_cuda(sdx4_cuda_options o) {
     cuda_settings settings;
-    if (cuda_settings_parse(&o, &settings)) return NULL;
-    return backend_cuda_create(0, &settings);
+    if (sdx4_cuda_settings_parse(&o, &settings)) return NULL;
+    return sdx4_backend_cuda_create(0, &settings);
 }
 
 /* A step recorded without a planning pass, on a backend without plans. */
@@ -800,7 +800,7 @@ static void test_unplanned(backend *cpu, const char *mode, double tol, dtype act
 }
 
 int main(void) {
-    backend *cpu = backend_cpu_create(1);
+    backend *cpu = sdx4_backend_cpu_create(1);
     backend *gpu = open_cuda((sdx4_cuda_options){.dtype = "fp32", .conv = "cudnn"});
     if (!gpu) {
         printf("test_backend_cuda: skipped: %s\n", sdx4_last_error());

@@ -82,9 +82,9 @@ static tensor *zeros(backend *be, int ndim, const int64_t *shape) {
 /* Runs one operation with the flag set: it must fail as canceled. */
 #define EXPECT_STOPPED(what, call)                                                          \
     do {                                                                                    \
-        error_clear();                                                                      \
+        sdx4_error_clear();                                                                      \
         tensor *y_ = (call);                                                                \
-        CHECK(!y_ && error_status() == SDX4_ERR_CANCELED, "%s ran on with the flag set "    \
+        CHECK(!y_ && sdx4_error_status() == SDX4_ERR_CANCELED, "%s ran on with the flag set "    \
               "(%s)", what, y_ ? "it returned a result" : sdx4_last_error());               \
         tensor_free(y_);                                                                    \
     } while (0)
@@ -139,7 +139,7 @@ static tensor *spy_attention(backend *be, const tensor *q, const tensor *k, cons
     if (spy.mode == MARK_VAE) mark();
     tensor *y = spy.real.attention(be, q, k, v, heads, causal);
     if (spy.mode == OBSERVE) spy.attention_seconds = now() - t0;
-    else spy.attention_stopped = !y && error_status() == SDX4_ERR_CANCELED;
+    else spy.attention_stopped = !y && sdx4_error_status() == SDX4_ERR_CANCELED;
     return y;
 }
 
@@ -232,9 +232,9 @@ int main(void) {
         fprintf(stderr, "%s: %s\n", dir, sdx4_last_error());
         return 1;
     }
-    backend *be = engine_backend(e);
+    backend *be = sdx4_engine_backend(e);
     spy.real = *be;
-    spy.unet_in_channels = engine_model(e)->unet.in_channels;
+    spy.unet_in_channels = sdx4_engine_model(e)->unet.in_channels;
     be->conv2d = spy_conv2d;
     be->attention = spy_attention;
 

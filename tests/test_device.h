@@ -31,11 +31,11 @@ static inline backend *test_backend(void) {
                                .no_graphs = graph && !strcmp(graph, "0"),
                                .no_plans = plan && !strcmp(plan, "0")};
         cuda_settings settings;
-        if (cuda_settings_parse(&o, &settings)) {
+        if (sdx4_cuda_settings_parse(&o, &settings)) {
             fprintf(stderr, "%s\n", sdx4_last_error());
             exit(1);
         }
-        backend *be = backend_cuda_create(0, &settings);
+        backend *be = sdx4_backend_cuda_create(0, &settings);
         if (!be) {
             printf("skipped: %s\n", sdx4_last_error());
             exit(77);
@@ -48,7 +48,7 @@ static inline backend *test_backend(void) {
         exit(77);
 #endif
     }
-    backend *be = backend_cpu_create(0);
+    backend *be = sdx4_backend_cpu_create(0);
     if (!be) {
         fprintf(stderr, "cpu backend: %s\n", sdx4_last_error());
         exit(1);

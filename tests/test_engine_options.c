@@ -61,10 +61,10 @@ static void test_engine(void) {
                 NO_MODEL);
 
     cuda_settings s;
-    CHECK(cuda_settings_parse(NULL, &s) == 0 && s.mode == DTYPE_F16 && s.allow_bf16 &&
+    CHECK(sdx4_cuda_settings_parse(NULL, &s) == 0 && s.mode == DTYPE_F16 && s.allow_bf16 &&
               s.conv == CONV_CUDNN && s.use_graphs && s.use_plans && !s.profile,
           "the defaults");
-    CHECK(cuda_settings_parse(&(sdx4_cuda_options){.dtype = "fp32", .vae = "fp32",
+    CHECK(sdx4_cuda_settings_parse(&(sdx4_cuda_options){.dtype = "fp32", .vae = "fp32",
                                                    .conv = "cudnn-legacy", .no_graphs = 1,
                                                    .no_plans = 1, .profile = 1},
                               &s) == 0 &&
@@ -74,7 +74,7 @@ static void test_engine(void) {
     const char *convs[] = {"cudnn", "cudnn-graph", "cudnn-legacy", "im2col"};
     const conv_path paths[] = {CONV_CUDNN, CONV_CUDNN_GRAPH, CONV_CUDNN_LEGACY, CONV_IM2COL};
     for (int i = 0; i < 4; i++)
-        CHECK(cuda_settings_parse(&(sdx4_cuda_options){.conv = convs[i]}, &s) == 0 &&
+        CHECK(sdx4_cuda_settings_parse(&(sdx4_cuda_options){.conv = convs[i]}, &s) == 0 &&
                   s.conv == paths[i],
               "conv %s", convs[i]);
 }
@@ -138,24 +138,24 @@ typedef struct {
 static int count_call(void *arg) {
     counter *c = arg;
     if (++c->calls == c->fail_at) {
-        set_error(SDX4_ERR_DEVICE, "step failed on purpose");
+        sdx4_set_error(SDX4_ERR_DEVICE, "step failed on purpose");
         return -1;
     }
     return 0;
 }
 
 static void test_cpu_steps(void) {
-    backend *cpu = backend_cpu_create(1);
-    CHECK(cpu && !step_replays(cpu), "the cpu backend replays no step");
-    backend_step *s = step_new(cpu);
+    backend *cpu = sdx4_backend_cpu_create(1);
+    CHECK(cpu && !sdx4_step_replays(cpu), "the cpu backend replays no step");
+    backend_step *s = sdx4_step_new(cpu);
     counter c = {0, 4};
     CHECK(s != NULL, "step_new: %s", sdx4_last_error());
-    for (int i = 0; i < 3; i++) CHECK(step_run(cpu, s, count_call, &c) == 0, "run %d", i);
+    for (int i = 0; i < 3; i++) CHECK(sdx4_step_run(cpu, s, count_call, &c) == 0, "run %d", i);
     CHECK(c.calls == 3, "%d calls in 3 runs", c.calls);
-    CHECK(step_run(cpu, s, count_call, &c) == -1 && strstr(sdx4_last_error(), "on purpose"),
+    CHECK(sdx4_step_run(cpu, s, count_call, &c) == -1 && strstr(sdx4_last_error(), "on purpose"),
           "a failing function fails the run: %s", sdx4_last_error());
-    step_free(cpu, s);
-    step_free(cpu, NULL);
+    sdx4_step_free(cpu, s);
+    sdx4_step_free(cpu, NULL);
     cpu->destroy(cpu);
 }
 

@@ -99,12 +99,12 @@ static void test_tiny(void) {
  * out the time embedding and post_quant_conv. */
 static void test_full_size(void) {
     model m;
-    if (model_spec(&m, SDX4_SOURCE_DIR "/assets/x4-upscaler")) {
+    if (sdx4_model_spec(&m, SDX4_SOURCE_DIR "/assets/x4-upscaler")) {
         CHECK(0, "%s", sdx4_last_error());
         return;
     }
     sdx4_flop_counts c;
-    model_flops(&m, 64, 64, 2, &c);
+    sdx4_model_flops(&m, 64, 64, 2, &c);
     double te = 45127233536.0, unet = 286419058688.0, vae = 670618877952.0;
     double cross_kv = c.text.dense + c.text.attention - 2 * te; /* per upscale, batch 2 */
     CHECK(c.text.attention == 2 * 23 * 4 * 77.0 * 77 * 1024, "text attention %.17g",
@@ -116,7 +116,7 @@ static void test_full_size(void) {
           c.decode.dense + c.decode.attention);
     printf("x4 64 px: unet per image %.6g (tool %.6g, %+.2g), vae %.6g\n", step, unet,
            (step - unet) / unet, c.decode.dense + c.decode.attention);
-    model_free(&m);
+    sdx4_model_free(&m);
 }
 
 int main(void) {

@@ -58,7 +58,7 @@ static void test_resize_case(int w, int h, int ow, int oh) {
         return;
     }
     sdx4_image in = {w, h, data}, out = {0};
-    CHECK(image_resize_bicubic(&in, ow, oh, &out) == 0, "%s: %s", name, sdx4_last_error());
+    CHECK(sdx4_image_resize_bicubic(&in, ow, oh, &out) == 0, "%s: %s", name, sdx4_last_error());
     if (out.pixels) {
         CHECK(out.width == ow && out.height == oh, "%s: got %dx%d", name, out.width, out.height);
         size_t diff = 0, first = 0;
@@ -71,7 +71,7 @@ static void test_resize_case(int w, int h, int ow, int oh) {
     free(data);
 }
 
-/* image_preprocess resizes when the sides are not multiples of the scale
+/* sdx4_image_preprocess resizes when the sides are not multiples of the scale
  * factor: its floats must be PIL's bytes, normalised. */
 static void test_preprocess_resizes(int w, int h, int ow, int oh, int scale) {
     char name[64];
@@ -86,7 +86,7 @@ static void test_preprocess_resizes(int w, int h, int ow, int oh, int scale) {
     sdx4_image in = {w, h, data};
     float *chw = NULL;
     int gh = 0, gw = 0;
-    CHECK(image_preprocess(&in, scale, &chw, &gh, &gw) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_image_preprocess(&in, scale, &chw, &gh, &gw) == 0, "%s", sdx4_last_error());
     CHECK(gh == oh && gw == ow, "%s: scale %d gave %dx%d", name, scale, gw, gh);
     if (chw && gh == oh && gw == ow) {
         const unsigned char *pil = data + w * h * 3;
@@ -116,7 +116,7 @@ static void test_normalize(void) {
     sdx4_image in = {256, 4, px};
     float *chw = NULL;
     int h, w;
-    CHECK(image_preprocess(&in, 4, &chw, &h, &w) == 0 && h == 4 && w == 256, "%s",
+    CHECK(sdx4_image_preprocess(&in, 4, &chw, &h, &w) == 0 && h == 4 && w == 256, "%s",
           sdx4_last_error());
     if (chw) {
         int bad = 0;
@@ -156,7 +156,7 @@ static void test_postprocess_rounding(void) {
 
     /* denormalize, value by value (bitwise, so -0 and 0 count apart) */
     memcpy(x, data + 8, n * 4);
-    image_denormalize(x, n, d);
+    sdx4_image_denormalize(x, n, d);
     int bad = 0;
     for (int i = 0; i < n; i++) bad += memcmp(&d[i], &want_d[i], 4) != 0;
     CHECK(bad == 0, "denormalize: %d of %d differ from numpy", bad, n);
@@ -164,7 +164,7 @@ static void test_postprocess_rounding(void) {
     /* postprocess on a [3, 1, n] image: each channel holds the same values */
     for (int c = 1; c < 3; c++) memcpy(x + c * n, x, n * 4);
     sdx4_image out = {0};
-    CHECK(image_postprocess(x, 1, n, &out) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_image_postprocess(x, 1, n, &out) == 0, "%s", sdx4_last_error());
     if (out.pixels) {
         bad = 0;
         for (int i = 0; i < n; i++)
@@ -176,7 +176,7 @@ static void test_postprocess_rounding(void) {
     /* quantize on [0, 1] values, around every k / 255 and (k + 0.5) / 255 */
     for (int c = 0; c < 3; c++)
         memcpy(unit + (size_t)c * nu, data + 8 + (size_t)n * 9, (size_t)nu * 4);
-    image_quantize(unit, 1, nu, rgb);
+    sdx4_image_quantize(unit, 1, nu, rgb);
     bad = 0;
     for (int i = 0; i < nu; i++) bad += rgb[3 * i] != want_qu[i] || rgb[3 * i + 2] != want_qu[i];
     CHECK(bad == 0, "quantize: %d of %d differ from numpy", bad, nu);
@@ -187,12 +187,12 @@ static void test_postprocess_rounding(void) {
     for (int k = 0; k < 3; k++) {
         uint8_t q[3];
         for (int c = 0; c < 3; c++) one[c] = halves[k];
-        image_quantize(one, 1, 1, q);
+        sdx4_image_quantize(one, 1, 1, q);
         if (halves[k] * 255.0f == 0.5f + k) CHECK(q[0] == even[k], "%g/255 -> %d", 0.5 + k, q[0]);
     }
     /* clamping of values outside model space, NaN to 0 */
     float odd[3] = {-3.0f, 3.0f, NAN};
-    CHECK(image_postprocess(odd, 1, 1, &out) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_image_postprocess(odd, 1, 1, &out) == 0, "%s", sdx4_last_error());
     if (out.pixels) {
         CHECK(out.pixels[0] == 0 && out.pixels[1] == 255 && out.pixels[2] == 0,
               "clamp: %d %d %d", out.pixels[0], out.pixels[1], out.pixels[2]);
@@ -213,34 +213,34 @@ static void test_errors(void) {
     sdx4_image small = {7, 9, px};
     float *chw = NULL;
     int h, w;
-    error_clear();
-    CHECK(image_preprocess(&small, 8, &chw, &h, &w) == -1 && chw == NULL,
+    sdx4_error_clear();
+    CHECK(sdx4_image_preprocess(&small, 8, &chw, &h, &w) == -1 && chw == NULL,
           "7x9 with scale 8 accepted");
-    CHECK(error_status() == SDX4_ERR_INVALID_ARGUMENT, "status %d", error_status());
+    CHECK(sdx4_error_status() == SDX4_ERR_INVALID_ARGUMENT, "status %d", sdx4_error_status());
     CHECK(strstr(sdx4_last_error(), "7x9") != NULL, "message: %s", sdx4_last_error());
-    CHECK(image_preprocess(&small, 4, &chw, &h, &w) == 0 && h == 8 && w == 4,
+    CHECK(sdx4_image_preprocess(&small, 4, &chw, &h, &w) == 0 && h == 8 && w == 4,
           "7x9 scale 4: %s", sdx4_last_error());
     free(chw);
     chw = NULL;
-    CHECK(image_preprocess(&small, 0, &chw, &h, &w) == -1, "scale 0 accepted");
+    CHECK(sdx4_image_preprocess(&small, 0, &chw, &h, &w) == -1, "scale 0 accepted");
     sdx4_image empty = {0, 0, NULL}, out = {0};
-    CHECK(image_preprocess(&empty, 4, &chw, &h, &w) == -1, "empty image accepted");
-    CHECK(image_preprocess(NULL, 4, &chw, &h, &w) == -1, "NULL image accepted");
-    CHECK(image_resize_bicubic(&small, 0, 5, &out) == -1, "0 width accepted");
-    CHECK(image_postprocess(NULL, 1, 1, &out) == -1, "NULL floats accepted");
+    CHECK(sdx4_image_preprocess(&empty, 4, &chw, &h, &w) == -1, "empty image accepted");
+    CHECK(sdx4_image_preprocess(NULL, 4, &chw, &h, &w) == -1, "NULL image accepted");
+    CHECK(sdx4_image_resize_bicubic(&small, 0, 5, &out) == -1, "0 width accepted");
+    CHECK(sdx4_image_postprocess(NULL, 1, 1, &out) == -1, "NULL floats accepted");
     float zero[3] = {0};
-    CHECK(image_postprocess(zero, 0, 1, &out) == -1, "height 0 accepted");
+    CHECK(sdx4_image_postprocess(zero, 0, 1, &out) == -1, "height 0 accepted");
 }
 
 /* ---- the golden pipeline --------------------------------------------- */
 
 static void test_golden_output(void) {
     st_file f;
-    if (st_open(&f, test_ref("small/golden/pipe0.safetensors"))) {
+    if (sdx4_st_open(&f, test_ref("small/golden/pipe0.safetensors"))) {
         printf("skip golden: %s\n", sdx4_last_error());
         return;
     }
-    const st_tensor *t = st_find(&f, "output");
+    const st_tensor *t = sdx4_st_find(&f, "output");
     CHECK(t && t->type == DTYPE_F32 && t->ndim == 4 && t->shape[0] == 1 && t->shape[1] == 3,
           "pipe0.safetensors: no [1,3,H,W] float32 output");
     char err[256];
@@ -256,8 +256,8 @@ static void test_golden_output(void) {
         uint8_t *rgb = malloc(n);
         dtype_to_f32(t->type, t->data, unit, n);
 
-        /* The PNG is numpy_to_pil(output): image_quantize must give it. */
-        image_quantize(unit, h, w, rgb);
+        /* The PNG is numpy_to_pil(output): sdx4_image_quantize must give it. */
+        sdx4_image_quantize(unit, h, w, rgb);
         size_t bad = 0;
         for (size_t i = 0; i < n && png.width == w && png.height == h; i++)
             bad += rgb[i] != png.pixels[i];
@@ -267,7 +267,7 @@ static void test_golden_output(void) {
          * (exact for output >= 0.5, within one float32 step below). */
         for (size_t i = 0; i < n; i++) model[i] = 2.0f * unit[i] - 1.0f;
         sdx4_image post = {0};
-        CHECK(image_postprocess(model, h, w, &post) == 0, "%s", sdx4_last_error());
+        CHECK(sdx4_image_postprocess(model, h, w, &post) == 0, "%s", sdx4_last_error());
         if (post.pixels) {
             size_t off = 0, worst = 0;
             for (size_t i = 0; i < n && png.width == w; i++) {
@@ -284,7 +284,7 @@ static void test_golden_output(void) {
         free(rgb);
     }
     free(png.pixels);
-    st_close(&f);
+    sdx4_st_close(&f);
 
     /* The input decodes to a size that needs no resize (48x40, scale 4). */
     sdx4_image in = {0};
@@ -293,7 +293,7 @@ static void test_golden_output(void) {
     if (rc == 0) {
         float *chw = NULL;
         int h, w;
-        CHECK(image_preprocess(&in, 4, &chw, &h, &w) == 0 && h == in.height && w == in.width,
+        CHECK(sdx4_image_preprocess(&in, 4, &chw, &h, &w) == 0 && h == in.height && w == in.width,
               "preprocess %dx%d -> %dx%d", in.width, in.height, w, h);
         if (chw) CHECK(chw[0] == 2.0f * (in.pixels[0] / 255.0f) - 1.0f, "first value %g", chw[0]);
         free(chw);

@@ -18,7 +18,7 @@
 
 static void test_full_size_counts(void) {
     model m;
-    int rc = model_spec(&m, test_ref("../models/x4-upscaler"));
+    int rc = sdx4_model_spec(&m, test_ref("../models/x4-upscaler"));
     CHECK(rc == 0, "%s", sdx4_last_error());
     if (rc) return;
     /* published: UNet 473,398,020; text encoder 340,387,840; VAE decoder
@@ -26,13 +26,13 @@ static void test_full_size_counts(void) {
     CHECK(m.unet_ws.params == 473398020, "unet %lld", (long long)m.unet_ws.params);
     CHECK(m.te_ws.params == 340387840, "text encoder %lld", (long long)m.te_ws.params);
     CHECK(m.vae_ws.params == 32965379 + 20, "vae %lld", (long long)m.vae_ws.params);
-    model_free(&m);
+    sdx4_model_free(&m);
 }
 
 /* Every tensor of `real` exists in `made` with the same shape. */
 static void same_tensors(const char *real, const char *made, int skip_encoder) {
     st_file a, b;
-    if (st_open(&a, real) || st_open(&b, made)) {
+    if (sdx4_st_open(&a, real) || sdx4_st_open(&b, made)) {
         CHECK(0, "%s", sdx4_last_error());
         return;
     }
@@ -43,8 +43,8 @@ static void same_tensors(const char *real, const char *made, int skip_encoder) {
             continue;
         char prefixed[600];
         snprintf(prefixed, sizeof prefixed, "text_model.%s", t->name);
-        u = st_find(&b, t->name);
-        if (!u) u = st_find(&b, prefixed);
+        u = sdx4_st_find(&b, t->name);
+        if (!u) u = sdx4_st_find(&b, prefixed);
         CHECK(u != NULL, "%s: %s missing", made, t->name);
         if (!u) continue;
         CHECK(u->ndim == t->ndim && !memcmp(u->shape, t->shape, t->ndim * sizeof *t->shape),
@@ -52,8 +52,8 @@ static void same_tensors(const char *real, const char *made, int skip_encoder) {
         checked++;
     }
     CHECK(checked > 0, "no tensors compared in %s", real);
-    st_close(&a);
-    st_close(&b);
+    sdx4_st_close(&a);
+    sdx4_st_close(&b);
 }
 
 /* Opens `dir` and upscales a 16x16 grey square in 2 steps. */

@@ -42,27 +42,27 @@ static void add_free(trace *t, int b) {
 static const void *address(int b) { return (const void *)(uintptr_t)(0x1000 + 64 * (uintptr_t)b); }
 
 static memplan *plan_of(const trace *t) {
-    memplan *p = memplan_new();
-    CHECK(p != NULL, "memplan_new");
+    memplan *p = sdx4_memplan_new();
+    CHECK(p != NULL, "sdx4_memplan_new");
     for (int e = 0; e < t->n_events; e++) {
         int b = t->event[e] >= 0 ? t->event[e] : ~t->event[e];
-        if (t->event[e] >= 0) CHECK(memplan_note_alloc(p, address(b), t->bytes[b]) == 0, "note");
-        else memplan_note_free(p, address(b));
+        if (t->event[e] >= 0) CHECK(sdx4_memplan_note_alloc(p, address(b), t->bytes[b]) == 0, "note");
+        else sdx4_memplan_note_free(p, address(b));
     }
-    CHECK(memplan_finish(p, ALIGN) == 0, "finish: %s", sdx4_last_error());
+    CHECK(sdx4_memplan_finish(p, ALIGN) == 0, "finish: %s", sdx4_last_error());
     return p;
 }
 
 /* Follows the whole trace; every event must match, giving t->offset. */
 static void follow_faithfully(memplan *p, trace *t) {
-    memplan_rewind(p);
+    sdx4_memplan_rewind(p);
     for (int e = 0; e < t->n_events; e++) {
         int b = t->event[e] >= 0 ? t->event[e] : ~t->event[e];
-        if (t->event[e] >= 0) t->offset[b] = memplan_follow_alloc(p, t->bytes[b]);
-        else memplan_follow_free(p, t->offset[b]);
+        if (t->event[e] >= 0) t->offset[b] = sdx4_memplan_follow_alloc(p, t->bytes[b]);
+        else sdx4_memplan_follow_free(p, t->offset[b]);
     }
-    CHECK(memplan_on_track(p) && memplan_position(p) == t->n_events,
-          "faithful run left the plan at event %d of %d", memplan_position(p), t->n_events);
+    CHECK(sdx4_memplan_on_track(p) && sdx4_memplan_position(p) == t->n_events,
+          "faithful run left the plan at event %d of %d", sdx4_memplan_position(p), t->n_events);
 }
 
 static size_t rounded(size_t bytes) { return bytes ? (bytes + ALIGN - 1) / ALIGN * ALIGN : ALIGN; }
@@ -73,7 +73,7 @@ static void check_layout(const memplan *p, const trace *t) {
     int bad = 0;
     for (int a = 0; a < t->n_buffers; a++) {
         bad += t->offset[a] < 0 || t->offset[a] % ALIGN ||
-               (size_t)t->offset[a] + rounded(t->bytes[a]) > memplan_arena_bytes(p);
+               (size_t)t->offset[a] + rounded(t->bytes[a]) > sdx4_memplan_arena_bytes(p);
         for (int b = a + 1; b < t->n_buffers; b++) {
             int together = t->alloc_at[a] < t->free_at[b] && t->alloc_at[b] < t->free_at[a];
             int apart = t->offset[a] + (int64_t)t->bytes[a] <= t->offset[b] ||
@@ -96,9 +96,9 @@ static void check_chain(void) {
     memplan *p = plan_of(&t);
     follow_faithfully(p, &t);
     check_layout(p, &t);
-    CHECK(memplan_peak_bytes(p) == 2 * 1024, "peak %zu", memplan_peak_bytes(p));
-    CHECK(memplan_arena_bytes(p) == 2 * 1024, "arena %zu", memplan_arena_bytes(p));
-    memplan_free(p);
+    CHECK(sdx4_memplan_peak_bytes(p) == 2 * 1024, "peak %zu", sdx4_memplan_peak_bytes(p));
+    CHECK(sdx4_memplan_arena_bytes(p) == 2 * 1024, "arena %zu", sdx4_memplan_arena_bytes(p));
+    sdx4_memplan_free(p);
 }
 
 /* A U-Net in miniature: skip connections held across the whole run while
@@ -127,11 +127,11 @@ static void check_unet_like(void) {
     memplan *p = plan_of(&t);
     follow_faithfully(p, &t);
     check_layout(p, &t);
-    printf("u-net-like: %d buffers, peak %.1f MiB, arena %.1f MiB\n", memplan_buffers(p),
-           memplan_peak_bytes(p) / 1048576.0, memplan_arena_bytes(p) / 1048576.0);
-    CHECK(memplan_arena_bytes(p) <= memplan_peak_bytes(p) * 5 / 4, "arena %zu for peak %zu",
-          memplan_arena_bytes(p), memplan_peak_bytes(p));
-    memplan_free(p);
+    printf("u-net-like: %d buffers, peak %.1f MiB, arena %.1f MiB\n", sdx4_memplan_buffers(p),
+           sdx4_memplan_peak_bytes(p) / 1048576.0, sdx4_memplan_arena_bytes(p) / 1048576.0);
+    CHECK(sdx4_memplan_arena_bytes(p) <= sdx4_memplan_peak_bytes(p) * 5 / 4, "arena %zu for peak %zu",
+          sdx4_memplan_arena_bytes(p), sdx4_memplan_peak_bytes(p));
+    sdx4_memplan_free(p);
 }
 
 /* Random sizes over four decades, random lifetimes, some never freed. */
@@ -157,18 +157,18 @@ static void check_random(unsigned seed) {
     follow_faithfully(p, &t);
     check_layout(p, &t);
     printf("random %u: %d buffers, peak %.2f MiB, arena %.2f MiB, all of them %.1f MiB\n", seed,
-           memplan_buffers(p), memplan_peak_bytes(p) / 1048576.0,
-           memplan_arena_bytes(p) / 1048576.0, sum / 1048576.0);
-    CHECK(memplan_arena_bytes(p) >= memplan_peak_bytes(p), "arena below the peak");
-    CHECK(memplan_arena_bytes(p) <= memplan_peak_bytes(p) * 3 / 2, "arena %zu for peak %zu",
-          memplan_arena_bytes(p), memplan_peak_bytes(p));
+           sdx4_memplan_buffers(p), sdx4_memplan_peak_bytes(p) / 1048576.0,
+           sdx4_memplan_arena_bytes(p) / 1048576.0, sum / 1048576.0);
+    CHECK(sdx4_memplan_arena_bytes(p) >= sdx4_memplan_peak_bytes(p), "arena below the peak");
+    CHECK(sdx4_memplan_arena_bytes(p) <= sdx4_memplan_peak_bytes(p) * 3 / 2, "arena %zu for peak %zu",
+          sdx4_memplan_arena_bytes(p), sdx4_memplan_peak_bytes(p));
 
     /* a second faithful run gets the same places */
     int64_t first[4096];
     memcpy(first, t.offset, sizeof first);
     follow_faithfully(p, &t);
     CHECK(!memcmp(first, t.offset, sizeof first), "a second run got other places");
-    memplan_free(p);
+    sdx4_memplan_free(p);
 }
 
 /* A run that differs, at an allocation or at a free, leaves the plan there
@@ -182,58 +182,58 @@ static void check_leaving(void) {
     add_free(&t, 0);
     memplan *p = plan_of(&t);
 
-    memplan_rewind(p);
-    CHECK(memplan_follow_alloc(p, 4096) >= 0, "first allocation");
-    CHECK(memplan_follow_alloc(p, 4000) == -1, "another size is not the plan's");
-    CHECK(!memplan_on_track(p) && memplan_position(p) == 1, "left at %d", memplan_position(p));
-    CHECK(memplan_follow_alloc(p, 4096) == -1, "a place after leaving");
+    sdx4_memplan_rewind(p);
+    CHECK(sdx4_memplan_follow_alloc(p, 4096) >= 0, "first allocation");
+    CHECK(sdx4_memplan_follow_alloc(p, 4000) == -1, "another size is not the plan's");
+    CHECK(!sdx4_memplan_on_track(p) && sdx4_memplan_position(p) == 1, "left at %d", sdx4_memplan_position(p));
+    CHECK(sdx4_memplan_follow_alloc(p, 4096) == -1, "a place after leaving");
 
-    memplan_rewind(p);
+    sdx4_memplan_rewind(p);
     int64_t o[4];
-    for (int i = 0; i < 4; i++) o[i] = memplan_follow_alloc(p, 4096);
-    memplan_follow_free(p, o[0]); /* the trace frees 1 here */
-    CHECK(!memplan_on_track(p) && memplan_position(p) == 4, "free out of order: at %d",
-          memplan_position(p));
-    CHECK(memplan_follow_alloc(p, 4096) == -1, "a place after a wrong free");
+    for (int i = 0; i < 4; i++) o[i] = sdx4_memplan_follow_alloc(p, 4096);
+    sdx4_memplan_follow_free(p, o[0]); /* the trace frees 1 here */
+    CHECK(!sdx4_memplan_on_track(p) && sdx4_memplan_position(p) == 4, "free out of order: at %d",
+          sdx4_memplan_position(p));
+    CHECK(sdx4_memplan_follow_alloc(p, 4096) == -1, "a place after a wrong free");
 
-    memplan_rewind(p); /* more than the trace */
-    for (int i = 0; i < 4; i++) o[i] = memplan_follow_alloc(p, 4096);
-    memplan_follow_free(p, o[1]);
-    memplan_follow_alloc(p, 4096);
-    memplan_follow_free(p, o[0]);
-    CHECK(memplan_on_track(p), "the whole trace");
-    CHECK(memplan_follow_alloc(p, 4096) == -1 && !memplan_on_track(p), "past the trace");
-    memplan_free(p);
+    sdx4_memplan_rewind(p); /* more than the trace */
+    for (int i = 0; i < 4; i++) o[i] = sdx4_memplan_follow_alloc(p, 4096);
+    sdx4_memplan_follow_free(p, o[1]);
+    sdx4_memplan_follow_alloc(p, 4096);
+    sdx4_memplan_follow_free(p, o[0]);
+    CHECK(sdx4_memplan_on_track(p), "the whole trace");
+    CHECK(sdx4_memplan_follow_alloc(p, 4096) == -1 && !sdx4_memplan_on_track(p), "past the trace");
+    sdx4_memplan_free(p);
 }
 
 /* Frees of memory from before the trace are no events; an empty trace and
  * a finished one are refused. */
 static void check_tracing(void) {
-    memplan *p = memplan_new();
-    memplan_note_free(p, address(7)); /* allocated before tracing began */
-    CHECK(memplan_finish(p, ALIGN) == -1, "an empty trace was planned");
+    memplan *p = sdx4_memplan_new();
+    sdx4_memplan_note_free(p, address(7)); /* allocated before tracing began */
+    CHECK(sdx4_memplan_finish(p, ALIGN) == -1, "an empty trace was planned");
     CHECK(strstr(sdx4_last_error(), "nothing was allocated") != NULL, "%s", sdx4_last_error());
-    CHECK(memplan_note_alloc(p, address(1), 10) == 0, "note");
-    memplan_note_free(p, address(2));
-    memplan_note_free(p, address(1));
-    CHECK(memplan_finish(p, ALIGN) == 0, "finish");
-    CHECK(memplan_events(p) == 2 && memplan_buffers(p) == 1, "%d events, %d buffers",
-          memplan_events(p), memplan_buffers(p));
-    CHECK(memplan_note_alloc(p, address(3), 10) == -1, "noted into a finished plan");
-    CHECK(memplan_follow_alloc(p, 10) == 0, "the one place");
-    memplan_free(p);
+    CHECK(sdx4_memplan_note_alloc(p, address(1), 10) == 0, "note");
+    sdx4_memplan_note_free(p, address(2));
+    sdx4_memplan_note_free(p, address(1));
+    CHECK(sdx4_memplan_finish(p, ALIGN) == 0, "finish");
+    CHECK(sdx4_memplan_events(p) == 2 && sdx4_memplan_buffers(p) == 1, "%d events, %d buffers",
+          sdx4_memplan_events(p), sdx4_memplan_buffers(p));
+    CHECK(sdx4_memplan_note_alloc(p, address(3), 10) == -1, "noted into a finished plan");
+    CHECK(sdx4_memplan_follow_alloc(p, 10) == 0, "the one place");
+    sdx4_memplan_free(p);
 
-    memplan *odd = memplan_new();
-    CHECK(memplan_note_alloc(odd, address(1), 10) == 0, "note");
-    CHECK(memplan_finish(odd, 96) == -1, "alignment 96 accepted");
-    CHECK(memplan_finish(odd, 0) == -1, "alignment 0 accepted");
-    CHECK(memplan_note_alloc(odd, address(2), SIZE_MAX - 10) == -1, "a buffer of SIZE_MAX");
-    CHECK(memplan_finish(odd, ALIGN) == -1, "a spoiled trace was planned");
-    memplan_free(odd);
+    memplan *odd = sdx4_memplan_new();
+    CHECK(sdx4_memplan_note_alloc(odd, address(1), 10) == 0, "note");
+    CHECK(sdx4_memplan_finish(odd, 96) == -1, "alignment 96 accepted");
+    CHECK(sdx4_memplan_finish(odd, 0) == -1, "alignment 0 accepted");
+    CHECK(sdx4_memplan_note_alloc(odd, address(2), SIZE_MAX - 10) == -1, "a buffer of SIZE_MAX");
+    CHECK(sdx4_memplan_finish(odd, ALIGN) == -1, "a spoiled trace was planned");
+    sdx4_memplan_free(odd);
 
-    memplan *unfinished = memplan_new();
-    CHECK(memplan_follow_alloc(unfinished, 10) == -1, "followed an unfinished plan");
-    memplan_free(unfinished);
+    memplan *unfinished = sdx4_memplan_new();
+    CHECK(sdx4_memplan_follow_alloc(unfinished, 10) == -1, "followed an unfinished plan");
+    sdx4_memplan_free(unfinished);
 }
 
 int main(void) {

@@ -21,7 +21,7 @@ static backend *be;
 
 /* Uploads golden tensor `name` of file g as a new backend tensor. */
 static tensor *golden(const st_file *g, const char *name) {
-    const st_tensor *t = st_find(g, name);
+    const st_tensor *t = sdx4_st_find(g, name);
     if (!t) {
         fprintf(stderr, "golden %s missing\n", name);
         exit(1);
@@ -38,7 +38,7 @@ static tensor *golden(const st_file *g, const char *name) {
 
 /* Compares a result with golden tensor `name`; returns max abs diff. */
 static double compare(const char *what, tensor *got, const st_file *g, const char *name, double tol) {
-    const st_tensor *t = st_find(g, name);
+    const st_tensor *t = sdx4_st_find(g, name);
     CHECK(got != NULL, "%s: %s", what, sdx4_last_error());
     if (!got || !t) return INFINITY;
     size_t n = t->nbytes / 4;
@@ -60,8 +60,8 @@ static int open_component(weight_source *ws, config *cfg, const char *model_dir,
                           const char *component, const char *stem, const char *variant) {
     char file[128];
     snprintf(file, sizeof file, "%s/config.json", component);
-    int rc = cfg_load(cfg, model_dir, file) ||
-             weights_open(ws, be, model_dir, component, stem, variant);
+    int rc = sdx4_cfg_load(cfg, model_dir, file) ||
+             sdx4_weights_open(ws, be, model_dir, component, stem, variant);
     CHECK(rc == 0, "%s: %s", component, sdx4_last_error());
     return rc;
 }
@@ -75,30 +75,30 @@ static void test_text_encoder(const char *m, const char *variant, double tol) {
     text_encoder te;
     st_file g;
     if (open_component(&ws, &cfg, dir, "text_encoder", "model", variant)) return;
-    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
-    CHECK(text_encoder_init(&te, &ws, &cfg) == 0, "%s", sdx4_last_error());
-    const st_tensor *ids_t = st_find(&g, "input_ids");
+    CHECK(sdx4_st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_text_encoder_load(&te, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    const st_tensor *ids_t = sdx4_st_find(&g, "input_ids");
     int batch = (int)ids_t->shape[0], seq = (int)ids_t->shape[1];
     float *idf = malloc(ids_t->nbytes);
     int32_t *ids = malloc(sizeof *ids * batch * seq);
     dtype_to_f32(ids_t->type, ids_t->data, idf, (size_t)batch * seq);
     for (int i = 0; i < batch * seq; i++) ids[i] = (int32_t)idf[i];
-    tensor *out = text_encoder_fw(be, &te, ids, batch, seq);
+    tensor *out = sdx4_text_encoder_forward(be, &te, ids, batch, seq);
     char what[128];
     snprintf(what, sizeof what, "%s%s text_encoder", m, variant ? ".fp16" : "");
     compare(what, out, &g, "last_hidden_state", tol);
     tensor_free(out);
     free(idf);
     free(ids);
-    text_encoder_free(&te);
-    st_close(&g);
-    weights_close(&ws);
-    cfg_free(&cfg);
+    sdx4_text_encoder_free(&te);
+    sdx4_st_close(&g);
+    sdx4_weights_close(&ws);
+    sdx4_cfg_free(&cfg);
 }
 
 /* json metadata value of the golden file, parsed */
 static json_t *meta(const st_file *g, const char *key) {
-    char *s = st_metadata(g, key);
+    char *s = sdx4_st_metadata(g, key);
     json_t *v = s ? json_loads(s, JSON_DECODE_ANY, NULL) : NULL;
     free(s);
     return v;
@@ -113,8 +113,8 @@ static void test_unet(const char *m, const char *variant, double tol) {
     unet u;
     st_file g;
     if (open_component(&ws, &cfg, dir, "unet", "diffusion_pytorch_model", variant)) return;
-    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
-    CHECK(unet_init(&u, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_unet_load(&u, &ws, &cfg) == 0, "%s", sdx4_last_error());
     tensor *sample = golden(&g, "sample"), *ctx = golden(&g, "encoder_hidden_states");
     json_t *labels = meta(&g, "class_labels");
     int32_t cl[2] = {(int32_t)json_integer_value(json_array_get(labels, 0)),
@@ -125,7 +125,7 @@ static void test_unet(const char *m, const char *variant, double tol) {
         char name[32];
         snprintf(name, sizeof name, "out_t%d", ts[i]);
         snprintf(what, sizeof what, "%s%s unet t=%d", m, variant ? ".fp16" : "", ts[i]);
-        tensor *out = unet_fw(be, &u, sample, (float)ts[i], cl, ctx);
+        tensor *out = sdx4_unet_forward(be, &u, sample, (float)ts[i], cl, ctx);
         compare(what, out, &g, name, tol);
         tensor_free(out);
     }
@@ -140,7 +140,7 @@ static void test_unet(const char *m, const char *variant, double tol) {
     be->download(be, ctx, host);
     be->upload(be, ctx1, host);
     free(host);
-    tensor *out = unet_fw(be, &u, s2, odd_t, &odd_label, ctx1);
+    tensor *out = sdx4_unet_forward(be, &u, s2, odd_t, &odd_label, ctx1);
     snprintf(what, sizeof what, "%s%s unet odd size", m, variant ? ".fp16" : "");
     compare(what, out, &g, "out_odd_t500", tol);
     tensor_free(out);
@@ -148,10 +148,10 @@ static void test_unet(const char *m, const char *variant, double tol) {
     tensor_free(ctx1);
     tensor_free(sample);
     tensor_free(ctx);
-    unet_free(&u);
-    st_close(&g);
-    weights_close(&ws);
-    cfg_free(&cfg);
+    sdx4_unet_free(&u);
+    sdx4_st_close(&g);
+    sdx4_weights_close(&ws);
+    sdx4_cfg_free(&cfg);
 }
 
 static void test_vae(const char *m, const char *variant, double tol) {
@@ -163,17 +163,17 @@ static void test_vae(const char *m, const char *variant, double tol) {
     vae_decoder v;
     st_file g;
     if (open_component(&ws, &cfg, dir, "vae", "diffusion_pytorch_model", variant)) return;
-    CHECK(st_open(&g, gold) == 0, "%s", sdx4_last_error());
-    CHECK(vae_init(&v, &ws, &cfg) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_st_open(&g, gold) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_vae_load(&v, &ws, &cfg) == 0, "%s", sdx4_last_error());
     tensor *z = golden(&g, "latents");
-    tensor *out = vae_decode(be, &v, z);
+    tensor *out = sdx4_vae_decode(be, &v, z);
     snprintf(what, sizeof what, "%s%s vae decode", m, variant ? ".fp16" : "");
     compare(what, out, &g, "image", tol);
     tensor_free(out);
     tensor_free(z);
-    st_close(&g);
-    weights_close(&ws);
-    cfg_free(&cfg);
+    sdx4_st_close(&g);
+    sdx4_weights_close(&ws);
+    sdx4_cfg_free(&cfg);
 }
 
 int main(void) {

@@ -61,7 +61,7 @@ static int read_golden_image(const char *png, sdx4_image *im, char *err, size_t 
 #endif
 
 static float *golden(const st_file *g, const char *name, size_t *n) {
-    const st_tensor *t = st_find(g, name);
+    const st_tensor *t = sdx4_st_find(g, name);
     if (!t) return NULL;
     size_t count = t->nbytes / dtype_size(t->type);
     float *out = malloc(count * sizeof *out);
@@ -105,13 +105,13 @@ static float *run_case(const model *m, const pipeline_args *base, const st_file 
     a.on_step = check_step;
     a.user = chk;
     float *out = NULL;
-    int rc = pipeline_run(m, be, &a, &out, NULL);
+    int rc = sdx4_pipeline_run(m, be, &a, &out, NULL);
     CHECK(rc == 0, "pipeline: %s", sdx4_last_error());
     free(noise);
     free(lat);
     if (rc) return NULL;
     *n_out = (size_t)3 * a.height * a.width * 16;
-    image_denormalize(out, *n_out, out);
+    sdx4_image_denormalize(out, *n_out, out);
     return out;
 }
 
@@ -119,7 +119,7 @@ static void test_model(const char *name) {
     char dir[512], path[600];
     snprintf(dir, sizeof dir, "%s/model", test_ref(name));
     model m;
-    if (model_load(&m, be, dir, NULL)) {
+    if (sdx4_model_load(&m, be, dir, NULL)) {
         CHECK(0, "%s: %s", name, sdx4_last_error());
         return;
     }
@@ -134,7 +134,7 @@ static void test_model(const char *name) {
         CHECK(read_golden_image(path, &in, err, sizeof err) == 0, "%s: %s", path, err);
         float *image;
         int h, w;
-        CHECK(image_preprocess(&in, vae_scale_factor(&m.vae), &image, &h, &w) == 0, "%s",
+        CHECK(sdx4_image_preprocess(&in, sdx4_vae_scale_factor(&m.vae), &image, &h, &w) == 0, "%s",
               sdx4_last_error());
         json_t *neg = json_object_get(cs, "negative");
         pipeline_args a = {
@@ -148,7 +148,7 @@ static void test_model(const char *name) {
         };
         snprintf(path, sizeof path, "%s/golden/pipe%zu.safetensors", test_ref(name), ci);
         st_file g;
-        CHECK(st_open(&g, path) == 0, "%s", sdx4_last_error());
+        CHECK(sdx4_st_open(&g, path) == 0, "%s", sdx4_last_error());
         size_t n_gold = 0, n_out = 0;
         float *want = golden(&g, "output", &n_gold);
 
@@ -173,7 +173,7 @@ static void test_model(const char *name) {
                 snprintf(path, sizeof path, "%s/golden/pipe%zu_output.png", test_ref(name), ci);
                 CHECK(read_golden_image(path, &png, err, sizeof err) == 0, "%s", err);
                 uint8_t *rgb = malloc(n_out);
-                image_quantize(got, 4 * h, 4 * w, rgb);
+                sdx4_image_quantize(got, 4 * h, 4 * w, rgb);
                 size_t off = 0;
                 int worst = 0;
                 for (size_t i = 0; png.pixels && i < n_out; i++) {
@@ -191,12 +191,12 @@ static void test_model(const char *name) {
             free(got);
         }
         free(want);
-        st_close(&g);
+        sdx4_st_close(&g);
         free(image);
         sdx4_image_free(&in);
     }
     json_decref(cases);
-    model_free(&m);
+    sdx4_model_free(&m);
 }
 
 /* fp16 weights give the fp32 pipeline's image within fp16 precision. */
@@ -204,7 +204,7 @@ static void test_fp16_variant(void) {
     char dir[512], path[600], err[256];
     snprintf(dir, sizeof dir, "%s/model", test_ref("tiny"));
     model m16;
-    if (model_load(&m16, be, dir, "fp16")) {
+    if (sdx4_model_load(&m16, be, dir, "fp16")) {
         CHECK(0, "fp16: %s", sdx4_last_error());
         return;
     }
@@ -214,27 +214,27 @@ static void test_fp16_variant(void) {
     CHECK(read_golden_image(path, &in, err, sizeof err) == 0, "%s", err);
     float *image;
     int h, w;
-    image_preprocess(&in, vae_scale_factor(&m16.vae), &image, &h, &w);
+    sdx4_image_preprocess(&in, sdx4_vae_scale_factor(&m16.vae), &image, &h, &w);
     pipeline_args a = {.image = image, .height = h, .width = w, .prompt = "a white cat",
                        .steps = 3, .guidance = 6.0f, .noise_level = 20, .seed = 0};
     float *out = NULL;
-    CHECK(pipeline_run(&m16, be, &a, &out, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_pipeline_run(&m16, be, &a, &out, NULL) == 0, "%s", sdx4_last_error());
     snprintf(path, sizeof path, "%s/golden/pipe0.safetensors", test_ref("tiny"));
     st_file g;
     size_t n = 0;
-    if (out && st_open(&g, path) == 0) {
+    if (out && sdx4_st_open(&g, path) == 0) {
         float *want = golden(&g, "output", &n);
-        image_denormalize(out, n, out);
+        sdx4_image_denormalize(out, n, out);
         double d = max_abs_diff(out, want, n);
         printf("  tiny fp16 variant: output max diff %.3g vs fp32 golden\n", d);
         CHECK(d <= 2e-2, "fp16 variant output differs by %g", d);
         free(want);
-        st_close(&g);
+        sdx4_st_close(&g);
     }
     free(out);
     free(image);
     sdx4_image_free(&in);
-    model_free(&m16);
+    sdx4_model_free(&m16);
 }
 
 /* Several threads run the same pipeline on one model and backend at once:
@@ -253,7 +253,7 @@ typedef struct {
 
 static void *run_job(void *arg) {
     pipeline_job *job = arg;
-    job->rc = pipeline_run(job->m, be, job->args, &job->out, NULL);
+    job->rc = sdx4_pipeline_run(job->m, be, job->args, &job->out, NULL);
     if (job->rc) snprintf(job->error, sizeof job->error, "%s", sdx4_last_error());
     return NULL;
 }
@@ -262,7 +262,7 @@ static void test_concurrent(void) {
     char dir[512], path[600], err[256];
     snprintf(dir, sizeof dir, "%s/model", test_ref("small"));
     model m;
-    if (model_load(&m, be, dir, NULL)) {
+    if (sdx4_model_load(&m, be, dir, NULL)) {
         CHECK(0, "concurrent: %s", sdx4_last_error());
         return;
     }
@@ -271,12 +271,12 @@ static void test_concurrent(void) {
     CHECK(read_golden_image(path, &in, err, sizeof err) == 0, "%s", err);
     float *image = NULL;
     int h = 0, w = 0;
-    if (in.pixels) image_preprocess(&in, vae_scale_factor(&m.vae), &image, &h, &w);
+    if (in.pixels) sdx4_image_preprocess(&in, sdx4_vae_scale_factor(&m.vae), &image, &h, &w);
     pipeline_args a = {.image = image, .height = h, .width = w, .prompt = "a white cat",
                        .negative_prompt = "blurry", .steps = 3, .guidance = 7.5f,
                        .noise_level = 20, .seed = 42};
     float *alone = NULL;
-    CHECK(image && pipeline_run(&m, be, &a, &alone, NULL) == 0, "alone: %s", sdx4_last_error());
+    CHECK(image && sdx4_pipeline_run(&m, be, &a, &alone, NULL) == 0, "alone: %s", sdx4_last_error());
     pipeline_job jobs[CONCURRENT_RUNS];
     pthread_t threads[CONCURRENT_RUNS];
     int started = 0;
@@ -304,7 +304,7 @@ static void test_concurrent(void) {
     free(alone);
     free(image);
     sdx4_image_free(&in);
-    model_free(&m);
+    sdx4_model_free(&m);
 }
 
 int main(int argc, char **argv) {

@@ -25,7 +25,7 @@ static size_t numel(const st_tensor *t) {
 /* Draws n values with `draw` and compares with the tensor `name`. */
 static void check_draw(const st_file *f, const char *name, torch_rng *g,
                        void (*draw)(torch_rng *, float *, size_t)) {
-    const st_tensor *t = st_find(f, name);
+    const st_tensor *t = sdx4_st_find(f, name);
     CHECK(t && t->type == DTYPE_F32, "%s missing or not F32", name);
     if (!t || t->type != DTYPE_F32) return;
     size_t n = numel(t);
@@ -46,9 +46,9 @@ static void check_draw(const st_file *f, const char *name, torch_rng *g,
  * seed 5489 is 4123659995 (C++11 [rand.predef]). */
 static void check_mt19937(void) {
     torch_rng g;
-    torch_rng_seed(&g, 5489);
+    sdx4_torch_rng_seed(&g, 5489);
     uint32_t v = 0;
-    for (int i = 0; i < 10000; i++) v = torch_rng_u32(&g);
+    for (int i = 0; i < 10000; i++) v = sdx4_torch_rng_u32(&g);
     CHECK(v == 4123659995u, "10000th output %u", v);
 }
 
@@ -62,24 +62,24 @@ static void check_pipeline_noise(void) {
         char rel[128];
         snprintf(rel, sizeof rel, "%s.safetensors", runs[r]);
         st_file f;
-        if (st_open(&f, test_ref(rel))) {
+        if (sdx4_st_open(&f, test_ref(rel))) {
             printf("%s: skipped (%s)\n", rel, sdx4_last_error());
             continue;
         }
-        char *case_text = st_metadata(&f, "case");
+        char *case_text = sdx4_st_metadata(&f, "case");
         json_t *c = case_text ? json_loads(case_text, 0, NULL) : NULL;
         json_t *seed = json_object_get(c, "seed");
         CHECK(json_is_integer(seed), "%s: no seed in metadata case", rel);
         if (json_is_integer(seed)) {
             torch_rng g;
-            torch_rng_seed(&g, (uint64_t)json_integer_value(seed));
+            sdx4_torch_rng_seed(&g, (uint64_t)json_integer_value(seed));
             printf("%s (seed %lld):\n", runs[r], (long long)json_integer_value(seed));
-            check_draw(&f, "image_noise", &g, torch_randn);
-            check_draw(&f, "initial_latents", &g, torch_randn);
+            check_draw(&f, "image_noise", &g, sdx4_torch_randn);
+            check_draw(&f, "initial_latents", &g, sdx4_torch_randn);
         }
         json_decref(c);
         free(case_text);
-        st_close(&f);
+        sdx4_st_close(&f);
     }
 }
 
@@ -88,24 +88,24 @@ static void check_pipeline_noise(void) {
 static void check_corners(void) {
     torch_rng g;
     float v[32], w[32];
-    torch_rng_seed(&g, 3); /* one scalar draw */
-    torch_randn(&g, v, 1);
+    sdx4_torch_rng_seed(&g, 3); /* one scalar draw */
+    sdx4_torch_randn(&g, v, 1);
     CHECK(v[0] == 0.803276062f, "randn(1) %.9g", v[0]);
-    torch_rng_seed(&g, 3); /* 15: the last size of the scalar path */
-    torch_randn(&g, v, 15);
+    sdx4_torch_rng_seed(&g, 3); /* 15: the last size of the scalar path */
+    sdx4_torch_randn(&g, v, 15);
     CHECK(v[0] == 0.803276062f && v[14] == 0.419218659f, "randn(15) %.9g %.9g", v[0], v[14]);
-    torch_rng_seed(&g, 3); /* 31: the redrawn tail overlaps the first 16 */
-    torch_randn(&g, v, 31);
+    sdx4_torch_rng_seed(&g, 3); /* 31: the redrawn tail overlaps the first 16 */
+    sdx4_torch_randn(&g, v, 31);
     CHECK(v[0] == -0.076644294f && v[14] == 0.573984683f && v[15] == -1.80536449f &&
               v[30] == 0.65891391f, "randn(31) %.9g %.9g %.9g %.9g", v[0], v[14], v[15], v[30]);
-    torch_rng_seed(&g, (UINT64_C(1) << 32) + 5); /* only the low 32 bits seed */
-    torch_randn(&g, v, 20);
+    sdx4_torch_rng_seed(&g, (UINT64_C(1) << 32) + 5); /* only the low 32 bits seed */
+    sdx4_torch_randn(&g, v, 20);
     CHECK(v[0] == 1.84232986f && v[19] == -1.50694036f, "seed 2^32+5: %.9g %.9g", v[0], v[19]);
     /* the cached sample of randn(3) outlives a vector-path randn(32) */
-    torch_rng_seed(&g, 11);
-    torch_randn(&g, v, 3);
-    torch_randn(&g, w, 32);
-    torch_randn(&g, v + 3, 1);
+    sdx4_torch_rng_seed(&g, 11);
+    sdx4_torch_randn(&g, v, 3);
+    sdx4_torch_randn(&g, w, 32);
+    sdx4_torch_randn(&g, v + 3, 1);
     CHECK(v[2] == -0.699541628f && w[31] == 0.22552748f && v[3] == -1.30229735f,
           "cache across calls: %.9g %.9g %.9g", v[2], w[31], v[3]);
 }
@@ -116,11 +116,11 @@ int main(void) {
     check_pipeline_noise();
 
     st_file f;
-    if (st_open(&f, test_ref("torch_randn.safetensors"))) {
+    if (sdx4_st_open(&f, test_ref("torch_randn.safetensors"))) {
         fprintf(stderr, "skip: %s\n", sdx4_last_error());
         return 77;
     }
-    char *keys_text = st_metadata(&f, "keys");
+    char *keys_text = sdx4_st_metadata(&f, "keys");
     json_t *keys = keys_text ? json_loads(keys_text, 0, NULL) : NULL;
     CHECK(json_is_array(keys) && json_array_size(keys) > 0, "metadata keys: %s",
           keys_text ? keys_text : "(missing)");
@@ -134,33 +134,33 @@ int main(void) {
         if (!key || sscanf(key, "seed%llu_", &seed) != 1) continue;
         char name[256];
         torch_rng g;
-        torch_rng_seed(&g, seed);
+        sdx4_torch_rng_seed(&g, seed);
         snprintf(name, sizeof name, "%s_first", key);
-        check_draw(&f, name, &g, torch_randn);
+        check_draw(&f, name, &g, sdx4_torch_randn);
         snprintf(name, sizeof name, "%s_second", key);
-        check_draw(&f, name, &g, torch_randn);
+        check_draw(&f, name, &g, sdx4_torch_randn);
     }
     const unsigned long long rand_seeds[] = {0, 1234};
     for (int s = 0; s < 2; s++) {
         char name[64];
         torch_rng g;
-        torch_rng_seed(&g, rand_seeds[s]);
+        sdx4_torch_rng_seed(&g, rand_seeds[s]);
         snprintf(name, sizeof name, "seed%llu_rand_1x4x8x8", rand_seeds[s]);
-        check_draw(&f, name, &g, torch_rand);
+        check_draw(&f, name, &g, sdx4_torch_rand);
     }
 
     /* Reseeding drops the cached Box-Muller sample: after an odd scalar
      * draw, manual_seed again must replay the first draw exactly. */
     torch_rng g;
     float a[5], b[5];
-    torch_rng_seed(&g, 7);
-    torch_randn(&g, a, 5);
-    torch_rng_seed(&g, 7);
-    torch_randn(&g, b, 5);
+    sdx4_torch_rng_seed(&g, 7);
+    sdx4_torch_randn(&g, a, 5);
+    sdx4_torch_rng_seed(&g, 7);
+    sdx4_torch_randn(&g, b, 5);
     CHECK(!memcmp(a, b, sizeof a), "reseed did not reset the generator");
 
     json_decref(keys);
     free(keys_text);
-    st_close(&f);
+    sdx4_st_close(&f);
     return test_finish("test_rng");
 }

@@ -41,7 +41,7 @@ static size_t numel(const st_tensor *t) {
 }
 
 static const float *tensor(const st_file *f, const char *name, size_t n) {
-    const st_tensor *t = st_find(f, name);
+    const st_tensor *t = sdx4_st_find(f, name);
     CHECK(t && t->type == DTYPE_F32 && numel(t) == n, "%s missing, not F32 or not %zu values",
           name, n);
     return t && t->type == DTYPE_F32 && numel(t) == n ? t->data : NULL;
@@ -54,7 +54,7 @@ static size_t count_differing(const float *a, const float *b, size_t n) {
 }
 
 static int metadata_int(const st_file *f, const char *key) {
-    char *v = st_metadata(f, key);
+    char *v = sdx4_st_metadata(f, key);
     CHECK(v, "metadata %s missing", key);
     int x = v ? atoi(v) : 0;
     free(v);
@@ -64,23 +64,23 @@ static int metadata_int(const st_file *f, const char *key) {
 /* A scheduler built from a config stored in the golden's metadata must give
  * the same alphas_cumprod as the one loaded from the model folder. */
 static void check_metadata_config(const st_file *f, const char *key, const float *acp, int ddim) {
-    char *text = st_metadata(f, key);
+    char *text = sdx4_st_metadata(f, key);
     CHECK(text, "metadata %s missing", key);
     if (!text) return;
     config c;
-    int ok = !cfg_parse(&c, text, strlen(text), key);
+    int ok = !sdx4_cfg_parse(&c, text, strlen(text), key);
     CHECK(ok, "%s: %s", key, sdx4_last_error());
     if (ok) {
         ddim_scheduler s;
         ddpm_scheduler d;
-        int rc = ddim ? ddim_from_config(&s, &c) : ddpm_from_config(&d, &c);
+        int rc = ddim ? sdx4_ddim_from_config(&s, &c) : sdx4_ddpm_from_config(&d, &c);
         CHECK(!rc, "%s: %s", key, sdx4_last_error());
         if (!rc) {
             const float *mine = ddim ? s.alphas_cumprod : d.alphas_cumprod;
             CHECK(!memcmp(mine, acp, 1000 * sizeof *acp), "%s: alphas_cumprod differs", key);
-            if (ddim) ddim_free(&s); else ddpm_free(&d);
+            if (ddim) sdx4_ddim_free(&s); else sdx4_ddpm_free(&d);
         }
-        cfg_free(&c);
+        sdx4_cfg_free(&c);
     }
     free(text);
 }
@@ -93,18 +93,18 @@ static void check_golden(const char *model) {
     const char *dir = test_ref(rel);
     snprintf(rel, sizeof rel, "%s/golden/scheduler.safetensors", model);
     st_file f;
-    if (st_open(&f, test_ref(rel))) {
+    if (sdx4_st_open(&f, test_ref(rel))) {
         printf("%s: skipped (%s)\n", model, sdx4_last_error());
         return;
     }
     ddim_scheduler s;
     ddpm_scheduler d;
-    int ok = !ddim_load(&s, dir);
-    CHECK(ok, "%s: ddim_load: %s", model, sdx4_last_error());
-    int ok_d = !ddpm_load(&d, dir);
-    CHECK(ok_d, "%s: ddpm_load: %s", model, sdx4_last_error());
+    int ok = !sdx4_ddim_load(&s, dir);
+    CHECK(ok, "%s: sdx4_ddim_load: %s", model, sdx4_last_error());
+    int ok_d = !sdx4_ddpm_load(&d, dir);
+    CHECK(ok_d, "%s: sdx4_ddpm_load: %s", model, sdx4_last_error());
     if (!ok || !ok_d) {
-        st_close(&f);
+        sdx4_st_close(&f);
         return;
     }
     int T = s.num_train_timesteps;
@@ -114,7 +114,7 @@ static void check_golden(const char *model) {
         const st_tensor *t = &f.tensors[i];
         if (strncmp(t->name, "timesteps_", 10)) continue;
         int n = atoi(t->name + 10);
-        CHECK(!ddim_set_timesteps(&s, n), "%s: set_timesteps(%d): %s", model, n, sdx4_last_error());
+        CHECK(!sdx4_ddim_set_timesteps(&s, n), "%s: set_timesteps(%d): %s", model, n, sdx4_last_error());
         size_t count = numel(t);
         CHECK((size_t)s.num_timesteps == count, "%s: %s has %zu entries, got %d", model, t->name,
               count, s.num_timesteps);
@@ -148,9 +148,9 @@ static void check_golden(const char *model) {
     const float *mo = tensor(&f, "step_model_output", n), *smp = tensor(&f, "step_sample", n);
     const float *want = tensor(&f, "step_prev_sample", n);
     int steps = metadata_int(&f, "step_num_inference_steps"), t = metadata_int(&f, "step_t");
-    if (mo && smp && want && !ddim_set_timesteps(&s, steps)) {
+    if (mo && smp && want && !sdx4_ddim_set_timesteps(&s, steps)) {
         float got[4 * 8 * 8];
-        CHECK(!ddim_step(&s, mo, t, smp, n, 0.0f, NULL, got), "%s: step: %s", model,
+        CHECK(!sdx4_ddim_step(&s, mo, t, smp, n, 0.0f, NULL, got), "%s: step: %s", model,
               sdx4_last_error());
         double e = max_abs_diff(got, want, n);
         CHECK(e <= TOL, "%s: DDIM step at t=%d max abs diff %g", model, t, e);
@@ -159,7 +159,7 @@ static void check_golden(const char *model) {
         /* in place: prev_sample may be the sample buffer */
         float inplace[4 * 8 * 8];
         memcpy(inplace, smp, sizeof inplace);
-        CHECK(!ddim_step(&s, mo, t, inplace, n, 0.0f, NULL, inplace) &&
+        CHECK(!sdx4_ddim_step(&s, mo, t, inplace, n, 0.0f, NULL, inplace) &&
                   !memcmp(inplace, got, sizeof got), "%s: in-place step differs", model);
     }
 
@@ -169,16 +169,16 @@ static void check_golden(const char *model) {
     int level = metadata_int(&f, "add_noise_level");
     if (img && nz && noisy) {
         float got[3 * 8 * 8];
-        CHECK(!ddpm_add_noise(&d, img, nz, m, level, got), "%s: add_noise: %s", model,
+        CHECK(!sdx4_ddpm_add_noise(&d, img, nz, m, level, got), "%s: add_noise: %s", model,
               sdx4_last_error());
         double e = max_abs_diff(got, noisy, m);
         CHECK(e <= TOL, "%s: add_noise max abs diff %g", model, e);
         printf("%s: DDPM add_noise (level %d) max abs diff %g, %zu of %zu not bit-identical\n",
                model, level, e, count_differing(got, noisy, m), m);
     }
-    ddim_free(&s);
-    ddpm_free(&d);
-    st_close(&f);
+    sdx4_ddim_free(&s);
+    sdx4_ddpm_free(&d);
+    sdx4_st_close(&f);
 }
 
 /* ------------------------------------------ part 2: every combination */
@@ -335,9 +335,9 @@ static const combo combos[] = {
 
 static int from_json(ddim_scheduler *s, const char *json) {
     config c;
-    if (cfg_parse(&c, json, strlen(json), "scheduler/scheduler_config.json")) return -1;
-    int rc = ddim_from_config(s, &c);
-    cfg_free(&c);
+    if (sdx4_cfg_parse(&c, json, strlen(json), "scheduler/scheduler_config.json")) return -1;
+    int rc = sdx4_ddim_from_config(s, &c);
+    sdx4_cfg_free(&c);
     return rc;
 }
 
@@ -369,7 +369,7 @@ static void check_combos(void) {
             CHECK(0, "%s: %s", what, sdx4_last_error());
             continue;
         }
-        CHECK(!ddim_set_timesteps(&s, 7), "%s: %s", what, sdx4_last_error());
+        CHECK(!sdx4_ddim_set_timesteps(&s, 7), "%s: %s", what, sdx4_last_error());
         CHECK(s.num_timesteps == k->count && !memcmp(s.timesteps, k->timesteps, sizeof k->timesteps),
               "%s: timesteps differ", what);
         float acp[4];
@@ -377,14 +377,14 @@ static void check_combos(void) {
         check_values(what, acp, k->acp, 4);
 
         torch_rng g;
-        torch_rng_seed(&g, 100 + i);
+        sdx4_torch_rng_seed(&g, 100 + i);
         float mo[64], smp[64], second[64], last[64], got[4];
-        torch_randn(&g, mo, 64);
-        torch_randn(&g, smp, 64);
+        sdx4_torch_randn(&g, mo, 64);
+        sdx4_torch_randn(&g, smp, 64);
         for (int j = 0; j < 64; j++) smp[j] *= 2;
-        CHECK(!ddim_step(&s, mo, s.timesteps[1], smp, 64, k->eta, &g, second), "%s: %s", what,
+        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[1], smp, 64, k->eta, &g, second), "%s: %s", what,
               sdx4_last_error());
-        CHECK(!ddim_step(&s, mo, s.timesteps[s.num_timesteps - 1], smp, 64, 0.0f, NULL, last),
+        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[s.num_timesteps - 1], smp, 64, 0.0f, NULL, last),
               "%s: %s", what, sdx4_last_error());
         for (int j = 0; j < 4; j++) got[j] = second[at[j]];
         check_values(what, got, k->step_second, 4);
@@ -393,7 +393,7 @@ static void check_combos(void) {
         check_values(what, got, k->step_last, 4);
         exact += !count_differing(got, k->step_last, 4);
         values += 2;
-        ddim_free(&s);
+        sdx4_ddim_free(&s);
     }
     printf("combinations: %zu configs, %d of %d checked steps bit-identical\n",
            sizeof combos / sizeof combos[0], exact, values);
@@ -420,9 +420,9 @@ static void check_timestep_corners(void) {
         snprintf(json, sizeof json, "{\"timestep_spacing\": \"%s\", \"steps_offset\": 1}",
                  cases[i].spacing);
         ddim_scheduler s;
-        if (from_json(&s, json) || ddim_set_timesteps(&s, cases[i].n)) {
+        if (from_json(&s, json) || sdx4_ddim_set_timesteps(&s, cases[i].n)) {
             CHECK(0, "%s n=%d: %s", cases[i].spacing, cases[i].n, sdx4_last_error());
-            ddim_free(&s);
+            sdx4_ddim_free(&s);
             continue;
         }
         int sum = 0;
@@ -431,7 +431,7 @@ static void check_timestep_corners(void) {
                   s.timesteps[s.num_timesteps - 1] == cases[i].last && sum == cases[i].sum,
               "%s n=%d: count %d first %d last %d sum %d", cases[i].spacing, cases[i].n,
               s.num_timesteps, s.timesteps[0], s.timesteps[s.num_timesteps - 1], sum);
-        ddim_free(&s);
+        sdx4_ddim_free(&s);
     }
 
     /* "trailing" with n=61: np.arange(1000, 0, -1000/61) has 62 entries and
@@ -439,9 +439,9 @@ static void check_timestep_corners(void) {
     ddim_scheduler s;
     if (from_json(&s, "{\"timestep_spacing\": \"trailing\", \"prediction_type\": "
                       "\"v_prediction\", \"clip_sample\": false}") ||
-        ddim_set_timesteps(&s, 61)) {
+        sdx4_ddim_set_timesteps(&s, 61)) {
         CHECK(0, "trailing 61: %s", sdx4_last_error());
-        ddim_free(&s);
+        sdx4_ddim_free(&s);
         return;
     }
     int c = s.num_timesteps;
@@ -449,16 +449,16 @@ static void check_timestep_corners(void) {
               s.timesteps[c - 3] == 32 && s.timesteps[c - 2] == 15 && s.timesteps[c - 1] == -1,
           "trailing 61: %d timesteps, last %d", c, s.timesteps[c - 1]);
     torch_rng g;
-    torch_rng_seed(&g, 5);
+    sdx4_torch_rng_seed(&g, 5);
     float mo[64], smp[64], prev[64];
-    torch_randn(&g, mo, 64);
-    torch_randn(&g, smp, 64);
-    CHECK(!ddim_step(&s, mo, s.timesteps[c - 1], smp, 64, 0.0f, NULL, prev), "step at -1: %s",
+    sdx4_torch_randn(&g, mo, 64);
+    sdx4_torch_randn(&g, smp, 64);
+    CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[c - 1], smp, 64, 0.0f, NULL, prev), "step at -1: %s",
           sdx4_last_error());
     const float want[4] = {-1.84558427f, 0.598278224f, -0.537232578f, -1.3225112f};
     const float got[4] = {prev[0], prev[21], prev[42], prev[63]};
     check_values("trailing 61, step at t=-1", got, want, 4);
-    ddim_free(&s);
+    sdx4_ddim_free(&s);
 }
 
 /* DDPM add_noise with each schedule at level 350, from the same diffusers:
@@ -481,23 +481,23 @@ static void check_ddpm_schedules(void) {
                  "\"variance_type\": \"fixed_small\"}", cases[i].schedule);
         config c;
         ddpm_scheduler d;
-        if (cfg_parse(&c, json, strlen(json), "low_res_scheduler/scheduler_config.json") ||
-            ddpm_from_config(&d, &c)) {
+        if (sdx4_cfg_parse(&c, json, strlen(json), "low_res_scheduler/scheduler_config.json") ||
+            sdx4_ddpm_from_config(&d, &c)) {
             CHECK(0, "ddpm %s: %s", cases[i].schedule, sdx4_last_error());
             continue;
         }
-        cfg_free(&c);
+        sdx4_cfg_free(&c);
         torch_rng g;
-        torch_rng_seed(&g, 9);
+        sdx4_torch_rng_seed(&g, 9);
         float x[48], nz[48], out[48];
-        torch_rand(&g, x, 48);
+        sdx4_torch_rand(&g, x, 48);
         for (int j = 0; j < 48; j++) x[j] = x[j] * 2 - 1;
-        torch_randn(&g, nz, 48);
-        CHECK(!ddpm_add_noise(&d, x, nz, 48, 350, out), "%s", sdx4_last_error());
+        sdx4_torch_randn(&g, nz, 48);
+        CHECK(!sdx4_ddpm_add_noise(&d, x, nz, 48, 350, out), "%s", sdx4_last_error());
         const float got[4] = {out[0], out[13], out[29], out[47]};
         check_values(cases[i].schedule, &d.alphas_cumprod[350], &cases[i].acp350, 1);
         check_values(cases[i].schedule, got, cases[i].out, 4);
-        ddpm_free(&d);
+        sdx4_ddpm_free(&d);
     }
 }
 
@@ -507,7 +507,7 @@ static void expect_error(int rc, const char *what, const char *needle, sdx4_stat
     const char *msg = sdx4_last_error();
     CHECK(rc == -1, "%s: accepted", what);
     CHECK(strstr(msg, needle) != NULL, "%s: message \"%s\" does not name %s", what, msg, needle);
-    CHECK(error_status() == status, "%s: status %s", what, sdx4_status_name(error_status()));
+    CHECK(sdx4_error_status() == status, "%s: status %s", what, sdx4_status_name(sdx4_error_status()));
 }
 
 static void check_refusals(void) {
@@ -535,26 +535,26 @@ static void check_refusals(void) {
         const char *label = bad[i].ddpm ? "low_res_scheduler/scheduler_config.json"
                                         : "scheduler/scheduler_config.json";
         config c;
-        int rc = cfg_parse(&c, bad[i].json, strlen(bad[i].json), label);
+        int rc = sdx4_cfg_parse(&c, bad[i].json, strlen(bad[i].json), label);
         CHECK(!rc, "%s: %s", bad[i].json, sdx4_last_error());
         if (rc) continue;
         ddim_scheduler s;
         ddpm_scheduler d;
-        rc = bad[i].ddpm ? ddpm_from_config(&d, &c) : ddim_from_config(&s, &c);
+        rc = bad[i].ddpm ? sdx4_ddpm_from_config(&d, &c) : sdx4_ddim_from_config(&s, &c);
         expect_error(rc, bad[i].json, bad[i].key, SDX4_ERR_MODEL);
         CHECK(strstr(sdx4_last_error(), label) != NULL, "%s: message does not name the file",
               bad[i].json);
         if (!rc) {
-            if (bad[i].ddpm) ddpm_free(&d); else ddim_free(&s);
+            if (bad[i].ddpm) sdx4_ddpm_free(&d); else sdx4_ddim_free(&s);
         }
-        cfg_free(&c);
+        sdx4_cfg_free(&c);
     }
 
     ddim_scheduler s;
-    expect_error(ddim_load(&s, "/nonexistent"), "missing folder", "scheduler/scheduler_config.json",
+    expect_error(sdx4_ddim_load(&s, "/nonexistent"), "missing folder", "scheduler/scheduler_config.json",
                  SDX4_ERR_MODEL);
     ddpm_scheduler d;
-    expect_error(ddpm_load(&d, "/nonexistent"), "missing folder",
+    expect_error(sdx4_ddpm_load(&d, "/nonexistent"), "missing folder",
                  "low_res_scheduler/scheduler_config.json", SDX4_ERR_MODEL);
 
     /* call errors: arguments diffusers would raise on */
@@ -563,34 +563,34 @@ static void check_refusals(void) {
         return;
     }
     float x[4] = {0.1f, -0.2f, 0.3f, 0.4f}, y[4];
-    expect_error(ddim_step(&s, x, 500, x, 4, 0.0f, NULL, y), "step before set_timesteps",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 0.0f, NULL, y), "step before set_timesteps",
                  "set_timesteps", SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddim_set_timesteps(&s, 0), "0 steps", "num_inference_steps=0",
+    expect_error(sdx4_ddim_set_timesteps(&s, 0), "0 steps", "num_inference_steps=0",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddim_set_timesteps(&s, 1001), "1001 steps", "num_inference_steps=1001",
+    expect_error(sdx4_ddim_set_timesteps(&s, 1001), "1001 steps", "num_inference_steps=1001",
                  SDX4_ERR_INVALID_ARGUMENT);
-    CHECK(!ddim_set_timesteps(&s, 1000), "%s", sdx4_last_error());
+    CHECK(!sdx4_ddim_set_timesteps(&s, 1000), "%s", sdx4_last_error());
     /* leading + steps_offset 1 + 1000 steps starts at t=1000, past the
-     * table: diffusers fails on the index, so does ddim_step */
-    expect_error(ddim_step(&s, x, s.timesteps[0], x, 4, 0.0f, NULL, y), "t=1000", "1000",
+     * table: diffusers fails on the index, so does sdx4_ddim_step */
+    expect_error(sdx4_ddim_step(&s, x, s.timesteps[0], x, 4, 0.0f, NULL, y), "t=1000", "1000",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddim_step(&s, x, -1001, x, 4, 0.0f, NULL, y), "t=-1001", "-1001",
+    expect_error(sdx4_ddim_step(&s, x, -1001, x, 4, 0.0f, NULL, y), "t=-1001", "-1001",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddim_step(&s, x, 500, x, 4, 1.0f, NULL, y), "eta without generator", "generator",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 1.0f, NULL, y), "eta without generator", "generator",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddim_step(&s, x, 500, x, 4, NAN, NULL, y), "eta NaN", "eta",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, NAN, NULL, y), "eta NaN", "eta",
                  SDX4_ERR_INVALID_ARGUMENT);
-    ddim_free(&s);
+    sdx4_ddim_free(&s);
 
-    if (ddpm_load(&d, test_ref("small/model"))) {
+    if (sdx4_ddpm_load(&d, test_ref("small/model"))) {
         printf("refusals of add_noise: skipped (%s)\n", sdx4_last_error());
         return;
     }
-    expect_error(ddpm_add_noise(&d, x, x, 4, 1000, y), "add_noise t=1000", "1000",
+    expect_error(sdx4_ddpm_add_noise(&d, x, x, 4, 1000, y), "add_noise t=1000", "1000",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(ddpm_add_noise(&d, x, x, 4, -1, y), "add_noise t=-1", "-1",
+    expect_error(sdx4_ddpm_add_noise(&d, x, x, 4, -1, y), "add_noise t=-1", "-1",
                  SDX4_ERR_INVALID_ARGUMENT);
-    ddpm_free(&d);
+    sdx4_ddpm_free(&d);
 }
 
 int main(void) {

@@ -61,12 +61,12 @@ static void check_model(const char *name) {
     snprintf(model, sizeof model, "%s/model", test_ref(name));
     snprintf(gold, sizeof gold, "%s/golden/tokenizer.json", test_ref(name));
     double t0 = now();
-    tokenizer *t = tokenizer_load(model);
+    tokenizer *t = sdx4_tokenizer_load(model);
     double ms = 1e3 * (now() - t0);
     CHECK(t != NULL, "%s: %s", name, sdx4_last_error());
     if (!t) return;
-    printf("%s: tokenizer_load %.1f ms\n", name, ms);
-    CHECK(tokenizer_max_length(t) == MAX_LEN, "%d", tokenizer_max_length(t));
+    printf("%s: sdx4_tokenizer_load %.1f ms\n", name, ms);
+    CHECK(sdx4_tokenizer_max_length(t) == MAX_LEN, "%d", sdx4_tokenizer_max_length(t));
 
     golden *g = NULL;
     int n = load_golden(gold, &g);
@@ -76,7 +76,7 @@ static void check_model(const char *name) {
     for (int i = 0; i < n; i++) {
         int32_t ids[MAX_LEN];
         int count = -1;
-        CHECK(tokenizer_encode(t, g[i].prompt, ids, MAX_LEN, &count) == 0, "%s", sdx4_last_error());
+        CHECK(sdx4_tokenizer_encode(t, g[i].prompt, ids, MAX_LEN, &count) == 0, "%s", sdx4_last_error());
         int first_diff = -1;
         for (int k = 0; k < MAX_LEN && first_diff < 0; k++)
             if (ids[k] != g[i].ids[k]) first_diff = k;
@@ -91,7 +91,7 @@ static void check_model(const char *name) {
             /* untruncated, the ids begin as the golden ones and end with eos */
             int32_t *big = malloc(4096 * sizeof *big);
             int big_count = -1;
-            CHECK(tokenizer_encode(t, g[i].prompt, big, 4096, &big_count) == 0, "%s",
+            CHECK(sdx4_tokenizer_encode(t, g[i].prompt, big, 4096, &big_count) == 0, "%s",
                   sdx4_last_error());
             CHECK(big_count == count, "%d vs %d", big_count, count);
             CHECK(memcmp(big, g[i].ids, (MAX_LEN - 1) * sizeof *big) == 0, "prefix differs");
@@ -108,7 +108,7 @@ static void check_model(const char *name) {
     }
     for (int i = 0; i < n; i++) free(g[i].prompt);
     free(g);
-    tokenizer_free(t);
+    sdx4_tokenizer_free(t);
 }
 
 /* ---- robustness */
@@ -124,7 +124,7 @@ static void *encode_many(void *arg) {
     thread_job *job = arg;
     for (int r = 0; r < 200; r++) {
         int32_t ids[MAX_LEN];
-        if (tokenizer_encode(job->t, job->prompt, ids, MAX_LEN, NULL) != 0 ||
+        if (sdx4_tokenizer_encode(job->t, job->prompt, ids, MAX_LEN, NULL) != 0 ||
             memcmp(ids, job->expected, sizeof ids) != 0)
             job->mismatches++;
     }
@@ -134,34 +134,34 @@ static void *encode_many(void *arg) {
 static void check_robustness(void) {
     char model[4200];
     snprintf(model, sizeof model, "%s/model", test_ref("small"));
-    tokenizer *t = tokenizer_load(model);
+    tokenizer *t = sdx4_tokenizer_load(model);
     CHECK(t != NULL, "%s", sdx4_last_error());
     if (!t) return;
     int32_t a[MAX_LEN], b[MAX_LEN];
     int n;
 
     /* an invalid byte reads as U+FFFD, a truncated sequence as one U+FFFD */
-    CHECK(tokenizer_encode(t, "x\xff y", a, MAX_LEN, &n) == 0, "%s", sdx4_last_error());
-    CHECK(tokenizer_encode(t, "x\xef\xbf\xbd y", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "x\xff y", a, MAX_LEN, &n) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "x\xef\xbf\xbd y", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
     CHECK(memcmp(a, b, sizeof a) == 0, "invalid byte != U+FFFD");
-    CHECK(tokenizer_encode(t, "x\xe2\x82 y", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "x\xe2\x82 y", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
     CHECK(memcmp(a, b, sizeof a) == 0, "truncated sequence != one U+FFFD");
-    CHECK(tokenizer_encode(t, "\xed\xa0\x80\xc0\xaf\xf4\x90\x80\x80", a, MAX_LEN, &n) == 0, "%s",
+    CHECK(sdx4_tokenizer_encode(t, "\xed\xa0\x80\xc0\xaf\xf4\x90\x80\x80", a, MAX_LEN, &n) == 0, "%s",
           sdx4_last_error());
 
     /* normalization: İ lowercases to "i̇" (Rust), Σ to σ, NFC composes */
-    CHECK(tokenizer_encode(t, "e\xcc\x81", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
-    CHECK(tokenizer_encode(t, "\xc3\xa9", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "e\xcc\x81", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "\xc3\xa9", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
     CHECK(memcmp(a, b, sizeof a) == 0, "NFC");
-    CHECK(tokenizer_encode(t, "\xc4\xb0", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
-    CHECK(tokenizer_encode(t, "i\xcc\x87", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "\xc4\xb0", a, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, "i\xcc\x87", b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
     CHECK(memcmp(a, b, sizeof a) == 0, "dotted capital I");
 
     /* max_len: the smallest is bos eos */
-    CHECK(tokenizer_encode(t, "a white cat", a, 2, &n) == 0 && n == 5, "n=%d", n);
+    CHECK(sdx4_tokenizer_encode(t, "a white cat", a, 2, &n) == 0 && n == 5, "n=%d", n);
     CHECK(a[0] == 49406 && a[1] == 49407, "%d %d", a[0], a[1]);
-    CHECK(tokenizer_encode(t, "a", a, 1, NULL) == -1, "max_len 1 accepted");
-    CHECK(tokenizer_encode(t, NULL, a, MAX_LEN, NULL) == -1, "NULL text accepted");
+    CHECK(sdx4_tokenizer_encode(t, "a", a, 1, NULL) == -1, "max_len 1 accepted");
+    CHECK(sdx4_tokenizer_encode(t, NULL, a, MAX_LEN, NULL) == -1, "NULL text accepted");
 
     /* a long run of letters stays fast (BPE is n log n) */
     size_t long_len = 1 << 20;
@@ -169,14 +169,14 @@ static void check_robustness(void) {
     for (size_t i = 0; i < long_len; i++) text[i] = "abcdefgh"[i * 7 % 8];
     text[long_len] = 0;
     double t0 = now();
-    CHECK(tokenizer_encode(t, text, a, MAX_LEN, &n) == 0 && n > MAX_LEN, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, text, a, MAX_LEN, &n) == 0 && n > MAX_LEN, "%s", sdx4_last_error());
     double s = now() - t0;
     CHECK(s < 10, "1 MiB word took %.1f s", s);
     free(text);
 
     /* several threads on one tokenizer */
     const char *prompt = "A painting of a squirrel eating a burger, punctuation!!! caf\xc3\xa9";
-    CHECK(tokenizer_encode(t, prompt, b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_encode(t, prompt, b, MAX_LEN, NULL) == 0, "%s", sdx4_last_error());
     pthread_t threads[4];
     thread_job jobs[4];
     for (int i = 0; i < 4; i++) {
@@ -187,7 +187,7 @@ static void check_robustness(void) {
         pthread_join(threads[i], NULL);
         CHECK(jobs[i].mismatches == 0, "thread %d: %d mismatches", i, jobs[i].mismatches);
     }
-    tokenizer_free(t);
+    sdx4_tokenizer_free(t);
 }
 
 /* ---- the byte-level writer and broken folders */
@@ -204,14 +204,14 @@ static void check_byte_level(const char *root) {
     char dir[4200];
     snprintf(dir, sizeof dir, "%s/tokenizer", root);
     int vocab_size = 0;
-    CHECK(tokenizer_write_byte_level(dir, &vocab_size) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_write_byte_level(dir, &vocab_size) == 0, "%s", sdx4_last_error());
     CHECK(vocab_size == 514, "vocab size %d", vocab_size);
-    tokenizer *t = tokenizer_load(root);
+    tokenizer *t = sdx4_tokenizer_load(root);
     CHECK(t != NULL, "%s", sdx4_last_error());
     if (!t) return;
     int32_t ids[MAX_LEN];
     int n;
-    CHECK(tokenizer_encode(t, "Hello, world! caf\xc3\xa9", ids, MAX_LEN, &n) == 0, "%s",
+    CHECK(sdx4_tokenizer_encode(t, "Hello, world! caf\xc3\xa9", ids, MAX_LEN, &n) == 0, "%s",
           sdx4_last_error());
     /* 5 + 1 + 5 + 1 + 5 bytes, one token each */
     CHECK(n == 19, "%d tokens", n);
@@ -219,21 +219,21 @@ static void check_byte_level(const char *root) {
           "specials %d %d %d", ids[0], ids[18], ids[19]);
     CHECK(ids[1] == 'h' - '!' && ids[5] == 256 + 'o' - '!', "bytes %d %d", ids[1], ids[5]);
     for (int i = 0; i < MAX_LEN; i++) CHECK(ids[i] >= 0 && ids[i] < vocab_size, "id %d", ids[i]);
-    tokenizer_free(t);
+    sdx4_tokenizer_free(t);
 }
 
 static void expect_load_error(const char *root, const char *needle) {
-    tokenizer *t = tokenizer_load(root);
+    tokenizer *t = sdx4_tokenizer_load(root);
     CHECK(t == NULL, "loaded a broken tokenizer (%s)", needle);
     CHECK(strstr(sdx4_last_error(), needle) != NULL, "error \"%s\" lacks \"%s\"",
           sdx4_last_error(), needle);
-    tokenizer_free(t);
+    sdx4_tokenizer_free(t);
 }
 
 static void check_errors(const char *root) {
     char dir[4200], path[4300];
     snprintf(dir, sizeof dir, "%s/tokenizer", root);
-    CHECK(tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
 
     write_text(dir, "vocab.json", "{\"a\": 0, ");
     expect_load_error(root, "tokenizer/vocab.json");
@@ -243,7 +243,7 @@ static void check_errors(const char *root) {
     remove(path);
     expect_load_error(root, "tokenizer/vocab.json");
 
-    CHECK(tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
     write_text(dir, "merges.txt", "#version: 0.2\nh e</w>\nh e\n");
     expect_load_error(root, "tokenizer/merges.txt: line 2: \"he</w>\" is not in vocab.json");
     write_text(dir, "merges.txt", "#version: 0.2\nhe\n");
@@ -252,7 +252,7 @@ static void check_errors(const char *root) {
     remove(path);
     expect_load_error(root, "tokenizer/merges.txt");
 
-    CHECK(tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_tokenizer_write_byte_level(dir, NULL) == 0, "%s", sdx4_last_error());
     write_text(dir, "special_tokens_map.json", "{\"pad_token\": \"<pad>\"}");
     expect_load_error(root, "tokenizer/special_tokens_map.json: pad_token");
     write_text(dir, "special_tokens_map.json", "{\"pad_token\": {\"content\": \"!\", \"lstrip\": true}}");

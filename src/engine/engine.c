@@ -46,53 +46,53 @@ static backend *open_backend(const char *device, int threads, const cuda_setting
     (void)cuda; /* unused in builds without the CUDA backend */
     if (!device || !strcmp(device, "auto")) {
 #ifdef SDX4_HAVE_CUDA
-        backend *be = backend_cuda_create(0, cuda);
+        backend *be = sdx4_backend_cuda_create(0, cuda);
         if (be) return be;
 #endif
-        return backend_cpu_create(threads);
+        return sdx4_backend_cpu_create(threads);
     }
-    if (!strcmp(device, "cpu")) return backend_cpu_create(threads);
+    if (!strcmp(device, "cpu")) return sdx4_backend_cpu_create(threads);
     if (!strcmp(device, "cuda")) {
 #ifdef SDX4_HAVE_CUDA
-        return backend_cuda_create(0, cuda);
+        return sdx4_backend_cuda_create(0, cuda);
 #else
-        set_error(SDX4_ERR_DEVICE, "device cuda: this build of sdx4 has no CUDA backend");
+        sdx4_set_error(SDX4_ERR_DEVICE, "device cuda: this build of sdx4 has no CUDA backend");
         return NULL;
 #endif
     }
-    set_error(SDX4_ERR_INVALID_ARGUMENT, "device %s: expected cpu, cuda or auto", device);
+    sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "device %s: expected cpu, cuda or auto", device);
     return NULL;
 }
 
 sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
-    error_clear();
+    sdx4_error_clear();
     *out = NULL;
     if (!o || !o->model_dir || !*o->model_dir) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "no model folder given");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "no model folder given");
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     if (o->threads < 0 || o->threads > SDX4_MAX_THREADS) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
                   SDX4_MAX_THREADS);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     cuda_settings cuda;
-    if (cuda_settings_parse(&o->cuda, &cuda)) return SDX4_ERR_INVALID_ARGUMENT;
+    if (sdx4_cuda_settings_parse(&o->cuda, &cuda)) return SDX4_ERR_INVALID_ARGUMENT;
     sdx4_engine *e = calloc(1, sizeof *e);
     if (!e) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
     if (!(e->be = open_backend(o->device, o->threads, &cuda))) goto fail;
-    if (model_load(&e->m, e->be, o->model_dir, o->variant)) {
-        error_prefix("%s", o->model_dir);
+    if (sdx4_model_load(&e->m, e->be, o->model_dir, o->variant)) {
+        sdx4_error_prefix("%s", o->model_dir);
         goto fail;
     }
     snprintf(e->device, sizeof e->device, "%s", e->be->description);
     *out = e;
     return SDX4_OK;
 fail:;
-    sdx4_status s = error_status() ? error_status() : SDX4_ERR_MODEL;
+    sdx4_status s = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_MODEL;
     if (e->be) e->be->destroy(e->be);
     free(e);
     return s;
@@ -100,7 +100,7 @@ fail:;
 
 void sdx4_engine_close(sdx4_engine *e) {
     if (!e) return;
-    model_free(&e->m);
+    sdx4_model_free(&e->m);
     e->be->destroy(e->be);
     free(e);
 }
@@ -118,8 +118,8 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     info->unet_params = e->m.unet_ws.params;
     info->vae_params = e->m.vae_ws.params;
     info->max_noise_level = e->m.max_noise_level;
-    info->vae_scale_factor = vae_scale_factor(&e->m.vae);
-    info->max_prompt_tokens = tokenizer_max_length(e->m.tok);
+    info->vae_scale_factor = sdx4_vae_scale_factor(&e->m.vae);
+    info->max_prompt_tokens = sdx4_tokenizer_max_length(e->m.tok);
     int64_t in_use = 0, peak = 0;
     e->be->memory(e->be, &in_use, &peak);
     info->device_memory_bytes = in_use;
@@ -176,7 +176,7 @@ void sdx4_upscale_params_default(sdx4_upscale_params *p) {
     p->eta = (float)params[P_ETA].real_default;
 }
 
-#define INVALID(...) (set_error(SDX4_ERR_INVALID_ARGUMENT, __VA_ARGS__), SDX4_ERR_INVALID_ARGUMENT)
+#define INVALID(...) (sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, __VA_ARGS__), SDX4_ERR_INVALID_ARGUMENT)
 
 static sdx4_status check_int(const sdx4_param *r, int64_t v) {
     if (v < r->int_min || v > r->int_max)
@@ -192,7 +192,7 @@ static sdx4_status check_real(const sdx4_param *r, float v) {
 }
 
 sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
-    error_clear();
+    sdx4_error_clear();
     if (p->seed > (uint64_t)params[P_SEED].int_max)
         return INVALID("seed %llu is outside 0..%lld", (unsigned long long)p->seed,
                        (long long)params[P_SEED].int_max);
@@ -209,7 +209,7 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
  * table's, then those of the loaded model. */
 static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
                                 const sdx4_upscale_params *p) {
-    int f = vae_scale_factor(&e->m.vae);
+    int f = sdx4_vae_scale_factor(&e->m.vae);
     if (!in || !in->pixels) return INVALID("no input image");
     if (in->width < f || in->height < f)
         return INVALID("input image is too small: each side needs at least %d pixels", f);
@@ -233,13 +233,13 @@ static int on_step(void *user, int step, int total, const float *latents) {
 
 sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p,
                          sdx4_image *out, sdx4_upscale_report *report) {
-    error_clear();
+    sdx4_error_clear();
     memset(out, 0, sizeof *out);
     sdx4_status s = check_params(e, in, p);
     if (s) return s;
     float *image = NULL, *result = NULL;
-    int h, w, f = vae_scale_factor(&e->m.vae);
-    if (image_preprocess(in, f, &image, &h, &w)) return error_status();
+    int h, w, f = sdx4_vae_scale_factor(&e->m.vae);
+    if (sdx4_image_preprocess(in, f, &image, &h, &w)) return sdx4_error_status();
     pipeline_args a = {
         .image = image, .height = h, .width = w,
         .prompt = p->prompt, .negative_prompt = p->negative_prompt,
@@ -251,9 +251,9 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
         .cancel = p->cancel,
     };
     pipeline_report rep;
-    int rc = pipeline_run(&e->m, e->be, &a, &result, &rep);
+    int rc = sdx4_pipeline_run(&e->m, e->be, &a, &result, &rep);
     free(image);
-    if (rc == 0) rc = image_postprocess(result, h * f, w * f, out);
+    if (rc == 0) rc = sdx4_image_postprocess(result, h * f, w * f, out);
     free(result);
     if (report) {
         *report = (sdx4_upscale_report){
@@ -262,19 +262,19 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
             .seconds_vae = rep.seconds_vae};
     }
-    return rc ? (error_status() ? error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
+    return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
 }
 
 sdx4_status sdx4_count_tokens(const sdx4_engine *e, const char *prompt, int *tokens) {
-    int len = tokenizer_max_length(e->m.tok);
+    int len = sdx4_tokenizer_max_length(e->m.tok);
     int32_t *ids = malloc(sizeof *ids * len);
     if (!ids) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
-    int rc = tokenizer_encode(e->m.tok, prompt ? prompt : "", ids, len, tokens);
+    int rc = sdx4_tokenizer_encode(e->m.tok, prompt ? prompt : "", ids, len, tokens);
     free(ids);
-    return rc ? error_status() : SDX4_OK;
+    return rc ? sdx4_error_status() : SDX4_OK;
 }
 
 int64_t sdx4_peak_rss_bytes(void) {
@@ -283,5 +283,5 @@ int64_t sdx4_peak_rss_bytes(void) {
     return (int64_t)ru.ru_maxrss * 1024;
 }
 
-model *engine_model(sdx4_engine *e) { return &e->m; }
-backend *engine_backend(sdx4_engine *e) { return e->be; }
+model *sdx4_engine_model(sdx4_engine *e) { return &e->m; }
+backend *sdx4_engine_backend(sdx4_engine *e) { return e->be; }

@@ -9,7 +9,7 @@
 #include "model/model.h"
 #include "sdx4.h"
 
-model *engine_model(sdx4_engine *e);
-backend *engine_backend(sdx4_engine *e);
+model *sdx4_engine_model(sdx4_engine *e);
+backend *sdx4_engine_backend(sdx4_engine *e);
 
 #endif

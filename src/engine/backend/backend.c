@@ -17,24 +17,24 @@
 #include "backend/backend.h"
 #include "core/error.h"
 
-backend_step *step_new(backend *be) {
+backend_step *sdx4_step_new(backend *be) {
     if (be->step_new) return be->step_new(be);
     backend_step *s = malloc(1);
-    if (!s) set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+    if (!s) sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
     return s;
 }
 
-int step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx) {
+int sdx4_step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx) {
     return be->step_run ? be->step_run(be, s, fn, ctx) : fn(ctx);
 }
 
-void step_free(backend *be, backend_step *s) {
+void sdx4_step_free(backend *be, backend_step *s) {
     if (!s) return;
     if (be->step_free) be->step_free(be, s);
     else free(s);
 }
 
-int step_replays(const backend *be) { return be->step_new != NULL; }
+int sdx4_step_replays(const backend *be) { return be->step_new != NULL; }
 
 /* The index of `value` among `choices` (NULL or "": 0, the default), or -1. */
 static int choice(const char *value, const char *const *choices, int n) {
@@ -44,7 +44,7 @@ static int choice(const char *value, const char *const *choices, int n) {
     return -1;
 }
 
-int cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s) {
+int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s) {
     static const char *const modes[] = {"fp16", "fp32"}, *const vaes[] = {"bf16", "fp32"};
     static const char *const convs[] = {"cudnn", "cudnn-graph", "cudnn-legacy", "im2col"};
     static const conv_path paths[] = {CONV_CUDNN, CONV_CUDNN_GRAPH, CONV_CUDNN_LEGACY, CONV_IM2COL};
@@ -53,15 +53,15 @@ int cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s) {
     int mode = choice(o->dtype, modes, 2), vae = choice(o->vae, vaes, 2);
     int conv = choice(o->conv, convs, 4);
     if (mode < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda.dtype \"%s\": expected fp16 or fp32", o->dtype);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda.dtype \"%s\": expected fp16 or fp32", o->dtype);
         return -1;
     }
     if (vae < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda.vae \"%s\": expected bf16 or fp32", o->vae);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda.vae \"%s\": expected bf16 or fp32", o->vae);
         return -1;
     }
     if (conv < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "cuda.conv \"%s\": expected cudnn, cudnn-graph, cudnn-legacy or im2col", o->conv);
         return -1;
     }

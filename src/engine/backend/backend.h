@@ -78,7 +78,7 @@ struct backend {
     /* Optional (NULL: the model adds separately): linear or conv2d + r,
      * r of the output's shape, a residual connection added while the
      * product is still in float (one rounding where PyTorch has two, and
-     * no pass of its own). blocks.h's linear_add_fw and conv_add_fw. */
+     * no pass of its own). blocks.h's linear_add_forward and conv_add_forward. */
     tensor *(*linear_add)(backend *be, const tensor *x, const tensor *w,
                           const tensor *bias, const tensor *r);
     tensor *(*conv2d_add)(backend *be, const tensor *x, const tensor *w,
@@ -150,7 +150,7 @@ struct backend {
     dtype (*set_activation_type)(backend *be, dtype t);
 
     /* --- steps -------------------------------------------------------- */
-    /* Optional (NULL: step_run() calls fn every time, see below). A GPU
+    /* Optional (NULL: sdx4_step_run() calls fn every time, see below). A GPU
      * backend may record the operations of a step once and replay them,
      * which spares the host's per-operation work (the CUDA backend
      * captures a CUDA graph, cuda_graph.cu); when and how it warms up,
@@ -171,7 +171,7 @@ struct backend {
 
 /* ------------------------------------------------------------------ steps
  * A step is work that runs again and again, the same operations on new
- * values: a UNet evaluation of the denoising loop. step_run() runs fn(ctx),
+ * values: a UNet evaluation of the denoising loop. sdx4_step_run() runs fn(ctx),
  * which calls this backend's operations and returns 0, or -1 with the
  * error set; or, on a backend that records steps, replays what an earlier
  * call of fn did instead of calling fn again. The CUDA backend runs the
@@ -186,31 +186,31 @@ struct backend {
  *     fn's host code);
  *   - fn's inputs are tensors created before the step's first run, into
  *     which the caller writes each step's values (upload()) before calling
- *     step_run();
+ *     sdx4_step_run();
  *   - fn stores its results in ctx, freeing the previous call's first;
  *     after a replay, the results of the recorded call hold the new
  *     values: the caller reads them (download()) and keeps them alive
- *     until step_free(). Tensors that fn creates and frees keep their
+ *     until sdx4_step_free(). Tensors that fn creates and frees keep their
  *     memory for the replays, which write it again;
  *   - fn calls no operation on host data (upload, download, weight,
  *     embedding): a recording cannot hold them.
  * While a step records, the operations of other threads wait. A step is
- * run by one thread (the CUDA backend plans per thread); after step_run()
- * fails, only step_free() is left to call.
+ * run by one thread (the CUDA backend plans per thread); after sdx4_step_run()
+ * fails, only sdx4_step_free() is left to call.
  */
 
 /* A new step; NULL with the error set. */
-backend_step *step_new(backend *be);
-int step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
-void step_free(backend *be, backend_step *s); /* NULL is fine */
-/* Whether step_run() may replay steps on this backend: then its first
+backend_step *sdx4_step_new(backend *be);
+int sdx4_step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
+void sdx4_step_free(backend *be, backend_step *s); /* NULL is fine */
+/* Whether sdx4_step_run() may replay steps on this backend: then its first
  * calls of a step call fn, and the later ones do not (bench.c times them). */
-int step_replays(const backend *be);
+int sdx4_step_replays(const backend *be);
 
 /* ---------------------------------------------------------------- backends */
 
 /* How the CUDA backend computes: sdx4.h's sdx4_cuda_options, checked by
- * cuda_settings_parse() in every build (a bad value is refused whatever the
+ * sdx4_cuda_settings_parse() in every build (a bad value is refused whatever the
  * device). cuda_backend.cu describes each. */
 typedef enum {
     CONV_IM2COL,       /* im2col + GEMM, as in builds without cuDNN */
@@ -230,12 +230,12 @@ typedef struct {
 
 /* The settings `o` asks for (NULL: the defaults); -1 with an error naming
  * the option and its choices. */
-int cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s);
+int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s);
 
 /* Backends compiled into this build. Each returns NULL with the error set
  * when it cannot start (no GPU, ...). threads = 0: all cores. */
-backend *backend_cpu_create(int threads);
-backend *backend_cuda_create(int device_index, const cuda_settings *settings);
+backend *sdx4_backend_cpu_create(int threads);
+backend *sdx4_backend_cuda_create(int device_index, const cuda_settings *settings);
 
 /* Shorthands that keep model code readable. */
 static inline void tensor_free(tensor *t) {

@@ -15,9 +15,9 @@
  * convolution at 2048x2048).
  *
  * OpenMP worker threads do not see the caller's thread-local variable: a
- * kernel reads cancel_flag() into a local before its parallel region,
+ * kernel reads sdx4_cancel_flag() into a local before its parallel region,
  * skips the tiles that remain once the flag is set, and reports
- * cancel_stopped() after the region, on the calling thread.
+ * sdx4_cancel_stopped() after the region, on the calling thread.
  */
 #ifndef SDX4_CANCEL_H
 #define SDX4_CANCEL_H
@@ -26,9 +26,9 @@
 
 /* Makes `flag` (NULL: none) this thread's flag; returns the one it
  * replaces, for the caller to put back when its call ends. */
-const sdx4_atomic_int *cancel_install(const sdx4_atomic_int *flag);
+const sdx4_atomic_int *sdx4_cancel_install(const sdx4_atomic_int *flag);
 /* This thread's flag, or NULL. */
-const sdx4_atomic_int *cancel_flag(void);
+const sdx4_atomic_int *sdx4_cancel_flag(void);
 
 /* Whether `flag` is set; any thread may ask. Relaxed: the flag orders
  * nothing, it only has to be seen within a tile or two. */
@@ -38,8 +38,8 @@ static inline int cancel_is_set(const sdx4_atomic_int *flag) {
 
 /* -1 with the error set to SDX4_ERR_CANCELED: what an operation that
  * stopped early reports. */
-int cancel_stopped(void);
-/* cancel_stopped() if this thread's flag is set, else 0. */
-int cancel_check(void);
+int sdx4_cancel_stopped(void);
+/* sdx4_cancel_stopped() if this thread's flag is set, else 0. */
+int sdx4_cancel_check(void);
 
 #endif

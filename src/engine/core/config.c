@@ -8,12 +8,12 @@
 
 #include "core/error.h"
 
-int cfg_parse(config *c, const char *text, size_t len, const char *label) {
+int sdx4_cfg_parse(config *c, const char *text, size_t len, const char *label) {
     json_error_t e;
     snprintf(c->label, sizeof c->label, "%s", label);
     c->root = json_loadb(text, len, 0, &e);
     if (!json_is_object(c->root)) {
-        set_error(SDX4_ERR_MODEL, "%s: %s at line %d", label,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s at line %d", label,
                   c->root ? "not a JSON object" : e.text, e.line);
         json_decref(c->root);
         c->root = NULL;
@@ -22,7 +22,7 @@ int cfg_parse(config *c, const char *text, size_t len, const char *label) {
     return 0;
 }
 
-int cfg_load(config *c, const char *dir, const char *file) {
+int sdx4_cfg_load(config *c, const char *dir, const char *file) {
     char path[4096];
     json_error_t e;
     snprintf(path, sizeof path, "%s/%s", dir, file);
@@ -31,22 +31,22 @@ int cfg_load(config *c, const char *dir, const char *file) {
     if (!c->root) {
         FILE *f = fopen(path, "rb");
         if (!f) {
-            set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", file, dir);
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", file, dir);
             return -1;
         }
         fclose(f);
-        set_error(SDX4_ERR_MODEL, "%s: malformed JSON: %s at line %d", file, e.text, e.line);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: malformed JSON: %s at line %d", file, e.text, e.line);
         return -1;
     }
     if (!json_is_object(c->root)) {
-        set_error(SDX4_ERR_MODEL, "%s: not a JSON object", file);
-        cfg_free(c);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: not a JSON object", file);
+        sdx4_cfg_free(c);
         return -1;
     }
     return 0;
 }
 
-void cfg_free(config *c) {
+void sdx4_cfg_free(config *c) {
     json_decref(c->root);
     c->root = NULL;
 }
@@ -57,11 +57,11 @@ static json_t *get(const config *c, const char *key) {
 }
 
 static int type_error(const config *c, const char *key, const char *want) {
-    set_error(SDX4_ERR_MODEL, "%s: %s must be %s", c->label, key, want);
+    sdx4_set_error(SDX4_ERR_MODEL, "%s: %s must be %s", c->label, key, want);
     return -1;
 }
 
-int cfg_int(const config *c, const char *key, int def, int *out) {
+int sdx4_cfg_int(const config *c, const char *key, int def, int *out) {
     json_t *v = get(c, key);
     if (!v) { *out = def; return 0; }
     if (!json_is_integer(v) || json_integer_value(v) < -(1 << 30) || json_integer_value(v) > (1 << 30))
@@ -70,7 +70,7 @@ int cfg_int(const config *c, const char *key, int def, int *out) {
     return 0;
 }
 
-int cfg_float(const config *c, const char *key, double def, double *out) {
+int sdx4_cfg_float(const config *c, const char *key, double def, double *out) {
     json_t *v = get(c, key);
     if (!v) { *out = def; return 0; }
     if (!json_is_number(v) || !isfinite(json_number_value(v))) return type_error(c, key, "a number");
@@ -78,7 +78,7 @@ int cfg_float(const config *c, const char *key, double def, double *out) {
     return 0;
 }
 
-int cfg_bool(const config *c, const char *key, int def, int *out) {
+int sdx4_cfg_bool(const config *c, const char *key, int def, int *out) {
     json_t *v = get(c, key);
     if (!v) { *out = def; return 0; }
     if (!json_is_boolean(v)) return type_error(c, key, "true or false");
@@ -86,7 +86,7 @@ int cfg_bool(const config *c, const char *key, int def, int *out) {
     return 0;
 }
 
-int cfg_str(const config *c, const char *key, const char *def, const char **out) {
+int sdx4_cfg_str(const config *c, const char *key, const char *def, const char **out) {
     json_t *v = get(c, key);
     if (!v) { *out = def; return 0; }
     if (!json_is_string(v)) return type_error(c, key, "a string");
@@ -98,7 +98,7 @@ static int list(const config *c, const char *key, int n, int *out, int booleans)
     json_t *v = get(c, key);
     const char *want = booleans ? "a boolean or a list of booleans" : "an integer or a list of integers";
     if (!v) {
-        set_error(SDX4_ERR_MODEL, "%s: %s is missing", c->label, key);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s is missing", c->label, key);
         return -1;
     }
     if (booleans ? json_is_boolean(v) : json_is_integer(v)) {
@@ -107,7 +107,7 @@ static int list(const config *c, const char *key, int n, int *out, int booleans)
     }
     if (!json_is_array(v)) return type_error(c, key, want);
     if ((int)json_array_size(v) != n) {
-        set_error(SDX4_ERR_MODEL, "%s: %s has %zu entries, expected %d", c->label, key,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s has %zu entries, expected %d", c->label, key,
                   json_array_size(v), n);
         return -1;
     }
@@ -121,14 +121,14 @@ static int list(const config *c, const char *key, int n, int *out, int booleans)
     return 0;
 }
 
-int cfg_int_list(const config *c, const char *key, int n, int *out) { return list(c, key, n, out, 0); }
-int cfg_bool_list(const config *c, const char *key, int n, int *out) { return list(c, key, n, out, 1); }
+int sdx4_cfg_int_list(const config *c, const char *key, int n, int *out) { return list(c, key, n, out, 0); }
+int sdx4_cfg_bool_list(const config *c, const char *key, int n, int *out) { return list(c, key, n, out, 1); }
 
-int cfg_str_list(const config *c, const char *key, int max, const char **out, int *n) {
+int sdx4_cfg_str_list(const config *c, const char *key, int max, const char **out, int *n) {
     json_t *v = get(c, key);
     if (!json_is_array(v) || json_array_size(v) == 0) return type_error(c, key, "a non-empty list of strings");
     if ((int)json_array_size(v) > max) {
-        set_error(SDX4_ERR_MODEL, "%s: %s has %zu entries, at most %d are supported", c->label, key,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s has %zu entries, at most %d are supported", c->label, key,
                   json_array_size(v), max);
         return -1;
     }
@@ -147,35 +147,35 @@ static int unsupported(const config *c, const char *key, json_t *v) {
         text[strlen(text) - 1] = 0;
         memmove(text, text + 1, strlen(text));
     }
-    set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported", c->label, key, text ? text : "?");
+    sdx4_set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported", c->label, key, text ? text : "?");
     free(text);
     return -1;
 }
 
-int cfg_expect_str(const config *c, const char *key, const char *supported) {
+int sdx4_cfg_expect_str(const config *c, const char *key, const char *supported) {
     json_t *v = get(c, key);
     if (!v || (json_is_string(v) && !strcmp(json_string_value(v), supported))) return 0;
     return unsupported(c, key, v);
 }
 
-int cfg_expect_null(const config *c, const char *key) {
+int sdx4_cfg_expect_null(const config *c, const char *key) {
     json_t *v = get(c, key);
     return v ? unsupported(c, key, v) : 0;
 }
 
-int cfg_expect_int(const config *c, const char *key, int supported) {
+int sdx4_cfg_expect_int(const config *c, const char *key, int supported) {
     json_t *v = get(c, key);
     if (!v || (json_is_integer(v) && json_integer_value(v) == supported)) return 0;
     return unsupported(c, key, v);
 }
 
-int cfg_expect_bool(const config *c, const char *key, int supported) {
+int sdx4_cfg_expect_bool(const config *c, const char *key, int supported) {
     json_t *v = get(c, key);
     if (!v || (json_is_boolean(v) && json_is_true(v) == supported)) return 0;
     return unsupported(c, key, v);
 }
 
-int cfg_expect_float(const config *c, const char *key, double supported) {
+int sdx4_cfg_expect_float(const config *c, const char *key, double supported) {
     json_t *v = get(c, key);
     if (!v || (json_is_number(v) && json_number_value(v) == supported)) return 0;
     return unsupported(c, key, v);

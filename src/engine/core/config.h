@@ -17,31 +17,31 @@ typedef struct {
 } config;
 
 /* Loads dir/file (file may contain a sub-folder: "unet/config.json"). */
-int cfg_load(config *c, const char *dir, const char *file);
+int sdx4_cfg_load(config *c, const char *dir, const char *file);
 /* Parses JSON text in memory (the fuzz target's entry). */
-int cfg_parse(config *c, const char *text, size_t len, const char *label);
-void cfg_free(config *c);
+int sdx4_cfg_parse(config *c, const char *text, size_t len, const char *label);
+void sdx4_cfg_free(config *c);
 
 /* Getters: a missing key or JSON null gives the default; a value of the
  * wrong type is an error. */
-int cfg_int(const config *c, const char *key, int def, int *out);
-int cfg_float(const config *c, const char *key, double def, double *out);
-int cfg_bool(const config *c, const char *key, int def, int *out);
-/* Returns a pointer into the config (valid until cfg_free) or def. */
-int cfg_str(const config *c, const char *key, const char *def, const char **out);
+int sdx4_cfg_int(const config *c, const char *key, int def, int *out);
+int sdx4_cfg_float(const config *c, const char *key, double def, double *out);
+int sdx4_cfg_bool(const config *c, const char *key, int def, int *out);
+/* Returns a pointer into the config (valid until sdx4_cfg_free) or def. */
+int sdx4_cfg_str(const config *c, const char *key, const char *def, const char **out);
 /* An int array; a lone int is broadcast to `n` entries when `n` > 0
  * (attention_head_dim may be either). Fails unless the length is n. */
-int cfg_int_list(const config *c, const char *key, int n, int *out);
-int cfg_bool_list(const config *c, const char *key, int n, int *out);
+int sdx4_cfg_int_list(const config *c, const char *key, int n, int *out);
+int sdx4_cfg_bool_list(const config *c, const char *key, int n, int *out);
 /* A string array of at most `max` entries; *n receives its length. */
-int cfg_str_list(const config *c, const char *key, int max, const char **out, int *n);
+int sdx4_cfg_str_list(const config *c, const char *key, int max, const char **out, int *n);
 
 /* Refuse a value the engine does not implement. A missing or null key
  * passes (diffusers' default is the supported one). */
-int cfg_expect_str(const config *c, const char *key, const char *supported);
-int cfg_expect_null(const config *c, const char *key);
-int cfg_expect_int(const config *c, const char *key, int supported);
-int cfg_expect_bool(const config *c, const char *key, int supported);
-int cfg_expect_float(const config *c, const char *key, double supported);
+int sdx4_cfg_expect_str(const config *c, const char *key, const char *supported);
+int sdx4_cfg_expect_null(const config *c, const char *key);
+int sdx4_cfg_expect_int(const config *c, const char *key, int supported);
+int sdx4_cfg_expect_bool(const config *c, const char *key, int supported);
+int sdx4_cfg_expect_float(const config *c, const char *key, double supported);
 
 #endif

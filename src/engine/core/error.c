@@ -8,7 +8,7 @@
 static _Thread_local char message[1024];
 static _Thread_local sdx4_status last_status;
 
-void set_error(sdx4_status status, const char *fmt, ...) {
+void sdx4_set_error(sdx4_status status, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(message, sizeof message, fmt, ap);
@@ -16,7 +16,7 @@ void set_error(sdx4_status status, const char *fmt, ...) {
     last_status = status;
 }
 
-void error_prefix(const char *fmt, ...) {
+void sdx4_error_prefix(const char *fmt, ...) {
     char prefix[512], old[sizeof message];
     va_list ap;
     va_start(ap, fmt);
@@ -26,9 +26,9 @@ void error_prefix(const char *fmt, ...) {
     snprintf(message, sizeof message, "%s: %s", prefix, old);
 }
 
-sdx4_status error_status(void) { return last_status; }
+sdx4_status sdx4_error_status(void) { return last_status; }
 
-void error_clear(void) {
+void sdx4_error_clear(void) {
     message[0] = 0;
     last_status = SDX4_OK;
 }

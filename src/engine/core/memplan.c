@@ -39,11 +39,11 @@ struct memplan {
     int position, on_track; /* following */
 };
 
-memplan *memplan_new(void) {
+memplan *sdx4_memplan_new(void) {
     return (memplan *)calloc(1, sizeof(memplan));
 }
 
-void memplan_free(memplan *p) {
+void sdx4_memplan_free(memplan *p) {
     if (!p) return;
     free(p->buffers);
     free(p->events);
@@ -68,7 +68,7 @@ static int add_event(memplan *p, int event) {
     return 0;
 }
 
-int memplan_note_alloc(memplan *p, const void *ptr, size_t bytes) {
+int sdx4_memplan_note_alloc(memplan *p, const void *ptr, size_t bytes) {
     if (p->spoiled || p->finished) return -1;
     if (p->n_events == INT_MAX - 1 || bytes > SIZE_MAX / 2 || /* no offset could hold it */
         reserve((void **)&p->buffers, &p->cap_buffers, p->n_buffers, sizeof *p->buffers) ||
@@ -86,7 +86,7 @@ int memplan_note_alloc(memplan *p, const void *ptr, size_t bytes) {
     return 0;
 }
 
-void memplan_note_free(memplan *p, const void *ptr) {
+void sdx4_memplan_note_free(memplan *p, const void *ptr) {
     if (p->spoiled || p->finished) return;
     for (int i = p->n_live - 1; i >= 0; i--) { /* recent buffers go first */
         if (p->live[i].ptr != ptr) continue;
@@ -136,16 +136,16 @@ static int64_t best_offset(const memplan *p, const int *placed, int n, const buf
     return best >= 0 ? best : (int64_t)end;
 }
 
-int memplan_finish(memplan *p, size_t align) {
+int sdx4_memplan_finish(memplan *p, size_t align) {
     if (p->finished) return 0;
     if (p->spoiled || !p->n_buffers) {
-        set_error(p->spoiled ? SDX4_ERR_NO_MEMORY : SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(p->spoiled ? SDX4_ERR_NO_MEMORY : SDX4_ERR_INVALID_ARGUMENT,
                   p->spoiled ? "memory plan: out of memory while tracing, or a buffer too large"
                              : "memory plan: nothing was allocated");
         return -1;
     }
     if (!align || (align & (align - 1))) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "memory plan: alignment %zu is not a power of two",
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "memory plan: alignment %zu is not a power of two",
                   align);
         return -1;
     }
@@ -154,7 +154,7 @@ int memplan_finish(memplan *p, size_t align) {
     if (!order || !placed) {
         free(order);
         free(placed);
-        set_error(SDX4_ERR_NO_MEMORY, "memory plan: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "memory plan: out of memory");
         return -1;
     }
     size_t live = 0;
@@ -190,20 +190,20 @@ int memplan_finish(memplan *p, size_t align) {
     p->live = NULL;
     p->n_live = p->cap_live = 0;
     p->finished = 1;
-    memplan_rewind(p);
+    sdx4_memplan_rewind(p);
     return 0;
 }
 
-size_t memplan_arena_bytes(const memplan *p) { return p->arena_bytes; }
-size_t memplan_peak_bytes(const memplan *p) { return p->peak_bytes; }
-int memplan_buffers(const memplan *p) { return p->n_buffers; }
+size_t sdx4_memplan_arena_bytes(const memplan *p) { return p->arena_bytes; }
+size_t sdx4_memplan_peak_bytes(const memplan *p) { return p->peak_bytes; }
+int sdx4_memplan_buffers(const memplan *p) { return p->n_buffers; }
 
-void memplan_rewind(memplan *p) {
+void sdx4_memplan_rewind(memplan *p) {
     p->position = 0;
     p->on_track = p->finished;
 }
 
-int64_t memplan_follow_alloc(memplan *p, size_t bytes) {
+int64_t sdx4_memplan_follow_alloc(memplan *p, size_t bytes) {
     if (p->on_track && p->position < p->n_events && p->events[p->position] >= 0) {
         const buffer *b = &p->buffers[p->events[p->position]];
         if (b->asked == bytes) {
@@ -215,7 +215,7 @@ int64_t memplan_follow_alloc(memplan *p, size_t bytes) {
     return -1;
 }
 
-void memplan_follow_free(memplan *p, int64_t offset) {
+void sdx4_memplan_follow_free(memplan *p, int64_t offset) {
     if (p->on_track && p->position < p->n_events && p->events[p->position] < 0 &&
         p->buffers[~p->events[p->position]].offset == offset) {
         p->position++;
@@ -224,6 +224,6 @@ void memplan_follow_free(memplan *p, int64_t offset) {
     p->on_track = 0;
 }
 
-int memplan_on_track(const memplan *p) { return p->on_track; }
-int memplan_position(const memplan *p) { return p->position; }
-int memplan_events(const memplan *p) { return p->n_events; }
+int sdx4_memplan_on_track(const memplan *p) { return p->on_track; }
+int sdx4_memplan_position(const memplan *p) { return p->position; }
+int sdx4_memplan_events(const memplan *p) { return p->n_events; }

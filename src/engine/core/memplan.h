@@ -31,35 +31,35 @@
 
 typedef struct memplan memplan;
 
-memplan *memplan_new(void); /* NULL: out of memory */
-void memplan_free(memplan *p);
+memplan *sdx4_memplan_new(void); /* NULL: out of memory */
+void sdx4_memplan_free(memplan *p);
 
 /* --- tracing: the allocations and frees of one run, in order ----------- */
 /* -1 when out of memory or for more than SIZE_MAX / 2 bytes (the trace is
- * then spoiled: memplan_finish fails). */
-int memplan_note_alloc(memplan *p, const void *ptr, size_t bytes);
+ * then spoiled: sdx4_memplan_finish fails). */
+int sdx4_memplan_note_alloc(memplan *p, const void *ptr, size_t bytes);
 /* A free of memory that was allocated before tracing began is no event. */
-void memplan_note_free(memplan *p, const void *ptr);
+void sdx4_memplan_note_free(memplan *p, const void *ptr);
 
 /* Ends the trace and places every buffer at a multiple of `align` (a power
  * of two); -1 with the error set when the trace is spoiled or empty. */
-int memplan_finish(memplan *p, size_t align);
-size_t memplan_arena_bytes(const memplan *p); /* the layout's extent */
-size_t memplan_peak_bytes(const memplan *p);  /* most bytes alive at once */
-int memplan_buffers(const memplan *p);
+int sdx4_memplan_finish(memplan *p, size_t align);
+size_t sdx4_memplan_arena_bytes(const memplan *p); /* the layout's extent */
+size_t sdx4_memplan_peak_bytes(const memplan *p);  /* most bytes alive at once */
+int sdx4_memplan_buffers(const memplan *p);
 
 /* --- following a finished plan ---------------------------------------- */
 /* Starts over at the first event (each run of the step follows it anew). */
-void memplan_rewind(memplan *p);
+void sdx4_memplan_rewind(memplan *p);
 /* The offset of this allocation in the arena, or -1 when it is not the
  * one the trace has next. */
-int64_t memplan_follow_alloc(memplan *p, size_t bytes);
-/* The free of a buffer at `offset` that memplan_follow_alloc gave. */
-void memplan_follow_free(memplan *p, int64_t offset);
+int64_t sdx4_memplan_follow_alloc(memplan *p, size_t bytes);
+/* The free of a buffer at `offset` that sdx4_memplan_follow_alloc gave. */
+void sdx4_memplan_follow_free(memplan *p, int64_t offset);
 /* 1 while every event so far was the trace's, 0 once the run has left it. */
-int memplan_on_track(const memplan *p);
+int sdx4_memplan_on_track(const memplan *p);
 /* Events matched so far (for diagnostics: where a run left the plan). */
-int memplan_position(const memplan *p);
-int memplan_events(const memplan *p);
+int sdx4_memplan_position(const memplan *p);
+int sdx4_memplan_events(const memplan *p);
 
 #endif

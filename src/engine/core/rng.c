@@ -18,7 +18,7 @@
 
 #define MT_M 397
 
-void torch_rng_seed(torch_rng *g, uint64_t seed) {
+void sdx4_torch_rng_seed(torch_rng *g, uint64_t seed) {
     g->state[0] = (uint32_t)seed; /* at::mt19937 keeps only the low 32 bits */
     for (uint32_t i = 1; i < TORCH_MT_N; i++)
         g->state[i] = 1812433253u * (g->state[i - 1] ^ (g->state[i - 1] >> 30)) + i;
@@ -36,7 +36,7 @@ static void regenerate(torch_rng *g) {
     g->next = 0;
 }
 
-uint32_t torch_rng_u32(torch_rng *g) {
+uint32_t sdx4_torch_rng_u32(torch_rng *g) {
     if (g->next >= TORCH_MT_N) regenerate(g);
     uint32_t y = g->state[g->next++];
     y ^= y >> 11;
@@ -46,24 +46,24 @@ uint32_t torch_rng_u32(torch_rng *g) {
     return y;
 }
 
-uint64_t torch_rng_u64(torch_rng *g) {
-    uint64_t hi = torch_rng_u32(g);
-    return hi << 32 | torch_rng_u32(g);
+uint64_t sdx4_torch_rng_u64(torch_rng *g) {
+    uint64_t hi = sdx4_torch_rng_u32(g);
+    return hi << 32 | sdx4_torch_rng_u32(g);
 }
 
 /* ------------------------------------------------------------- uniforms */
 
 /* at::uniform_real_distribution<float>(0, 1): 24 random bits. */
 static float uniform_float(torch_rng *g) {
-    return (float)(torch_rng_u32(g) & 0xffffffu) * (1.0f / 16777216.0f);
+    return (float)(sdx4_torch_rng_u32(g) & 0xffffffu) * (1.0f / 16777216.0f);
 }
 
 /* at::uniform_real_distribution<double>(0, 1): 53 random bits. */
 static double uniform_double(torch_rng *g) {
-    return (double)(torch_rng_u64(g) & ((UINT64_C(1) << 53) - 1)) * (1.0 / 9007199254740992.0);
+    return (double)(sdx4_torch_rng_u64(g) & ((UINT64_C(1) << 53) - 1)) * (1.0 / 9007199254740992.0);
 }
 
-void torch_rand(torch_rng *g, float *out, size_t n) {
+void sdx4_torch_rand(torch_rng *g, float *out, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = uniform_float(g);
 }
 
@@ -179,7 +179,7 @@ static void box_muller_16(float *data) {
     }
 }
 
-void torch_randn(torch_rng *g, float *out, size_t n) {
+void sdx4_torch_randn(torch_rng *g, float *out, size_t n) {
     if (n < 16) {
         for (size_t i = 0; i < n; i++) out[i] = (float)normal_double(g);
         return;

@@ -46,18 +46,18 @@ typedef struct {
 } torch_rng;
 
 /* torch.Generator("cpu").manual_seed(seed): also drops the cached normal. */
-void torch_rng_seed(torch_rng *g, uint64_t seed);
+void sdx4_torch_rng_seed(torch_rng *g, uint64_t seed);
 
 /* One 32-bit word of the stream (CPUGeneratorImpl::random()). */
-uint32_t torch_rng_u32(torch_rng *g);
+uint32_t sdx4_torch_rng_u32(torch_rng *g);
 
 /* Two words, the first in the high half (CPUGeneratorImpl::random64()). */
-uint64_t torch_rng_u64(torch_rng *g);
+uint64_t sdx4_torch_rng_u64(torch_rng *g);
 
 /* torch.randn(n elements, dtype=float32, generator=g) into out[0..n). */
-void torch_randn(torch_rng *g, float *out, size_t n);
+void sdx4_torch_randn(torch_rng *g, float *out, size_t n);
 
 /* torch.rand(n elements, dtype=float32, generator=g) into out[0..n). */
-void torch_rand(torch_rng *g, float *out, size_t n);
+void sdx4_torch_rand(torch_rng *g, float *out, size_t n);
 
 #endif

@@ -5,7 +5,7 @@
  * past the end of the file, non-object JSON, unknown dtypes, negative or
  * overflowing shapes, offsets out of range or disagreeing with the shape,
  * and overlapping tensors. The same checks run whether the whole file is
- * in memory (st_parse, st_open) or only its header (st_open_header): a
+ * in memory (sdx4_st_parse, sdx4_st_open) or only its header (sdx4_st_open_header): a
  * tensor is described by its offset in the file, and points into memory
  * only when the file is there.
  */
@@ -53,17 +53,17 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_reg
     json_t *jo = json_object_get(v, "data_offsets");
     if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) ||
         json_array_size(jo) != 2) {
-        set_error(SDX4_ERR_MODEL, "tensor %s: header entry needs dtype, shape and data_offsets", name);
+        sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: header entry needs dtype, shape and data_offsets", name);
         return -1;
     }
     if (parse_dtype(json_string_value(jd), &t->type)) {
-        set_error(SDX4_ERR_MODEL, "tensor %s: dtype %s is not a safetensors dtype",
+        sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: dtype %s is not a safetensors dtype",
                   name, json_string_value(jd));
         return -1;
     }
     size_t nd = json_array_size(js);
     if (nd > ST_MAX_DIMS) {
-        set_error(SDX4_ERR_MODEL, "tensor %s: %zu dimensions", name, nd);
+        sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: %zu dimensions", name, nd);
         return -1;
     }
     uint64_t numel = 1;
@@ -72,13 +72,13 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_reg
         json_t *dim = json_array_get(js, i);
         if (!json_is_integer(dim) || json_integer_value(dim) < 0 ||
             json_integer_value(dim) > (1ll << 40)) {
-            set_error(SDX4_ERR_MODEL, "tensor %s: bad shape", name);
+            sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: bad shape", name);
             return -1;
         }
         t->shape[i] = json_integer_value(dim);
         numel *= (uint64_t)t->shape[i];
         if (numel > (1ull << 40)) {
-            set_error(SDX4_ERR_MODEL, "tensor %s: shape too large", name);
+            sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: shape too large", name);
             return -1;
         }
     }
@@ -86,12 +86,12 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_reg
     if (!json_is_integer(b) || !json_is_integer(e) || json_integer_value(b) < 0 ||
         json_integer_value(e) < json_integer_value(b) ||
         (uint64_t)json_integer_value(e) > d->size) {
-        set_error(SDX4_ERR_MODEL, "tensor %s: data_offsets out of range (file truncated?)", name);
+        sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: data_offsets out of range (file truncated?)", name);
         return -1;
     }
     t->nbytes = (size_t)(json_integer_value(e) - json_integer_value(b));
     if (t->nbytes != numel * dtype_size(t->type)) {
-        set_error(SDX4_ERR_MODEL, "tensor %s: %zu bytes for %llu elements of %s", name,
+        sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: %zu bytes for %llu elements of %s", name,
                   t->nbytes, (unsigned long long)numel, dtype_name(t->type));
         return -1;
     }
@@ -106,13 +106,13 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_reg
 static int header_length(const unsigned char *first8, uint64_t size, const char *label,
                          uint64_t *hlen) {
     if (size < 8) {
-        set_error(SDX4_ERR_MODEL, "%s: too short for a safetensors file", label);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: too short for a safetensors file", label);
         return -1;
     }
     *hlen = 0;
     for (int i = 7; i >= 0; i--) *hlen = *hlen << 8 | first8[i];
     if (*hlen > MAX_HEADER || *hlen > size - 8) {
-        set_error(SDX4_ERR_MODEL, "%s: header length %llu exceeds the file (truncated?)",
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: header length %llu exceeds the file (truncated?)",
                   label, (unsigned long long)*hlen);
         return -1;
     }
@@ -125,7 +125,7 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
     json_error_t jerr;
     json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!json_is_object(root)) {
-        set_error(SDX4_ERR_MODEL, "%s: header is not a JSON object (%s)", label, jerr.text);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: header is not a JSON object (%s)", label, jerr.text);
         json_decref(root);
         return -1;
     }
@@ -138,8 +138,8 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
             continue;
         }
         if (!json_is_object(v) || parse_entry(&f->tensors[f->count], key, v, d)) {
-            if (!json_is_object(v)) set_error(SDX4_ERR_MODEL, "tensor %s: not an object", key);
-            error_prefix("%s", label);
+            if (!json_is_object(v)) sdx4_set_error(SDX4_ERR_MODEL, "tensor %s: not an object", key);
+            sdx4_error_prefix("%s", label);
             json_decref(root);
             return -1;
         }
@@ -152,7 +152,7 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
     qsort(sorted, f->count, sizeof *sorted, by_offset);
     for (int i = 1; i < f->count; i++) {
         if (sorted[i].offset < sorted[i - 1].offset + sorted[i - 1].nbytes) {
-            set_error(SDX4_ERR_MODEL, "%s: tensors %s and %s overlap", label,
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: tensors %s and %s overlap", label,
                       sorted[i - 1].name, sorted[i].name);
             free(sorted);
             return -1;
@@ -162,7 +162,7 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
     return 0;
 }
 
-int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
+int sdx4_st_parse(st_file *f, const void *buf, size_t size, const char *label) {
     memset(f, 0, sizeof *f);
     f->path = strdup(label);
     const unsigned char *p = buf;
@@ -172,7 +172,7 @@ int st_parse(st_file *f, const void *buf, size_t size, const char *label) {
     if (parse_header(f, (const char *)p + 8, hlen, &d, label)) goto fail;
     return 0;
 fail:
-    st_close(f);
+    sdx4_st_close(f);
     return -1;
 }
 
@@ -195,18 +195,18 @@ static int64_t read_at(int fd, void *dst, size_t n, uint64_t offset) {
 static int open_regular(const char *path, struct stat *st) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
+        sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         return -1;
     }
     if (fstat(fd, st) || !S_ISREG(st->st_mode)) {
-        set_error(SDX4_ERR_IO, "%s: not a regular file", path);
+        sdx4_set_error(SDX4_ERR_IO, "%s: not a regular file", path);
         close(fd);
         return -1;
     }
     return fd;
 }
 
-int st_open(st_file *f, const char *path) {
+int sdx4_st_open(st_file *f, const char *path) {
     memset(f, 0, sizeof *f);
     struct stat st;
     int fd = open_regular(path, &st);
@@ -215,15 +215,15 @@ int st_open(st_file *f, const char *path) {
     unsigned char *buf = malloc(size ? size : 1);
     int64_t got = buf ? read_at(fd, buf, size, 0) : -1;
     if (got != (int64_t)size) {
-        if (!buf) set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory for %zu bytes", path, size);
-        else if (got < 0) set_error(SDX4_ERR_IO, "%s: read: %s", path, strerror(errno));
-        else set_error(SDX4_ERR_IO, "%s: the file shrank while it was read", path);
+        if (!buf) sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory for %zu bytes", path, size);
+        else if (got < 0) sdx4_set_error(SDX4_ERR_IO, "%s: read: %s", path, strerror(errno));
+        else sdx4_set_error(SDX4_ERR_IO, "%s: the file shrank while it was read", path);
         free(buf);
         close(fd);
         return -1;
     }
     close(fd);
-    if (st_parse(f, buf, size, path)) {
+    if (sdx4_st_parse(f, buf, size, path)) {
         free(buf);
         return -1;
     }
@@ -235,7 +235,7 @@ static int64_t mtime_ns(const struct stat *st) {
     return (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
 }
 
-int st_open_header(st_file *f, const char *path, const char *label) {
+int sdx4_st_open_header(st_file *f, const char *path, const char *label) {
     memset(f, 0, sizeof *f);
     struct stat st;
     int fd = open_regular(path, &st);
@@ -245,12 +245,12 @@ int st_open_header(st_file *f, const char *path, const char *label) {
     uint64_t hlen;
     char *text = NULL;
     if (st.st_size >= 8 && read_at(fd, first8, 8, 0) != 8) {
-        set_error(SDX4_ERR_IO, "%s: cannot read the header length", path);
+        sdx4_set_error(SDX4_ERR_IO, "%s: cannot read the header length", path);
         goto fail;
     }
     if (header_length(first8, (uint64_t)st.st_size, label, &hlen)) goto fail;
     if (!(text = malloc(hlen ? hlen : 1)) || read_at(fd, text, hlen, 8) != (int64_t)hlen) {
-        set_error(SDX4_ERR_IO, "%s: cannot read the header", path);
+        sdx4_set_error(SDX4_ERR_IO, "%s: cannot read the header", path);
         goto fail;
     }
     data_region d = {8 + hlen, (uint64_t)st.st_size - 8 - hlen, NULL};
@@ -266,21 +266,21 @@ int st_open_header(st_file *f, const char *path, const char *label) {
 fail:
     free(text);
     close(fd);
-    st_close(f);
+    sdx4_st_close(f);
     return -1;
 }
 
-int st_read(const st_file *f, const st_tensor *t, void *dst) {
+int sdx4_st_read(const st_file *f, const st_tensor *t, void *dst) {
     int64_t got = read_at(f->fd, dst, t->nbytes, t->offset);
     if (got < 0) {
-        set_error(SDX4_ERR_IO, "%s: tensor %s: read: %s", f->path, t->name, strerror(errno));
+        sdx4_set_error(SDX4_ERR_IO, "%s: tensor %s: read: %s", f->path, t->name, strerror(errno));
         return -1;
     }
     /* the file is the one opened: a change now would mix old and new data */
     struct stat st;
     if (got != (int64_t)t->nbytes || fstat(f->fd, &st) || st.st_size != f->size ||
         mtime_ns(&st) != f->mtime_ns) {
-        set_error(SDX4_ERR_MODEL, "%s: tensor %s: the file changed on disk while the model "
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s: the file changed on disk while the model "
                   "was loading", f->path, t->name);
         return -1;
     }
@@ -291,7 +291,7 @@ int st_read(const st_file *f, const st_tensor *t, void *dst) {
     return 0;
 }
 
-void st_close(st_file *f) {
+void sdx4_st_close(st_file *f) {
     for (int i = 0; i < f->count; i++) free(f->tensors[i].name);
     free(f->tensors);
     free(f->metadata_json);
@@ -301,13 +301,13 @@ void st_close(st_file *f) {
     memset(f, 0, sizeof *f);
 }
 
-const st_tensor *st_find(const st_file *f, const char *name) {
+const st_tensor *sdx4_st_find(const st_file *f, const char *name) {
     for (int i = 0; i < f->count; i++)
         if (!strcmp(f->tensors[i].name, name)) return &f->tensors[i];
     return NULL;
 }
 
-char *st_metadata(const st_file *f, const char *key) {
+char *sdx4_st_metadata(const st_file *f, const char *key) {
     if (!f->metadata_json) return NULL;
     json_t *m = json_loads(f->metadata_json, 0, NULL);
     json_t *v = json_object_get(m, key);
@@ -316,9 +316,9 @@ char *st_metadata(const st_file *f, const char *key) {
     return out;
 }
 
-int st_write(const char *path, const st_entry *entries, int count,
+int sdx4_st_write(const char *path, const st_entry *entries, int count,
              const char *metadata_json, st_fill_fn fill, void *user) {
-    error_clear();
+    sdx4_error_clear();
     json_t *h = json_object();
     if (metadata_json) {
         json_t *m = json_loads(metadata_json, 0, NULL);
@@ -344,7 +344,7 @@ int st_write(const char *path, const st_entry *entries, int count,
     size_t tlen = strlen(text), padded = (tlen + 7) & ~(size_t)7; /* keep data 8-aligned */
     FILE *fp = fopen(path, "wb");
     if (!fp) {
-        set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
+        sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         free(text);
         return -1;
     }
@@ -368,7 +368,7 @@ int st_write(const char *path, const st_entry *entries, int count,
     free(buf);
     if (fclose(fp) != 0) ok = 0;
     if (!ok) {
-        if (error_status() == SDX4_OK) set_error(SDX4_ERR_IO, "%s: write failed", path);
+        if (sdx4_error_status() == SDX4_OK) sdx4_set_error(SDX4_ERR_IO, "%s: write failed", path);
         remove(path);
         return -1;
     }

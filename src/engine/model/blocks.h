@@ -23,14 +23,14 @@ typedef struct { tensor *w, *b; } linear_p;     /* w [out, in], b [out] or NULL 
 typedef struct { tensor *w, *b; int stride, pad; } conv_p; /* w [out, in, k, k] */
 typedef struct { tensor *g, *b; } norm_p;       /* gamma, beta [C] */
 
-int linear_load(weight_source *ws, linear_p *p, const char *name, int in, int out, int bias);
-int conv_load(weight_source *ws, conv_p *p, const char *name, int in, int out, int k, int stride);
-int norm_load(weight_source *ws, norm_p *p, const char *name, int channels);
+int sdx4_linear_load(weight_source *ws, linear_p *p, const char *name, int in, int out, int bias);
+int sdx4_conv_load(weight_source *ws, conv_p *p, const char *name, int in, int out, int k, int stride);
+int sdx4_norm_load(weight_source *ws, norm_p *p, const char *name, int channels);
 
-static inline tensor *linear_fw(backend *be, const linear_p *p, const tensor *x) {
+static inline tensor *linear_forward(backend *be, const linear_p *p, const tensor *x) {
     return be->linear(be, x, p->w, p->b);
 }
-static inline tensor *conv_fw(backend *be, const conv_p *p, const tensor *x) {
+static inline tensor *conv_forward(backend *be, const conv_p *p, const tensor *x) {
     return be->conv2d(be, x, p->w, p->b, p->stride, p->pad);
 }
 /* The layer's output + r (a residual connection): in one operation where
@@ -57,20 +57,20 @@ static inline tensor *as_image(backend *be, tensor *x, int h, int w) { return re
 
 /* group_norm(x + v[b, c]) (v NULL: group_norm(x)): in one operation
  * where the backend has it, else the sum written into x first. */
-static inline tensor *group_norm_add_fw(backend *be, tensor *x, const tensor *v,
+static inline tensor *group_norm_add_forward(backend *be, tensor *x, const tensor *v,
                                         const norm_p *n, int groups, float eps, activation act) {
     if (v && be->group_norm_add) return be->group_norm_add(be, x, v, groups, n->g, n->b, eps, act);
     if (v && be->add_channel_bias_inplace(be, x, v)) return NULL;
     return be->group_norm(be, x, groups, n->g, n->b, eps, act);
 }
-static inline tensor *linear_add_fw(backend *be, const linear_p *p, const tensor *x,
+static inline tensor *linear_add_forward(backend *be, const linear_p *p, const tensor *x,
                                     const tensor *r) {
     if (be->linear_add) return be->linear_add(be, x, p->w, p->b, r);
-    return residual_added(be, linear_fw(be, p, x), r);
+    return residual_added(be, linear_forward(be, p, x), r);
 }
-static inline tensor *conv_add_fw(backend *be, const conv_p *p, const tensor *x, const tensor *r) {
+static inline tensor *conv_add_forward(backend *be, const conv_p *p, const tensor *x, const tensor *r) {
     if (be->conv2d_add) return be->conv2d_add(be, x, p->w, p->b, p->stride, p->pad, r);
-    return residual_added(be, conv_fw(be, p, x), r);
+    return residual_added(be, conv_forward(be, p, x), r);
 }
 
 /* diffusers ResnetBlock2D (pre-norm, "default" time embedding):
@@ -84,12 +84,12 @@ typedef struct {
     linear_p temb;                 /* temb.w NULL without time embedding */
 } resnet_p;
 
-int resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int out,
+int sdx4_resnet_load(weight_source *ws, resnet_p *r, const char *name, int in, int out,
                 int temb_channels, int groups, float eps);
 /* temb_act: silu(temb) [B, temb_channels], computed once per UNet call.
- * Like transformer2d_fw's blocks, NULL with SDX4_ERR_CANCELED once this
+ * Like sdx4_transformer2d_forward's blocks, NULL with SDX4_ERR_CANCELED once this
  * thread's cancel flag is set (core/cancel.h). */
-tensor *resnet_fw(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act);
+tensor *sdx4_resnet_forward(backend *be, const resnet_p *r, const tensor *x, const tensor *temb_act);
 
 /* diffusers Attention (to_q, to_k, to_v, to_out.0) on token tensors. */
 typedef struct {
@@ -97,21 +97,21 @@ typedef struct {
     linear_p q, k, v, out;
 } attention_p;
 
-int attention_load(weight_source *ws, attention_p *a, const char *name, int query_dim,
+int sdx4_attention_load(weight_source *ws, attention_p *a, const char *name, int query_dim,
                    int context_dim, int heads, int qkv_bias);
 /* The keys and values that cross-attention layers compute from one
  * context (the prompt's embeddings): every step of an upscale would
  * compute the same ones, so the pipeline keeps them for the whole loop.
- * One cache serves one context; its tensors live until kv_cache_free. */
+ * One cache serves one context; its tensors live until sdx4_kv_cache_free. */
 typedef struct kv_cache kv_cache;
-kv_cache *kv_cache_new(void); /* NULL with the error set */
-void kv_cache_free(kv_cache *c);
+kv_cache *sdx4_kv_cache_new(void); /* NULL with the error set */
+void sdx4_kv_cache_free(kv_cache *c);
 
 /* x [B, T, C]; context [B, S, Cc], or NULL for self-attention; kv: the
  * context's cache, or NULL to compute keys and values on every call;
- * residual: added to the output (the output projection's linear_add_fw),
+ * residual: added to the output (the output projection's linear_add_forward),
  * or NULL. */
-tensor *attention_fw(backend *be, const attention_p *a, const tensor *x, const tensor *context,
+tensor *sdx4_attention_forward(backend *be, const attention_p *a, const tensor *x, const tensor *context,
                      kv_cache *kv, const tensor *residual);
 
 /* Transformer2DModel with use_linear_projection and BasicTransformerBlocks
@@ -130,11 +130,11 @@ typedef struct {
     transformer_block_p *blocks;
 } transformer2d_p;
 
-int transformer2d_load(weight_source *ws, transformer2d_p *t, const char *name, int channels,
+int sdx4_transformer2d_load(weight_source *ws, transformer2d_p *t, const char *name, int channels,
                        int heads, int context_dim, int nblocks, int groups,
                        int only_cross_attention);
-void transformer2d_free(transformer2d_p *t);
-tensor *transformer2d_fw(backend *be, const transformer2d_p *t, const tensor *x,
+void sdx4_transformer2d_free(transformer2d_p *t);
+tensor *sdx4_transformer2d_forward(backend *be, const transformer2d_p *t, const tensor *x,
                          const tensor *context, kv_cache *kv);
 
 #endif

@@ -130,7 +130,7 @@ static void count_unet(const unet *u, int ctx_len, int h, int w, int batch, sdx4
     step->dense += batch * conv(ch[0], u->out_channels, SAMPLER_KERNEL, hs[0], ws[0]);
 }
 
-/* The decoder on latents of h x w (batch 1), as vae_decode runs it. */
+/* The decoder on latents of h x w (batch 1), as sdx4_vae_decode runs it. */
 static void count_vae(const vae_decoder *v, int h, int w, sdx4_flops *f) {
     const int *ch = v->block_channels;
     int latent = v->latent_channels, top = ch[v->levels - 1];
@@ -156,10 +156,10 @@ static void count_vae(const vae_decoder *v, int h, int w, sdx4_flops *f) {
     f->dense += conv(c, v->out_channels, SAMPLER_KERNEL, h, w);
 }
 
-void model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts *out) {
+void sdx4_model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts *out) {
     *out = (sdx4_flop_counts){{0, 0}, {0, 0}, {0, 0}};
     /* the prompts are padded to the tokenizer's length (77 for CLIP) */
-    int seq = m->tok ? tokenizer_max_length(m->tok) : m->te.max_positions;
+    int seq = m->tok ? sdx4_tokenizer_max_length(m->tok) : m->te.max_positions;
     count_text_encoder(&m->te, seq, batch, &out->text);
     count_unet(&m->unet, seq, h, w, batch, &out->step, &out->text);
     count_vae(&m->vae, h, w, &out->decode);
@@ -167,16 +167,16 @@ void model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts *out)
 
 sdx4_status sdx4_count_flops(const sdx4_engine *engine, int width, int height,
                              sdx4_flop_counts *flops) {
-    error_clear();
+    sdx4_error_clear();
     /* the engine's accessor takes a mutable handle; nothing here writes */
-    const model *m = engine_model((sdx4_engine *)engine);
-    int f = vae_scale_factor(&m->vae);
+    const model *m = sdx4_engine_model((sdx4_engine *)engine);
+    int f = sdx4_vae_scale_factor(&m->vae);
     if (width < f || height < f) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%dx%d: each side needs at least %d pixels", width,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%dx%d: each side needs at least %d pixels", width,
                   height, f);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
-    /* the sides sdx4_upscale runs at (image_preprocess rounds them down) */
-    model_flops(m, height / f * f, width / f * f, 2, flops);
+    /* the sides sdx4_upscale runs at (sdx4_image_preprocess rounds them down) */
+    sdx4_model_flops(m, height / f * f, width / f * f, 2, flops);
     return SDX4_OK;
 }

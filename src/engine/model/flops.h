@@ -12,6 +12,6 @@
 /* The counts for a UNet input of h x w positions (the input image after
  * its sides were rounded down to a multiple of the VAE scale factor) and
  * a batch of `batch` (2 with guidance). */
-void model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts *out);
+void sdx4_model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts *out);
 
 #endif

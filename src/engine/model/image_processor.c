@@ -18,7 +18,7 @@
  *     normalised to sum to 1, then turned into 22-bit fixed point.
  *   - 8-bit images run one pass, round and clip every value to uint8,
  *     then run the other pass on that uint8 result. Which pass goes first
- *     depends on the sizes (see image_resize_bicubic); a pass whose side
+ *     depends on the sizes (see sdx4_image_resize_bicubic); a pass whose side
  *     does not change is skipped.
  *
  * Every one of those steps changes output bytes, so each is reproduced as
@@ -79,7 +79,7 @@ static int axis_init(resample_axis *ax, int in_size, int out_size) {
     if (!ax->first || !ax->count || !ax->weights || !taps) {
         free(taps);
         axis_free(ax);
-        set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory for %d taps", ksize);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory for %d taps", ksize);
         return -1;
     }
     for (int i = 0; i < out_size; i++) {
@@ -159,22 +159,22 @@ static void resample_vertical(const uint8_t *src, int w, uint8_t *dst,
 
 static int check_image(const sdx4_image *img, const char *what) {
     if (!img || !img->pixels || img->width <= 0 || img->height <= 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: empty image", what);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: empty image", what);
         return -1;
     }
     return 0;
 }
 
-int image_resize_bicubic(const sdx4_image *in, int width, int height,
+int sdx4_image_resize_bicubic(const sdx4_image *in, int width, int height,
                          sdx4_image *out) {
     if (check_image(in, "resize")) return -1;
     if (width <= 0 || height <= 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "resize: bad size %dx%d", width, height);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "resize: bad size %dx%d", width, height);
         return -1;
     }
     uint8_t *pixels = malloc((size_t)width * (size_t)height * 3);
     if (!pixels) {
-        set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory for %dx%d", width, height);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory for %dx%d", width, height);
         return -1;
     }
     /* Pillow 13 runs the vertical pass first when the height loses more
@@ -199,7 +199,7 @@ int image_resize_bicubic(const sdx4_image *in, int width, int height,
         uint8_t *dst = i == npasses - 1 ? pixels : (tmp = malloc((size_t)dst_w * dst_h * 3));
         resample_axis ax;
         if (!dst || axis_init(&ax, vertical ? src_h : src_w, vertical ? height : width)) {
-            if (!dst) set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory");
+            if (!dst) sdx4_set_error(SDX4_ERR_NO_MEMORY, "resize: out of memory");
             free(tmp);
             free(pixels);
             return -1;
@@ -223,31 +223,31 @@ int image_resize_bicubic(const sdx4_image *in, int width, int height,
  * Model space
  * ------------------------------------------------------------------------ */
 
-int image_preprocess(const sdx4_image *in, int scale_factor, float **out,
+int sdx4_image_preprocess(const sdx4_image *in, int scale_factor, float **out,
                      int *h, int *w) {
     if (check_image(in, "preprocess")) return -1;
     if (scale_factor <= 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "preprocess: scale factor %d", scale_factor);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "preprocess: scale factor %d", scale_factor);
         return -1;
     }
     /* get_default_height_width(): x - x % vae_scale_factor */
     int ow = in->width - in->width % scale_factor;
     int oh = in->height - in->height % scale_factor;
     if (ow < scale_factor || oh < scale_factor) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "image %dx%d is smaller than the model's %d pixels a side",
                   in->width, in->height, scale_factor);
         return -1;
     }
     sdx4_image resized = *in;
     if (ow != in->width || oh != in->height) {
-        if (image_resize_bicubic(in, ow, oh, &resized)) return -1;
+        if (sdx4_image_resize_bicubic(in, ow, oh, &resized)) return -1;
     }
     size_t plane = (size_t)ow * (size_t)oh;
     float *chw = malloc(3 * plane * sizeof *chw);
     if (!chw) {
         if (resized.pixels != in->pixels) free(resized.pixels);
-        set_error(SDX4_ERR_NO_MEMORY, "preprocess: out of memory for %dx%d", ow, oh);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "preprocess: out of memory for %dx%d", ow, oh);
         return -1;
     }
     /* pil_to_numpy: astype(float32) / 255.0; normalize: 2.0 * x - 1.0 */
@@ -277,25 +277,25 @@ static inline uint8_t unit_to_u8(float x) {
     return v >= 255.0f ? 255 : (uint8_t)v;
 }
 
-void image_denormalize(const float *chw, size_t n, float *out) {
+void sdx4_image_denormalize(const float *chw, size_t n, float *out) {
     for (size_t i = 0; i < n; i++) out[i] = denormalize(chw[i]);
 }
 
-void image_quantize(const float *chw, int h, int w, uint8_t *rgb) {
+void sdx4_image_quantize(const float *chw, int h, int w, uint8_t *rgb) {
     size_t plane = (size_t)h * (size_t)w;
     for (size_t i = 0; i < plane; i++)
         for (int c = 0; c < 3; c++) rgb[3 * i + c] = unit_to_u8(chw[c * plane + i]);
 }
 
-int image_postprocess(const float *chw, int h, int w, sdx4_image *out) {
+int sdx4_image_postprocess(const float *chw, int h, int w, sdx4_image *out) {
     if (!chw || h <= 0 || w <= 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "postprocess: bad size %dx%d", w, h);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "postprocess: bad size %dx%d", w, h);
         return -1;
     }
     size_t plane = (size_t)h * (size_t)w;
     uint8_t *rgb = malloc(3 * plane);
     if (!rgb) {
-        set_error(SDX4_ERR_NO_MEMORY, "postprocess: out of memory for %dx%d", w, h);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "postprocess: out of memory for %dx%d", w, h);
         return -1;
     }
     for (size_t i = 0; i < plane; i++)

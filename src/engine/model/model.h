@@ -4,7 +4,7 @@
  *
  * Loading reads model_index.json and every component's config, refuses
  * what the engine does not implement by name, and maps the weights.
- * model_spec() runs the same construction without files (weights in spec
+ * sdx4_model_spec() runs the same construction without files (weights in spec
  * mode) so that make-model can write a folder the loader accepts.
  */
 #ifndef SDX4_MODEL_H
@@ -31,11 +31,11 @@ typedef struct {
 
 /* Loads everything from `dir` onto `be`; variant "fp16" prefers the
  * *.fp16.safetensors files. */
-int model_load(model *m, backend *be, const char *dir, const char *variant);
-void model_free(model *m);
+int sdx4_model_load(model *m, backend *be, const char *dir, const char *variant);
+void sdx4_model_free(model *m);
 
 /* Builds the networks from the configs in `dir` without weights: the
  * weight sources of m record names and shapes (see weights.h). */
-int model_spec(model *m, const char *dir);
+int sdx4_model_spec(model *m, const char *dir);
 
 #endif

@@ -45,17 +45,17 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
+tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report) {
-    int len = tokenizer_max_length(m->tok), batch = do_cfg ? 2 : 1, n_pos = 0, n_neg = 0;
+    int len = sdx4_tokenizer_max_length(m->tok), batch = do_cfg ? 2 : 1, n_pos = 0, n_neg = 0;
     int32_t *ids = malloc(sizeof *ids * 2 * len);
     if (!ids) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
     }
     int32_t *pos = ids + (do_cfg ? len : 0);
-    if (tokenizer_encode(m->tok, prompt ? prompt : "", pos, len, &n_pos) ||
-        (do_cfg && tokenizer_encode(m->tok, negative ? negative : "", ids, len, &n_neg))) {
+    if (sdx4_tokenizer_encode(m->tok, prompt ? prompt : "", pos, len, &n_pos) ||
+        (do_cfg && sdx4_tokenizer_encode(m->tok, negative ? negative : "", ids, len, &n_neg))) {
         free(ids);
         return NULL;
     }
@@ -64,7 +64,7 @@ tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
         report->prompt_truncated = n_pos > len;
         report->negative_truncated = n_neg > len;
     }
-    tensor *out = text_encoder_fw(be, &m->te, ids, batch, len);
+    tensor *out = sdx4_text_encoder_forward(be, &m->te, ids, batch, len);
     free(ids);
     return out;
 }
@@ -89,35 +89,35 @@ static int unet_state_init(unet_state *st, const model *m, backend *be, const te
     int64_t shape[4] = {batch, m->unet.in_channels, h, w};
     TRY(st->x = be->new_tensor(be, 4, shape));
     TRY(st->tproj = be->new_tensor(be, 2, (const int64_t[]){batch, m->unet.block_channels[0]}));
-    if (m->unet.class_embedding) TRY(st->cls = unet_class_embedding(be, &m->unet, labels, batch));
-    TRY(st->kv = kv_cache_new());
-    TRY(st->step = step_new(be));
+    if (m->unet.class_embedding) TRY(st->cls = sdx4_unet_class_embedding(be, &m->unet, labels, batch));
+    TRY(st->kv = sdx4_kv_cache_new());
+    TRY(st->step = sdx4_step_new(be));
     return 0;
 fail:
     return -1;
 }
 
 static void unet_state_free(unet_state *st, backend *be) {
-    step_free(be, st->step);
+    sdx4_step_free(be, st->step);
     st->step = NULL;
     DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls);
-    kv_cache_free(st->kv);
+    sdx4_kv_cache_free(st->kv);
     st->kv = NULL;
 }
 
 /* The step's function (backend.h): the UNet on the tensors of st. */
-static int unet_step_fw(void *arg) {
+static int unet_step_forward(void *arg) {
     unet_state *st = arg;
     DROP(st->y);
-    st->y = unet_fw_embedded(st->be, &st->m->unet, st->x, st->tproj, st->cls, st->ctx, st->kv);
+    st->y = sdx4_unet_forward_embedded(st->be, &st->m->unet, st->x, st->tproj, st->cls, st->ctx, st->kv);
     return st->y ? 0 : -1;
 }
 
 /* One UNet evaluation: unet_in on the host in, unet_out on the host out. */
 static int unet_step(const model *m, backend *be, unet_state *st, int t, const float *unet_in,
                      float *unet_out) {
-    if (be->upload(be, st->x, unet_in) || unet_set_timestep(be, &m->unet, st->tproj, (float)t) ||
-        step_run(be, st->step, unet_step_fw, st))
+    if (be->upload(be, st->x, unet_in) || sdx4_unet_set_timestep(be, &m->unet, st->tproj, (float)t) ||
+        sdx4_step_run(be, st->step, unet_step_forward, st))
         return -1;
     return be->download(be, st->y, unet_out);
 }
@@ -142,13 +142,13 @@ static int predict_noise(const model *m, backend *be, const pipeline_args *a, un
     return 0;
 }
 
-tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
+tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
     int C = m->vae.latent_channels;
     size_t n = (size_t)C * h * w;
     float *z = malloc(n * sizeof *z);
     tensor *x = NULL, *out = NULL;
     if (!z) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
     }
     /* vae.decode(latents / scaling_factor) with float's range (force_upcast): bfloat16
@@ -156,7 +156,7 @@ tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h
     dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
     for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
     TRY(x = be->new_tensor(be, 4, (int64_t[]){1, C, h, w}));
-    if (be->upload(be, x, z) == 0) out = vae_decode(be, &m->vae, x);
+    if (be->upload(be, x, z) == 0) out = sdx4_vae_decode(be, &m->vae, x);
 fail:
     if (be->set_activation_type) be->set_activation_type(be, saved);
     free(z);
@@ -169,7 +169,7 @@ static int stop_requested(const pipeline_args *a, int step, int total, const flo
     return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
 }
 
-int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out,
+int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out,
                  pipeline_report *report) {
     pipeline_report rep = {0};
     int do_cfg = a->guidance > 1.0f, C = m->vae.latent_channels, rc = -1;
@@ -177,14 +177,14 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     int batch = do_cfg ? 2 : 1;
     *out = NULL;
     if (a->noise_level < 0 || a->noise_level > m->max_noise_level) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "noise_level %d is outside 0..%d", a->noise_level,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "noise_level %d is outside 0..%d", a->noise_level,
                   m->max_noise_level);
         return -1;
     }
     /* a private copy of the scheduler: set_timesteps writes to it */
     ddim_scheduler sched = m->scheduler;
     sched.timesteps = NULL;
-    if (ddim_set_timesteps(&sched, a->steps)) return -1;
+    if (sdx4_ddim_set_timesteps(&sched, a->steps)) return -1;
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
@@ -194,24 +194,24 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     tensor *ctx = NULL, *image = NULL;
     unet_state st = {0};
     torch_rng rng;
-    const sdx4_atomic_int *outer_cancel = cancel_install(a->cancel);
+    const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
     if (!noise || !noisy || !latents || !eps || !prev || !unet_in || !unet_out) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
     double t0 = now();
-    TRY(ctx = pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, do_cfg, &rep));
+    TRY(ctx = sdx4_pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, do_cfg, &rep));
     rep.seconds_text = now() - t0;
 
-    torch_rng_seed(&rng, a->seed);
+    sdx4_torch_rng_seed(&rng, a->seed);
     if (a->image_noise) memcpy(noise, a->image_noise, img * sizeof *noise);
-    else torch_randn(&rng, noise, img);
-    if (ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
+    else sdx4_torch_randn(&rng, noise, img);
+    if (sdx4_ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
         goto fail;
     for (int b = 0; b < batch; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
-    else torch_randn(&rng, latents, lat); /* init_noise_sigma is 1 for DDIM */
+    else sdx4_torch_randn(&rng, latents, lat); /* init_noise_sigma is 1 for DDIM */
 
     if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
@@ -219,7 +219,7 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     for (int i = 0; i < sched.num_timesteps; i++) {
         int t = sched.timesteps[i];
         if (predict_noise(m, be, a, &st, do_cfg, latents, t, unet_in, unet_out, eps) ||
-            ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
+            sdx4_ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
             goto fail;
         memcpy(latents, prev, lat * sizeof *latents);
         if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
@@ -228,10 +228,10 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     unet_state_free(&st, be); /* its memory serves the VAE */
 
     t0 = now();
-    TRY(image = pipeline_decode(m, be, latents, a->height, a->width));
+    TRY(image = sdx4_pipeline_decode(m, be, latents, a->height, a->width));
     *out = malloc(tensor_numel(image) * sizeof **out);
     if (!*out) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
     if (be->download(be, image, *out)) goto fail;
@@ -239,13 +239,13 @@ int pipeline_run(const model *m, backend *be, const pipeline_args *a, float **ou
     rc = 0;
     goto done;
 canceled:
-    cancel_stopped();
+    sdx4_cancel_stopped();
 fail:
-    if (cancel_is_set(a->cancel)) cancel_stopped();
+    if (cancel_is_set(a->cancel)) sdx4_cancel_stopped();
     free(*out);
     *out = NULL;
 done:
-    cancel_install(outer_cancel);
+    sdx4_cancel_install(outer_cancel);
     if (report) *report = rep;
     unet_state_free(&st, be);
     DROP(ctx), DROP(image);

@@ -39,16 +39,16 @@ typedef struct {
 /* Runs the pipeline; *out receives the decoded image [3, H*f, W*f] in
  * model space (about [-1, 1], not clamped), malloc'd. -1 with
  * SDX4_ERR_CANCELED when args->cancel or on_step stopped it. */
-int pipeline_run(const model *m, backend *be, const pipeline_args *args, float **out,
+int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *args, float **out,
                  pipeline_report *report);
 
 /* Encodes [negative;] prompt as the pipeline does: [batch, 77, hidden]
  * with batch 2 (negative first) when do_cfg, else 1. */
-tensor *pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
+tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report);
 
 /* vae.decode(latents / scaling_factor) of host latents [C, h, w], in
  * float32 on every backend (the VAE overflows in fp16). */
-tensor *pipeline_decode(const model *m, backend *be, const float *latents, int h, int w);
+tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w);
 
 #endif

@@ -15,7 +15,7 @@
  * half to even), and are reproduced down to numpy's quirks: "trailing"
  * builds np.arange(T, 0, -T/n), whose length is ceil(T / (T/n)) and so for
  * some n is n + 1, ending in timestep -1. diffusers then steps n + 1 times
- * and indexes alphas_cumprod[-1] from the end; so does ddim_step().
+ * and indexes alphas_cumprod[-1] from the end; so does sdx4_ddim_step().
  *
  * DDIMScheduler.step is one float operation per torch operation on 0-dim
  * float32 tensors (the coefficients) and then per element (the tensors), in
@@ -41,7 +41,7 @@
 static int cfg_choice(const config *c, const char *key, const char *def,
                       const char *const *names, int *out) {
     const char *v;
-    if (cfg_str(c, key, def, &v)) return -1;
+    if (sdx4_cfg_str(c, key, def, &v)) return -1;
     char choices[256] = "";
     for (int i = 0; names[i]; i++) {
         if (!strcmp(v, names[i])) {
@@ -51,7 +51,7 @@ static int cfg_choice(const config *c, const char *key, const char *def,
         size_t used = strlen(choices);
         snprintf(choices + used, sizeof choices - used, "%s%s", i ? ", " : "", names[i]);
     }
-    set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported (supported: %s)", c->label, key, v,
+    sdx4_set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported (supported: %s)", c->label, key, v,
               choices);
     return -1;
 }
@@ -91,16 +91,16 @@ static int load_noise_schedule(const config *c, const char *class_name, int *T, 
     static const char *const schedules[] = {"linear", "scaled_linear", "squaredcos_cap_v2", NULL};
     double beta_start, beta_end;
     int schedule;
-    if (cfg_expect_str(c, "_class_name", class_name) ||
-        cfg_int(c, "num_train_timesteps", 1000, T) ||
-        cfg_float(c, "beta_start", 0.0001, &beta_start) ||
-        cfg_float(c, "beta_end", 0.02, &beta_end) ||
+    if (sdx4_cfg_expect_str(c, "_class_name", class_name) ||
+        sdx4_cfg_int(c, "num_train_timesteps", 1000, T) ||
+        sdx4_cfg_float(c, "beta_start", 0.0001, &beta_start) ||
+        sdx4_cfg_float(c, "beta_end", 0.02, &beta_end) ||
         cfg_choice(c, "beta_schedule", "linear", schedules, &schedule) ||
-        cfg_expect_null(c, "trained_betas") ||
-        cfg_expect_bool(c, "rescale_betas_zero_snr", 0))
+        sdx4_cfg_expect_null(c, "trained_betas") ||
+        sdx4_cfg_expect_bool(c, "rescale_betas_zero_snr", 0))
         return -1;
     if (*T < 1 || *T > MAX_TRAIN_TIMESTEPS) {
-        set_error(SDX4_ERR_MODEL, "%s: num_train_timesteps=%d is out of range [1, %d]", c->label,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: num_train_timesteps=%d is out of range [1, %d]", c->label,
                   *T, MAX_TRAIN_TIMESTEPS);
         return -1;
     }
@@ -110,7 +110,7 @@ static int load_noise_schedule(const config *c, const char *class_name, int *T, 
         free(betas);
         free(*acp);
         *acp = NULL;
-        set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", c->label);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", c->label);
         return -1;
     }
     if (schedule == BETA_LINEAR) {
@@ -132,7 +132,7 @@ static int load_noise_schedule(const config *c, const char *class_name, int *T, 
 
 /* --------------------------------------------------------------- DDIM */
 
-int ddim_from_config(ddim_scheduler *s, const config *c) {
+int sdx4_ddim_from_config(ddim_scheduler *s, const config *c) {
     static const char *const predictions[] = {"epsilon", "v_prediction", "sample", NULL};
     static const char *const spacings[] = {"leading", "trailing", "linspace", NULL};
     memset(s, 0, sizeof *s);
@@ -140,14 +140,14 @@ int ddim_from_config(ddim_scheduler *s, const config *c) {
     int set_alpha_to_one, prediction, spacing;
     if (load_noise_schedule(c, "DDIMScheduler", &s->num_train_timesteps, &s->alphas_cumprod))
         return -1;
-    if (cfg_bool(c, "clip_sample", 1, &s->clip_sample) ||
-        cfg_float(c, "clip_sample_range", 1.0, &clip_range) ||
-        cfg_bool(c, "set_alpha_to_one", 1, &set_alpha_to_one) ||
-        cfg_int(c, "steps_offset", 0, &s->steps_offset) ||
+    if (sdx4_cfg_bool(c, "clip_sample", 1, &s->clip_sample) ||
+        sdx4_cfg_float(c, "clip_sample_range", 1.0, &clip_range) ||
+        sdx4_cfg_bool(c, "set_alpha_to_one", 1, &set_alpha_to_one) ||
+        sdx4_cfg_int(c, "steps_offset", 0, &s->steps_offset) ||
         cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
         cfg_choice(c, "timestep_spacing", "leading", spacings, &spacing) ||
-        cfg_expect_bool(c, "thresholding", 0)) {
-        ddim_free(s);
+        sdx4_cfg_expect_bool(c, "thresholding", 0)) {
+        sdx4_ddim_free(s);
         return -1;
     }
     s->clip_sample_range = (float)clip_range;
@@ -157,16 +157,16 @@ int ddim_from_config(ddim_scheduler *s, const config *c) {
     return 0;
 }
 
-int ddim_load(ddim_scheduler *s, const char *model_dir) {
+int sdx4_ddim_load(ddim_scheduler *s, const char *model_dir) {
     config c;
     memset(s, 0, sizeof *s);
-    if (cfg_load(&c, model_dir, "scheduler/scheduler_config.json")) return -1;
-    int rc = ddim_from_config(s, &c);
-    cfg_free(&c);
+    if (sdx4_cfg_load(&c, model_dir, "scheduler/scheduler_config.json")) return -1;
+    int rc = sdx4_ddim_from_config(s, &c);
+    sdx4_cfg_free(&c);
     return rc;
 }
 
-void ddim_free(ddim_scheduler *s) {
+void sdx4_ddim_free(ddim_scheduler *s) {
     free(s->alphas_cumprod);
     free(s->timesteps);
     memset(s, 0, sizeof *s);
@@ -184,10 +184,10 @@ static int trailing_arange(int T, int n, double *out) {
     return length;
 }
 
-int ddim_set_timesteps(ddim_scheduler *s, int n) {
+int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
     int T = s->num_train_timesteps;
     if (n < 1 || n > T) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "num_inference_steps=%d: must be between 1 and num_train_timesteps=%d", n, T);
         return -1;
     }
@@ -196,7 +196,7 @@ int ddim_set_timesteps(ddim_scheduler *s, int n) {
     if (!ts || !values) {
         free(ts);
         free(values);
-        set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
         return -1;
     }
     int count = n;
@@ -221,19 +221,19 @@ int ddim_set_timesteps(ddim_scheduler *s, int n) {
     return 0;
 }
 
-int ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
+int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
               const float *sample, size_t n, float eta, torch_rng *rng, float *prev_sample) {
     int T = s->num_train_timesteps;
     if (!s->timesteps) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step before set_timesteps");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step before set_timesteps");
         return -1;
     }
     if (timestep < -T || timestep >= T) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step: timestep %d is outside [0, %d)", timestep, T);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step: timestep %d is outside [0, %d)", timestep, T);
         return -1;
     }
     if (!isfinite(eta) || (eta > 0 && !rng)) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step: eta=%g needs a finite value%s", eta,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step: eta=%g needs a finite value%s", eta,
                   eta > 0 ? " and a generator" : "");
         return -1;
     }
@@ -241,10 +241,10 @@ int ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
     if (eta > 0) {
         noise = malloc(n * sizeof *noise);
         if (!noise) {
-            set_error(SDX4_ERR_NO_MEMORY, "DDIM step: out of memory for %zu noise values", n);
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDIM step: out of memory for %zu noise values", n);
             return -1;
         }
-        torch_randn(rng, noise, n);
+        sdx4_torch_randn(rng, noise, n);
     }
 
     /* The coefficients: 0-dim float32 tensors in diffusers. */
@@ -287,29 +287,29 @@ int ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
 /* Only the noise schedule is read: add_noise() depends on nothing else
  * (variance_type, prediction_type, clip_sample... shape DDPM's step(),
  * which the upscaler does not use). */
-int ddpm_from_config(ddpm_scheduler *s, const config *c) {
+int sdx4_ddpm_from_config(ddpm_scheduler *s, const config *c) {
     memset(s, 0, sizeof *s);
     return load_noise_schedule(c, "DDPMScheduler", &s->num_train_timesteps, &s->alphas_cumprod);
 }
 
-int ddpm_load(ddpm_scheduler *s, const char *model_dir) {
+int sdx4_ddpm_load(ddpm_scheduler *s, const char *model_dir) {
     config c;
     memset(s, 0, sizeof *s);
-    if (cfg_load(&c, model_dir, "low_res_scheduler/scheduler_config.json")) return -1;
-    int rc = ddpm_from_config(s, &c);
-    cfg_free(&c);
+    if (sdx4_cfg_load(&c, model_dir, "low_res_scheduler/scheduler_config.json")) return -1;
+    int rc = sdx4_ddpm_from_config(s, &c);
+    sdx4_cfg_free(&c);
     return rc;
 }
 
-void ddpm_free(ddpm_scheduler *s) {
+void sdx4_ddpm_free(ddpm_scheduler *s) {
     free(s->alphas_cumprod);
     memset(s, 0, sizeof *s);
 }
 
-int ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise, size_t n,
+int sdx4_ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise, size_t n,
                    int timestep, float *out) {
     if (timestep < 0 || timestep >= s->num_train_timesteps) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "add_noise: timestep %d is outside [0, %d)", timestep,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "add_noise: timestep %d is outside [0, %d)", timestep,
                   s->num_train_timesteps);
         return -1;
     }

@@ -41,7 +41,7 @@ typedef struct {
     int steps_offset;
     prediction_type prediction;
     timestep_spacing spacing;
-    /* set by ddim_set_timesteps() */
+    /* set by sdx4_ddim_set_timesteps() */
     int num_inference_steps;   /* n as asked */
     int num_timesteps;         /* entries in timesteps: n, or n + 1 where
                                   diffusers' "trailing" yields one more */
@@ -49,13 +49,13 @@ typedef struct {
 } ddim_scheduler;
 
 /* Reads <model_dir>/scheduler/scheduler_config.json. */
-int ddim_load(ddim_scheduler *s, const char *model_dir);
+int sdx4_ddim_load(ddim_scheduler *s, const char *model_dir);
 /* The same from a config already parsed (its label names it in errors). */
-int ddim_from_config(ddim_scheduler *s, const config *c);
-void ddim_free(ddim_scheduler *s);
+int sdx4_ddim_from_config(ddim_scheduler *s, const config *c);
+void sdx4_ddim_free(ddim_scheduler *s);
 
 /* DDIMScheduler.set_timesteps(n): fails when n < 1 or n > T. */
-int ddim_set_timesteps(ddim_scheduler *s, int num_inference_steps);
+int sdx4_ddim_set_timesteps(ddim_scheduler *s, int num_inference_steps);
 
 /* DDIMScheduler.step(model_output, timestep, sample, eta).prev_sample over
  * n floats (use_clipped_model_output=False). With eta > 0 the variance
@@ -64,7 +64,7 @@ int ddim_set_timesteps(ddim_scheduler *s, int num_inference_steps);
  * timestep indexes from the end, as a torch index does. Fails before
  * set_timesteps() or for a timestep outside [-T, T). prev_sample may alias
  * sample or model_output. */
-int ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
+int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
               const float *sample, size_t n, float eta, torch_rng *rng, float *prev_sample);
 
 typedef struct {
@@ -73,14 +73,14 @@ typedef struct {
 } ddpm_scheduler;
 
 /* Reads <model_dir>/low_res_scheduler/scheduler_config.json. */
-int ddpm_load(ddpm_scheduler *s, const char *model_dir);
-int ddpm_from_config(ddpm_scheduler *s, const config *c);
-void ddpm_free(ddpm_scheduler *s);
+int sdx4_ddpm_load(ddpm_scheduler *s, const char *model_dir);
+int sdx4_ddpm_from_config(ddpm_scheduler *s, const config *c);
+void sdx4_ddpm_free(ddpm_scheduler *s);
 
 /* DDPMScheduler.add_noise(original, noise, [timestep]) over n floats:
  * sqrt(acp[t]) * original + sqrt(1 - acp[t]) * noise. Fails unless
  * 0 <= timestep < T. out may alias either input. */
-int ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise,
+int sdx4_ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise,
                    size_t n, int timestep, float *out);
 
 #endif

@@ -24,63 +24,63 @@ static int read_config(text_encoder *te, const config *cfg) {
     if (json_is_array(archs) && json_array_size(archs) > 0)
         arch = json_string_value(json_array_get(archs, 0));
     if (arch && strcmp(arch, "CLIPTextModel") && strcmp(arch, "CLIPTextModelWithProjection")) {
-        set_error(SDX4_ERR_MODEL, "%s: architectures=%s is not supported", cfg->label, arch);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: architectures=%s is not supported", cfg->label, arch);
         return -1;
     }
-    if (cfg_int(cfg, "hidden_size", 512, &te->hidden) ||
-        cfg_int(cfg, "intermediate_size", 2048, &te->intermediate) ||
-        cfg_int(cfg, "num_hidden_layers", 12, &te->layers) ||
-        cfg_int(cfg, "num_attention_heads", 8, &te->heads) ||
-        cfg_int(cfg, "max_position_embeddings", 77, &te->max_positions) ||
-        cfg_int(cfg, "vocab_size", 49408, &te->vocab) ||
-        cfg_float(cfg, "layer_norm_eps", 1e-5, &eps) ||
-        cfg_str(cfg, "hidden_act", "quick_gelu", &act))
+    if (sdx4_cfg_int(cfg, "hidden_size", 512, &te->hidden) ||
+        sdx4_cfg_int(cfg, "intermediate_size", 2048, &te->intermediate) ||
+        sdx4_cfg_int(cfg, "num_hidden_layers", 12, &te->layers) ||
+        sdx4_cfg_int(cfg, "num_attention_heads", 8, &te->heads) ||
+        sdx4_cfg_int(cfg, "max_position_embeddings", 77, &te->max_positions) ||
+        sdx4_cfg_int(cfg, "vocab_size", 49408, &te->vocab) ||
+        sdx4_cfg_float(cfg, "layer_norm_eps", 1e-5, &eps) ||
+        sdx4_cfg_str(cfg, "hidden_act", "quick_gelu", &act))
         return -1;
     te->eps = (float)eps;
     if (!strcmp(act, "gelu")) te->act = ACT_GELU;
     else if (!strcmp(act, "quick_gelu")) te->act = ACT_QUICK_GELU;
-    else return cfg_expect_str(cfg, "hidden_act", "gelu");
+    else return sdx4_cfg_expect_str(cfg, "hidden_act", "gelu");
     if (te->hidden <= 0 || te->heads <= 0 || te->hidden % te->heads || te->layers <= 0 ||
         te->layers > 1000 || te->intermediate <= 0 || te->max_positions <= 0 || te->vocab <= 0) {
-        set_error(SDX4_ERR_MODEL, "%s: inconsistent sizes (hidden_size %d, heads %d, layers %d)",
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: inconsistent sizes (hidden_size %d, heads %d, layers %d)",
                   cfg->label, te->hidden, te->heads, te->layers);
         return -1;
     }
     return 0;
 }
 
-int text_encoder_init(text_encoder *te, weight_source *ws, const config *cfg) {
+int sdx4_text_encoder_load(text_encoder *te, weight_source *ws, const config *cfg) {
     memset(te, 0, sizeof *te);
     if (read_config(te, cfg)) return -1;
-    ws->prefix = ws->spec || weight_exists(ws, "text_model.final_layer_norm.weight") ? "text_model." : "";
+    ws->prefix = ws->spec || sdx4_weight_exists(ws, "text_model.final_layer_norm.weight") ? "text_model." : "";
     int D = te->hidden, I = te->intermediate;
     te->token_embedding = W2(ws, te->vocab, D, "embeddings.token_embedding.weight");
     te->position_embedding = W2(ws, te->max_positions, D, "embeddings.position_embedding.weight");
     if (!te->token_embedding || !te->position_embedding) return -1;
     te->layer = calloc(te->layers, sizeof *te->layer);
     if (!te->layer) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
     char n[128];
     for (int i = 0; i < te->layers; i++) {
         clip_layer *l = &te->layer[i];
 #define SUB(s) (snprintf(n, sizeof n, "encoder.layers.%d." s, i), n)
-        if (norm_load(ws, &l->ln1, SUB("layer_norm1"), D) ||
-            linear_load(ws, &l->q, SUB("self_attn.q_proj"), D, D, 1) ||
-            linear_load(ws, &l->k, SUB("self_attn.k_proj"), D, D, 1) ||
-            linear_load(ws, &l->v, SUB("self_attn.v_proj"), D, D, 1) ||
-            linear_load(ws, &l->out, SUB("self_attn.out_proj"), D, D, 1) ||
-            norm_load(ws, &l->ln2, SUB("layer_norm2"), D) ||
-            linear_load(ws, &l->fc1, SUB("mlp.fc1"), D, I, 1) ||
-            linear_load(ws, &l->fc2, SUB("mlp.fc2"), I, D, 1))
+        if (sdx4_norm_load(ws, &l->ln1, SUB("layer_norm1"), D) ||
+            sdx4_linear_load(ws, &l->q, SUB("self_attn.q_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->k, SUB("self_attn.k_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->v, SUB("self_attn.v_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->out, SUB("self_attn.out_proj"), D, D, 1) ||
+            sdx4_norm_load(ws, &l->ln2, SUB("layer_norm2"), D) ||
+            sdx4_linear_load(ws, &l->fc1, SUB("mlp.fc1"), D, I, 1) ||
+            sdx4_linear_load(ws, &l->fc2, SUB("mlp.fc2"), I, D, 1))
             return -1;
 #undef SUB
     }
-    return norm_load(ws, &te->final_ln, "final_layer_norm", D);
+    return sdx4_norm_load(ws, &te->final_ln, "final_layer_norm", D);
 }
 
-void text_encoder_free(text_encoder *te) {
+void sdx4_text_encoder_free(text_encoder *te) {
     free(te->layer);
     te->layer = NULL;
 }
@@ -93,23 +93,23 @@ static tensor *as_3d(tensor *t, int64_t a, int64_t b, int64_t c) {
     return t;
 }
 
-tensor *text_encoder_fw(backend *be, const text_encoder *te, const int32_t *ids, int batch,
+tensor *sdx4_text_encoder_forward(backend *be, const text_encoder *te, const int32_t *ids, int batch,
                         int seq) {
     if (seq > te->max_positions) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "text encoder: %d tokens, at most %d", seq,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "text encoder: %d tokens, at most %d", seq,
                   te->max_positions);
         return NULL;
     }
     for (int i = 0; i < batch * seq; i++)
         if (ids[i] < 0 || ids[i] >= te->vocab) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT, "text encoder: token id %d outside the vocabulary",
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "text encoder: token id %d outside the vocabulary",
                       ids[i]);
             return NULL;
         }
     int32_t *pos = malloc(sizeof *pos * batch * seq);
     tensor *x = NULL, *p = NULL, *n = NULL, *q = NULL, *k = NULL, *v = NULL, *a = NULL, *o = NULL;
     if (!pos) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
     }
     for (int i = 0; i < batch * seq; i++) pos[i] = i % seq;
@@ -122,18 +122,18 @@ tensor *text_encoder_fw(backend *be, const text_encoder *te, const int32_t *ids,
     for (int i = 0; i < te->layers; i++) {
         const clip_layer *l = &te->layer[i];
         TRY(n = be->layer_norm(be, x, l->ln1.g, l->ln1.b, te->eps));
-        TRY(q = linear_fw(be, &l->q, n));
-        TRY(k = linear_fw(be, &l->k, n));
-        TRY(v = linear_fw(be, &l->v, n));
+        TRY(q = linear_forward(be, &l->q, n));
+        TRY(k = linear_forward(be, &l->k, n));
+        TRY(v = linear_forward(be, &l->v, n));
         TRY(a = be->attention(be, q, k, v, te->heads, 1));
-        TRY(o = linear_fw(be, &l->out, a));
+        TRY(o = linear_forward(be, &l->out, a));
         if (be->add_inplace(be, x, o, 1.0f)) goto fail;
         DROP(n), DROP(q), DROP(k), DROP(v), DROP(a), DROP(o);
         TRY(n = be->layer_norm(be, x, l->ln2.g, l->ln2.b, te->eps));
-        TRY(a = linear_fw(be, &l->fc1, n));
+        TRY(a = linear_forward(be, &l->fc1, n));
         TRY(o = be->activate(be, a, te->act));
         DROP(a);
-        TRY(a = linear_fw(be, &l->fc2, o));
+        TRY(a = linear_forward(be, &l->fc2, o));
         if (be->add_inplace(be, x, a, 1.0f)) goto fail;
         DROP(n), DROP(a), DROP(o);
     }

@@ -26,10 +26,10 @@ typedef struct {
 
 /* Reads text_encoder/config.json (cfg) and takes the weights from ws
  * (which may be in spec mode). */
-int text_encoder_init(text_encoder *te, weight_source *ws, const config *cfg);
-void text_encoder_free(text_encoder *te);
+int sdx4_text_encoder_load(text_encoder *te, weight_source *ws, const config *cfg);
+void sdx4_text_encoder_free(text_encoder *te);
 /* ids [batch, seq] -> last_hidden_state [batch, seq, hidden]. */
-tensor *text_encoder_fw(backend *be, const text_encoder *te, const int32_t *ids, int batch,
+tensor *sdx4_text_encoder_forward(backend *be, const text_encoder *te, const int32_t *ids, int batch,
                         int seq);
 
 #endif

@@ -33,22 +33,22 @@ static int check_config(const config *c) {
         "timestep_post_act", "time_cond_proj_dim", "projection_class_embeddings_input_dim",
         "cross_attention_norm", "num_attention_heads", "addition_time_embed_dim"};
     for (size_t i = 0; i < sizeof null_keys / sizeof *null_keys; i++)
-        if (cfg_expect_null(c, null_keys[i])) return -1;
-    return cfg_expect_str(c, "_class_name", "UNet2DConditionModel") ||
-           cfg_expect_bool(c, "center_input_sample", 0) ||
-           cfg_expect_str(c, "mid_block_type", "UNetMidBlock2DCrossAttn") ||
-           cfg_expect_int(c, "downsample_padding", 1) ||
-           cfg_expect_float(c, "mid_block_scale_factor", 1.0) ||
-           cfg_expect_str(c, "act_fn", "silu") ||
-           cfg_expect_bool(c, "dual_cross_attention", 0) ||
-           cfg_expect_bool(c, "use_linear_projection", 1) ||
-           cfg_expect_str(c, "resnet_time_scale_shift", "default") ||
-           cfg_expect_bool(c, "resnet_skip_time_act", 0) ||
-           cfg_expect_float(c, "resnet_out_scale_factor", 1.0) ||
-           cfg_expect_str(c, "time_embedding_type", "positional") ||
-           cfg_expect_int(c, "conv_in_kernel", 3) || cfg_expect_int(c, "conv_out_kernel", 3) ||
-           cfg_expect_str(c, "attention_type", "default") ||
-           cfg_expect_bool(c, "class_embeddings_concat", 0);
+        if (sdx4_cfg_expect_null(c, null_keys[i])) return -1;
+    return sdx4_cfg_expect_str(c, "_class_name", "UNet2DConditionModel") ||
+           sdx4_cfg_expect_bool(c, "center_input_sample", 0) ||
+           sdx4_cfg_expect_str(c, "mid_block_type", "UNetMidBlock2DCrossAttn") ||
+           sdx4_cfg_expect_int(c, "downsample_padding", 1) ||
+           sdx4_cfg_expect_float(c, "mid_block_scale_factor", 1.0) ||
+           sdx4_cfg_expect_str(c, "act_fn", "silu") ||
+           sdx4_cfg_expect_bool(c, "dual_cross_attention", 0) ||
+           sdx4_cfg_expect_bool(c, "use_linear_projection", 1) ||
+           sdx4_cfg_expect_str(c, "resnet_time_scale_shift", "default") ||
+           sdx4_cfg_expect_bool(c, "resnet_skip_time_act", 0) ||
+           sdx4_cfg_expect_float(c, "resnet_out_scale_factor", 1.0) ||
+           sdx4_cfg_expect_str(c, "time_embedding_type", "positional") ||
+           sdx4_cfg_expect_int(c, "conv_in_kernel", 3) || sdx4_cfg_expect_int(c, "conv_out_kernel", 3) ||
+           sdx4_cfg_expect_str(c, "attention_type", "default") ||
+           sdx4_cfg_expect_bool(c, "class_embeddings_concat", 0);
 }
 
 static int block_type(const config *c, const char *key, const char *type, const char *plain,
@@ -56,14 +56,14 @@ static int block_type(const config *c, const char *key, const char *type, const 
     if (!strcmp(type, plain)) *is_cross = 0;
     else if (!strcmp(type, cross)) *is_cross = 1;
     else {
-        set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported (%s, %s)", c->label, key, type,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s=%s is not supported (%s, %s)", c->label, key, type,
                   plain, cross);
         return -1;
     }
     return 0;
 }
 
-int unet_init(unet *u, weight_source *ws, const config *c) {
+int sdx4_unet_load(unet *u, weight_source *ws, const config *c) {
     memset(u, 0, sizeof *u);
     const char *down_types[UNET_MAX_LEVELS], *up_types[UNET_MAX_LEVELS];
     int nd, nu, layers[UNET_MAX_LEVELS], heads[UNET_MAX_LEVELS];
@@ -71,27 +71,27 @@ int unet_init(unet *u, weight_source *ws, const config *c) {
     int tlayers[UNET_MAX_LEVELS], only_cross[UNET_MAX_LEVELS];
     double freq_shift, eps;
     if (check_config(c) ||
-        cfg_str_list(c, "down_block_types", UNET_MAX_LEVELS, down_types, &nd) ||
-        cfg_str_list(c, "up_block_types", UNET_MAX_LEVELS, up_types, &nu))
+        sdx4_cfg_str_list(c, "down_block_types", UNET_MAX_LEVELS, down_types, &nd) ||
+        sdx4_cfg_str_list(c, "up_block_types", UNET_MAX_LEVELS, up_types, &nu))
         return -1;
     if (nd != nu) {
-        set_error(SDX4_ERR_MODEL, "%s: %d down blocks but %d up blocks", c->label, nd, nu);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %d down blocks but %d up blocks", c->label, nd, nu);
         return -1;
     }
     u->levels = nd;
-    if (cfg_int(c, "in_channels", 4, &u->in_channels) ||
-        cfg_int(c, "out_channels", 4, &u->out_channels) ||
-        cfg_int_list(c, "block_out_channels", nd, u->block_channels) ||
-        cfg_int_list(c, "layers_per_block", nd, layers) ||
-        cfg_int_list(c, "attention_head_dim", nd, heads) ||
-        cfg_int_list(c, "cross_attention_dim", nd, ctx_dim) ||
-        cfg_int_list(c, "transformer_layers_per_block", nd, tlayers) ||
-        cfg_bool_list(c, "only_cross_attention", nd, only_cross) ||
-        cfg_int(c, "norm_num_groups", 32, &u->groups) ||
-        cfg_float(c, "norm_eps", 1e-5, &eps) ||
-        cfg_bool(c, "flip_sin_to_cos", 1, &u->flip_sin_to_cos) ||
-        cfg_float(c, "freq_shift", 0, &freq_shift) ||
-        cfg_int(c, "num_class_embeds", 0, &u->num_class_embeds))
+    if (sdx4_cfg_int(c, "in_channels", 4, &u->in_channels) ||
+        sdx4_cfg_int(c, "out_channels", 4, &u->out_channels) ||
+        sdx4_cfg_int_list(c, "block_out_channels", nd, u->block_channels) ||
+        sdx4_cfg_int_list(c, "layers_per_block", nd, layers) ||
+        sdx4_cfg_int_list(c, "attention_head_dim", nd, heads) ||
+        sdx4_cfg_int_list(c, "cross_attention_dim", nd, ctx_dim) ||
+        sdx4_cfg_int_list(c, "transformer_layers_per_block", nd, tlayers) ||
+        sdx4_cfg_bool_list(c, "only_cross_attention", nd, only_cross) ||
+        sdx4_cfg_int(c, "norm_num_groups", 32, &u->groups) ||
+        sdx4_cfg_float(c, "norm_eps", 1e-5, &eps) ||
+        sdx4_cfg_bool(c, "flip_sin_to_cos", 1, &u->flip_sin_to_cos) ||
+        sdx4_cfg_float(c, "freq_shift", 0, &freq_shift) ||
+        sdx4_cfg_int(c, "num_class_embeds", 0, &u->num_class_embeds))
         return -1;
     u->norm_eps = (float)eps;
     u->freq_shift = (float)freq_shift;
@@ -100,25 +100,25 @@ int unet_init(unet *u, weight_source *ws, const config *c) {
         if (ch[i] <= 0 || ch[i] % u->groups || heads[i] <= 0 || ch[i] % heads[i] ||
             layers[i] < 1 || layers[i] > UNET_MAX_LAYERS || tlayers[i] < 1 || tlayers[i] > 64 ||
             ctx_dim[i] <= 0) {
-            set_error(SDX4_ERR_MODEL, "%s: level %d: inconsistent sizes (channels %d, groups %d, "
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: level %d: inconsistent sizes (channels %d, groups %d, "
                       "heads %d, layers %d)", c->label, i, ch[i], u->groups, heads[i], layers[i]);
             return -1;
         }
     }
     if (u->in_channels <= 0 || u->out_channels <= 0 || u->groups <= 0 || ch[0] % 2) {
-        set_error(SDX4_ERR_MODEL, "%s: inconsistent sizes", c->label);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: inconsistent sizes", c->label);
         return -1;
     }
     int temb = ch[0] * 4;
     char n[256];
 
-    if (linear_load(ws, &u->time_linear1, "time_embedding.linear_1", ch[0], temb, 1) ||
-        linear_load(ws, &u->time_linear2, "time_embedding.linear_2", temb, temb, 1))
+    if (sdx4_linear_load(ws, &u->time_linear1, "time_embedding.linear_1", ch[0], temb, 1) ||
+        sdx4_linear_load(ws, &u->time_linear2, "time_embedding.linear_2", temb, temb, 1))
         return -1;
     if (u->num_class_embeds > 0 &&
         !(u->class_embedding = W2(ws, u->num_class_embeds, temb, "class_embedding.weight")))
         return -1;
-    if (conv_load(ws, &u->conv_in, "conv_in", u->in_channels, ch[0], 3, 1)) return -1;
+    if (sdx4_conv_load(ws, &u->conv_in, "conv_in", u->in_channels, ch[0], 3, 1)) return -1;
 
     /* down blocks */
     int out = ch[0];
@@ -132,25 +132,25 @@ int unet_init(unet *u, weight_source *ws, const config *c) {
         b->nlayers = layers[i];
         for (int j = 0; j < b->nlayers; j++) {
             snprintf(n, sizeof n, "down_blocks.%d.resnets.%d", i, j);
-            if (resnet_load(ws, &b->resnet[j], n, j ? out : in, out, temb, u->groups, u->norm_eps))
+            if (sdx4_resnet_load(ws, &b->resnet[j], n, j ? out : in, out, temb, u->groups, u->norm_eps))
                 return -1;
             snprintf(n, sizeof n, "down_blocks.%d.attentions.%d", i, j);
-            if (b->cross && transformer2d_load(ws, &b->attn[j], n, out, heads[i], ctx_dim[i],
+            if (b->cross && sdx4_transformer2d_load(ws, &b->attn[j], n, out, heads[i], ctx_dim[i],
                                                tlayers[i], u->groups, only_cross[i]))
                 return -1;
         }
         b->has_sampler = i < nd - 1;
         snprintf(n, sizeof n, "down_blocks.%d.downsamplers.0.conv", i);
-        if (b->has_sampler && conv_load(ws, &b->sampler, n, out, out, 3, 2)) return -1;
+        if (b->has_sampler && sdx4_conv_load(ws, &b->sampler, n, out, out, 3, 2)) return -1;
     }
 
     /* mid block: no only_cross_attention there, in diffusers either */
     int top = ch[nd - 1];
-    if (resnet_load(ws, &u->mid_resnet[0], "mid_block.resnets.0", top, top, temb, u->groups,
+    if (sdx4_resnet_load(ws, &u->mid_resnet[0], "mid_block.resnets.0", top, top, temb, u->groups,
                     u->norm_eps) ||
-        transformer2d_load(ws, &u->mid_attn, "mid_block.attentions.0", top, heads[nd - 1],
+        sdx4_transformer2d_load(ws, &u->mid_attn, "mid_block.attentions.0", top, heads[nd - 1],
                            ctx_dim[nd - 1], tlayers[nd - 1], u->groups, 0) ||
-        resnet_load(ws, &u->mid_resnet[1], "mid_block.resnets.1", top, top, temb, u->groups,
+        sdx4_resnet_load(ws, &u->mid_resnet[1], "mid_block.resnets.1", top, top, temb, u->groups,
                     u->norm_eps))
         return -1;
 
@@ -170,30 +170,30 @@ int unet_init(unet *u, weight_source *ws, const config *c) {
             int skip = j == b->nlayers - 1 ? skip_in : out;
             int res_in = j == 0 ? prev : out;
             snprintf(n, sizeof n, "up_blocks.%d.resnets.%d", i, j);
-            if (resnet_load(ws, &b->resnet[j], n, res_in + skip, out, temb, u->groups, u->norm_eps))
+            if (sdx4_resnet_load(ws, &b->resnet[j], n, res_in + skip, out, temb, u->groups, u->norm_eps))
                 return -1;
             snprintf(n, sizeof n, "up_blocks.%d.attentions.%d", i, j);
-            if (b->cross && transformer2d_load(ws, &b->attn[j], n, out, heads[r], ctx_dim[r],
+            if (b->cross && sdx4_transformer2d_load(ws, &b->attn[j], n, out, heads[r], ctx_dim[r],
                                                tlayers[r], u->groups, only_cross[r]))
                 return -1;
         }
         b->has_sampler = i < nd - 1;
         snprintf(n, sizeof n, "up_blocks.%d.upsamplers.0.conv", i);
-        if (b->has_sampler && conv_load(ws, &b->sampler, n, out, out, 3, 1)) return -1;
+        if (b->has_sampler && sdx4_conv_load(ws, &b->sampler, n, out, out, 3, 1)) return -1;
     }
-    return norm_load(ws, &u->conv_norm_out, "conv_norm_out", ch[0]) ||
-                   conv_load(ws, &u->conv_out, "conv_out", ch[0], u->out_channels, 3, 1)
+    return sdx4_norm_load(ws, &u->conv_norm_out, "conv_norm_out", ch[0]) ||
+                   sdx4_conv_load(ws, &u->conv_out, "conv_out", ch[0], u->out_channels, 3, 1)
                ? -1
                : 0;
 }
 
-void unet_free(unet *u) {
+void sdx4_unet_free(unet *u) {
     for (int i = 0; i < u->levels; i++)
         for (int j = 0; j < UNET_MAX_LAYERS + 1; j++) {
-            transformer2d_free(&u->down[i].attn[j]);
-            transformer2d_free(&u->up[i].attn[j]);
+            sdx4_transformer2d_free(&u->down[i].attn[j]);
+            sdx4_transformer2d_free(&u->up[i].attn[j]);
         }
-    transformer2d_free(&u->mid_attn);
+    sdx4_transformer2d_free(&u->mid_attn);
 }
 
 /* diffusers get_timestep_embedding, in float32 as torch computes it. */
@@ -208,15 +208,15 @@ static void timestep_embedding(float t, int dim, int flip, float shift, float *o
     }
 }
 
-int unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t) {
+int sdx4_unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t) {
     int batch = (int)tproj->shape[0], dim = u->block_channels[0];
     if (tproj->ndim != 2 || tproj->shape[1] != dim) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: timestep tensor must be [B, %d]", dim);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: timestep tensor must be [B, %d]", dim);
         return -1;
     }
     float *host = malloc(sizeof *host * batch * dim);
     if (!host) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
     for (int b = 0; b < batch; b++)
@@ -226,20 +226,20 @@ int unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t) {
     return rc;
 }
 
-tensor *unet_new_timestep(backend *be, const unet *u, int batch, float t) {
+tensor *sdx4_unet_new_timestep(backend *be, const unet *u, int batch, float t) {
     tensor *tproj = be->new_tensor(be, 2, (const int64_t[]){batch, u->block_channels[0]});
-    if (tproj && unet_set_timestep(be, u, tproj, t)) DROP(tproj);
+    if (tproj && sdx4_unet_set_timestep(be, u, tproj, t)) DROP(tproj);
     return tproj;
 }
 
-tensor *unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch) {
+tensor *sdx4_unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch) {
     if (!u->class_embedding) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: the model has no class embedding");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: the model has no class embedding");
         return NULL;
     }
     for (int b = 0; b < batch; b++)
         if (labels[b] < 0 || labels[b] >= u->num_class_embeds) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class label %d outside 0..%d", labels[b],
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class label %d outside 0..%d", labels[b],
                       u->num_class_embeds - 1);
             return NULL;
         }
@@ -250,10 +250,10 @@ tensor *unet_class_embedding(backend *be, const unet *u, const int32_t *labels, 
  * every resnet applies silu to it before its projection. */
 static tensor *time_embedding(backend *be, const unet *u, const tensor *tproj, const tensor *cls) {
     tensor *h = NULL, *e = NULL;
-    TRY(h = linear_fw(be, &u->time_linear1, tproj));
+    TRY(h = linear_forward(be, &u->time_linear1, tproj));
     TRY(e = be->activate(be, h, ACT_SILU));
     DROP(h);
-    TRY(h = linear_fw(be, &u->time_linear2, e));
+    TRY(h = linear_forward(be, &u->time_linear2, e));
     DROP(e);
     if (cls && be->add_inplace(be, h, cls, 1.0f)) goto fail;
     TRY(e = be->activate(be, h, ACT_SILU));
@@ -263,35 +263,35 @@ fail:
 }
 
 /* resnet then, in cross-attention blocks, transformer: a new tensor. */
-static tensor *layer_fw(backend *be, const unet_block *b, int j, const tensor *h,
+static tensor *layer_forward(backend *be, const unet_block *b, int j, const tensor *h,
                         const tensor *temb, const tensor *ctx, kv_cache *kv) {
-    tensor *r = resnet_fw(be, &b->resnet[j], h, temb);
+    tensor *r = sdx4_resnet_forward(be, &b->resnet[j], h, temb);
     if (!r || !b->cross) return r;
-    tensor *a = transformer2d_fw(be, &b->attn[j], r, ctx, kv);
+    tensor *a = sdx4_transformer2d_forward(be, &b->attn[j], r, ctx, kv);
     tensor_free(r);
     return a;
 }
 
-tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
+tensor *sdx4_unet_forward(backend *be, const unet *u, const tensor *sample, float t,
                 const int32_t *class_labels, const tensor *ctx) {
     int batch = sample->ndim == 4 ? (int)sample->shape[0] : 1;
     tensor *tproj = NULL, *cls = NULL, *out = NULL;
-    TRY(tproj = unet_new_timestep(be, u, batch, t));
-    if (u->class_embedding) TRY(cls = unet_class_embedding(be, u, class_labels, batch));
-    out = unet_fw_embedded(be, u, sample, tproj, cls, ctx, NULL);
+    TRY(tproj = sdx4_unet_new_timestep(be, u, batch, t));
+    if (u->class_embedding) TRY(cls = sdx4_unet_class_embedding(be, u, class_labels, batch));
+    out = sdx4_unet_forward_embedded(be, u, sample, tproj, cls, ctx, NULL);
 fail:
     DROP(tproj), DROP(cls);
     return out;
 }
 
-tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
+tensor *sdx4_unet_forward_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
                          const tensor *cls, const tensor *ctx, kv_cache *kv) {
     if (sample->ndim != 4 || sample->shape[1] != u->in_channels) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: sample must be [B, %d, H, W]", u->in_channels);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: sample must be [B, %d, H, W]", u->in_channels);
         return NULL;
     }
     if (!cls != !u->class_embedding) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class embedding %s", cls ? "given to a model without one" : "missing");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "unet: class embedding %s", cls ? "given to a model without one" : "missing");
         return NULL;
     }
     int up_factor = 1 << (u->levels - 1);
@@ -302,21 +302,21 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
     tensor *temb = NULL, *h = NULL, *x = NULL, *out = NULL;
 
     TRY(temb = time_embedding(be, u, tproj, cls));
-    TRY(skips[nskips++] = conv_fw(be, &u->conv_in, sample));
+    TRY(skips[nskips++] = conv_forward(be, &u->conv_in, sample));
     for (int i = 0; i < u->levels; i++) {
         const unet_block *b = &u->down[i];
         for (int j = 0; j < b->nlayers; j++, nskips++)
-            TRY(skips[nskips] = layer_fw(be, b, j, skips[nskips - 1], temb, ctx, kv));
+            TRY(skips[nskips] = layer_forward(be, b, j, skips[nskips - 1], temb, ctx, kv));
         if (b->has_sampler) {
-            TRY(skips[nskips] = conv_fw(be, &b->sampler, skips[nskips - 1]));
+            TRY(skips[nskips] = conv_forward(be, &b->sampler, skips[nskips - 1]));
             nskips++;
         }
     }
 
-    TRY(x = resnet_fw(be, &u->mid_resnet[0], skips[nskips - 1], temb));
-    TRY(h = transformer2d_fw(be, &u->mid_attn, x, ctx, kv));
+    TRY(x = sdx4_resnet_forward(be, &u->mid_resnet[0], skips[nskips - 1], temb));
+    TRY(h = sdx4_transformer2d_forward(be, &u->mid_attn, x, ctx, kv));
     DROP(x);
-    TRY(x = resnet_fw(be, &u->mid_resnet[1], h, temb));
+    TRY(x = sdx4_resnet_forward(be, &u->mid_resnet[1], h, temb));
     DROP(h);
     h = x, x = NULL;
 
@@ -327,7 +327,7 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
             TRY(x = be->concat_channels(be, h, skips[nskips - 1]));
             DROP(skips[nskips - 1]), nskips--;
             DROP(h);
-            TRY(h = layer_fw(be, b, j, x, temb, ctx, kv));
+            TRY(h = layer_forward(be, b, j, x, temb, ctx, kv));
             DROP(x);
         }
         if (b->has_sampler) {
@@ -339,14 +339,14 @@ tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const
             }
             TRY(x = be->upsample_nearest(be, h, th, tw));
             DROP(h);
-            TRY(h = conv_fw(be, &b->sampler, x));
+            TRY(h = conv_forward(be, &b->sampler, x));
             DROP(x);
         }
     }
 
     TRY(x = be->group_norm(be, h, u->groups, u->conv_norm_out.g, u->conv_norm_out.b, u->norm_eps,
                            ACT_SILU));
-    TRY(out = conv_fw(be, &u->conv_out, x));
+    TRY(out = conv_forward(be, &u->conv_out, x));
 fail:
     while (nskips > 0) DROP(skips[nskips - 1]), nskips--;
     DROP(temb), DROP(h), DROP(x);

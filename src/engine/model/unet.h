@@ -38,25 +38,25 @@ typedef struct {
     transformer2d_p mid_attn;
 } unet;
 
-int unet_init(unet *u, weight_source *ws, const config *cfg);
-void unet_free(unet *u);
+int sdx4_unet_load(unet *u, weight_source *ws, const config *cfg);
+void sdx4_unet_free(unet *u);
 /* sample [B, in_channels, H, W], timestep t, class_labels [B] (NULL when
  * the model has no class embedding), context [B, 77, cross_attention_dim]
  * -> [B, out_channels, H, W]. */
-tensor *unet_fw(backend *be, const unet *u, const tensor *sample, float t,
+tensor *sdx4_unet_forward(backend *be, const unet *u, const tensor *sample, float t,
                 const int32_t *class_labels, const tensor *context);
 
-/* unet_fw in two parts, for callers that record a step once and replay it
+/* sdx4_unet_forward in two parts, for callers that record a step once and replay it
  * (pipeline.c): what the host computes per step (the timestep's sinusoidal
  * projection, uploaded into a [B, block_out_channels[0]] tensor) and per
  * upscale (the class embedding, [B, temb] or NULL without one), and the
  * network on them, which only runs backend operations on device tensors.
  * kv (or NULL) keeps the cross-attention keys and values of `context`
  * from the first call for the next ones (blocks.h). */
-tensor *unet_new_timestep(backend *be, const unet *u, int batch, float t);
-int unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t);
-tensor *unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch);
-tensor *unet_fw_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
+tensor *sdx4_unet_new_timestep(backend *be, const unet *u, int batch, float t);
+int sdx4_unet_set_timestep(backend *be, const unet *u, tensor *tproj, float t);
+tensor *sdx4_unet_class_embedding(backend *be, const unet *u, const int32_t *labels, int batch);
+tensor *sdx4_unet_forward_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
                          const tensor *cls, const tensor *context, kv_cache *kv);
 
 #endif

@@ -30,11 +30,11 @@ typedef struct {
     norm_p conv_norm_out;
 } vae_decoder;
 
-int vae_init(vae_decoder *v, weight_source *ws, const config *cfg);
+int sdx4_vae_load(vae_decoder *v, weight_source *ws, const config *cfg);
 /* Output side / latent side: 2^(levels - 1) (the pipeline's vae_scale_factor). */
-int vae_scale_factor(const vae_decoder *v);
+int sdx4_vae_scale_factor(const vae_decoder *v);
 /* vae.decode(z).sample: z [B, latent_channels, h, w] already divided by
  * scaling_factor -> [B, out_channels, h * f, w * f]. */
-tensor *vae_decode(backend *be, const vae_decoder *v, const tensor *z);
+tensor *sdx4_vae_decode(backend *be, const vae_decoder *v, const tensor *z);
 
 #endif

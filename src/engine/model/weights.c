@@ -11,7 +11,7 @@
 
 static int file_exists(const char *path) { return access(path, R_OK) == 0; }
 
-int weights_open(weight_source *ws, backend *be, const char *dir,
+int sdx4_weights_open(weight_source *ws, backend *be, const char *dir,
                  const char *component, const char *stem, const char *variant) {
     memset(ws, 0, sizeof *ws);
     ws->be = be;
@@ -31,48 +31,48 @@ int weights_open(weight_source *ws, backend *be, const char *dir,
     const char *base = strrchr(path, '/');
     snprintf(ws->label, sizeof ws->label, "%s/%s", component, base ? base + 1 : path);
     if (!file_exists(path)) {
-        set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", ws->label, dir);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", ws->label, dir);
         return -1;
     }
-    if (st_open_header(&ws->file, path, ws->label)) return -1;
+    if (sdx4_st_open_header(&ws->file, path, ws->label)) return -1;
     ws->file_dtype = ws->file.count ? ws->file.tensors[0].type : DTYPE_F32;
     return 0;
 }
 
-void weights_spec_init(weight_source *ws) {
+void sdx4_weights_spec_init(weight_source *ws) {
     memset(ws, 0, sizeof *ws);
     ws->spec = 1;
     ws->prefix = "";
 }
 
-void weights_finish(weight_source *ws) { st_close(&ws->file); }
+void sdx4_weights_finish(weight_source *ws) { sdx4_st_close(&ws->file); }
 
-void weights_close(weight_source *ws) {
+void sdx4_weights_close(weight_source *ws) {
     for (int i = 0; i < ws->nowned; i++) {
         tensor_free(ws->owned[i].t);
         free(ws->owned[i].bytes); /* after the tensor that viewed them */
     }
     free(ws->owned);
-    st_close(&ws->file);
+    sdx4_st_close(&ws->file);
     for (int i = 0; i < ws->nspecs; i++) free(ws->specs[i].name);
     free(ws->specs);
     memset(ws, 0, sizeof *ws);
 }
 
-static void shape_str(char *buf, size_t n, int ndim, const int64_t *shape) {
+static void sdx4_shape_str(char *buf, size_t n, int ndim, const int64_t *shape) {
     size_t o = (size_t)snprintf(buf, n, "[");
     for (int i = 0; i < ndim && o < n; i++)
         o += (size_t)snprintf(buf + o, n - o, "%s%lld", i ? "," : "", (long long)shape[i]);
     if (o < n) snprintf(buf + o, n - o, "]");
 }
 
-int weight_exists(const weight_source *ws, const char *name) {
+int sdx4_weight_exists(const weight_source *ws, const char *name) {
     char full[512];
     snprintf(full, sizeof full, "%s%s", ws->prefix, name);
-    return st_find(&ws->file, full) != NULL;
+    return sdx4_st_find(&ws->file, full) != NULL;
 }
 
-tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape, const char *fmt, ...) {
+tensor *sdx4_weight_get(weight_source *ws, int ndim, const int64_t *shape, const char *fmt, ...) {
     char name[512], full[600];
     va_list ap;
     va_start(ap, fmt);
@@ -87,7 +87,7 @@ tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape, const char
             int cap = ws->cap ? 2 * ws->cap : 256;
             weight_spec *s = realloc(ws->specs, cap * sizeof *s);
             if (!s) {
-                set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+                sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
                 return NULL;
             }
             ws->specs = s;
@@ -101,40 +101,40 @@ tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape, const char
         return &ws->placeholder;
     }
 
-    const st_tensor *t = st_find(&ws->file, full);
+    const st_tensor *t = sdx4_st_find(&ws->file, full);
     if (!t) {
-        set_error(SDX4_ERR_MODEL, "%s: tensor %s is missing", ws->label, full);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s is missing", ws->label, full);
         return NULL;
     }
     int same = t->ndim == ndim;
     for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
     if (!same) {
         char want[128], got[128];
-        shape_str(want, sizeof want, ndim, shape);
-        shape_str(got, sizeof got, t->ndim, t->shape);
-        set_error(SDX4_ERR_MODEL, "%s: tensor %s has shape %s, the config implies %s", ws->label,
+        sdx4_shape_str(want, sizeof want, ndim, shape);
+        sdx4_shape_str(got, sizeof got, t->ndim, t->shape);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s has shape %s, the config implies %s", ws->label,
                   full, got, want);
         return NULL;
     }
     if (!dtype_is_float(t->type)) {
-        set_error(SDX4_ERR_MODEL, "%s: tensor %s has dtype %s, expected F32, F16 or BF16",
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s has dtype %s, expected F32, F16 or BF16",
                   ws->label, full, dtype_name(t->type));
         return NULL;
     }
     void *bytes = NULL; /* 64-byte aligned, as the CPU backend's own tensors */
     if (posix_memalign(&bytes, 64, t->nbytes ? t->nbytes : 64)) {
-        set_error(SDX4_ERR_NO_MEMORY, "%s: tensor %s: out of memory for %zu bytes", ws->label,
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: tensor %s: out of memory for %zu bytes", ws->label,
                   full, t->nbytes);
         return NULL;
     }
-    if (st_read(&ws->file, t, bytes)) {
+    if (sdx4_st_read(&ws->file, t, bytes)) {
         free(bytes);
         return NULL;
     }
     tensor *w = ws->be->weight(ws->be, bytes, t->type, ndim, shape);
     if (!w) {
         free(bytes);
-        error_prefix("%s: tensor %s", ws->label, full);
+        sdx4_error_prefix("%s: tensor %s", ws->label, full);
         return NULL;
     }
     if (w->data != bytes) { /* converted or uploaded: the file's bytes are done with */
@@ -147,7 +147,7 @@ tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape, const char
         if (!o) {
             tensor_free(w);
             free(bytes);
-            set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
             return NULL;
         }
         ws->owned = o;

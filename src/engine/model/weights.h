@@ -9,7 +9,7 @@
  * change its output. The CPU backend uses float32 bytes in place (they
  * live as long as the tensor); what a backend converts (F16 on the CPU) or
  * uploads (CUDA) is freed as soon as it returns, so the host holds one
- * copy of the weights at most, and none on a GPU. weights_finish() closes
+ * copy of the weights at most, and none on a GPU. sdx4_weights_finish() closes
  * the file once the model is built. The same model-building code runs
  * in a second mode, `spec`, where nothing is read: each request is recorded
  * as (name, shape) so that `sdx4 make-model` writes exactly the tensors the
@@ -38,7 +38,7 @@ typedef struct {
     struct served_weight {
         tensor *t;
         void *bytes;    /* the file's bytes when t uses them in place, else NULL */
-    } *owned;           /* tensors served, freed by weights_close() */
+    } *owned;           /* tensors served, freed by sdx4_weights_close() */
     int nowned, owned_cap;
 
     int spec;           /* spec mode: record instead of load */
@@ -50,28 +50,28 @@ typedef struct {
 /* Opens <dir>/<component>/<stem>[.<variant>].safetensors. Without the
  * variant file, falls back to the plain one (and vice versa) as diffusers
  * does with a warning; the chosen file is in ws->label. */
-int weights_open(weight_source *ws, backend *be, const char *dir,
+int sdx4_weights_open(weight_source *ws, backend *be, const char *dir,
                  const char *component, const char *stem, const char *variant);
-void weights_spec_init(weight_source *ws);
-/* Loading is over: closes the file and forgets its index (weight_get and
- * weight_exists find nothing after this). The tensors served stay. */
-void weights_finish(weight_source *ws);
+void sdx4_weights_spec_init(weight_source *ws);
+/* Loading is over: closes the file and forgets its index (sdx4_weight_get and
+ * sdx4_weight_exists find nothing after this). The tensors served stay. */
+void sdx4_weights_finish(weight_source *ws);
 /* Frees every tensor served: the model's weights live until then. */
-void weights_close(weight_source *ws);
+void sdx4_weights_close(weight_source *ws);
 
 /* The tensor `name` (printf-style) of the given shape (ndim 1..4, unused
  * dimensions ignored); NULL with an error naming file, tensor and both
  * shapes when missing or different. */
-tensor *weight_get(weight_source *ws, int ndim, const int64_t *shape,
+tensor *sdx4_weight_get(weight_source *ws, int ndim, const int64_t *shape,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 /* Shorthands for the common shapes. */
-#define W1(ws, a, ...) weight_get((ws), 1, (const int64_t[]){(a)}, __VA_ARGS__)
-#define W2(ws, a, b, ...) weight_get((ws), 2, (const int64_t[]){(a), (b)}, __VA_ARGS__)
+#define W1(ws, a, ...) sdx4_weight_get((ws), 1, (const int64_t[]){(a)}, __VA_ARGS__)
+#define W2(ws, a, b, ...) sdx4_weight_get((ws), 2, (const int64_t[]){(a), (b)}, __VA_ARGS__)
 #define W4(ws, a, b, c, d, ...) \
-    weight_get((ws), 4, (const int64_t[]){(a), (b), (c), (d)}, __VA_ARGS__)
+    sdx4_weight_get((ws), 4, (const int64_t[]){(a), (b), (c), (d)}, __VA_ARGS__)
 
 /* Does the file hold a tensor of this name (prefix applied)? */
-int weight_exists(const weight_source *ws, const char *name);
+int sdx4_weight_exists(const weight_source *ws, const char *name);
 
 #endif

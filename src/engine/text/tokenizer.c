@@ -20,7 +20,7 @@
  *
  * Unicode facts (NFC, lowercase, the categories L, N and whitespace) come
  * from utf8proc. Nothing is cached between calls: every buffer belongs to
- * one tokenizer_encode() call, which is what makes a loaded tokenizer safe
+ * one sdx4_tokenizer_encode() call, which is what makes a loaded tokenizer safe
  * to share between threads.
  */
 #include "text/tokenizer.h"
@@ -84,7 +84,7 @@ static int bytes_reserve(bytes *b, size_t extra) {
     while (cap < b->len + extra) cap *= 2;
     char *p = realloc(b->p, cap);
     if (!p) {
-        set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
         return -1;
     }
     b->p = p;
@@ -178,7 +178,7 @@ static int normalize(const char *s, size_t len, bytes *out) {
     utf8proc_ssize_t n = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)len, &nfc,
                                       UTF8PROC_STABLE | UTF8PROC_COMPOSE);
     if (n < 0) {
-        set_error(n == UTF8PROC_ERROR_NOMEM ? SDX4_ERR_NO_MEMORY : SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(n == UTF8PROC_ERROR_NOMEM ? SDX4_ERR_NO_MEMORY : SDX4_ERR_INVALID_ARGUMENT,
                   "tokenizer: NFC normalization failed: %s", utf8proc_errmsg(n));
         return -1;
     }
@@ -308,7 +308,7 @@ static int bpe_word(encoder *e, const unsigned char *w, size_t n) {
     const tokenizer *t = e->t;
     if (n > e->scratch) {
         if (n > INT32_MAX / 4) {
-            set_error(SDX4_ERR_INVALID_ARGUMENT, "tokenizer: a word of %zu bytes is too long", n);
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "tokenizer: a word of %zu bytes is too long", n);
             return -1;
         }
         free(e->syms);
@@ -317,7 +317,7 @@ static int bpe_word(encoder *e, const unsigned char *w, size_t n) {
         e->heap = malloc(3 * n * sizeof *e->heap);
         e->scratch = e->syms && e->heap ? n : 0;
         if (!e->scratch) {
-            set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
             return -1;
         }
     }
@@ -326,7 +326,7 @@ static int bpe_word(encoder *e, const unsigned char *w, size_t n) {
         int32_t id = (i + 1 == n ? t->byte_end_id : t->byte_id)[w[i]];
         if (id < 0) id = t->unk_id;
         if (id < 0) {
-            set_error(SDX4_ERR_MODEL, "%s: no token for byte 0x%02x and no unk_token", VOCAB_FILE,
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: no token for byte 0x%02x and no unk_token", VOCAB_FILE,
                       w[i]);
             return -1;
         }
@@ -460,10 +460,10 @@ static int encode_normalized(encoder *e, const char *s, size_t len) {
     return split_specials(e, e->norm.p, e->norm.len, 1);
 }
 
-int tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max_len,
+int sdx4_tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max_len,
                      int *n_before_truncation) {
     if (!t || !text || !ids || max_len < 2) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "tokenizer_encode: %s",
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "sdx4_tokenizer_encode: %s",
                   max_len < 2 ? "max_len must be at least 2" : "NULL argument");
         return -1;
     }
@@ -486,7 +486,7 @@ int tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max
     return 0;
 }
 
-int tokenizer_max_length(const tokenizer *t) { return t->max_length; }
+int sdx4_tokenizer_max_length(const tokenizer *t) { return t->max_length; }
 
 /* ------------------------------------------------------------------------
  * Loading
@@ -513,7 +513,7 @@ static int check_vocab(const json_t *vocab) {
     json_t *v;
     json_object_foreach((json_t *)vocab, key, v) {
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX) {
-            set_error(SDX4_ERR_MODEL, "%s: the id of \"%.40s\" is not an integer in [0, 2^31)",
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: the id of \"%.40s\" is not an integer in [0, 2^31)",
                       VOCAB_FILE, key);
             return -1;
         }
@@ -561,7 +561,7 @@ static int load_merges(tokenizer *t, const char *model_dir, const json_t *vocab)
     snprintf(path, sizeof path, "%s/%s", model_dir, MERGES_FILE);
     char *text = read_file(path, &len);
     if (!text) {
-        set_error(SDX4_ERR_MODEL, "%s: %s (looked in %s)", MERGES_FILE,
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s (looked in %s)", MERGES_FILE,
                   errno == ENOENT ? "missing" : strerror(errno), model_dir);
         return -1;
     }
@@ -572,7 +572,7 @@ static int load_merges(tokenizer *t, const char *model_dir, const json_t *vocab)
     t->merges = malloc(((size_t)1 << t->merge_bits) * sizeof *t->merges);
     if (!t->merges) {
         free(text);
-        set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", MERGES_FILE);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", MERGES_FILE);
         return -1;
     }
     for (size_t i = 0; i < (size_t)1 << t->merge_bits; i++) t->merges[i].pair = EMPTY_PAIR;
@@ -591,7 +591,7 @@ static int load_merges(tokenizer *t, const char *model_dir, const json_t *vocab)
         }
         char *space = memchr(p, ' ', (size_t)(eol - p));
         if (!space || memchr(space + 1, ' ', (size_t)(eol - space - 1))) {
-            set_error(SDX4_ERR_MODEL, "%s: line %zu is not \"left right\"", MERGES_FILE, line_no);
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: line %zu is not \"left right\"", MERGES_FILE, line_no);
             free(text);
             return -1;
         }
@@ -603,7 +603,7 @@ static int load_merges(tokenizer *t, const char *model_dir, const json_t *vocab)
         if (left < 0 || right < 0 || merged < 0) {
             const char *missing = right < 0 && left >= 0 ? space : p;
             size_t n = left < 0 ? left_len : right < 0 ? right_len : left_len + right_len;
-            set_error(SDX4_ERR_MODEL, "%s: line %zu: \"%.*s\" is not in vocab.json", MERGES_FILE,
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: line %zu: \"%.*s\" is not in vocab.json", MERGES_FILE,
                       line_no, (int)n, missing);
             free(text);
             return -1;
@@ -627,7 +627,7 @@ static int append_special(tokenizer *t, const char *match, size_t len, int32_t i
     if (grown) t->specials = grown;
     if (!grown || !copy) {
         free(copy);
-        set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
         return -1;
     }
     memcpy(copy, match, len);
@@ -649,18 +649,18 @@ static int add_special(tokenizer *t, const json_t *vocab, const char *file, cons
         normalized = json_is_true(json_object_get(v, "normalized"));
         for (int k = 0; k < 3; k++)
             if (json_is_true(json_object_get(v, unsupported[k]))) {
-                set_error(SDX4_ERR_MODEL, "%s: %s: %s=true is not supported", file, name,
+                sdx4_set_error(SDX4_ERR_MODEL, "%s: %s: %s=true is not supported", file, name,
                           unsupported[k]);
                 return -1;
             }
     }
     if (!content || !*content) {
-        set_error(SDX4_ERR_MODEL, "%s: %s must be a non-empty string or an AddedToken", file, name);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s must be a non-empty string or an AddedToken", file, name);
         return -1;
     }
     *id = vocab_id(vocab, content, strlen(content));
     if (*id < 0) {
-        set_error(SDX4_ERR_MODEL, "%s: %s \"%.40s\" is not in vocab.json", file, name, content);
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: %s \"%.40s\" is not in vocab.json", file, name, content);
         return -1;
     }
     bytes norm = {0};
@@ -700,7 +700,7 @@ static int load_specials(tokenizer *t, const json_t *vocab, const config *cfg,
     json_t *decoder = json_object_get(cfg->root, "added_tokens_decoder");
     if (decoder) {
         if (!json_is_object(decoder)) {
-            set_error(SDX4_ERR_MODEL, "%s: added_tokens_decoder must be an object", CONFIG_FILE);
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: added_tokens_decoder must be an object", CONFIG_FILE);
             return -1;
         }
         /* registered before the named tokens, so for a content listed in
@@ -726,7 +726,7 @@ static int load_specials(tokenizer *t, const json_t *vocab, const config *cfg,
         if (v && !json_is_null(v)) {
             rc = add_special(t, vocab, file, named[k].name, v, named[k].id);
         } else if (named[k].required) {
-            set_error(SDX4_ERR_MODEL, "%s: %s is null; CLIP needs it", file, named[k].name);
+            sdx4_set_error(SDX4_ERR_MODEL, "%s: %s is null; CLIP needs it", file, named[k].name);
             rc = -1;
         }
         json_decref(fallback);
@@ -740,42 +740,42 @@ static int optional_config(config *c, const char *dir, const char *file) {
     struct stat st;
     snprintf(path, sizeof path, "%s/%s", dir, file);
     c->root = NULL;
-    return stat(path, &st) == 0 ? cfg_load(c, dir, file) : 0;
+    return stat(path, &st) == 0 ? sdx4_cfg_load(c, dir, file) : 0;
 }
 
-tokenizer *tokenizer_load(const char *model_dir) {
+tokenizer *sdx4_tokenizer_load(const char *model_dir) {
     config cfg = {0}, map = {0}, vocab = {0};
     tokenizer *t = calloc(1, sizeof *t);
     if (!t) {
-        set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "tokenizer: out of memory");
         return NULL;
     }
     t->unk_id = -1;
-    int ok = cfg_load(&cfg, model_dir, CONFIG_FILE) == 0 &&
-             cfg_int(&cfg, "model_max_length", 0, &t->max_length) == 0 &&
-             cfg_expect_str(&cfg, "padding_side", "right") == 0 &&
-             cfg_expect_str(&cfg, "truncation_side", "right") == 0;
+    int ok = sdx4_cfg_load(&cfg, model_dir, CONFIG_FILE) == 0 &&
+             sdx4_cfg_int(&cfg, "model_max_length", 0, &t->max_length) == 0 &&
+             sdx4_cfg_expect_str(&cfg, "padding_side", "right") == 0 &&
+             sdx4_cfg_expect_str(&cfg, "truncation_side", "right") == 0;
     if (ok && (t->max_length < 2 || t->max_length > 1 << 20)) {
-        set_error(SDX4_ERR_MODEL, "%s: model_max_length must be an integer in [2, 2^20]",
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: model_max_length must be an integer in [2, 2^20]",
                   CONFIG_FILE);
         ok = 0;
     }
     ok = ok && optional_config(&map, model_dir, SPECIAL_MAP_FILE) == 0 &&
-         cfg_load(&vocab, model_dir, VOCAB_FILE) == 0 && check_vocab(vocab.root) == 0 &&
+         sdx4_cfg_load(&vocab, model_dir, VOCAB_FILE) == 0 && check_vocab(vocab.root) == 0 &&
          load_specials(t, vocab.root, &cfg, &map) == 0 &&
          load_merges(t, model_dir, vocab.root) == 0;
     if (ok) byte_tables(t, vocab.root);
-    cfg_free(&cfg);
-    cfg_free(&map);
-    cfg_free(&vocab);
+    sdx4_cfg_free(&cfg);
+    sdx4_cfg_free(&map);
+    sdx4_cfg_free(&vocab);
     if (!ok) {
-        tokenizer_free(t);
+        sdx4_tokenizer_free(t);
         return NULL;
     }
     return t;
 }
 
-void tokenizer_free(tokenizer *t) {
+void sdx4_tokenizer_free(tokenizer *t) {
     if (!t) return;
     for (int k = 0; k < t->n_specials; k++) free(t->specials[k].content);
     free(t->specials);
@@ -792,7 +792,7 @@ static int write_json(const char *dir, const char *name, json_t *value) {
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int rc = value ? json_dump_file(value, path, JSON_INDENT(2)) : -1;
     json_decref(value);
-    if (rc) set_error(SDX4_ERR_IO, "%s: cannot write", path);
+    if (rc) sdx4_set_error(SDX4_ERR_IO, "%s: cannot write", path);
     return rc ? -1 : 0;
 }
 
@@ -804,9 +804,9 @@ static json_t *special_tokens(json_t *object) {
     return object;
 }
 
-int tokenizer_write_byte_level(const char *dir, int *vocab_size) {
+int sdx4_tokenizer_write_byte_level(const char *dir, int *vocab_size) {
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) {
-        set_error(SDX4_ERR_IO, "%s: cannot create: %s", dir, strerror(errno));
+        sdx4_set_error(SDX4_ERR_IO, "%s: cannot create: %s", dir, strerror(errno));
         return -1;
     }
     int32_t map[256];
@@ -840,7 +840,7 @@ int tokenizer_write_byte_level(const char *dir, int *vocab_size) {
     if (!merges_ok) {
         json_decref(vocab);
         json_decref(settings);
-        set_error(SDX4_ERR_IO, "%s: cannot write", path);
+        sdx4_set_error(SDX4_ERR_IO, "%s: cannot write", path);
         return -1;
     }
     int rc = write_json(dir, "vocab.json", vocab);

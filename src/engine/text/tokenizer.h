@@ -1,7 +1,7 @@
 /*
  * tokenizer.h - CLIP's byte-level BPE tokenizer, as transformers 5 runs it.
  *
- * tokenizer_encode() gives the ids of
+ * sdx4_tokenizer_encode() gives the ids of
  *     CLIPTokenizer.from_pretrained(model_dir + "/tokenizer")(
  *         text, padding="max_length", max_length=max_len, truncation=True
  *     ).input_ids
@@ -23,8 +23,8 @@
  * Text is UTF-8. Invalid bytes do not fail: each maximal invalid subsequence
  * becomes U+FFFD, as Python's bytes.decode("utf-8", errors="replace").
  *
- * Thread safety: a loaded tokenizer is immutable; tokenizer_encode() may run
- * on one tokenizer from several threads at once. tokenizer_free() must not
+ * Thread safety: a loaded tokenizer is immutable; sdx4_tokenizer_encode() may run
+ * on one tokenizer from several threads at once. sdx4_tokenizer_free() must not
  * race with it.
  */
 #ifndef SDX4_TOKENIZER_H
@@ -38,21 +38,21 @@ typedef struct tokenizer tokenizer;
  * and, when tokenizer_config.json has no added_tokens_decoder,
  * special_tokens_map.json if present (its entries override the config's, as
  * transformers does). Every special token must be in vocab.json. Returns
- * NULL with set_error() on failure; the message names the file. */
-tokenizer *tokenizer_load(const char *model_dir);
+ * NULL with sdx4_set_error() on failure; the message names the file. */
+tokenizer *sdx4_tokenizer_load(const char *model_dir);
 
 /* Accepts NULL. */
-void tokenizer_free(tokenizer *t);
+void sdx4_tokenizer_free(tokenizer *t);
 
 /* tokenizer_config.json's model_max_length (77 for CLIP). */
-int tokenizer_max_length(const tokenizer *t);
+int sdx4_tokenizer_max_length(const tokenizer *t);
 
 /* Encodes `text` (NUL-terminated UTF-8) to exactly `max_len` ids in `ids`:
  * bos, tokens, eos, truncated to max_len (eos kept last) and padded with the
  * pad id. max_len must be at least 2. *n_before_truncation (may be NULL)
  * receives the length bos + tokens + eos would have without truncation.
- * Returns 0, or -1 with set_error(). */
-int tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max_len,
+ * Returns 0, or -1 with sdx4_set_error(). */
+int sdx4_tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max_len,
                      int *n_before_truncation);
 
 /* Writes a minimal byte-level tokenizer into `dir` (created if missing):
@@ -61,7 +61,7 @@ int tokenizer_encode(const tokenizer *t, const char *text, int32_t *ids, int max
  * tokenizer_config.json (model_max_length 77, pad <|endoftext|>) and
  * special_tokens_map.json. Every text then encodes byte by byte. For
  * `sdx4 make-model` when no real vocabulary is given. *vocab_size receives
- * the number of ids written (514). Returns 0, or -1 with set_error(). */
-int tokenizer_write_byte_level(const char *dir, int *vocab_size);
+ * the number of ids written (514). Returns 0, or -1 with sdx4_set_error(). */
+int sdx4_tokenizer_write_byte_level(const char *dir, int *vocab_size);
 
 #endif

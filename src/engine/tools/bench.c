@@ -36,7 +36,7 @@ static tensor *random_tensor(backend *be, int64_t b, int64_t c, int64_t h, int64
     tensor *t = be->new_tensor(be, 4, (int64_t[]){b, c, h, w});
     float *host = malloc(sizeof *host * b * c * h * w);
     if (t && host) {
-        torch_randn(rng, host, (size_t)(b * c * h * w));
+        sdx4_torch_randn(rng, host, (size_t)(b * c * h * w));
         be->upload(be, t, host);
     }
     free(host);
@@ -54,11 +54,11 @@ typedef struct {
     int runs;
 } bench_step;
 
-static int bench_step_fw(void *arg) {
+static int bench_step_forward(void *arg) {
     bench_step *b = arg;
     b->runs++;
     DROP(b->y);
-    b->y = unet_fw_embedded(b->be, &b->m->unet, b->x, b->tproj, b->cls, b->ctx, b->kv);
+    b->y = sdx4_unet_forward_embedded(b->be, &b->m->unet, b->x, b->tproj, b->cls, b->ctx, b->kv);
     return b->y ? 0 : -1;
 }
 
@@ -67,58 +67,58 @@ static int bench_step_fw(void *arg) {
 static int time_replayed_step(model *m, backend *be, const tensor *x, const tensor *ctx,
                               const int32_t *labels, double *t, int repeats, double *ms) {
     *ms = 0.0;
-    if (!step_replays(be)) return 0;
+    if (!sdx4_step_replays(be)) return 0;
     int batch = (int)x->shape[0], rc = -1;
     tensor *tproj = NULL, *cls = NULL;
     backend_step *step = NULL;
     bench_step b = {.m = m, .be = be, .x = x, .ctx = ctx};
-    TRY(b.tproj = tproj = unet_new_timestep(be, &m->unet, batch, 500.0f));
+    TRY(b.tproj = tproj = sdx4_unet_new_timestep(be, &m->unet, batch, 500.0f));
     if (m->unet.class_embedding)
-        TRY(b.cls = cls = unet_class_embedding(be, &m->unet, labels, batch));
-    TRY(b.kv = kv_cache_new());
-    TRY(step = step_new(be));
+        TRY(b.cls = cls = sdx4_unet_class_embedding(be, &m->unet, labels, batch));
+    TRY(b.kv = sdx4_kv_cache_new());
+    TRY(step = sdx4_step_new(be));
     /* the backend's first runs of the step (warm-up, planning, recording)
      * call the UNet, as in the pipeline; the first that does not is a
      * replay, the untimed one (10: a bound, should a backend never replay) */
     int before;
     do {
         before = b.runs;
-        if (step_run(be, step, bench_step_fw, &b)) goto fail;
+        if (sdx4_step_run(be, step, bench_step_forward, &b)) goto fail;
     } while (b.runs > before && b.runs < 10);
     if (finish(be)) goto fail;
     for (int i = 0; i < repeats; i++) {
         double t0 = now_ms();
-        if (step_run(be, step, bench_step_fw, &b) || finish(be)) goto fail;
+        if (sdx4_step_run(be, step, bench_step_forward, &b) || finish(be)) goto fail;
         t[i] = now_ms() - t0;
     }
     *ms = median(t, repeats);
     rc = 0;
 fail:
-    step_free(be, step);
+    sdx4_step_free(be, step);
     DROP(b.y), DROP(tproj), DROP(cls);
-    kv_cache_free(b.kv);
+    sdx4_kv_cache_free(b.kv);
     return rc;
 }
 
 sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_bench_result *r) {
-    error_clear();
-    model *m = engine_model(e);
-    backend *be = engine_backend(e);
+    sdx4_error_clear();
+    model *m = sdx4_engine_model(e);
+    backend *be = sdx4_engine_backend(e);
     if (size < 8 || size > 1024 || steps < 1 || steps > 1000 || repeats < 1 || repeats > 100) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100");
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     memset(r, 0, sizeof *r);
     r->size = size, r->steps = steps, r->repeats = repeats;
     double *t = calloc(repeats, sizeof *t);
     torch_rng rng;
-    torch_rng_seed(&rng, 0);
+    sdx4_torch_rng_seed(&rng, 0);
     tensor *ctx = NULL, *x = NULL, *y = NULL;
     float *latents = NULL;
     int32_t labels[2] = {20, 20};
     sdx4_image in = {size, size, malloc((size_t)3 * size * size)}, out = {0};
     if (!t || !in.pixels) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
     /* each part runs once untimed first: GPU backends choose their
@@ -126,7 +126,7 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     for (int i = -1; i < repeats; i++) {
         double t0 = now_ms();
         DROP(ctx);
-        TRY(ctx = pipeline_encode_prompt(m, be, "a white cat", "", 1, NULL));
+        TRY(ctx = sdx4_pipeline_encode_prompt(m, be, "a white cat", "", 1, NULL));
         if (finish(be)) goto fail;
         if (i >= 0) t[i] = now_ms() - t0;
     }
@@ -135,7 +135,7 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     TRY(x = random_tensor(be, 2, m->unet.in_channels, size, size, &rng));
     for (int i = -1; i < repeats; i++) {
         double t0 = now_ms();
-        TRY(y = unet_fw(be, &m->unet, x, 500.0f, m->unet.class_embedding ? labels : NULL, ctx));
+        TRY(y = sdx4_unet_forward(be, &m->unet, x, 500.0f, m->unet.class_embedding ? labels : NULL, ctx));
         if (finish(be)) goto fail;
         if (i >= 0) t[i] = now_ms() - t0;
         else r->unet_step_first_ms = now_ms() - t0;
@@ -146,13 +146,13 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
 
     size_t nz = (size_t)m->vae.latent_channels * size * size;
     if (!(latents = malloc(nz * sizeof *latents))) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
-    torch_randn(&rng, latents, nz);
+    sdx4_torch_randn(&rng, latents, nz);
     for (int i = -1; i < repeats; i++) {
         double t0 = now_ms();
-        TRY(y = pipeline_decode(m, be, latents, size, size));
+        TRY(y = sdx4_pipeline_decode(m, be, latents, size, size));
         if (finish(be)) goto fail;
         if (i >= 0) t[i] = now_ms() - t0;
         else r->vae_decode_first_ms = now_ms() - t0;
@@ -181,5 +181,5 @@ fail:
     free(latents);
     free(t);
     free(in.pixels);
-    return error_status();
+    return sdx4_error_status();
 }

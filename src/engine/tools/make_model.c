@@ -33,11 +33,11 @@ static int make_dir(const char *path) {
     struct stat st;
     if (mkdir(path, 0755) == 0) return 0;
     if (errno != EEXIST) {
-        set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
+        sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         return -1;
     }
     if (stat(path, &st) || !S_ISDIR(st.st_mode)) {
-        set_error(SDX4_ERR_IO, "%s: exists and is not a folder", path);
+        sdx4_set_error(SDX4_ERR_IO, "%s: exists and is not a folder", path);
         return -1;
     }
     return 0;
@@ -50,7 +50,7 @@ static int make_dirs(const char *path) {
     char buf[4096];
     size_t len = strlen(path);
     if (len == 0 || len >= sizeof buf) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "output folder: %s", len ? "path too long" : "empty path");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "output folder: %s", len ? "path too long" : "empty path");
         return -1;
     }
     memcpy(buf, path, len + 1);
@@ -84,7 +84,7 @@ static int copy_file(const char *from_dir, const char *to_dir, const char *rel) 
     while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0) ok = fwrite(buf, 1, n, out) == n;
     if (in) fclose(in);
     if (out && fclose(out)) ok = 0;
-    if (!ok) set_error(SDX4_ERR_IO, "copying %s to %s: %s", src, dst, strerror(errno));
+    if (!ok) sdx4_set_error(SDX4_ERR_IO, "copying %s to %s: %s", src, dst, strerror(errno));
     return ok ? 0 : -1;
 }
 
@@ -134,7 +134,7 @@ static int write_weights(const weight_source *ws, const char *out_dir, const cha
              type == DTYPE_F16 ? ".fp16" : "");
     st_entry *e = calloc(ws->nspecs, sizeof *e);
     if (!e) {
-        set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
     for (int i = 0; i < ws->nspecs; i++) {
@@ -144,25 +144,25 @@ static int write_weights(const weight_source *ws, const char *out_dir, const cha
         memcpy(e[i].shape, ws->specs[i].shape, sizeof ws->specs[i].shape);
     }
     fill_ctx c = {ws, type, seed};
-    int rc = st_write(path, e, ws->nspecs, "{\"format\":\"pt\"}", fill, &c);
+    int rc = sdx4_st_write(path, e, ws->nspecs, "{\"format\":\"pt\"}", fill, &c);
     free(e);
     return rc;
 }
 
 sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir, const char *dtype_name_,
                             uint64_t seed) {
-    error_clear();
+    sdx4_error_clear();
     dtype type;
     if (!dtype_name_ || !strcmp(dtype_name_, "fp32")) type = DTYPE_F32;
     else if (!strcmp(dtype_name_, "fp16")) type = DTYPE_F16;
     else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "dtype %s: expected fp16 or fp32", dtype_name_);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "dtype %s: expected fp16 or fp32", dtype_name_);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     model m;
-    if (model_spec(&m, config_dir)) {
-        error_prefix("%s", config_dir);
-        return error_status();
+    if (sdx4_model_spec(&m, config_dir)) {
+        sdx4_error_prefix("%s", config_dir);
+        return sdx4_error_status();
     }
     int rc = make_dirs(out_dir);
     for (size_t i = 0; !rc && i < sizeof config_files / sizeof *config_files; i++)
@@ -179,7 +179,7 @@ sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir, const c
         }
     } else if (!rc) {
         int vocab;
-        rc = make_dir(tok_dir) || tokenizer_write_byte_level(tok_dir, &vocab);
+        rc = make_dir(tok_dir) || sdx4_tokenizer_write_byte_level(tok_dir, &vocab);
     }
     rc = rc || write_weights(&m.te_ws, out_dir, "text_encoder", "model", type, seed) ||
          write_weights(&m.unet_ws, out_dir, "unet", "diffusion_pytorch_model", type, seed + 1) ||
@@ -191,8 +191,8 @@ sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir, const c
         rc = !f || fprintf(f, "Random weights written by sdx4 make-model from %s (seed %llu): "
                               "its output is noise.\n", config_dir, (unsigned long long)seed) < 0;
         if (f && fclose(f)) rc = 1;
-        if (rc) set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
+        if (rc) sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
     }
-    model_free(&m);
-    return rc ? (error_status() ? error_status() : SDX4_ERR_IO) : SDX4_OK;
+    sdx4_model_free(&m);
+    return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_IO) : SDX4_OK;
 }

@@ -98,16 +98,16 @@ static void attend_tile(const attn_shape *a, const float *q, const float *k, con
         for (int64_t d = 0; d < a->D; d++) o[r * ld + d] *= inv_sum[r];
 }
 
-tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
+tensor *sdx4_cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
                       int causal) {
-    if (cpu_check("attention", "q", q, 3) || cpu_check("attention", "k", k, 3) ||
-        cpu_check("attention", "v", v, 3))
+    if (sdx4_cpu_check("attention", "q", q, 3) || sdx4_cpu_check("attention", "k", k, 3) ||
+        sdx4_cpu_check("attention", "v", v, 3))
         return NULL;
-    if (check_attention(q, k, v, heads)) return NULL;
+    if (sdx4_check_attention(q, k, v, heads)) return NULL;
     if (q->shape[1] > INT_MAX || k->shape[1] > INT_MAX || q->shape[2] > INT_MAX) {
         char qs[SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s exceeds the BLAS int range",
-                  shape_str(q, qs, sizeof qs));
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s exceeds the BLAS int range",
+                  sdx4_shape_str(q, qs, sizeof qs));
         return NULL;
     }
     attn_shape a = {.B = q->shape[0],
@@ -118,13 +118,13 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
                     .causal = causal};
     a.scale = (float)(1.0 / sqrt((double)a.D));
 
-    tensor *out = cpu_new_tensor(be, 3, q->shape);
+    tensor *out = sdx4_cpu_new_tensor(be, 3, q->shape);
     if (!out) return NULL;
     int threads = cpu_threads(be);
     int64_t tile, ntiles;
     plan_tiles(&a, threads, &tile, &ntiles);
     size_t scratch_floats = (size_t)(tile * a.Tk);
-    float *scratch = cpu_scratch_alloc(be, scratch_floats * (size_t)threads);
+    float *scratch = sdx4_cpu_scratch_alloc(be, scratch_floats * (size_t)threads);
     if (!scratch) {
         tensor_free(out);
         return NULL;
@@ -132,7 +132,7 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
     int64_t units = a.B * a.heads * ntiles, ld = a.heads * a.D;
     const float *qd = q->data, *kd = k->data, *vd = v->data;
     float *od = out->data;
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -148,10 +148,10 @@ tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tenso
                         vd + b * a.Tk * ld + head, od + b * a.Tq * ld + head, q0, rows, scores);
         }
     }
-    cpu_scratch_free(be, scratch, scratch_floats * (size_t)threads);
+    sdx4_cpu_scratch_free(be, scratch, scratch_floats * (size_t)threads);
     if (canceled) {
         tensor_free(out);
-        cancel_stopped();
+        sdx4_cancel_stopped();
         return NULL;
     }
     return out;

@@ -57,7 +57,7 @@ static void *aligned_bytes(backend *be, size_t bytes) {
     }
     /* posix_memalign(0) may return NULL legitimately; never ask for 0 */
     if (!p && posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
-        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate %zu bytes", bytes);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate %zu bytes", bytes);
         return NULL;
     }
     count_bytes(be, (int64_t)bytes);
@@ -84,22 +84,22 @@ static void release_bytes(backend *be, void *p, size_t bytes) {
     free(p);
 }
 
-float *cpu_scratch_alloc(backend *be, size_t floats) {
+float *sdx4_cpu_scratch_alloc(backend *be, size_t floats) {
     if (floats > SIZE_MAX / sizeof(float)) {
-        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: scratch of %zu floats is too large", floats);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: scratch of %zu floats is too large", floats);
         return NULL;
     }
     return aligned_bytes(be, floats * sizeof(float));
 }
 
-void cpu_scratch_free(backend *be, float *p, size_t floats) {
+void sdx4_cpu_scratch_free(backend *be, float *p, size_t floats) {
     if (p) release_bytes(be, p, floats * sizeof(float));
 }
 
 static tensor *tensor_header(backend *be, int ndim, const int64_t *shape) {
     tensor *t = calloc(1, sizeof *t);
     if (!t) {
-        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate a tensor");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate a tensor");
         return NULL;
     }
     t->be = be;
@@ -109,8 +109,8 @@ static tensor *tensor_header(backend *be, int ndim, const int64_t *shape) {
     return t;
 }
 
-tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
-    int64_t n = check_shape("new_tensor", ndim, shape);
+tensor *sdx4_cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
+    int64_t n = sdx4_check_shape("new_tensor", ndim, shape);
     if (n < 0) return NULL;
     tensor *t = tensor_header(be, ndim, shape);
     if (!t) return NULL;
@@ -131,7 +131,7 @@ static void cpu_free_tensor(backend *be, tensor *t) {
 
 static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
                           const int64_t *shape) {
-    int64_t n = check_weight(data, type, ndim, shape);
+    int64_t n = sdx4_check_weight(data, type, ndim, shape);
     if (n < 0) return NULL;
     tensor *t = tensor_header(be, ndim, shape);
     if (!t) return NULL;
@@ -151,8 +151,8 @@ static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
 
 static int cpu_upload(backend *be, tensor *dst, const float *src) {
     (void)be;
-    if (cpu_check("upload", "destination", dst, 0) ||
-        check_host_buffer("upload", "source", src))
+    if (sdx4_cpu_check("upload", "destination", dst, 0) ||
+        sdx4_check_host_buffer("upload", "source", src))
         return -1;
     memcpy(dst->data, src, (size_t)tensor_numel(dst) * sizeof(float));
     return 0;
@@ -160,8 +160,8 @@ static int cpu_upload(backend *be, tensor *dst, const float *src) {
 
 static int cpu_download(backend *be, const tensor *src, float *dst) {
     (void)be;
-    if (cpu_check("download", "source", src, 0) ||
-        check_host_buffer("download", "destination", dst))
+    if (sdx4_cpu_check("download", "source", src, 0) ||
+        sdx4_check_host_buffer("download", "destination", dst))
         return -1;
     memcpy(dst, src->data, (size_t)tensor_numel(src) * sizeof(float));
     return 0;
@@ -175,14 +175,14 @@ static void cpu_memory(backend *be, int64_t *in_use, int64_t *peak) {
 
 /* ---------------------------------------------------------------- checks */
 
-int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
-    if (check_present(op, what, t)) return -1;
+int sdx4_cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
+    if (sdx4_check_present(op, what, t)) return -1;
     if (t->type != DTYPE_F32) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32", op,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32", op,
                   what, dtype_name(t->type));
         return -1;
     }
-    return check_ndim(op, what, t, ndim);
+    return sdx4_check_ndim(op, what, t, ndim);
 }
 
 /* ------------------------------------------------------------------ gemm */
@@ -196,7 +196,7 @@ int cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
  * feed-forward layer over 65536 tokens). */
 #define GEMM_PIECE_FLOPS ((int64_t)1 << 31)
 
-int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+int sdx4_cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc) {
     int64_t flops = 2 * M * N * K;
     int threads = flops < PARALLEL_GEMM_FLOPS ? 1 : cpu_threads(be);
@@ -207,7 +207,7 @@ int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const fl
     int64_t pieces = threads * (rounds > 0 ? rounds : 1);
     if (pieces > len) pieces = len > 0 ? len : 1;
     if (threads > pieces) threads = (int)pieces;
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -225,7 +225,7 @@ int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const fl
                         (int)lda, b, (int)ldb, 0.0f, c, (int)ldc);
         }
     }
-    return canceled ? cancel_stopped() : 0;
+    return canceled ? sdx4_cancel_stopped() : 0;
 }
 
 /* ---------------------------------------------------------------- linear */
@@ -233,19 +233,19 @@ int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const fl
 /* y[M, N] = x[M, K] @ w[N, K]^T + bias: one product over all rows, then
  * the bias. */
 static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const tensor *bias) {
-    if (cpu_check("linear", "input", x, 0) || cpu_check("linear", "weight", w, 2)) return NULL;
-    if (check_linear(x, w)) return NULL;
+    if (sdx4_cpu_check("linear", "input", x, 0) || sdx4_cpu_check("linear", "weight", w, 2)) return NULL;
+    if (sdx4_check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
-    if (bias && (cpu_check("linear", "bias", bias, 0) || check_bias("linear", bias, N)))
+    if (bias && (sdx4_cpu_check("linear", "bias", bias, 0) || sdx4_check_bias("linear", bias, N)))
         return NULL;
     int64_t M = tensor_numel(x) / K;
-    if (check_gemm_size("linear", "BLAS", M, N, K)) return NULL;
+    if (sdx4_check_gemm_size("linear", "BLAS", M, N, K)) return NULL;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
-    tensor *y = cpu_new_tensor(be, x->ndim, shape);
+    tensor *y = sdx4_cpu_new_tensor(be, x->ndim, shape);
     if (!y) return NULL;
-    if (cpu_gemm(be, 1, M, N, K, x->data, K, w->data, K, y->data, N)) {
+    if (sdx4_cpu_gemm(be, 1, M, N, K, x->data, K, w->data, K, y->data, N)) {
         tensor_free(y);
         return NULL;
     }
@@ -262,10 +262,10 @@ static tensor *cpu_linear(backend *be, const tensor *x, const tensor *w, const t
 /* ------------------------------------------------------------- embedding */
 
 static tensor *cpu_embedding(backend *be, const tensor *table, const int32_t *ids, int n) {
-    if (cpu_check("embedding", "table", table, 2)) return NULL;
-    if (check_embedding(table->shape[0], ids, n)) return NULL;
+    if (sdx4_cpu_check("embedding", "table", table, 2)) return NULL;
+    if (sdx4_check_embedding(table->shape[0], ids, n)) return NULL;
     int64_t D = table->shape[1];
-    tensor *out = cpu_new_tensor(be, 2, (int64_t[]){n, D});
+    tensor *out = sdx4_cpu_new_tensor(be, 2, (int64_t[]){n, D});
     if (!out) return NULL;
     for (int i = 0; i < n; i++)
         memcpy((float *)out->data + (int64_t)i * D, (const float *)table->data + ids[i] * D,
@@ -282,14 +282,14 @@ static void cpu_destroy(backend *be) {
     free(cb);
 }
 
-backend *backend_cpu_create(int threads) {
+backend *sdx4_backend_cpu_create(int threads) {
     if (threads < 0) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "cpu backend: %d threads", threads);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cpu backend: %d threads", threads);
         return NULL;
     }
     cpu_backend *cb = calloc(1, sizeof *cb);
     if (!cb) {
-        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: out of memory");
         return NULL;
     }
     cb->threads = threads ? threads : omp_get_num_procs();
@@ -297,7 +297,7 @@ backend *backend_cpu_create(int threads) {
     atomic_init(&cb->peak, 0);
     if (pthread_mutex_init(&cb->spare_lock, NULL) != 0) {
         free(cb);
-        set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot create a lock");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot create a lock");
         return NULL;
     }
     snprintf(cb->description, sizeof cb->description, "CPU, %d threads, OpenBLAS %s", cb->threads,
@@ -306,25 +306,25 @@ backend *backend_cpu_create(int threads) {
     backend *be = &cb->base;
     be->name = "cpu";
     be->description = cb->description;
-    be->new_tensor = cpu_new_tensor;
+    be->new_tensor = sdx4_cpu_new_tensor;
     be->free_tensor = cpu_free_tensor;
     be->weight = cpu_weight;
     be->upload = cpu_upload;
     be->download = cpu_download;
     be->linear = cpu_linear;
-    be->conv2d = cpu_conv2d;
-    be->attention = cpu_attention;
-    be->group_norm = cpu_group_norm;
-    be->layer_norm = cpu_layer_norm;
-    be->activate = cpu_activate;
-    be->geglu = cpu_geglu;
-    be->add_inplace = cpu_add_inplace;
-    be->add_channel_bias_inplace = cpu_add_channel_bias_inplace;
-    be->scale_inplace = cpu_scale_inplace;
-    be->concat_channels = cpu_concat_channels;
-    be->upsample_nearest = cpu_upsample_nearest;
-    be->nchw_to_tokens = cpu_nchw_to_tokens;
-    be->tokens_to_nchw = cpu_tokens_to_nchw;
+    be->conv2d = sdx4_cpu_conv2d;
+    be->attention = sdx4_cpu_attention;
+    be->group_norm = sdx4_cpu_group_norm;
+    be->layer_norm = sdx4_cpu_layer_norm;
+    be->activate = sdx4_cpu_activate;
+    be->geglu = sdx4_cpu_geglu;
+    be->add_inplace = sdx4_cpu_add_inplace;
+    be->add_channel_bias_inplace = sdx4_cpu_add_channel_bias_inplace;
+    be->scale_inplace = sdx4_cpu_scale_inplace;
+    be->concat_channels = sdx4_cpu_concat_channels;
+    be->upsample_nearest = sdx4_cpu_upsample_nearest;
+    be->nchw_to_tokens = sdx4_cpu_nchw_to_tokens;
+    be->tokens_to_nchw = sdx4_cpu_tokens_to_nchw;
     be->embedding = cpu_embedding;
     be->memory = cpu_memory;
     be->destroy = cpu_destroy;

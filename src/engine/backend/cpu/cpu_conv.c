@@ -3,7 +3,7 @@
  * as matrix products, in one of three ways.
  *
  * A 1x1 convolution with stride 1 is already a product: per image,
- * y[O, H*W] = w[O, C] @ x[C, H*W], split over the threads by cpu_gemm.
+ * y[O, H*W] = w[O, C] @ x[C, H*W], split over the threads by sdx4_cpu_gemm.
  *
  * A 3x3 convolution with stride 1 and 128 or more channels (nearly all the
  * work of the UNet and the VAE) uses Winograd's F(4x4, 3x3): each 4x4
@@ -38,7 +38,7 @@
  * thread count when it is small, so no thread idles at the end.
  *
  * One layer at 2048x2048 takes a second or more on two cores, so every
- * unit (and each piece of a 1x1's product, see cpu_gemm) first reads the
+ * unit (and each piece of a 1x1's product, see sdx4_cpu_gemm) first reads the
  * caller's cancel flag (core/cancel.h): once it is set, the units left
  * are skipped and the convolution fails as canceled.
  */
@@ -140,7 +140,7 @@ static int conv_1x1(backend *be, const conv_shape *s, int64_t B, const float *x,
                     const float *bias, float *y) {
     int64_t npix = s->H * s->W;
     for (int64_t b = 0; b < B; b++)
-        if (cpu_gemm(be, 0, s->O, npix, s->C, w, s->C, x + b * s->C * npix, npix,
+        if (sdx4_cpu_gemm(be, 0, s->O, npix, s->C, w, s->C, x + b * s->C * npix, npix,
                      y + b * s->O * npix, npix))
             return -1;
     if (bias) {
@@ -180,10 +180,10 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
     plan_units(npix, ckk * (int64_t)sizeof(float), COL_BUDGET_BYTES, MIN_TILE_PIXELS,
                COL_LIMIT_BYTES, B, threads, &tile, &ntiles);
     size_t col_floats = (size_t)(ckk * tile);
-    float *cols = cpu_scratch_alloc(be, col_floats * (size_t)threads);
+    float *cols = sdx4_cpu_scratch_alloc(be, col_floats * (size_t)threads);
     if (!cols) return -1;
     int64_t units = B * ntiles;
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -201,8 +201,8 @@ static int conv_im2col(backend *be, const conv_shape *s, int64_t B, const float 
             if (bias) add_bias_rows(yb, s->O, npix, P, bias);
         }
     }
-    cpu_scratch_free(be, cols, col_floats * (size_t)threads);
-    return canceled ? cancel_stopped() : 0;
+    sdx4_cpu_scratch_free(be, cols, col_floats * (size_t)threads);
+    return canceled ? sdx4_cancel_stopped() : 0;
 }
 
 /* ------------------------------------------------- Winograd F(4x4, 3x3) */
@@ -428,14 +428,14 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
     size_t m_floats = (size_t)(36 * m_step);
     size_t line_floats = (size_t)(24 * (tiles_w + 1));
     size_t thread_floats = v_floats + m_floats + line_floats;
-    float *U = cpu_scratch_alloc(be, u_floats);
-    float *scratch = U ? cpu_scratch_alloc(be, thread_floats * (size_t)threads) : NULL;
+    float *U = sdx4_cpu_scratch_alloc(be, u_floats);
+    float *scratch = U ? sdx4_cpu_scratch_alloc(be, thread_floats * (size_t)threads) : NULL;
     if (!scratch) {
-        cpu_scratch_free(be, U, u_floats);
+        sdx4_cpu_scratch_free(be, U, u_floats);
         return -1;
     }
     int64_t units = B * units_per_image, out_pixels = s->Ho * s->Wo;
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
     for (int64_t o0 = 0; o0 < s->O && !canceled; o0 += block_o) {
         conv_shape part = *s; /* output channels o0 .. o0 + part.O - 1 */
@@ -461,15 +461,15 @@ static int conv_winograd(backend *be, const conv_shape *s, int64_t B, const floa
             }
         }
     }
-    cpu_scratch_free(be, scratch, thread_floats * (size_t)threads);
-    cpu_scratch_free(be, U, u_floats);
-    return canceled ? cancel_stopped() : 0;
+    sdx4_cpu_scratch_free(be, scratch, thread_floats * (size_t)threads);
+    sdx4_cpu_scratch_free(be, U, u_floats);
+    return canceled ? sdx4_cancel_stopped() : 0;
 }
 
-tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+tensor *sdx4_cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
                    int padding) {
-    if (cpu_check("conv2d", "input", x, 4) || cpu_check("conv2d", "weight", w, 4)) return NULL;
-    if (bias && cpu_check("conv2d", "bias", bias, 0)) return NULL;
+    if (sdx4_cpu_check("conv2d", "input", x, 4) || sdx4_cpu_check("conv2d", "weight", w, 4)) return NULL;
+    if (bias && sdx4_cpu_check("conv2d", "bias", bias, 0)) return NULL;
     conv_shape s = {.C = x->shape[1],
                     .H = x->shape[2],
                     .W = x->shape[3],
@@ -477,9 +477,9 @@ tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *
                     .k = (int)w->shape[2],
                     .stride = stride,
                     .pad = padding};
-    if (check_conv2d(x, w, bias, stride, padding, "BLAS", &s.Ho, &s.Wo)) return NULL;
+    if (sdx4_check_conv2d(x, w, bias, stride, padding, "BLAS", &s.Ho, &s.Wo)) return NULL;
     int64_t B = x->shape[0];
-    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, s.O, s.Ho, s.Wo});
+    tensor *y = sdx4_cpu_new_tensor(be, 4, (int64_t[]){B, s.O, s.Ho, s.Wo});
     if (!y) return NULL;
     const float *bias_data = bias ? bias->data : NULL;
     int failed = 0;

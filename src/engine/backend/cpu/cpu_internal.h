@@ -9,7 +9,7 @@
  *
  * Threads: every kernel parallelises its own loops with
  * `num_threads(cpu_threads(be))` and calls sgemm on its share of the work
- * from inside the parallel region, single-threaded (cpu_gemm does this for
+ * from inside the parallel region, single-threaded (sdx4_cpu_gemm does this for
  * one big product). The OpenMP build of OpenBLAS takes its thread count
  * from the calling task's OpenMP setting and would start a nested team
  * from a region of one thread, so such regions begin with
@@ -63,38 +63,38 @@ static inline void cpu_blas_one_thread(void) { omp_set_num_threads(1); }
  * 0, or -1 with SDX4_ERR_CANCELED when the caller's cancel flag stopped it
  * (core/cancel.h: every kernel that can run long reads it between its
  * pieces of work, and fails as canceled once it is set). */
-int cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+int sdx4_cpu_gemm(backend *be, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
              int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc);
 
 /* 64-byte aligned scratch counted by memory(); NULL with the error set. */
-float *cpu_scratch_alloc(backend *be, size_t floats);
-void cpu_scratch_free(backend *be, float *p, size_t floats);
+float *sdx4_cpu_scratch_alloc(backend *be, size_t floats);
+void sdx4_cpu_scratch_free(backend *be, float *p, size_t floats);
 
 /* A new F32 tensor; NULL with the error set (bad shape, no memory). */
-tensor *cpu_new_tensor(backend *be, int ndim, const int64_t *shape);
+tensor *sdx4_cpu_new_tensor(backend *be, int ndim, const int64_t *shape);
 
 /* Checks that `t` is a non-NULL F32 tensor with `ndim` dimensions (0: any),
  * else sets "op: what is ..." and returns -1. The checks of how shapes fit
  * together are backend_check.h's. */
-int cpu_check(const char *op, const char *what, const tensor *t, int ndim);
+int sdx4_cpu_check(const char *op, const char *what, const tensor *t, int ndim);
 
 /* Kernels of the other files, with the signatures of backend.h. */
-tensor *cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
+tensor *sdx4_cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
                    int padding);
-tensor *cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
+tensor *sdx4_cpu_attention(backend *be, const tensor *q, const tensor *k, const tensor *v, int heads,
                       int causal);
-tensor *cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+tensor *sdx4_cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
                        const tensor *beta, float eps, activation act);
-tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
+tensor *sdx4_cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
                        float eps);
-tensor *cpu_activate(backend *be, const tensor *x, activation act);
-tensor *cpu_geglu(backend *be, const tensor *x);
-int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
-int cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
-int cpu_scale_inplace(backend *be, tensor *x, float s);
-tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b);
-tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w);
-tensor *cpu_nchw_to_tokens(backend *be, const tensor *x);
-tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
+tensor *sdx4_cpu_activate(backend *be, const tensor *x, activation act);
+tensor *sdx4_cpu_geglu(backend *be, const tensor *x);
+int sdx4_cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
+int sdx4_cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
+int sdx4_cpu_scale_inplace(backend *be, tensor *x, float s);
+tensor *sdx4_cpu_concat_channels(backend *be, const tensor *a, const tensor *b);
+tensor *sdx4_cpu_upsample_nearest(backend *be, const tensor *x, int h, int w);
+tensor *sdx4_cpu_nchw_to_tokens(backend *be, const tensor *x);
+tensor *sdx4_cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
 
 #endif

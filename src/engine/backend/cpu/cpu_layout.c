@@ -16,13 +16,13 @@
 #include "core/cancel.h"
 #include "core/error.h"
 
-tensor *cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
-    if (cpu_check("concat_channels", "a", a, 4) || cpu_check("concat_channels", "b", b, 4))
+tensor *sdx4_cpu_concat_channels(backend *be, const tensor *a, const tensor *b) {
+    if (sdx4_cpu_check("concat_channels", "a", a, 4) || sdx4_cpu_check("concat_channels", "b", b, 4))
         return NULL;
-    if (check_concat_channels(a, b)) return NULL;
+    if (sdx4_check_concat_channels(a, b)) return NULL;
     int64_t B = a->shape[0], Ca = a->shape[1], Cb = b->shape[1], C = Ca + Cb;
     int64_t S = a->shape[2] * a->shape[3];
-    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, a->shape[2], a->shape[3]});
+    tensor *y = sdx4_cpu_new_tensor(be, 4, (int64_t[]){B, C, a->shape[2], a->shape[3]});
     if (!y) return NULL;
     const float *ad = a->data, *bd = b->data;
     float *yd = y->data;
@@ -45,16 +45,16 @@ static int64_t nearest_source(int64_t dst, int64_t in, int64_t out) {
     return src < in - 1 ? src : in - 1;
 }
 
-tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
-    if (cpu_check("upsample_nearest", "input", x, 4)) return NULL;
-    if (check_upsample(h, w)) return NULL;
+tensor *sdx4_cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
+    if (sdx4_cpu_check("upsample_nearest", "input", x, 4)) return NULL;
+    if (sdx4_check_upsample(h, w)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
     int64_t *src_col = malloc((size_t)w * sizeof *src_col);
     if (!src_col) {
-        set_error(SDX4_ERR_NO_MEMORY, "upsample_nearest: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "upsample_nearest: out of memory");
         return NULL;
     }
-    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
+    tensor *y = sdx4_cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
     if (!y) {
         free(src_col);
         return NULL;
@@ -64,7 +64,7 @@ tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     float *yd = y->data;
     /* seconds at the VAE's 2048x2048 layers on a busy machine: the
      * caller's cancel flag (core/cancel.h) is read row by row */
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) reduction(|| : canceled)
     for (int64_t row = 0; row < B * C * h; row++) {
@@ -77,7 +77,7 @@ tensor *cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     free(src_col);
     if (canceled) {
         tensor_free(y);
-        cancel_stopped();
+        sdx4_cancel_stopped();
         return NULL;
     }
     return y;
@@ -101,20 +101,20 @@ static void transpose(backend *be, const float *src, float *dst, int64_t batches
     }
 }
 
-tensor *cpu_nchw_to_tokens(backend *be, const tensor *x) {
-    if (cpu_check("nchw_to_tokens", "input", x, 4)) return NULL;
+tensor *sdx4_cpu_nchw_to_tokens(backend *be, const tensor *x) {
+    if (sdx4_cpu_check("nchw_to_tokens", "input", x, 4)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
-    tensor *y = cpu_new_tensor(be, 3, (int64_t[]){B, S, C});
+    tensor *y = sdx4_cpu_new_tensor(be, 3, (int64_t[]){B, S, C});
     if (!y) return NULL;
     transpose(be, x->data, y->data, B, C, S);
     return y;
 }
 
-tensor *cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
-    if (cpu_check("tokens_to_nchw", "input", x, 3)) return NULL;
-    if (check_tokens_to_nchw(x, h, w)) return NULL;
+tensor *sdx4_cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
+    if (sdx4_cpu_check("tokens_to_nchw", "input", x, 3)) return NULL;
+    if (sdx4_check_tokens_to_nchw(x, h, w)) return NULL;
     int64_t B = x->shape[0], S = x->shape[1], C = x->shape[2];
-    tensor *y = cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
+    tensor *y = sdx4_cpu_new_tensor(be, 4, (int64_t[]){B, C, h, w});
     if (!y) return NULL;
     transpose(be, x->data, y->data, B, S, C);
     return y;

@@ -51,9 +51,9 @@ static void activate_span(float *dst, const float *src, int64_t n, activation ac
 /* Elements per parallel chunk of the elementwise loops. */
 #define CHUNK 16384
 
-tensor *cpu_activate(backend *be, const tensor *x, activation act) {
-    if (cpu_check("activate", "input", x, 0) || check_activation("activate", act)) return NULL;
-    tensor *y = cpu_new_tensor(be, x->ndim, x->shape);
+tensor *sdx4_cpu_activate(backend *be, const tensor *x, activation act) {
+    if (sdx4_cpu_check("activate", "input", x, 0) || sdx4_check_activation("activate", act)) return NULL;
+    tensor *y = sdx4_cpu_new_tensor(be, x->ndim, x->shape);
     if (!y) return NULL;
     int64_t n = tensor_numel(x);
     const float *src = x->data;
@@ -64,14 +64,14 @@ tensor *cpu_activate(backend *be, const tensor *x, activation act) {
     return y;
 }
 
-tensor *cpu_geglu(backend *be, const tensor *x) {
-    if (cpu_check("geglu", "input", x, 0)) return NULL;
-    if (check_geglu(x)) return NULL;
+tensor *sdx4_cpu_geglu(backend *be, const tensor *x) {
+    if (sdx4_cpu_check("geglu", "input", x, 0)) return NULL;
+    if (sdx4_check_geglu(x)) return NULL;
     int64_t two_n = x->shape[x->ndim - 1], N = two_n / 2;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
-    tensor *y = cpu_new_tensor(be, x->ndim, shape);
+    tensor *y = sdx4_cpu_new_tensor(be, x->ndim, shape);
     if (!y) return NULL;
     int64_t rows = tensor_numel(y) / N;
     const float *src = x->data;
@@ -89,9 +89,9 @@ tensor *cpu_geglu(backend *be, const tensor *x) {
 
 /* ------------------------------------------------------------ in place */
 
-int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
-    if (cpu_check("add", "a", a, 0) || cpu_check("add", "b", b, 0) ||
-        check_same_shape("add", a, b))
+int sdx4_cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
+    if (sdx4_cpu_check("add", "a", a, 0) || sdx4_cpu_check("add", "b", b, 0) ||
+        sdx4_check_same_shape("add", a, b))
         return -1;
     int64_t n = tensor_numel(a);
     float *ad = a->data;
@@ -111,10 +111,10 @@ int cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     return 0;
 }
 
-int cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
-    if (cpu_check("add_channel_bias", "x", x, 4) || cpu_check("add_channel_bias", "v", v, 2))
+int sdx4_cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
+    if (sdx4_cpu_check("add_channel_bias", "x", x, 4) || sdx4_cpu_check("add_channel_bias", "v", v, 2))
         return -1;
-    if (check_channel_bias(x, v)) return -1;
+    if (sdx4_check_channel_bias(x, v)) return -1;
     int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
     float *xd = x->data;
     const float *vd = v->data;
@@ -127,8 +127,8 @@ int cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
     return 0;
 }
 
-int cpu_scale_inplace(backend *be, tensor *x, float s) {
-    if (cpu_check("scale", "x", x, 0)) return -1;
+int sdx4_cpu_scale_inplace(backend *be, tensor *x, float s) {
+    if (sdx4_cpu_check("scale", "x", x, 0)) return -1;
     int64_t n = tensor_numel(x);
     float *xd = x->data;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
@@ -174,22 +174,22 @@ static void moments(const float *x, int64_t n, float eps, double *mean, double *
 }
 
 static int check_gamma_beta(const char *op, const tensor *gamma, const tensor *beta, int64_t C) {
-    if (cpu_check(op, "gamma", gamma, 0) || cpu_check(op, "beta", beta, 0)) return -1;
-    return check_affine(op, gamma, beta, C);
+    if (sdx4_cpu_check(op, "gamma", gamma, 0) || sdx4_cpu_check(op, "beta", beta, 0)) return -1;
+    return sdx4_check_affine(op, gamma, beta, C);
 }
 
-tensor *cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
+tensor *sdx4_cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *gamma,
                        const tensor *beta, float eps, activation act) {
-    if (cpu_check("group_norm", "input", x, 0) || check_activation("group_norm", act)) return NULL;
-    if (check_group_norm(x, groups)) return NULL;
+    if (sdx4_cpu_check("group_norm", "input", x, 0) || sdx4_check_activation("group_norm", act)) return NULL;
+    if (sdx4_check_group_norm(x, groups)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], S = tensor_numel(x) / (B * C);
     if (check_gamma_beta("group_norm", gamma, beta, C)) return NULL;
-    tensor *y = cpu_new_tensor(be, x->ndim, x->shape);
+    tensor *y = sdx4_cpu_new_tensor(be, x->ndim, x->shape);
     if (!y) return NULL;
     int64_t per_group = C / groups;
     const float *xd = x->data, *g = gamma->data, *bt = beta->data;
     float *yd = y->data;
-    const sdx4_atomic_int *cancel = cancel_flag(); /* the workers' thread-locals have none */
+    const sdx4_atomic_int *cancel = sdx4_cancel_flag(); /* the workers' thread-locals have none */
     int canceled = 0;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(dynamic, 1) reduction(|| : canceled)
     for (int64_t bg = 0; bg < B * groups; bg++) {
@@ -207,18 +207,18 @@ tensor *cpu_group_norm(backend *be, const tensor *x, int groups, const tensor *g
     }
     if (canceled) {
         tensor_free(y);
-        cancel_stopped();
+        sdx4_cancel_stopped();
         return NULL;
     }
     return y;
 }
 
-tensor *cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
+tensor *sdx4_cpu_layer_norm(backend *be, const tensor *x, const tensor *gamma, const tensor *beta,
                        float eps) {
-    if (cpu_check("layer_norm", "input", x, 0)) return NULL;
+    if (sdx4_cpu_check("layer_norm", "input", x, 0)) return NULL;
     int64_t D = x->shape[x->ndim - 1], rows = tensor_numel(x) / D;
     if (check_gamma_beta("layer_norm", gamma, beta, D)) return NULL;
-    tensor *y = cpu_new_tensor(be, x->ndim, x->shape);
+    tensor *y = sdx4_cpu_new_tensor(be, x->ndim, x->shape);
     if (!y) return NULL;
     const float *xd = x->data, *g = gamma->data, *bt = beta->data;
     float *yd = y->data;

@@ -669,19 +669,19 @@ tensor *cuda_attention(backend *be, const tensor *q, const tensor *k, const tens
     if (cuda_check(cb, "attention", "q", q, 3) || cuda_check(cb, "attention", "k", k, 3) ||
         cuda_check(cb, "attention", "v", v, 3))
         return NULL;
-    if (check_attention(q, k, v, heads)) return NULL;
+    if (sdx4_check_attention(q, k, v, heads)) return NULL;
     int64_t B = q->shape[0], Tq = q->shape[1], Tk = k->shape[1], D = q->shape[2] / heads;
     cuda_profile_label(cb->profile, " %s B%" PRId64 " H%d Tq%" PRId64 " Tk%" PRId64 " D%" PRId64,
                        dtype_name(q->type), B, heads, Tq, Tk, D);
     if (D > MAX_HEAD_DIM) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "attention: head dimension %" PRId64 " (at most %d on cuda)", D, MAX_HEAD_DIM);
         return NULL;
     }
     if (Tq > INT_MAX - 64 || Tk > INT_MAX - 64 || B * heads > 65535) {
         char qs[SHAPE_STR_SIZE];
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s with %d heads is too large",
-                  shape_str(q, qs, sizeof qs), heads);
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "attention: q %s with %d heads is too large",
+                  sdx4_shape_str(q, qs, sizeof qs), heads);
         return NULL;
     }
     cuda_buf k_tmp = {}, v_tmp = {};

@@ -68,14 +68,14 @@
 
 int cuda_ok(cudaError_t e, const char *what) {
     if (e == cudaSuccess) return 0;
-    set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
+    sdx4_set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
               what, cudaGetErrorString(e));
     return -1;
 }
 
 int cublas_ok(cublasStatus_t s, const char *what) {
     if (s == CUBLAS_STATUS_SUCCESS) return 0;
-    set_error(s == CUBLAS_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
+    sdx4_set_error(s == CUBLAS_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
               what, cublasGetStatusString(s));
     return -1;
 }
@@ -155,7 +155,7 @@ static int device_malloc(cuda_backend *cb, void **ptr, size_t bytes) {
     }
     (void)cudaGetLastError();
     *ptr = NULL;
-    set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
+    sdx4_set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
               "cuda: cannot allocate %.1f MiB of device memory: %s", (double)bytes / 1048576.0,
               cudaGetErrorString(e));
     return -1;
@@ -173,12 +173,12 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     b->bytes = 0;
     b->arena = NULL;
     if (bytes > MAX_BLOCK_BYTES) {
-        set_error(SDX4_ERR_NO_MEMORY, "cuda: cannot allocate %zu bytes", bytes);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cuda: cannot allocate %zu bytes", bytes);
         return -1;
     }
     /* while recording, the place the planning pass gave it */
     cuda_arena *a = cb->recording ? cb->recording->arena : NULL;
-    int64_t offset = a ? memplan_follow_alloc(a->plan, bytes) : -1;
+    int64_t offset = a ? sdx4_memplan_follow_alloc(a->plan, bytes) : -1;
     if (offset >= 0) {
         b->ptr = (char *)a->ptr + offset;
         b->bytes = bytes;
@@ -203,7 +203,7 @@ int cuda_buf_alloc(cuda_backend *cb, cuda_buf *b, size_t bytes) {
     count_bytes(cb, (int64_t)rounded);
     /* out of host memory spoils the trace: the recording goes unplanned */
     memplan *trace = trace_here(cb);
-    if (trace) (void)memplan_note_alloc(trace, b->ptr, bytes);
+    if (trace) (void)sdx4_memplan_note_alloc(trace, b->ptr, bytes);
     return 0;
 }
 
@@ -212,7 +212,7 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
     if (b->arena) {
         cuda_arena *a = b->arena;
         if (cb->recording && cb->recording->arena == a)
-            memplan_follow_free(a->plan, (char *)b->ptr - (char *)a->ptr);
+            sdx4_memplan_follow_free(a->plan, (char *)b->ptr - (char *)a->ptr);
         b->ptr = NULL;
         b->bytes = 0;
         b->arena = NULL;
@@ -220,7 +220,7 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
         return;
     }
     memplan *trace = trace_here(cb);
-    if (trace) memplan_note_free(trace, b->ptr);
+    if (trace) sdx4_memplan_note_free(trace, b->ptr);
     size_t rounded;
     int c = size_class(b->bytes, &rounded);
     cuda_block *blk = (cuda_block *)malloc(sizeof *blk);
@@ -240,12 +240,12 @@ void cuda_buf_free(cuda_backend *cb, cuda_buf *b) {
 
 cuda_arena *cuda_arena_new(cuda_backend *cb, memplan *plan) {
     cuda_arena *a = (cuda_arena *)calloc(1, sizeof *a);
-    size_t bytes = memplan_arena_bytes(plan);
+    size_t bytes = sdx4_memplan_arena_bytes(plan);
     release_cache(cb);
     /* exact: a size class would round hundreds of MiB up by up to 1/8 */
     if (!a || device_malloc(cb, &a->ptr, bytes)) {
         free(a);
-        memplan_free(plan);
+        sdx4_memplan_free(plan);
         return NULL;
     }
     a->bytes = bytes;
@@ -259,7 +259,7 @@ void cuda_arena_release(cuda_backend *cb, cuda_arena *a) {
     if (!a || --a->refs > 0) return;
     device_free(cb, a->ptr, a->bytes); /* after any replay that still writes it */
     count_bytes(cb, -(int64_t)a->bytes);
-    memplan_free(a->plan);
+    sdx4_memplan_free(a->plan);
     free(a);
 }
 
@@ -285,7 +285,7 @@ typedef struct {
 static cuda_tensor *tensor_header(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
     cuda_tensor *ct = (cuda_tensor *)calloc(1, sizeof *ct);
     if (!ct) {
-        set_error(SDX4_ERR_NO_MEMORY, "cuda backend: cannot allocate a tensor");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cuda backend: cannot allocate a tensor");
         return NULL;
     }
     ct->t.be = &cb->base;
@@ -297,7 +297,7 @@ static cuda_tensor *tensor_header(cuda_backend *cb, int ndim, const int64_t *sha
 }
 
 tensor *cuda_tensor_new(cuda_backend *cb, int ndim, const int64_t *shape, dtype type) {
-    int64_t n = check_shape("new_tensor", ndim, shape);
+    int64_t n = sdx4_check_shape("new_tensor", ndim, shape);
     if (n < 0) return NULL;
     cuda_tensor *ct = tensor_header(cb, ndim, shape, type);
     if (!ct) return NULL;
@@ -380,7 +380,7 @@ static int to_channels_last(cuda_backend *cb, const void *src, dtype type, tenso
 
 int cuda_refuse_image(const char *op, const tensor *t) {
     if (t->ndim != 4) return 0;
-    set_error(SDX4_ERR_INVALID_ARGUMENT,
+    sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
               "%s: 4-D tensors are stored channels-last on cuda, their last dimension is not "
               "contiguous",
               op);
@@ -394,7 +394,7 @@ static tensor *cuda_weight(backend *be, const void *data, dtype type, int ndim,
     cuda_lock lock(be);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    int64_t n = check_weight(data, type, ndim, shape);
+    int64_t n = sdx4_check_weight(data, type, ndim, shape);
     if (n < 0) return NULL;
     dtype stored = cb->mode;
     size_t bytes = (size_t)n * dtype_size(stored), file_bytes = (size_t)n * dtype_size(type);
@@ -467,7 +467,7 @@ static int cuda_upload(backend *be, tensor *dst, const float *src) {
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "upload", "destination", dst, 0) ||
-        check_host_buffer("upload", "source", src))
+        sdx4_check_host_buffer("upload", "source", src))
         return -1;
     int64_t n = tensor_numel(dst);
     size_t bytes = (size_t)n * sizeof(float);
@@ -491,7 +491,7 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "download", "source", src, 0) ||
-        check_host_buffer("download", "destination", dst))
+        sdx4_check_host_buffer("download", "destination", dst))
         return -1;
     int64_t n = tensor_numel(src);
     size_t bytes = (size_t)n * sizeof(float);
@@ -533,19 +533,19 @@ static void cuda_memory(backend *be, int64_t *in_use, int64_t *peak) {
 
 int cuda_check(const cuda_backend *cb, const char *op, const char *what, const tensor *t,
                int ndim) {
-    if (check_present(op, what, t)) return -1;
+    if (sdx4_check_present(op, what, t)) return -1;
     if (t->be != &cb->base) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is a tensor of another backend (%s)", op,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is a tensor of another backend (%s)", op,
                   what, t->be && t->be->name ? t->be->name : "unknown");
         return -1;
     }
     if (!cuda_storable(t->type)) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "%s: %s is %s, the cuda backend computes in F32, F16 or BF16", op, what,
                   dtype_name(t->type));
         return -1;
     }
-    return check_ndim(op, what, t, ndim);
+    return sdx4_check_ndim(op, what, t, ndim);
 }
 
 /* ----------------------------------------------------------------- linear */
@@ -561,16 +561,16 @@ static tensor *linear_residual(backend *be, const char *op, const tensor *x, con
     if (cuda_check(cb, op, "input", x, 0) || cuda_check(cb, op, "weight", w, 2) ||
         cuda_refuse_image(op, x))
         return NULL;
-    if (check_linear(x, w)) return NULL;
+    if (sdx4_check_linear(x, w)) return NULL;
     int64_t K = x->shape[x->ndim - 1], N = w->shape[0];
-    if (bias && (cuda_check(cb, op, "bias", bias, 0) || check_bias(op, bias, N))) return NULL;
+    if (bias && (cuda_check(cb, op, "bias", bias, 0) || sdx4_check_bias(op, bias, N))) return NULL;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
     shape[x->ndim - 1] = N;
-    if (r && (cuda_check(cb, op, "residual", r, 0) || check_residual(op, r, x->ndim, shape)))
+    if (r && (cuda_check(cb, op, "residual", r, 0) || sdx4_check_residual(op, r, x->ndim, shape)))
         return NULL;
     int64_t M = tensor_numel(x) / K;
-    if (check_gemm_size(op, "cuBLAS", M, N, K)) return NULL;
+    if (sdx4_check_gemm_size(op, "cuBLAS", M, N, K)) return NULL;
     cuda_profile_label(cb->profile, " %s M%" PRId64 " N%" PRId64 " K%" PRId64,
                        dtype_name(x->type), M, N, K);
     dtype type = x->type;
@@ -583,7 +583,7 @@ static tensor *linear_residual(backend *be, const char *op, const tensor *x, con
         !(y = cuda_tensor_new(cb, x->ndim, shape, type)) ||
         cuda_gemm(cb, type, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, wd, (int)K, x->data,
                   (int)K, bd, rd, y->data, (int)N)) {
-        error_prefix("%s", op);
+        sdx4_error_prefix("%s", op);
         cuda_tensor_release(cb, y);
         y = NULL;
     }
@@ -609,7 +609,7 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "embedding", "table", table, 2)) return NULL;
-    if (check_embedding(table->shape[0], ids, n)) return NULL;
+    if (sdx4_check_embedding(table->shape[0], ids, n)) return NULL;
     int64_t D = table->shape[1];
     int64_t shape[2] = {n, D};
     size_t id_bytes = (size_t)n * sizeof *ids;
@@ -662,20 +662,20 @@ static void cuda_destroy(backend *be) {
     teardown(cb);
 }
 
-extern "C" backend *backend_cuda_create(int device_index, const cuda_settings *settings) {
+extern "C" backend *sdx4_backend_cuda_create(int device_index, const cuda_settings *settings) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        set_error(SDX4_ERR_DEVICE, "no CUDA device: %s", cudaGetErrorString(e));
+        sdx4_set_error(SDX4_ERR_DEVICE, "no CUDA device: %s", cudaGetErrorString(e));
         return NULL;
     }
     if (count == 0) {
-        set_error(SDX4_ERR_DEVICE, "no CUDA device: the driver reports none");
+        sdx4_set_error(SDX4_ERR_DEVICE, "no CUDA device: the driver reports none");
         return NULL;
     }
     if (device_index < 0 || device_index >= count) {
-        set_error(SDX4_ERR_DEVICE, "cuda:%d: there are %d CUDA devices", device_index, count);
+        sdx4_set_error(SDX4_ERR_DEVICE, "cuda:%d: there are %d CUDA devices", device_index, count);
         return NULL;
     }
     const dtype weights = settings->mode;
@@ -685,13 +685,13 @@ extern "C" backend *backend_cuda_create(int device_index, const cuda_settings *s
         cuda_ok(cudaGetDeviceProperties(&prop, device_index), "cuda: cudaGetDeviceProperties"))
         return NULL;
     if (prop.major < 8) {
-        set_error(SDX4_ERR_DEVICE, "cuda:%d (%s) has compute capability %d.%d; sdx4 needs 8.0 or newer",
+        sdx4_set_error(SDX4_ERR_DEVICE, "cuda:%d (%s) has compute capability %d.%d; sdx4 needs 8.0 or newer",
                   device_index, prop.name, prop.major, prop.minor);
         return NULL;
     }
     cuda_backend *cb = (cuda_backend *)calloc(1, sizeof *cb);
     if (!cb) {
-        set_error(SDX4_ERR_NO_MEMORY, "cuda backend: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cuda backend: out of memory");
         return NULL;
     }
     {
@@ -731,7 +731,7 @@ extern "C" backend *backend_cuda_create(int device_index, const cuda_settings *s
         cudnnStatus_t s = cudnnCreate(&cb->cudnn);
         if (s == CUDNN_STATUS_SUCCESS) s = cudnnSetStream(cb->cudnn, cb->stream);
         if (s != CUDNN_STATUS_SUCCESS) {
-            set_error(SDX4_ERR_DEVICE, "cuda: cudnnCreate: %s", cudnnGetErrorString(s));
+            sdx4_set_error(SDX4_ERR_DEVICE, "cuda: cudnnCreate: %s", cudnnGetErrorString(s));
             goto fail;
         }
     }

@@ -105,7 +105,7 @@ struct conv_plan {
 
 static int cudnn_ok(cudnnStatus_t s, const char *what) {
     if (s == CUDNN_STATUS_SUCCESS) return 0;
-    set_error(s == CUDNN_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
+    sdx4_set_error(s == CUDNN_STATUS_ALLOC_FAILED ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE,
               "conv2d: %s: %s", what, cudnnGetErrorString(s));
     return -1;
 }
@@ -142,7 +142,7 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
                             const int64_t *key, const void *x, const void *w, void *y) {
     conv_plan *p = (conv_plan *)calloc(1, sizeof *p);
     if (!p) {
-        set_error(SDX4_ERR_NO_MEMORY, "conv2d: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "conv2d: out of memory");
         return NULL;
     }
     memcpy(p->key, key, sizeof p->key);
@@ -182,7 +182,7 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
                                               CUDNN_NOT_PROPAGATE_NAN, 0.0),
                  "activation descriptor"))
         goto fail;
-    if (cuda_buf_alloc(cb, &workspace, CONV_WORKSPACE_LIMIT)) error_clear(); /* search without */
+    if (cuda_buf_alloc(cb, &workspace, CONV_WORKSPACE_LIMIT)) sdx4_error_clear(); /* search without */
     st = cudnnFindConvolutionForwardAlgorithmEx(
         cb->cudnn, p->x, x, p->w, w, p->conv, p->y, y, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &found,
         perf, workspace.ptr, workspace.bytes);
@@ -305,7 +305,7 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
             conv_graph_run(cb, g, x, w, bias, r, y) == 0)
             diff = cuda_relative_difference(cb, type, y, ref.ptr, n);
         cuda_buf_free(cb, &ref);
-        error_clear();
+        sdx4_error_clear();
         take = diff >= 0.0f && diff <= GRAPH_AGREEMENT;
         if (cb->profile) fprintf(stderr, "  graph API against legacy: %.2e\n", diff);
     }
@@ -343,7 +343,7 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
         if (cb->profile)
             fprintf(stderr, "cudnn: graph API plan failed, legacy from now on: %s\n",
                     sdx4_last_error());
-        error_clear();
+        sdx4_error_clear();
         conv_graph_free(p->graph[slot]);
         p->graph[slot] = NULL;
     }
@@ -414,9 +414,9 @@ static tensor *conv_residual(backend *be, const char *op, const tensor *x, const
     if (r && cuda_check(cb, op, "residual", r, 4)) return NULL;
     conv_shape s = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], 0, 0,
                     (int)w->shape[2], stride, padding};
-    if (check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
+    if (sdx4_check_conv2d(x, w, bias, stride, padding, "cuBLAS", &s.Ho, &s.Wo)) return NULL;
     int64_t shape[4] = {s.B, s.O, s.Ho, s.Wo};
-    if (r && check_residual(op, r, 4, shape)) return NULL;
+    if (r && sdx4_check_residual(op, r, 4, shape)) return NULL;
     cuda_profile_label(cb->profile, " %s k%d s%d B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64
                        "x%" PRId64, dtype_name(x->type), s.k, stride, s.B, s.C, s.O, s.H, s.W);
     dtype type = x->type;

@@ -152,7 +152,7 @@ static int run_plan(cuda_backend *cb, desc_t plan, const void *x, const void *w,
     if (st == CUDNN_STATUS_SUCCESS) st = cudnnBackendExecute(cb->cudnn, plan, pack);
     destroy(&pack, 1);
     if (st == CUDNN_STATUS_SUCCESS) return 0;
-    set_error(SDX4_ERR_DEVICE, "conv2d: cudnnBackendExecute: %s", cudnnGetErrorString(st));
+    sdx4_set_error(SDX4_ERR_DEVICE, "conv2d: cudnnBackendExecute: %s", cudnnGetErrorString(st));
     return -1;
 }
 
@@ -304,7 +304,7 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
     }
 done:
     (void)cudaGetLastError();
-    error_clear(); /* a candidate that fails is only not taken */
+    sdx4_error_clear(); /* a candidate that fails is only not taken */
     cuda_buf_free(cb, &workspace);
     destroy(cfgs, GRAPH_CANDIDATES);
     destroy(d, 15);
@@ -314,7 +314,7 @@ done:
 int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const void *w,
                    const void *bias, const void *r, void *y) {
     if ((bias != NULL) != g->bias || (r != NULL) != g->residual) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: the plan was made for other operands");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "conv2d: the plan was made for other operands");
         return -1;
     }
     cuda_buf workspace = {};

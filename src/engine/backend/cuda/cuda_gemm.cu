@@ -56,7 +56,7 @@ static gemm_plan *find_plan(cuda_backend *cb, const int64_t *key, cudaDataType_t
     while (p && memcmp(p->key, key, sizeof p->key)) p = p->next;
     if (p) return p;
     if (!(p = (gemm_plan *)calloc(1, sizeof *p))) {
-        set_error(SDX4_ERR_NO_MEMORY, "gemm: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "gemm: out of memory");
         return NULL;
     }
     memcpy(p->key, key, sizeof p->key);

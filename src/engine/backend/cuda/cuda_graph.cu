@@ -1,7 +1,7 @@
 /*
  * cuda_graph.cu - backend.h's steps, recorded as CUDA graphs.
  *
- * step_run() runs the first call of a step as it is called: a first run of
+ * sdx4_step_run() runs the first call of a step as it is called: a first run of
  * a convolution shape chooses its algorithm (cuDNN's search synchronises,
  * which a capture cannot hold), and the step may fill caches that the
  * later calls read. It runs the second as a planning pass for the third
@@ -48,13 +48,13 @@ static int cuda_record_begin(backend *be) {
     pthread_mutex_lock(&cb->lock);
     if (cb->recording) {
         pthread_mutex_unlock(&cb->lock);
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda: record_begin: already recording");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda: record_begin: already recording");
         return -1;
     }
     backend_graph *g = (backend_graph *)calloc(1, sizeof *g);
     if (!g) {
         pthread_mutex_unlock(&cb->lock);
-        set_error(SDX4_ERR_NO_MEMORY, "cuda: record_begin: out of memory");
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "cuda: record_begin: out of memory");
         return -1;
     }
     int rc = cuda_ok(cudaSetDevice(cb->device), "cuda: cudaSetDevice");
@@ -62,7 +62,7 @@ static int cuda_record_begin(backend *be) {
     if (s && s->planned) {
         g->arena = cuda_arena_new(cb, s->planned);
         s->planned = NULL;
-        if (!g->arena) error_clear(); /* no memory for it: recorded unplanned */
+        if (!g->arena) sdx4_error_clear(); /* no memory for it: recorded unplanned */
     }
     /* relaxed: an operation may still cudaMalloc a block the cache lacks */
     if (rc || cuda_ok(cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeRelaxed),
@@ -82,7 +82,7 @@ static backend_graph *cuda_record_end(backend *be) {
     cuda_backend *cb = (cuda_backend *)be;
     backend_graph *g = cb->recording;
     if (!g) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda: record_end without record_begin");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cuda: record_end without record_begin");
         return NULL;
     }
     cb->recording = NULL;
@@ -95,11 +95,11 @@ static backend_graph *cuda_record_end(backend *be) {
         fprintf(stderr,
                 "cuda: recorded into a planned arena of %.1f MiB (%.1f MiB alive at most, %d "
                 "buffers): %s at event %d of %d\n",
-                memplan_arena_bytes(g->arena->plan) / 1048576.0,
-                memplan_peak_bytes(g->arena->plan) / 1048576.0, memplan_buffers(g->arena->plan),
-                memplan_on_track(g->arena->plan) ? "on plan" : "left the plan",
-                memplan_position(g->arena->plan), memplan_events(g->arena->plan));
-    if (g->arena && memplan_position(g->arena->plan) == 0) { /* never used: give it back */
+                sdx4_memplan_arena_bytes(g->arena->plan) / 1048576.0,
+                sdx4_memplan_peak_bytes(g->arena->plan) / 1048576.0, sdx4_memplan_buffers(g->arena->plan),
+                sdx4_memplan_on_track(g->arena->plan) ? "on plan" : "left the plan",
+                sdx4_memplan_position(g->arena->plan), sdx4_memplan_events(g->arena->plan));
+    if (g->arena && sdx4_memplan_position(g->arena->plan) == 0) { /* never used: give it back */
         cuda_arena_release(cb, g->arena);
         g->arena = NULL;
     }
@@ -154,8 +154,8 @@ cuda_plan_slot *cuda_memory_plan_slot(cuda_backend *cb, bool make) {
 
 void cuda_memory_plan_clear(cuda_backend *cb, cuda_plan_slot *s) {
     if (s->tracing) cb->tracing_threads--;
-    memplan_free(s->tracing);
-    memplan_free(s->planned);
+    sdx4_memplan_free(s->tracing);
+    sdx4_memplan_free(s->planned);
     s->tracing = s->planned = NULL;
 }
 
@@ -173,7 +173,7 @@ static void cuda_plan_begin(backend *be) {
     cuda_plan_slot *s = cuda_memory_plan_slot(cb, true);
     if (!s) return; /* every slot is another thread's: this one records unplanned */
     cuda_memory_plan_clear(cb, s); /* what an earlier pass left unused */
-    if ((s->tracing = memplan_new())) cb->tracing_threads++;
+    if ((s->tracing = sdx4_memplan_new())) cb->tracing_threads++;
 }
 
 static void cuda_plan_end(backend *be) {
@@ -186,11 +186,11 @@ static void cuda_plan_end(backend *be) {
     s->tracing = NULL;
     cb->tracing_threads--;
     /* 256 bytes: cudaMalloc's alignment, which every kernel may assume */
-    if (memplan_finish(trace, 256) == 0) {
+    if (sdx4_memplan_finish(trace, 256) == 0) {
         s->planned = trace;
     } else {
-        memplan_free(trace);
-        error_clear(); /* out of host memory, or nothing allocated: no plan */
+        sdx4_memplan_free(trace);
+        sdx4_error_clear(); /* out of host memory, or nothing allocated: no plan */
     }
 }
 
@@ -204,7 +204,7 @@ struct backend_step {
 backend_step *cuda_step_new(backend *be) {
     (void)be;
     backend_step *s = (backend_step *)calloc(1, sizeof *s);
-    if (!s) set_error(SDX4_ERR_NO_MEMORY, "cuda: step: out of memory");
+    if (!s) sdx4_set_error(SDX4_ERR_NO_MEMORY, "cuda: step: out of memory");
     return s;
 }
 

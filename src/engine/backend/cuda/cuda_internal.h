@@ -238,7 +238,7 @@ template <typename F> static inline float cuda_time_runs(cuda_backend *cb, F run
     if (e0) (void)cudaEventDestroy(e0);
     if (e1) (void)cudaEventDestroy(e1);
     (void)cudaGetLastError();
-    error_clear();
+    sdx4_error_clear();
     return ms;
 }
 

@@ -32,7 +32,7 @@ __global__ void convert_kernel(const S *src, D *dst, int64_t n) {
 int cuda_convert(cuda_backend *cb, const void *src, dtype src_type, void *dst, dtype dst_type,
                  int64_t n) {
     if (!cuda_storable(dst_type) || !cuda_storable(src_type)) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: %s to %s", dtype_name(src_type),
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "convert: %s to %s", dtype_name(src_type),
                   dtype_name(dst_type));
         return -1;
     }
@@ -209,7 +209,7 @@ tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b) {
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "concat_channels", "a", a, 4) || cuda_check(cb, "concat_channels", "b", b, 4))
         return NULL;
-    if (check_concat_channels(a, b)) return NULL;
+    if (sdx4_check_concat_channels(a, b)) return NULL;
     int64_t Ca = a->shape[1], Cb = b->shape[1], pixels = a->shape[0] * a->shape[2] * a->shape[3];
     int64_t shape[4] = {a->shape[0], Ca + Cb, a->shape[2], a->shape[3]};
     size_t es = dtype_size(a->type), row_a = (size_t)Ca * es, row_b = (size_t)Cb * es;
@@ -267,7 +267,7 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "upsample_nearest", "input", x, 4)) return NULL;
-    if (check_upsample(h, w)) return NULL;
+    if (sdx4_check_upsample(h, w)) return NULL;
     int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
     int64_t shape[4] = {B, C, h, w};
     tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
@@ -317,13 +317,13 @@ int cuda_transpose(cuda_backend *cb, const void *src, dtype src_type, void *dst,
                    int64_t batches, int64_t rows, int64_t cols) {
     int64_t col_tiles = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * col_tiles;
     if (tiles > INT_MAX || batches > 65535) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "transpose: %" PRId64 " x %" PRId64 "x%" PRId64 " is too large", batches, rows,
                   cols);
         return -1;
     }
     if (!cuda_storable(src_type) || !cuda_storable(dst_type)) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: %s to %s", dtype_name(src_type),
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "transpose: %s to %s", dtype_name(src_type),
                   dtype_name(dst_type));
         return -1;
     }
@@ -365,11 +365,11 @@ int cuda_relayout_tokens(backend *be, tensor *x, int h, int w) {
         int64_t C = x->shape[1], T = x->shape[2] * x->shape[3];
         x->ndim = 3, x->shape[1] = T, x->shape[2] = C, x->shape[3] = 0;
     } else if (x->ndim == 3) {
-        if (check_tokens_to_nchw(x, h, w)) return -1;
+        if (sdx4_check_tokens_to_nchw(x, h, w)) return -1;
         int64_t C = x->shape[2];
         x->ndim = 4, x->shape[1] = C, x->shape[2] = h, x->shape[3] = w;
     } else {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "relayout_tokens: x must be 3-D or 4-D");
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "relayout_tokens: x must be 3-D or 4-D");
         return -1;
     }
     return 0;
@@ -378,7 +378,7 @@ int cuda_relayout_tokens(backend *be, tensor *x, int h, int w) {
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w) {
     cuda_lock lock(be, "tokens_to_nchw");
     if (!lock || cuda_check(lock.cb, "tokens_to_nchw", "input", x, 3)) return NULL;
-    if (check_tokens_to_nchw(x, h, w)) return NULL;
+    if (sdx4_check_tokens_to_nchw(x, h, w)) return NULL;
     int64_t shape[4] = {x->shape[0], x->shape[2], h, w};
     return copy_as(lock.cb, "tokens_to_nchw", x, 4, shape);
 }

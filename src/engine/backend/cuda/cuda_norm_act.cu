@@ -76,7 +76,7 @@ tensor *cuda_activate(backend *be, const tensor *x, activation act) {
     cuda_lock lock(be, "activate");
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, "activate", "input", x, 0) || check_activation("activate", act)) return NULL;
+    if (cuda_check(cb, "activate", "input", x, 0) || sdx4_check_activation("activate", act)) return NULL;
     tensor *y = cuda_tensor_new(cb, x->ndim, x->shape, x->type);
     if (!y) return NULL;
     int64_t n = tensor_numel(x);
@@ -149,7 +149,7 @@ tensor *cuda_geglu(backend *be, const tensor *x) {
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "geglu", "input", x, 0) || cuda_refuse_image("geglu", x)) return NULL;
-    if (check_geglu(x)) return NULL;
+    if (sdx4_check_geglu(x)) return NULL;
     int64_t N = x->shape[x->ndim - 1] / 2;
     int64_t shape[4];
     memcpy(shape, x->shape, sizeof shape);
@@ -189,7 +189,7 @@ int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b) {
     if (!lock) return -1;
     cuda_backend *cb = lock.cb;
     if (cuda_check(cb, "add", "a", a, 0) || cuda_check(cb, "add", "b", b, 0) ||
-        check_same_shape("add", a, b))
+        sdx4_check_same_shape("add", a, b))
         return -1;
     cuda_buf b_tmp;
     const void *bd = cuda_data_as(cb, b, a->type, &b_tmp);
@@ -220,7 +220,7 @@ int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v) {
     if (cuda_check(cb, "add_channel_bias", "x", x, 4) ||
         cuda_check(cb, "add_channel_bias", "v", v, 2))
         return -1;
-    if (check_channel_bias(x, v)) return -1;
+    if (sdx4_check_channel_bias(x, v)) return -1;
     int64_t C = x->shape[1], image = C * x->shape[2] * x->shape[3];
     cuda_buf v_tmp;
     const void *vd = cuda_data_as(cb, v, x->type, &v_tmp);
@@ -630,7 +630,7 @@ static int launch_group_norm_as(cuda_backend *cb, const tensor *x, const void *a
 static int check_gamma_beta(const cuda_backend *cb, const char *op, const tensor *gamma,
                             const tensor *beta, int64_t C) {
     if (cuda_check(cb, op, "gamma", gamma, 0) || cuda_check(cb, op, "beta", beta, 0)) return -1;
-    return check_affine(op, gamma, beta, C);
+    return sdx4_check_affine(op, gamma, beta, C);
 }
 
 /* group_norm, and group_norm_add with v (else NULL) */
@@ -640,12 +640,12 @@ static tensor *group_norm_plus(backend *be, const char *op, const tensor *x, con
     cuda_lock lock(be, op);
     if (!lock) return NULL;
     cuda_backend *cb = lock.cb;
-    if (cuda_check(cb, op, "input", x, v ? 4 : 0) || check_activation(op, act)) return NULL;
-    if (check_group_norm(x, groups)) return NULL;
-    if (v && (cuda_check(cb, op, "v", v, 2) || check_channel_bias(x, v))) return NULL;
+    if (cuda_check(cb, op, "input", x, v ? 4 : 0) || sdx4_check_activation(op, act)) return NULL;
+    if (sdx4_check_group_norm(x, groups)) return NULL;
+    if (v && (cuda_check(cb, op, "v", v, 2) || sdx4_check_channel_bias(x, v))) return NULL;
     int64_t B = x->shape[0], C = x->shape[1];
     if (B * groups > 65535) {
-        set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %" PRId64 " groups are too many", op,
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %" PRId64 " groups are too many", op,
                   B * groups);
         return NULL;
     }
