@@ -10,7 +10,8 @@ import time
 import pytest
 import requests
 
-from conftest import MODEL, SDX4, Server, image_bytes, problem, wait_idle
+from conftest import (MODEL, SDX4, WEBHOOK_OUTCOME_NOT_SHARED, Server, image_bytes, problem, single_process_only,
+                      wait_idle)
 
 UPSCALE = "/api/v1/upscale"
 
@@ -182,7 +183,8 @@ def test_demo_model_is_announced(tmp_path):
         assert h["demo_model"] is True and h["note"] == note
         m = s.get("/api/v1/model-info").json()
         assert m["demo_model"] is True and m["note"] == note and m["model_id"] == "demo-model"
-        assert any(isinstance(l, dict) and l.get("note") == note for l in s.logs())
+        loader = s.cluster.worker if s.cluster else s  # who loads the model
+        assert any(isinstance(l, dict) and l.get("note") == note for l in loader.logs())
     finally:
         s.check_clean_exit()
 
@@ -191,11 +193,15 @@ def test_warm_up_then_ready():
     s = Server("--warmup", "true", "--warmup-sizes", "64, 72x64", "--model-id", "tiny-x4", wait_ready=False)
     try:
         s.wait_ready()
-        logs = [l for l in s.logs() if isinstance(l, dict)]
-        events = [l.get("event") for l in logs]
-        assert events.index("model_loaded") < events.index("warmed_up") < events.index("ready")
-        sizes = [(l["width"], l["height"]) for l in logs if l.get("event") == "warmed_up_size"]
-        assert sizes == [(64, 64), (72, 64)]
+        if s.cluster:  # the worker loads and warms up (at one size: it has no --warmup-sizes yet)
+            events = [l.get("event") for l in s.cluster.worker.logs() if isinstance(l, dict)]
+            assert events.index("model_loaded") < events.index("warmed_up")
+        else:
+            logs = [l for l in s.logs() if isinstance(l, dict)]
+            events = [l.get("event") for l in logs]
+            assert events.index("model_loaded") < events.index("warmed_up") < events.index("ready")
+            sizes = [(l["width"], l["height"]) for l in logs if l.get("event") == "warmed_up_size"]
+            assert sizes == [(64, 64), (72, 64)]
         assert s.get("/api/v1/model-info").json()["model_id"] == "tiny-x4"
         r = upscale(s, seed=1)
         assert r.headers["X-Model"] == "tiny-x4"
@@ -238,6 +244,7 @@ def test_missing_model_fails_visibly(tmp_path):
     assert any(l["event"] == "model_failed" for l in lines)
 
 
+@single_process_only(WEBHOOK_OUTCOME_NOT_SHARED)
 def test_webhooks_never_reach_internal_addresses():
     """Without --webhook-private a webhook to loopback is refused after DNS,
     not retried (the answer would not change), and reported as failed with
