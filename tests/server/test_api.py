@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -372,6 +373,10 @@ def raw_request(server, head, body_chunks=(), read_timeout=10):
             if not got:
                 break
             data += got
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+            if sep and length and len(body) >= int(length.group(1)):
+                break  # the whole answer, on a connection kept open (the body was read to its end)
         return int(data.split(b" ", 2)[1]), data.decode("latin-1")
     finally:
         s.close()
