@@ -5,7 +5,9 @@
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20),
 #      from the seeds in fuzz/corpus/<target>/;
-#   4. the HTTP service's integration tests against the real server;
+#   4. the HTTP service's integration tests against the real server, then
+#      the tests of the API's contract again in cluster mode (each server an
+#      API node with its own Redis and worker: tests/server/conftest.py);
 #   5. the CUDA backend compiled when nvcc is present (its tests skip
 #      without a GPU);
 #   6. the Kubernetes manifests rendered and validated, offline once its
@@ -49,6 +51,11 @@ done
 
 echo "== HTTP service integration tests (pytest drives the real server)"
 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
+# (the CLI comparison is test_worker.py's there; the rest of the suite passes in
+# cluster mode too, SDX4_TEST_CLUSTER=1, but would double the suite's time)
+echo "== the API's contract in cluster mode (API-only node, Redis, one worker)"
+SDX4_TEST_CLUSTER=1 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}" \
+  -k "(test_api.py or test_tenancy.py or test_deadline_504 or test_client_disconnect_cancels) and not equals_cli"
 
 echo "== kubernetes manifests"
 scripts/check-kubernetes.sh

@@ -512,6 +512,8 @@ worker *worker_start(sdx4_engine *engine, redis *r, struct webhooks *hooks, cons
     snprintf(w->name, sizeof w->name, "%s", settings->name);
     w->s.name = w->name;
     w->info = json_deep_copy(info);
+    if (w->info) /* API nodes count the cluster's workers by it (health, /metrics) */
+        json_object_set_new(w->info, "threads", json_integer(settings->threads));
     pthread_mutex_init(&w->lock, NULL);
     cond_init_monotonic(&w->changed);
     if (cluster_ensure_group(r, err, n)) /* not fatal: a consumer's first take fails and retries */

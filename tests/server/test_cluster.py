@@ -81,8 +81,14 @@ class Cluster:
     def __init__(self, redis):
         self.redis = redis
         self.workers = [Worker(redis.url, "--name", "w1"), Worker(redis.url, "--name", "w2")]
-        self.node = api_node(redis)
-        wait_serving(self.node, 2)
+        self.node = None
+        try:
+            self.node = api_node(redis)
+            wait_serving(self.node, 2)
+        except BaseException:  # the fixture never gets to stop them
+            for p in [self.node] * (self.node is not None) + self.workers:
+                p.stop()
+            raise
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 
 import requests
 
-from conftest import Server, image_bytes, problem
+from conftest import Server, image_bytes, problem, single_process_only
 
 OTHER = "127.0.0.2"  # a second client address (loopback)
 
@@ -358,6 +358,8 @@ def test_sigterm_keeps_accepting_and_answers_new_upscales_503():
         s.check_clean_exit()
 
 
+@single_process_only("jobs live in Redis and outlive an API node's SIGKILL (the opposite guarantee: "
+                     "test_cluster.py's test_api_node_killed_and_restarted_keeps_jobs)")
 def test_sigkill_forgets_jobs():
     """Documented: jobs live in memory (until cluster mode); after SIGKILL
     and a restart a job id answers 404."""
