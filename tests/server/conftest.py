@@ -34,11 +34,6 @@ def single_process_only(reason):
     return pytest.mark.skipif(CLUSTER, reason="cluster mode: " + reason)
 
 
-# what cluster mode does not do yet (docs/cluster.md), for the tests that need it
-WEBHOOK_OUTCOME_NOT_SHARED = ("the worker that ends a job sends its webhook and logs the outcome; it is not "
-                              "written back to the job in Redis, so the job document never shows it")
-
-
 class Server:
     """One `sdx4 serve` process; `url` is its base URL once started."""
 
@@ -47,7 +42,7 @@ class Server:
     def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
         if CLUSTER and "--redis" not in [str(f) for f in flags]:  # a cluster test's node has its own
-            self.cluster = LocalCluster(model, flags)
+            self.cluster = LocalCluster(model, flags, env)
             flags = list(flags) + ["--redis", self.cluster.redis.url, "--workers", "0"]
         # an API node is "unavailable" until a worker (maybe its own) registers
         self.clustered = "--redis" in [str(f) for f in flags]
@@ -243,12 +238,12 @@ def redis_server():
 class Worker(Server):
     """One `sdx4 worker` process; `url` is its health port's base URL."""
 
-    def __init__(self, redis_url, *flags, model=MODEL, threads=1):
+    def __init__(self, redis_url, *flags, model=MODEL, threads=1, env=None):
         self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-worker-", suffix=".log", delete=False)
         cmd = [SDX4, "worker", "--redis", redis_url, "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false"] + (["--workers", str(threads)] if threads else []) + [str(f) for f in flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
-                                     env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+                                     env=dict(os.environ, OMP_WAIT_POLICY="passive", **(env or {})))
         self.port = self._wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = next(l["worker"] for l in self.logs() if isinstance(l, dict) and l.get("event") == "listening")
@@ -266,14 +261,15 @@ class Worker(Server):
 
 class LocalCluster:
     """Redis and one worker for a Server of the suite run in cluster mode
-    (SDX4_TEST_CLUSTER=1): the worker gets the server's flags, as the
-    settings are shared, and the server --redis and --workers 0."""
+    (SDX4_TEST_CLUSTER=1): the worker gets the server's flags and
+    environment, as the settings are shared, and the server --redis and
+    --workers 0."""
 
-    def __init__(self, model, flags):
+    def __init__(self, model, flags, env=None):
         self.redis = RedisServer()
         try:
             # as many threads as the server alone would have (its --workers, else the default)
-            self.worker = Worker(self.redis.url, *flags, "--name", "suite", model=model, threads=None)
+            self.worker = Worker(self.redis.url, *flags, "--name", "suite", model=model, threads=None, env=env)
         except Exception:
             self.redis.remove()
             raise

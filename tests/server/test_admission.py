@@ -18,8 +18,6 @@ from PIL import Image
 
 from conftest import Server, image_bytes, problem, single_process_only, wait_idle
 
-ADMISSION_BY_COST = "admission by cost on API-only nodes: see h/admission"
-
 LIMIT = 20  # --request-timeout of the calibrated server, seconds
 
 
@@ -46,7 +44,6 @@ def calibrated():
     s.check_clean_exit()
 
 
-@single_process_only(ADMISSION_BY_COST)
 def test_model_info_shows_the_calibration(calibrated):
     cost = calibrated.get("/api/v1/model-info").json()["cost"]
     assert cost["calibrated"] is True and cost["observations"] >= 2
@@ -59,7 +56,6 @@ def test_model_info_shows_the_calibration(calibrated):
     assert high["other_seconds"] > 300 * low["other_seconds"]
 
 
-@single_process_only(ADMISSION_BY_COST)
 def test_too_long_alone_is_refused_at_once_and_what_fits_is_admitted(calibrated):
     image = small_file_large_image()
     assert len(image) < 8000  # costed by its size in pixels, not its bytes
@@ -92,7 +88,7 @@ def job_costing(calibrated, seconds):
     raise AssertionError(f"no job costs about {seconds} s: {low}")
 
 
-@single_process_only(ADMISSION_BY_COST)
+@single_process_only("health's list of running jobs and their estimates is a node's own workers'; test_cluster_admission.py checks the cluster's 503")
 def test_queue_ahead_too_long_gives_503_with_retry_after(calibrated):
     side, steps = job_costing(calibrated, LIMIT * 0.3)
     image = image_bytes(size=(side, side))

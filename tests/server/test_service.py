@@ -11,8 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import (MODEL, SDX4, WEBHOOK_OUTCOME_NOT_SHARED, Server, image_bytes, problem, single_process_only,
-                      wait_idle)
+from conftest import MODEL, SDX4, Server, image_bytes, problem, wait_idle
 
 UPSCALE = "/api/v1/upscale"
 
@@ -254,7 +253,6 @@ def test_missing_model_fails_visibly(tmp_path):
     assert any(l["event"] == "model_failed" for l in lines)
 
 
-@single_process_only(WEBHOOK_OUTCOME_NOT_SHARED)
 def test_webhooks_never_reach_internal_addresses():
     """Without --webhook-private a webhook to loopback is refused after DNS,
     not retried (the answer would not change), and reported as failed with
