@@ -190,7 +190,7 @@ void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
     pthread_mutex_unlock(&c->lock);
 }
 
-int cost_measure(cost_model *c, int width, int height, bool keep) {
+int cost_warm_up(sdx4_engine *engine, int width, int height, sdx4_upscale_report *report) {
     sdx4_image in = {width, height, malloc((size_t)width * height * 3)}, out = {0};
     if (!in.pixels) return -1;
     for (size_t i = 0; i < (size_t)width * height * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
@@ -198,11 +198,15 @@ int cost_measure(cost_model *c, int width, int height, bool keep) {
     sdx4_upscale_params_default(&p);
     p.num_inference_steps = 1;
     p.seed = 0;
-    sdx4_upscale_report r;
-    sdx4_status st = sdx4_upscale(c->engine, &in, &p, &out, &r);
+    sdx4_status st = sdx4_upscale(engine, &in, &p, &out, report);
     free(in.pixels);
     sdx4_image_free(&out);
-    if (st != SDX4_OK) return -1;
+    return st == SDX4_OK ? 0 : -1;
+}
+
+int cost_measure(cost_model *c, int width, int height, bool keep) {
+    sdx4_upscale_report r;
+    if (cost_warm_up(c->engine, width, height, &r)) return -1;
     if (keep) cost_observe(c, width, height, 1, true, &r, 1.0, true);
     return 0;
 }

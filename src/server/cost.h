@@ -37,6 +37,12 @@ bool cost_calibrated(cost_model *c);
 void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
                   const sdx4_upscale_report *report, double alone, bool calibration);
 
+/* Runs a one-step guided upscale of width x height (a warm-up: the first
+ * client of that size then pays no lazy allocation, and on a GPU no choice
+ * of algorithms, made once per shape); `report` (or NULL) gets its
+ * timings. -1 when it failed. */
+int cost_warm_up(sdx4_engine *engine, int width, int height, sdx4_upscale_report *report);
+
 /* Runs a one-step guided upscale of width x height on the engine, alone,
  * and keeps its timings as a calibration run unless `keep` is false (a
  * GPU's first run at a size, which chooses its algorithms); -1 when it

@@ -61,33 +61,6 @@
 #include "webhook.h"
 #include "worker.h"
 
-/* Runs a one-step upscale of width x height, so that the first client of
- * that size does not pay for lazy allocations and the GPU's choice of
- * algorithms (made once per shape; one step and the decode meet every
- * shape of the size). `report` (or NULL) receives its timings. */
-static int warm_up(server *srv, int width, int height, sdx4_upscale_report *report) {
-    sdx4_image in = {width, height, malloc((size_t)width * height * 3)}, out = {0};
-    if (!in.pixels) return -1;
-    for (size_t i = 0; i < (size_t)width * height * 3; i++) in.pixels[i] = (uint8_t)(i * 7);
-    sdx4_upscale_params p;
-    sdx4_upscale_params_default(&p);
-    p.num_inference_steps = 1;
-    p.seed = 0;
-    sdx4_status st = sdx4_upscale(srv->engine, &in, &p, &out, report);
-    free(in.pixels);
-    sdx4_image_free(&out);
-    return st == SDX4_OK ? 0 : -1;
-}
-
-/* A measured one-step upscale for the estimator: guided, as warm_up runs
- * it, and alone on the device. */
-static int measure(server *srv, int width, int height) {
-    sdx4_upscale_report r;
-    if (warm_up(srv, width, height, &r)) return -1;
-    cost_observe(srv->cost, width, height, 1, true, &r, 1.0, true);
-    return 0;
-}
-
 /* Teaches the estimator at two sizes, the smallest warmed up (w0 x h0) and
  * one with at least 4 times its pixels (w1 x h1, warmed up or not), so
  * that it can tell what grows with the square of the pixels (attention)
@@ -98,10 +71,10 @@ static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) 
     if (!srv->cost) return 0;
     double t0 = mono_now();
     bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
-    if (measure(srv, w0, h0)) return -1;
+    if (cost_measure(srv->cost, w0, h0, true)) return -1;
     if ((double)w1 * h1 > (double)w0 * h0) {
-        if (!warmed1 && gpu && warm_up(srv, w1, h1, NULL)) return -1;
-        if (measure(srv, w1, h1)) return -1;
+        if (!warmed1 && gpu && cost_measure(srv->cost, w1, h1, false)) return -1;
+        if (cost_measure(srv->cost, w1, h1, true)) return -1;
     }
     json_t *fields = cost_document(srv->cost);
     json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
@@ -123,7 +96,7 @@ static int warm_up_sizes(server *srv) {
         double t0 = mono_now();
         if (!sizes->count) d[0] = d[1] = c->min_side;
         else if (config_parse_dimensions(sizes->items[i], &d[0], &d[1])) goto fail;
-        if (warm_up(srv, d[0], d[1], NULL)) goto fail;
+        if (cost_warm_up(srv->engine, d[0], d[1], NULL)) goto fail;
         if (sizes->count)
             log_event(LOG_INFO, "warmed_up_size",
                       json_pack("{s:i,s:i,s:f}", "width", d[0], "height", d[1], "seconds",
