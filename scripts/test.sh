@@ -24,13 +24,13 @@ fuzz_seconds=${SDX4_FUZZ_SECONDS:-20}
 
 echo "== release build and tests (the CUDA backend too when nvcc exists)"
 scripts/build.sh build
-(cd build && ctest --output-on-failure)
+(cd build && ctest -j"$jobs" --output-on-failure)
 
 echo "== sanitizer build and tests (ASan + UBSan)"
 scripts/build.sh build-asan -DSDX4_SANITIZE=ON -DSDX4_CUDA=OFF
 (cd build-asan &&
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --output-on-failure)
+  ctest -j"$jobs" --output-on-failure)
 
 echo "== fuzzing, ${fuzz_seconds}s per target"
 scripts/build.sh build-fuzz -DSDX4_FUZZ=ON -DCMAKE_C_COMPILER=clang
