@@ -102,6 +102,8 @@ def main():
     torch.use_deterministic_algorithms(True)
     image = make_image(CASE["h"], CASE["w"], 100)
     image.save(os.path.join(OUT, "input.png"))
+    with open(os.path.join(OUT, "input.rgb"), "wb") as f:  # the same pixels, for tests without a PNG reader
+        f.write(np.asarray(image).tobytes())
     pipe = StableDiffusionUpscalePipeline.from_pretrained(os.path.join(REF, "tiny", "model"),
                                                           torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
