@@ -11,9 +11,12 @@
  * the Karras schedule (rho = 7 between the extreme sigmas) and its
  * _sigma_to_t, which interpolates log-sigmas to map each Karras sigma back
  * to a fractional timestep (DPM rounds it half to even, Euler keeps it).
- * The one source of a last-bit difference is np.log over float32, which
- * numpy vectorizes; _sigma_to_t only reads it, so the timesteps agree to
- * ~1e-6, not always bit for bit.
+ *
+ * Not everything is bit for bit. torch's CPU sqrt is not always correctly
+ * rounded: the tiny model's sigma at t=142 is one ulp above sqrtf's. And
+ * np.log over float32 is numpy's own vectorized log, which _sigma_to_t
+ * reads for the Karras timesteps. Both stay far inside the goldens'
+ * tolerances (test_samplers.c measures them).
  *
  * The steps are one float operation per torch operation of diffusers, in
  * its order: coefficients as 0-dim float32 tensors, then per element.
