@@ -12,12 +12,12 @@
  *                  prompt_embeds, class_labels=noise_level)
  *       eps = eps_uncond + guidance * (eps_text - eps_uncond)
  *       latents = scheduler.step(eps, t, latents, eta, generator)
+ *   image = vae.decode(latents / scaling_factor)
  *
  * The scheduler is built for each run from the model's config and the
  * caller's choice (schedulers.h); samplers that draw noise (Euler
  * ancestral) draw it from the same generator, after the two draws above,
  * as diffusers' pipeline hands them its generator.
- *   image = vae.decode(latents / scaling_factor)
  *
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
