@@ -211,8 +211,8 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
         double min, max;
         param_range(i, &min, &max);
         switch (params[i].type) {
-        case PARAM_TEXT: /* absent as null: a record of a node older than the field */
-            if (!v || json_is_null(v)) break;
+        case PARAM_TEXT:
+            if (json_is_null(v)) break;
             if (!json_is_string(v) || strlen(json_string_value(v)) != json_string_length(v))
                 return refuse(r, name, "must be a string without NUL");
             if (!(*(char **)f = strdup(json_string_value(v)))) return refuse(r, name, "does not fit in memory");
