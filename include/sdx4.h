@@ -156,6 +156,15 @@ typedef struct {
                                     diffusers' noise_level=70 of 350 */
     uint64_t seed;               /* torch.Generator("cpu").manual_seed(seed) */
     float eta;                   /* DDIM eta */
+    /* The sampler: NULL or "" is the model's own (its
+       scheduler_config.json); else a diffusers class name
+       (DPMSolverMultistepScheduler) or an alias (ddim, euler, euler-a,
+       dpm++2m). Options: NULL or a JSON object of config overrides, as
+       diffusers' from_config(config, **options) takes them:
+       {"use_karras_sigmas": true}. A key or value the engine does not
+       implement is refused by name. */
+    const char *scheduler;
+    const char *scheduler_options;
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
     /* Optional: a flag another thread sets to stop this upscale. It is read

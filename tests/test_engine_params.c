@@ -15,7 +15,8 @@
 #include "test.h"
 
 static const char *const expected[] = {"prompt", "negative_prompt", "num_inference_steps",
-                                       "guidance_scale", "noise_level", "seed", "eta"};
+                                       "guidance_scale", "noise_level", "seed", "eta",
+                                       "scheduler", "scheduler_options"};
 
 /* Sets the field of row `name` to v (numbers only). */
 static void set_number(sdx4_upscale_params *p, const char *name, double v) {
@@ -62,6 +63,16 @@ static void test_rows(void) {
     sdx4_upscale_params_default(&p);
     CHECK(sdx4_check_params(&p) == SDX4_OK, "defaults refused: %s", sdx4_last_error());
     CHECK(!p.prompt && !p.negative_prompt && p.seed == 0 && !p.progress && !p.cancel, "defaults");
+    CHECK(!p.scheduler && !p.scheduler_options, "the model's own scheduler by default");
+    p.scheduler = "heun";
+    CHECK(sdx4_check_params(&p) != SDX4_OK && strstr(sdx4_last_error(), "scheduler heun"),
+          "an unknown scheduler: %s", sdx4_last_error());
+    p.scheduler = "dpm++2m", p.scheduler_options = "true";
+    CHECK(sdx4_check_params(&p) != SDX4_OK && strstr(sdx4_last_error(), "scheduler_options"),
+          "options not an object: %s", sdx4_last_error());
+    p.scheduler_options = "{\"use_karras_sigmas\": true}";
+    CHECK(sdx4_check_params(&p) == SDX4_OK, "dpm++2m with Karras sigmas: %s", sdx4_last_error());
+    p.scheduler = p.scheduler_options = NULL;
     for (int i = 0; i < n; i++) {
         const sdx4_param *r = &rows[i];
         if (r->type == SDX4_PARAM_INT) {

@@ -164,6 +164,13 @@ static int set_value(const cli_command *cmd, cli_option *opt,
         return parse_float(cmd, opt, text);
     case OPT_SEED:
         return parse_seed(cmd, opt, text);
+    case OPT_LIST: {
+        cli_list *list = opt->value;
+        if (list->count == CLI_LIST_MAX)
+            return cli_usage_error(cmd, "%s: at most %d times", opt->name, CLI_LIST_MAX);
+        list->items[list->count++] = text;
+        return CLI_CONTINUE;
+    }
     }
     return cli_usage_error(cmd, "%s: unsupported option kind", opt->name);
 }

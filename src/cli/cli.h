@@ -35,7 +35,16 @@ typedef enum {
     OPT_INT,    /* int *: decimal integer in [min, max] */
     OPT_FLOAT,  /* double *: finite number in [min, max] */
     OPT_SEED,   /* uint64_t *: decimal integer in [0, SDX4_SEED_MAX] */
+    OPT_LIST,   /* cli_list *: every value of a repeatable option, in order */
 } cli_option_kind;
+
+/* The values of an OPT_LIST option; more than CLI_LIST_MAX is a usage
+ * error. */
+#define CLI_LIST_MAX 32
+typedef struct {
+    const char *items[CLI_LIST_MAX];
+    int count;
+} cli_list;
 
 typedef struct {
     const char *name; /* "--steps" */

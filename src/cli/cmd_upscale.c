@@ -15,9 +15,11 @@
  * second Ctrl-C kills the process the usual way.
  */
 #include <errno.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <unistd.h>
@@ -99,6 +101,9 @@ static void build_help(char *help, size_t size, const param_flag *flags, int nfl
         "Options:\n"
         "  --model DIR            diffusers model folder (default: $SDX4_MODEL)\n");
     for (int i = 0; i < nflags; i++) param_help(help, size, &flags[i]);
+    help_option(help, size, "--scheduler-option K=V",
+                "a scheduler config override (repeatable); V is JSON, else a string: "
+                "use_karras_sigmas=true");
     add(help, size,
         "  --threads N            CPU threads, 0..%d, 0 = all cores (default: 0)\n"
         "  --variant fp16         load the *.fp16.safetensors weights\n"
@@ -163,6 +168,32 @@ static int warn_if_truncated(sdx4_engine *engine, const char *what,
     return 0;
 }
 
+/* --scheduler-option key=value, repeated, as the JSON object of
+ * scheduler_options (malloc'd; NULL when none was given or one is bad,
+ * which *bad tells). A value is JSON (true, 3, "x") or else a string, so
+ * algorithm_type=dpmsolver++ needs no quotes. */
+static char *scheduler_options(const cli_command *cmd, const cli_list *list, int *bad) {
+    *bad = 0;
+    if (!list->count) return NULL;
+    json_t *o = json_object();
+    for (int i = 0; i < list->count; i++) {
+        const char *item = list->items[i], *eq = strchr(item, '=');
+        if (!eq || eq == item) {
+            cli_usage_error(cmd, "--scheduler-option: '%s' is not key=value", item);
+            *bad = 1;
+            json_decref(o);
+            return NULL;
+        }
+        char key[128];
+        snprintf(key, sizeof key, "%.*s", (int)(eq - item), item);
+        json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
+        json_object_set_new(o, key, v ? v : json_string(eq + 1));
+    }
+    char *text = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return text;
+}
+
 /* imageio's messages usually name the file already; say it once. */
 static void fail_file(const char *path, const char *message) {
     if (strstr(message, path))
@@ -199,6 +230,8 @@ int cmd_upscale(int argc, char **argv) {
     double eta = params.eta;
     uint64_t seed = 0;
     sdx4_cuda_options cuda = {0};
+    cli_list scheduler_option_list = {0};
+    char *options_json = NULL;
 
     const param_flag flags[] = {
         {"--prompt", "TEXT", "prompt", &params.prompt},
@@ -208,6 +241,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--noise-level", "F", "noise_level", &noise},
         {"--seed", "S", "seed", &seed},
         {"--eta", "E", "eta", &eta},
+        {"--scheduler", "NAME", "scheduler", &params.scheduler},
     };
     const cli_option fixed[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
@@ -216,6 +250,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
+        {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
     };
     enum { NFLAGS = sizeof flags / sizeof flags[0], NFIXED = sizeof fixed / sizeof fixed[0] };
     cli_option options[NFIXED + NFLAGS + 1]; /* the fixed ones, the parameters', the end */
@@ -247,8 +282,14 @@ int cmd_upscale(int argc, char **argv) {
     params.noise_level = (float)noise;
     params.eta = (float)eta;
     params.seed = seed;
-    if (sdx4_check_params(&params) != SDX4_OK)
+    int bad_option;
+    options_json = scheduler_options(&cmd, &scheduler_option_list, &bad_option);
+    if (bad_option) return EXIT_USAGE;
+    params.scheduler_options = options_json;
+    if (sdx4_check_params(&params) != SDX4_OK) {
+        free(options_json);
         return cli_usage_error(&cmd, "%s", sdx4_last_error());
+    }
 
     sdx4_image input = {0}, output = {0};
     sdx4_engine *engine = NULL;
@@ -321,5 +362,6 @@ done:
     sdx4_image_free(&output);
     sdx4_image_free(&input);
     sdx4_engine_close(engine);
+    free(options_json);
     return status;
 }

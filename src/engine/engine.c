@@ -136,7 +136,10 @@ void sdx4_image_free(sdx4_image *img) {
 /* ---- the parameter table ------------------------------------------------- */
 
 /* Rows by position, in the order of sdx4_upscale_params's fields. */
-enum { P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_COUNT };
+enum {
+    P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_SCHEDULER,
+    P_SCHEDULER_OPTIONS, P_COUNT
+};
 
 /* Guidance stops at 50, what the API has always documented: classifier-
  * free guidance past a few tens only saturates the image. Seeds stop at
@@ -155,6 +158,12 @@ static const sdx4_param params[P_COUNT] = {
     [P_SEED] = {"seed", SDX4_PARAM_SEED, .int_min = 0, .int_max = SDX4_SEED_MAX,
                 .help = "seed of torch.Generator(\"cpu\").manual_seed"},
     [P_ETA] = {"eta", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0, .help = "DDIM eta"},
+    [P_SCHEDULER] = {"scheduler", SDX4_PARAM_TEXT,
+                     .help = "sampler: a diffusers scheduler class or ddim, euler, euler-a, dpm++2m; "
+                             "empty: the model's own"},
+    [P_SCHEDULER_OPTIONS] = {"scheduler_options", SDX4_PARAM_TEXT,
+                             .help = "JSON object of scheduler config overrides, "
+                                     "e.g. {\"use_karras_sigmas\": true}"},
 };
 
 const sdx4_param *sdx4_params(int *count) {
@@ -202,6 +211,8 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
         (s = check_real(&params[P_NOISE_LEVEL], p->noise_level)) ||
         (s = check_real(&params[P_ETA], p->eta)))
         return s;
+    if (sdx4_scheduler_check_choice(p->scheduler, p->scheduler_options))
+        return SDX4_ERR_INVALID_ARGUMENT;
     return SDX4_OK;
 }
 
@@ -248,6 +259,7 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
          * half to even as Python's round() */
         .noise_level = (int)nearbyint((double)p->noise_level * e->m.max_noise_level),
         .eta = p->eta, .seed = p->seed, .on_step = on_step, .user = (void *)p,
+        .scheduler = p->scheduler, .scheduler_options = p->scheduler_options,
         .cancel = p->cancel,
     };
     pipeline_report rep;

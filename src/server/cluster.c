@@ -164,6 +164,8 @@ static const struct {
     {"guidance_scale", NULL, PARAM_REAL, P(guidance_scale), 0, 0},
     {"eta", NULL, PARAM_REAL, P(eta), 0, 0},
     {"seed", NULL, PARAM_SEED, P(seed), 0, 0},
+    {"scheduler", NULL, PARAM_TEXT, P(scheduler), 0, 0},
+    {"scheduler_options", NULL, PARAM_TEXT, P(scheduler_options), 0, 0},
     {NULL, "format", PARAM_FORMAT, P(format), 0, 0},
     {NULL, "quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
     {NULL, "given", PARAM_BITS, P(given), 0, 0},
@@ -1025,10 +1027,11 @@ int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_s
         if (t->width) snprintf(in, sizeof in, "%dx%d", t->width, t->height);
         if (s->state == JOB_SUCCEEDED) snprintf(out, sizeof out, "%dx%d", s->width, s->height);
         json_array_append_new(
-            images, json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:I,s:s?,s:s?,s:s?,s:I,s:b}", "status",
+            images, json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:s?,s:s?,s:I,s:s?,s:s?,s:s?,s:I,s:b}", "status",
                               state_names[s->state], "error", s->error.kind ? problem_slug(s->error.kind) : NULL,
                               "prompt", o->prompt, "negative_prompt", o->negative_prompt, "steps", o->steps,
                               "guidance_scale", o->guidance_scale, "noise_level", o->noise_level, "eta", o->eta,
+                              "scheduler", o->scheduler, "scheduler_options", o->scheduler_options,
                               "seed", (json_int_t)o->seed, "format",
                               o->format ? imageio_format_name(o->format) : NULL, "input_size", in[0] ? in : NULL,
                               "output_size", out[0] ? out : NULL, "output_bytes", (json_int_t)s->bytes,

@@ -51,6 +51,8 @@ static const field_def fields[] = {
     {"guidance_scale", FIELD_GUIDANCE, KIND_REAL, 0, 0, NULL},
     {"seed", FIELD_SEED, KIND_SEED, 0, 0, NULL},
     {"eta", FIELD_ETA, KIND_REAL, 0, 0, NULL},
+    {"scheduler", FIELD_SCHEDULER, KIND_TEXT, 0, 0, "ddim, euler, euler-a, dpm++2m or a diffusers class name"},
+    {"scheduler_options", FIELD_SCHEDULER_OPTIONS, KIND_TEXT, 0, 0, "a JSON object"},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
     {"quality", FIELD_QUALITY, KIND_INT, 1, 100, "1 to 100"},
     {"webhook_url", FIELD_WEBHOOK, KIND_URL, 0, 0, "an http:// or https:// URL"},
@@ -80,7 +82,9 @@ int form_init(upscale_form *f, const form_limits *limits, form_kind kind) {
 void options_free(upscale_options *o) {
     free(o->prompt);
     free(o->negative_prompt);
-    o->prompt = o->negative_prompt = NULL;
+    free(o->scheduler);
+    free(o->scheduler_options);
+    o->prompt = o->negative_prompt = o->scheduler = o->scheduler_options = NULL;
 }
 
 void form_free(upscale_form *f) {
@@ -289,6 +293,34 @@ static int unknown_field(upscale_form *f, const char *name, size_t len) {
     return problem_field(&f->error, shown, NULL, "unknown field \"%s\"", shown);
 }
 
+/* The scheduler fields as the engine checks them without a model (the
+ * model's config can still refuse an option: runner.c makes that a 422).
+ * Options are stored as JSON with sorted keys, so that the same choice
+ * is the same cache key; "" is the model's own, stored as NULL. */
+static int check_scheduler(upscale_form *f, const field_def *d, char **text) {
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    if (d->id == FIELD_SCHEDULER) p.scheduler = *text;
+    else p.scheduler_options = *text;
+    if (sdx4_check_params(&p) != SDX4_OK) {
+        free(*text);
+        *text = NULL;
+        return problem_field(&f->error, d->name, d->allowed, "%s", sdx4_last_error());
+    }
+    if (!**text) {
+        free(*text);
+        *text = NULL;
+    } else if (d->id == FIELD_SCHEDULER_OPTIONS) {
+        json_t *o = json_loads(*text, 0, NULL);
+        char *sorted = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+        json_decref(o);
+        if (!sorted) return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
+        free(*text);
+        *text = sorted;
+    }
+    return 0;
+}
+
 /* Marks a field as given; refuses a second value. */
 static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
     unsigned bit = 1u << d->id;
@@ -312,7 +344,13 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
     case KIND_TEXT: {
         char *text = NULL;
         if (check_text(f, d, v, len, more_chars, &text)) return -1;
-        char **slot = d->id == FIELD_PROMPT ? &o->prompt : &o->negative_prompt;
+        if ((d->id == FIELD_SCHEDULER || d->id == FIELD_SCHEDULER_OPTIONS) &&
+            check_scheduler(f, d, &text))
+            return -1;
+        char **slot = d->id == FIELD_PROMPT            ? &o->prompt
+                      : d->id == FIELD_NEGATIVE_PROMPT ? &o->negative_prompt
+                      : d->id == FIELD_SCHEDULER       ? &o->scheduler
+                                                       : &o->scheduler_options;
         free(*slot);
         *slot = text;
         return 0;
@@ -633,6 +671,11 @@ static void merge(upscale_options *out, const upscale_options *in) {
     if (g & 1u << FIELD_ETA) out->eta = in->eta;
     if (g & 1u << FIELD_FORMAT) out->format = in->format;
     if (g & 1u << FIELD_QUALITY) out->quality = in->quality;
+    if (g & 1u << FIELD_SCHEDULER)
+        free(out->scheduler), out->scheduler = in->scheduler ? strdup(in->scheduler) : NULL;
+    if (g & 1u << FIELD_SCHEDULER_OPTIONS)
+        free(out->scheduler_options),
+            out->scheduler_options = in->scheduler_options ? strdup(in->scheduler_options) : NULL;
     out->given |= g;
 }
 
@@ -652,10 +695,15 @@ void form_resolve(const upscale_form *f, int i, upscale_options *out) {
 char *options_canonical(const upscale_options *o) {
     char *text = NULL;
     int quality = o->format == IMAGE_PNG ? 0 : o->quality;
+    /* the scheduler only when chosen, so that the keys of requests without
+     * one stay those cached before it existed */
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
-                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d",
+                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,
-                 (unsigned long long)o->seed, o->eta, (int)o->format, quality) < 0)
+                 (unsigned long long)o->seed, o->eta, (int)o->format, quality,
+                 o->scheduler ? "\x1fscheduler=" : "", o->scheduler ? o->scheduler : "",
+                 o->scheduler_options ? "\x1fscheduler_options=" : "",
+                 o->scheduler_options ? o->scheduler_options : "") < 0)
         return NULL;
     return text;
 }

@@ -39,6 +39,9 @@ typedef struct {
     uint64_t seed;
     image_format format;
     int quality; /* 1..100, 0 = the encoder's default */
+    /* NULL: the model's own; else a checked class name or alias, and a
+     * JSON object with sorted keys (the engine's scheduler_options) */
+    char *scheduler, *scheduler_options;
     unsigned given;
 } upscale_options;
 
@@ -70,6 +73,7 @@ typedef struct {
 enum {
     FIELD_PROMPT, FIELD_NEGATIVE_PROMPT, FIELD_NOISE_LEVEL, FIELD_STEPS,
     FIELD_GUIDANCE, FIELD_SEED, FIELD_ETA, FIELD_FORMAT, FIELD_QUALITY,
+    FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS,
     FIELD_OPTION_COUNT
 };
 

@@ -837,12 +837,13 @@ static void record_history(job *j) {
         /* an image refused before submission has no options, size or output: nulls */
         json_array_append_new(
             images,
-            json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:I,s:s?,s:s?,s:s?,s:I,s:b}",
+            json_pack("{s:s,s:s?,s:s?,s:s?,s:i,s:f,s:f,s:f,s:s?,s:s?,s:I,s:s?,s:s?,s:s?,s:I,s:b}",
                       "status", job_state_name(t->state),
                       "error", t->error.kind ? problem_slug(t->error.kind) : NULL,
                       "prompt", o->prompt, "negative_prompt", o->negative_prompt,
                       "steps", o->steps, "guidance_scale", o->guidance_scale,
-                      "noise_level", o->noise_level, "eta", o->eta, "seed", (json_int_t)o->seed,
+                      "noise_level", o->noise_level, "eta", o->eta, "scheduler", o->scheduler,
+                      "scheduler_options", o->scheduler_options, "seed", (json_int_t)o->seed,
                       "format", o->format ? imageio_format_name(o->format) : NULL,
                       "input_size", in[0] ? in : NULL, "output_size", out[0] ? out : NULL,
                       "output_bytes", (json_int_t)t->output_len, "cache_hit", t->cache_hit));

@@ -22,6 +22,8 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
     p.noise_level = (float)opts->noise_level;
     p.seed = opts->seed;
     p.eta = (float)opts->eta;
+    p.scheduler = opts->scheduler;
+    p.scheduler_options = opts->scheduler_options;
     p.progress = progress;
     p.progress_user = user;
     p.cancel = stop;

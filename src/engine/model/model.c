@@ -63,7 +63,7 @@ int sdx4_model_load(model *m, backend *be, const char *dir, const char *variant)
     m->dir = strdup(dir);
     if (read_index(m, dir) || read_configs(m, dir)) goto fail;
     if (!(m->tok = sdx4_tokenizer_load(dir))) goto fail;
-    if (sdx4_ddim_load(&m->scheduler, dir) || sdx4_ddpm_load(&m->low_res_scheduler, dir)) goto fail;
+    if (sdx4_scheduler_source_load(&m->scheduler, dir) || sdx4_ddpm_load(&m->low_res_scheduler, dir)) goto fail;
     if (sdx4_weights_open(&m->te_ws, be, dir, "text_encoder", "model", variant) ||
         sdx4_weights_open(&m->unet_ws, be, dir, "unet", "diffusion_pytorch_model", variant) ||
         sdx4_weights_open(&m->vae_ws, be, dir, "vae", "diffusion_pytorch_model", variant))
@@ -102,7 +102,7 @@ void sdx4_model_free(model *m) {
     sdx4_cfg_free(&m->unet_cfg);
     sdx4_cfg_free(&m->vae_cfg);
     sdx4_tokenizer_free(m->tok);
-    sdx4_ddim_free(&m->scheduler);
+    sdx4_scheduler_source_free(&m->scheduler);
     sdx4_ddpm_free(&m->low_res_scheduler);
     free(m->dir);
     memset(m, 0, sizeof *m);

@@ -11,6 +11,7 @@
 #define SDX4_MODEL_H
 
 #include "model/scheduler.h"
+#include "model/schedulers.h"
 #include "model/text_encoder.h"
 #include "model/unet.h"
 #include "model/vae.h"
@@ -25,7 +26,7 @@ typedef struct {
     text_encoder te;
     unet unet;
     vae_decoder vae;
-    ddim_scheduler scheduler;
+    scheduler_source scheduler; /* each run builds its scheduler from it */
     ddpm_scheduler low_res_scheduler;
 } model;
 

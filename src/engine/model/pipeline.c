@@ -5,12 +5,19 @@
  *   noise   = randn(image.shape, generator)                first draw
  *   image   = low_res_scheduler.add_noise(image, noise, noise_level)
  *   latents = randn([1, C, h, w], generator)               second draw
+ *   latents = latents * scheduler.init_noise_sigma
  *   for t in scheduler.timesteps:
- *       eps = unet(cat([cat([latents] * 2), image], dim=1), t,
+ *       x   = scheduler.scale_model_input(cat([latents] * 2), t)
+ *       eps = unet(cat([x, image], dim=1), t,
  *                  prompt_embeds, class_labels=noise_level)
  *       eps = eps_uncond + guidance * (eps_text - eps_uncond)
  *       latents = scheduler.step(eps, t, latents, eta, generator)
  *   image = vae.decode(latents / scaling_factor)
+ *
+ * The scheduler is built for each run from the model's config and the
+ * caller's choice (schedulers.h); samplers that draw noise (Euler
+ * ancestral) draw it from the same generator, after the two draws above,
+ * as diffusers' pipeline hands them its generator.
  *
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
@@ -114,9 +121,9 @@ static int unet_step_forward(void *arg) {
 }
 
 /* One UNet evaluation: unet_in on the host in, unet_out on the host out. */
-static int unet_step(const model *m, backend *be, unet_state *st, int t, const float *unet_in,
+static int unet_step(const model *m, backend *be, unet_state *st, float t, const float *unet_in,
                      float *unet_out) {
-    if (be->upload(be, st->x, unet_in) || sdx4_unet_set_timestep(be, &m->unet, st->tproj, (float)t) ||
+    if (be->upload(be, st->x, unet_in) || sdx4_unet_set_timestep(be, &m->unet, st->tproj, t) ||
         sdx4_step_run(be, st->step, unet_step_forward, st))
         return -1;
     return be->download(be, st->y, unet_out);
@@ -124,10 +131,11 @@ static int unet_step(const model *m, backend *be, unet_state *st, int t, const f
 
 /* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
  * already holds the noisy image channels of every batch entry (they do not
- * change between steps); only the latents are written here. */
+ * change between steps); only the latents, as the scheduler scaled them,
+ * are written here. */
 static int predict_noise(const model *m, backend *be, const pipeline_args *a, unet_state *st,
-                         int do_cfg, const float *latents, int t, float *unet_in, float *unet_out,
-                         float *eps) {
+                         int do_cfg, const float *latents, float t, float *unet_in,
+                         float *unet_out, float *eps) {
     int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
     for (int b = 0; b < batch; b++) /* cat([latents, image], dim=1) */
@@ -181,21 +189,24 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
                   m->max_noise_level);
         return -1;
     }
-    /* a private copy of the scheduler: set_timesteps writes to it */
-    ddim_scheduler sched = m->scheduler;
-    sched.timesteps = NULL;
-    if (sdx4_ddim_set_timesteps(&sched, a->steps)) return -1;
+    scheduler sched;
+    if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options))
+        return -1;
+    if (sdx4_scheduler_set_timesteps(&sched, a->steps, lat)) {
+        sdx4_scheduler_free(&sched);
+        return -1;
+    }
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
-    float *prev = malloc(lat * sizeof *prev);
+    float *scaled = malloc(lat * sizeof *scaled);
     float *unet_in = malloc(batch * (lat + img) * sizeof *unet_in);
     float *unet_out = malloc(batch * lat * sizeof *unet_out);
     tensor *ctx = NULL, *image = NULL;
     unet_state st = {0};
     torch_rng rng;
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
-    if (!noise || !noisy || !latents || !eps || !prev || !unet_in || !unet_out) {
+    if (!noise || !noisy || !latents || !eps || !scaled || !unet_in || !unet_out) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
@@ -211,17 +222,18 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     for (int b = 0; b < batch; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
-    else sdx4_torch_randn(&rng, latents, lat); /* init_noise_sigma is 1 for DDIM */
+    else sdx4_torch_randn(&rng, latents, lat);
+    for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;
 
     if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
     if (unet_state_init(&st, m, be, ctx, batch, a->height, a->width, a->noise_level)) goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
-        int t = sched.timesteps[i];
-        if (predict_noise(m, be, a, &st, do_cfg, latents, t, unet_in, unet_out, eps) ||
-            sdx4_ddim_step(&sched, eps, t, latents, lat, a->eta, &rng, prev))
+        sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
+        if (predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out,
+                          eps) ||
+            sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents))
             goto fail;
-        memcpy(latents, prev, lat * sizeof *latents);
         if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
     }
     rep.seconds_unet = now() - t0;
@@ -249,7 +261,7 @@ done:
     if (report) *report = rep;
     unet_state_free(&st, be);
     DROP(ctx), DROP(image);
-    free(sched.timesteps);
-    free(noise), free(noisy), free(latents), free(eps), free(prev), free(unet_in), free(unet_out);
+    sdx4_scheduler_free(&sched);
+    free(noise), free(noisy), free(latents), free(eps), free(scaled), free(unet_in), free(unet_out);
     return rc;
 }

@@ -19,6 +19,9 @@ typedef struct {
     int noise_level; /* 0..max_noise_level */
     float eta;
     uint64_t seed;
+    /* NULL: the model's own scheduler; else a diffusers class name or an
+     * alias, and JSON config overrides (schedulers.h) */
+    const char *scheduler, *scheduler_options;
     /* Golden tests replace the generator's first two draws with recorded
      * noise; NULL draws from torch.Generator().manual_seed(seed). */
     const float *image_noise, *initial_latents;

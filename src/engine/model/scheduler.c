@@ -38,7 +38,7 @@
 
 /* Reads a string key that must be one of `names` (NULL-terminated) and
  * stores its index; otherwise names the key, the value and the choices. */
-static int cfg_choice(const config *c, const char *key, const char *def,
+int sdx4_cfg_choice(const config *c, const char *key, const char *def,
                       const char *const *names, int *out) {
     const char *v;
     if (sdx4_cfg_str(c, key, def, &v)) return -1;
@@ -87,7 +87,7 @@ static void squaredcos_cap_v2(int steps, float *out) {
 
 /* Reads the keys shared by DDIM and DDPM, checks the class, and computes
  * alphas_cumprod (malloc'd, *T entries). */
-static int load_noise_schedule(const config *c, const char *class_name, int *T, float **acp) {
+int sdx4_noise_schedule_load(const config *c, const char *class_name, int *T, float **acp) {
     static const char *const schedules[] = {"linear", "scaled_linear", "squaredcos_cap_v2", NULL};
     double beta_start, beta_end;
     int schedule;
@@ -95,7 +95,7 @@ static int load_noise_schedule(const config *c, const char *class_name, int *T, 
         sdx4_cfg_int(c, "num_train_timesteps", 1000, T) ||
         sdx4_cfg_float(c, "beta_start", 0.0001, &beta_start) ||
         sdx4_cfg_float(c, "beta_end", 0.02, &beta_end) ||
-        cfg_choice(c, "beta_schedule", "linear", schedules, &schedule) ||
+        sdx4_cfg_choice(c, "beta_schedule", "linear", schedules, &schedule) ||
         sdx4_cfg_expect_null(c, "trained_betas") ||
         sdx4_cfg_expect_bool(c, "rescale_betas_zero_snr", 0))
         return -1;
@@ -138,14 +138,14 @@ int sdx4_ddim_from_config(ddim_scheduler *s, const config *c) {
     memset(s, 0, sizeof *s);
     double clip_range;
     int set_alpha_to_one, prediction, spacing;
-    if (load_noise_schedule(c, "DDIMScheduler", &s->num_train_timesteps, &s->alphas_cumprod))
+    if (sdx4_noise_schedule_load(c, "DDIMScheduler", &s->num_train_timesteps, &s->alphas_cumprod))
         return -1;
     if (sdx4_cfg_bool(c, "clip_sample", 1, &s->clip_sample) ||
         sdx4_cfg_float(c, "clip_sample_range", 1.0, &clip_range) ||
         sdx4_cfg_bool(c, "set_alpha_to_one", 1, &set_alpha_to_one) ||
         sdx4_cfg_int(c, "steps_offset", 0, &s->steps_offset) ||
-        cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
-        cfg_choice(c, "timestep_spacing", "leading", spacings, &spacing) ||
+        sdx4_cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
+        sdx4_cfg_choice(c, "timestep_spacing", "leading", spacings, &spacing) ||
         sdx4_cfg_expect_bool(c, "thresholding", 0)) {
         sdx4_ddim_free(s);
         return -1;
@@ -174,7 +174,7 @@ void sdx4_ddim_free(ddim_scheduler *s) {
 
 /* np.arange(T, 0, -T / n) as numpy fills it: start, start + step, then
  * start + i * (second - first). Returns the length (n or n + 1). */
-static int trailing_arange(int T, int n, double *out) {
+int sdx4_trailing_arange(int T, int n, double *out) {
     double step = -((double)T / n);
     int length = (int)ceil((double)(0 - T) / step);
     if (length > n + 1) length = n + 1; /* T / (T/n) is within an ulp of n */
@@ -210,7 +210,7 @@ int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
             ts[n - 1 - i] = (int)nearbyint(v);
         }
     } else { /* np.round(np.arange(T, 0, -T / n)) - 1 */
-        count = trailing_arange(T, n, values);
+        count = sdx4_trailing_arange(T, n, values);
         for (int i = 0; i < count; i++) ts[i] = (int)nearbyint(values[i]) - 1;
     }
     free(values);
@@ -289,7 +289,7 @@ int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int times
  * which the upscaler does not use). */
 int sdx4_ddpm_from_config(ddpm_scheduler *s, const config *c) {
     memset(s, 0, sizeof *s);
-    return load_noise_schedule(c, "DDPMScheduler", &s->num_train_timesteps, &s->alphas_cumprod);
+    return sdx4_noise_schedule_load(c, "DDPMScheduler", &s->num_train_timesteps, &s->alphas_cumprod);
 }
 
 int sdx4_ddpm_load(ddpm_scheduler *s, const char *model_dir) {

@@ -83,4 +83,18 @@ void sdx4_ddpm_free(ddpm_scheduler *s);
 int sdx4_ddpm_add_noise(const ddpm_scheduler *s, const float *original, const float *noise,
                    size_t n, int timestep, float *out);
 
+/* Shared with the other schedulers (scheduler_sigma.c). */
+
+/* Reads a string key that must be one of `names` (NULL-terminated) and
+ * stores its index; otherwise names the key, the value and the choices. */
+int sdx4_cfg_choice(const config *c, const char *key, const char *def, const char *const *names,
+                    int *out);
+/* Checks _class_name and reads the noise schedule's keys (num_train_timesteps,
+ * beta_*, trained_betas, rescale_betas_zero_snr); *acp receives the T
+ * alphas_cumprod, malloc'd. */
+int sdx4_noise_schedule_load(const config *c, const char *class_name, int *T, float **acp);
+/* np.arange(T, 0, -T / n) as numpy fills it ("trailing" spacing); returns
+ * its length, n or n + 1. out has room for n + 1. */
+int sdx4_trailing_arange(int T, int n, double *out);
+
 #endif

@@ -1,0 +1,79 @@
+/*
+ * scheduler_sigma.h - the samplers that walk a sigma schedule:
+ * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+ * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2), on host
+ * float arrays, with diffusers' float32 arithmetic.
+ *
+ * Supported config values (anything else is refused, naming the key),
+ * besides the noise schedule's (scheduler.h):
+ *   all      prediction_type epsilon | v_prediction | sample (not Euler
+ *            ancestral's), timestep_spacing leading | trailing | linspace,
+ *            steps_offset
+ *   Euler    use_karras_sigmas, final_sigmas_type zero | sigma_min;
+ *            interpolation_type linear, timestep_type discrete,
+ *            sigma_min / sigma_max null, use_exponential_sigmas and
+ *            use_beta_sigmas false only
+ *   DPM      solver_order 1 | 2, solver_type midpoint | heun,
+ *            lower_order_final, euler_at_final, use_karras_sigmas,
+ *            final_sigmas_type zero | sigma_min; algorithm_type dpmsolver++,
+ *            thresholding, use_exponential_sigmas, use_beta_sigmas,
+ *            use_lu_lambdas, use_flow_sigmas, use_dynamic_shifting false,
+ *            variance_type and lambda_min_clipped null only
+ *
+ * Unlike DDIM, these keep state between steps (the step index, DPM's
+ * previous model outputs): one scheduler serves one run.
+ */
+#ifndef SDX4_SCHEDULER_SIGMA_H
+#define SDX4_SCHEDULER_SIGMA_H
+
+#include <stddef.h>
+
+#include "core/config.h"
+#include "core/rng.h"
+#include "model/scheduler.h"
+
+typedef enum { SIGMA_EULER, SIGMA_EULER_ANCESTRAL, SIGMA_DPM_MULTISTEP } sigma_method;
+
+typedef struct {
+    sigma_method method;
+    int num_train_timesteps; /* T */
+    float *alphas_cumprod;   /* (T) */
+    prediction_type prediction;
+    timestep_spacing spacing;
+    int steps_offset;
+    int karras;              /* use_karras_sigmas */
+    int final_sigma_min;     /* final_sigmas_type: sigma_min, else zero */
+    int cosine_betas;        /* beta_schedule squaredcos_cap_v2 (DPM's
+                                Karras timesteps are not rounded then) */
+    int solver_order, heun, lower_order_final, euler_at_final; /* DPM */
+    /* set by sdx4_sigma_set_timesteps() */
+    int num_timesteps;
+    float *timesteps;        /* (num_timesteps), descending */
+    float *sigmas;           /* (num_timesteps + 1), the last one final */
+    float init_noise_sigma;
+    /* the run so far */
+    int step_index, lower_order_nums;
+    size_t numel;            /* of a sample */
+    float *model_outputs[2]; /* DPM: the last two converted outputs */
+} sigma_scheduler;
+
+/* From a parsed config whose _class_name is one of the three classes. */
+int sdx4_sigma_from_config(sigma_scheduler *s, const config *c);
+void sdx4_sigma_free(sigma_scheduler *s);
+
+/* set_timesteps(n) for samples of numel floats; restarts the run. Fails
+ * when n < 1 or n > T. */
+int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel);
+
+/* scale_model_input(sample, timesteps[i]) over numel floats. */
+void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
+                                  float *out);
+
+/* step(model_output, timesteps[i], sample, generator).prev_sample over
+ * numel floats; steps must come in order, 0 first. Euler ancestral draws
+ * numel normal values from rng (never NULL for it). prev_sample may alias
+ * sample. */
+int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
+                    torch_rng *rng, float *prev_sample);
+
+#endif

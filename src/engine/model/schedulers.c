@@ -1,0 +1,245 @@
+/*
+ * schedulers.c - one interface over DDIM (scheduler.c) and the sigma
+ * samplers (scheduler_sigma.c), and the choice of one per run.
+ *
+ * DDIM is stateless and indexes by timestep; the sigma samplers keep a
+ * step index. The interface takes the step index i, which is what
+ * diffusers' schedulers derive from timesteps[i] on a pipeline's first
+ * step, and hands DDIM timesteps[i]. DDIM's init_noise_sigma is 1 and its
+ * scale_model_input the identity, so the pipeline treats all classes alike
+ * and DDIM's arithmetic is unchanged (x * 1.0f is x).
+ *
+ * Choosing: the model's config text is parsed anew for every run (a few
+ * hundred bytes), the class and the caller's options set over it, and
+ * the scheduler built from the result. Options are checked against the
+ * keys of the class's __init__ in diffusers: an unknown one is refused by
+ * name, and a known one with a value the engine does not implement is
+ * refused by the class's own reading of its config, also by name.
+ */
+#include "model/schedulers.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+
+#define CONFIG_FILE "scheduler/scheduler_config.json"
+
+/* The noise schedule's keys, read by every class. */
+#define NOISE_KEYS                                                                      \
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", \
+        "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset"
+
+static const char *const ddim_keys[] = {NOISE_KEYS, "clip_sample", "clip_sample_range",
+                                        "set_alpha_to_one", "thresholding",
+                                        "dynamic_thresholding_ratio", "sample_max_value", NULL};
+static const char *const euler_keys[] = {
+    NOISE_KEYS, "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type", NULL};
+static const char *const euler_a_keys[] = {NOISE_KEYS, NULL};
+static const char *const dpm_keys[] = {
+    NOISE_KEYS, "solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+    "flow_shift", "final_sigmas_type", "lambda_min_clipped", "variance_type",
+    "use_dynamic_shifting", "time_shift_type", NULL};
+
+static const struct {
+    const char *alias, *class_name;
+    const char *const *keys;
+} classes[] = {
+    {"ddim", "DDIMScheduler", ddim_keys},
+    {"euler", "EulerDiscreteScheduler", euler_keys},
+    {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys},
+    {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys},
+};
+#define N_CLASSES (int)(sizeof classes / sizeof *classes)
+
+static int find_class(const char *name) {
+    for (int i = 0; name && i < N_CLASSES; i++)
+        if (!strcmp(name, classes[i].alias) || !strcmp(name, classes[i].class_name)) return i;
+    return -1;
+}
+
+const char *sdx4_scheduler_class(const char *name) {
+    int i = find_class(name);
+    return i < 0 ? NULL : classes[i].class_name;
+}
+
+static int unknown_class(sdx4_status status, const char *what, const char *name) {
+    char known[512] = "";
+    for (int i = 0; i < N_CLASSES; i++) {
+        size_t used = strlen(known);
+        snprintf(known + used, sizeof known - used, "%s%s (%s)", i ? ", " : "",
+                 classes[i].class_name, classes[i].alias);
+    }
+    sdx4_set_error(status, "%s %s is not supported (supported: %s)", what, name, known);
+    return -1;
+}
+
+static int is_set(const char *s) { return s && *s; }
+
+int sdx4_scheduler_check_choice(const char *name, const char *options) {
+    if (is_set(name) && find_class(name) < 0)
+        return unknown_class(SDX4_ERR_INVALID_ARGUMENT, "scheduler", name);
+    if (!is_set(options)) return 0;
+    json_error_t err;
+    json_t *o = json_loads(options, 0, &err);
+    int ok = json_is_object(o);
+    json_decref(o);
+    if (!ok) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "scheduler_options: expected a JSON object%s%s",
+                       o ? "" : ": ", o ? "" : err.text);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ building */
+
+int sdx4_scheduler_from_config(scheduler *s, const config *c) {
+    memset(s, 0, sizeof *s);
+    const char *name;
+    if (sdx4_cfg_str(c, "_class_name", "", &name)) return -1;
+    int k = find_class(name);
+    if (k < 0 || strcmp(name, classes[k].class_name)) {
+        char what[300];
+        snprintf(what, sizeof what, "%s: _class_name", c->label);
+        return unknown_class(SDX4_ERR_MODEL, what, name);
+    }
+    s->is_ddim = k == 0;
+    return s->is_ddim ? sdx4_ddim_from_config(&s->ddim, c) : sdx4_sigma_from_config(&s->sigma, c);
+}
+
+/* Sets the caller's options over the config, refusing keys the class does
+ * not read. */
+static int apply_options(config *c, int k, const char *options) {
+    json_error_t err;
+    json_t *o = json_loads(options, 0, &err);
+    if (!json_is_object(o)) {
+        json_decref(o);
+        return sdx4_scheduler_check_choice(NULL, options);
+    }
+    const char *key;
+    json_t *value;
+    int rc = 0;
+    json_object_foreach(o, key, value) {
+        int known = 0;
+        for (int i = 0; classes[k].keys[i] && !known; i++) known = !strcmp(key, classes[k].keys[i]);
+        if (!known) {
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
+                           "scheduler option %s is not a setting of %s", key,
+                           classes[k].class_name);
+            rc = -1;
+            break;
+        }
+        json_object_set(c->root, key, value);
+    }
+    json_decref(o);
+    return rc;
+}
+
+int sdx4_scheduler_create(scheduler *s, const scheduler_source *src, const char *name,
+                          const char *options) {
+    memset(s, 0, sizeof *s);
+    if (sdx4_scheduler_check_choice(name, NULL)) return -1;
+    config c;
+    if (sdx4_cfg_parse(&c, src->json, strlen(src->json), CONFIG_FILE)) return -1;
+    int chosen = is_set(name) || is_set(options), rc = -1;
+    if (chosen) snprintf(c.label, sizeof c.label, "%s with the chosen scheduler", CONFIG_FILE);
+    if (is_set(name)) json_object_set_new(c.root, "_class_name", json_string(sdx4_scheduler_class(name)));
+    const char *class_name;
+    if (sdx4_cfg_str(&c, "_class_name", "", &class_name)) goto done;
+    int k = find_class(class_name);
+    if (k < 0) { /* the model's own, checked at load: only a bad choice gets here */
+        unknown_class(SDX4_ERR_INVALID_ARGUMENT, "scheduler", class_name);
+        goto done;
+    }
+    if (is_set(options) && apply_options(&c, k, options)) goto done;
+    rc = sdx4_scheduler_from_config(s, &c);
+    if (rc && chosen && sdx4_error_status() == SDX4_ERR_MODEL) { /* the caller's values */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", sdx4_last_error());
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s", msg);
+    }
+done:
+    sdx4_cfg_free(&c);
+    return rc;
+}
+
+void sdx4_scheduler_free(scheduler *s) {
+    if (s->is_ddim) sdx4_ddim_free(&s->ddim);
+    else sdx4_sigma_free(&s->sigma);
+    free(s->timesteps);
+    memset(s, 0, sizeof *s);
+}
+
+int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir) {
+    memset(src, 0, sizeof *src);
+    config c;
+    scheduler s;
+    if (sdx4_cfg_load(&c, model_dir, CONFIG_FILE)) return -1;
+    int rc = sdx4_scheduler_from_config(&s, &c);
+    if (rc == 0) {
+        src->num_train_timesteps = s.is_ddim ? s.ddim.num_train_timesteps
+                                             : s.sigma.num_train_timesteps;
+        sdx4_scheduler_free(&s);
+        src->json = json_dumps(c.root, JSON_COMPACT);
+        if (!src->json) {
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", CONFIG_FILE);
+            rc = -1;
+        }
+    }
+    sdx4_cfg_free(&c);
+    return rc;
+}
+
+void sdx4_scheduler_source_free(scheduler_source *src) {
+    free(src->json);
+    memset(src, 0, sizeof *src);
+}
+
+/* ----------------------------------------------------------- stepping */
+
+int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
+    int count;
+    if (s->is_ddim) {
+        if (sdx4_ddim_set_timesteps(&s->ddim, n)) return -1;
+        count = s->ddim.num_timesteps;
+    } else {
+        if (sdx4_sigma_set_timesteps(&s->sigma, n, numel)) return -1;
+        count = s->sigma.num_timesteps;
+    }
+    float *ts = malloc((size_t)count * sizeof *ts);
+    if (!ts) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
+        return -1;
+    }
+    for (int i = 0; i < count; i++)
+        ts[i] = s->is_ddim ? (float)s->ddim.timesteps[i] : s->sigma.timesteps[i];
+    free(s->timesteps);
+    s->timesteps = ts;
+    s->num_timesteps = count;
+    s->init_noise_sigma = s->is_ddim ? 1.0f : s->sigma.init_noise_sigma;
+    s->numel = numel;
+    return 0;
+}
+
+void sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
+    if (!s->is_ddim) sdx4_sigma_scale_model_input(&s->sigma, i, sample, out);
+    else if (out != sample) memcpy(out, sample, s->numel * sizeof *out);
+}
+
+int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const float *sample,
+                        float eta, torch_rng *rng, float *prev_sample) {
+    if (i < 0 || i >= s->num_timesteps) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "scheduler step %d of %d", i, s->num_timesteps);
+        return -1;
+    }
+    if (s->is_ddim)
+        return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
+                              rng, prev_sample);
+    return sdx4_sigma_step(&s->sigma, i, model_output, sample, rng, prev_sample);
+}
