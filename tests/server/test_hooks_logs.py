@@ -226,7 +226,7 @@ def test_tarpit_webhook_does_not_delay_other_targets():
         s.check_clean_exit()
 
 
-@single_process_only("not yet: with the worker's webhook backlog full, the job's delivery stays pending instead of failed (issue 13's notes)")
+@single_process_only("the webhook backlog is per process: the worker that ends a job and the node that answers from its cache each have theirs")
 def test_webhook_backlog_full_fails_at_once():
     """With a backlog of 2 taken by calls to a tarpit, a third job's webhook
     is marked failed as soon as the job finishes, saying why."""
