@@ -88,26 +88,35 @@ def job_costing(calibrated, seconds):
     raise AssertionError(f"no job costs about {seconds} s: {low}")
 
 
+def fill_until_refused(server, side, steps, admitted):
+    """Submits async jobs of side x side px and `steps` steps until one is
+    refused (one worker: the third or fourth cannot end in time), adding
+    the admitted ones' documents to `admitted` (the caller deletes them);
+    checks that the refusal is a quick 503 queue-too-long with a
+    Retry-After, and that the first job alone fitted."""
+    image = image_bytes(size=(side, side))
+    refused = None
+    for _ in range(12):
+        t0 = time.time()
+        r = server.post("/api/v1/jobs", files={"image": image}, data={"num_inference_steps": str(steps)})
+        if r.status_code != 202:
+            refused = r
+            break
+        admitted.append(r.json())
+    assert refused is not None, f"{len(admitted)} jobs of {side} px, {steps} steps all admitted"
+    p = problem(refused, 503, "queue-too-long")
+    assert time.time() - t0 < 5
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert p["estimated_seconds"] > p["limit_seconds"] == LIMIT
+    assert admitted  # alone it fits: only the work ahead made it late
+
+
 @single_process_only("health's list of running jobs and their estimates is a node's own workers'; test_cluster_admission.py checks the cluster's 503")
 def test_queue_ahead_too_long_gives_503_with_retry_after(calibrated):
     side, steps = job_costing(calibrated, LIMIT * 0.3)
-    image = image_bytes(size=(side, side))
-    admitted, refused = [], None
+    admitted = []
     try:
-        for _ in range(12):  # one worker: the third or fourth cannot end in time
-            t0 = time.time()
-            r = calibrated.post("/api/v1/jobs", files={"image": image},
-                                data={"num_inference_steps": str(steps)})
-            if r.status_code != 202:
-                refused = r
-                break
-            admitted.append(r.json())
-        assert refused is not None, f"{len(admitted)} jobs of {side} px, {steps} steps all admitted"
-        p = problem(refused, 503, "queue-too-long")
-        assert time.time() - t0 < 5
-        assert int(refused.headers["Retry-After"]) >= 1
-        assert p["estimated_seconds"] > p["limit_seconds"] == LIMIT
-        assert admitted  # alone it fits: only the queue made it late
+        fill_until_refused(calibrated, side, steps, admitted)
         busy = calibrated.get("/api/v1/health").json()["busy_workers"]
         assert len(busy) == 1 and 0 < busy[0]["estimated_s"] < LIMIT, busy
     finally:

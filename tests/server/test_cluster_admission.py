@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import Server, Worker, image_bytes, problem, wait_idle
-from test_admission import LIMIT, job_costing, small_file_large_image
+from test_admission import LIMIT, fill_until_refused, job_costing, small_file_large_image
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
                                 reason="redis-server is not installed (scripts/install-deps.sh)")
@@ -59,22 +59,9 @@ def test_too_long_alone_is_refused_by_the_workers_estimate(node):
 
 def test_cluster_backlog_too_long_gives_503_with_retry_after(node):
     side, steps = job_costing(node, LIMIT * 0.3)
-    image = image_bytes(size=(side, side))
-    admitted, refused = [], None
+    admitted = []
     try:
-        for _ in range(12):  # one worker: the third or fourth cannot end in time
-            t0 = time.time()
-            r = node.post("/api/v1/jobs", files={"image": image}, data={"num_inference_steps": str(steps)})
-            if r.status_code != 202:
-                refused = r
-                break
-            admitted.append(r.json())
-        assert refused is not None, f"{len(admitted)} jobs of {side} px, {steps} steps all admitted"
-        p = problem(refused, 503, "queue-too-long")
-        assert time.time() - t0 < 5
-        assert int(refused.headers["Retry-After"]) >= 1
-        assert p["estimated_seconds"] > p["limit_seconds"] == LIMIT
-        assert admitted  # alone it fits: only the work ahead made it late
+        fill_until_refused(node, side, steps, admitted)
         # each entry carries its estimate; together they fit in the limit
         # (the running one less what it ran), one more would not
         estimates = [float(f[b"estimate"]) for _, f in node.redis.xrange("sdx4:tasks")]
