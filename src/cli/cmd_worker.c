@@ -192,24 +192,17 @@ static void set_model_id(server *srv) {
     snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id ? path : basename(path));
 }
 
-/* The time estimator's calibration (as serve.c's): one-step upscales at
- * min-side and at twice its sides, so that API nodes without a model can
- * refuse what cannot finish in time (the curve in the registration). On a
- * GPU the larger size runs once unmeasured first: the first run at a size
- * chooses its algorithms. */
+/* The time estimator's calibration (cost_calibrate): one-step upscales
+ * at min-side and at twice its sides, so that API nodes without a model
+ * can refuse what cannot finish in time (the curve in the registration). */
 static int calibrate(server *srv) {
     const server_config *c = &srv->cfg;
     int small = c->min_side, large = 2 * small < c->max_side ? 2 * small : c->max_side;
-    double t0 = mono_now();
     if (!srv->cost) return 0;
     bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
-    if (cost_measure(srv->cost, small, small, true)) return -1;
-    if (large > small && ((gpu && cost_measure(srv->cost, large, large, false)) ||
-                          cost_measure(srv->cost, large, large, true)))
-        return -1;
-    json_t *fields = cost_document(srv->cost);
-    json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
-    log_event(LOG_INFO, "calibrated", fields);
+    json_t *doc = cost_calibrate(srv->cost, gpu, small, small, large, large, false);
+    if (!doc) return -1;
+    log_event(LOG_INFO, "calibrated", doc);
     return 0;
 }
 
@@ -233,15 +226,7 @@ static int load_model(server *srv) {
     atomic_store(&srv->phase, PHASE_WARMING);
     if (c->warmup) { /* one step at min-side: the first task does not pay for lazy allocations */
         t0 = mono_now();
-        int side = c->min_side;
-        sdx4_image in = {side, side, calloc((size_t)side * side, 3)}, out = {0};
-        sdx4_upscale_params params;
-        sdx4_upscale_params_default(&params);
-        params.num_inference_steps = 1;
-        sdx4_status st = in.pixels ? sdx4_upscale(srv->engine, &in, &params, &out, NULL) : SDX4_ERR_NO_MEMORY;
-        free(in.pixels);
-        sdx4_image_free(&out);
-        if (st != SDX4_OK) {
+        if (cost_warm_up(srv->engine, c->min_side, c->min_side, NULL)) {
             snprintf(srv->failure, sizeof srv->failure, "the warm-up upscale failed: %s", sdx4_last_error());
             log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
             atomic_store(&srv->phase, PHASE_FAILED);

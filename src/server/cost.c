@@ -60,6 +60,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 enum { PART_TEXT, PART_STEP, PART_DECODE, PART_COUNT };
 static const char *const part_names[PART_COUNT] = {"text", "step", "decode"};
@@ -209,6 +210,21 @@ int cost_measure(cost_model *c, int width, int height, bool keep) {
     if (cost_warm_up(c->engine, width, height, &r)) return -1;
     if (keep) cost_observe(c, width, height, 1, true, &r, 1.0, true);
     return 0;
+}
+
+json_t *cost_calibrate(cost_model *c, bool gpu, int w0, int h0, int w1, int h1, bool warmed1) {
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (cost_measure(c, w0, h0, true)) return NULL;
+    if ((double)w1 * h1 > (double)w0 * h0) {
+        if (!warmed1 && gpu && cost_measure(c, w1, h1, false)) return NULL;
+        if (cost_measure(c, w1, h1, true)) return NULL;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    json_t *doc = cost_document(c);
+    json_object_set_new(doc, "seconds",
+                        json_real((double)(end.tv_sec - start.tv_sec) + (end.tv_nsec - start.tv_nsec) * 1e-9));
+    return doc;
 }
 
 static json_t *gflops(double seconds_per_flop) {

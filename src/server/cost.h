@@ -49,6 +49,16 @@ int cost_warm_up(sdx4_engine *engine, int width, int height, sdx4_upscale_report
  * failed. */
 int cost_measure(cost_model *c, int width, int height, bool keep);
 
+/* Teaches the estimator at two sizes, the smallest warmed up (w0 x h0) and
+ * one with at least 4 times its pixels (w1 x h1, warmed up or not), so
+ * that it can tell what grows with the square of the pixels (attention)
+ * from what grows with the pixels. Measured runs follow a first run at
+ * their size: the process's first upscale pays once for mapping the
+ * weights, and on a GPU the first at each size chooses its algorithms.
+ * Returns cost_document with the seconds it took, or NULL when an upscale
+ * failed. */
+json_t *cost_calibrate(cost_model *c, bool gpu, int w0, int h0, int w1, int h1, bool warmed1);
+
 /* The calibration for model-info: achieved GFLOP/s of each part and kind,
  * and the estimated seconds of one step and of the rest at the smallest
  * and largest allowed sizes. */

@@ -61,24 +61,13 @@
 #include "webhook.h"
 #include "worker.h"
 
-/* Teaches the estimator at two sizes, the smallest warmed up (w0 x h0) and
- * one with at least 4 times its pixels (w1 x h1, warmed up or not), so
- * that it can tell what grows with the square of the pixels (attention)
- * from what grows with the pixels. Measured runs follow a first run at
- * their size: the process's first upscale pays once for mapping the
- * weights, and on a GPU the first at each size chooses its algorithms. */
+/* The estimator's calibration (cost_calibrate), logged. */
 static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) {
     if (!srv->cost) return 0;
-    double t0 = mono_now();
     bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
-    if (cost_measure(srv->cost, w0, h0, true)) return -1;
-    if ((double)w1 * h1 > (double)w0 * h0) {
-        if (!warmed1 && gpu && cost_measure(srv->cost, w1, h1, false)) return -1;
-        if (cost_measure(srv->cost, w1, h1, true)) return -1;
-    }
-    json_t *fields = cost_document(srv->cost);
-    json_object_set_new(fields, "seconds", json_real(mono_now() - t0));
-    log_event(LOG_INFO, "calibrated", fields);
+    json_t *doc = cost_calibrate(srv->cost, gpu, w0, h0, w1, h1, warmed1);
+    if (!doc) return -1;
+    log_event(LOG_INFO, "calibrated", doc);
     return 0;
 }
 
