@@ -115,9 +115,12 @@ static void *worker(void *arg) {
             cluster_task_state s = {.state = JOB_SUCCEEDED, .step = 20, .total = 20, .started = wall,
                                     .finished = wall, .width = 256, .height = 256, .bytes = sizeof result};
             snprintf(s.worker, sizeof s.worker, "%s", name);
-            if (cluster_finish_task(B.r, d.task.job_id, 0, &s, result, sizeof result, 600, (size_t)1 << 32, err,
-                                    sizeof err) < 0)
-                fprintf(stderr, "finish: %s\n", err);
+            cluster_job job; /* read as it ends, as a worker does for its report */
+            cluster_task_state states[1];
+            int rc = cluster_finish_task(B.r, d.task.job_id, 0, &s, result, sizeof result, 600, (size_t)1 << 32,
+                                         &job, states, err, sizeof err);
+            if (rc < 0) fprintf(stderr, "finish: %s\n", err);
+            if (rc == 2) cluster_job_free(&job);
         }
         cluster_ack(B.r, d.task.entry_id, err, sizeof err);
         cluster_task_free(&d.task);

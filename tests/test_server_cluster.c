@@ -278,11 +278,11 @@ static void test_finish_task(redis *r) {
     cluster_task_state s = {.state = JOB_RUNNING, .step = 1, .total = 17, .started = wall_now()};
     CHECK(cluster_report_progress(r, id, 0, &s, err, sizeof err) == 1, "progress: %s", err);
     s.state = JOB_SUCCEEDED, s.step = 17, s.finished = wall_now(), s.width = 256, s.height = 192, s.bytes = 5;
-    CHECK(cluster_finish_task(r, id, 0, &s, "image", 5, 60, 1 << 20, err, sizeof err) == 1, "first finish");
+    CHECK(cluster_finish_task(r, id, 0, &s, "image", 5, 60, 1 << 20, NULL, NULL, err, sizeof err) == 1, "first finish");
     cluster_task_state late = s;
     late.state = JOB_FAILED;
     problem_set(&late.error, PROBLEM_UPSCALE_FAILED, "late");
-    CHECK(cluster_finish_task(r, id, 0, &late, "other", 5, 60, 1 << 20, err, sizeof err) == 0,
+    CHECK(cluster_finish_task(r, id, 0, &late, "other", 5, 60, 1 << 20, NULL, NULL, err, sizeof err) == 0,
           "a second finish changed a final task");
     late.state = JOB_RUNNING;
     CHECK(cluster_report_progress(r, id, 0, &late, err, sizeof err) == 0, "progress after final");
@@ -298,7 +298,14 @@ static void test_finish_task(redis *r) {
 
     cluster_task_state f = {.state = JOB_FAILED, .finished = wall_now()};
     problem_set(&f.error, PROBLEM_TIMEOUT, "not finished in time");
-    CHECK(cluster_finish_task(r, id, 1, &f, NULL, 0, 60, 1 << 20, err, sizeof err) == 2, "the last task ends the job");
+    CHECK(cluster_finish_task(r, id, 1, &f, NULL, 0, 60, 1 << 20, &job, states, err, sizeof err) == 2,
+          "the last task ends the job");
+    /* the finish read the job as it ended: its report needs no second read,
+     * which a DELETE (cluster_forget) could come before */
+    CHECK(job.ntasks == 2 && job.state == JOB_FAILED && job.finished > 0 && states[0].state == JOB_SUCCEEDED &&
+              states[1].state == JOB_FAILED && strcmp(job.id, id) == 0,
+          "the ended job from the finish: %d %d", job.ntasks, job.state);
+    cluster_job_free(&job);
     CHECK(cluster_load_job(r, id, &job, states, err, sizeof err) == 1 && job.state == JOB_FAILED && job.finished > 0,
           "a batch with an image out of time failed: %d", job.state);
     json_t *doc = cluster_job_document(&job, states, "pending");
@@ -400,7 +407,7 @@ static void test_budget(redis *r) {
     memset(result, 'r', sizeof result);
     cluster_task_state s = {.state = JOB_SUCCEEDED, .bytes = sizeof result};
     for (int i = 0; i < 3; i++)
-        CHECK(cluster_finish_task(r, id, i, &s, result, sizeof result, 60, 2500, err, sizeof err) >= 1, "finish %d", i);
+        CHECK(cluster_finish_task(r, id, i, &s, result, sizeof result, 60, 2500, NULL, NULL, err, sizeof err) >= 1, "finish %d", i);
     void *data;
     size_t len;
     CHECK(cluster_load_result(r, id, 0, &data, &len, err, sizeof err) == 0, "the oldest kept over the budget");

@@ -558,7 +558,7 @@ static const char finish_script[] = LUA_COMMON
     "if redis.call('HINCRBY', KEYS[1], 'unfinished', -1) > 0 then return 1 end\n"
     "redis.call('HSET', KEYS[1], 'state', job_state(KEYS[1]), 'finished', ARGV[9])\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[7])\n"
-    "return 2\n";
+    "return redis.call('HGETALL', KEYS[1])\n"; /* the ended job, read in the same step (cluster.h) */
 
 /* KEYS: job hash. ARGV: index, state, channel, event. */
 static const char progress_script[] = LUA_COMMON
@@ -761,22 +761,15 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
     return rc;
 }
 
-int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_state *states, char *err,
-                     size_t n) {
+/* A job's hash (HGETALL's answer) into its meta and its tasks' states;
+ * 1 read, 0 empty (no such job), -1 error. */
+static int job_from_hash(const redisReply *reply, const char *id, cluster_job *job, cluster_task_state *states,
+                         char *err, size_t n) {
     memset(job, 0, sizeof *job);
-    if (!is_job_id(id)) return 0;
-    redisReply *reply = redis_call(r, err, n, "HGETALL sdx4:job:%s", id);
-    if (!reply) return -1;
+    if (reply->type != REDIS_REPLY_ARRAY) return snprintf(err, n, "redis: unexpected answer to HGETALL"), -1;
+    if (reply->elements == 0) return 0;
     int rc = -1;
     json_t *meta = NULL;
-    if (reply->type != REDIS_REPLY_ARRAY) {
-        snprintf(err, n, "redis: unexpected answer to HGETALL");
-        goto done;
-    }
-    if (reply->elements == 0) {
-        rc = 0;
-        goto done;
-    }
     const char *state = NULL, *finished = NULL, *webhook = NULL;
     for (size_t i = 0; i + 1 < reply->elements; i += 2) {
         const char *f = reply->element[i]->str, *v = reply->element[i + 1]->str;
@@ -810,6 +803,16 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
 done:
     if (rc < 0) cluster_job_free(job);
     json_decref(meta);
+    return rc;
+}
+
+int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_state *states, char *err,
+                     size_t n) {
+    memset(job, 0, sizeof *job);
+    if (!is_job_id(id)) return 0;
+    redisReply *reply = redis_call(r, err, n, "HGETALL sdx4:job:%s", id);
+    if (!reply) return -1;
+    int rc = job_from_hash(reply, id, job, states, err, n);
     freeReplyObject(reply);
     return rc;
 }
@@ -820,8 +823,8 @@ static json_t *event_json(int index, const cluster_task_state *s) {
 }
 
 int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_task_state *state,
-                        const void *result, size_t result_len, double retention, size_t budget, char *err,
-                        size_t n) {
+                        const void *result, size_t result_len, double retention, size_t budget, cluster_job *ended,
+                        cluster_task_state *ended_states, char *err, size_t n) {
     eval_args a;
     eval_begin(&a, finish_script, 5);
     eval_addf(&a, "sdx4:job:%s", job_id);
@@ -838,8 +841,14 @@ int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_t
     eval_addf(&a, "%lld", ttl_of(retention));
     eval_addf(&a, "%zu", budget);
     eval_addf(&a, "%.6f", wall_now());
-    long long rc;
-    return integer_reply(eval_run(r, &a, err, n), &rc, err, n) ? -1 : (int)rc;
+    redisReply *reply = eval_run(r, &a, err, n);
+    if (!reply || reply->type != REDIS_REPLY_ARRAY) {
+        long long rc;
+        return integer_reply(reply, &rc, err, n) ? -1 : (int)rc;
+    }
+    if (ended && job_from_hash(reply, job_id, ended, ended_states, err, n) != 1) ended->ntasks = 0;
+    freeReplyObject(reply);
+    return 2;
 }
 
 int cluster_report_progress(redis *r, const char *job_id, int index, const cluster_task_state *state,

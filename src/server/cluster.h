@@ -130,12 +130,17 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
 void cluster_job_free(cluster_job *job);
 
 /* Compare-and-set of a task to a final state (stores `result` first when
- * given, under the byte budget; none for a state that says `stored`): 1 this call finished it, 2 it also
- * finished the job (the caller sends the webhook and writes history), 0
- * it was already final, -1 error. Publishes the change. */
+ * given, under the byte budget; none for a state that says `stored`): 1
+ * this call finished it, 2 it also finished the job, 0 it was already
+ * final, -1 error. Publishes the change. On 2 the caller sends the
+ * webhook and writes history from `ended` and `ended_states` (as
+ * cluster_load_job's; free with cluster_job_free), read in the same
+ * script: a DELETE right after (cluster_forget) cannot take the job from
+ * under its report. NULL `ended`: not wanted; its ntasks 0: the hash
+ * did not read (`err` says why). */
 int cluster_finish_task(redis *r, const char *job_id, int index, const cluster_task_state *state,
                         const void *result, size_t result_len, double retention, size_t budget,
-                        char *err, size_t err_size);
+                        cluster_job *ended, cluster_task_state *ended_states, char *err, size_t err_size);
 
 /* Progress of a running task (not final): updates its state, publishes.
  * 1 done, 0 the task is final already (finished by another party, e.g. a

@@ -192,19 +192,15 @@ static void webhook_outcome(void *arg, const char *id, bool delivered, int attem
 }
 
 /* A job this node ended in Redis (its finish ended the job's last task,
- * cluster_finish_task's 2): its webhook and its history row, once per
- * job, as a worker does for the jobs it ends. */
-static int job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
-    if (!d->srv->webhooks && !d->srv->history) return 0;
-    cluster_job job;
-    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
-    if (!states) return snprintf(err, n, "out of memory"), -1;
-    int rc = cluster_load_job(d->r, id, &job, states, err, n);
-    if (rc > 0 && job.webhook_url && d->srv->webhooks) {
-        json_t *doc = cluster_job_document(&job, states, "pending");
+ * cluster_finish_task's 2, read as it ended): its webhook and its
+ * history row, once per job, as a worker does for the jobs it ends. */
+static void report_ended(dispatch_redis *d, const cluster_job *job, const cluster_task_state *states) {
+    const char *id = job->id;
+    if (job->webhook_url && d->srv->webhooks) {
+        json_t *doc = cluster_job_document(job, states, "pending");
         char *body = json_dumps(doc, JSON_COMPACT), why[320];
         json_decref(doc);
-        if (!body || webhooks_send(d->srv->webhooks, id, job.webhook_url, job_state_name(job.state), body,
+        if (!body || webhooks_send(d->srv->webhooks, id, job->webhook_url, job_state_name(job->state), body,
                                    webhook_outcome, d->r, why, sizeof why) != 0)
             webhook_outcome(d->r, id, false, 0, body ? why : "out of memory");
         else if (cluster_webhook_state(d->r, id, "pending", 0, NULL, why, sizeof why)) /* logged, not retried */
@@ -213,15 +209,46 @@ static int job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
     }
     history_entry e;
     char why[256];
-    if (rc > 0 && d->srv->history) { /* a failure is logged: retrying the order would resend the webhook */
-        if (cluster_history_entry(d->r, &job, states, &e, why, sizeof why) == 0) {
+    if (d->srv->history) { /* a failure is logged: retrying the order would resend the webhook */
+        if (cluster_history_entry(d->r, job, states, &e, why, sizeof why) == 0) {
             history_record(d->srv->history, &e);
             free((char *)e.parameters);
         } else {
             log_event(LOG_ERROR, "history_not_written", json_pack("{s:s,s:s}", "job_id", id, "error", why));
         }
     }
-    if (rc > 0) cluster_job_free(&job);
+}
+
+/* Stops a task for its node (withdraw): the cancel key for whoever runs
+ * it, then its final state, and the job's report if that ended it. */
+static int stop_task(dispatch_redis *d, const order *o, char *err, size_t n) {
+    const server_config *c = &d->srv->cfg;
+    if (cluster_cancel(d->r, o->job_id, o->reason, c->request_timeout + ORDER_SECONDS, err, n)) return -1;
+    bool reported = d->srv->webhooks || d->srv->history;
+    cluster_job job;
+    cluster_task_state *states = reported ? calloc(FORM_MAX_IMAGES, sizeof *states) : NULL;
+    if (reported && !states) return snprintf(err, n, "out of memory"), -1;
+    int rc = cluster_finish_task(d->r, o->job_id, o->index, &o->state, NULL, 0, c->job_retention, c->jobs_memory,
+                                 states ? &job : NULL, states, err, n);
+    if (rc == 2 && states && !job.ntasks)
+        log_event(LOG_ERROR, "job_end_not_reported", json_pack("{s:s,s:s}", "job_id", o->job_id, "error", err));
+    else if (rc == 2 && states)
+        report_ended(d, &job, states), cluster_job_free(&job);
+    free(states);
+    return rc < 0 ? -1 : 0;
+}
+
+/* A job this node ended from its cache (finish_cached), reported here. */
+static int cached_job_ended(dispatch_redis *d, const char *id, char *err, size_t n) {
+    if (!d->srv->webhooks && !d->srv->history) return 0;
+    cluster_job job;
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
+    if (!states) return snprintf(err, n, "out of memory"), -1;
+    int rc = cluster_load_job(d->r, id, &job, states, err, n);
+    if (rc > 0) {
+        report_ended(d, &job, states);
+        cluster_job_free(&job);
+    }
     free(states);
     return rc < 0 ? -1 : 0;
 }
@@ -239,20 +266,15 @@ static void forget_objects(dispatch_redis *d, const order *o) {
 }
 
 static int carry_out(dispatch_redis *d, const order *o, char *err, size_t n) {
-    const server_config *c = &d->srv->cfg;
     switch (o->kind) {
-    case ORDER_STOP: {
-        if (cluster_cancel(d->r, o->job_id, o->reason, c->request_timeout + ORDER_SECONDS, err, n)) return -1;
-        int rc = cluster_finish_task(d->r, o->job_id, o->index, &o->state, NULL, 0, c->job_retention,
-                                     c->jobs_memory, err, n);
-        return rc == 2 ? job_ended(d, o->job_id, err, n) : rc < 0 ? -1 : 0;
-    }
+    case ORDER_STOP:
+        return stop_task(d, o, err, n);
     case ORDER_FORGET:
         if (cluster_forget(d->r, o->job_id, o->ntasks, err, n)) return -1;
         forget_objects(d, o);
         return 0;
     case ORDER_ENDED:
-        return job_ended(d, o->job_id, err, n);
+        return cached_job_ended(d, o->job_id, err, n);
     }
     return 0;
 }
@@ -638,7 +660,8 @@ static void fill_record(cluster_task *r, const job *j, const task *t, double cre
     memcpy(r->cache_key, t->cache_key, sizeof r->cache_key);
 }
 
-/* The keeper is to report a job this node ended (job_ended). */
+/* The keeper is to report a job this node ended before any worker had it
+ * (cached_job_ended). */
 static void order_ended(dispatch_redis *d, const char *id) {
     order *o = calloc(1, sizeof *o);
     if (!o) return;
@@ -660,7 +683,7 @@ static void finish_cached(dispatch_redis *d, const char *id, const task *t) {
     snprintf(s.worker, sizeof s.worker, "cache");
     char err[256];
     int rc = cluster_finish_task(d->r, id, t->index, &s, t->output, t->output_len, c->job_retention,
-                                 c->jobs_memory, err, sizeof err);
+                                 c->jobs_memory, NULL, NULL, err, sizeof err);
     if (rc == 2) order_ended(d, id);
     if (rc < 0)
         log_event(LOG_WARN, "cluster_cached_result_lost", json_pack("{s:s,s:s}", "job_id", id, "error", err));

@@ -213,27 +213,22 @@ static void write_history(worker *w, const cluster_job *job, const cluster_task_
     free((char *)e.parameters);
 }
 
-/* A job this worker ended (its finish ended the job's last task): its
- * webhook, its history row, its log line; once per job, by whoever ended
- * it (cluster_finish_task's 2). */
-static void job_ended(worker *w, const cluster_task *t) {
-    const char *job_id = t->job_id;
-    char err[256];
-    cluster_job job;
-    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
-    int found = states ? cluster_load_job(w->r, job_id, &job, states, err, sizeof err) : -1;
-    if (found < 0) {
-        log_event(LOG_ERROR, "job_end_not_reported",
-                  json_pack("{s:s,s:s}", "job_id", job_id, "error", states ? err : "out of memory"));
-    } else if (found == 1) {
-        if (job.webhook_url) send_webhook(w, t, &job, states);
-        if (w->s.history) write_history(w, &job, states);
-        log_event(LOG_INFO, "job_finished",
-                  json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", job.request_id, "job_id", job.id, "status",
-                            job_state_name(job.state), "images", job.ntasks, "seconds", job.finished - job.created));
-        cluster_job_free(&job);
+/* A job this worker ended (its finish ended the job's last task, and
+ * read the job as it ended: `job`, its ntasks 0 when that read failed,
+ * `why` says how): its webhook, its history row, its log line; once per
+ * job, by whoever ended it (cluster_finish_task's 2). */
+static void job_ended(worker *w, const cluster_task *t, cluster_job *job, cluster_task_state *states,
+                      const char *why) {
+    if (!job->ntasks) {
+        log_event(LOG_ERROR, "job_end_not_reported", json_pack("{s:s,s:s}", "job_id", t->job_id, "error", why));
+        return;
     }
-    free(states);
+    if (job->webhook_url) send_webhook(w, t, job, states);
+    if (w->s.history) write_history(w, job, states);
+    log_event(LOG_INFO, "job_finished",
+              json_pack("{s:s,s:s,s:s,s:i,s:f}", "request_id", job->request_id, "job_id", job->id, "status",
+                        job_state_name(job->state), "images", job->ntasks, "seconds", job->finished - job->created));
+    cluster_job_free(job);
 }
 
 /* Stores a task's final state (and result), retrying while Redis is
@@ -241,16 +236,18 @@ static void job_ended(worker *w, const cluster_task *t) {
  * (the worker abandons its tasks, or the job is long past its deadline)
  * leaves the entry pending (-1); else cluster_finish_task's answer. */
 static int conclude(worker *w, const cluster_task *t, cluster_task_state *st, const void *result, size_t len) {
-    char err[256];
+    char err[256], why[256] = "";
     double give_up = mono_now() + (t->deadline - wall_now()) + STORE_MARGIN;
     int rc = 1; /* a task without a job to store it in ends here */
     st->finished = wall_now();
     snprintf(st->worker, sizeof st->worker, "%s", w->name);
+    cluster_job ended = {0};
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     if (t->job_id[0] && t->index >= 0) {
         while ((rc = cluster_finish_task(w->r, t->job_id, t->index, st, result, len, w->s.job_retention,
-                                         w->s.jobs_memory, err, sizeof err)) < 0) {
-            redis_trouble(w, err);
-            if (atomic_load(&w->abandon) || mono_now() > give_up) return -1;
+                                         w->s.jobs_memory, states ? &ended : NULL, states, why, sizeof why)) < 0) {
+            redis_trouble(w, why);
+            if (atomic_load(&w->abandon) || mono_now() > give_up) return free(states), -1;
             nap(w, RETRY_SECONDS);
         }
         redis_fine(w);
@@ -259,10 +256,11 @@ static int conclude(worker *w, const cluster_task *t, cluster_task_state *st, co
         atomic_fetch_add(st->state == JOB_SUCCEEDED ? &w->succeeded : st->state == JOB_FAILED ? &w->failed : &w->canceled, 1);
     while (cluster_ack(w->r, t->entry_id, err, sizeof err) < 0) {
         redis_trouble(w, err);
-        if (atomic_load(&w->abandon) || mono_now() > give_up) return rc; /* reclaimed later, found final */
+        if (atomic_load(&w->abandon) || mono_now() > give_up) break; /* reclaimed later, found final */
         nap(w, RETRY_SECONDS);
     }
-    if (rc == 2) job_ended(w, t);
+    if (rc == 2) job_ended(w, t, &ended, states, states ? why : "out of memory");
+    free(states);
     return rc;
 }
 

@@ -7,6 +7,7 @@ and nodes, and stop them. Results are compared byte for byte with a
 single-process server given the same images and seeds.
 """
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -366,9 +367,13 @@ def test_history_written_by_whoever_ends_the_job(own_redis):
         assert {i: rows[i]["status"] for i in rows} == {orphan: "succeeded", ran: "succeeded", deleted: "canceled"}
         assert rows[orphan]["worker"] == rows[ran]["worker"] == "w1", rows
         time.sleep(0.5)
-        # the node wrote only the row of the job it ended; the worker the others
-        assert metric(node, 'sdx4_history_entries_total{outcome="written"}') == 1
-        assert 'sdx4_history_entries_total{outcome="written"} 2' in worker.get("/metrics").text
+        # each row written once, by whoever ended its job: the worker the two
+        # it ran; the canceled one the node, unless the worker saw the cancel
+        # key and ended the task first (its finish reads the job as it ends,
+        # so the DELETE's removal right after cannot lose the row)
+        by_node = metric(node, 'sdx4_history_entries_total{outcome="written"}')
+        by_worker = re.search(r'sdx4_history_entries_total\{outcome="written"\} (\d+)', worker.get("/metrics").text)
+        assert by_node in (0, 1) and by_worker and by_node + int(by_worker.group(1)) == 3, (by_node, by_worker)
     finally:
         for node in nodes[1:]:
             node.check_clean_exit()
