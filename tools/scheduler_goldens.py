@@ -85,16 +85,19 @@ def steps(cls, opts, t):
         t[f"step_prev_{k}"] = sample.clone()
 
 
-def pipeline_run(pipe, cls, opts, image, t):
+def pipeline_run(pipe, cls, opts, image, t, with_output):
     pipe.scheduler = cls.from_config(model_config("tiny"), **opts)
     lat = []
     res = pipe(prompt=CASE["prompt"], image=image, num_inference_steps=CASE["steps"],
                guidance_scale=CASE["guidance"], noise_level=CASE["noise_level"],
                generator=torch.Generator("cpu").manual_seed(CASE["seed"]), output_type="np",
                callback=lambda i, ts, l: lat.append(l.detach().clone()), callback_steps=1)
-    for i, l in enumerate(lat):
-        t[f"latents_step{i}"] = l
-    t["output"] = torch.from_numpy(res.images[0]).permute(2, 0, 1)[None].contiguous()
+    for i, l in enumerate(lat):  # the solvers' first orders and the last step, to keep the files small
+        if i < 3 or i == len(lat) - 1:
+            t[f"latents_step{i}"] = l
+    if with_output:  # the decode is every sampler's: one file holds the image
+        t["output"] = torch.from_numpy(res.images[0]).permute(2, 0, 1)[None].contiguous()
+    return len(lat)
 
 
 def main():
@@ -112,9 +115,9 @@ def main():
         t = {}
         schedules(cls, opts, t)
         steps(cls, opts, t)
-        pipeline_run(pipe, cls, opts, image, t)
+        callbacks = pipeline_run(pipe, cls, opts, image, t, name == "euler")
         meta = {"class": cls.__name__, "options": json.dumps(opts), "case": json.dumps(CASE),
-                "versions": versions}
+                "callbacks": str(callbacks), "versions": versions}
         save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(OUT, name + ".safetensors"), meta)
         print(name, len(t), "tensors")
 

@@ -49,11 +49,12 @@ static const char *const dpm_keys[] = {
 static const struct {
     const char *alias, *class_name;
     const char *const *keys;
+    scheduler_family family;
 } classes[] = {
-    {"ddim", "DDIMScheduler", ddim_keys},
-    {"euler", "EulerDiscreteScheduler", euler_keys},
-    {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys},
-    {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys},
+    {"ddim", "DDIMScheduler", ddim_keys, SCHED_DDIM},
+    {"euler", "EulerDiscreteScheduler", euler_keys, SCHED_SIGMA},
+    {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys, SCHED_SIGMA},
+    {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys, SCHED_SIGMA},
 };
 #define N_CLASSES (int)(sizeof classes / sizeof *classes)
 
@@ -109,8 +110,11 @@ int sdx4_scheduler_from_config(scheduler *s, const config *c) {
         snprintf(what, sizeof what, "%s: _class_name", c->label);
         return unknown_class(SDX4_ERR_MODEL, what, name);
     }
-    s->is_ddim = k == 0;
-    return s->is_ddim ? sdx4_ddim_from_config(&s->ddim, c) : sdx4_sigma_from_config(&s->sigma, c);
+    switch (s->family = classes[k].family) {
+    case SCHED_DDIM: return sdx4_ddim_from_config(&s->ddim, c);
+    case SCHED_SIGMA: return sdx4_sigma_from_config(&s->sigma, c);
+    }
+    return -1;
 }
 
 /* Sets the caller's options over the config, refusing keys the class does
@@ -170,8 +174,10 @@ done:
 }
 
 void sdx4_scheduler_free(scheduler *s) {
-    if (s->is_ddim) sdx4_ddim_free(&s->ddim);
-    else sdx4_sigma_free(&s->sigma);
+    switch (s->family) {
+    case SCHED_DDIM: sdx4_ddim_free(&s->ddim); break;
+    case SCHED_SIGMA: sdx4_sigma_free(&s->sigma); break;
+    }
     free(s->timesteps);
     memset(s, 0, sizeof *s);
 }
@@ -183,8 +189,8 @@ int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir) {
     if (sdx4_cfg_load(&c, model_dir, CONFIG_FILE)) return -1;
     int rc = sdx4_scheduler_from_config(&s, &c);
     if (rc == 0) {
-        src->num_train_timesteps = s.is_ddim ? s.ddim.num_train_timesteps
-                                             : s.sigma.num_train_timesteps;
+        src->num_train_timesteps = s.family == SCHED_DDIM ? s.ddim.num_train_timesteps
+                                                          : s.sigma.num_train_timesteps;
         sdx4_scheduler_free(&s);
         src->json = json_dumps(c.root, JSON_COMPACT);
         if (!src->json) {
@@ -204,13 +210,16 @@ void sdx4_scheduler_source_free(scheduler_source *src) {
 /* ----------------------------------------------------------- stepping */
 
 int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
-    int count;
-    if (s->is_ddim) {
+    int count = 0;
+    switch (s->family) {
+    case SCHED_DDIM:
         if (sdx4_ddim_set_timesteps(&s->ddim, n)) return -1;
         count = s->ddim.num_timesteps;
-    } else {
+        break;
+    case SCHED_SIGMA:
         if (sdx4_sigma_set_timesteps(&s->sigma, n, numel)) return -1;
         count = s->sigma.num_timesteps;
+        break;
     }
     float *ts = malloc((size_t)count * sizeof *ts);
     if (!ts) {
@@ -218,17 +227,21 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         return -1;
     }
     for (int i = 0; i < count; i++)
-        ts[i] = s->is_ddim ? (float)s->ddim.timesteps[i] : s->sigma.timesteps[i];
+        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i] : s->sigma.timesteps[i];
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;
-    s->init_noise_sigma = s->is_ddim ? 1.0f : s->sigma.init_noise_sigma;
+    s->init_noise_sigma = s->family == SCHED_DDIM ? 1.0f : s->sigma.init_noise_sigma;
     s->numel = numel;
     return 0;
 }
 
+const float *sdx4_scheduler_sigmas(const scheduler *s) {
+    return s->family == SCHED_SIGMA ? s->sigma.sigmas : NULL;
+}
+
 void sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
-    if (!s->is_ddim) sdx4_sigma_scale_model_input(&s->sigma, i, sample, out);
+    if (s->family == SCHED_SIGMA) sdx4_sigma_scale_model_input(&s->sigma, i, sample, out);
     else if (out != sample) memcpy(out, sample, s->numel * sizeof *out);
 }
 
@@ -238,7 +251,7 @@ int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const fl
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "scheduler step %d of %d", i, s->num_timesteps);
         return -1;
     }
-    if (s->is_ddim)
+    if (s->family == SCHED_DDIM)
         return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
                               rng, prev_sample);
     return sdx4_sigma_step(&s->sigma, i, model_output, sample, rng, prev_sample);

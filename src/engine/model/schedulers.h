@@ -41,8 +41,12 @@ const char *sdx4_scheduler_class(const char *name);
  * options that are NULL or a JSON object. */
 int sdx4_scheduler_check_choice(const char *name, const char *options);
 
+/* The implementation a class belongs to; one member of the scheduler
+ * below is in use, the family's. */
+typedef enum { SCHED_DDIM, SCHED_SIGMA } scheduler_family;
+
 typedef struct {
-    int is_ddim;
+    scheduler_family family;
     ddim_scheduler ddim;
     sigma_scheduler sigma;
     /* set by sdx4_scheduler_set_timesteps() */
@@ -62,6 +66,10 @@ void sdx4_scheduler_free(scheduler *s);
 
 /* set_timesteps(n) for samples of numel floats. */
 int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel);
+
+/* The sigmas after set_timesteps (num_timesteps + 1, the last one final),
+ * for the classes that have them in diffusers; NULL for the others. */
+const float *sdx4_scheduler_sigmas(const scheduler *s);
 
 /* scale_model_input(sample, timesteps[i]) over numel floats; out may
  * alias sample. */
