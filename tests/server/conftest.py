@@ -210,9 +210,19 @@ class RedisServer:
                                       "--appendonly", "yes", "--dir", self.dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
-        while not os.path.exists(self.socket):
+        while not self.answers():  # the socket appears before the server serves
             assert self.proc.poll() is None and time.time() < deadline, "redis-server did not start"
             time.sleep(0.02)
+
+    def answers(self):
+        if not os.path.exists(self.socket):
+            return False
+        import redis
+        try:
+            with redis.Redis(unix_socket_path=self.socket, socket_timeout=0.5) as r:
+                return r.ping()
+        except redis.RedisError:
+            return False
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)  # writes the append-only file out
