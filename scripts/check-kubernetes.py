@@ -39,6 +39,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCHEMA_DIR = os.path.join(ROOT, "deploy", "kubernetes", "schemas")
 CRD_SCHEMAS = {  # (apiVersion, kind) -> file in SCHEMA_DIR
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication-keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
 }
 # Made by hand before an apply, as the overlays' comments say, so absent
@@ -189,6 +190,15 @@ def check_references(objects, problems):
             ref = obj["spec"]["scaleTargetRef"]
             if (ref.get("kind", "Deployment"), ref["name"]) not in objects:
                 problems.append(f"{name_of(obj)}: scales {ref['name']}, which is not rendered")
+        for i, trigger in enumerate(obj["spec"].get("triggers", []) if kind == "ScaledObject" else []):
+            auth = trigger.get("authenticationRef")
+            if auth and (auth.get("kind", "TriggerAuthentication"), auth["name"]) not in objects:
+                problems.append(f"{name_of(obj)}: trigger {i}: no {auth.get('kind', 'TriggerAuthentication')} "
+                                f"{auth['name']}")
+        if kind == "TriggerAuthentication":
+            for ref in obj["spec"].get("secretTargetRef", []):
+                if ("Secret", ref["name"]) not in set(objects) | EXTERNAL:
+                    problems.append(f"{name_of(obj)}: parameter {ref['parameter']}: no Secret {ref['name']}")
         if kind == "Ingress":
             for rule in obj["spec"].get("rules", []):
                 for path in rule.get("http", {}).get("paths", []):

@@ -100,6 +100,8 @@ mutations=(
   "base/worker.yaml|0,/readOnlyRootFilesystem: true/s//readOnlyRootFilesystem: false/|cpu|readOnlyRootFilesystem is not set"
   "base/worker.yaml|s/^        - name: tmp\$/        - name: temp/|cpu|mounts tmp, which no volume"
   "base/ingress.yaml|s/^spec:\$/spec: [/|cpu|MalformedYAMLError"
+  "overlays/gpu-external-redis/kustomization.yaml|s/value: {name: sdx4-redis}/value: {name: redis-auth}/|gpu-external-redis|no TriggerAuthentication redis-auth"
+  "overlays/gpu-external-redis/triggerauthentication.yaml|s/- parameter: password/- parameter: password\n      secret: x/|gpu-external-redis|'secret' was unexpected"
 )
 for m in "${mutations[@]}"; do
     IFS='|' read -r file program overlay expected <<<"$m"
