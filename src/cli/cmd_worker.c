@@ -8,10 +8,12 @@
  * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout,
  * --history, the webhook settings and the --s3-* ones), opens Redis (and the history),
  * answers GET /healthz and GET /metrics on a small HTTP port of its own
- * (no public API: clients talk to API nodes), loads the model, warms it up (one step at --min-side,
- * unless --warmup false) and calibrates its time estimator (cost.c; its
- * curve in the registration lets API nodes admit by estimated time), and
- * runs worker.c's consumer until SIGTERM or SIGINT.
+ * (no public API: clients talk to API nodes), loads the model, warms it
+ * up and calibrates its time estimator as serve does (serve_warm_up: one
+ * step at each of --warmup-sizes, else at --min-side, unless --warmup
+ * false; the estimator's curve in the registration lets API nodes admit
+ * by estimated time), and runs worker.c's consumer until SIGTERM or
+ * SIGINT.
  *
  * Health is 200 once the model is loaded while Redis answers, 503
  * otherwise, with the reason; a probe never touches the engine or Redis
@@ -43,8 +45,10 @@
 #include "cost.h"
 #include "history.h"
 #include "log.h"
+#include "metrics.h"
 #include "redis.h"
 #include "results.h"
+#include "serve.h"
 #include "server.h"
 #include "status.h"
 #include "webhook.h"
@@ -110,8 +114,10 @@ static char *metrics(worker_process *p) {
                  ws.succeeded, ws.failed, ws.canceled, ws.busy, ws.threads, ws.redis_errors, ws.redis_up,
                  phase >= PHASE_WARMING && phase != PHASE_FAILED) < 0)
         return NULL;
+    char *inference = metrics_render_inference(&p->srv), *more = NULL; /* under serve's names */
+    if (inference && asprintf(&more, "%s%s", text, inference) >= 0) free(text), text = more;
+    free(inference);
     history_stats hs;
-    char *more = NULL;
     if (!p->srv.history) return text;
     history_get_stats(p->srv.history, &hs); /* the jobs this worker ended, under serve's names */
     if (asprintf(&more,
@@ -192,20 +198,6 @@ static void set_model_id(server *srv) {
     snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id ? path : basename(path));
 }
 
-/* The time estimator's calibration (cost_calibrate): one-step upscales
- * at min-side and at twice its sides, so that API nodes without a model
- * can refuse what cannot finish in time (the curve in the registration). */
-static int calibrate(server *srv) {
-    const server_config *c = &srv->cfg;
-    int small = c->min_side, large = 2 * small < c->max_side ? 2 * small : c->max_side;
-    if (!srv->cost) return 0;
-    bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
-    json_t *doc = cost_calibrate(srv->cost, gpu, small, small, large, large, false);
-    if (!doc) return -1;
-    log_event(LOG_INFO, "calibrated", doc);
-    return 0;
-}
-
 static int load_model(server *srv) {
     const server_config *c = &srv->cfg;
     double t0 = mono_now();
@@ -224,21 +216,15 @@ static int load_model(server *srv) {
     if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
     log_event(srv->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
     atomic_store(&srv->phase, PHASE_WARMING);
-    if (c->warmup) { /* one step at min-side: the first task does not pay for lazy allocations */
+    if (c->warmup) { /* as serve's: the first task does not pay for lazy allocations */
         t0 = mono_now();
-        if (cost_warm_up(srv->engine, c->min_side, c->min_side, NULL)) {
+        if (serve_warm_up(srv)) {
             snprintf(srv->failure, sizeof srv->failure, "the warm-up upscale failed: %s", sdx4_last_error());
             log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
             atomic_store(&srv->phase, PHASE_FAILED);
             return -1;
         }
         log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
-        if (calibrate(srv)) {
-            snprintf(srv->failure, sizeof srv->failure, "the calibration upscale failed: %s", sdx4_last_error());
-            log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
-            atomic_store(&srv->phase, PHASE_FAILED);
-            return -1;
-        }
     }
     atomic_store(&srv->phase, PHASE_READY);
     return 0;
@@ -267,7 +253,8 @@ static const char help[] =
     "results (cluster mode: docs/cluster.md); answers GET /healthz and GET\n"
     "/metrics on --host:--port. It reads the settings of `sdx4 serve`, below;\n"
     "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
-    "threads, warmup, min-side, workers (tasks run at once), name, host, port,\n"
+    "threads, warmup, warmup-sizes, min-side, max-side, workers (tasks run at\n"
+    "once), name, host, port,\n"
     "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
     "jobs-memory, history, history-backlog, log-level, log-buffer, the webhook\n"
     "settings and the s3 ones (with s3-bucket, results go to object storage,\n"

@@ -173,6 +173,48 @@ static int64_t current_rss_bytes(void) {
     return ok ? resident * sysconf(_SC_PAGESIZE) : 0;
 }
 
+/* The upscales run in this process: waits, inference and step times. */
+static void emit_inference(text *t) {
+    emit(t, "# HELP sdx4_queue_wait_seconds Time an upscale waited for a worker.\n"
+            "# TYPE sdx4_queue_wait_seconds histogram\n");
+    emit_histogram(t, "sdx4_queue_wait_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
+                   m.queue_wait.count, GET(m.queue_wait.sum_us));
+    emit(t, "# HELP sdx4_inference_seconds Time of one upscale on a worker.\n"
+            "# TYPE sdx4_inference_seconds histogram\n");
+    emit_histogram(t, "sdx4_inference_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
+                   m.inference.count, GET(m.inference.sum_us));
+    emit(t, "# HELP sdx4_step_seconds Time per denoising step (an upscale's time over its steps).\n"
+            "# TYPE sdx4_step_seconds histogram\n");
+    emit_histogram(t, "sdx4_step_seconds", "", step_bounds, STEP_BUCKETS - 1, m.step_count,
+                   GET(m.step_sum_us));
+}
+
+/* The process: memory, readiness, uptime, and the engine's device memory. */
+static void emit_process(text *t, const server *srv) {
+    emit(t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
+            "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"
+            "# HELP sdx4_peak_resident_memory_bytes Peak resident memory so far.\n"
+            "# TYPE sdx4_peak_resident_memory_bytes gauge\nsdx4_peak_resident_memory_bytes %lld\n"
+            "# HELP sdx4_ready Whether the model is loaded and warmed up.\n"
+            "# TYPE sdx4_ready gauge\nsdx4_ready %d\n"
+            "# HELP sdx4_uptime_seconds Seconds since start.\n"
+            "# TYPE sdx4_uptime_seconds gauge\nsdx4_uptime_seconds %.3f\n",
+        (long long)current_rss_bytes(), (long long)sdx4_peak_rss_bytes(),
+        atomic_load(&((server *)srv)->phase) == PHASE_READY, mono_now() - srv->started);
+
+    /* the engine is published before the phase becomes ready */
+    sdx4_model_info info = {0};
+    int phase = atomic_load(&((server *)srv)->phase);
+    if ((phase == PHASE_READY || phase == PHASE_DRAINING) && srv->engine)
+        sdx4_engine_info(srv->engine, &info);
+    emit(t, "# HELP sdx4_device_memory_bytes Memory the compute backend holds now: weights it "
+            "copied, live tensors, workspaces (GPU memory with --device cuda).\n"
+            "# TYPE sdx4_device_memory_bytes gauge\nsdx4_device_memory_bytes %lld\n"
+            "# HELP sdx4_device_memory_peak_bytes The most the compute backend has held.\n"
+            "# TYPE sdx4_device_memory_peak_bytes gauge\nsdx4_device_memory_peak_bytes %lld\n",
+        (long long)info.device_memory_bytes, (long long)info.device_memory_peak_bytes);
+}
+
 char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
     text t = {0};
     emit(&t, "# HELP sdx4_http_requests_total HTTP requests answered, by route and status.\n"
@@ -251,18 +293,7 @@ char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
     emit_histogram(&t, "sdx4_worker_overrun_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
                    m.overrun.count, GET(m.overrun.sum_us));
 
-    emit(&t, "# HELP sdx4_queue_wait_seconds Time an upscale waited for a worker.\n"
-             "# TYPE sdx4_queue_wait_seconds histogram\n");
-    emit_histogram(&t, "sdx4_queue_wait_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
-                   m.queue_wait.count, GET(m.queue_wait.sum_us));
-    emit(&t, "# HELP sdx4_inference_seconds Time of one upscale on a worker.\n"
-             "# TYPE sdx4_inference_seconds histogram\n");
-    emit_histogram(&t, "sdx4_inference_seconds", "", latency_bounds, LATENCY_BUCKETS - 1,
-                   m.inference.count, GET(m.inference.sum_us));
-    emit(&t, "# HELP sdx4_step_seconds Time per denoising step (an upscale's time over its steps).\n"
-             "# TYPE sdx4_step_seconds histogram\n");
-    emit_histogram(&t, "sdx4_step_seconds", "", step_bounds, STEP_BUCKETS - 1, m.step_count,
-                   GET(m.step_sum_us));
+    emit_inference(&t);
 
     const cache_stats cs = g->cache;
     emit(&t, "# HELP sdx4_cache_hits_total Upscales answered from the result cache.\n"
@@ -331,28 +362,14 @@ char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
              "# TYPE sdx4_cache_redis_errors_total counter\nsdx4_cache_redis_errors_total %llu\n",
          (unsigned long long)GET(m.ratelimit_unavailable), (unsigned long long)cs.redis_errors);
 
-    emit(&t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
-             "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"
-             "# HELP sdx4_peak_resident_memory_bytes Peak resident memory so far.\n"
-             "# TYPE sdx4_peak_resident_memory_bytes gauge\nsdx4_peak_resident_memory_bytes %lld\n"
-             "# HELP sdx4_ready Whether the model is loaded and warmed up.\n"
-             "# TYPE sdx4_ready gauge\nsdx4_ready %d\n"
-             "# HELP sdx4_uptime_seconds Seconds since start.\n"
-             "# TYPE sdx4_uptime_seconds gauge\nsdx4_uptime_seconds %.3f\n",
-         (long long)current_rss_bytes(), (long long)sdx4_peak_rss_bytes(),
-         atomic_load(&((server *)srv)->phase) == PHASE_READY, mono_now() - srv->started);
-
-    /* the engine is published before the phase becomes ready */
-    sdx4_model_info info = {0};
-    int phase = atomic_load(&((server *)srv)->phase);
-    if ((phase == PHASE_READY || phase == PHASE_DRAINING) && srv->engine)
-        sdx4_engine_info(srv->engine, &info);
-    emit(&t, "# HELP sdx4_device_memory_bytes Memory the compute backend holds now: weights it "
-             "copied, live tensors, workspaces (GPU memory with --device cuda).\n"
-             "# TYPE sdx4_device_memory_bytes gauge\nsdx4_device_memory_bytes %lld\n"
-             "# HELP sdx4_device_memory_peak_bytes The most the compute backend has held.\n"
-             "# TYPE sdx4_device_memory_peak_bytes gauge\nsdx4_device_memory_peak_bytes %lld\n",
-         (long long)info.device_memory_bytes, (long long)info.device_memory_peak_bytes);
+    emit_process(&t, srv);
     if (len) *len = t.len;
+    return t.buf;
+}
+
+char *metrics_render_inference(const server *srv) {
+    text t = {0};
+    emit_inference(&t);
+    emit_process(&t, srv);
     return t.buf;
 }

@@ -59,5 +59,9 @@ typedef struct {
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len);
+/* Its part about the upscales this process ran and the process itself
+ * (waits, inference and step times, memory, device memory), for `sdx4
+ * worker`, which has no HTTP API to report on (malloc'd). */
+char *metrics_render_inference(const server *srv);
 
 #endif

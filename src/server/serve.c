@@ -74,11 +74,11 @@ static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) 
 /* The warm-up upscales: each of --warmup-sizes, else min-side; then the
  * calibration, at the smallest of them and at the smallest with 4 times
  * its pixels, else at twice its sides (within max-side). */
-static int warm_up_sizes(server *srv) {
+int serve_warm_up(server *srv) {
     const server_config *c = &srv->cfg;
     const string_list *sizes = &c->warmup_sizes;
     int n = sizes->count ? sizes->count : 1;
-    int *dims = malloc(sizeof *dims * 2 * (size_t)n), small = 0, large = -1;
+    int *dims = calloc(2 * (size_t)n, sizeof *dims), small = 0, large = -1;
     if (!dims) return -1;
     for (int i = 0; i < n; i++) {
         int *d = dims + 2 * i;
@@ -163,7 +163,7 @@ static void *load_model(void *arg) {
     atomic_store(&srv->phase, PHASE_WARMING);
     if (c->warmup) {
         t0 = mono_now();
-        if (warm_up_sizes(srv)) {
+        if (serve_warm_up(srv)) {
             fail(srv, "the warm-up upscale failed");
             return NULL;
         }

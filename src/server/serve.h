@@ -2,8 +2,16 @@
 #ifndef SDX4_SERVE_H
 #define SDX4_SERVE_H
 
+struct server;
+
 /* Runs the server with the arguments after "serve"; returns the process
  * exit status. */
 int serve_main(int argc, char **argv);
+
+/* The warm-up upscales of a loaded model (one step at each of
+ * --warmup-sizes, else one at min-side) and the calibration of the time
+ * estimator at two of their sizes; for serve and `sdx4 worker` alike.
+ * -1 on failure, the engine's error in sdx4_last_error(). */
+int serve_warm_up(struct server *srv);
 
 #endif

@@ -49,6 +49,7 @@
  */
 #include "worker.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -58,6 +59,7 @@
 #include "cost.h"
 #include "history.h"
 #include "log.h"
+#include "metrics.h"
 #include "results.h"
 #include "runner.h"
 #include "server.h"
@@ -340,9 +342,12 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
         return;
     }
     set_busy(sl, true);
+    metrics_queue_wait(fmax(0, sl->state.started - t->created)); /* wall clocks of two machines */
     task_outcome out = {.state = JOB_FAILED};
     sdx4_image image;
+    double t0 = mono_now();
     if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED) {
+        metrics_inference(mono_now() - t0, t->opts.steps);
         /* measured alone on the device only with one thread: several share it unevenly */
         if (w->s.cost && w->nthreads == 1)
             cost_observe(w->s.cost, input->width, input->height, t->opts.steps,

@@ -214,3 +214,31 @@ def test_sigterm_past_the_shutdown_timeout_leaves_the_task(cluster):
     short.check_clean_exit()
     task = cp.wait(r, job, timeout=VISIBILITY + 120)
     assert task["state"] == "succeeded" and task["worker"] in {w.name for w in others}, task
+
+
+def test_warm_up_sizes_and_inference_metrics():
+    """A worker warms up as serve does (each of --warmup-sizes, then the
+    estimator's calibration) and reports the upscales it ran under serve's
+    metric names."""
+    from conftest import RedisServer
+    redis_server = RedisServer()
+    worker = None
+    try:
+        worker = Worker(redis_server.url, "--warmup", "true", "--warmup-sizes", "64,96x64")
+        events = [l for l in worker.logs() if isinstance(l, dict)]
+        warmed = [(l["width"], l["height"]) for l in events if l["event"] == "warmed_up_size"]
+        assert warmed == [(64, 64), (96, 64)], warmed
+        assert any(l["event"] == "calibrated" for l in events)
+        r = redis_server.client()
+        job = cp.submit(r, image_bytes(), steps=2)
+        assert cp.wait(r, job)["state"] == "succeeded"
+        values = {l.split()[0]: float(l.split()[1]) for l in worker.get("/metrics").text.splitlines()
+                  if l and not l.startswith("#")}
+        for name in ("sdx4_inference_seconds_count", "sdx4_step_seconds_count", "sdx4_queue_wait_seconds_count"):
+            assert values[name] == 1, (name, values.get(name))
+        assert values["sdx4_inference_seconds_sum"] > 0 and values["sdx4_ready"] == 1
+        assert values["sdx4_resident_memory_bytes"] > 0 and values["sdx4_device_memory_peak_bytes"] > 0
+    finally:
+        if worker:
+            worker.check_clean_exit()
+        redis_server.remove()
