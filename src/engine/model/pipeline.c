@@ -45,6 +45,7 @@
 #include <time.h>
 
 #include "core/error.h"
+#include "model/tiling.h"
 
 static double now(void) {
     struct timespec ts;
@@ -82,32 +83,53 @@ tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *pro
 typedef struct {
     const model *m;
     backend *be;
-    const tensor *ctx; /* the prompt's embeddings */
+    const tensor *ctx;  /* the prompt's embeddings, one per batch entry */
+    tensor *ctx_copies; /* owned: the prompt's repeated for several windows */
     tensor *x, *tproj, *cls, *y;
     kv_cache *kv; /* the prompt's cross-attention keys and values */
     backend_step *step;
 } unet_state;
 
-static int unet_state_init(unet_state *st, const model *m, backend *be, const tensor *ctx,
+/* For `copies` windows per call the prompt's embeddings [cfg, L, D] are
+ * repeated to [copies * cfg, L, D], in the order of the UNet's batch. */
+static int unet_state_init(unet_state *st, const model *m, backend *be, const tensor *ctx, int copies,
                            int batch, int h, int w, int noise_level) {
-    int32_t labels[2] = {noise_level, noise_level};
     memset(st, 0, sizeof *st);
     st->m = m, st->be = be, st->ctx = ctx;
+    int32_t *labels = malloc(sizeof *labels * (size_t)batch);
+    float *host = NULL;
+    if (!labels) goto oom;
+    for (int b = 0; b < batch; b++) labels[b] = noise_level;
+    if (copies > 1) {
+        size_t n = (size_t)tensor_numel(ctx);
+        host = malloc(sizeof *host * n * (size_t)copies);
+        if (!host) goto oom;
+        if (be->download(be, ctx, host)) goto fail;
+        for (int c = 1; c < copies; c++) memcpy(host + c * n, host, n * sizeof *host);
+        int64_t shape[4] = {ctx->shape[0] * copies, ctx->shape[1], ctx->shape[2], ctx->shape[3]};
+        TRY(st->ctx_copies = be->new_tensor(be, ctx->ndim, shape));
+        if (be->upload(be, st->ctx_copies, host)) goto fail;
+        st->ctx = st->ctx_copies;
+    }
     int64_t shape[4] = {batch, m->unet.in_channels, h, w};
     TRY(st->x = be->new_tensor(be, 4, shape));
     TRY(st->tproj = be->new_tensor(be, 2, (const int64_t[]){batch, m->unet.block_channels[0]}));
     if (m->unet.class_embedding) TRY(st->cls = sdx4_unet_class_embedding(be, &m->unet, labels, batch));
     TRY(st->kv = sdx4_kv_cache_new());
     TRY(st->step = sdx4_step_new(be));
+    free(labels), free(host);
     return 0;
+oom:
+    sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
 fail:
+    free(labels), free(host);
     return -1;
 }
 
 static void unet_state_free(unet_state *st, backend *be) {
     sdx4_step_free(be, st->step);
     st->step = NULL;
-    DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls);
+    DROP(st->y), DROP(st->x), DROP(st->tproj), DROP(st->cls), DROP(st->ctx_copies);
     sdx4_kv_cache_free(st->kv);
     st->kv = NULL;
 }
@@ -150,6 +172,59 @@ static int predict_noise(const model *m, backend *be, const pipeline_args *a, un
     return 0;
 }
 
+/* At most this many windows share one UNet call: the call's memory is
+ * what bounds a tiled upscale's, whatever the image's size. */
+#define WINDOWS_PER_CALL 4
+
+/* Windows per UNet call for `count` windows: the calls balanced, the last
+ * one filled up with copies of its last window (one shape for the
+ * backend's recorded step). */
+static int windows_per_call(int count) {
+    int calls = (count + WINDOWS_PER_CALL - 1) / WINDOWS_PER_CALL;
+    return (count + calls - 1) / calls;
+}
+
+/* predict_noise over the windows of `tl`, `group` at a time (tiling.h):
+ * each window's guided prediction, weighted, summed into acc, then
+ * divided by the weights' sum. */
+static int predict_noise_tiled(const model *m, backend *be, const pipeline_args *a, unet_state *st,
+                               const tiling *tl, int group, int do_cfg, const float *latents,
+                               const float *image, float t, float *unet_in, float *unet_out, float *acc,
+                               float *eps) {
+    int cfg = do_cfg ? 2 : 1, C = m->vae.latent_channels, th = tl->th, tw = tl->tw;
+    size_t plane = (size_t)a->height * a->width, lat = C * plane, wplane = (size_t)th * tw;
+    size_t in_size = (size_t)(C + 3) * wplane, out_size = (size_t)C * wplane;
+    memset(acc, 0, lat * sizeof *acc);
+    for (int first = 0; first < tl->count; first += group) {
+        for (int g = 0; g < group; g++) { /* cat([latents, image], dim=1) of each window */
+            int k = first + g < tl->count ? first + g : tl->count - 1;
+            int y0 = tl->ys[k / tl->nx], x0 = tl->xs[k % tl->nx];
+            float *in = unet_in + (size_t)g * cfg * in_size;
+            for (int c = 0; c < C + 3; c++)
+                for (int y = 0; y < th; y++) {
+                    const float *src = c < C ? latents + c * plane : image + (c - C) * plane;
+                    memcpy(in + c * wplane + (size_t)y * tw, src + (size_t)(y0 + y) * a->width + x0,
+                           tw * sizeof *in);
+                }
+            for (int b = 1; b < cfg; b++) memcpy(in + b * in_size, in, in_size * sizeof *in);
+        }
+        if (unet_step(m, be, st, t, unet_in, unet_out)) return -1;
+        for (int g = 0; g < group && first + g < tl->count; g++) {
+            int k = first + g, y0 = tl->ys[k / tl->nx], x0 = tl->xs[k % tl->nx];
+            const float *uncond = unet_out + (size_t)g * cfg * out_size, *text = uncond + out_size;
+            for (int c = 0; c < C; c++)
+                for (int y = 0; y < th; y++)
+                    for (int x = 0; x < tw; x++) {
+                        size_t i = c * wplane + (size_t)y * tw + x;
+                        float e = do_cfg ? uncond[i] + a->guidance * (text[i] - uncond[i]) : uncond[i];
+                        acc[c * plane + (size_t)(y0 + y) * a->width + x0 + x] += sdx4_tiling_weight(tl, k, y, x) * e;
+                    }
+        }
+    }
+    for (size_t i = 0; i < lat; i++) eps[i] = acc[i] / tl->sum[i % plane];
+    return 0;
+}
+
 tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
     int C = m->vae.latent_channels;
     size_t n = (size_t)C * h * w;
@@ -189,24 +264,32 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
                   m->max_noise_level);
         return -1;
     }
+    tiling tl = {0}; /* a->tile > 0: the windows; one for a tile at least as large as the image */
+    if (a->tile > 0 && sdx4_tiling_plan(&tl, a->height, a->width, a->tile, a->tile_overlap)) return -1;
+    int group = a->tile > 0 ? windows_per_call(tl.count) : 1;
+    size_t window = a->tile > 0 ? (size_t)tl.th * tl.tw : plane; /* a UNet input's pixels */
     scheduler sched;
-    if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options))
+    if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options)) {
+        sdx4_tiling_free(&tl);
         return -1;
+    }
     if (sdx4_scheduler_set_timesteps(&sched, a->steps, lat)) {
         sdx4_scheduler_free(&sched);
+        sdx4_tiling_free(&tl);
         return -1;
     }
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
     float *scaled = malloc(lat * sizeof *scaled);
-    float *unet_in = malloc(batch * (lat + img) * sizeof *unet_in);
-    float *unet_out = malloc(batch * lat * sizeof *unet_out);
+    float *unet_in = malloc((size_t)group * batch * (C + 3) * window * sizeof *unet_in);
+    float *unet_out = malloc((size_t)group * batch * C * window * sizeof *unet_out);
+    float *acc = a->tile > 0 ? malloc(lat * sizeof *acc) : NULL;
     tensor *ctx = NULL, *image = NULL;
     unet_state st = {0};
     torch_rng rng;
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
-    if (!noise || !noisy || !latents || !eps || !scaled || !unet_in || !unet_out) {
+    if (!noise || !noisy || !latents || !eps || !scaled || !unet_in || !unet_out || (a->tile > 0 && !acc)) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
@@ -219,7 +302,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     else sdx4_torch_randn(&rng, noise, img);
     if (sdx4_ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
         goto fail;
-    for (int b = 0; b < batch; b++) /* the image half of every UNet input, once */
+    for (int b = 0; b < batch && a->tile <= 0; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
     else sdx4_torch_randn(&rng, latents, lat);
@@ -227,11 +310,15 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
 
     if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
     t0 = now();
-    if (unet_state_init(&st, m, be, ctx, batch, a->height, a->width, a->noise_level)) goto fail;
+    if (unet_state_init(&st, m, be, ctx, group, group * batch, a->tile > 0 ? tl.th : a->height,
+                        a->tile > 0 ? tl.tw : a->width, a->noise_level))
+        goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
-        if (predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out,
-                          eps) ||
+        if ((a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, scaled, noisy, sched.timesteps[i],
+                                               unet_in, unet_out, acc, eps)
+                         : predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out,
+                                         eps)) ||
             sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents))
             goto fail;
         if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
@@ -262,6 +349,7 @@ done:
     unet_state_free(&st, be);
     DROP(ctx), DROP(image);
     sdx4_scheduler_free(&sched);
-    free(noise), free(noisy), free(latents), free(eps), free(scaled), free(unet_in), free(unet_out);
+    sdx4_tiling_free(&tl);
+    free(noise), free(noisy), free(latents), free(eps), free(scaled), free(unet_in), free(unet_out), free(acc);
     return rc;
 }

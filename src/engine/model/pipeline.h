@@ -22,6 +22,11 @@ typedef struct {
     /* NULL: the model's own scheduler; else a diffusers class name or an
      * alias, and JSON config overrides (schedulers.h) */
     const char *scheduler, *scheduler_options;
+    /* Tiled UNet (MultiDiffusion): windows of tile x tile latent pixels
+     * (clamped to the image) overlapping by at least tile_overlap, their
+     * noise predictions blended at every step. 0, or a tile at least as
+     * large as the image: untiled. */
+    int tile, tile_overlap;
     /* Golden tests replace the generator's first two draws with recorded
      * noise; NULL draws from torch.Generator().manual_seed(seed). */
     const float *image_noise, *initial_latents;

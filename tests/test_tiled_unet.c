@@ -1,0 +1,161 @@
+/*
+ * test_tiled_unet.c - the tiled UNet (MultiDiffusion, model/tiling.h).
+ *
+ *   - the layout: windows from edge to edge, neighbours overlapping by at
+ *     least the overlap, weights 1 at the image's border and in a window's
+ *     middle, every pixel covered; bad settings refused by name;
+ *   - a tile at least as large as the image runs through the tiled path
+ *     (one window, weight 1) and gives the untiled latents exactly;
+ *   - two tiled settings on the tiny model against tools/
+ *     tiled_unet_goldens.py's PyTorch reference built from diffusers'
+ *     components (tests/data/tiled_unet): the latents at the pipeline's
+ *     callbacks (steps 0, 1 and the last), at the pipeline tolerance, 2e-3.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "model/image_processor.h"
+#include "model/pipeline.h"
+#include "model/tiling.h"
+#include "test.h"
+#include "test_device.h"
+
+#define DATA SDX4_SOURCE_DIR "/tests/data/tiled_unet"
+#define H 16
+#define W 32
+#define STEPS 5
+
+static void check_layout(int length, int tile, int overlap) {
+    tiling t;
+    if (sdx4_tiling_plan(&t, length, 5, tile, overlap)) {
+        CHECK(0, "plan %d/%d/%d: %s", length, tile, overlap, sdx4_last_error());
+        return;
+    }
+    int size = tile < length ? tile : length;
+    CHECK(t.th == size && t.ys[0] == 0 && t.ys[t.ny - 1] + size == length, "%d/%d/%d: windows do not span the axis",
+          length, tile, overlap);
+    for (int i = 1; i < t.ny; i++)
+        CHECK(t.ys[i] > t.ys[i - 1] && t.ys[i - 1] + size - t.ys[i] >= overlap, "%d/%d/%d: windows %d and %d "
+              "overlap by %d", length, tile, overlap, i - 1, i, t.ys[i - 1] + size - t.ys[i]);
+    CHECK(t.ny == 1 || (t.ny - 2) * (size - overlap) + size < length, "%d/%d/%d: %d windows where fewer cover it",
+          length, tile, overlap, t.ny);
+    for (int i = 0; i < t.ny; i++)
+        for (int k = 0; k < size; k++) {
+            float w = t.wy[i * size + k];
+            int border = (i == 0 && k == 0) || (i == t.ny - 1 && k == size - 1);
+            CHECK(w > 0 && w <= 1 && (!border || w == 1), "%d/%d/%d: window %d weight %g at %d", length, tile,
+                  overlap, i, w, k);
+        }
+    for (int p = 0; p < length * 5; p++) CHECK(t.sum[p] > 0, "%d/%d/%d: pixel %d uncovered", length, tile, overlap, p);
+    sdx4_tiling_free(&t);
+}
+
+typedef struct {
+    const st_file *g;
+    float *latents[STEPS + 1];
+    int steps;
+} run_record;
+
+static int record(void *user, int step, int total, const float *latents) {
+    (void)total;
+    run_record *r = user;
+    if (step > 0 && step <= STEPS) {
+        r->latents[step] = malloc(4 * H * W * sizeof(float));
+        if (r->latents[step]) memcpy(r->latents[step], latents, 4 * H * W * sizeof(float));
+        r->steps++;
+    }
+    return 0;
+}
+
+static int run(const model *m, backend *be, const float *image, int tile, int overlap, run_record *r) {
+    pipeline_args a = {.image = image, .height = H, .width = W, .prompt = "a white cat", .steps = STEPS,
+                       .guidance = 6.0f, .noise_level = 20, .seed = 0, .tile = tile, .tile_overlap = overlap,
+                       .on_step = record, .user = r};
+    float *out = NULL;
+    int rc = sdx4_pipeline_run(m, be, &a, &out, NULL);
+    free(out);
+    return rc;
+}
+
+static void free_record(run_record *r) {
+    for (int i = 0; i <= STEPS; i++) free(r->latents[i]);
+}
+
+int main(void) {
+    check_layout(37, 16, 4);
+    check_layout(16, 8, 2);
+    check_layout(100, 30, 0);
+    check_layout(12, 16, 4);
+    check_layout(64, 63, 62);
+    tiling t;
+    CHECK(sdx4_tiling_plan(&t, 16, 16, 8, 8) != 0 && strstr(sdx4_last_error(), "tile_overlap"),
+          "an overlap as large as the tile accepted");
+    CHECK(sdx4_tiling_plan(&t, 16, 16, 0, 0) != 0, "a tile of 0 accepted");
+
+    backend *be = test_backend();
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/model", test_ref("tiny"));
+    model m;
+    if (sdx4_model_load(&m, be, dir, NULL)) {
+        CHECK(0, "tiny: %s", sdx4_last_error());
+        be->destroy(be);
+        return test_finish("test_tiled_unet");
+    }
+    unsigned char rgb[H * W * 3];
+    FILE *f = fopen(DATA "/input.rgb", "rb");
+    CHECK(f && fread(rgb, 1, sizeof rgb, f) == sizeof rgb, "%s/input.rgb unreadable", DATA);
+    if (f) fclose(f);
+    sdx4_image in = {.width = W, .height = H, .pixels = rgb};
+    float *image = NULL;
+    int h, w;
+    CHECK(!sdx4_image_preprocess(&in, sdx4_vae_scale_factor(&m.vae), &image, &h, &w), "preprocess: %s",
+          sdx4_last_error());
+
+    /* one window as large as the image: the untiled run, exactly */
+    run_record plain = {0}, whole = {0};
+    CHECK(!run(&m, be, image, 0, 0, &plain) && !run(&m, be, image, 32, 8, &whole), "%s", sdx4_last_error());
+    int same = plain.steps == STEPS && whole.steps == STEPS;
+    for (int s = 1; same && s <= STEPS; s++)
+        for (int i = 0; i < 4 * H * W; i++) same &= plain.latents[s][i] == whole.latents[s][i];
+    CHECK(same, "a tile as large as the image changed the latents");
+    free_record(&plain), free_record(&whole);
+
+    static const char *const files[] = {"tile8_overlap2", "tile12_overlap4"};
+    for (size_t k = 0; k < sizeof files / sizeof *files; k++) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s.safetensors", DATA, files[k]);
+        st_file g;
+        if (sdx4_st_open(&g, path)) {
+            CHECK(0, "%s", sdx4_last_error());
+            continue;
+        }
+        char *tile = sdx4_st_metadata(&g, "tile"), *overlap = sdx4_st_metadata(&g, "tile_overlap");
+        run_record r = {0};
+        CHECK(tile && overlap && !run(&m, be, image, atoi(tile), atoi(overlap), &r), "%s: %s", files[k],
+              sdx4_last_error());
+        double worst = 0;
+        int checked = 0;
+        for (int s = 1; s <= r.steps; s++) {
+            char name[32];
+            snprintf(name, sizeof name, "latents_step%d", s - 1);
+            const st_tensor *want = sdx4_st_find(&g, name);
+            if (!want || want->nbytes != 4 * H * W * sizeof(float) || !r.latents[s]) continue;
+            worst = fmax(worst, max_abs_diff(r.latents[s], want->data, 4 * H * W));
+            checked++;
+        }
+        printf("  %s: %d steps, %d checked, latents max diff %.3g\n", files[k], r.steps, checked, worst);
+        CHECK(r.steps == STEPS && checked == 3, "%s: %d steps, %d checked", files[k], r.steps, checked);
+        CHECK(test_half_precision || worst <= 2e-3, "%s: latents differ by %g", files[k], worst);
+        free_record(&r);
+        free(tile), free(overlap);
+        sdx4_st_close(&g);
+    }
+    free(image);
+    sdx4_model_free(&m);
+    be->destroy(be);
+    return test_finish("test_tiled_unet");
+}
