@@ -4,6 +4,7 @@
  *   - the layout: windows from edge to edge, neighbours overlapping by at
  *     least the overlap, weights 1 at the image's border and in a window's
  *     middle, every pixel covered; bad settings refused by name;
+ *   - no seams: the largest step of a blend of disagreeing windows;
  *   - a tile at least as large as the image runs through the tiled path
  *     (one window, weight 1) and gives the untiled latents exactly;
  *   - two tiled settings on the tiny model against tools/
@@ -81,6 +82,44 @@ static int run(const model *m, backend *be, const float *image, int tile, int ov
     return rc;
 }
 
+/* Seams. The tiny model's random weights give latents with no spatial
+ * smoothness to break (measured: the gradient energy across window edges
+ * is 0.94-1.12 of the interior's, with or without overlap, as for the
+ * untiled run), so a seam is measured on the blend itself: windows whose
+ * predictions disagree by a constant (+1 and -1, alternating: the worst
+ * case of inconsistent windows) are blended, and the largest step between
+ * neighbouring pixels is what a seam would show. A hard cut (overlap 0)
+ * steps by the whole disagreement, 2; the ramps spread it over the
+ * overlap, so no step exceeds 2 / overlap (the bound, with float's
+ * rounding). */
+static double largest_step(int length, int tile, int overlap) {
+    tiling t;
+    if (sdx4_tiling_plan(&t, 1, length, tile, overlap)) return INFINITY;
+    double prev = 0, step = 0;
+    for (int x = 0; x < length; x++) {
+        double sum = 0;
+        for (int k = 0; k < t.count; k++)
+            if (x >= t.xs[k] && x < t.xs[k] + t.tw) sum += sdx4_tiling_weight(&t, k, 0, x - t.xs[k]) * (k % 2 ? -1 : 1);
+        double blended = sum / t.sum[x];
+        if (x > 0) step = fmax(step, fabs(blended - prev));
+        prev = blended;
+    }
+    sdx4_tiling_free(&t);
+    return step;
+}
+
+static void check_seams(void) {
+    double cut = largest_step(64, 16, 0);
+    CHECK(cut > 1.99, "windows without overlap: a step of %g (a hard cut is 2)", cut);
+    static const int overlaps[] = {2, 4, 8};
+    for (int i = 0; i < 3; i++) {
+        double step = largest_step(64, 16, overlaps[i]);
+        printf("  disagreeing windows, tile 16, overlap %d: largest step %.3f (a cut: %.3f)\n", overlaps[i], step, cut);
+        CHECK(step <= 2.0 / overlaps[i] * 1.0001, "overlap %d: a step of %g, over 2/%d", overlaps[i], step,
+              overlaps[i]);
+    }
+}
+
 static void free_record(run_record *r) {
     for (int i = 0; i <= STEPS; i++) free(r->latents[i]);
 }
@@ -91,6 +130,7 @@ int main(void) {
     check_layout(100, 30, 0);
     check_layout(12, 16, 4);
     check_layout(64, 63, 62);
+    check_seams();
     tiling t;
     CHECK(sdx4_tiling_plan(&t, 16, 16, 8, 8) != 0 && strstr(sdx4_last_error(), "tile_overlap"),
           "an overlap as large as the tile accepted");
