@@ -1,19 +1,24 @@
 /*
- * test_samplers.c - Euler, Euler ancestral and DPM-Solver++ against
- * diffusers (tests/data/schedulers, made by tools/scheduler_goldens.py).
+ * test_samplers.c - Euler, Euler ancestral, DPM-Solver++, Heun, KDPM2,
+ * KDPM2 ancestral and LMS against diffusers (tests/data/schedulers, made
+ * by tools/scheduler_goldens.py).
  *
  * Per golden file, the scheduler is chosen as a caller chooses it (class
  * and options over the model's DDIM config, sdx4_scheduler_create) and
  * checked at ../shared/reference/README.md's tolerances:
  *   - timesteps, sigmas and init_noise_sigma for 1, 2, 7 and 20 steps on
  *     the tiny and small configs; timesteps exactly, except Karras ones,
- *     which come through numpy's float32 log (scheduler_sigma.c): 1e-4;
+ *     which come through numpy's float32 log (scheduler_sigma.c), and
+ *     KDPM2's interpolated ones (float32 torch logs): 1e-4;
  *   - three steps in a row on recorded inputs, with scale_model_input,
- *     the noise of Euler ancestral drawn from a generator seeded 5: 1e-5;
+ *     the noise of the ancestral samplers drawn from a generator seeded
+ *     5: 1e-5;
  *   - a whole 7-step upscale on the tiny model from the seed alone (so
  *     ancestral noise comes from the pipeline's generator in diffusers'
  *     order): the latents at the pipeline's callbacks (the first three
- *     and the last), and in euler's file the image, 2e-3.
+ *     and the last; a second-order sampler's on_step comes where
+ *     diffusers calls back, after every second UNet evaluation), and in
+ *     euler's file the image, 2e-3.
  * Then what a caller gets wrong: an unknown class or option and an
  * unsupported value, each refused naming it.
  */
@@ -29,14 +34,16 @@
 #include "model/image_processor.h"
 #include "model/pipeline.h"
 #include "model/schedulers.h"
+#include "sdx4.h"
 #include "test.h"
 #include "test_device.h"
 
 #define DATA SDX4_SOURCE_DIR "/tests/data/schedulers"
 #define STEP_NUMEL 256 /* the recorded steps' [1, 4, 8, 8] */
 
-static const char *const files[] = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                                    "dpmpp_1_sigma_min"};
+static const char *const files[] = {"euler",  "euler_a",     "dpmpp_2m",   "dpmpp_2m_karras",
+                                    "dpmpp_1_sigma_min", "heun", "heun_karras", "dpm2",
+                                    "dpm2_karras", "dpm2_a", "lms", "lms_karras"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -58,7 +65,8 @@ static double max_rel_diff(const float *a, const float *b, size_t n) {
 
 static void check_schedules(const char *file, const st_file *g, const char *cls,
                             const char *options) {
-    int karras = strstr(options, "karras") != NULL;
+    /* KDPM2's interpolated timesteps are float32 torch arithmetic on logs */
+    int karras = strstr(options, "karras") != NULL || strstr(cls, "KDPM2") != NULL;
     for (int cfg = 0; cfg < 2; cfg++) {
         const char *model = cfg ? "small" : "tiny";
         char dir[512];
@@ -75,6 +83,10 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
                 sdx4_scheduler_free(&s);
                 continue;
             }
+            /* what the server's time estimates count */
+            CHECK(s.num_timesteps == sdx4_unet_evaluations(cls, n),
+                  "%s %s %d: %d UNet evaluations, sdx4_unet_evaluations says %d", file, model, n,
+                  s.num_timesteps, sdx4_unet_evaluations(cls, n));
             char name[64];
             size_t nt = 0, ns = 0, ni = 0;
             snprintf(name, sizeof name, "%s_timesteps_%d", model, n);
@@ -92,8 +104,9 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
             }
             const float *sigmas = sdx4_scheduler_sigmas(&s);
             CHECK(!sig || sigmas, "%s %s %d: diffusers has sigmas, the engine none", file, model, n);
-            if (sig && sigmas && ns == nt + 1) {
-                double d = max_rel_diff(sigmas, sig, ns);
+            /* KDPM2's repeat the final sigma once more (2n + 2) */
+            if (sig && sigmas && ns >= nt + 1) {
+                double d = max_rel_diff(sigmas, sig, nt + 1);
                 CHECK(d <= 1e-5, "%s %s %d: sigmas differ by %g", file, model, n, d);
             }
             if (ins && ni == 1)
@@ -213,7 +226,12 @@ static void check_refusals(const scheduler_source *src) {
     static const struct {
         const char *name, *options, *expect;
     } bad[] = {
-        {"heun", NULL, "scheduler heun"},
+        {"unipc", NULL, "scheduler unipc"},
+        {"heun", "{\"use_exponential_sigmas\": true}", "use_exponential_sigmas"},
+        {"dpm2", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
+        {"dpm2-a", "{\"clip_sample\": true}", "clip_sample is not a setting"},
+        {"lms", "{\"beta_schedule\": \"exp\"}", "beta_schedule=exp"},
+        {"heun", "{\"rescale_betas_zero_snr\": true}", "rescale_betas_zero_snr is not a setting"},
         {"euler", "{\"use_karras_sigma\": true}", "use_karras_sigma is not a setting"},
         {"euler-a", "{\"use_karras_sigmas\": true}", "use_karras_sigmas is not a setting"},
         {"dpm++2m", "{\"solver_order\": 3}", "solver_order=3"},
@@ -242,6 +260,9 @@ static void check_refusals(const scheduler_source *src) {
     CHECK(sdx4_scheduler_check_choice("DPMSolverMultistepScheduler", NULL) == 0, "%s",
           sdx4_last_error());
     CHECK(sdx4_scheduler_check_choice("dpm", NULL) != 0, "dpm accepted");
+    CHECK(sdx4_unet_evaluations("heun", 20) == 39 && sdx4_unet_evaluations("dpm2-a", 20) == 39 &&
+              sdx4_unet_evaluations("lms", 20) == 20 && sdx4_unet_evaluations(NULL, 20) == 20,
+          "UNet evaluations by alias");
     /* the model's own class and aliases of it */
     scheduler s;
     CHECK(!sdx4_scheduler_create(&s, src, NULL, NULL) && s.family == SCHED_DDIM, "model's own: %s",

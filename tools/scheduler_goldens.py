@@ -7,7 +7,7 @@
 #
 #   python3 -m venv /tmp/sched-venv
 #   /tmp/sched-venv/bin/pip install torch==2.11.0 diffusers==0.40.0 \
-#       transformers==5.17.0 safetensors numpy pillow
+#       transformers==5.17.0 safetensors numpy pillow scipy
 #   /tmp/sched-venv/bin/python tools/scheduler_goldens.py \
 #       ../shared/reference tests/data/schedulers
 #
@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 
 import diffusers
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionUpscalePipeline)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                       LMSDiscreteScheduler, StableDiffusionUpscalePipeline)
 
 REF, OUT = sys.argv[1], sys.argv[2]
 STEP_COUNTS = (1, 2, 7, 20)
@@ -37,6 +39,13 @@ SCHEDULERS = {  # file name: class, options
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "dpmpp_1_sigma_min": (DPMSolverMultistepScheduler,
                           {"solver_order": 1, "final_sigmas_type": "sigma_min"}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "heun_karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True, "clip_sample": False}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "trailing"}),
 }
 
 

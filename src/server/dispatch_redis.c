@@ -621,7 +621,8 @@ static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) 
     for (int k = 0; k < n; k++) {
         const task *t = tasks[k];
         bool guided = (float)t->opts.guidance_scale > 1.0f;
-        int w = t->input.width, h = t->input.height, steps = t->opts.steps;
+        int w = t->input.width, h = t->input.height;
+        int steps = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
         estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, steps, guided)
                                      : cost_estimate(own, w, h, steps, guided);
     }

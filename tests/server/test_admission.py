@@ -76,6 +76,20 @@ def test_too_long_alone_is_refused_at_once_and_what_fits_is_admitted(calibrated)
     assert r.headers["X-Output-Size"] == "128x128"
 
 
+def test_a_second_order_sampler_is_estimated_at_twice_the_unet_work(calibrated):
+    # Heun runs the UNet 2n - 1 times for n steps: its steps cost about
+    # twice DDIM's (refused at 512 px, so nothing runs)
+    high = calibrated.get("/api/v1/model-info").json()["cost"]["estimates"][1]
+    image, steps = small_file_large_image(), 150
+    estimated = {}
+    for name in ("ddim", "heun"):
+        r = calibrated.post("/api/v1/jobs", files={"image": ("big.jpg", image, "image/jpeg")},
+                            data={"num_inference_steps": str(steps), "scheduler": name})
+        estimated[name] = problem(r, 422, "over-time-limit")["estimated_seconds"] - high["other_seconds"]
+    assert estimated["ddim"] == pytest.approx(steps * high["step_seconds"], rel=0.02), estimated
+    assert estimated["heun"] == pytest.approx((2 * steps - 1) * high["step_seconds"], rel=0.02), estimated
+
+
 def job_costing(calibrated, seconds):
     """(side, steps) of a job estimated at about `seconds` (from the
     estimate at 32 px, scaled with the pixels: a rough guess is enough)."""

@@ -16,8 +16,8 @@
  *
  * The scheduler is built for each run from the model's config and the
  * caller's choice (schedulers.h); samplers that draw noise (Euler
- * ancestral) draw it from the same generator, after the two draws above,
- * as diffusers' pipeline hands them its generator.
+ * ancestral, KDPM2 ancestral) draw it from the same generator, after the
+ * two draws above, as diffusers' pipeline hands them its generator.
  *
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
@@ -308,7 +308,11 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     else sdx4_torch_randn(&rng, latents, lat);
     for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;
 
-    if (stop_requested(a, 0, sched.num_timesteps, latents)) goto canceled;
+    /* progress as diffusers' pipeline reports it: after every order-th
+     * UNet evaluation and the last, so that a second-order sampler's n
+     * steps count 1..n like any other's */
+    int order = sched.order, total = (sched.num_timesteps + order - 1) / order;
+    if (stop_requested(a, 0, total, latents)) goto canceled;
     t0 = now();
     if (unet_state_init(&st, m, be, ctx, group, group * batch, a->tile > 0 ? tl.th : a->height,
                         a->tile > 0 ? tl.tw : a->width, a->noise_level))
@@ -321,7 +325,10 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
                                          eps)) ||
             sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents))
             goto fail;
-        if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
+        int callback = (i + 1) % order == 0 || i == sched.num_timesteps - 1;
+        if (callback ? stop_requested(a, (i + order) / order, total, latents)
+                     : cancel_is_set(a->cancel))
+            goto canceled;
     }
     rep.seconds_unet = now() - t0;
     unet_state_free(&st, be); /* its memory serves the VAE */

@@ -31,7 +31,9 @@ typedef struct {
      * noise; NULL draws from torch.Generator().manual_seed(seed). */
     const float *image_noise, *initial_latents;
     /* After each step (step 1..steps; also 0 before the first), with the
-     * latents [latent_channels, height, width]. Nonzero cancels. */
+     * latents [latent_channels, height, width]; a second-order sampler's
+     * step is two UNet evaluations, as in diffusers' progress. Nonzero
+     * cancels. */
     int (*on_step)(void *user, int step, int total, const float *latents);
     void *user;
     /* Optional: set by another thread, it stops the run within a tile of

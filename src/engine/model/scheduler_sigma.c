@@ -35,6 +35,7 @@
 /* ---------------------------------------------------------------- config */
 
 static int is_dpm(const sigma_scheduler *s) { return s->method == SIGMA_DPM_MULTISTEP; }
+static int is_k(const sigma_scheduler *s) { return s->method >= SIGMA_HEUN; } /* scheduler_k.c */
 
 int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     static const char *const classes[] = {"EulerDiscreteScheduler",
@@ -46,6 +47,9 @@ int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     static const char *const finals[] = {"zero", "sigma_min", NULL};
     static const char *const solvers[] = {"midpoint", "heun", NULL};
     static const char *const schedules[] = {"linear", "scaled_linear", "squaredcos_cap_v2", NULL};
+    const char *name;
+    if (!sdx4_cfg_str(c, "_class_name", "", &name) && sdx4_k_is_method(name, NULL))
+        return sdx4_k_from_config(s, c);
     memset(s, 0, sizeof *s);
     int method, prediction, spacing, schedule;
     if (sdx4_cfg_choice(c, "_class_name", "", classes, &method)) return -1;
@@ -101,6 +105,7 @@ void sdx4_sigma_free(sigma_scheduler *s) {
     free(s->sigmas);
     free(s->model_outputs[0]);
     free(s->model_outputs[1]);
+    sdx4_k_free(s);
     memset(s, 0, sizeof *s);
 }
 
@@ -222,7 +227,7 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
     s->numel = numel;
     s->step_index = 0;
     s->lower_order_nums = 0;
-    rc = 0;
+    rc = is_k(s) ? sdx4_k_set_timesteps(s) : 0; /* from Euler's schedule */
 done:
     free(ts), free(sig), free(log_sigmas), free(timesteps), free(sigmas);
     free(outputs[0]), free(outputs[1]);
@@ -233,6 +238,10 @@ done:
 
 void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
                                   float *out) {
+    if (is_k(s)) {
+        sdx4_k_scale_model_input(s, i, sample, out);
+        return;
+    }
     if (is_dpm(s)) {
         if (out != sample) memcpy(out, sample, s->numel * sizeof *out);
         return;
@@ -337,7 +346,8 @@ int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const 
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "Euler ancestral step: no generator");
         return -1;
     }
-    int rc = is_dpm(s) ? dpm_step(s, i, model_output, sample, prev_sample)
+    int rc = is_k(s)     ? sdx4_k_step(s, i, model_output, sample, rng, prev_sample)
+             : is_dpm(s) ? dpm_step(s, i, model_output, sample, prev_sample)
                        : euler_step(s, i, model_output, sample, rng, prev_sample);
     if (rc == 0) s->step_index++;
     return rc;

@@ -1,7 +1,9 @@
 /*
  * scheduler_sigma.h - the samplers that walk a sigma schedule:
  * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
- * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2), on host
+ * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2), and in
+ * scheduler_k.c HeunDiscreteScheduler, KDPM2DiscreteScheduler,
+ * KDPM2AncestralDiscreteScheduler and LMSDiscreteScheduler, on host
  * float arrays, with diffusers' float32 arithmetic.
  *
  * Supported config values (anything else is refused, naming the key),
@@ -19,6 +21,11 @@
  *            thresholding, use_exponential_sigmas, use_beta_sigmas,
  *            use_lu_lambdas, use_flow_sigmas, use_dynamic_shifting false,
  *            variance_type and lambda_min_clipped null only
+ *   Heun, KDPM2, KDPM2 ancestral, LMS
+ *            use_karras_sigmas; use_exponential_sigmas and use_beta_sigmas
+ *            false only; Heun: clip_sample, clip_sample_range; KDPM2s:
+ *            prediction_type epsilon | v_prediction (diffusers' step
+ *            raises for sample)
  *
  * Unlike DDIM, these keep state between steps (the step index, DPM's
  * previous model outputs): one scheduler serves one run.
@@ -32,7 +39,16 @@
 #include "core/rng.h"
 #include "model/scheduler.h"
 
-typedef enum { SIGMA_EULER, SIGMA_EULER_ANCESTRAL, SIGMA_DPM_MULTISTEP } sigma_method;
+typedef enum {
+    SIGMA_EULER,
+    SIGMA_EULER_ANCESTRAL,
+    SIGMA_DPM_MULTISTEP,
+    /* scheduler_k.c's */
+    SIGMA_HEUN,
+    SIGMA_KDPM2,
+    SIGMA_KDPM2_ANCESTRAL,
+    SIGMA_LMS
+} sigma_method;
 
 typedef struct {
     sigma_method method;
@@ -55,6 +71,17 @@ typedef struct {
     int step_index, lower_order_nums;
     size_t numel;            /* of a sample */
     float *model_outputs[2]; /* DPM: the last two converted outputs */
+    /* scheduler_k.c's classes; sigmas above is diffusers' whole array
+       (2n for Heun, 2n + 2 for the KDPM2s, n + 1 for LMS, n steps) */
+    int order;               /* UNet evaluations per diffusers callback */
+    int clip_sample;         /* Heun's */
+    float clip_sample_range;
+    float *k_interpol;       /* (2n + 2) KDPM2's sigmas_interpol */
+    float *k_up, *k_down;    /* (2n + 2) KDPM2 ancestral's sigmas_up/down */
+    float *k_sample;         /* (numel) saved by a first-order step */
+    float *k_derivs[4];      /* (numel) Heun's first derivative; LMS's
+                                last four, newest first */
+    int k_second;            /* the next step is the second order's */
 } sigma_scheduler;
 
 /* From a parsed config whose _class_name is one of the three classes. */
@@ -75,5 +102,15 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
  * sample. */
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample);
+
+/* scheduler_k.c: Heun, KDPM2, KDPM2 ancestral and LMS, called by the
+ * functions above for their methods. */
+int sdx4_k_is_method(const char *class_name, sigma_method *method);
+int sdx4_k_from_config(sigma_scheduler *s, const config *c);
+int sdx4_k_set_timesteps(sigma_scheduler *s);
+void sdx4_k_scale_model_input(const sigma_scheduler *s, int i, const float *sample, float *out);
+int sdx4_k_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
+                torch_rng *rng, float *prev_sample);
+void sdx4_k_free(sigma_scheduler *s);
 
 #endif

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "sdx4.h"
 
 #define CONFIG_FILE "scheduler/scheduler_config.json"
 
@@ -45,6 +46,13 @@ static const char *const dpm_keys[] = {
     "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
     "flow_shift", "final_sigmas_type", "lambda_min_clipped", "variance_type",
     "use_dynamic_shifting", "time_shift_type", NULL};
+/* Heun, KDPM2, KDPM2 ancestral and LMS: no rescale_betas_zero_snr */
+#define K_KEYS                                                                                     \
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",             \
+        "prediction_type", "timestep_spacing", "steps_offset", "use_karras_sigmas",                \
+        "use_exponential_sigmas", "use_beta_sigmas"
+static const char *const heun_keys[] = {K_KEYS, "clip_sample", "clip_sample_range", NULL};
+static const char *const k_keys[] = {K_KEYS, NULL};
 
 static const struct {
     const char *alias, *class_name;
@@ -55,6 +63,10 @@ static const struct {
     {"euler", "EulerDiscreteScheduler", euler_keys, SCHED_SIGMA},
     {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys, SCHED_SIGMA},
     {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys, SCHED_SIGMA},
+    {"heun", "HeunDiscreteScheduler", heun_keys, SCHED_SIGMA},
+    {"dpm2", "KDPM2DiscreteScheduler", k_keys, SCHED_SIGMA},
+    {"dpm2-a", "KDPM2AncestralDiscreteScheduler", k_keys, SCHED_SIGMA},
+    {"lms", "LMSDiscreteScheduler", k_keys, SCHED_SIGMA},
 };
 #define N_CLASSES (int)(sizeof classes / sizeof *classes)
 
@@ -67,6 +79,13 @@ static int find_class(const char *name) {
 const char *sdx4_scheduler_class(const char *name) {
     int i = find_class(name);
     return i < 0 ? NULL : classes[i].class_name;
+}
+
+int sdx4_unet_evaluations(const char *scheduler, int steps) {
+    const char *cls = sdx4_scheduler_class(scheduler);
+    sigma_method m;
+    int second_order = cls && sdx4_k_is_method(cls, &m) && m != SIGMA_LMS;
+    return second_order && steps > 0 ? 2 * steps - 1 : steps;
 }
 
 static int unknown_class(sdx4_status status, const char *what, const char *name) {
@@ -232,6 +251,7 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
     s->timesteps = ts;
     s->num_timesteps = count;
     s->init_noise_sigma = s->family == SCHED_DDIM ? 1.0f : s->sigma.init_noise_sigma;
+    s->order = s->family == SCHED_SIGMA && s->sigma.order ? s->sigma.order : 1;
     s->numel = numel;
     return 0;
 }

@@ -34,7 +34,8 @@ int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir);
 void sdx4_scheduler_source_free(scheduler_source *src);
 
 /* The diffusers class an alias or class name stands for (ddim, euler,
- * euler-a, dpm++2m, or the class name itself); NULL if none. */
+ * euler-a, dpm++2m, heun, dpm2, dpm2-a, lms, or the class name itself);
+ * NULL if none. */
 const char *sdx4_scheduler_class(const char *name);
 
 /* Checks a caller's choice without a model: a known name (or NULL) and
@@ -54,6 +55,9 @@ typedef struct {
     float *timesteps; /* (num_timesteps): what the UNet is given */
     float init_noise_sigma;
     size_t numel;
+    int order; /* UNet evaluations per step of diffusers' progress (2 for
+                  Heun and the KDPM2s): its pipeline calls back after
+                  every order-th one and after the last */
 } scheduler;
 
 /* Builds a scheduler from the model's config with a caller's choice:
