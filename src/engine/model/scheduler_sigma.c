@@ -1,8 +1,9 @@
 /*
- * scheduler_sigma.c - Euler, Euler ancestral and DPM-Solver++ multistep,
- * as diffusers computes them.
+ * scheduler_sigma.c - Euler and Euler ancestral as diffusers computes
+ * them, and the sigma schedules every sigma sampler shares (the DPM-Solver
+ * family's steps are in scheduler_dpm.c).
  *
- * All three turn the noise schedule into sigmas, sigma(t) =
+ * All of them turn the noise schedule into sigmas, sigma(t) =
  * sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) in float32 (a torch
  * expression), and walk them from large to small. set_timesteps() is numpy
  * in diffusers, so it is done in double here and rounded to float where
@@ -20,9 +21,6 @@
  *
  * The steps are one float operation per torch operation of diffusers, in
  * its order: coefficients as 0-dim float32 tensors, then per element.
- * torch's log and exp on 0-dim tensors are logf and expf. A final sigma of
- * zero makes DPM's lambda +inf, h +inf and exp(-h) 0, exactly as in torch,
- * which is how its last step lands on the predicted sample.
  */
 #include "model/scheduler_sigma.h"
 
@@ -31,6 +29,7 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "model/scheduler_dpm.h"
 
 /* ---------------------------------------------------------------- config */
 
@@ -44,7 +43,6 @@ int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     static const char *const eps_or_v[] = {"epsilon", "v_prediction", NULL};
     static const char *const spacings[] = {"leading", "trailing", "linspace", NULL};
     static const char *const finals[] = {"zero", "sigma_min", NULL};
-    static const char *const solvers[] = {"midpoint", "heun", NULL};
     static const char *const schedules[] = {"linear", "scaled_linear", "squaredcos_cap_v2", NULL};
     memset(s, 0, sizeof *s);
     int method, prediction, spacing, schedule;
@@ -67,31 +65,14 @@ int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
         rc = sdx4_cfg_expect_str(c, "interpolation_type", "linear") ||
              sdx4_cfg_expect_str(c, "timestep_type", "discrete") ||
              sdx4_cfg_expect_null(c, "sigma_min") || sdx4_cfg_expect_null(c, "sigma_max");
-    if (!rc && is_dpm(s)) {
-        rc = sdx4_cfg_int(c, "solver_order", 2, &s->solver_order) ||
-             sdx4_cfg_choice(c, "solver_type", "midpoint", solvers, &s->heun) ||
-             sdx4_cfg_bool(c, "lower_order_final", 1, &s->lower_order_final) ||
-             sdx4_cfg_bool(c, "euler_at_final", 0, &s->euler_at_final) ||
-             sdx4_cfg_expect_str(c, "algorithm_type", "dpmsolver++") ||
-             sdx4_cfg_expect_bool(c, "thresholding", 0) ||
-             sdx4_cfg_expect_bool(c, "use_lu_lambdas", 0) ||
-             sdx4_cfg_expect_bool(c, "use_flow_sigmas", 0) ||
-             sdx4_cfg_expect_bool(c, "use_dynamic_shifting", 0) ||
-             sdx4_cfg_expect_null(c, "variance_type") ||
-             sdx4_cfg_expect_null(c, "lambda_min_clipped");
-        if (!rc && (s->solver_order < 1 || s->solver_order > 2)) {
-            sdx4_set_error(SDX4_ERR_MODEL, "%s: solver_order=%d is not supported (supported: 1, 2)",
-                           c->label, s->solver_order);
-            rc = -1;
-        }
-    }
+    s->prediction = (prediction_type)prediction;
+    s->spacing = (timestep_spacing)spacing;
+    s->cosine_betas = schedule == 2;
+    if (!rc && is_dpm(s)) rc = sdx4_dpm_from_config(s, c);
     if (rc) {
         sdx4_sigma_free(s);
         return -1;
     }
-    s->prediction = (prediction_type)prediction;
-    s->spacing = (timestep_spacing)spacing;
-    s->cosine_betas = schedule == 2;
     return 0;
 }
 
@@ -99,27 +80,26 @@ void sdx4_sigma_free(sigma_scheduler *s) {
     free(s->alphas_cumprod);
     free(s->timesteps);
     free(s->sigmas);
-    free(s->model_outputs[0]);
-    free(s->model_outputs[1]);
+    sdx4_dpm_free(s);
     memset(s, 0, sizeof *s);
 }
 
 /* ------------------------------------------------------- set_timesteps */
 
 /* ((1 - acp[t]) / acp[t]) ** 0.5 in float32. */
-static float train_sigma(const sigma_scheduler *s, int t) {
+float sdx4_sigma_train(const sigma_scheduler *s, int t) {
     float a = s->alphas_cumprod[t];
     return sqrtf((1.0f - a) / a);
 }
 
 /* np.interp(t, arange(T), train sigmas): clamped to the ends, as numpy
  * does for a "trailing" -1 or a steps_offset past T - 1. */
-static double interp_sigma(const sigma_scheduler *s, double t) {
+double sdx4_sigma_interp(const sigma_scheduler *s, double t) {
     int T = s->num_train_timesteps;
-    if (t <= 0) return train_sigma(s, 0);
-    if (t >= T - 1) return train_sigma(s, T - 1);
+    if (t <= 0) return sdx4_sigma_train(s, 0);
+    if (t >= T - 1) return sdx4_sigma_train(s, T - 1);
     int j = (int)floor(t);
-    double lo = train_sigma(s, j), hi = train_sigma(s, j + 1);
+    double lo = sdx4_sigma_train(s, j), hi = sdx4_sigma_train(s, j + 1);
     if (t == (double)j) return lo;
     double slope = (hi - lo) / 1.0; /* numpy divides by xp[j + 1] - xp[j] */
     return slope * (t - (double)j) + lo;
@@ -127,7 +107,7 @@ static double interp_sigma(const sigma_scheduler *s, double t) {
 
 /* _sigma_to_t: the fractional timestep whose log-sigma interpolates to
  * log(sigma); log_sigmas are np.log of the float32 train sigmas. */
-static double sigma_to_t(const float *log_sigmas, int T, double sigma) {
+double sdx4_sigma_to_t(const float *log_sigmas, int T, double sigma) {
     double log_sigma = log(sigma > 1e-10 ? sigma : 1e-10);
     int low = 0; /* the last index whose log-sigma is <= log_sigma */
     for (int j = 0; j < T; j++)
@@ -140,7 +120,7 @@ static double sigma_to_t(const float *log_sigmas, int T, double sigma) {
 }
 
 /* _convert_to_karras: n sigmas from sigma_max down to sigma_min, rho 7. */
-static void karras(double sigma_min, double sigma_max, int n, double *out) {
+void sdx4_sigma_karras(double sigma_min, double sigma_max, int n, double *out) {
     const double rho = 7.0;
     double min_inv_rho = pow(sigma_min, 1 / rho), max_inv_rho = pow(sigma_max, 1 / rho);
     for (int i = 0; i < n; i++) {
@@ -183,23 +163,22 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
     float *log_sigmas = malloc((size_t)T * sizeof *log_sigmas);
     float *timesteps = malloc((size_t)(n + 1) * sizeof *timesteps);
     float *sigmas = malloc((size_t)(n + 2) * sizeof *sigmas);
-    float *outputs[2] = {malloc(numel * sizeof(float)), malloc(numel * sizeof(float))};
     int rc = -1;
-    if (!ts || !sig || !log_sigmas || !timesteps || !sigmas || !outputs[0] || !outputs[1]) {
+    if (!ts || !sig || !log_sigmas || !timesteps || !sigmas) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
         goto done;
     }
     int count = spaced_timesteps(s, n, ts);
-    for (int i = 0; i < count; i++) sig[i] = interp_sigma(s, ts[i]);
+    for (int i = 0; i < count; i++) sig[i] = sdx4_sigma_interp(s, ts[i]);
     if (s->karras) {
         /* Euler: between its interpolated sigmas; DPM: the whole schedule */
-        double lo = is_dpm(s) ? train_sigma(s, 0) : sig[count - 1];
-        double hi = is_dpm(s) ? train_sigma(s, T - 1) : sig[0];
-        for (int t = 0; t < T; t++) log_sigmas[t] = logf(train_sigma(s, t));
+        double lo = is_dpm(s) ? sdx4_sigma_train(s, 0) : sig[count - 1];
+        double hi = is_dpm(s) ? sdx4_sigma_train(s, T - 1) : sig[0];
+        for (int t = 0; t < T; t++) log_sigmas[t] = logf(sdx4_sigma_train(s, t));
         count = n;
-        karras(lo, hi, n, sig);
+        sdx4_sigma_karras(lo, hi, n, sig);
         for (int i = 0; i < n; i++) {
-            double t = sigma_to_t(log_sigmas, T, sig[i]);
+            double t = sdx4_sigma_to_t(log_sigmas, T, sig[i]);
             ts[i] = is_dpm(s) && !s->cosine_betas ? nearbyint(t) : t;
         }
     }
@@ -207,25 +186,23 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
         timesteps[i] = (float)ts[i];
         sigmas[i] = (float)sig[i];
     }
-    sigmas[count] = s->final_sigma_min ? train_sigma(s, 0) : 0.0f;
+    sigmas[count] = s->final_sigma_min ? sdx4_sigma_train(s, 0) : 0.0f;
     float max_sigma = 0;
     for (int i = 0; i <= count; i++)
         if (sigmas[i] > max_sigma) max_sigma = sigmas[i];
     s->init_noise_sigma = is_dpm(s) ? 1.0f
                           : s->spacing == SPACING_LEADING ? sqrtf(max_sigma * max_sigma + 1.0f)
                                                           : max_sigma;
-    free(s->timesteps), free(s->sigmas), free(s->model_outputs[0]), free(s->model_outputs[1]);
+    if (is_dpm(s) && sdx4_dpm_start(s, numel)) goto done;
+    free(s->timesteps), free(s->sigmas);
     s->timesteps = timesteps, s->sigmas = sigmas;
-    s->model_outputs[0] = outputs[0], s->model_outputs[1] = outputs[1];
-    timesteps = NULL, sigmas = NULL, outputs[0] = outputs[1] = NULL;
+    timesteps = NULL, sigmas = NULL;
     s->num_timesteps = count;
     s->numel = numel;
     s->step_index = 0;
-    s->lower_order_nums = 0;
     rc = 0;
 done:
     free(ts), free(sig), free(log_sigmas), free(timesteps), free(sigmas);
-    free(outputs[0]), free(outputs[1]);
     return rc;
 }
 
@@ -280,52 +257,6 @@ static int euler_step(sigma_scheduler *s, int i, const float *mo, const float *x
     return 0;
 }
 
-/* _sigma_to_alpha_sigma_t and the log-SNR lambda of one sigma. */
-typedef struct {
-    float alpha, sigma, lambda;
-} dpm_point;
-
-static dpm_point dpm_at(float sigma) {
-    dpm_point p;
-    p.alpha = 1.0f / sqrtf(sigma * sigma + 1.0f);
-    p.sigma = sigma * p.alpha;
-    p.lambda = logf(p.alpha) - logf(p.sigma);
-    return p;
-}
-
-static int dpm_step(sigma_scheduler *s, int i, const float *mo, const float *x, float *prev) {
-    size_t n = s->numel;
-    int N = s->num_timesteps;
-    int lower_final = i == N - 1 && (s->euler_at_final || (s->lower_order_final && N < 15) ||
-                                     !s->final_sigma_min);
-    /* convert_model_output: the predicted x0, kept for the next step */
-    float *older = s->model_outputs[0], *x0 = older;
-    s->model_outputs[0] = s->model_outputs[1];
-    s->model_outputs[1] = x0;
-    dpm_point s0 = dpm_at(s->sigmas[i]), t = dpm_at(s->sigmas[i + 1]);
-    for (size_t k = 0; k < n; k++) {
-        if (s->prediction == PREDICT_EPSILON) x0[k] = (x[k] - s0.sigma * mo[k]) / s0.alpha;
-        else if (s->prediction == PREDICT_V) x0[k] = s0.alpha * x[k] - s0.sigma * mo[k];
-        else x0[k] = mo[k];
-    }
-    float h = t.lambda - s0.lambda;
-    float ratio = t.sigma / s0.sigma, c0 = t.alpha * (expf(-h) - 1.0f);
-    if (s->solver_order == 1 || s->lower_order_nums < 1 || lower_final) {
-        for (size_t k = 0; k < n; k++) prev[k] = ratio * x[k] - c0 * x0[k];
-    } else { /* second order (diffusers' lower_order_second matters from order 3) */
-        dpm_point s1 = dpm_at(s->sigmas[i - 1]);
-        float h0 = s0.lambda - s1.lambda, r0 = h0 / h, inv_r0 = 1.0f / r0;
-        const float *m0 = x0, *m1 = s->model_outputs[0];
-        float c1 = s->heun ? t.alpha * ((expf(-h) - 1.0f) / h + 1.0f) : 0.5f * c0;
-        for (size_t k = 0; k < n; k++) {
-            float d1 = inv_r0 * (m0[k] - m1[k]), a = ratio * x[k] - c0 * m0[k];
-            prev[k] = s->heun ? a + c1 * d1 : a - c1 * d1;
-        }
-    }
-    if (s->lower_order_nums < s->solver_order) s->lower_order_nums++;
-    return 0;
-}
-
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample) {
     if (!s->timesteps || i != s->step_index || i >= s->num_timesteps) {
@@ -337,7 +268,7 @@ int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const 
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "Euler ancestral step: no generator");
         return -1;
     }
-    int rc = is_dpm(s) ? dpm_step(s, i, model_output, sample, prev_sample)
+    int rc = is_dpm(s) ? sdx4_dpm_step(s, i, model_output, sample, prev_sample)
                        : euler_step(s, i, model_output, sample, rng, prev_sample);
     if (rc == 0) s->step_index++;
     return rc;

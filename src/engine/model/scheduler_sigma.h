@@ -1,8 +1,9 @@
 /*
  * scheduler_sigma.h - the samplers that walk a sigma schedule:
  * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
- * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2), on host
- * float arrays, with diffusers' float32 arithmetic.
+ * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2; its steps in
+ * scheduler_dpm.h), on host float arrays, with diffusers' float32
+ * arithmetic.
  *
  * Supported config values (anything else is refused, naming the key),
  * besides the noise schedule's (scheduler.h):
@@ -75,5 +76,16 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
  * sample. */
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample);
+
+/* The schedule's parts, shared by the samplers' files. */
+/* sigma(t) of the training schedule, ((1 - acp[t]) / acp[t]) ** 0.5 in float32. */
+float sdx4_sigma_train(const sigma_scheduler *s, int t);
+/* np.interp of the training sigmas at a fractional timestep. */
+double sdx4_sigma_interp(const sigma_scheduler *s, double t);
+/* _sigma_to_t: the fractional timestep of a sigma, from np.log of the
+ * float32 training sigmas (T of them). */
+double sdx4_sigma_to_t(const float *log_sigmas, int T, double sigma);
+/* _convert_to_karras: n sigmas from sigma_max down to sigma_min. */
+void sdx4_sigma_karras(double sigma_min, double sigma_max, int n, double *out);
 
 #endif
