@@ -6,8 +6,9 @@
  * and options over the model's DDIM config, sdx4_scheduler_create) and
  * checked at ../shared/reference/README.md's tolerances:
  *   - timesteps, sigmas and init_noise_sigma for 1, 2, 7 and 20 steps on
- *     the tiny and small configs; timesteps exactly, except Karras ones,
- *     which come through numpy's float32 log (scheduler_sigma.c): 1e-4;
+ *     the tiny and small configs; timesteps exactly, except Karras,
+ *     exponential, beta and Lu ones, which come through numpy's float32
+ *     log (scheduler_sigma.c): 1e-4;
  *   - three steps in a row on recorded inputs, with scale_model_input,
  *     the noise of Euler ancestral drawn from a generator seeded 5: 1e-5;
  *   - a whole 7-step upscale on the tiny model from the seed alone (so
@@ -15,7 +16,8 @@
  *     order): the latents at the pipeline's callbacks (the first three
  *     and the last), and in euler's file the image, 2e-3.
  * Then what a caller gets wrong: an unknown class or option and an
- * unsupported value, each refused naming it.
+ * unsupported value, each refused naming it; and the beta quantiles of
+ * beta sigmas against scipy.
  */
 #include <jansson.h>
 #include <math.h>
@@ -35,8 +37,12 @@
 #define DATA SDX4_SOURCE_DIR "/tests/data/schedulers"
 #define STEP_NUMEL 256 /* the recorded steps' [1, 4, 8, 8] */
 
-static const char *const files[] = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                                    "dpmpp_1_sigma_min"};
+static const char *const files[] = {
+    "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_1_sigma_min",
+    /* the DPM-Solver family in full */
+    "dpmpp_3m", "dpmpp_3m_sde", "dpm_3m_heun_exponential", "dpm_2m_sde_heun",
+    "dpmpp_2m_sde_heun_lu", "dpmpp_2m_beta", "dpmpp_2m_thresholding_clipped", "dpmpp_2s",
+    "dpmpp_3s_sde", "dpm_3s_heun_karras", "deis_2m", "deis_3m_karras", "euler_exponential"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -58,7 +64,9 @@ static double max_rel_diff(const float *a, const float *b, size_t n) {
 
 static void check_schedules(const char *file, const st_file *g, const char *cls,
                             const char *options) {
-    int karras = strstr(options, "karras") != NULL;
+    /* fractional timesteps of spread sigmas come through numpy's float32 log */
+    int spread = strstr(options, "karras") || strstr(options, "exponential") ||
+                 strstr(options, "beta") || strstr(options, "lu_lambdas");
     for (int cfg = 0; cfg < 2; cfg++) {
         const char *model = cfg ? "small" : "tiny";
         char dir[512];
@@ -87,7 +95,7 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
                   model, n, s.num_timesteps, nt);
             if (ts && (int)nt == s.num_timesteps) {
                 double d = max_abs_diff(s.timesteps, ts, nt);
-                CHECK(d <= (karras ? 1e-4 : 0), "%s %s %d: timesteps differ by %g", file, model,
+                CHECK(d <= (spread ? 1e-4 : 0), "%s %s %d: timesteps differ by %g", file, model,
                       n, d);
             }
             const float *sigmas = sdx4_scheduler_sigmas(&s);
@@ -216,9 +224,25 @@ static void check_refusals(const scheduler_source *src) {
         {"heun", NULL, "scheduler heun"},
         {"euler", "{\"use_karras_sigma\": true}", "use_karras_sigma is not a setting"},
         {"euler-a", "{\"use_karras_sigmas\": true}", "use_karras_sigmas is not a setting"},
-        {"dpm++2m", "{\"solver_order\": 3}", "solver_order=3"},
-        {"dpm++2m", "{\"algorithm_type\": \"sde-dpmsolver++\"}", "algorithm_type"},
-        {"euler", "{\"use_exponential_sigmas\": true}", "use_exponential_sigmas"},
+        {"dpm++2m", "{\"solver_order\": 4}", "solver_order=4"},
+        {"dpm++2m", "{\"algorithm_type\": \"dpmsolver\"}", "final_sigmas_type=zero"},
+        {"dpm++2m",
+         "{\"algorithm_type\": \"sde-dpmsolver\", \"solver_order\": 3, "
+         "\"final_sigmas_type\": \"sigma_min\"}",
+         "solver_order=3 is not supported with algorithm_type sde-dpmsolver"},
+        {"dpm++2m", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"dpm++2m", "{\"variance_type\": \"learned\"}", "variance_type"},
+        {"dpm++2m", "{\"thresholding\": true, \"dynamic_thresholding_ratio\": 1.5}",
+         "dynamic_thresholding_ratio"},
+        {"euler", "{\"use_exponential_sigmas\": true, \"use_beta_sigmas\": true}", "only one of"},
+        {"dpm++2s", "{\"timestep_spacing\": \"leading\"}", "timestep_spacing is not a setting"},
+        {"dpm++2s", "{\"algorithm_type\": \"sde-dpmsolver\"}", "algorithm_type=sde-dpmsolver"},
+        {"dpm++2s",
+         "{\"algorithm_type\": \"dpmsolver\", \"thresholding\": true, "
+         "\"final_sigmas_type\": \"sigma_min\"}",
+         "thresholding is not supported"},
+        {"deis", "{\"algorithm_type\": \"sde-dpmsolver++\"}", "algorithm_type=sde-dpmsolver++"},
+        {"deis", "{\"final_sigmas_type\": \"zero\"}", "final_sigmas_type is not a setting"},
         {"euler", "{\"timestep_spacing\": \"sideways\"}", "timestep_spacing=sideways"},
         {"euler-a", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
         {NULL, "[1, 2]", "JSON object"},
@@ -253,7 +277,34 @@ static void check_refusals(const scheduler_source *src) {
     if (rc == 0) sdx4_scheduler_free(&s);
 }
 
+/* scipy.stats.beta.ppf(p, a, b), printed by scipy 1.17.1 in the goldens'
+ * venv: beta sigmas use a = b = 0.6; the others try the other side of
+ * the continued fraction and densities bounded at one end. */
+static void check_beta_ppf(void) {
+    static const double cases[][4] = {
+        {0.5, 0.6, 0.6, 0.50000000000000011},
+        {0.3333333333333333, 0.6, 0.6, 0.27541329077762339},
+        {0.05, 0.6, 0.6, 0.012554456873611399},
+        {0.95, 0.6, 0.6, 0.98744554312638855},
+        {1e-06, 0.6, 0.6, 1.8558824624053043e-10},
+        {0.999999, 0.6, 0.6, 0.99999999981441179},
+        {0.3, 2.5, 0.7, 0.70977589121488038},
+        {0.8, 0.5, 3.0, 0.2567723472089895},
+    };
+    double worst = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        double got = sdx4_beta_ppf(cases[i][0], cases[i][1], cases[i][2]), want = cases[i][3];
+        double d = fabs(got - want) / want;
+        worst = fmax(worst, d);
+        CHECK(d <= 1e-13, "beta.ppf(%g, %g, %g) = %.17g, scipy %.17g", cases[i][0], cases[i][1],
+              cases[i][2], got, want);
+    }
+    CHECK(sdx4_beta_ppf(0, 0.6, 0.6) == 0 && sdx4_beta_ppf(1, 0.6, 0.6) == 1, "beta.ppf's ends");
+    printf("  beta.ppf: max relative diff from scipy %.3g\n", worst);
+}
+
 int main(void) {
+    check_beta_ppf();
     backend *be = test_backend();
     char dir[512];
     snprintf(dir, sizeof dir, "%s/model", test_ref("tiny"));

@@ -33,19 +33,38 @@
 
 /* ---------------------------------------------------------------- config */
 
-static int is_dpm(const sigma_scheduler *s) { return s->method == SIGMA_DPM_MULTISTEP; }
+static int is_dpm(const sigma_scheduler *s) {
+    return s->method == SIGMA_DPM_MULTISTEP || s->method == SIGMA_DPM_SINGLESTEP ||
+           s->method == SIGMA_DEIS;
+}
+
+int sdx4_sigma_read_spread(sigma_scheduler *s, const config *c) {
+    if (sdx4_cfg_bool(c, "use_karras_sigmas", 0, &s->karras) ||
+        sdx4_cfg_bool(c, "use_exponential_sigmas", 0, &s->exponential) ||
+        sdx4_cfg_bool(c, "use_beta_sigmas", 0, &s->beta))
+        return -1;
+    if (s->karras + s->exponential + s->beta > 1) {
+        sdx4_set_error(SDX4_ERR_MODEL,
+                       "%s: only one of use_karras_sigmas, use_exponential_sigmas and "
+                       "use_beta_sigmas can be true",
+                       c->label);
+        return -1;
+    }
+    return 0;
+}
 
 int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
-    static const char *const classes[] = {"EulerDiscreteScheduler",
-                                          "EulerAncestralDiscreteScheduler",
-                                          "DPMSolverMultistepScheduler", NULL};
+    static const char *const classes[] = {
+        "EulerDiscreteScheduler",       "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",  "DPMSolverSinglestepScheduler",
+        "DEISMultistepScheduler",       NULL};
     static const char *const predictions[] = {"epsilon", "v_prediction", "sample", NULL};
     static const char *const eps_or_v[] = {"epsilon", "v_prediction", NULL};
     static const char *const spacings[] = {"leading", "trailing", "linspace", NULL};
     static const char *const finals[] = {"zero", "sigma_min", NULL};
     static const char *const schedules[] = {"linear", "scaled_linear", "squaredcos_cap_v2", NULL};
     memset(s, 0, sizeof *s);
-    int method, prediction, spacing, schedule;
+    int method, prediction, spacing = SPACING_LINSPACE, schedule;
     if (sdx4_cfg_choice(c, "_class_name", "", classes, &method)) return -1;
     s->method = (sigma_method)method;
     if (sdx4_noise_schedule_load(c, classes[method], &s->num_train_timesteps, &s->alphas_cumprod))
@@ -53,16 +72,14 @@ int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     int rc = sdx4_cfg_choice(c, "beta_schedule", "linear", schedules, &schedule) ||
              sdx4_cfg_choice(c, "prediction_type", "epsilon",
                              method == SIGMA_EULER_ANCESTRAL ? eps_or_v : predictions,
-                             &prediction) ||
-             sdx4_cfg_choice(c, "timestep_spacing", "linspace", spacings, &spacing) ||
+                             &prediction);
+    if (!rc && method != SIGMA_DPM_SINGLESTEP) /* which has neither key */
+        rc = sdx4_cfg_choice(c, "timestep_spacing", "linspace", spacings, &spacing) ||
              sdx4_cfg_int(c, "steps_offset", 0, &s->steps_offset);
-    if (!rc && method != SIGMA_EULER_ANCESTRAL)
-        rc = sdx4_cfg_bool(c, "use_karras_sigmas", 0, &s->karras) ||
-             sdx4_cfg_choice(c, "final_sigmas_type", "zero", finals, &s->final_sigma_min) ||
-             sdx4_cfg_expect_bool(c, "use_exponential_sigmas", 0) ||
-             sdx4_cfg_expect_bool(c, "use_beta_sigmas", 0);
     if (!rc && method == SIGMA_EULER)
-        rc = sdx4_cfg_expect_str(c, "interpolation_type", "linear") ||
+        rc = sdx4_sigma_read_spread(s, c) ||
+             sdx4_cfg_choice(c, "final_sigmas_type", "zero", finals, &s->final_sigma_min) ||
+             sdx4_cfg_expect_str(c, "interpolation_type", "linear") ||
              sdx4_cfg_expect_str(c, "timestep_type", "discrete") ||
              sdx4_cfg_expect_null(c, "sigma_min") || sdx4_cfg_expect_null(c, "sigma_max");
     s->prediction = (prediction_type)prediction;
@@ -129,8 +146,71 @@ void sdx4_sigma_karras(double sigma_min, double sigma_max, int n, double *out) {
     }
 }
 
-/* The timesteps of the spacing, as doubles. Euler and Euler ancestral
- * space n timesteps over [0, T); DPM spaces n + 1 and drops the last. */
+void sdx4_sigma_exponential(double sigma_min, double sigma_max, int n, double *out) {
+    double start = log(sigma_max), step = n > 1 ? (log(sigma_min) - start) / (n - 1) : 0;
+    for (int i = 0; i < n; i++) out[i] = exp(i == n - 1 && n > 1 ? log(sigma_min) : i * step + start);
+}
+
+/* I_x(a, b), the regularized incomplete beta function, by its continued
+ * fraction evaluated with the modified Lentz method, on the side of the
+ * mean where it converges in a few dozen terms (the other side by
+ * I_x(a, b) = 1 - I_(1-x)(b, a)). */
+static double incomplete_beta(double x, double a, double b) {
+    if (x <= 0) return 0;
+    if (x >= 1) return 1;
+    if (x > (a + 1) / (a + b + 2)) return 1 - incomplete_beta(1 - x, b, a);
+    const double tiny = 1e-300;
+    double front = exp(lgamma(a + b) - lgamma(a) - lgamma(b) + a * log(x) + b * log1p(-x)) / a;
+    double f = 1, c = 1, d = 0;
+    for (int i = 0; i < 1000; i++) {
+        int m = i / 2;
+        double num = i == 0       ? 1
+                     : i % 2 == 0 ? m * (b - m) * x / ((a + 2.0 * m - 1) * (a + 2.0 * m))
+                                  : -((a + m) * (a + b + m) * x) / ((a + 2.0 * m) * (a + 2.0 * m + 1));
+        d = 1 + num * d;
+        d = 1 / (fabs(d) < tiny ? tiny : d);
+        c = 1 + num / c;
+        c = fabs(c) < tiny ? tiny : c;
+        f *= c * d;
+        if (fabs(1 - c * d) < 1e-16) break;
+    }
+    return front * (f - 1);
+}
+
+/* Bisection on I_x until the bracket is two adjacent doubles: slower than
+ * Newton's method but it cannot leave [0, 1] where the density is
+ * infinite (a, b < 1, as here), and a schedule needs only n of them. */
+double sdx4_beta_ppf(double p, double a, double b) {
+    if (!(p > 0)) return 0;
+    if (p >= 1) return 1;
+    double lo = 0, hi = 1;
+    for (;;) {
+        double mid = lo + (hi - lo) / 2;
+        if (mid <= lo || mid >= hi) break;
+        if (incomplete_beta(mid, a, b) < p) lo = mid;
+        else hi = mid;
+    }
+    return fabs(incomplete_beta(lo, a, b) - p) < fabs(incomplete_beta(hi, a, b) - p) ? lo : hi;
+}
+
+/* scipy.stats.beta.ppf(1 - ramp, 0.6, 0.6) spread between the extremes. */
+void sdx4_sigma_beta(double sigma_min, double sigma_max, int n, double *out) {
+    for (int i = 0; i < n; i++) {
+        double ramp = n > 1 ? (i == n - 1 ? 1.0 : i * (1.0 / (n - 1))) : 0.0;
+        out[i] = sigma_min + sdx4_beta_ppf(1 - ramp, 0.6, 0.6) * (sigma_max - sigma_min);
+    }
+}
+
+int sdx4_sigma_convert(const sigma_scheduler *s, double sigma_min, double sigma_max, int n,
+                       double *out) {
+    if (s->karras) sdx4_sigma_karras(sigma_min, sigma_max, n, out);
+    else if (s->exponential) sdx4_sigma_exponential(sigma_min, sigma_max, n, out);
+    else if (s->beta) sdx4_sigma_beta(sigma_min, sigma_max, n, out);
+    return s->karras || s->exponential || s->beta;
+}
+
+/* Euler's and Euler ancestral's timesteps of the spacing, as doubles (the
+ * DPM family's are in scheduler_dpm.c). */
 static int spaced_timesteps(const sigma_scheduler *s, int n, double *out) {
     int T = s->num_train_timesteps;
     if (s->spacing == SPACING_TRAILING) {
@@ -138,18 +218,31 @@ static int spaced_timesteps(const sigma_scheduler *s, int n, double *out) {
         for (int i = 0; i < count; i++) out[i] = nearbyint(out[i]) - 1;
         return count;
     }
-    int m = is_dpm(s) ? n + 1 : n; /* points spaced; the first n are used */
     for (int i = 0; i < n; i++) {
-        int k = m - 1 - i; /* reversed */
+        int k = n - 1 - i; /* reversed */
         if (s->spacing == SPACING_LEADING) {
-            out[i] = (double)(k * (T / m)) + s->steps_offset;
-        } else { /* np.linspace(0, T - 1, m) */
-            double v = m > 1 ? (k == m - 1 ? (double)(T - 1) : k * ((double)(T - 1) / (m - 1))) : 0;
-            /* Euler's linspace is float32; DPM's is rounded to int64 */
-            out[i] = is_dpm(s) ? nearbyint(v) : (double)(float)v;
+            out[i] = (double)(k * (T / n)) + s->steps_offset;
+        } else { /* np.linspace(0, T - 1, n), float32 */
+            double v = n > 1 ? (k == n - 1 ? (double)(T - 1) : k * ((double)(T - 1) / (n - 1))) : 0;
+            out[i] = (double)(float)v;
         }
     }
     return n;
+}
+
+/* Euler's sigmas (count + 1 of them, the last one final) at its timesteps;
+ * Karras, exponential and beta sigmas lie between the interpolated ones,
+ * their timesteps kept fractional. */
+static int euler_schedule(const sigma_scheduler *s, int n, const float *log_sigmas, double *ts,
+                          double *sig) {
+    int count = spaced_timesteps(s, n, ts);
+    for (int i = 0; i < count; i++) sig[i] = sdx4_sigma_interp(s, ts[i]);
+    if (sdx4_sigma_convert(s, sig[count - 1], sig[0], n, sig)) {
+        count = n;
+        for (int i = 0; i < n; i++) ts[i] = sdx4_sigma_to_t(log_sigmas, s->num_train_timesteps, sig[i]);
+    }
+    sig[count] = s->final_sigma_min ? sdx4_sigma_train(s, 0) : 0.0;
+    return count;
 }
 
 int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
@@ -159,7 +252,7 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
                        "num_inference_steps=%d: must be between 1 and num_train_timesteps=%d", n, T);
         return -1;
     }
-    double *ts = malloc((size_t)(n + 1) * sizeof *ts), *sig = malloc((size_t)(n + 1) * sizeof *sig);
+    double *ts = malloc((size_t)(n + 1) * sizeof *ts), *sig = malloc((size_t)(n + 2) * sizeof *sig);
     float *log_sigmas = malloc((size_t)T * sizeof *log_sigmas);
     float *timesteps = malloc((size_t)(n + 1) * sizeof *timesteps);
     float *sigmas = malloc((size_t)(n + 2) * sizeof *sigmas);
@@ -168,32 +261,18 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
         goto done;
     }
-    int count = spaced_timesteps(s, n, ts);
-    for (int i = 0; i < count; i++) sig[i] = sdx4_sigma_interp(s, ts[i]);
-    if (s->karras) {
-        /* Euler: between its interpolated sigmas; DPM: the whole schedule */
-        double lo = is_dpm(s) ? sdx4_sigma_train(s, 0) : sig[count - 1];
-        double hi = is_dpm(s) ? sdx4_sigma_train(s, T - 1) : sig[0];
-        for (int t = 0; t < T; t++) log_sigmas[t] = logf(sdx4_sigma_train(s, t));
-        count = n;
-        sdx4_sigma_karras(lo, hi, n, sig);
-        for (int i = 0; i < n; i++) {
-            double t = sdx4_sigma_to_t(log_sigmas, T, sig[i]);
-            ts[i] = is_dpm(s) && !s->cosine_betas ? nearbyint(t) : t;
-        }
-    }
-    for (int i = 0; i < count; i++) {
-        timesteps[i] = (float)ts[i];
-        sigmas[i] = (float)sig[i];
-    }
-    sigmas[count] = s->final_sigma_min ? sdx4_sigma_train(s, 0) : 0.0f;
+    for (int t = 0; t < T; t++) log_sigmas[t] = logf(sdx4_sigma_train(s, t));
+    int count = is_dpm(s) ? sdx4_dpm_schedule(s, n, log_sigmas, ts, sig)
+                          : euler_schedule(s, n, log_sigmas, ts, sig);
+    for (int i = 0; i < count; i++) timesteps[i] = (float)ts[i];
+    for (int i = 0; i <= count; i++) sigmas[i] = (float)sig[i];
     float max_sigma = 0;
     for (int i = 0; i <= count; i++)
         if (sigmas[i] > max_sigma) max_sigma = sigmas[i];
     s->init_noise_sigma = is_dpm(s) ? 1.0f
                           : s->spacing == SPACING_LEADING ? sqrtf(max_sigma * max_sigma + 1.0f)
                                                           : max_sigma;
-    if (is_dpm(s) && sdx4_dpm_start(s, numel)) goto done;
+    if (is_dpm(s) && sdx4_dpm_start(s, count, numel)) goto done;
     free(s->timesteps), free(s->sigmas);
     s->timesteps = timesteps, s->sigmas = sigmas;
     timesteps = NULL, sigmas = NULL;
@@ -268,7 +347,7 @@ int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const 
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "Euler ancestral step: no generator");
         return -1;
     }
-    int rc = is_dpm(s) ? sdx4_dpm_step(s, i, model_output, sample, prev_sample)
+    int rc = is_dpm(s) ? sdx4_dpm_step(s, i, model_output, sample, rng, prev_sample)
                        : euler_step(s, i, model_output, sample, rng, prev_sample);
     if (rc == 0) s->step_index++;
     return rc;

@@ -1,7 +1,8 @@
 /*
  * scheduler_sigma.h - the samplers that walk a sigma schedule:
- * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
- * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2; its steps in
+ * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, and
+ * the DPM-Solver family (DPMSolverMultistepScheduler,
+ * DPMSolverSinglestepScheduler, DEISMultistepScheduler; their steps in
  * scheduler_dpm.h), on host float arrays, with diffusers' float32
  * arithmetic.
  *
@@ -9,17 +10,13 @@
  * besides the noise schedule's (scheduler.h):
  *   all      prediction_type epsilon | v_prediction | sample (not Euler
  *            ancestral's), timestep_spacing leading | trailing | linspace,
- *            steps_offset
- *   Euler    use_karras_sigmas, final_sigmas_type zero | sigma_min;
+ *            steps_offset (neither is a DPM singlestep key: it spaces
+ *            linspace)
+ *   Euler    use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+ *            (one at most), final_sigmas_type zero | sigma_min;
  *            interpolation_type linear, timestep_type discrete,
- *            sigma_min / sigma_max null, use_exponential_sigmas and
- *            use_beta_sigmas false only
- *   DPM      solver_order 1 | 2, solver_type midpoint | heun,
- *            lower_order_final, euler_at_final, use_karras_sigmas,
- *            final_sigmas_type zero | sigma_min; algorithm_type dpmsolver++,
- *            thresholding, use_exponential_sigmas, use_beta_sigmas,
- *            use_lu_lambdas, use_flow_sigmas, use_dynamic_shifting false,
- *            variance_type and lambda_min_clipped null only
+ *            sigma_min / sigma_max null
+ *   DPM family: scheduler_dpm.h
  *
  * Unlike DDIM, these keep state between steps (the step index, DPM's
  * previous model outputs): one scheduler serves one run.
@@ -33,7 +30,13 @@
 #include "core/rng.h"
 #include "model/scheduler.h"
 
-typedef enum { SIGMA_EULER, SIGMA_EULER_ANCESTRAL, SIGMA_DPM_MULTISTEP } sigma_method;
+typedef enum {
+    SIGMA_EULER,
+    SIGMA_EULER_ANCESTRAL,
+    SIGMA_DPM_MULTISTEP,
+    SIGMA_DPM_SINGLESTEP,
+    SIGMA_DEIS
+} sigma_method;
 
 typedef struct {
     sigma_method method;
@@ -43,10 +46,17 @@ typedef struct {
     timestep_spacing spacing;
     int steps_offset;
     int karras;              /* use_karras_sigmas */
+    int exponential, beta;   /* use_exponential_sigmas, use_beta_sigmas */
     int final_sigma_min;     /* final_sigmas_type: sigma_min, else zero */
     int cosine_betas;        /* beta_schedule squaredcos_cap_v2 (DPM's
                                 Karras timesteps are not rounded then) */
-    int solver_order, heun, lower_order_final, euler_at_final; /* DPM */
+    /* the DPM family's (scheduler_dpm.h) */
+    int solver_order, heun, lower_order_final, euler_at_final;
+    int algorithm;           /* dpm_algorithm */
+    int lu_lambdas;          /* use_lu_lambdas */
+    int thresholding;
+    float threshold_ratio, sample_max_value; /* dynamic_thresholding_ratio */
+    double lambda_min_clipped;
     /* set by sdx4_sigma_set_timesteps() */
     int num_timesteps;
     float *timesteps;        /* (num_timesteps), descending */
@@ -55,7 +65,12 @@ typedef struct {
     /* the run so far */
     int step_index, lower_order_nums;
     size_t numel;            /* of a sample */
-    float *model_outputs[2]; /* DPM: the last two converted outputs */
+    float *model_outputs[3]; /* DPM: the last three converted outputs,
+                                the newest last */
+    float *first_sample;     /* DPM singlestep: the sample its update
+                                started from (at its first-order step) */
+    float *noise, *scratch;  /* (numel): SDE noise; thresholding's sort */
+    int *orders;             /* DPM singlestep: each step's order */
 } sigma_scheduler;
 
 /* From a parsed config whose _class_name is one of the three classes. */
@@ -71,9 +86,9 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
                                   float *out);
 
 /* step(model_output, timesteps[i], sample, generator).prev_sample over
- * numel floats; steps must come in order, 0 first. Euler ancestral draws
- * numel normal values from rng (never NULL for it). prev_sample may alias
- * sample. */
+ * numel floats; steps must come in order, 0 first. Euler ancestral and
+ * the SDE variants of DPM-Solver draw numel normal values from rng (never
+ * NULL for them). prev_sample may alias sample. */
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample);
 
@@ -87,5 +102,19 @@ double sdx4_sigma_interp(const sigma_scheduler *s, double t);
 double sdx4_sigma_to_t(const float *log_sigmas, int T, double sigma);
 /* _convert_to_karras: n sigmas from sigma_max down to sigma_min. */
 void sdx4_sigma_karras(double sigma_min, double sigma_max, int n, double *out);
+/* _convert_to_exponential: n sigmas evenly spaced in log sigma. */
+void sdx4_sigma_exponential(double sigma_min, double sigma_max, int n, double *out);
+/* _convert_to_beta: n sigmas at the quantiles of Beta(0.6, 0.6). */
+void sdx4_sigma_beta(double sigma_min, double sigma_max, int n, double *out);
+/* Reads use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas,
+ * refusing more than one. */
+int sdx4_sigma_read_spread(sigma_scheduler *s, const config *c);
+/* Whichever of the three the config chose into out (n sigmas); 0 when it
+ * chose none. */
+int sdx4_sigma_convert(const sigma_scheduler *s, double sigma_min, double sigma_max, int n,
+                       double *out);
+/* scipy.stats.beta.ppf(p, a, b): the inverse regularized incomplete beta
+ * function, to double precision. */
+double sdx4_beta_ppf(double p, double a, double b);
 
 #endif

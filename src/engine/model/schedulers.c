@@ -45,6 +45,20 @@ static const char *const dpm_keys[] = {
     "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
     "flow_shift", "final_sigmas_type", "lambda_min_clipped", "variance_type",
     "use_dynamic_shifting", "time_shift_type", NULL};
+/* neither has timestep_spacing, steps_offset or rescale_betas_zero_snr */
+static const char *const dpm_single_keys[] = {
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "solver_order", "thresholding", "dynamic_thresholding_ratio",
+    "sample_max_value", "algorithm_type", "solver_type", "lower_order_final", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "flow_shift",
+    "final_sigmas_type", "lambda_min_clipped", "variance_type", "use_dynamic_shifting",
+    "time_shift_type", NULL};
+static const char *const deis_keys[] = {
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "timestep_spacing", "steps_offset", "solver_order", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "algorithm_type", "solver_type",
+    "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type", NULL};
 
 static const struct {
     const char *alias, *class_name;
@@ -55,6 +69,8 @@ static const struct {
     {"euler", "EulerDiscreteScheduler", euler_keys, SCHED_SIGMA},
     {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys, SCHED_SIGMA},
     {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys, SCHED_SIGMA},
+    {"dpm++2s", "DPMSolverSinglestepScheduler", dpm_single_keys, SCHED_SIGMA},
+    {"deis", "DEISMultistepScheduler", deis_keys, SCHED_SIGMA},
 };
 #define N_CLASSES (int)(sizeof classes / sizeof *classes)
 
@@ -70,7 +86,7 @@ const char *sdx4_scheduler_class(const char *name) {
 }
 
 static int unknown_class(sdx4_status status, const char *what, const char *name) {
-    char known[512] = "";
+    char known[1024] = "";
     for (int i = 0; i < N_CLASSES; i++) {
         size_t used = strlen(known);
         snprintf(known + used, sizeof known - used, "%s%s (%s)", i ? ", " : "",
