@@ -231,6 +231,7 @@ static void check_refusals(const scheduler_source *src) {
          "\"final_sigmas_type\": \"sigma_min\"}",
          "solver_order=3 is not supported with algorithm_type sde-dpmsolver"},
         {"dpm++2m", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"dpm++2m", "{\"lambda_min_clipped\": 100}", "clips every training timestep"},
         {"dpm++2m", "{\"variance_type\": \"learned\"}", "variance_type"},
         {"dpm++2m", "{\"thresholding\": true, \"dynamic_thresholding_ratio\": 1.5}",
          "dynamic_thresholding_ratio"},

@@ -45,6 +45,18 @@
 
 /* ---------------------------------------------------------------- config */
 
+/* torch.searchsorted(flip(lambda_t), lambda_min_clipped): the number of
+ * training timesteps whose log-SNR is below the clip (the noisiest). */
+static int clipped_index(const sigma_scheduler *s) {
+    int count = 0;
+    for (int t = 0; t < s->num_train_timesteps; t++) {
+        float a = s->alphas_cumprod[t];
+        float lambda = logf(sqrtf(a)) - logf(sqrtf(1.0f - a));
+        count += (double)lambda < s->lambda_min_clipped;
+    }
+    return count;
+}
+
 static int refuse(const config *c, const char *what) {
     sdx4_set_error(SDX4_ERR_MODEL, "%s: %s", c->label, what);
     return -1;
@@ -109,6 +121,8 @@ int sdx4_dpm_from_config(sigma_scheduler *s, const config *c) {
     if (algorithm == DPM_SDE_SOLVER && s->solver_order == 3)
         return refuse(c, "solver_order=3 is not supported with algorithm_type sde-dpmsolver "
                          "(diffusers has no third-order update for it)");
+    if (clipped_index(s) >= s->num_train_timesteps)
+        return refuse(c, "lambda_min_clipped clips every training timestep");
     if (single && algorithm == DPM_SOLVER && s->thresholding)
         return refuse(c, "thresholding is not supported with algorithm_type dpmsolver in "
                          "DPMSolverSinglestepScheduler (diffusers fails on it)");
@@ -116,18 +130,6 @@ int sdx4_dpm_from_config(sigma_scheduler *s, const config *c) {
 }
 
 /* ----------------------------------------------------------- schedule */
-
-/* torch.searchsorted(flip(lambda_t), lambda_min_clipped): the number of
- * training timesteps whose log-SNR is below the clip (the noisiest). */
-static int clipped_index(const sigma_scheduler *s) {
-    int count = 0;
-    for (int t = 0; t < s->num_train_timesteps; t++) {
-        float a = s->alphas_cumprod[t];
-        float lambda = logf(sqrtf(a)) - logf(sqrtf(1.0f - a));
-        count += (double)lambda < s->lambda_min_clipped;
-    }
-    return count;
-}
 
 /* np.arange(start, 0, step) for a negative step, at most max values. */
 static int arange_down(double start, double step, int max, double *out) {
