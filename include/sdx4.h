@@ -159,9 +159,9 @@ typedef struct {
     /* The sampler: NULL or "" is the model's own (its
        scheduler_config.json); else a diffusers class name
        (DPMSolverMultistepScheduler) or an alias (ddim, euler, euler-a,
-       dpm++2m, heun, dpm2, dpm2-a, lms). Options: NULL or a JSON object of
-       config overrides, as diffusers' from_config(config, **options) takes
-       them: {"use_karras_sigmas": true}. A key or value the engine does not
+       heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis). Options: NULL or a
+       JSON object of config overrides, as diffusers' from_config(config,
+       **options) takes them: {"use_karras_sigmas": true}. A key or value the engine does not
        implement is refused by name. */
     const char *scheduler;
     const char *scheduler_options;
@@ -230,8 +230,10 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *params);
 /* How many UNet evaluations an upscale of `steps` steps makes with the
  * sampler `scheduler` (a name as sdx4_upscale_params takes it): 2 * steps
  * - 1 for the second-order ones (heun, dpm2, dpm2-a), else steps, also
- * for NULL (the model's own is counted as first order) and unknown names.
- * What estimates of an upscale's time count. Any thread may call it. */
+ * for NULL (the model's own is counted as first order) and unknown names;
+ * at most that many when options cut the schedule short (DPM-Solver's
+ * lambda_min_clipped). What estimates of an upscale's time count. Any
+ * thread may call it. */
 int sdx4_unet_evaluations(const char *scheduler, int steps);
 
 /* Facts about one finished call. */

@@ -7,9 +7,10 @@
  * and options over the model's DDIM config, sdx4_scheduler_create) and
  * checked at ../shared/reference/README.md's tolerances:
  *   - timesteps, sigmas and init_noise_sigma for 1, 2, 7 and 20 steps on
- *     the tiny and small configs; timesteps exactly, except Karras ones,
- *     which come through numpy's float32 log (scheduler_sigma.c), and
- *     KDPM2's interpolated ones (float32 torch logs): 1e-4;
+ *     the tiny and small configs; timesteps exactly, except Karras,
+ *     exponential, beta and Lu ones, which come through numpy's float32
+ *     log (scheduler_sigma.c), and KDPM2's interpolated ones (float32
+ *     torch logs): 1e-4;
  *   - three steps in a row on recorded inputs, with scale_model_input,
  *     the noise of the ancestral samplers drawn from a generator seeded
  *     5: 1e-5;
@@ -20,7 +21,8 @@
  *     diffusers calls back, after every second UNet evaluation), and in
  *     euler's file the image, 2e-3.
  * Then what a caller gets wrong: an unknown class or option and an
- * unsupported value, each refused naming it.
+ * unsupported value, each refused naming it; and the beta quantiles of
+ * beta sigmas against scipy.
  */
 #include <jansson.h>
 #include <math.h>
@@ -41,9 +43,14 @@
 #define DATA SDX4_SOURCE_DIR "/tests/data/schedulers"
 #define STEP_NUMEL 256 /* the recorded steps' [1, 4, 8, 8] */
 
-static const char *const files[] = {"euler",  "euler_a",     "dpmpp_2m",   "dpmpp_2m_karras",
-                                    "dpmpp_1_sigma_min", "heun", "heun_karras", "dpm2",
-                                    "dpm2_karras", "dpm2_a", "lms", "lms_karras"};
+static const char *const files[] = {
+    "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_1_sigma_min",
+    /* Heun, KDPM2, KDPM2 ancestral, LMS */
+    "heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "lms", "lms_karras",
+    /* the DPM-Solver family in full */
+    "dpmpp_3m", "dpmpp_3m_sde", "dpm_3m_heun_exponential", "dpm_2m_sde_heun",
+    "dpmpp_2m_sde_heun_lu", "dpmpp_2m_beta", "dpmpp_2m_thresholding_clipped", "dpmpp_2s",
+    "dpmpp_3s_sde", "dpm_3s_heun_karras", "deis_2m", "deis_3m_karras", "euler_exponential"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -65,8 +72,10 @@ static double max_rel_diff(const float *a, const float *b, size_t n) {
 
 static void check_schedules(const char *file, const st_file *g, const char *cls,
                             const char *options) {
-    /* KDPM2's interpolated timesteps are float32 torch arithmetic on logs */
-    int karras = strstr(options, "karras") != NULL || strstr(cls, "KDPM2") != NULL;
+    /* fractional timesteps of spread sigmas come through numpy's float32
+     * log, KDPM2's interpolated ones through float32 torch logs */
+    int spread = strstr(options, "karras") || strstr(options, "exponential") ||
+                 strstr(options, "beta") || strstr(options, "lu_lambdas") || strstr(cls, "KDPM2");
     for (int cfg = 0; cfg < 2; cfg++) {
         const char *model = cfg ? "small" : "tiny";
         char dir[512];
@@ -83,8 +92,11 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
                 sdx4_scheduler_free(&s);
                 continue;
             }
-            /* what the server's time estimates count */
-            CHECK(s.num_timesteps == sdx4_unet_evaluations(cls, n),
+            /* what the server's time estimates count; an upper bound where
+             * lambda_min_clipped leaves out timesteps */
+            int clipped = strstr(options, "lambda_min_clipped") != NULL;
+            CHECK(clipped ? s.num_timesteps <= sdx4_unet_evaluations(cls, n)
+                          : s.num_timesteps == sdx4_unet_evaluations(cls, n),
                   "%s %s %d: %d UNet evaluations, sdx4_unet_evaluations says %d", file, model, n,
                   s.num_timesteps, sdx4_unet_evaluations(cls, n));
             char name[64];
@@ -99,7 +111,7 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
                   model, n, s.num_timesteps, nt);
             if (ts && (int)nt == s.num_timesteps) {
                 double d = max_abs_diff(s.timesteps, ts, nt);
-                CHECK(d <= (karras ? 1e-4 : 0), "%s %s %d: timesteps differ by %g", file, model,
+                CHECK(d <= (spread ? 1e-4 : 0), "%s %s %d: timesteps differ by %g", file, model,
                       n, d);
             }
             const float *sigmas = sdx4_scheduler_sigmas(&s);
@@ -234,9 +246,26 @@ static void check_refusals(const scheduler_source *src) {
         {"heun", "{\"rescale_betas_zero_snr\": true}", "rescale_betas_zero_snr is not a setting"},
         {"euler", "{\"use_karras_sigma\": true}", "use_karras_sigma is not a setting"},
         {"euler-a", "{\"use_karras_sigmas\": true}", "use_karras_sigmas is not a setting"},
-        {"dpm++2m", "{\"solver_order\": 3}", "solver_order=3"},
-        {"dpm++2m", "{\"algorithm_type\": \"sde-dpmsolver++\"}", "algorithm_type"},
-        {"euler", "{\"use_exponential_sigmas\": true}", "use_exponential_sigmas"},
+        {"dpm++2m", "{\"solver_order\": 4}", "solver_order=4"},
+        {"dpm++2m", "{\"algorithm_type\": \"dpmsolver\"}", "final_sigmas_type=zero"},
+        {"dpm++2m",
+         "{\"algorithm_type\": \"sde-dpmsolver\", \"solver_order\": 3, "
+         "\"final_sigmas_type\": \"sigma_min\"}",
+         "solver_order=3 is not supported with algorithm_type sde-dpmsolver"},
+        {"dpm++2m", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"dpm++2m", "{\"lambda_min_clipped\": 100}", "clips every training timestep"},
+        {"dpm++2m", "{\"variance_type\": \"learned\"}", "variance_type"},
+        {"dpm++2m", "{\"thresholding\": true, \"dynamic_thresholding_ratio\": 1.5}",
+         "dynamic_thresholding_ratio"},
+        {"euler", "{\"use_exponential_sigmas\": true, \"use_beta_sigmas\": true}", "only one of"},
+        {"dpm++2s", "{\"timestep_spacing\": \"leading\"}", "timestep_spacing is not a setting"},
+        {"dpm++2s", "{\"algorithm_type\": \"sde-dpmsolver\"}", "algorithm_type=sde-dpmsolver"},
+        {"dpm++2s",
+         "{\"algorithm_type\": \"dpmsolver\", \"thresholding\": true, "
+         "\"final_sigmas_type\": \"sigma_min\"}",
+         "thresholding is not supported"},
+        {"deis", "{\"algorithm_type\": \"sde-dpmsolver++\"}", "algorithm_type=sde-dpmsolver++"},
+        {"deis", "{\"final_sigmas_type\": \"zero\"}", "final_sigmas_type is not a setting"},
         {"euler", "{\"timestep_spacing\": \"sideways\"}", "timestep_spacing=sideways"},
         {"euler-a", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
         {NULL, "[1, 2]", "JSON object"},
@@ -274,7 +303,34 @@ static void check_refusals(const scheduler_source *src) {
     if (rc == 0) sdx4_scheduler_free(&s);
 }
 
+/* scipy.stats.beta.ppf(p, a, b), printed by scipy 1.17.1 in the goldens'
+ * venv: beta sigmas use a = b = 0.6; the others try the other side of
+ * the continued fraction and densities bounded at one end. */
+static void check_beta_ppf(void) {
+    static const double cases[][4] = {
+        {0.5, 0.6, 0.6, 0.50000000000000011},
+        {0.3333333333333333, 0.6, 0.6, 0.27541329077762339},
+        {0.05, 0.6, 0.6, 0.012554456873611399},
+        {0.95, 0.6, 0.6, 0.98744554312638855},
+        {1e-06, 0.6, 0.6, 1.8558824624053043e-10},
+        {0.999999, 0.6, 0.6, 0.99999999981441179},
+        {0.3, 2.5, 0.7, 0.70977589121488038},
+        {0.8, 0.5, 3.0, 0.2567723472089895},
+    };
+    double worst = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        double got = sdx4_beta_ppf(cases[i][0], cases[i][1], cases[i][2]), want = cases[i][3];
+        double d = fabs(got - want) / want;
+        worst = fmax(worst, d);
+        CHECK(d <= 1e-13, "beta.ppf(%g, %g, %g) = %.17g, scipy %.17g", cases[i][0], cases[i][1],
+              cases[i][2], got, want);
+    }
+    CHECK(sdx4_beta_ppf(0, 0.6, 0.6) == 0 && sdx4_beta_ppf(1, 0.6, 0.6) == 1, "beta.ppf's ends");
+    printf("  beta.ppf: max relative diff from scipy %.3g\n", worst);
+}
+
 int main(void) {
+    check_beta_ppf();
     backend *be = test_backend();
     char dir[512];
     snprintf(dir, sizeof dir, "%s/model", test_ref("tiny"));

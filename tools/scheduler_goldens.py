@@ -7,7 +7,7 @@
 #
 #   python3 -m venv /tmp/sched-venv
 #   /tmp/sched-venv/bin/pip install torch==2.11.0 diffusers==0.40.0 \
-#       transformers==5.17.0 safetensors numpy pillow scipy
+#       transformers==5.17.0 scipy==1.17.1 safetensors numpy pillow
 #   /tmp/sched-venv/bin/python tools/scheduler_goldens.py \
 #       ../shared/reference tests/data/schedulers
 #
@@ -22,7 +22,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                       DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
                        LMSDiscreteScheduler, StableDiffusionUpscalePipeline)
@@ -46,6 +47,33 @@ SCHEDULERS = {  # file name: class, options
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
     "lms": (LMSDiscreteScheduler, {}),
     "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "trailing"}),
+    # the DPM-Solver family in full (use_beta_sigmas needs scipy in the venv)
+    "dpmpp_3m": (DPMSolverMultistepScheduler, {"solver_order": 3}),
+    "dpmpp_3m_sde": (DPMSolverMultistepScheduler,
+                     {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+    "dpm_3m_heun_exponential": (DPMSolverMultistepScheduler,
+                                {"solver_order": 3, "algorithm_type": "dpmsolver", "solver_type": "heun",
+                                 "final_sigmas_type": "sigma_min", "use_exponential_sigmas": True}),
+    "dpm_2m_sde_heun": (DPMSolverMultistepScheduler,
+                        {"algorithm_type": "sde-dpmsolver", "solver_type": "heun",
+                         "final_sigmas_type": "sigma_min"}),
+    "dpmpp_2m_sde_heun_lu": (DPMSolverMultistepScheduler,
+                             {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                              "use_lu_lambdas": True}),
+    "dpmpp_2m_beta": (DPMSolverMultistepScheduler, {"use_beta_sigmas": True}),
+    "dpmpp_2m_thresholding_clipped": (DPMSolverMultistepScheduler,
+                                      {"thresholding": True, "sample_max_value": 100.0,
+                                       "lambda_min_clipped": -2.5, "timestep_spacing": "trailing",
+                                       "euler_at_final": True}),
+    "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
+    "dpmpp_3s_sde": (DPMSolverSinglestepScheduler,
+                     {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+    "dpm_3s_heun_karras": (DPMSolverSinglestepScheduler,
+                           {"solver_order": 3, "algorithm_type": "dpmsolver", "solver_type": "heun",
+                            "final_sigmas_type": "sigma_min", "use_karras_sigmas": True}),
+    "deis_2m": (DEISMultistepScheduler, {}),
+    "deis_3m_karras": (DEISMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
+    "euler_exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
 }
 
 
@@ -120,7 +148,10 @@ def main():
                                                           torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     versions = f"diffusers {diffusers.__version__}, torch {torch.__version__}, numpy {np.__version__}"
+    only = sys.argv[3:]  # optional: the names of the files to make
     for name, (cls, opts) in SCHEDULERS.items():
+        if only and name not in only:
+            continue
         t = {}
         schedules(cls, opts, t)
         steps(cls, opts, t)

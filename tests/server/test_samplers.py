@@ -29,7 +29,9 @@ def test_chosen_sampler_runs_and_is_part_of_the_cache_key():
         choices = [{"scheduler": "euler"}, {"scheduler": "euler-a"},
                    {"scheduler": "DPMSolverMultistepScheduler"},
                    {"scheduler": "dpm++2m", "scheduler_options": '{"use_karras_sigmas": true}'},
-                   {"scheduler": "heun"}]
+                   {"scheduler": "heun"},
+                   {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}'},
+                   {"scheduler": "dpm++2s"}, {"scheduler": "deis"}]
         for choice in choices:
             r = upscale(s, png, choice)
             assert r.status_code == 200 and r.headers["X-Cache"] == "MISS", (choice, r.text)
@@ -58,9 +60,12 @@ def test_bad_choices_are_refused_by_name(server):
     p = problem(upscale(server, png, {"scheduler": "euler", "scheduler_options": '{"karras": true}'}), 422,
                 "model-refused")
     assert "karras is not a setting of EulerDiscreteScheduler" in p["detail"]
-    p = problem(upscale(server, png, {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 3}'}), 422,
+    p = problem(upscale(server, png, {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 4}'}), 422,
                 "model-refused")
-    assert "solver_order=3" in p["detail"]
+    assert "solver_order=4" in p["detail"]
+    p = problem(upscale(server, png, {"scheduler": "dpm++2s", "scheduler_options": '{"timestep_spacing": "leading"}'}),
+                422, "model-refused")
+    assert "timestep_spacing is not a setting of DPMSolverSinglestepScheduler" in p["detail"]
 
 
 def test_model_info_lists_the_fields(server):

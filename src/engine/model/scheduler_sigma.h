@@ -1,26 +1,24 @@
 /*
  * scheduler_sigma.h - the samplers that walk a sigma schedule:
- * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
- * DPMSolverMultistepScheduler (dpmsolver++, orders 1 and 2), and in
- * scheduler_k.c HeunDiscreteScheduler, KDPM2DiscreteScheduler,
- * KDPM2AncestralDiscreteScheduler and LMSDiscreteScheduler, on host
- * float arrays, with diffusers' float32 arithmetic.
+ * diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, the
+ * DPM-Solver family (DPMSolverMultistepScheduler,
+ * DPMSolverSinglestepScheduler, DEISMultistepScheduler; their steps in
+ * scheduler_dpm.h) and in scheduler_k.c HeunDiscreteScheduler,
+ * KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler and
+ * LMSDiscreteScheduler, on host float arrays, with diffusers' float32
+ * arithmetic.
  *
  * Supported config values (anything else is refused, naming the key),
  * besides the noise schedule's (scheduler.h):
  *   all      prediction_type epsilon | v_prediction | sample (not Euler
  *            ancestral's), timestep_spacing leading | trailing | linspace,
- *            steps_offset
- *   Euler    use_karras_sigmas, final_sigmas_type zero | sigma_min;
+ *            steps_offset (neither is a DPM singlestep key: it spaces
+ *            linspace)
+ *   Euler    use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+ *            (one at most), final_sigmas_type zero | sigma_min;
  *            interpolation_type linear, timestep_type discrete,
- *            sigma_min / sigma_max null, use_exponential_sigmas and
- *            use_beta_sigmas false only
- *   DPM      solver_order 1 | 2, solver_type midpoint | heun,
- *            lower_order_final, euler_at_final, use_karras_sigmas,
- *            final_sigmas_type zero | sigma_min; algorithm_type dpmsolver++,
- *            thresholding, use_exponential_sigmas, use_beta_sigmas,
- *            use_lu_lambdas, use_flow_sigmas, use_dynamic_shifting false,
- *            variance_type and lambda_min_clipped null only
+ *            sigma_min / sigma_max null
+ *   DPM family: scheduler_dpm.h
  *   Heun, KDPM2, KDPM2 ancestral, LMS
  *            use_karras_sigmas; use_exponential_sigmas and use_beta_sigmas
  *            false only; Heun: clip_sample, clip_sample_range; KDPM2s:
@@ -43,6 +41,8 @@ typedef enum {
     SIGMA_EULER,
     SIGMA_EULER_ANCESTRAL,
     SIGMA_DPM_MULTISTEP,
+    SIGMA_DPM_SINGLESTEP,
+    SIGMA_DEIS,
     /* scheduler_k.c's */
     SIGMA_HEUN,
     SIGMA_KDPM2,
@@ -58,10 +58,17 @@ typedef struct {
     timestep_spacing spacing;
     int steps_offset;
     int karras;              /* use_karras_sigmas */
+    int exponential, beta;   /* use_exponential_sigmas, use_beta_sigmas */
     int final_sigma_min;     /* final_sigmas_type: sigma_min, else zero */
     int cosine_betas;        /* beta_schedule squaredcos_cap_v2 (DPM's
                                 Karras timesteps are not rounded then) */
-    int solver_order, heun, lower_order_final, euler_at_final; /* DPM */
+    /* the DPM family's (scheduler_dpm.h) */
+    int solver_order, heun, lower_order_final, euler_at_final;
+    int algorithm;           /* dpm_algorithm */
+    int lu_lambdas;          /* use_lu_lambdas */
+    int thresholding;
+    float threshold_ratio, sample_max_value; /* dynamic_thresholding_ratio */
+    double lambda_min_clipped;
     /* set by sdx4_sigma_set_timesteps() */
     int num_timesteps;
     float *timesteps;        /* (num_timesteps), descending */
@@ -70,7 +77,12 @@ typedef struct {
     /* the run so far */
     int step_index, lower_order_nums;
     size_t numel;            /* of a sample */
-    float *model_outputs[2]; /* DPM: the last two converted outputs */
+    float *model_outputs[3]; /* DPM: the last three converted outputs,
+                                the newest last */
+    float *first_sample;     /* DPM singlestep: the sample its update
+                                started from (at its first-order step) */
+    float *noise, *scratch;  /* (numel): SDE noise; thresholding's sort */
+    int *orders;             /* DPM singlestep: each step's order */
     /* scheduler_k.c's classes; sigmas above is diffusers' whole array
        (2n for Heun, 2n + 2 for the KDPM2s, n + 1 for LMS, n steps) */
     int order;               /* UNet evaluations per diffusers callback */
@@ -97,11 +109,36 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
                                   float *out);
 
 /* step(model_output, timesteps[i], sample, generator).prev_sample over
- * numel floats; steps must come in order, 0 first. Euler ancestral draws
- * numel normal values from rng (never NULL for it). prev_sample may alias
- * sample. */
+ * numel floats; steps must come in order, 0 first. Euler ancestral and
+ * the SDE variants of DPM-Solver draw numel normal values from rng (never
+ * NULL for them). prev_sample may alias sample. */
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample);
+
+/* The schedule's parts, shared by the samplers' files. */
+/* sigma(t) of the training schedule, ((1 - acp[t]) / acp[t]) ** 0.5 in float32. */
+float sdx4_sigma_train(const sigma_scheduler *s, int t);
+/* np.interp of the training sigmas at a fractional timestep. */
+double sdx4_sigma_interp(const sigma_scheduler *s, double t);
+/* _sigma_to_t: the fractional timestep of a sigma, from np.log of the
+ * float32 training sigmas (T of them). */
+double sdx4_sigma_to_t(const float *log_sigmas, int T, double sigma);
+/* _convert_to_karras: n sigmas from sigma_max down to sigma_min. */
+void sdx4_sigma_karras(double sigma_min, double sigma_max, int n, double *out);
+/* _convert_to_exponential: n sigmas evenly spaced in log sigma. */
+void sdx4_sigma_exponential(double sigma_min, double sigma_max, int n, double *out);
+/* _convert_to_beta: n sigmas at the quantiles of Beta(0.6, 0.6). */
+void sdx4_sigma_beta(double sigma_min, double sigma_max, int n, double *out);
+/* Reads use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas,
+ * refusing more than one. */
+int sdx4_sigma_read_spread(sigma_scheduler *s, const config *c);
+/* Whichever of the three the config chose into out (n sigmas); 0 when it
+ * chose none. */
+int sdx4_sigma_convert(const sigma_scheduler *s, double sigma_min, double sigma_max, int n,
+                       double *out);
+/* scipy.stats.beta.ppf(p, a, b): the inverse regularized incomplete beta
+ * function, to double precision. */
+double sdx4_beta_ppf(double p, double a, double b);
 
 /* scheduler_k.c: Heun, KDPM2, KDPM2 ancestral and LMS, called by the
  * functions above for their methods. */

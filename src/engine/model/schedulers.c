@@ -46,6 +46,20 @@ static const char *const dpm_keys[] = {
     "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
     "flow_shift", "final_sigmas_type", "lambda_min_clipped", "variance_type",
     "use_dynamic_shifting", "time_shift_type", NULL};
+/* neither has timestep_spacing, steps_offset or rescale_betas_zero_snr */
+static const char *const dpm_single_keys[] = {
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "solver_order", "thresholding", "dynamic_thresholding_ratio",
+    "sample_max_value", "algorithm_type", "solver_type", "lower_order_final", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "flow_shift",
+    "final_sigmas_type", "lambda_min_clipped", "variance_type", "use_dynamic_shifting",
+    "time_shift_type", NULL};
+static const char *const deis_keys[] = {
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "timestep_spacing", "steps_offset", "solver_order", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "algorithm_type", "solver_type",
+    "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type", NULL};
 /* Heun, KDPM2, KDPM2 ancestral and LMS: no rescale_betas_zero_snr */
 #define K_KEYS                                                                                     \
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",             \
@@ -67,6 +81,8 @@ static const struct {
     {"dpm2", "KDPM2DiscreteScheduler", k_keys, SCHED_SIGMA},
     {"dpm2-a", "KDPM2AncestralDiscreteScheduler", k_keys, SCHED_SIGMA},
     {"lms", "LMSDiscreteScheduler", k_keys, SCHED_SIGMA},
+    {"dpm++2s", "DPMSolverSinglestepScheduler", dpm_single_keys, SCHED_SIGMA},
+    {"deis", "DEISMultistepScheduler", deis_keys, SCHED_SIGMA},
 };
 #define N_CLASSES (int)(sizeof classes / sizeof *classes)
 
@@ -89,7 +105,7 @@ int sdx4_unet_evaluations(const char *scheduler, int steps) {
 }
 
 static int unknown_class(sdx4_status status, const char *what, const char *name) {
-    char known[512] = "";
+    char known[1024] = "";
     for (int i = 0; i < N_CLASSES; i++) {
         size_t used = strlen(known);
         snprintf(known + used, sizeof known - used, "%s%s (%s)", i ? ", " : "",

@@ -34,8 +34,8 @@ int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir);
 void sdx4_scheduler_source_free(scheduler_source *src);
 
 /* The diffusers class an alias or class name stands for (ddim, euler,
- * euler-a, dpm++2m, heun, dpm2, dpm2-a, lms, or the class name itself);
- * NULL if none. */
+ * euler-a, dpm++2m, dpm++2s, deis, heun, dpm2, dpm2-a, lms, or the class
+ * name itself); NULL if none. */
 const char *sdx4_scheduler_class(const char *name);
 
 /* Checks a caller's choice without a model: a known name (or NULL) and
