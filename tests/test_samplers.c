@@ -1,5 +1,5 @@
 /*
- * test_samplers.c - Euler, Euler ancestral and DPM-Solver++ against
+ * test_samplers.c - Euler, Euler ancestral, DPM-Solver++ and UniPC against
  * diffusers (tests/data/schedulers, made by tools/scheduler_goldens.py).
  *
  * Per golden file, the scheduler is chosen as a caller chooses it (class
@@ -36,7 +36,9 @@
 #define STEP_NUMEL 256 /* the recorded steps' [1, 4, 8, 8] */
 
 static const char *const files[] = {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                                    "dpmpp_1_sigma_min"};
+                                    "dpmpp_1_sigma_min",
+                                    "unipc", "unipc_bh1", "unipc_3", "unipc_3_karras",
+                                    "unipc_no_corrector", "unipc_noise", "unipc_threshold"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -221,6 +223,13 @@ static void check_refusals(const scheduler_source *src) {
         {"euler", "{\"use_exponential_sigmas\": true}", "use_exponential_sigmas"},
         {"euler", "{\"timestep_spacing\": \"sideways\"}", "timestep_spacing=sideways"},
         {"euler-a", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
+        {"unipc", "{\"solver_order\": 4}", "solver_order=4"},
+        {"unipc", "{\"solver_type\": \"bh1\"}", "solver_type=bh1 needs final_sigmas_type"},
+        {"unipc", "{\"predict_x0\": false}", "predict_x0=false needs final_sigmas_type"},
+        {"unipc", "{\"disable_corrector\": [\"1\"]}", "disable_corrector must be"},
+        {"unipc", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"unipc", "{\"prediction_type\": \"flow_prediction\"}", "prediction_type=flow_prediction"},
+        {"unipc", "{\"clip_sample\": true}", "clip_sample is not a setting"},
         {NULL, "[1, 2]", "JSON object"},
         {NULL, "{\"use_karras_sigmas\": tru", "JSON object"},
     };
@@ -242,6 +251,7 @@ static void check_refusals(const scheduler_source *src) {
     CHECK(sdx4_scheduler_check_choice("DPMSolverMultistepScheduler", NULL) == 0, "%s",
           sdx4_last_error());
     CHECK(sdx4_scheduler_check_choice("dpm", NULL) != 0, "dpm accepted");
+    CHECK(sdx4_scheduler_check_choice("UniPCMultistepScheduler", NULL) == 0, "%s", sdx4_last_error());
     /* the model's own class and aliases of it */
     scheduler s;
     CHECK(!sdx4_scheduler_create(&s, src, NULL, NULL) && s.family == SCHED_DDIM, "model's own: %s",

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 import diffusers
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionUpscalePipeline)
+                       EulerDiscreteScheduler, StableDiffusionUpscalePipeline,
+                       UniPCMultistepScheduler)
 
 REF, OUT = sys.argv[1], sys.argv[2]
 STEP_COUNTS = (1, 2, 7, 20)
@@ -37,6 +38,18 @@ SCHEDULERS = {  # file name: class, options
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "dpmpp_1_sigma_min": (DPMSolverMultistepScheduler,
                           {"solver_order": 1, "final_sigmas_type": "sigma_min"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc_bh1": (UniPCMultistepScheduler, {"solver_type": "bh1", "final_sigmas_type": "sigma_min",
+                                            "lower_order_final": False}),
+    "unipc_3": (UniPCMultistepScheduler, {"solver_order": 3}),
+    "unipc_3_karras": (UniPCMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True,
+                                                 "timestep_spacing": "trailing"}),
+    "unipc_no_corrector": (UniPCMultistepScheduler, {"disable_corrector": [1, 3],
+                                                     "timestep_spacing": "linspace"}),
+    "unipc_noise": (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min",
+                                              "solver_order": 3, "prediction_type": "sample"}),
+    "unipc_threshold": (UniPCMultistepScheduler, {"thresholding": True, "sample_max_value": 1.5,
+                                                  "dynamic_thresholding_ratio": 0.9}),
 }
 
 
