@@ -28,7 +28,8 @@ def test_chosen_sampler_runs_and_is_part_of_the_cache_key():
         seen = {base.content}
         choices = [{"scheduler": "euler"}, {"scheduler": "euler-a"},
                    {"scheduler": "DPMSolverMultistepScheduler"},
-                   {"scheduler": "dpm++2m", "scheduler_options": '{"use_karras_sigmas": true}'}]
+                   {"scheduler": "dpm++2m", "scheduler_options": '{"use_karras_sigmas": true}'},
+                   {"scheduler": "unipc"}]
         for choice in choices:
             r = upscale(s, png, choice)
             assert r.status_code == 200 and r.headers["X-Cache"] == "MISS", (choice, r.text)
@@ -60,6 +61,9 @@ def test_bad_choices_are_refused_by_name(server):
     p = problem(upscale(server, png, {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 3}'}), 422,
                 "model-refused")
     assert "solver_order=3" in p["detail"]
+    p = problem(upscale(server, png, {"scheduler": "unipc", "scheduler_options": '{"solver_type": "bh1"}'}), 422,
+                "model-refused")
+    assert "solver_type=bh1 needs final_sigmas_type=sigma_min" in p["detail"]
 
 
 def test_model_info_lists_the_fields(server):
