@@ -251,7 +251,8 @@ static void check_refusals(const scheduler_source *src) {
     CHECK(sdx4_scheduler_check_choice("DPMSolverMultistepScheduler", NULL) == 0, "%s",
           sdx4_last_error());
     CHECK(sdx4_scheduler_check_choice("dpm", NULL) != 0, "dpm accepted");
-    CHECK(sdx4_scheduler_check_choice("UniPCMultistepScheduler", NULL) == 0, "%s", sdx4_last_error());
+    CHECK(sdx4_scheduler_check_choice("UniPCMultistepScheduler", NULL) == 0, "%s",
+          sdx4_last_error());
     /* the model's own class and aliases of it */
     scheduler s;
     CHECK(!sdx4_scheduler_create(&s, src, NULL, NULL) && s.family == SCHED_DDIM, "model's own: %s",

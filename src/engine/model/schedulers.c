@@ -246,7 +246,8 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         return -1;
     }
     for (int i = 0; i < count; i++)
-        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i] : sigma_schedule(s)->timesteps[i];
+        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i]
+                                        : sigma_schedule(s)->timesteps[i];
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;
