@@ -159,7 +159,7 @@ typedef struct {
     /* The sampler: NULL or "" is the model's own (its
        scheduler_config.json); else a diffusers class name
        (DPMSolverMultistepScheduler) or an alias (ddim, euler, euler-a,
-       heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis). Options: NULL or a
+       heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc). Options: NULL or a
        JSON object of config overrides, as diffusers' from_config(config,
        **options) takes them: {"use_karras_sigmas": true}. A key or value the engine does not
        implement is refused by name. */

@@ -64,8 +64,8 @@ static void test_rows(void) {
     CHECK(sdx4_check_params(&p) == SDX4_OK, "defaults refused: %s", sdx4_last_error());
     CHECK(!p.prompt && !p.negative_prompt && p.seed == 0 && !p.progress && !p.cancel, "defaults");
     CHECK(!p.scheduler && !p.scheduler_options, "the model's own scheduler by default");
-    p.scheduler = "unipc";
-    CHECK(sdx4_check_params(&p) != SDX4_OK && strstr(sdx4_last_error(), "scheduler unipc"),
+    p.scheduler = "lcm";
+    CHECK(sdx4_check_params(&p) != SDX4_OK && strstr(sdx4_last_error(), "scheduler lcm"),
           "an unknown scheduler: %s", sdx4_last_error());
     p.scheduler = "dpm++2m", p.scheduler_options = "true";
     CHECK(sdx4_check_params(&p) != SDX4_OK && strstr(sdx4_last_error(), "scheduler_options"),

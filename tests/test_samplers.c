@@ -1,7 +1,8 @@
 /*
- * test_samplers.c - Euler, Euler ancestral, DPM-Solver++, Heun, KDPM2,
- * KDPM2 ancestral and LMS against diffusers (tests/data/schedulers, made
- * by tools/scheduler_goldens.py).
+ * test_samplers.c - every sampler beside DDIM (Euler, Euler ancestral,
+ * Heun, KDPM2, KDPM2 ancestral, LMS, DPM-Solver multistep and singlestep,
+ * DEIS, UniPC) against diffusers (tests/data/schedulers, made by
+ * tools/scheduler_goldens.py).
  *
  * Per golden file, the scheduler is chosen as a caller chooses it (class
  * and options over the model's DDIM config, sdx4_scheduler_create) and
@@ -50,7 +51,10 @@ static const char *const files[] = {
     /* the DPM-Solver family in full */
     "dpmpp_3m", "dpmpp_3m_sde", "dpm_3m_heun_exponential", "dpm_2m_sde_heun",
     "dpmpp_2m_sde_heun_lu", "dpmpp_2m_beta", "dpmpp_2m_thresholding_clipped", "dpmpp_2s",
-    "dpmpp_3s_sde", "dpm_3s_heun_karras", "deis_2m", "deis_3m_karras", "euler_exponential"};
+    "dpmpp_3s_sde", "dpm_3s_heun_karras", "deis_2m", "deis_3m_karras", "euler_exponential",
+    /* UniPC */
+    "unipc", "unipc_bh1", "unipc_3", "unipc_3_karras", "unipc_no_corrector", "unipc_noise",
+    "unipc_threshold"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -238,7 +242,7 @@ static void check_refusals(const scheduler_source *src) {
     static const struct {
         const char *name, *options, *expect;
     } bad[] = {
-        {"unipc", NULL, "scheduler unipc"},
+        {"lcm", NULL, "scheduler lcm"},
         {"heun", "{\"use_exponential_sigmas\": true}", "use_exponential_sigmas"},
         {"dpm2", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
         {"dpm2-a", "{\"clip_sample\": true}", "clip_sample is not a setting"},
@@ -268,6 +272,13 @@ static void check_refusals(const scheduler_source *src) {
         {"deis", "{\"final_sigmas_type\": \"zero\"}", "final_sigmas_type is not a setting"},
         {"euler", "{\"timestep_spacing\": \"sideways\"}", "timestep_spacing=sideways"},
         {"euler-a", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
+        {"unipc", "{\"solver_order\": 4}", "solver_order=4"},
+        {"unipc", "{\"solver_type\": \"bh1\"}", "solver_type=bh1 needs final_sigmas_type"},
+        {"unipc", "{\"predict_x0\": false}", "predict_x0=false needs final_sigmas_type"},
+        {"unipc", "{\"disable_corrector\": [\"1\"]}", "disable_corrector must be"},
+        {"unipc", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"unipc", "{\"prediction_type\": \"flow_prediction\"}", "prediction_type=flow_prediction"},
+        {"unipc", "{\"clip_sample\": true}", "clip_sample is not a setting"},
         {NULL, "[1, 2]", "JSON object"},
         {NULL, "{\"use_karras_sigmas\": tru", "JSON object"},
     };
@@ -292,6 +303,8 @@ static void check_refusals(const scheduler_source *src) {
     CHECK(sdx4_unet_evaluations("heun", 20) == 39 && sdx4_unet_evaluations("dpm2-a", 20) == 39 &&
               sdx4_unet_evaluations("lms", 20) == 20 && sdx4_unet_evaluations(NULL, 20) == 20,
           "UNet evaluations by alias");
+    CHECK(sdx4_scheduler_check_choice("UniPCMultistepScheduler", NULL) == 0, "%s",
+          sdx4_last_error());
     /* the model's own class and aliases of it */
     scheduler s;
     CHECK(!sdx4_scheduler_create(&s, src, NULL, NULL) && s.family == SCHED_DDIM, "model's own: %s",

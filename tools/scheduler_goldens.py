@@ -26,7 +26,8 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler, StableDiffusionUpscalePipeline)
+                       LMSDiscreteScheduler, StableDiffusionUpscalePipeline,
+                       UniPCMultistepScheduler)
 
 REF, OUT = sys.argv[1], sys.argv[2]
 STEP_COUNTS = (1, 2, 7, 20)
@@ -74,6 +75,18 @@ SCHEDULERS = {  # file name: class, options
     "deis_2m": (DEISMultistepScheduler, {}),
     "deis_3m_karras": (DEISMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
     "euler_exponential": (EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc_bh1": (UniPCMultistepScheduler, {"solver_type": "bh1", "final_sigmas_type": "sigma_min",
+                                            "lower_order_final": False}),
+    "unipc_3": (UniPCMultistepScheduler, {"solver_order": 3}),
+    "unipc_3_karras": (UniPCMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True,
+                                                 "timestep_spacing": "trailing"}),
+    "unipc_no_corrector": (UniPCMultistepScheduler, {"disable_corrector": [1, 3],
+                                                     "timestep_spacing": "linspace"}),
+    "unipc_noise": (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min",
+                                              "solver_order": 3, "prediction_type": "sample"}),
+    "unipc_threshold": (UniPCMultistepScheduler, {"thresholding": True, "sample_max_value": 1.5,
+                                                  "dynamic_thresholding_ratio": 0.9}),
 }
 
 

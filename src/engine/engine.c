@@ -160,7 +160,7 @@ static const sdx4_param params[P_COUNT] = {
     [P_ETA] = {"eta", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0, .help = "DDIM eta"},
     [P_SCHEDULER] = {"scheduler", SDX4_PARAM_TEXT,
                      .help = "sampler: a diffusers scheduler class or ddim, euler, euler-a, heun, dpm2, dpm2-a, "
-                             "lms, dpm++2m, dpm++2s, deis; "
+                             "lms, dpm++2m, dpm++2s, deis, unipc; "
                              "empty: the model's own"},
     [P_SCHEDULER_OPTIONS] = {"scheduler_options", SDX4_PARAM_TEXT,
                              .help = "JSON object of scheduler config overrides, "

@@ -31,7 +31,8 @@ def test_chosen_sampler_runs_and_is_part_of_the_cache_key():
                    {"scheduler": "dpm++2m", "scheduler_options": '{"use_karras_sigmas": true}'},
                    {"scheduler": "heun"},
                    {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}'},
-                   {"scheduler": "dpm++2s"}, {"scheduler": "deis"}]
+                   {"scheduler": "dpm++2s"}, {"scheduler": "deis"},
+                   {"scheduler": "unipc"}]
         for choice in choices:
             r = upscale(s, png, choice)
             assert r.status_code == 200 and r.headers["X-Cache"] == "MISS", (choice, r.text)
@@ -52,8 +53,8 @@ def test_chosen_sampler_runs_and_is_part_of_the_cache_key():
 
 def test_bad_choices_are_refused_by_name(server):
     png = image_bytes(seed=8)
-    p = problem(upscale(server, png, {"scheduler": "unipc"}), 422, "invalid-field")
-    assert p["field"] == "scheduler" and "unipc" in p["detail"]
+    p = problem(upscale(server, png, {"scheduler": "lcm"}), 422, "invalid-field")
+    assert p["field"] == "scheduler" and "lcm" in p["detail"]
     p = problem(upscale(server, png, {"scheduler_options": "[1]"}), 422, "invalid-field")
     assert p["field"] == "scheduler_options" and "JSON object" in p["detail"]
     # the model's config decides what its scheduler reads: a 422 from the model
@@ -66,6 +67,9 @@ def test_bad_choices_are_refused_by_name(server):
     p = problem(upscale(server, png, {"scheduler": "dpm++2s", "scheduler_options": '{"timestep_spacing": "leading"}'}),
                 422, "model-refused")
     assert "timestep_spacing is not a setting of DPMSolverSinglestepScheduler" in p["detail"]
+        p = problem(upscale(server, png, {"scheduler": "unipc", "scheduler_options": '{"solver_type": "bh1"}'}), 422,
+                "model-refused")
+    assert "solver_type=bh1 needs final_sigmas_type=sigma_min" in p["detail"]
 
 
 def test_model_info_lists_the_fields(server):

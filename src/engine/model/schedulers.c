@@ -1,6 +1,7 @@
 /*
- * schedulers.c - one interface over DDIM (scheduler.c) and the sigma
- * samplers (scheduler_sigma.c), and the choice of one per run.
+ * schedulers.c - one interface over DDIM (scheduler.c), the sigma
+ * samplers (scheduler_sigma.c) and UniPC (scheduler_unipc.c), and the
+ * choice of one per run.
  *
  * DDIM is stateless and indexes by timestep; the sigma samplers keep a
  * step index. The interface takes the step index i, which is what
@@ -67,6 +68,12 @@ static const char *const deis_keys[] = {
         "use_exponential_sigmas", "use_beta_sigmas"
 static const char *const heun_keys[] = {K_KEYS, "clip_sample", "clip_sample_range", NULL};
 static const char *const k_keys[] = {K_KEYS, NULL};
+static const char *const unipc_keys[] = {
+    NOISE_KEYS, "solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "predict_x0", "solver_type", "lower_order_final", "disable_corrector", "solver_p",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+    "flow_shift", "final_sigmas_type", "use_dynamic_shifting", "time_shift_type", "sigma_min",
+    "sigma_max", "shift_terminal", NULL};
 
 static const struct {
     const char *alias, *class_name;
@@ -83,6 +90,7 @@ static const struct {
     {"lms", "LMSDiscreteScheduler", k_keys, SCHED_SIGMA},
     {"dpm++2s", "DPMSolverSinglestepScheduler", dpm_single_keys, SCHED_SIGMA},
     {"deis", "DEISMultistepScheduler", deis_keys, SCHED_SIGMA},
+    {"unipc", "UniPCMultistepScheduler", unipc_keys, SCHED_UNIPC},
 };
 #define N_CLASSES (int)(sizeof classes / sizeof *classes)
 
@@ -148,6 +156,7 @@ int sdx4_scheduler_from_config(scheduler *s, const config *c) {
     switch (s->family = classes[k].family) {
     case SCHED_DDIM: return sdx4_ddim_from_config(&s->ddim, c);
     case SCHED_SIGMA: return sdx4_sigma_from_config(&s->sigma, c);
+    case SCHED_UNIPC: return sdx4_unipc_from_config(&s->unipc, c);
     }
     return -1;
 }
@@ -208,10 +217,16 @@ done:
     return rc;
 }
 
+/* The sigma schedule of the classes that have one (UniPC's inside it). */
+static const sigma_scheduler *sigma_schedule(const scheduler *s) {
+    return s->family == SCHED_UNIPC ? &s->unipc.sigma : s->family == SCHED_SIGMA ? &s->sigma : NULL;
+}
+
 void sdx4_scheduler_free(scheduler *s) {
     switch (s->family) {
     case SCHED_DDIM: sdx4_ddim_free(&s->ddim); break;
     case SCHED_SIGMA: sdx4_sigma_free(&s->sigma); break;
+    case SCHED_UNIPC: sdx4_unipc_free(&s->unipc); break;
     }
     free(s->timesteps);
     memset(s, 0, sizeof *s);
@@ -225,7 +240,7 @@ int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir) {
     int rc = sdx4_scheduler_from_config(&s, &c);
     if (rc == 0) {
         src->num_train_timesteps = s.family == SCHED_DDIM ? s.ddim.num_train_timesteps
-                                                          : s.sigma.num_train_timesteps;
+                                                          : sigma_schedule(&s)->num_train_timesteps;
         sdx4_scheduler_free(&s);
         src->json = json_dumps(c.root, JSON_COMPACT);
         if (!src->json) {
@@ -255,6 +270,10 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         if (sdx4_sigma_set_timesteps(&s->sigma, n, numel)) return -1;
         count = s->sigma.num_timesteps;
         break;
+    case SCHED_UNIPC:
+        if (sdx4_unipc_set_timesteps(&s->unipc, n, numel)) return -1;
+        count = s->unipc.sigma.num_timesteps;
+        break;
     }
     float *ts = malloc((size_t)count * sizeof *ts);
     if (!ts) {
@@ -262,18 +281,19 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         return -1;
     }
     for (int i = 0; i < count; i++)
-        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i] : s->sigma.timesteps[i];
+        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i]
+                                        : sigma_schedule(s)->timesteps[i];
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;
-    s->init_noise_sigma = s->family == SCHED_DDIM ? 1.0f : s->sigma.init_noise_sigma;
+    s->init_noise_sigma = s->family == SCHED_DDIM ? 1.0f : sigma_schedule(s)->init_noise_sigma;
     s->order = s->family == SCHED_SIGMA && s->sigma.order ? s->sigma.order : 1;
     s->numel = numel;
     return 0;
 }
 
 const float *sdx4_scheduler_sigmas(const scheduler *s) {
-    return s->family == SCHED_SIGMA ? s->sigma.sigmas : NULL;
+    return s->family == SCHED_DDIM ? NULL : sigma_schedule(s)->sigmas;
 }
 
 void sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
@@ -290,5 +310,7 @@ int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const fl
     if (s->family == SCHED_DDIM)
         return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
                               rng, prev_sample);
+    if (s->family == SCHED_UNIPC)
+        return sdx4_unipc_step(&s->unipc, i, model_output, sample, prev_sample);
     return sdx4_sigma_step(&s->sigma, i, model_output, sample, rng, prev_sample);
 }
