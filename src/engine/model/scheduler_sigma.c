@@ -35,7 +35,9 @@
 /* ---------------------------------------------------------------- config */
 
 static int is_dpm(const sigma_scheduler *s) { return s->method == SIGMA_DPM_MULTISTEP; }
-static int is_k(const sigma_scheduler *s) { return s->method >= SIGMA_HEUN; } /* scheduler_k.c */
+static int is_k(const sigma_scheduler *s) { /* scheduler_k.c's */
+    return s->method >= SIGMA_HEUN && s->method <= SIGMA_LMS;
+}
 
 int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     static const char *const classes[] = {"EulerDiscreteScheduler",
@@ -348,7 +350,7 @@ int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const 
     }
     int rc = is_k(s)     ? sdx4_k_step(s, i, model_output, sample, rng, prev_sample)
              : is_dpm(s) ? dpm_step(s, i, model_output, sample, prev_sample)
-                       : euler_step(s, i, model_output, sample, rng, prev_sample);
+                         : euler_step(s, i, model_output, sample, rng, prev_sample);
     if (rc == 0) s->step_index++;
     return rc;
 }
