@@ -142,8 +142,9 @@ typedef struct {
 void sdx4_image_free(sdx4_image *image);
 
 /* Called before the first step (step 0) and after each denoising step
- * (1..total). Return nonzero to cancel: sdx4_upscale() then returns
- * SDX4_ERR_CANCELED at the next step boundary. */
+ * (1..total; a second-order sampler's step is two UNet evaluations, as
+ * diffusers counts its progress). Return nonzero to cancel: sdx4_upscale()
+ * then returns SDX4_ERR_CANCELED at the next step boundary. */
 typedef int (*sdx4_progress_fn)(void *user, int step, int total);
 
 typedef struct {
