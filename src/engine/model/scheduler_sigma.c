@@ -179,7 +179,7 @@ static double incomplete_beta(double x, double a, double b) {
         c = 1 + num / c;
         c = fabs(c) < tiny ? tiny : c;
         f *= c * d;
-        if (fabs(1 - c * d) < 1e-16) break;
+        if (fabs(1 - c * d) < 1e-15) break;
     }
     return front * (f - 1);
 }
