@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionUpscalePipeline)
+from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionUpscalePipeline)
 
 REF, OUT = sys.argv[1], sys.argv[2]
 STEP_COUNTS = (1, 2, 7, 20)
@@ -37,6 +37,14 @@ SCHEDULERS = {  # file name: class, options
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "dpmpp_1_sigma_min": (DPMSolverMultistepScheduler,
                           {"solver_order": 1, "final_sigmas_type": "sigma_min"}),
+    "ddpm": (DDPMScheduler, {}),
+    "ddpm_small_log_thresholding": (DDPMScheduler, {"variance_type": "fixed_small_log", "thresholding": True,
+                                                    "sample_max_value": 10.0}),
+    "ddpm_large_trailing_eps": (DDPMScheduler, {"variance_type": "fixed_large", "timestep_spacing": "trailing",
+                                                "prediction_type": "epsilon"}),
+    "pndm": (PNDMScheduler, {}),
+    "pndm_plms_linspace_eps": (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "linspace",
+                                               "set_alpha_to_one": False, "prediction_type": "epsilon"}),
 }
 
 
@@ -56,13 +64,19 @@ def model_config(name):
 
 
 def schedules(cls, opts, t):
-    """timesteps, sigmas and init_noise_sigma for each step count."""
+    """timesteps, sigmas (where the class has them) and init_noise_sigma for
+    each step count; none for a count the class refuses (PNDM's Runge-Kutta
+    warm-up needs 4 steps)."""
     for cfg in ("tiny", "small"):
         for n in STEP_COUNTS:
             s = cls.from_config(model_config(cfg), **opts)
-            s.set_timesteps(n)
+            try:
+                s.set_timesteps(n)
+            except ValueError:
+                continue
             t[f"{cfg}_timesteps_{n}"] = s.timesteps.float()
-            t[f"{cfg}_sigmas_{n}"] = s.sigmas.float()
+            if hasattr(s, "sigmas"):
+                t[f"{cfg}_sigmas_{n}"] = s.sigmas.float()
             t[f"{cfg}_init_noise_sigma_{n}"] = torch.tensor([float(s.init_noise_sigma)])
 
 
