@@ -158,8 +158,8 @@ typedef struct {
     float eta;                   /* DDIM eta */
     /* The sampler: NULL or "" is the model's own (its
        scheduler_config.json); else a diffusers class name
-       (DPMSolverMultistepScheduler) or an alias (ddim, euler, euler-a,
-       dpm++2m). Options: NULL or a JSON object of config overrides, as
+       (DPMSolverMultistepScheduler) or an alias (ddim, ddpm, pndm, euler,
+       euler-a, dpm++2m). Options: NULL or a JSON object of config overrides, as
        diffusers' from_config(config, **options) takes them:
        {"use_karras_sigmas": true}. A key or value the engine does not
        implement is refused by name. */

@@ -159,7 +159,7 @@ static const sdx4_param params[P_COUNT] = {
                 .help = "seed of torch.Generator(\"cpu\").manual_seed"},
     [P_ETA] = {"eta", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0, .help = "DDIM eta"},
     [P_SCHEDULER] = {"scheduler", SDX4_PARAM_TEXT,
-                     .help = "sampler: a diffusers scheduler class or ddim, euler, euler-a, dpm++2m; "
+                     .help = "sampler: a diffusers scheduler class or ddim, ddpm, pndm, euler, euler-a, dpm++2m; "
                              "empty: the model's own"},
     [P_SCHEDULER_OPTIONS] = {"scheduler_options", SDX4_PARAM_TEXT,
                              .help = "JSON object of scheduler config overrides, "
