@@ -235,6 +235,11 @@ typedef struct {
     int prompt_truncated;   /* 1 if the prompt was cut to max_prompt_tokens */
     int negative_truncated; /* same for the negative prompt */
     double seconds_text, seconds_unet, seconds_vae;
+    double seconds_scheduler; /* the sampler's own CPU time (set_timesteps,
+                                 scale_model_input, step; one host thread),
+                                 within seconds_unet */
+    int unet_steps;           /* UNet evaluations run: num_inference_steps, or
+                                 more for some samplers (PNDM) */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the
@@ -296,10 +301,20 @@ typedef struct {
     int size, steps, repeats;
     double text_encoder_ms, unet_step_ms, unet_step_replay_ms, vae_decode_ms, pipeline_ms;
     double unet_step_first_ms, vae_decode_first_ms;
+    /* the whole upscale's sampler: its CPU time per UNet step (set_timesteps,
+       scale_model_input and step over pipeline_unet_steps; the median over
+       the repeats), to set beside unet_step_ms, and its UNet steps for
+       `steps` */
+    double scheduler_step_ms;
+    int pipeline_unet_steps;
     int64_t peak_rss_bytes, device_peak_bytes;
 } sdx4_bench_result;
 
+/* scheduler and scheduler_options choose the whole upscale's sampler as
+ * sdx4_upscale_params does (NULL: the model's own); a bad choice fails
+ * before anything is timed. */
 sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats,
+                       const char *scheduler, const char *scheduler_options,
                        sdx4_bench_result *result);
 
 /* Writes a model folder with random weights from the configs in

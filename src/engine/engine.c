@@ -272,7 +272,8 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .noise_level = a.noise_level, .prompt_tokens = rep.prompt_tokens,
             .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
             .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
-            .seconds_vae = rep.seconds_vae};
+            .seconds_vae = rep.seconds_vae, .seconds_scheduler = rep.seconds_scheduler,
+            .unet_steps = rep.unet_steps};
     }
     return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
 }

@@ -16,8 +16,12 @@
  *
  * The scheduler is built for each run from the model's config and the
  * caller's choice (schedulers.h); samplers that draw noise (Euler
- * ancestral) draw it from the same generator, after the two draws above,
- * as diffusers' pipeline hands them its generator.
+ * ancestral, DDPM) draw it from the same generator, after the two draws
+ * above, as diffusers' pipeline hands them its generator. Its own cost
+ * (set_timesteps, scale_model_input, step) is measured apart, as this
+ * thread's CPU time: the samplers run on the host in one thread, so that
+ * is their cost whatever else the machine runs, and `sdx4 bench
+ * --scheduler` sets it beside a UNet step.
  *
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
@@ -46,11 +50,14 @@
 
 #include "core/error.h"
 
-static double now(void) {
+static double clock_seconds(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+static double now(void) { return clock_seconds(CLOCK_MONOTONIC); }
+static double thread_cpu(void) { return clock_seconds(CLOCK_THREAD_CPUTIME_ID); }
 
 tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report) {
@@ -192,10 +199,13 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     scheduler sched;
     if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options))
         return -1;
+    double t0 = thread_cpu();
     if (sdx4_scheduler_set_timesteps(&sched, a->steps, lat)) {
         sdx4_scheduler_free(&sched);
         return -1;
     }
+    rep.seconds_scheduler = thread_cpu() - t0;
+    rep.unet_steps = sched.num_timesteps;
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
@@ -210,7 +220,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
-    double t0 = now();
+    t0 = now();
     TRY(ctx = sdx4_pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, do_cfg, &rep));
     rep.seconds_text = now() - t0;
 
@@ -229,11 +239,15 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     t0 = now();
     if (unet_state_init(&st, m, be, ctx, batch, a->height, a->width, a->noise_level)) goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
+        double s0 = thread_cpu();
         sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
+        rep.seconds_scheduler += thread_cpu() - s0;
         if (predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out,
-                          eps) ||
-            sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents))
+                          eps))
             goto fail;
+        s0 = thread_cpu();
+        if (sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents)) goto fail;
+        rep.seconds_scheduler += thread_cpu() - s0;
         if (stop_requested(a, i + 1, sched.num_timesteps, latents)) goto canceled;
     }
     rep.seconds_unet = now() - t0;
