@@ -244,8 +244,8 @@ int sdx4_pndm_set_timesteps(pndm_sampler *s, int n, size_t numel) {
     if (!desc) return -1;
     if (!s->skip_prk_steps && m < 4) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
-                       "PNDMScheduler: num_inference_steps=%d is too few for its Runge-Kutta "
-                       "warm-up (at least 4; or skip_prk_steps true)", n);
+                       "scheduler PNDMScheduler: num_inference_steps=%d is too few for its "
+                       "Runge-Kutta warm-up (at least 4; or skip_prk_steps true)", n);
         free(desc);
         return -1;
     }
