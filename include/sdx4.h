@@ -159,10 +159,10 @@ typedef struct {
     float eta;                   /* DDIM eta */
     /* The sampler: NULL or "" is the model's own (its
        scheduler_config.json); else a diffusers class name
-       (DPMSolverMultistepScheduler) or an alias (ddim, euler, euler-a,
-       heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc). Options: NULL or a
-       JSON object of config overrides, as diffusers' from_config(config,
-       **options) takes them: {"use_karras_sigmas": true}. A key or value the engine does not
+       (DPMSolverMultistepScheduler) or an alias (ddim, ddpm, pndm, euler,
+       euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc).
+       Options: NULL or a JSON object of config overrides, as diffusers'
+       from_config(config, **options) takes them: {"use_karras_sigmas": true}. A key or value the engine does not
        implement is refused by name. */
     const char *scheduler;
     const char *scheduler_options;
@@ -230,10 +230,12 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *params);
 
 /* How many UNet evaluations an upscale of `steps` steps makes with the
  * sampler `scheduler` (a name as sdx4_upscale_params takes it): 2 * steps
- * - 1 for the second-order ones (heun, dpm2, dpm2-a), else steps, also
- * for NULL (the model's own is counted as first order) and unknown names;
- * at most that many when options cut the schedule short (DPM-Solver's
- * lambda_min_clipped). What estimates of an upscale's time count. Any
+ * - 1 for the second-order ones (heun, dpm2, dpm2-a), steps + 10 for
+ * pndm (its Runge-Kutta warm-up), else steps, also for NULL (the model's
+ * own is counted as first order) and unknown names; at most that many
+ * where options change the count (PNDM's skip_prk_steps, DPM-Solver's
+ * lambda_min_clipped), and one more where "trailing" spacing adds a
+ * timestep (DDIM, DDPM). What estimates of an upscale's time count. Any
  * thread may call it. */
 int sdx4_unet_evaluations(const char *scheduler, int steps);
 
@@ -245,6 +247,11 @@ typedef struct {
     int prompt_truncated;   /* 1 if the prompt was cut to max_prompt_tokens */
     int negative_truncated; /* same for the negative prompt */
     double seconds_text, seconds_unet, seconds_vae;
+    double seconds_scheduler; /* the sampler's own CPU time (set_timesteps,
+                                 scale_model_input, step; one host thread),
+                                 within seconds_unet */
+    int unet_steps;           /* UNet evaluations run: num_inference_steps, or
+                                 more for some samplers (PNDM) */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the
@@ -306,10 +313,20 @@ typedef struct {
     int size, steps, repeats;
     double text_encoder_ms, unet_step_ms, unet_step_replay_ms, vae_decode_ms, pipeline_ms;
     double unet_step_first_ms, vae_decode_first_ms;
+    /* the whole upscale's sampler: its CPU time per UNet step (set_timesteps,
+       scale_model_input and step over pipeline_unet_steps; the median over
+       the repeats), to set beside unet_step_ms, and its UNet steps for
+       `steps` */
+    double scheduler_step_ms;
+    int pipeline_unet_steps;
     int64_t peak_rss_bytes, device_peak_bytes;
 } sdx4_bench_result;
 
+/* scheduler and scheduler_options choose the whole upscale's sampler as
+ * sdx4_upscale_params does (NULL: the model's own); a bad choice fails
+ * before anything is timed. */
 sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats,
+                       const char *scheduler, const char *scheduler_options,
                        sdx4_bench_result *result);
 
 /* Writes a model folder with random weights from the configs in

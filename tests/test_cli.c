@@ -276,6 +276,8 @@ static void test_usage_errors(void) {
         {"--size", {"bench", "--model", "m", "--size", "0"}},
         {"--repeats", {"bench", "--model", "m", "--repeats", "0"}},
         {"'extra'", {"bench", "--model", "m", "extra"}},
+        {"scheduler lcm", {"bench", "--model", "m", "--scheduler", "lcm"}},
+        {"'nokey'", {"bench", "--model", "m", "--scheduler-option", "nokey"}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         result r = run_env(NULL, cases[i].args);
@@ -490,7 +492,9 @@ static void test_bench(const char *model) {
     const char *keys[] = {"model", "device", "threads", "size", "steps",
                           "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms",
                           "vae_decode_ms", "pipeline_ms", "unet_step_first_ms",
-                          "vae_decode_first_ms", "peak_rss_mib", "device_peak_mib"};
+                          "vae_decode_first_ms", "scheduler", "scheduler_options",
+                          "scheduler_step_ms", "pipeline_unet_steps", "peak_rss_mib",
+                          "device_peak_mib"};
     for (size_t i = 0; root && i < sizeof keys / sizeof keys[0]; i++)
         CHECK(json_object_get(root, keys[i]) != NULL, "bench lacks %s: %s",
               keys[i], r.out);
@@ -506,6 +510,26 @@ static void test_bench(const char *model) {
               "bench measured nothing: %s", r.out);
     }
     json_decref(root);
+    result_free(&r);
+
+    /* a chosen sampler: PLMS evaluates its second step twice */
+    r = RUN("bench", "--model", model, "--device", "cpu", "--size", "8", "--steps", "2",
+            "--threads", "2", "--scheduler", "pndm", "--scheduler-option", "skip_prk_steps=true");
+    CHECK(r.status == 0, "bench --scheduler pndm: exit %d, stderr: %s", r.status, r.err);
+    root = json_loads(r.out, 0, NULL);
+    CHECK(root && !strcmp(json_string_value(json_object_get(root, "scheduler")), "pndm") &&
+              !strcmp(json_string_value(json_object_get(root, "scheduler_options")),
+                      "{\"skip_prk_steps\":true}") &&
+              json_integer_value(json_object_get(root, "pipeline_unet_steps")) == 3 &&
+              json_number_value(json_object_get(root, "scheduler_step_ms")) > 0,
+          "bench --scheduler pndm: %s", r.out);
+    json_decref(root);
+    result_free(&r);
+    /* a choice only the model refuses fails before anything is timed */
+    r = RUN("bench", "--model", model, "--device", "cpu", "--size", "8", "--steps", "2",
+            "--scheduler", "pndm");
+    CHECK(r.status == 1 && strstr(r.err, "Runge-Kutta") && r.out[0] == '\0',
+          "bench with PNDM's warm-up over 2 steps: exit %d, stderr: %s", r.status, r.err);
     result_free(&r);
 }
 

@@ -1,7 +1,7 @@
 /*
- * test_samplers.c - every sampler beside DDIM (Euler, Euler ancestral,
- * Heun, KDPM2, KDPM2 ancestral, LMS, DPM-Solver multistep and singlestep,
- * DEIS, UniPC) against diffusers (tests/data/schedulers, made by
+ * test_samplers.c - every sampler beside DDIM (DDPM, PNDM, Euler, Euler
+ * ancestral, Heun, KDPM2, KDPM2 ancestral, LMS, DPM-Solver multistep and
+ * singlestep, DEIS, UniPC) against diffusers (tests/data/schedulers, made by
  * tools/scheduler_goldens.py).
  *
  * Per golden file, the scheduler is chosen as a caller chooses it (class
@@ -11,19 +11,20 @@
  *     the tiny and small configs; timesteps exactly, except Karras,
  *     exponential, beta and Lu ones, which come through numpy's float32
  *     log (scheduler_sigma.c), and KDPM2's interpolated ones (float32
- *     torch logs): 1e-4;
+ *     torch logs): 1e-4; a step count diffusers refuses (PNDM's warm-up
+ *     under 4) has no tensors, and the engine must refuse it too;
  *   - three steps in a row on recorded inputs, with scale_model_input,
  *     the noise of the ancestral samplers drawn from a generator seeded
  *     5: 1e-5;
  *   - a whole 7-step upscale on the tiny model from the seed alone (so
  *     ancestral noise comes from the pipeline's generator in diffusers'
  *     order): the latents at the pipeline's callbacks (the first three
- *     and the last; a second-order sampler's on_step comes where
- *     diffusers calls back, after every second UNet evaluation), and in
- *     euler's file the image, 2e-3.
+ *     and the last; on_step comes where diffusers calls back: after
+ *     every second UNet evaluation of a second-order sampler, none during
+ *     PNDM's warm-up), and in euler's file the image, 2e-3.
  * Then what a caller gets wrong: an unknown class or option and an
- * unsupported value, each refused naming it; and the beta quantiles of
- * beta sigmas against scipy.
+ * unsupported value, each refused naming it; the beta quantiles of beta
+ * sigmas against scipy, and thresholding against torch.
  */
 #include <jansson.h>
 #include <math.h>
@@ -54,7 +55,9 @@ static const char *const files[] = {
     "dpmpp_3s_sde", "dpm_3s_heun_karras", "deis_2m", "deis_3m_karras", "euler_exponential",
     /* UniPC */
     "unipc", "unipc_bh1", "unipc_3", "unipc_3_karras", "unipc_no_corrector", "unipc_noise",
-    "unipc_threshold"};
+    "unipc_threshold",
+    /* DDPM and PNDM */
+    "ddpm", "ddpm_small_log_thresholding", "ddpm_large_trailing_eps", "pndm", "pndm_plms_linspace_eps"};
 
 static const float *golden_f32(const st_file *f, const char *name, size_t *n) {
     const st_tensor *t = sdx4_st_find(f, name);
@@ -89,7 +92,18 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
         static const int counts[] = {1, 2, 7, 20};
         for (int c = 0; src.json && c < 4; c++) {
             int n = counts[c];
+            char name[64];
+            snprintf(name, sizeof name, "%s_timesteps_%d", model, n);
+            int refused = sdx4_st_find(g, name) == NULL;
             scheduler s;
+            if (refused) { /* as diffusers refuses it */
+                CHECK(sdx4_scheduler_create(&s, &src, cls, options) ||
+                          sdx4_scheduler_set_timesteps(&s, n, STEP_NUMEL),
+                      "%s %s %d steps: diffusers refuses them, the engine took them", file,
+                      model, n);
+                sdx4_scheduler_free(&s);
+                continue;
+            }
             if (sdx4_scheduler_create(&s, &src, cls, options) ||
                 sdx4_scheduler_set_timesteps(&s, n, STEP_NUMEL)) {
                 CHECK(0, "%s %s %d steps: %s", file, model, n, sdx4_last_error());
@@ -97,18 +111,16 @@ static void check_schedules(const char *file, const st_file *g, const char *cls,
                 continue;
             }
             /* what the server's time estimates count; an upper bound where
-             * lambda_min_clipped leaves out timesteps */
-            int clipped = strstr(options, "lambda_min_clipped") != NULL;
+             * options change the count (lambda_min_clipped, skip_prk_steps) */
+            int clipped = strstr(options, "lambda_min_clipped") || s.family == SCHED_PNDM;
             CHECK(clipped ? s.num_timesteps <= sdx4_unet_evaluations(cls, n)
                           : s.num_timesteps == sdx4_unet_evaluations(cls, n),
                   "%s %s %d: %d UNet evaluations, sdx4_unet_evaluations says %d", file, model, n,
                   s.num_timesteps, sdx4_unet_evaluations(cls, n));
-            char name[64];
-            size_t nt = 0, ns = 0, ni = 0;
-            snprintf(name, sizeof name, "%s_timesteps_%d", model, n);
+            size_t nt = 0, ns = 0, ni = 0; /* name: the timesteps' */
             const float *ts = golden_f32(g, name, &nt);
-            snprintf(name, sizeof name, "%s_sigmas_%d", model, n);
-            const float *sig = golden_f32(g, name, &ns);
+            snprintf(name, sizeof name, "%s_sigmas_%d", model, n); /* the classes that have them */
+            const float *sig = sdx4_st_find(g, name) ? golden_f32(g, name, &ns) : NULL;
             snprintf(name, sizeof name, "%s_init_noise_sigma_%d", model, n);
             const float *ins = golden_f32(g, name, &ni);
             CHECK(ts && (int)nt == s.num_timesteps, "%s %s %d: %d timesteps, diffusers %zu", file,
@@ -176,25 +188,30 @@ static void check_steps(const char *file, const st_file *g, const scheduler_sour
            worst_prev);
     CHECK(worst_scaled <= 1e-5, "%s: scale_model_input differs by %g", file, worst_scaled);
     CHECK(worst_prev <= 1e-5, "%s: steps differ by %g", file, worst_prev);
-    /* out of order: the sigma samplers keep a step index */
-    CHECK(s.family == SCHED_DDIM || sdx4_scheduler_step(&s, 1, sample, sample, 0.0f, &rng, sample) != 0,
+    /* out of order: the sigma samplers and PNDM keep a step index; DDIM
+     * and DDPM are stateless */
+    int stateless = s.family == SCHED_DDIM || s.family == SCHED_DDPM;
+    CHECK(stateless || sdx4_scheduler_step(&s, 1, sample, sample, 0.0f, &rng, sample) != 0,
           "%s: a step out of order was taken", file);
     sdx4_scheduler_free(&s);
 }
 
 typedef struct {
     const st_file *g;
-    int steps, checked;
+    int num_inference_steps, steps, checked;
     double worst;
 } step_check;
 
+/* diffusers' pipeline calls back after the steps past its warm-up, the
+ * first total - num_inference_steps (PNDM's Runge-Kutta steps), and after
+ * the last: callback k follows step warm-up + k. */
 static int check_latents(void *user, int step, int total, const float *latents) {
-    (void)total;
     step_check *c = user;
-    if (step == 0) return 0;
+    int warmup = total > c->num_inference_steps ? total - c->num_inference_steps : 0;
+    if (step <= warmup) return 0;
     char name[32];
     size_t n = 0;
-    snprintf(name, sizeof name, "latents_step%d", step - 1);
+    snprintf(name, sizeof name, "latents_step%d", step - 1 - warmup);
     const float *want = sdx4_st_find(c->g, name) ? golden_f32(c->g, name, &n) : NULL;
     if (want) c->worst = fmax(c->worst, max_abs_diff(latents, want, n));
     c->checked += want != NULL;
@@ -204,7 +221,7 @@ static int check_latents(void *user, int step, int total, const float *latents) 
 
 static void check_pipeline(const char *file, const st_file *g, const model *m, backend *be,
                            const float *image, const char *cls, const char *options) {
-    step_check chk = {.g = g};
+    step_check chk = {.g = g, .num_inference_steps = 7};
     pipeline_args a = {
         .image = image, .height = 16, .width = 16, .prompt = "a white cat", .steps = 7,
         .guidance = 6.0f, .noise_level = 20, .seed = 0, .scheduler = cls,
@@ -248,6 +265,14 @@ static void check_refusals(const scheduler_source *src) {
         {"dpm2-a", "{\"clip_sample\": true}", "clip_sample is not a setting"},
         {"lms", "{\"beta_schedule\": \"exp\"}", "beta_schedule=exp"},
         {"heun", "{\"rescale_betas_zero_snr\": true}", "rescale_betas_zero_snr is not a setting"},
+        {"ddpm", "{\"variance_type\": \"learned_range\"}", "variance_type=learned_range"},
+        {"ddpm", "{\"variance_type\": \"fixed_large_log\"}", "variance_type=fixed_large_log"},
+        {"ddpm", "{\"set_alpha_to_one\": true}", "set_alpha_to_one is not a setting"},
+        {"ddpm", "{\"thresholding\": true, \"dynamic_thresholding_ratio\": 1.5}",
+         "dynamic_thresholding_ratio=1.5"},
+        {"pndm", "{\"prediction_type\": \"sample\"}", "prediction_type=sample"},
+        {"pndm", "{\"rescale_betas_zero_snr\": true}", "rescale_betas_zero_snr is not a setting"},
+        {"PNDMScheduler", "{\"skip_prk_steps\": 1}", "skip_prk_steps"},
         {"euler", "{\"use_karras_sigma\": true}", "use_karras_sigma is not a setting"},
         {"euler-a", "{\"use_karras_sigmas\": true}", "use_karras_sigmas is not a setting"},
         {"dpm++2m", "{\"solver_order\": 4}", "solver_order=4"},
@@ -342,8 +367,30 @@ static void check_beta_ppf(void) {
     printf("  beta.ppf: max relative diff from scipy %.3g\n", worst);
 }
 
+/* DDPM's thresholding (diffusers' _threshold_sample) on values whose
+ * quantile falls between two of them: the expected values are torch's. */
+static void check_thresholding(void) {
+    static const float x[7] = {-3, 0.5f, 2, 1.5f, -0.2f, 2.75f, -1.25f};
+    static const float want[2][7] = { /* quantile 0.6 of |x| is 1.8; max 10, then 1.5 */
+        {-1, 0.277777761f, 1, 0.833333313f, -0.111111112f, 1, -0.694444418f},
+        {-1, 0.333333343f, 1, 1, -0.13333334f, 1, -0.833333313f},
+    };
+    static const float max_value[2] = {10, 1.5f};
+    for (int k = 0; k < 2; k++) {
+        float v[7];
+        memcpy(v, x, sizeof v);
+        CHECK(!sdx4_threshold_sample(v, 7, 0.6f, max_value[k]), "%s", sdx4_last_error());
+        double d = max_abs_diff(v, want[k], 7);
+        CHECK(d <= 1e-7, "thresholding with max %g differs from torch by %g", max_value[k], d);
+    }
+    float v[3] = {1, NAN, -2}; /* torch.quantile of a NaN is NaN, and so is every value */
+    CHECK(!sdx4_threshold_sample(v, 3, 0.995f, 1) && isnan(v[0]) && isnan(v[2]),
+          "thresholding a NaN: %g %g", v[0], v[2]);
+}
+
 int main(void) {
     check_beta_ppf();
+    check_thresholding();
     backend *be = test_backend();
     char dir[512];
     snprintf(dir, sizeof dir, "%s/model", test_ref("tiny"));

@@ -22,11 +22,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,
+from diffusers import (DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler, StableDiffusionUpscalePipeline,
+                       LMSDiscreteScheduler, PNDMScheduler, StableDiffusionUpscalePipeline,
                        UniPCMultistepScheduler)
 
 REF, OUT = sys.argv[1], sys.argv[2]
@@ -87,6 +87,14 @@ SCHEDULERS = {  # file name: class, options
                                               "solver_order": 3, "prediction_type": "sample"}),
     "unipc_threshold": (UniPCMultistepScheduler, {"thresholding": True, "sample_max_value": 1.5,
                                                   "dynamic_thresholding_ratio": 0.9}),
+    "ddpm": (DDPMScheduler, {}),
+    "ddpm_small_log_thresholding": (DDPMScheduler, {"variance_type": "fixed_small_log", "thresholding": True,
+                                                    "sample_max_value": 10.0}),
+    "ddpm_large_trailing_eps": (DDPMScheduler, {"variance_type": "fixed_large", "timestep_spacing": "trailing",
+                                                "prediction_type": "epsilon"}),
+    "pndm": (PNDMScheduler, {}),
+    "pndm_plms_linspace_eps": (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "linspace",
+                                               "set_alpha_to_one": False, "prediction_type": "epsilon"}),
 }
 
 
@@ -106,13 +114,19 @@ def model_config(name):
 
 
 def schedules(cls, opts, t):
-    """timesteps, sigmas and init_noise_sigma for each step count."""
+    """timesteps, sigmas (where the class has them) and init_noise_sigma for
+    each step count; none for a count the class refuses (PNDM's Runge-Kutta
+    warm-up needs 4 steps)."""
     for cfg in ("tiny", "small"):
         for n in STEP_COUNTS:
             s = cls.from_config(model_config(cfg), **opts)
-            s.set_timesteps(n)
+            try:
+                s.set_timesteps(n)
+            except ValueError:
+                continue
             t[f"{cfg}_timesteps_{n}"] = s.timesteps.float()
-            t[f"{cfg}_sigmas_{n}"] = s.sigmas.float()
+            if hasattr(s, "sigmas"):
+                t[f"{cfg}_sigmas_{n}"] = s.sigmas.float()
             t[f"{cfg}_init_noise_sigma_{n}"] = torch.tensor([float(s.init_noise_sigma)])
 
 

@@ -17,6 +17,7 @@
  * a bad value is refused naming the variable, before any model loads.
  */
 #include <ctype.h>
+#include <jansson.h>
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -287,4 +288,30 @@ int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda) {
     cuda->no_plans = value[1] == 0;
     cuda->profile = value[2] == 1;
     return CLI_CONTINUE;
+}
+
+/* --scheduler-option key=value, repeated, as the JSON object of
+ * scheduler_options (malloc'd; NULL when none was given or one is bad,
+ * which *bad tells). A value is JSON (true, 3, "x") or else a string, so
+ * algorithm_type=dpmsolver++ needs no quotes. */
+char *cli_scheduler_options(const cli_command *cmd, const cli_list *list, int *bad) {
+    *bad = 0;
+    if (!list->count) return NULL;
+    json_t *o = json_object();
+    for (int i = 0; i < list->count; i++) {
+        const char *item = list->items[i], *eq = strchr(item, '=');
+        if (!eq || eq == item) {
+            cli_usage_error(cmd, "--scheduler-option: '%s' is not key=value", item);
+            *bad = 1;
+            json_decref(o);
+            return NULL;
+        }
+        char key[128];
+        snprintf(key, sizeof key, "%.*s", (int)(eq - item), item);
+        json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
+        json_object_set_new(o, key, v ? v : json_string(eq + 1));
+    }
+    char *text = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return text;
 }

@@ -121,6 +121,11 @@ int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda);
 /* Seconds on a monotonic clock. */
 double cli_now(void);
 
+/* --scheduler-option key=value, repeated, as the JSON object of
+ * scheduler_options (malloc'd; NULL when none was given or one is bad,
+ * which *bad tells, after a usage error). */
+char *cli_scheduler_options(const cli_command *cmd, const cli_list *list, int *bad);
+
 int cmd_upscale(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_make_model(int argc, char **argv);

@@ -11,7 +11,10 @@
  *    "text_encoder_ms":..., "unet_step_ms":..., "unet_step_replay_ms":...,
  *    "vae_decode_ms":..., "pipeline_ms":...,
  *    "unet_step_first_ms":..., "vae_decode_first_ms":...,
- *    "peak_rss_mib":..., "device_peak_mib":...}
+ *    "scheduler":..., "scheduler_options":..., "scheduler_step_ms":...,
+ *    "pipeline_unet_steps":..., "peak_rss_mib":..., "device_peak_mib":...}
+ * scheduler_step_ms is the whole upscale's sampler's own CPU time per
+ * UNet step, to set beside unet_step_ms (BENCHMARKS.md, "Samplers").
  */
 #include <jansson.h>
 #include <sched.h>
@@ -32,6 +35,11 @@ static const char help[] =
     "  --size N               input side in pixels, 8..1024 (default: 64)\n"
     "  --steps N              steps of the whole upscale, 1..1000\n"
     "                         (default: 2)\n"
+    "  --scheduler NAME       the whole upscale's sampler (default: the\n"
+    "                         model's own); its CPU time per UNet step is\n"
+    "                         reported as scheduler_step_ms\n"
+    "  --scheduler-option K=V a scheduler config override (repeatable); V\n"
+    "                         is JSON, else a string: use_karras_sigmas=true\n"
     "  --repeats N            timed runs of each part after one warm-up\n"
     "                         run, 1..100; the median is kept (default: 1).\n"
     "                         The warm-up runs of the UNet step and the VAE\n"
@@ -53,15 +61,21 @@ static int available_cpus(void) {
 static double mib(int64_t bytes) { return bytes / (1024.0 * 1024.0); }
 
 static int print_result(const char *model, const char *device, int threads,
+                        const char *scheduler, const char *scheduler_options,
                         const sdx4_bench_result *r) {
     json_t *root = json_pack(
-        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}", "model",
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:f, s:i, s:f, "
+        "s:f}",
+        "model",
         model, "device", device, "threads", threads, "size", r->size,
         "steps", r->steps, "text_encoder_ms", r->text_encoder_ms,
         "unet_step_ms", r->unet_step_ms, "unet_step_replay_ms", r->unet_step_replay_ms,
         "vae_decode_ms", r->vae_decode_ms,
         "pipeline_ms", r->pipeline_ms, "unet_step_first_ms", r->unet_step_first_ms,
-        "vae_decode_first_ms", r->vae_decode_first_ms, "peak_rss_mib", mib(r->peak_rss_bytes),
+        "vae_decode_first_ms", r->vae_decode_first_ms, "scheduler", scheduler ? scheduler : "",
+        "scheduler_options", scheduler_options ? scheduler_options : "", "scheduler_step_ms",
+        r->scheduler_step_ms, "pipeline_unet_steps", r->pipeline_unet_steps,
+        "peak_rss_mib", mib(r->peak_rss_bytes),
         "device_peak_mib", mib(r->device_peak_bytes));
     /* 7 significant digits: 0.1 ms of a 1000 s run, without the noise
      * digits of binary fractions (0.30000000000000004). */
@@ -75,14 +89,17 @@ static int print_result(const char *model, const char *device, int threads,
 }
 
 int cmd_bench(int argc, char **argv) {
-    const char *model = NULL, *variant = NULL, *device = "auto";
+    const char *model = NULL, *variant = NULL, *device = "auto", *scheduler = NULL;
     int size = 64, steps = 2, repeats = 1, threads = 0;
+    cli_list scheduler_option_list = {0};
     sdx4_cuda_options cuda = {0};
     cli_option options[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
         {"--size", OPT_INT, &size, 8, 1024, NULL, 0},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, 0},
         {"--repeats", OPT_INT, &repeats, 1, 100, NULL, 0},
+        {"--scheduler", OPT_STRING, &scheduler, 0, 0, NULL, 0},
+        {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
         {"--threads", OPT_INT, &threads, 0, SDX4_MAX_THREADS, NULL, 0},
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
@@ -98,6 +115,17 @@ int cmd_bench(int argc, char **argv) {
     model = cli_model_dir(model);
     if (!model)
         return cli_usage_error(&cmd, "--model is required (or set SDX4_MODEL)");
+    int bad_option;
+    char *scheduler_options = cli_scheduler_options(&cmd, &scheduler_option_list, &bad_option);
+    if (bad_option) return EXIT_USAGE;
+    sdx4_upscale_params params; /* a choice the engine cannot know is refused before loading */
+    sdx4_upscale_params_default(&params);
+    params.scheduler = scheduler;
+    params.scheduler_options = scheduler_options;
+    if (sdx4_check_params(&params) != SDX4_OK) {
+        free(scheduler_options);
+        return cli_usage_error(&cmd, "%s", sdx4_last_error());
+    }
 
     sdx4_engine_options engine_options;
     sdx4_engine_options_default(&engine_options);
@@ -111,11 +139,12 @@ int cmd_bench(int argc, char **argv) {
     sdx4_bench_result result;
     if (sdx4_engine_open(&engine_options, &engine) != SDX4_OK ||
         sdx4_engine_info(engine, &info) != SDX4_OK ||
-        sdx4_bench(engine, size, steps, repeats, &result) != SDX4_OK)
+        sdx4_bench(engine, size, steps, repeats, scheduler, scheduler_options, &result) != SDX4_OK)
         status = cli_fail_engine();
     else
-        status = print_result(model, info.device,
-                              threads ? threads : available_cpus(), &result);
+        status = print_result(model, info.device, threads ? threads : available_cpus(),
+                              scheduler, scheduler_options, &result);
     sdx4_engine_close(engine);
+    free(scheduler_options);
     return status;
 }

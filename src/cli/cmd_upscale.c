@@ -15,7 +15,6 @@
  * second Ctrl-C kills the process the usual way.
  */
 #include <errno.h>
-#include <jansson.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -168,32 +167,6 @@ static int warn_if_truncated(sdx4_engine *engine, const char *what,
     return 0;
 }
 
-/* --scheduler-option key=value, repeated, as the JSON object of
- * scheduler_options (malloc'd; NULL when none was given or one is bad,
- * which *bad tells). A value is JSON (true, 3, "x") or else a string, so
- * algorithm_type=dpmsolver++ needs no quotes. */
-static char *scheduler_options(const cli_command *cmd, const cli_list *list, int *bad) {
-    *bad = 0;
-    if (!list->count) return NULL;
-    json_t *o = json_object();
-    for (int i = 0; i < list->count; i++) {
-        const char *item = list->items[i], *eq = strchr(item, '=');
-        if (!eq || eq == item) {
-            cli_usage_error(cmd, "--scheduler-option: '%s' is not key=value", item);
-            *bad = 1;
-            json_decref(o);
-            return NULL;
-        }
-        char key[128];
-        snprintf(key, sizeof key, "%.*s", (int)(eq - item), item);
-        json_t *v = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
-        json_object_set_new(o, key, v ? v : json_string(eq + 1));
-    }
-    char *text = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    return text;
-}
-
 /* imageio's messages usually name the file already; say it once. */
 static void fail_file(const char *path, const char *message) {
     if (strstr(message, path))
@@ -283,7 +256,7 @@ int cmd_upscale(int argc, char **argv) {
     params.eta = (float)eta;
     params.seed = seed;
     int bad_option;
-    options_json = scheduler_options(&cmd, &scheduler_option_list, &bad_option);
+    options_json = cli_scheduler_options(&cmd, &scheduler_option_list, &bad_option);
     if (bad_option) return EXIT_USAGE;
     params.scheduler_options = options_json;
     if (sdx4_check_params(&params) != SDX4_OK) {

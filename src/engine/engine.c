@@ -159,8 +159,8 @@ static const sdx4_param params[P_COUNT] = {
                 .help = "seed of torch.Generator(\"cpu\").manual_seed"},
     [P_ETA] = {"eta", SDX4_PARAM_REAL, .real_min = 0, .real_max = 1, .real_default = 0, .help = "DDIM eta"},
     [P_SCHEDULER] = {"scheduler", SDX4_PARAM_TEXT,
-                     .help = "sampler: a diffusers scheduler class or ddim, euler, euler-a, heun, dpm2, dpm2-a, "
-                             "lms, dpm++2m, dpm++2s, deis, unipc; "
+                     .help = "sampler: a diffusers scheduler class or ddim, ddpm, pndm, euler, euler-a, heun, "
+                             "dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc; "
                              "empty: the model's own"},
     [P_SCHEDULER_OPTIONS] = {"scheduler_options", SDX4_PARAM_TEXT,
                              .help = "JSON object of scheduler config overrides, "
@@ -273,7 +273,8 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .noise_level = a.noise_level, .prompt_tokens = rep.prompt_tokens,
             .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
             .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
-            .seconds_vae = rep.seconds_vae};
+            .seconds_vae = rep.seconds_vae, .seconds_scheduler = rep.seconds_scheduler,
+            .unet_steps = rep.unet_steps};
     }
     return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
 }

@@ -350,7 +350,9 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
         get_number(&r, rp, "seconds_text", 0, 1e9, &secs[0]) ||
         get_number(&r, rp, "seconds_unet", 0, 1e9, &secs[1]) || get_number(&r, rp, "seconds_vae", 0, 1e9, &secs[2]))
         return -1;
-    s->report = (sdx4_upscale_report){(int)v[0], (int)v[1], (int)v[2], (int)v[3], secs[0], secs[1], secs[2]};
+    s->report = (sdx4_upscale_report){.noise_level = (int)v[0], .prompt_tokens = (int)v[1],
+                                      .prompt_truncated = (int)v[2], .negative_truncated = (int)v[3],
+                                      .seconds_text = secs[0], .seconds_unet = secs[1], .seconds_vae = secs[2]};
     const json_t *e = json_object_get(j, "error");
     if (!e) return 0;
     problem *p = &s->error;

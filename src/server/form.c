@@ -51,7 +51,7 @@ static const field_def fields[] = {
     {"guidance_scale", FIELD_GUIDANCE, KIND_REAL, 0, 0, NULL},
     {"seed", FIELD_SEED, KIND_SEED, 0, 0, NULL},
     {"eta", FIELD_ETA, KIND_REAL, 0, 0, NULL},
-    {"scheduler", FIELD_SCHEDULER, KIND_TEXT, 0, 0, "ddim, euler, euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc or a diffusers class name"},
+    {"scheduler", FIELD_SCHEDULER, KIND_TEXT, 0, 0, "ddim, ddpm, pndm, euler, euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc or a diffusers class name"},
     {"scheduler_options", FIELD_SCHEDULER_OPTIONS, KIND_TEXT, 0, 0, "a JSON object"},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
     {"quality", FIELD_QUALITY, KIND_INT, 1, 100, "1 to 100"},

@@ -32,7 +32,8 @@ def test_chosen_sampler_runs_and_is_part_of_the_cache_key():
                    {"scheduler": "heun"},
                    {"scheduler": "dpm++2m", "scheduler_options": '{"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}'},
                    {"scheduler": "dpm++2s"}, {"scheduler": "deis"},
-                   {"scheduler": "unipc"}]
+                   {"scheduler": "unipc"},
+                   {"scheduler": "ddpm"}, {"scheduler": "pndm", "scheduler_options": '{"skip_prk_steps": true}'}]
         for choice in choices:
             r = upscale(s, png, choice)
             assert r.status_code == 200 and r.headers["X-Cache"] == "MISS", (choice, r.text)
@@ -70,6 +71,11 @@ def test_bad_choices_are_refused_by_name(server):
         p = problem(upscale(server, png, {"scheduler": "unipc", "scheduler_options": '{"solver_type": "bh1"}'}), 422,
                 "model-refused")
     assert "solver_type=bh1 needs final_sigmas_type=sigma_min" in p["detail"]
+    p = problem(upscale(server, png, {"scheduler": "ddpm", "scheduler_options": '{"variance_type": "learned"}'}),
+                422, "model-refused")
+    assert "variance_type=learned" in p["detail"]
+    p = problem(upscale(server, png, {"scheduler": "pndm"}), 422, "model-refused")  # 3 steps
+    assert "too few for its Runge-Kutta warm-up" in p["detail"]
 
 
 def test_model_info_lists_the_fields(server):
@@ -81,6 +87,7 @@ def test_model_info_lists_the_fields(server):
     # the names openapi.json lists are the ones the engine takes
     png = image_bytes(seed=9)
     for name in described["scheduler"]["enum"]:
+        steps = "4" if name.lower().startswith("pndm") else "1"  # its Runge-Kutta warm-up needs 4
         r = server.post(UPSCALE, files={"image": ("in.png", png, "image/png")},
-                        data={"num_inference_steps": "1", "scheduler": name}, timeout=300)
+                        data={"num_inference_steps": steps, "scheduler": name}, timeout=300)
         assert r.status_code == 200, (name, r.text)

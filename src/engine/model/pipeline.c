@@ -16,8 +16,12 @@
  *
  * The scheduler is built for each run from the model's config and the
  * caller's choice (schedulers.h); samplers that draw noise (Euler
- * ancestral, KDPM2 ancestral) draw it from the same generator, after the
- * two draws above, as diffusers' pipeline hands them its generator.
+ * ancestral, KDPM2 ancestral, DDPM, the SDE solvers) draw it from the
+ * same generator, after the two draws above, as diffusers' pipeline hands
+ * them its generator. Its own cost (set_timesteps, scale_model_input,
+ * step) is measured apart, as this thread's CPU time: the samplers run on
+ * the host in one thread, so that is their cost whatever else the machine
+ * runs, and `sdx4 bench --scheduler` sets it beside a UNet step.
  *
  * Latents and the scheduler live on the host (a few hundred KB): the
  * networks run on the backend. Random numbers are always drawn on the CPU
@@ -47,11 +51,14 @@
 #include "core/error.h"
 #include "model/tiling.h"
 
-static double now(void) {
+static double clock_seconds(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+static double now(void) { return clock_seconds(CLOCK_MONOTONIC); }
+static double thread_cpu(void) { return clock_seconds(CLOCK_THREAD_CPUTIME_ID); }
 
 tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report) {
@@ -247,6 +254,14 @@ fail:
     return out;
 }
 
+/* Whether diffusers' pipeline calls back after UNet evaluation i of n:
+ * after every order-th one (a second-order sampler's step is two) past
+ * the warm-up (the evaluations beyond steps * order: PNDM's Runge-Kutta
+ * ones), and after the last. */
+static int callback_at(int i, int n, int warmup, int order) {
+    return i == n - 1 || (i + 1 > warmup && (i + 1) % order == 0);
+}
+
 /* At a step boundary: the caller's flag, then its callback. */
 static int stop_requested(const pipeline_args *a, int step, int total, const float *latents) {
     return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
@@ -273,11 +288,14 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         sdx4_tiling_free(&tl);
         return -1;
     }
+    double t0 = thread_cpu();
     if (sdx4_scheduler_set_timesteps(&sched, a->steps, lat)) {
         sdx4_scheduler_free(&sched);
         sdx4_tiling_free(&tl);
         return -1;
     }
+    rep.seconds_scheduler = thread_cpu() - t0;
+    rep.unet_steps = sched.num_timesteps;
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
@@ -293,7 +311,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
-    double t0 = now();
+    t0 = now();
     TRY(ctx = sdx4_pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, do_cfg, &rep));
     rep.seconds_text = now() - t0;
 
@@ -308,26 +326,29 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     else sdx4_torch_randn(&rng, latents, lat);
     for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;
 
-    /* progress as diffusers' pipeline reports it: after every order-th
-     * UNet evaluation and the last, so that a second-order sampler's n
-     * steps count 1..n like any other's */
-    int order = sched.order, total = (sched.num_timesteps + order - 1) / order;
+    /* progress as diffusers' pipeline reports it (callback_at), so that n
+     * steps count 1..n whatever the sampler */
+    int order = sched.order, warmup = sched.num_timesteps - a->steps * order, total = 0, done_steps = 0;
+    for (int i = 0; i < sched.num_timesteps; i++) total += callback_at(i, sched.num_timesteps, warmup, order);
     if (stop_requested(a, 0, total, latents)) goto canceled;
     t0 = now();
     if (unet_state_init(&st, m, be, ctx, group, group * batch, a->tile > 0 ? tl.th : a->height,
                         a->tile > 0 ? tl.tw : a->width, a->noise_level))
         goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
+        double s0 = thread_cpu();
         sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
-        if ((a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, scaled, noisy, sched.timesteps[i],
-                                               unet_in, unet_out, acc, eps)
-                         : predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out,
-                                         eps)) ||
-            sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents))
+        rep.seconds_scheduler += thread_cpu() - s0;
+        if (a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, scaled, noisy, sched.timesteps[i],
+                                              unet_in, unet_out, acc, eps)
+                        : predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out, eps))
             goto fail;
-        int callback = (i + 1) % order == 0 || i == sched.num_timesteps - 1;
-        if (callback ? stop_requested(a, (i + order) / order, total, latents)
-                     : cancel_is_set(a->cancel))
+        s0 = thread_cpu();
+        if (sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents)) goto fail;
+        rep.seconds_scheduler += thread_cpu() - s0;
+        if (callback_at(i, sched.num_timesteps, warmup, order)
+                ? stop_requested(a, ++done_steps, total, latents)
+                : cancel_is_set(a->cancel))
             goto canceled;
     }
     rep.seconds_unet = now() - t0;

@@ -44,6 +44,9 @@ typedef struct {
 typedef struct {
     int prompt_tokens, prompt_truncated, negative_truncated;
     double seconds_text, seconds_unet, seconds_vae;
+    double seconds_scheduler; /* CPU seconds of the sampler (set_timesteps,
+                                 scale_model_input, step), within seconds_unet */
+    int unet_steps;           /* the scheduler's timesteps, each a UNet evaluation */
 } pipeline_report;
 
 /* Runs the pipeline; *out receives the decoded image [3, H*f, W*f] in

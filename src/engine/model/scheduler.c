@@ -184,12 +184,11 @@ int sdx4_trailing_arange(int T, int n, double *out) {
     return length;
 }
 
-int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
-    int T = s->num_train_timesteps;
+int *sdx4_spaced_timesteps(int T, int n, timestep_spacing spacing, int steps_offset, int *count) {
     if (n < 1 || n > T) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
                   "num_inference_steps=%d: must be between 1 and num_train_timesteps=%d", n, T);
-        return -1;
+        return NULL;
     }
     int *ts = malloc((size_t)(n + 1) * sizeof *ts);
     double *values = malloc((size_t)(n + 1) * sizeof *values);
@@ -197,23 +196,30 @@ int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
         free(ts);
         free(values);
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
-        return -1;
+        return NULL;
     }
-    int count = n;
-    if (s->spacing == SPACING_LEADING) {
+    *count = n;
+    if (spacing == SPACING_LEADING) {
         int ratio = T / n;
-        for (int i = 0; i < n; i++) ts[i] = (n - 1 - i) * ratio + s->steps_offset;
-    } else if (s->spacing == SPACING_LINSPACE) { /* np.linspace(0, T - 1, n).round()[::-1] */
+        for (int i = 0; i < n; i++) ts[i] = (n - 1 - i) * ratio + steps_offset;
+    } else if (spacing == SPACING_LINSPACE) { /* np.linspace(0, T - 1, n).round()[::-1] */
         double step = n > 1 ? (double)(T - 1) / (n - 1) : 0;
         for (int i = 0; i < n; i++) {
             double v = n > 1 && i == n - 1 ? (double)(T - 1) : i * step;
             ts[n - 1 - i] = (int)nearbyint(v);
         }
     } else { /* np.round(np.arange(T, 0, -T / n)) - 1 */
-        count = sdx4_trailing_arange(T, n, values);
-        for (int i = 0; i < count; i++) ts[i] = (int)nearbyint(values[i]) - 1;
+        *count = sdx4_trailing_arange(T, n, values);
+        for (int i = 0; i < *count; i++) ts[i] = (int)nearbyint(values[i]) - 1;
     }
     free(values);
+    return ts;
+}
+
+int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
+    int count, *ts = sdx4_spaced_timesteps(s->num_train_timesteps, n, s->spacing, s->steps_offset,
+                                           &count);
+    if (!ts) return -1;
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;

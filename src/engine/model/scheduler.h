@@ -96,5 +96,9 @@ int sdx4_noise_schedule_load(const config *c, const char *class_name, int *T, fl
 /* np.arange(T, 0, -T / n) as numpy fills it ("trailing" spacing); returns
  * its length, n or n + 1. out has room for n + 1. */
 int sdx4_trailing_arange(int T, int n, double *out);
+/* The timesteps of DDIM and DDPM (PNDM's, reversed) for n steps,
+ * descending, malloc'd; *count receives their number, n or n + 1
+ * ("trailing"). NULL when n < 1 or n > T. */
+int *sdx4_spaced_timesteps(int T, int n, timestep_spacing spacing, int steps_offset, int *count);
 
 #endif

@@ -360,13 +360,8 @@ int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const 
         return -1;
     }
     int rc = is_k(s)     ? sdx4_k_step(s, i, model_output, sample, rng, prev_sample)
-static int is_dpm(const sigma_scheduler *s) {
-    return s->method == SIGMA_DPM_MULTISTEP || s->method == SIGMA_DPM_SINGLESTEP ||
-           s->method == SIGMA_DEIS;
-}
-static int is_k(const sigma_scheduler *s) { /* scheduler_k.c's */
-    return s->method >= SIGMA_HEUN && s->method <= SIGMA_LMS;
-}
+             : is_dpm(s) ? sdx4_dpm_step(s, i, model_output, sample, rng, prev_sample)
+                         : euler_step(s, i, model_output, sample, rng, prev_sample);
     if (rc == 0) s->step_index++;
     return rc;
 }

@@ -1,14 +1,16 @@
 /*
- * schedulers.c - one interface over DDIM (scheduler.c), the sigma
- * samplers (scheduler_sigma.c) and UniPC (scheduler_unipc.c), and the
+ * schedulers.c - one interface over DDIM (scheduler.c), DDPM and PNDM
+ * (scheduler_alpha.c), the sigma samplers (scheduler_sigma.c) and UniPC
+ * (scheduler_unipc.c), and the
  * choice of one per run.
  *
- * DDIM is stateless and indexes by timestep; the sigma samplers keep a
- * step index. The interface takes the step index i, which is what
+ * DDIM is stateless and indexes by timestep; the sigma samplers and PNDM
+ * keep a step index. The interface takes the step index i, which is what
  * diffusers' schedulers derive from timesteps[i] on a pipeline's first
- * step, and hands DDIM timesteps[i]. DDIM's init_noise_sigma is 1 and its
- * scale_model_input the identity, so the pipeline treats all classes alike
- * and DDIM's arithmetic is unchanged (x * 1.0f is x).
+ * step, and hands DDIM timesteps[i]. DDIM, DDPM and PNDM have
+ * init_noise_sigma 1 and scale_model_input the identity, so the pipeline
+ * treats all classes alike and their arithmetic is unchanged (x * 1.0f is
+ * x).
  *
  * Choosing: the model's config text is parsed anew for every run (a few
  * hundred bytes), the class and the caller's options set over it, and
@@ -37,6 +39,14 @@
 static const char *const ddim_keys[] = {NOISE_KEYS, "clip_sample", "clip_sample_range",
                                         "set_alpha_to_one", "thresholding",
                                         "dynamic_thresholding_ratio", "sample_max_value", NULL};
+static const char *const ddpm_keys[] = {NOISE_KEYS, "variance_type", "clip_sample",
+                                        "clip_sample_range", "thresholding",
+                                        "dynamic_thresholding_ratio", "sample_max_value", NULL};
+/* PNDM's __init__ has no rescale_betas_zero_snr */
+static const char *const pndm_keys[] = {
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "timestep_spacing", "steps_offset", "skip_prk_steps", "set_alpha_to_one",
+    NULL};
 static const char *const euler_keys[] = {
     NOISE_KEYS, "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas",
     "use_beta_sigmas", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type", NULL};
@@ -81,6 +91,8 @@ static const struct {
     scheduler_family family;
 } classes[] = {
     {"ddim", "DDIMScheduler", ddim_keys, SCHED_DDIM},
+    {"ddpm", "DDPMScheduler", ddpm_keys, SCHED_DDPM},
+    {"pndm", "PNDMScheduler", pndm_keys, SCHED_PNDM},
     {"euler", "EulerDiscreteScheduler", euler_keys, SCHED_SIGMA},
     {"euler-a", "EulerAncestralDiscreteScheduler", euler_a_keys, SCHED_SIGMA},
     {"dpm++2m", "DPMSolverMultistepScheduler", dpm_keys, SCHED_SIGMA},
@@ -109,6 +121,7 @@ int sdx4_unet_evaluations(const char *scheduler, int steps) {
     const char *cls = sdx4_scheduler_class(scheduler);
     sigma_method m;
     int second_order = cls && sdx4_k_is_method(cls, &m) && m != SIGMA_LMS;
+    if (cls && !strcmp(cls, "PNDMScheduler")) return steps + 10; /* the Runge-Kutta warm-up's 9, and trailing's one */
     return second_order && steps > 0 ? 2 * steps - 1 : steps;
 }
 
@@ -157,6 +170,8 @@ int sdx4_scheduler_from_config(scheduler *s, const config *c) {
     case SCHED_DDIM: return sdx4_ddim_from_config(&s->ddim, c);
     case SCHED_SIGMA: return sdx4_sigma_from_config(&s->sigma, c);
     case SCHED_UNIPC: return sdx4_unipc_from_config(&s->unipc, c);
+    case SCHED_DDPM: return sdx4_ddpm_sampler_from_config(&s->ddpm, c);
+    case SCHED_PNDM: return sdx4_pndm_from_config(&s->pndm, c);
     }
     return -1;
 }
@@ -227,6 +242,8 @@ void sdx4_scheduler_free(scheduler *s) {
     case SCHED_DDIM: sdx4_ddim_free(&s->ddim); break;
     case SCHED_SIGMA: sdx4_sigma_free(&s->sigma); break;
     case SCHED_UNIPC: sdx4_unipc_free(&s->unipc); break;
+    case SCHED_DDPM: sdx4_ddpm_sampler_free(&s->ddpm); break;
+    case SCHED_PNDM: sdx4_pndm_free(&s->pndm); break;
     }
     free(s->timesteps);
     memset(s, 0, sizeof *s);
@@ -239,8 +256,10 @@ int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir) {
     if (sdx4_cfg_load(&c, model_dir, CONFIG_FILE)) return -1;
     int rc = sdx4_scheduler_from_config(&s, &c);
     if (rc == 0) {
-        src->num_train_timesteps = s.family == SCHED_DDIM ? s.ddim.num_train_timesteps
-                                                          : sigma_schedule(&s)->num_train_timesteps;
+        src->num_train_timesteps = s.family == SCHED_DDIM   ? s.ddim.num_train_timesteps
+                                   : s.family == SCHED_DDPM ? s.ddpm.num_train_timesteps
+                                   : s.family == SCHED_PNDM ? s.pndm.num_train_timesteps
+                                                            : sigma_schedule(&s)->num_train_timesteps;
         sdx4_scheduler_free(&s);
         src->json = json_dumps(c.root, JSON_COMPACT);
         if (!src->json) {
@@ -274,6 +293,14 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         if (sdx4_unipc_set_timesteps(&s->unipc, n, numel)) return -1;
         count = s->unipc.sigma.num_timesteps;
         break;
+    case SCHED_DDPM:
+        if (sdx4_ddpm_sampler_set_timesteps(&s->ddpm, n)) return -1;
+        count = s->ddpm.num_timesteps;
+        break;
+    case SCHED_PNDM:
+        if (sdx4_pndm_set_timesteps(&s->pndm, n, numel)) return -1;
+        count = s->pndm.num_timesteps;
+        break;
     }
     float *ts = malloc((size_t)count * sizeof *ts);
     if (!ts) {
@@ -281,19 +308,22 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         return -1;
     }
     for (int i = 0; i < count; i++)
-        ts[i] = s->family == SCHED_DDIM ? (float)s->ddim.timesteps[i]
-                                        : sigma_schedule(s)->timesteps[i];
+        ts[i] = s->family == SCHED_DDIM   ? (float)s->ddim.timesteps[i]
+                : s->family == SCHED_DDPM ? (float)s->ddpm.timesteps[i]
+                : s->family == SCHED_PNDM ? (float)s->pndm.timesteps[i]
+                                          : sigma_schedule(s)->timesteps[i];
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;
-    s->init_noise_sigma = s->family == SCHED_DDIM ? 1.0f : sigma_schedule(s)->init_noise_sigma;
+    s->init_noise_sigma = sigma_schedule(s) ? sigma_schedule(s)->init_noise_sigma : 1.0f;
     s->order = s->family == SCHED_SIGMA && s->sigma.order ? s->sigma.order : 1;
     s->numel = numel;
     return 0;
 }
 
 const float *sdx4_scheduler_sigmas(const scheduler *s) {
-    return s->family == SCHED_DDIM ? NULL : sigma_schedule(s)->sigmas;
+    const sigma_scheduler *g = sigma_schedule(s);
+    return g ? g->sigmas : NULL;
 }
 
 void sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
@@ -307,10 +337,15 @@ int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const fl
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "scheduler step %d of %d", i, s->num_timesteps);
         return -1;
     }
-    if (s->family == SCHED_DDIM)
+    switch (s->family) {
+    case SCHED_DDIM:
         return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
                               rng, prev_sample);
-    if (s->family == SCHED_UNIPC)
-        return sdx4_unipc_step(&s->unipc, i, model_output, sample, prev_sample);
+    case SCHED_DDPM:
+        return sdx4_ddpm_sampler_step(&s->ddpm, i, model_output, sample, s->numel, rng, prev_sample);
+    case SCHED_PNDM: return sdx4_pndm_step(&s->pndm, i, model_output, sample, prev_sample);
+    case SCHED_UNIPC: return sdx4_unipc_step(&s->unipc, i, model_output, sample, prev_sample);
+    case SCHED_SIGMA: break;
+    }
     return sdx4_sigma_step(&s->sigma, i, model_output, sample, rng, prev_sample);
 }

@@ -20,6 +20,7 @@
 
 #include "core/rng.h"
 #include "model/scheduler.h"
+#include "model/scheduler_alpha.h"
 #include "model/scheduler_sigma.h"
 #include "model/scheduler_unipc.h"
 
@@ -34,9 +35,9 @@ typedef struct {
 int sdx4_scheduler_source_load(scheduler_source *src, const char *model_dir);
 void sdx4_scheduler_source_free(scheduler_source *src);
 
-/* The diffusers class an alias or class name stands for (ddim, euler,
- * euler-a, dpm++2m, dpm++2s, deis, unipc, heun, dpm2, dpm2-a, lms, or the
- * class name itself); NULL if none. */
+/* The diffusers class an alias or class name stands for (ddim, ddpm,
+ * pndm, euler, euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis,
+ * unipc, or the class name itself); NULL if none. */
 const char *sdx4_scheduler_class(const char *name);
 
 /* Checks a caller's choice without a model: a known name (or NULL) and
@@ -45,13 +46,15 @@ int sdx4_scheduler_check_choice(const char *name, const char *options);
 
 /* The implementation a class belongs to; one member of the scheduler
  * below is in use, the family's. */
-typedef enum { SCHED_DDIM, SCHED_SIGMA, SCHED_UNIPC } scheduler_family;
+typedef enum { SCHED_DDIM, SCHED_SIGMA, SCHED_UNIPC, SCHED_DDPM, SCHED_PNDM } scheduler_family;
 
 typedef struct {
     scheduler_family family;
     ddim_scheduler ddim;
     sigma_scheduler sigma;
     unipc_scheduler unipc;
+    ddpm_sampler ddpm;
+    pndm_sampler pndm;
     /* set by sdx4_scheduler_set_timesteps() */
     int num_timesteps;
     float *timesteps; /* (num_timesteps): what the UNet is given */

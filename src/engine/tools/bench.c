@@ -1,7 +1,8 @@
 /*
  * bench.c - sdx4_bench(): the figures of BENCHMARKS.md, timed inside the
  * engine so that each part is measured alone (text encoder, one guided
- * UNet step, VAE decode) and then together (a whole upscale).
+ * UNet step, VAE decode) and then together (a whole upscale, with the
+ * caller's sampler, whose own host time per step the pipeline reports).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 #include "core/rng.h"
 #include "engine_internal.h"
 #include "model/pipeline.h"
+#include "model/schedulers.h"
 
 static double now_ms(void) {
     struct timespec ts;
@@ -100,7 +102,17 @@ fail:
     return rc;
 }
 
-sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_bench_result *r) {
+/* The sampler's choice, checked before anything is timed. */
+static int check_scheduler(const model *m, const char *name, const char *options, int steps) {
+    scheduler s;
+    int rc = sdx4_scheduler_create(&s, &m->scheduler, name, options) ||
+             sdx4_scheduler_set_timesteps(&s, steps, 1);
+    sdx4_scheduler_free(&s);
+    return rc ? -1 : 0;
+}
+
+sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, const char *scheduler,
+                       const char *scheduler_options, sdx4_bench_result *r) {
     sdx4_error_clear();
     model *m = sdx4_engine_model(e);
     backend *be = sdx4_engine_backend(e);
@@ -108,16 +120,17 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100");
         return SDX4_ERR_INVALID_ARGUMENT;
     }
+    if (check_scheduler(m, scheduler, scheduler_options, steps)) return sdx4_error_status();
     memset(r, 0, sizeof *r);
     r->size = size, r->steps = steps, r->repeats = repeats;
-    double *t = calloc(repeats, sizeof *t);
+    double *t = calloc(repeats, sizeof *t), *sched_t = calloc(repeats, sizeof *sched_t);
     torch_rng rng;
     sdx4_torch_rng_seed(&rng, 0);
     tensor *ctx = NULL, *x = NULL, *y = NULL;
     float *latents = NULL;
     int32_t labels[2] = {20, 20};
     sdx4_image in = {size, size, malloc((size_t)3 * size * size)}, out = {0};
-    if (!t || !in.pixels) {
+    if (!t || !sched_t || !in.pixels) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
@@ -166,13 +179,21 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, sdx4_be
     p.prompt = "a white cat";
     p.num_inference_steps = steps;
     p.noise_level = 20.0f / (float)(m->max_noise_level ? m->max_noise_level : 1);
+    p.scheduler = scheduler;
+    p.scheduler_options = scheduler_options;
     for (int i = -1; i < repeats; i++) {
+        sdx4_upscale_report report;
         double t0 = now_ms();
-        if (sdx4_upscale(e, &in, &p, &out, NULL)) goto fail;
-        if (i >= 0) t[i] = now_ms() - t0;
+        if (sdx4_upscale(e, &in, &p, &out, &report)) goto fail;
+        if (i >= 0) {
+            t[i] = now_ms() - t0;
+            sched_t[i] = 1e3 * report.seconds_scheduler / report.unet_steps;
+        }
+        r->pipeline_unet_steps = report.unet_steps;
         sdx4_image_free(&out);
     }
     r->pipeline_ms = median(t, repeats);
+    r->scheduler_step_ms = median(sched_t, repeats);
     r->peak_rss_bytes = sdx4_peak_rss_bytes();
     int64_t in_use;
     be->memory(be, &in_use, &r->device_peak_bytes);
@@ -180,6 +201,7 @@ fail:
     DROP(ctx), DROP(x), DROP(y);
     free(latents);
     free(t);
+    free(sched_t);
     free(in.pixels);
     return sdx4_error_status();
 }

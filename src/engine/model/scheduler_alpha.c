@@ -1,0 +1,399 @@
+/*
+ * scheduler_alpha.c - DDPM and PNDM as samplers, as diffusers computes
+ * them: the coefficients are 0-dim float32 tensors there (one float
+ * operation each here), the tensors one float operation per element per
+ * torch operation, in diffusers' order; scalars diffusers writes as Python
+ * numbers (1 / 6, 23, 1 / 24) are rounded to float first, as torch does
+ * when it multiplies a float32 tensor by one.
+ *
+ * DDPM's step is DDIM's with eta 1 and its own variance: the posterior
+ * mean of x_{t-1} from the predicted x_0 (clipped or thresholded) and x_t,
+ * plus sqrt(variance) times noise drawn for every timestep above 0. Its
+ * previous timestep is the next entry of the timesteps (diffusers looks t
+ * up in them), -1 after the last, where alpha_prod is 1.
+ *
+ * PNDM (pseudo numerical methods) reuses each model output across steps.
+ * Its warm-up is a Runge-Kutta method (step_prk): four UNet evaluations
+ * per step, at t, t - ratio/2 twice and t - ratio, for the first three
+ * steps, whose outputs are combined 1/6, 1/3, 1/3, 1/6; then the linear
+ * multistep method (step_plms) combines the last four outputs with the
+ * Adams-Bashforth weights 55, -59, 37, -9 over 24. With skip_prk_steps
+ * there is no warm-up: PLMS starts at order 1, evaluates the second step
+ * twice (the second time at the first step's t, averaging, a Heun step)
+ * and rises an order per step. diffusers keys all of this on a counter
+ * of steps taken; so does this file, and the timestep the pipeline passes
+ * in is what diffusers' pipeline passes: timesteps[i].
+ */
+#include "model/scheduler_alpha.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+
+static const char *const spacings[] = {"leading", "trailing", "linspace", NULL};
+
+/* alphas_cumprod[t], a negative t from the end as a torch index. */
+static float alpha_at(const float *acp, int T, int t) { return acp[t < 0 ? t + T : t]; }
+
+/* --------------------------------------------------------- thresholding */
+
+/* The k-th smallest of v[0..n) (0-based, no NaN), leaving no smaller value
+ * after index k: Hoare's selection. */
+static float select_kth(float *v, size_t n, size_t k) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, want = (ptrdiff_t)k;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                float t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break; /* between j and i every value is the pivot */
+    }
+    return v[k];
+}
+
+int sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value) {
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (isnan(x[i])) {
+            for (size_t j = 0; j < n; j++) x[j] = NAN;
+            return 0;
+        }
+    float *a = malloc(n * sizeof *a);
+    if (!a) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "thresholding: out of memory for %zu values", n);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) a[i] = fabsf(x[i]);
+    /* torch.quantile, linear: rank q * (n - 1) in float, then lerp between
+     * the values around it */
+    float rank = ratio * (float)(n - 1);
+    size_t below = (size_t)rank, above = (size_t)ceilf(rank);
+    float lo = select_kth(a, n, below), hi = lo;
+    for (size_t i = below + 1; above > below && i < n; i++) hi = i == below + 1 || a[i] < hi ? a[i] : hi;
+    free(a);
+    float w = rank - (float)below;
+    float s = fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w); /* torch.lerp */
+    s = s < 1.0f ? 1.0f : s; /* torch.clamp(s, min=1, max=max_value) */
+    s = s > max_value ? max_value : s;
+    for (size_t i = 0; i < n; i++) x[i] = (x[i] < -s ? -s : x[i] > s ? s : x[i]) / s;
+    return 0;
+}
+
+/* ----------------------------------------------------------------- DDPM */
+
+int sdx4_ddpm_sampler_from_config(ddpm_sampler *s, const config *c) {
+    static const char *const predictions[] = {"epsilon", "v_prediction", "sample", NULL};
+    static const char *const variances[] = {"fixed_small", "fixed_small_log", "fixed_large", NULL};
+    memset(s, 0, sizeof *s);
+    double clip_range, ratio, max_value;
+    int prediction, spacing, variance;
+    if (sdx4_noise_schedule_load(c, "DDPMScheduler", &s->num_train_timesteps, &s->alphas_cumprod))
+        return -1;
+    if (sdx4_cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
+        sdx4_cfg_choice(c, "timestep_spacing", "leading", spacings, &spacing) ||
+        sdx4_cfg_int(c, "steps_offset", 0, &s->steps_offset) ||
+        sdx4_cfg_choice(c, "variance_type", "fixed_small", variances, &variance) ||
+        sdx4_cfg_bool(c, "clip_sample", 1, &s->clip_sample) ||
+        sdx4_cfg_float(c, "clip_sample_range", 1.0, &clip_range) ||
+        sdx4_cfg_bool(c, "thresholding", 0, &s->thresholding) ||
+        sdx4_cfg_float(c, "dynamic_thresholding_ratio", 0.995, &ratio) ||
+        sdx4_cfg_float(c, "sample_max_value", 1.0, &max_value)) {
+        sdx4_ddpm_sampler_free(s);
+        return -1;
+    }
+    if (s->thresholding && !(ratio >= 0 && ratio <= 1)) { /* torch.quantile's range */
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: dynamic_thresholding_ratio=%g is outside [0, 1]",
+                       c->label, ratio);
+        sdx4_ddpm_sampler_free(s);
+        return -1;
+    }
+    s->prediction = (prediction_type)prediction;
+    s->spacing = (timestep_spacing)spacing;
+    s->variance = (variance_type)variance;
+    s->clip_sample_range = (float)clip_range;
+    s->dynamic_thresholding_ratio = (float)ratio;
+    s->sample_max_value = (float)max_value;
+    return 0;
+}
+
+void sdx4_ddpm_sampler_free(ddpm_sampler *s) {
+    free(s->alphas_cumprod);
+    free(s->timesteps);
+    memset(s, 0, sizeof *s);
+}
+
+int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n) {
+    int count, *ts = sdx4_spaced_timesteps(s->num_train_timesteps, n, s->spacing, s->steps_offset,
+                                           &count);
+    if (!ts) return -1;
+    free(s->timesteps);
+    s->timesteps = ts;
+    s->num_timesteps = count;
+    return 0;
+}
+
+int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_output,
+                           const float *sample, size_t n, torch_rng *rng, float *prev_sample) {
+    int T = s->num_train_timesteps;
+    if (!s->timesteps || i < 0 || i >= s->num_timesteps) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDPM step %d of %d", i, s->num_timesteps);
+        return -1;
+    }
+    int t = s->timesteps[i], prev_t = i + 1 < s->num_timesteps ? s->timesteps[i + 1] : -1;
+    float *x0 = malloc(n * sizeof *x0), *noise = t > 0 ? malloc(n * sizeof *noise) : NULL;
+    if (!x0 || (t > 0 && !noise)) {
+        free(x0);
+        free(noise);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDPM step: out of memory for %zu values", n);
+        return -1;
+    }
+
+    /* 1. alphas and betas, 0-dim float32 tensors in diffusers */
+    float alpha_prod_t = alpha_at(s->alphas_cumprod, T, t);
+    float alpha_prod_t_prev = prev_t >= 0 ? s->alphas_cumprod[prev_t] : 1.0f;
+    float beta_prod_t = 1.0f - alpha_prod_t, beta_prod_t_prev = 1.0f - alpha_prod_t_prev;
+    float current_alpha_t = alpha_prod_t / alpha_prod_t_prev;
+    float current_beta_t = 1.0f - current_alpha_t;
+    float sqrt_alpha = sqrtf(alpha_prod_t), sqrt_beta = sqrtf(beta_prod_t);
+
+    /* 2-3. the predicted x_0, clipped or thresholded */
+    for (size_t k = 0; k < n; k++) {
+        float out = model_output[k], x = sample[k];
+        x0[k] = s->prediction == PREDICT_EPSILON ? (x - sqrt_beta * out) / sqrt_alpha
+                : s->prediction == PREDICT_SAMPLE ? out
+                                                  : sqrt_alpha * x - sqrt_beta * out;
+    }
+    int rc = 0;
+    if (s->thresholding) {
+        rc = sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value);
+    } else if (s->clip_sample) {
+        float lo = -s->clip_sample_range, hi = s->clip_sample_range;
+        for (size_t k = 0; k < n; k++) x0[k] = x0[k] < lo ? lo : x0[k] > hi ? hi : x0[k];
+    }
+
+    /* 4-6. the posterior mean, and the noise for t > 0 */
+    float x0_coeff = (sqrtf(alpha_prod_t_prev) * current_beta_t) / beta_prod_t;
+    float sample_coeff = sqrtf(current_alpha_t) * beta_prod_t_prev / beta_prod_t;
+    float stddev = 0;
+    if (noise) {
+        sdx4_torch_randn(rng, noise, n);
+        float variance = (1.0f - alpha_prod_t_prev) / (1.0f - alpha_prod_t) * current_beta_t;
+        variance = variance < 1e-20f ? 1e-20f : variance; /* torch.clamp(min=1e-20) */
+        stddev = s->variance == VARIANCE_FIXED_SMALL_LOG ? expf(0.5f * logf(variance))
+                 : s->variance == VARIANCE_FIXED_LARGE   ? sqrtf(current_beta_t)
+                                                         : sqrtf(variance);
+    }
+    for (size_t k = 0; rc == 0 && k < n; k++) {
+        float prev = x0_coeff * x0[k] + sample_coeff * sample[k];
+        prev_sample[k] = noise ? prev + stddev * noise[k] : prev;
+    }
+    free(x0);
+    free(noise);
+    return rc;
+}
+
+/* ----------------------------------------------------------------- PNDM */
+
+int sdx4_pndm_from_config(pndm_sampler *s, const config *c) {
+    static const char *const predictions[] = {"epsilon", "v_prediction", NULL};
+    memset(s, 0, sizeof *s);
+    int prediction, spacing, set_alpha_to_one;
+    if (sdx4_noise_schedule_load(c, "PNDMScheduler", &s->num_train_timesteps, &s->alphas_cumprod))
+        return -1;
+    if (sdx4_cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
+        sdx4_cfg_choice(c, "timestep_spacing", "leading", spacings, &spacing) ||
+        sdx4_cfg_int(c, "steps_offset", 0, &s->steps_offset) ||
+        sdx4_cfg_bool(c, "skip_prk_steps", 0, &s->skip_prk_steps) ||
+        sdx4_cfg_bool(c, "set_alpha_to_one", 0, &set_alpha_to_one)) {
+        sdx4_pndm_free(s);
+        return -1;
+    }
+    s->prediction = (prediction_type)prediction;
+    s->spacing = (timestep_spacing)spacing;
+    s->final_alpha_cumprod = set_alpha_to_one ? 1.0f : s->alphas_cumprod[0];
+    return 0;
+}
+
+static void free_run(pndm_sampler *s) {
+    for (int k = 0; k < 4; k++) free(s->ets[k]);
+    free(s->cur_model_output);
+    free(s->cur_sample);
+}
+
+void sdx4_pndm_free(pndm_sampler *s) {
+    free(s->alphas_cumprod);
+    free(s->timesteps);
+    free_run(s);
+    memset(s, 0, sizeof *s);
+}
+
+int sdx4_pndm_set_timesteps(pndm_sampler *s, int n, size_t numel) {
+    int T = s->num_train_timesteps, m;
+    int *desc = sdx4_spaced_timesteps(T, n, s->spacing, s->steps_offset, &m);
+    if (!desc) return -1;
+    if (!s->skip_prk_steps && m < 4) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
+                       "scheduler PNDMScheduler: num_inference_steps=%d is too few for its "
+                       "Runge-Kutta warm-up (at least 4; or skip_prk_steps true)", n);
+        free(desc);
+        return -1;
+    }
+    int *ts = malloc((size_t)(m + 9) * sizeof *ts), count = 0, prk = 0;
+    if (!ts) {
+        free(desc);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
+        return -1;
+    }
+    if (s->skip_prk_steps) { /* cat([_t[:-1], _t[-2:-1], _t[-1:]])[::-1], _t ascending */
+        ts[count++] = desc[0];
+        for (int k = 1; k < m; k++) {
+            if (k == 1) ts[count++] = desc[1];
+            ts[count++] = desc[k];
+        }
+    } else {
+        /* _t[-4:].repeat(2) + tile([0, T // n // 2], 4): the four largest
+         * and their midpoints; then [:-1].repeat(2)[1:-1][::-1] */
+        int half = T / n / 2, pairs[8];
+        for (int k = 0; k < 4; k++) {
+            pairs[2 * k] = desc[3 - k];
+            pairs[2 * k + 1] = desc[3 - k] + half;
+        }
+        for (int k = 12; k >= 1; k--) ts[count++] = pairs[k / 2]; /* 14 copies less both ends */
+        prk = count;
+        for (int k = 3; k < m; k++) ts[count++] = desc[k]; /* _t[:-3][::-1] */
+    }
+    free(desc);
+    free_run(s);
+    free(s->timesteps);
+    s->timesteps = ts;
+    s->num_timesteps = count;
+    s->num_prk = prk;
+    s->num_inference_steps = n;
+    s->counter = s->num_ets = 0;
+    s->numel = numel;
+    memset(s->ets, 0, sizeof s->ets);
+    s->cur_model_output = malloc(numel * sizeof(float));
+    s->cur_sample = malloc(numel * sizeof(float));
+    for (int k = 0; k < 4; k++) s->ets[k] = malloc(numel * sizeof(float));
+    int ok = s->cur_model_output && s->cur_sample;
+    for (int k = 0; k < 4; k++) ok = ok && s->ets[k];
+    if (!ok) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
+        return -1;
+    }
+    return 0;
+}
+
+/* _get_prev_sample: x_{prev_t} from x_t and the (combined) model output,
+ * formula (9) of the PNDM paper. */
+static void prev_sample_of(const pndm_sampler *s, const float *sample, int t, int prev_t,
+                           const float *model_output, float *out) {
+    int T = s->num_train_timesteps;
+    float alpha_prod_t = alpha_at(s->alphas_cumprod, T, t);
+    float alpha_prod_t_prev = prev_t >= 0 ? s->alphas_cumprod[prev_t] : s->final_alpha_cumprod;
+    float beta_prod_t = 1.0f - alpha_prod_t, beta_prod_t_prev = 1.0f - alpha_prod_t_prev;
+    float sqrt_alpha = sqrtf(alpha_prod_t), sqrt_beta = sqrtf(beta_prod_t);
+    float sample_coeff = sqrtf(alpha_prod_t_prev / alpha_prod_t);
+    float denom = alpha_prod_t * sqrtf(beta_prod_t_prev) +
+                  sqrtf(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
+    float diff = alpha_prod_t_prev - alpha_prod_t;
+    for (size_t k = 0; k < s->numel; k++) {
+        float eps = model_output[k];
+        if (s->prediction == PREDICT_V) eps = sqrt_alpha * eps + sqrt_beta * sample[k];
+        out[k] = sample_coeff * sample[k] - diff * eps / denom;
+    }
+}
+
+/* Keeps model_output as the newest of the last four outputs. */
+static void push_output(pndm_sampler *s, const float *model_output) {
+    if (s->num_ets == 4) {
+        float *oldest = s->ets[0];
+        memmove(s->ets, s->ets + 1, 3 * sizeof *s->ets);
+        s->ets[3] = oldest;
+        s->num_ets = 3;
+    }
+    memcpy(s->ets[s->num_ets++], model_output, s->numel * sizeof(float));
+}
+
+static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const float *sample,
+                     float *combined, float *prev_sample) {
+    int T = s->num_train_timesteps, phase = s->counter % 4;
+    int prev_t = t_in - (s->counter % 2 ? 0 : T / s->num_inference_steps / 2);
+    int t = s->timesteps[s->counter / 4 * 4];
+    const float *mo = model_output;
+    size_t n = s->numel;
+    if (phase == 0) {
+        for (size_t k = 0; k < n; k++) s->cur_model_output[k] = (float)(1.0 / 6) * model_output[k];
+        push_output(s, model_output);
+        memcpy(s->cur_sample, sample, n * sizeof *sample);
+    } else if (phase < 3) {
+        for (size_t k = 0; k < n; k++)
+            s->cur_model_output[k] = s->cur_model_output[k] + (float)(1.0 / 3) * model_output[k];
+    } else {
+        for (size_t k = 0; k < n; k++)
+            combined[k] = s->cur_model_output[k] + (float)(1.0 / 6) * model_output[k];
+        mo = combined;
+    }
+    prev_sample_of(s, s->cur_sample, t, prev_t, mo, prev_sample);
+}
+
+static void step_plms(pndm_sampler *s, int t, const float *model_output, const float *sample,
+                      float *combined, float *prev_sample) {
+    int ratio = s->num_train_timesteps / s->num_inference_steps, prev_t = t - ratio;
+    size_t n = s->numel;
+    if (s->counter != 1) {
+        push_output(s, model_output);
+    } else { /* the second evaluation of the first step: from t + ratio again */
+        prev_t = t;
+        t = t + ratio;
+    }
+    float *const *e = s->ets + s->num_ets - 1; /* e[0] the newest, e[-1] the one before */
+    const float *x = sample, *mo = combined;
+    if (s->num_ets == 1 && s->counter == 0) {
+        mo = model_output;
+        memcpy(s->cur_sample, sample, n * sizeof *sample);
+    } else if (s->num_ets == 1 && s->counter == 1) {
+        for (size_t k = 0; k < n; k++) combined[k] = (model_output[k] + e[0][k]) / 2;
+        x = s->cur_sample;
+    } else if (s->num_ets == 2) {
+        for (size_t k = 0; k < n; k++) combined[k] = (3.0f * e[0][k] - e[-1][k]) / 2;
+    } else if (s->num_ets == 3) {
+        for (size_t k = 0; k < n; k++)
+            combined[k] = (23.0f * e[0][k] - 16.0f * e[-1][k] + 5.0f * e[-2][k]) / 12;
+    } else {
+        for (size_t k = 0; k < n; k++)
+            combined[k] = (float)(1.0 / 24) * (55.0f * e[0][k] - 59.0f * e[-1][k] +
+                                               37.0f * e[-2][k] - 9.0f * e[-3][k]);
+    }
+    prev_sample_of(s, x, t, prev_t, mo, prev_sample);
+}
+
+int sdx4_pndm_step(pndm_sampler *s, int i, const float *model_output, const float *sample,
+                   float *prev_sample) {
+    if (!s->timesteps || i != s->counter || i >= s->num_timesteps) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "PNDM step %d: expected step %d of %d", i,
+                       s->counter, s->num_timesteps);
+        return -1;
+    }
+    float *combined = malloc(s->numel * sizeof *combined);
+    if (!combined) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "PNDM step: out of memory for %zu values", s->numel);
+        return -1;
+    }
+    if (s->counter < s->num_prk) step_prk(s, s->timesteps[i], model_output, sample, combined, prev_sample);
+    else step_plms(s, s->timesteps[i], model_output, sample, combined, prev_sample);
+    free(combined);
+    s->counter++;
+    return 0;
+}
