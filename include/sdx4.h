@@ -205,7 +205,7 @@ typedef enum {
 
 /* "auto" tiles the VAE decode above this many bytes of activations
  * (float32, as the decoder's layers hold them at their peak): 1 GiB, an
- * untiled decode up to about 600 px out with the x4 upscaler's VAE. */
+ * untiled decode up to about 650 px out with the x4 upscaler's VAE. */
 #define SDX4_VAE_TILING_BUDGET ((int64_t)1 << 30)
 
 /* The largest seed: JSON clients cannot send integers beyond a signed
