@@ -246,7 +246,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--seed", "S", "seed", &seed},
         {"--eta", "E", "eta", &eta},
         {"--scheduler", "NAME", "scheduler", &params.scheduler},
-        {"--vae-tiling", "off|on|auto", "vae_tiling", &params.vae_tiling},
+        {"--vae-tiling", "MODE", "vae_tiling", &params.vae_tiling},
     };
     const cli_option fixed[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
@@ -356,10 +356,12 @@ int cmd_upscale(int argc, char **argv) {
         fail_file(out_path, err);
         goto done;
     }
+    char tiles[32] = "";
+    if (report.vae_tiles > 1) snprintf(tiles, sizeof tiles, " in %d tiles", report.vae_tiles);
     fprintf(stderr,
-            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s), peak RSS %.0f MiB\n",
+            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s%s), peak RSS %.0f MiB\n",
             out_path, output.width, output.height, cli_now() - start,
-            report.seconds_text, report.seconds_unet, report.seconds_vae,
+            report.seconds_text, report.seconds_unet, report.seconds_vae, tiles,
             (double)sdx4_peak_rss_bytes() / (1 << 20));
     status = 0;
 
