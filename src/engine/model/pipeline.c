@@ -189,11 +189,12 @@ int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents
 }
 
 /* The decode as args choose: whole, or in tiles when asked or when the
- * whole one would exceed the budget; *out is malloc'd. The tile count, or
- * -1. */
+ * whole one would exceed the budget (and the config gives a tile); *out is
+ * malloc'd. The tile count, or -1. */
 static int decode(const model *m, backend *be, const pipeline_args *a, const float *latents,
                   float **out) {
     int f = sdx4_vae_scale_factor(&m->vae), tiles = 1;
+    int tile = a->vae_tile ? a->vae_tile : sdx4_vae_tile(&m->vae);
     int64_t budget = a->vae_budget ? a->vae_budget : SDX4_VAE_TILING_BUDGET;
     size_t n = (size_t)m->vae.out_channels * a->height * f * a->width * f;
     if (!(*out = malloc(n * sizeof **out))) {
@@ -201,10 +202,9 @@ static int decode(const model *m, backend *be, const pipeline_args *a, const flo
         return -1;
     }
     if (a->vae_tiling == VAE_TILING_ON ||
-        (a->vae_tiling == VAE_TILING_AUTO &&
+        (a->vae_tiling == VAE_TILING_AUTO && tile &&
          sdx4_vae_decode_bytes(&m->vae, a->height, a->width) > budget)) {
-        tiles = sdx4_pipeline_decode_tiled(m, be, latents, a->height, a->width,
-                                           a->vae_tile ? a->vae_tile : sdx4_vae_tile(&m->vae), *out);
+        tiles = sdx4_pipeline_decode_tiled(m, be, latents, a->height, a->width, tile, *out);
     } else {
         tensor *image = sdx4_pipeline_decode(m, be, latents, a->height, a->width);
         if (!image || be->download(be, image, *out)) tiles = -1;

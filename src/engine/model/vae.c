@@ -203,7 +203,10 @@ fail:
 
 /* ------------------------------------------------------------ tiled decode */
 
-int sdx4_vae_tile(const vae_decoder *v) { return v->sample_size / sdx4_vae_scale_factor(v); }
+int sdx4_vae_tile(const vae_decoder *v) {
+    int tile = v->sample_size / sdx4_vae_scale_factor(v);
+    return tile >= 4 && tile % 4 == 0 ? tile : 0;
+}
 
 /* The whole decode of host latents z [C, h, w] into host out. */
 static int decode_whole(backend *be, const vae_decoder *v, const float *z, int h, int w, float *out) {

@@ -40,7 +40,8 @@ int sdx4_vae_scale_factor(const vae_decoder *v);
 tensor *sdx4_vae_decode(backend *be, const vae_decoder *v, const tensor *z);
 
 /* diffusers' tile_latent_min_size: the config's sample_size / the scale
- * factor, the tile side in latents that vae.enable_tiling() uses. */
+ * factor, the tile side in latents that vae.enable_tiling() uses; 0 when
+ * that is no tile sdx4_vae_decode_tiled takes. */
 int sdx4_vae_tile(const vae_decoder *v);
 /* vae.decode(z) with tiling enabled and tile_latent_min_size = tile
  * (tile_sample_min_size = tile * scale factor): tiled_decode when h or w
