@@ -166,6 +166,13 @@ typedef struct {
        implement is refused by name. */
     const char *scheduler;
     const char *scheduler_options;
+    /* The VAE decode in tiles, as diffusers' vae.enable_tiling() decodes:
+       "off", "on", or "auto" (NULL, the default): in tiles when the whole
+       decode would hold more than SDX4_VAE_TILING_BUDGET bytes of
+       activations. Tiles bound the decode's memory whatever the image
+       size; the blended image differs slightly from the whole decode's,
+       as diffusers' does. */
+    const char *vae_tiling;
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
     /* Optional: a flag another thread sets to stop this upscale. It is read
@@ -193,7 +200,14 @@ typedef enum {
                         and the server do, and say which) */
     SDX4_PARAM_TEXT, /* a string, any length (the tokenizer truncates); NULL
                         and the default are "" */
+    SDX4_PARAM_CHOICE, /* a string, one of `choices`; NULL is the default,
+                          choices[int_default] */
 } sdx4_param_type;
+
+/* "auto" tiles the VAE decode above this many bytes of activations
+ * (float32, as the decoder's layers hold them at their peak): 1 GiB, an
+ * untiled decode up to about 650 px out with the x4 upscaler's VAE. */
+#define SDX4_VAE_TILING_BUDGET ((int64_t)1 << 30)
 
 /* The largest seed: JSON clients cannot send integers beyond a signed
  * 64-bit one safely, so every front end stops there. */
@@ -210,6 +224,7 @@ typedef struct {
     int64_t int_min, int_max, int_default;    /* SDX4_PARAM_INT, _SEED */
     double real_min, real_max, real_default;  /* SDX4_PARAM_REAL */
     const char *help;      /* one line, lower case, no final period */
+    const char *const *choices; /* SDX4_PARAM_CHOICE: the values, NULL-ended */
 } sdx4_param;
 
 /* The table, in the order of the fields of sdx4_upscale_params; *count is
@@ -252,6 +267,7 @@ typedef struct {
                                  within seconds_unet */
     int unet_steps;           /* UNet evaluations run: num_inference_steps, or
                                  more for some samplers (PNDM) */
+    int vae_tiles;          /* tiles the VAE decoded in; 1 when whole */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the

@@ -235,6 +235,8 @@ static void test_usage_errors(void) {
         {"'c.png'", {"upscale", "--model", "m", "a.png", "b.png", "c.png"}},
         {"--model", {"upscale", "a.png", "b.png"}},
         {"--model", {"upscale", "a.png", "b.png", "--model"}},
+        {"vae_tiling sideways: expected off, on or auto",
+         {"upscale", "--model", "m", "--vae-tiling", "sideways", "a.png", "b.png"}},
         {"--noise-level",
          {"upscale", "--model", "m", "--noise-level", "1.5", "a.png", "b.png"}},
         {"--noise-level",

@@ -16,7 +16,7 @@
 
 static const char *const expected[] = {"prompt", "negative_prompt", "num_inference_steps",
                                        "guidance_scale", "noise_level", "seed", "eta",
-                                       "scheduler", "scheduler_options"};
+                                       "scheduler", "scheduler_options", "vae_tiling"};
 
 /* Sets the field of row `name` to v (numbers only). */
 static void set_number(sdx4_upscale_params *p, const char *name, double v) {
@@ -73,6 +73,19 @@ static void test_rows(void) {
     p.scheduler_options = "{\"use_karras_sigmas\": true}";
     CHECK(sdx4_check_params(&p) == SDX4_OK, "dpm++2m with Karras sigmas: %s", sdx4_last_error());
     p.scheduler = p.scheduler_options = NULL;
+    /* vae_tiling: NULL is the row's default, auto; a value outside the
+     * choices is refused naming them */
+    const sdx4_param *tiling = sdx4_param_find("vae_tiling");
+    CHECK(!p.vae_tiling && tiling && !strcmp(tiling->choices[tiling->int_default], "auto"), "vae_tiling default");
+    static const char *const good[] = {"off", "on", "auto"};
+    for (int i = 0; i < 3; i++) {
+        p.vae_tiling = good[i];
+        CHECK(sdx4_check_params(&p) == SDX4_OK, "vae_tiling %s: %s", good[i], sdx4_last_error());
+    }
+    p.vae_tiling = "ON";
+    CHECK(sdx4_check_params(&p) != SDX4_OK && !strcmp(sdx4_last_error(), "vae_tiling ON: expected off, on or auto"),
+          "vae_tiling ON: %s", sdx4_last_error());
+    p.vae_tiling = NULL;
     for (int i = 0; i < n; i++) {
         const sdx4_param *r = &rows[i];
         if (r->type == SDX4_PARAM_INT) {
@@ -85,6 +98,12 @@ static void test_rows(void) {
                   field_number(&p, r->name));
         } else if (r->type == SDX4_PARAM_SEED) {
             CHECK(r->int_min == 0 && r->int_max == SDX4_SEED_MAX, "seed range");
+        } else if (r->type == SDX4_PARAM_CHOICE) { /* int_min..int_max index the choices */
+            int k = 0;
+            while (r->choices && r->choices[k]) k++;
+            CHECK(r->int_min == 0 && r->int_max == k - 1 && r->int_default >= 0 && r->int_default < k,
+                  "%s: %d choices, range %lld..%lld, default %lld", r->name, k, (long long)r->int_min,
+                  (long long)r->int_max, (long long)r->int_default);
         }
     }
 }

@@ -98,6 +98,7 @@ static void test_record_round_trip(void) {
     } bad_values[] = {
         {"job", "\"../../etc\""}, {"index", "64"}, {"width", "0"}, {"cache_key", "\"xyz\""},
         {"steps", "0"}, {"seed", "-1"}, {"format", "\"gif\""}, {"noise_level", "1.5"}, {"quality", "101"},
+        {"vae_tiling", "\"sideways\""},
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof bad_values[0]; i++) {
         json_t *bad = json_deep_copy(j);

@@ -74,6 +74,17 @@ static void test_form_parameters(const form_limits *limits) {
             CHECK(json_integer_value(min) == r->int_min && json_integer_value(max) == r->int_max && !def,
                   "seed: range or default");
             break;
+        case SDX4_PARAM_CHOICE: {
+            const json_t *values = json_object_get(e, "enum");
+            CHECK(!min && !max && def && !strcmp(json_string_value(def), r->choices[r->int_default]),
+                  "%s: range or default", r->name);
+            for (int k = 0; r->choices[k]; k++) {
+                const char *v = json_string_value(json_array_get(values, (size_t)k));
+                CHECK(v && !strcmp(v, r->choices[k]), "%s: enum %d", r->name, k);
+            }
+            CHECK(json_array_size(values) == (size_t)r->int_max + 1, "%s: enum size", r->name);
+            break;
+        }
         case SDX4_PARAM_INT: {
             json_int_t top = r->int_max;
             if (!strcmp(r->name, "num_inference_steps") && limits->max_steps < top) top = limits->max_steps;

@@ -73,6 +73,9 @@ static void param_help(char *help, size_t size, const param_flag *flag) {
     case SDX4_PARAM_TEXT:
         snprintf(text, sizeof text, "%s (default: empty)", p->help);
         break;
+    case SDX4_PARAM_CHOICE:
+        snprintf(text, sizeof text, "%s (default: %s)", p->help, p->choices[p->int_default]);
+        break;
     case SDX4_PARAM_SEED:
         snprintf(text, sizeof text, "%s, %lld..%lld (default: a random one; the seed used is printed)",
                  p->help, (long long)p->int_min, (long long)p->int_max);
@@ -120,6 +123,7 @@ static cli_option param_option(const param_flag *flag) {
     cli_option o = {flag->option, OPT_TEXT, flag->value, 0, 0, NULL, 0};
     switch (p->type) {
     case SDX4_PARAM_TEXT: break;
+    case SDX4_PARAM_CHOICE: break; /* sdx4_check_params names the choices */
     case SDX4_PARAM_SEED: o.kind = OPT_SEED; break; /* 0..SDX4_SEED_MAX */
     case SDX4_PARAM_INT:
         o.kind = OPT_INT, o.min = (double)p->int_min, o.max = (double)p->int_max;
@@ -215,6 +219,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--seed", "S", "seed", &seed},
         {"--eta", "E", "eta", &eta},
         {"--scheduler", "NAME", "scheduler", &params.scheduler},
+        {"--vae-tiling", "MODE", "vae_tiling", &params.vae_tiling},
     };
     const cli_option fixed[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
@@ -324,10 +329,12 @@ int cmd_upscale(int argc, char **argv) {
         fail_file(out_path, err);
         goto done;
     }
+    char tiles[32] = "";
+    if (report.vae_tiles > 1) snprintf(tiles, sizeof tiles, " in %d tiles", report.vae_tiles);
     fprintf(stderr,
-            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s), peak RSS %.0f MiB\n",
+            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s%s), peak RSS %.0f MiB\n",
             out_path, output.width, output.height, cli_now() - start,
-            report.seconds_text, report.seconds_unet, report.seconds_vae,
+            report.seconds_text, report.seconds_unet, report.seconds_vae, tiles,
             (double)sdx4_peak_rss_bytes() / (1 << 20));
     status = 0;
 

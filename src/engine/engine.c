@@ -138,8 +138,12 @@ void sdx4_image_free(sdx4_image *img) {
 /* Rows by position, in the order of sdx4_upscale_params's fields. */
 enum {
     P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_SCHEDULER,
-    P_SCHEDULER_OPTIONS, P_COUNT
+    P_SCHEDULER_OPTIONS, P_VAE_TILING, P_COUNT
 };
+
+/* In the order of vae_tiling_mode (pipeline.h). */
+static const char *const vae_tilings[] = {"off", "on", "auto", NULL};
+_Static_assert(VAE_TILING_OFF == 0 && VAE_TILING_ON == 1 && VAE_TILING_AUTO == 2, "vae_tilings");
 
 /* Guidance stops at 50, what the API has always documented: classifier-
  * free guidance past a few tens only saturates the image. Seeds stop at
@@ -165,6 +169,10 @@ static const sdx4_param params[P_COUNT] = {
     [P_SCHEDULER_OPTIONS] = {"scheduler_options", SDX4_PARAM_TEXT,
                              .help = "JSON object of scheduler config overrides, "
                                      "e.g. {\"use_karras_sigmas\": true}"},
+    [P_VAE_TILING] = {"vae_tiling", SDX4_PARAM_CHOICE, .int_min = 0, .int_max = 2, .int_default = 2,
+                      .choices = vae_tilings,
+                      .help = "VAE decode in tiles (bounded memory): off, on, or auto "
+                              "when the whole decode would exceed 1 GiB"},
 };
 
 const sdx4_param *sdx4_params(int *count) {
@@ -201,6 +209,14 @@ static sdx4_status check_real(const sdx4_param *r, float v) {
     return SDX4_OK;
 }
 
+/* The position of v among a choice row's values (NULL: the default), or -1. */
+static int choice_index(const sdx4_param *r, const char *v) {
+    if (!v) return (int)r->int_default;
+    for (int i = 0; r->choices[i]; i++)
+        if (!strcmp(r->choices[i], v)) return i;
+    return -1;
+}
+
 sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
     sdx4_error_clear();
     if (p->seed > (uint64_t)params[P_SEED].int_max)
@@ -214,6 +230,8 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
         return s;
     if (sdx4_scheduler_check_choice(p->scheduler, p->scheduler_options))
         return SDX4_ERR_INVALID_ARGUMENT;
+    if (choice_index(&params[P_VAE_TILING], p->vae_tiling) < 0)
+        return INVALID("vae_tiling %s: expected off, on or auto", p->vae_tiling);
     return SDX4_OK;
 }
 
@@ -262,6 +280,7 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
         .eta = p->eta, .seed = p->seed, .on_step = on_step, .user = (void *)p,
         .scheduler = p->scheduler, .scheduler_options = p->scheduler_options,
         .cancel = p->cancel,
+        .vae_tiling = (vae_tiling_mode)choice_index(&params[P_VAE_TILING], p->vae_tiling),
     };
     pipeline_report rep;
     int rc = sdx4_pipeline_run(&e->m, e->be, &a, &result, &rep);
@@ -274,7 +293,7 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
             .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
             .seconds_vae = rep.seconds_vae, .seconds_scheduler = rep.seconds_scheduler,
-            .unet_steps = rep.unet_steps};
+            .unet_steps = rep.unet_steps, .vae_tiles = rep.vae_tiles};
     }
     return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
 }

@@ -144,7 +144,7 @@ static bool is_job_id(const char *id) {
 
 /* ---- the upscale parameters: one table ------------------------------------------- */
 
-typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS } param_type;
+typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS, PARAM_CHOICE } param_type;
 
 /* A parameter of the engine travels under the name of its row of
  * sdx4_params and is held to that row's range; "steps" keeps the name
@@ -166,6 +166,7 @@ static const struct {
     {"seed", NULL, PARAM_SEED, P(seed), 0, 0},
     {"scheduler", NULL, PARAM_TEXT, P(scheduler), 0, 0},
     {"scheduler_options", NULL, PARAM_TEXT, P(scheduler_options), 0, 0},
+    {"vae_tiling", NULL, PARAM_CHOICE, P(vae_tiling), 0, 0}, /* null: the default */
     {NULL, "format", PARAM_FORMAT, P(format), 0, 0},
     {NULL, "quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
     {NULL, "given", PARAM_BITS, P(given), 0, 0},
@@ -187,7 +188,8 @@ static json_t *options_to_json(const upscale_options *o) {
         const void *f = (const char *)o + params[i].offset;
         json_t *v = NULL;
         switch (params[i].type) {
-        case PARAM_TEXT: v = *(char *const *)f ? json_string(*(char *const *)f) : json_null(); break;
+        case PARAM_TEXT:
+        case PARAM_CHOICE: v = *(char *const *)f ? json_string(*(char *const *)f) : json_null(); break;
         case PARAM_REAL: v = json_real(*(const double *)f); break;
         case PARAM_INT: v = json_integer(*(const int *)f); break;
         case PARAM_SEED: v = json_integer((json_int_t)*(const uint64_t *)f); break;
@@ -238,6 +240,14 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
             if (get_int(r, j, name, 0, (1 << FIELD_OPTION_COUNT) - 1, &n)) return -1;
             *(unsigned *)f = (unsigned)n;
             break;
+        case PARAM_CHOICE: {
+            if (json_is_null(v)) break;
+            const char *const *c = sdx4_param_find(params[i].engine)->choices;
+            while (*c && (!json_is_string(v) || strcmp(*c, json_string_value(v)))) c++;
+            if (!*c) return refuse(r, name, "must be null or one of the engine's choices");
+            if (!(*(char **)f = strdup(*c))) return refuse(r, name, "does not fit in memory");
+            break;
+        }
         }
     }
     return 0;
@@ -352,7 +362,7 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
         return -1;
     s->report = (sdx4_upscale_report){.noise_level = (int)v[0], .prompt_tokens = (int)v[1],
                                       .prompt_truncated = (int)v[2], .negative_truncated = (int)v[3],
-                                      .seconds_text = secs[0], .seconds_unet = secs[1], .seconds_vae = secs[2]};
+                                      .seconds_text = secs[0], .seconds_unet = secs[1], .seconds_vae = secs[2]}; /* vae_tiles: not in the state */
     const json_t *e = json_object_get(j, "error");
     if (!e) return 0;
     problem *p = &s->error;

@@ -27,7 +27,7 @@
 
 #include "base64.h"
 
-typedef enum { KIND_TEXT, KIND_REAL, KIND_INT, KIND_SEED, KIND_FORMAT, KIND_BOOL, KIND_URL } field_kind;
+typedef enum { KIND_TEXT, KIND_REAL, KIND_INT, KIND_SEED, KIND_FORMAT, KIND_BOOL, KIND_URL, KIND_CHOICE } field_kind;
 
 enum { FIELD_WEBHOOK = FIELD_OPTION_COUNT, FIELD_ASYNC, FIELD_IMAGE };
 
@@ -51,6 +51,7 @@ static const field_def fields[] = {
     {"guidance_scale", FIELD_GUIDANCE, KIND_REAL, 0, 0, NULL},
     {"seed", FIELD_SEED, KIND_SEED, 0, 0, NULL},
     {"eta", FIELD_ETA, KIND_REAL, 0, 0, NULL},
+    {"vae_tiling", FIELD_VAE_TILING, KIND_CHOICE, 0, 0, "off, on or auto"},
     {"scheduler", FIELD_SCHEDULER, KIND_TEXT, 0, 0, "ddim, ddpm, pndm, euler, euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc or a diffusers class name"},
     {"scheduler_options", FIELD_SCHEDULER_OPTIONS, KIND_TEXT, 0, 0, "a JSON object"},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
@@ -84,7 +85,8 @@ void options_free(upscale_options *o) {
     free(o->negative_prompt);
     free(o->scheduler);
     free(o->scheduler_options);
-    o->prompt = o->negative_prompt = o->scheduler = o->scheduler_options = NULL;
+    free(o->vae_tiling);
+    o->prompt = o->negative_prompt = o->scheduler = o->scheduler_options = o->vae_tiling = NULL;
 }
 
 void form_free(upscale_form *f) {
@@ -321,6 +323,22 @@ static int check_scheduler(upscale_form *f, const field_def *d, char **text) {
     return 0;
 }
 
+/* One of the engine row's choices, into vae_tiling (the only field of
+ * choices); the default is stored as NULL, so that naming it is the same
+ * cache key as leaving it out. */
+static int apply_choice(upscale_form *f, upscale_options *o, const field_def *d, const char *v, size_t len) {
+    const sdx4_param *p = sdx4_param_find(d->name);
+    for (int i = 0; p->choices[i]; i++) {
+        if (strlen(p->choices[i]) != len || strncmp(p->choices[i], v, len)) continue;
+        free(o->vae_tiling);
+        o->vae_tiling = NULL;
+        if (i != p->int_default && !(o->vae_tiling = strdup(p->choices[i])))
+            return problem_set(&f->error, PROBLEM_INTERNAL, "out of memory");
+        return 0;
+    }
+    return problem_field(&f->error, d->name, d->allowed, "%s must be %s", d->name, d->allowed);
+}
+
 /* Marks a field as given; refuses a second value. */
 static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
     unsigned bit = 1u << d->id;
@@ -392,6 +410,8 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
         return 0;
     case KIND_URL:
         return check_url(f, d, v, len);
+    case KIND_CHOICE:
+        return apply_choice(f, o, d, v, len);
     }
     return 0;
 }
@@ -490,6 +510,7 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
     case KIND_TEXT:
     case KIND_URL:
     case KIND_FORMAT:
+    case KIND_CHOICE:
         if (!json_is_string(v))
             return problem_field(&f->error, d->name, d->allowed, "%s must be a string", d->name);
         return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);
@@ -676,6 +697,8 @@ static void merge(upscale_options *out, const upscale_options *in) {
     if (g & 1u << FIELD_SCHEDULER_OPTIONS)
         free(out->scheduler_options),
             out->scheduler_options = in->scheduler_options ? strdup(in->scheduler_options) : NULL;
+    if (g & 1u << FIELD_VAE_TILING)
+        free(out->vae_tiling), out->vae_tiling = in->vae_tiling ? strdup(in->vae_tiling) : NULL;
     out->given |= g;
 }
 
@@ -695,15 +718,16 @@ void form_resolve(const upscale_form *f, int i, upscale_options *out) {
 char *options_canonical(const upscale_options *o) {
     char *text = NULL;
     int quality = o->format == IMAGE_PNG ? 0 : o->quality;
-    /* the scheduler only when chosen, so that the keys of requests without
-     * one stay those cached before it existed */
+    /* the scheduler and the VAE tiling only when chosen, so that the keys
+     * of requests without them stay those cached before they existed */
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
-                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s",
+                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,
                  (unsigned long long)o->seed, o->eta, (int)o->format, quality,
                  o->scheduler ? "\x1fscheduler=" : "", o->scheduler ? o->scheduler : "",
                  o->scheduler_options ? "\x1fscheduler_options=" : "",
-                 o->scheduler_options ? o->scheduler_options : "") < 0)
+                 o->scheduler_options ? o->scheduler_options : "",
+                 o->vae_tiling ? "\x1fvae_tiling=" : "", o->vae_tiling ? o->vae_tiling : "") < 0)
         return NULL;
     return text;
 }
@@ -711,7 +735,7 @@ char *options_canonical(const upscale_options *o) {
 json_t *form_parameters(const form_limits *limits) {
     static const char *const schema_types[] = {
         [SDX4_PARAM_INT] = "integer", [SDX4_PARAM_REAL] = "number",
-        [SDX4_PARAM_SEED] = "integer", [SDX4_PARAM_TEXT] = "string"};
+        [SDX4_PARAM_SEED] = "integer", [SDX4_PARAM_TEXT] = "string", [SDX4_PARAM_CHOICE] = "string"};
     json_t *list = json_array();
     for (int k = 0; k < FIELD_COUNT; k++) {
         const field_def *d = &fields[k];
@@ -725,6 +749,13 @@ json_t *form_parameters(const form_limits *limits) {
             json_object_set_new(e, "max_length", json_integer(limits->max_prompt_chars));
             json_object_set_new(e, "default", json_string(""));
             break;
+        case SDX4_PARAM_CHOICE: {
+            json_t *values = json_array();
+            for (int i = 0; p->choices[i]; i++) json_array_append_new(values, json_string(p->choices[i]));
+            json_object_set_new(e, "enum", values);
+            json_object_set_new(e, "default", json_string(p->choices[p->int_default]));
+            break;
+        }
         case SDX4_PARAM_SEED: /* no default: a request without one gets a random seed */
             json_object_set_new(e, "minimum", json_integer(p->int_min));
             json_object_set_new(e, "maximum", json_integer(p->int_max));

@@ -42,6 +42,7 @@ typedef struct {
     /* NULL: the model's own; else a checked class name or alias, and a
      * JSON object with sorted keys (the engine's scheduler_options) */
     char *scheduler, *scheduler_options;
+    char *vae_tiling; /* NULL: the engine's default (auto); else "off" or "on" */
     unsigned given;
 } upscale_options;
 
@@ -73,7 +74,7 @@ typedef struct {
 enum {
     FIELD_PROMPT, FIELD_NEGATIVE_PROMPT, FIELD_NOISE_LEVEL, FIELD_STEPS,
     FIELD_GUIDANCE, FIELD_SEED, FIELD_ETA, FIELD_FORMAT, FIELD_QUALITY,
-    FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS,
+    FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS, FIELD_VAE_TILING,
     FIELD_OPTION_COUNT
 };
 

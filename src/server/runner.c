@@ -24,6 +24,7 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
     p.eta = (float)opts->eta;
     p.scheduler = opts->scheduler;
     p.scheduler_options = opts->scheduler_options;
+    p.vae_tiling = opts->vae_tiling;
     p.progress = progress;
     p.progress_user = user;
     p.cancel = stop;

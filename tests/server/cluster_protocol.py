@@ -28,7 +28,8 @@ def record(job_id, image, steps=1, seed=1234, prompt="", noise_level=0.1, guidan
             "cache_key": "00" * 32, "cacheable": False,
             "options": {"prompt": prompt, "negative_prompt": "", "noise_level": noise_level, "steps": steps,
                         "guidance_scale": guidance_scale, "eta": 0.0, "seed": seed, "format": "png", "quality": 0,
-                        "scheduler": None, "scheduler_options": None, "given": 0}}
+                        "scheduler": None, "scheduler_options": None, "vae_tiling": None,
+                        "given": 0}}
 
 
 def submit(r, png, ghost=None, edit=None, job_id=None, webhook_url=None, group=True, **params):

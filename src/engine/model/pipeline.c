@@ -12,7 +12,7 @@
  *                  prompt_embeds, class_labels=noise_level)
  *       eps = eps_uncond + guidance * (eps_text - eps_uncond)
  *       latents = scheduler.step(eps, t, latents, eta, generator)
- *   image = vae.decode(latents / scaling_factor)
+ *   image = vae.decode(latents / scaling_factor)  (in tiles: vae.h)
  *
  * The scheduler is built for each run from the model's config and the
  * caller's choice (schedulers.h); samplers that draw noise (Euler
@@ -254,6 +254,51 @@ fail:
     return out;
 }
 
+int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents, int h, int w,
+                               int tile, float *out) {
+    size_t n = (size_t)m->vae.latent_channels * h * w;
+    float *z = malloc(n * sizeof *z);
+    if (!z) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
+    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
+    int tiles = sdx4_vae_decode_tiled(be, &m->vae, z, h, w, tile, out);
+    if (be->set_activation_type) be->set_activation_type(be, saved);
+    free(z);
+    return tiles;
+}
+
+/* The decode as args choose: whole, or in tiles when asked or when the
+ * whole one would exceed the budget (and the config gives a tile); *out is
+ * malloc'd. The tile count, or -1. */
+static int decode(const model *m, backend *be, const pipeline_args *a, const float *latents,
+                  float **out) {
+    int f = sdx4_vae_scale_factor(&m->vae), tiles = 1;
+    int tile = a->vae_tile ? a->vae_tile : sdx4_vae_tile(&m->vae);
+    int64_t budget = a->vae_budget ? a->vae_budget : SDX4_VAE_TILING_BUDGET;
+    size_t n = (size_t)m->vae.out_channels * a->height * f * a->width * f;
+    if (!(*out = malloc(n * sizeof **out))) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return -1;
+    }
+    if (a->vae_tiling == VAE_TILING_ON ||
+        (a->vae_tiling == VAE_TILING_AUTO && tile &&
+         sdx4_vae_decode_bytes(&m->vae, a->height, a->width) > budget)) {
+        tiles = sdx4_pipeline_decode_tiled(m, be, latents, a->height, a->width, tile, *out);
+    } else {
+        tensor *image = sdx4_pipeline_decode(m, be, latents, a->height, a->width);
+        if (!image || be->download(be, image, *out)) tiles = -1;
+        DROP(image);
+    }
+    if (tiles < 0) {
+        free(*out);
+        *out = NULL;
+    }
+    return tiles;
+}
+
 /* Whether diffusers' pipeline calls back after UNet evaluation i of n:
  * after every order-th one (a second-order sampler's step is two) past
  * the warm-up (the evaluations beyond steps * order: PNDM's Runge-Kutta
@@ -303,7 +348,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     float *unet_in = malloc((size_t)group * batch * (C + 3) * window * sizeof *unet_in);
     float *unet_out = malloc((size_t)group * batch * C * window * sizeof *unet_out);
     float *acc = a->tile > 0 ? malloc(lat * sizeof *acc) : NULL;
-    tensor *ctx = NULL, *image = NULL;
+    tensor *ctx = NULL;
     unet_state st = {0};
     torch_rng rng;
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
@@ -355,13 +400,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     unet_state_free(&st, be); /* its memory serves the VAE */
 
     t0 = now();
-    TRY(image = sdx4_pipeline_decode(m, be, latents, a->height, a->width));
-    *out = malloc(tensor_numel(image) * sizeof **out);
-    if (!*out) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
-        goto fail;
-    }
-    if (be->download(be, image, *out)) goto fail;
+    if ((rep.vae_tiles = decode(m, be, a, latents, out)) < 0) goto fail;
     rep.seconds_vae = now() - t0;
     rc = 0;
     goto done;
@@ -375,7 +414,7 @@ done:
     sdx4_cancel_install(outer_cancel);
     if (report) *report = rep;
     unet_state_free(&st, be);
-    DROP(ctx), DROP(image);
+    DROP(ctx);
     sdx4_scheduler_free(&sched);
     sdx4_tiling_free(&tl);
     free(noise), free(noisy), free(latents), free(eps), free(scaled), free(unet_in), free(unet_out), free(acc);

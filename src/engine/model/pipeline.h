@@ -9,6 +9,10 @@
 #include "core/cancel.h"
 #include "model/model.h"
 
+/* How the decode runs: whole, in diffusers' tiles (vae.h), or in tiles
+ * when the whole decode would hold more than a budget. */
+typedef enum { VAE_TILING_OFF, VAE_TILING_ON, VAE_TILING_AUTO } vae_tiling_mode;
+
 typedef struct {
     const float *image; /* [3, height, width] in [-1, 1], sides already
                            multiples of the VAE scale factor */
@@ -39,10 +43,17 @@ typedef struct {
     /* Optional: set by another thread, it stops the run within a tile of
      * the operation running (core/cancel.h); NULL never stops. */
     const sdx4_atomic_int *cancel;
+    /* VAE_TILING_AUTO tiles when sdx4_vae_decode_bytes() exceeds vae_budget
+     * (0: SDX4_VAE_TILING_BUDGET); vae_tile is the tile in latents, 0 for
+     * the config's (sdx4_vae_tile: tests choose others) */
+    vae_tiling_mode vae_tiling;
+    int vae_tile;
+    int64_t vae_budget;
 } pipeline_args;
 
 typedef struct {
     int prompt_tokens, prompt_truncated, negative_truncated;
+    int vae_tiles; /* tiles the decode ran in, 1 when whole */
     double seconds_text, seconds_unet, seconds_vae;
     double seconds_scheduler; /* CPU seconds of the sampler (set_timesteps,
                                  scale_model_input, step), within seconds_unet */
@@ -63,5 +74,9 @@ tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *pro
 /* vae.decode(latents / scaling_factor) of host latents [C, h, w], in
  * float32 on every backend (the VAE overflows in fp16). */
 tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w);
+/* The same with tiling enabled (sdx4_vae_decode_tiled) into host out
+ * [out_channels, h * f, w * f]: the number of tiles, or -1. */
+int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents, int h, int w,
+                               int tile, float *out);
 
 #endif

@@ -16,10 +16,29 @@
  * steps): the caller's cancel flag (core/cancel.h) is read before the
  * attention, every resnet (blocks.c), every upsampler and the output
  * layers, and inside the CPU's kernels.
+ *
+ * The untiled decode's memory grows with the image: at 2048 px out every
+ * top-level activation is 2 GiB in float. The tiled decode is diffusers'
+ * AutoencoderKL.tiled_decode, to the float: the latents are cut into
+ * tiles of tile_latent_min_size (the config's sample_size / f) that
+ * overlap by a quarter, each tile is decoded alone, and in raster order
+ * each decoded tile is blended with the tile above it (its first quarter
+ * of rows, linearly: blend_v) and then with the tile to its left (blend_h),
+ * both as already blended, and cropped to three quarters of its side.
+ * Tiles at the right and bottom edges are decoded as diffusers slices
+ * them, shorter. Blending runs on the host in float32, one rounding per
+ * torch operation (a * (1 - y/e) rounds the weight to float first, as
+ * torch does with a Python scalar). diffusers keeps every decoded tile;
+ * here only what a later tile reads is kept: the last quarter of rows of
+ * each tile of the row above and the last quarter of columns of the tile
+ * to the left. So the backend holds one tile's activations at a time,
+ * always of the same few shapes, and the host the latents, the image and
+ * one row of quarter tiles.
  */
 #include "model/vae.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/cancel.h"
@@ -64,6 +83,13 @@ int sdx4_vae_load(vae_decoder *v, weight_source *ws, const config *c) {
         }
     v->levels = nu;
     v->scaling_factor = (float)scaling;
+    /* diffusers' default 32; a [h, w] list gives no tile (its tiled_decode
+     * cannot use one either) */
+    json_t *ss = json_object_get(c->root, "sample_size");
+    v->sample_size = !ss || json_is_null(ss) ? 32
+                     : json_is_integer(ss) && json_integer_value(ss) > 0 && json_integer_value(ss) <= 1 << 20
+                         ? (int)json_integer_value(ss)
+                         : 0;
     const int *ch = v->block_channels;
     for (int i = 0; i < nu; i++)
         if (ch[i] <= 0 || v->groups <= 0 || ch[i] % v->groups) {
@@ -173,4 +199,145 @@ tensor *sdx4_vae_decode(backend *be, const vae_decoder *v, const tensor *z) {
 fail:
     DROP(h), DROP(x);
     return out;
+}
+
+/* ------------------------------------------------------------ tiled decode */
+
+int sdx4_vae_tile(const vae_decoder *v) {
+    int tile = v->sample_size / sdx4_vae_scale_factor(v);
+    return tile >= 4 && tile % 4 == 0 ? tile : 0;
+}
+
+/* The whole decode of host latents z [C, h, w] into host out. */
+static int decode_whole(backend *be, const vae_decoder *v, const float *z, int h, int w, float *out) {
+    tensor *x = NULL, *y = NULL;
+    int rc = -1;
+    TRY(x = be->new_tensor(be, 4, (int64_t[]){1, v->latent_channels, h, w}));
+    if (be->upload(be, x, z)) goto fail;
+    TRY(y = sdx4_vae_decode(be, v, x));
+    rc = be->download(be, y, out);
+fail:
+    DROP(x), DROP(y);
+    return rc;
+}
+
+/* blend_v: the first e rows of b [C, bh, bw] from the last rows of the tile
+ * above, of which `a` [C, ak, bw] holds the last ak = min(E, its height). */
+static void blend_v(const float *a, int ak, float *b, int bh, int bw, int E, int C) {
+    int e = ak < bh ? ak : bh;
+    e = e < E ? e : E;
+    for (int c = 0; c < C; c++)
+        for (int y = 0; y < e; y++) {
+            float wa = (float)(1.0 - (double)y / e), wb = (float)((double)y / e);
+            const float *ar = a + ((size_t)c * ak + ak - e + y) * bw;
+            float *br = b + ((size_t)c * bh + y) * bw;
+            for (int x = 0; x < bw; x++) br[x] = ar[x] * wa + br[x] * wb;
+        }
+}
+
+/* blend_h: the first e columns of b [C, bh, bw] from the last columns of
+ * the tile to the left, of which `a` [C, bh, ak] holds the last ak. */
+static void blend_h(const float *a, int ak, float *b, int bh, int bw, int E, int C) {
+    int e = ak < bw ? ak : bw;
+    e = e < E ? e : E;
+    for (int c = 0; c < C; c++)
+        for (int y = 0; y < bh; y++) {
+            const float *ar = a + ((size_t)c * bh + y) * ak + ak - e;
+            float *br = b + ((size_t)c * bh + y) * bw;
+            for (int x = 0; x < e; x++) {
+                float wa = (float)(1.0 - (double)x / e), wb = (float)((double)x / e);
+                br[x] = ar[x] * wa + br[x] * wb;
+            }
+        }
+}
+
+int sdx4_vae_decode_tiled(backend *be, const vae_decoder *v, const float *z, int h, int w, int tile,
+                          float *out) {
+    if (tile < 4 || tile % 4 || tile > 1 << 16) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
+                       "vae: a tile of %d latents; tiles are a positive multiple of 4 (the config's "
+                       "sample_size %d gives %d)", tile, v->sample_size, sdx4_vae_tile(v));
+        return -1;
+    }
+    if (h <= tile && w <= tile) return decode_whole(be, v, z, h, w, out) ? -1 : 1;
+    int f = sdx4_vae_scale_factor(v), C = v->latent_channels, OC = v->out_channels;
+    int overlap = tile - tile / 4;              /* overlap_size: the stride between tiles */
+    int S = tile * f, E = S / 4, keep = S - E;  /* tile_sample_min_size, blend_extent, row_limit */
+    int nx = (w + overlap - 1) / overlap, ny = (h + overlap - 1) / overlap, W = w * f;
+    int left_cols = 0, rc = -1;
+    float *zt = malloc((size_t)C * tile * tile * sizeof *zt);
+    float *cur = malloc((size_t)OC * S * S * sizeof *cur);
+    float *left = malloc((size_t)OC * S * E * sizeof *left);
+    float *above = malloc((size_t)nx * OC * E * S * sizeof *above);
+    int *above_rows = calloc(nx, sizeof *above_rows);
+    if (!zt || !cur || !left || !above || !above_rows) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        goto done;
+    }
+    for (int i = 0, y0 = 0; y0 < h; i++, y0 += overlap) {
+        int lh = h - y0 < tile ? h - y0 : tile, th = lh * f;
+        for (int j = 0, x0 = 0; x0 < w; j++, x0 += overlap) {
+            int lw = w - x0 < tile ? w - x0 : tile, tw = lw * f;
+            if (sdx4_cancel_check()) goto done;
+            for (int c = 0; c < C; c++) /* z[:, :, y0:y0 + tile, x0:x0 + tile] */
+                for (int y = 0; y < lh; y++)
+                    memcpy(zt + ((size_t)c * lh + y) * lw, z + ((size_t)c * h + y0 + y) * w + x0,
+                           lw * sizeof *zt);
+            if (decode_whole(be, v, zt, lh, lw, cur)) goto done;
+            float *a = above + (size_t)j * OC * E * S;
+            if (i > 0) blend_v(a, above_rows[j], cur, th, tw, E, OC);
+            if (j > 0) blend_h(left, left_cols, cur, th, tw, E, OC);
+            /* what the tile below and the tile to the right will read */
+            above_rows[j] = th < E ? th : E;
+            for (int c = 0; c < OC; c++)
+                memcpy(a + (size_t)c * above_rows[j] * tw, cur + ((size_t)c * th + th - above_rows[j]) * tw,
+                       (size_t)above_rows[j] * tw * sizeof *a);
+            left_cols = tw < E ? tw : E;
+            for (int c = 0; c < OC; c++)
+                for (int y = 0; y < th; y++)
+                    memcpy(left + ((size_t)c * th + y) * left_cols,
+                           cur + ((size_t)c * th + y) * tw + tw - left_cols, left_cols * sizeof *left);
+            /* tile[:, :, :row_limit, :row_limit] at its place in the image */
+            int rows = th < keep ? th : keep, cols = tw < keep ? tw : keep;
+            for (int c = 0; c < OC; c++)
+                for (int y = 0; y < rows; y++)
+                    memcpy(out + ((size_t)c * h * f + (size_t)i * keep + y) * W + (size_t)j * keep,
+                           cur + ((size_t)c * th + y) * tw, cols * sizeof *out);
+        }
+    }
+    rc = nx * ny;
+done:
+    free(zt), free(cur), free(left), free(above), free(above_rows);
+    return rc;
+}
+
+/* ------------------------------------------------ untiled decode's memory */
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Elements alive at once in sdx4_resnet_forward on x [cin, px] besides x:
+ * norm1 + conv1, conv1 + norm2, then norm2 + shortcut + conv2. */
+static int64_t resnet_live(int64_t px, int cin, int cout) {
+    int64_t later = cin != cout ? 3 : 2;
+    return px * max64(cin + cout, later * cout);
+}
+
+int64_t sdx4_vae_decode_bytes(const vae_decoder *v, int h, int w) {
+    int nu = v->levels, L = v->latent_channels, top = v->block_channels[nu - 1];
+    int64_t px = (int64_t)h * w;
+    /* the latents stay alive through the whole decode (the caller's) */
+    int64_t peak = px * (2 * L + top);                          /* post_quant_conv, conv_in */
+    peak = max64(peak, px * top + resnet_live(px, top, top));   /* mid resnets */
+    if (v->has_mid_attention) peak = max64(peak, px * 6 * top); /* x, tokens, q, k, v, output */
+    int ch = top;
+    for (int i = 0; i < nu; i++, px *= 4) {
+        int out = v->block_channels[nu - 1 - i];
+        peak = max64(peak, px * ch + resnet_live(px, ch, out));
+        peak = max64(peak, px * out + resnet_live(px, out, out));
+        ch = out;
+        if (i < nu - 1) peak = max64(peak, 8 * px * ch); /* upsampled + its conv */
+    }
+    px /= 4;                                                     /* the output's pixels */
+    peak = max64(peak, px * (2 * ch + v->out_channels));        /* norm_out, conv_out */
+    return (peak + (int64_t)h * w * L) * (int64_t)sizeof(float);
 }
