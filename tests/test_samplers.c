@@ -302,6 +302,7 @@ static void check_refusals(const scheduler_source *src) {
         {"unipc", "{\"predict_x0\": false}", "predict_x0=false needs final_sigmas_type"},
         {"unipc", "{\"disable_corrector\": [\"1\"]}", "disable_corrector must be"},
         {"unipc", "{\"use_flow_sigmas\": true}", "use_flow_sigmas"},
+        {"unipc", "{\"thresholding\": true, \"sample_max_value\": 0}", "sample_max_value=0"},
         {"unipc", "{\"prediction_type\": \"flow_prediction\"}", "prediction_type=flow_prediction"},
         {"unipc", "{\"clip_sample\": true}", "clip_sample is not a setting"},
         {NULL, "[1, 2]", "JSON object"},

@@ -134,6 +134,11 @@ int sdx4_unipc_from_config(unipc_scheduler *s, const config *c) {
                        c->label, ratio);
         rc = -1;
     }
+    if (!rc && s->thresholding && !(max_value > 0)) { /* diffusers divides by it */
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: sample_max_value=%g must be above 0", c->label,
+                       max_value);
+        rc = -1;
+    }
     s->bh1 = solver == 0;
     if (!rc) rc = check_final_step(s, c);
     if (rc) {
