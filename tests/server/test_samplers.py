@@ -68,7 +68,7 @@ def test_bad_choices_are_refused_by_name(server):
     p = problem(upscale(server, png, {"scheduler": "dpm++2s", "scheduler_options": '{"timestep_spacing": "leading"}'}),
                 422, "model-refused")
     assert "timestep_spacing is not a setting of DPMSolverSinglestepScheduler" in p["detail"]
-        p = problem(upscale(server, png, {"scheduler": "unipc", "scheduler_options": '{"solver_type": "bh1"}'}), 422,
+    p = problem(upscale(server, png, {"scheduler": "unipc", "scheduler_options": '{"solver_type": "bh1"}'}), 422,
                 "model-refused")
     assert "solver_type=bh1 needs final_sigmas_type=sigma_min" in p["detail"]
     p = problem(upscale(server, png, {"scheduler": "ddpm", "scheduler_options": '{"variance_type": "learned"}'}),

@@ -231,11 +231,13 @@ def test_warm_up_sizes_and_inference_metrics():
         assert any(l["event"] == "calibrated" for l in events)
         r = redis_server.client()
         job = cp.submit(r, image_bytes(), steps=2)
-        assert cp.wait(r, job)["state"] == "succeeded"
+        task = cp.wait(r, job)
+        assert task["state"] == "succeeded"
         values = {l.split()[0]: float(l.split()[1]) for l in worker.get("/metrics").text.splitlines()
                   if l and not l.startswith("#")}
-        for name in ("sdx4_inference_seconds_count", "sdx4_step_seconds_count", "sdx4_queue_wait_seconds_count"):
+        for name in ("sdx4_inference_seconds_count", "sdx4_queue_wait_seconds_count"):
             assert values[name] == 1, (name, values.get(name))
+        assert values["sdx4_step_seconds_count"] == task["total"], (values["sdx4_step_seconds_count"], task)
         assert values["sdx4_inference_seconds_sum"] > 0 and values["sdx4_ready"] == 1
         assert values["sdx4_resident_memory_bytes"] > 0 and values["sdx4_device_memory_peak_bytes"] > 0
     finally:
