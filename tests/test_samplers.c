@@ -368,7 +368,7 @@ static void check_beta_ppf(void) {
     printf("  beta.ppf: max relative diff from scipy %.3g\n", worst);
 }
 
-/* DDPM's thresholding (diffusers' _threshold_sample) on values whose
+/* Thresholding (diffusers' _threshold_sample, of DDPM, DPM-Solver, UniPC) on values whose
  * quantile falls between two of them: the expected values are torch's. */
 static void check_thresholding(void) {
     static const float x[7] = {-3, 0.5f, 2, 1.5f, -0.2f, 2.75f, -1.25f};
@@ -380,12 +380,14 @@ static void check_thresholding(void) {
     for (int k = 0; k < 2; k++) {
         float v[7];
         memcpy(v, x, sizeof v);
-        CHECK(!sdx4_threshold_sample(v, 7, 0.6f, max_value[k]), "%s", sdx4_last_error());
+        float scratch[7];
+        sdx4_threshold_sample(v, 7, 0.6f, max_value[k], scratch);
         double d = max_abs_diff(v, want[k], 7);
         CHECK(d <= 1e-7, "thresholding with max %g differs from torch by %g", max_value[k], d);
     }
-    float v[3] = {1, NAN, -2}; /* torch.quantile of a NaN is NaN, and so is every value */
-    CHECK(!sdx4_threshold_sample(v, 3, 0.995f, 1) && isnan(v[0]) && isnan(v[2]),
+    float v[3] = {1, NAN, -2}, scratch[3]; /* torch.quantile of a NaN is NaN, and so is every value */
+    sdx4_threshold_sample(v, 3, 0.995f, 1, scratch);
+    CHECK(isnan(v[0]) && isnan(v[2]),
           "thresholding a NaN: %g %g", v[0], v[2]);
 }
 

@@ -324,3 +324,50 @@ int sdx4_ddpm_add_noise(const ddpm_scheduler *s, const float *original, const fl
     for (size_t i = 0; i < n; i++) out[i] = sqrt_alpha * original[i] + sqrt_one_minus_alpha * noise[i];
     return 0;
 }
+
+/* -------------------------------------------------------- thresholding */
+
+/* The k-th smallest of v[0..n) (0-based, no NaN), leaving no smaller value
+ * after index k: Hoare's selection. */
+static float select_kth(float *v, size_t n, size_t k) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, want = (ptrdiff_t)k;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        ptrdiff_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                float t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break; /* between j and i every value is the pivot */
+    }
+    return v[k];
+}
+
+void sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value, float *scratch) {
+    if (n == 0) return;
+    for (size_t i = 0; i < n; i++)
+        if (isnan(x[i])) {
+            for (size_t j = 0; j < n; j++) x[j] = NAN;
+            return;
+        }
+    float *a = scratch;
+    for (size_t i = 0; i < n; i++) a[i] = fabsf(x[i]);
+    /* torch.quantile, linear: rank q * (n - 1) in float, then lerp between
+     * the values around it */
+    float rank = ratio * (float)(n - 1);
+    size_t below = (size_t)rank, above = (size_t)ceilf(rank);
+    float lo = select_kth(a, n, below), hi = lo;
+    for (size_t i = below + 1; above > below && i < n; i++) hi = i == below + 1 || a[i] < hi ? a[i] : hi;
+    float w = rank - (float)below;
+    float s = fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w); /* torch.lerp */
+    s = s < 1.0f ? 1.0f : s; /* torch.clamp(s, min=1, max=max_value) */
+    s = s > max_value ? max_value : s;
+    for (size_t i = 0; i < n; i++) x[i] = (x[i] < -s ? -s : x[i] > s ? s : x[i]) / s;
+}

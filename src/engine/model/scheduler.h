@@ -100,5 +100,11 @@ int sdx4_trailing_arange(int T, int n, double *out);
  * descending, malloc'd; *count receives their number, n or n + 1
  * ("trailing"). NULL when n < 1 or n > T. */
 int *sdx4_spaced_timesteps(int T, int n, timestep_spacing spacing, int steps_offset, int *count);
+/* diffusers' _threshold_sample (DDPM, DPM-Solver, UniPC) on one batch
+ * entry of n floats, in place: s = clamp(torch.quantile(|x|, ratio), 1,
+ * max_value), x = clamp(x, -s, s) / s; a NaN makes every value NaN, as it
+ * does the quantile. The quantile is found by selection, O(n), in
+ * `scratch` (n floats). */
+void sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value, float *scratch);
 
 #endif

@@ -37,59 +37,6 @@ static const char *const spacings[] = {"leading", "trailing", "linspace", NULL};
 /* alphas_cumprod[t], a negative t from the end as a torch index. */
 static float alpha_at(const float *acp, int T, int t) { return acp[t < 0 ? t + T : t]; }
 
-/* --------------------------------------------------------- thresholding */
-
-/* The k-th smallest of v[0..n) (0-based, no NaN), leaving no smaller value
- * after index k: Hoare's selection. */
-static float select_kth(float *v, size_t n, size_t k) {
-    ptrdiff_t lo = 0, hi = (ptrdiff_t)n - 1, want = (ptrdiff_t)k;
-    while (lo < hi) {
-        float pivot = v[lo + (hi - lo) / 2];
-        ptrdiff_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot) i++;
-            while (v[j] > pivot) j--;
-            if (i <= j) {
-                float t = v[i];
-                v[i++] = v[j];
-                v[j--] = t;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break; /* between j and i every value is the pivot */
-    }
-    return v[k];
-}
-
-int sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value) {
-    if (n == 0) return 0;
-    for (size_t i = 0; i < n; i++)
-        if (isnan(x[i])) {
-            for (size_t j = 0; j < n; j++) x[j] = NAN;
-            return 0;
-        }
-    float *a = malloc(n * sizeof *a);
-    if (!a) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "thresholding: out of memory for %zu values", n);
-        return -1;
-    }
-    for (size_t i = 0; i < n; i++) a[i] = fabsf(x[i]);
-    /* torch.quantile, linear: rank q * (n - 1) in float, then lerp between
-     * the values around it */
-    float rank = ratio * (float)(n - 1);
-    size_t below = (size_t)rank, above = (size_t)ceilf(rank);
-    float lo = select_kth(a, n, below), hi = lo;
-    for (size_t i = below + 1; above > below && i < n; i++) hi = i == below + 1 || a[i] < hi ? a[i] : hi;
-    free(a);
-    float w = rank - (float)below;
-    float s = fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w); /* torch.lerp */
-    s = s < 1.0f ? 1.0f : s; /* torch.clamp(s, min=1, max=max_value) */
-    s = s > max_value ? max_value : s;
-    for (size_t i = 0; i < n; i++) x[i] = (x[i] < -s ? -s : x[i] > s ? s : x[i]) / s;
-    return 0;
-}
-
 /* ----------------------------------------------------------------- DDPM */
 
 int sdx4_ddpm_sampler_from_config(ddpm_sampler *s, const config *c) {
@@ -176,7 +123,10 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
     }
     int rc = 0;
     if (s->thresholding) {
-        rc = sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value);
+        float *scratch = malloc(n * sizeof *scratch);
+        if (scratch) sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, scratch);
+        else rc = -1, sdx4_set_error(SDX4_ERR_NO_MEMORY, "thresholding: out of memory for %zu values", n);
+        free(scratch);
     } else if (s->clip_sample) {
         float lo = -s->clip_sample_range, hi = s->clip_sample_range;
         for (size_t k = 0; k < n; k++) x0[k] = x0[k] < lo ? lo : x0[k] > hi ? hi : x0[k];

@@ -95,10 +95,5 @@ int sdx4_pndm_set_timesteps(pndm_sampler *s, int n, size_t numel);
 int sdx4_pndm_step(pndm_sampler *s, int i, const float *model_output, const float *sample,
                    float *prev_sample);
 
-/* diffusers' _threshold_sample on one batch entry of n floats, in place:
- * s = clamp(torch.quantile(|x|, ratio), 1, max_value), x = clamp(x, -s, s)
- * / s; a NaN makes every value NaN, as it does the quantile. The quantile
- * is found by selection, O(n). -1 when out of memory. */
-int sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value);
 
 #endif

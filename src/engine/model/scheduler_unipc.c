@@ -154,8 +154,8 @@ int sdx4_unipc_from_config(unipc_scheduler *s, const config *c) {
 
 static void free_buffers(unipc_scheduler *s) {
     for (int k = 0; k <= UNIPC_MAX_ORDER; k++) free(s->outputs[k]), s->outputs[k] = NULL;
-    free(s->last_sample), free(s->sorted);
-    s->last_sample = s->sorted = NULL;
+    free(s->last_sample), free(s->scratch);
+    s->last_sample = s->scratch = NULL;
 }
 
 void sdx4_unipc_free(unipc_scheduler *s) {
@@ -172,7 +172,7 @@ int sdx4_unipc_set_timesteps(unipc_scheduler *s, int n, size_t numel) {
     for (int k = 0; k <= s->solver_order; k++)
         ok &= (s->outputs[k] = malloc(numel * sizeof(float))) != NULL;
     ok &= (s->last_sample = malloc(numel * sizeof(float))) != NULL;
-    if (s->thresholding) ok &= (s->sorted = malloc(numel * sizeof(float))) != NULL;
+    if (s->thresholding) ok &= (s->scratch = malloc(numel * sizeof(float))) != NULL;
     if (!ok) {
         free_buffers(s);
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
@@ -330,26 +330,6 @@ static void corrector(unipc_scheduler *s, int i, int p, const float *model_t, si
     }
 }
 
-static int by_value(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
-/* _threshold_sample over the one image of a sample: s = the ratio's
- * quantile of |x0| (torch.quantile: sorted, the rank in float32, linear
- * between its neighbours with torch's lerp), clamped to [1,
- * sample_max_value]; x0 = clamp(x0, -s, s) / s. */
-static void threshold(const unipc_scheduler *s, float *x0, size_t n) {
-    for (size_t e = 0; e < n; e++) s->sorted[e] = fabsf(x0[e]);
-    qsort(s->sorted, n, sizeof *s->sorted, by_value);
-    float rank = s->thresholding_ratio * (float)(n - 1);
-    size_t below = (size_t)rank, above = (size_t)ceilf(rank);
-    float w = rank - (float)below, lo = s->sorted[below], hi = s->sorted[above];
-    float q = w < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w);
-    float lim = fminf(fmaxf(q, 1.0f), s->sample_max_value);
-    for (size_t e = 0; e < n; e++) x0[e] = fminf(fmaxf(x0[e], -lim), lim) / lim;
-}
-
 /* convert_model_output at sigmas[i]. */
 static void convert(const unipc_scheduler *s, int i, const float *mo, const float *x, float *out,
                     size_t n) {
@@ -366,7 +346,8 @@ static void convert(const unipc_scheduler *s, int i, const float *mo, const floa
                                              : (x[e] - p.alpha * mo[e]) / p.sigma;
         }
     }
-    if (s->predict_x0 && s->thresholding) threshold(s, out, n);
+    if (s->predict_x0 && s->thresholding)
+        sdx4_threshold_sample(out, n, s->thresholding_ratio, s->sample_max_value, s->scratch);
 }
 
 /* ------------------------------------------------------------- stepping */

@@ -45,7 +45,7 @@ typedef struct {
      * model_outputs); outputs[solver_order] is where the next one goes */
     float *outputs[UNIPC_MAX_ORDER + 1]; /* (numel) each */
     float *last_sample;                  /* (numel): the sample the last predictor started from */
-    float *sorted;                       /* (numel): thresholding's quantile */
+    float *scratch;                      /* (numel): thresholding's quantile */
     /* the run so far */
     int step_index, lower_order_nums, this_order;
 } unipc_scheduler;
