@@ -16,9 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_schemathesis_all_checks(tmp_path):
     # --max-side 64: images taken from answers are real ones (see schemathesis_hooks.py);
-    # the valid examples make the coverage phase queue some 200 one-step upscales, hence
-    # generous deadlines (server 40 s, client 60 s, max_response_time 50 s in the toml)
-    s = Server("--api-keys", "st-key", "--webhook-secret", "st-secret", "--request-timeout", "40",
+    # the valid examples make the coverage phase queue a few hundred one-step upscales
+    # (one per sampler name of the enums among them), hence generous deadlines (server
+    # 60 s, client 90 s, max_response_time 80 s in the toml): with 40 s a loaded machine
+    # saw 503 queue-too-long (41 s estimated) once the enums listed thirteen samplers
+    s = Server("--api-keys", "st-key", "--webhook-secret", "st-secret", "--request-timeout", "60",
                "--max-side", "64", "--auth-failures", "0", "--history", str(tmp_path / "history.db"))
     try:
         st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
@@ -26,7 +28,7 @@ def test_schemathesis_all_checks(tmp_path):
         # run in a scratch folder: schemathesis and hypothesis keep their caches in it
         r = subprocess.run([st, "--config-file", os.path.join(HERE, "schemathesis.toml"), "run",
                             s.url + "/openapi.json", "--checks", "all", "--max-examples", examples,
-                            "--seed", "1", "--request-timeout", "60"],
+                            "--seed", "1", "--request-timeout", "90"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, SCHEMATHESIS_HOOKS=os.path.join(HERE, "schemathesis_hooks.py")))
         assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
