@@ -237,24 +237,11 @@ int sdx4_dpm_start(sigma_scheduler *s, int count, size_t numel) {
 
 /* ------------------------------------------------------------- stepping */
 
-/* _sigma_to_alpha_sigma_t and the log-SNR lambda of one sigma. */
-typedef struct {
-    float alpha, sigma, lambda;
-} dpm_point;
-
-static dpm_point dpm_at(float sigma) {
-    dpm_point p;
-    p.alpha = 1.0f / sqrtf(sigma * sigma + 1.0f);
-    p.sigma = sigma * p.alpha;
-    p.lambda = logf(p.alpha) - logf(p.sigma);
-    return p;
-}
-
 /* convert_model_output at step i into out: x0 for dpmsolver++ and
  * sde-dpmsolver++, the noise for dpmsolver, sde-dpmsolver and DEIS. */
 static void convert(const sigma_scheduler *s, int i, const float *mo, const float *x, float *out) {
     size_t n = s->numel;
-    dpm_point p = dpm_at(s->sigmas[i]);
+    sigma_point p = sdx4_sigma_point(s->sigmas[i]);
     int deis = s->method == SIGMA_DEIS;
     int data = !deis && (s->algorithm == DPM_PLUSPLUS || s->algorithm == DPM_SDE_PLUSPLUS);
     if (data || deis) {
@@ -306,7 +293,7 @@ typedef struct {
     float a, b, c_mid, c, e, f;
 } dpm_coefs;
 
-static dpm_coefs coefs(int algorithm, dpm_point t, dpm_point s, float h) {
+static dpm_coefs coefs(int algorithm, sigma_point t, sigma_point s, float h) {
     dpm_coefs k = {0};
     if (algorithm == DPM_PLUSPLUS) {
         float em = expf(-h) - 1.0f;
@@ -375,13 +362,13 @@ static void apply(const sigma_scheduler *s, const dpm_update *u, const float *x,
 static void dpm_update_at(const sigma_scheduler *s, int i, int order, const float *x, float *prev) {
     const float *sig = s->sigmas;
     int single = s->method == SIGMA_DPM_SINGLESTEP;
-    dpm_point t = dpm_at(sig[i + 1]), s0 = dpm_at(sig[i]);
+    sigma_point t = sdx4_sigma_point(sig[i + 1]), s0 = sdx4_sigma_point(sig[i]);
     dpm_update u = {.form = D_FIRST, .terms = 1};
     dpm_coefs k;
     if (order == 1) {
         k = coefs(s->algorithm, t, s0, t.lambda - s0.lambda);
     } else if (order == 2) {
-        dpm_point s1 = dpm_at(sig[i - 1]);
+        sigma_point s1 = sdx4_sigma_point(sig[i - 1]);
         /* multistep steps from s0 with the slope from s1; singlestep
          * from s1, where its cycle began */
         float h = single ? t.lambda - s1.lambda : t.lambda - s0.lambda;
@@ -392,7 +379,7 @@ static void dpm_update_at(const sigma_scheduler *s, int i, int order, const floa
         u.terms = 2;
         u.c = s->heun ? k.c : k.c_mid;
     } else {
-        dpm_point s1 = dpm_at(sig[i - 1]), s2 = dpm_at(sig[i - 2]);
+        sigma_point s1 = sdx4_sigma_point(sig[i - 1]), s2 = sdx4_sigma_point(sig[i - 2]);
         float h, h0, h1;
         if (single)
             h = t.lambda - s2.lambda, h0 = s0.lambda - s2.lambda, h1 = s1.lambda - s2.lambda;
@@ -428,14 +415,14 @@ static void deis_update(const sigma_scheduler *s, int i, int order, const float 
         return;
     }
     const float *sig = s->sigmas;
-    dpm_point t = dpm_at(sig[i + 1]), s0 = dpm_at(sig[i]), s1 = dpm_at(sig[i - 1]);
+    sigma_point t = sdx4_sigma_point(sig[i + 1]), s0 = sdx4_sigma_point(sig[i]), s1 = sdx4_sigma_point(sig[i - 1]);
     float rt = t.sigma / t.alpha, r0 = s0.sigma / s0.alpha, r1 = s1.sigma / s1.alpha;
     float c1, c2, c3 = 0;
     if (order == 2) {
         c1 = deis_ind2(rt, r0, r1) - deis_ind2(r0, r0, r1);
         c2 = deis_ind2(rt, r1, r0) - deis_ind2(r0, r1, r0);
     } else {
-        dpm_point s2 = dpm_at(sig[i - 2]);
+        sigma_point s2 = sdx4_sigma_point(sig[i - 2]);
         float r2 = s2.sigma / s2.alpha;
         c1 = deis_ind3(rt, r0, r1, r2) - deis_ind3(r0, r0, r1, r2);
         c2 = deis_ind3(rt, r1, r2, r0) - deis_ind3(r0, r1, r2, r0);

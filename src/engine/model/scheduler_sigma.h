@@ -31,6 +31,7 @@
 #ifndef SDX4_SCHEDULER_SIGMA_H
 #define SDX4_SCHEDULER_SIGMA_H
 
+#include <math.h>
 #include <stddef.h>
 
 #include "core/config.h"
@@ -114,6 +115,20 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
  * NULL for them). prev_sample may alias sample. */
 int sdx4_sigma_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                     torch_rng *rng, float *prev_sample);
+
+/* _sigma_to_alpha_sigma_t and the log-SNR lambda = log(alpha) -
+ * log(sigma) of one sigma, in float32 (DPM-Solver, DEIS, UniPC). */
+typedef struct {
+    float alpha, sigma, lambda;
+} sigma_point;
+
+static inline sigma_point sdx4_sigma_point(float sigma) {
+    sigma_point p;
+    p.alpha = 1.0f / sqrtf(sigma * sigma + 1.0f);
+    p.sigma = sigma * p.alpha;
+    p.lambda = logf(p.alpha) - logf(p.sigma);
+    return p;
+}
 
 /* The schedule's parts, shared by the samplers' files. */
 /* sigma(t) of the training schedule, ((1 - acp[t]) / acp[t]) ** 0.5 in float32. */

@@ -184,19 +184,6 @@ int sdx4_unipc_set_timesteps(unipc_scheduler *s, int n, size_t numel) {
 
 /* ------------------------------------------------------------ the math */
 
-/* _sigma_to_alpha_sigma_t and lambda = log(alpha) - log(sigma). */
-typedef struct {
-    float alpha, sigma, lambda;
-} unipc_point;
-
-static unipc_point point_at(float sigma) {
-    unipc_point p;
-    p.alpha = 1.0f / sqrtf(sigma * sigma + 1.0f);
-    p.sigma = sigma * p.alpha;
-    p.lambda = logf(p.alpha) - logf(p.sigma);
-    return p;
-}
-
 /* torch.expm1 on a float tensor (see the opening comment). */
 static float torch_expm1(float x) { return (float)expm1((double)x); }
 
@@ -246,12 +233,12 @@ typedef struct {
 static unipc_update update_at(const unipc_scheduler *s, int p, int t_index, int s0_index,
                               int corrector) {
     const float *sigmas = s->sigma.sigmas;
-    unipc_point t = point_at(sigmas[t_index]), s0 = point_at(sigmas[s0_index]);
+    sigma_point t = sdx4_sigma_point(sigmas[t_index]), s0 = sdx4_sigma_point(sigmas[s0_index]);
     float h = t.lambda - s0.lambda;
     unipc_update u = {0};
     float rks[UNIPC_MAX_ORDER];
     for (int k = 1; k < p; k++) {
-        unipc_point sk = point_at(sigmas[s0_index - k]);
+        sigma_point sk = sdx4_sigma_point(sigmas[s0_index - k]);
         u.rk[k - 1] = rks[k - 1] = (sk.lambda - s0.lambda) / h;
     }
     rks[p - 1] = 1.0f;
@@ -333,7 +320,7 @@ static void corrector(unipc_scheduler *s, int i, int p, const float *model_t, si
 /* convert_model_output at sigmas[i]. */
 static void convert(const unipc_scheduler *s, int i, const float *mo, const float *x, float *out,
                     size_t n) {
-    unipc_point p = point_at(s->sigma.sigmas[i]);
+    sigma_point p = sdx4_sigma_point(s->sigma.sigmas[i]);
     prediction_type type = s->sigma.prediction;
     for (size_t e = 0; e < n; e++) {
         if (s->predict_x0) {
