@@ -10,6 +10,7 @@
  */
 #include <jansson.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "core/rng.h"
 #include "core/safetensors.h"
@@ -110,9 +111,37 @@ static void check_corners(void) {
           "cache across calls: %.9g %.9g %.9g", v[2], w[31], v[3]);
 }
 
+/* A generator drawing ahead gives the numbers one that does not gives,
+ * whatever comes between two randn of the same size: the block drawn ahead
+ * taken, dropped for another size, or dropped after a rand or a scalar
+ * normal moved the state. */
+static void check_draw_ahead(void) {
+    static const size_t sizes[] = {4096, 4096, 3, 4096, 4096, 100, 4096, 17, 17, 4096};
+    torch_rng plain, ahead;
+    sdx4_torch_rng_seed(&plain, 42);
+    sdx4_torch_rng_seed(&ahead, 42);
+    CHECK(sdx4_torch_rng_draw_ahead(&ahead) == 0 && ahead.ahead, "no thread to draw ahead");
+    float want[4096], got[4096];
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        if (k == 4) { /* a rand between two randn(4096) */
+            sdx4_torch_rand(&plain, want, 5);
+            sdx4_torch_rand(&ahead, got, 5);
+        }
+        sdx4_torch_randn(&plain, want, sizes[k]);
+        sdx4_torch_randn(&ahead, got, sizes[k]);
+        CHECK(!memcmp(want, got, sizes[k] * sizeof *got), "draw %zu (randn(%zu)) differs", k, sizes[k]);
+    }
+    sdx4_torch_rng_stop_ahead(&ahead);
+    CHECK(!ahead.ahead, "stop_ahead left the thread");
+    sdx4_torch_randn(&plain, want, 64); /* and it goes on as a plain generator */
+    sdx4_torch_randn(&ahead, got, 64);
+    CHECK(!memcmp(want, got, sizeof got[0] * 64), "after stop_ahead");
+}
+
 int main(void) {
     check_mt19937();
     check_corners();
+    check_draw_ahead();
     check_pipeline_noise();
 
     st_file f;

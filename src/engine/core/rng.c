@@ -12,6 +12,8 @@
 #include "core/rng.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------- MT19937 */
@@ -25,6 +27,7 @@ void sdx4_torch_rng_seed(torch_rng *g, uint64_t seed) {
     g->next = TORCH_MT_N; /* the first draw regenerates, as at::mt19937 does */
     g->has_cached_normal = 0;
     g->cached_normal = 0;
+    g->ahead = NULL;
 }
 
 static void regenerate(torch_rng *g) {
@@ -179,7 +182,7 @@ static void box_muller_16(float *data) {
     }
 }
 
-void sdx4_torch_randn(torch_rng *g, float *out, size_t n) {
+static void randn_now(torch_rng *g, float *out, size_t n) {
     if (n < 16) {
         for (size_t i = 0; i < n; i++) out[i] = (float)normal_double(g);
         return;
@@ -191,4 +194,116 @@ void sdx4_torch_randn(torch_rng *g, float *out, size_t n) {
         for (int i = 0; i < 16; i++) tail[i] = uniform_float(g);
         box_muller_16(tail);
     }
+}
+
+/* ------------------------------------------------------- drawing ahead */
+
+struct randn_ahead {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    pthread_t thread;
+    int asked, ready, quit;  /* a block is asked for / drawn and waiting */
+    torch_rng from, after;   /* the state the block starts from, and after it */
+    float *block;
+    size_t n, capacity;
+};
+
+/* Whether two generators are at the same point of the same stream. */
+static int same_state(const torch_rng *a, const torch_rng *b) {
+    return a->next == b->next && a->has_cached_normal == b->has_cached_normal &&
+           (!a->has_cached_normal || a->cached_normal == b->cached_normal) &&
+           !memcmp(a->state, b->state, sizeof a->state);
+}
+
+static void *draw_ahead_thread(void *arg) {
+    struct randn_ahead *a = arg;
+    pthread_mutex_lock(&a->lock);
+    for (;;) {
+        while (!a->asked && !a->quit) pthread_cond_wait(&a->changed, &a->lock);
+        if (a->quit) break;
+        /* the block and the states are this thread's until it clears asked */
+        pthread_mutex_unlock(&a->lock);
+        a->after = a->from;
+        randn_now(&a->after, a->block, a->n);
+        pthread_mutex_lock(&a->lock);
+        a->asked = 0;
+        a->ready = 1;
+        pthread_cond_broadcast(&a->changed);
+    }
+    pthread_mutex_unlock(&a->lock);
+    return NULL;
+}
+
+/* The block drawn ahead, if it is randn(n) from g's state: into out, and g
+ * moves past it. Waits for a block still being drawn. */
+static int take_ahead(struct randn_ahead *a, torch_rng *g, float *out, size_t n) {
+    pthread_mutex_lock(&a->lock);
+    while (a->asked) pthread_cond_wait(&a->changed, &a->lock);
+    int hit = a->ready && a->n == n && same_state(&a->from, g);
+    if (hit) {
+        memcpy(out, a->block, n * sizeof *out);
+        struct randn_ahead *keep = g->ahead;
+        *g = a->after;
+        g->ahead = keep;
+    }
+    a->ready = 0;
+    pthread_mutex_unlock(&a->lock);
+    return hit;
+}
+
+/* Asks the thread for randn(n) from g's state; none when the block's
+ * memory cannot grow (the draw then happens when asked, as without). */
+static void ask_ahead(struct randn_ahead *a, const torch_rng *g, size_t n) {
+    pthread_mutex_lock(&a->lock);
+    if (n > a->capacity) {
+        float *grown = realloc(a->block, n * sizeof *grown);
+        if (!grown) {
+            pthread_mutex_unlock(&a->lock);
+            return;
+        }
+        a->block = grown;
+        a->capacity = n;
+    }
+    a->from = *g;
+    a->from.ahead = NULL;
+    a->n = n;
+    a->asked = 1;
+    pthread_cond_broadcast(&a->changed);
+    pthread_mutex_unlock(&a->lock);
+}
+
+void sdx4_torch_randn(torch_rng *g, float *out, size_t n) {
+    if (!g->ahead || !take_ahead(g->ahead, g, out, n)) randn_now(g, out, n);
+    if (g->ahead && n >= 16) ask_ahead(g->ahead, g, n);
+}
+
+int sdx4_torch_rng_draw_ahead(torch_rng *g) {
+    if (g->ahead) return 0;
+    struct randn_ahead *a = calloc(1, sizeof *a);
+    if (!a) return -1;
+    pthread_mutex_init(&a->lock, NULL);
+    pthread_cond_init(&a->changed, NULL);
+    if (pthread_create(&a->thread, NULL, draw_ahead_thread, a)) {
+        pthread_cond_destroy(&a->changed);
+        pthread_mutex_destroy(&a->lock);
+        free(a);
+        return -1;
+    }
+    g->ahead = a;
+    return 0;
+}
+
+void sdx4_torch_rng_stop_ahead(torch_rng *g) {
+    struct randn_ahead *a = g->ahead;
+    if (!a) return;
+    pthread_mutex_lock(&a->lock);
+    a->quit = 1;
+    pthread_cond_broadcast(&a->changed);
+    pthread_mutex_unlock(&a->lock);
+    pthread_join(a->thread, NULL);
+    pthread_cond_destroy(&a->changed);
+    pthread_mutex_destroy(&a->lock);
+    free(a->block);
+    free(a);
+    g->ahead = NULL;
 }

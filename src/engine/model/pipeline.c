@@ -350,7 +350,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     float *acc = a->tile > 0 ? malloc(lat * sizeof *acc) : NULL;
     tensor *ctx = NULL;
     unet_state st = {0};
-    torch_rng rng;
+    torch_rng rng = {.ahead = NULL}; /* seeded below; stopped at done: */
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
     if (!noise || !noisy || !latents || !eps || !scaled || !unet_in || !unet_out || (a->tile > 0 && !acc)) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
@@ -367,6 +367,10 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         goto fail;
     for (int b = 0; b < batch && a->tile <= 0; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
+    /* from here every draw is randn(lat) (the latents, then the samplers'
+     * noise): each next one is drawn while the UNet runs (rng.h); without
+     * a thread they are drawn when asked, the same numbers */
+    sdx4_torch_rng_draw_ahead(&rng);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
     else sdx4_torch_randn(&rng, latents, lat);
     for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;
@@ -411,6 +415,7 @@ fail:
     free(*out);
     *out = NULL;
 done:
+    sdx4_torch_rng_stop_ahead(&rng);
     sdx4_cancel_install(outer_cancel);
     if (report) *report = rep;
     unet_state_free(&st, be);
