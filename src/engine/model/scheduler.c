@@ -227,6 +227,37 @@ int sdx4_ddim_set_timesteps(ddim_scheduler *s, int n) {
     return 0;
 }
 
+typedef struct {
+    float sqrt_alpha, sqrt_beta, sqrt_alpha_prev, direction, std_dev_t, lo, hi;
+    int clip;
+} ddim_coefs;
+
+/* DDIM's update for one prediction type (SDX4_BY_PREDICTION). */
+static inline void ddim_loop(prediction_type prediction, const ddim_coefs *k, const float *model_output,
+                             const float *sample, const float *noise, size_t n, float *prev_sample) {
+    const float sqrt_alpha = k->sqrt_alpha, sqrt_beta = k->sqrt_beta, lo = k->lo, hi = k->hi;
+    const int clip = k->clip;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) {
+        float out = model_output[i], x = sample[i], x0, eps;
+        if (prediction == PREDICT_EPSILON) {
+            x0 = (x - sqrt_beta * out) / sqrt_alpha;
+            eps = out;
+        } else if (prediction == PREDICT_SAMPLE) {
+            x0 = out;
+            eps = (x - sqrt_alpha * x0) / sqrt_beta;
+        } else { /* v_prediction */
+            x0 = sqrt_alpha * x - sqrt_beta * out;
+            eps = sqrt_alpha * out + sqrt_beta * x;
+        }
+        if (clip) x0 = x0 < lo ? lo : x0 > hi ? hi : x0; /* clamp keeps NaN */
+        prev_sample[i] = k->sqrt_alpha_prev * x0 + k->direction * eps;
+    }
+    if (noise) /* a pass of its own: a load under a condition keeps a loop scalar */
+#pragma omp simd
+        for (size_t i = 0; i < n; i++) prev_sample[i] = prev_sample[i] + k->std_dev_t * noise[i];
+}
+
 int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
               const float *sample, size_t n, float eta, torch_rng *rng, float *prev_sample) {
     int T = s->num_train_timesteps;
@@ -265,25 +296,10 @@ int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int times
     float std_dev_t = eta * sqrtf(variance);
     float direction = sqrtf(1.0f - alpha_prod_t_prev - std_dev_t * std_dev_t);
     float sqrt_alpha_prev = sqrtf(alpha_prod_t_prev);
-    float lo = -s->clip_sample_range, hi = s->clip_sample_range;
 
-    for (size_t i = 0; i < n; i++) {
-        float out = model_output[i], x = sample[i], x0, eps;
-        if (s->prediction == PREDICT_EPSILON) {
-            x0 = (x - sqrt_beta * out) / sqrt_alpha;
-            eps = out;
-        } else if (s->prediction == PREDICT_SAMPLE) {
-            x0 = out;
-            eps = (x - sqrt_alpha * x0) / sqrt_beta;
-        } else { /* v_prediction */
-            x0 = sqrt_alpha * x - sqrt_beta * out;
-            eps = sqrt_alpha * out + sqrt_beta * x;
-        }
-        if (s->clip_sample) x0 = x0 < lo ? lo : x0 > hi ? hi : x0; /* clamp keeps NaN */
-        float prev = sqrt_alpha_prev * x0 + direction * eps;
-        if (noise) prev = prev + std_dev_t * noise[i];
-        prev_sample[i] = prev;
-    }
+    ddim_coefs k = {sqrt_alpha, sqrt_beta, sqrt_alpha_prev, direction, std_dev_t,
+                    -s->clip_sample_range, s->clip_sample_range, s->clip_sample};
+    SDX4_BY_PREDICTION(s->prediction, ddim_loop, &k, model_output, sample, noise, n, prev_sample);
     free(noise);
     return 0;
 }
@@ -321,6 +337,7 @@ int sdx4_ddpm_add_noise(const ddpm_scheduler *s, const float *original, const fl
     }
     float alpha_prod = s->alphas_cumprod[timestep];
     float sqrt_alpha = sqrtf(alpha_prod), sqrt_one_minus_alpha = sqrtf(1.0f - alpha_prod);
+#pragma omp simd
     for (size_t i = 0; i < n; i++) out[i] = sqrt_alpha * original[i] + sqrt_one_minus_alpha * noise[i];
     return 0;
 }
@@ -358,6 +375,7 @@ void sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value, flo
             return;
         }
     float *a = scratch;
+#pragma omp simd
     for (size_t i = 0; i < n; i++) a[i] = fabsf(x[i]);
     /* torch.quantile, linear: rank q * (n - 1) in float, then lerp between
      * the values around it */
@@ -369,5 +387,6 @@ void sdx4_threshold_sample(float *x, size_t n, float ratio, float max_value, flo
     float s = fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w); /* torch.lerp */
     s = s < 1.0f ? 1.0f : s; /* torch.clamp(s, min=1, max=max_value) */
     s = s > max_value ? max_value : s;
+#pragma omp simd
     for (size_t i = 0; i < n; i++) x[i] = (x[i] < -s ? -s : x[i] > s ? s : x[i]) / s;
 }

@@ -30,6 +30,14 @@
 #include "core/rng.h"
 
 typedef enum { PREDICT_EPSILON, PREDICT_V, PREDICT_SAMPLE } prediction_type;
+
+/* loop(type, ...) with the prediction type as a constant: each copy of a
+ * sampler's loops is then straight-line code that the compiler vectorizes
+ * (a type read inside the loop keeps it scalar: BENCHMARKS.md "Samplers"). */
+#define SDX4_BY_PREDICTION(type, loop, ...)                      \
+    ((type) == PREDICT_EPSILON ? loop(PREDICT_EPSILON, __VA_ARGS__) \
+     : (type) == PREDICT_V     ? loop(PREDICT_V, __VA_ARGS__)       \
+                               : loop(PREDICT_SAMPLE, __VA_ARGS__))
 typedef enum { SPACING_LEADING, SPACING_TRAILING, SPACING_LINSPACE } timestep_spacing;
 
 typedef struct {

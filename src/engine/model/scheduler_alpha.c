@@ -77,34 +77,39 @@ int sdx4_ddpm_sampler_from_config(ddpm_sampler *s, const config *c) {
 void sdx4_ddpm_sampler_free(ddpm_sampler *s) {
     free(s->alphas_cumprod);
     free(s->timesteps);
+    free(s->x0), free(s->noise), free(s->scratch);
     memset(s, 0, sizeof *s);
 }
 
-int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n) {
+int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n, size_t numel) {
     int count, *ts = sdx4_spaced_timesteps(s->num_train_timesteps, n, s->spacing, s->steps_offset,
                                            &count);
     if (!ts) return -1;
     free(s->timesteps);
     s->timesteps = ts;
     s->num_timesteps = count;
+    /* the step's buffers, once for the run rather than at every step */
+    free(s->x0), free(s->noise), free(s->scratch);
+    s->x0 = malloc(numel * sizeof *s->x0), s->noise = malloc(numel * sizeof *s->noise);
+    s->scratch = s->thresholding ? malloc(numel * sizeof *s->scratch) : NULL;
+    s->numel = numel;
+    if (!s->x0 || !s->noise || (s->thresholding && !s->scratch)) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDPM set_timesteps: out of memory for %zu values", numel);
+        return -1;
+    }
     return 0;
 }
 
 int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_output,
-                           const float *sample, size_t n, torch_rng *rng, float *prev_sample) {
+                           const float *sample, torch_rng *rng, float *prev_sample) {
     int T = s->num_train_timesteps;
     if (!s->timesteps || i < 0 || i >= s->num_timesteps) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDPM step %d of %d", i, s->num_timesteps);
         return -1;
     }
+    size_t n = s->numel;
     int t = s->timesteps[i], prev_t = i + 1 < s->num_timesteps ? s->timesteps[i + 1] : -1;
-    float *x0 = malloc(n * sizeof *x0), *noise = t > 0 ? malloc(n * sizeof *noise) : NULL;
-    if (!x0 || (t > 0 && !noise)) {
-        free(x0);
-        free(noise);
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDPM step: out of memory for %zu values", n);
-        return -1;
-    }
+    float *x0 = s->x0, *noise = t > 0 ? s->noise : NULL;
 
     /* 1. alphas and betas, 0-dim float32 tensors in diffusers */
     float alpha_prod_t = alpha_at(s->alphas_cumprod, T, t);
@@ -115,20 +120,18 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
     float sqrt_alpha = sqrtf(alpha_prod_t), sqrt_beta = sqrtf(beta_prod_t);
 
     /* 2-3. the predicted x_0, clipped or thresholded */
+#pragma omp simd
     for (size_t k = 0; k < n; k++) {
         float out = model_output[k], x = sample[k];
         x0[k] = s->prediction == PREDICT_EPSILON ? (x - sqrt_beta * out) / sqrt_alpha
                 : s->prediction == PREDICT_SAMPLE ? out
                                                   : sqrt_alpha * x - sqrt_beta * out;
     }
-    int rc = 0;
     if (s->thresholding) {
-        float *scratch = malloc(n * sizeof *scratch);
-        if (scratch) sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, scratch);
-        else rc = -1, sdx4_set_error(SDX4_ERR_NO_MEMORY, "thresholding: out of memory for %zu values", n);
-        free(scratch);
+        sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, s->scratch);
     } else if (s->clip_sample) {
         float lo = -s->clip_sample_range, hi = s->clip_sample_range;
+#pragma omp simd
         for (size_t k = 0; k < n; k++) x0[k] = x0[k] < lo ? lo : x0[k] > hi ? hi : x0[k];
     }
 
@@ -144,13 +147,12 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
                  : s->variance == VARIANCE_FIXED_LARGE   ? sqrtf(current_beta_t)
                                                          : sqrtf(variance);
     }
-    for (size_t k = 0; rc == 0 && k < n; k++) {
-        float prev = x0_coeff * x0[k] + sample_coeff * sample[k];
-        prev_sample[k] = noise ? prev + stddev * noise[k] : prev;
-    }
-    free(x0);
-    free(noise);
-    return rc;
+#pragma omp simd
+    for (size_t k = 0; k < n; k++) prev_sample[k] = x0_coeff * x0[k] + sample_coeff * sample[k];
+    if (noise)
+#pragma omp simd
+        for (size_t k = 0; k < n; k++) prev_sample[k] = prev_sample[k] + stddev * noise[k];
+    return 0;
 }
 
 /* ----------------------------------------------------------------- PNDM */
@@ -258,6 +260,7 @@ static void prev_sample_of(const pndm_sampler *s, const float *sample, int t, in
     float denom = alpha_prod_t * sqrtf(beta_prod_t_prev) +
                   sqrtf(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
     float diff = alpha_prod_t_prev - alpha_prod_t;
+#pragma omp simd
     for (size_t k = 0; k < s->numel; k++) {
         float eps = model_output[k];
         if (s->prediction == PREDICT_V) eps = sqrt_alpha * eps + sqrt_beta * sample[k];
@@ -284,13 +287,16 @@ static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const
     const float *mo = model_output;
     size_t n = s->numel;
     if (phase == 0) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++) s->cur_model_output[k] = (float)(1.0 / 6) * model_output[k];
         push_output(s, model_output);
         memcpy(s->cur_sample, sample, n * sizeof *sample);
     } else if (phase < 3) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++)
             s->cur_model_output[k] = s->cur_model_output[k] + (float)(1.0 / 3) * model_output[k];
     } else {
+#pragma omp simd
         for (size_t k = 0; k < n; k++)
             combined[k] = s->cur_model_output[k] + (float)(1.0 / 6) * model_output[k];
         mo = combined;
@@ -314,14 +320,18 @@ static void step_plms(pndm_sampler *s, int t, const float *model_output, const f
         mo = model_output;
         memcpy(s->cur_sample, sample, n * sizeof *sample);
     } else if (s->num_ets == 1 && s->counter == 1) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++) combined[k] = (model_output[k] + e[0][k]) / 2;
         x = s->cur_sample;
     } else if (s->num_ets == 2) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++) combined[k] = (3.0f * e[0][k] - e[-1][k]) / 2;
     } else if (s->num_ets == 3) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++)
             combined[k] = (23.0f * e[0][k] - 16.0f * e[-1][k] + 5.0f * e[-2][k]) / 12;
     } else {
+#pragma omp simd
         for (size_t k = 0; k < n; k++)
             combined[k] = (float)(1.0 / 24) * (55.0f * e[0][k] - 59.0f * e[-1][k] +
                                                37.0f * e[-2][k] - 9.0f * e[-3][k]);

@@ -53,17 +53,19 @@ typedef struct {
     /* set by sdx4_ddpm_sampler_set_timesteps() */
     int num_timesteps;
     int *timesteps;          /* (num_timesteps), descending */
+    size_t numel;
+    float *x0, *noise, *scratch; /* (numel): the step's; thresholding's sort */
 } ddpm_sampler;
 
 int sdx4_ddpm_sampler_from_config(ddpm_sampler *s, const config *c);
 void sdx4_ddpm_sampler_free(ddpm_sampler *s);
 /* Fails when n < 1 or n > T. */
-int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n);
-/* step(model_output, timesteps[i], sample, generator).prev_sample over n
- * floats: for timesteps above 0, n normal values drawn from rng (never
- * NULL then). prev_sample may alias sample. */
+int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n, size_t numel);
+/* step(model_output, timesteps[i], sample, generator).prev_sample over
+ * numel floats: for timesteps above 0, numel normal values drawn from rng
+ * (never NULL then). prev_sample may alias sample. */
 int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_output,
-                           const float *sample, size_t n, torch_rng *rng, float *prev_sample);
+                           const float *sample, torch_rng *rng, float *prev_sample);
 
 typedef struct {
     int num_train_timesteps; /* T */

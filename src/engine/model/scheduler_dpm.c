@@ -245,6 +245,7 @@ static void convert(const sigma_scheduler *s, int i, const float *mo, const floa
     int deis = s->method == SIGMA_DEIS;
     int data = !deis && (s->algorithm == DPM_PLUSPLUS || s->algorithm == DPM_SDE_PLUSPLUS);
     if (data || deis) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++) {
             if (s->prediction == PREDICT_EPSILON) out[k] = (x[k] - p.sigma * mo[k]) / p.alpha;
             else if (s->prediction == PREDICT_V) out[k] = p.alpha * x[k] - p.sigma * mo[k];
@@ -252,17 +253,21 @@ static void convert(const sigma_scheduler *s, int i, const float *mo, const floa
         }
         if (s->thresholding) sdx4_threshold_sample(out, s->numel, s->threshold_ratio, s->sample_max_value, s->scratch);
         if (deis)
+#pragma omp simd
             for (size_t k = 0; k < n; k++) out[k] = (x[k] - p.alpha * out[k]) / p.sigma;
         return;
     }
+#pragma omp simd
     for (size_t k = 0; k < n; k++) {
         if (s->prediction == PREDICT_EPSILON) out[k] = mo[k];
         else if (s->prediction == PREDICT_V) out[k] = p.alpha * mo[k] + p.sigma * x[k];
         else out[k] = (x[k] - p.alpha * mo[k]) / p.sigma;
     }
     if (s->thresholding) {
+#pragma omp simd
         for (size_t k = 0; k < n; k++) out[k] = (x[k] - p.sigma * out[k]) / p.alpha;
         sdx4_threshold_sample(out, s->numel, s->threshold_ratio, s->sample_max_value, s->scratch);
+#pragma omp simd
         for (size_t k = 0; k < n; k++) out[k] = (x[k] - p.alpha * out[k]) / p.sigma;
     }
 }
@@ -280,8 +285,7 @@ typedef enum {
 } d_form;
 
 typedef struct {
-    d_form form;
-    int terms; /* 1 to 3: D0 to D2 */
+    d_form form; /* its terms: D0 (D_FIRST), to D2 (the third orders), else to D1 */
     float a, b, c, e, f;
     float r0, r1, inv_r0, inv_r1;
 } dpm_update;
@@ -328,34 +332,53 @@ static dpm_coefs coefs(int algorithm, sigma_point t, sigma_point s, float h) {
     return k;
 }
 
-static void apply(const sigma_scheduler *s, const dpm_update *u, const float *x, float *prev) {
-    const float *m0 = s->model_outputs[2], *m1 = s->model_outputs[1], *m2 = s->model_outputs[0];
-    int sde = s->algorithm == DPM_SDE_PLUSPLUS || s->algorithm == DPM_SDE_SOLVER;
-    float k1 = u->r0 / (u->r0 + u->r1), k2 = 1.0f / (u->r0 + u->r1), rdiff = u->r0 - u->r1;
-    for (size_t k = 0; k < s->numel; k++) {
+/* apply() for one form, a constant where it is called: a straight-line
+ * body that vectorizes (the pipeline's host time per step). */
+static inline void apply_form(d_form form, const dpm_update *u, const float *m0, const float *m1,
+                              const float *m2, const float *x, size_t n, float *prev) {
+    const float k1 = u->r0 / (u->r0 + u->r1), k2 = 1.0f / (u->r0 + u->r1), rdiff = u->r0 - u->r1;
+    const float a = u->a, b = u->b, c = u->c, e = u->e, inv_r0 = u->inv_r0, inv_r1 = u->inv_r1;
+    const float r0 = u->r0, r1 = u->r1;
+#pragma omp simd
+    for (size_t k = 0; k < n; k++) {
         float d0, d1 = 0, d2 = 0, d10, d11;
-        switch (u->form) {
+        switch (form) {
         case D_FIRST: d0 = m0[k]; break;
-        case D_MULTI2: d0 = m0[k], d1 = u->inv_r0 * (m0[k] - m1[k]); break;
+        case D_MULTI2: d0 = m0[k], d1 = inv_r0 * (m0[k] - m1[k]); break;
         case D_MULTI3:
             d0 = m0[k];
-            d10 = u->inv_r0 * (m0[k] - m1[k]), d11 = u->inv_r1 * (m1[k] - m2[k]);
+            d10 = inv_r0 * (m0[k] - m1[k]), d11 = inv_r1 * (m1[k] - m2[k]);
             d1 = d10 + k1 * (d10 - d11), d2 = k2 * (d10 - d11);
             break;
-        case D_SINGLE2: d0 = m1[k], d1 = u->inv_r0 * (m0[k] - m1[k]); break;
-        case D_SINGLE3_MID: d0 = m2[k], d1 = u->inv_r0 * (m0[k] - m2[k]); break;
+        case D_SINGLE2: d0 = m1[k], d1 = inv_r0 * (m0[k] - m1[k]); break;
+        case D_SINGLE3_MID: d0 = m2[k], d1 = inv_r0 * (m0[k] - m2[k]); break;
         default: /* D_SINGLE3 */
             d0 = m2[k];
-            d10 = u->inv_r1 * (m1[k] - m2[k]), d11 = u->inv_r0 * (m0[k] - m2[k]);
-            d1 = (u->r0 * d10 - u->r1 * d11) / rdiff, d2 = 2.0f * (d11 - d10) / rdiff;
+            d10 = inv_r1 * (m1[k] - m2[k]), d11 = inv_r0 * (m0[k] - m2[k]);
+            d1 = (r0 * d10 - r1 * d11) / rdiff, d2 = 2.0f * (d11 - d10) / rdiff;
             break;
         }
-        float v = u->a * x[k] + u->b * d0;
-        if (u->terms > 1) v = v + u->c * d1;
-        if (u->terms > 2) v = v + u->e * d2;
-        if (sde) v = v + u->f * s->noise[k];
+        float v = a * x[k] + b * d0;
+        if (form != D_FIRST) v = v + c * d1;
+        if (form == D_MULTI3 || form == D_SINGLE3) v = v + e * d2;
         prev[k] = v;
     }
+}
+
+static void apply(const sigma_scheduler *s, const dpm_update *u, const float *x, float *prev) {
+    const float *m0 = s->model_outputs[2], *m1 = s->model_outputs[1], *m2 = s->model_outputs[0];
+    size_t n = s->numel;
+    switch (u->form) {
+    case D_FIRST: apply_form(D_FIRST, u, m0, m1, m2, x, n, prev); break;
+    case D_MULTI2: apply_form(D_MULTI2, u, m0, m1, m2, x, n, prev); break;
+    case D_MULTI3: apply_form(D_MULTI3, u, m0, m1, m2, x, n, prev); break;
+    case D_SINGLE2: apply_form(D_SINGLE2, u, m0, m1, m2, x, n, prev); break;
+    case D_SINGLE3_MID: apply_form(D_SINGLE3_MID, u, m0, m1, m2, x, n, prev); break;
+    default: apply_form(D_SINGLE3, u, m0, m1, m2, x, n, prev); break;
+    }
+    if (s->algorithm == DPM_SDE_PLUSPLUS || s->algorithm == DPM_SDE_SOLVER) /* the last term */
+#pragma omp simd
+        for (size_t k = 0; k < n; k++) prev[k] = prev[k] + u->f * s->noise[k];
 }
 
 /* One multistep DPM-Solver or singlestep update of the given order. */
@@ -363,7 +386,7 @@ static void dpm_update_at(const sigma_scheduler *s, int i, int order, const floa
     const float *sig = s->sigmas;
     int single = s->method == SIGMA_DPM_SINGLESTEP;
     sigma_point t = sdx4_sigma_point(sig[i + 1]), s0 = sdx4_sigma_point(sig[i]);
-    dpm_update u = {.form = D_FIRST, .terms = 1};
+    dpm_update u = {.form = D_FIRST};
     dpm_coefs k;
     if (order == 1) {
         k = coefs(s->algorithm, t, s0, t.lambda - s0.lambda);
@@ -376,7 +399,6 @@ static void dpm_update_at(const sigma_scheduler *s, int i, int order, const floa
         k = coefs(s->algorithm, t, single ? s1 : s0, h);
         u.r0 = h0 / h, u.inv_r0 = 1.0f / u.r0;
         u.form = single ? D_SINGLE2 : D_MULTI2;
-        u.terms = 2;
         u.c = s->heun ? k.c : k.c_mid;
     } else {
         sigma_point s1 = sdx4_sigma_point(sig[i - 1]), s2 = sdx4_sigma_point(sig[i - 2]);
@@ -389,9 +411,7 @@ static void dpm_update_at(const sigma_scheduler *s, int i, int order, const floa
         u.r0 = h0 / h, u.r1 = h1 / h;
         u.inv_r0 = 1.0f / u.r0, u.inv_r1 = 1.0f / u.r1;
         u.c = k.c, u.e = k.e;
-        if (!single) u.form = D_MULTI3, u.terms = 3;
-        else if (s->heun) u.form = D_SINGLE3, u.terms = 3;
-        else u.form = D_SINGLE3_MID, u.terms = 2;
+        u.form = !single ? D_MULTI3 : s->heun ? D_SINGLE3 : D_SINGLE3_MID;
     }
     u.a = k.a, u.b = k.b, u.f = k.f;
     apply(s, &u, x, prev);
@@ -429,6 +449,7 @@ static void deis_update(const sigma_scheduler *s, int i, int order, const float 
         c3 = deis_ind3(rt, r2, r0, r1) - deis_ind3(r0, r2, r0, r1);
     }
     const float *m0 = s->model_outputs[2], *m1 = s->model_outputs[1], *m2 = s->model_outputs[0];
+#pragma omp simd
     for (size_t k = 0; k < s->numel; k++) {
         float v = x[k] / s0.alpha + c1 * m0[k] + c2 * m1[k];
         if (order == 3) v = v + c3 * m2[k];

@@ -220,35 +220,69 @@ void sdx4_k_scale_model_input(const sigma_scheduler *s, int i, const float *samp
     if (s->k_second && s->method == SIGMA_KDPM2) sigma = s->k_interpol[i];
     if (s->k_second && s->method == SIGMA_KDPM2_ANCESTRAL) sigma = s->k_interpol[i - 1];
     float scale = sqrtf(sigma * sigma + 1.0f);
+#pragma omp simd
     for (size_t k = 0; k < s->numel; k++) out[k] = sample[k] / scale;
 }
 
 /* pred_original_sample at sigma. */
-static float x0_at(const sigma_scheduler *s, float sigma, float mo, float x) {
-    if (s->prediction == PREDICT_EPSILON) return x - sigma * mo;
-    if (s->prediction == PREDICT_V)
+static inline float x0_at(prediction_type prediction, float sigma, float mo, float x) {
+    if (prediction == PREDICT_EPSILON) return x - sigma * mo;
+    if (prediction == PREDICT_V)
         return mo * (-sigma / sqrtf(sigma * sigma + 1.0f)) + x / (sigma * sigma + 1.0f);
     return mo;
 }
 
-static void heun_step(sigma_scheduler *s, int i, const float *mo, const float *x, float *prev) {
-    float sigma = s->sigmas[s->k_second ? i - 1 : i], next = s->sigmas[s->k_second ? i : i + 1];
+/* Heun's first or second half for one prediction type (SDX4_BY_PREDICTION). */
+static inline void heun_loop(prediction_type prediction, sigma_scheduler *s, float sigma, float next,
+                             const float *mo, const float *x, float *prev) {
     /* the second order's dt is the first's: the same two sigmas */
-    float sigma_input = s->k_second ? next : sigma, r = s->clip_sample_range, dt = next - sigma;
+    const float sigma_input = s->k_second ? next : sigma, r = s->clip_sample_range, dt = next - sigma;
+    const int clip = s->clip_sample;
     float *d1 = s->k_derivs[0], *saved = s->k_sample;
-    for (size_t k = 0; k < s->numel; k++) {
-        float x0 = x0_at(s, sigma_input, mo[k], x[k]);
-        if (s->clip_sample) x0 = x0 < -r ? -r : x0 > r ? r : x0;
-        if (!s->k_second) {
+    if (!s->k_second) {
+#pragma omp simd
+        for (size_t k = 0; k < s->numel; k++) {
+            float x0 = x0_at(prediction, sigma_input, mo[k], x[k]);
+            if (clip) x0 = x0 < -r ? -r : x0 > r ? r : x0;
             d1[k] = (x[k] - x0) / sigma;
             saved[k] = x[k];
             prev[k] = x[k] + d1[k] * dt;
-        } else {
+        }
+    } else {
+#pragma omp simd
+        for (size_t k = 0; k < s->numel; k++) {
+            float x0 = x0_at(prediction, sigma_input, mo[k], x[k]);
+            if (clip) x0 = x0 < -r ? -r : x0 > r ? r : x0;
             float d = (d1[k] + (x[k] - x0) / next) / 2;
             prev[k] = saved[k] + d * dt;
         }
     }
+}
+
+static void heun_step(sigma_scheduler *s, int i, const float *mo, const float *x, float *prev) {
+    float sigma = s->sigmas[s->k_second ? i - 1 : i], next = s->sigmas[s->k_second ? i : i + 1];
+    SDX4_BY_PREDICTION(s->prediction, heun_loop, s, sigma, next, mo, x, prev);
     s->k_second = !s->k_second;
+}
+
+/* KDPM2's first or second half for one prediction type (SDX4_BY_PREDICTION). */
+static inline void kdpm2_loop(prediction_type prediction, sigma_scheduler *s, int second, float sigma,
+                              float interpol, float dt, const float *mo, const float *x, float *prev) {
+    float *saved = s->k_sample;
+    if (!second) {
+#pragma omp simd
+        for (size_t k = 0; k < s->numel; k++) {
+            float x0 = x0_at(prediction, sigma, mo[k], x[k]), d = (x[k] - x0) / sigma;
+            saved[k] = x[k];
+            prev[k] = x[k] + d * dt;
+        }
+    } else {
+#pragma omp simd
+        for (size_t k = 0; k < s->numel; k++) {
+            float x0 = x0_at(prediction, interpol, mo[k], x[k]), d = (x[k] - x0) / interpol;
+            prev[k] = saved[k] + d * dt;
+        }
+    }
 }
 
 static int kdpm2_step(sigma_scheduler *s, int i, const float *mo, const float *x, torch_rng *rng,
@@ -265,27 +299,12 @@ static int kdpm2_step(sigma_scheduler *s, int i, const float *mo, const float *x
         up = s->k_up[second ? i - 1 : i];
         dt = second ? s->k_down[i - 1] - sigma : interpol - sigma;
     }
-    float *noise = NULL;
-    if (ancestral && second) {
-        if (!(noise = malloc(s->numel * sizeof *noise))) {
-            sdx4_set_error(SDX4_ERR_NO_MEMORY, "KDPM2 ancestral step: out of memory");
-            return -1;
-        }
-        sdx4_torch_randn(rng, noise, s->numel);
-    }
-    float *saved = s->k_sample;
-    for (size_t k = 0; k < s->numel; k++) {
-        if (!second) {
-            float x0 = x0_at(s, sigma, mo[k], x[k]), d = (x[k] - x0) / sigma;
-            saved[k] = x[k];
-            prev[k] = x[k] + d * dt;
-        } else {
-            float x0 = x0_at(s, interpol, mo[k], x[k]), d = (x[k] - x0) / interpol;
-            float p = saved[k] + d * dt;
-            prev[k] = noise ? p + noise[k] * up : p;
-        }
-    }
-    free(noise);
+    float *noise = ancestral && second ? s->noise : NULL;
+    if (noise) sdx4_torch_randn(rng, noise, s->numel);
+    SDX4_BY_PREDICTION(s->prediction, kdpm2_loop, s, second, sigma, interpol, dt, mo, x, prev);
+    if (noise)
+#pragma omp simd
+        for (size_t k = 0; k < s->numel; k++) prev[k] = prev[k] + noise[k] * up;
     s->k_second = !second;
     return 0;
 }
@@ -309,6 +328,22 @@ static double lms_coefficient(const float *sig, int order, int t, int j) {
     return integral;
 }
 
+/* LMS's update for one prediction type (SDX4_BY_PREDICTION). */
+static inline void lms_loop(prediction_type prediction, sigma_scheduler *s, int order, float sigma,
+                            const float coeff[4], const float *mo, const float *x, float *prev) {
+    float *d0 = s->k_derivs[0], *d1 = s->k_derivs[1], *d2 = s->k_derivs[2], *d3 = s->k_derivs[3];
+#pragma omp simd
+    for (size_t k = 0; k < s->numel; k++) {
+        float x0 = x0_at(prediction, sigma, mo[k], x[k]);
+        d0[k] = (x[k] - x0) / sigma;
+        float sum = 0 + coeff[0] * d0[k]; /* the derivatives there are, oldest last */
+        if (order > 1) sum = sum + coeff[1] * d1[k];
+        if (order > 2) sum = sum + coeff[2] * d2[k];
+        if (order > 3) sum = sum + coeff[3] * d3[k];
+        prev[k] = x[k] + sum;
+    }
+}
+
 static void lms_step(sigma_scheduler *s, int i, const float *mo, const float *x, float *prev) {
     float sigma = s->sigmas[i];
     float *oldest = s->k_derivs[3]; /* derivatives.pop(0) when a fifth comes */
@@ -317,12 +352,7 @@ static void lms_step(sigma_scheduler *s, int i, const float *mo, const float *x,
     int order = i + 1 < 4 ? i + 1 : 4; /* the pipeline's step(order=4) */
     float coeff[4];
     for (int j = 0; j < order; j++) coeff[j] = (float)lms_coefficient(s->sigmas, order, i, j);
-    for (size_t k = 0; k < s->numel; k++) {
-        float x0 = x0_at(s, sigma, mo[k], x[k]), sum = 0;
-        s->k_derivs[0][k] = (x[k] - x0) / sigma;
-        for (int j = 0; j < order; j++) sum = sum + coeff[j] * s->k_derivs[j][k];
-        prev[k] = x[k] + sum;
-    }
+    SDX4_BY_PREDICTION(s->prediction, lms_loop, s, order, sigma, coeff, mo, x, prev);
 }
 
 int sdx4_k_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,

@@ -70,7 +70,7 @@ int sdx4_sigma_from_config(sigma_scheduler *s, const config *c) {
     if (!sdx4_cfg_str(c, "_class_name", "", &name) && sdx4_k_is_method(name, NULL))
         return sdx4_k_from_config(s, c);
     memset(s, 0, sizeof *s);
-    int method, prediction, spacing = SPACING_LINSPACE, schedule;
+    int method, prediction = PREDICT_EPSILON, spacing = SPACING_LINSPACE, schedule = 0;
     if (sdx4_cfg_choice(c, "_class_name", "", classes, &method)) return -1;
     s->method = (sigma_method)method;
     if (sdx4_noise_schedule_load(c, classes[method], &s->num_train_timesteps, &s->alphas_cumprod))
@@ -288,6 +288,13 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel) {
     s->step_index = 0;
     s->lower_order_nums = 0;
     rc = is_k(s) ? sdx4_k_set_timesteps(s) : 0; /* from Euler's schedule */
+    if (!rc && !is_dpm(s) && (s->method == SIGMA_EULER_ANCESTRAL || s->method == SIGMA_KDPM2_ANCESTRAL)) {
+        free(s->noise); /* the ancestral samplers' noise: one buffer for the run, not one a step */
+        if (!(s->noise = malloc(numel * sizeof *s->noise))) {
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
+            rc = -1;
+        }
+    }
 done:
     free(ts), free(sig), free(log_sigmas), free(timesteps), free(sigmas);
     return rc;
@@ -306,6 +313,7 @@ void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *
         return;
     }
     float sigma = s->sigmas[i], scale = sqrtf(sigma * sigma + 1.0f);
+#pragma omp simd
     for (size_t k = 0; k < s->numel; k++) out[k] = sample[k] / scale;
 }
 
@@ -324,6 +332,7 @@ static int euler_step(sigma_scheduler *s, int i, const float *mo, const float *x
     float c_in = sigma * sigma + 1.0f, c_out = -sigma / sqrtf(sigma * sigma + 1.0f);
     if (s->method == SIGMA_EULER) { /* s_churn = 0: sigma_hat = sigma */
         float dt = sigma_next - sigma;
+#pragma omp simd
         for (size_t k = 0; k < n; k++) {
             float x0 = euler_x0(s, sigma, c_out, c_in, mo[k], x[k]);
             prev[k] = x[k] + (x[k] - x0) / sigma * dt;
@@ -333,18 +342,14 @@ static int euler_step(sigma_scheduler *s, int i, const float *mo, const float *x
     float to2 = sigma_next * sigma_next;
     float sigma_up = sqrtf(to2 * (sigma * sigma - to2) / (sigma * sigma));
     float sigma_down = sqrtf(to2 - sigma_up * sigma_up), dt = sigma_down - sigma;
-    float *noise = malloc(n * sizeof *noise);
-    if (!noise) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "Euler ancestral step: out of memory");
-        return -1;
-    }
+    float *noise = s->noise;
     sdx4_torch_randn(rng, noise, n);
+#pragma omp simd
     for (size_t k = 0; k < n; k++) {
         float x0 = euler_x0(s, sigma, c_out, c_in, mo[k], x[k]);
         float p = x[k] + (x[k] - x0) / sigma * dt;
         prev[k] = p + noise[k] * sigma_up;
     }
-    free(noise);
     return 0;
 }
 

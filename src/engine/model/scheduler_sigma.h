@@ -82,7 +82,7 @@ typedef struct {
                                 the newest last */
     float *first_sample;     /* DPM singlestep: the sample its update
                                 started from (at its first-order step) */
-    float *noise, *scratch;  /* (numel): SDE noise; thresholding's sort */
+    float *noise, *scratch;  /* (numel): SDE and ancestral noise; thresholding's sort */
     int *orders;             /* DPM singlestep: each step's order */
     /* scheduler_k.c's classes; sigmas above is diffusers' whole array
        (2n for Heun, 2n + 2 for the KDPM2s, n + 1 for LMS, n steps) */

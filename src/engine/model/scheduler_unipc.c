@@ -103,7 +103,7 @@ int sdx4_unipc_from_config(unipc_scheduler *s, const config *c) {
     sg->lambda_min_clipped = -INFINITY;
     if (sdx4_noise_schedule_load(c, CLASS, &sg->num_train_timesteps, &sg->alphas_cumprod))
         return -1;
-    int prediction, spacing, solver;
+    int prediction = PREDICT_EPSILON, spacing = SPACING_LINSPACE, solver = 0;
     double ratio, max_value;
     int rc = sdx4_cfg_choice(c, "prediction_type", "epsilon", predictions, &prediction) ||
              sdx4_cfg_choice(c, "timestep_spacing", "linspace", spacings, &spacing) ||
@@ -281,13 +281,12 @@ static const float *history(const unipc_scheduler *s, int k) {
     return s->outputs[s->solver_order - 1 - k];
 }
 
-/* sum_k rho[k] * D1_k at element e, over the p - 1 earlier outputs. */
-static float earlier_terms(const unipc_scheduler *s, const unipc_update *u, int p, size_t e) {
-    float m0 = history(s, 0)[e], sum = 0.0f;
-    for (int k = 1; k < p; k++) {
-        float d1 = (history(s, k)[e] - m0) / u->rk[k - 1], term = u->rho[k - 1] * d1;
-        sum = k == 1 ? term : sum + term;
-    }
+/* sum_k rho[k] * D1_k at element e, over the p - 1 earlier outputs m1 and
+ * m2 (p is at most 3). */
+static inline float earlier_terms(const unipc_update *u, int p, const float *m0, const float *m1,
+                                  const float *m2, size_t e) {
+    float sum = u->rho[0] * ((m1[e] - m0[e]) / u->rk[0]);
+    if (p > 2) sum = sum + u->rho[1] * ((m2[e] - m0[e]) / u->rk[1]);
     return sum;
 }
 
@@ -295,10 +294,16 @@ static float earlier_terms(const unipc_scheduler *s, const unipc_update *u, int 
 static void predictor(const unipc_scheduler *s, int i, int p, const float *x, float *prev,
                       size_t n) {
     unipc_update u = update_at(s, p, i + 1, i, 0);
-    const float *m0 = history(s, 0);
+    const float *m0 = history(s, 0), *m1 = p > 1 ? history(s, 1) : NULL, *m2 = p > 2 ? history(s, 2) : NULL;
+    if (p == 1) {
+#pragma omp simd
+        for (size_t e = 0; e < n; e++) prev[e] = u.ratio * x[e] - u.c_m0 * m0[e];
+        return;
+    }
+#pragma omp simd
     for (size_t e = 0; e < n; e++) {
         float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
-        prev[e] = p > 1 ? x_t - u.c_b * earlier_terms(s, &u, p, e) : x_t;
+        prev[e] = x_t - u.c_b * earlier_terms(&u, p, m0, m1, m2, e);
     }
 }
 
@@ -307,13 +312,21 @@ static void predictor(const unipc_scheduler *s, int i, int p, const float *x, fl
  * in place in last_sample. */
 static void corrector(unipc_scheduler *s, int i, int p, const float *model_t, size_t n) {
     unipc_update u = update_at(s, p, i, i - 1, 1);
-    const float *m0 = history(s, 0);
+    const float *m0 = history(s, 0), *m1 = p > 1 ? history(s, 1) : NULL, *m2 = p > 2 ? history(s, 2) : NULL;
     float *x = s->last_sample;
+    if (p == 1) {
+#pragma omp simd
+        for (size_t e = 0; e < n; e++) {
+            float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
+            x[e] = x_t - u.c_b * (u.rho[0] * (model_t[e] - m0[e]));
+        }
+        return;
+    }
+#pragma omp simd
     for (size_t e = 0; e < n; e++) {
         float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
         float d1_t = u.rho[p - 1] * (model_t[e] - m0[e]);
-        float res = p > 1 ? earlier_terms(s, &u, p, e) + d1_t : d1_t;
-        x[e] = x_t - u.c_b * res;
+        x[e] = x_t - u.c_b * (earlier_terms(&u, p, m0, m1, m2, e) + d1_t);
     }
 }
 
@@ -322,6 +335,7 @@ static void convert(const unipc_scheduler *s, int i, const float *mo, const floa
                     size_t n) {
     sigma_point p = sdx4_sigma_point(s->sigma.sigmas[i]);
     prediction_type type = s->sigma.prediction;
+#pragma omp simd
     for (size_t e = 0; e < n; e++) {
         if (s->predict_x0) {
             out[e] = type == PREDICT_EPSILON ? (x[e] - p.sigma * mo[e]) / p.alpha

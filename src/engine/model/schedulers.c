@@ -294,7 +294,7 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
         count = s->unipc.sigma.num_timesteps;
         break;
     case SCHED_DDPM:
-        if (sdx4_ddpm_sampler_set_timesteps(&s->ddpm, n)) return -1;
+        if (sdx4_ddpm_sampler_set_timesteps(&s->ddpm, n, numel)) return -1;
         count = s->ddpm.num_timesteps;
         break;
     case SCHED_PNDM:
@@ -342,7 +342,7 @@ int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const fl
         return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
                               rng, prev_sample);
     case SCHED_DDPM:
-        return sdx4_ddpm_sampler_step(&s->ddpm, i, model_output, sample, s->numel, rng, prev_sample);
+        return sdx4_ddpm_sampler_step(&s->ddpm, i, model_output, sample, rng, prev_sample);
     case SCHED_PNDM: return sdx4_pndm_step(&s->pndm, i, model_output, sample, prev_sample);
     case SCHED_UNIPC: return sdx4_unipc_step(&s->unipc, i, model_output, sample, prev_sample);
     case SCHED_SIGMA: break;
