@@ -4,6 +4,7 @@
 #      on a release build;
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20),
+#      as many at once as there are cores,
 #      from the seeds in fuzz/corpus/<target>/;
 #   4. the HTTP service's integration tests against the real server, then
 #      the tests of the API's contract again in cluster mode (each server an
@@ -32,9 +33,13 @@ scripts/build.sh build-asan -DSDX4_SANITIZE=ON -DSDX4_CUDA=OFF
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest -j"$jobs" --output-on-failure)
 
-echo "== fuzzing, ${fuzz_seconds}s per target"
+echo "== fuzzing, ${fuzz_seconds}s per target, $jobs at a time"
 scripts/build.sh build-fuzz -DSDX4_FUZZ=ON -DCMAKE_C_COMPILER=clang
-for target in build-fuzz/fuzz_*; do
+# one target from its seeds (fuzz/corpus/<target>/) in a scratch corpus;
+# its summary lines and exit status go to $fuzz_out/<target>.{log,rc}
+fuzz_out=$(mktemp -d)
+fuzz_one() {
+  local target=$1 name corpus
   name=$(basename "$target")
   corpus=$(mktemp -d)
   [ -d "fuzz/corpus/$name" ] && cp -r "fuzz/corpus/$name/." "$corpus/"
@@ -42,12 +47,25 @@ for target in build-fuzz/fuzz_*; do
   if [ "$name" = fuzz_config ]; then
     for f in assets/*/*/*.json; do cp "$f" "$corpus/$(tr / _ <<<"$f")"; done
   fi
-  echo "-- $name"
-  "$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -timeout=10 "$corpus" 2>&1 |
-    grep -E "^(Done|#[0-9]+ *DONE|==[0-9]+==ERROR|SUMMARY)" || true
-  test "${PIPESTATUS[0]}" -eq 0 || { echo "fuzz target $name failed"; exit 1; }
+  local rc=0
+  "$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -timeout=10 "$corpus" \
+    >"$fuzz_out/$name.full" 2>&1 || rc=$?
+  echo "$rc" >"$fuzz_out/$name.rc"
+  grep -E "^(Done|#[0-9]+ *DONE|==[0-9]+==ERROR|SUMMARY)" "$fuzz_out/$name.full" >"$fuzz_out/$name.log" || true
   rm -rf "$corpus"
+}
+for target in build-fuzz/fuzz_*; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+  fuzz_one "$target" &
 done
+wait
+for target in build-fuzz/fuzz_*; do
+  name=$(basename "$target")
+  echo "-- $name"
+  cat "$fuzz_out/$name.log"
+  [ "$(cat "$fuzz_out/$name.rc")" = 0 ] || { tail -40 "$fuzz_out/$name.full"; echo "fuzz target $name failed"; exit 1; }
+done
+rm -rf "$fuzz_out"
 
 echo "== HTTP service integration tests (pytest drives the real server)"
 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
