@@ -10,6 +10,7 @@ fails if the server did not exit 0 or logged a sanitizer report.
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,6 +27,16 @@ MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "mo
 # SDX4_TEST_CLUSTER=1: every Server is an API node of a cluster of its own
 # (LocalCluster: Redis and one worker), to run the suite in cluster mode
 CLUSTER = os.environ.get("SDX4_TEST_CLUSTER") == "1"
+# every server's and worker's log, in one folder removed when the session
+# passes and kept (its path printed) when it does not
+LOG_DIR = tempfile.mkdtemp(prefix="sdx4-test-logs-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
+    else:
+        print(f"\nthe servers' logs: {LOG_DIR}")
 
 
 def single_process_only(reason):
@@ -40,7 +51,7 @@ class Server:
     cluster = None  # its own Redis and worker (SDX4_TEST_CLUSTER=1), stopped with it
 
     def __init__(self, *flags, env=None, model=MODEL, wait_ready=True):
-        self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-serve-", suffix=".log", delete=False)
+        self.log_file = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", dir=LOG_DIR, delete=False)
         if CLUSTER and "--redis" not in [str(f) for f in flags]:  # a cluster test's node has its own
             self.cluster = LocalCluster(model, flags, env)
             flags = list(flags) + ["--redis", self.cluster.redis.url, "--workers", "0"]
@@ -249,7 +260,7 @@ class Worker(Server):
     """One `sdx4 worker` process; `url` is its health port's base URL."""
 
     def __init__(self, redis_url, *flags, model=MODEL, threads=1, env=None):
-        self.log_file = tempfile.NamedTemporaryFile(prefix="sdx4-worker-", suffix=".log", delete=False)
+        self.log_file = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=LOG_DIR, delete=False)
         cmd = [SDX4, "worker", "--redis", redis_url, "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--warmup", "false"] + (["--workers", str(threads)] if threads else []) + [str(f) for f in flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log_file,
