@@ -386,11 +386,11 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         double s0 = thread_cpu();
-        sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
+        const float *model_input = sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
         rep.seconds_scheduler += thread_cpu() - s0;
-        if (a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, scaled, noisy, sched.timesteps[i],
+        if (a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, model_input, noisy, sched.timesteps[i],
                                               unet_in, unet_out, acc, eps)
-                        : predict_noise(m, be, a, &st, do_cfg, scaled, sched.timesteps[i], unet_in, unet_out, eps))
+                        : predict_noise(m, be, a, &st, do_cfg, model_input, sched.timesteps[i], unet_in, unet_out, eps))
             goto fail;
         s0 = thread_cpu();
         if (sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents)) goto fail;

@@ -302,19 +302,17 @@ done:
 
 /* ------------------------------------------------------------- stepping */
 
-void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
-                                  float *out) {
+const float *sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
+                                          float *out) {
+    if (is_dpm(s)) return sample;
     if (is_k(s)) {
         sdx4_k_scale_model_input(s, i, sample, out);
-        return;
-    }
-    if (is_dpm(s)) {
-        if (out != sample) memcpy(out, sample, s->numel * sizeof *out);
-        return;
+        return out;
     }
     float sigma = s->sigmas[i], scale = sqrtf(sigma * sigma + 1.0f);
 #pragma omp simd
     for (size_t k = 0; k < s->numel; k++) out[k] = sample[k] / scale;
+    return out;
 }
 
 /* Euler's pred_original_sample from the model output. */

@@ -105,8 +105,9 @@ void sdx4_sigma_free(sigma_scheduler *s);
  * when n < 1 or n > T. */
 int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel);
 
-/* scale_model_input(sample, timesteps[i]) over numel floats. */
-void sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
+/* scale_model_input(sample, timesteps[i]) over numel floats: sample
+ * itself for the DPM family (the identity), else out. */
+const float *sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
                                   float *out);
 
 /* step(model_output, timesteps[i], sample, generator).prev_sample over

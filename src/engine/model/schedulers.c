@@ -326,9 +326,8 @@ const float *sdx4_scheduler_sigmas(const scheduler *s) {
     return g ? g->sigmas : NULL;
 }
 
-void sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
-    if (s->family == SCHED_SIGMA) sdx4_sigma_scale_model_input(&s->sigma, i, sample, out);
-    else if (out != sample) memcpy(out, sample, s->numel * sizeof *out);
+const float *sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
+    return s->family == SCHED_SIGMA ? sdx4_sigma_scale_model_input(&s->sigma, i, sample, out) : sample;
 }
 
 int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const float *sample,
