@@ -16,10 +16,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_schemathesis_all_checks(tmp_path):
     # --max-side 64: images taken from answers are real ones (see schemathesis_hooks.py);
-    # the valid examples make the coverage phase queue a few hundred one-step upscales
-    # (one per sampler name of the enums among them), hence generous deadlines (server
-    # 60 s, client 90 s, max_response_time 80 s in the toml): with 40 s a loaded machine
-    # saw 503 queue-too-long (41 s estimated) once the enums listed thirteen samplers
+    # the valid examples are real one-step upscales (about 30: the coverage phase sends
+    # the upscale operations invalid data only, schemathesis.toml), and the deadlines
+    # (server 60 s, client 90 s, max_response_time 80 s in the toml) leave room for a
+    # loaded machine, where 40 s once met a 503 queue-too-long (41 s estimated)
     s = Server("--api-keys", "st-key", "--webhook-secret", "st-secret", "--request-timeout", "60",
                "--max-side", "64", "--auth-failures", "0", "--history", str(tmp_path / "history.db"))
     try:
