@@ -143,8 +143,11 @@ void sdx4_image_free(sdx4_image *image);
 
 /* Called before the first step (step 0) and after each denoising step
  * (1..total; a second-order sampler's step is two UNet evaluations, as
- * diffusers counts its progress). Return nonzero to cancel: sdx4_upscale()
- * then returns SDX4_ERR_CANCELED at the next step boundary. */
+ * diffusers counts its progress). With a tiled UNet each step counts one
+ * unit per UNet call over a group of windows, reported as each ends (total
+ * is steps x calls), so that large images move too. Return nonzero to
+ * cancel: sdx4_upscale() then returns SDX4_ERR_CANCELED at the next step
+ * or call boundary. */
 typedef int (*sdx4_progress_fn)(void *user, int step, int total);
 
 typedef struct {

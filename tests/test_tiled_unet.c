@@ -59,11 +59,22 @@ typedef struct {
     const st_file *g;
     float *latents[STEPS + 1];
     int steps;
+    int reports, last, total, in_order; /* the progress calls, in units */
+    int stop_at;                         /* > 0: cancel at that unit */
 } run_record;
 
+/* Keeps the latents after each step. A tiled step reports one unit per
+ * UNet call (sdx4.h's progress): total is STEPS x calls, the calls in
+ * between a step's end come with that step's input. */
 static int record(void *user, int step, int total, const float *latents) {
-    (void)total;
     run_record *r = user;
+    if (r->reports == 0) r->total = total;
+    r->in_order = (r->reports == 0 ? step == 0 : r->in_order && step == r->last + 1) && total == r->total;
+    r->reports++, r->last = step;
+    if (r->stop_at > 0 && step == r->stop_at) return 1;
+    int units = total / STEPS;
+    if (units < 1 || step % units) return 0;
+    step /= units;
     if (step > 0 && step <= STEPS) {
         r->latents[step] = malloc(4 * H * W * sizeof(float));
         if (r->latents[step]) memcpy(r->latents[step], latents, 4 * H * W * sizeof(float));
@@ -187,13 +198,23 @@ int main(void) {
             worst = fmax(worst, max_abs_diff(r.latents[s], want->data, 4 * H * W));
             checked++;
         }
-        printf("  %s: %d steps, %d checked, latents max diff %.3g\n", files[k], r.steps, checked, worst);
+        printf("  %s: %d steps, %d checked, latents max diff %.3g, progress 0..%d\n", files[k], r.steps, checked,
+               worst, r.total);
         CHECK(r.steps == STEPS && checked == 3, "%s: %d steps, %d checked", files[k], r.steps, checked);
+        CHECK(r.in_order && r.reports == r.total + 1 && r.total > STEPS && r.total % STEPS == 0,
+              "%s: progress %d reports to %d, in order %d: not one unit per UNet call", files[k], r.reports,
+              r.total, r.in_order);
         CHECK(test_half_precision || worst <= 2e-3, "%s: latents differ by %g", files[k], worst);
         free_record(&r);
         free(tile), free(overlap);
         sdx4_st_close(&g);
     }
+    /* a cancel between two calls of a step ends the run there */
+    run_record stopped = {.stop_at = 1};
+    CHECK(run(&m, be, image, 8, 2, &stopped) != 0 && sdx4_error_status() == SDX4_ERR_CANCELED &&
+              stopped.reports == 2 && stopped.steps == 0,
+          "canceled between windows: %d reports, %d steps, %s", stopped.reports, stopped.steps, sdx4_last_error());
+    free_record(&stopped);
     free(image);
     sdx4_model_free(&m);
     be->destroy(be);

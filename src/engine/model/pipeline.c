@@ -191,13 +191,28 @@ static int windows_per_call(int count) {
     return (count + calls - 1) / calls;
 }
 
+/* At a step boundary: the caller's flag, then its callback. */
+static int stop_requested(const pipeline_args *a, int step, int total, const float *latents) {
+    return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
+}
+
+/* Progress inside a tiled step: each UNet call over a group of windows is
+ * a unit, so that a step of many windows moves a progress bar more than
+ * once; `from` is the units done before this evaluation, or -1 when it
+ * reports none (an evaluation diffusers calls back after is the one that
+ * does: the units then stay in order). */
+typedef struct {
+    int from, total;
+    const float *latents;
+} call_progress;
+
 /* predict_noise over the windows of `tl`, `group` at a time (tiling.h):
  * each window's guided prediction, weighted, summed into acc, then
- * divided by the weights' sum. */
+ * divided by the weights' sum. Between calls it stops when asked (1). */
 static int predict_noise_tiled(const model *m, backend *be, const pipeline_args *a, unet_state *st,
                                const tiling *tl, int group, int do_cfg, const float *latents,
                                const float *image, float t, float *unet_in, float *unet_out, float *acc,
-                               float *eps) {
+                               const call_progress *progress, float *eps) {
     int cfg = do_cfg ? 2 : 1, C = m->vae.latent_channels, th = tl->th, tw = tl->tw;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, wplane = (size_t)th * tw;
     size_t in_size = (size_t)(C + 3) * wplane, out_size = (size_t)C * wplane;
@@ -216,6 +231,11 @@ static int predict_noise_tiled(const model *m, backend *be, const pipeline_args 
             for (int b = 1; b < cfg; b++) memcpy(in + b * in_size, in, in_size * sizeof *in);
         }
         if (unet_step(m, be, st, t, unet_in, unet_out)) return -1;
+        int call = first / group + 1, last = first + group >= tl->count;
+        if (!last && (progress->from < 0 ? cancel_is_set(a->cancel)
+                                         : stop_requested(a, progress->from + call, progress->total,
+                                                          progress->latents)))
+            return 1;
         for (int g = 0; g < group && first + g < tl->count; g++) {
             int k = first + g, y0 = tl->ys[k / tl->nx], x0 = tl->xs[k % tl->nx];
             const float *uncond = unet_out + (size_t)g * cfg * out_size, *text = uncond + out_size;
@@ -307,10 +327,6 @@ static int callback_at(int i, int n, int warmup, int order) {
     return i == n - 1 || (i + 1 > warmup && (i + 1) % order == 0);
 }
 
-/* At a step boundary: the caller's flag, then its callback. */
-static int stop_requested(const pipeline_args *a, int step, int total, const float *latents) {
-    return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
-}
 
 int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out,
                  pipeline_report *report) {
@@ -379,6 +395,8 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
      * steps count 1..n whatever the sampler */
     int order = sched.order, warmup = sched.num_timesteps - a->steps * order, total = 0, done_steps = 0;
     for (int i = 0; i < sched.num_timesteps; i++) total += callback_at(i, sched.num_timesteps, warmup, order);
+    int calls = a->tile > 0 ? (tl.count + group - 1) / group : 1; /* progress units per step */
+    total *= calls;
     if (stop_requested(a, 0, total, latents)) goto canceled;
     t0 = now();
     if (unet_state_init(&st, m, be, ctx, group, group * batch, a->tile > 0 ? tl.th : a->height,
@@ -388,15 +406,18 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         double s0 = thread_cpu();
         const float *model_input = sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
         rep.seconds_scheduler += thread_cpu() - s0;
-        if (a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, model_input, noisy, sched.timesteps[i],
-                                              unet_in, unet_out, acc, eps)
-                        : predict_noise(m, be, a, &st, do_cfg, model_input, sched.timesteps[i], unet_in, unet_out, eps))
-            goto fail;
+        int reports = callback_at(i, sched.num_timesteps, warmup, order);
+        call_progress progress = {reports ? done_steps * calls : -1, total, latents};
+        int rc_unet = a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, model_input, noisy,
+                                                        sched.timesteps[i], unet_in, unet_out, acc, &progress, eps)
+                                  : predict_noise(m, be, a, &st, do_cfg, model_input, sched.timesteps[i], unet_in,
+                                                  unet_out, eps);
+        if (rc_unet > 0) goto canceled;
+        if (rc_unet < 0) goto fail;
         s0 = thread_cpu();
         if (sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents)) goto fail;
         rep.seconds_scheduler += thread_cpu() - s0;
-        if (callback_at(i, sched.num_timesteps, warmup, order)
-                ? stop_requested(a, ++done_steps, total, latents)
+        if (reports ? stop_requested(a, (++done_steps) * calls, total, latents)
                 : cancel_is_set(a->cancel))
             goto canceled;
     }

@@ -36,7 +36,9 @@ typedef struct {
     const float *image_noise, *initial_latents;
     /* After each step (step 1..steps; also 0 before the first), with the
      * latents [latent_channels, height, width]; a second-order sampler's
-     * step is two UNet evaluations, as in diffusers' progress. Nonzero
+     * step is two UNet evaluations, as in diffusers' progress. A tiled
+     * UNet's step counts one unit per UNet call (group of windows), also
+     * reported between its calls: total is then steps x calls. Nonzero
      * cancels. */
     int (*on_step)(void *user, int step, int total, const float *latents);
     void *user;
