@@ -18,8 +18,9 @@
  * caller's choice (schedulers.h); samplers that draw noise (Euler
  * ancestral, KDPM2 ancestral, DDPM, the SDE solvers) draw it from the
  * same generator, after the two draws above, as diffusers' pipeline hands
- * them its generator. Its own cost (set_timesteps, scale_model_input,
- * step) is measured apart, as this thread's CPU time: the samplers run on
+ * them its generator. Its own cost (set_timesteps, step; scale_model_input
+ * is a division done while the latents are copied into the UNet's input)
+ * is measured apart, as this thread's CPU time: the samplers run on
  * the host in one thread, so that is their cost whatever else the machine
  * runs, and `sdx4 bench --scheduler` sets it beside a UNet step.
  *
@@ -158,17 +159,29 @@ static int unet_step(const model *m, backend *be, unet_state *st, float t, const
     return be->download(be, st->y, unet_out);
 }
 
+/* dst = src / scale: the scheduler's scale_model_input as the latents are
+ * copied into the UNet's input (sdx4_scheduler_input_scale), no pass of
+ * its own; a plain copy for the identity. */
+static void copy_scaled(float *dst, const float *src, size_t n, float scale) {
+    if (scale == 1.0f) {
+        memcpy(dst, src, n * sizeof *dst);
+        return;
+    }
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) dst[i] = src[i] / scale;
+}
+
 /* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
  * already holds the noisy image channels of every batch entry (they do not
- * change between steps); only the latents, as the scheduler scaled them,
- * are written here. */
+ * change between steps); only the latents, scaled as the scheduler's
+ * scale_model_input scales them, are written here. */
 static int predict_noise(const model *m, backend *be, const pipeline_args *a, unet_state *st,
-                         int do_cfg, const float *latents, float t, float *unet_in,
+                         int do_cfg, const float *latents, float scale, float t, float *unet_in,
                          float *unet_out, float *eps) {
     int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
-    for (int b = 0; b < batch; b++) /* cat([latents, image], dim=1) */
-        memcpy(unet_in + b * (lat + img), latents, lat * sizeof *latents);
+    copy_scaled(unet_in, latents, lat, scale); /* cat([latents, image], dim=1) */
+    for (int b = 1; b < batch; b++) memcpy(unet_in + b * (lat + img), unet_in, lat * sizeof *unet_in);
     if (unet_step(m, be, st, t, unet_in, unet_out)) return -1;
     if (do_cfg) {
         const float *uncond = unet_out, *text = unet_out + lat;
@@ -210,7 +223,7 @@ typedef struct {
  * each window's guided prediction, weighted, summed into acc, then
  * divided by the weights' sum. Between calls it stops when asked (1). */
 static int predict_noise_tiled(const model *m, backend *be, const pipeline_args *a, unet_state *st,
-                               const tiling *tl, int group, int do_cfg, const float *latents,
+                               const tiling *tl, int group, int do_cfg, const float *latents, float scale,
                                const float *image, float t, float *unet_in, float *unet_out, float *acc,
                                const call_progress *progress, float *eps) {
     int cfg = do_cfg ? 2 : 1, C = m->vae.latent_channels, th = tl->th, tw = tl->tw;
@@ -225,8 +238,8 @@ static int predict_noise_tiled(const model *m, backend *be, const pipeline_args 
             for (int c = 0; c < C + 3; c++)
                 for (int y = 0; y < th; y++) {
                     const float *src = c < C ? latents + c * plane : image + (c - C) * plane;
-                    memcpy(in + c * wplane + (size_t)y * tw, src + (size_t)(y0 + y) * a->width + x0,
-                           tw * sizeof *in);
+                    copy_scaled(in + c * wplane + (size_t)y * tw, src + (size_t)(y0 + y) * a->width + x0, tw,
+                                c < C ? scale : 1.0f);
                 }
             for (int b = 1; b < cfg; b++) memcpy(in + b * in_size, in, in_size * sizeof *in);
         }
@@ -360,7 +373,6 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
 
     float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
-    float *scaled = malloc(lat * sizeof *scaled);
     float *unet_in = malloc((size_t)group * batch * (C + 3) * window * sizeof *unet_in);
     float *unet_out = malloc((size_t)group * batch * C * window * sizeof *unet_out);
     float *acc = a->tile > 0 ? malloc(lat * sizeof *acc) : NULL;
@@ -368,7 +380,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     unet_state st = {0};
     torch_rng rng = {.ahead = NULL}; /* seeded below; stopped at done: */
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
-    if (!noise || !noisy || !latents || !eps || !scaled || !unet_in || !unet_out || (a->tile > 0 && !acc)) {
+    if (!noise || !noisy || !latents || !eps || !unet_in || !unet_out || (a->tile > 0 && !acc)) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
@@ -404,13 +416,13 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         double s0 = thread_cpu();
-        const float *model_input = sdx4_scheduler_scale_model_input(&sched, i, latents, scaled);
+        float scale = sdx4_scheduler_input_scale(&sched, i);
         rep.seconds_scheduler += thread_cpu() - s0;
         int reports = callback_at(i, sched.num_timesteps, warmup, order);
         call_progress progress = {reports ? done_steps * calls : -1, total, latents};
-        int rc_unet = a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, model_input, noisy,
+        int rc_unet = a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, latents, scale, noisy,
                                                         sched.timesteps[i], unet_in, unet_out, acc, &progress, eps)
-                                  : predict_noise(m, be, a, &st, do_cfg, model_input, sched.timesteps[i], unet_in,
+                                  : predict_noise(m, be, a, &st, do_cfg, latents, scale, sched.timesteps[i], unet_in,
                                                   unet_out, eps);
         if (rc_unet > 0) goto canceled;
         if (rc_unet < 0) goto fail;
@@ -443,6 +455,6 @@ done:
     DROP(ctx);
     sdx4_scheduler_free(&sched);
     sdx4_tiling_free(&tl);
-    free(noise), free(noisy), free(latents), free(eps), free(scaled), free(unet_in), free(unet_out), free(acc);
+    free(noise), free(noisy), free(latents), free(eps), free(unet_in), free(unet_out), free(acc);
     return rc;
 }

@@ -215,13 +215,11 @@ int sdx4_k_set_timesteps(sigma_scheduler *s) {
 
 /* ------------------------------------------------------------- stepping */
 
-void sdx4_k_scale_model_input(const sigma_scheduler *s, int i, const float *sample, float *out) {
+float sdx4_k_input_scale(const sigma_scheduler *s, int i) {
     float sigma = s->sigmas[i];
     if (s->k_second && s->method == SIGMA_KDPM2) sigma = s->k_interpol[i];
     if (s->k_second && s->method == SIGMA_KDPM2_ANCESTRAL) sigma = s->k_interpol[i - 1];
-    float scale = sqrtf(sigma * sigma + 1.0f);
-#pragma omp simd
-    for (size_t k = 0; k < s->numel; k++) out[k] = sample[k] / scale;
+    return sqrtf(sigma * sigma + 1.0f);
 }
 
 /* pred_original_sample at sigma. */

@@ -302,17 +302,11 @@ done:
 
 /* ------------------------------------------------------------- stepping */
 
-const float *sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
-                                          float *out) {
-    if (is_dpm(s)) return sample;
-    if (is_k(s)) {
-        sdx4_k_scale_model_input(s, i, sample, out);
-        return out;
-    }
-    float sigma = s->sigmas[i], scale = sqrtf(sigma * sigma + 1.0f);
-#pragma omp simd
-    for (size_t k = 0; k < s->numel; k++) out[k] = sample[k] / scale;
-    return out;
+float sdx4_sigma_input_scale(const sigma_scheduler *s, int i) {
+    if (is_dpm(s)) return 1.0f;
+    if (is_k(s)) return sdx4_k_input_scale(s, i);
+    float sigma = s->sigmas[i];
+    return sqrtf(sigma * sigma + 1.0f);
 }
 
 /* Euler's pred_original_sample from the model output. */

@@ -105,10 +105,9 @@ void sdx4_sigma_free(sigma_scheduler *s);
  * when n < 1 or n > T. */
 int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel);
 
-/* scale_model_input(sample, timesteps[i]) over numel floats: sample
- * itself for the DPM family (the identity), else out. */
-const float *sdx4_sigma_scale_model_input(const sigma_scheduler *s, int i, const float *sample,
-                                  float *out);
+/* scale_model_input(sample, timesteps[i]) is sample / this: 1 for the DPM
+ * family (the identity), sqrt(sigma^2 + 1) for the others. */
+float sdx4_sigma_input_scale(const sigma_scheduler *s, int i);
 
 /* step(model_output, timesteps[i], sample, generator).prev_sample over
  * numel floats; steps must come in order, 0 first. Euler ancestral and
@@ -161,7 +160,7 @@ double sdx4_beta_ppf(double p, double a, double b);
 int sdx4_k_is_method(const char *class_name, sigma_method *method);
 int sdx4_k_from_config(sigma_scheduler *s, const config *c);
 int sdx4_k_set_timesteps(sigma_scheduler *s);
-void sdx4_k_scale_model_input(const sigma_scheduler *s, int i, const float *sample, float *out);
+float sdx4_k_input_scale(const sigma_scheduler *s, int i);
 int sdx4_k_step(sigma_scheduler *s, int i, const float *model_output, const float *sample,
                 torch_rng *rng, float *prev_sample);
 void sdx4_k_free(sigma_scheduler *s);

@@ -326,8 +326,8 @@ const float *sdx4_scheduler_sigmas(const scheduler *s) {
     return g ? g->sigmas : NULL;
 }
 
-const float *sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out) {
-    return s->family == SCHED_SIGMA ? sdx4_sigma_scale_model_input(&s->sigma, i, sample, out) : sample;
+float sdx4_scheduler_input_scale(const scheduler *s, int i) {
+    return s->family == SCHED_SIGMA ? sdx4_sigma_input_scale(&s->sigma, i) : 1.0f;
 }
 
 int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const float *sample,

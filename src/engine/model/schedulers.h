@@ -80,10 +80,11 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel);
  * for the classes that have them in diffusers; NULL for the others. */
 const float *sdx4_scheduler_sigmas(const scheduler *s);
 
-/* scale_model_input(sample, timesteps[i]) over numel floats: sample itself
- * where the class's scaling is the identity (no copy), else out, which
- * may alias sample. */
-const float *sdx4_scheduler_scale_model_input(const scheduler *s, int i, const float *sample, float *out);
+/* scale_model_input(sample, timesteps[i]) is sample / this scalar, element
+ * by element in float as diffusers divides (1: the identity, DDIM's and
+ * the DPM family's). A scalar rather than a pass over the latents: the
+ * pipeline divides as it copies them into the UNet's input. */
+float sdx4_scheduler_input_scale(const scheduler *s, int i);
 
 /* step(model_output, timesteps[i], sample, eta, generator).prev_sample:
  * steps in order, 0 first. eta is DDIM's (others ignore it, as diffusers'
