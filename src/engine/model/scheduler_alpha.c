@@ -90,14 +90,47 @@ int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n, size_t numel) {
     s->num_timesteps = count;
     /* the step's buffers, once for the run rather than at every step */
     free(s->x0), free(s->noise), free(s->scratch);
-    s->x0 = malloc(numel * sizeof *s->x0), s->noise = malloc(numel * sizeof *s->noise);
-    s->scratch = s->thresholding ? malloc(numel * sizeof *s->scratch) : NULL;
+    s->x0 = s->scratch = NULL;
+    s->noise = malloc(numel * sizeof *s->noise);
+    if (s->thresholding) /* x_0 whole before its quantile; else the step is one pass */
+        s->x0 = malloc(numel * sizeof *s->x0), s->scratch = malloc(numel * sizeof *s->scratch);
     s->numel = numel;
-    if (!s->x0 || !s->noise || (s->thresholding && !s->scratch)) {
+    if (!s->noise || (s->thresholding && (!s->x0 || !s->scratch))) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDPM set_timesteps: out of memory for %zu values", numel);
         return -1;
     }
     return 0;
+}
+
+typedef struct {
+    float sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, stddev, lo, hi;
+    int clip;
+} ddpm_coefs;
+
+/* The predicted x_0 for one prediction type (SDX4_BY_PREDICTION). */
+static inline float ddpm_x0_at(prediction_type prediction, const ddpm_coefs *k, float out, float x) {
+    return prediction == PREDICT_EPSILON  ? (x - k->sqrt_beta * out) / k->sqrt_alpha
+           : prediction == PREDICT_SAMPLE ? out
+                                          : k->sqrt_alpha * x - k->sqrt_beta * out;
+}
+
+static inline void ddpm_x0(prediction_type prediction, const ddpm_coefs *k, const float *model_output,
+                           const float *sample, size_t n, float *x0) {
+#pragma omp simd
+    for (size_t e = 0; e < n; e++) x0[e] = ddpm_x0_at(prediction, k, model_output[e], sample[e]);
+}
+
+/* x_0, clipped when asked, and the posterior mean, in one pass. */
+static inline void ddpm_mean(prediction_type prediction, const ddpm_coefs *k, const float *model_output,
+                             const float *sample, size_t n, float *prev_sample) {
+    const float lo = k->lo, hi = k->hi, x0_coeff = k->x0_coeff, sample_coeff = k->sample_coeff;
+    const int clip = k->clip;
+#pragma omp simd
+    for (size_t e = 0; e < n; e++) {
+        float x0 = ddpm_x0_at(prediction, k, model_output[e], sample[e]);
+        if (clip) x0 = x0 < lo ? lo : x0 > hi ? hi : x0;
+        prev_sample[e] = x0_coeff * x0 + sample_coeff * sample[e];
+    }
 }
 
 int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_output,
@@ -119,23 +152,7 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
     float current_beta_t = 1.0f - current_alpha_t;
     float sqrt_alpha = sqrtf(alpha_prod_t), sqrt_beta = sqrtf(beta_prod_t);
 
-    /* 2-3. the predicted x_0, clipped or thresholded */
-#pragma omp simd
-    for (size_t k = 0; k < n; k++) {
-        float out = model_output[k], x = sample[k];
-        x0[k] = s->prediction == PREDICT_EPSILON ? (x - sqrt_beta * out) / sqrt_alpha
-                : s->prediction == PREDICT_SAMPLE ? out
-                                                  : sqrt_alpha * x - sqrt_beta * out;
-    }
-    if (s->thresholding) {
-        sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, s->scratch);
-    } else if (s->clip_sample) {
-        float lo = -s->clip_sample_range, hi = s->clip_sample_range;
-#pragma omp simd
-        for (size_t k = 0; k < n; k++) x0[k] = x0[k] < lo ? lo : x0[k] > hi ? hi : x0[k];
-    }
-
-    /* 4-6. the posterior mean, and the noise for t > 0 */
+    /* 4-6. the posterior mean's coefficients, and the noise for t > 0 */
     float x0_coeff = (sqrtf(alpha_prod_t_prev) * current_beta_t) / beta_prod_t;
     float sample_coeff = sqrtf(current_alpha_t) * beta_prod_t_prev / beta_prod_t;
     float stddev = 0;
@@ -147,11 +164,22 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
                  : s->variance == VARIANCE_FIXED_LARGE   ? sqrtf(current_beta_t)
                                                          : sqrtf(variance);
     }
+    ddpm_coefs k = {sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, stddev, -s->clip_sample_range,
+                    s->clip_sample_range, s->clip_sample && !s->thresholding};
+
+    /* 2-3. the predicted x_0, clipped or thresholded; thresholding needs
+     * all of x_0 first (a quantile), the rest is one pass */
+    if (s->thresholding) {
+        SDX4_BY_PREDICTION(s->prediction, ddpm_x0, &k, model_output, sample, n, x0);
+        sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, s->scratch);
 #pragma omp simd
-    for (size_t k = 0; k < n; k++) prev_sample[k] = x0_coeff * x0[k] + sample_coeff * sample[k];
+        for (size_t e = 0; e < n; e++) prev_sample[e] = x0_coeff * x0[e] + sample_coeff * sample[e];
+    } else {
+        SDX4_BY_PREDICTION(s->prediction, ddpm_mean, &k, model_output, sample, n, prev_sample);
+    }
     if (noise)
 #pragma omp simd
-        for (size_t k = 0; k < n; k++) prev_sample[k] = prev_sample[k] + stddev * noise[k];
+        for (size_t e = 0; e < n; e++) prev_sample[e] = prev_sample[e] + stddev * noise[e];
     return 0;
 }
 

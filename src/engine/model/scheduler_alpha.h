@@ -54,7 +54,7 @@ typedef struct {
     int num_timesteps;
     int *timesteps;          /* (num_timesteps), descending */
     size_t numel;
-    float *x0, *noise, *scratch; /* (numel): the step's; thresholding's sort */
+    float *noise, *x0, *scratch; /* (numel): the step's noise; x_0 and the sort when thresholding */
 } ddpm_sampler;
 
 int sdx4_ddpm_sampler_from_config(ddpm_sampler *s, const config *c);
