@@ -98,7 +98,7 @@ static void test_record_round_trip(void) {
     } bad_values[] = {
         {"job", "\"../../etc\""}, {"index", "64"}, {"width", "0"}, {"cache_key", "\"xyz\""},
         {"steps", "0"}, {"seed", "-1"}, {"format", "\"gif\""}, {"noise_level", "1.5"}, {"quality", "101"},
-        {"vae_tiling", "\"sideways\""},
+        {"vae_tiling", "\"sideways\""}, {"tile", "4096"}, {"tile_overlap", "-1"},
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof bad_values[0]; i++) {
         json_t *bad = json_deep_copy(j);
