@@ -248,7 +248,9 @@ static void check_described(const json_t *e, const json_t *s, const char *where,
         free(want);
         free(got);
     }
-    if (!strcmp(name, "tile")) { /* the engine's gap, which no range can state */
+    /* the engine's gap, which no range can state, as "not" in JSON bodies
+     * (schemathesis fails on "not" beside multipart file parts) */
+    if (!strcmp(name, "tile") && strstr(where, "application/json")) {
         const json_t *gap = json_object_get(s, "not");
         CHECK(json_integer_value(json_object_get(gap, "minimum")) == 1 &&
                   json_integer_value(json_object_get(gap, "maximum")) == SDX4_MIN_TILE - 1,
