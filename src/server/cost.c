@@ -16,7 +16,7 @@
  * with the step's FLOPs times `steps`. A tiled UNet (the request's
  * `tile`) runs each step as windows of one size: its step's FLOPs are
  * those of one window times their number, so that a 2048 px input in
- * 128 px windows costs about 16 x 16 windows' linear work, not the
+ * 128 px windows overlapping by 32 costs 21 x 21 windows' work, not the
  * attention of 4 million positions at once. Counting FLOPs, not pixels, is
  * what lets measurements at small sizes speak for large ones: on the tiny
  * model the decode's attention is a quarter of its FLOPs at 64 px and 96%
