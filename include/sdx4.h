@@ -176,6 +176,16 @@ typedef struct {
        size; the blended image differs slightly from the whole decode's,
        as diffusers' does. */
     const char *vae_tiling;
+    /* The UNet in tiles (MultiDiffusion): at every step, windows of
+       tile x tile latent pixels (the x4 upscaler's latent has the input's
+       size), overlapping by at least tile_overlap, are denoised on their
+       own and their predictions blended where they overlap. tile 0, the
+       default, runs the whole latent at once (diffusers' own result); a
+       tile at least as large as the image gives the same bytes. Tiles
+       bound the UNet's memory and its attention's quadratic cost whatever
+       the image size; the image differs from the untiled one. tile 0 or
+       32..2048, tile_overlap 0..1024 (default 32) and below tile. */
+    int tile, tile_overlap;
     sdx4_progress_fn progress;   /* optional */
     void *progress_user;
     /* Optional: a flag another thread sets to stop this upscale. It is read
@@ -220,6 +230,15 @@ typedef enum {
  * timesteps allows fewer: sdx4_upscale says so). */
 #define SDX4_MAX_STEPS 1000
 
+/* The largest input side sdx4_upscale takes (8192 px out; WebP encodes at
+ * most 16383 px a side). Inputs above about 512 px want `tile`. */
+#define SDX4_MAX_INPUT_SIDE 2048
+
+/* The smallest tile of a tiled UNet (sdx4_upscale_params.tile > 0): the
+ * x4 upscaler's UNet halves its input three times, so that its deepest
+ * blocks see such a window as 4 x 4 pixels. */
+#define SDX4_MIN_TILE 32
+
 typedef struct {
     const char *name;      /* the field's name in sdx4_upscale_params and in
                               the API: "guidance_scale" */
@@ -256,6 +275,16 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *params);
  * timestep (DDIM, DDPM). What estimates of an upscale's time count. Any
  * thread may call it. */
 int sdx4_unet_evaluations(const char *scheduler, int steps);
+
+/* The windows the tiled UNet runs on a latent of width x height (the x4
+ * upscaler's latent is the input as sdx4_upscale runs it: sides rounded
+ * down to a multiple of vae_scale_factor) with `tile` and `overlap` as
+ * sdx4_upscale_params gives them: their number, and the size every one of
+ * them has in *window_w x *window_h. Untiled (tile 0, or at least each
+ * side): 1 and the whole latent. What an estimate multiplies one window's
+ * UNet work by. -1 (SDX4_ERR_INVALID_ARGUMENT) for a side below 1, or a
+ * tile with an overlap below 0 or not below it. Any thread may call it. */
+int sdx4_unet_windows(int width, int height, int tile, int overlap, int *window_w, int *window_h);
 
 /* Facts about one finished call. */
 typedef struct {

@@ -7,7 +7,9 @@
  * a message naming the option), runtime failures (1 and "sdx4: ..." naming
  * the file), and with the reference model: `info`, `info --json`, `bench`,
  * `make-model`, an `upscale` of every golden pipeline case compared with
- * diffusers' PNG, and Ctrl-C during an upscale (130, "canceled", no file).
+ * diffusers' PNG, the tiled UNet's options (--tile 0, or a tile as large
+ * as the image, is the untiled file; a smaller one changes it), and Ctrl-C
+ * during an upscale (130, "canceled", no file).
  * SDX4_MODEL is removed from every child's environment unless a case sets
  * it, so the caller's shell does not change the results.
  *
@@ -237,6 +239,10 @@ static void test_usage_errors(void) {
         {"--model", {"upscale", "a.png", "b.png", "--model"}},
         {"vae_tiling sideways: expected off, on or auto",
          {"upscale", "--model", "m", "--vae-tiling", "sideways", "a.png", "b.png"}},
+        {"tile 16 is outside 32..2048",
+         {"upscale", "--model", "m", "--tile", "16", "a.png", "b.png"}},
+        {"tile_overlap 96 must be smaller than tile 64",
+         {"upscale", "--model", "m", "--tile", "64", "--tile-overlap", "96", "a.png", "b.png"}},
         {"--noise-level",
          {"upscale", "--model", "m", "--noise-level", "1.5", "a.png", "b.png"}},
         {"--noise-level",
@@ -300,7 +306,8 @@ static const struct {
 } param_flags[] = {
     {"--steps", "num_inference_steps"}, {"--guidance", "guidance_scale"},
     {"--noise-level", "noise_level"},   {"--seed", "seed"},
-    {"--eta", "eta"},
+    {"--eta", "eta"},                   {"--tile", "tile"},
+    {"--tile-overlap", "tile_overlap"},
 };
 
 /* A bound of a row as text, moved `past` steps outward (0: the bound). */
@@ -391,6 +398,24 @@ static void test_fails_before_the_model(const char *tmp) {
           r.err);
     CHECK(strstr(r.err, "--guidance") && !strstr(r.err, missing_model),
           "--guidance 200: stderr: %s", r.err);
+    result_free(&r);
+    r = RUN("upscale", "--model", missing_model, "--tile", "48", "--tile-overlap", "48", input, out);
+    CHECK(r.status == 2 && strstr(r.err, "tile_overlap 48 must be smaller than tile 48") &&
+              !strstr(r.err, missing_model),
+          "--tile-overlap 48: exit %d, stderr: %s", r.status, r.err);
+    result_free(&r);
+
+    /* an input past the engine's limit: said before the model is looked at */
+    char large[PATH_LEN + 64], err[256];
+    snprintf(large, sizeof large, "%s/too-large.png", tmp);
+    sdx4_image wide = {SDX4_MAX_INPUT_SIDE + 1, 8, calloc((size_t)(SDX4_MAX_INPUT_SIDE + 1) * 8 * 3, 1)};
+    CHECK(imageio_write_file(&wide, large, 0, err, sizeof err) == 0, "%s: %s", large, err);
+    sdx4_image_free(&wide);
+    r = RUN("upscale", "--model", missing_model, large, out);
+    CHECK(r.status == 1 && strstr(r.err, "2049x8 is too large: sdx4 upscales at most 2048 pixels a side") &&
+              !strstr(r.err, missing_model),
+          "2049 px: exit %d, stderr: %s", r.status, r.err);
+    CHECK(access(out, F_OK) != 0, "%s was written", out);
     result_free(&r);
 }
 
@@ -634,6 +659,49 @@ static void test_upscale_matches_diffusers(const char *model, const char *tmp) {
     json_decref(cases);
 }
 
+/* Reads two files and says whether their bytes are the same. */
+static int same_file(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int same = fa && fb;
+    for (int ca = 0, cb = 0; same && ca != EOF; same = ca == cb) ca = fgetc(fa), cb = fgetc(fb);
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+/* The tiled UNet through the command line: --tile 0 and a tile at least
+ * as large as the 32 px input write the untiled file, byte for byte; 32 px
+ * windows on a 48 x 40 input change it. */
+static void test_tiles(const char *model, const char *tmp) {
+    static const struct {
+        const char *input, *tile, *overlap;
+        int same;
+    } cases[] = {
+        {"pipe2", NULL, NULL, 1}, {"pipe2", "0", NULL, 1}, {"pipe2", "32", "8", 1},
+        {"pipe0", NULL, NULL, 1}, {"pipe0", "32", "8", 0},
+    };
+    char untiled[PATH_LEN + 64] = "";
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char input[PATH_LEN + 64], out[PATH_LEN + 64];
+        snprintf(input, sizeof input, "%s/%s_input.png", test_ref("small/golden"), cases[i].input);
+        snprintf(out, sizeof out, "%s/tiles%zu.png", tmp, i);
+        const char *args[20] = {"upscale", "--model", model, "--device", "cpu", "--steps", "2", "--seed", "3"};
+        int n = 9;
+        if (cases[i].tile) args[n++] = "--tile", args[n++] = cases[i].tile;
+        if (cases[i].overlap) args[n++] = "--tile-overlap", args[n++] = cases[i].overlap;
+        args[n++] = input, args[n++] = out;
+        result r = run_env(NULL, args);
+        CHECK(r.status == 0, "tiles case %zu: exit %d, stderr: %s", i, r.status, r.err);
+        result_free(&r);
+        if (!cases[i].tile) {
+            snprintf(untiled, sizeof untiled, "%s", out);
+            continue;
+        }
+        CHECK(same_file(out, untiled) == cases[i].same, "tiles case %zu (%s, --tile %s): %s the untiled file", i,
+              cases[i].input, cases[i].tile, cases[i].same ? "not" : "the same as");
+    }
+}
+
 /* Ctrl-C during a long upscale: exit 130, "canceled", nothing written. The
  * signal is sent once the seed is printed, which the CLI does after it
  * installs its SIGINT handler. No --seed: a random 63-bit one is used. */
@@ -700,6 +768,7 @@ int main(int argc, char **argv) {
         test_bench(model);
         test_make_model(model, tmp);
         test_upscale_matches_diffusers(model, tmp);
+        test_tiles(model, tmp);
         test_cancel(model, tmp);
     } else {
         printf("test_cli: %s missing, model cases skipped\n", model);

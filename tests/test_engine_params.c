@@ -7,16 +7,20 @@
  * a user sets, defaults inside their ranges and equal to what
  * sdx4_upscale_params_default fills in, and every bound accepted by
  * sdx4_check_params while the next value outward is refused with a
- * message naming the parameter.
+ * message naming the parameter. The tiled UNet's rules beyond its rows
+ * (no tile of 1..31, an overlap below the tile), and sdx4_unet_windows
+ * against tiling.c's own layout.
  */
 #include <math.h>
 
+#include "model/tiling.h"
 #include "sdx4.h"
 #include "test.h"
 
 static const char *const expected[] = {"prompt", "negative_prompt", "num_inference_steps",
                                        "guidance_scale", "noise_level", "seed", "eta",
-                                       "scheduler", "scheduler_options", "vae_tiling"};
+                                       "scheduler", "scheduler_options", "vae_tiling", "tile",
+                                       "tile_overlap"};
 
 /* Sets the field of row `name` to v (numbers only). */
 static void set_number(sdx4_upscale_params *p, const char *name, double v) {
@@ -24,6 +28,8 @@ static void set_number(sdx4_upscale_params *p, const char *name, double v) {
     else if (!strcmp(name, "guidance_scale")) p->guidance_scale = (float)v;
     else if (!strcmp(name, "noise_level")) p->noise_level = (float)v;
     else if (!strcmp(name, "eta")) p->eta = (float)v;
+    else if (!strcmp(name, "tile")) p->tile = (int)v;
+    else if (!strcmp(name, "tile_overlap")) p->tile_overlap = (int)v;
     else CHECK(0, "no field for %s", name);
 }
 
@@ -32,6 +38,8 @@ static double field_number(const sdx4_upscale_params *p, const char *name) {
     if (!strcmp(name, "guidance_scale")) return p->guidance_scale;
     if (!strcmp(name, "noise_level")) return p->noise_level;
     if (!strcmp(name, "eta")) return p->eta;
+    if (!strcmp(name, "tile")) return p->tile;
+    if (!strcmp(name, "tile_overlap")) return p->tile_overlap;
     CHECK(0, "no field for %s", name);
     return NAN;
 }
@@ -138,8 +146,66 @@ static void test_bounds(void) {
           "guidance 200: %s", sdx4_last_error());
 }
 
+/* sdx4_check_params on the defaults with tile and tile_overlap set: its
+ * message, "" when accepted. */
+static const char *tile_check(int tile, int overlap) {
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.tile = tile, p.tile_overlap = overlap;
+    return sdx4_check_params(&p) == SDX4_OK ? "" : sdx4_last_error();
+}
+
+static void test_tile_rules(void) {
+    CHECK(!strcmp(tile_check(0, 1024), ""), "no tile, any overlap: %s", sdx4_last_error());
+    CHECK(!strcmp(tile_check(SDX4_MIN_TILE, SDX4_MIN_TILE - 1), ""), "the smallest tile: %s", sdx4_last_error());
+    CHECK(!strcmp(tile_check(2048, 1024), ""), "the largest: %s", sdx4_last_error());
+    const char *m = tile_check(16, 8);
+    CHECK(!strcmp(m, "tile 16 is outside 32..2048 (0: the whole image)"), "tile 16: %s", m);
+    m = tile_check(1, 0);
+    CHECK(strstr(m, "tile 1 is outside") != NULL, "tile 1: %s", m);
+    m = tile_check(64, 96);
+    CHECK(!strcmp(m, "tile_overlap 96 must be smaller than tile 64"), "overlap 96: %s", m);
+    m = tile_check(32, 32); /* the default overlap: a tile of 32 needs a smaller one */
+    CHECK(!strcmp(m, "tile_overlap 32 must be smaller than tile 32"), "overlap 32: %s", m);
+}
+
+/* The windows as tiling.c lays them out on the whole latent. */
+static void check_windows(int width, int height, int tile, int overlap) {
+    tiling t;
+    int ww = -1, wh = -1, n = sdx4_unet_windows(width, height, tile, overlap, &ww, &wh);
+    if (sdx4_tiling_plan(&t, height, width, tile, overlap)) {
+        CHECK(0, "tiling %dx%d tile %d: %s", width, height, tile, sdx4_last_error());
+        return;
+    }
+    CHECK(n == t.count && ww == t.tw && wh == t.th, "%dx%d tile %d overlap %d: %d of %dx%d, tiling.c %d of %dx%d",
+          width, height, tile, overlap, n, ww, wh, t.count, t.tw, t.th);
+    sdx4_tiling_free(&t);
+}
+
+static void test_windows(void) {
+    static const int cases[][4] = {
+        {64, 64, 32, 8}, {64, 64, 32, 0}, {96, 64, 48, 16}, {512, 512, 128, 32}, {513, 200, 100, 99},
+        {2048, 2048, 256, 32}, {2048, 64, 64, 32}, {100, 37, 32, 31}, {64, 64, 64, 32}, {64, 64, 2048, 32},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        check_windows(cases[i][0], cases[i][1], cases[i][2], cases[i][3]);
+    int ww, wh;
+    CHECK(sdx4_unet_windows(300, 200, 0, 32, &ww, &wh) == 1 && ww == 300 && wh == 200, "untiled: %dx%d", ww, wh);
+    CHECK(sdx4_unet_windows(300, 200, 300, 32, &ww, &wh) == 1 && ww == 300 && wh == 200, "tile = side: %dx%d", ww,
+          wh);
+    CHECK(sdx4_unet_windows(300, 200, 250, 32, &ww, &wh) == 2 && ww == 250 && wh == 200, "one axis: %dx%d", ww, wh);
+    /* 2048 in 128 with 32: ceil((2048 - 32) / 96) = 21 a side */
+    CHECK(sdx4_unet_windows(2048, 2048, 128, 32, &ww, &wh) == 21 * 21 && ww == 128 && wh == 128, "2048 px");
+    CHECK(sdx4_unet_windows(64, 64, 32, 32, &ww, &wh) == -1 && strstr(sdx4_last_error(), "tile_overlap 32"),
+          "overlap = tile: %s", sdx4_last_error());
+    CHECK(sdx4_unet_windows(0, 64, 0, 0, &ww, &wh) == -1 && sdx4_unet_windows(64, -1, 32, 8, &ww, &wh) == -1,
+          "no latent");
+}
+
 int main(void) {
     test_rows();
     test_bounds();
+    test_tile_rules();
+    test_windows();
     return test_finish("test_engine_params");
 }

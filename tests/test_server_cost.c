@@ -6,6 +6,8 @@
  * upscale runs): the curve gives cost_estimate's seconds back exactly at
  * square sizes and within the sides' rounding elsewhere, guided or not;
  * it travels through JSON unchanged, and a bad one is refused by name.
+ * A tiled UNet's steps cost its windows times one window's, by the model
+ * and by the curve alike.
  */
 #include <math.h>
 #include <string.h>
@@ -29,8 +31,8 @@ static void test_curve(sdx4_engine *e) {
     cost_curve k;
     CHECK(cost_get_curve(c, &k) == -1, "a curve before any measurement");
     sdx4_upscale_report small = timed(0.01, 0.02, 0.03), large = timed(0.012, 0.09, 0.4);
-    cost_observe(c, 32, 32, 1, true, &small, 1.0, true);
-    cost_observe(c, 64, 64, 1, true, &large, 1.0, true);
+    cost_observe(c, 32, 32, 0, 0, 1, true, &small, 1.0, true);
+    cost_observe(c, 64, 64, 0, 0, 1, true, &large, 1.0, true);
     CHECK(cost_calibrated(c) && cost_get_curve(c, &k) == 0 && k.calibrated, "calibrated curve");
     CHECK(k.pixels[0] == 32 * 32 && k.pixels[1] == 272 * 272 && k.pixels[2] == 512 * 512, "sides %g %g %g",
           k.pixels[0], k.pixels[1], k.pixels[2]);
@@ -38,7 +40,8 @@ static void test_curve(sdx4_engine *e) {
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
         for (int guided = 0; guided < 2; guided++) {
             int w = sizes[i][0], h = sizes[i][1];
-            double direct = cost_estimate(c, w, h, 20, guided), curve = cost_curve_estimate(&k, w, h, 20, guided);
+            double direct = cost_estimate(c, w, h, 0, 0, 20, guided),
+                   curve = cost_curve_estimate(&k, w, h, 0, 0, 20, guided);
             /* squares of multiples of 8 exactly (the counts' rounding), the rest within 2% */
             CHECK(direct > 0 && near(curve, direct, w == h && w % 8 == 0 ? 1e-6 : 0.02),
                   "%dx%d guided %d: curve %.6g, estimator %.6g", w, h, guided, curve, direct);
@@ -63,6 +66,52 @@ static void test_curve(sdx4_engine *e) {
     cost_destroy(c);
 }
 
+/* One step's seconds of a width x height upscale, tiled or not. */
+static double one_step(cost_model *c, int width, int height, int tile, int overlap) {
+    return cost_estimate(c, width, height, tile, overlap, 21, true) -
+           cost_estimate(c, width, height, tile, overlap, 20, true);
+}
+
+static void test_tiles(sdx4_engine *e) {
+    cost_model *c = cost_create(e, 64, SDX4_MAX_INPUT_SIDE);
+    sdx4_upscale_report small = timed(0.01, 0.02, 0.03), large = timed(0.012, 0.09, 0.4);
+    cost_observe(c, 64, 64, 0, 0, 1, true, &small, 1.0, true);
+    cost_observe(c, 128, 128, 0, 0, 1, true, &large, 1.0, true);
+    cost_curve k;
+    CHECK(cost_get_curve(c, &k) == 0, "curve");
+    /* a step of 512 px in windows of 128 overlapping by 32: 5 x 5 windows
+     * of 128 px, each one step of a 128 px upscale */
+    int ww, wh, n = sdx4_unet_windows(512, 512, 128, 32, &ww, &wh);
+    CHECK(n == 25 && ww == 128 && wh == 128, "%d windows of %dx%d", n, ww, wh);
+    double window = one_step(c, 128, 128, 0, 0), tiled = one_step(c, 512, 512, 128, 32);
+    CHECK(window > 0 && near(tiled, n * window, 1e-9), "a tiled step %.6g, %d windows of %.6g", tiled, n, window);
+    /* the rest (text, decode) is the whole image's */
+    CHECK(near(cost_estimate(c, 512, 512, 128, 32, 20, true) - 20 * tiled,
+               cost_estimate(c, 512, 512, 0, 0, 20, true) - 20 * one_step(c, 512, 512, 0, 0), 1e-9),
+          "text and decode");
+    /* a tile at least as large as the image: untiled */
+    CHECK(cost_estimate(c, 300, 200, 300, 32, 20, true) == cost_estimate(c, 300, 200, 0, 0, 20, true), "tile >= sides");
+    /* 2048 px in windows: above the untiled 512 px (16 times its pixels),
+     * far below the untiled 2048 px's quadratic attention */
+    double big = cost_estimate(c, 2048, 2048, 128, 32, 20, true), whole = cost_estimate(c, 2048, 2048, 0, 0, 20, true);
+    CHECK(big > cost_estimate(c, 512, 512, 0, 0, 20, true) && big < whole / 2, "2048 px: tiled %.4g, whole %.4g", big,
+          whole);
+    /* the curve says the same, windows below min-side included */
+    static const int cases[][3] = {{512, 512, 128}, {2048, 2048, 256}, {256, 256, 32}, {512, 512, 0}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int w = cases[i][0], h = cases[i][1], tile = cases[i][2];
+        for (int guided = 0; guided < 2; guided++) {
+            double direct = cost_estimate(c, w, h, tile, 16, 20, guided),
+                   curve = cost_curve_estimate(&k, w, h, tile, 16, 20, guided);
+            CHECK(direct > 0 && near(curve, direct, 1e-6), "%dx%d tile %d guided %d: curve %.6g, estimator %.6g", w,
+                  h, tile, guided, curve, direct);
+        }
+    }
+    CHECK(cost_estimate(c, 512, 512, 64, 64, 20, true) == 0 && cost_curve_estimate(&k, 512, 512, 64, 64, 20, true) == 0,
+          "an overlap the tiling refuses: no estimate");
+    cost_destroy(c);
+}
+
 int main(void) {
     sdx4_engine_options o;
     sdx4_engine_options_default(&o);
@@ -74,6 +123,7 @@ int main(void) {
         return 77;
     }
     test_curve(e);
+    test_tiles(e);
     sdx4_engine_close(e);
     printf("%d checks, %d failures\n", test_checks, test_failures);
     return test_failures ? 1 : 0;

@@ -220,6 +220,8 @@ int cmd_upscale(int argc, char **argv) {
         {"--eta", "E", "eta", &eta},
         {"--scheduler", "NAME", "scheduler", &params.scheduler},
         {"--vae-tiling", "MODE", "vae_tiling", &params.vae_tiling},
+        {"--tile", "SIZE", "tile", &params.tile},
+        {"--tile-overlap", "N", "tile_overlap", &params.tile_overlap},
     };
     const cli_option fixed[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
@@ -277,6 +279,11 @@ int cmd_upscale(int argc, char **argv) {
     if (check_writable_folder(out_path) != 0) goto done;
     if (imageio_read_file(in_path, &input, err, sizeof err) != 0) {
         fail_file(in_path, err);
+        goto done;
+    }
+    if (input.width > SDX4_MAX_INPUT_SIDE || input.height > SDX4_MAX_INPUT_SIDE) {
+        cli_fail("%s: %dx%d is too large: sdx4 upscales at most %d pixels a side (%d out)", in_path,
+                 input.width, input.height, SDX4_MAX_INPUT_SIDE, 4 * SDX4_MAX_INPUT_SIDE);
         goto done;
     }
     sdx4_engine_options engine_options;

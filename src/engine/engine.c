@@ -25,11 +25,8 @@
 #include "engine_internal.h"
 #include "model/image_processor.h"
 #include "model/pipeline.h"
+#include "model/tiling.h"
 #include "sdx4.h"
-
-/* The engine refuses inputs beyond this side before allocating anything;
- * services set tighter limits of their own. */
-#define MAX_INPUT_SIDE 4096
 
 struct sdx4_engine {
     backend *be;
@@ -138,7 +135,7 @@ void sdx4_image_free(sdx4_image *img) {
 /* Rows by position, in the order of sdx4_upscale_params's fields. */
 enum {
     P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_SCHEDULER,
-    P_SCHEDULER_OPTIONS, P_VAE_TILING, P_COUNT
+    P_SCHEDULER_OPTIONS, P_VAE_TILING, P_TILE, P_TILE_OVERLAP, P_COUNT
 };
 
 /* In the order of vae_tiling_mode (pipeline.h). */
@@ -173,6 +170,13 @@ static const sdx4_param params[P_COUNT] = {
                       .choices = vae_tilings,
                       .help = "VAE decode in tiles (bounded memory): off, on, or auto "
                               "when the whole decode would exceed 1 GiB"},
+    /* 0 or SDX4_MIN_TILE..2048: the row's range holds the 0,
+     * sdx4_check_params the gap */
+    [P_TILE] = {"tile", SDX4_PARAM_INT, .int_min = 0, .int_max = SDX4_MAX_INPUT_SIDE, .int_default = 0,
+                .help = "UNet in windows this many latent (input) pixels wide, blended at every step: "
+                        "bounded memory and time for large inputs; 0 (the whole image) or 32 and more"},
+    [P_TILE_OVERLAP] = {"tile_overlap", SDX4_PARAM_INT, .int_min = 0, .int_max = 1024, .int_default = 32,
+                        .help = "least overlap of neighbouring UNet windows in latent pixels; below tile"},
 };
 
 const sdx4_param *sdx4_params(int *count) {
@@ -192,6 +196,8 @@ void sdx4_upscale_params_default(sdx4_upscale_params *p) {
     p->guidance_scale = (float)params[P_GUIDANCE].real_default;
     p->noise_level = (float)params[P_NOISE_LEVEL].real_default;
     p->eta = (float)params[P_ETA].real_default;
+    p->tile = (int)params[P_TILE].int_default;
+    p->tile_overlap = (int)params[P_TILE_OVERLAP].int_default;
 }
 
 #define INVALID(...) (sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, __VA_ARGS__), SDX4_ERR_INVALID_ARGUMENT)
@@ -226,8 +232,14 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
     if ((s = check_int(&params[P_STEPS], p->num_inference_steps)) ||
         (s = check_real(&params[P_GUIDANCE], p->guidance_scale)) ||
         (s = check_real(&params[P_NOISE_LEVEL], p->noise_level)) ||
-        (s = check_real(&params[P_ETA], p->eta)))
+        (s = check_real(&params[P_ETA], p->eta)) || (s = check_int(&params[P_TILE], p->tile)) ||
+        (s = check_int(&params[P_TILE_OVERLAP], p->tile_overlap)))
         return s;
+    if (p->tile > 0 && p->tile < SDX4_MIN_TILE)
+        return INVALID("tile %d is outside %d..%lld (0: the whole image)", p->tile, SDX4_MIN_TILE,
+                       (long long)params[P_TILE].int_max);
+    if (p->tile > 0 && p->tile_overlap >= p->tile)
+        return INVALID("tile_overlap %d must be smaller than tile %d", p->tile_overlap, p->tile);
     if (sdx4_scheduler_check_choice(p->scheduler, p->scheduler_options))
         return SDX4_ERR_INVALID_ARGUMENT;
     if (choice_index(&params[P_VAE_TILING], p->vae_tiling) < 0)
@@ -243,8 +255,10 @@ static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
     if (!in || !in->pixels) return INVALID("no input image");
     if (in->width < f || in->height < f)
         return INVALID("input image is too small: each side needs at least %d pixels", f);
-    if (in->width > MAX_INPUT_SIDE || in->height > MAX_INPUT_SIDE)
-        return INVALID("input image is too large: at most %d pixels a side", MAX_INPUT_SIDE);
+    /* before anything is allocated */
+    if (in->width > SDX4_MAX_INPUT_SIDE || in->height > SDX4_MAX_INPUT_SIDE)
+        return INVALID("input image %dx%d is too large: at most %d pixels a side", in->width, in->height,
+                       SDX4_MAX_INPUT_SIDE);
     sdx4_status s = sdx4_check_params(p);
     if (s) return s;
     int max_steps = e->m.scheduler.num_train_timesteps < SDX4_MAX_STEPS
@@ -281,6 +295,7 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
         .scheduler = p->scheduler, .scheduler_options = p->scheduler_options,
         .cancel = p->cancel,
         .vae_tiling = (vae_tiling_mode)choice_index(&params[P_VAE_TILING], p->vae_tiling),
+        .tile = p->tile, .tile_overlap = p->tile_overlap,
     };
     pipeline_report rep;
     int rc = sdx4_pipeline_run(&e->m, e->be, &a, &result, &rep);
@@ -296,6 +311,31 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .unet_steps = rep.unet_steps, .vae_tiles = rep.vae_tiles};
     }
     return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
+}
+
+/* Each axis on its own: tiling.c lays the axes out independently, so a
+ * height x 1 and a 1 x width latent give the two axes' windows without
+ * weighing a whole latent's pixels. */
+int sdx4_unet_windows(int width, int height, int tile, int overlap, int *window_w, int *window_h) {
+    if (width < 1 || height < 1) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "a %dx%d latent has no windows", width, height);
+        return -1;
+    }
+    if (tile == 0) {
+        *window_w = width, *window_h = height;
+        return 1;
+    }
+    tiling down, across;
+    if (sdx4_tiling_plan(&down, height, 1, tile, overlap)) return -1;
+    if (sdx4_tiling_plan(&across, 1, width, tile, overlap)) {
+        sdx4_tiling_free(&down);
+        return -1;
+    }
+    int count = down.ny * across.nx;
+    *window_w = across.tw, *window_h = down.th;
+    sdx4_tiling_free(&down);
+    sdx4_tiling_free(&across);
+    return count;
 }
 
 sdx4_status sdx4_count_tokens(const sdx4_engine *e, const char *prompt, int *tokens) {

@@ -167,6 +167,8 @@ static const struct {
     {"scheduler", NULL, PARAM_TEXT, P(scheduler), 0, 0},
     {"scheduler_options", NULL, PARAM_TEXT, P(scheduler_options), 0, 0},
     {"vae_tiling", NULL, PARAM_CHOICE, P(vae_tiling), 0, 0}, /* null: the default */
+    {"tile", NULL, PARAM_INT, P(tile), 0, 0},
+    {"tile_overlap", NULL, PARAM_INT, P(tile_overlap), 0, 0},
     {NULL, "format", PARAM_FORMAT, P(format), 0, 0},
     {NULL, "quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
     {NULL, "given", PARAM_BITS, P(given), 0, 0},

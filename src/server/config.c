@@ -94,7 +94,8 @@ static const option options[] = {
     {"max-upload", OPT_SIZE, O(max_upload), 1024, 1e12, "10M",
      "largest request body (413 beyond, checked while receiving)"},
     {"min-side", OPT_INT, O(min_side), 1, 65536, "64", "smallest input side in pixels"},
-    {"max-side", OPT_INT, O(max_side), 1, 65536, "512", "largest input side in pixels"},
+    {"max-side", OPT_INT, O(max_side), 1, SDX4_MAX_INPUT_SIDE, "512",
+     "largest input side in pixels (inputs above 512 want the tile field: the UNet in windows)"},
     {"max-steps", OPT_INT, O(max_steps), 1, SDX4_MAX_STEPS, "150", "largest num_inference_steps"},
     {"max-prompt-chars", OPT_INT, O(max_prompt_chars), 1, 1 << 18, "1000",
      "longest prompt in characters (longer prompts get 422; prompts over the "

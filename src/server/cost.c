@@ -13,7 +13,11 @@
  *
  *     sum over p of  d_p * dense_p + a_p * attention_p
  *
- * with the step's FLOPs times `steps`. Counting FLOPs, not pixels, is
+ * with the step's FLOPs times `steps`. A tiled UNet (the request's
+ * `tile`) runs each step as windows of one size: its step's FLOPs are
+ * those of one window times their number, so that a 2048 px input in
+ * 128 px windows overlapping by 32 costs 21 x 21 windows' work, not the
+ * attention of 4 million positions at once. Counting FLOPs, not pixels, is
  * what lets measurements at small sizes speak for large ones: on the tiny
  * model the decode's attention is a quarter of its FLOPs at 64 px and 96%
  * at 512 px, so seconds per pixel measured at 64 px would underestimate a
@@ -52,7 +56,8 @@
  * to max-side. Each part's FLOPs are a quadratic in the pixels (a
  * constant for the text encoder, dense ones linear, attention quadratic),
  * so its seconds are too, and three points give the quadratic back:
- * exact at squares, and off by the sides' rounding elsewhere.
+ * exact at squares, and off by the sides' rounding elsewhere; also for a
+ * tiled upscale's windows, which may be smaller than min-side.
  */
 #include "cost.h"
 
@@ -80,6 +85,7 @@ typedef struct {
 
 struct cost_model {
     sdx4_engine *engine;
+    int scale_factor; /* the latent's sides are the input's rounded down to it */
     int min_side, max_side;
     pthread_mutex_t lock;
     part_fit part[PART_COUNT];
@@ -91,6 +97,9 @@ cost_model *cost_create(sdx4_engine *engine, int min_side, int max_side) {
     cost_model *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->engine = engine;
+    sdx4_model_info info;
+    sdx4_engine_info(engine, &info);
+    c->scale_factor = info.vae_scale_factor;
     c->min_side = min_side;
     c->max_side = max_side;
     pthread_mutex_init(&c->lock, NULL);
@@ -103,15 +112,23 @@ void cost_destroy(cost_model *c) {
     free(c);
 }
 
-/* Each part's FLOPs for one upscale (the step's times `steps`); -1 when
- * the engine cannot run that size at all. */
-static int work(cost_model *c, int width, int height, int steps, bool guided,
+/* Each part's FLOPs for one upscale (the step's times `steps`, and times
+ * the windows of a tiled one); -1 when the engine cannot run that size at
+ * all. */
+static int work(cost_model *c, int width, int height, int tile, int overlap, int steps, bool guided,
                 sdx4_flops out[PART_COUNT]) {
-    sdx4_flop_counts f;
+    sdx4_flop_counts f, window;
     if (sdx4_count_flops(c->engine, width, height, &f) != SDX4_OK) return -1;
-    double batch = guided ? 1 : 0.5; /* the counts are for batch 2 */
+    int windows = 1, ww, wh;
+    if (tile > 0) {
+        windows = sdx4_unet_windows(width - width % c->scale_factor, height - height % c->scale_factor, tile,
+                                    overlap, &ww, &wh);
+        if (windows < 0 || sdx4_count_flops(c->engine, ww, wh, &window) != SDX4_OK) return -1;
+        f.step = window.step;
+    }
+    double batch = guided ? 1 : 0.5, runs = batch * steps * windows; /* the counts are for batch 2 */
     out[PART_TEXT] = (sdx4_flops){f.text.dense * batch, f.text.attention * batch};
-    out[PART_STEP] = (sdx4_flops){f.step.dense * batch * steps, f.step.attention * batch * steps};
+    out[PART_STEP] = (sdx4_flops){f.step.dense * runs, f.step.attention * runs};
     out[PART_DECODE] = f.decode;
     return 0;
 }
@@ -151,9 +168,9 @@ static double seconds(const part_fit *p, sdx4_flops f) {
     return p->dense * f.dense + p->attention * f.attention;
 }
 
-double cost_estimate(cost_model *c, int width, int height, int steps, bool guided) {
+double cost_estimate(cost_model *c, int width, int height, int tile, int tile_overlap, int steps, bool guided) {
     sdx4_flops f[PART_COUNT];
-    if (work(c, width, height, steps, guided, f)) return 0;
+    if (work(c, width, height, tile, tile_overlap, steps, guided, f)) return 0;
     double total = 0;
     pthread_mutex_lock(&c->lock);
     for (int p = 0; p < PART_COUNT; p++) total += seconds(&c->part[p], f[p]);
@@ -170,10 +187,10 @@ bool cost_calibrated(cost_model *c) {
     return ok;
 }
 
-void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
+void cost_observe(cost_model *c, int width, int height, int tile, int tile_overlap, int steps, bool guided,
                   const sdx4_upscale_report *r, double alone, bool calibration) {
     sdx4_flops f[PART_COUNT];
-    if (!(alone > 0) || work(c, width, height, steps, guided, f)) return;
+    if (!(alone > 0) || work(c, width, height, tile, tile_overlap, steps, guided, f)) return;
     double measured[PART_COUNT] = {r->seconds_text, r->seconds_unet, r->seconds_vae};
     double pixels = (double)width * height;
     pthread_mutex_lock(&c->lock);
@@ -208,7 +225,7 @@ int cost_warm_up(sdx4_engine *engine, int width, int height, sdx4_upscale_report
 int cost_measure(cost_model *c, int width, int height, bool keep) {
     sdx4_upscale_report r;
     if (cost_warm_up(c->engine, width, height, &r)) return -1;
-    if (keep) cost_observe(c, width, height, 1, true, &r, 1.0, true);
+    if (keep) cost_observe(c, width, height, 0, 0, 1, true, &r, 1.0, true);
     return 0;
 }
 
@@ -234,7 +251,7 @@ static json_t *gflops(double seconds_per_flop) {
 /* One step and the rest (text + decode) at a square size, into `list`. */
 static void add_example(cost_model *c, json_t *list, int side) {
     sdx4_flops f[PART_COUNT];
-    if (work(c, side, side, 1, true, f)) return;
+    if (work(c, side, side, 0, 0, 1, true, f)) return;
     json_array_append_new(
         list, json_pack("{s:i,s:i,s:f,s:f}", "width", side, "height", side, "step_seconds",
                         seconds(&c->part[PART_STEP], f[PART_STEP]), "other_seconds",
@@ -267,7 +284,10 @@ int cost_get_curve(cost_model *c, cost_curve *out) {
     int rc = c->observations > 0 && sides[0] < sides[1] && sides[1] < sides[2] ? 0 : -1;
     for (int i = 0; rc == 0 && i < 3; i++) {
         sdx4_flops f[PART_COUNT];
-        if (work(c, sides[i], sides[i], 1, true, f)) rc = -1;
+        if (work(c, sides[i], sides[i], 0, 0, 1, true, f)) {
+            rc = -1;
+            break;
+        }
         out->pixels[i] = (double)sides[i] * sides[i];
         out->text[i] = seconds(&c->part[PART_TEXT], f[PART_TEXT]);
         out->step[i] = seconds(&c->part[PART_STEP], f[PART_STEP]);
@@ -321,8 +341,12 @@ static double interpolate(const double x[3], const double y[3], double at) {
     return sum > 0 ? sum : 0;
 }
 
-double cost_curve_estimate(const cost_curve *k, int width, int height, int steps, bool guided) {
+double cost_curve_estimate(const cost_curve *k, int width, int height, int tile, int tile_overlap, int steps,
+                           bool guided) {
     double pixels = (double)width * height, batch = guided ? 1 : 0.5; /* as work() counts */
-    return batch * (interpolate(k->pixels, k->text, pixels) + steps * interpolate(k->pixels, k->step, pixels)) +
-           interpolate(k->pixels, k->decode, pixels);
+    int ww = width, wh = height, windows = tile > 0 ? sdx4_unet_windows(width, height, tile, tile_overlap, &ww, &wh)
+                                                   : 1;
+    if (windows < 0) return 0;
+    double step = windows * interpolate(k->pixels, k->step, (double)ww * wh);
+    return batch * (interpolate(k->pixels, k->text, pixels) + steps * step) + interpolate(k->pixels, k->decode, pixels);
 }

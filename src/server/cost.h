@@ -21,9 +21,12 @@ typedef struct cost_model cost_model;
 cost_model *cost_create(sdx4_engine *engine, int min_side, int max_side);
 void cost_destroy(cost_model *c);
 
-/* Seconds an upscale of a width x height image with `steps` steps should
- * take alone on the device; 0 before the first measurement. */
-double cost_estimate(cost_model *c, int width, int height, int steps, bool guided);
+/* Seconds an upscale of a width x height image with `steps` UNet
+ * evaluations should take alone on the device; 0 before the first
+ * measurement. tile and tile_overlap are the request's (tile 0: the UNet
+ * on the whole image): a tiled upscale's steps cost its windows
+ * (sdx4_unet_windows) times one window's step. */
+double cost_estimate(cost_model *c, int width, int height, int tile, int tile_overlap, int steps, bool guided);
 
 /* Whether the estimates rest on measurements at sizes far enough apart to
  * tell the attention's cost from the rest's: only then may they refuse
@@ -34,7 +37,7 @@ bool cost_calibrated(cost_model *c);
  * (the fraction of them it would have taken without other upscales
  * sharing the device). A calibration run (the warm-up's) is kept for
  * good; the others count less as newer ones come. */
-void cost_observe(cost_model *c, int width, int height, int steps, bool guided,
+void cost_observe(cost_model *c, int width, int height, int tile, int tile_overlap, int steps, bool guided,
                   const sdx4_upscale_report *report, double alone, bool calibration);
 
 /* Runs a one-step guided upscale of width x height (a warm-up: the first
@@ -82,6 +85,7 @@ json_t *cost_curve_to_json(const cost_curve *k);
 /* Strict: -1 with `err` naming what is wrong. */
 int cost_curve_from_json(const json_t *j, cost_curve *k, char *err, size_t err_size);
 /* cost_estimate's seconds from a curve. */
-double cost_curve_estimate(const cost_curve *k, int width, int height, int steps, bool guided);
+double cost_curve_estimate(const cost_curve *k, int width, int height, int tile, int tile_overlap, int steps,
+                           bool guided);
 
 #endif

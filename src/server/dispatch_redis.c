@@ -418,7 +418,7 @@ static bool slowest_curve(const dispatch_redis *d, const json_t *workers, cost_c
         if (!model || strcmp(model, d->srv->model_id) != 0 ||
             cost_curve_from_json(json_object_get(w, "cost"), &curve, why, sizeof why) || !curve.calibrated)
             continue;
-        double seconds = cost_curve_estimate(&curve, c->max_side, c->max_side, c->max_steps, true);
+        double seconds = cost_curve_estimate(&curve, c->max_side, c->max_side, 0, 0, c->max_steps, true);
         if (seconds > slowest) slowest = seconds, *out = curve;
     }
     return slowest >= 0;
@@ -623,8 +623,9 @@ static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) 
         bool guided = (float)t->opts.guidance_scale > 1.0f;
         int w = t->input.width, h = t->input.height;
         int steps = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
-        estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, steps, guided)
-                                     : cost_estimate(own, w, h, steps, guided);
+        int tile = t->opts.tile, overlap = t->opts.tile_overlap;
+        estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, tile, overlap, steps, guided)
+                                     : cost_estimate(own, w, h, tile, overlap, steps, guided);
     }
     return true;
 }

@@ -52,6 +52,8 @@ static const field_def fields[] = {
     {"seed", FIELD_SEED, KIND_SEED, 0, 0, NULL},
     {"eta", FIELD_ETA, KIND_REAL, 0, 0, NULL},
     {"vae_tiling", FIELD_VAE_TILING, KIND_CHOICE, 0, 0, "off, on or auto"},
+    {"tile", FIELD_TILE, KIND_INT, 0, 0, NULL},
+    {"tile_overlap", FIELD_TILE_OVERLAP, KIND_INT, 0, 0, NULL},
     {"scheduler", FIELD_SCHEDULER, KIND_TEXT, 0, 0, "ddim, ddpm, pndm, euler, euler-a, heun, dpm2, dpm2-a, lms, dpm++2m, dpm++2s, deis, unipc or a diffusers class name"},
     {"scheduler_options", FIELD_SCHEDULER_OPTIONS, KIND_TEXT, 0, 0, "a JSON object"},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
@@ -215,6 +217,23 @@ static int bad_seed(upscale_form *f, const field_def *d) {
     return problem_field(&f->error, d->name, allowed, "seed must be an integer from %s", allowed);
 }
 
+/* A tile within the row's range, as the engine checks it alone (0, or
+ * SDX4_MIN_TILE and more); whether the overlap is below it waits for both
+ * (form_finish). */
+static int check_tile(upscale_form *f, upscale_options *o, const field_def *d, int tile) {
+    sdx4_upscale_params p;
+    sdx4_upscale_params_default(&p);
+    p.tile = tile, p.tile_overlap = 0;
+    if (sdx4_check_params(&p) != SDX4_OK) {
+        char allowed[64];
+        snprintf(allowed, sizeof allowed, "0 or %d to %lld", SDX4_MIN_TILE,
+                 (long long)sdx4_param_find("tile")->int_max);
+        return problem_field(&f->error, d->name, allowed, "%s", sdx4_last_error());
+    }
+    o->tile = tile;
+    return 0;
+}
+
 /* Stores a checked value into the options (or the form for form-wide fields). */
 static int store_number(upscale_form *f, upscale_options *o, const field_def *d, double v) {
     const char *what = d->kind == KIND_INT ? "an integer" : "a number";
@@ -227,6 +246,8 @@ static int store_number(upscale_form *f, upscale_options *o, const field_def *d,
     case FIELD_GUIDANCE: o->guidance_scale = v; break;
     case FIELD_ETA: o->eta = v; break;
     case FIELD_QUALITY: o->quality = (int)v; break;
+    case FIELD_TILE: return check_tile(f, o, d, (int)v);
+    case FIELD_TILE_OVERLAP: o->tile_overlap = (int)v; break;
     }
     return 0;
 }
@@ -660,6 +681,22 @@ int form_parse_json(upscale_form *f, const char *body, size_t len) {
 
 /* ---- results ------------------------------------------------------------------------ */
 
+/* Each image's tile_overlap below its tile, the two from wherever they
+ * came (the defaults, the shared fields, the image's own). */
+static int check_overlaps(upscale_form *f) {
+    for (int i = 0; i < f->nimages; i++) {
+        upscale_options o;
+        form_resolve(f, i, &o);
+        sdx4_upscale_params p;
+        sdx4_upscale_params_default(&p);
+        p.tile = o.tile, p.tile_overlap = o.tile_overlap;
+        options_free(&o);
+        if (sdx4_check_params(&p) != SDX4_OK)
+            return problem_field(&f->error, "tile_overlap", "below tile", "%s", sdx4_last_error());
+    }
+    return 0;
+}
+
 int form_finish(upscale_form *f) {
     if (f->error.kind) return -1;
     if (!f->nimages)
@@ -677,7 +714,7 @@ int form_finish(upscale_form *f) {
             if (f->per[i].given) /* named as the images' fault: they are too few */
                 return problem_field(&f->error, "image", NULL,
                                      "parameters given for image %d of a batch of %d", i, f->nimages);
-    return 0;
+    return check_overlaps(f);
 }
 
 static void merge(upscale_options *out, const upscale_options *in) {
@@ -699,6 +736,8 @@ static void merge(upscale_options *out, const upscale_options *in) {
             out->scheduler_options = in->scheduler_options ? strdup(in->scheduler_options) : NULL;
     if (g & 1u << FIELD_VAE_TILING)
         free(out->vae_tiling), out->vae_tiling = in->vae_tiling ? strdup(in->vae_tiling) : NULL;
+    if (g & 1u << FIELD_TILE) out->tile = in->tile;
+    if (g & 1u << FIELD_TILE_OVERLAP) out->tile_overlap = in->tile_overlap;
     out->given |= g;
 }
 
@@ -710,6 +749,8 @@ void form_resolve(const upscale_form *f, int i, upscale_options *out) {
     out->steps = (int)sdx4_param_find("num_inference_steps")->int_default;
     out->guidance_scale = sdx4_param_find("guidance_scale")->real_default;
     out->eta = sdx4_param_find("eta")->real_default;
+    out->tile = (int)sdx4_param_find("tile")->int_default;
+    out->tile_overlap = (int)sdx4_param_find("tile_overlap")->int_default;
     out->format = IMAGE_PNG;
     merge(out, &f->shared);
     if (f->batch) merge(out, &f->per[i]);
@@ -718,16 +759,19 @@ void form_resolve(const upscale_form *f, int i, upscale_options *out) {
 char *options_canonical(const upscale_options *o) {
     char *text = NULL;
     int quality = o->format == IMAGE_PNG ? 0 : o->quality;
-    /* the scheduler and the VAE tiling only when chosen, so that the keys
-     * of requests without them stay those cached before they existed */
+    /* the scheduler, the VAE tiling and the UNet's tiles only when chosen,
+     * so that the keys of requests without them stay those cached before
+     * they existed (tile 0 is untiled whatever the overlap) */
+    char tiles[64] = "";
+    if (o->tile > 0) snprintf(tiles, sizeof tiles, "\x1ftile=%d\x1ftile_overlap=%d", o->tile, o->tile_overlap);
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
-                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s",
+                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,
                  (unsigned long long)o->seed, o->eta, (int)o->format, quality,
                  o->scheduler ? "\x1fscheduler=" : "", o->scheduler ? o->scheduler : "",
                  o->scheduler_options ? "\x1fscheduler_options=" : "",
                  o->scheduler_options ? o->scheduler_options : "",
-                 o->vae_tiling ? "\x1fvae_tiling=" : "", o->vae_tiling ? o->vae_tiling : "") < 0)
+                 o->vae_tiling ? "\x1fvae_tiling=" : "", o->vae_tiling ? o->vae_tiling : "", tiles) < 0)
         return NULL;
     return text;
 }

@@ -43,6 +43,7 @@ typedef struct {
      * JSON object with sorted keys (the engine's scheduler_options) */
     char *scheduler, *scheduler_options;
     char *vae_tiling; /* NULL: the engine's default (auto); else "off" or "on" */
+    int tile, tile_overlap; /* the UNet's windows: 0 (untiled), or checked with the overlap */
     unsigned given;
 } upscale_options;
 
@@ -74,7 +75,7 @@ typedef struct {
 enum {
     FIELD_PROMPT, FIELD_NEGATIVE_PROMPT, FIELD_NOISE_LEVEL, FIELD_STEPS,
     FIELD_GUIDANCE, FIELD_SEED, FIELD_ETA, FIELD_FORMAT, FIELD_QUALITY,
-    FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS, FIELD_VAE_TILING,
+    FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS, FIELD_VAE_TILING, FIELD_TILE, FIELD_TILE_OVERLAP,
     FIELD_OPTION_COUNT
 };
 

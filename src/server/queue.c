@@ -255,8 +255,8 @@ int queue_push(queue *q, task **tasks, int n, double deadline, problem *why) {
     for (int i = 0; i < n; i++) {
         task *t = tasks[i];
         int evaluations = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
-        t->estimate = cost ? cost_estimate(cost, t->input.width, t->input.height, evaluations,
-                                           (float)t->opts.guidance_scale > 1.0f)
+        t->estimate = cost ? cost_estimate(cost, t->input.width, t->input.height, t->opts.tile,
+                                           t->opts.tile_overlap, evaluations, (float)t->opts.guidance_scale > 1.0f)
                            : 0;
     }
     bool judged = n && cost && cost_calibrated(cost);
@@ -388,7 +388,7 @@ static void run(queue *q, task *t) {
     if (st == JOB_SUCCEEDED) {
         metrics_inference(seconds, t->opts.steps);
         if (srv->cost && seconds > 0)
-            cost_observe(srv->cost, t->input.width, t->input.height,
+            cost_observe(srv->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
                          sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                          (float)t->opts.guidance_scale > 1.0f, &out.report, device_seconds / seconds, false);
         runner_encode(&image, &t->opts, &out);

@@ -25,6 +25,8 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
     p.scheduler = opts->scheduler;
     p.scheduler_options = opts->scheduler_options;
     p.vae_tiling = opts->vae_tiling;
+    p.tile = opts->tile;
+    p.tile_overlap = opts->tile_overlap;
     p.progress = progress;
     p.progress_user = user;
     p.cancel = stop;

@@ -350,7 +350,7 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
         metrics_inference(mono_now() - t0, t->opts.steps);
         /* measured alone on the device only with one thread: several share it unevenly */
         if (w->s.cost && w->nthreads == 1)
-            cost_observe(w->s.cost, input->width, input->height,
+            cost_observe(w->s.cost, input->width, input->height, t->opts.tile, t->opts.tile_overlap,
                          sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                          (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
         runner_encode(&image, &t->opts, &out);

@@ -18,7 +18,8 @@ def test_model_info_parameters_match_openapi(server):
     doc = server.get("/openapi.json").json()
     parameters = info["upscale_parameters"]
     assert [p["name"] for p in parameters] == ["prompt", "negative_prompt", "noise_level", "num_inference_steps",
-                                               "guidance_scale", "seed", "eta", "vae_tiling", "scheduler", "scheduler_options"]
+                                               "guidance_scale", "seed", "eta", "vae_tiling", "tile", "tile_overlap", "scheduler",
+                                               "scheduler_options"]
     for content_type in ("multipart/form-data", "application/json"):
         described = request_schema(doc, content_type)
         for p in parameters:
