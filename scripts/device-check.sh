@@ -36,6 +36,9 @@
 #   profile one UNet step and VAE decode at 128 and 256 px with
 #           SDX4_CUDA_PROFILE=1: GPU time per operation and shape, in
 #           profile-128.txt and profile-256.txt
+#   tiles   a 1024 px input (4096 px out) through the tiled UNet (--tile
+#           128) and the tiled VAE, 2 steps, with nvidia-smi's memory.used
+#           sampled: issue 15's bound of 4 GiB, in tiles.txt
 # and, only when named:
 #   anchor  diffusers' own timings on this GPU (../shared/tools/gen_reference.py
 #           --perf, carried in build-carry/ by prepare), from a diffusers
@@ -184,7 +187,7 @@ out=${OUT:-$root/build-device-out}
 mkdir -p "$out"
 summary=$out/summary.txt
 exec > >(tee -a "$out/log.txt") 2>&1
-steps=${*:-build test golden model bench profile}
+steps=${*:-build test golden model bench profile tiles}
 wants() { [[ " $steps " == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and records
@@ -351,6 +354,28 @@ if wants profile && [ -x "$sdx4" ] && [ -d "$model" ]; then
     2> $out/profile-128-eager.txt"
   step profile-256 60 bash -c "SDX4_CUDA_PROFILE=1 $sdx4 bench --model $model --variant fp16 \
     --device cuda --size 256 --steps 1 --repeats 1 2> $out/profile-256.txt"
+fi
+
+if wants tiles && [ -x "$sdx4" ] && [ -d "$model" ]; then
+  # a 1024 px PNG with some structure, from Python's standard library
+  python3 - /tmp/tiles-in.png <<'PY'
+import struct, sys, zlib
+w = h = 1024
+rows = b"".join(b"\0" + bytes((x * 7 + y * 13) % 256 for x in range(3 * w)) for y in range(h))
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+open(sys.argv[1], "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                              + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+PY
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/tiles-memory.csv 2>/dev/null &
+  sampler=$!
+  step tiles-1024 240 bash -c "/usr/bin/time -v $sdx4 upscale --model $model --variant fp16 --device cuda \
+    --tile 128 --tile-overlap 32 --vae-tiling on --steps 2 --seed 1 /tmp/tiles-in.png /tmp/tiles-out.png \
+    2>&1 | grep -E 'Maximum resident|Elapsed' > $out/tiles.txt"
+  kill "$sampler" 2>/dev/null
+  wait "$sampler" 2>/dev/null
+  echo "peak memory.used during the 1024 px tiled upscale: $(sort -n /tmp/tiles-memory.csv | tail -1) MiB" |
+    tee -a "$out/tiles.txt" "$summary"
 fi
 
 if wants variants && [ -d "$model" ] && ls "$carry"/variants/*.tar.xz >/dev/null 2>&1; then
