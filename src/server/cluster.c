@@ -35,6 +35,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -347,7 +348,8 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
     long long step, total, width, height, bytes, v[4];
     double secs[3];
     if (!json_is_object(j) || get_name(&r, j, "state", state_names, 5, &state) ||
-        get_int(&r, j, "step", 0, 1000000, &step) || get_int(&r, j, "total", 0, 1000000, &total) ||
+        /* a tiled upscale's progress counts UNet calls: steps x calls */
+        get_int(&r, j, "step", 0, INT_MAX, &step) || get_int(&r, j, "total", 0, INT_MAX, &total) ||
         get_number(&r, j, "started", 0, 1e11, &s->started) ||
         get_number(&r, j, "finished", 0, 1e11, &s->finished) || get_int(&r, j, "width", 0, 1 << 20, &width) ||
         get_int(&r, j, "height", 0, 1 << 20, &height) || get_int(&r, j, "bytes", 0, 1LL << 50, &bytes) ||
