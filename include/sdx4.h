@@ -295,8 +295,8 @@ typedef struct {
     int negative_truncated; /* same for the negative prompt */
     double seconds_text, seconds_unet, seconds_vae;
     double seconds_scheduler; /* the sampler's own CPU time (set_timesteps,
-                                 scale_model_input, step; one host thread),
-                                 within seconds_unet */
+                                 scale_model_input's scalar, step; one host
+                                 thread), within seconds_unet */
     int unet_steps;           /* UNet evaluations run: num_inference_steps, or
                                  more for some samplers (PNDM) */
     int vae_tiles;          /* tiles the VAE decoded in; 1 when whole */

@@ -125,7 +125,9 @@ static void test_record_round_trip(void) {
 static void test_state_round_trip(void) {
     cluster_task_state s = {.state = JOB_FAILED, .step = 3, .total = 20, .started = 1765000001.5,
                             .finished = 1765000002.25, .width = 256, .height = 192, .bytes = 12345,
-                            .stored = true, .report = {4, 12, 1, 0, 0.5, 1.25, 0.75}};
+                            .stored = true,
+                            .report = {.noise_level = 4, .prompt_tokens = 12, .prompt_truncated = 1,
+                                       .seconds_text = 0.5, .seconds_unet = 1.25, .seconds_vae = 0.75}};
     problem_field(&s.error, "noise_level", "0 to 1", "bad \xc3\xa9");
     s.error.retry_after = 7;
     snprintf(s.worker, sizeof s.worker, "host-1");
