@@ -392,6 +392,36 @@ static void check_thresholding(void) {
           "thresholding a NaN: %g %g", v[0], v[2]);
 }
 
+/* Which samplers draw noise (the pipeline draws their next block ahead):
+ * the ancestral and SDE ones, DDPM, DDIM with eta > 0; the goldens of each
+ * check that the noise is diffusers' whichever way it is drawn. */
+static void check_draws_noise(const scheduler_source *src) {
+    static const struct {
+        const char *name, *options;
+        float eta;
+        int draws;
+    } cases[] = {
+        {"ddim", NULL, 0, 0},          {"ddim", NULL, 0.5f, 1},
+        {"ddpm", NULL, 0, 1},          {"pndm", NULL, 0, 0},
+        {"euler", NULL, 0, 0},         {"euler-a", NULL, 0, 1},
+        {"heun", NULL, 0, 0},          {"dpm2", NULL, 0, 0},
+        {"dpm2-a", NULL, 0, 1},        {"lms", NULL, 0, 0},
+        {"dpm++2m", NULL, 0, 0},       {"dpm++2m", "{\"algorithm_type\": \"sde-dpmsolver++\"}", 0, 1},
+        {"dpm++2s", NULL, 0, 0},       {"deis", NULL, 0, 0},
+        {"unipc", NULL, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        scheduler s;
+        if (sdx4_scheduler_create(&s, src, cases[i].name, cases[i].options)) {
+            CHECK(0, "%s: %s", cases[i].name, sdx4_last_error());
+            continue;
+        }
+        CHECK(sdx4_scheduler_draws_noise(&s, cases[i].eta) == cases[i].draws, "%s %s eta %g: draws %d",
+              cases[i].name, cases[i].options ? cases[i].options : "", cases[i].eta, !cases[i].draws);
+        sdx4_scheduler_free(&s);
+    }
+}
+
 int main(void) {
     check_beta_ppf();
     check_thresholding();
@@ -435,6 +465,7 @@ int main(void) {
     }
     if (have_model) {
         check_refusals(&m.scheduler);
+        check_draws_noise(&m.scheduler);
         sdx4_model_free(&m);
     }
     free(image);

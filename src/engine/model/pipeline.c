@@ -395,10 +395,11 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         goto fail;
     for (int b = 0; b < batch && a->tile <= 0; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
-    /* from here every draw is randn(lat) (the latents, then the samplers'
-     * noise): each next one is drawn while the UNet runs (rng.h); without
-     * a thread they are drawn when asked, the same numbers */
-    sdx4_torch_rng_draw_ahead(&rng);
+    /* from here every draw is randn(lat) (the latents, then a sampler's
+     * noise): for a sampler that draws, each next one is drawn while the
+     * UNet runs (rng.h); without a thread they are drawn when asked, the
+     * same numbers */
+    if (sdx4_scheduler_draws_noise(&sched, a->eta)) sdx4_torch_rng_draw_ahead(&rng);
     if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
     else sdx4_torch_randn(&rng, latents, lat);
     for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;

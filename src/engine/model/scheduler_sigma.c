@@ -302,6 +302,11 @@ done:
 
 /* ------------------------------------------------------------- stepping */
 
+int sdx4_sigma_draws_noise(const sigma_scheduler *s) {
+    return s->method == SIGMA_EULER_ANCESTRAL || s->method == SIGMA_KDPM2_ANCESTRAL ||
+           (is_dpm(s) && (s->algorithm == DPM_SDE_PLUSPLUS || s->algorithm == DPM_SDE_SOLVER));
+}
+
 float sdx4_sigma_input_scale(const sigma_scheduler *s, int i) {
     if (is_dpm(s)) return 1.0f;
     if (is_k(s)) return sdx4_k_input_scale(s, i);

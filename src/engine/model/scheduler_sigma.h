@@ -109,6 +109,10 @@ int sdx4_sigma_set_timesteps(sigma_scheduler *s, int n, size_t numel);
  * family (the identity), sqrt(sigma^2 + 1) for the others. */
 float sdx4_sigma_input_scale(const sigma_scheduler *s, int i);
 
+/* Whether its steps draw noise: Euler ancestral, KDPM2 ancestral and the
+ * SDE variants of DPM-Solver. */
+int sdx4_sigma_draws_noise(const sigma_scheduler *s);
+
 /* step(model_output, timesteps[i], sample, generator).prev_sample over
  * numel floats; steps must come in order, 0 first. Euler ancestral and
  * the SDE variants of DPM-Solver draw numel normal values from rng (never

@@ -330,6 +330,17 @@ float sdx4_scheduler_input_scale(const scheduler *s, int i) {
     return s->family == SCHED_SIGMA ? sdx4_sigma_input_scale(&s->sigma, i) : 1.0f;
 }
 
+int sdx4_scheduler_draws_noise(const scheduler *s, float eta) {
+    switch (s->family) {
+    case SCHED_DDIM: return eta > 0;
+    case SCHED_DDPM: return 1;
+    case SCHED_SIGMA: return sdx4_sigma_draws_noise(&s->sigma);
+    case SCHED_PNDM:
+    case SCHED_UNIPC: break;
+    }
+    return 0;
+}
+
 int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const float *sample,
                         float eta, torch_rng *rng, float *prev_sample) {
     if (i < 0 || i >= s->num_timesteps) {

@@ -86,6 +86,11 @@ const float *sdx4_scheduler_sigmas(const scheduler *s);
  * pipeline divides as it copies them into the UNet's input. */
 float sdx4_scheduler_input_scale(const scheduler *s, int i);
 
+/* Whether its steps draw noise from the generator (ancestral and SDE
+ * samplers, DDPM, DDIM with eta above 0): the pipeline then draws each
+ * next block ahead, while the UNet runs (rng.h). */
+int sdx4_scheduler_draws_noise(const scheduler *s, float eta);
+
 /* step(model_output, timesteps[i], sample, eta, generator).prev_sample:
  * steps in order, 0 first. eta is DDIM's (others ignore it, as diffusers'
  * pipelines do); samplers that draw noise draw it from rng. prev_sample
