@@ -103,7 +103,7 @@ int sdx4_ddpm_sampler_set_timesteps(ddpm_sampler *s, int n, size_t numel) {
 }
 
 typedef struct {
-    float sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, stddev, lo, hi;
+    float sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, lo, hi;
     int clip;
 } ddpm_coefs;
 
@@ -164,7 +164,7 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
                  : s->variance == VARIANCE_FIXED_LARGE   ? sqrtf(current_beta_t)
                                                          : sqrtf(variance);
     }
-    ddpm_coefs k = {sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, stddev, -s->clip_sample_range,
+    ddpm_coefs k = {sqrt_alpha, sqrt_beta, x0_coeff, sample_coeff, -s->clip_sample_range,
                     s->clip_sample_range, s->clip_sample && !s->thresholding};
 
     /* 2-3. the predicted x_0, clipped or thresholded; thresholding needs
@@ -172,8 +172,7 @@ int sdx4_ddpm_sampler_step(const ddpm_sampler *s, int i, const float *model_outp
     if (s->thresholding) {
         SDX4_BY_PREDICTION(s->prediction, ddpm_x0, &k, model_output, sample, n, x0);
         sdx4_threshold_sample(x0, n, s->dynamic_thresholding_ratio, s->sample_max_value, s->scratch);
-#pragma omp simd
-        for (size_t e = 0; e < n; e++) prev_sample[e] = x0_coeff * x0[e] + sample_coeff * sample[e];
+        ddpm_mean(PREDICT_SAMPLE, &k, x0, sample, n, prev_sample); /* x0 as it stands: no clip */
     } else {
         SDX4_BY_PREDICTION(s->prediction, ddpm_mean, &k, model_output, sample, n, prev_sample);
     }
