@@ -318,9 +318,15 @@ def test_client_disconnect_cancels_its_synchronous_upscale():
         t0 = time.time()
         wait_for(lambda: running(s) == 0, 60, "the worker to be freed")
         freed = time.time() - t0
-        access = [l for l in s.logs() if isinstance(l, dict) and l.get("event") == "access"
-                  and l.get("request_id") == "leaver"]
-        assert access and access[0]["outcome"] == "client_disconnected", access
+
+        def access_lines():
+            return [l for l in s.logs() if isinstance(l, dict) and l.get("event") == "access"
+                    and l.get("request_id") == "leaver"]
+        # The worker is freed when the job is canceled; the request's access line follows
+        # when its handler wakes and the connection completes, a moment later.
+        wait_for(access_lines, 10, "the access line of the canceled request")
+        access = access_lines()
+        assert access[0]["outcome"] == "client_disconnected", access
         assert access[0]["status"] == 499
         finished = [l for l in s.logs() if isinstance(l, dict) and l.get("event") == "job_finished"
                     and l.get("request_id") == "leaver"]
