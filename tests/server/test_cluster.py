@@ -112,9 +112,11 @@ def submit(node, seed, **kw):
     return r.json()["id"]
 
 
-def test_forty_jobs_each_once_and_identical_to_single_process(cluster, baseline):
+def test_sixteen_jobs_each_once_and_identical_to_single_process(cluster, baseline):
     redis, node = cluster.redis, cluster.node
-    ids = {submit(node, seed): seed for seed in range(40)}
+    # sixteen: eight a worker, enough for the two to race for tasks many
+    # times (forty took 36 s of CI for no case that sixteen misses)
+    ids = {submit(node, seed): seed for seed in range(16)}
     for job_id, seed in ids.items():
         doc = wait_final(node, job_id)
         assert doc["status"] == "succeeded", json.dumps(doc)
