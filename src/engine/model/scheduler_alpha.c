@@ -208,6 +208,7 @@ static void free_run(pndm_sampler *s) {
     for (int k = 0; k < 4; k++) free(s->ets[k]);
     free(s->cur_model_output);
     free(s->cur_sample);
+    free(s->combined);
 }
 
 void sdx4_pndm_free(pndm_sampler *s) {
@@ -264,8 +265,9 @@ int sdx4_pndm_set_timesteps(pndm_sampler *s, int n, size_t numel) {
     memset(s->ets, 0, sizeof s->ets);
     s->cur_model_output = malloc(numel * sizeof(float));
     s->cur_sample = malloc(numel * sizeof(float));
+    s->combined = malloc(numel * sizeof(float));
     for (int k = 0; k < 4; k++) s->ets[k] = malloc(numel * sizeof(float));
-    int ok = s->cur_model_output && s->cur_sample;
+    int ok = s->cur_model_output && s->cur_sample && s->combined;
     for (int k = 0; k < 4; k++) ok = ok && s->ets[k];
     if (!ok) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "set_timesteps(%d): out of memory", n);
@@ -274,36 +276,54 @@ int sdx4_pndm_set_timesteps(pndm_sampler *s, int n, size_t numel) {
     return 0;
 }
 
-/* _get_prev_sample: x_{prev_t} from x_t and the (combined) model output,
- * formula (9) of the PNDM paper. */
-static void prev_sample_of(const pndm_sampler *s, const float *sample, int t, int prev_t,
-                           const float *model_output, float *out) {
-    int T = s->num_train_timesteps;
-    float alpha_prod_t = alpha_at(s->alphas_cumprod, T, t);
+/* _get_prev_sample's coefficients for x_t -> x_{prev_t}, formula (9) of
+ * the PNDM paper; prev_value applies them to one element. */
+typedef struct {
+    float sample_coeff, diff, denom, sqrt_alpha, sqrt_beta;
+    prediction_type prediction;
+} pndm_coefs;
+
+static pndm_coefs coefs_of(const pndm_sampler *s, int t, int prev_t) {
+    float alpha_prod_t = alpha_at(s->alphas_cumprod, s->num_train_timesteps, t);
     float alpha_prod_t_prev = prev_t >= 0 ? s->alphas_cumprod[prev_t] : s->final_alpha_cumprod;
     float beta_prod_t = 1.0f - alpha_prod_t, beta_prod_t_prev = 1.0f - alpha_prod_t_prev;
-    float sqrt_alpha = sqrtf(alpha_prod_t), sqrt_beta = sqrtf(beta_prod_t);
-    float sample_coeff = sqrtf(alpha_prod_t_prev / alpha_prod_t);
-    float denom = alpha_prod_t * sqrtf(beta_prod_t_prev) +
-                  sqrtf(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
-    float diff = alpha_prod_t_prev - alpha_prod_t;
-#pragma omp simd
-    for (size_t k = 0; k < s->numel; k++) {
-        float eps = model_output[k];
-        if (s->prediction == PREDICT_V) eps = sqrt_alpha * eps + sqrt_beta * sample[k];
-        out[k] = sample_coeff * sample[k] - diff * eps / denom;
-    }
+    return (pndm_coefs){
+        .sample_coeff = sqrtf(alpha_prod_t_prev / alpha_prod_t),
+        .diff = alpha_prod_t_prev - alpha_prod_t,
+        .denom = alpha_prod_t * sqrtf(beta_prod_t_prev) + sqrtf(alpha_prod_t * beta_prod_t * alpha_prod_t_prev),
+        .sqrt_alpha = sqrtf(alpha_prod_t),
+        .sqrt_beta = sqrtf(beta_prod_t),
+        .prediction = s->prediction,
+    };
 }
 
-/* Keeps model_output as the newest of the last four outputs. */
-static void push_output(pndm_sampler *s, const float *model_output) {
+static inline float prev_value(const pndm_coefs *c, float x, float eps) {
+    if (c->prediction == PREDICT_V) eps = c->sqrt_alpha * eps + c->sqrt_beta * x;
+    return c->sample_coeff * x - c->diff * eps / c->denom;
+}
+
+static void prev_sample_of(const pndm_sampler *s, const float *sample, int t, int prev_t,
+                           const float *model_output, float *out) {
+    pndm_coefs c = coefs_of(s, t, prev_t);
+#pragma omp simd
+    for (size_t k = 0; k < s->numel; k++) out[k] = prev_value(&c, sample[k], model_output[k]);
+}
+
+/* Makes room for a newest output among the last four and returns its
+ * buffer (the oldest one's, when there are four). */
+static float *next_output_slot(pndm_sampler *s) {
     if (s->num_ets == 4) {
         float *oldest = s->ets[0];
         memmove(s->ets, s->ets + 1, 3 * sizeof *s->ets);
         s->ets[3] = oldest;
         s->num_ets = 3;
     }
-    memcpy(s->ets[s->num_ets++], model_output, s->numel * sizeof(float));
+    return s->ets[s->num_ets++];
+}
+
+/* Keeps model_output as the newest of the last four outputs. */
+static void push_output(pndm_sampler *s, const float *model_output) {
+    memcpy(next_output_slot(s), model_output, s->numel * sizeof(float));
 }
 
 static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const float *sample,
@@ -331,10 +351,26 @@ static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const
     prev_sample_of(s, s->cur_sample, t, prev_t, mo, prev_sample);
 }
 
+/* A linear multistep step. Once it has four outputs (every step but the
+ * first three) it is one pass: the model output is kept, combined with
+ * the three before it, and applied to the sample, element by element. */
 static void step_plms(pndm_sampler *s, int t, const float *model_output, const float *sample,
-                      float *combined, float *prev_sample) {
+                      float *prev_sample) {
     int ratio = s->num_train_timesteps / s->num_inference_steps, prev_t = t - ratio;
     size_t n = s->numel;
+    if (s->num_ets >= 3 && s->counter != 1) {
+        float *newest = next_output_slot(s), *const *e = s->ets + 3;
+        pndm_coefs c = coefs_of(s, t, prev_t);
+#pragma omp simd
+        for (size_t k = 0; k < n; k++) {
+            float m = model_output[k];
+            newest[k] = m;
+            float combined = (float)(1.0 / 24) * (55.0f * m - 59.0f * e[-1][k] + 37.0f * e[-2][k] - 9.0f * e[-3][k]);
+            prev_sample[k] = prev_value(&c, sample[k], combined);
+        }
+        return;
+    }
+    float *combined = s->combined;
     if (s->counter != 1) {
         push_output(s, model_output);
     } else { /* the second evaluation of the first step: from t + ratio again */
@@ -353,15 +389,10 @@ static void step_plms(pndm_sampler *s, int t, const float *model_output, const f
     } else if (s->num_ets == 2) {
 #pragma omp simd
         for (size_t k = 0; k < n; k++) combined[k] = (3.0f * e[0][k] - e[-1][k]) / 2;
-    } else if (s->num_ets == 3) {
-#pragma omp simd
-        for (size_t k = 0; k < n; k++)
-            combined[k] = (23.0f * e[0][k] - 16.0f * e[-1][k] + 5.0f * e[-2][k]) / 12;
     } else {
 #pragma omp simd
         for (size_t k = 0; k < n; k++)
-            combined[k] = (float)(1.0 / 24) * (55.0f * e[0][k] - 59.0f * e[-1][k] +
-                                               37.0f * e[-2][k] - 9.0f * e[-3][k]);
+            combined[k] = (23.0f * e[0][k] - 16.0f * e[-1][k] + 5.0f * e[-2][k]) / 12;
     }
     prev_sample_of(s, x, t, prev_t, mo, prev_sample);
 }
@@ -373,14 +404,8 @@ int sdx4_pndm_step(pndm_sampler *s, int i, const float *model_output, const floa
                        s->counter, s->num_timesteps);
         return -1;
     }
-    float *combined = malloc(s->numel * sizeof *combined);
-    if (!combined) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "PNDM step: out of memory for %zu values", s->numel);
-        return -1;
-    }
-    if (s->counter < s->num_prk) step_prk(s, s->timesteps[i], model_output, sample, combined, prev_sample);
-    else step_plms(s, s->timesteps[i], model_output, sample, combined, prev_sample);
-    free(combined);
+    if (s->counter < s->num_prk) step_prk(s, s->timesteps[i], model_output, sample, s->combined, prev_sample);
+    else step_plms(s, s->timesteps[i], model_output, sample, prev_sample);
     s->counter++;
     return 0;
 }

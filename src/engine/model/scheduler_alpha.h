@@ -84,6 +84,7 @@ typedef struct {
     size_t numel;
     float *ets[4];              /* the last model outputs, oldest first */
     float *cur_model_output, *cur_sample;
+    float *combined;            /* a step's combined model output (warm-up steps) */
 } pndm_sampler;
 
 int sdx4_pndm_from_config(pndm_sampler *s, const config *c);

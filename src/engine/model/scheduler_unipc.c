@@ -276,79 +276,52 @@ static unipc_update update_at(const unipc_scheduler *s, int p, int t_index, int 
     return u;
 }
 
-/* The newest stored output is m0, the one before m1 and so on. */
+/* The newest stored output is m0, the one before m1 and so on; m0 again
+ * past the history's end (a value no update of that order reads). */
 static const float *history(const unipc_scheduler *s, int k) {
-    return s->outputs[s->solver_order - 1 - k];
+    return s->outputs[s->solver_order - 1 - (k < s->solver_order ? k : 0)];
 }
 
-/* sum_k rho[k] * D1_k at element e, over the p - 1 earlier outputs m1 and
- * m2 (p is at most 3). */
-static inline float earlier_terms(const unipc_update *u, int p, const float *m0, const float *m1,
-                                  const float *m2, size_t e) {
-    float sum = u->rho[0] * ((m1[e] - m0[e]) / u->rk[0]);
-    if (p > 2) sum = sum + u->rho[1] * ((m2[e] - m0[e]) / u->rk[1]);
+/* One element of each update, shared by the step's loops so that every
+ * way through gives the same bits. */
+
+/* sum_k rho[k] * D1_k over the p - 1 earlier outputs m1 and m2 (p <= 3). */
+static inline float earlier_terms(const unipc_update *u, int p, float m0, float m1, float m2) {
+    float sum = u->rho[0] * ((m1 - m0) / u->rk[0]);
+    if (p > 2) sum = sum + u->rho[1] * ((m2 - m0) / u->rk[1]);
     return sum;
 }
 
-/* multistep_uni_p_bh_update: from x at sigmas[i] to sigmas[i + 1]. */
-static void predictor(const unipc_scheduler *s, int i, int p, const float *x, float *prev,
-                      size_t n) {
-    unipc_update u = update_at(s, p, i + 1, i, 0);
-    const float *m0 = history(s, 0), *m1 = p > 1 ? history(s, 1) : NULL, *m2 = p > 2 ? history(s, 2) : NULL;
-    if (p == 1) {
-#pragma omp simd
-        for (size_t e = 0; e < n; e++) prev[e] = u.ratio * x[e] - u.c_m0 * m0[e];
-        return;
-    }
-#pragma omp simd
-    for (size_t e = 0; e < n; e++) {
-        float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
-        prev[e] = x_t - u.c_b * earlier_terms(&u, p, m0, m1, m2, e);
-    }
+/* multistep_uni_p_bh_update: x at sigmas[i] to sigmas[i + 1]. */
+static inline float predicted(const unipc_update *u, int p, float x, float m0, float m1, float m2) {
+    float x_t = u->ratio * x - u->c_m0 * m0;
+    return p == 1 ? x_t : x_t - u->c_b * earlier_terms(u, p, m0, m1, m2);
 }
 
-/* multistep_uni_c_bh_update: the sample at sigmas[i] again, from
- * last_sample at sigmas[i - 1], with model_t the output at sigmas[i];
- * in place in last_sample. */
-static void corrector(unipc_scheduler *s, int i, int p, const float *model_t, size_t n) {
-    unipc_update u = update_at(s, p, i, i - 1, 1);
-    const float *m0 = history(s, 0), *m1 = p > 1 ? history(s, 1) : NULL, *m2 = p > 2 ? history(s, 2) : NULL;
-    float *x = s->last_sample;
-    if (p == 1) {
-#pragma omp simd
-        for (size_t e = 0; e < n; e++) {
-            float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
-            x[e] = x_t - u.c_b * (u.rho[0] * (model_t[e] - m0[e]));
-        }
-        return;
-    }
-#pragma omp simd
-    for (size_t e = 0; e < n; e++) {
-        float x_t = u.ratio * x[e] - u.c_m0 * m0[e];
-        float d1_t = u.rho[p - 1] * (model_t[e] - m0[e]);
-        x[e] = x_t - u.c_b * (earlier_terms(&u, p, m0, m1, m2, e) + d1_t);
-    }
+/* multistep_uni_c_bh_update: the sample at sigmas[i] again, from the one
+ * at sigmas[i - 1] (x), with m_t the output at sigmas[i]. */
+static inline float corrected(const unipc_update *u, int p, float x, float m0, float m1, float m2, float m_t) {
+    float x_t = u->ratio * x - u->c_m0 * m0;
+    if (p == 1) return x_t - u->c_b * (u->rho[0] * (m_t - m0));
+    float d1_t = u->rho[p - 1] * (m_t - m0);
+    return x_t - u->c_b * (earlier_terms(u, p, m0, m1, m2) + d1_t);
 }
 
-/* convert_model_output at sigmas[i]. */
-static void convert(const unipc_scheduler *s, int i, const float *mo, const float *x, float *out,
-                    size_t n) {
-    sigma_point p = sdx4_sigma_point(s->sigma.sigmas[i]);
-    prediction_type type = s->sigma.prediction;
-#pragma omp simd
-    for (size_t e = 0; e < n; e++) {
-        if (s->predict_x0) {
-            out[e] = type == PREDICT_EPSILON ? (x[e] - p.sigma * mo[e]) / p.alpha
-                     : type == PREDICT_V     ? p.alpha * x[e] - p.sigma * mo[e]
-                                             : mo[e];
-        } else {
-            out[e] = type == PREDICT_EPSILON ? mo[e]
-                     : type == PREDICT_V     ? p.alpha * mo[e] + p.sigma * x[e]
-                                             : (x[e] - p.alpha * mo[e]) / p.sigma;
-        }
-    }
-    if (s->predict_x0 && s->thresholding)
-        sdx4_threshold_sample(out, n, s->thresholding_ratio, s->sample_max_value, s->scratch);
+/* convert_model_output at one sigma. */
+typedef struct {
+    sigma_point p;
+    prediction_type type;
+    int predict_x0;
+} conversion;
+
+static inline float converted(const conversion *c, float mo, float x) {
+    if (c->predict_x0)
+        return c->type == PREDICT_EPSILON ? (x - c->p.sigma * mo) / c->p.alpha
+               : c->type == PREDICT_V     ? c->p.alpha * x - c->p.sigma * mo
+                                          : mo;
+    return c->type == PREDICT_EPSILON ? mo
+           : c->type == PREDICT_V     ? c->p.alpha * mo + c->p.sigma * x
+                                      : (x - c->p.alpha * mo) / c->p.sigma;
 }
 
 /* ------------------------------------------------------------- stepping */
@@ -359,6 +332,24 @@ static int corrector_disabled(const unipc_scheduler *s, int i) {
     return 0;
 }
 
+/* The step's second pass: correct the last predictor's sample with m_t
+ * (corrector order pc, 0 for none), then predict from it (order pp).
+ * Always inlined with pc and pp constant, so that each shape's loop is
+ * free of branches and vectorizes (m_t's conversion, with its branches
+ * on the prediction type, keeps a pass of its own for the same reason). */
+static inline __attribute__((always_inline)) void correct_and_predict(
+    int pc, int pp, const unipc_update *uc, const unipc_update *up, const float *sample, const float *m_t,
+    const float *m0, const float *m1, const float *m2, float *last, float *prev_sample, size_t n) {
+#pragma omp simd
+    for (size_t e = 0; e < n; e++) {
+        float x = pc ? corrected(uc, pc, last[e], m0[e], m1[e], m2[e], m_t[e]) : sample[e];
+        last[e] = x;
+        prev_sample[e] = predicted(up, pp, x, m_t[e], m0[e], m1[e]);
+    }
+}
+
+/* A step in two passes over the elements: m_t, then the corrector and
+ * the predictor together; m0.. are the history before m_t joins it. */
 int sdx4_unipc_step(unipc_scheduler *s, int i, const float *model_output, const float *sample,
                     float *prev_sample) {
     int N = s->sigma.num_timesteps, order = s->solver_order;
@@ -368,17 +359,39 @@ int sdx4_unipc_step(unipc_scheduler *s, int i, const float *model_output, const 
         return -1;
     }
     size_t n = s->sigma.numel;
-    float *model_t = s->outputs[order];
-    convert(s, i, model_output, sample, model_t, n);
+    float *model_t = s->outputs[order], *last = s->last_sample;
+    conversion cv = {sdx4_sigma_point(s->sigma.sigmas[i]), s->sigma.prediction, s->predict_x0};
+#pragma omp simd
+    for (size_t e = 0; e < n; e++) model_t[e] = converted(&cv, model_output[e], sample[e]);
+    if (s->predict_x0 && s->thresholding)
+        sdx4_threshold_sample(model_t, n, s->thresholding_ratio, s->sample_max_value, s->scratch);
     /* the corrector's sample replaces this one as the predictor's start */
-    if (i > 0 && !corrector_disabled(s, i - 1)) corrector(s, i, s->this_order, model_t, n);
-    else memcpy(s->last_sample, sample, n * sizeof *sample);
+    int pc = i > 0 && !corrector_disabled(s, i - 1) ? s->this_order : 0;
+    unipc_update uc = pc ? update_at(s, pc, i, i - 1, 1) : (unipc_update){0};
+    int this_order = s->lower_order_final && N - i < order ? N - i : order;
+    int pp = this_order < s->lower_order_nums + 1 ? this_order : s->lower_order_nums + 1;
+    unipc_update up = update_at(s, pp, i + 1, i, 0);
+    const float *m0 = history(s, 0), *m1 = history(s, 1), *m2 = history(s, 2);
+#define PASS(PC, PP) correct_and_predict(PC, PP, &uc, &up, sample, model_t, m0, m1, m2, last, prev_sample, n)
+    switch (pc * 4 + pp) {
+    case 0 * 4 + 1: PASS(0, 1); break;
+    case 0 * 4 + 2: PASS(0, 2); break;
+    case 0 * 4 + 3: PASS(0, 3); break;
+    case 1 * 4 + 1: PASS(1, 1); break;
+    case 1 * 4 + 2: PASS(1, 2); break;
+    case 1 * 4 + 3: PASS(1, 3); break;
+    case 2 * 4 + 1: PASS(2, 1); break;
+    case 2 * 4 + 2: PASS(2, 2); break;
+    case 2 * 4 + 3: PASS(2, 3); break;
+    case 3 * 4 + 1: PASS(3, 1); break;
+    case 3 * 4 + 2: PASS(3, 2); break;
+    default: PASS(3, 3); break;
+    }
+#undef PASS
     float *oldest = s->outputs[0];
     memmove(s->outputs, s->outputs + 1, (size_t)order * sizeof *s->outputs);
     s->outputs[order] = oldest;
-    int this_order = s->lower_order_final && N - i < order ? N - i : order;
-    s->this_order = this_order < s->lower_order_nums + 1 ? this_order : s->lower_order_nums + 1;
-    predictor(s, i, s->this_order, s->last_sample, prev_sample, n);
+    s->this_order = pp;
     if (s->lower_order_nums < order) s->lower_order_nums++;
     s->step_index++;
     return 0;
