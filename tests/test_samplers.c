@@ -422,6 +422,32 @@ static void check_draws_noise(const scheduler_source *src) {
     }
 }
 
+/* DDIM with eta > 0 through the facade, which keeps one noise buffer for
+ * the run: three steps give the bits of sdx4_ddim_step allocating its
+ * noise at each step, from the same generator. */
+static void check_ddim_eta_buffer(const scheduler_source *src) {
+    enum { N = 1000 };
+    scheduler s;
+    if (sdx4_scheduler_create(&s, src, "ddim", NULL) || sdx4_scheduler_set_timesteps(&s, 5, N)) {
+        CHECK(0, "ddim: %s", sdx4_last_error());
+        sdx4_scheduler_free(&s);
+        return;
+    }
+    static float mo[N], a[N], b[N];
+    torch_rng gm, ga, gb;
+    sdx4_torch_rng_seed(&gm, 7), sdx4_torch_rng_seed(&ga, 8), sdx4_torch_rng_seed(&gb, 8);
+    sdx4_torch_randn(&gm, a, N);
+    memcpy(b, a, sizeof b);
+    for (int i = 0; i < 3; i++) {
+        sdx4_torch_randn(&gm, mo, N);
+        CHECK(!sdx4_scheduler_step(&s, i, mo, a, 0.7f, &ga, a), "facade step %d: %s", i, sdx4_last_error());
+        CHECK(!sdx4_ddim_step(&s.ddim, mo, s.ddim.timesteps[i], b, N, 0.7f, &gb, NULL, b), "step %d: %s", i,
+              sdx4_last_error());
+    }
+    CHECK(!memcmp(a, b, sizeof a), "DDIM eta 0.7: the run's noise buffer changed the result");
+    sdx4_scheduler_free(&s);
+}
+
 int main(void) {
     check_beta_ppf();
     check_thresholding();
@@ -466,6 +492,7 @@ int main(void) {
     if (have_model) {
         check_refusals(&m.scheduler);
         check_draws_noise(&m.scheduler);
+        check_ddim_eta_buffer(&m.scheduler);
         sdx4_model_free(&m);
     }
     free(image);

@@ -150,7 +150,7 @@ static void check_golden(const char *model) {
     int steps = metadata_int(&f, "step_num_inference_steps"), t = metadata_int(&f, "step_t");
     if (mo && smp && want && !sdx4_ddim_set_timesteps(&s, steps)) {
         float got[4 * 8 * 8];
-        CHECK(!sdx4_ddim_step(&s, mo, t, smp, n, 0.0f, NULL, got), "%s: step: %s", model,
+        CHECK(!sdx4_ddim_step(&s, mo, t, smp, n, 0.0f, NULL, NULL, got), "%s: step: %s", model,
               sdx4_last_error());
         double e = max_abs_diff(got, want, n);
         CHECK(e <= TOL, "%s: DDIM step at t=%d max abs diff %g", model, t, e);
@@ -159,7 +159,7 @@ static void check_golden(const char *model) {
         /* in place: prev_sample may be the sample buffer */
         float inplace[4 * 8 * 8];
         memcpy(inplace, smp, sizeof inplace);
-        CHECK(!sdx4_ddim_step(&s, mo, t, inplace, n, 0.0f, NULL, inplace) &&
+        CHECK(!sdx4_ddim_step(&s, mo, t, inplace, n, 0.0f, NULL, NULL, inplace) &&
                   !memcmp(inplace, got, sizeof got), "%s: in-place step differs", model);
     }
 
@@ -382,9 +382,9 @@ static void check_combos(void) {
         sdx4_torch_randn(&g, mo, 64);
         sdx4_torch_randn(&g, smp, 64);
         for (int j = 0; j < 64; j++) smp[j] *= 2;
-        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[1], smp, 64, k->eta, &g, second), "%s: %s", what,
+        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[1], smp, 64, k->eta, &g, NULL, second), "%s: %s", what,
               sdx4_last_error());
-        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[s.num_timesteps - 1], smp, 64, 0.0f, NULL, last),
+        CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[s.num_timesteps - 1], smp, 64, 0.0f, NULL, NULL, last),
               "%s: %s", what, sdx4_last_error());
         for (int j = 0; j < 4; j++) got[j] = second[at[j]];
         check_values(what, got, k->step_second, 4);
@@ -453,7 +453,7 @@ static void check_timestep_corners(void) {
     float mo[64], smp[64], prev[64];
     sdx4_torch_randn(&g, mo, 64);
     sdx4_torch_randn(&g, smp, 64);
-    CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[c - 1], smp, 64, 0.0f, NULL, prev), "step at -1: %s",
+    CHECK(!sdx4_ddim_step(&s, mo, s.timesteps[c - 1], smp, 64, 0.0f, NULL, NULL, prev), "step at -1: %s",
           sdx4_last_error());
     const float want[4] = {-1.84558427f, 0.598278224f, -0.537232578f, -1.3225112f};
     const float got[4] = {prev[0], prev[21], prev[42], prev[63]};
@@ -563,7 +563,7 @@ static void check_refusals(void) {
         return;
     }
     float x[4] = {0.1f, -0.2f, 0.3f, 0.4f}, y[4];
-    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 0.0f, NULL, y), "step before set_timesteps",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 0.0f, NULL, NULL, y), "step before set_timesteps",
                  "set_timesteps", SDX4_ERR_INVALID_ARGUMENT);
     expect_error(sdx4_ddim_set_timesteps(&s, 0), "0 steps", "num_inference_steps=0",
                  SDX4_ERR_INVALID_ARGUMENT);
@@ -572,13 +572,13 @@ static void check_refusals(void) {
     CHECK(!sdx4_ddim_set_timesteps(&s, 1000), "%s", sdx4_last_error());
     /* leading + steps_offset 1 + 1000 steps starts at t=1000, past the
      * table: diffusers fails on the index, so does sdx4_ddim_step */
-    expect_error(sdx4_ddim_step(&s, x, s.timesteps[0], x, 4, 0.0f, NULL, y), "t=1000", "1000",
+    expect_error(sdx4_ddim_step(&s, x, s.timesteps[0], x, 4, 0.0f, NULL, NULL, y), "t=1000", "1000",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(sdx4_ddim_step(&s, x, -1001, x, 4, 0.0f, NULL, y), "t=-1001", "-1001",
+    expect_error(sdx4_ddim_step(&s, x, -1001, x, 4, 0.0f, NULL, NULL, y), "t=-1001", "-1001",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 1.0f, NULL, y), "eta without generator", "generator",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, 1.0f, NULL, NULL, y), "eta without generator", "generator",
                  SDX4_ERR_INVALID_ARGUMENT);
-    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, NAN, NULL, y), "eta NaN", "eta",
+    expect_error(sdx4_ddim_step(&s, x, 500, x, 4, NAN, NULL, NULL, y), "eta NaN", "eta",
                  SDX4_ERR_INVALID_ARGUMENT);
     sdx4_ddim_free(&s);
 

@@ -259,7 +259,8 @@ static inline void ddim_loop(prediction_type prediction, const ddim_coefs *k, co
 }
 
 int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
-              const float *sample, size_t n, float eta, torch_rng *rng, float *prev_sample) {
+              const float *sample, size_t n, float eta, torch_rng *rng, float *noise_buffer,
+              float *prev_sample) {
     int T = s->num_train_timesteps;
     if (!s->timesteps) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "DDIM step before set_timesteps");
@@ -274,9 +275,9 @@ int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int times
                   eta > 0 ? " and a generator" : "");
         return -1;
     }
-    float *noise = NULL;
+    float *noise = NULL, *owned = NULL;
     if (eta > 0) {
-        noise = malloc(n * sizeof *noise);
+        noise = noise_buffer ? noise_buffer : (owned = malloc(n * sizeof *noise));
         if (!noise) {
             sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDIM step: out of memory for %zu noise values", n);
             return -1;
@@ -300,7 +301,7 @@ int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int times
     ddim_coefs k = {sqrt_alpha, sqrt_beta, sqrt_alpha_prev, direction, std_dev_t,
                     -s->clip_sample_range, s->clip_sample_range, s->clip_sample};
     SDX4_BY_PREDICTION(s->prediction, ddim_loop, &k, model_output, sample, noise, n, prev_sample);
-    free(noise);
+    free(owned);
     return 0;
 }
 

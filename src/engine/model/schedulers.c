@@ -246,6 +246,7 @@ void sdx4_scheduler_free(scheduler *s) {
     case SCHED_PNDM: sdx4_pndm_free(&s->pndm); break;
     }
     free(s->timesteps);
+    free(s->ddim_noise);
     memset(s, 0, sizeof *s);
 }
 
@@ -349,8 +350,12 @@ int sdx4_scheduler_step(scheduler *s, int i, const float *model_output, const fl
     }
     switch (s->family) {
     case SCHED_DDIM:
+        if (eta > 0 && !s->ddim_noise && !(s->ddim_noise = malloc(s->numel * sizeof *s->ddim_noise))) {
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "DDIM step: out of memory for %zu noise values", s->numel);
+            return -1;
+        }
         return sdx4_ddim_step(&s->ddim, model_output, s->ddim.timesteps[i], sample, s->numel, eta,
-                              rng, prev_sample);
+                              rng, s->ddim_noise, prev_sample);
     case SCHED_DDPM:
         return sdx4_ddpm_sampler_step(&s->ddpm, i, model_output, sample, rng, prev_sample);
     case SCHED_PNDM: return sdx4_pndm_step(&s->pndm, i, model_output, sample, prev_sample);

@@ -60,6 +60,7 @@ typedef struct {
     float *timesteps; /* (num_timesteps): what the UNet is given */
     float init_noise_sigma;
     size_t numel;
+    float *ddim_noise; /* (numel): DDIM's noise with eta > 0, from its first such step */
     int order; /* UNet evaluations per step of diffusers' progress (2 for
                   Heun and the KDPM2s): its pipeline calls back after
                   every order-th one and after the last */
