@@ -70,11 +70,12 @@ int sdx4_ddim_set_timesteps(ddim_scheduler *s, int num_inference_steps);
  * noise is torch.randn of n values drawn from rng, as diffusers' randn_tensor
  * draws it from a CPU generator; rng may be NULL when eta == 0. A negative
  * timestep indexes from the end, as a torch index does. Fails before
- * set_timesteps() or for a timestep outside [-T, T). noise: n floats
- * where the step draws its noise when eta > 0 (NULL: it allocates them).
+ * set_timesteps() or for a timestep outside [-T, T). noise_buffer: n
+ * floats where the step draws its noise when eta > 0 (NULL: it allocates
+ * them).
  * prev_sample may alias sample or model_output. */
 int sdx4_ddim_step(const ddim_scheduler *s, const float *model_output, int timestep,
-              const float *sample, size_t n, float eta, torch_rng *rng, float *noise,
+              const float *sample, size_t n, float eta, torch_rng *rng, float *noise_buffer,
               float *prev_sample);
 
 typedef struct {

@@ -327,7 +327,7 @@ static void push_output(pndm_sampler *s, const float *model_output) {
 }
 
 static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const float *sample,
-                     float *combined, float *prev_sample) {
+                     float *prev_sample) {
     int T = s->num_train_timesteps, phase = s->counter % 4;
     int prev_t = t_in - (s->counter % 2 ? 0 : T / s->num_inference_steps / 2);
     int t = s->timesteps[s->counter / 4 * 4];
@@ -345,8 +345,8 @@ static void step_prk(pndm_sampler *s, int t_in, const float *model_output, const
     } else {
 #pragma omp simd
         for (size_t k = 0; k < n; k++)
-            combined[k] = s->cur_model_output[k] + (float)(1.0 / 6) * model_output[k];
-        mo = combined;
+            s->combined[k] = s->cur_model_output[k] + (float)(1.0 / 6) * model_output[k];
+        mo = s->combined;
     }
     prev_sample_of(s, s->cur_sample, t, prev_t, mo, prev_sample);
 }
@@ -404,7 +404,7 @@ int sdx4_pndm_step(pndm_sampler *s, int i, const float *model_output, const floa
                        s->counter, s->num_timesteps);
         return -1;
     }
-    if (s->counter < s->num_prk) step_prk(s, s->timesteps[i], model_output, sample, s->combined, prev_sample);
+    if (s->counter < s->num_prk) step_prk(s, s->timesteps[i], model_output, sample, prev_sample);
     else step_plms(s, s->timesteps[i], model_output, sample, prev_sample);
     s->counter++;
     return 0;

@@ -282,8 +282,7 @@ static const float *history(const unipc_scheduler *s, int k) {
     return s->outputs[s->solver_order - 1 - (k < s->solver_order ? k : 0)];
 }
 
-/* One element of each update, shared by the step's loops so that every
- * way through gives the same bits. */
+/* One element of each update (correct_and_predict applies them). */
 
 /* sum_k rho[k] * D1_k over the p - 1 earlier outputs m1 and m2 (p <= 3). */
 static inline float earlier_terms(const unipc_update *u, int p, float m0, float m1, float m2) {
@@ -307,21 +306,25 @@ static inline float corrected(const unipc_update *u, int p, float x, float m0, f
     return x_t - u->c_b * (earlier_terms(u, p, m0, m1, m2) + d1_t);
 }
 
-/* convert_model_output at one sigma. */
-typedef struct {
-    sigma_point p;
-    prediction_type type;
-    int predict_x0;
-} conversion;
-
-static inline float converted(const conversion *c, float mo, float x) {
-    if (c->predict_x0)
-        return c->type == PREDICT_EPSILON ? (x - c->p.sigma * mo) / c->p.alpha
-               : c->type == PREDICT_V     ? c->p.alpha * x - c->p.sigma * mo
-                                          : mo;
-    return c->type == PREDICT_EPSILON ? mo
-           : c->type == PREDICT_V     ? c->p.alpha * mo + c->p.sigma * x
-                                      : (x - c->p.alpha * mo) / c->p.sigma;
+/* convert_model_output at sigmas[i]. */
+static void convert(const unipc_scheduler *s, int i, const float *mo, const float *x, float *out,
+                    size_t n) {
+    sigma_point p = sdx4_sigma_point(s->sigma.sigmas[i]);
+    prediction_type type = s->sigma.prediction;
+#pragma omp simd
+    for (size_t e = 0; e < n; e++) {
+        if (s->predict_x0) {
+            out[e] = type == PREDICT_EPSILON ? (x[e] - p.sigma * mo[e]) / p.alpha
+                     : type == PREDICT_V     ? p.alpha * x[e] - p.sigma * mo[e]
+                                             : mo[e];
+        } else {
+            out[e] = type == PREDICT_EPSILON ? mo[e]
+                     : type == PREDICT_V     ? p.alpha * mo[e] + p.sigma * x[e]
+                                             : (x[e] - p.alpha * mo[e]) / p.sigma;
+        }
+    }
+    if (s->predict_x0 && s->thresholding)
+        sdx4_threshold_sample(out, n, s->thresholding_ratio, s->sample_max_value, s->scratch);
 }
 
 /* ------------------------------------------------------------- stepping */
@@ -360,11 +363,7 @@ int sdx4_unipc_step(unipc_scheduler *s, int i, const float *model_output, const 
     }
     size_t n = s->sigma.numel;
     float *model_t = s->outputs[order], *last = s->last_sample;
-    conversion cv = {sdx4_sigma_point(s->sigma.sigmas[i]), s->sigma.prediction, s->predict_x0};
-#pragma omp simd
-    for (size_t e = 0; e < n; e++) model_t[e] = converted(&cv, model_output[e], sample[e]);
-    if (s->predict_x0 && s->thresholding)
-        sdx4_threshold_sample(model_t, n, s->thresholding_ratio, s->sample_max_value, s->scratch);
+    convert(s, i, model_output, sample, model_t, n);
     /* the corrector's sample replaces this one as the predictor's start */
     int pc = i > 0 && !corrector_disabled(s, i - 1) ? s->this_order : 0;
     unipc_update uc = pc ? update_at(s, pc, i, i - 1, 1) : (unipc_update){0};

@@ -319,6 +319,8 @@ int sdx4_scheduler_set_timesteps(scheduler *s, int n, size_t numel) {
     s->init_noise_sigma = sigma_schedule(s) ? sigma_schedule(s)->init_noise_sigma : 1.0f;
     s->order = s->family == SCHED_SIGMA && s->sigma.order ? s->sigma.order : 1;
     s->numel = numel;
+    free(s->ddim_noise); /* sized for the run before */
+    s->ddim_noise = NULL;
     return 0;
 }
 
