@@ -125,6 +125,10 @@ typedef struct {
                                     copied, live tensors, workspaces (GPU
                                     memory on cuda) */
     int64_t device_memory_peak_bytes; /* the most of it since the start */
+    int64_t unet_bytes_per_pixel; /* float32 activations the UNet holds at its
+                                     peak per latent pixel of each batch item
+                                     (a guided upscale's batch is 2): what
+                                     automatic tiles weigh (tile 0) */
 } sdx4_model_info;
 
 sdx4_status sdx4_engine_info(const sdx4_engine *engine, sdx4_model_info *info);
@@ -179,11 +183,16 @@ typedef struct {
     /* The UNet in tiles (MultiDiffusion): at every step, windows of
        tile x tile latent pixels (the x4 upscaler's latent has the input's
        size), overlapping by at least tile_overlap, are denoised on their
-       own and their predictions blended where they overlap. tile 0, the
-       default, runs the whole latent at once (diffusers' own result); a
-       tile at least as large as the image gives the same bytes. Tiles
-       bound the UNet's memory and its attention's quadratic cost whatever
-       the image size; the image differs from the untiled one. tile 0 or
+       own and their predictions blended where they overlap. A tile at
+       least as large as the image runs the whole latent at once
+       (diffusers' own result). Tiles bound the UNet's memory and its
+       attention's quadratic cost whatever the image size; the image
+       differs from the untiled one. tile 0, the default, is automatic:
+       the whole latent while the UNet's activations fit in
+       SDX4_UNET_TILING_BUDGET, else the largest windows whose UNet call
+       fits (sdx4_unet_windows says which; the choice depends on the
+       image's size, the guidance and the model, never on the device, so
+       that a request gives the same image everywhere). tile 0 or
        32..2048, tile_overlap 0..1024 (default 32) and below tile. */
     int tile, tile_overlap;
     sdx4_progress_fn progress;   /* optional */
@@ -221,6 +230,13 @@ typedef enum {
  * (float32, as the decoder's layers hold them at their peak): 1 GiB, an
  * untiled decode up to about 650 px out with the x4 upscaler's VAE. */
 #define SDX4_VAE_TILING_BUDGET ((int64_t)1 << 30)
+
+/* Automatic UNet tiles (tile 0) run the whole latent while the UNet holds
+ * at most this many bytes of float32 activations: 6 GiB, enough for a
+ * guided 512 x 512 latent of the x4 upscaler (5.9 GiB), the service's
+ * largest default input; a 1024 px one would hold 4 times as much. Above
+ * it, windows keep every UNet call within it. */
+#define SDX4_UNET_TILING_BUDGET ((int64_t)6 << 30)
 
 /* The largest seed: JSON clients cannot send integers beyond a signed
  * 64-bit one safely, so every front end stops there. */
@@ -276,15 +292,18 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *params);
  * thread may call it. */
 int sdx4_unet_evaluations(const char *scheduler, int steps);
 
-/* The windows the tiled UNet runs on a latent of width x height (the x4
+/* The windows the UNet runs on a latent of width x height (the x4
  * upscaler's latent is the input as sdx4_upscale runs it: sides rounded
  * down to a multiple of vae_scale_factor) with `tile` and `overlap` as
- * sdx4_upscale_params gives them: their number, and the size every one of
- * them has in *window_w x *window_h. Untiled (tile 0, or at least each
- * side): 1 and the whole latent. What an estimate multiplies one window's
- * UNet work by. -1 (SDX4_ERR_INVALID_ARGUMENT) for a side below 1, or a
- * tile with an overlap below 0 or not below it. Any thread may call it. */
-int sdx4_unet_windows(int width, int height, int tile, int overlap, int *window_w, int *window_h);
+ * sdx4_upscale_params gives them, guided (guidance_scale > 1) or not, for
+ * a model of the given unet_bytes_per_pixel (sdx4_model_info; it decides
+ * what tile 0 does): their number, and the size every one of them has in
+ * *window_w x *window_h; 1 and the whole latent when untiled. What an
+ * estimate multiplies one window's UNet work by. -1
+ * (SDX4_ERR_INVALID_ARGUMENT) for a side below 1, or a tile with an
+ * overlap below 0 or not below it. Any thread may call it. */
+int sdx4_unet_windows(int width, int height, int tile, int overlap, int guided, int64_t unet_bytes_per_pixel,
+                      int *window_w, int *window_h);
 
 /* Facts about one finished call. */
 typedef struct {
@@ -300,6 +319,8 @@ typedef struct {
     int unet_steps;           /* UNet evaluations run: num_inference_steps, or
                                  more for some samplers (PNDM) */
     int vae_tiles;          /* tiles the VAE decoded in; 1 when whole */
+    int unet_tile;          /* the UNet's window side; 0 for the whole latent */
+    int unet_windows;       /* its windows; 1 when whole */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the

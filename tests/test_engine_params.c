@@ -13,6 +13,7 @@
  */
 #include <math.h>
 
+#include "model/model.h"
 #include "model/tiling.h"
 #include "sdx4.h"
 #include "test.h"
@@ -160,7 +161,7 @@ static void test_tile_rules(void) {
     CHECK(!strcmp(tile_check(SDX4_MIN_TILE, SDX4_MIN_TILE - 1), ""), "the smallest tile: %s", sdx4_last_error());
     CHECK(!strcmp(tile_check(2048, 1024), ""), "the largest: %s", sdx4_last_error());
     const char *m = tile_check(16, 8);
-    CHECK(!strcmp(m, "tile 16 is outside 32..2048 (0: the whole image)"), "tile 16: %s", m);
+    CHECK(!strcmp(m, "tile 16 is outside 32..2048 (0: automatic)"), "tile 16: %s", m);
     m = tile_check(1, 0);
     CHECK(strstr(m, "tile 1 is outside") != NULL, "tile 1: %s", m);
     m = tile_check(64, 96);
@@ -172,7 +173,7 @@ static void test_tile_rules(void) {
 /* The windows as tiling.c lays them out on the whole latent. */
 static void check_windows(int width, int height, int tile, int overlap) {
     tiling t;
-    int ww = -1, wh = -1, n = sdx4_unet_windows(width, height, tile, overlap, &ww, &wh);
+    int ww = -1, wh = -1, n = sdx4_unet_windows(width, height, tile, overlap, 1, 1, &ww, &wh);
     if (sdx4_tiling_plan(&t, height, width, tile, overlap)) {
         CHECK(0, "tiling %dx%d tile %d: %s", width, height, tile, sdx4_last_error());
         return;
@@ -190,16 +191,52 @@ static void test_windows(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         check_windows(cases[i][0], cases[i][1], cases[i][2], cases[i][3]);
     int ww, wh;
-    CHECK(sdx4_unet_windows(300, 200, 0, 32, &ww, &wh) == 1 && ww == 300 && wh == 200, "untiled: %dx%d", ww, wh);
-    CHECK(sdx4_unet_windows(300, 200, 300, 32, &ww, &wh) == 1 && ww == 300 && wh == 200, "tile = side: %dx%d", ww,
+    CHECK(sdx4_unet_windows(300, 200, 0, 32, 1, 1, &ww, &wh) == 1 && ww == 300 && wh == 200, "untiled (a UNet of 1 byte a pixel never tiles): %dx%d", ww, wh);
+    CHECK(sdx4_unet_windows(300, 200, 300, 32, 1, 1, &ww, &wh) == 1 && ww == 300 && wh == 200, "tile = side: %dx%d", ww,
           wh);
-    CHECK(sdx4_unet_windows(300, 200, 250, 32, &ww, &wh) == 2 && ww == 250 && wh == 200, "one axis: %dx%d", ww, wh);
+    CHECK(sdx4_unet_windows(300, 200, 250, 32, 1, 1, &ww, &wh) == 2 && ww == 250 && wh == 200, "one axis: %dx%d", ww, wh);
     /* 2048 in 128 with 32: ceil((2048 - 32) / 96) = 21 a side */
-    CHECK(sdx4_unet_windows(2048, 2048, 128, 32, &ww, &wh) == 21 * 21 && ww == 128 && wh == 128, "2048 px");
-    CHECK(sdx4_unet_windows(64, 64, 32, 32, &ww, &wh) == -1 && strstr(sdx4_last_error(), "tile_overlap 32"),
+    CHECK(sdx4_unet_windows(2048, 2048, 128, 32, 1, 1, &ww, &wh) == 21 * 21 && ww == 128 && wh == 128, "2048 px");
+    CHECK(sdx4_unet_windows(64, 64, 32, 32, 1, 1, &ww, &wh) == -1 && strstr(sdx4_last_error(), "tile_overlap 32"),
           "overlap = tile: %s", sdx4_last_error());
-    CHECK(sdx4_unet_windows(0, 64, 0, 0, &ww, &wh) == -1 && sdx4_unet_windows(64, -1, 32, 8, &ww, &wh) == -1,
+    CHECK(sdx4_unet_windows(0, 64, 0, 0, 1, 1, &ww, &wh) == -1 && sdx4_unet_windows(64, -1, 32, 8, 1, 1, &ww, &wh) == -1,
           "no latent");
+}
+
+/* Automatic tiles (tile 0) for the full-size x4 upscaler's UNet, built from
+ * its configs without weights: the service's largest default input, 512 px,
+ * runs whole; larger ones in the largest windows whose UNet call fits
+ * SDX4_UNET_TILING_BUDGET (8 pixels more a side would not). */
+static void test_auto_windows(void) {
+    model m;
+    if (sdx4_model_spec(&m, SDX4_SOURCE_DIR "/assets/x4-upscaler")) {
+        CHECK(0, "x4 configs: %s", sdx4_last_error());
+        return;
+    }
+    int64_t per_pixel = sdx4_unet_bytes_per_pixel(&m.unet);
+    int ww, wh;
+    printf("  x4 UNet: %lld bytes a pixel of each batch item, guided 512x512 %.2f GiB\n", (long long)per_pixel,
+           per_pixel * 2.0 * 512 * 512 / (1 << 30));
+    CHECK(sdx4_unet_windows(512, 512, 0, 32, 1, per_pixel, &ww, &wh) == 1 && ww == 512 && wh == 512,
+          "512 px guided: %dx%d", ww, wh);
+    static const int sizes[][2] = {{1024, 1024}, {2048, 2048}, {2048, 600}, {720, 520}};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++)
+        for (int guided = 0; guided < 2; guided++) {
+            int w = sizes[i][0], h = sizes[i][1], n = sdx4_unet_windows(w, h, 0, 32, guided, per_pixel, &ww, &wh);
+            int tile = ww > wh ? ww : wh, bw, bh, more = sdx4_unet_windows(w, h, tile + 8, 32, guided, 1, &bw, &bh);
+            int64_t batch = guided ? 2 : 1, call = sdx4_tiling_windows_per_call(n) * batch * ww * wh * per_pixel;
+            int64_t larger = sdx4_tiling_windows_per_call(more) * batch * bw * bh * per_pixel;
+            printf("  %dx%d %s: %d window%s of %dx%d, %.2f GiB a call\n", w, h, guided ? "guided" : "unguided", n,
+                   n > 1 ? "s" : "", ww, wh, call / (double)(1 << 30));
+            if (batch * w * h * per_pixel <= SDX4_UNET_TILING_BUDGET) { /* 720x520 unguided */
+                CHECK(n == 1 && ww == w && wh == h, "%dx%d guided %d fits, yet %d windows", w, h, guided, n);
+                continue;
+            }
+            CHECK(n > 1 && tile % 8 == 0 && call <= SDX4_UNET_TILING_BUDGET && larger > SDX4_UNET_TILING_BUDGET,
+                  "%dx%d guided %d: %d windows of %dx%d, %lld bytes a call, %lld with 8 more", w, h, guided, n, ww, wh,
+                  (long long)call, (long long)larger);
+        }
+    sdx4_model_free(&m);
 }
 
 int main(void) {
@@ -207,5 +244,6 @@ int main(void) {
     test_bounds();
     test_tile_rules();
     test_windows();
+    test_auto_windows();
     return test_finish("test_engine_params");
 }

@@ -52,11 +52,18 @@ static void test_curve(sdx4_engine *e) {
     char err[160];
     CHECK(cost_curve_from_json(j, &back, err, sizeof err) == 0 && memcmp(&back, &k, sizeof k) == 0,
           "round trip: %s", err);
+    CHECK(back.unet_bytes_per_pixel == 1020, "the tiny UNet's %lld bytes a pixel", (long long)back.unet_bytes_per_pixel);
     json_object_set_new(j, "step", json_pack("[f,f]", 1.0, 2.0));
     CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"step\""), "short: %s", err);
     json_object_set_new(j, "step", json_pack("[f,f,f]", 1.0, -2.0, 3.0));
     CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"step\""), "negative: %s", err);
     json_object_set_new(j, "step", json_pack("[f,f,f]", 1.0, 2.0, 3.0));
+    json_object_set_new(j, "unet_bytes_per_pixel", json_integer(0));
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"unet_bytes_per_pixel\""), "0: %s", err);
+    json_object_del(j, "unet_bytes_per_pixel");
+    CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"unet_bytes_per_pixel\""), "none: %s",
+          err);
+    json_object_set_new(j, "unet_bytes_per_pixel", json_integer(1020));
     json_object_set_new(j, "pixels", json_pack("[f,f,f]", 4.0, 4.0, 9.0));
     CHECK(cost_curve_from_json(j, &back, err, sizeof err) == -1 && strstr(err, "\"pixels\""), "flat: %s", err);
     json_object_del(j, "calibrated");
@@ -81,7 +88,7 @@ static void test_tiles(sdx4_engine *e) {
     CHECK(cost_get_curve(c, &k) == 0, "curve");
     /* a step of 512 px in windows of 128 overlapping by 32: 5 x 5 windows
      * of 128 px, each one step of a 128 px upscale */
-    int ww, wh, n = sdx4_unet_windows(512, 512, 128, 32, &ww, &wh);
+    int ww, wh, n = sdx4_unet_windows(512, 512, 128, 32, 1, 1, &ww, &wh);
     CHECK(n == 25 && ww == 128 && wh == 128, "%d windows of %dx%d", n, ww, wh);
     double window = one_step(c, 128, 128, 0, 0), tiled = one_step(c, 512, 512, 128, 32);
     CHECK(window > 0 && near(tiled, n * window, 1e-9), "a tiled step %.6g, %d windows of %.6g", tiled, n, window);
@@ -93,7 +100,8 @@ static void test_tiles(sdx4_engine *e) {
     CHECK(cost_estimate(c, 300, 200, 300, 32, 20, true) == cost_estimate(c, 300, 200, 0, 0, 20, true), "tile >= sides");
     /* 2048 px in windows: above the untiled 512 px (16 times its pixels),
      * far below the untiled 2048 px's quadratic attention */
-    double big = cost_estimate(c, 2048, 2048, 128, 32, 20, true), whole = cost_estimate(c, 2048, 2048, 0, 0, 20, true);
+    double big = cost_estimate(c, 2048, 2048, 128, 32, 20, true),
+           whole = cost_estimate(c, 2048, 2048, 2048, 0, 20, true); /* a tile of the side: whole */
     CHECK(big > cost_estimate(c, 512, 512, 0, 0, 20, true) && big < whole / 2, "2048 px: tiled %.4g, whole %.4g", big,
           whole);
     /* the curve says the same, windows below min-side included */

@@ -12,6 +12,7 @@
  *     components (tests/data/tiled_unet): the latents at the pipeline's
  *     callbacks (steps 0, 1 and the last), at the pipeline tolerance, 2e-3.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +132,80 @@ static void check_seams(void) {
     }
 }
 
+/* sdx4_unet_bytes_per_pixel against what the CPU backend counts (its
+ * tensors and scratch) at the forward's peak, sizes ascending so that each
+ * peak is that size's own. The scratch (convolution columns, attention
+ * scores) is bounded per thread, so the peaks grow by the activations
+ * alone: measured, 951 bytes a pixel from the third size to the fourth
+ * against the estimate's 1,020 (it counts a few temporaries that the
+ * backend writes in place), and 2-6 MiB of scratch above the estimate
+ * with 2 threads. */
+static void check_memory_estimate(const model *m, backend *be) {
+    static const int runs[][3] = {{1, 64, 64}, {2, 64, 96}, {2, 128, 128}, {2, 192, 160}};
+    enum { RUNS = sizeof runs / sizeof *runs };
+    int64_t per_pixel = sdx4_unet_bytes_per_pixel(&m->unet), measured[RUNS] = {0}, pixels[RUNS];
+    if (strncmp(be->description, "CPU", 3)) return; /* another device's memory and dtype */
+    for (size_t k = 0; k < RUNS; k++) {
+        int b = runs[k][0], h = runs[k][1], w = runs[k][2];
+        int32_t labels[2] = {20, 20};
+        tensor *x = be->new_tensor(be, 4, (int64_t[]){b, m->unet.in_channels, h, w});
+        tensor *ctx = be->new_tensor(be, 3, (int64_t[]){b, 77, m->unet.context_dim[0]}), *y = NULL;
+        float *zeros = calloc((size_t)b * m->unet.in_channels * h * w, sizeof *zeros);
+        int64_t before, peak;
+        be->memory(be, &before, &peak);
+        if (x && ctx && zeros && !be->upload(be, x, zeros))
+            y = sdx4_unet_forward(be, &m->unet, x, 500, labels, ctx);
+        be->memory(be, &peak, &peak);
+        pixels[k] = (int64_t)b * h * w;
+        measured[k] = peak - before + pixels[k] * m->unet.in_channels * (int64_t)sizeof(float); /* with the sample */
+        printf("  unet memory, batch %d, %dx%d: estimate %.2f MiB, measured %.2f MiB\n", b, h, w,
+               per_pixel * pixels[k] / 1048576.0, measured[k] / 1048576.0);
+        CHECK(y, "unet forward: %s", sdx4_last_error());
+        tensor_free(x), tensor_free(ctx), tensor_free(y), free(zeros);
+    }
+    double growth = (double)(measured[RUNS - 1] - measured[RUNS - 2]) / (pixels[RUNS - 1] - pixels[RUNS - 2]);
+    CHECK(growth > 0.8 * per_pixel && growth < 1.05 * per_pixel, "the peak grows by %.0f bytes a pixel, the estimate "
+          "says %lld", growth, (long long)per_pixel);
+    CHECK(measured[RUNS - 1] < per_pixel * pixels[RUNS - 1] + (16 << 20), "%.2f MiB measured over the estimate",
+          (measured[RUNS - 1] - per_pixel * pixels[RUNS - 1]) / 1048576.0);
+}
+
+/* Automatic tiles (tile 0): whole within the budget, above it the windows
+ * sdx4_tiling_auto chooses, the same latents as those windows asked for
+ * by size. On a 64 x 192 latent of a smooth image, 2 steps, guided. */
+static void check_auto_tiles(const model *m, backend *be) {
+    enum { AH = 64, AW = 192 };
+    float *image = malloc(3 * AH * AW * sizeof *image), *out[3] = {0};
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < AH; y++)
+            for (int x = 0; x < AW; x++) image[(c * AH + y) * AW + x] = sinf(x / 17.0f + c) * cosf(y / 11.0f);
+    int64_t whole = sdx4_unet_bytes_per_pixel(&m->unet) * 2 * AH * AW;
+    /* budget below the whole latent's: windows; explicit, the same tile; at the budget: whole */
+    const int64_t budgets[3] = {whole * 3 / 4, whole * 3 / 4, whole};
+    pipeline_report rep[3] = {{0}};
+    for (int k = 0; k < 3; k++) {
+        pipeline_args a = {.image = image, .height = AH, .width = AW, .prompt = "a smooth wave", .steps = 2,
+                           .guidance = 6.0f, .noise_level = 20, .tile = k == 1 ? rep[0].unet_tile : 0,
+                           .tile_overlap = 16, .unet_budget = budgets[k]};
+        CHECK(!sdx4_pipeline_run(m, be, &a, &out[k], &rep[k]), "auto tiles %d: %s", k, sdx4_last_error());
+    }
+    int tile = rep[0].unet_tile;
+    printf("  automatic tiles on 64x192, budget %.2f MiB: %d windows of %d; at %.2f MiB: %d window\n",
+           budgets[0] / 1048576.0, rep[0].unet_windows, tile, budgets[2] / 1048576.0, rep[2].unet_windows);
+    CHECK(tile >= SDX4_MIN_TILE && tile % 8 == 0 && rep[0].unet_windows > 1, "over the budget: %d windows of %d",
+          rep[0].unet_windows, tile);
+    int group = sdx4_tiling_windows_per_call(rep[0].unet_windows), th = tile < AH ? tile : AH;
+    CHECK(sdx4_unet_bytes_per_pixel(&m->unet) * 2 * group * th * tile <= budgets[0],
+          "%d windows of %dx%d a call exceed the budget", group, th, tile);
+    CHECK(rep[2].unet_tile == 0 && rep[2].unet_windows == 1, "within the budget: %d windows", rep[2].unet_windows);
+    size_t n = (size_t)3 * AH * 4 * AW * 4;
+    CHECK(out[0] && out[1] && !memcmp(out[0], out[1], n * sizeof(float)),
+          "automatic windows of %d differ from the same windows asked for", tile);
+    CHECK(out[0] && out[2] && memcmp(out[0], out[2], n * sizeof(float)), "windows gave the whole latent's image");
+    for (int k = 0; k < 3; k++) free(out[k]);
+    free(image);
+}
+
 static void free_record(run_record *r) {
     for (int i = 0; i <= STEPS; i++) free(r->latents[i]);
 }
@@ -156,6 +231,8 @@ int main(void) {
         be->destroy(be);
         return test_finish("test_tiled_unet");
     }
+    check_memory_estimate(&m, be);
+    check_auto_tiles(&m, be);
     unsigned char rgb[H * W * 3];
     FILE *f = fopen(DATA "/input.rgb", "rb");
     CHECK(f && fread(rgb, 1, sizeof rgb, f) == sizeof rgb, "%s/input.rgb unreadable", DATA);

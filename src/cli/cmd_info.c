@@ -60,6 +60,8 @@ static void print_text(const sdx4_model_info *info) {
     printf("max noise level: %d\n", info->max_noise_level);
     printf("scale factor: %d\n", info->vae_scale_factor);
     printf("max prompt tokens: %d\n", info->max_prompt_tokens);
+    printf("unet activations: %lld bytes a latent pixel (automatic tiles above %.0f GiB)\n",
+           (long long)info->unet_bytes_per_pixel, SDX4_UNET_TILING_BUDGET / (double)(1 << 30));
     if (info->device_memory_bytes > 0)
         printf("device memory: %.1f MiB\n",
                info->device_memory_bytes / (1024.0 * 1024.0));
@@ -67,7 +69,7 @@ static void print_text(const sdx4_model_info *info) {
 
 static int print_json(const sdx4_model_info *info) {
     json_t *root = json_pack(
-        "{s:s, s:s, s:s, s:s, s:{s:I, s:I, s:I}, s:i, s:i, s:i, s:I}",
+        "{s:s, s:s, s:s, s:s, s:{s:I, s:I, s:I}, s:i, s:i, s:i, s:I, s:I}",
         "model_dir", info->model_dir, "device", info->device,
         "compute_dtype", info->compute_dtype, "weights_dtype",
         info->weights_dtype, "parameters", "text_encoder",
@@ -75,7 +77,8 @@ static int print_json(const sdx4_model_info *info) {
         (json_int_t)info->unet_params, "vae", (json_int_t)info->vae_params,
         "max_noise_level", info->max_noise_level, "vae_scale_factor",
         info->vae_scale_factor, "max_prompt_tokens", info->max_prompt_tokens,
-        "device_memory_bytes", (json_int_t)info->device_memory_bytes);
+        "device_memory_bytes", (json_int_t)info->device_memory_bytes,
+        "unet_bytes_per_pixel", (json_int_t)info->unet_bytes_per_pixel);
     char *text = root ? json_dumps(root, JSON_COMPACT) : NULL;
     json_decref(root);
     if (!text) return cli_fail("cannot format the model info as JSON");

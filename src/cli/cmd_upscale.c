@@ -336,12 +336,14 @@ int cmd_upscale(int argc, char **argv) {
         fail_file(out_path, err);
         goto done;
     }
-    char tiles[32] = "";
+    char windows[48] = "", tiles[32] = "";
+    if (report.unet_windows > 1)
+        snprintf(windows, sizeof windows, " in %d windows of %d", report.unet_windows, report.unet_tile);
     if (report.vae_tiles > 1) snprintf(tiles, sizeof tiles, " in %d tiles", report.vae_tiles);
     fprintf(stderr,
-            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s, vae %.1f s%s), peak RSS %.0f MiB\n",
+            "%s: %dx%d in %.1f s (text %.1f s, unet %.1f s%s, vae %.1f s%s), peak RSS %.0f MiB\n",
             out_path, output.width, output.height, cli_now() - start,
-            report.seconds_text, report.seconds_unet, report.seconds_vae, tiles,
+            report.seconds_text, report.seconds_unet, windows, report.seconds_vae, tiles,
             (double)sdx4_peak_rss_bytes() / (1 << 20));
     status = 0;
 

@@ -117,6 +117,7 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     info->max_noise_level = e->m.max_noise_level;
     info->vae_scale_factor = sdx4_vae_scale_factor(&e->m.vae);
     info->max_prompt_tokens = sdx4_tokenizer_max_length(e->m.tok);
+    info->unet_bytes_per_pixel = sdx4_unet_bytes_per_pixel(&e->m.unet);
     int64_t in_use = 0, peak = 0;
     e->be->memory(e->be, &in_use, &peak);
     info->device_memory_bytes = in_use;
@@ -137,6 +138,8 @@ enum {
     P_PROMPT, P_NEGATIVE_PROMPT, P_STEPS, P_GUIDANCE, P_NOISE_LEVEL, P_SEED, P_ETA, P_SCHEDULER,
     P_SCHEDULER_OPTIONS, P_VAE_TILING, P_TILE, P_TILE_OVERLAP, P_COUNT
 };
+
+_Static_assert(SDX4_UNET_TILING_BUDGET == (int64_t)6 << 30, "the tile row's help says 6 GiB");
 
 /* In the order of vae_tiling_mode (pipeline.h). */
 static const char *const vae_tilings[] = {"off", "on", "auto", NULL};
@@ -174,7 +177,8 @@ static const sdx4_param params[P_COUNT] = {
      * sdx4_check_params the gap */
     [P_TILE] = {"tile", SDX4_PARAM_INT, .int_min = 0, .int_max = SDX4_MAX_INPUT_SIDE, .int_default = 0,
                 .help = "UNet in windows this many latent (input) pixels wide, blended at every step: "
-                        "bounded memory and time for large inputs; 0 (the whole image) or 32 and more"},
+                        "bounded memory and time for large inputs; 32 and more, or 0: the whole image "
+                        "while the UNet's activations fit in 6 GiB, else the largest windows that do"},
     [P_TILE_OVERLAP] = {"tile_overlap", SDX4_PARAM_INT, .int_min = 0, .int_max = 1024, .int_default = 32,
                         .help = "least overlap of neighbouring UNet windows in latent pixels; below tile"},
 };
@@ -236,7 +240,7 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
         (s = check_int(&params[P_TILE_OVERLAP], p->tile_overlap)))
         return s;
     if (p->tile > 0 && p->tile < SDX4_MIN_TILE)
-        return INVALID("tile %d is outside %d..%lld (0: the whole image)", p->tile, SDX4_MIN_TILE,
+        return INVALID("tile %d is outside %d..%lld (0: automatic)", p->tile, SDX4_MIN_TILE,
                        (long long)params[P_TILE].int_max);
     if (p->tile > 0 && p->tile_overlap >= p->tile)
         return INVALID("tile_overlap %d must be smaller than tile %d", p->tile_overlap, p->tile);
@@ -308,7 +312,8 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
             .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
             .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
             .seconds_vae = rep.seconds_vae, .seconds_scheduler = rep.seconds_scheduler,
-            .unet_steps = rep.unet_steps, .vae_tiles = rep.vae_tiles};
+            .unet_steps = rep.unet_steps, .vae_tiles = rep.vae_tiles, .unet_tile = rep.unet_tile,
+            .unet_windows = rep.unet_windows};
     }
     return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
 }
@@ -316,11 +321,15 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
 /* Each axis on its own: tiling.c lays the axes out independently, so a
  * height x 1 and a 1 x width latent give the two axes' windows without
  * weighing a whole latent's pixels. */
-int sdx4_unet_windows(int width, int height, int tile, int overlap, int *window_w, int *window_h) {
+int sdx4_unet_windows(int width, int height, int tile, int overlap, int guided, int64_t unet_bytes_per_pixel,
+                      int *window_w, int *window_h) {
     if (width < 1 || height < 1) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "a %dx%d latent has no windows", width, height);
         return -1;
     }
+    if (tile == 0)
+        tile = sdx4_tiling_auto(height, width, overlap, guided ? 2 : 1, unet_bytes_per_pixel,
+                                SDX4_UNET_TILING_BUDGET);
     if (tile == 0) {
         *window_w = width, *window_h = height;
         return 1;

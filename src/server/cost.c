@@ -86,6 +86,7 @@ typedef struct {
 struct cost_model {
     sdx4_engine *engine;
     int scale_factor; /* the latent's sides are the input's rounded down to it */
+    int64_t unet_bytes_per_pixel; /* what automatic tiles weigh (sdx4_unet_windows) */
     int min_side, max_side;
     pthread_mutex_t lock;
     part_fit part[PART_COUNT];
@@ -100,6 +101,7 @@ cost_model *cost_create(sdx4_engine *engine, int min_side, int max_side) {
     sdx4_model_info info;
     sdx4_engine_info(engine, &info);
     c->scale_factor = info.vae_scale_factor;
+    c->unet_bytes_per_pixel = info.unet_bytes_per_pixel;
     c->min_side = min_side;
     c->max_side = max_side;
     pthread_mutex_init(&c->lock, NULL);
@@ -119,11 +121,11 @@ static int work(cost_model *c, int width, int height, int tile, int overlap, int
                 sdx4_flops out[PART_COUNT]) {
     sdx4_flop_counts f, window;
     if (sdx4_count_flops(c->engine, width, height, &f) != SDX4_OK) return -1;
-    int windows = 1, ww, wh;
-    if (tile > 0) {
-        windows = sdx4_unet_windows(width - width % c->scale_factor, height - height % c->scale_factor, tile,
-                                    overlap, &ww, &wh);
-        if (windows < 0 || sdx4_count_flops(c->engine, ww, wh, &window) != SDX4_OK) return -1;
+    int ww, wh, windows = sdx4_unet_windows(width - width % c->scale_factor, height - height % c->scale_factor,
+                                            tile, overlap, guided, c->unet_bytes_per_pixel, &ww, &wh);
+    if (windows < 0) return -1;
+    if (windows > 1) {
+        if (sdx4_count_flops(c->engine, ww, wh, &window) != SDX4_OK) return -1;
         f.step = window.step;
     }
     double batch = guided ? 1 : 0.5, runs = batch * steps * windows; /* the counts are for batch 2 */
@@ -279,12 +281,12 @@ json_t *cost_document(cost_model *c) {
 
 int cost_get_curve(cost_model *c, cost_curve *out) {
     int sides[3] = {c->min_side, (c->min_side + c->max_side) / 2, c->max_side};
-    *out = (cost_curve){.calibrated = cost_calibrated(c)};
+    *out = (cost_curve){.calibrated = cost_calibrated(c), .unet_bytes_per_pixel = c->unet_bytes_per_pixel};
     pthread_mutex_lock(&c->lock);
     int rc = c->observations > 0 && sides[0] < sides[1] && sides[1] < sides[2] ? 0 : -1;
     for (int i = 0; rc == 0 && i < 3; i++) {
         sdx4_flops f[PART_COUNT];
-        if (work(c, sides[i], sides[i], 0, 0, 1, true, f)) {
+        if (work(c, sides[i], sides[i], sides[i], 0, 1, true, f)) { /* whole: a tile of the side */
             rc = -1;
             break;
         }
@@ -300,8 +302,9 @@ int cost_get_curve(cost_model *c, cost_curve *out) {
 static json_t *triple(const double v[3]) { return json_pack("[f,f,f]", v[0], v[1], v[2]); }
 
 json_t *cost_curve_to_json(const cost_curve *k) {
-    return json_pack("{s:b,s:o,s:o,s:o,s:o}", "calibrated", k->calibrated, "pixels", triple(k->pixels), "text",
-                     triple(k->text), "step", triple(k->step), "decode", triple(k->decode));
+    return json_pack("{s:b,s:o,s:o,s:o,s:o,s:I}", "calibrated", k->calibrated, "pixels", triple(k->pixels), "text",
+                     triple(k->text), "step", triple(k->step), "decode", triple(k->decode), "unet_bytes_per_pixel",
+                     (json_int_t)k->unet_bytes_per_pixel);
 }
 
 static int get_triple(const json_t *j, const char *name, double v[3], char *err, size_t n) {
@@ -326,6 +329,10 @@ int cost_curve_from_json(const json_t *j, cost_curve *k, char *err, size_t n) {
         return -1;
     if (!(0 < k->pixels[0] && k->pixels[0] < k->pixels[1] && k->pixels[1] < k->pixels[2]))
         return snprintf(err, n, "cost curve: \"pixels\" must increase from above 0"), -1;
+    const json_t *per_pixel = json_object_get(j, "unet_bytes_per_pixel");
+    k->unet_bytes_per_pixel = json_integer_value(per_pixel);
+    if (!json_is_integer(per_pixel) || k->unet_bytes_per_pixel < 1 || k->unet_bytes_per_pixel > (int64_t)1 << 30)
+        return snprintf(err, n, "cost curve: \"unet_bytes_per_pixel\" must be an integer from 1 to 2^30"), -1;
     return 0;
 }
 
@@ -344,8 +351,8 @@ static double interpolate(const double x[3], const double y[3], double at) {
 double cost_curve_estimate(const cost_curve *k, int width, int height, int tile, int tile_overlap, int steps,
                            bool guided) {
     double pixels = (double)width * height, batch = guided ? 1 : 0.5; /* as work() counts */
-    int ww = width, wh = height, windows = tile > 0 ? sdx4_unet_windows(width, height, tile, tile_overlap, &ww, &wh)
-                                                   : 1;
+    int ww, wh, windows = sdx4_unet_windows(width, height, tile, tile_overlap, guided, k->unet_bytes_per_pixel, &ww,
+                                            &wh);
     if (windows < 0) return 0;
     double step = windows * interpolate(k->pixels, k->step, (double)ww * wh);
     return batch * (interpolate(k->pixels, k->text, pixels) + steps * step) + interpolate(k->pixels, k->decode, pixels);

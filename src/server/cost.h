@@ -23,9 +23,9 @@ void cost_destroy(cost_model *c);
 
 /* Seconds an upscale of a width x height image with `steps` UNet
  * evaluations should take alone on the device; 0 before the first
- * measurement. tile and tile_overlap are the request's (tile 0: the UNet
- * on the whole image): a tiled upscale's steps cost its windows
- * (sdx4_unet_windows) times one window's step. */
+ * measurement. tile and tile_overlap are the request's (tile 0:
+ * automatic): a tiled upscale's steps cost its windows (sdx4_unet_windows)
+ * times one window's step. */
 double cost_estimate(cost_model *c, int width, int height, int tile, int tile_overlap, int steps, bool guided);
 
 /* Whether the estimates rest on measurements at sizes far enough apart to
@@ -76,7 +76,8 @@ json_t *cost_document(cost_model *c);
 typedef struct {
     bool calibrated;
     double pixels[3];
-    double text[3], step[3], decode[3];
+    double text[3], step[3], decode[3];       /* untiled */
+    int64_t unet_bytes_per_pixel;             /* the model's: where tile 0 tiles */
 } cost_curve;
 
 /* The estimator's curve over its sides; -1 before the first measurement. */

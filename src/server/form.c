@@ -761,9 +761,10 @@ char *options_canonical(const upscale_options *o) {
     int quality = o->format == IMAGE_PNG ? 0 : o->quality;
     /* the scheduler, the VAE tiling and the UNet's tiles only when chosen,
      * so that the keys of requests without them stay those cached before
-     * they existed (tile 0 is untiled whatever the overlap) */
+     * they existed (tile 0 with the default overlap: what those ran, as
+     * automatic tiles leave an image that fits the budget whole) */
     char tiles[64] = "";
-    if (o->tile > 0) snprintf(tiles, sizeof tiles, "\x1ftile=%d\x1ftile_overlap=%d", o->tile, o->tile_overlap);
+    if (o->tile > 0 || o->tile_overlap != sdx4_param_find("tile_overlap")->int_default) snprintf(tiles, sizeof tiles, "\x1ftile=%d\x1ftile_overlap=%d", o->tile, o->tile_overlap);
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
                         "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,

@@ -1,7 +1,8 @@
 """The API's tile and tile_overlap fields (the tiled UNet) on a running
 server: windows smaller than the image change it and the cache key, a tile
-at least as large as the image gives the untiled bytes, tile 0 is the key
-of no tile at all, per-image values in a batch, and bad values refused
+at least as large as the image gives the untiled bytes, tile 0 (automatic:
+whole at these sizes) with the default overlap is the key of no tile at
+all, per-image values in a batch, and bad values refused
 naming the field. The windows and their blending are held to their rules
 by tests/test_tiled_unet.c; the cost of tiled requests by
 tests/test_server_cost.c."""
@@ -24,7 +25,10 @@ def test_tiles_change_the_image_and_the_cache_key():
         png = image_bytes(seed=7)  # 64 x 64
         base = upscale(s, png, {})
         assert base.status_code == 200 and base.headers["X-Cache"] == "MISS", base.text
-        assert upscale(s, png, {"tile": "0", "tile_overlap": "16"}).headers["X-Cache"] == "HIT"
+        assert upscale(s, png, {"tile": "0", "tile_overlap": "32"}).headers["X-Cache"] == "HIT"
+        # another overlap is a key of its own (automatic windows would use it), the same bytes here
+        auto = upscale(s, png, {"tile": "0", "tile_overlap": "16"})
+        assert auto.headers["X-Cache"] == "MISS" and auto.content == base.content
         tiled = upscale(s, png, {"tile": "32", "tile_overlap": "8"})
         assert tiled.status_code == 200 and tiled.headers["X-Cache"] == "MISS", tiled.text
         assert tiled.content != base.content

@@ -192,18 +192,6 @@ static int predict_noise(const model *m, backend *be, const pipeline_args *a, un
     return 0;
 }
 
-/* At most this many windows share one UNet call: the call's memory is
- * what bounds a tiled upscale's, whatever the image's size. */
-#define WINDOWS_PER_CALL 4
-
-/* Windows per UNet call for `count` windows: the calls balanced, the last
- * one filled up with copies of its last window (one shape for the
- * backend's recorded step). */
-static int windows_per_call(int count) {
-    int calls = (count + WINDOWS_PER_CALL - 1) / WINDOWS_PER_CALL;
-    return (count + calls - 1) / calls;
-}
-
 /* At a step boundary: the caller's flag, then its callback. */
 static int stop_requested(const pipeline_args *a, int step, int total, const float *latents) {
     return cancel_is_set(a->cancel) || (a->on_step && a->on_step(a->user, step, total, latents));
@@ -353,10 +341,17 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
                   m->max_noise_level);
         return -1;
     }
-    tiling tl = {0}; /* a->tile > 0: the windows; one for a tile at least as large as the image */
-    if (a->tile > 0 && sdx4_tiling_plan(&tl, a->height, a->width, a->tile, a->tile_overlap)) return -1;
-    int group = a->tile > 0 ? windows_per_call(tl.count) : 1;
-    size_t window = a->tile > 0 ? (size_t)tl.th * tl.tw : plane; /* a UNet input's pixels */
+    /* tile 0: the whole latent while the UNet's memory fits the budget */
+    int tile = a->tile > 0 ? a->tile
+                           : sdx4_tiling_auto(a->height, a->width, a->tile_overlap, batch,
+                                              sdx4_unet_bytes_per_pixel(&m->unet),
+                                              a->unet_budget ? a->unet_budget : SDX4_UNET_TILING_BUDGET);
+    tiling tl = {0}; /* tile > 0: the windows; one for a tile at least as large as the image */
+    if (tile > 0 && sdx4_tiling_plan(&tl, a->height, a->width, tile, a->tile_overlap)) return -1;
+    int group = tile > 0 ? sdx4_tiling_windows_per_call(tl.count) : 1;
+    size_t window = tile > 0 ? (size_t)tl.th * tl.tw : plane; /* a UNet input's pixels */
+    rep.unet_tile = tile;
+    rep.unet_windows = tile > 0 ? tl.count : 1;
     scheduler sched;
     if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options)) {
         sdx4_tiling_free(&tl);
@@ -375,12 +370,12 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
     float *unet_in = malloc((size_t)group * batch * (C + 3) * window * sizeof *unet_in);
     float *unet_out = malloc((size_t)group * batch * C * window * sizeof *unet_out);
-    float *acc = a->tile > 0 ? malloc(lat * sizeof *acc) : NULL;
+    float *acc = tile > 0 ? malloc(lat * sizeof *acc) : NULL;
     tensor *ctx = NULL;
     unet_state st = {0};
     torch_rng rng = {.ahead = NULL}; /* seeded below; stopped at done: */
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
-    if (!noise || !noisy || !latents || !eps || !unet_in || !unet_out || (a->tile > 0 && !acc)) {
+    if (!noise || !noisy || !latents || !eps || !unet_in || !unet_out || (tile > 0 && !acc)) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto fail;
     }
@@ -393,7 +388,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
     else sdx4_torch_randn(&rng, noise, img);
     if (sdx4_ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
         goto fail;
-    for (int b = 0; b < batch && a->tile <= 0; b++) /* the image half of every UNet input, once */
+    for (int b = 0; b < batch && tile <= 0; b++) /* the image half of every UNet input, once */
         memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
     /* from here every draw is randn(lat) (the latents, then a sampler's
      * noise): for a sampler that draws, each next one is drawn while the
@@ -408,12 +403,12 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
      * steps count 1..n whatever the sampler */
     int order = sched.order, warmup = sched.num_timesteps - a->steps * order, total = 0, done_steps = 0;
     for (int i = 0; i < sched.num_timesteps; i++) total += callback_at(i, sched.num_timesteps, warmup, order);
-    int calls = a->tile > 0 ? (tl.count + group - 1) / group : 1; /* progress units per step */
+    int calls = tile > 0 ? (tl.count + group - 1) / group : 1; /* progress units per step */
     total *= calls;
     if (stop_requested(a, 0, total, latents)) goto canceled;
     t0 = now();
-    if (unet_state_init(&st, m, be, ctx, group, group * batch, a->tile > 0 ? tl.th : a->height,
-                        a->tile > 0 ? tl.tw : a->width, a->noise_level))
+    if (unet_state_init(&st, m, be, ctx, group, group * batch, tile > 0 ? tl.th : a->height,
+                        tile > 0 ? tl.tw : a->width, a->noise_level))
         goto fail;
     for (int i = 0; i < sched.num_timesteps; i++) {
         double s0 = thread_cpu();
@@ -421,7 +416,7 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float
         rep.seconds_scheduler += thread_cpu() - s0;
         int reports = callback_at(i, sched.num_timesteps, warmup, order);
         call_progress progress = {reports ? done_steps * calls : -1, total, latents};
-        int rc_unet = a->tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, latents, scale, noisy,
+        int rc_unet = tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, latents, scale, noisy,
                                                         sched.timesteps[i], unet_in, unet_out, acc, &progress, eps)
                                   : predict_noise(m, be, a, &st, do_cfg, latents, scale, sched.timesteps[i], unet_in,
                                                   unet_out, eps);

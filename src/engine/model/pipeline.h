@@ -28,9 +28,12 @@ typedef struct {
     const char *scheduler, *scheduler_options;
     /* Tiled UNet (MultiDiffusion): windows of tile x tile latent pixels
      * (clamped to the image) overlapping by at least tile_overlap, their
-     * noise predictions blended at every step. 0, or a tile at least as
-     * large as the image: untiled. */
+     * noise predictions blended at every step; a tile at least as large as
+     * the image: untiled. 0: untiled while the UNet's activations
+     * (sdx4_unet_bytes_per_pixel) fit in unet_budget (0:
+     * SDX4_UNET_TILING_BUDGET), else sdx4_tiling_auto's windows. */
     int tile, tile_overlap;
+    int64_t unet_budget;
     /* Golden tests replace the generator's first two draws with recorded
      * noise; NULL draws from torch.Generator().manual_seed(seed). */
     const float *image_noise, *initial_latents;
@@ -55,7 +58,9 @@ typedef struct {
 
 typedef struct {
     int prompt_tokens, prompt_truncated, negative_truncated;
-    int vae_tiles; /* tiles the decode ran in, 1 when whole */
+    int vae_tiles;    /* tiles the decode ran in, 1 when whole */
+    int unet_tile;    /* the window side the UNet ran with, 0 for the whole latent */
+    int unet_windows; /* its windows, 1 when whole */
     double seconds_text, seconds_unet, seconds_vae;
     double seconds_scheduler; /* CPU seconds of the sampler (set_timesteps,
                                  scale_model_input, step), within seconds_unet */

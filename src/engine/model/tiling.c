@@ -14,11 +14,17 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "sdx4.h"
+
+/* Windows of `tile` along an axis of `length`. */
+static int axis_count(int length, int tile, int overlap) {
+    int size = tile < length ? tile : length;
+    return size == length ? 1 : (length - overlap + (size - overlap) - 1) / (size - overlap);
+}
 
 /* Origins and 1-D weights of the windows along one axis; their count. */
 static int plan_axis(int length, int tile, int overlap, int **origins, float **weights) {
-    int size = tile < length ? tile : length;
-    int n = size == length ? 1 : (length - overlap + (size - overlap) - 1) / (size - overlap);
+    int size = tile < length ? tile : length, n = axis_count(length, tile, overlap);
     *origins = malloc(sizeof **origins * (size_t)n);
     *weights = malloc(sizeof **weights * (size_t)n * (size_t)size);
     if (!*origins || !*weights) return -1;
@@ -68,4 +74,27 @@ int sdx4_tiling_plan(tiling *t, int height, int width, int tile, int overlap) {
 void sdx4_tiling_free(tiling *t) {
     free(t->ys), free(t->xs), free(t->wy), free(t->wx), free(t->sum);
     memset(t, 0, sizeof *t);
+}
+
+int sdx4_tiling_windows_per_call(int count) {
+    int calls = (count + SDX4_WINDOWS_PER_CALL - 1) / SDX4_WINDOWS_PER_CALL;
+    return (count + calls - 1) / calls;
+}
+
+/* The bytes of one UNet call over windows of `tile`. */
+static int64_t call_bytes(int height, int width, int tile, int overlap, int batch, int64_t bytes_per_pixel) {
+    int th = tile < height ? tile : height, tw = tile < width ? tile : width;
+    int group = sdx4_tiling_windows_per_call(axis_count(height, tile, overlap) * axis_count(width, tile, overlap));
+    return (int64_t)group * batch * th * tw * bytes_per_pixel;
+}
+
+int sdx4_tiling_auto(int height, int width, int overlap, int batch, int64_t bytes_per_pixel, int64_t budget) {
+    int64_t whole = (int64_t)batch * height * width * bytes_per_pixel;
+    if (whole <= budget) return 0;
+    int side = height > width ? height : width, least = SDX4_MIN_TILE > overlap + 1 ? SDX4_MIN_TILE : overlap + 1;
+    least = (least + 7) / 8 * 8;
+    for (int tile = (side - 1) / 8 * 8; tile > least; tile -= 8)
+        if (call_bytes(height, width, tile, overlap, batch, bytes_per_pixel) <= budget) return tile;
+    /* nothing fits: whichever holds less */
+    return least < side && call_bytes(height, width, least, overlap, batch, bytes_per_pixel) < whole ? least : 0;
 }

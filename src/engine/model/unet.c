@@ -352,3 +352,64 @@ fail:
     DROP(temb), DROP(h), DROP(x);
     return out;
 }
+
+/* ------------------------------------------------------ the forward's memory */
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Elements alive at once in sdx4_resnet_forward on x [cin, px] besides x:
+ * norm1 + conv1, then norm2 + conv1, then norm2 + shortcut + conv2. */
+static int64_t resnet_live(int64_t px, int cin, int cout) {
+    return px * max64(cin + cout, (cin != cout ? 3 : 2) * cout);
+}
+
+/* The same for layer_forward: the resnet, then (cross) its output beside
+ * the transformer's feed-forward, whose residual, GEGLU projection (8 C)
+ * and GEGLU output (4 C) are alive at once: more than attention's
+ * residual, normed input, q, k, v, output and projection (7 C). */
+static int64_t layer_live(const unet_block *b, int64_t px, int cin, int cout) {
+    int64_t live = resnet_live(px, cin, cout);
+    return b->cross ? max64(live, px * cout + 13 * px * cout) : live;
+}
+
+int64_t sdx4_unet_bytes_per_pixel(const unet *u) {
+    /* one batch item of 2^(levels-1) pixels a side: every level has whole pixels */
+    int64_t unit = (int64_t)1 << 2 * (u->levels - 1), px = unit;
+    int64_t skips[1 + UNET_MAX_LEVELS * (UNET_MAX_LAYERS + 1)], held = 0;
+    int n = 0, ch = u->block_channels[0];
+    int64_t peak = px * (u->in_channels + ch); /* the sample and conv_in's output */
+    held += skips[n++] = px * ch;
+    for (int i = 0; i < u->levels; i++) { /* every output is kept for the way up */
+        const unet_block *b = &u->down[i];
+        for (int j = 0; j < b->nlayers; j++, ch = u->block_channels[i]) {
+            peak = max64(peak, held + layer_live(b, px, ch, u->block_channels[i]));
+            held += skips[n++] = px * u->block_channels[i];
+        }
+        if (b->has_sampler) {
+            px /= 4;
+            held += skips[n++] = px * ch;
+            peak = max64(peak, held);
+        }
+    }
+    /* the mid block: x, then h beside the transformer, then h beside a resnet */
+    peak = max64(peak, held + resnet_live(px, ch, ch));
+    peak = max64(peak, held + px * ch + max64(13 * px * ch, resnet_live(px, ch, ch)));
+    for (int i = 0; i < u->levels; i++) {
+        const unet_block *b = &u->up[i];
+        int out = u->block_channels[u->levels - 1 - i];
+        for (int j = 0; j < b->nlayers && n > 0; j++, ch = out) {
+            int cin = ch + (int)(skips[n - 1] / px); /* torch.cat: h, the skip and x at once */
+            peak = max64(peak, held + px * ch + px * cin);
+            held -= skips[--n];
+            peak = max64(peak, held + px * cin + layer_live(b, px, cin, out));
+        }
+        if (b->has_sampler) { /* h beside its upsampled copy, that beside the conv */
+            peak = max64(peak, held + 5 * px * ch);
+            px *= 4;
+            peak = max64(peak, held + 2 * px * ch);
+        }
+    }
+    peak = max64(peak, px * (2 * ch + u->out_channels)); /* h, norm_out's, conv_out's */
+    peak += unit * u->in_channels;                                 /* the caller's sample */
+    return (peak * (int64_t)sizeof(float) + unit - 1) / unit;
+}

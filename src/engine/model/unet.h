@@ -59,4 +59,13 @@ tensor *sdx4_unet_class_embedding(backend *be, const unet *u, const int32_t *lab
 tensor *sdx4_unet_forward_embedded(backend *be, const unet *u, const tensor *sample, const tensor *tproj,
                          const tensor *cls, const tensor *context, kv_cache *kv);
 
+/* Bytes of float32 activations that sdx4_unet_forward holds at its peak,
+ * per latent pixel of each batch item: the down path's outputs, kept for
+ * the way up, beside the largest layer's temporaries. Attention and
+ * convolutions keep their scratch bounded (the CPU backend's tiles), so
+ * the peak grows with batch x height x width and nothing else; sides that
+ * are not multiples of 2^(levels-1) round up inside and hold a little
+ * more. */
+int64_t sdx4_unet_bytes_per_pixel(const unet *u);
+
 #endif
