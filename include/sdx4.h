@@ -238,6 +238,9 @@ typedef enum {
  * it, windows keep every UNet call within it. */
 #define SDX4_UNET_TILING_BUDGET ((int64_t)6 << 30)
 
+/* The most upscales that share their UNet calls (sdx4_upscale_batch). */
+#define SDX4_MAX_BATCH 16
+
 /* The largest seed: JSON clients cannot send integers beyond a signed
  * 64-bit one safely, so every front end stops there. */
 #define SDX4_SEED_MAX INT64_MAX
@@ -321,6 +324,7 @@ typedef struct {
     int vae_tiles;          /* tiles the VAE decoded in; 1 when whole */
     int unet_tile;          /* the UNet's window side; 0 for the whole latent */
     int unet_windows;       /* its windows; 1 when whole */
+    int batch_size;         /* upscales that shared its UNet calls (1 alone) */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the
@@ -330,6 +334,35 @@ typedef struct {
 sdx4_status sdx4_upscale(sdx4_engine *engine, const sdx4_image *input,
                          const sdx4_upscale_params *params,
                          sdx4_image *output, sdx4_upscale_report *report);
+
+/* Upscales n inputs (1..SDX4_MAX_BATCH) together: at every step one UNet
+ * call for all of them, which keeps a GPU's tensor cores busier than n
+ * calls would. Each keeps its own prompts, noise level, guidance scale,
+ * seed, sampler state, progress callback and cancel flag: its image is
+ * the one sdx4_upscale gives it alone (the batched arithmetic may round
+ * differently: within the pipeline's tolerance). They must be batchable
+ * with the first (sdx4_batchable) and at most sdx4_batch_capacity of
+ * them. One whose flag is set (or whose callback stops it) leaves the
+ * batch at that step's end with statuses[k] SDX4_ERR_CANCELED and no
+ * output; the others go on. Returns SDX4_OK when the batch ran (then
+ * statuses[k] says how each ended, outputs[k] holds the images of those
+ * SDX4_OK), else the error that stopped all of them (every status set to
+ * it). reports may be NULL. */
+sdx4_status sdx4_upscale_batch(sdx4_engine *engine, int n, const sdx4_image *inputs,
+                               const sdx4_upscale_params *params, sdx4_image *outputs,
+                               sdx4_upscale_report *reports, sdx4_status *statuses);
+
+/* Whether upscales of a width_a x height_a input with params a and of a
+ * width_b x height_b one with b can share UNet calls: the same latent
+ * size, steps, sampler and its options, guidance or not, and tile 0 for
+ * both. Any thread may call it. */
+int sdx4_batchable(const sdx4_engine *engine, int width_a, int height_a, const sdx4_upscale_params *a,
+                   int width_b, int height_b, const sdx4_upscale_params *b);
+
+/* How many upscales like this one can share their UNet calls: as many as
+ * fit SDX4_UNET_TILING_BUDGET together, at most SDX4_MAX_BATCH; 1 when
+ * one alone needs windows or asks for a tile. Any thread may call it. */
+int sdx4_batch_capacity(const sdx4_engine *engine, int width, int height, const sdx4_upscale_params *params);
 
 /* Token count of a prompt as the text encoder will see it (start and end
  * tokens included, before truncation): lets a server tell a client that

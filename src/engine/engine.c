@@ -279,16 +279,10 @@ static int on_step(void *user, int step, int total, const float *latents) {
     return p->progress ? p->progress(p->progress_user, step, total) : 0;
 }
 
-sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p,
-                         sdx4_image *out, sdx4_upscale_report *report) {
-    sdx4_error_clear();
-    memset(out, 0, sizeof *out);
-    sdx4_status s = check_params(e, in, p);
-    if (s) return s;
-    float *image = NULL, *result = NULL;
-    int h, w, f = sdx4_vae_scale_factor(&e->m.vae);
-    if (sdx4_image_preprocess(in, f, &image, &h, &w)) return sdx4_error_status();
-    pipeline_args a = {
+/* The pipeline's arguments for params p on a preprocessed image. */
+static pipeline_args pipeline_args_of(const sdx4_engine *e, const sdx4_upscale_params *p, const float *image, int h,
+                                      int w) {
+    return (pipeline_args){
         .image = image, .height = h, .width = w,
         .prompt = p->prompt, .negative_prompt = p->negative_prompt,
         .steps = p->num_inference_steps, .guidance = p->guidance_scale,
@@ -301,21 +295,89 @@ sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscal
         .vae_tiling = (vae_tiling_mode)choice_index(&params[P_VAE_TILING], p->vae_tiling),
         .tile = p->tile, .tile_overlap = p->tile_overlap,
     };
-    pipeline_report rep;
-    int rc = sdx4_pipeline_run(&e->m, e->be, &a, &result, &rep);
-    free(image);
-    if (rc == 0) rc = sdx4_image_postprocess(result, h * f, w * f, out);
-    free(result);
-    if (report) {
-        *report = (sdx4_upscale_report){
-            .noise_level = a.noise_level, .prompt_tokens = rep.prompt_tokens,
-            .prompt_truncated = rep.prompt_truncated, .negative_truncated = rep.negative_truncated,
-            .seconds_text = rep.seconds_text, .seconds_unet = rep.seconds_unet,
-            .seconds_vae = rep.seconds_vae, .seconds_scheduler = rep.seconds_scheduler,
-            .unet_steps = rep.unet_steps, .vae_tiles = rep.vae_tiles, .unet_tile = rep.unet_tile,
-            .unet_windows = rep.unet_windows};
+}
+
+static sdx4_upscale_report report_of(const pipeline_report *rep, int noise_level, int batch) {
+    return (sdx4_upscale_report){
+        .noise_level = noise_level, .prompt_tokens = rep->prompt_tokens,
+        .prompt_truncated = rep->prompt_truncated, .negative_truncated = rep->negative_truncated,
+        .seconds_text = rep->seconds_text, .seconds_unet = rep->seconds_unet,
+        .seconds_vae = rep->seconds_vae, .seconds_scheduler = rep->seconds_scheduler,
+        .unet_steps = rep->unet_steps, .vae_tiles = rep->vae_tiles, .unet_tile = rep->unet_tile,
+        .unet_windows = rep->unet_windows, .batch_size = batch};
+}
+
+/* The latent's sides of an input: rounded down to the scale factor. */
+static void latent_size(const sdx4_engine *e, int width, int height, int *w, int *h) {
+    int f = sdx4_vae_scale_factor(&e->m.vae);
+    *w = width - width % f, *h = height - height % f;
+}
+
+int sdx4_batchable(const sdx4_engine *e, int width_a, int height_a, const sdx4_upscale_params *a, int width_b,
+                   int height_b, const sdx4_upscale_params *b) {
+    int wa, ha, wb, hb;
+    latent_size(e, width_a, height_a, &wa, &ha);
+    latent_size(e, width_b, height_b, &wb, &hb);
+    return wa == wb && ha == hb && a->num_inference_steps == b->num_inference_steps &&
+           (a->guidance_scale > 1.0f) == (b->guidance_scale > 1.0f) && a->tile == 0 && b->tile == 0 &&
+           !strcmp(a->scheduler ? a->scheduler : "", b->scheduler ? b->scheduler : "") &&
+           !strcmp(a->scheduler_options ? a->scheduler_options : "",
+                   b->scheduler_options ? b->scheduler_options : "");
+}
+
+int sdx4_batch_capacity(const sdx4_engine *e, int width, int height, const sdx4_upscale_params *p) {
+    int w, h, cfg = p->guidance_scale > 1.0f ? 2 : 1;
+    latent_size(e, width, height, &w, &h);
+    int64_t one = sdx4_unet_bytes_per_pixel(&e->m.unet) * cfg * w * h;
+    if (p->tile != 0 || one <= 0 || one > SDX4_UNET_TILING_BUDGET) return 1;
+    int64_t n = SDX4_UNET_TILING_BUDGET / one;
+    return n < SDX4_MAX_BATCH ? (int)n : SDX4_MAX_BATCH;
+}
+
+sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, const sdx4_upscale_params *p,
+                               sdx4_image *out, sdx4_upscale_report *reports, sdx4_status *statuses) {
+    sdx4_error_clear();
+    if (n < 1 || n > SDX4_MAX_BATCH) return INVALID("a batch of %d upscales: 1 to %d", n, SDX4_MAX_BATCH);
+    for (int k = 0; k < n; k++) {
+        memset(&out[k], 0, sizeof out[k]);
+        statuses[k] = SDX4_OK;
     }
-    return rc ? (sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY) : SDX4_OK;
+    sdx4_status s = SDX4_OK;
+    for (int k = 0; k < n && !s; k++) {
+        s = check_params(e, &in[k], &p[k]);
+        if (!s && k > 0 && !sdx4_batchable(e, in[0].width, in[0].height, &p[0], in[k].width, in[k].height, &p[k]))
+            s = INVALID("upscale %d of the batch cannot share the first one's UNet calls: sizes, steps, sampler, "
+                        "guidance or tiles differ", k);
+    }
+    if (!s && n > sdx4_batch_capacity(e, in[0].width, in[0].height, &p[0]))
+        s = INVALID("a batch of %d upscales of %dx%d exceeds the UNet's memory budget (at most %d)", n,
+                    in[0].width, in[0].height, sdx4_batch_capacity(e, in[0].width, in[0].height, &p[0]));
+    float *images[SDX4_MAX_BATCH] = {0}, *results[SDX4_MAX_BATCH] = {0};
+    pipeline_args args[SDX4_MAX_BATCH];
+    pipeline_report reps[SDX4_MAX_BATCH] = {{0}};
+    int stopped[SDX4_MAX_BATCH] = {0}, h = 0, w = 0, f = sdx4_vae_scale_factor(&e->m.vae);
+    for (int k = 0; k < n && !s; k++) {
+        if (sdx4_image_preprocess(&in[k], f, &images[k], &h, &w)) s = sdx4_error_status();
+        else args[k] = pipeline_args_of(e, &p[k], images[k], h, w);
+    }
+    if (!s && sdx4_pipeline_run_batch(&e->m, e->be, n, args, results, reps, stopped))
+        s = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
+    for (int k = 0; k < n; k++) {
+        if (!s && stopped[k]) statuses[k] = SDX4_ERR_CANCELED;
+        else if (!s && sdx4_image_postprocess(results[k], h * f, w * f, &out[k]))
+            statuses[k] = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
+        else statuses[k] = s;
+        if (reports) reports[k] = report_of(&reps[k], s ? 0 : args[k].noise_level, n);
+        free(images[k]), free(results[k]);
+    }
+    return s;
+}
+
+sdx4_status sdx4_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p,
+                         sdx4_image *out, sdx4_upscale_report *report) {
+    sdx4_status status, s = sdx4_upscale_batch(e, 1, in, p, out, report, &status);
+    if (!s && status == SDX4_ERR_CANCELED) sdx4_set_error(SDX4_ERR_CANCELED, "canceled");
+    return s ? s : status;
 }
 
 /* Each axis on its own: tiling.c lays the axes out independently, so a

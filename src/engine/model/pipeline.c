@@ -36,12 +36,22 @@
  * The cross-attention keys and values of the prompt, the same at every
  * step, are computed by the first step and kept (kv_cache, blocks.h).
  *
- * A caller's cancel flag is installed as this thread's (core/cancel.h) for
- * the whole run: the UNet, the VAE and the CPU kernels read it between
- * their blocks and tiles, and the loop between steps. Whatever fails once
- * the flag is set reports SDX4_ERR_CANCELED, also where a backend tidying
- * up after the stopped operation (ending a planning pass) cleared the
- * error.
+ * Upscales of the same latent size, timesteps and guidance can run in
+ * lockstep (a batch): each step is one UNet call over all their inputs,
+ * cat([latents] * 2) of each in turn, with every one's prompts and noise
+ * level; their guidance, sampler steps, generators and callbacks stay
+ * their own (run_item), so each gets the image it would get alone. One
+ * upscale is a batch of one. A tiled upscale runs alone: its windows are
+ * its batch.
+ *
+ * The cancel flag of an upscale alone is installed as this thread's
+ * (core/cancel.h) for its whole run: the UNet, the VAE and the CPU kernels
+ * read it between their blocks and tiles, and the loop between steps.
+ * Whatever fails once the flag is set reports SDX4_ERR_CANCELED, also
+ * where a backend tidying up after the stopped operation (ending a
+ * planning pass) cleared the error. In a batch the flags are read between
+ * steps (one upscale's stop must not break the others' UNet call) and
+ * during each one's own decode.
  */
 #include "model/pipeline.h"
 
@@ -98,23 +108,26 @@ typedef struct {
     backend_step *step;
 } unet_state;
 
-/* For `copies` windows per call the prompt's embeddings [cfg, L, D] are
- * repeated to [copies * cfg, L, D], in the order of the UNet's batch. */
-static int unet_state_init(unet_state *st, const model *m, backend *be, const tensor *ctx, int copies,
-                           int batch, int h, int w, int noise_level) {
+/* The UNet's state for the prompts' embeddings of `items` upscales
+ * ([cfg, L, D] each), every one repeated `copies` times (windows of one
+ * image), stacked in the order of the UNet's batch, with a class label
+ * (noise level) for every batch entry. One prompt once is used as it is. */
+static int unet_state_init(unet_state *st, const model *m, backend *be, const tensor *const *ctxs, int items,
+                           int copies, int h, int w, const int32_t *labels) {
     memset(st, 0, sizeof *st);
-    st->m = m, st->be = be, st->ctx = ctx;
-    int32_t *labels = malloc(sizeof *labels * (size_t)batch);
+    st->m = m, st->be = be, st->ctx = ctxs[0];
+    int batch = items * copies * (int)ctxs[0]->shape[0];
     float *host = NULL;
-    if (!labels) goto oom;
-    for (int b = 0; b < batch; b++) labels[b] = noise_level;
-    if (copies > 1) {
-        size_t n = (size_t)tensor_numel(ctx);
-        host = malloc(sizeof *host * n * (size_t)copies);
-        if (!host) goto oom;
-        if (be->download(be, ctx, host)) goto fail;
-        for (int c = 1; c < copies; c++) memcpy(host + c * n, host, n * sizeof *host);
-        int64_t shape[4] = {ctx->shape[0] * copies, ctx->shape[1], ctx->shape[2], ctx->shape[3]};
+    if (items * copies > 1) {
+        size_t n = (size_t)tensor_numel(ctxs[0]);
+        if (!(host = malloc(sizeof *host * n * (size_t)(items * copies)))) goto oom;
+        for (int k = 0; k < items; k++) {
+            float *at = host + (size_t)k * copies * n;
+            if (be->download(be, ctxs[k], at)) goto fail;
+            for (int c = 1; c < copies; c++) memcpy(at + c * n, at, n * sizeof *host);
+        }
+        const tensor *ctx = ctxs[0];
+        int64_t shape[4] = {batch, ctx->shape[1], ctx->shape[2], ctx->shape[3]};
         TRY(st->ctx_copies = be->new_tensor(be, ctx->ndim, shape));
         if (be->upload(be, st->ctx_copies, host)) goto fail;
         st->ctx = st->ctx_copies;
@@ -125,12 +138,12 @@ static int unet_state_init(unet_state *st, const model *m, backend *be, const te
     if (m->unet.class_embedding) TRY(st->cls = sdx4_unet_class_embedding(be, &m->unet, labels, batch));
     TRY(st->kv = sdx4_kv_cache_new());
     TRY(st->step = sdx4_step_new(be));
-    free(labels), free(host);
+    free(host);
     return 0;
 oom:
     sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
 fail:
-    free(labels), free(host);
+    free(host);
     return -1;
 }
 
@@ -169,27 +182,6 @@ static void copy_scaled(float *dst, const float *src, size_t n, float scale) {
     }
 #pragma omp simd
     for (size_t i = 0; i < n; i++) dst[i] = src[i] / scale;
-}
-
-/* One UNet evaluation with guidance: eps [C, h, w] on the host. unet_in
- * already holds the noisy image channels of every batch entry (they do not
- * change between steps); only the latents, scaled as the scheduler's
- * scale_model_input scales them, are written here. */
-static int predict_noise(const model *m, backend *be, const pipeline_args *a, unet_state *st,
-                         int do_cfg, const float *latents, float scale, float t, float *unet_in,
-                         float *unet_out, float *eps) {
-    int batch = do_cfg ? 2 : 1, C = m->vae.latent_channels;
-    size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
-    copy_scaled(unet_in, latents, lat, scale); /* cat([latents, image], dim=1) */
-    for (int b = 1; b < batch; b++) memcpy(unet_in + b * (lat + img), unet_in, lat * sizeof *unet_in);
-    if (unet_step(m, be, st, t, unet_in, unet_out)) return -1;
-    if (do_cfg) {
-        const float *uncond = unet_out, *text = unet_out + lat;
-        for (size_t i = 0; i < lat; i++) eps[i] = uncond[i] + a->guidance * (text[i] - uncond[i]);
-    } else {
-        memcpy(eps, unet_out, lat * sizeof *eps);
-    }
-    return 0;
 }
 
 /* At a step boundary: the caller's flag, then its callback. */
@@ -328,129 +320,303 @@ static int callback_at(int i, int n, int warmup, int order) {
     return i == n - 1 || (i + 1 > warmup && (i + 1) % order == 0);
 }
 
+/* One upscale through the loop: its sampler, generator, prompt, noisy
+ * image and latents. A batch runs several in lockstep, one UNet call a
+ * step for all of them; every one keeps its own state, so that each image
+ * is the one it would be alone. */
+typedef struct {
+    const pipeline_args *a;
+    pipeline_report rep;
+    scheduler sched;
+    int has_sched;
+    torch_rng rng;
+    tensor *ctx;
+    float *noisy, *latents, *eps;
+    int warmup, total, calls, done_steps; /* progress: `calls` units a step */
+    int stopped;                          /* its caller stopped it */
+} run_item;
 
-int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out,
-                 pipeline_report *report) {
-    pipeline_report rep = {0};
-    int do_cfg = a->guidance > 1.0f, C = m->vae.latent_channels, rc = -1;
+static void item_free(run_item *it) {
+    sdx4_torch_rng_stop_ahead(&it->rng);
+    if (it->has_sched) sdx4_scheduler_free(&it->sched);
+    DROP(it->ctx);
+    free(it->noisy), free(it->latents), free(it->eps);
+    it->has_sched = 0, it->noisy = it->latents = it->eps = NULL;
+}
+
+/* Everything before the loop, in diffusers' order: the sampler's
+ * timesteps, the prompt's embeddings, the generator's first draw (the
+ * image's noise) and second (the latents); progress counts `calls` units
+ * a step. -1 with the error set (the item is then freed by the caller). */
+static int item_begin(const model *m, backend *be, const pipeline_args *a, int calls, run_item *it) {
+    int C = m->vae.latent_channels;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
-    int batch = do_cfg ? 2 : 1;
-    *out = NULL;
+    it->a = a, it->calls = calls;
     if (a->noise_level < 0 || a->noise_level > m->max_noise_level) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "noise_level %d is outside 0..%d", a->noise_level,
-                  m->max_noise_level);
+                       m->max_noise_level);
         return -1;
     }
-    /* tile 0: the whole latent while the UNet's memory fits the budget */
-    int tile = a->tile > 0 ? a->tile
-                           : sdx4_tiling_auto(a->height, a->width, a->tile_overlap, batch,
-                                              sdx4_unet_bytes_per_pixel(&m->unet),
-                                              a->unet_budget ? a->unet_budget : SDX4_UNET_TILING_BUDGET);
-    tiling tl = {0}; /* tile > 0: the windows; one for a tile at least as large as the image */
-    if (tile > 0 && sdx4_tiling_plan(&tl, a->height, a->width, tile, a->tile_overlap)) return -1;
-    int group = tile > 0 ? sdx4_tiling_windows_per_call(tl.count) : 1;
-    size_t window = tile > 0 ? (size_t)tl.th * tl.tw : plane; /* a UNet input's pixels */
-    rep.unet_tile = tile;
-    rep.unet_windows = tile > 0 ? tl.count : 1;
-    scheduler sched;
-    if (sdx4_scheduler_create(&sched, &m->scheduler, a->scheduler, a->scheduler_options)) {
-        sdx4_tiling_free(&tl);
-        return -1;
-    }
+    if (sdx4_scheduler_create(&it->sched, &m->scheduler, a->scheduler, a->scheduler_options)) return -1;
+    it->has_sched = 1;
     double t0 = thread_cpu();
-    if (sdx4_scheduler_set_timesteps(&sched, a->steps, lat)) {
-        sdx4_scheduler_free(&sched);
-        sdx4_tiling_free(&tl);
-        return -1;
-    }
-    rep.seconds_scheduler = thread_cpu() - t0;
-    rep.unet_steps = sched.num_timesteps;
-
-    float *noise = malloc(img * sizeof *noise), *noisy = malloc(img * sizeof *noisy);
-    float *latents = malloc(lat * sizeof *latents), *eps = malloc(lat * sizeof *eps);
-    float *unet_in = malloc((size_t)group * batch * (C + 3) * window * sizeof *unet_in);
-    float *unet_out = malloc((size_t)group * batch * C * window * sizeof *unet_out);
-    float *acc = tile > 0 ? malloc(lat * sizeof *acc) : NULL;
-    tensor *ctx = NULL;
-    unet_state st = {0};
-    torch_rng rng = {.ahead = NULL}; /* seeded below; stopped at done: */
-    const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(a->cancel);
-    if (!noise || !noisy || !latents || !eps || !unet_in || !unet_out || (tile > 0 && !acc)) {
+    if (sdx4_scheduler_set_timesteps(&it->sched, a->steps, lat)) return -1;
+    it->rep.seconds_scheduler = thread_cpu() - t0;
+    it->rep.unet_steps = it->sched.num_timesteps;
+    it->noisy = malloc(img * sizeof *it->noisy);
+    it->latents = malloc(lat * sizeof *it->latents), it->eps = malloc(lat * sizeof *it->eps);
+    float *noise = malloc(img * sizeof *noise);
+    if (!noise || !it->noisy || !it->latents || !it->eps) {
+        free(noise);
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
-        goto fail;
+        return -1;
     }
     t0 = now();
-    TRY(ctx = sdx4_pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, do_cfg, &rep));
-    rep.seconds_text = now() - t0;
-
-    sdx4_torch_rng_seed(&rng, a->seed);
+    it->ctx = sdx4_pipeline_encode_prompt(m, be, a->prompt, a->negative_prompt, a->guidance > 1.0f, &it->rep);
+    it->rep.seconds_text = now() - t0;
+    sdx4_torch_rng_seed(&it->rng, a->seed);
     if (a->image_noise) memcpy(noise, a->image_noise, img * sizeof *noise);
-    else sdx4_torch_randn(&rng, noise, img);
-    if (sdx4_ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, noisy))
-        goto fail;
-    for (int b = 0; b < batch && tile <= 0; b++) /* the image half of every UNet input, once */
-        memcpy(unet_in + b * (lat + img) + lat, noisy, img * sizeof *noisy);
+    else sdx4_torch_randn(&it->rng, noise, img);
+    int rc = !it->ctx || sdx4_ddpm_add_noise(&m->low_res_scheduler, a->image, noise, img, a->noise_level, it->noisy);
+    free(noise);
+    if (rc) return -1;
     /* from here every draw is randn(lat) (the latents, then a sampler's
      * noise): for a sampler that draws, each next one is drawn while the
      * UNet runs (rng.h); without a thread they are drawn when asked, the
      * same numbers */
-    if (sdx4_scheduler_draws_noise(&sched, a->eta)) sdx4_torch_rng_draw_ahead(&rng);
-    if (a->initial_latents) memcpy(latents, a->initial_latents, lat * sizeof *latents);
-    else sdx4_torch_randn(&rng, latents, lat);
-    for (size_t i = 0; i < lat; i++) latents[i] = latents[i] * sched.init_noise_sigma;
-
+    if (sdx4_scheduler_draws_noise(&it->sched, a->eta)) sdx4_torch_rng_draw_ahead(&it->rng);
+    if (a->initial_latents) memcpy(it->latents, a->initial_latents, lat * sizeof *it->latents);
+    else sdx4_torch_randn(&it->rng, it->latents, lat);
+    for (size_t i = 0; i < lat; i++) it->latents[i] = it->latents[i] * it->sched.init_noise_sigma;
     /* progress as diffusers' pipeline reports it (callback_at), so that n
      * steps count 1..n whatever the sampler */
-    int order = sched.order, warmup = sched.num_timesteps - a->steps * order, total = 0, done_steps = 0;
-    for (int i = 0; i < sched.num_timesteps; i++) total += callback_at(i, sched.num_timesteps, warmup, order);
-    int calls = tile > 0 ? (tl.count + group - 1) / group : 1; /* progress units per step */
-    total *= calls;
-    if (stop_requested(a, 0, total, latents)) goto canceled;
-    t0 = now();
-    if (unet_state_init(&st, m, be, ctx, group, group * batch, tile > 0 ? tl.th : a->height,
-                        tile > 0 ? tl.tw : a->width, a->noise_level))
-        goto fail;
-    for (int i = 0; i < sched.num_timesteps; i++) {
-        double s0 = thread_cpu();
-        float scale = sdx4_scheduler_input_scale(&sched, i);
-        rep.seconds_scheduler += thread_cpu() - s0;
-        int reports = callback_at(i, sched.num_timesteps, warmup, order);
-        call_progress progress = {reports ? done_steps * calls : -1, total, latents};
-        int rc_unet = tile > 0 ? predict_noise_tiled(m, be, a, &st, &tl, group, do_cfg, latents, scale, noisy,
-                                                        sched.timesteps[i], unet_in, unet_out, acc, &progress, eps)
-                                  : predict_noise(m, be, a, &st, do_cfg, latents, scale, sched.timesteps[i], unet_in,
-                                                  unet_out, eps);
-        if (rc_unet > 0) goto canceled;
-        if (rc_unet < 0) goto fail;
-        s0 = thread_cpu();
-        if (sdx4_scheduler_step(&sched, i, eps, latents, a->eta, &rng, latents)) goto fail;
-        rep.seconds_scheduler += thread_cpu() - s0;
-        if (reports ? stop_requested(a, (++done_steps) * calls, total, latents)
-                : cancel_is_set(a->cancel))
-            goto canceled;
-    }
-    rep.seconds_unet = now() - t0;
-    unet_state_free(&st, be); /* its memory serves the VAE */
+    int n = it->sched.num_timesteps;
+    it->warmup = n - a->steps * it->sched.order;
+    for (int i = 0; i < n; i++) it->total += callback_at(i, n, it->warmup, it->sched.order);
+    it->total *= calls;
+    return stop_requested(a, 0, it->total, it->latents) ? (it->stopped = 1) : 0;
+}
 
-    t0 = now();
-    if ((rep.vae_tiles = decode(m, be, a, latents, out)) < 0) goto fail;
-    rep.seconds_vae = now() - t0;
-    rc = 0;
-    goto done;
-canceled:
-    sdx4_cancel_stopped();
-fail:
-    if (cancel_is_set(a->cancel)) sdx4_cancel_stopped();
-    free(*out);
-    *out = NULL;
+/* The scheduler's scale_model_input for evaluation i, timed as its own. */
+static float item_input_scale(run_item *it, int i) {
+    double s0 = thread_cpu();
+    float scale = sdx4_scheduler_input_scale(&it->sched, i);
+    it->rep.seconds_scheduler += thread_cpu() - s0;
+    return scale;
+}
+
+/* After evaluation i, with the guided prediction in it->eps: the
+ * sampler's step, then the caller's callback where diffusers' pipeline
+ * calls back, else its flag. 1 when the caller stopped it, -1 on error. */
+static int item_step(run_item *it, int i) {
+    double s0 = thread_cpu();
+    if (sdx4_scheduler_step(&it->sched, i, it->eps, it->latents, it->a->eta, &it->rng, it->latents)) return -1;
+    it->rep.seconds_scheduler += thread_cpu() - s0;
+    int stop = callback_at(i, it->sched.num_timesteps, it->warmup, it->sched.order)
+                   ? stop_requested(it->a, (++it->done_steps) * it->calls, it->total, it->latents)
+                   : cancel_is_set(it->a->cancel);
+    return stop ? (it->stopped = 1) : 0;
+}
+
+/* The loop of one upscale over the windows of `tl`, `group` of them a
+ * UNet call. 1 when stopped, -1 on error. */
+static int run_tiled(const model *m, backend *be, run_item *it, const tiling *tl, int group) {
+    const pipeline_args *a = it->a;
+    int do_cfg = a->guidance > 1.0f, cfg = do_cfg ? 2 : 1, C = m->vae.latent_channels, rc = -1;
+    size_t lat = (size_t)C * a->height * a->width, window = (size_t)tl->th * tl->tw;
+    float *unet_in = malloc((size_t)group * cfg * (C + 3) * window * sizeof *unet_in);
+    float *unet_out = malloc((size_t)group * cfg * C * window * sizeof *unet_out);
+    float *acc = malloc(lat * sizeof *acc);
+    int32_t *labels = malloc((size_t)group * cfg * sizeof *labels);
+    unet_state st = {0};
+    if (!unet_in || !unet_out || !acc || !labels) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        goto done;
+    }
+    for (int b = 0; b < group * cfg; b++) labels[b] = a->noise_level;
+    if (unet_state_init(&st, m, be, (const tensor *const *)&it->ctx, 1, group, tl->th, tl->tw, labels)) goto done;
+    for (int i = 0; i < it->sched.num_timesteps; i++) {
+        float scale = item_input_scale(it, i);
+        int reports = callback_at(i, it->sched.num_timesteps, it->warmup, it->sched.order);
+        call_progress progress = {reports ? it->done_steps * it->calls : -1, it->total, it->latents};
+        rc = predict_noise_tiled(m, be, a, &st, tl, group, do_cfg, it->latents, scale, it->noisy,
+                                 it->sched.timesteps[i], unet_in, unet_out, acc, &progress, it->eps);
+        if (rc > 0) it->stopped = 1;
+        if (rc == 0) rc = item_step(it, i);
+        if (rc) goto done;
+    }
 done:
-    sdx4_torch_rng_stop_ahead(&rng);
-    sdx4_cancel_install(outer_cancel);
-    if (report) *report = rep;
     unet_state_free(&st, be);
-    DROP(ctx);
-    sdx4_scheduler_free(&sched);
-    sdx4_tiling_free(&tl);
-    free(noise), free(noisy), free(latents), free(eps), free(unet_in), free(unet_out), free(acc);
+    free(unet_in), free(unet_out), free(acc), free(labels);
     return rc;
+}
+
+/* The UNet's state for the items in `live`, and the noisy-image half of
+ * each one's inputs in unet_in, which does not change between steps. */
+static int batch_state(const model *m, backend *be, run_item **live, int n, unet_state *st, float *unet_in) {
+    const pipeline_args *a = live[0]->a;
+    int cfg = a->guidance > 1.0f ? 2 : 1, C = m->vae.latent_channels;
+    size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
+    const tensor *ctxs[SDX4_MAX_BATCH];
+    int32_t labels[2 * SDX4_MAX_BATCH];
+    for (int k = 0; k < n; k++) {
+        ctxs[k] = live[k]->ctx;
+        for (int b = 0; b < cfg; b++) {
+            labels[k * cfg + b] = live[k]->a->noise_level;
+            memcpy(unet_in + (size_t)(k * cfg + b) * (lat + img) + lat, live[k]->noisy, img * sizeof *unet_in);
+        }
+    }
+    unet_state_free(st, be);
+    return unet_state_init(st, m, be, ctxs, n, 1, a->height, a->width, labels);
+}
+
+/* The loop of upscales in lockstep on their whole latents: each step one
+ * UNet call over every item still running (cat([latents] * 2) of each,
+ * in order), each item's guided prediction and sampler step its own. An
+ * item its caller stops leaves the batch at that step's end; the others
+ * go on (the UNet's state is rebuilt for them). -1 on error. */
+static int run_batch(const model *m, backend *be, run_item *items, int n) {
+    const pipeline_args *a = items[0].a;
+    int cfg = a->guidance > 1.0f ? 2 : 1, C = m->vae.latent_channels, live_n = 0, rc = -1;
+    size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
+    run_item *live[SDX4_MAX_BATCH];
+    for (int k = 0; k < n; k++)
+        if (!items[k].stopped) live[live_n++] = &items[k];
+    float *unet_in = malloc((size_t)n * cfg * (lat + img) * sizeof *unet_in);
+    float *unet_out = malloc((size_t)n * cfg * lat * sizeof *unet_out);
+    unet_state st = {0};
+    if (!unet_in || !unet_out) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        goto done;
+    }
+    if (live_n && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
+    for (int i = 0; i < items[0].sched.num_timesteps && live_n; i++) {
+        for (int k = 0; k < live_n; k++) { /* cat([latents, image], dim=1), scaled */
+            float *in = unet_in + (size_t)k * cfg * (lat + img);
+            copy_scaled(in, live[k]->latents, lat, item_input_scale(live[k], i));
+            if (cfg == 2) memcpy(in + lat + img, in, lat * sizeof *in);
+        }
+        if (unet_step(m, be, &st, items[0].sched.timesteps[i], unet_in, unet_out)) goto done;
+        int left = 0;
+        for (int k = 0; k < live_n; k++) {
+            const float *uncond = unet_out + (size_t)k * cfg * lat, *text = uncond + lat;
+            float g = live[k]->a->guidance, *eps = live[k]->eps;
+            if (cfg == 2)
+                for (size_t j = 0; j < lat; j++) eps[j] = uncond[j] + g * (text[j] - uncond[j]);
+            else
+                memcpy(eps, uncond, lat * sizeof *eps);
+            int stop = item_step(live[k], i);
+            if (stop < 0) goto done;
+            if (!stop) live[left++] = live[k];
+        }
+        if (left < live_n && (live_n = left) && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
+    }
+    rc = 0;
+done:
+    unet_state_free(&st, be); /* its memory serves the VAE */
+    free(unet_in), free(unet_out);
+    return rc;
+}
+
+/* Whether two upscales can share their UNet calls: the same latent size,
+ * the same timesteps (sampler, its options, steps) and guidance or not,
+ * both untiled. */
+static int batchable(const pipeline_args *x, const pipeline_args *y) {
+    return x->height == y->height && x->width == y->width && x->steps == y->steps &&
+           (x->guidance > 1.0f) == (y->guidance > 1.0f) && !strcmp(x->scheduler ? x->scheduler : "",
+                                                                    y->scheduler ? y->scheduler : "") &&
+           !strcmp(x->scheduler_options ? x->scheduler_options : "", y->scheduler_options ? y->scheduler_options : "");
+}
+
+int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_args *args, float **outs,
+                            pipeline_report *reports, int *stopped) {
+    if (n < 1 || n > SDX4_MAX_BATCH) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "a batch of %d upscales: 1 to %d", n, SDX4_MAX_BATCH);
+        return -1;
+    }
+    const pipeline_args *a = &args[0];
+    int cfg = a->guidance > 1.0f ? 2 : 1, rc = -1;
+    /* tile 0: the whole latent while the UNet's memory fits the budget */
+    int tile = a->tile > 0 ? a->tile
+                           : sdx4_tiling_auto(a->height, a->width, a->tile_overlap, n * cfg,
+                                              sdx4_unet_bytes_per_pixel(&m->unet),
+                                              a->unet_budget ? a->unet_budget : SDX4_UNET_TILING_BUDGET);
+    for (int k = 1; k < n; k++)
+        if (!batchable(a, &args[k]) || args[k].tile > 0) {
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "upscale %d of the batch cannot share the first one's UNet "
+                           "calls (size, steps, sampler, guidance or tiles differ)", k);
+            return -1;
+        }
+    if (n > 1 && tile > 0) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "a batch of %d upscales needs the whole latent: %dx%d would "
+                       "run in windows", n, a->width, a->height);
+        return -1;
+    }
+    tiling tl = {0}; /* tile > 0: the windows; one for a tile at least as large as the image */
+    if (tile > 0 && sdx4_tiling_plan(&tl, a->height, a->width, tile, a->tile_overlap)) return -1;
+    int group = tile > 0 ? sdx4_tiling_windows_per_call(tl.count) : 1;
+    int calls = tile > 0 ? (tl.count + group - 1) / group : 1; /* progress units per step */
+    run_item *items = calloc((size_t)n, sizeof *items);
+    if (!items) {
+        sdx4_tiling_free(&tl);
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+        return -1;
+    }
+    /* one upscale alone stops inside the UNet and the VAE when its flag is
+     * set; in a batch, the others' work goes on: it leaves at a step's end */
+    const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(n == 1 ? a->cancel : NULL);
+    for (int k = 0; k < n; k++) {
+        outs[k] = NULL;
+        if (item_begin(m, be, &args[k], calls, &items[k]) < 0) goto done;
+        if (items[k].sched.num_timesteps != items[0].sched.num_timesteps ||
+            memcmp(items[k].sched.timesteps, items[0].sched.timesteps,
+                   items[0].sched.num_timesteps * sizeof *items[0].sched.timesteps)) {
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "upscale %d of the batch has other timesteps", k);
+            goto done;
+        }
+    }
+    double t0 = now();
+    if (tile > 0 ? !items[0].stopped && run_tiled(m, be, &items[0], &tl, group) < 0
+                 : run_batch(m, be, items, n) < 0)
+        goto done;
+    double unet_seconds = now() - t0;
+    for (int k = 0; k < n; k++) {
+        run_item *it = &items[k];
+        it->rep.seconds_unet = unet_seconds;
+        it->rep.unet_tile = tile, it->rep.unet_windows = tile > 0 ? tl.count : 1;
+        if (it->stopped) continue;
+        if (n > 1) sdx4_cancel_install(it->a->cancel); /* its own decode stops for its flag */
+        t0 = now();
+        it->rep.vae_tiles = decode(m, be, it->a, it->latents, &outs[k]);
+        it->rep.seconds_vae = now() - t0;
+        if (n > 1) sdx4_cancel_install(NULL);
+        if (it->rep.vae_tiles < 0) {
+            if (!cancel_is_set(it->a->cancel)) goto done;
+            it->stopped = 1;
+        }
+        item_free(it); /* its latents and the generator's thread are no longer needed */
+    }
+    rc = 0;
+done:
+    if (rc && n == 1 && cancel_is_set(a->cancel)) /* what failed once the flag was set: stopped */
+        rc = 0, items[0].stopped = 1;
+    if (rc)
+        for (int k = 0; k < n; k++) free(outs[k]), outs[k] = NULL;
+    for (int k = 0; k < n; k++)
+        if (items[k].stopped) free(outs[k]), outs[k] = NULL;
+    for (int k = 0; k < n; k++) {
+        if (reports) reports[k] = items[k].rep;
+        if (stopped) stopped[k] = items[k].stopped;
+        item_free(&items[k]);
+    }
+    free(items);
+    sdx4_cancel_install(outer_cancel);
+    sdx4_tiling_free(&tl);
+    return rc;
+}
+
+int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out, pipeline_report *report) {
+    int stopped = 0;
+    int rc = sdx4_pipeline_run_batch(m, be, 1, a, out, report, &stopped);
+    return rc ? rc : stopped ? sdx4_cancel_stopped() : 0;
 }

@@ -71,7 +71,20 @@ typedef struct {
  * model space (about [-1, 1], not clamped), malloc'd. -1 with
  * SDX4_ERR_CANCELED when args->cancel or on_step stopped it. */
 int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *args, float **out,
-                 pipeline_report *report);
+                      pipeline_report *report);
+
+/* Runs n upscales (1..SDX4_MAX_BATCH) in lockstep, one UNet call a step
+ * for all: each keeps its prompts, noise level, guidance scale, seed,
+ * generator, sampler state and callbacks, so that its image is the one it
+ * would be alone (batched arithmetic may round differently). They must
+ * share the latent size, steps, sampler and its options, guidance or not,
+ * and run untiled (a single upscale may be tiled). One that its caller
+ * stops (cancel flag, on_step) leaves at that step's end, and its
+ * stopped[k] is 1 with outs[k] NULL; the others go on. Every report gets
+ * the batch's UNet seconds. -1 with the error set when the batch failed
+ * (no outputs). */
+int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_args *args, float **outs,
+                            pipeline_report *reports, int *stopped);
 
 /* Encodes [negative;] prompt as the pipeline does: [batch, 77, hidden]
  * with batch 2 (negative first) when do_cfg, else 1. */
