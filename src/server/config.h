@@ -41,6 +41,8 @@ typedef struct {
     int min_side, max_side, max_steps, max_prompt_chars, max_batch;
     /* queue */
     int workers, queue_size;
+    int max_batch_size;  /* upscales sharing a UNet call (queue.c); 1: no batching */
+    double batch_window; /* seconds a lone upscale waits for company */
     char *redis;          /* cluster mode: the Redis URL (redis.h), NULL single-process */
     double redis_timeout; /* seconds a Redis connect or answer may take */
     char *name;                /* cluster mode: this worker's name, NULL hostname-pid */

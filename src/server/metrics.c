@@ -37,6 +37,8 @@ enum { STATUS_COUNT = sizeof statuses / sizeof statuses[0] + 1 }; /* + "other" *
 static const double latency_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                         0.1,    0.25,  0.5,    1,     2.5,  5,     10,
                                         30,     60,    120};
+static const double batch_bounds[] = {1, 2, 3, 4, 6, 8, 12, 16};
+#define BATCH_BUCKETS (sizeof batch_bounds / sizeof batch_bounds[0] + 1)
 static const double step_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                      0.25,  0.5,    1,     2.5,  5,     10,   30};
 #define LATENCY_BUCKETS (sizeof latency_bounds / sizeof latency_bounds[0] + 1)
@@ -62,6 +64,8 @@ static struct {
     _Atomic uint64_t webhooks_given_up[HOOK_FAIL_COUNT];
     _Atomic int64_t webhooks_pending;
     latency_histogram overrun;
+    _Atomic uint64_t batch_count[BATCH_BUCKETS];
+    _Atomic uint64_t batch_sum;
 } m;
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
@@ -101,6 +105,11 @@ void metrics_inference(double seconds, int steps) {
     double per_step = seconds / steps;
     ADD(m.step_count[bucket(step_bounds, STEP_BUCKETS - 1, per_step)], (uint64_t)steps);
     ADD(m.step_sum_us, (uint64_t)(seconds * 1e6));
+}
+
+void metrics_batch(int n) {
+    ADD(m.batch_count[bucket(batch_bounds, BATCH_BUCKETS - 1, n)], 1);
+    ADD(m.batch_sum, (uint64_t)n);
 }
 
 double metrics_mean_inference(void) {
@@ -187,6 +196,10 @@ static void emit_inference(text *t) {
             "# TYPE sdx4_step_seconds histogram\n");
     emit_histogram(t, "sdx4_step_seconds", "", step_bounds, STEP_BUCKETS - 1, m.step_count,
                    GET(m.step_sum_us));
+    emit(t, "# HELP sdx4_batch_size Upscales that shared one UNet call a step (1: alone).\n"
+            "# TYPE sdx4_batch_size histogram\n");
+    emit_histogram(t, "sdx4_batch_size", "", batch_bounds, BATCH_BUCKETS - 1, m.batch_count,
+                   GET(m.batch_sum) * 1000000); /* the sum in the seconds' millionths it expects */
 }
 
 /* The process: memory, readiness, uptime, and the engine's device memory. */

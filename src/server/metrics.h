@@ -26,6 +26,8 @@ void metrics_in_flight(int delta);
 void metrics_queue_wait(double seconds);
 /* A finished upscale: its whole time and its number of steps. */
 void metrics_inference(double seconds, int steps);
+/* A batch of n upscales that shared their UNet calls (1: one alone). */
+void metrics_batch(int n);
 /* A cacheable upscale looked up: found or not, and when found, whether by
  * the upload's bytes (no decoding) or by its decoded pixels. */
 void metrics_cache(bool hit, bool by_upload);

@@ -26,6 +26,17 @@
  * The check and the queueing are one step under the lock: two requests
  * cannot both take the last of the slack.
  *
+ * Batches. Tasks that can share their UNet calls (the same latent size,
+ * steps, sampler, guidance or not: sdx4_batchable) run together, up to
+ * --max-batch-size and what the engine's memory budget allows: each step
+ * is one UNet call for all, which keeps a GPU busier, and each image is
+ * the one it would be alone (sdx4_upscale_batch). A worker takes the next
+ * task in turn, then the waiting tasks that can share with it, a lane at
+ * a time in rotation order; when nothing else waits, it waits up to
+ * --batch-window for more, while the other workers leave new tasks to it.
+ * A batch holds one worker and counts as its tasks running. A task whose
+ * stop flag is set leaves its batch at the next step; the others go on.
+ *
  * Device time. A virtual clock advances by 1/n of a second each second
  * while n tasks run: a task's span on it is the time it would have taken
  * alone, which is what the estimates are in, what the running tasks have
@@ -38,8 +49,8 @@
  * (queue_stats) and, when it ends, how long past is recorded
  * (metrics_worker_overrun).
  *
- * A worker's life: pop a task, ask jobs.c whether it still wants running,
- * run it through runner.c (the engine with the task's stop flag and a
+ * A worker's life: take a batch, ask jobs.c which tasks it still wants
+ * running, run them through runner.c (the engine with the task's stop flag and a
  * progress callback that reports each step, then the encoding: the same
  * calls as cluster mode's workers), fill the cache, teach cost.c, report
  * the outcome, release its reference to the job.
@@ -71,8 +82,9 @@ typedef struct {
     bool busy;
     double started, deadline; /* mono_now() */
     double device_started;    /* the virtual clock at the start */
-    double estimate;          /* seconds alone (cost.c), 0 unknown */
-    char request_id[48];
+    double estimate;          /* seconds alone (cost.c), 0 unknown: its tasks' sum */
+    int tasks;                /* sharing its UNet calls */
+    char request_id[48];      /* its first task's */
 } worker_slot;
 
 struct queue {
@@ -81,6 +93,7 @@ struct queue {
     pthread_cond_t work;
     queue_lane *first, *last; /* the next lane served is `first` */
     int depth, capacity, running, nworkers;
+    int gathering; /* workers waiting for tasks to share their batch */
     bool closed;
     pthread_t *threads;
     worker_slot *slots;           /* [nworkers] */
@@ -128,6 +141,27 @@ static task *pop(queue *q) {
         q->last = l;
     } else free(l);
     return t;
+}
+
+/* Takes t out of its lane, wherever it waits: 1, or 0 when it is not
+ * waiting. Lock held. */
+static int unlink_task(queue *q, task *t) {
+    queue_lane *l = t->lane;
+    if (!l) return 0;
+    task **p = &l->head, *prev = NULL;
+    while (*p && *p != t) prev = *p, p = &(*p)->queue_next;
+    if (!*p) return 0;
+    *p = t->queue_next;
+    if (l->tail == t) l->tail = prev;
+    t->queue_next = NULL;
+    t->lane = NULL;
+    l->length--;
+    q->depth--;
+    if (!l->length) {
+        unlink_lane(q, l);
+        free(l);
+    }
+    return 1;
 }
 
 /* ---- device time and admission --------------------------------------------- */
@@ -287,25 +321,7 @@ int queue_push(queue *q, task **tasks, int n, double deadline, problem *why) {
 
 int queue_remove(queue *q, task *t) {
     pthread_mutex_lock(&q->lock);
-    queue_lane *l = t->lane;
-    int removed = 0;
-    if (l) {
-        task **p = &l->head, *prev = NULL;
-        while (*p && *p != t) prev = *p, p = &(*p)->queue_next;
-        if (*p) {
-            *p = t->queue_next;
-            if (l->tail == t) l->tail = prev;
-            t->queue_next = NULL;
-            t->lane = NULL;
-            l->length--;
-            q->depth--;
-            removed = 1;
-            if (!l->length) {
-                unlink_lane(q, l);
-                free(l);
-            }
-        }
-    }
+    int removed = unlink_task(q, t);
     pthread_mutex_unlock(&q->lock);
     return removed;
 }
@@ -362,7 +378,7 @@ int queue_get_workers(queue *q, queue_worker *out, int max) {
     for (int i = 0; i < q->nworkers && n < max; i++) {
         const worker_slot *w = &q->slots[i];
         if (!w->busy) continue;
-        out[n] = (queue_worker){.seconds = now - w->started,
+        out[n] = (queue_worker){.tasks = w->tasks, .seconds = now - w->started,
                                 .past_deadline = now > w->deadline ? now - w->deadline : 0,
                                 .estimate = w->estimate};
         snprintf(out[n++].request_id, sizeof out->request_id, "%s", w->request_id);
@@ -377,65 +393,146 @@ static int on_progress(void *user, int step, int total) {
     return job_task_progress(user, step, total);
 }
 
-static void run(queue *q, task *t) {
+/* Runs tasks that share their UNet calls (one alone is a batch of one):
+ * then, for each, what a finished upscale does: metrics, cost learning
+ * (from one alone only: a batch's seconds are shared), the encoding, the
+ * cache, the result store, the job. */
+static void run_batch(queue *q, task **tasks, int n) {
     server *srv = q->srv;
-    task_outcome out = {.state = JOB_FAILED};
-    sdx4_image image;
-    double t0 = mono_now(), device0 = locked_device_now(q);
-    /* t->stop is set by jobs.c on a deadline, a DELETE, a shutdown */
-    job_state st = runner_upscale(srv->engine, &t->input, &t->opts, &t->stop, on_progress, t, &image, &out);
-    double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
-    if (st == JOB_SUCCEEDED) {
-        metrics_inference(seconds, t->opts.steps);
-        if (srv->cost && seconds > 0)
-            cost_observe(srv->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
-                         sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
-                         (float)t->opts.guidance_scale > 1.0f, &out.report, device_seconds / seconds, false);
-        runner_encode(&image, &t->opts, &out);
-        if (out.state == JOB_SUCCEEDED && t->cacheable && srv->cache) {
-            cached_result r = {out.output, out.len, out.width, out.height,
-                               out.report.prompt_tokens, out.report.prompt_truncated,
-                               out.report.negative_truncated};
-            cache_put(srv->cache, t->cache_key, &r);
-        }
+    runner_item items[SDX4_MAX_BATCH];
+    sdx4_image images[SDX4_MAX_BATCH];
+    task_outcome outs[SDX4_MAX_BATCH];
+    for (int k = 0; k < n; k++) {
+        outs[k] = (task_outcome){.state = JOB_FAILED};
+        /* t->stop is set by jobs.c on a deadline, a DELETE, a shutdown */
+        items[k] = (runner_item){&tasks[k]->input, &tasks[k]->opts, &tasks[k]->stop, tasks[k], &images[k], &outs[k]};
     }
-    results_store(srv, job_id(t->job), job_listed(t->job), t, &out); /* with --s3-bucket */
-    job_task_finished(t, &out);
+    double t0 = mono_now(), device0 = locked_device_now(q);
+    runner_upscale_batch(srv->engine, items, n, on_progress);
+    double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
+    metrics_batch(n);
+    for (int k = 0; k < n; k++) {
+        task *t = tasks[k];
+        task_outcome *out = &outs[k];
+        if (out->state == JOB_SUCCEEDED) {
+            metrics_inference(seconds, t->opts.steps);
+            if (n == 1 && srv->cost && seconds > 0)
+                cost_observe(srv->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
+                             sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
+                             (float)t->opts.guidance_scale > 1.0f, &out->report, device_seconds / seconds, false);
+            runner_encode(&images[k], &t->opts, out);
+            if (out->state == JOB_SUCCEEDED && t->cacheable && srv->cache) {
+                cached_result r = {out->output, out->len, out->width, out->height,
+                                   out->report.prompt_tokens, out->report.prompt_truncated,
+                                   out->report.negative_truncated};
+                cache_put(srv->cache, t->cache_key, &r);
+            }
+        }
+        results_store(srv, job_id(t->job), job_listed(t->job), t, out); /* with --s3-bucket */
+        job_task_finished(t, out);
+    }
 }
 
-/* A free slot for task t, now running (lock held). */
-static worker_slot *occupy(queue *q, const task *t) {
+/* A free slot for the n tasks of batch, now running (lock held). */
+static worker_slot *occupy(queue *q, task **batch, int n) {
     worker_slot *w = q->slots;
-    while (w->busy) w++; /* running < nworkers: one is free */
-    double now = mono_now();
-    *w = (worker_slot){.busy = true, .started = now, .deadline = job_deadline(t->job),
-                       .device_started = device_now(q, now), .estimate = t->estimate};
-    snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(t->job));
-    q->running++;
+    while (w->busy) w++; /* a worker per slot: one is free */
+    double now = mono_now(), estimate = 0, deadline = job_deadline(batch[0]->job);
+    for (int k = 0; k < n; k++) { /* n sharing the device take about what they take in turn */
+        estimate += batch[k]->estimate;
+        if (job_deadline(batch[k]->job) > deadline) deadline = job_deadline(batch[k]->job);
+    }
+    *w = (worker_slot){.busy = true, .started = now, .deadline = deadline,
+                       .device_started = device_now(q, now), .estimate = estimate, .tasks = n};
+    snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(batch[0]->job));
+    q->running += n;
     return w;
+}
+
+/* ---- batches: waiting tasks that share a UNet call --------------------------- */
+
+static bool shares(const queue *q, const task *a, const task *b) {
+    sdx4_upscale_params pa, pb;
+    runner_params(&a->opts, &pa);
+    runner_params(&b->opts, &pb);
+    return sdx4_batchable(q->srv->engine, a->input.width, a->input.height, &pa, b->input.width, b->input.height,
+                          &pb);
+}
+
+/* How many tasks may share t's UNet calls: --max-batch-size, and what the
+ * engine's memory budget allows at t's size. */
+static int batch_room(const queue *q, const task *t) {
+    int most = q->srv->cfg.max_batch_size;
+    if (most <= 1) return 1;
+    sdx4_upscale_params p;
+    runner_params(&t->opts, &p);
+    int fits = sdx4_batch_capacity(q->srv->engine, t->input.width, t->input.height, &p);
+    return fits < most ? fits : most;
+}
+
+/* Adds to batch[0..n) waiting tasks that can share batch[0]'s UNet calls,
+ * up to `room`: the first such task of each lane in the rotation's
+ * order, round after round, so that one client's many tasks do not fill
+ * a batch before another's one. Returns the new n. Lock held. */
+static int gather(queue *q, task **batch, int n, int room) {
+    for (bool took = true; took && n < room;) {
+        took = false;
+        for (queue_lane *l = q->first, *next; l && n < room; l = next) {
+            next = l->next; /* unlink_task frees a lane it empties */
+            task *t = l->head;
+            while (t && !shares(q, batch[0], t)) t = t->queue_next;
+            if (t && unlink_task(q, t)) batch[n++] = t, took = true;
+        }
+    }
+    return n;
+}
+
+/* The next batch, lock held: the next task in turn, the waiting tasks that
+ * can share its calls, and, when nothing else waits, those that arrive
+ * within --batch-window (a lone task waits no longer than that). While a
+ * worker waits so, the others leave new tasks to it. */
+static int next_batch(queue *q, task **batch) {
+    batch[0] = pop(q);
+    int room = batch_room(q, batch[0]), n = gather(q, batch, 1, room);
+    double window = q->srv->cfg.batch_window;
+    if (n < room && window > 0 && !q->first) {
+        double until = mono_now() + window;
+        struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+        q->gathering++;
+        while (n < room && !q->closed && pthread_cond_timedwait(&q->work, &q->lock, &ts) == 0)
+            n = gather(q, batch, n, room);
+        n = gather(q, batch, n, room);
+        q->gathering--;
+        pthread_cond_broadcast(&q->work); /* the others may take what is left */
+    }
+    return n;
 }
 
 static void *worker_main(void *arg) {
     queue *q = arg;
     pthread_mutex_lock(&q->lock);
     for (;;) {
-        while (!q->first && !q->closed) pthread_cond_wait(&q->work, &q->lock);
+        while ((!q->first || q->gathering) && !q->closed) pthread_cond_wait(&q->work, &q->lock);
         if (!q->first) break; /* closed and empty */
-        task *t = pop(q);
-        worker_slot *slot = occupy(q, t);
+        task *batch[SDX4_MAX_BATCH], *wanted[SDX4_MAX_BATCH];
+        int n = next_batch(q, batch), m = 0;
+        worker_slot *slot = occupy(q, batch, n);
         pthread_mutex_unlock(&q->lock);
 
-        job *j = t->job;
-        bool ran = job_task_started(t);
-        if (ran) run(q, t);
-        job_release(j); /* the reference the queue held for this task */
+        job *jobs[SDX4_MAX_BATCH];
+        for (int k = 0; k < n; k++) {
+            jobs[k] = batch[k]->job;
+            if (job_task_started(batch[k])) wanted[m++] = batch[k];
+        }
+        if (m) run_batch(q, wanted, m);
+        for (int k = 0; k < n; k++) job_release(jobs[k]); /* the references the queue held */
 
         pthread_mutex_lock(&q->lock);
         double now = mono_now();
-        if (ran && now > slot->deadline) metrics_worker_overrun(now - slot->deadline);
+        if (m && now > slot->deadline) metrics_worker_overrun(now - slot->deadline);
         device_now(q, now);
         slot->busy = false;
-        q->running--;
+        q->running -= slot->tasks;
     }
     q->exited++;
     pthread_cond_broadcast(&q->exit);
@@ -451,7 +548,7 @@ queue *queue_create(server *srv, int workers, int capacity) {
     q->threads = calloc((size_t)workers, sizeof *q->threads);
     q->slots = calloc((size_t)workers, sizeof *q->slots);
     pthread_mutex_init(&q->lock, NULL);
-    pthread_cond_init(&q->work, NULL);
+    cond_init_monotonic(&q->work); /* next_batch's window */
     cond_init_monotonic(&q->exit);
     for (int i = 0; q->threads && q->slots && i < workers; i++) {
         if (pthread_create(&q->threads[i], NULL, worker_main, q) != 0) break;

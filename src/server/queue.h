@@ -15,12 +15,13 @@ typedef struct queue queue;
 
 typedef dispatch_stats queue_stats;
 
-/* A busy worker's task. */
+/* A busy worker's batch. */
 typedef struct {
-    char request_id[48];
+    char request_id[48];  /* its first task's */
+    int tasks;            /* sharing its UNet calls */
     double seconds;       /* since it started */
     double past_deadline; /* seconds since its job's deadline, 0 before */
-    double estimate;      /* seconds it was estimated to take alone, 0 unknown */
+    double estimate;      /* seconds its tasks were estimated to take alone, added; 0 unknown */
 } queue_worker;
 
 /* Starts `workers` threads running upscales on srv->engine. */

@@ -10,29 +10,24 @@
 #include "imageio.h"
 #include "log.h"
 
-job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
-                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
-                         sdx4_image *image, task_outcome *out) {
-    sdx4_upscale_params p;
-    sdx4_upscale_params_default(&p);
-    p.prompt = opts->prompt;
-    p.negative_prompt = opts->negative_prompt;
-    p.num_inference_steps = opts->steps;
-    p.guidance_scale = (float)opts->guidance_scale;
-    p.noise_level = (float)opts->noise_level;
-    p.seed = opts->seed;
-    p.eta = (float)opts->eta;
-    p.scheduler = opts->scheduler;
-    p.scheduler_options = opts->scheduler_options;
-    p.vae_tiling = opts->vae_tiling;
-    p.tile = opts->tile;
-    p.tile_overlap = opts->tile_overlap;
-    p.progress = progress;
-    p.progress_user = user;
-    p.cancel = stop;
+void runner_params(const upscale_options *opts, sdx4_upscale_params *p) {
+    sdx4_upscale_params_default(p);
+    p->prompt = opts->prompt;
+    p->negative_prompt = opts->negative_prompt;
+    p->num_inference_steps = opts->steps;
+    p->guidance_scale = (float)opts->guidance_scale;
+    p->noise_level = (float)opts->noise_level;
+    p->seed = opts->seed;
+    p->eta = (float)opts->eta;
+    p->scheduler = opts->scheduler;
+    p->scheduler_options = opts->scheduler_options;
+    p->vae_tiling = opts->vae_tiling;
+    p->tile = opts->tile;
+    p->tile_overlap = opts->tile_overlap;
+}
 
-    *image = (sdx4_image){0};
-    sdx4_status st = sdx4_upscale(engine, input, &p, image, &out->report);
+/* The outcome of one upscale from the engine's status. */
+static job_state outcome(sdx4_status st, task_outcome *out) {
     if (st == SDX4_OK) return out->state = JOB_SUCCEEDED;
     if (st == SDX4_ERR_CANCELED) return out->state = JOB_CANCELED;
     if (st == SDX4_ERR_INVALID_ARGUMENT)
@@ -43,6 +38,34 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
     log_event(LOG_ERROR, "upscale_failed",
               json_pack("{s:s,s:s}", "status", sdx4_status_name(st), "error", sdx4_last_error()));
     return out->state = JOB_FAILED;
+}
+
+job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
+                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
+                         sdx4_image *image, task_outcome *out) {
+    runner_item item = {input, opts, stop, user, image, out};
+    runner_upscale_batch(engine, &item, 1, progress);
+    return out->state;
+}
+
+void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress) {
+    sdx4_image inputs[SDX4_MAX_BATCH] = {{0}}, images[SDX4_MAX_BATCH];
+    sdx4_upscale_params p[SDX4_MAX_BATCH] = {{0}};
+    sdx4_upscale_report reports[SDX4_MAX_BATCH];
+    sdx4_status statuses[SDX4_MAX_BATCH];
+    for (int k = 0; k < n; k++) {
+        runner_params(items[k].opts, &p[k]);
+        p[k].progress = progress;
+        p[k].progress_user = items[k].user;
+        p[k].cancel = items[k].stop;
+        inputs[k] = *items[k].input;
+    }
+    sdx4_upscale_batch(engine, n, inputs, p, images, reports, statuses);
+    for (int k = 0; k < n; k++) {
+        *items[k].image = images[k];
+        items[k].out->report = reports[k];
+        outcome(statuses[k], items[k].out);
+    }
 }
 
 void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out) {

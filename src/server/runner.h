@@ -23,6 +23,24 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
                          const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
                          sdx4_image *image, task_outcome *out);
 
+/* The engine's parameters of a task's options (no progress callback, no
+ * stop flag). */
+void runner_params(const upscale_options *opts, sdx4_upscale_params *p);
+
+/* One upscale of a batch: runner_upscale's arguments. */
+typedef struct {
+    const sdx4_image *input;
+    const upscale_options *opts;
+    const sdx4_atomic_int *stop;
+    void *user; /* progress's */
+    sdx4_image *image;
+    task_outcome *out;
+} runner_item;
+
+/* Runs n upscales (1..SDX4_MAX_BATCH) that sdx4_batchable allows to share
+ * their UNet calls, each ending as runner_upscale's would alone. */
+void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress);
+
 /* Encodes `image` in opts' format into out (output, len, width, height,
  * state JOB_SUCCEEDED), or fails `out` with the reason; frees the pixels. */
 void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out);

@@ -68,8 +68,8 @@ json_t *status_health(server *srv, int *status) {
     int nbusy = srv->queue ? queue_get_workers(srv->queue, busy, 64) : 0;
     json_t *list = json_array();
     for (int i = 0; i < nbusy; i++)
-        json_array_append_new(list, json_pack("{s:s,s:f,s:f,s:f}", "request_id", busy[i].request_id,
-                                              "running_s", busy[i].seconds, "past_deadline_s",
+        json_array_append_new(list, json_pack("{s:s,s:i,s:f,s:f,s:f}", "request_id", busy[i].request_id,
+                                              "tasks", busy[i].tasks, "running_s", busy[i].seconds, "past_deadline_s",
                                               busy[i].past_deadline, "estimated_s", busy[i].estimate));
     json_object_set_new(h, "busy_workers", list);
     json_object_set_new(h, "demo_model", json_boolean(srv->demo));

@@ -1,0 +1,102 @@
+"""Batching on a running server (queue.c, --max-batch-size, --batch-window):
+upscales from different requests that can share their UNet calls (same
+size, steps, sampler, guidance or not) run as one batch; each image is the
+one it is alone (within a level of 255: the batched products may round
+differently); a canceled one leaves the batch without changing the
+others; incompatible ones run alone; sdx4_batch_size counts the batches.
+The engine's side is tests/test_batch.c."""
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import Server, image_bytes, single_process_only, wait_idle, wait_job
+
+SPECS = [{"prompt": "a cat", "seed": "1", "guidance_scale": "5", "noise_level": "0.1"},
+         {"prompt": "a dog on a beach", "seed": "2", "negative_prompt": "blurry"},
+         {"prompt": "", "seed": "3", "guidance_scale": "7", "noise_level": "0.15"}]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    # one worker, so that every job waits for the batch in hand; a long
+    # window, so that three posts in a row always meet
+    batched = Server("--workers", "1", "--max-batch-size", "4", "--batch-window", "1")
+    alone = Server("--workers", "1", "--max-batch-size", "1")
+    yield batched, alone
+    batched.check_clean_exit()
+    alone.check_clean_exit()
+
+
+def batches(server):
+    """sdx4_batch_size's count and sum."""
+    values = {}
+    for line in server.get("/metrics").text.splitlines():
+        for part in ("count", "sum"):
+            if line.startswith(f"sdx4_batch_size_{part} "):
+                values[part] = float(line.split()[1])
+    return values["count"], values["sum"]
+
+
+def pixels(png):
+    return Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+
+
+def levels_apart(a, b):
+    a, b = pixels(a), pixels(b)
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def post_jobs(server, steps, specs=SPECS):
+    return [server.post("/api/v1/jobs", files={"image": image_bytes(seed=k)},
+                        data={**spec, "num_inference_steps": str(steps)}).json() for k, spec in enumerate(specs)]
+
+
+def alone_image(alone, k, steps):
+    r = alone.post("/api/v1/upscale", files={"image": image_bytes(seed=k)},
+                   data={**SPECS[k], "num_inference_steps": str(steps)}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+@single_process_only("cluster workers take tasks one at a time")
+def test_concurrent_upscales_share_their_unet_calls_and_keep_their_images(servers):
+    batched, alone = servers
+    count, total = batches(batched)
+    jobs = post_jobs(batched, 3)
+    assert all(wait_job(batched, j["id"])["status"] == "succeeded" for j in jobs)
+    assert batches(batched) == (count + 1, total + 3)  # one batch of three
+    for k, job in enumerate(jobs):
+        assert levels_apart(batched.get(job["links"]["result"]).content, alone_image(alone, k, 3)) <= 1
+    count, total = batches(alone)
+    assert count >= 3 and total == count  # --max-batch-size 1: every upscale alone
+
+
+@single_process_only("cluster workers take tasks one at a time")
+def test_a_canceled_upscale_leaves_the_batch_and_the_others_go_on(servers):
+    batched, alone = servers
+    count, total = batches(batched)
+    jobs = post_jobs(batched, 40)
+    deadline = time.time() + 60
+    while batched.get(jobs[1]["links"]["self"]).json()["progress"]["step"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    canceled = batched.delete(jobs[1]["links"]["self"]).json()
+    assert canceled["status"] == "canceled" and canceled["progress"]["step"] < 40
+    for k in (0, 2):
+        assert wait_job(batched, jobs[k]["id"])["status"] == "succeeded"
+        assert levels_apart(batched.get(jobs[k]["links"]["result"]).content, alone_image(alone, k, 40)) <= 1
+    assert batches(batched) == (count + 1, total + 3)
+    wait_idle(batched)
+
+
+@single_process_only("cluster workers take tasks one at a time")
+def test_upscales_that_cannot_share_run_alone(servers):
+    batched, _ = servers
+    count, total = batches(batched)
+    specs = [dict(SPECS[0]), {**SPECS[1], "scheduler": "euler"}]
+    jobs = [batched.post("/api/v1/jobs", files={"image": image_bytes(seed=k)},
+                         data={**spec, "num_inference_steps": str(2 + k)}).json() for k, spec in enumerate(specs)]
+    assert all(wait_job(batched, j["id"])["status"] == "succeeded" for j in jobs)
+    assert batches(batched) == (count + 2, total + 2)
