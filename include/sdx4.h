@@ -421,13 +421,17 @@ typedef struct {
        `steps` */
     double scheduler_step_ms;
     int pipeline_unet_steps;
+    int batch;                /* upscales of pipeline_batch_ms (1: not run) */
+    double pipeline_batch_ms; /* a batch of them sharing their UNet calls */
     int64_t peak_rss_bytes, device_peak_bytes;
 } sdx4_bench_result;
 
 /* scheduler and scheduler_options choose the whole upscale's sampler as
  * sdx4_upscale_params does (NULL: the model's own); a bad choice fails
- * before anything is timed. */
-sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats,
+ * before anything is timed. batch > 1 also times `batch` such upscales
+ * (seeds 0..batch-1) sharing their UNet calls (sdx4_upscale_batch), to
+ * set beside `batch` times pipeline_ms. */
+sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats, int batch,
                        const char *scheduler, const char *scheduler_options,
                        sdx4_bench_result *result);
 

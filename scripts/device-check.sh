@@ -31,8 +31,9 @@
 #           in fp32 and 128 px without the graph API (SDX4_CUDA_CONV=
 #           cudnn-legacy), then 128 px with DPM-Solver++ (20 steps, the
 #           README's fast choice) and Euler ancestral (noise drawn ahead;
-#           their scheduler_step_ms against the GPU's step, issue 14):
-#           bench.jsonl's six lines, in that order
+#           their scheduler_step_ms against the GPU's step, issue 14),
+#           and 128 px with 8 upscales sharing their UNet calls (--batch
+#           8, issue 16): bench.jsonl's seven lines, in that order
 #   profile one UNet step and VAE decode at 128 and 256 px with
 #           SDX4_CUDA_PROFILE=1: GPU time per operation and shape, in
 #           profile-128.txt and profile-256.txt
@@ -338,6 +339,10 @@ if wants bench; then
       step "bench-128-$scheduler" 60 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 \
         --device cuda --size 128 --steps 20 --repeats 3 --scheduler $scheduler | tee -a $out/bench.jsonl"
     done
+    # eight default jobs sharing their UNet calls (issue 16's batching):
+    # pipeline_batch_ms against 8 x pipeline_ms
+    step bench-128-batch8 120 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
+      --size 128 --steps 75 --repeats 1 --batch 8 | tee -a $out/bench.jsonl"
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
     echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |

@@ -510,7 +510,7 @@ static void info_params(const char *model, const char *variant,
 
 static void test_bench(const char *model) {
     result r = RUN("bench", "--model", model, "--device", "cpu", "--size",
-                   "16", "--steps", "1", "--threads", "2");
+                   "16", "--steps", "1", "--threads", "2", "--batch", "2");
     CHECK(r.status == 0, "bench: exit %d, stderr: %s", r.status, r.err);
     char *newline = strchr(r.out, '\n');
     CHECK(newline && newline[1] == '\0', "bench prints one line: %s", r.out);
@@ -521,19 +521,21 @@ static void test_bench(const char *model) {
                           "vae_decode_ms", "pipeline_ms", "unet_step_first_ms",
                           "vae_decode_first_ms", "scheduler", "scheduler_options",
                           "scheduler_step_ms", "pipeline_unet_steps", "peak_rss_mib",
-                          "device_peak_mib"};
+                          "device_peak_mib", "batch", "pipeline_batch_ms"};
     for (size_t i = 0; root && i < sizeof keys / sizeof keys[0]; i++)
         CHECK(json_object_get(root, keys[i]) != NULL, "bench lacks %s: %s",
               keys[i], r.out);
     if (root) {
         CHECK(json_integer_value(json_object_get(root, "size")) == 16 &&
                   json_integer_value(json_object_get(root, "steps")) == 1 &&
-                  json_integer_value(json_object_get(root, "threads")) == 2,
+                  json_integer_value(json_object_get(root, "threads")) == 2 &&
+                  json_integer_value(json_object_get(root, "batch")) == 2,
               "bench echoes its settings: %s", r.out);
         CHECK(json_number_value(json_object_get(root, "unet_step_ms")) > 0 &&
                   json_number_value(json_object_get(root, "unet_step_first_ms")) > 0 &&
                   json_number_value(json_object_get(root, "vae_decode_first_ms")) > 0 &&
-                  json_number_value(json_object_get(root, "peak_rss_mib")) > 0,
+                  json_number_value(json_object_get(root, "peak_rss_mib")) > 0 &&
+                  json_number_value(json_object_get(root, "pipeline_batch_ms")) > 0,
               "bench measured nothing: %s", r.out);
     }
     json_decref(root);

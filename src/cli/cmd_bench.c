@@ -45,6 +45,10 @@ static const char help[] =
     "                         The warm-up runs of the UNet step and the VAE\n"
     "                         decode are reported as *_first_ms: on a GPU,\n"
     "                         the one-off cost of a new size\n"
+    "  --batch N              also time N whole upscales sharing their UNet\n"
+    "                         calls (sdx4_upscale_batch), 1..16, as\n"
+    "                         pipeline_batch_ms beside N x pipeline_ms\n"
+    "                         (default: 1, not run)\n"
     "  --threads N            CPU threads, 0 = all cores (default: 0)\n"
     "  --variant fp16         load the *.fp16.safetensors weights\n"
     "  --device cpu|cuda|auto compute device (default: auto)\n"
@@ -65,7 +69,7 @@ static int print_result(const char *model, const char *device, int threads,
                         const sdx4_bench_result *r) {
     json_t *root = json_pack(
         "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:f, s:i, s:f, "
-        "s:f}",
+        "s:f, s:i, s:f}",
         "model",
         model, "device", device, "threads", threads, "size", r->size,
         "steps", r->steps, "text_encoder_ms", r->text_encoder_ms,
@@ -76,7 +80,8 @@ static int print_result(const char *model, const char *device, int threads,
         "scheduler_options", scheduler_options ? scheduler_options : "", "scheduler_step_ms",
         r->scheduler_step_ms, "pipeline_unet_steps", r->pipeline_unet_steps,
         "peak_rss_mib", mib(r->peak_rss_bytes),
-        "device_peak_mib", mib(r->device_peak_bytes));
+        "device_peak_mib", mib(r->device_peak_bytes), "batch", r->batch, "pipeline_batch_ms",
+        r->pipeline_batch_ms);
     /* 7 significant digits: 0.1 ms of a 1000 s run, without the noise
      * digits of binary fractions (0.30000000000000004). */
     char *text = root ? json_dumps(root, JSON_COMPACT | JSON_REAL_PRECISION(7))
@@ -90,7 +95,7 @@ static int print_result(const char *model, const char *device, int threads,
 
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL, *variant = NULL, *device = "auto", *scheduler = NULL;
-    int size = 64, steps = 2, repeats = 1, threads = 0;
+    int size = 64, steps = 2, repeats = 1, batch = 1, threads = 0;
     cli_list scheduler_option_list = {0};
     sdx4_cuda_options cuda = {0};
     cli_option options[] = {
@@ -98,6 +103,7 @@ int cmd_bench(int argc, char **argv) {
         {"--size", OPT_INT, &size, 8, 1024, NULL, 0},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, 0},
         {"--repeats", OPT_INT, &repeats, 1, 100, NULL, 0},
+        {"--batch", OPT_INT, &batch, 1, SDX4_MAX_BATCH, NULL, 0},
         {"--scheduler", OPT_STRING, &scheduler, 0, 0, NULL, 0},
         {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
         {"--threads", OPT_INT, &threads, 0, SDX4_MAX_THREADS, NULL, 0},
@@ -139,7 +145,7 @@ int cmd_bench(int argc, char **argv) {
     sdx4_bench_result result;
     if (sdx4_engine_open(&engine_options, &engine) != SDX4_OK ||
         sdx4_engine_info(engine, &info) != SDX4_OK ||
-        sdx4_bench(engine, size, steps, repeats, scheduler, scheduler_options, &result) != SDX4_OK)
+        sdx4_bench(engine, size, steps, repeats, batch, scheduler, scheduler_options, &result) != SDX4_OK)
         status = cli_fail_engine();
     else
         status = print_result(model, info.device, threads ? threads : available_cpus(),

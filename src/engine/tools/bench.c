@@ -111,18 +111,38 @@ static int check_scheduler(const model *m, const char *name, const char *options
     return rc ? -1 : 0;
 }
 
-sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, const char *scheduler,
+/* The median of `repeats` runs of `batch` upscales of `in` sharing their
+ * UNet calls (seeds 0..batch-1), after one untimed run. */
+static int time_batch(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p, int batch, int repeats,
+                      double *t, double *ms) {
+    sdx4_image ins[SDX4_MAX_BATCH], outs[SDX4_MAX_BATCH];
+    sdx4_upscale_params ps[SDX4_MAX_BATCH];
+    sdx4_status statuses[SDX4_MAX_BATCH];
+    for (int k = 0; k < batch; k++) ins[k] = *in, ps[k] = *p, ps[k].seed = (uint64_t)k;
+    for (int i = -1; i < repeats; i++) {
+        double t0 = now_ms();
+        if (sdx4_upscale_batch(e, batch, ins, ps, outs, NULL, statuses)) return -1;
+        if (i >= 0) t[i] = now_ms() - t0;
+        for (int k = 0; k < batch; k++) sdx4_image_free(&outs[k]);
+    }
+    *ms = median(t, repeats);
+    return 0;
+}
+
+sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, int batch, const char *scheduler,
                        const char *scheduler_options, sdx4_bench_result *r) {
     sdx4_error_clear();
     model *m = sdx4_engine_model(e);
     backend *be = sdx4_engine_backend(e);
-    if (size < 8 || size > 1024 || steps < 1 || steps > 1000 || repeats < 1 || repeats > 100) {
-        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100");
+    if (size < 8 || size > 1024 || steps < 1 || steps > 1000 || repeats < 1 || repeats > 100 || batch < 1 ||
+        batch > SDX4_MAX_BATCH) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "bench: size 8..1024, steps 1..1000, repeats 1..100, batch 1..%d",
+                       SDX4_MAX_BATCH);
         return SDX4_ERR_INVALID_ARGUMENT;
     }
     if (check_scheduler(m, scheduler, scheduler_options, steps)) return sdx4_error_status();
     memset(r, 0, sizeof *r);
-    r->size = size, r->steps = steps, r->repeats = repeats;
+    r->size = size, r->steps = steps, r->repeats = repeats, r->batch = batch;
     double *t = calloc(repeats, sizeof *t), *sched_t = calloc(repeats, sizeof *sched_t);
     torch_rng rng;
     sdx4_torch_rng_seed(&rng, 0);
@@ -194,6 +214,7 @@ sdx4_status sdx4_bench(sdx4_engine *e, int size, int steps, int repeats, const c
     }
     r->pipeline_ms = median(t, repeats);
     r->scheduler_step_ms = median(sched_t, repeats);
+    if (batch > 1 && time_batch(e, &in, &p, batch, repeats, t, &r->pipeline_batch_ms)) goto fail;
     r->peak_rss_bytes = sdx4_peak_rss_bytes();
     int64_t in_use;
     be->memory(be, &in_use, &r->device_peak_bytes);
