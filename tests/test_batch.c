@@ -9,13 +9,18 @@
  *     is printed (the batched products may round differently from batch
  *     2's, within a level of 8 bits);
  *   - one upscale stopped by its callback in the middle leaves the batch
- *     as canceled, and the others' images do not change;
+ *     as canceled, and the others' images do not change; the same for one
+ *     whose flag another thread sets while the batch runs (inside a UNet
+ *     call, which stops and runs again for the others);
  *   - refusals: an upscale that cannot share (other steps, sampler, size
  *     or a tile), more than sdx4_batch_capacity, an empty batch.
  */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "sdx4.h"
 #include "test.h"
@@ -94,6 +99,46 @@ static void check_same_as_alone(sdx4_engine *e, const char *scheduler) {
     }
 }
 
+/* A flag set by another thread while the batch runs (most likely inside
+ * a UNet call: the watcher stops the call, the others run the step
+ * again): that upscale is canceled, the others get their images. */
+typedef struct {
+    sdx4_atomic_int *flag;
+    int after_ms;
+} delayed_stop;
+
+static void *stop_later(void *arg) {
+    delayed_stop *d = arg;
+    struct timespec pause = {0, (long)d->after_ms * 1000000};
+    nanosleep(&pause, NULL);
+    atomic_store(d->flag, 1);
+    return NULL;
+}
+
+static void check_flag_during_a_call(sdx4_engine *e) {
+    sdx4_image in[N], alone[N], batched[N];
+    sdx4_upscale_params p[N];
+    sdx4_status statuses[N];
+    sdx4_atomic_int flag = 0;
+    set_params(p, "euler-a");
+    for (int k = 0; k < N; k++) {
+        in[k] = input(k);
+        p[k].num_inference_steps = 12;
+        CHECK(sdx4_upscale(e, &in[k], &p[k], &alone[k], NULL) == SDX4_OK, "alone %d: %s", k, sdx4_last_error());
+    }
+    p[1].cancel = &flag;
+    delayed_stop d = {&flag, 30};
+    pthread_t t;
+    pthread_create(&t, NULL, stop_later, &d);
+    CHECK(sdx4_upscale_batch(e, N, in, p, batched, NULL, statuses) == SDX4_OK, "batch: %s", sdx4_last_error());
+    pthread_join(t, NULL);
+    CHECK(statuses[1] == SDX4_ERR_CANCELED && !batched[1].pixels, "the stopped one: status %d", statuses[1]);
+    for (int k = 0; k < N; k += 2)
+        CHECK(statuses[k] == SDX4_OK && largest_difference(&alone[k], &batched[k]) <= 1,
+              "%d: changed by another's stop (status %d)", k, statuses[k]);
+    for (int k = 0; k < N; k++) sdx4_image_free(&in[k]), sdx4_image_free(&alone[k]), sdx4_image_free(&batched[k]);
+}
+
 static void check_refusals(sdx4_engine *e) {
     sdx4_image in[SDX4_MAX_BATCH + 1], out[SDX4_MAX_BATCH + 1];
     sdx4_upscale_params p[SDX4_MAX_BATCH + 1];
@@ -142,6 +187,7 @@ int main(void) {
     check_same_as_alone(e, "ddim");
     check_same_as_alone(e, "euler-a");
     check_same_as_alone(e, "dpm++2m");
+    check_flag_during_a_call(e);
     check_refusals(e);
     sdx4_engine_close(e);
     return test_finish("test_batch");

@@ -49,12 +49,14 @@
  * read it between their blocks and tiles, and the loop between steps.
  * Whatever fails once the flag is set reports SDX4_ERR_CANCELED, also
  * where a backend tidying up after the stopped operation (ending a
- * planning pass) cleared the error. In a batch the flags are read between
- * steps (one upscale's stop must not break the others' UNet call) and
- * during each one's own decode.
+ * planning pass) cleared the error. In a batch a watcher thread stops the
+ * UNet call when any upscale's flag is set, and the others run that step
+ * again without it (batch_watch); each decode reads its own flag.
  */
 #include "model/pipeline.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -470,14 +472,47 @@ static int batch_state(const model *m, backend *be, run_item **live, int n, unet
     return unet_state_init(st, m, be, ctxs, n, 1, a->height, a->width, labels);
 }
 
+/* In a batch, one upscale's stop must end the UNet call running for all
+ * within a tile, as it would alone, without ending the others. A watcher
+ * thread polls the flags of the upscales still in the batch and sets the
+ * batch's own flag, installed as this thread's (core/cancel.h): the call
+ * fails as canceled, the stopped upscales leave, and the step runs again
+ * for the rest (nothing of the interrupted call was kept). */
+typedef struct {
+    const sdx4_atomic_int *flags[SDX4_MAX_BATCH];
+    atomic_uint live;     /* bit k: items[k] is in the batch */
+    sdx4_atomic_int stop; /* the batch's flag */
+    atomic_int quit;
+    pthread_t thread;
+} batch_watch;
+
+static void *watch_main(void *arg) {
+    batch_watch *w = arg;
+    const struct timespec pause = {0, 2000000}; /* 2 ms: a small part of a tile's work */
+    while (!atomic_load(&w->quit)) {
+        unsigned live = atomic_load(&w->live);
+        for (int k = 0; k < SDX4_MAX_BATCH; k++)
+            if (live >> k & 1 && cancel_is_set(w->flags[k])) atomic_store(&w->stop, 1);
+        nanosleep(&pause, NULL);
+    }
+    return NULL;
+}
+
+static void watch_live(batch_watch *w, run_item *items, run_item **live, int n) {
+    unsigned mask = 0;
+    for (int k = 0; k < n; k++) mask |= 1u << (live[k] - items);
+    atomic_store(&w->live, mask);
+}
+
 /* The loop of upscales in lockstep on their whole latents: each step one
  * UNet call over every item still running (cat([latents] * 2) of each,
  * in order), each item's guided prediction and sampler step its own. An
- * item its caller stops leaves the batch at that step's end; the others
- * go on (the UNet's state is rebuilt for them). -1 on error. */
+ * item its caller stops leaves the batch at that step's end, or at once
+ * during the UNet call (batch_watch); the others go on (the UNet's state
+ * is rebuilt for them). -1 on error. */
 static int run_batch(const model *m, backend *be, run_item *items, int n) {
     const pipeline_args *a = items[0].a;
-    int cfg = a->guidance > 1.0f ? 2 : 1, C = m->vae.latent_channels, live_n = 0, rc = -1;
+    int cfg = a->guidance > 1.0f ? 2 : 1, C = m->vae.latent_channels, live_n = 0, rc = -1, watching = 0;
     size_t plane = (size_t)a->height * a->width, lat = C * plane, img = 3 * plane;
     run_item *live[SDX4_MAX_BATCH];
     for (int k = 0; k < n; k++)
@@ -485,9 +520,21 @@ static int run_batch(const model *m, backend *be, run_item *items, int n) {
     float *unet_in = malloc((size_t)n * cfg * (lat + img) * sizeof *unet_in);
     float *unet_out = malloc((size_t)n * cfg * lat * sizeof *unet_out);
     unet_state st = {0};
+    batch_watch watch = {.live = 0};
+    const sdx4_atomic_int *outer_cancel = NULL;
     if (!unet_in || !unet_out) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         goto done;
+    }
+    if (n > 1) {
+        for (int k = 0; k < n; k++) watch.flags[k] = items[k].a->cancel;
+        watch_live(&watch, items, live, live_n);
+        if (pthread_create(&watch.thread, NULL, watch_main, &watch)) {
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "cannot start the batch's cancel watcher");
+            goto done;
+        }
+        watching = 1;
+        outer_cancel = sdx4_cancel_install(&watch.stop);
     }
     if (live_n && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
     for (int i = 0; i < items[0].sched.num_timesteps && live_n; i++) {
@@ -496,7 +543,20 @@ static int run_batch(const model *m, backend *be, run_item *items, int n) {
             copy_scaled(in, live[k]->latents, lat, item_input_scale(live[k], i));
             if (cfg == 2) memcpy(in + lat + img, in, lat * sizeof *in);
         }
-        if (unet_step(m, be, &st, items[0].sched.timesteps[i], unet_in, unet_out)) goto done;
+        atomic_store(&watch.stop, 0); /* set again within 2 ms while a live item's flag is */
+        if (unet_step(m, be, &st, items[0].sched.timesteps[i], unet_in, unet_out)) {
+            if (!watching || !cancel_is_set(&watch.stop)) goto done;
+            sdx4_error_clear(); /* an item stopped: the rest run step i again */
+            int left = 0;
+            for (int k = 0; k < live_n; k++) {
+                if (cancel_is_set(live[k]->a->cancel)) live[k]->stopped = 1;
+                else live[left++] = live[k];
+            }
+            watch_live(&watch, items, live, live_n = left);
+            if (live_n && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
+            i--;
+            continue;
+        }
         int left = 0;
         for (int k = 0; k < live_n; k++) {
             const float *uncond = unet_out + (size_t)k * cfg * lat, *text = uncond + lat;
@@ -509,10 +569,18 @@ static int run_batch(const model *m, backend *be, run_item *items, int n) {
             if (stop < 0) goto done;
             if (!stop) live[left++] = live[k];
         }
-        if (left < live_n && (live_n = left) && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
+        if (left < live_n) {
+            watch_live(&watch, items, live, live_n = left);
+            if (live_n && batch_state(m, be, live, live_n, &st, unet_in)) goto done;
+        }
     }
     rc = 0;
 done:
+    if (watching) {
+        atomic_store(&watch.quit, 1);
+        pthread_join(watch.thread, NULL);
+        sdx4_cancel_install(outer_cancel);
+    }
     unet_state_free(&st, be); /* its memory serves the VAE */
     free(unet_in), free(unet_out);
     return rc;
@@ -563,7 +631,7 @@ int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_a
         return -1;
     }
     /* one upscale alone stops inside the UNet and the VAE when its flag is
-     * set; in a batch, the others' work goes on: it leaves at a step's end */
+     * set; a batch's flag is its watcher's (run_batch) */
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(n == 1 ? a->cancel : NULL);
     for (int k = 0; k < n; k++) {
         outs[k] = NULL;
