@@ -24,6 +24,7 @@
 
 #include "sdx4.h"
 #include "test.h"
+#include "test_engine.h"
 
 #define N 3
 #define SIDE 16
@@ -175,15 +176,8 @@ static void check_refusals(sdx4_engine *e) {
 }
 
 int main(void) {
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = test_ref("tiny/model");
-    o.device = "cpu";
-    sdx4_engine *e = NULL;
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
-        fprintf(stderr, "cannot open %s: %s\n", o.model_dir, sdx4_last_error());
-        return 1;
-    }
+    sdx4_engine *e = test_engine_open("tiny/model");
+    if (!e) return 1;
     check_same_as_alone(e, "ddim");
     check_same_as_alone(e, "euler-a");
     check_same_as_alone(e, "dpm++2m");

@@ -13,6 +13,7 @@
 #include "model/flops.h"
 #include "sdx4.h"
 #include "test.h"
+#include "test_engine.h"
 
 static sdx4_flop_counts count(sdx4_engine *e, int width, int height) {
     sdx4_flop_counts c = {{0, 0}, {0, 0}, {0, 0}};
@@ -37,13 +38,9 @@ static double tiny_unet_attention(double side) {
 }
 
 static void test_tiny(void) {
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = test_ref("tiny/model");
-    o.device = "cpu";
-    sdx4_engine *e = NULL;
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
-        CHECK(0, "open %s: %s", o.model_dir, sdx4_last_error());
+    sdx4_engine *e = test_engine_open("tiny/model");
+    if (!e) {
+        CHECK(0, "the tiny model");
         return;
     }
     sdx4_flop_counts a = count(e, 64, 64), b = count(e, 128, 128), c = count(e, 192, 192);

@@ -15,6 +15,7 @@
 #include "cost.h"
 #include "sdx4.h"
 #include "test.h"
+#include "test_engine.h"
 
 /* A report of `seconds` per part, as if measured. */
 static sdx4_upscale_report timed(double text, double unet, double vae) {
@@ -121,15 +122,8 @@ static void test_tiles(sdx4_engine *e) {
 }
 
 int main(void) {
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = test_ref("tiny/model");
-    o.device = "cpu";
-    sdx4_engine *e = NULL;
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
-        fprintf(stderr, "SKIP: cannot open %s: %s\n", o.model_dir, sdx4_last_error());
-        return 77;
-    }
+    sdx4_engine *e = test_engine_open("tiny/model");
+    if (!e) return 77; /* skipped */
     test_curve(e);
     test_tiles(e);
     sdx4_engine_close(e);
