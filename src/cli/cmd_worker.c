@@ -330,7 +330,8 @@ int cmd_worker(int argc, char **argv) {
     if (load_model(srv) == 0) {
         if (c->webhook_secret) srv->webhooks = webhooks_create(srv);
         json_t *info = registration(&p);
-        worker_settings ws = {.name = p.name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
+        worker_settings ws = {.name = p.name, .threads = c->workers, .max_batch_size = c->max_batch_size,
+                              .batch_window = c->batch_window, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
                               .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL,
                               .cost = srv->cost, .history = srv->history};

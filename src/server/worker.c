@@ -8,6 +8,15 @@
  * do also looks, every few seconds, for entries idle longer than the
  * visibility timeout: those of workers that died (XAUTOCLAIM).
  *
+ * Batches. A thread whose task can share its UNet calls with the task
+ * of a thread that is waiting for company (the same size, steps, sampler,
+ * guidance or not: sdx4_batchable) joins that batch instead of running
+ * alone; the first waits --batch-window for others (up to
+ * --max-batch-size, the threads, the engine's memory budget), then runs
+ * them all, and every thread goes on with its own task's outcome. Each
+ * keeps its stop flag and progress callback: a canceled one leaves the
+ * batch, the others go on (sdx4_upscale_batch).
+ *
  * A task's life: a record refused, a task delivered more than
  * max_attempts times (it killed every worker that took it), a job
  * stopped (cancel key) or past its deadline, or an input gone, ends the
@@ -95,6 +104,8 @@ struct worker {
     json_t *info;
     pthread_mutex_t lock;
     pthread_cond_t changed; /* mono_now() clock: naps, exits, the heartbeat */
+    pthread_cond_t batched; /* mono_now() clock: a batch joined, run */
+    struct forming_batch *forming; /* the batch open to the threads' tasks, or NULL */
     slot *slots;
     int nthreads, exited;
     double next_reclaim; /* mono_now() */
@@ -327,6 +338,72 @@ static void set_busy(slot *sl, bool busy) {
     atomic_fetch_add(&w->busy, busy ? 1 : -1);
 }
 
+/* ---- batches: the threads' tasks that share their UNet calls ------------------------ */
+
+/* A batch in the making, on its leader's stack. A thread whose task can
+ * share its UNet calls joins it while it is open and waits for it to be
+ * run; the leader waits --batch-window for them (or until it is full),
+ * closes it, runs it, and returns once every thread that joined has seen
+ * it done. */
+typedef struct forming_batch {
+    runner_item items[SDX4_MAX_BATCH];
+    int n, room, waiting;
+    bool done;
+} forming_batch;
+
+static bool shares(worker *w, const runner_item *a, const runner_item *b) {
+    sdx4_upscale_params pa, pb;
+    runner_params(a->opts, &pa);
+    runner_params(b->opts, &pb);
+    return sdx4_batchable(w->engine, a->input->width, a->input->height, &pa, b->input->width, b->input->height, &pb);
+}
+
+/* Tasks that may share item's UNet calls: --max-batch-size, the threads,
+ * and what the engine's memory budget allows at its size. */
+static int batch_room(worker *w, const runner_item *item) {
+    sdx4_upscale_params p;
+    runner_params(item->opts, &p);
+    int room = sdx4_batch_capacity(w->engine, item->input->width, item->input->height, &p);
+    if (room > w->s.max_batch_size) room = w->s.max_batch_size;
+    return room < w->nthreads ? room : w->nthreads;
+}
+
+/* Runs this thread's task alone, or in the batch of another thread's that
+ * it can share (waiting until that one has run), or as the leader of a
+ * new batch that others may join for --batch-window. */
+static void upscale(worker *w, runner_item *item) {
+    pthread_mutex_lock(&w->lock);
+    forming_batch *b = w->forming;
+    if (b && b->n < b->room && shares(w, &b->items[0], item)) {
+        b->items[b->n++] = *item; /* the leader's run writes through its pointers */
+        b->waiting++;
+        pthread_cond_broadcast(&w->batched);
+        while (!b->done) pthread_cond_wait(&w->batched, &w->lock);
+        if (--b->waiting == 0) pthread_cond_broadcast(&w->batched);
+        pthread_mutex_unlock(&w->lock);
+        return;
+    }
+    forming_batch mine = {.n = 1, .room = b || w->s.batch_window <= 0 ? 1 : batch_room(w, item)};
+    mine.items[0] = *item;
+    if (mine.room > 1) {
+        double until = mono_now() + w->s.batch_window;
+        struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
+        w->forming = &mine;
+        while (mine.n < mine.room && !atomic_load(&w->stopping) &&
+               pthread_cond_timedwait(&w->batched, &w->lock, &ts) == 0) {
+        }
+        w->forming = NULL;
+    }
+    pthread_mutex_unlock(&w->lock);
+    runner_upscale_batch(w->engine, mine.items, mine.n, on_progress);
+    metrics_batch(mine.n);
+    pthread_mutex_lock(&w->lock);
+    mine.done = true;
+    pthread_cond_broadcast(&w->batched);
+    while (mine.waiting > 0) pthread_cond_wait(&w->batched, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+}
+
 static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     worker *w = sl->w;
     char err[256];
@@ -346,10 +423,11 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     task_outcome out = {.state = JOB_FAILED};
     sdx4_image image;
     double t0 = mono_now();
-    if (runner_upscale(w->engine, input, &t->opts, &sl->stop, on_progress, sl, &image, &out) == JOB_SUCCEEDED) {
+    upscale(w, &(runner_item){input, &t->opts, &sl->stop, sl, &image, &out});
+    if (out.state == JOB_SUCCEEDED) {
         metrics_inference(mono_now() - t0, t->opts.steps);
         /* measured alone on the device only with one thread: several share it unevenly */
-        if (w->s.cost && w->nthreads == 1)
+        if (w->s.cost && w->nthreads == 1 && out.report.batch_size == 1)
             cost_observe(w->s.cost, input->width, input->height, t->opts.tile, t->opts.tile_overlap,
                          sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                          (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
@@ -520,6 +598,7 @@ worker *worker_start(sdx4_engine *engine, redis *r, struct webhooks *hooks, cons
         json_object_set_new(w->info, "threads", json_integer(settings->threads));
     pthread_mutex_init(&w->lock, NULL);
     cond_init_monotonic(&w->changed);
+    cond_init_monotonic(&w->batched);
     if (cluster_ensure_group(r, err, n)) /* not fatal: a consumer's first take fails and retries */
         redis_trouble(w, err);
     w->heartbeat_running = pthread_create(&w->heartbeat, NULL, heartbeat_main, w) == 0;
@@ -578,6 +657,7 @@ int worker_stop(worker *w, double deadline) {
 void worker_free(worker *w) {
     if (!w) return;
     pthread_cond_destroy(&w->changed);
+    pthread_cond_destroy(&w->batched);
     pthread_mutex_destroy(&w->lock);
     json_decref(w->info);
     free(w->slots);

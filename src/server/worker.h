@@ -32,6 +32,8 @@ typedef struct {
     struct cost_model *cost;   /* the time estimator, published in the registration and taught by
                                   the tasks run; NULL none */
     struct history *history;   /* where the jobs this worker ends are recorded; NULL none */
+    int max_batch_size;        /* tasks of its threads that share one UNet call (1: none) */
+    double batch_window;       /* seconds a lone task waits for others' company */
 } worker_settings;
 
 typedef struct worker worker;

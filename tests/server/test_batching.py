@@ -4,14 +4,15 @@ size, steps, sampler, guidance or not) run as one batch; each image is the
 one it is alone (within a level of 255: the batched products may round
 differently); a canceled one leaves the batch without changing the
 others; incompatible ones run alone; sdx4_batch_size counts the batches.
-The engine's side is tests/test_batch.c."""
+A cluster worker batches the tasks its threads take. The engine's side
+is tests/test_batch.c."""
 import io
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import Server, image_bytes, single_process_only, wait_idle, wait_job
+from conftest import RedisServer, Server, Worker, image_bytes, single_process_only, wait_idle, wait_job
 
 SPECS = [{"prompt": "a cat", "seed": "1", "guidance_scale": "5", "noise_level": "0.1"},
          {"prompt": "a dog on a beach", "seed": "2", "negative_prompt": "blurry"},
@@ -100,3 +101,26 @@ def test_upscales_that_cannot_share_run_alone(servers):
                          data={**spec, "num_inference_steps": str(2 + k)}).json() for k, spec in enumerate(specs)]
     assert all(wait_job(batched, j["id"])["status"] == "succeeded" for j in jobs)
     assert batches(batched) == (count + 2, total + 2)
+
+
+def test_a_cluster_worker_batches_the_tasks_its_threads_take(servers):
+    _, alone = servers
+    redis = RedisServer()
+    worker = node = None
+    try:
+        worker = Worker(redis.url, "--name", "batcher", "--max-batch-size", "4", "--batch-window", "1", threads=3)
+        node = Server("--redis", redis.url, "--workers", "0", "--request-timeout", "300", wait_ready=False)
+        deadline = time.time() + 120
+        while node.get("/api/v1/health", timeout=10).status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        jobs = post_jobs(node, 3)
+        assert all(wait_job(node, j["id"])["status"] == "succeeded" for j in jobs)
+        assert batches(worker) == (1, 3)
+        for k, job in enumerate(jobs):
+            assert levels_apart(node.get(job["links"]["result"]).content, alone_image(alone, k, 3)) <= 1
+    finally:
+        if node:
+            node.check_clean_exit()
+        if worker:
+            worker.stop()
+        redis.remove()
