@@ -279,6 +279,12 @@ static int on_step(void *user, int step, int total, const float *latents) {
     return p->progress ? p->progress(p->progress_user, step, total) : 0;
 }
 
+/* The product's fraction on the model's integer scale, rounded half to
+ * even as Python's round(). */
+static int noise_level_of(const sdx4_engine *e, const sdx4_upscale_params *p) {
+    return (int)nearbyint((double)p->noise_level * e->m.max_noise_level);
+}
+
 /* The pipeline's arguments for params p on a preprocessed image. */
 static pipeline_args pipeline_args_of(const sdx4_engine *e, const sdx4_upscale_params *p, const float *image, int h,
                                       int w) {
@@ -286,9 +292,7 @@ static pipeline_args pipeline_args_of(const sdx4_engine *e, const sdx4_upscale_p
         .image = image, .height = h, .width = w,
         .prompt = p->prompt, .negative_prompt = p->negative_prompt,
         .steps = p->num_inference_steps, .guidance = p->guidance_scale,
-        /* the product's fraction on the model's integer scale, rounded
-         * half to even as Python's round() */
-        .noise_level = (int)nearbyint((double)p->noise_level * e->m.max_noise_level),
+        .noise_level = noise_level_of(e, p),
         .eta = p->eta, .seed = p->seed, .on_step = on_step, .user = (void *)p,
         .scheduler = p->scheduler, .scheduler_options = p->scheduler_options,
         .cancel = p->cancel,
@@ -355,19 +359,19 @@ sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, cons
     float *images[SDX4_MAX_BATCH] = {0}, *results[SDX4_MAX_BATCH] = {0};
     pipeline_args args[SDX4_MAX_BATCH];
     pipeline_report reps[SDX4_MAX_BATCH] = {{0}};
-    int stopped[SDX4_MAX_BATCH] = {0}, h = 0, w = 0, f = sdx4_vae_scale_factor(&e->m.vae);
+    sdx4_status ran[SDX4_MAX_BATCH] = {0};
+    int h = 0, w = 0, f = sdx4_vae_scale_factor(&e->m.vae);
     for (int k = 0; k < n && !s; k++) {
         if (sdx4_image_preprocess(&in[k], f, &images[k], &h, &w)) s = sdx4_error_status();
         else args[k] = pipeline_args_of(e, &p[k], images[k], h, w);
     }
-    if (!s && sdx4_pipeline_run_batch(&e->m, e->be, n, args, results, reps, stopped))
+    if (!s && sdx4_pipeline_run_batch(&e->m, e->be, n, args, results, reps, ran))
         s = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
     for (int k = 0; k < n; k++) {
-        if (!s && stopped[k]) statuses[k] = SDX4_ERR_CANCELED;
-        else if (!s && sdx4_image_postprocess(results[k], h * f, w * f, &out[k]))
+        if (s || ran[k]) statuses[k] = s ? s : ran[k];
+        else if (sdx4_image_postprocess(results[k], h * f, w * f, &out[k]))
             statuses[k] = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
-        else statuses[k] = s;
-        if (reports) reports[k] = report_of(&reps[k], s ? 0 : args[k].noise_level, n);
+        if (reports) reports[k] = report_of(&reps[k], noise_level_of(e, &p[k]), n);
         free(images[k]), free(results[k]);
     }
     return s;

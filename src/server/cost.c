@@ -329,9 +329,12 @@ int cost_curve_from_json(const json_t *j, cost_curve *k, char *err, size_t n) {
         return -1;
     if (!(0 < k->pixels[0] && k->pixels[0] < k->pixels[1] && k->pixels[1] < k->pixels[2]))
         return snprintf(err, n, "cost curve: \"pixels\" must increase from above 0"), -1;
+    /* absent from a worker of an earlier version: its curve stands, as one
+     * of a model that never tiles by itself */
     const json_t *per_pixel = json_object_get(j, "unet_bytes_per_pixel");
     k->unet_bytes_per_pixel = json_integer_value(per_pixel);
-    if (!json_is_integer(per_pixel) || k->unet_bytes_per_pixel < 1 || k->unet_bytes_per_pixel > (int64_t)1 << 30)
+    if (per_pixel && (!json_is_integer(per_pixel) || k->unet_bytes_per_pixel < 1 ||
+                      k->unet_bytes_per_pixel > (int64_t)1 << 30))
         return snprintf(err, n, "cost curve: \"unet_bytes_per_pixel\" must be an integer from 1 to 2^30"), -1;
     return 0;
 }

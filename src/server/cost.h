@@ -77,7 +77,7 @@ typedef struct {
     bool calibrated;
     double pixels[3];
     double text[3], step[3], decode[3];       /* untiled */
-    int64_t unet_bytes_per_pixel;             /* the model's: where tile 0 tiles */
+    int64_t unet_bytes_per_pixel;             /* the model's: where tile 0 tiles (0: never) */
 } cost_curve;
 
 /* The estimator's curve over its sides; -1 before the first measurement. */

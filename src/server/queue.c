@@ -222,7 +222,8 @@ static double finish_time(queue *q, const char *client, task **tasks, int n, dou
     int active = 0, taken = 0, pending = n;
     for (int w = 0; w < q->nworkers; w++)
         if (q->slots[w].busy) {
-            double rest = q->slots[w].estimate - (clock - q->slots[w].device_started);
+            /* each of a batch's tasks has had its share of the device */
+            double rest = q->slots[w].estimate - q->slots[w].tasks * (clock - q->slots[w].device_started);
             left[active] = rest > 0 ? rest : 0, own[active++] = false;
         }
     while (len >= 0 && pending > 0) {
@@ -433,20 +434,26 @@ static void run_batch(queue *q, task **tasks, int n) {
     }
 }
 
-/* A free slot for the n tasks of batch, now running (lock held). */
-static worker_slot *occupy(queue *q, task **batch, int n) {
+/* A free slot for task t, now running (lock held). */
+static worker_slot *occupy(queue *q, const task *t) {
     worker_slot *w = q->slots;
     while (w->busy) w++; /* a worker per slot: one is free */
-    double now = mono_now(), estimate = 0, deadline = job_deadline(batch[0]->job);
-    for (int k = 0; k < n; k++) { /* n sharing the device take about what they take in turn */
-        estimate += batch[k]->estimate;
-        if (job_deadline(batch[k]->job) > deadline) deadline = job_deadline(batch[k]->job);
-    }
-    *w = (worker_slot){.busy = true, .started = now, .deadline = deadline,
-                       .device_started = device_now(q, now), .estimate = estimate, .tasks = n};
-    snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(batch[0]->job));
-    q->running += n;
+    double now = mono_now();
+    *w = (worker_slot){.busy = true, .started = now, .deadline = job_deadline(t->job),
+                       .device_started = device_now(q, now), .estimate = t->estimate, .tasks = 1};
+    snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(t->job));
+    q->running++;
     return w;
+}
+
+/* Task t joins the batch of slot w, now running (lock held): tasks that
+ * share the device take about what they take in turn. */
+static void join_slot(queue *q, worker_slot *w, const task *t) {
+    device_now(q, mono_now()); /* the clock so far at the rate of the tasks before */
+    w->estimate += t->estimate;
+    if (job_deadline(t->job) > w->deadline) w->deadline = job_deadline(t->job);
+    w->tasks++;
+    q->running++;
 }
 
 /* ---- batches: waiting tasks that share a UNet call --------------------------- */
@@ -471,37 +478,39 @@ static int batch_room(const queue *q, const task *t) {
 }
 
 /* Adds to batch[0..n) waiting tasks that can share batch[0]'s UNet calls,
- * up to `room`: the first such task of each lane in the rotation's
- * order, round after round, so that one client's many tasks do not fill
- * a batch before another's one. Returns the new n. Lock held. */
-static int gather(queue *q, task **batch, int n, int room) {
+ * up to `room`, each joining slot w: the first such task of each lane in
+ * the rotation's order, round after round, so that one client's many
+ * tasks do not fill a batch before another's one. Returns the new n.
+ * Lock held. */
+static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
     for (bool took = true; took && n < room;) {
         took = false;
         for (queue_lane *l = q->first, *next; l && n < room; l = next) {
             next = l->next; /* unlink_task frees a lane it empties */
             task *t = l->head;
             while (t && !shares(q, batch[0], t)) t = t->queue_next;
-            if (t && unlink_task(q, t)) batch[n++] = t, took = true;
+            if (t && unlink_task(q, t)) join_slot(q, w, batch[n++] = t), took = true;
         }
     }
     return n;
 }
 
-/* The next batch, lock held: the next task in turn, the waiting tasks that
- * can share its calls, and, when nothing else waits, those that arrive
- * within --batch-window (a lone task waits no longer than that). While a
- * worker waits so, the others leave new tasks to it. */
-static int next_batch(queue *q, task **batch) {
+/* The next batch, lock held, in slot *w: the next task in turn, the
+ * waiting tasks that can share its calls, and, while nothing else waits,
+ * those that arrive within --batch-window (a lone task waits no longer
+ * than that). While a worker waits so, the others leave new tasks to it. */
+static int next_batch(queue *q, task **batch, worker_slot **w) {
     batch[0] = pop(q);
-    int room = batch_room(q, batch[0]), n = gather(q, batch, 1, room);
+    *w = occupy(q, batch[0]);
+    int room = batch_room(q, batch[0]), n = gather(q, *w, batch, 1, room);
     double window = q->srv->cfg.batch_window;
     if (n < room && window > 0 && !q->first) {
         double until = mono_now() + window;
         struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
         q->gathering++;
-        while (n < room && !q->closed && pthread_cond_timedwait(&q->work, &q->lock, &ts) == 0)
-            n = gather(q, batch, n, room);
-        n = gather(q, batch, n, room);
+        while (n < room && !q->closed && !q->first && pthread_cond_timedwait(&q->work, &q->lock, &ts) == 0)
+            n = gather(q, *w, batch, n, room);
+        n = gather(q, *w, batch, n, room);
         q->gathering--;
         pthread_cond_broadcast(&q->work); /* the others may take what is left */
     }
@@ -515,8 +524,8 @@ static void *worker_main(void *arg) {
         while ((!q->first || q->gathering) && !q->closed) pthread_cond_wait(&q->work, &q->lock);
         if (!q->first) break; /* closed and empty */
         task *batch[SDX4_MAX_BATCH], *wanted[SDX4_MAX_BATCH];
-        int n = next_batch(q, batch), m = 0;
-        worker_slot *slot = occupy(q, batch, n);
+        worker_slot *slot;
+        int n = next_batch(q, batch, &slot), m = 0;
         pthread_mutex_unlock(&q->lock);
 
         job *jobs[SDX4_MAX_BATCH];

@@ -491,8 +491,9 @@ static void *watch_main(void *arg) {
     const struct timespec pause = {0, 2000000}; /* 2 ms: a small part of a tile's work */
     while (!atomic_load(&w->quit)) {
         unsigned live = atomic_load(&w->live);
-        for (int k = 0; k < SDX4_MAX_BATCH; k++)
-            if (live >> k & 1 && cancel_is_set(w->flags[k])) atomic_store(&w->stop, 1);
+        for (int k = 0; k < SDX4_MAX_BATCH; k++) /* still live when seen set: not one that just left */
+            if (live >> k & 1 && cancel_is_set(w->flags[k]) && atomic_load(&w->live) >> k & 1)
+                atomic_store(&w->stop, 1);
         nanosleep(&pause, NULL);
     }
     return NULL;
@@ -597,7 +598,8 @@ static int batchable(const pipeline_args *x, const pipeline_args *y) {
 }
 
 int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_args *args, float **outs,
-                            pipeline_report *reports, int *stopped) {
+                            pipeline_report *reports, sdx4_status *statuses) {
+    for (int k = 0; k < n && k < SDX4_MAX_BATCH; k++) outs[k] = NULL, statuses[k] = SDX4_OK;
     if (n < 1 || n > SDX4_MAX_BATCH) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "a batch of %d upscales: 1 to %d", n, SDX4_MAX_BATCH);
         return -1;
@@ -634,7 +636,6 @@ int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_a
      * set; a batch's flag is its watcher's (run_batch) */
     const sdx4_atomic_int *outer_cancel = sdx4_cancel_install(n == 1 ? a->cancel : NULL);
     for (int k = 0; k < n; k++) {
-        outs[k] = NULL;
         if (item_begin(m, be, &args[k], calls, &items[k]) < 0) goto done;
         if (items[k].sched.num_timesteps != items[0].sched.num_timesteps ||
             memcmp(items[k].sched.timesteps, items[0].sched.timesteps,
@@ -658,10 +659,10 @@ int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_a
         it->rep.vae_tiles = decode(m, be, it->a, it->latents, &outs[k]);
         it->rep.seconds_vae = now() - t0;
         if (n > 1) sdx4_cancel_install(NULL);
-        if (it->rep.vae_tiles < 0) {
-            if (!cancel_is_set(it->a->cancel)) goto done;
-            it->stopped = 1;
-        }
+        if (it->rep.vae_tiles < 0 && cancel_is_set(it->a->cancel)) it->stopped = 1;
+        else if (it->rep.vae_tiles < 0 && n == 1) goto done;
+        else if (it->rep.vae_tiles < 0) /* its own failure (its vae_tiling): the others' images stand */
+            statuses[k] = sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
         item_free(it); /* its latents and the generator's thread are no longer needed */
     }
     rc = 0;
@@ -674,7 +675,7 @@ done:
         if (items[k].stopped) free(outs[k]), outs[k] = NULL;
     for (int k = 0; k < n; k++) {
         if (reports) reports[k] = items[k].rep;
-        if (stopped) stopped[k] = items[k].stopped;
+        if (items[k].stopped) statuses[k] = SDX4_ERR_CANCELED;
         item_free(&items[k]);
     }
     free(items);
@@ -684,7 +685,7 @@ done:
 }
 
 int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *a, float **out, pipeline_report *report) {
-    int stopped = 0;
-    int rc = sdx4_pipeline_run_batch(m, be, 1, a, out, report, &stopped);
-    return rc ? rc : stopped ? sdx4_cancel_stopped() : 0;
+    sdx4_status status;
+    int rc = sdx4_pipeline_run_batch(m, be, 1, a, out, report, &status);
+    return rc ? rc : status == SDX4_ERR_CANCELED ? sdx4_cancel_stopped() : 0;
 }

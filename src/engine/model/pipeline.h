@@ -79,12 +79,13 @@ int sdx4_pipeline_run(const model *m, backend *be, const pipeline_args *args, fl
  * would be alone (batched arithmetic may round differently). They must
  * share the latent size, steps, sampler and its options, guidance or not,
  * and run untiled (a single upscale may be tiled). One that its caller
- * stops (cancel flag, on_step) leaves at that step's end, and its
- * stopped[k] is 1 with outs[k] NULL; the others go on. Every report gets
- * the batch's UNet seconds. -1 with the error set when the batch failed
- * (no outputs). */
+ * stops (cancel flag, on_step) leaves the batch, with statuses[k]
+ * SDX4_ERR_CANCELED and outs[k] NULL; the others go on. In a batch, a
+ * decode that fails on its own (its vae_tiling) fails only its upscale,
+ * with its status. Every report gets the batch's UNet seconds. -1 with the
+ * error set when the batch failed (no outputs). */
 int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_args *args, float **outs,
-                            pipeline_report *reports, int *stopped);
+                            pipeline_report *reports, sdx4_status *statuses);
 
 /* Encodes [negative;] prompt as the pipeline does: [batch, 77, hidden]
  * with batch 2 (negative first) when do_cfg, else 1. */
