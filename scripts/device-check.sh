@@ -44,6 +44,10 @@
 #   anchor  diffusers' own timings on this GPU (../shared/tools/gen_reference.py
 #           --perf, carried in build-carry/ by prepare), from a diffusers
 #           wheel in .whl/ (see the device tool's README; carry=[..., ".whl"])
+# and, only when named: load  bench/batch_load.py against sdx4 serve on the
+#           fp16 model: images/s, p50 and p99 with 1, 4, 8 and 16 clients
+#           (128 px, 75 steps, 20 s each), batching on and off (issue 16),
+#           in load.jsonl (name `model` too on a fresh machine)
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # and, only when named: variants  other versions of the engine side by side
 #           with this checkout, in the same lease: each source tree packed
@@ -381,6 +385,22 @@ PY
   wait "$sampler" 2>/dev/null
   echo "peak memory.used during the 1024 px tiled upscale: $(sort -n /tmp/tiles-memory.csv | tail -1) MiB" |
     tee -a "$out/tiles.txt" "$summary"
+fi
+
+if wants load && [ -x "$sdx4" ] && [ -d "$model" ]; then
+  # issue 16: images/s and p50/p99 through the HTTP API with 1-16 clients,
+  # 128 px, 75 steps, batching on (the default) and off; load.jsonl
+  for batch in 8 1; do
+    $sdx4 serve --model "$model" --variant fp16 --device cuda --port 18900 --rate-limit 0 --queue-size 64 \
+      --request-timeout 600 --max-batch-size $batch > /tmp/load-serve.log 2>&1 &
+    server=$!
+    for _ in $(seq 240); do curl -sf http://127.0.0.1:18900/api/v1/health >/dev/null && break; sleep 0.5; done
+    step "load-batch$batch" 300 bash -o pipefail -c "python3 bench/batch_load.py http://127.0.0.1:18900 \
+      --clients 1,4,8,16 --size 128 --steps 75 --seconds 20 --warm 5 | sed 's/^{/{\"max_batch_size\": $batch, /' |
+      tee -a $out/load.jsonl"
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+  done
 fi
 
 if wants variants && [ -d "$model" ] && ls "$carry"/variants/*.tar.xz >/dev/null 2>&1; then

@@ -106,7 +106,7 @@ static const option options[] = {
     {"max-batch-size", OPT_INT, O(max_batch_size), 1, SDX4_MAX_BATCH, "8",
      "upscales, from any requests, that share one UNet call a step when they can "
      "(same size, steps, sampler, guidance or not; within the UNet's memory budget); 1: none"},
-    {"batch-window", OPT_DOUBLE, O(batch_window), 0, 1, "0.02",
+    {"batch-window", OPT_DOUBLE, O(batch_window), 0, 1, "0.01",
      "seconds a lone upscale waits for others to share its UNet calls (0: only those already waiting)"},
     {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
      "pending upscales at most (then 503 with Retry-After)"},
