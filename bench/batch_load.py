@@ -3,8 +3,9 @@
 clients, for issue 16's batching figures (BENCHMARKS.md "Batching").
 
 Each client sends synchronous upscales back to back, each with its own
-seed (so the cache never answers), until `--seconds` have passed; the
-first `--warm` seconds are not counted. Prints one JSON line per client
+seed (so the cache never answers), for `--warm` + `--seconds` seconds;
+the upscales that end within the last `--seconds` are counted (with
+their whole latency), those ending in the warm-up or after are not. Prints one JSON line per client
 count: images/s, p50 and p99 latency, and the server's sdx4_batch_size
 count and sum over the measured part.
 
@@ -75,7 +76,7 @@ def run(url, clients, size, steps, seconds, warm):
             t0 = time.time()
             status = upscale(url, image, steps, seed)
             t1 = time.time()
-            if status == 200 and t0 >= measured_from and t1 <= until:
+            if status == 200 and measured_from <= t1 <= until:
                 with lock:
                     latencies.append(t1 - t0)
 
