@@ -458,25 +458,6 @@ static void join_slot(queue *q, worker_slot *w, const task *t) {
 
 /* ---- batches: waiting tasks that share a UNet call --------------------------- */
 
-static bool shares(const queue *q, const task *a, const task *b) {
-    sdx4_upscale_params pa, pb;
-    runner_params(&a->opts, &pa);
-    runner_params(&b->opts, &pb);
-    return sdx4_batchable(q->srv->engine, a->input.width, a->input.height, &pa, b->input.width, b->input.height,
-                          &pb);
-}
-
-/* How many tasks may share t's UNet calls: --max-batch-size, and what the
- * engine's memory budget allows at t's size. */
-static int batch_room(const queue *q, const task *t) {
-    int most = q->srv->cfg.max_batch_size;
-    if (most <= 1) return 1;
-    sdx4_upscale_params p;
-    runner_params(&t->opts, &p);
-    int fits = sdx4_batch_capacity(q->srv->engine, t->input.width, t->input.height, &p);
-    return fits < most ? fits : most;
-}
-
 /* Adds to batch[0..n) waiting tasks that can share batch[0]'s UNet calls,
  * up to `room`, each joining slot w: the first such task of each lane in
  * the rotation's order, round after round, so that one client's many
@@ -488,7 +469,8 @@ static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
         for (queue_lane *l = q->first, *next; l && n < room; l = next) {
             next = l->next; /* unlink_task frees a lane it empties */
             task *t = l->head;
-            while (t && !shares(q, batch[0], t)) t = t->queue_next;
+            while (t && !runner_batchable(q->srv->engine, &batch[0]->input, &batch[0]->opts, &t->input, &t->opts))
+                t = t->queue_next;
             if (t && unlink_task(q, t)) join_slot(q, w, batch[n++] = t), took = true;
         }
     }
@@ -502,7 +484,8 @@ static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
 static int next_batch(queue *q, task **batch, worker_slot **w) {
     batch[0] = pop(q);
     *w = occupy(q, batch[0]);
-    int room = batch_room(q, batch[0]), n = gather(q, *w, batch, 1, room);
+    int room = runner_batch_room(q->srv->engine, &batch[0]->input, &batch[0]->opts, q->srv->cfg.max_batch_size);
+    int n = gather(q, *w, batch, 1, room);
     double window = q->srv->cfg.batch_window;
     if (n < room && window > 0 && !q->first) {
         double until = mono_now() + window;

@@ -26,6 +26,22 @@ void runner_params(const upscale_options *opts, sdx4_upscale_params *p) {
     p->tile_overlap = opts->tile_overlap;
 }
 
+bool runner_batchable(sdx4_engine *engine, const sdx4_image *a, const upscale_options *oa, const sdx4_image *b,
+                      const upscale_options *ob) {
+    sdx4_upscale_params pa, pb;
+    runner_params(oa, &pa);
+    runner_params(ob, &pb);
+    return sdx4_batchable(engine, a->width, a->height, &pa, b->width, b->height, &pb);
+}
+
+int runner_batch_room(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts, int most) {
+    if (most <= 1) return 1;
+    sdx4_upscale_params p;
+    runner_params(opts, &p);
+    int fits = sdx4_batch_capacity(engine, input->width, input->height, &p);
+    return fits < most ? fits : most;
+}
+
 /* The outcome of one upscale from the engine's status. */
 static job_state outcome(sdx4_status st, task_outcome *out) {
     if (st == SDX4_OK) return out->state = JOB_SUCCEEDED;

@@ -27,6 +27,14 @@ job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const ups
  * stop flag). */
 void runner_params(const upscale_options *opts, sdx4_upscale_params *p);
 
+/* Whether upscales of these inputs and options can share their UNet calls
+ * (sdx4_batchable). */
+bool runner_batchable(sdx4_engine *engine, const sdx4_image *a, const upscale_options *oa, const sdx4_image *b,
+                      const upscale_options *ob);
+/* How many upscales like this one may share its UNet calls: at most
+ * `most`, and what the engine's memory budget allows (sdx4_batch_capacity). */
+int runner_batch_room(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts, int most);
+
 /* One upscale of a batch: runner_upscale's arguments. */
 typedef struct {
     const sdx4_image *input;

@@ -351,30 +351,14 @@ typedef struct forming_batch {
     bool done;
 } forming_batch;
 
-static bool shares(worker *w, const runner_item *a, const runner_item *b) {
-    sdx4_upscale_params pa, pb;
-    runner_params(a->opts, &pa);
-    runner_params(b->opts, &pb);
-    return sdx4_batchable(w->engine, a->input->width, a->input->height, &pa, b->input->width, b->input->height, &pb);
-}
-
-/* Tasks that may share item's UNet calls: --max-batch-size, the threads,
- * and what the engine's memory budget allows at its size. */
-static int batch_room(worker *w, const runner_item *item) {
-    sdx4_upscale_params p;
-    runner_params(item->opts, &p);
-    int room = sdx4_batch_capacity(w->engine, item->input->width, item->input->height, &p);
-    if (room > w->s.max_batch_size) room = w->s.max_batch_size;
-    return room < w->nthreads ? room : w->nthreads;
-}
-
 /* Runs this thread's task alone, or in the batch of another thread's that
  * it can share (waiting until that one has run), or as the leader of a
  * new batch that others may join for --batch-window. */
 static void upscale(worker *w, runner_item *item) {
     pthread_mutex_lock(&w->lock);
     forming_batch *b = w->forming;
-    if (b && b->n < b->room && shares(w, &b->items[0], item)) {
+    if (b && b->n < b->room &&
+        runner_batchable(w->engine, b->items[0].input, b->items[0].opts, item->input, item->opts)) {
         b->items[b->n++] = *item; /* the leader's run writes through its pointers */
         b->waiting++;
         pthread_cond_broadcast(&w->batched);
@@ -383,7 +367,11 @@ static void upscale(worker *w, runner_item *item) {
         pthread_mutex_unlock(&w->lock);
         return;
     }
-    forming_batch mine = {.n = 1, .room = b || w->s.batch_window <= 0 ? 1 : batch_room(w, item)};
+    /* room: --max-batch-size, the threads, the memory budget */
+    int most = w->s.max_batch_size < w->nthreads ? w->s.max_batch_size : w->nthreads;
+    forming_batch mine = {.n = 1, .room = b || w->s.batch_window <= 0
+                                             ? 1
+                                             : runner_batch_room(w->engine, item->input, item->opts, most)};
     mine.items[0] = *item;
     if (mine.room > 1) {
         double until = mono_now() + w->s.batch_window;
