@@ -116,12 +116,22 @@ struct backend {
     int (*add_channel_bias_inplace)(backend *be, tensor *x, const tensor *v);
     /* x *= s */
     int (*scale_inplace)(backend *be, tensor *x, float s);
+    /* x = x * slope where x < 0, in place: slopes[c] per channel of an
+     * NCHW x (torch.nn.PReLU), or the one `slope` when slopes is NULL
+     * (ReLU at 0, torch.nn.LeakyReLU otherwise). The GAN upscalers'
+     * activations (model/esrgan.h). */
+    int (*prelu_inplace)(backend *be, tensor *x, const tensor *slopes, float slope);
 
     /* --- layout ------------------------------------------------------- */
     /* torch.cat([a, b], dim=1) for NCHW with equal B, H, W. */
     tensor *(*concat_channels)(backend *be, const tensor *a, const tensor *b);
     /* F.interpolate(x, size=(h, w), mode="nearest"). */
     tensor *(*upsample_nearest)(backend *be, const tensor *x, int h, int w);
+    /* F.pixel_shuffle(x, r): [B, C*r*r, H, W] -> [B, C, H*r, W*r], output
+     * channel c's r x r block taken from input channels c*r*r..; and
+     * F.pixel_unshuffle(x, r), its inverse (sides multiples of r). */
+    tensor *(*pixel_shuffle)(backend *be, const tensor *x, int r);
+    tensor *(*pixel_unshuffle)(backend *be, const tensor *x, int r);
     /* [B, C, H, W] -> [B, H*W, C] and back (transformer blocks). */
     tensor *(*nchw_to_tokens)(backend *be, const tensor *x);
     tensor *(*tokens_to_nchw)(backend *be, const tensor *x, int h, int w);

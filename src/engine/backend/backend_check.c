@@ -5,6 +5,7 @@
  */
 #include <inttypes.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 
 #include "backend/backend_check.h"
@@ -249,6 +250,36 @@ int sdx4_check_concat_channels(const tensor *a, const tensor *b) {
 int sdx4_check_upsample(int h, int w) {
     if (h < 1 || w < 1) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "upsample_nearest: size %dx%d", h, w);
+        return -1;
+    }
+    return 0;
+}
+
+int sdx4_check_prelu(const tensor *x, const tensor *slopes, float slope) {
+    if (!isfinite(slope)) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "prelu: slope %g", slope);
+        return -1;
+    }
+    if (slopes && (slopes->ndim != 1 || slopes->shape[0] != x->shape[1])) {
+        char xs[SHAPE_STR_SIZE], ss[SHAPE_STR_SIZE];
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "prelu: x %s needs slopes [%" PRId64 "], got %s",
+                       sdx4_shape_str(x, xs, sizeof xs), x->shape[1], sdx4_shape_str(slopes, ss, sizeof ss));
+        return -1;
+    }
+    return 0;
+}
+
+int sdx4_check_pixel_shuffle(const tensor *x, int r, int unshuffle) {
+    const char *op = unshuffle ? "pixel_unshuffle" : "pixel_shuffle";
+    char xs[SHAPE_STR_SIZE];
+    int64_t C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    if (r < 1 || r > 16) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: factor %d is outside 1..16", op, r);
+        return -1;
+    }
+    if (unshuffle ? H % r || W % r : C % ((int64_t)r * r)) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s does not divide by %d%s", op,
+                       sdx4_shape_str(x, xs, sizeof xs), r, unshuffle ? " in height and width" : "^2 in channels");
         return -1;
     }
     return 0;

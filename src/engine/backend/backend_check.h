@@ -66,6 +66,12 @@ int sdx4_check_geglu(const tensor *x);
 int sdx4_check_channel_bias(const tensor *x, const tensor *v);
 int sdx4_check_concat_channels(const tensor *a, const tensor *b);
 int sdx4_check_upsample(int h, int w);
+/* slopes NULL or [C] for x [B, C, H, W]; a finite slope. */
+int sdx4_check_prelu(const tensor *x, const tensor *slopes, float slope);
+/* pixel_shuffle (unshuffle = 0) or pixel_unshuffle of x [B, C, H, W] by r:
+ * r >= 1, C a multiple of r*r (shuffle) or H and W of r (unshuffle), and
+ * the result within tensor limits. */
+int sdx4_check_pixel_shuffle(const tensor *x, int r, int unshuffle);
 int sdx4_check_tokens_to_nchw(const tensor *x, int h, int w);
 /* ids index the `rows` rows of a table. */
 int sdx4_check_embedding(int64_t rows, const int32_t *ids, int n);

@@ -321,8 +321,11 @@ backend *sdx4_backend_cpu_create(int threads) {
     be->add_inplace = sdx4_cpu_add_inplace;
     be->add_channel_bias_inplace = sdx4_cpu_add_channel_bias_inplace;
     be->scale_inplace = sdx4_cpu_scale_inplace;
+    be->prelu_inplace = sdx4_cpu_prelu_inplace;
     be->concat_channels = sdx4_cpu_concat_channels;
     be->upsample_nearest = sdx4_cpu_upsample_nearest;
+    be->pixel_shuffle = sdx4_cpu_pixel_shuffle;
+    be->pixel_unshuffle = sdx4_cpu_pixel_unshuffle;
     be->nchw_to_tokens = sdx4_cpu_nchw_to_tokens;
     be->tokens_to_nchw = sdx4_cpu_tokens_to_nchw;
     be->embedding = cpu_embedding;

@@ -92,8 +92,11 @@ tensor *sdx4_cpu_geglu(backend *be, const tensor *x);
 int sdx4_cpu_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
 int sdx4_cpu_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
 int sdx4_cpu_scale_inplace(backend *be, tensor *x, float s);
+int sdx4_cpu_prelu_inplace(backend *be, tensor *x, const tensor *slopes, float slope);
 tensor *sdx4_cpu_concat_channels(backend *be, const tensor *a, const tensor *b);
 tensor *sdx4_cpu_upsample_nearest(backend *be, const tensor *x, int h, int w);
+tensor *sdx4_cpu_pixel_shuffle(backend *be, const tensor *x, int r);
+tensor *sdx4_cpu_pixel_unshuffle(backend *be, const tensor *x, int r);
 tensor *sdx4_cpu_nchw_to_tokens(backend *be, const tensor *x);
 tensor *sdx4_cpu_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
 

@@ -83,6 +83,35 @@ tensor *sdx4_cpu_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     return y;
 }
 
+/* Both directions in one loop over the small side's rows: the r x r
+ * block at (y, x) of channel c of the large image is channels c*r*r + i*r
+ * + j at (y, x) of the small one. */
+static tensor *pixel_shuffled(backend *be, const tensor *x, int r, int unshuffle) {
+    const char *op = unshuffle ? "pixel_unshuffle" : "pixel_shuffle";
+    if (sdx4_cpu_check(op, "input", x, 4) || sdx4_check_pixel_shuffle(x, r, unshuffle)) return NULL;
+    int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], rr = (int64_t)r * r;
+    int64_t big_c = unshuffle ? C : C / rr, h = unshuffle ? H / r : H, w = unshuffle ? W / r : W;
+    tensor *y = sdx4_cpu_new_tensor(be, 4, unshuffle ? (int64_t[]){B, C * rr, h, w}
+                                                     : (int64_t[]){B, big_c, H * r, W * r});
+    if (!y) return NULL;
+    const float *src = x->data;
+    float *dst = y->data;
+    /* one row of the small image for one of its channels: b, c, i, j, sy */
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t row = 0; row < B * big_c * rr * h; row++) {
+        int64_t sy = row % h, q = row / h, ij = q % rr, bc = q / rr, i = ij / r, j = ij % r;
+        int64_t small = q * h * w + sy * w, big = bc * h * r * w * r + (sy * r + i) * w * r + j;
+        if (unshuffle)
+            for (int64_t sx = 0; sx < w; sx++) dst[small + sx] = src[big + sx * r];
+        else
+            for (int64_t sx = 0; sx < w; sx++) dst[big + sx * r] = src[small + sx];
+    }
+    return y;
+}
+
+tensor *sdx4_cpu_pixel_shuffle(backend *be, const tensor *x, int r) { return pixel_shuffled(be, x, r, 0); }
+tensor *sdx4_cpu_pixel_unshuffle(backend *be, const tensor *x, int r) { return pixel_shuffled(be, x, r, 1); }
+
 /* dst[b][c][r] = src[b][r][c] for `batches` matrices of rows x cols. */
 #define BLOCK 32
 static void transpose(backend *be, const float *src, float *dst, int64_t batches, int64_t rows,

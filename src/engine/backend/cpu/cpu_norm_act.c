@@ -140,6 +140,25 @@ int sdx4_cpu_scale_inplace(backend *be, tensor *x, float s) {
     return 0;
 }
 
+int sdx4_cpu_prelu_inplace(backend *be, tensor *x, const tensor *slopes, float slope) {
+    if (sdx4_cpu_check("prelu", "x", x, 4) || (slopes && sdx4_cpu_check("prelu", "slopes", slopes, 1)) ||
+        sdx4_check_prelu(x, slopes, slope))
+        return -1;
+    int64_t B = x->shape[0], C = x->shape[1], S = x->shape[2] * x->shape[3];
+    float *xd = x->data;
+    const float *sd = slopes ? slopes->data : NULL;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t bc = 0; bc < B * C; bc++) {
+        float *row = xd + bc * S;
+        v4f k = v4_splat(sd ? sd[bc % C] : slope), zero = v4_splat(0.0f);
+        for (int64_t i = 0; i < S; i += 4) {
+            v4f v = v4_load(row + i, S - i);
+            v4_store(row + i, v4_select(v < zero, v * k, v), S - i);
+        }
+    }
+    return 0;
+}
+
 /* -------------------------------------------------------- normalisation */
 
 /* Mean and 1/sqrt(biased variance + eps) of n floats. Sums of 64 values

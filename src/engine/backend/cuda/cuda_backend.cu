@@ -768,8 +768,11 @@ extern "C" backend *sdx4_backend_cuda_create(int device_index, const cuda_settin
         be->add_inplace = cuda_add_inplace;
         be->add_channel_bias_inplace = cuda_add_channel_bias_inplace;
         be->scale_inplace = cuda_scale_inplace;
+        be->prelu_inplace = cuda_prelu_inplace;
         be->concat_channels = cuda_concat_channels;
         be->upsample_nearest = cuda_upsample_nearest;
+        be->pixel_shuffle = cuda_pixel_shuffle;
+        be->pixel_unshuffle = cuda_pixel_unshuffle;
         be->nchw_to_tokens = cuda_nchw_to_tokens;
         be->tokens_to_nchw = cuda_tokens_to_nchw;
         be->relayout_tokens = cuda_relayout_tokens;

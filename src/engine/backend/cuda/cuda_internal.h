@@ -339,8 +339,11 @@ tensor *cuda_geglu(backend *be, const tensor *x);
 int cuda_add_inplace(backend *be, tensor *a, const tensor *b, float scale_b);
 int cuda_add_channel_bias_inplace(backend *be, tensor *x, const tensor *v);
 int cuda_scale_inplace(backend *be, tensor *x, float s);
+int cuda_prelu_inplace(backend *be, tensor *x, const tensor *slopes, float slope);
 tensor *cuda_concat_channels(backend *be, const tensor *a, const tensor *b);
 tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w);
+tensor *cuda_pixel_shuffle(backend *be, const tensor *x, int r);
+tensor *cuda_pixel_unshuffle(backend *be, const tensor *x, int r);
 tensor *cuda_nchw_to_tokens(backend *be, const tensor *x);
 tensor *cuda_tokens_to_nchw(backend *be, const tensor *x, int h, int w);
 

@@ -288,6 +288,46 @@ tensor *cuda_upsample_nearest(backend *be, const tensor *x, int h, int w) {
     return y;
 }
 
+/* channels-last: the small image's pixel (y, x) holds, at channel
+ * c*r*r + i*r + j, the large image's pixel (y*r + i, x*r + j) at channel c.
+ * One thread per element of the large image, in either direction. */
+template <typename T>
+__global__ void pixel_shuffle_kernel(const T *src, T *dst, int64_t B, int64_t C, int64_t h, int64_t w,
+                                     int r, int unshuffle) {
+    int64_t H = h * r, W = w * r, rr = (int64_t)r * r;
+    FOR_EACH(e, B * H * W * C) {
+        int64_t c = e % C, X = e / C % W, Y = e / (C * W) % H, b = e / (C * W * H);
+        int64_t small = ((b * h + Y / r) * w + X / r) * C * rr + c * rr + (Y % r) * r + X % r;
+        if (unshuffle) dst[small] = src[e];
+        else dst[e] = src[small];
+    }
+}
+
+static tensor *pixel_shuffled(backend *be, const tensor *x, int r, int unshuffle) {
+    const char *op = unshuffle ? "pixel_unshuffle" : "pixel_shuffle";
+    cuda_lock lock(be, op);
+    if (!lock) return NULL;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, op, "input", x, 4) || sdx4_check_pixel_shuffle(x, r, unshuffle)) return NULL;
+    int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], rr = (int64_t)r * r;
+    int64_t big_c = unshuffle ? C : C / rr, h = unshuffle ? H / r : H, w = unshuffle ? W / r : W;
+    int64_t shape[4] = {B, unshuffle ? C * rr : big_c, unshuffle ? h : H * r, unshuffle ? w : W * r};
+    tensor *y = cuda_tensor_new(cb, 4, shape, x->type);
+    if (!y) return NULL;
+    CUDA_DISPATCH(x->type, T,
+                  pixel_shuffle_kernel<T><<<cuda_blocks(B * big_c * h * r * w * r), CUDA_THREADS, 0,
+                                            cb->stream>>>((const T *)x->data, (T *)y->data, B, big_c, h,
+                                                          w, r, unshuffle));
+    if (cuda_launched(op)) {
+        cuda_tensor_release(cb, y);
+        return NULL;
+    }
+    return y;
+}
+
+tensor *cuda_pixel_shuffle(backend *be, const tensor *x, int r) { return pixel_shuffled(be, x, r, 0); }
+tensor *cuda_pixel_unshuffle(backend *be, const tensor *x, int r) { return pixel_shuffled(be, x, r, 1); }
+
 /* ------------------------------------------------------------- transpose */
 
 #define TILE 32

@@ -250,6 +250,34 @@ int cuda_scale_inplace(backend *be, tensor *x, float s) {
     return cuda_launched("scale");
 }
 
+/* channels-last: the channel of element i is i % C */
+template <typename T>
+__global__ void prelu_kernel(T *x, const T *slopes, float slope, int64_t n, int64_t C) {
+    FOR_EACH(i, n) {
+        float v = to_f32(x[i]);
+        if (v < 0.0f) x[i] = from_f32<T>(v * (slopes ? to_f32(slopes[i % C]) : slope));
+    }
+}
+
+int cuda_prelu_inplace(backend *be, tensor *x, const tensor *slopes, float slope) {
+    cuda_lock lock(be, "prelu");
+    if (!lock) return -1;
+    cuda_backend *cb = lock.cb;
+    if (cuda_check(cb, "prelu", "x", x, 4) || (slopes && cuda_check(cb, "prelu", "slopes", slopes, 1)) ||
+        sdx4_check_prelu(x, slopes, slope))
+        return -1;
+    cuda_buf s_tmp;
+    const void *sd = NULL;
+    if (slopes && !(sd = cuda_data_as(cb, slopes, x->type, &s_tmp))) return -1;
+    int64_t n = tensor_numel(x);
+    CUDA_DISPATCH(x->type, T,
+                  prelu_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cb->stream>>>(
+                      (T *)x->data, (const T *)sd, slope, n, x->shape[1]));
+    int rc = cuda_launched("prelu");
+    if (slopes) cuda_buf_free(cb, &s_tmp);
+    return rc;
+}
+
 /* --------------------------------------------------------------- welford */
 
 /* count, mean and sum of squared deviations of a set of values */
