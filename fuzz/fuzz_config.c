@@ -1,13 +1,14 @@
 /*
  * fuzz_config.c - arbitrary bytes as a component config: parsed, then used
  * to build the UNet, VAE decoder and text encoder in spec mode (no weights,
- * shapes only) and both schedulers. Any config must give a model or a
+ * shapes only), both schedulers and a GAN (model/esrgan.h). Any config must give a model or a
  * clear error; none may crash, hang or leak.
  */
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "core/config.h"
+#include "model/esrgan.h"
 #include "model/scheduler.h"
 #include "model/text_encoder.h"
 #include "model/unet.h"
@@ -41,6 +42,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     ddpm_scheduler p;
     if (sdx4_ddpm_from_config(&p, &c) == 0) sdx4_ddpm_free(&p);
+    gan_config g;
+    esrgan gan;
+    if (sdx4_gan_config_parse(&c, &g) == 0 && sdx4_esrgan_spec(&gan, &g) == 0) {
+        (void)sdx4_esrgan_radius(&g);
+        (void)sdx4_esrgan_bytes_per_pixel(&g);
+        (void)sdx4_esrgan_flops(&g, 64, 64);
+        sdx4_esrgan_free(&gan);
+    }
     sdx4_cfg_free(&c);
     return 0;
 }

@@ -111,6 +111,11 @@ void sdx4_engine_close(sdx4_engine *engine);
  * health. Strings live as long as the engine. */
 typedef struct {
     const char *model_dir;
+    const char *kind;            /* "diffusion" (a diffusers folder) or "gan"
+                                    (a folder of config.json and
+                                    model.safetensors: ESRGAN's family) */
+    const char *architecture;    /* "StableDiffusionUpscalePipeline",
+                                    "RRDBNet", "SRVGGNetCompact" */
     const char *device;          /* the backend's description: "CPU, 2 threads,
                                     OpenBLAS ..." or "cuda:0 (NVIDIA H100 ...)" */
     const char *compute_dtype;   /* "float32", "float16" */
@@ -119,7 +124,8 @@ typedef struct {
     int64_t unet_params;
     int64_t vae_params;          /* loaded part: post_quant_conv + decoder */
     int max_noise_level;         /* from model_index.json (350 for x4) */
-    int vae_scale_factor;        /* output side = input side * this */
+    int vae_scale_factor;        /* output side = input side * this (a
+                                    GAN's scale too) */
     int max_prompt_tokens;       /* 77 for CLIP, with start and end tokens */
     int64_t device_memory_bytes; /* the backend's memory in use now: weights it
                                     copied, live tensors, workspaces (GPU
@@ -129,6 +135,10 @@ typedef struct {
                                      peak per latent pixel of each batch item
                                      (a guided upscale's batch is 2): what
                                      automatic tiles weigh (tile 0) */
+    int64_t gan_params;          /* a GAN's parameters (0 for diffusion) */
+    int64_t gan_bytes_per_pixel; /* float32 activations of a GAN's whole
+                                    forward per input pixel: what decides
+                                    whether it runs whole */
 } sdx4_model_info;
 
 sdx4_status sdx4_engine_info(const sdx4_engine *engine, sdx4_model_info *info);
@@ -238,6 +248,14 @@ typedef enum {
  * it, windows keep every UNet call within it. */
 #define SDX4_UNET_TILING_BUDGET ((int64_t)6 << 30)
 
+/* A GAN (sdx4_model_info.kind "gan") runs the whole image in one forward
+ * while its float32 activations stay within this many bytes: 2 GiB, about
+ * 470 x 470 px in with Real-ESRGAN x4plus (its upsampling head holds 64
+ * channels at 4x the side). Above it, or with tile > 0 (tiles of that
+ * many input pixels), it runs in tiles grown by the network's receptive
+ * radius, which give the numbers of the whole run. */
+#define SDX4_GAN_TILING_BUDGET ((int64_t)2 << 30)
+
 /* The most upscales that share their UNet calls (sdx4_upscale_batch). */
 #define SDX4_MAX_BATCH 16
 
@@ -325,6 +343,8 @@ typedef struct {
     int unet_tile;          /* the UNet's window side; 0 for the whole latent */
     int unet_windows;       /* its windows; 1 when whole */
     int batch_size;         /* upscales that shared its UNet calls (1 alone) */
+    int gan_tiles;          /* a GAN's tiles, summed over its stages; 1
+                               when whole (its seconds are seconds_unet) */
 } sdx4_upscale_report;
 
 /* Upscale `input` by vae_scale_factor. A side that is not a multiple of the
@@ -444,6 +464,41 @@ sdx4_status sdx4_bench(sdx4_engine *engine, int size, int steps, int repeats, in
  * the output of such a model is noise. */
 sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir,
                             const char *dtype, uint64_t seed);
+
+/* Converts an upscaler of the ESRGAN family (RRDBNet: ESRGAN, Real-ESRGAN
+ * x4plus and x2plus; SRVGGNetCompact: realesr-general-x4v3,
+ * realesr-animevideov3) into a model folder the engine opens (kind
+ * "gan"): out_dir/config.json and out_dir/model.safetensors, the weights
+ * under BasicSR's names in their own dtype. inputs: one PyTorch state dict
+ * saved as .safetensors (BasicSR's or the original ESRGAN's names; a
+ * "params_ema" copy preferred), or ncnn's .param and .bin (n = 2). A .pth
+ * or .ckpt pickle is refused with the command that saves it as
+ * safetensors. The tensors must be exactly those of the architecture
+ * their names and shapes describe. */
+sdx4_status sdx4_convert(int n, const char *const *inputs, const char *out_dir);
+
+/* How close two images are, as scikit-image measures it (0.26; quality.c
+ * says how). Channels are R, G, B. */
+typedef struct {
+    double psnr;            /* dB: skimage.metrics.peak_signal_noise_ratio(a,
+                               b, data_range=255) over the H x W x 3 arrays;
+                               +INFINITY when the images are identical
+                               (printf's %f writes "inf") */
+    double ssim;            /* skimage.metrics.structural_similarity(a, b,
+                               channel_axis=2, data_range=255) with its
+                               defaults: 7 x 7 uniform window, K1 = 0.01,
+                               K2 = 0.03, use_sample_covariance=True, the mean
+                               over the windows wholly inside the image (its
+                               crop of 3 px a side); the channels' mean */
+    double psnr_channel[3]; /* the same of each channel alone */
+    double ssim_channel[3];
+} sdx4_quality;
+
+/* PSNR and SSIM of `b` against `a` (the reference; both metrics are
+ * symmetric), computed in double. SDX4_ERR_INVALID_ARGUMENT when the sizes
+ * differ (the message gives both) or a side is below 7 px (SSIM's window;
+ * skimage raises there too). Any thread may call it. */
+sdx4_status sdx4_compare_images(const sdx4_image *a, const sdx4_image *b, sdx4_quality *q);
 
 /* Peak resident memory of this process so far, in bytes. */
 int64_t sdx4_peak_rss_bytes(void);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up and runs every test of sdx4 on a new machine (this is what CI runs):
-#   1. the ctest suite (golden tests against diffusers, unit, CLI, bad input)
-#      on a release build;
+#   1. the ctest suite (golden tests against diffusers and PyTorch, unit,
+#      CLI, bad input) on a release build, with the default GAN models
+#      fetched and converted (scripts/get-default-models.sh);
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 20),
 #      as many at once as there are cores,
@@ -25,6 +26,9 @@ fuzz_seconds=${SDX4_FUZZ_SECONDS:-20}
 
 echo "== release build and tests (the CUDA backend too when nvcc exists)"
 scripts/build.sh build
+# the real Real-ESRGAN models, converted from ncnn: test_gan checks them
+# against PyTorch's output (tests/data/gan/real)
+SDX4=build/sdx4 scripts/get-default-models.sh
 (cd build && ctest -j"$jobs" --output-on-failure)
 
 echo "== sanitizer build and tests (ASan + UBSan)"

@@ -5,7 +5,8 @@
  * its stdout and stderr on pipes and stdin on /dev/null, and checks the
  * exit status and what it printed: help and version (0), bad usage (2 and
  * a message naming the option), runtime failures (1 and "sdx4: ..." naming
- * the file), and with the reference model: `info`, `info --json`, `bench`,
+ * the file), `compare` (as text and JSON, identical images, different
+ * sizes), and with the reference model: `info`, `info --json`, `bench`,
  * `make-model`, an `upscale` of every golden pipeline case compared with
  * diffusers' PNG, the tiled UNet's options (--tile 0, or a tile as large
  * as the image, is the untiled file; a smaller one changes it), and Ctrl-C
@@ -419,6 +420,45 @@ static void test_fails_before_the_model(const char *tmp) {
     result_free(&r);
 }
 
+/* `compare`: a golden pair's numbers as text, identical images (inf, and
+ * null in JSON), images of different sizes (1, both sizes named), usage. */
+static void test_compare(const char *tmp) {
+    const char *a = SDX4_SOURCE_DIR "/tests/data/quality/noise_31x17_a.png";
+    const char *b = SDX4_SOURCE_DIR "/tests/data/quality/noise_31x17_b.png";
+    result r = RUN("compare", a, b);
+    CHECK(r.status == 0 && strstr(r.out, "psnr 26.675 dB  ssim 0.9678\n"), "compare: exit %d, %s%s", r.status,
+          r.out, r.err);
+    result_free(&r);
+
+    char same[PATH_LEN + 64], tall[PATH_LEN + 64], err[256];
+    snprintf(same, sizeof same, "%s/same.png", tmp);
+    snprintf(tall, sizeof tall, "%s/tall.png", tmp);
+    sdx4_image im = {16, 12, calloc(16 * 12 * 3, 1)};
+    CHECK(imageio_write_file(&im, same, 0, err, sizeof err) == 0, "%s: %s", same, err);
+    im.width = 12, im.height = 16;
+    CHECK(imageio_write_file(&im, tall, 0, err, sizeof err) == 0, "%s: %s", tall, err);
+    sdx4_image_free(&im);
+    r = RUN("compare", same, same);
+    CHECK(r.status == 0 && strstr(r.out, "psnr inf dB  ssim 1.0000\n"), "compare identical: exit %d, %s%s",
+          r.status, r.out, r.err);
+    result_free(&r);
+    r = RUN("compare", "--json", same, same);
+    json_t *q = json_loads(r.out, 0, NULL);
+    CHECK(r.status == 0 && json_is_null(json_object_get(q, "psnr")) &&
+              json_real_value(json_object_get(q, "ssim")) == 1.0 &&
+              json_array_size(json_object_get(q, "ssim_channel")) == 3,
+          "compare --json identical: exit %d, %s%s", r.status, r.out, r.err);
+    json_decref(q);
+    result_free(&r);
+    r = RUN("compare", same, tall);
+    CHECK(r.status == 1 && strstr(r.err, "the images differ in size: 16x12 and 12x16") && !r.out[0],
+          "compare sizes: exit %d, %s%s", r.status, r.out, r.err);
+    result_free(&r);
+    r = RUN("compare", same);
+    CHECK(r.status == 2 && strstr(r.err, "A B"), "compare one file: exit %d, %s", r.status, r.err);
+    result_free(&r);
+}
+
 /* A runtime failure: exit 1, one "sdx4: ..." message naming `needle`. */
 static void check_runtime_error(result *r, const char *what,
                                 const char *needle) {
@@ -762,6 +802,7 @@ int main(int argc, char **argv) {
     test_runtime_errors(tmp);
     test_param_ranges(tmp);
     test_fails_before_the_model(tmp);
+    test_compare(tmp);
 
     char model[PATH_LEN];
     snprintf(model, sizeof model, "%s", test_ref("small/model"));

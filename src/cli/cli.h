@@ -128,6 +128,8 @@ char *cli_scheduler_options(const cli_command *cmd, const cli_list *list, int *b
 
 int cmd_upscale(int argc, char **argv);
 int cmd_info(int argc, char **argv);
+int cmd_compare(int argc, char **argv); /* needs imageio */
+int cmd_convert(int argc, char **argv);
 int cmd_make_model(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_worker(int argc, char **argv); /* cluster mode's inference process (needs the server) */

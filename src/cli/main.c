@@ -31,6 +31,10 @@ static const struct {
     {"upscale", cmd_upscale, "upscale an image 4x (PNG, JPEG or WebP)"},
 #endif
     {"info", cmd_info, "describe a model folder"},
+#ifndef SDX4_NO_IMAGEIO
+    {"compare", cmd_compare, "PSNR and SSIM of two images (as scikit-image)"},
+#endif
+    {"convert", cmd_convert, "a Real-ESRGAN/ESRGAN model from PyTorch or ncnn files"},
     {"make-model", cmd_make_model, "write a model with random weights"},
     {"bench", cmd_bench, "time the parts of the pipeline (one JSON line)"},
 #ifndef SDX4_NO_IMAGEIO

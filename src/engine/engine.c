@@ -1,10 +1,14 @@
 /*
  * engine.c - the public API of include/sdx4.h on top of the model code.
  *
- * An engine is a backend plus a loaded model. sdx4_upscale() validates the
- * caller's parameters, converts the image as diffusers' VaeImageProcessor
- * does, runs the pipeline and converts back. Each call owns its
- * activations, so calls may run concurrently.
+ * An engine is a backend plus a loaded model: the diffusion pipeline of a
+ * diffusers folder (model_index.json), or a GAN of the ESRGAN family
+ * (config.json, model/esrgan.h). sdx4_upscale() validates the caller's
+ * parameters, converts the image as diffusers' VaeImageProcessor does,
+ * runs the pipeline and converts back; a GAN takes the image as float in
+ * [0, 1] as Real-ESRGAN does, ignores the diffusion parameters, and runs
+ * whole or in exact tiles. Each call owns its activations, so calls may
+ * run concurrently.
  *
  * The parameters' rules live in one table here (sdx4_params): names,
  * ranges, defaults and help. The CLI builds its options from it, the
@@ -19,10 +23,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "core/error.h"
 #include "engine_internal.h"
+#include "core/cancel.h"
+#include "model/esrgan.h"
 #include "model/image_processor.h"
 #include "model/pipeline.h"
 #include "model/tiling.h"
@@ -30,9 +38,17 @@
 
 struct sdx4_engine {
     backend *be;
+    int is_gan; /* then g holds the model, else m */
     model m;
+    esrgan g;
     char device[256];
+    char model_dir[4096];
 };
+
+/* The output side per input side. */
+static int scale_of(const sdx4_engine *e) {
+    return e->is_gan ? e->g.cfg.outscale : sdx4_vae_scale_factor(&e->m.vae);
+}
 
 void sdx4_engine_options_default(sdx4_engine_options *o) {
     memset(o, 0, sizeof *o);
@@ -61,6 +77,15 @@ static backend *open_backend(const char *device, int threads, const cuda_setting
     return NULL;
 }
 
+/* A GAN's folder has config.json and no model_index.json. */
+static int is_gan_folder(const char *dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model_index.json", dir);
+    if (access(path, F_OK) == 0) return 0;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    return access(path, F_OK) == 0;
+}
+
 sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
     sdx4_error_clear();
     *out = NULL;
@@ -81,11 +106,16 @@ sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
         return SDX4_ERR_NO_MEMORY;
     }
     if (!(e->be = open_backend(o->device, o->threads, &cuda))) goto fail;
-    if (sdx4_model_load(&e->m, e->be, o->model_dir, o->variant)) {
+    if (!(e->is_gan = is_gan_folder(o->model_dir)) && sdx4_model_load(&e->m, e->be, o->model_dir, o->variant)) {
+        sdx4_error_prefix("%s", o->model_dir);
+        goto fail;
+    }
+    if (e->is_gan && sdx4_esrgan_load(&e->g, e->be, o->model_dir)) {
         sdx4_error_prefix("%s", o->model_dir);
         goto fail;
     }
     snprintf(e->device, sizeof e->device, "%s", e->be->description);
+    snprintf(e->model_dir, sizeof e->model_dir, "%s", o->model_dir);
     *out = e;
     return SDX4_OK;
 fail:;
@@ -97,27 +127,38 @@ fail:;
 
 void sdx4_engine_close(sdx4_engine *e) {
     if (!e) return;
-    sdx4_model_free(&e->m);
+    if (e->is_gan) sdx4_esrgan_free(&e->g);
+    else sdx4_model_free(&e->m);
     e->be->destroy(e->be);
     free(e);
 }
 
 sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     memset(info, 0, sizeof *info);
-    info->model_dir = e->m.dir;
+    info->model_dir = e->model_dir;
     info->device = e->device;
     dtype act = e->be->set_activation_type
                     ? e->be->set_activation_type(e->be, DTYPE_COUNT) /* query only */
                     : DTYPE_F32;
     info->compute_dtype = act == DTYPE_F16 ? "float16" : "float32";
-    info->weights_dtype = dtype_name(e->m.unet_ws.file_dtype);
-    info->text_encoder_params = e->m.te_ws.params;
-    info->unet_params = e->m.unet_ws.params;
-    info->vae_params = e->m.vae_ws.params;
-    info->max_noise_level = e->m.max_noise_level;
-    info->vae_scale_factor = sdx4_vae_scale_factor(&e->m.vae);
-    info->max_prompt_tokens = sdx4_tokenizer_max_length(e->m.tok);
-    info->unet_bytes_per_pixel = sdx4_unet_bytes_per_pixel(&e->m.unet);
+    info->vae_scale_factor = scale_of(e);
+    if (e->is_gan) {
+        info->kind = "gan";
+        info->architecture = sdx4_gan_arch_name(e->g.cfg.arch);
+        info->weights_dtype = dtype_name(e->g.ws.file_dtype);
+        info->gan_params = e->g.ws.params;
+        info->gan_bytes_per_pixel = sdx4_esrgan_bytes_per_pixel(&e->g.cfg);
+    } else {
+        info->kind = "diffusion";
+        info->architecture = "StableDiffusionUpscalePipeline";
+        info->weights_dtype = dtype_name(e->m.unet_ws.file_dtype);
+        info->text_encoder_params = e->m.te_ws.params;
+        info->unet_params = e->m.unet_ws.params;
+        info->vae_params = e->m.vae_ws.params;
+        info->max_noise_level = e->m.max_noise_level;
+        info->max_prompt_tokens = sdx4_tokenizer_max_length(e->m.tok);
+        info->unet_bytes_per_pixel = sdx4_unet_bytes_per_pixel(&e->m.unet);
+    }
     int64_t in_use = 0, peak = 0;
     e->be->memory(e->be, &in_use, &peak);
     info->device_memory_bytes = in_use;
@@ -255,7 +296,8 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
  * table's, then those of the loaded model. */
 static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
                                 const sdx4_upscale_params *p) {
-    int f = sdx4_vae_scale_factor(&e->m.vae);
+    /* the diffusion model's latent is the input rounded down to the scale */
+    int f = e->is_gan ? sdx4_esrgan_min_side(&e->g.cfg) : scale_of(e);
     if (!in || !in->pixels) return INVALID("no input image");
     if (in->width < f || in->height < f)
         return INVALID("input image is too small: each side needs at least %d pixels", f);
@@ -264,7 +306,7 @@ static sdx4_status check_params(const sdx4_engine *e, const sdx4_image *in,
         return INVALID("input image %dx%d is too large: at most %d pixels a side", in->width, in->height,
                        SDX4_MAX_INPUT_SIDE);
     sdx4_status s = sdx4_check_params(p);
-    if (s) return s;
+    if (s || e->is_gan) return s;
     int max_steps = e->m.scheduler.num_train_timesteps < SDX4_MAX_STEPS
                         ? e->m.scheduler.num_train_timesteps : SDX4_MAX_STEPS;
     if (p->num_inference_steps > max_steps)
@@ -313,13 +355,14 @@ static sdx4_upscale_report report_of(const pipeline_report *rep, int noise_level
 
 /* The latent's sides of an input: rounded down to the scale factor. */
 static void latent_size(const sdx4_engine *e, int width, int height, int *w, int *h) {
-    int f = sdx4_vae_scale_factor(&e->m.vae);
+    int f = scale_of(e);
     *w = width - width % f, *h = height - height % f;
 }
 
 int sdx4_batchable(const sdx4_engine *e, int width_a, int height_a, const sdx4_upscale_params *a, int width_b,
                    int height_b, const sdx4_upscale_params *b) {
     int wa, ha, wb, hb;
+    if (e->is_gan) return 0; /* one forward at a time: a GAN runs in a fraction of a step */
     latent_size(e, width_a, height_a, &wa, &ha);
     latent_size(e, width_b, height_b, &wb, &hb);
     return wa == wb && ha == hb && a->num_inference_steps == b->num_inference_steps &&
@@ -331,6 +374,7 @@ int sdx4_batchable(const sdx4_engine *e, int width_a, int height_a, const sdx4_u
 
 int sdx4_batch_capacity(const sdx4_engine *e, int width, int height, const sdx4_upscale_params *p) {
     int w, h, cfg = p->guidance_scale > 1.0f ? 2 : 1;
+    if (e->is_gan) return 1;
     latent_size(e, width, height, &w, &h);
     int64_t one = sdx4_unet_bytes_per_pixel(&e->m.unet) * cfg * w * h;
     if (p->tile != 0 || one <= 0 || one > SDX4_UNET_TILING_BUDGET) return 1;
@@ -338,10 +382,64 @@ int sdx4_batch_capacity(const sdx4_engine *e, int width, int height, const sdx4_
     return n < SDX4_MAX_BATCH ? (int)n : SDX4_MAX_BATCH;
 }
 
+static double seconds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int on_tile(void *user, int done, int total) {
+    const sdx4_upscale_params *p = user;
+    return cancel_is_set(p->cancel) || (p->progress && p->progress(p->progress_user, done, total));
+}
+
+/* A GAN's upscale: the image as float CHW in [0, 1], the network whole or
+ * in exact tiles, the result quantized as the pipeline's. */
+static sdx4_status gan_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p, sdx4_image *out,
+                               sdx4_upscale_report *report) {
+    sdx4_status s = check_params(e, in, p);
+    if (s) return s;
+    int h = in->height, w = in->width, f = e->g.cfg.scale, of = e->g.cfg.outscale, tiles = 0;
+    float *chw = malloc(sizeof *chw * 3 * (size_t)h * w), *res = NULL;
+    if (!chw) return sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory"), SDX4_ERR_NO_MEMORY;
+    for (size_t i = 0; i < (size_t)h * w; i++)
+        for (int c = 0; c < 3; c++) chw[(size_t)c * h * w + i] = in->pixels[3 * i + c] / 255.0f;
+    const sdx4_atomic_int *outer = sdx4_cancel_install(p->cancel);
+    double t0 = seconds_now();
+    int rc = sdx4_esrgan_run(&e->g, e->be, chw, h, w, p->tile, SDX4_GAN_TILING_BUDGET, on_tile, (void *)p, &res,
+                             &tiles);
+    double seconds = seconds_now() - t0;
+    sdx4_cancel_install(outer);
+    free(chw);
+    if (rc) {
+        if (cancel_is_set(p->cancel)) sdx4_set_error(SDX4_ERR_CANCELED, "canceled");
+        return sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
+    }
+    out->width = w * f, out->height = h * f;
+    out->pixels = malloc(3 * (size_t)out->width * out->height);
+    if (out->pixels) sdx4_image_quantize(res, out->height, out->width, out->pixels);
+    free(res);
+    if (!out->pixels) return sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory"), SDX4_ERR_NO_MEMORY;
+    if (of != f) { /* "outscale": resized as Real-ESRGAN's option does, after quantizing */
+        sdx4_image full = *out, small = {0};
+        int resized = !sdx4_image_resize_bicubic(&full, w * of, h * of, &small);
+        sdx4_image_free(&full);
+        *out = resized ? small : (sdx4_image){0};
+        if (!resized) return sdx4_error_status() ? sdx4_error_status() : SDX4_ERR_NO_MEMORY;
+    }
+    if (report) *report = (sdx4_upscale_report){.seconds_unet = seconds, .gan_tiles = tiles, .batch_size = 1};
+    return SDX4_OK;
+}
+
 sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, const sdx4_upscale_params *p,
                                sdx4_image *out, sdx4_upscale_report *reports, sdx4_status *statuses) {
     sdx4_error_clear();
     if (n < 1 || n > SDX4_MAX_BATCH) return INVALID("a batch of %d upscales: 1 to %d", n, SDX4_MAX_BATCH);
+    if (e->is_gan) {
+        if (n > 1) return INVALID("a GAN upscales one image at a time, not a batch of %d", n);
+        memset(out, 0, sizeof *out);
+        return statuses[0] = gan_upscale(e, in, p, out, reports);
+    }
     for (int k = 0; k < n; k++) {
         memset(&out[k], 0, sizeof out[k]);
         statuses[k] = SDX4_OK;
@@ -360,7 +458,7 @@ sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, cons
     pipeline_args args[SDX4_MAX_BATCH];
     pipeline_report reps[SDX4_MAX_BATCH] = {{0}};
     sdx4_status ran[SDX4_MAX_BATCH] = {0};
-    int h = 0, w = 0, f = sdx4_vae_scale_factor(&e->m.vae);
+    int h = 0, w = 0, f = scale_of(e);
     for (int k = 0; k < n && !s; k++) {
         if (sdx4_image_preprocess(&in[k], f, &images[k], &h, &w)) s = sdx4_error_status();
         else args[k] = pipeline_args_of(e, &p[k], images[k], h, w);
@@ -414,6 +512,10 @@ int sdx4_unet_windows(int width, int height, int tile, int overlap, int guided, 
 }
 
 sdx4_status sdx4_count_tokens(const sdx4_engine *e, const char *prompt, int *tokens) {
+    if (e->is_gan) { /* no text encoder: the prompt is not read */
+        *tokens = 0;
+        return SDX4_OK;
+    }
     int len = sdx4_tokenizer_max_length(e->m.tok);
     int32_t *ids = malloc(sizeof *ids * len);
     if (!ids) {
@@ -431,5 +533,6 @@ int64_t sdx4_peak_rss_bytes(void) {
     return (int64_t)ru.ru_maxrss * 1024;
 }
 
-model *sdx4_engine_model(sdx4_engine *e) { return &e->m; }
+model *sdx4_engine_model(sdx4_engine *e) { return e->is_gan ? NULL : &e->m; }
+esrgan *sdx4_engine_gan(sdx4_engine *e) { return e->is_gan ? &e->g : NULL; }
 backend *sdx4_engine_backend(sdx4_engine *e) { return e->be; }

@@ -6,10 +6,13 @@
 #define SDX4_ENGINE_INTERNAL_H
 
 #include "backend/backend.h"
+#include "model/esrgan.h"
 #include "model/model.h"
 #include "sdx4.h"
 
+/* The diffusion model, or NULL in an engine of a GAN; and the reverse. */
 model *sdx4_engine_model(sdx4_engine *e);
+esrgan *sdx4_engine_gan(sdx4_engine *e);
 backend *sdx4_engine_backend(sdx4_engine *e);
 
 #endif

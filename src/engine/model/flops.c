@@ -168,7 +168,17 @@ void sdx4_model_flops(const model *m, int h, int w, int batch, sdx4_flop_counts 
 sdx4_status sdx4_count_flops(const sdx4_engine *engine, int width, int height,
                              sdx4_flop_counts *flops) {
     sdx4_error_clear();
-    /* the engine's accessor takes a mutable handle; nothing here writes */
+    /* the engine's accessors take a mutable handle; nothing here writes */
+    const esrgan *g = sdx4_engine_gan((sdx4_engine *)engine);
+    if (g) { /* a GAN's one forward is all of its work: counted as `decode` */
+        memset(flops, 0, sizeof *flops);
+        if (width < 1 || height < 1) {
+            sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%dx%d: no pixels", width, height);
+            return SDX4_ERR_INVALID_ARGUMENT;
+        }
+        flops->decode.dense = sdx4_esrgan_flops(&g->cfg, height, width);
+        return SDX4_OK;
+    }
     const model *m = sdx4_engine_model((sdx4_engine *)engine);
     int f = sdx4_vae_scale_factor(&m->vae);
     if (width < f || height < f) {

@@ -29,9 +29,23 @@ int sdx4_weights_open(weight_source *ws, backend *be, const char *dir,
         }
     }
     const char *base = strrchr(path, '/');
-    snprintf(ws->label, sizeof ws->label, "%s/%s", component, base ? base + 1 : path);
+    char label[512];
+    snprintf(label, sizeof label, "%s/%s", component, base ? base + 1 : path);
     if (!file_exists(path)) {
+        snprintf(ws->label, sizeof ws->label, "%s", label);
         sdx4_set_error(SDX4_ERR_MODEL, "%s: missing (looked in %s)", ws->label, dir);
+        return -1;
+    }
+    return sdx4_weights_open_file(ws, be, path, label);
+}
+
+int sdx4_weights_open_file(weight_source *ws, backend *be, const char *path, const char *label) {
+    memset(ws, 0, sizeof *ws);
+    ws->be = be;
+    ws->prefix = "";
+    snprintf(ws->label, sizeof ws->label, "%s", label);
+    if (!file_exists(path)) {
+        sdx4_set_error(SDX4_ERR_MODEL, "%s: missing", path);
         return -1;
     }
     if (sdx4_st_open_header(&ws->file, path, ws->label)) return -1;

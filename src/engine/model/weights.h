@@ -52,6 +52,8 @@ typedef struct {
  * does with a warning; the chosen file is in ws->label. */
 int sdx4_weights_open(weight_source *ws, backend *be, const char *dir,
                  const char *component, const char *stem, const char *variant);
+/* Opens the safetensors file at `path`, named `label` in errors. */
+int sdx4_weights_open_file(weight_source *ws, backend *be, const char *path, const char *label);
 void sdx4_weights_spec_init(weight_source *ws);
 /* Loading is over: closes the file and forgets its index (sdx4_weight_get and
  * sdx4_weight_exists find nothing after this). The tensors served stay. */

@@ -20,6 +20,7 @@
 #include "core/error.h"
 #include "core/safetensors.h"
 #include "model/model.h"
+#include "tools/convert.h"
 #include "sdx4.h"
 
 static const char *config_files[] = {
@@ -46,7 +47,7 @@ static int make_dir(const char *path) {
 /* mkdir -p: the output folder and every missing parent, as any tool that
  * is given a path to write makes it (a container build writes to
  * /opt/sdx4/demo before /opt/sdx4 exists). */
-static int make_dirs(const char *path) {
+int sdx4_make_dirs(const char *path) {
     char buf[4096];
     size_t len = strlen(path);
     if (len == 0 || len >= sizeof buf) {
@@ -70,7 +71,7 @@ static int make_parents(const char *dir, const char *rel) {
     if (!slash) return 0;
     char path[4096];
     snprintf(path, sizeof path, "%s/%.*s", dir, (int)(slash - rel), rel);
-    return make_dirs(path);
+    return sdx4_make_dirs(path);
 }
 
 static int copy_file(const char *from_dir, const char *to_dir, const char *rel) {
@@ -164,7 +165,7 @@ sdx4_status sdx4_make_model(const char *config_dir, const char *out_dir, const c
         sdx4_error_prefix("%s", config_dir);
         return sdx4_error_status();
     }
-    int rc = make_dirs(out_dir);
+    int rc = sdx4_make_dirs(out_dir);
     for (size_t i = 0; !rc && i < sizeof config_files / sizeof *config_files; i++)
         rc = copy_file(config_dir, out_dir, config_files[i]);
     char tok_src[4096], tok_dir[4096];
