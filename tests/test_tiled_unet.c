@@ -138,8 +138,9 @@ static void check_seams(void) {
  * scores) is bounded per thread, so the peaks grow by the activations
  * alone: measured, 951 bytes a pixel from the third size to the fourth
  * against the estimate's 1,020 (it counts a few temporaries that the
- * backend writes in place), and 2-6 MiB of scratch above the estimate
- * with 2 threads. */
+ * backend writes in place), and up to 20 MiB of scratch above the
+ * estimate with 2 threads (Winograd's units on the tiny model's 32- and
+ * 64-channel layers). */
 static void check_memory_estimate(const model *m, backend *be) {
     static const int runs[][3] = {{1, 64, 64}, {2, 64, 96}, {2, 128, 128}, {2, 192, 160}};
     enum { RUNS = sizeof runs / sizeof *runs };
@@ -166,7 +167,9 @@ static void check_memory_estimate(const model *m, backend *be) {
     double growth = (double)(measured[RUNS - 1] - measured[RUNS - 2]) / (pixels[RUNS - 1] - pixels[RUNS - 2]);
     CHECK(growth > 0.8 * per_pixel && growth < 1.05 * per_pixel, "the peak grows by %.0f bytes a pixel, the estimate "
           "says %lld", growth, (long long)per_pixel);
-    CHECK(measured[RUNS - 1] < per_pixel * pixels[RUNS - 1] + (16 << 20), "%.2f MiB measured over the estimate",
+    /* the convolutions' scratch is bounded, not counted: a Winograd unit of
+     * up to 16 MB per thread and one call's transformed weights (cpu_conv.c) */
+    CHECK(measured[RUNS - 1] < per_pixel * pixels[RUNS - 1] + (48 << 20), "%.2f MiB measured over the estimate",
           (measured[RUNS - 1] - per_pixel * pixels[RUNS - 1]) / 1048576.0);
 }
 
