@@ -48,6 +48,11 @@
 #           fp16 model: images/s, p50 and p99 with 1, 4, 8 and 16 clients
 #           (128 px, 75 steps, 20 s each), batching on and off (issue 16),
 #           in load.jsonl (name `model` too on a fresh machine)
+# and, only when named: gan  sdx4 bench --device cuda at 256 px (1024 px
+#           out) on each GAN model folder in build-carry/gan/ (prepare-gan
+#           copies models/realesrgan-x4plus and realesr-animevideov3-x4
+#           there, 35 MB: carry it without reference.tar.xz, as for
+#           anchor), in fp16 and fp32 mode, in gan.jsonl (issue 17)
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # and, only when named: variants  other versions of the engine side by side
 #           with this checkout, in the same lease: each source tree packed
@@ -179,6 +184,14 @@ prepare_variants() {
 if [ "${1:-}" = prepare ]; then
   prepare
   exit
+fi
+if [ "${1:-}" = prepare-gan ]; then
+  mkdir -p "$carry/gan"
+  for m in realesrgan-x4plus realesr-animevideov3-x4; do
+    [ -f "$root/models/$m/model.safetensors" ] && cp -r "$root/models/$m" "$carry/gan/"
+  done
+  du -sh "$carry/gan"
+  exit 0
 fi
 if [ "${1:-}" = prepare-variants ]; then
   shift
@@ -385,6 +398,16 @@ PY
   wait "$sampler" 2>/dev/null
   echo "peak memory.used during the 1024 px tiled upscale: $(sort -n /tmp/tiles-memory.csv | tail -1) MiB" |
     tee -a "$out/tiles.txt" "$summary"
+fi
+
+if wants gan && [ -x "$sdx4" ]; then
+  for dir in "$carry"/gan/*/; do
+    [ -f "$dir/config.json" ] || continue
+    for mode in fp16 fp32; do
+      step "gan-$(basename "$dir")-$mode" 120 bash -c "SDX4_CUDA_DTYPE=$mode $sdx4 bench --model $dir \
+        --device cuda --size 256 --repeats 3 >> $out/gan.jsonl"
+    done
+  done
 fi
 
 if wants load && [ -x "$sdx4" ] && [ -d "$model" ]; then

@@ -382,6 +382,19 @@ static void test_elementwise(const suite *s) {
     s->cpu->add_channel_bias_inplace(s->cpu, img.c, v.c);
     expect_close(s, "add_channel_bias_inplace", img.g, img.c, s->tol);
     pair_free(&x), pair_free(&gg), pair_free(&y), pair_free(&img), pair_free(&v);
+
+    /* the GAN upscalers' activations: per channel (PReLU), one slope, ReLU */
+    pair p = act(s, 4, (int64_t[]){2, 64, 9, 11}, -2, 2), k = wgt(s, 1, (int64_t[]){64}, -0.5, 0.5);
+    static const float slopes[] = {0.2f, 0.0f};
+    CHECK(!s->gpu->prelu_inplace(s->gpu, p.g, k.g, 0.0f), "%s: prelu: %s", s->mode, sdx4_last_error());
+    s->cpu->prelu_inplace(s->cpu, p.c, k.c, 0.0f);
+    expect_close(s, "prelu_inplace per channel", p.g, p.c, s->tol);
+    for (size_t i = 0; i < sizeof slopes / sizeof slopes[0]; i++) {
+        s->gpu->prelu_inplace(s->gpu, p.g, NULL, slopes[i]);
+        s->cpu->prelu_inplace(s->cpu, p.c, NULL, slopes[i]);
+        expect_close(s, slopes[i] ? "prelu_inplace slope 0.2" : "prelu_inplace relu", p.g, p.c, s->tol);
+    }
+    pair_free(&p), pair_free(&k);
 }
 
 /* Operations that only move values: exact in every mode. */
@@ -405,6 +418,16 @@ static void test_layout(const suite *s) {
     expect(s, "upsample_nearest 32 channels 5x7 -> 13x9",
            s->gpu->upsample_nearest(s->gpu, b16.g, 13, 9), s->cpu->upsample_nearest(s->cpu, b16.c, 13, 9), 0);
     pair_free(&a16), pair_free(&b16);
+    pair sh = act(s, 4, (int64_t[]){2, 48, 5, 7}, -1, 1), un = act(s, 4, (int64_t[]){2, 3, 12, 8}, -1, 1);
+    expect(s, "pixel_shuffle 48 channels by 4", s->gpu->pixel_shuffle(s->gpu, sh.g, 4),
+           s->cpu->pixel_shuffle(s->cpu, sh.c, 4), 0);
+    expect(s, "pixel_shuffle 48 channels by 2", s->gpu->pixel_shuffle(s->gpu, sh.g, 2),
+           s->cpu->pixel_shuffle(s->cpu, sh.c, 2), 0);
+    expect(s, "pixel_unshuffle 12x8 by 2", s->gpu->pixel_unshuffle(s->gpu, un.g, 2),
+           s->cpu->pixel_unshuffle(s->cpu, un.c, 2), 0);
+    expect(s, "pixel_unshuffle 12x8 by 4", s->gpu->pixel_unshuffle(s->gpu, un.g, 4),
+           s->cpu->pixel_unshuffle(s->cpu, un.c, 4), 0);
+    pair_free(&sh), pair_free(&un);
     pair x = act(s, 4, (int64_t[]){2, 37, 33, 35}, -1, 1);
     tensor *tg = s->gpu->nchw_to_tokens(s->gpu, x.g), *tc = s->cpu->nchw_to_tokens(s->cpu, x.c);
     expect_close(s, "nchw_to_tokens", tg, tc, 0);
