@@ -73,7 +73,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     const char *payload = (const char *)data + 1;
     size_t n = size - 1;
-    form_limits limits = {150, 200, 8};
+    static const char *const models[] = {"x4-upscaler", "rrdb_x4"};
+    form_limits limits = {150, 200, 8, models, 2};
     upscale_form f;
     form_kind kind = (form_kind)(data[0] % 3);
     switch (data[0] / 3 % 5) {

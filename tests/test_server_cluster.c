@@ -29,6 +29,7 @@ static void make_task(cluster_task *t, const char *id, int index) {
     t->created = 1765000000.125;
     t->deadline = wall_now() + 60;
     t->width = 64, t->height = 48;
+    snprintf(t->model, sizeof t->model, "rrdb_x4");
     for (int i = 0; i < 32; i++) t->cache_key[i] = (uint8_t)(i * 9 + index);
     t->cacheable = true;
     t->opts.prompt = strdup("caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x9a\x80 \"quoted\"\n");
@@ -56,6 +57,7 @@ static void test_record_round_trip(void) {
               strcmp(a.owner, b.owner) == 0, "client, request id, owner");
     CHECK(a.created == b.created && a.deadline == b.deadline, "times");
     CHECK(a.width == b.width && a.height == b.height, "size");
+    CHECK(strcmp(a.model, b.model) == 0, "model: %s", b.model);
     CHECK(memcmp(a.cache_key, b.cache_key, 32) == 0 && b.cacheable, "cache key");
     CHECK(strcmp(a.opts.prompt, b.opts.prompt) == 0, "prompt: %s", b.opts.prompt);
     CHECK(strcmp(a.opts.negative_prompt, b.opts.negative_prompt) == 0, "negative prompt");
@@ -69,15 +71,25 @@ static void test_record_round_trip(void) {
     CHECK(json_equal(j, again), "a second trip changed the record");
     json_decref(again);
 
+    /* the model may be missing (an API node of an earlier version, serving
+     * one model): the worker's default, "" */
+    json_t *old = json_deep_copy(j);
+    json_object_del(old, "model");
+    CHECK(cluster_task_from_json(old, &b, err, sizeof err) == 0 && b.model[0] == '\0' && a.model[0],
+          "a record without a model: %s", err);
+    cluster_task_free(&b);
+    json_decref(old);
+    CHECK(cluster_task_from_json(back, &b, err, sizeof err) == 0, "round trip refused: %s", err);
+
     /* every field, of the record and of its options, missing or of the
-     * wrong type, is refused by its name */
+     * wrong type, is refused by its name (the model only when mistyped) */
     const char *name;
     json_t *value;
     json_t *opts = json_object_get(j, "options");
     for (int pass = 0; pass < 2; pass++) {
         json_t *holder = pass == 0 ? j : opts;
         json_object_foreach(holder, name, value) {
-            for (int how = 0; how < 2; how++) {
+            for (int how = pass == 0 && !strcmp(name, "model"); how < 2; how++) {
                 json_t *bad = json_deep_copy(j);
                 json_t *target = pass == 0 ? bad : json_object_get(bad, "options");
                 if (how == 0) json_object_del(target, name);

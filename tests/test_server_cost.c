@@ -7,7 +7,8 @@
  * square sizes and within the sides' rounding elsewhere, guided or not;
  * it travels through JSON unchanged, and a bad one is refused by name.
  * A tiled UNet's steps cost its windows times one window's, by the model
- * and by the curve alike.
+ * and by the curve alike. A GAN (tests/data/gan/rrdb_x4) is calibrated by
+ * real one-step upscales, its forward measured as the decode.
  */
 #include <math.h>
 #include <string.h>
@@ -120,7 +121,41 @@ static void test_tiles(sdx4_engine *e) {
     cost_destroy(c);
 }
 
+/* A GAN's work is one forward, which the engine counts as the decode's
+ * FLOPs and times as the UNet's seconds: the estimator files both under
+ * the decode, so that the warm-up's calibration gives it rates and real
+ * estimates (and none for text or steps). */
+static void test_gan(void) {
+    sdx4_engine_options o;
+    sdx4_engine_options_default(&o);
+    o.model_dir = SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4";
+    o.device = "cpu";
+    o.threads = 1;
+    sdx4_engine *e = NULL;
+    CHECK(sdx4_engine_open(&o, &e) == SDX4_OK, "rrdb_x4: %s", sdx4_last_error());
+    if (!e) return;
+    cost_model *c = cost_create(e, 16, 64);
+    json_t *doc = cost_calibrate(c, false, 16, 16, 32, 32, false);
+    CHECK(doc && cost_calibrated(c), "the GAN's calibration");
+    json_t *decode = json_object_get(json_object_get(doc, "gflops"), "decode");
+    CHECK(json_real_value(json_object_get(decode, "dense")) > 0, "no decode rate: %s",
+          doc ? json_dumps(doc, JSON_COMPACT) : "(none)");
+    CHECK(json_is_null(json_object_get(json_object_get(json_object_get(doc, "gflops"), "step"), "dense")),
+          "a GAN has no steps");
+    double small = cost_estimate(c, 16, 16, 0, 0, 75, true), large = cost_estimate(c, 64, 64, 0, 0, 75, true);
+    CHECK(small > 0 && near(large, 16 * small, 0.01), "estimates %g at 16 px, %g at 64 px (linear in the pixels)",
+          small, large);
+    CHECK(cost_estimate(c, 64, 64, 0, 0, 1, false) == large, "steps and guidance change a GAN's estimate");
+    cost_curve k;
+    CHECK(cost_get_curve(c, &k) == 0 && near(cost_curve_estimate(&k, 64, 64, 0, 0, 75, true), large, 1e-6),
+          "the GAN's curve");
+    json_decref(doc);
+    cost_destroy(c);
+    sdx4_engine_close(e);
+}
+
 int main(void) {
+    test_gan();
     sdx4_engine *e = test_engine_open("tiny/model");
     if (!e) return 77; /* skipped */
     test_curve(e);

@@ -238,11 +238,11 @@ static void test_bad_stores(void) {
 
     sqlite3 *db;
     sqlite3_open(path_in("newer.db"), &db);
-    sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (2);",
+    sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (3);",
                  NULL, NULL, NULL);
     sqlite3_close(db);
     h = history_open(path_in("newer.db"), 10, err, sizeof err);
-    CHECK(!h && strstr(err, "schema version 2 is newer"), "newer schema: %s", err);
+    CHECK(!h && strstr(err, "schema version 3 is newer"), "newer schema: %s", err);
 
     h = history_open("postgresql://127.0.0.1:1/none?connect_timeout=2", 10, err, sizeof err);
     CHECK(!h && strstr(err, "cannot connect to PostgreSQL"), "unreachable PostgreSQL: %s", err);
@@ -280,6 +280,50 @@ static void test_parse_time(void) {
     }
 }
 
+/* A database of schema version 1 (before the model column) is migrated
+ * at open: its rows stay, without a model; new rows have theirs. */
+static void test_migration(void) {
+    sqlite3 *db;
+    sqlite3_open(path_in("v1.db"), &db);
+    CHECK(sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (1);"
+                           "CREATE TABLE sdx4_jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, client TEXT NOT NULL,"
+                           " kind TEXT NOT NULL, request_id TEXT NOT NULL, status TEXT NOT NULL, parameters TEXT,"
+                           " images INTEGER NOT NULL, input_pixels INTEGER NOT NULL, output_bytes INTEGER NOT NULL,"
+                           " created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER NOT NULL,"
+                           " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
+                           "INSERT INTO sdx4_jobs VALUES ('00000000000000000000000000000001', 'alice', 'alice', "
+                           "'job', 'old', 'succeeded', NULL, 1, 4096, 10, 1000000, NULL, 2000000, 'host', '', '');",
+                       NULL, NULL, NULL) == SQLITE_OK,
+          "version 1 database: %s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+    char err[256];
+    history *h = history_open(path_in("v1.db"), 10, err, sizeof err);
+    CHECK(h, "open a version 1 database: %s", err);
+    if (!h) return;
+    history_entry e = entry(2); /* alice's */
+    snprintf(e.model, sizeof e.model, "rrdb_x4");
+    history_record(h, &e);
+    CHECK(settled(h, 1, 5), "the entry was not written");
+    json_t *page = NULL;
+    CHECK(history_list(h, &(history_query){ALL_TIME, .owner = "alice", .limit = 10}, &page, err, sizeof err) ==
+              HISTORY_OK, "list: %s", err);
+    json_t *jobs = json_object_get(page, "jobs");
+    CHECK(json_array_size(jobs) == 2 &&
+              !strcmp(json_string_value(json_object_get(json_array_get(jobs, 0), "model")), "rrdb_x4") &&
+              !json_object_get(json_array_get(jobs, 1), "model"),
+          "after the migration: %s", json_dumps(page, JSON_COMPACT));
+    json_decref(page);
+    history_close(h, 5);
+    sqlite3_open(path_in("v1.db"), &db);
+    char version[8] = "";
+    sqlite3_stmt *st;
+    sqlite3_prepare_v2(db, "SELECT max(version) FROM sdx4_schema", -1, &st, NULL);
+    if (sqlite3_step(st) == SQLITE_ROW) snprintf(version, sizeof version, "%s", sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    CHECK(!strcmp(version, "2"), "schema version after the migration: %s", version);
+}
+
 int main(void) {
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
@@ -288,6 +332,7 @@ int main(void) {
     test_record_and_list();
     test_busy_database();
     test_rejected_entry();
+    test_migration();
     test_bad_stores();
     test_parse_time();
     char cmd[300];

@@ -38,7 +38,7 @@ static int default_limits(form_limits *limits) {
     server_config cfg;
     char *argv[] = {"serve", "--model", "/nonexistent", NULL};
     if (config_load(&cfg, 3, argv, stderr) != 0) return -1;
-    *limits = (form_limits){cfg.max_steps, cfg.max_prompt_chars, cfg.max_batch};
+    *limits = (form_limits){cfg.max_steps, cfg.max_prompt_chars, cfg.max_batch, NULL, 0};
     config_free(&cfg);
     return 0;
 }
@@ -170,7 +170,7 @@ static void test_form_bounds(const form_limits *limits) {
 static const char *tile_form(form_kind kind, const char *const *fields, char *detail, size_t size, int keep,
                              upscale_options *kept) {
     static char field[48];
-    form_limits limits = {150, 1000, 8};
+    form_limits limits = {150, 1000, 8, NULL, 0};
     upscale_form f;
     form_init(&f, &limits, kind);
     for (int i = 0; i < (kind == FORM_BATCH ? 2 : 1); i++) form_image_begin(&f), form_image_append(&f, "x", 1);
@@ -322,11 +322,59 @@ static void test_openapi(const form_limits *limits) {
     json_decref(spec);
 }
 
+/* ---- the model field ------------------------------------------------------------ */
+
+/* The `model` field picks one of the server's models by its exact name,
+ * for the whole request (not per image), and an unknown one is refused
+ * naming the field and listing the models. */
+static void test_model_field(void) {
+    static const char *const models[] = {"x4-upscaler", "rrdb_x4", "srvgg_x2_relu"};
+    form_limits limits = {150, 1000, 8, models, 3};
+    upscale_form f;
+    form_init(&f, &limits, FORM_UPSCALE);
+    CHECK(f.model == 0, "no model field: the default");
+    CHECK(form_set_text(&f, "model", "rrdb_x4", 7) == 0 && f.model == 1, "model=rrdb_x4: %s", f.error.detail);
+    CHECK(form_set_text(&f, "model", "x4-upscaler", 11) != 0 && !strcmp(f.error.field, "model"),
+          "a second model accepted");
+    form_free(&f);
+
+    form_init(&f, &limits, FORM_JOB);
+    CHECK(form_set_text(&f, "model", "rrdb", 4) != 0 && !strcmp(f.error.field, "model") &&
+              !strcmp(f.error.allowed, "x4-upscaler, rrdb_x4 or srvgg_x2_relu") &&
+              strstr(f.error.detail, "unknown model \"rrdb\"") && strstr(f.error.detail, "srvgg_x2_relu") &&
+              problem_status(f.error.kind) == 422,
+          "model=rrdb: %s (%s)", f.error.detail, f.error.allowed);
+    form_free(&f);
+
+    form_init(&f, &limits, FORM_BATCH); /* one model for the whole batch */
+    CHECK(form_set_text(&f, "model[1]", "rrdb_x4", 7) != 0 && !strcmp(f.error.field, "model[1]"),
+          "a per-image model accepted: %s", f.error.detail);
+    form_free(&f);
+
+    form_init(&f, &limits, FORM_BATCH);
+    const char *body = "{\"model\": \"srvgg_x2_relu\", \"images\": [\"eA==\", \"eA==\"]}";
+    CHECK(form_parse_json(&f, body, strlen(body)) == 0 && form_finish(&f) == 0 && f.model == 2,
+          "JSON model: %s", f.error.detail);
+    form_free(&f);
+
+    form_init(&f, &limits, FORM_UPSCALE);
+    body = "{\"model\": 1, \"image\": \"eA==\"}";
+    CHECK(form_parse_json(&f, body, strlen(body)) != 0 && !strcmp(f.error.field, "model"), "a number as the model");
+    form_free(&f);
+
+    form_init(&f, &limits, FORM_BATCH);
+    body = "{\"images\": [{\"image\": \"eA==\", \"model\": \"rrdb_x4\"}]}";
+    CHECK(form_parse_json(&f, body, strlen(body)) != 0 && !strcmp(f.error.field, "model"),
+          "an image's own model accepted: %s", f.error.detail);
+    form_free(&f);
+}
+
 int main(void) {
+    test_model_field();
     form_limits limits;
     CHECK(default_limits(&limits) == 0, "default settings refused");
     test_form_parameters(&limits);
-    form_limits narrow = {40, 10, 2};
+    form_limits narrow = {40, 10, 2, NULL, 0};
     test_form_parameters(&narrow);
     test_form_bounds(&limits);
     test_form_bounds(&narrow);

@@ -8,12 +8,14 @@
  * --shutdown-timeout, --job-retention, --jobs-memory, --redis-timeout,
  * --history, the webhook settings and the --s3-* ones), opens Redis (and the history),
  * answers GET /healthz and GET /metrics on a small HTTP port of its own
- * (no public API: clients talk to API nodes), loads the model, warms it
- * up and calibrates its time estimator as serve does (serve_warm_up: one
- * step at each of --warmup-sizes, else at --min-side, unless --warmup
- * false; the estimator's curve in the registration lets API nodes admit
- * by estimated time), and runs worker.c's consumer until SIGTERM or
- * SIGINT.
+ * (no public API: clients talk to API nodes), loads the models (each
+ * --model, repeatable, and those of --models-dir: the same list as the
+ * API nodes'), warms each up and calibrates its time estimator as serve
+ * does (serve_load_models: one step at each of --warmup-sizes, else at
+ * --min-side, unless --warmup false; the estimators' curves in the
+ * registration let API nodes admit by estimated time), and runs
+ * worker.c's consumer until SIGTERM or SIGINT. A task for a model this
+ * worker does not serve fails, saying so.
  *
  * Health is 200 once the model is loaded while Redis answers, 503
  * otherwise, with the reason; a probe never touches the engine or Redis
@@ -31,7 +33,6 @@
  * a delivery is logged and written into the job in Redis (worker.c),
  * where every API node reads it.
  */
-#include <libgen.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <signal.h>
@@ -46,6 +47,7 @@
 #include "history.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
 #include "redis.h"
 #include "results.h"
 #include "serve.h"
@@ -75,13 +77,19 @@ static json_t *health(worker_process *p, int *status) {
                       : !ws.redis_up ? "Redis does not answer"
                                      : NULL;
     *status = why ? 503 : 200;
-    json_t *h = json_pack("{s:s,s:s,s:s,s:b,s:{s:b,s:s},s:i,s:i,s:f}", "status", why ? "unavailable" : "ready",
-                          "worker", p->name, "model", p->srv.model_id, "model_loaded",
+    json_t *models = json_array();
+    for (int i = 0; i < p->srv.nmodels; i++) json_array_append_new(models, json_string(p->srv.models[i].name));
+    json_t *h = json_pack("{s:s,s:s,s:s,s:o,s:b,s:{s:b,s:s},s:i,s:i,s:f}", "status", why ? "unavailable" : "ready",
+                          "worker", p->name, "model", p->srv.models[0].name, "models", models, "model_loaded",
                           phase >= PHASE_WARMING && phase != PHASE_FAILED, "redis", "up", ws.redis_up, "where",
                           redis_where(p->r), "busy", ws.busy, "threads", ws.threads, "uptime_s",
                           mono_now() - p->srv.started);
     if (why) json_object_set_new(h, "error", json_string(why));
-    if (p->srv.demo) json_object_set_new(h, "note", json_string(DEMO_NOTE));
+    for (int i = 0; i < p->srv.nmodels; i++)
+        if (p->srv.models[i].demo) {
+            json_object_set_new(h, "note", json_string(DEMO_NOTE));
+            break;
+        }
     return h;
 }
 
@@ -108,11 +116,15 @@ static char *metrics(worker_process *p) {
                  "# HELP sdx4_worker_redis_up Whether the worker's last call to Redis was answered.\n"
                  "# TYPE sdx4_worker_redis_up gauge\n"
                  "sdx4_worker_redis_up %d\n"
-                 "# HELP sdx4_worker_model_loaded Whether the model is loaded.\n"
+                 "# HELP sdx4_worker_model_loaded Whether the models are loaded.\n"
                  "# TYPE sdx4_worker_model_loaded gauge\n"
-                 "sdx4_worker_model_loaded %d\n",
+                 "sdx4_worker_model_loaded %d\n"
+                 "# HELP sdx4_worker_tasks_unknown_model_total Tasks failed for naming a model this worker "
+                 "does not serve.\n"
+                 "# TYPE sdx4_worker_tasks_unknown_model_total counter\n"
+                 "sdx4_worker_tasks_unknown_model_total %lld\n",
                  ws.succeeded, ws.failed, ws.canceled, ws.busy, ws.threads, ws.redis_errors, ws.redis_up,
-                 phase >= PHASE_WARMING && phase != PHASE_FAILED) < 0)
+                 phase >= PHASE_WARMING && phase != PHASE_FAILED, ws.refused_model) < 0)
         return NULL;
     char *inference = metrics_render_inference(&p->srv), *more = NULL; /* under serve's names */
     if (inference && asprintf(&more, "%s%s", text, inference) >= 0) free(text), text = more;
@@ -189,54 +201,12 @@ static struct MHD_Daemon *listen_health(worker_process *p, char *err, size_t n) 
 
 /* ---- start and stop ----------------------------------------------------------------- */
 
-/* --model-id, else the model folder's name (as serve.c names it). */
-static void set_model_id(server *srv) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s", srv->cfg.model_id ? srv->cfg.model_id : srv->cfg.model);
-    size_t n = strlen(path);
-    while (n > 1 && path[n - 1] == '/') path[--n] = '\0';
-    snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id ? path : basename(path));
-}
-
-static int load_model(server *srv) {
-    const server_config *c = &srv->cfg;
-    double t0 = mono_now();
-    sdx4_engine_options o;
-    config_engine_options(c, &o);
-    if (sdx4_engine_open(&o, &srv->engine) != SDX4_OK) {
-        snprintf(srv->failure, sizeof srv->failure, "cannot open the model: %s", sdx4_last_error());
-        log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
-        atomic_store(&srv->phase, PHASE_FAILED);
-        return -1;
-    }
-    sdx4_engine_info(srv->engine, &srv->info);
-    srv->cost = cost_create(srv->engine, c->min_side, c->max_side); /* NULL: no estimates published */
-    json_t *fields = json_pack("{s:s,s:s,s:s,s:f}", "model", srv->model_id, "dir", c->model, "device",
-                               srv->info.device, "seconds", mono_now() - t0);
-    if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
-    log_event(srv->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
-    atomic_store(&srv->phase, PHASE_WARMING);
-    if (c->warmup) { /* as serve's: the first task does not pay for lazy allocations */
-        t0 = mono_now();
-        if (serve_warm_up(srv)) {
-            snprintf(srv->failure, sizeof srv->failure, "the warm-up upscale failed: %s", sdx4_last_error());
-            log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", c->model, "error", srv->failure));
-            atomic_store(&srv->phase, PHASE_FAILED);
-            return -1;
-        }
-        log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
-    }
+/* Every model, warmed up (serve_load_models); -1 when one fails, the
+ * phase then FAILED and health saying why. */
+static int load_models(server *srv) {
+    if (serve_load_models(srv)) return -1;
     atomic_store(&srv->phase, PHASE_READY);
     return 0;
-}
-
-/* What the registration says of this worker: API nodes without a model
- * answer model-info and health from it. */
-static json_t *registration(worker_process *p) {
-    const server *srv = &p->srv;
-    return json_pack("{s:s,s:s,s:s,s:s?,s:o,s:f}", "name", p->name, "model_id", srv->model_id, "device",
-                     srv->info.device, "variant", srv->cfg.variant, "model", status_model_info(&p->srv), "started",
-                     wall_now());
 }
 
 static int wait_for_stop(const sigset_t *stop) {
@@ -252,7 +222,8 @@ static const char help[] =
     "Takes upscale tasks from a cluster's Redis, runs them and stores their\n"
     "results (cluster mode: docs/cluster.md); answers GET /healthz and GET\n"
     "/metrics on --host:--port. It reads the settings of `sdx4 serve`, below;\n"
-    "those that apply: redis, redis-timeout, model, model-id, device, variant,\n"
+    "those that apply: redis, redis-timeout, model (repeatable), models-dir,\n"
+    "model-id, device, variant,\n"
     "threads, warmup, warmup-sizes, min-side, max-side, workers (tasks run at\n"
     "once), name, host, port,\n"
     "visibility-timeout, max-attempts, shutdown-timeout, job-retention,\n"
@@ -303,10 +274,11 @@ int cmd_worker(int argc, char **argv) {
     else snprintf(p.name, sizeof p.name, "%s-%ld", host, (long)getpid());
     srv->started = mono_now();
     atomic_store(&srv->phase, PHASE_LOADING);
-    set_model_id(srv);
-    char marker[1100];
-    snprintf(marker, sizeof marker, "%s/DEMO_MODEL", c->model);
-    srv->demo = access(marker, F_OK) == 0;
+    if (models_resolve(c, &srv->models, &srv->nmodels, err, sizeof err)) {
+        fprintf(stderr, "sdx4 worker: %s\n", err);
+        return EXIT_USAGE;
+    }
+    for (int i = 0; i < srv->nmodels; i++) srv->model_names[i] = srv->models[i].name;
 
     /* every thread started from here on inherits these blocked signals */
     sigset_t stop;
@@ -327,15 +299,15 @@ int cmd_worker(int argc, char **argv) {
                         "redis", redis_where(p.r), "workers", c->workers));
 
     int status = EXIT_RUNTIME, sig = 0;
-    if (load_model(srv) == 0) {
+    if (load_models(srv) == 0) {
         if (c->webhook_secret) srv->webhooks = webhooks_create(srv);
-        json_t *info = registration(&p);
+        json_t *info = status_registration(srv, p.name);
         worker_settings ws = {.name = p.name, .threads = c->workers, .max_batch_size = c->max_batch_size,
                               .batch_window = c->batch_window, .visibility_timeout = c->visibility_timeout,
                               .max_attempts = c->max_attempts, .job_retention = c->job_retention,
                               .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL,
-                              .cost = srv->cost, .history = srv->history};
-        p.w = worker_start(srv->engine, p.r, srv->webhooks, &ws, info, err, sizeof err);
+                              .history = srv->history};
+        p.w = worker_start(srv->models, srv->nmodels, p.r, srv->webhooks, &ws, info, err, sizeof err);
         json_decref(info);
         if (p.w) {
             sig = wait_for_stop(&stop);
@@ -358,8 +330,7 @@ int cmd_worker(int argc, char **argv) {
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", status));
     log_flush(2);
     if (status == 0) {
-        cost_destroy(srv->cost);
-        sdx4_engine_close(srv->engine);
+        models_free(srv->models, srv->nmodels);
         results_close(srv);
         redis_close(p.r);
         config_free(&srv->cfg);

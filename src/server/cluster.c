@@ -279,11 +279,11 @@ static int unhex(const char *s, uint8_t *bytes, size_t n) {
 json_t *cluster_task_to_json(const cluster_task *t) {
     char cache_key[65];
     hex(t->cache_key, sizeof t->cache_key, cache_key);
-    return json_pack("{s:s,s:i,s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:s,s:b,s:o}", "job", t->job_id, "index",
+    return json_pack("{s:s,s:i,s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:s,s:b,s:o,s:s}", "job", t->job_id, "index",
                      t->index, "kind", kind_names[t->kind], "client", t->client, "request_id", t->request_id,
                      "owner", t->owner, "created", t->created, "deadline", t->deadline, "width", t->width,
                      "height", t->height, "cache_key", cache_key, "cacheable", t->cacheable, "options",
-                     options_to_json(&t->opts));
+                     options_to_json(&t->opts), "model", t->model);
 }
 
 int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, size_t err_size) {
@@ -307,6 +307,8 @@ int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, siz
         get_bool(&r, record, "cacheable", &t->cacheable))
         return -1;
     if (unhex(cache_key, t->cache_key, sizeof t->cache_key)) return refuse(&r, "cache_key", "must be 64 hexadecimal digits");
+    /* absent from an API node of an earlier version, which served one model: the worker's default */
+    if (json_object_get(record, "model") && get_text(&r, record, "model", t->model, sizeof t->model)) return -1;
     t->index = (int)index, t->kind = (form_kind)kind, t->width = (int)width, t->height = (int)height;
     if (options_from_json(&r, json_object_get(record, "options"), &t->opts)) {
         cluster_task_free(t);
@@ -386,10 +388,11 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
 /* ---- job meta ------------------------------------------------------------------- */
 
 static json_t *meta_to_json(const cluster_job *job) {
-    return json_pack("{s:s,s:s,s:b,s:s,s:s,s:s,s:f,s:f,s:i,s:o}", "id", job->id, "kind", kind_names[job->kind],
+    return json_pack("{s:s,s:s,s:b,s:s,s:s,s:s,s:f,s:f,s:i,s:o,s:s}", "id", job->id, "kind", kind_names[job->kind],
                      "listed", job->listed, "client", job->client, "request_id", job->request_id, "owner",
                      job->owner, "created", job->created, "deadline", job->deadline, "ntasks", job->ntasks,
-                     "webhook_url", job->webhook_url ? json_string(job->webhook_url) : json_null());
+                     "webhook_url", job->webhook_url ? json_string(job->webhook_url) : json_null(), "model",
+                     job->model);
 }
 
 static int meta_from_json(const json_t *j, cluster_job *job, char *err, size_t err_size) {
@@ -407,6 +410,7 @@ static int meta_from_json(const json_t *j, cluster_job *job, char *err, size_t e
         get_int(&r, j, "ntasks", 1, FORM_MAX_IMAGES, &ntasks))
         return -1;
     job->kind = (form_kind)kind, job->ntasks = (int)ntasks;
+    if (json_object_get(j, "model") && get_text(&r, j, "model", job->model, sizeof job->model)) return -1;
     const json_t *hook = json_object_get(j, "webhook_url");
     if (json_is_string(hook) && !(job->webhook_url = strdup(json_string_value(hook))))
         return refuse(&r, "webhook_url", "does not fit in memory");
@@ -976,6 +980,13 @@ int cluster_workers(redis *r, json_t **list, char *err, size_t n) {
     return rc;
 }
 
+const json_t *cluster_worker_model(const json_t *worker, const char *model) {
+    const json_t *models = json_object_get(worker, "models");
+    if (json_is_object(models)) return json_object_get(models, model);
+    const char *only = json_string_value(json_object_get(worker, "model_id")); /* one model, an earlier version */
+    return only && model && strcmp(only, model) == 0 ? worker : NULL;
+}
+
 int cluster_waiting(redis *r, long long *waiting, char *err, size_t n) {
     eval_args a;
     eval_begin(&a, waiting_script, 1);
@@ -1002,6 +1013,7 @@ json_t *cluster_job_document(const cluster_job *job, const cluster_task_state *s
     }
     json_t *d = json_pack("{s:s,s:s,s:s,s:i}", "id", job->id, "status", state_names[state], "kind",
                           job->kind == FORM_BATCH ? "batch" : "upscale", "images", job->ntasks);
+    if (job->model[0]) json_object_set_new(d, "model", json_string(job->model));
     set_time(d, "created_at", job->created);
     if (started > 0) set_time(d, "started_at", started);
     if (done) set_time(d, "finished_at", job->finished);
@@ -1044,6 +1056,7 @@ int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_s
     snprintf(e->kind, sizeof e->kind, "%s", kind_names[job->kind]);
     snprintf(e->request_id, sizeof e->request_id, "%s", job->request_id);
     snprintf(e->state, sizeof e->state, "%s", state_names[job->state]);
+    snprintf(e->model, sizeof e->model, "%s", job->model[0] ? job->model : records[0].model);
     for (int i = 0; i < job->ntasks; i++) {
         const cluster_task_state *s = &states[i];
         const cluster_task *t = &records[i];

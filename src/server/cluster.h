@@ -62,6 +62,8 @@ typedef struct {
     char client[64], request_id[48], owner[65];
     double created, deadline; /* wall clock (epoch seconds): nodes share no monotonic clock */
     upscale_options opts;     /* prompt strings owned by the record */
+    char model[64];           /* the model's name ("" in records of earlier
+                                 versions: the worker's default model) */
     int width, height;        /* of the input */
     uint8_t cache_key[32];
     bool cacheable;
@@ -98,6 +100,7 @@ typedef struct {
     char client[64], request_id[48], owner[65];
     double created, deadline; /* wall clock */
     int ntasks;
+    char model[64];    /* the model that runs its tasks ("" unknown: an earlier version's) */
     char *webhook_url; /* owned, NULL none */
     /* filled by cluster_load_job from the hash */
     job_state state;  /* JOB_QUEUED until the last task is final */
@@ -169,8 +172,17 @@ int cluster_parse_event(const char *channel, const char *message, size_t len, ch
                         int *index, cluster_task_state *state);
 
 /* The registered, live workers: [{name, model_id, device, variant, model:
- * {...model-info...}, busy, started}], for health and model-info. */
+ * {...model-info...}, cost, models: {<name>: {model, cost}}, busy,
+ * started}], for health and model-info. model_id, model and cost are
+ * the worker's default model's (all that workers of earlier versions,
+ * serving one model, register). */
 int cluster_workers(redis *r, json_t **list, char *err, size_t err_size);
+
+/* What a registered worker (an entry of cluster_workers) says of the
+ * model named `model`: an object with "model" (its model-info) and
+ * "cost" (its estimator's curve, once published), or NULL when the
+ * worker does not serve it. */
+const json_t *cluster_worker_model(const json_t *worker, const char *model);
 
 /* Tasks waiting in the whole cluster (not yet taken by a worker). */
 int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);

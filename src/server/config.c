@@ -34,10 +34,19 @@ typedef struct {
 
 #define O(field) offsetof(server_config, field)
 static const option options[] = {
-    {"model", OPT_STRING, O(model), 0, 0, "models/x4-upscaler",
-     "diffusers model folder (model_index.json and weights)"},
+    /* no default here: check() gives models/x4-upscaler when neither
+     * --model nor --models-dir names any */
+    {"model", OPT_LIST, O(models), 0, 0, NULL,
+     "model folder: a diffusers one (model_index.json) or a GAN upscaler's (config.json and "
+     "model.safetensors); repeat it (or separate folders by commas) to serve several, each named "
+     "by its folder's name, the first being the default [default: models/x4-upscaler unless "
+     "--models-dir is given]"},
+    {"models-dir", OPT_STRING, O(models_dir), 0, 0, NULL,
+     "serve every model folder inside this folder too (after the --model ones; the first by name "
+     "is the default when no --model is given)"},
     {"model-id", OPT_STRING, O(model_id), 0, 0, NULL,
-     "name reported in X-Model and model-info (default: the folder's name)"},
+     "name of the first model, reported in X-Model and model-info and chosen by requests' model "
+     "field (default: the folder's name)"},
     {"device", OPT_STRING, O(device), 0, 0, "auto", "cpu, cuda or auto"},
     {"variant", OPT_STRING, O(variant), 0, 0, NULL, "weights variant, e.g. fp16"},
     {"threads", OPT_INT, O(threads), 0, SDX4_MAX_THREADS, "0", "CPU threads of the engine (0: all cores)"},
@@ -260,6 +269,21 @@ static int list_parse(string_list *l, const char *text) {
     return 0;
 }
 
+/* Adds the items of `text` to the list (a list flag given again). */
+static int list_append(string_list *l, const char *text) {
+    string_list more = {0};
+    if (list_parse(&more, text)) return -1;
+    char **grown = realloc(l->items, (size_t)(l->count + more.count + 1) * sizeof *grown);
+    if (!grown) {
+        list_free(&more);
+        return -1;
+    }
+    l->items = grown;
+    for (int i = 0; i < more.count; i++) l->items[l->count++] = more.items[i];
+    free(more.items);
+    return 0;
+}
+
 static int parse_bool(const char *text, bool *out) {
     static const char *const yes[] = {"1", "true", "yes", "on"}, *const no[] = {"0", "false", "no", "off"};
     for (int i = 0; i < 4; i++) {
@@ -427,7 +451,7 @@ static int check(const server_config *cfg, FILE *err) {
     if (cfg->min_side > cfg->max_side) bad = "min-side is larger than max-side";
     else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
-    else if (!cfg->model) bad = "no model folder (--model or SDX4_MODEL)";
+    else if (cfg->models_dir && !*cfg->models_dir) bad = "models-dir is empty";
     else if (!cfg->workers && !cfg->redis) bad = "workers 0 (an API-only node) needs --redis: its workers are elsewhere";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
@@ -439,8 +463,15 @@ static int check(const server_config *cfg, FILE *err) {
     return -1;
 }
 
+/* The model folder served when the settings name none. */
+static int default_model(server_config *cfg) {
+    if (cfg->models.count || cfg->models_dir) return 0;
+    return list_parse(&cfg->models, "models/x4-upscaler");
+}
+
 int config_load(server_config *cfg, int argc, char **argv, FILE *err) {
     memset(cfg, 0, sizeof *cfg);
+    bool flagged[OPTION_COUNT] = {false}; /* a list flag given again adds to the list */
     for (int i = 0; i < OPTION_COUNT; i++)
         if (options[i].fallback && set_option(cfg, &options[i], options[i].fallback, "default", err))
             return -1;
@@ -491,8 +522,15 @@ int config_load(server_config *cfg, int argc, char **argv, FILE *err) {
             }
             value = argv[++i];
         }
-        if (set_option(cfg, o, value, "flag", err)) return -1;
+        size_t which = (size_t)(o - options);
+        if (o->type == OPT_LIST && flagged[which]) {
+            if (list_append((string_list *)((char *)cfg + o->offset), value)) return -1;
+        } else if (set_option(cfg, o, value, "flag", err)) {
+            return -1;
+        }
+        flagged[which] = true;
     }
+    if (default_model(cfg)) return -1;
     return check(cfg, err);
 }
 
@@ -507,13 +545,14 @@ void config_free(server_config *cfg) {
 
 void config_print_help(FILE *out) {
     fprintf(out,
-            "usage: sdx4 serve [--model DIR] [--host ADDR] [--port N] [options]\n"
+            "usage: sdx4 serve [--model DIR]... [--models-dir DIR] [--host ADDR] [--port N] [options]\n"
             "\n"
             "Serves the upscaling API (see /docs and /openapi.json once running).\n"
             "Each option --name VALUE can also be set by the environment variable\n"
             "SDX4_NAME (dashes as underscores) or by the key \"name\" of a JSON file\n"
             "given by --config FILE or SDX4_CONFIG; flags win over the environment,\n"
-            "which wins over the file. Booleans: true/false, on/off, 1/0.\n"
+            "which wins over the file. Booleans: true/false, on/off, 1/0. A list\n"
+            "flag (A,B,...) given more than once adds to the list.\n"
             "\n"
             "  --config FILE\n      JSON settings file\n");
     for (int i = 0; i < OPTION_COUNT; i++) {
@@ -527,9 +566,9 @@ void config_print_help(FILE *out) {
     }
 }
 
-void config_engine_options(const server_config *cfg, sdx4_engine_options *o) {
+void config_engine_options(const server_config *cfg, const char *model_dir, sdx4_engine_options *o) {
     sdx4_engine_options_default(o);
-    o->model_dir = cfg->model;
+    o->model_dir = model_dir;
     o->variant = cfg->variant;
     o->device = cfg->device;
     o->threads = cfg->threads;

@@ -24,8 +24,10 @@ typedef struct {
 } string_list;
 
 typedef struct {
-    /* model */
-    char *model, *model_id, *device, *variant;
+    /* models (models.c turns these into the served list) */
+    string_list models; /* model folders, the first the default (--model, repeatable) */
+    char *models_dir;   /* every model folder inside it (--models-dir) */
+    char *model_id, *device, *variant;
     int threads;
     char *cuda_dtype, *cuda_vae, *cuda_conv; /* sdx4_cuda_options, checked by the engine */
     bool cuda_graph, cuda_plan, cuda_profile;
@@ -92,8 +94,9 @@ void config_free(server_config *cfg);
 int config_parse_dimensions(const char *text, int *width, int *height);
 void config_print_help(FILE *out);
 
-/* The engine's open options that the settings give (model, variant,
- * device, threads, the cuda-* settings): one mapping for serve and worker. */
-void config_engine_options(const server_config *cfg, sdx4_engine_options *o);
+/* The engine's open options that the settings give for the model folder
+ * `model_dir` (variant, device, threads, the cuda-* settings): one
+ * mapping for serve and worker. */
+void config_engine_options(const server_config *cfg, const char *model_dir, sdx4_engine_options *o);
 
 #endif

@@ -50,6 +50,13 @@
  * as if there were no estimator. With --warmup false that lasts until
  * real jobs have covered such a span.
  *
+ * A GAN (ESRGAN's family) has no text encoder and no steps: its one
+ * forward is counted by the engine as the decode's FLOPs (all dense) and
+ * timed as the UNet's seconds, which this estimator files under the
+ * decode, so that warm-up calibrates it and finished upscales teach it as
+ * they do a diffusion model's. Each served model has an estimator of its
+ * own (models.c).
+ *
  * Without the model. An API node of a cluster loads no model, so it
  * cannot count FLOPs; the workers publish their estimator as a curve
  * (cost_curve): each part's seconds at three square sizes from min-side
@@ -65,6 +72,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 enum { PART_TEXT, PART_STEP, PART_DECODE, PART_COUNT };
@@ -85,6 +93,7 @@ typedef struct {
 
 struct cost_model {
     sdx4_engine *engine;
+    bool gan; /* a GAN: all its work is one forward, counted and measured as the decode */
     int scale_factor; /* the latent's sides are the input's rounded down to it */
     int64_t unet_bytes_per_pixel; /* what automatic tiles weigh (sdx4_unet_windows) */
     int min_side, max_side;
@@ -100,6 +109,7 @@ cost_model *cost_create(sdx4_engine *engine, int min_side, int max_side) {
     c->engine = engine;
     sdx4_model_info info;
     sdx4_engine_info(engine, &info);
+    c->gan = info.kind && strcmp(info.kind, "gan") == 0;
     c->scale_factor = info.vae_scale_factor;
     c->unet_bytes_per_pixel = info.unet_bytes_per_pixel;
     c->min_side = min_side;
@@ -121,6 +131,11 @@ static int work(cost_model *c, int width, int height, int tile, int overlap, int
                 sdx4_flops out[PART_COUNT]) {
     sdx4_flop_counts f, window;
     if (sdx4_count_flops(c->engine, width, height, &f) != SDX4_OK) return -1;
+    if (c->gan) { /* no text, no steps: its tiles, grown by the receptive radius, are not counted */
+        out[PART_TEXT] = out[PART_STEP] = (sdx4_flops){0, 0};
+        out[PART_DECODE] = f.decode;
+        return 0;
+    }
     int ww, wh, windows = sdx4_unet_windows(width - width % c->scale_factor, height - height % c->scale_factor,
                                             tile, overlap, guided, c->unet_bytes_per_pixel, &ww, &wh);
     if (windows < 0) return -1;
@@ -194,6 +209,8 @@ void cost_observe(cost_model *c, int width, int height, int tile, int tile_overl
     sdx4_flops f[PART_COUNT];
     if (!(alone > 0) || work(c, width, height, tile, tile_overlap, steps, guided, f)) return;
     double measured[PART_COUNT] = {r->seconds_text, r->seconds_unet, r->seconds_vae};
+    if (c->gan) /* its forward's seconds are reported as the UNet's (sdx4.h), its FLOPs as the decode's */
+        measured[PART_TEXT] = measured[PART_STEP] = 0, measured[PART_DECODE] = r->seconds_unet + r->seconds_vae;
     double pixels = (double)width * height;
     pthread_mutex_lock(&c->lock);
     for (int p = 0; p < PART_COUNT; p++) {

@@ -10,8 +10,8 @@
  * them in one script (cluster_submit), which holds the queue bound of the
  * whole cluster: its refusal is single-process mode's 503. Admission by
  * estimated time needs no model here: the workers publish their
- * estimators (cost.h's curve), the keeper keeps the slowest calibrated
- * one, push refuses what needs more than the request timeout alone (422)
+ * estimators (cost.h's curve), one per model they serve, the keeper keeps
+ * the slowest calibrated one of each model, push refuses what needs more than the request timeout alone (422)
  * and the script what the cluster's backlog would make late (503). It
  * runs under the job store's lock (dispatch.h), so a submit makes this
  * node's other job calls wait one Redis round trip; the task records are
@@ -71,6 +71,7 @@
 #include "history.h"
 #include "jobs.h"
 #include "log.h"
+#include "models.h"
 #include "results.h"
 #include "webhook.h"
 
@@ -120,8 +121,8 @@ struct dispatch_redis {
     char down_why[256];
     json_t *workers;
     dispatch_stats stats;
-    cost_curve curve; /* the slowest calibrated worker's estimator for this node's model */
-    bool have_curve;
+    cost_curve curve[MAX_MODELS]; /* by model: the slowest calibrated worker's estimator of it */
+    bool have_curve[MAX_MODELS];
     int devices; /* live workers: each runs on a device of its own */
     pthread_t subscriber, keeper;
     bool subscriber_started, keeper_started;
@@ -403,20 +404,21 @@ static void apply(dispatch_redis *d, const char *id, int index, const cluster_ta
     }
 }
 
-/* Of the live workers serving this node's model whose estimators are
- * calibrated, the curve of the slowest (at the largest size and the most
- * steps allowed): admission must hold whichever worker takes a task. */
-static bool slowest_curve(const dispatch_redis *d, const json_t *workers, cost_curve *out) {
+/* Of the live workers serving the model named `model` whose estimators of
+ * it are calibrated, the curve of the slowest (at the largest size and
+ * the most steps allowed): admission must hold whichever worker takes a
+ * task. */
+static bool slowest_curve(const dispatch_redis *d, const json_t *workers, const char *model, cost_curve *out) {
     const server_config *c = &d->srv->cfg;
     double slowest = -1;
     size_t k;
     const json_t *w;
     json_array_foreach(workers, k, w) {
-        const char *model = json_string_value(json_object_get(w, "model_id"));
+        const json_t *served = cluster_worker_model(w, model);
         cost_curve curve;
         char why[128];
-        if (!model || strcmp(model, d->srv->model_id) != 0 ||
-            cost_curve_from_json(json_object_get(w, "cost"), &curve, why, sizeof why) || !curve.calibrated)
+        if (!served || cost_curve_from_json(json_object_get(served, "cost"), &curve, why, sizeof why) ||
+            !curve.calibrated)
             continue;
         double seconds = cost_curve_estimate(&curve, c->max_side, c->max_side, 0, 0, c->max_steps, true);
         if (seconds > slowest) slowest = seconds, *out = curve;
@@ -468,8 +470,10 @@ static void look(dispatch_redis *d) {
         json_t *th = json_object_get(w, "threads");
         threads += json_is_integer(th) ? (int)json_integer_value(th) : 1;
     }
-    cost_curve curve;
-    bool have_curve = slowest_curve(d, workers, &curve);
+    cost_curve curve[MAX_MODELS];
+    bool have_curve[MAX_MODELS];
+    for (int m = 0; m < d->srv->nmodels; m++)
+        have_curve[m] = slowest_curve(d, workers, d->srv->models[m].name, &curve[m]);
     pthread_mutex_lock(&d->lock);
     if (up != d->up)
         log_event(up ? LOG_INFO : LOG_ERROR, up ? "redis_back" : "redis_down",
@@ -481,7 +485,8 @@ static void look(dispatch_redis *d) {
         d->workers = workers;
         d->stats = (dispatch_stats){.depth = (int)waiting, .capacity = d->srv->cfg.queue_size,
                                     .running = busy, .workers = threads};
-        d->curve = curve, d->have_curve = have_curve;
+        memcpy(d->curve, curve, sizeof curve[0] * (size_t)d->srv->nmodels);
+        memcpy(d->have_curve, have_curve, sizeof have_curve[0] * (size_t)d->srv->nmodels);
         d->devices = (int)json_array_size(workers);
     }
     pthread_mutex_unlock(&d->lock);
@@ -608,18 +613,18 @@ static void *keeper_main(void *arg) {
 /* ---- the dispatch interface ------------------------------------------------------- */
 
 /* Each task's seconds alone on a device, by index (`estimates`), from
- * the slowest live worker's calibrated estimator, else this node's own
- * (a node with a model); false when neither is calibrated: then the
- * time is not judged, as in single-process mode. */
+ * the slowest live worker's calibrated estimator of its model, else this
+ * node's own (a node with models); false when neither is calibrated for
+ * one of them: then the time is not judged, as in single-process mode. */
 static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) {
-    pthread_mutex_lock(&d->lock);
-    cost_curve curve = d->curve;
-    bool remote = d->have_curve;
-    pthread_mutex_unlock(&d->lock);
-    cost_model *own = d->srv->cost;
-    if (!remote && !(own && cost_calibrated(own))) return false;
     for (int k = 0; k < n; k++) {
         const task *t = tasks[k];
+        pthread_mutex_lock(&d->lock);
+        cost_curve curve = d->curve[t->model];
+        bool remote = d->have_curve[t->model];
+        pthread_mutex_unlock(&d->lock);
+        cost_model *own = d->srv->models[t->model].cost;
+        if (!remote && !(own && cost_calibrated(own))) return false;
         bool guided = (float)t->opts.guidance_scale > 1.0f;
         int w = t->input.width, h = t->input.height;
         int steps = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
@@ -651,10 +656,12 @@ static int over_time_limit(dispatch_redis *d, task **tasks, int n, const double 
     return -1;
 }
 
-static void fill_record(cluster_task *r, const job *j, const task *t, double created, double deadline) {
+static void fill_record(cluster_task *r, const job *j, const task *t, double created, double deadline,
+                        const char *model) {
     *r = (cluster_task){.index = t->index, .kind = job_kind(j), .created = created, .deadline = deadline,
                         .opts = t->opts, .width = t->input.width, .height = t->input.height,
                         .cacheable = t->cacheable};
+    snprintf(r->model, sizeof r->model, "%s", model);
     snprintf(r->job_id, sizeof r->job_id, "%s", job_id(j));
     snprintf(r->client, sizeof r->client, "%s", job_client(j));
     snprintf(r->request_id, sizeof r->request_id, "%s", job_request_id(j));
@@ -708,6 +715,7 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
     snprintf(meta.client, sizeof meta.client, "%s", job_client(j));
     snprintf(meta.request_id, sizeof meta.request_id, "%s", job_request_id(j));
     snprintf(meta.owner, sizeof meta.owner, "%s", job_owner(j));
+    snprintf(meta.model, sizeof meta.model, "%s", d->srv->models[job_task(j, 0)->model].name);
     /* by task index, as cluster_submit takes them; `kept` lists the
      * records of the tasks not refused before submission */
     cluster_task *records = calloc((size_t)ntasks, sizeof *records);
@@ -731,7 +739,7 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
         states[i] = (cluster_task_state){.state = t->state, .total = t->opts.steps, .error = t->error};
         records[i].index = i;
         if (final(t->state)) continue; /* refused: its image may not even have decoded */
-        fill_record(&records[i], j, t, meta.created, meta.deadline);
+        fill_record(&records[i], j, t, meta.created, meta.deadline, d->srv->models[t->model].name);
         inputs[i] = t->input;
         kept[nkept++] = records[i];
     }
@@ -836,6 +844,10 @@ static void watch_task(void *ctx, task *t) {
 /* A task of a job made elsewhere, as the hash and its record have it. */
 static int restore_task(dispatch_redis *d, const char *id, task *t, cluster_task *record,
                         const cluster_task_state *s, double now, double wall, char *err, size_t n) {
+    /* a model this node does not list (nodes of one cluster should list the
+     * same): the default, which only names it in X-Model and the document */
+    int model = models_find(d->srv->models, d->srv->nmodels, record->model);
+    t->model = model < 0 ? 0 : model;
     t->opts = record->opts; /* moved: the task frees it */
     record->opts = (upscale_options){0};
     t->input.width = record->width;
@@ -897,6 +909,8 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
             j = NULL;
             goto done;
         }
+    int model = models_find(d->srv->models, d->srv->nmodels, meta.model); /* the job's, whatever each record says */
+    for (int i = 0; model >= 0 && i < meta.ntasks; i++) job_task(j, i)->model = model;
     j = job_adopt(j, id);
     if (meta.webhook[0]) job_webhook_state(d->srv->jobs, id, meta.webhook, meta.webhook_attempts, meta.webhook_error);
 done:

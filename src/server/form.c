@@ -27,9 +27,9 @@
 
 #include "base64.h"
 
-typedef enum { KIND_TEXT, KIND_REAL, KIND_INT, KIND_SEED, KIND_FORMAT, KIND_BOOL, KIND_URL, KIND_CHOICE } field_kind;
+typedef enum { KIND_TEXT, KIND_REAL, KIND_INT, KIND_SEED, KIND_FORMAT, KIND_BOOL, KIND_URL, KIND_CHOICE, KIND_MODEL } field_kind;
 
-enum { FIELD_WEBHOOK = FIELD_OPTION_COUNT, FIELD_ASYNC, FIELD_IMAGE };
+enum { FIELD_WEBHOOK = FIELD_OPTION_COUNT, FIELD_ASYNC, FIELD_IMAGE, FIELD_MODEL };
 
 /* A field named like a row of the engine's table (sdx4_params) takes its
  * range and default from there; the server only narrows
@@ -60,6 +60,7 @@ static const field_def fields[] = {
     {"quality", FIELD_QUALITY, KIND_INT, 1, 100, "1 to 100"},
     {"webhook_url", FIELD_WEBHOOK, KIND_URL, 0, 0, "an http:// or https:// URL"},
     {"async", FIELD_ASYNC, KIND_BOOL, 0, 0, "true or false"},
+    {"model", FIELD_MODEL, KIND_MODEL, 0, 0, "a model this server serves (GET /api/v1/models)"},
 };
 enum { FIELD_COUNT = sizeof fields / sizeof fields[0] };
 
@@ -360,6 +361,26 @@ static int apply_choice(upscale_form *f, upscale_options *o, const field_def *d,
     return problem_field(&f->error, d->name, d->allowed, "%s must be %s", d->name, d->allowed);
 }
 
+/* The `model` field: one of the server's models, by exact name. The
+ * problem lists them (the detail whole, `allowed` as far as it fits). */
+static int apply_model(upscale_form *f, const field_def *d, const char *v, size_t len) {
+    for (int i = 0; i < f->limits.nmodels; i++)
+        if (strlen(f->limits.models[i]) == len && strncmp(f->limits.models[i], v, len) == 0) {
+            f->model = i;
+            return 0;
+        }
+    char shown[72], names[256] = "", allowed[sizeof f->error.allowed];
+    printable(shown, sizeof shown, v, len);
+    for (int i = 0; i < f->limits.nmodels; i++) {
+        size_t n = strlen(names);
+        snprintf(names + n, sizeof names - n, "%s%s", i == 0 ? "" : i == f->limits.nmodels - 1 ? " or " : ", ",
+                 f->limits.models[i]);
+    }
+    snprintf(allowed, sizeof allowed, "%s", f->limits.nmodels ? names : d->allowed);
+    return problem_field(&f->error, d->name, allowed, "unknown model \"%s\": this server serves %s", shown,
+                         f->limits.nmodels ? names : "no model by name");
+}
+
 /* Marks a field as given; refuses a second value. */
 static int claim(upscale_form *f, upscale_options *o, const field_def *d) {
     unsigned bit = 1u << d->id;
@@ -433,6 +454,8 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
         return check_url(f, d, v, len);
     case KIND_CHOICE:
         return apply_choice(f, o, d, v, len);
+    case KIND_MODEL:
+        return apply_model(f, d, v, len);
     }
     return 0;
 }
@@ -532,6 +555,7 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
     case KIND_URL:
     case KIND_FORMAT:
     case KIND_CHOICE:
+    case KIND_MODEL:
         if (!json_is_string(v))
             return problem_field(&f->error, d->name, d->allowed, "%s must be a string", d->name);
         return apply_text(f, o, d, json_string_value(v), json_string_length(v), 0);

@@ -27,6 +27,10 @@
 
 typedef struct {
     int max_steps, max_prompt_chars, max_batch;
+    /* the names a request's `model` field may take (the server's models,
+     * the first the default); none: the field is refused whatever it says */
+    const char *const *models;
+    int nmodels;
 } form_limits;
 
 /* Parameters of one upscale; `given` has bit (1 << field) for each field
@@ -68,6 +72,7 @@ typedef struct {
     int nimages;
     char *webhook_url;
     bool async;
+    int model;     /* the `model` field: an index into limits.models (0, the default, without it) */
     problem error; /* the first problem seen (kind PROBLEM_NONE if none) */
 } upscale_form;
 

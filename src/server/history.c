@@ -29,7 +29,8 @@
  * parameters (JSON text: each image's parameters and sizes), images,
  * input_pixels and output_bytes (all images together), created_us,
  * started_us (NULL: never ran) and finished_us (wall-clock microseconds),
- * worker, error_kind and error_detail; an index on (owner, created_us, id)
+ * worker, error_kind and error_detail, and the model that ran it (by name,
+ * "" for jobs recorded before schema version 2 added it); an index on (owner, created_us, id)
  * serves a listing, which pages by keyset (the cursor is the last row's
  * created_us and id). sdx4_schema holds the schema's version; a newer one
  * is refused, not misread. sdx4_secret holds a random secret drawn when
@@ -100,6 +101,7 @@ json_t *history_row_document(const history_row *r) {
                           r->request_id ? r->request_id : "", "client", r->client ? r->client : "",
                           "images", (json_int_t)r->images, "input_pixels", (json_int_t)r->input_pixels,
                           "output_bytes", (json_int_t)r->output_bytes, "worker", r->worker ? r->worker : "");
+    if (r->model && r->model[0]) json_object_set_new(d, "model", json_string(r->model)); /* "": before version 2 */
     json_t *params = r->parameters ? json_loads(r->parameters, 0, NULL) : NULL;
     json_object_set_new(d, "parameters", params ? params : json_null());
     set_time(d, "created_at", r->created_us);

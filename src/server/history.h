@@ -34,6 +34,7 @@ typedef struct {
     char request_id[48];
     char state[16];      /* "succeeded", "failed", "canceled" */
     char worker[64];     /* what ran it: the host in single-process mode */
+    char model[64];      /* the model that ran it (its name), "" unknown */
     char error_kind[32]; /* problem slug ("timeout"), "" when none */
     char error_detail[384];
     const char *parameters;

@@ -18,9 +18,11 @@
 #include "history.h"
 
 /* The schema this build writes. sdx4_schema holds the version a database
- * was made with: a newer one is refused at open rather than misread. */
-#define HISTORY_SCHEMA_VERSION 1
-#define HISTORY_VERSION_TEXT "1"
+ * was made with: a newer one is refused at open rather than misread, an
+ * older one migrated (HISTORY_MIGRATE_1, under the same transaction).
+ * Version 2 added the model column (several models per server). */
+#define HISTORY_SCHEMA_VERSION 2
+#define HISTORY_VERSION_TEXT "2"
 #define HISTORY_VERSION_TABLE "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
 #define HISTORY_VERSION_SELECT "SELECT coalesce(max(version), 0) FROM sdx4_schema"
 
@@ -44,7 +46,7 @@ typedef struct {
  * callback returns); started_us < 0 when no task ever ran. */
 typedef struct {
     const char *id, *kind, *status, *request_id, *client, *parameters, *worker, *error_kind,
-        *error_detail;
+        *error_detail, *model;
     int64_t images, input_pixels, output_bytes, created_us, started_us, finished_us;
 } history_row;
 
@@ -75,21 +77,27 @@ history_db *history_postgres_open(const char *url, const char *fresh, char secre
     "INSERT INTO sdx4_secret SELECT '%s' WHERE NOT EXISTS (SELECT 1 FROM sdx4_secret);"
 #define HISTORY_SECRET_SELECT "SELECT secret FROM sdx4_secret LIMIT 1"
 
+/* Version 1 to 2, the same in both dialects: jobs recorded before have
+ * model "" (unknown: the server's only model then). */
+#define HISTORY_MIGRATE_1                                                                         \
+    "ALTER TABLE sdx4_jobs ADD COLUMN model TEXT NOT NULL DEFAULT '';"                           \
+    "UPDATE sdx4_schema SET version = 2;"
+
 /* From history.c, for both backends. */
 json_t *history_row_document(const history_row *r);
 int64_t history_micros(double wall); /* 0 stays 0: "never" */
 
 #define HISTORY_COLUMNS                                                                           \
     "id, owner, client, kind, request_id, status, parameters, images, input_pixels, "            \
-    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail"
+    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail, model"
 #define HISTORY_INSERT                                                                            \
     "INSERT INTO sdx4_jobs (" HISTORY_COLUMNS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "   \
-    "$10, $11, $12, $13, $14, $15, $16) ON CONFLICT (id) DO NOTHING"
+    "$10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (id) DO NOTHING"
 /* Keyset paging on (created_us, id), which the index orders: a page costs
  * the same however deep it is, and rows written meanwhile never shift it. */
 #define HISTORY_SELECT                                                                            \
     "SELECT id, kind, status, request_id, client, images, parameters, input_pixels, "            \
-    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail "       \
+    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail, model " \
     "FROM sdx4_jobs WHERE owner = $1 AND ($2 = '' OR status = $2) AND created_us >= $3 "         \
     "AND created_us < $4 AND (created_us, id) < ($5, $6) "                                       \
     "ORDER BY created_us DESC, id DESC LIMIT $7"

@@ -41,7 +41,8 @@ static const char schema[] =
     " kind TEXT NOT NULL, request_id TEXT NOT NULL, status TEXT NOT NULL, parameters TEXT,"
     " images INTEGER NOT NULL, input_pixels BIGINT NOT NULL, output_bytes BIGINT NOT NULL,"
     " created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT NOT NULL,"
-    " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
+    " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL,"
+    " model TEXT NOT NULL DEFAULT '');"
     "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
     "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
@@ -104,11 +105,11 @@ static history_db_status postgres_write(history_db *base, history_entry *const *
         snprintf(created, sizeof created, "%" PRId64, history_micros(e->created));
         snprintf(started, sizeof started, "%" PRId64, history_micros(e->started));
         snprintf(finished, sizeof finished, "%" PRId64, history_micros(e->finished));
-        const char *values[16] = {e->id,     e->owner,  e->client,  e->kind,    e->request_id,
+        const char *values[17] = {e->id,     e->owner,  e->client,  e->kind,    e->request_id,
                                   e->state,  e->parameters, images, pixels,     bytes,
                                   created,   e->started > 0 ? started : NULL, finished,
-                                  e->worker, e->error_kind, e->error_detail};
-        PGresult *res = PQexecParams(c, HISTORY_INSERT, 16, NULL, values, NULL, NULL, 0);
+                                  e->worker, e->error_kind, e->error_detail, e->model};
+        PGresult *res = PQexecParams(c, HISTORY_INSERT, 17, NULL, values, NULL, NULL, 0);
         if (PQresultStatus(res) == PGRES_COMMAND_OK) PQclear(res);
         else s = failed(c, res, err, len);
     }
@@ -126,8 +127,9 @@ static bool query_text(PGconn *c, const char *sql, char *out, size_t size) {
     return ok;
 }
 
-/* Checks the version of the schema there, creates what is missing, and
- * reads the identity secret: one transaction, under the schema lock. */
+/* Checks the version of the schema there, migrates an older one, creates
+ * what is missing, and reads the identity secret: one transaction, under
+ * the schema lock. */
 static int prepare_schema(PGconn *c, const char *fresh, char secret[65], char *err, size_t len) {
     char version[24] = "", sql[sizeof schema + 256];
     bool ok = exec_command(c, "BEGIN; SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ");" HISTORY_VERSION_TABLE,
@@ -139,6 +141,7 @@ static int prepare_schema(PGconn *c, const char *fresh, char secret[65], char *e
         PQclear(PQexec(c, "ROLLBACK"));
         return -1;
     }
+    ok = ok && (atoi(version) != 1 || exec_command(c, HISTORY_MIGRATE_1, err, len) == HISTORY_DB_OK);
     snprintf(sql, sizeof sql, "%s" HISTORY_SECRET_SQL, schema, fresh);
     ok = ok && exec_command(c, sql, err, len) == HISTORY_DB_OK &&
          query_text(c, HISTORY_SECRET_SELECT, secret, 65) && exec_command(c, "COMMIT", err, len) == HISTORY_DB_OK;
@@ -183,7 +186,8 @@ static history_db_status postgres_list(history_db *base, const history_db_query 
                     .input_pixels = number(res, i, 7), .output_bytes = number(res, i, 8),
                     .created_us = number(res, i, 9), .started_us = number(res, i, 10),
                     .finished_us = number(res, i, 11), .worker = value(res, i, 12),
-                    .error_kind = value(res, i, 13), .error_detail = value(res, i, 14)};
+                    .error_kind = value(res, i, 13), .error_detail = value(res, i, 14),
+                    .model = value(res, i, 15)};
                 json_array_append_new(rows, history_row_document(&r));
             }
             PQclear(res);

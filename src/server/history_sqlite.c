@@ -30,7 +30,8 @@ static const char schema[] =
     " request_id TEXT NOT NULL, status TEXT NOT NULL, parameters TEXT,"
     " images INTEGER NOT NULL, input_pixels INTEGER NOT NULL, output_bytes INTEGER NOT NULL,"
     " created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER NOT NULL,"
-    " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
+    " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL,"
+    " model TEXT NOT NULL DEFAULT '');"
     "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
     "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
@@ -80,8 +81,8 @@ static int query_text(sqlite3 *c, const char *sql, char *out, size_t size) {
     return rc;
 }
 
-/* Checks the version of the schema there, creates what is missing, and
- * reads the identity secret: one transaction. */
+/* Checks the version of the schema there, migrates an older one, creates
+ * what is missing, and reads the identity secret: one transaction. */
 static int prepare_schema(sqlite3 *c, const char *path, const char *fresh, char secret[65], char *err,
                           size_t len) {
     char version[24] = "", secret_sql[256];
@@ -94,6 +95,7 @@ static int prepare_schema(sqlite3 *c, const char *path, const char *fresh, char 
         sqlite3_exec(c, "ROLLBACK;", NULL, NULL, NULL);
         return -1;
     }
+    if (rc == SQLITE_OK && atoi(version) == 1) rc = sqlite3_exec(c, HISTORY_MIGRATE_1, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = sqlite3_exec(c, schema, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = sqlite3_exec(c, secret_sql, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = query_text(c, HISTORY_SECRET_SELECT, secret, 65);
@@ -128,6 +130,7 @@ static history_db_status sqlite_write(history_db *base, history_entry *const *en
         bind_text(st, 14, e->worker);
         bind_text(st, 15, e->error_kind);
         bind_text(st, 16, e->error_detail);
+        bind_text(st, 17, e->model);
         rc = sqlite3_step(st);
         if (rc == SQLITE_DONE) rc = SQLITE_OK;
         sqlite3_reset(st);
@@ -165,7 +168,8 @@ static history_db_status sqlite_list(history_db *base, const history_db_query *q
             .created_us = sqlite3_column_int64(st, 9),
             .started_us = sqlite3_column_type(st, 10) == SQLITE_NULL ? -1 : sqlite3_column_int64(st, 10),
             .finished_us = sqlite3_column_int64(st, 11), .worker = column_text(st, 12),
-            .error_kind = column_text(st, 13), .error_detail = column_text(st, 14)};
+            .error_kind = column_text(st, 13), .error_detail = column_text(st, 14),
+            .model = column_text(st, 15)};
         json_array_append_new(rows, history_row_document(&r));
         rc = SQLITE_OK;
     }

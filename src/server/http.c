@@ -58,7 +58,9 @@
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
 #include "multipart.h"
+#include "page.h"
 #include "problem.h"
 #include "ratelimit.h"
 #include "results.h"
@@ -78,6 +80,7 @@ typedef struct request {
     char method[8];
     char path[160];
     char job_id[33];
+    char model[64];  /* GET /models/NAME: the name; "" other routes */
     double start;
     char ip[48];
     char client[64]; /* rate limit and queue lane: API key or address */
@@ -220,6 +223,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
             [ROUTE_JOB_CREATE] = "GET, HEAD, POST, OPTIONS", [ROUTE_JOB_GET] = "GET, HEAD, DELETE, OPTIONS",
             [ROUTE_JOB_RESULT] = "GET, HEAD, OPTIONS", [ROUTE_JOB_EVENTS] = "GET, OPTIONS",
             [ROUTE_HEALTH] = "GET, HEAD, OPTIONS",  [ROUTE_MODEL_INFO] = "GET, HEAD, OPTIONS",
+            [ROUTE_MODELS] = "GET, HEAD, OPTIONS",
             [ROUTE_METRICS] = "GET, HEAD, OPTIONS", [ROUTE_OPENAPI] = "GET, HEAD, OPTIONS",
             [ROUTE_DOCS] = "GET, HEAD, OPTIONS",
         };
@@ -251,7 +255,7 @@ typedef enum { M_GET = 1, M_POST = 2, M_DELETE = 4, M_OPTIONS = 8 } method_bit;
 static const unsigned route_methods[ROUTE_COUNT] = {
     [ROUTE_UPSCALE] = M_POST,   [ROUTE_BATCH] = M_POST,      [ROUTE_JOB_CREATE] = M_POST | M_GET,
     [ROUTE_JOB_GET] = M_GET | M_DELETE, [ROUTE_JOB_RESULT] = M_GET, [ROUTE_JOB_EVENTS] = M_GET,
-    [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_METRICS] = M_GET,
+    [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_MODELS] = M_GET, [ROUTE_METRICS] = M_GET,
     [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
 };
 
@@ -262,20 +266,30 @@ static bool is_job_id(const char *s, size_t len) {
     return true;
 }
 
-static route_id match_route(const char *url, char job_id[33]) {
+static route_id match_route(const char *url, char job_id[33], char model[64]) {
     static const struct {
         const char *path;
         route_id route;
     } fixed[] = {
         {API "/upscale", ROUTE_UPSCALE},     {API "/batch-upscale", ROUTE_BATCH},
         {API "/jobs", ROUTE_JOB_CREATE},     {API "/health", ROUTE_HEALTH},
-        {API "/model-info", ROUTE_MODEL_INFO}, {"/metrics", ROUTE_METRICS},
+        {API "/model-info", ROUTE_MODEL_INFO}, {API "/models", ROUTE_MODELS},
+        {"/metrics", ROUTE_METRICS},
         {"/openapi.json", ROUTE_OPENAPI},    {"/docs", ROUTE_DOCS},
         {"/docs/", ROUTE_DOCS},
+        {"/", ROUTE_DOCS}, /* the web page (page.c): a page for people, as /docs is */
     };
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
         if (strcmp(url, fixed[i].path) == 0) return fixed[i].route;
     if (strncmp(url, "/docs/", 6) == 0) return ROUTE_DOCS;
+    const char *models = API "/models/"; /* one model's model-info, by name */
+    size_t m = strlen(models);
+    if (strncmp(url, models, m) == 0) {
+        size_t name_len = strlen(url + m);
+        if (!name_len || name_len >= 64 || strchr(url + m, '/')) return ROUTE_UNKNOWN;
+        memcpy(model, url + m, name_len + 1);
+        return ROUTE_MODEL_INFO;
+    }
     const char *prefix = API "/jobs/";
     size_t n = strlen(prefix);
     if (strncmp(url, prefix, n) != 0) return ROUTE_UNKNOWN;
@@ -364,7 +378,7 @@ static void set_request_id(request *r) {
 static void identify(request *r, const char *url, const char *method, bool trust_forwarded) {
     snprintf(r->method, sizeof r->method, "%s", method);
     snprintf(r->path, sizeof r->path, "%s", url);
-    r->route = match_route(url, r->job_id);
+    r->route = match_route(url, r->job_id, r->model);
     set_request_id(r);
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
     const struct sockaddr *peer = ci ? ci->client_addr : NULL;
@@ -668,7 +682,7 @@ static enum MHD_Result begin_body(request *r) {
     }
     const char *type = header(r, "Content-Type");
     form_kind kind = r->route == ROUTE_BATCH ? FORM_BATCH : r->route == ROUTE_JOB_CREATE ? FORM_JOB : FORM_UPSCALE;
-    form_limits limits = {c->max_steps, c->max_prompt_chars, c->max_batch};
+    form_limits limits = {c->max_steps, c->max_prompt_chars, c->max_batch, r->srv->model_names, r->srv->nmodels};
     if (form_init(&r->form, &limits, kind)) return MHD_NO;
     r->form_ready = true;
     if (type && strncasecmp(type, "multipart/form-data", 19) == 0) {
@@ -902,6 +916,20 @@ static enum MHD_Result answer_job_list(request *r) {
     }
 }
 
+/* model-info's ?model=NAME (other query parameters are ignored, as on
+ * every GET route): the name, or a name that matches none when it does
+ * not fit, so that it is answered as unknown. */
+static enum MHD_Result model_info_arg(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_len,
+                                      const char *value, size_t value_len) {
+    request *r = cls;
+    (void)kind;
+    if (key_len != 5 || strcmp(key, "model") != 0 || !value) return MHD_YES;
+    if (value_len == 0 || value_len >= sizeof r->model || strlen(value) != value_len)
+        snprintf(r->model, sizeof r->model, "/"); /* no model is named so */
+    else memcpy(r->model, value, value_len + 1);
+    return MHD_NO;
+}
+
 static enum MHD_Result answer_get(request *r) {
     server *srv = r->srv;
     switch (r->route) {
@@ -913,14 +941,31 @@ static enum MHD_Result answer_get(request *r) {
         return send_json(r, status, h);
     }
     case ROUTE_MODEL_INFO: {
+        int model = 0;
+        problem p = {0};
+        if (!r->model[0]) /* /model-info: the default, or ?model=NAME */
+            MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, model_info_arg, r);
+        if (r->model[0] && (model = models_find(srv->models, srv->nmodels, r->model)) < 0) {
+            char *names = models_names(srv->models, srv->nmodels);
+            problem_set(&p, PROBLEM_NOT_FOUND, "no model \"%.64s\" on this server: it serves %s", r->model,
+                        names ? names : "");
+            free(names);
+            return send_problem(r, &p);
+        }
         int phase = atomic_load(&srv->phase);
         if (phase != PHASE_READY && phase != PHASE_DRAINING)
             return send_simple_problem(r, PROBLEM_NOT_READY, "the model is not loaded yet");
-        json_t *info = status_model_info(srv);
+        json_t *info = status_model_info(srv, model);
         if (!info)
             return send_simple_problem(r, PROBLEM_NOT_READY, "no live worker serves the model %s yet",
-                                       srv->model_id);
+                                       srv->models[model].name);
         return send_json(r, 200, info);
+    }
+    case ROUTE_MODELS: {
+        int phase = atomic_load(&srv->phase);
+        if (phase != PHASE_READY && phase != PHASE_DRAINING)
+            return send_simple_problem(r, PROBLEM_NOT_READY, "the models are not loaded yet");
+        return send_json(r, 200, status_models(srv));
     }
     case ROUTE_METRICS: {
         metrics_gauges g = {0};
@@ -940,6 +985,10 @@ static enum MHD_Result answer_get(request *r) {
         return send_buffer(r, 200, "application/json", (void *)doc, len, MHD_RESPMEM_PERSISTENT);
     }
     case ROUTE_DOCS: {
+        if (strcmp(r->path, "/") == 0) {
+            struct MHD_Response *resp = page_response();
+            return resp ? send_response(r, 200, resp) : MHD_NO;
+        }
         if (strcmp(r->path, "/docs") == 0 || strcmp(r->path, "/docs/") == 0) {
             size_t len;
             const char *page = docs_page(&len);
@@ -1036,7 +1085,7 @@ static enum MHD_Result send_image(request *r, job *j) {
     MHD_add_response_header(resp, "X-Seed", v);
     set_header_int(resp, "X-Inference-Time-Ms", t->cache_hit ? 0 : llround((t->finished - t->started) * 1e3));
     set_header_int(resp, "X-Queue-Time-Ms", t->cache_hit ? 0 : llround((t->started - r->start) * 1e3 > 0 ? (t->started - r->start) * 1e3 : 0));
-    MHD_add_response_header(resp, "X-Model", r->srv->model_id);
+    MHD_add_response_header(resp, "X-Model", r->srv->models[t->model].name);
     snprintf(v, sizeof v, "%dx%d", t->input.width, t->input.height);
     MHD_add_response_header(resp, "X-Input-Size", v);
     snprintf(v, sizeof v, "%dx%d", t->out_width, t->out_height);
@@ -1130,6 +1179,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
 
     form_resolve(&r->form, i, &t->opts);
+    const char *model = r->srv->models[t->model].name; /* the cache keeps the models' results apart */
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
@@ -1141,7 +1191,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     if (t->cacheable) {
         if (!(canonical = options_canonical(&t->opts)))
             return problem_set(p, PROBLEM_INTERNAL, "out of memory");
-        cache_upload_key(upload_key, scope, r->srv->model_id, canonical, b->data, b->len);
+        cache_upload_key(upload_key, scope, model, canonical, b->data, b->len);
         if (cache_get_upload(cache, upload_key, &hit)) {
             /* these bytes decoded before, to the size their header gives */
             t->input.width = w;
@@ -1159,7 +1209,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
     drop_blob(b); /* the pixels are all that is needed from here */
     if (t->cacheable) {
-        cache_key(t->cache_key, scope, r->srv->model_id, canonical, &t->input);
+        cache_key(t->cache_key, scope, model, canonical, &t->input);
         free(canonical);
         cache_link(cache, upload_key, t->cache_key);
         if (cache_get(cache, t->cache_key, &hit)) take_cached(t, &hit, false);
@@ -1221,6 +1271,7 @@ static enum MHD_Result start_job(request *r) {
     r->job = j;
     job_set_webhook(j, f->webhook_url);
     job_set_owner(j, r->owner);
+    for (int i = 0; i < f->nimages; i++) job_task(j, i)->model = f->model; /* the request names one for all */
     for (int i = 0; i < f->nimages; i++) {
         problem p = {0};
         if (prepare_task(r, i, job_task(j, i), accept, &p) == 0) continue;
@@ -1275,8 +1326,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
          * body is read; the others are answered on the next call, since
          * libmicrohttpd closes the connection after an answer queued on
          * the first one (it has not seen the end of the request yet) */
-        char job_id[33];
-        if (strcmp(method, "POST") == 0 && takes_body(match_route(url, job_id))) return begin(r, url, method);
+        char job_id[33], model[64];
+        if (strcmp(method, "POST") == 0 && takes_body(match_route(url, job_id, model))) return begin(r, url, method);
         r->deferred = true;
         return MHD_YES;
     }

@@ -38,6 +38,7 @@
 #include "history.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
 #include "results.h"
 #include "webhook.h"
 
@@ -203,6 +204,7 @@ static json_t *job_document_locked(job *j) {
     json_object_set_new(d, "status", json_string(job_state_name(j->state)));
     json_object_set_new(d, "kind", json_string(j->kind == FORM_BATCH ? "batch" : "upscale"));
     json_object_set_new(d, "images", json_integer(j->ntasks));
+    json_object_set_new(d, "model", json_string(j->store->srv->models[j->tasks[0].model].name));
     set_time(d, "created_at", j, j->created);
     if (j->started > 0) set_time(d, "started_at", j, j->started);
     if (final(j->state)) set_time(d, "finished_at", j, j->finished);
@@ -558,7 +560,8 @@ int job_submit(job *j, problem *err) {
     for (int i = 0; i < j->ntasks; i++) {
         task *t = &j->tasks[i];
         if (final(t->state)) continue; /* rejected before submission */
-        t->total = t->opts.steps;
+        /* a GAN's progress counts its tiles, one unit until it says how many */
+        t->total = models_is_gan(&s->srv->models[t->model]) ? 1 : t->opts.steps;
         if (!t->cache_hit) pending[npending++] = t;
     }
 
@@ -827,6 +830,7 @@ static void record_history(job *j) {
     snprintf(e.request_id, sizeof e.request_id, "%s", j->request_id);
     snprintf(e.state, sizeof e.state, "%s", job_state_name(j->state));
     gethostname(e.worker, sizeof e.worker - 1); /* one process is its only worker */
+    snprintf(e.model, sizeof e.model, "%s", j->store->srv->models[j->tasks[0].model].name);
     json_t *images = json_array();
     for (int i = 0; i < j->ntasks; i++) {
         const task *t = &j->tasks[i];

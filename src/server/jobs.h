@@ -41,6 +41,7 @@ typedef struct task {
     /* input, set before the job is submitted */
     sdx4_image input;
     upscale_options opts;
+    int model;      /* its model: an index into srv->models (a job's tasks share it) */
     uint8_t cache_key[32];
     bool cacheable; /* explicit seed and a cache */
     double estimate; /* seconds alone on the device (cost.c, set by queue_push); 0 unknown */

@@ -25,7 +25,8 @@ const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_JOB_RESULT] = "job_result", [ROUTE_JOB_CANCEL] = "job_cancel",
     [ROUTE_JOB_EVENTS] = "job_events", [ROUTE_JOB_LIST] = "job_list",
     [ROUTE_HEALTH] = "health",
-    [ROUTE_MODEL_INFO] = "model_info", [ROUTE_METRICS] = "metrics",
+    [ROUTE_MODEL_INFO] = "model_info", [ROUTE_MODELS] = "models",
+    [ROUTE_METRICS] = "metrics",
     [ROUTE_OPENAPI] = "openapi",       [ROUTE_DOCS] = "docs",
     [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
 };
@@ -215,11 +216,18 @@ static void emit_process(text *t, const server *srv) {
         (long long)current_rss_bytes(), (long long)sdx4_peak_rss_bytes(),
         atomic_load(&((server *)srv)->phase) == PHASE_READY, mono_now() - srv->started);
 
-    /* the engine is published before the phase becomes ready */
+    /* each model's engine (a backend of its own) is published before its
+     * state leaves loading: their memory, added */
     sdx4_model_info info = {0};
-    int phase = atomic_load(&((server *)srv)->phase);
-    if ((phase == PHASE_READY || phase == PHASE_DRAINING) && srv->engine)
-        sdx4_engine_info(srv->engine, &info);
+    for (int i = 0; i < srv->nmodels; i++) {
+        served_model *m = &srv->models[i];
+        int state = atomic_load(&m->state);
+        sdx4_model_info mi;
+        if (state == MODEL_LOADING || state == MODEL_FAILED || !m->engine) continue;
+        sdx4_engine_info(m->engine, &mi);
+        info.device_memory_bytes += mi.device_memory_bytes;
+        info.device_memory_peak_bytes += mi.device_memory_peak_bytes;
+    }
     emit(t, "# HELP sdx4_device_memory_bytes Memory the compute backend holds now: weights it "
             "copied, live tensors, workspaces (GPU memory with --device cuda).\n"
             "# TYPE sdx4_device_memory_bytes gauge\nsdx4_device_memory_bytes %lld\n"

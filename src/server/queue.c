@@ -26,8 +26,15 @@
  * The check and the queueing are one step under the lock: two requests
  * cannot both take the last of the slack.
  *
- * Batches. Tasks that can share their UNet calls (the same latent size,
- * steps, sampler, guidance or not: sdx4_batchable) run together, up to
+ * Models. The workers serve every model of the server (srv->models): a
+ * task runs on its own model's engine, is estimated by that model's
+ * estimator, and teaches it. One queue holds them all, so that the bound,
+ * the fairness between clients and the admission by time hold across
+ * models: the device is one, whichever model keeps it busy.
+ *
+ * Batches. Tasks of the same model that can share their UNet calls (the
+ * same latent size, steps, sampler, guidance or not: sdx4_batchable; a
+ * GAN never batches) run together, up to
  * --max-batch-size and what the engine's memory budget allows: each step
  * is one UNet call for all, which keeps a GPU busier, and each image is
  * the one it would be alone (sdx4_upscale_batch). A worker takes the next
@@ -67,6 +74,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
 #include "results.h"
 #include "runner.h"
 
@@ -84,6 +92,7 @@ typedef struct {
     double device_started;    /* the virtual clock at the start */
     double estimate;          /* seconds alone (cost.c), 0 unknown: its tasks' sum */
     int tasks;                /* sharing its UNet calls */
+    int model;                /* their model */
     char request_id[48];      /* its first task's */
 } worker_slot;
 
@@ -286,15 +295,16 @@ static int judge_time(queue *q, task **tasks, int n, double deadline, problem *w
 }
 
 int queue_push(queue *q, task **tasks, int n, double deadline, problem *why) {
-    cost_model *cost = q->srv->cost;
+    bool judged = n > 0; /* by time, when every task's model has a calibrated estimator */
     for (int i = 0; i < n; i++) {
         task *t = tasks[i];
+        cost_model *cost = q->srv->models[t->model].cost;
         int evaluations = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
         t->estimate = cost ? cost_estimate(cost, t->input.width, t->input.height, t->opts.tile,
                                            t->opts.tile_overlap, evaluations, (float)t->opts.guidance_scale > 1.0f)
                            : 0;
+        judged = judged && cost && cost_calibrated(cost);
     }
-    bool judged = n && cost && cost_calibrated(cost);
     pthread_mutex_lock(&q->lock);
     int rc = 0;
     if (q->closed) rc = problem_set(why, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
@@ -379,7 +389,7 @@ int queue_get_workers(queue *q, queue_worker *out, int max) {
     for (int i = 0; i < q->nworkers && n < max; i++) {
         const worker_slot *w = &q->slots[i];
         if (!w->busy) continue;
-        out[n] = (queue_worker){.tasks = w->tasks, .seconds = now - w->started,
+        out[n] = (queue_worker){.tasks = w->tasks, .model = w->model, .seconds = now - w->started,
                                 .past_deadline = now > w->deadline ? now - w->deadline : 0,
                                 .estimate = w->estimate};
         snprintf(out[n++].request_id, sizeof out->request_id, "%s", w->request_id);
@@ -400,6 +410,7 @@ static int on_progress(void *user, int step, int total) {
  * cache, the result store, the job. */
 static void run_batch(queue *q, task **tasks, int n) {
     server *srv = q->srv;
+    served_model *model = &srv->models[tasks[0]->model]; /* the batch's tasks share it */
     runner_item items[SDX4_MAX_BATCH];
     sdx4_image images[SDX4_MAX_BATCH];
     task_outcome outs[SDX4_MAX_BATCH];
@@ -409,16 +420,16 @@ static void run_batch(queue *q, task **tasks, int n) {
         items[k] = (runner_item){&tasks[k]->input, &tasks[k]->opts, &tasks[k]->stop, tasks[k], &images[k], &outs[k]};
     }
     double t0 = mono_now(), device0 = locked_device_now(q);
-    runner_upscale_batch(srv->engine, items, n, on_progress);
+    runner_upscale_batch(model->engine, items, n, on_progress);
     double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
     metrics_batch(n);
     for (int k = 0; k < n; k++) {
         task *t = tasks[k];
         task_outcome *out = &outs[k];
         if (out->state == JOB_SUCCEEDED) {
-            metrics_inference(seconds, t->opts.steps);
-            if (n == 1 && srv->cost && seconds > 0)
-                cost_observe(srv->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
+            metrics_inference(seconds, models_is_gan(model) ? 0 : t->opts.steps); /* a GAN has no steps */
+            if (n == 1 && model->cost && seconds > 0)
+                cost_observe(model->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
                              sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                              (float)t->opts.guidance_scale > 1.0f, &out->report, device_seconds / seconds, false);
             runner_encode(&images[k], &t->opts, out);
@@ -440,7 +451,8 @@ static worker_slot *occupy(queue *q, const task *t) {
     while (w->busy) w++; /* a worker per slot: one is free */
     double now = mono_now();
     *w = (worker_slot){.busy = true, .started = now, .deadline = job_deadline(t->job),
-                       .device_started = device_now(q, now), .estimate = t->estimate, .tasks = 1};
+                       .device_started = device_now(q, now), .estimate = t->estimate, .tasks = 1,
+                       .model = t->model};
     snprintf(w->request_id, sizeof w->request_id, "%s", job_request_id(t->job));
     q->running++;
     return w;
@@ -458,18 +470,20 @@ static void join_slot(queue *q, worker_slot *w, const task *t) {
 
 /* ---- batches: waiting tasks that share a UNet call --------------------------- */
 
-/* Adds to batch[0..n) waiting tasks that can share batch[0]'s UNet calls,
- * up to `room`, each joining slot w: the first such task of each lane in
+/* Adds to batch[0..n) waiting tasks of its model that can share batch[0]'s
+ * UNet calls, up to `room`, each joining slot w: the first such task of each lane in
  * the rotation's order, round after round, so that one client's many
  * tasks do not fill a batch before another's one. Returns the new n.
  * Lock held. */
 static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
+    sdx4_engine *engine = q->srv->models[batch[0]->model].engine;
     for (bool took = true; took && n < room;) {
         took = false;
         for (queue_lane *l = q->first, *next; l && n < room; l = next) {
             next = l->next; /* unlink_task frees a lane it empties */
             task *t = l->head;
-            while (t && !runner_batchable(q->srv->engine, &batch[0]->input, &batch[0]->opts, &t->input, &t->opts))
+            while (t && (t->model != batch[0]->model ||
+                         !runner_batchable(engine, &batch[0]->input, &batch[0]->opts, &t->input, &t->opts)))
                 t = t->queue_next;
             if (t && unlink_task(q, t)) join_slot(q, w, batch[n++] = t), took = true;
         }
@@ -484,7 +498,8 @@ static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
 static int next_batch(queue *q, task **batch, worker_slot **w) {
     batch[0] = pop(q);
     *w = occupy(q, batch[0]);
-    int room = runner_batch_room(q->srv->engine, &batch[0]->input, &batch[0]->opts, q->srv->cfg.max_batch_size);
+    int room = runner_batch_room(q->srv->models[batch[0]->model].engine, &batch[0]->input, &batch[0]->opts,
+                                 q->srv->cfg.max_batch_size);
     int n = gather(q, *w, batch, 1, room);
     double window = q->srv->cfg.batch_window;
     if (n < room && window > 0 && !q->first) {

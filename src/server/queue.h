@@ -18,13 +18,15 @@ typedef dispatch_stats queue_stats;
 /* A busy worker's batch. */
 typedef struct {
     char request_id[48];  /* its first task's */
+    int model;            /* its model (srv->models): a batch's tasks share it */
     int tasks;            /* sharing its UNet calls */
     double seconds;       /* since it started */
     double past_deadline; /* seconds since its job's deadline, 0 before */
     double estimate;      /* seconds its tasks were estimated to take alone, added; 0 unknown */
 } queue_worker;
 
-/* Starts `workers` threads running upscales on srv->engine. */
+/* Starts `workers` threads running upscales on the engines of srv->models
+ * (each task on its own model's). */
 queue *queue_create(server *srv, int workers, int capacity);
 /* Stops the workers after the tasks in hand; returns 0 if all of them
  * stopped before `deadline` (mono_now() clock) and the queue was freed,

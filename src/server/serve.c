@@ -5,12 +5,14 @@
  * (API keys file, trusted proxies, the history database, the listening
  * socket), then the HTTP daemon, so that health answers at once
  * ("loading", 503) while a
- * separate thread opens the model and runs the warm-up upscales (one step
- * at each of --warmup-sizes, else one at min-side) and the calibration of
- * the time estimator (cost.c: one-step upscales measured at two sizes);
- * only then does the server report ready and accept upscales. A model
- * that fails to load is reported in the log and in health, and the
- * process exits 1.
+ * separate thread opens the models (models.c: each --model, then those of
+ * --models-dir) one after the other, then runs each one's warm-up upscales
+ * (one step at each of --warmup-sizes, else one at min-side) and the
+ * calibration of its time estimator (cost.c: one-step upscales measured
+ * at two sizes); only then does the server report ready and accept
+ * upscales. A model that fails to load or to warm up is reported, with
+ * its folder, in the log and in health, and the process exits 1: a server
+ * never runs without a model it was told to serve.
  *
  * Shutdown (SIGTERM or SIGINT): health says "draining" and new upscales
  * get 503 with Retry-After and Connection: close, on new connections too
@@ -28,12 +30,13 @@
  * (dispatch_redis.c) instead of the local queue; --workers N runs N
  * consumers of them here too (worker.c, as `sdx4 worker` does). With
  * --workers 0 the node is API-only: it loads no model and is ready at
- * once, its health and model-info coming from the workers' registrations.
+ * once, its health and model-info coming from the workers' registrations
+ * (it still resolves the model list, which names what requests may ask
+ * for, from the same settings as its workers).
  */
 #include "serve.h"
 
 #include <errno.h>
-#include <libgen.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -51,6 +54,7 @@
 #include "http.h"
 #include "jobs.h"
 #include "log.h"
+#include "models.h"
 #include "queue.h"
 #include "redis.h"
 #include "ratelimit.h"
@@ -62,11 +66,12 @@
 #include "worker.h"
 
 /* The estimator's calibration (cost_calibrate), logged. */
-static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) {
-    if (!srv->cost) return 0;
-    bool gpu = strncmp(srv->info.device, "cuda", 4) == 0;
-    json_t *doc = cost_calibrate(srv->cost, gpu, w0, h0, w1, h1, warmed1);
+static int calibrate(served_model *m, int w0, int h0, int w1, int h1, bool warmed1) {
+    if (!m->cost) return 0;
+    bool gpu = strncmp(m->info.device, "cuda", 4) == 0;
+    json_t *doc = cost_calibrate(m->cost, gpu, w0, h0, w1, h1, warmed1);
     if (!doc) return -1;
+    json_object_set_new(doc, "model", json_string(m->name));
     log_event(LOG_INFO, "calibrated", doc);
     return 0;
 }
@@ -74,7 +79,7 @@ static int calibrate(server *srv, int w0, int h0, int w1, int h1, bool warmed1) 
 /* The warm-up upscales: each of --warmup-sizes, else min-side; then the
  * calibration, at the smallest of them and at the smallest with 4 times
  * its pixels, else at twice its sides (within max-side). */
-int serve_warm_up(server *srv) {
+int serve_warm_up(server *srv, served_model *m) {
     const server_config *c = &srv->cfg;
     const string_list *sizes = &c->warmup_sizes;
     int n = sizes->count ? sizes->count : 1;
@@ -85,10 +90,10 @@ int serve_warm_up(server *srv) {
         double t0 = mono_now();
         if (!sizes->count) d[0] = d[1] = c->min_side;
         else if (config_parse_dimensions(sizes->items[i], &d[0], &d[1])) goto fail;
-        if (cost_warm_up(srv->engine, d[0], d[1], NULL)) goto fail;
+        if (cost_warm_up(m->engine, d[0], d[1], NULL)) goto fail;
         if (sizes->count)
             log_event(LOG_INFO, "warmed_up_size",
-                      json_pack("{s:i,s:i,s:f}", "width", d[0], "height", d[1], "seconds",
+                      json_pack("{s:s,s:i,s:i,s:f}", "model", m->name, "width", d[0], "height", d[1], "seconds",
                                 mono_now() - t0));
         if ((double)d[0] * d[1] < (double)dims[2 * small] * dims[2 * small + 1]) small = i;
     }
@@ -102,16 +107,45 @@ int serve_warm_up(server *srv) {
     int w1 = large >= 0 ? dims[2 * large] : 2 * w0 < c->max_side ? 2 * w0 : c->max_side;
     int h1 = large >= 0 ? dims[2 * large + 1] : 2 * h0 < c->max_side ? 2 * h0 : c->max_side;
     free(dims);
-    return calibrate(srv, w0, h0, w1, h1, large >= 0);
+    return calibrate(m, w0, h0, w1, h1, large >= 0);
 fail:
     free(dims);
     return -1;
 }
 
-static void fail(server *srv, const char *what) {
-    snprintf(srv->failure, sizeof srv->failure, "%s: %s", what, sdx4_last_error());
-    log_event(LOG_ERROR, "model_failed", json_pack("{s:s,s:s}", "model", srv->cfg.model, "error", srv->failure));
+/* A model that failed to load or warm up: the server fails (health says
+ * why, naming the folder), and the process exits 1. */
+static void fail(server *srv, served_model *m, const char *why) {
+    snprintf(srv->failure, sizeof srv->failure, "%s", why);
+    if (m) atomic_store(&m->state, MODEL_FAILED);
+    log_event(LOG_ERROR, "model_failed",
+              json_pack("{s:s?,s:s?,s:s}", "model", m ? m->name : NULL, "dir", m ? m->dir : NULL, "error",
+                        srv->failure));
     atomic_store(&srv->phase, PHASE_FAILED);
+}
+
+int serve_load_models(server *srv) {
+    char err[sizeof srv->failure];
+    for (int i = 0; i < srv->nmodels; i++) {
+        served_model *m = &srv->models[i];
+        if (models_load(m, &srv->cfg, err, sizeof err)) return fail(srv, m, err), -1;
+        atomic_store(&m->state, MODEL_WARMING);
+    }
+    int expected = PHASE_LOADING; /* unless SIGTERM came meanwhile */
+    atomic_compare_exchange_strong(&srv->phase, &expected, PHASE_WARMING);
+    for (int i = 0; i < srv->nmodels; i++) {
+        served_model *m = &srv->models[i];
+        double t0 = mono_now();
+        if (srv->cfg.warmup && serve_warm_up(srv, m)) {
+            snprintf(err, sizeof err, "the warm-up upscale of the model %s (%s) failed: %s", m->name, m->dir,
+                     sdx4_last_error());
+            return fail(srv, m, err), -1;
+        }
+        if (srv->cfg.warmup)
+            log_event(LOG_INFO, "warmed_up", json_pack("{s:s,s:f}", "model", m->name, "seconds", mono_now() - t0));
+        atomic_store(&m->state, MODEL_READY);
+    }
+    return 0;
 }
 
 /* Cluster mode with --workers N: this node's own consumers of the
@@ -125,14 +159,12 @@ static worker *start_consumers(server *srv) {
     gethostname(host, sizeof host - 1);
     if (c->name) snprintf(name, sizeof name, "%s", c->name);
     else snprintf(name, sizeof name, "%.40s-%ld", host, (long)getpid());
-    json_t *info = json_pack("{s:s,s:s,s:s,s:s?,s:o,s:f}", "name", name, "model_id", srv->model_id, "device",
-                             srv->info.device, "variant", c->variant, "model", status_model_info(srv),
-                             "started", wall_now());
+    json_t *info = status_registration(srv, name);
     worker_settings ws = {.name = name, .threads = c->workers, .visibility_timeout = c->visibility_timeout,
                           .max_attempts = c->max_attempts, .job_retention = c->job_retention,
                           .jobs_memory = c->jobs_memory, .results = srv->results ? srv : NULL,
-                          .cost = srv->cost, .history = srv->history};
-    worker *w = worker_start(srv->engine, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
+                          .history = srv->history};
+    worker *w = worker_start(srv->models, srv->nmodels, srv->redis, srv->webhooks, &ws, info, err, sizeof err);
     json_decref(info);
     if (!w) log_event(LOG_ERROR, "worker_failed", json_pack("{s:s}", "error", err));
     return w;
@@ -140,53 +172,12 @@ static worker *start_consumers(server *srv) {
 
 static void *load_model(void *arg) {
     server *srv = arg;
-    const server_config *c = &srv->cfg;
-    double t0 = mono_now();
-    sdx4_engine_options o;
-    config_engine_options(c, &o);
-    sdx4_engine *engine = NULL;
-    if (sdx4_engine_open(&o, &engine) != SDX4_OK) {
-        fail(srv, "cannot open the model");
-        return NULL;
-    }
-    sdx4_engine_info(engine, &srv->info);
-    srv->cost = cost_create(engine, c->min_side, c->max_side);
-    srv->engine = engine;
-    const sdx4_model_info *mi = &srv->info;
-    json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:I,s:f}", "model", srv->model_id, "dir", c->model,
-                               "device", mi->device, "dtype", mi->compute_dtype, "parameters",
-                               (json_int_t)(mi->text_encoder_params + mi->unet_params + mi->vae_params),
-                               "seconds", mono_now() - t0);
-    if (srv->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
-    log_event(srv->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
-
-    atomic_store(&srv->phase, PHASE_WARMING);
-    if (c->warmup) {
-        t0 = mono_now();
-        if (serve_warm_up(srv)) {
-            fail(srv, "the warm-up upscale failed");
-            return NULL;
-        }
-        log_event(LOG_INFO, "warmed_up", json_pack("{s:f}", "seconds", mono_now() - t0));
-    }
+    if (serve_load_models(srv)) return NULL;
     if (srv->cluster) consumers = start_consumers(srv);
     int expected = PHASE_WARMING; /* unless SIGTERM came meanwhile */
     atomic_compare_exchange_strong(&srv->phase, &expected, PHASE_READY);
-    log_event(LOG_INFO, "ready", json_pack("{s:s}", "model", srv->model_id));
+    log_event(LOG_INFO, "ready", json_pack("{s:s,s:i}", "model", srv->models[0].name, "models", srv->nmodels));
     return NULL;
-}
-
-/* The model's name: --model-id, else the folder's name. */
-static void set_model_id(server *srv) {
-    if (srv->cfg.model_id) {
-        snprintf(srv->model_id, sizeof srv->model_id, "%s", srv->cfg.model_id);
-        return;
-    }
-    char path[1024];
-    snprintf(path, sizeof path, "%s", srv->cfg.model);
-    size_t n = strlen(path);
-    while (n > 1 && path[n - 1] == '/') path[--n] = '\0';
-    snprintf(srv->model_id, sizeof srv->model_id, "%s", basename(path));
 }
 
 static int start_parts(server *srv) {
@@ -304,10 +295,9 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     grace = mono_now() + 2;
     history_close(srv->history, (deadline > grace ? deadline : grace) - mono_now());
     srv->history = NULL;
-    cost_destroy(srv->cost);
-    srv->cost = NULL;
-    sdx4_engine_close(srv->engine);
-    srv->engine = NULL;
+    models_free(srv->models, srv->nmodels);
+    srv->models = NULL;
+    srv->nmodels = 0;
     return true;
 }
 
@@ -325,10 +315,14 @@ int serve_main(int argc, char **argv) {
     }
     srv.started = mono_now();
     atomic_store(&srv.phase, PHASE_LOADING);
-    set_model_id(&srv);
-    char marker[1100];
-    snprintf(marker, sizeof marker, "%s/DEMO_MODEL", srv.cfg.model);
-    srv.demo = access(marker, F_OK) == 0;
+    char err[512];
+    if (models_resolve(&srv.cfg, &srv.models, &srv.nmodels, err, sizeof err)) {
+        fprintf(stderr, "sdx4 serve: %s\n", err);
+        log_flush(2);
+        config_free(&srv.cfg);
+        return 2;
+    }
+    for (int i = 0; i < srv.nmodels; i++) srv.model_names[i] = srv.models[i].name;
 
     /* every thread started from here on inherits these blocked signals */
     sigset_t stop;
@@ -344,10 +338,11 @@ int serve_main(int argc, char **argv) {
     int started = start_parts(&srv);
     if (started == 0 && api_only) {
         atomic_store(&srv.phase, PHASE_READY); /* its workers are elsewhere (health says if any is live) */
-        log_event(LOG_INFO, "ready", json_pack("{s:s,s:s}", "model", srv.model_id, "mode", "api-only"));
+        log_event(LOG_INFO, "ready",
+                  json_pack("{s:s,s:i,s:s}", "model", srv.models[0].name, "models", srv.nmodels, "mode", "api-only"));
     } else if (started == 0) {
         loader_running = pthread_create(&loader, NULL, load_model, &srv) == 0;
-        if (!loader_running) fail(&srv, "cannot start the loader thread");
+        if (!loader_running) fail(&srv, NULL, "cannot start the loader thread");
     } else {
         atomic_store(&srv.phase, PHASE_FAILED);
     }

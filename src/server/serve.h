@@ -3,15 +3,22 @@
 #define SDX4_SERVE_H
 
 struct server;
+struct served_model;
 
 /* Runs the server with the arguments after "serve"; returns the process
  * exit status. */
 int serve_main(int argc, char **argv);
 
 /* The warm-up upscales of a loaded model (one step at each of
- * --warmup-sizes, else one at min-side) and the calibration of the time
+ * --warmup-sizes, else one at min-side) and the calibration of its time
  * estimator at two of their sizes; for serve and `sdx4 worker` alike.
  * -1 on failure, the engine's error in sdx4_last_error(). */
-int serve_warm_up(struct server *srv);
+int serve_warm_up(struct server *srv, struct served_model *m);
+
+/* Loads every model of srv->models in turn (models_load), then warms
+ * each up (with --warmup), moving the phase to warming and each model's
+ * state to ready; for serve and `sdx4 worker` alike. -1 when one fails:
+ * srv->failure names its folder and why, logged, the phase FAILED. */
+int serve_load_models(struct server *srv);
 
 #endif

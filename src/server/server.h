@@ -4,8 +4,13 @@
  * serve.c builds one `server` at start and tears it down at exit; the HTTP
  * layer reads it from every request. Fields set before the daemon starts
  * are read-only afterwards; `phase` moves forward only
- * (loading -> warming -> ready -> draining), and `engine` is published by
- * the loader before phase becomes ready.
+ * (loading -> warming -> ready -> draining), and each model's engine is
+ * published by the loader before its state (and the phase) becomes ready.
+ *
+ * Models. A server serves one or more models (models.c: --model, repeated,
+ * and --models-dir), in `models`, the first the default; a request names
+ * one by its `model` field, and a task carries the index of its model in
+ * this array, which never changes once the daemon starts.
  */
 #ifndef SDX4_SERVER_SERVER_H
 #define SDX4_SERVER_SERVER_H
@@ -39,7 +44,8 @@ typedef enum {
     ROUTE_JOB_EVENTS,
     ROUTE_JOB_LIST, /* GET /jobs: the request history */
     ROUTE_HEALTH,
-    ROUTE_MODEL_INFO,
+    ROUTE_MODEL_INFO, /* GET /model-info[?model=NAME], GET /models/NAME */
+    ROUTE_MODELS,     /* GET /models: the list */
     ROUTE_METRICS,
     ROUTE_OPENAPI,
     ROUTE_DOCS,
@@ -50,6 +56,28 @@ typedef enum {
 
 extern const char *const route_names[ROUTE_COUNT];
 
+/* A model's loading, as health shows it (served_model.state). */
+typedef enum { MODEL_LOADING, MODEL_WARMING, MODEL_READY, MODEL_FAILED } model_state;
+
+struct cost_model;
+
+/* One model this server (or worker) serves. name and dir are set before
+ * the daemon starts; engine, info and cost by the loader before `state`
+ * becomes MODEL_WARMING (an API-only node of a cluster loads none: they
+ * stay empty, its models' facts coming from the workers). */
+typedef struct served_model {
+    char name[64];   /* what requests' `model` field and X-Model say */
+    char dir[1024];  /* its folder */
+    bool demo;       /* the folder holds a DEMO_MODEL marker */
+    atomic_int state; /* model_state */
+    sdx4_engine *engine;
+    sdx4_model_info info;
+    struct cost_model *cost; /* its time estimator (cost.c), NULL none */
+} served_model;
+
+/* The most models one server serves. */
+#define MAX_MODELS 32
+
 struct queue;
 struct job_store;
 struct cache;
@@ -57,7 +85,6 @@ struct ratelimit;
 struct auth;
 struct webhooks;
 struct conns;
-struct cost_model;
 struct history;
 struct redis;
 struct objstore;
@@ -66,12 +93,11 @@ struct MHD_Daemon;
 
 typedef struct server {
     server_config cfg;
-    sdx4_engine *engine;
-    sdx4_model_info info;
-    char model_id[128];
-    bool demo; /* the model folder holds a DEMO_MODEL marker */
+    served_model *models; /* [nmodels], models[0] the default (models.c) */
+    int nmodels;
+    const char *model_names[MAX_MODELS]; /* models[i].name: the names requests may give */
     atomic_int phase;
-    char failure[256]; /* why loading failed (PHASE_FAILED) */
+    char failure[512]; /* why loading failed (PHASE_FAILED): the model folder and the reason */
     double started;    /* mono_now() at start */
     struct queue *queue;
     dispatch dispatch; /* what runs the jobs' tasks: the queue, or Redis */
@@ -82,7 +108,6 @@ typedef struct server {
     struct ratelimit *ratelimit;
     struct auth *auth;
     struct webhooks *webhooks;
-    struct cost_model *cost; /* the estimator, published with `engine` */
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
     struct history *history; /* finished jobs' records; NULL without --history */

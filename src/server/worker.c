@@ -36,10 +36,19 @@
  * carries no bytes; an upload that fails fails the task (storage-failed),
  * and one whose finish found the task ended elsewhere is removed again.
  *
- * Estimates. With a time estimator (cost.c) the registration carries its
- * curve, refreshed with every heartbeat, so that API nodes without a
- * model can admit by estimated time; a worker of one thread teaches it
- * with every task it runs, as single-process mode's queue does.
+ * Models. A worker serves the models its settings name (models.c, the
+ * same list as the API nodes'), all loaded at start; a task names its
+ * model (the default when its record names none), and runs on that
+ * model's engine, batched only with tasks of the same model. A task for
+ * a model this worker does not have fails at once, saying which models
+ * it has: the workers of a cluster are meant to serve the same list, and
+ * a task left for another would wait for a worker that may never come.
+ *
+ * Estimates. With a time estimator (cost.c) per model the registration
+ * carries each one's curve, refreshed with every heartbeat, so that API
+ * nodes without a model can admit by estimated time; a worker of one
+ * thread teaches them with every task it runs, as single-process mode's
+ * queue does.
  *
  * Liveness. A heartbeat thread refreshes the registration (TTL
  * REGISTRATION_TTL) and resets the idle time of the entries being run
@@ -69,6 +78,7 @@
 #include "history.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
 #include "results.h"
 #include "runner.h"
 #include "server.h"
@@ -90,13 +100,15 @@ typedef struct slot {
     char entry_id[32];
     /* for the progress callback */
     const cluster_task *task;
+    int model;              /* the task's, an index into w->models */
     cluster_task_state state;
     double last_report; /* mono_now() */
     sdx4_atomic_int stop;   /* STOP_*: the engine's cancel flag */
 } slot;
 
 struct worker {
-    sdx4_engine *engine;
+    served_model *models; /* [nmodels], models[0] the default */
+    int nmodels;
     redis *r;
     struct webhooks *hooks;
     worker_settings s;
@@ -113,7 +125,7 @@ struct worker {
     bool heartbeat_running, heartbeat_stop;
     atomic_bool stopping, abandon;
     atomic_bool redis_down, redis_refusing; /* logged once per outage, once per run of error replies */
-    atomic_llong succeeded, failed, canceled, redis_errors;
+    atomic_llong succeeded, failed, canceled, redis_errors, refused_model;
     atomic_int busy;
 };
 
@@ -347,6 +359,7 @@ static void set_busy(slot *sl, bool busy) {
  * it done. */
 typedef struct forming_batch {
     runner_item items[SDX4_MAX_BATCH];
+    int model; /* every item's */
     int n, room, waiting;
     bool done;
 } forming_batch;
@@ -354,11 +367,12 @@ typedef struct forming_batch {
 /* Runs this thread's task alone, or in the batch of another thread's that
  * it can share (waiting until that one has run), or as the leader of a
  * new batch that others may join for --batch-window. */
-static void upscale(worker *w, runner_item *item) {
+static void upscale(worker *w, int model, runner_item *item) {
+    sdx4_engine *engine = w->models[model].engine;
     pthread_mutex_lock(&w->lock);
     forming_batch *b = w->forming;
-    if (b && b->n < b->room &&
-        runner_batchable(w->engine, b->items[0].input, b->items[0].opts, item->input, item->opts)) {
+    if (b && b->n < b->room && b->model == model &&
+        runner_batchable(engine, b->items[0].input, b->items[0].opts, item->input, item->opts)) {
         b->items[b->n++] = *item; /* the leader's run writes through its pointers */
         b->waiting++;
         pthread_cond_broadcast(&w->batched);
@@ -369,9 +383,9 @@ static void upscale(worker *w, runner_item *item) {
     }
     /* room: --max-batch-size, the threads, the memory budget */
     int most = w->s.max_batch_size < w->nthreads ? w->s.max_batch_size : w->nthreads;
-    forming_batch mine = {.n = 1, .room = b || w->s.batch_window <= 0
-                                             ? 1
-                                             : runner_batch_room(w->engine, item->input, item->opts, most)};
+    forming_batch mine = {.n = 1, .model = model,
+                          .room = b || w->s.batch_window <= 0 ? 1
+                                                              : runner_batch_room(engine, item->input, item->opts, most)};
     mine.items[0] = *item;
     if (mine.room > 1) {
         double until = mono_now() + w->s.batch_window;
@@ -383,7 +397,7 @@ static void upscale(worker *w, runner_item *item) {
         w->forming = NULL;
     }
     pthread_mutex_unlock(&w->lock);
-    runner_upscale_batch(w->engine, mine.items, mine.n, on_progress);
+    runner_upscale_batch(engine, mine.items, mine.n, on_progress);
     metrics_batch(mine.n);
     pthread_mutex_lock(&w->lock);
     mine.done = true;
@@ -392,11 +406,13 @@ static void upscale(worker *w, runner_item *item) {
     pthread_mutex_unlock(&w->lock);
 }
 
-static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
+static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
     worker *w = sl->w;
+    struct cost_model *cost = w->models[model].cost;
     char err[256];
     sl->task = t;
-    sl->state = (cluster_task_state){.state = JOB_RUNNING, .total = t->opts.steps, .started = wall_now()};
+    sl->state = (cluster_task_state){.state = JOB_RUNNING, .started = wall_now(),
+                                     .total = models_is_gan(&w->models[model]) ? 1 : t->opts.steps};
     snprintf(sl->state.worker, sizeof sl->state.worker, "%s", w->name);
     sl->last_report = mono_now();
     atomic_store(&sl->stop, STOP_NONE);
@@ -411,12 +427,12 @@ static void run(slot *sl, const cluster_task *t, sdx4_image *input) {
     task_outcome out = {.state = JOB_FAILED};
     sdx4_image image;
     double t0 = mono_now();
-    upscale(w, &(runner_item){input, &t->opts, &sl->stop, sl, &image, &out});
+    upscale(w, model, &(runner_item){input, &t->opts, &sl->stop, sl, &image, &out});
     if (out.state == JOB_SUCCEEDED) {
-        metrics_inference(mono_now() - t0, t->opts.steps);
+        metrics_inference(mono_now() - t0, models_is_gan(&w->models[model]) ? 0 : t->opts.steps);
         /* measured alone on the device only with one thread: several share it unevenly */
-        if (w->s.cost && w->nthreads == 1 && out.report.batch_size == 1)
-            cost_observe(w->s.cost, input->width, input->height, t->opts.tile, t->opts.tile_overlap,
+        if (cost && w->nthreads == 1 && out.report.batch_size == 1)
+            cost_observe(cost, input->width, input->height, t->opts.tile, t->opts.tile_overlap,
                          sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                          (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
         runner_encode(&image, &t->opts, &out);
@@ -455,6 +471,17 @@ static void handle(slot *sl, cluster_delivery *d) {
         refuse_task(w, t, JOB_FAILED, PROBLEM_INTERNAL, detail);
         return;
     }
+    int model = t->model[0] ? models_find(w->models, w->nmodels, t->model) : 0;
+    if (model < 0) {
+        char *names = models_names(w->models, w->nmodels);
+        snprintf(detail, sizeof detail, "the worker %s does not serve the model \"%s\" (it serves %s): give every "
+                 "worker of the cluster the API nodes' model list", w->name, t->model, names ? names : "");
+        free(names);
+        atomic_fetch_add(&w->refused_model, 1);
+        refuse_task(w, t, JOB_FAILED, PROBLEM_UPSCALE_FAILED, detail);
+        cluster_task_free(t);
+        return;
+    }
     if (t->deliveries > w->s.max_attempts) {
         int n = t->deliveries - 1;
         snprintf(detail, sizeof detail, "taken by %d worker%s that %s before finishing it; not tried again", n,
@@ -473,7 +500,7 @@ static void handle(slot *sl, cluster_delivery *d) {
         } else if (found == 0) {
             refuse_task(w, t, JOB_FAILED, PROBLEM_INTERNAL, "the task's input expired before a worker took it");
         } else {
-            run(sl, t, &input);
+            run(sl, t, model, &input);
             sdx4_image_free(&input);
         }
     }
@@ -533,6 +560,19 @@ static void *consumer_main(void *arg) {
     return NULL;
 }
 
+/* Each model's estimator curve into the registration: under models.<name>,
+ * and the default's at the top too (API nodes of earlier versions). */
+static void publish_costs(worker *w) {
+    json_t *models = json_object_get(w->info, "models");
+    for (int i = 0; i < w->nmodels; i++) {
+        cost_curve curve;
+        if (!w->models[i].cost || cost_get_curve(w->models[i].cost, &curve)) continue;
+        json_t *entry = json_object_get(models, w->models[i].name);
+        if (json_is_object(entry)) json_object_set_new(entry, "cost", cost_curve_to_json(&curve));
+        if (i == 0) json_object_set_new(w->info, "cost", cost_curve_to_json(&curve));
+    }
+}
+
 static void *heartbeat_main(void *arg) {
     worker *w = arg;
     double every = w->s.visibility_timeout / 4 < HEARTBEAT_SECONDS ? w->s.visibility_timeout / 4 : HEARTBEAT_SECONDS;
@@ -549,9 +589,7 @@ static void *heartbeat_main(void *arg) {
                 held[n] = ids[n], n++;
             }
         pthread_mutex_unlock(&w->lock);
-        cost_curve curve;
-        if (w->s.cost && cost_get_curve(w->s.cost, &curve) == 0) /* what it learned since the last */
-            json_object_set_new(w->info, "cost", cost_curve_to_json(&curve));
+        publish_costs(w); /* what they learned since the last */
         if (cluster_register(w->r, w->name, w->info, atomic_load(&w->busy), REGISTRATION_TTL, err, sizeof err) ||
             cluster_hold(w->r, w->name, held, n, err, sizeof err))
             redis_trouble(w, err);
@@ -570,15 +608,15 @@ static void *heartbeat_main(void *arg) {
 
 /* ---- the interface --------------------------------------------------------------------- */
 
-worker *worker_start(sdx4_engine *engine, redis *r, struct webhooks *hooks, const worker_settings *settings,
-                     const json_t *info, char *err, size_t n) {
+worker *worker_start(served_model *models, int nmodels, redis *r, struct webhooks *hooks,
+                     const worker_settings *settings, const json_t *info, char *err, size_t n) {
     worker *w = calloc(1, sizeof *w);
     if (!w || !(w->slots = calloc((size_t)settings->threads, sizeof *w->slots))) {
         free(w);
         snprintf(err, n, "out of memory");
         return NULL;
     }
-    w->engine = engine, w->r = r, w->hooks = hooks, w->s = *settings;
+    w->models = models, w->nmodels = nmodels, w->r = r, w->hooks = hooks, w->s = *settings;
     snprintf(w->name, sizeof w->name, "%s", settings->name);
     w->s.name = w->name;
     w->info = json_deep_copy(info);
@@ -655,6 +693,7 @@ void worker_free(worker *w) {
 void worker_get_stats(worker *w, worker_stats *s) {
     *s = (worker_stats){.succeeded = atomic_load(&w->succeeded), .failed = atomic_load(&w->failed),
                         .canceled = atomic_load(&w->canceled), .redis_errors = atomic_load(&w->redis_errors),
+                        .refused_model = atomic_load(&w->refused_model),
                         .busy = atomic_load(&w->busy), .threads = w->nthreads,
                         .redis_up = !atomic_load(&w->redis_down), .stopping = atomic_load(&w->stopping)};
 }

@@ -16,8 +16,8 @@
 #include "sdx4.h"
 
 struct server;
+struct served_model;
 struct webhooks;
-struct cost_model;
 struct history;
 
 typedef struct {
@@ -29,8 +29,6 @@ typedef struct {
     size_t jobs_memory;        /* bytes of results kept, the whole cluster's */
     struct server *results;    /* a server whose results store is open (--s3-bucket, results.h):
                                   every image goes there, not to Redis; NULL: to Redis */
-    struct cost_model *cost;   /* the time estimator, published in the registration and taught by
-                                  the tasks run; NULL none */
     struct history *history;   /* where the jobs this worker ends are recorded; NULL none */
     int max_batch_size;        /* tasks of its threads that share one UNet call (1: none) */
     double batch_window;       /* seconds a lone task waits for others' company */
@@ -38,13 +36,17 @@ typedef struct {
 
 typedef struct worker worker;
 
-/* Starts the threads (the engine and `r` must outlive worker_stop).
- * `info` is what the registration says of this worker (name, model,
- * device: cluster_register); `hooks` sends the webhooks of the jobs it
- * ends, NULL when this process cannot sign them (they are then failed
- * with a log line). NULL with `err` set if a thread cannot start. */
-worker *worker_start(sdx4_engine *engine, redis *r, struct webhooks *hooks, const worker_settings *settings,
-                     const json_t *info, char *err, size_t err_size);
+/* Starts the threads, serving the loaded models models[0..nmodels) (the
+ * first the default, for tasks that name none; each one's estimator, if
+ * any, is published in the registration and taught by the tasks run);
+ * the models and `r` must outlive worker_stop. `info` is what the
+ * registration says of this worker (name, models, device:
+ * status_registration, cluster_register); `hooks` sends the webhooks of
+ * the jobs it ends, NULL when this process cannot sign them (they are
+ * then failed with a log line). NULL with `err` set if a thread cannot
+ * start. */
+worker *worker_start(struct served_model *models, int nmodels, redis *r, struct webhooks *hooks,
+                     const worker_settings *settings, const json_t *info, char *err, size_t err_size);
 
 /* Takes nothing new and lets the running tasks finish until `deadline`
  * (mono_now() clock); then stops them, leaving their entries pending for
@@ -56,6 +58,7 @@ void worker_free(worker *w);
 
 typedef struct {
     long long succeeded, failed, canceled; /* tasks this process ended, by outcome */
+    long long refused_model;               /* tasks for a model this worker does not serve (failed) */
     long long redis_errors;                /* calls to Redis that failed */
     int busy, threads;
     bool redis_up, stopping;
