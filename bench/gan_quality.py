@@ -21,7 +21,7 @@ and (b) each model folder given, through the CLI:
     ... --prompt "" --steps N --seed 0
         a diffusion folder (model_index.json), N from --steps
 
-A model's scale is its config.json's "scale" (RRDBNet) or "upscale"
+A model's scale is its config.json's "outscale", else "scale" (RRDBNet) or "upscale"
 (SRVGGNetCompact), 4 for diffusion; for scales other than 4 the crop is
 cut down to a multiple of the scale, and a bicubic row of that scale is
 added. 256 px keeps a run short on 2 CPU cores: a 64 px input is seconds
@@ -70,7 +70,7 @@ def model_kind(folder):
         return "diffusion", 4
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
-    return "gan", int(cfg.get("scale", cfg.get("upscale", 4)))
+    return "gan", int(cfg.get("outscale", cfg.get("scale", cfg.get("upscale", 4))))
 
 
 def metrics(ref, out):
