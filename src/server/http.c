@@ -61,6 +61,7 @@
 #include "models.h"
 #include "multipart.h"
 #include "page.h"
+#include "websocket.h"
 #include "problem.h"
 #include "ratelimit.h"
 #include "results.h"
@@ -804,6 +805,21 @@ static enum MHD_Result answer_job(request *r) {
         return send_simple_problem(r, PROBLEM_NOT_FINISHED, "the job is %s; its result is not ready",
                                    job_state_name(v.state));
     case ROUTE_JOB_EVENTS: {
+        char accept[32];
+        switch (ws_check_handshake(r->conn, accept)) {
+        case WS_UPGRADE: { /* the same events over a WebSocket (websocket.c) */
+            struct MHD_Response *ws = ws_events_response(r->job, accept);
+            if (!ws) return send_simple_problem(r, PROBLEM_QUEUE_FULL, "too many WebSocket streams run now");
+            return send_response(r, MHD_HTTP_SWITCHING_PROTOCOLS, ws);
+        }
+        case WS_BAD_VERSION:
+            return send_simple_problem(r, PROBLEM_MALFORMED, "Sec-WebSocket-Version must be 13");
+        case WS_BAD_REQUEST:
+            return send_simple_problem(r, PROBLEM_MALFORMED, "a WebSocket handshake needs Connection: Upgrade "
+                                                             "and a Sec-WebSocket-Key of 16 bytes");
+        case WS_NOT_ASKED:
+            break;
+        }
         struct MHD_Response *resp =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, read_events, r, NULL);
         if (!resp) return MHD_NO;
@@ -1401,7 +1417,7 @@ int http_start(server *srv, char *err, size_t errlen) {
         snprintf(err, errlen, "cannot resolve --host %s: %s", c->host, gai_strerror(gai));
         return -1;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME |
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME | MHD_ALLOW_UPGRADE |
                      MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
     struct MHD_OptionItem pool[] = {
