@@ -73,6 +73,7 @@ static void test_record_round_trip(void) {
 
     /* the model may be missing (an API node of an earlier version, serving
      * one model): the worker's default, "" */
+    cluster_task_free(&b);
     json_t *old = json_deep_copy(j);
     json_object_del(old, "model");
     CHECK(cluster_task_from_json(old, &b, err, sizeof err) == 0 && b.model[0] == '\0' && a.model[0],
