@@ -3,7 +3,8 @@
  * the HTTP layer hands them to form.c: a JSON body (single, job or batch),
  * a series of multipart fields and query values (name NUL value NUL ...,
  * streamed image parts included), an Accept header, base64, and a raw
- * multipart/form-data body for multipart.c (fed in two pieces). Every
+ * multipart/form-data body for multipart.c (fed in two pieces); the JSON
+ * bodies also as AUTOMATIC1111's (a1111.c). Every
  * input must end in a resolved set of options or a problem naming the
  * fault; none may crash, leak or read out of bounds.
  *
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "a1111.h"
 #include "base64.h"
 #include "form.h"
 #include "multipart.h"
@@ -81,6 +83,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 0:
         if (form_init(&f, &limits, kind) == 0) {
             form_parse_json(&f, payload, n);
+            finish(&f);
+        }
+        /* the same body as AUTOMATIC1111's extra-single-image or
+         * extra-batch-images (a1111.c), and the sizes it asks for */
+        if (kind != FORM_JOB && form_init(&f, &limits, kind) == 0) {
+            a1111_request a;
+            a1111_init(&a);
+            if (a1111_parse(&f, &a, payload, n) == 0) {
+                upscale_options o = {0};
+                problem p = {0};
+                if (a1111_size(&a, 64, 48, 4, 512, &o, &p) && !p.kind) abort();
+                if (a1111_size(&a, 2048, 1, 0, 2048, &o, &p) && !p.kind) abort();
+            } else if (!f.error.kind) {
+                abort();
+            }
             finish(&f);
         }
         break;

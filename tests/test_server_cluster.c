@@ -42,6 +42,7 @@ static void make_task(cluster_task *t, const char *id, int index) {
     t->opts.format = IMAGE_WEBP;
     t->opts.quality = 77;
     t->opts.tile = 40, t->opts.tile_overlap = 12;
+    t->opts.resize_width = 300, t->opts.resize_height = 200, t->opts.crop_width = 256, t->opts.crop_height = 200;
     t->opts.given = (1u << FIELD_SEED) | (1u << FIELD_PROMPT) | (1u << FIELD_QUALITY) | (1u << FIELD_TILE_OVERLAP);
 }
 
@@ -65,7 +66,9 @@ static void test_record_round_trip(void) {
               a.opts.eta == b.opts.eta, "reals not exact");
     CHECK(a.opts.steps == b.opts.steps && a.opts.seed == b.opts.seed && a.opts.format == b.opts.format &&
               a.opts.quality == b.opts.quality && a.opts.given == b.opts.given && a.opts.tile == b.opts.tile &&
-              a.opts.tile_overlap == b.opts.tile_overlap,
+              a.opts.tile_overlap == b.opts.tile_overlap && a.opts.resize_width == b.opts.resize_width &&
+              a.opts.resize_height == b.opts.resize_height && a.opts.crop_width == b.opts.crop_width &&
+              a.opts.crop_height == b.opts.crop_height,
           "integers: seed %llu", (unsigned long long)b.opts.seed);
     json_t *again = cluster_task_to_json(&b);
     CHECK(json_equal(j, again), "a second trip changed the record");
@@ -114,6 +117,7 @@ static void test_record_round_trip(void) {
         {"job", "\"../../etc\""}, {"index", "64"}, {"width", "0"}, {"cache_key", "\"xyz\""},
         {"steps", "0"}, {"seed", "-1"}, {"format", "\"gif\""}, {"noise_level", "1.5"}, {"quality", "101"},
         {"vae_tiling", "\"sideways\""}, {"tile", "4096"}, {"tile_overlap", "-1"},
+        {"resize_width", "16385"}, {"crop_height", "-1"},
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof bad_values[0]; i++) {
         json_t *bad = json_deep_copy(j);

@@ -27,6 +27,13 @@
  * gives diffusers its pixels, does not apply them either. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
  * decoded, so a file whose header lies about its size costs nothing.
  *
+ * Resizing. imageio_resize() is vips_resize() with the Lanczos-3 kernel
+ * (the server's AUTOMATIC1111 routes resize a model's output to the size
+ * asked, as A1111 does with Pillow's Lanczos): libvips reduces with the
+ * kernel and enlarges by bicubic interpolation. libvips rounds the scaled
+ * size, so a side could come out a pixel off the target: it is then cut,
+ * or its edge repeated, to the exact size asked.
+ *
  * Errors and quiet. libvips reports into one process-wide error buffer and
  * sends warnings (libpng's complaints, bad EXIF) to g_log. Every call here
  * holds one mutex while it uses libvips, so the buffer read after a
@@ -473,6 +480,65 @@ int imageio_read_file(const char *path, sdx4_image *out, char *err,
     if (rc) put_err(err, errlen, "%s: %s", path, inner);
     free(buf);
     return rc;
+}
+
+/* ------------------------------------------------------------------------
+ * Resizing
+ * ------------------------------------------------------------------------ */
+
+int imageio_resize(const sdx4_image *in, int width, int height, sdx4_image *out,
+                   char *err, size_t errlen) {
+    if (!in || !in->pixels || in->width <= 0 || in->height <= 0 || !out) {
+        put_err(err, errlen, "imageio_resize: empty image");
+        return -1;
+    }
+    if (width < 1 || height < 1 || width > 16384 || height > 16384 ||
+        (int64_t)width * height > IMAGEIO_MAX_PIXELS) {
+        put_err(err, errlen, "imageio_resize: %dx%d is outside 1..16384 per side or over %lld pixels",
+                width, height, (long long)IMAGEIO_MAX_PIXELS);
+        return -1;
+    }
+    size_t size = (size_t)width * height * 3;
+    uint8_t *pixels = malloc(size);
+    if (!pixels) {
+        put_err(err, errlen, "imageio_resize: out of memory for %dx%d pixels", width, height);
+        return -1;
+    }
+    if (lock_vips(err, errlen)) {
+        free(pixels);
+        return -1;
+    }
+    VipsImage *src = vips_image_new_from_memory(in->pixels, (size_t)in->width * in->height * 3,
+                                                in->width, in->height, 3, VIPS_FORMAT_UCHAR);
+    VipsImage *scaled = NULL, *exact = NULL, *dst = NULL;
+    int rc = -1;
+    if (src) {
+        src->Type = VIPS_INTERPRETATION_sRGB;
+        /* the output side is the input's times the scale, rounded: within
+         * one pixel of the target; the edge is repeated or cut to hit it */
+        rc = vips_resize(src, &scaled, (double)width / in->width, "vscale", (double)height / in->height,
+                         "kernel", VIPS_KERNEL_LANCZOS3, NULL);
+        if (!rc && (scaled->Xsize != width || scaled->Ysize != height))
+            rc = vips_embed(scaled, &exact, 0, 0, width, height, "extend", VIPS_EXTEND_COPY, NULL);
+        if (!rc) {
+            dst = vips_image_new_from_memory(pixels, size, width, height, 3, VIPS_FORMAT_UCHAR);
+            rc = !dst || vips_image_write(exact ? exact : scaled, dst);
+        }
+    }
+    if (rc) vips_fail(err, errlen, "resize failed");
+    if (dst) g_object_unref(dst);
+    if (exact) g_object_unref(exact);
+    if (scaled) g_object_unref(scaled);
+    if (src) g_object_unref(src);
+    pthread_mutex_unlock(&vips_lock);
+    if (rc) {
+        free(pixels);
+        return -1;
+    }
+    out->width = width;
+    out->height = height;
+    out->pixels = pixels;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------

@@ -56,6 +56,14 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
 int imageio_read_file(const char *path, sdx4_image *out, char *err,
                       size_t errlen);
 
+/* Resizes RGB8 `in` to exactly width x height into *out (malloc'd pixels;
+ * free with sdx4_image_free()) with libvips' vips_resize: Lanczos-3 where
+ * a side shrinks, bicubic where it grows (libvips interpolates enlargements
+ * and keeps its kernels for reductions). Sides from 1 to 16384 and at most
+ * 2^28 pixels, as imageio_encode() takes. */
+int imageio_resize(const sdx4_image *in, int width, int height, sdx4_image *out,
+                   char *err, size_t errlen);
+
 /* Encodes RGB8. quality 1..100 for JPEG/WebP (0 = default 90); PNG uses
  * zlib level 6 and ignores it. JPEG keeps libvips' chroma subsampling:
  * 4:2:0 below quality 90, none from 90 up. The same pixels always give the

@@ -172,6 +172,11 @@ static const struct {
     {"tile_overlap", NULL, PARAM_INT, P(tile_overlap), 0, 0},
     {NULL, "format", PARAM_FORMAT, P(format), 0, 0},
     {NULL, "quality", PARAM_INT, P(quality), 0, 100}, /* 0: the encoder's default */
+    /* the resize after the model (a1111.c): 0 none; imageio's largest side */
+    {NULL, "resize_width", PARAM_INT, P(resize_width), 0, 16384},
+    {NULL, "resize_height", PARAM_INT, P(resize_height), 0, 16384},
+    {NULL, "crop_width", PARAM_INT, P(crop_width), 0, 16384},
+    {NULL, "crop_height", PARAM_INT, P(crop_height), 0, 16384},
     {NULL, "given", PARAM_BITS, P(given), 0, 0},
 #undef P
 };

@@ -514,7 +514,7 @@ int form_image_append(upscale_form *f, const void *data, size_t len) {
 }
 
 /* "data:image/png;base64,...." or bare base64 -> a new image. */
-static int image_from_base64(upscale_form *f, const char *field, const char *text, size_t len) {
+int form_image_base64(upscale_form *f, const char *field, const char *text, size_t len) {
     if (len >= 5 && strncasecmp(text, "data:", 5) == 0) {
         const char *comma = memchr(text, ',', len);
         if (!comma || comma - text < 12 || strncasecmp(comma - 7, ";base64", 7) != 0)
@@ -593,7 +593,7 @@ static int json_image(upscale_form *f, const char *field, json_t *v) {
     if (!json_is_string(v))
         return problem_field(&f->error, field, "base64 or a base64 data URL",
                              "%s must be a string of base64", field);
-    return image_from_base64(f, field, json_string_value(v), json_string_length(v));
+    return form_image_base64(f, field, json_string_value(v), json_string_length(v));
 }
 
 /* A real at or beyond 2^63 in v: an integer jansson could not hold as one. */
@@ -789,14 +789,19 @@ char *options_canonical(const upscale_options *o) {
      * automatic tiles leave an image that fits the budget whole) */
     char tiles[64] = "";
     if (o->tile > 0 || o->tile_overlap != sdx4_param_find("tile_overlap")->int_default) snprintf(tiles, sizeof tiles, "\x1ftile=%d\x1ftile_overlap=%d", o->tile, o->tile_overlap);
+    /* the resize after the model likewise (a1111.c's routes only) */
+    char resize[96] = "";
+    if (o->resize_width || o->crop_width)
+        snprintf(resize, sizeof resize, "\x1fresize=%dx%d\x1f" "crop=%dx%d", o->resize_width, o->resize_height,
+                 o->crop_width, o->crop_height);
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
-                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s%s",
+                        "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,
                  (unsigned long long)o->seed, o->eta, (int)o->format, quality,
                  o->scheduler ? "\x1fscheduler=" : "", o->scheduler ? o->scheduler : "",
                  o->scheduler_options ? "\x1fscheduler_options=" : "",
                  o->scheduler_options ? o->scheduler_options : "",
-                 o->vae_tiling ? "\x1fvae_tiling=" : "", o->vae_tiling ? o->vae_tiling : "", tiles) < 0)
+                 o->vae_tiling ? "\x1fvae_tiling=" : "", o->vae_tiling ? o->vae_tiling : "", tiles, resize) < 0)
         return NULL;
     return text;
 }

@@ -48,6 +48,11 @@ typedef struct {
     char *scheduler, *scheduler_options;
     char *vae_tiling; /* NULL: the engine's default (auto); else "off" or "on" */
     int tile, tile_overlap; /* the UNet's windows: 0 (untiled), or checked with the overlap */
+    /* After the model (AUTOMATIC1111's routes, a1111.c; no field of the
+     * native forms): its output resized to resize_width x resize_height
+     * (imageio_resize), then its centre crop_width x crop_height kept.
+     * 0 leaves the size as it is. */
+    int resize_width, resize_height, crop_width, crop_height;
     unsigned given;
 } upscale_options;
 
@@ -99,6 +104,10 @@ int form_set_cut_text(upscale_form *f, const char *name, const char *value, size
 /* Streaming image parts: begin one per part, then append its bytes. */
 int form_image_begin(upscale_form *f);
 int form_image_append(upscale_form *f, const void *data, size_t len);
+
+/* An image from JSON text: bare base64 or a base64 data URL
+ * ("data:image/png;base64,..."); problems name it `field`. */
+int form_image_base64(upscale_form *f, const char *field, const char *text, size_t len);
 
 /* A whole JSON body. */
 int form_parse_json(upscale_form *f, const char *body, size_t len);

@@ -26,6 +26,11 @@
  *   resumed    the job is finished: answer with its result.
  * on_completed then logs the access line, records metrics and frees.
  *
+ * AUTOMATIC1111's upscaling routes (/sdapi/v1/..., a1111.h) take the same
+ * path: the same first call, body and limits, their JSON read by
+ * a1111_parse into the same form, the same image checks and job, and
+ * their answer written by a1111_answer instead of the image or batch.
+ *
  * Connections are conns.c's: it limits them per address, gives a
  * request's headers a deadline and its body a minimum rate, keeps bodies
  * within a global memory budget (taken as they arrive, given back once
@@ -49,6 +54,7 @@
 
 #include <microhttpd.h>
 
+#include "a1111.h"
 #include "auth.h"
 #include "cache.h"
 #include "conns.h"
@@ -109,6 +115,7 @@ typedef struct request {
     bool part_image;     /* the part being received is an image */
     upscale_form form;
     bool form_ready;
+    a1111_request a1111; /* the AUTOMATIC1111 routes' size (a1111.h) */
     /* the job answered, waited on or streamed */
     job *job;
     waiter waiter;
@@ -227,6 +234,8 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
             [ROUTE_MODELS] = "GET, HEAD, OPTIONS",
             [ROUTE_METRICS] = "GET, HEAD, OPTIONS", [ROUTE_OPENAPI] = "GET, HEAD, OPTIONS",
             [ROUTE_DOCS] = "GET, HEAD, OPTIONS",
+            [ROUTE_A1111_UPSCALERS] = "GET, HEAD, OPTIONS", [ROUTE_A1111_SINGLE] = "POST, OPTIONS",
+            [ROUTE_A1111_BATCH] = "POST, OPTIONS",
         };
         if (allow[r->route]) MHD_add_response_header(resp, "Allow", allow[r->route]);
         break;
@@ -258,6 +267,7 @@ static const unsigned route_methods[ROUTE_COUNT] = {
     [ROUTE_JOB_GET] = M_GET | M_DELETE, [ROUTE_JOB_RESULT] = M_GET, [ROUTE_JOB_EVENTS] = M_GET,
     [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_MODELS] = M_GET, [ROUTE_METRICS] = M_GET,
     [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
+    [ROUTE_A1111_UPSCALERS] = M_GET, [ROUTE_A1111_SINGLE] = M_POST, [ROUTE_A1111_BATCH] = M_POST,
 };
 
 static bool is_job_id(const char *s, size_t len) {
@@ -278,6 +288,10 @@ static route_id match_route(const char *url, char job_id[33], char model[64]) {
         {"/metrics", ROUTE_METRICS},
         {"/openapi.json", ROUTE_OPENAPI},    {"/docs", ROUTE_DOCS},
         {"/docs/", ROUTE_DOCS},
+        /* AUTOMATIC1111's web UI API, its upscaling part (a1111.c) */
+        {"/sdapi/v1/upscalers", ROUTE_A1111_UPSCALERS},
+        {"/sdapi/v1/extra-single-image", ROUTE_A1111_SINGLE},
+        {"/sdapi/v1/extra-batch-images", ROUTE_A1111_BATCH},
         {"/", ROUTE_DOCS}, /* the web page (page.c): a page for people, as /docs is */
     };
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
@@ -402,7 +416,13 @@ static bool needs_key(route_id route) {
 }
 
 static bool takes_body(route_id route) {
-    return route == ROUTE_UPSCALE || route == ROUTE_BATCH || route == ROUTE_JOB_CREATE;
+    return route == ROUTE_UPSCALE || route == ROUTE_BATCH || route == ROUTE_JOB_CREATE ||
+           route == ROUTE_A1111_SINGLE || route == ROUTE_A1111_BATCH;
+}
+
+/* An upscale of AUTOMATIC1111's API (a1111.h): JSON in A1111's shape. */
+static bool is_a1111(route_id route) {
+    return route == ROUTE_A1111_SINGLE || route == ROUTE_A1111_BATCH;
 }
 
 /* ---- request bodies ---------------------------------------------------------------- */
@@ -526,6 +546,22 @@ static enum MHD_Result add_query_value(void *cls, enum MHD_ValueKind kind, const
         problem_set(&r->form.error, PROBLEM_INVALID_FIELD, "a query parameter name contains a NUL byte");
     else form_set_text(&r->form, key, value ? value : "", value ? value_len : 0);
     return r->form.error.kind ? MHD_NO : MHD_YES;
+}
+
+/* Any query parameter of AUTOMATIC1111's routes: refused, naming it. */
+static enum MHD_Result refuse_query_value(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_len,
+                                          const char *value, size_t value_len) {
+    request *r = cls;
+    (void)kind, (void)value, (void)value_len;
+    char shown[40];
+    size_t n = 0;
+    for (size_t i = 0; i < key_len && n + 1 < sizeof shown; i++)
+        shown[n++] = key[i] >= 0x20 && key[i] < 0x7f && key[i] != '"' ? key[i] : '?';
+    shown[n] = '\0';
+    if (!r->form.error.kind)
+        problem_field(&r->form.error, shown, NULL, "unknown query parameter \"%s\": AUTOMATIC1111's routes take "
+                                                   "their fields in the JSON body", shown);
+    return MHD_NO;
 }
 
 /* ---- HTTP framing ----------------------------------------------------------------------- */
@@ -682,10 +718,21 @@ static enum MHD_Result begin_body(request *r) {
         if (*end == '\0') announced = n;
     }
     const char *type = header(r, "Content-Type");
-    form_kind kind = r->route == ROUTE_BATCH ? FORM_BATCH : r->route == ROUTE_JOB_CREATE ? FORM_JOB : FORM_UPSCALE;
+    form_kind kind = r->route == ROUTE_BATCH || r->route == ROUTE_A1111_BATCH ? FORM_BATCH
+                     : r->route == ROUTE_JOB_CREATE                           ? FORM_JOB
+                                                                              : FORM_UPSCALE;
     form_limits limits = {c->max_steps, c->max_prompt_chars, c->max_batch, r->srv->model_names, r->srv->nmodels};
     if (form_init(&r->form, &limits, kind)) return MHD_NO;
     r->form_ready = true;
+    bool json = type && strncasecmp(type, "application/json", 16) == 0 &&
+                (type[16] == '\0' || type[16] == ';' || type[16] == ' ');
+    if (is_a1111(r->route)) { /* JSON only; without a Content-Type too, as FastAPI reads it */
+        a1111_init(&r->a1111);
+        if (type && !json)
+            return send_simple_problem(r, PROBLEM_CONTENT_TYPE, "AUTOMATIC1111's routes take an application/json body");
+        r->body = BODY_JSON;
+        return accept_body(r, announced);
+    }
     if (type && strncasecmp(type, "multipart/form-data", 19) == 0) {
         r->body = BODY_MULTIPART;
         const char *why;
@@ -695,8 +742,7 @@ static enum MHD_Result begin_body(request *r) {
                        : send_simple_problem(r, PROBLEM_INTERNAL, "out of memory");
         return accept_body(r, announced);
     }
-    if (type && strncasecmp(type, "application/json", 16) == 0 &&
-        (type[16] == '\0' || type[16] == ';' || type[16] == ' ')) {
+    if (json) {
         r->body = BODY_JSON;
         return accept_body(r, announced);
     }
@@ -983,6 +1029,15 @@ static enum MHD_Result answer_get(request *r) {
             return send_simple_problem(r, PROBLEM_NOT_READY, "the models are not loaded yet");
         return send_json(r, 200, status_models(srv));
     }
+    case ROUTE_A1111_UPSCALERS: { /* the same list in A1111's shape */
+        int phase = atomic_load(&srv->phase);
+        if (phase != PHASE_READY && phase != PHASE_DRAINING)
+            return send_simple_problem(r, PROBLEM_NOT_READY, "the models are not loaded yet");
+        json_t *models = status_models(srv);
+        json_t *list = a1111_upscalers(models);
+        json_decref(models);
+        return send_json(r, 200, list);
+    }
     case ROUTE_METRICS: {
         metrics_gauges g = {0};
         dispatch_stats_get(&srv->dispatch, &g.queue);
@@ -1129,6 +1184,11 @@ static enum MHD_Result redirect_to_store(request *r, job *j) {
 /* The job waited on by a synchronous request is over: its answer. */
 static enum MHD_Result answer_finished(request *r) {
     job *j = r->job;
+    if (is_a1111(r->route)) {
+        problem p;
+        json_t *doc = a1111_answer(&r->a1111, r->srv->models[job_task(j, 0)->model].name, j, &p);
+        return doc ? send_json(r, 200, doc) : send_problem(r, &p);
+    }
     job_view v;
     job_get_view(j, &v);
     if (job_kind(j) == FORM_BATCH) {
@@ -1195,7 +1255,13 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
 
     form_resolve(&r->form, i, &t->opts);
-    const char *model = r->srv->models[t->model].name; /* the cache keeps the models' results apart */
+    const served_model *m = &r->srv->models[t->model];
+    /* AUTOMATIC1111's size, from the image's (a model's scale is known
+     * where its engine is: an API node of a cluster resizes even to it) */
+    if (is_a1111(r->route) &&
+        a1111_size(&r->a1111, w, h, m->engine ? m->info.vae_scale_factor : 0, c->max_side, &t->opts, p))
+        return -1;
+    const char *model = m->name; /* the cache keeps the models' results apart */
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
@@ -1265,11 +1331,14 @@ static enum MHD_Result start_job(request *r) {
                         multipart_error(r->post));
         flush_field(r); /* the last field */
     } else {
-        form_parse_json(f, r->json ? r->json : "", r->json_len);
+        if (is_a1111(r->route)) a1111_parse(f, &r->a1111, r->json ? r->json : "", r->json_len);
+        else form_parse_json(f, r->json ? r->json : "", r->json_len);
         free(r->json); /* the form has its own copies: not held while the job runs */
         r->json = NULL;
     }
-    MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
+    /* A1111's fields come in the body only (its query has none) */
+    if (is_a1111(r->route)) MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, refuse_query_value, r);
+    else MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, add_query_value, r);
     if (form_finish(f)) return send_problem(r, &f->error);
     if (f->webhook_url && !srv->cfg.webhook_secret) {
         problem p;
@@ -1277,7 +1346,8 @@ static enum MHD_Result start_job(request *r) {
         return send_problem(r, &p);
     }
     image_format accept = IMAGE_UNKNOWN;
-    if (f->kind == FORM_UPSCALE && form_accept_format(header(r, "Accept"), &accept))
+    /* (an A1111 answer is JSON with a PNG inside, whatever Accept says) */
+    if (f->kind == FORM_UPSCALE && !is_a1111(r->route) && form_accept_format(header(r, "Accept"), &accept))
         return send_simple_problem(r, PROBLEM_NOT_ACCEPTABLE,
                                    "the Accept header allows none of image/png, image/jpeg, image/webp");
 
@@ -1291,7 +1361,13 @@ static enum MHD_Result start_job(request *r) {
     for (int i = 0; i < f->nimages; i++) {
         problem p = {0};
         if (prepare_task(r, i, job_task(j, i), accept, &p) == 0) continue;
-        if (f->kind != FORM_BATCH) return send_problem(r, &p);
+        if (r->route == ROUTE_A1111_BATCH) { /* no per-image entries: the image answers for the request */
+            char detail[sizeof p.detail];
+            snprintf(detail, sizeof detail, "imageList[%d]: %.340s", i, p.detail);
+            memcpy(p.detail, detail, sizeof detail);
+            if (strcmp(p.field, "image") == 0) snprintf(p.field, sizeof p.field, "imageList[%d].data", i);
+        }
+        if (f->kind != FORM_BATCH || r->route == ROUTE_A1111_BATCH) return send_problem(r, &p);
         job_task_reject(job_task(j, i), &p); /* a batch answers it in the image's entry */
     }
     problem p = {0};

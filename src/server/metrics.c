@@ -28,6 +28,8 @@ const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_MODEL_INFO] = "model_info", [ROUTE_MODELS] = "models",
     [ROUTE_METRICS] = "metrics",
     [ROUTE_OPENAPI] = "openapi",       [ROUTE_DOCS] = "docs",
+    [ROUTE_A1111_UPSCALERS] = "a1111_upscalers", [ROUTE_A1111_SINGLE] = "a1111_extra_single_image",
+    [ROUTE_A1111_BATCH] = "a1111_extra_batch_images",
     [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
 };
 

@@ -4,8 +4,15 @@
  * errors as problems. An invalid argument is a limit of this model that
  * the generic checks of form.c cannot know (e.g. a test model's few
  * noise-level classes): the client's to fix (422), not the server's (500).
+ * Before encoding, the image is resized and cropped where the options ask
+ * (AUTOMATIC1111's routes, a1111.c), so that a cluster's worker does it
+ * as the single process does.
  */
 #include "runner.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "imageio.h"
 #include "log.h"
@@ -84,9 +91,42 @@ void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_p
     }
 }
 
+/* The resize and crop after the model (upscale_options, a1111.c): the
+ * image resized, then its centre kept where the crop asks, as
+ * AUTOMATIC1111 pastes the resized image centred on a canvas of the crop's
+ * size (left = its width / 2 - the crop's / 2). A crop larger than the
+ * image is refused: a1111.c makes the resized image cover it. */
+static int fit(sdx4_image *image, const upscale_options *o, char *err, size_t errlen) {
+    if (o->resize_width && (image->width != o->resize_width || image->height != o->resize_height)) {
+        sdx4_image resized;
+        if (imageio_resize(image, o->resize_width, o->resize_height, &resized, err, errlen)) return -1;
+        sdx4_image_free(image);
+        *image = resized;
+    }
+    if (!o->crop_width || (image->width == o->crop_width && image->height == o->crop_height)) return 0;
+    if (o->crop_width > image->width || o->crop_height > image->height) {
+        snprintf(err, errlen, "a crop of %dx%d from %dx%d", o->crop_width, o->crop_height, image->width,
+                 image->height);
+        return -1;
+    }
+    size_t row = (size_t)o->crop_width * 3;
+    uint8_t *pixels = malloc(row * (size_t)o->crop_height);
+    if (!pixels) return snprintf(err, errlen, "out of memory"), -1;
+    int left = image->width / 2 - o->crop_width / 2, top = image->height / 2 - o->crop_height / 2;
+    for (int y = 0; y < o->crop_height; y++)
+        memcpy(pixels + row * (size_t)y, image->pixels + ((size_t)(top + y) * (size_t)image->width + (size_t)left) * 3,
+               row);
+    sdx4_image_free(image);
+    *image = (sdx4_image){.width = o->crop_width, .height = o->crop_height, .pixels = pixels};
+    return 0;
+}
+
 void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out) {
     char err[256];
-    if (imageio_encode(image, opts->format, opts->quality, &out->output, &out->len, err, sizeof err) == 0) {
+    if (fit(image, opts, err, sizeof err)) {
+        out->state = JOB_FAILED;
+        problem_set(&out->error, PROBLEM_INTERNAL, "resizing the result failed: %s", err);
+    } else if (imageio_encode(image, opts->format, opts->quality, &out->output, &out->len, err, sizeof err) == 0) {
         out->state = JOB_SUCCEEDED;
         out->width = image->width;
         out->height = image->height;

@@ -49,8 +49,10 @@ typedef struct {
  * their UNet calls, each ending as runner_upscale's would alone. */
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress);
 
-/* Encodes `image` in opts' format into out (output, len, width, height,
- * state JOB_SUCCEEDED), or fails `out` with the reason; frees the pixels. */
+/* Resizes and crops `image` as opts ask (resize_*, crop_*: none by
+ * default), then encodes it in opts' format into out (output, len, width,
+ * height, state JOB_SUCCEEDED), or fails `out` with the reason; frees the
+ * pixels. */
 void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out);
 
 #endif

@@ -49,6 +49,9 @@ typedef enum {
     ROUTE_METRICS,
     ROUTE_OPENAPI,
     ROUTE_DOCS,
+    ROUTE_A1111_UPSCALERS, /* AUTOMATIC1111's API (a1111.h): GET /sdapi/v1/upscalers */
+    ROUTE_A1111_SINGLE,    /* POST /sdapi/v1/extra-single-image */
+    ROUTE_A1111_BATCH,     /* POST /sdapi/v1/extra-batch-images */
     ROUTE_PREFLIGHT,
     ROUTE_UNKNOWN,
     ROUTE_COUNT

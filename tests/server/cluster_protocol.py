@@ -29,7 +29,8 @@ def record(job_id, image, steps=1, seed=1234, prompt="", noise_level=0.1, guidan
             "options": {"prompt": prompt, "negative_prompt": "", "noise_level": noise_level, "steps": steps,
                         "guidance_scale": guidance_scale, "eta": 0.0, "seed": seed, "format": "png", "quality": 0,
                         "scheduler": None, "scheduler_options": None, "vae_tiling": None,
-                        "tile": 0, "tile_overlap": 32, "given": 0}}
+                        "tile": 0, "tile_overlap": 32, "resize_width": 0, "resize_height": 0, "crop_width": 0,
+                        "crop_height": 0, "given": 0}}
 
 
 def submit(r, png, ghost=None, edit=None, job_id=None, webhook_url=None, group=True, **params):

@@ -42,4 +42,5 @@ SDX4_REFERENCE=$(cd "$ref" && pwd)
 export SDX4_BIN SDX4_REFERENCE
 export PYTHONDONTWRITEBYTECODE=1
 cd "$here"
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" .
+# the slowest tests in every log: where the suite's minutes go
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@" .

@@ -13,13 +13,19 @@ tests them. So is model: the names it takes are the server's models
 (test_models.py tests them). And tile_overlap must be below tile, which no
 schema keyword can compare, and multipart schemas cannot state tile's gap
 below 32 (see the check): those refusals are allowed too (test_tiles.py
-tests them).
+tests them). AUTOMATIC1111's routes (a1111.c) name a model by upscaler_1 and
+upscaler_2, which no schema can list either; a blend of a second upscaler
+(upscaler_2 a model, its visibility above 0) and a size whose resized image
+would be too large for the server (the factor times the image's sides,
+which no schema knows) are refused too (test_a1111.py tests them).
 
 Requests whose image is valid (the examples, the data built on them, images
 taken from earlier answers) are real upscales, which must answer within the
 test's bounds: the server runs with --max-side 64 (larger images are refused
 as images) and step counts are lowered to 1 here, so that each costs about a
-second on the tiny model instead of up to 150 steps on 512 px. The tiny
+second on the tiny model instead of up to 150 steps on 512 px. AUTOMATIC1111's
+routes have no steps: their bodies name the small GAN the test server serves
+beside the tiny model when they name no upscaler. The tiny
 model also has 100 class embeddings where the x4 upscaler has 1000, so its
 engine refuses noise levels over 99/350: they are lowered to 0.28. Only
 values inside the schema's ranges are lowered, so a body stays valid or
@@ -29,6 +35,8 @@ import schemathesis
 
 IMAGE_PROBLEMS = {"unsupported-image-format", "image-size", "invalid-image", "missing-image"}
 IMAGE_OPERATIONS = {"/api/v1/upscale", "/api/v1/batch-upscale", "/api/v1/jobs"}
+A1111_OPERATIONS = {"/sdapi/v1/extra-single-image", "/sdapi/v1/extra-batch-images"}
+A1111_TEST_UPSCALER = "srvgg_x2_relu"  # test_schemathesis.py's second model
 MAX_TEST_STEPS = 1
 MAX_TINY_NOISE = 0.28  # 98 of the tiny model's 100 class labels
 
@@ -51,6 +59,12 @@ def refusals_name_the_image(ctx, response, case):
     # which names the model field takes is the server's configuration (its
     # models: GET /api/v1/models), which no static schema can state
     if p.get("field") == "model" and p.get("detail", "").startswith("unknown model"):
+        return None
+    if p.get("field") in ("upscaler_1", "upscaler_2") and p.get("detail", "").startswith("unknown upscaler"):
+        return None
+    if p.get("field") == "extras_upscaler_2_visibility" and "blends no second upscaler" in p.get("detail", ""):
+        return None
+    if (p.get("field") or "").startswith("upscaling_resize") and "would be resized to" in p.get("detail", ""):
         return None
     # tile_overlap must be below tile, a rule between two fields that no
     # schema keyword states (the descriptions do)
@@ -92,9 +106,13 @@ def capped(value):
     return out
 
 
-def cheap(body):
+def cheap(body, path):
     """The body with in-range values lowered and a step count instead of the
-    default 75."""
+    default 75; an A1111 body's upscaler the small GAN when it names none."""
+    if path in A1111_OPERATIONS:
+        body = dict(body)
+        body.setdefault("upscaler_1", A1111_TEST_UPSCALER)
+        return body
     body = capped(body)
     body.setdefault("num_inference_steps", MAX_TEST_STEPS)
     return body
@@ -103,9 +121,10 @@ def cheap(body):
 @schemathesis.hook
 def map_body(context, body):
     """Bodies as they are generated, of any media type."""
-    if context.operation is None or context.operation.path not in IMAGE_OPERATIONS or not isinstance(body, dict):
+    if context.operation is None or not isinstance(body, dict) or \
+            context.operation.path not in IMAGE_OPERATIONS | A1111_OPERATIONS:
         return body
-    return cheap(body)
+    return cheap(body, context.operation.path)
 
 
 @schemathesis.hook
@@ -113,6 +132,6 @@ def before_call(context, case, kwargs):
     """JSON bodies not made by generation (examples, coverage cases). A body
     changed here is judged again by schemathesis, which misjudges multipart
     file parts: those are never real images here anyway."""
-    if case.operation.path in IMAGE_OPERATIONS and case.media_type == "application/json" \
+    if case.operation.path in IMAGE_OPERATIONS | A1111_OPERATIONS and case.media_type == "application/json" \
             and isinstance(case.body, dict):
-        case.body = cheap(case.body)
+        case.body = cheap(case.body, case.operation.path)

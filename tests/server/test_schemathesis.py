@@ -20,8 +20,10 @@ def test_schemathesis_all_checks(tmp_path):
     # the upscale operations invalid data only, schemathesis.toml), and the deadlines
     # (server 60 s, client 90 s, max_response_time 80 s in the toml) leave room for a
     # loaded machine, where 40 s once met a 503 queue-too-long (41 s estimated)
+    # a small GAN beside the tiny model: AUTOMATIC1111's routes upscale with it (schemathesis_hooks.py)
     s = Server("--api-keys", "st-key", "--webhook-secret", "st-secret", "--request-timeout", "60",
-               "--max-side", "64", "--auth-failures", "0", "--history", str(tmp_path / "history.db"))
+               "--max-side", "64", "--auth-failures", "0", "--history", str(tmp_path / "history.db"),
+               "--model", os.path.join(HERE, "..", "data", "gan", "srvgg_x2_relu"))
     try:
         st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
         examples = os.environ.get("SDX4_SCHEMATHESIS_EXAMPLES", "25")
