@@ -42,15 +42,30 @@ static int half_precision(void) {
     return !strcmp(test_device(), "cuda") && !(dt && !strcmp(dt, "fp32"));
 }
 
-static sdx4_engine *open_engine(const char *dir) {
+/* The engine on dir, quietly: what a refusal test wants. */
+static sdx4_status try_open(const char *dir, sdx4_engine **e) {
     sdx4_engine_options o;
     sdx4_engine_options_default(&o);
     o.model_dir = dir;
     o.device = test_device();
     o.cuda.dtype = getenv("SDX4_CUDA_DTYPE");
     o.threads = 2;
-    sdx4_engine *e = NULL;
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) fprintf(stderr, "cannot open %s: %s\n", dir, sdx4_last_error());
+    *e = NULL;
+    return sdx4_engine_open(&o, e);
+}
+
+static sdx4_engine *open_engine(const char *dir) {
+    sdx4_engine *e;
+    if (try_open(dir, &e) != SDX4_OK) fprintf(stderr, "cannot open %s: %s\n", dir, sdx4_last_error());
+    return e;
+}
+
+/* The engine on the golden case `name`, or NULL and a failed check. */
+static sdx4_engine *open_case(const char *name) {
+    char dir[512];
+    snprintf(dir, sizeof dir, DATA "%s", name);
+    sdx4_engine *e = open_engine(dir);
+    CHECK(e, "%s: opens", name);
     return e;
 }
 
@@ -88,8 +103,7 @@ static size_t levels_apart(const sdx4_image *a, const sdx4_image *b, int *max) {
 static void test_golden(const char *name) {
     char dir[512], path[600];
     snprintf(dir, sizeof dir, DATA "%s", name);
-    sdx4_engine *e = open_engine(dir);
-    CHECK(e, "%s: opens", name);
+    sdx4_engine *e = open_case(name);
     if (!e) return;
     sdx4_image in = {0}, want = {0}, got = {0};
     st_file golden = {0};
@@ -162,11 +176,8 @@ static float *run(const esrgan *g, backend *be, const float *x, int h, int w, in
 static void test_tiles(const char *name) {
     char dir[512], path[600];
     snprintf(dir, sizeof dir, DATA "%s", name);
-    sdx4_engine *e = open_engine(dir);
-    if (!e) {
-        CHECK(0, "%s: opens", name);
-        return;
-    }
+    sdx4_engine *e = open_case(name);
+    if (!e) return;
     esrgan *g = sdx4_engine_gan(e);
     backend *be = sdx4_engine_backend(e);
     sdx4_image in = {0}, want = {0};
@@ -225,13 +236,8 @@ done:
  * float32 cannot resolve beyond about 25 pixels (its radius, 15 per block,
  * is counted in esrgan.c; `tight` says which to expect). */
 static void test_radius(const char *name, int tight) {
-    char dir[512];
-    snprintf(dir, sizeof dir, DATA "%s", name);
-    sdx4_engine *e = open_engine(dir);
-    if (!e) {
-        CHECK(0, "%s: opens", name);
-        return;
-    }
+    sdx4_engine *e = open_case(name);
+    if (!e) return;
     esrgan *g = sdx4_engine_gan(e);
     backend *be = sdx4_engine_backend(e);
     int R = sdx4_esrgan_radius(&g->cfg), side = 2 * R + 9, s = g->cfg.scale, c = R + 4, tiles;
@@ -421,12 +427,8 @@ static void test_bad_configs(void) {
         FILE *f = fopen(path, "w");
         fputs(bad[i].json, f);
         fclose(f);
-        sdx4_engine_options o;
-        sdx4_engine_options_default(&o);
-        o.model_dir = dir;
-        o.device = "cpu";
-        sdx4_engine *e = NULL;
-        sdx4_status s = sdx4_engine_open(&o, &e);
+        sdx4_engine *e;
+        sdx4_status s = try_open(dir, &e);
         CHECK(s != SDX4_OK && !e && strstr(sdx4_last_error(), bad[i].needle), "config %s: %s", bad[i].json,
               sdx4_last_error());
         sdx4_engine_close(e);
@@ -436,8 +438,8 @@ static void test_bad_configs(void) {
     FILE *f = fopen(path, "w");
     fputs("{\"architecture\": \"RRDBNet\", \"num_feat\": 8, \"num_block\": 3, \"num_grow_ch\": 4}", f);
     fclose(f);
-    sdx4_engine *e = open_engine(dir);
-    CHECK(!e && strstr(sdx4_last_error(), "tensor body.2.rdb1.conv1."), "3 blocks of 2: %s",
+    sdx4_engine *e;
+    CHECK(try_open(dir, &e) != SDX4_OK && strstr(sdx4_last_error(), "tensor body.2.rdb1.conv1."), "3 blocks of 2: %s",
           sdx4_last_error());
     sdx4_engine_close(e);
 }
@@ -456,12 +458,8 @@ static void test_outscale(void) {
     FILE *f = fopen(path, "w");
     fprintf(f, cfg, 5);
     fclose(f);
-    sdx4_engine *e = NULL;
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = dir;
-    o.device = "cpu";
-    CHECK(sdx4_engine_open(&o, &e) == SDX4_ERR_MODEL && strstr(sdx4_last_error(), "outscale=5 is outside 1..4"),
+    sdx4_engine *e;
+    CHECK(try_open(dir, &e) == SDX4_ERR_MODEL && strstr(sdx4_last_error(), "outscale=5 is outside 1..4"),
           "outscale 5 of 4: %s", sdx4_last_error());
     f = fopen(path, "w");
     fprintf(f, cfg, 2);
