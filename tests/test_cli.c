@@ -6,7 +6,8 @@
  * exit status and what it printed: help and version (0), bad usage (2 and
  * a message naming the option), runtime failures (1 and "sdx4: ..." naming
  * the file), `compare` (as text and JSON, identical images, different
- * sizes), and with the reference model: `info`, `info --json`, `bench`,
+ * sizes), a GAN's `upscale`, `info` and `convert` (tests/data/gan), and
+ * with the reference model: `info`, `info --json`, `bench`,
  * `make-model`, an `upscale` of every golden pipeline case compared with
  * diffusers' PNG, the tiled UNet's options (--tile 0, or a tile as large
  * as the image, is the untiled file; a smaller one changes it), and Ctrl-C
@@ -460,6 +461,7 @@ static void test_compare(const char *tmp) {
 }
 
 /* A runtime failure: exit 1, one "sdx4: ..." message naming `needle`. */
+
 static void check_runtime_error(result *r, const char *what,
                                 const char *needle) {
     CHECK(r->status == 1, "%s: exit %d, stderr: %s", what, r->status, r->err);
@@ -468,6 +470,46 @@ static void check_runtime_error(result *r, const char *what,
           what, needle, r->err);
     result_free(r);
 }
+
+/* A GAN's folder (tests/data/gan): `upscale` without a prompt gives
+ * PyTorch's PNG and names the architecture, `info` says kind gan,
+ * `convert` writes a folder that upscales alike and refuses a pickle. */
+static void test_gan(const char *tmp) {
+    const char *dir = SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4";
+    char out[PATH_LEN + 64], converted[PATH_LEN + 64], pth[PATH_LEN + 64], err[256];
+    snprintf(out, sizeof out, "%s/gan.png", tmp);
+    result r = RUN("upscale", "--model", dir, SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4/input.png", out);
+    CHECK(r.status == 0 && strstr(r.err, "64x48 in") && strstr(r.err, "RRDBNet") && !strstr(r.err, "seed:"),
+          "upscale with a GAN: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    sdx4_image got = {0}, want = {0};
+    CHECK(!imageio_read_file(out, &got, err, sizeof err) &&
+              !imageio_read_file(SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4/expected.png", &want, err, sizeof err) &&
+              got.width == want.width && got.height == want.height &&
+              !memcmp(got.pixels, want.pixels, (size_t)3 * got.width * got.height),
+          "the GAN's PNG is PyTorch's: %s", err);
+    sdx4_image_free(&got), sdx4_image_free(&want);
+    r = RUN("info", dir);
+    CHECK(r.status == 0 && strstr(r.out, "kind: gan (RRDBNet") && strstr(r.out, "scale factor: 4"),
+          "info on a GAN: exit %d, %s%s", r.status, r.out, r.err);
+    result_free(&r);
+
+    snprintf(converted, sizeof converted, "%s/converted", tmp);
+    r = RUN("convert", SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4/model.safetensors", converted);
+    CHECK(r.status == 0, "convert: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    r = RUN("info", "--json", converted);
+    CHECK(r.status == 0 && strstr(r.out, "\"kind\":\"gan\"") && strstr(r.out, "\"architecture\":\"RRDBNet\""),
+          "info on the converted folder: exit %d, %s%s", r.status, r.out, r.err);
+    result_free(&r);
+    snprintf(pth, sizeof pth, "%s/RealESRGAN_x4plus.pth", tmp);
+    r = RUN("convert", pth, converted);
+    check_runtime_error(&r, "convert a .pth", "pickle");
+    r = RUN("convert", "a.param", converted);
+    CHECK(r.status == 1 && strstr(r.err, "not a.param"), "convert a lone .param: exit %d, %s", r.status, r.err);
+    result_free(&r);
+}
+
 
 static void test_runtime_errors(const char *tmp) {
     char missing_model[PATH_LEN + 64], missing_image[PATH_LEN + 64];
@@ -803,6 +845,7 @@ int main(int argc, char **argv) {
     test_param_ranges(tmp);
     test_fails_before_the_model(tmp);
     test_compare(tmp);
+    test_gan(tmp);
 
     char model[PATH_LEN];
     snprintf(model, sizeof model, "%s", test_ref("small/model"));

@@ -4,12 +4,14 @@
  * Opens the engine on the CPU (loading is what validates the folder: a
  * missing tensor or a wrong shape is reported here as it would be by
  * `upscale`) and prints sdx4_engine_info(): one "key: value" line each, the
- * components with their parameter counts ("unet 473.4M"), or with --json
- * the same facts as one JSON object with exact counts.
+ * components with their parameter counts ("unet 473.4M"), or a GAN's
+ * architecture and count, or with --json the same facts as one JSON
+ * object with exact counts.
  */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli.h"
 #include "sdx4.h"
@@ -38,7 +40,22 @@ static void format_count(char *buf, size_t size, int64_t n) {
         snprintf(buf, size, "%lld", (long long)n);
 }
 
+/* A GAN (sdx4.h): one network, no prompt, no noise. */
+static void print_gan_text(const sdx4_model_info *info) {
+    char count[32];
+    format_count(count, sizeof count, info->gan_params);
+    printf("model: %s\n", info->model_dir);
+    printf("kind: gan (%s, %s parameters)\n", info->architecture, count);
+    printf("device: %s\n", info->device);
+    printf("compute dtype: %s\n", info->compute_dtype);
+    printf("weights dtype: %s\n", info->weights_dtype);
+    printf("scale factor: %d\n", info->vae_scale_factor);
+    printf("activations: %lld bytes an input pixel (tiles above %.0f GiB)\n", (long long)info->gan_bytes_per_pixel,
+           SDX4_GAN_TILING_BUDGET / (double)(1 << 30));
+}
+
 static void print_text(const sdx4_model_info *info) {
+    if (!strcmp(info->kind, "gan")) return print_gan_text(info);
     const struct {
         const char *name;
         int64_t params;
@@ -68,9 +85,17 @@ static void print_text(const sdx4_model_info *info) {
 }
 
 static int print_json(const sdx4_model_info *info) {
-    json_t *root = json_pack(
-        "{s:s, s:s, s:s, s:s, s:{s:I, s:I, s:I}, s:i, s:i, s:i, s:I, s:I}",
-        "model_dir", info->model_dir, "device", info->device,
+    json_t *root = !strcmp(info->kind, "gan")
+                       ? json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:i, s:I, s:I}", "model_dir", info->model_dir,
+                                   "kind", info->kind, "architecture", info->architecture, "device", info->device,
+                                   "compute_dtype", info->compute_dtype, "weights_dtype", info->weights_dtype,
+                                   "parameters", (json_int_t)info->gan_params, "vae_scale_factor",
+                                   info->vae_scale_factor, "device_memory_bytes",
+                                   (json_int_t)info->device_memory_bytes, "gan_bytes_per_pixel",
+                                   (json_int_t)info->gan_bytes_per_pixel)
+                       : json_pack(
+        "{s:s, s:s, s:s, s:s, s:s, s:{s:I, s:I, s:I}, s:i, s:i, s:i, s:I, s:I}",
+        "model_dir", info->model_dir, "kind", info->kind, "device", info->device,
         "compute_dtype", info->compute_dtype, "weights_dtype",
         info->weights_dtype, "parameters", "text_encoder",
         (json_int_t)info->text_encoder_params, "unet",

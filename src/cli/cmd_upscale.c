@@ -311,7 +311,7 @@ int cmd_upscale(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 
-    fprintf(stderr, "seed: %llu\n", (unsigned long long)seed);
+    if (strcmp(info.kind, "gan")) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed); /* a GAN draws no noise */
     progress_bar bar;
     progress_init(&bar);
     params.progress = on_progress;
@@ -334,6 +334,15 @@ int cmd_upscale(int argc, char **argv) {
     }
     if (imageio_write_file(&output, out_path, quality, err, sizeof err) != 0) {
         fail_file(out_path, err);
+        goto done;
+    }
+    if (!strcmp(info.kind, "gan")) { /* one forward: no text encoder, UNet or VAE */
+        char gan_tiles[32] = "";
+        if (report.gan_tiles > 1) snprintf(gan_tiles, sizeof gan_tiles, " in %d tiles", report.gan_tiles);
+        fprintf(stderr, "%s: %dx%d in %.1f s (%s %.1f s%s), peak RSS %.0f MiB\n", out_path, output.width,
+                output.height, cli_now() - start, info.architecture, report.seconds_unet, gan_tiles,
+                (double)sdx4_peak_rss_bytes() / (1 << 20));
+        status = 0;
         goto done;
     }
     char windows[48] = "", tiles[32] = "";
