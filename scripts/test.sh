@@ -4,7 +4,7 @@
 #      CLI, bad input) on a release build, with the default GAN models
 #      fetched and converted (scripts/get-default-models.sh);
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
-#   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 15),
+#   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 10),
 #      as many at once as there are cores,
 #      from the seeds in fuzz/corpus/<target>/;
 #   4. the HTTP service's integration tests against the real server, then
@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 jobs=$(nproc)
-fuzz_seconds=${SDX4_FUZZ_SECONDS:-15}
+fuzz_seconds=${SDX4_FUZZ_SECONDS:-10}
 
 echo "== release build and tests (the CUDA backend too when nvcc exists)"
 # for this machine's GPU; without one only compiled, for one architecture
