@@ -23,13 +23,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "backend/backend.h"
+#include "core/cancel.h"
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine_internal.h"
-#include "core/cancel.h"
 #include "model/esrgan.h"
 #include "model/image_processor.h"
 #include "model/pipeline.h"
@@ -382,12 +382,6 @@ int sdx4_batch_capacity(const sdx4_engine *e, int width, int height, const sdx4_
     return n < SDX4_MAX_BATCH ? (int)n : SDX4_MAX_BATCH;
 }
 
-static double seconds_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static int on_tile(void *user, int done, int total) {
     const sdx4_upscale_params *p = user;
     return cancel_is_set(p->cancel) || (p->progress && p->progress(p->progress_user, done, total));
@@ -405,10 +399,10 @@ static sdx4_status gan_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_
     for (size_t i = 0; i < (size_t)h * w; i++)
         for (int c = 0; c < 3; c++) chw[(size_t)c * h * w + i] = in->pixels[3 * i + c] / 255.0f;
     const sdx4_atomic_int *outer = sdx4_cancel_install(p->cancel);
-    double t0 = seconds_now();
+    double t0 = mono_seconds();
     int rc = sdx4_esrgan_run(&e->g, e->be, chw, h, w, p->tile, SDX4_GAN_TILING_BUDGET, on_tile, (void *)p, &res,
                              &tiles);
-    double seconds = seconds_now() - t0;
+    double seconds = mono_seconds() - t0;
     sdx4_cancel_install(outer);
     free(chw);
     if (rc) {

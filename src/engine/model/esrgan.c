@@ -456,13 +456,14 @@ static int run_stage(const stage *st, backend *be, const host_map *a, const host
             tensor_free(tb);
             if (!y) goto fail;
             int h = (cy1 - cy0) * s, w = (cx1 - cx0) * s;
-            free(tmp);
-            tmp = malloc(sizeof *tmp * (size_t)out->c * h * w);
-            if (!tmp || be->download(be, y, tmp)) {
+            float *grown = realloc(tmp, sizeof *tmp * (size_t)out->c * h * w); /* edge tiles are smaller */
+            if (!grown || be->download(be, y, grown)) {
                 tensor_free(y);
-                if (!tmp) sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
+                if (grown) tmp = grown;
+                else sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
                 goto fail;
             }
+            tmp = grown;
             tensor_free(y);
             int oy = (ty - cy0) * s, ox = (tx - cx0) * s, rows = (y1 - ty) * s, cols = (x1 - tx) * s;
             for (int ch = 0; ch < out->c; ch++)

@@ -61,16 +61,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "model/tiling.h"
 
-static double clock_seconds(clockid_t clock) {
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static double now(void) { return clock_seconds(CLOCK_MONOTONIC); }
+static double now(void) { return mono_seconds(); }
 static double thread_cpu(void) { return clock_seconds(CLOCK_THREAD_CPUTIME_ID); }
 
 tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
