@@ -237,25 +237,25 @@ static void test_cache(redis *a, redis *b) {
 }
 
 static void test_auth(redis *a, redis *b) {
-    string_list keys = {.count = 1, .items = (char *[]){"secret-key-1"}};
-    auth *node[3] = {auth_create(&keys, NULL, 3, stderr), auth_create(&keys, NULL, 3, stderr),
-                     auth_create(&keys, NULL, 3, stderr)};
+    server_config cfg = {.api_keys = {.count = 1, .items = (char *[]){"secret-key-1"}}, .auth_failures = 3};
+    auth *node[3] = {auth_create(&cfg, stderr), auth_create(&cfg, stderr), auth_create(&cfg, stderr)};
     auth_share(node[0], a);
     auth_share(node[1], b);
-    char id[3][AUTH_IDENTITY_SIZE];
+    auth_client id[3];
     double retry;
     for (int i = 0; i < 3; i++)
-        CHECK(auth_check(node[i], "10.1.1.1", "Bearer secret-key-1", NULL, mono_now(), id[i], &retry) ==
-                  PROBLEM_NONE,
+        CHECK(auth_check(node[i], "10.1.1.1", "Bearer secret-key-1", NULL, AUTH_SCOPE_UPSCALE, mono_now(), &id[i],
+                         &retry) == PROBLEM_NONE,
               "node %d refused the key", i);
-    CHECK(strcmp(id[0], id[1]) == 0 && strncmp(id[0], "key:", 4) == 0, "two nodes, two identities: %s %s",
-          id[0], id[1]);
-    CHECK(strcmp(id[0], id[2]) != 0, "an unshared auth has the cluster's identity");
+    CHECK(strcmp(id[0].identity, id[1].identity) == 0 && strncmp(id[0].identity, "key:", 4) == 0,
+          "two nodes, two identities: %s %s", id[0].identity, id[1].identity);
+    CHECK(strcmp(id[0].identity, id[2].identity) != 0, "an unshared auth has the cluster's identity");
 
     /* 3 failures a minute per address, counted across nodes */
     int refused = 0;
     for (int i = 0; i < 4; i++) {
-        problem_kind k = auth_check(node[i % 2], "10.1.1.2", "Bearer wrong", NULL, mono_now(), id[2], &retry);
+        problem_kind k = auth_check(node[i % 2], "10.1.1.2", "Bearer wrong", NULL, AUTH_SCOPE_UPSCALE, mono_now(),
+                                    &id[2], &retry);
         refused += k == PROBLEM_RATE_LIMITED;
         CHECK(k == (i < 3 ? PROBLEM_FORBIDDEN : PROBLEM_RATE_LIMITED), "attempt %d: %d", i, k);
     }
@@ -269,8 +269,8 @@ static void test_down(redis *a, test_redis *server) {
     ratelimit_share(rl, a, "rate");
     cache *c = cache_create(1 << 20);
     cache_share(c, a);
-    string_list keys = {.count = 1, .items = (char *[]){"k2"}};
-    auth *au = auth_create(&keys, NULL, 3, stderr);
+    server_config cfg = {.api_keys = {.count = 1, .items = (char *[]){"k2"}}, .auth_failures = 3};
+    auth *au = auth_create(&cfg, stderr);
     auth_share(au, a);
 
     test_redis_stop(server);
@@ -278,7 +278,7 @@ static void test_down(redis *a, test_redis *server) {
     rate_decision d;
     uint8_t key[32] = {1};
     cached_result got, r = result_of("abc", 1);
-    char id[AUTH_IDENTITY_SIZE];
+    auth_client id;
     double retry;
     for (int i = 0; i < 20; i++) {
         ratelimit_check(rl, "10.0.0.9", mono_now(), &d);
@@ -287,7 +287,7 @@ static void test_down(redis *a, test_redis *server) {
         CHECK(cache_get_upload(c, key, &got) == 0, "a link hit without Redis");
         cache_put(c, key, &r);
         cache_link(c, key, key);
-        CHECK(auth_check(au, "10.0.0.9", "Bearer k2", NULL, mono_now(), id, &retry) == PROBLEM_STORE_UNAVAILABLE,
+        CHECK(auth_check(au, "10.0.0.9", "Bearer k2", NULL, AUTH_SCOPE_UPSCALE, mono_now(), &id, &retry) == PROBLEM_STORE_UNAVAILABLE,
               "a key judged without Redis");
     }
     double spent = mono_now() - t0;
@@ -303,7 +303,7 @@ static void test_down(redis *a, test_redis *server) {
     cache_put(c, key, &r);
     CHECK(cache_get(c, key, &got) == 1, "the cache did not recover");
     if (got.data) free(got.data);
-    CHECK(auth_check(au, "10.0.0.9", "Bearer k2", NULL, mono_now(), id, &retry) == PROBLEM_NONE,
+    CHECK(auth_check(au, "10.0.0.9", "Bearer k2", NULL, AUTH_SCOPE_UPSCALE, mono_now(), &id, &retry) == PROBLEM_NONE,
           "auth did not recover");
     ratelimit_destroy(rl);
     cache_destroy(c);

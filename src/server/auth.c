@@ -1,11 +1,12 @@
 /*
  * auth.c - API key checks (see auth.h).
  *
- * Each key is stored as its SHA-256. A presented key is hashed, then
- * compared against every stored digest with an OR of XORs over all 32
- * bytes and no early exit: the time taken depends on neither the key's
- * length nor how many of its bytes match nor which key it is, so timing
- * reveals nothing about the configured keys.
+ * Each key is stored as its SHA-256 with its scopes. A presented key is
+ * hashed, then compared against every stored digest with an OR of XORs
+ * over all 32 bytes and no early exit, its scopes gathered by masks: the
+ * time taken depends on neither the key's length nor how many of its
+ * bytes match nor which key it is, so timing reveals nothing about the
+ * configured keys.
  *
  * Identity. A client's identity must tell keys apart without standing in
  * for the key: it keys jobs, cached results, rate limits and queue lanes,
@@ -57,6 +58,8 @@ enum { FAILURE_WINDOW = 60 }; /* seconds over which --auth-failures counts */
 struct auth {
     int count;
     uint8_t (*digests)[32];
+    unsigned *scopes;  /* each key's */
+    bool upscale_open; /* no API key: the upscale scope needs no credential */
     uint8_t identity_secret[32];
     ratelimit *failures; /* failed attempts per address */
     redis *redis;        /* shared: the secret comes from there */
@@ -65,18 +68,29 @@ struct auth {
     bool secret_given;        /* by auth_set_identity_secret: Redis's is not fetched */
 };
 
-static int add_key(auth *a, const char *key, size_t len) {
+static int add_key(auth *a, const char *key, size_t len, unsigned scopes) {
     uint8_t(*grown)[32] = realloc(a->digests, (size_t)(a->count + 1) * sizeof *grown);
     if (!grown) return -1;
     a->digests = grown;
+    unsigned *grown_scopes = realloc(a->scopes, (size_t)(a->count + 1) * sizeof *grown_scopes);
+    if (!grown_scopes) return -1;
+    a->scopes = grown_scopes;
+    a->scopes[a->count] = scopes;
     sha256(a->digests[a->count++], key, len);
     return 0;
 }
 
-static int load_keys_file(auth *a, const char *path, FILE *err) {
+static int add_keys(auth *a, const string_list *keys, unsigned scopes) {
+    for (int i = 0; i < keys->count; i++)
+        if (add_key(a, keys->items[i], strlen(keys->items[i]), scopes)) return -1;
+    return 0;
+}
+
+static int load_keys_file(auth *a, const char *path, unsigned scopes, FILE *err) {
     FILE *f = fopen(path, "r");
     if (!f) {
-        fprintf(err, "sdx4 serve: cannot read API keys file %s\n", path);
+        fprintf(err, "sdx4 serve: cannot read %s keys file %s\n", scopes & AUTH_SCOPE_ADMIN ? "admin" : "API",
+                path);
         return -1;
     }
     char line[1024];
@@ -85,26 +99,29 @@ static int load_keys_file(auth *a, const char *path, FILE *err) {
         char *s = line, *e = line + strlen(line);
         while (isspace((unsigned char)*s)) s++;
         while (e > s && isspace((unsigned char)e[-1])) e--;
-        if (e > s && *s != '#') rc = add_key(a, s, (size_t)(e - s));
+        if (e > s && *s != '#') rc = add_key(a, s, (size_t)(e - s), scopes);
     }
     fclose(f);
     return rc;
 }
 
-auth *auth_create(const string_list *keys, const char *keys_file, int failures, FILE *err) {
+auth *auth_create(const server_config *cfg, FILE *err) {
     auth *a = calloc(1, sizeof *a);
     if (!a) return NULL;
     pthread_mutex_init(&a->lock, NULL);
-    for (int i = 0; i < keys->count; i++)
-        if (add_key(a, keys->items[i], strlen(keys->items[i]))) goto fail;
-    if (keys_file && load_keys_file(a, keys_file, err)) goto fail;
+    const unsigned admin = AUTH_SCOPE_UPSCALE | AUTH_SCOPE_ADMIN;
+    if (add_keys(a, &cfg->api_keys, AUTH_SCOPE_UPSCALE)) goto fail;
+    if (cfg->api_keys_file && load_keys_file(a, cfg->api_keys_file, AUTH_SCOPE_UPSCALE, err)) goto fail;
+    a->upscale_open = a->count == 0;
+    if (add_keys(a, &cfg->admin_keys, admin)) goto fail;
+    if (cfg->admin_keys_file && load_keys_file(a, cfg->admin_keys_file, admin, err)) goto fail;
     if (getrandom(a->identity_secret, sizeof a->identity_secret, 0) != sizeof a->identity_secret) {
         fprintf(err, "sdx4 serve: no random bytes for the identity secret\n");
         goto fail;
     }
     atomic_store(&a->secret_ready, true);
     string_list no_proxies = {0};
-    if (!(a->failures = ratelimit_create(failures, FAILURE_WINDOW, &no_proxies, err))) goto fail;
+    if (!(a->failures = ratelimit_create(cfg->auth_failures, FAILURE_WINDOW, &no_proxies, err))) goto fail;
     return a;
 fail:
     auth_destroy(a);
@@ -116,10 +133,11 @@ void auth_destroy(auth *a) {
     ratelimit_destroy(a->failures);
     pthread_mutex_destroy(&a->lock);
     free(a->digests);
+    free(a->scopes);
     free(a);
 }
 
-bool auth_enabled(const auth *a) { return a->count > 0; }
+bool auth_enabled(const auth *a) { return !a->upscale_open; }
 
 void auth_set_identity_secret(auth *a, const uint8_t secret[32]) {
     memcpy(a->identity_secret, secret, sizeof a->identity_secret);
@@ -166,12 +184,16 @@ static const char *presented_key(const char *authorization, const char *api_key)
     return key && *key ? key : NULL;
 }
 
-problem_kind auth_check(auth *a, const char *address, const char *authorization,
-                        const char *api_key, double now, char identity[AUTH_IDENTITY_SIZE],
-                        double *retry_after) {
+problem_kind auth_check(auth *a, const char *address, const char *authorization, const char *api_key,
+                        unsigned required, double now, auth_client *client, double *retry_after) {
+    char *identity = client->identity;
     identity[0] = '\0';
+    client->scopes = 0;
     *retry_after = 0;
-    if (!a->count) return PROBLEM_NONE;
+    if (a->upscale_open && !(required & ~(unsigned)AUTH_SCOPE_UPSCALE)) {
+        client->scopes = AUTH_SCOPE_UPSCALE;
+        return PROBLEM_NONE;
+    }
     rate_decision d;
     ratelimit_peek(a->failures, address, now, &d);
     if (d.unavailable) return PROBLEM_STORE_UNAVAILABLE;
@@ -182,16 +204,16 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
 
     const char *key = presented_key(authorization, api_key);
     uint8_t digest[32];
-    unsigned matched = 0;
+    unsigned scopes = 0;
     if (key) {
         sha256(digest, key, strlen(key));
         for (int k = 0; k < a->count; k++) {
             unsigned diff = 0;
             for (int i = 0; i < 32; i++) diff |= a->digests[k][i] ^ digest[i];
-            matched |= (unsigned)(diff == 0);
+            scopes |= a->scopes[k] & (0u - (unsigned)(diff == 0));
         }
     }
-    if (!matched) {
+    if (!scopes) {
         ratelimit_check(a->failures, address, now, &d);
         return key ? PROBLEM_FORBIDDEN : PROBLEM_UNAUTHORIZED;
     }
@@ -205,5 +227,6 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
         identity[5 + 2 * i] = hex[id[i] & 15];
     }
     identity[36] = '\0';
-    return PROBLEM_NONE;
+    client->scopes = scopes;
+    return (scopes & required) == required ? PROBLEM_NONE : PROBLEM_FORBIDDEN;
 }

@@ -1,11 +1,15 @@
 /*
  * auth.h - optional API keys (Authorization: Bearer KEY or X-API-Key: KEY),
- * the identity they give a client, and throttling of failed attempts.
+ * the identity and scopes they give a client, and throttling of failed
+ * attempts.
  *
- * With no key configured every request passes, anonymously. Keys come from
- * --api-keys (SDX4_API_KEYS) and --api-keys-file (one key per line, #
- * comments). Only digests of the keys are kept, and a presented key is
- * compared with every configured digest in constant time.
+ * Scopes. `upscale` is everything but the admin API; `admin` is the admin
+ * API (admin.h). API keys (--api-keys, --api-keys-file: one key per line,
+ * # comments) have the upscale scope; admin keys (--admin-keys,
+ * --admin-keys-file) have both. With no API key configured the upscale
+ * scope is open to everyone, anonymously; the admin scope never is. Only
+ * digests of the keys are kept, and a presented key is compared with
+ * every configured digest in constant time.
  *
  * An address whose attempts keep failing (no key or a wrong one) is
  * refused for a while before its key is even looked at: --auth-failures
@@ -29,10 +33,22 @@ typedef struct auth auth;
  * no keys are configured. Jobs and cached results belong to it. */
 #define AUTH_IDENTITY_SIZE 40
 
-/* `failures` failed attempts per address per minute before 429 (0: no
- * limit). NULL with a message on `err` when the keys cannot be read. */
-auth *auth_create(const string_list *keys, const char *keys_file, int failures, FILE *err);
+/* What a credential allows (a bit set). */
+enum { AUTH_SCOPE_UPSCALE = 1u << 0, AUTH_SCOPE_ADMIN = 1u << 1 };
+
+/* The client a credential identifies. */
+typedef struct {
+    char identity[AUTH_IDENTITY_SIZE];
+    unsigned scopes;
+} auth_client;
+
+/* From the settings' keys (api-keys, api-keys-file, admin-keys,
+ * admin-keys-file) and --auth-failures: failed attempts per address per
+ * minute before 429 (0: no limit). NULL with a message on `err` when the
+ * keys cannot be read. */
+auth *auth_create(const server_config *cfg, FILE *err);
 void auth_destroy(auth *a);
+/* Whether the upscale scope needs a credential. */
 bool auth_enabled(const auth *a);
 /* Replaces the secret drawn at start, before any request: identities then
  * stay the same from one run to the next, and on every server given the
@@ -44,14 +60,16 @@ struct redis;
 void auth_share(auth *a, struct redis *redis);
 
 /* Judges a request from `address` (the client's address, see ratelimit.h)
- * at `now` (mono_now()): PROBLEM_NONE when it may go on, with its
- * identity; PROBLEM_RATE_LIMITED when the address failed too often lately
- * (its key unchecked; `retry_after` seconds until the next attempt is
- * allowed); PROBLEM_UNAUTHORIZED without a key, PROBLEM_FORBIDDEN with a
- * wrong one (both counted as failures of the address);
- * PROBLEM_STORE_UNAVAILABLE when shared and Redis cannot be reached. */
-problem_kind auth_check(auth *a, const char *address, const char *authorization,
-                        const char *api_key, double now, char identity[AUTH_IDENTITY_SIZE],
-                        double *retry_after);
+ * at `now` (mono_now()) that needs the scope `required`: PROBLEM_NONE when
+ * it may go on, with its client (anonymous: identity "" when the upscale
+ * scope is open and that is all it needs); PROBLEM_RATE_LIMITED when the
+ * address failed too often lately (its key unchecked; `retry_after`
+ * seconds until the next attempt is allowed); PROBLEM_UNAUTHORIZED without
+ * a key, PROBLEM_FORBIDDEN with a wrong one (both counted as failures of
+ * the address) or with a valid key that lacks the scope (then `client`
+ * names it; not a failure: nothing was guessed); PROBLEM_STORE_UNAVAILABLE
+ * when shared and Redis cannot be reached. */
+problem_kind auth_check(auth *a, const char *address, const char *authorization, const char *api_key,
+                        unsigned required, double now, auth_client *client, double *retry_after);
 
 #endif

@@ -174,6 +174,10 @@ static const option options[] = {
      "accepted API keys, comma-separated (none: no authentication)"},
     {"api-keys-file", OPT_STRING, O(api_keys_file), 0, 0, NULL,
      "file of accepted API keys, one per line"},
+    {"admin-keys", OPT_LIST, O(admin_keys), 0, 0, NULL,
+     "keys of the admin API (/api/v1/admin/...), comma-separated; they are API keys too"},
+    {"admin-keys-file", OPT_STRING, O(admin_keys_file), 0, 0, NULL,
+     "file of admin keys, one per line"},
     {"auth-failures", OPT_INT, O(auth_failures), 0, 1000000, "10",
      "failed API key attempts per client address per minute; past them the "
      "address gets 429 until its allowance refills (0: no limit)"},

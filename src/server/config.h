@@ -64,8 +64,8 @@ typedef struct {
     /* clients */
     int rate_limit;
     double rate_window;
-    string_list trusted_proxies, api_keys, cors_origins;
-    char *api_keys_file;
+    string_list trusted_proxies, api_keys, admin_keys, cors_origins;
+    char *api_keys_file, *admin_keys_file;
     int auth_failures; /* failed key attempts per address per minute */
     /* cache, logs, docs */
     size_t cache_size;

@@ -778,8 +778,10 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
 
     if (needs_key(r->route)) {
         double retry;
+        auth_client client;
         problem_kind k = auth_check(srv->auth, r->ip, header(r, "Authorization"), header(r, "X-API-Key"),
-                                    mono_now(), r->owner, &retry);
+                                    AUTH_SCOPE_UPSCALE, mono_now(), &client, &retry);
+        memcpy(r->owner, client.identity, sizeof r->owner);
         if (k == PROBLEM_RATE_LIMITED) {
             metrics_auth_throttled();
             r->rate.retry_after = retry; /* Retry-After; no RateLimit-* headers: not that policy */

@@ -182,7 +182,7 @@ static void *load_model(void *arg) {
 
 static int start_parts(server *srv) {
     const server_config *c = &srv->cfg;
-    srv->auth = auth_create(&c->api_keys, c->api_keys_file, c->auth_failures, stderr);
+    srv->auth = auth_create(c, stderr);
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     char err[256];
