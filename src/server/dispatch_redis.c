@@ -892,7 +892,7 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
         unavailable(d, why, err);
         goto done;
     }
-    if (rc == 0 || !meta.listed || strcmp(meta.owner, owner) != 0) goto done; /* as unknown as any other id */
+    if (rc == 0 || !meta.listed || (owner && strcmp(meta.owner, owner) != 0)) goto done; /* as unknown as any other id */
     double now = mono_now(), wall = wall_now();
     j = job_create(d->srv->jobs, meta.kind, meta.ntasks, true, meta.client, meta.request_id,
                    now - (wall - meta.created));

@@ -406,6 +406,28 @@ history_result history_list(history *h, const history_query *q, json_t **page, c
     return HISTORY_OK;
 }
 
+json_t *history_usage_document(const char *client, int64_t day, int64_t requests, int64_t images,
+                               int64_t compute_us, int64_t errors) {
+    time_t t = (time_t)(day * 86400);
+    struct tm tm;
+    char date[16];
+    strftime(date, sizeof date, "%Y-%m-%d", gmtime_r(&t, &tm));
+    return json_pack("{s:s,s:s,s:I,s:I,s:f,s:I}", "client", client ? client : "", "date", date, "requests",
+                     (json_int_t)requests, "images", (json_int_t)(images > 0 ? images : 0), "compute_seconds",
+                     compute_us > 0 ? (double)compute_us * 1e-6 : 0.0, "errors", (json_int_t)(errors > 0 ? errors : 0));
+}
+
+history_result history_usage(history *h, const history_usage_query *q, json_t **rows, char *err, size_t n) {
+    history_db_usage_query dq = {.since_us = isfinite(q->since) ? history_micros(q->since) : INT64_MIN,
+                                 .until_us = isfinite(q->until) ? history_micros(q->until) : INT64_MAX,
+                                 .client = q->client ? q->client : "", .limit = q->limit};
+    *rows = json_array();
+    if (h->db->ops->usage(h->db, &dq, *rows, err, n) == HISTORY_DB_OK) return HISTORY_OK;
+    json_decref(*rows);
+    *rows = NULL;
+    return HISTORY_UNAVAILABLE;
+}
+
 void history_get_stats(history *h, history_stats *s) {
     pthread_mutex_lock(&h->lock);
     *s = (history_stats){.written = h->written, .dropped = h->dropped, .rejected = h->rejected,

@@ -81,6 +81,19 @@ void history_record(history *h, const history_entry *e);
  * {"jobs":[...], "next_cursor": "..." or null}. */
 history_result history_list(history *h, const history_query *q, json_t **page, char *err, size_t n);
 
+/* The admin API's usage report: requests, images, compute seconds and
+ * errors per client and UTC day, days then clients in order. */
+typedef struct {
+    double since, until; /* created in [since, until); -INFINITY, INFINITY: unbounded */
+    const char *client;  /* one client's only, or NULL for all */
+    int limit;           /* rows, 1..HISTORY_MAX_USAGE_ROWS */
+} history_usage_query;
+
+#define HISTORY_MAX_USAGE_ROWS 10000
+
+/* rows: [{client, date, requests, images, compute_seconds, errors}] */
+history_result history_usage(history *h, const history_usage_query *q, json_t **rows, char *err, size_t n);
+
 void history_get_stats(history *h, history_stats *s);
 
 /* The secret that makes API keys' identities stable (auth.h): drawn when

@@ -50,6 +50,14 @@ typedef struct {
     int64_t images, input_pixels, output_bytes, created_us, started_us, finished_us;
 } history_row;
 
+/* The admin API's usage: per client and day (UTC) in [since, until), at
+ * most `limit` rows, one client's only when `client` is not "". */
+typedef struct {
+    int64_t since_us, until_us;
+    const char *client;
+    int limit;
+} history_db_usage_query;
+
 typedef struct {
     /* Writes the entries in one transaction (all or none). */
     history_db_status (*write)(history_db *db, history_entry *const *entries, int n, char *err,
@@ -58,6 +66,10 @@ typedef struct {
      * newest first, at most q->limit. */
     history_db_status (*list)(history_db *db, const history_db_query *q, json_t *rows, char *err,
                               size_t len);
+    /* Appends history_usage_document() of each (client, day), in day
+     * then client order. */
+    history_db_status (*usage)(history_db *db, const history_db_usage_query *q, json_t *rows, char *err,
+                               size_t len);
     void (*close)(history_db *db);
 } history_db_ops;
 
@@ -85,6 +97,10 @@ history_db *history_postgres_open(const char *url, const char *fresh, char secre
 
 /* From history.c, for both backends. */
 json_t *history_row_document(const history_row *r);
+/* {client, date, requests, images, compute_seconds, errors}; `day` counts
+ * days since the epoch. */
+json_t *history_usage_document(const char *client, int64_t day, int64_t requests, int64_t images,
+                               int64_t compute_us, int64_t errors);
 int64_t history_micros(double wall); /* 0 stays 0: "never" */
 
 #define HISTORY_COLUMNS                                                                           \
@@ -101,5 +117,16 @@ int64_t history_micros(double wall); /* 0 stays 0: "never" */
     "FROM sdx4_jobs WHERE owner = $1 AND ($2 = '' OR status = $2) AND created_us >= $3 "         \
     "AND created_us < $4 AND (created_us, id) < ($5, $6) "                                       \
     "ORDER BY created_us DESC, id DESC LIMIT $7"
+
+/* Usage per client and day: compute time is from a job's first task
+ * starting to its end (a batch's UNet calls shared between the jobs in
+ * it count for each); errors are failed jobs (canceled ones are not). */
+#define HISTORY_USAGE                                                                             \
+    "SELECT client, created_us / 86400000000 AS day, count(*), sum(images), "                    \
+    "sum(CASE WHEN started_us IS NOT NULL AND finished_us > started_us "                          \
+    "THEN finished_us - started_us ELSE 0 END), "                                                 \
+    "sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) FROM sdx4_jobs "                         \
+    "WHERE created_us >= $1 AND created_us < $2 AND ($3 = '' OR client = $3) "                   \
+    "GROUP BY client, day ORDER BY day, client LIMIT $4"
 
 #endif

@@ -159,9 +159,10 @@ static int64_t number(PGresult *res, int row, int col) {
     return PQgetisnull(res, row, col) ? -1 : strtoll(PQgetvalue(res, row, col), NULL, 10);
 }
 
-static history_db_status postgres_list(history_db *base, const history_db_query *q, json_t *rows, char *err,
-                                       size_t len) {
-    postgres_db *db = (postgres_db *)base;
+/* Runs a read on the reader connection, each row to `on_row`. */
+static history_db_status read_rows(postgres_db *db, const char *sql, int n, const Oid *types,
+                                   const char *const *values, void (*on_row)(PGresult *, int, json_t *),
+                                   json_t *rows, char *err, size_t len) {
     pthread_mutex_lock(&db->read_lock);
     history_db_status s = HISTORY_DB_RETRY;
     /* a connection the server closed (a restart) shows only when used:
@@ -169,27 +170,9 @@ static history_db_status postgres_list(history_db *base, const history_db_query 
     for (int attempt = 0; attempt < 2 && s == HISTORY_DB_RETRY &&
                           (attempt == 0 || PQstatus(db->reader) != CONNECTION_OK) && usable(db->reader, err, len);
          attempt++) {
-        char since[24], until[24], before[24], limit[24];
-        snprintf(since, sizeof since, "%" PRId64, q->since_us);
-        snprintf(until, sizeof until, "%" PRId64, q->until_us);
-        snprintf(before, sizeof before, "%" PRId64, q->before_us);
-        snprintf(limit, sizeof limit, "%d", q->limit);
-        const char *values[7] = {q->owner, q->status, since, until, before, q->before_id, limit};
-        const Oid types[7] = {25, 25, 20, 20, 20, 25, 20}; /* text, int8 */
-        PGresult *res = PQexecParams(db->reader, HISTORY_SELECT, 7, types, values, NULL, NULL, 0);
+        PGresult *res = PQexecParams(db->reader, sql, n, types, values, NULL, NULL, 0);
         if (PQresultStatus(res) == PGRES_TUPLES_OK) {
-            for (int i = 0; i < PQntuples(res); i++) {
-                history_row r = {
-                    .id = value(res, i, 0), .kind = value(res, i, 1), .status = value(res, i, 2),
-                    .request_id = value(res, i, 3), .client = value(res, i, 4),
-                    .images = number(res, i, 5), .parameters = value(res, i, 6),
-                    .input_pixels = number(res, i, 7), .output_bytes = number(res, i, 8),
-                    .created_us = number(res, i, 9), .started_us = number(res, i, 10),
-                    .finished_us = number(res, i, 11), .worker = value(res, i, 12),
-                    .error_kind = value(res, i, 13), .error_detail = value(res, i, 14),
-                    .model = value(res, i, 15)};
-                json_array_append_new(rows, history_row_document(&r));
-            }
+            for (int i = 0; i < PQntuples(res); i++) on_row(res, i, rows);
             PQclear(res);
             s = HISTORY_DB_OK;
         } else {
@@ -200,6 +183,46 @@ static history_db_status postgres_list(history_db *base, const history_db_query 
     return s;
 }
 
+static void list_row(PGresult *res, int i, json_t *rows) {
+    history_row r = {.id = value(res, i, 0), .kind = value(res, i, 1), .status = value(res, i, 2),
+                     .request_id = value(res, i, 3), .client = value(res, i, 4),
+                     .images = number(res, i, 5), .parameters = value(res, i, 6),
+                     .input_pixels = number(res, i, 7), .output_bytes = number(res, i, 8),
+                     .created_us = number(res, i, 9), .started_us = number(res, i, 10),
+                     .finished_us = number(res, i, 11), .worker = value(res, i, 12),
+                     .error_kind = value(res, i, 13), .error_detail = value(res, i, 14),
+                     .model = value(res, i, 15)};
+    json_array_append_new(rows, history_row_document(&r));
+}
+
+static history_db_status postgres_list(history_db *base, const history_db_query *q, json_t *rows, char *err,
+                                       size_t len) {
+    char since[24], until[24], before[24], limit[24];
+    snprintf(since, sizeof since, "%" PRId64, q->since_us);
+    snprintf(until, sizeof until, "%" PRId64, q->until_us);
+    snprintf(before, sizeof before, "%" PRId64, q->before_us);
+    snprintf(limit, sizeof limit, "%d", q->limit);
+    const char *values[7] = {q->owner, q->status, since, until, before, q->before_id, limit};
+    const Oid types[7] = {25, 25, 20, 20, 20, 25, 20}; /* text, int8 */
+    return read_rows((postgres_db *)base, HISTORY_SELECT, 7, types, values, list_row, rows, err, len);
+}
+
+static void usage_row(PGresult *res, int i, json_t *rows) {
+    json_array_append_new(rows, history_usage_document(value(res, i, 0), number(res, i, 1), number(res, i, 2),
+                                                       number(res, i, 3), number(res, i, 4), number(res, i, 5)));
+}
+
+static history_db_status postgres_usage(history_db *base, const history_db_usage_query *q, json_t *rows,
+                                        char *err, size_t len) {
+    char since[24], until[24], limit[24];
+    snprintf(since, sizeof since, "%" PRId64, q->since_us);
+    snprintf(until, sizeof until, "%" PRId64, q->until_us);
+    snprintf(limit, sizeof limit, "%d", q->limit);
+    const char *values[4] = {since, until, q->client, limit};
+    const Oid types[4] = {20, 20, 25, 20};
+    return read_rows((postgres_db *)base, HISTORY_USAGE, 4, types, values, usage_row, rows, err, len);
+}
+
 static void postgres_close(history_db *base) {
     postgres_db *db = (postgres_db *)base;
     PQfinish(db->writer);
@@ -208,7 +231,7 @@ static void postgres_close(history_db *base) {
     free(db);
 }
 
-static const history_db_ops postgres_ops = {postgres_write, postgres_list, postgres_close};
+static const history_db_ops postgres_ops = {postgres_write, postgres_list, postgres_usage, postgres_close};
 
 history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len) {
     postgres_db *db = calloc(1, sizeof *db);

@@ -179,6 +179,31 @@ static history_db_status sqlite_list(history_db *base, const history_db_query *q
     return s;
 }
 
+static history_db_status sqlite_usage(history_db *base, const history_db_usage_query *q, json_t *rows,
+                                      char *err, size_t len) {
+    sqlite_db *db = (sqlite_db *)base;
+    pthread_mutex_lock(&db->read_lock);
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(db->reader, HISTORY_USAGE, -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, q->since_us);
+        sqlite3_bind_int64(st, 2, q->until_us);
+        sqlite3_bind_text(st, 3, q->client, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, q->limit);
+    }
+    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        json_array_append_new(rows, history_usage_document(
+                                        column_text(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+                                        sqlite3_column_int64(st, 3), sqlite3_column_int64(st, 4),
+                                        sqlite3_column_int64(st, 5)));
+        rc = SQLITE_OK;
+    }
+    history_db_status s = rc == SQLITE_DONE ? HISTORY_DB_OK : fail(db->reader, rc, err, len);
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&db->read_lock);
+    return s;
+}
+
 static void sqlite_close(history_db *base) {
     sqlite_db *db = (sqlite_db *)base;
     sqlite3_finalize(db->insert);
@@ -188,7 +213,7 @@ static void sqlite_close(history_db *base) {
     free(db);
 }
 
-static const history_db_ops sqlite_ops = {sqlite_write, sqlite_list, sqlite_close};
+static const history_db_ops sqlite_ops = {sqlite_write, sqlite_list, sqlite_usage, sqlite_close};
 
 history_db *history_sqlite_open(const char *path, const char *fresh, char secret[65], char *err, size_t len) {
     sqlite_db *db = calloc(1, sizeof *db);

@@ -55,6 +55,7 @@
 #include <microhttpd.h>
 
 #include "a1111.h"
+#include "admin.h"
 #include "auth.h"
 #include "cache.h"
 #include "conns.h"
@@ -215,6 +216,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
     case PROBLEM_QUEUE_FULL:
     case PROBLEM_NOT_READY:
     case PROBLEM_SHUTTING_DOWN: /* a restarted or sibling instance may take it */
+    case PROBLEM_DRAINED:
     case PROBLEM_HISTORY_UNAVAILABLE:
         snprintf(v, sizeof v, "%d", p->retry_after > 0 ? p->retry_after
                                     : p->kind == PROBLEM_QUEUE_FULL ? retry_after_queue(r->srv) : 5);
@@ -236,6 +238,9 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
             [ROUTE_DOCS] = "GET, HEAD, OPTIONS",
             [ROUTE_A1111_UPSCALERS] = "GET, HEAD, OPTIONS", [ROUTE_A1111_SINGLE] = "POST, OPTIONS",
             [ROUTE_A1111_BATCH] = "POST, OPTIONS",
+            [ROUTE_ADMIN_DRAIN] = "POST, OPTIONS", [ROUTE_ADMIN_UNDRAIN] = "POST, OPTIONS",
+            [ROUTE_ADMIN_JOBS] = "GET, HEAD, OPTIONS", [ROUTE_ADMIN_JOB] = "GET, HEAD, DELETE, OPTIONS",
+            [ROUTE_ADMIN_USAGE] = "GET, HEAD, OPTIONS",
         };
         if (allow[r->route]) MHD_add_response_header(resp, "Allow", allow[r->route]);
         break;
@@ -268,6 +273,8 @@ static const unsigned route_methods[ROUTE_COUNT] = {
     [ROUTE_HEALTH] = M_GET,     [ROUTE_MODEL_INFO] = M_GET,  [ROUTE_MODELS] = M_GET, [ROUTE_METRICS] = M_GET,
     [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
     [ROUTE_A1111_UPSCALERS] = M_GET, [ROUTE_A1111_SINGLE] = M_POST, [ROUTE_A1111_BATCH] = M_POST,
+    [ROUTE_ADMIN_DRAIN] = M_POST, [ROUTE_ADMIN_UNDRAIN] = M_POST, [ROUTE_ADMIN_JOBS] = M_GET,
+    [ROUTE_ADMIN_JOB] = M_GET | M_DELETE, [ROUTE_ADMIN_USAGE] = M_GET,
 };
 
 static bool is_job_id(const char *s, size_t len) {
@@ -293,6 +300,8 @@ static route_id match_route(const char *url, char job_id[33], char model[64]) {
         {"/sdapi/v1/extra-single-image", ROUTE_A1111_SINGLE},
         {"/sdapi/v1/extra-batch-images", ROUTE_A1111_BATCH},
         {"/", ROUTE_DOCS}, /* the web page (page.c): a page for people, as /docs is */
+        {API "/admin/drain", ROUTE_ADMIN_DRAIN}, {API "/admin/undrain", ROUTE_ADMIN_UNDRAIN},
+        {API "/admin/jobs", ROUTE_ADMIN_JOBS},   {API "/admin/usage", ROUTE_ADMIN_USAGE},
     };
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
         if (strcmp(url, fixed[i].path) == 0) return fixed[i].route;
@@ -304,6 +313,13 @@ static route_id match_route(const char *url, char job_id[33], char model[64]) {
         if (!name_len || name_len >= 64 || strchr(url + m, '/')) return ROUTE_UNKNOWN;
         memcpy(model, url + m, name_len + 1);
         return ROUTE_MODEL_INFO;
+    }
+    const char *admin_job = API "/admin/jobs/";
+    size_t a = strlen(admin_job);
+    if (strncmp(url, admin_job, a) == 0) {
+        if (!is_job_id(url + a, strlen(url + a))) return ROUTE_UNKNOWN;
+        memcpy(job_id, url + a, 33);
+        return ROUTE_ADMIN_JOB;
     }
     const char *prefix = API "/jobs/";
     size_t n = strlen(prefix);
@@ -413,6 +429,10 @@ static bool origin_allowed(const server *srv, const char *origin) {
 static bool needs_key(route_id route) {
     return route != ROUTE_HEALTH && route != ROUTE_OPENAPI && route != ROUTE_DOCS &&
            route != ROUTE_PREFLIGHT;
+}
+
+static bool is_admin(route_id route) {
+    return route >= ROUTE_ADMIN_DRAIN && route <= ROUTE_ADMIN_USAGE;
 }
 
 static bool takes_body(route_id route) {
@@ -775,12 +795,14 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
 
     if (r->route == ROUTE_JOB_GET && m == M_DELETE) r->route = ROUTE_JOB_CANCEL;
     if (r->route == ROUTE_JOB_CREATE && m == M_GET) r->route = ROUTE_JOB_LIST;
+    if (r->route == ROUTE_ADMIN_JOB && m == M_DELETE) r->route = ROUTE_ADMIN_JOB_CANCEL;
 
     if (needs_key(r->route)) {
         double retry;
         auth_client client;
-        problem_kind k = auth_check(srv->auth, r->ip, header(r, "Authorization"), header(r, "X-API-Key"),
-                                    AUTH_SCOPE_UPSCALE, mono_now(), &client, &retry);
+        unsigned scope = is_admin(r->route) ? AUTH_SCOPE_ADMIN : AUTH_SCOPE_UPSCALE;
+        problem_kind k = auth_check(srv->auth, r->ip, header(r, "Authorization"), header(r, "X-API-Key"), scope,
+                                    mono_now(), &client, &retry);
         memcpy(r->owner, client.identity, sizeof r->owner);
         if (k == PROBLEM_RATE_LIMITED) {
             metrics_auth_throttled();
@@ -794,7 +816,10 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
                                              "which cannot be reached; retry in 1 s");
         }
         if (k == PROBLEM_UNAUTHORIZED)
-            return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
+            return send_simple_problem(r, k, "send %s as Authorization: Bearer KEY or X-API-Key: KEY",
+                                       scope == AUTH_SCOPE_ADMIN ? "an admin key" : "an API key");
+        if (k == PROBLEM_FORBIDDEN && client.identity[0])
+            return send_simple_problem(r, k, "this key is not an admin key: the admin API needs one");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
         if (r->owner[0]) snprintf(r->client, sizeof r->client, "%s", r->owner);
     }
@@ -804,6 +829,9 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
     int phase = atomic_load(&srv->phase);
     if (phase == PHASE_DRAINING)
         return send_simple_problem(r, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
+    if (atomic_load(&srv->drained))
+        return send_simple_problem(r, PROBLEM_DRAINED, "an administrator drained this node: it takes no new "
+                                                       "upscales; retry, another node may take it");
     if (phase != PHASE_READY)
         return send_simple_problem(r, PROBLEM_NOT_READY, "the model is %s",
                                    phase == PHASE_FAILED ? "unavailable" : "still loading");
@@ -994,8 +1022,35 @@ static enum MHD_Result model_info_arg(void *cls, enum MHD_ValueKind kind, const 
     return MHD_NO;
 }
 
+static const char *query_arg(void *ctx, const char *name) {
+    return MHD_lookup_connection_value(((request *)ctx)->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+static enum MHD_Result answer_admin(request *r) {
+    admin_request a = {r->srv, r->owner, r->id, query_arg, r};
+    problem p = {0};
+    json_t *doc = NULL;
+    switch (r->route) {
+    case ROUTE_ADMIN_DRAIN:
+    case ROUTE_ADMIN_UNDRAIN:
+        doc = admin_drain(&a, r->route == ROUTE_ADMIN_DRAIN, &p);
+        break;
+    case ROUTE_ADMIN_JOBS:
+        doc = admin_list_jobs(&a, &p);
+        break;
+    case ROUTE_ADMIN_JOB:
+    case ROUTE_ADMIN_JOB_CANCEL:
+        doc = admin_job(&a, r->job_id, r->route == ROUTE_ADMIN_JOB_CANCEL, &p);
+        break;
+    default:
+        doc = admin_usage(&a, &p);
+    }
+    return doc ? send_json(r, 200, doc) : send_problem(r, &p);
+}
+
 static enum MHD_Result answer_get(request *r) {
     server *srv = r->srv;
+    if (is_admin(r->route)) return answer_admin(r);
     switch (r->route) {
     case ROUTE_JOB_LIST:
         return answer_job_list(r);

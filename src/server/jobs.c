@@ -254,6 +254,24 @@ json_t *job_document(job *j) {
     return d;
 }
 
+json_t *job_store_list(job_store *s, const char *state, int limit) {
+    json_t *jobs = json_array();
+    pthread_mutex_lock(&s->lock);
+    const job_list *lists[] = {&s->active, &s->retained};
+    for (int l = 0; l < 2; l++)
+        for (job *j = lists[l]->tail; j && (int)json_array_size(jobs) < limit; j = j->list_prev) {
+            if (state && strcmp(job_state_name(j->state), state) != 0) continue;
+            json_t *d = job_document_locked(j);
+            json_object_set_new(d, "owner", json_string(j->owner));
+            json_object_set_new(d, "client", json_string(j->client));
+            json_object_set_new(d, "request_id", json_string(j->request_id));
+            json_object_set_new(d, "listed", json_boolean(j->listed));
+            json_array_append_new(jobs, d);
+        }
+    pthread_mutex_unlock(&s->lock);
+    return jobs;
+}
+
 /* Reads outputs without the lock: the caller saw the job final, and a
  * final task never changes. */
 json_t *job_batch_results(job *j) {
@@ -612,11 +630,20 @@ static job *find_locked(job_store *s, const char *id) {
     return j;
 }
 
+/* An unlisted job (a synchronous upscale) by id: only the admin API looks
+ * for one, so a walk of the unfinished ones does. */
+static job *find_unlisted_locked(job_store *s, const char *id) {
+    job *j = s->active.head;
+    while (j && strcmp(j->id, id) != 0) j = j->list_next;
+    return j;
+}
+
 job *job_find(job_store *s, const char *id, const char *owner, problem *why) {
     pthread_mutex_lock(&s->lock);
     job *j = find_locked(s, id);
+    if (!j && !owner) j = find_unlisted_locked(s, id);
     bool known = j != NULL;
-    if (j && strcmp(j->owner, owner) != 0) j = NULL;
+    if (j && owner && strcmp(j->owner, owner) != 0) j = NULL;
     if (j) j->refs++;
     pthread_mutex_unlock(&s->lock);
     why->kind = PROBLEM_NONE;
@@ -677,6 +704,17 @@ static void delete_job(job *j, bool everywhere) {
 }
 
 void job_delete(job *j) { delete_job(j, true); }
+
+void job_cancel(job *j) {
+    pthread_mutex_lock(&j->store->lock);
+    bool stopping[FORM_MAX_IMAGES];
+    for (int i = 0; i < j->ntasks; i++) stopping[i] = !final(j->tasks[i].state);
+    waiter *woken = cancel_locked(j, STOP_CLIENT) ? take_waiters(j, true) : NULL;
+    for (int i = 0; i < j->ntasks; i++) /* whose cancel it was, for the owner */
+        if (stopping[i]) problem_set(&j->tasks[i].error, PROBLEM_CANCELED, "canceled by an administrator");
+    pthread_mutex_unlock(&j->store->lock);
+    wake_all(woken);
+}
 
 void job_forgotten(job_store *s, const char *id) {
     pthread_mutex_lock(&s->lock);

@@ -108,10 +108,18 @@ int job_submit(job *j, problem *err);
 
 /* A referenced listed job by id, or NULL; job_release drops a reference.
  * A job of another owner is not found: its id answers exactly as an
- * unknown one, so that ids cannot be probed across keys. In cluster mode
- * a job unknown here is looked for in the shared store (dispatch.h): NULL
- * with `why` set when that cannot be read (else why->kind is NONE). */
+ * unknown one, so that ids cannot be probed across keys. `owner` NULL
+ * (the admin API) finds any owner's, and this node's synchronous upscales
+ * too. In cluster mode a listed job unknown here is looked for in the
+ * shared store (dispatch.h): NULL with `why` set when that cannot be read
+ * (else why->kind is NONE). */
 job *job_find(job_store *s, const char *id, const char *owner, problem *why);
+
+/* The admin API's listing: the jobs this store holds, unfinished then
+ * retained, newest first within each, at most `limit`, only those in
+ * `state` (a job_state_name, NULL any): job documents with their owner,
+ * client, request id and whether they are listed. */
+json_t *job_store_list(job_store *s, const char *state, int limit);
 
 /* Cluster mode: `j` (from job_create, listed, its owner, webhook and
  * tasks filled in, each task's state, step and outputs as the shared store
@@ -125,6 +133,9 @@ void job_release(job *j);
 /* DELETE: cancels the unfinished tasks and forgets the job (its id then
  * answers 404); connections holding it still see its final state. */
 void job_delete(job *j);
+/* The admin API's cancel: the unfinished tasks stop as with DELETE, but
+ * the job stays, canceled, for its owner to see. */
+void job_cancel(job *j);
 /* Cluster mode: another node deleted the job; it is forgotten here too. */
 void job_forgotten(job_store *s, const char *id);
 /* Cluster mode: the delivery of the job's webhook as its sender wrote it

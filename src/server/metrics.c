@@ -30,6 +30,9 @@ const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_OPENAPI] = "openapi",       [ROUTE_DOCS] = "docs",
     [ROUTE_A1111_UPSCALERS] = "a1111_upscalers", [ROUTE_A1111_SINGLE] = "a1111_extra_single_image",
     [ROUTE_A1111_BATCH] = "a1111_extra_batch_images",
+    [ROUTE_ADMIN_DRAIN] = "admin_drain", [ROUTE_ADMIN_UNDRAIN] = "admin_undrain",
+    [ROUTE_ADMIN_JOBS] = "admin_jobs",   [ROUTE_ADMIN_JOB] = "admin_job",
+    [ROUTE_ADMIN_JOB_CANCEL] = "admin_job_cancel", [ROUTE_ADMIN_USAGE] = "admin_usage",
     [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
 };
 

@@ -49,6 +49,7 @@ static const struct {
     [PROBLEM_HISTORY_UNAVAILABLE] = {503, "history-unavailable", "Request history unavailable"},
     [PROBLEM_STORE_UNAVAILABLE] = {503, "store-unavailable", "Shared state unreachable"},
     [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
+    [PROBLEM_DRAINED] = {503, "drained", "Node drained"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

@@ -45,6 +45,7 @@ typedef enum {
     PROBLEM_STORE_UNAVAILABLE,  /* 503 cluster mode: Redis unreachable */
     PROBLEM_STORAGE_FAILED,     /* 502 the result could not be written to
                                    object storage (--s3-bucket) */
+    PROBLEM_DRAINED,            /* 503 this node was drained by an administrator */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

@@ -52,6 +52,12 @@ typedef enum {
     ROUTE_A1111_UPSCALERS, /* AUTOMATIC1111's API (a1111.h): GET /sdapi/v1/upscalers */
     ROUTE_A1111_SINGLE,    /* POST /sdapi/v1/extra-single-image */
     ROUTE_A1111_BATCH,     /* POST /sdapi/v1/extra-batch-images */
+    ROUTE_ADMIN_DRAIN,     /* the admin API (admin.h): POST /api/v1/admin/drain */
+    ROUTE_ADMIN_UNDRAIN,   /* POST /api/v1/admin/undrain */
+    ROUTE_ADMIN_JOBS,      /* GET /api/v1/admin/jobs */
+    ROUTE_ADMIN_JOB,       /* GET /api/v1/admin/jobs/{id} */
+    ROUTE_ADMIN_JOB_CANCEL, /* DELETE /api/v1/admin/jobs/{id} */
+    ROUTE_ADMIN_USAGE,     /* GET /api/v1/admin/usage */
     ROUTE_PREFLIGHT,
     ROUTE_UNKNOWN,
     ROUTE_COUNT
@@ -100,6 +106,7 @@ typedef struct server {
     int nmodels;
     const char *model_names[MAX_MODELS]; /* models[i].name: the names requests may give */
     atomic_int phase;
+    atomic_bool drained; /* by the admin API: no new upscales (admin.c) */
     char failure[512]; /* why loading failed (PHASE_FAILED): the model folder and the reason */
     double started;    /* mono_now() at start */
     struct queue *queue;

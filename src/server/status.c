@@ -150,6 +150,13 @@ json_t *status_health(server *srv, int *status) {
             json_object_set_new(h, "error", json_string(problem));
         }
     }
+    bool drained = atomic_load(&srv->drained);
+    json_object_set_new(h, "drained", json_boolean(drained));
+    if (drained && phase == PHASE_READY) { /* the admin API's drain (admin.h): no new upscales */
+        *status = 503;
+        json_object_set_new(h, "status", json_string("drained"));
+        json_object_set_new(h, "ready", json_false());
+    }
     return h;
 }
 

@@ -31,6 +31,7 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"X-API-Key": "key-bob"}
 KEYS = ("--api-keys", "key-alice,key-bob")
+ADMIN = {"Authorization": "Bearer key-root"}  # an admin key
 SEEDED = {"num_inference_steps": "1", "seed": "5"}
 
 
@@ -155,10 +156,11 @@ def upscale(s, headers):
 
 
 def test_history_off():
-    s = Server(*KEYS)
+    s = Server(*KEYS, "--admin-keys", "key-root")
     try:
         p = problem(s.get("/api/v1/jobs", headers=ALICE), 404, "not-found")
         assert "--history" in p["detail"]
+        assert "--history" in problem(s.get("/api/v1/admin/usage", headers=ADMIN), 404, "not-found")["detail"]
         r = s.post("/api/v1/jobs", files={"image": b"x"}, headers=ALICE)  # POST is still job creation
         assert r.status_code == 415, r.text
         for r in (requests.options(s.url + "/api/v1/jobs", timeout=10),
@@ -177,7 +179,7 @@ def test_unreachable_history_refuses_to_start(tmp_path):
 
 
 def test_history_lists_own_jobs_and_survives_restart(where):
-    s = Server(*KEYS, "--history", where)
+    s = Server(*KEYS, "--admin-keys", "key-root", "--history", where)
     try:
         alice = [upscale(s, ALICE) for _ in range(4)]  # one upscale, three cache hits
         r = s.post("/api/v1/jobs", files={"image": image_bytes()}, data=SEEDED, headers=ALICE)
@@ -221,6 +223,21 @@ def test_history_lists_own_jobs_and_survives_restart(where):
         since = [j["id"] for j in s.get("/api/v1/jobs", params={"since": t}, headers=ALICE).json()["jobs"]]
         until = [j["id"] for j in s.get("/api/v1/jobs", params={"until": t}, headers=ALICE).json()["jobs"]]
         assert since == [j["id"] for j in mine[:3]] and until == [j["id"] for j in mine[3:]]
+
+        # the admin API's usage: per client and UTC day; a canceled job is no error
+        usage = s.get("/api/v1/admin/usage", headers=ADMIN).json()["usage"]
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = {u["client"]: u for u in usage}
+        assert len(usage) == 2 and all(u["date"] == today for u in usage), usage
+        a, b = rows[mine[0]["client"]], rows[bobs[0]["client"]]
+        assert (a["requests"], a["images"], a["errors"]) == (5, 5, 0) and a["compute_seconds"] > 0, a
+        assert (b["requests"], b["images"], b["errors"]) == (2, 2, 0), b
+        one = s.get("/api/v1/admin/usage", params={"client": mine[0]["client"]}, headers=ADMIN).json()
+        assert one["usage"] == [a]
+        later = s.get("/api/v1/admin/usage", params={"since": "2100-01-01T00:00:00Z"}, headers=ADMIN).json()
+        assert later["usage"] == []
+        problem(s.get("/api/v1/admin/usage?until=yesterday", headers=ADMIN), 422, "invalid-field")
+        problem(s.get("/api/v1/admin/usage", headers=ALICE), 403, "forbidden")
 
         assert metric(s, 'sdx4_history_entries_total{outcome="written"}') >= 7
         assert metric(s, "sdx4_history_up") == 1

@@ -1,0 +1,133 @@
+/*
+ * admin.c - the admin API (see admin.h).
+ *
+ * Drain is a flag beside the server's phase, not a phase: a drained node
+ * is still ready in every other sense (its model loaded, its queue
+ * running), and undraining must return it exactly there. A shutdown's
+ * draining (PHASE_DRAINING) cannot be undone and wins over it.
+ *
+ * The job listing reads this node's job store: in a single process that
+ * is every job; in cluster mode, each API node holds the jobs made or read
+ * through it, and a job is also found by id in the shared store (as its
+ * owner would find it), so that any node can cancel any job.
+ */
+#include "admin.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dispatch.h"
+#include "history.h"
+#include "jobs.h"
+#include "log.h"
+
+static void log_action(const admin_request *a, const char *action, const char *target) {
+    log_event(LOG_INFO, "admin_action",
+              json_pack("{s:s,s:s,s:s,s:s?}", "action", action, "admin", a->admin, "request_id", a->request_id,
+                        "target", target));
+}
+
+json_t *admin_drain(const admin_request *a, bool drain, problem *p) {
+    server *srv = a->srv;
+    if (atomic_load(&srv->phase) == PHASE_DRAINING) {
+        problem_set(p, PROBLEM_SHUTTING_DOWN, "the server is shutting down");
+        return NULL;
+    }
+    bool was = atomic_exchange(&srv->drained, drain);
+    if (was != drain) log_action(a, drain ? "drain" : "undrain", NULL);
+    dispatch_stats qs;
+    dispatch_stats_get(&srv->dispatch, &qs);
+    return json_pack("{s:b,s:b,s:{s:i,s:i}}", "drained", drain, "changed", was != drain, "queue", "depth", qs.depth,
+                     "running", qs.running);
+}
+
+/* An integer query parameter in [lo, hi], `fallback` when absent. */
+static int int_arg(const admin_request *a, const char *name, int lo, int hi, int fallback, int *out, problem *p) {
+    const char *v = a->arg(a->ctx, name);
+    if (!v) {
+        *out = fallback;
+        return 0;
+    }
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (!isdigit((unsigned char)*v) || *end || n < lo || n > hi) {
+        char allowed[64];
+        snprintf(allowed, sizeof allowed, "an integer from %d to %d", lo, hi);
+        problem_field(p, name, allowed, "%s must be %s", name, allowed);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
+json_t *admin_list_jobs(const admin_request *a, problem *p) {
+    static const char *const states[] = {"queued", "running", "succeeded", "failed", "canceled"};
+    const char *state = a->arg(a->ctx, "state");
+    if (state) {
+        const char *known = NULL;
+        for (size_t i = 0; i < sizeof states / sizeof *states; i++)
+            if (strcmp(state, states[i]) == 0) known = states[i];
+        if (!known) {
+            problem_field(p, "state", "queued, running, succeeded, failed or canceled",
+                          "state must be queued, running, succeeded, failed or canceled");
+            return NULL;
+        }
+        state = known;
+    }
+    int limit;
+    if (int_arg(a, "limit", 1, 1000, 100, &limit, p)) return NULL;
+    return json_pack("{s:o}", "jobs", job_store_list(a->srv->jobs, state, limit));
+}
+
+json_t *admin_job(const admin_request *a, const char *id, bool cancel, problem *p) {
+    problem why = {0};
+    job *j = job_find(a->srv->jobs, id, NULL, &why);
+    if (!j) {
+        if (why.kind) *p = why;
+        else problem_set(p, PROBLEM_NOT_FOUND, "no job %s on this server", id);
+        return NULL;
+    }
+    if (cancel) {
+        job_cancel(j);
+        log_action(a, "cancel_job", id);
+    }
+    json_t *doc = job_document(j);
+    json_object_set_new(doc, "owner", json_string(job_owner(j)));
+    json_object_set_new(doc, "client", json_string(job_client(j)));
+    json_object_set_new(doc, "request_id", json_string(job_request_id(j)));
+    job_release(j);
+    return doc;
+}
+
+json_t *admin_usage(const admin_request *a, problem *p) {
+    server *srv = a->srv;
+    if (!srv->history) {
+        problem_set(p, PROBLEM_NOT_FOUND, "usage comes from the request history, which is off on this server "
+                                          "(sdx4 serve --history FILE or postgresql://... turns it on)");
+        return NULL;
+    }
+    history_usage_query q = {.since = -INFINITY, .until = INFINITY, .client = a->arg(a->ctx, "client")};
+    const char *names[] = {"since", "until"};
+    double *times[] = {&q.since, &q.until};
+    for (int i = 0; i < 2; i++) {
+        const char *v = a->arg(a->ctx, names[i]);
+        if (v && history_parse_time(v, times[i])) {
+            problem_field(p, names[i], "an RFC 3339 time, e.g. 2026-12-06T00:00:00Z",
+                          "%s must be an RFC 3339 time, e.g. 2026-12-06T00:00:00Z", names[i]);
+            return NULL;
+        }
+    }
+    if (int_arg(a, "limit", 1, HISTORY_MAX_USAGE_ROWS, 1000, &q.limit, p)) return NULL;
+    json_t *rows;
+    char err[256];
+    if (history_usage(srv->history, &q, &rows, err, sizeof err) != HISTORY_OK) {
+        log_event(LOG_WARN, "history_read_failed", json_pack("{s:s,s:s}", "request_id", a->request_id, "error", err));
+        problem_set(p, PROBLEM_HISTORY_UNAVAILABLE, "the request history cannot be read now; retry shortly");
+        return NULL;
+    }
+    return json_pack("{s:o}", "usage", rows);
+}

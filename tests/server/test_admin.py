@@ -1,0 +1,100 @@
+"""The admin API (admin.h): only an admin key opens it (an API key is
+refused without counting as a failed attempt); an admin sees every owner's
+jobs and cancels any of them, which stays for its owner to see, canceled;
+drain turns new upscales away (503 drained, health 503) while the work
+already admitted finishes, and undrain takes them again; every action is
+in the JSON log with the admin's identity. Usage per client and day is
+test_history.py's (it needs a history database)."""
+import time
+
+import pytest
+
+from conftest import Server, image_bytes, problem, single_process_only
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"X-API-Key": "key-bob"}
+ROOT = {"Authorization": "Bearer key-root"}
+# slow enough on the tiny model to be canceled before it ends
+SLOW = {"num_inference_steps": "150", "seed": "3"}
+
+
+@pytest.fixture(scope="module")
+def admin():
+    s = Server("--api-keys", "key-alice,key-bob", "--admin-keys", "key-root", "--workers", "1",
+               "--auth-failures", "4")
+    yield s
+    s.check_clean_exit()
+
+
+def actions(s):
+    return [l for l in s.logs() if isinstance(l, dict) and l.get("event") == "admin_action"]
+
+
+def test_only_an_admin_key_opens_it(admin):
+    for path in ("/api/v1/admin/jobs", "/api/v1/admin/usage", "/api/v1/admin/jobs/" + "a" * 32):
+        assert "admin key" in problem(admin.get(path), 401, "unauthorized")["detail"]
+        assert "not an admin key" in problem(admin.get(path, headers=ALICE), 403, "forbidden")["detail"]
+    for _ in range(4):  # 3 failures so far, of 4 allowed: refusals of a valid API key are not guesses: no 429 follows
+        problem(admin.post("/api/v1/admin/drain", headers=BOB), 403, "forbidden")
+    assert admin.get("/api/v1/admin/jobs", headers=ROOT).status_code == 200
+    # the admin key is an API key too
+    r = admin.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
+                   headers=ROOT)
+    assert r.status_code == 200, r.text
+    assert not actions(admin), "a refused or read-only call was logged as an action"
+
+
+def test_an_admin_lists_and_cancels_any_owners_job(admin):
+    jobs = [admin.post("/api/v1/jobs", files={"image": image_bytes(size=(96, 96))}, data=SLOW, headers=h).json()
+            for h in (ALICE, BOB)]
+    listed = admin.get("/api/v1/admin/jobs", headers=ROOT).json()["jobs"]
+    by_id = {j["id"]: j for j in listed}
+    assert all(j["id"] in by_id for j in jobs), listed
+    owners = {by_id[j["id"]]["owner"] for j in jobs}
+    assert len(owners) == 2 and all(o.startswith("key:") for o in owners)
+    queued = admin.get("/api/v1/admin/jobs?state=queued", headers=ROOT).json()["jobs"]
+    assert all(j["status"] == "queued" for j in queued)
+    problem(admin.get("/api/v1/admin/jobs?state=lost", headers=ROOT), 422, "invalid-field")
+    problem(admin.get("/api/v1/admin/jobs?limit=0", headers=ROOT), 422, "invalid-field")
+
+    for j in jobs:  # bob's is queued behind alice's (one worker); both are stopped
+        r = admin.delete(f"/api/v1/admin/jobs/{j['id']}", headers=ROOT)
+        assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+    mine = admin.get(jobs[0]["links"]["self"], headers=ALICE).json()
+    assert mine["status"] == "canceled" and mine["error"]["type"].endswith(":canceled") \
+        and "administrator" in mine["error"]["detail"], mine
+    problem(admin.get(jobs[0]["links"]["result"], headers=ALICE), 409, "canceled")
+    problem(admin.delete("/api/v1/admin/jobs/" + "f" * 32, headers=ROOT), 404, "not-found")
+    logged = [(a["action"], a.get("target")) for a in actions(admin)]
+    assert logged == [("cancel_job", jobs[0]["id"]), ("cancel_job", jobs[1]["id"])], logged
+    assert all(a["admin"].startswith("key:") and a["admin"] not in owners for a in actions(admin))
+
+
+@single_process_only("health and the refusal are the API node's, as here; the queue is the workers'")
+def test_drain_refuses_new_work_and_undrain_takes_it_again(admin):
+    running = admin.post("/api/v1/jobs", files={"image": image_bytes()},
+                         data=dict(SLOW, num_inference_steps="20"), headers=ALICE).json()
+    r = admin.post("/api/v1/admin/drain", headers=ROOT)
+    assert r.status_code == 200 and r.json()["drained"] and r.json()["changed"], r.text
+    assert not admin.post("/api/v1/admin/drain", headers=ROOT).json()["changed"]
+    admitted = admin.get(running["links"]["self"], headers=ALICE).json()
+    assert admitted["status"] in ("queued", "running"), "make the job slower: it ended before the drain"
+    h = admin.get("/api/v1/health")
+    assert h.status_code == 503 and h.json()["status"] == "drained" and h.json()["drained"], h.text
+    refused = admin.post("/api/v1/upscale", files={"image": image_bytes()}, headers=ALICE)
+    assert "drained" in problem(refused, 503, "drained")["detail"] and refused.headers["Retry-After"]
+    # what was admitted before finishes; reads go on
+    deadline = time.time() + 120
+    while admin.get(running["links"]["self"], headers=ALICE).json()["status"] not in ("succeeded", "failed"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    done = admin.get(running["links"]["self"], headers=ALICE).json()
+    assert done["status"] == "succeeded", done
+
+    r = admin.post("/api/v1/admin/undrain", headers=ROOT)
+    assert r.status_code == 200 and not r.json()["drained"] and r.json()["changed"], r.text
+    assert admin.get("/api/v1/health").status_code == 200
+    r = admin.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
+                   headers=ALICE)
+    assert r.status_code == 200, r.text
+    assert [a["action"] for a in actions(admin)][-2:] == ["drain", "undrain"]
