@@ -139,6 +139,9 @@ typedef struct {
     int64_t gan_bytes_per_pixel; /* float32 activations of a GAN's whole
                                     forward per input pixel: what decides
                                     whether it runs whole */
+    const char *weight_files[4]; /* the weight files loaded, NULL-terminated:
+                                    what a version digest of the model
+                                    hashes (the server's models.c) */
 } sdx4_model_info;
 
 sdx4_status sdx4_engine_info(const sdx4_engine *engine, sdx4_model_info *info);

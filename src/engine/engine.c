@@ -148,6 +148,7 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
         info->weights_dtype = dtype_name(e->g.ws.file_dtype);
         info->gan_params = e->g.ws.params;
         info->gan_bytes_per_pixel = sdx4_esrgan_bytes_per_pixel(&e->g.cfg);
+        info->weight_files[0] = e->g.ws.path;
     } else {
         info->kind = "diffusion";
         info->architecture = "StableDiffusionUpscalePipeline";
@@ -155,6 +156,9 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
         info->text_encoder_params = e->m.te_ws.params;
         info->unet_params = e->m.unet_ws.params;
         info->vae_params = e->m.vae_ws.params;
+        info->weight_files[0] = e->m.te_ws.path;
+        info->weight_files[1] = e->m.unet_ws.path;
+        info->weight_files[2] = e->m.vae_ws.path;
         info->max_noise_level = e->m.max_noise_level;
         info->max_prompt_tokens = sdx4_tokenizer_max_length(e->m.tok);
         info->unet_bytes_per_pixel = sdx4_unet_bytes_per_pixel(&e->m.unet);

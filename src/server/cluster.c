@@ -332,6 +332,7 @@ json_t *cluster_state_to_json(const cluster_task_state *s) {
                           s->step, "total", s->total, "started", s->started, "finished", s->finished, "width",
                           s->width, "height", s->height, "bytes", (json_int_t)s->bytes, "stored", s->stored,
                           "worker", s->worker);
+    if (s->model_hash[0]) json_object_set_new(j, "model_hash", json_string(s->model_hash));
     json_object_set_new(j, "report",
                         json_pack("{s:i,s:i,s:i,s:i,s:f,s:f,s:f}", "noise_level", rp->noise_level, "prompt_tokens",
                                   rp->prompt_tokens, "prompt_truncated", rp->prompt_truncated,
@@ -364,6 +365,9 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
         return -1;
     s->state = (job_state)state, s->step = (int)step, s->total = (int)total;
     s->width = (int)width, s->height = (int)height, s->bytes = (size_t)bytes;
+    const json_t *hash = json_object_get(j, "model_hash"); /* absent from earlier versions' records */
+    if (hash && (!json_is_string(hash) || json_string_length(hash) >= sizeof s->model_hash)) return -1;
+    snprintf(s->model_hash, sizeof s->model_hash, "%s", hash ? json_string_value(hash) : "");
     const json_t *rp = json_object_get(j, "report");
     if (!json_is_object(rp) || get_int(&r, rp, "noise_level", 0, 1 << 20, &v[0]) ||
         get_int(&r, rp, "prompt_tokens", 0, 1 << 20, &v[1]) || get_int(&r, rp, "prompt_truncated", 0, 1, &v[2]) ||

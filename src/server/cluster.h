@@ -86,6 +86,7 @@ typedef struct {
     sdx4_upscale_report report;
     problem error;
     char worker[64];
+    char model_hash[65]; /* the worker's weights (models.c), "" unknown */
 } cluster_task_state;
 
 json_t *cluster_state_to_json(const cluster_task_state *s);

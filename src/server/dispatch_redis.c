@@ -359,6 +359,7 @@ static int load_result(dispatch_redis *d, const char *id, const task *t, const c
 static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_task_state *s) {
     task_outcome o = {.state = s->state, .width = s->width, .height = s->height, .report = s->report,
                       .error = s->error};
+    memcpy(o.model_hash, s->model_hash, sizeof o.model_hash);
     if (s->state == JOB_SUCCEEDED) {
         char err[256];
         int rc = load_result(d, id, t, s, &o.output, &o.len, &o.error, err, sizeof err);
@@ -859,6 +860,7 @@ static int restore_task(dispatch_redis *d, const char *id, task *t, cluster_task
     t->total = s->total;
     t->error = s->error;
     t->report = s->report;
+    memcpy(t->model_hash, s->model_hash, sizeof t->model_hash);
     t->out_width = s->width;
     t->out_height = s->height;
     t->enqueued = now - (wall - record->created);

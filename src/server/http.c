@@ -136,7 +136,7 @@ static void add_cors(request *r, struct MHD_Response *resp) {
     MHD_add_response_header(resp, "Access-Control-Allow-Origin", wildcard ? "*" : r->cors_origin);
     if (!wildcard) MHD_add_response_header(resp, "Vary", "Origin");
     MHD_add_response_header(resp, "Access-Control-Expose-Headers",
-                            "X-Request-Id, X-Seed, X-Inference-Time-Ms, X-Queue-Time-Ms, X-Model, "
+                            "X-Request-Id, X-Seed, X-Inference-Time-Ms, X-Queue-Time-Ms, X-Model, X-Model-Hash, "
                             "X-Input-Size, X-Output-Size, X-Cache, X-Prompt-Tokens, "
                             "X-Prompt-Truncated, Retry-After, RateLimit-Limit, "
                             "RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy, Location");
@@ -1214,6 +1214,7 @@ static enum MHD_Result send_image(request *r, job *j) {
     set_header_int(resp, "X-Inference-Time-Ms", t->cache_hit ? 0 : llround((t->finished - t->started) * 1e3));
     set_header_int(resp, "X-Queue-Time-Ms", t->cache_hit ? 0 : llround((t->started - r->start) * 1e3 > 0 ? (t->started - r->start) * 1e3 : 0));
     MHD_add_response_header(resp, "X-Model", r->srv->models[t->model].name);
+    if (t->model_hash[0]) MHD_add_response_header(resp, "X-Model-Hash", t->model_hash);
     snprintf(v, sizeof v, "%dx%d", t->input.width, t->input.height);
     MHD_add_response_header(resp, "X-Input-Size", v);
     snprintf(v, sizeof v, "%dx%d", t->out_width, t->out_height);
@@ -1318,7 +1319,11 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     if (is_a1111(r->route) &&
         a1111_size(&r->a1111, w, h, m->engine ? m->info.vae_scale_factor : 0, c->max_side, &t->opts, p))
         return -1;
-    const char *model = m->name; /* the cache keeps the models' results apart */
+    /* the cache keeps the models' results apart, and their versions where
+     * this node knows them (an API node of a cluster knows names only) */
+    char model[64 + 1 + 65];
+    snprintf(model, sizeof model, "%s%s%s", m->name, m->hash[0] ? "@" : "", m->hash);
+    memcpy(t->model_hash, m->hash, sizeof t->model_hash); /* a cache hit's; a run sets its own */
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();

@@ -205,6 +205,8 @@ static json_t *job_document_locked(job *j) {
     json_object_set_new(d, "kind", json_string(j->kind == FORM_BATCH ? "batch" : "upscale"));
     json_object_set_new(d, "images", json_integer(j->ntasks));
     json_object_set_new(d, "model", json_string(j->store->srv->models[j->tasks[0].model].name));
+    const char *hash = j->tasks[0].model_hash[0] ? j->tasks[0].model_hash : j->store->srv->models[j->tasks[0].model].hash;
+    if (hash[0]) json_object_set_new(d, "model_hash", json_string(hash));
     set_time(d, "created_at", j, j->created);
     if (j->started > 0) set_time(d, "started_at", j, j->started);
     if (final(j->state)) set_time(d, "finished_at", j, j->finished);
@@ -808,6 +810,7 @@ void job_task_finished(task *t, task_outcome *o) {
         t->out_width = o->width;
         t->out_height = o->height;
         t->report = o->report;
+        if (o->model_hash[0]) memcpy(t->model_hash, o->model_hash, sizeof t->model_hash);
         o->output = NULL;
         job_state state = o->state;
         if (state == JOB_CANCELED) { /* stopped without a cancel on record */
@@ -889,6 +892,8 @@ static void record_history(job *j) {
                       "format", o->format ? imageio_format_name(o->format) : NULL,
                       "input_size", in[0] ? in : NULL, "output_size", out[0] ? out : NULL,
                       "output_bytes", (json_int_t)t->output_len, "cache_hit", t->cache_hit));
+        if (t->model_hash[0]) /* the version of `model` that made it */
+            json_object_set_new(json_array_get(images, (size_t)i), "model_hash", json_string(t->model_hash));
         e.input_pixels += (int64_t)t->input.width * t->input.height;
         e.output_bytes += (int64_t)t->output_len;
         if (t->error.kind && !e.error_kind[0] && j->state != JOB_SUCCEEDED) {

@@ -55,6 +55,7 @@ typedef struct task {
     size_t output_len;
     int out_width, out_height;
     sdx4_upscale_report report;
+    char model_hash[65]; /* the weights that made the output (models.c), "" unknown */
     bool cache_hit; /* output came from the cache, before submission */
     problem error;
     /* queue links (queue.c) */
@@ -180,6 +181,7 @@ typedef struct {
     size_t len;
     int width, height;
     sdx4_upscale_report report;
+    char model_hash[65]; /* the weights that made it, "" unknown */
     problem error; /* when failed */
 } task_outcome;
 void job_task_finished(task *t, task_outcome *outcome);

@@ -12,6 +12,13 @@
  * rest, which the server still checks against the table's ranges, so that
  * a request valid for one model is valid for every other. The model list
  * says which parameters matter for each.
+ *
+ * Versions. A model's name says what the operator calls it, not which
+ * weights answer: a folder updated in place keeps its name. So every
+ * loaded model has a digest of its weight files (SHA-256 over each file's
+ * name, size and bytes, in the engine's order), which every answer, job
+ * and history row carries beside the name. It costs one read of the
+ * files at load (about a second per GB, logged), in the loader thread.
  */
 #include "models.h"
 
@@ -23,6 +30,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <nettle/sha2.h>
 
 #include "cost.h"
 #include "log.h"
@@ -132,6 +141,42 @@ long long models_parameters(const sdx4_model_info *mi) {
     return (long long)(mi->text_encoder_params + mi->unet_params + mi->vae_params + mi->gan_params);
 }
 
+/* The digest of the weight files `mi` names, as 64 hex digits; -1 with
+ * `err` when one cannot be read or changed since it was loaded (its size
+ * differs from the engine's reading). */
+static int weights_digest(const sdx4_model_info *mi, char hex[65], char *err, size_t n) {
+    struct sha256_ctx ctx;
+    sha256_init(&ctx);
+    enum { CHUNK = 1 << 20 };
+    uint8_t *buf = malloc(CHUNK);
+    if (!buf) return snprintf(err, n, "out of memory"), -1;
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < 4 && mi->weight_files[i]; i++) {
+        const char *path = mi->weight_files[i], *base = strrchr(path, '/');
+        FILE *f = fopen(path, "rb");
+        struct stat st;
+        if (!f || fstat(fileno(f), &st) != 0) {
+            snprintf(err, n, "cannot read %s to take its digest: %s", path, strerror(errno));
+            rc = -1;
+            if (f) fclose(f);
+            break;
+        }
+        char header[512];
+        int len = snprintf(header, sizeof header, "%s%c%lld%c", base ? base + 1 : path, 0, (long long)st.st_size, 0);
+        sha256_update(&ctx, (size_t)len, (const uint8_t *)header);
+        long long total = 0;
+        for (size_t got; (got = fread(buf, 1, CHUNK, f)) > 0; total += (long long)got) sha256_update(&ctx, got, buf);
+        if (ferror(f) || total != (long long)st.st_size)
+            snprintf(err, n, "%s changed or could not be read while its digest was taken", path), rc = -1;
+        fclose(f);
+    }
+    free(buf);
+    uint8_t digest[SHA256_DIGEST_SIZE];
+    sha256_digest(&ctx, sizeof digest, digest);
+    for (int i = 0; i < SHA256_DIGEST_SIZE; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    return rc;
+}
+
 int models_load(served_model *m, const server_config *cfg, char *err, size_t n) {
     double t0 = mono_now();
     sdx4_engine_options o;
@@ -148,13 +193,19 @@ int models_load(served_model *m, const server_config *cfg, char *err, size_t n) 
         return -1;
     }
     sdx4_engine_info(engine, &m->info);
+    double t1 = mono_now();
+    if (weights_digest(&m->info, m->hash, err, n)) {
+        sdx4_engine_close(engine);
+        return -1;
+    }
     m->cost = cost_create(engine, cfg->min_side, cfg->max_side); /* NULL: no estimates */
     m->engine = engine;
     const sdx4_model_info *mi = &m->info;
-    json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:I,s:f}", "model", m->name, "dir", m->dir, "kind",
-                               mi->kind, "architecture", mi->architecture, "device", mi->device, "scale",
+    json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:I,s:s,s:f,s:f}", "model", m->name, "dir", m->dir,
+                               "kind", mi->kind, "architecture", mi->architecture, "device", mi->device, "scale",
                                mi->vae_scale_factor, "dtype", mi->compute_dtype, "parameters",
-                               (json_int_t)models_parameters(mi), "seconds", mono_now() - t0);
+                               (json_int_t)models_parameters(mi), "hash", m->hash, "seconds", mono_now() - t0,
+                               "hash_seconds", mono_now() - t1);
     if (m->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
     log_event(m->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
     return 0;
@@ -191,9 +242,9 @@ json_t *models_applicable_parameters(const sdx4_model_info *info) {
 
 json_t *models_entry(const served_model *m, bool is_default) {
     const sdx4_model_info *mi = &m->info;
-    return json_pack("{s:s,s:b,s:b,s:s,s:s,s:i,s:I,s:{s:s,s:s},s:o}", "name", m->name, "default", is_default,
-                     "ready", atomic_load(&m->state) == MODEL_READY, "kind", mi->kind, "architecture",
-                     mi->architecture, "scale", mi->vae_scale_factor, "parameters",
+    return json_pack("{s:s,s:s,s:b,s:b,s:s,s:s,s:i,s:I,s:{s:s,s:s},s:o}", "name", m->name, "model_hash", m->hash,
+                     "default", is_default, "ready", atomic_load(&m->state) == MODEL_READY, "kind", mi->kind,
+                     "architecture", mi->architecture, "scale", mi->vae_scale_factor, "parameters",
                      (json_int_t)models_parameters(mi), "dtype", "compute", mi->compute_dtype, "weights",
                      mi->weights_dtype, "applicable_parameters", models_applicable_parameters(mi));
 }

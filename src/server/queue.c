@@ -421,6 +421,7 @@ static void run_batch(queue *q, task **tasks, int n) {
     }
     double t0 = mono_now(), device0 = locked_device_now(q);
     runner_upscale_batch(model->engine, items, n, on_progress);
+    for (int k = 0; k < n; k++) memcpy(outs[k].model_hash, model->hash, sizeof outs[k].model_hash);
     double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
     metrics_batch(n);
     for (int k = 0; k < n; k++) {

@@ -77,6 +77,7 @@ struct cost_model;
 typedef struct served_model {
     char name[64];   /* what requests' `model` field and X-Model say */
     char dir[1024];  /* its folder */
+    char hash[65];   /* its weights' digest (models.c): which version answers */
     bool demo;       /* the folder holds a DEMO_MODEL marker */
     atomic_int state; /* model_state */
     sdx4_engine *engine;

@@ -232,6 +232,7 @@ static json_t *model_facts(const served_model *sm, bool is_default) {
         json_object_set_new(m, "max_prompt_tokens", json_integer(mi->max_prompt_tokens));
     }
     if (sm->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
+    json_object_set_new(m, "model_hash", json_string(sm->hash));
     return m;
 }
 
@@ -254,7 +255,8 @@ json_t *status_models(server *srv) {
         } else { /* an API-only node: the facts a live worker registered */
             json_t *info = srv->cluster ? served_model_info(srv, i) : NULL;
             if (info) {
-                e = json_pack("{s:s,s:b,s:b,s:O?,s:O?,s:O?,s:O?,s:O?,s:O?}", "name", m->name, "default", i == 0,
+                e = json_pack("{s:s,s:O?,s:b,s:b,s:O?,s:O?,s:O?,s:O?,s:O?,s:O?}", "name", m->name, "model_hash",
+                              json_object_get(info, "model_hash"), "default", i == 0,
                               "ready", true, "kind", json_object_get(info, "kind"), "architecture",
                               json_object_get(info, "architecture"), "scale", json_object_get(info, "scale_factor"),
                               "parameters", json_object_get(info, "parameters_total"), "dtype",

@@ -414,6 +414,7 @@ static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
     sl->state = (cluster_task_state){.state = JOB_RUNNING, .started = wall_now(),
                                      .total = models_is_gan(&w->models[model]) ? 1 : t->opts.steps};
     snprintf(sl->state.worker, sizeof sl->state.worker, "%s", w->name);
+    snprintf(sl->state.model_hash, sizeof sl->state.model_hash, "%s", w->models[model].hash);
     sl->last_report = mono_now();
     atomic_store(&sl->stop, STOP_NONE);
     int rc = cluster_report_progress(w->r, t->job_id, t->index, &sl->state, err, sizeof err);

@@ -71,6 +71,33 @@ def test_model_info(server):
     assert m["formats"]["output"] == ["png", "jpeg", "webp"]
 
 
+def weights_digest(model):
+    """models.c's digest, computed independently: each weight file's name,
+    size and bytes, text encoder then UNet then VAE (float32 files: the
+    server's variant is none)."""
+    h = hashlib.sha256()
+    for part, stem in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
+                       ("vae", "diffusion_pytorch_model")):
+        path = os.path.join(model, part, stem + ".safetensors")
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(f"{stem}.safetensors\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def test_model_version_in_every_answer(server):
+    """The weights' digest names the version: in model-info, the model list,
+    each upscale's X-Model-Hash, each job, and each history row (test_history)."""
+    want = weights_digest(MODEL)
+    assert server.get("/api/v1/model-info").json()["model_hash"] == want
+    listed = server.get("/api/v1/models").json()["models"][0]
+    assert listed["model_hash"] == want  # on an API node, from a live worker's facts
+    r = server.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+    assert r.status_code == 200 and r.headers["X-Model-Hash"] == want, r.headers
+    job = server.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"}).json()
+    assert wait_job(server, job["id"])["model_hash"] == want
+
+
 def test_openapi_and_docs(server):
     r = server.get("/openapi.json")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"

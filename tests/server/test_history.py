@@ -205,6 +205,7 @@ def test_history_lists_own_jobs_and_survives_restart(where):
         assert (params["steps"], params["seed"], params["input_size"], params["output_size"]) == \
             (1, 5, "64x64", "256x256")
         assert not params["cache_hit"] and mine[-2]["parameters"][0]["cache_hit"]
+        assert re.fullmatch("[0-9a-f]{64}", params["model_hash"])  # the version that made it
 
         bobs = listed(s, BOB, 2, "?limit=100")["jobs"]
         assert [j["id"] for j in bobs][0] == canceled and bobs[1]["request_id"] == bob

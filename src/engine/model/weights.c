@@ -48,6 +48,7 @@ int sdx4_weights_open_file(weight_source *ws, backend *be, const char *path, con
         sdx4_set_error(SDX4_ERR_MODEL, "%s: missing", path);
         return -1;
     }
+    snprintf(ws->path, sizeof ws->path, "%s", path);
     if (sdx4_st_open_header(&ws->file, path, ws->label)) return -1;
     ws->file_dtype = ws->file.count ? ws->file.tensors[0].type : DTYPE_F32;
     return 0;

@@ -31,6 +31,7 @@ typedef struct {
     backend *be;
     st_file file;       /* loading mode */
     char label[512];    /* "unet/diffusion_pytorch_model.safetensors" */
+    char path[4096];    /* the file, still known once it is closed */
     const char *prefix; /* prepended to every name ("", "text_model.") */
     int64_t params;     /* elements served so far */
     dtype file_dtype;   /* dtype of the first tensor served */
