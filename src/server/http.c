@@ -793,8 +793,12 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
             return send_simple_problem(r, k, "API keys are checked against what the cluster keeps in Redis, "
                                              "which cannot be reached; retry in 1 s");
         }
+        if (k == PROBLEM_UNAUTHORIZED && client.refusal)
+            return send_simple_problem(r, k, "the bearer token was refused: %s", client.refusal);
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send an API key as Authorization: Bearer KEY or X-API-Key: KEY");
+        if (k == PROBLEM_FORBIDDEN && client.identity[0]) /* a valid token without the upscale scope */
+            return send_simple_problem(r, k, "the credential lacks the upscale scope");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
         if (r->owner[0]) snprintf(r->client, sizeof r->client, "%s", r->owner);
     }
