@@ -168,6 +168,7 @@ static const char *jwk_import(json_t *k, jwk *out) {
     }
     free(a);
     free(b);
+    if (!why && gnutls_pubkey_verify_params(out->pub) < 0) why = "not a valid public key (a point off the curve?)";
     json_t *kid = json_object_get(k, "kid");
     if (!why && kid && !json_is_string(kid)) why = "kid is not a string";
     if (!why && kid && !(out->kid = strdup(json_string_value(kid)))) why = "out of memory";
@@ -508,7 +509,8 @@ jwt_status jwt_verify(jwt_verifier *v, const char *token, double now, jwt_claims
     const char *kid = NULL;
     jwt_status status = check_header(header, &alg, &kid);
     uint8_t *sig = NULL, *payload = NULL;
-    if (status == JWT_OK && (dot2[1] == '\0' || !(sig = b64url_decode(dot2 + 1, strlen(dot2 + 1), &sig_len))))
+    if (status == JWT_OK && (dot2[1] == '\0' || !(sig = b64url_decode(dot2 + 1, strlen(dot2 + 1), &sig_len)) ||
+                             !(payload = b64url_decode(dot1 + 1, (size_t)(dot2 - dot1 - 1), &payload_len))))
         status = JWT_MALFORMED;
     if (status == JWT_OK) {
         pthread_mutex_lock(&v->lock);
@@ -521,9 +523,7 @@ jwt_status jwt_verify(jwt_verifier *v, const char *token, double now, jwt_claims
     }
     json_decref(header); /* kid pointed into it */
     free(sig);
-    if (status != JWT_OK) return status;
-    if (!(payload = b64url_decode(dot1 + 1, (size_t)(dot2 - dot1 - 1), &payload_len))) return JWT_MALFORMED;
-    status = jwt_check_claims(v, (char *)payload, payload_len, now, out);
+    if (status == JWT_OK) status = jwt_check_claims(v, (char *)payload, payload_len, now, out);
     free(payload);
     return status;
 }
