@@ -113,12 +113,8 @@ class JwksHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_each_algorithm(tokens):
-    for key in (RSA, EC, ED):
+    for key in (RSA, EC, ED):  # (test_subjects_keep_their_jobs upscales with tokens)
         problem(tokens.get(UNKNOWN_JOB, headers=bearer(key.token())), 404, "not-found")
-    # an upscale, by a token's client
-    r = tokens.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
-                    headers=bearer(ED.token(scope="openid upscale")), timeout=300)
-    assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), r.text[:300]
 
 
 def test_api_keys_beside_tokens(tokens):
@@ -213,7 +209,7 @@ def test_jwks_url_and_rotation():
         # the IdP goes away: the keys fetched last stay in use
         idp.shutdown()
         idp.server_close()
-        time.sleep(1.5)
+        time.sleep(1.2)
         problem(s.get(UNKNOWN_JOB, headers=bearer(rotated.token())), 404, "not-found")
         assert any(isinstance(l, dict) and l.get("event") == "jwks_refresh_failed" for l in s.logs())
     finally:
@@ -234,11 +230,4 @@ def test_bad_settings_refuse_to_start(jwks_file):
     assert "jwt-jwks" in start_fails(*token_flags(f"http://127.0.0.1:{port}/certs"))
     assert "loopback" in start_fails(*token_flags("http://idp.example/certs"))
     assert "jwt-jwks needs jwt-issuer" in start_fails("--jwt-jwks", jwks_file, "--jwt-audience", AUDIENCE)
-    assert "need jwt-jwks" in start_fails("--jwt-issuer", ISSUER)
-    fd, path = tempfile.mkstemp(suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}, f)
-    try:
-        assert "no usable key" in start_fails(*token_flags(path))
-    finally:
-        os.unlink(path)
+    # (a JWKS without a usable key, and the other ways a key set is refused: test_server_jwt.c)
