@@ -80,7 +80,7 @@ def jwks_file():
 @pytest.fixture(scope="module")
 def tokens(jwks_file):
     """Tokens from a JWKS file, and an API key beside them."""
-    s = Server(*token_flags(jwks_file), "--api-keys", "key-carol", "--auth-failures", "0")
+    s = Server(*token_flags(jwks_file), "--api-keys", "key-carol", "--auth-failures", "0", "--log-level", "debug")
     yield s
     s.check_clean_exit()
 
@@ -158,6 +158,10 @@ def test_refusals_say_why(tokens):
     refused(tokens, "eyJhbGciOiJSUzI1NiJ9.e30", "malformed token")
     refused(tokens, RSA.token() + "=", "malformed token")
     refused(tokens, "eyJ" + "A" * 9000 + ".x.y", "malformed token")
+    # the log has each refusal at debug level, with the reason and never the token
+    logged = [l for l in tokens.logs() if isinstance(l, dict) and l.get("event") == "token_refused"]
+    assert {"expired", "wrong audience", "algorithm not allowed"} <= {l["reason"] for l in logged}
+    assert all(l["level"] == "debug" and "eyJ" not in json.dumps(l) for l in logged)
 
 
 def test_scope(tokens):
