@@ -32,7 +32,7 @@ ARG SDX4_CUDA=AUTO
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
         libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev \
-        libsqlite3-dev libpq-dev libhiredis-dev \
+        libsqlite3-dev libpq-dev libhiredis-dev libgnutls28-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt openapi.json ./

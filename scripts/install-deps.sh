@@ -6,6 +6,7 @@ packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
           libhiredis-dev redis-server
+          libgnutls28-dev # bearer tokens (src/server/jwt.c): RS256, ES256 and EdDSA signatures
           python3 python3-venv curl
           libsqlite3-dev libpq-dev postgresql # --history; postgresql: its server for the tests
           chromium chromium-driver # tests/server/test_page.py: the web page in a headless browser

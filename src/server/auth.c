@@ -20,6 +20,16 @@
  * database holds a secret drawn once, which replaces this one
  * (auth_set_identity_secret).
  *
+ * Tokens. A bearer token (jwt.c verifies it) names its client by `sub`,
+ * unique within its issuer: the identity is "sub:" and the first 128 bits
+ * of an HMAC of (SHA-256 of the issuer, subject) under the same secret as keys', so
+ * a subject keeps its jobs, history and allowance across tokens, restarts
+ * (with --history) and cluster nodes, exactly as a key does, and cannot
+ * collide with a key's identity. A refused token counts as a failed
+ * attempt of the address like a wrong key; the reason goes to the client
+ * (expired, wrong audience...: what it needs to get a good token, nothing
+ * that helps forge one) and to the log at debug level.
+ *
  * Cluster mode. What identities key (jobs, cached results, rate limits)
  * lives in Redis and is read by every node, so every node must give a key
  * the same identity: the secret is then drawn once for the cluster and
@@ -50,8 +60,11 @@
 #include <sys/random.h>
 
 #include "cache.h"
+#include "jwt.h"
+#include "log.h"
 #include "ratelimit.h"
 #include "redis.h"
+#include "server.h"
 
 enum { FAILURE_WINDOW = 60 }; /* seconds over which --auth-failures counts */
 
@@ -66,6 +79,8 @@ struct auth {
     pthread_mutex_t lock; /* one fetch of the shared secret at a time */
     atomic_bool secret_ready; /* identity_secret is final */
     bool secret_given;        /* by auth_set_identity_secret: Redis's is not fetched */
+    jwt_verifier *jwt;        /* bearer tokens, NULL without --jwt-jwks */
+    uint8_t jwt_issuer_digest[32]; /* SHA-256 of --jwt-issuer: part of a token's identity */
 };
 
 static int add_key(auth *a, const char *key, size_t len, unsigned scopes) {
@@ -112,7 +127,14 @@ auth *auth_create(const server_config *cfg, FILE *err) {
     const unsigned admin = AUTH_SCOPE_UPSCALE | AUTH_SCOPE_ADMIN;
     if (add_keys(a, &cfg->api_keys, AUTH_SCOPE_UPSCALE)) goto fail;
     if (cfg->api_keys_file && load_keys_file(a, cfg->api_keys_file, AUTH_SCOPE_UPSCALE, err)) goto fail;
-    a->upscale_open = a->count == 0;
+    if (cfg->jwt_jwks) {
+        jwt_settings js = {.jwks = cfg->jwt_jwks, .issuer = cfg->jwt_issuer, .audience = cfg->jwt_audience,
+                           .leeway = cfg->jwt_leeway, .refresh = cfg->jwt_jwks_refresh,
+                           .unknown_kid_interval = 30, .fetch_timeout = 10};
+        if (!(a->jwt = jwt_verifier_create(&js, err))) goto fail;
+        sha256(a->jwt_issuer_digest, cfg->jwt_issuer, strlen(cfg->jwt_issuer));
+    }
+    a->upscale_open = a->count == 0 && !a->jwt;
     if (add_keys(a, &cfg->admin_keys, admin)) goto fail;
     if (cfg->admin_keys_file && load_keys_file(a, cfg->admin_keys_file, admin, err)) goto fail;
     if (getrandom(a->identity_secret, sizeof a->identity_secret, 0) != sizeof a->identity_secret) {
@@ -131,6 +153,7 @@ fail:
 void auth_destroy(auth *a) {
     if (!a) return;
     ratelimit_destroy(a->failures);
+    jwt_verifier_destroy(a->jwt);
     pthread_mutex_destroy(&a->lock);
     free(a->digests);
     free(a->scopes);
@@ -184,11 +207,47 @@ static const char *presented_key(const char *authorization, const char *api_key)
     return key && *key ? key : NULL;
 }
 
+/* `prefix` and the first 128 bits of the HMAC of `data` under the identity
+ * secret, in hex. */
+static void set_identity(auth *a, auth_client *client, const char *prefix, const void *data, size_t len) {
+    uint8_t id[32];
+    hmac_sha256(id, a->identity_secret, sizeof a->identity_secret, data, len);
+    static const char hex[] = "0123456789abcdef";
+    char *out = client->identity + strlen(prefix);
+    memcpy(client->identity, prefix, strlen(prefix));
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[id[i] >> 4];
+        out[2 * i + 1] = hex[id[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+static problem_kind check_token(auth *a, const char *address, const char *token, unsigned required, double now,
+                                auth_client *client) {
+    jwt_claims claims;
+    jwt_status status = jwt_verify(a->jwt, token, wall_now(), &claims);
+    if (status != JWT_OK) {
+        rate_decision d;
+        ratelimit_check(a->failures, address, now, &d);
+        client->refusal = jwt_status_text(status);
+        log_event(LOG_DEBUG, "token_refused", json_pack("{s:s?,s:s}", "address", address, "reason", client->refusal));
+        return PROBLEM_UNAUTHORIZED;
+    }
+    if (!atomic_load(&a->secret_ready) && !fetch_shared_secret(a)) return PROBLEM_STORE_UNAVAILABLE;
+    uint8_t named[32 + JWT_SUBJECT_MAX]; /* the issuer's digest, then the subject */
+    size_t subject_len = strlen(claims.subject);
+    memcpy(named, a->jwt_issuer_digest, 32);
+    memcpy(named + 32, claims.subject, subject_len);
+    set_identity(a, client, "sub:", named, 32 + subject_len);
+    client->scopes = claims.scopes;
+    return (claims.scopes & required) == required ? PROBLEM_NONE : PROBLEM_FORBIDDEN;
+}
+
 problem_kind auth_check(auth *a, const char *address, const char *authorization, const char *api_key,
                         unsigned required, double now, auth_client *client, double *retry_after) {
-    char *identity = client->identity;
-    identity[0] = '\0';
+    client->identity[0] = '\0';
     client->scopes = 0;
+    client->refusal = NULL;
     *retry_after = 0;
     if (a->upscale_open && !(required & ~(unsigned)AUTH_SCOPE_UPSCALE)) {
         client->scopes = AUTH_SCOPE_UPSCALE;
@@ -203,6 +262,7 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
     }
 
     const char *key = presented_key(authorization, api_key);
+    if (key && a->jwt && jwt_shaped(key)) return check_token(a, address, key, required, now, client);
     uint8_t digest[32];
     unsigned scopes = 0;
     if (key) {
@@ -218,15 +278,7 @@ problem_kind auth_check(auth *a, const char *address, const char *authorization,
         return key ? PROBLEM_FORBIDDEN : PROBLEM_UNAUTHORIZED;
     }
     if (!atomic_load(&a->secret_ready) && !fetch_shared_secret(a)) return PROBLEM_STORE_UNAVAILABLE;
-    uint8_t id[32];
-    hmac_sha256(id, a->identity_secret, sizeof a->identity_secret, digest, sizeof digest);
-    static const char hex[] = "0123456789abcdef";
-    memcpy(identity, "key:", 4);
-    for (int i = 0; i < 16; i++) {
-        identity[4 + 2 * i] = hex[id[i] >> 4];
-        identity[5 + 2 * i] = hex[id[i] & 15];
-    }
-    identity[36] = '\0';
+    set_identity(a, client, "key:", digest, sizeof digest);
     client->scopes = scopes;
     return (scopes & required) == required ? PROBLEM_NONE : PROBLEM_FORBIDDEN;
 }

@@ -181,6 +181,17 @@ static const option options[] = {
     {"auth-failures", OPT_INT, O(auth_failures), 0, 1000000, "10",
      "failed API key attempts per client address per minute; past them the "
      "address gets 429 until its allowance refills (0: no limit)"},
+    {"jwt-jwks", OPT_STRING, O(jwt_jwks), 0, 0, NULL,
+     "accept OAuth 2 / OIDC bearer tokens (JWT: RS256, ES256, EdDSA) signed by the keys of "
+     "this JWKS: a file, or an https:// URL (the IdP's jwks_uri); API keys keep working beside them"},
+    {"jwt-jwks-refresh", OPT_DOUBLE, O(jwt_jwks_refresh), 1, 86400, "300",
+     "seconds between reloads of the JWKS (and at most one reload per 30 s for a token "
+     "naming an unknown kid)"},
+    {"jwt-issuer", OPT_STRING, O(jwt_issuer), 0, 0, NULL, "a token's iss, exactly (required with jwt-jwks)"},
+    {"jwt-audience", OPT_STRING, O(jwt_audience), 0, 0, NULL,
+     "a token's aud must be or contain this (required with jwt-jwks)"},
+    {"jwt-leeway", OPT_DOUBLE, O(jwt_leeway), 0, 600, "60",
+     "seconds of clock skew forgiven on a token's exp, nbf and iat"},
     {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
      "origins allowed by CORS, comma-separated, or *"},
     {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",
@@ -460,6 +471,10 @@ static int check(const server_config *cfg, FILE *err) {
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";
+    else if (cfg->jwt_jwks && !(cfg->jwt_issuer && *cfg->jwt_issuer && cfg->jwt_audience && *cfg->jwt_audience))
+        bad = "jwt-jwks needs jwt-issuer and jwt-audience";
+    else if (!cfg->jwt_jwks && (cfg->jwt_issuer || cfg->jwt_audience))
+        bad = "jwt-issuer and jwt-audience need jwt-jwks";
     else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
         bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
     if (!bad) return 0;

@@ -67,6 +67,8 @@ typedef struct {
     string_list trusted_proxies, api_keys, admin_keys, cors_origins;
     char *api_keys_file, *admin_keys_file;
     int auth_failures; /* failed key attempts per address per minute */
+    char *jwt_jwks, *jwt_issuer, *jwt_audience; /* bearer tokens (jwt.h); jwt_jwks NULL: none */
+    double jwt_jwks_refresh, jwt_leeway;
     /* cache, logs, docs */
     size_t cache_size;
     bool cache_shared; /* cached results shared between API keys */

@@ -815,11 +815,16 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
             return send_simple_problem(r, k, "API keys are checked against what the cluster keeps in Redis, "
                                              "which cannot be reached; retry in 1 s");
         }
+        if (k == PROBLEM_UNAUTHORIZED && client.refusal)
+            return send_simple_problem(r, k, "the bearer token was refused: %s", client.refusal);
         if (k == PROBLEM_UNAUTHORIZED)
             return send_simple_problem(r, k, "send %s as Authorization: Bearer KEY or X-API-Key: KEY",
                                        scope == AUTH_SCOPE_ADMIN ? "an admin key" : "an API key");
-        if (k == PROBLEM_FORBIDDEN && client.identity[0])
-            return send_simple_problem(r, k, "this key is not an admin key: the admin API needs one");
+        if (k == PROBLEM_FORBIDDEN && client.identity[0]) /* a valid credential without the scope */
+            return send_simple_problem(r, k, scope == AUTH_SCOPE_ADMIN
+                                                 ? "this credential has no admin scope: the admin API needs an "
+                                                   "admin key or a token with the admin scope"
+                                                 : "the credential lacks the upscale scope");
         if (k == PROBLEM_FORBIDDEN) return send_simple_problem(r, k, "the API key is not valid");
         if (r->owner[0]) snprintf(r->client, sizeof r->client, "%s", r->owner);
     }

@@ -21,7 +21,7 @@ static const struct {
 } kinds[PROBLEM_KIND_COUNT] = {
     [PROBLEM_NONE] = {500, "internal-error", "Internal error"},
     [PROBLEM_MALFORMED] = {400, "malformed-request", "Malformed request"},
-    [PROBLEM_UNAUTHORIZED] = {401, "unauthorized", "API key required"},
+    [PROBLEM_UNAUTHORIZED] = {401, "unauthorized", "Authentication required"},
     [PROBLEM_FORBIDDEN] = {403, "forbidden", "Forbidden"},
     [PROBLEM_NOT_FOUND] = {404, "not-found", "Not found"},
     [PROBLEM_METHOD] = {405, "method-not-allowed", "Method not allowed"},

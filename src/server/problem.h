@@ -15,7 +15,7 @@
 typedef enum {
     PROBLEM_NONE = 0,
     PROBLEM_MALFORMED,          /* 400 unparsable body, multipart or JSON */
-    PROBLEM_UNAUTHORIZED,       /* 401 no API key */
+    PROBLEM_UNAUTHORIZED,       /* 401 no API key, or a refused bearer token */
     PROBLEM_FORBIDDEN,          /* 403 wrong API key, CORS origin refused */
     PROBLEM_NOT_FOUND,          /* 404 no such route or job */
     PROBLEM_METHOD,             /* 405 */

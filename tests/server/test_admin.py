@@ -33,7 +33,7 @@ def actions(s):
 def test_only_an_admin_key_opens_it(admin):
     for path in ("/api/v1/admin/jobs", "/api/v1/admin/usage", "/api/v1/admin/jobs/" + "a" * 32):
         assert "admin key" in problem(admin.get(path), 401, "unauthorized")["detail"]
-        assert "not an admin key" in problem(admin.get(path, headers=ALICE), 403, "forbidden")["detail"]
+        assert "no admin scope" in problem(admin.get(path, headers=ALICE), 403, "forbidden")["detail"]
     for _ in range(4):  # 3 failures so far, of 4 allowed: refusals of a valid API key are not guesses: no 429 follows
         problem(admin.post("/api/v1/admin/drain", headers=BOB), 403, "forbidden")
     assert admin.get("/api/v1/admin/jobs", headers=ROOT).status_code == 200
