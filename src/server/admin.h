@@ -17,6 +17,10 @@
  *                                    errors per client and UTC day, from the
  *                                    request history (?since=&until=
  *                                    &client=&limit=)
+ *   POST   /api/v1/admin/models/{name}/reload[?dir=FOLDER]
+ *                                    a new version of the model, loaded
+ *                                    beside the old and swapped in; running
+ *                                    work finishes on the old one
  *
  * Every route needs the admin scope (auth.h: an admin key); http.c checks
  * it before calling here. Every action that changes something is logged
@@ -49,5 +53,16 @@ json_t *admin_drain(const admin_request *a, bool drain, problem *p);
 json_t *admin_list_jobs(const admin_request *a, problem *p);
 json_t *admin_job(const admin_request *a, const char *id, bool cancel, problem *p);
 json_t *admin_usage(const admin_request *a, problem *p);
+/* Loads a new version of the model `name` (from ?dir=FOLDER, or its
+ * current folder) in a thread of its own, warms it up, then swaps it in:
+ * new work gets it, work already running finishes on the old one, which
+ * its last batch frees. The answer (202) comes at once; the model list
+ * says `reloading` until the swap, and `reload_error` if it failed (the
+ * old version then goes on serving). Single-process servers only: in
+ * cluster mode the workers load the models (restart them in turn). */
+json_t *admin_reload(const admin_request *a, const char *name, problem *p);
+/* Waits until no reload runs, or `deadline` (mono_now() clock); false if
+ * one still does (it is inside the engine: nothing it uses may be freed). */
+bool admin_reloads_finished(server *srv, double deadline);
 
 #endif

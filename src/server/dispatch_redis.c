@@ -624,14 +624,19 @@ static bool estimate(dispatch_redis *d, task **tasks, int n, double *estimates) 
         cost_curve curve = d->curve[t->model];
         bool remote = d->have_curve[t->model];
         pthread_mutex_unlock(&d->lock);
-        cost_model *own = d->srv->models[t->model].cost;
-        if (!remote && !(own && cost_calibrated(own))) return false;
+        model_version *v = remote ? NULL : models_acquire(&d->srv->models[t->model]);
+        cost_model *own = v ? v->cost : NULL;
+        if (!remote && !(own && cost_calibrated(own))) {
+            models_release(v);
+            return false;
+        }
         bool guided = (float)t->opts.guidance_scale > 1.0f;
         int w = t->input.width, h = t->input.height;
         int steps = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
         int tile = t->opts.tile, overlap = t->opts.tile_overlap;
         estimates[t->index] = remote ? cost_curve_estimate(&curve, w, h, tile, overlap, steps, guided)
                                      : cost_estimate(own, w, h, tile, overlap, steps, guided);
+        models_release(v);
     }
     return true;
 }

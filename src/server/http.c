@@ -240,7 +240,7 @@ static enum MHD_Result send_problem(request *r, const problem *p) {
             [ROUTE_A1111_BATCH] = "POST, OPTIONS",
             [ROUTE_ADMIN_DRAIN] = "POST, OPTIONS", [ROUTE_ADMIN_UNDRAIN] = "POST, OPTIONS",
             [ROUTE_ADMIN_JOBS] = "GET, HEAD, OPTIONS", [ROUTE_ADMIN_JOB] = "GET, HEAD, DELETE, OPTIONS",
-            [ROUTE_ADMIN_USAGE] = "GET, HEAD, OPTIONS",
+            [ROUTE_ADMIN_USAGE] = "GET, HEAD, OPTIONS", [ROUTE_ADMIN_RELOAD] = "POST, OPTIONS",
         };
         if (allow[r->route]) MHD_add_response_header(resp, "Allow", allow[r->route]);
         break;
@@ -274,7 +274,7 @@ static const unsigned route_methods[ROUTE_COUNT] = {
     [ROUTE_OPENAPI] = M_GET,    [ROUTE_DOCS] = M_GET,
     [ROUTE_A1111_UPSCALERS] = M_GET, [ROUTE_A1111_SINGLE] = M_POST, [ROUTE_A1111_BATCH] = M_POST,
     [ROUTE_ADMIN_DRAIN] = M_POST, [ROUTE_ADMIN_UNDRAIN] = M_POST, [ROUTE_ADMIN_JOBS] = M_GET,
-    [ROUTE_ADMIN_JOB] = M_GET | M_DELETE, [ROUTE_ADMIN_USAGE] = M_GET,
+    [ROUTE_ADMIN_JOB] = M_GET | M_DELETE, [ROUTE_ADMIN_USAGE] = M_GET, [ROUTE_ADMIN_RELOAD] = M_POST,
 };
 
 static bool is_job_id(const char *s, size_t len) {
@@ -313,6 +313,15 @@ static route_id match_route(const char *url, char job_id[33], char model[64]) {
         if (!name_len || name_len >= 64 || strchr(url + m, '/')) return ROUTE_UNKNOWN;
         memcpy(model, url + m, name_len + 1);
         return ROUTE_MODEL_INFO;
+    }
+    const char *admin_models = API "/admin/models/", *reload = strrchr(url, '/');
+    size_t am = strlen(admin_models);
+    if (strncmp(url, admin_models, am) == 0 && strcmp(reload, "/reload") == 0) {
+        size_t name_len = (size_t)(reload - (url + am));
+        if (!name_len || name_len >= 64 || memchr(url + am, '/', name_len)) return ROUTE_UNKNOWN;
+        memcpy(model, url + am, name_len);
+        model[name_len] = '\0';
+        return ROUTE_ADMIN_RELOAD;
     }
     const char *admin_job = API "/admin/jobs/";
     size_t a = strlen(admin_job);
@@ -432,7 +441,7 @@ static bool needs_key(route_id route) {
 }
 
 static bool is_admin(route_id route) {
-    return route >= ROUTE_ADMIN_DRAIN && route <= ROUTE_ADMIN_USAGE;
+    return route >= ROUTE_ADMIN_DRAIN && route <= ROUTE_ADMIN_RELOAD;
 }
 
 static bool takes_body(route_id route) {
@@ -1047,6 +1056,9 @@ static enum MHD_Result answer_admin(request *r) {
     case ROUTE_ADMIN_JOB_CANCEL:
         doc = admin_job(&a, r->job_id, r->route == ROUTE_ADMIN_JOB_CANCEL, &p);
         break;
+    case ROUTE_ADMIN_RELOAD:
+        if ((doc = admin_reload(&a, r->model, &p))) return send_json(r, 202, doc);
+        break;
     default:
         doc = admin_usage(&a, &p);
     }
@@ -1318,17 +1330,18 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     }
 
     form_resolve(&r->form, i, &t->opts);
-    const served_model *m = &r->srv->models[t->model];
-    /* AUTOMATIC1111's size, from the image's (a model's scale is known
-     * where its engine is: an API node of a cluster resizes even to it) */
-    if (is_a1111(r->route) &&
-        a1111_size(&r->a1111, w, h, m->engine ? m->info.vae_scale_factor : 0, c->max_side, &t->opts, p))
-        return -1;
+    served_model *m = &r->srv->models[t->model];
+    model_version *v = models_acquire(m); /* NULL on an API node of a cluster */
+    int scale = v ? v->info.vae_scale_factor : 0;
     /* the cache keeps the models' results apart, and their versions where
      * this node knows them (an API node of a cluster knows names only) */
     char model[64 + 1 + 65];
-    snprintf(model, sizeof model, "%s%s%s", m->name, m->hash[0] ? "@" : "", m->hash);
-    memcpy(t->model_hash, m->hash, sizeof t->model_hash); /* a cache hit's; a run sets its own */
+    snprintf(model, sizeof model, "%s%s%s", m->name, v ? "@" : "", v ? v->hash : "");
+    if (v) memcpy(t->model_hash, v->hash, sizeof t->model_hash); /* a cache hit's; a run sets its own */
+    models_release(v);
+    /* AUTOMATIC1111's size, from the image's (a model's scale is known
+     * where its engine is: an API node of a cluster resizes even to it) */
+    if (is_a1111(r->route) && a1111_size(&r->a1111, w, h, scale, c->max_side, &t->opts, p)) return -1;
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();

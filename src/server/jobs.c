@@ -205,8 +205,8 @@ static json_t *job_document_locked(job *j) {
     json_object_set_new(d, "kind", json_string(j->kind == FORM_BATCH ? "batch" : "upscale"));
     json_object_set_new(d, "images", json_integer(j->ntasks));
     json_object_set_new(d, "model", json_string(j->store->srv->models[j->tasks[0].model].name));
-    const char *hash = j->tasks[0].model_hash[0] ? j->tasks[0].model_hash : j->store->srv->models[j->tasks[0].model].hash;
-    if (hash[0]) json_object_set_new(d, "model_hash", json_string(hash));
+    if (j->tasks[0].model_hash[0]) /* the version that ran it, or that was current when it came */
+        json_object_set_new(d, "model_hash", json_string(j->tasks[0].model_hash));
     set_time(d, "created_at", j, j->created);
     if (j->started > 0) set_time(d, "started_at", j, j->started);
     if (final(j->state)) set_time(d, "finished_at", j, j->finished);

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "models.h"
 
 const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_UPSCALE] = "upscale",       [ROUTE_BATCH] = "batch_upscale",
@@ -33,6 +34,7 @@ const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_ADMIN_DRAIN] = "admin_drain", [ROUTE_ADMIN_UNDRAIN] = "admin_undrain",
     [ROUTE_ADMIN_JOBS] = "admin_jobs",   [ROUTE_ADMIN_JOB] = "admin_job",
     [ROUTE_ADMIN_JOB_CANCEL] = "admin_job_cancel", [ROUTE_ADMIN_USAGE] = "admin_usage",
+    [ROUTE_ADMIN_RELOAD] = "admin_reload",
     [ROUTE_PREFLIGHT] = "preflight",   [ROUTE_UNKNOWN] = "unknown",
 };
 
@@ -228,8 +230,10 @@ static void emit_process(text *t, const server *srv) {
         served_model *m = &srv->models[i];
         int state = atomic_load(&m->state);
         sdx4_model_info mi;
-        if (state == MODEL_LOADING || state == MODEL_FAILED || !m->engine) continue;
-        sdx4_engine_info(m->engine, &mi);
+        model_version *v = state == MODEL_LOADING || state == MODEL_FAILED ? NULL : models_acquire(m);
+        if (!v) continue;
+        sdx4_engine_info(v->engine, &mi); /* (an old version still finishing work is not counted) */
+        models_release(v);
         info.device_memory_bytes += mi.device_memory_bytes;
         info.device_memory_peak_bytes += mi.device_memory_peak_bytes;
     }

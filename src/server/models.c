@@ -125,16 +125,41 @@ int models_resolve(const server_config *cfg, served_model **out, int *count, cha
         free(models);
         return -1;
     }
+    for (int i = 0; i < c; i++) pthread_mutex_init(&models[i].lock, NULL); /* where they stay */
     *out = models, *count = c;
     return 0;
 }
 
 void models_free(served_model *models, int count) {
     for (int i = 0; models && i < count; i++) {
-        cost_destroy(models[i].cost);
-        sdx4_engine_close(models[i].engine);
+        models_release(models[i].current);
+        pthread_mutex_destroy(&models[i].lock);
     }
     free(models);
+}
+
+model_version *models_acquire(served_model *m) {
+    pthread_mutex_lock(&m->lock);
+    model_version *v = m->current;
+    if (v) atomic_fetch_add(&v->refs, 1);
+    pthread_mutex_unlock(&m->lock);
+    return v;
+}
+
+void models_release(model_version *v) {
+    if (!v || atomic_fetch_sub(&v->refs, 1) != 1) return;
+    cost_destroy(v->cost);
+    sdx4_engine_close(v->engine);
+    free(v);
+}
+
+void models_install(served_model *m, model_version *v) {
+    pthread_mutex_lock(&m->lock);
+    model_version *old = m->current;
+    m->current = v; /* the caller's reference passes to m */
+    m->gan = strcmp(v->info.kind, "gan") == 0;
+    pthread_mutex_unlock(&m->lock);
+    models_release(old); /* freed here, or by the last batch still running on it */
 }
 
 long long models_parameters(const sdx4_model_info *mi) {
@@ -177,41 +202,51 @@ static int weights_digest(const sdx4_model_info *mi, char hex[65], char *err, si
     return rc;
 }
 
-int models_load(served_model *m, const server_config *cfg, char *err, size_t n) {
+model_version *models_open(const served_model *m, const char *dir, const server_config *cfg, char *err, size_t n) {
     double t0 = mono_now();
     sdx4_engine_options o;
-    config_engine_options(cfg, m->dir, &o);
-    sdx4_engine *engine = NULL;
+    config_engine_options(cfg, dir, &o);
     struct stat st;
-    if (stat(m->dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return snprintf(err, n, "cannot open the model %s: no such folder", m->dir), -1;
-    if (sdx4_engine_open(&o, &engine) != SDX4_OK) {
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return snprintf(err, n, "cannot open the model %s: no such folder", dir), NULL;
+    model_version *v = calloc(1, sizeof *v);
+    if (!v) return snprintf(err, n, "out of memory"), NULL;
+    atomic_init(&v->refs, 1);
+    snprintf(v->dir, sizeof v->dir, "%s", dir);
+    if (sdx4_engine_open(&o, &v->engine) != SDX4_OK) {
         /* the engine's messages begin with the folder where it is at fault */
         const char *why = sdx4_last_error();
-        if (strncmp(why, m->dir, strlen(m->dir)) == 0) snprintf(err, n, "cannot open the model %s", why);
-        else snprintf(err, n, "cannot open the model %s: %s", m->dir, why);
-        return -1;
+        if (strncmp(why, dir, strlen(dir)) == 0) snprintf(err, n, "cannot open the model %s", why);
+        else snprintf(err, n, "cannot open the model %s: %s", dir, why);
+        free(v);
+        return NULL;
     }
-    sdx4_engine_info(engine, &m->info);
+    sdx4_engine_info(v->engine, &v->info);
     double t1 = mono_now();
-    if (weights_digest(&m->info, m->hash, err, n)) {
-        sdx4_engine_close(engine);
-        return -1;
+    if (weights_digest(&v->info, v->hash, err, n)) {
+        models_release(v);
+        return NULL;
     }
-    m->cost = cost_create(engine, cfg->min_side, cfg->max_side); /* NULL: no estimates */
-    m->engine = engine;
-    const sdx4_model_info *mi = &m->info;
-    json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:I,s:s,s:f,s:f}", "model", m->name, "dir", m->dir,
+    v->cost = cost_create(v->engine, cfg->min_side, cfg->max_side); /* NULL: no estimates */
+    const sdx4_model_info *mi = &v->info;
+    json_t *fields = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:I,s:s,s:f,s:f}", "model", m->name, "dir", dir,
                                "kind", mi->kind, "architecture", mi->architecture, "device", mi->device, "scale",
                                mi->vae_scale_factor, "dtype", mi->compute_dtype, "parameters",
-                               (json_int_t)models_parameters(mi), "hash", m->hash, "seconds", mono_now() - t0,
+                               (json_int_t)models_parameters(mi), "hash", v->hash, "seconds", mono_now() - t0,
                                "hash_seconds", mono_now() - t1);
     if (m->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
     log_event(m->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
+    return v;
+}
+
+int models_load(served_model *m, const server_config *cfg, char *err, size_t n) {
+    model_version *v = models_open(m, m->dir, cfg, err, n);
+    if (!v) return -1;
+    models_install(m, v);
     return 0;
 }
 
-bool models_is_gan(const served_model *m) { return m->info.kind && strcmp(m->info.kind, "gan") == 0; }
+bool models_is_gan(const served_model *m) { return m->gan; }
 
 int models_find(const served_model *models, int count, const char *name) {
     for (int i = 0; name && i < count; i++)
@@ -240,9 +275,9 @@ json_t *models_applicable_parameters(const sdx4_model_info *info) {
     return names;
 }
 
-json_t *models_entry(const served_model *m, bool is_default) {
-    const sdx4_model_info *mi = &m->info;
-    return json_pack("{s:s,s:s,s:b,s:b,s:s,s:s,s:i,s:I,s:{s:s,s:s},s:o}", "name", m->name, "model_hash", m->hash,
+json_t *models_entry(const served_model *m, const model_version *v, bool is_default) {
+    const sdx4_model_info *mi = &v->info;
+    return json_pack("{s:s,s:s,s:b,s:b,s:s,s:s,s:i,s:I,s:{s:s,s:s},s:o}", "name", m->name, "model_hash", v->hash,
                      "default", is_default, "ready", atomic_load(&m->state) == MODEL_READY, "kind", mi->kind,
                      "architecture", mi->architecture, "scale", mi->vae_scale_factor, "parameters",
                      (json_int_t)models_parameters(mi), "dtype", "compute", mi->compute_dtype, "weights",

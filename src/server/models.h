@@ -26,14 +26,27 @@
  * more than MAX_MODELS). */
 int models_resolve(const server_config *cfg, served_model **out, int *count, char *err, size_t err_size);
 
-/* Closes the engines and estimators and frees the array. */
+/* Drops the versions (each freed by its last holder) and frees the array. */
 void models_free(served_model *models, int count);
 
-/* Opens model `m`'s engine with the settings, reads its facts and makes
- * its estimator (min-side to max-side); logs model_loaded. -1 with
- * `err` ("<folder>: why") when it cannot be opened. The state stays
- * MODEL_LOADING: the caller moves it on. */
+/* A new version of model `m` from the folder `dir` (its own, or another
+ * for a swap): the engine opened with the settings, its facts, its
+ * weights' digest and its estimator (min-side to max-side); logs
+ * model_loaded. Referenced once, for the caller. NULL with `err`
+ * ("<folder>: why") when it cannot be opened. */
+model_version *models_open(const served_model *m, const char *dir, const server_config *cfg, char *err,
+                           size_t err_size);
+/* Makes `v` (whose reference passes to m) the version new work gets; the
+ * one it replaces is freed by its last holder. */
+void models_install(served_model *m, model_version *v);
+/* models_open of its own folder, installed. The state stays MODEL_LOADING:
+ * the caller moves it on. */
 int models_load(served_model *m, const server_config *cfg, char *err, size_t err_size);
+
+/* The version new work gets, referenced (NULL when none is loaded: an
+ * API-only node); models_release drops the reference (NULL is fine). */
+model_version *models_acquire(served_model *m);
+void models_release(model_version *v);
 
 /* The index of the model named `name` (exactly), or -1. */
 int models_find(const served_model *models, int count, const char *name);
@@ -46,9 +59,10 @@ char *models_names(const served_model *models, int count);
  * for a GAN (which accepts the others and ignores them). */
 json_t *models_applicable_parameters(const sdx4_model_info *info);
 
-/* A loaded model's entry of GET /api/v1/models: {name, default, ready,
- * kind, architecture, scale, parameters, dtype, applicable_parameters}. */
-json_t *models_entry(const served_model *m, bool is_default);
+/* A loaded model's entry of GET /api/v1/models (`v` its version): {name,
+ * model_hash, default, ready, kind, architecture, scale, parameters,
+ * dtype, applicable_parameters}. */
+json_t *models_entry(const served_model *m, const model_version *v, bool is_default);
 
 /* Its parameters, all parts together. */
 long long models_parameters(const sdx4_model_info *info);

@@ -50,6 +50,7 @@ static const struct {
     [PROBLEM_STORE_UNAVAILABLE] = {503, "store-unavailable", "Shared state unreachable"},
     [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
     [PROBLEM_DRAINED] = {503, "drained", "Node drained"},
+    [PROBLEM_CONFLICT] = {409, "conflict", "Conflict"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

@@ -46,6 +46,7 @@ typedef enum {
     PROBLEM_STORAGE_FAILED,     /* 502 the result could not be written to
                                    object storage (--s3-bucket) */
     PROBLEM_DRAINED,            /* 503 this node was drained by an administrator */
+    PROBLEM_CONFLICT,           /* 409 the resource's state forbids it now */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

@@ -298,12 +298,14 @@ int queue_push(queue *q, task **tasks, int n, double deadline, problem *why) {
     bool judged = n > 0; /* by time, when every task's model has a calibrated estimator */
     for (int i = 0; i < n; i++) {
         task *t = tasks[i];
-        cost_model *cost = q->srv->models[t->model].cost;
+        model_version *v = models_acquire(&q->srv->models[t->model]);
+        cost_model *cost = v ? v->cost : NULL;
         int evaluations = sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps);
         t->estimate = cost ? cost_estimate(cost, t->input.width, t->input.height, t->opts.tile,
                                            t->opts.tile_overlap, evaluations, (float)t->opts.guidance_scale > 1.0f)
                            : 0;
         judged = judged && cost && cost_calibrated(cost);
+        models_release(v);
     }
     pthread_mutex_lock(&q->lock);
     int rc = 0;
@@ -408,9 +410,9 @@ static int on_progress(void *user, int step, int total) {
  * then, for each, what a finished upscale does: metrics, cost learning
  * (from one alone only: a batch's seconds are shared), the encoding, the
  * cache, the result store, the job. */
-static void run_batch(queue *q, task **tasks, int n) {
+static void run_batch(queue *q, model_version *v, task **tasks, int n) {
     server *srv = q->srv;
-    served_model *model = &srv->models[tasks[0]->model]; /* the batch's tasks share it */
+    served_model *model = &srv->models[tasks[0]->model]; /* the batch's tasks share it, and `v` */
     runner_item items[SDX4_MAX_BATCH];
     sdx4_image images[SDX4_MAX_BATCH];
     task_outcome outs[SDX4_MAX_BATCH];
@@ -420,8 +422,8 @@ static void run_batch(queue *q, task **tasks, int n) {
         items[k] = (runner_item){&tasks[k]->input, &tasks[k]->opts, &tasks[k]->stop, tasks[k], &images[k], &outs[k]};
     }
     double t0 = mono_now(), device0 = locked_device_now(q);
-    runner_upscale_batch(model->engine, items, n, on_progress);
-    for (int k = 0; k < n; k++) memcpy(outs[k].model_hash, model->hash, sizeof outs[k].model_hash);
+    runner_upscale_batch(v->engine, items, n, on_progress);
+    for (int k = 0; k < n; k++) memcpy(outs[k].model_hash, v->hash, sizeof outs[k].model_hash);
     double seconds = mono_now() - t0, device_seconds = locked_device_now(q) - device0;
     metrics_batch(n);
     for (int k = 0; k < n; k++) {
@@ -429,8 +431,8 @@ static void run_batch(queue *q, task **tasks, int n) {
         task_outcome *out = &outs[k];
         if (out->state == JOB_SUCCEEDED) {
             metrics_inference(seconds, models_is_gan(model) ? 0 : t->opts.steps); /* a GAN has no steps */
-            if (n == 1 && model->cost && seconds > 0)
-                cost_observe(model->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
+            if (n == 1 && v->cost && seconds > 0)
+                cost_observe(v->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
                              sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                              (float)t->opts.guidance_scale > 1.0f, &out->report, device_seconds / seconds, false);
             runner_encode(&images[k], &t->opts, out);
@@ -476,8 +478,7 @@ static void join_slot(queue *q, worker_slot *w, const task *t) {
  * the rotation's order, round after round, so that one client's many
  * tasks do not fill a batch before another's one. Returns the new n.
  * Lock held. */
-static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
-    sdx4_engine *engine = q->srv->models[batch[0]->model].engine;
+static int gather(queue *q, sdx4_engine *engine, worker_slot *w, task **batch, int n, int room) {
     for (bool took = true; took && n < room;) {
         took = false;
         for (queue_lane *l = q->first, *next; l && n < room; l = next) {
@@ -495,21 +496,23 @@ static int gather(queue *q, worker_slot *w, task **batch, int n, int room) {
 /* The next batch, lock held, in slot *w: the next task in turn, the
  * waiting tasks that can share its calls, and, while nothing else waits,
  * those that arrive within --batch-window (a lone task waits no longer
- * than that). While a worker waits so, the others leave new tasks to it. */
-static int next_batch(queue *q, task **batch, worker_slot **w) {
+ * than that). While a worker waits so, the others leave new tasks to it.
+ * *v: the model's version that runs it, referenced. */
+static int next_batch(queue *q, task **batch, worker_slot **w, model_version **v) {
     batch[0] = pop(q);
     *w = occupy(q, batch[0]);
-    int room = runner_batch_room(q->srv->models[batch[0]->model].engine, &batch[0]->input, &batch[0]->opts,
-                                 q->srv->cfg.max_batch_size);
-    int n = gather(q, *w, batch, 1, room);
+    *v = models_acquire(&q->srv->models[batch[0]->model]); /* loaded before any task is queued */
+    sdx4_engine *engine = (*v)->engine;
+    int room = runner_batch_room(engine, &batch[0]->input, &batch[0]->opts, q->srv->cfg.max_batch_size);
+    int n = gather(q, engine, *w, batch, 1, room);
     double window = q->srv->cfg.batch_window;
     if (n < room && window > 0 && !q->first) {
         double until = mono_now() + window;
         struct timespec ts = {(time_t)until, (long)((until - (double)(time_t)until) * 1e9)};
         q->gathering++;
         while (n < room && !q->closed && !q->first && pthread_cond_timedwait(&q->work, &q->lock, &ts) == 0)
-            n = gather(q, *w, batch, n, room);
-        n = gather(q, *w, batch, n, room);
+            n = gather(q, engine, *w, batch, n, room);
+        n = gather(q, engine, *w, batch, n, room);
         q->gathering--;
         pthread_cond_broadcast(&q->work); /* the others may take what is left */
     }
@@ -524,7 +527,8 @@ static void *worker_main(void *arg) {
         if (!q->first) break; /* closed and empty */
         task *batch[SDX4_MAX_BATCH], *wanted[SDX4_MAX_BATCH];
         worker_slot *slot;
-        int n = next_batch(q, batch, &slot), m = 0;
+        model_version *v;
+        int n = next_batch(q, batch, &slot, &v), m = 0;
         pthread_mutex_unlock(&q->lock);
 
         job *jobs[SDX4_MAX_BATCH];
@@ -532,7 +536,8 @@ static void *worker_main(void *arg) {
             jobs[k] = batch[k]->job;
             if (job_task_started(batch[k])) wanted[m++] = batch[k];
         }
-        if (m) run_batch(q, wanted, m);
+        if (m) run_batch(q, v, wanted, m);
+        models_release(v); /* the last batch of a replaced version frees it */
         for (int k = 0; k < n; k++) job_release(jobs[k]); /* the references the queue held */
 
         pthread_mutex_lock(&q->lock);

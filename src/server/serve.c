@@ -44,6 +44,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "admin.h"
 #include "auth.h"
 #include "cache.h"
 #include "cluster.h"
@@ -66,10 +67,10 @@
 #include "worker.h"
 
 /* The estimator's calibration (cost_calibrate), logged. */
-static int calibrate(served_model *m, int w0, int h0, int w1, int h1, bool warmed1) {
-    if (!m->cost) return 0;
-    bool gpu = strncmp(m->info.device, "cuda", 4) == 0;
-    json_t *doc = cost_calibrate(m->cost, gpu, w0, h0, w1, h1, warmed1);
+static int calibrate(const served_model *m, model_version *v, int w0, int h0, int w1, int h1, bool warmed1) {
+    if (!v->cost) return 0;
+    bool gpu = strncmp(v->info.device, "cuda", 4) == 0;
+    json_t *doc = cost_calibrate(v->cost, gpu, w0, h0, w1, h1, warmed1);
     if (!doc) return -1;
     json_object_set_new(doc, "model", json_string(m->name));
     log_event(LOG_INFO, "calibrated", doc);
@@ -79,7 +80,7 @@ static int calibrate(served_model *m, int w0, int h0, int w1, int h1, bool warme
 /* The warm-up upscales: each of --warmup-sizes, else min-side; then the
  * calibration, at the smallest of them and at the smallest with 4 times
  * its pixels, else at twice its sides (within max-side). */
-int serve_warm_up(server *srv, served_model *m) {
+int serve_warm_up(server *srv, const served_model *m, model_version *v) {
     const server_config *c = &srv->cfg;
     const string_list *sizes = &c->warmup_sizes;
     int n = sizes->count ? sizes->count : 1;
@@ -90,7 +91,7 @@ int serve_warm_up(server *srv, served_model *m) {
         double t0 = mono_now();
         if (!sizes->count) d[0] = d[1] = c->min_side;
         else if (config_parse_dimensions(sizes->items[i], &d[0], &d[1])) goto fail;
-        if (cost_warm_up(m->engine, d[0], d[1], NULL)) goto fail;
+        if (cost_warm_up(v->engine, d[0], d[1], NULL)) goto fail;
         if (sizes->count)
             log_event(LOG_INFO, "warmed_up_size",
                       json_pack("{s:s,s:i,s:i,s:f}", "model", m->name, "width", d[0], "height", d[1], "seconds",
@@ -107,7 +108,7 @@ int serve_warm_up(server *srv, served_model *m) {
     int w1 = large >= 0 ? dims[2 * large] : 2 * w0 < c->max_side ? 2 * w0 : c->max_side;
     int h1 = large >= 0 ? dims[2 * large + 1] : 2 * h0 < c->max_side ? 2 * h0 : c->max_side;
     free(dims);
-    return calibrate(m, w0, h0, w1, h1, large >= 0);
+    return calibrate(m, v, w0, h0, w1, h1, large >= 0);
 fail:
     free(dims);
     return -1;
@@ -136,7 +137,10 @@ int serve_load_models(server *srv) {
     for (int i = 0; i < srv->nmodels; i++) {
         served_model *m = &srv->models[i];
         double t0 = mono_now();
-        if (srv->cfg.warmup && serve_warm_up(srv, m)) {
+        model_version *v = models_acquire(m);
+        int rc = srv->cfg.warmup ? serve_warm_up(srv, m, v) : 0;
+        models_release(v);
+        if (rc) {
             snprintf(err, sizeof err, "the warm-up upscale of the model %s (%s) failed: %s", m->name, m->dir,
                      sdx4_last_error());
             return fail(srv, m, err), -1;
@@ -269,6 +273,7 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
         stopped = pthread_timedjoin_np(*loader, NULL, &ts) == 0;
     }
     if (srv->queue && queue_destroy(srv->queue, end) != 0) stopped = false;
+    if (!admin_reloads_finished(srv, end)) stopped = false; /* a new version is being loaded */
     if (stopped && consumers && worker_stop(consumers, end) != 0) stopped = false;
     if (!stopped) {
         log_event(LOG_WARN, "exit_with_work",

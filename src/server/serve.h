@@ -4,16 +4,17 @@
 
 struct server;
 struct served_model;
+struct model_version;
 
 /* Runs the server with the arguments after "serve"; returns the process
  * exit status. */
 int serve_main(int argc, char **argv);
 
-/* The warm-up upscales of a loaded model (one step at each of
- * --warmup-sizes, else one at min-side) and the calibration of its time
- * estimator at two of their sizes; for serve and `sdx4 worker` alike.
- * -1 on failure, the engine's error in sdx4_last_error(). */
-int serve_warm_up(struct server *srv, struct served_model *m);
+/* The warm-up upscales of a loaded version `v` of model `m` (one step at
+ * each of --warmup-sizes, else one at min-side) and the calibration of
+ * its time estimator at two of their sizes; for serve, `sdx4 worker` and
+ * reloads alike. -1 on failure, the engine's error in sdx4_last_error(). */
+int serve_warm_up(struct server *srv, const struct served_model *m, struct model_version *v);
 
 /* Loads every model of srv->models in turn (models_load), then warms
  * each up (with --warmup), moving the phase to warming and each model's

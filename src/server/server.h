@@ -58,6 +58,7 @@ typedef enum {
     ROUTE_ADMIN_JOB,       /* GET /api/v1/admin/jobs/{id} */
     ROUTE_ADMIN_JOB_CANCEL, /* DELETE /api/v1/admin/jobs/{id} */
     ROUTE_ADMIN_USAGE,     /* GET /api/v1/admin/usage */
+    ROUTE_ADMIN_RELOAD,    /* POST /api/v1/admin/models/{name}/reload */
     ROUTE_PREFLIGHT,
     ROUTE_UNKNOWN,
     ROUTE_COUNT
@@ -70,19 +71,35 @@ typedef enum { MODEL_LOADING, MODEL_WARMING, MODEL_READY, MODEL_FAILED } model_s
 
 struct cost_model;
 
+/* One loaded version of a model: its engine and what depends on it.
+ * Reference-counted (models.h): whoever uses it, a batch, a warm-up, a
+ * reader of its facts, holds a reference, so that a reload (the admin API)
+ * swaps in a new version while the work on the old one finishes, and the
+ * old one is freed by its last holder. Immutable once made, but for the
+ * estimator, which is thread-safe. */
+typedef struct model_version {
+    sdx4_engine *engine;
+    sdx4_model_info info;    /* its strings point into engine */
+    struct cost_model *cost; /* its time estimator (cost.c), NULL none */
+    char hash[65];           /* its weights' digest (models.c): which version answers */
+    char dir[1024];          /* the folder it came from */
+    atomic_int refs;
+} model_version;
+
 /* One model this server (or worker) serves. name and dir are set before
- * the daemon starts; engine, info and cost by the loader before `state`
- * becomes MODEL_WARMING (an API-only node of a cluster loads none: they
- * stay empty, its models' facts coming from the workers). */
+ * the daemon starts; `current` by the loader before `state` becomes
+ * MODEL_WARMING (an API-only node of a cluster loads none: it stays NULL,
+ * its models' facts coming from the workers), then by each reload. */
 typedef struct served_model {
     char name[64];   /* what requests' `model` field and X-Model say */
-    char dir[1024];  /* its folder */
-    char hash[65];   /* its weights' digest (models.c): which version answers */
+    char dir[1024];  /* its folder as configured */
     bool demo;       /* the folder holds a DEMO_MODEL marker */
+    bool gan;        /* a GAN (no steps, no prompt); a reload keeps the kind */
     atomic_int state; /* model_state */
-    sdx4_engine *engine;
-    sdx4_model_info info;
-    struct cost_model *cost; /* its time estimator (cost.c), NULL none */
+    atomic_bool reloading; /* a reload is loading a new version */
+    pthread_mutex_t lock;  /* guards `current` and `reload_error` */
+    model_version *current;
+    char reload_error[512]; /* why the last reload failed, "" none */
 } served_model;
 
 /* The most models one server serves. */

@@ -83,7 +83,9 @@ static json_t *health_models(server *srv, bool *default_served) {
         } else {
             int state = atomic_load(&m->state);
             json_object_set_new(e, "status", json_string(model_state_names[state]));
-            if (state != MODEL_LOADING && m->info.kind) json_object_set_new(e, "kind", json_string(m->info.kind));
+            model_version *v = state == MODEL_LOADING ? NULL : models_acquire(m);
+            if (v) json_object_set_new(e, "kind", json_string(v->info.kind));
+            models_release(v);
         }
         json_array_append_new(list, e);
     }
@@ -213,8 +215,8 @@ static json_t *served_model_info(server *srv, int model) {
 /* The facts of a loaded model: model-info without this node's settings
  * (what a worker registers). A GAN has no components, noise levels nor
  * prompt tokens. */
-static json_t *model_facts(const served_model *sm, bool is_default) {
-    const sdx4_model_info *mi = &sm->info;
+static json_t *model_facts(const served_model *sm, const model_version *v, bool is_default) {
+    const sdx4_model_info *mi = &v->info;
     const char *backend = strncmp(mi->device, "cuda", 4) == 0 ? "cuda" : "cpu";
     json_t *m = json_pack("{s:s,s:b,s:s,s:s,s:b,s:I,s:{s:s,s:s},s:s,s:s,s:i,s:I,s:o}", "model_id", sm->name,
                           "default", is_default, "kind", mi->kind, "architecture", mi->architecture, "demo_model",
@@ -232,16 +234,27 @@ static json_t *model_facts(const served_model *sm, bool is_default) {
         json_object_set_new(m, "max_prompt_tokens", json_integer(mi->max_prompt_tokens));
     }
     if (sm->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
-    json_object_set_new(m, "model_hash", json_string(sm->hash));
+    json_object_set_new(m, "model_hash", json_string(v->hash));
     return m;
+}
+
+/* A reload under way, or the last one's failure (the admin API). */
+static void set_reload(served_model *sm, json_t *doc) {
+    pthread_mutex_lock(&sm->lock);
+    if (atomic_load(&sm->reloading)) json_object_set_new(doc, "reloading", json_true());
+    if (sm->reload_error[0]) json_object_set_new(doc, "reload_error", json_string(sm->reload_error));
+    pthread_mutex_unlock(&sm->lock);
 }
 
 json_t *status_model_info(server *srv, int model) {
     served_model *sm = &srv->models[model];
-    if (srv->cluster && !sm->engine) return served_model_info(srv, model);
-    json_t *m = model_facts(sm, model == 0);
+    model_version *v = models_acquire(sm);
+    if (!v) return srv->cluster ? served_model_info(srv, model) : NULL;
+    json_t *m = model_facts(sm, v, model == 0);
     set_settings(srv, m);
-    if (sm->cost) json_object_set_new(m, "cost", cost_document(sm->cost));
+    if (v->cost) json_object_set_new(m, "cost", cost_document(v->cost));
+    models_release(v);
+    set_reload(sm, m);
     return m;
 }
 
@@ -250,8 +263,11 @@ json_t *status_models(server *srv) {
     for (int i = 0; i < srv->nmodels; i++) {
         served_model *m = &srv->models[i];
         json_t *e = NULL;
-        if (m->engine) {
-            e = models_entry(m, i == 0);
+        model_version *v = models_acquire(m);
+        if (v) {
+            e = models_entry(m, v, i == 0);
+            models_release(v);
+            set_reload(m, e);
         } else { /* an API-only node: the facts a live worker registered */
             json_t *info = srv->cluster ? served_model_info(srv, i) : NULL;
             if (info) {
@@ -273,12 +289,15 @@ json_t *status_models(server *srv) {
 }
 
 json_t *status_registration(server *srv, const char *name) {
-    const served_model *first = &srv->models[0];
+    served_model *first = &srv->models[0];
     json_t *models = json_object();
     for (int i = 0; i < srv->nmodels; i++)
         json_object_set_new(models, srv->models[i].name,
                             json_pack("{s:o}", "model", status_model_info(srv, i)));
-    return json_pack("{s:s,s:s,s:s,s:s?,s:o,s:o,s:f}", "name", name, "model_id", first->name, "device",
-                     first->info.device, "variant", srv->cfg.variant, "model", status_model_info(srv, 0), "models",
-                     models, "started", wall_now());
+    model_version *v = models_acquire(first); /* a worker registers once its models are loaded */
+    json_t *doc = json_pack("{s:s,s:s,s:s,s:s?,s:o,s:o,s:f}", "name", name, "model_id", first->name, "device",
+                            v->info.device, "variant", srv->cfg.variant, "model", status_model_info(srv, 0),
+                            "models", models, "started", wall_now());
+    models_release(v);
+    return doc;
 }

@@ -368,7 +368,8 @@ typedef struct forming_batch {
  * it can share (waiting until that one has run), or as the leader of a
  * new batch that others may join for --batch-window. */
 static void upscale(worker *w, int model, runner_item *item) {
-    sdx4_engine *engine = w->models[model].engine;
+    model_version *v = models_acquire(&w->models[model]);
+    sdx4_engine *engine = v->engine;
     pthread_mutex_lock(&w->lock);
     forming_batch *b = w->forming;
     if (b && b->n < b->room && b->model == model &&
@@ -379,6 +380,7 @@ static void upscale(worker *w, int model, runner_item *item) {
         while (!b->done) pthread_cond_wait(&w->batched, &w->lock);
         if (--b->waiting == 0) pthread_cond_broadcast(&w->batched);
         pthread_mutex_unlock(&w->lock);
+        models_release(v);
         return;
     }
     /* room: --max-batch-size, the threads, the memory budget */
@@ -404,23 +406,26 @@ static void upscale(worker *w, int model, runner_item *item) {
     pthread_cond_broadcast(&w->batched);
     while (mine.waiting > 0) pthread_cond_wait(&w->batched, &w->lock);
     pthread_mutex_unlock(&w->lock);
+    models_release(v);
 }
 
 static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
     worker *w = sl->w;
-    struct cost_model *cost = w->models[model].cost;
+    model_version *v = models_acquire(&w->models[model]);
+    struct cost_model *cost = v->cost;
     char err[256];
     sl->task = t;
     sl->state = (cluster_task_state){.state = JOB_RUNNING, .started = wall_now(),
                                      .total = models_is_gan(&w->models[model]) ? 1 : t->opts.steps};
     snprintf(sl->state.worker, sizeof sl->state.worker, "%s", w->name);
-    snprintf(sl->state.model_hash, sizeof sl->state.model_hash, "%s", w->models[model].hash);
+    snprintf(sl->state.model_hash, sizeof sl->state.model_hash, "%s", v->hash);
     sl->last_report = mono_now();
     atomic_store(&sl->stop, STOP_NONE);
     int rc = cluster_report_progress(w->r, t->job_id, t->index, &sl->state, err, sizeof err);
     if (rc < 0) redis_trouble(w, err);
     if (rc == 0) { /* final already: ended while the entry waited, or by a run before a crash */
         if (cluster_ack(w->r, t->entry_id, err, sizeof err)) redis_trouble(w, err);
+        models_release(v);
         return;
     }
     set_busy(sl, true);
@@ -460,6 +465,7 @@ static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
     }
     free(out.output);
     set_busy(sl, false);
+    models_release(v);
 }
 
 static void handle(slot *sl, cluster_delivery *d) {
@@ -567,7 +573,10 @@ static void publish_costs(worker *w) {
     json_t *models = json_object_get(w->info, "models");
     for (int i = 0; i < w->nmodels; i++) {
         cost_curve curve;
-        if (!w->models[i].cost || cost_get_curve(w->models[i].cost, &curve)) continue;
+        model_version *v = models_acquire(&w->models[i]);
+        bool none = !v || !v->cost || cost_get_curve(v->cost, &curve);
+        models_release(v);
+        if (none) continue;
         json_t *entry = json_object_get(models, w->models[i].name);
         if (json_is_object(entry)) json_object_set_new(entry, "cost", cost_curve_to_json(&curve));
         if (i == 0) json_object_set_new(w->info, "cost", cost_curve_to_json(&curve));

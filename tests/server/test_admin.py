@@ -5,11 +5,12 @@ drain turns new upscales away (503 drained, health 503) while the work
 already admitted finishes, and undrain takes them again; every action is
 in the JSON log with the admin's identity. Usage per client and day is
 test_history.py's (it needs a history database)."""
+import shutil
 import time
 
 import pytest
 
-from conftest import Server, image_bytes, problem, single_process_only
+from conftest import MODEL, Server, image_bytes, problem, single_process_only
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"X-API-Key": "key-bob"}
@@ -98,3 +99,65 @@ def test_drain_refuses_new_work_and_undrain_takes_it_again(admin):
                    headers=ALICE)
     assert r.status_code == 200, r.text
     assert [a["action"] for a in actions(admin)][-2:] == ["drain", "undrain"]
+
+
+def wait_reloaded(s, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        entry = s.get("/api/v1/models", headers=ROOT).json()["models"][0]
+        if not entry.get("reloading"):
+            return entry
+        time.sleep(0.05)
+    raise AssertionError("the reload never ended")
+
+
+@single_process_only("a cluster's workers load the models: the API node refuses a reload (409)")
+def test_reload_swaps_versions_while_running_work_finishes_on_the_old(admin, tmp_path):
+    from test_api import weights_digest
+    old = weights_digest(MODEL)
+    # another version: the same folder with one weight changed by a hair
+    copy = tmp_path / "model-v2"
+    shutil.copytree(MODEL, copy)
+    vae = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(vae.read_bytes())
+    data[-2] ^= 1  # the low bits of the last float32's mantissa
+    vae.write_bytes(bytes(data))
+    new = weights_digest(str(copy))
+
+    r = admin.post("/api/v1/admin/models/model/reload", headers=ROOT)  # the same folder again
+    assert r.status_code == 202 and r.json()["reloading"], r.text
+    assert wait_reloaded(admin)["model_hash"] == old
+
+    running = admin.post("/api/v1/jobs", files={"image": image_bytes()}, data=dict(SLOW, num_inference_steps="20"),
+                         headers=ALICE).json()
+    r = admin.post("/api/v1/admin/models/model/reload", params={"dir": str(copy)}, headers=ROOT)
+    assert r.status_code == 202, r.text
+    problem(admin.post("/api/v1/admin/models/model/reload", headers=ROOT), 409, "conflict")
+    entry = wait_reloaded(admin)
+    assert entry["model_hash"] == new and "reload_error" not in entry, entry
+    done = wait_job_final(admin, running)
+    assert done["status"] == "succeeded" and done["model_hash"] == old, done  # it ran on the old version
+    r = admin.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
+                   headers=ALICE)
+    assert r.status_code == 200 and r.headers["X-Model-Hash"] == new, r.headers
+
+    # a folder that is no model: the reload fails, the version in service stays
+    r = admin.post("/api/v1/admin/models/model/reload", params={"dir": str(tmp_path)}, headers=ROOT)
+    assert r.status_code == 202, r.text
+    entry = wait_reloaded(admin)
+    assert entry["model_hash"] == new and str(tmp_path) in entry["reload_error"], entry
+    problem(admin.post("/api/v1/admin/models/nope/reload", headers=ROOT), 404, "not-found")
+    logged = [e for e in admin.logs() if isinstance(e, dict) and e.get("event") in ("model_reloaded",
+                                                                                   "model_reload_failed")]
+    assert [e["event"] for e in logged] == ["model_reloaded", "model_reloaded", "model_reload_failed"], logged
+    assert (logged[1]["old_hash"], logged[1]["hash"]) == (old, new)
+
+
+def wait_job_final(s, job, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = s.get(job["links"]["self"], headers=ALICE).json()
+        if j["status"] in ("succeeded", "failed", "canceled"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
