@@ -49,6 +49,7 @@ static const struct {
     [PROBLEM_HISTORY_UNAVAILABLE] = {503, "history-unavailable", "Request history unavailable"},
     [PROBLEM_STORE_UNAVAILABLE] = {503, "store-unavailable", "Shared state unreachable"},
     [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
+    [PROBLEM_CONTENT_FLAGGED] = {422, "content-flagged", "The output was flagged by the content check"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

@@ -45,6 +45,8 @@ typedef enum {
     PROBLEM_STORE_UNAVAILABLE,  /* 503 cluster mode: Redis unreachable */
     PROBLEM_STORAGE_FAILED,     /* 502 the result could not be written to
                                    object storage (--s3-bucket) */
+    PROBLEM_CONTENT_FLAGGED,    /* 422 the content check (--safety-checker)
+                                   flagged the output */
     PROBLEM_KIND_COUNT
 } problem_kind;
 
