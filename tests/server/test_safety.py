@@ -50,6 +50,12 @@ def test_refuse_sync_and_async():
         assert got.size == want.size == (128, 128)
         assert max(abs(a - b) for pa, pb in zip(got.getdata(), want.getdata()) for a, b in zip(pa, pb)) <= 1
 
+        # a batch: the flagged entry fails alone
+        files = [("image", ("a.png", tiny_input(0), "image/png")), ("image", ("b.png", tiny_input(1), "image/png"))]
+        out = s.post("/api/v1/batch-upscale", files=files, data=CASE).json()
+        assert [e["status"] for e in out["results"]] == [422, 200], out
+        assert out["results"][0]["error"]["type"] == "urn:sdx4:problem:content-flagged"
+
         r = s.post("/api/v1/jobs", files={"image": tiny_input(0)}, data=CASE)
         assert r.status_code == 202, r.text
         job = wait_job(s, r.json()["id"])
@@ -59,8 +65,9 @@ def test_refuse_sync_and_async():
                                           "job-not-finished")["detail"]
 
         if not CLUSTER:  # a cluster counts them on its workers
-            assert metric(s, "sdx4_safety_checks_total") == 3
-            assert metric(s, "sdx4_safety_flagged_total") == 2
+            # the batch's second image came from the cache: checked when it was made
+            assert metric(s, "sdx4_safety_checks_total") == 4
+            assert metric(s, "sdx4_safety_flagged_total") == 3
             assert metric(s, "sdx4_safety_check_seconds_total") > 0
     finally:
         s.stop()
