@@ -421,6 +421,48 @@ sdx4_status sdx4_count_flops(const sdx4_engine *engine, int width, int height,
                              sdx4_flop_counts *flops);
 
 /* ------------------------------------------------------------------------
+ * Content check: diffusers' StableDiffusionSafetyChecker
+ * ------------------------------------------------------------------------ */
+
+/* A loaded checker (CompVis/stable-diffusion-safety-checker's folder:
+ * config.json, model.safetensors, preprocessor_config.json) on one device.
+ * Like an engine, it is immutable once opened: sdx4_safety_check() may
+ * run from several threads at once; sdx4_safety_close() must not race
+ * with any call. */
+typedef struct sdx4_safety sdx4_safety;
+
+/* diffusers' counts of concept and special-care embeddings. */
+#define SDX4_SAFETY_CONCEPTS 17
+#define SDX4_SAFETY_SPECIAL 3
+
+/* Opens the checker in options->model_dir on options->device, threads
+ * and cuda as for an engine (variant is not read). A config value the
+ * checker does not implement is refused by name. */
+sdx4_status sdx4_safety_open(const sdx4_engine_options *options, sdx4_safety **safety);
+void sdx4_safety_close(sdx4_safety *safety);
+
+/* What StableDiffusionSafetyChecker.forward decides for one image. */
+typedef struct {
+    int flagged;      /* has_nsfw_concept: a concept score above 0 */
+    int special_care; /* a special-care score above 0: the concept scores
+                         then carry the forward's 0.01 adjustment */
+    /* round(cosine - threshold + adjustment, 3), as diffusers computes
+       them (float32); the cosines of the image's projected embedding to
+       each concept embedding */
+    float concept_scores[SDX4_SAFETY_CONCEPTS], special_scores[SDX4_SAFETY_SPECIAL];
+    float concept_cos[SDX4_SAFETY_CONCEPTS], special_cos[SDX4_SAFETY_SPECIAL];
+    double seconds;   /* the check's wall time, preprocessing included */
+} sdx4_safety_result;
+
+/* Checks an image (an upscale's output) as diffusers' pipelines do: the
+ * RGB8 image through CLIPImageProcessor (Pillow bicubic resize of the
+ * shorter side, centre crop, CLIP normalisation; transformers 4's, the
+ * PIL one), the vision tower, the concepts. Flagged or not is in
+ * result->flagged; what to do with a flagged image (diffusers blacks it
+ * out) is the caller's. */
+sdx4_status sdx4_safety_check(sdx4_safety *safety, const sdx4_image *image, sdx4_safety_result *result);
+
+/* ------------------------------------------------------------------------
  * Tools: benchmarks and random-weight models
  * ------------------------------------------------------------------------ */
 

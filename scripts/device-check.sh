@@ -23,7 +23,7 @@
 # Steps, each under its own time limit so that a hang costs one step:
 #   build   build-device/ with -DSDX4_CUDA=ON for this GPU's architecture
 #   test    test_backend_cuda: every operation against the CPU backend
-#   golden  test_models and test_pipeline on CUDA (SDX4_TEST_DEVICE=cuda),
+#   golden  test_models, test_pipeline and test_safety on CUDA (SDX4_TEST_DEVICE=cuda),
 #           in fp32 mode (the CPU tolerances) and in fp16 mode
 #   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
 #   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
@@ -318,7 +318,7 @@ fi
 if wants golden; then
   for mode in fp32 fp16; do
     step "golden-$mode" 90 env SDX4_TEST_DEVICE=cuda SDX4_CUDA_DTYPE=$mode \
-      ctest --test-dir build-device -V -R '^(test_models|test_pipeline)$'
+      ctest --test-dir build-device -V -R '^(test_models|test_pipeline|test_safety)$'
   done
 fi
 

@@ -743,6 +743,39 @@ static void test_upscale_matches_diffusers(const char *model, const char *tmp) {
     json_decref(cases);
 }
 
+/* --safety-checker: the tiny model's output of tiny0_input.png is flagged
+ * by tests/data/safety's checker (refused: exit 3, nothing written), that
+ * of tiny1_input.png passes; a bad checker folder fails before the
+ * upscale. Blacking out is the server's test (tests/server/test_safety.py). */
+static void test_safety_checker(const char *model, const char *tmp) {
+    const char *data = SDX4_SOURCE_DIR "/tests/data/safety";
+    char checker[PATH_LEN], in0[PATH_LEN], in1[PATH_LEN], out[PATH_LEN + 64];
+    snprintf(checker, sizeof checker, "%s/checker", data);
+    snprintf(in0, sizeof in0, "%s/tiny0_input.png", data);
+    snprintf(in1, sizeof in1, "%s/tiny1_input.png", data);
+    snprintf(out, sizeof out, "%s/checked.png", tmp);
+#define TINY_UPSCALE(...)                                                                                     \
+    RUN("upscale", "--model", model, "--device", "cpu", "--threads", "2", "--prompt", "a white cat", "--steps", \
+        "3", "--guidance", "6", "--noise-level", "0.05714285714285714", "--seed", "0", __VA_ARGS__)
+    unlink(out);
+    result r = TINY_UPSCALE("--safety-checker", checker, in0, out);
+    CHECK(r.status == 3 && strstr(r.err, "flagged by the content check") && access(out, F_OK) != 0,
+          "flagged output: exit %d, stderr: %s", r.status, r.err);
+    result_free(&r);
+    r = TINY_UPSCALE("--safety-checker", checker, in1, out);
+    CHECK(r.status == 0 && strstr(r.err, "content check: passed"), "passing output: exit %d, stderr: %s", r.status,
+          r.err);
+    result_free(&r);
+    r = TINY_UPSCALE("--safety-checker", tmp, in1, out);
+    CHECK(r.status == 1 && strstr(r.err, "config.json: missing") && !strstr(r.err, "seed:"),
+          "bad checker folder: exit %d, stderr: %s", r.status, r.err);
+    result_free(&r);
+    r = TINY_UPSCALE("--safety-checker", checker, "--safety-action", "warn", in1, out);
+    CHECK(r.status == 2, "--safety-action warn: exit %d", r.status);
+    result_free(&r);
+#undef TINY_UPSCALE
+}
+
 /* Reads two files and says whether their bytes are the same. */
 static int same_file(const char *a, const char *b) {
     FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
@@ -848,6 +881,8 @@ int main(int argc, char **argv) {
     test_gan(tmp);
 
     char model[PATH_LEN];
+    snprintf(model, sizeof model, "%s", test_ref("tiny/model"));
+    if (access(model, R_OK) == 0) test_safety_checker(model, tmp);
     snprintf(model, sizeof model, "%s", test_ref("small/model"));
     if (access(model, R_OK) == 0) {
         test_info(model);

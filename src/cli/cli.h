@@ -25,7 +25,8 @@
 #define CLI_PRINTF(a, b)
 #endif
 
-enum { EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_CANCELED = 130 };
+/* EXIT_FLAGGED: the content check (--safety-checker) refused the output. */
+enum { EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_FLAGGED = 3, EXIT_CANCELED = 130 };
 
 typedef enum {
     OPT_FLAG,   /* int *: set to 1, takes no value */

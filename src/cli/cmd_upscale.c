@@ -112,6 +112,11 @@ static void build_help(char *help, size_t size, const param_flag *flags, int nfl
         "  --device cpu|cuda|auto compute device (default: auto)\n"
         CLI_CUDA_HELP
         "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
+        "  --safety-checker DIR   check the output with this content checker\n"
+        "                         (CompVis/stable-diffusion-safety-checker's folder)\n"
+        "  --safety-action refuse|blackout\n"
+        "                         a flagged output: not written, exit status 3\n"
+        "                         (refuse, the default), or written black\n"
         "  -h, --help             show this help\n"
         "\n"
         "Ctrl-C cancels within a fraction of a second (exit status 130).\n",
@@ -197,9 +202,36 @@ static int check_writable_folder(const char *out_path) {
     }
     return 0;
 }
+/* The content check of --safety-checker: 0 to write the output (passed, or
+ * flagged and blacked out, as diffusers does), else the exit status is in
+ * safety_status (EXIT_FLAGGED, or EXIT_RUNTIME when the check failed). */
+static int safety_status;
+
+static int check_content(sdx4_safety *safety, sdx4_image *output, const char *out_path, int blackout) {
+    sdx4_safety_result r;
+    if (sdx4_safety_check(safety, output, &r) != SDX4_OK) {
+        cli_fail_engine();
+        safety_status = EXIT_RUNTIME;
+        return -1;
+    }
+    if (!r.flagged) {
+        fprintf(stderr, "content check: passed (%.2f s)\n", r.seconds);
+        return 0;
+    }
+    if (blackout) {
+        memset(output->pixels, 0, (size_t)output->width * output->height * 3);
+        fprintf(stderr, "content check: the output was flagged; %s is written black (--safety-action blackout)\n",
+                out_path);
+        return 0;
+    }
+    cli_fail("%s not written: the output was flagged by the content check (--safety-checker)", out_path);
+    safety_status = EXIT_FLAGGED;
+    return -1;
+}
 
 int cmd_upscale(int argc, char **argv) {
     const char *model = NULL, *variant = NULL, *device = "auto";
+    const char *safety_dir = NULL, *safety_action = "refuse";
     sdx4_upscale_params params;
     sdx4_upscale_params_default(&params);
     int steps = params.num_inference_steps, threads = 0, quality = 0;
@@ -230,6 +262,8 @@ int cmd_upscale(int argc, char **argv) {
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
+        {"--safety-checker", OPT_STRING, &safety_dir, 0, 0, NULL, 0},
+        {"--safety-action", OPT_CHOICE, &safety_action, 0, 0, "refuse|blackout", 0},
         {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
     };
     enum { NFLAGS = sizeof flags / sizeof flags[0], NFIXED = sizeof fixed / sizeof fixed[0] };
@@ -273,6 +307,7 @@ int cmd_upscale(int argc, char **argv) {
 
     sdx4_image input = {0}, output = {0};
     sdx4_engine *engine = NULL;
+    sdx4_safety *safety = NULL;
     char err[512];
     status = EXIT_RUNTIME;
 
@@ -300,6 +335,12 @@ int cmd_upscale(int argc, char **argv) {
                           info.max_prompt_tokens) != 0 ||
         warn_if_truncated(engine, "negative prompt", params.negative_prompt,
                           info.max_prompt_tokens) != 0) {
+        cli_fail_engine();
+        goto done;
+    }
+    /* before the long part, so that a bad checker folder costs nothing */
+    engine_options.model_dir = safety_dir;
+    if (safety_dir && sdx4_safety_open(&engine_options, &safety) != SDX4_OK) {
         cli_fail_engine();
         goto done;
     }
@@ -332,6 +373,10 @@ int cmd_upscale(int argc, char **argv) {
         cli_fail_engine();
         goto done;
     }
+    if (safety && check_content(safety, &output, out_path, !strcmp(safety_action, "blackout")) != 0) {
+        status = safety_status;
+        goto done;
+    }
     if (imageio_write_file(&output, out_path, quality, err, sizeof err) != 0) {
         fail_file(out_path, err);
         goto done;
@@ -360,6 +405,7 @@ done:
     sdx4_image_free(&output);
     sdx4_image_free(&input);
     sdx4_engine_close(engine);
+    sdx4_safety_close(safety);
     free(options_json);
     return status;
 }

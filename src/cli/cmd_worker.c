@@ -50,6 +50,7 @@
 #include "models.h"
 #include "redis.h"
 #include "results.h"
+#include "runner.h"
 #include "serve.h"
 #include "server.h"
 #include "status.h"
@@ -331,6 +332,7 @@ int cmd_worker(int argc, char **argv) {
     log_flush(2);
     if (status == 0) {
         models_free(srv->models, srv->nmodels);
+        runner_content_check_close();
         results_close(srv);
         redis_close(p.r);
         config_free(&srv->cfg);

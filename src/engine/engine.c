@@ -55,7 +55,7 @@ void sdx4_engine_options_default(sdx4_engine_options *o) {
     o->device = "auto";
 }
 
-static backend *open_backend(const char *device, int threads, const cuda_settings *cuda) {
+backend *sdx4_backend_open(const char *device, int threads, const cuda_settings *cuda) {
     (void)cuda; /* unused in builds without the CUDA backend */
     if (!device || !strcmp(device, "auto")) {
 #ifdef SDX4_HAVE_CUDA
@@ -105,7 +105,7 @@ sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
-    if (!(e->be = open_backend(o->device, o->threads, &cuda))) goto fail;
+    if (!(e->be = sdx4_backend_open(o->device, o->threads, &cuda))) goto fail;
     if (!(e->is_gan = is_gan_folder(o->model_dir)) && sdx4_model_load(&e->m, e->be, o->model_dir, o->variant)) {
         sdx4_error_prefix("%s", o->model_dir);
         goto fail;

@@ -62,6 +62,13 @@ static const option options[] = {
      "CUDA: lay out a recorded step's memory in one arena planned by the step before"},
     {"cuda-profile", OPT_BOOL, O(cuda_profile), 0, 0, "false",
      "CUDA: GPU time per operation, on stderr when the engine closes"},
+    {"safety-checker", OPT_STRING, O(safety_checker), 0, 0, NULL,
+     "check every upscale's output with this content checker (CompVis/stable-diffusion-"
+     "safety-checker's folder: scripts/download-safety-checker.sh) on the engine's device; "
+     "off when unset"},
+    {"safety-action", OPT_STRING, O(safety_action), 0, 0, "refuse",
+     "what a flagged output gets: refuse (422 content-flagged, no image) or blackout (a black "
+     "image, as diffusers returns)"},
     {"warmup", OPT_BOOL, O(warmup), 0, 0, "true",
      "run one-step upscales before reporting ready, and measure two of them to "
      "calibrate the time estimates that refuse requests unable to finish in time"},
@@ -467,6 +474,9 @@ static int check(const server_config *cfg, FILE *err) {
     else if (cfg->upload_budget && cfg->upload_budget < cfg->max_upload)
         bad = "upload-budget must be at least max-upload (or 0: no budget)";
     else if (cfg->models_dir && !*cfg->models_dir) bad = "models-dir is empty";
+    else if (strcmp(cfg->safety_action, "refuse") && strcmp(cfg->safety_action, "blackout"))
+        bad = "safety-action must be refuse or blackout";
+    else if (cfg->safety_checker && !*cfg->safety_checker) bad = "safety-checker is empty";
     else if (!cfg->workers && !cfg->redis) bad = "workers 0 (an API-only node) needs --redis: its workers are elsewhere";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))

@@ -31,6 +31,8 @@ typedef struct {
     int threads;
     char *cuda_dtype, *cuda_vae, *cuda_conv; /* sdx4_cuda_options, checked by the engine */
     bool cuda_graph, cuda_plan, cuda_profile;
+    char *safety_checker; /* the content check's folder (--safety-checker), NULL: off */
+    char *safety_action;  /* "refuse" or "blackout" */
     bool warmup;
     string_list warmup_sizes; /* "N" or "WxH" items, checked by config_load */
     /* network */

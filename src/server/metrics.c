@@ -68,6 +68,7 @@ static struct {
     _Atomic uint64_t cache_hits, cache_upload_hits, cache_misses;
     _Atomic uint64_t webhooks_ok, webhooks_failed;
     _Atomic uint64_t auth_throttled;
+    _Atomic uint64_t safety_checks, safety_flagged, safety_us;
     _Atomic uint64_t ratelimit_unavailable;
     _Atomic uint64_t webhooks_given_up[HOOK_FAIL_COUNT];
     _Atomic int64_t webhooks_pending;
@@ -132,6 +133,11 @@ void metrics_cache(bool hit, bool by_upload) {
 }
 void metrics_webhook(bool delivered) { ADD(*(delivered ? &m.webhooks_ok : &m.webhooks_failed), 1); }
 void metrics_auth_throttled(void) { ADD(m.auth_throttled, 1); }
+void metrics_content_check(bool flagged, double seconds) {
+    ADD(m.safety_checks, 1);
+    if (flagged) ADD(m.safety_flagged, 1);
+    ADD(m.safety_us, (uint64_t)(seconds * 1e6));
+}
 void metrics_ratelimit_unavailable(void) { ADD(m.ratelimit_unavailable, 1); }
 void metrics_webhook_failed(webhook_failure reason) {
     if ((unsigned)reason < HOOK_FAIL_COUNT) ADD(m.webhooks_given_up[reason], 1);
@@ -297,6 +303,15 @@ char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
          ns.open, ns.refused_per_address, ns.cut_header_timeout, ns.cut_keepalive_idle,
          ns.cut_min_upload_rate, ns.client_disconnect_cancels, ns.upload_bytes, ns.upload_budget,
          ns.upload_refusals);
+
+    emit(&t, "# HELP sdx4_safety_checks_total Upscale outputs checked by the content check (--safety-checker).\n"
+             "# TYPE sdx4_safety_checks_total counter\nsdx4_safety_checks_total %llu\n"
+             "# HELP sdx4_safety_flagged_total Outputs the content check flagged (refused or blacked out).\n"
+             "# TYPE sdx4_safety_flagged_total counter\nsdx4_safety_flagged_total %llu\n"
+             "# HELP sdx4_safety_check_seconds_total Time spent in content checks.\n"
+             "# TYPE sdx4_safety_check_seconds_total counter\nsdx4_safety_check_seconds_total %.6f\n",
+         (unsigned long long)GET(m.safety_checks), (unsigned long long)GET(m.safety_flagged),
+         (double)GET(m.safety_us) / 1e6);
 
     emit(&t, "# HELP sdx4_rejections_total Requests refused, by cause (the problem type).\n"
              "# TYPE sdx4_rejections_total counter\n");

@@ -37,6 +37,9 @@ void metrics_webhook(bool delivered);
 /* A request refused with 429 because its address failed to authenticate
  * too often (auth.h). */
 void metrics_auth_throttled(void);
+/* One output checked by the content check (--safety-checker), flagged or
+ * not, and how long the check took. */
+void metrics_content_check(bool flagged, double seconds);
 /* A request refused with 503 because the rate limits it is counted
  * against (kept in Redis in cluster mode) could not be reached. */
 void metrics_ratelimit_unavailable(void);

@@ -51,6 +51,7 @@ static const struct {
     [PROBLEM_STORAGE_FAILED] = {502, "storage-failed", "Result could not be stored"},
     [PROBLEM_DRAINED] = {503, "drained", "Node drained"},
     [PROBLEM_CONFLICT] = {409, "conflict", "Conflict"},
+    [PROBLEM_CONTENT_FLAGGED] = {422, "content-flagged", "The output was flagged by the content check"},
 };
 
 static void set_detail(problem *p, problem_kind kind, const char *fmt, va_list ap) {

@@ -47,6 +47,8 @@ typedef enum {
                                    object storage (--s3-bucket) */
     PROBLEM_DRAINED,            /* 503 this node was drained by an administrator */
     PROBLEM_CONFLICT,           /* 409 the resource's state forbids it now */
+    PROBLEM_CONTENT_FLAGGED,    /* 422 the content check (--safety-checker)
+                                   flagged the output */
     PROBLEM_KIND_COUNT
 } problem_kind;
 

@@ -6,7 +6,9 @@
  * noise-level classes): the client's to fix (422), not the server's (500).
  * Before encoding, the image is resized and cropped where the options ask
  * (AUTOMATIC1111's routes, a1111.c), so that a cluster's worker does it
- * as the single process does.
+ * as the single process does. The content check runs here too, on the
+ * model's output before any resize, as diffusers checks the pipeline's
+ * output: every task of every route and mode passes through it.
  */
 #include "runner.h"
 
@@ -16,6 +18,54 @@
 
 #include "imageio.h"
 #include "log.h"
+#include "metrics.h"
+
+static sdx4_safety *content_checker; /* NULL: no content check */
+static bool content_blackout;
+
+int runner_content_check_open(const server_config *cfg, char *err, size_t errlen) {
+    if (!cfg->safety_checker) return 0;
+    sdx4_engine_options o;
+    config_engine_options(cfg, cfg->safety_checker, &o);
+    if (sdx4_safety_open(&o, &content_checker) != SDX4_OK) {
+        snprintf(err, errlen, "the content checker %s could not be loaded: %s", cfg->safety_checker,
+                 sdx4_last_error());
+        return -1;
+    }
+    content_blackout = !strcmp(cfg->safety_action, "blackout");
+    log_event(LOG_INFO, "content_check",
+              json_pack("{s:s,s:s}", "checker", cfg->safety_checker, "action", cfg->safety_action));
+    return 0;
+}
+
+void runner_content_check_close(void) {
+    sdx4_safety_close(content_checker);
+    content_checker = NULL;
+}
+
+/* A succeeded upscale's image through the content check: kept, blacked
+ * out, or freed with the task failed. */
+static void content_check(sdx4_image *image, task_outcome *out) {
+    sdx4_safety_result r;
+    if (sdx4_safety_check(content_checker, image, &r) != SDX4_OK) {
+        problem_set(&out->error, PROBLEM_UPSCALE_FAILED, "the content check failed: %s", sdx4_last_error());
+        log_event(LOG_ERROR, "content_check_failed", json_pack("{s:s}", "error", sdx4_last_error()));
+        sdx4_image_free(image);
+        out->state = JOB_FAILED;
+        return;
+    }
+    metrics_content_check(r.flagged, r.seconds);
+    if (!r.flagged) return;
+    log_event(LOG_WARN, "content_flagged", json_pack("{s:s}", "action", content_blackout ? "blackout" : "refuse"));
+    if (content_blackout) {
+        memset(image->pixels, 0, (size_t)image->width * (size_t)image->height * 3);
+        return;
+    }
+    sdx4_image_free(image);
+    problem_set(&out->error, PROBLEM_CONTENT_FLAGGED,
+                "the upscaled image was flagged by the server's content check and is not returned");
+    out->state = JOB_FAILED;
+}
 
 void runner_params(const upscale_options *opts, sdx4_upscale_params *p) {
     sdx4_upscale_params_default(p);
@@ -87,7 +137,8 @@ void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_p
     for (int k = 0; k < n; k++) {
         *items[k].image = images[k];
         items[k].out->report = reports[k];
-        outcome(statuses[k], items[k].out);
+        if (outcome(statuses[k], items[k].out) == JOB_SUCCEEDED && content_checker)
+            content_check(items[k].image, items[k].out);
     }
 }
 

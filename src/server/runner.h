@@ -14,6 +14,16 @@
 #include "jobs.h"
 #include "sdx4.h"
 
+/* The content check (--safety-checker): one checker for the process,
+ * opened before the first upscale (runner_content_check_open: 0, or -1
+ * with err set, naming the folder) and closed after the last. While one is
+ * open, every successful upscale's image is checked where it is produced
+ * (runner_upscale_batch, which the single process and the cluster's
+ * workers both run): a flagged one fails its task with the problem
+ * content-flagged (--safety-action refuse) or is blacked out (blackout). */
+int runner_content_check_open(const server_config *cfg, char *err, size_t errlen);
+void runner_content_check_close(void);
+
 /* Runs the engine on `input` with `opts`. `stop` (set by another thread)
  * ends it at the next step boundary, `progress` (or NULL) hears each step
  * and may stop it too. Returns JOB_SUCCEEDED with `image` filled,

@@ -61,6 +61,7 @@
 #include "ratelimit.h"
 #include "redis.h"
 #include "results.h"
+#include "runner.h"
 #include "server.h"
 #include "status.h"
 #include "webhook.h"
@@ -127,6 +128,7 @@ static void fail(server *srv, served_model *m, const char *why) {
 
 int serve_load_models(server *srv) {
     char err[sizeof srv->failure];
+    if (runner_content_check_open(&srv->cfg, err, sizeof err)) return fail(srv, NULL, err), -1;
     for (int i = 0; i < srv->nmodels; i++) {
         served_model *m = &srv->models[i];
         if (models_load(m, &srv->cfg, err, sizeof err)) return fail(srv, m, err), -1;
@@ -301,6 +303,7 @@ static bool shut_down(server *srv, pthread_t *loader, int sig) {
     history_close(srv->history, (deadline > grace ? deadline : grace) - mono_now());
     srv->history = NULL;
     models_free(srv->models, srv->nmodels);
+    runner_content_check_close();
     srv->models = NULL;
     srv->nmodels = 0;
     return true;

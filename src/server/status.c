@@ -98,6 +98,13 @@ static bool any_demo(const server *srv) {
     return false;
 }
 
+/* Whether outputs go through the content check (--safety-checker), and
+ * what a flagged one gets. */
+static json_t *content_check(const server_config *c) {
+    if (!c->safety_checker) return json_pack("{s:b}", "enabled", false);
+    return json_pack("{s:b,s:s}", "enabled", true, "action", c->safety_action);
+}
+
 json_t *status_health(server *srv, int *status) {
     int phase = atomic_load(&srv->phase);
     *status = phase == PHASE_READY ? 200 : 503;
@@ -113,6 +120,7 @@ json_t *status_health(server *srv, int *status) {
                           "running", qs.running, "workers", qs.workers);
     bool default_served;
     json_object_set_new(h, "models", health_models(srv, &default_served));
+    json_object_set_new(h, "content_check", content_check(&srv->cfg));
     queue_worker busy[MAX_WORKERS];
     int nbusy = srv->queue ? queue_get_workers(srv->queue, busy, 64) : 0;
     json_t *list = json_array();
@@ -190,6 +198,7 @@ static void set_settings(const server *srv, json_t *m) {
     json_object_set_new(m, "formats",
                         json_pack("{s:[s,s,s],s:[s,s,s]}", "input", "png", "jpeg", "webp",
                                   "output", "png", "jpeg", "webp"));
+    json_object_set_new(m, "content_check", content_check(c));
 }
 
 /* An API-only node: the first serving worker's facts of the model (NULL

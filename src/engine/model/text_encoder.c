@@ -49,6 +49,56 @@ static int read_config(text_encoder *te, const config *cfg) {
     return 0;
 }
 
+/* The encoder's layers, shared with the vision tower of the content check
+ * (model/safety_checker.c): "encoder.layers.<i>." under ws's prefix. */
+int sdx4_clip_layers_load(weight_source *ws, clip_layer *layer, int n, int D, int I) {
+    char name[128];
+    for (int i = 0; i < n; i++) {
+        clip_layer *l = &layer[i];
+#define SUB(s) (snprintf(name, sizeof name, "encoder.layers.%d." s, i), name)
+        if (sdx4_norm_load(ws, &l->ln1, SUB("layer_norm1"), D) ||
+            sdx4_linear_load(ws, &l->q, SUB("self_attn.q_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->k, SUB("self_attn.k_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->v, SUB("self_attn.v_proj"), D, D, 1) ||
+            sdx4_linear_load(ws, &l->out, SUB("self_attn.out_proj"), D, D, 1) ||
+            sdx4_norm_load(ws, &l->ln2, SUB("layer_norm2"), D) ||
+            sdx4_linear_load(ws, &l->fc1, SUB("mlp.fc1"), D, I, 1) ||
+            sdx4_linear_load(ws, &l->fc2, SUB("mlp.fc2"), I, D, 1))
+            return -1;
+#undef SUB
+    }
+    return 0;
+}
+
+int sdx4_clip_encoder_run(backend *be, const clip_layer *layer, int n, int heads, activation act, float eps,
+                          int causal, tensor *x) {
+    tensor *h = NULL, *q = NULL, *k = NULL, *v = NULL, *a = NULL, *o = NULL;
+    for (int i = 0; i < n; i++) {
+        const clip_layer *l = &layer[i];
+        /* x = x + self_attn(layer_norm1(x)) */
+        TRY(h = be->layer_norm(be, x, l->ln1.g, l->ln1.b, eps));
+        TRY(q = linear_forward(be, &l->q, h));
+        TRY(k = linear_forward(be, &l->k, h));
+        TRY(v = linear_forward(be, &l->v, h));
+        TRY(a = be->attention(be, q, k, v, heads, causal));
+        TRY(o = linear_forward(be, &l->out, a));
+        if (be->add_inplace(be, x, o, 1.0f)) goto fail;
+        DROP(h), DROP(q), DROP(k), DROP(v), DROP(a), DROP(o);
+        /* x = x + fc2(act(fc1(layer_norm2(x)))) */
+        TRY(h = be->layer_norm(be, x, l->ln2.g, l->ln2.b, eps));
+        TRY(a = linear_forward(be, &l->fc1, h));
+        TRY(o = be->activate(be, a, act));
+        DROP(a);
+        TRY(a = linear_forward(be, &l->fc2, o));
+        if (be->add_inplace(be, x, a, 1.0f)) goto fail;
+        DROP(h), DROP(a), DROP(o);
+    }
+    return 0;
+fail:
+    DROP(h), DROP(q), DROP(k), DROP(v), DROP(a), DROP(o);
+    return -1;
+}
+
 int sdx4_text_encoder_load(text_encoder *te, weight_source *ws, const config *cfg) {
     memset(te, 0, sizeof *te);
     if (read_config(te, cfg)) return -1;
@@ -62,21 +112,7 @@ int sdx4_text_encoder_load(text_encoder *te, weight_source *ws, const config *cf
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
-    char n[128];
-    for (int i = 0; i < te->layers; i++) {
-        clip_layer *l = &te->layer[i];
-#define SUB(s) (snprintf(n, sizeof n, "encoder.layers.%d." s, i), n)
-        if (sdx4_norm_load(ws, &l->ln1, SUB("layer_norm1"), D) ||
-            sdx4_linear_load(ws, &l->q, SUB("self_attn.q_proj"), D, D, 1) ||
-            sdx4_linear_load(ws, &l->k, SUB("self_attn.k_proj"), D, D, 1) ||
-            sdx4_linear_load(ws, &l->v, SUB("self_attn.v_proj"), D, D, 1) ||
-            sdx4_linear_load(ws, &l->out, SUB("self_attn.out_proj"), D, D, 1) ||
-            sdx4_norm_load(ws, &l->ln2, SUB("layer_norm2"), D) ||
-            sdx4_linear_load(ws, &l->fc1, SUB("mlp.fc1"), D, I, 1) ||
-            sdx4_linear_load(ws, &l->fc2, SUB("mlp.fc2"), I, D, 1))
-            return -1;
-#undef SUB
-    }
+    if (sdx4_clip_layers_load(ws, te->layer, te->layers, D, I)) return -1;
     return sdx4_norm_load(ws, &te->final_ln, "final_layer_norm", D);
 }
 
@@ -107,7 +143,7 @@ tensor *sdx4_text_encoder_forward(backend *be, const text_encoder *te, const int
             return NULL;
         }
     int32_t *pos = malloc(sizeof *pos * batch * seq);
-    tensor *x = NULL, *p = NULL, *n = NULL, *q = NULL, *k = NULL, *v = NULL, *a = NULL, *o = NULL;
+    tensor *x = NULL, *p = NULL, *n = NULL;
     if (!pos) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return NULL;
@@ -119,30 +155,13 @@ tensor *sdx4_text_encoder_forward(backend *be, const text_encoder *te, const int
     if (be->add_inplace(be, x, p, 1.0f)) goto fail;
     DROP(p);
     as_3d(x, batch, seq, te->hidden);
-    for (int i = 0; i < te->layers; i++) {
-        const clip_layer *l = &te->layer[i];
-        TRY(n = be->layer_norm(be, x, l->ln1.g, l->ln1.b, te->eps));
-        TRY(q = linear_forward(be, &l->q, n));
-        TRY(k = linear_forward(be, &l->k, n));
-        TRY(v = linear_forward(be, &l->v, n));
-        TRY(a = be->attention(be, q, k, v, te->heads, 1));
-        TRY(o = linear_forward(be, &l->out, a));
-        if (be->add_inplace(be, x, o, 1.0f)) goto fail;
-        DROP(n), DROP(q), DROP(k), DROP(v), DROP(a), DROP(o);
-        TRY(n = be->layer_norm(be, x, l->ln2.g, l->ln2.b, te->eps));
-        TRY(a = linear_forward(be, &l->fc1, n));
-        TRY(o = be->activate(be, a, te->act));
-        DROP(a);
-        TRY(a = linear_forward(be, &l->fc2, o));
-        if (be->add_inplace(be, x, a, 1.0f)) goto fail;
-        DROP(n), DROP(a), DROP(o);
-    }
+    if (sdx4_clip_encoder_run(be, te->layer, te->layers, te->heads, te->act, te->eps, 1, x)) goto fail;
     TRY(n = be->layer_norm(be, x, te->final_ln.g, te->final_ln.b, te->eps));
     DROP(x);
     free(pos);
     return n;
 fail:
     free(pos);
-    DROP(x), DROP(p), DROP(n), DROP(q), DROP(k), DROP(v), DROP(a), DROP(o);
+    DROP(x), DROP(p), DROP(n);
     return NULL;
 }

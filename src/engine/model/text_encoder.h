@@ -24,6 +24,16 @@ typedef struct {
     norm_p final_ln;
 } text_encoder;
 
+/* CLIP's encoder, which the text model and the vision tower of the
+ * content check (model/safety_checker.h) share. Loads n layers named
+ * "encoder.layers.<i>." (under ws's prefix) of width D, MLP width I. */
+int sdx4_clip_layers_load(weight_source *ws, clip_layer *layer, int n, int D, int I);
+/* For each layer, transformers' CLIPEncoderLayer on x [B, T, D] in place:
+ *   x = x + self_attn(layer_norm1(x));  x = x + fc2(act(fc1(layer_norm2(x))))
+ * causal: the text model's mask (the vision tower has none). */
+int sdx4_clip_encoder_run(backend *be, const clip_layer *layer, int n, int heads, activation act, float eps,
+                          int causal, tensor *x);
+
 /* Reads text_encoder/config.json (cfg) and takes the weights from ws
  * (which may be in spec mode). */
 int sdx4_text_encoder_load(text_encoder *te, weight_source *ws, const config *cfg);

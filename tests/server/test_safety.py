@@ -1,0 +1,109 @@
+"""The content check (--safety-checker): every upscale's output goes through
+diffusers' StableDiffusionSafetyChecker; a flagged one is refused with the
+problem content-flagged (sync and async) or blacked out, and counted.
+
+The checker is tests/data/safety's random-weight one, whose thresholds
+(tools/safety_goldens.py) flag what the tiny model makes of tiny0_input.png
+and pass what it makes of tiny1_input.png, with these parameters."""
+import io
+import os
+import subprocess
+
+from PIL import Image
+
+from conftest import CLUSTER, MODEL, ROOT, SDX4, Server, problem, wait_job
+
+DATA = os.path.join(ROOT, "tests", "data", "safety")
+CHECKER = os.path.join(DATA, "checker")
+UPSCALE = "/api/v1/upscale"
+# the goldens' case: prompt, 3 steps, guidance 6, noise_level 20 of 350, seed 0
+CASE = {"prompt": "a white cat", "num_inference_steps": "3", "guidance_scale": "6",
+        "noise_level": repr(20 / 350), "seed": "0"}
+
+
+def tiny_input(k):
+    with open(os.path.join(DATA, f"tiny{k}_input.png"), "rb") as f:
+        return f.read()
+
+
+def metric(server, name):
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_refuse_sync_and_async():
+    s = Server("--safety-checker", CHECKER, "--min-side", "32", "--warmup", "false")
+    try:
+        health = s.get("/api/v1/health").json()
+        assert health["content_check"] == {"enabled": True, "action": "refuse"}
+        assert s.get("/api/v1/model-info").json()["content_check"] == {"enabled": True, "action": "refuse"}
+
+        p = problem(s.post(UPSCALE, files={"image": tiny_input(0)}, data=CASE), 422, "content-flagged")
+        assert "content check" in p["detail"]
+        ok = s.post(UPSCALE, files={"image": tiny_input(1)}, data=CASE)
+        assert ok.status_code == 200, ok.text
+        # the image that passed is the model's own, as diffusers makes it
+        got = Image.open(io.BytesIO(ok.content)).convert("RGB")
+        want = Image.open(os.path.join(DATA, "image1.png")).convert("RGB")
+        assert got.size == want.size == (128, 128)
+        assert max(abs(a - b) for pa, pb in zip(got.getdata(), want.getdata()) for a, b in zip(pa, pb)) <= 1
+
+        # a batch: the flagged entry fails alone
+        files = [("image", ("a.png", tiny_input(0), "image/png")), ("image", ("b.png", tiny_input(1), "image/png"))]
+        out = s.post("/api/v1/batch-upscale", files=files, data=CASE).json()
+        assert [e["status"] for e in out["results"]] == [422, 200], out
+        assert out["results"][0]["error"]["type"] == "urn:sdx4:problem:content-flagged"
+
+        r = s.post("/api/v1/jobs", files={"image": tiny_input(0)}, data=CASE)
+        assert r.status_code == 202, r.text
+        job = wait_job(s, r.json()["id"])
+        assert job["status"] == "failed" and job["error"]["type"] == "urn:sdx4:problem:content-flagged", job
+        # its result is the failed job's 409, saying why
+        assert "content check" in problem(s.get(f"/api/v1/jobs/{job['id']}/result"), 409,
+                                          "job-not-finished")["detail"]
+
+        if not CLUSTER:  # a cluster counts them on its workers
+            # the batch's second image came from the cache: checked when it was made
+            assert metric(s, "sdx4_safety_checks_total") == 4
+            assert metric(s, "sdx4_safety_flagged_total") == 3
+            assert metric(s, "sdx4_safety_check_seconds_total") > 0
+    finally:
+        s.stop()
+    s.check_clean_exit()
+
+
+def test_blackout():
+    s = Server("--safety-checker", CHECKER, "--safety-action", "blackout", "--min-side", "32",
+               "--warmup", "false")
+    try:
+        assert s.get("/api/v1/health").json()["content_check"] == {"enabled": True, "action": "blackout"}
+        r = s.post(UPSCALE, files={"image": tiny_input(0)}, data=CASE)
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(r.content)).convert("RGB")
+        assert img.size == (128, 128) and img.getextrema() == ((0, 0), (0, 0), (0, 0))
+        if not CLUSTER:
+            assert metric(s, "sdx4_safety_flagged_total") == 1
+    finally:
+        s.stop()
+    s.check_clean_exit()
+
+
+def test_off_by_default(server):
+    assert server.get("/api/v1/health").json()["content_check"] == {"enabled": False}
+    assert metric(server, "sdx4_safety_checks_total") == 0
+
+
+def serve_fails(*flags):
+    """sdx4 serve with these flags exits non-zero; its stderr."""
+    r = subprocess.run([SDX4, "serve", "--model", MODEL, "--port", "0", "--warmup", "false", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0, r.stderr
+    return r.stderr
+
+
+def test_bad_settings(tmp_path):
+    assert "config.json: missing" in serve_fails("--safety-checker", str(tmp_path))
+    assert "safety-action must be refuse or blackout" in serve_fails("--safety-checker", CHECKER,
+                                                                     "--safety-action", "warn")
