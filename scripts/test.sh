@@ -16,7 +16,8 @@
 #      tools are installed (scripts/check-kubernetes.sh);
 #   6b. deploy/monitoring's alerts, their promtool unit tests and the
 #      dashboard's queries (scripts/check-monitoring.sh; that every metric
-#      they use is exported is tests/server/test_monitoring.py's, in step 4);
+#      they use is exported is tests/server/test_monitoring.py's, in step 4)
+#      and deploy/systemd's unit (scripts/check-systemd.sh);
 #   7. the Dockerfile's CPU image built with podman and checked to serve
 #      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
 #      and says so).
@@ -91,6 +92,9 @@ scripts/check-kubernetes.sh
 
 echo "== monitoring kit (Prometheus rules and their unit tests, Grafana dashboard)"
 scripts/check-monitoring.sh
+
+echo "== systemd unit (scripts/check-systemd.sh)"
+scripts/check-systemd.sh build/sdx4
 
 echo "== the container image (scripts/container-check.sh)"
 if [ "${SDX4_CONTAINER_CHECK:-1}" = 0 ]; then
