@@ -92,7 +92,7 @@ static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;
     pthread_t thread;
-    bool started, stopping, finished; /* finished: the thread has returned */
+    bool started, stopping;
     /* the last sample, under the lock */
     bool up;
     double sampled_at; /* mono_now() */
@@ -163,9 +163,6 @@ static void *sampler(void *arg) {
             api.shutdown();
             dlclose(lib);
         }
-        pthread_mutex_lock(&s.lock);
-        s.finished = true;
-        pthread_mutex_unlock(&s.lock);
         return NULL;
     }
     if (count > MAX_GPUS) count = MAX_GPUS;
@@ -201,16 +198,13 @@ static void *sampler(void *arg) {
     pthread_mutex_unlock(&s.lock);
     api.shutdown();
     dlclose(lib);
-    pthread_mutex_lock(&s.lock);
-    s.finished = true;
-    pthread_mutex_unlock(&s.lock);
     return NULL;
 }
 
 void gpu_metrics_start(void) {
     if (s.started) return;
     cond_init_monotonic(&s.wake);
-    s.stopping = s.finished = false;
+    s.stopping = false;
     s.started = pthread_create(&s.thread, NULL, sampler, NULL) == 0;
     if (!s.started) log_event(LOG_WARN, "gpu_metrics_off", json_pack("{s:s}", "reason", "cannot start the sampler thread"));
 }
