@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# scripts/check-monitoring.sh: checks deploy/monitoring (issue 18) offline.
+# scripts/check-monitoring.sh [SDX4_BIN]: checks deploy/monitoring (issue 18)
+# offline, and with SDX4_BIN the exposition text of a real sdx4 serve.
 #   - promtool check rules alerts.yml: every rule parses and is well formed;
 #   - promtool test rules on alerts_test.yml: the alerts tested fire, and
 #     stay quiet, on the series given (its descriptions filled in by
@@ -54,6 +55,29 @@ if check "$root/deploy/monitoring"; then
          "$(grep -A1 dashboard-rules "$work/out" | grep -o '[0-9]* rules' | cut -d' ' -f1) dashboard queries parse"
 else
     echo "monitoring: FAILED"; sed 's/^/  /' "$work/out"; failed=1
+fi
+
+# With SDX4_BIN given: a real sdx4 serve's /metrics (the tiny model of the
+# reference data), linted by promtool check metrics (the text format, and
+# Prometheus's naming rules: counters end in _total, units spelled out)
+if [ $# -gt 0 ]; then
+    model=${SDX4_REFERENCE:-$root/../shared/reference}/tiny/model
+    "$1" serve --model "$model" --port 0 --warmup false >"$work/serve.log" 2>&1 &
+    serve_pid=$!
+    port=
+    for _ in $(seq 100); do
+        port=$(grep -o '"event":"listening".*"port":[0-9]*' "$work/serve.log" | grep -o '[0-9]*$' || true)
+        [ -n "$port" ] && curl -sf "http://127.0.0.1:$port/api/v1/health" >/dev/null && break
+        sleep 0.1
+    done
+    curl -sf "http://127.0.0.1:$port/metrics" >"$work/metrics.txt" || true
+    kill "$serve_pid"; wait "$serve_pid" || true
+    if [ -s "$work/metrics.txt" ] && "$promtool" check metrics <"$work/metrics.txt" >"$work/out" 2>&1; then
+        echo "monitoring: sdx4 serve's /metrics passes promtool check metrics ($(grep -c '^# TYPE' "$work/metrics.txt") families)"
+    else
+        echo "monitoring: sdx4 serve's /metrics FAILED promtool check metrics (or was not scraped)"
+        sed 's/^/  /' "$work/out" "$work/serve.log" | tail -40; failed=1
+    fi
 fi
 
 # Broken copies: file | sed program | what the refusal must say

@@ -14,9 +14,10 @@
 #      without a GPU);
 #   6. the Kubernetes manifests rendered and validated, offline once its
 #      tools are installed (scripts/check-kubernetes.sh);
-#   6b. deploy/monitoring's alerts, their promtool unit tests and the
-#      dashboard's queries (scripts/check-monitoring.sh; that every metric
-#      they use is exported is tests/server/test_monitoring.py's, in step 4)
+#   6b. deploy/monitoring's alerts, their promtool unit tests, the
+#      dashboard's queries and sdx4 serve's /metrics linted by promtool
+#      (scripts/check-monitoring.sh; that every metric they use is
+#      exported is tests/server/test_monitoring.py's, in step 4)
 #      and deploy/systemd's unit (scripts/check-systemd.sh);
 #   7. the Dockerfile's CPU image built with podman and checked to serve
 #      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
@@ -91,7 +92,7 @@ echo "== kubernetes manifests"
 scripts/check-kubernetes.sh
 
 echo "== monitoring kit (Prometheus rules and their unit tests, Grafana dashboard)"
-scripts/check-monitoring.sh
+scripts/check-monitoring.sh build/sdx4
 
 echo "== systemd unit (scripts/check-systemd.sh)"
 scripts/check-systemd.sh build/sdx4
