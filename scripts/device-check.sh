@@ -25,6 +25,12 @@
 #   test    test_backend_cuda: every operation against the CPU backend
 #   golden  test_models, test_pipeline and test_safety on CUDA (SDX4_TEST_DEVICE=cuda),
 #           in fp32 mode (the CPU tolerances) and in fp16 mode
+#   gpu-metrics  /metrics's GPU series through NVML (issue 18):
+#           test_server_gpu_metrics built alone (gpu_metrics.c, log.c and
+#           jansson: no libvips needed) with SDX4_EXPECT_GPU=1, then, when
+#           build-device/sdx4 exists, `sdx4 serve --device cuda` on the tiny
+#           model, its /metrics saved to metrics.txt and grepped for each
+#           GPU series of GPU 0
 #   model   sdx4 make-model: the full-size random fp16 model, models/x4-fp16
 #   bench   sdx4 bench --device cuda at 128 px (75 steps) and 256 px (20
 #           steps), GPU memory sampled meanwhile; then 128 px with the VAE
@@ -205,7 +211,7 @@ out=${OUT:-$root/build-device-out}
 mkdir -p "$out"
 summary=$out/summary.txt
 exec > >(tee -a "$out/log.txt") 2>&1
-steps=${*:-build test golden model bench profile tiles}
+steps=${*:-build test golden gpu-metrics model bench profile tiles}
 wants() { [[ " $steps " == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and records
@@ -324,6 +330,47 @@ fi
 
 sdx4=build-device/sdx4
 model=models/x4-fp16
+
+# serve_gpu_metrics: sdx4 serve on CUDA with the tiny model; its /metrics,
+# once NVML has answered, must have every GPU series of GPU 0
+serve_gpu_metrics() {
+  local port=18902 server i
+  "$sdx4" serve --model "$reference/tiny/model" --device cuda --port $port --warmup false \
+    > /tmp/gpu-metrics-serve.log 2>&1 &
+  server=$!
+  for i in $(seq 100); do
+    curl -sf http://127.0.0.1:$port/metrics > "$out/metrics.txt" && grep -qx 'sdx4_gpu_nvml_up 1' "$out/metrics.txt" && break
+    sleep 0.2
+  done
+  kill "$server"; wait "$server"
+  grep gpu_metrics /tmp/gpu-metrics-serve.log
+  local missing=0 series
+  for series in 'sdx4_gpu_nvml_up 1' 'sdx4_gpu_info{gpu="0",' 'sdx4_gpu_utilization_percent{gpu="0"}' \
+      'sdx4_gpu_memory_used_bytes{gpu="0"}' 'sdx4_gpu_memory_total_bytes{gpu="0"}' \
+      'sdx4_gpu_temperature_celsius{gpu="0"}' 'sdx4_gpu_power_watts{gpu="0"}' 'process_cpu_seconds_total '; do
+    grep -qF "$series" "$out/metrics.txt" || { echo "missing from /metrics: $series"; missing=1; }
+  done
+  grep -E '^(sdx4_gpu|process_)' "$out/metrics.txt"
+  return $missing
+}
+
+if wants gpu-metrics; then
+  # alone, as the CLI may lack libvips here
+  if cc -std=c11 -Wall -Wextra -D_GNU_SOURCE -Isrc/server -Iinclude -Itests -DSDX4_REFERENCE_DIR='""' \
+      -o /tmp/test_server_gpu_metrics tests/test_server_gpu_metrics.c src/server/gpu_metrics.c \
+      src/server/log.c $(pkg-config --cflags --libs jansson) -ldl -lpthread -lm; then
+    step gpu-metrics 60 env SDX4_EXPECT_GPU=1 /tmp/test_server_gpu_metrics
+  else
+    skip gpu-metrics "test_server_gpu_metrics did not build (jansson: run 'prepare' first)"
+  fi
+  if [ -x "$sdx4" ]; then
+    export -f serve_gpu_metrics
+    export sdx4 out reference
+    step gpu-metrics-serve 60 bash -c serve_gpu_metrics
+  else
+    skip gpu-metrics-serve "no build-device/sdx4 (the CLI needs libvips)"
+  fi
+fi
 if wants model; then
   if [ ! -x "$sdx4" ]; then
     skip make-model "no build-device/sdx4 (the CLI needs libvips)"

@@ -8,6 +8,8 @@ packages=(build-essential cmake pkg-config clang
           libhiredis-dev redis-server
           libgnutls28-dev # bearer tokens (src/server/jwt.c): RS256, ES256 and EdDSA signatures
           python3 python3-venv curl
+          python3-yaml # scripts/check-monitoring.py (promtool itself: check-monitoring.sh)
+          systemd # systemd-analyze: scripts/check-systemd.sh
           libsqlite3-dev libpq-dev postgresql # --history; postgresql: its server for the tests
           chromium chromium-driver # tests/server/test_page.py: the web page in a headless browser
           podman debootstrap) # scripts/container-check.sh

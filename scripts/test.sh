@@ -14,6 +14,11 @@
 #      without a GPU);
 #   6. the Kubernetes manifests rendered and validated, offline once its
 #      tools are installed (scripts/check-kubernetes.sh);
+#   6b. deploy/monitoring's alerts, their promtool unit tests, the
+#      dashboard's queries and sdx4 serve's /metrics linted by promtool
+#      (scripts/check-monitoring.sh; that every metric they use is
+#      exported is tests/server/test_monitoring.py's, in step 4)
+#      and deploy/systemd's unit (scripts/check-systemd.sh);
 #   7. the Dockerfile's CPU image built with podman and checked to serve
 #      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
 #      and says so).
@@ -85,6 +90,12 @@ SDX4_TEST_CLUSTER=1 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PW
 
 echo "== kubernetes manifests"
 scripts/check-kubernetes.sh
+
+echo "== monitoring kit (Prometheus rules and their unit tests, Grafana dashboard)"
+scripts/check-monitoring.sh build/sdx4
+
+echo "== systemd unit (scripts/check-systemd.sh)"
+scripts/check-systemd.sh build/sdx4
 
 echo "== the container image (scripts/container-check.sh)"
 if [ "${SDX4_CONTAINER_CHECK:-1}" = 0 ]; then

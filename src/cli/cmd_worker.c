@@ -44,6 +44,7 @@
 #include "cli.h"
 #include "config.h"
 #include "cost.h"
+#include "gpu_metrics.h"
 #include "history.h"
 #include "log.h"
 #include "metrics.h"
@@ -298,6 +299,7 @@ int cmd_worker(int argc, char **argv) {
     log_event(LOG_INFO, "listening",
               json_pack("{s:s,s:i,s:s,s:s,s:i}", "host", c->host, "port", bound ? bound->port : 0, "worker", p.name,
                         "redis", redis_where(p.r), "workers", c->workers));
+    if (strcmp(c->device, "cpu") != 0) gpu_metrics_start(); /* for /metrics */
 
     int status = EXIT_RUNTIME, sig = 0;
     if (load_models(srv) == 0) {
@@ -322,6 +324,7 @@ int cmd_worker(int argc, char **argv) {
         }
     }
     MHD_stop_daemon(daemon);
+    gpu_metrics_stop();
     if (status == 0) { /* else a thread is still inside the engine: exit around it */
         worker_free(p.w);
         double grace = mono_now() + 2; /* webhooks and history rows of the jobs just ended */

@@ -17,8 +17,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "gpu_metrics.h"
 #include "log.h"
 #include "models.h"
+#include "process_metrics.h"
 
 const char *const route_names[ROUTE_COUNT] = {
     [ROUTE_UPSCALE] = "upscale",       [ROUTE_BATCH] = "batch_upscale",
@@ -216,7 +218,8 @@ static void emit_inference(text *t) {
                    GET(m.batch_sum) * 1000000); /* the sum in the seconds' millionths it expects */
 }
 
-/* The process: memory, readiness, uptime, and the engine's device memory. */
+/* The process: memory, readiness, uptime, the engine's device memory, the
+ * standard process_* metrics and the GPUs. */
 static void emit_process(text *t, const server *srv) {
     emit(t, "# HELP sdx4_resident_memory_bytes Resident memory of the process.\n"
             "# TYPE sdx4_resident_memory_bytes gauge\nsdx4_resident_memory_bytes %lld\n"
@@ -249,6 +252,34 @@ static void emit_process(text *t, const server *srv) {
             "# HELP sdx4_device_memory_peak_bytes The most the compute backend has held.\n"
             "# TYPE sdx4_device_memory_peak_bytes gauge\nsdx4_device_memory_peak_bytes %lld\n",
         (long long)info.device_memory_bytes, (long long)info.device_memory_peak_bytes);
+
+    /* process_* under the standard names, and the GPUs as NVML sees them */
+    char *more[] = {process_metrics_render(), gpu_metrics_render()};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++) {
+        if (more[i]) emit(t, "%s", more[i]);
+        free(more[i]);
+    }
+}
+
+/* The webhooks this process sent: `sdx4 worker` sends those of the jobs it
+ * ends in cluster mode. */
+static void emit_webhooks(text *t) {
+    emit(t, "# HELP sdx4_webhook_deliveries_total Webhook calls, by outcome.\n"
+            "# TYPE sdx4_webhook_deliveries_total counter\n"
+            "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
+            "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
+        (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
+    static const char *const hook_failures[HOOK_FAIL_COUNT] = {
+        [HOOK_FAIL_BACKLOG] = "backlog_full", [HOOK_FAIL_REFUSED] = "refused",
+        [HOOK_FAIL_ATTEMPTS] = "attempts_exhausted", [HOOK_FAIL_SHUTDOWN] = "shutdown"};
+    emit(t, "# HELP sdx4_webhooks_failed_total Webhooks given up (their job's webhook marked failed), by reason.\n"
+            "# TYPE sdx4_webhooks_failed_total counter\n");
+    for (int r = 0; r < HOOK_FAIL_COUNT; r++)
+        emit(t, "sdx4_webhooks_failed_total{reason=\"%s\"} %llu\n", hook_failures[r],
+             (unsigned long long)GET(m.webhooks_given_up[r]));
+    emit(t, "# HELP sdx4_webhooks_pending Webhook deliveries queued, in flight or awaiting a retry.\n"
+            "# TYPE sdx4_webhooks_pending gauge\nsdx4_webhooks_pending %lld\n",
+        (long long)GET(m.webhooks_pending));
 }
 
 char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
@@ -356,22 +387,7 @@ char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
          (unsigned long long)GET(m.cache_hits), (unsigned long long)GET(m.cache_upload_hits),
          (unsigned long long)GET(m.cache_misses), cs.bytes, cs.entries, cs.links);
 
-    emit(&t, "# HELP sdx4_webhook_deliveries_total Webhook calls, by outcome.\n"
-             "# TYPE sdx4_webhook_deliveries_total counter\n"
-             "sdx4_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
-             "sdx4_webhook_deliveries_total{outcome=\"failed\"} %llu\n",
-         (unsigned long long)GET(m.webhooks_ok), (unsigned long long)GET(m.webhooks_failed));
-    static const char *const hook_failures[HOOK_FAIL_COUNT] = {
-        [HOOK_FAIL_BACKLOG] = "backlog_full", [HOOK_FAIL_REFUSED] = "refused",
-        [HOOK_FAIL_ATTEMPTS] = "attempts_exhausted", [HOOK_FAIL_SHUTDOWN] = "shutdown"};
-    emit(&t, "# HELP sdx4_webhooks_failed_total Webhooks given up (their job's webhook marked failed), by reason.\n"
-             "# TYPE sdx4_webhooks_failed_total counter\n");
-    for (int r = 0; r < HOOK_FAIL_COUNT; r++)
-        emit(&t, "sdx4_webhooks_failed_total{reason=\"%s\"} %llu\n", hook_failures[r],
-             (unsigned long long)GET(m.webhooks_given_up[r]));
-    emit(&t, "# HELP sdx4_webhooks_pending Webhook deliveries queued, in flight or awaiting a retry.\n"
-             "# TYPE sdx4_webhooks_pending gauge\nsdx4_webhooks_pending %lld\n",
-         (long long)GET(m.webhooks_pending));
+    emit_webhooks(&t);
     emit(&t, "# HELP sdx4_log_lines_dropped_total Log lines dropped because stderr's reader was too slow (or gone).\n"
              "# TYPE sdx4_log_lines_dropped_total counter\nsdx4_log_lines_dropped_total %llu\n"
              "# HELP sdx4_log_queue_bytes Bytes of log lines waiting to be written.\n"
@@ -415,6 +431,7 @@ char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len) {
 char *metrics_render_inference(const server *srv) {
     text t = {0};
     emit_inference(&t);
+    emit_webhooks(&t);
     emit_process(&t, srv);
     return t.buf;
 }

@@ -64,9 +64,10 @@ typedef struct {
 
 /* The exposition text (malloc'd). */
 char *metrics_render(const server *srv, const metrics_gauges *g, size_t *len);
-/* Its part about the upscales this process ran and the process itself
- * (waits, inference and step times, memory, device memory), for `sdx4
- * worker`, which has no HTTP API to report on (malloc'd). */
+/* Its part about the upscales this process ran, the webhooks it sent and
+ * the process itself (waits, inference and step times, memory, device
+ * memory, process_*, the GPUs), for `sdx4 worker`, which has no HTTP API
+ * to report on (malloc'd). */
 char *metrics_render_inference(const server *srv);
 
 #endif

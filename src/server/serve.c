@@ -51,6 +51,7 @@
 #include "cost.h"
 #include "dispatch_redis.h"
 #include "docs.h"
+#include "gpu_metrics.h"
 #include "history.h"
 #include "http.h"
 #include "jobs.h"
@@ -340,6 +341,9 @@ int serve_main(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    /* the GPUs' metrics, unless told to run on the CPU (signals blocked first: a thread) */
+    if (strcmp(srv.cfg.device, "cpu") != 0) gpu_metrics_start();
+
     /* the image codecs were initialised by main() (src/cli/main.c) */
     pthread_t loader;
     bool loader_running = false, api_only = srv.cfg.workers == 0;
@@ -359,6 +363,7 @@ int serve_main(int argc, char **argv) {
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);
     if (stopped) results_close(&srv); /* workers are gone: none is uploading */
+    gpu_metrics_stop(); /* /metrics, its reader, is closed */
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));
