@@ -25,6 +25,7 @@
 
 #include "cli.h"
 #include "imageio.h"
+#include "infotext.h"
 #include "progress.h"
 #include "sdx4.h"
 
@@ -112,6 +113,9 @@ static void build_help(char *help, size_t size, const param_flag *flags, int nfl
         "  --device cpu|cuda|auto compute device (default: auto)\n"
         CLI_CUDA_HELP
         "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
+        "  --metadata             write the parameters into OUT (a PNG text chunk,\n"
+        "                         JPEG/WebP EXIF UserComment, as AUTOMATIC1111 does)\n"
+        "                         and keep IN's ICC profile\n"
         "  -h, --help             show this help\n"
         "\n"
         "Ctrl-C cancels within a fraction of a second (exit status 130).\n",
@@ -179,6 +183,33 @@ static void fail_file(const char *path, const char *message) {
         cli_fail("%s: %s", path, message);
 }
 
+/* A model's name: its folder's, as the server names it. */
+static void model_name(const char *dir, char *name, size_t size) {
+    snprintf(name, size, "%s", dir);
+    size_t n = strlen(name);
+    while (n > 1 && name[n - 1] == '/') name[--n] = '\0';
+    const char *slash = strrchr(name, '/');
+    if (slash && slash[1]) memmove(name, slash + 1, strlen(slash + 1) + 1);
+}
+
+/* Writes OUT with the parameters and the input's profile (--metadata). */
+static int write_with_metadata(const sdx4_image *output, const char *out_path, int quality,
+                               const sdx4_upscale_params *params, const char *model, const sdx4_model_info *info,
+                               const sdx4_image *input, const void *icc, size_t icc_len, char *err,
+                               size_t errlen) {
+    char name[256];
+    model_name(model, name, sizeof name);
+    infotext_facts facts = {name, NULL, !strcmp(info->kind, "gan"), input->width, input->height,
+                            output->width, output->height};
+    char *text = infotext(params, &facts);
+    if (!text) return snprintf(err, errlen, "out of memory"), -1;
+    imageio_metadata meta;
+    infotext_metadata(text, facts.gan, icc, icc_len, &meta);
+    int rc = imageio_write_file_metadata(output, out_path, quality, &meta, err, errlen);
+    free(text);
+    return rc;
+}
+
 /* A run on the full model takes minutes: find out before it, not after,
  * that OUT cannot be created. */
 static int check_writable_folder(const char *out_path) {
@@ -202,7 +233,7 @@ int cmd_upscale(int argc, char **argv) {
     const char *model = NULL, *variant = NULL, *device = "auto";
     sdx4_upscale_params params;
     sdx4_upscale_params_default(&params);
-    int steps = params.num_inference_steps, threads = 0, quality = 0;
+    int steps = params.num_inference_steps, threads = 0, quality = 0, metadata = 0;
     double guidance = params.guidance_scale, noise = params.noise_level;
     double eta = params.eta;
     uint64_t seed = 0;
@@ -230,6 +261,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
+        {"--metadata", OPT_FLAG, &metadata, 0, 0, NULL, 0},
         {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
     };
     enum { NFLAGS = sizeof flags / sizeof flags[0], NFIXED = sizeof fixed / sizeof fixed[0] };
@@ -272,12 +304,15 @@ int cmd_upscale(int argc, char **argv) {
     }
 
     sdx4_image input = {0}, output = {0};
+    void *icc = NULL; /* --metadata: the input's ICC profile */
+    size_t icc_len = 0;
     sdx4_engine *engine = NULL;
     char err[512];
     status = EXIT_RUNTIME;
 
     if (check_writable_folder(out_path) != 0) goto done;
-    if (imageio_read_file(in_path, &input, err, sizeof err) != 0) {
+    if ((metadata ? imageio_read_file_keep_icc(in_path, &input, &icc, &icc_len, err, sizeof err)
+                  : imageio_read_file(in_path, &input, err, sizeof err)) != 0) {
         fail_file(in_path, err);
         goto done;
     }
@@ -332,7 +367,9 @@ int cmd_upscale(int argc, char **argv) {
         cli_fail_engine();
         goto done;
     }
-    if (imageio_write_file(&output, out_path, quality, err, sizeof err) != 0) {
+    if ((metadata ? write_with_metadata(&output, out_path, quality, &params, model, &info, &input, icc, icc_len,
+                                        err, sizeof err)
+                  : imageio_write_file(&output, out_path, quality, err, sizeof err)) != 0) {
         fail_file(out_path, err);
         goto done;
     }
@@ -359,6 +396,7 @@ int cmd_upscale(int argc, char **argv) {
 done:
     sdx4_image_free(&output);
     sdx4_image_free(&input);
+    free(icc);
     sdx4_engine_close(engine);
     free(options_json);
     return status;
