@@ -1284,12 +1284,19 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
             return 0;
         }
     }
-    if (imageio_decode(b->data, b->len, &t->input, err, sizeof err)) {
+    /* metadata=true keeps the input's ICC profile for the output */
+    if (t->opts.metadata ? imageio_decode_keep_icc(b->data, b->len, &t->input, &t->icc, &t->icc_len, err, sizeof err)
+                         : imageio_decode(b->data, b->len, &t->input, err, sizeof err)) {
         free(canonical);
         return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s image could not be decoded: %s",
                            imageio_format_name(format), err);
     }
     drop_blob(b); /* the pixels are all that is needed from here */
+    if (t->cacheable && t->icc) {
+        char *with = cache_params_with_profile(canonical, t->icc, t->icc_len);
+        free(canonical);
+        if (!(canonical = with)) return problem_set(p, PROBLEM_INTERNAL, "out of memory");
+    }
     if (t->cacheable) {
         cache_key(t->cache_key, scope, model, canonical, &t->input);
         free(canonical);

@@ -6,7 +6,9 @@
  * noise-level classes): the client's to fix (422), not the server's (500).
  * Before encoding, the image is resized and cropped where the options ask
  * (AUTOMATIC1111's routes, a1111.c), so that a cluster's worker does it
- * as the single process does.
+ * as the single process does. Where the request asks for metadata, the
+ * text is made here from the options and the sizes after the resize, so
+ * that it describes the file it is in.
  */
 #include "runner.h"
 
@@ -15,6 +17,7 @@
 #include <string.h>
 
 #include "imageio.h"
+#include "infotext.h"
 #include "log.h"
 
 void runner_params(const upscale_options *opts, sdx4_upscale_params *p) {
@@ -121,12 +124,31 @@ static int fit(sdx4_image *image, const upscale_options *o, char *err, size_t er
     return 0;
 }
 
-void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out) {
+/* The file's metadata (opts->metadata): the text, malloc'd into *text. */
+static int metadata(const sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                    imageio_metadata *meta, char **text) {
+    sdx4_upscale_params p;
+    runner_params(opts, &p);
+    infotext_facts facts = {origin->model, NULL, origin->gan, origin->input_width, origin->input_height,
+                            image->width, image->height};
+    if (!(*text = infotext(&p, &facts))) return -1;
+    infotext_metadata(*text, origin->gan, origin->icc, origin->icc_len, meta);
+    return 0;
+}
+
+void runner_encode(sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                   task_outcome *out) {
     char err[256];
+    imageio_metadata meta;
+    char *text = NULL;
     if (fit(image, opts, err, sizeof err)) {
         out->state = JOB_FAILED;
         problem_set(&out->error, PROBLEM_INTERNAL, "resizing the result failed: %s", err);
-    } else if (imageio_encode(image, opts->format, opts->quality, &out->output, &out->len, err, sizeof err) == 0) {
+    } else if (opts->metadata && metadata(image, opts, origin, &meta, &text)) {
+        out->state = JOB_FAILED;
+        problem_set(&out->error, PROBLEM_INTERNAL, "out of memory for the result's metadata");
+    } else if (imageio_encode_metadata(image, opts->format, opts->quality, opts->metadata ? &meta : NULL,
+                                       &out->output, &out->len, err, sizeof err) == 0) {
         out->state = JOB_SUCCEEDED;
         out->width = image->width;
         out->height = image->height;
@@ -134,5 +156,6 @@ void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome 
         out->state = JOB_FAILED;
         problem_set(&out->error, PROBLEM_INTERNAL, "encoding the result failed: %s", err);
     }
+    free(text);
     sdx4_image_free(image);
 }

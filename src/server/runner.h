@@ -49,10 +49,22 @@ typedef struct {
  * their UNet calls, each ending as runner_upscale's would alone. */
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress);
 
+/* Where an output came from, for its metadata (opts->metadata). */
+typedef struct {
+    const char *model; /* its name */
+    bool gan;
+    int input_width, input_height;
+    const void *icc; /* the input's ICC profile, NULL none */
+    size_t icc_len;
+} runner_origin;
+
 /* Resizes and crops `image` as opts ask (resize_*, crop_*: none by
  * default), then encodes it in opts' format into out (output, len, width,
  * height, state JOB_SUCCEEDED), or fails `out` with the reason; frees the
- * pixels. */
-void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out);
+ * pixels. With opts->metadata the file also holds the parameters as
+ * AUTOMATIC1111's text (infotext.h) and `origin`'s ICC profile; without
+ * it `origin` is not read (NULL will do). */
+void runner_encode(sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                   task_outcome *out);
 
 #endif
