@@ -194,6 +194,34 @@ static void test_keep_icc(void) {
     sdx4_image_free(&out);
     g_free(jpg);
     g_free(cmyk_icc);
+    /* an RGB profile of an RGB JPEG that the PNG saver leaves out (its PCS
+     * neither XYZ nor Lab): not kept, so that no PNG output lacks it */
+    size_t srgb_len = 0;
+    unsigned char *bad_pcs = profile("srgb", &srgb_len);
+    memcpy(bad_pcs + 20, "XXXX", 4);
+    VipsImage *rgb = vips_image_new_from_memory_copy(im.pixels, (size_t)16 * 16 * 3, 16, 16, 3, VIPS_FORMAT_UCHAR);
+    rgb->Type = VIPS_INTERPRETATION_sRGB;
+    vips_image_set_blob_copy(rgb, VIPS_META_ICC_NAME, bad_pcs, srgb_len);
+    jpg = NULL;
+    CHECK(!vips_jpegsave_buffer(rgb, &jpg, &len, NULL), "jpeg save: %s", vips_error_buffer());
+    vips_error_clear();
+    g_object_unref(rgb);
+    VipsImage *check = jpg ? vips_image_new_from_buffer(jpg, len, "", NULL) : NULL;
+    CHECK(check && vips_image_get_typeof(check, VIPS_META_ICC_NAME), "the JPEG lost its profile");
+    if (check) g_object_unref(check);
+    kept = (void *)1;
+    CHECK(jpg && imageio_decode_keep_icc(jpg, len, &out, &kept, &kept_len, err, sizeof err) == 0 && !kept,
+          "a profile libpng refuses was kept: %s", err);
+    sdx4_image_free(&out);
+    g_free(jpg);
+    /* given to the encoder anyway: a clear error, not a PNG without it */
+    imageio_metadata meta = {.icc = bad_pcs, .icc_len = srgb_len};
+    void *png_out = NULL;
+    err[0] = 0;
+    CHECK(imageio_encode_metadata(&im, IMAGE_PNG, 0, &meta, &png_out, &len, err, sizeof err) == -1 &&
+              strstr(err, "refused"), "a PNG with a profile its saver leaves out: %s", err);
+    free(png_out);
+    g_free(bad_pcs);
     /* an undecodable file: -1, and no profile to free */
     kept = (void *)1;
     CHECK(imageio_decode_keep_icc("\x89PNG\r\n\x1a\n", 8, &out, &kept, &kept_len, err, sizeof err) == -1 &&

@@ -438,16 +438,42 @@ static bool rgb_profile(const unsigned char *icc, size_t len) {
     return size == len && !memcmp(icc + 36, "acsp", 4) && !memcmp(icc + 16, "RGB ", 4);
 }
 
+/* Whether a PNG gets the profile: libvips' PNG saver checks a profile's
+ * header and tag table further than rgb_profile does (lcms, libpng) and
+ * leaves out one it refuses, with only a warning, where the JPEG and WebP
+ * savers write any. A 1-pixel PNG tells. Called with vips_lock held. */
+static bool png_writes_profile(const void *icc, size_t len) {
+    static const unsigned char pixel[3] = {0};
+    VipsImage *one = vips_image_new_from_memory(pixel, sizeof pixel, 1, 1, 3, VIPS_FORMAT_UCHAR);
+    void *buf = NULL;
+    size_t n = 0;
+    bool ok = false;
+    if (one) {
+        one->Type = VIPS_INTERPRETATION_sRGB;
+        vips_image_set_blob_copy(one, VIPS_META_ICC_NAME, icc, len);
+        ok = vips_pngsave_buffer(one, &buf, &n, "strip", FALSE, NULL) == 0 && memmem(buf, n, "iCCP", 4);
+        g_object_unref(one);
+        g_free(buf);
+    }
+    vips_error_clear(); /* its complaints are not the decode's */
+    pthread_mutex_lock(&warning_lock);
+    last_warning[0] = 0;
+    pthread_mutex_unlock(&warning_lock);
+    return ok;
+}
+
 /* A malloc'd copy of the loaded image's ICC profile where decoding keeps
- * the values it describes (an RGB image, RGB profile), else NULL. Called
- * with vips_lock held, before the pipeline. */
+ * the values it describes (an RGB image, RGB profile) and every saver
+ * writes it, else NULL (out of memory too: the pixels are the same with or
+ * without it). Called with vips_lock held, before the pipeline. */
 static void *kept_icc(VipsImage *img, size_t *icc_len) {
     const void *blob;
     size_t n;
     VipsInterpretation kind = vips_image_guess_interpretation(img);
     if ((kind != VIPS_INTERPRETATION_sRGB && kind != VIPS_INTERPRETATION_RGB16) || img->Bands < 3 ||
         !vips_image_get_typeof(img, VIPS_META_ICC_NAME) ||
-        vips_image_get_blob(img, VIPS_META_ICC_NAME, &blob, &n) || !rgb_profile(blob, n)) {
+        vips_image_get_blob(img, VIPS_META_ICC_NAME, &blob, &n) || !rgb_profile(blob, n) ||
+        !png_writes_profile(blob, n)) {
         vips_error_clear();
         return NULL;
     }
@@ -830,6 +856,11 @@ int imageio_encode_metadata(const sdx4_image *img, image_format format, int qual
         char what[64];
         snprintf(what, sizeof what, "%s: encoding failed", imageio_format_name(format));
         vips_fail(err, errlen, what);
+    } else if (format == IMAGE_PNG && meta && meta->icc && !memmem(buf, len, "iCCP", 4)) {
+        /* left out with a warning (png_writes_profile): said, not hidden */
+        put_err(err, errlen, "png: the ICC profile (%zu bytes) was refused by the PNG encoder", meta->icc_len);
+        g_free(buf);
+        rc = -1;
     }
     pthread_mutex_unlock(&vips_lock);
     g_free(exif);

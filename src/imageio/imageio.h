@@ -60,9 +60,10 @@ int imageio_read_file(const char *path, sdx4_image *out, char *err,
  * profile (malloc'd, *icc_len bytes; free with free()) where it still
  * describes the decoded pixels: an RGB profile ('RGB ' data colour space,
  * its header's size equal to its length, 'acsp' signature) of an RGB image,
- * 8- or 16-bit, whose values decoding keeps. Else (no profile, a grey,
- * CMYK or Lab one, a damaged one) *icc is NULL: not an error, the pixels
- * are the same either way. */
+ * 8- or 16-bit, whose values decoding keeps, and one that every format's
+ * encoder writes (libvips' PNG saver leaves out profiles lcms or libpng
+ * refuse). Else (no profile, a grey, CMYK or Lab one, a damaged one) *icc
+ * is NULL: not an error, the pixels are the same either way. */
 int imageio_decode_keep_icc(const void *data, size_t len, sdx4_image *out, void **icc,
                             size_t *icc_len, char *err, size_t errlen);
 int imageio_read_file_keep_icc(const char *path, sdx4_image *out, void **icc, size_t *icc_len,
@@ -92,7 +93,9 @@ int imageio_write_file(const sdx4_image *img, const char *path, int quality,
  * Pillow writes them, before the image data; a JPEG or WebP gets the first
  * text as EXIF's UserComment ("UNICODE\0" and UTF-16BE, as AUTOMATIC1111
  * writes it with piexif; the other texts have no place there). Every
- * format gets the ICC profile (PNG iCCP, JPEG APP2, WebP ICCP). Keywords
+ * format gets the ICC profile (PNG iCCP, JPEG APP2, WebP ICCP); a PNG
+ * whose saver leaves the profile out is an error, not a file without it
+ * (imageio_decode_keep_icc keeps no such profile). Keywords
  * are 1 to 79 Latin-1 letters, digits and spaces as PNG's tEXt allows
  * (checked), texts valid UTF-8 (checked). The same inputs still give the
  * same bytes. */
