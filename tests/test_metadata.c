@@ -295,6 +295,17 @@ static void test_infotext(void) {
                        "CFG scale: 9, Seed: 42, Size: 512x384, Model: \"x4, upscaler\", Noise level: 0.2, "
                        "Tile: 32, Tile overlap: 8, Input size: 128x96, Version: sdx4 " SDX4_VERSION;
     CHECK(t && !strcmp(t, want), "diffusion text:\n%s\nwanted:\n%s", t ? t : "(null)", want);
+    CHECK(t && infotext_bound(&p, &x) >= strlen(t), "bound %zu under %zu", infotext_bound(&p, &x), strlen(t));
+    free(t);
+    /* the bound holds at the numbers' longest and with every key */
+    sdx4_upscale_params longest = p;
+    longest.seed = SDX4_SEED_MAX, longest.eta = 0.123456f, longest.vae_tiling = "on";
+    longest.guidance_scale = 12.3456f, longest.noise_level = 0.123456f, longest.num_inference_steps = 1000;
+    longest.tile = 2147483647, longest.tile_overlap = 2147483646;
+    infotext_facts huge = {"m", "0123456789", false, 2147483647, 2147483647, 2147483647, 2147483647};
+    t = infotext(&longest, &huge);
+    CHECK(t && infotext_bound(&longest, &huge) >= strlen(t), "bound %zu under %zu", infotext_bound(&longest, &huge),
+          t ? strlen(t) : 0);
     free(t);
     /* no prompts, the defaults: no empty lines, no keys for what was not chosen */
     sdx4_upscale_params_default(&p);

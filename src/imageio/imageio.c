@@ -735,10 +735,6 @@ static unsigned char *png_with_texts(const unsigned char *png, size_t len, const
 
 /* ---- EXIF UserComment ---- */
 
-/* The most EXIF a JPEG holds: its APP1 segment is at most 65533 bytes
- * after the length, and libvips adds some 200 of its own tags. */
-#define EXIF_MAX_BYTES 65000
-
 /* "Exif\0\0" and a big-endian TIFF of two IFDs, IFD0 pointing to the EXIF
  * IFD, which holds UserComment: "UNICODE\0" and the text in UTF-16BE, as
  * piexif's UserComment.dump(text, encoding="unicode") gives it (big-endian
@@ -752,10 +748,10 @@ static unsigned char *exif_user_comment(const char *text, size_t *len, char *err
         return NULL;
     }
     size_t comment = 8 + 2 * (size_t)units, total = 6 + 44 + comment;
-    if (total > EXIF_MAX_BYTES) {
+    if (total > IMAGEIO_MAX_EXIF_BYTES) {
         g_free(utf16);
         put_err(err, errlen, "imageio: the text is %zu bytes of EXIF, over the %d a JPEG holds",
-                total, EXIF_MAX_BYTES);
+                total, IMAGEIO_MAX_EXIF_BYTES);
         return NULL;
     }
     unsigned char *e = g_malloc0(total), *t = e + 6;

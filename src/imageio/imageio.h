@@ -100,6 +100,10 @@ int imageio_write_file(const sdx4_image *img, const char *path, int quality,
  * (checked), texts valid UTF-8 (checked). The same inputs still give the
  * same bytes. */
 #define IMAGEIO_MAX_TEXTS 4
+/* The most EXIF a JPEG holds (its APP1 segment is at most 65533 bytes,
+ * libvips adds some 200 of its own): the UserComment's "UNICODE\0" and
+ * 2 bytes per UTF-16 unit must fit in it with the 50 of its IFDs. */
+#define IMAGEIO_MAX_EXIF_BYTES 65000
 typedef struct {
     const char *keyword, *text;
 } imageio_text;

@@ -102,6 +102,19 @@ char *infotext(const sdx4_upscale_params *p, const infotext_facts *x) {
     return text;
 }
 
+size_t infotext_bound(const sdx4_upscale_params *p, const infotext_facts *f) {
+    /* the keys and numbers at their longest take under 512 bytes; a value
+     * quoted as JSON is at most 6 times as long (\u00XX) with its quotes;
+     * the prompts are written as they are, and only for a diffusion model */
+    size_t n = 512;
+    const char *quoted[] = {p->scheduler, p->scheduler_options, p->vae_tiling, f->model, f->model_hash};
+    for (size_t i = 0; i < sizeof quoted / sizeof quoted[0]; i++)
+        if (quoted[i]) n += 6 * strlen(quoted[i]) + 2;
+    if (!f->gan && p->prompt) n += strlen(p->prompt);
+    if (!f->gan && p->negative_prompt) n += strlen(p->negative_prompt);
+    return n;
+}
+
 void infotext_metadata(const char *text, bool gan, const void *icc, size_t icc_len,
                        imageio_metadata *meta) {
     memset(meta, 0, sizeof *meta);

@@ -41,6 +41,11 @@ typedef struct {
  * memory). */
 char *infotext(const sdx4_upscale_params *p, const infotext_facts *f);
 
+/* At least the length in bytes of any text infotext() makes of p and f
+ * (f's sizes not read: their numbers counted at their longest), so that a
+ * request whose text cannot fit a JPEG's EXIF is refused before it runs. */
+size_t infotext_bound(const sdx4_upscale_params *p, const infotext_facts *f);
+
 /* The metadata of an output with that text and that ICC profile (NULL:
  * none): a diffusion model's text under the keyword "parameters", a
  * GAN's under "postprocessing" and "extras", as A1111 writes both there.

@@ -71,6 +71,7 @@
 #include "problem.h"
 #include "ratelimit.h"
 #include "results.h"
+#include "runner.h"
 #include "status.h"
 
 #define API "/api/v1"
@@ -1263,6 +1264,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
         return -1;
     const char *model = m->name; /* the cache keeps the models' results apart */
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
+    if (runner_check_metadata(&t->opts, m->name, models_is_gan(m), p)) return -1;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
     t->cacheable = seeded && cache && !results_stored(r->srv, job_listed(t->job));

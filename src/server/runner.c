@@ -124,6 +124,21 @@ static int fit(sdx4_image *image, const upscale_options *o, char *err, size_t er
     return 0;
 }
 
+int runner_check_metadata(const upscale_options *opts, const char *model, bool gan, problem *p) {
+    if (!opts->metadata || opts->format == IMAGE_PNG) return 0;
+    sdx4_upscale_params params;
+    runner_params(opts, &params);
+    infotext_facts facts = {model, NULL, gan, 0, 0, 0, 0};
+    /* UTF-16 takes at most 2 bytes per byte of UTF-8; "UNICODE\0" and the
+     * IFDs 58 more */
+    size_t text = infotext_bound(&params, &facts), exif = 58 + 2 * text;
+    if (exif <= IMAGEIO_MAX_EXIF_BYTES) return 0;
+    return problem_field(p, "metadata", "false, or with output_format png",
+                         "the parameters (up to %zu bytes of text) may not fit a %s's EXIF (%d bytes): ask for "
+                         "png, or send shorter prompts", text, imageio_format_name(opts->format),
+                         IMAGEIO_MAX_EXIF_BYTES);
+}
+
 /* The file's metadata (opts->metadata): the text, malloc'd into *text. */
 static int metadata(const sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
                     imageio_metadata *meta, char **text) {

@@ -58,6 +58,11 @@ typedef struct {
     size_t icc_len;
 } runner_origin;
 
+/* 0, or -1 and a problem (422, field metadata) when opts ask for metadata
+ * in a JPEG or WebP whose EXIF could not hold the text (very long
+ * prompts): refused before the upscale rather than failed after it. */
+int runner_check_metadata(const upscale_options *opts, const char *model, bool gan, problem *p);
+
 /* Resizes and crops `image` as opts ask (resize_*, crop_*: none by
  * default), then encodes it in opts' format into out (output, len, width,
  * height, state JOB_SUCCEEDED), or fails `out` with the reason; frees the

@@ -24,7 +24,7 @@ SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--model", RRDB, "--request-timeout", "120")
+    s = Server("--model", RRDB, "--request-timeout", "120", "--max-prompt-chars", "40000")
     yield s
     s.check_clean_exit()
 
@@ -148,6 +148,10 @@ def test_bad_values_are_refused_by_name(server):
     body = {"image": base64.b64encode(image_bytes()).decode(), "metadata": "true"}
     p = problem(server.post(UPSCALE, json=body), 422, "invalid-field")
     assert p["field"] == "metadata"
+    # a text a JPEG's EXIF (64 KB) cannot hold: refused before the upscale
+    p = problem(upscale(server, image_bytes(), metadata="true", output_format="jpeg", prompt="a" * 33000), 422,
+                "invalid-field")
+    assert p["field"] == "metadata" and "png" in p["detail"], p
 
 
 def test_the_cache_keeps_metadata_and_profiles_apart():
