@@ -898,6 +898,16 @@ static void test_metadata_diffusion(const char *model, const char *tmp) {
           "the text is %s", text ? text : "(none)");
     CHECK(!icc, "a profile from an input without one");
     free(text), g_free(icc);
+    /* a text a JPEG's EXIF cannot hold: refused before the run */
+    char *prompt = malloc(33001);
+    memset(prompt, 'a', 33000), prompt[33000] = 0;
+    snprintf(out, sizeof out, "%s/meta_long.jpg", tmp);
+    r = RUN("upscale", "--metadata", "--model", model, "--device", "cpu", "--steps", "1", "--prompt", prompt,
+            test_ref("small/golden/pipe2_input.png"), out);
+    CHECK(r.status == 1 && strstr(r.err, "may not fit its EXIF") && !strstr(r.err, "seed:") && access(out, F_OK) != 0,
+          "a 33000-character prompt into a JPEG: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    free(prompt);
 }
 
 /* Ctrl-C during a long upscale: exit 130, "canceled", nothing written. The

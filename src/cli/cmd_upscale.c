@@ -192,6 +192,20 @@ static void model_name(const char *dir, char *name, size_t size) {
     if (slash && slash[1]) memmove(name, slash + 1, strlen(slash + 1) + 1);
 }
 
+/* Whether --metadata's text fits OUT: a JPEG's or WebP's EXIF holds
+ * IMAGEIO_MAX_EXIF_BYTES, 2 bytes of UTF-16 at most per byte of text and
+ * 58 of its own. Asked once the model's kind is known, before the run. */
+static int metadata_fits(const char *out_path, const sdx4_upscale_params *params, const char *model,
+                         const sdx4_model_info *info) {
+    if (imageio_format_from_name(out_path) == IMAGE_PNG) return 1;
+    infotext_facts facts = {model, NULL, !strcmp(info->kind, "gan"), 0, 0, 0, 0};
+    size_t text = infotext_bound(params, &facts);
+    if (58 + 2 * text <= IMAGEIO_MAX_EXIF_BYTES) return 1;
+    cli_fail("%s: --metadata: the parameters (up to %zu bytes of text) may not fit its EXIF (%d bytes): write a "
+             ".png, or use shorter prompts", out_path, text, IMAGEIO_MAX_EXIF_BYTES);
+    return 0;
+}
+
 /* Writes OUT with the parameters and the input's profile (--metadata). */
 static int write_with_metadata(const sdx4_image *output, const char *out_path, int quality,
                                const sdx4_upscale_params *params, const char *model, const sdx4_model_info *info,
@@ -346,6 +360,7 @@ int cmd_upscale(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 
+    if (metadata && !metadata_fits(out_path, &params, model, &info)) goto done;
     if (strcmp(info.kind, "gan")) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed); /* a GAN draws no noise */
     progress_bar bar;
     progress_init(&bar);
