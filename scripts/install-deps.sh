@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
+          zlib1g-dev # imageio: CRCs of the PNG text chunks (output metadata)
           libhiredis-dev redis-server
           libgnutls28-dev # bearer tokens (src/server/jwt.c): RS256, ES256 and EdDSA signatures
           python3 python3-venv curl

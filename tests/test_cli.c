@@ -11,7 +11,10 @@
  * `make-model`, an `upscale` of every golden pipeline case compared with
  * diffusers' PNG, the tiled UNet's options (--tile 0, or a tile as large
  * as the image, is the untiled file; a smaller one changes it), and Ctrl-C
- * during an upscale (130, "canceled", no file).
+ * during an upscale (130, "canceled", no file). --metadata, with a GAN
+ * and with the reference model: the parameters in the file and the
+ * input's ICC profile kept, read back with libvips; without it, the bytes
+ * of a plain run.
  * SDX4_MODEL is removed from every child's environment unless a case sets
  * it, so the caller's shell does not change the results.
  *
@@ -31,6 +34,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <vips/vips.h>
 
 #include "imageio.h"
 #include "sdx4.h"
@@ -510,6 +515,107 @@ static void test_gan(const char *tmp) {
     result_free(&r);
 }
 
+/* Reads two files and says whether their bytes are the same. */
+static int same_file(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int same = fa && fb;
+    for (int ca = 0, cb = 0; same && ca != EOF; same = ca == cb) ca = fgetc(fa), cb = fgetc(fb);
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+/* libvips' reading of a file's PNG text `keyword` or EXIF blob ("exif"),
+ * and its ICC profile: a malloc'd copy each, or NULL. */
+static char *file_text(const char *path, const char *keyword, void **icc, size_t *icc_len) {
+    VipsImage *img = vips_image_new_from_file(path, NULL);
+    char *text = NULL;
+    *icc = NULL, *icc_len = 0;
+    if (!img) return vips_error_clear(), NULL;
+    const void *blob;
+    size_t n;
+    if (vips_image_get_typeof(img, VIPS_META_ICC_NAME) && !vips_image_get_blob(img, VIPS_META_ICC_NAME, &blob, &n))
+        *icc = g_memdup2(blob, n), *icc_len = n;
+    for (int i = 0; i < 4 && !text; i++) {
+        char field[64];
+        const char *v;
+        snprintf(field, sizeof field, "png-comment-%d-%s", i, keyword);
+        if (vips_image_get_typeof(img, field) && !vips_image_get_string(img, field, &v)) text = strdup(v);
+    }
+    if (!text && !strcmp(keyword, "exif") && vips_image_get_typeof(img, VIPS_META_EXIF_NAME) &&
+        !vips_image_get_blob(img, VIPS_META_EXIF_NAME, &blob, &n)) { /* UTF-16BE: keep the ASCII bytes */
+        text = calloc(1, n + 1);
+        for (size_t i = 0, k = 0; i < n; i++)
+            if (((const char *)blob)[i] >= 0x20 && ((const char *)blob)[i] < 0x7f) text[k++] = ((const char *)blob)[i];
+    }
+    g_object_unref(img);
+    return text;
+}
+
+/* --metadata with a GAN: A1111's extras text ("postprocessing"; a JPEG's
+ * EXIF UserComment) and the input's sRGB profile kept, the pixels those of
+ * a plain run; a plain run of the same input with a profile writes the
+ * same bytes as one without. */
+static void test_metadata_gan(const char *tmp) {
+    const char *dir = SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4";
+    const char *input = SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x4/input.png";
+    char with_icc[PATH_LEN + 64], plain[PATH_LEN + 64], plain_icc[PATH_LEN + 64], meta[PATH_LEN + 64],
+        meta_jpg[PATH_LEN + 64];
+    snprintf(with_icc, sizeof with_icc, "%s/input_icc.png", tmp);
+    snprintf(plain, sizeof plain, "%s/meta_plain.png", tmp);
+    snprintf(plain_icc, sizeof plain_icc, "%s/meta_plain_icc.png", tmp);
+    snprintf(meta, sizeof meta, "%s/meta_gan.png", tmp);
+    /* the input again, with libvips' sRGB profile */
+    VipsImage *img = vips_image_new_from_file(input, NULL);
+    VipsBlob *srgb = NULL;
+    size_t srgb_len = 0;
+    CHECK(img && !vips_profile_load("srgb", &srgb, NULL), "cannot make an input with a profile");
+    if (!img || !srgb) return;
+    const void *srgb_data = vips_blob_get(srgb, &srgb_len);
+    vips_image_set_blob_copy(img, VIPS_META_ICC_NAME, srgb_data, srgb_len);
+    CHECK(!vips_pngsave(img, with_icc, NULL), "save: %s", vips_error_buffer());
+    g_object_unref(img);
+
+    result r = RUN("upscale", "--model", dir, input, plain);
+    CHECK(r.status == 0, "plain: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    r = RUN("upscale", "--model", dir, with_icc, plain_icc);
+    CHECK(r.status == 0, "plain with a profile: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    CHECK(same_file(plain, plain_icc), "without --metadata the input's profile changed the output");
+    r = RUN("upscale", "--metadata", "--model", dir, with_icc, meta);
+    CHECK(r.status == 0, "--metadata: exit %d, %s", r.status, r.err);
+    result_free(&r);
+
+    void *icc;
+    size_t icc_len;
+    char *text = file_text(meta, "postprocessing", &icc, &icc_len);
+    CHECK(text && !strcmp(text, "Postprocess upscale by: 4, Postprocess upscaler: rrdb_x4, Size: 64x48, "
+                                "Input size: 16x12, Version: sdx4 " SDX4_VERSION),
+          "the GAN's text: %s", text ? text : "(none)");
+    CHECK(icc && icc_len == srgb_len && !memcmp(icc, srgb_data, srgb_len), "the profile was not kept");
+    free(text), g_free(icc);
+    /* a JPEG: the text in EXIF UserComment, UTF-16BE (its ASCII bytes compared) */
+    snprintf(meta_jpg, sizeof meta_jpg, "%s/meta_gan.jpg", tmp);
+    r = RUN("upscale", "--metadata", "--model", dir, with_icc, meta_jpg);
+    CHECK(r.status == 0, "--metadata to a JPEG: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    text = file_text(meta_jpg, "exif", &icc, &icc_len);
+    CHECK(text && strstr(text, "UNICODEPostprocess upscale by: 4, Postprocess upscaler: rrdb_x4"), "JPEG: %s",
+          text ? text : "(none)");
+    CHECK(icc && icc_len == srgb_len && !memcmp(icc, srgb_data, srgb_len), "JPEG: the profile was not kept");
+    free(text), g_free(icc);
+    text = file_text(plain, "postprocessing", &icc, &icc_len);
+    CHECK(!text && !icc, "a plain run wrote metadata");
+    free(text), g_free(icc);
+    sdx4_image a = {0}, b = {0};
+    char err[256] = "";
+    CHECK(!imageio_read_file(plain, &a, err, sizeof err) && !imageio_read_file(meta, &b, err, sizeof err) &&
+              a.width == b.width && !memcmp(a.pixels, b.pixels, (size_t)3 * a.width * a.height),
+          "--metadata changed the pixels: %s", err);
+    sdx4_image_free(&a), sdx4_image_free(&b);
+    vips_area_unref(VIPS_AREA(srgb));
+}
 
 static void test_runtime_errors(const char *tmp) {
     char missing_model[PATH_LEN + 64], missing_image[PATH_LEN + 64];
@@ -776,16 +882,6 @@ static void test_safety_checker(const char *model, const char *tmp) {
 #undef TINY_UPSCALE
 }
 
-/* Reads two files and says whether their bytes are the same. */
-static int same_file(const char *a, const char *b) {
-    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-    int same = fa && fb;
-    for (int ca = 0, cb = 0; same && ca != EOF; same = ca == cb) ca = fgetc(fa), cb = fgetc(fb);
-    if (fa) fclose(fa);
-    if (fb) fclose(fb);
-    return same;
-}
-
 /* The tiled UNet through the command line: --tile 0 and a tile at least
  * as large as the 32 px input write the untiled file, byte for byte; 32 px
  * windows on a 48 x 40 input change it. */
@@ -817,6 +913,34 @@ static void test_tiles(const char *model, const char *tmp) {
         CHECK(same_file(out, untiled) == cases[i].same, "tiles case %zu (%s, --tile %s): %s the untiled file", i,
               cases[i].input, cases[i].tile, cases[i].same ? "not" : "the same as");
     }
+}
+
+/* --metadata with the diffusion model: A1111's `parameters` in a PNG. */
+static void test_metadata_diffusion(const char *model, const char *tmp) {
+    char out[PATH_LEN + 64];
+    snprintf(out, sizeof out, "%s/meta.png", tmp);
+    result r = RUN("upscale", "--metadata", "--model", model, "--device", "cpu", "--steps", "1", "--seed", "3",
+                   "--prompt", "a cat", "--negative-prompt", "blurry", test_ref("small/golden/pipe2_input.png"), out);
+    CHECK(r.status == 0, "exit %d, %s", r.status, r.err);
+    result_free(&r);
+    void *icc;
+    size_t icc_len;
+    char *text = file_text(out, "parameters", &icc, &icc_len);
+    CHECK(text && !strcmp(text, "a cat\nNegative prompt: blurry\nSteps: 1, CFG scale: 9, Seed: 3, Size: 128x128, "
+                                "Model: model, Noise level: 0.2, Input size: 32x32, Version: sdx4 " SDX4_VERSION),
+          "the text is %s", text ? text : "(none)");
+    CHECK(!icc, "a profile from an input without one");
+    free(text), g_free(icc);
+    /* a text a JPEG's EXIF cannot hold: refused before the run */
+    char *prompt = malloc(33001);
+    memset(prompt, 'a', 33000), prompt[33000] = 0;
+    snprintf(out, sizeof out, "%s/meta_long.jpg", tmp);
+    r = RUN("upscale", "--metadata", "--model", model, "--device", "cpu", "--steps", "1", "--prompt", prompt,
+            test_ref("small/golden/pipe2_input.png"), out);
+    CHECK(r.status == 1 && strstr(r.err, "may not fit its EXIF") && !strstr(r.err, "seed:") && access(out, F_OK) != 0,
+          "a 33000-character prompt into a JPEG: exit %d, %s", r.status, r.err);
+    result_free(&r);
+    free(prompt);
 }
 
 /* Ctrl-C during a long upscale: exit 130, "canceled", nothing written. The
@@ -879,6 +1003,7 @@ int main(int argc, char **argv) {
     test_fails_before_the_model(tmp);
     test_compare(tmp);
     test_gan(tmp);
+    test_metadata_gan(tmp);
 
     char model[PATH_LEN];
     snprintf(model, sizeof model, "%s", test_ref("tiny/model"));
@@ -890,6 +1015,7 @@ int main(int argc, char **argv) {
         test_make_model(model, tmp);
         test_upscale_matches_diffusers(model, tmp);
         test_tiles(model, tmp);
+        test_metadata_diffusion(model, tmp);
         test_cancel(model, tmp);
     } else {
         printf("test_cli: %s missing, model cases skipped\n", model);

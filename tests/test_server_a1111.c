@@ -190,7 +190,7 @@ static void test_resize(void) {
     sdx4_image copy = {.width = in.width, .height = in.height, .pixels = malloc(37 * 23 * 3)};
     memcpy(copy.pixels, in.pixels, 37 * 23 * 3);
     task_outcome outcome = {0};
-    runner_encode(&copy, &o, &outcome);
+    runner_encode(&copy, &o, NULL, &outcome);
     CHECK(outcome.state == JOB_SUCCEEDED && outcome.width == 30 && outcome.height == 20, "crop: %d %dx%d %s",
           outcome.state, outcome.width, outcome.height, outcome.error.detail);
     sdx4_image decoded = {0};
@@ -207,7 +207,7 @@ static void test_resize(void) {
     copy = (sdx4_image){.width = in.width, .height = in.height, .pixels = malloc(37 * 23 * 3)};
     memcpy(copy.pixels, in.pixels, 37 * 23 * 3);
     outcome = (task_outcome){0};
-    runner_encode(&copy, &o, &outcome);
+    runner_encode(&copy, &o, NULL, &outcome);
     CHECK(outcome.state == JOB_FAILED && strstr(outcome.error.detail, "38x2"), "uncovered crop: %s",
           outcome.error.detail);
     sdx4_image_free(&big);

@@ -43,7 +43,13 @@ static void make_task(cluster_task *t, const char *id, int index) {
     t->opts.quality = 77;
     t->opts.tile = 40, t->opts.tile_overlap = 12;
     t->opts.resize_width = 300, t->opts.resize_height = 200, t->opts.crop_width = 256, t->opts.crop_height = 200;
-    t->opts.given = (1u << FIELD_SEED) | (1u << FIELD_PROMPT) | (1u << FIELD_QUALITY) | (1u << FIELD_TILE_OVERLAP);
+    t->opts.metadata = true;
+    t->opts.given = (1u << FIELD_SEED) | (1u << FIELD_PROMPT) | (1u << FIELD_QUALITY) | (1u << FIELD_TILE_OVERLAP) |
+                    (1u << FIELD_METADATA);
+    /* the input's ICC profile, which metadata keeps: any bytes, NUL included */
+    t->icc_len = 300;
+    t->icc = malloc(t->icc_len);
+    for (size_t i = 0; i < t->icc_len; i++) ((uint8_t *)t->icc)[i] = (uint8_t)(i * 31 + index);
 }
 
 static void test_record_round_trip(void) {
@@ -70,6 +76,7 @@ static void test_record_round_trip(void) {
               a.opts.resize_height == b.opts.resize_height && a.opts.crop_width == b.opts.crop_width &&
               a.opts.crop_height == b.opts.crop_height,
           "integers: seed %llu", (unsigned long long)b.opts.seed);
+    CHECK(b.opts.metadata && b.icc_len == a.icc_len && !memcmp(a.icc, b.icc, a.icc_len), "metadata and profile");
     json_t *again = cluster_task_to_json(&b);
     CHECK(json_equal(j, again), "a second trip changed the record");
     json_decref(again);
@@ -83,17 +90,27 @@ static void test_record_round_trip(void) {
           "a record without a model: %s", err);
     cluster_task_free(&b);
     json_decref(old);
+    /* nor metadata and a profile: none asked for */
+    old = json_deep_copy(j);
+    json_object_del(old, "icc");
+    json_object_del(json_object_get(old, "options"), "metadata");
+    CHECK(cluster_task_from_json(old, &b, err, sizeof err) == 0 && !b.opts.metadata && !b.icc && !b.icc_len,
+          "a record without metadata: %s", err);
+    cluster_task_free(&b);
+    json_decref(old);
     CHECK(cluster_task_from_json(back, &b, err, sizeof err) == 0, "round trip refused: %s", err);
 
     /* every field, of the record and of its options, missing or of the
-     * wrong type, is refused by its name (the model only when mistyped) */
+     * wrong type, is refused by its name (the model, the profile and
+     * metadata only when mistyped) */
     const char *name;
     json_t *value;
     json_t *opts = json_object_get(j, "options");
     for (int pass = 0; pass < 2; pass++) {
         json_t *holder = pass == 0 ? j : opts;
         json_object_foreach(holder, name, value) {
-            for (int how = pass == 0 && !strcmp(name, "model"); how < 2; how++) {
+            bool optional = !strcmp(name, pass == 0 ? "model" : "metadata") || (pass == 0 && !strcmp(name, "icc"));
+            for (int how = optional; how < 2; how++) {
                 json_t *bad = json_deep_copy(j);
                 json_t *target = pass == 0 ? bad : json_object_get(bad, "options");
                 if (how == 0) json_object_del(target, name);
@@ -117,7 +134,7 @@ static void test_record_round_trip(void) {
         {"job", "\"../../etc\""}, {"index", "64"}, {"width", "0"}, {"cache_key", "\"xyz\""},
         {"steps", "0"}, {"seed", "-1"}, {"format", "\"gif\""}, {"noise_level", "1.5"}, {"quality", "101"},
         {"vae_tiling", "\"sideways\""}, {"tile", "4096"}, {"tile_overlap", "-1"},
-        {"resize_width", "16385"}, {"crop_height", "-1"},
+        {"resize_width", "16385"}, {"crop_height", "-1"}, {"icc", "\"not base64!\""},
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof bad_values[0]; i++) {
         json_t *bad = json_deep_copy(j);

@@ -12,7 +12,8 @@
  * maxLength), so a range changed in the table and not in the API
  * description fails here. The tiled UNet's fields beyond their ranges:
  * the engine's gap in tile, an overlap below the tile from wherever the
- * two come, and the cache key they make.
+ * two come, and the cache key they make. The metadata field: a boolean
+ * in every encoding, off by default and out of the cache key unless on.
  */
 #include <math.h>
 #include <unistd.h>
@@ -369,8 +370,61 @@ static void test_model_field(void) {
     form_free(&f);
 }
 
+/* ---- metadata -------------------------------------------------------------------- */
+
+static void test_metadata_field(void) {
+    char detail[256];
+    upscale_options o;
+    const char *field = tile_form(FORM_UPSCALE, (const char *const[]){NULL}, detail, sizeof detail, 0, &o);
+    char *off = options_canonical(&o);
+    CHECK(!*field && !o.metadata, "off by default");
+    options_free(&o);
+    field = tile_form(FORM_UPSCALE, (const char *const[]){"metadata", "false", NULL}, detail, sizeof detail, 0, &o);
+    char *named_off = options_canonical(&o);
+    options_free(&o);
+    field = tile_form(FORM_UPSCALE, (const char *const[]){"metadata", "TRUE", NULL}, detail, sizeof detail, 0, &o);
+    char *on = options_canonical(&o);
+    CHECK(!*field && o.metadata, "metadata=TRUE: %s", detail);
+    options_free(&o);
+    CHECK(off && named_off && on && !strcmp(off, named_off) && strcmp(off, on) && strstr(on, "metadata=1") &&
+              !strstr(off, "metadata"),
+          "cache keys: %s | %s", off, on);
+    free(off), free(named_off), free(on);
+    /* per image in a batch, over the shared value */
+    field = tile_form(FORM_BATCH, (const char *const[]){"metadata", "true", "metadata[1]", "false", NULL}, detail,
+                      sizeof detail, 1, &o);
+    CHECK(!*field && !o.metadata, "image 1's own metadata=false: %s", detail);
+    if (!*field) options_free(&o);
+    /* anything but a boolean, named */
+    const char *const bad[] = {"yes", "1", "", "true ", NULL};
+    for (int i = 0; bad[i]; i++) {
+        field = tile_form(FORM_UPSCALE, (const char *const[]){"metadata", bad[i], NULL}, detail, sizeof detail, 0,
+                          NULL);
+        CHECK(!strcmp(field, "metadata") && !strcmp(detail, "metadata must be true or false"), "metadata=%s: %s %s",
+              bad[i], field, detail);
+    }
+    form_limits limits = {150, 1000, 8, NULL, 0};
+    upscale_form f;
+    const char *bodies[] = {"{\"metadata\": true, \"image\": \"eA==\"}", "{\"metadata\": \"true\", \"image\": \"eA==\"}",
+                            "{\"metadata\": 1, \"image\": \"eA==\"}"};
+    for (int i = 0; i < 3; i++) {
+        form_init(&f, &limits, FORM_JOB);
+        int rc = form_parse_json(&f, bodies[i], strlen(bodies[i]));
+        if (i == 0) {
+            CHECK(rc == 0 && form_finish(&f) == 0, "JSON true: %s", f.error.detail);
+            form_resolve(&f, 0, &o);
+            CHECK(o.metadata, "JSON true not kept");
+            options_free(&o);
+        } else {
+            CHECK(rc != 0 && !strcmp(f.error.field, "metadata"), "JSON %s accepted", bodies[i]);
+        }
+        form_free(&f);
+    }
+}
+
 int main(void) {
     test_model_field();
+    test_metadata_field();
     form_limits limits;
     CHECK(default_limits(&limits) == 0, "default settings refused");
     test_form_parameters(&limits);

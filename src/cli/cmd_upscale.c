@@ -25,6 +25,7 @@
 
 #include "cli.h"
 #include "imageio.h"
+#include "infotext.h"
 #include "progress.h"
 #include "sdx4.h"
 
@@ -117,6 +118,9 @@ static void build_help(char *help, size_t size, const param_flag *flags, int nfl
         "  --safety-action refuse|blackout\n"
         "                         a flagged output: not written, exit status 3\n"
         "                         (refuse, the default), or written black\n"
+        "  --metadata             write the parameters into OUT (a PNG text chunk,\n"
+        "                         JPEG/WebP EXIF UserComment, as AUTOMATIC1111 does)\n"
+        "                         and keep IN's ICC profile\n"
         "  -h, --help             show this help\n"
         "\n"
         "Ctrl-C cancels within a fraction of a second (exit status 130).\n",
@@ -184,6 +188,47 @@ static void fail_file(const char *path, const char *message) {
         cli_fail("%s: %s", path, message);
 }
 
+/* A model's name: its folder's, as the server names it. */
+static void model_name(const char *dir, char *name, size_t size) {
+    snprintf(name, size, "%s", dir);
+    size_t n = strlen(name);
+    while (n > 1 && name[n - 1] == '/') name[--n] = '\0';
+    const char *slash = strrchr(name, '/');
+    if (slash && slash[1]) memmove(name, slash + 1, strlen(slash + 1) + 1);
+}
+
+/* Whether --metadata's text fits OUT: a JPEG's or WebP's EXIF holds
+ * IMAGEIO_MAX_EXIF_BYTES, 2 bytes of UTF-16 at most per byte of text and
+ * 58 of its own. Asked once the model's kind is known, before the run. */
+static int metadata_fits(const char *out_path, const sdx4_upscale_params *params, const char *model,
+                         const sdx4_model_info *info) {
+    if (imageio_format_from_name(out_path) == IMAGE_PNG) return 1;
+    infotext_facts facts = {model, NULL, !strcmp(info->kind, "gan"), 0, 0, 0, 0};
+    size_t text = infotext_bound(params, &facts);
+    if (58 + 2 * text <= IMAGEIO_MAX_EXIF_BYTES) return 1;
+    cli_fail("%s: --metadata: the parameters (up to %zu bytes of text) may not fit its EXIF (%d bytes): write a "
+             ".png, or use shorter prompts", out_path, text, IMAGEIO_MAX_EXIF_BYTES);
+    return 0;
+}
+
+/* Writes OUT with the parameters and the input's profile (--metadata). */
+static int write_with_metadata(const sdx4_image *output, const char *out_path, int quality,
+                               const sdx4_upscale_params *params, const char *model, const sdx4_model_info *info,
+                               const sdx4_image *input, const void *icc, size_t icc_len, char *err,
+                               size_t errlen) {
+    char name[256];
+    model_name(model, name, sizeof name);
+    infotext_facts facts = {name, NULL, !strcmp(info->kind, "gan"), input->width, input->height,
+                            output->width, output->height};
+    char *text = infotext(params, &facts);
+    if (!text) return snprintf(err, errlen, "out of memory"), -1;
+    imageio_metadata meta;
+    infotext_metadata(text, facts.gan, icc, icc_len, &meta);
+    int rc = imageio_write_file_metadata(output, out_path, quality, &meta, err, errlen);
+    free(text);
+    return rc;
+}
+
 /* A run on the full model takes minutes: find out before it, not after,
  * that OUT cannot be created. */
 static int check_writable_folder(const char *out_path) {
@@ -234,7 +279,7 @@ int cmd_upscale(int argc, char **argv) {
     const char *safety_dir = NULL, *safety_action = "refuse";
     sdx4_upscale_params params;
     sdx4_upscale_params_default(&params);
-    int steps = params.num_inference_steps, threads = 0, quality = 0;
+    int steps = params.num_inference_steps, threads = 0, quality = 0, metadata = 0;
     double guidance = params.guidance_scale, noise = params.noise_level;
     double eta = params.eta;
     uint64_t seed = 0;
@@ -264,6 +309,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
         {"--safety-checker", OPT_STRING, &safety_dir, 0, 0, NULL, 0},
         {"--safety-action", OPT_CHOICE, &safety_action, 0, 0, "refuse|blackout", 0},
+        {"--metadata", OPT_FLAG, &metadata, 0, 0, NULL, 0},
         {"--scheduler-option", OPT_LIST, &scheduler_option_list, 0, 0, NULL, 0},
     };
     enum { NFLAGS = sizeof flags / sizeof flags[0], NFIXED = sizeof fixed / sizeof fixed[0] };
@@ -306,13 +352,16 @@ int cmd_upscale(int argc, char **argv) {
     }
 
     sdx4_image input = {0}, output = {0};
+    void *icc = NULL; /* --metadata: the input's ICC profile */
+    size_t icc_len = 0;
     sdx4_engine *engine = NULL;
     sdx4_safety *safety = NULL;
     char err[512];
     status = EXIT_RUNTIME;
 
     if (check_writable_folder(out_path) != 0) goto done;
-    if (imageio_read_file(in_path, &input, err, sizeof err) != 0) {
+    if ((metadata ? imageio_read_file_keep_icc(in_path, &input, &icc, &icc_len, err, sizeof err)
+                  : imageio_read_file(in_path, &input, err, sizeof err)) != 0) {
         fail_file(in_path, err);
         goto done;
     }
@@ -352,6 +401,7 @@ int cmd_upscale(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 
+    if (metadata && !metadata_fits(out_path, &params, model, &info)) goto done;
     if (strcmp(info.kind, "gan")) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed); /* a GAN draws no noise */
     progress_bar bar;
     progress_init(&bar);
@@ -377,7 +427,9 @@ int cmd_upscale(int argc, char **argv) {
         status = safety_status;
         goto done;
     }
-    if (imageio_write_file(&output, out_path, quality, err, sizeof err) != 0) {
+    if ((metadata ? write_with_metadata(&output, out_path, quality, &params, model, &info, &input, icc, icc_len,
+                                        err, sizeof err)
+                  : imageio_write_file(&output, out_path, quality, err, sizeof err)) != 0) {
         fail_file(out_path, err);
         goto done;
     }
@@ -404,6 +456,7 @@ int cmd_upscale(int argc, char **argv) {
 done:
     sdx4_image_free(&output);
     sdx4_image_free(&input);
+    free(icc);
     sdx4_engine_close(engine);
     sdx4_safety_close(safety);
     free(options_json);

@@ -27,6 +27,20 @@
  * gives diffusers its pixels, does not apply them either. Images over IMAGEIO_MAX_PIXELS are refused before any pixel is
  * decoded, so a file whose header lies about its size costs nothing.
  *
+ * Metadata, only when asked (imageio_encode_metadata; nothing else writes
+ * any, so that equal pixels give equal files). The ICC profile goes
+ * through libvips ("icc-profile-data", saved unstripped). A PNG's texts
+ * are chunks spliced in here before the first IDAT, not libvips' own
+ * "png-comment-" fields: libvips 8.14 writes those as zTXt of raw UTF-8,
+ * which the format defines as Latin-1 and Pillow decodes so (mojibake for
+ * any accented prompt); here ASCII is tEXt and the rest iTXt, as Pillow
+ * writes them. A JPEG's or WebP's text is EXIF UserComment as
+ * AUTOMATIC1111 writes it, a blob built here (libvips' own UserComment
+ * field transliterates to ASCII) that libvips' saver completes with its
+ * resolution tags. Decoding keeps the input's profile only when asked
+ * (imageio_decode_keep_icc) and only where it still describes the decoded
+ * values: an RGB profile of an RGB image.
+ *
  * Resizing. imageio_resize() is vips_resize() with the Lanczos-3 kernel
  * (the server's AUTOMATIC1111 routes resize a model's output to the size
  * asked, as A1111 does with Pillow's Lanczos): libvips reduces with the
@@ -48,6 +62,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +70,7 @@
 #include <strings.h>
 
 #include <vips/vips.h>
+#include <zlib.h>
 
 /* 16384 x 16384: a decode allocates at most 768 MiB of RGB. */
 #define IMAGEIO_MAX_PIXELS ((int64_t)1 << 28)
@@ -413,8 +429,63 @@ fail:
     return NULL;
 }
 
-int imageio_decode(const void *data, size_t len, sdx4_image *out,
-                   char *err, size_t errlen) {
+/* Whether `icc` is a whole ICC profile of RGB data: its header's size
+ * field equal to its length, the 'acsp' signature, the 'RGB ' colour
+ * space (ICC.1, 7.2). */
+static bool rgb_profile(const unsigned char *icc, size_t len) {
+    if (!icc || len < 128) return false;
+    uint32_t size = (uint32_t)icc[0] << 24 | (uint32_t)icc[1] << 16 | (uint32_t)icc[2] << 8 | icc[3];
+    return size == len && !memcmp(icc + 36, "acsp", 4) && !memcmp(icc + 16, "RGB ", 4);
+}
+
+/* Whether a PNG gets the profile: libvips' PNG saver checks a profile's
+ * header and tag table further than rgb_profile does (lcms, libpng) and
+ * leaves out one it refuses, with only a warning, where the JPEG and WebP
+ * savers write any. A 1-pixel PNG tells. Called with vips_lock held. */
+static bool png_writes_profile(const void *icc, size_t len) {
+    static const unsigned char pixel[3] = {0};
+    VipsImage *one = vips_image_new_from_memory(pixel, sizeof pixel, 1, 1, 3, VIPS_FORMAT_UCHAR);
+    void *buf = NULL;
+    size_t n = 0;
+    bool ok = false;
+    if (one) {
+        one->Type = VIPS_INTERPRETATION_sRGB;
+        vips_image_set_blob_copy(one, VIPS_META_ICC_NAME, icc, len);
+        ok = vips_pngsave_buffer(one, &buf, &n, "strip", FALSE, NULL) == 0 && memmem(buf, n, "iCCP", 4);
+        g_object_unref(one);
+        g_free(buf);
+    }
+    vips_error_clear(); /* its complaints are not the decode's */
+    pthread_mutex_lock(&warning_lock);
+    last_warning[0] = 0;
+    pthread_mutex_unlock(&warning_lock);
+    return ok;
+}
+
+/* A malloc'd copy of the loaded image's ICC profile where decoding keeps
+ * the values it describes (an RGB image, RGB profile) and every saver
+ * writes it, else NULL (out of memory too: the pixels are the same with or
+ * without it). Called with vips_lock held, before the pipeline. */
+static void *kept_icc(VipsImage *img, size_t *icc_len) {
+    const void *blob;
+    size_t n;
+    VipsInterpretation kind = vips_image_guess_interpretation(img);
+    if ((kind != VIPS_INTERPRETATION_sRGB && kind != VIPS_INTERPRETATION_RGB16) || img->Bands < 3 ||
+        !vips_image_get_typeof(img, VIPS_META_ICC_NAME) ||
+        vips_image_get_blob(img, VIPS_META_ICC_NAME, &blob, &n) || !rgb_profile(blob, n) ||
+        !png_writes_profile(blob, n)) {
+        vips_error_clear();
+        return NULL;
+    }
+    void *copy = malloc(n);
+    if (copy) memcpy(copy, blob, n), *icc_len = n;
+    return copy;
+}
+
+/* imageio_decode, and the ICC profile where icc is not NULL. */
+static int decode(const void *data, size_t len, sdx4_image *out, void **icc, size_t *icc_len,
+                  char *err, size_t errlen) {
+    if (icc) *icc = NULL, *icc_len = 0;
     if (!out) {
         put_err(err, errlen, "imageio_decode: no output image");
         return -1;
@@ -435,11 +506,16 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
         } else {
             char what[64];
             snprintf(what, sizeof what, "%s: decoding failed", imageio_format_name(format));
+            if (icc) *icc = kept_icc(img, icc_len);
             pixels = decode_pixels(img, width, height, what, err, errlen);
         }
     }
     pthread_mutex_unlock(&vips_lock);
     free(owned); /* after the image that read it */
+    if (!pixels && icc) {
+        free(*icc);
+        *icc = NULL, *icc_len = 0;
+    }
     if (!pixels) return -1;
     out->width = width;
     out->height = height;
@@ -447,8 +523,22 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
     return 0;
 }
 
-int imageio_read_file(const char *path, sdx4_image *out, char *err,
-                      size_t errlen) {
+int imageio_decode(const void *data, size_t len, sdx4_image *out, char *err, size_t errlen) {
+    return decode(data, len, out, NULL, NULL, err, errlen);
+}
+
+int imageio_decode_keep_icc(const void *data, size_t len, sdx4_image *out, void **icc,
+                            size_t *icc_len, char *err, size_t errlen) {
+    if (!icc || !icc_len) {
+        put_err(err, errlen, "imageio_decode_keep_icc: nowhere to put the profile");
+        return -1;
+    }
+    return decode(data, len, out, icc, icc_len, err, errlen);
+}
+
+/* imageio_read_file, and the ICC profile where icc is not NULL. */
+static int read_file(const char *path, sdx4_image *out, void **icc, size_t *icc_len, char *err,
+                     size_t errlen) {
     FILE *f = path ? fopen(path, "rb") : NULL;
     if (!f) {
         put_err(err, errlen, "%s: %s", path ? path : "(null)", strerror(path ? errno : EINVAL));
@@ -476,10 +566,23 @@ int imageio_read_file(const char *path, sdx4_image *out, char *err,
     }
     fclose(f);
     char inner[512];
-    int rc = imageio_decode(buf, (size_t)size, out, inner, sizeof inner);
+    int rc = decode(buf, (size_t)size, out, icc, icc_len, inner, sizeof inner);
     if (rc) put_err(err, errlen, "%s: %s", path, inner);
     free(buf);
     return rc;
+}
+
+int imageio_read_file(const char *path, sdx4_image *out, char *err, size_t errlen) {
+    return read_file(path, out, NULL, NULL, err, errlen);
+}
+
+int imageio_read_file_keep_icc(const char *path, sdx4_image *out, void **icc, size_t *icc_len,
+                               char *err, size_t errlen) {
+    if (!icc || !icc_len) {
+        put_err(err, errlen, "imageio_read_file_keep_icc: nowhere to put the profile");
+        return -1;
+    }
+    return read_file(path, out, icc, icc_len, err, errlen);
 }
 
 /* ------------------------------------------------------------------------
@@ -545,8 +648,140 @@ int imageio_resize(const sdx4_image *in, int width, int height, sdx4_image *out,
  * Encoding
  * ------------------------------------------------------------------------ */
 
+/* PNG text keywords as tEXt allows them (1-79 Latin-1 characters, no
+ * leading, trailing or double space), narrowed to printable ASCII. */
+static bool good_keyword(const char *k) {
+    size_t n = k ? strlen(k) : 0;
+    if (n < 1 || n > 79 || k[0] == ' ' || k[n - 1] == ' ' || strstr(k, "  ")) return false;
+    for (size_t i = 0; i < n; i++)
+        if (k[i] < 0x20 || k[i] > 0x7e) return false;
+    return true;
+}
+
+static int check_metadata(const imageio_metadata *m, char *err, size_t errlen) {
+    if (m->ntexts < 0 || m->ntexts > IMAGEIO_MAX_TEXTS) {
+        put_err(err, errlen, "imageio: %d texts, at most %d", m->ntexts, IMAGEIO_MAX_TEXTS);
+        return -1;
+    }
+    for (int i = 0; i < m->ntexts; i++) {
+        if (!good_keyword(m->texts[i].keyword)) {
+            put_err(err, errlen, "imageio: text keyword %d is not 1 to 79 printable ASCII characters "
+                    "without leading, trailing or double spaces", i);
+            return -1;
+        }
+        if (!m->texts[i].text || !g_utf8_validate(m->texts[i].text, -1, NULL)) {
+            put_err(err, errlen, "imageio: the text of \"%s\" is not UTF-8", m->texts[i].keyword);
+            return -1;
+        }
+    }
+    if (m->icc && !rgb_profile(m->icc, m->icc_len)) {
+        put_err(err, errlen, "imageio: the ICC profile (%zu bytes) is not a whole RGB profile", m->icc_len);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- PNG text chunks ---- */
+
+static void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8), p[3] = (unsigned char)v;
+}
+
+static size_t text_chunk_size(const imageio_text *t) {
+    /* iTXt: keyword NUL, compression flag and method, empty language and
+     * translated keyword with their NULs; tEXt: keyword NUL */
+    bool ascii = true;
+    for (const char *c = t->text; *c; c++) ascii &= (unsigned char)*c < 0x80;
+    return 12 + strlen(t->keyword) + 1 + (ascii ? 0 : 4) + strlen(t->text);
+}
+
+/* Writes text chunk t at p (text_chunk_size(t) bytes). */
+static void write_text_chunk(unsigned char *p, const imageio_text *t) {
+    size_t size = text_chunk_size(t), klen = strlen(t->keyword), tlen = strlen(t->text);
+    bool ascii = size == 12 + klen + 1 + tlen;
+    put_be32(p, (uint32_t)(size - 12));
+    memcpy(p + 4, ascii ? "tEXt" : "iTXt", 4);
+    unsigned char *d = p + 8;
+    memcpy(d, t->keyword, klen + 1);
+    d += klen + 1;
+    if (!ascii) memcpy(d, "\0\0\0\0", 4), d += 4; /* uncompressed, no language, no translation */
+    memcpy(d, t->text, tlen);
+    d += tlen;
+    put_be32(d, (uint32_t)crc32(crc32(0, NULL, 0), p + 4, (uInt)(size - 8)));
+}
+
+/* A copy of the PNG png[len] (from libvips' saver) with the text chunks
+ * before its first IDAT; NULL when out of memory. */
+static unsigned char *png_with_texts(const unsigned char *png, size_t len, const imageio_metadata *m,
+                                     size_t *out_len) {
+    size_t at = 8, extra = 0;
+    while (at + 8 <= len && memcmp(png + at + 4, "IDAT", 4))
+        at += 12 + ((size_t)png[at] << 24 | (size_t)png[at + 1] << 16 | (size_t)png[at + 2] << 8 | png[at + 3]);
+    if (at + 8 > len) at = len; /* not from libvips' saver: cannot happen */
+    for (int i = 0; i < m->ntexts; i++) extra += text_chunk_size(&m->texts[i]);
+    unsigned char *q = malloc(len + extra);
+    if (!q) return NULL;
+    memcpy(q, png, at);
+    size_t o = at;
+    for (int i = 0; i < m->ntexts; i++) {
+        write_text_chunk(q + o, &m->texts[i]);
+        o += text_chunk_size(&m->texts[i]);
+    }
+    memcpy(q + o, png + at, len - at);
+    *out_len = len + extra;
+    return q;
+}
+
+/* ---- EXIF UserComment ---- */
+
+/* "Exif\0\0" and a big-endian TIFF of two IFDs, IFD0 pointing to the EXIF
+ * IFD, which holds UserComment: "UNICODE\0" and the text in UTF-16BE, as
+ * piexif's UserComment.dump(text, encoding="unicode") gives it (big-endian
+ * throughout, so that readers that take the TIFF's byte order for the
+ * text agree). g_malloc'd; NULL with a message when it does not fit. */
+static unsigned char *exif_user_comment(const char *text, size_t *len, char *err, size_t errlen) {
+    glong units = 0;
+    gunichar2 *utf16 = g_utf8_to_utf16(text, -1, NULL, &units, NULL); /* checked UTF-8 */
+    if (!utf16) {
+        put_err(err, errlen, "imageio: the text could not be converted to UTF-16");
+        return NULL;
+    }
+    size_t comment = 8 + 2 * (size_t)units, total = 6 + 44 + comment;
+    if (total > IMAGEIO_MAX_EXIF_BYTES) {
+        g_free(utf16);
+        put_err(err, errlen, "imageio: the text is %zu bytes of EXIF, over the %d a JPEG holds",
+                total, IMAGEIO_MAX_EXIF_BYTES);
+        return NULL;
+    }
+    unsigned char *e = g_malloc0(total), *t = e + 6;
+    memcpy(e, "Exif\0\0", 6);
+    memcpy(t, "MM\0\x2a", 4);
+    put_be32(t + 4, 8);                       /* IFD0 */
+    t[9] = 1;                                 /* one entry: */
+    memcpy(t + 10, "\x87\x69\0\x04", 4);      /* ExifIFDPointer, LONG */
+    put_be32(t + 14, 1), put_be32(t + 18, 26); /* the EXIF IFD; next IFD 0 */
+    t[27] = 1;                                /* one entry: */
+    memcpy(t + 28, "\x92\x86\0\x07", 4);      /* UserComment, UNDEFINED */
+    put_be32(t + 32, (uint32_t)comment), put_be32(t + 36, 44); /* next IFD 0 */
+    memcpy(t + 44, "UNICODE\0", 8);
+    for (glong i = 0; i < units; i++) {
+        t[52 + 2 * i] = (unsigned char)(utf16[i] >> 8);
+        t[53 + 2 * i] = (unsigned char)utf16[i];
+    }
+    g_free(utf16);
+    *len = total;
+    return e;
+}
+
 int imageio_encode(const sdx4_image *img, image_format format, int quality,
                    void **out, size_t *out_len, char *err, size_t errlen) {
+    return imageio_encode_metadata(img, format, quality, NULL, out, out_len, err, errlen);
+}
+
+int imageio_encode_metadata(const sdx4_image *img, image_format format, int quality,
+                            const imageio_metadata *meta, void **out, size_t *out_len, char *err,
+                            size_t errlen) {
     if (!img || !img->pixels || img->width <= 0 || img->height <= 0 || !out || !out_len) {
         put_err(err, errlen, "imageio_encode: empty image");
         return -1;
@@ -565,7 +800,18 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
         put_err(err, errlen, "imageio_encode: unknown format");
         return -1;
     }
-    if (lock_vips(err, errlen)) return -1;
+    if (meta && check_metadata(meta, err, errlen)) return -1;
+    if (meta && !meta->ntexts && !meta->icc) meta = NULL;
+    /* a JPEG's or WebP's text is EXIF; a PNG's, chunks added after libvips */
+    unsigned char *exif = NULL;
+    size_t exif_len = 0;
+    if (meta && meta->ntexts && format != IMAGE_PNG &&
+        !(exif = exif_user_comment(meta->texts[0].text, &exif_len, err, errlen)))
+        return -1;
+    if (lock_vips(err, errlen)) {
+        g_free(exif);
+        return -1;
+    }
     size_t size = (size_t)img->width * img->height * 3;
     /* libvips only reads an image made from memory */
     VipsImage *src = vips_image_new_from_memory(img->pixels, size, img->width,
@@ -577,19 +823,25 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
         src->Type = VIPS_INTERPRETATION_sRGB;
         /* No metadata is written ("strip"; libvips 8.14's WebP saver
          * still adds a small EXIF block of resolution tags): equal pixels
-         * give equal files. JPEG keeps libvips' default chroma
-         * subsampling: 4:2:0 below quality 90, none (4:4:4) from 90 up. */
+         * give equal files. With metadata, the saver writes what the image
+         * holds: the profile, the EXIF (to which libvips adds its
+         * resolution tags) and, for a PNG, a pHYs chunk. JPEG keeps
+         * libvips' default chroma subsampling: 4:2:0 below quality 90,
+         * none (4:4:4) from 90 up. */
+        gboolean strip = !(meta && (meta->icc || exif));
+        if (meta && meta->icc) vips_image_set_blob_copy(src, VIPS_META_ICC_NAME, meta->icc, meta->icc_len);
+        if (exif) vips_image_set_blob_copy(src, VIPS_META_EXIF_NAME, exif, exif_len);
         switch (format) {
         case IMAGE_PNG:
             rc = vips_pngsave_buffer(src, &buf, &len, "compression", PNG_COMPRESSION,
-                                     "strip", TRUE, NULL);
+                                     "strip", strip, NULL);
             break;
         case IMAGE_JPEG:
             rc = vips_jpegsave_buffer(src, &buf, &len, "Q", quality, "optimize_coding", TRUE,
-                                      "strip", TRUE, NULL);
+                                      "strip", strip, NULL);
             break;
         case IMAGE_WEBP:
-            rc = vips_webpsave_buffer(src, &buf, &len, "Q", quality, "strip", TRUE, NULL);
+            rc = vips_webpsave_buffer(src, &buf, &len, "Q", quality, "strip", strip, NULL);
             break;
         case IMAGE_UNKNOWN:
             break;
@@ -600,12 +852,22 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
         char what[64];
         snprintf(what, sizeof what, "%s: encoding failed", imageio_format_name(format));
         vips_fail(err, errlen, what);
+    } else if (format == IMAGE_PNG && meta && meta->icc && !memmem(buf, len, "iCCP", 4)) {
+        /* left out with a warning (png_writes_profile): said, not hidden */
+        put_err(err, errlen, "png: the ICC profile (%zu bytes) was refused by the PNG encoder", meta->icc_len);
+        g_free(buf);
+        rc = -1;
     }
     pthread_mutex_unlock(&vips_lock);
+    g_free(exif);
     if (rc) return -1;
     /* hand back malloc'd memory, as the header promises, not g_malloc'd */
-    void *copy = malloc(len ? len : 1);
-    if (copy) memcpy(copy, buf, len);
+    void *copy;
+    if (meta && meta->ntexts && format == IMAGE_PNG) {
+        copy = png_with_texts(buf, len, meta, &len);
+    } else if ((copy = malloc(len ? len : 1))) {
+        memcpy(copy, buf, len);
+    }
     g_free(buf);
     if (!copy) {
         put_err(err, errlen, "%s: out of memory for %zu bytes", imageio_format_name(format), len);
@@ -618,6 +880,11 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
 
 int imageio_write_file(const sdx4_image *img, const char *path, int quality,
                        char *err, size_t errlen) {
+    return imageio_write_file_metadata(img, path, quality, NULL, err, errlen);
+}
+
+int imageio_write_file_metadata(const sdx4_image *img, const char *path, int quality,
+                                const imageio_metadata *meta, char *err, size_t errlen) {
     image_format format = imageio_format_from_name(path);
     if (!path || format == IMAGE_UNKNOWN) {
         put_err(err, errlen, "%s: unknown extension (use .png, .jpg, .jpeg or .webp)",
@@ -627,7 +894,7 @@ int imageio_write_file(const sdx4_image *img, const char *path, int quality,
     void *buf = NULL;
     size_t len = 0;
     char inner[512];
-    if (imageio_encode(img, format, quality, &buf, &len, inner, sizeof inner)) {
+    if (imageio_encode_metadata(img, format, quality, meta, &buf, &len, inner, sizeof inner)) {
         put_err(err, errlen, "%s: %s", path, inner);
         return -1;
     }

@@ -56,6 +56,19 @@ int imageio_decode(const void *data, size_t len, sdx4_image *out,
 int imageio_read_file(const char *path, sdx4_image *out, char *err,
                       size_t errlen);
 
+/* As imageio_decode / imageio_read_file, and *icc the input's embedded ICC
+ * profile (malloc'd, *icc_len bytes; free with free()) where it still
+ * describes the decoded pixels: an RGB profile ('RGB ' data colour space,
+ * its header's size equal to its length, 'acsp' signature) of an RGB image,
+ * 8- or 16-bit, whose values decoding keeps, and one that every format's
+ * encoder writes (libvips' PNG saver leaves out profiles lcms or libpng
+ * refuse). Else (no profile, a grey, CMYK or Lab one, a damaged one) *icc
+ * is NULL: not an error, the pixels are the same either way. */
+int imageio_decode_keep_icc(const void *data, size_t len, sdx4_image *out, void **icc,
+                            size_t *icc_len, char *err, size_t errlen);
+int imageio_read_file_keep_icc(const char *path, sdx4_image *out, void **icc, size_t *icc_len,
+                               char *err, size_t errlen);
+
 /* Resizes RGB8 `in` to exactly width x height into *out (malloc'd pixels;
  * free with sdx4_image_free()) with libvips' vips_resize: Lanczos-3 where
  * a side shrinks, bicubic where it grows (libvips interpolates enlargements
@@ -73,5 +86,41 @@ int imageio_encode(const sdx4_image *img, image_format format, int quality,
 /* Writes by the path's extension (.png, .jpg/.jpeg, .webp). */
 int imageio_write_file(const sdx4_image *img, const char *path, int quality,
                        char *err, size_t errlen);
+
+/* What an encode may carry beside the pixels, when asked (imageio_encode
+ * writes none of it). A PNG gets each text as a chunk of that keyword,
+ * tEXt when the text is ASCII and uncompressed iTXt (UTF-8) otherwise, as
+ * Pillow writes them, before the image data; a JPEG or WebP gets the first
+ * text as EXIF's UserComment ("UNICODE\0" and UTF-16BE, as AUTOMATIC1111
+ * writes it with piexif; the other texts have no place there). Every
+ * format gets the ICC profile (PNG iCCP, JPEG APP2, WebP ICCP); a PNG
+ * whose saver leaves the profile out is an error, not a file without it
+ * (imageio_decode_keep_icc keeps no such profile). Keywords
+ * are 1 to 79 Latin-1 letters, digits and spaces as PNG's tEXt allows
+ * (checked), texts valid UTF-8 (checked). The same inputs still give the
+ * same bytes. */
+#define IMAGEIO_MAX_TEXTS 4
+/* The most EXIF a JPEG holds (its APP1 segment is at most 65533 bytes,
+ * libvips adds some 200 of its own): the UserComment's "UNICODE\0" and
+ * 2 bytes per UTF-16 unit must fit in it with the 50 of its IFDs. */
+#define IMAGEIO_MAX_EXIF_BYTES 65000
+typedef struct {
+    const char *keyword, *text;
+} imageio_text;
+
+typedef struct {
+    imageio_text texts[IMAGEIO_MAX_TEXTS];
+    int ntexts;
+    const void *icc; /* NULL: none */
+    size_t icc_len;
+} imageio_metadata;
+
+/* imageio_encode / imageio_write_file with `meta` (NULL: none, the same
+ * bytes as imageio_encode). */
+int imageio_encode_metadata(const sdx4_image *img, image_format format, int quality,
+                            const imageio_metadata *meta, void **out, size_t *out_len, char *err,
+                            size_t errlen);
+int imageio_write_file_metadata(const sdx4_image *img, const char *path, int quality,
+                                const imageio_metadata *meta, char *err, size_t errlen);
 
 #endif

@@ -101,6 +101,18 @@ void cache_key(uint8_t key[32], const char *scope, const char *model_id, const c
     sha256_digest(&ctx, SHA256_DIGEST_SIZE, key);
 }
 
+char *cache_params_with_profile(const char *params, const void *icc, size_t len) {
+    uint8_t digest[SHA256_DIGEST_SIZE];
+    struct sha256_ctx ctx;
+    sha256_init(&ctx);
+    sha256_update(&ctx, len, icc);
+    sha256_digest(&ctx, sizeof digest, digest);
+    char hex[2 * sizeof digest + 1];
+    for (size_t i = 0; i < sizeof digest; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    char *text = NULL;
+    return asprintf(&text, "%s\x1ficc=%s", params, hex) < 0 ? NULL : text;
+}
+
 void cache_upload_key(uint8_t key[32], const char *scope, const char *model_id,
                       const char *params, const void *data, size_t len) {
     struct sha256_ctx ctx;

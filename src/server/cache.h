@@ -58,6 +58,10 @@ void cache_share(cache *c, struct redis *redis);
 
 void cache_key(uint8_t key[32], const char *scope, const char *model_id, const char *params,
                const sdx4_image *input);
+/* `params` and the SHA-256 of an ICC profile that the output keeps
+ * (metadata=true): the same pixels with another profile give another file
+ * (malloc'd; NULL when out of memory). */
+char *cache_params_with_profile(const char *params, const void *icc, size_t len);
 /* The key of the upload's bytes as received (another namespace than
  * cache_key's: the two never collide). */
 void cache_upload_key(uint8_t key[32], const char *scope, const char *model_id,

@@ -41,6 +41,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "base64.h"
 #include "server.h"
 
 #define INPUT_MARGIN 60.0 /* seconds an input outlives its deadline: a late reclaim still finds it */
@@ -145,7 +146,7 @@ static bool is_job_id(const char *id) {
 
 /* ---- the upscale parameters: one table ------------------------------------------- */
 
-typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS, PARAM_CHOICE } param_type;
+typedef enum { PARAM_TEXT, PARAM_REAL, PARAM_INT, PARAM_SEED, PARAM_FORMAT, PARAM_BITS, PARAM_CHOICE, PARAM_FLAG } param_type;
 
 /* A parameter of the engine travels under the name of its row of
  * sdx4_params and is held to that row's range; "steps" keeps the name
@@ -177,6 +178,9 @@ static const struct {
     {NULL, "resize_height", PARAM_INT, P(resize_height), 0, 16384},
     {NULL, "crop_width", PARAM_INT, P(crop_width), 0, 16384},
     {NULL, "crop_height", PARAM_INT, P(crop_height), 0, 16384},
+    /* absent from records of earlier versions: false (a worker of such a
+     * version refuses a record asking for it: its bit is past their given) */
+    {NULL, "metadata", PARAM_FLAG, P(metadata), 0, 0},
     {NULL, "given", PARAM_BITS, P(given), 0, 0},
 #undef P
 };
@@ -202,6 +206,7 @@ static json_t *options_to_json(const upscale_options *o) {
         case PARAM_INT: v = json_integer(*(const int *)f); break;
         case PARAM_SEED: v = json_integer((json_int_t)*(const uint64_t *)f); break;
         case PARAM_FORMAT: v = json_string(imageio_format_name(*(const image_format *)f)); break;
+        case PARAM_FLAG: v = json_boolean(*(const bool *)f); break;
         case PARAM_BITS: /* the options' bits: a form marks its other fields there too */
             v = json_integer(*(const unsigned *)f & ((1u << FIELD_OPTION_COUNT) - 1));
             break;
@@ -244,6 +249,9 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
             *(image_format *)f = fmt;
             break;
         }
+        case PARAM_FLAG:
+            if (v && get_bool(r, j, name, (bool *)f)) return -1;
+            break;
         case PARAM_BITS:
             if (get_int(r, j, name, 0, (1 << FIELD_OPTION_COUNT) - 1, &n)) return -1;
             *(unsigned *)f = (unsigned)n;
@@ -264,7 +272,10 @@ static int options_from_json(reader *r, const json_t *j, upscale_options *o) {
 /* ---- task records ------------------------------------------------------------ */
 
 void cluster_task_free(cluster_task *t) {
-    if (t) options_free(&t->opts);
+    if (!t) return;
+    options_free(&t->opts);
+    free(t->icc);
+    t->icc = NULL, t->icc_len = 0;
 }
 
 static void hex(const uint8_t *bytes, size_t n, char *out) {
@@ -284,11 +295,17 @@ static int unhex(const char *s, uint8_t *bytes, size_t n) {
 json_t *cluster_task_to_json(const cluster_task *t) {
     char cache_key[65];
     hex(t->cache_key, sizeof t->cache_key, cache_key);
-    return json_pack("{s:s,s:i,s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:s,s:b,s:o,s:s}", "job", t->job_id, "index",
+    json_t *record = json_pack("{s:s,s:i,s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:s,s:b,s:o,s:s}", "job", t->job_id, "index",
                      t->index, "kind", kind_names[t->kind], "client", t->client, "request_id", t->request_id,
                      "owner", t->owner, "created", t->created, "deadline", t->deadline, "width", t->width,
                      "height", t->height, "cache_key", cache_key, "cacheable", t->cacheable, "options",
                      options_to_json(&t->opts), "model", t->model);
+    if (record && t->icc) { /* only where the output keeps it (metadata) */
+        char *b64 = base64_encode(t->icc, t->icc_len, NULL);
+        if (!b64 || json_object_set_new(record, "icc", json_string(b64))) json_decref(record), record = NULL;
+        free(b64);
+    }
+    return record;
 }
 
 int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, size_t err_size) {
@@ -318,6 +335,12 @@ int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, siz
     if (options_from_json(&r, json_object_get(record, "options"), &t->opts)) {
         cluster_task_free(t);
         return -1;
+    }
+    const json_t *icc = json_object_get(record, "icc"); /* absent: none */
+    if (icc && (!json_is_string(icc) ||
+                !(t->icc = base64_decode(json_string_value(icc), json_string_length(icc), &t->icc_len)))) {
+        cluster_task_free(t);
+        return refuse(&r, "icc", "must be base64");
     }
     return 0;
 }

@@ -65,6 +65,9 @@ typedef struct {
     char model[64];           /* the model's name ("" in records of earlier
                                  versions: the worker's default model) */
     int width, height;        /* of the input */
+    void *icc;                /* the input's ICC profile, kept for the output's
+                                 metadata (NULL none; owned as opts is) */
+    size_t icc_len;
     uint8_t cache_key[32];
     bool cacheable;
     char entry_id[32]; /* the stream entry it came from (workers) */

@@ -666,7 +666,7 @@ static void fill_record(cluster_task *r, const job *j, const task *t, double cre
                         const char *model) {
     *r = (cluster_task){.index = t->index, .kind = job_kind(j), .created = created, .deadline = deadline,
                         .opts = t->opts, .width = t->input.width, .height = t->input.height,
-                        .cacheable = t->cacheable};
+                        .icc = t->icc, .icc_len = t->icc_len, .cacheable = t->cacheable};
     snprintf(r->model, sizeof r->model, "%s", model);
     snprintf(r->job_id, sizeof r->job_id, "%s", job_id(j));
     snprintf(r->client, sizeof r->client, "%s", job_client(j));
@@ -856,6 +856,8 @@ static int restore_task(dispatch_redis *d, const char *id, task *t, cluster_task
     t->model = model < 0 ? 0 : model;
     t->opts = record->opts; /* moved: the task frees it */
     record->opts = (upscale_options){0};
+    t->icc = record->icc, t->icc_len = record->icc_len; /* moved too */
+    record->icc = NULL, record->icc_len = 0;
     t->input.width = record->width;
     t->input.height = record->height;
     memcpy(t->cache_key, record->cache_key, sizeof t->cache_key);

@@ -58,6 +58,7 @@ static const field_def fields[] = {
     {"scheduler_options", FIELD_SCHEDULER_OPTIONS, KIND_TEXT, 0, 0, "a JSON object"},
     {"output_format", FIELD_FORMAT, KIND_FORMAT, 0, 0, "png, jpeg or webp"},
     {"quality", FIELD_QUALITY, KIND_INT, 1, 100, "1 to 100"},
+    {"metadata", FIELD_METADATA, KIND_BOOL, 0, 0, "true or false"},
     {"webhook_url", FIELD_WEBHOOK, KIND_URL, 0, 0, "an http:// or https:// URL"},
     {"async", FIELD_ASYNC, KIND_BOOL, 0, 0, "true or false"},
     {"model", FIELD_MODEL, KIND_MODEL, 0, 0, "a model this server serves (GET /api/v1/models)"},
@@ -279,6 +280,12 @@ static int check_url(upscale_form *f, const field_def *d, const char *v, size_t 
     return 0;
 }
 
+/* A boolean: async (the form's) or metadata (the options'). */
+static void store_bool(upscale_form *f, upscale_options *o, const field_def *d, bool v) {
+    if (d->id == FIELD_ASYNC) f->async = v;
+    else o->metadata = v;
+}
+
 /* ---- fields by name --------------------------------------------------------- */
 
 /* Finds the field and the options it applies to, from "name" or "name[i]". */
@@ -445,10 +452,10 @@ static int apply_text(upscale_form *f, upscale_options *o, const field_def *d, c
                                  "output_format must be png, jpeg or webp");
         return 0;
     case KIND_BOOL:
-        if (len == 4 && strncasecmp(v, "true", 4) == 0) f->async = true; /* a JSON boolean's text */
-        else if (len == 5 && strncasecmp(v, "false", 5) == 0) f->async = false;
+        if (len == 4 && strncasecmp(v, "true", 4) == 0) store_bool(f, o, d, true); /* a JSON boolean's text */
+        else if (len == 5 && strncasecmp(v, "false", 5) == 0) store_bool(f, o, d, false);
         else
-            return problem_field(&f->error, d->name, d->allowed, "async must be true or false");
+            return problem_field(&f->error, d->name, d->allowed, "%s must be true or false", d->name);
         return 0;
     case KIND_URL:
         return check_url(f, d, v, len);
@@ -582,8 +589,8 @@ static int json_field(upscale_form *f, upscale_options *item, const char *key, j
         return bad_seed(f, d);
     case KIND_BOOL:
         if (!json_is_boolean(v))
-            return problem_field(&f->error, d->name, d->allowed, "async must be true or false");
-        f->async = json_is_true(v);
+            return problem_field(&f->error, d->name, d->allowed, "%s must be true or false", d->name);
+        store_bool(f, o, d, json_is_true(v));
         return 0;
     }
     return 0;
@@ -762,6 +769,7 @@ static void merge(upscale_options *out, const upscale_options *in) {
         free(out->vae_tiling), out->vae_tiling = in->vae_tiling ? strdup(in->vae_tiling) : NULL;
     if (g & 1u << FIELD_TILE) out->tile = in->tile;
     if (g & 1u << FIELD_TILE_OVERLAP) out->tile_overlap = in->tile_overlap;
+    if (g & 1u << FIELD_METADATA) out->metadata = in->metadata;
     out->given |= g;
 }
 
@@ -789,11 +797,13 @@ char *options_canonical(const upscale_options *o) {
      * automatic tiles leave an image that fits the budget whole) */
     char tiles[64] = "";
     if (o->tile > 0 || o->tile_overlap != sdx4_param_find("tile_overlap")->int_default) snprintf(tiles, sizeof tiles, "\x1ftile=%d\x1ftile_overlap=%d", o->tile, o->tile_overlap);
-    /* the resize after the model likewise (a1111.c's routes only) */
-    char resize[96] = "";
+    /* the resize after the model likewise (a1111.c's routes only), and
+     * the metadata written into the file */
+    char resize[112] = "";
     if (o->resize_width || o->crop_width)
         snprintf(resize, sizeof resize, "\x1fresize=%dx%d\x1f" "crop=%dx%d", o->resize_width, o->resize_height,
                  o->crop_width, o->crop_height);
+    if (o->metadata) strcat(resize, "\x1fmetadata=1");
     if (asprintf(&text, "prompt=%s\x1fnegative=%s\x1fnoise=%.17g\x1fsteps=%d\x1fguidance=%.17g"
                         "\x1fseed=%llu\x1f" "eta=%.17g\x1f" "format=%d\x1fquality=%d%s%s%s%s%s%s%s%s",
                  o->prompt, o->negative_prompt, o->noise_level, o->steps, o->guidance_scale,

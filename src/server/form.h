@@ -53,6 +53,10 @@ typedef struct {
      * (imageio_resize), then its centre crop_width x crop_height kept.
      * 0 leaves the size as it is. */
     int resize_width, resize_height, crop_width, crop_height;
+    /* The parameters (AUTOMATIC1111's text) and the input's ICC profile
+     * written into the output (runner.c, imageio.h): off by default, as it
+     * changes the output's bytes. */
+    bool metadata;
     unsigned given;
 } upscale_options;
 
@@ -86,7 +90,7 @@ enum {
     FIELD_PROMPT, FIELD_NEGATIVE_PROMPT, FIELD_NOISE_LEVEL, FIELD_STEPS,
     FIELD_GUIDANCE, FIELD_SEED, FIELD_ETA, FIELD_FORMAT, FIELD_QUALITY,
     FIELD_SCHEDULER, FIELD_SCHEDULER_OPTIONS, FIELD_VAE_TILING, FIELD_TILE, FIELD_TILE_OVERLAP,
-    FIELD_OPTION_COUNT
+    FIELD_METADATA, FIELD_OPTION_COUNT
 };
 
 int form_init(upscale_form *f, const form_limits *limits, form_kind kind);

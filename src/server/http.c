@@ -72,6 +72,7 @@
 #include "problem.h"
 #include "ratelimit.h"
 #include "results.h"
+#include "runner.h"
 #include "status.h"
 
 #define API "/api/v1"
@@ -1343,6 +1344,7 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
      * where its engine is: an API node of a cluster resizes even to it) */
     if (is_a1111(r->route) && a1111_size(&r->a1111, w, h, scale, c->max_side, &t->opts, p)) return -1;
     if (!(t->opts.given & 1u << FIELD_FORMAT) && accept != IMAGE_UNKNOWN) t->opts.format = accept;
+    if (runner_check_metadata(&t->opts, m->name, models_is_gan(m), p)) return -1;
     bool seeded = t->opts.given & 1u << FIELD_SEED;
     if (!seeded) t->opts.seed = random_seed();
     t->cacheable = seeded && cache && !results_stored(r->srv, job_listed(t->job));
@@ -1364,12 +1366,19 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
             return 0;
         }
     }
-    if (imageio_decode(b->data, b->len, &t->input, err, sizeof err)) {
+    /* metadata=true keeps the input's ICC profile for the output */
+    if (t->opts.metadata ? imageio_decode_keep_icc(b->data, b->len, &t->input, &t->icc, &t->icc_len, err, sizeof err)
+                         : imageio_decode(b->data, b->len, &t->input, err, sizeof err)) {
         free(canonical);
         return problem_set(p, PROBLEM_INVALID_IMAGE, "the %s image could not be decoded: %s",
                            imageio_format_name(format), err);
     }
     drop_blob(b); /* the pixels are all that is needed from here */
+    if (t->cacheable && t->icc) {
+        char *with = cache_params_with_profile(canonical, t->icc, t->icc_len);
+        free(canonical);
+        if (!(canonical = with)) return problem_set(p, PROBLEM_INTERNAL, "out of memory");
+    }
     if (t->cacheable) {
         cache_key(t->cache_key, scope, model, canonical, &t->input);
         free(canonical);

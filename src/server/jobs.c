@@ -134,6 +134,7 @@ static void job_free(job *j) {
     for (int i = 0; i < j->ntasks; i++) {
         task *t = &j->tasks[i];
         sdx4_image_free(&t->input);
+        free(t->icc);
         options_free(&t->opts);
         free(t->output);
     }

@@ -42,6 +42,8 @@ typedef struct task {
     sdx4_image input;
     upscale_options opts;
     int model;      /* its model: an index into srv->models (a job's tasks share it) */
+    void *icc;      /* the input's ICC profile where opts.metadata keeps it, else NULL */
+    size_t icc_len;
     uint8_t cache_key[32];
     bool cacheable; /* explicit seed and a cache */
     double estimate; /* seconds alone on the device (cost.c, set by queue_push); 0 unknown */

@@ -435,7 +435,10 @@ static void run_batch(queue *q, model_version *v, task **tasks, int n) {
                 cost_observe(v->cost, t->input.width, t->input.height, t->opts.tile, t->opts.tile_overlap,
                              sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                              (float)t->opts.guidance_scale > 1.0f, &out->report, device_seconds / seconds, false);
-            runner_encode(&images[k], &t->opts, out);
+            runner_encode(&images[k], &t->opts,
+                          &(runner_origin){model->name, v->hash, models_is_gan(model), t->input.width,
+                                           t->input.height, t->icc, t->icc_len},
+                          out);
             if (out->state == JOB_SUCCEEDED && t->cacheable && srv->cache) {
                 cached_result r = {out->output, out->len, out->width, out->height,
                                    out->report.prompt_tokens, out->report.prompt_truncated,

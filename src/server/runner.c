@@ -8,7 +8,9 @@
  * (AUTOMATIC1111's routes, a1111.c), so that a cluster's worker does it
  * as the single process does. The content check runs here too, on the
  * model's output before any resize, as diffusers checks the pipeline's
- * output: every task of every route and mode passes through it.
+ * output: every task of every route and mode passes through it. Where the
+ * request asks for metadata, the text is made here from the options and
+ * the sizes after the resize, so that it describes the file it is in.
  */
 #include "runner.h"
 
@@ -17,6 +19,7 @@
 #include <string.h>
 
 #include "imageio.h"
+#include "infotext.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -172,12 +175,49 @@ static int fit(sdx4_image *image, const upscale_options *o, char *err, size_t er
     return 0;
 }
 
-void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out) {
+int runner_check_metadata(const upscale_options *opts, const char *model, bool gan, problem *p) {
+    if (!opts->metadata || opts->format == IMAGE_PNG) return 0;
+    sdx4_upscale_params params;
+    runner_params(opts, &params);
+    infotext_facts facts = {model, "0123456789", gan, 0, 0, 0, 0}; /* a hash's length, as written */
+    /* UTF-16 takes at most 2 bytes per byte of UTF-8; "UNICODE\0" and the
+     * IFDs 58 more */
+    size_t text = infotext_bound(&params, &facts), exif = 58 + 2 * text;
+    if (exif <= IMAGEIO_MAX_EXIF_BYTES) return 0;
+    return problem_field(p, "metadata", "false, or with output_format png",
+                         "the parameters (up to %zu bytes of text) may not fit a %s's EXIF (%d bytes): ask for "
+                         "png, or send shorter prompts", text, imageio_format_name(opts->format),
+                         IMAGEIO_MAX_EXIF_BYTES);
+}
+
+/* The file's metadata (opts->metadata): the text, malloc'd into *text. */
+static int metadata(const sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                    imageio_metadata *meta, char **text) {
+    sdx4_upscale_params p;
+    runner_params(opts, &p);
+    /* "Model hash" as AUTOMATIC1111 writes it: 10 hex digits of a SHA-256 */
+    char hash[11] = "";
+    if (origin->model_hash) snprintf(hash, sizeof hash, "%s", origin->model_hash);
+    infotext_facts facts = {origin->model, hash[0] ? hash : NULL, origin->gan, origin->input_width,
+                            origin->input_height, image->width, image->height};
+    if (!(*text = infotext(&p, &facts))) return -1;
+    infotext_metadata(*text, origin->gan, origin->icc, origin->icc_len, meta);
+    return 0;
+}
+
+void runner_encode(sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                   task_outcome *out) {
     char err[256];
+    imageio_metadata meta;
+    char *text = NULL;
     if (fit(image, opts, err, sizeof err)) {
         out->state = JOB_FAILED;
         problem_set(&out->error, PROBLEM_INTERNAL, "resizing the result failed: %s", err);
-    } else if (imageio_encode(image, opts->format, opts->quality, &out->output, &out->len, err, sizeof err) == 0) {
+    } else if (opts->metadata && metadata(image, opts, origin, &meta, &text)) {
+        out->state = JOB_FAILED;
+        problem_set(&out->error, PROBLEM_INTERNAL, "out of memory for the result's metadata");
+    } else if (imageio_encode_metadata(image, opts->format, opts->quality, opts->metadata ? &meta : NULL,
+                                       &out->output, &out->len, err, sizeof err) == 0) {
         out->state = JOB_SUCCEEDED;
         out->width = image->width;
         out->height = image->height;
@@ -185,5 +225,6 @@ void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome 
         out->state = JOB_FAILED;
         problem_set(&out->error, PROBLEM_INTERNAL, "encoding the result failed: %s", err);
     }
+    free(text);
     sdx4_image_free(image);
 }

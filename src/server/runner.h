@@ -59,10 +59,28 @@ typedef struct {
  * their UNet calls, each ending as runner_upscale's would alone. */
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress);
 
+/* Where an output came from, for its metadata (opts->metadata). */
+typedef struct {
+    const char *model; /* its name */
+    const char *model_hash; /* its version's digest (models.c), NULL unknown */
+    bool gan;
+    int input_width, input_height;
+    const void *icc; /* the input's ICC profile, NULL none */
+    size_t icc_len;
+} runner_origin;
+
+/* 0, or -1 and a problem (422, field metadata) when opts ask for metadata
+ * in a JPEG or WebP whose EXIF could not hold the text (very long
+ * prompts): refused before the upscale rather than failed after it. */
+int runner_check_metadata(const upscale_options *opts, const char *model, bool gan, problem *p);
+
 /* Resizes and crops `image` as opts ask (resize_*, crop_*: none by
  * default), then encodes it in opts' format into out (output, len, width,
  * height, state JOB_SUCCEEDED), or fails `out` with the reason; frees the
- * pixels. */
-void runner_encode(sdx4_image *image, const upscale_options *opts, task_outcome *out);
+ * pixels. With opts->metadata the file also holds the parameters as
+ * AUTOMATIC1111's text (infotext.h) and `origin`'s ICC profile; without
+ * it `origin` is not read (NULL will do). */
+void runner_encode(sdx4_image *image, const upscale_options *opts, const runner_origin *origin,
+                   task_outcome *out);
 
 #endif

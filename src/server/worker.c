@@ -441,7 +441,10 @@ static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
             cost_observe(cost, input->width, input->height, t->opts.tile, t->opts.tile_overlap,
                          sdx4_unet_evaluations(t->opts.scheduler, t->opts.steps),
                          (float)t->opts.guidance_scale > 1.0f, &out.report, 1.0, false);
-        runner_encode(&image, &t->opts, &out);
+        runner_encode(&image, &t->opts,
+                      &(runner_origin){w->models[model].name, v->hash, models_is_gan(&w->models[model]),
+                                       input->width, input->height, t->icc, t->icc_len},
+                      &out);
     }
     /* with a store, the image goes there before the task is finished: its
      * state then says so, and Redis never holds the bytes */
