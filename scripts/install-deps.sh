@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
+          libgnutls28-dev openssl # HTTPS (src/server/tls.c); openssl: test_tls.py makes its certificates
           libhiredis-dev redis-server
           python3 python3-venv curl
           libsqlite3-dev libpq-dev postgresql # --history; postgresql: its server for the tests

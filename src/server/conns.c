@@ -48,6 +48,11 @@
  * (which then needs its own budget) and adds I/O to every upload, while a
  * 503 tells a client exactly when to come back.
  *
+ * TLS (--tls-cert) changes none of this: the watchdog works on the TCP
+ * socket under GnuTLS, whose shutdown() ends the TLS connection too and
+ * whose hang-up shows as on plain TCP; a connection's header deadline
+ * starts when it is accepted, so it bounds the handshake as well.
+ *
  * Locking: one mutex guards the list and the address counts. It is taken
  * before the job store's (a `gone` callback cancels a job under it), never
  * after it.
