@@ -67,9 +67,10 @@ ENV SDX4_HOST=0.0.0.0 \
     SDX4_DOCS_ASSETS=/opt/sdx4/swagger-ui
 USER sdx4
 EXPOSE 8000
-# ready = model loaded and warmed up (503 before, and while draining)
+# ready = model loaded and warmed up (503 before, and while draining); over
+# HTTPS when SDX4_TLS_CERT is set (-k: it asks the server itself, by address)
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-    CMD curl -fsS "http://127.0.0.1:${SDX4_PORT}/api/v1/health" >/dev/null || exit 1
+    CMD curl -fsSk "http${SDX4_TLS_CERT:+s}://127.0.0.1:${SDX4_PORT}/api/v1/health" >/dev/null || exit 1
 # SIGTERM lets in-flight work finish (SDX4_SHUTDOWN_TIMEOUT, 30 s by default)
 STOPSIGNAL SIGTERM
 CMD ["sh", "-c", "if [ -f \"$SDX4_MODEL/model_index.json\" ]; then exec sdx4 serve; else exec sdx4 serve --model /opt/sdx4/demo; fi"]
