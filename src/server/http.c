@@ -1521,6 +1521,11 @@ int http_start(server *srv, char *err, size_t errlen) {
     };
     /* HTTPS: each handshake asks tls.c for the certificate, so that a reload
      * reaches new connections without a restart */
+    if (srv->tls && MHD_is_feature_supported(MHD_FEATURE_HTTPS_CERT_CALLBACK) != MHD_YES) {
+        freeaddrinfo(ai);
+        snprintf(err, errlen, "tls-cert: this libmicrohttpd was built without TLS or its certificate callback");
+        return -1;
+    }
     if (srv->tls) flags |= MHD_USE_TLS;
     struct MHD_OptionItem https[] = {
         {srv->tls ? MHD_OPTION_HTTPS_CERT_CALLBACK : MHD_OPTION_END, 0, (void *)tls_retrieve},
