@@ -7,7 +7,6 @@ changes nothing) and the start-up errors. The certificates are made here,
 by the openssl command: a test CA and two server certificates it signs."""
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
@@ -53,7 +52,11 @@ class TlsServer(Server):
     def __init__(self, *flags, **kw):
         super().__init__(*flags, wait_ready=False, **kw)
         self.url = self.url.replace("http://", "https://")
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except (RuntimeError, AssertionError, requests.exceptions.RequestException):
+            self.stop()
+            raise
 
 
 @pytest.fixture
