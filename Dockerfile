@@ -1,10 +1,10 @@
 # sdx4 serve in a container, CPU or CUDA, from one multi-stage file.
 # CPU (Debian 12):
 #   docker build -t sdx4 .
-# CUDA 12 + cuDNN (Ubuntu 22.04 bases; docker-compose.yml builds this one):
+# CUDA 12 + cuDNN (Ubuntu 24.04 bases; docker-compose.yml builds this one):
 #   docker build -t sdx4:cuda --build-arg SDX4_CUDA=ON \
-#       --build-arg BUILD_IMAGE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 \
-#       --build-arg RUN_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 .
+#       --build-arg BUILD_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 \
+#       --build-arg RUN_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 .
 # Run:
 #   docker run -p 8000:8000 -v $PWD/models/x4-upscaler:/models/x4-upscaler:ro sdx4
 #
@@ -20,7 +20,11 @@
 # noise, and the server says so in its log, health and model-info).
 # Every setting of `sdx4 serve --help` can be given as SDX4_* variables.
 
-# The packages below have the same names on Ubuntu 22.04. SDX4_CUDA=AUTO
+# The CUDA bases are Ubuntu 24.04, not 22.04: 22.04's jansson (2.13) has no
+# json_object_getn (the tokenizer's) and its libcurl (7.81) no
+# CURLOPT_PROTOCOLS_STR. The build packages have the same names on Debian
+# 12 and Ubuntu 24.04; the libraries that run differ (24.04's 64-bit time_t
+# names end in t64), hence the two lists of the run stage. SDX4_CUDA=AUTO
 # builds the CUDA backend when the build image has nvcc; ON makes a missing
 # nvcc an error.
 ARG BUILD_IMAGE=debian:bookworm
@@ -31,8 +35,8 @@ FROM ${BUILD_IMAGE} AS build
 ARG SDX4_CUDA=AUTO
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
-        libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev \
-        libsqlite3-dev libpq-dev libhiredis-dev libgnutls28-dev \
+        libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev libgnutls28-dev \
+        libsqlite3-dev libpq-dev libhiredis-dev zlib1g-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt openapi.json ./
@@ -53,10 +57,13 @@ RUN apt-get update && cd /tmp && apt-get download r-cran-swagger \
 
 # ---- run --------------------------------------------------------------------
 FROM ${RUN_IMAGE}
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libjansson4 libutf8proc2 libopenblas0-openmp libvips42 libmicrohttpd12 libnettle8 \
-        libcurl4 ca-certificates curl \
-        libsqlite3-0 libpq5 libhiredis0.14 \
+RUN . /etc/os-release && case "$VERSION_CODENAME" in \
+        noble) libs="libutf8proc3 libvips42t64 libmicrohttpd12t64 libnettle8t64 libgnutls30t64 libcurl4t64 \
+                     libhiredis1.1.0" ;; \
+        *) libs="libutf8proc2 libvips42 libmicrohttpd12 libnettle8 libgnutls30 libcurl4 libhiredis0.14" ;; \
+    esac \
+    && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        $libs libjansson4 libopenblas0-openmp libsqlite3-0 libpq5 ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin sdx4
 COPY --from=build /src/build/sdx4 /usr/local/bin/sdx4
@@ -67,9 +74,10 @@ ENV SDX4_HOST=0.0.0.0 \
     SDX4_DOCS_ASSETS=/opt/sdx4/swagger-ui
 USER sdx4
 EXPOSE 8000
-# ready = model loaded and warmed up (503 before, and while draining)
+# ready = model loaded and warmed up (503 before, and while draining); over
+# HTTPS when SDX4_TLS_CERT is set (-k: it asks the server itself, by address)
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-    CMD curl -fsS "http://127.0.0.1:${SDX4_PORT}/api/v1/health" >/dev/null || exit 1
+    CMD curl -fsSk "http${SDX4_TLS_CERT:+s}://127.0.0.1:${SDX4_PORT}/api/v1/health" >/dev/null || exit 1
 # SIGTERM lets in-flight work finish (SDX4_SHUTDOWN_TIMEOUT, 30 s by default)
 STOPSIGNAL SIGTERM
 CMD ["sh", "-c", "if [ -f \"$SDX4_MODEL/model_index.json\" ]; then exec sdx4 serve; else exec sdx4 serve --model /opt/sdx4/demo; fi"]

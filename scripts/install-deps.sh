@@ -6,8 +6,9 @@ packages=(build-essential cmake pkg-config clang
           libjansson-dev libutf8proc-dev libopenblas-openmp-dev
           libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev
           zlib1g-dev # imageio: CRCs of the PNG text chunks (output metadata)
+          openssl # test_tls.py makes its certificates
           libhiredis-dev redis-server
-          libgnutls28-dev # bearer tokens (src/server/jwt.c): RS256, ES256 and EdDSA signatures
+          libgnutls28-dev # HTTPS (src/server/tls.c); bearer tokens' RS256, ES256 and EdDSA signatures (jwt.c)
           python3 python3-venv curl
           python3-yaml # scripts/check-monitoring.py (promtool itself: check-monitoring.sh)
           systemd # systemd-analyze: scripts/check-systemd.sh

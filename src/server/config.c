@@ -78,6 +78,14 @@ static const option options[] = {
      "client would otherwise wait"},
     {"host", OPT_STRING, O(host), 0, 0, "127.0.0.1", "address to listen on"},
     {"port", OPT_INT, O(port), 0, 65535, "8000", "TCP port (0: any free port)"},
+    {"tls-cert", OPT_STRING, O(tls_cert), 0, 0, NULL,
+     "serve HTTPS (TLS 1.2 and 1.3) with this PEM certificate chain, the server's "
+     "certificate first (with tls-key; SIGHUP reloads both)"},
+    {"tls-key", OPT_STRING, O(tls_key), 0, 0, NULL,
+     "the unencrypted PEM private key of tls-cert's certificate"},
+    /* 0: HSTS binds browsers for max-age; an operator turns it on knowingly */
+    {"hsts", OPT_INT, O(hsts), 0, 1000000000, "0",
+     "seconds of Strict-Transport-Security sent on every HTTPS answer (0: none)"},
     {"http-threads", OPT_INT, O(http_threads), 1, 256, "2",
      "threads serving HTTP (they never run inference)"},
     {"max-connections", OPT_INT, O(max_connections), 1, 100000, "1024",
@@ -485,6 +493,8 @@ static int check(const server_config *cfg, FILE *err) {
         bad = "jwt-jwks needs jwt-issuer and jwt-audience";
     else if (!cfg->jwt_jwks && (cfg->jwt_issuer || cfg->jwt_audience))
         bad = "jwt-issuer and jwt-audience need jwt-jwks";
+    else if (!cfg->tls_cert != !cfg->tls_key) bad = "tls-cert and tls-key go together: give both or neither";
+    else if (cfg->hsts && !cfg->tls_cert) bad = "hsts needs tls-cert and tls-key (browsers ignore it over plain HTTP)";
     else if (!cfg->s3_bucket && (cfg->s3_endpoint || cfg->s3_region || cfg->s3_prefix))
         bad = "s3-endpoint, s3-region and s3-prefix need s3-bucket";
     if (!bad) return 0;

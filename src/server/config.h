@@ -38,6 +38,8 @@ typedef struct {
     /* network */
     char *host;
     int port, http_threads, max_connections, per_ip_connections;
+    char *tls_cert, *tls_key; /* HTTPS (tls.h): both or neither */
+    int hsts;                 /* Strict-Transport-Security max-age; 0: not sent */
     double connection_timeout, header_timeout;
     size_t min_upload_rate, upload_budget; /* bytes/s; bytes of bodies held at once */
     /* request limits */

@@ -48,6 +48,11 @@
  * (which then needs its own budget) and adds I/O to every upload, while a
  * 503 tells a client exactly when to come back.
  *
+ * TLS (--tls-cert) changes none of this: the watchdog works on the TCP
+ * socket under GnuTLS, whose shutdown() ends the TLS connection too and
+ * whose hang-up shows as on plain TCP; a connection's header deadline
+ * starts when it is accepted, so it bounds the handshake as well.
+ *
  * Locking: one mutex guards the list and the address counts. It is taken
  * before the job store's (a `gone` callback cancels a job under it), never
  * after it.
@@ -206,21 +211,25 @@ void conns_notify(void *cls, struct MHD_Connection *connection, void **socket_co
         *socket_context = NULL;
         return;
     }
-    const union MHD_ConnectionInfo *fd = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
-    const union MHD_ConnectionInfo *peer = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    /* each answer is read before the next question: libmicrohttpd 1.0
+     * answers every one in the same per-connection union (0.9.75 did not) */
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+    int fd = info ? info->connect_fd : -1;
+    info = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *peer = info ? info->client_addr : NULL;
     conn *c = calloc(1, sizeof *c);
-    if (!c || !fd) {
+    if (!c || fd < 0) {
         /* untracked, it would escape every deadline: end it at once */
-        if (fd) shutdown(fd->connect_fd, SHUT_RDWR);
+        if (fd >= 0) shutdown(fd, SHUT_RDWR);
         free(c);
         return;
     }
     c->owner = cs;
-    c->fd = fd->connect_fd;
+    c->fd = fd;
     c->stage = STAGE_HEADERS;
     c->since = mono_now();
     pthread_mutex_lock(&cs->lock);
-    track(cs, c, peer ? peer->client_addr : NULL);
+    track(cs, c, peer);
     pthread_cond_signal(&cs->wake);
     pthread_mutex_unlock(&cs->lock);
     *socket_context = c;

@@ -74,6 +74,7 @@
 #include "results.h"
 #include "runner.h"
 #include "status.h"
+#include "tls.h"
 
 #define API "/api/v1"
 
@@ -162,6 +163,11 @@ static enum MHD_Result send_response(request *r, int status, struct MHD_Response
     if (atomic_load(&r->srv->phase) == PHASE_DRAINING) MHD_add_response_header(resp, "Connection", "close");
     add_cors(r, resp);
     add_rate_headers(r, resp);
+    if (r->srv->tls && r->srv->cfg.hsts) { /* HTTPS is all this daemon speaks */
+        char v[32];
+        snprintf(v, sizeof v, "max-age=%d", r->srv->cfg.hsts);
+        MHD_add_response_header(resp, "Strict-Transport-Security", v);
+    }
     r->status = status;
     enum MHD_Result rc = MHD_queue_response(r->conn, (unsigned)status, resp);
     MHD_destroy_response(resp);
@@ -1571,6 +1577,18 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     log_event(LOG_WARN, "http", json_pack("{s:s}", "message", text));
 }
 
+/* A connection's start and end: conns's bookkeeping, and the end of its
+ * hold on a TLS certificate (before the socket closes, see tls.c). */
+static void on_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+    server *srv = cls;
+    if (srv->tls && code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        const union MHD_ConnectionInfo *fd = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (fd) tls_connection_closed(srv->tls, fd->connect_fd);
+    }
+    conns_notify(srv->conns, connection, socket_context, code);
+}
+
 int http_start(server *srv, char *err, size_t errlen) {
     const server_config *c = &srv->cfg;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
@@ -1590,6 +1608,19 @@ int http_start(server *srv, char *err, size_t errlen) {
          c->http_threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
+    /* HTTPS: each handshake asks tls.c for the certificate, so that a reload
+     * reaches new connections without a restart */
+    if (srv->tls && MHD_is_feature_supported(MHD_FEATURE_HTTPS_CERT_CALLBACK) != MHD_YES) {
+        freeaddrinfo(ai);
+        snprintf(err, errlen, "tls-cert: this libmicrohttpd was built without TLS or its certificate callback");
+        return -1;
+    }
+    if (srv->tls) flags |= MHD_USE_TLS;
+    struct MHD_OptionItem https[] = {
+        {srv->tls ? MHD_OPTION_HTTPS_CERT_CALLBACK : MHD_OPTION_END, 0, (void *)tls_retrieve},
+        {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES},
+        {MHD_OPTION_END, 0, NULL},
+    };
     /* per-address limits, deadlines and disconnects are conns's (its own
      * count, not MHD_OPTION_PER_IP_CONNECTION_LIMIT, so that trusted proxies
      * can be exempt) */
@@ -1606,8 +1637,9 @@ int http_start(server *srv, char *err, size_t errlen) {
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)ceil(c->connection_timeout),
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
-        MHD_OPTION_NOTIFY_CONNECTION, conns_notify, srv->conns,
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv,
         MHD_OPTION_ARRAY, pool,
+        MHD_OPTION_ARRAY, https,
         MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!srv->daemon) {

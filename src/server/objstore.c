@@ -39,6 +39,7 @@
 #include <curl/curl.h>
 
 #include "cache.h" /* sha256, hmac_sha256 */
+#include "curl_http.h"
 
 /* Bytes of an answer always read, however small the object asked for:
  * room for the store's XML error document, whose code the error names. */
@@ -329,7 +330,7 @@ static int request(objstore *os, const char *method, const char *key, const void
     curl_easy_setopt(curl, CURLOPT_URL, url);
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_http_only(curl);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, os->timeout_ms);
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, os->timeout_ms < 10000 ? os->timeout_ms : 10000);
     curl_easy_setopt(curl, CURLOPT_PROXY, ""); /* never the environment's proxy: the store is named */

@@ -26,6 +26,11 @@
  * the main thread (sigtimedwait) with every other thread blocking them, so
  * no work happens in a signal handler.
  *
+ * SIGHUP reloads --tls-cert and --tls-key (tls.c): new connections get
+ * the new pair, open ones keep theirs; a pair that fails to load leaves
+ * the old one serving and logs why. Without TLS it is logged and ignored
+ * (no longer its default action, the end of the process).
+ *
  * Cluster mode (--redis): the jobs' tasks go to the workers behind Redis
  * (dispatch_redis.c) instead of the local queue; --workers N runs N
  * consumers of them here too (worker.c, as `sdx4 worker` does). With
@@ -65,6 +70,7 @@
 #include "runner.h"
 #include "server.h"
 #include "status.h"
+#include "tls.h"
 #include "webhook.h"
 #include "worker.h"
 
@@ -228,24 +234,42 @@ static int start_parts(server *srv) {
         log_event(LOG_WARN, "docs_assets_missing",
                   json_pack("{s:s}", "message", "Swagger UI files not found: /docs shows a plain page "
                                                 "(install r-cran-swagger or pass --docs-assets)"));
+    if (c->tls_cert && !(srv->tls = tls_open(c->tls_cert, c->tls_key, err, sizeof err))) {
+        fprintf(stderr, "sdx4 serve: %s\n", err);
+        return -1;
+    }
+    if (srv->tls) log_event(LOG_INFO, "tls_loaded", tls_describe(srv->tls));
     if (http_start(srv, err, sizeof err)) {
         fprintf(stderr, "sdx4 serve: %s\n", err);
         return -1;
     }
     log_event(LOG_INFO, "listening",
-              json_pack("{s:s,s:i,s:b,s:b,s:i,s:i}", "host", c->host, "port", http_port(srv), "api_keys",
-                        auth_enabled(srv->auth), "docs_assets", assets != NULL, "workers", c->workers,
-                        "queue_size", c->queue_size));
+              json_pack("{s:s,s:i,s:b,s:b,s:b,s:i,s:i}", "host", c->host, "port", http_port(srv), "tls",
+                        srv->tls != NULL, "api_keys", auth_enabled(srv->auth), "docs_assets", assets != NULL,
+                        "workers", c->workers, "queue_size", c->queue_size));
     return 0;
 }
 
-/* Waits for SIGTERM/SIGINT, or a failed model load. Returns the signal
- * (0 for a failed load). */
-static int wait_for_stop(server *srv, const sigset_t *stop) {
+/* SIGHUP: the TLS pair read again. */
+static void reload(server *srv) {
+    char err[512];
+    if (!srv->tls)
+        log_event(LOG_INFO, "reload_ignored", json_pack("{s:s}", "reason", "SIGHUP reloads --tls-cert and --tls-key, "
+                                                                             "and no TLS is configured"));
+    else if (tls_reload(srv->tls, err, sizeof err))
+        log_event(LOG_ERROR, "tls_reload_failed", json_pack("{s:s,s:s}", "error", err, "serving", "the previous pair"));
+    else
+        log_event(LOG_INFO, "tls_reloaded", tls_describe(srv->tls));
+}
+
+/* Waits for SIGTERM/SIGINT, or a failed model load, reloading on SIGHUP.
+ * Returns the signal (0 for a failed load). */
+static int wait_for_stop(server *srv, const sigset_t *signals) {
     for (;;) {
         struct timespec tick = {0, 200 * 1000 * 1000};
-        int sig = sigtimedwait(stop, NULL, &tick);
-        if (sig > 0) return sig;
+        int sig = sigtimedwait(signals, NULL, &tick);
+        if (sig == SIGHUP) reload(srv);
+        else if (sig > 0) return sig;
         if (atomic_load(&srv->phase) == PHASE_FAILED) return 0;
     }
 }
@@ -334,11 +358,12 @@ int serve_main(int argc, char **argv) {
     for (int i = 0; i < srv.nmodels; i++) srv.model_names[i] = srv.models[i].name;
 
     /* every thread started from here on inherits these blocked signals */
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+    sigset_t signals;
+    sigemptyset(&signals);
+    sigaddset(&signals, SIGTERM);
+    sigaddset(&signals, SIGINT);
+    sigaddset(&signals, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &signals, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     /* the GPUs' metrics, unless told to run on the CPU (signals blocked first: a thread) */
@@ -358,12 +383,14 @@ int serve_main(int argc, char **argv) {
     } else {
         atomic_store(&srv.phase, PHASE_FAILED);
     }
-    int sig = srv.daemon && (loader_running || api_only) ? wait_for_stop(&srv, &stop) : 0;
+    int sig = srv.daemon && (loader_running || api_only) ? wait_for_stop(&srv, &signals) : 0;
     bool failed = atomic_load(&srv.phase) == PHASE_FAILED;
     bool stopped = shut_down(&srv, loader_running ? &loader : NULL, sig);
     if (stopped) cache_destroy(srv.cache);
     if (stopped) results_close(&srv); /* workers are gone: none is uploading */
     gpu_metrics_stop(); /* /metrics, its reader, is closed */
+    tls_close(srv.tls); /* after the daemon (shut_down's http_stop): no handshake is left */
+    srv.tls = NULL;
     ratelimit_destroy(srv.ratelimit); /* only HTTP threads used these */
     auth_destroy(srv.auth);
     log_event(LOG_INFO, "stopped", json_pack("{s:i}", "exit_status", failed ? 1 : 0));

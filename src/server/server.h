@@ -112,6 +112,7 @@ struct ratelimit;
 struct auth;
 struct webhooks;
 struct conns;
+struct tls;
 struct history;
 struct redis;
 struct objstore;
@@ -138,6 +139,7 @@ typedef struct server {
     struct webhooks *webhooks;
     struct MHD_Daemon *daemon;
     struct conns *conns; /* connection limits and deadlines (http.c's) */
+    struct tls *tls;     /* HTTPS's certificate (--tls-cert), NULL for plain HTTP */
     struct history *history; /* finished jobs' records; NULL without --history */
     struct objstore *results; /* where async jobs' images go (--s3-bucket), or NULL */
 } server;

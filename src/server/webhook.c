@@ -70,6 +70,7 @@
 #include <curl/curl.h>
 
 #include "cache.h"
+#include "curl_http.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -246,7 +247,7 @@ static call_result call(webhooks *w, const delivery *d, char *why, size_t why_si
 
     attempt a = {.w = w};
     curl_easy_setopt(curl, CURLOPT_URL, d->url);
-    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_http_only(curl);
     curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 0L);
     /* "" turns off the environment's proxy variables; with a proxy, "" as
      * NOPROXY sends every call through it, whatever no_proxy says */
