@@ -55,7 +55,7 @@ void sdx4_engine_options_default(sdx4_engine_options *o) {
     o->device = "auto";
 }
 
-backend *sdx4_backend_open(const char *device, int threads, const cuda_settings *cuda) {
+static backend *open_backend(const char *device, int threads, const cuda_settings *cuda) {
     (void)cuda; /* unused in builds without the CUDA backend */
     if (!device || !strcmp(device, "auto")) {
 #ifdef SDX4_HAVE_CUDA
@@ -77,6 +77,21 @@ backend *sdx4_backend_open(const char *device, int threads, const cuda_settings 
     return NULL;
 }
 
+backend *sdx4_backend_open(const sdx4_engine_options *o, const char *what) {
+    if (!o || !o->model_dir || !*o->model_dir) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "no %s folder given", what);
+        return NULL;
+    }
+    if (o->threads < 0 || o->threads > SDX4_MAX_THREADS) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
+                       SDX4_MAX_THREADS);
+        return NULL;
+    }
+    cuda_settings cuda;
+    if (sdx4_cuda_settings_parse(&o->cuda, &cuda)) return NULL;
+    return open_backend(o->device, o->threads, &cuda);
+}
+
 /* A GAN's folder has config.json and no model_index.json. */
 static int is_gan_folder(const char *dir) {
     char path[4096];
@@ -89,23 +104,12 @@ static int is_gan_folder(const char *dir) {
 sdx4_status sdx4_engine_open(const sdx4_engine_options *o, sdx4_engine **out) {
     sdx4_error_clear();
     *out = NULL;
-    if (!o || !o->model_dir || !*o->model_dir) {
-        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "no model folder given");
-        return SDX4_ERR_INVALID_ARGUMENT;
-    }
-    if (o->threads < 0 || o->threads > SDX4_MAX_THREADS) {
-        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
-                  SDX4_MAX_THREADS);
-        return SDX4_ERR_INVALID_ARGUMENT;
-    }
-    cuda_settings cuda;
-    if (sdx4_cuda_settings_parse(&o->cuda, &cuda)) return SDX4_ERR_INVALID_ARGUMENT;
     sdx4_engine *e = calloc(1, sizeof *e);
     if (!e) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
-    if (!(e->be = sdx4_backend_open(o->device, o->threads, &cuda))) goto fail;
+    if (!(e->be = sdx4_backend_open(o, "model"))) goto fail;
     if (!(e->is_gan = is_gan_folder(o->model_dir)) && sdx4_model_load(&e->m, e->be, o->model_dir, o->variant)) {
         sdx4_error_prefix("%s", o->model_dir);
         goto fail;

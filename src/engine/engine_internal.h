@@ -14,8 +14,10 @@
 model *sdx4_engine_model(sdx4_engine *e);
 esrgan *sdx4_engine_gan(sdx4_engine *e);
 backend *sdx4_engine_backend(sdx4_engine *e);
-/* The backend an sdx4_engine_options' device names ("cpu", "cuda", "auto"
- * or NULL); NULL with the error set. The content check opens its own. */
-backend *sdx4_backend_open(const char *device, int threads, const cuda_settings *cuda);
+/* The backend the options name (device "cpu", "cuda", "auto" or NULL;
+ * threads; the cuda settings), once they are checked and a folder is
+ * given (`what` names it in the error); NULL with the error set. The
+ * engine and the content check open one each. */
+backend *sdx4_backend_open(const sdx4_engine_options *o, const char *what);
 
 #endif

@@ -25,23 +25,12 @@ struct sdx4_safety {
 sdx4_status sdx4_safety_open(const sdx4_engine_options *o, sdx4_safety **out) {
     sdx4_error_clear();
     *out = NULL;
-    if (!o || !o->model_dir || !*o->model_dir) {
-        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "content check: no checker folder given");
-        return SDX4_ERR_INVALID_ARGUMENT;
-    }
-    if (o->threads < 0 || o->threads > SDX4_MAX_THREADS) {
-        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "threads %d: expected 0 (all cores) to %d", o->threads,
-                       SDX4_MAX_THREADS);
-        return SDX4_ERR_INVALID_ARGUMENT;
-    }
-    cuda_settings cuda;
-    if (sdx4_cuda_settings_parse(&o->cuda, &cuda)) return SDX4_ERR_INVALID_ARGUMENT;
     sdx4_safety *s = calloc(1, sizeof *s);
     if (!s) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return SDX4_ERR_NO_MEMORY;
     }
-    if (!(s->be = sdx4_backend_open(o->device, o->threads, &cuda))) goto fail;
+    if (!(s->be = sdx4_backend_open(o, "content checker"))) goto fail;
     if (sdx4_safety_checker_load(&s->sc, s->be, o->model_dir)) {
         sdx4_error_prefix("%s", o->model_dir);
         goto fail;
