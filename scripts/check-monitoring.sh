@@ -21,6 +21,7 @@
 # and start a Prometheus server wherever systemd runs; only promtool is used.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/refuse-mutations.sh"
 promtool=${SDX4_PROMTOOL:-$(command -v promtool || true)}
 if [ -z "$promtool" ]; then
     cache=${TMPDIR:-/tmp}/sdx4-promtool
@@ -91,19 +92,5 @@ mutations=(
   "dashboard.json|0,/\"uid\": \"\${datasource}\"/s//\"uid\": \"prometheus\"/|does not use"
   "dashboard.json|1s/{/[/|Expecting"
 )
-for m in "${mutations[@]}"; do
-    IFS='|' read -r file program expected <<<"$m"
-    rm -rf "$work/tree"
-    cp -r "$root/deploy/monitoring" "$work/tree"
-    sed -i "$program" "$work/tree/$file"
-    if cmp -s "$root/deploy/monitoring/$file" "$work/tree/$file"; then
-        echo "negative test on $file: the sed program changed nothing"; failed=1
-    elif check "$work/tree"; then
-        echo "negative test on $file ($program): NOT refused"; failed=1
-    elif ! grep -qF -- "$expected" "$work/out"; then
-        echo "negative test on $file ($program): refused, but without \"$expected\":"
-        sed 's/^/  /' "$work/out"; failed=1
-    fi
-done
-[ "$failed" = 0 ] && echo "monitoring: ${#mutations[@]} broken copies refused"
+refuse_mutations "$root/deploy/monitoring" monitoring "${mutations[@]}"
 exit "$failed"

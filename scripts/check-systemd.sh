@@ -11,6 +11,7 @@
 # unit is not started: that needs systemd as PID 1, which CI lacks.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/refuse-mutations.sh"
 bin=$(realpath "${1:-$root/build/sdx4}")
 [ -x "$bin" ] || { echo "check-systemd: no sdx4 binary at $bin"; exit 1; }
 work=$(mktemp -d)
@@ -60,19 +61,5 @@ mutations=(
   "sdx4.env|s/^SDX4_SHUTDOWN_TIMEOUT=30/SDX4_SHUTDOWN_TIMEOUT=60/|TimeoutStopSec does not cover"
   "sdx4.env|s/^SDX4_MODELS_DIR=/SDX4_MODEL_DIR=/|SDX4_MODEL_DIR is not a setting"
 )
-for m in "${mutations[@]}"; do
-    IFS='|' read -r file program expected <<<"$m"
-    rm -rf "$work/tree"
-    cp -r "$root/deploy/systemd" "$work/tree"
-    sed -i "$program" "$work/tree/$file"
-    if cmp -s "$root/deploy/systemd/$file" "$work/tree/$file"; then
-        echo "negative test on $file: the sed program changed nothing"; failed=1
-    elif check "$work/tree"; then
-        echo "negative test on $file ($program): NOT refused"; failed=1
-    elif ! grep -qF -- "$expected" "$work/out"; then
-        echo "negative test on $file ($program): refused, but without \"$expected\":"
-        sed 's/^/  /' "$work/out"; failed=1
-    fi
-done
-[ "$failed" = 0 ] && echo "systemd: ${#mutations[@]} broken copies refused"
+refuse_mutations "$root/deploy/systemd" systemd "${mutations[@]}"
 exit "$failed"
