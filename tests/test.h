@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sdx4.h"
+
 static int test_failures, test_checks;
 
 #define CHECK(cond, ...)                                                     \
@@ -42,6 +44,29 @@ static inline const char *test_ref(const char *rel) {
     char *b = buf[next++ & 3];
     snprintf(b, sizeof buf[0], "%s/%s", test_reference_dir(), rel);
     return b;
+}
+
+/* SDX4_TEST_DEVICE=cuda runs a test's model on the GPU
+ * (scripts/device-check.sh); cpu otherwise. */
+static inline const char *test_device(void) {
+    const char *d = getenv("SDX4_TEST_DEVICE");
+    return d && *d ? d : "cpu";
+}
+
+/* Whether outputs are held to half precision's tolerance: on cuda in the
+ * mode SDX4_CUDA_DTYPE names, fp16 by default. */
+static inline int test_in_half_precision(void) {
+    const char *dt = getenv("SDX4_CUDA_DTYPE");
+    return !strcmp(test_device(), "cuda") && !(dt && !strcmp(dt, "fp32"));
+}
+
+/* A test's open options for the folder dir: its device and dtype, 2 threads. */
+static inline void test_engine_options(sdx4_engine_options *o, const char *dir) {
+    sdx4_engine_options_default(o);
+    o->model_dir = dir;
+    o->device = test_device();
+    o->cuda.dtype = getenv("SDX4_CUDA_DTYPE");
+    o->threads = 2;
 }
 
 /* max |a - b| over n floats */

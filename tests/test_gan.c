@@ -29,27 +29,10 @@
 static const char *const cases[] = {"rrdb_x4",        "rrdb_x4_fp16",       "rrdb_x2",
                                     "srvgg_x4_prelu", "srvgg_x3_leakyrelu", "srvgg_x2_relu"};
 
-/* SDX4_TEST_DEVICE=cuda runs the goldens on the GPU (scripts/device-check.sh),
- * in the mode SDX4_CUDA_DTYPE names: fp16 (the default) holds the outputs
- * to half precision's tolerance instead of float's. */
-static const char *test_device(void) {
-    const char *d = getenv("SDX4_TEST_DEVICE");
-    return d && *d ? d : "cpu";
-}
-
-static int half_precision(void) {
-    const char *dt = getenv("SDX4_CUDA_DTYPE");
-    return !strcmp(test_device(), "cuda") && !(dt && !strcmp(dt, "fp32"));
-}
-
 /* The engine on dir, quietly: what a refusal test wants. */
 static sdx4_status try_open(const char *dir, sdx4_engine **e) {
     sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = dir;
-    o.device = test_device();
-    o.cuda.dtype = getenv("SDX4_CUDA_DTYPE");
-    o.threads = 2;
+    test_engine_options(&o, dir);
     *e = NULL;
     return sdx4_engine_open(&o, e);
 }
@@ -125,7 +108,7 @@ static void test_golden(const char *name) {
         if (y && tensor_numel(y) * 4 == (int64_t)ref->nbytes) {
             float *out = malloc(ref->nbytes);
             be->download(be, y, out);
-            double d = max_abs_diff(out, ref->data, ref->nbytes / 4), tol = half_precision() ? 2e-2 : 1e-4;
+            double d = max_abs_diff(out, ref->data, ref->nbytes / 4), tol = test_in_half_precision() ? 2e-2 : 1e-4;
             CHECK(d <= tol, "%s: float output within %g of PyTorch: %g", name, tol, d);
             printf("  %-20s max |sdx4 - torch| %.2e\n", name, d);
             free(out);
@@ -145,7 +128,7 @@ static void test_golden(const char *name) {
         int max;
         size_t n = (size_t)3 * want.width * want.height;
         size_t far = got.width == want.width && got.height == want.height ? levels_apart(&got, &want, &max) : n;
-        CHECK(half_precision() ? far * 100 <= n : far == 0, "%s: PNG within 1 level of PyTorch's: %zu values further",
+        CHECK(test_in_half_precision() ? far * 100 <= n : far == 0, "%s: PNG within 1 level of PyTorch's: %zu values further",
               name, far);
         CHECK(rep.gan_tiles == 1 && rep.batch_size == 1, "%s: report: %d tiles", name, rep.gan_tiles);
     }
@@ -201,7 +184,7 @@ static void test_tiles(const char *name) {
               tiles);
         if (!t) continue;
         double d = max_abs_diff(t, whole, n);
-        CHECK(d <= (half_precision() ? 2e-2 : 2e-6), "%s: tile %d: the whole run's numbers (max diff %g)", name,
+        CHECK(d <= (test_in_half_precision() ? 2e-2 : 2e-6), "%s: tile %d: the whole run's numbers (max diff %g)", name,
               runs[i].tile, d);
         sdx4_image_quantize(t, h * s, w * s, got.pixels);
         int max;
@@ -209,7 +192,7 @@ static void test_tiles(const char *name) {
         for (size_t k = 0; k < n; k++) moved += got.pixels[k] != ref.pixels[k];
         printf("  %-20s tile %2d: %zu of %zu PNG values differ from the whole run's by one level\n", name,
                runs[i].tile, moved, n);
-        CHECK(far == 0 && moved * (half_precision() ? 100 : 1000) <= n, "%s: tile %d: the whole run's PNG to a "
+        CHECK(far == 0 && moved * (test_in_half_precision() ? 100 : 1000) <= n, "%s: tile %d: the whole run's PNG to a "
               "level on 99.9%% (99%% in half precision; %zu values "
               "moved, max %d)", name, runs[i].tile, moved, max);
         free(t);
@@ -217,7 +200,7 @@ static void test_tiles(const char *name) {
     if (whole) {
         int max;
         size_t far = levels_apart(&ref, &want, &max);
-        CHECK(half_precision() ? far * 100 <= n : far == 0,
+        CHECK(test_in_half_precision() ? far * 100 <= n : far == 0,
               "%s: whole run within 1 level of PyTorch: %zu values further (max %d)", name, far, max);
     }
     sdx4_image_free(&ref), sdx4_image_free(&got);

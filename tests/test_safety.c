@@ -27,25 +27,10 @@
 #define NIMAGES 5
 static const int golden_rows[] = {0, 1, 111, 112, 223}; /* pixel_values_rows */
 
-/* SDX4_TEST_DEVICE=cuda runs the check on the GPU (scripts/device-check.sh);
- * fp16 there holds it to half precision's tolerance. */
-static const char *test_device(void) {
-    const char *d = getenv("SDX4_TEST_DEVICE");
-    return d && *d ? d : "cpu";
-}
-
-static int half_precision(void) {
-    const char *dt = getenv("SDX4_CUDA_DTYPE");
-    return !strcmp(test_device(), "cuda") && !(dt && !strcmp(dt, "fp32"));
-}
-
+/* SDX4_TEST_DEVICE=cuda runs the check on the GPU (test.h). */
 static sdx4_status try_open(const char *dir, sdx4_safety **s) {
     sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = dir;
-    o.device = test_device();
-    o.cuda.dtype = getenv("SDX4_CUDA_DTYPE");
-    o.threads = 2;
+    test_engine_options(&o, dir);
     return sdx4_safety_open(&o, s);
 }
 
@@ -155,7 +140,7 @@ static void test_public_api(void) {
     CHECK(st == SDX4_OK, "open: %s", sdx4_last_error());
     const float *cos_ref = golden(&g, "cos_dist", (size_t)NIMAGES * SDX4_SAFETY_CONCEPTS);
     const float *nsfw = golden(&g, "has_nsfw_concepts", NIMAGES);
-    double tol = half_precision() ? 2e-2 : 1e-4;
+    double tol = test_in_half_precision() ? 2e-2 : 1e-4;
     for (int k = 0; s && cos_ref && nsfw && k < NIMAGES; k++) {
         char path[4096];
         snprintf(path, sizeof path, DATA "image%d.png", k);
@@ -168,7 +153,7 @@ static void test_public_api(void) {
         double dc = max_abs_diff(r.concept_cos, cos_ref + k * SDX4_SAFETY_CONCEPTS, SDX4_SAFETY_CONCEPTS);
         CHECK(dc <= tol, "image %d on %s: cosines differ by %g", k, test_device(), dc);
         /* image 2's decision is 0.004 from its edge, within half precision's error */
-        if (!half_precision() || k != 2)
+        if (!test_in_half_precision() || k != 2)
             CHECK(r.flagged == (nsfw[k] != 0), "image %d on %s: flagged %d", k, test_device(), r.flagged);
         CHECK(r.seconds > 0, "image %d: no time", k);
     }
