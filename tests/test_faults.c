@@ -26,7 +26,9 @@
  * blocks they handed out (a hash set of addresses: a block that a shared
  * library allocated and the engine frees is not ours to count). Jansson's
  * allocations, inside libjansson.so where --wrap cannot reach, come
- * through the same counter by json_set_alloc_funcs. File operations are
+ * through the same set by json_set_alloc_funcs (counted on their own: they
+ * are most of the calls); utf8proc_map, which allocates inside
+ * libutf8proc, is wrapped as an allocation. File operations are
  * wrapped the same way: fopen, open, fread, pread, fstat, fwrite, fclose,
  * and jansson's json_load_file (which reads its file inside libjansson).
  *
@@ -67,6 +69,7 @@
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
+#include <utf8proc.h>
 
 #include "imageio.h"
 #include "sdx4.h"
@@ -223,6 +226,23 @@ char *__wrap_strndup(const char *s, size_t n) {
 void __wrap_free(void *p) {
     untrack(p);
     __real_free(p);
+}
+
+/* utf8proc_map (the tokenizer's NFC and case folding) allocates inside
+ * libutf8proc: to its caller it is an allocation, failed as utf8proc
+ * fails it, and its result is a block the caller must free. */
+utf8proc_ssize_t __real_utf8proc_map(const utf8proc_uint8_t *s, utf8proc_ssize_t len, utf8proc_uint8_t **out,
+                                     utf8proc_option_t options);
+
+utf8proc_ssize_t __wrap_utf8proc_map(const utf8proc_uint8_t *s, utf8proc_ssize_t len, utf8proc_uint8_t **out,
+                                     utf8proc_option_t options) {
+    if (fault_hit(FAULT_ALLOC, "utf8proc_map", __builtin_return_address(0))) {
+        *out = NULL;
+        return UTF8PROC_ERROR_NOMEM;
+    }
+    utf8proc_ssize_t n = __real_utf8proc_map(s, len, out, options);
+    if (n >= 0) track(*out);
+    return n;
 }
 
 /* jansson's allocator (json_set_alloc_funcs): the same counter and set */
