@@ -308,8 +308,11 @@ int sdx4_st_read(const st_file *f, const st_tensor *t, void *dst) {
     }
     /* the file is the one opened: a change now would mix old and new data */
     struct stat st;
-    if (got != (int64_t)t->nbytes || fstat(f->fd, &st) || st.st_size != f->size ||
-        mtime_ns(&st) != f->mtime_ns) {
+    if (got == (int64_t)t->nbytes && fstat(f->fd, &st)) {
+        sdx4_set_error(SDX4_ERR_IO, "%s: tensor %s: fstat: %s", f->path, t->name, strerror(errno));
+        return -1;
+    }
+    if (got != (int64_t)t->nbytes || st.st_size != f->size || mtime_ns(&st) != f->mtime_ns) {
         sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s: the file changed on disk while the model "
                   "was loading", f->path, t->name);
         return -1;
