@@ -39,6 +39,7 @@
  * resilience.md says more.
  *
  * Debugging one N: SDX4_FAULTS_CASE=<a prefix of the case's name>
+ * (SDX4_FAULTS_KIND=<allocation, jansson or file> for one kind)
  * SDX4_FAULTS_FIRST=N SDX4_FAULTS_STRIDE=<a large number> runs that N
  * alone; SDX4_FAULTS_VERBOSE=1 prints every run's function and message;
  * SDX4_FAULTS_TRAP=1 raises SIGTRAP at the failure, where gdb stops.
@@ -486,7 +487,9 @@ static void run_case(const path_case *c, long budget) {
           "linked?", c->name, calls[FAULT_ALLOC], calls[FAULT_JSON], calls[FAULT_FILE]);
     printf("%s\n", c->name);
     const char *s = getenv("SDX4_FAULTS_STRIDE"), *f = getenv("SDX4_FAULTS_FIRST");
+    const char *only = getenv("SDX4_FAULTS_KIND"); /* a developer's focus: allocation, jansson, file */
     for (fault_kind k = FAULT_ALLOC; k <= FAULT_FILE; k++) {
+        if (only && strncmp(kind_names[k], only, strlen(only))) continue;
         long stride = s && atol(s) > 0 ? atol(s) : budget > 0 && calls[k] > budget ? calls[k] / budget : 1;
         long first = f && atol(f) > 0 ? atol(f) : 1 + (long)(time(NULL) % stride);
         sweep(c, k, stride, first, clean, clean_len);
