@@ -436,6 +436,8 @@ static void sweep(const path_case *c, fault_kind kind, long stride, long first, 
         runs++;
         if (!fault.injected) {
             CHECK(rc == 0, "%s: no %s failed at N=%ld, yet: %s", c->name, what, n, err);
+            CHECK(rc || (png_len == clean_len && !memcmp(png, clean, clean_len)),
+                  "%s: the run past the last %s gave another image", c->name, what);
         } else if (rc) {
             failed++;
             CHECK(err[0] != 0, "%s: %s %ld (%s) failed with no message", c->name, what, n, fault.injected);
