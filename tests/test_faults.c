@@ -5,10 +5,11 @@
  * failure.
  *
  * The path is what the CLI does, through the public API only (sdx4.h and
- * imageio.h): read and decode a PNG, open the model, upscale, encode the
- * result and write it to a file, then free everything. It runs on the
- * tiny diffusion model of the reference data (2 steps, guided) and on two
- * small GANs (SRVGGNetCompact whole, RRDBNet in tiles).
+ * imageio.h): read and decode a PNG, open the model, upscale, write the
+ * result to a PNG file, read that back, encode it to memory, then free
+ * everything. It runs on the tiny diffusion model of the reference data
+ * (2 guided steps on 16 x 16 px) and on two small GANs (SRVGGNetCompact
+ * whole, RRDBNet in 2 x 2 tiles), one thread each.
  *
  * Every run with an injected failure must either fail with a message (the
  * engine's sdx4_last_error(), imageio's err buffer) or succeed with the
@@ -47,8 +48,8 @@
  * Time: every N reruns the path from the start, and jansson alone makes
  * 163283 allocations reading the tokenizer's vocabulary. So each sweep
  * (a case and a kind of failure) makes about SDX4_FAULTS_RUNS runs (10 for
- * the diffusion model, 10 times as many for a GAN: 8 s in all on the
- * release build here), every kth N from an N that changes with the
+ * the diffusion model, 10 times as many for a GAN: about 10 s in all on
+ * the release build here), every kth N from an N that changes with the
  * time: each run of the suite tries other N, and the summary lines say
  * which (SDX4_FAULTS_FIRST and SDX4_FAULTS_STRIDE repeat them). The
  * sanitizer build runs fewer (CMakeLists.txt). SDX4_FAULTS_RUNS=4000 tries
@@ -62,7 +63,6 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
