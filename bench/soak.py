@@ -18,6 +18,11 @@ The load, each kind from its own threads, all at once:
              trickled below --min-upload-rate, a client gone mid-upscale
   probes     health and metrics
 
+The server keeps results in its cache and finished jobs by design, up to
+--cache-size (256M) and --jobs-memory (512M) for --job-retention (1 h);
+here those are 16M, 32M and 20 s, so that they are full before the
+warm-up ends and evict all along (more flags after `--` override them).
+
 Verdict. The first `--warmup` seconds (60) fill the server's caches and
 pools; "after warm-up" is the median RSS of the next 30 s, "end" the
 median of the last 30 s. The soak passes when end - after warm-up is
@@ -77,10 +82,14 @@ class Soak:
         self.errors = []                     # unexpected answers, the first few kept
         self.samples = []                    # (seconds since start, RSS bytes)
         self.log = tempfile.NamedTemporaryFile(prefix="soak-serve-", suffix=".log", delete=False)
-        # every client here is one address: no rate limit, no per-address cap
+        # every client here is one address: no rate limit, no per-address
+        # cap; what the server keeps by design (cached results, finished
+        # jobs) bounded small, so that it is full before the warm-up ends
+        # and evicted all along
         cmd = [args.sdx4, "serve", "--model", args.model, "--host", "127.0.0.1", "--port", "0",
                "--rate-limit", "0", "--per-ip-connections", "0",
-               "--header-timeout", str(args.header_timeout)] + args.serve_args
+               "--header-timeout", str(args.header_timeout), "--cache-size", "16M",
+               "--job-retention", "20", "--jobs-memory", "32M"] + args.serve_args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log,
                                      env=dict(os.environ, OMP_WAIT_POLICY="passive"))
         self.url = f"http://127.0.0.1:{self._port()}"
@@ -117,6 +126,16 @@ class Soak:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         return 0
+
+    def cache_mib(self):
+        """The result cache's bytes, from /metrics."""
+        try:
+            for line in requests.get(self.url + "/metrics", timeout=30).text.splitlines():
+                if line.startswith("sdx4_cache_bytes "):
+                    return float(line.split()[1]) / 2**20
+        except requests.RequestException:
+            pass
+        return float("nan")
 
     def note(self, kind, outcome, unexpected=None):
         with self.lock:
@@ -351,7 +370,8 @@ class Soak:
             self.samples.append((elapsed, self.rss()))
             if elapsed >= next_line:
                 print(f"  {elapsed:5.0f} s  RSS {self.samples[-1][1] / 2**20:7.1f} MiB  "
-                      f"{sum(self.counts.values())} requests", flush=True)
+                      f"result cache {self.cache_mib():5.1f} MiB  {sum(self.counts.values())} requests",
+                      flush=True)
                 next_line += 60
             if self.proc.poll() is not None:
                 break
