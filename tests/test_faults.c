@@ -48,8 +48,8 @@
  * Time: every N reruns the path from the start, and jansson alone makes
  * 163283 allocations reading the tokenizer's vocabulary. So each sweep
  * (a case and a kind of failure) makes about SDX4_FAULTS_RUNS runs (10 for
- * the diffusion model, 10 times as many for a GAN: about 10 s in all on
- * the release build here), every kth N from an N that changes with the
+ * the diffusion model, 10 times as many for a GAN: 5 s in all on the
+ * release build here), every kth N from an N that changes with the
  * time: each run of the suite tries other N, and the summary lines say
  * which (SDX4_FAULTS_FIRST and SDX4_FAULTS_STRIDE repeat them). The
  * sanitizer build runs fewer (CMakeLists.txt). SDX4_FAULTS_RUNS=4000 tries
