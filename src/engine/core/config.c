@@ -35,6 +35,10 @@ int sdx4_cfg_load(config *c, const char *dir, const char *file) {
             return -1;
         }
         fclose(f);
+        if (!e.text[0]) { /* jansson names every syntax error: its allocator failed */
+            sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", file);
+            return -1;
+        }
         sdx4_set_error(SDX4_ERR_MODEL, "%s: malformed JSON: %s at line %d", file, e.text, e.line);
         return -1;
     }

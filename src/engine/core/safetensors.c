@@ -97,8 +97,11 @@ static int parse_entry(st_tensor *t, const char *name, json_t *v, const data_reg
     }
     t->offset = d->start + (uint64_t)json_integer_value(b);
     t->data = d->base ? d->base + t->offset : NULL;
-    t->name = strdup(name);
-    return t->name ? 0 : -1;
+    if (!(t->name = strdup(name))) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "tensor %s: out of memory", name);
+        return -1;
+    }
+    return 0;
 }
 
 /* The header length from the file's first 8 bytes, checked against the
@@ -124,17 +127,22 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
                         const char *label) {
     json_error_t jerr;
     json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root && !jerr.text[0]) { /* jansson names every syntax error: its allocator failed */
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory parsing the header", label);
+        return -1;
+    }
     if (!json_is_object(root)) {
         sdx4_set_error(SDX4_ERR_MODEL, "%s: header is not a JSON object (%s)", label, jerr.text);
         json_decref(root);
         return -1;
     }
     f->tensors = calloc(json_object_size(root) + 1, sizeof *f->tensors);
+    if (!f->tensors) goto no_memory;
     const char *key;
     json_t *v;
     json_object_foreach(root, key, v) {
         if (!strcmp(key, "__metadata__")) {
-            f->metadata_json = json_dumps(v, JSON_COMPACT);
+            if (!(f->metadata_json = json_dumps(v, JSON_COMPACT))) goto no_memory;
             continue;
         }
         if (!json_is_object(v) || parse_entry(&f->tensors[f->count], key, v, d)) {
@@ -148,6 +156,10 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
     json_decref(root);
     /* overlapping tensors mean a corrupt or hostile header */
     st_tensor *sorted = malloc((f->count + 1) * sizeof *sorted);
+    if (!sorted) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", label);
+        return -1;
+    }
     memcpy(sorted, f->tensors, f->count * sizeof *sorted);
     qsort(sorted, f->count, sizeof *sorted, by_offset);
     for (int i = 1; i < f->count; i++) {
@@ -160,11 +172,18 @@ static int parse_header(st_file *f, const char *text, size_t len, const data_reg
     }
     free(sorted);
     return 0;
+no_memory:
+    sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", label);
+    json_decref(root);
+    return -1;
 }
 
 int sdx4_st_parse(st_file *f, const void *buf, size_t size, const char *label) {
     memset(f, 0, sizeof *f);
-    f->path = strdup(label);
+    if (!(f->path = strdup(label))) {
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", label);
+        return -1;
+    }
     const unsigned char *p = buf;
     uint64_t hlen;
     if (header_length(p, size, label, &hlen)) goto fail;
@@ -198,7 +217,12 @@ static int open_regular(const char *path, struct stat *st) {
         sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
         return -1;
     }
-    if (fstat(fd, st) || !S_ISREG(st->st_mode)) {
+    if (fstat(fd, st)) {
+        sdx4_set_error(SDX4_ERR_IO, "%s: %s", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st->st_mode)) {
         sdx4_set_error(SDX4_ERR_IO, "%s: not a regular file", path);
         close(fd);
         return -1;
@@ -240,10 +264,13 @@ int sdx4_st_open_header(st_file *f, const char *path, const char *label) {
     struct stat st;
     int fd = open_regular(path, &st);
     if (fd < 0) return -1;
-    f->path = strdup(label); /* errors name the label */
+    char *text = NULL;
+    if (!(f->path = strdup(label))) { /* errors name the label */
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", label);
+        goto fail;
+    }
     unsigned char first8[8] = {0};
     uint64_t hlen;
-    char *text = NULL;
     if (st.st_size >= 8 && read_at(fd, first8, 8, 0) != 8) {
         sdx4_set_error(SDX4_ERR_IO, "%s: cannot read the header length", path);
         goto fail;
@@ -255,9 +282,12 @@ int sdx4_st_open_header(st_file *f, const char *path, const char *label) {
     }
     data_region d = {8 + hlen, (uint64_t)st.st_size - 8 - hlen, NULL};
     if (parse_header(f, text, hlen, &d, label)) goto fail;
-    free(text);
     free(f->path);
-    f->path = strdup(path);
+    if (!(f->path = strdup(path))) { /* sdx4_st_read's errors name it */
+        sdx4_set_error(SDX4_ERR_NO_MEMORY, "%s: out of memory", label);
+        goto fail;
+    }
+    free(text);
     f->fd = fd;
     f->has_fd = 1;
     f->size = st.st_size;
@@ -278,8 +308,11 @@ int sdx4_st_read(const st_file *f, const st_tensor *t, void *dst) {
     }
     /* the file is the one opened: a change now would mix old and new data */
     struct stat st;
-    if (got != (int64_t)t->nbytes || fstat(f->fd, &st) || st.st_size != f->size ||
-        mtime_ns(&st) != f->mtime_ns) {
+    if (got == (int64_t)t->nbytes && fstat(f->fd, &st)) {
+        sdx4_set_error(SDX4_ERR_IO, "%s: tensor %s: fstat: %s", f->path, t->name, strerror(errno));
+        return -1;
+    }
+    if (got != (int64_t)t->nbytes || st.st_size != f->size || mtime_ns(&st) != f->mtime_ns) {
         sdx4_set_error(SDX4_ERR_MODEL, "%s: tensor %s: the file changed on disk while the model "
                   "was loading", f->path, t->name);
         return -1;

@@ -230,10 +230,11 @@ static tensor *block_forward(backend *be, const transformer_block_p *b, int only
     TRY(g = be->geglu(be, a));
     DROP(a);
     TRY(a = linear_add_forward(be, &b->ff_out, g, h));
-    DROP(g);
-fail:
-    DROP(h), DROP(n), DROP(g);
+    DROP(g), DROP(h);
     return a;
+fail: /* a may hold ff_in's output: never return it as the block's */
+    DROP(h), DROP(n), DROP(g), DROP(a);
+    return NULL;
 }
 
 tensor *sdx4_transformer2d_forward(backend *be, const transformer2d_p *t, const tensor *x,

@@ -60,7 +60,6 @@ static int build(model *m) {
 
 int sdx4_model_load(model *m, backend *be, const char *dir, const char *variant) {
     memset(m, 0, sizeof *m);
-    m->dir = strdup(dir);
     if (read_index(m, dir) || read_configs(m, dir)) goto fail;
     if (!(m->tok = sdx4_tokenizer_load(dir))) goto fail;
     if (sdx4_scheduler_source_load(&m->scheduler, dir) || sdx4_ddpm_load(&m->low_res_scheduler, dir)) goto fail;
@@ -81,7 +80,6 @@ fail:
 
 int sdx4_model_spec(model *m, const char *dir) {
     memset(m, 0, sizeof *m);
-    m->dir = strdup(dir);
     sdx4_weights_spec_init(&m->te_ws);
     sdx4_weights_spec_init(&m->unet_ws);
     sdx4_weights_spec_init(&m->vae_ws);
@@ -104,6 +102,5 @@ void sdx4_model_free(model *m) {
     sdx4_tokenizer_free(m->tok);
     sdx4_scheduler_source_free(&m->scheduler);
     sdx4_ddpm_free(&m->low_res_scheduler);
-    free(m->dir);
     memset(m, 0, sizeof *m);
 }

@@ -18,7 +18,6 @@
 #include "text/tokenizer.h"
 
 typedef struct {
-    char *dir;
     int max_noise_level;
     tokenizer *tok;
     config te_cfg, unet_cfg, vae_cfg;

@@ -256,10 +256,13 @@ static tensor *time_embedding(backend *be, const unet *u, const tensor *tproj, c
     TRY(h = linear_forward(be, &u->time_linear2, e));
     DROP(e);
     if (cls && be->add_inplace(be, h, cls, 1.0f)) goto fail;
-    TRY(e = be->activate(be, h, ACT_SILU));
-fail:
+    e = be->activate(be, h, ACT_SILU);
     DROP(h);
     return e;
+fail: /* e may hold the first SiLU's output: never return it as the embedding */
+    DROP(h);
+    DROP(e);
+    return NULL;
 }
 
 /* resnet then, in cross-attention blocks, transformer: a new tensor. */

@@ -538,15 +538,17 @@ static char *read_file(const char *path, size_t *len) {
     if (!f) return NULL;
     bytes b = {0};
     size_t got;
+    int no_memory = 0; /* a partial text must not pass for the whole file */
     do {
-        if (bytes_reserve(&b, 1 << 16)) break;
+        if ((no_memory = bytes_reserve(&b, 1 << 16))) break;
         got = fread(b.p + b.len, 1, b.cap - b.len, f);
         b.len += got;
     } while (got > 0);
-    int failed = ferror(f) || !b.p;
+    int failed = no_memory || ferror(f), why = no_memory ? ENOMEM : errno; /* the caller names it */
     fclose(f);
     if (failed) {
         free(b.p);
+        errno = why;
         return NULL;
     }
     *len = b.len;
