@@ -237,6 +237,7 @@ static const char help[] =
 int cmd_worker(int argc, char **argv) {
     static worker_process p; /* threads reference it until the very end */
     server *srv = &p.srv;
+    serve_tune_malloc();
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(help, stdout);
     int rc = config_load(&srv->cfg, argc, argv, stderr);

@@ -6,6 +6,11 @@ struct server;
 struct served_model;
 struct model_version;
 
+/* glibc's malloc set for a long-running server (two arenas, blocks of 1 MiB
+ * and more mapped whole) unless MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_
+ * say otherwise; serve and worker call it first. */
+void serve_tune_malloc(void);
+
 /* Runs the server with the arguments after "serve"; returns the process
  * exit status. */
 int serve_main(int argc, char **argv);
