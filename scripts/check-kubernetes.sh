@@ -85,7 +85,7 @@ fi
 mutations=(
   "base/redis.yaml|s/^  replicas: 1\$/  replica: 1/|cpu|'replica' was unexpected"
   "base/api.yaml|s/containerPort: 8000/containerPort: \"8000\"/|cpu|is not of type 'integer'"
-  "components/keda/scaledobject.yaml|s/minReplicaCount: 0/minReplicaCount: none/|gpu|is not of type 'integer'"
+  "components/keda/scaledobject.yaml|s/minReplicaCount: 1/minReplicaCount: none/|gpu|is not of type 'integer'"
   "components/monitoring/servicemonitor.yaml|s/      interval: 30s/      intervall: 30s/|gpu|'intervall' was unexpected"
   "base/networkpolicy.yaml|\$a ---\\napiVersion: example.com/v1\\nkind: Widget\\nmetadata:\\n  name: w|cpu|no schema"
   "base/api.yaml|s/terminationGracePeriodSeconds: 45/terminationGracePeriodSeconds: 30/|cpu|does not cover preStop"
