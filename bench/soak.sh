@@ -20,11 +20,6 @@ seconds=600
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then seconds=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 [ -x "$SDX4" ] || { echo "soak: no sdx4 binary at $SDX4 (build first)" >&2; exit 1; }
-if ! cmp -s tests/server/requirements.txt "$venv/requirements.txt"; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/server/requirements.txt
-    cp tests/server/requirements.txt "$venv/requirements.txt"
-fi
+tests/server/venv.sh
 exec "$venv/bin/python" bench/soak.py --sdx4 "$SDX4" --model "$MODEL" --seconds "$seconds" \
     --bound "${BOUND:-32}" ${CSV:+--csv "$CSV"} -- "$@"

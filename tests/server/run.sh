@@ -4,8 +4,8 @@
 # The HTTP server's integration tests: pytest drives the real `sdx4 serve`
 # on loopback ports with the reference data's tiny model, schemathesis
 # included. Test-only Python packages go into a virtual environment
-# ($SDX4_SERVER_VENV, default $TMPDIR/sdx4-server-venv), rebuilt when
-# requirements.txt changes. The binary and the reference folder come from
+# (venv.sh: $SDX4_SERVER_VENV, default $TMPDIR/sdx4-server-venv), rebuilt
+# when requirements.txt changes. The binary and the reference folder come from
 # the arguments, else $SDX4_BIN and $SDX4_REFERENCE, else build/sdx4 and
 # ../shared/reference beside the checkout.
 set -eu
@@ -20,21 +20,7 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then ref=$1; shift; fi
 [ -f "$ref/tiny/model/model_index.json" ] || { echo "tests/server: no tiny model in $ref" >&2; exit 1; }
 
 venv=${SDX4_SERVER_VENV:-${TMPDIR:-/tmp}/sdx4-server-venv}
-if ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-    cp "$here/requirements.txt" "$venv/requirements.txt"
-fi
-
-# Swagger UI's files for /docs as Debian ships them (r-cran-swagger's dist
-# folder, unpacked without installing R); the docs test uses them when present
-if [ ! -f "$venv/swagger-ui/swagger-ui-bundle.js" ] && command -v apt-get >/dev/null; then
-    ( cd "$venv" && apt-get download r-cran-swagger >/dev/null 2>&1 \
-      && dpkg-deb -x r-cran-swagger_*.deb unpacked \
-      && mkdir -p swagger-ui && cp unpacked/usr/lib/R/site-library/swagger/dist3/swagger-ui* swagger-ui/ \
-      && rm -rf unpacked r-cran-swagger_*.deb ) || echo "tests/server: Swagger UI not available; /docs is tested without it" >&2
-fi
+"$here/venv.sh"
 [ -f "$venv/swagger-ui/swagger-ui-bundle.js" ] && export SDX4_TEST_DOCS_ASSETS="$venv/swagger-ui"
 
 SDX4_BIN=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
