@@ -29,9 +29,9 @@ scripts/install-deps.sh
 jobs=$(nproc)
 # the server tests' Python packages, fetched while the builds run (step 4
 # waits for them; run.sh would make them itself)
+# (its status goes to a file: the fuzzing step's `wait` reaps every child)
 venv_log=$(mktemp)
-tests/server/venv.sh >"$venv_log" 2>&1 &
-venv_pid=$!
+(set +e; tests/server/venv.sh >"$venv_log" 2>&1; echo $? >"$venv_log.rc") &
 fuzz_seconds=${SDX4_FUZZ_SECONDS:-10}
 
 echo "== release build and tests (the CUDA backend too when nvcc exists)"
@@ -86,9 +86,10 @@ done
 rm -rf "$fuzz_out"
 
 echo "== HTTP service integration tests (pytest drives the real server)"
-wait "$venv_pid" || { cat "$venv_log"; echo "tests/server/venv.sh failed"; exit 1; }
+while [ ! -s "$venv_log.rc" ]; do sleep 1; done
 cat "$venv_log"
-rm -f "$venv_log"
+[ "$(cat "$venv_log.rc")" = 0 ] || { echo "tests/server/venv.sh failed"; exit 1; }
+rm -f "$venv_log" "$venv_log.rc"
 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
 # (the CLI comparison is test_worker.py's there; the rest of the suite passes in
 # cluster mode too, SDX4_TEST_CLUSTER=1, but would double the suite's time)
