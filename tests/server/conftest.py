@@ -194,11 +194,12 @@ def problem(r, status, slug):
     return p
 
 
-def wait_job(server, job_id, timeout=120):
-    """The job's document once it is final (polled every 50 ms)."""
+def wait_job(server, job_id, timeout=120, headers=None):
+    """The job's document once it is final (polled every 50 ms), read with
+    `headers` (its owner's key or token, where the server has keys)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        j = server.get(f"/api/v1/jobs/{job_id}").json()
+        j = server.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
         if j["status"] in ("succeeded", "failed", "canceled"):
             return j
         time.sleep(0.05)

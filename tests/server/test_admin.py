@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import MODEL, Server, image_bytes, problem, single_process_only
+from conftest import MODEL, Server, image_bytes, problem, single_process_only, wait_job
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"X-API-Key": "key-bob"}
@@ -135,7 +135,7 @@ def test_reload_swaps_versions_while_running_work_finishes_on_the_old(admin, tmp
     problem(admin.post("/api/v1/admin/models/model/reload", headers=ROOT), 409, "conflict")
     entry = wait_reloaded(admin)
     assert entry["model_hash"] == new and "reload_error" not in entry, entry
-    done = wait_job_final(admin, running)
+    done = wait_job(admin, running["id"], headers=ALICE)
     assert done["status"] == "succeeded" and done["model_hash"] == old, done  # it ran on the old version
     r = admin.post("/api/v1/upscale", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
                    headers=ALICE)
@@ -152,12 +152,3 @@ def test_reload_swaps_versions_while_running_work_finishes_on_the_old(admin, tmp
     assert [e["event"] for e in logged] == ["model_reloaded", "model_reloaded", "model_reload_failed"], logged
     assert (logged[1]["old_hash"], logged[1]["hash"]) == (old, new)
 
-
-def wait_job_final(s, job, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = s.get(job["links"]["self"], headers=ALICE).json()
-        if j["status"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import Server, image_bytes, problem
+from conftest import Server, image_bytes, problem, wait_job
 
 ISSUER = "https://idp.example/realms/sdx4"
 AUDIENCE = "sdx4-api"
@@ -175,22 +175,12 @@ def test_scope(tokens):
     assert "no admin scope" in problem(r, 403, "forbidden")["detail"]
 
 
-def wait_final(s, job, headers, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = s.get(job["links"]["self"], headers=headers).json()
-        if j["status"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
-
-
 def test_subjects_keep_their_jobs(tokens):
     alice, alice_again, bob = bearer(RSA.token("alice")), bearer(ED.token("alice")), bearer(EC.token("bob"))
     r = tokens.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"}, headers=alice)
     assert r.status_code == 202, r.text
     job = r.json()
-    assert wait_final(tokens, job, alice)["status"] == "succeeded"
+    assert wait_job(tokens, job["id"], headers=alice)["status"] == "succeeded"
     # another token of the same subject (another key, another algorithm) is alice
     assert tokens.get(job["links"]["result"], headers=alice_again).status_code == 200
     # bob, and carol's API key, get the 404 of an unknown id

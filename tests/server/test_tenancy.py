@@ -7,12 +7,11 @@ to authenticate is refused (429) before its key is looked at."""
 import base64
 import http.client
 import re
-import time
 
 import pytest
 import requests
 
-from conftest import Server, image_bytes, problem
+from conftest import Server, image_bytes, problem, wait_job
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"X-API-Key": "key-bob"}
@@ -24,16 +23,6 @@ def keyed():
     s = Server("--api-keys", "key-alice,key-bob")
     yield s
     s.check_clean_exit()
-
-
-def wait_job(s, job, headers, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        j = s.get(job["links"]["self"], headers=headers).json()
-        if j["status"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError("job did not finish")
 
 
 def assert_unknown(s, job_id, headers):
@@ -51,7 +40,7 @@ def test_jobs_belong_to_their_key(keyed):
     r = keyed.post("/api/v1/jobs", files={"image": image_bytes()}, data=SEEDED, headers=ALICE)
     assert r.status_code == 202, r.text
     job = r.json()
-    assert wait_job(keyed, job, ALICE)["status"] == "succeeded"
+    assert wait_job(keyed, job["id"], headers=ALICE)["status"] == "succeeded"
     assert_unknown(keyed, job["id"], BOB)
     # bob's DELETE canceled nothing: alice still reads her job and its result
     assert keyed.get(job["links"]["self"], headers=ALICE).json()["status"] == "succeeded"
@@ -65,7 +54,7 @@ def test_jobs_belong_to_their_key(keyed):
                    headers=BOB)
     assert r.status_code == 202, r.text
     batch = r.json()
-    assert wait_job(keyed, batch, BOB)["status"] == "succeeded"
+    assert wait_job(keyed, batch["id"], headers=BOB)["status"] == "succeeded"
     assert_unknown(keyed, batch["id"], ALICE)
     assert [e["status"] for e in keyed.get(batch["links"]["result"], headers=BOB).json()["results"]] == [200]
     # and alice's DELETE of it changed nothing either
