@@ -300,6 +300,7 @@ json_t *cluster_task_to_json(const cluster_task *t) {
                      "owner", t->owner, "created", t->created, "deadline", t->deadline, "width", t->width,
                      "height", t->height, "cache_key", cache_key, "cacheable", t->cacheable, "options",
                      options_to_json(&t->opts), "model", t->model);
+    if (record && t->content_check[0]) json_object_set_new(record, "content_check", json_string(t->content_check));
     if (record && t->icc) { /* only where the output keeps it (metadata) */
         char *b64 = base64_encode(t->icc, t->icc_len, NULL);
         if (!b64 || json_object_set_new(record, "icc", json_string(b64))) json_decref(record), record = NULL;
@@ -331,6 +332,9 @@ int cluster_task_from_json(const json_t *record, cluster_task *t, char *err, siz
     if (unhex(cache_key, t->cache_key, sizeof t->cache_key)) return refuse(&r, "cache_key", "must be 64 hexadecimal digits");
     /* absent from an API node of an earlier version, which served one model: the worker's default */
     if (json_object_get(record, "model") && get_text(&r, record, "model", t->model, sizeof t->model)) return -1;
+    if (json_object_get(record, "content_check") && /* absent: none asked */
+        get_text(&r, record, "content_check", t->content_check, sizeof t->content_check))
+        return -1;
     t->index = (int)index, t->kind = (form_kind)kind, t->width = (int)width, t->height = (int)height;
     if (options_from_json(&r, json_object_get(record, "options"), &t->opts)) {
         cluster_task_free(t);
@@ -356,6 +360,7 @@ json_t *cluster_state_to_json(const cluster_task_state *s) {
                           s->width, "height", s->height, "bytes", (json_int_t)s->bytes, "stored", s->stored,
                           "worker", s->worker);
     if (s->model_hash[0]) json_object_set_new(j, "model_hash", json_string(s->model_hash));
+    if (s->content_check[0]) json_object_set_new(j, "content_check", json_string(s->content_check));
     json_object_set_new(j, "report",
                         json_pack("{s:i,s:i,s:i,s:i,s:f,s:f,s:f}", "noise_level", rp->noise_level, "prompt_tokens",
                                   rp->prompt_tokens, "prompt_truncated", rp->prompt_truncated,
@@ -391,6 +396,9 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
     const json_t *hash = json_object_get(j, "model_hash"); /* absent from earlier versions' records */
     if (hash && (!json_is_string(hash) || json_string_length(hash) >= sizeof s->model_hash)) return -1;
     snprintf(s->model_hash, sizeof s->model_hash, "%s", hash ? json_string_value(hash) : "");
+    const json_t *check = json_object_get(j, "content_check"); /* absent: no check (or an earlier version) */
+    if (check && (!json_is_string(check) || json_string_length(check) >= sizeof s->content_check)) return -1;
+    snprintf(s->content_check, sizeof s->content_check, "%s", check ? json_string_value(check) : "");
     const json_t *rp = json_object_get(j, "report");
     if (!json_is_object(rp) || get_int(&r, rp, "noise_level", 0, 1 << 20, &v[0]) ||
         get_int(&r, rp, "prompt_tokens", 0, 1 << 20, &v[1]) || get_int(&r, rp, "prompt_truncated", 0, 1, &v[2]) ||

@@ -70,6 +70,8 @@ typedef struct {
     size_t icc_len;
     uint8_t cache_key[32];
     bool cacheable;
+    char content_check[16]; /* what the API node's key assumes: "" none,
+                               "refuse" or "blackout" (runner.h) */
     char entry_id[32]; /* the stream entry it came from (workers) */
     int deliveries;    /* times the stream delivered it (workers), 1 the first */
 } cluster_task;
@@ -90,6 +92,7 @@ typedef struct {
     problem error;
     char worker[64];
     char model_hash[65]; /* the worker's weights (models.c), "" unknown */
+    char content_check[16]; /* the worker's runner_content_check_policy() */
 } cluster_task_state;
 
 json_t *cluster_state_to_json(const cluster_task_state *s);

@@ -605,6 +605,10 @@ void config_print_help(FILE *out) {
     }
 }
 
+const char *config_content_check(const server_config *cfg) {
+    return cfg->safety_checker ? cfg->safety_action : "";
+}
+
 void config_engine_options(const server_config *cfg, const char *model_dir, sdx4_engine_options *o) {
     sdx4_engine_options_default(o);
     o->model_dir = model_dir;

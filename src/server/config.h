@@ -104,5 +104,9 @@ void config_print_help(FILE *out);
  * `model_dir` (variant, device, threads, the cuda-* settings): one
  * mapping for serve and worker. */
 void config_engine_options(const server_config *cfg, const char *model_dir, sdx4_engine_options *o);
+/* The content check these settings ask of every output: "" none,
+ * "refuse" or "blackout". An API-only node of a cluster keys its cache
+ * by it and asks it of the workers, without loading the checker. */
+const char *config_content_check(const server_config *cfg);
 
 #endif

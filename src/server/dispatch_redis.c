@@ -366,7 +366,10 @@ static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_tas
         if (rc < 0) return false;
         if (rc == 0) {
             o.state = JOB_FAILED;
-        } else if (t->cacheable && d->srv->cache) { /* as the local queue's workers do */
+        } else if (t->cacheable && d->srv->cache && !strcmp(s->content_check, config_content_check(&d->srv->cfg))) {
+            /* as the local queue's workers do; the key says this node's
+             * content check, so an output the worker checked otherwise
+             * (another setting, or an earlier version) is not kept */
             cached_result c = {o.output, o.len, o.width, o.height, o.report.prompt_tokens,
                                o.report.prompt_truncated, o.report.negative_truncated};
             cache_put(d->srv->cache, t->cache_key, &c);
@@ -746,6 +749,8 @@ static int push(void *ctx, job *j, task **tasks, int n, double deadline, problem
         records[i].index = i;
         if (final(t->state)) continue; /* refused: its image may not even have decoded */
         fill_record(&records[i], j, t, meta.created, meta.deadline, d->srv->models[t->model].name);
+        /* the check this node's key assumes, which the worker must do */
+        snprintf(records[i].content_check, sizeof records[i].content_check, "%s", config_content_check(&d->srv->cfg));
         inputs[i] = t->input;
         kept[nkept++] = records[i];
     }

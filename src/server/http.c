@@ -1341,9 +1341,12 @@ static int prepare_task(request *r, int i, task *t, image_format accept, problem
     model_version *v = models_acquire(m); /* NULL on an API node of a cluster */
     int scale = v ? v->info.vae_scale_factor : 0;
     /* the cache keeps the models' results apart, and their versions where
-     * this node knows them (an API node of a cluster knows names only) */
-    char model[64 + 1 + 65];
-    snprintf(model, sizeof model, "%s%s%s", m->name, v ? "@" : "", v ? v->hash : "");
+     * this node knows them (an API node of a cluster knows names only),
+     * and outputs made with and without the content check */
+    char model[64 + 1 + 65 + 24];
+    const char *check = config_content_check(c);
+    snprintf(model, sizeof model, "%s%s%s%s%s", m->name, v ? "@" : "", v ? v->hash : "", *check ? "|check=" : "",
+             check);
     if (v) memcpy(t->model_hash, v->hash, sizeof t->model_hash); /* a cache hit's; a run sets its own */
     models_release(v);
     /* AUTOMATIC1111's size, from the image's (a model's scale is known

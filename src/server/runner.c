@@ -41,6 +41,10 @@ int runner_content_check_open(const server_config *cfg, char *err, size_t errlen
     return 0;
 }
 
+const char *runner_content_check_policy(void) {
+    return !content_checker ? "" : content_blackout ? "blackout" : "refuse";
+}
+
 void runner_content_check_close(void) {
     sdx4_safety_close(content_checker);
     content_checker = NULL;

@@ -23,6 +23,11 @@
  * content-flagged (--safety-action refuse) or is blacked out (blackout). */
 int runner_content_check_open(const server_config *cfg, char *err, size_t errlen);
 void runner_content_check_close(void);
+/* What this process does to its outputs: "" (no check), "refuse" or
+ * "blackout" (config_content_check of the settings it opened). A cluster
+ * worker's task states carry it, so that an API node with the check on
+ * never keeps an output made otherwise under its key. */
+const char *runner_content_check_policy(void);
 
 /* Runs the engine on `input` with `opts`. `stop` (set by another thread)
  * ends it at the next step boundary, `progress` (or NULL) hears each step

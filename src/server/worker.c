@@ -419,6 +419,7 @@ static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
                                      .total = models_is_gan(&w->models[model]) ? 1 : t->opts.steps};
     snprintf(sl->state.worker, sizeof sl->state.worker, "%s", w->name);
     snprintf(sl->state.model_hash, sizeof sl->state.model_hash, "%s", v->hash);
+    snprintf(sl->state.content_check, sizeof sl->state.content_check, "%s", runner_content_check_policy());
     sl->last_report = mono_now();
     atomic_store(&sl->stop, STOP_NONE);
     int rc = cluster_report_progress(w->r, t->job_id, t->index, &sl->state, err, sizeof err);
@@ -488,6 +489,15 @@ static void handle(slot *sl, cluster_delivery *d) {
                  "worker of the cluster the API nodes' model list", w->name, t->model, names ? names : "");
         free(names);
         atomic_fetch_add(&w->refused_model, 1);
+        refuse_task(w, t, JOB_FAILED, PROBLEM_UPSCALE_FAILED, detail);
+        cluster_task_free(t);
+        return;
+    }
+    if (t->content_check[0] && !runner_content_check_policy()[0]) {
+        /* fail closed: the node that took the request checks its outputs */
+        snprintf(detail, sizeof detail, "the worker %s runs without the content check that the API node asks "
+                 "for (%s): give every worker of the cluster the API nodes' --safety-checker", w->name,
+                 t->content_check);
         refuse_task(w, t, JOB_FAILED, PROBLEM_UPSCALE_FAILED, detail);
         cluster_task_free(t);
         return;

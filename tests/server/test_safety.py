@@ -11,7 +11,7 @@ import subprocess
 
 from PIL import Image
 
-from conftest import CLUSTER, MODEL, ROOT, SDX4, Server, problem, wait_job
+from conftest import CLUSTER, MODEL, ROOT, SDX4, RedisServer, Server, Worker, problem, wait_job
 
 DATA = os.path.join(ROOT, "tests", "data", "safety")
 CHECKER = os.path.join(DATA, "checker")
@@ -48,7 +48,7 @@ def test_refuse_sync_and_async():
         got = Image.open(io.BytesIO(ok.content)).convert("RGB")
         want = Image.open(os.path.join(DATA, "image1.png")).convert("RGB")
         assert got.size == want.size == (128, 128)
-        assert max(abs(a - b) for pa, pb in zip(got.getdata(), want.getdata()) for a, b in zip(pa, pb)) <= 1
+        assert max(abs(a - b) for a, b in zip(got.tobytes(), want.tobytes())) <= 1
 
         # a batch: the flagged entry fails alone
         files = [("image", ("a.png", tiny_input(0), "image/png")), ("image", ("b.png", tiny_input(1), "image/png"))]
@@ -88,6 +88,44 @@ def test_blackout():
     finally:
         s.stop()
     s.check_clean_exit()
+
+
+def test_cluster_keeps_checked_and_unchecked_outputs_apart():
+    """Two API nodes on one Redis share its cache, one with the check and
+    one without: the output one node would serve never reaches the other,
+    and a task of the checking node that reaches a worker without the
+    check fails rather than go out unchecked."""
+    redis = RedisServer()
+    plain = Server("--redis", redis.url, "--workers", "0", "--min-side", "32", wait_ready=False)
+    checked = Server("--redis", redis.url, "--workers", "0", "--min-side", "32", "--safety-checker", CHECKER,
+                     wait_ready=False)
+    worker = Worker(redis.url, "--name", "checks", "--min-side", "32", "--safety-checker", CHECKER)
+    try:
+        def post(node, k):
+            return node.post(UPSCALE, files={"image": tiny_input(k)}, data=CASE, timeout=300)
+
+        for node in (plain, checked):
+            node.wait_ready()
+        # a worker with the check: the checking node's outputs are kept...
+        assert [post(checked, 1).headers.get("X-Cache") for _ in range(2)] == ["MISS", "HIT"]
+        # ...for it alone; and what the worker checked is not kept under the
+        # plain node's key, which says "not checked"
+        assert [post(plain, 1).headers.get("X-Cache") for _ in range(2)] == ["MISS", "MISS"]
+        worker.stop()
+
+        worker = Worker(redis.url, "--name", "plain", "--min-side", "32")
+        first = post(plain, 0)
+        assert first.status_code == 200 and first.headers["X-Cache"] == "MISS", first.text
+        assert post(plain, 0).headers["X-Cache"] == "HIT"
+        # the plain node's output of this input, which the check would
+        # flag, is not the checking node's; nor is a run without the check
+        p = problem(post(checked, 0), 500, "upscale-failed")
+        assert "runs without the content check" in p["detail"], p
+    finally:
+        plain.check_clean_exit()
+        checked.check_clean_exit()
+        worker.stop()
+        redis.remove()
 
 
 def test_off_by_default(server):
