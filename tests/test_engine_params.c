@@ -167,7 +167,9 @@ static void test_tile_rules(void) {
     m = tile_check(64, 96);
     CHECK(!strcmp(m, "tile_overlap 96 must be smaller than tile 64"), "overlap 96: %s", m);
     m = tile_check(32, 32); /* the default overlap: a tile of 32 needs a smaller one */
-    CHECK(!strcmp(m, "tile_overlap 32 must be smaller than tile 32"), "overlap 32: %s", m);
+    CHECK(!strcmp(m, "tile_overlap 32 must be smaller than tile 32 (32 is tile_overlap's default: give a "
+                     "smaller one, or a larger tile)"),
+          "overlap 32: %s", m);
 }
 
 /* The windows as tiling.c lays them out on the whole latent. */

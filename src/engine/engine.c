@@ -291,6 +291,10 @@ sdx4_status sdx4_check_params(const sdx4_upscale_params *p) {
     if (p->tile > 0 && p->tile < SDX4_MIN_TILE)
         return INVALID("tile %d is outside %d..%lld (0: automatic)", p->tile, SDX4_MIN_TILE,
                        (long long)params[P_TILE].int_max);
+    /* the default overlap is one the caller may never have chosen: say so */
+    if (p->tile > 0 && p->tile_overlap >= p->tile && p->tile_overlap == params[P_TILE_OVERLAP].int_default)
+        return INVALID("tile_overlap %d must be smaller than tile %d (%d is tile_overlap's default: give a "
+                       "smaller one, or a larger tile)", p->tile_overlap, p->tile, p->tile_overlap);
     if (p->tile > 0 && p->tile_overlap >= p->tile)
         return INVALID("tile_overlap %d must be smaller than tile %d", p->tile_overlap, p->tile);
     if (sdx4_scheduler_check_choice(p->scheduler, p->scheduler_options))

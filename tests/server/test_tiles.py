@@ -55,7 +55,8 @@ def test_bad_values_are_refused_by_name(server):
              ({"tile": "2049"}, "tile", None), ({"tile": "-1"}, "tile", None), ({"tile": "big"}, "tile", None),
              ({"tile": "64", "tile_overlap": "64"}, "tile_overlap", "tile_overlap 64 must be smaller than tile 64"),
              ({"tile": "64", "tile_overlap": "96"}, "tile_overlap", "tile_overlap 96 must be smaller than tile 64"),
-             ({"tile": "32"}, "tile_overlap", "tile_overlap 32 must be smaller than tile 32"),  # the default 32
+             ({"tile": "32"}, "tile_overlap", "tile_overlap 32 must be smaller than tile 32 (32 is tile_overlap's "
+              "default: give a smaller one, or a larger tile)"),
              ({"tile_overlap": "1025"}, "tile_overlap", None), ({"tile_overlap": "8.5"}, "tile_overlap", None)]
     for extra, field, detail in cases:
         p = problem(upscale(server, png, extra), 422, "invalid-field")
