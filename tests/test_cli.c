@@ -590,6 +590,10 @@ static void test_metadata_gan(const char *tmp) {
     void *icc;
     size_t icc_len;
     char *text = file_text(meta, "postprocessing", &icc, &icc_len);
+    char *hash = text ? strstr(text, "Model hash: ") : NULL;
+    CHECK(hash && strspn(hash + 12, "0123456789abcdef") == 10 && hash[22] == ',', "no model hash: %s",
+          text ? text : "(none)");
+    if (hash && strlen(hash) > 24) memmove(hash, hash + 24, strlen(hash + 24) + 1);
     CHECK(text && !strcmp(text, "Postprocess upscale by: 4, Postprocess upscaler: rrdb_x4, Size: 64x48, "
                                 "Input size: 16x12, Version: sdx4 " SDX4_VERSION),
           "the GAN's text: %s", text ? text : "(none)");
@@ -926,6 +930,12 @@ static void test_metadata_diffusion(const char *model, const char *tmp) {
     void *icc;
     size_t icc_len;
     char *text = file_text(out, "parameters", &icc, &icc_len);
+    /* the weights' digest, 10 hex digits as A1111 writes it (the server
+     * suite's test_metadata checks it is the server's) */
+    char *hash = text ? strstr(text, "Model hash: ") : NULL;
+    CHECK(hash && strspn(hash + 12, "0123456789abcdef") == 10 && hash[22] == ',', "no model hash: %s",
+          text ? text : "(none)");
+    if (hash && strlen(hash) > 24) memmove(hash, hash + 24, strlen(hash + 24) + 1);
     CHECK(text && !strcmp(text, "a cat\nNegative prompt: blurry\nSteps: 1, CFG scale: 9, Seed: 3, Size: 128x128, "
                                 "Model: model, Noise level: 0.2, Input size: 32x32, Version: sdx4 " SDX4_VERSION),
           "the text is %s", text ? text : "(none)");

@@ -26,6 +26,7 @@
 #include "cli.h"
 #include "imageio.h"
 #include "infotext.h"
+#include "models.h"
 #include "progress.h"
 #include "sdx4.h"
 
@@ -201,9 +202,9 @@ static void model_name(const char *dir, char *name, size_t size) {
  * IMAGEIO_MAX_EXIF_BYTES, 2 bytes of UTF-16 at most per byte of text and
  * 58 of its own. Asked once the model's kind is known, before the run. */
 static int metadata_fits(const char *out_path, const sdx4_upscale_params *params, const char *model,
-                         const sdx4_model_info *info) {
+                         const char *model_hash, const sdx4_model_info *info) {
     if (imageio_format_from_name(out_path) == IMAGE_PNG) return 1;
-    infotext_facts facts = {model, NULL, !strcmp(info->kind, "gan"), 0, 0, 0, 0};
+    infotext_facts facts = {model, model_hash, !strcmp(info->kind, "gan"), 0, 0, 0, 0};
     size_t text = infotext_bound(params, &facts);
     if (58 + 2 * text <= IMAGEIO_MAX_EXIF_BYTES) return 1;
     cli_fail("%s: --metadata: the parameters (up to %zu bytes of text) may not fit its EXIF (%d bytes): write a "
@@ -213,12 +214,12 @@ static int metadata_fits(const char *out_path, const sdx4_upscale_params *params
 
 /* Writes OUT with the parameters and the input's profile (--metadata). */
 static int write_with_metadata(const sdx4_image *output, const char *out_path, int quality,
-                               const sdx4_upscale_params *params, const char *model, const sdx4_model_info *info,
-                               const sdx4_image *input, const void *icc, size_t icc_len, char *err,
-                               size_t errlen) {
+                               const sdx4_upscale_params *params, const char *model, const char *model_hash,
+                               const sdx4_model_info *info, const sdx4_image *input, const void *icc,
+                               size_t icc_len, char *err, size_t errlen) {
     char name[256];
     model_name(model, name, sizeof name);
-    infotext_facts facts = {name, NULL, !strcmp(info->kind, "gan"), input->width, input->height,
+    infotext_facts facts = {name, model_hash, !strcmp(info->kind, "gan"), input->width, input->height,
                             output->width, output->height};
     char *text = infotext(params, &facts);
     if (!text) return snprintf(err, errlen, "out of memory"), -1;
@@ -401,7 +402,14 @@ int cmd_upscale(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 
-    if (metadata && !metadata_fits(out_path, &params, model, &info)) goto done;
+    /* the weights' digest, as the server's metadata has it: read before
+     * the run, so that a file that cannot be read fails it early */
+    char model_hash[65] = "";
+    if (metadata && models_digest(&info, model_hash, err, sizeof err)) {
+        cli_fail("--metadata: %s", err);
+        goto done;
+    }
+    if (metadata && !metadata_fits(out_path, &params, model, model_hash, &info)) goto done;
     if (strcmp(info.kind, "gan")) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed); /* a GAN draws no noise */
     progress_bar bar;
     progress_init(&bar);
@@ -427,8 +435,8 @@ int cmd_upscale(int argc, char **argv) {
         status = safety_status;
         goto done;
     }
-    if ((metadata ? write_with_metadata(&output, out_path, quality, &params, model, &info, &input, icc, icc_len,
-                                        err, sizeof err)
+    if ((metadata ? write_with_metadata(&output, out_path, quality, &params, model, model_hash, &info, &input, icc,
+                                        icc_len, err, sizeof err)
                   : imageio_write_file(&output, out_path, quality, err, sizeof err)) != 0) {
         fail_file(out_path, err);
         goto done;

@@ -63,6 +63,11 @@ static void tiles(FILE *f, bool *first, const sdx4_upscale_params *p, bool gan) 
     if (!gan) pair_fmt(f, first, "Tile overlap", "%d", p->tile_overlap); /* a GAN's is its own */
 }
 
+/* "Model hash" as AUTOMATIC1111 writes it: the first 10 hex digits */
+static void model_hash(FILE *f, bool *first, const char *digest) {
+    pair_fmt(f, first, "Model hash", "%.10s", digest);
+}
+
 char *infotext(const sdx4_upscale_params *p, const infotext_facts *x) {
     char *text = NULL;
     size_t len = 0;
@@ -72,7 +77,7 @@ char *infotext(const sdx4_upscale_params *p, const infotext_facts *x) {
     if (x->gan) {
         pair_fmt(f, &first, "Postprocess upscale by", "%g", (double)x->output_width / x->input_width);
         pair(f, &first, "Postprocess upscaler", x->model);
-        if (x->model_hash) pair(f, &first, "Model hash", x->model_hash);
+        if (x->model_hash && *x->model_hash) model_hash(f, &first, x->model_hash);
         tiles(f, &first, p, true);
         pair_fmt(f, &first, "Size", "%dx%d", x->output_width, x->output_height);
         sizes_and_version(f, &first, x);
@@ -87,7 +92,7 @@ char *infotext(const sdx4_upscale_params *p, const infotext_facts *x) {
         pair_fmt(f, &first, "CFG scale", "%g", p->guidance_scale);
         pair_fmt(f, &first, "Seed", "%llu", (unsigned long long)p->seed);
         pair_fmt(f, &first, "Size", "%dx%d", x->output_width, x->output_height);
-        if (x->model_hash) pair(f, &first, "Model hash", x->model_hash);
+        if (x->model_hash && *x->model_hash) model_hash(f, &first, x->model_hash);
         pair(f, &first, "Model", x->model);
         pair_fmt(f, &first, "Noise level", "%g", p->noise_level);
         if (p->eta != (float)sdx4_param_find("eta")->real_default) pair_fmt(f, &first, "Eta", "%g", p->eta);

@@ -32,7 +32,8 @@
 
 typedef struct {
     const char *model;      /* the model's name */
-    const char *model_hash; /* a hash of its weights; NULL: none known */
+    const char *model_hash; /* the SHA-256 of its weights in hex (10 digits
+                               are written); NULL: none known */
     bool gan;               /* a GAN: no prompt, steps, sampler or seed */
     int input_width, input_height, output_width, output_height;
 } infotext_facts;

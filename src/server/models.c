@@ -166,10 +166,7 @@ long long models_parameters(const sdx4_model_info *mi) {
     return (long long)(mi->text_encoder_params + mi->unet_params + mi->vae_params + mi->gan_params);
 }
 
-/* The digest of the weight files `mi` names, as 64 hex digits; -1 with
- * `err` when one cannot be read or changed since it was loaded (its size
- * differs from the engine's reading). */
-static int weights_digest(const sdx4_model_info *mi, char hex[65], char *err, size_t n) {
+int models_digest(const sdx4_model_info *mi, char hex[65], char *err, size_t n) {
     struct sha256_ctx ctx;
     sha256_init(&ctx);
     enum { CHUNK = 1 << 20 };
@@ -223,7 +220,7 @@ model_version *models_open(const served_model *m, const char *dir, const server_
     }
     sdx4_engine_info(v->engine, &v->info);
     double t1 = mono_now();
-    if (weights_digest(&v->info, v->hash, err, n)) {
+    if (models_digest(&v->info, v->hash, err, n)) {
         models_release(v);
         return NULL;
     }

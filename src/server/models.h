@@ -66,6 +66,11 @@ json_t *models_entry(const served_model *m, const model_version *v, bool is_defa
 
 /* Its parameters, all parts together. */
 long long models_parameters(const sdx4_model_info *info);
+/* The model's version: the SHA-256 of the weight files `info` names
+ * (their names, sizes and bytes), as 64 hex digits; -1 with `err` when one
+ * cannot be read or changed while it was read. The CLI's metadata takes
+ * it too, so both say the same "Model hash". */
+int models_digest(const sdx4_model_info *info, char hex[65], char *err, size_t err_size);
 
 /* Whether a loaded model is a GAN (no steps, no prompt). */
 bool models_is_gan(const served_model *m);

@@ -199,10 +199,7 @@ static int metadata(const sdx4_image *image, const upscale_options *opts, const 
                     imageio_metadata *meta, char **text) {
     sdx4_upscale_params p;
     runner_params(opts, &p);
-    /* "Model hash" as AUTOMATIC1111 writes it: 10 hex digits of a SHA-256 */
-    char hash[11] = "";
-    if (origin->model_hash) snprintf(hash, sizeof hash, "%s", origin->model_hash);
-    infotext_facts facts = {origin->model, hash[0] ? hash : NULL, origin->gan, origin->input_width,
+    infotext_facts facts = {origin->model, origin->model_hash, origin->gan, origin->input_width,
                             origin->input_height, image->width, image->height};
     if (!(*text = infotext(&p, &facts))) return -1;
     infotext_metadata(*text, origin->gan, origin->icc, origin->icc_len, meta);

@@ -10,11 +10,12 @@ import base64
 import io
 import os
 import shutil
+import subprocess
 
 import pytest
 from PIL import Image, ImageCms
 
-from conftest import ROOT, RedisServer, Server, Worker, image_bytes, problem, wait_job
+from conftest import MODEL, ROOT, SDX4, RedisServer, Server, Worker, image_bytes, problem, wait_job
 
 RRDB = os.path.join(ROOT, "tests", "data", "gan", "rrdb_x4")
 UPSCALE = "/api/v1/upscale"
@@ -82,6 +83,22 @@ def test_png_parameters(server):
     assert pairs["Model hash"] == r.headers["X-Model-Hash"][:10], text  # A1111's length of it
     assert pairs["Tile"] == "32" and pairs["Tile overlap"] == "8", text
     assert pairs["Version"].startswith("sdx4 ") and list(pairs)[-1] == "Version", text
+
+
+def test_the_cli_writes_the_same_text(server, tmp_path):
+    """`sdx4 upscale --metadata` says what the server says of the same
+    upscale, the model's hash included."""
+    fields = dict(prompt="a cat", negative_prompt="blurry", tile="32", tile_overlap="8", scheduler="euler-a")
+    png = image_bytes(seed=1)
+    r = upscale(server, png, metadata="true", **fields)
+    assert r.status_code == 200, r.text[:300]
+    (tmp_path / "in.png").write_bytes(png)
+    cli = subprocess.run([SDX4, "upscale", "--metadata", "--model", MODEL, "--device", "cpu", "--steps", "1",
+                          "--seed", "3"] + [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), v)]
+                         + [str(tmp_path / "in.png"), str(tmp_path / "out.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert Image.open(tmp_path / "out.png").info["parameters"] == opened(r.content).info["parameters"]
 
 
 # The GAN upscales in a fraction of the diffusion model's time: the tests
