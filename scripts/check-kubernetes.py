@@ -246,6 +246,13 @@ def check_settings(objects, problems):
                     problems.append(f"{where}: {arg} is not a setting of sdx4 (src/server/config.c)")
 
 
+def ready_without_workers(container, objects):
+    """Whether an sdx4 serve container stays ready with no worker."""
+    env = env_of(container, objects)
+    return str(env.get("SDX4_READY_WITHOUT_WORKERS", "")).lower() in ("true", "1", "yes") or \
+        any(a in ("--ready-without-workers", "--ready-without-workers=true") for a in container.get("args", []))
+
+
 def seconds(env, name, where, problems):
     try:
         return float(env[name])
@@ -290,6 +297,17 @@ def check_sdx4(objects, problems):
                 problems.append(f"{where}: readOnlyRootFilesystem is not set")
             if security.get("allowPrivilegeEscalation") is not False:
                 problems.append(f"{where}: allowPrivilegeEscalation is not false")
+
+    # workers scaled to zero: the API nodes must stay ready without them,
+    # or no upscale reaches the queue that would wake one (KEDA's default
+    # minReplicaCount is 0)
+    api_ready = [ready_without_workers(c, objects)
+                 for o in objects.values() if o["kind"] == "Deployment"
+                 for c in pod_spec(o)["containers"] if (c.get("command", []) + c.get("args", []))[:2] == ["sdx4", "serve"]]
+    for so in (o for o in objects.values() if o["kind"] == "ScaledObject"):
+        if so["spec"].get("minReplicaCount", 0) == 0 and not all(api_ready):
+            problems.append(f"{name_of(so)}: scales the workers to zero, but an sdx4 serve container lacks "
+                            f"SDX4_READY_WITHOUT_WORKERS=true (its health would be 503 with no worker)")
 
     redis = objects.get(("Service", "sdx4-redis"))
     for so in (o for o in objects.values() if o["kind"] == "ScaledObject"):

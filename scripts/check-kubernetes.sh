@@ -85,7 +85,7 @@ fi
 mutations=(
   "base/redis.yaml|s/^  replicas: 1\$/  replica: 1/|cpu|'replica' was unexpected"
   "base/api.yaml|s/containerPort: 8000/containerPort: \"8000\"/|cpu|is not of type 'integer'"
-  "components/keda/scaledobject.yaml|s/minReplicaCount: 1/minReplicaCount: none/|gpu|is not of type 'integer'"
+  "components/keda/scaledobject.yaml|s/minReplicaCount: 0/minReplicaCount: none/|gpu|is not of type 'integer'"
   "components/monitoring/servicemonitor.yaml|s/      interval: 30s/      intervall: 30s/|gpu|'intervall' was unexpected"
   "base/networkpolicy.yaml|\$a ---\\napiVersion: example.com/v1\\nkind: Widget\\nmetadata:\\n  name: w|cpu|no schema"
   "base/api.yaml|s/terminationGracePeriodSeconds: 45/terminationGracePeriodSeconds: 30/|cpu|does not cover preStop"
@@ -95,6 +95,8 @@ mutations=(
   "base/kustomization.yaml|s/SDX4_LOG_LEVEL=/SDX4_LOGLEVEL=/|cpu|SDX4_LOGLEVEL is not a setting"
   "base/api.yaml|s/--workers/--worker/|cpu|--worker is not a setting"
   "base/worker.yaml|s/name: SDX4_WEBHOOK_SECRET/name: SDX4_WEBHOOKSECRET/|gpu|SDX4_WEBHOOKSECRET is not a setting"
+  "components/keda/api-ready-without-workers.yaml|s/SDX4_READY_WITHOUT_WORKERS/SDX4_READY_WITHOUT_WORKER/|gpu|SDX4_READY_WITHOUT_WORKER is not a setting"
+  "components/keda/api-ready-without-workers.yaml|s/value: \"true\"/value: \"false\"/|gpu|scales the workers to zero, but"
   "base/worker.yaml|s/\$(POD_NAME)/\$(POD_NAM)/|gpu|\$(POD_NAM) is not a variable"
   "base/api.yaml|s/      targetPort: http/      targetPort: web/|cpu|targetPort web is named by none"
   "base/worker.yaml|0,/readOnlyRootFilesystem: true/s//readOnlyRootFilesystem: false/|cpu|readOnlyRootFilesystem is not set"

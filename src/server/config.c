@@ -134,6 +134,9 @@ static const option options[] = {
      "seconds a lone upscale waits for others to share its UNet calls (0: only those already waiting)"},
     {"queue-size", OPT_INT, O(queue_size), 0, 100000, "100",
      "pending upscales at most (then 503 with Retry-After)"},
+    {"ready-without-workers", OPT_BOOL, O(ready_without_workers), 0, 0, "false",
+     "an API-only node (--workers 0) stays ready while no live worker serves its model, its tasks "
+     "waiting in Redis for one: for workers that scale from zero (KEDA)"},
     {"redis", OPT_STRING, O(redis), 0, 0, NULL,
      "cluster mode: the Redis that nodes and workers share, "
      "redis://[[user]:password@]host[:port][/db] or unix:///path[?db=N] "
@@ -486,6 +489,8 @@ static int check(const server_config *cfg, FILE *err) {
         bad = "safety-action must be refuse or blackout";
     else if (cfg->safety_checker && !*cfg->safety_checker) bad = "safety-checker is empty";
     else if (!cfg->workers && !cfg->redis) bad = "workers 0 (an API-only node) needs --redis: its workers are elsewhere";
+    else if (cfg->ready_without_workers && (cfg->workers || !cfg->redis))
+        bad = "ready-without-workers is for an API-only node: --redis and --workers 0";
     else if (!cfg->log_level || log_level_parse(cfg->log_level, &level) != 0) bad = "log-level must be debug, info, warn or error";
     else if (cfg->webhook_proxy && !proxy_scheme_known(cfg->webhook_proxy))
         bad = "webhook-proxy must start with http://, https://, socks4://, socks4a://, socks5:// or socks5h://";

@@ -50,6 +50,7 @@ typedef struct {
     int max_batch_size;  /* upscales sharing a UNet call (queue.c); 1: no batching */
     double batch_window; /* seconds a lone upscale waits for company */
     char *redis;          /* cluster mode: the Redis URL (redis.h), NULL single-process */
+    bool ready_without_workers; /* an API-only node ready with no live worker (scale from zero) */
     double redis_timeout; /* seconds a Redis connect or answer may take */
     char *name;                /* cluster mode: this worker's name, NULL hostname-pid */
     double visibility_timeout; /* seconds a task may go unrefreshed before another worker takes it */

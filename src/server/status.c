@@ -22,7 +22,9 @@
  * workers serve each of this node's models (by name, from their
  * registrations: cluster_worker_model), from the dispatcher's look once a
  * second: a node is ready when Redis answers and a live worker serves its
- * default model. An API-only node (no model of its own) answers
+ * default model (or, with --ready-without-workers, while Redis answers:
+ * workers that scale from zero are woken by the tasks waiting for them,
+ * which must be able to reach the node). An API-only node (no model of its own) answers
  * model-info with the model facts of the first worker by name that
  * serves the model, its own limits and defaults (it enforces them), and
  * the list of those workers.
@@ -149,9 +151,13 @@ json_t *status_health(server *srv, int *status) {
                                     "workers", brief);
         if (!up) json_object_set_new(cluster, "error", json_string(why));
         json_object_set_new(h, "cluster", cluster);
-        const char *problem = !up ? "Redis cannot be reached"
-                              : json_array_size(workers) && default_served ? NULL
-                                                                           : "no live worker serves this model";
+        bool served = json_array_size(workers) && default_served;
+        /* scale from zero: the tasks wait in Redis, and their queue is what
+         * wakes the workers, so the node must stay in its Service */
+        if (!served) json_object_set_new(cluster, "waiting_for_workers", json_true());
+        const char *problem = !up                                               ? "Redis cannot be reached"
+                              : served || srv->cfg.ready_without_workers ? NULL
+                                                                                : "no live worker serves this model";
         json_decref(workers);
         if (problem && phase == PHASE_READY) {
             *status = 503;

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from conftest import MODEL, SDX4, RedisServer, Server, Worker, image_bytes, problem
+from conftest import MODEL, SDX4, RedisServer, Server, Worker, image_bytes, problem, wait_job
 from test_hooks_logs import Receiver
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
@@ -276,6 +276,38 @@ def test_api_node_without_workers_is_not_ready(own_redis):
         problem(node.get("/api/v1/model-info"), 503, "not-ready")
     finally:
         node.check_clean_exit()
+
+
+def test_ready_without_workers_scales_from_zero(own_redis, baseline):
+    """--ready-without-workers: the node stays ready with no worker, so that
+    the tasks it queues can wake workers that scale from zero; a worker
+    that starts later runs them."""
+    node = api_node(own_redis, "--ready-without-workers", "true")
+    worker = None
+    try:
+        node.wait_ready()
+        health = node.get("/api/v1/health").json()
+        assert health["ready"] and health["cluster"]["waiting_for_workers"] and health["cluster"]["workers"] == []
+        r = node.post("/api/v1/jobs", files={"image": image_bytes(seed=5)},
+                      data={"seed": "5", "num_inference_steps": STEPS})
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        time.sleep(1)
+        assert node.get(f"/api/v1/jobs/{job}").json()["status"] == "queued"
+        worker = Worker(own_redis.url, "--name", "woken")
+        assert wait_job(node, job)["status"] == "succeeded"
+        assert node.get(f"/api/v1/jobs/{job}/result").content == baseline(5)
+        assert "waiting_for_workers" not in wait_serving(node)["cluster"]
+    finally:
+        node.check_clean_exit()
+        if worker:
+            worker.stop()
+
+
+def test_ready_without_workers_is_for_api_only_nodes():
+    r = subprocess.run([SDX4, "serve", "--model", MODEL, "--ready-without-workers", "true"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "ready-without-workers is for an API-only node" in r.stderr
 
 
 def test_node_with_its_own_workers(own_redis, baseline):
