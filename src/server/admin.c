@@ -6,10 +6,11 @@
  * running), and undraining must return it exactly there. A shutdown's
  * draining (PHASE_DRAINING) cannot be undone and wins over it.
  *
- * The job listing reads this node's job store: in a single process that
- * is every job; in cluster mode, each API node holds the jobs made or read
- * through it, and a job is also found by id in the shared store (as its
- * owner would find it), so that any node can cancel any job.
+ * The job listing reads this node's job store in a single process, where
+ * that is every job, and the shared store in cluster mode (the dispatcher's
+ * list: every node's jobs, read from Redis); a job is also found by id in
+ * the shared store (as its owner would find it), so that any node can
+ * cancel any job.
  *
  * Reload. A new version is opened, its digest taken and warmed up beside
  * the old one (so memory must hold both for a while), by a thread of its
@@ -91,7 +92,9 @@ json_t *admin_list_jobs(const admin_request *a, problem *p) {
     }
     int limit;
     if (int_arg(a, "limit", 1, 1000, 100, &limit, p)) return NULL;
-    return json_pack("{s:o}", "jobs", job_store_list(a->srv->jobs, state, limit));
+    const dispatch *d = &a->srv->dispatch;
+    json_t *jobs = d->iface->list ? d->iface->list(d->ctx, state, limit, p) : job_store_list(a->srv->jobs, state, limit);
+    return jobs ? json_pack("{s:o}", "jobs", jobs) : NULL;
 }
 
 json_t *admin_job(const admin_request *a, const char *id, bool cancel, problem *p) {

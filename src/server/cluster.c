@@ -877,6 +877,91 @@ int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_st
     return rc;
 }
 
+/* The listing so far: documents and their creation times, to sort. */
+typedef struct {
+    json_t *doc;
+    double created;
+} listed_job;
+
+typedef struct {
+    listed_job *items;
+    size_t count, room;
+} job_listing;
+
+static int newest_first(const void *a, const void *b) {
+    double x = ((const listed_job *)a)->created, y = ((const listed_job *)b)->created;
+    return (x < y) - (x > y);
+}
+
+/* One job's listing entry, added when it has `state` (or any). */
+static int list_one(redis *r, const char *id, const char *state, job_listing *out, char *err, size_t n) {
+    cluster_job job;
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
+    if (!states) return snprintf(err, n, "out of memory"), -1;
+    int rc = cluster_load_job(r, id, &job, states, err, n);
+    if (rc <= 0) { /* 0: gone since the scan saw it */
+        free(states);
+        return rc;
+    }
+    rc = 0;
+    json_t *d = cluster_job_document(&job, states, "pending");
+    free(states);
+    if (out->count == out->room) {
+        size_t room = out->room ? 2 * out->room : 64;
+        listed_job *items = realloc(out->items, room * sizeof *items);
+        if (items) out->items = items, out->room = room;
+    }
+    if (state && strcmp(json_string_value(json_object_get(d, "status")), state)) {
+        json_decref(d);
+    } else if (out->count == out->room) {
+        json_decref(d);
+        snprintf(err, n, "out of memory");
+        rc = -1;
+    } else {
+        json_object_set_new(d, "owner", json_string(job.owner));
+        json_object_set_new(d, "client", json_string(job.client));
+        json_object_set_new(d, "request_id", json_string(job.request_id));
+        json_object_set_new(d, "listed", json_boolean(job.listed));
+        out->items[out->count++] = (listed_job){d, job.created};
+    }
+    cluster_job_free(&job);
+    return rc;
+}
+
+int cluster_list_jobs(redis *r, const char *state, int limit, json_t **jobs, char *err, size_t n) {
+    job_listing all = {0};
+    char cursor[32] = "0";
+    int rc = 0;
+    do {
+        redisReply *reply = redis_call(r, err, n, "SCAN %s MATCH sdx4:job:* COUNT 500", cursor);
+        if (!reply) {
+            rc = -1;
+            break;
+        }
+        if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+            reply->element[0]->type != REDIS_REPLY_STRING || reply->element[1]->type != REDIS_REPLY_ARRAY) {
+            snprintf(err, n, "SCAN answered something else than a cursor and keys");
+            rc = -1;
+        } else {
+            snprintf(cursor, sizeof cursor, "%s", reply->element[0]->str);
+            for (size_t i = 0; rc == 0 && i < reply->element[1]->elements; i++) {
+                const redisReply *k = reply->element[1]->element[i];
+                const char *id = k->type == REDIS_REPLY_STRING ? k->str + strlen("sdx4:job:") : "";
+                if (is_job_id(id)) rc = list_one(r, id, state, &all, err, n); /* not another key of the prefix */
+            }
+        }
+        freeReplyObject(reply);
+    } while (rc == 0 && strcmp(cursor, "0"));
+    if (rc == 0) {
+        qsort(all.items, all.count, sizeof *all.items, newest_first);
+        *jobs = json_array();
+        for (size_t i = 0; i < all.count && (int)i < limit; i++) json_array_append(*jobs, all.items[i].doc);
+    }
+    for (size_t i = 0; i < all.count; i++) json_decref(all.items[i].doc);
+    free(all.items);
+    return rc;
+}
+
 /* {"task": i, "state": {...}}, the message of a change. */
 static json_t *event_json(int index, const cluster_task_state *s) {
     return json_pack("{s:i,s:o}", "task", index, "state", cluster_state_to_json(s));

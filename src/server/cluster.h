@@ -194,6 +194,14 @@ const json_t *cluster_worker_model(const json_t *worker, const char *model);
 /* Tasks waiting in the whole cluster (not yet taken by a worker). */
 int cluster_waiting(redis *r, long long *waiting, char *err, size_t err_size);
 
+/* Every job in the shared store (the admin API's listing in cluster mode):
+ * their status documents with owner, client, request id and listed,
+ * newest first, `state` ("queued"... or NULL: any) and at most `limit`.
+ * It walks the job keys with SCAN, reading each job's hash: a cost in
+ * proportion to the jobs retained (--job-retention, --jobs-memory) that
+ * an administrator's listing may pay, not a request. 0, or -1 with `err`. */
+int cluster_list_jobs(redis *r, const char *state, int limit, json_t **jobs, char *err, size_t err_size);
+
 /* The job's status document, as GET /api/v1/jobs/{id} and webhooks show
  * it (jobs.c's job_document for a job kept in Redis); `webhook` is its
  * webhook's status ("pending"...) unless the hash has one, ignored when

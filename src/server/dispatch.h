@@ -29,6 +29,8 @@
 
 #include <stdbool.h>
 
+#include <jansson.h>
+
 #include "problem.h"
 
 struct task;
@@ -60,6 +62,11 @@ typedef struct {
     void (*watch)(void *ctx, struct task *t);
     /* DELETE (under the store's lock): the job is forgotten by every node. */
     void (*forget)(void *ctx, struct job *j);
+    /* The admin API's listing of every job in the shared store (documents
+     * with owner, client, request id; newest first; `state` or NULL for
+     * any; at most `limit`), or NULL with `why` set. NULL for the queue,
+     * whose jobs are all in this node's store. */
+    json_t *(*list)(void *ctx, const char *state, int limit, problem *why);
 } dispatch_iface;
 
 typedef struct dispatch {

@@ -935,10 +935,18 @@ done:
     return j;
 }
 
+static json_t *list_jobs(void *ctx, const char *state, int limit, problem *why) {
+    dispatch_redis *d = ctx;
+    json_t *jobs = NULL;
+    char err[256];
+    if (cluster_list_jobs(d->r, state, limit, &jobs, err, sizeof err)) unavailable(d, why, err);
+    return jobs;
+}
+
 dispatch dispatch_redis_dispatch(dispatch_redis *d) {
     static const dispatch_iface iface = {
         .push = push, .withdraw = withdraw, .position = position, .close = close_dispatch, .stats = stats,
-        .shared = true, .find = find, .watch = watch_task, .forget = forget,
+        .shared = true, .find = find, .watch = watch_task, .forget = forget, .list = list_jobs,
     };
     return (dispatch){&iface, d};
 }

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import MODEL, Server, image_bytes, problem, single_process_only, wait_job
+from conftest import MODEL, RedisServer, Server, Worker, image_bytes, problem, single_process_only, wait_job
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"X-API-Key": "key-bob"}
@@ -69,6 +69,35 @@ def test_an_admin_lists_and_cancels_any_owners_job(admin):
     logged = [(a["action"], a.get("target")) for a in actions(admin)]
     assert logged == [("cancel_job", jobs[0]["id"]), ("cancel_job", jobs[1]["id"])], logged
     assert all(a["admin"].startswith("key:") and a["admin"] not in owners for a in actions(admin))
+
+
+def test_a_cluster_lists_every_nodes_jobs():
+    """In cluster mode the listing is the shared store's: a job made
+    through one API node is listed, filtered and canceled through another."""
+    redis = RedisServer()
+    flags = ("--redis", redis.url, "--workers", "0", "--api-keys", "key-alice", "--admin-keys", "key-root")
+    worker = Worker(redis.url, "--name", "w1")
+    a, b = Server(*flags), Server(*flags)
+    try:
+        done = a.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"},
+                      headers=ALICE).json()
+        assert wait_job(a, done["id"], headers=ALICE)["status"] == "succeeded"
+        slow = a.post("/api/v1/jobs", files={"image": image_bytes(size=(96, 96))}, data=SLOW, headers=ALICE).json()
+        listed = b.get("/api/v1/admin/jobs", headers=ROOT).json()["jobs"]
+        assert [j["id"] for j in listed] == [slow["id"], done["id"]], listed  # newest first
+        assert listed[1]["status"] == "succeeded" and listed[1]["owner"].startswith("key:")
+        assert [j["id"] for j in b.get("/api/v1/admin/jobs?state=succeeded", headers=ROOT).json()["jobs"]] \
+            == [done["id"]]
+        assert [j["id"] for j in b.get("/api/v1/admin/jobs?limit=1", headers=ROOT).json()["jobs"]] == [slow["id"]]
+        assert b.delete(f"/api/v1/admin/jobs/{slow['id']}", headers=ROOT).json()["status"] == "canceled"
+        assert wait_job(a, slow["id"], headers=ALICE)["status"] == "canceled"
+        redis.stop()  # the shared store away: the listing cannot be made
+        problem(b.get("/api/v1/admin/jobs", headers=ROOT), 503, "store-unavailable")
+    finally:
+        a.check_clean_exit()
+        b.check_clean_exit()
+        worker.stop()
+        redis.remove()
 
 
 @single_process_only("health and the refusal are the API node's, as here; the queue is the workers'")
