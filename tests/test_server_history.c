@@ -238,11 +238,11 @@ static void test_bad_stores(void) {
 
     sqlite3 *db;
     sqlite3_open(path_in("newer.db"), &db);
-    sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (3);",
+    sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (4);",
                  NULL, NULL, NULL);
     sqlite3_close(db);
     h = history_open(path_in("newer.db"), 10, err, sizeof err);
-    CHECK(!h && strstr(err, "schema version 3 is newer"), "newer schema: %s", err);
+    CHECK(!h && strstr(err, "schema version 4 is newer"), "newer schema: %s", err);
 
     h = history_open("postgresql://127.0.0.1:1/none?connect_timeout=2", 10, err, sizeof err);
     CHECK(!h && strstr(err, "cannot connect to PostgreSQL"), "unreachable PostgreSQL: %s", err);
@@ -280,8 +280,10 @@ static void test_parse_time(void) {
     }
 }
 
-/* A database of schema version 1 (before the model column) is migrated
- * at open: its rows stay, without a model; new rows have theirs. */
+/* A database of schema version 1 (before the model and compute columns)
+ * is migrated at open: its rows stay, without a model, and the usage
+ * counts their start to end; new rows have their model and their compute
+ * share. */
 static void test_migration(void) {
     sqlite3 *db;
     sqlite3_open(path_in("v1.db"), &db);
@@ -292,7 +294,7 @@ static void test_migration(void) {
                            " created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER NOT NULL,"
                            " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL);"
                            "INSERT INTO sdx4_jobs VALUES ('00000000000000000000000000000001', 'alice', 'alice', "
-                           "'job', 'old', 'succeeded', NULL, 1, 4096, 10, 1000000, NULL, 2000000, 'host', '', '');",
+                           "'job', 'old', 'succeeded', NULL, 1, 4096, 10, 1000000, 1500000, 2000000, 'host', '', '');",
                        NULL, NULL, NULL) == SQLITE_OK,
           "version 1 database: %s", sqlite3_errmsg(db));
     sqlite3_close(db);
@@ -300,8 +302,9 @@ static void test_migration(void) {
     history *h = history_open(path_in("v1.db"), 10, err, sizeof err);
     CHECK(h, "open a version 1 database: %s", err);
     if (!h) return;
-    history_entry e = entry(2); /* alice's */
+    history_entry e = entry(2); /* alice's: a third of a batch's 0.375 s */
     snprintf(e.model, sizeof e.model, "rrdb_x4");
+    e.compute = 0.125;
     history_record(h, &e);
     CHECK(settled(h, 1, 5), "the entry was not written");
     json_t *page = NULL;
@@ -313,6 +316,14 @@ static void test_migration(void) {
               !json_object_get(json_array_get(jobs, 1), "model"),
           "after the migration: %s", json_dumps(page, JSON_COMPACT));
     json_decref(page);
+    json_t *usage = NULL;
+    CHECK(history_usage(h, &(history_usage_query){-INFINITY, INFINITY, NULL, 10}, &usage, err, sizeof err) ==
+              HISTORY_OK, "usage: %s", err);
+    double old_s = json_real_value(json_object_get(json_array_get(usage, 0), "compute_seconds"));
+    double new_s = json_real_value(json_object_get(json_array_get(usage, 1), "compute_seconds"));
+    CHECK(json_array_size(usage) == 2 && old_s == 0.5 && new_s == 0.125, "usage after the migration: %s",
+          json_dumps(usage, JSON_COMPACT));
+    json_decref(usage);
     history_close(h, 5);
     sqlite3_open(path_in("v1.db"), &db);
     char version[8] = "";
@@ -321,7 +332,7 @@ static void test_migration(void) {
     if (sqlite3_step(st) == SQLITE_ROW) snprintf(version, sizeof version, "%s", sqlite3_column_text(st, 0));
     sqlite3_finalize(st);
     sqlite3_close(db);
-    CHECK(!strcmp(version, "2"), "schema version after the migration: %s", version);
+    CHECK(!strcmp(version, "3"), "schema version after the migration: %s", version);
 }
 
 int main(void) {

@@ -361,6 +361,7 @@ json_t *cluster_state_to_json(const cluster_task_state *s) {
                           "worker", s->worker);
     if (s->model_hash[0]) json_object_set_new(j, "model_hash", json_string(s->model_hash));
     if (s->content_check[0]) json_object_set_new(j, "content_check", json_string(s->content_check));
+    json_object_set_new(j, "compute_s", json_real(s->compute));
     json_object_set_new(j, "report",
                         json_pack("{s:i,s:i,s:i,s:i,s:f,s:f,s:f}", "noise_level", rp->noise_level, "prompt_tokens",
                                   rp->prompt_tokens, "prompt_truncated", rp->prompt_truncated,
@@ -399,6 +400,8 @@ int cluster_state_from_json(const json_t *j, cluster_task_state *s) {
     const json_t *check = json_object_get(j, "content_check"); /* absent: no check (or an earlier version) */
     if (check && (!json_is_string(check) || json_string_length(check) >= sizeof s->content_check)) return -1;
     snprintf(s->content_check, sizeof s->content_check, "%s", check ? json_string_value(check) : "");
+    s->compute = -1; /* absent: an earlier version's state */
+    if (json_object_get(j, "compute_s") && get_number(&r, j, "compute_s", 0, 1e9, &s->compute)) return -1;
     const json_t *rp = json_object_get(j, "report");
     if (!json_is_object(rp) || get_int(&r, rp, "noise_level", 0, 1 << 20, &v[0]) ||
         get_int(&r, rp, "prompt_tokens", 0, 1 << 20, &v[1]) || get_int(&r, rp, "prompt_truncated", 0, 1, &v[2]) ||
@@ -1202,6 +1205,8 @@ int cluster_history_entry(redis *r, const cluster_job *job, const cluster_task_s
         e->input_pixels += (int64_t)t->width * t->height;
         e->output_bytes += (int64_t)s->bytes;
         if (s->started > 0 && (e->started == 0 || s->started < e->started)) e->started = s->started;
+        /* unknown for the whole job when a task that ran does not say */
+        if (e->compute >= 0 && s->started > 0) e->compute = s->compute < 0 ? -1 : e->compute + s->compute;
         if (s->worker[0] && !e->worker[0]) snprintf(e->worker, sizeof e->worker, "%s", s->worker);
         if (s->error.kind && !e->error_kind[0] && job->state != JOB_SUCCEEDED) {
             snprintf(e->error_kind, sizeof e->error_kind, "%s", problem_slug(s->error.kind));

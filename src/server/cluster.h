@@ -93,6 +93,8 @@ typedef struct {
     char worker[64];
     char model_hash[65]; /* the worker's weights (models.c), "" unknown */
     char content_check[16]; /* the worker's runner_content_check_policy() */
+    double compute; /* its share of device seconds (task_outcome's), -1 unknown:
+                       a state of an earlier version */
 } cluster_task_state;
 
 json_t *cluster_state_to_json(const cluster_task_state *s);

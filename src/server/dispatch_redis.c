@@ -358,6 +358,7 @@ static int load_result(dispatch_redis *d, const char *id, const task *t, const c
  * read for want of Redis (the keeper tries again). */
 static bool finish(dispatch_redis *d, const char *id, task *t, const cluster_task_state *s) {
     task_outcome o = {.state = s->state, .width = s->width, .height = s->height, .report = s->report,
+                      .compute_seconds = s->compute > 0 ? s->compute : 0,
                       .error = s->error};
     memcpy(o.model_hash, s->model_hash, sizeof o.model_hash);
     if (s->state == JOB_SUCCEEDED) {

@@ -41,6 +41,9 @@ typedef struct {
     int images;
     int64_t input_pixels, output_bytes; /* over all images */
     double created, started, finished;
+    double compute; /* device seconds: its tasks' shares of the runs they were
+                       in (a batch's time is split between its upscales);
+                       -1 unknown (then usage counts started..finished) */
 } history_entry;
 
 typedef struct {

@@ -19,10 +19,11 @@
 
 /* The schema this build writes. sdx4_schema holds the version a database
  * was made with: a newer one is refused at open rather than misread, an
- * older one migrated (HISTORY_MIGRATE_1, under the same transaction).
- * Version 2 added the model column (several models per server). */
-#define HISTORY_SCHEMA_VERSION 2
-#define HISTORY_VERSION_TEXT "2"
+ * older one migrated (HISTORY_MIGRATE_1, _2, under the same transaction).
+ * Version 2 added the model column (several models per server), 3 the
+ * compute column (a job's share of device seconds, for the usage). */
+#define HISTORY_SCHEMA_VERSION 3
+#define HISTORY_VERSION_TEXT "3"
 #define HISTORY_VERSION_TABLE "CREATE TABLE IF NOT EXISTS sdx4_schema (version INTEGER NOT NULL);"
 #define HISTORY_VERSION_SELECT "SELECT coalesce(max(version), 0) FROM sdx4_schema"
 
@@ -94,6 +95,11 @@ history_db *history_postgres_open(const char *url, const char *fresh, char secre
 #define HISTORY_MIGRATE_1                                                                         \
     "ALTER TABLE sdx4_jobs ADD COLUMN model TEXT NOT NULL DEFAULT '';"                           \
     "UPDATE sdx4_schema SET version = 2;"
+/* Version 2 to 3: jobs recorded before have compute NULL (unknown: the
+ * usage counts their first start to their end, as it did). */
+#define HISTORY_MIGRATE_2                                                                         \
+    "ALTER TABLE sdx4_jobs ADD COLUMN compute_us BIGINT;"                                        \
+    "UPDATE sdx4_schema SET version = 3;"
 
 /* From history.c, for both backends. */
 json_t *history_row_document(const history_row *r);
@@ -105,10 +111,11 @@ int64_t history_micros(double wall); /* 0 stays 0: "never" */
 
 #define HISTORY_COLUMNS                                                                           \
     "id, owner, client, kind, request_id, status, parameters, images, input_pixels, "            \
-    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail, model"
+    "output_bytes, created_us, started_us, finished_us, worker, error_kind, error_detail, model, "\
+    "compute_us"
 #define HISTORY_INSERT                                                                            \
     "INSERT INTO sdx4_jobs (" HISTORY_COLUMNS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "   \
-    "$10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (id) DO NOTHING"
+    "$10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT (id) DO NOTHING"
 /* Keyset paging on (created_us, id), which the index orders: a page costs
  * the same however deep it is, and rows written meanwhile never shift it. */
 #define HISTORY_SELECT                                                                            \
@@ -118,12 +125,14 @@ int64_t history_micros(double wall); /* 0 stays 0: "never" */
     "AND created_us < $4 AND (created_us, id) < ($5, $6) "                                       \
     "ORDER BY created_us DESC, id DESC LIMIT $7"
 
-/* Usage per client and day: compute time is from a job's first task
- * starting to its end (a batch's UNet calls shared between the jobs in
- * it count for each); errors are failed jobs (canceled ones are not). */
+/* Usage per client and day: compute time is each job's share of device
+ * seconds (a batch's time split between the upscales in it), or for rows
+ * of schema 2 and before, from its first task starting to its end; errors
+ * are failed jobs (canceled ones are not). */
 #define HISTORY_USAGE                                                                             \
     "SELECT client, created_us / 86400000000 AS day, count(*), sum(images), "                    \
-    "sum(CASE WHEN started_us IS NOT NULL AND finished_us > started_us "                          \
+    "sum(CASE WHEN compute_us IS NOT NULL THEN compute_us "                                       \
+    "WHEN started_us IS NOT NULL AND finished_us > started_us "                                   \
     "THEN finished_us - started_us ELSE 0 END), "                                                 \
     "sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) FROM sdx4_jobs "                         \
     "WHERE created_us >= $1 AND created_us < $2 AND ($3 = '' OR client = $3) "                   \

@@ -42,7 +42,7 @@ static const char schema[] =
     " images INTEGER NOT NULL, input_pixels BIGINT NOT NULL, output_bytes BIGINT NOT NULL,"
     " created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT NOT NULL,"
     " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL,"
-    " model TEXT NOT NULL DEFAULT '');"
+    " model TEXT NOT NULL DEFAULT '', compute_us BIGINT);"
     "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
     "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
@@ -98,18 +98,20 @@ static history_db_status postgres_write(history_db *base, history_entry *const *
     history_db_status s = exec_command(c, "BEGIN", err, len);
     for (int i = 0; i < n && s == HISTORY_DB_OK; i++) {
         const history_entry *e = entries[i];
-        char images[24], pixels[24], bytes[24], created[24], started[24], finished[24];
+        char images[24], pixels[24], bytes[24], created[24], started[24], finished[24], compute[24];
         snprintf(images, sizeof images, "%d", e->images);
         snprintf(pixels, sizeof pixels, "%" PRId64, e->input_pixels);
         snprintf(bytes, sizeof bytes, "%" PRId64, e->output_bytes);
         snprintf(created, sizeof created, "%" PRId64, history_micros(e->created));
         snprintf(started, sizeof started, "%" PRId64, history_micros(e->started));
         snprintf(finished, sizeof finished, "%" PRId64, history_micros(e->finished));
-        const char *values[17] = {e->id,     e->owner,  e->client,  e->kind,    e->request_id,
+        snprintf(compute, sizeof compute, "%" PRId64, history_micros(e->compute));
+        const char *values[18] = {e->id,     e->owner,  e->client,  e->kind,    e->request_id,
                                   e->state,  e->parameters, images, pixels,     bytes,
                                   created,   e->started > 0 ? started : NULL, finished,
-                                  e->worker, e->error_kind, e->error_detail, e->model};
-        PGresult *res = PQexecParams(c, HISTORY_INSERT, 17, NULL, values, NULL, NULL, 0);
+                                  e->worker, e->error_kind, e->error_detail, e->model,
+                                  e->compute >= 0 ? compute : NULL};
+        PGresult *res = PQexecParams(c, HISTORY_INSERT, 18, NULL, values, NULL, NULL, 0);
         if (PQresultStatus(res) == PGRES_COMMAND_OK) PQclear(res);
         else s = failed(c, res, err, len);
     }
@@ -142,6 +144,7 @@ static int prepare_schema(PGconn *c, const char *fresh, char secret[65], char *e
         return -1;
     }
     ok = ok && (atoi(version) != 1 || exec_command(c, HISTORY_MIGRATE_1, err, len) == HISTORY_DB_OK);
+    ok = ok && (atoi(version) < 1 || atoi(version) > 2 || exec_command(c, HISTORY_MIGRATE_2, err, len) == HISTORY_DB_OK);
     snprintf(sql, sizeof sql, "%s" HISTORY_SECRET_SQL, schema, fresh);
     ok = ok && exec_command(c, sql, err, len) == HISTORY_DB_OK &&
          query_text(c, HISTORY_SECRET_SELECT, secret, 65) && exec_command(c, "COMMIT", err, len) == HISTORY_DB_OK;

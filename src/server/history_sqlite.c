@@ -31,7 +31,7 @@ static const char schema[] =
     " images INTEGER NOT NULL, input_pixels INTEGER NOT NULL, output_bytes INTEGER NOT NULL,"
     " created_us INTEGER NOT NULL, started_us INTEGER, finished_us INTEGER NOT NULL,"
     " worker TEXT NOT NULL, error_kind TEXT NOT NULL, error_detail TEXT NOT NULL,"
-    " model TEXT NOT NULL DEFAULT '');"
+    " model TEXT NOT NULL DEFAULT '', compute_us INTEGER);"
     "CREATE INDEX IF NOT EXISTS sdx4_jobs_owner_created ON sdx4_jobs (owner, created_us, id);"
     "INSERT INTO sdx4_schema SELECT " HISTORY_VERSION_TEXT " WHERE NOT EXISTS (SELECT 1 FROM sdx4_schema);";
 
@@ -96,6 +96,8 @@ static int prepare_schema(sqlite3 *c, const char *path, const char *fresh, char 
         return -1;
     }
     if (rc == SQLITE_OK && atoi(version) == 1) rc = sqlite3_exec(c, HISTORY_MIGRATE_1, NULL, NULL, NULL);
+    if (rc == SQLITE_OK && (atoi(version) == 1 || atoi(version) == 2))
+        rc = sqlite3_exec(c, HISTORY_MIGRATE_2, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = sqlite3_exec(c, schema, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = sqlite3_exec(c, secret_sql, NULL, NULL, NULL);
     if (rc == SQLITE_OK) rc = query_text(c, HISTORY_SECRET_SELECT, secret, 65);
@@ -131,6 +133,8 @@ static history_db_status sqlite_write(history_db *base, history_entry *const *en
         bind_text(st, 15, e->error_kind);
         bind_text(st, 16, e->error_detail);
         bind_text(st, 17, e->model);
+        if (e->compute >= 0) sqlite3_bind_int64(st, 18, history_micros(e->compute));
+        else sqlite3_bind_null(st, 18);
         rc = sqlite3_step(st);
         if (rc == SQLITE_DONE) rc = SQLITE_OK;
         sqlite3_reset(st);

@@ -805,6 +805,7 @@ void job_task_finished(task *t, task_outcome *o) {
     job_store *s = j->store;
     pthread_mutex_lock(&s->lock);
     waiter *woken = NULL;
+    t->compute = o->compute_seconds; /* spent, even if the task ended meanwhile */
     if (!final(t->state)) {
         t->output = o->output;
         t->output_len = o->len;
@@ -897,6 +898,7 @@ static void record_history(job *j) {
             json_object_set_new(json_array_get(images, (size_t)i), "model_hash", json_string(t->model_hash));
         e.input_pixels += (int64_t)t->input.width * t->input.height;
         e.output_bytes += (int64_t)t->output_len;
+        e.compute += t->compute;
         if (t->error.kind && !e.error_kind[0] && j->state != JOB_SUCCEEDED) {
             snprintf(e.error_kind, sizeof e.error_kind, "%s", problem_slug(t->error.kind));
             snprintf(e.error_detail, sizeof e.error_detail, "%s", t->error.detail);

@@ -58,6 +58,7 @@ typedef struct task {
     int out_width, out_height;
     sdx4_upscale_report report;
     char model_hash[65]; /* the weights that made the output (models.c), "" unknown */
+    double compute; /* its share of device seconds (task_outcome's), 0 when it never ran */
     bool cache_hit; /* output came from the cache, before submission */
     problem error;
     /* queue links (queue.c) */
@@ -184,6 +185,7 @@ typedef struct {
     int width, height;
     sdx4_upscale_report report;
     char model_hash[65]; /* the weights that made it, "" unknown */
+    double compute_seconds; /* its share of the device time of the run it was in */
     problem error; /* when failed */
 } task_outcome;
 void job_task_finished(task *t, task_outcome *outcome);

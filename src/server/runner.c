@@ -120,14 +120,6 @@ static job_state outcome(sdx4_status st, task_outcome *out) {
     return out->state = JOB_FAILED;
 }
 
-job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
-                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
-                         sdx4_image *image, task_outcome *out) {
-    runner_item item = {input, opts, stop, user, image, out};
-    runner_upscale_batch(engine, &item, 1, progress);
-    return out->state;
-}
-
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress) {
     sdx4_image inputs[SDX4_MAX_BATCH] = {{0}}, images[SDX4_MAX_BATCH];
     sdx4_upscale_params p[SDX4_MAX_BATCH] = {{0}};
@@ -140,6 +132,7 @@ void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_p
         p[k].cancel = items[k].stop;
         inputs[k] = *items[k].input;
     }
+    double t0 = mono_now();
     sdx4_upscale_batch(engine, n, inputs, p, images, reports, statuses);
     for (int k = 0; k < n; k++) {
         *items[k].image = images[k];
@@ -147,6 +140,9 @@ void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_p
         if (outcome(statuses[k], items[k].out) == JOB_SUCCEEDED && content_checker)
             content_check(items[k].image, items[k].out);
     }
+    /* the device was theirs together: each pays its share, a stopped one too */
+    double share = (mono_now() - t0) / n;
+    for (int k = 0; k < n; k++) items[k].out->compute_seconds = share;
 }
 
 /* The resize and crop after the model (upscale_options, a1111.c): the

@@ -29,15 +29,6 @@ void runner_content_check_close(void);
  * never keeps an output made otherwise under its key. */
 const char *runner_content_check_policy(void);
 
-/* Runs the engine on `input` with `opts`. `stop` (set by another thread)
- * ends it at the next step boundary, `progress` (or NULL) hears each step
- * and may stop it too. Returns JOB_SUCCEEDED with `image` filled,
- * JOB_CANCELED (stopped), or JOB_FAILED with out->error set; out->report
- * is filled in every case the engine got that far. */
-job_state runner_upscale(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts,
-                         const sdx4_atomic_int *stop, sdx4_progress_fn progress, void *user,
-                         sdx4_image *image, task_outcome *out);
-
 /* The engine's parameters of a task's options (no progress callback, no
  * stop flag). */
 void runner_params(const upscale_options *opts, sdx4_upscale_params *p);
@@ -50,7 +41,9 @@ bool runner_batchable(sdx4_engine *engine, const sdx4_image *a, const upscale_op
  * `most`, and what the engine's memory budget allows (sdx4_batch_capacity). */
 int runner_batch_room(sdx4_engine *engine, const sdx4_image *input, const upscale_options *opts, int most);
 
-/* One upscale of a batch: runner_upscale's arguments. */
+/* One upscale of a batch: the engine runs `input` with `opts`; `stop`
+ * (set by another thread) ends it at the next step boundary, `progress`
+ * (or NULL) hears each step, with `user`, and may stop it too. */
 typedef struct {
     const sdx4_image *input;
     const upscale_options *opts;
@@ -61,7 +54,11 @@ typedef struct {
 } runner_item;
 
 /* Runs n upscales (1..SDX4_MAX_BATCH) that sdx4_batchable allows to share
- * their UNet calls, each ending as runner_upscale's would alone. */
+ * their UNet calls, each ending as it would alone: out->state
+ * JOB_SUCCEEDED with `image` filled, JOB_CANCELED (stopped), or JOB_FAILED
+ * with out->error set; out->report filled in every case the engine got
+ * that far, and out->compute_seconds the run's time shared by the n (what
+ * the usage report counts per client). */
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress);
 
 /* Where an output came from, for its metadata (opts->metadata). */

@@ -464,6 +464,7 @@ static void run(slot *sl, const cluster_task *t, int model, sdx4_image *input) {
         else if (out.state == JOB_CANCELED) st.state = stopped(&st.error, stop, t->deadline - t->created);
         else st.error = out.error;
         st.stored = stored;
+        st.compute = out.compute_seconds;
         if (conclude(w, t, &st, stored ? NULL : out.output, stored ? 0 : out.len) == 0 && stored)
             drop_unclaimed(w, t);
     }

@@ -76,6 +76,32 @@ def test_concurrent_upscales_share_their_unet_calls_and_keep_their_images(server
 
 
 @single_process_only("cluster workers take tasks one at a time")
+def test_usage_splits_a_batchs_time_between_its_upscales(tmp_path):
+    """Per-client compute seconds (the admin API's usage, for cost
+    tracking) count a batch's time once, split between its upscales: not
+    once for each, as their start-to-end times would."""
+    root = {"Authorization": "Bearer key-root"}
+    s = Server("--workers", "1", "--max-batch-size", "4", "--batch-window", "1", "--admin-keys", "key-root",
+               "--history", str(tmp_path / "history.db"))
+    try:
+        count, _ = batches(s)
+        jobs = [wait_job(s, j["id"]) for j in post_jobs(s, 8)]
+        assert all(j["status"] == "succeeded" for j in jobs) and batches(s)[0] == count + 1, jobs
+        spans = sum(j["timings"]["inference_ms"] for j in jobs) / 1e3  # each job's start to end
+        deadline = time.time() + 10
+        while True:  # the history is written behind the answers
+            usage = s.get("/api/v1/admin/usage", headers=root).json()["usage"]
+            if usage and usage[0]["requests"] == 3 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        compute = usage[0]["compute_seconds"]
+        # one batch: its time is each job's span, and the three shares make it up once
+        assert 0.25 * spans < compute < 0.45 * spans, (compute, spans)
+    finally:
+        s.check_clean_exit()
+
+
+@single_process_only("cluster workers take tasks one at a time")
 def test_a_canceled_upscale_leaves_the_batch_and_the_others_go_on(servers):
     batched, alone = servers
     count, total = batches(batched)
