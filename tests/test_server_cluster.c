@@ -30,6 +30,7 @@ static void make_task(cluster_task *t, const char *id, int index) {
     t->deadline = wall_now() + 60;
     t->width = 64, t->height = 48;
     snprintf(t->model, sizeof t->model, "rrdb_x4");
+    snprintf(t->content_check, sizeof t->content_check, "blackout");
     for (int i = 0; i < 32; i++) t->cache_key[i] = (uint8_t)(i * 9 + index);
     t->cacheable = true;
     t->opts.prompt = strdup("caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x9a\x80 \"quoted\"\n");
@@ -65,6 +66,7 @@ static void test_record_round_trip(void) {
     CHECK(a.created == b.created && a.deadline == b.deadline, "times");
     CHECK(a.width == b.width && a.height == b.height, "size");
     CHECK(strcmp(a.model, b.model) == 0, "model: %s", b.model);
+    CHECK(strcmp(b.content_check, "blackout") == 0, "content check: %s", b.content_check);
     CHECK(memcmp(a.cache_key, b.cache_key, 32) == 0 && b.cacheable, "cache key");
     CHECK(strcmp(a.opts.prompt, b.opts.prompt) == 0, "prompt: %s", b.opts.prompt);
     CHECK(strcmp(a.opts.negative_prompt, b.opts.negative_prompt) == 0, "negative prompt");
@@ -90,6 +92,12 @@ static void test_record_round_trip(void) {
           "a record without a model: %s", err);
     cluster_task_free(&b);
     json_decref(old);
+    /* nor a content check: none asked for */
+    old = json_deep_copy(j);
+    json_object_del(old, "content_check");
+    CHECK(cluster_task_from_json(old, &b, err, sizeof err) == 0 && !b.content_check[0], "no content check: %s", err);
+    cluster_task_free(&b);
+    json_decref(old);
     /* nor metadata and a profile: none asked for */
     old = json_deep_copy(j);
     json_object_del(old, "icc");
@@ -109,7 +117,8 @@ static void test_record_round_trip(void) {
     for (int pass = 0; pass < 2; pass++) {
         json_t *holder = pass == 0 ? j : opts;
         json_object_foreach(holder, name, value) {
-            bool optional = !strcmp(name, pass == 0 ? "model" : "metadata") || (pass == 0 && !strcmp(name, "icc"));
+            bool optional = !strcmp(name, pass == 0 ? "model" : "metadata") ||
+                            (pass == 0 && (!strcmp(name, "icc") || !strcmp(name, "content_check")));
             for (int how = optional; how < 2; how++) {
                 json_t *bad = json_deep_copy(j);
                 json_t *target = pass == 0 ? bad : json_object_get(bad, "options");
@@ -165,9 +174,13 @@ static void test_state_round_trip(void) {
     problem_field(&s.error, "noise_level", "0 to 1", "bad \xc3\xa9");
     s.error.retry_after = 7;
     snprintf(s.worker, sizeof s.worker, "host-1");
+    snprintf(s.content_check, sizeof s.content_check, "refuse");
+    s.compute = 0.375;
     json_t *j = cluster_state_to_json(&s);
     cluster_task_state b;
     CHECK(cluster_state_from_json(j, &b) == 0, "state refused");
+    CHECK(!strcmp(b.content_check, "refuse") && b.compute == 0.375, "content check %s, compute %g", b.content_check,
+          b.compute);
     CHECK(b.state == s.state && b.step == 3 && b.total == 20 && b.started == s.started &&
               b.finished == s.finished && b.width == 256 && b.height == 192 && b.bytes == 12345 && b.stored,
           "state fields");
@@ -177,6 +190,14 @@ static void test_state_round_trip(void) {
               b.error.retry_after == 7,
           "error");
     CHECK(strcmp(b.worker, "host-1") == 0, "worker");
+    /* an earlier version's state: no check, compute unknown */
+    json_object_del(j, "content_check");
+    json_object_del(j, "compute_s");
+    CHECK(cluster_state_from_json(j, &b) == 0 && !b.content_check[0] && b.compute == -1, "earlier state: %g",
+          b.compute);
+    json_object_set_new(j, "compute_s", json_integer(-2));
+    CHECK(cluster_state_from_json(j, &b) == -1, "negative compute accepted");
+    json_object_del(j, "compute_s");
     json_object_set_new(j, "state", json_string("sleeping"));
     CHECK(cluster_state_from_json(j, &b) == -1, "unknown state accepted");
     json_decref(j);
