@@ -199,6 +199,13 @@ static void test_bad_files(void) {
     reseal(b, n);
     expect_refused("a NUL in a key", b, n);
 
+    uint8_t *huge = calloc(PLAN_CACHE_MAX_BYTES + 1, 1);
+    if (huge) {
+        memcpy(huge, good, n);
+        expect_refused("a file over the byte cap", huge, PLAN_CACHE_MAX_BYTES + 1);
+        free(huge);
+    }
+
     /* the merge entry point says why */
     c = sdx4_plan_cache_open(in_dir("unused"), GPU_A);
     char why[160] = "";

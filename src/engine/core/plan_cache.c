@@ -261,8 +261,15 @@ static uint8_t *read_file(const char *path, size_t *size, int *missing, char *wh
         else snprintf(why, why_size, "cannot be read: %s", strerror(errno));
         return NULL;
     }
-    /* one byte more than any valid file: a longer one is refused unread */
-    size_t room = PLAN_CACHE_MAX_BYTES + 1, n = 0;
+    /* a file longer than any sdx4 writes is refused unread */
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && st.st_size > (off_t)PLAN_CACHE_MAX_BYTES) {
+        snprintf(why, why_size, "%lld bytes, more than sdx4 writes", (long long)st.st_size);
+        fclose(f);
+        return NULL;
+    }
+    /* one byte more than it has: saves rename, so it cannot grow meanwhile */
+    size_t room = st.st_size > 0 ? (size_t)st.st_size + 1 : 1, n = 0;
     uint8_t *buf = malloc(room);
     if (buf) n = fread(buf, 1, room, f);
     int failed = !buf || ferror(f);
