@@ -63,7 +63,8 @@
 #           among the rest), then process start to the first 128 px result
 #           on the full-size model (name `model` too on a fresh machine),
 #           with the plan cache empty and filled, three runs each
-#           interleaved: coldstart.txt (issue 16)
+#           interleaved, and whether `sdx4 serve --warmup-sizes 128` has
+#           saved it once ready: coldstart.txt (issue 16)
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # and, only when named: variants  other versions of the engine side by side
 #           with this checkout, in the same lease: each source tree packed
@@ -560,14 +561,39 @@ PY
   done
 }
 
+# and `sdx4 serve --warmup-sizes 128` (where the CLI has the server): the
+# plan cache must be on disk once the server is ready, before it exits
+coldstart_serve() {
+  local plans=/tmp/coldstart-serve-plans server saved=no
+  rm -f "$plans"
+  SDX4_PLAN_CACHE=$plans $sdx4 serve --model "$model" --variant fp16 --device cuda --port 18903 \
+    --warmup-sizes 128 > /tmp/coldstart-serve.log 2>&1 &
+  server=$!
+  for _ in $(seq 240); do
+    curl -sf http://127.0.0.1:18903/api/v1/health | grep -q '"ready": *true' && break
+    sleep 0.5
+  done
+  [ -s "$plans" ] && saved=yes
+  kill "$server"
+  wait "$server"
+  echo "serve --warmup-sizes 128: plan cache on disk when ready: $saved ($(stat -c %s "$plans" 2>/dev/null || echo 0) bytes)" |
+    tee -a "$out/coldstart.txt"
+  [ $saved = yes ]
+}
+
 if wants coldstart; then
   step coldstart-test_backend_cuda 120 build-device/test_backend_cuda
   if [ ! -x "$sdx4" ] || [ ! -d "$model" ]; then
     skip coldstart "needs build-device/sdx4 and $model (name model too on a fresh machine)"
   else
-    export -f coldstart
+    export -f coldstart coldstart_serve
     export sdx4 model out
     step coldstart 300 bash -c coldstart
+    if "$sdx4" serve --help > /dev/null 2>&1; then
+      step coldstart-serve 150 bash -c coldstart_serve
+    else
+      skip coldstart-serve "no sdx4 serve here (the server needs libvips)"
+    fi
   fi
 fi
 
