@@ -91,6 +91,15 @@ typedef struct {
                           instead of one planned arena */
     int profile;       /* SDX4_CUDA_PROFILE=1: GPU time per operation and the
                           memory peak, on stderr when the engine closes */
+    const char *plan_cache; /* SDX4_PLAN_CACHE: the file of the algorithms
+                          and plans chosen by timing per shape, so that
+                          the next process at the same sizes starts
+                          without timing: a path; "" or "off": none; NULL:
+                          $XDG_CACHE_HOME/sdx4/cuda-plans, else
+                          $HOME/.cache/sdx4/cuda-plans (the one place the
+                          library reads the environment). A file that is
+                          damaged or of another version, or a path that
+                          cannot be written, is a warning on stderr */
 } sdx4_cuda_options;
 
 typedef struct {

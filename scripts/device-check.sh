@@ -59,6 +59,12 @@
 #           copies models/realesrgan-x4plus and realesr-animevideov3-x4
 #           there, 35 MB: carry it without reference.tar.xz, as for
 #           anchor), in fp16 and fp32 mode, in gan.jsonl (issue 17)
+# and, only when named: coldstart  test_backend_cuda (its plan cache test
+#           among the rest), then process start to the first 128 px result
+#           on the full-size model (name `model` too on a fresh machine),
+#           with the plan cache empty and filled, three runs each
+#           interleaved, and whether `sdx4 serve --warmup-sizes 128` has
+#           saved it once ready: coldstart.txt (issue 16)
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
 # and, only when named: variants  other versions of the engine side by side
 #           with this checkout, in the same lease: each source tree packed
@@ -509,6 +515,86 @@ if wants variants && [ -d "$model" ] && ls "$carry"/variants/*.tar.xz >/dev/null
       tail -20 "$dir/build.log" >> "$out/variants.txt" 2>/dev/null
     fi
   done
+fi
+
+# coldstart: process start to the first 128 px result with the full-size
+# model in the page cache, the plan cache empty (cold: every convolution
+# shape timed) and filled by the run before (warm), interleaved, three of
+# each; `sdx4 upscale` (one step) where the CLI has libvips, else `sdx4
+# bench --steps 1 --repeats 1`, whose time to exit is the first result
+# plus one more timed run of each part (tens of ms at 128 px). A warm run
+# that finds every choice on file does not rewrite it ("rewritten": the
+# file has another inode after, as a save renames a new file over it).
+coldstart() {
+  local plans=/tmp/coldstart-plans run kind t0 t1 before after cmd
+  cat "$model"/*/*.safetensors > /dev/null
+  if "$sdx4" upscale --help > /dev/null 2>&1; then
+    python3 - /tmp/coldstart-in.png <<'PY'
+import struct, sys, zlib
+w = h = 128
+rows = b"".join(b"\0" + bytes((x * 7 + y * 13) % 256 for x in range(3 * w)) for y in range(h))
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+open(sys.argv[1], "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                              + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+PY
+    cmd="$sdx4 upscale --model $model --variant fp16 --device cuda --steps 1 --seed 1 \
+      /tmp/coldstart-in.png /tmp/coldstart-out.png"
+  else
+    cmd="$sdx4 bench --model $model --variant fp16 --device cuda --size 128 --steps 1 --repeats 1"
+  fi
+  echo "command: $cmd" | tee "$out/coldstart.txt"
+  printf '%-4s %-5s %9s %-9s %s\n' run cache seconds rewritten plan-cache-bytes | tee -a "$out/coldstart.txt"
+  for run in 1 2 3; do
+    for kind in cold warm; do
+      [ "$kind" = cold ] && rm -f "$plans"
+      before=$(stat -c %i "$plans" 2>/dev/null || echo none)
+      t0=$EPOCHREALTIME
+      SDX4_PLAN_CACHE=$plans $cmd > /tmp/coldstart-run.log 2>&1 || { cat /tmp/coldstart-run.log; return 1; }
+      t1=$EPOCHREALTIME
+      after=$(stat -c %i "$plans" 2>/dev/null || echo none)
+      grep -i "plan cache" /tmp/coldstart-run.log
+      printf '%-4s %-5s %9.2f %-9s %s\n' $run $kind "$(awk "BEGIN {print $t1 - $t0}")" \
+        "$([ "$before" = "$after" ] && echo no || echo yes)" "$(stat -c %s "$plans" 2>/dev/null || echo 0)" |
+        tee -a "$out/coldstart.txt"
+    done
+  done
+}
+
+# and `sdx4 serve --warmup-sizes 128` (where the CLI has the server): the
+# plan cache must be on disk once the server is ready, before it exits
+coldstart_serve() {
+  local plans=/tmp/coldstart-serve-plans server saved=no
+  rm -f "$plans"
+  SDX4_PLAN_CACHE=$plans $sdx4 serve --model "$model" --variant fp16 --device cuda --port 18903 \
+    --warmup-sizes 128 > /tmp/coldstart-serve.log 2>&1 &
+  server=$!
+  for _ in $(seq 240); do
+    curl -sf http://127.0.0.1:18903/api/v1/health | grep -q '"ready": *true' && break
+    sleep 0.5
+  done
+  [ -s "$plans" ] && saved=yes
+  kill "$server"
+  wait "$server"
+  echo "serve --warmup-sizes 128: plan cache on disk when ready: $saved ($(stat -c %s "$plans" 2>/dev/null || echo 0) bytes)" |
+    tee -a "$out/coldstart.txt"
+  [ $saved = yes ]
+}
+
+if wants coldstart; then
+  step coldstart-test_backend_cuda 120 build-device/test_backend_cuda
+  if [ ! -x "$sdx4" ] || [ ! -d "$model" ]; then
+    skip coldstart "needs build-device/sdx4 and $model (name model too on a fresh machine)"
+  else
+    export -f coldstart coldstart_serve
+    export sdx4 model out
+    step coldstart 300 bash -c coldstart
+    if "$sdx4" serve --help > /dev/null 2>&1; then
+      step coldstart-serve 150 bash -c coldstart_serve
+    else
+      skip coldstart-serve "no sdx4 serve here (the server needs libvips)"
+    fi
+  fi
 fi
 
 if wants ncu && [ -x "$sdx4" ] && [ -d "$model" ]; then

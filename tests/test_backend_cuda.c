@@ -39,8 +39,12 @@ int main(void) {
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/plan_cache.h"
 #include "test.h"
 
 /* Error over max |reference| allowed in each mode (see the top comment):
@@ -805,11 +809,99 @@ static void test_threads(const suite *s) {
 
 /* ------------------------------------------------------------------ main */
 
-/* A CUDA backend with the settings `o` asks for, as the engine opens one. */
+/* A CUDA backend with the settings `o` asks for, as the engine opens one;
+ * without the plan cache unless `o` names one, so that every backend
+ * times its choices and the user's cache stays untouched. */
 static backend *open_cuda(sdx4_cuda_options o) {
+    if (!o.plan_cache) o.plan_cache = "off";
     cuda_settings settings;
     if (sdx4_cuda_settings_parse(&o, &settings)) return NULL;
     return sdx4_backend_cuda_create(0, &settings);
+}
+
+/* Runs convolutions of several kinds (legacy and graph-API choices, the
+ * bias fused or not, a residual, stride 2, widened channels) and a linear
+ * layer on a backend with plan cache `path`, all on the same inputs;
+ * their results into out[i] (malloc'd), and how many in *n. */
+#define CACHE_OPS 6
+static void run_cached_ops(const char *mode, const char *path, float *out[CACHE_OPS]) {
+    backend *gpu = open_cuda((sdx4_cuda_options){.dtype = mode, .plan_cache = path});
+    CHECK(gpu != NULL, "backend with plan cache %s: %s", path, sdx4_last_error());
+    if (!gpu) return;
+    rng = 0x9E3779B97F4A7C15ull; /* the same inputs every time */
+    const int64_t xs[4] = {2, 64, 16, 16}, ws[4] = {64, 64, 3, 3}, narrow[4] = {1, 3, 9, 7},
+                  nw[4] = {8, 3, 3, 3}, ls[2] = {77, 64}, lw[2] = {128, 64}, O = 64, NO = 8;
+    float *hx = rand_half(numel(4, xs), -1, 1), *hw = rand_half(numel(4, ws), -1, 1),
+          *hb = rand_half(O, -1, 1), *hn = rand_half(numel(4, narrow), -1, 1),
+          *hnw = rand_half(numel(4, nw), -1, 1), *hl = rand_half(numel(2, ls), -1, 1),
+          *hlw = rand_half(numel(2, lw), -1, 1);
+    tensor *x = must(gpu->new_tensor(gpu, 4, xs), "new_tensor"),
+           *n = must(gpu->new_tensor(gpu, 4, narrow), "new_tensor"),
+           *l = must(gpu->new_tensor(gpu, 2, ls), "new_tensor");
+    if (gpu->upload(gpu, x, hx) || gpu->upload(gpu, n, hn) || gpu->upload(gpu, l, hl)) exit(1);
+    tensor *w = must(gpu->weight(gpu, hw, DTYPE_F32, 4, ws), "weight"),
+           *b = must(gpu->weight(gpu, hb, DTYPE_F32, 1, &O), "weight"),
+           *wn = must(gpu->weight(gpu, hnw, DTYPE_F32, 4, nw), "weight"),
+           *bn = must(gpu->weight(gpu, hb, DTYPE_F32, 1, &NO), "weight"),
+           *lwt = must(gpu->weight(gpu, hlw, DTYPE_F32, 2, lw), "weight");
+    tensor *y[CACHE_OPS] = {
+        must(gpu->conv2d(gpu, x, w, b, 1, 1), "conv2d +bias"),
+        must(gpu->conv2d(gpu, x, w, NULL, 1, 1), "conv2d"),
+        must(gpu->conv2d_add(gpu, x, w, b, 1, 1, x), "conv2d_add"),
+        must(gpu->conv2d(gpu, x, w, b, 2, 1), "conv2d stride 2"),
+        must(gpu->conv2d(gpu, n, wn, bn, 1, 1), "conv2d widened"),
+        must(gpu->linear(gpu, l, lwt, NULL), "linear"),
+    };
+    for (int i = 0; i < CACHE_OPS; i++) {
+        out[i] = fetch(gpu, y[i]);
+        tensor_free(y[i]);
+    }
+    tensor_free(x), tensor_free(n), tensor_free(l), tensor_free(w), tensor_free(b);
+    tensor_free(wn), tensor_free(bn), tensor_free(lwt);
+    free(hx), free(hw), free(hb), free(hn), free(hnw), free(hl), free(hlw);
+    gpu->destroy(gpu);
+}
+
+/* The plan cache (cuda_internal.h): the first backend times its choices
+ * and writes them, the second takes them from the file and must compute
+ * the very same bits; a damaged file is a warning, and the backend times
+ * again and computes the same too. */
+static void test_plan_cache(const char *mode) {
+    char path[] = "/tmp/test_backend_cuda_plans.XXXXXX";
+    int fd = mkstemp(path);
+    if (fd >= 0) close(fd);
+    unlink(path); /* a fresh name: the first backend finds no file */
+    float *timed[CACHE_OPS] = {NULL}, *cached[CACHE_OPS] = {NULL}, *again[CACHE_OPS] = {NULL};
+    const int64_t sizes[CACHE_OPS] = {2 * 64 * 16 * 16, 2 * 64 * 16 * 16, 2 * 64 * 16 * 16,
+                                      2 * 64 * 8 * 8, 8 * 9 * 7, 77 * 128};
+    run_cached_ops(mode, path, timed);
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && st.st_size > 100, "%s: the plan cache was written", mode);
+    plan_cache *c = sdx4_plan_cache_open(path, "a device of no record");
+    CHECK(c && sdx4_plan_cache_records(c) >= CACHE_OPS, "%s: %d records", mode,
+          c ? sdx4_plan_cache_records(c) : -1);
+    sdx4_plan_cache_close(c);
+    run_cached_ops(mode, path, cached);
+    FILE *f = fopen(path, "r+b"); /* damaged: its checksum fails */
+    if (f) {
+        fseek(f, 40, SEEK_SET);
+        fputc('!', f);
+        fclose(f);
+    }
+    run_cached_ops(mode, path, again);
+    for (int i = 0; i < CACHE_OPS; i++) {
+        CHECK(timed[i] && cached[i] &&
+                  !memcmp(timed[i], cached[i], (size_t)sizes[i] * sizeof(float)),
+              "%s: operation %d computes the same with its choice from the file", mode, i);
+        double scale = 0;
+        for (int64_t j = 0; timed[i] && j < sizes[i]; j++)
+            scale = fmax(scale, fabs((double)timed[i][j]));
+        CHECK(timed[i] && again[i] &&
+                  max_abs_diff(timed[i], again[i], (size_t)sizes[i]) <= TOL_FP16 * scale,
+              "%s: operation %d after a damaged file", mode, i);
+        free(timed[i]), free(cached[i]), free(again[i]);
+    }
+    unlink(path);
 }
 
 /* A step recorded without a planning pass, on a backend without plans. */
@@ -906,6 +998,9 @@ int main(void) {
         test_record(&s, PLANNED);
         gpu->destroy(gpu);
     }
+
+    test_plan_cache("fp16");
+    test_plan_cache("fp32");
 
     /* and the legacy call alone: in fp16 mode the graph API takes the
      * shapes where it is faster, so the legacy call in half is tested here */

@@ -276,6 +276,8 @@ int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda) {
                                    texts[i].name, v, texts[i].choices);
         *texts[i].field = v;
     }
+    const char *plan_cache = getenv("SDX4_PLAN_CACHE"); /* any path, or "off" */
+    if (!cuda->plan_cache && plan_cache && *plan_cache) cuda->plan_cache = plan_cache;
     const char *const flags[] = {"SDX4_CUDA_GRAPH", "SDX4_CUDA_PLAN",
                                  "SDX4_CUDA_PROFILE"};
     int value[3];

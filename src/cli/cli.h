@@ -93,15 +93,16 @@ int cli_fail_engine(void);
 const char *cli_model_dir(const char *option_value);
 
 /* The CUDA backend's settings (sdx4.h's sdx4_cuda_options) in the option
- * tables of upscale and bench: --cuda-dtype, --cuda-vae and --cuda-conv,
- * and their lines of --help. */
+ * tables of upscale and bench: --cuda-dtype, --cuda-vae, --cuda-conv and
+ * --plan-cache, and their lines of --help. */
 #define CLI_CUDA_DTYPES "fp16|fp32"
 #define CLI_CUDA_VAES "bf16|fp32"
 #define CLI_CUDA_CONVS "cudnn|cudnn-legacy|cudnn-graph|im2col"
 #define CLI_CUDA_OPTIONS(cuda)                                                 \
     {"--cuda-dtype", OPT_CHOICE, &(cuda)->dtype, 0, 0, CLI_CUDA_DTYPES, 0},    \
     {"--cuda-vae", OPT_CHOICE, &(cuda)->vae, 0, 0, CLI_CUDA_VAES, 0},          \
-    {"--cuda-conv", OPT_CHOICE, &(cuda)->conv, 0, 0, CLI_CUDA_CONVS, 0}
+    {"--cuda-conv", OPT_CHOICE, &(cuda)->conv, 0, 0, CLI_CUDA_CONVS, 0},       \
+    {"--plan-cache", OPT_STRING, &(cuda)->plan_cache, 0, 0, 0, 0}
 #define CLI_CUDA_HELP                                                          \
     "  --cuda-dtype fp16|fp32 CUDA: half weights and activations (default),\n" \
     "                         or float everywhere ($SDX4_CUDA_DTYPE)\n"        \
@@ -110,6 +111,10 @@ const char *cli_model_dir(const char *option_value);
     "  --cuda-conv NAME       CUDA convolutions: cudnn (default),\n"           \
     "                         cudnn-legacy, cudnn-graph or im2col\n"           \
     "                         ($SDX4_CUDA_CONV)\n"                             \
+    "  --plan-cache FILE|off  CUDA: where the algorithms chosen per size are\n" \
+    "                         kept for the next run ($SDX4_PLAN_CACHE; default\n" \
+    "                         $XDG_CACHE_HOME/sdx4/cuda-plans, else\n"         \
+    "                         ~/.cache/sdx4/cuda-plans)\n"                     \
     "  SDX4_CUDA_GRAPH=0      CUDA: every step operation by operation\n"       \
     "  SDX4_CUDA_PLAN=0       CUDA: no planned memory arena for the steps\n"   \
     "  SDX4_CUDA_PROFILE=1    CUDA: GPU time per operation, on stderr\n"

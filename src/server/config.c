@@ -62,6 +62,12 @@ static const option options[] = {
      "CUDA: lay out a recorded step's memory in one arena planned by the step before"},
     {"cuda-profile", OPT_BOOL, O(cuda_profile), 0, 0, "false",
      "CUDA: GPU time per operation, on stderr when the engine closes"},
+    /* no default here: the engine's (sdx4.h) follows XDG_CACHE_HOME */
+    {"plan-cache", OPT_STRING, O(plan_cache), 0, 0, NULL,
+     "CUDA: the file keeping the algorithms and plans chosen by timing per input size, so that "
+     "a restart at the same sizes (and the other workers) do not time them again; warm-up "
+     "fills it; off: none [default: $XDG_CACHE_HOME/sdx4/cuda-plans, else "
+     "~/.cache/sdx4/cuda-plans]"},
     {"safety-checker", OPT_STRING, O(safety_checker), 0, 0, NULL,
      "check every upscale's output with this content checker (CompVis/stable-diffusion-"
      "safety-checker's folder: scripts/download-safety-checker.sh) on the engine's device; "
@@ -622,5 +628,6 @@ void config_engine_options(const server_config *cfg, const char *model_dir, sdx4
     o->threads = cfg->threads;
     o->cuda = (sdx4_cuda_options){.dtype = cfg->cuda_dtype, .vae = cfg->cuda_vae,
                                   .conv = cfg->cuda_conv, .no_graphs = !cfg->cuda_graph,
-                                  .no_plans = !cfg->cuda_plan, .profile = cfg->cuda_profile};
+                                  .no_plans = !cfg->cuda_plan, .profile = cfg->cuda_profile,
+                                  .plan_cache = cfg->plan_cache};
 }

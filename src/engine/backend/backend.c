@@ -72,6 +72,7 @@ int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s) {
         .use_graphs = !o->no_graphs,
         .use_plans = !o->no_plans,
         .profile = o->profile != 0,
+        .plan_cache = o->plan_cache,
     };
     return 0;
 }

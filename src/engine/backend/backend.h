@@ -236,6 +236,7 @@ typedef struct {
     int use_graphs; /* record steps as CUDA graphs (else run them as called) */
     int use_plans;  /* a planning pass before recording */
     int profile;    /* GPU time per operation, on stderr at destroy() */
+    const char *plan_cache; /* sdx4_cuda_options.plan_cache, as given */
 } cuda_settings;
 
 /* The settings `o` asks for (NULL: the defaults); -1 with an error naming

@@ -29,7 +29,8 @@
  * can be tested too; CONV_CUDNN_LEGACY leaves the graph API out: the first
  * run of a new size then tries a few algorithms per shape instead of up to
  * 8 more plans, and later runs are slower (BENCHMARKS.md). profile turns
- * on cuda_profile.cu.
+ * on cuda_profile.cu. plan_cache names the file where the choices timed
+ * per shape are kept for the next process (cuda_internal.h, below).
  *
  * This file holds what every operation needs and the operations that are
  * one library call each:
@@ -512,6 +513,9 @@ static int cuda_download(backend *be, const tensor *src, float *dst) {
     if (!rc) rc = device_to_host(cb, dst, from, bytes);
     cuda_buf_free(cb, &staging);
     cuda_profile_collect(cb->profile);
+    /* a result is out: the choices its operations timed go to disk now,
+     * not only at exit (a server's warm-up, a process that is killed) */
+    if (cb->choices) (void)sdx4_plan_cache_save(cb->choices);
     return rc ? -1 : 0;
 }
 
@@ -628,11 +632,48 @@ static tensor *cuda_embedding(backend *be, const tensor *table, const int32_t *i
     return out;
 }
 
+/* ------------------------------------------------------------ plan cache */
+
+const void *cuda_choice_get(cuda_backend *cb, const char *key, size_t len) {
+    size_t n = 0;
+    const void *v = cb->choices ? sdx4_plan_cache_get(cb->choices, key, &n) : NULL;
+    return v && n == len ? v : NULL;
+}
+
+void cuda_choice_put(cuda_backend *cb, const char *key, const void *value, size_t len) {
+    if (cb->choices) (void)sdx4_plan_cache_put(cb->choices, key, value, len);
+}
+
+/* Opens the plan cache that `option` names (sdx4_cuda_options.plan_cache)
+ * for this device (cuda_internal.h: what the device key holds). Without
+ * one, or out of memory, the backend times every shape as before. */
+static plan_cache *open_choices(const char *option, const cudaDeviceProp *prop) {
+    char path[4096], key[PLAN_CACHE_MAX_KEY + 1], uuid[33];
+    if (!sdx4_plan_cache_path(option, path, sizeof path)) return NULL;
+    for (int i = 0; i < 16; i++)
+        snprintf(uuid + 2 * i, 3, "%02x", (unsigned char)prop->uuid.bytes[i]);
+    int driver = 0, runtime = 0;
+    (void)cudaDriverGetVersion(&driver);
+    (void)cudaRuntimeGetVersion(&runtime);
+#ifdef SDX4_HAVE_CUDNN
+    const size_t cudnn = cudnnGetVersion();
+#else
+    const size_t cudnn = 0;
+#endif
+    snprintf(key, sizeof key,
+             "%s|GPU-%s|sm%d%d|%d SMs|driver %d|cudart %d|cudnn %zu|cublasLt %zu|records %d",
+             prop->name, uuid, prop->major, prop->minor, prop->multiProcessorCount, driver,
+             runtime, cudnn, cublasLtGetVersion(), CUDA_PLAN_RECORDS);
+    return sdx4_plan_cache_open(path, key);
+}
+
 /* --------------------------------------------------------------- lifetime */
 
 /* Frees what create() made, in any state of completion. */
 static void teardown(cuda_backend *cb) {
     if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
+    if (cb->choices) (void)sdx4_plan_cache_save(cb->choices);
+    sdx4_plan_cache_close(cb->choices);
     if (cb->profile) /* beside memory()'s peak, which does not count cached blocks */
         fprintf(stderr, "device memory taken from the driver: at most %.1f MiB\n",
                 cb->reserved_peak / 1048576.0);
@@ -738,6 +779,7 @@ extern "C" backend *sdx4_backend_cuda_create(int device_index, const cuda_settin
 #else
     (void)conv; /* im2col is the only path of this build */
 #endif
+    cb->choices = open_choices(settings->plan_cache, &prop);
     if (cudaHostAlloc(&cb->pinned, CUDA_PINNED_BYTES, cudaHostAllocDefault) != cudaSuccess) {
         (void)cudaGetLastError(); /* no pinned memory: transfers stay pageable */
         cb->pinned = NULL;

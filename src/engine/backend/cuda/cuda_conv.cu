@@ -13,7 +13,14 @@
  * allowed: tensor cores for half and bfloat16; for float, TF32 only in fp16 mode (see
  * cuda_backend.cu), plain FMA in fp32 mode, never a conversion to half.
  * The plan (descriptors, algorithm, workspace size) is cached for the
- * backend's lifetime: a model has a few dozen shapes.
+ * backend's lifetime: a model has a few dozen shapes. Every choice made by
+ * timing (the algorithm and its math, the way of adding the bias, and
+ * whether the graph API's plan replaces the legacy call, with that plan's
+ * engine and knobs) is also a record of the plan cache (cuda_internal.h),
+ * so the next process at this shape takes it without timing. A plan made
+ * from records is marked `cached` until its first run succeeds; if that
+ * run fails (another cuDNN, a record that does not fit), the shape is
+ * timed again as if new and its records replaced.
  *
  * im2col: per image and per tile of output pixels, a kernel gathers the
  * input under each kernel tap into col[P, k*k*C] (zero in the padding) and
@@ -101,7 +108,24 @@ struct conv_plan {
      * residual?), and whether that was tried (cuda_conv_graph.cu) */
     conv_graph *graph[4];
     bool graph_tried[4];
+    bool cached; /* a choice came from the plan cache, not yet run */
+    int timings; /* choices made by timing so far (for the profile's label) */
 };
+
+/* The legacy call's choice, as the plan cache keeps it. */
+typedef struct {
+    int32_t usable, algo, math, reserved;
+} legacy_choice;
+
+/* The plan cache's key of a choice about a shape: `what` and the plan's
+ * key, and `extra` (the operands, the conv path). */
+static void choice_key(char *buf, size_t size, const char *what, const int64_t *key,
+                       const char *extra) {
+    snprintf(buf, size, "%s %s B%" PRId64 " C%" PRId64 " H%" PRId64 " W%" PRId64 " O%" PRId64
+             " k%" PRId64 " s%" PRId64 " p%" PRId64 " tf32 %" PRId64 "%s", what,
+             dtype_name((dtype)key[8]), key[0], key[1], key[2], key[3], key[4], key[5], key[6],
+             key[7], key[9], extra);
+}
 
 static int cudnn_ok(cudnnStatus_t s, const char *what) {
     if (s == CUDNN_STATUS_SUCCESS) return 0;
@@ -136,10 +160,36 @@ static int math_allowed(dtype type, int allow_tf32, cudnnMathType_t math) {
     return math == CUDNN_FMA_MATH;
 }
 
-/* Describes the shape and times the algorithms on x, w and y (y is
- * overwritten). NULL with the error set. */
+/* Takes a cached legacy choice if cuDNN still offers it for this shape;
+ * false (nothing changed but the math type) if not. */
+static bool adopt_choice(cuda_backend *cb, conv_plan *p, dtype type, const legacy_choice *c) {
+    if (!c->usable) { /* no algorithm of allowed math when timed: im2col */
+        p->cached = true;
+        return true;
+    }
+    const cudnnMathType_t math = (cudnnMathType_t)c->math;
+    const cudnnConvolutionFwdAlgo_t algo = (cudnnConvolutionFwdAlgo_t)c->algo;
+    size_t bytes = 0;
+    if (c->algo < 0 || c->algo >= CUDNN_CONVOLUTION_FWD_ALGO_COUNT ||
+        !math_allowed(type, cb->allow_tf32, math) ||
+        cudnnSetConvolutionMathType(p->conv, math) != CUDNN_STATUS_SUCCESS ||
+        cudnnGetConvolutionForwardWorkspaceSize(cb->cudnn, p->x, p->w, p->conv, p->y, algo,
+                                                &bytes) != CUDNN_STATUS_SUCCESS ||
+        bytes > CONV_WORKSPACE_LIMIT)
+        return false;
+    p->algo = algo;
+    p->workspace = bytes;
+    p->usable = 1;
+    p->cached = true;
+    return true;
+}
+
+/* Describes the shape and takes its algorithm from the plan cache
+ * (use_cache) or times the algorithms on x, w and y (y is overwritten),
+ * and stores what it timed. NULL with the error set. */
 static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
-                            const int64_t *key, const void *x, const void *w, void *y) {
+                            const int64_t *key, const void *x, const void *w, void *y,
+                            bool use_cache) {
     conv_plan *p = (conv_plan *)calloc(1, sizeof *p);
     if (!p) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "conv2d: out of memory");
@@ -156,6 +206,11 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
     int found = 0;
     cuda_buf workspace = {};
     cudnnStatus_t st;
+    char ck[192];
+    legacy_choice chosen = {};
+    choice_key(ck, sizeof ck, "conv", key, "");
+    const legacy_choice *cached =
+        use_cache ? (const legacy_choice *)cuda_choice_get(cb, ck, sizeof *cached) : NULL;
     if (cudnn_ok(cudnnCreateTensorDescriptor(&p->x), "descriptor") ||
         cudnn_ok(cudnnCreateTensorDescriptor(&p->y), "descriptor") ||
         cudnn_ok(cudnnCreateFilterDescriptor(&p->w), "descriptor") ||
@@ -182,6 +237,9 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
                                               CUDNN_NOT_PROPAGATE_NAN, 0.0),
                  "activation descriptor"))
         goto fail;
+    if (cached && adopt_choice(cb, p, type, cached)) goto done;
+    p->timings++;
+    if (cudnn_ok(cudnnSetConvolutionMathType(p->conv, math), "math type")) goto fail;
     if (cuda_buf_alloc(cb, &workspace, CONV_WORKSPACE_LIMIT)) sdx4_error_clear(); /* search without */
     st = cudnnFindConvolutionForwardAlgorithmEx(
         cb->cudnn, p->x, x, p->w, w, p->conv, p->y, y, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &found,
@@ -203,7 +261,10 @@ static conv_plan *make_plan(cuda_backend *cb, const conv_shape *s, dtype type,
         p->algo = perf[i].algo;
         p->workspace = perf[i].memory;
         p->usable = 1;
+        chosen = (legacy_choice){1, (int32_t)perf[i].algo, (int32_t)perf[i].mathType, 0};
     }
+    cuda_choice_put(cb, ck, &chosen, sizeof chosen);
+done:
     p->next = cb->plans;
     cb->plans = p;
     return p;
@@ -274,19 +335,60 @@ static int conv_legacy(cuda_backend *cb, const conv_plan *p, const conv_shape *s
  * order of summation, not a wrong result. */
 #define GRAPH_AGREEMENT 1e-2f
 
+/* Whether graph plan g computes what the legacy path does, on these
+ * tensors (y is overwritten). */
+static bool graph_agrees(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
+                         const conv_graph *g, const void *x, const void *w, const void *bias,
+                         const void *r, void *y, void *workspace) {
+    const int64_t n = s->B * s->Ho * s->Wo * s->O;
+    cuda_buf ref = {};
+    float diff = -1.0f;
+    if (cuda_buf_alloc(cb, &ref, (size_t)n * dtype_size(type)) == 0 &&
+        conv_legacy(cb, p, s, type, x, w, bias, r, ref.ptr, workspace) == 0 &&
+        conv_graph_run(cb, g, x, w, bias, r, y) == 0)
+        diff = cuda_relative_difference(cb, type, y, ref.ptr, n);
+    cuda_buf_free(cb, &ref);
+    sdx4_error_clear();
+    if (cb->profile) fprintf(stderr, "  graph API against legacy: %.2e\n", diff);
+    return diff >= 0.0f && diff <= GRAPH_AGREEMENT;
+}
+
 /* Makes the graph API's plan for these operands and keeps it if it beats
  * the legacy path (both timed on the real tensors) and computes the same
- * (checked once, on those tensors). */
+ * (checked once, on those tensors). With use_cache, a choice on file
+ * replaces the timing, not the check; one that no longer builds or agrees
+ * is timed as new, and its record replaced. */
 static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
                       const void *x, const void *w, const void *bias, const void *r, void *y,
-                      void *workspace, int slot) {
+                      void *workspace, int slot, bool use_cache) {
     p->graph_tried[slot] = true;
     const int64_t xd[4] = {s->B, s->C, s->H, s->W}, wd[4] = {s->O, s->C, s->k, s->k},
                   yd[4] = {s->B, s->O, s->Ho, s->Wo};
+    char ck[192], extra[48];
+    snprintf(extra, sizeof extra, " bias %d r %d path %d", bias != NULL, r != NULL, (int)cb->conv);
+    choice_key(ck, sizeof ck, "conv-graph", p->key, extra);
+    const conv_graph_choice *cached =
+        use_cache ? (const conv_graph_choice *)cuda_choice_get(cb, ck, sizeof *cached) : NULL;
+    if (cached && !cached->taken) return; /* the legacy call won */
+    if (cached) {
+        conv_graph *g = conv_graph_build(cb, type, xd, wd, yd, s->stride, s->pad, bias != NULL,
+                                         r != NULL, cached);
+        if (g && graph_agrees(cb, p, s, type, g, x, w, bias, r, y, workspace)) {
+            p->graph[slot] = g;
+            p->cached = true;
+            return;
+        }
+        conv_graph_free(g);
+    }
+    p->timings++;
+    conv_graph_choice chosen = {};
     float graph_ms = -1.0f;
     conv_graph *g = conv_graph_plan(cb, type, xd, wd, yd, s->stride, s->pad, x, w, bias, r, y,
                                     &graph_ms);
-    if (!g) return;
+    if (!g) {
+        cuda_choice_put(cb, ck, &chosen, sizeof chosen);
+        return;
+    }
     float legacy_ms = cuda_time_runs(cb, [&] {
         return conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace);
     });
@@ -296,48 +398,73 @@ static void try_graph(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype
                 s->C, s->O, s->H, s->W, s->k, s->stride, bias ? " +bias" : "", r ? " +r" : "",
                 graph_ms * 1e3f, legacy_ms * 1e3f);
     bool take = legacy_ms < 0.0f || graph_ms < legacy_ms || cb->conv == CONV_CUDNN_GRAPH;
-    if (take) { /* and only if it computes what the legacy path does, on these tensors */
-        const int64_t n = s->B * s->Ho * s->Wo * s->O;
-        cuda_buf ref = {};
-        float diff = -1.0f;
-        if (cuda_buf_alloc(cb, &ref, (size_t)n * dtype_size(type)) == 0 &&
-            conv_legacy(cb, p, s, type, x, w, bias, r, ref.ptr, workspace) == 0 &&
-            conv_graph_run(cb, g, x, w, bias, r, y) == 0)
-            diff = cuda_relative_difference(cb, type, y, ref.ptr, n);
-        cuda_buf_free(cb, &ref);
-        sdx4_error_clear();
-        take = diff >= 0.0f && diff <= GRAPH_AGREEMENT;
-        if (cb->profile) fprintf(stderr, "  graph API against legacy: %.2e\n", diff);
-    }
+    /* and only if it computes what the legacy path does, on these tensors */
+    take = take && graph_agrees(cb, p, s, type, g, x, w, bias, r, y, workspace);
+    /* a plan cuDNN will not describe is kept here but not on file */
+    if (!take || conv_graph_describe(g, &chosen)) cuda_choice_put(cb, ck, &chosen, sizeof chosen);
     if (take) p->graph[slot] = g;
     else conv_graph_free(g);
 }
 
+/* How the bias is added (fuse_bias): cached where the file has a choice
+ * for this algorithm, else timed (choose_bias_path) and stored. */
+static int bias_path(cuda_backend *cb, conv_plan *p, const conv_shape *s, dtype type,
+                     const void *x, const void *w, const void *bias, void *y, void *workspace,
+                     bool use_cache) {
+    char ck[192], extra[32];
+    snprintf(extra, sizeof extra, " algo %d", (int)p->algo);
+    choice_key(ck, sizeof ck, "conv-bias", p->key, extra);
+    const int32_t *cached = use_cache ? (const int32_t *)cuda_choice_get(cb, ck, sizeof *cached)
+                                      : NULL;
+    /* fused exists only for IMPLICIT_PRECOMP_GEMM (choose_bias_path) */
+    if (cached && (*cached == -1 ||
+                   (*cached == 1 && p->algo == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM))) {
+        p->cached = true;
+        return *cached;
+    }
+    p->timings++;
+    int32_t chosen = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace);
+    cuda_choice_put(cb, ck, &chosen, sizeof chosen);
+    return chosen;
+}
+
+/* Unlinks and frees a plan of cb->plans. */
+static void plan_drop(cuda_backend *cb, conv_plan *p) {
+    conv_plan **at = &cb->plans;
+    while (*at && *at != p) at = &(*at)->next;
+    if (*at) *at = p->next;
+    plan_free(p);
+}
+
 /* y = conv(x) (+ bias) (+ r): 0 done, 1 no cuDNN algorithm (use im2col),
  * -1 error. A residual goes into the fused call where the bias does, else
- * it is added after (conv_legacy), or into the graph API's plan. */
-static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
-                      const void *w, const void *bias, const void *r, void *y) {
+ * it is added after (conv_legacy), or into the graph API's plan. use_cache:
+ * new choices may come from the plan cache (see the top comment). */
+static int conv_cudnn_choosing(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
+                               const void *w, const void *bias, const void *r, void *y,
+                               bool use_cache) {
     /* cuDNN describes tensors with int dimensions and counts */
     if (s->B * s->C * s->H * s->W > INT_MAX || s->B * s->O * s->Ho * s->Wo > INT_MAX) return 1;
     int64_t key[PLAN_KEY] = {s->B, s->C, s->H, s->W, s->O, s->k, s->stride, s->pad, type,
                              cb->allow_tf32};
     conv_plan *p = cb->plans;
     while (p && memcmp(p->key, key, sizeof key)) p = p->next;
-    if (!p) {
-        cuda_profile_label(cb->profile, " (choosing the algorithm)");
-        if (!(p = make_plan(cb, s, type, key, x, w, y))) return -1;
+    const int timings = p ? p->timings : 0;
+    if (!p && !(p = make_plan(cb, s, type, key, x, w, y, use_cache))) return -1;
+    if (!p->usable) {
+        if (p->timings != timings) cuda_profile_label(cb->profile, " (choosing the algorithm)");
+        return 1;
     }
-    if (!p->usable) return 1;
     cuda_buf workspace = {};
     if (p->workspace && cuda_buf_alloc(cb, &workspace, p->workspace)) return -1;
     /* the trials wait for the stream: not while recording */
     if (bias && !p->fuse_bias && !cb->recording)
-        p->fuse_bias = choose_bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr);
+        p->fuse_bias = bias_path(cb, p, s, type, x, w, bias, y, workspace.ptr, use_cache);
     const int slot = (bias != NULL) + 2 * (r != NULL);
     if (!p->graph_tried[slot] && !cb->recording && type != DTYPE_F32 &&
         cb->conv != CONV_CUDNN_LEGACY)
-        try_graph(cb, p, s, type, x, w, bias, r, y, workspace.ptr, slot);
+        try_graph(cb, p, s, type, x, w, bias, r, y, workspace.ptr, slot, use_cache);
+    if (p->timings != timings) cuda_profile_label(cb->profile, " (choosing the algorithm)");
     int rc = p->graph[slot] ? conv_graph_run(cb, p->graph[slot], x, w, bias, r, y) : 1;
     if (rc != 0 && p->graph[slot] && !cb->recording) { /* drop a plan that fails: legacy */
         if (cb->profile)
@@ -349,7 +476,22 @@ static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const v
     }
     if (!p->graph[slot]) rc = conv_legacy(cb, p, s, type, x, w, bias, r, y, workspace.ptr);
     cuda_buf_free(cb, &workspace);
+    if (rc != 0 && p->cached && !cb->recording) { /* a cached choice that fails: time anew */
+        if (cb->profile)
+            fprintf(stderr, "cudnn: a cached choice failed, timing the shape again: %s\n",
+                    sdx4_last_error());
+        sdx4_error_clear();
+        (void)cudaGetLastError();
+        plan_drop(cb, p);
+        return conv_cudnn_choosing(cb, s, type, x, w, bias, r, y, false);
+    }
+    if (rc == 0) p->cached = false;
     return rc;
+}
+
+static int conv_cudnn(cuda_backend *cb, const conv_shape *s, dtype type, const void *x,
+                      const void *w, const void *bias, const void *r, void *y) {
+    return conv_cudnn_choosing(cb, s, type, x, w, bias, r, y, true);
 }
 
 /* `rows` rows of src_c channels copied into b, widened with zeros to

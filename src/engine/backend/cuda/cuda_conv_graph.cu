@@ -15,6 +15,12 @@
  * plan. Half and bfloat16 tensors only: fp32 mode stays on the legacy
  * path, whose math type excludes TF32.
  *
+ * A plan's choice (the engine's global index and its knob choices) goes
+ * to the plan cache (cuda_internal.h), and conv_graph_build makes the same
+ * plan from it in a later process without the heuristics or the timing;
+ * cuDNN's JSON serialization of plans would do it too, but only for its
+ * runtime-compiled engines.
+ *
  * Tensors are described in cuDNN's logical [N, C, H, W] order with the
  * strides of channels-last memory (cuda_internal.h), the weights as
  * [O, C, k, k] stored [O, k, k, C].
@@ -32,12 +38,18 @@
 
 enum { UID_X = 1, UID_W, UID_Y, UID_BIAS, UID_R, UID_CONV_OUT, UID_BIASED };
 
+/* made_from: the graph's 15 descriptors (see conv_graph_plan), then the
+ * engine configurations, then, for a plan rebuilt from a cached choice,
+ * its knob choices */
+#define MADE_FROM (15 + GRAPH_CANDIDATES + GRAPH_KNOBS)
+
 struct conv_graph {
     cudnnBackendDescriptor_t plan;
     /* what the plan was made from, kept while it lives: whether cuDNN's
      * backend copies them into a finalized plan is not documented, and
      * cudnn-frontend keeps them */
-    cudnnBackendDescriptor_t made_from[15 + GRAPH_CANDIDATES];
+    cudnnBackendDescriptor_t made_from[MADE_FROM];
+    cudnnBackendDescriptor_t cfg; /* the plan's engine configuration (in made_from) */
     int64_t workspace;
     int bias, residual;
 };
@@ -156,20 +168,13 @@ static int run_plan(cuda_backend *cb, desc_t plan, const void *x, const void *w,
     return -1;
 }
 
-conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4],
-                            const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
-                            const void *x, const void *w, const void *bias, const void *r,
-                            void *y, float *best_ms) {
-    if (type == DTYPE_F32) return NULL;
+/* The operation graph of y = conv(x, w) [+ bias] [+ r] into d[0..13]
+ * (see conv_graph_plan for which is which); false if cuDNN refuses it. */
+static bool describe(cuda_backend *cb, dtype type, const int64_t xdims[4], const int64_t wdims[4],
+                     const int64_t ydims[4], int stride, int pad, bool bias, bool r, desc_t d[15]) {
     cudnnDataType_t dt = type == DTYPE_F16 ? CUDNN_DATA_HALF : CUDNN_DATA_BFLOAT16;
     cudnnDataType_t fl = CUDNN_DATA_FLOAT;
     const int64_t bdims[4] = {1, ydims[1], 1, 1};
-    /* descriptors: 0-4 tensors x w y bias r, 5-6 intermediates, 7 conv,
-     * 8 conv op, 9-12 pointwise descs and ops, 13 graph, 14 heuristics */
-    desc_t d[15] = {NULL};
-    desc_t cfgs[GRAPH_CANDIDATES] = {NULL};
-    conv_graph *best = NULL;
-    cuda_buf workspace = {};
     const bool fused = bias || r;
     d[0] = tensor_desc(UID_X, dt, xdims, false);
     d[1] = tensor_desc(UID_W, dt, wdims, false);
@@ -180,7 +185,7 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
     if (bias && r) d[6] = tensor_desc(UID_BIASED, fl, ydims, true);
     if (!d[0] || !d[1] || !d[2] || (bias && !d[3]) || (r && !d[4]) || (fused && !d[5]) ||
         (bias && r && !d[6]))
-        goto done;
+        return false;
     {
         const int64_t dims = 2, one[2] = {1, 1}, strides[2] = {stride, stride},
                       pads[2] = {pad, pad};
@@ -196,7 +201,7 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
                     .set(CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, CUDNN_TYPE_INT64, 2, pads)
                     .set(CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, CUDNN_TYPE_INT64, 2, pads)
                     .finalize() != CUDNN_STATUS_SUCCESS)
-            goto done;
+            return false;
     }
     {
         const float alpha = 1.0f, beta = 0.0f;
@@ -215,22 +220,37 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
                     .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT, 1, &alpha)
                     .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT, 1, &beta)
                     .finalize() != CUDNN_STATUS_SUCCESS)
-            goto done;
+            return false;
     }
     {
         desc_t ops[3] = {d[8], NULL, NULL};
         int64_t nops = 1;
-        if (bias && !(ops[nops++] = d[10] = add_op(d[5], d[3], r ? d[6] : d[2], &d[9]))) goto done;
+        if (bias && !(ops[nops++] = d[10] = add_op(d[5], d[3], r ? d[6] : d[2], &d[9]))) return false;
         if (r && !(ops[nops++] = d[12] = add_op(bias ? d[6] : d[5], d[4], d[2], &d[11])))
-            goto done;
+            return false;
         if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, &d[13]) !=
                 CUDNN_STATUS_SUCCESS ||
             attrs{d[13], CUDNN_STATUS_SUCCESS}
                     .set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, nops, ops)
                     .set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &cb->cudnn)
                     .finalize() != CUDNN_STATUS_SUCCESS)
-            goto done;
+            return false;
     }
+    return true;
+}
+
+conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4],
+                            const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
+                            const void *x, const void *w, const void *bias, const void *r,
+                            void *y, float *best_ms) {
+    if (type == DTYPE_F32) return NULL;
+    /* descriptors: 0-4 tensors x w y bias r, 5-6 intermediates, 7 conv,
+     * 8 conv op, 9-12 pointwise descs and ops, 13 graph, 14 heuristics */
+    desc_t d[15] = {NULL};
+    desc_t cfgs[GRAPH_CANDIDATES] = {NULL};
+    conv_graph *best = NULL;
+    cuda_buf workspace = {};
+    if (!describe(cb, type, xdims, wdims, ydims, stride, pad, bias, r, d)) goto done;
     {
         cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
         if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, &d[14]) !=
@@ -290,6 +310,7 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
                 if (ok) {
                     if (best->plan) (void)cudnnBackendDestroyDescriptor(best->plan);
                     best->plan = plan, plan = NULL;
+                    best->cfg = cfgs[i]; /* moved into made_from below, not destroyed */
                     best->workspace = ws, best->bias = bias != NULL, best->residual = r != NULL;
                     *best_ms = ms;
                 }
@@ -327,8 +348,102 @@ int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const v
 void conv_graph_free(conv_graph *g) {
     if (!g) return;
     if (g->plan) (void)cudnnBackendDestroyDescriptor(g->plan);
-    destroy(g->made_from, 15 + GRAPH_CANDIDATES);
+    destroy(g->made_from, MADE_FROM);
     free(g);
+}
+
+/* ------------------------------------------- a plan's choice, for the file */
+
+bool conv_graph_describe(const conv_graph *g, conv_graph_choice *c) {
+    memset(c, 0, sizeof *c);
+    desc_t engine = NULL, knobs[GRAPH_KNOBS] = {NULL};
+    int64_t n = 0, count = 0;
+    bool ok = g->cfg &&
+              cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &engine) ==
+                  CUDNN_STATUS_SUCCESS &&
+              cudnnBackendGetAttribute(g->cfg, CUDNN_ATTR_ENGINECFG_ENGINE,
+                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n, &engine) ==
+                  CUDNN_STATUS_SUCCESS &&
+              cudnnBackendGetAttribute(engine, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64,
+                                       1, &n, &c->engine) == CUDNN_STATUS_SUCCESS;
+    for (int i = 0; ok && i < GRAPH_KNOBS; i++)
+        ok = cudnnBackendCreateDescriptor(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, &knobs[i]) ==
+             CUDNN_STATUS_SUCCESS;
+    ok = ok &&
+         cudnnBackendGetAttribute(g->cfg, CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                                  CUDNN_TYPE_BACKEND_DESCRIPTOR, GRAPH_KNOBS, &count, knobs) ==
+             CUDNN_STATUS_SUCCESS &&
+         count >= 0 && count <= GRAPH_KNOBS;
+    for (int64_t i = 0; ok && i < count; i++) {
+        cudnnBackendKnobType_t type;
+        ok = cudnnBackendGetAttribute(knobs[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE,
+                                      CUDNN_TYPE_KNOB_TYPE, 1, &n, &type) == CUDNN_STATUS_SUCCESS &&
+             cudnnBackendGetAttribute(knobs[i], CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE,
+                                      CUDNN_TYPE_INT64, 1, &n, &c->knob[i][1]) ==
+                 CUDNN_STATUS_SUCCESS;
+        c->knob[i][0] = (int64_t)type;
+    }
+    c->knobs = count;
+    c->taken = ok;
+    destroy(knobs, GRAPH_KNOBS);
+    destroy(&engine, 1);
+    return ok;
+}
+
+conv_graph *conv_graph_build(cuda_backend *cb, dtype type, const int64_t xdims[4],
+                             const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
+                             bool bias, bool r, const conv_graph_choice *c) {
+    if (type == DTYPE_F32 || !c->taken || c->knobs < 0 || c->knobs > GRAPH_KNOBS) return NULL;
+    conv_graph *g = (conv_graph *)calloc(1, sizeof *g);
+    if (!g) return NULL;
+    desc_t *d = g->made_from, *engine = &d[14], *cfg = &d[15];
+    desc_t *knobs = d + 15 + GRAPH_CANDIDATES;
+    bool ok = describe(cb, type, xdims, wdims, ydims, stride, pad, bias, r, d) &&
+              cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, engine) ==
+                  CUDNN_STATUS_SUCCESS &&
+              attrs{*engine, CUDNN_STATUS_SUCCESS}
+                      .set(CUDNN_ATTR_ENGINE_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
+                           &d[13])
+                      .set(CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &c->engine)
+                      .finalize() == CUDNN_STATUS_SUCCESS;
+    for (int64_t i = 0; ok && i < c->knobs; i++) {
+        cudnnBackendKnobType_t knob = (cudnnBackendKnobType_t)c->knob[i][0];
+        ok = cudnnBackendCreateDescriptor(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, &knobs[i]) ==
+                 CUDNN_STATUS_SUCCESS &&
+             attrs{knobs[i], CUDNN_STATUS_SUCCESS}
+                     .set(CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &knob)
+                     .set(CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &c->knob[i][1])
+                     .finalize() == CUDNN_STATUS_SUCCESS;
+    }
+    if (ok) {
+        ok = cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, cfg) ==
+             CUDNN_STATUS_SUCCESS;
+        attrs a = {*cfg, ok ? CUDNN_STATUS_SUCCESS : CUDNN_STATUS_NOT_INITIALIZED};
+        a.set(CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, engine);
+        if (c->knobs)
+            a.set(CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, CUDNN_TYPE_BACKEND_DESCRIPTOR, c->knobs,
+                  knobs);
+        ok = a.finalize() == CUDNN_STATUS_SUCCESS && numerics_allowed(*cfg);
+    }
+    int64_t n = 0;
+    ok = ok &&
+         cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &g->plan) ==
+             CUDNN_STATUS_SUCCESS &&
+         attrs{g->plan, CUDNN_STATUS_SUCCESS}
+                 .set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &cb->cudnn)
+                 .set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
+                      cfg)
+                 .finalize() == CUDNN_STATUS_SUCCESS &&
+         cudnnBackendGetAttribute(g->plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                  CUDNN_TYPE_INT64, 1, &n, &g->workspace) == CUDNN_STATUS_SUCCESS &&
+         g->workspace <= CONV_GRAPH_WORKSPACE_LIMIT;
+    (void)cudaGetLastError();
+    if (!ok) {
+        conv_graph_free(g);
+        return NULL;
+    }
+    g->cfg = *cfg, g->bias = bias, g->residual = r;
+    return g;
 }
 
 #endif

@@ -8,7 +8,11 @@
  * time each (a quarter of the time of the UNet's largest linear layers).
  * The heuristic's algorithm for each shape (type, transposes, sizes, bias)
  * is looked up once and kept, as cuDNN's plans are in cuda_conv.cu: a
- * model has a few dozen shapes. A residual R (linear_add) is cuBLASLt's C
+ * model has a few dozen shapes. The algorithm also goes to the plan cache
+ * (cuda_internal.h): cuBLASLt documents cublasLtMatmulAlgo_t as plain
+ * bytes that may be saved and restored with the same cuBLAS version (the
+ * device key holds it), and a later process checks the restored one with
+ * cublasLtMatmulAlgoCheck instead of asking the heuristic again. A residual R (linear_add) is cuBLASLt's C
  * operand with beta = 1, so it too is added in float before the one
  * rounding. Where cuBLASLt offers no algorithm the product falls back to
  * cublasGemmEx, with the bias written first and R added after.
@@ -16,6 +20,8 @@
  * All products accumulate in float (CUBLAS_COMPUTE_32F); float operands
  * may use TF32 tensor cores in fp16 mode (cuda_backend.cu).
  */
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -101,11 +107,24 @@ static gemm_plan *find_plan(cuda_backend *cb, const int64_t *key, cudaDataType_t
             return NULL;
         }
     }
-    if (cublasLtMatmulAlgoGetHeuristic(cb->cublaslt, p->desc, p->a, p->b, p->c, p->c, pref, 1,
-                                       &result, &found) == CUBLAS_STATUS_SUCCESS &&
-        found > 0) {
+    char ck[192];
+    snprintf(ck, sizeof ck, "gemm %s ta %d tb %d m %d n %d k %d lda %d ldb %d ldc %d flags %" PRId64,
+             dtype_name((dtype)key[0]), (int)ta, (int)tb, m, n, k, lda, ldb, ldc, key[8]);
+    const cublasLtMatmulAlgo_t *cached =
+        (const cublasLtMatmulAlgo_t *)cuda_choice_get(cb, ck, sizeof *cached);
+    if (cached &&
+        cublasLtMatmulAlgoCheck(cb->cublaslt, p->desc, p->a, p->b, p->c, p->c, cached,
+                                &result) == CUBLAS_STATUS_SUCCESS &&
+        result.workspaceSize <= workspace) {
+        p->algo = *cached;
+        p->usable = 1;
+    } else if (cublasLtMatmulAlgoGetHeuristic(cb->cublaslt, p->desc, p->a, p->b, p->c, p->c,
+                                              pref, 1, &result, &found) ==
+                   CUBLAS_STATUS_SUCCESS &&
+               found > 0) {
         p->algo = result.algo;
         p->usable = 1;
+        cuda_choice_put(cb, ck, &p->algo, sizeof p->algo);
     }
     (void)cublasLtMatmulPreferenceDestroy(pref);
     p->next = cb->gemm_plans;

@@ -56,6 +56,7 @@ extern "C" {
 #include "backend/backend.h"
 #include "core/memplan.h"
 #include "core/error.h"
+#include "core/plan_cache.h"
 }
 #include "backend/backend_check.h"
 
@@ -124,6 +125,7 @@ typedef struct {
     cublasHandle_t cublas;
     cublasLtHandle_t cublaslt;
     gemm_plan *gemm_plans;   /* cuBLASLt algorithm per GEMM shape */
+    plan_cache *choices;     /* the plans' choices on file, or NULL (below) */
 #ifdef SDX4_HAVE_CUDNN
     cudnnHandle_t cudnn;
     conv_path conv;          /* which convolutions (backend.h) */
@@ -242,6 +244,22 @@ template <typename F> static inline float cuda_time_runs(cuda_backend *cb, F run
     return ms;
 }
 
+/* --- the plan cache: choices made by timing, kept across processes ---- */
+/* The conv and GEMM plans look their choices up in cb->choices (see
+ * core/plan_cache.h) before timing, and store what they timed; a cached
+ * choice that no longer builds or runs is timed again and replaced. The
+ * device key names everything a choice depends on besides the shape: the
+ * GPU (UUID), its driver, the CUDA runtime, cuDNN and cuBLASLt, and
+ * CUDA_PLAN_RECORDS, the layout of the values below, raised whenever one
+ * changes. Saved when a download finds new choices (the end of an upscale,
+ * so a server's warm-up leaves them on disk) and at destroy. */
+#define CUDA_PLAN_RECORDS 1
+/* The cached value of `key` if it is exactly `len` bytes (values are
+ * fixed-size records), else NULL; and storing one. Both do nothing without
+ * a cache. */
+const void *cuda_choice_get(cuda_backend *cb, const char *key, size_t len);
+void cuda_choice_put(cuda_backend *cb, const char *key, const void *value, size_t len);
+
 /* --- cuda_gemm.cu --------------------------------------------------- */
 /* C[m, n] = op(A) op(B) (+ bias[i] on row i) (+ R[m, n]), bias and R
  * may be NULL (R, if given, laid out as C, ldc == m), column-major as
@@ -323,6 +341,24 @@ conv_graph *conv_graph_plan(cuda_backend *cb, dtype type, const int64_t xdims[4]
                             const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
                             const void *x, const void *w, const void *bias, const void *r,
                             void *y, float *ms);
+/* What a plan is, for the plan cache: conv_graph_build makes the same plan
+ * again from it. taken 0 is the record of a shape where the legacy call
+ * won (or the graph API had nothing). */
+#define GRAPH_KNOBS 48 /* one choice per knob type at most (44 in cuDNN 9.19) */
+typedef struct {
+    int64_t taken;
+    int64_t engine;               /* CUDNN_ATTR_ENGINE_GLOBAL_INDEX */
+    int64_t knobs;                /* choices in knob[] */
+    int64_t knob[GRAPH_KNOBS][2]; /* knob type, value */
+} conv_graph_choice;
+/* Describes g's engine configuration; false if cuDNN will not say. */
+bool conv_graph_describe(const conv_graph *g, conv_graph_choice *c);
+/* The plan of choice `c` for these operands, built without timing; NULL
+ * (no error set) where it no longer builds or its numerics are not
+ * allowed. */
+conv_graph *conv_graph_build(cuda_backend *cb, dtype type, const int64_t xdims[4],
+                             const int64_t wdims[4], const int64_t ydims[4], int stride, int pad,
+                             bool bias, bool r, const conv_graph_choice *c);
 /* Runs a plan on tensors of its shape, with the operands it was made for. */
 int conv_graph_run(cuda_backend *cb, const conv_graph *g, const void *x, const void *w,
                    const void *bias, const void *r, void *y);
