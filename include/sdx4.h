@@ -94,12 +94,11 @@ typedef struct {
     const char *plan_cache; /* SDX4_PLAN_CACHE: the file of the algorithms
                           and plans chosen by timing per shape, so that
                           the next process at the same sizes starts
-                          without timing: a path; "" or "off": none; NULL:
-                          $XDG_CACHE_HOME/sdx4/cuda-plans, else
-                          $HOME/.cache/sdx4/cuda-plans (the one place the
-                          library reads the environment). A file that is
-                          damaged or of another version, or a path that
-                          cannot be written, is a warning on stderr */
+                          without timing: a path; NULL, "" or "off": none
+                          (the CLI and the server default to
+                          sdx4_default_plan_cache). A file that is damaged
+                          or of another version, or a path that cannot be
+                          written, is a warning on stderr */
 } sdx4_cuda_options;
 
 typedef struct {
@@ -111,6 +110,14 @@ typedef struct {
 } sdx4_engine_options;
 
 void sdx4_engine_options_default(sdx4_engine_options *options);
+
+/* The plan cache (sdx4_cuda_options.plan_cache) in the user's cache
+ * folder: $XDG_CACHE_HOME/sdx4/cuda-plans (an absolute one), else
+ * $HOME/.cache/sdx4/cuda-plans. 1 with the path, 0 when neither variable
+ * is set or it does not fit. The CLI and the server take it when told no
+ * other; this call is where the library reads the environment, because
+ * its caller asks. */
+int sdx4_default_plan_cache(char *path, size_t size);
 
 sdx4_status sdx4_engine_open(const sdx4_engine_options *options,
                              sdx4_engine **engine);

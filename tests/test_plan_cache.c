@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/plan_cache.h"
+#include "sdx4.h"
 #include "test.h"
 
 #define GPU_A "NVIDIA H100|GPU-aaaa|sm90|driver 12080|cudnn 91900|format 1"
@@ -333,24 +334,24 @@ static void test_paths(void) {
     char buf[512];
     CHECK(sdx4_plan_cache_path("off", buf, sizeof buf) == 0, "off");
     CHECK(sdx4_plan_cache_path("", buf, sizeof buf) == 0, "empty");
+    CHECK(sdx4_plan_cache_path(NULL, buf, sizeof buf) == 0, "NULL: the library's default is none");
     CHECK(sdx4_plan_cache_path("/x/plans", buf, sizeof buf) == 1 && !strcmp(buf, "/x/plans"),
           "a path is itself");
     CHECK(sdx4_plan_cache_path("/a/long/path", buf, 5) == 0, "a path that does not fit");
+    /* the front ends' default */
     setenv("XDG_CACHE_HOME", "/xdg", 1);
     setenv("HOME", "/home/u", 1);
-    CHECK(sdx4_plan_cache_path(NULL, buf, sizeof buf) == 1 &&
-              !strcmp(buf, "/xdg/sdx4/cuda-plans"),
+    CHECK(sdx4_default_plan_cache(buf, sizeof buf) == 1 && !strcmp(buf, "/xdg/sdx4/cuda-plans"),
           "XDG_CACHE_HOME first: %s", buf);
     setenv("XDG_CACHE_HOME", "relative", 1);
-    CHECK(sdx4_plan_cache_path(NULL, buf, sizeof buf) == 1 &&
-              !strcmp(buf, "/home/u/.cache/sdx4/cuda-plans"),
+    CHECK(sdx4_default_plan_cache(buf, sizeof buf) == 1 && !strcmp(buf, "/home/u/.cache/sdx4/cuda-plans"),
           "a relative XDG_CACHE_HOME is ignored: %s", buf);
     unsetenv("XDG_CACHE_HOME");
-    CHECK(sdx4_plan_cache_path(NULL, buf, sizeof buf) == 1 &&
-              !strcmp(buf, "/home/u/.cache/sdx4/cuda-plans"),
+    CHECK(sdx4_default_plan_cache(buf, sizeof buf) == 1 && !strcmp(buf, "/home/u/.cache/sdx4/cuda-plans"),
           "else HOME: %s", buf);
+    CHECK(sdx4_default_plan_cache(buf, 8) == 0, "a path that does not fit");
     unsetenv("HOME");
-    CHECK(sdx4_plan_cache_path(NULL, buf, sizeof buf) == 0, "neither: no cache");
+    CHECK(sdx4_default_plan_cache(buf, sizeof buf) == 0, "neither: no cache");
 }
 
 int main(void) {

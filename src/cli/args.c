@@ -278,6 +278,9 @@ int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda) {
     }
     const char *plan_cache = getenv("SDX4_PLAN_CACHE"); /* any path, or "off" */
     if (!cuda->plan_cache && plan_cache && *plan_cache) cuda->plan_cache = plan_cache;
+    static char default_plan_cache[4096]; /* one command per process */
+    if (!cuda->plan_cache && sdx4_default_plan_cache(default_plan_cache, sizeof default_plan_cache))
+        cuda->plan_cache = default_plan_cache;
     const char *const flags[] = {"SDX4_CUDA_GRAPH", "SDX4_CUDA_PLAN",
                                  "SDX4_CUDA_PROFILE"};
     int value[3];

@@ -62,7 +62,7 @@ static const option options[] = {
      "CUDA: lay out a recorded step's memory in one arena planned by the step before"},
     {"cuda-profile", OPT_BOOL, O(cuda_profile), 0, 0, "false",
      "CUDA: GPU time per operation, on stderr when the engine closes"},
-    /* no default here: the engine's (sdx4.h) follows XDG_CACHE_HOME */
+    /* its default, sdx4_default_plan_cache, follows XDG_CACHE_HOME (config_load) */
     {"plan-cache", OPT_STRING, O(plan_cache), 0, 0, NULL,
      "CUDA: the file keeping the algorithms and plans chosen by timing per input size, so that "
      "a restart at the same sizes (and the other workers) do not time them again; warm-up "
@@ -581,6 +581,9 @@ int config_load(server_config *cfg, int argc, char **argv, FILE *err) {
         flagged[which] = true;
     }
     if (default_model(cfg)) return -1;
+    char plans[4096];
+    if (!cfg->plan_cache && sdx4_default_plan_cache(plans, sizeof plans) && !(cfg->plan_cache = strdup(plans)))
+        return -1;
     return check(cfg, err);
 }
 

@@ -23,6 +23,7 @@
  * scan costs microseconds, and lookups happen once per shape.
  */
 #include "core/plan_cache.h"
+#include "sdx4.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -190,17 +191,18 @@ static void enforce_caps(plan_cache *c) {
 /* ----------------------------------------------------------------- API */
 
 int sdx4_plan_cache_path(const char *option, char *buf, size_t size) {
+    if (!option || !*option || !strcmp(option, "off")) return 0;
+    int n = snprintf(buf, size, "%s", option);
+    return n > 0 && (size_t)n < size;
+}
+
+int sdx4_default_plan_cache(char *path, size_t size) {
     int n;
-    if (option && (!*option || !strcmp(option, "off"))) return 0;
-    if (option) {
-        n = snprintf(buf, size, "%s", option);
-    } else {
-        /* the XDG base directory spec ignores a relative XDG_CACHE_HOME */
-        const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
-        if (xdg && xdg[0] == '/') n = snprintf(buf, size, "%s/sdx4/cuda-plans", xdg);
-        else if (home && *home) n = snprintf(buf, size, "%s/.cache/sdx4/cuda-plans", home);
-        else return 0;
-    }
+    /* the XDG base directory spec ignores a relative XDG_CACHE_HOME */
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (xdg && xdg[0] == '/') n = snprintf(path, size, "%s/sdx4/cuda-plans", xdg);
+    else if (home && *home) n = snprintf(path, size, "%s/.cache/sdx4/cuda-plans", home);
+    else return 0;
     return n > 0 && (size_t)n < size;
 }
 

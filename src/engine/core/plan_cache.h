@@ -54,11 +54,10 @@
 
 typedef struct plan_cache plan_cache;
 
-/* Where the cache of sdx4_cuda_options.plan_cache `option` lives: NULL is
- * the default, $XDG_CACHE_HOME/sdx4/cuda-plans, else
- * $HOME/.cache/sdx4/cuda-plans; "" and "off" are no cache; anything else
- * is the path itself. Returns 1 with the path in buf, 0 for no cache (also
- * when the default has neither variable, or the path does not fit). */
+/* Where the cache of sdx4_cuda_options.plan_cache `option` lives: NULL,
+ * "" and "off" are no cache; anything else is the path itself. Returns 1
+ * with the path in buf, 0 for no cache (also when the path does not fit).
+ * The front ends' default is sdx4_default_plan_cache (sdx4.h). */
 int sdx4_plan_cache_path(const char *option, char *buf, size_t size);
 
 /* A cache for `device_key` backed by the file at `path`, whose records it
