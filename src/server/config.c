@@ -62,6 +62,10 @@ static const option options[] = {
      "CUDA: lay out a recorded step's memory in one arena planned by the step before"},
     {"cuda-profile", OPT_BOOL, O(cuda_profile), 0, 0, "false",
      "CUDA: GPU time per operation, on stderr when the engine closes"},
+    {"cpu-dtype", OPT_STRING, O(cpu_dtype), 0, 0, "fp32",
+     "CPU: fp32 (float32 through OpenBLAS) or bf16 (convolutions and linear layers in bfloat16 "
+     "with float accumulation through oneDNN: AMX or AVX512-BF16; the server does not start on a "
+     "CPU without them)"},
     {"safety-checker", OPT_STRING, O(safety_checker), 0, 0, NULL,
      "check every upscale's output with this content checker (CompVis/stable-diffusion-"
      "safety-checker's folder: scripts/download-safety-checker.sh) on the engine's device; "
@@ -614,4 +618,5 @@ void config_engine_options(const server_config *cfg, const char *model_dir, sdx4
     o->cuda = (sdx4_cuda_options){.dtype = cfg->cuda_dtype, .vae = cfg->cuda_vae,
                                   .conv = cfg->cuda_conv, .no_graphs = !cfg->cuda_graph,
                                   .no_plans = !cfg->cuda_plan, .profile = cfg->cuda_profile};
+    o->cpu = (sdx4_cpu_options){.dtype = cfg->cpu_dtype};
 }
