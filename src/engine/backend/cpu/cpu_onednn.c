@@ -306,7 +306,8 @@ static op_entry *make_conv(const char *op, cpu_onednn *d, const op_key *key, int
     if (st == dnnl_success)
         st = dnnl_memory_desc_init_by_tag(&wei, 4, wei_dims, d->operands, dnnl_format_tag_any);
     if (st == dnnl_success) st = dnnl_memory_desc_init_by_tag(&bias, 1, bias_dims, dnnl_f32, dnnl_a);
-    if (st == dnnl_success) st = dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any);
+    if (st == dnnl_success)
+        st = dnnl_memory_desc_init_by_tag(&dst, 4, dst_dims, dnnl_f32, dnnl_format_tag_any);
     if (st == dnnl_success) st = dnnl_memory_desc_init_by_tag(&e->user_src, 4, src_dims, dnnl_f32, dnnl_nchw);
     if (st == dnnl_success) st = dnnl_memory_desc_init_by_tag(&e->user_dst, 4, dst_dims, dnnl_f32, dnnl_nchw);
     if (st == dnnl_success)
