@@ -27,6 +27,11 @@
 # names end in t64), hence the two lists of the run stage. SDX4_CUDA=AUTO
 # builds the CUDA backend when the build image has nvcc; ON makes a missing
 # nvcc an error.
+# oneDNN (the CPU's bfloat16 path, SDX4_CPU_DTYPE=bf16 on CPUs with AMX or
+# AVX512-BF16) is Debian 12's libdnnl-dev 2.6 (libdnnl2 to run), in the CPU
+# image only: the engine uses oneDNN 2's C API, and the CUDA image computes
+# on the GPU (its CPU backend stays float32 there: SDX4_CPU_DTYPE=bf16 is
+# refused by name).
 ARG BUILD_IMAGE=debian:bookworm
 ARG RUN_IMAGE=debian:bookworm-slim
 
@@ -37,6 +42,8 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
         build-essential cmake pkg-config libjansson-dev libutf8proc-dev libopenblas-openmp-dev \
         libvips-dev libmicrohttpd-dev nettle-dev libcurl4-openssl-dev libgnutls28-dev \
         libsqlite3-dev libpq-dev libhiredis-dev zlib1g-dev \
+    && . /etc/os-release && if [ "$VERSION_CODENAME" = bookworm ]; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libdnnl-dev; fi \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt openapi.json ./
@@ -60,7 +67,8 @@ FROM ${RUN_IMAGE}
 RUN . /etc/os-release && case "$VERSION_CODENAME" in \
         noble) libs="libutf8proc3 libvips42t64 libmicrohttpd12t64 libnettle8t64 libgnutls30t64 libcurl4t64 \
                      libhiredis1.1.0" ;; \
-        *) libs="libutf8proc2 libvips42 libmicrohttpd12 libnettle8 libgnutls30 libcurl4 libhiredis0.14" ;; \
+        *) libs="libutf8proc2 libvips42 libmicrohttpd12 libnettle8 libgnutls30 libcurl4 libhiredis0.14 \
+                 libdnnl2" ;; \
     esac \
     && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         $libs libjansson4 libopenblas0-openmp libsqlite3-0 libpq5 ca-certificates curl \

@@ -11,6 +11,12 @@
 #   VAE decode     one 4 x size x size latent -> 3 x 4size x 4size
 #   pipeline       a whole upscale of a size x size image: `steps` DDIM
 #                  steps, guidance 9, noise_level 20, PIL image out
+#   --bf16         also the UNet step under torch.autocast("cpu",
+#                  dtype=torch.bfloat16), in the same process after the
+#                  float32 one (unet_step_bf16_ms): PyTorch's bfloat16
+#                  beside `sdx4 bench --device cpu --dtype bf16` (issue 16;
+#                  scripts/device-check.sh cpu-bf16), with one untimed run
+#                  first, as autocast's first call casts the weights
 # Each figure is the median of --repeats runs, with no separate warm-up run
 # (sdx4 bench has none either; its first run also pages the weights in).
 # Peak RSS is this process's (getrusage), so run one process per size, as
@@ -32,6 +38,8 @@ parser.add_argument("--steps", type=int, default=20, help="steps of the whole up
 parser.add_argument("--repeats", type=int, default=1, help="runs per figure; the median is kept")
 parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
 parser.add_argument("--skip-pipeline", action="store_true", help="time the parts only")
+parser.add_argument("--bf16", action="store_true",
+                    help="also time the UNet step under bfloat16 autocast (unet_step_bf16_ms)")
 args = parser.parse_args()
 
 threads = args.threads or len(os.sched_getaffinity(0))
@@ -99,6 +107,16 @@ with torch.inference_mode():
         lambda: unet(x, 500, encoder_hidden_states=context, class_labels=labels).sample,
         args.repeats, f"unet {size}")
 
+    if args.bf16:
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+
+        def unet_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return unet(x, 500, encoder_hidden_states=context, class_labels=labels).sample
+
+        unet_bf16()  # untimed: autocast casts the weights on first use
+        out["unet_step_bf16_ms"] = median_ms(unet_bf16, args.repeats, f"unet bf16 {size}")
+
     z = torch.randn(1, vae.config.latent_channels, size, size, generator=g)
     out["vae_decode_ms"] = median_ms(lambda: vae.decode(z).sample, args.repeats, f"vae {size}")
 
@@ -112,7 +130,7 @@ with torch.inference_mode():
                          generator=torch.Generator().manual_seed(0), output_type="pil"),
             args.repeats, f"pipeline {size} x {args.steps} steps")
 
-for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "pipeline_ms"):
+for k in ("text_encoder_ms", "unet_step_ms", "unet_step_bf16_ms", "vae_decode_ms", "pipeline_ms"):
     if k in out:
         out[k] = round(out[k], 1)
 out["peak_rss_mib"] = round(rss_mib(), 1)

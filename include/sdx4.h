@@ -101,12 +101,26 @@ typedef struct {
                           written, is a warning on stderr */
 } sdx4_cuda_options;
 
+/* How the CPU backend computes (device "cpu", or "auto" without a GPU);
+ * zero fields are the defaults, a value outside the choices is refused
+ * whatever the device. */
+typedef struct {
+    const char *dtype; /* SDX4_CPU_DTYPE: "fp32" (default): float32 through
+                          OpenBLAS; "bf16": convolutions and linear layers
+                          with bfloat16 operands and float accumulation
+                          through oneDNN (AMX or AVX512-BF16), everything
+                          else in float. On a CPU with neither, or a build
+                          without oneDNN, the engine refuses to open: it
+                          never emulates bfloat16 */
+} sdx4_cpu_options;
+
 typedef struct {
     const char *model_dir; /* diffusers folder with model_index.json */
     const char *variant;   /* "fp16" prefers *.fp16.safetensors; NULL: plain */
     const char *device;    /* "cpu", "cuda" or "auto" (NULL = "auto") */
     int threads;           /* CPU threads; 0 = all cores */
     sdx4_cuda_options cuda;
+    sdx4_cpu_options cpu;
 } sdx4_engine_options;
 
 void sdx4_engine_options_default(sdx4_engine_options *options);
@@ -134,7 +148,8 @@ typedef struct {
                                     "RRDBNet", "SRVGGNetCompact" */
     const char *device;          /* the backend's description: "CPU, 2 threads,
                                     OpenBLAS ..." or "cuda:0 (NVIDIA H100 ...)" */
-    const char *compute_dtype;   /* "float32", "float16" */
+    const char *compute_dtype;   /* "float32", "float16", "bfloat16" (the
+                                    CPU's convolutions and linear layers) */
     const char *weights_dtype;   /* dtype of the files loaded: "F32", "F16"... */
     int64_t text_encoder_params;
     int64_t unet_params;

@@ -82,6 +82,19 @@
 #           clocks free): ncu.csv. The text encoder runs first, and has
 #           layer norms and additions of its own, so the filter names the
 #           UNet's and the VAE's kernels only.
+# and, only when named: cpu-bf16  the CPU's bfloat16 path (issue 16, cpu.dtype
+#           bf16) on this machine's CPU, which is not the GPU's business but
+#           the only CPU here likely to have AMX or AVX512-BF16: prints the
+#           CPU's model and flags and skips without avx512_bf16/amx_bf16;
+#           else builds build-cpu-bf16/ (-DSDX4_CUDA=OFF, oneDNN 2.x from
+#           build-carry/dnnl.tar.xz, which `prepare-dnnl` packs here: 7 MB),
+#           runs test_backend_onednn, test_backend_bf16 and test_models with
+#           SDX4_TEST_CPU_DENSE=bf16, then sdx4 bench --device cpu at 64 px
+#           in fp32 and with --dtype bf16 (the full-size random model,
+#           models/x4-random-fp32, made when missing), and PyTorch's fp32
+#           and bf16-autocast UNet step in the same process
+#           (bench/torch_cpu_bench.py --bf16; diffusers from .whl/ as for
+#           anchor, torch from the machine): cpu-bf16.jsonl
 # Results go to $OUT (what the device tool brings back; build-device-out/
 # when run by hand):
 #   summary.txt     one line per step: PASS, FAIL or SKIP, seconds
@@ -203,6 +216,23 @@ if [ "${1:-}" = prepare-gan ]; then
     [ -f "$root/models/$m/model.safetensors" ] && cp -r "$root/models/$m" "$carry/gan/"
   done
   du -sh "$carry/gan"
+  exit 0
+fi
+if [ "${1:-}" = prepare-dnnl ]; then
+  # oneDNN 2.x's headers and library (and the OpenCL loader it links) for
+  # the cpu-bf16 step: the GPU machine has no libdnnl-dev
+  set -e
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp/sdx4-dnnl/include" "$tmp/sdx4-dnnl/lib" "$carry"
+  cp -r /usr/include/oneapi "$tmp/sdx4-dnnl/include/"
+  so=$(copy_library /usr/lib/x86_64-linux-gnu/libdnnl.so "$tmp/sdx4-dnnl")
+  ln -s "$so" "$tmp/sdx4-dnnl/lib/libdnnl.so"
+  for lib in $(ldd "$tmp/sdx4-dnnl/lib/$so" | awk '/libOpenCL/ {print $3}'); do
+    copy_library "$lib" "$tmp/sdx4-dnnl" >/dev/null
+  done
+  tar -C "$tmp" -cJf "$carry/dnnl.tar.xz" sdx4-dnnl
+  rm -rf "$tmp"
+  ls -l "$carry/dnnl.tar.xz"
   exit 0
 fi
 if [ "${1:-}" = prepare-variants ]; then
@@ -613,6 +643,47 @@ if wants anchor; then
       && cp /tmp/anchor/anchor_gpu.json $out/"
   else
     skip anchor "needs .whl/diffusers-*.whl and build-carry/gen_reference.py"
+  fi
+fi
+
+if wants cpu-bf16; then
+  {
+    echo "== cpu-bf16: $(grep -m1 'model name' /proc/cpuinfo)"
+    grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512|amx)' | tr '\n' ' '
+    echo
+  } | tee -a "$out/cpu-bf16.jsonl"
+  cpu_model=$root/models/x4-random-fp32
+  if ! grep -m1 '^flags' /proc/cpuinfo | grep -qwE 'avx512_bf16|amx_bf16'; then
+    skip cpu-bf16 "this CPU has no AVX512-BF16/AMX"
+  elif [ ! -f "$carry/dnnl.tar.xz" ] && [ ! -d /tmp/sdx4-dnnl ]; then
+    skip cpu-bf16 "no build-carry/dnnl.tar.xz: run 'prepare-dnnl' first"
+  else
+    [ -d /tmp/sdx4-dnnl ] || unpack "$carry/dnnl.tar.xz" /tmp
+    export LD_LIBRARY_PATH=/tmp/sdx4-dnnl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    step cpu-bf16-build 300 bash -c "cmake -S . -B build-cpu-bf16 -DCMAKE_BUILD_TYPE=Release \
+      -DSDX4_CUDA=OFF -DDNNL_ROOT=/tmp/sdx4-dnnl -DSDX4_REFERENCE=$reference ${cmake_extra[*]} \
+      | grep -i onednn && cmake --build build-cpu-bf16 -j$(nproc) --target sdx4 \
+      test_backend_onednn test_backend_bf16 test_models"
+    cpu_sdx4=$root/build-cpu-bf16/sdx4
+    step cpu-bf16-onednn 120 build-cpu-bf16/test_backend_onednn
+    step cpu-bf16-test 120 build-cpu-bf16/test_backend_bf16
+    step cpu-bf16-golden 180 env SDX4_TEST_CPU_DENSE=bf16 build-cpu-bf16/test_models
+    if [ ! -f "$cpu_model/model_index.json" ] && [ -x "$cpu_sdx4" ]; then
+      step cpu-bf16-model 180 "$cpu_sdx4" make-model --config "$config" "$cpu_model" --dtype fp32
+    fi
+    for dtype in fp32 bf16; do
+      step "cpu-bench-$dtype" 240 bash -o pipefail -c "$cpu_sdx4 bench --model $cpu_model \
+        --device cpu --dtype $dtype --size 64 --steps 1 --repeats 3 | tee -a $out/cpu-bf16.jsonl"
+    done
+    if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+      [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --target /tmp/site .whl/*.whl
+      step cpu-bench-torch 300 bash -o pipefail -c "PYTHONPATH=/tmp/site python3 \
+        bench/torch_cpu_bench.py --model $cpu_model --size 64 --repeats 3 --skip-pipeline --bf16 \
+        | tee -a $out/cpu-bf16.jsonl"
+    else
+      skip cpu-bench-torch "needs .whl/diffusers-*.whl (as anchor)"
+    fi
   fi
 fi
 

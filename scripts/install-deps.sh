@@ -13,6 +13,7 @@ packages=(build-essential cmake pkg-config clang
           python3-yaml # scripts/check-monitoring.py (promtool itself: check-monitoring.sh)
           systemd # systemd-analyze: scripts/check-systemd.sh
           libsqlite3-dev libpq-dev postgresql # --history; postgresql: its server for the tests
+          libdnnl-dev # oneDNN 2.x: the CPU's bfloat16 path (--cpu-dtype bf16; optional, SDX4_ONEDNN)
           chromium chromium-driver # tests/server/test_page.py: the web page in a headless browser
           podman debootstrap) # scripts/container-check.sh
 missing=()

@@ -7,10 +7,20 @@
  * backend's fp16 mode (its default; SDX4_CUDA_DTYPE=fp32 for float) the
  * issue's half-precision tolerances apply instead of the reference
  * README's.
+ *
+ * On the CPU, SDX4_TEST_CPU_DENSE picks how convolutions and linear
+ * layers compute (backend.h's cpu_dense_path): unset, the float32 OpenBLAS
+ * path; "onednn-fp32", oneDNN in float32 (the README's tolerances hold);
+ * "bf16", oneDNN in bfloat16 (skipped, 77, where the CPU has none); and
+ * "bf16-operands", float32 oneDNN on operands rounded to bfloat16: the bf16
+ * path's arithmetic on any CPU, with which the bfloat16 tolerances were
+ * measured. Both bf16 settings set test_bf16, which the golden tests read
+ * for their bfloat16 tolerances.
  */
 #ifndef SDX4_TEST_DEVICE_H
 #define SDX4_TEST_DEVICE_H
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +28,23 @@
 #include "core/error.h"
 
 static int test_half_precision; /* set by test_backend() */
+static int test_bf16;           /* likewise: the CPU's bfloat16 products */
+
+/* The CPU path SDX4_TEST_CPU_DENSE names (exits 1 on an unknown name). */
+static inline cpu_dense_path test_cpu_dense(void) {
+    static const struct {
+        const char *name;
+        cpu_dense_path path;
+    } paths[] = {{"onednn-fp32", CPU_DENSE_ONEDNN_F32},
+                 {"bf16", CPU_DENSE_ONEDNN_BF16},
+                 {"bf16-operands", CPU_DENSE_ONEDNN_F32_BF16_OPERANDS}};
+    const char *v = getenv("SDX4_TEST_CPU_DENSE");
+    if (!v || !*v) return CPU_DENSE_BLAS;
+    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
+        if (!strcmp(v, paths[i].name)) return paths[i].path;
+    fprintf(stderr, "SDX4_TEST_CPU_DENSE=%s: expected onednn-fp32, bf16 or bf16-operands\n", v);
+    exit(1);
+}
 
 /* Exits 77 (skip) when a CUDA run was asked for and no device is there. */
 static inline backend *test_backend(void) {
@@ -48,11 +75,18 @@ static inline backend *test_backend(void) {
         exit(77);
 #endif
     }
-    backend *be = sdx4_backend_cpu_create(0);
+    cpu_dense_path dense = test_cpu_dense();
+    backend *be = sdx4_backend_cpu_open(0, dense);
+    if (!be && dense == CPU_DENSE_ONEDNN_BF16 && sdx4_error_status() == SDX4_ERR_DEVICE) {
+        printf("skipped: %s\n", sdx4_last_error());
+        exit(77);
+    }
     if (!be) {
         fprintf(stderr, "cpu backend: %s\n", sdx4_last_error());
         exit(1);
     }
+    test_bf16 = dense == CPU_DENSE_ONEDNN_BF16 || dense == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
+    if (dense != CPU_DENSE_BLAS) printf("device: %s\n", be->description);
     return be;
 }
 

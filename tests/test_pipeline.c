@@ -25,6 +25,18 @@
 #include "test.h"
 #include "test_device.h"
 
+/* The CPU's bfloat16 products (SDX4_TEST_CPU_DENSE=bf16, test_device.h;
+ * test_models.c says why bfloat16 errs by about 1e-2 per network). Measured
+ * with the bf16 path's arithmetic on this CPU (SDX4_TEST_CPU_DENSE=
+ * bf16-operands) against the float32 goldens, over the cases below:
+ * latents 0.0113 to 0.0892, output 0.0101 to 0.0315 (fp16 variant 0.031),
+ * PNG at most 8 levels off, and 0% to 0.495% of values off by more than
+ * 4. The tolerances are about twice those: latents 0.2, output 0.07, 4
+ * levels on 99% of values. */
+#define BF16_LATENTS 0.2
+#define BF16_OUTPUT 0.07
+#define BF16_PNG_LEVELS 4
+
 static backend *be;
 
 #ifndef SDX4_NO_IMAGEIO
@@ -163,11 +175,12 @@ static void test_model(const char *name) {
                    chk.worst, d);
             CHECK(chk.steps_checked == a.steps, "%d of %d steps checked", chk.steps_checked,
                   a.steps);
-            /* in half precision only the 8-bit image is held (below) */
-            CHECK(test_half_precision || chk.worst <= 2e-3, "%s case %zu: latents differ by %g",
-                  name, ci, chk.worst);
-            CHECK(test_half_precision || d <= 2e-3, "%s case %zu: output differs by %g", name,
-                  ci, d);
+            /* in half precision only the 8-bit image is held (below); the
+             * CPU's bfloat16 products: BF16_LATENTS and BF16_OUTPUT */
+            CHECK(test_half_precision || chk.worst <= (test_bf16 ? BF16_LATENTS : 2e-3),
+                  "%s case %zu: latents differ by %g", name, ci, chk.worst);
+            CHECK(test_half_precision || d <= (test_bf16 ? BF16_OUTPUT : 2e-3),
+                  "%s case %zu: output differs by %g", name, ci, d);
             if (recorded && n_out == n_gold) { /* the PNG, within one level on 99.9% */
                 sdx4_image png = {0};
                 snprintf(path, sizeof path, "%s/golden/pipe%zu_output.png", test_ref(name), ci);
@@ -176,15 +189,18 @@ static void test_model(const char *name) {
                 sdx4_image_quantize(got, 4 * h, 4 * w, rgb);
                 size_t off = 0;
                 int worst = 0;
+                int levels = test_half_precision ? 2 : test_bf16 ? BF16_PNG_LEVELS : 1;
                 for (size_t i = 0; png.pixels && i < n_out; i++) {
                     int diff = abs((int)rgb[i] - (int)png.pixels[i]);
-                    off += diff > (test_half_precision ? 2 : 1);
+                    off += diff > levels;
                     if (diff > worst) worst = diff;
                 }
-                /* README: within 1 level on 99.9%; half precision: 2 levels on 99% */
-                CHECK(off * (test_half_precision ? 100 : 1000) <= n_out,
-                      "%zu of %zu PNG values off by more than the tolerance", off, n_out);
-                printf("  %s case %zu: PNG max level diff %d\n", name, ci, worst);
+                /* README: within 1 level on 99.9%; half precision: 2 levels
+                 * on 99%; bfloat16: BF16_PNG_LEVELS on 99% */
+                CHECK(off * (test_half_precision || test_bf16 ? 100 : 1000) <= n_out,
+                      "%zu of %zu PNG values off by more than %d levels", off, n_out, levels);
+                printf("  %s case %zu: PNG max level diff %d, %.3g%% off by more than %d\n", name,
+                       ci, worst, 100.0 * (double)off / (double)n_out, levels);
                 free(rgb);
                 sdx4_image_free(&png);
             }
@@ -227,7 +243,7 @@ static void test_fp16_variant(void) {
         sdx4_image_denormalize(out, n, out);
         double d = max_abs_diff(out, want, n);
         printf("  tiny fp16 variant: output max diff %.3g vs fp32 golden\n", d);
-        CHECK(d <= 2e-2, "fp16 variant output differs by %g", d);
+        CHECK(d <= (test_bf16 ? BF16_OUTPUT : 2e-2), "fp16 variant output differs by %g", d);
         free(want);
         sdx4_st_close(&g);
     }

@@ -124,6 +124,37 @@ const char *cli_model_dir(const char *option_value);
  * after naming a variable whose value is not one of its choices. */
 int cli_cuda_environment(const cli_command *cmd, sdx4_cuda_options *cuda);
 
+/* The precision flags of upscale and bench beside the CUDA ones:
+ * --cpu-dtype fp32|bf16 (sdx4.h's sdx4_cpu_options, $SDX4_CPU_DTYPE), and
+ * --dtype, the one flag for either device: fp32 sets both to float, bf16
+ * the CPU's (refused with --device cuda), fp16 CUDA's (refused with
+ * --device cpu); with --device auto the device that opens takes the part
+ * that is its own and the other its default. --dtype with --cpu-dtype or
+ * --cuda-dtype is a usage error. */
+#define CLI_CPU_DTYPES "fp32|bf16"
+#define CLI_DTYPES "fp32|fp16|bf16"
+typedef struct {
+    const char *dtype; /* --dtype */
+    sdx4_cpu_options cpu;
+} cli_precision;
+#define CLI_PRECISION_OPTIONS(p)                                                   \
+    {"--dtype", OPT_CHOICE, &(p)->dtype, 0, 0, CLI_DTYPES, 0},                     \
+    {"--cpu-dtype", OPT_CHOICE, &(p)->cpu.dtype, 0, 0, CLI_CPU_DTYPES, 0}
+#define CLI_PRECISION_HELP                                                         \
+    "  --dtype fp32|fp16|bf16 the device's precision: fp32 float everywhere,\n"    \
+    "                         fp16 CUDA's half, bf16 the CPU's bfloat16\n"         \
+    "  --cpu-dtype fp32|bf16  CPU: float32 (default), or convolutions and\n"      \
+    "                         linear layers in bfloat16 through oneDNN (AMX\n"    \
+    "                         or AVX512-BF16; refused elsewhere)\n"              \
+    "                         ($SDX4_CPU_DTYPE)\n"
+
+/* Maps --dtype onto cuda and p->cpu for `device`, then fills cpu.dtype from
+ * $SDX4_CPU_DTYPE when no flag gave it. Call before
+ * cli_cuda_environment(). Returns CLI_CONTINUE, or EXIT_USAGE after naming
+ * the flag or variable at fault. */
+int cli_precision_settings(const cli_command *cmd, cli_precision *p, const char *device,
+                           sdx4_cuda_options *cuda);
+
 /* Seconds on a monotonic clock. */
 double cli_now(void);
 

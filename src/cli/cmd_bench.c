@@ -53,6 +53,7 @@ static const char help[] =
     "  --variant fp16         load the *.fp16.safetensors weights\n"
     "  --device cpu|cuda|auto compute device (default: auto)\n"
     CLI_CUDA_HELP
+    CLI_PRECISION_HELP
     "  -h, --help             show this help\n";
 
 /* What --threads 0 means: every CPU this process may run on. */
@@ -98,6 +99,7 @@ int cmd_bench(int argc, char **argv) {
     int size = 64, steps = 2, repeats = 1, batch = 1, threads = 0;
     cli_list scheduler_option_list = {0};
     sdx4_cuda_options cuda = {0};
+    cli_precision precision = {0};
     cli_option options[] = {
         {"--model", OPT_STRING, &model, 0, 0, NULL, 0},
         {"--size", OPT_INT, &size, 8, 1024, NULL, 0},
@@ -110,12 +112,14 @@ int cmd_bench(int argc, char **argv) {
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
+        CLI_PRECISION_OPTIONS(&precision),
         {NULL, 0, NULL, 0, 0, NULL, 0},
     };
     cli_command cmd = {"bench", help, "no arguments", 0, 0, options};
     int npositionals;
     int status = cli_parse(&cmd, argc, argv, NULL, &npositionals);
     if (status != CLI_CONTINUE ||
+        (status = cli_precision_settings(&cmd, &precision, device, &cuda)) != CLI_CONTINUE ||
         (status = cli_cuda_environment(&cmd, &cuda)) != CLI_CONTINUE)
         return status;
     model = cli_model_dir(model);
@@ -140,6 +144,7 @@ int cmd_bench(int argc, char **argv) {
     engine_options.device = device;
     engine_options.threads = threads;
     engine_options.cuda = cuda;
+    engine_options.cpu = precision.cpu;
     sdx4_engine *engine = NULL;
     sdx4_model_info info;
     sdx4_bench_result result;

@@ -113,6 +113,7 @@ static void build_help(char *help, size_t size, const param_flag *flags, int nfl
         "  --variant fp16         load the *.fp16.safetensors weights\n"
         "  --device cpu|cuda|auto compute device (default: auto)\n"
         CLI_CUDA_HELP
+        CLI_PRECISION_HELP
         "  --quality Q            JPEG/WebP quality, 1..100 (default: 90)\n"
         "  --safety-checker DIR   check the output with this content checker\n"
         "                         (CompVis/stable-diffusion-safety-checker's folder)\n"
@@ -285,6 +286,7 @@ int cmd_upscale(int argc, char **argv) {
     double eta = params.eta;
     uint64_t seed = 0;
     sdx4_cuda_options cuda = {0};
+    cli_precision precision = {0};
     cli_list scheduler_option_list = {0};
     char *options_json = NULL;
 
@@ -307,6 +309,7 @@ int cmd_upscale(int argc, char **argv) {
         {"--variant", OPT_STRING, &variant, 0, 0, NULL, 0},
         {"--device", OPT_CHOICE, &device, 0, 0, "cpu|cuda|auto", 0},
         CLI_CUDA_OPTIONS(&cuda),
+        CLI_PRECISION_OPTIONS(&precision),
         {"--quality", OPT_INT, &quality, 1, 100, NULL, 0},
         {"--safety-checker", OPT_STRING, &safety_dir, 0, 0, NULL, 0},
         {"--safety-action", OPT_CHOICE, &safety_action, 0, 0, "refuse|blackout", 0},
@@ -318,13 +321,14 @@ int cmd_upscale(int argc, char **argv) {
     memcpy(options, fixed, sizeof fixed);
     for (int i = 0; i < NFLAGS; i++) options[NFIXED + i] = param_option(&flags[i]);
     options[NFIXED + NFLAGS] = (cli_option){0};
-    char help[4096];
+    char help[8192];
     build_help(help, sizeof help, flags, NFLAGS);
     cli_command cmd = {"upscale", help, "IN OUT", 2, 2, options};
     const char *paths[2];
     int npaths;
     int status = cli_parse(&cmd, argc, argv, paths, &npaths);
     if (status != CLI_CONTINUE ||
+        (status = cli_precision_settings(&cmd, &precision, device, &cuda)) != CLI_CONTINUE ||
         (status = cli_cuda_environment(&cmd, &cuda)) != CLI_CONTINUE)
         return status;
     const char *in_path = paths[0], *out_path = paths[1];
@@ -378,6 +382,7 @@ int cmd_upscale(int argc, char **argv) {
     engine_options.device = device;
     engine_options.threads = threads;
     engine_options.cuda = cuda;
+    engine_options.cpu = precision.cpu;
     sdx4_model_info info;
     if (sdx4_engine_open(&engine_options, &engine) != SDX4_OK ||
         sdx4_engine_info(engine, &info) != SDX4_OK ||

@@ -55,16 +55,17 @@ void sdx4_engine_options_default(sdx4_engine_options *o) {
     o->device = "auto";
 }
 
-static backend *open_backend(const char *device, int threads, const cuda_settings *cuda) {
+static backend *open_backend(const char *device, int threads, const cuda_settings *cuda,
+                             cpu_dense_path cpu) {
     (void)cuda; /* unused in builds without the CUDA backend */
     if (!device || !strcmp(device, "auto")) {
 #ifdef SDX4_HAVE_CUDA
         backend *be = sdx4_backend_cuda_create(0, cuda);
         if (be) return be;
 #endif
-        return sdx4_backend_cpu_create(threads);
+        return sdx4_backend_cpu_open(threads, cpu);
     }
-    if (!strcmp(device, "cpu")) return sdx4_backend_cpu_create(threads);
+    if (!strcmp(device, "cpu")) return sdx4_backend_cpu_open(threads, cpu);
     if (!strcmp(device, "cuda")) {
 #ifdef SDX4_HAVE_CUDA
         return sdx4_backend_cuda_create(0, cuda);
@@ -88,8 +89,10 @@ backend *sdx4_backend_open(const sdx4_engine_options *o, const char *what) {
         return NULL;
     }
     cuda_settings cuda;
-    if (sdx4_cuda_settings_parse(&o->cuda, &cuda)) return NULL;
-    return open_backend(o->device, o->threads, &cuda);
+    cpu_dense_path cpu;
+    if (sdx4_cuda_settings_parse(&o->cuda, &cuda) || sdx4_cpu_settings_parse(&o->cpu, &cpu))
+        return NULL;
+    return open_backend(o->device, o->threads, &cuda, cpu);
 }
 
 /* A GAN's folder has config.json and no model_index.json. */
@@ -144,7 +147,9 @@ sdx4_status sdx4_engine_info(const sdx4_engine *e, sdx4_model_info *info) {
     dtype act = e->be->set_activation_type
                     ? e->be->set_activation_type(e->be, DTYPE_COUNT) /* query only */
                     : DTYPE_F32;
-    info->compute_dtype = act == DTYPE_F16 ? "float16" : "float32";
+    info->compute_dtype = act == DTYPE_F16                  ? "float16"
+                          : e->be->dense_type == DTYPE_BF16 ? "bfloat16"
+                                                            : "float32";
     info->vae_scale_factor = scale_of(e);
     if (e->is_gan) {
         info->kind = "gan";

@@ -68,6 +68,10 @@ static const option options[] = {
      "a restart at the same sizes (and the other workers) do not time them again; warm-up "
      "fills it; off: none [default: $XDG_CACHE_HOME/sdx4/cuda-plans, else "
      "~/.cache/sdx4/cuda-plans]"},
+    {"cpu-dtype", OPT_STRING, O(cpu_dtype), 0, 0, "fp32",
+     "CPU: fp32 (float32 through OpenBLAS) or bf16 (convolutions and linear layers in bfloat16 "
+     "with float accumulation through oneDNN: AMX or AVX512-BF16; the server does not start on a "
+     "CPU without them)"},
     {"safety-checker", OPT_STRING, O(safety_checker), 0, 0, NULL,
      "check every upscale's output with this content checker (CompVis/stable-diffusion-"
      "safety-checker's folder: scripts/download-safety-checker.sh) on the engine's device; "
@@ -633,4 +637,5 @@ void config_engine_options(const server_config *cfg, const char *model_dir, sdx4
                                   .conv = cfg->cuda_conv, .no_graphs = !cfg->cuda_graph,
                                   .no_plans = !cfg->cuda_plan, .profile = cfg->cuda_profile,
                                   .plan_cache = cfg->plan_cache};
+    o->cpu = (sdx4_cpu_options){.dtype = cfg->cpu_dtype};
 }

@@ -31,7 +31,8 @@ typedef struct {
     int threads;
     char *cuda_dtype, *cuda_vae, *cuda_conv; /* sdx4_cuda_options, checked by the engine */
     bool cuda_graph, cuda_plan, cuda_profile;
-    char *plan_cache; /* sdx4_cuda_options.plan_cache: a path, "off", NULL: the default */
+    char *plan_cache; /* sdx4_cuda_options.plan_cache: a path or "off" (config_load sets the default) */
+    char *cpu_dtype; /* sdx4_cpu_options, checked by the engine */
     char *safety_checker; /* the content check's folder (--safety-checker), NULL: off */
     char *safety_action;  /* "refuse" or "blackout" */
     bool warmup;

@@ -6,8 +6,8 @@
  * entries (the CPU) runs fn at every call: such a step keeps nothing, and
  * is an allocation only so that NULL still means failure.
  *
- * The CUDA settings are checked here, in C and in every build, rather than
- * in the CUDA backend, so that a bad value is refused where there is no
+ * The CUDA and CPU settings are checked here, in every build, rather than
+ * in their backends, so that a bad value is refused where there is no
  * GPU too: the same options then open the same engine, or fail the same
  * way, on every machine.
  */
@@ -74,5 +74,16 @@ int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s) {
         .profile = o->profile != 0,
         .plan_cache = o->plan_cache,
     };
+    return 0;
+}
+
+int sdx4_cpu_settings_parse(const sdx4_cpu_options *o, cpu_dense_path *path) {
+    static const char *const dtypes[] = {"fp32", "bf16"};
+    int dt = choice(o ? o->dtype : NULL, dtypes, 2);
+    if (dt < 0) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cpu.dtype \"%s\": expected fp32 or bf16", o->dtype);
+        return -1;
+    }
+    *path = dt ? CPU_DENSE_ONEDNN_BF16 : CPU_DENSE_BLAS;
     return 0;
 }

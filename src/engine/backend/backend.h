@@ -5,8 +5,9 @@
  * ggml-backend): the text encoder, UNet and VAE call these operations on
  * tensors that live in the backend's memory, and never see how or where
  * they are computed. The CPU backend (backend/cpu) computes in float32 with
- * OpenBLAS and OpenMP; the CUDA backend (backend/cuda) slots in behind the
- * same table.
+ * OpenBLAS and OpenMP, or its convolutions and linear layers in bfloat16
+ * through oneDNN (cpu_onednn.c); the CUDA backend (backend/cuda) slots in
+ * behind the same table.
  *
  * Tensors are dense, row-major (the last dimension is contiguous) and at
  * most 4-D. Image tensors are NCHW as in PyTorch; token tensors are
@@ -37,6 +38,9 @@ typedef struct tensor {
     int64_t shape[4];
     dtype type;         /* activations are F32; weights may be F16 on GPUs */
     int owns_data;      /* 0 for a view of weight bytes the model owns */
+    void *prepared;     /* a weight as the backend's kernels read it, made at
+                           its first use (the CPU's oneDNN layout: then data
+                           may be NULL); NULL for any other tensor */
 } tensor;
 
 static inline int64_t tensor_numel(const tensor *t) {
@@ -158,6 +162,11 @@ struct backend {
      * other. Any other `t` changes nothing and just returns the current
      * type. */
     dtype (*set_activation_type)(backend *be, dtype t);
+    /* The type that convolutions and linear layers multiply in where it is
+     * not the activations' (the CPU's oneDNN path: DTYPE_BF16 operands,
+     * float accumulation and output); DTYPE_F32 (zero) otherwise. For
+     * model-info's compute_dtype. */
+    dtype dense_type;
 
     /* --- steps -------------------------------------------------------- */
     /* Optional (NULL: sdx4_step_run() calls fn every time, see below). A GPU
@@ -243,9 +252,37 @@ typedef struct {
  * the option and its choices. */
 int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s);
 
+/* How the CPU backend computes its convolutions and linear layers:
+ * sdx4.h's sdx4_cpu_options.dtype. The two oneDNN float32 paths are not
+ * offered there: they are the bfloat16 path's code with float32 data
+ * types, which the tests run on CPUs that cannot run bfloat16. */
+typedef enum {
+    CPU_DENSE_BLAS,        /* float32 through OpenBLAS (the default) */
+    CPU_DENSE_ONEDNN_F32,  /* float32 through oneDNN (tests) */
+    CPU_DENSE_ONEDNN_BF16, /* bfloat16 operands, float accumulation and
+                              output, through oneDNN; refused on a CPU
+                              without AVX512-BF16 or AMX, never emulated */
+    CPU_DENSE_ONEDNN_F32_BF16_OPERANDS, /* tests only: float32 through
+                              oneDNN on inputs and weights rounded to
+                              bfloat16 (to nearest even, as oneDNN's
+                              reorders round). Products of bfloat16 values
+                              are exact in float and the bf16 path
+                              accumulates in float, so this is the bf16
+                              path's arithmetic up to summation order: how
+                              the tests measure its error on any CPU */
+} cpu_dense_path;
+
+/* The path `o` asks for (NULL: the default); -1 with an error naming the
+ * option and its choices. Like sdx4_cuda_settings_parse, whatever the
+ * device. */
+int sdx4_cpu_settings_parse(const sdx4_cpu_options *o, cpu_dense_path *path);
+
 /* Backends compiled into this build. Each returns NULL with the error set
- * when it cannot start (no GPU, ...). threads = 0: all cores. */
+ * when it cannot start (no GPU, no bfloat16 on this CPU, ...). threads = 0:
+ * all cores. sdx4_backend_cpu_create(t) is sdx4_backend_cpu_open(t,
+ * CPU_DENSE_BLAS). */
 backend *sdx4_backend_cpu_create(int threads);
+backend *sdx4_backend_cpu_open(int threads, cpu_dense_path path);
 backend *sdx4_backend_cuda_create(int device_index, const cuda_settings *settings);
 
 /* Shorthands that keep model code readable. */

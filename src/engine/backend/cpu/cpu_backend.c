@@ -84,6 +84,12 @@ static void release_bytes(backend *be, void *p, size_t bytes) {
     free(p);
 }
 
+void *sdx4_cpu_bytes_alloc(backend *be, size_t bytes) { return aligned_bytes(be, bytes); }
+
+void sdx4_cpu_bytes_free(backend *be, void *p, size_t bytes) {
+    if (p) release_bytes(be, p, bytes);
+}
+
 float *sdx4_cpu_scratch_alloc(backend *be, size_t floats) {
     if (floats > SIZE_MAX / sizeof(float)) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: scratch of %zu floats is too large", floats);
@@ -125,6 +131,9 @@ tensor *sdx4_cpu_new_tensor(backend *be, int ndim, const int64_t *shape) {
 
 static void cpu_free_tensor(backend *be, tensor *t) {
     if (!t) return;
+#ifdef SDX4_HAVE_ONEDNN
+    if (t->prepared) sdx4_cpu_onednn_weight_release(be, t);
+#endif
     if (t->owns_data) release_bytes(be, t->data, (size_t)tensor_numel(t) * sizeof(float));
     free(t);
 }
@@ -135,7 +144,11 @@ static tensor *cpu_weight(backend *be, const void *data, dtype type, int ndim,
     if (n < 0) return NULL;
     tensor *t = tensor_header(be, ndim, shape);
     if (!t) return NULL;
-    if (type == DTYPE_F32 && (uintptr_t)data % sizeof(float) == 0) {
+    /* in place, but not on the oneDNN path: there the float copy is freed
+     * once its first use has reordered it (cpu_onednn.c), which the
+     * model's file bytes cannot be */
+    if (type == DTYPE_F32 && (uintptr_t)data % sizeof(float) == 0 &&
+        ((cpu_backend *)be)->dense == CPU_DENSE_BLAS) {
         t->data = (void *)data; /* read-only by contract: weights are inputs */
         return t;
     }
@@ -176,6 +189,12 @@ static void cpu_memory(backend *be, int64_t *in_use, int64_t *peak) {
 /* ---------------------------------------------------------------- checks */
 
 int sdx4_cpu_check(const char *op, const char *what, const tensor *t, int ndim) {
+    if (t && !t->data && t->prepared) {
+        sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT,
+                       "%s: %s is a weight held in oneDNN's layout, for convolutions and linear "
+                       "layers only", op, what);
+        return -1;
+    }
     if (sdx4_check_present(op, what, t)) return -1;
     if (t->type != DTYPE_F32) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "%s: %s is %s, the cpu backend computes in F32", op,
@@ -277,12 +296,25 @@ static tensor *cpu_embedding(backend *be, const tensor *table, const int32_t *id
 
 static void cpu_destroy(backend *be) {
     cpu_backend *cb = (cpu_backend *)be;
+#ifdef SDX4_HAVE_ONEDNN
+    if (cb->onednn) sdx4_cpu_onednn_close(be);
+#endif
     for (int i = 0; i < cb->spare_count; i++) free(cb->spare[i].data);
     pthread_mutex_destroy(&cb->spare_lock);
     free(cb);
 }
 
-backend *sdx4_backend_cpu_create(int threads) {
+backend *sdx4_backend_cpu_create(int threads) { return sdx4_backend_cpu_open(threads, CPU_DENSE_BLAS); }
+
+backend *sdx4_backend_cpu_open(int threads, cpu_dense_path dense) {
+#ifndef SDX4_HAVE_ONEDNN
+    if (dense != CPU_DENSE_BLAS) {
+        sdx4_set_error(SDX4_ERR_DEVICE, "cpu.dtype %s: this build of sdx4 has no oneDNN (built with "
+                       "SDX4_ONEDNN=OFF or without libdnnl-dev)",
+                       dense == CPU_DENSE_ONEDNN_BF16 ? "bf16" : "fp32 through oneDNN");
+        return NULL;
+    }
+#endif
     if (threads < 0) {
         sdx4_set_error(SDX4_ERR_INVALID_ARGUMENT, "cpu backend: %d threads", threads);
         return NULL;
@@ -293,6 +325,7 @@ backend *sdx4_backend_cpu_create(int threads) {
         return NULL;
     }
     cb->threads = threads ? threads : omp_get_num_procs();
+    cb->dense = dense;
     atomic_init(&cb->in_use, 0);
     atomic_init(&cb->peak, 0);
     if (pthread_mutex_init(&cb->spare_lock, NULL) != 0) {
@@ -331,5 +364,11 @@ backend *sdx4_backend_cpu_create(int threads) {
     be->embedding = cpu_embedding;
     be->memory = cpu_memory;
     be->destroy = cpu_destroy;
+#ifdef SDX4_HAVE_ONEDNN
+    if (dense != CPU_DENSE_BLAS && sdx4_cpu_onednn_open(be, dense)) {
+        cpu_destroy(be);
+        return NULL;
+    }
+#endif
     return be;
 }

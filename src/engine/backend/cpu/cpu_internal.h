@@ -3,7 +3,10 @@
  *
  * cpu_backend.c builds the operation table (backend.h) and owns memory,
  * weights, linear and embedding; cpu_conv.c, cpu_attention.c,
- * cpu_norm_act.c and cpu_layout.c hold the other kernels. They all use the
+ * cpu_norm_act.c and cpu_layout.c hold the other kernels; cpu_onednn.c
+ * holds the oneDNN path of convolutions and linear layers (bfloat16, or
+ * float32 for tests), which replaces cpu_conv.c's and linear's entries of
+ * the table when the backend is opened with it. They all use the
  * helpers below to allocate tensors and scratch (counted by memory()), to
  * check their tensors, and to multiply matrices.
  *
@@ -39,12 +42,16 @@ typedef struct {
     size_t bytes;
 } cpu_spare;
 
+typedef struct cpu_onednn cpu_onednn; /* cpu_onednn.c */
+
 typedef struct {
     backend base;           /* first member: a backend* is a cpu_backend* */
     int threads;            /* OpenMP team size of every kernel */
+    cpu_dense_path dense;   /* how convolutions and linear layers compute */
+    cpu_onednn *onednn;     /* its state, when dense is a oneDNN path */
     _Atomic int64_t in_use; /* bytes of tensor data and scratch owned now */
     _Atomic int64_t peak;   /* most bytes ever owned at once */
-    char description[160];
+    char description[256];
     pthread_mutex_t spare_lock;       /* guards the three fields below */
     cpu_spare spare[CPU_SPARE_SLOTS]; /* oldest first */
     int spare_count;
@@ -77,6 +84,19 @@ tensor *sdx4_cpu_new_tensor(backend *be, int ndim, const int64_t *shape);
  * else sets "op: what is ..." and returns -1. The checks of how shapes fit
  * together are backend_check.h's. */
 int sdx4_cpu_check(const char *op, const char *what, const tensor *t, int ndim);
+
+/* The oneDNN path (cpu_onednn.c, in builds with SDX4_HAVE_ONEDNN). open
+ * returns 0, or -1 with the error set when the path cannot run here (no
+ * bfloat16 instructions: refused, never emulated); it sets the backend's
+ * conv2d, conv2d_add, linear and linear_add. weight_release frees what
+ * a weight's first use prepared (tensor.prepared); close frees the rest. */
+int sdx4_cpu_onednn_open(backend *be, cpu_dense_path path);
+void sdx4_cpu_onednn_weight_release(backend *be, tensor *w);
+void sdx4_cpu_onednn_close(backend *be);
+/* The bytes and the release of the backend's own memory, for
+ * cpu_onednn.c's weights and scratch of any size (memory() counts them). */
+void *sdx4_cpu_bytes_alloc(backend *be, size_t bytes);
+void sdx4_cpu_bytes_free(backend *be, void *p, size_t bytes);
 
 /* Kernels of the other files, with the signatures of backend.h. */
 tensor *sdx4_cpu_conv2d(backend *be, const tensor *x, const tensor *w, const tensor *bias, int stride,
