@@ -90,6 +90,22 @@ static inline uint32_t test_png_crc32(const unsigned char *p, size_t n) {
     return c ^ 0xffffffffu;
 }
 
+/* The backend tests' reproducible random numbers: xorshift64 on a seed of
+ * each test's own (`state`), uniform in [lo, hi). */
+static inline float test_frand(uint64_t *state, float lo, float hi) {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return lo + (hi - lo) * (float)((*state >> 40) / (double)(1 << 24));
+}
+
+/* n of them, malloc'd. */
+static inline float *test_rand_buf(uint64_t *state, int64_t n, float lo, float hi) {
+    float *p = (float *)malloc((size_t)n * sizeof *p);
+    for (int64_t i = 0; p && i < n; i++) p[i] = test_frand(state, lo, hi);
+    return p;
+}
+
 static inline int test_finish(const char *name) {
     printf("%s: %d checks, %d failed\n", name, test_checks, test_failures);
     return test_failures ? 1 : 0;

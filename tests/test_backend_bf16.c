@@ -30,19 +30,6 @@
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 
-static float frand(float lo, float hi) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return lo + (hi - lo) * (float)((rng >> 40) / (double)(1 << 24));
-}
-
-static float *rand_buf(int64_t n, float lo, float hi) {
-    float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++) p[i] = frand(lo, hi);
-    return p;
-}
-
 static tensor *make(backend *be, int ndim, const int64_t *shape, const float *data) {
     tensor *t = be->new_tensor(be, ndim, shape);
     if (t) be->upload(be, t, data);
@@ -67,7 +54,7 @@ static void compare(backend *bf, backend *ref, const char *what, int ndim, const
     int64_t nx = 1, nw = 1, O = wshape[0];
     for (int i = 0; i < ndim; i++) nx *= xshape[i];
     for (int i = 0; i < ndim_w; i++) nw *= wshape[i];
-    float *x = rand_buf(nx, -1, 1), *w = rand_buf(nw, -0.2f, 0.2f), *b = rand_buf(O, -1, 1);
+    float *x = test_rand_buf(&rng, nx, -1, 1), *w = test_rand_buf(&rng, nw, -0.2f, 0.2f), *b = test_rand_buf(&rng, O, -1, 1);
     tensor *y[2] = {0};
     backend *bes[2] = {bf, ref};
     for (int i = 0; i < 2; i++) {

@@ -36,19 +36,6 @@ const char *__asan_default_options(void) { return "allocator_may_return_null=1";
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 
-static float frand(float lo, float hi) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return lo + (hi - lo) * (float)((rng >> 40) / (double)(1 << 24));
-}
-
-static float *rand_buf(int64_t n, float lo, float hi) {
-    float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++) p[i] = frand(lo, hi);
-    return p;
-}
-
 static tensor *make(backend *be, int ndim, const int64_t *shape, const float *data) {
     tensor *t = be->new_tensor(be, ndim, shape);
     if (!t) {
@@ -102,7 +89,7 @@ static double *dalloc(int64_t n) { return calloc((size_t)n, sizeof(double)); }
 static void test_linear(backend *be, int ndim, const int64_t *xshape, int64_t N, int with_bias) {
     int64_t K = xshape[ndim - 1], M = 1;
     for (int i = 0; i < ndim - 1; i++) M *= xshape[i];
-    float *x = rand_buf(M * K, -1, 1), *w = rand_buf(N * K, -1, 1), *b = rand_buf(N, -1, 1);
+    float *x = test_rand_buf(&rng, M * K, -1, 1), *w = test_rand_buf(&rng, N * K, -1, 1), *b = test_rand_buf(&rng, N, -1, 1);
     tensor *tx = make(be, ndim, xshape, x), *tw = make(be, 2, (int64_t[]){N, K}, w);
     tensor *tb = make(be, 1, &N, b);
     double *ref = dalloc(M * N);
@@ -155,8 +142,8 @@ static void reference_conv(const float *x, const float *w, const float *b, doubl
 
 static void test_conv(backend *be, int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, int k,
                       int stride, int pad, int with_bias) {
-    float *x = rand_buf(B * C * H * W, -1, 1), *w = rand_buf(O * C * k * k, -1, 1);
-    float *b = rand_buf(O, -1, 1);
+    float *x = test_rand_buf(&rng, B * C * H * W, -1, 1), *w = test_rand_buf(&rng, O * C * k * k, -1, 1);
+    float *b = test_rand_buf(&rng, O, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){B, C, H, W}, x);
     tensor *tw = make(be, 4, (int64_t[]){O, C, k, k}, w), *tb = make(be, 1, &O, b);
     int64_t Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
@@ -179,8 +166,8 @@ static void test_attention(backend *be, int64_t B, int64_t Tq, int64_t Tk, int h
                            int causal) {
     int64_t HD = heads * D;
     /* scores of a few units: the softmax is neither flat nor one-hot */
-    float *q = rand_buf(B * Tq * HD, -1.5f, 1.5f), *k = rand_buf(B * Tk * HD, -1.5f, 1.5f);
-    float *v = rand_buf(B * Tk * HD, -1, 1);
+    float *q = test_rand_buf(&rng, B * Tq * HD, -1.5f, 1.5f), *k = test_rand_buf(&rng, B * Tk * HD, -1.5f, 1.5f);
+    float *v = test_rand_buf(&rng, B * Tk * HD, -1, 1);
     tensor *tq = make(be, 3, (int64_t[]){B, Tq, HD}, q);
     tensor *tk = make(be, 3, (int64_t[]){B, Tk, HD}, k);
     tensor *tv = make(be, 3, (int64_t[]){B, Tk, HD}, v);
@@ -234,8 +221,8 @@ static void test_group_norm(backend *be, int ndim, const int64_t *shape, int gro
     tensor probe = {.ndim = ndim};
     memcpy(probe.shape, shape, (size_t)ndim * sizeof *shape);
     int64_t n = tensor_numel(&probe), B = shape[0], C = shape[1], S = n / (B * C);
-    float *x = rand_buf(n, offset - 1, offset + 1);
-    float *g = rand_buf(C, 0.5f, 1.5f), *bt = rand_buf(C, -0.5f, 0.5f);
+    float *x = test_rand_buf(&rng, n, offset - 1, offset + 1);
+    float *g = test_rand_buf(&rng, C, 0.5f, 1.5f), *bt = test_rand_buf(&rng, C, -0.5f, 0.5f);
     tensor *tx = make(be, ndim, shape, x), *tg = make(be, 1, &C, g), *tb = make(be, 1, &C, bt);
     double *ref = dalloc(n);
     int64_t cg = C / groups;
@@ -262,8 +249,8 @@ static void test_group_norm(backend *be, int ndim, const int64_t *shape, int gro
 }
 
 static void test_layer_norm(backend *be, int64_t rows, int64_t D, float offset) {
-    float *x = rand_buf(rows * D, offset - 1, offset + 1);
-    float *g = rand_buf(D, 0.5f, 1.5f), *bt = rand_buf(D, -0.5f, 0.5f);
+    float *x = test_rand_buf(&rng, rows * D, offset - 1, offset + 1);
+    float *g = test_rand_buf(&rng, D, 0.5f, 1.5f), *bt = test_rand_buf(&rng, D, -0.5f, 0.5f);
     tensor *tx = make(be, 3, (int64_t[]){1, rows, D}, x);
     tensor *tg = make(be, 1, &D, g), *tb = make(be, 1, &D, bt);
     double *ref = dalloc(rows * D);
@@ -287,7 +274,7 @@ static void test_layer_norm(backend *be, int64_t rows, int64_t D, float offset) 
 
 static void test_elementwise(backend *be) {
     const int64_t n = 40000; /* several parallel chunks, the last one partial */
-    float *x = rand_buf(n, -9, 9);
+    float *x = test_rand_buf(&rng, n, -9, 9);
     tensor *tx = make(be, 2, (int64_t[]){200, 200}, x);
     for (int a = ACT_NONE; a <= ACT_QUICK_GELU; a++) {
         double *ref = dalloc(n);
@@ -313,7 +300,7 @@ static void test_elementwise(backend *be) {
 
     /* GEGLU: [2, 3, 2*17] -> [2, 3, 17] */
     int64_t gshape[3] = {2, 3, 34};
-    float *gx = rand_buf(2 * 3 * 34, -3, 3);
+    float *gx = test_rand_buf(&rng, 2 * 3 * 34, -3, 3);
     tensor *tg = make(be, 3, gshape, gx);
     double *gref = dalloc(2 * 3 * 17);
     for (int64_t r = 0; r < 6; r++)
@@ -325,7 +312,7 @@ static void test_elementwise(backend *be) {
 
     /* a += b * s, x += v[b, c], x *= s */
     int64_t shape[4] = {2, 3, 5, 7}, m = 2 * 3 * 5 * 7;
-    float *a = rand_buf(m, -1, 1), *b = rand_buf(m, -1, 1), *v = rand_buf(6, -1, 1);
+    float *a = test_rand_buf(&rng, m, -1, 1), *b = test_rand_buf(&rng, m, -1, 1), *v = test_rand_buf(&rng, 6, -1, 1);
     tensor *ta = make(be, 4, shape, a), *tb = make(be, 4, shape, b);
     tensor *tv = make(be, 2, (int64_t[]){2, 3}, v);
     CHECK(be->add_inplace(be, ta, tb, 1.0f) == 0, "add");
@@ -348,7 +335,7 @@ static void test_elementwise(backend *be) {
 
 static void test_layout(backend *be) {
     /* concat along channels */
-    float *a = rand_buf(2 * 3 * 5 * 7, -1, 1), *b = rand_buf(2 * 4 * 5 * 7, -1, 1);
+    float *a = test_rand_buf(&rng, 2 * 3 * 5 * 7, -1, 1), *b = test_rand_buf(&rng, 2 * 4 * 5 * 7, -1, 1);
     tensor *ta = make(be, 4, (int64_t[]){2, 3, 5, 7}, a);
     tensor *tb = make(be, 4, (int64_t[]){2, 4, 5, 7}, b);
     double *ref = dalloc(2 * 7 * 35);
@@ -390,7 +377,7 @@ static void test_layout(backend *be) {
 
     /* tokens: [2, 37, 5, 7] -> [2, 35, 37] -> back (block edges on both sides) */
     int64_t C = 37, S = 35;
-    float *x = rand_buf(2 * C * S, -1, 1);
+    float *x = test_rand_buf(&rng, 2 * C * S, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){2, C, 5, 7}, x);
     tensor *tok = be->nchw_to_tokens(be, tx);
     CHECK(tok && tok->ndim == 3 && tok->shape[1] == S && tok->shape[2] == C,
@@ -417,7 +404,7 @@ static void test_layout(backend *be) {
     }
 
     /* embedding rows */
-    float *table = rand_buf(10 * 6, -1, 1);
+    float *table = test_rand_buf(&rng, 10 * 6, -1, 1);
     tensor *tt = make(be, 2, (int64_t[]){10, 6}, table);
     int32_t ids[4] = {3, 0, 9, 3};
     double *eref = dalloc(4 * 6);
@@ -573,8 +560,8 @@ static void spot_check_conv(backend *be, const char *what, const tensor *x, cons
     int64_t Ho = y->shape[2], Wo = y->shape[3];
     (void)be;
     for (int i = 0; i < 6; i++) {
-        int64_t o = (int64_t)(frand(0, 1) * O), oy = (int64_t)(frand(0, 1) * Ho);
-        int64_t ox = i < 3 ? (int64_t)(frand(0, 1) * Wo) : (i - 3) * (Wo - 1) / 2; /* edges too */
+        int64_t o = (int64_t)(test_frand(&rng, 0, 1) * O), oy = (int64_t)(test_frand(&rng, 0, 1) * Ho);
+        int64_t ox = i < 3 ? (int64_t)(test_frand(&rng, 0, 1) * Wo) : (i - 3) * (Wo - 1) / 2; /* edges too */
         double sum = 0, mag = 0;
         for (int64_t c = 0; c < C; c++)
             for (int64_t ky = 0; ky < k; ky++)
@@ -596,7 +583,7 @@ static void spot_check_conv(backend *be, const char *what, const tensor *x, cons
  * peak is this call's, and checks the scratch beyond inputs and output. */
 static void test_conv_scratch(int64_t C, int64_t H, int64_t O, int stride, int64_t limit_mb) {
     backend *be = sdx4_backend_cpu_create(2);
-    float *x = rand_buf(C * H * H, -1, 1), *w = rand_buf(O * C * 9, -1, 1);
+    float *x = test_rand_buf(&rng, C * H * H, -1, 1), *w = test_rand_buf(&rng, O * C * 9, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){1, C, H, H}, x);
     tensor *tw = make(be, 4, (int64_t[]){O, C, 3, 3}, w);
     tensor *y = be->conv2d(be, tx, tw, NULL, stride, 1);
@@ -623,8 +610,8 @@ static void test_conv_scratch(int64_t C, int64_t H, int64_t O, int stride, int64
 static void test_attention_scratch(void) {
     backend *be = sdx4_backend_cpu_create(2);
     const int64_t T = 16384, D = 8;
-    float *q = rand_buf(T * D, -1.5f, 1.5f), *k = rand_buf(T * D, -1.5f, 1.5f),
-          *v = rand_buf(T * D, -1, 1);
+    float *q = test_rand_buf(&rng, T * D, -1.5f, 1.5f), *k = test_rand_buf(&rng, T * D, -1.5f, 1.5f),
+          *v = test_rand_buf(&rng, T * D, -1, 1);
     int64_t shape[3] = {1, T, D};
     tensor *tq = make(be, 3, shape, q), *tk = make(be, 3, shape, k), *tv = make(be, 3, shape, v);
     tensor *out = be->attention(be, tq, tk, tv, 1, 0);
@@ -698,8 +685,8 @@ static void *caller_run(void *arg) {
 /* The same work from two application threads at once gives the same bits
  * as from one. */
 static void test_concurrent_callers(backend *be) {
-    float *x = rand_buf(128 * 35 * 35, -1, 1), *w = rand_buf(128 * 128 * 9, -1, 1);
-    float *qkv = rand_buf(300 * 64, -1, 1);
+    float *x = test_rand_buf(&rng, 128 * 35 * 35, -1, 1), *w = test_rand_buf(&rng, 128 * 128 * 9, -1, 1);
+    float *qkv = test_rand_buf(&rng, 300 * 64, -1, 1);
     caller alone = {be, x, w, qkv, calloc(CALLER_FLOATS, sizeof(float))};
     caller_run(&alone);
     caller both[2];
@@ -772,7 +759,7 @@ static void test_ops(backend *be) {
 static void print_speed(backend *be) {
     /* sgemm through linear: [4096, 1280] @ [1280, 1280]^T */
     int64_t M = 4096, K = 1280, N = 1280;
-    float *x = rand_buf(M * K, -1, 1), *w = rand_buf(N * K, -1, 1);
+    float *x = test_rand_buf(&rng, M * K, -1, 1), *w = test_rand_buf(&rng, N * K, -1, 1);
     tensor *tx = make(be, 2, (int64_t[]){M, K}, x), *tw = make(be, 2, (int64_t[]){N, K}, w);
     tensor_free(be->linear(be, tx, tw, NULL));
     double t0 = omp_get_wtime();
@@ -785,8 +772,8 @@ static void print_speed(backend *be) {
 
     /* the UNet's conv: 320 -> 320, 3x3, 64x64, batch 2 */
     int64_t B = 2, C = 320, H = 64;
-    x = rand_buf(B * C * H * H, -1, 1), w = rand_buf(C * C * 9, -1, 1);
-    float *b = rand_buf(C, -1, 1);
+    x = test_rand_buf(&rng, B * C * H * H, -1, 1), w = test_rand_buf(&rng, C * C * 9, -1, 1);
+    float *b = test_rand_buf(&rng, C, -1, 1);
     tx = make(be, 4, (int64_t[]){B, C, H, H}, x), tw = make(be, 4, (int64_t[]){C, C, 3, 3}, w);
     tensor *tb = make(be, 1, &C, b);
     tensor_free(be->conv2d(be, tx, tw, tb, 1, 1));

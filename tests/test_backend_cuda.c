@@ -59,17 +59,10 @@ int main(void) {
 /* per thread: test_threads draws from two threads */
 static _Thread_local uint64_t rng = 0x9E3779B97F4A7C15ull;
 
-static float frand(float lo, float hi) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return lo + (hi - lo) * (float)((rng >> 40) / (double)(1 << 24));
-}
-
 /* n random values that half precision holds exactly. */
 static float *rand_half(int64_t n, float lo, float hi) {
     float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++) p[i] = f16_to_f32(f32_to_f16(frand(lo, hi)));
+    for (int64_t i = 0; i < n; i++) p[i] = f16_to_f32(f32_to_f16(test_frand(&rng, lo, hi)));
     return p;
 }
 

@@ -48,19 +48,6 @@ int main(void) {
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
 
-static float frand(float lo, float hi) {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return lo + (hi - lo) * (float)((rng >> 40) / (double)(1 << 24));
-}
-
-static float *rand_buf(int64_t n, float lo, float hi) {
-    float *p = malloc((size_t)n * sizeof *p);
-    for (int64_t i = 0; i < n; i++) p[i] = frand(lo, hi);
-    return p;
-}
-
 /* x to bfloat16 to nearest even and back, written independently of
  * cpu_onednn.c's (by the spacing of bfloat16 values around x). */
 static float bf16_round(float x) {
@@ -148,9 +135,9 @@ static void test_conv(backend *be, const conv_case *c, int rounded) {
     int64_t Wo = (c->W + 2 * c->pad - c->k) / c->stride + 1;
     int64_t nx = c->B * c->C * c->H * c->W, nw = c->O * c->C * c->k * c->k;
     int64_t ny = c->B * c->O * Ho * Wo;
-    float *x = rand_buf(nx, -1, 1), *w = rand_buf(nw, -0.5f, 0.5f);
-    float *b = c->bias ? rand_buf(c->O, -1, 1) : NULL;
-    float *r = c->residual ? rand_buf(ny, -2, 2) : NULL;
+    float *x = test_rand_buf(&rng, nx, -1, 1), *w = test_rand_buf(&rng, nw, -0.5f, 0.5f);
+    float *b = c->bias ? test_rand_buf(&rng, c->O, -1, 1) : NULL;
+    float *r = c->residual ? test_rand_buf(&rng, ny, -2, 2) : NULL;
     tensor *tx = make(be, 4, (int64_t[]){c->B, c->C, c->H, c->W}, x);
     tensor *tw = weight(be, 4, (int64_t[]){c->O, c->C, c->k, c->k}, w);
     tensor *tb = b ? weight(be, 1, (int64_t[]){c->O}, b) : NULL;
@@ -189,9 +176,9 @@ static void test_linear(backend *be, int ndim, const int64_t *xshape, int64_t N,
                         int residual, int rounded) {
     int64_t K = xshape[ndim - 1], M = 1;
     for (int i = 0; i < ndim - 1; i++) M *= xshape[i];
-    float *x = rand_buf(M * K, -1, 1), *w = rand_buf(N * K, -0.5f, 0.5f);
-    float *b = bias ? rand_buf(N, -1, 1) : NULL;
-    float *r = residual ? rand_buf(M * N, -2, 2) : NULL;
+    float *x = test_rand_buf(&rng, M * K, -1, 1), *w = test_rand_buf(&rng, N * K, -0.5f, 0.5f);
+    float *b = bias ? test_rand_buf(&rng, N, -1, 1) : NULL;
+    float *r = residual ? test_rand_buf(&rng, M * N, -2, 2) : NULL;
     int64_t yshape[4];
     memcpy(yshape, xshape, (size_t)ndim * sizeof *yshape);
     yshape[ndim - 1] = N;
@@ -244,14 +231,14 @@ static void test_ops(backend *be, int rounded) {
 static void test_shapes_share_weights(backend *be) {
     conv_case c = {1, 32, 8, 8, 32, 3, 1, 1, 1, 0};
     int64_t nw = 32 * 32 * 9;
-    float *w = rand_buf(nw, -0.5f, 0.5f), *b = rand_buf(32, -1, 1);
+    float *w = test_rand_buf(&rng, nw, -0.5f, 0.5f), *b = test_rand_buf(&rng, 32, -1, 1);
     tensor *tw = weight(be, 4, (int64_t[]){32, 32, 3, 3}, w), *tb = weight(be, 1, (int64_t[]){32}, b);
     const int64_t sizes[][2] = {{1, 8}, {2, 8}, {1, 33}, {3, 5}, {1, 8}};
     for (int i = 0; i < 5; i++) {
         c.B = sizes[i][0];
         c.H = c.W = sizes[i][1];
         int64_t nx = c.B * 32 * c.H * c.W;
-        float *x = rand_buf(nx, -1, 1);
+        float *x = test_rand_buf(&rng, nx, -1, 1);
         double *ref = malloc((size_t)nx * sizeof *ref);
         ref_conv(&c, x, w, b, NULL, c.H, c.W, ref);
         tensor *tx = make(be, 4, (int64_t[]){c.B, 32, c.H, c.W}, x);
@@ -303,7 +290,7 @@ static void *call_conv(void *arg) {
 static void test_concurrent_callers(backend *be) {
     conv_case c = {2, 48, 20, 20, 48, 3, 1, 1, 1, 0};
     int64_t nx = 2 * 48 * 400;
-    float *x = rand_buf(nx, -1, 1), *w = rand_buf(48 * 48 * 9, -0.5f, 0.5f), *b = rand_buf(48, -1, 1);
+    float *x = test_rand_buf(&rng, nx, -1, 1), *w = test_rand_buf(&rng, 48 * 48 * 9, -0.5f, 0.5f), *b = test_rand_buf(&rng, 48, -1, 1);
     double *ref = malloc((size_t)nx * sizeof *ref);
     ref_conv(&c, x, w, b, NULL, 20, 20, ref);
     tensor *tx = make(be, 4, (int64_t[]){2, 48, 20, 20}, x);
@@ -324,7 +311,7 @@ static void test_concurrent_callers(backend *be) {
 }
 
 static void test_errors(backend *be) {
-    float *x = rand_buf(2 * 8 * 6 * 6, -1, 1), *w = rand_buf(4 * 8 * 9, -1, 1);
+    float *x = test_rand_buf(&rng, 2 * 8 * 6 * 6, -1, 1), *w = test_rand_buf(&rng, 4 * 8 * 9, -1, 1);
     tensor *tx = make(be, 4, (int64_t[]){2, 8, 6, 6}, x);
     tensor *tw = weight(be, 4, (int64_t[]){4, 7, 3, 3}, w); /* 7 channels: wrong */
     tensor *y = be->conv2d(be, tx, tw, NULL, 1, 1);
