@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "sdx4.h"
 
@@ -104,6 +105,42 @@ static inline float *test_rand_buf(uint64_t *state, int64_t n, float lo, float h
     float *p = (float *)malloc((size_t)n * sizeof *p);
     for (int64_t i = 0; p && i < n; i++) p[i] = test_frand(state, lo, hi);
     return p;
+}
+
+/* Runs `sdx4 ARGS` ($SDX4_BIN's folder, else the current one) under the
+ * environment assignments ENV through the shell, with no $SDX4_MODEL or
+ * $SDX4_CPU_DTYPE of the caller's and stdin closed: its exit status (-1
+ * when it did not exit) and what it printed, both streams, in `out`. */
+static inline int test_run_cli(const char *env, const char *args, char *out, size_t size) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "env -u SDX4_MODEL -u SDX4_CPU_DTYPE %s '%s/sdx4' %s 2>&1 </dev/null", env,
+             getenv("SDX4_BIN") ? getenv("SDX4_BIN") : ".", args);
+    FILE *p = popen(cmd, "r");
+    size_t n = p ? fread(out, 1, size - 1, p) : 0;
+    out[n] = '\0';
+    int status = p ? pclose(p) : -1;
+    return status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* test_run_cli, checked: exit status `want` and `needle` in its output. */
+static inline void test_expect_cli(const char *env, const char *args, int want, const char *needle) {
+    char out[8192];
+    int status = test_run_cli(env, args, out, sizeof out);
+    printf("  %s sdx4 %s -> %d\n", env, args, status);
+    CHECK(status == want, "%s sdx4 %s: status %d, want %d: %s", env, args, status, want, out);
+    CHECK(strstr(out, needle) != NULL, "%s sdx4 %s: output lacks '%s': %s", env, args, needle, out);
+}
+
+/* Whether this CPU has bfloat16 instructions in its flags (/proc/cpuinfo,
+ * read apart from oneDNN's own dispatch, which the backend asks). */
+static inline int test_cpu_has_bf16(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[8192];
+    int found = 0;
+    while (f && !found && fgets(line, sizeof line, f))
+        if (!strncmp(line, "flags", 5)) found = strstr(line, " avx512_bf16") || strstr(line, " amx_bf16");
+    if (f) fclose(f);
+    return found;
 }
 
 static inline int test_finish(const char *name) {

@@ -332,21 +332,9 @@ static void test_errors(backend *be) {
     free(x), free(w);
 }
 
-/* Where the CPU has bfloat16 in its flags (/proc/cpuinfo, read here apart
- * from oneDNN's own dispatch, which the backend asks). */
-static int cpu_has_bf16(void) {
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[8192];
-    int found = 0;
-    while (f && !found && fgets(line, sizeof line, f))
-        if (!strncmp(line, "flags", 5)) found = strstr(line, " avx512_bf16") || strstr(line, " amx_bf16");
-    if (f) fclose(f);
-    return found;
-}
-
 static void test_bf16_open(void) {
     backend *be = sdx4_backend_cpu_open(2, CPU_DENSE_ONEDNN_BF16);
-    if (cpu_has_bf16()) {
+    if (test_cpu_has_bf16()) {
         CHECK(be != NULL, "bf16 on a CPU with avx512_bf16 or amx_bf16: %s", sdx4_last_error());
         if (be) CHECK(be->dense_type == DTYPE_BF16 && strstr(be->description, "bf16"), "%s", be->description);
     } else {

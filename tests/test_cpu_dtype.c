@@ -28,13 +28,7 @@ static int bf16_runs_here(void) {
 #ifndef SDX4_HAVE_ONEDNN
     return 0;
 #else
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[8192];
-    int found = 0;
-    while (f && !found && fgets(line, sizeof line, f))
-        if (!strncmp(line, "flags", 5)) found = strstr(line, " avx512_bf16") || strstr(line, " amx_bf16");
-    if (f) fclose(f);
-    return found;
+    return test_cpu_has_bf16();
 #endif
 }
 
@@ -90,27 +84,6 @@ static void test_engine(void) {
         expect_open("cpu.dtype bf16 (refused here)", "cpu", "bf16", SDX4_ERR_DEVICE, refusal());
 }
 
-/* Runs `sdx4 ARGS` under the environment assignments ENV through the
- * shell; returns the exit status and what it printed. */
-static int run_cli(const char *env, const char *args, char *out, size_t size) {
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd, "env -u SDX4_MODEL -u SDX4_CPU_DTYPE %s '%s/sdx4' %s 2>&1 </dev/null",
-             env, getenv("SDX4_BIN") ? getenv("SDX4_BIN") : ".", args);
-    FILE *p = popen(cmd, "r");
-    size_t n = p ? fread(out, 1, size - 1, p) : 0;
-    out[n] = '\0';
-    int status = p ? pclose(p) : -1;
-    return status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static void expect_cli(const char *env, const char *args, int want, const char *needle) {
-    char out[8192];
-    int status = run_cli(env, args, out, sizeof out);
-    printf("  %s sdx4 %s -> %d\n", env, args, status);
-    CHECK(status == want, "%s sdx4 %s: status %d, want %d: %s", env, args, status, want, out);
-    CHECK(strstr(out, needle) != NULL, "%s sdx4 %s: output lacks '%s': %s", env, args, needle, out);
-}
-
 static void test_cli(void) {
     char bin[4096];
     snprintf(bin, sizeof bin, "%s/sdx4", getenv("SDX4_BIN") ? getenv("SDX4_BIN") : ".");
@@ -123,29 +96,29 @@ static void test_cli(void) {
     /* bf16 runs or is refused at engine open (status 1) */
     int runs = bf16_runs_here();
     snprintf(args, sizeof args, "%s --dtype bf16", cpu);
-    expect_cli("", args, 1, runs ? NO_MODEL : refusal());
+    test_expect_cli("", args, 1, runs ? NO_MODEL : refusal());
     snprintf(args, sizeof args, "%s --cpu-dtype bf16", cpu);
-    expect_cli("", args, 1, runs ? NO_MODEL : refusal());
-    expect_cli("SDX4_CPU_DTYPE=bf16", cpu, 1, runs ? NO_MODEL : refusal());
+    test_expect_cli("", args, 1, runs ? NO_MODEL : refusal());
+    test_expect_cli("SDX4_CPU_DTYPE=bf16", cpu, 1, runs ? NO_MODEL : refusal());
     /* what --dtype maps to, and what it refuses */
     snprintf(args, sizeof args, "%s --dtype fp32", cpu);
-    expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, NO_MODEL); /* the flag wins */
+    test_expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, NO_MODEL); /* the flag wins */
     snprintf(args, sizeof args, "%s --cpu-dtype fp32", cpu);
-    expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, NO_MODEL);
+    test_expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, NO_MODEL);
     snprintf(args, sizeof args, "%s --dtype fp16", cpu);
-    expect_cli("", args, 2, "--dtype fp16: the CPU computes in fp32 or bf16");
-    expect_cli("", "bench --device cuda --dtype bf16 --model " NO_MODEL, 2,
+    test_expect_cli("", args, 2, "--dtype fp16: the CPU computes in fp32 or bf16");
+    test_expect_cli("", "bench --device cuda --dtype bf16 --model " NO_MODEL, 2,
                "--dtype bf16: CUDA computes in fp16 or fp32");
     snprintf(args, sizeof args, "%s --dtype bf16 --cpu-dtype fp32", cpu);
-    expect_cli("", args, 2, "give one or the others");
+    test_expect_cli("", args, 2, "give one or the others");
     snprintf(args, sizeof args, "%s --dtype fp32 --cuda-dtype fp16", cpu);
-    expect_cli("", args, 2, "give one or the others");
+    test_expect_cli("", args, 2, "give one or the others");
     snprintf(args, sizeof args, "%s --cpu-dtype fp16", cpu);
-    expect_cli("", args, 2, "--cpu-dtype");
-    expect_cli("SDX4_CPU_DTYPE=fp16", cpu, 2, "SDX4_CPU_DTYPE: 'fp16' is not one of fp32|bf16");
-    expect_cli("SDX4_CPU_DTYPE=", cpu, 1, NO_MODEL); /* empty: unset */
+    test_expect_cli("", args, 2, "--cpu-dtype");
+    test_expect_cli("SDX4_CPU_DTYPE=fp16", cpu, 2, "SDX4_CPU_DTYPE: 'fp16' is not one of fp32|bf16");
+    test_expect_cli("SDX4_CPU_DTYPE=", cpu, 1, NO_MODEL); /* empty: unset */
 #ifndef SDX4_NO_IMAGEIO
-    expect_cli("", "upscale --device cpu --dtype fp16 --model " NO_MODEL " /nonexistent.png out.png", 2,
+    test_expect_cli("", "upscale --device cpu --dtype fp16 --model " NO_MODEL " /nonexistent.png out.png", 2,
                "--dtype fp16");
     /* the server refuses to start, naming the setting (it reads the model
      * folder first: the reference's tiny model) */
@@ -156,9 +129,9 @@ static void test_cli(void) {
         return;
     }
     snprintf(args, sizeof args, "serve --device cpu --cpu-dtype fp16 --port 0 --model '%s'", model);
-    expect_cli("", args, 1, "fp16\\\": expected fp32 or bf16"); /* in JSON: \" */
+    test_expect_cli("", args, 1, "fp16\\\": expected fp32 or bf16"); /* in JSON: \" */
     snprintf(args, sizeof args, "serve --device cpu --port 0 --model '%s'", model);
-    if (!runs) expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, refusal());
+    if (!runs) test_expect_cli("SDX4_CPU_DTYPE=bf16", args, 1, refusal());
 #endif
 }
 

@@ -79,28 +79,6 @@ static void test_engine(void) {
               "conv %s", convs[i]);
 }
 
-/* Runs `sdx4 ARGS` under the environment assignments ENV through the
- * shell; returns the exit status and what it printed. */
-static int run_cli(const char *env, const char *args, char *out, size_t size) {
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd, "env -u SDX4_MODEL %s '%s/sdx4' %s 2>&1", env,
-             getenv("SDX4_BIN") ? getenv("SDX4_BIN") : ".", args);
-    FILE *p = popen(cmd, "r");
-    size_t n = p ? fread(out, 1, size - 1, p) : 0;
-    out[n] = '\0';
-    int status = p ? pclose(p) : -1;
-    return status >= 0 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static void expect_cli(const char *env, const char *args, int want, const char *needle) {
-    char out[4096];
-    int status = run_cli(env, args, out, sizeof out);
-    printf("  %s sdx4 %s -> %d\n", env, args, status);
-    CHECK(status == want, "%s sdx4 %s: status %d, want %d: %s", env, args, status, want, out);
-    CHECK(strstr(out, needle) != NULL, "%s sdx4 %s: output lacks '%s': %s", env, args, needle,
-          out);
-}
-
 static void test_cli(void) {
     char bin[4096];
     snprintf(bin, sizeof bin, "%s/sdx4", getenv("SDX4_BIN") ? getenv("SDX4_BIN") : ".");
@@ -109,23 +87,23 @@ static void test_cli(void) {
         return;
     }
     const char *bench = "bench --model " NO_MODEL;
-    expect_cli("SDX4_CUDA_DTYPE=bf16", bench, 2, "SDX4_CUDA_DTYPE: 'bf16' is not one of fp16|fp32");
-    expect_cli("SDX4_CUDA_VAE=half", bench, 2, "SDX4_CUDA_VAE");
-    expect_cli("SDX4_CUDA_CONV=winograd", bench, 2, "SDX4_CUDA_CONV");
-    expect_cli("SDX4_CUDA_GRAPH=maybe", bench, 2, "SDX4_CUDA_GRAPH: 'maybe'");
-    expect_cli("SDX4_CUDA_PLAN=2", bench, 2, "SDX4_CUDA_PLAN");
-    expect_cli("SDX4_CUDA_PROFILE=x", bench, 2, "SDX4_CUDA_PROFILE");
-    expect_cli("", "bench --cuda-dtype bf16 --model " NO_MODEL, 2, "--cuda-dtype");
-    expect_cli("", "bench --cuda-conv winograd --model " NO_MODEL, 2, "--cuda-conv");
+    test_expect_cli("SDX4_CUDA_DTYPE=bf16", bench, 2, "SDX4_CUDA_DTYPE: 'bf16' is not one of fp16|fp32");
+    test_expect_cli("SDX4_CUDA_VAE=half", bench, 2, "SDX4_CUDA_VAE");
+    test_expect_cli("SDX4_CUDA_CONV=winograd", bench, 2, "SDX4_CUDA_CONV");
+    test_expect_cli("SDX4_CUDA_GRAPH=maybe", bench, 2, "SDX4_CUDA_GRAPH: 'maybe'");
+    test_expect_cli("SDX4_CUDA_PLAN=2", bench, 2, "SDX4_CUDA_PLAN");
+    test_expect_cli("SDX4_CUDA_PROFILE=x", bench, 2, "SDX4_CUDA_PROFILE");
+    test_expect_cli("", "bench --cuda-dtype bf16 --model " NO_MODEL, 2, "--cuda-dtype");
+    test_expect_cli("", "bench --cuda-conv winograd --model " NO_MODEL, 2, "--cuda-conv");
     /* a flag wins over its variable; good values reach the model folder */
-    expect_cli("SDX4_CUDA_DTYPE=bf16", "bench --cuda-dtype fp32 --model " NO_MODEL, 1, NO_MODEL);
-    expect_cli("SDX4_CUDA_DTYPE=fp32 SDX4_CUDA_VAE=fp32 SDX4_CUDA_CONV=im2col SDX4_CUDA_GRAPH=0 "
+    test_expect_cli("SDX4_CUDA_DTYPE=bf16", "bench --cuda-dtype fp32 --model " NO_MODEL, 1, NO_MODEL);
+    test_expect_cli("SDX4_CUDA_DTYPE=fp32 SDX4_CUDA_VAE=fp32 SDX4_CUDA_CONV=im2col SDX4_CUDA_GRAPH=0 "
                "SDX4_CUDA_PLAN=false SDX4_CUDA_PROFILE=1",
                bench, 1, NO_MODEL);
-    expect_cli("SDX4_CUDA_DTYPE=", bench, 1, NO_MODEL); /* empty: unset */
+    test_expect_cli("SDX4_CUDA_DTYPE=", bench, 1, NO_MODEL); /* empty: unset */
 #ifndef SDX4_NO_IMAGEIO
     /* upscale refuses before it reads its input */
-    expect_cli("SDX4_CUDA_DTYPE=bf16", "upscale --model " NO_MODEL " /nonexistent.png out.png", 2,
+    test_expect_cli("SDX4_CUDA_DTYPE=bf16", "upscale --model " NO_MODEL " /nonexistent.png out.png", 2,
                "SDX4_CUDA_DTYPE");
 #endif
 }
