@@ -7,9 +7,11 @@
 #   3. each libFuzzer target for a fixed time (SDX4_FUZZ_SECONDS, default 10),
 #      as many at once as there are cores,
 #      from the seeds in fuzz/corpus/<target>/;
-#   4. the HTTP service's integration tests against the real server, then
-#      the tests of the API's contract again in cluster mode (each server an
-#      API node with its own Redis and worker: tests/server/conftest.py);
+#   4. the HTTP service's integration tests against the real server (the
+#      modules side by side, one pytest-xdist process per core, then those
+#      marked serial alone), then the tests of the API's contract again in
+#      cluster mode (each server an API node with its own Redis and worker:
+#      tests/server/conftest.py);
 #   5. the CUDA backend compiled when nvcc is present (its tests skip
 #      without a GPU);
 #   6. the Kubernetes manifests rendered and validated, offline once its
@@ -18,7 +20,8 @@
 #      dashboard's queries and sdx4 serve's /metrics linted by promtool
 #      (scripts/check-monitoring.sh; that every metric they use is
 #      exported is tests/server/test_monitoring.py's, in step 4)
-#      and deploy/systemd's unit (scripts/check-systemd.sh);
+#      and deploy/systemd's unit (scripts/check-systemd.sh); 6 and 6b run
+#      in the background beside the end of step 4, their output after it;
 #   7. the Dockerfile's CPU image built with podman and checked to serve
 #      (scripts/container-check.sh, as root; SDX4_CONTAINER_CHECK=0 skips it
 #      and says so).
@@ -27,11 +30,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 jobs=$(nproc)
+reference=${SDX4_REFERENCE:-$PWD/../shared/reference}
+# background NAME COMMAND...: runs COMMAND beside the steps that follow, its
+# output and exit status into $bg/NAME.{log,rc} (files, not `wait`: the
+# fuzzing step's bare `wait` reaps every child); collect NAME waits for it,
+# prints its output there and stops the run, naming it, if it failed
+bg=$(mktemp -d)
+background() {
+  local name=$1
+  shift
+  echo "$*" >"$bg/$name.cmd"
+  (set +e; "$@" >"$bg/$name.log" 2>&1; echo $? >"$bg/$name.rc") &
+}
+collect() {
+  while [ ! -s "$bg/$1.rc" ]; do sleep 1; done
+  cat "$bg/$1.log"
+  [ "$(cat "$bg/$1.rc")" = 0 ] || { echo "$(cat "$bg/$1.cmd") failed (exit $(cat "$bg/$1.rc"))"; exit 1; }
+}
 # the server tests' Python packages, fetched while the builds run (step 4
 # waits for them; run.sh would make them itself)
-# (its status goes to a file: the fuzzing step's `wait` reaps every child)
-venv_log=$(mktemp)
-(set +e; tests/server/venv.sh >"$venv_log" 2>&1; echo $? >"$venv_log.rc") &
+background venv tests/server/venv.sh
 fuzz_seconds=${SDX4_FUZZ_SECONDS:-10}
 
 echo "== release build and tests (the CUDA backend too when nvcc exists)"
@@ -86,25 +104,33 @@ done
 rm -rf "$fuzz_out"
 
 echo "== HTTP service integration tests (pytest drives the real server)"
-while [ ! -s "$venv_log.rc" ]; do sleep 1; done
-cat "$venv_log"
-[ "$(cat "$venv_log.rc")" = 0 ] || { echo "tests/server/venv.sh failed"; exit 1; }
-rm -f "$venv_log" "$venv_log.rc"
-tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}"
+collect venv
+# the modules side by side, one process per core (pytest-xdist; each
+# module's servers are its own, on ports the kernel picks), then the few
+# marked serial alone: their timing does not hold beside other servers
+tests/server/run.sh "$PWD/build/sdx4" "$reference" -n "$jobs" --dist loadfile -m "not serial"
+# the offline checks of the deployment kits run beside what follows, which
+# keeps about one core busy; their output comes after it, in this order
+background kubernetes scripts/check-kubernetes.sh
+background monitoring scripts/check-monitoring.sh build/sdx4
+background systemd scripts/check-systemd.sh build/sdx4
+echo "-- the tests marked serial"
+tests/server/run.sh "$PWD/build/sdx4" "$reference" -m serial
 # (the CLI comparison is test_worker.py's there; the rest of the suite passes in
 # cluster mode too, SDX4_TEST_CLUSTER=1, but would double the suite's time)
 echo "== the API's contract in cluster mode (API-only node, Redis, one worker)"
-SDX4_TEST_CLUSTER=1 tests/server/run.sh "$PWD/build/sdx4" "${SDX4_REFERENCE:-$PWD/../shared/reference}" \
+SDX4_TEST_CLUSTER=1 tests/server/run.sh "$PWD/build/sdx4" "$reference" \
   -k "(test_api.py or test_tenancy.py or test_deadline_504 or test_client_disconnect_cancels) and not equals_cli"
 
-echo "== kubernetes manifests"
-scripts/check-kubernetes.sh
+echo "== kubernetes manifests (scripts/check-kubernetes.sh)"
+collect kubernetes
 
 echo "== monitoring kit (Prometheus rules and their unit tests, Grafana dashboard)"
-scripts/check-monitoring.sh build/sdx4
+collect monitoring
 
 echo "== systemd unit (scripts/check-systemd.sh)"
-scripts/check-systemd.sh build/sdx4
+collect systemd
+rm -rf "$bg"
 
 echo "== the container image (scripts/container-check.sh)"
 if [ "${SDX4_CONTAINER_CHECK:-1}" = 0 ]; then

@@ -18,6 +18,8 @@
  * SDX4_MODEL is removed from every child's environment unless a case sets
  * it, so the caller's shell does not change the results.
  *
+ * ctest runs the cases in parts, a test each (see `parts` at the end).
+ *
  * Under a sanitizer build the children are instrumented too: any report
  * on a child's stderr (a leak on an error path, undefined behaviour) fails
  * the test.
@@ -992,8 +994,89 @@ static int remove_entry(const char *path, const struct stat *st, int flag,
     return remove(path);
 }
 
+/* ------------------------------------------------------------------------
+ * Parts: ctest runs each as a test of its own, test_cli.<name>
+ * (CMakeLists.txt reads the names from the table below), so that `ctest -j`
+ * runs them side by side instead of one 30-second test holding a core.
+ * The split keeps the parts near 10 s each on two cores. Every part has a
+ * scratch folder of its own; no argument runs them all.
+ * ------------------------------------------------------------------------ */
+
+/* The reference model `name` (tiny or small) into model, or 0 and a line
+ * saying which cases are skipped when the reference data lacks it. */
+static int reference_model(const char *name, char model[PATH_LEN]) {
+    char rel[64];
+    snprintf(rel, sizeof rel, "%s/model", name);
+    snprintf(model, PATH_LEN, "%s", test_ref(rel));
+    if (access(model, R_OK) == 0) return 1;
+    printf("test_cli: %s missing, its cases skipped\n", model);
+    return 0;
+}
+
+static void part_usage(const char *tmp) {
+    (void)tmp;
+    test_help_and_version();
+    test_usage_errors();
+}
+
+static void part_errors(const char *tmp) {
+    test_runtime_errors(tmp);
+    test_param_ranges(tmp);
+    test_fails_before_the_model(tmp);
+    test_compare(tmp);
+}
+
+static void part_gan(const char *tmp) {
+    test_gan(tmp);
+    test_metadata_gan(tmp);
+    char model[PATH_LEN];
+    if (reference_model("tiny", model)) test_safety_checker(model, tmp);
+}
+
+static void part_model(const char *tmp) {
+    char model[PATH_LEN];
+    if (!reference_model("small", model)) return;
+    test_info(model);
+    test_bench(model);
+    test_make_model(model, tmp);
+    test_upscale_matches_diffusers(model, tmp);
+}
+
+static void part_tiles(const char *tmp) {
+    char model[PATH_LEN];
+    if (!reference_model("small", model)) return;
+    test_tiles(model, tmp);
+    test_metadata_diffusion(model, tmp);
+    test_cancel(model, tmp);
+}
+
+static const struct {
+    const char *name;
+    void (*run)(const char *tmp);
+} parts[] = {
+    {"usage", part_usage},
+    {"errors", part_errors},
+    {"gan", part_gan},
+    {"model", part_model},
+    {"tiles", part_tiles},
+};
+enum { PART_COUNT = sizeof parts / sizeof parts[0] };
+
+/* test_cli [PART]: one part, or all of them */
 int main(int argc, char **argv) {
-    (void)argc;
+    if (argc > 2) {
+        fprintf(stderr, "usage: test_cli [PART]\n");
+        return 1;
+    }
+    size_t first = 0, end = PART_COUNT;
+    if (argc == 2) {
+        for (first = 0; first < PART_COUNT && strcmp(parts[first].name, argv[1]); first++) {}
+        if (first == PART_COUNT) {
+            fprintf(stderr, "test_cli: no part named %s\n", argv[1]);
+            return 1;
+        }
+        end = first + 1;
+    }
     const char *dir = getenv("SDX4_BIN");
     snprintf(sdx4_bin, sizeof sdx4_bin, "%s/sdx4", dir ? dir : ".");
     if (access(sdx4_bin, X_OK) != 0) {
@@ -1006,32 +1089,11 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    test_help_and_version();
-    test_usage_errors();
-    test_runtime_errors(tmp);
-    test_param_ranges(tmp);
-    test_fails_before_the_model(tmp);
-    test_compare(tmp);
-    test_gan(tmp);
-    test_metadata_gan(tmp);
-
-    char model[PATH_LEN];
-    snprintf(model, sizeof model, "%s", test_ref("tiny/model"));
-    if (access(model, R_OK) == 0) test_safety_checker(model, tmp);
-    snprintf(model, sizeof model, "%s", test_ref("small/model"));
-    if (access(model, R_OK) == 0) {
-        test_info(model);
-        test_bench(model);
-        test_make_model(model, tmp);
-        test_upscale_matches_diffusers(model, tmp);
-        test_tiles(model, tmp);
-        test_metadata_diffusion(model, tmp);
-        test_cancel(model, tmp);
-    } else {
-        printf("test_cli: %s missing, model cases skipped\n", model);
-    }
+    for (size_t i = first; i < end; i++) parts[i].run(tmp);
 
     nftw(tmp, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
     imageio_shutdown();
-    return test_finish("test_cli");
+    char name[64];
+    snprintf(name, sizeof name, "test_cli%s%s", argc == 2 ? " " : "", argc == 2 ? argv[1] : "");
+    return test_finish(name);
 }

@@ -28,11 +28,33 @@ MODEL = os.environ.get("SDX4_TEST_MODEL") or os.path.join(REFERENCE, "tiny", "mo
 # (LocalCluster: Redis and one worker), to run the suite in cluster mode
 CLUSTER = os.environ.get("SDX4_TEST_CLUSTER") == "1"
 # every server's and worker's log, in one folder removed when the session
-# passes and kept (its path printed) when it does not
-LOG_DIR = tempfile.mkdtemp(prefix="sdx4-test-logs-")
+# passes and kept (its path printed) when it does not; under pytest-xdist
+# (run.sh -n) the controller makes it, its worker processes write into it
+# (pytest_configure_node) and only the controller, which knows how the whole
+# session ended, removes or prints it
+LOG_DIR = None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "serial: a test whose timing or ordering assertions do not hold with another module's "
+        "servers competing for the cores; scripts/test.sh runs the others with -n (pytest-xdist), "
+        "then these alone (-m serial)")
+    global LOG_DIR
+    if hasattr(config, "workerinput"):
+        LOG_DIR = config.workerinput["sdx4_log_dir"]
+    else:
+        LOG_DIR = tempfile.mkdtemp(prefix="sdx4-test-logs-")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["sdx4_log_dir"] = LOG_DIR
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return
     if exitstatus == 0:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     else:

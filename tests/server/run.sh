@@ -7,7 +7,9 @@
 # (venv.sh: $SDX4_SERVER_VENV, default $TMPDIR/sdx4-server-venv), rebuilt
 # when requirements.txt changes. The binary and the reference folder come from
 # the arguments, else $SDX4_BIN and $SDX4_REFERENCE, else build/sdx4 and
-# ../shared/reference beside the checkout.
+# ../shared/reference beside the checkout. Other arguments go to pytest:
+# scripts/test.sh adds `-n 2 --dist loadfile -m "not serial"` (each module
+# on one of two processes, pytest-xdist), then runs `-m serial` alone.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

@@ -157,6 +157,10 @@ def test_api_node_killed_and_restarted_keeps_jobs(cluster, baseline):
         assert cluster.node.get(f"/api/v1/jobs/{job_id}/result").content == baseline(seed)
 
 
+# serial: node A once answered its result with a problem right after B's
+# events said succeeded, with another module's servers on the same two
+# cores (a load average near 10); not seen alone, which is how CI runs it
+@pytest.mark.serial
 def test_two_api_nodes_share_jobs_and_keep_owners_apart(own_redis, baseline):
     keys = ("--api-keys", "key-a,key-b")
     worker = Worker(own_redis.url, "--name", "w1")

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
 from conftest import MODEL, SDX4, Server, image_bytes, single_process_only
@@ -113,6 +114,10 @@ def webhook_final(doc):
 
 # ---- D3: logs ---------------------------------------------------------------
 
+# serial: the notices' sum is compared with the counter 0.5 s after the
+# first notice; with another module's servers on the same two cores (and a
+# load average near 10) a second notice once came later than that
+@pytest.mark.serial
 def test_stalled_log_reader_never_blocks_requests():
     """stderr into a pipe nobody reads: once the pipe and the log queue are
     full, health keeps answering at once, the lines that did not fit are
