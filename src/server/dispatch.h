@@ -62,6 +62,12 @@ typedef struct {
     void (*watch)(void *ctx, struct task *t);
     /* DELETE (under the store's lock): the job is forgotten by every node. */
     void (*forget)(void *ctx, struct job *j);
+    /* Brings this node's copy of job `id` (unfinished, watched here) to
+     * the shared store's state now, so that a read through this node never
+     * shows less than another node already showed; the change events and
+     * the keeper's sweep would bring it a moment later. NULL for the
+     * queue, whose copy is the only one. */
+    void (*refresh)(void *ctx, const char *id);
     /* The admin API's listing of every job in the shared store (documents
      * with owner, client, request id; newest first; `state` or NULL for
      * any; at most `limit`), or NULL with `why` set. NULL for the queue,

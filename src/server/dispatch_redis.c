@@ -936,6 +936,17 @@ done:
     return j;
 }
 
+static void refresh(void *ctx, const char *id) {
+    dispatch_redis *d = ctx;
+    cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
+    cluster_job job;
+    char err[256];
+    int rc = states ? cluster_load_job(d->r, id, &job, states, err, sizeof err) : -1;
+    for (int k = 0; rc > 0 && k < job.ntasks; k++) apply(d, id, k, &states[k]);
+    if (rc > 0) cluster_job_free(&job);
+    free(states); /* Redis away: the copy stays as it is, as it would */
+}
+
 static json_t *list_jobs(void *ctx, const char *state, int limit, problem *why) {
     dispatch_redis *d = ctx;
     json_t *jobs = NULL;
@@ -947,7 +958,8 @@ static json_t *list_jobs(void *ctx, const char *state, int limit, problem *why) 
 dispatch dispatch_redis_dispatch(dispatch_redis *d) {
     static const dispatch_iface iface = {
         .push = push, .withdraw = withdraw, .position = position, .close = close_dispatch, .stats = stats,
-        .shared = true, .find = find, .watch = watch_task, .forget = forget, .list = list_jobs,
+        .shared = true, .find = find, .watch = watch_task, .forget = forget, .refresh = refresh,
+        .list = list_jobs,
     };
     return (dispatch){&iface, d};
 }

@@ -648,10 +648,12 @@ job *job_find(job_store *s, const char *id, const char *owner, problem *why) {
     bool known = j != NULL;
     if (j && owner && strcmp(j->owner, owner) != 0) j = NULL;
     if (j) j->refs++;
+    bool stale = j && !final(j->state); /* another node may have seen more of it */
     pthread_mutex_unlock(&s->lock);
     why->kind = PROBLEM_NONE;
     const dispatch *d = &s->srv->dispatch;
     if (!known && d->iface && d->iface->find) j = d->iface->find(d->ctx, id, owner, why);
+    else if (stale && d->iface && d->iface->refresh) d->iface->refresh(d->ctx, id);
     return j;
 }
 

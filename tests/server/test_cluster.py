@@ -308,6 +308,33 @@ def test_ready_without_workers_scales_from_zero(own_redis, baseline):
             worker.stop()
 
 
+def test_a_read_shows_what_redis_has_not_what_the_events_brought(own_redis):
+    """A node's copy of an unfinished job is brought to Redis's state when
+    it is read: a client that saw a job end through one node then asks
+    another (a load balancer's choice) must not find it still running
+    there, whether or not that node has had the event yet. Here the task is
+    ended in Redis without an event, as a lost publish would leave it."""
+    node = api_node(own_redis, "--ready-without-workers", "true")
+    try:
+        node.wait_ready()
+        job = node.post("/api/v1/jobs", files={"image": image_bytes(seed=1)},
+                        data={"seed": "1", "num_inference_steps": STEPS}).json()["id"]
+        assert node.get(f"/api/v1/jobs/{job}").json()["status"] == "queued"
+        r = own_redis.client()
+        key = f"sdx4:job:{job}"
+        state = json.loads(r.hget(key, "task:0"))
+        state.update(state="failed", finished=time.time(), worker="elsewhere",
+                     error={"kind": "upscale-failed", "detail": "ended elsewhere", "field": "", "allowed": "",
+                            "estimated_seconds": 0, "limit_seconds": 0, "retry_after": 0})
+        r.hset(key, mapping={"task:0": json.dumps(state), "unfinished": 0, "state": "failed",
+                             "finished": time.time()})
+        # at once: the keeper's sweep (once a second) is not what brings it
+        doc = node.get(f"/api/v1/jobs/{job}").json()
+        assert doc["status"] == "failed" and doc["error"]["detail"] == "ended elsewhere", doc
+    finally:
+        node.check_clean_exit()
+
+
 def test_ready_without_workers_is_for_api_only_nodes():
     r = subprocess.run([SDX4, "serve", "--model", MODEL, "--ready-without-workers", "true"], capture_output=True,
                        text=True, timeout=30)
