@@ -107,6 +107,20 @@ static inline float *test_rand_buf(uint64_t *state, int64_t n, float lo, float h
     return p;
 }
 
+/* Opens an engine with `o` and checks that it fails: status `want`, and
+ * `needle` in the error (what the option tests expect of a bad setting, or
+ * of a good one on a folder that is not there). */
+static inline void test_expect_open(const char *what, const sdx4_engine_options *o, sdx4_status want,
+                                    const char *needle) {
+    sdx4_engine *e = NULL;
+    sdx4_status s = sdx4_engine_open(o, &e);
+    printf("  %-34s -> %s\n", what, sdx4_last_error());
+    CHECK(s == want && e == NULL, "%s: status %s, want %s", what, sdx4_status_name(s), sdx4_status_name(want));
+    CHECK(strstr(sdx4_last_error(), needle) != NULL, "%s: message lacks '%s': %s", what, needle,
+          sdx4_last_error());
+    sdx4_engine_close(e);
+}
+
 /* Runs `sdx4 ARGS` ($SDX4_BIN's folder, else the current one) under the
  * environment assignments ENV through the shell, with no $SDX4_MODEL or
  * $SDX4_CPU_DTYPE of the caller's and stdin closed: its exit status (-1

@@ -29,14 +29,7 @@ static void expect_open(const char *what, const char *device, sdx4_cuda_options 
     o.model_dir = NO_MODEL;
     o.device = device;
     o.cuda = cuda;
-    sdx4_engine *e = NULL;
-    sdx4_status s = sdx4_engine_open(&o, &e);
-    printf("  %-34s -> %s\n", what, sdx4_last_error());
-    CHECK(s == want && e == NULL, "%s: status %s, want %s", what, sdx4_status_name(s),
-          sdx4_status_name(want));
-    CHECK(strstr(sdx4_last_error(), needle) != NULL, "%s: message lacks '%s': %s", what, needle,
-          sdx4_last_error());
-    sdx4_engine_close(e);
+    test_expect_open(what, &o, want, needle);
 }
 
 static void test_engine(void) {

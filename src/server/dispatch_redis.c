@@ -431,6 +431,16 @@ static bool slowest_curve(const dispatch_redis *d, const json_t *workers, const 
     return slowest >= 0;
 }
 
+/* Brings the watched tasks of job `id` to the states Redis has for them
+ * (`states`: room for FORM_MAX_IMAGES); cluster_load_job's 1, 0 or -1. */
+static int sync_job(dispatch_redis *d, const char *id, cluster_task_state *states, char *err, size_t n) {
+    cluster_job job;
+    int rc = cluster_load_job(d->r, id, &job, states, err, n);
+    for (int k = 0; rc > 0 && k < job.ntasks; k++) apply(d, id, k, &states[k]);
+    cluster_job_free(&job);
+    return rc;
+}
+
 /* Re-reads the watched jobs (what events were missed) and the cluster. */
 static void look(dispatch_redis *d) {
     char (*ids)[33] = NULL;
@@ -453,13 +463,7 @@ static void look(dispatch_redis *d) {
     char err[256] = "";
     bool up = true;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
-    for (int i = 0; i < n && states && up; i++) {
-        cluster_job job;
-        int rc = cluster_load_job(d->r, ids[i], &job, states, err, sizeof err);
-        up = rc >= 0;
-        for (int k = 0; rc > 0 && k < job.ntasks; k++) apply(d, ids[i], k, &states[k]);
-        cluster_job_free(&job);
-    }
+    for (int i = 0; i < n && states && up; i++) up = sync_job(d, ids[i], states, err, sizeof err) >= 0;
     free(states);
     free(ids);
 
@@ -937,14 +941,10 @@ done:
 }
 
 static void refresh(void *ctx, const char *id) {
-    dispatch_redis *d = ctx;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
-    cluster_job job;
     char err[256];
-    int rc = states ? cluster_load_job(d->r, id, &job, states, err, sizeof err) : -1;
-    for (int k = 0; rc > 0 && k < job.ntasks; k++) apply(d, id, k, &states[k]);
-    if (rc > 0) cluster_job_free(&job);
-    free(states); /* Redis away: the copy stays as it is, as it would */
+    if (states) (void)sync_job(ctx, id, states, err, sizeof err); /* Redis away: the copy stays as it is */
+    free(states);
 }
 
 static json_t *list_jobs(void *ctx, const char *state, int limit, problem *why) {
