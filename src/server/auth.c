@@ -130,7 +130,8 @@ auth *auth_create(const server_config *cfg, FILE *err) {
     if (cfg->jwt_jwks) {
         jwt_settings js = {.jwks = cfg->jwt_jwks, .issuer = cfg->jwt_issuer, .audience = cfg->jwt_audience,
                            .leeway = cfg->jwt_leeway, .refresh = cfg->jwt_jwks_refresh,
-                           .unknown_kid_interval = 30, .fetch_timeout = 10};
+                           .unknown_kid_interval = 30, .fetch_timeout = 10,
+                           .ca_file = cfg->outbound_ca_file};
         if (!(a->jwt = jwt_verifier_create(&js, err))) goto fail;
         sha256(a->jwt_issuer_digest, cfg->jwt_issuer, strlen(cfg->jwt_issuer));
     }

@@ -220,6 +220,10 @@ static const option options[] = {
      "a token's aud must be or contain this (required with jwt-jwks)"},
     {"jwt-leeway", OPT_DOUBLE, O(jwt_leeway), 0, 600, "60",
      "seconds of clock skew forgiven on a token's exp, nbf and iat"},
+    {"outbound-ca-file", OPT_STRING, O(outbound_ca_file), 0, 0, NULL,
+     "PEM file of the CA certificates that the server's own HTTPS calls trust (the JWKS URL, "
+     "webhooks, the S3 endpoint), in place of the system's bundle: an IdP or a store behind a "
+     "private CA (to keep trusting the system's CAs too, give a file holding both)"},
     {"cors-origins", OPT_LIST, O(cors_origins), 0, 0, NULL,
      "origins allowed by CORS, comma-separated, or *"},
     {"cache-size", OPT_SIZE, O(cache_size), 0, 1e13, "256M",
@@ -473,9 +477,27 @@ static bool proxy_scheme_known(const char *url) {
     return false;
 }
 
+/* Why `path` is no file of PEM certificates, or NULL: checked at start,
+ * since libcurl would only say so at each call (a wrong path, a private key
+ * or a DER file given by mistake). */
+static const char *ca_file_problem(const char *path) {
+    FILE *f = *path ? fopen(path, "r") : NULL;
+    if (!f) return *path ? strerror(errno) : "empty";
+    char line[256];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) found = strncmp(line, "-----BEGIN CERTIFICATE-----", 27) == 0;
+    fclose(f);
+    return found ? NULL : "no PEM certificate in it (-----BEGIN CERTIFICATE-----)";
+}
+
 static int check(const server_config *cfg, FILE *err) {
     const char *bad = NULL;
     log_level level;
+    const char *ca = cfg->outbound_ca_file ? ca_file_problem(cfg->outbound_ca_file) : NULL;
+    if (ca) {
+        fprintf(err, "sdx4 serve: outbound-ca-file %s: %s\n", cfg->outbound_ca_file, ca);
+        return -1;
+    }
     for (int i = 0; i < cfg->warmup_sizes.count; i++) {
         const char *item = cfg->warmup_sizes.items[i];
         int w, h;

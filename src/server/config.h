@@ -76,6 +76,7 @@ typedef struct {
     int auth_failures; /* failed key attempts per address per minute */
     char *jwt_jwks, *jwt_issuer, *jwt_audience; /* bearer tokens (jwt.h); jwt_jwks NULL: none */
     double jwt_jwks_refresh, jwt_leeway;
+    char *outbound_ca_file; /* CAs trusted by outbound HTTPS (curl_http.h); NULL: libcurl's default */
     /* cache, logs, docs */
     size_t cache_size;
     bool cache_shared; /* cached results shared between API keys */

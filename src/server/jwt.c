@@ -64,6 +64,7 @@
 
 #include "auth.h"
 #include "base64.h"
+#include "curl_http.h"
 #include "log.h"
 #include "server.h"
 
@@ -232,6 +233,7 @@ int jwt_jwks_check(const char *text, size_t len, FILE *err) {
 
 struct jwt_verifier {
     char *jwks, *issuer, *audience;
+    char *ca_file; /* NULL: libcurl's default CAs */
     bool is_url;
     double leeway, refresh, unknown_kid_interval, fetch_timeout;
     pthread_mutex_t lock;
@@ -274,9 +276,10 @@ static int fetch_url(jwt_verifier *v, fetched *f, char *why, size_t why_size) {
     }
     char error[CURL_ERROR_SIZE] = "";
     curl_easy_setopt(curl, CURLOPT_URL, v->jwks);
-    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https"); /* http only on loopback: checked at create */
+    curl_http_only(curl); /* http only on loopback: checked at create */
+    curl_http_trust(curl, v->ca_file);
     curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 1L);
-    curl_easy_setopt(curl, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+    curl_https_redirects_only(curl);
     curl_easy_setopt(curl, CURLOPT_MAXREDIRS, 3L);
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)(v->fetch_timeout * 1000));
@@ -395,7 +398,8 @@ jwt_verifier *jwt_verifier_create(const jwt_settings *s, FILE *err) {
     v->unknown_kid_interval = s->unknown_kid_interval;
     v->fetch_timeout = s->fetch_timeout;
     char why[256];
-    if (!(v->jwks = strdup(s->jwks)) || !(v->issuer = strdup(s->issuer)) || !(v->audience = strdup(s->audience))) {
+    if (!(v->jwks = strdup(s->jwks)) || !(v->issuer = strdup(s->issuer)) || !(v->audience = strdup(s->audience)) ||
+        (s->ca_file && !(v->ca_file = strdup(s->ca_file)))) {
         snprintf(why, sizeof why, "out of memory");
         goto fail;
     }
@@ -428,6 +432,7 @@ void jwt_verifier_destroy(jwt_verifier *v) {
     pthread_cond_destroy(&v->wake);
     pthread_mutex_destroy(&v->lock);
     free(v->jwks);
+    free(v->ca_file);
     free(v->issuer);
     free(v->audience);
     free(v);

@@ -30,6 +30,7 @@ typedef struct {
     double refresh;       /* seconds between reloads of the key set */
     double unknown_kid_interval; /* at least this between reloads asked for by an unknown `kid` */
     double fetch_timeout;        /* seconds one fetch of a URL may take */
+    const char *ca_file;         /* CAs a URL's server is verified against; NULL: libcurl's default */
 } jwt_settings;
 
 /* Why a token was refused: short enough for a problem's detail and a log,

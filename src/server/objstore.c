@@ -51,6 +51,7 @@ struct objstore {
     char *host;       /* the Host header: [bucket.]host[:port] */
     char *bucket_path; /* "/bucket" in path style, "" in virtual-host style */
     char *region, *access_key, *secret_key, *session_token; /* token NULL when none */
+    char *ca_file; /* NULL: libcurl's default CAs */
     long timeout_ms;
 };
 
@@ -195,9 +196,10 @@ objstore *objstore_open(const objstore_settings *s, char *err, size_t err_size) 
     os->access_key = strdup(key);
     os->secret_key = strdup(secret);
     os->session_token = token && *token ? strdup(token) : NULL;
+    os->ca_file = s->ca_file ? strdup(s->ca_file) : NULL;
     os->timeout_ms = s->timeout > 0 ? (long)(s->timeout * 1000) : 30000;
     if (!os->scheme || !os->host || !os->bucket_path || !os->region || !os->access_key ||
-        !os->secret_key || (token && *token && !os->session_token))
+        !os->secret_key || (token && *token && !os->session_token) || (s->ca_file && !os->ca_file))
         goto oom;
     curl_global_init(CURL_GLOBAL_DEFAULT); /* reference-counted by libcurl */
     return os;
@@ -217,6 +219,7 @@ void objstore_close(objstore *os) {
     free(os->access_key);
     free(os->secret_key);
     free(os->session_token);
+    free(os->ca_file);
     free(os);
 }
 
@@ -331,6 +334,7 @@ static int request(objstore *os, const char *method, const char *key, const void
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
     curl_http_only(curl);
+    curl_http_trust(curl, os->ca_file);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, os->timeout_ms);
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, os->timeout_ms < 10000 ? os->timeout_ms : 10000);
     curl_easy_setopt(curl, CURLOPT_PROXY, ""); /* never the environment's proxy: the store is named */

@@ -26,6 +26,7 @@ typedef struct {
      * for endpoints that are an address, as local servers' are) */
     bool path_style;
     double timeout; /* seconds one request may take, connecting included */
+    const char *ca_file; /* CAs an https endpoint is verified against; NULL: libcurl's default */
 } objstore_settings;
 
 /* Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and

@@ -38,7 +38,8 @@ int results_open(server *srv) {
     if (!c->s3_bucket) return 0;
     char err[256];
     objstore_settings s = {.bucket = c->s3_bucket, .endpoint = c->s3_endpoint, .region = c->s3_region,
-                           .path_style = c->s3_path_style, .timeout = c->s3_timeout};
+                           .path_style = c->s3_path_style, .timeout = c->s3_timeout,
+                           .ca_file = c->outbound_ca_file};
     if (!(srv->results = objstore_open(&s, err, sizeof err))) {
         fprintf(stderr, "sdx4: %s\n", err);
         return -1;

@@ -248,6 +248,7 @@ static call_result call(webhooks *w, const delivery *d, char *why, size_t why_si
     attempt a = {.w = w};
     curl_easy_setopt(curl, CURLOPT_URL, d->url);
     curl_http_only(curl);
+    curl_http_trust(curl, c->outbound_ca_file);
     curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 0L);
     /* "" turns off the environment's proxy variables; with a proxy, "" as
      * NOPROXY sends every call through it, whatever no_proxy says */

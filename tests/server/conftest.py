@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -167,6 +168,32 @@ def server():
                *(["--docs-assets", docs] if docs else []))
     yield s
     s.check_clean_exit()
+
+
+def openssl(*args):
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """{name: path}: ca.pem, and a.pem/a.key and b.pem/b.key, two server
+    certificates for 127.0.0.1 that the CA signed (made by the openssl
+    command)."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
+    openssl("req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem", "-subj", "/CN=sdx4 test CA")
+    for name in ("a", "b"):
+        openssl("req", "-x509", *ec, "-keyout", d / f"{name}.key", "-out", d / f"{name}.pem",
+                "-subj", f"/CN=sdx4 test {name}", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-CA", d / "ca.pem", "-CAkey", d / "ca.key")
+    return {p.name: str(p) for p in d.iterdir()}
+
+
+def tls_listening(httpd, pki):
+    """Makes a socketserver on 127.0.0.1 speak HTTPS with pki's a.pem."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["a.pem"], pki["a.key"])
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
 
 
 def image_bytes(fmt="PNG", size=(64, 64), mode="RGB", seed=0, **save):

@@ -20,7 +20,7 @@ import time
 import pytest
 import requests
 
-from conftest import MODEL, SDX4, Server, image_bytes, single_process_only
+from conftest import MODEL, SDX4, Server, image_bytes, pki, single_process_only, tls_listening  # noqa: F401 (pki: a fixture)
 
 NO_PROXY_ENV = {"http_proxy": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": "", "no_proxy": "",
                 "NO_PROXY": ""}
@@ -34,9 +34,10 @@ def metric(text, name):
 
 class Receiver:
     """An HTTP server on 127.0.0.1 that answers 204 and records each call:
-    (time, request target, headers, body). A proxy sees absolute targets."""
+    (time, request target, headers, body). A proxy sees absolute targets.
+    With `pki` (conftest's), HTTPS with a certificate of its test CA."""
 
-    def __init__(self):
+    def __init__(self, pki=None):
         calls = self.calls = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -50,8 +51,10 @@ class Receiver:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if pki:
+            tls_listening(self.httpd, pki)
         self.port = self.httpd.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
@@ -289,6 +292,27 @@ def test_webhook_proxy_setting_is_used():
         proxy.close()
         target.close()
         s.check_clean_exit()
+
+
+def test_https_receiver_behind_a_private_ca(pki):
+    """A receiver whose certificate a private CA signed: refused by
+    libcurl's default CAs (the delivery fails, saying why), delivered with
+    --outbound-ca-file naming that CA."""
+    target = Receiver(pki)
+    flags = ("--webhook-secret", "x", "--webhook-private", "true", "--webhook-attempts", "1")
+    plain, trusting = Server(*flags, env=NO_PROXY_ENV), None
+    try:
+        hook = wait_job(plain, submit(plain, target.url + "/hook"), webhook_final)["webhook"]
+        assert hook["status"] == "failed" and "certificate" in hook["error"], hook
+        trusting = Server(*flags, "--outbound-ca-file", pki["ca.pem"], env=NO_PROXY_ENV)
+        hook = wait_job(trusting, submit(trusting, target.url + "/hook"), webhook_final)["webhook"]
+        assert hook == {"status": "delivered", "attempts": 1}
+        assert [c[1] for c in target.calls] == ["/hook"]
+    finally:
+        target.close()
+        plain.check_clean_exit()
+        if trusting:
+            trusting.check_clean_exit()
 
 
 @single_process_only('webhook counters are per process: the worker sends the first webhook, the node the cached ones')

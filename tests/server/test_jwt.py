@@ -1,7 +1,7 @@
 """OAuth 2 / OIDC bearer tokens through HTTP: tokens minted by PyJWT with
 keys made by `cryptography`, verified by a real server against a JWKS file
 and against a JWKS URL served here by http.server (a key rotation is seen
-after the refresh); API keys keep working beside tokens; a token's subject
+after the refresh; over HTTPS from a private CA with --outbound-ca-file); API keys keep working beside tokens; a token's subject
 owns its jobs; refusals are 401s that say why (403 for a valid token
 without the scope), never quoting the token. test_server_jwt.c covers the
 verifier's cases one by one."""
@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import Server, image_bytes, problem, wait_job
+from conftest import Server, image_bytes, pki, problem, tls_listening, wait_job  # noqa: F401 (pki: a fixture)
 
 ISSUER = "https://idp.example/realms/sdx4"
 AUDIENCE = "sdx4-api"
@@ -86,16 +86,20 @@ def tokens(jwks_file):
 
 
 class JwksServer(http.server.ThreadingHTTPServer):
-    """An IdP's jwks_uri on a loopback port; `doc` may be replaced."""
+    """An IdP's jwks_uri on a loopback port; `doc` may be replaced. With
+    `pki` (conftest's), over HTTPS with a certificate of its test CA."""
 
-    def __init__(self, doc):
+    def __init__(self, doc, pki=None):
         self.doc, self.fetches = doc, 0
         super().__init__(("127.0.0.1", 0), JwksHandler)
+        self.scheme = "https" if pki else "http"
+        if pki:
+            tls_listening(self, pki)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/protocol/openid-connect/certs"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}/protocol/openid-connect/certs"
 
 
 class JwksHandler(http.server.BaseHTTPRequestHandler):
@@ -212,6 +216,24 @@ def test_jwks_url_and_rotation():
         assert any(isinstance(l, dict) and l.get("event") == "jwks_refresh_failed" for l in s.logs())
     finally:
         s.check_clean_exit()
+
+
+def test_jwks_url_behind_a_private_ca(pki):
+    """An IdP whose certificate a private CA signed: libcurl's default CAs
+    (the system's) refuse it, so the server does not start and says why;
+    with --outbound-ca-file naming that CA the keys are fetched over HTTPS."""
+    idp = JwksServer(jwks(RSA), pki)
+    try:
+        assert "certificate" in start_fails(*token_flags(idp.url))
+        s = Server(*token_flags(idp.url, "--outbound-ca-file", pki["ca.pem"]), "--auth-failures", "0")
+        try:
+            problem(s.get(UNKNOWN_JOB, headers=bearer(RSA.token())), 404, "not-found")
+            assert idp.fetches == 1
+        finally:
+            s.check_clean_exit()
+    finally:
+        idp.shutdown()
+        idp.server_close()
 
 
 def start_fails(*flags):

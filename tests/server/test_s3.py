@@ -28,7 +28,7 @@ from unittest import mock
 import pytest
 import requests
 
-from conftest import SDX4, RedisServer, Server, Worker, image_bytes, problem, wait_job
+from conftest import SDX4, RedisServer, Server, Worker, image_bytes, pki, problem, wait_job  # noqa: F401 (pki: a fixture)
 from test_hooks_logs import Receiver
 
 BUCKET = "sdx4-results"
@@ -45,19 +45,22 @@ def free_port():
 class Moto:
     """A moto S3 server with one bucket and one IAM user allowed everything."""
 
-    def __init__(self):
+    def __init__(self, pki=None):
+        """With `pki` (conftest's), over HTTPS with a certificate of its test CA."""
         if not os.path.exists(MOTO):
             pytest.skip(f"S3 tests SKIPPED: no moto_server beside {sys.executable} "
                         "(tests/server/requirements.txt installs moto)")
         import boto3
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
+        self.verify = pki["ca.pem"] if pki else True
+        tls = ["-c", pki["a.pem"], "-k", pki["a.key"]] if pki else []
+        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port), *tls],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while True:
             try:
-                requests.get(self.url + "/moto-api/", timeout=2)
+                requests.get(self.url + "/moto-api/", timeout=2, verify=self.verify)
                 break
             except requests.ConnectionError:
                 if time.time() > deadline or self.proc.poll() is not None:
@@ -65,7 +68,7 @@ class Moto:
                     raise RuntimeError("moto_server did not start")
                 time.sleep(0.1)
         anon = dict(endpoint_url=self.url, region_name=REGION, aws_access_key_id="setup",
-                    aws_secret_access_key="setup")
+                    aws_secret_access_key="setup", verify=self.verify)
         iam = boto3.client("iam", **anon)
         iam.create_user(UserName="sdx4")
         policy = iam.create_policy(PolicyName="all", PolicyDocument='{"Version": "2012-10-17", "Statement": '
@@ -79,15 +82,16 @@ class Moto:
                                '"Action": "sts:AssumeRole"}]}')
         iam.attach_role_policy(RoleName="sdx4", PolicyArn=policy["Policy"]["Arn"])
         sts = boto3.client("sts", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
-                           aws_secret_access_key=self.secret)
+                           aws_secret_access_key=self.secret, verify=self.verify)
         self.role = sts.assume_role(RoleArn=role["Role"]["Arn"], RoleSessionName="sdx4-test")["Credentials"]
         self.s3 = boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
-                               aws_secret_access_key=self.secret)
+                               aws_secret_access_key=self.secret, verify=self.verify)
         self.s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
 
     def iam(self, on):
         """Signature checks on (every request must be signed by a known key) or off."""
-        r = requests.post(self.url + "/moto-api/reset-auth", data=b"0" if on else b"1e12", timeout=10)
+        r = requests.post(self.url + "/moto-api/reset-auth", data=b"0" if on else b"1e12", timeout=10,
+                          verify=self.verify)
         assert r.status_code == 200, r.text
 
     def env(self, **extra):
@@ -281,6 +285,29 @@ def test_refused_signature_fails_the_job(moto):
     assert job["status"] == "failed", job
     assert job["error"]["type"] == "urn:sdx4:problem:storage-failed"
     assert "403" in job["error"]["detail"] and "SignatureDoesNotMatch" in job["error"]["detail"], job["error"]
+
+
+def test_https_endpoint_behind_a_private_ca(pki):
+    """An endpoint whose certificate a private CA signed (a MinIO inside a
+    company): without --outbound-ca-file the upload fails its job on the
+    certificate; with it the result is stored."""
+    store = Moto(pki)
+    try:
+        for trust in ([], ["--outbound-ca-file", pki["ca.pem"]]):
+            server = s3_server(store, *trust)
+            try:
+                r = server.post("/api/v1/jobs", files={"image": image_bytes()}, data={"num_inference_steps": "1"})
+                job = wait_job(server, r.json()["id"])
+            finally:
+                server.check_clean_exit()
+            if trust:
+                assert job["status"] == "succeeded", job
+                stored = store.s3.get_object(Bucket=BUCKET, Key=f"{job['id']}/0.png")["Body"].read()
+                assert stored[:8] == b"\x89PNG\r\n\x1a\n"
+            else:
+                assert job["status"] == "failed" and "certificate" in job["error"]["detail"], job
+    finally:
+        store.stop()
 
 
 @pytest.mark.parametrize("flags, env, message", [

@@ -4,7 +4,9 @@ synchronous request and its client's disconnect, async jobs' WebSocket
 events), TLS 1.2 and 1.3 only, HSTS, the certificate's reload on SIGHUP
 (new connections get the new one, open ones keep theirs, a bad pair
 changes nothing) and the start-up errors. The certificates are made here,
-by the openssl command: a test CA and two server certificates it signs."""
+by the openssl command: a test CA and two server certificates it signs
+(conftest's pki). The server's own HTTPS calls (--outbound-ca-file) are
+tested where they are made: test_jwt.py and test_hooks_logs.py."""
 import http.client
 import json
 import shutil
@@ -20,24 +22,6 @@ import requests
 from conftest import MODEL, SDX4, Server, image_bytes, wait_job
 from test_connections import multipart_upscale, wait_for
 from test_websocket import frames
-
-
-def openssl(*args):
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """{name: path}: ca.pem, and a.pem/a.key and b.pem/b.key, two server
-    certificates for 127.0.0.1 that the CA signed."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
-    openssl("req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem", "-subj", "/CN=sdx4 test CA")
-    for name in ("a", "b"):
-        openssl("req", "-x509", *ec, "-keyout", d / f"{name}.key", "-out", d / f"{name}.pem",
-                "-subj", f"/CN=sdx4 test {name}", "-addext", "subjectAltName=IP:127.0.0.1",
-                "-CA", d / "ca.pem", "-CAkey", d / "ca.key")
-    return {p.name: str(p) for p in d.iterdir()}
 
 
 @pytest.fixture(autouse=True)
@@ -261,6 +245,8 @@ def test_sighup_without_tls_is_logged_not_fatal():
     (["--tls-cert", "a.pem", "--tls-key", "b.key"], 1, "is not the key of the certificate"),
     (["--tls-cert", "a.key", "--tls-key", "a.key"], 1, "not a PEM certificate chain"),
     (["--tls-cert", "a.pem", "--tls-key", "a.pem"], 1, "not an unencrypted PEM private key"),
+    (["--outbound-ca-file", "missing"], 2, "outbound-ca-file"),
+    (["--outbound-ca-file", "a.key"], 2, "no PEM certificate in it"),
 ])
 def test_start_up_errors(pki, tmp_path, flags, status, message):
     names = dict(pki, missing=str(tmp_path / "missing.key"))
