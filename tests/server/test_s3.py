@@ -51,22 +51,12 @@ class Moto:
             pytest.skip(f"S3 tests SKIPPED: no moto_server beside {sys.executable} "
                         "(tests/server/requirements.txt installs moto)")
         import boto3
-        self.port = free_port()
-        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
         self.verify = pki["ca.pem"] if pki else True
         tls = ["-c", pki["a.pem"], "-k", pki["a.key"]] if pki else []
-        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port), *tls],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while True:
-            try:
-                requests.get(self.url + "/moto-api/", timeout=2, verify=self.verify)
-                break
-            except requests.ConnectionError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.1)
+        # free_port() closes the port before moto binds it: another process
+        # may take it meanwhile (moto then exits), so a few ports are tried
+        if not any(self.start(pki, tls) for _ in range(3)):
+            raise RuntimeError("moto_server did not start on three free ports")
         anon = dict(endpoint_url=self.url, region_name=REGION, aws_access_key_id="setup",
                     aws_secret_access_key="setup", verify=self.verify)
         iam = boto3.client("iam", **anon)
@@ -87,6 +77,25 @@ class Moto:
         self.s3 = boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
                                aws_secret_access_key=self.secret, verify=self.verify)
         self.s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+
+    def start(self, pki, tls):
+        """Whether moto_server started and answers on a free port."""
+        self.port = free_port()
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port), *tls],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while self.proc.poll() is None:
+            try:
+                if requests.get(self.url + "/moto-api/", timeout=2, verify=self.verify).status_code == 200:
+                    return True
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("moto_server did not answer within 30 s")
+            time.sleep(0.1)
+        return False
 
     def iam(self, on):
         """Signature checks on (every request must be signed by a known key) or off."""
