@@ -366,7 +366,7 @@ static void fault_sweep(const fault_path *p, fault_kind kind, long stride, long 
         if (!fault.injected) break;
     }
     printf("  %-19s %7ld per run, N = %ld..%ld step %ld: %ld runs, %ld failed with a message, "
-           "%ld succeeded with the clean output, %d call sites (%.1f s)\n",
+           "%ld succeeded with an output that passed for the clean one, %d call sites (%.1f s)\n",
            what, fault.calls[kind], first, n, stride, runs, failed, tolerated, nsites, fault_now() - t0);
 }
 

@@ -83,7 +83,6 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include <cublasLt.h>
 #include <cublas_v2.h>
