@@ -246,6 +246,66 @@ static void fault_init(void) {
 }
 
 /* ------------------------------------------------------------------------
+ * The upscale at the heart of every path
+ * ------------------------------------------------------------------------ */
+
+/* What a case upscales with: a model, and the work asked of it. */
+typedef struct {
+    char model_dir[4096];
+    int steps, tile; /* tile: a GAN's tiles in input pixels (0 whole) */
+    float guidance;
+} fault_model;
+
+/* The models of every program's cases: the reference data's tiny
+ * diffusion model with `steps` guided steps, SRVGGNetCompact whole and
+ * RRDBNet in 2 x 2 tiles of 32 px (test_faults.c's GANs). */
+static void fault_models(fault_model *diffusion, fault_model *gan, fault_model *tiled, int steps) {
+    *diffusion = (fault_model){.steps = steps, .guidance = 6.0f};
+    *gan = (fault_model){.steps = 1};
+    *tiled = (fault_model){.steps = 1, .tile = 32};
+    snprintf(diffusion->model_dir, sizeof diffusion->model_dir, "%s", test_ref("tiny/model"));
+    snprintf(gan->model_dir, sizeof gan->model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/srvgg_x4_prelu");
+    snprintf(tiled->model_dir, sizeof tiled->model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x2");
+}
+
+/* img's width x height pixels, malloc'd, of a pattern: 0, or -1 out of
+ * memory. */
+static int fault_pattern(sdx4_image *img) {
+    size_t n = (size_t)3 * img->width * img->height;
+    if (!(img->pixels = malloc(n))) return -1;
+    for (size_t i = 0; i < n; i++) img->pixels[i] = (uint8_t)(i * 37 % 253);
+    return 0;
+}
+
+/* Opens the engine on `device` with its default options (one thread: one
+ * order of calls, so that a failing N reproduces) and upscales `in` into
+ * *out: 0, or -1 with the message in err. The engine is closed either
+ * way. */
+static int fault_upscale(const fault_model *m, const char *device, const sdx4_image *in, sdx4_image *out,
+                         char *err, size_t errlen) {
+    sdx4_engine *e = NULL;
+    sdx4_engine_options o;
+    sdx4_engine_options_default(&o);
+    o.model_dir = m->model_dir;
+    o.device = device;
+    o.threads = 1;
+    int rc = -1;
+    if (sdx4_engine_open(&o, &e) == SDX4_OK) {
+        sdx4_upscale_params p;
+        sdx4_upscale_params_default(&p);
+        p.prompt = "a white cat";
+        p.num_inference_steps = m->steps;
+        p.guidance_scale = m->guidance;
+        p.tile = m->tile;
+        if (m->tile) p.tile_overlap = 8;
+        rc = sdx4_upscale(e, in, &p, out, NULL) == SDX4_OK ? 0 : -1;
+    }
+    if (rc) snprintf(err, errlen, "%s", sdx4_last_error());
+    sdx4_engine_close(e);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------
  * The sweep: a path run with the Nth call failing, for N = 1, 2, 3 ...
  * ------------------------------------------------------------------------ */
 

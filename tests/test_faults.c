@@ -156,10 +156,8 @@ json_t *__wrap_json_load_file(const char *path, size_t flags, json_error_t *erro
  * ------------------------------------------------------------------------ */
 
 typedef struct {
-    char model_dir[4096];
+    fault_model m;
     char input[4096];
-    int steps, tile;   /* tile: a GAN's tiles in input pixels (0 whole) */
-    float guidance;
 } path_case;
 
 static char out_path[4096];
@@ -170,32 +168,10 @@ static char out_path[4096];
 static int run_path(const void *ctx, void **png, size_t *png_len, char *err, size_t errlen) {
     const path_case *c = ctx;
     sdx4_image in = {0}, out = {0};
-    sdx4_engine *e = NULL;
     int rc = -1;
-    err[0] = 0;
-    *png = NULL;
-    if (imageio_read_file(c->input, &in, err, errlen)) goto done;
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = c->model_dir;
-    o.device = "cpu";
-    o.threads = 1; /* one order of calls: a failing N reproduces */
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
-        snprintf(err, errlen, "%s", sdx4_last_error());
+    if (imageio_read_file(c->input, &in, err, errlen) || fault_upscale(&c->m, "cpu", &in, &out, err, errlen) ||
+        imageio_write_file(&out, out_path, 0, err, errlen))
         goto done;
-    }
-    sdx4_upscale_params p;
-    sdx4_upscale_params_default(&p);
-    p.prompt = "a white cat";
-    p.num_inference_steps = c->steps;
-    p.guidance_scale = c->guidance;
-    p.tile = c->tile;
-    if (c->tile) p.tile_overlap = 8;
-    if (sdx4_upscale(e, &in, &p, &out, NULL) != SDX4_OK) {
-        snprintf(err, errlen, "%s", sdx4_last_error());
-        goto done;
-    }
-    if (imageio_write_file(&out, out_path, 0, err, errlen)) goto done;
     sdx4_image back = {0};
     if (imageio_read_file(out_path, &back, err, errlen)) goto done;
     sdx4_image_free(&back);
@@ -203,7 +179,6 @@ static int run_path(const void *ctx, void **png, size_t *png_len, char *err, siz
     rc = 0;
 done:
     sdx4_image_free(&out);
-    sdx4_engine_close(e);
     sdx4_image_free(&in);
     return rc;
 }
@@ -216,13 +191,12 @@ static int same_bytes(const void *clean, size_t clean_len, const void *png, size
     return 0;
 }
 
-/* A width x height PNG of a pattern, at path (of pathlen) in tmp. */
+/* A width x height PNG of faults.h's pattern, at path (of pathlen) in tmp. */
 static int write_input(char *path, size_t pathlen, const char *tmp, const char *what, int width, int height) {
     snprintf(path, pathlen, "%s/sdx4-test-faults-%d-%s.png", tmp, (int)getpid(), what);
-    sdx4_image img = {width, height, malloc((size_t)3 * width * height)};
+    sdx4_image img = {width, height, NULL};
     char err[1024];
-    for (int i = 0; img.pixels && i < 3 * width * height; i++) img.pixels[i] = (uint8_t)(i * 37 % 253);
-    int rc = !img.pixels || imageio_write_file(&img, path, 0, err, sizeof err);
+    int rc = fault_pattern(&img) || imageio_write_file(&img, path, 0, err, sizeof err);
     if (rc) fprintf(stderr, "%s: %s\n", path, img.pixels ? err : "out of memory");
     sdx4_image_free(&img);
     return rc;
@@ -238,20 +212,14 @@ int main(int argc, char **argv) {
     const char *tmp = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     snprintf(out_path, sizeof out_path, "%s/sdx4-test-faults-%d.png", tmp, (int)getpid());
 
-    path_case cases[3] = {
-        {.steps = 2, .guidance = 6.0f},
-        {.steps = 1},
-        {.steps = 1, .tile = 32},
-    };
+    path_case cases[3];
+    fault_models(&cases[0].m, &cases[1].m, &cases[2].m, 2);
     static const char *const names[3] = {
         "diffusion (tiny model, 2 guided steps, 16 x 16 px)",
         "gan (srvgg_x4_prelu, whole, 16 x 12 px)",
         "gan (rrdb_x2, 2 x 2 tiles of 32 px, 40 x 36 px)",
     };
-    snprintf(cases[0].model_dir, sizeof cases[0].model_dir, "%s", test_ref("tiny/model"));
-    snprintf(cases[1].model_dir, sizeof cases[1].model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/srvgg_x4_prelu");
-    snprintf(cases[1].input, sizeof cases[1].input, "%s/input.png", cases[1].model_dir);
-    snprintf(cases[2].model_dir, sizeof cases[2].model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x2");
+    snprintf(cases[1].input, sizeof cases[1].input, "%s/input.png", cases[1].m.model_dir);
     /* the diffusion input small (the UNet's cost), the tiled GAN's larger
      * than the GANs' test images */
     if (write_input(cases[0].input, sizeof cases[0].input, tmp, "small", 16, 16) ||

@@ -744,47 +744,24 @@ cudnnStatus_t WRAP(cudnnBackendExecute)(cudnnHandle_t handle, cudnnBackendDescri
  * ------------------------------------------------------------------------ */
 
 typedef struct {
-    char model_dir[4096];
+    fault_model m;
     sdx4_image input;
-    int steps, tile; /* tile: a GAN's tiles in input pixels (0 whole) */
-    float guidance;
 } cuda_case;
 
 /* Runs the path once (a fault_path's run): 0 with the output's pixels in
- * *pixels, or -1 with the message in err. The engine is closed either
- * way, and then no error may be left pending for the thread's next CUDA
- * call (it would be reported as that call's, a kernel launch's). */
+ * *pixels, or -1 with the message in err. The engine's default options
+ * leave the plan cache off (sdx4_cuda_options.plan_cache NULL): every run
+ * times its algorithms afresh, independent of the others. Once the engine
+ * is closed, no error may be left pending for the thread's next CUDA call
+ * (it would be reported as that call's, a kernel launch's). */
 static int run_path(const void *ctx, void **pixels, size_t *len, char *err, size_t errlen) {
     const cuda_case *c = ctx;
     sdx4_image out = {0};
-    sdx4_engine *e = NULL;
-    int rc = -1;
-    sdx4_engine_options o;
-    sdx4_engine_options_default(&o);
-    o.model_dir = c->model_dir;
-    o.device = "cuda";
-    o.threads = 1; /* one order of calls */
-    /* o.cuda.plan_cache stays NULL: no plan cache, every run times afresh */
-    if (sdx4_engine_open(&o, &e) != SDX4_OK) {
-        snprintf(err, errlen, "%s", sdx4_last_error());
-        goto done;
+    int rc = fault_upscale(&c->m, "cuda", &c->input, &out, err, errlen);
+    if (!rc) {
+        *pixels = out.pixels;
+        *len = (size_t)3 * out.width * out.height;
     }
-    sdx4_upscale_params p;
-    sdx4_upscale_params_default(&p);
-    p.prompt = "a white cat";
-    p.num_inference_steps = c->steps;
-    p.guidance_scale = c->guidance;
-    p.tile = c->tile;
-    if (c->tile) p.tile_overlap = 8;
-    if (sdx4_upscale(e, &c->input, &p, &out, NULL) != SDX4_OK) {
-        snprintf(err, errlen, "%s", sdx4_last_error());
-        goto done;
-    }
-    *pixels = out.pixels;
-    *len = (size_t)3 * out.width * out.height;
-    rc = 0;
-done:
-    sdx4_engine_close(e);
     cudaError_t left = cudaGetLastError();
     CHECK(left == cudaSuccess, "%s %ld (%s): the engine closed with an error pending: %s",
           fault_kind_names[fault.kind], fault.fail_at, fault.injected ? fault.injected : "none failed",
@@ -829,29 +806,20 @@ int main(void) {
                e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports none");
         return 77;
     }
-    cuda_case cases[3] = {
-        {.input = {16, 16, NULL}, .steps = 3, .guidance = 6.0f},
-        {.input = {16, 12, NULL}, .steps = 1},
-        {.input = {40, 36, NULL}, .steps = 1, .tile = 32},
-    };
+    cuda_case cases[3] = {{.input = {16, 16, NULL}}, {.input = {16, 12, NULL}}, {.input = {40, 36, NULL}}};
+    fault_models(&cases[0].m, &cases[1].m, &cases[2].m, 3);
     static const char *const names[3] = {
         "diffusion on cuda (tiny model, 3 guided steps, 16 x 16 px)",
         "gan on cuda (srvgg_x4_prelu, whole, 16 x 12 px)",
         "gan on cuda (rrdb_x2, 2 x 2 tiles of 32 px, 40 x 36 px)",
     };
-    snprintf(cases[0].model_dir, sizeof cases[0].model_dir, "%s", test_ref("tiny/model"));
-    snprintf(cases[1].model_dir, sizeof cases[1].model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/srvgg_x4_prelu");
-    snprintf(cases[2].model_dir, sizeof cases[2].model_dir, "%s", SDX4_SOURCE_DIR "/tests/data/gan/rrdb_x2");
     long budget = fault_budget();
     const unsigned wrapped = 1u << FAULT_ALLOC | 1u << FAULT_JSON | 1u << FAULT_CUDA;
     for (int i = 0; i < 3; i++) {
-        sdx4_image *in = &cases[i].input;
-        size_t n = (size_t)3 * in->width * in->height;
-        if (!(in->pixels = malloc(n))) return 1;
-        for (size_t k = 0; k < n; k++) in->pixels[k] = (uint8_t)(k * 37 % 253); /* test_faults.c's pattern */
+        if (fault_pattern(&cases[i].input)) return 1;
         fault_path path = {names[i], run_path, &cases[i], near, count_resources};
         fault_run_case(&path, wrapped, 1u << FAULT_CUDA, budget);
-        sdx4_image_free(in);
+        sdx4_image_free(&cases[i].input);
     }
     return test_finish("test_faults_cuda");
 }
