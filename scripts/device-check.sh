@@ -66,6 +66,21 @@
 #           interleaved, and whether `sdx4 serve --warmup-sizes 128` has
 #           saved it once ready: coldstart.txt (issue 16)
 # and, only when named: sanitize  test_backend_cuda under compute-sanitizer
+# and, only when named: faults-cuda  test_faults_cuda (issue 18): whole
+#           upscales through the public API with the Nth call of the CUDA
+#           backend to the CUDA runtime, cuBLAS(Lt) or cuDNN failing (the
+#           tiny diffusion model, 3 guided steps at 16 px, and two small
+#           GANs), after test_cuda_wraps (every entry point the backend
+#           calls is wrapped). Each of the three sweeps gets
+#           SDX4_FAULTS_SECONDS=50, the runs that fit in 50 s at its clean
+#           run's pace, so about 3 minutes in all with the clean runs,
+#           whatever a run costs here: each opens the engine (the cuBLAS and
+#           cuDNN handles alone about 0.5 s) and times every convolution's
+#           algorithms afresh (no plan cache), so some 15 runs of the
+#           diffusion case at about 3 s a run and 50 of a GAN at 1 s, every
+#           kth of thousands of calls, from a first N that changes with the
+#           time. Its output in faults-cuda.txt (name `build` too on a fresh
+#           machine)
 # and, only when named: variants  other versions of the engine side by side
 #           with this checkout, in the same lease: each source tree packed
 #           here by
@@ -355,6 +370,17 @@ fi
 if wants sanitize; then
   step memcheck 300 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
     build-device/test_backend_cuda
+fi
+
+# not in the default list either: 3 minutes (see the top)
+if wants faults-cuda; then
+  if [ ! -f build-device/CMakeCache.txt ]; then
+    skip faults-cuda "needs build-device/ (name build too on a fresh machine)"
+  elif step faults-cuda-build 300 cmake --build build-device -j"$(nproc)" --target test_faults_cuda; then
+    step faults-cuda-wraps 30 ctest --test-dir build-device --output-on-failure -R '^test_cuda_wraps$'
+    step faults-cuda 240 bash -o pipefail -c "SDX4_FAULTS_SECONDS=50 build-device/test_faults_cuda 2>&1 |
+      tee $out/faults-cuda.txt"
+  fi
 fi
 
 if wants golden; then

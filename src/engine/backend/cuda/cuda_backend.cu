@@ -69,6 +69,9 @@
 
 int cuda_ok(cudaError_t e, const char *what) {
     if (e == cudaSuccess) return 0;
+    /* the runtime keeps it as the thread's last error too: taken, so that
+     * the next launch's check (cuda_launched) does not report it again */
+    (void)cudaGetLastError();
     sdx4_set_error(e == cudaErrorMemoryAllocation ? SDX4_ERR_NO_MEMORY : SDX4_ERR_DEVICE, "%s: %s",
               what, cudaGetErrorString(e));
     return -1;
@@ -125,7 +128,7 @@ static size_t class_bytes(int c) {
 /* cudaFree, and the driver's count; cudaFree waits for the device, so no
  * kernel still uses the block. */
 static void device_free(cuda_backend *cb, void *ptr, size_t bytes) {
-    (void)cudaFree(ptr); /* a failure leaves nothing to undo */
+    cuda_ignore(cudaFree(ptr)); /* a failure leaves nothing to undo */
     cb->reserved -= (int64_t)bytes;
 }
 
@@ -653,8 +656,8 @@ static plan_cache *open_choices(const char *option, const cudaDeviceProp *prop) 
     for (int i = 0; i < 16; i++)
         snprintf(uuid + 2 * i, 3, "%02x", (unsigned char)prop->uuid.bytes[i]);
     int driver = 0, runtime = 0;
-    (void)cudaDriverGetVersion(&driver);
-    (void)cudaRuntimeGetVersion(&runtime);
+    cuda_ignore(cudaDriverGetVersion(&driver));
+    cuda_ignore(cudaRuntimeGetVersion(&runtime));
 #ifdef SDX4_HAVE_CUDNN
     const size_t cudnn = cudnnGetVersion();
 #else
@@ -671,15 +674,15 @@ static plan_cache *open_choices(const char *option, const cudaDeviceProp *prop) 
 
 /* Frees what create() made, in any state of completion. */
 static void teardown(cuda_backend *cb) {
-    if (cb->stream) (void)cudaStreamSynchronize(cb->stream);
+    if (cb->stream) cuda_ignore(cudaStreamSynchronize(cb->stream));
     if (cb->choices) (void)sdx4_plan_cache_save(cb->choices);
     sdx4_plan_cache_close(cb->choices);
     if (cb->profile) /* beside memory()'s peak, which does not count cached blocks */
         fprintf(stderr, "device memory taken from the driver: at most %.1f MiB\n",
                 cb->reserved_peak / 1048576.0);
     cuda_profile_destroy(cb->profile);
-    if (cb->pinned) (void)cudaFreeHost(cb->pinned);
-    if (cb->pinned_free) (void)cudaEventDestroy(cb->pinned_free);
+    if (cb->pinned) cuda_ignore(cudaFreeHost(cb->pinned));
+    if (cb->pinned_free) cuda_ignore(cudaEventDestroy(cb->pinned_free));
 #ifdef SDX4_HAVE_CUDNN
     cuda_conv_plans_free(cb);
     if (cb->cudnn) (void)cudnnDestroy(cb->cudnn);
@@ -691,7 +694,7 @@ static void teardown(cuda_backend *cb) {
     if (cb->cublas) (void)cublasDestroy(cb->cublas);
     release_cache(cb);
     for (int i = 0; i < CUDA_PLAN_SLOTS; i++) cuda_memory_plan_clear(cb, &cb->memory_plans[i]);
-    if (cb->stream) (void)cudaStreamDestroy(cb->stream);
+    if (cb->stream) cuda_ignore(cudaStreamDestroy(cb->stream));
     pthread_mutex_destroy(&cb->lock);
     if (precision_owner == cb) precision_owner = NULL;
     free(cb);
@@ -699,7 +702,7 @@ static void teardown(cuda_backend *cb) {
 
 static void cuda_destroy(backend *be) {
     cuda_backend *cb = (cuda_backend *)be;
-    (void)cudaSetDevice(cb->device); /* on failure the frees below fail alike */
+    cuda_ignore(cudaSetDevice(cb->device)); /* on failure the frees below fail alike */
     teardown(cb);
 }
 

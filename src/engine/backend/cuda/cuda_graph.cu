@@ -90,7 +90,7 @@ static backend_graph *cuda_record_end(backend *be) {
     cudaGraph_t graph = NULL;
     int rc = cuda_ok(cudaStreamEndCapture(cb->stream, &graph), "cuda: record_end") ||
              cuda_ok(cudaGraphInstantiate(&g->exec, graph, 0), "cuda: record_end: instantiate");
-    if (graph) (void)cudaGraphDestroy(graph);
+    if (graph) cuda_ignore(cudaGraphDestroy(graph));
     if (g->arena && cb->profile)
         fprintf(stderr,
                 "cuda: recorded into a planned arena of %.1f MiB (%.1f MiB alive at most, %d "
@@ -131,8 +131,8 @@ static void cuda_graph_free(backend *be, backend_graph *g) {
     if (!g) return;
     cuda_lock lock(be);
     /* a replay may still run: its blocks are free once it has finished */
-    (void)cudaStreamSynchronize(lock.cb->stream);
-    (void)cudaGraphExecDestroy(g->exec);
+    cuda_ignore(cudaStreamSynchronize(lock.cb->stream));
+    cuda_ignore(cudaGraphExecDestroy(g->exec));
     cuda_cache_adopt(lock.cb, g->cache);
     cuda_arena_release(lock.cb, g->arena);
     free(g);

@@ -218,6 +218,12 @@ int cuda_ok(cudaError_t e, const char *what);
 int cublas_ok(cublasStatus_t s, const char *what);
 /* The status of the kernel launched last on this thread. */
 static inline int cuda_launched(const char *what) { return cuda_ok(cudaGetLastError(), what); }
+/* A status ignored on purpose (a release, a wait before one): its error is
+ * taken from the runtime's last error as cuda_ok takes it, so that it does
+ * not surface as the next launch's. */
+static inline void cuda_ignore(cudaError_t e) {
+    if (e != cudaSuccess) (void)cudaGetLastError();
+}
 
 /* The mean GPU time in ms of three runs of run() (which returns 0 on
  * success) after an untimed one, on the backend's stream (it waits for

@@ -139,7 +139,7 @@ void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, in
         pending_op *o = begin_recorded(p);
         if (!o) return;
         snprintf(o->key, sizeof o->key, "(replayed) %s", op);
-        (void)cudaEventRecordWithFlags(o->start, stream, cudaEventRecordExternal);
+        cuda_ignore(cudaEventRecordWithFlags(o->start, stream, cudaEventRecordExternal));
         p->current = o;
         return;
     }
@@ -150,7 +150,7 @@ void cuda_profile_begin(cuda_profile *p, cudaStream_t stream, const char *op, in
     if (!o->start || !o->end) return;
     snprintf(o->key, sizeof o->key, "%s", op);
     o->kept = 0;
-    (void)cudaEventRecord(o->start, stream);
+    cuda_ignore(cudaEventRecord(o->start, stream));
     p->n_pending++;
     p->current = o;
 }
@@ -183,8 +183,8 @@ void cuda_profile_end(cuda_profile *p, cudaStream_t stream, int64_t peak) {
         p->peak_before = p->op_in_use;
         snprintf(p->peak_op, sizeof p->peak_op, "%s", o->key);
     }
-    if (o->kept) (void)cudaEventRecordWithFlags(o->end, stream, cudaEventRecordExternal);
-    else (void)cudaEventRecord(o->end, stream);
+    if (o->kept) cuda_ignore(cudaEventRecordWithFlags(o->end, stream, cudaEventRecordExternal));
+    else cuda_ignore(cudaEventRecord(o->end, stream));
     p->current = NULL;
 }
 
@@ -210,10 +210,10 @@ void cuda_profile_destroy(cuda_profile *p) {
         fprintf(stderr, "%10.2f %6.2f %8" PRId64 " %9.1f %9.1f  %s\n", t->ms, 100.0 * t->ms / all,
                 t->calls, 1e3 * t->ms / (double)t->calls, 1e3 * t->min_ms, t->key);
     }
-    for (int i = 0; i < p->n_spare; i++) (void)cudaEventDestroy(p->spare[i]);
+    for (int i = 0; i < p->n_spare; i++) cuda_ignore(cudaEventDestroy(p->spare[i]));
     for (int i = 0; i < p->n_recorded; i++) {
-        (void)cudaEventDestroy(p->recorded[i].start);
-        (void)cudaEventDestroy(p->recorded[i].end);
+        cuda_ignore(cudaEventDestroy(p->recorded[i].start));
+        cuda_ignore(cudaEventDestroy(p->recorded[i].end));
     }
     free(p->recorded);
     free(p);
