@@ -15,7 +15,11 @@
  * "bf16-operands", float32 oneDNN on operands rounded to bfloat16: the bf16
  * path's arithmetic on any CPU, with which the bfloat16 tolerances were
  * measured. Both bf16 settings set test_bf16, which the golden tests read
- * for their bfloat16 tolerances.
+ * for their bfloat16 tolerances. "fp8-operands", "fp8-operands-linear"
+ * and "fp8-operands-conv": float32 oneDNN on operands quantized to FP8
+ * E4M3 with per-tensor scales, of every dense operation, the linear
+ * layers only or the convolutions only: FP8's error, emulated (there is
+ * no FP8 path to run).
  */
 #ifndef SDX4_TEST_DEVICE_H
 #define SDX4_TEST_DEVICE_H
@@ -37,12 +41,16 @@ static inline cpu_dense_path test_cpu_dense(void) {
         cpu_dense_path path;
     } paths[] = {{"onednn-fp32", CPU_DENSE_ONEDNN_F32},
                  {"bf16", CPU_DENSE_ONEDNN_BF16},
-                 {"bf16-operands", CPU_DENSE_ONEDNN_F32_BF16_OPERANDS}};
+                 {"bf16-operands", CPU_DENSE_ONEDNN_F32_BF16_OPERANDS},
+                 {"fp8-operands", CPU_DENSE_ONEDNN_F32_FP8_OPERANDS},
+                 {"fp8-operands-linear", CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS},
+                 {"fp8-operands-conv", CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS}};
     const char *v = getenv("SDX4_TEST_CPU_DENSE");
     if (!v || !*v) return CPU_DENSE_BLAS;
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
         if (!strcmp(v, paths[i].name)) return paths[i].path;
-    fprintf(stderr, "SDX4_TEST_CPU_DENSE=%s: expected onednn-fp32, bf16 or bf16-operands\n", v);
+    fprintf(stderr, "SDX4_TEST_CPU_DENSE=%s: expected onednn-fp32, bf16, bf16-operands, fp8-operands, "
+            "fp8-operands-linear or fp8-operands-conv\n", v);
     exit(1);
 }
 
