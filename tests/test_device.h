@@ -19,7 +19,7 @@
  * and "fp8-operands-conv": float32 oneDNN on operands quantized to FP8
  * E4M3 with per-tensor scales, of every dense operation, the linear
  * layers only or the convolutions only: FP8's error, emulated (there is
- * no FP8 path to run).
+ * no FP8 path to run). They set test_fp8, and test_dense says which.
  */
 #ifndef SDX4_TEST_DEVICE_H
 #define SDX4_TEST_DEVICE_H
@@ -33,6 +33,8 @@
 
 static int test_half_precision; /* set by test_backend() */
 static int test_bf16;           /* likewise: the CPU's bfloat16 products */
+static int test_fp8;            /* likewise: FP8 operands, emulated */
+static cpu_dense_path test_dense; /* likewise: the CPU's path (CPU_DENSE_BLAS) */
 
 /* The CPU path SDX4_TEST_CPU_DENSE names (exits 1 on an unknown name). */
 static inline cpu_dense_path test_cpu_dense(void) {
@@ -94,6 +96,9 @@ static inline backend *test_backend(void) {
         exit(1);
     }
     test_bf16 = dense == CPU_DENSE_ONEDNN_BF16 || dense == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
+    test_fp8 = dense == CPU_DENSE_ONEDNN_F32_FP8_OPERANDS || dense == CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS ||
+               dense == CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS;
+    test_dense = dense;
     if (dense != CPU_DENSE_BLAS) printf("device: %s\n", be->description);
     return be;
 }
