@@ -96,7 +96,8 @@ static inline backend *test_backend(void) {
         exit(1);
     }
     test_bf16 = dense == CPU_DENSE_ONEDNN_BF16 || dense == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
-    test_fp8 = dense == CPU_DENSE_ONEDNN_F32_FP8_OPERANDS || dense == CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS ||
+    test_fp8 = dense == CPU_DENSE_ONEDNN_F32_FP8_OPERANDS ||
+               dense == CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS ||
                dense == CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS;
     test_dense = dense;
     if (dense != CPU_DENSE_BLAS) printf("device: %s\n", be->description);
