@@ -6,12 +6,15 @@
  * types runs anywhere, so the plumbing (descriptors, reorders in and out of
  * oneDNN's layouts, bias and the residual's sum post-op, weights prepared
  * once, primitives kept per shape, user scratchpads, threads) is held here
- * to a double-precision reference at float32's tolerance. The path on
- * operands rounded to bfloat16 (the bf16 arithmetic, up to summation
- * order) is held to the same reference computed on rounded operands, so
- * that the error figures test_models and test_pipeline measure with it are
- * bf16's and nothing else's. Opening the bf16 path is refused where the
- * CPU lacks it (test_backend_bf16 runs it where it does not).
+ * to a double-precision reference at float32's tolerance. The paths on
+ * rounded operands (bfloat16: the bf16 arithmetic, up to summation order;
+ * FP8 E4M3 with per-tensor scales, for both kinds of operation or one) are
+ * held to the same reference computed on operands rounded here, by code
+ * written apart from the backend's, and must differ from the unrounded
+ * one: the error figures test_models and test_pipeline measure with them
+ * are the format's and nothing else's, on the operations they name.
+ * Opening the bf16 path is refused where the CPU lacks it
+ * (test_backend_bf16 runs it where it does not).
  *
  * Skipped (77) in builds without oneDNN.
  */
@@ -48,8 +51,11 @@ int main(void) {
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
 
+/* How a path rounds the operands of one kind of operation. */
+typedef enum { EXACT, BF16, E4M3 } format;
+
 /* x to bfloat16 to nearest even and back, written independently of
- * cpu_onednn.c's (by the spacing of bfloat16 values around x). */
+ * float_round.h's (by the spacing of bfloat16 values around x). */
 static float bf16_round(float x) {
     if (x == 0 || !isfinite(x)) return x;
     int e;
@@ -57,6 +63,36 @@ static float bf16_round(float x) {
     double ulp = ldexp(1.0, e - 8);     /* 8 significant bits */
     double q = x / ulp, r = nearbyint(q); /* nearest, ties to even */
     return (float)(r * ulp);
+}
+
+/* x to FP8 E4M3 and back, likewise: 4 significant bits down to 2^-6, a
+ * spacing of 2^-9 below, saturating at 448. */
+static float e4m3_round(float x) {
+    if (x == 0 || isnan(x)) return x;
+    int e;
+    frexpf(x, &e);
+    double ulp = ldexp(1.0, (e - 1 < -6 ? -6 : e - 1) - 3);
+    double r = isinf(x) ? x : nearbyint(x / ulp) * ulp;
+    return (float)(fabs(r) > 448 ? copysign(448, x) : r);
+}
+
+/* The n operands at x as a path of format f reads them; E4M3's scale is
+ * the tensor's amax / 448, 1 for a tensor of zeros. */
+static void quantize(float *x, int64_t n, format f) {
+    if (f == EXACT) return;
+    double amax = 0;
+    for (int64_t i = 0; i < n; i++) amax = fmax(amax, fabs(x[i]));
+    float s = amax > 0 ? (float)amax / 448 : 1;
+    for (int64_t i = 0; i < n; i++) x[i] = f == BF16 ? bf16_round(x[i]) : e4m3_round(x[i] / s) * s;
+}
+
+static const char *const format_names[] = {"", " (bf16 operands)", " (fp8 operands)"};
+
+/* A copy of n floats. */
+static float *copy(const float *x, int64_t n) {
+    float *y = malloc((size_t)n * sizeof *y);
+    memcpy(y, x, (size_t)n * sizeof *y);
+    return y;
 }
 
 static tensor *make(backend *be, int ndim, const int64_t *shape, const float *data) {
@@ -128,9 +164,10 @@ static void ref_linear(int64_t M, int64_t K, int64_t N, const float *x, const fl
 
 /* ------------------------------------------------------------- operations */
 
-/* One convolution on `be` against the reference; `rounded`: be rounds its
- * operands to bfloat16, and so does the reference. */
-static void test_conv(backend *be, const conv_case *c, int rounded) {
+/* One convolution on `be` against the reference, with its operands
+ * rounded to format f as be rounds them; a rounding path must also be off
+ * the unrounded reference (or it rounded nothing). */
+static void test_conv(backend *be, const conv_case *c, format f) {
     int64_t Ho = (c->H + 2 * c->pad - c->k) / c->stride + 1;
     int64_t Wo = (c->W + 2 * c->pad - c->k) / c->stride + 1;
     int64_t nx = c->B * c->C * c->H * c->W, nw = c->O * c->C * c->k * c->k;
@@ -142,18 +179,18 @@ static void test_conv(backend *be, const conv_case *c, int rounded) {
     tensor *tw = weight(be, 4, (int64_t[]){c->O, c->C, c->k, c->k}, w);
     tensor *tb = b ? weight(be, 1, (int64_t[]){c->O}, b) : NULL;
     tensor *tr = r ? make(be, 4, (int64_t[]){c->B, c->O, Ho, Wo}, r) : NULL;
-    if (rounded) {
-        for (int64_t i = 0; i < nx; i++) x[i] = bf16_round(x[i]);
-        for (int64_t i = 0; i < nw; i++) w[i] = bf16_round(w[i]);
-    }
-    double *ref = malloc((size_t)ny * sizeof *ref);
-    ref_conv(c, x, w, b, r, Ho, Wo, ref);
+    float *xq = copy(x, nx), *wq = copy(w, nw);
+    quantize(xq, nx, f);
+    quantize(wq, nw, f);
+    double *ref = malloc((size_t)ny * sizeof *ref), *exact = malloc((size_t)ny * sizeof *exact);
+    ref_conv(c, xq, wq, b, r, Ho, Wo, ref);
+    ref_conv(c, x, w, b, r, Ho, Wo, exact);
     char what[160];
     snprintf(what, sizeof what,
              "conv2d%s B%" PRId64 " %" PRId64 "->%" PRId64 " %" PRId64 "x%" PRId64
              " k%d s%d p%d%s%s",
              r ? "_add" : "", c->B, c->C, c->O, c->H, c->W, c->k, c->stride, c->pad,
-             b ? " bias" : "", rounded ? " (bf16 operands)" : "");
+             b ? " bias" : "", format_names[f]);
     /* twice: the second call runs the kept primitive and prepared weights */
     for (int pass = 0; pass < 2; pass++) {
         tensor *y = r ? be->conv2d_add(be, tx, tw, tb, c->stride, c->pad, tr)
@@ -162,18 +199,20 @@ static void test_conv(backend *be, const conv_case *c, int rounded) {
         if (!y) break;
         CHECK(y->shape[2] == Ho && y->shape[3] == Wo, "%s: output %" PRId64 "x%" PRId64, what,
               y->shape[2], y->shape[3]);
-        double e = rel_err(y->data, ref, ny);
+        double e = rel_err(y->data, ref, ny), off = rel_err(y->data, exact, ny);
         CHECK(e <= TOL, "%s, pass %d: relative error %g", what, pass, e);
+        CHECK(f == EXACT || off > TOL, "%s: no further from exact operands' result (%g) than %g", what,
+              off, TOL);
         tensor_free(y);
     }
     CHECK(tw->prepared != NULL && tw->data == NULL,
           "%s: the weight was not prepared once and its float copy freed", what);
     tensor_free(tx), tensor_free(tw), tensor_free(tb), tensor_free(tr);
-    free(x), free(w), free(b), free(r), free(ref);
+    free(x), free(w), free(b), free(r), free(ref), free(exact), free(xq), free(wq);
 }
 
 static void test_linear(backend *be, int ndim, const int64_t *xshape, int64_t N, int bias,
-                        int residual, int rounded) {
+                        int residual, format f) {
     int64_t K = xshape[ndim - 1], M = 1;
     for (int i = 0; i < ndim - 1; i++) M *= xshape[i];
     float *x = test_rand_buf(&rng, M * K, -1, 1), *w = test_rand_buf(&rng, N * K, -0.5f, 0.5f);
@@ -185,26 +224,28 @@ static void test_linear(backend *be, int ndim, const int64_t *xshape, int64_t N,
     tensor *tx = make(be, ndim, xshape, x), *tw = weight(be, 2, (int64_t[]){N, K}, w);
     tensor *tb = b ? weight(be, 1, (int64_t[]){N}, b) : NULL;
     tensor *tr = r ? make(be, ndim, yshape, r) : NULL;
-    if (rounded) {
-        for (int64_t i = 0; i < M * K; i++) x[i] = bf16_round(x[i]);
-        for (int64_t i = 0; i < N * K; i++) w[i] = bf16_round(w[i]);
-    }
-    double *ref = malloc((size_t)(M * N) * sizeof *ref);
-    ref_linear(M, K, N, x, w, b, r, ref);
+    float *xq = copy(x, M * K), *wq = copy(w, N * K);
+    quantize(xq, M * K, f);
+    quantize(wq, N * K, f);
+    double *ref = malloc((size_t)(M * N) * sizeof *ref), *exact = malloc((size_t)(M * N) * sizeof *exact);
+    ref_linear(M, K, N, xq, wq, b, r, ref);
+    ref_linear(M, K, N, x, w, b, r, exact);
     char what[128];
     snprintf(what, sizeof what, "linear%s [%" PRId64 ", %" PRId64 "] -> %" PRId64 "%s%s",
-             r ? "_add" : "", M, K, N, b ? " bias" : "", rounded ? " (bf16 operands)" : "");
+             r ? "_add" : "", M, K, N, b ? " bias" : "", format_names[f]);
     for (int pass = 0; pass < 2; pass++) {
         tensor *y = r ? be->linear_add(be, tx, tw, tb, tr) : be->linear(be, tx, tw, tb);
         CHECK(y != NULL, "%s: %s", what, sdx4_last_error());
         if (!y) break;
         CHECK(y->ndim == ndim && y->shape[ndim - 1] == N, "%s: output shape", what);
-        double e = rel_err(y->data, ref, M * N);
+        double e = rel_err(y->data, ref, M * N), off = rel_err(y->data, exact, M * N);
         CHECK(e <= TOL, "%s, pass %d: relative error %g", what, pass, e);
+        CHECK(f == EXACT || off > TOL, "%s: no further from exact operands' result (%g) than %g", what,
+              off, TOL);
         tensor_free(y);
     }
     tensor_free(tx), tensor_free(tw), tensor_free(tb), tensor_free(tr);
-    free(x), free(w), free(b), free(r), free(ref);
+    free(x), free(w), free(b), free(r), free(ref), free(exact), free(xq), free(wq);
 }
 
 static const conv_case conv_cases[] = {
@@ -217,13 +258,51 @@ static const conv_case conv_cases[] = {
     {1, 64, 10, 10, 32, 3, 1, 1, 0, 0},
 };
 
-static void test_ops(backend *be, int rounded) {
+static void test_ops(backend *be, format conv, format linear) {
     for (size_t i = 0; i < sizeof conv_cases / sizeof *conv_cases; i++)
-        test_conv(be, &conv_cases[i], rounded);
-    test_linear(be, 2, (int64_t[]){5, 33}, 17, 0, 0, rounded);
-    test_linear(be, 3, (int64_t[]){2, 77, 64}, 96, 1, 0, rounded);    /* CLIP-like */
-    test_linear(be, 3, (int64_t[]){2, 300, 128}, 128, 1, 1, rounded); /* attention's out projection */
-    test_linear(be, 2, (int64_t[]){1, 320}, 1280, 1, 0, rounded);     /* time embedding: one row */
+        test_conv(be, &conv_cases[i], conv);
+    test_linear(be, 2, (int64_t[]){5, 33}, 17, 0, 0, linear);
+    test_linear(be, 3, (int64_t[]){2, 77, 64}, 96, 1, 0, linear);    /* CLIP-like */
+    test_linear(be, 3, (int64_t[]){2, 300, 128}, 128, 1, 1, linear); /* attention's out projection */
+    test_linear(be, 2, (int64_t[]){1, 320}, 1280, 1, 0, linear);     /* time embedding: one row */
+}
+
+/* FP8's per-tensor scales: operands far outside E4M3's range (inputs
+ * to 1000, past its 448; weights below 1e-3, under its smallest normal
+ * 2^-6 and mostly under its smallest subnormal 2^-9) come out as the
+ * reference scaled by amax / 448 has them; and a tensor of zeros keeps
+ * scale 1 (amax / 448 would divide 0 by 0): the output is the bias. */
+static void test_fp8_scales(backend *be) {
+    const int64_t M = 6, K = 40, N = 24;
+    float *x = test_rand_buf(&rng, M * K, -1000, 1000), *w = test_rand_buf(&rng, N * K, -1e-3f, 1e-3f);
+    float *b = test_rand_buf(&rng, N, -1, 1);
+    float *xq = copy(x, M * K), *wq = copy(w, N * K);
+    quantize(xq, M * K, E4M3);
+    quantize(wq, N * K, E4M3);
+    double *ref = malloc((size_t)(M * N) * sizeof *ref);
+    ref_linear(M, K, N, xq, wq, b, NULL, ref);
+    tensor *tx = make(be, 2, (int64_t[]){M, K}, x), *tw = weight(be, 2, (int64_t[]){N, K}, w);
+    tensor *tb = weight(be, 1, (int64_t[]){N}, b);
+    tensor *y = be->linear(be, tx, tw, tb);
+    CHECK(y != NULL, "fp8 scales: %s", sdx4_last_error());
+    if (y) {
+        double e = rel_err(y->data, ref, M * N);
+        CHECK(e <= TOL, "fp8 scales: inputs to 1000, weights to 1e-3: relative error %g", e);
+    }
+    tensor_free(y);
+    /* zero inputs, then zero weights */
+    float *zeros = calloc((size_t)(N * K), sizeof *zeros);
+    tensor *tz = make(be, 2, (int64_t[]){M, K}, zeros), *twz = weight(be, 2, (int64_t[]){N, K}, zeros);
+    tensor *ys[2] = {be->linear(be, tz, tw, tb), be->linear(be, tx, twz, tb)};
+    for (int i = 0; i < 2; i++) {
+        int exact = ys[i] != NULL;
+        for (int64_t j = 0; exact && j < M * N; j++) exact = ((const float *)ys[i]->data)[j] == b[j % N];
+        CHECK(exact, "fp8: zero %s: the output is not the bias (%s)", i ? "weights" : "inputs",
+              ys[i] ? "a value differs" : sdx4_last_error());
+        tensor_free(ys[i]);
+    }
+    tensor_free(tx), tensor_free(tw), tensor_free(tb), tensor_free(tz), tensor_free(twz);
+    free(x), free(w), free(b), free(xq), free(wq), free(ref), free(zeros);
 }
 
 /* One weight, several shapes: each shape's primitive reads the weights
@@ -350,13 +429,24 @@ static void run_path(cpu_dense_path path, int threads) {
     backend *be = sdx4_backend_cpu_open(threads, path);
     CHECK(be != NULL, "open: %s", sdx4_last_error());
     if (!be) return;
-    int rounded = path == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
+    /* what each path rounds, convolutions' and linear layers' operands */
+    static const struct {
+        cpu_dense_path path;
+        format conv, linear;
+    } formats[] = {{CPU_DENSE_ONEDNN_F32_BF16_OPERANDS, BF16, BF16},
+                   {CPU_DENSE_ONEDNN_F32_FP8_OPERANDS, E4M3, E4M3},
+                   {CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS, EXACT, E4M3},
+                   {CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS, E4M3, EXACT}};
+    format conv = EXACT, linear = EXACT;
+    for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
+        if (formats[i].path == path) conv = formats[i].conv, linear = formats[i].linear;
     CHECK(be->dense_type == DTYPE_F32 && strstr(be->description, "oneDNN"), "description %s",
           be->description);
     int omp_default = omp_get_max_threads();
-    test_ops(be, rounded);
+    test_ops(be, conv, linear);
     CHECK(omp_get_max_threads() == omp_default, "the backend changed this thread's OpenMP default");
-    if (!rounded) {
+    if (linear == E4M3) test_fp8_scales(be);
+    if (conv == EXACT && linear == EXACT) {
         test_shapes_share_weights(be);
         test_concurrent_callers(be);
         test_errors(be);
@@ -371,6 +461,9 @@ int main(void) {
     run_path(CPU_DENSE_ONEDNN_F32, 2);
     run_path(CPU_DENSE_ONEDNN_F32, 1);
     run_path(CPU_DENSE_ONEDNN_F32_BF16_OPERANDS, 2);
+    run_path(CPU_DENSE_ONEDNN_F32_FP8_OPERANDS, 2);
+    run_path(CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS, 2);
+    run_path(CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS, 2);
     test_bf16_open();
     return test_finish("test_backend_onednn");
 }

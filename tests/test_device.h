@@ -15,7 +15,11 @@
  * "bf16-operands", float32 oneDNN on operands rounded to bfloat16: the bf16
  * path's arithmetic on any CPU, with which the bfloat16 tolerances were
  * measured. Both bf16 settings set test_bf16, which the golden tests read
- * for their bfloat16 tolerances.
+ * for their bfloat16 tolerances. "fp8-operands", "fp8-operands-linear"
+ * and "fp8-operands-conv": float32 oneDNN on operands quantized to FP8
+ * E4M3 with per-tensor scales, of every dense operation, the linear
+ * layers only or the convolutions only: FP8's error, emulated (there is
+ * no FP8 path to run). They set test_fp8, and test_dense says which.
  */
 #ifndef SDX4_TEST_DEVICE_H
 #define SDX4_TEST_DEVICE_H
@@ -29,6 +33,8 @@
 
 static int test_half_precision; /* set by test_backend() */
 static int test_bf16;           /* likewise: the CPU's bfloat16 products */
+static int test_fp8;            /* likewise: FP8 operands, emulated */
+static cpu_dense_path test_dense; /* likewise: the CPU's path (CPU_DENSE_BLAS) */
 
 /* The CPU path SDX4_TEST_CPU_DENSE names (exits 1 on an unknown name). */
 static inline cpu_dense_path test_cpu_dense(void) {
@@ -37,12 +43,16 @@ static inline cpu_dense_path test_cpu_dense(void) {
         cpu_dense_path path;
     } paths[] = {{"onednn-fp32", CPU_DENSE_ONEDNN_F32},
                  {"bf16", CPU_DENSE_ONEDNN_BF16},
-                 {"bf16-operands", CPU_DENSE_ONEDNN_F32_BF16_OPERANDS}};
+                 {"bf16-operands", CPU_DENSE_ONEDNN_F32_BF16_OPERANDS},
+                 {"fp8-operands", CPU_DENSE_ONEDNN_F32_FP8_OPERANDS},
+                 {"fp8-operands-linear", CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS},
+                 {"fp8-operands-conv", CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS}};
     const char *v = getenv("SDX4_TEST_CPU_DENSE");
     if (!v || !*v) return CPU_DENSE_BLAS;
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
         if (!strcmp(v, paths[i].name)) return paths[i].path;
-    fprintf(stderr, "SDX4_TEST_CPU_DENSE=%s: expected onednn-fp32, bf16 or bf16-operands\n", v);
+    fprintf(stderr, "SDX4_TEST_CPU_DENSE=%s: expected onednn-fp32, bf16, bf16-operands, fp8-operands, "
+            "fp8-operands-linear or fp8-operands-conv\n", v);
     exit(1);
 }
 
@@ -86,6 +96,10 @@ static inline backend *test_backend(void) {
         exit(1);
     }
     test_bf16 = dense == CPU_DENSE_ONEDNN_BF16 || dense == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
+    test_fp8 = dense == CPU_DENSE_ONEDNN_F32_FP8_OPERANDS ||
+               dense == CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS ||
+               dense == CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS;
+    test_dense = dense;
     if (dense != CPU_DENSE_BLAS) printf("device: %s\n", be->description);
     return be;
 }

@@ -253,9 +253,10 @@ typedef struct {
 int sdx4_cuda_settings_parse(const sdx4_cuda_options *o, cuda_settings *s);
 
 /* How the CPU backend computes its convolutions and linear layers:
- * sdx4.h's sdx4_cpu_options.dtype. The two oneDNN float32 paths are not
+ * sdx4.h's sdx4_cpu_options.dtype. The oneDNN float32 paths are not
  * offered there: they are the bfloat16 path's code with float32 data
- * types, which the tests run on CPUs that cannot run bfloat16. */
+ * types, which the tests run on CPUs that cannot run bfloat16, and on
+ * operands rounded to a narrower format's values to measure its error. */
 typedef enum {
     CPU_DENSE_BLAS,        /* float32 through OpenBLAS (the default) */
     CPU_DENSE_ONEDNN_F32,  /* float32 through oneDNN (tests) */
@@ -270,6 +271,18 @@ typedef enum {
                               accumulates in float, so this is the bf16
                               path's arithmetic up to summation order: how
                               the tests measure its error on any CPU */
+    CPU_DENSE_ONEDNN_F32_FP8_OPERANDS, /* tests only: float32 through oneDNN
+                              on inputs and weights quantized to FP8 E4M3
+                              with one scale per tensor, as an H100's FP8
+                              GEMM or convolution reads them (cpu_onednn.c's
+                              round_operands): FP8's error, measured before
+                              there are FP8 kernels; a lower bound, as the
+                              accumulation here is float32's */
+    CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS, /* the same for the linear
+                              layers only (cuBLASLt's products on CUDA),
+                              convolutions in float32 */
+    CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS, /* and for the convolutions only
+                              (cuDNN's), linear layers in float32 */
 } cpu_dense_path;
 
 /* The path `o` asks for (NULL: the default); -1 with an error naming the

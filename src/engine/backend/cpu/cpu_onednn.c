@@ -2,7 +2,11 @@
  * cpu_onednn.c - the CPU backend's convolutions and linear layers through
  * oneDNN: bfloat16 operands with float accumulation and float output
  * (sdx4.h's cpu.dtype "bf16"), or the same code with float32 operands,
- * which the tests hold to the OpenBLAS path on any CPU.
+ * which the tests hold to the OpenBLAS path on any CPU. The tests also
+ * run it on float32 operands rounded to a narrower format's values
+ * (bfloat16, or FP8 E4M3 with a scale per tensor, for the convolutions,
+ * the linear layers or both: round_operands): the format's error, measured
+ * on any CPU before, or without, the hardware that computes in it.
  *
  * Only the dense products change. Group norm, layer norm, softmax, the
  * attention (below), every elementwise operation and the scheduler stay in
@@ -59,7 +63,9 @@
  * 12's libdnnl-dev): the C API of oneDNN 3 differs.
  */
 
+#include <float.h>
 #include <inttypes.h>
+#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,11 +76,16 @@
 #include "backend/cpu/cpu_internal.h"
 #include "core/cancel.h"
 #include "core/error.h"
+#include "core/float_round.h"
 
 #define CACHE_BUCKETS 256
 #define CACHE_MAX 1024
 
 enum { OP_CONV, OP_LINEAR };
+
+/* The format whose values the emulating paths (tests only) round float32
+ * operands to: FORMAT_F32 leaves them as they are. */
+typedef enum { FORMAT_F32, FORMAT_BF16, FORMAT_E4M3 } operand_format;
 
 /* An operation's shape: everything a primitive depends on. */
 typedef struct {
@@ -95,7 +106,8 @@ typedef struct op_entry {
 struct cpu_onednn {
     dnnl_engine_t engine;
     dnnl_data_type_t operands; /* dnnl_bf16, or dnnl_f32 for the tests */
-    int round_operands;        /* f32 operands rounded to bf16 (tests) */
+    operand_format round[2];   /* per OP_CONV, OP_LINEAR: how the f32
+                                  operands are rounded (tests) */
     pthread_mutex_t lock;      /* guards the table and weight preparation */
     op_entry *table[CACHE_BUCKETS];
     int entries;
@@ -390,18 +402,40 @@ static op_entry *lookup(const char *op, cpu_onednn *d, const op_key *key, int64_
     return e;
 }
 
-/* x rounded to bfloat16's precision, to nearest even, as oneDNN's reorder
- * to bf16 rounds (NaN stays NaN; a value past bfloat16's largest becomes
- * infinite, as there). Only CPU_DENSE_ONEDNN_F32_BF16_OPERANDS uses it. */
-static void round_to_bf16(backend *be, float *x, int64_t n) {
-#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) continue;
-        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        memcpy(&x[i], &u, sizeof u);
+/* The n operands at x rounded to the values of format f, in place (any
+ * layout: the operation is elementwise but for E4M3's scale, and a blocked
+ * layout's padding is zero). Only the emulating paths (tests) call it.
+ *
+ * bfloat16 rounds each value (float_round.h). E4M3 holds too few values
+ * for a tensor's own range, so an H100 FP8 GEMM or convolution reads each
+ * operand as E4M3 codes times one float scale per tensor; the scale here
+ * is "current scaling" (Transformer Engine's name): amax(|x|) / 448, which
+ * maps the largest magnitude onto E4M3's largest. A weight's is computed
+ * once, when it is prepared; the source's per call. Each value becomes
+ * E4M3(v / s) * s. A tensor that is all zeros (or whose amax is not
+ * finite) keeps scale 1. The bias, the residual and the output stay float:
+ * an H100 FP8 product writes fp16, bf16 or fp32, and the rounding of an
+ * fp16 or bf16 output is not modelled here.
+ *
+ * What this leaves out makes the emulated error a lower bound of the
+ * hardware's: oneDNN accumulates the exact products in float32, while
+ * Hopper's FP8 tensor cores keep fewer bits of the running sum (about 14,
+ * measured on H800 in DeepSeek-V3's technical report, arXiv:2412.19437,
+ * section 3.3.2). */
+static void round_operands(backend *be, operand_format f, float *x, int64_t n) {
+    if (f == FORMAT_F32) return;
+    float s = 1;
+    if (f == FORMAT_E4M3) {
+        float amax = 0;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) reduction(max : amax)
+        for (int64_t i = 0; i < n; i++) /* NaN compares false: skipped */
+            if (fabsf(x[i]) > amax) amax = fabsf(x[i]);
+        s = amax / 448.0f;
+        if (!(s > 0) || s > FLT_MAX) s = 1; /* zeros, infinities, or an amax that underflows */
     }
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        x[i] = f == FORMAT_BF16 ? f32_round_bf16(x[i]) : f32_round_e4m3(x[i] / s) * s;
 }
 
 /* --------------------------------------------------------------- weights */
@@ -445,8 +479,8 @@ static const void *weights_for(backend *be, const char *op, tensor *w, const op_
             if ((p->data = sdx4_cpu_bytes_alloc(be, p->bytes)) &&
                 !reorder(be, op, NULL, &user, w->data, &p->md, p->data))
                 failed = 0;
-            /* elementwise, so in any layout; padding stays zero */
-            if (!failed && d->round_operands) round_to_bf16(be, p->data, (int64_t)(p->bytes / sizeof(float)));
+            if (!failed)
+                round_operands(be, d->round[e->key.v[0]], p->data, (int64_t)(p->bytes / sizeof(float)));
         }
         if (failed) {
             if (p) sdx4_cpu_bytes_free(be, p->data, p->bytes);
@@ -495,7 +529,8 @@ static int run_dense(backend *be, const char *op, const op_entry *e, const tenso
                      const tensor *bias, const tensor *r, tensor *y) {
     cpu_onednn *d = state(be);
     if (cancel_is_set(sdx4_cancel_flag())) return sdx4_cancel_stopped();
-    size_t src_bytes = e->src_in || d->round_operands ? dnnl_memory_desc_get_size(&e->src) : 0;
+    operand_format format = d->round[e->key.v[0]];
+    size_t src_bytes = e->src_in || format != FORMAT_F32 ? dnnl_memory_desc_get_size(&e->src) : 0;
     size_t dst_bytes = e->dst_out ? dnnl_memory_desc_get_size(&e->dst) : 0;
     void *src = NULL, *dst = NULL, *wtmp = NULL;
     size_t wtmp_bytes = 0;
@@ -508,7 +543,7 @@ static int run_dense(backend *be, const char *op, const op_entry *e, const tenso
         goto done;
     if (src && e->src_in && reorder(be, op, e->src_in, &e->user_src, x->data, &e->src, src)) goto done;
     if (src && !e->src_in) memcpy(src, x->data, src_bytes);
-    if (src && d->round_operands) round_to_bf16(be, src, (int64_t)(src_bytes / sizeof(float)));
+    if (src) round_operands(be, format, src, (int64_t)(src_bytes / sizeof(float)));
     void *out = dst ? dst : y->data;
     if (r) { /* the sum post-op adds the product to what dst holds */
         if (e->residual_in) {
@@ -656,8 +691,30 @@ int sdx4_cpu_onednn_open(backend *be, cpu_dense_path path) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: out of memory");
         return -1;
     }
+    /* the emulating paths (tests): which operands each rounds, and to what */
+    static const struct {
+        cpu_dense_path path;
+        operand_format conv, linear;
+        const char *what;
+    } emulating[] = {
+        {CPU_DENSE_ONEDNN_F32_BF16_OPERANDS, FORMAT_BF16, FORMAT_BF16,
+         "fp32 on bf16-rounded operands of convolutions and linear layers"},
+        {CPU_DENSE_ONEDNN_F32_FP8_OPERANDS, FORMAT_E4M3, FORMAT_E4M3,
+         "fp32 on FP8 E4M3 operands (per-tensor scales) of convolutions and linear layers"},
+        {CPU_DENSE_ONEDNN_F32_FP8_LINEAR_OPERANDS, FORMAT_F32, FORMAT_E4M3,
+         "fp32 convolutions, and linear layers on FP8 E4M3 operands (per-tensor scales),"},
+        {CPU_DENSE_ONEDNN_F32_FP8_CONV_OPERANDS, FORMAT_E4M3, FORMAT_F32,
+         "fp32 linear layers, and convolutions on FP8 E4M3 operands (per-tensor scales),"},
+    };
+    const char *what = path == CPU_DENSE_ONEDNN_BF16 ? "bf16 convolutions and linear layers"
+                                                     : "fp32 convolutions and linear layers";
     d->operands = path == CPU_DENSE_ONEDNN_BF16 ? dnnl_bf16 : dnnl_f32;
-    d->round_operands = path == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS;
+    for (size_t i = 0; i < sizeof emulating / sizeof *emulating; i++)
+        if (path == emulating[i].path) {
+            d->round[OP_CONV] = emulating[i].conv;
+            d->round[OP_LINEAR] = emulating[i].linear;
+            what = emulating[i].what;
+        }
     dnnl_status_t st = dnnl_engine_create(&d->engine, dnnl_cpu, 0);
     if (st != dnnl_success) {
         free(d);
@@ -673,12 +730,7 @@ int sdx4_cpu_onednn_open(backend *be, cpu_dense_path path) {
     const dnnl_version_t *v = dnnl_version();
     size_t len = strlen(cb->description);
     snprintf(cb->description + len, sizeof cb->description - len,
-             "; %s convolutions and linear layers through oneDNN %d.%d.%d (%s)",
-             path == CPU_DENSE_ONEDNN_BF16                ? "bf16"
-             : path == CPU_DENSE_ONEDNN_F32_BF16_OPERANDS ? "fp32 on bf16-rounded operands of"
-                                                          : "fp32",
-             v->major, v->minor, v->patch,
-             isa_name(isa));
+             "; %s through oneDNN %d.%d.%d (%s)", what, v->major, v->minor, v->patch, isa_name(isa));
     be->conv2d = onednn_conv2d;
     be->conv2d_add = onednn_conv2d_add;
     be->linear = onednn_linear_plain;
