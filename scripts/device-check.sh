@@ -39,7 +39,10 @@
 #           README's fast choice) and Euler ancestral (noise drawn ahead;
 #           their scheduler_step_ms against the GPU's step, issue 14),
 #           and 128 px with 8 upscales sharing their UNet calls (--batch
-#           8, issue 16): bench.jsonl's seven lines, in that order
+#           8, issue 16): bench.jsonl's seven lines, in that order; then,
+#           where bench/batch_parts built (it needs the server's
+#           libraries), the text encoder and VAE decode of eight upscales
+#           apart and batched, in batch-parts.jsonl
 #   profile one UNet step and VAE decode at 128 and 256 px with
 #           SDX4_CUDA_PROFILE=1: GPU time per operation and shape, in
 #           profile-128.txt and profile-256.txt
@@ -356,6 +359,7 @@ if wants build; then
   # the CLI needs libvips; without it, model and bench are skipped
   help=$(cmake --build build-device --target help 2>/dev/null)
   grep -qx '\.\.\. sdx4' <<<"$help" && targets+=(sdx4)
+  grep -qx '\.\.\. batch_parts' <<<"$help" && targets+=(batch_parts)
   step build 300 cmake --build build-device -j"$(nproc)" --target "${targets[@]}"
 fi
 
@@ -469,6 +473,12 @@ if wants bench; then
     # pipeline_batch_ms against 8 x pipeline_ms
     step bench-128-batch8 120 bash -o pipefail -c "$sdx4 bench --model $model --variant fp16 --device cuda \
       --size 128 --steps 75 --repeats 1 --batch 8 | tee -a $out/bench.jsonl"
+    # and whether the text encoder and the VAE decode of those eight pay to
+    # batch too (issue 16): eight calls against one, in batch-parts.jsonl
+    if [ -x build-device/batch_parts ]; then
+      step batch-parts 60 bash -o pipefail -c "build-device/batch_parts $model 128 8 2 cuda 0 fp16 |
+        tee -a $out/batch-parts.jsonl"
+    fi
     kill "$sampler" 2>/dev/null
     wait "$sampler" 2>/dev/null
     echo "peak memory.used during the bench: $(awk -F', ' 'NR > 1 {v = $2 + 0; if (v > m) m = v} END {print m}' "$out/gpu-memory.csv") MiB" |
