@@ -593,15 +593,21 @@ cudnnStatus_t WRAP(cudnnSetStream)(cudnnHandle_t handle, cudaStream_t stream) {
     return REAL(cudnnSetStream)(handle, stream);
 }
 
-cudnnStatus_t WRAP(cudnnCreateTensorDescriptor)(cudnnTensorDescriptor_t *desc) {
-    if (FAILS("cudnnCreateTensorDescriptor")) return DNN_ALLOC_FAILED;
-    return dnn_made(CUDNN_TENSORS, REAL(cudnnCreateTensorDescriptor)(desc));
-}
+/* A legacy descriptor's create and destroy, counted under `counter`. */
+#define DNN_DESCRIPTOR_WRAPS(Kind, counter)                                                     \
+    cudnnStatus_t WRAP(cudnnCreate##Kind##Descriptor)(cudnn##Kind##Descriptor_t * desc) {        \
+        if (FAILS("cudnnCreate" #Kind "Descriptor")) return DNN_ALLOC_FAILED;                   \
+        return dnn_made(counter, REAL(cudnnCreate##Kind##Descriptor)(desc));                    \
+    }                                                                                           \
+    cudnnStatus_t WRAP(cudnnDestroy##Kind##Descriptor)(cudnn##Kind##Descriptor_t desc) {        \
+        int fail = FAILS("cudnnDestroy" #Kind "Descriptor");                                    \
+        return dnn_released(counter, fail, desc, REAL(cudnnDestroy##Kind##Descriptor)(desc));   \
+    }
 
-cudnnStatus_t WRAP(cudnnDestroyTensorDescriptor)(cudnnTensorDescriptor_t desc) {
-    int fail = FAILS("cudnnDestroyTensorDescriptor");
-    return dnn_released(CUDNN_TENSORS, fail, desc, REAL(cudnnDestroyTensorDescriptor)(desc));
-}
+DNN_DESCRIPTOR_WRAPS(Tensor, CUDNN_TENSORS)
+DNN_DESCRIPTOR_WRAPS(Filter, CUDNN_FILTERS)
+DNN_DESCRIPTOR_WRAPS(Convolution, CUDNN_CONVS)
+DNN_DESCRIPTOR_WRAPS(Activation, CUDNN_ACTIVATIONS)
 
 cudnnStatus_t WRAP(cudnnSetTensor4dDescriptor)(cudnnTensorDescriptor_t desc, cudnnTensorFormat_t format,
                                                cudnnDataType_t type, int n, int c, int h, int w) {
@@ -609,30 +615,10 @@ cudnnStatus_t WRAP(cudnnSetTensor4dDescriptor)(cudnnTensorDescriptor_t desc, cud
     return REAL(cudnnSetTensor4dDescriptor)(desc, format, type, n, c, h, w);
 }
 
-cudnnStatus_t WRAP(cudnnCreateFilterDescriptor)(cudnnFilterDescriptor_t *desc) {
-    if (FAILS("cudnnCreateFilterDescriptor")) return DNN_ALLOC_FAILED;
-    return dnn_made(CUDNN_FILTERS, REAL(cudnnCreateFilterDescriptor)(desc));
-}
-
-cudnnStatus_t WRAP(cudnnDestroyFilterDescriptor)(cudnnFilterDescriptor_t desc) {
-    int fail = FAILS("cudnnDestroyFilterDescriptor");
-    return dnn_released(CUDNN_FILTERS, fail, desc, REAL(cudnnDestroyFilterDescriptor)(desc));
-}
-
 cudnnStatus_t WRAP(cudnnSetFilter4dDescriptor)(cudnnFilterDescriptor_t desc, cudnnDataType_t type,
                                                cudnnTensorFormat_t format, int k, int c, int h, int w) {
     if (FAILS("cudnnSetFilter4dDescriptor")) return CUDNN_STATUS_EXECUTION_FAILED;
     return REAL(cudnnSetFilter4dDescriptor)(desc, type, format, k, c, h, w);
-}
-
-cudnnStatus_t WRAP(cudnnCreateConvolutionDescriptor)(cudnnConvolutionDescriptor_t *desc) {
-    if (FAILS("cudnnCreateConvolutionDescriptor")) return DNN_ALLOC_FAILED;
-    return dnn_made(CUDNN_CONVS, REAL(cudnnCreateConvolutionDescriptor)(desc));
-}
-
-cudnnStatus_t WRAP(cudnnDestroyConvolutionDescriptor)(cudnnConvolutionDescriptor_t desc) {
-    int fail = FAILS("cudnnDestroyConvolutionDescriptor");
-    return dnn_released(CUDNN_CONVS, fail, desc, REAL(cudnnDestroyConvolutionDescriptor)(desc));
 }
 
 cudnnStatus_t WRAP(cudnnSetConvolution2dDescriptor)(cudnnConvolutionDescriptor_t desc, int pad_h, int pad_w,
@@ -646,16 +632,6 @@ cudnnStatus_t WRAP(cudnnSetConvolution2dDescriptor)(cudnnConvolutionDescriptor_t
 cudnnStatus_t WRAP(cudnnSetConvolutionMathType)(cudnnConvolutionDescriptor_t desc, cudnnMathType_t math) {
     if (FAILS("cudnnSetConvolutionMathType")) return CUDNN_STATUS_EXECUTION_FAILED;
     return REAL(cudnnSetConvolutionMathType)(desc, math);
-}
-
-cudnnStatus_t WRAP(cudnnCreateActivationDescriptor)(cudnnActivationDescriptor_t *desc) {
-    if (FAILS("cudnnCreateActivationDescriptor")) return DNN_ALLOC_FAILED;
-    return dnn_made(CUDNN_ACTIVATIONS, REAL(cudnnCreateActivationDescriptor)(desc));
-}
-
-cudnnStatus_t WRAP(cudnnDestroyActivationDescriptor)(cudnnActivationDescriptor_t desc) {
-    int fail = FAILS("cudnnDestroyActivationDescriptor");
-    return dnn_released(CUDNN_ACTIVATIONS, fail, desc, REAL(cudnnDestroyActivationDescriptor)(desc));
 }
 
 cudnnStatus_t WRAP(cudnnSetActivationDescriptor)(cudnnActivationDescriptor_t desc, cudnnActivationMode_t mode,
