@@ -236,11 +236,26 @@ static void check_tracing(void) {
     sdx4_memplan_free(unfinished);
 }
 
+/* A run's result (never freed in the trace) is told apart from its
+ * temporaries as each is placed. */
+static void check_outliving(void) {
+    static trace t;
+    add_alloc(&t, 4096); /* a temporary */
+    add_alloc(&t, 2048); /* the result */
+    add_free(&t, 0);
+    memplan *p = plan_of(&t);
+    CHECK(!sdx4_memplan_placed_outlives(p), "nothing placed yet");
+    CHECK(sdx4_memplan_follow_alloc(p, 4096) >= 0 && !sdx4_memplan_placed_outlives(p), "the temporary");
+    CHECK(sdx4_memplan_follow_alloc(p, 2048) >= 0 && sdx4_memplan_placed_outlives(p), "the result");
+    sdx4_memplan_free(p);
+}
+
 int main(void) {
     check_chain();
     check_unet_like();
     for (unsigned seed = 1; seed <= 5; seed++) check_random(seed);
     check_leaving();
     check_tracing();
+    check_outliving();
     return test_finish("test_memplan");
 }

@@ -215,6 +215,11 @@ int64_t sdx4_memplan_follow_alloc(memplan *p, size_t bytes) {
     return -1;
 }
 
+int sdx4_memplan_placed_outlives(const memplan *p) {
+    if (p->position < 1 || p->events[p->position - 1] < 0) return 0;
+    return p->buffers[p->events[p->position - 1]].free_at == INT_MAX;
+}
+
 void sdx4_memplan_follow_free(memplan *p, int64_t offset) {
     if (p->on_track && p->position < p->n_events && p->events[p->position] < 0 &&
         p->buffers[~p->events[p->position]].offset == offset) {

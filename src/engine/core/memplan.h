@@ -54,6 +54,12 @@ void sdx4_memplan_rewind(memplan *p);
 /* The offset of this allocation in the arena, or -1 when it is not the
  * one the trace has next. */
 int64_t sdx4_memplan_follow_alloc(memplan *p, size_t bytes);
+/* Whether the buffer that sdx4_memplan_follow_alloc has just placed was
+ * never freed in the trace (a result of the run, or a cache it filled):
+ * where the next run calls the step's code again rather than replaying it
+ * (the CPU), such a buffer is still alive when that run's buffers take
+ * their places, so it must live elsewhere. */
+int sdx4_memplan_placed_outlives(const memplan *p);
 /* The free of a buffer at `offset` that sdx4_memplan_follow_alloc gave. */
 void sdx4_memplan_follow_free(memplan *p, int64_t offset);
 /* 1 while every event so far was the trace's, 0 once the run has left it. */
