@@ -499,9 +499,11 @@ sdx4_status sdx4_safety_check(sdx4_safety *safety, const sdx4_image *image, sdx4
 
 /* Times the parts of a pipeline on an input of size x size pixels (the
  * UNet runs at that size, the VAE decodes to 4x): text encoder (batch 2),
- * one UNet step (batch 2, guidance) run operation by operation and, on a
- * backend that records steps (CUDA graphs), recorded once and replayed as
- * the pipeline runs it (else 0), VAE decode, and a whole upscale of
+ * one UNet step (batch 2, guidance) run operation by operation and as the
+ * pipeline runs it after its first steps: on a backend that records steps
+ * (CUDA graphs) recorded once and replayed (unet_step_replay_ms), on the
+ * CPU in the memory planned for it (unet_step_planned_ms), else 0; the
+ * VAE decode, and a whole upscale of
  * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1), after
  * one untimed run of each. The *_first_ms fields time those first runs of
  * the UNet step and the VAE decode: where a GPU backend chooses its
@@ -509,7 +511,7 @@ sdx4_status sdx4_safety_check(sdx4_safety *safety, const sdx4_image *image, sdx4
  * once more than the others. */
 typedef struct {
     int size, steps, repeats;
-    double text_encoder_ms, unet_step_ms, unet_step_replay_ms, vae_decode_ms, pipeline_ms;
+    double text_encoder_ms, unet_step_ms, unet_step_replay_ms, unet_step_planned_ms, vae_decode_ms, pipeline_ms;
     double unet_step_first_ms, vae_decode_first_ms;
     /* the whole upscale's sampler: its CPU time per UNet step (set_timesteps,
        scale_model_input and step over pipeline_unet_steps; the median over

@@ -711,7 +711,7 @@ static void test_bench(const char *model) {
     json_t *root = json_loads(r.out, 0, NULL);
     CHECK(root != NULL, "bench output is not JSON: %s", r.out);
     const char *keys[] = {"model", "device", "threads", "size", "steps",
-                          "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms",
+                          "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms", "unet_step_planned_ms",
                           "vae_decode_ms", "pipeline_ms", "unet_step_first_ms",
                           "vae_decode_first_ms", "scheduler", "scheduler_options",
                           "scheduler_step_ms", "pipeline_unet_steps", "peak_rss_mib",
@@ -726,6 +726,8 @@ static void test_bench(const char *model) {
                   json_integer_value(json_object_get(root, "batch")) == 2,
               "bench echoes its settings: %s", r.out);
         CHECK(json_number_value(json_object_get(root, "unet_step_ms")) > 0 &&
+                  json_number_value(json_object_get(root, "unet_step_planned_ms")) > 0 &&
+                  json_number_value(json_object_get(root, "unet_step_replay_ms")) == 0 &&
                   json_number_value(json_object_get(root, "unet_step_first_ms")) > 0 &&
                   json_number_value(json_object_get(root, "vae_decode_first_ms")) > 0 &&
                   json_number_value(json_object_get(root, "peak_rss_mib")) > 0 &&

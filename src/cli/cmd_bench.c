@@ -9,6 +9,7 @@
  * several machines can be appended to a file and compared with jq:
  *   {"model":..., "device":..., "threads":..., "size":..., "steps":...,
  *    "text_encoder_ms":..., "unet_step_ms":..., "unet_step_replay_ms":...,
+ *    "unet_step_planned_ms":...,
  *    "vae_decode_ms":..., "pipeline_ms":...,
  *    "unet_step_first_ms":..., "vae_decode_first_ms":...,
  *    "scheduler":..., "scheduler_options":..., "scheduler_step_ms":...,
@@ -69,12 +70,13 @@ static int print_result(const char *model, const char *device, int threads,
                         const char *scheduler, const char *scheduler_options,
                         const sdx4_bench_result *r) {
     json_t *root = json_pack(
-        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:f, s:i, s:f, "
-        "s:f, s:i, s:f}",
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:f, s:i, "
+        "s:f, s:f, s:i, s:f}",
         "model",
         model, "device", device, "threads", threads, "size", r->size,
         "steps", r->steps, "text_encoder_ms", r->text_encoder_ms,
         "unet_step_ms", r->unet_step_ms, "unet_step_replay_ms", r->unet_step_replay_ms,
+        "unet_step_planned_ms", r->unet_step_planned_ms,
         "vae_decode_ms", r->vae_decode_ms,
         "pipeline_ms", r->pipeline_ms, "unet_step_first_ms", r->unet_step_first_ms,
         "vae_decode_first_ms", r->vae_decode_first_ms, "scheduler", scheduler ? scheduler : "",

@@ -442,9 +442,8 @@ static sdx4_status gan_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_
     return SDX4_OK;
 }
 
-sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, const sdx4_upscale_params *p,
-                               sdx4_image *out, sdx4_upscale_report *reports, sdx4_status *statuses) {
-    sdx4_error_clear();
+static sdx4_status upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, const sdx4_upscale_params *p,
+                                 sdx4_image *out, sdx4_upscale_report *reports, sdx4_status *statuses) {
     if (n < 1 || n > SDX4_MAX_BATCH) return INVALID("a batch of %d upscales: 1 to %d", n, SDX4_MAX_BATCH);
     if (e->is_gan) {
         if (n > 1) return INVALID("a GAN upscales one image at a time, not a batch of %d", n);
@@ -483,6 +482,14 @@ sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, cons
         if (reports) reports[k] = report_of(&reps[k], noise_level_of(e, &p[k]), n);
         free(images[k]), free(results[k]);
     }
+    return s;
+}
+
+sdx4_status sdx4_upscale_batch(sdx4_engine *e, int n, const sdx4_image *in, const sdx4_upscale_params *p,
+                               sdx4_image *out, sdx4_upscale_report *reports, sdx4_status *statuses) {
+    sdx4_error_clear();
+    sdx4_status s = upscale_batch(e, n, in, p, out, reports, statuses);
+    if (e->be->trim) e->be->trim(e->be); /* an idle engine holds its weights only */
     return s;
 }
 

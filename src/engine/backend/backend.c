@@ -3,8 +3,8 @@
  * that records none, and the check of the CUDA backend's settings.
  *
  * A step (backend.h) is the backend's to run. A backend without step
- * entries (the CPU) runs fn at every call: such a step keeps nothing, and
- * is an allocation only so that NULL still means failure.
+ * entries (CUDA with graphs off) runs fn at every call: such a step keeps
+ * nothing, and is an allocation only so that NULL still means failure.
  *
  * The CUDA and CPU settings are checked here, in every build, rather than
  * in their backends, so that a bad value is refused where there is no
@@ -34,7 +34,7 @@ void sdx4_step_free(backend *be, backend_step *s) {
     else free(s);
 }
 
-int sdx4_step_replays(const backend *be) { return be->step_new != NULL; }
+int sdx4_step_replays(const backend *be) { return be->replays_steps; }
 
 /* The index of `value` among `choices` (NULL or "": 0, the default), or -1. */
 static int choice(const char *value, const char *const *choices, int n) {

@@ -172,11 +172,15 @@ struct backend {
     /* Optional (NULL: sdx4_step_run() calls fn every time, see below). A GPU
      * backend may record the operations of a step once and replay them,
      * which spares the host's per-operation work (the CUDA backend
-     * captures a CUDA graph, cuda_graph.cu); when and how it warms up,
+     * captures a CUDA graph, cuda_graph.cu); a backend may plan the
+     * memory of the later calls (both do). When and how it warms up,
      * plans and records is its own business. */
     backend_step *(*step_new)(backend *be);
     int (*step_run)(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
     void (*step_free)(backend *be, backend_step *s);
+    /* Whether step_run replays recordings instead of calling fn (the CUDA
+     * backend's graphs); the CPU calls fn every time. */
+    int replays_steps;
 
     /* --- lifetime ----------------------------------------------------- */
     /* Waits until every operation enqueued so far has finished; optional
@@ -185,6 +189,11 @@ struct backend {
     int (*synchronize)(backend *be);
     /* Bytes of device memory in use now and at most (0 if unknown). */
     void (*memory)(backend *be, int64_t *in_use, int64_t *peak);
+    /* Gives memory kept for reuse back to the system; the engine calls it
+     * when an upscale ends. Optional (NULL: nothing is kept, or what is
+     * kept is meant to outlive jobs, as the CUDA backend's device blocks:
+     * cudaMalloc is slow, and the device is the service's own). */
+    void (*trim)(backend *be);
     void (*destroy)(backend *be);
 };
 
@@ -196,8 +205,10 @@ struct backend {
  * call of fn did instead of calling fn again. The CUDA backend runs the
  * first call as it is called (cuDNN chooses its algorithms on first runs),
  * the second as a planning pass that lays out the memory of the third,
- * records the third into a CUDA graph, and replays the graph from then on;
- * the CPU runs fn every time. So that a replay computes what fn would:
+ * records the third into a CUDA graph, and replays the graph from then on.
+ * The CPU runs fn every time, and from the third call on gives its
+ * buffers the places a planning pass of the second laid out in one arena
+ * (cpu_step.c). So that a replay computes what fn would:
  *   - from its second call on, fn calls the same operations in the same
  *     order on tensors of the same shapes (its first call may do more:
  *     fill a cache that the later ones read, as kv_cache does), and does

@@ -26,62 +26,109 @@
 
 /* ---------------------------------------------------------------- memory */
 
-static void count_bytes(backend *be, int64_t delta) {
+static void raise_to(_Atomic int64_t *mark, int64_t now) {
+    int64_t seen = atomic_load(mark);
+    while (now > seen && !atomic_compare_exchange_weak(mark, &seen, now)) {
+    }
+}
+
+void sdx4_cpu_count_bytes(backend *be, int64_t delta) {
     cpu_backend *cb = (cpu_backend *)be;
     int64_t now = atomic_fetch_add(&cb->in_use, delta) + delta;
-    int64_t peak = atomic_load(&cb->peak);
-    while (now > peak && !atomic_compare_exchange_weak(&cb->peak, &peak, now)) {
-    }
+    raise_to(&cb->peak, now);
+    raise_to(&cb->high_water, now);
 }
 
 /* Large blocks are kept after they are freed and handed to the next request
  * of exactly the same size: a fresh block from the system costs a page fault
- * per 4 KB on first touch (as much as the pass over the data that follows),
- * and a denoising loop asks for the same sizes every step. Smaller blocks
- * come from malloc's free lists, which already reuse them. */
+ * per 4 KB on first touch (as much as the pass over the data that follows).
+ * Smaller blocks come from malloc's free lists, which already reuse them.
+ * A step's own buffers come from its arena once planned (cpu_step.c); the
+ * kept blocks serve the rest: a step's first runs, the text encoder, the
+ * VAE's tiles.
+ *
+ * The blocks kept may hold 512 MiB, or more where the job has had more in
+ * use at once since the last trim() (its high-water mark): up to what
+ * keeps kept and used bytes within that mark, which the process has held
+ * anyway. A fixed bound alone left a 512 px job faulting several GB in
+ * again every step. trim(), when an upscale ends, gives them all back, so
+ * that an idle process holds its weights only. */
 #define REUSE_MIN_BYTES ((size_t)1 << 20)
+#define SPARE_FLOOR_BYTES ((int64_t)512 << 20)
+
+static void drop_oldest_spare(cpu_backend *cb) {
+    free(cb->spare[0].data);
+    cb->spare_bytes -= cb->spare[0].bytes;
+    memmove(cb->spare, cb->spare + 1, (size_t)--cb->spare_count * sizeof cb->spare[0]);
+}
+
+/* Drops the oldest kept blocks until the rest fit beside `owned` bytes in
+ * use (above). Under cb->lock. */
+static void fit_spares(cpu_backend *cb, int64_t owned) {
+    int64_t room = atomic_load(&cb->high_water) - owned;
+    if (room < SPARE_FLOOR_BYTES) room = SPARE_FLOOR_BYTES;
+    while (cb->spare_count && (int64_t)cb->spare_bytes > room) drop_oldest_spare(cb);
+}
+
+void sdx4_cpu_drop_spares(cpu_backend *cb) {
+    pthread_mutex_lock(&cb->lock);
+    while (cb->spare_count) drop_oldest_spare(cb);
+    pthread_mutex_unlock(&cb->lock);
+}
+
+/* A kept block of exactly `bytes`, newest first; NULL when none, after
+ * making room for the new block that will be allocated instead. */
+static void *take_spare(cpu_backend *cb, size_t bytes) {
+    void *p = NULL;
+    pthread_mutex_lock(&cb->lock);
+    for (int i = cb->spare_count - 1; i >= 0 && !p; i--) {
+        if (cb->spare[i].bytes != bytes) continue;
+        p = cb->spare[i].data;
+        cb->spare_bytes -= bytes;
+        memmove(cb->spare + i, cb->spare + i + 1, (size_t)(--cb->spare_count - i) * sizeof cb->spare[0]);
+    }
+    if (!p) fit_spares(cb, atomic_load(&cb->in_use) + (int64_t)bytes);
+    pthread_mutex_unlock(&cb->lock);
+    return p;
+}
 
 static void *aligned_bytes(backend *be, size_t bytes) {
     cpu_backend *cb = (cpu_backend *)be;
-    void *p = NULL;
-    if (bytes >= REUSE_MIN_BYTES) {
-        pthread_mutex_lock(&cb->spare_lock);
-        for (int i = cb->spare_count - 1; i >= 0 && !p; i--) { /* newest first */
-            if (cb->spare[i].bytes != bytes) continue;
-            p = cb->spare[i].data;
-            cb->spare_bytes -= bytes;
-            memmove(cb->spare + i, cb->spare + i + 1,
-                    (size_t)(--cb->spare_count - i) * sizeof cb->spare[0]);
-        }
-        pthread_mutex_unlock(&cb->spare_lock);
-    }
+    void *p = sdx4_cpu_step_place(cb, bytes); /* inside the arena: counted with it */
+    if (p) return p;
+    if (bytes >= REUSE_MIN_BYTES) p = take_spare(cb, bytes);
     /* posix_memalign(0) may return NULL legitimately; never ask for 0 */
     if (!p && posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot allocate %zu bytes", bytes);
         return NULL;
     }
-    count_bytes(be, (int64_t)bytes);
+    sdx4_cpu_count_bytes(be, (int64_t)bytes);
+    sdx4_cpu_step_traced(cb, p, bytes);
     return p;
 }
 
 static void release_bytes(backend *be, void *p, size_t bytes) {
     cpu_backend *cb = (cpu_backend *)be;
-    count_bytes(be, -(int64_t)bytes);
-    if (bytes >= REUSE_MIN_BYTES && bytes <= CPU_SPARE_MAX_BYTES) {
-        pthread_mutex_lock(&cb->spare_lock);
-        /* make room by dropping the oldest spares */
-        while (cb->spare_count && (cb->spare_count == CPU_SPARE_SLOTS ||
-                                   cb->spare_bytes + bytes > CPU_SPARE_MAX_BYTES)) {
-            free(cb->spare[0].data);
-            cb->spare_bytes -= cb->spare[0].bytes;
-            memmove(cb->spare, cb->spare + 1, (size_t)--cb->spare_count * sizeof cb->spare[0]);
-        }
-        cb->spare[cb->spare_count++] = (cpu_spare){p, bytes};
-        cb->spare_bytes += bytes;
-        pthread_mutex_unlock(&cb->spare_lock);
+    if (sdx4_cpu_step_release(cb, p)) return; /* it was in an arena */
+    sdx4_cpu_count_bytes(be, -(int64_t)bytes);
+    if (bytes < REUSE_MIN_BYTES) {
+        free(p);
         return;
     }
-    free(p);
+    pthread_mutex_lock(&cb->lock);
+    if (cb->spare_count == CPU_SPARE_SLOTS) drop_oldest_spare(cb);
+    cb->spare[cb->spare_count++] = (cpu_spare){p, bytes};
+    cb->spare_bytes += bytes;
+    fit_spares(cb, atomic_load(&cb->in_use));
+    pthread_mutex_unlock(&cb->lock);
+}
+
+/* Gives every kept block back; the next job's mark starts from what is in
+ * use now (the weights). */
+static void cpu_trim(backend *be) {
+    cpu_backend *cb = (cpu_backend *)be;
+    sdx4_cpu_drop_spares(cb);
+    atomic_store(&cb->high_water, atomic_load(&cb->in_use));
 }
 
 void *sdx4_cpu_bytes_alloc(backend *be, size_t bytes) { return aligned_bytes(be, bytes); }
@@ -299,8 +346,8 @@ static void cpu_destroy(backend *be) {
 #ifdef SDX4_HAVE_ONEDNN
     if (cb->onednn) sdx4_cpu_onednn_close(be);
 #endif
-    for (int i = 0; i < cb->spare_count; i++) free(cb->spare[i].data);
-    pthread_mutex_destroy(&cb->spare_lock);
+    cpu_trim(be);
+    pthread_mutex_destroy(&cb->lock);
     free(cb);
 }
 
@@ -328,7 +375,8 @@ backend *sdx4_backend_cpu_open(int threads, cpu_dense_path dense) {
     cb->dense = dense;
     atomic_init(&cb->in_use, 0);
     atomic_init(&cb->peak, 0);
-    if (pthread_mutex_init(&cb->spare_lock, NULL) != 0) {
+    atomic_init(&cb->high_water, 0);
+    if (pthread_mutex_init(&cb->lock, NULL) != 0) {
         free(cb);
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "cpu backend: cannot create a lock");
         return NULL;
@@ -363,6 +411,10 @@ backend *sdx4_backend_cpu_open(int threads, cpu_dense_path dense) {
     be->tokens_to_nchw = sdx4_cpu_tokens_to_nchw;
     be->embedding = cpu_embedding;
     be->memory = cpu_memory;
+    be->trim = cpu_trim;
+    be->step_new = sdx4_cpu_step_new;
+    be->step_run = sdx4_cpu_step_run;
+    be->step_free = sdx4_cpu_step_free;
     be->destroy = cpu_destroy;
 #ifdef SDX4_HAVE_ONEDNN
     if (dense != CPU_DENSE_BLAS && sdx4_cpu_onednn_open(be, dense)) {

@@ -2,7 +2,8 @@
  * cpu_internal.h - what the files of the CPU backend share.
  *
  * cpu_backend.c builds the operation table (backend.h) and owns memory,
- * weights, linear and embedding; cpu_conv.c, cpu_attention.c,
+ * weights, linear and embedding; cpu_step.c plans the memory of steps;
+ * cpu_conv.c, cpu_attention.c,
  * cpu_norm_act.c and cpu_layout.c hold the other kernels; cpu_onednn.c
  * holds the oneDNN path of convolutions and linear layers (bfloat16, or
  * float32 for tests), which replaces cpu_conv.c's and linear's entries of
@@ -32,10 +33,9 @@
 #include "backend/backend.h"
 #include "backend/backend_check.h"
 
-/* Freed blocks kept for reuse (cpu_backend.c): at most this many, and this
- * many bytes. They are not counted in memory()'s figures. */
-#define CPU_SPARE_SLOTS 64
-#define CPU_SPARE_MAX_BYTES ((size_t)512 << 20)
+/* Freed blocks kept for reuse (cpu_backend.c): at most this many. They are
+ * not counted in memory()'s figures. */
+#define CPU_SPARE_SLOTS 256
 
 typedef struct {
     void *data;
@@ -43,6 +43,7 @@ typedef struct {
 } cpu_spare;
 
 typedef struct cpu_onednn cpu_onednn; /* cpu_onednn.c */
+typedef struct cpu_arena cpu_arena;   /* cpu_step.c */
 
 typedef struct {
     backend base;           /* first member: a backend* is a cpu_backend* */
@@ -51,12 +52,31 @@ typedef struct {
     cpu_onednn *onednn;     /* its state, when dense is a oneDNN path */
     _Atomic int64_t in_use; /* bytes of tensor data and scratch owned now */
     _Atomic int64_t peak;   /* most bytes ever owned at once */
+    _Atomic int64_t high_water; /* most owned at once since the last trim() */
     char description[256];
-    pthread_mutex_t spare_lock;       /* guards the three fields below */
+    pthread_mutex_t lock;             /* guards the fields below */
     cpu_spare spare[CPU_SPARE_SLOTS]; /* oldest first */
     int spare_count;
     size_t spare_bytes;
+    cpu_arena *arenas;        /* the steps' arenas (cpu_step.c) */
+    _Atomic int arena_count;  /* read without the lock: none, no search */
 } cpu_backend;
+
+/* Memory (cpu_backend.c): the in-use count behind memory(), and the kept
+ * blocks given back at once. */
+void sdx4_cpu_count_bytes(backend *be, int64_t delta);
+void sdx4_cpu_drop_spares(cpu_backend *cb);
+
+/* Steps (cpu_step.c): backend.h's entries, and the allocator's hooks. A
+ * planned place for this allocation of the calling thread, or NULL; a
+ * block from the heap, which a planning pass notes; and a free, 1 when the
+ * memory was an arena's (the caller then does nothing more). */
+backend_step *sdx4_cpu_step_new(backend *be);
+int sdx4_cpu_step_run(backend *be, backend_step *s, int (*fn)(void *ctx), void *ctx);
+void sdx4_cpu_step_free(backend *be, backend_step *s);
+void *sdx4_cpu_step_place(cpu_backend *cb, size_t bytes);
+void sdx4_cpu_step_traced(cpu_backend *cb, void *p, size_t bytes);
+int sdx4_cpu_step_release(cpu_backend *cb, void *p);
 
 static inline int cpu_threads(const backend *be) { return ((const cpu_backend *)be)->threads; }
 

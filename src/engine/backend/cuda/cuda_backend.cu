@@ -827,6 +827,7 @@ extern "C" backend *sdx4_backend_cuda_create(int device_index, const cuda_settin
             be->step_new = cuda_step_new;
             be->step_run = cuda_step_run;
             be->step_free = cuda_step_free;
+            be->replays_steps = 1;
         }
         be->memory = cuda_memory;
         be->set_activation_type = cuda_set_activation_type;
