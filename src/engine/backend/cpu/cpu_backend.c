@@ -56,11 +56,15 @@ void sdx4_cpu_count_bytes(backend *be, int64_t delta) {
 #define REUSE_MIN_BYTES ((size_t)1 << 20)
 #define SPARE_FLOOR_BYTES ((int64_t)512 << 20)
 
-static void drop_oldest_spare(cpu_backend *cb) {
-    free(cb->spare[0].data);
-    cb->spare_bytes -= cb->spare[0].bytes;
-    memmove(cb->spare, cb->spare + 1, (size_t)--cb->spare_count * sizeof cb->spare[0]);
+/* Takes kept block i off the list; its memory is the caller's. Under cb->lock. */
+static void *unkeep(cpu_backend *cb, int i) {
+    void *p = cb->spare[i].data;
+    cb->spare_bytes -= cb->spare[i].bytes;
+    memmove(cb->spare + i, cb->spare + i + 1, (size_t)(--cb->spare_count - i) * sizeof cb->spare[0]);
+    return p;
 }
+
+static void drop_oldest_spare(cpu_backend *cb) { free(unkeep(cb, 0)); }
 
 /* Drops the oldest kept blocks until the rest fit beside `owned` bytes in
  * use (above). Under cb->lock. */
@@ -81,12 +85,8 @@ void sdx4_cpu_drop_spares(cpu_backend *cb) {
 static void *take_spare(cpu_backend *cb, size_t bytes) {
     void *p = NULL;
     pthread_mutex_lock(&cb->lock);
-    for (int i = cb->spare_count - 1; i >= 0 && !p; i--) {
-        if (cb->spare[i].bytes != bytes) continue;
-        p = cb->spare[i].data;
-        cb->spare_bytes -= bytes;
-        memmove(cb->spare + i, cb->spare + i + 1, (size_t)(--cb->spare_count - i) * sizeof cb->spare[0]);
-    }
+    for (int i = cb->spare_count - 1; i >= 0 && !p; i--)
+        if (cb->spare[i].bytes == bytes) p = unkeep(cb, i);
     if (!p) fit_spares(cb, atomic_load(&cb->in_use) + (int64_t)bytes);
     pthread_mutex_unlock(&cb->lock);
     return p;
