@@ -855,7 +855,9 @@ static enum MHD_Result begin(request *r, const char *url, const char *method) {
                                                        "upscales; retry, another node may take it");
     if (phase != PHASE_READY)
         return send_simple_problem(r, PROBLEM_NOT_READY, "the model is %s",
-                                   phase == PHASE_FAILED ? "unavailable" : "still loading");
+                                   phase == PHASE_FAILED    ? "unavailable"
+                                   : phase == PHASE_WARMING ? "loaded and warming up (its first upscale runs)"
+                                                            : "still loading");
     ratelimit_check(srv->ratelimit, r->client, mono_now(), &r->rate);
     if (r->rate.unavailable) {
         metrics_ratelimit_unavailable();
