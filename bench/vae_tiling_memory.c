@@ -4,8 +4,8 @@
  *   vae_tiling_memory MODEL_DIR LATENT_SIDE off|on [THREADS]
  *
  * Loads the model on the CPU, decodes a LATENT_SIDE x LATENT_SIDE latent
- * of torch.randn (seed 0) as the pipeline does (sdx4_pipeline_decode, or
- * sdx4_pipeline_decode_tiled with the config's tile) and prints one line
+ * of torch.randn (seed 0) as the pipeline does (sdx4_pipeline_decode,
+ * whole or in the config's tiles) and prints one line
  * of JSON: the backend's peak during the decode over what it held before
  * (activations and kernel scratch: the memory the decode adds), the
  * estimate that "auto" compares with the budget (sdx4_vae_decode_bytes),
@@ -41,22 +41,17 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", sdx4_last_error());
         return 1;
     }
-    int f = sdx4_vae_scale_factor(&m.vae), tiles = 1;
-    size_t n = (size_t)m.vae.latent_channels * side * side, n_out = (size_t)3 * side * f * side * f;
-    float *latents = malloc(n * sizeof *latents), *out = malloc(n_out * sizeof *out);
+    int f = sdx4_vae_scale_factor(&m.vae);
+    size_t n = (size_t)m.vae.latent_channels * side * side;
+    float *latents = malloc(n * sizeof *latents), *out = NULL;
     torch_rng rng;
     sdx4_torch_rng_seed(&rng, 0);
     sdx4_torch_randn(&rng, latents, n);
     int64_t before, peak;
     be->memory(be, &before, &peak);
     double t0 = now();
-    if (tiled) {
-        tiles = sdx4_pipeline_decode_tiled(&m, be, latents, side, side, sdx4_vae_tile(&m.vae), out);
-    } else {
-        tensor *y = sdx4_pipeline_decode(&m, be, latents, side, side);
-        if (!y || be->download(be, y, out)) tiles = -1;
-        tensor_free(y);
-    }
+    int tiles = sdx4_pipeline_decode(&m, be, latents, side, side, tiled ? VAE_TILING_ON : VAE_TILING_OFF,
+                                     0, 0, &out);
     double seconds = now() - t0;
     if (tiles < 0) {
         fprintf(stderr, "%s\n", sdx4_last_error());

@@ -503,7 +503,9 @@ sdx4_status sdx4_safety_check(sdx4_safety *safety, const sdx4_image *image, sdx4
  * pipeline runs it after its first steps: on a backend that records steps
  * (CUDA graphs) recorded once and replayed (unet_step_replay_ms), on the
  * CPU in the memory planned for it (unet_step_planned_ms), else 0; the
- * VAE decode, and a whole upscale of
+ * VAE decode as an upscale runs it (in tiles where the whole decode would
+ * exceed the default budget: vae_tiles of them, 1 when whole; the image
+ * back in host memory), and a whole upscale of
  * `steps` steps. Milliseconds; the median of `repeats` runs (>= 1), after
  * one untimed run of each. The *_first_ms fields time those first runs of
  * the UNet step and the VAE decode: where a GPU backend chooses its
@@ -513,6 +515,7 @@ typedef struct {
     int size, steps, repeats;
     double text_encoder_ms, unet_step_ms, unet_step_replay_ms, unet_step_planned_ms, vae_decode_ms, pipeline_ms;
     double unet_step_first_ms, vae_decode_first_ms;
+    int vae_tiles;
     /* the whole upscale's sampler: its CPU time per UNet step (set_timesteps,
        scale_model_input and step over pipeline_unet_steps; the median over
        the repeats), to set beside unet_step_ms, and its UNet steps for

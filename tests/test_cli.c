@@ -712,7 +712,7 @@ static void test_bench(const char *model) {
     CHECK(root != NULL, "bench output is not JSON: %s", r.out);
     const char *keys[] = {"model", "device", "threads", "size", "steps",
                           "text_encoder_ms", "unet_step_ms", "unet_step_replay_ms", "unet_step_planned_ms",
-                          "vae_decode_ms", "pipeline_ms", "unet_step_first_ms",
+                          "vae_decode_ms", "vae_tiles", "pipeline_ms", "unet_step_first_ms",
                           "vae_decode_first_ms", "scheduler", "scheduler_options",
                           "scheduler_step_ms", "pipeline_unet_steps", "peak_rss_mib",
                           "device_peak_mib", "batch", "pipeline_batch_ms"};
@@ -725,6 +725,9 @@ static void test_bench(const char *model) {
                   json_integer_value(json_object_get(root, "threads")) == 2 &&
                   json_integer_value(json_object_get(root, "batch")) == 2,
               "bench echoes its settings: %s", r.out);
+        /* 64 x 64 px out fits the decode budget: whole, as an upscale runs it */
+        CHECK(json_integer_value(json_object_get(root, "vae_tiles")) == 1,
+              "bench decodes 16 px latents whole: %s", r.out);
         CHECK(json_number_value(json_object_get(root, "unet_step_ms")) > 0 &&
                   json_number_value(json_object_get(root, "unet_step_planned_ms")) > 0 &&
                   json_number_value(json_object_get(root, "unet_step_replay_ms")) == 0 &&

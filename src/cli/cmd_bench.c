@@ -10,7 +10,7 @@
  *   {"model":..., "device":..., "threads":..., "size":..., "steps":...,
  *    "text_encoder_ms":..., "unet_step_ms":..., "unet_step_replay_ms":...,
  *    "unet_step_planned_ms":...,
- *    "vae_decode_ms":..., "pipeline_ms":...,
+ *    "vae_decode_ms":..., "vae_tiles":..., "pipeline_ms":...,
  *    "unet_step_first_ms":..., "vae_decode_first_ms":...,
  *    "scheduler":..., "scheduler_options":..., "scheduler_step_ms":...,
  *    "pipeline_unet_steps":..., "peak_rss_mib":..., "device_peak_mib":...}
@@ -28,8 +28,9 @@
 static const char help[] =
     "Usage: sdx4 bench [options]\n"
     "\n"
-    "Times the text encoder, one UNet step, the VAE decode and a whole\n"
-    "upscale of an N x N input (--size), and prints one line of JSON.\n"
+    "Times the text encoder, one UNet step, the VAE decode (in tiles\n"
+    "where an upscale would tile it: vae_tiles) and a whole upscale of an\n"
+    "N x N input (--size), and prints one line of JSON.\n"
     "\n"
     "Options:\n"
     "  --model DIR            diffusers model folder (default: $SDX4_MODEL)\n"
@@ -70,14 +71,14 @@ static int print_result(const char *model, const char *device, int threads,
                         const char *scheduler, const char *scheduler_options,
                         const sdx4_bench_result *r) {
     json_t *root = json_pack(
-        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:f, s:i, "
+        "{s:s, s:s, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:i, s:f, s:f, s:f, s:s, s:s, s:f, s:i, "
         "s:f, s:f, s:i, s:f}",
         "model",
         model, "device", device, "threads", threads, "size", r->size,
         "steps", r->steps, "text_encoder_ms", r->text_encoder_ms,
         "unet_step_ms", r->unet_step_ms, "unet_step_replay_ms", r->unet_step_replay_ms,
         "unet_step_planned_ms", r->unet_step_planned_ms,
-        "vae_decode_ms", r->vae_decode_ms,
+        "vae_decode_ms", r->vae_decode_ms, "vae_tiles", r->vae_tiles,
         "pipeline_ms", r->pipeline_ms, "unet_step_first_ms", r->unet_step_first_ms,
         "vae_decode_first_ms", r->vae_decode_first_ms, "scheduler", scheduler ? scheduler : "",
         "scheduler_options", scheduler_options ? scheduler_options : "", "scheduler_step_ms",

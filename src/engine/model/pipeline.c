@@ -242,7 +242,9 @@ static int predict_noise_tiled(const model *m, backend *be, const pipeline_args 
     return 0;
 }
 
-tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w) {
+/* vae.decode(latents / scaling_factor) of host latents [C, h, w] whole, in
+ * float32 on every backend (the VAE overflows in fp16). */
+static tensor *decode_whole(const model *m, backend *be, const float *latents, int h, int w) {
     int C = m->vae.latent_channels;
     size_t n = (size_t)C * h * w;
     float *z = malloc(n * sizeof *z);
@@ -264,8 +266,10 @@ fail:
     return out;
 }
 
-int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents, int h, int w,
-                               int tile, float *out) {
+/* The same in tiles (sdx4_vae_decode_tiled) into host out
+ * [out_channels, h * f, w * f]: the number of tiles, or -1. */
+static int decode_tiled(const model *m, backend *be, const float *latents, int h, int w, int tile,
+                        float *out) {
     size_t n = (size_t)m->vae.latent_channels * h * w;
     float *z = malloc(n * sizeof *z);
     if (!z) {
@@ -280,25 +284,21 @@ int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents
     return tiles;
 }
 
-/* The decode as args choose: whole, or in tiles when asked or when the
- * whole one would exceed the budget (and the config gives a tile); *out is
- * malloc'd. The tile count, or -1. */
-static int decode(const model *m, backend *be, const pipeline_args *a, const float *latents,
-                  float **out) {
+int sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w,
+                         vae_tiling_mode tiling, int tile, int64_t budget, float **out) {
     int f = sdx4_vae_scale_factor(&m->vae), tiles = 1;
-    int tile = a->vae_tile ? a->vae_tile : sdx4_vae_tile(&m->vae);
-    int64_t budget = a->vae_budget ? a->vae_budget : SDX4_VAE_TILING_BUDGET;
-    size_t n = (size_t)m->vae.out_channels * a->height * f * a->width * f;
+    if (!tile) tile = sdx4_vae_tile(&m->vae);
+    if (!budget) budget = SDX4_VAE_TILING_BUDGET;
+    size_t n = (size_t)m->vae.out_channels * h * f * w * f;
     if (!(*out = malloc(n * sizeof **out))) {
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
-    if (a->vae_tiling == VAE_TILING_ON ||
-        (a->vae_tiling == VAE_TILING_AUTO && tile &&
-         sdx4_vae_decode_bytes(&m->vae, a->height, a->width) > budget)) {
-        tiles = sdx4_pipeline_decode_tiled(m, be, latents, a->height, a->width, tile, *out);
+    if (tiling == VAE_TILING_ON ||
+        (tiling == VAE_TILING_AUTO && tile && sdx4_vae_decode_bytes(&m->vae, h, w) > budget)) {
+        tiles = decode_tiled(m, be, latents, h, w, tile, *out);
     } else {
-        tensor *image = sdx4_pipeline_decode(m, be, latents, a->height, a->width);
+        tensor *image = decode_whole(m, be, latents, h, w);
         if (!image || be->download(be, image, *out)) tiles = -1;
         DROP(image);
     }
@@ -651,7 +651,9 @@ int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_a
         if (it->stopped) continue;
         if (n > 1) sdx4_cancel_install(it->a->cancel); /* its own decode stops for its flag */
         t0 = now();
-        it->rep.vae_tiles = decode(m, be, it->a, it->latents, &outs[k]);
+        it->rep.vae_tiles = sdx4_pipeline_decode(m, be, it->latents, it->a->height, it->a->width,
+                                                 it->a->vae_tiling, it->a->vae_tile,
+                                                 it->a->vae_budget, &outs[k]);
         it->rep.seconds_vae = now() - t0;
         if (n > 1) sdx4_cancel_install(NULL);
         if (it->rep.vae_tiles < 0 && cancel_is_set(it->a->cancel)) it->stopped = 1;

@@ -92,12 +92,14 @@ int sdx4_pipeline_run_batch(const model *m, backend *be, int n, const pipeline_a
 tensor *sdx4_pipeline_encode_prompt(const model *m, backend *be, const char *prompt,
                                const char *negative, int do_cfg, pipeline_report *report);
 
-/* vae.decode(latents / scaling_factor) of host latents [C, h, w], in
- * float32 on every backend (the VAE overflows in fp16). */
-tensor *sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w);
-/* The same with tiling enabled (sdx4_vae_decode_tiled) into host out
- * [out_channels, h * f, w * f]: the number of tiles, or -1. */
-int sdx4_pipeline_decode_tiled(const model *m, backend *be, const float *latents, int h, int w,
-                               int tile, float *out);
+/* vae.decode(latents / scaling_factor) of host latents [C, h, w] as the
+ * pipeline runs it, in float's range on every backend (the VAE overflows
+ * in fp16): whole, or in diffusers' tiles of `tile` latents (0: the
+ * config's, sdx4_vae_tile) when tiling is ON, or AUTO and the whole decode
+ * would hold more than budget bytes (0: SDX4_VAE_TILING_BUDGET). *out
+ * receives the malloc'd image [out_channels, h * f, w * f]; returns the
+ * number of tiles (1 when whole), or -1. */
+int sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w,
+                         vae_tiling_mode tiling, int tile, int64_t budget, float **out);
 
 #endif
