@@ -341,6 +341,12 @@ static void test_scopes(jwt_verifier *v) {
     CHECK(s == JWT_BAD_CLAIMS, "scp with a number");
     scopes_of(v, ",\"scp\":{}", &s);
     CHECK(s == JWT_BAD_CLAIMS, "scp an object");
+    /* Entra's app roles: the client-credentials flow's tokens carry them */
+    CHECK(scopes_of(v, ",\"roles\":[\"upscale\"]", &s) == AUTH_SCOPE_UPSCALE && s == JWT_OK, "roles");
+    CHECK(scopes_of(v, ",\"scp\":\"upscale\",\"roles\":[\"Reader\",\"admin\"]", &s) == both && s == JWT_OK,
+          "scp and roles");
+    scopes_of(v, ",\"roles\":[\"admin\",null]", &s);
+    CHECK(s == JWT_BAD_CLAIMS, "roles with a null");
 }
 
 static void test_wrong_keys(jwt_verifier *v) {

@@ -549,24 +549,33 @@ static unsigned scope_words(const char *text) {
     return scopes;
 }
 
-/* Scopes from `scope` (RFC 8693/9068: a string) and `scp` (Entra, Okta:
- * an array, or a string); -1 when either has another type. */
-static int claimed_scopes(json_t *claims, unsigned *scopes) {
-    json_t *scope = json_object_get(claims, "scope"), *scp = json_object_get(claims, "scp");
-    if (scope && !json_is_string(scope)) return -1;
-    if (scope) *scopes |= scope_words(json_string_value(scope));
-    if (json_is_string(scp)) *scopes |= scope_words(json_string_value(scp));
-    else if (json_is_array(scp)) {
+/* The scopes of a claim that is a space-separated string or an array of
+ * them (absent: none); -1 for any other type. */
+static int claim_scopes(json_t *claim, unsigned *scopes) {
+    if (json_is_string(claim)) {
+        *scopes |= scope_words(json_string_value(claim));
+    } else if (json_is_array(claim)) {
         size_t i;
         json_t *item;
-        json_array_foreach(scp, i, item) {
+        json_array_foreach(claim, i, item) {
             if (!json_is_string(item)) return -1;
             *scopes |= scope_words(json_string_value(item));
         }
-    } else if (scp) {
+    } else if (claim) {
         return -1;
     }
     return 0;
+}
+
+/* Scopes from `scope` (RFC 8693/9068: a string), `scp` (Entra's delegated
+ * and Okta's: a string or an array) and `roles` (Entra's app roles, what
+ * a token of the client-credentials flow carries: an array); -1 when one
+ * has another type. */
+static int claimed_scopes(json_t *claims, unsigned *scopes) {
+    json_t *scope = json_object_get(claims, "scope");
+    if (scope && !json_is_string(scope)) return -1;
+    if (claim_scopes(scope, scopes) || claim_scopes(json_object_get(claims, "scp"), scopes)) return -1;
+    return claim_scopes(json_object_get(claims, "roles"), scopes);
 }
 
 static bool audience_matches(json_t *aud, const char *audience) {
