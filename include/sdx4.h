@@ -401,7 +401,9 @@ sdx4_status sdx4_upscale(sdx4_engine *engine, const sdx4_image *input,
  * output; the others go on. Returns SDX4_OK when the batch ran (then
  * statuses[k] says how each ended, outputs[k] holds the images of those
  * SDX4_OK), else the error that stopped all of them (every status set to
- * it). reports may be NULL. */
+ * it). reports may be NULL; else reports[k] is written for each of the n
+ * upscales, those that failed too (what was measured before the failure,
+ * zero where nothing was). */
 sdx4_status sdx4_upscale_batch(sdx4_engine *engine, int n, const sdx4_image *inputs,
                                const sdx4_upscale_params *params, sdx4_image *outputs,
                                sdx4_upscale_report *reports, sdx4_status *statuses);

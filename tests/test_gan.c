@@ -477,9 +477,16 @@ static void test_inputs(void) {
     sdx4_image in = {1, 5, px}, out = {0};
     sdx4_upscale_params p;
     sdx4_upscale_params_default(&p);
-    CHECK(sdx4_upscale(e, &in, &p, &out, NULL) == SDX4_ERR_INVALID_ARGUMENT &&
+    sdx4_upscale_report rep;
+    memset(&rep, 0xab, sizeof rep); /* a caller's stack */
+    CHECK(sdx4_upscale(e, &in, &p, &out, &rep) == SDX4_ERR_INVALID_ARGUMENT &&
               strstr(sdx4_last_error(), "at least 2"),
           "1 px wide into a scale-2 RRDBNet: %s", sdx4_last_error());
+    /* a failure's report, which the server stores with the job: nothing measured */
+    CHECK(rep.seconds_unet == 0 && rep.noise_level == 0 && rep.prompt_tokens == 0 && rep.gan_tiles == 0 &&
+              rep.batch_size == 1,
+          "a failed upscale's report: %g s, noise level %d, %d tiles", rep.seconds_unet, rep.noise_level,
+          rep.gan_tiles);
     /* odd sides are padded by reflection and cropped back, as BasicSR */
     in = (sdx4_image){5, 3, px};
     p.num_inference_steps = 3, p.prompt = "anything", p.noise_level = 0.9f;

@@ -408,6 +408,7 @@ static int on_tile(void *user, int done, int total) {
  * in exact tiles, the result quantized as the pipeline's. */
 static sdx4_status gan_upscale(sdx4_engine *e, const sdx4_image *in, const sdx4_upscale_params *p, sdx4_image *out,
                                sdx4_upscale_report *report) {
+    if (report) *report = (sdx4_upscale_report){.batch_size = 1}; /* a failure's: nothing measured */
     sdx4_status s = check_params(e, in, p);
     if (s) return s;
     int h = in->height, w = in->width, f = e->g.cfg.scale, of = e->g.cfg.outscale, tiles = 0;

@@ -123,7 +123,7 @@ static job_state outcome(sdx4_status st, task_outcome *out) {
 void runner_upscale_batch(sdx4_engine *engine, runner_item *items, int n, sdx4_progress_fn progress) {
     sdx4_image inputs[SDX4_MAX_BATCH] = {{0}}, images[SDX4_MAX_BATCH];
     sdx4_upscale_params p[SDX4_MAX_BATCH] = {{0}};
-    sdx4_upscale_report reports[SDX4_MAX_BATCH];
+    sdx4_upscale_report reports[SDX4_MAX_BATCH] = {{0}}; /* stored with a failed job too (cluster.c) */
     sdx4_status statuses[SDX4_MAX_BATCH];
     for (int k = 0; k < n; k++) {
         runner_params(items[k].opts, &p[k]);
