@@ -825,13 +825,14 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
 }
 
 /* A job's hash (HGETALL's answer) into its meta and its tasks' states;
- * 1 read, 0 empty (no such job), -1 error. */
+ * 1 read, 0 empty (no such job), -1 not Redis's answer to HGETALL,
+ * CLUSTER_JOB_UNREADABLE a hash that does not parse. */
 static int job_from_hash(const redisReply *reply, const char *id, cluster_job *job, cluster_task_state *states,
                          char *err, size_t n) {
     memset(job, 0, sizeof *job);
     if (reply->type != REDIS_REPLY_ARRAY) return snprintf(err, n, "redis: unexpected answer to HGETALL"), -1;
     if (reply->elements == 0) return 0;
-    int rc = -1;
+    int rc = CLUSTER_JOB_UNREADABLE;
     json_t *meta = NULL;
     const char *state = NULL, *finished = NULL, *webhook = NULL;
     for (size_t i = 0; i + 1 < reply->elements; i += 2) {
@@ -864,7 +865,7 @@ static int job_from_hash(const redisReply *reply, const char *id, cluster_job *j
     if (found != job->ntasks) snprintf(err, n, "job %s: %d of %d task states", id, found, job->ntasks);
     else rc = 1;
 done:
-    if (rc < 0) cluster_job_free(job);
+    if (rc != 1) cluster_job_free(job);
     json_decref(meta);
     return rc;
 }
@@ -902,9 +903,10 @@ static int list_one(redis *r, const char *id, const char *state, job_listing *ou
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
     if (!states) return snprintf(err, n, "out of memory"), -1;
     int rc = cluster_load_job(r, id, &job, states, err, n);
-    if (rc <= 0) { /* 0: gone since the scan saw it */
+    if (rc <= 0) { /* 0: gone since the scan saw it; a hash that does not parse is left out, as GET
+                      refuses it (dispatch_redis.c), not the listing of the others */
         free(states);
-        return rc;
+        return rc == CLUSTER_JOB_UNREADABLE ? 0 : rc;
     }
     rc = 0;
     json_t *d = cluster_job_document(&job, states, "pending");

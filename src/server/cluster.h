@@ -136,7 +136,10 @@ int cluster_submit(redis *r, const cluster_job *job, const cluster_task *tasks, 
                    int capacity, double retention, problem *why, char *err, size_t err_size);
 
 /* The job's meta and its tasks' states (`states` has room for ntasks,
- * FORM_MAX_IMAGES at most). 1 found, 0 no such job, -1 error. */
+ * FORM_MAX_IMAGES at most). 1 found, 0 no such job, -1 Redis failed,
+ * CLUSTER_JOB_UNREADABLE when the job's hash does not parse (a node of
+ * another version, a hand edit); `err` says why. */
+#define CLUSTER_JOB_UNREADABLE (-2)
 int cluster_load_job(redis *r, const char *id, cluster_job *job, cluster_task_state *states,
                      char *err, size_t err_size);
 void cluster_job_free(cluster_job *job);

@@ -432,13 +432,23 @@ static bool slowest_curve(const dispatch_redis *d, const json_t *workers, const 
 }
 
 /* Brings the watched tasks of job `id` to the states Redis has for them
- * (`states`: room for FORM_MAX_IMAGES); cluster_load_job's 1, 0 or -1. */
+ * (`states`: room for FORM_MAX_IMAGES); cluster_load_job's answer. */
 static int sync_job(dispatch_redis *d, const char *id, cluster_task_state *states, char *err, size_t n) {
     cluster_job job;
     int rc = cluster_load_job(d->r, id, &job, states, err, n);
     for (int k = 0; rc > 0 && k < job.ntasks; k++) apply(d, id, k, &states[k]);
     cluster_job_free(&job);
     return rc;
+}
+
+/* A watched job whose hash does not parse cannot be followed: its tasks
+ * here fail now rather than at their deadline, and Redis is not taken for
+ * down for it. */
+static void fail_unreadable(dispatch_redis *d, const char *id, const char *why) {
+    cluster_task_state s = {.state = JOB_FAILED, .compute = -1};
+    problem_set(&s.error, PROBLEM_INTERNAL, "the job's state in Redis does not parse: %s", why);
+    log_event(LOG_ERROR, "job_unreadable", json_pack("{s:s,s:s}", "job_id", id, "error", why));
+    for (int k = 0; k < FORM_MAX_IMAGES; k++) apply(d, id, k, &s);
 }
 
 /* Re-reads the watched jobs (what events were missed) and the cluster. */
@@ -463,7 +473,11 @@ static void look(dispatch_redis *d) {
     char err[256] = "";
     bool up = true;
     cluster_task_state *states = calloc(FORM_MAX_IMAGES, sizeof *states);
-    for (int i = 0; i < n && states && up; i++) up = sync_job(d, ids[i], states, err, sizeof err) >= 0;
+    for (int i = 0; i < n && states && up; i++) {
+        int rc = sync_job(d, ids[i], states, err, sizeof err);
+        if (rc == CLUSTER_JOB_UNREADABLE) fail_unreadable(d, ids[i], err);
+        up = rc != -1;
+    }
     free(states);
     free(ids);
 
@@ -907,6 +921,10 @@ static job *find(void *ctx, const char *id, const char *owner, problem *why) {
         goto done;
     }
     int rc = cluster_load_job(d->r, id, &meta, states, err, sizeof err);
+    if (rc == CLUSTER_JOB_UNREADABLE) {
+        problem_set(why, PROBLEM_INTERNAL, "the job's state in Redis does not parse: %s", err);
+        goto done;
+    }
     if (rc < 0 || (rc > 0 && cluster_load_records(d->r, id, records, meta.ntasks, err, sizeof err) != 0)) {
         unavailable(d, why, err);
         goto done;

@@ -335,6 +335,35 @@ def test_a_read_shows_what_redis_has_not_what_the_events_brought(own_redis):
         node.check_clean_exit()
 
 
+def test_a_job_whose_state_does_not_parse_fails_alone(own_redis):
+    """A task state in Redis that does not parse (a node of another
+    version, a hand edit) fails that job on the node watching it, at once
+    rather than at its deadline (the keeper's look does it: a read of the
+    job leaves the node's copy as it is); Redis is not taken for down, so
+    the node stays ready; another node asked for the job answers 500, not
+    503 store-unavailable."""
+    node = api_node(own_redis, "--ready-without-workers", "true")
+    other = None
+    try:
+        node.wait_ready()
+        bad = submit(node, 1)
+        r = own_redis.client()
+        state = json.loads(r.hget(f"sdx4:job:{bad}", "task:0"))
+        state["report"]["prompt_truncated"] = 100  # out of its range: refused by the parser
+        r.hset(f"sdx4:job:{bad}", "task:0", json.dumps(state))
+        doc = wait_final(node, bad, timeout=10)
+        assert doc["status"] == "failed" and "does not parse" in doc["error"]["detail"], doc
+        health = node.get("/api/v1/health")
+        assert health.status_code == 200 and health.json()["cluster"]["redis_up"], health.text
+        other = api_node(own_redis, "--ready-without-workers", "true")
+        other.wait_ready()
+        assert "does not parse" in problem(other.get(f"/api/v1/jobs/{bad}"), 500, "internal-error")["detail"]
+    finally:
+        node.check_clean_exit()
+        if other:
+            other.check_clean_exit()
+
+
 def test_ready_without_workers_is_for_api_only_nodes():
     r = subprocess.run([SDX4, "serve", "--model", MODEL, "--ready-without-workers", "true"], capture_output=True,
                        text=True, timeout=30)
