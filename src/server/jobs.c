@@ -64,6 +64,8 @@ struct job {
     size_t result_bytes;
     bool in_store;                  /* in the id table (listed, not dropped) */
     bool adopted;                   /* made on another node (job_adopt): a copy here */
+    bool never_dispatched;          /* unlisted, and nothing of it to run (every image answered
+                                       from the cache or refused): a shared store never hears of it */
     job *hash_next;                 /* id table chain */
     job *list_prev, *list_next;     /* the active list, or the retained list */
 };
@@ -318,14 +320,6 @@ static void drop_retained(job_store *s, job *j, job **release) {
 static void record_history(job *j);
 static webhook_done_fn webhook_done;
 
-/* An unlisted job answered whole from the cache: the dispatcher was given
- * no task of it, so a shared store never heard of it. */
-static bool never_dispatched(const job *j) {
-    for (int i = 0; i < j->ntasks; i++)
-        if (!j->tasks[i].cache_hit) return false;
-    return !j->listed;
-}
-
 static void job_finished_locked(job_store *s, job *j) {
     job_state state = JOB_SUCCEEDED;
     for (int i = 0; i < j->ntasks; i++) {
@@ -363,7 +357,7 @@ static void job_finished_locked(job_store *s, job *j) {
     }
     /* one row per job: in a shared store by whoever ended it there (a
      * worker, or the dispatcher), here only a job that never went there */
-    if (s->srv->history && !j->adopted && (!(d->iface && d->iface->shared) || never_dispatched(j)))
+    if (s->srv->history && !j->adopted && (!(d->iface && d->iface->shared) || j->never_dispatched))
         record_history(j);
     pthread_cond_broadcast(&s->idle);
     log_event(LOG_INFO, "job_finished",
@@ -594,6 +588,7 @@ int job_submit(job *j, problem *err) {
     }
     double now = mono_now();
     for (int i = 0; i < npending; i++) pending[i]->enqueued = now;
+    j->never_dispatched = !j->listed && npending == 0; /* as dispatch_redis.c's push sees it */
     if (dispatch_push(&srv->dispatch, j, pending, npending, j->deadline, err) != 0) {
         pthread_mutex_unlock(&s->lock);
         goto done;

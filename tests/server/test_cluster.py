@@ -364,6 +364,24 @@ def test_a_job_whose_state_does_not_parse_fails_alone(own_redis):
             other.check_clean_exit()
 
 
+def test_a_sync_batch_of_refused_images_is_in_the_history(own_redis, tmp_path):
+    """A synchronous batch whose every image is refused never reaches
+    Redis: the node that answered it writes its history row."""
+    from test_history import metric
+    node = api_node(own_redis, "--ready-without-workers", "true", "--history", str(tmp_path / "history.db"))
+    try:
+        node.wait_ready()
+        r = node.post("/api/v1/batch-upscale", files=[("image", ("a.png", b"not an image", "image/png")),
+                                                       ("image", ("b.png", b"nor this", "image/png"))])
+        assert r.status_code == 200 and [i["status"] for i in r.json()["results"]] == [415, 415], r.text
+        deadline = time.time() + 10
+        while metric(node, 'sdx4_history_entries_total{outcome="written"}') != 1:
+            assert time.time() < deadline, "no history row for the batch"
+            time.sleep(0.1)
+    finally:
+        node.check_clean_exit()
+
+
 def test_ready_without_workers_is_for_api_only_nodes():
     r = subprocess.run([SDX4, "serve", "--model", MODEL, "--ready-without-workers", "true"], capture_output=True,
                        text=True, timeout=30)
