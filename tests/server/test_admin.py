@@ -91,6 +91,12 @@ def test_a_cluster_lists_every_nodes_jobs():
         assert [j["id"] for j in b.get("/api/v1/admin/jobs?limit=1", headers=ROOT).json()["jobs"]] == [slow["id"]]
         assert b.delete(f"/api/v1/admin/jobs/{slow['id']}", headers=ROOT).json()["status"] == "canceled"
         assert wait_job(a, slow["id"], headers=ALICE)["status"] == "canceled"
+        # the cancel reaches Redis (b's keeper writes it) and the worker stops at its next step:
+        # with Redis gone first, it would drain the task to its end at SIGTERM, 30 s
+        deadline = time.time() + 30
+        while not redis.client().exists(f"sdx4:cancel:{slow['id']}") or worker.get("/healthz").json()["busy"]:
+            assert time.time() < deadline, "the worker never stopped the canceled task"
+            time.sleep(0.05)
         redis.stop()  # the shared store away: the listing cannot be made
         problem(b.get("/api/v1/admin/jobs", headers=ROOT), 503, "store-unavailable")
     finally:
