@@ -54,6 +54,7 @@ void sdx4_memplan_free(memplan *p) {
 /* Room for one more element in *array (of *cap elements of `size`). */
 static int reserve(void **array, int *cap, int n, size_t size) {
     if (n < *cap) return 0;
+    if (*cap > INT_MAX / 2) return -1; /* no more elements than an int counts */
     int cap2 = *cap ? *cap * 2 : 256;
     void *a = realloc(*array, (size_t)cap2 * size);
     if (!a) return -1;
@@ -70,7 +71,7 @@ static int add_event(memplan *p, int event) {
 
 int sdx4_memplan_note_alloc(memplan *p, const void *ptr, size_t bytes) {
     if (p->spoiled || p->finished) return -1;
-    if (p->n_events == INT_MAX - 1 || bytes > SIZE_MAX / 2 || /* no offset could hold it */
+    if (bytes > SIZE_MAX / 2 || /* no offset could hold it */
         reserve((void **)&p->buffers, &p->cap_buffers, p->n_buffers, sizeof *p->buffers) ||
         reserve((void **)&p->live, &p->cap_live, p->n_live, sizeof *p->live)) {
         p->spoiled = 1;
