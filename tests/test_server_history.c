@@ -91,7 +91,7 @@ static int list_all(history *h, history_query q, char *ids, size_t size, int *pa
 
 static void test_record_and_list(void) {
     char err[256];
-    history *h = history_open(path_in("h.db"), 100, err, sizeof err);
+    history *h = history_open(path_in("h.db"), 100, 15, err, sizeof err);
     CHECK(h, "open: %s", err);
     if (!h) return;
     for (int i = 0; i < 10; i++) {
@@ -148,12 +148,12 @@ static void test_record_and_list(void) {
     history_close(h, 5);
 
     /* reopened: the rows are still there, and API keys keep their identities */
-    h = history_open(path_in("h.db"), 100, err, sizeof err);
+    h = history_open(path_in("h.db"), 100, 15, err, sizeof err);
     CHECK(h, "reopen: %s", err);
     if (!h) return;
     history_identity_secret(h, again);
     CHECK(memcmp(secret, again, 32) == 0, "the identity secret changed");
-    history *other = history_open(path_in("other.db"), 100, err, sizeof err);
+    history *other = history_open(path_in("other.db"), 100, 15, err, sizeof err);
     CHECK(other, "open: %s", err);
     history_identity_secret(other, again);
     CHECK(memcmp(secret, again, 32) != 0, "two databases have one identity secret");
@@ -168,7 +168,7 @@ static void test_record_and_list(void) {
  * dropped; once the lock goes, everything queued is written. */
 static void test_busy_database(void) {
     char err[256];
-    history *h = history_open(path_in("busy.db"), 3, err, sizeof err);
+    history *h = history_open(path_in("busy.db"), 3, 15, err, sizeof err);
     CHECK(h, "open: %s", err);
     if (!h) return;
     sqlite3 *other;
@@ -201,7 +201,7 @@ static void test_busy_database(void) {
 /* A trigger refuses one entry: the others of its batch are written. */
 static void test_rejected_entry(void) {
     char err[256];
-    history *h = history_open(path_in("refuse.db"), 100, err, sizeof err);
+    history *h = history_open(path_in("refuse.db"), 100, 15, err, sizeof err);
     CHECK(h, "open: %s", err);
     if (!h) return;
     sqlite3 *other;
@@ -230,10 +230,10 @@ static void test_bad_stores(void) {
     FILE *f = fopen(path_in("corrupt.db"), "wb");
     for (int i = 0; i < 200; i++) fputs("not a database at all ", f);
     fclose(f);
-    history *h = history_open(path_in("corrupt.db"), 10, err, sizeof err);
+    history *h = history_open(path_in("corrupt.db"), 10, 15, err, sizeof err);
     CHECK(!h && strstr(err, "corrupt.db") && strstr(err, "not a database"), "corrupt file: %s", err);
 
-    h = history_open(path_in("no/such/dir/h.db"), 10, err, sizeof err);
+    h = history_open(path_in("no/such/dir/h.db"), 10, 15, err, sizeof err);
     CHECK(!h && strstr(err, "h.db") && strstr(err, "unable to open"), "missing folder: %s", err);
 
     sqlite3 *db;
@@ -241,12 +241,12 @@ static void test_bad_stores(void) {
     sqlite3_exec(db, "CREATE TABLE sdx4_schema (version INTEGER NOT NULL); INSERT INTO sdx4_schema VALUES (4);",
                  NULL, NULL, NULL);
     sqlite3_close(db);
-    h = history_open(path_in("newer.db"), 10, err, sizeof err);
+    h = history_open(path_in("newer.db"), 10, 15, err, sizeof err);
     CHECK(!h && strstr(err, "schema version 4 is newer"), "newer schema: %s", err);
 
-    h = history_open("postgresql://127.0.0.1:1/none?connect_timeout=2", 10, err, sizeof err);
+    h = history_open("postgresql://127.0.0.1:1/none?connect_timeout=2", 10, 15, err, sizeof err);
     CHECK(!h && strstr(err, "cannot connect to PostgreSQL"), "unreachable PostgreSQL: %s", err);
-    h = history_open("", 10, err, sizeof err);
+    h = history_open("", 10, 15, err, sizeof err);
     CHECK(!h && err[0], "empty name accepted");
 }
 
@@ -299,7 +299,7 @@ static void test_migration(void) {
           "version 1 database: %s", sqlite3_errmsg(db));
     sqlite3_close(db);
     char err[256];
-    history *h = history_open(path_in("v1.db"), 10, err, sizeof err);
+    history *h = history_open(path_in("v1.db"), 10, 15, err, sizeof err);
     CHECK(h, "open a version 1 database: %s", err);
     if (!h) return;
     history_entry e = entry(2); /* alice's: a third of a batch's 0.375 s */

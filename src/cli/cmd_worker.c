@@ -257,7 +257,7 @@ int cmd_worker(int argc, char **argv) {
         config_free(&srv->cfg);
         return EXIT_USAGE;
     }
-    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, c->history_timeout, err, sizeof err))) {
         fprintf(stderr, "sdx4 worker: history: %s\n", err);
         redis_close(p.r);
         config_free(&srv->cfg);

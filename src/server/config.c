@@ -247,6 +247,12 @@ static const option options[] = {
     {"history-backlog", OPT_INT, O(history_backlog), 1, 1000000, "10000",
      "finished jobs held while the history database is slow or down (beyond: "
      "dropped and counted, never waited for)"},
+    /* 15: past the statement_timeout of 10 s that the server is given, so
+     * that a live server's own error comes first */
+    {"history-timeout", OPT_DOUBLE, O(history_timeout), 1, 3600, "15",
+     "seconds a PostgreSQL history call waits for an answer before the connection is "
+     "dropped and remade (a frozen host enforces no statement_timeout); a listing then "
+     "gets 503"},
     {"s3-bucket", OPT_STRING, O(s3_bucket), 0, 0, NULL,
      "store async jobs' images (in cluster mode every image) in this S3 bucket and give "
      "presigned URLs to them (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"},

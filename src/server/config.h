@@ -87,6 +87,7 @@ typedef struct {
     /* request history (history.h) */
     char *history; /* a file (SQLite) or a postgresql:// URL; NULL: off */
     int history_backlog;
+    double history_timeout;
     /* async jobs' results in S3-compatible storage (objstore.h); credentials
      * only from AWS_* variables, never settings that `ps` would show */
     char *s3_bucket, *s3_endpoint, *s3_region, *s3_prefix;

@@ -276,7 +276,7 @@ static bool is_postgres_url(const char *where) {
     return strncmp(where, "postgresql://", 13) == 0 || strncmp(where, "postgres://", 11) == 0;
 }
 
-history *history_open(const char *where, int backlog, char *err, size_t n) {
+history *history_open(const char *where, int backlog, double timeout, char *err, size_t n) {
     if (!where || !*where || backlog < 1) {
         snprintf(err, n, "a file path or a postgresql:// URL, and a backlog of 1 or more, are needed");
         return NULL;
@@ -298,7 +298,7 @@ history *history_open(const char *where, int backlog, char *err, size_t n) {
         return NULL;
     }
     for (int i = 0; i < 32; i++) snprintf(fresh + 2 * i, 3, "%02x", random[i]);
-    h->db = is_postgres_url(where) ? history_postgres_open(where, fresh, secret, err, n)
+    h->db = is_postgres_url(where) ? history_postgres_open(where, fresh, secret, timeout, err, n)
                                    : history_sqlite_open(where, fresh, secret, err, n);
     if (h->db && hex_secret(secret, h->identity_secret)) {
         snprintf(err, n, "%s: the identity secret in sdx4_secret is not 64 hex digits", where);

@@ -69,10 +69,11 @@ typedef struct {
 } history_stats;
 
 /* Opens (creating the schema if needed) the store `where` names, with a
- * queue of `backlog` entries. NULL and a message in `err` on failure:
+ * queue of `backlog` entries; a PostgreSQL call waits `timeout` seconds
+ * at most for its answer. NULL and a message in `err` on failure:
  * an unreachable server, a file that is not a database, a schema newer
  * than this build. */
-history *history_open(const char *where, int backlog, char *err, size_t n);
+history *history_open(const char *where, int backlog, double timeout, char *err, size_t n);
 /* Waits at most `seconds` for the queue to be written out, then stops the
  * writer and closes the store; what is still queued is lost (counted). */
 void history_close(history *h, double seconds);

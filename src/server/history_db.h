@@ -81,7 +81,8 @@ struct history_db {
 /* `fresh` (64 hex digits) becomes the identity secret of a new database;
  * `secret` receives the database's. */
 history_db *history_sqlite_open(const char *path, const char *fresh, char secret[65], char *err, size_t len);
-history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len);
+history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], double timeout, char *err,
+                                  size_t len);
 
 /* The identity secret's table, the same in both dialects; a printf
  * format of the fresh secret (hex digits: nothing to quote). */

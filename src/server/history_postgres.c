@@ -9,17 +9,25 @@
  * gets HISTORY_DB_RETRY at once rather than waiting for it to return.
  * Every connection gets connect_timeout and a statement_timeout unless
  * the URL sets them, so that neither a dead host nor a stuck lock can hold
- * a thread for long.
+ * a thread for long. A server that stops answering on an open connection
+ * (a frozen host, a path that drops packets) enforces no statement_timeout,
+ * and libpq's blocking calls would wait for it for good, a listing's HTTP
+ * thread and shutdown with them: every statement is sent and its answer
+ * awaited here, up to --history-timeout; past it the connection is closed
+ * and made anew on its next use.
  *
  * Several nodes may open the same database at once: the schema is made
  * under a transaction-scoped advisory lock, since two concurrent CREATE
  * TABLE IF NOT EXISTS of one table can still collide in PostgreSQL.
  */
+#include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -27,7 +35,9 @@
 
 typedef struct {
     history_db base;
-    PGconn *writer, *reader;
+    char *url;
+    double timeout; /* seconds an answer is awaited */
+    PGconn *writer, *reader; /* NULL: closed for want of an answer, made anew on next use */
     pthread_mutex_t read_lock;
 } postgres_db;
 
@@ -60,16 +70,61 @@ static void copy_error(PGconn *c, const char *what, char *err, size_t len) {
     snprintf(err, len, "%s%.*s", what, (int)n, m);
 }
 
-/* Ready to use, reset first if it broke; false (err set) if unreachable. */
-static bool usable(PGconn *c, char *err, size_t len) {
-    if (PQstatus(c) != CONNECTION_OK) PQreset(c);
-    if (PQstatus(c) == CONNECTION_OK) return true;
-    copy_error(c, "", err, len);
+/* Ready to use, made or reset first if it broke; false (err set) if
+ * unreachable. */
+static bool usable(const postgres_db *db, PGconn **c, char *err, size_t len) {
+    if (!*c) *c = connect_url(db->url);
+    else if (PQstatus(*c) != CONNECTION_OK) PQreset(*c);
+    if (PQstatus(*c) == CONNECTION_OK) return true;
+    copy_error(*c, "", err, len);
     return false;
 }
 
-/* A failed statement: the database refused it, unless the connection is gone. */
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* PQexecParams (n >= 0), or PQexec (n < 0: statements separated by ';',
+ * the last one's result), waiting db->timeout at most for the answer.
+ * NULL when the call failed (PQerrorMessage says why), or when no answer
+ * came in time: then *c is closed and NULL, and err says so. */
+static PGresult *run(const postgres_db *db, PGconn **c, const char *sql, int n, const Oid *types,
+                     const char *const *values, char *err, size_t len) {
+    if (!(n < 0 ? PQsendQuery(*c, sql) : PQsendQueryParams(*c, sql, n, types, values, NULL, NULL, 0)))
+        return NULL;
+    double deadline = seconds_now() + db->timeout;
+    PGresult *last = NULL;
+    for (;;) {
+        while (PQisBusy(*c)) {
+            struct pollfd p = {.fd = PQsocket(*c), .events = POLLIN};
+            double left = deadline - seconds_now();
+            int ready = left > 0 ? poll(&p, 1, (int)(left * 1000) + 1) : 0;
+            if (ready < 0 && errno == EINTR) continue;
+            if (ready == 0) {
+                snprintf(err, len, "PostgreSQL did not answer within %g s (--history-timeout)", db->timeout);
+                PQclear(last);
+                PQfinish(*c);
+                *c = NULL;
+                return NULL;
+            }
+            if (ready < 0 || !PQconsumeInput(*c)) {
+                PQclear(last);
+                return NULL;
+            }
+        }
+        PGresult *res = PQgetResult(*c);
+        if (!res) return last;
+        PQclear(last);
+        last = res;
+    }
+}
+
+/* A failed statement: the database refused it, unless the connection is
+ * gone (NULL: closed by run(), which said why in err). */
 static history_db_status failed(PGconn *c, PGresult *res, char *err, size_t len) {
+    if (!c) return HISTORY_DB_RETRY;
     copy_error(c, "", err, len);
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     PQclear(res);
@@ -81,21 +136,21 @@ static history_db_status failed(PGconn *c, PGresult *res, char *err, size_t len)
     return transient ? HISTORY_DB_RETRY : HISTORY_DB_REJECTED;
 }
 
-static history_db_status exec_command(PGconn *c, const char *sql, char *err, size_t len) {
-    PGresult *res = PQexec(c, sql);
+static history_db_status exec_command(const postgres_db *db, PGconn **c, const char *sql, char *err, size_t len) {
+    PGresult *res = run(db, c, sql, -1, NULL, NULL, err, len);
     if (PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK) {
         PQclear(res);
         return HISTORY_DB_OK;
     }
-    return failed(c, res, err, len);
+    return failed(*c, res, err, len);
 }
 
 static history_db_status postgres_write(history_db *base, history_entry *const *entries, int n, char *err,
                                         size_t len) {
     postgres_db *db = (postgres_db *)base;
-    PGconn *c = db->writer;
-    if (!usable(c, err, len)) return HISTORY_DB_RETRY;
-    history_db_status s = exec_command(c, "BEGIN", err, len);
+    PGconn **c = &db->writer;
+    if (!usable(db, c, err, len)) return HISTORY_DB_RETRY;
+    history_db_status s = exec_command(db, c, "BEGIN", err, len);
     for (int i = 0; i < n && s == HISTORY_DB_OK; i++) {
         const history_entry *e = entries[i];
         char images[24], pixels[24], bytes[24], created[24], started[24], finished[24], compute[24];
@@ -111,18 +166,20 @@ static history_db_status postgres_write(history_db *base, history_entry *const *
                                   created,   e->started > 0 ? started : NULL, finished,
                                   e->worker, e->error_kind, e->error_detail, e->model,
                                   e->compute >= 0 ? compute : NULL};
-        PGresult *res = PQexecParams(c, HISTORY_INSERT, 18, NULL, values, NULL, NULL, 0);
+        PGresult *res = run(db, c, HISTORY_INSERT, 18, NULL, values, err, len);
         if (PQresultStatus(res) == PGRES_COMMAND_OK) PQclear(res);
-        else s = failed(c, res, err, len);
+        else s = failed(*c, res, err, len);
     }
-    if (s == HISTORY_DB_OK) return exec_command(c, "COMMIT", err, len);
-    if (PQstatus(c) == CONNECTION_OK) PQclear(PQexec(c, "ROLLBACK"));
+    if (s == HISTORY_DB_OK) return exec_command(db, c, "COMMIT", err, len);
+    char ignored[256];
+    if (PQstatus(*c) == CONNECTION_OK) PQclear(run(db, c, "ROLLBACK", -1, NULL, NULL, ignored, sizeof ignored));
     return s;
 }
 
 /* The first column of a one-row query, into out; false if it failed. */
-static bool query_text(PGconn *c, const char *sql, char *out, size_t size) {
-    PGresult *res = PQexec(c, sql);
+static bool query_text(const postgres_db *db, PGconn **c, const char *sql, char *out, size_t size, char *err,
+                       size_t len) {
+    PGresult *res = run(db, c, sql, -1, NULL, NULL, err, len);
     bool ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
     if (ok) snprintf(out, size, "%s", PQgetvalue(res, 0, 0));
     PQclear(res);
@@ -132,25 +189,29 @@ static bool query_text(PGconn *c, const char *sql, char *out, size_t size) {
 /* Checks the version of the schema there, migrates an older one, creates
  * what is missing, and reads the identity secret: one transaction, under
  * the schema lock. */
-static int prepare_schema(PGconn *c, const char *fresh, char secret[65], char *err, size_t len) {
-    char version[24] = "", sql[sizeof schema + 256];
-    bool ok = exec_command(c, "BEGIN; SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ");" HISTORY_VERSION_TABLE,
+static int prepare_schema(postgres_db *db, const char *fresh, char secret[65], char *err, size_t len) {
+    PGconn **c = &db->writer;
+    char version[24] = "", sql[sizeof schema + 256], ignored[256];
+    bool ok = exec_command(db, c, "BEGIN; SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ");" HISTORY_VERSION_TABLE,
                            err, len) == HISTORY_DB_OK &&
-              query_text(c, HISTORY_VERSION_SELECT, version, sizeof version);
+              query_text(db, c, HISTORY_VERSION_SELECT, version, sizeof version, err, len);
     if (ok && atoi(version) > HISTORY_SCHEMA_VERSION) {
         snprintf(err, len, "history schema version %s is newer than this sdx4's (%d)", version,
                  HISTORY_SCHEMA_VERSION);
-        PQclear(PQexec(c, "ROLLBACK"));
+        PQclear(run(db, c, "ROLLBACK", -1, NULL, NULL, ignored, sizeof ignored));
         return -1;
     }
-    ok = ok && (atoi(version) != 1 || exec_command(c, HISTORY_MIGRATE_1, err, len) == HISTORY_DB_OK);
-    ok = ok && (atoi(version) < 1 || atoi(version) > 2 || exec_command(c, HISTORY_MIGRATE_2, err, len) == HISTORY_DB_OK);
+    ok = ok && (atoi(version) != 1 || exec_command(db, c, HISTORY_MIGRATE_1, err, len) == HISTORY_DB_OK);
+    ok = ok && (atoi(version) < 1 || atoi(version) > 2 ||
+                exec_command(db, c, HISTORY_MIGRATE_2, err, len) == HISTORY_DB_OK);
     snprintf(sql, sizeof sql, "%s" HISTORY_SECRET_SQL, schema, fresh);
-    ok = ok && exec_command(c, sql, err, len) == HISTORY_DB_OK &&
-         query_text(c, HISTORY_SECRET_SELECT, secret, 65) && exec_command(c, "COMMIT", err, len) == HISTORY_DB_OK;
+    ok = ok && exec_command(db, c, sql, err, len) == HISTORY_DB_OK &&
+         query_text(db, c, HISTORY_SECRET_SELECT, secret, 65, err, len) &&
+         exec_command(db, c, "COMMIT", err, len) == HISTORY_DB_OK;
     if (ok) return 0;
-    copy_error(c, "PostgreSQL history schema: ", err, len);
-    PQclear(PQexec(c, "ROLLBACK"));
+    if (!*c) return -1; /* no answer in time: err says so */
+    copy_error(*c, "PostgreSQL history schema: ", err, len);
+    PQclear(run(db, c, "ROLLBACK", -1, NULL, NULL, ignored, sizeof ignored));
     return -1;
 }
 
@@ -169,11 +230,13 @@ static history_db_status read_rows(postgres_db *db, const char *sql, int n, cons
     pthread_mutex_lock(&db->read_lock);
     history_db_status s = HISTORY_DB_RETRY;
     /* a connection the server closed (a restart) shows only when used:
-     * then it is reset and the query tried once more */
+     * then it is reset and the query tried once more; not one closed here
+     * for want of an answer (NULL), which would make the caller wait twice */
     for (int attempt = 0; attempt < 2 && s == HISTORY_DB_RETRY &&
-                          (attempt == 0 || PQstatus(db->reader) != CONNECTION_OK) && usable(db->reader, err, len);
+                          (attempt == 0 || (db->reader && PQstatus(db->reader) != CONNECTION_OK)) &&
+                          usable(db, &db->reader, err, len);
          attempt++) {
-        PGresult *res = PQexecParams(db->reader, sql, n, types, values, NULL, NULL, 0);
+        PGresult *res = run(db, &db->reader, sql, n, types, values, err, len);
         if (PQresultStatus(res) == PGRES_TUPLES_OK) {
             for (int i = 0; i < PQntuples(res); i++) on_row(res, i, rows);
             PQclear(res);
@@ -231,18 +294,22 @@ static void postgres_close(history_db *base) {
     PQfinish(db->writer);
     PQfinish(db->reader);
     pthread_mutex_destroy(&db->read_lock);
+    free(db->url);
     free(db);
 }
 
 static const history_db_ops postgres_ops = {postgres_write, postgres_list, postgres_usage, postgres_close};
 
-history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], char *err, size_t len) {
+history_db *history_postgres_open(const char *url, const char *fresh, char secret[65], double timeout, char *err,
+                                  size_t len) {
     postgres_db *db = calloc(1, sizeof *db);
-    if (!db) {
+    if (!db || !(db->url = strdup(url))) {
+        free(db);
         snprintf(err, len, "out of memory");
         return NULL;
     }
     db->base.ops = &postgres_ops;
+    db->timeout = timeout;
     pthread_mutex_init(&db->read_lock, NULL);
     db->writer = connect_url(url);
     db->reader = connect_url(url);
@@ -254,7 +321,7 @@ history_db *history_postgres_open(const char *url, const char *fresh, char secre
         postgres_close(&db->base);
         return NULL;
     }
-    if (prepare_schema(db->writer, fresh, secret, err, len)) {
+    if (prepare_schema(db, fresh, secret, err, len)) {
         postgres_close(&db->base);
         return NULL;
     }

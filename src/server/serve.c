@@ -200,7 +200,7 @@ static int start_parts(server *srv) {
     srv->ratelimit = ratelimit_create(c->rate_limit, c->rate_window, &c->trusted_proxies, stderr);
     if (!srv->auth || !srv->ratelimit) return -1;
     char err[256];
-    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, err, sizeof err))) {
+    if (c->history && !(srv->history = history_open(c->history, c->history_backlog, c->history_timeout, err, sizeof err))) {
         fprintf(stderr, "sdx4 serve: history: %s\n", err);
         return -1;
     }
