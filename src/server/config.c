@@ -170,7 +170,8 @@ static const option options[] = {
     {"max-jobs", OPT_INT, O(max_jobs), 1, 1000000, "1000",
      "finished jobs kept at most (oldest dropped first)"},
     {"jobs-memory", OPT_SIZE, O(jobs_memory), 0, 1e13, "512M",
-     "bytes of finished job results kept at most"},
+     "bytes that finished jobs kept for GET may hold at most: their results, and the "
+     "inputs of images that never ran (canceled or timed out in the queue, cached)"},
     {"webhook-secret", OPT_STRING, O(webhook_secret), 0, 0, NULL,
      "HMAC-SHA256 key signing webhook calls (webhooks are refused without it)"},
     {"webhook-attempts", OPT_INT, O(webhook_attempts), 1, 100, "5",

@@ -61,7 +61,7 @@ struct job {
     int webhook_state, webhook_attempts;
     char webhook_error[320]; /* why the webhook failed */
     int refs;
-    size_t result_bytes;
+    size_t held_bytes; /* while retained (--jobs-memory): its outputs, and the inputs it still holds */
     bool in_store;                  /* in the id table (listed, not dropped) */
     bool adopted;                   /* made on another node (job_adopt): a copy here */
     bool never_dispatched;          /* unlisted, and nothing of it to run (every image answered
@@ -310,7 +310,7 @@ json_t *job_batch_results(job *j) {
 
 static void drop_retained(job_store *s, job *j, job **release) {
     list_remove(&s->retained, j);
-    s->retained_bytes -= j->result_bytes;
+    s->retained_bytes -= j->held_bytes;
     id_remove(s, j);
     /* the store's reference goes after unlocking: chain through hash_next */
     j->hash_next = *release;
@@ -326,7 +326,10 @@ static void job_finished_locked(job_store *s, job *j) {
         job_state ts = j->tasks[i].state;
         if (ts == JOB_CANCELED) state = JOB_CANCELED;
         else if (ts == JOB_FAILED && state != JOB_CANCELED) state = JOB_FAILED;
-        j->result_bytes += j->tasks[i].output_len;
+        /* an image that ran gave its input back (job_task_finished); one canceled or
+         * timed out in the queue, or answered from the cache, holds it until the job goes */
+        const sdx4_image *in = &j->tasks[i].input;
+        j->held_bytes += j->tasks[i].output_len + (in->pixels ? (size_t)3 * in->width * in->height : 0);
     }
     /* a batch that ran to its end succeeded, even if some images failed:
      * each image's entry carries its own error */
@@ -340,7 +343,7 @@ static void job_finished_locked(job_store *s, job *j) {
     list_remove(&s->active, j);
     if (j->in_store) {
         list_append(&s->retained, j);
-        s->retained_bytes += j->result_bytes;
+        s->retained_bytes += j->held_bytes;
     }
     /* a job of a shared store is finished once there, by whoever does it */
     const dispatch *d = &s->srv->dispatch;
@@ -803,6 +806,8 @@ void job_task_finished(task *t, task_outcome *o) {
     pthread_mutex_lock(&s->lock);
     waiter *woken = NULL;
     t->compute = o->compute_seconds; /* spent, even if the task ended meanwhile */
+    /* the pixels are the runner's no more: a retained job keeps the input's size only */
+    sdx4_image_free(&t->input);
     if (!final(t->state)) {
         t->output = o->output;
         t->output_len = o->len;

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import MODEL, SDX4, Server, image_bytes, problem, wait_idle
+from conftest import MODEL, SDX4, Server, image_bytes, problem, single_process_only, wait_idle
 
 UPSCALE = "/api/v1/upscale"
 
@@ -66,6 +66,33 @@ def test_deadline_504_cancels_and_frees_the_worker():
         assert final["status"] == "failed" and final["error"]["type"] == "urn:sdx4:problem:timeout"
         wait_idle(s, timeout=30)
         assert s.get("/api/v1/health").status_code == 200  # still serving
+    finally:
+        s.check_clean_exit()
+
+
+@single_process_only("an API node drops its copies, and GET finds the jobs in Redis, kept under its own budget")
+def test_jobs_memory_counts_the_inputs_retained_jobs_hold():
+    """Images that never ran (their deadline passed in the queue) keep their
+    decoded input while their job is retained: --jobs-memory counts those
+    bytes, and drops the oldest jobs to stay within them (they counted
+    nothing: a client's failed batches held inputs beyond any budget)."""
+    s = Server("--jobs-memory", "4M", "--workers", "1", "--request-timeout", "1", "--max-batch-size", "1")
+    try:
+        big = image_bytes(size=(512, 512))  # 768 KiB decoded
+        ids = []
+        for _ in range(3):
+            r = s.post("/api/v1/batch-upscale?async=true", files=[("image", (f"{i}.png", big, "image/png"))
+                                                                   for i in range(4)],
+                       data={"num_inference_steps": "50"})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        deadline = time.time() + 30
+        while True:
+            found = [i for i in ids if s.get(f"/api/v1/jobs/{i}").status_code == 200]
+            if len(found) <= 1:
+                break
+            assert time.time() < deadline, f"{len(found)} jobs of 3 MiB or so each kept within 4 MiB"
+            time.sleep(0.2)
     finally:
         s.check_clean_exit()
 
