@@ -53,6 +53,15 @@ static void make_task(cluster_task *t, const char *id, int index) {
     for (size_t i = 0; i < t->icc_len; i++) ((uint8_t *)t->icc)[i] = (uint8_t)(i * 31 + index);
 }
 
+/* What the results' byte budget counts now (sdx4:results:bytes). */
+static long long results_bytes(redis *r) {
+    char e[256];
+    redisReply *reply = redis_call(r, e, sizeof e, "GET sdx4:results:bytes");
+    long long bytes = reply && reply->type == REDIS_REPLY_STRING ? atoll(reply->str) : reply ? 0 : -1;
+    freeReplyObject(reply);
+    return bytes;
+}
+
 static void test_record_round_trip(void) {
     cluster_task a, b;
     make_task(&a, "0123456789abcdef0123456789abcdef", 5);
@@ -406,7 +415,17 @@ static void test_finish_task(redis *r) {
     CHECK(cluster_parse_event("sdx4:events:dddddddddddddddddddddddddddddddd", "{\"task\":1}", 10, job_id, &index,
                               &got) == -1,
           "an event without a state");
-    redis_release(r, sub, true); /* subscribed: not for the pool */    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
+    redis_release(r, sub, true); /* subscribed: not for the pool */
+
+    /* a DELETE takes its results out of the results' byte budget with their keys */
+    CHECK(results_bytes(r) == 5, "the result's 5 bytes counted: %lld", results_bytes(r));
+    CHECK(cluster_forget(r, id, 2, err, sizeof err) == 0, "forget: %s", err);
+    redisReply *left = redis_call(r, err, sizeof err, "ZCARD sdx4:results");
+    CHECK(results_bytes(r) == 0 && left && left->integer == 0, "a forgotten job's result still counted: %lld bytes",
+          results_bytes(r));
+    freeReplyObject(left);
+    CHECK(cluster_load_job(r, id, &job, states, err, sizeof err) == 0, "the forgotten job");
+    freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
 }
 
 /* A webhook's delivery written by its sender: "pending" never overwrites

@@ -1472,15 +1472,26 @@ int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int 
     return 0;
 }
 
-/* KEYS: job hash, results. ARGV: channel, message. */
+/* KEYS: job hash, results set, results byte count, results. ARGV:
+ * channel, message. A result leaves the results budget with its key, as
+ * finish_script's evictions do (its member is "key bytes"). */
 static const char forget_script[] =
-    "redis.call('DEL', unpack(KEYS))\n"
+    "for i = 4, #KEYS do\n"
+    "  local bytes = redis.call('STRLEN', KEYS[i])\n"
+    "  if bytes > 0 and redis.call('ZREM', KEYS[2], KEYS[i] .. ' ' .. bytes) == 1 then\n"
+    "    redis.call('DECRBY', KEYS[3], bytes)\n"
+    "  end\n"
+    "  redis.call('DEL', KEYS[i])\n"
+    "end\n"
+    "redis.call('DEL', KEYS[1])\n"
     "return redis.call('PUBLISH', ARGV[1], ARGV[2])\n";
 
 int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t n) {
     eval_args a;
-    eval_begin(&a, forget_script, 1 + ntasks);
+    eval_begin(&a, forget_script, 3 + ntasks);
     eval_addf(&a, "sdx4:job:%s", job_id);
+    eval_str(&a, "sdx4:results");
+    eval_str(&a, "sdx4:results:bytes");
     for (int i = 0; i < ntasks; i++) eval_addf(&a, "sdx4:result:%s:%d", job_id, i);
     eval_addf(&a, "sdx4:events:%s", job_id);
     eval_str(&a, "{\"forgotten\":true}");
