@@ -425,6 +425,17 @@ static void test_finish_task(redis *r) {
           results_bytes(r));
     freeReplyObject(left);
     CHECK(cluster_load_job(r, id, &job, states, err, sizeof err) == 0, "the forgotten job");
+
+    /* a synchronous request's result, read once, leaves the budget; dropped again, nothing changes */
+    const char *once = "dddddddddddddddddddddddddddddddf";
+    CHECK(submit(r, once, 1, 100, &why) == 0, "submit: %s", err);
+    CHECK(cluster_finish_task(r, once, 0, &s, "pixels", 6, 60, 1 << 20, NULL, NULL, err, sizeof err) == 2 &&
+              results_bytes(r) == 6,
+          "finish: %s", err);
+    for (int i = 0; i < 2; i++)
+        CHECK(cluster_drop_result(r, once, 0, err, sizeof err) == 0 && results_bytes(r) == 0, "drop %d: %lld bytes",
+              i, results_bytes(r));
+    CHECK(cluster_load_result(r, once, 0, &data, &len, err, sizeof err) == 0, "a dropped result");
     freeReplyObject(redis_call(r, err, sizeof err, "FLUSHALL"));
 }
 

@@ -1472,19 +1472,41 @@ int cluster_load_records(redis *r, const char *job_id, cluster_task *tasks, int 
     return 0;
 }
 
-/* KEYS: job hash, results set, results byte count, results. ARGV:
- * channel, message. A result leaves the results budget with its key, as
- * finish_script's evictions do (its member is "key bytes"). */
-static const char forget_script[] =
-    "for i = 4, #KEYS do\n"
-    "  local bytes = redis.call('STRLEN', KEYS[i])\n"
-    "  if bytes > 0 and redis.call('ZREM', KEYS[2], KEYS[i] .. ' ' .. bytes) == 1 then\n"
-    "    redis.call('DECRBY', KEYS[3], bytes)\n"
-    "  end\n"
-    "  redis.call('DEL', KEYS[i])\n"
+/* Lua: deletes the result keys KEYS[first..] and takes them out of the
+ * results' byte budget (the set `set` of "key bytes" members, the count
+ * `count`), as finish_script's evictions do. */
+#define LUA_DROP_RESULTS                                                                  \
+    "local function drop_results(set, count, first)\n"                                    \
+    "  for i = first, #KEYS do\n"                                                          \
+    "    local bytes = redis.call('STRLEN', KEYS[i])\n"                                    \
+    "    if bytes > 0 and redis.call('ZREM', set, KEYS[i] .. ' ' .. bytes) == 1 then\n"    \
+    "      redis.call('DECRBY', count, bytes)\n"                                           \
+    "    end\n"                                                                            \
+    "    redis.call('DEL', KEYS[i])\n"                                                     \
+    "  end\n"                                                                              \
     "end\n"
+
+/* KEYS: job hash, results set, results byte count, results. ARGV:
+ * channel, message. */
+static const char forget_script[] = LUA_DROP_RESULTS
+    "drop_results(KEYS[2], KEYS[3], 4)\n"
     "redis.call('DEL', KEYS[1])\n"
     "return redis.call('PUBLISH', ARGV[1], ARGV[2])\n";
+
+/* KEYS: results set, results byte count, result. */
+static const char drop_result_script[] = LUA_DROP_RESULTS
+    "drop_results(KEYS[1], KEYS[2], 3)\n"
+    "return 1\n";
+
+int cluster_drop_result(redis *r, const char *job_id, int index, char *err, size_t n) {
+    eval_args a;
+    eval_begin(&a, drop_result_script, 3);
+    eval_str(&a, "sdx4:results");
+    eval_str(&a, "sdx4:results:bytes");
+    eval_addf(&a, "sdx4:result:%s:%d", job_id, index);
+    long long done;
+    return integer_reply(eval_run(r, &a, err, n), &done, err, n);
+}
 
 int cluster_forget(redis *r, const char *job_id, int ntasks, char *err, size_t n) {
     eval_args a;

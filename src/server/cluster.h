@@ -166,6 +166,9 @@ int cluster_report_progress(redis *r, const char *job_id, int index, const clust
 /* A stored result (malloc'd, free it); 1 found, 0 gone (expired), -1 error. */
 int cluster_load_result(redis *r, const char *job_id, int index, void **data, size_t *len, char *err,
                         size_t err_size);
+/* Deletes a stored result and takes it out of the results' byte budget
+ * (a synchronous request's, once read); 0 done (or gone already), -1 error. */
+int cluster_drop_result(redis *r, const char *job_id, int index, char *err, size_t err_size);
 
 /* Asks whoever runs the job's tasks to stop (`reason` STOP_*), and takes
  * its waiting tasks out of the stream. */

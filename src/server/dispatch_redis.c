@@ -331,6 +331,11 @@ static int load_result(dispatch_redis *d, const char *id, const task *t, const c
         if (rc == 0)
             problem_set(lost, PROBLEM_INTERNAL, "the result is no longer kept (expired, or evicted by the "
                                                 "results' memory budget)");
+        /* a synchronous request's image is read once, here: Redis's budget need not hold it */
+        char why[256];
+        if (rc == 1 && !job_listed(t->job) && cluster_drop_result(d->r, id, t->index, why, sizeof why))
+            log_event(LOG_WARN, "result_not_deleted", json_pack("{s:s,s:i,s:s}", "job_id", id, "task", t->index,
+                                                                "error", why));
         return rc;
     }
     if (!d->srv->results) {
