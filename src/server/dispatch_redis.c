@@ -584,9 +584,26 @@ static void listen_events(dispatch_redis *d, redisContext *c) {
     }
 }
 
+/* The finished jobs kept here whose job another node deleted while this
+ * one heard no events (pub/sub is at most once: a dropped subscription
+ * loses the forgotten message), found gone from Redis and forgotten here
+ * too. The unfinished ones are the keeper's (look). Redis away: the next
+ * subscription checks again. */
+static void forget_missed(dispatch_redis *d) {
+    char(*ids)[33] = NULL, err[256];
+    int n = job_retained_ids(d->srv->jobs, &ids);
+    for (int i = 0; i < n; i++) {
+        redisReply *reply = redis_call(d->r, err, sizeof err, "EXISTS sdx4:job:%s", ids[i]);
+        if (!reply) break;
+        if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 0) job_forgotten(d->srv->jobs, ids[i]);
+        freeReplyObject(reply);
+    }
+    free(ids);
+}
+
 static void *subscriber_main(void *arg) {
     dispatch_redis *d = arg;
-    bool lost = false;
+    bool lost = false, heard = false;
     while (!stopping(d)) {
         char err[256];
         redisContext *c = redis_borrow(d->r, PING_SECONDS, err, sizeof err);
@@ -595,6 +612,8 @@ static void *subscriber_main(void *arg) {
             freeReplyObject(reply);
             if (lost) log_event(LOG_INFO, "cluster_events_back", json_pack("{s:s}", "redis", redis_where(d->r)));
             lost = false;
+            if (heard) forget_missed(d); /* subscribed again: what was missed meanwhile */
+            heard = true;
             listen_events(d, c);
         } else if (!lost) {
             lost = true;

@@ -639,6 +639,17 @@ static job *find_unlisted_locked(job_store *s, const char *id) {
     return j;
 }
 
+int job_retained_ids(job_store *s, char (**ids)[33]) {
+    pthread_mutex_lock(&s->lock);
+    int n = 0;
+    char(*out)[33] = malloc(sizeof *out * (size_t)(s->retained.count + 1));
+    for (job *j = s->retained.head; out && j; j = j->list_next)
+        if (j->in_store) memcpy(out[n++], j->id, sizeof *out);
+    pthread_mutex_unlock(&s->lock);
+    *ids = out;
+    return out ? n : -1;
+}
+
 job *job_find(job_store *s, const char *id, const char *owner, problem *why) {
     pthread_mutex_lock(&s->lock);
     job *j = find_locked(s, id);

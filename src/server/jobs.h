@@ -142,6 +142,10 @@ void job_delete(job *j);
 void job_cancel(job *j);
 /* Cluster mode: another node deleted the job; it is forgotten here too. */
 void job_forgotten(job_store *s, const char *id);
+/* The ids of the finished jobs kept for GET (malloc'd into *ids): what a
+ * node re-checks against the shared store after it may have missed its
+ * forgotten messages. Their count, or -1 out of memory. */
+int job_retained_ids(job_store *s, char (**ids)[33]);
 /* Cluster mode: the delivery of the job's webhook as its sender wrote it
  * ("pending", "delivered", "failed"; error NULL or "" none). */
 void job_webhook_state(job_store *s, const char *id, const char *status, int attempts, const char *error);

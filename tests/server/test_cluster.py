@@ -385,6 +385,49 @@ def test_a_sync_batch_of_refused_images_is_in_the_history(own_redis, tmp_path):
         node.check_clean_exit()
 
 
+def test_a_delete_missed_by_a_nodes_events_is_found_when_it_subscribes_again(own_redis):
+    """Pub/sub is at most once: a node whose subscription Redis drops may
+    miss the message that a job was deleted through another node. Once
+    subscribed again it checks the finished jobs it keeps against Redis
+    and forgets the deleted ones (it served them, image included, for the
+    whole retention)."""
+    import threading
+    worker = Worker(own_redis.url, "--name", "w1")
+    a = api_node(own_redis)
+    b = api_node(own_redis)
+    stop = threading.Event()
+
+    def drop_subscriptions():
+        r = own_redis.client()
+        while not stop.is_set():
+            r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+    killer = threading.Thread(target=drop_subscriptions)
+    try:
+        wait_serving(a), wait_serving(b)
+        job = submit(a, 1)
+        assert wait_final(a, job)["status"] == "succeeded"
+        assert a.get(f"/api/v1/jobs/{job}/result").status_code == 200
+        killer.start()
+        time.sleep(0.2)
+        assert b.delete(f"/api/v1/jobs/{job}").status_code == 200
+        time.sleep(0.5)
+        stop.set()
+        killer.join()
+        deadline = time.time() + 10
+        while a.get(f"/api/v1/jobs/{job}").status_code != 404:
+            assert time.time() < deadline, "the node still serves a job deleted elsewhere"
+            time.sleep(0.1)
+        assert a.get(f"/api/v1/jobs/{job}/result").status_code == 404
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        a.check_clean_exit()
+        b.check_clean_exit()
+        worker.check_clean_exit()
+
+
 def test_ready_without_workers_is_for_api_only_nodes():
     r = subprocess.run([SDX4, "serve", "--model", MODEL, "--ready-without-workers", "true"], capture_output=True,
                        text=True, timeout=30)
