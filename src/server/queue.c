@@ -439,7 +439,10 @@ static void run_batch(queue *q, model_version *v, task **tasks, int n) {
                           &(runner_origin){model->name, v->hash, models_is_gan(model), t->input.width,
                                            t->input.height, t->icc, t->icc_len},
                           out);
-            if (out->state == JOB_SUCCEEDED && t->cacheable && srv->cache) {
+            /* under the key of the version the request found (http.c): kept only when
+             * that version ran it, else a swap back would serve this one's image */
+            if (out->state == JOB_SUCCEEDED && t->cacheable && srv->cache &&
+                !strcmp(t->model_hash, v->hash)) {
                 cached_result r = {out->output, out->len, out->width, out->height,
                                    out->report.prompt_tokens, out->report.prompt_truncated,
                                    out->report.negative_truncated};

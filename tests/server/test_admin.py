@@ -187,3 +187,43 @@ def test_reload_swaps_versions_while_running_work_finishes_on_the_old(admin, tmp
     assert [e["event"] for e in logged] == ["model_reloaded", "model_reloaded", "model_reload_failed"], logged
     assert (logged[1]["old_hash"], logged[1]["hash"]) == (old, new)
 
+
+
+@single_process_only("a cluster's workers load the models: the API node refuses a reload (409)")
+def test_an_image_made_by_a_newer_version_is_not_cached_under_the_older(tmp_path):
+    """A request keys the cache with the version it finds; a swap while it
+    waits in the queue runs it on the newer one, whose image must not be
+    kept under the older's key: swapped back, the same request would be
+    answered with the newer version's image under the older's hash."""
+    import json
+    import struct
+    other = tmp_path / "model-b"  # decodes visibly otherwise: post_quant_conv.bias + 1
+    shutil.copytree(MODEL, other)
+    vae = other / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(vae.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    start, end = json.loads(data[8:8 + n])["post_quant_conv.bias"]["data_offsets"]
+    for at in range(8 + n + start, 8 + n + end, 4):
+        data[at:at + 4] = struct.pack("<f", struct.unpack("<f", data[at:at + 4])[0] + 1.0)
+    vae.write_bytes(bytes(data))
+    s = Server("--api-keys", "key-alice,key-bob", "--admin-keys", "key-root", "--workers", "1")
+    seeded = {"num_inference_steps": "2", "seed": "7"}
+    try:
+        old = s.get("/api/v1/models", headers=ROOT).json()["models"][0]["model_hash"]
+        on_old = s.post("/api/v1/upscale", files={"image": image_bytes()}, data=seeded, headers=BOB)
+        assert on_old.status_code == 200 and on_old.headers["X-Model-Hash"] == old
+        busy = s.post("/api/v1/jobs", files={"image": image_bytes(size=(96, 96))}, data=SLOW, headers=BOB).json()
+        queued = s.post("/api/v1/jobs", files={"image": image_bytes()}, data=seeded, headers=ALICE).json()
+        assert s.post("/api/v1/admin/models/model/reload", params={"dir": str(other)}, headers=ROOT).status_code == 202
+        assert wait_reloaded(s)["model_hash"] != old
+        assert s.get(queued["links"]["self"], headers=ALICE).json()["status"] == "queued"
+        s.delete(f"/api/v1/admin/jobs/{busy['id']}", headers=ROOT)
+        done = wait_job(s, queued["id"], headers=ALICE)
+        assert done["status"] == "succeeded" and done["model_hash"] != old, done
+        assert s.post("/api/v1/admin/models/model/reload", params={"dir": MODEL}, headers=ROOT).status_code == 202
+        assert wait_reloaded(s)["model_hash"] == old
+        again = s.post("/api/v1/upscale", files={"image": image_bytes()}, data=seeded, headers=ALICE)
+        assert again.status_code == 200 and again.headers["X-Model-Hash"] == old
+        assert again.content == on_old.content, f"the newer version's image, X-Cache {again.headers['X-Cache']}"
+    finally:
+        s.check_clean_exit()
