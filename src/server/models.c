@@ -70,7 +70,7 @@ static int add(served_model **models, int *count, const char *dir, const char *n
     memset(m, 0, sizeof *m);
     snprintf(m->name, sizeof m->name, "%s", base);
     snprintf(m->dir, sizeof m->dir, "%s", dir);
-    m->demo = exists(dir, "DEMO_MODEL");
+    atomic_init(&m->demo, exists(dir, "DEMO_MODEL"));
     atomic_init(&m->state, MODEL_LOADING);
     return 0;
 }
@@ -158,6 +158,7 @@ void models_install(served_model *m, model_version *v) {
     model_version *old = m->current;
     m->current = v; /* the caller's reference passes to m */
     m->gan = strcmp(v->info.kind, "gan") == 0;
+    atomic_store(&m->demo, v->demo);
     pthread_mutex_unlock(&m->lock);
     models_release(old); /* freed here, or by the last batch still running on it */
 }
@@ -210,6 +211,7 @@ model_version *models_open(const served_model *m, const char *dir, const server_
     if (!v) return snprintf(err, n, "out of memory"), NULL;
     atomic_init(&v->refs, 1);
     snprintf(v->dir, sizeof v->dir, "%s", dir);
+    v->demo = exists(dir, "DEMO_MODEL");
     if (sdx4_engine_open(&o, &v->engine) != SDX4_OK) {
         /* the engine's messages begin with the folder where it is at fault */
         const char *why = sdx4_last_error();
@@ -231,8 +233,8 @@ model_version *models_open(const served_model *m, const char *dir, const server_
                                mi->vae_scale_factor, "dtype", mi->compute_dtype, "parameters",
                                (json_int_t)models_parameters(mi), "hash", v->hash, "seconds", mono_now() - t0,
                                "hash_seconds", mono_now() - t1);
-    if (m->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
-    log_event(m->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
+    if (v->demo) json_object_set_new(fields, "note", json_string(DEMO_NOTE));
+    log_event(v->demo ? LOG_WARN : LOG_INFO, "model_loaded", fields);
     return v;
 }
 

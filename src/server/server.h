@@ -83,6 +83,7 @@ typedef struct model_version {
     struct cost_model *cost; /* its time estimator (cost.c), NULL none */
     char hash[65];           /* its weights' digest (models.c): which version answers */
     char dir[1024];          /* the folder it came from */
+    bool demo;               /* that folder holds a DEMO_MODEL marker: random weights */
     atomic_int refs;
 } model_version;
 
@@ -93,7 +94,8 @@ typedef struct model_version {
 typedef struct served_model {
     char name[64];   /* what requests' `model` field and X-Model say */
     char dir[1024];  /* its folder as configured */
-    bool demo;       /* the folder holds a DEMO_MODEL marker */
+    atomic_bool demo; /* the version in service is a demo (its `demo`; before one
+                         is loaded, the configured folder holds the marker) */
     bool gan;        /* a GAN (no steps, no prompt); a reload keeps the kind */
     atomic_int state; /* model_state */
     atomic_bool reloading; /* a reload is loading a new version */

@@ -235,7 +235,7 @@ static json_t *model_facts(const served_model *sm, const model_version *v, bool 
     const char *backend = strncmp(mi->device, "cuda", 4) == 0 ? "cuda" : "cpu";
     json_t *m = json_pack("{s:s,s:b,s:s,s:s,s:b,s:I,s:{s:s,s:s},s:s,s:s,s:i,s:I,s:o}", "model_id", sm->name,
                           "default", is_default, "kind", mi->kind, "architecture", mi->architecture, "demo_model",
-                          sm->demo, "parameters_total", (json_int_t)models_parameters(mi), "dtype", "compute",
+                          v->demo, "parameters_total", (json_int_t)models_parameters(mi), "dtype", "compute",
                           mi->compute_dtype, "weights", mi->weights_dtype, "backend", backend, "device", mi->device,
                           "scale_factor", mi->vae_scale_factor, "device_memory_bytes",
                           (json_int_t)mi->device_memory_bytes, "applicable_parameters",
@@ -248,7 +248,7 @@ static json_t *model_facts(const served_model *sm, const model_version *v, bool 
         json_object_set_new(m, "max_noise_level", json_integer(mi->max_noise_level));
         json_object_set_new(m, "max_prompt_tokens", json_integer(mi->max_prompt_tokens));
     }
-    if (sm->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
+    if (v->demo) json_object_set_new(m, "note", json_string(DEMO_NOTE));
     json_object_set_new(m, "model_hash", json_string(v->hash));
     return m;
 }

@@ -227,3 +227,25 @@ def test_an_image_made_by_a_newer_version_is_not_cached_under_the_older(tmp_path
         assert again.content == on_old.content, f"the newer version's image, X-Cache {again.headers['X-Cache']}"
     finally:
         s.check_clean_exit()
+
+
+@single_process_only("a cluster's workers load the models: the API node refuses a reload (409)")
+def test_health_and_model_info_say_demo_of_the_version_in_service(tmp_path):
+    """A demo folder (DEMO_MODEL: random weights) swapped for real weights
+    under the same name: health, model-info and the load's log line speak
+    of the version that answers, not of the folder the server started on."""
+    demo = tmp_path / "demo"
+    shutil.copytree(MODEL, demo)
+    (demo / "DEMO_MODEL").write_text("random weights\n")
+    s = Server("--admin-keys", "key-root", "--workers", "1", model=str(demo))
+    try:
+        assert s.get("/api/v1/health").json()["demo_model"] is True
+        assert s.post("/api/v1/admin/models/demo/reload", params={"dir": MODEL}, headers=ROOT).status_code == 202
+        assert "reload_error" not in wait_reloaded(s)
+        health = s.get("/api/v1/health").json()
+        assert health["demo_model"] is False and "note" not in health, health
+        assert s.get("/api/v1/model-info", headers=ROOT).json()["demo_model"] is False
+        loaded = [e for e in s.logs() if isinstance(e, dict) and e.get("event") == "model_loaded"]
+        assert [e["level"] for e in loaded] == ["warn", "info"] and "note" not in loaded[1], loaded
+    finally:
+        s.check_clean_exit()
