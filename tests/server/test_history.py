@@ -338,21 +338,21 @@ def test_a_frozen_postgres_costs_a_listing_its_timeout_not_the_server(postgres):
         master = int(open(os.path.join(postgres.data, "postmaster.pid")).readline())
         children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
         pids = [master, *map(int, children)]
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        upscale(s, BOB)  # a finished job for the writer, which waits on the frozen host too
-        t0 = time.time()
-        r = s.get("/api/v1/jobs", headers=BOB, timeout=30)
-        waited = time.time() - t0
-        problem(r, 503, "history-unavailable")
-        assert 2 <= waited < 8, waited
-        assert any("did not answer within 2 s" in l.get("error", "") for l in s.logs()
-                   if isinstance(l, dict) and l.get("event") == "history_read_failed")
-        assert s.get("/api/v1/health").status_code == 200
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-    try:
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            upscale(s, BOB)  # a finished job for the writer, which waits on the frozen host too
+            t0 = time.time()
+            r = s.get("/api/v1/jobs", headers=BOB, timeout=30)
+            waited = time.time() - t0
+            problem(r, 503, "history-unavailable")
+            assert 2 <= waited < 8, waited
+            assert any("did not answer within 2 s" in l.get("error", "") for l in s.logs()
+                       if isinstance(l, dict) and l.get("event") == "history_read_failed")
+            assert s.get("/api/v1/health").status_code == 200
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         listed(s, BOB, 2)
     finally:
         s.check_clean_exit()
