@@ -242,70 +242,31 @@ static int predict_noise_tiled(const model *m, backend *be, const pipeline_args 
     return 0;
 }
 
-/* vae.decode(latents / scaling_factor) of host latents [C, h, w] whole, in
- * float32 on every backend (the VAE overflows in fp16). */
-static tensor *decode_whole(const model *m, backend *be, const float *latents, int h, int w) {
-    int C = m->vae.latent_channels;
-    size_t n = (size_t)C * h * w;
-    float *z = malloc(n * sizeof *z);
-    tensor *x = NULL, *out = NULL;
-    if (!z) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
-        return NULL;
-    }
-    /* vae.decode(latents / scaling_factor) with float's range (force_upcast): bfloat16
-     * where the backend keeps half activations, else float32 */
-    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
-    for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
-    TRY(x = be->new_tensor(be, 4, (int64_t[]){1, C, h, w}));
-    if (be->upload(be, x, z) == 0) out = sdx4_vae_decode(be, &m->vae, x);
-fail:
-    if (be->set_activation_type) be->set_activation_type(be, saved);
-    free(z);
-    DROP(x);
-    return out;
-}
-
-/* The same in tiles (sdx4_vae_decode_tiled) into host out
- * [out_channels, h * f, w * f]: the number of tiles, or -1. */
-static int decode_tiled(const model *m, backend *be, const float *latents, int h, int w, int tile,
-                        float *out) {
-    size_t n = (size_t)m->vae.latent_channels * h * w;
-    float *z = malloc(n * sizeof *z);
-    if (!z) {
-        sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
-        return -1;
-    }
-    for (size_t i = 0; i < n; i++) z[i] = latents[i] / m->vae.scaling_factor;
-    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
-    int tiles = sdx4_vae_decode_tiled(be, &m->vae, z, h, w, tile, out);
-    if (be->set_activation_type) be->set_activation_type(be, saved);
-    free(z);
-    return tiles;
-}
-
 int sdx4_pipeline_decode(const model *m, backend *be, const float *latents, int h, int w,
                          vae_tiling_mode tiling, int tile, int64_t budget, float **out) {
-    int f = sdx4_vae_scale_factor(&m->vae), tiles = 1;
-    if (!tile) tile = sdx4_vae_tile(&m->vae);
+    const vae_decoder *v = &m->vae;
+    int f = sdx4_vae_scale_factor(v);
+    if (!tile) tile = sdx4_vae_tile(v);
     if (!budget) budget = SDX4_VAE_TILING_BUDGET;
-    size_t n = (size_t)m->vae.out_channels * h * f * w * f;
-    if (!(*out = malloc(n * sizeof **out))) {
+    int tiled = tiling == VAE_TILING_ON ||
+                 (tiling == VAE_TILING_AUTO && tile && sdx4_vae_decode_bytes(v, h, w) > budget);
+    size_t nz = (size_t)v->latent_channels * h * w;
+    float *z = malloc(nz * sizeof *z);
+    *out = malloc((size_t)v->out_channels * h * f * w * f * sizeof **out);
+    if (!z || !*out) {
+        free(z), free(*out), *out = NULL;
         sdx4_set_error(SDX4_ERR_NO_MEMORY, "out of memory");
         return -1;
     }
-    if (tiling == VAE_TILING_ON ||
-        (tiling == VAE_TILING_AUTO && tile && sdx4_vae_decode_bytes(&m->vae, h, w) > budget)) {
-        tiles = decode_tiled(m, be, latents, h, w, tile, *out);
-    } else {
-        tensor *image = decode_whole(m, be, latents, h, w);
-        if (!image || be->download(be, image, *out)) tiles = -1;
-        DROP(image);
-    }
-    if (tiles < 0) {
-        free(*out);
-        *out = NULL;
-    }
+    for (size_t i = 0; i < nz; i++) z[i] = latents[i] / v->scaling_factor;
+    /* with float's range (force_upcast): bfloat16 where the backend keeps
+     * half activations, else float32 */
+    dtype saved = be->set_activation_type ? be->set_activation_type(be, DTYPE_BF16) : DTYPE_F32;
+    int tiles = tiled ? sdx4_vae_decode_tiled(be, v, z, h, w, tile, *out)
+                      : sdx4_vae_decode_host(be, v, z, h, w, *out) ? -1 : 1;
+    if (be->set_activation_type) be->set_activation_type(be, saved);
+    free(z);
+    if (tiles < 0) free(*out), *out = NULL;
     return tiles;
 }
 

@@ -208,8 +208,7 @@ int sdx4_vae_tile(const vae_decoder *v) {
     return tile >= 4 && tile % 4 == 0 ? tile : 0;
 }
 
-/* The whole decode of host latents z [C, h, w] into host out. */
-static int decode_whole(backend *be, const vae_decoder *v, const float *z, int h, int w, float *out) {
+int sdx4_vae_decode_host(backend *be, const vae_decoder *v, const float *z, int h, int w, float *out) {
     tensor *x = NULL, *y = NULL;
     int rc = -1;
     TRY(x = be->new_tensor(be, 4, (int64_t[]){1, v->latent_channels, h, w}));
@@ -259,7 +258,7 @@ int sdx4_vae_decode_tiled(backend *be, const vae_decoder *v, const float *z, int
                        "sample_size %d gives %d)", tile, v->sample_size, sdx4_vae_tile(v));
         return -1;
     }
-    if (h <= tile && w <= tile) return decode_whole(be, v, z, h, w, out) ? -1 : 1;
+    if (h <= tile && w <= tile) return sdx4_vae_decode_host(be, v, z, h, w, out) ? -1 : 1;
     int f = sdx4_vae_scale_factor(v), C = v->latent_channels, OC = v->out_channels;
     int overlap = tile - tile / 4;              /* overlap_size: the stride between tiles */
     int S = tile * f, E = S / 4, keep = S - E;  /* tile_sample_min_size, blend_extent, row_limit */
@@ -283,7 +282,7 @@ int sdx4_vae_decode_tiled(backend *be, const vae_decoder *v, const float *z, int
                 for (int y = 0; y < lh; y++)
                     memcpy(zt + ((size_t)c * lh + y) * lw, z + ((size_t)c * h + y0 + y) * w + x0,
                            lw * sizeof *zt);
-            if (decode_whole(be, v, zt, lh, lw, cur)) goto done;
+            if (sdx4_vae_decode_host(be, v, zt, lh, lw, cur)) goto done;
             float *a = above + (size_t)j * OC * E * S;
             if (i > 0) blend_v(a, above_rows[j], cur, th, tw, E, OC);
             if (j > 0) blend_h(left, left_cols, cur, th, tw, E, OC);

@@ -39,6 +39,11 @@ int sdx4_vae_scale_factor(const vae_decoder *v);
  * scaling_factor -> [B, out_channels, h * f, w * f]. */
 tensor *sdx4_vae_decode(backend *be, const vae_decoder *v, const tensor *z);
 
+/* The whole decode of host latents z [latent_channels, h, w] (already
+ * divided by scaling_factor) into host out [out_channels, h * f, w * f];
+ * 0, or -1 with the error set. */
+int sdx4_vae_decode_host(backend *be, const vae_decoder *v, const float *z, int h, int w, float *out);
+
 /* diffusers' tile_latent_min_size: the config's sample_size / the scale
  * factor, the tile side in latents that vae.enable_tiling() uses; 0 when
  * that is no tile sdx4_vae_decode_tiled takes. */
